@@ -1,0 +1,27 @@
+//! wick's intermediate representation: a typed SSA graph of tensor ops.
+//!
+//! Every value is produced by exactly one [`Node`], nodes are kept in
+//! topological order, and every node carries the [`TensorFact`] (dtype and
+//! static shape) of the value it produces. Weights are [`Op::Constant`] nodes
+//! named by their safetensors key; their data lives beside the graph. The text
+//! form ([`Graph`]'s `Display` and [`Graph::parse`]) is the same in dumps,
+//! errors and golden tests, and round-trips.
+
+mod error;
+mod fact;
+mod graph;
+mod op;
+mod parse;
+mod print;
+mod verify;
+
+pub use error::{IrError, ParseError, Violation};
+pub use fact::TensorFact;
+pub use graph::{Graph, Node, NodeId};
+pub use op::{BatchNormAttrs, Conv2dAttrs, FlattenAttrs, MaxPool2dAttrs, Op};
+
+/// The `DType` of candle, re-exported because facts are written in it.
+pub use candle_core::DType;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,408 @@
+//! The closed set of ops, their attributes, and output-fact inference.
+
+use crate::TensorFact;
+
+/// Attributes of a 2-D convolution (PyTorch semantics, NCHW, OIHW weights).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Conv2dAttrs {
+    /// Stride per spatial axis `[h, w]`, each >= 1.
+    pub stride: [usize; 2],
+    /// Zero padding added on both sides of each spatial axis `[h, w]`.
+    pub padding: [usize; 2],
+    /// Dilation per spatial axis `[h, w]`, each >= 1.
+    pub dilation: [usize; 2],
+    /// Number of groups; input and output channels must both divide by it.
+    pub groups: usize,
+}
+
+impl Default for Conv2dAttrs {
+    fn default() -> Self {
+        Self {
+            stride: [1, 1],
+            padding: [0, 0],
+            dilation: [1, 1],
+            groups: 1,
+        }
+    }
+}
+
+/// Attributes of an inference-mode batch norm over channel axis 1.
+///
+/// Inputs are `(x, running_mean, running_var)` or, with affine parameters,
+/// `(x, running_mean, running_var, weight, bias)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchNormAttrs {
+    /// Added to the running variance before the square root; must be >= 0.
+    pub eps: f64,
+}
+
+/// Attributes of a 2-D max pool as torchvision uses it (dilation 1, floor mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MaxPool2dAttrs {
+    /// Window size `[h, w]`.
+    pub kernel: [usize; 2],
+    /// Stride `[h, w]`.
+    pub stride: [usize; 2],
+    /// Implicit negative-infinity padding `[h, w]`, at most half the window.
+    pub padding: [usize; 2],
+}
+
+/// Attributes of a flatten: dimensions `start_dim..` are merged into one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlattenAttrs {
+    /// First dimension merged.
+    pub start_dim: usize,
+}
+
+/// One IR operation. Closed on purpose: adding an op is a compile error
+/// everywhere it must be handled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// A graph input; its fact is declared in the graph signature.
+    Input,
+    /// A weight, named by its safetensors key; data is held by the graph.
+    Constant,
+    /// `conv2d(x, weight[, bias])`.
+    Conv2d(Conv2dAttrs),
+    /// `batch_norm(x, running_mean, running_var[, weight, bias])` in inference form.
+    BatchNorm(BatchNormAttrs),
+    /// Elementwise `max(x, 0)`.
+    Relu,
+    /// Elementwise `a + b` of two values of equal fact.
+    Add,
+    /// 2-D max pool over NCHW.
+    MaxPool2d(MaxPool2dAttrs),
+    /// Adaptive average pool to 1x1: `[N,C,H,W] -> [N,C,1,1]`.
+    GlobalAvgPool2d,
+    /// Merges dimensions `start_dim..` into one.
+    Flatten(FlattenAttrs),
+    /// `x @ weight^T (+ bias)` over the last dimension of `x`.
+    Linear,
+}
+
+impl Op {
+    /// The op's name in IR text.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input => "input",
+            Op::Constant => "constant",
+            Op::Conv2d(_) => "conv2d",
+            Op::BatchNorm(_) => "batch_norm",
+            Op::Relu => "relu",
+            Op::Add => "add",
+            Op::MaxPool2d(_) => "max_pool2d",
+            Op::GlobalAvgPool2d => "global_avg_pool2d",
+            Op::Flatten(_) => "flatten",
+            Op::Linear => "linear",
+        }
+    }
+
+    /// Accepted numbers of inputs.
+    pub fn arity(&self) -> &'static [usize] {
+        match self {
+            Op::Input | Op::Constant => &[0],
+            Op::Conv2d(_) | Op::Linear => &[2, 3],
+            Op::BatchNorm(_) => &[3, 5],
+            Op::Relu | Op::MaxPool2d(_) | Op::GlobalAvgPool2d | Op::Flatten(_) => &[1],
+            Op::Add => &[2],
+        }
+    }
+
+    /// Which inputs are parameters (weights) rather than activations: they
+    /// are expected to be constants, although the IR does not require it.
+    pub fn is_parameter_input(&self, index: usize) -> bool {
+        match self {
+            Op::Conv2d(_) | Op::BatchNorm(_) | Op::Linear => index > 0,
+            _ => false,
+        }
+    }
+
+    /// Infers the output fact from the input facts, or says what is wrong.
+    ///
+    /// `Input` and `Constant` have no inputs and declare their fact; for them
+    /// this returns an error.
+    pub fn infer(&self, inputs: &[&TensorFact]) -> Result<TensorFact, String> {
+        if !self.arity().contains(&inputs.len()) {
+            return Err(format!(
+                "expected {} input(s), got {}",
+                self.arity()
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+                inputs.len()
+            ));
+        }
+        if let Some(first) = inputs.first() {
+            for (i, other) in inputs.iter().enumerate().skip(1) {
+                if other.dtype != first.dtype {
+                    return Err(format!(
+                        "input {i} has dtype {}, expected {} like input 0",
+                        other.dtype.as_str(),
+                        first.dtype.as_str()
+                    ));
+                }
+            }
+            if !first.dtype.is_float() && !matches!(self, Op::Input | Op::Constant) {
+                return Err(format!(
+                    "expected a floating-point dtype, got {}",
+                    first.dtype.as_str()
+                ));
+            }
+        }
+        match self {
+            Op::Input | Op::Constant => Err("declares its fact; nothing to infer".into()),
+            Op::Conv2d(attrs) => infer_conv2d(attrs, inputs),
+            Op::BatchNorm(attrs) => infer_batch_norm(attrs, inputs),
+            Op::Relu => Ok(inputs[0].clone()),
+            Op::Add => {
+                if inputs[0].shape != inputs[1].shape {
+                    return Err(format!(
+                        "operands must have equal shapes, got {} and {}",
+                        inputs[0], inputs[1]
+                    ));
+                }
+                Ok(inputs[0].clone())
+            }
+            Op::MaxPool2d(attrs) => infer_max_pool2d(attrs, inputs[0]),
+            Op::GlobalAvgPool2d => {
+                let x = expect_rank(inputs[0], 4, "input")?;
+                Ok(TensorFact::new(inputs[0].dtype, [x[0], x[1], 1, 1]))
+            }
+            Op::Flatten(FlattenAttrs { start_dim }) => {
+                let x = &inputs[0].shape;
+                if *start_dim >= x.len() {
+                    return Err(format!(
+                        "start_dim {start_dim} out of range for rank-{} input {}",
+                        x.len(),
+                        inputs[0]
+                    ));
+                }
+                let mut shape = x[..*start_dim].to_vec();
+                shape.push(x[*start_dim..].iter().product());
+                Ok(TensorFact::new(inputs[0].dtype, shape))
+            }
+            Op::Linear => infer_linear(inputs),
+        }
+    }
+}
+
+fn expect_rank<'a>(fact: &'a TensorFact, rank: usize, what: &str) -> Result<&'a [usize], String> {
+    if fact.rank() != rank {
+        return Err(format!("{what} must have rank {rank}, got {fact}"));
+    }
+    Ok(&fact.shape)
+}
+
+fn expect_vector(fact: &TensorFact, len: usize, what: &str) -> Result<(), String> {
+    if fact.shape != [len] {
+        return Err(format!("{what} must have shape [{len}], got {fact}"));
+    }
+    Ok(())
+}
+
+fn check_positive(values: &[usize], what: &str) -> Result<(), String> {
+    if values.contains(&0) {
+        return Err(format!("{what} must be >= 1, got {values:?}"));
+    }
+    Ok(())
+}
+
+/// Output length of a windowed op along one axis, if the window fits.
+fn windowed_len(len: usize, kernel: usize, stride: usize, padding: usize, dilation: usize) -> Option<usize> {
+    let span = dilation * (kernel - 1) + 1;
+    let padded = len + 2 * padding;
+    (padded >= span).then(|| (padded - span) / stride + 1)
+}
+
+fn infer_conv2d(attrs: &Conv2dAttrs, inputs: &[&TensorFact]) -> Result<TensorFact, String> {
+    check_positive(&attrs.stride, "stride")?;
+    check_positive(&attrs.dilation, "dilation")?;
+    check_positive(&[attrs.groups], "groups")?;
+    let x = expect_rank(inputs[0], 4, "input")?;
+    let w = expect_rank(inputs[1], 4, "weight")?;
+    let (n, c, h, wd) = (x[0], x[1], x[2], x[3]);
+    let (o, ci, kh, kw) = (w[0], w[1], w[2], w[3]);
+    let g = attrs.groups;
+    if c % g != 0 || o % g != 0 {
+        return Err(format!(
+            "groups={g} must divide input channels {c} and output channels {o}"
+        ));
+    }
+    if ci * g != c {
+        return Err(format!(
+            "weight {} expects {} input channels (groups={g}), input {} has {c}",
+            inputs[1],
+            ci * g,
+            inputs[0]
+        ));
+    }
+    check_positive(&[kh, kw], "kernel size")?;
+    if let Some(bias) = inputs.get(2) {
+        expect_vector(bias, o, "bias")?;
+    }
+    let oh = windowed_len(h, kh, attrs.stride[0], attrs.padding[0], attrs.dilation[0]);
+    let ow = windowed_len(wd, kw, attrs.stride[1], attrs.padding[1], attrs.dilation[1]);
+    match (oh, ow) {
+        (Some(oh), Some(ow)) => Ok(TensorFact::new(inputs[0].dtype, [n, o, oh, ow])),
+        _ => Err(format!(
+            "kernel {kh}x{kw} (dilation {:?}) does not fit input {} with padding {:?}",
+            attrs.dilation, inputs[0], attrs.padding
+        )),
+    }
+}
+
+fn infer_batch_norm(attrs: &BatchNormAttrs, inputs: &[&TensorFact]) -> Result<TensorFact, String> {
+    if !(attrs.eps >= 0.0 && attrs.eps.is_finite()) {
+        return Err(format!("eps must be finite and >= 0, got {:?}", attrs.eps));
+    }
+    let x = &inputs[0].shape;
+    if x.len() < 2 {
+        return Err(format!("input must have rank >= 2, got {}", inputs[0]));
+    }
+    let names = ["running_mean", "running_var", "weight", "bias"];
+    for (param, name) in inputs[1..].iter().zip(names) {
+        expect_vector(param, x[1], name)?;
+    }
+    Ok(inputs[0].clone())
+}
+
+fn infer_max_pool2d(attrs: &MaxPool2dAttrs, input: &TensorFact) -> Result<TensorFact, String> {
+    check_positive(&attrs.kernel, "kernel")?;
+    check_positive(&attrs.stride, "stride")?;
+    for axis in 0..2 {
+        if attrs.padding[axis] * 2 > attrs.kernel[axis] {
+            return Err(format!(
+                "padding {:?} must be at most half of kernel {:?}",
+                attrs.padding, attrs.kernel
+            ));
+        }
+    }
+    let x = expect_rank(input, 4, "input")?;
+    let oh = windowed_len(x[2], attrs.kernel[0], attrs.stride[0], attrs.padding[0], 1);
+    let ow = windowed_len(x[3], attrs.kernel[1], attrs.stride[1], attrs.padding[1], 1);
+    match (oh, ow) {
+        (Some(oh), Some(ow)) => Ok(TensorFact::new(input.dtype, [x[0], x[1], oh, ow])),
+        _ => Err(format!(
+            "window {:?} does not fit input {input} with padding {:?}",
+            attrs.kernel, attrs.padding
+        )),
+    }
+}
+
+fn infer_linear(inputs: &[&TensorFact]) -> Result<TensorFact, String> {
+    let x = &inputs[0].shape;
+    let w = expect_rank(inputs[1], 2, "weight")?;
+    let Some(&features) = x.last() else {
+        return Err(format!("input must have rank >= 1, got {}", inputs[0]));
+    };
+    if w[1] != features {
+        return Err(format!(
+            "weight {} expects {} input features, input {} has {features}",
+            inputs[1], w[1], inputs[0]
+        ));
+    }
+    if let Some(bias) = inputs.get(2) {
+        expect_vector(bias, w[0], "bias")?;
+    }
+    let mut shape = x.clone();
+    *shape.last_mut().expect("rank checked above") = w[0];
+    Ok(TensorFact::new(inputs[0].dtype, shape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    fn f(shape: &[usize]) -> TensorFact {
+        TensorFact::new(DType::F32, shape)
+    }
+
+    /// Conv output size follows PyTorch's formula per axis, with h != w attributes.
+    #[test]
+    fn conv2d_output_shape_per_axis() {
+        let attrs = Conv2dAttrs {
+            stride: [2, 1],
+            padding: [1, 0],
+            dilation: [1, 2],
+            groups: 1,
+        };
+        let out = Op::Conv2d(attrs)
+            .infer(&[&f(&[2, 3, 9, 10]), &f(&[4, 3, 3, 2])])
+            .unwrap();
+        // h: (9 + 2 - 3) / 2 + 1 = 5; w: (10 - 2*(2-1) - 1) / 1 + 1 = 8
+        assert_eq!(out.shape, vec![2, 4, 5, 8]);
+    }
+
+    /// Depthwise conv: groups == channels with one input channel per group.
+    #[test]
+    fn conv2d_depthwise_accepted_and_bad_groups_rejected() {
+        let dw = Conv2dAttrs {
+            groups: 4,
+            ..Default::default()
+        };
+        assert!(Op::Conv2d(dw).infer(&[&f(&[1, 4, 5, 5]), &f(&[4, 1, 3, 3])]).is_ok());
+        let bad = Conv2dAttrs {
+            groups: 3,
+            ..Default::default()
+        };
+        let err = Op::Conv2d(bad)
+            .infer(&[&f(&[1, 4, 5, 5]), &f(&[4, 1, 3, 3])])
+            .unwrap_err();
+        assert!(err.contains("groups=3"), "{err}");
+    }
+
+    /// A kernel larger than the padded input is an error, not an underflow.
+    #[test]
+    fn conv2d_kernel_too_large_is_error() {
+        let err = Op::Conv2d(Conv2dAttrs::default())
+            .infer(&[&f(&[1, 1, 2, 2]), &f(&[1, 1, 3, 3])])
+            .unwrap_err();
+        assert!(err.contains("does not fit"), "{err}");
+    }
+
+    /// Mixed dtypes are reported with both names.
+    #[test]
+    fn dtype_mismatch_is_reported() {
+        let err = Op::Add
+            .infer(&[&f(&[2]), &TensorFact::new(DType::F16, [2])])
+            .unwrap_err();
+        assert!(err.contains("f16") && err.contains("f32"), "{err}");
+    }
+
+    /// torchvision's stem max pool: 3x3, stride 2, padding 1 on 112x112 gives 56x56.
+    #[test]
+    fn max_pool_matches_torchvision_stem() {
+        let attrs = MaxPool2dAttrs {
+            kernel: [3, 3],
+            stride: [2, 2],
+            padding: [1, 1],
+        };
+        let out = Op::MaxPool2d(attrs).infer(&[&f(&[1, 64, 112, 112])]).unwrap();
+        assert_eq!(out.shape, vec![1, 64, 56, 56]);
+    }
+
+    /// Linear checks its weight's input features and keeps leading dims.
+    #[test]
+    fn linear_shapes() {
+        let out = Op::Linear
+            .infer(&[&f(&[10, 512]), &f(&[1000, 512]), &f(&[1000])])
+            .unwrap();
+        assert_eq!(out.shape, vec![10, 1000]);
+        assert!(Op::Linear.infer(&[&f(&[10, 511]), &f(&[1000, 512])]).is_err());
+    }
+
+    /// Batch-norm parameters must match the channel count; eps must be non-negative.
+    #[test]
+    fn batch_norm_checks() {
+        let x = f(&[1, 3, 2, 2]);
+        let v = f(&[3]);
+        let ok = Op::BatchNorm(BatchNormAttrs { eps: 1e-5 });
+        assert!(ok.infer(&[&x, &v, &v]).is_ok());
+        assert!(ok.infer(&[&x, &v, &f(&[4])]).is_err());
+        assert!(ok.infer(&[&x, &v, &v, &v]).is_err());
+        let neg = Op::BatchNorm(BatchNormAttrs { eps: -1.0 });
+        assert!(neg.infer(&[&x, &v, &v]).is_err());
+    }
+}

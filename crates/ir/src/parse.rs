@@ -1,0 +1,522 @@
+//! Reads the text form printed by `Display for Graph` back into a [`Graph`].
+//!
+//! Attributes may be omitted where PyTorch has a default (stride 1, padding 0,
+//! dilation 1, groups 1, eps 1e-5, max-pool stride = kernel); a single number
+//! stands for both axes of a pair. `//` starts a comment.
+
+use crate::{BatchNormAttrs, Conv2dAttrs, FlattenAttrs, Graph, IrError, MaxPool2dAttrs, NodeId, Op, ParseError, TensorFact};
+use candle_core::DType;
+use std::collections::HashMap;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Token {
+    Ident(String),
+    Value(String),
+    Const(String),
+    Number(String),
+    Punct(char),
+    End,
+}
+
+impl Token {
+    fn describe(&self) -> String {
+        match self {
+            Token::Ident(s) => format!("`{s}`"),
+            Token::Value(s) => format!("`%{s}`"),
+            Token::Const(s) => format!("`@{s}`"),
+            Token::Number(s) => format!("number `{s}`"),
+            Token::Punct(c) => format!("`{c}`"),
+            Token::End => "end of input".into(),
+        }
+    }
+}
+
+struct Lexer {
+    tokens: Vec<(Token, usize, usize)>,
+    position: usize,
+}
+
+fn name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '+' | '#' | '-')
+}
+
+fn tokenize(text: &str) -> std::result::Result<Vec<(Token, usize, usize)>, ParseError> {
+    let mut tokens = Vec::new();
+    for (line_index, line) in text.lines().enumerate() {
+        let chars: Vec<char> = line.chars().collect();
+        let mut i = 0;
+        while i < chars.len() {
+            let c = chars[i];
+            let column = i + 1;
+            let line_no = line_index + 1;
+            let take = |start: usize, pred: &dyn Fn(char) -> bool| {
+                let mut end = start;
+                while end < chars.len() && pred(chars[end]) {
+                    end += 1;
+                }
+                (chars[start..end].iter().collect::<String>(), end)
+            };
+            if c.is_whitespace() {
+                i += 1;
+            } else if c == '/' && chars.get(i + 1) == Some(&'/') {
+                break;
+            } else if c == '%' || c == '@' {
+                let (name, end) = take(i + 1, &name_char);
+                if name.is_empty() {
+                    return Err(ParseError {
+                        line: line_no,
+                        column,
+                        message: format!("expected a name after `{c}`"),
+                    });
+                }
+                tokens.push((if c == '%' { Token::Value(name) } else { Token::Const(name) }, line_no, column));
+                i = end;
+            } else if c.is_ascii_alphabetic() || c == '_' {
+                let (name, end) = take(i, &|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-');
+                tokens.push((Token::Ident(name), line_no, column));
+                i = end;
+            } else if c.is_ascii_digit() || c == '-' {
+                let mut end = i + 1;
+                while end < chars.len() {
+                    let d = chars[end];
+                    let exponent_sign = matches!(d, '-' | '+') && matches!(chars[end - 1], 'e' | 'E');
+                    if d.is_ascii_digit() || matches!(d, '.' | 'e' | 'E') || exponent_sign {
+                        end += 1;
+                    } else {
+                        break;
+                    }
+                }
+                tokens.push((Token::Number(chars[i..end].iter().collect()), line_no, column));
+                i = end;
+            } else if "(){}[],:=".contains(c) {
+                tokens.push((Token::Punct(c), line_no, column));
+                i += 1;
+            } else {
+                return Err(ParseError {
+                    line: line_no,
+                    column,
+                    message: format!("unexpected character `{c}`"),
+                });
+            }
+        }
+    }
+    let (line, column) = tokens.last().map(|t| (t.1, t.2 + 1)).unwrap_or((1, 1));
+    tokens.push((Token::End, line, column));
+    Ok(tokens)
+}
+
+enum AttrValue {
+    Number(String),
+    List(Vec<String>),
+}
+
+struct Parser {
+    lexer: Lexer,
+    graph: Graph,
+    values: HashMap<String, NodeId>,
+}
+
+type Result<T> = std::result::Result<T, IrError>;
+
+impl Parser {
+    fn peek(&self) -> &Token {
+        &self.lexer.tokens[self.lexer.position].0
+    }
+
+    fn error_here(&self, message: impl Into<String>) -> IrError {
+        let (_, line, column) = &self.lexer.tokens[self.lexer.position];
+        IrError::Parse(ParseError {
+            line: *line,
+            column: *column,
+            message: message.into(),
+        })
+    }
+
+    fn next(&mut self) -> Token {
+        let token = self.lexer.tokens[self.lexer.position].0.clone();
+        if token != Token::End {
+            self.lexer.position += 1;
+        }
+        token
+    }
+
+    fn expect_punct(&mut self, c: char) -> Result<()> {
+        if self.peek() == &Token::Punct(c) {
+            self.next();
+            Ok(())
+        } else {
+            Err(self.error_here(format!("expected `{c}`, found {}", self.peek().describe())))
+        }
+    }
+
+    /// After a list item: `,` continues (returns true), `close` ends (returns false).
+    fn list_continues(&mut self, close: char) -> Result<bool> {
+        if self.eat_punct(',') {
+            Ok(true)
+        } else if self.eat_punct(close) {
+            Ok(false)
+        } else {
+            Err(self.error_here(format!("expected `,` or `{close}`, found {}", self.peek().describe())))
+        }
+    }
+
+    fn eat_punct(&mut self, c: char) -> bool {
+        if self.peek() == &Token::Punct(c) {
+            self.next();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn expect_ident(&mut self, what: &str) -> Result<String> {
+        match self.peek().clone() {
+            Token::Ident(s) => {
+                self.next();
+                Ok(s)
+            }
+            other => Err(self.error_here(format!("expected {what}, found {}", other.describe()))),
+        }
+    }
+
+    fn expect_keyword(&mut self, keyword: &str) -> Result<()> {
+        match self.peek() {
+            Token::Ident(s) if s == keyword => {
+                self.next();
+                Ok(())
+            }
+            other => Err(self.error_here(format!("expected `{keyword}`, found {}", other.describe()))),
+        }
+    }
+
+    fn number<T: FromStr>(&mut self, what: &str) -> Result<T> {
+        match self.peek().clone() {
+            Token::Number(s) => {
+                let value = s
+                    .parse()
+                    .map_err(|_| self.error_here(format!("expected {what}, found `{s}`")))?;
+                self.next();
+                Ok(value)
+            }
+            other => Err(self.error_here(format!("expected {what}, found {}", other.describe()))),
+        }
+    }
+
+    fn fact(&mut self) -> Result<TensorFact> {
+        let dtype_name = self.expect_ident("a dtype such as f32")?;
+        let dtype = DType::from_str(&dtype_name)
+            .map_err(|_| self.error_here(format!("unknown dtype `{dtype_name}`")))?;
+        self.expect_punct('[')?;
+        let mut shape = Vec::new();
+        if !self.eat_punct(']') {
+            loop {
+                shape.push(self.number::<usize>("a dimension")?);
+                if !self.list_continues(']')? {
+                    break;
+                }
+            }
+        }
+        Ok(TensorFact::new(dtype, shape))
+    }
+
+    fn define(&mut self, name: &str, id: NodeId) {
+        self.values.insert(name.to_string(), id);
+    }
+
+    fn operand(&mut self) -> Result<NodeId> {
+        let (token, is_const) = match self.peek().clone() {
+            Token::Value(name) => (name, false),
+            Token::Const(name) => (name, true),
+            other => return Err(self.error_here(format!("expected an operand `%name` or `@name`, found {}", other.describe()))),
+        };
+        let Some(&id) = self.values.get(&token) else {
+            let sigil = if is_const { '@' } else { '%' };
+            return Err(self.error_here(format!("undefined value `{sigil}{token}`")));
+        };
+        let defined_const = self.graph.node(id).op == Op::Constant;
+        if defined_const != is_const {
+            return Err(self.error_here(if is_const {
+                format!("`@{token}` is not a constant; write `%{token}`")
+            } else {
+                format!("`%{token}` is a constant; write `@{token}`")
+            }));
+        }
+        self.next();
+        Ok(id)
+    }
+
+    fn attributes(&mut self) -> Result<Vec<(String, AttrValue, usize)>> {
+        let mut attrs: Vec<(String, AttrValue, usize)> = Vec::new();
+        if !self.eat_punct('[') {
+            return Ok(attrs);
+        }
+        if self.eat_punct(']') {
+            return Ok(attrs);
+        }
+        loop {
+            let position = self.lexer.position;
+            let name = self.expect_ident("an attribute name")?;
+            if attrs.iter().any(|(n, _, _)| n == &name) {
+                self.lexer.position = position;
+                return Err(self.error_here(format!("attribute `{name}` given twice")));
+            }
+            self.expect_punct('=')?;
+            let value = if self.eat_punct('[') {
+                let mut items = Vec::new();
+                loop {
+                    match self.next() {
+                        Token::Number(n) => items.push(n),
+                        other => {
+                            self.lexer.position -= 1;
+                            return Err(self.error_here(format!("expected a number, found {}", other.describe())));
+                        }
+                    }
+                    if !self.list_continues(']')? {
+                        break;
+                    }
+                }
+                AttrValue::List(items)
+            } else {
+                match self.peek().clone() {
+                    Token::Number(n) => {
+                        self.next();
+                        AttrValue::Number(n)
+                    }
+                    other => return Err(self.error_here(format!("expected a value for `{name}`, found {}", other.describe()))),
+                }
+            };
+            attrs.push((name, value, position));
+            if !self.list_continues(']')? {
+                return Ok(attrs);
+            }
+        }
+    }
+
+    fn op(&mut self, op_name: &str, op_position: usize) -> Result<Op> {
+        let attrs = self.attributes()?;
+        let end = self.lexer.position;
+        let mut table = AttrTable { attrs, used: vec![], parser: self };
+        let op = match op_name {
+            "conv2d" => Op::Conv2d(Conv2dAttrs {
+                stride: table.pair("stride")?.unwrap_or([1, 1]),
+                padding: table.pair("padding")?.unwrap_or([0, 0]),
+                dilation: table.pair("dilation")?.unwrap_or([1, 1]),
+                groups: table.scalar("groups")?.unwrap_or(1),
+            }),
+            "batch_norm" => Op::BatchNorm(BatchNormAttrs {
+                eps: table.scalar("eps")?.unwrap_or(1e-5),
+            }),
+            "max_pool2d" => {
+                let kernel = table
+                    .pair("kernel")?
+                    .ok_or_else(|| table.parser.error_here("max_pool2d needs `kernel`"))?;
+                Op::MaxPool2d(MaxPool2dAttrs {
+                    kernel,
+                    stride: table.pair("stride")?.unwrap_or(kernel),
+                    padding: table.pair("padding")?.unwrap_or([0, 0]),
+                })
+            }
+            "flatten" => Op::Flatten(FlattenAttrs {
+                start_dim: table
+                    .scalar("start_dim")?
+                    .ok_or_else(|| table.parser.error_here("flatten needs `start_dim`"))?,
+            }),
+            "relu" => Op::Relu,
+            "add" => Op::Add,
+            "global_avg_pool2d" => Op::GlobalAvgPool2d,
+            "linear" => Op::Linear,
+            other => {
+                self.lexer.position = op_position;
+                return Err(self.error_here(format!(
+                    "unknown op `{other}`; expected one of conv2d, batch_norm, relu, add, max_pool2d, global_avg_pool2d, flatten, linear"
+                )));
+            }
+        };
+        table.finish()?;
+        self.lexer.position = end;
+        Ok(op)
+    }
+
+    fn statement(&mut self) -> Result<bool> {
+        match self.peek().clone() {
+            Token::Ident(word) if word == "return" => {
+                self.next();
+                let mut outputs = vec![self.operand()?];
+                while self.eat_punct(',') {
+                    outputs.push(self.operand()?);
+                }
+                self.graph.set_outputs(outputs);
+                Ok(false)
+            }
+            Token::Const(name) => {
+                let position = self.lexer.position;
+                self.next();
+                self.expect_punct('=')?;
+                self.expect_keyword("constant")?;
+                self.expect_punct(':')?;
+                let fact = self.fact()?;
+                let id = self.graph.add_constant_decl(name.clone(), fact).map_err(|e| {
+                    self.lexer.position = position;
+                    self.error_here(e.to_string())
+                })?;
+                self.define(&name, id);
+                Ok(true)
+            }
+            Token::Value(name) => {
+                let position = self.lexer.position;
+                self.next();
+                self.expect_punct('=')?;
+                let op_position = self.lexer.position;
+                let op_name = self.expect_ident("an op name")?;
+                let op = self.op(&op_name, op_position)?;
+                self.expect_punct('(')?;
+                let mut inputs = Vec::new();
+                if !self.eat_punct(')') {
+                    loop {
+                        inputs.push(self.operand()?);
+                        if !self.list_continues(')')? {
+                            break;
+                        }
+                    }
+                }
+                self.expect_punct(':')?;
+                let fact_position = self.lexer.position;
+                let declared = self.fact()?;
+                let id = self.graph.add_node(name.clone(), op, &inputs).map_err(|e| {
+                    self.lexer.position = position;
+                    self.error_here(e.to_string())
+                })?;
+                let inferred = &self.graph.node(id).fact;
+                if inferred != &declared {
+                    self.lexer.position = fact_position;
+                    return Err(self.error_here(format!(
+                        "`%{name}` is annotated {declared} but its op produces {inferred}"
+                    )));
+                }
+                self.define(&name, id);
+                Ok(true)
+            }
+            other => Err(self.error_here(format!(
+                "expected a definition `%name = ...`, `@name = constant : ...` or `return`, found {}",
+                other.describe()
+            ))),
+        }
+    }
+
+    fn graph(mut self) -> Result<Graph> {
+        self.expect_keyword("graph")?;
+        let name = match self.next() {
+            Token::Ident(name) => name,
+            other => {
+                self.lexer.position -= 1;
+                return Err(self.error_here(format!("expected a graph name, found {}", other.describe())));
+            }
+        };
+        self.graph = Graph::new(name);
+        self.expect_punct('(')?;
+        if !self.eat_punct(')') {
+            loop {
+                let position = self.lexer.position;
+                let Token::Value(input) = self.next() else {
+                    self.lexer.position = position;
+                    return Err(self.error_here(format!("expected an input `%name`, found {}", self.peek().describe())));
+                };
+                self.expect_punct(':')?;
+                let fact = self.fact()?;
+                let id = self.graph.add_input(input.clone(), fact).map_err(|e| {
+                    self.lexer.position = position;
+                    self.error_here(e.to_string())
+                })?;
+                self.define(&input, id);
+                if !self.list_continues(')')? {
+                    break;
+                }
+            }
+        }
+        self.expect_punct('{')?;
+        while self.statement()? {}
+        self.expect_punct('}')?;
+        if self.peek() != &Token::End {
+            return Err(self.error_here(format!("expected end of input after `}}`, found {}", self.peek().describe())));
+        }
+        Ok(self.graph)
+    }
+}
+
+struct AttrTable<'p> {
+    attrs: Vec<(String, AttrValue, usize)>,
+    used: Vec<String>,
+    parser: &'p mut Parser,
+}
+
+impl AttrTable<'_> {
+    fn take(&mut self, name: &str) -> Option<(AttrValue, usize)> {
+        self.used.push(name.to_string());
+        let index = self.attrs.iter().position(|(n, _, _)| n == name)?;
+        let (_, value, position) = self.attrs.remove(index);
+        Some((value, position))
+    }
+
+    fn bad(&mut self, position: usize, message: String) -> IrError {
+        self.parser.lexer.position = position;
+        self.parser.error_here(message)
+    }
+
+    fn scalar<T: FromStr>(&mut self, name: &str) -> Result<Option<T>> {
+        match self.take(name) {
+            None => Ok(None),
+            Some((AttrValue::Number(n), position)) => n
+                .parse()
+                .map(Some)
+                .map_err(|_| self.bad(position, format!("attribute `{name}`: cannot read `{n}`"))),
+            Some((AttrValue::List(_), position)) => Err(self.bad(position, format!("attribute `{name}` takes one number"))),
+        }
+    }
+
+    fn pair(&mut self, name: &str) -> Result<Option<[usize; 2]>> {
+        let parse = |s: &str| s.parse::<usize>().ok();
+        match self.take(name) {
+            None => Ok(None),
+            Some((AttrValue::Number(n), position)) => match parse(&n) {
+                Some(v) => Ok(Some([v, v])),
+                None => Err(self.bad(position, format!("attribute `{name}`: expected a non-negative integer, found `{n}`"))),
+            },
+            Some((AttrValue::List(items), position)) => match items.iter().map(|s| parse(s)).collect::<Option<Vec<_>>>() {
+                Some(v) if v.len() == 2 => Ok(Some([v[0], v[1]])),
+                _ => Err(self.bad(position, format!("attribute `{name}`: expected [h,w] of non-negative integers"))),
+            },
+        }
+    }
+
+    fn finish(mut self) -> Result<()> {
+        if let Some((name, _, position)) = self.attrs.first() {
+            let (name, position) = (name.clone(), *position);
+            let known = self.used.join(", ");
+            return Err(self.bad(position, format!("unknown attribute `{name}`; this op takes {known}")));
+        }
+        Ok(())
+    }
+}
+
+impl Graph {
+    /// Parses IR text (as printed by `Display`). Constants get declarations only;
+    /// supply their data with [`Graph::set_constant_data`].
+    pub fn parse(text: &str) -> std::result::Result<Graph, IrError> {
+        let tokens = tokenize(text).map_err(IrError::Parse)?;
+        Parser {
+            lexer: Lexer { tokens, position: 0 },
+            graph: Graph::default(),
+            values: HashMap::new(),
+        }
+        .graph()
+    }
+}
+
+impl FromStr for Graph {
+    type Err = IrError;
+
+    fn from_str(text: &str) -> std::result::Result<Self, Self::Err> {
+        Graph::parse(text)
+    }
+}

@@ -1,0 +1,80 @@
+//! The text form of a graph: one line per node, the same in dumps, errors and golden tests.
+
+use crate::{Graph, Node, Op};
+use std::fmt::{self, Write};
+
+fn pair(values: [usize; 2]) -> String {
+    format!("[{},{}]", values[0], values[1])
+}
+
+/// The op with its attributes, as printed before the operand list: `conv2d[stride=[1,1], ...]`.
+pub(crate) fn op_text(op: &Op) -> String {
+    match op {
+        Op::Conv2d(a) => format!(
+            "conv2d[stride={}, padding={}, dilation={}, groups={}]",
+            pair(a.stride),
+            pair(a.padding),
+            pair(a.dilation),
+            a.groups
+        ),
+        Op::BatchNorm(a) => format!("batch_norm[eps={:?}]", a.eps),
+        Op::MaxPool2d(a) => format!(
+            "max_pool2d[kernel={}, stride={}, padding={}]",
+            pair(a.kernel),
+            pair(a.stride),
+            pair(a.padding)
+        ),
+        Op::Flatten(a) => format!("flatten[start_dim={}]", a.start_dim),
+        other => other.name().to_string(),
+    }
+}
+
+impl Graph {
+    /// `%name` or `@name`, the way operands and definitions are written.
+    pub fn value_ref(&self, id: crate::NodeId) -> String {
+        sigil_name(self.node(id))
+    }
+
+    /// One node as one line of IR text (without indentation).
+    pub fn node_text(&self, node: &Node) -> String {
+        if node.op == Op::Constant {
+            return format!("@{} = constant : {}", node.name, node.fact);
+        }
+        let operands: Vec<String> = node.inputs.iter().map(|&i| self.value_ref(i)).collect();
+        format!(
+            "%{} = {}({}) : {}",
+            node.name,
+            op_text(&node.op),
+            operands.join(", "),
+            node.fact
+        )
+    }
+}
+
+fn sigil_name(node: &Node) -> String {
+    let sigil = if node.op == Op::Constant { '@' } else { '%' };
+    format!("{sigil}{}", node.name)
+}
+
+impl fmt::Display for Graph {
+    /// Prints the graph in the text form that [`Graph::parse`] reads back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut header = String::new();
+        for (i, &input) in self.inputs().iter().enumerate() {
+            if i > 0 {
+                header.push_str(", ");
+            }
+            let node = self.node(input);
+            write!(header, "%{}: {}", node.name, node.fact)?;
+        }
+        writeln!(f, "graph {}({header}) {{", self.name())?;
+        for node in self.nodes() {
+            if node.op != Op::Input {
+                writeln!(f, "  {}", self.node_text(node))?;
+            }
+        }
+        let outputs: Vec<String> = self.outputs().iter().map(|&o| self.value_ref(o)).collect();
+        writeln!(f, "  return {}", outputs.join(", "))?;
+        writeln!(f, "}}")
+    }
+}

@@ -1,0 +1,196 @@
+//! Unit tests of graph building, verification, printing and parsing.
+
+use crate::*;
+use proptest::prelude::*;
+
+const TOY: &str = "graph toy(%x: f32[5,1,1,1]) {
+  @conv1.weight = constant : f32[1,1,1,1]
+  @conv1.bias = constant : f32[1]
+  %conv1 = conv2d[stride=[1,1], padding=[0,0], dilation=[1,1], groups=1](%x, @conv1.weight, @conv1.bias) : f32[5,1,1,1]
+  @bn1.running_mean = constant : f32[1]
+  @bn1.running_var = constant : f32[1]
+  %bn1 = batch_norm[eps=1e-5](%conv1, @bn1.running_mean, @bn1.running_var) : f32[5,1,1,1]
+  %relu = relu(%bn1) : f32[5,1,1,1]
+  %relu#1 = relu(%relu) : f32[5,1,1,1]
+  return %relu#1
+}
+";
+
+/// Printing a parsed graph gives back the exact text.
+#[test]
+fn toy_text_round_trips() {
+    let graph = Graph::parse(TOY).unwrap();
+    assert_eq!(graph.to_string(), TOY);
+    graph.verify().unwrap();
+    assert_eq!(graph.node(graph.find("relu#1").unwrap()).path(), "relu");
+}
+
+/// Omitted attributes take PyTorch's defaults and a scalar stands for both axes.
+#[test]
+fn defaults_and_scalar_pairs() {
+    let text = "graph g(%x: f32[1,2,8,8]) {
+  @w = constant : f32[2,1,3,3]
+  %c = conv2d[stride=2, groups=2](%x, @w) : f32[1,2,3,3]  // depthwise
+  %p = max_pool2d[kernel=2](%c) : f32[1,2,1,1]
+  return %p
+}";
+    let graph = Graph::parse(text).unwrap();
+    let Op::Conv2d(attrs) = graph.node(graph.find("c").unwrap()).op else {
+        panic!("expected conv2d");
+    };
+    assert_eq!(attrs.stride, [2, 2]);
+    assert_eq!(attrs.dilation, [1, 1]);
+    let Op::MaxPool2d(pool) = graph.node(graph.find("p").unwrap()).op else {
+        panic!("expected max_pool2d");
+    };
+    assert_eq!(pool.stride, [2, 2]);
+}
+
+fn parse_err(text: &str) -> String {
+    Graph::parse(text).unwrap_err().to_string()
+}
+
+/// An undefined operand is reported with its name and position.
+#[test]
+fn undefined_value_is_an_error() {
+    let err = parse_err("graph g(%x: f32[1]) {\n  %y = relu(%z) : f32[1]\n  return %y\n}");
+    assert!(err.contains("undefined value `%z`") && err.contains("line 2"), "{err}");
+}
+
+/// Syntax errors name what was expected and what was found.
+#[test]
+fn syntax_errors_are_located() {
+    let err = parse_err("graph g(%x: f32[1]) {\n  %y = relu(%x : f32[1]\n  return %y\n}");
+    assert!(err.contains("expected `,` or `)`, found `:`") && err.contains("line 2"), "{err}");
+    let err = parse_err("graph g(%x: f32[1]) {\n  %y = sigmoid(%x) : f32[1]\n  return %y\n}");
+    assert!(err.contains("unknown op `sigmoid`"), "{err}");
+    let err = parse_err("graph g(%x: f32[1]) {\n  %y = relu(%x) : f32[2]\n  return %y\n}");
+    assert!(err.contains("annotated f32[2]"), "{err}");
+    let err = parse_err("graph g(%x: f32[1]) {\n  %y = relu(%x) : q9[1]\n  return %y\n}");
+    assert!(err.contains("unknown dtype `q9`"), "{err}");
+    let err = parse_err("graph g(%x: f32[1,1,3,3], %w: f32[1,1,1,1]) {\n  %y = conv2d[strides=1](%x, %w) : f32[1,1,3,3]\n  return %y\n}");
+    assert!(err.contains("unknown attribute `strides`"), "{err}");
+    let err = parse_err("graph g(%x: f32[1]) {\n  %x = relu(%x) : f32[1]\n  return %x\n}");
+    assert!(err.contains("duplicate value name `x`"), "{err}");
+    let err = parse_err("graph g(%x: f32[1]) {\n  return @x\n}");
+    assert!(err.contains("`@x` is not a constant"), "{err}");
+}
+
+/// The verifier reports every violation at once, not just the first.
+#[test]
+fn verifier_reports_all_violations() {
+    let mut graph = Graph::parse(TOY).unwrap();
+    let conv = graph.find("conv1").unwrap();
+    graph.node_mut(conv).fact.shape = vec![5, 2, 1, 1];
+    let relu = graph.find("relu").unwrap();
+    let later = graph.find("relu#1").unwrap();
+    graph.node_mut(relu).inputs = vec![later];
+    let err = graph.verify().unwrap_err();
+    let IrError::Verify { violations, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(violations.len(), 3, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("%conv1: fact is f32[5,2,1,1]"), "{text}");
+    assert!(text.contains("%relu: operand `relu#1` is not defined before"), "{text}");
+    assert!(text.contains("%bn1: batch_norm"), "{text}");
+}
+
+/// Constant data must agree with the declared fact.
+#[test]
+fn constant_data_is_checked() {
+    let mut graph = Graph::parse(TOY).unwrap();
+    let wrong = candle_core::Tensor::zeros((2,), DType::F32, &candle_core::Device::Cpu).unwrap();
+    let err = graph.set_constant_data("conv1.bias", wrong).unwrap_err();
+    assert!(err.to_string().contains("expected f32[1], got data of f32[2]"), "{err}");
+    let right = candle_core::Tensor::zeros((1,), DType::F32, &candle_core::Device::Cpu).unwrap();
+    graph.set_constant_data("conv1.bias", right).unwrap();
+    assert!(graph.set_constant_data("conv1", candle_core::Tensor::zeros((1,), DType::F32, &candle_core::Device::Cpu).unwrap()).is_err());
+}
+
+/// Redirected uses followed by compact restore topological order and drop the unused.
+#[test]
+fn replace_and_compact_keep_order() {
+    let mut graph = Graph::parse(TOY).unwrap();
+    let x = graph.find("x").unwrap();
+    let bn = graph.find("bn1").unwrap();
+    let new = graph.add_node("late", Op::Relu, &[x]).unwrap();
+    graph.replace_all_uses(bn, new);
+    assert!(graph.verify().is_err());
+    let live = graph.live();
+    let dropped = graph.compact(|id, _| live[id.index()]);
+    // bn1, conv1 and their four constants are dead.
+    assert_eq!(dropped, 6);
+    graph.verify().unwrap();
+    let text = graph.to_string();
+    assert!(text.contains("%late = relu(%x)"), "{text}");
+    assert!(!text.contains("bn1") && !text.contains("conv1"), "{text}");
+}
+
+fn arb_chain() -> impl Strategy<Value = Graph> {
+    (
+        1usize..3,
+        1usize..5,
+        3usize..9,
+        prop::collection::vec((0u8..5, 1usize..4, 1usize..3, 0usize..2, 1usize..3, 1e-6f64..0.5), 1..6),
+    )
+        .prop_map(|(batch, channels, size, layers)| {
+            let mut graph = Graph::new("chain");
+            let mut x = graph
+                .add_input("x", TensorFact::new(DType::F32, [batch, channels, size, size]))
+                .unwrap();
+            let mut c = channels;
+            for (i, (kind, out, k, pad, stride, eps)) in layers.into_iter().enumerate() {
+                let h = graph.node(x).fact.shape[2];
+                let next = match kind {
+                    0 if h + 2 * pad >= k => {
+                        let w = graph
+                            .add_constant_decl(format!("l{i}.weight"), TensorFact::new(DType::F32, [out, c, k, k + 1]))
+                            .unwrap();
+                        let attrs = Conv2dAttrs {
+                            stride: [stride, 1],
+                            padding: [pad, pad + 1],
+                            dilation: [1, 1],
+                            groups: 1,
+                        };
+                        graph.add_node(format!("l{i}"), Op::Conv2d(attrs), &[x, w]).ok()
+                    }
+                    1 => {
+                        let m = graph.add_constant_decl(format!("l{i}.running_mean"), TensorFact::new(DType::F32, [c])).unwrap();
+                        let v = graph.add_constant_decl(format!("l{i}.running_var"), TensorFact::new(DType::F32, [c])).unwrap();
+                        graph.add_node(format!("l{i}"), Op::BatchNorm(BatchNormAttrs { eps }), &[x, m, v]).ok()
+                    }
+                    2 => graph.add_node(format!("l{i}"), Op::Relu, &[x]).ok(),
+                    3 => graph.add_node(format!("l{i}"), Op::Add, &[x, x]).ok(),
+                    _ if h >= 2 => graph
+                        .add_node(
+                            format!("l{i}"),
+                            Op::MaxPool2d(MaxPool2dAttrs { kernel: [2, 2], stride: [1, 2], padding: [1, 0] }),
+                            &[x],
+                        )
+                        .ok(),
+                    _ => None,
+                };
+                if let Some(next) = next {
+                    x = next;
+                    c = graph.node(x).fact.shape[1];
+                }
+            }
+            let pooled = graph.add_node("pool", Op::GlobalAvgPool2d, &[x]).unwrap();
+            let flat = graph.add_node("flat", Op::Flatten(FlattenAttrs { start_dim: 1 }), &[pooled]).unwrap();
+            graph.set_outputs(vec![flat, x]);
+            graph
+        })
+}
+
+proptest! {
+    /// print ∘ parse is the identity on text, and parse ∘ print on graphs.
+    #[test]
+    fn print_parse_round_trip(graph in arb_chain()) {
+        graph.verify().unwrap();
+        let text = graph.to_string();
+        let parsed = Graph::parse(&text).unwrap();
+        prop_assert_eq!(&parsed.to_string(), &text);
+        prop_assert_eq!(parsed, graph);
+    }
+}

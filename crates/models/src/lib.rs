@@ -1,0 +1,27 @@
+//! Models written once against a small front end ([`Frontend`]) that either
+//! runs them eagerly with plain candle ([`Eager`], the reference) or traces
+//! them into wick's IR ([`trace`]), flattening module nesting on the way.
+//!
+//! Weights come from safetensors files with PyTorch/torchvision/timm names
+//! ([`Weights`]), from the Hugging Face cache ([`hub`]), or from a seeded
+//! random init that a Python script re-implements for fixtures ([`random`]).
+
+mod error;
+mod frontend;
+pub mod hub;
+mod layers;
+mod params;
+pub mod random;
+mod resnet;
+mod toy;
+mod trace;
+mod zoo;
+
+pub use error::ModelError;
+pub use frontend::{Eager, Frontend, Module};
+pub use layers::{BatchNorm, Conv2d, Linear, MaxPool2d, Relu, Sequential, SequentialLayer};
+pub use params::{ParamKind, ParamSource, RandomParams, Weights};
+pub use resnet::{BasicBlock, ResNet};
+pub use toy::{Toy, WrappedBatchNorm};
+pub use trace::{trace, Tracer};
+pub use zoo::{random_input, Model, ModelName, WeightSource, MODEL_NAMES};

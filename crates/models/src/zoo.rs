@@ -1,0 +1,198 @@
+//! The models wick ships, by name: loading, default inputs, eager runs and tracing.
+
+use crate::{trace, Eager, Module, ModelError, ParamSource, RandomParams, ResNet, Sequential, Toy, Weights};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use wick_ir::{Graph, TensorFact};
+
+/// The names accepted by [`ModelName::from_str`].
+pub const MODEL_NAMES: [&str; 3] = ["toy", "toy-sequential", "resnet18"];
+
+/// A model wick knows how to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelName {
+    /// The tutorial's model `M` (three conv → batch_norm pairs once flattened).
+    Toy,
+    /// The tutorial's `Sequential` model (two pairs).
+    ToySequential,
+    /// torchvision's ResNet18 (twenty pairs).
+    Resnet18,
+}
+
+impl ModelName {
+    /// All models.
+    pub const ALL: [ModelName; 3] = [ModelName::Toy, ModelName::ToySequential, ModelName::Resnet18];
+
+    /// The CLI / graph name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelName::Toy => "toy",
+            ModelName::ToySequential => "toy-sequential",
+            ModelName::Resnet18 => "resnet18",
+        }
+    }
+
+    /// The tutorial's input shape for this model, with the batch replaced when given.
+    pub fn input_shape(self, batch: Option<usize>) -> Vec<usize> {
+        let mut shape = match self {
+            ModelName::Toy => vec![5, 1, 1, 1],
+            ModelName::ToySequential => vec![1, 3, 28, 28],
+            ModelName::Resnet18 => vec![10, 3, 224, 224],
+        };
+        if let Some(batch) = batch {
+            shape[0] = batch;
+        }
+        shape
+    }
+}
+
+impl std::fmt::Display for ModelName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ModelName {
+    type Err = ModelError;
+
+    fn from_str(name: &str) -> Result<Self, ModelError> {
+        ModelName::ALL
+            .into_iter()
+            .find(|m| m.as_str() == name)
+            .ok_or_else(|| ModelError::UnknownModel {
+                name: name.to_string(),
+                known: MODEL_NAMES.to_vec(),
+            })
+    }
+}
+
+/// Where a model's parameters come from.
+#[derive(Debug, Clone)]
+pub enum WeightSource {
+    /// The seeded random init of [`crate::random`] (f32, non-trivial batch-norm statistics).
+    Random {
+        /// The seed.
+        seed: u64,
+    },
+    /// A safetensors file with PyTorch parameter names.
+    File(PathBuf),
+    /// Tensors already in memory, keyed by parameter name.
+    Tensors(HashMap<String, Tensor>),
+}
+
+/// A loaded model of any kind.
+#[derive(Debug, Clone)]
+pub enum Model {
+    /// See [`ModelName::Toy`].
+    Toy(Toy),
+    /// See [`ModelName::ToySequential`].
+    ToySequential(Sequential),
+    /// See [`ModelName::Resnet18`].
+    Resnet18(ResNet),
+}
+
+impl Model {
+    /// Builds model `name` with parameters from `source` on `device`.
+    pub fn load(name: ModelName, source: WeightSource, device: &Device) -> Result<Self, ModelError> {
+        let mut params: Box<dyn ParamSource> = match source {
+            WeightSource::Random { seed } => Box::new(RandomParams {
+                seed,
+                device: device.clone(),
+            }),
+            WeightSource::File(path) => Box::new(Weights::from_file(&path, device)?),
+            WeightSource::Tensors(tensors) => Box::new(Weights::from_tensors(tensors, "the given tensors", device)),
+        };
+        let model = Self::build(name, params.as_mut()).map_err(|e| match e {
+            ModelError::MissingWeight { name: weight, source_name, .. } => ModelError::MissingWeight {
+                name: weight,
+                model: name.as_str().to_string(),
+                source_name,
+            },
+            other => other,
+        })?;
+        params.finish(name.as_str())?;
+        Ok(model)
+    }
+
+    fn build(name: ModelName, params: &mut dyn ParamSource) -> Result<Self, ModelError> {
+        Ok(match name {
+            ModelName::Toy => Model::Toy(Toy::load(params)?),
+            ModelName::ToySequential => Model::ToySequential(crate::toy::toy_sequential(params)?),
+            ModelName::Resnet18 => Model::Resnet18(ResNet::resnet18(params, 1000)?),
+        })
+    }
+
+    /// Which model this is.
+    pub fn name(&self) -> ModelName {
+        match self {
+            Model::Toy(_) => ModelName::Toy,
+            Model::ToySequential(_) => ModelName::ToySequential,
+            Model::Resnet18(_) => ModelName::Resnet18,
+        }
+    }
+
+    /// The dtype of the model's parameters.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Model::Toy(m) => m.conv1.inner.weight().dtype(),
+            Model::ToySequential(m) => match m.layers.first() {
+                Some(crate::SequentialLayer::Conv2d(c)) => c.inner.weight().dtype(),
+                _ => DType::F32,
+            },
+            Model::Resnet18(m) => m.conv1.inner.weight().dtype(),
+        }
+    }
+
+    /// Checks that `dims` is an input this model accepts: rank 4 NCHW with the
+    /// model's channel count and a spatial size its layers can take.
+    pub fn check_input(&self, dims: &[usize]) -> Result<(), ModelError> {
+        let (channels, min_size) = match self.name() {
+            ModelName::Toy => (1, 1),
+            ModelName::ToySequential => (3, 11),
+            ModelName::Resnet18 => (3, 1),
+        };
+        let ok = dims.len() == 4 && dims[0] > 0 && dims[1] == channels && dims[2] >= min_size && dims[3] >= min_size;
+        if ok {
+            Ok(())
+        } else {
+            Err(ModelError::BadInput {
+                model: self.name().as_str().into(),
+                expected: format!("[N,{channels},H,W] with N >= 1 and H, W >= {min_size}"),
+                got: dims.to_vec(),
+            })
+        }
+    }
+
+    /// Runs the model eagerly with plain candle (the reference).
+    pub fn forward_eager(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        self.check_input(x.dims())?;
+        let mut eager = Eager;
+        match self {
+            Model::Toy(m) => m.forward(&mut eager, x.clone()),
+            Model::ToySequential(m) => m.forward(&mut eager, x.clone()),
+            Model::Resnet18(m) => m.forward(&mut eager, x.clone()),
+        }
+    }
+
+    /// Traces the model at input shape `input_shape` (dtype = the model's).
+    pub fn trace(&self, input_shape: &[usize]) -> Result<Graph, ModelError> {
+        self.check_input(input_shape)?;
+        let fact = TensorFact::new(self.dtype(), input_shape);
+        let name = self.name().as_str();
+        match self {
+            Model::Toy(m) => trace(name, m, fact),
+            Model::ToySequential(m) => trace(name, m, fact),
+            Model::Resnet18(m) => trace(name, m, fact),
+        }
+    }
+}
+
+/// A seeded random input (uniform in [-1, 1)) of `shape`, named `input` in the random stream.
+pub fn random_input(seed: u64, shape: &[usize], device: &Device) -> Result<Tensor, ModelError> {
+    crate::random::uniform(seed, "input", shape, -1.0, 1.0, device).map_err(|source| ModelError::Candle {
+        context: "random input".into(),
+        source,
+    })
+}
