@@ -1,0 +1,93 @@
+//! Typed errors of compiling and running graphs.
+
+use wick_ir::TensorFact;
+
+/// Everything that can go wrong compiling or running a graph.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The graph failed verification or is otherwise malformed.
+    #[error("invalid graph: {0}")]
+    Graph(#[from] wick_ir::IrError),
+    /// A constant has no data (e.g. a graph parsed from text without weights).
+    #[error("constant `@{name}` has no data; supply it with Graph::set_constant_data")]
+    MissingConstant {
+        /// The constant's name.
+        name: String,
+    },
+    /// An op with attributes this device's kernels cannot execute.
+    #[error("node `%{node}` ({op}) is not supported on {device}: {reason}")]
+    Unsupported {
+        /// The node.
+        node: String,
+        /// The op name.
+        op: &'static str,
+        /// The device.
+        device: String,
+        /// Why.
+        reason: String,
+    },
+    /// Wrong number of inputs.
+    #[error("graph `{graph}` takes {expected} input(s), got {got}")]
+    InputCount {
+        /// Graph name.
+        graph: String,
+        /// Inputs declared.
+        expected: usize,
+        /// Inputs given.
+        got: usize,
+    },
+    /// An input whose shape or dtype differs from the graph's input fact.
+    #[error("input `%{input}` must be {expected}, got {got}")]
+    InputMismatch {
+        /// The input's name.
+        input: String,
+        /// The graph's fact for it.
+        expected: TensorFact,
+        /// What was given.
+        got: TensorFact,
+    },
+    /// A device string that is not `cpu`, `cuda` or `cuda:N`.
+    #[error("unknown device `{given}`; expected `cpu`, `cuda` or `cuda:N`")]
+    UnknownDevice {
+        /// The string given.
+        given: String,
+    },
+    /// CUDA was requested from a build without the `cuda` feature.
+    #[error("device `{given}` needs CUDA support: rebuild with `--features cuda` (see README, 'CUDA')")]
+    CudaNotCompiled {
+        /// The device string.
+        given: String,
+    },
+    /// The device could not be opened (no GPU, no driver, bad ordinal).
+    #[error("cannot open device `{given}`: {source}")]
+    DeviceUnavailable {
+        /// The device string.
+        given: String,
+        /// candle's error.
+        #[source]
+        source: candle_core::Error,
+    },
+    /// A candle operation failed while executing a node.
+    #[error("candle error in node `%{node}`: {source}")]
+    Candle {
+        /// The node (or constant) being processed.
+        node: String,
+        /// candle's error.
+        #[source]
+        source: candle_core::Error,
+    },
+}
+
+/// Attaches the node name to candle errors.
+pub(crate) trait AtNode<T> {
+    fn at(self, node: &str) -> Result<T, EngineError>;
+}
+
+impl<T> AtNode<T> for candle_core::Result<T> {
+    fn at(self, node: &str) -> Result<T, EngineError> {
+        self.map_err(|source| EngineError::Candle {
+            node: node.to_string(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,282 @@
+//! `Engine` (compilation) and `CompiledModel` (the executable plan).
+
+use crate::error::AtNode;
+use crate::kernels::Kernel;
+use crate::EngineError;
+use candle_core::{Device, Tensor};
+use wick_ir::{Graph, Op, TensorFact};
+
+/// Compiles graphs for one device.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    device: Device,
+}
+
+impl Engine {
+    /// An engine for `device`.
+    pub fn new(device: Device) -> Self {
+        Self { device }
+    }
+
+    /// An engine for the host CPU.
+    pub fn cpu() -> Self {
+        Self::new(Device::Cpu)
+    }
+
+    /// The device compiled models run on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Verifies `graph`, moves its constants to the device, selects a kernel
+    /// per node and plans when each intermediate value is freed.
+    pub fn compile(&self, graph: &Graph) -> Result<CompiledModel, EngineError> {
+        graph.verify()?;
+        let count = graph.len();
+        let mut constants = Vec::new();
+        let mut steps = Vec::new();
+        let mut inputs = Vec::new();
+        for id in graph.node_ids() {
+            let node = graph.node(id);
+            match node.op {
+                Op::Input => inputs.push(InputSlot {
+                    slot: id.index(),
+                    name: node.name.clone(),
+                    fact: node.fact.clone(),
+                }),
+                Op::Constant => {
+                    let data = graph
+                        .constant_data(&node.name)
+                        .ok_or_else(|| EngineError::MissingConstant { name: node.name.clone() })?;
+                    constants.push((id.index(), data.to_device(&self.device).at(&node.name)?));
+                }
+                _ => steps.push(Step {
+                    name: node.name.clone(),
+                    kernel: Kernel::select(graph, node, &self.device)?,
+                    inputs: node.inputs.iter().map(|i| i.index()).collect(),
+                    output: id.index(),
+                    free_after: Vec::new(),
+                }),
+            }
+        }
+        // Declaration order of inputs in the signature may differ from node order.
+        inputs.sort_by_key(|input| graph.inputs().iter().position(|i| i.index() == input.slot));
+        let outputs: Vec<usize> = graph.outputs().iter().map(|o| o.index()).collect();
+        // Last step that reads each slot; a value nobody reads dies where it is made.
+        let mut last_use: Vec<Option<usize>> = vec![None; count];
+        for (index, step) in steps.iter().enumerate() {
+            last_use[step.output] = Some(index);
+            for &input in &step.inputs {
+                last_use[input] = Some(index);
+            }
+        }
+        let mut pinned = vec![false; count];
+        for &slot in outputs.iter().chain(constants.iter().map(|(slot, _)| slot)) {
+            pinned[slot] = true;
+        }
+        for (slot, last) in last_use.iter().enumerate() {
+            if let (Some(step), false) = (last, pinned[slot]) {
+                steps[*step].free_after.push(slot);
+            }
+        }
+        let output_facts = graph.outputs().iter().map(|&o| graph.node(o).fact.clone()).collect();
+        Ok(CompiledModel {
+            name: graph.name().to_string(),
+            device: self.device.clone(),
+            slot_count: count,
+            inputs,
+            constants,
+            steps,
+            outputs,
+            output_facts,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct InputSlot {
+    slot: usize,
+    name: String,
+    fact: TensorFact,
+}
+
+#[derive(Debug, Clone)]
+struct Step {
+    name: String,
+    kernel: Kernel,
+    inputs: Vec<usize>,
+    output: usize,
+    free_after: Vec<usize>,
+}
+
+/// A graph compiled for one device: immutable, `Send + Sync`, runnable from
+/// many threads at once (each run has its own value slots).
+#[derive(Debug, Clone)]
+pub struct CompiledModel {
+    name: String,
+    device: Device,
+    slot_count: usize,
+    inputs: Vec<InputSlot>,
+    constants: Vec<(usize, Tensor)>,
+    steps: Vec<Step>,
+    outputs: Vec<usize>,
+    output_facts: Vec<TensorFact>,
+}
+
+impl CompiledModel {
+    /// Name of the compiled graph.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device it runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Names and facts of the inputs, in order.
+    pub fn input_facts(&self) -> impl Iterator<Item = (&str, &TensorFact)> {
+        self.inputs.iter().map(|i| (i.name.as_str(), &i.fact))
+    }
+
+    /// Facts of the outputs, in order.
+    pub fn output_facts(&self) -> &[TensorFact] {
+        &self.output_facts
+    }
+
+    /// Number of executed steps (nodes other than inputs and constants).
+    pub fn step_count(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Runs the model. Every input is checked against its fact before
+    /// anything runs; inputs on another device are copied to this one.
+    pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
+        if inputs.len() != self.inputs.len() {
+            return Err(EngineError::InputCount {
+                graph: self.name.clone(),
+                expected: self.inputs.len(),
+                got: inputs.len(),
+            });
+        }
+        for (given, declared) in inputs.iter().zip(&self.inputs) {
+            let got = TensorFact::of(given);
+            if got != declared.fact {
+                return Err(EngineError::InputMismatch {
+                    input: declared.name.clone(),
+                    expected: declared.fact.clone(),
+                    got,
+                });
+            }
+        }
+        let mut slots: Vec<Option<Tensor>> = vec![None; self.slot_count];
+        for (slot, data) in &self.constants {
+            slots[*slot] = Some(data.clone());
+        }
+        for (given, declared) in inputs.iter().zip(&self.inputs) {
+            slots[declared.slot] = Some(given.to_device(&self.device).at(&declared.name)?);
+        }
+        for step in &self.steps {
+            let args = step
+                .inputs
+                .iter()
+                .map(|&slot| slots[slot].as_ref())
+                .collect::<Option<Vec<&Tensor>>>()
+                .ok_or_else(|| internal(&step.name, "operand freed before its last use"))?;
+            let value = step.kernel.run(&args).at(&step.name)?;
+            slots[step.output] = Some(value);
+            for &slot in &step.free_after {
+                slots[slot] = None;
+            }
+        }
+        self.outputs
+            .iter()
+            .map(|&slot| slots[slot].clone().ok_or_else(|| internal(&self.name, "output missing")))
+            .collect()
+    }
+}
+
+fn internal(node: &str, message: &str) -> EngineError {
+    EngineError::Candle {
+        node: node.to_string(),
+        source: candle_core::Error::Msg(format!("engine invariant broken: {message}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    /// A compiled model can be shared across threads.
+    #[test]
+    fn compiled_model_is_send_and_sync() {
+        assert_send_sync::<CompiledModel>();
+    }
+
+    fn small_graph() -> Graph {
+        let mut graph = Graph::parse(
+            "graph g(%x: f32[1,2,3,3]) {
+  @w = constant : f32[2,2,1,1]
+  %c = conv2d(%x, @w) : f32[1,2,3,3]
+  %r = relu(%c) : f32[1,2,3,3]
+  %a = add(%r, %c) : f32[1,2,3,3]
+  return %a
+}",
+        )
+        .unwrap();
+        let w = Tensor::new(&[1f32, 0., 0., -1.], &Device::Cpu).unwrap().reshape((2, 2, 1, 1)).unwrap();
+        graph.set_constant_data("w", w).unwrap();
+        graph
+    }
+
+    /// Values are freed after their last use, never before, and outputs are kept.
+    #[test]
+    fn frees_after_last_use() {
+        let model = Engine::cpu().compile(&small_graph()).unwrap();
+        let frees: Vec<Vec<usize>> = model.steps.iter().map(|s| s.free_after.clone()).collect();
+        // slots: 0=x, 1=w, 2=c, 3=r, 4=a. x dies after conv; c and r after add; w (constant) and a (output) never.
+        assert_eq!(frees, vec![vec![0], vec![], vec![2, 3]]);
+        let x = Tensor::arange(0f32, 18., &Device::Cpu).unwrap().reshape((1, 2, 3, 3)).unwrap();
+        let out = model.run(&[x.clone()]).unwrap();
+        // channel 0 = relu(x0) + x0 = 2*x0 (x0 >= 0); channel 1 = relu(-x1) - x1 = -x1.
+        let expected = Tensor::cat(&[(x.narrow(1, 0, 1).unwrap() * 2.0).unwrap(), x.narrow(1, 1, 1).unwrap().neg().unwrap()], 1).unwrap();
+        let diff = (out[0].clone() - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0);
+    }
+
+    /// Wrong input shape, dtype or count is a typed error naming the input and both facts.
+    #[test]
+    fn inputs_are_checked() {
+        let model = Engine::cpu().compile(&small_graph()).unwrap();
+        let wrong_shape = Tensor::zeros((1, 2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let err = model.run(&[wrong_shape]).unwrap_err();
+        assert_eq!(err.to_string(), "input `%x` must be f32[1,2,3,3], got f32[1,2,3,4]");
+        let wrong_dtype = Tensor::zeros((1, 2, 3, 3), DType::F64, &Device::Cpu).unwrap();
+        let err = model.run(&[wrong_dtype]).unwrap_err();
+        assert_eq!(err.to_string(), "input `%x` must be f32[1,2,3,3], got f64[1,2,3,3]");
+        assert!(matches!(model.run(&[]), Err(EngineError::InputCount { expected: 1, got: 0, .. })));
+    }
+
+    /// A graph whose constants have no data cannot be compiled.
+    #[test]
+    fn missing_constant_data_is_an_error() {
+        let graph = Graph::parse("graph g(%x: f32[2]) {\n  @b = constant : f32[2]\n  %y = add(%x, @b) : f32[2]\n  return %y\n}").unwrap();
+        let err = Engine::cpu().compile(&graph).unwrap_err();
+        assert!(matches!(err, EngineError::MissingConstant { ref name } if name == "b"), "{err}");
+    }
+
+    /// Per-axis stride that candle cannot run is rejected at compile time, not mid-run.
+    #[test]
+    fn unequal_stride_is_unsupported() {
+        let mut graph = Graph::parse(
+            "graph g(%x: f32[1,1,4,4]) {\n  @w = constant : f32[1,1,1,1]\n  %y = conv2d[stride=[1,2]](%x, @w) : f32[1,1,4,2]\n  return %y\n}",
+        )
+        .unwrap();
+        graph.set_constant_data("w", Tensor::ones((1, 1, 1, 1), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let err = Engine::cpu().compile(&graph).unwrap_err();
+        assert!(matches!(err, EngineError::Unsupported { .. }), "{err}");
+    }
+}
