@@ -1,1 +1,43 @@
-fn main() {}
+//! `cargo xtask`: wick's command line. `run` executes a model, `graph` prints
+//! its IR, `bench` times it. Errors go to stderr with a non-zero exit.
+
+mod common;
+mod graph_cmd;
+mod run_cmd;
+
+use clap::{Parser, Subcommand};
+
+/// wick: trace candle models into a graph IR, optimise and run them.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a model once on an input and print a one-line summary.
+    Run(run_cmd::RunArgs),
+    /// Print a model's traced IR (optionally after passes).
+    Graph(graph_cmd::GraphArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run_cmd::run(args),
+        Command::Graph(args) => graph_cmd::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
