@@ -21,6 +21,15 @@ pub enum Passes {
     Default,
 }
 
+impl std::fmt::Display for Passes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Passes::None => "none",
+            Passes::Default => "default",
+        })
+    }
+}
+
 /// Model selection and weights.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
@@ -35,6 +44,10 @@ pub struct ModelArgs {
     /// Pass pipeline.
     #[arg(long, value_enum, default_value_t = Passes::None)]
     pub passes: Passes,
+    /// Take resnet18's weights from the Hugging Face hub (`timm/resnet18.a1_in1k`),
+    /// local cache first; set HF_HUB_OFFLINE=1 to never download.
+    #[arg(long, conflicts_with = "weights")]
+    pub hub: bool,
 }
 
 impl ModelArgs {
@@ -49,9 +62,13 @@ impl ModelArgs {
         if self.batch == Some(0) {
             anyhow::bail!("--batch must be at least 1");
         }
-        let source = match &self.weights {
-            Some(path) => WeightSource::File(path.clone()),
-            None => WeightSource::Random { seed: DEFAULT_WEIGHT_SEED },
+        let source = match (&self.weights, self.hub) {
+            (Some(path), _) => WeightSource::File(path.clone()),
+            (None, true) if name == ModelName::Resnet18 => {
+                WeightSource::File(wick_models::hub::resnet18_weights(&Default::default())?)
+            }
+            (None, true) => anyhow::bail!("--hub is only available for resnet18"),
+            (None, false) => WeightSource::Random { seed: DEFAULT_WEIGHT_SEED },
         };
         Model::load(name, source, device).with_context(|| format!("loading model `{name}`"))
     }
@@ -62,5 +79,14 @@ pub fn apply_passes(graph: Graph, passes: Passes) -> Result<Graph> {
     match passes {
         Passes::None => Ok(graph),
         Passes::Default => Ok(graph),
+    }
+}
+
+/// Writes `text` to standard output; a closed pipe (`| head`) is not an error.
+pub fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
 }

@@ -1,6 +1,6 @@
 //! `cargo xtask graph`: print a model's IR.
 
-use crate::common::{apply_passes, ModelArgs};
+use crate::common::{apply_passes, emit, ModelArgs};
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
@@ -17,6 +17,5 @@ pub fn run(args: GraphArgs) -> Result<()> {
     let model = args.model.load(&Device::Cpu)?;
     let shape = model.name().input_shape(args.model.batch);
     let graph = apply_passes(model.trace(&shape)?, args.model.passes)?;
-    print!("{graph}");
-    Ok(())
+    emit(&graph.to_string())
 }

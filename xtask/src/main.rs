@@ -3,6 +3,7 @@
 
 mod common;
 mod graph_cmd;
+mod ir_cmd;
 mod run_cmd;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +22,8 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Print a model's traced IR (optionally after passes).
     Graph(graph_cmd::GraphArgs),
+    /// Parse and verify IR text from a file, optionally run passes, print it.
+    Ir(ir_cmd::IrArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,6 +35,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => run_cmd::run(args),
         Command::Graph(args) => graph_cmd::run(args),
+        Command::Ir(args) => ir_cmd::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -71,7 +71,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             .with_context(|| format!("cannot write output file `{}`", path.display()))?;
     }
     println!(
-        "{name}: input {:?} -> output {:?} in {:.3} ms (passes: {:?}, device: {})",
+        "{name}: input {:?} -> output {:?} in {:.3} ms (passes: {}, device: {})",
         x.dims(),
         output.dims(),
         elapsed.as_secs_f64() * 1e3,

@@ -9,6 +9,7 @@
 mod error;
 mod frontend;
 pub mod hub;
+pub use hub::HubOptions;
 mod layers;
 mod params;
 pub mod random;

@@ -1,0 +1,145 @@
+//! Weight loading: strict safetensors checks with typed errors, and the hf-hub loader against a local cache.
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+use wick_models::hub::{self, HubOptions};
+use wick_models::{Model, ModelError, ModelName, WeightSource};
+use wick_tests::fixtures_dir;
+
+fn toy_tensors() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures_dir().join("toy.weights.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn load_toy(tensors: HashMap<String, Tensor>) -> Result<Model, ModelError> {
+    Model::load(ModelName::Toy, WeightSource::Tensors(tensors), &Device::Cpu)
+}
+
+fn save(dir: &Path, name: &str, tensors: &HashMap<String, Tensor>) -> std::path::PathBuf {
+    let path = dir.join(name);
+    candle_core::safetensors::save(tensors, &path).unwrap();
+    path
+}
+
+/// A missing parameter names the key and the model.
+#[test]
+fn missing_weight_is_named() {
+    let mut tensors = toy_tensors();
+    tensors.remove("nested.0.running_var");
+    let err = load_toy(tensors).unwrap_err();
+    assert!(matches!(err, ModelError::MissingWeight { ref name, ref model, .. } if name == "nested.0.running_var" && model == "toy"), "{err}");
+}
+
+/// A parameter of the wrong shape names the key and both shapes.
+#[test]
+fn wrong_shape_is_named() {
+    let mut tensors = toy_tensors();
+    tensors.insert("conv2.weight".into(), Tensor::zeros((1, 1, 3, 3), DType::F32, &Device::Cpu).unwrap());
+    let err = load_toy(tensors).unwrap_err();
+    assert_eq!(err.to_string(), "weight `conv2.weight` has shape [1, 1, 3, 3], expected [1, 1, 1, 1]");
+}
+
+/// Mixed dtypes are refused rather than silently converted.
+#[test]
+fn mixed_dtype_is_refused() {
+    let mut tensors = toy_tensors();
+    let bias = tensors["bn1.bias"].to_dtype(DType::F64).unwrap();
+    tensors.insert("bn1.bias".into(), bias);
+    let err = load_toy(tensors).unwrap_err();
+    assert!(matches!(err, ModelError::WeightDtype { ref name, .. } if name == "bn1.bias"), "{err}");
+}
+
+/// Tensors the model does not use (another model's file?) are an error;
+/// PyTorch's `num_batches_tracked` is not.
+#[test]
+fn unexpected_tensors_are_refused() {
+    let tensors = toy_tensors();
+    assert!(tensors.contains_key("bn1.num_batches_tracked"));
+    load_toy(tensors.clone()).unwrap();
+    let mut extra = tensors;
+    extra.insert("layer9.weight".into(), Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap());
+    let err = load_toy(extra).unwrap_err();
+    assert!(err.to_string().contains("`layer9.weight`"), "{err}");
+}
+
+/// Truncated and garbage files give a Safetensors error naming the file, never a panic.
+#[test]
+fn corrupt_files_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read(fixtures_dir().join("toy.weights.safetensors")).unwrap();
+    let cases: [(&str, &[u8]); 4] = [
+        ("truncated.safetensors", &good[..good.len() - 10]),
+        ("header-only.safetensors", &good[..12]),
+        ("empty.safetensors", &[]),
+        ("garbage.safetensors", b"this is not a safetensors file at all"),
+    ];
+    for (name, bytes) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let err = Model::load(ModelName::Toy, WeightSource::File(path.clone()), &Device::Cpu).unwrap_err();
+        assert!(matches!(err, ModelError::Safetensors { ref path, .. } if path.ends_with(name)), "{name}: {err}");
+    }
+    let err = Model::load(ModelName::Toy, WeightSource::File(dir.path().join("absent.safetensors")), &Device::Cpu).unwrap_err();
+    assert!(matches!(err, ModelError::Io { .. }), "{err}");
+}
+
+/// Unknown model names list the known ones.
+#[test]
+fn unknown_model_name() {
+    let err = "resnet50".parse::<ModelName>().unwrap_err();
+    assert_eq!(err.to_string(), "unknown model `resnet50`; expected one of: toy, toy-sequential, resnet18");
+}
+
+/// The hub loader finds timm's ResNet18 file in a Hugging Face cache laid
+/// out as huggingface_hub does, offline, and the weights load with timm names.
+#[test]
+fn hub_loader_reads_local_cache_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let options = HubOptions {
+        cache_dir: Some(cache.clone()),
+        offline: true,
+    };
+    let err = hub::resnet18_weights(&options).unwrap_err();
+    assert!(matches!(err, ModelError::NotInCache { .. }), "{err}");
+
+    // Export a ResNet18 checkpoint with timm/torchvision names into the cache.
+    let Model::Resnet18(resnet) = wick_tests::random_model(ModelName::Resnet18, 3) else { unreachable!() };
+    let mut tensors = HashMap::new();
+    let mut put = |key: String, t: &Tensor| {
+        tensors.insert(key, t.clone());
+    };
+    let mut convs = vec![&resnet.conv1];
+    let mut bns = vec![&resnet.bn1];
+    for block in resnet.layers.iter().flatten() {
+        convs.extend([&block.conv1, &block.conv2]);
+        bns.extend([&block.bn1, &block.bn2]);
+        if let Some((conv, bn)) = &block.downsample {
+            convs.push(conv);
+            bns.push(bn);
+        }
+    }
+    for conv in convs {
+        put(format!("{}.weight", conv.path), conv.inner.weight());
+    }
+    for bn in bns {
+        put(format!("{}.running_mean", bn.path), bn.inner.running_mean());
+        put(format!("{}.running_var", bn.path), bn.inner.running_var());
+        let (w, b) = bn.inner.weight_and_bias().unwrap();
+        put(format!("{}.weight", bn.path), w);
+        put(format!("{}.bias", bn.path), b);
+    }
+    put("fc.weight".into(), resnet.fc.inner.weight());
+    put("fc.bias".into(), resnet.fc.inner.bias().unwrap());
+    assert_eq!(tensors.len(), 20 + 20 * 4 + 2);
+    let exported = save(dir.path(), "export.safetensors", &tensors);
+    hub::seed_cache(&cache, hub::RESNET18_REPO, "0123456789abcdef", hub::RESNET18_FILE, &exported).unwrap();
+
+    let path = hub::resnet18_weights(&options).unwrap();
+    assert!(path.starts_with(&cache) && path.ends_with("snapshots/0123456789abcdef/model.safetensors"), "{}", path.display());
+    let loaded = Model::load(ModelName::Resnet18, WeightSource::File(path), &Device::Cpu).unwrap();
+    let x = wick_models::random_input(5, &[1, 3, 64, 64], &Device::Cpu).unwrap();
+    let a = loaded.forward_eager(&x).unwrap();
+    let b = Model::Resnet18(resnet).forward_eager(&x).unwrap();
+    assert_eq!(wick_tests::max_abs_diff(&a, &b), 0.0);
+}

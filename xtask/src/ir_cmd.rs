@@ -1,0 +1,33 @@
+//! `cargo xtask ir`: parse, verify (and optionally optimise) IR text from a file.
+
+use crate::common::{apply_passes, emit, Passes};
+use anyhow::{Context, Result};
+use clap::Args;
+use std::io::Read;
+use std::path::PathBuf;
+use wick_ir::Graph;
+
+/// Arguments of `ir`.
+#[derive(Debug, Args)]
+pub struct IrArgs {
+    /// File with IR text as printed by `graph` (`-` reads standard input).
+    file: PathBuf,
+    /// Pass pipeline to run on it.
+    #[arg(long, value_enum, default_value_t = Passes::None)]
+    passes: Passes,
+}
+
+/// Parses and verifies the file, runs the passes and prints the result.
+pub fn run(args: IrArgs) -> Result<()> {
+    let text = if args.file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("cannot read standard input")?;
+        text
+    } else {
+        std::fs::read_to_string(&args.file).with_context(|| format!("cannot read `{}`", args.file.display()))?
+    };
+    let graph = Graph::parse(&text).with_context(|| format!("in `{}`", args.file.display()))?;
+    graph.verify()?;
+    let graph = apply_passes(graph, args.passes)?;
+    emit(&graph.to_string())
+}
