@@ -9,20 +9,40 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     let a = a.to_dtype(DType::F64).unwrap();
     let b = b.to_dtype(DType::F64).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// Largest absolute value of a tensor (its scale), at least `1e-12`.
 pub fn max_abs(a: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap();
-    a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap().max(1e-12)
+    a.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .max(1e-12)
 }
 
 /// Asserts `|got - want|_max <= rel * max(1, |want|_max)`, with a readable message.
 pub fn assert_close(got: &Tensor, want: &Tensor, rel: f64, what: &str) {
     let diff = max_abs_diff(got, want);
     let scale = max_abs(want).max(1.0);
-    assert!(diff <= rel * scale, "{what}: max abs diff {diff:e} exceeds {rel:e} x scale {scale:e}");
+    assert!(
+        diff <= rel * scale,
+        "{what}: max abs diff {diff:e} exceeds {rel:e} x scale {scale:e}"
+    );
 }
 
 /// Model `name` with the seeded random init on the CPU.

@@ -13,15 +13,35 @@ fn load(file: &str) -> HashMap<String, Tensor> {
 
 fn engine_output(model: &Model, x: &Tensor) -> Tensor {
     let graph = model.trace(x.dims()).unwrap();
-    Engine::cpu().compile(&graph).unwrap().run(std::slice::from_ref(x)).unwrap().remove(0)
+    Engine::cpu()
+        .compile(&graph)
+        .unwrap()
+        .run(std::slice::from_ref(x))
+        .unwrap()
+        .remove(0)
 }
 
 fn check_torch_state_dict(name: ModelName, stem: &str) {
-    let model = Model::load(name, WeightSource::File(fixtures_dir().join(format!("{stem}.weights.safetensors"))), &Device::Cpu).unwrap();
+    let model = Model::load(
+        name,
+        WeightSource::File(fixtures_dir().join(format!("{stem}.weights.safetensors"))),
+        &Device::Cpu,
+    )
+    .unwrap();
     let io = load(&format!("{stem}.io.safetensors"));
     let (x, want) = (&io["input"], &io["output"]);
-    assert_close(&model.forward_eager(x).unwrap(), want, 1e-5, &format!("{name} eager vs PyTorch"));
-    assert_close(&engine_output(&model, x), want, 1e-5, &format!("{name} engine vs PyTorch"));
+    assert_close(
+        &model.forward_eager(x).unwrap(),
+        want,
+        1e-5,
+        &format!("{name} eager vs PyTorch"),
+    );
+    assert_close(
+        &engine_output(&model, x),
+        want,
+        1e-5,
+        &format!("{name} engine vs PyTorch"),
+    );
 }
 
 /// The tutorial's toy model with a torch state dict (`nested.0.*`, `wrapped.mod.*`) matches PyTorch within 1e-5.
@@ -44,14 +64,47 @@ fn resnet18_matches_torchvision() {
     let seeds: Vec<i64> = io["meta.seeds"].to_vec1().unwrap();
     let model = random_model(ModelName::Resnet18, seeds[0] as u64);
     let want = &io["output"];
-    let x = random_input(seeds[1] as u64, &want.dims().iter().copied().take(1).chain([3, 224, 224]).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+    let x = random_input(
+        seeds[1] as u64,
+        &want
+            .dims()
+            .iter()
+            .copied()
+            .take(1)
+            .chain([3, 224, 224])
+            .collect::<Vec<_>>(),
+        &Device::Cpu,
+    )
+    .unwrap();
     // If these fail, the Rust and Python generators diverged (not the model).
     let probe_input = x.flatten_all().unwrap().narrow(0, 0, 16).unwrap();
-    assert_eq!(max_abs_diff(&probe_input, &io["probe.input"]), 0.0, "input generator diverged");
-    let Model::Resnet18(resnet) = &model else { unreachable!() };
-    let probe_weight = resnet.conv1.inner.weight().flatten_all().unwrap().narrow(0, 0, 16).unwrap();
-    assert_eq!(max_abs_diff(&probe_weight, &io["probe.conv1.weight"]), 0.0, "weight generator diverged");
+    assert_eq!(
+        max_abs_diff(&probe_input, &io["probe.input"]),
+        0.0,
+        "input generator diverged"
+    );
+    let Model::Resnet18(resnet) = &model else {
+        unreachable!()
+    };
+    let probe_weight = resnet
+        .conv1
+        .inner
+        .weight()
+        .flatten_all()
+        .unwrap()
+        .narrow(0, 0, 16)
+        .unwrap();
+    assert_eq!(
+        max_abs_diff(&probe_weight, &io["probe.conv1.weight"]),
+        0.0,
+        "weight generator diverged"
+    );
 
-    assert_close(&model.forward_eager(&x).unwrap(), want, 1e-4, "resnet18 eager vs torchvision");
+    assert_close(
+        &model.forward_eager(&x).unwrap(),
+        want,
+        1e-4,
+        "resnet18 eager vs torchvision",
+    );
     assert_close(&engine_output(&model, &x), want, 1e-4, "resnet18 engine vs torchvision");
 }

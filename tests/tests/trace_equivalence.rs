@@ -47,6 +47,13 @@ fn toy_trace_flattens_nesting() {
         .collect();
     assert_eq!(
         ops,
-        ["conv1=conv2d", "bn1=batch_norm", "conv2=conv2d", "nested.0=batch_norm", "nested.1=conv2d", "wrapped.mod=batch_norm"]
+        [
+            "conv1=conv2d",
+            "bn1=batch_norm",
+            "conv2=conv2d",
+            "nested.0=batch_norm",
+            "nested.1=conv2d",
+            "wrapped.mod=batch_norm"
+        ]
     );
 }

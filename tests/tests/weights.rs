@@ -27,16 +27,25 @@ fn missing_weight_is_named() {
     let mut tensors = toy_tensors();
     tensors.remove("nested.0.running_var");
     let err = load_toy(tensors).unwrap_err();
-    assert!(matches!(err, ModelError::MissingWeight { ref name, ref model, .. } if name == "nested.0.running_var" && model == "toy"), "{err}");
+    assert!(
+        matches!(err, ModelError::MissingWeight { ref name, ref model, .. } if name == "nested.0.running_var" && model == "toy"),
+        "{err}"
+    );
 }
 
 /// A parameter of the wrong shape names the key and both shapes.
 #[test]
 fn wrong_shape_is_named() {
     let mut tensors = toy_tensors();
-    tensors.insert("conv2.weight".into(), Tensor::zeros((1, 1, 3, 3), DType::F32, &Device::Cpu).unwrap());
+    tensors.insert(
+        "conv2.weight".into(),
+        Tensor::zeros((1, 1, 3, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
     let err = load_toy(tensors).unwrap_err();
-    assert_eq!(err.to_string(), "weight `conv2.weight` has shape [1, 1, 3, 3], expected [1, 1, 1, 1]");
+    assert_eq!(
+        err.to_string(),
+        "weight `conv2.weight` has shape [1, 1, 3, 3], expected [1, 1, 1, 1]"
+    );
 }
 
 /// Mixed dtypes are refused rather than silently converted.
@@ -46,7 +55,10 @@ fn mixed_dtype_is_refused() {
     let bias = tensors["bn1.bias"].to_dtype(DType::F64).unwrap();
     tensors.insert("bn1.bias".into(), bias);
     let err = load_toy(tensors).unwrap_err();
-    assert!(matches!(err, ModelError::WeightDtype { ref name, .. } if name == "bn1.bias"), "{err}");
+    assert!(
+        matches!(err, ModelError::WeightDtype { ref name, .. } if name == "bn1.bias"),
+        "{err}"
+    );
 }
 
 /// Tensors the model does not use (another model's file?) are an error;
@@ -57,7 +69,10 @@ fn unexpected_tensors_are_refused() {
     assert!(tensors.contains_key("bn1.num_batches_tracked"));
     load_toy(tensors.clone()).unwrap();
     let mut extra = tensors;
-    extra.insert("layer9.weight".into(), Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap());
+    extra.insert(
+        "layer9.weight".into(),
+        Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+    );
     let err = load_toy(extra).unwrap_err();
     assert!(err.to_string().contains("`layer9.weight`"), "{err}");
 }
@@ -77,9 +92,17 @@ fn corrupt_files_are_typed_errors() {
         let path = dir.path().join(name);
         std::fs::write(&path, bytes).unwrap();
         let err = Model::load(ModelName::Toy, WeightSource::File(path.clone()), &Device::Cpu).unwrap_err();
-        assert!(matches!(err, ModelError::Safetensors { ref path, .. } if path.ends_with(name)), "{name}: {err}");
+        assert!(
+            matches!(err, ModelError::Safetensors { ref path, .. } if path.ends_with(name)),
+            "{name}: {err}"
+        );
     }
-    let err = Model::load(ModelName::Toy, WeightSource::File(dir.path().join("absent.safetensors")), &Device::Cpu).unwrap_err();
+    let err = Model::load(
+        ModelName::Toy,
+        WeightSource::File(dir.path().join("absent.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap_err();
     assert!(matches!(err, ModelError::Io { .. }), "{err}");
 }
 
@@ -87,7 +110,10 @@ fn corrupt_files_are_typed_errors() {
 #[test]
 fn unknown_model_name() {
     let err = "resnet50".parse::<ModelName>().unwrap_err();
-    assert_eq!(err.to_string(), "unknown model `resnet50`; expected one of: toy, toy-sequential, resnet18");
+    assert_eq!(
+        err.to_string(),
+        "unknown model `resnet50`; expected one of: toy, toy-sequential, resnet18"
+    );
 }
 
 /// The hub loader finds timm's ResNet18 file in a Hugging Face cache laid
@@ -104,7 +130,9 @@ fn hub_loader_reads_local_cache_offline() {
     assert!(matches!(err, ModelError::NotInCache { .. }), "{err}");
 
     // Export a ResNet18 checkpoint with timm/torchvision names into the cache.
-    let Model::Resnet18(resnet) = wick_tests::random_model(ModelName::Resnet18, 3) else { unreachable!() };
+    let Model::Resnet18(resnet) = wick_tests::random_model(ModelName::Resnet18, 3) else {
+        unreachable!()
+    };
     let mut tensors = HashMap::new();
     let mut put = |key: String, t: &Tensor| {
         tensors.insert(key, t.clone());
@@ -133,10 +161,21 @@ fn hub_loader_reads_local_cache_offline() {
     put("fc.bias".into(), resnet.fc.inner.bias().unwrap());
     assert_eq!(tensors.len(), 20 + 20 * 4 + 2);
     let exported = save(dir.path(), "export.safetensors", &tensors);
-    hub::seed_cache(&cache, hub::RESNET18_REPO, "0123456789abcdef", hub::RESNET18_FILE, &exported).unwrap();
+    hub::seed_cache(
+        &cache,
+        hub::RESNET18_REPO,
+        "0123456789abcdef",
+        hub::RESNET18_FILE,
+        &exported,
+    )
+    .unwrap();
 
     let path = hub::resnet18_weights(&options).unwrap();
-    assert!(path.starts_with(&cache) && path.ends_with("snapshots/0123456789abcdef/model.safetensors"), "{}", path.display());
+    assert!(
+        path.starts_with(&cache) && path.ends_with("snapshots/0123456789abcdef/model.safetensors"),
+        "{}",
+        path.display()
+    );
     let loaded = Model::load(ModelName::Resnet18, WeightSource::File(path), &Device::Cpu).unwrap();
     let x = wick_models::random_input(5, &[1, 3, 64, 64], &Device::Cpu).unwrap();
     let a = loaded.forward_eager(&x).unwrap();

@@ -68,7 +68,9 @@ impl ModelArgs {
                 WeightSource::File(wick_models::hub::resnet18_weights(&Default::default())?)
             }
             (None, true) => anyhow::bail!("--hub is only available for resnet18"),
-            (None, false) => WeightSource::Random { seed: DEFAULT_WEIGHT_SEED },
+            (None, false) => WeightSource::Random {
+                seed: DEFAULT_WEIGHT_SEED,
+            },
         };
         Model::load(name, source, device).with_context(|| format!("loading model `{name}`"))
     }

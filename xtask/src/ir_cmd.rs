@@ -21,7 +21,9 @@ pub struct IrArgs {
 pub fn run(args: IrArgs) -> Result<()> {
     let text = if args.file.as_os_str() == "-" {
         let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("cannot read standard input")?;
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read standard input")?;
         text
     } else {
         std::fs::read_to_string(&args.file).with_context(|| format!("cannot read `{}`", args.file.display()))?

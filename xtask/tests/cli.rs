@@ -38,19 +38,41 @@ fn run_with_files_writes_output() {
     let input = write_input(dir.path(), "in.safetensors", io["input"].clone());
     let output = dir.path().join("out.safetensors");
     let weights = fixtures().join("toy.weights.safetensors");
-    let out = xtask(&["run", "toy", "--weights", weights.to_str().unwrap(), "--input", &input, "--output", output.to_str().unwrap()]);
+    let out = xtask(&[
+        "run",
+        "toy",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--input",
+        &input,
+        "--output",
+        output.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.starts_with("toy: input [5, 1, 1, 1] -> output [5, 1, 1, 1] in "), "{stdout}");
+    assert!(
+        stdout.starts_with("toy: input [5, 1, 1, 1] -> output [5, 1, 1, 1] in "),
+        "{stdout}"
+    );
     let written = candle_core::safetensors::load(&output, &Device::Cpu).unwrap();
-    let diff = (&written["output"] - &io["output"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (&written["output"] - &io["output"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-5, "output differs from PyTorch by {diff}");
 }
 
 /// Unknown model names are rejected with the list of known ones.
 #[test]
 fn unknown_model() {
-    assert_fails(&["run", "resnet50"], "unknown model `resnet50`; expected one of: toy, toy-sequential, resnet18");
+    assert_fails(
+        &["run", "resnet50"],
+        "unknown model `resnet50`; expected one of: toy, toy-sequential, resnet18",
+    );
     assert_fails(&["graph", "vgg"], "unknown model `vgg`");
 }
 
@@ -58,11 +80,29 @@ fn unknown_model() {
 #[test]
 fn wrong_input_shape_and_dtype() {
     let dir = tempfile::tempdir().unwrap();
-    let shape = write_input(dir.path(), "shape.safetensors", Tensor::zeros((1, 3, 28, 28), DType::F32, &Device::Cpu).unwrap());
-    assert_fails(&["run", "toy", "--input", &shape], "model `toy` expects input [N,1,H,W]");
-    let dtype = write_input(dir.path(), "dtype.safetensors", Tensor::zeros((5, 1, 1, 1), DType::F64, &Device::Cpu).unwrap());
-    assert_fails(&["run", "toy", "--input", &dtype], "input `%x` must be f32[5,1,1,1], got f64[5,1,1,1]");
-    let small = write_input(dir.path(), "small.safetensors", Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap());
+    let shape = write_input(
+        dir.path(),
+        "shape.safetensors",
+        Tensor::zeros((1, 3, 28, 28), DType::F32, &Device::Cpu).unwrap(),
+    );
+    assert_fails(
+        &["run", "toy", "--input", &shape],
+        "model `toy` expects input [N,1,H,W]",
+    );
+    let dtype = write_input(
+        dir.path(),
+        "dtype.safetensors",
+        Tensor::zeros((5, 1, 1, 1), DType::F64, &Device::Cpu).unwrap(),
+    );
+    assert_fails(
+        &["run", "toy", "--input", &dtype],
+        "input `%x` must be f32[5,1,1,1], got f64[5,1,1,1]",
+    );
+    let small = write_input(
+        dir.path(),
+        "small.safetensors",
+        Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap(),
+    );
     assert_fails(&["run", "toy-sequential", "--input", &small], "H, W >= 11");
 }
 
@@ -73,7 +113,10 @@ fn input_file_without_input_tensor() {
     let path = dir.path().join("x.safetensors");
     let t = Tensor::zeros((5, 1, 1, 1), DType::F32, &Device::Cpu).unwrap();
     candle_core::safetensors::save(&HashMap::from([("x".to_string(), t)]), &path).unwrap();
-    assert_fails(&["run", "toy", "--input", path.to_str().unwrap()], "exactly one tensor named `input`");
+    assert_fails(
+        &["run", "toy", "--input", path.to_str().unwrap()],
+        "exactly one tensor named `input`",
+    );
 }
 
 /// Missing, misshapen and corrupt weights are reported by name.
@@ -84,18 +127,33 @@ fn bad_weights() {
     tensors.remove("wrapped.mod.weight");
     let missing = dir.path().join("missing.safetensors");
     candle_core::safetensors::save(&tensors, &missing).unwrap();
-    assert_fails(&["run", "toy", "--weights", missing.to_str().unwrap()], "weight `wrapped.mod.weight` is missing");
+    assert_fails(
+        &["run", "toy", "--weights", missing.to_str().unwrap()],
+        "weight `wrapped.mod.weight` is missing",
+    );
 
-    tensors.insert("wrapped.mod.weight".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
+    tensors.insert(
+        "wrapped.mod.weight".into(),
+        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+    );
     let shaped = dir.path().join("shaped.safetensors");
     candle_core::safetensors::save(&tensors, &shaped).unwrap();
-    assert_fails(&["run", "toy", "--weights", shaped.to_str().unwrap()], "weight `wrapped.mod.weight` has shape [2], expected [1]");
+    assert_fails(
+        &["run", "toy", "--weights", shaped.to_str().unwrap()],
+        "weight `wrapped.mod.weight` has shape [2], expected [1]",
+    );
 
     let bytes = std::fs::read(fixtures().join("toy.weights.safetensors")).unwrap();
     let truncated = dir.path().join("truncated.safetensors");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    assert_fails(&["run", "toy", "--weights", truncated.to_str().unwrap()], "is not a valid safetensors file");
-    assert_fails(&["graph", "toy", "--weights", "/nonexistent/w.safetensors"], "cannot read `/nonexistent/w.safetensors`");
+    assert_fails(
+        &["run", "toy", "--weights", truncated.to_str().unwrap()],
+        "is not a valid safetensors file",
+    );
+    assert_fails(
+        &["graph", "toy", "--weights", "/nonexistent/w.safetensors"],
+        "cannot read `/nonexistent/w.safetensors`",
+    );
 }
 
 /// IR text with a syntax error or an undefined value fails with its position.
@@ -104,9 +162,16 @@ fn bad_ir_text() {
     let dir = tempfile::tempdir().unwrap();
     let syntax = dir.path().join("syntax.ir");
     std::fs::write(&syntax, "graph g(%x: f32[1]) {\n  %y = relu(%x\n  return %y\n}\n").unwrap();
-    assert_fails(&["ir", syntax.to_str().unwrap()], "line 3, column 3: expected `,` or `)`, found `return`");
+    assert_fails(
+        &["ir", syntax.to_str().unwrap()],
+        "line 3, column 3: expected `,` or `)`, found `return`",
+    );
     let undefined = dir.path().join("undefined.ir");
-    std::fs::write(&undefined, "graph g(%x: f32[1]) {\n  %y = add(%x, %w) : f32[1]\n  return %y\n}\n").unwrap();
+    std::fs::write(
+        &undefined,
+        "graph g(%x: f32[1]) {\n  %y = add(%x, %w) : f32[1]\n  return %y\n}\n",
+    )
+    .unwrap();
     assert_fails(&["ir", undefined.to_str().unwrap()], "undefined value `%w`");
 }
 

@@ -17,7 +17,9 @@ impl FromStr for DeviceSpec {
     type Err = EngineError;
 
     fn from_str(given: &str) -> Result<Self, EngineError> {
-        let unknown = || EngineError::UnknownDevice { given: given.to_string() };
+        let unknown = || EngineError::UnknownDevice {
+            given: given.to_string(),
+        };
         match given {
             "cpu" => Ok(DeviceSpec::Cpu),
             "cuda" => Ok(DeviceSpec::Cuda(0)),
@@ -57,18 +59,20 @@ fn open_cuda(ordinal: usize, given: &str) -> Result<Device, EngineError> {
     match opened {
         Ok(result) => result.map_err(|source| EngineError::DeviceUnavailable {
             given: given.to_string(),
-            source,
+            source: Box::new(source),
         }),
         Err(_) => Err(EngineError::DeviceUnavailable {
             given: given.to_string(),
-            source: candle_core::Error::Msg("the CUDA driver could not be loaded".into()),
+            source: Box::new(candle_core::Error::Msg("the CUDA driver could not be loaded".into())),
         }),
     }
 }
 
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(_ordinal: usize, given: &str) -> Result<Device, EngineError> {
-    Err(EngineError::CudaNotCompiled { given: given.to_string() })
+    Err(EngineError::CudaNotCompiled {
+        given: given.to_string(),
+    })
 }
 
 /// Parses and opens a device string in one step.
@@ -87,7 +91,10 @@ mod tests {
         assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
         assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
         for bad in ["gpu", "cuda:", "cuda:x", ""] {
-            assert!(matches!(bad.parse::<DeviceSpec>(), Err(EngineError::UnknownDevice { .. })), "{bad}");
+            assert!(
+                matches!(bad.parse::<DeviceSpec>(), Err(EngineError::UnknownDevice { .. })),
+                "{bad}"
+            );
         }
     }
 

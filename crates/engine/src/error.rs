@@ -65,7 +65,7 @@ pub enum EngineError {
         given: String,
         /// candle's error.
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     /// A candle operation failed while executing a node.
     #[error("candle error in node `%{node}`: {source}")]
@@ -74,7 +74,7 @@ pub enum EngineError {
         node: String,
         /// candle's error.
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
 }
 
@@ -87,7 +87,7 @@ impl<T> AtNode<T> for candle_core::Result<T> {
     fn at(self, node: &str) -> Result<T, EngineError> {
         self.map_err(|source| EngineError::Candle {
             node: node.to_string(),
-            source,
+            source: Box::new(source),
         })
     }
 }

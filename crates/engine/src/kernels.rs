@@ -15,14 +15,21 @@ pub(crate) enum Kernel {
         attrs: Conv2dAttrs,
     },
     /// `x * scale + shift` with both precomputed from constant statistics.
-    BatchNormFolded { scale: Tensor, shift: Tensor },
+    BatchNormFolded {
+        scale: Tensor,
+        shift: Tensor,
+    },
     /// Batch norm whose statistics are computed at run time (non-constant parameters).
-    BatchNorm { eps: f64 },
+    BatchNorm {
+        eps: f64,
+    },
     Relu,
     Add,
     MaxPool2d(MaxPool2dAttrs),
     GlobalAvgPool2d,
-    Reshape { shape: Vec<usize> },
+    Reshape {
+        shape: Vec<usize>,
+    },
     Linear,
 }
 
@@ -79,7 +86,11 @@ impl Kernel {
         };
         Ok(match &node.op {
             Op::Input | Op::Constant => {
-                return Err(unsupported(node, device, "inputs and constants are not executed".into()))
+                return Err(unsupported(
+                    node,
+                    device,
+                    "inputs and constants are not executed".into(),
+                ))
             }
             Op::Conv2d(attrs) => {
                 if attrs.stride[0] != attrs.stride[1] || attrs.dilation[0] != attrs.dilation[1] {

@@ -47,7 +47,9 @@ impl Engine {
                 Op::Constant => {
                     let data = graph
                         .constant_data(&node.name)
-                        .ok_or_else(|| EngineError::MissingConstant { name: node.name.clone() })?;
+                        .ok_or_else(|| EngineError::MissingConstant {
+                            name: node.name.clone(),
+                        })?;
                     constants.push((id.index(), data.to_device(&self.device).at(&node.name)?));
                 }
                 _ => steps.push(Step {
@@ -191,7 +193,11 @@ impl CompiledModel {
         }
         self.outputs
             .iter()
-            .map(|&slot| slots[slot].clone().ok_or_else(|| internal(&self.name, "output missing")))
+            .map(|&slot| {
+                slots[slot]
+                    .clone()
+                    .ok_or_else(|| internal(&self.name, "output missing"))
+            })
             .collect()
     }
 }
@@ -199,7 +205,7 @@ impl CompiledModel {
 fn internal(node: &str, message: &str) -> EngineError {
     EngineError::Candle {
         node: node.to_string(),
-        source: candle_core::Error::Msg(format!("engine invariant broken: {message}")),
+        source: Box::new(candle_core::Error::Msg(format!("engine invariant broken: {message}"))),
     }
 }
 
@@ -227,7 +233,10 @@ mod tests {
 }",
         )
         .unwrap();
-        let w = Tensor::new(&[1f32, 0., 0., -1.], &Device::Cpu).unwrap().reshape((2, 2, 1, 1)).unwrap();
+        let w = Tensor::new(&[1f32, 0., 0., -1.], &Device::Cpu)
+            .unwrap()
+            .reshape((2, 2, 1, 1))
+            .unwrap();
         graph.set_constant_data("w", w).unwrap();
         graph
     }
@@ -239,11 +248,28 @@ mod tests {
         let frees: Vec<Vec<usize>> = model.steps.iter().map(|s| s.free_after.clone()).collect();
         // slots: 0=x, 1=w, 2=c, 3=r, 4=a. x dies after conv; c and r after add; w (constant) and a (output) never.
         assert_eq!(frees, vec![vec![0], vec![], vec![2, 3]]);
-        let x = Tensor::arange(0f32, 18., &Device::Cpu).unwrap().reshape((1, 2, 3, 3)).unwrap();
-        let out = model.run(&[x.clone()]).unwrap();
+        let x = Tensor::arange(0f32, 18., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 3, 3))
+            .unwrap();
+        let out = model.run(std::slice::from_ref(&x)).unwrap();
         // channel 0 = relu(x0) + x0 = 2*x0 (x0 >= 0); channel 1 = relu(-x1) - x1 = -x1.
-        let expected = Tensor::cat(&[(x.narrow(1, 0, 1).unwrap() * 2.0).unwrap(), x.narrow(1, 1, 1).unwrap().neg().unwrap()], 1).unwrap();
-        let diff = (out[0].clone() - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let expected = Tensor::cat(
+            &[
+                (x.narrow(1, 0, 1).unwrap() * 2.0).unwrap(),
+                x.narrow(1, 1, 1).unwrap().neg().unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        let diff = (out[0].clone() - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0);
     }
 
@@ -257,15 +283,28 @@ mod tests {
         let wrong_dtype = Tensor::zeros((1, 2, 3, 3), DType::F64, &Device::Cpu).unwrap();
         let err = model.run(&[wrong_dtype]).unwrap_err();
         assert_eq!(err.to_string(), "input `%x` must be f32[1,2,3,3], got f64[1,2,3,3]");
-        assert!(matches!(model.run(&[]), Err(EngineError::InputCount { expected: 1, got: 0, .. })));
+        assert!(matches!(
+            model.run(&[]),
+            Err(EngineError::InputCount {
+                expected: 1,
+                got: 0,
+                ..
+            })
+        ));
     }
 
     /// A graph whose constants have no data cannot be compiled.
     #[test]
     fn missing_constant_data_is_an_error() {
-        let graph = Graph::parse("graph g(%x: f32[2]) {\n  @b = constant : f32[2]\n  %y = add(%x, @b) : f32[2]\n  return %y\n}").unwrap();
+        let graph = Graph::parse(
+            "graph g(%x: f32[2]) {\n  @b = constant : f32[2]\n  %y = add(%x, @b) : f32[2]\n  return %y\n}",
+        )
+        .unwrap();
         let err = Engine::cpu().compile(&graph).unwrap_err();
-        assert!(matches!(err, EngineError::MissingConstant { ref name } if name == "b"), "{err}");
+        assert!(
+            matches!(err, EngineError::MissingConstant { ref name } if name == "b"),
+            "{err}"
+        );
     }
 
     /// Per-axis stride that candle cannot run is rejected at compile time, not mid-run.
@@ -275,7 +314,9 @@ mod tests {
             "graph g(%x: f32[1,1,4,4]) {\n  @w = constant : f32[1,1,1,1]\n  %y = conv2d[stride=[1,2]](%x, @w) : f32[1,1,4,2]\n  return %y\n}",
         )
         .unwrap();
-        graph.set_constant_data("w", Tensor::ones((1, 1, 1, 1), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        graph
+            .set_constant_data("w", Tensor::ones((1, 1, 1, 1), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
         let err = Engine::cpu().compile(&graph).unwrap_err();
         assert!(matches!(err, EngineError::Unsupported { .. }), "{err}");
     }

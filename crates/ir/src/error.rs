@@ -95,13 +95,4 @@ pub enum IrError {
     /// IR text could not be parsed.
     #[error("IR parse error at {0}")]
     Parse(ParseError),
-    /// An error from candle while handling constant data.
-    #[error("candle error on constant `@{name}`: {source}")]
-    Candle {
-        /// Constant name.
-        name: String,
-        /// The candle error.
-        #[source]
-        source: candle_core::Error,
-    },
 }

@@ -144,10 +144,7 @@ impl Op {
                 }
             }
             if !first.dtype.is_float() && !matches!(self, Op::Input | Op::Constant) {
-                return Err(format!(
-                    "expected a floating-point dtype, got {}",
-                    first.dtype.as_str()
-                ));
+                return Err(format!("expected a floating-point dtype, got {}", first.dtype.as_str()));
             }
         }
         match self {

@@ -4,7 +4,9 @@
 //! dilation 1, groups 1, eps 1e-5, max-pool stride = kernel); a single number
 //! stands for both axes of a pair. `//` starts a comment.
 
-use crate::{BatchNormAttrs, Conv2dAttrs, FlattenAttrs, Graph, IrError, MaxPool2dAttrs, NodeId, Op, ParseError, TensorFact};
+use crate::{
+    BatchNormAttrs, Conv2dAttrs, FlattenAttrs, Graph, IrError, MaxPool2dAttrs, NodeId, Op, ParseError, TensorFact,
+};
 use candle_core::DType;
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -70,7 +72,15 @@ fn tokenize(text: &str) -> std::result::Result<Vec<(Token, usize, usize)>, Parse
                         message: format!("expected a name after `{c}`"),
                     });
                 }
-                tokens.push((if c == '%' { Token::Value(name) } else { Token::Const(name) }, line_no, column));
+                tokens.push((
+                    if c == '%' {
+                        Token::Value(name)
+                    } else {
+                        Token::Const(name)
+                    },
+                    line_no,
+                    column,
+                ));
                 i = end;
             } else if c.is_ascii_alphabetic() || c == '_' {
                 let (name, end) = take(i, &|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-');
@@ -205,8 +215,8 @@ impl Parser {
 
     fn fact(&mut self) -> Result<TensorFact> {
         let dtype_name = self.expect_ident("a dtype such as f32")?;
-        let dtype = DType::from_str(&dtype_name)
-            .map_err(|_| self.error_here(format!("unknown dtype `{dtype_name}`")))?;
+        let dtype =
+            DType::from_str(&dtype_name).map_err(|_| self.error_here(format!("unknown dtype `{dtype_name}`")))?;
         self.expect_punct('[')?;
         let mut shape = Vec::new();
         if !self.eat_punct(']') {
@@ -228,7 +238,12 @@ impl Parser {
         let (token, is_const) = match self.peek().clone() {
             Token::Value(name) => (name, false),
             Token::Const(name) => (name, true),
-            other => return Err(self.error_here(format!("expected an operand `%name` or `@name`, found {}", other.describe()))),
+            other => {
+                return Err(self.error_here(format!(
+                    "expected an operand `%name` or `@name`, found {}",
+                    other.describe()
+                )))
+            }
         };
         let Some(&id) = self.values.get(&token) else {
             let sigil = if is_const { '@' } else { '%' };
@@ -283,7 +298,11 @@ impl Parser {
                         self.next();
                         AttrValue::Number(n)
                     }
-                    other => return Err(self.error_here(format!("expected a value for `{name}`, found {}", other.describe()))),
+                    other => {
+                        return Err(
+                            self.error_here(format!("expected a value for `{name}`, found {}", other.describe()))
+                        )
+                    }
                 }
             };
             attrs.push((name, value, position));
@@ -296,7 +315,11 @@ impl Parser {
     fn op(&mut self, op_name: &str, op_position: usize) -> Result<Op> {
         let attrs = self.attributes()?;
         let end = self.lexer.position;
-        let mut table = AttrTable { attrs, used: vec![], parser: self };
+        let mut table = AttrTable {
+            attrs,
+            used: vec![],
+            parser: self,
+        };
         let op = match op_name {
             "conv2d" => Op::Conv2d(Conv2dAttrs {
                 stride: table.pair("stride")?.unwrap_or([1, 1]),
@@ -438,7 +461,10 @@ impl Parser {
         while self.statement()? {}
         self.expect_punct('}')?;
         if self.peek() != &Token::End {
-            return Err(self.error_here(format!("expected end of input after `}}`, found {}", self.peek().describe())));
+            return Err(self.error_here(format!(
+                "expected end of input after `}}`, found {}",
+                self.peek().describe()
+            )));
         }
         Ok(self.graph)
     }
@@ -470,7 +496,9 @@ impl AttrTable<'_> {
                 .parse()
                 .map(Some)
                 .map_err(|_| self.bad(position, format!("attribute `{name}`: cannot read `{n}`"))),
-            Some((AttrValue::List(_), position)) => Err(self.bad(position, format!("attribute `{name}` takes one number"))),
+            Some((AttrValue::List(_), position)) => {
+                Err(self.bad(position, format!("attribute `{name}` takes one number")))
+            }
         }
     }
 
@@ -480,12 +508,20 @@ impl AttrTable<'_> {
             None => Ok(None),
             Some((AttrValue::Number(n), position)) => match parse(&n) {
                 Some(v) => Ok(Some([v, v])),
-                None => Err(self.bad(position, format!("attribute `{name}`: expected a non-negative integer, found `{n}`"))),
+                None => Err(self.bad(
+                    position,
+                    format!("attribute `{name}`: expected a non-negative integer, found `{n}`"),
+                )),
             },
-            Some((AttrValue::List(items), position)) => match items.iter().map(|s| parse(s)).collect::<Option<Vec<_>>>() {
-                Some(v) if v.len() == 2 => Ok(Some([v[0], v[1]])),
-                _ => Err(self.bad(position, format!("attribute `{name}`: expected [h,w] of non-negative integers"))),
-            },
+            Some((AttrValue::List(items), position)) => {
+                match items.iter().map(|s| parse(s)).collect::<Option<Vec<_>>>() {
+                    Some(v) if v.len() == 2 => Ok(Some([v[0], v[1]])),
+                    _ => Err(self.bad(
+                        position,
+                        format!("attribute `{name}`: expected [h,w] of non-negative integers"),
+                    )),
+                }
+            }
         }
     }
 

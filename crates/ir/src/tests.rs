@@ -61,7 +61,10 @@ fn undefined_value_is_an_error() {
 #[test]
 fn syntax_errors_are_located() {
     let err = parse_err("graph g(%x: f32[1]) {\n  %y = relu(%x : f32[1]\n  return %y\n}");
-    assert!(err.contains("expected `,` or `)`, found `:`") && err.contains("line 2"), "{err}");
+    assert!(
+        err.contains("expected `,` or `)`, found `:`") && err.contains("line 2"),
+        "{err}"
+    );
     let err = parse_err("graph g(%x: f32[1]) {\n  %y = sigmoid(%x) : f32[1]\n  return %y\n}");
     assert!(err.contains("unknown op `sigmoid`"), "{err}");
     let err = parse_err("graph g(%x: f32[1]) {\n  %y = relu(%x) : f32[2]\n  return %y\n}");
@@ -105,7 +108,12 @@ fn constant_data_is_checked() {
     assert!(err.to_string().contains("expected f32[1], got data of f32[2]"), "{err}");
     let right = candle_core::Tensor::zeros((1,), DType::F32, &candle_core::Device::Cpu).unwrap();
     graph.set_constant_data("conv1.bias", right).unwrap();
-    assert!(graph.set_constant_data("conv1", candle_core::Tensor::zeros((1,), DType::F32, &candle_core::Device::Cpu).unwrap()).is_err());
+    assert!(graph
+        .set_constant_data(
+            "conv1",
+            candle_core::Tensor::zeros((1,), DType::F32, &candle_core::Device::Cpu).unwrap()
+        )
+        .is_err());
 }
 
 /// Redirected uses followed by compact restore topological order and drop the unused.
@@ -156,16 +164,26 @@ fn arb_chain() -> impl Strategy<Value = Graph> {
                         graph.add_node(format!("l{i}"), Op::Conv2d(attrs), &[x, w]).ok()
                     }
                     1 => {
-                        let m = graph.add_constant_decl(format!("l{i}.running_mean"), TensorFact::new(DType::F32, [c])).unwrap();
-                        let v = graph.add_constant_decl(format!("l{i}.running_var"), TensorFact::new(DType::F32, [c])).unwrap();
-                        graph.add_node(format!("l{i}"), Op::BatchNorm(BatchNormAttrs { eps }), &[x, m, v]).ok()
+                        let m = graph
+                            .add_constant_decl(format!("l{i}.running_mean"), TensorFact::new(DType::F32, [c]))
+                            .unwrap();
+                        let v = graph
+                            .add_constant_decl(format!("l{i}.running_var"), TensorFact::new(DType::F32, [c]))
+                            .unwrap();
+                        graph
+                            .add_node(format!("l{i}"), Op::BatchNorm(BatchNormAttrs { eps }), &[x, m, v])
+                            .ok()
                     }
                     2 => graph.add_node(format!("l{i}"), Op::Relu, &[x]).ok(),
                     3 => graph.add_node(format!("l{i}"), Op::Add, &[x, x]).ok(),
                     _ if h >= 2 => graph
                         .add_node(
                             format!("l{i}"),
-                            Op::MaxPool2d(MaxPool2dAttrs { kernel: [2, 2], stride: [1, 2], padding: [1, 0] }),
+                            Op::MaxPool2d(MaxPool2dAttrs {
+                                kernel: [2, 2],
+                                stride: [1, 2],
+                                padding: [1, 0],
+                            }),
                             &[x],
                         )
                         .ok(),
@@ -177,7 +195,9 @@ fn arb_chain() -> impl Strategy<Value = Graph> {
                 }
             }
             let pooled = graph.add_node("pool", Op::GlobalAvgPool2d, &[x]).unwrap();
-            let flat = graph.add_node("flat", Op::Flatten(FlattenAttrs { start_dim: 1 }), &[pooled]).unwrap();
+            let flat = graph
+                .add_node("flat", Op::Flatten(FlattenAttrs { start_dim: 1 }), &[pooled])
+                .unwrap();
             graph.set_outputs(vec![flat, x]);
             graph
         })

@@ -53,11 +53,10 @@ impl Graph {
                 }
             }
             match node.op {
-                Op::Input => {
-                    if !declared_inputs.contains(&index) {
-                        report(&node.name, "input node missing from the graph signature".into());
-                    }
+                Op::Input if !declared_inputs.contains(&index) => {
+                    report(&node.name, "input node missing from the graph signature".into());
                 }
+                Op::Input => {}
                 Op::Constant => {
                     if let Some(data) = self.constant_data(&node.name) {
                         let got = TensorFact::of(data);
@@ -86,7 +85,10 @@ impl Graph {
         for input in self.inputs() {
             match self.nodes().get(input.index()) {
                 Some(node) if node.op == Op::Input => {}
-                _ => report(self.name(), format!("signature input #{} is not an input node", input.index())),
+                _ => report(
+                    self.name(),
+                    format!("signature input #{} is not an input node", input.index()),
+                ),
             }
         }
         if self.outputs().is_empty() {

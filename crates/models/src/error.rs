@@ -108,7 +108,7 @@ pub enum ModelError {
         context: String,
         /// The candle error.
         #[source]
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     /// Building the traced graph failed.
     #[error(transparent)]
@@ -124,7 +124,7 @@ impl<T> CandleContext<T> for candle_core::Result<T> {
     fn context(self, context: &str) -> Result<T, ModelError> {
         self.map_err(|source| ModelError::Candle {
             context: context.to_string(),
-            source,
+            source: Box::new(source),
         })
     }
 }

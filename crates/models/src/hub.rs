@@ -46,7 +46,9 @@ pub fn fetch(repo: &str, file: &str, options: &HubOptions) -> Result<PathBuf, Mo
         .with_progress(true)
         .build()
         .map_err(|e| hub_error(e.to_string()))?;
-    api.model(repo.to_string()).get(file).map_err(|e| hub_error(e.to_string()))
+    api.model(repo.to_string())
+        .get(file)
+        .map_err(|e| hub_error(e.to_string()))
 }
 
 /// The timm ResNet18 weights file ([`RESNET18_REPO`]), cache first.
@@ -58,7 +60,13 @@ pub fn resnet18_weights(options: &HubOptions) -> Result<PathBuf, ModelError> {
 /// model `repo` at revision `main` (commit id `commit`), with the same
 /// layout `huggingface_hub` writes: `models--{org}--{name}/refs/main` and
 /// `snapshots/{commit}/{file}`. Used to seed offline machines and in tests.
-pub fn seed_cache(cache_dir: &Path, repo: &str, commit: &str, file: &str, source: &Path) -> Result<PathBuf, ModelError> {
+pub fn seed_cache(
+    cache_dir: &Path,
+    repo: &str,
+    commit: &str,
+    file: &str,
+    source: &Path,
+) -> Result<PathBuf, ModelError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ModelError::Io { path, source }

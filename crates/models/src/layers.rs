@@ -1,7 +1,7 @@
 //! Leaf layers (candle-nn layers kept with their module path) and `Sequential`.
 
 use crate::error::CandleContext;
-use crate::{Frontend, Module, ModelError, ParamKind, ParamSource};
+use crate::{Frontend, ModelError, Module, ParamKind, ParamSource};
 use wick_ir::Conv2dAttrs;
 
 fn key(path: &str, leaf: &str) -> String {
@@ -111,10 +111,19 @@ pub struct Linear {
 
 impl Linear {
     /// Loads a `in -> out` linear layer with bias.
-    pub fn load(params: &mut dyn ParamSource, path: &str, in_features: usize, out_features: usize) -> Result<Self, ModelError> {
+    pub fn load(
+        params: &mut dyn ParamSource,
+        path: &str,
+        in_features: usize,
+        out_features: usize,
+    ) -> Result<Self, ModelError> {
         let kind = ParamKind::LinearWeight { fan_in: in_features };
         let weight = params.param(&key(path, "weight"), &[out_features, in_features], kind)?;
-        let bias = params.param(&key(path, "bias"), &[out_features], ParamKind::LinearBias { fan_in: in_features })?;
+        let bias = params.param(
+            &key(path, "bias"),
+            &[out_features],
+            ParamKind::LinearBias { fan_in: in_features },
+        )?;
         Ok(Self {
             path: path.to_string(),
             inner: candle_nn::Linear::new(weight, Some(bias)),

@@ -157,7 +157,11 @@ impl ParamSource for Weights {
                 got: tensor.dims().to_vec(),
             });
         }
-        let expected = *self.dtype.get_or_insert(if tensor.dtype().is_float() { tensor.dtype() } else { DType::F32 });
+        let expected = *self.dtype.get_or_insert(if tensor.dtype().is_float() {
+            tensor.dtype()
+        } else {
+            DType::F32
+        });
         if tensor.dtype() != expected {
             return Err(ModelError::WeightDtype {
                 name: name.to_string(),

@@ -52,7 +52,14 @@ pub fn uniform_values(seed: u64, name: &str, count: usize, lo: f64, hi: f64) -> 
 }
 
 /// An f32 tensor of `shape` uniform in `[lo, hi)`, deterministic in `(seed, name)`.
-pub fn uniform(seed: u64, name: &str, shape: &[usize], lo: f64, hi: f64, device: &Device) -> candle_core::Result<Tensor> {
+pub fn uniform(
+    seed: u64,
+    name: &str,
+    shape: &[usize],
+    lo: f64,
+    hi: f64,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let count = shape.iter().product();
     Tensor::from_vec(uniform_values(seed, name, count, lo, hi), shape, device)
 }

@@ -34,7 +34,13 @@ fn conv(in_channels: usize, out_channels: usize, kernel: usize, stride: usize) -
 
 impl BasicBlock {
     /// Loads a block `in -> out` with the given stride.
-    pub fn load(params: &mut dyn ParamSource, path: &str, in_channels: usize, out_channels: usize, stride: usize) -> Result<Self, ModelError> {
+    pub fn load(
+        params: &mut dyn ParamSource,
+        path: &str,
+        in_channels: usize,
+        out_channels: usize,
+        stride: usize,
+    ) -> Result<Self, ModelError> {
         let downsample = if stride != 1 || in_channels != out_channels {
             let ds = child(path, "downsample");
             Some((
@@ -46,7 +52,11 @@ impl BasicBlock {
         };
         Ok(Self {
             path: path.to_string(),
-            conv1: Conv2d::load(params, &child(path, "conv1"), conv(in_channels, out_channels, 3, stride))?,
+            conv1: Conv2d::load(
+                params,
+                &child(path, "conv1"),
+                conv(in_channels, out_channels, 3, stride),
+            )?,
             bn1: BatchNorm::load(params, &child(path, "bn1"), out_channels)?,
             conv2: Conv2d::load(params, &child(path, "conv2"), conv(out_channels, out_channels, 3, 1))?,
             bn2: BatchNorm::load(params, &child(path, "bn2"), out_channels)?,
@@ -95,7 +105,14 @@ pub struct ResNet {
 impl ResNet {
     /// Loads ResNet18 (`[2, 2, 2, 2]` basic blocks) with `num_classes` outputs.
     pub fn resnet18(params: &mut dyn ParamSource, num_classes: usize) -> Result<Self, ModelError> {
-        let conv1 = Conv2d::load(params, "conv1", ConvSpec { padding: 3, ..conv(3, 64, 7, 2) })?;
+        let conv1 = Conv2d::load(
+            params,
+            "conv1",
+            ConvSpec {
+                padding: 3,
+                ..conv(3, 64, 7, 2)
+            },
+        )?;
         let bn1 = BatchNorm::load(params, "bn1", 64)?;
         let mut layers = Vec::new();
         let mut in_channels = 64;

@@ -58,7 +58,10 @@ impl Frontend for Tracer {
     type Value = NodeId;
 
     fn conv2d(&mut self, layer: &Conv2d, x: &NodeId) -> Result<NodeId, ModelError> {
-        let mut inputs = vec![*x, self.constant(&format!("{}.weight", layer.path), layer.inner.weight())?];
+        let mut inputs = vec![
+            *x,
+            self.constant(&format!("{}.weight", layer.path), layer.inner.weight())?,
+        ];
         if let Some(bias) = layer.inner.bias() {
             inputs.push(self.constant(&format!("{}.bias", layer.path), bias)?);
         }
@@ -105,7 +108,10 @@ impl Frontend for Tracer {
     }
 
     fn linear(&mut self, layer: &Linear, x: &NodeId) -> Result<NodeId, ModelError> {
-        let mut inputs = vec![*x, self.constant(&format!("{}.weight", layer.path), layer.inner.weight())?];
+        let mut inputs = vec![
+            *x,
+            self.constant(&format!("{}.weight", layer.path), layer.inner.weight())?,
+        ];
         if let Some(bias) = layer.inner.bias() {
             inputs.push(self.constant(&format!("{}.bias", layer.path), bias)?);
         }

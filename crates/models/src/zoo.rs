@@ -1,6 +1,6 @@
 //! The models wick ships, by name: loading, default inputs, eager runs and tracing.
 
-use crate::{trace, Eager, Module, ModelError, ParamSource, RandomParams, ResNet, Sequential, Toy, Weights};
+use crate::{trace, Eager, ModelError, Module, ParamSource, RandomParams, ResNet, Sequential, Toy, Weights};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -105,7 +105,11 @@ impl Model {
             WeightSource::Tensors(tensors) => Box::new(Weights::from_tensors(tensors, "the given tensors", device)),
         };
         let model = Self::build(name, params.as_mut()).map_err(|e| match e {
-            ModelError::MissingWeight { name: weight, source_name, .. } => ModelError::MissingWeight {
+            ModelError::MissingWeight {
+                name: weight,
+                source_name,
+                ..
+            } => ModelError::MissingWeight {
                 name: weight,
                 model: name.as_str().to_string(),
                 source_name,
@@ -193,6 +197,6 @@ impl Model {
 pub fn random_input(seed: u64, shape: &[usize], device: &Device) -> Result<Tensor, ModelError> {
     crate::random::uniform(seed, "input", shape, -1.0, 1.0, device).map_err(|source| ModelError::Candle {
         context: "random input".into(),
-        source,
+        source: Box::new(source),
     })
 }
