@@ -1,1 +1,29 @@
-//! placeholder
+//! wick's graph rewrites: the [`Pass`] trait, the [`PassManager`] that runs
+//! passes with verification, counters, IR dumps and a report, the pattern
+//! matcher ([`Pattern`], [`PatternPass::register_replacement`]) that user
+//! rewrites and wick's own fusions share, and the built-in passes.
+
+mod counters;
+mod dce;
+mod error;
+mod fold;
+mod fuse_conv_batch_norm;
+mod manager;
+mod pass;
+mod pattern;
+mod rewrite;
+
+pub use counters::{Counters, PassCounters};
+pub use dce::EliminateDeadCode;
+pub use error::PassError;
+pub use fold::fold_conv_batch_norm;
+pub use fuse_conv_batch_norm::{conv_batch_norm_pattern, fuse_conv_batch_norm, fused_name};
+pub use manager::{ExtensionPoint, PassManager, PassReport, PassRun, StopReason};
+pub use pass::Pass;
+pub use pattern::{Match, Pattern, PatternBuilder, PatternId};
+pub use rewrite::{PatternPass, Replacement, Rewriter};
+
+/// wick's default pipeline: conv → batch_norm fusion, then dead-code elimination.
+pub fn default_pipeline() -> PassManager {
+    PassManager::default_pipeline()
+}
