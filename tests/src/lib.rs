@@ -1,6 +1,8 @@
 //! Shared helpers for wick's workspace-level tests: tensor comparison with
 //! tolerances relative to output scale, and model loading shortcuts.
 
+pub mod harness;
+
 use candle_core::{DType, Device, Tensor};
 use wick_models::{Model, ModelName, WeightSource};
 

@@ -3,9 +3,10 @@
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::{Args, ValueEnum};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use wick_ir::Graph;
 use wick_models::{Model, ModelName, WeightSource};
+use wick_passes::{PassManager, PassReport};
 
 /// Seed of the random weights used when no `--weights` file is given.
 pub const DEFAULT_WEIGHT_SEED: u64 = 0;
@@ -76,11 +77,87 @@ impl ModelArgs {
     }
 }
 
-/// Applies the selected pipeline to `graph`.
-pub fn apply_passes(graph: Graph, passes: Passes) -> Result<Graph> {
+/// Applies the selected pipeline to `graph`; the report is `None` for `--passes none`.
+pub fn apply_passes(mut graph: Graph, passes: Passes, dump_dir: Option<&Path>) -> Result<(Graph, Option<PassReport>)> {
     match passes {
-        Passes::None => Ok(graph),
-        Passes::Default => Ok(graph),
+        Passes::None => Ok((graph, None)),
+        Passes::Default => {
+            let mut manager = PassManager::default_pipeline();
+            if let Some(dir) = dump_dir {
+                manager.dump_ir_to(dir);
+            }
+            let report = manager.run(&mut graph)?;
+            Ok((graph, Some(report)))
+        }
+    }
+}
+
+/// The pass report as the JSON documented in README
+/// (`[{"name", "changed", "counters", "nodes_before", "nodes_after"}]`).
+pub fn report_json(report: Option<&PassReport>) -> serde_json::Value {
+    let runs = report.map(|r| r.runs.as_slice()).unwrap_or_default();
+    serde_json::Value::Array(
+        runs.iter()
+            .map(|run| {
+                serde_json::json!({
+                    "name": run.name,
+                    "changed": run.changed,
+                    "counters": run.counters,
+                    "nodes_before": run.nodes_before,
+                    "nodes_after": run.nodes_after,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Output options shared by `graph` and `ir`.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Also print the pass report table after the IR.
+    #[arg(long)]
+    pub report: bool,
+    /// Print only the pass report as JSON (schema in README).
+    #[arg(long, conflicts_with = "report")]
+    pub json: bool,
+    /// Write Graphviz DOT of the final graph to FILE (and FILE.svg when `dot` is installed).
+    #[arg(long, value_name = "FILE")]
+    pub dot: Option<PathBuf>,
+    /// Write the IR before and after every pass into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub dump_ir: Option<PathBuf>,
+}
+
+impl OutputArgs {
+    /// Prints the graph / report / JSON and writes the DOT file as requested.
+    pub fn emit(&self, label: &str, graph: &Graph, report: Option<&PassReport>) -> Result<()> {
+        if let Some(path) = &self.dot {
+            std::fs::write(path, graph.to_dot()).with_context(|| format!("cannot write `{}`", path.display()))?;
+            let svg = path.with_extension("svg");
+            match std::process::Command::new("dot")
+                .arg("-Tsvg")
+                .arg(path)
+                .arg("-o")
+                .arg(&svg)
+                .status()
+            {
+                Ok(status) if status.success() => eprintln!("wrote {} and {}", path.display(), svg.display()),
+                Ok(status) => eprintln!("wrote {}; `dot` failed ({status}), no SVG", path.display()),
+                Err(_) => eprintln!("wrote {} (install graphviz for an SVG)", path.display()),
+            }
+        }
+        if self.json {
+            let value = serde_json::json!({ "model": label, "passes": report_json(report) });
+            return emit(&format!("{}\n", serde_json::to_string_pretty(&value)?));
+        }
+        emit(&graph.to_string())?;
+        if self.report {
+            match report {
+                Some(report) => emit(&format!("\n{report}"))?,
+                None => emit("\n(no passes run: --passes none)\n")?,
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,6 +1,6 @@
 //! `cargo xtask graph`: print a model's IR.
 
-use crate::common::{apply_passes, emit, ModelArgs};
+use crate::common::{apply_passes, ModelArgs, OutputArgs};
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
@@ -10,12 +10,14 @@ use clap::Args;
 pub struct GraphArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 /// Traces the model at its default input shape and prints the IR.
 pub fn run(args: GraphArgs) -> Result<()> {
     let model = args.model.load(&Device::Cpu)?;
     let shape = model.name().input_shape(args.model.batch);
-    let graph = apply_passes(model.trace(&shape)?, args.model.passes)?;
-    emit(&graph.to_string())
+    let (graph, report) = apply_passes(model.trace(&shape)?, args.model.passes, args.output.dump_ir.as_deref())?;
+    args.output.emit(model.name().as_str(), &graph, report.as_ref())
 }

@@ -1,6 +1,6 @@
 //! `cargo xtask ir`: parse, verify (and optionally optimise) IR text from a file.
 
-use crate::common::{apply_passes, emit, Passes};
+use crate::common::{apply_passes, OutputArgs, Passes};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::io::Read;
@@ -15,9 +15,12 @@ pub struct IrArgs {
     /// Pass pipeline to run on it.
     #[arg(long, value_enum, default_value_t = Passes::None)]
     passes: Passes,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
-/// Parses and verifies the file, runs the passes and prints the result.
+/// Parses and verifies the file, gives its constants seeded random data,
+/// runs the passes and prints the result.
 pub fn run(args: IrArgs) -> Result<()> {
     let text = if args.file.as_os_str() == "-" {
         let mut text = String::new();
@@ -30,6 +33,11 @@ pub fn run(args: IrArgs) -> Result<()> {
     };
     let graph = Graph::parse(&text).with_context(|| format!("in `{}`", args.file.display()))?;
     graph.verify()?;
-    let graph = apply_passes(graph, args.passes)?;
-    emit(&graph.to_string())
+    // Text carries no weights; give constants deterministic data so that
+    // weight-folding passes can run on hand-written graphs.
+    let mut graph = graph;
+    wick_models::random::fill_missing_constants(&mut graph, 0)?;
+    let name = graph.name().to_string();
+    let (graph, report) = apply_passes(graph, args.passes, args.output.dump_ir.as_deref())?;
+    args.output.emit(&name, &graph, report.as_ref())
 }

@@ -59,7 +59,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         None => random_input(DEFAULT_INPUT_SEED, &name.input_shape(args.model.batch), &device)?,
     };
     model.check_input(x.dims())?;
-    let graph = apply_passes(model.trace(x.dims())?, args.model.passes)?;
+    let (graph, _report) = apply_passes(model.trace(x.dims())?, args.model.passes, None)?;
     let compiled = Engine::new(device).compile(&graph)?;
     let start = Instant::now();
     let outputs = compiled.run(std::slice::from_ref(&x))?;

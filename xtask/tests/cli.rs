@@ -196,3 +196,81 @@ fn graph_output_parses_back() {
     assert_eq!(again.stdout, out.stdout);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("graph toy-sequential(%x: f32[3,3,28,28]) {"));
 }
+
+/// `graph --passes default --json` reports 3 / 2 / 20 fusions in the documented schema.
+#[test]
+fn graph_json_reports_fusions() {
+    for (model, expected) in [("toy", 3), ("toy-sequential", 2), ("resnet18", 20)] {
+        let out = xtask(&["graph", model, "--passes", "default", "--json", "--batch", "1"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["model"], model);
+        let fuse = &json["passes"][0];
+        assert_eq!(fuse["name"], "fuse-conv-batch-norm");
+        assert_eq!(fuse["changed"], true);
+        assert_eq!(fuse["counters"]["matched"], expected);
+        assert!(fuse["nodes_before"].as_u64().unwrap() < fuse["nodes_after"].as_u64().unwrap());
+        assert_eq!(json["passes"][1]["name"], "eliminate-dead-code");
+    }
+}
+
+/// `--report` prints the fused IR then the pass table; `--dot` writes Graphviz with fused nodes marked.
+#[test]
+fn graph_report_and_dot() {
+    let dir = tempfile::tempdir().unwrap();
+    let dot = dir.path().join("toy.dot");
+    let out = xtask(&[
+        "graph",
+        "toy",
+        "--passes",
+        "default",
+        "--report",
+        "--dot",
+        dot.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("batch_norm"), "{stdout}");
+    assert!(
+        stdout.contains("fuse-conv-batch-norm") && stdout.contains("matched=3"),
+        "{stdout}"
+    );
+    let dot = std::fs::read_to_string(dot).unwrap();
+    assert_eq!(dot.matches("xlabel=\"fused\"").count(), 3, "{dot}");
+}
+
+/// `run --passes default` gives PyTorch's output on the torch-exported toy model.
+#[test]
+fn run_fused_matches_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    for (model, stem) in [("toy", "toy"), ("toy-sequential", "toy_sequential")] {
+        let io =
+            candle_core::safetensors::load(fixtures().join(format!("{stem}.io.safetensors")), &Device::Cpu).unwrap();
+        let input = write_input(dir.path(), &format!("{stem}.in"), io["input"].clone());
+        let output = dir.path().join(format!("{stem}.out"));
+        let weights = fixtures().join(format!("{stem}.weights.safetensors"));
+        let out = xtask(&[
+            "run",
+            model,
+            "--passes",
+            "default",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--input",
+            &input,
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let got = candle_core::safetensors::load(&output, &Device::Cpu).unwrap();
+        let diff = (&got["output"] - &io["output"])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{model}: {diff}");
+    }
+}

@@ -64,6 +64,40 @@ pub fn uniform(
     Tensor::from_vec(uniform_values(seed, name, count, lo, hi), shape, device)
 }
 
+/// Gives every constant of `graph` that has no data a deterministic random
+/// tensor (uniform in [-1, 1), or [0.5, 1.5) where it is used as a batch-norm
+/// running variance so the graph stays finite). Returns how many were filled.
+/// Used to run hand-written IR text, which carries no weights.
+pub fn fill_missing_constants(graph: &mut wick_ir::Graph, seed: u64) -> Result<usize, crate::ModelError> {
+    use wick_ir::Op;
+    let mut variance = std::collections::HashSet::new();
+    for node in graph.nodes() {
+        if let (Op::BatchNorm(_), Some(&var)) = (&node.op, node.inputs.get(2)) {
+            variance.insert(var);
+        }
+    }
+    let missing: Vec<(wick_ir::NodeId, String, Vec<usize>)> = graph
+        .node_ids()
+        .filter_map(|id| {
+            let node = graph.node(id);
+            (node.op == Op::Constant && graph.constant_data(&node.name).is_none())
+                .then(|| (id, node.name.clone(), node.fact.shape.clone()))
+        })
+        .collect();
+    for (id, name, shape) in &missing {
+        let (lo, hi) = if variance.contains(id) { (0.5, 1.5) } else { (-1.0, 1.0) };
+        let dtype = graph.node(*id).fact.dtype;
+        let data = uniform(seed, name, shape, lo, hi, &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|source| crate::ModelError::Candle {
+                context: name.clone(),
+                source: Box::new(source),
+            })?;
+        graph.set_constant_data(name, data)?;
+    }
+    Ok(missing.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ pub use fold::fold_conv_batch_norm;
 pub use fuse_conv_batch_norm::{conv_batch_norm_pattern, fuse_conv_batch_norm, fused_name};
 pub use manager::{ExtensionPoint, PassManager, PassReport, PassRun, StopReason};
 pub use pass::Pass;
-pub use pattern::{Match, Pattern, PatternBuilder, PatternId};
+pub use pattern::{Match, MatchOutcome, Pattern, PatternBuilder, PatternId};
 pub use rewrite::{PatternPass, Replacement, Rewriter};
 
 /// wick's default pipeline: conv → batch_norm fusion, then dead-code elimination.

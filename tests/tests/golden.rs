@@ -1,0 +1,86 @@
+//! Golden text IR before and after the default pipeline. Rewrite the
+//! expected files with `WICK_BLESS=1 cargo test -p wick-tests --test golden`
+//! and review the diff.
+
+use std::path::{Path, PathBuf};
+use wick_ir::Graph;
+use wick_models::random::fill_missing_constants;
+use wick_models::ModelName;
+use wick_passes::PassManager;
+use wick_tests::random_model;
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden")
+}
+
+/// Compares `actual` with the golden file, or rewrites it under `WICK_BLESS=1`.
+fn assert_golden(file: &str, actual: &str) {
+    let path = golden_dir().join(file);
+    if std::env::var("WICK_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("missing golden file {}; run with WICK_BLESS=1", path.display()));
+    if expected != actual {
+        let first = expected.lines().zip(actual.lines()).position(|(e, a)| e != a);
+        panic!(
+            "{} differs from the output (first differing line: {:?}); rerun with WICK_BLESS=1 if intended.\n--- actual ---\n{actual}",
+            path.display(),
+            first.map(|l| l + 1)
+        );
+    }
+}
+
+/// The graph after the default pipeline, followed by its counters as comments.
+fn after_text(mut graph: Graph) -> String {
+    let report = PassManager::default_pipeline().run(&mut graph).unwrap();
+    let mut text = graph.to_string();
+    for (pass, name, n) in report.counters.iter() {
+        text.push_str(&format!("// {pass}.{name} = {n}\n"));
+    }
+    text
+}
+
+fn check_model(name: ModelName, stem: &str) {
+    let graph = random_model(name, 0).trace(&name.input_shape(None)).unwrap();
+    assert_golden(&format!("{stem}.before.ir"), &graph.to_string());
+    assert_golden(&format!("{stem}.after.ir"), &after_text(graph));
+}
+
+fn check_text(stem: &str) {
+    let text = std::fs::read_to_string(golden_dir().join(format!("{stem}.ir"))).unwrap();
+    let mut graph = Graph::parse(&text).unwrap();
+    fill_missing_constants(&mut graph, 0).unwrap();
+    assert_golden(&format!("{stem}.after.ir"), &after_text(graph));
+}
+
+/// The tutorial's toy model as traced and after fusion (three fused convs, no batch_norm).
+#[test]
+fn golden_toy() {
+    check_model(ModelName::Toy, "toy");
+}
+
+/// The tutorial's Sequential model as traced and after fusion (two fused convs).
+#[test]
+fn golden_toy_sequential() {
+    check_model(ModelName::ToySequential, "toy-sequential");
+}
+
+/// A conv whose output has a second user: nothing fuses, one refusal counted.
+#[test]
+fn golden_conv_second_user() {
+    check_text("conv_second_user");
+}
+
+/// A batch norm with eps = 1e-3 after a strided grouped conv: fuses.
+#[test]
+fn golden_bn_eps_1e_3() {
+    check_text("bn_eps_1e-3");
+}
+
+/// A bias-free conv with an affine-free batch norm: fuses.
+#[test]
+fn golden_conv_no_bias_bn_no_affine() {
+    check_text("conv_no_bias_bn_no_affine");
+}

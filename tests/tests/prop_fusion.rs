@@ -1,0 +1,279 @@
+//! Property tests of conv → batch_norm fusion and of the whole default
+//! pipeline. More cases: `WICK_PROPTEST_CASES=5000 cargo test -p wick-tests --test prop_fusion`.
+
+use candle_core::{DType, Device};
+use proptest::prelude::*;
+use wick_ir::{BatchNormAttrs, Conv2dAttrs, Graph, Op, TensorFact};
+use wick_models::random::uniform;
+use wick_passes::PassManager;
+use wick_tests::harness::{arb_graph, check_semantics, config, GraphCase};
+
+/// One conv → batch_norm pair with every attribute drawn at random.
+#[derive(Debug, Clone)]
+struct ConvBnCase {
+    batch: usize,
+    in_channels: usize,
+    out_channels: usize,
+    groups: usize,
+    kernel: [usize; 2],
+    stride: usize,
+    dilation: usize,
+    padding: [usize; 2],
+    size: [usize; 2],
+    bias: bool,
+    affine: bool,
+    eps: f64,
+    seed: u64,
+}
+
+fn divisors(n: usize) -> Vec<usize> {
+    (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
+}
+
+fn arb_conv_bn() -> impl Strategy<Value = ConvBnCase> {
+    (
+        (1usize..4, 1usize..4, 1usize..4, 1usize..3, [0usize..3, 0usize..3]),
+        (
+            1usize..7,
+            0usize..3,
+            1usize..4,
+            any::<prop::sample::Index>(),
+            any::<bool>(),
+        ),
+        (
+            [0usize..5, 0usize..5],
+            any::<bool>(),
+            any::<bool>(),
+            -5.0f64..-1.0,
+            any::<u64>(),
+        ),
+    )
+        .prop_map(
+            |(
+                (batch, kh, kw, stride_dilation, padding),
+                (channels, group_kind, per_group, group_pick, c_eq_hw),
+                (extra, bias, affine, log_eps, seed),
+            )| {
+                let (stride, dilation) = if stride_dilation == 1 {
+                    (1, 1 + seed as usize % 2)
+                } else {
+                    (2, 1)
+                };
+                let kernel = [kh, kw];
+                let min = |axis: usize| {
+                    (dilation * (kernel[axis] - 1) + 1)
+                        .saturating_sub(2 * padding[axis])
+                        .max(1)
+                };
+                // C == H == W exercises candle's NCHW/NHWC stride ambiguity (candle PR #3405).
+                let (in_channels, size) = if c_eq_hw {
+                    let n = channels.max(min(0)).max(min(1)).max(2);
+                    (n, [n, n])
+                } else {
+                    (channels, [min(0) + extra[0], min(1) + extra[1]])
+                };
+                let groups = match group_kind {
+                    0 => 1,
+                    1 => in_channels,
+                    _ => *group_pick.get(&divisors(in_channels)),
+                };
+                ConvBnCase {
+                    batch,
+                    in_channels,
+                    out_channels: groups * per_group,
+                    groups,
+                    kernel,
+                    stride,
+                    dilation,
+                    padding,
+                    size,
+                    bias,
+                    affine,
+                    eps: 10f64.powf(log_eps),
+                    seed,
+                }
+            },
+        )
+}
+
+fn build(case: &ConvBnCase) -> (GraphCase, f64) {
+    let mut graph = Graph::new("conv_bn");
+    let [h, w] = case.size;
+    let x = graph
+        .add_input("x", TensorFact::new(DType::F32, [case.batch, case.in_channels, h, w]))
+        .unwrap();
+    let mut constant = |name: &str, shape: &[usize], lo: f64, hi: f64| {
+        let t = uniform(case.seed, name, shape, lo, hi, &Device::Cpu).unwrap();
+        (graph.add_constant(name, t.clone()).unwrap(), t)
+    };
+    let o = case.out_channels;
+    let fan_in = case.in_channels / case.groups * case.kernel[0] * case.kernel[1];
+    let (weight, weight_data) = constant(
+        "conv.weight",
+        &[o, case.in_channels / case.groups, case.kernel[0], case.kernel[1]],
+        -1.0,
+        1.0,
+    );
+    let mut conv_inputs = vec![x, weight];
+    let mut bias_max = 0.0;
+    if case.bias {
+        conv_inputs.push(constant("conv.bias", &[o], -1.0, 1.0).0);
+        bias_max = 1.0;
+    }
+    let (mean, _) = constant("bn.running_mean", &[o], -2.0, 2.0);
+    let (var, var_data) = constant("bn.running_var", &[o], 0.1, 3.0);
+    let mut bn_inputs = vec![mean, var];
+    let (mut gamma_max, mut beta_max) = (1.0, 0.0);
+    if case.affine {
+        bn_inputs.push(constant("bn.weight", &[o], -2.0, 2.0).0);
+        bn_inputs.push(constant("bn.bias", &[o], -1.0, 1.0).0);
+        (gamma_max, beta_max) = (2.0, 1.0);
+    }
+    let attrs = Conv2dAttrs {
+        stride: [case.stride; 2],
+        padding: case.padding,
+        dilation: [case.dilation; 2],
+        groups: case.groups,
+    };
+    let conv = graph.add_node("conv", Op::Conv2d(attrs), &conv_inputs).unwrap();
+    bn_inputs.insert(0, conv);
+    let bn = graph
+        .add_node("bn", Op::BatchNorm(BatchNormAttrs { eps: case.eps }), &bn_inputs)
+        .unwrap();
+    graph.set_outputs(vec![bn]);
+    let input = uniform(
+        case.seed,
+        "input",
+        &graph.node(x).fact.shape.clone(),
+        -1.0,
+        1.0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    // Tolerance from the magnitudes involved: a worst-case f32 accumulation
+    // bound, 4·u·(n + 3) · (|s|·(n·|W|·|x| + |b| + |μ|) + |β|), with |x| <= 1.
+    let var_min = var_data.min_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let scale_max = gamma_max / (var_min + case.eps).sqrt();
+    let weight_max = weight_data
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let magnitude = scale_max * (fan_in as f64 * weight_max + bias_max + 2.0) + beta_max;
+    let tolerance = 4.0 * f32::EPSILON as f64 / 2.0 * (fan_in as f64 + 3.0) * magnitude;
+    (
+        GraphCase {
+            graph,
+            inputs: vec![input],
+        },
+        tolerance,
+    )
+}
+
+fn check_conv_bn(case: &ConvBnCase) -> Result<(), TestCaseError> {
+    let (graph_case, tolerance) = build(case);
+    // check_semantics scales by max(1, |reference|); pass an absolute bound instead.
+    let report = check_semantics(&PassManager::default_pipeline(), &graph_case, 0.0_f64.max(tolerance))?;
+    prop_assert_eq!(report.count("fuse-conv-batch-norm", "matched"), 1);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Any conv → bn pair (groups incl. depthwise, kernel h != w, stride,
+    /// dilation, asymmetric padding, bias/affine on or off, eps 1e-5..1e-1,
+    /// C == H == W) fuses once and keeps the output within the f32 bound.
+    #[test]
+    fn conv_bn_fusion_preserves_output(case in arb_conv_bn()) {
+        check_conv_bn(&case)?;
+    }
+
+    /// Random graphs through the default pipeline: outputs unchanged, the
+    /// verifier clean, no batch_norm fed by a fusable conv left, and exactly
+    /// the pairs that must not fuse (conv with other users or returned)
+    /// counted as refusals.
+    #[test]
+    fn default_pipeline_preserves_random_graphs(case in arb_graph()) {
+        let report = check_semantics(&PassManager::default_pipeline(), &case, 1e-4)?;
+        let (fusable, refusable) = expected_fusions(&case.graph);
+        prop_assert_eq!(report.count("fuse-conv-batch-norm", "matched"), fusable);
+        let refused = report.count("fuse-conv-batch-norm", "skipped.interior_value_has_external_users")
+            + report.count("fuse-conv-batch-norm", "skipped.interior_value_is_graph_output");
+        prop_assert_eq!(refused, refusable);
+    }
+}
+
+/// Oracle for fusion counts computed from the original graph alone: walking in
+/// order, a batch_norm whose input is a conv (or an already-fused pair) fuses
+/// iff that input has exactly one use and is not a graph output.
+fn expected_fusions(graph: &Graph) -> (u64, u64) {
+    let users = graph.users();
+    let mut conv_like = vec![false; graph.len()];
+    let (mut fused, mut refused) = (0, 0);
+    for id in graph.node_ids() {
+        let node = graph.node(id);
+        match node.op {
+            Op::Conv2d(_) => conv_like[id.index()] = true,
+            Op::BatchNorm(_) => {
+                let source = node.inputs[0];
+                if conv_like[source.index()] {
+                    if users[source.index()].len() == 1 && !graph.outputs().contains(&source) {
+                        fused += 1;
+                        conv_like[id.index()] = true;
+                    } else {
+                        refused += 1;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (fused, refused)
+}
+
+fn regression(case: ConvBnCase) {
+    check_conv_bn(&case).unwrap();
+}
+
+/// C == H == W == 4 with a depthwise 3x3 conv (candle's layout-ambiguity bug shape).
+#[test]
+fn regression_c_eq_h_eq_w_depthwise() {
+    regression(ConvBnCase {
+        batch: 1,
+        in_channels: 4,
+        out_channels: 4,
+        groups: 4,
+        kernel: [3, 3],
+        stride: 1,
+        dilation: 1,
+        padding: [1, 1],
+        size: [4, 4],
+        bias: false,
+        affine: true,
+        eps: 1e-5,
+        seed: 1,
+    });
+}
+
+/// Kernel 1x3, asymmetric padding, stride 2, no bias, no affine, eps 0.1.
+#[test]
+fn regression_asymmetric_kernel_and_padding() {
+    regression(ConvBnCase {
+        batch: 2,
+        in_channels: 3,
+        out_channels: 6,
+        groups: 3,
+        kernel: [1, 3],
+        stride: 2,
+        dilation: 1,
+        padding: [0, 2],
+        size: [3, 5],
+        bias: false,
+        affine: false,
+        eps: 0.1,
+        seed: 2,
+    });
+}
