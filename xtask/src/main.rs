@@ -1,10 +1,14 @@
 //! `cargo xtask`: wick's command line. `run` executes a model, `graph` prints
 //! its IR, `bench` times it. Errors go to stderr with a non-zero exit.
 
+mod bench_cmd;
 mod common;
 mod graph_cmd;
 mod ir_cmd;
+mod process_stats;
+mod profile_cmd;
 mod run_cmd;
+mod stats;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +28,13 @@ enum Command {
     Graph(graph_cmd::GraphArgs),
     /// Parse and verify IR text from a file, optionally run passes, print it.
     Ir(ir_cmd::IrArgs),
+    /// Time candle-eager vs wick-unfused vs wick (the tutorial's benchmark).
+    Bench(bench_cmd::BenchArgs),
+    /// Per-op time breakdown of the engine.
+    Profile(profile_cmd::ProfileArgs),
+    /// One bench mode in its own process (internal).
+    #[command(hide = true)]
+    BenchWorker(bench_cmd::WorkerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +47,9 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => run_cmd::run(args),
         Command::Graph(args) => graph_cmd::run(args),
         Command::Ir(args) => ir_cmd::run(args),
+        Command::Bench(args) => bench_cmd::run(args),
+        Command::Profile(args) => profile_cmd::run(args),
+        Command::BenchWorker(args) => bench_cmd::worker(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -13,4 +13,4 @@ mod model;
 
 pub use device::{parse_device, DeviceSpec};
 pub use error::EngineError;
-pub use model::{CompiledModel, Engine};
+pub use model::{CompiledModel, Engine, StepProfile};

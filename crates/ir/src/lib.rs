@@ -7,6 +7,7 @@
 //! form ([`Graph`]'s `Display` and [`Graph::parse`]) is the same in dumps,
 //! errors and golden tests, and round-trips.
 
+mod cost;
 mod dot;
 mod error;
 mod fact;

@@ -214,3 +214,22 @@ proptest! {
         prop_assert_eq!(parsed, graph);
     }
 }
+
+/// FLOPs count conv and linear multiply-adds twice: a 3x3 conv 2->4 channels on 5x5 "same" output.
+#[test]
+fn flops_of_conv_and_linear() {
+    let graph = Graph::parse(
+        "graph g(%x: f32[1,2,5,5]) {
+  @w = constant : f32[4,2,3,3]
+  %c = conv2d[padding=1](%x, @w) : f32[1,4,5,5]
+  %p = global_avg_pool2d(%c) : f32[1,4,1,1]
+  %f = flatten[start_dim=1](%p) : f32[1,4]
+  @l = constant : f32[10,4]
+  %y = linear(%f, @l) : f32[1,10]
+  return %y
+}",
+    )
+    .unwrap();
+    // conv: 100 outputs x 18 MACs; linear: 10 outputs x 4 MACs.
+    assert_eq!(graph.flops(), 2 * (100 * 18 + 40));
+}

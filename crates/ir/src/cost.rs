@@ -1,0 +1,29 @@
+//! Static cost of a graph: floating-point operations counted from facts.
+
+use crate::{Graph, Op};
+
+impl Graph {
+    /// Floating-point operations of one forward, counting only convolution
+    /// and linear multiply-adds as 2 FLOPs each (the usual convention;
+    /// bias adds, normalisation and activations are not counted).
+    pub fn flops(&self) -> u64 {
+        self.nodes()
+            .iter()
+            .map(|node| match node.op {
+                Op::Conv2d(_) => {
+                    let out = &node.fact.shape;
+                    let kernel = &self.node(node.inputs[1]).fact.shape;
+                    let macs_per_output = kernel[1] * kernel[2] * kernel[3];
+                    let outputs: usize = out.iter().product();
+                    2 * (outputs * macs_per_output) as u64
+                }
+                Op::Linear => {
+                    let weight = &self.node(node.inputs[1]).fact.shape;
+                    let rows = node.fact.elem_count() / weight[0].max(1);
+                    2 * (rows * weight[0] * weight[1]) as u64
+                }
+                _ => 0,
+            })
+            .sum()
+    }
+}
