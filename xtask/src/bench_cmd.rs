@@ -142,9 +142,12 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let mut passes = Value::Null;
     let mut planned_peak = Value::Null;
     let forward: Box<dyn Fn(&Tensor) -> Result<Tensor>> = match args.mode {
-        Mode::CandleEager => Box::new(|x: &Tensor| Ok(model.forward_eager(x)?)),
+        Mode::CandleEager => Box::new(move |x: &Tensor| Ok(model.forward_eager(x)?)),
         Mode::WickUnfused | Mode::Wick => {
             let mut graph = model.trace(x.dims())?;
+            // A service keeps only the compiled model: drop the candle one so
+            // the unfused weights are not counted twice in peak memory.
+            drop(model);
             if args.mode == Mode::Wick {
                 let report = PassManager::default_pipeline().run(&mut graph)?;
                 passes = report_json(Some(&report));

@@ -50,7 +50,10 @@ impl Engine {
                         .ok_or_else(|| EngineError::MissingConstant {
                             name: node.name.clone(),
                         })?;
-                    constants.push((id.index(), data.to_device(&self.device).at(&node.name)?));
+                    // Detached: a constant derived from a candle `Var` (candle-nn keeps
+                    // batch-norm statistics in Vars) would make every result track
+                    // its inputs for backprop and keep the whole forward alive.
+                    constants.push((id.index(), data.detach().to_device(&self.device).at(&node.name)?));
                 }
                 _ => steps.push(Step {
                     name: node.name.clone(),
@@ -225,7 +228,7 @@ impl CompiledModel {
             slots[*slot] = Some(data.clone());
         }
         for (given, declared) in inputs.iter().zip(&self.inputs) {
-            slots[declared.slot] = Some(given.to_device(&self.device).at(&declared.name)?);
+            slots[declared.slot] = Some(given.detach().to_device(&self.device).at(&declared.name)?);
         }
         for step in &self.steps {
             let args = step

@@ -36,7 +36,9 @@ impl Tracer {
         if let Some(&id) = self.constants.get(key) {
             return Ok(id);
         }
-        let id = self.graph.add_constant(key, data.clone())?;
+        // Detached so graph constants never carry candle's backprop tracking
+        // (candle-nn stores batch-norm statistics as `Var`s).
+        let id = self.graph.add_constant(key, data.detach())?;
         self.constants.insert(key.to_string(), id);
         Ok(id)
     }
