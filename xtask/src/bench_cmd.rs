@@ -133,6 +133,9 @@ fn load_tensor(path: &Path, name: &str, device: &Device) -> Result<Tensor> {
         .with_context(|| format!("`{}` has no tensor `{name}`", path.display()))
 }
 
+/// One forward of the mode being timed.
+type Forward = dyn Fn(&Tensor) -> Result<Tensor>;
+
 /// Runs one mode: load, compile, warm up, time, report JSON on stdout.
 pub fn worker(args: WorkerArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
@@ -141,7 +144,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let compile_start = Instant::now();
     let mut passes = Value::Null;
     let mut planned_peak = Value::Null;
-    let forward: Box<dyn Fn(&Tensor) -> Result<Tensor>> = match args.mode {
+    let forward: Box<Forward> = match args.mode {
         Mode::CandleEager => Box::new(move |x: &Tensor| Ok(model.forward_eager(x)?)),
         Mode::WickUnfused | Mode::Wick => {
             let mut graph = model.trace(x.dims())?;
@@ -364,7 +367,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let limit = args.tolerance * reference_scale.max(1.0);
     let wrong: Vec<String> = results
         .iter()
-        .filter(|r| !(r.max_abs_diff <= limit))
+        // NaN differences fail too.
+        .filter(|r| r.max_abs_diff.is_nan() || r.max_abs_diff > limit)
         .map(|r| format!("{} (max |diff| {:.3e})", r.mode.name(), r.max_abs_diff))
         .collect();
     if !wrong.is_empty() {
