@@ -274,3 +274,66 @@ fn run_fused_matches_pytorch() {
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{model}: {diff}");
     }
 }
+
+/// `bench --json` writes the documented schema, consistent with itself.
+#[test]
+fn bench_json_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let out = xtask(&[
+        "bench",
+        "toy-sequential",
+        "--warmup",
+        "1",
+        "--iters",
+        "3",
+        "--json",
+        json_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(json["model"], "toy-sequential");
+    assert_eq!(json["batch"], 1);
+    assert_eq!(json["device"], "cpu");
+    // 2 convs: 16x24x24 outputs x 3*5*5 MACs, 32x18x18 x 16*7*7, x2 FLOPs.
+    let flops = 2.0 * (16.0 * 576.0 * 75.0 + 32.0 * 324.0 * 784.0);
+    assert!((json["gflop_per_forward"].as_f64().unwrap() - flops / 1e9).abs() < 1e-12);
+    let modes = json["modes"].as_array().unwrap();
+    let names: Vec<&str> = modes.iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["candle-eager", "wick-unfused", "wick"]);
+    for mode in modes {
+        let (min, median, max) = (
+            mode["min_ms"].as_f64().unwrap(),
+            mode["median_ms"].as_f64().unwrap(),
+            mode["max_ms"].as_f64().unwrap(),
+        );
+        assert!(0.0 < min && min <= median && median <= max, "{mode}");
+        assert!(mode["peak_rss_mib"].as_f64().unwrap() > 0.0);
+        assert!(mode["compile_ms"].as_f64().unwrap() >= 0.0);
+        assert!(mode["max_abs_diff_vs_eager"].as_f64().unwrap() < 1e-4);
+    }
+    assert_eq!(json["passes"][0]["counters"]["matched"], 2);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("candle-eager") && table.contains("fuse-conv-batch-norm [matched=2]"),
+        "{table}"
+    );
+}
+
+/// A mode whose output is wrong makes the bench exit non-zero, naming the mode.
+#[test]
+fn bench_fails_on_wrong_output() {
+    assert_fails(
+        &[
+            "bench",
+            "toy",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--inject-fault",
+            "wick-unfused",
+        ],
+        "outputs disagree with candle-eager",
+    );
+}
