@@ -187,9 +187,7 @@ fn max_pool2d(x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Result<Tensor>
         }
         let mut edge = padded.dims().to_vec();
         edge[dim] = pad;
-        let fill = Tensor::new(f32::NEG_INFINITY, x.device())?
-            .to_dtype(x.dtype())?
-            .broadcast_as(edge)?;
+        let fill = Tensor::full(f32::NEG_INFINITY, edge, x.device())?.to_dtype(x.dtype())?;
         padded = Tensor::cat(&[&fill, &padded, &fill], dim)?;
     }
     padded.max_pool2d_with_stride((attrs.kernel[0], attrs.kernel[1]), (attrs.stride[0], attrs.stride[1]))
