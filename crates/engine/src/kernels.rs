@@ -1,6 +1,7 @@
 //! Per-node kernels: candle operations chosen once at compile time, with
 //! constant-only work (batch-norm scale and shift) precomputed.
 
+use crate::cpu_conv::PackedConv;
 use crate::error::AtNode;
 use crate::EngineError;
 use candle_core::{DType, Device, Tensor, D};
@@ -14,6 +15,9 @@ pub(crate) enum Kernel {
     Conv2d {
         attrs: Conv2dAttrs,
     },
+    /// wick's own CPU f32 convolution with pre-packed weights and the bias
+    /// applied in the same pass (any per-axis stride, padding, dilation).
+    PackedConv(Box<PackedConv>),
     /// `x * scale + shift` with both precomputed from constant statistics.
     BatchNormFolded {
         scale: Tensor,
@@ -93,6 +97,12 @@ impl Kernel {
                 ))
             }
             Op::Conv2d(attrs) => {
+                let parameters: Option<Vec<&Tensor>> = (1..node.inputs.len()).map(constant).collect();
+                if let (true, DType::F32, Some(parameters)) = (device.is_cpu(), node.fact.dtype, parameters) {
+                    let packed =
+                        PackedConv::new(parameters[0], parameters.get(1).copied(), *attrs, false).at(&node.name)?;
+                    return Ok(Kernel::PackedConv(Box::new(packed)));
+                }
                 if attrs.stride[0] != attrs.stride[1] || attrs.dilation[0] != attrs.dilation[1] {
                     return Err(unsupported(
                         node,
@@ -130,6 +140,15 @@ impl Kernel {
         })
     }
 
+    /// How many leading operands the kernel reads at run time, when fewer
+    /// than the node's (the rest were packed at compile time).
+    pub(crate) fn operand_count(&self) -> Option<usize> {
+        match self {
+            Kernel::PackedConv(_) => Some(1),
+            _ => None,
+        }
+    }
+
     /// Runs the kernel on its operands (in IR operand order).
     pub(crate) fn run(&self, args: &[&Tensor]) -> candle_core::Result<Tensor> {
         match self {
@@ -148,6 +167,7 @@ impl Kernel {
                     None => Ok(y),
                 }
             }
+            Kernel::PackedConv(conv) => conv.run(args[0]),
             Kernel::BatchNormFolded { scale, shift } => args[0].broadcast_mul(scale)?.broadcast_add(shift),
             Kernel::BatchNorm { eps } => {
                 let x = args[0];

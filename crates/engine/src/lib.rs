@@ -6,6 +6,7 @@
 //! (precomputing what depends only on constants), and plans when each
 //! intermediate is freed (right after its last use).
 
+mod cpu_conv;
 mod device;
 mod error;
 mod kernels;

@@ -55,20 +55,31 @@ impl Engine {
                     // its inputs for backprop and keep the whole forward alive.
                     constants.push((id.index(), data.detach().to_device(&self.device).at(&node.name)?));
                 }
-                _ => steps.push(Step {
-                    name: node.name.clone(),
-                    op: node.op.name(),
-                    fact: node.fact.clone(),
-                    kernel: Kernel::select(graph, node, &self.device)?,
-                    inputs: node.inputs.iter().map(|i| i.index()).collect(),
-                    output: id.index(),
-                    free_after: Vec::new(),
-                }),
+                _ => {
+                    let kernel = Kernel::select(graph, node, &self.device)?;
+                    // Kernels that packed their constant operands read only the activations.
+                    let operands = kernel.operand_count().unwrap_or(node.inputs.len());
+                    steps.push(Step {
+                        name: node.name.clone(),
+                        op: node.op.name(),
+                        fact: node.fact.clone(),
+                        kernel,
+                        inputs: node.inputs[..operands].iter().map(|i| i.index()).collect(),
+                        output: id.index(),
+                        free_after: Vec::new(),
+                    });
+                }
             }
         }
         // Declaration order of inputs in the signature may differ from node order.
         inputs.sort_by_key(|input| graph.inputs().iter().position(|i| i.index() == input.slot));
         let outputs: Vec<usize> = graph.outputs().iter().map(|o| o.index()).collect();
+        // Constants that only packed kernels used are held by those kernels alone.
+        let mut read = vec![false; count];
+        for &slot in steps.iter().flat_map(|s| &s.inputs).chain(&outputs) {
+            read[slot] = true;
+        }
+        constants.retain(|(slot, _)| read[*slot]);
         // Last step that reads each slot; a value nobody reads dies where it is made.
         let mut last_use: Vec<Option<usize>> = vec![None; count];
         for (index, step) in steps.iter().enumerate() {
@@ -391,15 +402,31 @@ mod tests {
         );
     }
 
-    /// Per-axis stride that candle cannot run is rejected at compile time, not mid-run.
+    /// Per-axis stride runs on the CPU f32 kernel; elsewhere (here f64, which
+    /// only candle's conv serves) it is rejected at compile time, not mid-run.
     #[test]
-    fn unequal_stride_is_unsupported() {
-        let mut graph = Graph::parse(
-            "graph g(%x: f32[1,1,4,4]) {\n  @w = constant : f32[1,1,1,1]\n  %y = conv2d[stride=[1,2]](%x, @w) : f32[1,1,4,2]\n  return %y\n}",
-        )
-        .unwrap();
+    fn unequal_stride_needs_the_packed_kernel() {
+        let text = |dtype: &str| {
+            format!(
+                "graph g(%x: {dtype}[1,1,4,4]) {{\n  @w = constant : {dtype}[1,1,1,1]\n  %y = conv2d[stride=[1,2]](%x, @w) : {dtype}[1,1,4,2]\n  return %y\n}}"
+            )
+        };
+        let mut graph = Graph::parse(&text("f32")).unwrap();
         graph
             .set_constant_data("w", Tensor::ones((1, 1, 1, 1), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        let x = Tensor::arange(0f32, 16.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 4, 4))
+            .unwrap();
+        let y = Engine::cpu().compile(&graph).unwrap().run(&[x]).unwrap().remove(0);
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [0., 2., 4., 6., 8., 10., 12., 14.]
+        );
+        let mut graph = Graph::parse(&text("f64")).unwrap();
+        graph
+            .set_constant_data("w", Tensor::ones((1, 1, 1, 1), DType::F64, &Device::Cpu).unwrap())
             .unwrap();
         let err = Engine::cpu().compile(&graph).unwrap_err();
         assert!(matches!(err, EngineError::Unsupported { .. }), "{err}");
