@@ -30,6 +30,8 @@ pub(crate) enum Kernel {
     Relu,
     Add,
     MaxPool2d(MaxPool2dAttrs),
+    /// wick's own CPU f32 max-pool (padding handled in the window, no copy).
+    CpuMaxPool2d(MaxPool2dAttrs),
     GlobalAvgPool2d,
     Reshape {
         shape: Vec<usize>,
@@ -131,6 +133,7 @@ impl Kernel {
             }
             Op::Relu => Kernel::Relu,
             Op::Add => Kernel::Add,
+            Op::MaxPool2d(attrs) if device.is_cpu() && node.fact.dtype == DType::F32 => Kernel::CpuMaxPool2d(*attrs),
             Op::MaxPool2d(attrs) => Kernel::MaxPool2d(*attrs),
             Op::GlobalAvgPool2d => Kernel::GlobalAvgPool2d,
             Op::Flatten(_) => Kernel::Reshape {
@@ -179,6 +182,7 @@ impl Kernel {
             Kernel::Relu => args[0].relu(),
             Kernel::Add => args[0] + args[1],
             Kernel::MaxPool2d(attrs) => max_pool2d(args[0], attrs),
+            Kernel::CpuMaxPool2d(attrs) => crate::cpu_pool::max_pool2d(args[0], attrs),
             Kernel::GlobalAvgPool2d => args[0].mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2),
             Kernel::Reshape { shape } => args[0].reshape(shape.as_slice()),
             Kernel::Linear => {

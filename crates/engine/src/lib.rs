@@ -7,6 +7,7 @@
 //! intermediate is freed (right after its last use).
 
 mod cpu_conv;
+mod cpu_pool;
 mod device;
 mod error;
 mod kernels;
