@@ -61,6 +61,8 @@ fn user_passes_run_at_named_points() {
         [
             "eliminate-dead-code",
             "fuse-conv-batch-norm",
+            "fuse-conv-add-relu",
+            "fuse-conv-relu",
             "eliminate-dead-code",
             "eliminate-dead-code"
         ]
@@ -98,7 +100,10 @@ fn fixpoint_converges_with_reason() {
 #[test]
 fn dumps_ir_around_each_pass() {
     let dir = tempfile::tempdir().unwrap();
-    let mut manager = PassManager::default_pipeline();
+    let mut manager = PassManager::new();
+    manager
+        .add_pass(wick_passes::fuse_conv_batch_norm())
+        .add_pass(EliminateDeadCode);
     manager.dump_ir_to(dir.path());
     manager.run(&mut graph(CHAIN)).unwrap();
     let mut files: Vec<String> = std::fs::read_dir(dir.path())

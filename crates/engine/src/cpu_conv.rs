@@ -90,9 +90,11 @@ impl PackedConv {
         self.kernel == [1, 1] && a.stride == [1, 1] && a.padding == [0, 0]
     }
 
-    /// Runs the convolution on a CPU f32 tensor `[N, C, H, W]`.
-    pub(crate) fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// Runs the convolution on a CPU f32 tensor `[N, C, H, W]`, adding
+    /// `residual` (the output's shape) before the optional ReLU.
+    pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let x = x.contiguous()?;
+        let residual = residual.map(|r| r.contiguous()).transpose()?;
         let dims = x.dims().to_vec();
         let g = self.geometry(&dims)?;
         let batch = dims[0];
@@ -105,16 +107,29 @@ impl PackedConv {
                 bail!("the packed CPU conv takes f32 tensors on the CPU")
             };
             let data = &data[layout.start_offset()..];
+            let residual_guard = residual.as_ref().map(|r| r.storage_and_layout());
+            let residual_data: Option<&[f32]> = match &residual_guard {
+                None => None,
+                Some((storage, layout)) => match &**storage {
+                    Storage::Cpu(CpuStorage::F32(r)) if r.len() >= layout.start_offset() + batch * image_out => {
+                        Some(&r[layout.start_offset()..][..batch * image_out])
+                    }
+                    _ => bail!("the residual of a packed CPU conv must be f32 on the CPU with the output's shape"),
+                },
+            };
+            if residual
+                .as_ref()
+                .is_some_and(|r| r.dims() != [batch, self.out_channels, g.out_height, g.out_width])
+            {
+                bail!("the residual of a packed CPU conv must have the output's shape");
+            }
             let image_in = g.channels * g.height * g.width;
             let threads = rayon::current_num_threads();
+            let residual_of = |i: usize| residual_data.map(|r| &r[i * image_out..(i + 1) * image_out]);
             if batch >= threads {
                 out.par_chunks_mut(image_out).enumerate().for_each(|(i, out)| {
-                    self.image(
-                        &data[i * image_in..(i + 1) * image_in],
-                        out,
-                        &g,
-                        gemm::Parallelism::None,
-                    )
+                    let input = &data[i * image_in..(i + 1) * image_in];
+                    self.image(input, residual_of(i), out, &g, gemm::Parallelism::None)
                 });
             } else {
                 for (i, out) in out.chunks_mut(image_out).enumerate() {
@@ -123,15 +138,28 @@ impl PackedConv {
                     } else {
                         gemm::Parallelism::None
                     };
-                    self.image(&data[i * image_in..(i + 1) * image_in], out, &g, parallelism);
+                    self.image(
+                        &data[i * image_in..(i + 1) * image_in],
+                        residual_of(i),
+                        out,
+                        &g,
+                        parallelism,
+                    );
                 }
             }
         }
         Tensor::from_vec(out, (batch, self.out_channels, g.out_height, g.out_width), &Device::Cpu)
     }
 
-    /// One image: `input` is `[C, H, W]`, `out` is `[O, OH, OW]`.
-    fn image(&self, input: &[f32], out: &mut [f32], g: &Geometry, parallelism: gemm::Parallelism) {
+    /// One image: `input` is `[C, H, W]`, `residual` and `out` are `[O, OH, OW]`.
+    fn image(
+        &self,
+        input: &[f32],
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+        g: &Geometry,
+        parallelism: gemm::Parallelism,
+    ) {
         let spatial = g.out_height * g.out_width;
         let mut columns = if self.is_pointwise() {
             Vec::new()
@@ -181,10 +209,19 @@ impl PackedConv {
         }
         for (channel, row) in out.chunks_mut(spatial).enumerate() {
             let bias = self.bias.as_ref().map_or(0.0, |b| b[channel]);
-            match (bias != 0.0, self.relu) {
-                (false, false) => {}
-                (true, false) => row.iter_mut().for_each(|v| *v += bias),
-                (_, true) => row.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
+            match residual {
+                Some(residual) => {
+                    let residual = &residual[channel * spatial..(channel + 1) * spatial];
+                    for (v, r) in row.iter_mut().zip(residual) {
+                        let sum = *v + bias + r;
+                        *v = if self.relu { sum.max(0.0) } else { sum };
+                    }
+                }
+                None => match (bias != 0.0, self.relu) {
+                    (false, false) => {}
+                    (true, false) => row.iter_mut().for_each(|v| *v += bias),
+                    (_, true) => row.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
+                },
             }
         }
     }
@@ -364,7 +401,10 @@ mod tests {
             groups: case.groups,
         };
         let packed = PackedConv::new(&w, b.as_ref(), attrs, case.relu).unwrap();
-        (packed.run(&x).unwrap(), reference(&x, &w, b.as_ref(), attrs, case.relu))
+        (
+            packed.run(&x, None).unwrap(),
+            reference(&x, &w, b.as_ref(), attrs, case.relu),
+        )
     }
 
     proptest! {
@@ -381,6 +421,41 @@ mod tests {
             let diff = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             prop_assert!(diff <= 1e-5 * k.max(1.0) * 4.0, "diff {}", diff);
         }
+    }
+
+    /// The residual is added before the ReLU: relu(conv(x) + b + r).
+    #[test]
+    fn residual_then_relu() {
+        let d = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 4, 5, 5), &d).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (6, 4, 3, 3), &d).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 6, &d).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (3, 6, 5, 5), &d).unwrap();
+        let attrs = Conv2dAttrs {
+            padding: [1, 1],
+            ..Default::default()
+        };
+        let got = PackedConv::new(&w, Some(&b), attrs, true)
+            .unwrap()
+            .run(&x, Some(&r))
+            .unwrap();
+        let want = (reference(&x, &w, Some(&b), attrs, false) + &r)
+            .unwrap()
+            .relu()
+            .unwrap();
+        let diff = (&got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "{diff}");
+        assert!(PackedConv::new(&w, Some(&b), attrs, true)
+            .unwrap()
+            .run(&x, Some(&r.narrow(0, 0, 1).unwrap()))
+            .is_err());
     }
 
     /// Per-axis stride and dilation, which candle's conv cannot express,
@@ -402,7 +477,7 @@ mod tests {
             dilation: [1, 2],
             groups: 1,
         };
-        let got = PackedConv::new(&w, None, attrs, false).unwrap().run(&x).unwrap();
+        let got = PackedConv::new(&w, None, attrs, false).unwrap().run(&x, None).unwrap();
         let (xv, wv) = (
             x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),

@@ -5,7 +5,7 @@ use crate::cpu_conv::PackedConv;
 use crate::error::AtNode;
 use crate::EngineError;
 use candle_core::{DType, Device, Tensor, D};
-use wick_ir::{Conv2dAttrs, Graph, MaxPool2dAttrs, Node, Op};
+use wick_ir::{Conv2dAttrs, FusedConv2dAttrs, Graph, MaxPool2dAttrs, Node, Op};
 
 /// What one step executes.
 #[derive(Debug, Clone)]
@@ -16,8 +16,17 @@ pub(crate) enum Kernel {
         attrs: Conv2dAttrs,
     },
     /// wick's own CPU f32 convolution with pre-packed weights and the bias
-    /// applied in the same pass (any per-axis stride, padding, dilation).
-    PackedConv(Box<PackedConv>),
+    /// (residual, ReLU) applied in the same pass (any per-axis stride,
+    /// padding, dilation). Reads the input and, if present, the residual.
+    PackedConv {
+        conv: Box<PackedConv>,
+        residual: bool,
+    },
+    /// candle's conv2d with the epilogue as separate candle ops.
+    FusedConv2d {
+        attrs: Conv2dAttrs,
+        relu: bool,
+    },
     /// `x * scale + shift` with both precomputed from constant statistics.
     BatchNormFolded {
         scale: Tensor,
@@ -98,12 +107,21 @@ impl Kernel {
                     "inputs and constants are not executed".into(),
                 ))
             }
-            Op::Conv2d(attrs) => {
-                let parameters: Option<Vec<&Tensor>> = (1..node.inputs.len()).map(constant).collect();
+            Op::Conv2d(attrs) | Op::FusedConv2d(FusedConv2dAttrs { conv: attrs, .. }) => {
+                let (relu, fused) = match &node.op {
+                    Op::FusedConv2d(fused) => (fused.relu, true),
+                    _ => (false, false),
+                };
+                let residual = fused && node.inputs.len() == 4;
+                let parameter_count = node.inputs.len() - 1 - usize::from(residual);
+                let parameters: Option<Vec<&Tensor>> = (1..=parameter_count).map(constant).collect();
                 if let (true, DType::F32, Some(parameters)) = (device.is_cpu(), node.fact.dtype, parameters) {
-                    let packed =
-                        PackedConv::new(parameters[0], parameters.get(1).copied(), *attrs, false).at(&node.name)?;
-                    return Ok(Kernel::PackedConv(Box::new(packed)));
+                    let conv =
+                        PackedConv::new(parameters[0], parameters.get(1).copied(), *attrs, relu).at(&node.name)?;
+                    return Ok(Kernel::PackedConv {
+                        conv: Box::new(conv),
+                        residual,
+                    });
                 }
                 if attrs.stride[0] != attrs.stride[1] || attrs.dilation[0] != attrs.dilation[1] {
                     return Err(unsupported(
@@ -115,7 +133,11 @@ impl Kernel {
                         ),
                     ));
                 }
-                Kernel::Conv2d { attrs: *attrs }
+                if fused {
+                    Kernel::FusedConv2d { attrs: *attrs, relu }
+                } else {
+                    Kernel::Conv2d { attrs: *attrs }
+                }
             }
             Op::BatchNorm(attrs) => {
                 let params: Option<Vec<&Tensor>> = (1..node.inputs.len()).map(constant).collect();
@@ -143,11 +165,12 @@ impl Kernel {
         })
     }
 
-    /// How many leading operands the kernel reads at run time, when fewer
-    /// than the node's (the rest were packed at compile time).
-    pub(crate) fn operand_count(&self) -> Option<usize> {
+    /// Which of the node's operands the kernel reads at run time, when not
+    /// all of them (the others were packed at compile time).
+    pub(crate) fn runtime_operands(&self) -> Option<&'static [usize]> {
         match self {
-            Kernel::PackedConv(_) => Some(1),
+            Kernel::PackedConv { residual: false, .. } => Some(&[0]),
+            Kernel::PackedConv { residual: true, .. } => Some(&[0, 3]),
             _ => None,
         }
     }
@@ -170,7 +193,19 @@ impl Kernel {
                     None => Ok(y),
                 }
             }
-            Kernel::PackedConv(conv) => conv.run(args[0]),
+            Kernel::PackedConv { conv, .. } => conv.run(args[0], args.get(1).copied()),
+            Kernel::FusedConv2d { attrs, relu } => {
+                let y = Kernel::Conv2d { attrs: *attrs }.run(&args[..3])?;
+                let y = match args.get(3) {
+                    Some(residual) => (y + *residual)?,
+                    None => y,
+                };
+                if *relu {
+                    y.relu()
+                } else {
+                    Ok(y)
+                }
+            }
             Kernel::BatchNormFolded { scale, shift } => args[0].broadcast_mul(scale)?.broadcast_add(shift),
             Kernel::BatchNorm { eps } => {
                 let x = args[0];

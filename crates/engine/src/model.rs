@@ -58,13 +58,16 @@ impl Engine {
                 _ => {
                     let kernel = Kernel::select(graph, node, &self.device)?;
                     // Kernels that packed their constant operands read only the activations.
-                    let operands = kernel.operand_count().unwrap_or(node.inputs.len());
+                    let inputs: Vec<usize> = match kernel.runtime_operands() {
+                        Some(indices) => indices.iter().map(|&i| node.inputs[i].index()).collect(),
+                        None => node.inputs.iter().map(|i| i.index()).collect(),
+                    };
                     steps.push(Step {
                         name: node.name.clone(),
                         op: node.op.name(),
                         fact: node.fact.clone(),
                         kernel,
-                        inputs: node.inputs[..operands].iter().map(|i| i.index()).collect(),
+                        inputs,
                         output: id.index(),
                         free_after: Vec::new(),
                     });

@@ -10,7 +10,7 @@ impl Graph {
         self.nodes()
             .iter()
             .map(|node| match node.op {
-                Op::Conv2d(_) => {
+                Op::Conv2d(_) | Op::FusedConv2d(_) => {
                     let out = &node.fact.shape;
                     let kernel = &self.node(node.inputs[1]).fact.shape;
                     let macs_per_output = kernel[1] * kernel[2] * kernel[3];

@@ -26,6 +26,18 @@ impl Default for Conv2dAttrs {
     }
 }
 
+/// Attributes of a convolution with a fused epilogue.
+///
+/// Inputs are `(x, weight, bias)` or `(x, weight, bias, residual)`; the
+/// output is `conv(x) + bias [+ residual]`, then ReLU when `relu` is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct FusedConv2dAttrs {
+    /// The convolution's own attributes.
+    pub conv: Conv2dAttrs,
+    /// Whether ReLU is applied last.
+    pub relu: bool,
+}
+
 /// Attributes of an inference-mode batch norm over channel axis 1.
 ///
 /// Inputs are `(x, running_mean, running_var)` or, with affine parameters,
@@ -64,6 +76,9 @@ pub enum Op {
     Constant,
     /// `conv2d(x, weight[, bias])`.
     Conv2d(Conv2dAttrs),
+    /// `fused_conv2d(x, weight, bias[, residual])`: a conv with its epilogue
+    /// (bias, residual add, ReLU) in one op, produced by epilogue fusion.
+    FusedConv2d(FusedConv2dAttrs),
     /// `batch_norm(x, running_mean, running_var[, weight, bias])` in inference form.
     BatchNorm(BatchNormAttrs),
     /// Elementwise `max(x, 0)`.
@@ -87,6 +102,7 @@ impl Op {
             Op::Input => "input",
             Op::Constant => "constant",
             Op::Conv2d(_) => "conv2d",
+            Op::FusedConv2d(_) => "fused_conv2d",
             Op::BatchNorm(_) => "batch_norm",
             Op::Relu => "relu",
             Op::Add => "add",
@@ -103,6 +119,7 @@ impl Op {
             Op::Input | Op::Constant => &[0],
             Op::Conv2d(_) | Op::Linear => &[2, 3],
             Op::BatchNorm(_) => &[3, 5],
+            Op::FusedConv2d(_) => &[3, 4],
             Op::Relu | Op::MaxPool2d(_) | Op::GlobalAvgPool2d | Op::Flatten(_) => &[1],
             Op::Add => &[2],
         }
@@ -113,6 +130,7 @@ impl Op {
     pub fn is_parameter_input(&self, index: usize) -> bool {
         match self {
             Op::Conv2d(_) | Op::BatchNorm(_) | Op::Linear => index > 0,
+            Op::FusedConv2d(_) => index == 1 || index == 2,
             _ => false,
         }
     }
@@ -150,6 +168,15 @@ impl Op {
         match self {
             Op::Input | Op::Constant => Err("declares its fact; nothing to infer".into()),
             Op::Conv2d(attrs) => infer_conv2d(attrs, inputs),
+            Op::FusedConv2d(attrs) => {
+                let out = infer_conv2d(&attrs.conv, &inputs[..3])?;
+                if let Some(residual) = inputs.get(3) {
+                    if residual.shape != out.shape {
+                        return Err(format!("residual must be {out}, got {residual}"));
+                    }
+                }
+                Ok(out)
+            }
             Op::BatchNorm(attrs) => infer_batch_norm(attrs, inputs),
             Op::Relu => Ok(inputs[0].clone()),
             Op::Add => {

@@ -5,7 +5,8 @@
 //! stands for both axes of a pair. `//` starts a comment.
 
 use crate::{
-    BatchNormAttrs, Conv2dAttrs, FlattenAttrs, Graph, IrError, MaxPool2dAttrs, NodeId, Op, ParseError, TensorFact,
+    BatchNormAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, Graph, IrError, MaxPool2dAttrs, NodeId, Op,
+    ParseError, TensorFact,
 };
 use candle_core::DType;
 use std::collections::HashMap;
@@ -327,6 +328,23 @@ impl Parser {
                 dilation: table.pair("dilation")?.unwrap_or([1, 1]),
                 groups: table.scalar("groups")?.unwrap_or(1),
             }),
+            "fused_conv2d" => Op::FusedConv2d(FusedConv2dAttrs {
+                conv: Conv2dAttrs {
+                    stride: table.pair("stride")?.unwrap_or([1, 1]),
+                    padding: table.pair("padding")?.unwrap_or([0, 0]),
+                    dilation: table.pair("dilation")?.unwrap_or([1, 1]),
+                    groups: table.scalar("groups")?.unwrap_or(1),
+                },
+                relu: match table.scalar::<u8>("relu")? {
+                    None | Some(0) => false,
+                    Some(1) => true,
+                    Some(other) => {
+                        return Err(table
+                            .parser
+                            .error_here(format!("attribute `relu` is 0 or 1, got {other}")))
+                    }
+                },
+            }),
             "batch_norm" => Op::BatchNorm(BatchNormAttrs {
                 eps: table.scalar("eps")?.unwrap_or(1e-5),
             }),
@@ -352,7 +370,7 @@ impl Parser {
             other => {
                 self.lexer.position = op_position;
                 return Err(self.error_here(format!(
-                    "unknown op `{other}`; expected one of conv2d, batch_norm, relu, add, max_pool2d, global_avg_pool2d, flatten, linear"
+                    "unknown op `{other}`; expected one of conv2d, fused_conv2d, batch_norm, relu, add, max_pool2d, global_avg_pool2d, flatten, linear"
                 )));
             }
         };

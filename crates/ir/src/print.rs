@@ -17,6 +17,14 @@ pub(crate) fn op_text(op: &Op) -> String {
             pair(a.dilation),
             a.groups
         ),
+        Op::FusedConv2d(a) => format!(
+            "fused_conv2d[stride={}, padding={}, dilation={}, groups={}, relu={}]",
+            pair(a.conv.stride),
+            pair(a.conv.padding),
+            pair(a.conv.dilation),
+            a.conv.groups,
+            u8::from(a.relu)
+        ),
         Op::BatchNorm(a) => format!("batch_norm[eps={:?}]", a.eps),
         Op::MaxPool2d(a) => format!(
             "max_pool2d[kernel={}, stride={}, padding={}]",

@@ -8,6 +8,7 @@ mod dce;
 mod error;
 mod fold;
 mod fuse_conv_batch_norm;
+mod fuse_conv_epilogue;
 mod manager;
 mod pass;
 mod pattern;
@@ -18,12 +19,13 @@ pub use dce::EliminateDeadCode;
 pub use error::PassError;
 pub use fold::fold_conv_batch_norm;
 pub use fuse_conv_batch_norm::{conv_batch_norm_pattern, fuse_conv_batch_norm, fused_name};
+pub use fuse_conv_epilogue::{fuse_conv_add_relu, fuse_conv_relu};
 pub use manager::{ExtensionPoint, PassManager, PassReport, PassRun, StopReason};
 pub use pass::Pass;
 pub use pattern::{Match, MatchOutcome, Pattern, PatternBuilder, PatternId};
 pub use rewrite::{PatternPass, Replacement, Rewriter};
 
-/// wick's default pipeline: conv → batch_norm fusion, then dead-code elimination.
+/// wick's default pipeline: conv → batch_norm fusion, epilogue fusion, then dead-code elimination.
 pub fn default_pipeline() -> PassManager {
     PassManager::default_pipeline()
 }

@@ -2,7 +2,10 @@
 //! iterates to a fixpoint on request, runs user passes at named extension
 //! points, and reports what each pass did.
 
-use crate::{fuse_conv_batch_norm, Counters, EliminateDeadCode, Pass, PassCounters, PassError};
+use crate::{
+    fuse_conv_add_relu, fuse_conv_batch_norm, fuse_conv_relu, Counters, EliminateDeadCode, Pass, PassCounters,
+    PassError,
+};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -162,13 +165,16 @@ impl PassManager {
         }
     }
 
-    /// wick's default pipeline:
-    /// `start` · fuse-conv-batch-norm · `post-fusion` · eliminate-dead-code · `end`.
+    /// wick's default pipeline: `start` · fuse-conv-batch-norm ·
+    /// fuse-conv-add-relu · fuse-conv-relu · `post-fusion` ·
+    /// eliminate-dead-code · `end`.
     pub fn default_pipeline() -> Self {
         Self {
             stages: vec![
                 Stage::Point(ExtensionPoint::Start),
                 Stage::Pass(Box::new(fuse_conv_batch_norm())),
+                Stage::Pass(Box::new(fuse_conv_add_relu())),
+                Stage::Pass(Box::new(fuse_conv_relu())),
                 Stage::Point(ExtensionPoint::PostFusion),
                 Stage::Pass(Box::new(EliminateDeadCode)),
                 Stage::Point(ExtensionPoint::End),

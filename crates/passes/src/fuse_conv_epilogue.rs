@@ -1,0 +1,108 @@
+//! Epilogue fusion: a convolution absorbs the ops that follow it, so the
+//! engine applies them while the output is still in cache.
+//!
+//! - `fuse-conv-add-relu`: relu(add(conv2d(x, w[, b]), r)) ⇒ fused_conv2d[relu](x, w, b, r)
+//!   (ResNet's block tail; either add operand may be the conv);
+//! - `fuse-conv-relu`: relu(conv2d(x, w[, b])) ⇒ fused_conv2d[relu](x, w, b).
+//!
+//! A missing bias becomes a zero constant. Both are written with the public
+//! pattern API; refusals (the conv or add used elsewhere) are counted.
+
+use crate::{Match, PassError, Pattern, PatternBuilder, PatternId, PatternPass, Replacement, Rewriter};
+use candle_core::Tensor;
+use wick_ir::{Conv2dAttrs, FusedConv2dAttrs, NodeId, Op};
+
+/// `conv2d(x, @conv.weight[, @conv.bias])`, returning the conv's pattern id.
+fn conv_operands(p: &mut PatternBuilder) -> PatternId {
+    let x = p.value("x");
+    let weight = p.constant("conv.weight");
+    let bias = p.optional_constant("conv.bias");
+    p.op("conv", Op::Conv2d(Conv2dAttrs::default()), &[x, weight, bias])
+}
+
+/// relu(add(conv, r)) with the conv as add operand `conv_first ? 0 : 1`.
+fn add_relu_pattern(conv_first: bool) -> Pattern {
+    let mut p = PatternBuilder::new();
+    let conv = conv_operands(&mut p);
+    let residual = p.value("residual");
+    let operands = if conv_first { [conv, residual] } else { [residual, conv] };
+    let add = p.op("add", Op::Add, &operands);
+    let relu = p.op("relu", Op::Relu, &[add]);
+    p.build(relu)
+        .expect("the conv-add-relu pattern is well formed (unit-tested)")
+}
+
+fn relu_pattern() -> Pattern {
+    let mut p = PatternBuilder::new();
+    let conv = conv_operands(&mut p);
+    let relu = p.op("relu", Op::Relu, &[conv]);
+    p.build(relu)
+        .expect("the conv-relu pattern is well formed (unit-tested)")
+}
+
+/// Builds the fused conv for a match, with `residual` as fourth operand when given.
+fn fuse(
+    found: &Match,
+    rewriter: &mut Rewriter<'_>,
+    residual: Option<NodeId>,
+    suffix: &str,
+) -> Result<Replacement, PassError> {
+    let (Some(conv), Some(x), Some(weight)) = (found.get("conv"), found.get("x"), found.get("conv.weight")) else {
+        return Ok(Replacement::Refuse("incomplete_match"));
+    };
+    let graph = rewriter.graph();
+    let Op::Conv2d(attrs) = graph.node(conv).op else {
+        return Ok(Replacement::Refuse("unexpected_op"));
+    };
+    let name = format!("{}+{suffix}", graph.node(conv).name);
+    let bias = match found.get("conv.bias") {
+        Some(bias) => bias,
+        None => {
+            let fact = &graph.node(weight).fact;
+            let zeros = Tensor::zeros(fact.shape[0], fact.dtype, &candle_core::Device::Cpu)
+                .map_err(|e| rewriter.candle_error(conv, e))?;
+            rewriter.add_constant(&format!("{name}.bias"), zeros)?
+        }
+    };
+    let mut inputs = vec![x, weight, bias];
+    inputs.extend(residual);
+    let fused = rewriter.add_node(
+        &name,
+        Op::FusedConv2d(FusedConv2dAttrs {
+            conv: attrs,
+            relu: true,
+        }),
+        &inputs,
+    )?;
+    Ok(Replacement::With(fused))
+}
+
+/// The `fuse-conv-add-relu` pass.
+pub fn fuse_conv_add_relu() -> PatternPass {
+    let with_residual = |found: &Match, rewriter: &mut Rewriter<'_>| {
+        let Some(residual) = found.get("residual") else {
+            return Ok(Replacement::Refuse("incomplete_match"));
+        };
+        fuse(found, rewriter, Some(residual), "add+relu")
+    };
+    PatternPass::new("fuse-conv-add-relu")
+        .register_replacement(add_relu_pattern(true), with_residual)
+        .register_replacement(add_relu_pattern(false), with_residual)
+}
+
+/// The `fuse-conv-relu` pass.
+pub fn fuse_conv_relu() -> PatternPass {
+    PatternPass::new("fuse-conv-relu")
+        .register_replacement(relu_pattern(), |found, rewriter| fuse(found, rewriter, None, "relu"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The epilogue patterns pass the builder's validation.
+    #[test]
+    fn patterns_build() {
+        let _ = (add_relu_pattern(true), add_relu_pattern(false), relu_pattern());
+    }
+}
