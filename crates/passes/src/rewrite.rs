@@ -83,6 +83,16 @@ impl Rewriter<'_> {
     }
 }
 
+/// Which nodes are live, and each node's live users.
+fn live_users(graph: &Graph) -> (Vec<bool>, Vec<Vec<NodeId>>) {
+    let live = graph.live();
+    let mut users = graph.users();
+    for list in &mut users {
+        list.retain(|user| live[user.index()]);
+    }
+    (live, users)
+}
+
 type ReplaceFn = dyn Fn(&Match, &mut Rewriter<'_>) -> Result<Replacement, PassError> + Send + Sync;
 
 struct Rule {
@@ -142,9 +152,11 @@ impl Pass for PatternPass {
         for rule in &self.rules {
             let candidates: Vec<NodeId> = graph.node_ids().collect();
             let mut consumed = vec![false; candidates.len()];
-            let mut users = graph.users();
+            let (mut live, mut users) = live_users(graph);
             for &node in &candidates {
-                if consumed[node.index()] {
+                // Nodes left dead by earlier rewrites are not candidates, nor
+                // do they count as users: they are only waiting for DCE.
+                if consumed[node.index()] || !live[node.index()] {
                     continue;
                 }
                 let found = match rule.pattern.match_at(graph, &users, node) {
@@ -178,7 +190,7 @@ impl Pass for PatternPass {
                         }
                         counters.bump("matched");
                         changed = true;
-                        users = graph.users();
+                        (live, users) = live_users(graph);
                     }
                     Replacement::Refuse(reason) => {
                         tracing::debug!(pass = %self.name, node = %graph.node(node).name, reason, "replacement refused");
