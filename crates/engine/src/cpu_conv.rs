@@ -279,7 +279,6 @@ impl PackedConv {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::DType;
     use proptest::prelude::*;
 
     fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: Conv2dAttrs, relu: bool) -> Tensor {
@@ -504,6 +503,5 @@ mod tests {
                 }
             }
         }
-        let _ = DType::F32;
     }
 }

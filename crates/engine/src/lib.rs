@@ -6,6 +6,8 @@
 //! (precomputing what depends only on constants), and plans when each
 //! intermediate is freed (right after its last use).
 
+#![warn(missing_docs)]
+
 mod cpu_conv;
 mod cpu_pool;
 mod device;

@@ -7,6 +7,8 @@
 //! form ([`Graph`]'s `Display` and [`Graph::parse`]) is the same in dumps,
 //! errors and golden tests, and round-trips.
 
+#![warn(missing_docs)]
+
 mod cost;
 mod dot;
 mod error;

@@ -6,6 +6,8 @@
 //! ([`Weights`]), from the Hugging Face cache ([`hub`]), or from a seeded
 //! random init that a Python script re-implements for fixtures ([`random`]).
 
+#![warn(missing_docs)]
+
 mod error;
 mod frontend;
 pub mod hub;

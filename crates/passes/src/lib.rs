@@ -3,6 +3,8 @@
 //! matcher ([`Pattern`], [`PatternPass::register_replacement`]) that user
 //! rewrites and wick's own fusions share, and the built-in passes.
 
+#![warn(missing_docs)]
+
 mod counters;
 mod dce;
 mod error;
