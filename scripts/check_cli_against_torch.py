@@ -1,0 +1,70 @@
+"""Checks `cargo xtask run` against PyTorch the way a user would (not run by CI).
+
+Exports each model's state dict from PyTorch (random init, non-trivial
+batch-norm statistics, num_batches_tracked included) and an input, runs
+`cargo xtask run <model> --weights W --input I --output O` with
+`--passes none` and `--passes default`, and prints the max |difference|
+against PyTorch's output.
+
+    .venv/bin/python scripts/check_cli_against_torch.py
+"""
+
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import torch
+import torchvision
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from make_fixtures import M, randomise_batch_norms  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@torch.no_grad()
+def main():
+    torch.manual_seed(123)
+    generator = torch.Generator().manual_seed(321)
+    models = {
+        "toy": (M(), (5, 1, 1, 1)),
+        "toy-sequential": (
+            torch.nn.Sequential(
+                torch.nn.Conv2d(3, 16, 5), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                torch.nn.Conv2d(16, 32, 7), torch.nn.BatchNorm2d(32),
+            ),
+            (3, 3, 28, 28),
+        ),
+        "resnet18": (torchvision.models.resnet18(), (4, 3, 224, 224)),
+    }
+    worst = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        for name, (model, shape) in models.items():
+            randomise_batch_norms(model, generator)
+            model.eval()
+            x = torch.randn(*shape, generator=generator)
+            want = model(x)
+            weights, inp = tmp / f"{name}.weights.safetensors", tmp / f"{name}.in.safetensors"
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+            save_file({"input": x.contiguous()}, str(inp))
+            for passes in ("none", "default"):
+                out = tmp / f"{name}.{passes}.out.safetensors"
+                subprocess.run(
+                    ["cargo", "xtask", "run", name, "--weights", str(weights), "--input", str(inp),
+                     "--output", str(out), "--passes", passes],
+                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                )
+                got = load_file(str(out))["output"]
+                diff = (got - want).abs().max().item()
+                scale = want.abs().max().item()
+                worst = max(worst, diff / max(1.0, scale))
+                print(f"{name:15} passes={passes:8} max|diff| {diff:.3e}  (|torch|max {scale:.3f})")
+    print(f"worst relative difference {worst:.3e}")
+    sys.exit(0 if worst <= 1e-4 else 1)
+
+
+if __name__ == "__main__":
+    main()
