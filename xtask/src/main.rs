@@ -3,6 +3,7 @@
 
 mod bench_cmd;
 mod common;
+mod export_cmd;
 mod graph_cmd;
 mod ir_cmd;
 mod process_stats;
@@ -32,6 +33,8 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Per-op time breakdown of the engine.
     Profile(profile_cmd::ProfileArgs),
+    /// Save the (optimised) graph and its folded weights to a directory.
+    Export(export_cmd::ExportArgs),
     /// One bench mode in its own process (internal).
     #[command(hide = true)]
     BenchWorker(bench_cmd::WorkerArgs),
@@ -49,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Ir(args) => ir_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Profile(args) => profile_cmd::run(args),
+        Command::Export(args) => export_cmd::run(args),
         Command::BenchWorker(args) => bench_cmd::worker(args),
     };
     match result {

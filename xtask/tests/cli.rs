@@ -351,3 +351,48 @@ fn bench_fails_on_wrong_output() {
         "outputs disagree with candle-eager",
     );
 }
+
+/// `export` saves the optimised graph; reloading it without the model code
+/// gives outputs identical to a freshly traced and optimised graph.
+#[test]
+fn export_then_load_matches_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = xtask(&[
+        "export",
+        "toy-sequential",
+        "--passes",
+        "default",
+        "--batch",
+        "2",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let loaded = wick_engine::saved::load(dir.path()).unwrap();
+    assert!(loaded.to_string().contains("fused_conv2d"));
+    let model = wick_models::Model::load(
+        wick_models::ModelName::ToySequential,
+        wick_models::WeightSource::Random { seed: 0 },
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut fresh = model.trace(&[2, 3, 28, 28]).unwrap();
+    wick_passes::PassManager::default_pipeline().run(&mut fresh).unwrap();
+    let x = wick_models::random_input(4, &[2, 3, 28, 28], &Device::Cpu).unwrap();
+    let engine = wick_engine::Engine::cpu();
+    let a = engine.compile(&loaded).unwrap().run(std::slice::from_ref(&x)).unwrap();
+    let b = engine.compile(&fresh).unwrap().run(&[x]).unwrap();
+    let diff = (&a[0] - &b[0])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
+    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    assert_fails(
+        &["export", "resnet50", "--out", dir.path().to_str().unwrap()],
+        "unknown model",
+    );
+}

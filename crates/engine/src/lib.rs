@@ -5,6 +5,32 @@
 //! Compilation moves weights to the device once, chooses a kernel per node
 //! (precomputing what depends only on constants), and plans when each
 //! intermediate is freed (right after its last use).
+//!
+//! A service loads weights, traces, optimises and compiles once, then calls
+//! [`CompiledModel::run`] from any number of threads (it is `Send + Sync`;
+//! share it with an `Arc`):
+//!
+//! ```
+//! use candle_core::Device;
+//! use wick_engine::Engine;
+//! use wick_models::{random_input, Model, ModelName, WeightSource};
+//! use wick_passes::PassManager;
+//!
+//! // WeightSource::File(path) for a safetensors checkpoint; `wick_models::hub` for timm's.
+//! let model = Model::load(ModelName::Resnet18, WeightSource::Random { seed: 0 }, &Device::Cpu)?;
+//! let mut graph = model.trace(&[1, 3, 64, 64])?;
+//! let report = PassManager::default_pipeline().run(&mut graph)?;
+//! assert_eq!(report.count("fuse-conv-batch-norm", "matched"), 20);
+//! let compiled = Engine::cpu().compile(&graph)?;
+//! let x = random_input(1, &[1, 3, 64, 64], &Device::Cpu)?;
+//! let logits = compiled.run(&[x])?.remove(0);
+//! assert_eq!(logits.dims(), [1, 1000]);
+//! // Save the optimised graph with its folded weights; reload without the model code.
+//! let dir = tempfile::tempdir()?;
+//! wick_engine::saved::save(&graph, dir.path())?;
+//! let reloaded = Engine::cpu().compile(&wick_engine::saved::load(dir.path())?)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 #![warn(missing_docs)]
 
@@ -14,6 +40,7 @@ mod device;
 mod error;
 mod kernels;
 mod model;
+pub mod saved;
 
 pub use device::{parse_device, DeviceSpec};
 pub use error::EngineError;

@@ -1,0 +1,246 @@
+//! Saving an optimised graph with its (folded) weights and loading it back
+//! without the model code or the passes.
+//!
+//! A saved model is a directory holding `graph.wick` (the IR text, first
+//! line `// wick saved graph, format 1`) and `weights.safetensors` (one
+//! tensor per constant, named like the constant).
+
+use crate::EngineError;
+use candle_core::{safetensors::Load, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use wick_ir::{Graph, Op};
+
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER: &str = "// wick saved graph, format ";
+/// File name of the IR text inside a saved-model directory.
+pub const GRAPH_FILE: &str = "graph.wick";
+/// File name of the weights inside a saved-model directory.
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+
+/// Errors of saving and loading graphs.
+#[derive(Debug, thiserror::Error)]
+pub enum SavedError {
+    /// A file could not be read or written.
+    #[error("cannot access `{path}`: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The graph file does not start with a known format header.
+    #[error("`{path}` is not a wick saved graph of format {FORMAT_VERSION}: {found}")]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// What its first line says.
+        found: String,
+    },
+    /// The graph text is malformed or fails verification.
+    #[error("`{path}`: {source}")]
+    Graph {
+        /// The file.
+        path: PathBuf,
+        /// The IR error.
+        #[source]
+        source: wick_ir::IrError,
+    },
+    /// The weights file is corrupt or truncated.
+    #[error("`{path}` is not a valid safetensors file: {message}")]
+    Weights {
+        /// The file.
+        path: PathBuf,
+        /// What the reader reported.
+        message: String,
+    },
+    /// A constant of the graph has no tensor in the weights file.
+    #[error("constant `@{name}` is missing from `{path}`")]
+    MissingWeight {
+        /// The constant.
+        name: String,
+        /// The weights file.
+        path: PathBuf,
+    },
+    /// The weights file has tensors the graph does not use.
+    #[error("`{path}` has tensors the graph does not use, e.g. `{name}`")]
+    UnexpectedWeight {
+        /// One such tensor.
+        name: String,
+        /// The weights file.
+        path: PathBuf,
+    },
+    /// A constant has no data in the graph being saved.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SavedError + '_ {
+    move |source| SavedError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `graph` (every constant must carry data) into directory `dir`.
+pub fn save(graph: &Graph, dir: &Path) -> Result<(), SavedError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for node in graph.nodes().iter().filter(|n| n.op == Op::Constant) {
+        let data = graph
+            .constant_data(&node.name)
+            .ok_or_else(|| EngineError::MissingConstant {
+                name: node.name.clone(),
+            })?;
+        tensors.insert(
+            node.name.clone(),
+            data.to_device(&Device::Cpu)
+                .and_then(|t| t.contiguous())
+                .map_err(|source| EngineError::Candle {
+                    node: node.name.clone(),
+                    source: Box::new(source),
+                })?,
+        );
+    }
+    let weights = dir.join(WEIGHTS_FILE);
+    candle_core::safetensors::save(&tensors, &weights).map_err(|e| SavedError::Weights {
+        path: weights.clone(),
+        message: e.to_string(),
+    })?;
+    let graph_path = dir.join(GRAPH_FILE);
+    std::fs::write(&graph_path, format!("{HEADER}{FORMAT_VERSION}\n{graph}")).map_err(io(&graph_path))
+}
+
+/// Reads a graph saved by [`save`], with its weights attached and verified.
+pub fn load(dir: &Path) -> Result<Graph, SavedError> {
+    let graph_path = dir.join(GRAPH_FILE);
+    let text = std::fs::read_to_string(&graph_path).map_err(io(&graph_path))?;
+    let first = text.lines().next().unwrap_or_default();
+    if first != format!("{HEADER}{FORMAT_VERSION}") {
+        return Err(SavedError::Version {
+            path: graph_path,
+            found: format!("first line `{first}`"),
+        });
+    }
+    let bad_graph = |source| SavedError::Graph {
+        path: graph_path.clone(),
+        source,
+    };
+    let mut graph = Graph::parse(&text).map_err(bad_graph)?;
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&weights_path).map_err(io(&weights_path))?;
+    let corrupt = |message: String| SavedError::Weights {
+        path: weights_path.clone(),
+        message,
+    };
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let constants: Vec<String> = graph
+        .nodes()
+        .iter()
+        .filter(|n| n.op == Op::Constant)
+        .map(|n| n.name.clone())
+        .collect();
+    for name in &constants {
+        let view = file.tensor(name).map_err(|_| SavedError::MissingWeight {
+            name: name.clone(),
+            path: weights_path.clone(),
+        })?;
+        let tensor = view
+            .load(&Device::Cpu)
+            .map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
+        graph.set_constant_data(name, tensor).map_err(bad_graph)?;
+    }
+    if let Some(extra) = file.names().into_iter().find(|n| !constants.iter().any(|c| c == *n)) {
+        return Err(SavedError::UnexpectedWeight {
+            name: extra.to_string(),
+            path: weights_path,
+        });
+    }
+    graph.verify().map_err(bad_graph)?;
+    Ok(graph)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Engine;
+    use candle_core::DType;
+
+    fn graph() -> Graph {
+        let mut graph = Graph::parse(
+            "graph g(%x: f32[1,2,3,3]) {\n  @w = constant : f32[2,2,1,1]\n  @b = constant : f32[2]\n  %c = conv2d(%x, @w, @b) : f32[1,2,3,3]\n  return %c\n}",
+        )
+        .unwrap();
+        let w = Tensor::arange(0f32, 4.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 2, 1, 1))
+            .unwrap();
+        graph.set_constant_data("w", w).unwrap();
+        graph
+            .set_constant_data("b", Tensor::new(&[0.5f32, -1.0], &Device::Cpu).unwrap())
+            .unwrap();
+        graph
+    }
+
+    /// Save then load gives the same text and identical outputs.
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let original = graph();
+        save(&original, dir.path()).unwrap();
+        let loaded = load(dir.path()).unwrap();
+        assert_eq!(loaded.to_string(), original.to_string());
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 3, 3), &Device::Cpu).unwrap();
+        let a = Engine::cpu()
+            .compile(&original)
+            .unwrap()
+            .run(std::slice::from_ref(&x))
+            .unwrap();
+        let b = Engine::cpu().compile(&loaded).unwrap().run(&[x]).unwrap();
+        let diff = (&a[0] - &b[0])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+    }
+
+    /// Wrong version, corrupt or truncated weights, missing or extra tensors are typed errors.
+    #[test]
+    fn bad_files_are_typed_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        save(&graph(), dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(GRAPH_FILE)).unwrap();
+        std::fs::write(dir.path().join(GRAPH_FILE), text.replace("format 1", "format 9")).unwrap();
+        assert!(matches!(load(dir.path()), Err(SavedError::Version { .. })));
+        std::fs::write(dir.path().join(GRAPH_FILE), &text).unwrap();
+
+        let weights = std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap();
+        std::fs::write(dir.path().join(WEIGHTS_FILE), &weights[..weights.len() - 3]).unwrap();
+        assert!(matches!(load(dir.path()), Err(SavedError::Weights { .. })));
+
+        let only_w = HashMap::from([(
+            "w".to_string(),
+            Tensor::zeros((2, 2, 1, 1), DType::F32, &Device::Cpu).unwrap(),
+        )]);
+        candle_core::safetensors::save(&only_w, dir.path().join(WEIGHTS_FILE)).unwrap();
+        assert!(matches!(load(dir.path()), Err(SavedError::MissingWeight { ref name, .. }) if name == "b"));
+
+        let mut extra = only_w.clone();
+        extra.insert("b".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
+        extra.insert("stray".into(), Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap());
+        candle_core::safetensors::save(&extra, dir.path().join(WEIGHTS_FILE)).unwrap();
+        assert!(matches!(load(dir.path()), Err(SavedError::UnexpectedWeight { ref name, .. }) if name == "stray"));
+
+        let mut wrong = only_w;
+        wrong.insert("b".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+        candle_core::safetensors::save(&wrong, dir.path().join(WEIGHTS_FILE)).unwrap();
+        let err = load(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("expected f32[2], got data of f32[3]"), "{err}");
+    }
+}
