@@ -34,6 +34,7 @@
 
 #![warn(missing_docs)]
 
+mod batched;
 mod cpu_conv;
 mod cpu_pool;
 mod device;
@@ -42,6 +43,7 @@ mod kernels;
 mod model;
 pub mod saved;
 
+pub use batched::{BatchedModel, CacheStats};
 pub use device::{parse_device, DeviceSpec};
 pub use error::EngineError;
 pub use model::{CompiledModel, Engine, StepProfile};

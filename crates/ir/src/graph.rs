@@ -391,3 +391,35 @@ impl Graph {
         Ok(())
     }
 }
+
+impl Graph {
+    /// The same graph for a different batch size: every input's first
+    /// dimension becomes `batch` and every fact is re-inferred (weights are
+    /// shared, not copied). Fails if an op cannot take the new shapes.
+    pub fn with_batch(&self, batch: usize) -> Result<Graph, IrError> {
+        let mut graph = self.clone();
+        for index in 0..graph.nodes.len() {
+            let node = &graph.nodes[index];
+            let fact = match node.op {
+                Op::Constant => continue,
+                Op::Input => {
+                    let mut fact = node.fact.clone();
+                    match fact.shape.first_mut() {
+                        Some(first) => *first = batch,
+                        None => {
+                            return Err(IrError::InvalidNode {
+                                node: node.name.clone(),
+                                op: "input",
+                                message: "a scalar input has no batch dimension".into(),
+                            })
+                        }
+                    }
+                    fact
+                }
+                _ => graph.infer(&node.name, &node.op, &node.inputs)?,
+            };
+            graph.nodes[index].fact = fact;
+        }
+        Ok(graph)
+    }
+}

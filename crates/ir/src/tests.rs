@@ -233,3 +233,12 @@ fn flops_of_conv_and_linear() {
     // conv: 100 outputs x 18 MACs; linear: 10 outputs x 4 MACs.
     assert_eq!(graph.flops(), 2 * (100 * 18 + 40));
 }
+
+/// Re-batching re-infers every fact and keeps the structure.
+#[test]
+fn with_batch_reinfers_facts() {
+    let graph = Graph::parse(TOY).unwrap();
+    let seven = graph.with_batch(7).unwrap();
+    seven.verify().unwrap();
+    assert_eq!(seven.to_string(), TOY.replace("f32[5,1,1,1]", "f32[7,1,1,1]"));
+}
