@@ -10,6 +10,7 @@ mod process_stats;
 mod profile_cmd;
 mod run_cmd;
 mod stats;
+mod throughput_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,8 @@ enum Command {
     Profile(profile_cmd::ProfileArgs),
     /// Save the (optimised) graph and its folded weights to a directory.
     Export(export_cmd::ExportArgs),
+    /// Images/s with 1, 2, ... threads sharing one compiled model.
+    Throughput(throughput_cmd::ThroughputArgs),
     /// One bench mode in its own process (internal).
     #[command(hide = true)]
     BenchWorker(bench_cmd::WorkerArgs),
@@ -53,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench_cmd::run(args),
         Command::Profile(args) => profile_cmd::run(args),
         Command::Export(args) => export_cmd::run(args),
+        Command::Throughput(args) => throughput_cmd::run(args),
         Command::BenchWorker(args) => bench_cmd::worker(args),
     };
     match result {

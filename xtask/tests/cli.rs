@@ -396,3 +396,15 @@ fn export_then_load_matches_fresh() {
         "unknown model",
     );
 }
+
+/// `throughput` reports images/s for each number of caller threads.
+#[test]
+fn throughput_reports_each_thread_count() {
+    let out = xtask(&["throughput", "toy", "--seconds", "0.2", "--threads", "1,2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("threads 1: ") && stdout.contains("threads 2: "),
+        "{stdout}"
+    );
+}
