@@ -1,0 +1,93 @@
+//! `wick-serve`: serves ResNet18 over HTTP (see the library docs for the API).
+//!
+//! ```sh
+//! cargo run --release -p wick-serve -- --addr 127.0.0.1:8080 [--weights FILE | --saved DIR]
+//! curl -s -H 'Content-Type: image/jpeg' --data-binary @cat.jpg \
+//!      'http://127.0.0.1:8080/v1/models/resnet18:predict?top_k=3'
+//! ```
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::Parser;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use wick_engine::{BatchedModel, Engine};
+use wick_models::{Model, ModelName, WeightSource};
+use wick_passes::PassManager;
+use wick_serve::{router, AppState};
+
+/// Serve ResNet18 classification over HTTP.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: String,
+    /// torchvision/timm ResNet18 weights (safetensors); seeded random weights when absent.
+    #[arg(long, conflicts_with = "saved")]
+    weights: Option<PathBuf>,
+    /// A graph saved by `cargo xtask export resnet18 --passes default --out DIR`.
+    #[arg(long)]
+    saved: Option<PathBuf>,
+    /// Largest accepted request body.
+    #[arg(long, default_value_t = 8 << 20)]
+    max_body_bytes: usize,
+    /// Batch sizes kept compiled.
+    #[arg(long, default_value_t = 4)]
+    cache: usize,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let args = Args::parse();
+    let graph = match &args.saved {
+        Some(dir) => wick_engine::saved::load(dir).with_context(|| format!("loading `{}`", dir.display()))?,
+        None => {
+            let source = match &args.weights {
+                Some(path) => WeightSource::File(path.clone()),
+                None => WeightSource::Random { seed: 0 },
+            };
+            let model = Model::load(ModelName::Resnet18, source, &Device::Cpu)?;
+            let mut graph = model.trace(&[1, 3, 224, 224])?;
+            PassManager::default_pipeline().run(&mut graph)?;
+            graph
+        }
+    };
+    let state = Arc::new(AppState {
+        model: BatchedModel::new(Engine::cpu(), graph, args.cache)?,
+        name: "resnet18".into(),
+    });
+    let listener = tokio::net::TcpListener::bind(&args.addr)
+        .await
+        .with_context(|| format!("cannot bind {}", args.addr))?;
+    println!("listening on http://{}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    axum::serve(listener, router(state, args.max_body_bytes))
+        .with_graceful_shutdown(shutdown())
+        .await?;
+    eprintln!("shut down");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

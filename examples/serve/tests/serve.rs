@@ -1,0 +1,142 @@
+//! Starts the example service on 127.0.0.1 and sends it concurrent valid and
+//! malformed requests (bounded in count and time), then shuts it down.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start() -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wick-serve"))
+            .args(["--addr", "127.0.0.1:0", "--max-body-bytes", "1000000"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .expect(&line)
+            .to_string();
+        Server { child, addr }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection; returns (status, body as JSON).
+fn request(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    // An oversized body may be refused before it is all sent.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    let status: u16 = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let json = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, body)| serde_json::from_str(body).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+fn png(width: u32, height: u32) -> Vec<u8> {
+    let image = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, 128])
+    });
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+    bytes.into_inner()
+}
+
+/// Health, concurrent predictions and malformed requests, then graceful shutdown.
+#[test]
+fn serves_valid_and_rejects_malformed_requests() {
+    let server = Server::start();
+    let addr = server.addr.clone();
+    let (status, json) = request(&addr, "GET", "/healthz", "text/plain", b"");
+    assert_eq!((status, json["status"].as_str()), (200, Some("ok")));
+
+    let image = png(320, 240);
+    let path = "/v1/models/resnet18:predict?top_k=3";
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        let (addr, image) = (addr.clone(), image.clone());
+        handles.push(std::thread::spawn(move || {
+            request(&addr, "POST", path, "image/png", &image)
+        }));
+    }
+    let malformed: Vec<(&str, &str, Vec<u8>, u16)> = vec![
+        (path, "image/png", b"not a png".to_vec(), 400),
+        (path, "text/plain", b"hello".to_vec(), 415),
+        ("/v1/models/resnet18:predict?top_k=0", "image/png", image.clone(), 400),
+        (path, "image/png", vec![0u8; 2_000_000], 413),
+        ("/v1/models/resnet50:predict", "image/png", image.clone(), 404),
+    ];
+    for (path, content_type, body, expected) in malformed.clone() {
+        let addr = addr.clone();
+        handles.push(std::thread::spawn(move || {
+            let (status, json) = request(&addr, "POST", path, content_type, &body);
+            assert_eq!(status, expected, "{path} {content_type}: {json}");
+            assert!(json["error"].is_string(), "{path}: {json}");
+            (status, json)
+        }));
+    }
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let first = &results[0].1["predictions"];
+    for (status, json) in &results[..4] {
+        assert_eq!(*status, 200, "{json}");
+        let top = json["predictions"][0].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        let scores: Vec<f64> = top.iter().map(|p| p["score"].as_f64().unwrap()).collect();
+        assert!(scores.windows(2).all(|w| w[0] >= w[1]) && scores.iter().sum::<f64>() <= 1.0 + 1e-6);
+        assert!(top.iter().all(|p| p["class"].as_u64().unwrap() < 1000));
+        assert_eq!(&json["predictions"], first, "same image, same answer");
+    }
+
+    // A raw tensor of the wrong shape is a typed 4xx error, not a crash.
+    let tensor = candle_core::Tensor::zeros((1, 4, 8, 8), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("input.safetensors");
+    candle_core::safetensors::save(&std::collections::HashMap::from([("input".to_string(), tensor)]), &file).unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    let (status, json) = request(&addr, "POST", path, "application/x-safetensors", &bytes);
+    assert_eq!(status, 422, "{json}");
+
+    // Graceful shutdown on SIGTERM.
+    let mut server = server;
+    let killed = Command::new("kill")
+        .arg(server.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut exit = None;
+    for _ in 0..100 {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            exit = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(exit.expect("server did not stop within 10 s").success());
+}
