@@ -11,6 +11,20 @@ fn xtask(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_xtask")).args(args).output().unwrap()
 }
 
+/// Largest |a - b| over all elements of two f32 tensors of equal shape.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
 }
@@ -55,14 +69,7 @@ fn run_with_files_writes_output() {
         "{stdout}"
     );
     let written = candle_core::safetensors::load(&output, &Device::Cpu).unwrap();
-    let diff = (&written["output"] - &io["output"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&written["output"], &io["output"]);
     assert!(diff < 1e-5, "output differs from PyTorch by {diff}");
 }
 
@@ -277,15 +284,8 @@ fn run_fused_matches_pytorch() {
         ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let got = candle_core::safetensors::load(&output, &Device::Cpu).unwrap();
-        let diff = (&got["output"] - &io["output"])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{model}: {diff}");
+        let diff = max_abs_diff(&got["output"], &io["output"]);
+        assert!(diff < 1e-5, "{model}: {diff}");
     }
 }
 
@@ -382,15 +382,7 @@ fn export_then_load_matches_fresh() {
     let engine = wick_engine::Engine::cpu();
     let a = engine.compile(&loaded).unwrap().run(std::slice::from_ref(&x)).unwrap();
     let b = engine.compile(&fresh).unwrap().run(&[x]).unwrap();
-    let diff = (&a[0] - &b[0])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap();
-    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    assert_eq!(max_abs_diff(&a[0], &b[0]), 0.0);
     assert_fails(
         &["export", "resnet50", "--out", dir.path().to_str().unwrap()],
         "unknown model",

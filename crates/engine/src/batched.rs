@@ -150,15 +150,7 @@ mod tests {
                 .compile(&model.template.with_batch(batch).unwrap())
                 .unwrap();
             let want = fixed.run(&[x]).unwrap().remove(0);
-            let diff = (&got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+            assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0);
         }
         // 1, 3 miss; 3, 1 hit; 5 misses and evicts 1 (capacity 2).
         assert_eq!(

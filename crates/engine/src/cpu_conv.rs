@@ -417,7 +417,7 @@ mod tests {
             let (got, want) = run_case(&case);
             prop_assert_eq!(got.dims(), want.dims());
             let k = (case.channels / case.groups * case.kernel[0] * case.kernel[1]) as f32;
-            let diff = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let diff = crate::test_util::max_abs_diff(&got, &want);
             prop_assert!(diff <= 1e-5 * k.max(1.0) * 4.0, "diff {}", diff);
         }
     }
@@ -442,14 +442,7 @@ mod tests {
             .unwrap()
             .relu()
             .unwrap();
-        let diff = (&got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::test_util::max_abs_diff(&got, &want);
         assert!(diff < 1e-4, "{diff}");
         assert!(PackedConv::new(&w, Some(&b), attrs, true)
             .unwrap()

@@ -92,7 +92,7 @@ mod tests {
             let got = max_pool2d(&x, &attrs).unwrap();
             let want = reference(&x, &attrs);
             prop_assert_eq!(got.dims(), want.dims());
-            let diff = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let diff = crate::test_util::max_abs_diff(&got, &want);
             prop_assert_eq!(diff, 0.0);
         }
     }

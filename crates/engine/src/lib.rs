@@ -47,3 +47,23 @@ pub use batched::{BatchedModel, CacheStats};
 pub use device::{parse_device, DeviceSpec};
 pub use error::EngineError;
 pub use model::{CompiledModel, Engine, StepProfile};
+
+/// Helpers shared by the engine's unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::Tensor;
+
+    /// Largest |a - b| over all elements of two f32 tensors of equal shape.
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+}

@@ -351,15 +351,7 @@ mod tests {
             1,
         )
         .unwrap();
-        let diff = (out[0].clone() - expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0);
+        assert_eq!(crate::test_util::max_abs_diff(&out[0], &expected), 0.0);
         // x (72 B) dies after the conv; the peak is c, r and a together at the add.
         assert_eq!(model.planned_peak_activation_bytes(), 3 * 72);
         let (profiled, steps) = model.run_profiled(std::slice::from_ref(&x)).unwrap();
@@ -367,8 +359,7 @@ mod tests {
             steps.iter().map(|s| s.op).collect::<Vec<_>>(),
             ["conv2d", "relu", "add"]
         );
-        let same = (&profiled[0] - &out[0]).unwrap().abs().unwrap().max_all().unwrap();
-        assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(crate::test_util::max_abs_diff(&profiled[0], &out[0]), 0.0);
     }
 
     /// Wrong input shape, dtype or count is a typed error naming the input and both facts.

@@ -199,14 +199,7 @@ mod tests {
             .run(std::slice::from_ref(&x))
             .unwrap();
         let b = Engine::cpu().compile(&loaded).unwrap().run(&[x]).unwrap();
-        let diff = (&a[0] - &b[0])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::test_util::max_abs_diff(&a[0], &b[0]);
         assert_eq!(diff, 0.0);
     }
 
