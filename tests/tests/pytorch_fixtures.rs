@@ -11,8 +11,12 @@ fn load(file: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures_dir().join(file), &Device::Cpu).unwrap()
 }
 
-fn engine_output(model: &Model, x: &Tensor) -> Tensor {
-    let graph = model.trace(x.dims()).unwrap();
+/// The engine's output on the traced graph, after wick's default pipeline when `fused`.
+fn engine_output(model: &Model, x: &Tensor, fused: bool) -> Tensor {
+    let mut graph = model.trace(x.dims()).unwrap();
+    if fused {
+        wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+    }
     Engine::cpu()
         .compile(&graph)
         .unwrap()
@@ -36,12 +40,14 @@ fn check_torch_state_dict(name: ModelName, stem: &str) {
         1e-5,
         &format!("{name} eager vs PyTorch"),
     );
-    assert_close(
-        &engine_output(&model, x),
-        want,
-        1e-5,
-        &format!("{name} engine vs PyTorch"),
-    );
+    for fused in [false, true] {
+        assert_close(
+            &engine_output(&model, x, fused),
+            want,
+            1e-5,
+            &format!("{name} engine (fused: {fused}) vs PyTorch"),
+        );
+    }
 }
 
 /// The tutorial's toy model with a torch state dict (`nested.0.*`, `wrapped.mod.*`) matches PyTorch within 1e-5.
@@ -106,5 +112,18 @@ fn resnet18_matches_torchvision() {
         1e-4,
         "resnet18 eager vs torchvision",
     );
-    assert_close(&engine_output(&model, &x), want, 1e-4, "resnet18 engine vs torchvision");
+    // Both engine paths run the Winograd 3x3 convs; the fused one also folds BN.
+    for fused in [false, true] {
+        let got = engine_output(&model, &x, fused);
+        println!(
+            "resnet18 engine (fused: {fused}): max |diff| vs torchvision {:e}",
+            max_abs_diff(&got, want)
+        );
+        assert_close(
+            &got,
+            want,
+            1e-4,
+            &format!("resnet18 engine (fused: {fused}) vs torchvision"),
+        );
+    }
 }

@@ -3,6 +3,8 @@
 
 use crate::cpu_conv::PackedConv;
 use crate::error::AtNode;
+use crate::gemm_kernel::Isa;
+use crate::winograd::WinogradConv;
 use crate::EngineError;
 use candle_core::{DType, Device, Tensor, D};
 use wick_ir::{Conv2dAttrs, FusedConv2dAttrs, Graph, MaxPool2dAttrs, Node, Op};
@@ -20,6 +22,12 @@ pub(crate) enum Kernel {
     /// padding, dilation). Reads the input and, if present, the residual.
     PackedConv {
         conv: Box<PackedConv>,
+        residual: bool,
+    },
+    /// wick's Winograd F(4×4, 3×3) CPU f32 convolution (3×3, stride 1,
+    /// one group) with the same fused epilogue as `PackedConv`.
+    Winograd {
+        conv: Box<WinogradConv>,
         residual: bool,
     },
     /// candle's conv2d with the epilogue as separate candle ops.
@@ -116,6 +124,24 @@ impl Kernel {
                 let parameter_count = node.inputs.len() - 1 - usize::from(residual);
                 let parameters: Option<Vec<&Tensor>> = (1..=parameter_count).map(constant).collect();
                 if let (true, DType::F32, Some(parameters)) = (device.is_cpu(), node.fact.dtype, parameters) {
+                    let [_, in_channels, kh, kw] = parameters[0].dims() else {
+                        return Err(unsupported(node, device, "conv weight must be rank 4".into()));
+                    };
+                    // Below a few channels the transforms cost more than they save.
+                    if WinogradConv::applies([*kh, *kw], attrs) && *in_channels >= 8 && node.fact.shape[1] >= 8 {
+                        let conv = WinogradConv::new(
+                            parameters[0],
+                            parameters.get(1).copied(),
+                            attrs.padding,
+                            relu,
+                            Isa::detect(),
+                        )
+                        .at(&node.name)?;
+                        return Ok(Kernel::Winograd {
+                            conv: Box::new(conv),
+                            residual,
+                        });
+                    }
                     let conv =
                         PackedConv::new(parameters[0], parameters.get(1).copied(), *attrs, relu).at(&node.name)?;
                     return Ok(Kernel::PackedConv {
@@ -169,8 +195,8 @@ impl Kernel {
     /// all of them (the others were packed at compile time).
     pub(crate) fn runtime_operands(&self) -> Option<&'static [usize]> {
         match self {
-            Kernel::PackedConv { residual: false, .. } => Some(&[0]),
-            Kernel::PackedConv { residual: true, .. } => Some(&[0, 3]),
+            Kernel::PackedConv { residual: false, .. } | Kernel::Winograd { residual: false, .. } => Some(&[0]),
+            Kernel::PackedConv { residual: true, .. } | Kernel::Winograd { residual: true, .. } => Some(&[0, 3]),
             _ => None,
         }
     }
@@ -194,6 +220,7 @@ impl Kernel {
                 }
             }
             Kernel::PackedConv { conv, .. } => conv.run(args[0], args.get(1).copied()),
+            Kernel::Winograd { conv, .. } => conv.run(args[0], args.get(1).copied()),
             Kernel::FusedConv2d { attrs, relu } => {
                 let y = Kernel::Conv2d { attrs: *attrs }.run(&args[..3])?;
                 let y = match args.get(3) {

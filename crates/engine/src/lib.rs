@@ -39,9 +39,11 @@ mod cpu_conv;
 mod cpu_pool;
 mod device;
 mod error;
+mod gemm_kernel;
 mod kernels;
 mod model;
 pub mod saved;
+mod winograd;
 
 pub use batched::{BatchedModel, CacheStats};
 pub use device::{parse_device, DeviceSpec};

@@ -1,0 +1,225 @@
+//! A small register-blocked f32 matrix product for pre-packed left operands,
+//! `M = U · V` with `U` `[rows, depth]` (packed in panels of [`PANEL_ROWS`]
+//! rows), `V` `[depth, cols]` row-major and `M` `[rows, cols]` row-major,
+//! `cols` a multiple of [`PANEL_GRANULE`]. Used by the Winograd convolution,
+//! whose 36 products per block are too small for a general GEMM's packing
+//! to pay off.
+//!
+//! Paths chosen at run time: AVX-512F, AVX2 + FMA, and portable scalar; each
+//! is tested against the scalar one on every machine that has it.
+
+/// Rows of `U` per panel (and per micro-tile).
+pub(crate) const PANEL_ROWS: usize = 8;
+/// Columns of `V` per full micro-tile.
+pub(crate) const PANEL_TILES: usize = 32;
+/// `cols` must be a multiple of this (a half micro-tile finishes the row).
+pub(crate) const PANEL_GRANULE: usize = 16;
+
+/// An instruction-set path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Avx512,
+    Avx2Fma,
+    Scalar,
+}
+
+impl Isa {
+    /// The best path this CPU supports.
+    pub(crate) fn detect() -> Isa {
+        Isa::available()[0]
+    }
+
+    /// Every path this CPU supports, best first (scalar always).
+    pub(crate) fn available() -> Vec<Isa> {
+        let mut isas = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                isas.push(Isa::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                isas.push(Isa::Avx2Fma);
+            }
+        }
+        isas.push(Isa::Scalar);
+        isas
+    }
+}
+
+/// Packs row-major `plain` `[rows, depth]` (`rows` a multiple of
+/// [`PANEL_ROWS`]) into panels `[rows / PANEL_ROWS][depth][PANEL_ROWS]`.
+pub(crate) fn pack_panels(plain: &[f32], rows: usize, depth: usize, packed: &mut [f32]) {
+    assert!(rows.is_multiple_of(PANEL_ROWS) && plain.len() == rows * depth && packed.len() == rows * depth);
+    for (panel, out) in packed.chunks_mut(depth * PANEL_ROWS).enumerate() {
+        for d in 0..depth {
+            for r in 0..PANEL_ROWS {
+                out[d * PANEL_ROWS + r] = plain[(panel * PANEL_ROWS + r) * depth + d];
+            }
+        }
+    }
+}
+
+/// `m = u · v`: `u` packed by [`pack_panels`] (`rows × depth`), `v`
+/// `[depth, cols]`, `m` `[rows, cols]`; `isa` must be one of [`Isa::available`].
+pub(crate) fn panel_gemm(isa: Isa, u: &[f32], v: &[f32], m: &mut [f32], rows: usize, depth: usize, cols: usize) {
+    assert!(rows.is_multiple_of(PANEL_ROWS) && cols.is_multiple_of(PANEL_GRANULE));
+    assert!(u.len() >= rows * depth && v.len() >= depth * cols && m.len() >= rows * cols);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the lengths were checked above (the kernels index within
+        // them only), and `Isa::Avx512` is only handed out when the CPU has AVX-512F.
+        Isa::Avx512 => unsafe { x86::gemm_avx512(u, v, m, rows, depth, cols) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, for AVX2 + FMA.
+        Isa::Avx2Fma => unsafe { x86::gemm_avx2(u, v, m, rows, depth, cols) },
+        _ => gemm_scalar(u, v, m, rows, depth, cols),
+    }
+}
+
+fn gemm_scalar(u: &[f32], v: &[f32], m: &mut [f32], rows: usize, depth: usize, cols: usize) {
+    for panel in 0..rows / PANEL_ROWS {
+        let u = &u[panel * depth * PANEL_ROWS..][..depth * PANEL_ROWS];
+        for t0 in (0..cols).step_by(PANEL_GRANULE) {
+            let mut acc = [[0f32; PANEL_GRANULE]; PANEL_ROWS];
+            for d in 0..depth {
+                let vv = &v[d * cols + t0..][..PANEL_GRANULE];
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let a = u[d * PANEL_ROWS + r];
+                    for (acc, &b) in acc.iter_mut().zip(vv) {
+                        *acc += a * b;
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                m[(panel * PANEL_ROWS + r) * cols + t0..][..PANEL_GRANULE].copy_from_slice(acc);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{PANEL_ROWS, PANEL_TILES};
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU has AVX-512F; `u`, `v`, `m` hold at least `rows·depth`,
+    /// `depth·cols`, `rows·cols` values; `rows % 8 == 0`, `cols % 16 == 0`.
+    /// Every pointer formed is `panel·depth·8 + d·8 + r < rows·depth` (u),
+    /// `d·cols + t0 + 16·j + 15 < depth·cols` (v), `(panel·8 + r)·cols + t0
+    /// + 16·j + 15 < rows·cols` (m).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gemm_avx512(u: &[f32], v: &[f32], m: &mut [f32], rows: usize, depth: usize, cols: usize) {
+        let (u, v, m) = (u.as_ptr(), v.as_ptr(), m.as_mut_ptr());
+        let full = cols / PANEL_TILES * PANEL_TILES;
+        for panel in 0..rows / PANEL_ROWS {
+            let up = u.add(panel * depth * PANEL_ROWS);
+            let mp = m.add(panel * PANEL_ROWS * cols);
+            for t0 in (0..full).step_by(PANEL_TILES) {
+                micro_avx512::<{ PANEL_TILES / 16 }>(up, v.add(t0), mp.add(t0), depth, cols);
+            }
+            if full < cols {
+                micro_avx512::<1>(up, v.add(full), mp.add(full), depth, cols);
+            }
+        }
+    }
+
+    /// One 8 × 16·V micro-tile: `m[r][j] = Σ_d up[d·8 + r] · vp[d·cols + j]`.
+    ///
+    /// # Safety
+    /// AVX-512F; `up` has `8·depth` values, `vp` and `mp` have `16·V` values
+    /// in each of `depth` (resp. 8) rows of stride `cols`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn micro_avx512<const V: usize>(up: *const f32, vp: *const f32, mp: *mut f32, depth: usize, cols: usize) {
+        let mut acc = [[_mm512_setzero_ps(); V]; PANEL_ROWS];
+        let (mut vp, mut ur) = (vp, up);
+        for _ in 0..depth {
+            let b: [__m512; V] = std::array::from_fn(|j| _mm512_loadu_ps(vp.add(16 * j)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = _mm512_set1_ps(*ur.add(r));
+                for j in 0..V {
+                    acc[j] = _mm512_fmadd_ps(a, b[j], acc[j]);
+                }
+            }
+            vp = vp.add(cols);
+            ur = ur.add(PANEL_ROWS);
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (j, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(mp.add(r * cols + 16 * j), *acc);
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`gemm_avx512`], with AVX2 and FMA instead of AVX-512F (8 lanes:
+    /// each micro-tile is 8 rows × 8 columns, four per 32-column panel).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemm_avx2(u: &[f32], v: &[f32], m: &mut [f32], rows: usize, depth: usize, cols: usize) {
+        let (u, v, m) = (u.as_ptr(), v.as_ptr(), m.as_mut_ptr());
+        for panel in 0..rows / PANEL_ROWS {
+            let up = u.add(panel * depth * PANEL_ROWS);
+            for t0 in (0..cols).step_by(8) {
+                let mut acc = [_mm256_setzero_ps(); PANEL_ROWS];
+                let mut vp = v.add(t0);
+                let mut ur = up;
+                for _ in 0..depth {
+                    let b = _mm256_loadu_ps(vp);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&*ur.add(r)), b, *acc);
+                    }
+                    vp = vp.add(cols);
+                    ur = ur.add(PANEL_ROWS);
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(m.add((panel * PANEL_ROWS + r) * cols + t0), *acc);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Every available path equals a plain triple loop (f64 accumulation)
+        /// within an f32 rounding bound.
+        #[test]
+        fn paths_match_plain_product(panels in 1usize..4, depth in 1usize..70, granules in 1usize..6, seed in any::<u64>()) {
+            let (rows, cols) = (panels * PANEL_ROWS, granules * PANEL_GRANULE);
+            let mut state = seed;
+            let mut next = || {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            };
+            let plain: Vec<f32> = (0..rows * depth).map(|_| next()).collect();
+            let v: Vec<f32> = (0..depth * cols).map(|_| next()).collect();
+            let mut packed = vec![0f32; rows * depth];
+            pack_panels(&plain, rows, depth, &mut packed);
+            for isa in Isa::available() {
+                let mut m = vec![f32::NAN; rows * cols];
+                panel_gemm(isa, &packed, &v, &mut m, rows, depth, cols);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let want: f64 = (0..depth).map(|d| f64::from(plain[r * depth + d]) * f64::from(v[d * cols + c])).sum();
+                        let got = f64::from(m[r * cols + c]);
+                        prop_assert!((got - want).abs() <= 1e-6 * depth as f64, "{isa:?} r={r} c={c}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn this_machine_has_a_simd_path() {
+        // The bench machine class (Zen 4) has both; a plain x86-64 CI box at least AVX2.
+        #[cfg(target_arch = "x86_64")]
+        assert!(Isa::available().len() >= 2, "{:?}", Isa::available());
+    }
+}
