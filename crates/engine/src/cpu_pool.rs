@@ -26,29 +26,41 @@ pub(crate) fn max_pool2d(x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Res
         let data = &data[layout.start_offset()..][..n * c * h * w];
         out.par_chunks_mut(oh * ow)
             .zip(data.par_chunks(h * w))
-            .for_each(|(out, plane)| {
-                for oy in 0..oh {
-                    // Window rows clipped to the image: padding never wins a max.
-                    let y0 = (oy * sh).saturating_sub(ph);
-                    let y1 = (oy * sh + kh).saturating_sub(ph).min(h);
-                    for ox in 0..ow {
-                        let x0 = (ox * sw).saturating_sub(pw);
-                        let x1 = (ox * sw + kw).saturating_sub(pw).min(w);
-                        let mut best = f32::NEG_INFINITY;
-                        for row in plane[y0 * w..y1 * w].chunks(w) {
-                            for &v in &row[x0..x1] {
-                                // `max` would drop NaN; keep PyTorch's NaN propagation.
-                                if v > best || v.is_nan() {
-                                    best = v;
-                                }
+            .for_each_init(
+                || vec![0f32; w],
+                |column_max, (out, plane)| {
+                    for (oy, out) in out.chunks_mut(ow).enumerate() {
+                        // Window rows clipped to the image: padding never wins a max
+                        // (pad <= kernel / 2, so every window holds a real row).
+                        let y0 = (oy * sh).saturating_sub(ph);
+                        let y1 = (oy * sh + kh).saturating_sub(ph).min(h);
+                        // Max over the window's rows, one whole image row at a time (vectorises).
+                        column_max.copy_from_slice(&plane[y0 * w..][..w]);
+                        for row in plane[(y0 + 1) * w..y1 * w].chunks_exact(w) {
+                            for (m, &v) in column_max.iter_mut().zip(row) {
+                                *m = nan_max(*m, v);
                             }
                         }
-                        out[oy * ow + ox] = best;
+                        for (ox, out) in out.iter_mut().enumerate() {
+                            let x0 = (ox * sw).saturating_sub(pw);
+                            let x1 = (ox * sw + kw).saturating_sub(pw).min(w);
+                            *out = column_max[x0..x1].iter().copied().fold(f32::NEG_INFINITY, nan_max);
+                        }
                     }
-                }
-            });
+                },
+            );
     }
     Tensor::from_vec(out, (n, c, oh, ow), &Device::Cpu)
+}
+
+/// `max` that propagates NaN like PyTorch (`f32::max` drops it), branch-free.
+#[inline(always)]
+fn nan_max(a: f32, b: f32) -> f32 {
+    if a > b || a.is_nan() {
+        a
+    } else {
+        b
+    }
 }
 
 #[cfg(test)]
@@ -95,5 +107,23 @@ mod tests {
             let diff = crate::test_util::max_abs_diff(&got, &want);
             prop_assert_eq!(diff, 0.0);
         }
+    }
+
+    /// A NaN in a window makes that window's output NaN (PyTorch's rule);
+    /// windows without it are unaffected.
+    #[test]
+    fn nan_propagates() {
+        let mut values = vec![0f32; 16];
+        values[5] = f32::NAN; // row 1, column 1
+        values[15] = 9.0;
+        let x = Tensor::from_vec(values, (1, 1, 4, 4), &Device::Cpu).unwrap();
+        let attrs = MaxPool2dAttrs {
+            kernel: [2, 2],
+            stride: [2, 2],
+            padding: [0, 0],
+        };
+        let got: Vec<f32> = max_pool2d(&x, &attrs).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(got[0].is_nan(), "{got:?}");
+        assert_eq!(&got[1..], &[0.0, 0.0, 9.0]);
     }
 }
