@@ -16,6 +16,9 @@ pub struct ProfileArgs {
     /// Profiled forwards (after one warm-up); times are averaged.
     #[arg(long, default_value_t = 5, value_name = "N")]
     iters: usize,
+    /// How many of the slowest nodes to list
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    top: usize,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -76,12 +79,12 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         );
     }
     per_node.sort_by(|a, b| b.3.total_cmp(&a.3));
-    println!("\n10 slowest nodes:");
+    println!("\n{} slowest nodes:", args.top.min(per_node.len()));
     println!(
         "{:<28} {:<18} {:<22} {:>9} {:>7}",
         "node", "op", "output", "ms", "share"
     );
-    for (name, op, fact, ms) in per_node.iter().take(10) {
+    for (name, op, fact, ms) in per_node.iter().take(args.top) {
         println!(
             "{name:<28} {op:<18} {fact:<22} {ms:>9.3} {:>6.1}%",
             100.0 * ms / total.max(f64::MIN_POSITIVE)

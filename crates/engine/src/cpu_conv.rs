@@ -279,6 +279,8 @@ impl PackedConv {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::direct_conv::DirectConv;
+    use crate::gemm_kernel::Isa;
     use proptest::prelude::*;
 
     fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: Conv2dAttrs, relu: bool) -> Tensor {
@@ -381,7 +383,8 @@ mod tests {
             )
     }
 
-    fn run_case(case: &Case) -> (Tensor, Tensor) {
+    /// Every CPU algorithm that takes `case` (named), and candle's answer.
+    fn run_case(case: &Case) -> (Vec<(String, Tensor)>, Tensor) {
         let d = Device::Cpu;
         let o = case.groups * case.per_group;
         let x = Tensor::randn(0f32, 1.0, (case.batch, case.channels, case.size[0], case.size[1]), &d).unwrap();
@@ -400,25 +403,32 @@ mod tests {
             groups: case.groups,
         };
         let packed = PackedConv::new(&w, b.as_ref(), attrs, case.relu).unwrap();
-        (
-            packed.run(&x, None).unwrap(),
-            reference(&x, &w, b.as_ref(), attrs, case.relu),
-        )
+        let mut got = vec![("grouped".to_string(), packed.run(&x, None).unwrap())];
+        if case.groups == 1 {
+            for isa in Isa::available() {
+                let direct = DirectConv::new(&w, b.as_ref(), attrs, case.relu, isa).unwrap();
+                got.push((format!("direct {isa:?}"), direct.run(&x, None).unwrap()));
+            }
+        }
+        (got, reference(&x, &w, b.as_ref(), attrs, case.relu))
     }
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
-        /// The packed conv equals candle's conv (+ bias, + relu) across random
+        /// The grouped and (one group, every SIMD path) direct convs equal
+        /// candle's conv (+ bias, + relu) across random
         /// shapes: groups incl. depthwise, kernel h != w, stride 2, dilation,
         /// asymmetric padding, odd sizes, C == H == W.
         #[test]
         fn matches_candle(case in arb_case()) {
             let (got, want) = run_case(&case);
-            prop_assert_eq!(got.dims(), want.dims());
             let k = (case.channels / case.groups * case.kernel[0] * case.kernel[1]) as f32;
-            let diff = crate::test_util::max_abs_diff(&got, &want);
-            prop_assert!(diff <= 1e-5 * k.max(1.0) * 4.0, "diff {}", diff);
+            for (name, got) in got {
+                prop_assert_eq!(got.dims(), want.dims(), "{}", name);
+                let diff = crate::test_util::max_abs_diff(&got, &want);
+                prop_assert!(diff <= 1e-5 * k.max(1.0) * 4.0, "{}: diff {}", name, diff);
+            }
         }
     }
 
@@ -444,6 +454,13 @@ mod tests {
             .unwrap();
         let diff = crate::test_util::max_abs_diff(&got, &want);
         assert!(diff < 1e-4, "{diff}");
+        for isa in Isa::available() {
+            let direct = DirectConv::new(&w, Some(&b), attrs, true, isa).unwrap();
+            let diff = crate::test_util::max_abs_diff(&direct.run(&x, Some(&r)).unwrap(), &want);
+            assert!(diff < 1e-4, "direct {isa:?}: {diff}");
+            assert!(direct.run(&x, Some(&r.narrow(0, 0, 1).unwrap())).is_err());
+            assert!(direct.run(&r, None).is_err(), "wrong channel count");
+        }
         assert!(PackedConv::new(&w, Some(&b), attrs, true)
             .unwrap()
             .run(&x, Some(&r.narrow(0, 0, 1).unwrap()))
@@ -469,7 +486,12 @@ mod tests {
             dilation: [1, 2],
             groups: 1,
         };
+        let direct = DirectConv::new(&w, None, attrs, false, Isa::detect())
+            .unwrap()
+            .run(&x, None)
+            .unwrap();
         let got = PackedConv::new(&w, None, attrs, false).unwrap().run(&x, None).unwrap();
+        assert_eq!(crate::test_util::max_abs_diff(&direct, &got), 0.0);
         let (xv, wv) = (
             x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),

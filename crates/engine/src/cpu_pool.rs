@@ -24,31 +24,29 @@ pub(crate) fn max_pool2d(x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Res
             bail!("the CPU max-pool takes f32 tensors on the CPU")
         };
         let data = &data[layout.start_offset()..][..n * c * h * w];
-        out.par_chunks_mut(oh * ow)
-            .zip(data.par_chunks(h * w))
-            .for_each_init(
-                || vec![0f32; w],
-                |column_max, (out, plane)| {
-                    for (oy, out) in out.chunks_mut(ow).enumerate() {
-                        // Window rows clipped to the image: padding never wins a max
-                        // (pad <= kernel / 2, so every window holds a real row).
-                        let y0 = (oy * sh).saturating_sub(ph);
-                        let y1 = (oy * sh + kh).saturating_sub(ph).min(h);
-                        // Max over the window's rows, one whole image row at a time (vectorises).
-                        column_max.copy_from_slice(&plane[y0 * w..][..w]);
-                        for row in plane[(y0 + 1) * w..y1 * w].chunks_exact(w) {
-                            for (m, &v) in column_max.iter_mut().zip(row) {
-                                *m = nan_max(*m, v);
-                            }
-                        }
-                        for (ox, out) in out.iter_mut().enumerate() {
-                            let x0 = (ox * sw).saturating_sub(pw);
-                            let x1 = (ox * sw + kw).saturating_sub(pw).min(w);
-                            *out = column_max[x0..x1].iter().copied().fold(f32::NEG_INFINITY, nan_max);
+        out.par_chunks_mut(oh * ow).zip(data.par_chunks(h * w)).for_each_init(
+            || vec![0f32; w],
+            |column_max, (out, plane)| {
+                for (oy, out) in out.chunks_mut(ow).enumerate() {
+                    // Window rows clipped to the image: padding never wins a max
+                    // (pad <= kernel / 2, so every window holds a real row).
+                    let y0 = (oy * sh).saturating_sub(ph);
+                    let y1 = (oy * sh + kh).saturating_sub(ph).min(h);
+                    // Max over the window's rows, one whole image row at a time (vectorises).
+                    column_max.copy_from_slice(&plane[y0 * w..][..w]);
+                    for row in plane[(y0 + 1) * w..y1 * w].chunks_exact(w) {
+                        for (m, &v) in column_max.iter_mut().zip(row) {
+                            *m = nan_max(*m, v);
                         }
                     }
-                },
-            );
+                    for (ox, out) in out.iter_mut().enumerate() {
+                        let x0 = (ox * sw).saturating_sub(pw);
+                        let x1 = (ox * sw + kw).saturating_sub(pw).min(w);
+                        *out = column_max[x0..x1].iter().copied().fold(f32::NEG_INFINITY, nan_max);
+                    }
+                }
+            },
+        );
     }
     Tensor::from_vec(out, (n, c, oh, ow), &Device::Cpu)
 }
@@ -122,7 +120,12 @@ mod tests {
             stride: [2, 2],
             padding: [0, 0],
         };
-        let got: Vec<f32> = max_pool2d(&x, &attrs).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = max_pool2d(&x, &attrs)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!(got[0].is_nan(), "{got:?}");
         assert_eq!(&got[1..], &[0.0, 0.0, 9.0]);
     }

@@ -2,6 +2,7 @@
 //! constant-only work (batch-norm scale and shift) precomputed.
 
 use crate::cpu_conv::PackedConv;
+use crate::direct_conv::DirectConv;
 use crate::error::AtNode;
 use crate::gemm_kernel::Isa;
 use crate::winograd::WinogradConv;
@@ -17,17 +18,11 @@ pub(crate) enum Kernel {
     Conv2d {
         attrs: Conv2dAttrs,
     },
-    /// wick's own CPU f32 convolution with pre-packed weights and the bias
-    /// (residual, ReLU) applied in the same pass (any per-axis stride,
-    /// padding, dilation). Reads the input and, if present, the residual.
-    PackedConv {
-        conv: Box<PackedConv>,
-        residual: bool,
-    },
-    /// wick's Winograd F(4×4, 3×3) CPU f32 convolution (3×3, stride 1,
-    /// one group) with the same fused epilogue as `PackedConv`.
-    Winograd {
-        conv: Box<WinogradConv>,
+    /// wick's own CPU f32 convolution with weights packed at compile time
+    /// and the bias (residual, ReLU) applied in the same pass. Reads the
+    /// input and, if present, the residual.
+    CpuConv {
+        conv: Box<CpuConv>,
         residual: bool,
     },
     /// candle's conv2d with the epilogue as separate candle ops.
@@ -54,6 +49,27 @@ pub(crate) enum Kernel {
         shape: Vec<usize>,
     },
     Linear,
+}
+
+/// The CPU f32 convolution algorithms, chosen per node at compile time.
+#[derive(Debug, Clone)]
+pub(crate) enum CpuConv {
+    /// Winograd F(4×4, 3×3): 3×3, stride 1, one group, enough tiles.
+    Winograd(WinogradConv),
+    /// Blocked implicit GEMM: any other one-group convolution.
+    Direct(DirectConv),
+    /// Per-group im2col + `gemm` crate: grouped and depthwise convolutions.
+    Grouped(PackedConv),
+}
+
+impl CpuConv {
+    fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        match self {
+            CpuConv::Winograd(conv) => conv.run(x, residual),
+            CpuConv::Direct(conv) => conv.run(x, residual),
+            CpuConv::Grouped(conv) => conv.run(x, residual),
+        }
+    }
 }
 
 fn unsupported(node: &Node, device: &Device, reason: String) -> EngineError {
@@ -127,24 +143,15 @@ impl Kernel {
                     let [_, in_channels, kh, kw] = parameters[0].dims() else {
                         return Err(unsupported(node, device, "conv weight must be rank 4".into()));
                     };
-                    // Below a few channels the transforms cost more than they save.
-                    if WinogradConv::applies([*kh, *kw], attrs) && *in_channels >= 8 && node.fact.shape[1] >= 8 {
-                        let conv = WinogradConv::new(
-                            parameters[0],
-                            parameters.get(1).copied(),
-                            attrs.padding,
-                            relu,
-                            Isa::detect(),
-                        )
-                        .at(&node.name)?;
-                        return Ok(Kernel::Winograd {
-                            conv: Box::new(conv),
-                            residual,
-                        });
-                    }
-                    let conv =
-                        PackedConv::new(parameters[0], parameters.get(1).copied(), *attrs, relu).at(&node.name)?;
-                    return Ok(Kernel::PackedConv {
+                    let (weight, bias, isa) = (parameters[0], parameters.get(1).copied(), Isa::detect());
+                    let conv = if WinogradConv::pays_off([*kh, *kw], attrs, *in_channels, &node.fact.shape) {
+                        CpuConv::Winograd(WinogradConv::new(weight, bias, attrs.padding, relu, isa).at(&node.name)?)
+                    } else if attrs.groups == 1 {
+                        CpuConv::Direct(DirectConv::new(weight, bias, *attrs, relu, isa).at(&node.name)?)
+                    } else {
+                        CpuConv::Grouped(PackedConv::new(weight, bias, *attrs, relu).at(&node.name)?)
+                    };
+                    return Ok(Kernel::CpuConv {
                         conv: Box::new(conv),
                         residual,
                     });
@@ -195,8 +202,8 @@ impl Kernel {
     /// all of them (the others were packed at compile time).
     pub(crate) fn runtime_operands(&self) -> Option<&'static [usize]> {
         match self {
-            Kernel::PackedConv { residual: false, .. } | Kernel::Winograd { residual: false, .. } => Some(&[0]),
-            Kernel::PackedConv { residual: true, .. } | Kernel::Winograd { residual: true, .. } => Some(&[0, 3]),
+            Kernel::CpuConv { residual: false, .. } => Some(&[0]),
+            Kernel::CpuConv { residual: true, .. } => Some(&[0, 3]),
             _ => None,
         }
     }
@@ -219,8 +226,7 @@ impl Kernel {
                     None => Ok(y),
                 }
             }
-            Kernel::PackedConv { conv, .. } => conv.run(args[0], args.get(1).copied()),
-            Kernel::Winograd { conv, .. } => conv.run(args[0], args.get(1).copied()),
+            Kernel::CpuConv { conv, .. } => conv.run(args[0], args.get(1).copied()),
             Kernel::FusedConv2d { attrs, relu } => {
                 let y = Kernel::Conv2d { attrs: *attrs }.run(&args[..3])?;
                 let y = match args.get(3) {

@@ -38,6 +38,7 @@ mod batched;
 mod cpu_conv;
 mod cpu_pool;
 mod device;
+mod direct_conv;
 mod error;
 mod gemm_kernel;
 mod kernels;

@@ -1,0 +1,321 @@
+//! Direct CPU f32 convolution for one group (any kernel, stride, padding,
+//! dilation), as an implicit GEMM in cache-sized blocks: the output pixels
+//! of the whole batch are cut into blocks of a few hundred; each block's
+//! im2col columns (`[C·kh·kw, block]`, fits L2) are multiplied by the
+//! weights packed once at compile time ([`panel_gemm`], AVX-512 / AVX2), and
+//! the bias, residual and ReLU are applied while the block is still in cache.
+//! No whole-image im2col buffer, no per-call packing.
+
+use crate::gemm_kernel::{pack_panels, panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS};
+use candle_core::{bail, CpuStorage, Device, Storage, Tensor};
+use rayon::prelude::*;
+use std::cell::RefCell;
+use wick_ir::Conv2dAttrs;
+
+/// Scratch (im2col columns and products) one block aims to fit in.
+const BLOCK_BYTES: usize = 1 << 20;
+
+/// A one-group convolution with its weights packed in GEMM panels.
+#[derive(Debug, Clone)]
+pub(crate) struct DirectConv {
+    attrs: Conv2dAttrs,
+    in_channels: usize,
+    out_channels: usize,
+    /// Output channels rounded up to a whole panel.
+    padded_out: usize,
+    kernel: [usize; 2],
+    /// Weights `[O_pad, C·kh·kw]` packed by [`pack_panels`].
+    panels: Vec<f32>,
+    bias: Vec<f32>,
+    relu: bool,
+    isa: Isa,
+}
+
+/// A run of output pixels in one output row: image, row, columns
+/// `x0..x1`, stored from column `col` of the block.
+#[derive(Clone, Copy)]
+struct Segment {
+    image: usize,
+    y: usize,
+    x0: usize,
+    x1: usize,
+    col: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    height: usize,
+    width: usize,
+    out_height: usize,
+    out_width: usize,
+    total: usize,
+}
+
+/// The destination of a forward, written from several threads.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every output pixel belongs to exactly one block and each block is
+// handled by one task (its channels written once), so writes never overlap.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+thread_local! {
+    /// Per-thread scratch, reused across calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+impl DirectConv {
+    /// Packs `weight` (`[O, C, kh, kw]`, f32) and `bias` (`[O]`); `attrs.groups` must be 1.
+    pub(crate) fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        attrs: Conv2dAttrs,
+        relu: bool,
+        isa: Isa,
+    ) -> candle_core::Result<Self> {
+        if attrs.groups != 1 {
+            bail!("the direct conv takes one group, got {}", attrs.groups)
+        }
+        let (out_channels, in_channels, kh, kw) = weight.dims4()?;
+        let depth = in_channels * kh * kw;
+        let padded_out = out_channels.div_ceil(PANEL_ROWS) * PANEL_ROWS;
+        let mut plain = weight.flatten_all()?.to_vec1::<f32>()?;
+        plain.resize(padded_out * depth, 0.0);
+        let mut panels = vec![0f32; padded_out * depth];
+        pack_panels(&plain, padded_out, depth, &mut panels);
+        let bias = match bias {
+            Some(b) => b.to_vec1::<f32>()?,
+            None => vec![0.0; out_channels],
+        };
+        if bias.len() != out_channels {
+            bail!("conv bias has {} values for {out_channels} channels", bias.len())
+        }
+        Ok(Self {
+            attrs,
+            in_channels,
+            out_channels,
+            padded_out,
+            kernel: [kh, kw],
+            panels,
+            bias,
+            relu,
+            isa,
+        })
+    }
+
+    fn depth(&self) -> usize {
+        self.in_channels * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Output pixels per block: a multiple of the GEMM granule, columns and
+    /// products together within [`BLOCK_BYTES`], blocks of even size.
+    fn block_cols(&self, total: usize) -> usize {
+        let per_col = (self.depth() + self.padded_out) * 4;
+        let target = (BLOCK_BYTES / per_col).max(PANEL_GRANULE);
+        let blocks = total.div_ceil(target).max(1);
+        total.div_ceil(blocks).div_ceil(PANEL_GRANULE) * PANEL_GRANULE
+    }
+
+    /// Runs on a CPU f32 tensor `[N, C, H, W]`; `residual` (the output's
+    /// shape) is added before the optional ReLU.
+    pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let x = x.contiguous()?;
+        let &[batch, channels, height, width] = x.dims() else {
+            bail!("conv input must be NCHW, got {:?}", x.dims())
+        };
+        if channels != self.in_channels {
+            bail!("conv expects {} input channels, got {channels}", self.in_channels)
+        }
+        let a = &self.attrs;
+        let out_len = |len: usize, axis: usize| {
+            let span = a.dilation[axis] * (self.kernel[axis] - 1) + 1;
+            (len + 2 * a.padding[axis])
+                .checked_sub(span)
+                .map(|v| v / a.stride[axis] + 1)
+        };
+        let (Some(out_height), Some(out_width)) = (out_len(height, 0), out_len(width, 1)) else {
+            bail!("kernel {:?} does not fit input {:?}", self.kernel, x.dims())
+        };
+        let out_dims = [batch, self.out_channels, out_height, out_width];
+        let residual = residual.map(|r| r.contiguous()).transpose()?;
+        if residual.as_ref().is_some_and(|r| r.dims() != out_dims) {
+            bail!("the residual of a conv must have the output's shape {out_dims:?}")
+        }
+        let shape = Shape {
+            height,
+            width,
+            out_height,
+            out_width,
+            total: batch * out_height * out_width,
+        };
+        let out_len: usize = out_dims.iter().product();
+        let mut out = Vec::<f32>::with_capacity(out_len);
+        {
+            let (storage, layout) = x.storage_and_layout();
+            let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+                bail!("the direct conv takes f32 tensors on the CPU")
+            };
+            let input = &data[layout.start_offset()..][..batch * channels * height * width];
+            let residual_guard = residual.as_ref().map(|r| r.storage_and_layout());
+            let residual: Option<&[f32]> = match &residual_guard {
+                None => None,
+                Some((storage, layout)) => match &**storage {
+                    Storage::Cpu(CpuStorage::F32(r)) => Some(&r[layout.start_offset()..][..out_len]),
+                    _ => bail!("the residual of a conv must be f32 on the CPU"),
+                },
+            };
+            let dst = OutPtr(out.as_mut_ptr());
+            let cols = self.block_cols(shape.total);
+            let blocks = shape.total.div_ceil(cols);
+            let threads = rayon::current_num_threads();
+            let split = blocks < 2 * threads && threads > 1;
+            let run_block = |b: usize| self.block(input, residual, dst, &shape, b * cols, cols, split);
+            if split {
+                (0..blocks).for_each(run_block);
+            } else {
+                (0..blocks).into_par_iter().for_each(run_block);
+            }
+            // SAFETY: the blocks cover all N·OH·OW pixels and each block writes
+            // every channel of its pixels, so all `out_len` values are set.
+            unsafe { out.set_len(out_len) };
+        }
+        Tensor::from_vec(out, out_dims.to_vec(), &Device::Cpu)
+    }
+
+    /// im2col, product and epilogue for pixels `first..first + cols` (clipped).
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        input: &[f32],
+        residual: Option<&[f32]>,
+        dst: OutPtr,
+        s: &Shape,
+        first: usize,
+        cols: usize,
+        split: bool,
+    ) {
+        let pixels = cols.min(s.total - first);
+        let cols = pixels.div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
+        let segments = segments(s, first, pixels);
+        let depth = self.depth();
+        let (v_len, m_len) = (depth * cols, self.padded_out * cols);
+        let mut scratch = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+        if scratch.len() < v_len + m_len {
+            scratch = vec![0f32; v_len + m_len];
+        }
+        let (v, m) = scratch[..v_len + m_len].split_at_mut(v_len);
+        self.im2col(input, s, &segments, pixels, cols, v);
+        let v = &*v;
+        if split {
+            // Few blocks: share each product's output-channel panels across threads.
+            let per_task = (self.padded_out / PANEL_ROWS).div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
+            m.par_chunks_mut(per_task * cols).enumerate().for_each(|(i, m)| {
+                let rows = m.len() / cols;
+                let u = &self.panels[i * per_task * depth..][..rows * depth];
+                panel_gemm(self.isa, u, v, m, rows, depth, cols);
+            });
+        } else {
+            panel_gemm(self.isa, &self.panels, v, m, self.padded_out, depth, cols);
+        }
+        let out_plane = s.out_height * s.out_width;
+        for o in 0..self.out_channels {
+            let bias = self.bias[o];
+            let products = &m[o * cols..][..cols];
+            for seg in &segments {
+                let base = (seg.image * self.out_channels + o) * out_plane + seg.y * s.out_width;
+                let n = seg.x1 - seg.x0;
+                let src = &products[seg.col..seg.col + n];
+                // SAFETY: base + x1 <= N·O·OH·OW (image < N, o < O, y < OH,
+                // x1 <= OW) and these pixels belong to this block only (OutPtr).
+                let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add(base + seg.x0), n) };
+                match residual {
+                    Some(r) => {
+                        for ((out, &p), &r) in out.iter_mut().zip(src).zip(&r[base + seg.x0..base + seg.x1]) {
+                            let v = p + bias + r;
+                            *out = if self.relu { v.max(0.0) } else { v };
+                        }
+                    }
+                    None => {
+                        for (out, &p) in out.iter_mut().zip(src) {
+                            let v = p + bias;
+                            *out = if self.relu { v.max(0.0) } else { v };
+                        }
+                    }
+                }
+            }
+        }
+        SCRATCH.with(|cell| *cell.borrow_mut() = scratch);
+    }
+
+    /// Fills `v` (`[C·kh·kw, cols]`) with the block's columns; zeros for
+    /// padding and for the columns past `pixels`.
+    fn im2col(&self, input: &[f32], s: &Shape, segments: &[Segment], pixels: usize, cols: usize, v: &mut [f32]) {
+        let a = &self.attrs;
+        let [kh, kw] = self.kernel;
+        let plane = s.height * s.width;
+        for (row, v) in v.chunks_exact_mut(cols).enumerate() {
+            let (c, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
+            let dx = (kx * a.dilation[1]) as isize - a.padding[1] as isize;
+            for seg in segments {
+                let out = &mut v[seg.col..seg.col + seg.x1 - seg.x0];
+                let iy = (seg.y * a.stride[0] + ky * a.dilation[0]) as isize - a.padding[0] as isize;
+                if iy < 0 || iy >= s.height as isize {
+                    out.fill(0.0);
+                    continue;
+                }
+                let line = &input[(seg.image * self.in_channels + c) * plane + iy as usize * s.width..][..s.width];
+                // Output columns whose input column ox·sw + dx lies in 0..W.
+                let sw = a.stride[1] as isize;
+                let lo = ((-dx).max(0) + sw - 1) / sw;
+                let hi = ((s.width as isize - dx).max(0) + sw - 1) / sw;
+                let (lo, hi) = ((lo as usize).clamp(seg.x0, seg.x1), (hi as usize).clamp(seg.x0, seg.x1));
+                let hi = hi.max(lo);
+                out[..lo - seg.x0].fill(0.0);
+                out[hi - seg.x0..].fill(0.0);
+                let inside = &mut out[lo - seg.x0..hi - seg.x0];
+                if inside.is_empty() {
+                    continue;
+                }
+                // lo..hi keeps ix = ox·sw + dx within 0..W.
+                let start = (lo as isize * sw + dx) as usize;
+                let n = inside.len();
+                if sw == 1 {
+                    inside.copy_from_slice(&line[start..start + n]);
+                } else if sw == 2 {
+                    // Even elements of line[start..start + 2n - 1], as pairs (vectorises).
+                    let (last, head) = inside.split_last_mut().expect("n >= 1");
+                    for (value, pair) in head.iter_mut().zip(line[start..start + 2 * (n - 1)].chunks_exact(2)) {
+                        *value = pair[0];
+                    }
+                    *last = line[start + 2 * (n - 1)];
+                } else {
+                    for (value, &x) in inside.iter_mut().zip(line[start..].iter().step_by(sw as usize)) {
+                        *value = x;
+                    }
+                }
+            }
+            v[pixels..].fill(0.0);
+        }
+    }
+}
+
+/// Splits pixels `first..first + pixels` (numbered over the batch, row-major)
+/// into runs within one output row.
+fn segments(s: &Shape, first: usize, pixels: usize) -> Vec<Segment> {
+    let mut segments = Vec::new();
+    let (mut p, end) = (first, first + pixels);
+    while p < end {
+        let (image, within) = (p / (s.out_height * s.out_width), p % (s.out_height * s.out_width));
+        let (y, x0) = (within / s.out_width, within % s.out_width);
+        let x1 = s.out_width.min(x0 + (end - p));
+        segments.push(Segment {
+            image,
+            y,
+            x0,
+            x1,
+            col: p - first,
+        });
+        p += x1 - x0;
+    }
+    segments
+}
