@@ -597,25 +597,30 @@ impl WinogradConv {
                 };
                 for (i, o) in o.iter().enumerate().take(h) {
                     let base = plane + (p.out_y + i) * s.out_width + p.out_x;
-                    let mut row: [f32; M] = std::array::from_fn(|j| o[j][lane] + bias);
-                    if let Some(r) = residual {
-                        for (v, r) in row.iter_mut().zip(&r[base..base + w]) {
-                            *v += r;
-                        }
-                    }
-                    if relu {
-                        row = row.map(|v| v.max(0.0));
-                    }
-                    // SAFETY: base + w <= N·O·OH·OW (image < N, k < O,
-                    // out_y + i < OH, out_x + w <= OW) and these pixels belong
-                    // to this tile and channel only (see OutPtr).
-                    unsafe {
-                        if w == M {
-                            (dst.0.add(base) as *mut [f32; M]).write_unaligned(row);
-                        } else {
-                            for (j, value) in row.iter().enumerate().take(w) {
-                                dst.0.add(base + j).write(*value);
+                    if w == M {
+                        // Whole row: fixed-size arrays keep it in one vector register.
+                        let mut row: [f32; M] = std::array::from_fn(|j| o[j][lane] + bias);
+                        if let Some(r) = residual {
+                            let r: &[f32; M] = r[base..base + M].try_into().expect("M values");
+                            for (v, r) in row.iter_mut().zip(r) {
+                                *v += r;
                             }
+                        }
+                        if relu {
+                            row = row.map(|v| v.max(0.0));
+                        }
+                        // SAFETY: base + M <= N·O·OH·OW (image < N, k < O,
+                        // out_y + i < OH, out_x + M <= OW) and these pixels
+                        // belong to this tile and channel only (see OutPtr).
+                        unsafe { (dst.0.add(base) as *mut [f32; M]).write_unaligned(row) };
+                    } else {
+                        for (j, o) in o.iter().enumerate().take(w) {
+                            let mut v = o[lane] + bias + residual.map_or(0.0, |r| r[base + j]);
+                            if relu {
+                                v = v.max(0.0);
+                            }
+                            // SAFETY: as above, with out_x + j < OW.
+                            unsafe { dst.0.add(base + j).write(v) };
                         }
                     }
                 }
