@@ -28,6 +28,8 @@ const ALPHA: usize = 6;
 const M: usize = 4;
 /// Number of transformed components per tile.
 const XI: usize = ALPHA * ALPHA;
+/// How many channels ahead the input transform prefetches its patches.
+const PREFETCH_CHANNELS: usize = 2;
 /// Fewer tiles than this (over the batch) run faster as a direct convolution.
 const MIN_TILES: usize = 16;
 /// Scratch (`V` and `M`) one block aims to fit in.
@@ -451,6 +453,46 @@ impl WinogradConv {
         for start in (0..cols).step_by(LANES) {
             // d[row][col][lane]: the 6×6 input patch of each lane's tile.
             let mut d = [[[0f32; LANES]; ALPHA]; ALPHA];
+            #[cfg(target_arch = "x86_64")]
+            if self.isa == Isa::Avx512 && input.len() <= i32::MAX as usize {
+                let chunk = &positions[start.min(positions.len())..(start + LANES).min(positions.len())];
+                let mut offsets = [0i32; LANES];
+                let mut row_mask = [0u16; ALPHA];
+                let mut col_mask = [0u16; ALPHA];
+                for (lane, p) in chunk.iter().enumerate() {
+                    // May be negative for border tiles: those lanes are masked off.
+                    offsets[lane] =
+                        (((p.image * s.channels + c) * plane_len) as isize + p.y0 * s.width as isize + p.x0) as i32;
+                    for i in 0..ALPHA {
+                        let (y, x) = (p.y0 + i as isize, p.x0 + i as isize);
+                        row_mask[i] |= u16::from(y >= 0 && y < s.height as isize) << lane;
+                        col_mask[i] |= u16::from(x >= 0 && x < s.width as isize) << lane;
+                    }
+                }
+                // SAFETY: the CPU has AVX-512F (Isa::Avx512); a lane reads
+                // offsets[lane] + r·W + col only where row r and column col of
+                // its patch lie inside its image's plane, which is inside `input`
+                // (and input.len() fits i32, so no offset wraps).
+                unsafe { gather_patch_avx512(input, &offsets, &row_mask, &col_mask, s.width, &mut d) };
+                if c + PREFETCH_CHANNELS < s.channels {
+                    for (lane, &o) in offsets.iter().enumerate().take(chunk.len()) {
+                        for r in 0..ALPHA {
+                            if row_mask[r] >> lane & 1 == 1 {
+                                let at = (o as isize + (PREFETCH_CHANNELS * plane_len + r * s.width) as isize).max(0)
+                                    as usize;
+                                // SAFETY: a prefetch never faults; the address is only a hint.
+                                unsafe {
+                                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                                        input.as_ptr().wrapping_add(at).cast(),
+                                    )
+                                };
+                            }
+                        }
+                    }
+                }
+                self.finish_input_chunk(&d, s, c, start, cols, v);
+                continue;
+            }
             for (lane, p) in positions.iter().skip(start).take(LANES).enumerate() {
                 let plane = &input[(p.image * s.channels + c) * plane_len..][..plane_len];
                 if p.interior {
@@ -478,25 +520,40 @@ impl WinogradConv {
                     }
                 }
             }
-            // Columns: Bᵀ over rows of d; then rows: Bᵀ over columns.
-            let mut cols_t = [[[0f32; LANES]; ALPHA]; ALPHA];
-            for col in 0..ALPHA {
-                let column: [[f32; LANES]; ALPHA] = std::array::from_fn(|r| d[r][col]);
-                let t = input_transform(&column);
-                for a in 0..ALPHA {
-                    cols_t[a][col] = t[a];
-                }
+            self.finish_input_chunk(&d, s, c, start, cols, v);
+        }
+    }
+
+    /// `V = Bᵀ d B` for one chunk of lanes, stored at columns `start..start + LANES` of rows (ξ, c).
+    #[inline(always)]
+    fn finish_input_chunk(
+        &self,
+        d: &[[[f32; LANES]; ALPHA]; ALPHA],
+        s: &Shape,
+        c: usize,
+        start: usize,
+        cols: usize,
+        v: OutPtr,
+    ) {
+        // Columns: Bᵀ over rows of d; then rows: Bᵀ over columns.
+        let mut cols_t = [[[0f32; LANES]; ALPHA]; ALPHA];
+        for col in 0..ALPHA {
+            let column: [[f32; LANES]; ALPHA] = std::array::from_fn(|r| d[r][col]);
+            let t = input_transform(&column);
+            for a in 0..ALPHA {
+                cols_t[a][col] = t[a];
             }
-            for (a, row) in cols_t.iter().enumerate() {
-                let t = input_transform(row);
-                for (b, lanes_v) in t.iter().enumerate() {
-                    let xi = a * ALPHA + b;
-                    // SAFETY: (ξ·C + c)·cols + start + LANES <= 36·C·cols,
-                    // the buffer's length; row (ξ, c) belongs to this channel only.
-                    unsafe {
-                        (v.0.add((xi * s.channels + c) * cols + start) as *mut [f32; LANES]).write_unaligned(*lanes_v)
-                    };
-                }
+        }
+        for (a, row) in cols_t.iter().enumerate() {
+            let t = input_transform(row);
+            for (b, lanes_v) in t.iter().enumerate() {
+                let xi = a * ALPHA + b;
+                debug_assert!(start + LANES <= cols);
+                // SAFETY: (ξ·C + c)·cols + start + LANES <= 36·C·cols,
+                // the buffer's length; row (ξ, c) belongs to this channel only.
+                unsafe {
+                    (v.0.add((xi * s.channels + c) * cols + start) as *mut [f32; LANES]).write_unaligned(*lanes_v)
+                };
             }
         }
     }
@@ -625,6 +682,34 @@ impl WinogradConv {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Loads the 6×6 patches of 16 tiles with masked gathers: lane `l` of
+/// `d[r][col]` is `input[offsets[l] + r·width + col]` where bit `l` of
+/// `row_mask[r] & col_mask[col]` is set, zero elsewhere.
+///
+/// # Safety
+/// The CPU has AVX-512F, and every unmasked index is in `0..input.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gather_patch_avx512(
+    input: &[f32],
+    offsets: &[i32; LANES],
+    row_mask: &[u16; ALPHA],
+    col_mask: &[u16; ALPHA],
+    width: usize,
+    d: &mut [[[f32; LANES]; ALPHA]; ALPHA],
+) {
+    use std::arch::x86_64::*;
+    let base = _mm512_loadu_si512(offsets.as_ptr().cast());
+    for (r, row) in d.iter_mut().enumerate() {
+        for (col, cell) in row.iter_mut().enumerate() {
+            let mask = row_mask[r] & col_mask[col];
+            let idx = _mm512_add_epi32(base, _mm512_set1_epi32((r * width + col) as i32));
+            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, input.as_ptr());
+            _mm512_storeu_ps(cell.as_mut_ptr(), v);
         }
     }
 }
