@@ -476,8 +476,8 @@ impl WinogradConv {
                 unsafe { gather_patch_avx512(input, &offsets, &row_mask, &col_mask, s.width, &mut d) };
                 if c + PREFETCH_CHANNELS < s.channels {
                     for (lane, &o) in offsets.iter().enumerate().take(chunk.len()) {
-                        for r in 0..ALPHA {
-                            if row_mask[r] >> lane & 1 == 1 {
+                        for (r, mask) in row_mask.iter().enumerate() {
+                            if mask >> lane & 1 == 1 {
                                 let at = (o as isize + (PREFETCH_CHANNELS * plane_len + r * s.width) as isize).max(0)
                                     as usize;
                                 // SAFETY: a prefetch never faults; the address is only a hint.
