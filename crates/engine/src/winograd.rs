@@ -480,12 +480,7 @@ impl WinogradConv {
                             if mask >> lane & 1 == 1 {
                                 let at = (o as isize + (PREFETCH_CHANNELS * plane_len + r * s.width) as isize).max(0)
                                     as usize;
-                                // SAFETY: a prefetch never faults; the address is only a hint.
-                                unsafe {
-                                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                                        input.as_ptr().wrapping_add(at).cast(),
-                                    )
-                                };
+                                prefetch(input.as_ptr().wrapping_add(at));
                             }
                         }
                     }
@@ -684,6 +679,19 @@ impl WinogradConv {
             }
         }
     }
+}
+
+/// Hints the CPU to bring `at`'s cache line into L1 (no-op off x86-64).
+#[inline(always)]
+fn prefetch(at: *const f32) {
+    // SAFETY: a prefetch never faults and reads nothing observable; any
+    // address (even out of bounds) is only a hint.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
 }
 
 /// Loads the 6×6 patches of 16 tiles with masked gathers: lane `l` of
