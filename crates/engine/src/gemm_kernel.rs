@@ -112,13 +112,17 @@ mod x86 {
     pub(super) unsafe fn gemm_avx512(u: &[f32], v: &[f32], m: &mut [f32], rows: usize, depth: usize, cols: usize) {
         let (u, v, m) = (u.as_ptr(), v.as_ptr(), m.as_mut_ptr());
         let full = cols / PANEL_TILES * PANEL_TILES;
-        for panel in 0..rows / PANEL_ROWS {
-            let up = u.add(panel * depth * PANEL_ROWS);
-            let mp = m.add(panel * PANEL_ROWS * cols);
-            for t0 in (0..full).step_by(PANEL_TILES) {
+        // Column panels outer: one `depth × 32` slice of `v` stays in L1 while
+        // the (contiguous, prefetch-friendly) weight panels stream past it.
+        for t0 in (0..full).step_by(PANEL_TILES) {
+            for panel in 0..rows / PANEL_ROWS {
+                let (up, mp) = (u.add(panel * depth * PANEL_ROWS), m.add(panel * PANEL_ROWS * cols));
                 micro_avx512::<{ PANEL_TILES / 16 }>(up, v.add(t0), mp.add(t0), depth, cols);
             }
-            if full < cols {
+        }
+        if full < cols {
+            for panel in 0..rows / PANEL_ROWS {
+                let (up, mp) = (u.add(panel * depth * PANEL_ROWS), m.add(panel * PANEL_ROWS * cols));
                 micro_avx512::<1>(up, v.add(full), mp.add(full), depth, cols);
             }
         }

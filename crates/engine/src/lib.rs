@@ -49,7 +49,7 @@ mod winograd;
 pub use batched::{BatchedModel, CacheStats};
 pub use device::{parse_device, DeviceSpec};
 pub use error::EngineError;
-pub use model::{CompiledModel, Engine, StepProfile};
+pub use model::{CompiledModel, Engine, StepProfile, IN_POOL_MAX_ACTIVATION_BYTES};
 
 /// Helpers shared by the engine's unit tests.
 #[cfg(test)]
