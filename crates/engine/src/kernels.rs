@@ -25,7 +25,8 @@ pub(crate) enum Kernel {
         conv: Box<CpuConv>,
         residual: bool,
     },
-    /// candle's conv2d with the epilogue as separate candle ops.
+    /// candle's conv2d with the epilogue as one in-place pass for f32
+    /// (`epilogue_op`, a CUDA kernel on GPUs), as candle ops otherwise.
     FusedConv2d {
         attrs: Conv2dAttrs,
         relu: bool,
@@ -227,6 +228,13 @@ impl Kernel {
                 }
             }
             Kernel::CpuConv { conv, .. } => conv.run(args[0], args.get(1).copied()),
+            Kernel::FusedConv2d { attrs, relu } if args[0].dtype() == DType::F32 && args[2].dtype() == DType::F32 => {
+                // The convolution without bias, then bias (+ residual, + ReLU)
+                // in one in-place pass (one kernel launch on CUDA).
+                let y = Kernel::Conv2d { attrs: *attrs }.run(&args[..2])?.contiguous()?;
+                crate::epilogue_op::apply(&y, args[2], args.get(3).copied(), *relu)?;
+                Ok(y)
+            }
             Kernel::FusedConv2d { attrs, relu } => {
                 let y = Kernel::Conv2d { attrs: *attrs }.run(&args[..3])?;
                 let y = match args.get(3) {

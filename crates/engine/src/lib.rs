@@ -39,6 +39,7 @@ mod cpu_conv;
 mod cpu_pool;
 mod device;
 mod direct_conv;
+mod epilogue_op;
 mod error;
 mod gemm_kernel;
 mod kernels;

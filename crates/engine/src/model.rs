@@ -388,6 +388,44 @@ mod tests {
         assert_eq!(crate::test_util::max_abs_diff(&profiled[0], &out[0]), 0.0);
     }
 
+    /// A fused conv whose weights arrive at run time takes candle's conv and
+    /// the one-pass epilogue op (the CUDA path's kernels); it equals the
+    /// packed CPU conv compiled from the same values as constants.
+    #[test]
+    fn runtime_weight_fused_conv_matches_packed() {
+        let text = |params: &str, operands: &str| {
+            format!(
+                "graph g(%x: f32[2,3,5,5]{params}, %r: f32[2,4,5,5]) {{
+{}  %y = fused_conv2d[padding=1, relu=1](%x, {operands}, %r) : f32[2,4,5,5]
+  return %y
+}}",
+                if params.is_empty() {
+                    "  @w = constant : f32[4,3,3,3]\n  @b = constant : f32[4]\n"
+                } else {
+                    ""
+                }
+            )
+        };
+        let d = Device::Cpu;
+        let (x, w, b, r) = (
+            Tensor::randn(0f32, 1.0, (2, 3, 5, 5), &d).unwrap(),
+            Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &d).unwrap(),
+            Tensor::randn(0f32, 1.0, 4, &d).unwrap(),
+            Tensor::randn(0f32, 1.0, (2, 4, 5, 5), &d).unwrap(),
+        );
+        let runtime = Graph::parse(&text(", %w: f32[4,3,3,3], %b: f32[4]", "%w, %b")).unwrap();
+        let got = Engine::cpu()
+            .compile(&runtime)
+            .unwrap()
+            .run(&[x.clone(), w.clone(), b.clone(), r.clone()])
+            .unwrap();
+        let mut constant = Graph::parse(&text("", "@w, @b")).unwrap();
+        constant.set_constant_data("w", w).unwrap();
+        constant.set_constant_data("b", b).unwrap();
+        let want = Engine::cpu().compile(&constant).unwrap().run(&[x, r]).unwrap();
+        assert!(crate::test_util::max_abs_diff(&got[0], &want[0]) < 1e-5);
+    }
+
     /// Wrong input shape, dtype or count is a typed error naming the input and both facts.
     #[test]
     fn inputs_are_checked() {
