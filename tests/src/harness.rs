@@ -201,18 +201,35 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 /// within `rel_tol * max(1, |reference|_max)`, and the optimised graph must
 /// verify. Returns the pass report for further assertions.
 pub fn check_semantics(pipeline: &PassManager, case: &GraphCase, rel_tol: f64) -> Result<PassReport, TestCaseError> {
-    let engine = Engine::cpu();
+    check_semantics_on(&Device::Cpu, pipeline, case, rel_tol)
+}
+
+/// [`check_semantics`] with both graphs compiled for and run on `device`
+/// (inputs moved there).
+pub fn check_semantics_on(
+    device: &Device,
+    pipeline: &PassManager,
+    case: &GraphCase,
+    rel_tol: f64,
+) -> Result<PassReport, TestCaseError> {
+    let engine = Engine::new(device.clone());
     let fail = |what: &str, e: &dyn std::fmt::Display| TestCaseError::fail(format!("{what}: {e}"));
+    let inputs: Vec<Tensor> = case
+        .inputs
+        .iter()
+        .map(|t| t.to_device(device))
+        .collect::<Result<_, _>>()
+        .map_err(|e| fail("moving inputs", &e))?;
     let want = engine
         .compile(&case.graph)
-        .and_then(|m| m.run(&case.inputs))
+        .and_then(|m| m.run(&inputs))
         .map_err(|e| fail("unoptimised graph", &e))?;
     let mut optimised = case.graph.clone();
     let report = pipeline.run(&mut optimised).map_err(|e| fail("pass pipeline", &e))?;
     optimised.verify().map_err(|e| fail("verifier", &e))?;
     let got = engine
         .compile(&optimised)
-        .and_then(|m| m.run(&case.inputs))
+        .and_then(|m| m.run(&inputs))
         .map_err(|e| fail("optimised graph", &e))?;
     prop_assert_eq!(got.len(), want.len());
     for (k, (g, w)) in got.iter().zip(&want).enumerate() {

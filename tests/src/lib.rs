@@ -52,7 +52,62 @@ pub fn random_model(name: ModelName, seed: u64) -> Model {
     Model::load(name, WeightSource::Random { seed }, &Device::Cpu).unwrap()
 }
 
-/// Directory holding the committed fixtures (`fixtures/` at the workspace root).
+/// Directory holding the committed fixtures: `$WICK_FIXTURES_DIR` when set
+/// (test binaries carried to another machine), else `fixtures/` at the
+/// workspace root this crate was built from.
 pub fn fixtures_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+    match std::env::var_os("WICK_FIXTURES_DIR") {
+        Some(dir) => dir.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures"),
+    }
+}
+
+#[doc(hidden)]
+pub use paste;
+
+/// The GPU the `_cuda` test variants run on: `cuda:$WICK_CUDA_DEVICE`
+/// (default 0). Panics, failing the test, when there is none: a `_cuda`
+/// test only exists when the `cuda` feature was asked for.
+pub fn cuda_device() -> Device {
+    let ordinal = std::env::var("WICK_CUDA_DEVICE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Device::new_cuda(ordinal).unwrap_or_else(|e| panic!("cuda:{ordinal} is not usable: {e}"))
+}
+
+/// Writes a test once for every device: `NAME_cpu` always, and `NAME_cuda`
+/// when the `cuda` feature of this crate is on (`cargo test -p wick-tests
+/// --features cuda`). The body sees the device as `$device: Device`.
+///
+/// ```ignore
+/// wick_tests::device_test! {
+///     /// Doc for both variants.
+///     fn engine_matches_eager(device) {
+///         assert!(device.is_cpu() || device.is_cuda());
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! device_test {
+    ($(#[$meta:meta])* fn $name:ident($device:ident) $body:block) => {
+        $crate::paste::paste! {
+            $(#[$meta])*
+            #[test]
+            fn [<$name _cpu>]() {
+                #[allow(unused_variables)]
+                let $device = ::candle_core::Device::Cpu;
+                $body
+            }
+
+            $(#[$meta])*
+            #[cfg(feature = "cuda")]
+            #[test]
+            fn [<$name _cuda>]() {
+                #[allow(unused_variables)]
+                let $device = $crate::cuda_device();
+                $body
+            }
+        }
+    };
 }

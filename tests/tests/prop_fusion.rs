@@ -6,7 +6,9 @@ use proptest::prelude::*;
 use wick_ir::{BatchNormAttrs, Conv2dAttrs, Graph, Op, TensorFact};
 use wick_models::random::uniform;
 use wick_passes::PassManager;
-use wick_tests::harness::{arb_graph, check_semantics, config, GraphCase};
+use proptest::test_runner::TestRunner;
+use wick_tests::device_test;
+use wick_tests::harness::{arb_graph, check_semantics, check_semantics_on, config, GraphCase};
 
 /// One conv → batch_norm pair with every attribute drawn at random.
 #[derive(Debug, Clone)]
@@ -172,24 +174,29 @@ fn build(case: &ConvBnCase) -> (GraphCase, f64) {
     )
 }
 
-fn check_conv_bn(case: &ConvBnCase) -> Result<(), TestCaseError> {
+fn check_conv_bn(case: &ConvBnCase, device: &Device) -> Result<(), TestCaseError> {
     let (graph_case, tolerance) = build(case);
     // check_semantics scales by max(1, |reference|); pass an absolute bound instead.
-    let report = check_semantics(&PassManager::default_pipeline(), &graph_case, 0.0_f64.max(tolerance))?;
+    let report = check_semantics_on(device, &PassManager::default_pipeline(), &graph_case, tolerance)?;
     prop_assert_eq!(report.count("fuse-conv-batch-norm", "matched"), 1);
     Ok(())
 }
 
-proptest! {
-    #![proptest_config(config(256))]
-
+device_test! {
     /// Any conv → bn pair (groups incl. depthwise, kernel h != w, stride,
     /// dilation, asymmetric padding, bias/affine on or off, eps 1e-5..1e-1,
-    /// C == H == W) fuses once and keeps the output within the f32 bound.
-    #[test]
-    fn conv_bn_fusion_preserves_output(case in arb_conv_bn()) {
-        check_conv_bn(&case)?;
+    /// C == H == W) fuses once and keeps the output within the f32 bound,
+    /// both graphs run on the device under test.
+    fn conv_bn_fusion_preserves_output(device) {
+        let mut runner = TestRunner::new(config(256));
+        if let Err(e) = runner.run(&arb_conv_bn(), |case| check_conv_bn(&case, &device)) {
+            panic!("{e}");
+        }
     }
+}
+
+proptest! {
+    #![proptest_config(config(256))]
 
     /// Random graphs through the default pipeline: outputs unchanged, the
     /// verifier clean, no batch_norm fed by a fusable conv left, and exactly
@@ -240,7 +247,7 @@ fn expected_fusions(graph: &Graph) -> (u64, u64) {
 }
 
 fn regression(case: ConvBnCase) {
-    check_conv_bn(&case).unwrap();
+    check_conv_bn(&case, &Device::Cpu).unwrap();
 }
 
 /// C == H == W == 4 with a depthwise 3x3 conv (candle's layout-ambiguity bug shape).
