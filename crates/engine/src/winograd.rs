@@ -15,7 +15,7 @@
 //!
 //! Error: the transforms use the points 0, ±1, ±2, ∞; the fp32 error grows
 //! with the tile size (bounded and measured in the tests below and in
-//! `tests/tests/pytorch_fixtures.rs` on a whole ResNet18).
+//! `tests/tests/devices/pytorch.rs` on a whole ResNet18).
 
 use crate::gemm_kernel::{pack_panels, panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
 use candle_core::{bail, CpuStorage, Device, Storage, Tensor};

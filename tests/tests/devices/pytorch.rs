@@ -1,41 +1,45 @@
 //! wick (eager and traced through the engine) against PyTorch outputs
-//! produced by `scripts/make_fixtures.py` and committed under `fixtures/`.
+//! produced by `scripts/make_fixtures.py` and committed under `fixtures/`,
+//! on every device (`_cpu`; `_cuda` with the `cuda` feature).
 
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use wick_engine::Engine;
 use wick_models::{random_input, Model, ModelName, WeightSource};
-use wick_tests::{assert_close, fixtures_dir, max_abs_diff, random_model};
+use wick_tests::{assert_close, device_test, fixtures_dir, max_abs_diff};
 
 fn load(file: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures_dir().join(file), &Device::Cpu).unwrap()
 }
 
-/// The engine's output on the traced graph, after wick's default pipeline when `fused`.
+/// The engine's output on the traced graph, after wick's default pipeline
+/// when `fused`, on `x`'s device, brought back to the CPU.
 fn engine_output(model: &Model, x: &Tensor, fused: bool) -> Tensor {
     let mut graph = model.trace(x.dims()).unwrap();
     if fused {
         wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
     }
-    Engine::cpu()
+    Engine::new(x.device().clone())
         .compile(&graph)
         .unwrap()
         .run(std::slice::from_ref(x))
         .unwrap()
         .remove(0)
+        .to_device(&Device::Cpu)
+        .unwrap()
 }
 
-fn check_torch_state_dict(name: ModelName, stem: &str) {
+fn check_torch_state_dict(name: ModelName, stem: &str, device: &Device) {
     let model = Model::load(
         name,
         WeightSource::File(fixtures_dir().join(format!("{stem}.weights.safetensors"))),
-        &Device::Cpu,
+        device,
     )
     .unwrap();
     let io = load(&format!("{stem}.io.safetensors"));
-    let (x, want) = (&io["input"], &io["output"]);
+    let (x, want) = (&io["input"].to_device(device).unwrap(), &io["output"]);
     assert_close(
-        &model.forward_eager(x).unwrap(),
+        &model.forward_eager(x).unwrap().to_device(&Device::Cpu).unwrap(),
         want,
         1e-5,
         &format!("{name} eager vs PyTorch"),
@@ -50,25 +54,37 @@ fn check_torch_state_dict(name: ModelName, stem: &str) {
     }
 }
 
-/// The tutorial's toy model with a torch state dict (`nested.0.*`, `wrapped.mod.*`) matches PyTorch within 1e-5.
-#[test]
-fn toy_matches_pytorch() {
-    check_torch_state_dict(ModelName::Toy, "toy");
+device_test! {
+    /// The tutorial's toy model with a torch state dict (`nested.0.*`, `wrapped.mod.*`) matches PyTorch within 1e-5.
+    fn toy_matches_pytorch(device) {
+        check_torch_state_dict(ModelName::Toy, "toy", &device);
+    }
 }
 
-/// The tutorial's Sequential model (`0.weight`, ...) matches PyTorch within 1e-5.
-#[test]
-fn toy_sequential_matches_pytorch() {
-    check_torch_state_dict(ModelName::ToySequential, "toy_sequential");
+device_test! {
+    /// The tutorial's Sequential model (`0.weight`, ...) matches PyTorch within 1e-5.
+    fn toy_sequential_matches_pytorch(device) {
+        check_torch_state_dict(ModelName::ToySequential, "toy_sequential", &device);
+    }
 }
 
-/// ResNet18 with wick's seeded init (re-implemented in Python) matches
-/// torchvision's logits within 1e-4 at logit scale ~2.
-#[test]
-fn resnet18_matches_torchvision() {
+device_test! {
+    /// ResNet18 with wick's seeded init (re-implemented in Python) matches
+    /// torchvision's logits within 1e-4 at logit scale ~2.
+    fn resnet18_matches_torchvision(device) {
+        check_resnet18(&device);
+    }
+}
+
+fn check_resnet18(device: &Device) {
     let io = load("resnet18_random.io.safetensors");
     let seeds: Vec<i64> = io["meta.seeds"].to_vec1().unwrap();
-    let model = random_model(ModelName::Resnet18, seeds[0] as u64);
+    let model = Model::load(
+        ModelName::Resnet18,
+        WeightSource::Random { seed: seeds[0] as u64 },
+        device,
+    )
+    .unwrap();
     let want = &io["output"];
     let x = random_input(
         seeds[1] as u64,
@@ -99,6 +115,8 @@ fn resnet18_matches_torchvision() {
         .flatten_all()
         .unwrap()
         .narrow(0, 0, 16)
+        .unwrap()
+        .to_device(&Device::Cpu)
         .unwrap();
     assert_eq!(
         max_abs_diff(&probe_weight, &io["probe.conv1.weight"]),
@@ -106,8 +124,9 @@ fn resnet18_matches_torchvision() {
         "weight generator diverged"
     );
 
+    let x = x.to_device(device).unwrap();
     assert_close(
-        &model.forward_eager(&x).unwrap(),
+        &model.forward_eager(&x).unwrap().to_device(&Device::Cpu).unwrap(),
         want,
         1e-4,
         "resnet18 eager vs torchvision",

@@ -1,12 +1,12 @@
 //! Property tests of conv → batch_norm fusion and of the whole default
-//! pipeline. More cases: `WICK_PROPTEST_CASES=5000 cargo test -p wick-tests --test prop_fusion`.
+//! pipeline. More cases: `WICK_PROPTEST_CASES=5000 cargo test -p wick-tests --test devices prop_fusion`.
 
 use candle_core::{DType, Device};
 use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
 use wick_ir::{BatchNormAttrs, Conv2dAttrs, Graph, Op, TensorFact};
 use wick_models::random::uniform;
 use wick_passes::PassManager;
-use proptest::test_runner::TestRunner;
 use wick_tests::device_test;
 use wick_tests::harness::{arb_graph, check_semantics, check_semantics_on, config, GraphCase};
 

@@ -1,0 +1,83 @@
+//! The default pipeline on the shipped models: 3 / 2 / 20 conv → batch_norm
+//! fusions, no batch_norm left, outputs unchanged — on every device
+//! (`device_test!`: `_cpu`, and `_cuda` with the `cuda` feature, which also
+//! checks the GPU's fused output against the CPU's).
+
+use candle_core::{Device, Tensor};
+use wick_engine::Engine;
+use wick_ir::Op;
+use wick_models::{random_input, Model, ModelName, WeightSource};
+use wick_passes::PassManager;
+use wick_tests::{assert_close, device_test};
+
+/// Expected `matched` counts: conv-bn, conv-add-relu, conv-relu.
+fn check(name: ModelName, batch: Option<usize>, expected: [u64; 3], device: &Device) {
+    let model = Model::load(name, WeightSource::Random { seed: 5 }, device).unwrap();
+    let shape = name.input_shape(batch);
+    let x = random_input(9, &shape, device).unwrap();
+    let graph = model.trace(&shape).unwrap();
+    let mut fused = graph.clone();
+    let report = PassManager::default_pipeline().run(&mut fused).unwrap();
+    println!("{report}");
+    let counts = ["fuse-conv-batch-norm", "fuse-conv-add-relu", "fuse-conv-relu"].map(|p| report.count(p, "matched"));
+    assert_eq!(counts, expected, "{report}");
+    assert!(
+        fused.nodes().iter().all(|n| n.op != Op::Relu || name == ModelName::Toy),
+        "relu left in {name}:\n{fused}"
+    );
+    assert!(
+        fused.nodes().iter().all(|n| !matches!(n.op, Op::BatchNorm(_))),
+        "batch_norm left in {name}:\n{fused}"
+    );
+    let run = |engine: &Engine, graph, x: &Tensor| {
+        engine
+            .compile(graph)
+            .unwrap()
+            .run(std::slice::from_ref(x))
+            .unwrap()
+            .remove(0)
+    };
+    let engine = Engine::new(device.clone());
+    let want = run(&engine, &graph, &x);
+    let got = run(&engine, &fused, &x);
+    assert_eq!(got.device().location(), device.location());
+    assert_close(&got, &want, 1e-5, &format!("{name} fused vs unfused on {device:?}"));
+    let eager = model.forward_eager(&x).unwrap();
+    assert_close(&got, &eager, 1e-5, &format!("{name} fused vs eager on {device:?}"));
+    if !device.is_cpu() {
+        // Same graph, same weights on the CPU (Winograd / direct kernels) vs
+        // the device (candle's kernels + wick's epilogue): both f32 with
+        // different summation orders; 1e-4 of the output scale is the bound
+        // the PyTorch comparisons use (observed ~1e-6 on the CPU side).
+        let cpu = run(&Engine::cpu(), &fused, &x.to_device(&Device::Cpu).unwrap());
+        assert_close(
+            &got.to_device(&Device::Cpu).unwrap(),
+            &cpu,
+            1e-4,
+            &format!("{name} {device:?} vs CPU"),
+        );
+    }
+}
+
+device_test! {
+    /// Three pairs in the tutorial's toy model, across Sequential and wrapper boundaries.
+    fn toy_fuses_three(device) {
+        check(ModelName::Toy, None, [3, 0, 0], &device);
+    }
+}
+
+device_test! {
+    /// Two pairs in the tutorial's Sequential model with different shapes from the pattern's example.
+    fn toy_sequential_fuses_two(device) {
+        check(ModelName::ToySequential, None, [2, 0, 1], &device);
+    }
+}
+
+device_test! {
+    /// All twenty pairs of ResNet18 (strided, padded, 1x1 downsample convs
+    /// included); then 8 block tails (conv + residual add + relu) and 9
+    /// conv + relu epilogues, leaving no separate relu.
+    fn resnet18_fuses_twenty(device) {
+        check(ModelName::Resnet18, Some(1), [20, 8, 9], &device);
+    }
+}
