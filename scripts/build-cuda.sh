@@ -2,8 +2,13 @@
 # Builds wick's CUDA binaries on a machine with no GPU and no CUDA toolkit
 # (recipe: ../shared/cuda/RECIPE.md): nvcc 13.0 from PyPI, link-time stub
 # libraries for the driver/cuBLAS/cuRAND/NVRTC, the real libcudart, and
-# CUDA_COMPUTE_CAP=90 (H100/H200). Output: target-cuda/release/xtask plus
-# libcudart.so.13 next to it. CI never runs this.
+# CUDA_COMPUTE_CAP=90 (H100/H200). CI never runs this.
+#
+# Output, the bundle scripts/gpu-check.sh runs on a GPU machine (~12 MB,
+# within the 64 MiB a device run may carry):
+#   target-cuda/gpu/xtask-cuda.xz     `cargo xtask` with the cuda feature
+#   target-cuda/gpu/devices-cuda.xz   the device tests (NAME_cpu + NAME_cuda)
+#   target-cuda/gpu/libcudart.so.13   the CUDA runtime both link against
 #
 #   scripts/build-cuda.sh            # ~18 minutes cold on 2 cores (candle-kernels)
 set -euo pipefail
@@ -31,8 +36,22 @@ bash "$STUB_SCRIPT" 13 "$STUBS" "$CU/lib/libcudart.so.13"
 export PATH=$CU/bin:$PATH CUDA_HOME=$STUBS CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export CARGO_TARGET_DIR=$ROOT/target-cuda
 cargo build --release --manifest-path "$ROOT/Cargo.toml" -p xtask --features cuda
+# The device tests as one executable (release: reuses the kernels built above).
+TEST_BIN=$(cargo test --release --manifest-path "$ROOT/Cargo.toml" -p wick-tests --features cuda --test devices \
+  --no-run --message-format=json | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "devices":
+        print(m["executable"])')
+BUNDLE=$CARGO_TARGET_DIR/gpu
+rm -rf "$BUNDLE" && mkdir -p "$BUNDLE"
 cp -L "$CU/lib/libcudart.so.13" "$CARGO_TARGET_DIR/release/"
-# Carry-sized copy (debug info stripped; the GPU machine's lending limit is 64 MiB).
-strip --strip-debug -o "$CARGO_TARGET_DIR/release/xtask-cuda" "$CARGO_TARGET_DIR/release/xtask"
-echo "built $CARGO_TARGET_DIR/release/xtask-cuda (CUDA, sm_${CUDA_COMPUTE_CAP}, $(du -h "$CARGO_TARGET_DIR/release/xtask-cuda" | cut -f1)); libcudart.so.13 beside it"
-echo "run it with LD_LIBRARY_PATH=<that directory>:<the GPU machine's CUDA 13 libraries>"
+cp -L "$CU/lib/libcudart.so.13" "$BUNDLE/"
+# Debug info stripped, then xz: each binary is ~45 MB with candle's PTX, ~6 MB compressed.
+strip --strip-debug -o "$BUNDLE/xtask-cuda" "$CARGO_TARGET_DIR/release/xtask"
+strip --strip-debug -o "$BUNDLE/devices-cuda" "$TEST_BIN"
+xz -T0 -6 -f "$BUNDLE/xtask-cuda" "$BUNDLE/devices-cuda"
+echo "built $BUNDLE (CUDA, sm_${CUDA_COMPUTE_CAP}):"
+ls -l "$BUNDLE"
+echo "on a GPU machine: scripts/gpu-check.sh $BUNDLE   (needs python3 and the driver; see the script)"
