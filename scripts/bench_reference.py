@@ -5,19 +5,21 @@ protocol, for side-by-side comparison with `cargo xtask bench resnet18`
     .venv/bin/pip install torch torchvision onnx onnxruntime
     .venv/bin/python scripts/bench_reference.py [--batch 10] [--iters 20] [--warmup 10]
 
-Prints median / min / max ms per forward and peak RSS of this process.
+Prints median / min / max ms per forward and each runtime's peak RSS:
+ONNX Runtime runs in a child process of its own (as each `cargo xtask
+bench` mode does), so its figure is ORT's alone; PyTorch's is this process.
 """
 
 import argparse
 import pathlib
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
 import numpy as np
-import torch
-import torchvision
 
 
 def timed(fn, warmup, iters):
@@ -36,31 +38,55 @@ def main():
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--ort-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ort_child:
+        return ort_child(args.ort_child, args.warmup, args.iters)
+    import torch  # not in the ORT child: its peak RSS must be ORT's alone
+    import torchvision
+
     torch.set_num_threads(2)
     model = torchvision.models.resnet18().eval()
     x = torch.randn(args.batch, 3, 224, 224)
     rows = []
     with torch.no_grad():
         rows.append(("pytorch-eager", timed(lambda: model(x), args.warmup, args.iters)))
+    torch_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ort_rss = None
     try:
         import onnxruntime as ort
 
         with tempfile.TemporaryDirectory() as tmp:
             path = pathlib.Path(tmp) / "resnet18.onnx"
             torch.onnx.export(model, x, str(path), input_names=["input"], output_names=["output"], dynamo=False)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 2
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            feed = {"input": x.numpy().astype(np.float32)}
-            rows.append((f"onnxruntime-{ort.__version__}", timed(lambda: session.run(None, feed), args.warmup, args.iters)))
+            np.save(pathlib.Path(tmp) / "input.npy", x.numpy().astype(np.float32))
+            child = subprocess.run(
+                [sys.executable, __file__, "--ort-child", tmp, "--warmup", str(args.warmup), "--iters", str(args.iters)],
+                check=True, capture_output=True, text=True,
+            )
+            median, low, high, ort_rss = map(float, child.stdout.split())
+            rows.append((f"onnxruntime-{ort.__version__}", (median, low, high)))
     except ImportError as err:
         print(f"(onnxruntime not installed: {err})")
     print(f"resnet18 batch {args.batch}, torch {torch.__version__}, {args.warmup} warm-up + {args.iters} timed forwards")
     print(f"{'runtime':<22} {'median ms':>10} {'min ms':>9} {'max ms':>9}")
     for name, (median, low, high) in rows:
         print(f"{name:<22} {median:>10.2f} {low:>9.2f} {high:>9.2f}")
-    print(f"peak RSS of this process (both runtimes): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"peak RSS: pytorch-eager process {torch_rss:.0f} MiB" + (f", onnxruntime child process {ort_rss:.0f} MiB" if ort_rss else ""))
+
+
+def ort_child(directory, warmup, iters):
+    """Times ORT on the exported model in a process that never imported torch."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(pathlib.Path(directory) / "resnet18.onnx"), options, providers=["CPUExecutionProvider"])
+    feed = {"input": np.load(pathlib.Path(directory) / "input.npy")}
+    median, low, high = timed(lambda: session.run(None, feed), warmup, iters)
+    # VmHWM, not ru_maxrss: Linux carries the parent's maxrss across fork + exec.
+    hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(median, low, high, hwm_kib / 1024)
 
 
 if __name__ == "__main__":
