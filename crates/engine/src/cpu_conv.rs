@@ -460,6 +460,8 @@ mod tests {
             assert!(diff < 1e-4, "direct {isa:?}: {diff}");
             assert!(direct.run(&x, Some(&r.narrow(0, 0, 1).unwrap())).is_err());
             assert!(direct.run(&r, None).is_err(), "wrong channel count");
+            let empty = direct.run(&x.narrow(0, 0, 0).unwrap(), None).unwrap();
+            assert_eq!(empty.dims(), [0, 6, 5, 5]);
         }
         assert!(PackedConv::new(&w, Some(&b), attrs, true)
             .unwrap()

@@ -149,6 +149,10 @@ impl DirectConv {
             total: batch * out_height * out_width,
         };
         let out_len: usize = out_dims.iter().product();
+        if out_len == 0 {
+            // An empty batch: nothing to compute (and no block size to pick).
+            return Tensor::from_vec(Vec::<f32>::new(), out_dims.to_vec(), &Device::Cpu);
+        }
         let mut out = Vec::<f32>::with_capacity(out_len);
         {
             let (storage, layout) = x.storage_and_layout();

@@ -911,6 +911,8 @@ mod tests {
         assert!(conv.run(&x, Some(&wrong_residual)).is_err());
         let five = Tensor::zeros((4, 3, 5, 5), candle_core::DType::F32, &d).unwrap();
         assert!(WinogradConv::new(&five, None, [1, 1], false, Isa::Scalar).is_err());
+        let empty = conv.run(&x.narrow(0, 0, 0).unwrap(), None).unwrap();
+        assert_eq!(empty.dims(), [0, 4, 5, 5]);
         assert!(WinogradConv::applies([3, 3], &Conv2dAttrs::default()));
     }
 }
