@@ -1,0 +1,177 @@
+//! Winograd against candle's direct convolution on every SIMD path.
+
+use super::*;
+use proptest::prelude::*;
+use wick_ir::Conv2dAttrs;
+
+/// Allowed `|got − want| / (ε · (Σ|w||x| + |b| + |r|))`, f32 ε = 2⁻²³.
+/// F(4×4, 3×3)'s transforms amplify rounding (coefficients up to 8 and
+/// 1/24); the worst ratio seen over 128-case runs was 68.
+const ERROR_FACTOR: f64 = 200.0;
+
+#[derive(Debug, Clone)]
+struct Case {
+    batch: usize,
+    channels: usize,
+    outputs: usize,
+    size: [usize; 2],
+    padding: [usize; 2],
+    bias: bool,
+    relu: bool,
+    residual: bool,
+    seed: u64,
+}
+
+fn arb_case() -> impl Strategy<Value = Case> {
+    (
+        1usize..4,
+        1usize..20,
+        1usize..20,
+        [1usize..14, 1usize..14],
+        [0usize..3, 0usize..3],
+        any::<(bool, bool, bool, bool)>(),
+        any::<u64>(),
+    )
+        .prop_filter("the 3x3 window must fit", |(_, _, _, size, padding, _, _)| {
+            size[0] + 2 * padding[0] >= 3 && size[1] + 2 * padding[1] >= 3
+        })
+        .prop_map(
+            |(batch, channels, outputs, size, padding, (bias, relu, residual, square), seed)| {
+                // Every other case with C == H == W (the layout-ambiguity shape)
+                // where the window fits.
+                let size = if square && channels >= 3 { [channels; 2] } else { size };
+                Case {
+                    batch,
+                    channels,
+                    outputs,
+                    size,
+                    padding,
+                    bias,
+                    relu,
+                    residual,
+                    seed,
+                }
+            },
+        )
+}
+
+fn conv(x: &Tensor, w: &Tensor, padding: [usize; 2]) -> Tensor {
+    x.pad_with_zeros(2, padding[0], padding[0])
+        .unwrap()
+        .pad_with_zeros(3, padding[1], padding[1])
+        .unwrap()
+        .conv2d(w, 0, 1, 1, 1)
+        .unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Runs `case` on every available path and returns the worst error ratio
+/// against candle's direct convolution.
+fn worst_ratio(case: &Case) -> f64 {
+    let d = Device::Cpu;
+    let mut state = case.seed;
+    let mut tensor = |dims: &[usize]| {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect();
+        Tensor::from_vec(v, dims, &d).unwrap()
+    };
+    let [h, w] = case.size;
+    let x = tensor(&[case.batch, case.channels, h, w]);
+    let weight = tensor(&[case.outputs, case.channels, 3, 3]);
+    let bias = case.bias.then(|| tensor(&[case.outputs]));
+    let direct = conv(&x, &weight, case.padding);
+    let residual = case.residual.then(|| tensor(direct.dims()));
+    let mut want = direct.clone();
+    // Σ|w||x| + |b| + |r|: what the rounding error of any summation order scales with.
+    let mut magnitude = conv(&x.abs().unwrap(), &weight.abs().unwrap(), case.padding);
+    if let Some(b) = &bias {
+        let b = b.reshape((1, case.outputs, 1, 1)).unwrap();
+        want = want.broadcast_add(&b).unwrap();
+        magnitude = magnitude.broadcast_add(&b.abs().unwrap()).unwrap();
+    }
+    if let Some(r) = &residual {
+        want = (want + r).unwrap();
+        magnitude = (magnitude + r.abs().unwrap()).unwrap();
+    }
+    if case.relu {
+        want = want.relu().unwrap();
+    }
+    let (want, magnitude) = (values(&want), values(&magnitude));
+    let mut worst = 0f64;
+    for isa in Isa::available() {
+        let conv = WinogradConv::new(&weight, bias.as_ref(), case.padding, case.relu, isa).unwrap();
+        let got = conv.run(&x, residual.as_ref()).unwrap();
+        assert_eq!(got.dims(), direct.dims(), "{isa:?}");
+        for ((g, w), m) in values(&got).iter().zip(&want).zip(&magnitude) {
+            let ratio = f64::from((g - w).abs()) / (f64::from(f32::EPSILON) * f64::from(*m) + 1e-30);
+            assert!(ratio.is_finite(), "{isa:?}: got {g}, want {w}");
+            worst = worst.max(ratio);
+        }
+    }
+    worst
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Equals candle's direct convolution (+ bias, + residual, + ReLU) on
+    /// every SIMD path within `ERROR_FACTOR · ε · Σ|w||x|`, across batch,
+    /// channel counts that are not whole GEMM panels, sizes smaller than
+    /// a tile, odd sizes, C == H == W, and padding 0..=2 per axis.
+    #[test]
+    fn matches_candle(case in arb_case()) {
+        let worst = worst_ratio(&case);
+        if std::env::var_os("WICK_PRINT_ERROR").is_some() {
+            println!("winograd error ratio {worst:.2}");
+        }
+        prop_assert!(worst <= ERROR_FACTOR, "error ratio {worst}");
+    }
+}
+
+/// Several blocks over the batch (blocks run in parallel) and a
+/// ResNet-sized layer (blocks split across threads) give the same answer.
+#[test]
+fn multi_block_and_split_paths() {
+    for (batch, channels, size) in [(6, 16, 23), (1, 64, 9)] {
+        let case = Case {
+            batch,
+            channels,
+            outputs: channels + 3,
+            size: [size, size],
+            padding: [1, 1],
+            bias: true,
+            relu: true,
+            residual: true,
+            seed: 7,
+        };
+        let worst = worst_ratio(&case);
+        assert!(worst <= ERROR_FACTOR, "{case:?}: {worst}");
+    }
+}
+
+#[test]
+fn rejects_bad_input() {
+    let d = Device::Cpu;
+    let w = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, &d).unwrap();
+    let conv = WinogradConv::new(&w, None, [1, 1], false, Isa::Scalar).unwrap();
+    let wrong_channels = Tensor::zeros((1, 2, 5, 5), candle_core::DType::F32, &d).unwrap();
+    assert!(conv.run(&wrong_channels, None).is_err());
+    let x = Tensor::zeros((1, 3, 5, 5), candle_core::DType::F32, &d).unwrap();
+    let wrong_residual = Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &d).unwrap();
+    assert!(conv.run(&x, Some(&wrong_residual)).is_err());
+    let five = Tensor::zeros((4, 3, 5, 5), candle_core::DType::F32, &d).unwrap();
+    assert!(WinogradConv::new(&five, None, [1, 1], false, Isa::Scalar).is_err());
+    let empty = conv.run(&x.narrow(0, 0, 0).unwrap(), None).unwrap();
+    assert_eq!(empty.dims(), [0, 4, 5, 5]);
+    assert!(WinogradConv::applies([3, 3], &Conv2dAttrs::default()));
+}

@@ -1,0 +1,390 @@
+//! The Winograd F(4×4, 3×3) transforms: `Bᵀ d B` of the input patches
+//! (gathered from NCHW with AVX-512 masked gathers or scalar loads), `Aᵀ m
+//! A` of the products with the fused epilogue, and `G g Gᵀ` of the weights.
+
+use super::{OutPtr, Shape, TilePos, WinogradConv, ALPHA, LANES, M, PREFETCH_CHANNELS, XI};
+use crate::gemm_kernel::Isa;
+
+/// `Bᵀ d` for one column of 6 lane vectors.
+#[inline(always)]
+fn input_transform(d: &[[f32; LANES]; ALPHA]) -> [[f32; LANES]; ALPHA] {
+    let mut r = [[0f32; LANES]; ALPHA];
+    for l in 0..LANES {
+        let [d0, d1, d2, d3, d4, d5] = [d[0][l], d[1][l], d[2][l], d[3][l], d[4][l], d[5][l]];
+        r[0][l] = 4.0 * d0 - 5.0 * d2 + d4;
+        r[1][l] = -4.0 * (d1 + d2) + d3 + d4;
+        r[2][l] = 4.0 * (d1 - d2) - d3 + d4;
+        r[3][l] = 2.0 * (d3 - d1) - d2 + d4;
+        r[4][l] = 2.0 * (d1 - d3) - d2 + d4;
+        r[5][l] = 4.0 * d1 - 5.0 * d3 + d5;
+    }
+    r
+}
+
+/// `Aᵀ m` for one column of 6 lane vectors.
+#[inline(always)]
+fn output_transform(m: &[[f32; LANES]; ALPHA]) -> [[f32; LANES]; M] {
+    let mut o = [[0f32; LANES]; M];
+    for l in 0..LANES {
+        let [m0, m1, m2, m3, m4, m5] = [m[0][l], m[1][l], m[2][l], m[3][l], m[4][l], m[5][l]];
+        let (s12, d12, s34, d34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+        o[0][l] = m0 + s12 + s34;
+        o[1][l] = d12 + 2.0 * d34;
+        o[2][l] = s12 + 4.0 * s34;
+        o[3][l] = d12 + 8.0 * d34 + m5;
+    }
+    o
+}
+
+/// `G g Gᵀ` of one 3×3 kernel, in f64.
+pub(super) fn weight_transform(g: &[f32]) -> [f64; XI] {
+    const G: [[f64; 3]; ALPHA] = [
+        [1.0 / 4.0, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [0.0, 0.0, 1.0],
+    ];
+    let mut gg = [[0f64; 3]; ALPHA];
+    for (a, row) in gg.iter_mut().enumerate() {
+        for (j, value) in row.iter_mut().enumerate() {
+            *value = (0..3).map(|i| G[a][i] * f64::from(g[i * 3 + j])).sum();
+        }
+    }
+    let mut u = [0f64; XI];
+    for a in 0..ALPHA {
+        for b in 0..ALPHA {
+            u[a * ALPHA + b] = (0..3).map(|j| gg[a][j] * G[b][j]).sum();
+        }
+    }
+    u
+}
+
+impl WinogradConv {
+    /// Writes `V[ξ][c][0..cols]` for channel `c` of the block's tiles through
+    /// `v`, which points at a `[ξ][C][cols]` buffer; columns past the tiles
+    /// get zeros. Compiled for the widest SIMD the CPU has.
+    pub(super) fn transform_input(
+        &self,
+        input: &[f32],
+        s: &Shape,
+        c: usize,
+        positions: &[TilePos],
+        cols: usize,
+        v: OutPtr,
+    ) {
+        match self.isa {
+            // SAFETY: `Isa::Avx512` / `Isa::Avx2Fma` come from `Isa::available`,
+            // so the CPU has the features the wrappers enable.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { self.transform_input_avx512(input, s, c, positions, cols, v) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => unsafe { self.transform_input_avx2(input, s, c, positions, cols, v) },
+            _ => self.transform_input_body(input, s, c, positions, cols, v),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transform_input_avx512(
+        &self,
+        input: &[f32],
+        s: &Shape,
+        c: usize,
+        positions: &[TilePos],
+        cols: usize,
+        v: OutPtr,
+    ) {
+        self.transform_input_body(input, s, c, positions, cols, v)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn transform_input_avx2(
+        &self,
+        input: &[f32],
+        s: &Shape,
+        c: usize,
+        positions: &[TilePos],
+        cols: usize,
+        v: OutPtr,
+    ) {
+        self.transform_input_body(input, s, c, positions, cols, v)
+    }
+
+    #[inline(always)]
+    fn transform_input_body(&self, input: &[f32], s: &Shape, c: usize, positions: &[TilePos], cols: usize, v: OutPtr) {
+        let plane_len = s.height * s.width;
+        // `cols` is a multiple of LANES (PANEL_GRANULE), so every chunk is full.
+        for start in (0..cols).step_by(LANES) {
+            // d[row][col][lane]: the 6×6 input patch of each lane's tile.
+            let mut d = [[[0f32; LANES]; ALPHA]; ALPHA];
+            #[cfg(target_arch = "x86_64")]
+            if self.isa == Isa::Avx512 && input.len() <= i32::MAX as usize {
+                let chunk = &positions[start.min(positions.len())..(start + LANES).min(positions.len())];
+                let mut offsets = [0i32; LANES];
+                let mut row_mask = [0u16; ALPHA];
+                let mut col_mask = [0u16; ALPHA];
+                for (lane, p) in chunk.iter().enumerate() {
+                    // May be negative for border tiles: those lanes are masked off.
+                    offsets[lane] =
+                        (((p.image * s.channels + c) * plane_len) as isize + p.y0 * s.width as isize + p.x0) as i32;
+                    for i in 0..ALPHA {
+                        let (y, x) = (p.y0 + i as isize, p.x0 + i as isize);
+                        row_mask[i] |= u16::from(y >= 0 && y < s.height as isize) << lane;
+                        col_mask[i] |= u16::from(x >= 0 && x < s.width as isize) << lane;
+                    }
+                }
+                // SAFETY: the CPU has AVX-512F (Isa::Avx512); a lane reads
+                // offsets[lane] + r·W + col only where row r and column col of
+                // its patch lie inside its image's plane, which is inside `input`
+                // (and input.len() fits i32, so no offset wraps).
+                unsafe { gather_patch_avx512(input, &offsets, &row_mask, &col_mask, s.width, &mut d) };
+                if c + PREFETCH_CHANNELS < s.channels {
+                    for (lane, &o) in offsets.iter().enumerate().take(chunk.len()) {
+                        for (r, mask) in row_mask.iter().enumerate() {
+                            if mask >> lane & 1 == 1 {
+                                let at = (o as isize + (PREFETCH_CHANNELS * plane_len + r * s.width) as isize).max(0)
+                                    as usize;
+                                prefetch(input.as_ptr().wrapping_add(at));
+                            }
+                        }
+                    }
+                }
+                self.finish_input_chunk(&d, s, c, start, cols, v);
+                continue;
+            }
+            for (lane, p) in positions.iter().skip(start).take(LANES).enumerate() {
+                let plane = &input[(p.image * s.channels + c) * plane_len..][..plane_len];
+                if p.interior {
+                    let base = p.y0 as usize * s.width + p.x0 as usize;
+                    for (r, row) in d.iter_mut().enumerate() {
+                        let line: &[f32; ALPHA] = plane[base + r * s.width..][..ALPHA].try_into().expect("6 values");
+                        for (cell, &x) in row.iter_mut().zip(line) {
+                            cell[lane] = x;
+                        }
+                    }
+                    continue;
+                }
+                // The part of the patch inside the image; the rest stays zero.
+                let clip = |origin: isize, len: usize| {
+                    let lo = (-origin).clamp(0, ALPHA as isize) as usize;
+                    let hi = (len as isize - origin).clamp(lo as isize, ALPHA as isize) as usize;
+                    (lo, hi)
+                };
+                let ((r0, r1), (c0, c1)) = (clip(p.y0, s.height), clip(p.x0, s.width));
+                for (r, row) in d.iter_mut().enumerate().take(r1).skip(r0) {
+                    // r0 <= r < r1 keeps y0 + r inside the image; likewise the columns.
+                    let line = &plane[(p.y0 + r as isize) as usize * s.width..][..s.width];
+                    for (col, cell) in row.iter_mut().enumerate().take(c1).skip(c0) {
+                        cell[lane] = line[(p.x0 + col as isize) as usize];
+                    }
+                }
+            }
+            self.finish_input_chunk(&d, s, c, start, cols, v);
+        }
+    }
+
+    /// `V = Bᵀ d B` for one chunk of lanes, stored at columns `start..start + LANES` of rows (ξ, c).
+    #[inline(always)]
+    fn finish_input_chunk(
+        &self,
+        d: &[[[f32; LANES]; ALPHA]; ALPHA],
+        s: &Shape,
+        c: usize,
+        start: usize,
+        cols: usize,
+        v: OutPtr,
+    ) {
+        // Columns: Bᵀ over rows of d; then rows: Bᵀ over columns.
+        let mut cols_t = [[[0f32; LANES]; ALPHA]; ALPHA];
+        for col in 0..ALPHA {
+            let column: [[f32; LANES]; ALPHA] = std::array::from_fn(|r| d[r][col]);
+            let t = input_transform(&column);
+            for a in 0..ALPHA {
+                cols_t[a][col] = t[a];
+            }
+        }
+        for (a, row) in cols_t.iter().enumerate() {
+            let t = input_transform(row);
+            for (b, lanes_v) in t.iter().enumerate() {
+                let xi = a * ALPHA + b;
+                debug_assert!(start + LANES <= cols);
+                // SAFETY: (ξ·C + c)·cols + start + LANES <= 36·C·cols,
+                // the buffer's length; row (ξ, c) belongs to this channel only.
+                unsafe {
+                    (v.0.add((xi * s.channels + c) * cols + start) as *mut [f32; LANES]).write_unaligned(*lanes_v)
+                };
+            }
+        }
+    }
+
+    /// Recovers output channel `k` of the block's tiles from `M[ξ][k][t]`,
+    /// adds bias and residual, applies ReLU, writes the output. Compiled for
+    /// the widest SIMD the CPU has.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn transform_output(
+        &self,
+        m: &[f32],
+        residual: Option<&[f32]>,
+        dst: OutPtr,
+        s: &Shape,
+        k: usize,
+        positions: &[TilePos],
+        cols: usize,
+    ) {
+        match self.isa {
+            // SAFETY: as in `transform_input`.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { self.transform_output_avx512(m, residual, dst, s, k, positions, cols) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => unsafe { self.transform_output_avx2(m, residual, dst, s, k, positions, cols) },
+            _ => self.transform_output_body(m, residual, dst, s, k, positions, cols),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn transform_output_avx512(
+        &self,
+        m: &[f32],
+        residual: Option<&[f32]>,
+        dst: OutPtr,
+        s: &Shape,
+        k: usize,
+        positions: &[TilePos],
+        cols: usize,
+    ) {
+        self.transform_output_body(m, residual, dst, s, k, positions, cols)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn transform_output_avx2(
+        &self,
+        m: &[f32],
+        residual: Option<&[f32]>,
+        dst: OutPtr,
+        s: &Shape,
+        k: usize,
+        positions: &[TilePos],
+        cols: usize,
+    ) {
+        self.transform_output_body(m, residual, dst, s, k, positions, cols)
+    }
+
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn transform_output_body(
+        &self,
+        m: &[f32],
+        residual: Option<&[f32]>,
+        dst: OutPtr,
+        s: &Shape,
+        k: usize,
+        positions: &[TilePos],
+        cols: usize,
+    ) {
+        let out_plane = s.out_height * s.out_width;
+        let bias = self.bias[k];
+        let relu = self.relu;
+        for (chunk, positions) in positions.chunks(LANES).enumerate() {
+            // M has `cols` (a multiple of LANES) columns: a full chunk is always readable.
+            let start = chunk * LANES;
+            let mut rows = [[[0f32; LANES]; ALPHA]; M];
+            for b in 0..ALPHA {
+                let column: [[f32; LANES]; ALPHA] = std::array::from_fn(|a| {
+                    m[((a * ALPHA + b) * self.padded_out + k) * cols + start..][..LANES]
+                        .try_into()
+                        .expect("LANES values")
+                });
+                let t = output_transform(&column);
+                for (i, row) in rows.iter_mut().enumerate() {
+                    row[b] = t[i];
+                }
+            }
+            let o: [[[f32; LANES]; M]; M] = std::array::from_fn(|i| output_transform(&rows[i]));
+            for (lane, p) in positions.iter().enumerate() {
+                let plane = (p.image * self.out_channels + k) * out_plane;
+                let (h, w) = if p.out_full {
+                    (M, M)
+                } else {
+                    ((s.out_height - p.out_y).min(M), (s.out_width - p.out_x).min(M))
+                };
+                for (i, o) in o.iter().enumerate().take(h) {
+                    let base = plane + (p.out_y + i) * s.out_width + p.out_x;
+                    if w == M {
+                        // Whole row: fixed-size arrays keep it in one vector register.
+                        let mut row: [f32; M] = std::array::from_fn(|j| o[j][lane] + bias);
+                        if let Some(r) = residual {
+                            let r: &[f32; M] = r[base..base + M].try_into().expect("M values");
+                            for (v, r) in row.iter_mut().zip(r) {
+                                *v += r;
+                            }
+                        }
+                        if relu {
+                            row = row.map(|v| v.max(0.0));
+                        }
+                        // SAFETY: base + M <= N·O·OH·OW (image < N, k < O,
+                        // out_y + i < OH, out_x + M <= OW) and these pixels
+                        // belong to this tile and channel only (see OutPtr).
+                        unsafe { (dst.0.add(base) as *mut [f32; M]).write_unaligned(row) };
+                    } else {
+                        for (j, o) in o.iter().enumerate().take(w) {
+                            let mut v = o[lane] + bias + residual.map_or(0.0, |r| r[base + j]);
+                            if relu {
+                                v = v.max(0.0);
+                            }
+                            // SAFETY: as above, with out_x + j < OW.
+                            unsafe { dst.0.add(base + j).write(v) };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Hints the CPU to bring `at`'s cache line into L1 (no-op off x86-64).
+#[inline(always)]
+fn prefetch(at: *const f32) {
+    // SAFETY: a prefetch never faults and reads nothing observable; any
+    // address (even out of bounds) is only a hint.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
+/// Loads the 6×6 patches of 16 tiles with masked gathers: lane `l` of
+/// `d[r][col]` is `input[offsets[l] + r·width + col]` where bit `l` of
+/// `row_mask[r] & col_mask[col]` is set, zero elsewhere.
+///
+/// # Safety
+/// The CPU has AVX-512F, and every unmasked index is in `0..input.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gather_patch_avx512(
+    input: &[f32],
+    offsets: &[i32; LANES],
+    row_mask: &[u16; ALPHA],
+    col_mask: &[u16; ALPHA],
+    width: usize,
+    d: &mut [[[f32; LANES]; ALPHA]; ALPHA],
+) {
+    use std::arch::x86_64::*;
+    let base = _mm512_loadu_si512(offsets.as_ptr().cast());
+    for (r, row) in d.iter_mut().enumerate() {
+        for (col, cell) in row.iter_mut().enumerate() {
+            let mask = row_mask[r] & col_mask[col];
+            let idx = _mm512_add_epi32(base, _mm512_set1_epi32((r * width + col) as i32));
+            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, input.as_ptr());
+            _mm512_storeu_ps(cell.as_mut_ptr(), v);
+        }
+    }
+}
