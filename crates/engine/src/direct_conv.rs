@@ -7,9 +7,9 @@
 //! No whole-image im2col buffer, no per-call packing.
 
 use crate::gemm_kernel::{pack_panels, panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS};
+use crate::scratch::{with_scratch, SharedOut};
 use candle_core::{bail, CpuStorage, Device, Storage, Tensor};
 use rayon::prelude::*;
-use std::cell::RefCell;
 use wick_ir::Conv2dAttrs;
 
 /// Scratch (im2col columns and products) one block aims to fit in.
@@ -49,19 +49,6 @@ struct Shape {
     out_height: usize,
     out_width: usize,
     total: usize,
-}
-
-/// The destination of a forward, written from several threads.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every output pixel belongs to exactly one block and each block is
-// handled by one task (its channels written once), so writes never overlap.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-thread_local! {
-    /// Per-thread scratch, reused across calls.
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 impl DirectConv {
@@ -168,7 +155,9 @@ impl DirectConv {
                     _ => bail!("the residual of a conv must be f32 on the CPU"),
                 },
             };
-            let dst = OutPtr(out.as_mut_ptr());
+            // Disjoint writes: blocks cover disjoint pixel ranges, and one task
+            // writes every channel of a block's pixels once.
+            let dst = SharedOut(out.as_mut_ptr());
             let cols = self.block_cols(shape.total);
             let blocks = shape.total.div_ceil(cols);
             let threads = rayon::current_num_threads();
@@ -192,7 +181,7 @@ impl DirectConv {
         &self,
         input: &[f32],
         residual: Option<&[f32]>,
-        dst: OutPtr,
+        dst: SharedOut,
         s: &Shape,
         first: usize,
         cols: usize,
@@ -203,52 +192,49 @@ impl DirectConv {
         let segments = segments(s, first, pixels);
         let depth = self.depth();
         let (v_len, m_len) = (depth * cols, self.padded_out * cols);
-        let mut scratch = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
-        if scratch.len() < v_len + m_len {
-            scratch = vec![0f32; v_len + m_len];
-        }
-        let (v, m) = scratch[..v_len + m_len].split_at_mut(v_len);
-        self.im2col(input, s, &segments, pixels, cols, v);
-        let v = &*v;
-        if split {
-            // Few blocks: share each product's output-channel panels across threads.
-            let per_task = (self.padded_out / PANEL_ROWS).div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
-            m.par_chunks_mut(per_task * cols).enumerate().for_each(|(i, m)| {
-                let rows = m.len() / cols;
-                let u = &self.panels[i * per_task * depth..][..rows * depth];
-                panel_gemm(self.isa, u, v, m, rows, depth, cols);
-            });
-        } else {
-            panel_gemm(self.isa, &self.panels, v, m, self.padded_out, depth, cols);
-        }
-        let out_plane = s.out_height * s.out_width;
-        for o in 0..self.out_channels {
-            let bias = self.bias[o];
-            let products = &m[o * cols..][..cols];
-            for seg in &segments {
-                let base = (seg.image * self.out_channels + o) * out_plane + seg.y * s.out_width;
-                let n = seg.x1 - seg.x0;
-                let src = &products[seg.col..seg.col + n];
-                // SAFETY: base + x1 <= N·O·OH·OW (image < N, o < O, y < OH,
-                // x1 <= OW) and these pixels belong to this block only (OutPtr).
-                let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add(base + seg.x0), n) };
-                match residual {
-                    Some(r) => {
-                        for ((out, &p), &r) in out.iter_mut().zip(src).zip(&r[base + seg.x0..base + seg.x1]) {
-                            let v = p + bias + r;
-                            *out = if self.relu { v.max(0.0) } else { v };
+        with_scratch(v_len + m_len, |scratch| {
+            let (v, m) = scratch.split_at_mut(v_len);
+            self.im2col(input, s, &segments, pixels, cols, v);
+            let v = &*v;
+            if split {
+                // Few blocks: share each product's output-channel panels across threads.
+                let per_task = (self.padded_out / PANEL_ROWS).div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
+                m.par_chunks_mut(per_task * cols).enumerate().for_each(|(i, m)| {
+                    let rows = m.len() / cols;
+                    let u = &self.panels[i * per_task * depth..][..rows * depth];
+                    panel_gemm(self.isa, u, v, m, rows, depth, cols);
+                });
+            } else {
+                panel_gemm(self.isa, &self.panels, v, m, self.padded_out, depth, cols);
+            }
+            let out_plane = s.out_height * s.out_width;
+            for o in 0..self.out_channels {
+                let bias = self.bias[o];
+                let products = &m[o * cols..][..cols];
+                for seg in &segments {
+                    let base = (seg.image * self.out_channels + o) * out_plane + seg.y * s.out_width;
+                    let n = seg.x1 - seg.x0;
+                    let src = &products[seg.col..seg.col + n];
+                    // SAFETY: base + x1 <= N·O·OH·OW (image < N, o < O, y < OH,
+                    // x1 <= OW) and these pixels belong to this block only.
+                    let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add(base + seg.x0), n) };
+                    match residual {
+                        Some(r) => {
+                            for ((out, &p), &r) in out.iter_mut().zip(src).zip(&r[base + seg.x0..base + seg.x1]) {
+                                let v = p + bias + r;
+                                *out = if self.relu { v.max(0.0) } else { v };
+                            }
                         }
-                    }
-                    None => {
-                        for (out, &p) in out.iter_mut().zip(src) {
-                            let v = p + bias;
-                            *out = if self.relu { v.max(0.0) } else { v };
+                        None => {
+                            for (out, &p) in out.iter_mut().zip(src) {
+                                let v = p + bias;
+                                *out = if self.relu { v.max(0.0) } else { v };
+                            }
                         }
                     }
                 }
             }
-        }
-        SCRATCH.with(|cell| *cell.borrow_mut() = scratch);
+        });
     }
 
     /// Fills `v` (`[C·kh·kw, cols]`) with the block's columns; zeros for

@@ -45,6 +45,7 @@ mod gemm_kernel;
 mod kernels;
 mod model;
 pub mod saved;
+mod scratch;
 mod winograd;
 
 pub use batched::{BatchedModel, CacheStats};

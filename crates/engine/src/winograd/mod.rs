@@ -22,9 +22,9 @@ mod transform;
 use transform::weight_transform;
 
 use crate::gemm_kernel::{pack_panels, panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
+use crate::scratch::{with_scratch, SharedOut};
 use candle_core::{bail, CpuStorage, Device, Storage, Tensor};
 use rayon::prelude::*;
-use std::cell::RefCell;
 
 /// Input tile side (`4 + 3 - 1`).
 const ALPHA: usize = 6;
@@ -72,20 +72,6 @@ struct Shape {
     tiles_x: usize,
     tiles_per_image: usize,
     total_tiles: usize,
-}
-
-/// The destination of a forward, written from several threads.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each output element belongs to exactly one (tile, channel) pair and
-// every pair is written by exactly one task, so concurrent writes never overlap.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-thread_local! {
-    /// Per-thread transform scratch, reused across calls (no allocation or
-    /// page fault in steady state).
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 impl WinogradConv {
@@ -231,7 +217,9 @@ impl WinogradConv {
                     _ => bail!("the residual of a winograd conv must be f32 on the CPU"),
                 },
             };
-            let dst = OutPtr(out.as_mut_ptr());
+            // Disjoint writes: each output element belongs to exactly one
+            // (tile, channel) pair, and each pair is written by one task.
+            let dst = SharedOut(out.as_mut_ptr());
             let block = self.tile_block();
             let blocks = shape.total_tiles.div_ceil(block);
             let threads = rayon::current_num_threads();
@@ -259,7 +247,7 @@ impl WinogradConv {
         &self,
         input: &[f32],
         residual: Option<&[f32]>,
-        dst: OutPtr,
+        dst: SharedOut,
         s: &Shape,
         first: usize,
         block: usize,
@@ -271,67 +259,64 @@ impl WinogradConv {
         let positions: Vec<TilePos> = (first..first + tiles).map(|t| self.tile_pos(s, t)).collect();
         let v_len = XI * s.channels * cols;
         let m_len = XI * self.padded_out * cols;
-        let mut scratch = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
-        if scratch.len() < v_len + m_len {
-            scratch = vec![0f32; v_len + m_len];
-        }
-        let (v, m) = scratch[..v_len + m_len].split_at_mut(v_len);
-        // V[ξ][c][t]. Channel `c` writes only rows (ξ, c): disjoint across channels.
-        let vptr = OutPtr(v.as_mut_ptr());
-        let transform_channels = |range: std::ops::Range<usize>| {
-            for c in range {
-                self.transform_input(input, s, c, &positions, cols, vptr);
+        with_scratch(v_len + m_len, |scratch| {
+            let (v, m) = scratch.split_at_mut(v_len);
+            // V[ξ][c][t]. Channel `c` writes only rows (ξ, c): disjoint across channels.
+            let vptr = SharedOut(v.as_mut_ptr());
+            let transform_channels = |range: std::ops::Range<usize>| {
+                for c in range {
+                    self.transform_input(input, s, c, &positions, cols, vptr);
+                }
+            };
+            let threads = rayon::current_num_threads();
+            let chunks = |n: usize| {
+                let per = n.div_ceil(4 * threads).max(1);
+                (0..n.div_ceil(per)).map(move |i| i * per..((i + 1) * per).min(n))
+            };
+            if split {
+                chunks(s.channels)
+                    .collect::<Vec<_>>()
+                    .into_par_iter()
+                    .for_each(transform_channels);
+            } else {
+                transform_channels(0..s.channels);
             }
-        };
-        let threads = rayon::current_num_threads();
-        let chunks = |n: usize| {
-            let per = n.div_ceil(4 * threads).max(1);
-            (0..n.div_ceil(per)).map(move |i| i * per..((i + 1) * per).min(n))
-        };
-        if split {
-            chunks(s.channels)
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .for_each(transform_channels);
-        } else {
-            transform_channels(0..s.channels);
-        }
-        let per_u = self.padded_out * s.channels;
-        let gemm = |xi: usize, m: &mut [f32]| {
-            panel_gemm(
-                self.isa,
-                &self.u[xi * per_u..][..per_u],
-                &v[xi * s.channels * cols..][..s.channels * cols],
-                m,
-                self.padded_out,
-                s.channels,
-                cols,
-            )
-        };
-        if split {
-            m.par_chunks_mut(self.padded_out * cols)
-                .enumerate()
-                .for_each(|(xi, m)| gemm(xi, m));
-        } else {
-            for (xi, m) in m.chunks_mut(self.padded_out * cols).enumerate() {
-                gemm(xi, m);
+            let per_u = self.padded_out * s.channels;
+            let gemm = |xi: usize, m: &mut [f32]| {
+                panel_gemm(
+                    self.isa,
+                    &self.u[xi * per_u..][..per_u],
+                    &v[xi * s.channels * cols..][..s.channels * cols],
+                    m,
+                    self.padded_out,
+                    s.channels,
+                    cols,
+                )
+            };
+            if split {
+                m.par_chunks_mut(self.padded_out * cols)
+                    .enumerate()
+                    .for_each(|(xi, m)| gemm(xi, m));
+            } else {
+                for (xi, m) in m.chunks_mut(self.padded_out * cols).enumerate() {
+                    gemm(xi, m);
+                }
             }
-        }
-        let m = &*m;
-        let transform_outputs = |range: std::ops::Range<usize>| {
-            for k in range {
-                self.transform_output(m, residual, dst, s, k, &positions, cols);
+            let m = &*m;
+            let transform_outputs = |range: std::ops::Range<usize>| {
+                for k in range {
+                    self.transform_output(m, residual, dst, s, k, &positions, cols);
+                }
+            };
+            if split {
+                chunks(self.out_channels)
+                    .collect::<Vec<_>>()
+                    .into_par_iter()
+                    .for_each(transform_outputs);
+            } else {
+                transform_outputs(0..self.out_channels);
             }
-        };
-        if split {
-            chunks(self.out_channels)
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .for_each(transform_outputs);
-        } else {
-            transform_outputs(0..self.out_channels);
-        }
-        SCRATCH.with(|cell| *cell.borrow_mut() = scratch);
+        });
     }
 
     /// Where tile `t` (numbered over the batch) reads and writes.

@@ -2,8 +2,9 @@
 //! (gathered from NCHW with AVX-512 masked gathers or scalar loads), `Aᵀ m
 //! A` of the products with the fused epilogue, and `G g Gᵀ` of the weights.
 
-use super::{OutPtr, Shape, TilePos, WinogradConv, ALPHA, LANES, M, PREFETCH_CHANNELS, XI};
+use super::{Shape, TilePos, WinogradConv, ALPHA, LANES, M, PREFETCH_CHANNELS, XI};
 use crate::gemm_kernel::Isa;
+use crate::scratch::SharedOut;
 
 /// `Bᵀ d` for one column of 6 lane vectors.
 #[inline(always)]
@@ -72,7 +73,7 @@ impl WinogradConv {
         c: usize,
         positions: &[TilePos],
         cols: usize,
-        v: OutPtr,
+        v: SharedOut,
     ) {
         match self.isa {
             // SAFETY: `Isa::Avx512` / `Isa::Avx2Fma` come from `Isa::available`,
@@ -94,7 +95,7 @@ impl WinogradConv {
         c: usize,
         positions: &[TilePos],
         cols: usize,
-        v: OutPtr,
+        v: SharedOut,
     ) {
         self.transform_input_body(input, s, c, positions, cols, v)
     }
@@ -108,13 +109,21 @@ impl WinogradConv {
         c: usize,
         positions: &[TilePos],
         cols: usize,
-        v: OutPtr,
+        v: SharedOut,
     ) {
         self.transform_input_body(input, s, c, positions, cols, v)
     }
 
     #[inline(always)]
-    fn transform_input_body(&self, input: &[f32], s: &Shape, c: usize, positions: &[TilePos], cols: usize, v: OutPtr) {
+    fn transform_input_body(
+        &self,
+        input: &[f32],
+        s: &Shape,
+        c: usize,
+        positions: &[TilePos],
+        cols: usize,
+        v: SharedOut,
+    ) {
         let plane_len = s.height * s.width;
         // `cols` is a multiple of LANES (PANEL_GRANULE), so every chunk is full.
         for start in (0..cols).step_by(LANES) {
@@ -195,7 +204,7 @@ impl WinogradConv {
         c: usize,
         start: usize,
         cols: usize,
-        v: OutPtr,
+        v: SharedOut,
     ) {
         // Columns: Bᵀ over rows of d; then rows: Bᵀ over columns.
         let mut cols_t = [[[0f32; LANES]; ALPHA]; ALPHA];
@@ -228,7 +237,7 @@ impl WinogradConv {
         &self,
         m: &[f32],
         residual: Option<&[f32]>,
-        dst: OutPtr,
+        dst: SharedOut,
         s: &Shape,
         k: usize,
         positions: &[TilePos],
@@ -251,7 +260,7 @@ impl WinogradConv {
         &self,
         m: &[f32],
         residual: Option<&[f32]>,
-        dst: OutPtr,
+        dst: SharedOut,
         s: &Shape,
         k: usize,
         positions: &[TilePos],
@@ -267,7 +276,7 @@ impl WinogradConv {
         &self,
         m: &[f32],
         residual: Option<&[f32]>,
-        dst: OutPtr,
+        dst: SharedOut,
         s: &Shape,
         k: usize,
         positions: &[TilePos],
@@ -282,7 +291,7 @@ impl WinogradConv {
         &self,
         m: &[f32],
         residual: Option<&[f32]>,
-        dst: OutPtr,
+        dst: SharedOut,
         s: &Shape,
         k: usize,
         positions: &[TilePos],
@@ -330,7 +339,7 @@ impl WinogradConv {
                         }
                         // SAFETY: base + M <= N·O·OH·OW (image < N, k < O,
                         // out_y + i < OH, out_x + M <= OW) and these pixels
-                        // belong to this tile and channel only (see OutPtr).
+                        // belong to this tile and channel only (see `run`).
                         unsafe { (dst.0.add(base) as *mut [f32; M]).write_unaligned(row) };
                     } else {
                         for (j, o) in o.iter().enumerate().take(w) {
