@@ -80,13 +80,14 @@ pub fn cuda_device() -> Device {
 /// when the `cuda` feature of this crate is on (`cargo test -p wick-tests
 /// --features cuda`). The body sees the device as `$device: Device`.
 ///
-/// ```ignore
+/// ```
 /// wick_tests::device_test! {
 ///     /// Doc for both variants.
 ///     fn engine_matches_eager(device) {
 ///         assert!(device.is_cpu() || device.is_cuda());
 ///     }
 /// }
+/// // Outside `cargo test` the generated functions are not compiled in.
 /// ```
 #[macro_export]
 macro_rules! device_test {
