@@ -6,7 +6,14 @@ batch-norm statistics, num_batches_tracked included) and an input, runs
 `--passes none` and `--passes default`, and prints the max |difference|
 against PyTorch's output.
 
-    .venv/bin/python scripts/check_cli_against_torch.py
+    .venv/bin/python scripts/check_cli_against_torch.py [--harsh]
+
+`--harsh` gives the batch norms extreme statistics instead (running
+variances log-uniform in [1e-3, 1], scales up to 2: folded conv weights
+grow up to ~60x and the activations explode); `--calibrated` measures the
+running statistics on random inputs in training mode, as training would,
+so every batch norm really normalises (logits stay O(1)), with random
+scales and shifts. These are where Winograd's fp32 error would show.
 """
 
 import pathlib
@@ -24,8 +31,32 @@ from make_fixtures import M, randomise_batch_norms  # noqa: E402
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def harsh_batch_norms(model, generator):
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            c = module.num_features
+            module.running_mean.copy_(torch.randn(c, generator=generator))
+            module.running_var.copy_(10 ** (torch.rand(c, generator=generator) * 3 - 3))
+            module.weight.data.copy_(torch.rand(c, generator=generator) * 1.9 + 0.1)
+            module.bias.data.copy_(torch.randn(c, generator=generator) * 0.5)
+            module.num_batches_tracked.fill_(100)
+
+
+def calibrated_batch_norms(model, generator, shape):
+    randomise_batch_norms(model, generator)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    for _ in range(4):
+        model(torch.randn(*shape, generator=generator))
+
+
 @torch.no_grad()
 def main():
+    harsh = "--harsh" in sys.argv[1:]
+    calibrated = "--calibrated" in sys.argv[1:]
     torch.manual_seed(123)
     generator = torch.Generator().manual_seed(321)
     models = {
@@ -43,7 +74,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         for name, (model, shape) in models.items():
-            randomise_batch_norms(model, generator)
+            if calibrated:
+                calibrated_batch_norms(model, generator, shape)
+            else:
+                (harsh_batch_norms if harsh else randomise_batch_norms)(model, generator)
             model.eval()
             x = torch.randn(*shape, generator=generator)
             want = model(x)
