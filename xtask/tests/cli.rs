@@ -229,6 +229,7 @@ fn graph_json_reports_fusions() {
                 "fuse-conv-batch-norm",
                 "fuse-conv-add-relu",
                 "fuse-conv-relu",
+                "fuse-conv-max-pool",
                 "eliminate-dead-code"
             ]
         );

@@ -406,7 +406,7 @@ mod tests {
         let mut got = vec![("grouped".to_string(), packed.run(&x, None).unwrap())];
         if case.groups == 1 {
             for isa in Isa::available() {
-                let direct = DirectConv::new(&w, b.as_ref(), attrs, case.relu, isa).unwrap();
+                let direct = DirectConv::new(&w, b.as_ref(), attrs, case.relu, None, isa).unwrap();
                 got.push((format!("direct {isa:?}"), direct.run(&x, None).unwrap()));
             }
         }
@@ -455,7 +455,7 @@ mod tests {
         let diff = crate::test_util::max_abs_diff(&got, &want);
         assert!(diff < 1e-4, "{diff}");
         for isa in Isa::available() {
-            let direct = DirectConv::new(&w, Some(&b), attrs, true, isa).unwrap();
+            let direct = DirectConv::new(&w, Some(&b), attrs, true, None, isa).unwrap();
             let diff = crate::test_util::max_abs_diff(&direct.run(&x, Some(&r)).unwrap(), &want);
             assert!(diff < 1e-4, "direct {isa:?}: {diff}");
             assert!(direct.run(&x, Some(&r.narrow(0, 0, 1).unwrap())).is_err());
@@ -488,7 +488,7 @@ mod tests {
             dilation: [1, 2],
             groups: 1,
         };
-        let direct = DirectConv::new(&w, None, attrs, false, Isa::detect())
+        let direct = DirectConv::new(&w, None, attrs, false, None, Isa::detect())
             .unwrap()
             .run(&x, None)
             .unwrap();

@@ -53,7 +53,7 @@ pub(crate) fn max_pool2d(x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Res
 
 /// `max` that propagates NaN like PyTorch (`f32::max` drops it), branch-free.
 #[inline(always)]
-fn nan_max(a: f32, b: f32) -> f32 {
+pub(crate) fn nan_max(a: f32, b: f32) -> f32 {
     if a > b || a.is_nan() {
         a
     } else {

@@ -30,6 +30,7 @@ pub(crate) enum Kernel {
     FusedConv2d {
         attrs: Conv2dAttrs,
         relu: bool,
+        pool: Option<MaxPool2dAttrs>,
     },
     /// `x * scale + shift` with both precomputed from constant statistics.
     BatchNormFolded {
@@ -59,8 +60,9 @@ pub(crate) enum CpuConv {
     Winograd(WinogradConv),
     /// Blocked implicit GEMM: any other one-group convolution.
     Direct(DirectConv),
-    /// Per-group im2col + `gemm` crate: grouped and depthwise convolutions.
-    Grouped(PackedConv),
+    /// Per-group im2col + `gemm` crate: grouped and depthwise convolutions,
+    /// then the fused max pool, if any, as a separate pass.
+    Grouped(PackedConv, Option<MaxPool2dAttrs>),
 }
 
 impl CpuConv {
@@ -68,7 +70,8 @@ impl CpuConv {
         match self {
             CpuConv::Winograd(conv) => conv.run(x, residual),
             CpuConv::Direct(conv) => conv.run(x, residual),
-            CpuConv::Grouped(conv) => conv.run(x, residual),
+            CpuConv::Grouped(conv, None) => conv.run(x, residual),
+            CpuConv::Grouped(conv, Some(pool)) => crate::cpu_pool::max_pool2d(&conv.run(x, residual)?, pool),
         }
     }
 }
@@ -133,9 +136,9 @@ impl Kernel {
                 ))
             }
             Op::Conv2d(attrs) | Op::FusedConv2d(FusedConv2dAttrs { conv: attrs, .. }) => {
-                let (relu, fused) = match &node.op {
-                    Op::FusedConv2d(fused) => (fused.relu, true),
-                    _ => (false, false),
+                let (relu, fused, pool) = match &node.op {
+                    Op::FusedConv2d(fused) => (fused.relu, true, fused.pool),
+                    _ => (false, false, None),
                 };
                 let residual = fused && node.inputs.len() == 4;
                 let parameter_count = node.inputs.len() - 1 - usize::from(residual);
@@ -145,12 +148,16 @@ impl Kernel {
                         return Err(unsupported(node, device, "conv weight must be rank 4".into()));
                     };
                     let (weight, bias, isa) = (parameters[0], parameters.get(1).copied(), Isa::detect());
-                    let conv = if WinogradConv::pays_off([*kh, *kw], attrs, *in_channels, &node.fact.shape) {
+                    // (With a fused pool the node's fact is the pooled shape, and
+                    // only the direct conv fuses the pool; Winograd is not chosen.)
+                    let conv = if pool.is_none()
+                        && WinogradConv::pays_off([*kh, *kw], attrs, *in_channels, &node.fact.shape)
+                    {
                         CpuConv::Winograd(WinogradConv::new(weight, bias, attrs.padding, relu, isa).at(&node.name)?)
                     } else if attrs.groups == 1 {
-                        CpuConv::Direct(DirectConv::new(weight, bias, *attrs, relu, isa).at(&node.name)?)
+                        CpuConv::Direct(DirectConv::new(weight, bias, *attrs, relu, pool, isa).at(&node.name)?)
                     } else {
-                        CpuConv::Grouped(PackedConv::new(weight, bias, *attrs, relu).at(&node.name)?)
+                        CpuConv::Grouped(PackedConv::new(weight, bias, *attrs, relu).at(&node.name)?, pool)
                     };
                     return Ok(Kernel::CpuConv {
                         conv: Box::new(conv),
@@ -168,7 +175,11 @@ impl Kernel {
                     ));
                 }
                 if fused {
-                    Kernel::FusedConv2d { attrs: *attrs, relu }
+                    Kernel::FusedConv2d {
+                        attrs: *attrs,
+                        relu,
+                        pool,
+                    }
                 } else {
                     Kernel::Conv2d { attrs: *attrs }
                 }
@@ -228,23 +239,28 @@ impl Kernel {
                 }
             }
             Kernel::CpuConv { conv, .. } => conv.run(args[0], args.get(1).copied()),
-            Kernel::FusedConv2d { attrs, relu } if args[0].dtype() == DType::F32 && args[2].dtype() == DType::F32 => {
-                // The convolution without bias, then bias (+ residual, + ReLU)
-                // in one in-place pass (one kernel launch on CUDA).
-                let y = Kernel::Conv2d { attrs: *attrs }.run(&args[..2])?.contiguous()?;
-                crate::epilogue_op::apply(&y, args[2], args.get(3).copied(), *relu)?;
-                Ok(y)
-            }
-            Kernel::FusedConv2d { attrs, relu } => {
-                let y = Kernel::Conv2d { attrs: *attrs }.run(&args[..3])?;
-                let y = match args.get(3) {
-                    Some(residual) => (y + *residual)?,
-                    None => y,
-                };
-                if *relu {
-                    y.relu()
+            Kernel::FusedConv2d { attrs, relu, pool } => {
+                let y = if args[0].dtype() == DType::F32 && args[2].dtype() == DType::F32 {
+                    // The convolution without bias, then bias (+ residual, + ReLU)
+                    // in one in-place pass (one kernel launch on CUDA).
+                    let y = Kernel::Conv2d { attrs: *attrs }.run(&args[..2])?.contiguous()?;
+                    crate::epilogue_op::apply(&y, args[2], args.get(3).copied(), *relu)?;
+                    y
                 } else {
-                    Ok(y)
+                    let y = Kernel::Conv2d { attrs: *attrs }.run(&args[..3])?;
+                    let y = match args.get(3) {
+                        Some(residual) => (y + *residual)?,
+                        None => y,
+                    };
+                    if *relu {
+                        y.relu()?
+                    } else {
+                        y
+                    }
+                };
+                match pool {
+                    Some(pool) => max_pool2d(&y, pool),
+                    None => Ok(y),
                 }
             }
             Kernel::BatchNormFolded { scale, shift } => args[0].broadcast_mul(scale)?.broadcast_add(shift),

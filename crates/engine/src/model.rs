@@ -388,15 +388,16 @@ mod tests {
         assert_eq!(crate::test_util::max_abs_diff(&profiled[0], &out[0]), 0.0);
     }
 
-    /// A fused conv whose weights arrive at run time takes candle's conv and
-    /// the one-pass epilogue op (the CUDA path's kernels); it equals the
-    /// packed CPU conv compiled from the same values as constants.
+    /// A fused conv (with residual, ReLU and pool) whose weights arrive at
+    /// run time takes candle's conv, the one-pass epilogue op and candle's
+    /// pool (the CUDA path's kernels); it equals wick's CPU conv with the
+    /// fused pool compiled from the same values as constants.
     #[test]
     fn runtime_weight_fused_conv_matches_packed() {
         let text = |params: &str, operands: &str| {
             format!(
                 "graph g(%x: f32[2,3,5,5]{params}, %r: f32[2,4,5,5]) {{
-{}  %y = fused_conv2d[padding=1, relu=1](%x, {operands}, %r) : f32[2,4,5,5]
+{}  %y = fused_conv2d[padding=1, relu=1, pool_kernel=3, pool_stride=2, pool_padding=1](%x, {operands}, %r) : f32[2,4,3,3]
   return %y
 }}",
                 if params.is_empty() {

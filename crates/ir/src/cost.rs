@@ -10,12 +10,16 @@ impl Graph {
         self.nodes()
             .iter()
             .map(|node| match node.op {
-                Op::Conv2d(_) | Op::FusedConv2d(_) => {
-                    let out = &node.fact.shape;
-                    let kernel = &self.node(node.inputs[1]).fact.shape;
+                Op::Conv2d(attrs) | Op::FusedConv2d(crate::FusedConv2dAttrs { conv: attrs, .. }) => {
+                    // Counted on the convolution's own output (before any fused pool).
+                    let operands: Vec<&crate::TensorFact> =
+                        node.inputs.iter().take(2).map(|&i| &self.node(i).fact).collect();
+                    let Ok(out) = Op::Conv2d(attrs).infer(&operands) else {
+                        return 0;
+                    };
+                    let kernel = &operands[1].shape;
                     let macs_per_output = kernel[1] * kernel[2] * kernel[3];
-                    let outputs: usize = out.iter().product();
-                    2 * (outputs * macs_per_output) as u64
+                    2 * (out.elem_count() * macs_per_output) as u64
                 }
                 Op::Linear => {
                     let weight = &self.node(node.inputs[1]).fact.shape;

@@ -29,13 +29,17 @@ impl Default for Conv2dAttrs {
 /// Attributes of a convolution with a fused epilogue.
 ///
 /// Inputs are `(x, weight, bias)` or `(x, weight, bias, residual)`; the
-/// output is `conv(x) + bias [+ residual]`, then ReLU when `relu` is set.
+/// output is `conv(x) + bias [+ residual]`, then ReLU when `relu` is set,
+/// then a max pool when `pool` is set (the output fact is the pooled one;
+/// a residual has the convolution's shape).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct FusedConv2dAttrs {
     /// The convolution's own attributes.
     pub conv: Conv2dAttrs,
-    /// Whether ReLU is applied last.
+    /// Whether ReLU is applied after the bias (and residual).
     pub relu: bool,
+    /// A max pool applied last, if any.
+    pub pool: Option<MaxPool2dAttrs>,
 }
 
 /// Attributes of an inference-mode batch norm over channel axis 1.
@@ -175,7 +179,10 @@ impl Op {
                         return Err(format!("residual must be {out}, got {residual}"));
                     }
                 }
-                Ok(out)
+                match &attrs.pool {
+                    Some(pool) => infer_max_pool2d(pool, &out),
+                    None => Ok(out),
+                }
             }
             Op::BatchNorm(attrs) => infer_batch_norm(attrs, inputs),
             Op::Relu => Ok(inputs[0].clone()),

@@ -344,6 +344,14 @@ impl Parser {
                             .error_here(format!("attribute `relu` is 0 or 1, got {other}")))
                     }
                 },
+                pool: match table.pair("pool_kernel")? {
+                    Some(kernel) => Some(MaxPool2dAttrs {
+                        kernel,
+                        stride: table.pair("pool_stride")?.unwrap_or(kernel),
+                        padding: table.pair("pool_padding")?.unwrap_or([0, 0]),
+                    }),
+                    None => None,
+                },
             }),
             "batch_norm" => Op::BatchNorm(BatchNormAttrs {
                 eps: table.scalar("eps")?.unwrap_or(1e-5),

@@ -18,12 +18,18 @@ pub(crate) fn op_text(op: &Op) -> String {
             a.groups
         ),
         Op::FusedConv2d(a) => format!(
-            "fused_conv2d[stride={}, padding={}, dilation={}, groups={}, relu={}]",
+            "fused_conv2d[stride={}, padding={}, dilation={}, groups={}, relu={}{}]",
             pair(a.conv.stride),
             pair(a.conv.padding),
             pair(a.conv.dilation),
             a.conv.groups,
-            u8::from(a.relu)
+            u8::from(a.relu),
+            a.pool.map_or(String::new(), |p| format!(
+                ", pool_kernel={}, pool_stride={}, pool_padding={}",
+                pair(p.kernel),
+                pair(p.stride),
+                pair(p.padding)
+            ))
         ),
         Op::BatchNorm(a) => format!("batch_norm[eps={:?}]", a.eps),
         Op::MaxPool2d(a) => format!(

@@ -46,6 +46,39 @@ fn defaults_and_scalar_pairs() {
     assert_eq!(pool.stride, [2, 2]);
 }
 
+/// A fused conv with a pool: the fact is the pooled shape, the text
+/// round-trips, FLOPs count the convolution's own outputs, and a window
+/// that does not fit the conv output is an error naming it.
+#[test]
+fn fused_conv_with_pool() {
+    let text = "graph g(%x: f32[1,3,16,16]) {
+  @w = constant : f32[4,3,3,3]
+  @b = constant : f32[4]
+  %y = fused_conv2d[padding=1, relu=1, pool_kernel=3, pool_stride=2, pool_padding=1](%x, @w, @b) : f32[1,4,8,8]
+  return %y
+}";
+    let graph = Graph::parse(text).unwrap();
+    let Op::FusedConv2d(attrs) = graph.node(graph.find("y").unwrap()).op else {
+        panic!("expected fused_conv2d");
+    };
+    assert_eq!(
+        attrs.pool,
+        Some(MaxPool2dAttrs {
+            kernel: [3, 3],
+            stride: [2, 2],
+            padding: [1, 1]
+        })
+    );
+    assert_eq!(Graph::parse(&graph.to_string()).unwrap().to_string(), graph.to_string());
+    assert_eq!(graph.flops(), 2 * 16 * 16 * 4 * 27);
+    let wrong = text.replace("f32[1,4,8,8]", "f32[1,4,16,16]");
+    assert!(Graph::parse(&wrong).is_err());
+    let too_big = text
+        .replace("pool_kernel=3", "pool_kernel=40")
+        .replace(", pool_padding=1", "");
+    assert!(Graph::parse(&too_big).unwrap_err().to_string().contains("window"));
+}
+
 fn parse_err(text: &str) -> String {
     Graph::parse(text).unwrap_err().to_string()
 }

@@ -3,14 +3,17 @@
 //!
 //! - `fuse-conv-add-relu`: relu(add(conv2d(x, w[, b]), r)) ⇒ fused_conv2d[relu](x, w, b, r)
 //!   (ResNet's block tail; either add operand may be the conv);
-//! - `fuse-conv-relu`: relu(conv2d(x, w[, b])) ⇒ fused_conv2d[relu](x, w, b).
+//! - `fuse-conv-relu`: relu(conv2d(x, w[, b])) ⇒ fused_conv2d[relu](x, w, b);
+//! - `fuse-conv-max-pool`: max_pool2d(fused_conv2d(x, w, b[, r])) ⇒
+//!   fused_conv2d[.., pool](x, w, b[, r]) (ResNet's stem: the conv's output,
+//!   4× the pooled one, then never leaves the cache).
 //!
-//! A missing bias becomes a zero constant. Both are written with the public
+//! A missing bias becomes a zero constant. All are written with the public
 //! pattern API; refusals (the conv or add used elsewhere) are counted.
 
 use crate::{Match, PassError, Pattern, PatternBuilder, PatternId, PatternPass, Replacement, Rewriter};
 use candle_core::Tensor;
-use wick_ir::{Conv2dAttrs, FusedConv2dAttrs, NodeId, Op};
+use wick_ir::{Conv2dAttrs, FusedConv2dAttrs, MaxPool2dAttrs, NodeId, Op};
 
 /// `conv2d(x, @conv.weight[, @conv.bias])`, returning the conv's pattern id.
 fn conv_operands(p: &mut PatternBuilder) -> PatternId {
@@ -71,6 +74,7 @@ fn fuse(
         Op::FusedConv2d(FusedConv2dAttrs {
             conv: attrs,
             relu: true,
+            pool: None,
         }),
         &inputs,
     )?;
@@ -96,6 +100,57 @@ pub fn fuse_conv_relu() -> PatternPass {
         .register_replacement(relu_pattern(), |found, rewriter| fuse(found, rewriter, None, "relu"))
 }
 
+/// max_pool2d(fused_conv2d(x, @w, @b[, residual])).
+fn max_pool_pattern(residual: bool) -> Pattern {
+    let mut p = PatternBuilder::new();
+    let x = p.value("x");
+    let weight = p.constant("conv.weight");
+    let bias = p.constant("conv.bias");
+    let mut operands = vec![x, weight, bias];
+    if residual {
+        operands.push(p.value("residual"));
+    }
+    let conv = p.op("conv", Op::FusedConv2d(FusedConv2dAttrs::default()), &operands);
+    let any_pool = MaxPool2dAttrs {
+        kernel: [1, 1],
+        stride: [1, 1],
+        padding: [0, 0],
+    };
+    let pool = p.op("pool", Op::MaxPool2d(any_pool), &[conv]);
+    p.build(pool)
+        .expect("the conv-max-pool pattern is well formed (unit-tested)")
+}
+
+/// The `fuse-conv-max-pool` pass.
+pub fn fuse_conv_max_pool() -> PatternPass {
+    let fuse_pool = |found: &Match, rewriter: &mut Rewriter<'_>| {
+        let (Some(conv), Some(pool)) = (found.get("conv"), found.get("pool")) else {
+            return Ok(Replacement::Refuse("incomplete_match"));
+        };
+        let graph = rewriter.graph();
+        let (&Op::FusedConv2d(attrs), &Op::MaxPool2d(pool_attrs)) = (&graph.node(conv).op, &graph.node(pool).op) else {
+            return Ok(Replacement::Refuse("unexpected_op"));
+        };
+        if attrs.pool.is_some() {
+            return Ok(Replacement::Refuse("already_pooled"));
+        }
+        let name = format!("{}+{}", graph.node(conv).name, graph.node(pool).path());
+        let inputs = graph.node(conv).inputs.clone();
+        let fused = rewriter.add_node(
+            &name,
+            Op::FusedConv2d(FusedConv2dAttrs {
+                pool: Some(pool_attrs),
+                ..attrs
+            }),
+            &inputs,
+        )?;
+        Ok(Replacement::With(fused))
+    };
+    PatternPass::new("fuse-conv-max-pool")
+        .register_replacement(max_pool_pattern(false), fuse_pool)
+        .register_replacement(max_pool_pattern(true), fuse_pool)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +158,12 @@ mod tests {
     /// The epilogue patterns pass the builder's validation.
     #[test]
     fn patterns_build() {
-        let _ = (add_relu_pattern(true), add_relu_pattern(false), relu_pattern());
+        let _ = (
+            add_relu_pattern(true),
+            add_relu_pattern(false),
+            relu_pattern(),
+            max_pool_pattern(false),
+            max_pool_pattern(true),
+        );
     }
 }

@@ -10,8 +10,8 @@ use wick_models::{random_input, Model, ModelName, WeightSource};
 use wick_passes::PassManager;
 use wick_tests::{assert_close, device_test};
 
-/// Expected `matched` counts: conv-bn, conv-add-relu, conv-relu.
-fn check(name: ModelName, batch: Option<usize>, expected: [u64; 3], device: &Device) {
+/// Expected `matched` counts: conv-bn, conv-add-relu, conv-relu, conv-max-pool.
+fn check(name: ModelName, batch: Option<usize>, expected: [u64; 4], device: &Device) {
     let model = Model::load(name, WeightSource::Random { seed: 5 }, device).unwrap();
     let shape = name.input_shape(batch);
     let x = random_input(9, &shape, device).unwrap();
@@ -19,7 +19,13 @@ fn check(name: ModelName, batch: Option<usize>, expected: [u64; 3], device: &Dev
     let mut fused = graph.clone();
     let report = PassManager::default_pipeline().run(&mut fused).unwrap();
     println!("{report}");
-    let counts = ["fuse-conv-batch-norm", "fuse-conv-add-relu", "fuse-conv-relu"].map(|p| report.count(p, "matched"));
+    let counts = [
+        "fuse-conv-batch-norm",
+        "fuse-conv-add-relu",
+        "fuse-conv-relu",
+        "fuse-conv-max-pool",
+    ]
+    .map(|p| report.count(p, "matched"));
     assert_eq!(counts, expected, "{report}");
     assert!(
         fused.nodes().iter().all(|n| n.op != Op::Relu || name == ModelName::Toy),
@@ -28,6 +34,10 @@ fn check(name: ModelName, batch: Option<usize>, expected: [u64; 3], device: &Dev
     assert!(
         fused.nodes().iter().all(|n| !matches!(n.op, Op::BatchNorm(_))),
         "batch_norm left in {name}:\n{fused}"
+    );
+    assert!(
+        fused.nodes().iter().all(|n| !matches!(n.op, Op::MaxPool2d(_))),
+        "max_pool2d left in {name}:\n{fused}"
     );
     let run = |engine: &Engine, graph, x: &Tensor| {
         engine
@@ -62,22 +72,23 @@ fn check(name: ModelName, batch: Option<usize>, expected: [u64; 3], device: &Dev
 device_test! {
     /// Three pairs in the tutorial's toy model, across Sequential and wrapper boundaries.
     fn toy_fuses_three(device) {
-        check(ModelName::Toy, None, [3, 0, 0], &device);
+        check(ModelName::Toy, None, [3, 0, 0, 0], &device);
     }
 }
 
 device_test! {
     /// Two pairs in the tutorial's Sequential model with different shapes from the pattern's example.
     fn toy_sequential_fuses_two(device) {
-        check(ModelName::ToySequential, None, [2, 0, 1], &device);
+        check(ModelName::ToySequential, None, [2, 0, 1, 0], &device);
     }
 }
 
 device_test! {
     /// All twenty pairs of ResNet18 (strided, padded, 1x1 downsample convs
-    /// included); then 8 block tails (conv + residual add + relu) and 9
-    /// conv + relu epilogues, leaving no separate relu.
+    /// included); then 8 block tails (conv + residual add + relu), 9
+    /// conv + relu epilogues and the stem's max pool, leaving no separate
+    /// relu or max_pool2d.
     fn resnet18_fuses_twenty(device) {
-        check(ModelName::Resnet18, Some(1), [20, 8, 9], &device);
+        check(ModelName::Resnet18, Some(1), [20, 8, 9, 1], &device);
     }
 }

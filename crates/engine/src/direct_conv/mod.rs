@@ -4,13 +4,17 @@
 //! im2col columns (`[C·kh·kw, block]`, fits L2) are multiplied by the
 //! weights packed once at compile time ([`panel_gemm`], AVX-512 / AVX2), and
 //! the bias, residual and ReLU are applied while the block is still in cache.
-//! No whole-image im2col buffer, no per-call packing.
+//! No whole-image im2col buffer, no per-call packing. With a fused max pool
+//! (`pooled.rs`) the convolution's rows stay in scratch and only the pooled
+//! output is written.
+
+mod pooled;
 
 use crate::gemm_kernel::{pack_panels, panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS};
 use crate::scratch::{with_scratch, SharedOut};
 use candle_core::{bail, CpuStorage, Device, Storage, Tensor};
 use rayon::prelude::*;
-use wick_ir::Conv2dAttrs;
+use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
 
 /// Scratch (im2col columns and products) one block aims to fit in.
 const BLOCK_BYTES: usize = 1 << 20;
@@ -28,6 +32,8 @@ pub(crate) struct DirectConv {
     panels: Vec<f32>,
     bias: Vec<f32>,
     relu: bool,
+    /// A max pool applied to the convolution's output, if fused.
+    pool: Option<MaxPool2dAttrs>,
     isa: Isa,
 }
 
@@ -52,14 +58,21 @@ struct Shape {
 }
 
 impl DirectConv {
-    /// Packs `weight` (`[O, C, kh, kw]`, f32) and `bias` (`[O]`); `attrs.groups` must be 1.
+    /// Packs `weight` (`[O, C, kh, kw]`, f32) and `bias` (`[O]`);
+    /// `attrs.groups` must be 1. `pool`, if given, is applied last.
     pub(crate) fn new(
         weight: &Tensor,
         bias: Option<&Tensor>,
         attrs: Conv2dAttrs,
         relu: bool,
+        pool: Option<MaxPool2dAttrs>,
         isa: Isa,
     ) -> candle_core::Result<Self> {
+        if let Some(p) = pool {
+            if (0..2).any(|i| p.kernel[i] == 0 || p.stride[i] == 0 || 2 * p.padding[i] > p.kernel[i]) {
+                bail!("fused max pool needs non-zero kernel and stride and padding <= half the window, got {p:?}")
+            }
+        }
         if attrs.groups != 1 {
             bail!("the direct conv takes one group, got {}", attrs.groups)
         }
@@ -86,6 +99,7 @@ impl DirectConv {
             panels,
             bias,
             relu,
+            pool,
             isa,
         })
     }
@@ -103,8 +117,9 @@ impl DirectConv {
         total.div_ceil(blocks).div_ceil(PANEL_GRANULE) * PANEL_GRANULE
     }
 
-    /// Runs on a CPU f32 tensor `[N, C, H, W]`; `residual` (the output's
-    /// shape) is added before the optional ReLU.
+    /// Runs on a CPU f32 tensor `[N, C, H, W]`; `residual` (the
+    /// convolution's output shape) is added before the optional ReLU, and
+    /// the fused pool, if any, comes last.
     pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let x = x.contiguous()?;
         let &[batch, channels, height, width] = x.dims() else {
@@ -135,10 +150,25 @@ impl DirectConv {
             out_width,
             total: batch * out_height * out_width,
         };
-        let out_len: usize = out_dims.iter().product();
+        let conv_len: usize = out_dims.iter().product();
+        let final_dims = match &self.pool {
+            None => out_dims,
+            Some(p) => {
+                let pooled = |len: usize, i: usize| {
+                    (len + 2 * p.padding[i])
+                        .checked_sub(p.kernel[i])
+                        .map(|v| v / p.stride[i] + 1)
+                };
+                let (Some(ph), Some(pw)) = (pooled(out_height, 0), pooled(out_width, 1)) else {
+                    bail!("pool window {:?} does not fit the conv output {out_dims:?}", p.kernel)
+                };
+                [batch, self.out_channels, ph, pw]
+            }
+        };
+        let out_len: usize = final_dims.iter().product();
         if out_len == 0 {
             // An empty batch: nothing to compute (and no block size to pick).
-            return Tensor::from_vec(Vec::<f32>::new(), out_dims.to_vec(), &Device::Cpu);
+            return Tensor::from_vec(Vec::<f32>::new(), final_dims.to_vec(), &Device::Cpu);
         }
         let mut out = Vec::<f32>::with_capacity(out_len);
         {
@@ -151,13 +181,28 @@ impl DirectConv {
             let residual: Option<&[f32]> = match &residual_guard {
                 None => None,
                 Some((storage, layout)) => match &**storage {
-                    Storage::Cpu(CpuStorage::F32(r)) => Some(&r[layout.start_offset()..][..out_len]),
+                    Storage::Cpu(CpuStorage::F32(r)) => Some(&r[layout.start_offset()..][..conv_len]),
                     _ => bail!("the residual of a conv must be f32 on the CPU"),
                 },
             };
             // Disjoint writes: blocks cover disjoint pixel ranges, and one task
             // writes every channel of a block's pixels once.
             let dst = SharedOut(out.as_mut_ptr());
+            if let Some(pool) = &self.pool {
+                self.pooled(
+                    input,
+                    residual,
+                    dst,
+                    &shape,
+                    batch,
+                    pool,
+                    [final_dims[2], final_dims[3]],
+                );
+                // SAFETY: `pooled` writes every channel of every pooled pixel
+                // of every image: all `out_len` values.
+                unsafe { out.set_len(out_len) };
+                return Tensor::from_vec(out, final_dims.to_vec(), &Device::Cpu);
+            }
             let cols = self.block_cols(shape.total);
             let blocks = shape.total.div_ceil(cols);
             let threads = rayon::current_num_threads();
@@ -194,19 +239,7 @@ impl DirectConv {
         let (v_len, m_len) = (depth * cols, self.padded_out * cols);
         with_scratch(v_len + m_len, |scratch| {
             let (v, m) = scratch.split_at_mut(v_len);
-            self.im2col(input, s, &segments, pixels, cols, v);
-            let v = &*v;
-            if split {
-                // Few blocks: share each product's output-channel panels across threads.
-                let per_task = (self.padded_out / PANEL_ROWS).div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
-                m.par_chunks_mut(per_task * cols).enumerate().for_each(|(i, m)| {
-                    let rows = m.len() / cols;
-                    let u = &self.panels[i * per_task * depth..][..rows * depth];
-                    panel_gemm(self.isa, u, v, m, rows, depth, cols);
-                });
-            } else {
-                panel_gemm(self.isa, &self.panels, v, m, self.padded_out, depth, cols);
-            }
+            self.products(input, s, &segments, pixels, cols, split, v, m);
             let out_plane = s.out_height * s.out_width;
             for o in 0..self.out_channels {
                 let bias = self.bias[o];
@@ -235,6 +268,36 @@ impl DirectConv {
                 }
             }
         });
+    }
+
+    /// `m` (`[O_pad, cols]`) = weights · im2col of the block's pixels
+    /// (`segments`, `pixels` of them); `v` (`[C·kh·kw, cols]`) is scratch.
+    /// `split` shares the product's output-channel panels across threads.
+    #[allow(clippy::too_many_arguments)]
+    fn products(
+        &self,
+        input: &[f32],
+        s: &Shape,
+        segments: &[Segment],
+        pixels: usize,
+        cols: usize,
+        split: bool,
+        v: &mut [f32],
+        m: &mut [f32],
+    ) {
+        let depth = self.depth();
+        self.im2col(input, s, segments, pixels, cols, v);
+        let v = &*v;
+        if split {
+            let per_task = (self.padded_out / PANEL_ROWS).div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
+            m.par_chunks_mut(per_task * cols).enumerate().for_each(|(i, m)| {
+                let rows = m.len() / cols;
+                let u = &self.panels[i * per_task * depth..][..rows * depth];
+                panel_gemm(self.isa, u, v, m, rows, depth, cols);
+            });
+        } else {
+            panel_gemm(self.isa, &self.panels, v, m, self.padded_out, depth, cols);
+        }
     }
 
     /// Fills `v` (`[C·kh·kw, cols]`) with the block's columns; zeros for
