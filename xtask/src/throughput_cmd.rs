@@ -2,11 +2,10 @@
 
 use crate::common::{apply_passes, ModelArgs, DEFAULT_INPUT_SEED};
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::Args;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wick_engine::Engine;
+use wick_engine::{parse_device, Engine};
 use wick_models::random_input;
 
 /// Arguments of `throughput`.
@@ -20,18 +19,23 @@ pub struct ThroughputArgs {
     /// Seconds of calls per thread count (after one warm-up call per thread).
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 /// Runs the shared model from each number of threads for a fixed time and prints images/s.
 pub fn run(args: ThroughputArgs) -> Result<()> {
-    let model = args.model.load(&Device::Cpu)?;
+    let device = parse_device(&args.device)?;
+    let model = args.model.load(&device)?;
     let shape = model.name().input_shape(args.model.batch);
     let (graph, _) = apply_passes(model.trace(&shape)?, args.model.passes, None)?;
-    let compiled = Arc::new(Engine::cpu().compile(&graph)?);
+    let compiled = Arc::new(Engine::new(device.clone()).compile(&graph)?);
     let duration = Duration::from_secs_f64(args.seconds.max(0.1));
     println!(
-        "{} {shape:?}, passes {}, {} rayon threads inside the kernels",
+        "{} {shape:?} on {}, passes {}, {} rayon threads inside the kernels",
         model.name(),
+        args.device,
         args.model.passes,
         rayon_threads()
     );
@@ -42,7 +46,8 @@ pub fn run(args: ThroughputArgs) -> Result<()> {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let compiled = Arc::clone(&compiled);
-                let x = random_input(DEFAULT_INPUT_SEED + t as u64, &shape, &Device::Cpu);
+                let x = random_input(DEFAULT_INPUT_SEED + t as u64, &shape, &device);
+                let device = device.clone();
                 std::thread::spawn(move || -> Result<u64> {
                     let x = x?;
                     compiled.run(std::slice::from_ref(&x))?;
@@ -51,6 +56,8 @@ pub fn run(args: ThroughputArgs) -> Result<()> {
                         compiled.run(std::slice::from_ref(&x))?;
                         calls += 1;
                     }
+                    // Asynchronous devices: count only finished work.
+                    device.synchronize()?;
                     Ok(calls)
                 })
             })

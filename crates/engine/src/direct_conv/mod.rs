@@ -286,7 +286,15 @@ impl DirectConv {
         m: &mut [f32],
     ) {
         let depth = self.depth();
-        self.im2col(input, s, segments, pixels, cols, v);
+        if split {
+            // im2col rows are independent: share them too.
+            let per_task = depth.div_ceil(4 * rayon::current_num_threads());
+            v.par_chunks_mut(per_task * cols)
+                .enumerate()
+                .for_each(|(i, v)| self.im2col(input, s, segments, pixels, cols, i * per_task, v));
+        } else {
+            self.im2col(input, s, segments, pixels, cols, 0, v);
+        }
         let v = &*v;
         if split {
             let per_task = (self.padded_out / PANEL_ROWS).div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
@@ -300,13 +308,24 @@ impl DirectConv {
         }
     }
 
-    /// Fills `v` (`[C·kh·kw, cols]`) with the block's columns; zeros for
-    /// padding and for the columns past `pixels`.
-    fn im2col(&self, input: &[f32], s: &Shape, segments: &[Segment], pixels: usize, cols: usize, v: &mut [f32]) {
+    /// Fills rows of `v` (`[C·kh·kw, cols]`) with the block's columns;
+    /// zeros for padding and for the columns past `pixels`.
+    /// `v` holds rows `first_row..` (a whole number of `cols`-long rows).
+    #[allow(clippy::too_many_arguments)]
+    fn im2col(
+        &self,
+        input: &[f32],
+        s: &Shape,
+        segments: &[Segment],
+        pixels: usize,
+        cols: usize,
+        first_row: usize,
+        v: &mut [f32],
+    ) {
         let a = &self.attrs;
         let [kh, kw] = self.kernel;
         let plane = s.height * s.width;
-        for (row, v) in v.chunks_exact_mut(cols).enumerate() {
+        for (row, v) in (first_row..).zip(v.chunks_exact_mut(cols)) {
             let (c, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
             let dx = (kx * a.dilation[1]) as isize - a.padding[1] as isize;
             for seg in segments {

@@ -155,7 +155,8 @@ mod tests {
             relu in any::<bool>(), with_residual in any::<bool>(),
         ) {
             let d = Device::Cpu;
-            let size = [kernel + pool_kernel + extra[0], kernel + pool_kernel + extra[1]];
+            // Large enough that the conv output holds a pool window even unpadded.
+            let size = [kernel + stride * pool_kernel + extra[0], kernel + stride * pool_kernel + extra[1]];
             let attrs = Conv2dAttrs { stride: [stride; 2], padding: [conv_pad; 2], ..Default::default() };
             let pool = MaxPool2dAttrs {
                 kernel: [pool_kernel; 2],
