@@ -7,7 +7,8 @@
 //! images as threads; otherwise images run in turn and each gemm uses all
 //! threads.
 
-use candle_core::{bail, CpuStorage, Device, Storage, Tensor};
+use crate::cpu_shared::{windowed_len, with_cpu_f32};
+use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
 use wick_ir::Conv2dAttrs;
 
@@ -64,10 +65,13 @@ impl PackedConv {
         };
         let a = &self.attrs;
         let out_len = |len: usize, axis: usize| {
-            let span = a.dilation[axis] * (self.kernel[axis] - 1) + 1;
-            (len + 2 * a.padding[axis])
-                .checked_sub(span)
-                .map(|v| v / a.stride[axis] + 1)
+            windowed_len(
+                len,
+                self.kernel[axis],
+                a.stride[axis],
+                a.padding[axis],
+                a.dilation[axis],
+            )
         };
         let (Some(out_height), Some(out_width)) = (out_len(height, 0), out_len(width, 1)) else {
             bail!("kernel {:?} does not fit input {dims:?}", self.kernel)
@@ -100,29 +104,14 @@ impl PackedConv {
         let batch = dims[0];
         let spatial = g.out_height * g.out_width;
         let image_out = self.out_channels * spatial;
-        let mut out = vec![0f32; batch * image_out];
+        if residual
+            .as_ref()
+            .is_some_and(|r| r.dims() != [batch, self.out_channels, g.out_height, g.out_width])
         {
-            let (storage, layout) = x.storage_and_layout();
-            let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-                bail!("the packed CPU conv takes f32 tensors on the CPU")
-            };
-            let data = &data[layout.start_offset()..];
-            let residual_guard = residual.as_ref().map(|r| r.storage_and_layout());
-            let residual_data: Option<&[f32]> = match &residual_guard {
-                None => None,
-                Some((storage, layout)) => match &**storage {
-                    Storage::Cpu(CpuStorage::F32(r)) if r.len() >= layout.start_offset() + batch * image_out => {
-                        Some(&r[layout.start_offset()..][..batch * image_out])
-                    }
-                    _ => bail!("the residual of a packed CPU conv must be f32 on the CPU with the output's shape"),
-                },
-            };
-            if residual
-                .as_ref()
-                .is_some_and(|r| r.dims() != [batch, self.out_channels, g.out_height, g.out_width])
-            {
-                bail!("the residual of a packed CPU conv must have the output's shape");
-            }
+            bail!("the residual of a packed CPU conv must have the output's shape");
+        }
+        let mut out = vec![0f32; batch * image_out];
+        with_cpu_f32("packed CPU conv", &x, residual.as_ref(), |data, residual_data| {
             let image_in = g.channels * g.height * g.width;
             let threads = rayon::current_num_threads();
             let residual_of = |i: usize| residual_data.map(|r| &r[i * image_out..(i + 1) * image_out]);
@@ -147,7 +136,8 @@ impl PackedConv {
                     );
                 }
             }
-        }
+            Ok(())
+        })?;
         Tensor::from_vec(out, (batch, self.out_channels, g.out_height, g.out_width), &Device::Cpu)
     }
 

@@ -2,7 +2,8 @@
 //! pass over the input, planes in parallel (candle's own pool has no padding,
 //! so the candle path must first build a padded copy).
 
-use candle_core::{bail, CpuStorage, Device, Storage, Tensor};
+use crate::cpu_shared::{windowed_len, with_cpu_f32};
+use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
 use wick_ir::MaxPool2dAttrs;
 
@@ -13,17 +14,11 @@ pub(crate) fn max_pool2d(x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Res
         bail!("max_pool2d input must be NCHW, got {:?}", x.dims())
     };
     let ([kh, kw], [sh, sw], [ph, pw]) = (attrs.kernel, attrs.stride, attrs.padding);
-    let out_len = |len: usize, k: usize, s: usize, p: usize| (len + 2 * p).checked_sub(k).map(|v| v / s + 1);
-    let (Some(oh), Some(ow)) = (out_len(h, kh, sh, ph), out_len(w, kw, sw, pw)) else {
+    let (Some(oh), Some(ow)) = (windowed_len(h, kh, sh, ph, 1), windowed_len(w, kw, sw, pw, 1)) else {
         bail!("max_pool2d window {:?} does not fit {:?}", attrs.kernel, x.dims())
     };
     let mut out = vec![0f32; n * c * oh * ow];
-    {
-        let (storage, layout) = x.storage_and_layout();
-        let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-            bail!("the CPU max-pool takes f32 tensors on the CPU")
-        };
-        let data = &data[layout.start_offset()..][..n * c * h * w];
+    with_cpu_f32("CPU max-pool", &x, None, |data, _| {
         out.par_chunks_mut(oh * ow).zip(data.par_chunks(h * w)).for_each_init(
             || vec![0f32; w],
             |column_max, (out, plane)| {
@@ -47,7 +42,8 @@ pub(crate) fn max_pool2d(x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Res
                 }
             },
         );
-    }
+        Ok(())
+    })?;
     Tensor::from_vec(out, (n, c, oh, ow), &Device::Cpu)
 }
 

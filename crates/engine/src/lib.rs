@@ -37,6 +37,7 @@
 mod batched;
 mod cpu_conv;
 mod cpu_pool;
+mod cpu_shared;
 mod device;
 mod direct_conv;
 mod epilogue_op;
@@ -45,7 +46,6 @@ mod gemm_kernel;
 mod kernels;
 mod model;
 pub mod saved;
-mod scratch;
 mod winograd;
 
 pub use batched::{BatchedModel, CacheStats};

@@ -105,7 +105,7 @@ impl Engine {
             }
         }
         let output_facts = graph.outputs().iter().map(|&o| graph.node(o).fact.clone()).collect();
-        Ok(CompiledModel {
+        let mut model = CompiledModel {
             name: graph.name().to_string(),
             device: self.device.clone(),
             slot_count: count,
@@ -114,7 +114,11 @@ impl Engine {
             steps,
             outputs,
             output_facts,
-        })
+            run_in_pool: false,
+        };
+        model.run_in_pool =
+            model.device.is_cpu() && model.planned_peak_activation_bytes() <= IN_POOL_MAX_ACTIVATION_BYTES;
+        Ok(model)
     }
 }
 
@@ -148,6 +152,8 @@ pub struct CompiledModel {
     steps: Vec<Step>,
     outputs: Vec<usize>,
     output_facts: Vec<TensorFact>,
+    /// Decided once at compile time (see `execute_scheduled`).
+    run_in_pool: bool,
 }
 
 impl CompiledModel {
@@ -226,7 +232,7 @@ impl CompiledModel {
         inputs: &[Tensor],
         profile: Option<&mut Vec<StepProfile>>,
     ) -> Result<Vec<Tensor>, EngineError> {
-        if self.device.is_cpu() && self.planned_peak_activation_bytes() <= IN_POOL_MAX_ACTIVATION_BYTES {
+        if self.run_in_pool {
             rayon::scope(|_| self.execute(inputs, profile))
         } else {
             self.execute(inputs, profile)

@@ -10,9 +10,9 @@
 
 mod pooled;
 
+use crate::cpu_shared::{windowed_len, with_cpu_f32, with_scratch, SharedOut};
 use crate::gemm_kernel::{pack_panels, panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS};
-use crate::scratch::{with_scratch, SharedOut};
-use candle_core::{bail, CpuStorage, Device, Storage, Tensor};
+use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
 use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
 
@@ -130,10 +130,13 @@ impl DirectConv {
         }
         let a = &self.attrs;
         let out_len = |len: usize, axis: usize| {
-            let span = a.dilation[axis] * (self.kernel[axis] - 1) + 1;
-            (len + 2 * a.padding[axis])
-                .checked_sub(span)
-                .map(|v| v / a.stride[axis] + 1)
+            windowed_len(
+                len,
+                self.kernel[axis],
+                a.stride[axis],
+                a.padding[axis],
+                a.dilation[axis],
+            )
         };
         let (Some(out_height), Some(out_width)) = (out_len(height, 0), out_len(width, 1)) else {
             bail!("kernel {:?} does not fit input {:?}", self.kernel, x.dims())
@@ -150,15 +153,10 @@ impl DirectConv {
             out_width,
             total: batch * out_height * out_width,
         };
-        let conv_len: usize = out_dims.iter().product();
         let final_dims = match &self.pool {
             None => out_dims,
             Some(p) => {
-                let pooled = |len: usize, i: usize| {
-                    (len + 2 * p.padding[i])
-                        .checked_sub(p.kernel[i])
-                        .map(|v| v / p.stride[i] + 1)
-                };
+                let pooled = |len: usize, i: usize| windowed_len(len, p.kernel[i], p.stride[i], p.padding[i], 1);
                 let (Some(ph), Some(pw)) = (pooled(out_height, 0), pooled(out_width, 1)) else {
                     bail!("pool window {:?} does not fit the conv output {out_dims:?}", p.kernel)
                 };
@@ -171,23 +169,10 @@ impl DirectConv {
             return Tensor::from_vec(Vec::<f32>::new(), final_dims.to_vec(), &Device::Cpu);
         }
         let mut out = Vec::<f32>::with_capacity(out_len);
-        {
-            let (storage, layout) = x.storage_and_layout();
-            let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-                bail!("the direct conv takes f32 tensors on the CPU")
-            };
-            let input = &data[layout.start_offset()..][..batch * channels * height * width];
-            let residual_guard = residual.as_ref().map(|r| r.storage_and_layout());
-            let residual: Option<&[f32]> = match &residual_guard {
-                None => None,
-                Some((storage, layout)) => match &**storage {
-                    Storage::Cpu(CpuStorage::F32(r)) => Some(&r[layout.start_offset()..][..conv_len]),
-                    _ => bail!("the residual of a conv must be f32 on the CPU"),
-                },
-            };
-            // Disjoint writes: blocks cover disjoint pixel ranges, and one task
-            // writes every channel of a block's pixels once.
-            let dst = SharedOut(out.as_mut_ptr());
+        // Disjoint writes: blocks (row chunks when pooled) cover disjoint
+        // output pixels, and one task writes every channel of its pixels once.
+        let dst = SharedOut(out.as_mut_ptr());
+        with_cpu_f32("direct conv", &x, residual.as_ref(), |input, residual| {
             if let Some(pool) = &self.pool {
                 self.pooled(
                     input,
@@ -198,10 +183,7 @@ impl DirectConv {
                     pool,
                     [final_dims[2], final_dims[3]],
                 );
-                // SAFETY: `pooled` writes every channel of every pooled pixel
-                // of every image: all `out_len` values.
-                unsafe { out.set_len(out_len) };
-                return Tensor::from_vec(out, final_dims.to_vec(), &Device::Cpu);
+                return Ok(());
             }
             let cols = self.block_cols(shape.total);
             let blocks = shape.total.div_ceil(cols);
@@ -213,11 +195,13 @@ impl DirectConv {
             } else {
                 (0..blocks).into_par_iter().for_each(run_block);
             }
-            // SAFETY: the blocks cover all N·OH·OW pixels and each block writes
-            // every channel of its pixels, so all `out_len` values are set.
-            unsafe { out.set_len(out_len) };
-        }
-        Tensor::from_vec(out, out_dims.to_vec(), &Device::Cpu)
+            Ok(())
+        })?;
+        // SAFETY: the blocks cover all N·OH·OW output pixels (`pooled`: all
+        // pooled pixels) and each writes every channel of its pixels, so all
+        // `out_len` values are set.
+        unsafe { out.set_len(out_len) };
+        Tensor::from_vec(out, final_dims.to_vec(), &Device::Cpu)
     }
 
     /// im2col, product and epilogue for pixels `first..first + cols` (clipped).

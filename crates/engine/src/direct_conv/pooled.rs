@@ -7,8 +7,8 @@
 
 use super::{segments, DirectConv, Shape, BLOCK_BYTES};
 use crate::cpu_pool::nan_max;
+use crate::cpu_shared::{with_scratch, SharedOut};
 use crate::gemm_kernel::PANEL_GRANULE;
-use crate::scratch::{with_scratch, SharedOut};
 use rayon::prelude::*;
 use std::ops::Range;
 use wick_ir::MaxPool2dAttrs;

@@ -21,9 +21,9 @@ mod transform;
 
 use transform::weight_transform;
 
+use crate::cpu_shared::{with_cpu_f32, with_scratch, SharedOut};
 use crate::gemm_kernel::{pack_panels, panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
-use crate::scratch::{with_scratch, SharedOut};
-use candle_core::{bail, CpuStorage, Device, Storage, Tensor};
+use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
 
 /// Input tile side (`4 + 3 - 1`).
@@ -203,23 +203,10 @@ impl WinogradConv {
         };
         let out_len = out_dims.iter().product();
         let mut out = Vec::<f32>::with_capacity(out_len);
-        {
-            let (storage, layout) = x.storage_and_layout();
-            let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-                bail!("the winograd conv takes f32 tensors on the CPU")
-            };
-            let input = &data[layout.start_offset()..][..batch * channels * height * width];
-            let residual_guard = residual.as_ref().map(|r| r.storage_and_layout());
-            let residual: Option<&[f32]> = match &residual_guard {
-                None => None,
-                Some((storage, layout)) => match &**storage {
-                    Storage::Cpu(CpuStorage::F32(r)) => Some(&r[layout.start_offset()..][..out_len]),
-                    _ => bail!("the residual of a winograd conv must be f32 on the CPU"),
-                },
-            };
-            // Disjoint writes: each output element belongs to exactly one
-            // (tile, channel) pair, and each pair is written by one task.
-            let dst = SharedOut(out.as_mut_ptr());
+        // Disjoint writes: each output element belongs to exactly one
+        // (tile, channel) pair, and each pair is written by one task.
+        let dst = SharedOut(out.as_mut_ptr());
+        with_cpu_f32("winograd conv", &x, residual.as_ref(), |input, residual| {
             let block = self.tile_block();
             let blocks = shape.total_tiles.div_ceil(block);
             let threads = rayon::current_num_threads();
@@ -232,11 +219,12 @@ impl WinogradConv {
                     self.block(input, residual, dst, &shape, b * block, block, threads > 1);
                 }
             }
-            // SAFETY: the blocks cover every tile of every image, and each tile
-            // writes all its in-bounds output pixels for every channel, so all
-            // `out_len` elements are initialised.
-            unsafe { out.set_len(out_len) };
-        }
+            Ok(())
+        })?;
+        // SAFETY: the blocks cover every tile of every image, and each tile
+        // writes all its in-bounds output pixels for every channel, so all
+        // `out_len` elements are initialised.
+        unsafe { out.set_len(out_len) };
         Tensor::from_vec(out, out_dims.to_vec(), &Device::Cpu)
     }
 

@@ -3,8 +3,8 @@
 //! A` of the products with the fused epilogue, and `G g Gᵀ` of the weights.
 
 use super::{Shape, TilePos, WinogradConv, ALPHA, LANES, M, PREFETCH_CHANNELS, XI};
+use crate::cpu_shared::SharedOut;
 use crate::gemm_kernel::Isa;
-use crate::scratch::SharedOut;
 
 /// `Bᵀ d` for one column of 6 lane vectors.
 #[inline(always)]
