@@ -373,6 +373,10 @@ mod tests {
             )
     }
 
+    /// Expected output pixels that make [`DirectConv`] pick each weight
+    /// layout (pixels on the vector lanes, output channels on them).
+    const DIRECT_LAYOUTS: [(&str, usize); 2] = [("panels", usize::MAX), ("lanes", 0)];
+
     /// Every CPU algorithm that takes `case` (named), and candle's answer.
     fn run_case(case: &Case) -> (Vec<(String, Tensor)>, Tensor) {
         let d = Device::Cpu;
@@ -396,8 +400,10 @@ mod tests {
         let mut got = vec![("grouped".to_string(), packed.run(&x, None).unwrap())];
         if case.groups == 1 {
             for isa in Isa::available() {
-                let direct = DirectConv::new(&w, b.as_ref(), attrs, case.relu, None, isa).unwrap();
-                got.push((format!("direct {isa:?}"), direct.run(&x, None).unwrap()));
+                for (layout, pixels) in DIRECT_LAYOUTS {
+                    let direct = DirectConv::new(&w, b.as_ref(), attrs, case.relu, None, isa, pixels).unwrap();
+                    got.push((format!("direct {layout} {isa:?}"), direct.run(&x, None).unwrap()));
+                }
             }
         }
         (got, reference(&x, &w, b.as_ref(), attrs, case.relu))
@@ -444,10 +450,13 @@ mod tests {
             .unwrap();
         let diff = crate::test_util::max_abs_diff(&got, &want);
         assert!(diff < 1e-4, "{diff}");
-        for isa in Isa::available() {
-            let direct = DirectConv::new(&w, Some(&b), attrs, true, None, isa).unwrap();
+        for (isa, (layout, pixels)) in Isa::available()
+            .into_iter()
+            .flat_map(|i| DIRECT_LAYOUTS.map(|l| (i, l)))
+        {
+            let direct = DirectConv::new(&w, Some(&b), attrs, true, None, isa, pixels).unwrap();
             let diff = crate::test_util::max_abs_diff(&direct.run(&x, Some(&r)).unwrap(), &want);
-            assert!(diff < 1e-4, "direct {isa:?}: {diff}");
+            assert!(diff < 1e-4, "direct {layout} {isa:?}: {diff}");
             assert!(direct.run(&x, Some(&r.narrow(0, 0, 1).unwrap())).is_err());
             assert!(direct.run(&r, None).is_err(), "wrong channel count");
             let empty = direct.run(&x.narrow(0, 0, 0).unwrap(), None).unwrap();
@@ -478,12 +487,15 @@ mod tests {
             dilation: [1, 2],
             groups: 1,
         };
-        let direct = DirectConv::new(&w, None, attrs, false, None, Isa::detect())
-            .unwrap()
-            .run(&x, None)
-            .unwrap();
         let got = PackedConv::new(&w, None, attrs, false).unwrap().run(&x, None).unwrap();
-        assert_eq!(crate::test_util::max_abs_diff(&direct, &got), 0.0);
+        for (layout, pixels) in DIRECT_LAYOUTS {
+            let direct = DirectConv::new(&w, None, attrs, false, None, Isa::detect(), pixels)
+                .unwrap()
+                .run(&x, None)
+                .unwrap();
+            // Integer-valued sums below 2^24: exact in any order.
+            assert_eq!(crate::test_util::max_abs_diff(&direct, &got), 0.0, "{layout}");
+        }
         let (xv, wv) = (
             x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),

@@ -5,7 +5,7 @@ use crate::cpu_conv::PackedConv;
 use crate::direct_conv::DirectConv;
 use crate::error::AtNode;
 use crate::gemm_kernel::Isa;
-use crate::winograd::WinogradConv;
+use crate::winograd::{f2::WinogradF2Conv, WinogradConv};
 use crate::EngineError;
 use candle_core::{DType, Device, Tensor, D};
 use wick_ir::{Conv2dAttrs, FusedConv2dAttrs, Graph, MaxPool2dAttrs, Node, Op};
@@ -58,6 +58,9 @@ pub(crate) enum Kernel {
 pub(crate) enum CpuConv {
     /// Winograd F(4×4, 3×3): 3×3, stride 1, one group, enough tiles.
     Winograd(WinogradConv),
+    /// Winograd F(2×2, 3×3): the same convs with many channels and few
+    /// pixels (batch 1 at 7×7).
+    WinogradF2(WinogradF2Conv),
     /// Blocked implicit GEMM: any other one-group convolution.
     Direct(DirectConv),
     /// Per-group im2col + `gemm` crate: grouped and depthwise convolutions,
@@ -69,6 +72,7 @@ impl CpuConv {
     fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
         match self {
             CpuConv::Winograd(conv) => conv.run(x, residual),
+            CpuConv::WinogradF2(conv) => conv.run(x, residual),
             CpuConv::Direct(conv) => conv.run(x, residual),
             CpuConv::Grouped(conv, None) => conv.run(x, residual),
             CpuConv::Grouped(conv, Some(pool)) => crate::cpu_pool::max_pool2d(&conv.run(x, residual)?, pool),
@@ -154,8 +158,19 @@ impl Kernel {
                         && WinogradConv::pays_off([*kh, *kw], attrs, *in_channels, &node.fact.shape)
                     {
                         CpuConv::Winograd(WinogradConv::new(weight, bias, attrs.padding, relu, isa).at(&node.name)?)
+                    } else if pool.is_none()
+                        && WinogradF2Conv::pays_off([*kh, *kw], attrs, *in_channels, &node.fact.shape)
+                    {
+                        CpuConv::WinogradF2(WinogradF2Conv::new(weight, bias, attrs.padding, relu, isa).at(&node.name)?)
                     } else if attrs.groups == 1 {
-                        CpuConv::Direct(DirectConv::new(weight, bias, *attrs, relu, pool, isa).at(&node.name)?)
+                        // N·OH·OW; with a fused pool the fact is pooled, but the
+                        // hint only picks the weights' layout, and pooled convs
+                        // keep the default one.
+                        let pixels = match node.fact.shape.as_slice() {
+                            [n, _, h, w] => n * h * w,
+                            _ => usize::MAX,
+                        };
+                        CpuConv::Direct(DirectConv::new(weight, bias, *attrs, relu, pool, isa, pixels).at(&node.name)?)
                     } else {
                         CpuConv::Grouped(PackedConv::new(weight, bias, *attrs, relu).at(&node.name)?, pool)
                     };

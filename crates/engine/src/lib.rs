@@ -44,6 +44,7 @@ mod epilogue_op;
 mod error;
 mod gemm_kernel;
 mod kernels;
+mod lane_gemm;
 mod model;
 pub mod saved;
 mod winograd;

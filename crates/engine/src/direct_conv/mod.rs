@@ -12,6 +12,7 @@ mod pooled;
 
 use crate::cpu_shared::{windowed_len, with_cpu_f32, with_scratch, SharedOut};
 use crate::gemm_kernel::{pack_panels, panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS};
+use crate::lane_gemm::{lane_gemm, pack_lanes, LANES};
 use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
 use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
@@ -19,17 +20,30 @@ use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
 /// Scratch (im2col columns and products) one block aims to fit in.
 const BLOCK_BYTES: usize = 1 << 20;
 
+/// Convolutions expected to produce at most this many output pixels per
+/// forward (batch 1 at 14×14 and below) use [`lane_gemm`]: channels on the
+/// vector lanes, weights streamed once.
+pub(crate) const LANE_MAX_PIXELS: usize = 256;
+
+/// The packed weights, in the layout of the product that uses them.
+#[derive(Debug, Clone)]
+enum Packed {
+    /// [`pack_panels`] `[O_pad, C·kh·kw]`, for [`panel_gemm`] (pixels on lanes).
+    Panels(Vec<f32>),
+    /// [`pack_lanes`], for [`lane_gemm`] (output channels on lanes).
+    Lanes(Vec<f32>),
+}
+
 /// A one-group convolution with its weights packed in GEMM panels.
 #[derive(Debug, Clone)]
 pub(crate) struct DirectConv {
     attrs: Conv2dAttrs,
     in_channels: usize,
     out_channels: usize,
-    /// Output channels rounded up to a whole panel.
+    /// Output channels rounded up to a whole panel (or lane group).
     padded_out: usize,
     kernel: [usize; 2],
-    /// Weights `[O_pad, C·kh·kw]` packed by [`pack_panels`].
-    panels: Vec<f32>,
+    packed: Packed,
     bias: Vec<f32>,
     relu: bool,
     /// A max pool applied to the convolution's output, if fused.
@@ -60,6 +74,9 @@ struct Shape {
 impl DirectConv {
     /// Packs `weight` (`[O, C, kh, kw]`, f32) and `bias` (`[O]`);
     /// `attrs.groups` must be 1. `pool`, if given, is applied last.
+    /// `pixels` is the number of output pixels (`N·OH·OW`) a forward is
+    /// expected to compute; it picks the weights' layout, and any input
+    /// shape still gives the same results.
     pub(crate) fn new(
         weight: &Tensor,
         bias: Option<&Tensor>,
@@ -67,6 +84,7 @@ impl DirectConv {
         relu: bool,
         pool: Option<MaxPool2dAttrs>,
         isa: Isa,
+        pixels: usize,
     ) -> candle_core::Result<Self> {
         if let Some(p) = pool {
             if (0..2).any(|i| p.kernel[i] == 0 || p.stride[i] == 0 || 2 * p.padding[i] > p.kernel[i]) {
@@ -78,11 +96,19 @@ impl DirectConv {
         }
         let (out_channels, in_channels, kh, kw) = weight.dims4()?;
         let depth = in_channels * kh * kw;
-        let padded_out = out_channels.div_ceil(PANEL_ROWS) * PANEL_ROWS;
         let mut plain = weight.flatten_all()?.to_vec1::<f32>()?;
-        plain.resize(padded_out * depth, 0.0);
-        let mut panels = vec![0f32; padded_out * depth];
-        pack_panels(&plain, padded_out, depth, &mut panels);
+        let (padded_out, packed) = if pool.is_none() && pixels <= LANE_MAX_PIXELS {
+            let padded_out = out_channels.div_ceil(LANES) * LANES;
+            let mut lanes = vec![0f32; padded_out * depth];
+            pack_lanes(&plain, out_channels, depth, &mut lanes);
+            (padded_out, Packed::Lanes(lanes))
+        } else {
+            let padded_out = out_channels.div_ceil(PANEL_ROWS) * PANEL_ROWS;
+            plain.resize(padded_out * depth, 0.0);
+            let mut panels = vec![0f32; padded_out * depth];
+            pack_panels(&plain, padded_out, depth, &mut panels);
+            (padded_out, Packed::Panels(panels))
+        };
         let bias = match bias {
             Some(b) => b.to_vec1::<f32>()?,
             None => vec![0.0; out_channels],
@@ -96,7 +122,7 @@ impl DirectConv {
             out_channels,
             padded_out,
             kernel: [kh, kw],
-            panels,
+            packed,
             bias,
             relu,
             pool,
@@ -111,6 +137,9 @@ impl DirectConv {
     /// Output pixels per block: a multiple of the GEMM granule, columns and
     /// products together within [`BLOCK_BYTES`], blocks of even size.
     fn block_cols(&self, total: usize) -> usize {
+        if let Packed::Lanes(_) = self.packed {
+            return total.min(LANE_MAX_PIXELS).div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
+        }
         let per_col = (self.depth() + self.padded_out) * 4;
         let target = (BLOCK_BYTES / per_col).max(PANEL_GRANULE);
         let blocks = total.div_ceil(target).max(1);
@@ -280,15 +309,40 @@ impl DirectConv {
             self.im2col(input, s, segments, pixels, cols, 0, v);
         }
         let v = &*v;
-        if split {
-            let per_task = (self.padded_out / PANEL_ROWS).div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
-            m.par_chunks_mut(per_task * cols).enumerate().for_each(|(i, m)| {
-                let rows = m.len() / cols;
-                let u = &self.panels[i * per_task * depth..][..rows * depth];
-                panel_gemm(self.isa, u, v, m, rows, depth, cols);
-            });
-        } else {
-            panel_gemm(self.isa, &self.panels, v, m, self.padded_out, depth, cols);
+        match &self.packed {
+            Packed::Panels(panels) if split => {
+                let per_task = (self.padded_out / PANEL_ROWS).div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
+                m.par_chunks_mut(per_task * cols).enumerate().for_each(|(i, m)| {
+                    let rows = m.len() / cols;
+                    let u = &panels[i * per_task * depth..][..rows * depth];
+                    panel_gemm(self.isa, u, v, m, rows, depth, cols);
+                });
+            }
+            Packed::Panels(panels) => panel_gemm(self.isa, panels, v, m, self.padded_out, depth, cols),
+            Packed::Lanes(lanes) => with_scratch(self.padded_out * pixels, |t| {
+                // `t` is `[O_pad / LANES][pixels][LANES]`; tasks own whole lane groups.
+                let per_group = pixels * LANES;
+                let groups = self.padded_out / LANES;
+                let per_task = if split {
+                    groups.div_ceil(2 * rayon::current_num_threads())
+                } else {
+                    groups
+                };
+                t.par_chunks_mut(per_task * per_group).enumerate().for_each(|(i, t)| {
+                    let first = i * per_task;
+                    let groups = first..first + t.len() / per_group;
+                    lane_gemm(self.isa, lanes, v, t, groups, self.padded_out, depth, cols, pixels);
+                });
+                // Back to `[O_pad, cols]` for the epilogue (columns past
+                // `pixels` are never read).
+                for (group, t) in t.chunks_exact(per_group).enumerate() {
+                    for (p, t) in t.chunks_exact(LANES).enumerate() {
+                        for (l, &value) in t.iter().enumerate() {
+                            m[(group * LANES + l) * cols + p] = value;
+                        }
+                    }
+                }
+            }),
         }
     }
 

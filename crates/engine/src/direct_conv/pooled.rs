@@ -167,11 +167,11 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (outputs, channels, kernel, kernel), &d).unwrap();
             let b = Tensor::randn(0f32, 1.0, outputs, &d).unwrap();
             for isa in Isa::available() {
-                let plain = DirectConv::new(&w, Some(&b), attrs, relu, None, isa).unwrap();
+                let plain = DirectConv::new(&w, Some(&b), attrs, relu, None, isa, usize::MAX).unwrap();
                 let conv_shape = plain.run(&x, None).unwrap().dims().to_vec();
                 let r = with_residual.then(|| Tensor::randn(0f32, 1.0, conv_shape.as_slice(), &d).unwrap());
                 let want = crate::cpu_pool::max_pool2d(&plain.run(&x, r.as_ref()).unwrap(), &pool).unwrap();
-                let fused = DirectConv::new(&w, Some(&b), attrs, relu, Some(pool), isa).unwrap();
+                let fused = DirectConv::new(&w, Some(&b), attrs, relu, Some(pool), isa, usize::MAX).unwrap();
                 let got = fused.run(&x, r.as_ref()).unwrap();
                 prop_assert_eq!(got.dims(), want.dims());
                 prop_assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0, "{:?}", isa);
@@ -197,9 +197,9 @@ mod tests {
             stride: [2, 2],
             padding: [1, 1],
         };
-        let plain = DirectConv::new(&w, Some(&b), attrs, true, None, Isa::detect()).unwrap();
+        let plain = DirectConv::new(&w, Some(&b), attrs, true, None, Isa::detect(), usize::MAX).unwrap();
         let want = crate::cpu_pool::max_pool2d(&plain.run(&x, None).unwrap(), &pool).unwrap();
-        let fused = DirectConv::new(&w, Some(&b), attrs, true, Some(pool), Isa::detect()).unwrap();
+        let fused = DirectConv::new(&w, Some(&b), attrs, true, Some(pool), Isa::detect(), usize::MAX).unwrap();
         let got = fused.run(&x, None).unwrap();
         assert_eq!(got.dims(), [2, 64, 56, 56]);
         assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0);
@@ -220,7 +220,8 @@ mod tests {
             Conv2dAttrs::default(),
             false,
             Some(too_much_padding),
-            Isa::Scalar
+            Isa::Scalar,
+            usize::MAX
         )
         .is_err());
         let big = MaxPool2dAttrs {
@@ -228,7 +229,16 @@ mod tests {
             stride: [1, 1],
             padding: [0, 0],
         };
-        let conv = DirectConv::new(&w, None, Conv2dAttrs::default(), false, Some(big), Isa::Scalar).unwrap();
+        let conv = DirectConv::new(
+            &w,
+            None,
+            Conv2dAttrs::default(),
+            false,
+            Some(big),
+            Isa::Scalar,
+            usize::MAX,
+        )
+        .unwrap();
         let x = Tensor::zeros((1, 1, 6, 6), candle_core::DType::F32, &d).unwrap();
         assert!(conv.run(&x, None).is_err(), "a 9x9 window on a 4x4 conv output");
     }

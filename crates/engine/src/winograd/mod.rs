@@ -17,6 +17,7 @@
 //! with the tile size (bounded and measured in `winograd/tests.rs` and in
 //! `tests/tests/devices/pytorch.rs` on a whole ResNet18).
 
+pub(crate) mod f2;
 mod transform;
 
 use transform::weight_transform;

@@ -1,5 +1,7 @@
-//! Winograd against candle's direct convolution in f64 on every SIMD path.
+//! Winograd (F(4×4) and F(2×2)) against candle's direct convolution in
+//! f64 on every SIMD path.
 
+use super::f2::WinogradF2Conv;
 use super::*;
 use proptest::prelude::*;
 use wick_ir::Conv2dAttrs;
@@ -69,8 +71,8 @@ fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
 }
 
-/// Runs `case` on every available path and returns the worst error ratio
-/// against candle's direct convolution.
+/// Runs `case` through both Winograd convs on every available path and
+/// returns the worst error ratio against candle's direct convolution.
 fn worst_ratio(case: &Case) -> f64 {
     let d = Device::Cpu;
     let mut state = case.seed;
@@ -127,13 +129,19 @@ fn worst_ratio(case: &Case) -> f64 {
     let (want, magnitude) = (f64s(&want), f64s(&magnitude));
     let mut worst = 0f64;
     for isa in Isa::available() {
-        let conv = WinogradConv::new(&weight, bias.as_ref(), case.padding, case.relu, isa).unwrap();
-        let got = conv.run(&x, residual.as_ref()).unwrap();
-        assert_eq!(got.dims(), direct.dims(), "{isa:?}");
-        for ((g, w), m) in values(&got).iter().zip(&want).zip(&magnitude) {
-            let ratio = (f64::from(*g) - w).abs() / (f64::from(f32::EPSILON) * m + 1e-30);
-            assert!(ratio.is_finite(), "{isa:?}: got {g}, want {w}");
-            worst = worst.max(ratio);
+        let f4 = WinogradConv::new(&weight, bias.as_ref(), case.padding, case.relu, isa).unwrap();
+        let f2 = WinogradF2Conv::new(&weight, bias.as_ref(), case.padding, case.relu, isa).unwrap();
+        let outputs = [
+            ("F(4x4)", f4.run(&x, residual.as_ref()).unwrap()),
+            ("F(2x2)", f2.run(&x, residual.as_ref()).unwrap()),
+        ];
+        for (algo, got) in outputs {
+            assert_eq!(got.dims(), direct.dims(), "{algo} {isa:?}");
+            for ((g, w), m) in values(&got).iter().zip(&want).zip(&magnitude) {
+                let ratio = (f64::from(*g) - w).abs() / (f64::from(f32::EPSILON) * m + 1e-30);
+                assert!(ratio.is_finite(), "{algo} {isa:?}: got {g}, want {w}");
+                worst = worst.max(ratio);
+            }
         }
     }
     worst
@@ -158,10 +166,11 @@ proptest! {
 }
 
 /// Several blocks over the batch (blocks run in parallel) and a
-/// ResNet-sized layer (blocks split across threads) give the same answer.
+/// ResNet-sized layer (blocks split across threads) give the same answer;
+/// so does F(2×2) on ResNet's batch-1 layer4 shape (several lane groups).
 #[test]
 fn multi_block_and_split_paths() {
-    for (batch, channels, size) in [(6, 16, 23), (1, 64, 9)] {
+    for (batch, channels, size) in [(6, 16, 23), (1, 64, 9), (1, 80, 7)] {
         let case = Case {
             batch,
             channels,
@@ -182,15 +191,22 @@ fn multi_block_and_split_paths() {
 fn rejects_bad_input() {
     let d = Device::Cpu;
     let w = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, &d).unwrap();
-    let conv = WinogradConv::new(&w, None, [1, 1], false, Isa::Scalar).unwrap();
-    let wrong_channels = Tensor::zeros((1, 2, 5, 5), candle_core::DType::F32, &d).unwrap();
-    assert!(conv.run(&wrong_channels, None).is_err());
-    let x = Tensor::zeros((1, 3, 5, 5), candle_core::DType::F32, &d).unwrap();
-    let wrong_residual = Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &d).unwrap();
-    assert!(conv.run(&x, Some(&wrong_residual)).is_err());
+    let f4 = WinogradConv::new(&w, None, [1, 1], false, Isa::Scalar).unwrap();
+    let f2 = WinogradF2Conv::new(&w, None, [1, 1], false, Isa::Scalar).unwrap();
+    type Run<'a> = &'a dyn Fn(&Tensor, Option<&Tensor>) -> candle_core::Result<Tensor>;
+    let runs: [Run; 2] = [&|x, r| f4.run(x, r), &|x, r| f2.run(x, r)];
+    for run in runs {
+        let wrong_channels = Tensor::zeros((1, 2, 5, 5), candle_core::DType::F32, &d).unwrap();
+        assert!(run(&wrong_channels, None).is_err());
+        let x = Tensor::zeros((1, 3, 5, 5), candle_core::DType::F32, &d).unwrap();
+        let wrong_residual = Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &d).unwrap();
+        assert!(run(&x, Some(&wrong_residual)).is_err());
+        let empty = run(&x.narrow(0, 0, 0).unwrap(), None).unwrap();
+        assert_eq!(empty.dims(), [0, 4, 5, 5]);
+    }
     let five = Tensor::zeros((4, 3, 5, 5), candle_core::DType::F32, &d).unwrap();
     assert!(WinogradConv::new(&five, None, [1, 1], false, Isa::Scalar).is_err());
-    let empty = conv.run(&x.narrow(0, 0, 0).unwrap(), None).unwrap();
-    assert_eq!(empty.dims(), [0, 4, 5, 5]);
+    assert!(WinogradF2Conv::new(&five, None, [1, 1], false, Isa::Scalar).is_err());
+    assert!(WinogradF2Conv::new(&w, None, [3, 1], false, Isa::Scalar).is_err());
     assert!(WinogradConv::applies([3, 3], &Conv2dAttrs::default()));
 }

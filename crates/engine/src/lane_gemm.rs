@@ -1,0 +1,297 @@
+//! A matrix product for convolutions with few output pixels (batch 1 at
+//! 7×7 or 14×14): output channels on the vector lanes, pixels broadcast.
+//!
+//! [`panel_gemm`](crate::gemm_kernel::panel_gemm) puts pixels on the lanes;
+//! with 49 pixels its 16-column granule pads a quarter of every vector, and
+//! it streams the weights once per 32-pixel tile. Here the weights (the big
+//! operand at batch 1: 9.4 MB for a 512-channel 3×3 conv) pass through the
+//! core exactly once, in `KC`-deep chunks that stay in L1 while every pixel
+//! tile uses them, and no lane is wasted when the output channels are a
+//! multiple of [`LANES`] (all of ResNet's are).
+//!
+//! `m = w · v` with `w` `[rows, depth]` packed by [`pack_lanes`], `v`
+//! `[depth, cols]` row-major (only its first `pixels` columns are read) and
+//! `m` stored per lane group: `[rows / LANES][pixels][LANES]`. The packing
+//! puts each depth chunk of all lane groups together, so the weights are
+//! read in one sequential stream (what hardware prefetchers follow).
+
+use crate::gemm_kernel::Isa;
+
+/// Output channels per lane group (two AVX-512 vectors).
+pub(crate) const LANES: usize = 32;
+/// Depth of the chunk of weights and columns kept in L1 at a time.
+const KC: usize = 128;
+/// Most pixels per AVX-512 micro-tile (`2·R` accumulators).
+const MAX_TILE: usize = 12;
+/// How far ahead (in floats) the weights are prefetched.
+const PREFETCH: usize = 16 * LANES;
+
+/// Packs row-major `plain` `[rows, depth]` as `[depth chunk][lane
+/// group][chunk depth][LANES]` (chunks of `KC`, the last may be shorter),
+/// padding missing rows with zeros; `packed` holds
+/// `rows.div_ceil(LANES) · LANES · depth` values.
+pub(crate) fn pack_lanes(plain: &[f32], rows: usize, depth: usize, packed: &mut [f32]) {
+    let padded = rows.div_ceil(LANES) * LANES;
+    assert!(plain.len() == rows * depth && packed.len() == padded * depth);
+    for k0 in (0..depth).step_by(KC) {
+        let kc = KC.min(depth - k0);
+        for group in 0..padded / LANES {
+            let out = &mut packed[chunk_offset(k0, kc, group, padded)..][..kc * LANES];
+            for d in 0..kc {
+                for l in 0..LANES {
+                    let row = group * LANES + l;
+                    out[d * LANES + l] = if row < rows { plain[row * depth + k0 + d] } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+/// Where the `kc`-deep chunk at depth `k0` of lane group `group` starts.
+fn chunk_offset(k0: usize, kc: usize, group: usize, padded_rows: usize) -> usize {
+    k0 * padded_rows + group * kc * LANES
+}
+
+/// The lane groups `groups` of `m = w · v` (see the module docs): `w` packs
+/// all `rows` (a multiple of [`LANES`]), `m` holds just these groups
+/// (`[groups.len()][pixels][LANES]`); `pixels <= cols`; `isa` must be one of
+/// [`Isa::available`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lane_gemm(
+    isa: Isa,
+    w: &[f32],
+    v: &[f32],
+    m: &mut [f32],
+    groups: std::ops::Range<usize>,
+    rows: usize,
+    depth: usize,
+    cols: usize,
+    pixels: usize,
+) {
+    assert!(rows.is_multiple_of(LANES) && groups.end <= rows / LANES && pixels <= cols);
+    assert!(w.len() >= rows * depth && v.len() >= depth * cols && m.len() >= groups.len() * pixels * LANES);
+    for k0 in (0..depth).step_by(KC) {
+        let kc = KC.min(depth - k0);
+        for (i, g) in groups.clone().enumerate() {
+            let wg = &w[chunk_offset(k0, kc, g, rows)..][..kc * LANES];
+            let mg = &mut m[i * pixels * LANES..][..pixels * LANES];
+            let first = k0 == 0;
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `wg` has kc·LANES values, `mg` pixels·LANES, and `v`
+                // from row k0 has kc rows of `cols >= pixels` values (checked
+                // above); the CPU has AVX-512F (`Isa::Avx512` is only handed
+                // out when it does).
+                Isa::Avx512 => unsafe { x86::chunk_avx512(wg, &v[k0 * cols..], mg, kc, cols, pixels, first) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above, for AVX2 + FMA.
+                Isa::Avx2Fma => unsafe { x86::chunk_avx2(wg, &v[k0 * cols..], mg, kc, cols, pixels, first) },
+                _ => chunk_scalar(wg, &v[k0 * cols..], mg, kc, cols, pixels, first),
+            }
+        }
+    }
+}
+
+/// One lane group, one depth chunk: `mg[p][l] (+)= Σ_d wg[d][l] · v[d][p]`,
+/// starting from zero when `first`.
+fn chunk_scalar(wg: &[f32], v: &[f32], mg: &mut [f32], kc: usize, cols: usize, pixels: usize, first: bool) {
+    for p in 0..pixels {
+        let acc = &mut mg[p * LANES..][..LANES];
+        if first {
+            acc.fill(0.0);
+        }
+        for d in 0..kc {
+            let a = v[d * cols + p];
+            for (acc, &w) in acc.iter_mut().zip(&wg[d * LANES..][..LANES]) {
+                *acc += a * w;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{LANES, MAX_TILE, PREFETCH};
+    use std::arch::x86_64::*;
+
+    /// [`super::chunk_scalar`] on AVX-512F, in tiles of up to
+    /// [`MAX_TILE`] pixels (tiles of equal size, so no tiny remainder).
+    ///
+    /// # Safety
+    /// AVX-512F; `wg` has `kc·32` values, `v` `kc` rows of `cols` (the
+    /// last may end after `pixels`), `mg` `pixels·32`; `pixels <= cols`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn chunk_avx512(
+        wg: &[f32],
+        v: &[f32],
+        mg: &mut [f32],
+        kc: usize,
+        cols: usize,
+        pixels: usize,
+        first: bool,
+    ) {
+        let tiles = pixels.div_ceil(MAX_TILE);
+        let mut p0 = 0;
+        for t in 0..tiles {
+            // Tile sizes differ by at most one.
+            let r = (pixels - p0).div_ceil(tiles - t);
+            let (vp, mp) = (v.as_ptr().add(p0), mg.as_mut_ptr().add(p0 * LANES));
+            macro_rules! dispatch {
+                ($($n:literal)*) => {
+                    match r {
+                        $($n => tile_avx512::<$n>(wg.as_ptr(), vp, mp, kc, cols, first),)*
+                        _ => unreachable!("tile of {r} pixels"),
+                    }
+                };
+            }
+            dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
+            p0 += r;
+        }
+    }
+
+    /// `R` pixels × 32 lanes: `2·R` accumulators in registers across the chunk.
+    ///
+    /// # Safety
+    /// AVX-512F; reads `wp[..kc·32]`, `vp[d·cols + i]` for `d < kc`, `i < R`,
+    /// reads/writes `mp[..R·32]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_avx512<const R: usize>(
+        wp: *const f32,
+        vp: *const f32,
+        mp: *mut f32,
+        kc: usize,
+        cols: usize,
+        first: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        if !first {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                acc[0] = _mm512_loadu_ps(mp.add(i * LANES));
+                acc[1] = _mm512_loadu_ps(mp.add(i * LANES + 16));
+            }
+        }
+        let (mut wp, mut vp) = (wp, vp);
+        for _ in 0..kc {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH + 16) as *const i8);
+            let (w0, w1) = (_mm512_loadu_ps(wp), _mm512_loadu_ps(wp.add(16)));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let a = _mm512_set1_ps(*vp.add(i));
+                acc[0] = _mm512_fmadd_ps(a, w0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(a, w1, acc[1]);
+            }
+            wp = wp.add(LANES);
+            vp = vp.add(cols);
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(mp.add(i * LANES), acc[0]);
+            _mm512_storeu_ps(mp.add(i * LANES + 16), acc[1]);
+        }
+    }
+
+    /// [`super::chunk_scalar`] on AVX2 + FMA: two pixels × 32 lanes (eight
+    /// 8-lane accumulators) per step.
+    ///
+    /// # Safety
+    /// As [`chunk_avx512`], with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn chunk_avx2(
+        wg: &[f32],
+        v: &[f32],
+        mg: &mut [f32],
+        kc: usize,
+        cols: usize,
+        pixels: usize,
+        first: bool,
+    ) {
+        let (wg, v, mg) = (wg.as_ptr(), v.as_ptr(), mg.as_mut_ptr());
+        let mut p0 = 0;
+        while p0 < pixels {
+            let two = pixels - p0 >= 2;
+            let r = if two { 2 } else { 1 };
+            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+            if !first {
+                for (i, acc) in acc.iter_mut().take(r).enumerate() {
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_loadu_ps(mg.add((p0 + i) * LANES + 8 * j));
+                    }
+                }
+            }
+            for d in 0..kc {
+                let w: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(wg.add(d * LANES + 8 * j)));
+                let a0 = _mm256_broadcast_ss(&*v.add(d * cols + p0));
+                for j in 0..4 {
+                    acc[0][j] = _mm256_fmadd_ps(a0, w[j], acc[0][j]);
+                }
+                if two {
+                    let a1 = _mm256_broadcast_ss(&*v.add(d * cols + p0 + 1));
+                    for j in 0..4 {
+                        acc[1][j] = _mm256_fmadd_ps(a1, w[j], acc[1][j]);
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().take(r).enumerate() {
+                for (j, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(mg.add((p0 + i) * LANES + 8 * j), *acc);
+                }
+            }
+            p0 += r;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Every available path equals a plain triple loop (f64 accumulation)
+        /// within an f32 rounding bound, across chunk boundaries (depth up
+        /// to 3·KC), partial lane groups and every tile size.
+        #[test]
+        fn paths_match_plain_product(
+            rows in 1usize..80,
+            depth in 1usize..(3 * KC + 5),
+            pixels in 1usize..40,
+            extra_cols in 0usize..5,
+            seed in any::<u64>(),
+        ) {
+            let cols = pixels + extra_cols;
+            let mut state = seed;
+            let mut next = || {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            };
+            let plain: Vec<f32> = (0..rows * depth).map(|_| next()).collect();
+            let v: Vec<f32> = (0..depth * cols).map(|_| next()).collect();
+            let padded = rows.div_ceil(LANES) * LANES;
+            let mut packed = vec![f32::NAN; padded * depth];
+            pack_lanes(&plain, rows, depth, &mut packed);
+            for isa in Isa::available() {
+                // Two calls, for the first lane group and the rest (how tasks split the work).
+                let mut m = vec![f32::NAN; padded * pixels];
+                let (first, rest) = m.split_at_mut(pixels * LANES);
+                lane_gemm(isa, &packed, &v, first, 0..1, padded, depth, cols, pixels);
+                lane_gemm(isa, &packed, &v, rest, 1..padded / LANES, padded, depth, cols, pixels);
+                for r in 0..padded {
+                    for p in 0..pixels {
+                        let got = f64::from(m[(r / LANES * pixels + p) * LANES + r % LANES]);
+                        if r >= rows {
+                            prop_assert_eq!(got, 0.0, "{:?} padding row {} pixel {}", isa, r, p);
+                            continue;
+                        }
+                        let terms = (0..depth).map(|d| f64::from(plain[r * depth + d]) * f64::from(v[d * cols + p]));
+                        let want: f64 = terms.clone().sum();
+                        // Any f32 summation order: |error| <= n·ε·Σ|aᵢbᵢ| (to first order).
+                        let bound = 1.01 * depth as f64 * f64::from(f32::EPSILON) * terms.map(f64::abs).sum::<f64>();
+                        prop_assert!((got - want).abs() <= bound, "{:?} r={} p={}: {} vs {}", isa, r, p, got, want);
+                    }
+                }
+            }
+        }
+    }
+}
