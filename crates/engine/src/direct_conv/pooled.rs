@@ -6,7 +6,7 @@
 //! is recomputing the one convolution row that neighbouring tasks share.
 
 use super::{segments, DirectConv, Shape, BLOCK_BYTES};
-use crate::cpu_pool::nan_max;
+use crate::cpu_pool::{nan_max, pool_row};
 use crate::cpu_shared::{with_scratch, SharedOut};
 use crate::gemm_kernel::PANEL_GRANULE;
 use rayon::prelude::*;
@@ -74,9 +74,11 @@ impl DirectConv {
         let cols = pixels.div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
         let segments = segments(s, first, pixels);
         let (v_len, m_len) = (self.depth() * cols, self.padded_out * cols);
-        with_scratch(v_len + m_len + ow, |scratch| {
+        with_scratch(v_len + m_len + 2 * ow + pooled[1], |scratch| {
             let (v, rest) = scratch.split_at_mut(v_len);
-            let (m, column_max) = rest.split_at_mut(m_len);
+            let (m, rest) = rest.split_at_mut(m_len);
+            let (column_max, rest) = rest.split_at_mut(ow);
+            let (window_max, pooled_row) = rest.split_at_mut(ow);
             self.products(input, s, &segments, pixels, cols, split, v, m);
             let (conv_plane, pooled_plane) = (oh * ow, pooled[0] * pooled[1]);
             for o in 0..self.out_channels {
@@ -105,26 +107,21 @@ impl DirectConv {
                             *c = nan_max(*c, x);
                         }
                     }
-                    let base = (image * self.out_channels + o) * pooled_plane + r * pooled[1];
-                    for px in 0..pooled[1] {
-                        // Non-empty for the same reason as the rows.
-                        let x0 = (px * sw).saturating_sub(pw);
-                        let x1 = (px * sw + kw).saturating_sub(pw).min(ow);
-                        let mut value = column_max[x0];
-                        for &x in &column_max[x0 + 1..x1] {
-                            value = nan_max(value, x);
-                        }
-                        if late_epilogue {
-                            value += bias;
+                    // Windows are non-empty for the same reason as the rows.
+                    pool_row(column_max, [kw, sw, pw], window_max, pooled_row);
+                    if late_epilogue {
+                        for value in pooled_row.iter_mut() {
+                            *value += bias;
                             if self.relu {
-                                value = value.max(0.0);
+                                *value = value.max(0.0);
                             }
                         }
-                        // SAFETY: base + px < N·O·PH·PW (image < N, o < O,
-                        // r < PH, px < PW); pooled pixel (image, o, r, px)
-                        // belongs to this task only (tasks split images' rows).
-                        unsafe { dst.0.add(base + px).write(value) };
                     }
+                    let base = (image * self.out_channels + o) * pooled_plane + r * pooled[1];
+                    // SAFETY: base + PW <= N·O·PH·PW (image < N, o < O, r < PH);
+                    // pooled pixels (image, o, r, ..) belong to this task only
+                    // (tasks split images' rows).
+                    unsafe { std::ptr::copy_nonoverlapping(pooled_row.as_ptr(), dst.0.add(base), pooled[1]) };
                 }
             }
         });
