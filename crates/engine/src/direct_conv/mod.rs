@@ -99,13 +99,13 @@ impl DirectConv {
         let mut plain = weight.flatten_all()?.to_vec1::<f32>()?;
         let (padded_out, packed) = if pool.is_none() && pixels <= LANE_MAX_PIXELS {
             let padded_out = out_channels.div_ceil(LANES) * LANES;
-            let mut lanes = vec![0f32; padded_out * depth];
+            let mut lanes = crate::cpu_shared::weight_buffer(padded_out * depth);
             pack_lanes(&plain, out_channels, depth, &mut lanes);
             (padded_out, Packed::Lanes(lanes))
         } else {
             let padded_out = out_channels.div_ceil(PANEL_ROWS) * PANEL_ROWS;
             plain.resize(padded_out * depth, 0.0);
-            let mut panels = vec![0f32; padded_out * depth];
+            let mut panels = crate::cpu_shared::weight_buffer(padded_out * depth);
             pack_panels(&plain, padded_out, depth, &mut panels);
             (padded_out, Packed::Panels(panels))
         };

@@ -103,7 +103,7 @@ impl WinogradF2Conv {
             }
         }
         let per_xi = padded_out * in_channels;
-        let mut u = vec![0f32; XI * per_xi];
+        let mut u = crate::cpu_shared::weight_buffer(XI * per_xi);
         for xi in 0..XI {
             pack_lanes(
                 &plain[xi * per_plain..][..per_plain],

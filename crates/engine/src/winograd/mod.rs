@@ -129,7 +129,7 @@ impl WinogradConv {
             }
         }
         let per_xi = padded_out * in_channels;
-        let mut u = vec![0f32; XI * per_xi];
+        let mut u = crate::cpu_shared::weight_buffer(XI * per_xi);
         for xi in 0..XI {
             pack_panels(
                 &plain[xi * per_xi..][..per_xi],
