@@ -15,6 +15,7 @@ use crate::gemm_kernel::Isa;
 use crate::lane_gemm::{lane_gemm, pack_lanes, LANES};
 use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Input tile side (`2 + 3 - 1`).
 const ALPHA: usize = 4;
@@ -47,13 +48,13 @@ pub(crate) struct WinogradF2Conv {
 
 #[derive(Clone, Copy)]
 struct Shape {
-    height: usize,
-    width: usize,
     out_height: usize,
     out_width: usize,
     tiles_x: usize,
     tiles_per_image: usize,
     total_tiles: usize,
+    padded_height: usize,
+    padded_width: usize,
 }
 
 impl WinogradF2Conv {
@@ -158,25 +159,52 @@ impl WinogradF2Conv {
             bail!("the residual of a winograd conv must have the output's shape {out_dims:?}")
         }
         let tiles_x = out_width.div_ceil(M);
-        let tiles_per_image = out_height.div_ceil(M) * tiles_x;
+        let tiles_y = out_height.div_ceil(M);
         let s = Shape {
-            height,
-            width,
             out_height,
             out_width,
             tiles_x,
-            tiles_per_image,
-            total_tiles: batch * tiles_per_image,
+            tiles_per_image: tiles_y * tiles_x,
+            total_tiles: batch * tiles_y * tiles_x,
+            // Every tile's 4×4 patch, padding included, lies in here.
+            padded_height: M * tiles_y + 2,
+            padded_width: M * tiles_x + 2,
         };
         let out_len = out_dims.iter().product();
+        if out_len == 0 {
+            return Tensor::from_vec(Vec::<f32>::new(), out_dims.to_vec(), &Device::Cpu);
+        }
         let mut out = Vec::<f32>::with_capacity(out_len);
         // Disjoint writes: each output element belongs to one (tile,
         // channel) pair, written by one task of one block.
         let dst = SharedOut(out.as_mut_ptr());
         with_cpu_f32("winograd conv", &x, residual.as_ref(), |input, residual| {
-            for first in (0..s.total_tiles).step_by(BLOCK_TILES) {
-                self.block(input, residual, dst, &s, first..s.total_tiles.min(first + BLOCK_TILES));
-            }
+            let padded_plane = s.padded_height * s.padded_width;
+            let padded_len = batch * channels * padded_plane;
+            let block = BLOCK_TILES.min(s.total_tiles);
+            let (v_len, m_len) = (XI * channels * block, XI * self.padded_out * block);
+            // One scratch for all three: a nested `with_scratch` would
+            // allocate afresh on every call.
+            with_scratch(padded_len + v_len + m_len, |scratch| {
+                let (padded, rest) = scratch.split_at_mut(padded_len);
+                let (v, m) = rest.split_at_mut(v_len);
+                // A zero-padded copy of the (small) input: patches need no
+                // bounds checks. H + ph <= padded height (and so for W), as
+                // 2·tiles_y >= out_height = H + 2·ph − 2.
+                padded
+                    .par_chunks_mut(padded_plane)
+                    .zip(input.par_chunks(height * width))
+                    .for_each(|(p, x)| {
+                        p.fill(0.0);
+                        for (y, row) in x.chunks_exact(width).enumerate() {
+                            p[(y + ph) * s.padded_width + pw..][..width].copy_from_slice(row);
+                        }
+                    });
+                for first in (0..s.total_tiles).step_by(block) {
+                    let tiles = first..s.total_tiles.min(first + block);
+                    self.block(padded, residual, dst, &s, tiles, v, m);
+                }
+            });
             Ok(())
         })?;
         // SAFETY: the blocks cover every tile of every image, and each tile
@@ -186,125 +214,174 @@ impl WinogradF2Conv {
     }
 
     /// Transforms, multiplies and writes back the tiles `tiles` (numbered
-    /// over the batch), each phase split across threads.
-    fn block(&self, input: &[f32], residual: Option<&[f32]>, dst: SharedOut, s: &Shape, tiles: std::ops::Range<usize>) {
+    /// over the batch), each phase split across threads; `padded` is the
+    /// zero-padded input, `v` and `m` scratch of at least the block's size.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        padded: &[f32],
+        residual: Option<&[f32]>,
+        dst: SharedOut,
+        s: &Shape,
+        tiles: Range<usize>,
+        v: &mut [f32],
+        m: &mut [f32],
+    ) {
         let count = tiles.len();
         let (c_in, c_out) = (self.in_channels, self.padded_out);
-        let (v_len, m_len) = (XI * c_in * count, XI * c_out * count);
+        let (v, m) = (&mut v[..XI * c_in * count], &mut m[..XI * c_out * count]);
         let threads = rayon::current_num_threads();
-        with_scratch(v_len + m_len, |scratch| {
-            let (v, m) = scratch.split_at_mut(v_len);
-            // V[ξ][c][t]: channel c writes rows (ξ, c) only.
-            let vptr = SharedOut(v.as_mut_ptr());
-            let per = c_in.div_ceil(4 * threads).max(1);
-            (0..c_in.div_ceil(per)).into_par_iter().for_each(|chunk| {
-                for c in chunk * per..c_in.min((chunk + 1) * per) {
-                    self.transform_input(input, s, c, tiles.clone(), vptr);
-                }
-            });
-            let v = &*v;
-            // M[ξ] = U[ξ] · V[ξ], `[O_pad / LANES][count][LANES]` per ξ.
-            m.par_chunks_mut(c_out * count).enumerate().for_each(|(xi, m)| {
-                let u = &self.u[xi * c_out * c_in..][..c_out * c_in];
-                let v = &v[xi * c_in * count..][..c_in * count];
-                lane_gemm(self.isa, u, v, m, 0..c_out / LANES, c_out, c_in, count, count);
-            });
-            let m = &*m;
-            let per = self.out_channels.div_ceil(4 * threads).max(1);
-            (0..self.out_channels.div_ceil(per)).into_par_iter().for_each(|chunk| {
-                for o in chunk * per..self.out_channels.min((chunk + 1) * per) {
-                    for (t, tile) in tiles.clone().enumerate() {
-                        let at = |xi: usize| m[xi * c_out * count + ((o / LANES) * count + t) * LANES + o % LANES];
-                        let y = output_transform(&std::array::from_fn(at));
-                        self.write_tile(residual, dst, s, o, tile, &y);
-                    }
-                }
-            });
+        // V[ξ][c][t]: channel c writes rows (ξ, c) only.
+        let vptr = SharedOut(v.as_mut_ptr());
+        let per = c_in.div_ceil(4 * threads).max(1);
+        (0..c_in.div_ceil(per)).into_par_iter().for_each(|chunk| {
+            for c in chunk * per..c_in.min((chunk + 1) * per) {
+                self.transform_input(padded, s, c, tiles.clone(), vptr);
+            }
+        });
+        let v = &*v;
+        // M[ξ] = U[ξ] · V[ξ], `[O_pad / LANES][count][LANES]` per ξ.
+        m.par_chunks_mut(c_out * count).enumerate().for_each(|(xi, m)| {
+            let u = &self.u[xi * c_out * c_in..][..c_out * c_in];
+            let v = &v[xi * c_in * count..][..c_in * count];
+            lane_gemm(self.isa, u, v, m, 0..c_out / LANES, c_out, c_in, count, count);
+        });
+        let m = &*m;
+        let per = self.out_channels.div_ceil(4 * threads).max(1);
+        (0..self.out_channels.div_ceil(per)).into_par_iter().for_each(|chunk| {
+            for o in chunk * per..self.out_channels.min((chunk + 1) * per) {
+                self.transform_output(m, residual, dst, s, o, tiles.clone());
+            }
         });
     }
 
-    /// Writes `V[ξ][c][t]` for channel `c` and each tile `t` of `tiles`
-    /// (`v` is `[XI][C][tiles.len()]`; no other task writes channel `c`).
-    fn transform_input(&self, input: &[f32], s: &Shape, c: usize, tiles: std::ops::Range<usize>, v: SharedOut) {
+    /// Writes `V[ξ][c][t]` for channel `c` and each tile `t` of `tiles`,
+    /// [`TILE_LANES`] tiles at a time (`v` is `[XI][C][tiles.len()]`; no
+    /// other task writes channel `c`).
+    fn transform_input(&self, padded: &[f32], s: &Shape, c: usize, tiles: Range<usize>, v: SharedOut) {
         let count = tiles.len();
-        for (t, tile) in tiles.enumerate() {
-            let d = self.patch(input, s, c, tile);
-            for (xi, value) in input_transform(&d).into_iter().enumerate() {
-                // SAFETY: (ξ·C + c)·count + t < XI·C·count, the length of `v`,
-                // and this task is the only one writing channel c.
-                unsafe { *v.0.add((xi * self.in_channels + c) * count + t) = value };
+        let plane = s.padded_height * s.padded_width;
+        for t0 in (0..count).step_by(TILE_LANES) {
+            let n = TILE_LANES.min(count - t0);
+            let mut d = [[0f32; TILE_LANES]; XI];
+            for lane in 0..n {
+                let (image, ty, tx) = s.tile(tiles.start + t0 + lane);
+                // The patch's top-left in the padded plane is (M·ty, M·tx).
+                let p = &padded[(image * self.in_channels + c) * plane + M * ty * s.padded_width + M * tx..];
+                for (i, d) in d.iter_mut().enumerate() {
+                    d[lane] = p[i / ALPHA * s.padded_width + i % ALPHA];
+                }
+            }
+            for (xi, row) in input_transform(&d).iter().enumerate() {
+                // SAFETY: (ξ·C + c)·count + t0 + n <= XI·C·count, the length
+                // of `v`, and this task is the only one writing channel c.
+                let out =
+                    unsafe { std::slice::from_raw_parts_mut(v.0.add((xi * self.in_channels + c) * count + t0), n) };
+                out.copy_from_slice(&row[..n]);
             }
         }
     }
 
-    /// The 4×4 input patch of `tile` in channel `c`, zeros outside the image.
-    fn patch(&self, input: &[f32], s: &Shape, c: usize, tile: usize) -> [f32; XI] {
-        let (image, within) = (tile / s.tiles_per_image, tile % s.tiles_per_image);
-        let (ty, tx) = (within / s.tiles_x, within % s.tiles_x);
-        let plane = &input[(image * self.in_channels + c) * s.height * s.width..][..s.height * s.width];
-        std::array::from_fn(|i| {
-            let y = (ty * M + i / ALPHA) as isize - self.padding[0] as isize;
-            let x = (tx * M + i % ALPHA) as isize - self.padding[1] as isize;
-            if (0..s.height as isize).contains(&y) && (0..s.width as isize).contains(&x) {
-                plane[y as usize * s.width + x as usize]
-            } else {
-                0.0
-            }
-        })
-    }
-
-    /// Adds bias and residual, applies the ReLU, and writes the in-bounds
-    /// part of output tile `tile` of channel `o`.
-    fn write_tile(&self, residual: Option<&[f32]>, dst: SharedOut, s: &Shape, o: usize, tile: usize, y: &[f32; 4]) {
-        let (image, within) = (tile / s.tiles_per_image, tile % s.tiles_per_image);
-        let (ty, tx) = (within / s.tiles_x, within % s.tiles_x);
+    /// Output channel `o` of the tiles `tiles` from `m` (the block's
+    /// products), with bias, residual and ReLU, [`TILE_LANES`] tiles at a time.
+    fn transform_output(
+        &self,
+        m: &[f32],
+        residual: Option<&[f32]>,
+        dst: SharedOut,
+        s: &Shape,
+        o: usize,
+        tiles: Range<usize>,
+    ) {
+        let count = tiles.len();
+        let per_xi = self.padded_out * count;
         let plane = s.out_height * s.out_width;
-        for (i, &value) in y.iter().enumerate() {
-            let (oy, ox) = (ty * M + i / M, tx * M + i % M);
-            if oy >= s.out_height || ox >= s.out_width {
-                continue;
+        for t0 in (0..count).step_by(TILE_LANES) {
+            let n = TILE_LANES.min(count - t0);
+            let mut products = [[0f32; TILE_LANES]; XI];
+            for (xi, row) in products.iter_mut().enumerate() {
+                let group = &m[xi * per_xi + (o / LANES) * count * LANES + o % LANES..];
+                for (lane, value) in row[..n].iter_mut().enumerate() {
+                    *value = group[(t0 + lane) * LANES];
+                }
             }
-            let at = (image * self.out_channels + o) * plane + oy * s.out_width + ox;
-            let mut value = value + self.bias[o] + residual.map_or(0.0, |r| r[at]);
-            if self.relu {
-                value = value.max(0.0);
+            let y = output_transform(&products);
+            for lane in 0..n {
+                let (image, ty, tx) = s.tile(tiles.start + t0 + lane);
+                for (i, y) in y.iter().enumerate() {
+                    let (oy, ox) = (ty * M + i / M, tx * M + i % M);
+                    if oy >= s.out_height || ox >= s.out_width {
+                        continue;
+                    }
+                    let at = (image * self.out_channels + o) * plane + oy * s.out_width + ox;
+                    let mut value = y[lane] + self.bias[o] + residual.map_or(0.0, |r| r[at]);
+                    if self.relu {
+                        value = value.max(0.0);
+                    }
+                    // SAFETY: at < N·O·OH·OW (image < N, o < O, oy < OH, ox <
+                    // OW), and (o, tile) is written by this task only.
+                    unsafe { *dst.0.add(at) = value };
+                }
             }
-            // SAFETY: at < N·O·OH·OW (image < N, o < O, oy < OH, ox < OW), and
-            // (o, tile) is written by this task only.
-            unsafe { *dst.0.add(at) = value };
         }
     }
 }
 
-/// `Bᵀ d B` for a 4×4 patch `d` (row-major), with
-/// `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`.
-fn input_transform(d: &[f32; XI]) -> [f32; XI] {
-    let bt = |a: [f32; 4]| [a[0] - a[2], a[1] + a[2], a[2] - a[1], a[1] - a[3]];
-    let mut rows = [[0f32; 4]; 4];
-    for j in 0..4 {
-        let col = bt([d[j], d[4 + j], d[8 + j], d[12 + j]]);
-        for i in 0..4 {
-            rows[i][j] = col[i];
+impl Shape {
+    /// Image, tile row and tile column of tile `t` (numbered over the batch).
+    fn tile(&self, t: usize) -> (usize, usize, usize) {
+        let (image, within) = (t / self.tiles_per_image, t % self.tiles_per_image);
+        (image, within / self.tiles_x, within % self.tiles_x)
+    }
+}
+
+/// Tiles transformed together, one per vector lane.
+const TILE_LANES: usize = 16;
+type Lanes = [f32; TILE_LANES];
+
+fn add(a: &Lanes, b: &Lanes) -> Lanes {
+    std::array::from_fn(|i| a[i] + b[i])
+}
+
+fn sub(a: &Lanes, b: &Lanes) -> Lanes {
+    std::array::from_fn(|i| a[i] - b[i])
+}
+
+/// `Bᵀ d B` for [`TILE_LANES`] 4×4 patches `d` (row-major, one tile per
+/// lane), with `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`.
+fn input_transform(d: &[Lanes; XI]) -> [Lanes; XI] {
+    let bt = |a: [&Lanes; 4]| [sub(a[0], a[2]), add(a[1], a[2]), sub(a[2], a[1]), sub(a[1], a[3])];
+    // Columns first: t = Bᵀ d.
+    let mut t = [[0f32; TILE_LANES]; XI];
+    for j in 0..ALPHA {
+        for (i, value) in bt([&d[j], &d[4 + j], &d[8 + j], &d[12 + j]]).into_iter().enumerate() {
+            t[i * ALPHA + j] = value;
         }
     }
-    let mut v = [0f32; XI];
-    for i in 0..4 {
-        v[i * 4..][..4].copy_from_slice(&bt(rows[i]));
+    // Then rows: v = t B.
+    let mut v = [[0f32; TILE_LANES]; XI];
+    for i in 0..ALPHA {
+        let row = bt([&t[i * 4], &t[i * 4 + 1], &t[i * 4 + 2], &t[i * 4 + 3]]);
+        v[i * ALPHA..][..ALPHA].copy_from_slice(&row);
     }
     v
 }
 
-/// `Aᵀ m A` for a 4×4 product tile `m`, with `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`.
-fn output_transform(m: &[f32; XI]) -> [f32; 4] {
-    let at = |a: [f32; 4]| [a[0] + a[1] + a[2], a[1] - a[2] - a[3]];
-    let mut cols = [[0f32; 4]; 2];
-    for j in 0..4 {
-        let c = at([m[j], m[4 + j], m[8 + j], m[12 + j]]);
-        cols[0][j] = c[0];
-        cols[1][j] = c[1];
+/// `Aᵀ m A` for [`TILE_LANES`] 4×4 product tiles `m` (one per lane), with
+/// `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`; the 2×2 outputs row-major.
+fn output_transform(m: &[Lanes; XI]) -> [Lanes; M * M] {
+    let at = |a: [&Lanes; 4]| [add(&add(a[0], a[1]), a[2]), sub(&sub(a[1], a[2]), a[3])];
+    // Columns first: t = Aᵀ m (2×4).
+    let mut t = [[0f32; TILE_LANES]; M * ALPHA];
+    for j in 0..ALPHA {
+        let [top, bottom] = at([&m[j], &m[4 + j], &m[8 + j], &m[12 + j]]);
+        t[j] = top;
+        t[ALPHA + j] = bottom;
     }
-    let (r0, r1) = (at(cols[0]), at(cols[1]));
-    [r0[0], r0[1], r1[0], r1[1]]
+    // Then rows: y = t A.
+    let [y00, y01] = at([&t[0], &t[1], &t[2], &t[3]]);
+    let [y10, y11] = at([&t[4], &t[5], &t[6], &t[7]]);
+    [y00, y01, y10, y11]
 }
 
 /// `G g Gᵀ` in f64 for a 3×3 kernel `g` (row-major), with
