@@ -15,6 +15,7 @@ use crate::gemm_kernel::{pack_panels, panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS
 use crate::lane_gemm::{lane_gemm, pack_lanes, LANES};
 use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
+use std::ops::Range;
 use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
 
 /// Scratch (im2col columns and products) one block aims to fit in.
@@ -249,42 +250,80 @@ impl DirectConv {
         let cols = pixels.div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
         let segments = segments(s, first, pixels);
         let depth = self.depth();
-        let (v_len, m_len) = (depth * cols, self.padded_out * cols);
+        let (v_len, m_len) = (depth * cols, self.products_len(cols));
         with_scratch(v_len + m_len, |scratch| {
             let (v, m) = scratch.split_at_mut(v_len);
             self.products(input, s, &segments, pixels, cols, split, v, m);
-            let out_plane = s.out_height * s.out_width;
-            for o in 0..self.out_channels {
-                let bias = self.bias[o];
-                let products = &m[o * cols..][..cols];
-                for seg in &segments {
-                    let base = (seg.image * self.out_channels + o) * out_plane + seg.y * s.out_width;
-                    let n = seg.x1 - seg.x0;
-                    let src = &products[seg.col..seg.col + n];
-                    // SAFETY: base + x1 <= N·O·OH·OW (image < N, o < O, y < OH,
-                    // x1 <= OW) and these pixels belong to this block only.
-                    let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add(base + seg.x0), n) };
-                    match residual {
-                        Some(r) => {
-                            for ((out, &p), &r) in out.iter_mut().zip(src).zip(&r[base + seg.x0..base + seg.x1]) {
-                                let v = p + bias + r;
-                                *out = if self.relu { v.max(0.0) } else { v };
-                            }
-                        }
-                        None => {
-                            for (out, &p) in out.iter_mut().zip(src) {
-                                let v = p + bias;
-                                *out = if self.relu { v.max(0.0) } else { v };
-                            }
-                        }
-                    }
-                }
+            let m = &*m;
+            let epilogue = |channels: Range<usize>| self.epilogue(m, residual, dst, s, &segments, cols, channels);
+            if split {
+                // Channels in parallel: each writes its own output rows.
+                let per = self.out_channels.div_ceil(4 * rayon::current_num_threads()).max(1);
+                (0..self.out_channels.div_ceil(per))
+                    .into_par_iter()
+                    .for_each(|i| epilogue(i * per..self.out_channels.min((i + 1) * per)));
+            } else {
+                epilogue(0..self.out_channels);
             }
         });
     }
 
-    /// `m` (`[O_pad, cols]`) = weights · im2col of the block's pixels
-    /// (`segments`, `pixels` of them); `v` (`[C·kh·kw, cols]`) is scratch.
+    /// Bias, residual and ReLU for output channels `channels` of a block
+    /// (products `m`, `[O_pad, cols]`), written to the output pixels of
+    /// `segments`.
+    #[allow(clippy::too_many_arguments)]
+    fn epilogue(
+        &self,
+        m: &[f32],
+        residual: Option<&[f32]>,
+        dst: SharedOut,
+        s: &Shape,
+        segments: &[Segment],
+        cols: usize,
+        channels: Range<usize>,
+    ) {
+        let out_plane = s.out_height * s.out_width;
+        for o in channels {
+            let bias = self.bias[o];
+            let products = &m[o * cols..][..cols];
+            for seg in segments {
+                let base = (seg.image * self.out_channels + o) * out_plane + seg.y * s.out_width;
+                let n = seg.x1 - seg.x0;
+                let src = &products[seg.col..seg.col + n];
+                // SAFETY: base + x1 <= N·O·OH·OW (image < N, o < O, y < OH,
+                // x1 <= OW); these pixels belong to this block only, and
+                // channel o to one epilogue call.
+                let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add(base + seg.x0), n) };
+                match residual {
+                    Some(r) => {
+                        for ((out, &p), &r) in out.iter_mut().zip(src).zip(&r[base + seg.x0..base + seg.x1]) {
+                            let v = p + bias + r;
+                            *out = if self.relu { v.max(0.0) } else { v };
+                        }
+                    }
+                    None => {
+                        for (out, &p) in out.iter_mut().zip(src) {
+                            let v = p + bias;
+                            *out = if self.relu { v.max(0.0) } else { v };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Scratch [`Self::products`] needs for its `m`: `[O_pad, cols]`, and as
+    /// much again for the lane layout's transposition.
+    fn products_len(&self, cols: usize) -> usize {
+        match self.packed {
+            Packed::Panels(_) => self.padded_out * cols,
+            Packed::Lanes(_) => 2 * self.padded_out * cols,
+        }
+    }
+
+    /// `m[..O_pad · cols]` (`[O_pad, cols]`) = weights · im2col of the
+    /// block's pixels (`segments`, `pixels` of them); `v` (`[C·kh·kw,
+    /// cols]`) and the rest of `m` ([`Self::products_len`] in all) are scratch.
     /// `split` shares the product's output-channel panels across threads.
     #[allow(clippy::too_many_arguments)]
     fn products(
@@ -319,7 +358,9 @@ impl DirectConv {
                 });
             }
             Packed::Panels(panels) => panel_gemm(self.isa, panels, v, m, self.padded_out, depth, cols),
-            Packed::Lanes(lanes) => with_scratch(self.padded_out * pixels, |t| {
+            Packed::Lanes(lanes) => {
+                let (m, t) = m.split_at_mut(self.padded_out * cols);
+                let t = &mut t[..self.padded_out * pixels];
                 // `t` is `[O_pad / LANES][pixels][LANES]`; tasks own whole lane groups.
                 let per_group = pixels * LANES;
                 let groups = self.padded_out / LANES;
@@ -334,15 +375,16 @@ impl DirectConv {
                     lane_gemm(self.isa, lanes, v, t, groups, self.padded_out, depth, cols, pixels);
                 });
                 // Back to `[O_pad, cols]` for the epilogue (columns past
-                // `pixels` are never read).
-                for (group, t) in t.chunks_exact(per_group).enumerate() {
-                    for (p, t) in t.chunks_exact(LANES).enumerate() {
+                // `pixels` are never read), a lane group per task.
+                let t = &*t;
+                m.par_chunks_mut(LANES * cols).enumerate().for_each(|(group, m)| {
+                    for (p, t) in t[group * per_group..][..per_group].chunks_exact(LANES).enumerate() {
                         for (l, &value) in t.iter().enumerate() {
-                            m[(group * LANES + l) * cols + p] = value;
+                            m[l * cols + p] = value;
                         }
                     }
-                }
-            }),
+                });
+            }
         }
     }
 

@@ -73,7 +73,7 @@ impl DirectConv {
         let pixels = (y_hi - y_lo) * ow;
         let cols = pixels.div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
         let segments = segments(s, first, pixels);
-        let (v_len, m_len) = (self.depth() * cols, self.padded_out * cols);
+        let (v_len, m_len) = (self.depth() * cols, self.products_len(cols));
         with_scratch(v_len + m_len + 2 * ow + pooled[1], |scratch| {
             let (v, rest) = scratch.split_at_mut(v_len);
             let (m, rest) = rest.split_at_mut(m_len);
