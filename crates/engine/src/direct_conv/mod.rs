@@ -21,6 +21,10 @@ use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
 /// Scratch (im2col columns and products) one block aims to fit in.
 const BLOCK_BYTES: usize = 1 << 20;
 
+/// Smallest block worth running on its own thread rather than splitting
+/// one block's phases across threads.
+const MIN_BLOCK_COLS: usize = 128;
+
 /// Convolutions expected to produce at most this many output pixels per
 /// forward (batch 1 at 14×14 and below) use [`lane_gemm`]: channels on the
 /// vector lanes, weights streamed once.
@@ -143,6 +147,12 @@ impl DirectConv {
         }
         let per_col = (self.depth() + self.padded_out) * 4;
         let target = (BLOCK_BYTES / per_col).max(PANEL_GRANULE);
+        // At least two blocks per thread where each keeps MIN_BLOCK_COLS
+        // columns: whole blocks in parallel keep each block's columns in one
+        // core's cache, where splitting one block across threads makes every
+        // thread stream all of its columns.
+        let threads = rayon::current_num_threads();
+        let target = target.min(total.div_ceil(2 * threads).max(MIN_BLOCK_COLS));
         let blocks = total.div_ceil(target).max(1);
         total.div_ceil(blocks).div_ceil(PANEL_GRANULE) * PANEL_GRANULE
     }
