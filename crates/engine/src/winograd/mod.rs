@@ -39,6 +39,8 @@ const PREFETCH_CHANNELS: usize = 2;
 const MIN_TILES: usize = 16;
 /// Scratch (`V` and `M`) one block aims to fit in.
 const BLOCK_BYTES: usize = 1 << 20;
+/// Floats (one cache line) between consecutive ξ matrices of a block.
+const SKEW: usize = 16;
 /// Tiles transformed together (one SIMD-friendly vector of lanes).
 const LANES: usize = 16;
 const _: () = assert!(
@@ -246,8 +248,8 @@ impl WinogradConv {
         // GEMM columns: the block's tiles rounded up to the kernel's granule.
         let cols = tiles.div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
         let positions: Vec<TilePos> = (first..first + tiles).map(|t| self.tile_pos(s, t)).collect();
-        let v_len = XI * s.channels * cols;
-        let m_len = XI * self.padded_out * cols;
+        let (v_stride, m_stride) = (self.v_stride(s.channels, cols), self.m_stride(cols));
+        let (v_len, m_len) = (XI * v_stride, XI * m_stride);
         with_scratch(v_len + m_len, |scratch| {
             let (v, m) = scratch.split_at_mut(v_len);
             // V[ξ][c][t]. Channel `c` writes only rows (ξ, c): disjoint across channels.
@@ -275,19 +277,17 @@ impl WinogradConv {
                 panel_gemm(
                     self.isa,
                     &self.u[xi * per_u..][..per_u],
-                    &v[xi * s.channels * cols..][..s.channels * cols],
-                    m,
+                    &v[xi * v_stride..][..s.channels * cols],
+                    &mut m[..self.padded_out * cols],
                     self.padded_out,
                     s.channels,
                     cols,
                 )
             };
             if split {
-                m.par_chunks_mut(self.padded_out * cols)
-                    .enumerate()
-                    .for_each(|(xi, m)| gemm(xi, m));
+                m.par_chunks_mut(m_stride).enumerate().for_each(|(xi, m)| gemm(xi, m));
             } else {
-                for (xi, m) in m.chunks_mut(self.padded_out * cols).enumerate() {
+                for (xi, m) in m.chunks_mut(m_stride).enumerate() {
                     gemm(xi, m);
                 }
             }
@@ -306,6 +306,19 @@ impl WinogradConv {
                 transform_outputs(0..self.out_channels);
             }
         });
+    }
+
+    /// Distance between `V[ξ]` and `V[ξ + 1]` in a block of `cols` columns:
+    /// the `[C, cols]` matrix plus [`SKEW`]. Without it, ResNet's blocks put
+    /// the 36 matrices exactly 64 KiB apart, so the transforms' 36 accesses
+    /// per tile chunk all fall in one L1 set (8 ways) and evict each other.
+    fn v_stride(&self, channels: usize, cols: usize) -> usize {
+        channels * cols + SKEW
+    }
+
+    /// Distance between `M[ξ]` and `M[ξ + 1]`: `[O_pad, cols]` plus [`SKEW`].
+    fn m_stride(&self, cols: usize) -> usize {
+        self.padded_out * cols + SKEW
     }
 
     /// Where tile `t` (numbered over the batch) reads and writes.

@@ -220,10 +220,11 @@ impl WinogradConv {
             for (b, lanes_v) in t.iter().enumerate() {
                 let xi = a * ALPHA + b;
                 debug_assert!(start + LANES <= cols);
-                // SAFETY: (ξ·C + c)·cols + start + LANES <= 36·C·cols,
+                // SAFETY: ξ·v_stride + c·cols + start + LANES <= 36·v_stride,
                 // the buffer's length; row (ξ, c) belongs to this channel only.
                 unsafe {
-                    (v.0.add((xi * s.channels + c) * cols + start) as *mut [f32; LANES]).write_unaligned(*lanes_v)
+                    (v.0.add(xi * self.v_stride(s.channels, cols) + c * cols + start) as *mut [f32; LANES])
+                        .write_unaligned(*lanes_v)
                 };
             }
         }
@@ -306,7 +307,7 @@ impl WinogradConv {
             let mut rows = [[[0f32; LANES]; ALPHA]; M];
             for b in 0..ALPHA {
                 let column: [[f32; LANES]; ALPHA] = std::array::from_fn(|a| {
-                    m[((a * ALPHA + b) * self.padded_out + k) * cols + start..][..LANES]
+                    m[(a * ALPHA + b) * self.m_stride(cols) + k * cols + start..][..LANES]
                         .try_into()
                         .expect("LANES values")
                 });
