@@ -28,6 +28,10 @@ const BLOCK_TILES: usize = 64;
 /// Output pixels per forward up to which F(2×2) beats the direct conv
 /// (measured on ResNet18 at batch 1: 49 pixels, 1.6 → see README).
 const MAX_PIXELS: usize = 256;
+/// Floats (a cache line) added between consecutive ξ matrices of `V` and
+/// `M`: their sizes are multiples of 4 KiB for ResNet's layers, which would
+/// put the 16 accesses a transform makes per tile chunk in one L1 set.
+const SKEW: usize = 16;
 /// Fewer channels than this gain too little from the cut in multiplies.
 const MIN_CHANNELS: usize = 64;
 
@@ -182,7 +186,7 @@ impl WinogradF2Conv {
             let padded_plane = s.padded_height * s.padded_width;
             let padded_len = batch * channels * padded_plane;
             let block = BLOCK_TILES.min(s.total_tiles);
-            let (v_len, m_len) = (XI * channels * block, XI * self.padded_out * block);
+            let (v_len, m_len) = (XI * (channels * block + SKEW), XI * (self.padded_out * block + SKEW));
             // One scratch for all three: a nested `with_scratch` would
             // allocate afresh on every call.
             with_scratch(padded_len + v_len + m_len, |scratch| {
@@ -229,7 +233,9 @@ impl WinogradF2Conv {
     ) {
         let count = tiles.len();
         let (c_in, c_out) = (self.in_channels, self.padded_out);
-        let (v, m) = (&mut v[..XI * c_in * count], &mut m[..XI * c_out * count]);
+        // ξ matrices one cache line further apart than their size (see SKEW).
+        let (v_stride, m_stride) = (c_in * count + SKEW, c_out * count + SKEW);
+        let (v, m) = (&mut v[..XI * v_stride], &mut m[..XI * m_stride]);
         let threads = rayon::current_num_threads();
         // V[ξ][c][t]: channel c writes rows (ξ, c) only.
         let vptr = SharedOut(v.as_mut_ptr());
@@ -241,10 +247,20 @@ impl WinogradF2Conv {
         });
         let v = &*v;
         // M[ξ] = U[ξ] · V[ξ], `[O_pad / LANES][count][LANES]` per ξ.
-        m.par_chunks_mut(c_out * count).enumerate().for_each(|(xi, m)| {
+        m.par_chunks_mut(m_stride).enumerate().for_each(|(xi, m)| {
             let u = &self.u[xi * c_out * c_in..][..c_out * c_in];
-            let v = &v[xi * c_in * count..][..c_in * count];
-            lane_gemm(self.isa, u, v, m, 0..c_out / LANES, c_out, c_in, count, count);
+            let v = &v[xi * v_stride..][..c_in * count];
+            lane_gemm(
+                self.isa,
+                u,
+                v,
+                &mut m[..c_out * count],
+                0..c_out / LANES,
+                c_out,
+                c_in,
+                count,
+                count,
+            );
         });
         let m = &*m;
         let per = self.out_channels.div_ceil(4 * threads).max(1);
@@ -256,8 +272,8 @@ impl WinogradF2Conv {
     }
 
     /// Writes `V[ξ][c][t]` for channel `c` and each tile `t` of `tiles`,
-    /// [`TILE_LANES`] tiles at a time (`v` is `[XI][C][tiles.len()]`; no
-    /// other task writes channel `c`).
+    /// [`TILE_LANES`] tiles at a time (`v` is `[XI][C][tiles.len()]`, ξ
+    /// matrices [`SKEW`] apart; no other task writes channel `c`).
     fn transform_input(&self, padded: &[f32], s: &Shape, c: usize, tiles: Range<usize>, v: SharedOut) {
         let count = tiles.len();
         let plane = s.padded_height * s.padded_width;
@@ -273,10 +289,12 @@ impl WinogradF2Conv {
                 }
             }
             for (xi, row) in input_transform(&d).iter().enumerate() {
-                // SAFETY: (ξ·C + c)·count + t0 + n <= XI·C·count, the length
-                // of `v`, and this task is the only one writing channel c.
-                let out =
-                    unsafe { std::slice::from_raw_parts_mut(v.0.add((xi * self.in_channels + c) * count + t0), n) };
+                // SAFETY: ξ·(C·count + SKEW) + c·count + t0 + n <= XI·(C·count
+                // + SKEW), the length of `v`, and this task is the only one
+                // writing channel c.
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(v.0.add(xi * (self.in_channels * count + SKEW) + c * count + t0), n)
+                };
                 out.copy_from_slice(&row[..n]);
             }
         }
@@ -294,7 +312,7 @@ impl WinogradF2Conv {
         tiles: Range<usize>,
     ) {
         let count = tiles.len();
-        let per_xi = self.padded_out * count;
+        let per_xi = self.padded_out * count + SKEW;
         let plane = s.out_height * s.out_width;
         for t0 in (0..count).step_by(TILE_LANES) {
             let n = TILE_LANES.min(count - t0);
