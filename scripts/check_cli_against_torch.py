@@ -6,7 +6,7 @@ batch-norm statistics, num_batches_tracked included) and an input, runs
 `--passes none` and `--passes default`, and prints the max |difference|
 against PyTorch's output.
 
-    .venv/bin/python scripts/check_cli_against_torch.py [--harsh]
+    .venv/bin/python scripts/check_cli_against_torch.py [--harsh | --calibrated] [--resnet-batch N]
 
 `--harsh` gives the batch norms extreme statistics instead (running
 variances log-uniform in [1e-3, 1], scales up to 2: folded conv weights
@@ -14,6 +14,9 @@ grow up to ~60x and the activations explode); `--calibrated` measures the
 running statistics on random inputs in training mode, as training would,
 so every batch norm really normalises (logits stay O(1)), with random
 scales and shifts. These are where Winograd's fp32 error would show.
+`--resnet-batch N` (default 4) sets ResNet18's batch: the engine picks
+kernels by shape, and batch 1 takes the few-pixel ones (F(2x2) Winograd
+and the lane GEMM for layer4).
 """
 
 import pathlib
@@ -57,6 +60,9 @@ def calibrated_batch_norms(model, generator, shape):
 def main():
     harsh = "--harsh" in sys.argv[1:]
     calibrated = "--calibrated" in sys.argv[1:]
+    batch = 4
+    if "--resnet-batch" in sys.argv[1:]:
+        batch = int(sys.argv[sys.argv.index("--resnet-batch") + 1])
     torch.manual_seed(123)
     generator = torch.Generator().manual_seed(321)
     models = {
@@ -68,14 +74,15 @@ def main():
             ),
             (3, 3, 28, 28),
         ),
-        "resnet18": (torchvision.models.resnet18(), (4, 3, 224, 224)),
+        "resnet18": (torchvision.models.resnet18(), (batch, 3, 224, 224)),
     }
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         for name, (model, shape) in models.items():
             if calibrated:
-                calibrated_batch_norms(model, generator, shape)
+                # Training-mode statistics want a few images per batch.
+                calibrated_batch_norms(model, generator, (max(shape[0], 4), *shape[1:]))
             else:
                 (harsh_batch_norms if harsh else randomise_batch_norms)(model, generator)
             model.eval()
