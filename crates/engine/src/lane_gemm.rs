@@ -173,6 +173,8 @@ mod x86 {
         }
         let (mut wp, mut vp) = (wp, vp);
         for _ in 0..kc {
+            // Hints only: these addresses may lie past the weights' end
+            // (formed with wrapping_add, never dereferenced).
             _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH + 16) as *const i8);
             let (w0, w1) = (_mm512_loadu_ps(wp), _mm512_loadu_ps(wp.add(16)));
