@@ -32,6 +32,19 @@ pub(crate) fn with_cpu_f32<R>(
     f(input, residual)
 }
 
+/// A conv's bias as `out_channels` values (zeros without one); `what`
+/// names the kernel in the error when the length is wrong.
+pub(crate) fn bias_values(bias: Option<&Tensor>, out_channels: usize, what: &str) -> candle_core::Result<Vec<f32>> {
+    let bias = match bias {
+        Some(b) => b.to_vec1::<f32>()?,
+        None => vec![0.0; out_channels],
+    };
+    if bias.len() != out_channels {
+        bail!("{what} bias has {} values for {out_channels} channels", bias.len())
+    }
+    Ok(bias)
+}
+
 /// Length of a sliding-window output along one axis (convolution or pool,
 /// floor mode); `None` when the dilated window does not fit the padded input.
 pub(crate) fn windowed_len(len: usize, kernel: usize, stride: usize, padding: usize, dilation: usize) -> Option<usize> {

@@ -197,11 +197,7 @@ mod tests {
         #[test]
         fn paths_match_plain_product(panels in 1usize..4, depth in 1usize..70, granules in 1usize..6, seed in any::<u64>()) {
             let (rows, cols) = (panels * PANEL_ROWS, granules * PANEL_GRANULE);
-            let mut state = seed;
-            let mut next = || {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            };
+            let mut next = crate::test_util::uniform(seed);
             let plain: Vec<f32> = (0..rows * depth).map(|_| next()).collect();
             let v: Vec<f32> = (0..depth * cols).map(|_| next()).collect();
             let mut packed = vec![0f32; rows * depth];

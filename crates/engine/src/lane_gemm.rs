@@ -263,11 +263,7 @@ mod tests {
             seed in any::<u64>(),
         ) {
             let cols = pixels + extra_cols;
-            let mut state = seed;
-            let mut next = || {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            };
+            let mut next = crate::test_util::uniform(seed);
             let plain: Vec<f32> = (0..rows * depth).map(|_| next()).collect();
             let v: Vec<f32> = (0..depth * cols).map(|_| next()).collect();
             let padded = rows.div_ceil(LANES) * LANES;

@@ -59,6 +59,18 @@ pub use model::{CompiledModel, Engine, StepProfile, IN_POOL_MAX_ACTIVATION_BYTES
 pub(crate) mod test_util {
     use candle_core::Tensor;
 
+    /// A seeded generator of values uniform in [-1, 1) (a 64-bit LCG's top
+    /// 24 bits: reproducible from a proptest seed, no extra dependency).
+    pub(crate) fn uniform(seed: u64) -> impl FnMut() -> f32 {
+        let mut state = seed;
+        move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
     /// Largest |a - b| over all elements of two f32 tensors of equal shape.
     pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)

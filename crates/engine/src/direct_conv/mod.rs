@@ -10,7 +10,7 @@
 
 mod pooled;
 
-use crate::cpu_shared::{windowed_len, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu_shared::{bias_values, windowed_len, with_cpu_f32, with_scratch, SharedOut};
 use crate::gemm_kernel::{pack_panels, panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS};
 use crate::lane_gemm::{lane_gemm, pack_lanes, LANES};
 use candle_core::{bail, Device, Tensor};
@@ -114,13 +114,7 @@ impl DirectConv {
             pack_panels(&plain, padded_out, depth, &mut panels);
             (padded_out, Packed::Panels(panels))
         };
-        let bias = match bias {
-            Some(b) => b.to_vec1::<f32>()?,
-            None => vec![0.0; out_channels],
-        };
-        if bias.len() != out_channels {
-            bail!("conv bias has {} values for {out_channels} channels", bias.len())
-        }
+        let bias = bias_values(bias, out_channels, "conv")?;
         Ok(Self {
             attrs,
             in_channels,

@@ -10,7 +10,7 @@
 //! Error: the points 0, ±1, ∞ only (coefficients ±1 and ½), well inside the
 //! F(4×4) bound that `winograd/tests.rs` checks both against.
 
-use crate::cpu_shared::{with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu_shared::{bias_values, with_cpu_f32, with_scratch, SharedOut};
 use crate::gemm_kernel::Isa;
 use crate::lane_gemm::{lane_gemm, pack_lanes, LANES};
 use candle_core::{bail, Device, Tensor};
@@ -121,16 +121,7 @@ impl WinogradF2Conv {
                 &mut u[xi * per_xi..][..per_xi],
             );
         }
-        let bias = match bias {
-            Some(b) => b.to_vec1::<f32>()?,
-            None => vec![0.0; out_channels],
-        };
-        if bias.len() != out_channels {
-            bail!(
-                "winograd conv bias has {} values for {out_channels} channels",
-                bias.len()
-            )
-        }
+        let bias = bias_values(bias, out_channels, "winograd conv")?;
         Ok(Self {
             in_channels,
             out_channels,
@@ -146,26 +137,11 @@ impl WinogradF2Conv {
     /// Runs on a CPU f32 tensor `[N, C, H, W]`; `residual` (the output's
     /// shape) is added before the optional ReLU.
     pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let x = x.contiguous()?;
-        let &[batch, channels, height, width] = x.dims() else {
-            bail!("conv input must be NCHW, got {:?}", x.dims())
-        };
-        if channels != self.in_channels {
-            bail!(
-                "winograd conv expects {} input channels, got {channels}",
-                self.in_channels
-            )
-        }
+        let (x, residual, out_dims) =
+            super::checked_input(x, residual, self.in_channels, self.out_channels, self.padding)?;
+        let [batch, channels, height, width] = x.dims4()?.into();
         let [ph, pw] = self.padding;
-        let (Some(out_height), Some(out_width)) = ((height + 2 * ph).checked_sub(2), (width + 2 * pw).checked_sub(2))
-        else {
-            bail!("kernel 3x3 does not fit input {:?}", x.dims())
-        };
-        let out_dims = [batch, self.out_channels, out_height, out_width];
-        let residual = residual.map(|r| r.contiguous()).transpose()?;
-        if residual.as_ref().is_some_and(|r| r.dims() != out_dims) {
-            bail!("the residual of a winograd conv must have the output's shape {out_dims:?}")
-        }
+        let [out_height, out_width] = [out_dims[2], out_dims[3]];
         let tiles_x = out_width.div_ceil(M);
         let tiles_y = out_height.div_ceil(M);
         let s = Shape {

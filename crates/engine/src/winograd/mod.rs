@@ -22,7 +22,7 @@ mod transform;
 
 use transform::weight_transform;
 
-use crate::cpu_shared::{with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu_shared::{bias_values, with_cpu_f32, with_scratch, SharedOut};
 use crate::gemm_kernel::{pack_panels, panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
 use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
@@ -140,16 +140,7 @@ impl WinogradConv {
                 &mut u[xi * per_xi..][..per_xi],
             );
         }
-        let bias = match bias {
-            Some(b) => b.to_vec1::<f32>()?,
-            None => vec![0.0; out_channels],
-        };
-        if bias.len() != out_channels {
-            bail!(
-                "winograd conv bias has {} values for {out_channels} channels",
-                bias.len()
-            )
-        }
+        let bias = bias_values(bias, out_channels, "winograd conv")?;
         Ok(Self {
             in_channels,
             out_channels,
@@ -172,26 +163,9 @@ impl WinogradConv {
     /// Runs on a CPU f32 tensor `[N, C, H, W]`; `residual` (the output's
     /// shape) is added before the optional ReLU.
     pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let x = x.contiguous()?;
-        let &[batch, channels, height, width] = x.dims() else {
-            bail!("conv input must be NCHW, got {:?}", x.dims())
-        };
-        if channels != self.in_channels {
-            bail!(
-                "winograd conv expects {} input channels, got {channels}",
-                self.in_channels
-            )
-        }
-        let [ph, pw] = self.padding;
-        let (Some(out_height), Some(out_width)) = ((height + 2 * ph).checked_sub(2), (width + 2 * pw).checked_sub(2))
-        else {
-            bail!("kernel 3x3 does not fit input {:?}", x.dims())
-        };
-        let out_dims = [batch, self.out_channels, out_height, out_width];
-        let residual = residual.map(|r| r.contiguous()).transpose()?;
-        if residual.as_ref().is_some_and(|r| r.dims() != out_dims) {
-            bail!("the residual of a winograd conv must have the output's shape {out_dims:?}")
-        }
+        let (x, residual, out_dims) = checked_input(x, residual, self.in_channels, self.out_channels, self.padding)?;
+        let [batch, channels, height, width] = x.dims4()?.into();
+        let [out_height, out_width] = [out_dims[2], out_dims[3]];
         let tiles_x = out_width.div_ceil(M);
         let tiles_per_image = out_height.div_ceil(M) * tiles_x;
         let shape = Shape {
@@ -337,6 +311,36 @@ impl WinogradConv {
             out_full: ty * M + M <= s.out_height && tx * M + M <= s.out_width,
         }
     }
+}
+
+/// The checks both Winograd convs make on their input `x` (`[N, C, H, W]`,
+/// `C == in_channels`) and `residual` (the output's shape); returns both
+/// contiguous and the output's dims for a 3×3 stride-1 conv with `padding`.
+fn checked_input(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    in_channels: usize,
+    out_channels: usize,
+    padding: [usize; 2],
+) -> candle_core::Result<(Tensor, Option<Tensor>, [usize; 4])> {
+    let x = x.contiguous()?;
+    let &[batch, channels, height, width] = x.dims() else {
+        bail!("conv input must be NCHW, got {:?}", x.dims())
+    };
+    if channels != in_channels {
+        bail!("winograd conv expects {in_channels} input channels, got {channels}")
+    }
+    let [ph, pw] = padding;
+    let (Some(out_height), Some(out_width)) = ((height + 2 * ph).checked_sub(2), (width + 2 * pw).checked_sub(2))
+    else {
+        bail!("kernel 3x3 does not fit input {:?}", x.dims())
+    };
+    let out_dims = [batch, out_channels, out_height, out_width];
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
+    if residual.as_ref().is_some_and(|r| r.dims() != out_dims) {
+        bail!("the residual of a winograd conv must have the output's shape {out_dims:?}")
+    }
+    Ok((x, residual, out_dims))
 }
 
 /// Where one tile reads its 6×6 input patch and writes its 4×4 output.
