@@ -222,6 +222,10 @@ impl WinogradConv {
         // GEMM columns: the block's tiles rounded up to the kernel's granule.
         let cols = tiles.div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
         let positions: Vec<TilePos> = (first..first + tiles).map(|t| self.tile_pos(s, t)).collect();
+        let gathers = match self.isa {
+            Isa::Avx512 => GatherChunk::for_block(&positions, s, cols, input.len()),
+            _ => Vec::new(),
+        };
         let (v_stride, m_stride) = (self.v_stride(s.channels, cols), self.m_stride(cols));
         let (v_len, m_len) = (XI * v_stride, XI * m_stride);
         with_scratch(v_len + m_len, |scratch| {
@@ -230,7 +234,7 @@ impl WinogradConv {
             let vptr = SharedOut(v.as_mut_ptr());
             let transform_channels = |range: std::ops::Range<usize>| {
                 for c in range {
-                    self.transform_input(input, s, c, &positions, cols, vptr);
+                    self.transform_input(input, s, c, &positions, &gathers, cols, vptr);
                 }
             };
             let threads = rayon::current_num_threads();
@@ -310,6 +314,54 @@ impl WinogradConv {
             out_x: tx * M,
             out_full: ty * M + M <= s.out_height && tx * M + M <= s.out_width,
         }
+    }
+}
+
+/// Where the AVX-512 input transform gathers one chunk of [`LANES`] tiles'
+/// patches in channel 0 (channel `c` adds `c·H·W`): the same for every
+/// channel, so computed once per block, not once per channel.
+#[derive(Clone, Copy)]
+pub(super) struct GatherChunk {
+    /// Element offset of each lane's patch origin; may be negative for
+    /// border tiles (those rows and columns are masked off).
+    offsets: [i32; LANES],
+    /// Bit `l` of `row_mask[r]`: row `r` of lane `l`'s patch is in the image.
+    row_mask: [u16; ALPHA],
+    /// Likewise for the patch's columns.
+    col_mask: [u16; ALPHA],
+    /// Lanes holding a tile (the last chunk may be partial or empty).
+    lanes: usize,
+}
+
+impl GatherChunk {
+    /// One per `LANES` columns of a block; empty when the input is too long
+    /// for i32 offsets (the transform then falls back to plain loads).
+    fn for_block(positions: &[TilePos], s: &Shape, cols: usize, input_len: usize) -> Vec<GatherChunk> {
+        if input_len > i32::MAX as usize {
+            return Vec::new();
+        }
+        let plane_len = s.height * s.width;
+        (0..cols / LANES)
+            .map(|i| {
+                let chunk = &positions[(i * LANES).min(positions.len())..((i + 1) * LANES).min(positions.len())];
+                let mut g = GatherChunk {
+                    offsets: [0; LANES],
+                    row_mask: [0; ALPHA],
+                    col_mask: [0; ALPHA],
+                    lanes: chunk.len(),
+                };
+                for (lane, p) in chunk.iter().enumerate() {
+                    g.offsets[lane] =
+                        ((p.image * s.channels * plane_len) as isize + p.y0 * s.width as isize + p.x0) as i32;
+                    for i in 0..ALPHA {
+                        let (y, x) = (p.y0 + i as isize, p.x0 + i as isize);
+                        g.row_mask[i] |= u16::from(y >= 0 && y < s.height as isize) << lane;
+                        g.col_mask[i] |= u16::from(x >= 0 && x < s.width as isize) << lane;
+                    }
+                }
+                g
+            })
+            .collect()
     }
 }
 

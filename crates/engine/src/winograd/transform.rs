@@ -2,7 +2,7 @@
 //! (gathered from NCHW with AVX-512 masked gathers or scalar loads), `Aᵀ m
 //! A` of the products with the fused epilogue, and `G g Gᵀ` of the weights.
 
-use super::{Shape, TilePos, WinogradConv, ALPHA, LANES, M, PREFETCH_CHANNELS, XI};
+use super::{GatherChunk, Shape, TilePos, WinogradConv, ALPHA, LANES, M, PREFETCH_CHANNELS, XI};
 use crate::cpu_shared::SharedOut;
 use crate::gemm_kernel::Isa;
 
@@ -66,12 +66,14 @@ impl WinogradConv {
     /// Writes `V[ξ][c][0..cols]` for channel `c` of the block's tiles through
     /// `v`, which points at a `[ξ][C][cols]` buffer; columns past the tiles
     /// get zeros. Compiled for the widest SIMD the CPU has.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn transform_input(
         &self,
         input: &[f32],
         s: &Shape,
         c: usize,
         positions: &[TilePos],
+        gathers: &[GatherChunk],
         cols: usize,
         v: SharedOut,
     ) {
@@ -79,48 +81,54 @@ impl WinogradConv {
             // SAFETY: `Isa::Avx512` / `Isa::Avx2Fma` come from `Isa::available`,
             // so the CPU has the features the wrappers enable.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { self.transform_input_avx512(input, s, c, positions, cols, v) },
+            Isa::Avx512 => unsafe { self.transform_input_avx512(input, s, c, positions, gathers, cols, v) },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => unsafe { self.transform_input_avx2(input, s, c, positions, cols, v) },
-            _ => self.transform_input_body(input, s, c, positions, cols, v),
+            Isa::Avx2Fma => unsafe { self.transform_input_avx2(input, s, c, positions, gathers, cols, v) },
+            _ => self.transform_input_body(input, s, c, positions, gathers, cols, v),
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn transform_input_avx512(
         &self,
         input: &[f32],
         s: &Shape,
         c: usize,
         positions: &[TilePos],
+        gathers: &[GatherChunk],
         cols: usize,
         v: SharedOut,
     ) {
-        self.transform_input_body(input, s, c, positions, cols, v)
+        self.transform_input_body(input, s, c, positions, gathers, cols, v)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn transform_input_avx2(
         &self,
         input: &[f32],
         s: &Shape,
         c: usize,
         positions: &[TilePos],
+        gathers: &[GatherChunk],
         cols: usize,
         v: SharedOut,
     ) {
-        self.transform_input_body(input, s, c, positions, cols, v)
+        self.transform_input_body(input, s, c, positions, gathers, cols, v)
     }
 
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn transform_input_body(
         &self,
         input: &[f32],
         s: &Shape,
         c: usize,
         positions: &[TilePos],
+        gathers: &[GatherChunk],
         cols: usize,
         v: SharedOut,
     ) {
@@ -130,28 +138,18 @@ impl WinogradConv {
             // d[row][col][lane]: the 6×6 input patch of each lane's tile.
             let mut d = [[[0f32; LANES]; ALPHA]; ALPHA];
             #[cfg(target_arch = "x86_64")]
-            if self.isa == Isa::Avx512 && input.len() <= i32::MAX as usize {
-                let chunk = &positions[start.min(positions.len())..(start + LANES).min(positions.len())];
-                let mut offsets = [0i32; LANES];
-                let mut row_mask = [0u16; ALPHA];
-                let mut col_mask = [0u16; ALPHA];
-                for (lane, p) in chunk.iter().enumerate() {
-                    // May be negative for border tiles: those lanes are masked off.
-                    offsets[lane] =
-                        (((p.image * s.channels + c) * plane_len) as isize + p.y0 * s.width as isize + p.x0) as i32;
-                    for i in 0..ALPHA {
-                        let (y, x) = (p.y0 + i as isize, p.x0 + i as isize);
-                        row_mask[i] |= u16::from(y >= 0 && y < s.height as isize) << lane;
-                        col_mask[i] |= u16::from(x >= 0 && x < s.width as isize) << lane;
-                    }
-                }
+            if let (Isa::Avx512, Some(g)) = (self.isa, gathers.get(start / LANES)) {
+                // The chunk's channel-0 offsets, moved to channel c (fits i32:
+                // `GatherChunk::for_block` checked the input's length).
+                let shift = (c * plane_len) as i32;
+                let (offsets, row_mask, col_mask) = (g.offsets.map(|o| o + shift), &g.row_mask, &g.col_mask);
                 // SAFETY: the CPU has AVX-512F (Isa::Avx512); a lane reads
                 // offsets[lane] + r·W + col only where row r and column col of
                 // its patch lie inside its image's plane, which is inside `input`
                 // (and input.len() fits i32, so no offset wraps).
-                unsafe { gather_patch_avx512(input, &offsets, &row_mask, &col_mask, s.width, &mut d) };
+                unsafe { gather_patch_avx512(input, &offsets, row_mask, col_mask, s.width, &mut d) };
                 if c + PREFETCH_CHANNELS < s.channels {
-                    for (lane, &o) in offsets.iter().enumerate().take(chunk.len()) {
+                    for (lane, &o) in offsets.iter().enumerate().take(g.lanes) {
                         for (r, mask) in row_mask.iter().enumerate() {
                             if mask >> lane & 1 == 1 {
                                 let at = (o as isize + (PREFETCH_CHANNELS * plane_len + r * s.width) as isize).max(0)
