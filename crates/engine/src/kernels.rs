@@ -69,6 +69,17 @@ pub(crate) enum CpuConv {
 }
 
 impl CpuConv {
+    /// The algorithm, as logged at compile time (and checked by tests).
+    pub(crate) fn describe(&self) -> &'static str {
+        match self {
+            CpuConv::Winograd(_) => "winograd-f4x4",
+            CpuConv::WinogradF2(_) => "winograd-f2x2",
+            CpuConv::Direct(conv) if conv.lanes() => "direct-lanes",
+            CpuConv::Direct(_) => "direct-panels",
+            CpuConv::Grouped(..) => "grouped",
+        }
+    }
+
     fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
         match self {
             CpuConv::Winograd(conv) => conv.run(x, residual),
@@ -174,6 +185,7 @@ impl Kernel {
                     } else {
                         CpuConv::Grouped(PackedConv::new(weight, bias, *attrs, relu).at(&node.name)?, pool)
                     };
+                    tracing::debug!(node = %node.name, kernel = conv.describe(), "cpu conv kernel");
                     return Ok(Kernel::CpuConv {
                         conv: Box::new(conv),
                         residual,

@@ -335,6 +335,56 @@ mod tests {
     use super::*;
     use candle_core::DType;
 
+    /// The CPU conv algorithm chosen for each conv step, by node name.
+    fn conv_kernels(model: &CompiledModel) -> Vec<(String, &'static str)> {
+        model
+            .steps
+            .iter()
+            .filter_map(|step| match &step.kernel {
+                Kernel::CpuConv { conv, .. } => Some((step.name.clone(), conv.describe())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Kernels follow the compiled shape: ResNet18 at batch 1 runs layer4's
+    /// 3×3 stride-1 convs as F(2×2) and its few-pixel direct convs on the
+    /// lane GEMM; at batch 10 every 3×3 stride-1 conv is F(4×4) and the
+    /// direct convs use panels.
+    #[test]
+    fn conv_kernels_follow_the_compiled_batch() {
+        use wick_models::{Model, ModelName, WeightSource};
+        let model = Model::load(ModelName::Resnet18, WeightSource::Random { seed: 1 }, &Device::Cpu).unwrap();
+        let kernels = |batch: usize| {
+            let mut graph = model.trace(&ModelName::Resnet18.input_shape(Some(batch))).unwrap();
+            wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+            conv_kernels(&Engine::cpu().compile(&graph).unwrap())
+        };
+        let count = |ks: &[(String, &str)], kind: &str| ks.iter().filter(|(_, k)| *k == kind).count();
+        let one = kernels(1);
+        assert_eq!(one.len(), 20, "{one:?}");
+        for (name, kind) in &one {
+            let expected = match name.as_str() {
+                n if n.starts_with("layer4.") && n.contains("conv2") => "winograd-f2x2",
+                n if n.starts_with("layer4.1.conv1") => "winograd-f2x2",
+                n if n.starts_with("layer4.")
+                    || n.starts_with("layer3.0.conv1")
+                    || n.starts_with("layer3.0.downsample") =>
+                {
+                    "direct-lanes"
+                }
+                n if n.contains("downsample") || n.starts_with("conv1") || n.starts_with("layer2.0.conv1") => {
+                    "direct-panels"
+                }
+                _ => "winograd-f4x4",
+            };
+            assert_eq!(*kind, expected, "{name} at batch 1");
+        }
+        let ten = kernels(10);
+        assert_eq!(count(&ten, "winograd-f4x4"), 13, "{ten:?}");
+        assert_eq!(count(&ten, "direct-panels"), 7, "{ten:?}");
+    }
+
     fn assert_send_sync<T: Send + Sync>() {}
 
     /// A compiled model can be shared across threads.

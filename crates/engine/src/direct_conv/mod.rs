@@ -129,6 +129,11 @@ impl DirectConv {
         })
     }
 
+    /// Whether the weights are packed for [`lane_gemm`] (few pixels).
+    pub(crate) fn lanes(&self) -> bool {
+        matches!(self.packed, Packed::Lanes(_))
+    }
+
     fn depth(&self) -> usize {
         self.in_channels * self.kernel[0] * self.kernel[1]
     }
