@@ -89,7 +89,7 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
 
 /// A zeroed buffer of `len` values for packed weights, which the kernel is
 /// asked to back with transparent huge pages (Linux; THP in `madvise` mode,
-/// as on the bench machine). At batch 1 a forward streams ~60 MB of packed
+/// as on the bench machine). At batch 1 a forward streams ~70 MB of packed
 /// weights once; 2 MiB pages need 1/512 of the TLB entries 4 KiB pages do.
 /// Only advice: where it is not taken the buffer is an ordinary `Vec`.
 pub(crate) fn weight_buffer(len: usize) -> Vec<f32> {
