@@ -39,7 +39,8 @@ enum Packed {
     Lanes(Vec<f32>),
 }
 
-/// A one-group convolution with its weights packed in GEMM panels.
+/// A one-group convolution with its weights packed for one of the two GEMM
+/// micro-kernels (panels: pixels on the lanes; lanes: output channels on them).
 #[derive(Debug, Clone)]
 pub(crate) struct DirectConv {
     attrs: Conv2dAttrs,
