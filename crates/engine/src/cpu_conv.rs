@@ -7,7 +7,7 @@
 //! images as threads; otherwise images run in turn and each gemm uses all
 //! threads.
 
-use crate::cpu_shared::{windowed_len, with_cpu_f32};
+use crate::cpu_shared::{conv_out_size, with_cpu_f32};
 use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
 use wick_ir::Conv2dAttrs;
@@ -64,16 +64,7 @@ impl PackedConv {
             bail!("conv input must be NCHW, got {dims:?}")
         };
         let a = &self.attrs;
-        let out_len = |len: usize, axis: usize| {
-            windowed_len(
-                len,
-                self.kernel[axis],
-                a.stride[axis],
-                a.padding[axis],
-                a.dilation[axis],
-            )
-        };
-        let (Some(out_height), Some(out_width)) = (out_len(height, 0), out_len(width, 1)) else {
+        let Some([out_height, out_width]) = conv_out_size(a, self.kernel, [height, width]) else {
             bail!("kernel {:?} does not fit input {dims:?}", self.kernel)
         };
         let group_channels = channels / a.groups;

@@ -6,6 +6,7 @@
 
 use candle_core::{bail, CpuStorage, Storage, Tensor};
 use std::cell::RefCell;
+use wick_ir::Conv2dAttrs;
 
 /// Runs `f` on the f32 data of the contiguous CPU tensors `x` and
 /// `residual` (each exactly its elements); `what` names the kernel in the
@@ -43,6 +44,18 @@ pub(crate) fn bias_values(bias: Option<&Tensor>, out_channels: usize, what: &str
         bail!("{what} bias has {} values for {out_channels} channels", bias.len())
     }
     Ok(bias)
+}
+
+/// Output height and width of a convolution with `attrs` and `kernel` on
+/// an `[height, width]` input; `None` when the dilated kernel does not fit.
+pub(crate) fn conv_out_size(
+    attrs: &Conv2dAttrs,
+    kernel: [usize; 2],
+    [height, width]: [usize; 2],
+) -> Option<[usize; 2]> {
+    let axis =
+        |len: usize, i: usize| windowed_len(len, kernel[i], attrs.stride[i], attrs.padding[i], attrs.dilation[i]);
+    Some([axis(height, 0)?, axis(width, 1)?])
 }
 
 /// Length of a sliding-window output along one axis (convolution or pool,

@@ -10,7 +10,7 @@
 
 mod pooled;
 
-use crate::cpu_shared::{bias_values, windowed_len, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu_shared::{bias_values, conv_out_size, windowed_len, with_cpu_f32, with_scratch, SharedOut};
 use crate::gemm_kernel::{pack_panels, panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS};
 use crate::lane_gemm::{lane_gemm, pack_lanes, LANES};
 use candle_core::{bail, Device, Tensor};
@@ -168,17 +168,7 @@ impl DirectConv {
         if channels != self.in_channels {
             bail!("conv expects {} input channels, got {channels}", self.in_channels)
         }
-        let a = &self.attrs;
-        let out_len = |len: usize, axis: usize| {
-            windowed_len(
-                len,
-                self.kernel[axis],
-                a.stride[axis],
-                a.padding[axis],
-                a.dilation[axis],
-            )
-        };
-        let (Some(out_height), Some(out_width)) = (out_len(height, 0), out_len(width, 1)) else {
+        let Some([out_height, out_width]) = conv_out_size(&self.attrs, self.kernel, [height, width]) else {
             bail!("kernel {:?} does not fit input {:?}", self.kernel, x.dims())
         };
         let out_dims = [batch, self.out_channels, out_height, out_width];

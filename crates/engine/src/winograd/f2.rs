@@ -100,17 +100,8 @@ impl WinogradF2Conv {
         }
         let w = weight.flatten_all()?.to_vec1::<f32>()?;
         let padded_out = out_channels.div_ceil(LANES) * LANES;
-        // Transformed weights, [ξ][O][C], before packing.
         let per_plain = out_channels * in_channels;
-        let mut plain = vec![0f32; XI * per_plain];
-        for o in 0..out_channels {
-            for c in 0..in_channels {
-                let u = weight_transform(&w[(o * in_channels + c) * 9..][..9]);
-                for (xi, value) in u.iter().enumerate() {
-                    plain[xi * per_plain + o * in_channels + c] = *value as f32;
-                }
-            }
-        }
+        let plain = super::transformed_weights(&w, out_channels, out_channels, in_channels, weight_transform);
         let per_xi = padded_out * in_channels;
         let mut u = crate::cpu_shared::weight_buffer(XI * per_xi);
         for xi in 0..XI {

@@ -120,16 +120,7 @@ impl WinogradConv {
         }
         let w = weight.flatten_all()?.to_vec1::<f32>()?;
         let padded_out = out_channels.div_ceil(PANEL_ROWS) * PANEL_ROWS;
-        // Transformed weights, [ξ][O][C], before packing.
-        let mut plain = vec![0f32; XI * padded_out * in_channels];
-        for o in 0..out_channels {
-            for c in 0..in_channels {
-                let u = weight_transform(&w[(o * in_channels + c) * 9..][..9]);
-                for (xi, value) in u.iter().enumerate() {
-                    plain[(xi * padded_out + o) * in_channels + c] = *value as f32;
-                }
-            }
-        }
+        let plain = transformed_weights(&w, out_channels, padded_out, in_channels, weight_transform);
         let per_xi = padded_out * in_channels;
         let mut u = crate::cpu_shared::weight_buffer(XI * per_xi);
         for xi in 0..XI {
@@ -363,6 +354,28 @@ impl GatherChunk {
             })
             .collect()
     }
+}
+
+/// `w` (`[O, C, 3, 3]` flattened) with each 3×3 kernel through `transform`
+/// (computed in f64), as `[ξ][rows][C]` f32 matrices before packing; rows
+/// past `out_channels` (up to `rows`) are zero.
+fn transformed_weights<const N: usize>(
+    w: &[f32],
+    out_channels: usize,
+    rows: usize,
+    in_channels: usize,
+    transform: fn(&[f32]) -> [f64; N],
+) -> Vec<f32> {
+    let mut plain = vec![0f32; N * rows * in_channels];
+    for o in 0..out_channels {
+        for c in 0..in_channels {
+            let u = transform(&w[(o * in_channels + c) * 9..][..9]);
+            for (xi, value) in u.iter().enumerate() {
+                plain[(xi * rows + o) * in_channels + c] = *value as f32;
+            }
+        }
+    }
+    plain
 }
 
 /// The checks both Winograd convs make on their input `x` (`[N, C, H, W]`,
