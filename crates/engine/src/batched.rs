@@ -1,11 +1,12 @@
 //! Any batch size without re-tracing: a compiled-model cache keyed by batch.
 
+use crate::exec::check_inputs;
 use crate::{CompiledModel, Engine, EngineError};
 use candle_core::Tensor;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use wick_ir::{Graph, TensorFact};
+use wick_ir::Graph;
 
 /// Hit/miss counts of a [`BatchedModel`]'s compile cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,31 +66,16 @@ impl BatchedModel {
         }
     }
 
+    /// The batch size of `inputs` after the one input check (every
+    /// dimension but the first as declared; the first equal across inputs
+    /// and at least 1).
     fn check(&self, inputs: &[Tensor]) -> Result<usize, EngineError> {
-        let declared = self.template.inputs();
-        if inputs.len() != declared.len() {
-            return Err(EngineError::InputCount {
-                graph: self.template.name().to_string(),
-                expected: declared.len(),
-                got: inputs.len(),
-            });
-        }
         let batch = inputs.first().and_then(|t| t.dims().first().copied()).unwrap_or(0);
-        for (given, &id) in inputs.iter().zip(declared) {
+        let declared = self.template.inputs().iter().map(|&id| {
             let node = self.template.node(id);
-            let mut expected = node.fact.clone();
-            if let Some(first) = expected.shape.first_mut() {
-                *first = batch.max(1);
-            }
-            let got = TensorFact::of(given);
-            if got != expected {
-                return Err(EngineError::InputMismatch {
-                    input: node.name.clone(),
-                    expected,
-                    got,
-                });
-            }
-        }
+            (node.name.as_str(), &node.fact)
+        });
+        check_inputs(self.template.name(), declared, inputs, Some(batch.max(1)))?;
         Ok(batch)
     }
 

@@ -6,6 +6,13 @@
 //! (precomputing what depends only on constants), and plans when each
 //! intermediate is freed (right after its last use).
 //!
+//! The crate by concern: `compile` (verify, lower, plan), `plan` (steps,
+//! last-use frees, peak bytes), `exec` (run, profile, scheduling, the input
+//! check), `kernel` (a step's kernel: candle ops or wick's CPU kernels, with
+//! named operands), `candle/` (device-generic ops, the CUDA epilogue),
+//! `cpu/` (the conv policy, the epilogue, the pool, the GEMM micro-kernels
+//! and their ISA dispatch, the conv algorithms), `batched` and `saved`.
+//!
 //! A service loads weights, traces, optimises and compiles once, then calls
 //! [`CompiledModel::run`] from any number of threads (it is `Send + Sync`;
 //! share it with an `Arc`):
@@ -33,26 +40,24 @@
 //! ```
 
 #![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
 mod batched;
-mod cpu_conv;
-mod cpu_pool;
-mod cpu_shared;
+mod candle;
+mod compile;
+mod cpu;
 mod device;
-mod direct_conv;
-mod epilogue_op;
 mod error;
-mod gemm_kernel;
-mod kernels;
-mod lane_gemm;
-mod model;
+mod exec;
+mod kernel;
+mod plan;
 pub mod saved;
-mod winograd;
 
 pub use batched::{BatchedModel, CacheStats};
+pub use compile::Engine;
 pub use device::{parse_device, DeviceSpec};
 pub use error::EngineError;
-pub use model::{CompiledModel, Engine, StepProfile, IN_POOL_MAX_ACTIVATION_BYTES};
+pub use exec::{CompiledModel, StepProfile, IN_POOL_MAX_ACTIVATION_BYTES};
 
 /// Helpers shared by the engine's unit tests.
 #[cfg(test)]

@@ -22,7 +22,7 @@ mod verify;
 pub use error::{IrError, ParseError, Violation};
 pub use fact::TensorFact;
 pub use graph::{Graph, Node, NodeId};
-pub use op::{BatchNormAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, MaxPool2dAttrs, Op};
+pub use op::{windowed_len, BatchNormAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, MaxPool2dAttrs, Op};
 
 /// The `DType` of candle, re-exported because facts are written in it.
 pub use candle_core::DType;

@@ -239,11 +239,33 @@ fn check_positive(values: &[usize], what: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Output length of a windowed op along one axis, if the window fits.
-fn windowed_len(len: usize, kernel: usize, stride: usize, padding: usize, dilation: usize) -> Option<usize> {
-    let span = dilation * (kernel - 1) + 1;
-    let padded = len + 2 * padding;
-    (padded >= span).then(|| (padded - span) / stride + 1)
+/// Length of a sliding-window output along one axis (convolution or pool,
+/// floor mode): `(len + 2·padding − dilation·(kernel − 1) − 1) / stride + 1`.
+/// `None` when the dilated window does not fit the padded input, when
+/// `kernel` or `stride` is 0, or when a step of the formula overflows.
+pub fn windowed_len(len: usize, kernel: usize, stride: usize, padding: usize, dilation: usize) -> Option<usize> {
+    let span = dilation.checked_mul(kernel.checked_sub(1)?)?.checked_add(1)?;
+    let padded = padding.checked_mul(2)?.checked_add(len)?;
+    Some(padded.checked_sub(span)?.checked_div(stride)? + 1)
+}
+
+impl Conv2dAttrs {
+    /// Output `[height, width]` of this convolution with a `kernel` window
+    /// on an `[height, width]` input; `None` when it does not fit (see [`windowed_len`]).
+    pub fn output_size(&self, kernel: [usize; 2], [height, width]: [usize; 2]) -> Option<[usize; 2]> {
+        let axis =
+            |len: usize, i: usize| windowed_len(len, kernel[i], self.stride[i], self.padding[i], self.dilation[i]);
+        Some([axis(height, 0)?, axis(width, 1)?])
+    }
+}
+
+impl MaxPool2dAttrs {
+    /// Output `[height, width]` of this pool on an `[height, width]` input;
+    /// `None` when the window does not fit (see [`windowed_len`]).
+    pub fn output_size(&self, [height, width]: [usize; 2]) -> Option<[usize; 2]> {
+        let axis = |len: usize, i: usize| windowed_len(len, self.kernel[i], self.stride[i], self.padding[i], 1);
+        Some([axis(height, 0)?, axis(width, 1)?])
+    }
 }
 
 fn infer_conv2d(attrs: &Conv2dAttrs, inputs: &[&TensorFact]) -> Result<TensorFact, String> {
@@ -272,11 +294,9 @@ fn infer_conv2d(attrs: &Conv2dAttrs, inputs: &[&TensorFact]) -> Result<TensorFac
     if let Some(bias) = inputs.get(2) {
         expect_vector(bias, o, "bias")?;
     }
-    let oh = windowed_len(h, kh, attrs.stride[0], attrs.padding[0], attrs.dilation[0]);
-    let ow = windowed_len(wd, kw, attrs.stride[1], attrs.padding[1], attrs.dilation[1]);
-    match (oh, ow) {
-        (Some(oh), Some(ow)) => Ok(TensorFact::new(inputs[0].dtype, [n, o, oh, ow])),
-        _ => Err(format!(
+    match attrs.output_size([kh, kw], [h, wd]) {
+        Some([oh, ow]) => Ok(TensorFact::new(inputs[0].dtype, [n, o, oh, ow])),
+        None => Err(format!(
             "kernel {kh}x{kw} (dilation {:?}) does not fit input {} with padding {:?}",
             attrs.dilation, inputs[0], attrs.padding
         )),
@@ -310,11 +330,9 @@ fn infer_max_pool2d(attrs: &MaxPool2dAttrs, input: &TensorFact) -> Result<Tensor
         }
     }
     let x = expect_rank(input, 4, "input")?;
-    let oh = windowed_len(x[2], attrs.kernel[0], attrs.stride[0], attrs.padding[0], 1);
-    let ow = windowed_len(x[3], attrs.kernel[1], attrs.stride[1], attrs.padding[1], 1);
-    match (oh, ow) {
-        (Some(oh), Some(ow)) => Ok(TensorFact::new(input.dtype, [x[0], x[1], oh, ow])),
-        _ => Err(format!(
+    match attrs.output_size([x[2], x[3]]) {
+        Some([oh, ow]) => Ok(TensorFact::new(input.dtype, [x[0], x[1], oh, ow])),
+        None => Err(format!(
             "window {:?} does not fit input {input} with padding {:?}",
             attrs.kernel, attrs.padding
         )),
@@ -382,6 +400,20 @@ mod tests {
             .infer(&[&f(&[1, 4, 5, 5]), &f(&[4, 1, 3, 3])])
             .unwrap_err();
         assert!(err.contains("groups=3"), "{err}");
+    }
+
+    /// The window formula per axis; a window that does not fit, a zero
+    /// stride or kernel, and sizes whose arithmetic overflows give `None`.
+    #[test]
+    fn windowed_len_is_checked() {
+        assert_eq!(windowed_len(224, 7, 2, 3, 1), Some(112));
+        assert_eq!(windowed_len(10, 2, 1, 0, 2), Some(8));
+        assert_eq!(windowed_len(2, 3, 1, 0, 1), None);
+        assert_eq!(windowed_len(4, 0, 1, 0, 1), None);
+        assert_eq!(windowed_len(4, 1, 0, 0, 1), None);
+        assert_eq!(windowed_len(4, 3, 1, 1 << 63, 1), None);
+        assert_eq!(windowed_len(usize::MAX, 1, 1, 1, 1), None);
+        assert_eq!(windowed_len(4, 3, 1, 0, usize::MAX), None);
     }
 
     /// A kernel larger than the padded input is an error, not an underflow.

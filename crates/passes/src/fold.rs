@@ -1,15 +1,44 @@
-//! The conv → batch-norm weight fold as a pure tensor function.
+//! Batch norm's arithmetic as pure tensor functions: its per-channel scale
+//! and shift, and the conv → batch-norm weight fold built on them.
 
 use candle_core::{DType, Tensor};
 
+/// Inference batch norm as an affine map per channel, `y = x · scale + shift`:
+///
+/// `scale = γ / √(σ² + ε)`, `shift = β − μ · scale`,
+///
+/// with a missing affine pair taken as γ = 1, β = 0; computed in f64 (the
+/// results are f64 `[C]` tensors). The one statement of batch norm's
+/// arithmetic: the conv fold below and the engine's unfused batch norm use it.
+pub fn batch_norm_scale_shift(
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f64,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let wide = |t: &Tensor| t.to_dtype(DType::F64);
+    let inv_std = (wide(running_var)? + eps)?.sqrt()?.recip()?;
+    let scale = match gamma {
+        Some(gamma) => (wide(gamma)? * &inv_std)?,
+        None => inv_std,
+    };
+    let shifted_mean = (wide(running_mean)? * &scale)?;
+    let shift = match beta {
+        Some(beta) => (wide(beta)? - shifted_mean)?,
+        None => shifted_mean.neg()?,
+    };
+    Ok((scale, shift))
+}
+
 /// Folds an inference batch norm into the preceding convolution:
 ///
-/// `s = γ / √(σ² + ε)`, `W' = W · s` (per output channel), `b' = (b − μ) · s + β`,
-///
-/// with a missing conv bias taken as 0 and a missing affine pair as γ = 1,
-/// β = 0. The arithmetic is done in f64 whatever the model's dtype, and the
-/// results are cast back to the weight's dtype (so f16/bf16 models lose no
-/// precision in the fold itself). Returns `(W', b')`.
+/// `W' = W · scale` (per output channel), `b' = b · scale + shift`, with
+/// `scale` and `shift` from [`batch_norm_scale_shift`] (so `b' = (b − μ) · s
+/// + β`), and a missing conv bias taken as 0. The arithmetic is done in f64
+/// whatever the model's dtype, and the results are cast back to the
+/// weight's dtype (so f16/bf16 models lose no precision in the fold itself).
+/// Returns `(W', b')`.
 pub fn fold_conv_batch_norm(
     weight: &Tensor,
     bias: Option<&Tensor>,
@@ -20,25 +49,16 @@ pub fn fold_conv_batch_norm(
     eps: f64,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let dtype = weight.dtype();
-    let wide = |t: &Tensor| t.to_dtype(DType::F64);
-    let out_channels = weight.dim(0)?;
-    let mean = wide(running_mean)?;
-    let inv_std = (wide(running_var)? + eps)?.sqrt()?.recip()?;
-    let scale = match gamma {
-        Some(gamma) => (wide(gamma)? * &inv_std)?,
-        None => inv_std,
-    };
+    let (scale, shift) = batch_norm_scale_shift(running_mean, running_var, gamma, beta, eps)?;
     let mut per_channel = vec![1; weight.rank()];
-    per_channel[0] = out_channels;
-    let folded_weight = wide(weight)?.broadcast_mul(&scale.reshape(per_channel)?)?;
-    let centred = match bias {
-        Some(bias) => (wide(bias)? - &mean)?,
-        None => mean.neg()?,
+    per_channel[0] = weight.dim(0)?;
+    let folded_weight = weight
+        .to_dtype(DType::F64)?
+        .broadcast_mul(&scale.reshape(per_channel)?)?;
+    let folded_bias = match bias {
+        Some(bias) => ((bias.to_dtype(DType::F64)? * &scale)? + shift)?,
+        None => shift,
     };
-    let mut folded_bias = (centred * &scale)?;
-    if let Some(beta) = beta {
-        folded_bias = (folded_bias + wide(beta)?)?;
-    }
     Ok((folded_weight.to_dtype(dtype)?, folded_bias.to_dtype(dtype)?))
 }
 

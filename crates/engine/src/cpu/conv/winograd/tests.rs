@@ -1,10 +1,32 @@
 //! Winograd (F(4×4) and F(2×2)) against candle's direct convolution in
 //! f64 on every SIMD path.
 
-use super::f2::WinogradF2Conv;
 use super::*;
+use crate::cpu::epilogue::Epilogue;
+use crate::cpu::gemm::Isa;
+use candle_core::{Device, Tensor};
 use proptest::prelude::*;
 use wick_ir::Conv2dAttrs;
+
+/// Both Winograd convs of `weight` (`[O, C, 3, 3]`) with `padding` on path `isa`.
+fn winograd(
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: [usize; 2],
+    relu: bool,
+    isa: Isa,
+) -> candle_core::Result<(WinogradF4, WinogradF2)> {
+    let attrs = Conv2dAttrs {
+        padding,
+        ..Default::default()
+    };
+    let spec = ConvSpec::of(weight, attrs)?;
+    let epilogue = Epilogue::new(bias, spec.out_channels, relu)?;
+    Ok((
+        WinogradF4::new(spec, weight, epilogue.clone(), isa)?,
+        WinogradF2::new(spec, weight, epilogue, isa)?,
+    ))
+}
 
 /// Allowed `|got − want| / (ε · (Σ|w|·max|x| + |b| + |r|))` against an f64
 /// reference, f32 ε = 2⁻²³. F(4×4, 3×3)'s transforms mix a whole 6×6 patch
@@ -129,8 +151,7 @@ fn worst_ratio(case: &Case) -> f64 {
     let (want, magnitude) = (f64s(&want), f64s(&magnitude));
     let mut worst = 0f64;
     for isa in Isa::available() {
-        let f4 = WinogradConv::new(&weight, bias.as_ref(), case.padding, case.relu, isa).unwrap();
-        let f2 = WinogradF2Conv::new(&weight, bias.as_ref(), case.padding, case.relu, isa).unwrap();
+        let (f4, f2) = winograd(&weight, bias.as_ref(), case.padding, case.relu, isa).unwrap();
         let outputs = [
             ("F(4x4)", f4.run(&x, residual.as_ref()).unwrap()),
             ("F(2x2)", f2.run(&x, residual.as_ref()).unwrap()),
@@ -191,8 +212,7 @@ fn multi_block_and_split_paths() {
 fn rejects_bad_input() {
     let d = Device::Cpu;
     let w = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, &d).unwrap();
-    let f4 = WinogradConv::new(&w, None, [1, 1], false, Isa::Scalar).unwrap();
-    let f2 = WinogradF2Conv::new(&w, None, [1, 1], false, Isa::Scalar).unwrap();
+    let (f4, f2) = winograd(&w, None, [1, 1], false, Isa::Scalar).unwrap();
     type Run<'a> = &'a dyn Fn(&Tensor, Option<&Tensor>) -> candle_core::Result<Tensor>;
     let runs: [Run; 2] = [&|x, r| f4.run(x, r), &|x, r| f2.run(x, r)];
     for run in runs {
@@ -205,8 +225,16 @@ fn rejects_bad_input() {
         assert_eq!(empty.dims(), [0, 4, 5, 5]);
     }
     let five = Tensor::zeros((4, 3, 5, 5), candle_core::DType::F32, &d).unwrap();
-    assert!(WinogradConv::new(&five, None, [1, 1], false, Isa::Scalar).is_err());
-    assert!(WinogradF2Conv::new(&five, None, [1, 1], false, Isa::Scalar).is_err());
-    assert!(WinogradF2Conv::new(&w, None, [3, 1], false, Isa::Scalar).is_err());
-    assert!(WinogradConv::applies([3, 3], &Conv2dAttrs::default()));
+    let spec = |weight: &Tensor, padding: [usize; 2]| {
+        let attrs = Conv2dAttrs {
+            padding,
+            ..Default::default()
+        };
+        ConvSpec::of(weight, attrs).unwrap()
+    };
+    let e = Epilogue::new(None, 4, false).unwrap();
+    assert!(WinogradF4::new(spec(&five, [1, 1]), &five, e.clone(), Isa::Scalar).is_err());
+    assert!(WinogradF2::new(spec(&five, [1, 1]), &five, e.clone(), Isa::Scalar).is_err());
+    assert!(WinogradF2::new(spec(&w, [3, 1]), &w, e, Isa::Scalar).is_err());
+    assert!(applies(&spec(&w, [2, 2])) && !applies(&spec(&w, [3, 0])));
 }

@@ -1,12 +1,10 @@
-//! What wick's CPU kernels share: reading a tensor's f32 data, the length of
-//! a sliding-window output, a raw output pointer that tasks writing
-//! disjoint elements may share, per-thread scratch reused across calls
-//! (no allocation, no page fault in a steady-state forward), and buffers
-//! for packed weights backed by huge pages.
+//! The memory wick's CPU kernels work in: a tensor's f32 data, an output
+//! buffer that tasks writing disjoint elements share, per-thread scratch
+//! reused across calls (no allocation, no page fault in a steady-state
+//! forward), and buffers for packed weights backed by huge pages.
 
 use candle_core::{bail, CpuStorage, Storage, Tensor};
 use std::cell::RefCell;
-use wick_ir::Conv2dAttrs;
 
 /// Runs `f` on the f32 data of the contiguous CPU tensors `x` and
 /// `residual` (each exactly its elements); `what` names the kernel in the
@@ -33,49 +31,63 @@ pub(crate) fn with_cpu_f32<R>(
     f(input, residual)
 }
 
-/// A conv's bias as `out_channels` values (zeros without one); `what`
-/// names the kernel in the error when the length is wrong.
-pub(crate) fn bias_values(bias: Option<&Tensor>, out_channels: usize, what: &str) -> candle_core::Result<Vec<f32>> {
-    let bias = match bias {
-        Some(b) => b.to_vec1::<f32>()?,
-        None => vec![0.0; out_channels],
-    };
-    if bias.len() != out_channels {
-        bail!("{what} bias has {} values for {out_channels} channels", bias.len())
-    }
-    Ok(bias)
-}
-
-/// Output height and width of a convolution with `attrs` and `kernel` on
-/// an `[height, width]` input; `None` when the dilated kernel does not fit.
-pub(crate) fn conv_out_size(
-    attrs: &Conv2dAttrs,
-    kernel: [usize; 2],
-    [height, width]: [usize; 2],
-) -> Option<[usize; 2]> {
-    let axis =
-        |len: usize, i: usize| windowed_len(len, kernel[i], attrs.stride[i], attrs.padding[i], attrs.dilation[i]);
-    Some([axis(height, 0)?, axis(width, 1)?])
-}
-
-/// Length of a sliding-window output along one axis (convolution or pool,
-/// floor mode); `None` when the dilated window does not fit the padded input.
-pub(crate) fn windowed_len(len: usize, kernel: usize, stride: usize, padding: usize, dilation: usize) -> Option<usize> {
-    let span = dilation * (kernel.checked_sub(1)?) + 1;
-    (len + 2 * padding).checked_sub(span).map(|v| v / stride + 1)
-}
-
-/// A buffer several tasks write at once, each to elements no other task
-/// touches. Every user states in a `SAFETY` comment why its writes are
-/// disjoint and in bounds.
+/// An output buffer several tasks write at once, each to elements no other
+/// task touches. It knows its length: every slice it hands out is checked
+/// against it, so what remains for the caller to argue (in a `SAFETY`
+/// comment) is only that concurrent writes are disjoint.
 #[derive(Clone, Copy)]
-pub(crate) struct SharedOut(pub(crate) *mut f32);
+pub(crate) struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
 
 // SAFETY: a `SharedOut` is only dereferenced for writes to disjoint
 // elements (argued at each use) while the buffer it points into outlives
 // the parallel loop, so sharing the pointer across threads races on nothing.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The first `len` elements of `buffer`'s allocation (its length may
+    /// be 0: the tasks initialise them, and the owner sets the length
+    /// afterwards). Panics when the allocation holds fewer.
+    pub(crate) fn new(buffer: &mut Vec<f32>, len: usize) -> Self {
+        assert!(
+            len <= buffer.capacity(),
+            "{len} outputs in a buffer of {}",
+            buffer.capacity()
+        );
+        Self {
+            ptr: buffer.as_mut_ptr(),
+            len,
+        }
+    }
+
+    /// All of `slice` (scratch that tasks fill in disjoint parts).
+    pub(crate) fn over(slice: &mut [f32]) -> Self {
+        Self {
+            ptr: slice.as_mut_ptr(),
+            len: slice.len(),
+        }
+    }
+
+    /// Elements `start..start + len` (panics when they lie outside the buffer).
+    ///
+    /// # Safety
+    /// No other live slice of this buffer overlaps these elements while the
+    /// returned one is used, and the buffer outlives it.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(
+            start.checked_add(len).is_some_and(|end| end <= self.len),
+            "output elements {start}+{len} outside a buffer of {}",
+            self.len
+        );
+        // SAFETY: in bounds (checked above); exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };

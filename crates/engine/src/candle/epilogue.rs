@@ -2,8 +2,9 @@
 //! bias[c] (+ residual))` in one pass over an NCHW f32 convolution output.
 //! On CUDA it is one kernel launch (`cuda/epilogue.cu`, committed as PTX)
 //! instead of candle's broadcast add, residual add and ReLU (three passes,
-//! two temporaries). The CPU implementation is the reference the CUDA kernel
-//! mirrors, and lets the op's checks and indexing be tested anywhere.
+//! two temporaries). Its CPU implementation is wick's one CPU epilogue
+//! ([`crate::cpu::epilogue`]), the reference the CUDA kernel mirrors, and
+//! lets the op's checks and indexing be tested anywhere.
 
 use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
@@ -63,24 +64,24 @@ fn cpu_epilogue(
     residual: Option<(&CpuStorage, &Layout)>,
     relu: bool,
 ) -> Result<()> {
-    let (n, _, plane) = geometry(yl, bl, residual.map(|(_, l)| l))?;
+    let (n, channels, plane) = geometry(yl, bl, residual.map(|(_, l)| l))?;
     let (CpuStorage::F32(y), CpuStorage::F32(bias)) = (y, bias) else {
         bail!("conv epilogue: f32 operands only")
     };
     let y = &mut y[yl.start_offset()..][..n];
-    let bias = &bias[bl.start_offset()..];
+    let bias = &bias[bl.start_offset()..][..channels];
     let residual = match residual {
         None => None,
         Some((CpuStorage::F32(r), l)) => Some(&r[l.start_offset()..][..n]),
         Some(_) => bail!("conv epilogue: f32 operands only"),
     };
-    for (i, v) in y.iter_mut().enumerate() {
-        let c = (i / plane) % bias.len();
-        let mut x = *v + bias[c] + residual.map_or(0.0, |r| r[i]);
-        if relu {
-            x = x.max(0.0);
-        }
-        *v = x;
+    if plane == 0 {
+        return Ok(());
+    }
+    // One (image, channel) plane at a time: plane `i` is channel `i % C`.
+    for (i, values) in y.chunks_mut(plane).enumerate() {
+        let residual = residual.map(|r| &r[i * plane..][..plane]);
+        crate::cpu::epilogue::in_place(values, bias[i % channels], residual, relu);
     }
     Ok(())
 }

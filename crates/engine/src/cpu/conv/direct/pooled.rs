@@ -1,49 +1,39 @@
 //! The direct conv with a fused max pool (ResNet's stem): each task takes a
 //! few pooled rows of one image, computes the convolution rows their
-//! windows need into scratch (bias, residual and ReLU applied there), and
-//! pools them into the output. The convolution's output, 4× the pooled one
-//! (32 MB for ResNet18 at batch 10), is never written to memory; the price
-//! is recomputing the one convolution row that neighbouring tasks share.
+//! windows need into scratch (the epilogue applied there), and pools them
+//! into the output. The convolution's output, 4× the pooled one (32 MB for
+//! ResNet18 at batch 10), is never written to memory; the price is
+//! recomputing the one convolution row that neighbouring tasks share.
 
-use super::{segments, DirectConv, Shape, BLOCK_BYTES};
-use crate::cpu_pool::{nan_max, pool_row};
-use crate::cpu_shared::{with_scratch, SharedOut};
-use crate::gemm_kernel::PANEL_GRANULE;
+use super::{Run, BLOCK_BYTES};
+use crate::cpu::data::with_scratch;
+use crate::cpu::epilogue;
+use crate::cpu::pool::{max_rows, pool_row};
 use rayon::prelude::*;
 use std::ops::Range;
 use wick_ir::MaxPool2dAttrs;
 
-impl DirectConv {
-    /// Writes the pooled output `[N, O, pooled[0], pooled[1]]` through `dst`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn pooled(
-        &self,
-        input: &[f32],
-        residual: Option<&[f32]>,
-        dst: SharedOut,
-        s: &Shape,
-        batch: usize,
-        pool: &MaxPool2dAttrs,
-        pooled: [usize; 2],
-    ) {
+impl Run<'_> {
+    /// Writes the pooled output `[N, O, pooled[0], pooled[1]]`.
+    pub(super) fn pooled(&mut self, pool: &MaxPool2dAttrs, pooled: [usize; 2]) {
         let (pool_rows, [sh, kh]) = (pooled[0], [pool.stride[0], pool.kernel[0]]);
         // Pooled rows per task: the convolution rows they need fit the block budget.
-        let per_conv_row = s.out_width * (self.depth() + self.padded_out) * 4;
+        let per_conv_row = self.shape.out_width * (self.conv.depth() + self.conv.padded_out) * 4;
         let conv_rows = |rows: usize| (rows - 1) * sh + kh;
         let mut rows = 1;
         while rows < pool_rows && conv_rows(rows + 1) * per_conv_row <= BLOCK_BYTES {
             rows += 1;
         }
         let chunks = pool_rows.div_ceil(rows);
-        let tasks = batch * chunks;
+        let tasks = self.shape.batch * chunks;
         let threads = rayon::current_num_threads();
-        let split = tasks < 2 * threads && threads > 1;
+        self.split = tasks < 2 * threads && threads > 1;
+        let this = &*self;
         let task = |t: usize| {
             let (image, first) = (t / chunks, t % chunks * rows);
-            let rows = first..(first + rows).min(pool_rows);
-            self.pooled_task(input, residual, dst, s, image, rows, pool, pooled, split);
+            this.pooled_task(image, first..(first + rows).min(pool_rows), pool, pooled);
         };
-        if split {
+        if self.split {
             (0..tasks).for_each(task);
         } else {
             (0..tasks).into_par_iter().for_each(task);
@@ -51,77 +41,47 @@ impl DirectConv {
     }
 
     /// Pooled rows `rows` of image `image`, every channel.
-    #[allow(clippy::too_many_arguments)]
-    fn pooled_task(
-        &self,
-        input: &[f32],
-        residual: Option<&[f32]>,
-        dst: SharedOut,
-        s: &Shape,
-        image: usize,
-        rows: Range<usize>,
-        pool: &MaxPool2dAttrs,
-        pooled: [usize; 2],
-        split: bool,
-    ) {
+    fn pooled_task(&self, image: usize, rows: Range<usize>, pool: &MaxPool2dAttrs, pooled: [usize; 2]) {
         let ([kh, kw], [sh, sw], [ph, pw]) = (pool.kernel, pool.stride, pool.padding);
-        let (oh, ow) = (s.out_height, s.out_width);
+        let (oh, ow, out_channels) = (self.shape.out_height, self.shape.out_width, self.shape.out_channels);
+        let conv = self.conv;
         // Window rows of pooled row r: r·sh − ph .. r·sh − ph + kh, clipped to the image.
         let window = |r: usize| (r * sh).saturating_sub(ph)..(r * sh + kh).saturating_sub(ph).min(oh);
         let (y_lo, y_hi) = (window(rows.start).start, window(rows.end - 1).end);
-        let first = (image * oh + y_lo) * ow;
-        let pixels = (y_hi - y_lo) * ow;
-        let cols = pixels.div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
-        let segments = segments(s, first, pixels);
-        let (v_len, m_len) = (self.depth() * cols, self.products_len(cols));
+        let block = self.block_of((image * oh + y_lo) * ow, (y_hi - y_lo) * ow);
+        let (v_len, m_len) = (conv.depth() * block.cols, conv.products_len(block.cols));
         with_scratch(v_len + m_len + 2 * ow + pooled[1], |scratch| {
             let (v, rest) = scratch.split_at_mut(v_len);
             let (m, rest) = rest.split_at_mut(m_len);
             let (column_max, rest) = rest.split_at_mut(ow);
             let (window_max, pooled_row) = rest.split_at_mut(ow);
-            self.products(input, s, &segments, pixels, cols, split, v, m);
+            self.products(&block, v, m);
             let (conv_plane, pooled_plane) = (oh * ow, pooled[0] * pooled[1]);
-            for o in 0..self.out_channels {
-                let conv = &mut m[o * cols..][..pixels];
-                let bias = self.bias[o];
+            for o in 0..out_channels {
+                let conv_rows = &mut m[o * block.cols..][..block.pixels];
                 // Without a residual, bias and ReLU commute with the max (both
                 // are monotonic, and so is f32 rounding of `x + b`): they are
                 // applied to the pooled values only, a quarter of the work.
-                let late_epilogue = residual.is_none();
-                if let Some(r) = residual {
-                    let r = &r[(image * self.out_channels + o) * conv_plane + y_lo * ow..][..pixels];
-                    for (v, r) in conv.iter_mut().zip(r) {
-                        let x = *v + bias + r;
-                        *v = if self.relu { x.max(0.0) } else { x };
-                    }
+                let late_epilogue = self.residual.is_none();
+                if let Some(r) = self.residual {
+                    let r = &r[(image * out_channels + o) * conv_plane + y_lo * ow..][..block.pixels];
+                    conv.epilogue.in_place(o, conv_rows, Some(r));
                 }
-                let conv = &*conv;
+                let conv_rows = &*conv_rows;
                 for r in rows.clone() {
+                    // The window's rows lie within y_lo..y_hi (windows grow
+                    // with r) and are not empty: padding <= half the window
+                    // (checked in `DirectConv::new`); likewise its columns.
                     let ys = window(r);
-                    // ys lies within y_lo..y_hi (windows grow with r) and is
-                    // non-empty: padding <= half the window (checked in `new`).
-                    let conv_row = |y: usize| &conv[(y - y_lo) * ow..][..ow];
-                    column_max.copy_from_slice(conv_row(ys.start));
-                    for y in ys.start + 1..ys.end {
-                        for (c, &x) in column_max.iter_mut().zip(conv_row(y)) {
-                            *c = nan_max(*c, x);
-                        }
-                    }
-                    // Windows are non-empty for the same reason as the rows.
+                    max_rows(&conv_rows[(ys.start - y_lo) * ow..(ys.end - y_lo) * ow], ow, column_max);
                     pool_row(column_max, [kw, sw, pw], window_max, pooled_row);
                     if late_epilogue {
-                        for value in pooled_row.iter_mut() {
-                            *value += bias;
-                            if self.relu {
-                                *value = value.max(0.0);
-                            }
-                        }
+                        epilogue::in_place(pooled_row, conv.epilogue.bias(o), None, conv.epilogue.relu());
                     }
-                    let base = (image * self.out_channels + o) * pooled_plane + r * pooled[1];
-                    // SAFETY: base + PW <= N·O·PH·PW (image < N, o < O, r < PH);
-                    // pooled pixels (image, o, r, ..) belong to this task only
-                    // (tasks split images' rows).
-                    unsafe { std::ptr::copy_nonoverlapping(pooled_row.as_ptr(), dst.0.add(base), pooled[1]) };
+                    let base = (image * out_channels + o) * pooled_plane + r * pooled[1];
+                    // SAFETY: pooled pixels (image, o, r, ..) belong to this
+                    // task only (tasks split images' rows).
+                    unsafe { self.dst.slice(base, pooled[1]) }.copy_from_slice(pooled_row);
                 }
             }
         });
@@ -130,8 +90,9 @@ impl DirectConv {
 
 #[cfg(test)]
 mod tests {
-    use crate::direct_conv::DirectConv;
-    use crate::gemm_kernel::Isa;
+    use crate::cpu::conv::direct::{DirectConv, DirectLayout::Panels};
+    use crate::cpu::gemm::Isa;
+    use crate::cpu::pool::max_pool2d;
     use candle_core::{Device, Tensor};
     use proptest::prelude::*;
     use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
@@ -164,11 +125,11 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (outputs, channels, kernel, kernel), &d).unwrap();
             let b = Tensor::randn(0f32, 1.0, outputs, &d).unwrap();
             for isa in Isa::available() {
-                let plain = DirectConv::new(&w, Some(&b), attrs, relu, None, isa, usize::MAX).unwrap();
+                let plain = DirectConv::for_test(&w, Some(&b), attrs, relu, None, Panels, isa).unwrap();
                 let conv_shape = plain.run(&x, None).unwrap().dims().to_vec();
                 let r = with_residual.then(|| Tensor::randn(0f32, 1.0, conv_shape.as_slice(), &d).unwrap());
-                let want = crate::cpu_pool::max_pool2d(&plain.run(&x, r.as_ref()).unwrap(), &pool).unwrap();
-                let fused = DirectConv::new(&w, Some(&b), attrs, relu, Some(pool), isa, usize::MAX).unwrap();
+                let want = max_pool2d(&plain.run(&x, r.as_ref()).unwrap(), &pool).unwrap();
+                let fused = DirectConv::for_test(&w, Some(&b), attrs, relu, Some(pool), Panels, isa).unwrap();
                 let got = fused.run(&x, r.as_ref()).unwrap();
                 prop_assert_eq!(got.dims(), want.dims());
                 prop_assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0, "{:?}", isa);
@@ -194,9 +155,9 @@ mod tests {
             stride: [2, 2],
             padding: [1, 1],
         };
-        let plain = DirectConv::new(&w, Some(&b), attrs, true, None, Isa::detect(), usize::MAX).unwrap();
-        let want = crate::cpu_pool::max_pool2d(&plain.run(&x, None).unwrap(), &pool).unwrap();
-        let fused = DirectConv::new(&w, Some(&b), attrs, true, Some(pool), Isa::detect(), usize::MAX).unwrap();
+        let plain = DirectConv::for_test(&w, Some(&b), attrs, true, None, Panels, Isa::detect()).unwrap();
+        let want = max_pool2d(&plain.run(&x, None).unwrap(), &pool).unwrap();
+        let fused = DirectConv::for_test(&w, Some(&b), attrs, true, Some(pool), Panels, Isa::detect()).unwrap();
         let got = fused.run(&x, None).unwrap();
         assert_eq!(got.dims(), [2, 64, 56, 56]);
         assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0);
@@ -211,14 +172,14 @@ mod tests {
             stride: [2, 2],
             padding: [2, 2],
         };
-        assert!(DirectConv::new(
+        assert!(DirectConv::for_test(
             &w,
             None,
             Conv2dAttrs::default(),
             false,
             Some(too_much_padding),
-            Isa::Scalar,
-            usize::MAX
+            Panels,
+            Isa::Scalar
         )
         .is_err());
         let big = MaxPool2dAttrs {
@@ -226,16 +187,8 @@ mod tests {
             stride: [1, 1],
             padding: [0, 0],
         };
-        let conv = DirectConv::new(
-            &w,
-            None,
-            Conv2dAttrs::default(),
-            false,
-            Some(big),
-            Isa::Scalar,
-            usize::MAX,
-        )
-        .unwrap();
+        let conv =
+            DirectConv::for_test(&w, None, Conv2dAttrs::default(), false, Some(big), Panels, Isa::Scalar).unwrap();
         let x = Tensor::zeros((1, 1, 6, 6), candle_core::DType::F32, &d).unwrap();
         assert!(conv.run(&x, None).is_err(), "a 9x9 window on a 4x4 conv output");
     }

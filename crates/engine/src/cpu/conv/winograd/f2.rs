@@ -1,6 +1,6 @@
 //! Winograd F(2×2, 3×3) for convolutions with few tiles (batch 1 at 7×7:
-//! ResNet18's layer4), where [`WinogradConv`](super::WinogradConv)'s
-//! F(4×4, 3×3) has too few tiles to fill its products and 4× the weights.
+//! ResNet18's layer4), where [`WinogradF4`](super::WinogradF4) has too few
+//! tiles to fill its products and 4× the weights.
 //!
 //! At batch 1 such a layer is a product of big weights with a handful of
 //! pixels: F(2×2) keeps the transformed weights at 16/9 of the original
@@ -10,10 +10,12 @@
 //! Error: the points 0, ±1, ∞ only (coefficients ±1 and ½), well inside the
 //! F(4×4) bound that `winograd/tests.rs` checks both against.
 
-use crate::cpu_shared::{bias_values, with_cpu_f32, with_scratch, SharedOut};
-use crate::gemm_kernel::Isa;
-use crate::lane_gemm::{lane_gemm, pack_lanes, LANES};
-use candle_core::{bail, Device, Tensor};
+use super::{check_applies, transformed_weights, Tiles, SKEW};
+use crate::cpu::conv::{output, ConvSpec};
+use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::epilogue::Epilogue;
+use crate::cpu::gemm::{lane_gemm, pack_lanes, Isa, LaneProduct, LANES};
+use candle_core::Tensor;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -25,85 +27,42 @@ const M: usize = 2;
 const XI: usize = ALPHA * ALPHA;
 /// Most tiles per block (scratch `V` and `M` stay small).
 const BLOCK_TILES: usize = 64;
-/// Output pixels per forward up to which F(2×2) is chosen over the direct
-/// conv. Measured on ResNet18's layer4 at batch 1 (49 pixels): 1.58 ms
-/// direct (lane GEMM) against 1.17–1.27 ms F(2×2) when it landed. Bigger
-/// maps with too few tiles for F(4×4) (batch 2–3 at 7×7) were not timed.
-const MAX_PIXELS: usize = 256;
-/// Floats (a cache line) added between consecutive ξ matrices of `V` and
-/// `M`: their sizes are multiples of 4 KiB for ResNet's layers, which would
-/// put the 16 accesses a transform makes per tile chunk in one L1 set.
-const SKEW: usize = 16;
-/// Fewer channels than this gain too little from the cut in multiplies
-/// (a judgement, not a measurement: ResNet18's few-pixel 3×3 convs all
-/// have 512).
-const MIN_CHANNELS: usize = 64;
 
 /// A 3×3 stride-1 convolution with its weights in the F(2×2, 3×3) domain.
-#[derive(Debug, Clone)]
-pub(crate) struct WinogradF2Conv {
-    in_channels: usize,
-    out_channels: usize,
+#[derive(Debug)]
+pub(crate) struct WinogradF2 {
+    spec: ConvSpec,
     /// Output channels rounded up to whole lane groups.
     padded_out: usize,
-    padding: [usize; 2],
     /// `U[ξ]` (`[O, C]`) for each ξ, packed by [`pack_lanes`].
     u: Vec<f32>,
-    bias: Vec<f32>,
-    relu: bool,
+    epilogue: Epilogue,
     isa: Isa,
 }
 
-#[derive(Clone, Copy)]
-struct Shape {
-    out_height: usize,
-    out_width: usize,
-    tiles_x: usize,
-    tiles_per_image: usize,
-    total_tiles: usize,
+/// One forward's context, shared by its blocks.
+struct Run<'a> {
+    conv: &'a WinogradF2,
+    /// The zero-padded input: every tile's 4×4 patch lies inside it.
+    padded: &'a [f32],
     padded_height: usize,
     padded_width: usize,
+    residual: Option<&'a [f32]>,
+    dst: SharedOut,
+    tiles: Tiles,
 }
 
-impl WinogradF2Conv {
-    /// Whether this is the better algorithm for the node (output
-    /// `out_shape`): a 3×3 stride-1 conv [`WinogradConv::applies`](super::WinogradConv::applies)
-    /// to, with many channels and few output pixels, where F(4×4) does not
-    /// pay off.
-    pub(crate) fn pays_off(
-        kernel: [usize; 2],
-        attrs: &wick_ir::Conv2dAttrs,
-        in_channels: usize,
-        out_shape: &[usize],
-    ) -> bool {
-        let &[batch, out_channels, out_height, out_width] = out_shape else {
-            return false;
-        };
-        super::WinogradConv::applies(kernel, attrs)
-            && !super::WinogradConv::pays_off(kernel, attrs, in_channels, out_shape)
-            && in_channels >= MIN_CHANNELS
-            && out_channels >= MIN_CHANNELS
-            && batch * out_height * out_width <= MAX_PIXELS
-    }
-
-    /// Transforms and packs `weight` (`[O, C, 3, 3]`, f32) and `bias` (`[O]`).
-    pub(crate) fn new(
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        padding: [usize; 2],
-        relu: bool,
-        isa: Isa,
-    ) -> candle_core::Result<Self> {
-        let (out_channels, in_channels, kh, kw) = weight.dims4()?;
-        if (kh, kw) != (3, 3) || padding.iter().any(|&p| p > 2) {
-            bail!("winograd conv takes 3x3 kernels and padding <= 2, got {kh}x{kw}, padding {padding:?}")
-        }
+impl WinogradF2 {
+    /// Transforms and packs `weight` (`[O, C, 3, 3]`, f32) for `spec`.
+    pub(crate) fn new(spec: ConvSpec, weight: &Tensor, epilogue: Epilogue, isa: Isa) -> candle_core::Result<Self> {
+        check_applies(&spec)?;
+        let (out_channels, in_channels) = (spec.out_channels, spec.in_channels);
         let w = weight.flatten_all()?.to_vec1::<f32>()?;
         let padded_out = out_channels.div_ceil(LANES) * LANES;
         let per_plain = out_channels * in_channels;
-        let plain = super::transformed_weights(&w, out_channels, out_channels, in_channels, weight_transform);
+        let plain = transformed_weights(&w, out_channels, out_channels, in_channels, weight_transform);
         let per_xi = padded_out * in_channels;
-        let mut u = crate::cpu_shared::weight_buffer(XI * per_xi);
+        let mut u = weight_buffer(XI * per_xi);
         for xi in 0..XI {
             pack_lanes(
                 &plain[xi * per_plain..][..per_plain],
@@ -112,15 +71,11 @@ impl WinogradF2Conv {
                 &mut u[xi * per_xi..][..per_xi],
             );
         }
-        let bias = bias_values(bias, out_channels, "winograd conv")?;
         Ok(Self {
-            in_channels,
-            out_channels,
+            spec,
             padded_out,
-            padding,
             u,
-            bias,
-            relu,
+            epilogue,
             isa,
         })
     }
@@ -128,35 +83,25 @@ impl WinogradF2Conv {
     /// Runs on a CPU f32 tensor `[N, C, H, W]`; `residual` (the output's
     /// shape) is added before the optional ReLU.
     pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let (x, residual, out_dims) =
-            super::checked_input(x, residual, self.in_channels, self.out_channels, self.padding)?;
-        let [batch, channels, height, width] = x.dims4()?.into();
-        let [ph, pw] = self.padding;
-        let [out_height, out_width] = [out_dims[2], out_dims[3]];
-        let tiles_x = out_width.div_ceil(M);
-        let tiles_y = out_height.div_ceil(M);
-        let s = Shape {
-            out_height,
-            out_width,
-            tiles_x,
-            tiles_per_image: tiles_y * tiles_x,
-            total_tiles: batch * tiles_y * tiles_x,
-            // Every tile's 4×4 patch, padding included, lies in here.
-            padded_height: M * tiles_y + 2,
-            padded_width: M * tiles_x + 2,
-        };
-        let out_len = out_dims.iter().product();
+        let call = self.spec.check(x, residual)?;
+        let shape = call.shape;
+        let tiles = Tiles::new(shape, M);
+        let [ph, pw] = self.spec.attrs.padding;
+        let out_len = shape.out_len();
         if out_len == 0 {
-            return Tensor::from_vec(Vec::<f32>::new(), out_dims.to_vec(), &Device::Cpu);
+            return output(Vec::new(), shape.out_dims());
         }
+        // Every tile's 4×4 patch, padding included, lies in here.
+        let (padded_height, padded_width) = (M * shape.out_height.div_ceil(M) + 2, M * tiles.across + 2);
         let mut out = Vec::<f32>::with_capacity(out_len);
         // Disjoint writes: each output element belongs to one (tile,
         // channel) pair, written by one task of one block.
-        let dst = SharedOut(out.as_mut_ptr());
-        with_cpu_f32("winograd conv", &x, residual.as_ref(), |input, residual| {
-            let padded_plane = s.padded_height * s.padded_width;
-            let padded_len = batch * channels * padded_plane;
-            let block = BLOCK_TILES.min(s.total_tiles);
+        let dst = SharedOut::new(&mut out, out_len);
+        with_cpu_f32("winograd conv", &call.x, call.residual.as_ref(), |input, residual| {
+            let (channels, width) = (shape.channels, shape.width);
+            let padded_plane = padded_height * padded_width;
+            let padded_len = shape.batch * channels * padded_plane;
+            let block = BLOCK_TILES.min(tiles.total);
             let (v_len, m_len) = (XI * (channels * block + SKEW), XI * (self.padded_out * block + SKEW));
             // One scratch for all three: a nested `with_scratch` would
             // allocate afresh on every call.
@@ -168,16 +113,24 @@ impl WinogradF2Conv {
                 // 2·tiles_y >= out_height = H + 2·ph − 2.
                 padded
                     .par_chunks_mut(padded_plane)
-                    .zip(input.par_chunks(height * width))
+                    .zip(input.par_chunks(shape.in_plane()))
                     .for_each(|(p, x)| {
                         p.fill(0.0);
                         for (y, row) in x.chunks_exact(width).enumerate() {
-                            p[(y + ph) * s.padded_width + pw..][..width].copy_from_slice(row);
+                            p[(y + ph) * padded_width + pw..][..width].copy_from_slice(row);
                         }
                     });
-                for first in (0..s.total_tiles).step_by(block) {
-                    let tiles = first..s.total_tiles.min(first + block);
-                    self.block(padded, residual, dst, &s, tiles, v, m);
+                let run = Run {
+                    conv: self,
+                    padded,
+                    padded_height,
+                    padded_width,
+                    residual,
+                    dst,
+                    tiles,
+                };
+                for first in (0..tiles.total).step_by(block) {
+                    run.block(first..tiles.total.min(first + block), v, m);
                 }
             });
             Ok(())
@@ -185,59 +138,49 @@ impl WinogradF2Conv {
         // SAFETY: the blocks cover every tile of every image, and each tile
         // writes all its in-bounds output pixels for every channel.
         unsafe { out.set_len(out_len) };
-        Tensor::from_vec(out, out_dims.to_vec(), &Device::Cpu)
+        output(out, shape.out_dims())
     }
+}
 
+impl Run<'_> {
     /// Transforms, multiplies and writes back the tiles `tiles` (numbered
-    /// over the batch), each phase split across threads; `padded` is the
-    /// zero-padded input, `v` and `m` scratch of at least the block's size.
-    #[allow(clippy::too_many_arguments)]
-    fn block(
-        &self,
-        padded: &[f32],
-        residual: Option<&[f32]>,
-        dst: SharedOut,
-        s: &Shape,
-        tiles: Range<usize>,
-        v: &mut [f32],
-        m: &mut [f32],
-    ) {
+    /// over the batch), each phase split across threads; `v` and `m` are
+    /// scratch of at least the block's size.
+    fn block(&self, tiles: Range<usize>, v: &mut [f32], m: &mut [f32]) {
+        let conv = self.conv;
         let count = tiles.len();
-        let (c_in, c_out) = (self.in_channels, self.padded_out);
+        let (c_in, c_out) = (conv.spec.in_channels, conv.padded_out);
         // ξ matrices one cache line further apart than their size (see SKEW).
         let (v_stride, m_stride) = (c_in * count + SKEW, c_out * count + SKEW);
         let (v, m) = (&mut v[..XI * v_stride], &mut m[..XI * m_stride]);
         let threads = rayon::current_num_threads();
         // V[ξ][c][t]: channel c writes rows (ξ, c) only.
-        let vptr = SharedOut(v.as_mut_ptr());
+        let vptr = SharedOut::over(v);
         let per = c_in.div_ceil(4 * threads).max(1);
         (0..c_in.div_ceil(per)).into_par_iter().for_each(|chunk| {
             for c in chunk * per..c_in.min((chunk + 1) * per) {
-                self.transform_input(padded, s, c, tiles.clone(), vptr);
+                self.transform_input(c, tiles.clone(), vptr);
             }
         });
         let v = &*v;
         // M[ξ] = U[ξ] · V[ξ], `[O_pad / LANES][count][LANES]` per ξ.
+        let size = LaneProduct {
+            rows: c_out,
+            depth: c_in,
+            cols: count,
+            pixels: count,
+        };
         m.par_chunks_mut(m_stride).enumerate().for_each(|(xi, m)| {
-            let u = &self.u[xi * c_out * c_in..][..c_out * c_in];
+            let u = &conv.u[xi * c_out * c_in..][..c_out * c_in];
             let v = &v[xi * v_stride..][..c_in * count];
-            lane_gemm(
-                self.isa,
-                u,
-                v,
-                &mut m[..c_out * count],
-                0..c_out / LANES,
-                c_out,
-                c_in,
-                count,
-                count,
-            );
+            lane_gemm(conv.isa, size, u, v, &mut m[..c_out * count], 0..c_out / LANES);
         });
         let m = &*m;
-        let per = self.out_channels.div_ceil(4 * threads).max(1);
-        (0..self.out_channels.div_ceil(per)).into_par_iter().for_each(|chunk| {
-            for o in chunk * per..self.out_channels.min((chunk + 1) * per) {
-                self.transform_output(m, residual, dst, s, o, tiles.clone());
+        let out_channels = conv.spec.out_channels;
+        let per = out_channels.div_ceil(4 * threads).max(1);
+        (0..out_channels.div_ceil(per)).into_par_iter().for_each(|chunk| {
+            for o in chunk * per..out_channels.min((chunk + 1) * per) {
+                self.transform_output(m, o, tiles.clone());
             }
         });
     }
@@ -245,46 +188,34 @@ impl WinogradF2Conv {
     /// Writes `V[ξ][c][t]` for channel `c` and each tile `t` of `tiles`,
     /// [`TILE_LANES`] tiles at a time (`v` is `[XI][C][tiles.len()]`, ξ
     /// matrices [`SKEW`] apart; no other task writes channel `c`).
-    fn transform_input(&self, padded: &[f32], s: &Shape, c: usize, tiles: Range<usize>, v: SharedOut) {
+    fn transform_input(&self, c: usize, tiles: Range<usize>, v: SharedOut) {
         let count = tiles.len();
-        let plane = s.padded_height * s.padded_width;
+        let c_in = self.conv.spec.in_channels;
+        let plane = self.padded_height * self.padded_width;
         for t0 in (0..count).step_by(TILE_LANES) {
             let n = TILE_LANES.min(count - t0);
             let mut d = [[0f32; TILE_LANES]; XI];
             for lane in 0..n {
-                let (image, ty, tx) = s.tile(tiles.start + t0 + lane);
+                let (image, ty, tx) = self.tiles.tile(tiles.start + t0 + lane);
                 // The patch's top-left in the padded plane is (M·ty, M·tx).
-                let p = &padded[(image * self.in_channels + c) * plane + M * ty * s.padded_width + M * tx..];
+                let p = &self.padded[(image * c_in + c) * plane + M * ty * self.padded_width + M * tx..];
                 for (i, d) in d.iter_mut().enumerate() {
-                    d[lane] = p[i / ALPHA * s.padded_width + i % ALPHA];
+                    d[lane] = p[i / ALPHA * self.padded_width + i % ALPHA];
                 }
             }
             for (xi, row) in input_transform(&d).iter().enumerate() {
-                // SAFETY: ξ·(C·count + SKEW) + c·count + t0 + n <= XI·(C·count
-                // + SKEW), the length of `v`, and this task is the only one
-                // writing channel c.
-                let out = unsafe {
-                    std::slice::from_raw_parts_mut(v.0.add(xi * (self.in_channels * count + SKEW) + c * count + t0), n)
-                };
-                out.copy_from_slice(&row[..n]);
+                // SAFETY: row (ξ, c) of V is written by this task only.
+                unsafe { v.slice(xi * (c_in * count + SKEW) + c * count + t0, n) }.copy_from_slice(&row[..n]);
             }
         }
     }
 
     /// Output channel `o` of the tiles `tiles` from `m` (the block's
-    /// products), with bias, residual and ReLU, [`TILE_LANES`] tiles at a time.
-    fn transform_output(
-        &self,
-        m: &[f32],
-        residual: Option<&[f32]>,
-        dst: SharedOut,
-        s: &Shape,
-        o: usize,
-        tiles: Range<usize>,
-    ) {
+    /// products), with the epilogue, [`TILE_LANES`] tiles at a time.
+    fn transform_output(&self, m: &[f32], o: usize, tiles: Range<usize>) {
         let count = tiles.len();
-        let per_xi = self.padded_out * count + SKEW;
-        let plane = s.out_height * s.out_width;
+        let s = &self.tiles.shape;
+        let per_xi = self.conv.padded_out * count + SKEW;
         for t0 in (0..count).step_by(TILE_LANES) {
             let n = TILE_LANES.min(count - t0);
             let mut products = [[0f32; TILE_LANES]; XI];
@@ -296,31 +227,19 @@ impl WinogradF2Conv {
             }
             let y = output_transform(&products);
             for lane in 0..n {
-                let (image, ty, tx) = s.tile(tiles.start + t0 + lane);
+                let (image, ty, tx) = self.tiles.tile(tiles.start + t0 + lane);
                 for (i, y) in y.iter().enumerate() {
                     let (oy, ox) = (ty * M + i / M, tx * M + i % M);
                     if oy >= s.out_height || ox >= s.out_width {
                         continue;
                     }
-                    let at = (image * self.out_channels + o) * plane + oy * s.out_width + ox;
-                    let mut value = y[lane] + self.bias[o] + residual.map_or(0.0, |r| r[at]);
-                    if self.relu {
-                        value = value.max(0.0);
-                    }
-                    // SAFETY: at < N·O·OH·OW (image < N, o < O, oy < OH, ox <
-                    // OW), and (o, tile) is written by this task only.
-                    unsafe { *dst.0.add(at) = value };
+                    let at = (image * s.out_channels + o) * s.out_plane() + oy * s.out_width + ox;
+                    let value = self.conv.epilogue.value(o, y[lane], self.residual.map(|r| r[at]));
+                    // SAFETY: (o, tile) is written by this task only.
+                    unsafe { self.dst.slice(at, 1) }.fill(value);
                 }
             }
         }
-    }
-}
-
-impl Shape {
-    /// Image, tile row and tile column of tile `t` (numbered over the batch).
-    fn tile(&self, t: usize) -> (usize, usize, usize) {
-        let (image, within) = (t / self.tiles_per_image, t % self.tiles_per_image);
-        (image, within / self.tiles_x, within % self.tiles_x)
     }
 }
 

@@ -1,8 +1,9 @@
-//! Engine-owned CPU f32 max-pool over NCHW with implicit −∞ padding, one
-//! pass over the input, planes in parallel (candle's own pool has no padding,
-//! so the candle path must first build a padded copy).
+//! The CPU f32 max pool over NCHW with implicit −∞ padding, one pass over
+//! the input, planes in parallel, and the row operations it shares with the
+//! conv's fused pool (candle's own pool has no padding, so the candle path
+//! builds a padded copy first: `crate::candle::max_pool2d`).
 
-use crate::cpu_shared::{windowed_len, with_cpu_f32};
+use crate::cpu::data::with_cpu_f32;
 use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
 use wick_ir::MaxPool2dAttrs;
@@ -14,10 +15,23 @@ pub(crate) fn max_pool2d(x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Res
         bail!("max_pool2d input must be NCHW, got {:?}", x.dims())
     };
     let ([kh, kw], [sh, sw], [ph, pw]) = (attrs.kernel, attrs.stride, attrs.padding);
-    let (Some(oh), Some(ow)) = (windowed_len(h, kh, sh, ph, 1), windowed_len(w, kw, sw, pw, 1)) else {
+    let Some([oh, ow]) = attrs.output_size([h, w]) else {
         bail!("max_pool2d window {:?} does not fit {:?}", attrs.kernel, x.dims())
     };
-    let mut out = vec![0f32; n * c * oh * ow];
+    if (0..2).any(|i| attrs.padding[i] > attrs.kernel[i] / 2) {
+        bail!(
+            "max_pool2d padding {:?} exceeds half the window {:?}",
+            attrs.padding,
+            attrs.kernel
+        )
+    }
+    let Some(len) = [n, c, oh, ow].iter().try_fold(1usize, |len, &d| len.checked_mul(d)) else {
+        bail!("max_pool2d output [{n}, {c}, {oh}, {ow}] has more elements than fit in memory")
+    };
+    let mut out = vec![0f32; len];
+    if len == 0 {
+        return Tensor::from_vec(out, (n, c, oh, ow), &Device::Cpu);
+    }
     with_cpu_f32("CPU max-pool", &x, None, |data, _| {
         out.par_chunks_mut(oh * ow).zip(data.par_chunks(h * w)).for_each_init(
             || (vec![0f32; w], vec![0f32; w]),
@@ -27,13 +41,7 @@ pub(crate) fn max_pool2d(x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Res
                     // (pad <= kernel / 2, so every window holds a real row).
                     let y0 = (oy * sh).saturating_sub(ph);
                     let y1 = (oy * sh + kh).saturating_sub(ph).min(h);
-                    // Max over the window's rows, one whole image row at a time (vectorises).
-                    column_max.copy_from_slice(&plane[y0 * w..][..w]);
-                    for row in plane[(y0 + 1) * w..y1 * w].chunks_exact(w) {
-                        for (m, &v) in column_max.iter_mut().zip(row) {
-                            *m = nan_max(*m, v);
-                        }
-                    }
+                    max_rows(&plane[y0 * w..y1 * w], w, column_max);
                     pool_row(column_max, [kw, sw, pw], window_max, out);
                 }
             },
@@ -41,6 +49,19 @@ pub(crate) fn max_pool2d(x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Res
         Ok(())
     })?;
     Tensor::from_vec(out, (n, c, oh, ow), &Device::Cpu)
+}
+
+/// `out[x] = max(rows[r·width + x])` over the (at least one) `width`-long
+/// rows of `rows`, one whole row at a time (vectorises).
+#[inline]
+pub(crate) fn max_rows(rows: &[f32], width: usize, out: &mut [f32]) {
+    let (first, rest) = rows.split_at(width);
+    out.copy_from_slice(first);
+    for row in rest.chunks_exact(width) {
+        for (m, &v) in out.iter_mut().zip(row) {
+            *m = nan_max(*m, v);
+        }
+    }
 }
 
 /// Max-pools one row: `out[x] = max(row[x·stride − pad ..][..kernel])`,
@@ -88,25 +109,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn reference(x: &Tensor, a: &MaxPool2dAttrs) -> Tensor {
-        let mut padded = x.clone();
-        for (dim, pad) in [(2, a.padding[0]), (3, a.padding[1])] {
-            if pad > 0 {
-                let mut edge = padded.dims().to_vec();
-                edge[dim] = pad;
-                let fill = Tensor::full(f32::NEG_INFINITY, edge, x.device()).unwrap();
-                padded = Tensor::cat(&[&fill, &padded, &fill], dim).unwrap();
-            }
-        }
-        padded
-            .max_pool2d_with_stride((a.kernel[0], a.kernel[1]), (a.stride[0], a.stride[1]))
-            .unwrap()
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
-        /// Equals candle's max-pool on a −∞-padded copy, across windows,
+        /// Equals the candle path's max-pool (on a −∞-padded copy), across windows,
         /// strides, paddings (<= half the window) and odd sizes incl. C == H == W.
         #[test]
         fn matches_candle(
@@ -122,7 +128,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (n, if square { size[0] } else { c }, size[0], size[1]), &Device::Cpu).unwrap();
             let attrs = MaxPool2dAttrs { kernel, stride, padding };
             let got = max_pool2d(&x, &attrs).unwrap();
-            let want = reference(&x, &attrs);
+            let want = crate::candle::max_pool2d(&x, &attrs).unwrap();
             prop_assert_eq!(got.dims(), want.dims());
             let diff = crate::test_util::max_abs_diff(&got, &want);
             prop_assert_eq!(diff, 0.0);

@@ -1,165 +1,43 @@
-//! `Engine` (compilation) and `CompiledModel` (the executable plan).
+//! [`CompiledModel`]: runs a plan on inputs (checked first), freeing each
+//! value after its last use, optionally timing every step, on the caller's
+//! thread or inside rayon's pool.
 
 use crate::error::AtNode;
-use crate::kernels::Kernel;
+use crate::kernel::Slot;
+use crate::plan::Plan;
 use crate::EngineError;
 use candle_core::{Device, Tensor};
-use wick_ir::{Graph, Op, TensorFact};
+use std::sync::Arc;
+use wick_ir::TensorFact;
 
 /// Forwards planning at most this many bytes of live activations run inside
 /// rayon's pool (see `CompiledModel::execute_scheduled`).
 pub const IN_POOL_MAX_ACTIVATION_BYTES: usize = 16 << 20;
 
-/// Compiles graphs for one device.
-#[derive(Debug, Clone)]
-pub struct Engine {
-    device: Device,
-}
-
-impl Engine {
-    /// An engine for `device`.
-    pub fn new(device: Device) -> Self {
-        Self { device }
-    }
-
-    /// An engine for the host CPU.
-    pub fn cpu() -> Self {
-        Self::new(Device::Cpu)
-    }
-
-    /// The device compiled models run on.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Verifies `graph`, moves its constants to the device, selects a kernel
-    /// per node and plans when each intermediate value is freed.
-    pub fn compile(&self, graph: &Graph) -> Result<CompiledModel, EngineError> {
-        graph.verify()?;
-        let count = graph.len();
-        let mut constants = Vec::new();
-        let mut steps = Vec::new();
-        let mut inputs = Vec::new();
-        for id in graph.node_ids() {
-            let node = graph.node(id);
-            match node.op {
-                Op::Input => inputs.push(InputSlot {
-                    slot: id.index(),
-                    name: node.name.clone(),
-                    fact: node.fact.clone(),
-                }),
-                Op::Constant => {
-                    let data = graph
-                        .constant_data(&node.name)
-                        .ok_or_else(|| EngineError::MissingConstant {
-                            name: node.name.clone(),
-                        })?;
-                    // Detached: a constant derived from a candle `Var` (candle-nn keeps
-                    // batch-norm statistics in Vars) would make every result track
-                    // its inputs for backprop and keep the whole forward alive.
-                    constants.push((id.index(), data.detach().to_device(&self.device).at(&node.name)?));
-                }
-                _ => {
-                    let kernel = Kernel::select(graph, node, &self.device)?;
-                    // Kernels that packed their constant operands read only the activations.
-                    let inputs: Vec<usize> = match kernel.runtime_operands() {
-                        Some(indices) => indices.iter().map(|&i| node.inputs[i].index()).collect(),
-                        None => node.inputs.iter().map(|i| i.index()).collect(),
-                    };
-                    steps.push(Step {
-                        name: node.name.clone(),
-                        op: node.op.name(),
-                        fact: node.fact.clone(),
-                        kernel,
-                        inputs,
-                        output: id.index(),
-                        free_after: Vec::new(),
-                    });
-                }
-            }
-        }
-        // Declaration order of inputs in the signature may differ from node order.
-        inputs.sort_by_key(|input| graph.inputs().iter().position(|i| i.index() == input.slot));
-        let outputs: Vec<usize> = graph.outputs().iter().map(|o| o.index()).collect();
-        // Constants that only packed kernels used are held by those kernels alone.
-        let mut read = vec![false; count];
-        for &slot in steps.iter().flat_map(|s| &s.inputs).chain(&outputs) {
-            read[slot] = true;
-        }
-        constants.retain(|(slot, _)| read[*slot]);
-        // Last step that reads each slot; a value nobody reads dies where it is made.
-        let mut last_use: Vec<Option<usize>> = vec![None; count];
-        for (index, step) in steps.iter().enumerate() {
-            last_use[step.output] = Some(index);
-            for &input in &step.inputs {
-                last_use[input] = Some(index);
-            }
-        }
-        let mut pinned = vec![false; count];
-        for &slot in outputs.iter().chain(constants.iter().map(|(slot, _)| slot)) {
-            pinned[slot] = true;
-        }
-        for (slot, last) in last_use.iter().enumerate() {
-            if let (Some(step), false) = (last, pinned[slot]) {
-                steps[*step].free_after.push(slot);
-            }
-        }
-        let output_facts = graph.outputs().iter().map(|&o| graph.node(o).fact.clone()).collect();
-        let mut model = CompiledModel {
-            name: graph.name().to_string(),
-            device: self.device.clone(),
-            slot_count: count,
-            inputs,
-            constants,
-            steps,
-            outputs,
-            output_facts,
-            run_in_pool: false,
-        };
-        model.run_in_pool =
-            model.device.is_cpu() && model.planned_peak_activation_bytes() <= IN_POOL_MAX_ACTIVATION_BYTES;
-        Ok(model)
-    }
-}
-
-#[derive(Debug, Clone)]
-struct InputSlot {
-    slot: usize,
-    name: String,
-    fact: TensorFact,
-}
-
-#[derive(Debug, Clone)]
-struct Step {
-    name: String,
-    op: &'static str,
-    fact: TensorFact,
-    kernel: Kernel,
-    inputs: Vec<usize>,
-    output: usize,
-    free_after: Vec<usize>,
-}
-
 /// A graph compiled for one device: immutable, `Send + Sync`, runnable from
-/// many threads at once (each run has its own value slots).
+/// many threads at once (each run has its own value slots). Clones share
+/// the plan and its packed weights.
 #[derive(Debug, Clone)]
 pub struct CompiledModel {
-    name: String,
+    plan: Arc<Plan>,
     device: Device,
-    slot_count: usize,
-    inputs: Vec<InputSlot>,
-    constants: Vec<(usize, Tensor)>,
-    steps: Vec<Step>,
-    outputs: Vec<usize>,
-    output_facts: Vec<TensorFact>,
     /// Decided once at compile time (see `execute_scheduled`).
     run_in_pool: bool,
 }
 
 impl CompiledModel {
+    pub(crate) fn new(plan: Plan, device: Device) -> Self {
+        let run_in_pool = device.is_cpu() && plan.peak_activation_bytes() <= IN_POOL_MAX_ACTIVATION_BYTES;
+        Self {
+            plan: Arc::new(plan),
+            device,
+            run_in_pool,
+        }
+    }
+
     /// Name of the compiled graph.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.plan.name
     }
 
     /// The device it runs on.
@@ -169,52 +47,44 @@ impl CompiledModel {
 
     /// Names and facts of the inputs, in order.
     pub fn input_facts(&self) -> impl Iterator<Item = (&str, &TensorFact)> {
-        self.inputs.iter().map(|i| (i.name.as_str(), &i.fact))
+        self.plan.inputs.iter().map(|i| (i.name.as_str(), &i.fact))
     }
 
     /// Facts of the outputs, in order.
     pub fn output_facts(&self) -> &[TensorFact] {
-        &self.output_facts
+        &self.plan.output_facts
     }
 
     /// Number of executed steps (nodes other than inputs and constants).
     pub fn step_count(&self) -> usize {
-        self.steps.len()
+        self.plan.steps.len()
     }
 
     /// Peak bytes of activations alive at once under this plan (inputs and
     /// intermediates; constants excluded): the engine's own accounting of
     /// what a forward holds, independent of the allocator.
     pub fn planned_peak_activation_bytes(&self) -> usize {
-        let mut live: usize = self.inputs.iter().map(|i| i.fact.size_in_bytes()).sum();
-        let mut size = vec![0usize; self.slot_count];
-        for input in &self.inputs {
-            size[input.slot] = input.fact.size_in_bytes();
-        }
-        let mut peak = live;
-        for step in &self.steps {
-            size[step.output] = step.fact.size_in_bytes();
-            live += size[step.output];
-            peak = peak.max(live);
-            for &slot in &step.free_after {
-                live -= size[slot];
-            }
-        }
-        peak
+        self.plan.peak_activation_bytes()
     }
 
-    /// Bytes of constant data (weights) held on the device.
+    /// Bytes of constant data (weights) held on the device for steps that
+    /// read them at run time (weights packed into CPU kernels not included).
     pub fn constant_bytes(&self) -> usize {
-        self.constants
-            .iter()
-            .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        self.plan.constant_bytes()
     }
 
     /// Runs the model. Every input is checked against its fact before
     /// anything runs; inputs on another device are copied to this one.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
         self.execute_scheduled(inputs, None)
+    }
+
+    /// Like [`CompiledModel::run`], also timing every step. On asynchronous
+    /// devices each step is synchronised, so the times are per step, not overlapped.
+    pub fn run_profiled(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Vec<StepProfile>), EngineError> {
+        let mut profile = Vec::with_capacity(self.plan.steps.len());
+        let outputs = self.execute_scheduled(inputs, Some(&mut profile))?;
+        Ok((outputs, profile))
     }
 
     /// Small forwards (at most [`IN_POOL_MAX_ACTIVATION_BYTES`] of planned
@@ -239,52 +109,31 @@ impl CompiledModel {
         }
     }
 
-    /// Like [`CompiledModel::run`], also timing every step. On asynchronous
-    /// devices each step is synchronised, so the times are per step, not overlapped.
-    pub fn run_profiled(&self, inputs: &[Tensor]) -> Result<(Vec<Tensor>, Vec<StepProfile>), EngineError> {
-        let mut profile = Vec::with_capacity(self.steps.len());
-        let outputs = self.execute_scheduled(inputs, Some(&mut profile))?;
-        Ok((outputs, profile))
-    }
-
     fn execute(
         &self,
         inputs: &[Tensor],
         mut profile: Option<&mut Vec<StepProfile>>,
     ) -> Result<Vec<Tensor>, EngineError> {
-        if inputs.len() != self.inputs.len() {
-            return Err(EngineError::InputCount {
-                graph: self.name.clone(),
-                expected: self.inputs.len(),
-                got: inputs.len(),
-            });
-        }
-        for (given, declared) in inputs.iter().zip(&self.inputs) {
-            let got = TensorFact::of(given);
-            if got != declared.fact {
-                return Err(EngineError::InputMismatch {
-                    input: declared.name.clone(),
-                    expected: declared.fact.clone(),
-                    got,
-                });
-            }
-        }
-        let mut slots: Vec<Option<Tensor>> = vec![None; self.slot_count];
-        for (slot, data) in &self.constants {
+        let plan = &*self.plan;
+        let declared = plan.inputs.iter().map(|i| (i.name.as_str(), &i.fact));
+        check_inputs(&plan.name, declared, inputs, None)?;
+        let mut slots: Vec<Option<Tensor>> = vec![None; plan.slot_count];
+        for (slot, data) in &plan.constants {
             slots[*slot] = Some(data.clone());
         }
-        for (given, declared) in inputs.iter().zip(&self.inputs) {
+        for (given, declared) in inputs.iter().zip(&plan.inputs) {
             slots[declared.slot] = Some(given.detach().to_device(&self.device).at(&declared.name)?);
         }
-        for step in &self.steps {
-            let args = step
-                .inputs
-                .iter()
-                .map(|&slot| slots[slot].as_ref())
-                .collect::<Option<Vec<&Tensor>>>()
-                .ok_or_else(|| internal(&step.name, "operand freed before its last use"))?;
+        for step in &plan.steps {
+            let value = |slot: Slot| {
+                slots[slot].clone().ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "engine invariant broken: slot {slot} freed before its last use"
+                    ))
+                })
+            };
             let start = profile.is_some().then(std::time::Instant::now);
-            let value = step.kernel.run(&args).at(&step.name)?;
+            let output = step.kernel.run(value).at(&step.name)?;
             if let (Some(profile), Some(start)) = (profile.as_deref_mut(), start) {
                 self.device.synchronize().at(&step.name)?;
                 profile.push(StepProfile {
@@ -294,20 +143,56 @@ impl CompiledModel {
                     elapsed: start.elapsed(),
                 });
             }
-            slots[step.output] = Some(value);
+            slots[step.output] = Some(output);
             for &slot in &step.free_after {
                 slots[slot] = None;
             }
         }
-        self.outputs
+        plan.outputs
             .iter()
             .map(|&slot| {
-                slots[slot]
-                    .clone()
-                    .ok_or_else(|| internal(&self.name, "output missing"))
+                slots[slot].clone().ok_or_else(|| EngineError::Candle {
+                    node: plan.name.clone(),
+                    source: Box::new(candle_core::Error::Msg(
+                        "engine invariant broken: output missing".into(),
+                    )),
+                })
             })
             .collect()
     }
+}
+
+/// The one input check of a run: the count, then each input's dtype and
+/// shape against its declaration (`declared`, in order), with the first
+/// dimension replaced by `batch` when given (a [`crate::BatchedModel`]).
+pub(crate) fn check_inputs<'a>(
+    graph: &str,
+    declared: impl ExactSizeIterator<Item = (&'a str, &'a TensorFact)>,
+    inputs: &[Tensor],
+    batch: Option<usize>,
+) -> Result<(), EngineError> {
+    if inputs.len() != declared.len() {
+        return Err(EngineError::InputCount {
+            graph: graph.to_string(),
+            expected: declared.len(),
+            got: inputs.len(),
+        });
+    }
+    for (given, (name, fact)) in inputs.iter().zip(declared) {
+        let mut expected = fact.clone();
+        if let (Some(batch), Some(first)) = (batch, expected.shape.first_mut()) {
+            *first = batch;
+        }
+        let got = TensorFact::of(given);
+        if got != expected {
+            return Err(EngineError::InputMismatch {
+                input: name.to_string(),
+                expected,
+                got,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Time spent in one executed node, from [`CompiledModel::run_profiled`].
@@ -323,25 +208,23 @@ pub struct StepProfile {
     pub elapsed: std::time::Duration,
 }
 
-fn internal(node: &str, message: &str) -> EngineError {
-    EngineError::Candle {
-        node: node.to_string(),
-        source: Box::new(candle_core::Error::Msg(format!("engine invariant broken: {message}"))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::CpuKernel;
+    use crate::kernel::Kernel;
+    use crate::Engine;
     use candle_core::DType;
+    use wick_ir::Graph;
 
     /// The CPU conv algorithm chosen for each conv step, by node name.
     fn conv_kernels(model: &CompiledModel) -> Vec<(String, &'static str)> {
         model
+            .plan
             .steps
             .iter()
             .filter_map(|step| match &step.kernel {
-                Kernel::CpuConv { conv, .. } => Some((step.name.clone(), conv.describe())),
+                Kernel::Cpu(CpuKernel::Conv { conv, .. }) => Some((step.name.clone(), conv.algorithm().name())),
                 _ => None,
             })
             .collect()
@@ -393,6 +276,14 @@ mod tests {
         assert_send_sync::<CompiledModel>();
     }
 
+    /// Clones share the plan (and so the packed weights) instead of copying it.
+    #[test]
+    fn clones_share_the_plan() {
+        let model = Engine::cpu().compile(&small_graph()).unwrap();
+        let clone = model.clone();
+        assert!(Arc::ptr_eq(&model.plan, &clone.plan));
+    }
+
     fn small_graph() -> Graph {
         let mut graph = Graph::parse(
             "graph g(%x: f32[1,2,3,3]) {
@@ -416,7 +307,7 @@ mod tests {
     #[test]
     fn frees_after_last_use() {
         let model = Engine::cpu().compile(&small_graph()).unwrap();
-        let frees: Vec<Vec<usize>> = model.steps.iter().map(|s| s.free_after.clone()).collect();
+        let frees: Vec<Vec<usize>> = model.plan.steps.iter().map(|s| s.free_after.clone()).collect();
         // slots: 0=x, 1=w, 2=c, 3=r, 4=a. x dies after conv; c and r after add; w (constant) and a (output) never.
         assert_eq!(frees, vec![vec![0], vec![], vec![2, 3]]);
         let x = Tensor::arange(0f32, 18., &Device::Cpu)

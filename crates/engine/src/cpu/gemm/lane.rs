@@ -1,7 +1,7 @@
 //! A matrix product for convolutions with few output pixels (batch 1 at
 //! 7×7 or 14×14): output channels on the vector lanes, pixels broadcast.
 //!
-//! [`panel_gemm`](crate::gemm_kernel::panel_gemm) puts pixels on the lanes;
+//! [`panel_gemm`](super::panel_gemm) puts pixels on the lanes;
 //! with 49 pixels its 16-column granule pads a quarter of every vector, and
 //! it streams the weights once per 32-pixel tile. Here the weights (the big
 //! operand at batch 1: 9.4 MB for a 512-channel 3×3 conv) pass through the
@@ -15,7 +15,7 @@
 //! puts each depth chunk of all lane groups together, so the weights are
 //! read in one sequential stream (what hardware prefetchers follow).
 
-use crate::gemm_kernel::Isa;
+use super::Isa;
 
 /// Output channels per lane group (two AVX-512 vectors).
 pub(crate) const LANES: usize = 32;
@@ -52,24 +52,42 @@ fn chunk_offset(k0: usize, kc: usize, group: usize, padded_rows: usize) -> usize
     k0 * padded_rows + group * kc * LANES
 }
 
+/// The sizes of one lane product `m = w · v` (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LaneProduct {
+    /// Rows of `w` (output channels), a multiple of [`LANES`].
+    pub(crate) rows: usize,
+    /// Depth of the product (rows of `v`).
+    pub(crate) depth: usize,
+    /// Row length of `v`.
+    pub(crate) cols: usize,
+    /// Columns of `v` that are computed (`pixels <= cols`).
+    pub(crate) pixels: usize,
+}
+
 /// The lane groups `groups` of `m = w · v` (see the module docs): `w` packs
-/// all `rows` (a multiple of [`LANES`]), `m` holds just these groups
-/// (`[groups.len()][pixels][LANES]`); `pixels <= cols`; `isa` must be one of
-/// [`Isa::available`].
-#[allow(clippy::too_many_arguments)]
+/// all `rows`, `m` holds just these groups (`[groups.len()][pixels][LANES]`);
+/// `isa` must be one of [`Isa::available`].
 pub(crate) fn lane_gemm(
     isa: Isa,
+    size: LaneProduct,
     w: &[f32],
     v: &[f32],
     m: &mut [f32],
     groups: std::ops::Range<usize>,
-    rows: usize,
-    depth: usize,
-    cols: usize,
-    pixels: usize,
 ) {
+    let LaneProduct {
+        rows,
+        depth,
+        cols,
+        pixels,
+    } = size;
     assert!(rows.is_multiple_of(LANES) && groups.end <= rows / LANES && pixels <= cols);
-    assert!(w.len() >= rows * depth && v.len() >= depth * cols && m.len() >= groups.len() * pixels * LANES);
+    // Checked products: a wrapped length must not let a short buffer through.
+    let holds =
+        |buffer: usize, a: usize, b: Option<usize>| b.and_then(|b| a.checked_mul(b)).is_some_and(|n| buffer >= n);
+    assert!(holds(w.len(), rows, Some(depth)) && holds(v.len(), depth, Some(cols)));
+    assert!(holds(m.len(), groups.len(), pixels.checked_mul(LANES)));
     for k0 in (0..depth).step_by(KC) {
         let kc = KC.min(depth - k0);
         for (i, g) in groups.clone().enumerate() {
@@ -130,22 +148,25 @@ mod x86 {
         pixels: usize,
         first: bool,
     ) {
-        let tiles = pixels.div_ceil(MAX_TILE);
-        let mut p0 = 0;
-        for t in 0..tiles {
-            // Tile sizes differ by at most one.
-            let r = (pixels - p0).div_ceil(tiles - t);
-            let (vp, mp) = (v.as_ptr().add(p0), mg.as_mut_ptr().add(p0 * LANES));
-            macro_rules! dispatch {
-                ($($n:literal)*) => {
-                    match r {
-                        $($n => tile_avx512::<$n>(wg.as_ptr(), vp, mp, kc, cols, first),)*
-                        _ => unreachable!("tile of {r} pixels"),
-                    }
-                };
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            let tiles = pixels.div_ceil(MAX_TILE);
+            let mut p0 = 0;
+            for t in 0..tiles {
+                // Tile sizes differ by at most one.
+                let r = (pixels - p0).div_ceil(tiles - t);
+                let (vp, mp) = (v.as_ptr().add(p0), mg.as_mut_ptr().add(p0 * LANES));
+                macro_rules! dispatch {
+                    ($($n:literal)*) => {
+                        match r {
+                            $($n => tile_avx512::<$n>(wg.as_ptr(), vp, mp, kc, cols, first),)*
+                            _ => unreachable!("tile of {r} pixels"),
+                        }
+                    };
+                }
+                dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
+                p0 += r;
             }
-            dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
-            p0 += r;
         }
     }
 
@@ -164,31 +185,34 @@ mod x86 {
         cols: usize,
         first: bool,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        if !first {
-            for (i, acc) in acc.iter_mut().enumerate() {
-                acc[0] = _mm512_loadu_ps(mp.add(i * LANES));
-                acc[1] = _mm512_loadu_ps(mp.add(i * LANES + 16));
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            if !first {
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    acc[0] = _mm512_loadu_ps(mp.add(i * LANES));
+                    acc[1] = _mm512_loadu_ps(mp.add(i * LANES + 16));
+                }
             }
-        }
-        let (mut wp, mut vp) = (wp, vp);
-        for _ in 0..kc {
-            // Hints only: these addresses may lie past the weights' end
-            // (formed with wrapping_add, never dereferenced).
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH + 16) as *const i8);
-            let (w0, w1) = (_mm512_loadu_ps(wp), _mm512_loadu_ps(wp.add(16)));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let a = _mm512_set1_ps(*vp.add(i));
-                acc[0] = _mm512_fmadd_ps(a, w0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(a, w1, acc[1]);
+            let (mut wp, mut vp) = (wp, vp);
+            for _ in 0..kc {
+                // Hints only: these addresses may lie past the weights' end
+                // (formed with wrapping_add, never dereferenced).
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH + 16) as *const i8);
+                let (w0, w1) = (_mm512_loadu_ps(wp), _mm512_loadu_ps(wp.add(16)));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let a = _mm512_set1_ps(*vp.add(i));
+                    acc[0] = _mm512_fmadd_ps(a, w0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(a, w1, acc[1]);
+                }
+                wp = wp.add(LANES);
+                vp = vp.add(cols);
             }
-            wp = wp.add(LANES);
-            vp = vp.add(cols);
-        }
-        for (i, acc) in acc.iter().enumerate() {
-            _mm512_storeu_ps(mp.add(i * LANES), acc[0]);
-            _mm512_storeu_ps(mp.add(i * LANES + 16), acc[1]);
+            for (i, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(mp.add(i * LANES), acc[0]);
+                _mm512_storeu_ps(mp.add(i * LANES + 16), acc[1]);
+            }
         }
     }
 
@@ -207,38 +231,41 @@ mod x86 {
         pixels: usize,
         first: bool,
     ) {
-        let (wg, v, mg) = (wg.as_ptr(), v.as_ptr(), mg.as_mut_ptr());
-        let mut p0 = 0;
-        while p0 < pixels {
-            let two = pixels - p0 >= 2;
-            let r = if two { 2 } else { 1 };
-            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
-            if !first {
-                for (i, acc) in acc.iter_mut().take(r).enumerate() {
-                    for (j, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm256_loadu_ps(mg.add((p0 + i) * LANES + 8 * j));
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            let (wg, v, mg) = (wg.as_ptr(), v.as_ptr(), mg.as_mut_ptr());
+            let mut p0 = 0;
+            while p0 < pixels {
+                let two = pixels - p0 >= 2;
+                let r = if two { 2 } else { 1 };
+                let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+                if !first {
+                    for (i, acc) in acc.iter_mut().take(r).enumerate() {
+                        for (j, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm256_loadu_ps(mg.add((p0 + i) * LANES + 8 * j));
+                        }
                     }
                 }
-            }
-            for d in 0..kc {
-                let w: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(wg.add(d * LANES + 8 * j)));
-                let a0 = _mm256_broadcast_ss(&*v.add(d * cols + p0));
-                for j in 0..4 {
-                    acc[0][j] = _mm256_fmadd_ps(a0, w[j], acc[0][j]);
-                }
-                if two {
-                    let a1 = _mm256_broadcast_ss(&*v.add(d * cols + p0 + 1));
+                for d in 0..kc {
+                    let w: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(wg.add(d * LANES + 8 * j)));
+                    let a0 = _mm256_broadcast_ss(&*v.add(d * cols + p0));
                     for j in 0..4 {
-                        acc[1][j] = _mm256_fmadd_ps(a1, w[j], acc[1][j]);
+                        acc[0][j] = _mm256_fmadd_ps(a0, w[j], acc[0][j]);
+                    }
+                    if two {
+                        let a1 = _mm256_broadcast_ss(&*v.add(d * cols + p0 + 1));
+                        for j in 0..4 {
+                            acc[1][j] = _mm256_fmadd_ps(a1, w[j], acc[1][j]);
+                        }
                     }
                 }
-            }
-            for (i, acc) in acc.iter().take(r).enumerate() {
-                for (j, acc) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(mg.add((p0 + i) * LANES + 8 * j), *acc);
+                for (i, acc) in acc.iter().take(r).enumerate() {
+                    for (j, acc) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(mg.add((p0 + i) * LANES + 8 * j), *acc);
+                    }
                 }
+                p0 += r;
             }
-            p0 += r;
         }
     }
 }
@@ -273,8 +300,9 @@ mod tests {
                 // Two calls, for the first lane group and the rest (how tasks split the work).
                 let mut m = vec![f32::NAN; padded * pixels];
                 let (first, rest) = m.split_at_mut(pixels * LANES);
-                lane_gemm(isa, &packed, &v, first, 0..1, padded, depth, cols, pixels);
-                lane_gemm(isa, &packed, &v, rest, 1..padded / LANES, padded, depth, cols, pixels);
+                let size = LaneProduct { rows: padded, depth, cols, pixels };
+                lane_gemm(isa, size, &packed, &v, first, 0..1);
+                lane_gemm(isa, size, &packed, &v, rest, 1..padded / LANES);
                 for r in 0..padded {
                     for p in 0..pixels {
                         let got = f64::from(m[(r / LANES * pixels + p) * LANES + r % LANES]);

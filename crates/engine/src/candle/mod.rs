@@ -1,0 +1,255 @@
+//! Steps run with candle's device-generic ops: every op on every device
+//! and dtype (the CPU f32 convs and pool have kernels of their own in
+//! `crate::cpu`), with the fused conv's epilogue as one in-place op
+//! ([`epilogue`], a CUDA kernel on GPUs). Operands are named by role.
+
+pub(crate) mod epilogue;
+
+use crate::kernel::Slot;
+use candle_core::{DType, Tensor, D};
+use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
+
+/// One step on candle's ops, with its operands by role.
+#[derive(Debug)]
+pub(crate) enum CandleOp {
+    /// candle's conv2d (symmetric per call), with zero pre-padding when the
+    /// padding differs between axes, and a broadcast bias add.
+    Conv2d {
+        attrs: Conv2dAttrs,
+        x: Slot,
+        weight: Slot,
+        bias: Option<Slot>,
+    },
+    /// The conv, then bias (+ residual) (+ ReLU) as one in-place pass for f32
+    /// ([`epilogue`]), as candle ops otherwise; then the max pool, if any.
+    FusedConv2d {
+        attrs: Conv2dAttrs,
+        relu: bool,
+        pool: Option<MaxPool2dAttrs>,
+        x: Slot,
+        weight: Slot,
+        bias: Slot,
+        residual: Option<Slot>,
+    },
+    /// `x · scale + shift` with both precomputed from constant statistics
+    /// (`[1, C, 1, ...]`, the node's dtype).
+    BatchNormFolded {
+        scale: Tensor,
+        shift: Tensor,
+        x: Slot,
+    },
+    /// Batch norm whose statistics arrive at run time.
+    BatchNorm {
+        eps: f64,
+        x: Slot,
+        mean: Slot,
+        var: Slot,
+        /// `(weight, bias)`, when affine.
+        affine: Option<(Slot, Slot)>,
+    },
+    Relu {
+        x: Slot,
+    },
+    Add {
+        a: Slot,
+        b: Slot,
+    },
+    MaxPool2d {
+        attrs: MaxPool2dAttrs,
+        x: Slot,
+    },
+    GlobalAvgPool2d {
+        x: Slot,
+    },
+    /// A flatten: the same data under the node's shape.
+    Reshape {
+        shape: Vec<usize>,
+        x: Slot,
+    },
+    Linear {
+        x: Slot,
+        weight: Slot,
+        bias: Option<Slot>,
+    },
+}
+
+impl CandleOp {
+    /// The slots the op reads.
+    pub(crate) fn reads(&self) -> Vec<Slot> {
+        match self {
+            CandleOp::Conv2d { x, weight, bias, .. } | CandleOp::Linear { x, weight, bias } => {
+                [*x, *weight].into_iter().chain(*bias).collect()
+            }
+            CandleOp::FusedConv2d {
+                x,
+                weight,
+                bias,
+                residual,
+                ..
+            } => [*x, *weight, *bias].into_iter().chain(*residual).collect(),
+            CandleOp::BatchNorm {
+                x, mean, var, affine, ..
+            } => [*x, *mean, *var]
+                .into_iter()
+                .chain(affine.iter().flat_map(|&(w, b)| [w, b]))
+                .collect(),
+            CandleOp::BatchNormFolded { x, .. }
+            | CandleOp::Relu { x }
+            | CandleOp::MaxPool2d { x, .. }
+            | CandleOp::GlobalAvgPool2d { x }
+            | CandleOp::Reshape { x, .. } => vec![*x],
+            CandleOp::Add { a, b } => vec![*a, *b],
+        }
+    }
+
+    /// Runs on the values `value` returns for each slot.
+    pub(crate) fn run(&self, value: impl Fn(Slot) -> candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
+        let optional = |slot: Option<Slot>| slot.map(&value).transpose();
+        match self {
+            CandleOp::Conv2d { attrs, x, weight, bias } => {
+                conv2d(attrs, &value(*x)?, &value(*weight)?, optional(*bias)?.as_ref())
+            }
+            CandleOp::FusedConv2d {
+                attrs,
+                relu,
+                pool,
+                x,
+                weight,
+                bias,
+                residual,
+            } => {
+                let (x, weight, bias, residual) = (value(*x)?, value(*weight)?, value(*bias)?, optional(*residual)?);
+                let y = if x.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+                    // The convolution without bias, then bias (+ residual, + ReLU)
+                    // in one in-place pass (one kernel launch on CUDA).
+                    let y = conv2d(attrs, &x, &weight, None)?.contiguous()?;
+                    epilogue::apply(&y, &bias, residual.as_ref(), *relu)?;
+                    y
+                } else {
+                    let y = conv2d(attrs, &x, &weight, Some(&bias))?;
+                    let y = match residual {
+                        Some(residual) => (y + residual)?,
+                        None => y,
+                    };
+                    if *relu {
+                        y.relu()?
+                    } else {
+                        y
+                    }
+                };
+                match pool {
+                    Some(pool) => max_pool2d(&y, pool),
+                    None => Ok(y),
+                }
+            }
+            CandleOp::BatchNormFolded { scale, shift, x } => value(*x)?.broadcast_mul(scale)?.broadcast_add(shift),
+            CandleOp::BatchNorm {
+                eps,
+                x,
+                mean,
+                var,
+                affine,
+            } => {
+                let x = value(*x)?;
+                let (weight, bias) = match affine {
+                    Some((w, b)) => (Some(value(*w)?), Some(value(*b)?)),
+                    None => (None, None),
+                };
+                let (scale, shift) = batch_norm_affine(
+                    &value(*mean)?,
+                    &value(*var)?,
+                    weight.as_ref(),
+                    bias.as_ref(),
+                    *eps,
+                    x.dtype(),
+                    x.rank(),
+                )?;
+                x.broadcast_mul(&scale)?.broadcast_add(&shift)
+            }
+            CandleOp::Relu { x } => value(*x)?.relu(),
+            CandleOp::Add { a, b } => value(*a)? + value(*b)?,
+            CandleOp::MaxPool2d { attrs, x } => max_pool2d(&value(*x)?, attrs),
+            CandleOp::GlobalAvgPool2d { x } => value(*x)?.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2),
+            CandleOp::Reshape { shape, x } => value(*x)?.reshape(shape.as_slice()),
+            CandleOp::Linear { x, weight, bias } => linear(&value(*x)?, &value(*weight)?, optional(*bias)?.as_ref()),
+        }
+    }
+}
+
+/// Batch norm's `(scale, shift)` ([`wick_passes::batch_norm_scale_shift`])
+/// in `dtype`, shaped `[1, C, 1, ...]` to broadcast over a rank-`rank` value.
+pub(crate) fn batch_norm_affine(
+    mean: &Tensor,
+    var: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+    dtype: DType,
+    rank: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (scale, shift) = wick_passes::batch_norm_scale_shift(mean, var, weight, bias, eps)?;
+    let shape = channel_shape(scale.dim(0)?, rank);
+    Ok((
+        scale.to_dtype(dtype)?.reshape(shape.clone())?,
+        shift.to_dtype(dtype)?.reshape(shape)?,
+    ))
+}
+
+/// Shape `[1, C, 1, ...]` for broadcasting a per-channel vector over a value of rank `rank`.
+fn channel_shape(channels: usize, rank: usize) -> Vec<usize> {
+    let mut shape = vec![1; rank.max(2)];
+    shape[1] = channels;
+    shape
+}
+
+/// candle's conv2d with per-axis padding (pre-padded with zeros when the
+/// axes differ) and a broadcast bias; stride and dilation must be equal on
+/// both axes (checked when the step is chosen).
+fn conv2d(attrs: &Conv2dAttrs, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let mut x = x.clone();
+    let [ph, pw] = attrs.padding;
+    let padding = if ph == pw {
+        ph
+    } else {
+        x = x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?;
+        0
+    };
+    let y = x.conv2d(weight, padding, attrs.stride[0], attrs.dilation[0], attrs.groups)?;
+    match bias {
+        Some(bias) => y.broadcast_add(&bias.reshape(channel_shape(bias.dim(0)?, 4))?),
+        None => Ok(y),
+    }
+}
+
+/// `x @ weightᵀ (+ bias)` over the last dimension of `x`.
+fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let (out_features, in_features) = weight.dims2()?;
+    let mut out_shape = x.dims().to_vec();
+    let rows = x.elem_count().checked_div(in_features).unwrap_or(0);
+    if let Some(last) = out_shape.last_mut() {
+        *last = out_features;
+    }
+    let y = x.reshape((rows, in_features))?.matmul(&weight.t()?)?;
+    let y = match bias {
+        Some(bias) => y.broadcast_add(bias)?,
+        None => y,
+    };
+    y.reshape(out_shape)
+}
+
+/// Max pool with implicit −∞ padding (candle's own has no padding): on a
+/// padded copy. The candle path's pool, and the reference the CPU pool is
+/// tested against.
+pub(crate) fn max_pool2d(x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Result<Tensor> {
+    let mut padded = x.clone();
+    for (dim, pad) in [(2, attrs.padding[0]), (3, attrs.padding[1])] {
+        if pad == 0 {
+            continue;
+        }
+        let mut edge = padded.dims().to_vec();
+        edge[dim] = pad;
+        let fill = Tensor::full(f32::NEG_INFINITY, edge, x.device())?.to_dtype(x.dtype())?;
+        padded = Tensor::cat(&[&fill, &padded, &fill], dim)?;
+    }
+    padded.max_pool2d_with_stride((attrs.kernel[0], attrs.kernel[1]), (attrs.stride[0], attrs.stride[1]))
+}

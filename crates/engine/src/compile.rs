@@ -1,0 +1,83 @@
+//! [`Engine`]: verifies a graph, lowers each node to a kernel for the
+//! device (weights moved or packed once) and plans the run.
+
+use crate::error::AtNode;
+use crate::exec::CompiledModel;
+use crate::kernel::Kernel;
+use crate::plan::{InputSlot, Plan, Step};
+use crate::EngineError;
+use candle_core::Device;
+use wick_ir::{Graph, Op};
+
+/// Compiles graphs for one device.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    device: Device,
+}
+
+impl Engine {
+    /// An engine for `device`.
+    pub fn new(device: Device) -> Self {
+        Self { device }
+    }
+
+    /// An engine for the host CPU.
+    pub fn cpu() -> Self {
+        Self::new(Device::Cpu)
+    }
+
+    /// The device compiled models run on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Verifies `graph`, moves its constants to the device, selects a kernel
+    /// per node and plans when each intermediate value is freed.
+    pub fn compile(&self, graph: &Graph) -> Result<CompiledModel, EngineError> {
+        graph.verify()?;
+        let mut constants = Vec::new();
+        let mut steps = Vec::new();
+        let mut inputs = Vec::new();
+        for id in graph.node_ids() {
+            let node = graph.node(id);
+            match node.op {
+                Op::Input => inputs.push(InputSlot {
+                    slot: id.index(),
+                    name: node.name.clone(),
+                    fact: node.fact.clone(),
+                }),
+                Op::Constant => {
+                    let data = graph
+                        .constant_data(&node.name)
+                        .ok_or_else(|| EngineError::MissingConstant {
+                            name: node.name.clone(),
+                        })?;
+                    // Detached: a constant derived from a candle `Var` (candle-nn keeps
+                    // batch-norm statistics in Vars) would make every result track
+                    // its inputs for backprop and keep the whole forward alive.
+                    constants.push((id.index(), data.detach().to_device(&self.device).at(&node.name)?));
+                }
+                _ => steps.push(Step {
+                    name: node.name.clone(),
+                    op: node.op.name(),
+                    fact: node.fact.clone(),
+                    kernel: Kernel::lower(graph, node, &self.device)?,
+                    output: id.index(),
+                    free_after: Vec::new(),
+                }),
+            }
+        }
+        // Declaration order of inputs in the signature may differ from node order.
+        inputs.sort_by_key(|input| graph.inputs().iter().position(|i| i.index() == input.slot));
+        let plan = Plan::new(Plan {
+            name: graph.name().to_string(),
+            slot_count: graph.len(),
+            inputs,
+            constants,
+            steps,
+            outputs: graph.outputs().iter().map(|o| o.index()).collect(),
+            output_facts: graph.outputs().iter().map(|&o| graph.node(o).fact.clone()).collect(),
+        });
+        Ok(CompiledModel::new(plan, self.device.clone()))
+    }
+}

@@ -1,0 +1,438 @@
+//! Direct CPU f32 convolution for one group (any kernel, stride, padding,
+//! dilation), as an implicit GEMM in cache-sized blocks: the output pixels
+//! of the whole batch are cut into blocks of a few hundred; each block's
+//! im2col columns (`[C·kh·kw, block]`, fits L2) are multiplied by the
+//! weights packed once at compile time (panel or lane micro-kernel), and the
+//! epilogue is applied while the block is still in cache. No whole-image
+//! im2col buffer, no per-call packing. With a fused max pool (`pooled.rs`)
+//! the convolution's rows stay in scratch and only the pooled output is
+//! written.
+
+mod pooled;
+
+use super::{output, ConvShape, ConvSpec};
+use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::epilogue::Epilogue;
+use crate::cpu::gemm::{lane_gemm, pack_lanes, pack_panels, panel_gemm, Isa, LaneProduct, LANES};
+use crate::cpu::gemm::{PANEL_GRANULE, PANEL_ROWS};
+use candle_core::{bail, Tensor};
+use rayon::prelude::*;
+use std::ops::Range;
+use wick_ir::MaxPool2dAttrs;
+
+/// Scratch (im2col columns and products) one block aims to fit in.
+const BLOCK_BYTES: usize = 1 << 20;
+
+/// Smallest block worth running on its own thread rather than splitting
+/// one block's phases across threads.
+const MIN_BLOCK_COLS: usize = 128;
+
+/// Most output pixels per block in the lane layout (its product keeps one
+/// block's columns for every lane group).
+const LANE_BLOCK_PIXELS: usize = 256;
+
+/// Which micro-kernel the weights are packed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DirectLayout {
+    /// [`pack_panels`] `[O_pad, C·kh·kw]` for [`panel_gemm`]: pixels on the lanes.
+    Panels,
+    /// [`pack_lanes`] for [`lane_gemm`]: output channels on the lanes,
+    /// weights streamed once (few pixels).
+    Lanes,
+}
+
+/// A one-group convolution with its weights packed for one of the two GEMM
+/// micro-kernels.
+#[derive(Debug)]
+pub(crate) struct DirectConv {
+    spec: ConvSpec,
+    /// Output channels rounded up to a whole panel (or lane group).
+    padded_out: usize,
+    layout: DirectLayout,
+    packed: Vec<f32>,
+    epilogue: Epilogue,
+    /// A max pool applied to the convolution's output, if fused.
+    pool: Option<MaxPool2dAttrs>,
+    isa: Isa,
+}
+
+/// A run of output pixels in one output row: image, row, columns
+/// `x0..x1`, stored from column `col` of the block.
+#[derive(Clone, Copy)]
+struct Segment {
+    image: usize,
+    y: usize,
+    x0: usize,
+    x1: usize,
+    col: usize,
+}
+
+/// One forward's context, shared by its blocks.
+struct Run<'a> {
+    conv: &'a DirectConv,
+    input: &'a [f32],
+    residual: Option<&'a [f32]>,
+    dst: SharedOut,
+    shape: ConvShape,
+    /// Whether each block's phases are split across threads (few blocks).
+    split: bool,
+}
+
+/// One block of output pixels.
+struct Block {
+    segments: Vec<Segment>,
+    /// Output pixels in the block.
+    pixels: usize,
+    /// GEMM columns: `pixels` rounded up to the panel granule.
+    cols: usize,
+}
+
+impl DirectConv {
+    /// Packs `weight` (`[O, C, kh, kw]`, f32) for `layout`; `spec` must have
+    /// one group. `pool`, if given, is applied last (panel layout only).
+    pub(crate) fn new(
+        spec: ConvSpec,
+        weight: &Tensor,
+        epilogue: Epilogue,
+        pool: Option<MaxPool2dAttrs>,
+        layout: DirectLayout,
+        isa: Isa,
+    ) -> candle_core::Result<Self> {
+        if let Some(p) = pool {
+            if (0..2).any(|i| p.kernel[i] == 0 || p.stride[i] == 0 || p.padding[i] > p.kernel[i] / 2) {
+                bail!("fused max pool needs non-zero kernel and stride and padding <= half the window, got {p:?}")
+            }
+            if layout == DirectLayout::Lanes {
+                bail!("the fused max pool runs on the panel layout")
+            }
+        }
+        if spec.attrs.groups != 1 {
+            bail!("the direct conv takes one group, got {}", spec.attrs.groups)
+        }
+        let out_channels = spec.out_channels;
+        let depth = spec.in_channels * spec.kernel[0] * spec.kernel[1];
+        let mut plain = weight.flatten_all()?.to_vec1::<f32>()?;
+        let (padded_out, packed) = match layout {
+            DirectLayout::Lanes => {
+                let padded_out = out_channels.div_ceil(LANES) * LANES;
+                let mut lanes = weight_buffer(padded_out * depth);
+                pack_lanes(&plain, out_channels, depth, &mut lanes);
+                (padded_out, lanes)
+            }
+            DirectLayout::Panels => {
+                let padded_out = out_channels.div_ceil(PANEL_ROWS) * PANEL_ROWS;
+                plain.resize(padded_out * depth, 0.0);
+                let mut panels = weight_buffer(padded_out * depth);
+                pack_panels(&plain, padded_out, depth, &mut panels);
+                (padded_out, panels)
+            }
+        };
+        Ok(Self {
+            spec,
+            padded_out,
+            layout,
+            packed,
+            epilogue,
+            pool,
+            isa,
+        })
+    }
+
+    /// The weights' layout.
+    pub(crate) fn layout(&self) -> DirectLayout {
+        self.layout
+    }
+
+    fn depth(&self) -> usize {
+        self.spec.in_channels * self.spec.kernel[0] * self.spec.kernel[1]
+    }
+
+    /// Output pixels per block: a multiple of the GEMM granule, columns and
+    /// products together within [`BLOCK_BYTES`], blocks of even size.
+    fn block_cols(&self, total: usize) -> usize {
+        if self.layout == DirectLayout::Lanes {
+            return total.min(LANE_BLOCK_PIXELS).div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
+        }
+        let per_col = (self.depth() + self.padded_out) * 4;
+        let target = (BLOCK_BYTES / per_col).max(PANEL_GRANULE);
+        // At least two blocks per thread where each keeps MIN_BLOCK_COLS
+        // columns: whole blocks in parallel keep each block's columns in one
+        // core's cache, where splitting one block across threads makes every
+        // thread stream all of its columns.
+        let threads = rayon::current_num_threads();
+        let target = target.min(total.div_ceil(2 * threads).max(MIN_BLOCK_COLS));
+        let blocks = total.div_ceil(target).max(1);
+        total.div_ceil(blocks).div_ceil(PANEL_GRANULE) * PANEL_GRANULE
+    }
+
+    /// Runs on a CPU f32 tensor `[N, C, H, W]`; `residual` (the
+    /// convolution's output shape) is added before the optional ReLU, and
+    /// the fused pool, if any, comes last.
+    pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let call = self.spec.check(x, residual)?;
+        let shape = call.shape;
+        let final_dims = match &self.pool {
+            None => shape.out_dims(),
+            Some(p) => {
+                let Some([ph, pw]) = p.output_size([shape.out_height, shape.out_width]) else {
+                    bail!(
+                        "pool window {:?} does not fit the conv output {:?}",
+                        p.kernel,
+                        shape.out_dims()
+                    )
+                };
+                [shape.batch, shape.out_channels, ph, pw]
+            }
+        };
+        let out_len: usize = final_dims.iter().product();
+        if out_len == 0 {
+            // An empty batch: nothing to compute (and no block size to pick).
+            return output(Vec::new(), final_dims);
+        }
+        let mut out = Vec::<f32>::with_capacity(out_len);
+        // Disjoint writes: blocks (row chunks when pooled) cover disjoint
+        // output pixels, and one task writes every channel of its pixels once.
+        let dst = SharedOut::new(&mut out, out_len);
+        with_cpu_f32("direct conv", &call.x, call.residual.as_ref(), |input, residual| {
+            let threads = rayon::current_num_threads();
+            let mut run = Run {
+                conv: self,
+                input,
+                residual,
+                dst,
+                shape,
+                split: false,
+            };
+            if let Some(pool) = &self.pool {
+                run.pooled(pool, [final_dims[2], final_dims[3]]);
+                return Ok(());
+            }
+            let total = shape.batch * shape.out_plane();
+            let cols = self.block_cols(total);
+            let blocks = total.div_ceil(cols);
+            run.split = blocks < 2 * threads && threads > 1;
+            let run_block = |b: usize| run.block(b * cols, cols);
+            if run.split {
+                (0..blocks).for_each(run_block);
+            } else {
+                (0..blocks).into_par_iter().for_each(run_block);
+            }
+            Ok(())
+        })?;
+        // SAFETY: the blocks cover all N·OH·OW output pixels (`pooled`: all
+        // pooled pixels) and each writes every channel of its pixels, so all
+        // `out_len` values are set.
+        unsafe { out.set_len(out_len) };
+        output(out, final_dims)
+    }
+
+    /// Scratch [`Run::products`] needs for its `m`: `[O_pad, cols]`, and as
+    /// much again for the lane layout's transposition.
+    fn products_len(&self, cols: usize) -> usize {
+        match self.layout {
+            DirectLayout::Panels => self.padded_out * cols,
+            DirectLayout::Lanes => 2 * self.padded_out * cols,
+        }
+    }
+}
+
+impl Run<'_> {
+    /// The block of output pixels `first..first + pixels` (numbered over the
+    /// batch, row-major), as runs within one output row.
+    fn block_of(&self, first: usize, pixels: usize) -> Block {
+        let s = &self.shape;
+        let mut segments = Vec::new();
+        let (mut p, end) = (first, first + pixels);
+        while p < end {
+            let (image, within) = (p / s.out_plane(), p % s.out_plane());
+            let (y, x0) = (within / s.out_width, within % s.out_width);
+            let x1 = s.out_width.min(x0 + (end - p));
+            segments.push(Segment {
+                image,
+                y,
+                x0,
+                x1,
+                col: p - first,
+            });
+            p += x1 - x0;
+        }
+        Block {
+            segments,
+            pixels,
+            cols: pixels.div_ceil(PANEL_GRANULE) * PANEL_GRANULE,
+        }
+    }
+
+    /// im2col, product and epilogue for pixels `first..first + cols` (clipped).
+    fn block(&self, first: usize, cols: usize) {
+        let total = self.shape.batch * self.shape.out_plane();
+        let block = self.block_of(first, cols.min(total - first));
+        let out_channels = self.shape.out_channels;
+        let (v_len, m_len) = (self.conv.depth() * block.cols, self.conv.products_len(block.cols));
+        with_scratch(v_len + m_len, |scratch| {
+            let (v, m) = scratch.split_at_mut(v_len);
+            self.products(&block, v, m);
+            let m = &*m;
+            let epilogue = |channels: Range<usize>| self.epilogue(m, &block, channels);
+            if self.split {
+                // Channels in parallel: each writes its own output rows.
+                let per = out_channels.div_ceil(4 * rayon::current_num_threads()).max(1);
+                (0..out_channels.div_ceil(per))
+                    .into_par_iter()
+                    .for_each(|i| epilogue(i * per..out_channels.min((i + 1) * per)));
+            } else {
+                epilogue(0..out_channels);
+            }
+        });
+    }
+
+    /// The epilogue for output channels `channels` of a block (products
+    /// `m`, `[O_pad, cols]`), written to the block's output pixels.
+    fn epilogue(&self, m: &[f32], block: &Block, channels: Range<usize>) {
+        let s = &self.shape;
+        for o in channels {
+            let products = &m[o * block.cols..][..block.cols];
+            for seg in &block.segments {
+                let base = (seg.image * s.out_channels + o) * s.out_plane() + seg.y * s.out_width;
+                let src = &products[seg.col..seg.col + seg.x1 - seg.x0];
+                // SAFETY: these pixels belong to this block only, and
+                // channel o to one epilogue call.
+                let out = unsafe { self.dst.slice(base + seg.x0, seg.x1 - seg.x0) };
+                let residual = self.residual.map(|r| &r[base + seg.x0..base + seg.x1]);
+                self.conv.epilogue.write(o, out, src, residual);
+            }
+        }
+    }
+
+    /// `m[..O_pad · cols]` (`[O_pad, cols]`) = weights · im2col of the
+    /// block's pixels; `v` (`[C·kh·kw, cols]`) and the rest of `m`
+    /// ([`DirectConv::products_len`] in all) are scratch. `split` shares the
+    /// product's output-channel panels across threads.
+    fn products(&self, block: &Block, v: &mut [f32], m: &mut [f32]) {
+        let conv = self.conv;
+        let (depth, cols, pixels) = (conv.depth(), block.cols, block.pixels);
+        if self.split {
+            // im2col rows are independent: share them too.
+            let per_task = depth.div_ceil(4 * rayon::current_num_threads());
+            v.par_chunks_mut(per_task * cols)
+                .enumerate()
+                .for_each(|(i, v)| self.im2col(block, i * per_task, v));
+        } else {
+            self.im2col(block, 0, v);
+        }
+        let v = &*v;
+        match conv.layout {
+            DirectLayout::Panels if self.split => {
+                let per_task = (conv.padded_out / PANEL_ROWS).div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
+                m.par_chunks_mut(per_task * cols).enumerate().for_each(|(i, m)| {
+                    let rows = m.len() / cols;
+                    let u = &conv.packed[i * per_task * depth..][..rows * depth];
+                    panel_gemm(conv.isa, u, v, m, rows, depth, cols);
+                });
+            }
+            DirectLayout::Panels => panel_gemm(conv.isa, &conv.packed, v, m, conv.padded_out, depth, cols),
+            DirectLayout::Lanes => {
+                let (m, t) = m.split_at_mut(conv.padded_out * cols);
+                let t = &mut t[..conv.padded_out * pixels];
+                // `t` is `[O_pad / LANES][pixels][LANES]`; tasks own whole lane groups.
+                let per_group = pixels * LANES;
+                let groups = conv.padded_out / LANES;
+                let per_task = if self.split {
+                    groups.div_ceil(2 * rayon::current_num_threads())
+                } else {
+                    groups
+                };
+                let size = LaneProduct {
+                    rows: conv.padded_out,
+                    depth,
+                    cols,
+                    pixels,
+                };
+                t.par_chunks_mut(per_task * per_group).enumerate().for_each(|(i, t)| {
+                    let first = i * per_task;
+                    lane_gemm(conv.isa, size, &conv.packed, v, t, first..first + t.len() / per_group);
+                });
+                // Back to `[O_pad, cols]` for the epilogue (columns past
+                // `pixels` are never read), a lane group per task.
+                let t = &*t;
+                m.par_chunks_mut(LANES * cols).enumerate().for_each(|(group, m)| {
+                    for (p, t) in t[group * per_group..][..per_group].chunks_exact(LANES).enumerate() {
+                        for (l, &value) in t.iter().enumerate() {
+                            m[l * cols + p] = value;
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    /// Fills rows of `v` (`[C·kh·kw, cols]`) with the block's columns;
+    /// zeros for padding and for the columns past the block's pixels.
+    /// `v` holds rows `first_row..` (a whole number of `cols`-long rows).
+    fn im2col(&self, block: &Block, first_row: usize, v: &mut [f32]) {
+        let (s, a, [kh, kw]) = (&self.shape, &self.conv.spec.attrs, self.conv.spec.kernel);
+        let plane = s.in_plane();
+        for (row, v) in (first_row..).zip(v.chunks_exact_mut(block.cols)) {
+            let (c, ky, kx) = (row / (kh * kw), row / kw % kh, row % kw);
+            let dx = (kx * a.dilation[1]) as isize - a.padding[1] as isize;
+            for seg in &block.segments {
+                let out = &mut v[seg.col..seg.col + seg.x1 - seg.x0];
+                let iy = (seg.y * a.stride[0] + ky * a.dilation[0]) as isize - a.padding[0] as isize;
+                if iy < 0 || iy >= s.height as isize {
+                    out.fill(0.0);
+                    continue;
+                }
+                let line = &self.input[(seg.image * s.channels + c) * plane + iy as usize * s.width..][..s.width];
+                // Output columns whose input column ox·sw + dx lies in 0..W.
+                let sw = a.stride[1] as isize;
+                let lo = ((-dx).max(0) + sw - 1) / sw;
+                let hi = ((s.width as isize - dx).max(0) + sw - 1) / sw;
+                let (lo, hi) = ((lo as usize).clamp(seg.x0, seg.x1), (hi as usize).clamp(seg.x0, seg.x1));
+                let hi = hi.max(lo);
+                out[..lo - seg.x0].fill(0.0);
+                out[hi - seg.x0..].fill(0.0);
+                let inside = &mut out[lo - seg.x0..hi - seg.x0];
+                if inside.is_empty() {
+                    continue;
+                }
+                // lo..hi keeps ix = ox·sw + dx within 0..W.
+                let start = (lo as isize * sw + dx) as usize;
+                let n = inside.len();
+                if sw == 1 {
+                    inside.copy_from_slice(&line[start..start + n]);
+                } else if sw == 2 {
+                    // Even elements of line[start..start + 2n - 1], as pairs (vectorises).
+                    let (last, head) = inside.split_last_mut().expect("n >= 1");
+                    for (value, pair) in head.iter_mut().zip(line[start..start + 2 * (n - 1)].chunks_exact(2)) {
+                        *value = pair[0];
+                    }
+                    *last = line[start + 2 * (n - 1)];
+                } else {
+                    for (value, &x) in inside.iter_mut().zip(line[start..].iter().step_by(sw as usize)) {
+                        *value = x;
+                    }
+                }
+            }
+            v[block.pixels..].fill(0.0);
+        }
+    }
+}
+
+#[cfg(test)]
+impl DirectConv {
+    /// For tests: the conv of `weight` (`[O, C, kh, kw]`), `bias` and
+    /// `attrs`, with ReLU when `relu`, on a given layout and path.
+    pub(crate) fn for_test(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        attrs: wick_ir::Conv2dAttrs,
+        relu: bool,
+        pool: Option<MaxPool2dAttrs>,
+        layout: DirectLayout,
+        isa: Isa,
+    ) -> candle_core::Result<Self> {
+        let spec = ConvSpec::of(weight, attrs)?;
+        let epilogue = Epilogue::new(bias, spec.out_channels, relu)?;
+        Self::new(spec, weight, epilogue, pool, layout, isa)
+    }
+}

@@ -1,0 +1,223 @@
+//! wick's CPU f32 convolutions (NCHW, weights packed at compile time, the
+//! epilogue applied while the output is in cache), one module per
+//! algorithm family, and what they share: the conv they compute
+//! ([`ConvSpec`]) and the one check of a call's operands ([`ConvSpec::check`]).
+//!
+//! Which algorithm runs a node is decided in [`super::conv_algorithm`].
+
+pub(crate) mod direct;
+pub(crate) mod grouped;
+pub(crate) mod winograd;
+
+use super::epilogue::Epilogue;
+use super::gemm::Isa;
+use super::ConvAlgorithm;
+use candle_core::{bail, Device, Tensor};
+use direct::{DirectConv, DirectLayout};
+use grouped::GroupedConv;
+use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
+use winograd::{WinogradF2, WinogradF4};
+
+/// The convolution a kernel computes, fixed at compile time by its weights
+/// and attributes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConvSpec {
+    /// Input channels of the whole conv (all groups).
+    pub(crate) in_channels: usize,
+    /// Output channels.
+    pub(crate) out_channels: usize,
+    /// Kernel `[height, width]`.
+    pub(crate) kernel: [usize; 2],
+    /// Stride, padding, dilation, groups.
+    pub(crate) attrs: Conv2dAttrs,
+}
+
+impl ConvSpec {
+    /// The spec of `weight` (`[O, C/g, kh, kw]`) with `attrs`.
+    pub(crate) fn of(weight: &Tensor, attrs: Conv2dAttrs) -> candle_core::Result<Self> {
+        let (out_channels, group_channels, kh, kw) = weight.dims4()?;
+        let Some(in_channels) = group_channels.checked_mul(attrs.groups) else {
+            bail!("{group_channels} channels × {} groups overflow", attrs.groups)
+        };
+        Ok(Self {
+            in_channels,
+            out_channels,
+            kernel: [kh, kw],
+            attrs,
+        })
+    }
+
+    /// The one check every CPU conv makes on its operands: `x` is `[N, C,
+    /// H, W]` f32 with `C` this conv's input channels and the window fitting
+    /// `H × W`; `residual`, if any, has the conv output's shape; the output
+    /// length fits `usize`. Returns both operands contiguous, with the shapes.
+    pub(crate) fn check(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<ConvCall> {
+        let x = x.contiguous()?;
+        let &[batch, channels, height, width] = x.dims() else {
+            bail!("conv input must be NCHW, got {:?}", x.dims())
+        };
+        if channels != self.in_channels {
+            bail!("conv expects {} input channels, got {channels}", self.in_channels)
+        }
+        let Some([out_height, out_width]) = self.attrs.output_size(self.kernel, [height, width]) else {
+            bail!("kernel {:?} does not fit input {:?}", self.kernel, x.dims())
+        };
+        let shape = ConvShape {
+            batch,
+            channels,
+            height,
+            width,
+            out_channels: self.out_channels,
+            out_height,
+            out_width,
+        };
+        if shape
+            .out_dims()
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .is_none()
+        {
+            bail!(
+                "conv output {:?} has more elements than fit in memory",
+                shape.out_dims()
+            )
+        }
+        let residual = residual.map(|r| r.contiguous()).transpose()?;
+        if residual.as_ref().is_some_and(|r| r.dims() != shape.out_dims()) {
+            bail!(
+                "the residual of a conv must have the output's shape {:?}",
+                shape.out_dims()
+            )
+        }
+        Ok(ConvCall { x, residual, shape })
+    }
+}
+
+/// The shapes of one conv call (see [`ConvSpec::check`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConvShape {
+    pub(crate) batch: usize,
+    pub(crate) channels: usize,
+    pub(crate) height: usize,
+    pub(crate) width: usize,
+    pub(crate) out_channels: usize,
+    pub(crate) out_height: usize,
+    pub(crate) out_width: usize,
+}
+
+impl ConvShape {
+    /// `[N, O, OH, OW]`.
+    pub(crate) fn out_dims(&self) -> [usize; 4] {
+        [self.batch, self.out_channels, self.out_height, self.out_width]
+    }
+
+    /// `N·O·OH·OW` (checked to fit by [`ConvSpec::check`]).
+    pub(crate) fn out_len(&self) -> usize {
+        self.out_dims().iter().product()
+    }
+
+    /// `H·W`.
+    pub(crate) fn in_plane(&self) -> usize {
+        self.height * self.width
+    }
+
+    /// `OH·OW`.
+    pub(crate) fn out_plane(&self) -> usize {
+        self.out_height * self.out_width
+    }
+}
+
+/// A checked call: contiguous operands and their shapes.
+pub(crate) struct ConvCall {
+    pub(crate) x: Tensor,
+    pub(crate) residual: Option<Tensor>,
+    pub(crate) shape: ConvShape,
+}
+
+/// An output tensor from a buffer of `dims`' elements.
+pub(crate) fn output(values: Vec<f32>, dims: [usize; 4]) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(values, dims.to_vec(), &Device::Cpu)
+}
+
+/// A CPU conv with its weights packed for one algorithm.
+#[derive(Debug)]
+pub(crate) enum CpuConv {
+    /// Winograd F(4×4, 3×3).
+    WinogradF4(WinogradF4),
+    /// Winograd F(2×2, 3×3).
+    WinogradF2(WinogradF2),
+    /// Blocked implicit GEMM (one group), optionally with a fused max pool.
+    Direct(DirectConv),
+    /// Per-group im2col + `gemm`, then the fused max pool, if any, as a pass of its own.
+    Grouped(GroupedConv, Option<MaxPool2dAttrs>),
+}
+
+impl CpuConv {
+    /// Packs `weight` and `bias` for `algorithm` (from [`super::conv_algorithm`]).
+    pub(crate) fn new(
+        algorithm: ConvAlgorithm,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        attrs: Conv2dAttrs,
+        relu: bool,
+        pool: Option<MaxPool2dAttrs>,
+    ) -> candle_core::Result<Self> {
+        let spec = ConvSpec::of(weight, attrs)?;
+        let epilogue = Epilogue::new(bias, spec.out_channels, relu)?;
+        let isa = Isa::detect();
+        let pool_unfused = |algorithm: &str| match pool {
+            Some(_) => bail!("{algorithm} takes no fused pool"),
+            None => Ok(()),
+        };
+        Ok(match algorithm {
+            ConvAlgorithm::WinogradF4 => {
+                pool_unfused("winograd")?;
+                CpuConv::WinogradF4(WinogradF4::new(spec, weight, epilogue, isa)?)
+            }
+            ConvAlgorithm::WinogradF2 => {
+                pool_unfused("winograd")?;
+                CpuConv::WinogradF2(WinogradF2::new(spec, weight, epilogue, isa)?)
+            }
+            ConvAlgorithm::DirectPanels => CpuConv::Direct(DirectConv::new(
+                spec,
+                weight,
+                epilogue,
+                pool,
+                DirectLayout::Panels,
+                isa,
+            )?),
+            ConvAlgorithm::DirectLanes => {
+                CpuConv::Direct(DirectConv::new(spec, weight, epilogue, pool, DirectLayout::Lanes, isa)?)
+            }
+            ConvAlgorithm::Grouped => CpuConv::Grouped(GroupedConv::new(spec, weight, epilogue)?, pool),
+        })
+    }
+
+    /// The algorithm, as logged at compile time (and checked by tests).
+    pub(crate) fn algorithm(&self) -> ConvAlgorithm {
+        match self {
+            CpuConv::WinogradF4(_) => ConvAlgorithm::WinogradF4,
+            CpuConv::WinogradF2(_) => ConvAlgorithm::WinogradF2,
+            CpuConv::Direct(conv) => match conv.layout() {
+                DirectLayout::Panels => ConvAlgorithm::DirectPanels,
+                DirectLayout::Lanes => ConvAlgorithm::DirectLanes,
+            },
+            CpuConv::Grouped(..) => ConvAlgorithm::Grouped,
+        }
+    }
+
+    /// Runs on a CPU f32 tensor `[N, C, H, W]`, adding `residual` (the
+    /// conv's output shape) before the optional ReLU, then the fused pool.
+    pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        match self {
+            CpuConv::WinogradF4(conv) => conv.run(x, residual),
+            CpuConv::WinogradF2(conv) => conv.run(x, residual),
+            CpuConv::Direct(conv) => conv.run(x, residual),
+            CpuConv::Grouped(conv, None) => conv.run(x, residual),
+            CpuConv::Grouped(conv, Some(pool)) => super::pool::max_pool2d(&conv.run(x, residual)?, pool),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,253 @@
+//! The grouped and direct convs against candle's conv across random shapes.
+
+use super::direct::{DirectConv, DirectLayout};
+use super::grouped::GroupedConv;
+use super::*;
+use crate::cpu::gemm::Isa;
+use proptest::prelude::*;
+
+/// The grouped conv of `w` with `attrs` (tests).
+fn grouped(w: &Tensor, b: Option<&Tensor>, attrs: Conv2dAttrs, relu: bool) -> GroupedConv {
+    let spec = ConvSpec::of(w, attrs).unwrap();
+    GroupedConv::new(spec, w, Epilogue::new(b, spec.out_channels, relu).unwrap()).unwrap()
+}
+
+fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: Conv2dAttrs, relu: bool) -> Tensor {
+    // candle's conv takes one stride/dilation; equal-axis cases only.
+    let x = x
+        .pad_with_zeros(2, a.padding[0], a.padding[0])
+        .unwrap()
+        .pad_with_zeros(3, a.padding[1], a.padding[1])
+        .unwrap();
+    let mut y = x.conv2d(w, 0, a.stride[0], a.dilation[0], a.groups).unwrap();
+    if let Some(b) = b {
+        y = y
+            .broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap())
+            .unwrap();
+    }
+    if relu {
+        y = y.relu().unwrap();
+    }
+    y
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    batch: usize,
+    channels: usize,
+    groups: usize,
+    per_group: usize,
+    kernel: [usize; 2],
+    stride: usize,
+    dilation: usize,
+    padding: [usize; 2],
+    size: [usize; 2],
+    bias: bool,
+    relu: bool,
+}
+
+fn arb_case() -> impl Strategy<Value = Case> {
+    (
+        1usize..4,
+        1usize..7,
+        0usize..3,
+        1usize..4,
+        [1usize..4, 1usize..4],
+        1usize..3,
+        1usize..3,
+        [0usize..3, 0usize..3],
+    )
+        .prop_flat_map(
+            |(batch, channels, group_kind, per_group, kernel, stride, dilation, padding)| {
+                let min = |axis: usize| {
+                    (dilation * (kernel[axis] - 1) + 1)
+                        .saturating_sub(2 * padding[axis])
+                        .max(1)
+                };
+                let groups = match group_kind {
+                    0 => 1,
+                    1 => channels,
+                    _ => (1..=channels)
+                        .rev()
+                        .find(|d| channels % d == 0 && *d < channels)
+                        .unwrap_or(1),
+                };
+                (
+                    Just((batch, channels, groups, per_group, kernel, stride, dilation, padding)),
+                    [min(0)..min(0) + 6, min(1)..min(1) + 6],
+                    any::<bool>(),
+                    any::<bool>(),
+                    any::<bool>(),
+                )
+            },
+        )
+        .prop_map(
+            |((batch, channels, groups, per_group, kernel, stride, dilation, padding), size, bias, relu, square)| {
+                // Every other square case has C == H == W (candle's layout-ambiguity shape).
+                let size = if square && size[0].max(size[1]) <= channels.max(size[0]) {
+                    [channels.max(size[0]); 2]
+                } else {
+                    size
+                };
+                Case {
+                    batch,
+                    channels,
+                    groups,
+                    per_group,
+                    kernel,
+                    stride,
+                    dilation,
+                    padding,
+                    size,
+                    bias,
+                    relu,
+                }
+            },
+        )
+}
+
+/// Both weight layouts of [`DirectConv`] (pixels on the vector lanes, output channels on them).
+const DIRECT_LAYOUTS: [DirectLayout; 2] = [DirectLayout::Panels, DirectLayout::Lanes];
+
+/// Every CPU algorithm that takes `case` (named), and candle's answer.
+fn run_case(case: &Case) -> (Vec<(String, Tensor)>, Tensor) {
+    let d = Device::Cpu;
+    let o = case.groups * case.per_group;
+    let x = Tensor::randn(0f32, 1.0, (case.batch, case.channels, case.size[0], case.size[1]), &d).unwrap();
+    let w = Tensor::randn(
+        0f32,
+        1.0,
+        (o, case.channels / case.groups, case.kernel[0], case.kernel[1]),
+        &d,
+    )
+    .unwrap();
+    let b = case.bias.then(|| Tensor::randn(0f32, 1.0, o, &d).unwrap());
+    let attrs = Conv2dAttrs {
+        stride: [case.stride; 2],
+        padding: case.padding,
+        dilation: [case.dilation; 2],
+        groups: case.groups,
+    };
+    let packed = grouped(&w, b.as_ref(), attrs, case.relu);
+    let mut got = vec![("grouped".to_string(), packed.run(&x, None).unwrap())];
+    if case.groups == 1 {
+        for isa in Isa::available() {
+            for layout in DIRECT_LAYOUTS {
+                let direct = DirectConv::for_test(&w, b.as_ref(), attrs, case.relu, None, layout, isa).unwrap();
+                got.push((format!("direct {layout:?} {isa:?}"), direct.run(&x, None).unwrap()));
+            }
+        }
+    }
+    (got, reference(&x, &w, b.as_ref(), attrs, case.relu))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The grouped and (one group, every SIMD path) direct convs equal
+    /// candle's conv (+ bias, + relu) across random
+    /// shapes: groups incl. depthwise, kernel h != w, stride 2, dilation,
+    /// asymmetric padding, odd sizes, C == H == W.
+    #[test]
+    fn matches_candle(case in arb_case()) {
+        let (got, want) = run_case(&case);
+        let k = (case.channels / case.groups * case.kernel[0] * case.kernel[1]) as f32;
+        for (name, got) in got {
+            prop_assert_eq!(got.dims(), want.dims(), "{}", name);
+            let diff = crate::test_util::max_abs_diff(&got, &want);
+            prop_assert!(diff <= 1e-5 * k.max(1.0) * 4.0, "{}: diff {}", name, diff);
+        }
+    }
+}
+
+/// The residual is added before the ReLU: relu(conv(x) + b + r).
+#[test]
+fn residual_then_relu() {
+    let d = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (3, 4, 5, 5), &d).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (6, 4, 3, 3), &d).unwrap();
+    let b = Tensor::randn(0f32, 1.0, 6, &d).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (3, 6, 5, 5), &d).unwrap();
+    let attrs = Conv2dAttrs {
+        padding: [1, 1],
+        ..Default::default()
+    };
+    let got = grouped(&w, Some(&b), attrs, true).run(&x, Some(&r)).unwrap();
+    let want = (reference(&x, &w, Some(&b), attrs, false) + &r)
+        .unwrap()
+        .relu()
+        .unwrap();
+    let diff = crate::test_util::max_abs_diff(&got, &want);
+    assert!(diff < 1e-4, "{diff}");
+    for (isa, layout) in Isa::available()
+        .into_iter()
+        .flat_map(|i| DIRECT_LAYOUTS.map(|l| (i, l)))
+    {
+        let direct = DirectConv::for_test(&w, Some(&b), attrs, true, None, layout, isa).unwrap();
+        let diff = crate::test_util::max_abs_diff(&direct.run(&x, Some(&r)).unwrap(), &want);
+        assert!(diff < 1e-4, "direct {layout:?} {isa:?}: {diff}");
+        assert!(direct.run(&x, Some(&r.narrow(0, 0, 1).unwrap())).is_err());
+        assert!(direct.run(&r, None).is_err(), "wrong channel count");
+        let empty = direct.run(&x.narrow(0, 0, 0).unwrap(), None).unwrap();
+        assert_eq!(empty.dims(), [0, 6, 5, 5]);
+    }
+    assert!(grouped(&w, Some(&b), attrs, true)
+        .run(&x, Some(&r.narrow(0, 0, 1).unwrap()))
+        .is_err());
+}
+
+/// Per-axis stride and dilation, which candle's conv cannot express,
+/// against a direct loop.
+#[test]
+fn per_axis_stride_and_dilation() {
+    let d = Device::Cpu;
+    let x = Tensor::arange(0f32, 2.0 * 7.0 * 8.0, &d)
+        .unwrap()
+        .reshape((1, 2, 7, 8))
+        .unwrap();
+    let w = Tensor::arange(0f32, 3.0 * 2.0 * 2.0 * 3.0, &d)
+        .unwrap()
+        .reshape((3, 2, 2, 3))
+        .unwrap();
+    let attrs = Conv2dAttrs {
+        stride: [2, 1],
+        padding: [1, 0],
+        dilation: [1, 2],
+        groups: 1,
+    };
+    let got = grouped(&w, None, attrs, false).run(&x, None).unwrap();
+    for layout in DIRECT_LAYOUTS {
+        let direct = DirectConv::for_test(&w, None, attrs, false, None, layout, Isa::detect())
+            .unwrap()
+            .run(&x, None)
+            .unwrap();
+        // Integer-valued sums below 2^24: exact in any order.
+        assert_eq!(crate::test_util::max_abs_diff(&direct, &got), 0.0, "{layout:?}");
+    }
+    let (xv, wv) = (
+        x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    let (oh, ow) = ((7 + 2 - 2) / 2 + 1, (8 - 5) + 1);
+    assert_eq!(got.dims(), [1, 3, oh, ow]);
+    let gv = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for o in 0..3 {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut sum = 0.0;
+                for c in 0..2 {
+                    for ky in 0..2 {
+                        for kx in 0..3 {
+                            let iy = (oy * 2 + ky) as isize - 1;
+                            let ix = ox + kx * 2;
+                            if (0..7).contains(&iy) {
+                                sum += xv[(c * 7 + iy as usize) * 8 + ix] * wv[((o * 2 + c) * 2 + ky) * 3 + kx];
+                            }
+                        }
+                    }
+                }
+                assert_eq!(gv[(o * oh + oy) * ow + ox], sum, "o={o} oy={oy} ox={ox}");
+            }
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! Winograd F(4×4, 3×3): each 6×6 input tile becomes 36 components, the
+//! conv 36 products on the panel micro-kernel, each 4×4 output tile is
+//! recovered with the epilogue applied. 36 multiplies per 16 outputs
+//! instead of 144: a 4× cut in arithmetic for the convs that carry most of
+//! ResNet's FLOPs.
+//!
+//! Work is split into blocks of `tile_block` tiles (over the whole batch);
+//! blocks run in parallel when there are enough of them, otherwise each
+//! phase of a block is split across threads. Scratch buffers live per thread
+//! and are reused across calls, so a steady-state forward allocates nothing
+//! but its output. The transforms are in `f4_transform.rs`.
+//!
+//! Error: the transforms use the points 0, ±1, ±2, ∞; the fp32 error grows
+//! with the tile size (bounded and measured in `tests.rs` and in
+//! `tests/tests/devices/pytorch.rs` on a whole ResNet18).
+
+use super::f4_transform::{weight_transform, InputChannel, OutputChannel};
+use super::{check_applies, transformed_weights, Tiles, SKEW};
+use crate::cpu::conv::{output, ConvSpec};
+use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::epilogue::Epilogue;
+use crate::cpu::gemm::{pack_panels, panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+/// Input tile side (`4 + 3 - 1`).
+pub(super) const ALPHA: usize = 6;
+/// Output tile side.
+pub(super) const M: usize = 4;
+/// Number of transformed components per tile.
+pub(super) const XI: usize = ALPHA * ALPHA;
+/// Scratch (`V` and `M`) one block aims to fit in.
+const BLOCK_BYTES: usize = 1 << 20;
+/// Tiles transformed together (one SIMD-friendly vector of lanes).
+pub(super) const LANES: usize = 16;
+const _: () = assert!(
+    PANEL_GRANULE.is_multiple_of(LANES),
+    "GEMM columns come in whole lane chunks"
+);
+
+/// A 3×3 stride-1 convolution with its weights in the F(4×4) domain.
+#[derive(Debug)]
+pub(crate) struct WinogradF4 {
+    pub(super) spec: ConvSpec,
+    /// Output channels rounded up to a whole panel.
+    padded_out: usize,
+    /// `U[ξ]` for each ξ, packed in panels for [`panel_gemm`].
+    u: Vec<f32>,
+    pub(super) epilogue: Epilogue,
+    pub(super) isa: Isa,
+}
+
+/// One forward's context, shared by its blocks.
+pub(super) struct Run<'a> {
+    pub(super) conv: &'a WinogradF4,
+    pub(super) input: &'a [f32],
+    pub(super) residual: Option<&'a [f32]>,
+    pub(super) dst: SharedOut,
+    pub(super) tiles: Tiles,
+}
+
+/// One block of tiles.
+pub(super) struct Block {
+    /// Where each tile reads and writes.
+    pub(super) positions: Vec<TilePos>,
+    /// The AVX-512 gathers' offsets and masks (empty on other paths).
+    pub(super) gathers: Vec<GatherChunk>,
+    /// GEMM columns: the tiles rounded up to the panel granule.
+    pub(super) cols: usize,
+}
+
+impl WinogradF4 {
+    /// Transforms and packs `weight` (`[O, C, 3, 3]`, f32) for `spec`.
+    pub(crate) fn new(spec: ConvSpec, weight: &Tensor, epilogue: Epilogue, isa: Isa) -> candle_core::Result<Self> {
+        check_applies(&spec)?;
+        let (out_channels, in_channels) = (spec.out_channels, spec.in_channels);
+        let w = weight.flatten_all()?.to_vec1::<f32>()?;
+        let padded_out = out_channels.div_ceil(PANEL_ROWS) * PANEL_ROWS;
+        let plain = transformed_weights(&w, out_channels, padded_out, in_channels, weight_transform);
+        let per_xi = padded_out * in_channels;
+        let mut u = weight_buffer(XI * per_xi);
+        for xi in 0..XI {
+            pack_panels(
+                &plain[xi * per_xi..][..per_xi],
+                padded_out,
+                in_channels,
+                &mut u[xi * per_xi..][..per_xi],
+            );
+        }
+        Ok(Self {
+            spec,
+            padded_out,
+            u,
+            epilogue,
+            isa,
+        })
+    }
+
+    /// Tiles per block: `V` and `M` of a block together stay within about
+    /// 1 MiB (a Zen 4 L2), and a block is a whole number of GEMM column panels.
+    fn tile_block(&self) -> usize {
+        let per_tile = XI * (self.spec.in_channels + self.padded_out) * 4;
+        ((BLOCK_BYTES / per_tile) / PANEL_TILES).clamp(1, 8) * PANEL_TILES
+    }
+
+    /// Distance between `V[ξ]` and `V[ξ + 1]` in a block of `cols` columns:
+    /// the `[C, cols]` matrix plus [`SKEW`].
+    pub(super) fn v_stride(&self, cols: usize) -> usize {
+        self.spec.in_channels * cols + SKEW
+    }
+
+    /// Distance between `M[ξ]` and `M[ξ + 1]`: `[O_pad, cols]` plus [`SKEW`].
+    pub(super) fn m_stride(&self, cols: usize) -> usize {
+        self.padded_out * cols + SKEW
+    }
+
+    /// Runs on a CPU f32 tensor `[N, C, H, W]`; `residual` (the output's
+    /// shape) is added before the optional ReLU.
+    pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let call = self.spec.check(x, residual)?;
+        let tiles = Tiles::new(call.shape, M);
+        let out_len = call.shape.out_len();
+        if out_len == 0 {
+            return output(Vec::new(), call.shape.out_dims());
+        }
+        let mut out = Vec::<f32>::with_capacity(out_len);
+        // Disjoint writes: each output element belongs to exactly one
+        // (tile, channel) pair, and each pair is written by one task.
+        let dst = SharedOut::new(&mut out, out_len);
+        with_cpu_f32("winograd conv", &call.x, call.residual.as_ref(), |input, residual| {
+            let run = Run {
+                conv: self,
+                input,
+                residual,
+                dst,
+                tiles,
+            };
+            let block = self.tile_block();
+            let blocks = tiles.total.div_ceil(block);
+            let threads = rayon::current_num_threads();
+            if blocks >= 2 * threads {
+                (0..blocks)
+                    .into_par_iter()
+                    .for_each(|b| run.block(b * block, block, false));
+            } else {
+                for b in 0..blocks {
+                    run.block(b * block, block, threads > 1);
+                }
+            }
+            Ok(())
+        })?;
+        // SAFETY: the blocks cover every tile of every image, and each tile
+        // writes all its in-bounds output pixels for every channel, so all
+        // `out_len` elements are initialised.
+        unsafe { out.set_len(out_len) };
+        output(out, call.shape.out_dims())
+    }
+}
+
+impl Run<'_> {
+    /// Transforms, multiplies and writes back tiles `first..first + block`
+    /// (clipped to the batch); `split` divides each phase across threads.
+    fn block(&self, first: usize, block: usize, split: bool) {
+        let conv = self.conv;
+        let s = &self.tiles.shape;
+        let tiles = block.min(self.tiles.total - first);
+        // GEMM columns: the block's tiles rounded up to the kernel's granule.
+        let cols = tiles.div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
+        let positions: Vec<TilePos> = (first..first + tiles).map(|t| self.tile_pos(t)).collect();
+        let gathers = match conv.isa {
+            Isa::Avx512 => GatherChunk::for_block(&positions, self, cols),
+            _ => Vec::new(),
+        };
+        let block = Block {
+            positions,
+            gathers,
+            cols,
+        };
+        let (v_stride, m_stride) = (conv.v_stride(cols), conv.m_stride(cols));
+        let (v_len, m_len) = (XI * v_stride, XI * m_stride);
+        with_scratch(v_len + m_len, |scratch| {
+            let (v, m) = scratch.split_at_mut(v_len);
+            // V[ξ][c][t]. Channel `c` writes only rows (ξ, c): disjoint across channels.
+            let vptr = SharedOut::over(v);
+            let transform_channels = |range: std::ops::Range<usize>| {
+                for c in range {
+                    conv.isa.run(InputChannel {
+                        run: self,
+                        block: &block,
+                        c,
+                        v: vptr,
+                    });
+                }
+            };
+            let threads = rayon::current_num_threads();
+            let chunks = |n: usize| {
+                let per = n.div_ceil(4 * threads).max(1);
+                (0..n.div_ceil(per)).map(move |i| i * per..((i + 1) * per).min(n))
+            };
+            if split {
+                chunks(s.channels)
+                    .collect::<Vec<_>>()
+                    .into_par_iter()
+                    .for_each(transform_channels);
+            } else {
+                transform_channels(0..s.channels);
+            }
+            let per_u = conv.padded_out * s.channels;
+            let gemm = |xi: usize, m: &mut [f32]| {
+                panel_gemm(
+                    conv.isa,
+                    &conv.u[xi * per_u..][..per_u],
+                    &v[xi * v_stride..][..s.channels * cols],
+                    &mut m[..conv.padded_out * cols],
+                    conv.padded_out,
+                    s.channels,
+                    cols,
+                )
+            };
+            if split {
+                m.par_chunks_mut(m_stride).enumerate().for_each(|(xi, m)| gemm(xi, m));
+            } else {
+                for (xi, m) in m.chunks_mut(m_stride).enumerate() {
+                    gemm(xi, m);
+                }
+            }
+            let m = &*m;
+            let transform_outputs = |range: std::ops::Range<usize>| {
+                for k in range {
+                    conv.isa.run(OutputChannel {
+                        run: self,
+                        block: &block,
+                        m,
+                        k,
+                    });
+                }
+            };
+            if split {
+                chunks(s.out_channels)
+                    .collect::<Vec<_>>()
+                    .into_par_iter()
+                    .for_each(transform_outputs);
+            } else {
+                transform_outputs(0..s.out_channels);
+            }
+        });
+    }
+
+    /// Where tile `t` (numbered over the batch) reads and writes.
+    fn tile_pos(&self, t: usize) -> TilePos {
+        let (s, padding) = (&self.tiles.shape, self.conv.spec.attrs.padding);
+        let (image, ty, tx) = self.tiles.tile(t);
+        let y0 = (ty * M) as isize - padding[0] as isize;
+        let x0 = (tx * M) as isize - padding[1] as isize;
+        TilePos {
+            image,
+            y0,
+            x0,
+            interior: y0 >= 0 && x0 >= 0 && y0 as usize + ALPHA <= s.height && x0 as usize + ALPHA <= s.width,
+            out_y: ty * M,
+            out_x: tx * M,
+            out_full: ty * M + M <= s.out_height && tx * M + M <= s.out_width,
+        }
+    }
+}
+
+/// Where the AVX-512 input transform gathers one chunk of [`LANES`] tiles'
+/// patches in channel 0 (channel `c` adds `c·H·W`): the same for every
+/// channel, so computed once per block, not once per channel.
+#[derive(Clone, Copy)]
+pub(super) struct GatherChunk {
+    /// Element offset of each lane's patch origin; may be negative for
+    /// border tiles (those rows and columns are masked off).
+    pub(super) offsets: [i32; LANES],
+    /// Bit `l` of `row_mask[r]`: row `r` of lane `l`'s patch is in the image.
+    pub(super) row_mask: [u16; ALPHA],
+    /// Likewise for the patch's columns.
+    pub(super) col_mask: [u16; ALPHA],
+    /// Lanes holding a tile (the last chunk may be partial or empty).
+    pub(super) lanes: usize,
+}
+
+impl GatherChunk {
+    /// One per `LANES` columns of a block; empty when the input is too long
+    /// for i32 offsets (the transform then falls back to plain loads).
+    fn for_block(positions: &[TilePos], run: &Run<'_>, cols: usize) -> Vec<GatherChunk> {
+        if run.input.len() > i32::MAX as usize {
+            return Vec::new();
+        }
+        let s = &run.tiles.shape;
+        let plane_len = s.in_plane();
+        (0..cols / LANES)
+            .map(|i| {
+                let chunk = &positions[(i * LANES).min(positions.len())..((i + 1) * LANES).min(positions.len())];
+                let mut g = GatherChunk {
+                    offsets: [0; LANES],
+                    row_mask: [0; ALPHA],
+                    col_mask: [0; ALPHA],
+                    lanes: chunk.len(),
+                };
+                for (lane, p) in chunk.iter().enumerate() {
+                    g.offsets[lane] =
+                        ((p.image * s.channels * plane_len) as isize + p.y0 * s.width as isize + p.x0) as i32;
+                    for i in 0..ALPHA {
+                        let (y, x) = (p.y0 + i as isize, p.x0 + i as isize);
+                        g.row_mask[i] |= u16::from(y >= 0 && y < s.height as isize) << lane;
+                        g.col_mask[i] |= u16::from(x >= 0 && x < s.width as isize) << lane;
+                    }
+                }
+                g
+            })
+            .collect()
+    }
+}
+
+/// Where one tile reads its 6×6 input patch and writes its 4×4 output.
+#[derive(Clone, Copy)]
+pub(super) struct TilePos {
+    pub(super) image: usize,
+    /// Top-left of the input patch (may be negative: padding).
+    pub(super) y0: isize,
+    pub(super) x0: isize,
+    /// The whole patch lies inside the image (no padding to synthesise).
+    pub(super) interior: bool,
+    pub(super) out_y: usize,
+    pub(super) out_x: usize,
+    /// The whole 4×4 output lies inside the image.
+    pub(super) out_full: bool,
+}

@@ -1,0 +1,115 @@
+//! Winograd convolutions for 3×3, stride-1, one-group convs: each input
+//! tile of side `m + 2` becomes `(m + 2)²` "frequency" components, the
+//! convolution becomes that many independent matrix products `M[ξ] = U[ξ] ·
+//! V[ξ]` (`U` = transformed weights, packed once at compile time), and each
+//! `m × m` output tile is recovered from its products with the epilogue
+//! applied on the way out.
+//!
+//! - [`f4`]: F(4×4, 3×3), 36 multiplies per 16 outputs instead of 144, on
+//!   the panel micro-kernel, for maps with enough tiles;
+//! - [`f2`]: F(2×2, 3×3), 16/9 of the weights instead of 36/9, on the lane
+//!   micro-kernel, for few-pixel maps (batch 1 at 7×7).
+//!
+//! What they share lives here: when a conv qualifies ([`applies`]), the
+//! weight transform's driver ([`transformed_weights`]) and where the tiles
+//! are ([`Tiles`]). Their fp32 error is bounded in `tests.rs` against f64.
+
+pub(crate) mod f2;
+pub(crate) mod f4;
+mod f4_transform;
+
+pub(crate) use f2::WinogradF2;
+pub(crate) use f4::WinogradF4;
+
+use super::{ConvShape, ConvSpec};
+use candle_core::bail;
+use wick_ir::Conv2dAttrs;
+
+/// Floats (one cache line) added between consecutive ξ matrices of a
+/// block's `V` and `M`: their sizes are multiples of 4 KiB for ResNet's
+/// layers, which would put a transform's accesses per tile chunk (36 or 16)
+/// in one 8-way L1 set, evicting each other.
+const SKEW: usize = 16;
+
+/// Whether a Winograd conv can compute `spec`: a 3×3 kernel, stride 1,
+/// dilation 1, one group, padding at most 2 on each axis.
+pub(crate) fn applies(spec: &ConvSpec) -> bool {
+    let Conv2dAttrs {
+        stride,
+        padding,
+        dilation,
+        groups,
+    } = spec.attrs;
+    spec.kernel == [3, 3] && stride == [1, 1] && dilation == [1, 1] && groups == 1 && padding.iter().all(|&p| p <= 2)
+}
+
+/// An error unless [`applies`].
+fn check_applies(spec: &ConvSpec) -> candle_core::Result<()> {
+    if !applies(spec) {
+        bail!(
+            "winograd conv takes 3x3 stride-1 one-group kernels with padding <= 2, got {:?} {:?}",
+            spec.kernel,
+            spec.attrs
+        )
+    }
+    Ok(())
+}
+
+/// `w` (`[O, C, 3, 3]` flattened) with each 3×3 kernel through `transform`
+/// (computed in f64), as `[ξ][rows][C]` f32 matrices before packing; rows
+/// past `out_channels` (up to `rows`) are zero.
+fn transformed_weights<const N: usize>(
+    w: &[f32],
+    out_channels: usize,
+    rows: usize,
+    in_channels: usize,
+    transform: fn(&[f32]) -> [f64; N],
+) -> Vec<f32> {
+    let mut plain = vec![0f32; N * rows * in_channels];
+    for o in 0..out_channels {
+        for c in 0..in_channels {
+            let u = transform(&w[(o * in_channels + c) * 9..][..9]);
+            for (xi, value) in u.iter().enumerate() {
+                plain[(xi * rows + o) * in_channels + c] = *value as f32;
+            }
+        }
+    }
+    plain
+}
+
+/// Where a call's output tiles of side `m` are: tile `t` (numbered over the
+/// batch) is image `t / per_image`, tile row `(t % per_image) / across`,
+/// tile column `(t % per_image) % across`.
+#[derive(Debug, Clone, Copy)]
+struct Tiles {
+    shape: ConvShape,
+    /// Tiles per output row.
+    across: usize,
+    /// Tiles per image.
+    per_image: usize,
+    /// Tiles over the batch.
+    total: usize,
+}
+
+impl Tiles {
+    /// The tiles of side `m` covering `shape`'s output.
+    fn new(shape: ConvShape, m: usize) -> Self {
+        let across = shape.out_width.div_ceil(m);
+        let per_image = shape.out_height.div_ceil(m) * across;
+        Self {
+            shape,
+            across,
+            per_image,
+            total: shape.batch * per_image,
+        }
+    }
+
+    /// Image, tile row and tile column of tile `t`.
+    fn tile(&self, t: usize) -> (usize, usize, usize) {
+        let (image, within) = (t / self.per_image, t % self.per_image);
+        (image, within / self.across, within % self.across)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,129 @@
+//! The matrix products wick's CPU convolutions run on, and the instruction
+//! set they run with: [`Isa`] is chosen once at compile time of a model
+//! (the best path the CPU has), and [`Isa::run`] is the one place that
+//! enables a path's target features for generic code.
+//!
+//! - [`panel`]: `M = U · V` with `U` packed in 8-row panels (pixels on the
+//!   vector lanes); the Winograd F(4×4) products and the direct conv.
+//! - [`lane`]: output channels on the vector lanes, weights streamed once
+//!   (few pixels: batch 1 at 7×7); Winograd F(2×2) and the direct conv's
+//!   lane layout.
+
+pub(crate) mod lane;
+pub(crate) mod panel;
+
+pub(crate) use lane::{lane_gemm, pack_lanes, LaneProduct, LANES};
+pub(crate) use panel::{pack_panels, panel_gemm, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
+
+/// An instruction-set path. Only [`Isa::available`] (and [`Isa::detect`])
+/// hand out a path other than [`Isa::Scalar`]: the kernels' `unsafe`
+/// dispatch relies on the CPU having the features of every path it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// AVX-512F (x86-64).
+    Avx512,
+    /// AVX2 and FMA (x86-64).
+    Avx2Fma,
+    /// Portable Rust, any CPU.
+    Scalar,
+}
+
+impl Isa {
+    /// The best path this CPU supports.
+    pub(crate) fn detect() -> Isa {
+        Isa::available()[0]
+    }
+
+    /// Every path this CPU supports, best first (scalar always).
+    pub(crate) fn available() -> Vec<Isa> {
+        let mut isas = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                isas.push(Isa::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                isas.push(Isa::Avx2Fma);
+            }
+        }
+        isas.push(Isa::Scalar);
+        isas
+    }
+
+    /// Runs `body` compiled for this path: its [`IsaBody::run`] (marked
+    /// `#[inline(always)]`) is inlined into a `#[target_feature]` function
+    /// of the path, so its plain loops vectorise for the path's registers.
+    #[inline(always)]
+    pub(crate) fn run<B: IsaBody>(self, body: B) -> B::Output {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512` is only handed out by `Isa::available`,
+            // which checked that the CPU has AVX-512F.
+            Isa::Avx512 => unsafe { x86::avx512(body) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, for AVX2 + FMA.
+            Isa::Avx2Fma => unsafe { x86::avx2_fma(body) },
+            _ => body.run(),
+        }
+    }
+}
+
+/// A piece of generic (non-intrinsic) kernel code that [`Isa::run`]
+/// compiles once per path. Implementations mark `run` `#[inline(always)]`:
+/// otherwise it may stay a call, compiled without the path's features.
+pub(crate) trait IsaBody {
+    /// What the body returns.
+    type Output;
+    /// The body itself.
+    fn run(self) -> Self::Output;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::IsaBody;
+
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn avx512<B: IsaBody>(body: B) -> B::Output {
+        body.run()
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2_fma<B: IsaBody>(body: B) -> B::Output {
+        body.run()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_machine_has_a_simd_path() {
+        // The bench machine class (Zen 3 / Zen 4) has AVX2 at least; a plain x86-64 CI box too.
+        #[cfg(target_arch = "x86_64")]
+        assert!(Isa::available().len() >= 2, "{:?}", Isa::available());
+    }
+
+    struct Sum<'a>(&'a [f32]);
+
+    impl IsaBody for Sum<'_> {
+        type Output = f32;
+        #[inline(always)]
+        fn run(self) -> f32 {
+            self.0.iter().sum()
+        }
+    }
+
+    /// Every path runs the same body to the same result.
+    #[test]
+    fn run_gives_one_answer_on_every_path() {
+        let values: Vec<f32> = (0..100).map(|i| i as f32).collect();
+        for isa in Isa::available() {
+            assert_eq!(isa.run(Sum(&values)), 4950.0, "{isa:?}");
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! wick's own CPU f32 kernels: convolutions with weights packed at compile
+//! time (one module per algorithm family under [`conv`]), the max pool, the
+//! conv epilogue (once, for all of them), the GEMM micro-kernels with the
+//! instruction-set dispatch, and the memory they work in.
+//!
+//! [`conv_algorithm`] is the policy: which algorithm runs a conv node, from
+//! the node's attributes and its compiled shape. The choice only affects
+//! speed: every algorithm takes any input shape and is tested against
+//! candle's conv.
+
+pub(crate) mod conv;
+pub(crate) mod data;
+pub(crate) mod epilogue;
+pub(crate) mod gemm;
+pub(crate) mod pool;
+
+use crate::kernel::Slot;
+use candle_core::Tensor;
+use conv::{winograd, ConvSpec, CpuConv};
+use wick_ir::MaxPool2dAttrs;
+
+/// Fewer tiles than this (over the batch) run faster as a direct convolution
+/// than as Winograd F(4×4) (measured on ResNet18: at batch 1 its 7×7
+/// layers, 4 tiles per image, run faster direct).
+const F4_MIN_TILES: usize = 16;
+/// Fewer channels (in or out) than this do not fill F(4×4)'s panels.
+const F4_MIN_CHANNELS: usize = 8;
+/// Output pixels per forward up to which F(2×2) is chosen when F(4×4) does
+/// not pay off. Measured on ResNet18's layer4 at batch 1 (49 pixels): 1.58 ms
+/// direct (lane GEMM) against 1.17–1.27 ms F(2×2) when it landed. Bigger
+/// maps with too few tiles for F(4×4) (batch 2–3 at 7×7) were not timed.
+const F2_MAX_PIXELS: usize = 256;
+/// Fewer channels than this gain too little from F(2×2)'s cut in
+/// multiplies (a judgement, not a measurement: ResNet18's few-pixel 3×3
+/// convs all have 512).
+const F2_MIN_CHANNELS: usize = 64;
+/// Direct convs expected to produce at most this many output pixels per
+/// forward (batch 1 at 14×14 and below) pack their weights for the lane
+/// micro-kernel: channels on the vector lanes, weights streamed once.
+const LANE_MAX_PIXELS: usize = 256;
+
+/// The CPU conv algorithms, named as the debug log and the tests name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConvAlgorithm {
+    /// Winograd F(4×4, 3×3) on the panel micro-kernel.
+    WinogradF4,
+    /// Winograd F(2×2, 3×3) on the lane micro-kernel.
+    WinogradF2,
+    /// Blocked implicit GEMM, pixels on the vector lanes.
+    DirectPanels,
+    /// Blocked implicit GEMM, output channels on the vector lanes.
+    DirectLanes,
+    /// Per-group im2col + the `gemm` crate (grouped and depthwise convs).
+    Grouped,
+}
+
+impl ConvAlgorithm {
+    /// The name in logs and tests.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            ConvAlgorithm::WinogradF4 => "winograd-f4x4",
+            ConvAlgorithm::WinogradF2 => "winograd-f2x2",
+            ConvAlgorithm::DirectPanels => "direct-panels",
+            ConvAlgorithm::DirectLanes => "direct-lanes",
+            ConvAlgorithm::Grouped => "grouped",
+        }
+    }
+}
+
+/// The conv policy: the algorithm for a conv `spec` whose output at the
+/// compiled shape is `[batch, out_channels, out_height, out_width]` (before
+/// any fused pool; `pooled` when a max pool is fused, which only the direct
+/// conv does in its panel layout).
+pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4]) -> ConvAlgorithm {
+    let [batch, out_channels, out_height, out_width] = out_shape;
+    let pixels = batch.saturating_mul(out_height).saturating_mul(out_width);
+    if spec.attrs.groups != 1 {
+        return ConvAlgorithm::Grouped;
+    }
+    if pooled {
+        return ConvAlgorithm::DirectPanels;
+    }
+    let winograd = winograd::applies(spec);
+    let channels = spec.in_channels.min(out_channels);
+    let f4_tiles = batch
+        .saturating_mul(out_height.div_ceil(4))
+        .saturating_mul(out_width.div_ceil(4));
+    if winograd && channels >= F4_MIN_CHANNELS && f4_tiles >= F4_MIN_TILES {
+        ConvAlgorithm::WinogradF4
+    } else if winograd && channels >= F2_MIN_CHANNELS && pixels <= F2_MAX_PIXELS {
+        ConvAlgorithm::WinogradF2
+    } else if pixels <= LANE_MAX_PIXELS {
+        ConvAlgorithm::DirectLanes
+    } else {
+        ConvAlgorithm::DirectPanels
+    }
+}
+
+/// A step run by one of wick's CPU kernels, with its operands by role.
+#[derive(Debug)]
+pub(crate) enum CpuKernel {
+    /// A conv (with its epilogue and fused pool) whose weights were packed
+    /// at compile time: it reads only `x` and the `residual`, if any.
+    Conv {
+        conv: CpuConv,
+        x: Slot,
+        residual: Option<Slot>,
+    },
+    /// The max pool.
+    MaxPool2d { attrs: MaxPool2dAttrs, x: Slot },
+}
+
+impl CpuKernel {
+    /// The slots the kernel reads at run time.
+    pub(crate) fn reads(&self) -> Vec<Slot> {
+        match self {
+            CpuKernel::Conv { x, residual, .. } => std::iter::once(*x).chain(*residual).collect(),
+            CpuKernel::MaxPool2d { x, .. } => vec![*x],
+        }
+    }
+
+    /// Runs on the values in `slots`.
+    pub(crate) fn run(&self, value: impl Fn(Slot) -> candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
+        match self {
+            CpuKernel::Conv { conv, x, residual } => conv.run(&value(*x)?, residual.map(&value).transpose()?.as_ref()),
+            CpuKernel::MaxPool2d { attrs, x } => pool::max_pool2d(&value(*x)?, attrs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wick_ir::Conv2dAttrs;
+
+    fn spec(in_channels: usize, kernel: usize, stride: usize, groups: usize) -> ConvSpec {
+        ConvSpec {
+            in_channels,
+            out_channels: in_channels,
+            kernel: [kernel; 2],
+            attrs: Conv2dAttrs {
+                stride: [stride; 2],
+                padding: [kernel / 2; 2],
+                groups,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The policy on ResNet-like shapes: F(4×4) with enough tiles, F(2×2)
+    /// for few pixels and many channels, lanes for other few-pixel convs,
+    /// panels otherwise; grouped and pooled convs by their constraint.
+    #[test]
+    fn policy_by_shape() {
+        use ConvAlgorithm::*;
+        let cases = [
+            (spec(64, 3, 1, 1), false, [10, 64, 56, 56], WinogradF4),
+            (spec(512, 3, 1, 1), false, [1, 512, 7, 7], WinogradF2),
+            (spec(512, 3, 1, 1), false, [4, 512, 7, 7], WinogradF4),
+            (spec(32, 3, 1, 1), false, [1, 32, 7, 7], DirectLanes),
+            (spec(256, 3, 2, 1), false, [1, 256, 14, 14], DirectLanes),
+            (spec(64, 1, 1, 1), false, [10, 64, 28, 28], DirectPanels),
+            (spec(3, 7, 2, 1), true, [1, 64, 112, 112], DirectPanels),
+            (spec(32, 3, 1, 32), false, [1, 32, 7, 7], Grouped),
+        ];
+        for (spec, pooled, shape, want) in cases {
+            assert_eq!(conv_algorithm(&spec, pooled, shape), want, "{spec:?} {shape:?}");
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! What one step executes, chosen per node at compile time: a [`Kernel`] is
+//! either one of wick's own CPU kernels (weights packed, operands the
+//! activations only) or candle's device-generic ops, each variant naming its
+//! operands by role (`x`, `residual`, `weight`, …) as value slots.
+
+use crate::candle::{batch_norm_affine, CandleOp};
+use crate::cpu::conv::{ConvSpec, CpuConv};
+use crate::cpu::{conv_algorithm, CpuKernel};
+use crate::error::AtNode;
+use crate::EngineError;
+use candle_core::{DType, Device, Tensor};
+use wick_ir::{Conv2dAttrs, FusedConv2dAttrs, Graph, Node, Op};
+
+/// A value's place in a run: the index of the node that produces it.
+pub(crate) type Slot = usize;
+
+/// What one step executes.
+#[derive(Debug)]
+pub(crate) enum Kernel {
+    /// Device-generic candle ops.
+    Candle(CandleOp),
+    /// wick's own CPU f32 kernels.
+    Cpu(CpuKernel),
+}
+
+/// A conv node's operands by role (the IR's order: x, weight, bias, residual).
+struct ConvOperands {
+    x: Slot,
+    weight: Slot,
+    bias: Option<Slot>,
+    residual: Option<Slot>,
+}
+
+impl Kernel {
+    /// Lowers `node` (neither an input nor a constant) for `device`.
+    pub(crate) fn lower(graph: &Graph, node: &Node, device: &Device) -> Result<Kernel, EngineError> {
+        let slot = |i: usize| node.inputs[i].index();
+        let optional = |i: usize| node.inputs.get(i).map(|id| id.index());
+        let candle = |op: CandleOp| Ok(Kernel::Candle(op));
+        match &node.op {
+            Op::Input | Op::Constant => Err(unsupported(
+                node,
+                device,
+                "inputs and constants are not executed".into(),
+            )),
+            Op::Conv2d(attrs) => {
+                let operands = ConvOperands {
+                    x: slot(0),
+                    weight: slot(1),
+                    bias: optional(2),
+                    residual: None,
+                };
+                lower_conv(graph, node, device, *attrs, None, operands)
+            }
+            Op::FusedConv2d(fused) => {
+                let operands = ConvOperands {
+                    x: slot(0),
+                    weight: slot(1),
+                    bias: Some(slot(2)),
+                    residual: optional(3),
+                };
+                lower_conv(graph, node, device, fused.conv, Some(*fused), operands)
+            }
+            Op::BatchNorm(attrs) => {
+                let params: Option<Vec<&Tensor>> = (1..node.inputs.len()).map(|i| constant(graph, node, i)).collect();
+                let x = slot(0);
+                match params.as_deref() {
+                    Some([mean, var, affine @ ..]) => {
+                        let (weight, bias) = match affine {
+                            [weight, bias] => (Some(*weight), Some(*bias)),
+                            _ => (None, None),
+                        };
+                        let (dtype, rank) = (node.fact.dtype, node.fact.rank());
+                        let (scale, shift) =
+                            batch_norm_affine(mean, var, weight, bias, attrs.eps, dtype, rank).at(&node.name)?;
+                        candle(CandleOp::BatchNormFolded { scale, shift, x })
+                    }
+                    _ => candle(CandleOp::BatchNorm {
+                        eps: attrs.eps,
+                        x,
+                        mean: slot(1),
+                        var: slot(2),
+                        affine: optional(3).zip(optional(4)),
+                    }),
+                }
+            }
+            Op::Relu => candle(CandleOp::Relu { x: slot(0) }),
+            Op::Add => candle(CandleOp::Add { a: slot(0), b: slot(1) }),
+            Op::MaxPool2d(attrs) if device.is_cpu() && node.fact.dtype == DType::F32 => {
+                Ok(Kernel::Cpu(CpuKernel::MaxPool2d {
+                    attrs: *attrs,
+                    x: slot(0),
+                }))
+            }
+            Op::MaxPool2d(attrs) => candle(CandleOp::MaxPool2d {
+                attrs: *attrs,
+                x: slot(0),
+            }),
+            Op::GlobalAvgPool2d => candle(CandleOp::GlobalAvgPool2d { x: slot(0) }),
+            Op::Flatten(_) => candle(CandleOp::Reshape {
+                shape: node.fact.shape.clone(),
+                x: slot(0),
+            }),
+            Op::Linear => candle(CandleOp::Linear {
+                x: slot(0),
+                weight: slot(1),
+                bias: optional(2),
+            }),
+        }
+    }
+
+    /// The slots the kernel reads at run time (a CPU conv: its activations only).
+    pub(crate) fn reads(&self) -> Vec<Slot> {
+        match self {
+            Kernel::Candle(op) => op.reads(),
+            Kernel::Cpu(kernel) => kernel.reads(),
+        }
+    }
+
+    /// Runs the kernel on the values `value` returns for its slots.
+    pub(crate) fn run(&self, value: impl Fn(Slot) -> candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
+        match self {
+            Kernel::Candle(op) => op.run(value),
+            Kernel::Cpu(kernel) => kernel.run(value),
+        }
+    }
+}
+
+/// Data of operand `i` of `node` if it is a constant.
+fn constant<'g>(graph: &'g Graph, node: &Node, i: usize) -> Option<&'g Tensor> {
+    let operand = graph.node(node.inputs[i]);
+    (operand.op == Op::Constant)
+        .then(|| graph.constant_data(&operand.name))
+        .flatten()
+}
+
+/// A conv (plain or `fused`): wick's CPU conv when on the CPU in f32 with
+/// constant weight and bias, candle's ops otherwise.
+fn lower_conv(
+    graph: &Graph,
+    node: &Node,
+    device: &Device,
+    attrs: Conv2dAttrs,
+    fused: Option<FusedConv2dAttrs>,
+    operands: ConvOperands,
+) -> Result<Kernel, EngineError> {
+    let (relu, pool) = fused.map_or((false, None), |f| (f.relu, f.pool));
+    let weight = constant(graph, node, 1);
+    let bias = operands.bias.map(|_| constant(graph, node, 2));
+    if let (true, DType::F32, Some(weight), None | Some(Some(_))) = (device.is_cpu(), node.fact.dtype, weight, bias) {
+        let spec = ConvSpec::of(weight, attrs).at(&node.name)?;
+        // The node's fact: the conv's output, or the pooled one (whose
+        // spatial size the policy does not read).
+        let Ok(out_shape) = <[usize; 4]>::try_from(node.fact.shape.as_slice()) else {
+            return Err(unsupported(
+                node,
+                device,
+                format!("conv output must be NCHW, got {}", node.fact),
+            ));
+        };
+        let algorithm = conv_algorithm(&spec, pool.is_some(), out_shape);
+        let conv = CpuConv::new(algorithm, weight, bias.flatten(), attrs, relu, pool).at(&node.name)?;
+        tracing::debug!(node = %node.name, kernel = conv.algorithm().name(), "cpu conv kernel");
+        return Ok(Kernel::Cpu(CpuKernel::Conv {
+            conv,
+            x: operands.x,
+            residual: operands.residual,
+        }));
+    }
+    if attrs.stride[0] != attrs.stride[1] || attrs.dilation[0] != attrs.dilation[1] {
+        return Err(unsupported(
+            node,
+            device,
+            format!(
+                "candle's conv2d needs equal stride and dilation on both axes, got stride {:?}, dilation {:?}",
+                attrs.stride, attrs.dilation
+            ),
+        ));
+    }
+    let ConvOperands {
+        x,
+        weight,
+        bias,
+        residual,
+    } = operands;
+    Ok(Kernel::Candle(match (fused, bias) {
+        (None, bias) => CandleOp::Conv2d { attrs, x, weight, bias },
+        (Some(_), Some(bias)) => CandleOp::FusedConv2d {
+            attrs,
+            relu,
+            pool,
+            x,
+            weight,
+            bias,
+            residual,
+        },
+        (Some(_), None) => return Err(unsupported(node, device, "a fused conv needs a bias operand".into())),
+    }))
+}
+
+fn unsupported(node: &Node, device: &Device, reason: String) -> EngineError {
+    EngineError::Unsupported {
+        node: node.name.clone(),
+        op: node.op.name(),
+        device: format!("{:?}", device.location()),
+        reason,
+    }
+}
