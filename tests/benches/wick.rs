@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use wick_engine::Engine;
 use wick_models::{random_input, Model, ModelName, WeightSource};
-use wick_passes::{fold_conv_batch_norm, PassManager};
+use wick_passes::{fold_conv_batch_norm, BatchNormParams, PassManager};
 
 fn model(name: ModelName) -> Model {
     Model::load(name, WeightSource::Random { seed: 0 }, &Device::Cpu).expect("random weights load")
@@ -51,10 +51,15 @@ fn fold(c: &mut Criterion) {
     let weight = Tensor::ones((512, 512, 3, 3), DType::F32, &device).unwrap();
     let vector = |v: f64| (Tensor::ones(512, DType::F32, &device).unwrap() * v).unwrap();
     let (bias, mean, var, gamma, beta) = (vector(0.1), vector(0.2), vector(1.5), vector(0.9), vector(-0.1));
+    let batch_norm = BatchNormParams {
+        running_mean: &mean,
+        running_var: &var,
+        weight: Some(&gamma),
+        bias: Some(&beta),
+        eps: 1e-5,
+    };
     c.bench_function("fold_conv_batch_norm/512x512x3x3", |b| {
-        b.iter(|| {
-            black_box(fold_conv_batch_norm(&weight, Some(&bias), &mean, &var, Some(&gamma), Some(&beta), 1e-5).unwrap())
-        })
+        b.iter(|| black_box(fold_conv_batch_norm(&weight, Some(&bias), &batch_norm).unwrap()))
     });
 }
 

@@ -1,6 +1,7 @@
 //! Shared helpers for wick's workspace-level tests: tensor comparison with
 //! tolerances relative to output scale, and model loading shortcuts.
 
+pub mod conv_case;
 pub mod harness;
 
 use candle_core::{DType, Device, Tensor};
@@ -9,23 +10,17 @@ use wick_models::{Model, ModelName, WeightSource};
 /// Largest absolute difference between two tensors of equal shape (computed in f64).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    let wide = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    abs_max(&(wide(a) - wide(b)).unwrap())
 }
 
 /// Largest absolute value of a tensor (its scale), at least `1e-12`.
 pub fn max_abs(a: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
+    abs_max(&a.to_dtype(DType::F64).unwrap()).max(1e-12)
+}
+
+/// Largest |x| over an f64 tensor.
+fn abs_max(a: &Tensor) -> f64 {
     a.abs()
         .unwrap()
         .flatten_all()
@@ -34,7 +29,6 @@ pub fn max_abs(a: &Tensor) -> f64 {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap()
-        .max(1e-12)
 }
 
 /// Asserts `|got - want|_max <= rel * max(1, |want|_max)`, with a readable message.

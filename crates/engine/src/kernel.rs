@@ -10,6 +10,7 @@ use crate::error::AtNode;
 use crate::EngineError;
 use candle_core::{DType, Device, Tensor};
 use wick_ir::{Conv2dAttrs, FusedConv2dAttrs, Graph, Node, Op};
+use wick_passes::BatchNormParams;
 
 /// A value's place in a run: the index of the node that produces it.
 pub(crate) type Slot = usize;
@@ -65,14 +66,16 @@ impl Kernel {
                 let params: Option<Vec<&Tensor>> = (1..node.inputs.len()).map(|i| constant(graph, node, i)).collect();
                 let x = slot(0);
                 match params.as_deref() {
-                    Some([mean, var, affine @ ..]) => {
-                        let (weight, bias) = match affine {
-                            [weight, bias] => (Some(*weight), Some(*bias)),
-                            _ => (None, None),
+                    Some(&[running_mean, running_var, ref affine @ ..]) => {
+                        let params = BatchNormParams {
+                            running_mean,
+                            running_var,
+                            weight: affine.first().copied(),
+                            bias: affine.get(1).copied(),
+                            eps: attrs.eps,
                         };
-                        let (dtype, rank) = (node.fact.dtype, node.fact.rank());
                         let (scale, shift) =
-                            batch_norm_affine(mean, var, weight, bias, attrs.eps, dtype, rank).at(&node.name)?;
+                            batch_norm_affine(&params, node.fact.dtype, node.fact.rank()).at(&node.name)?;
                         candle(CandleOp::BatchNormFolded { scale, shift, x })
                     }
                     _ => candle(CandleOp::BatchNorm {

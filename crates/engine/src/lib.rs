@@ -62,8 +62,6 @@ pub use exec::{CompiledModel, StepProfile, IN_POOL_MAX_ACTIVATION_BYTES};
 /// Helpers shared by the engine's unit tests.
 #[cfg(test)]
 pub(crate) mod test_util {
-    use candle_core::Tensor;
-
     /// A seeded generator of values uniform in [-1, 1) (a 64-bit LCG's top
     /// 24 bits: reproducible from a proptest seed, no extra dependency).
     pub(crate) fn uniform(seed: u64) -> impl FnMut() -> f32 {
@@ -76,17 +74,5 @@ pub(crate) mod test_util {
         }
     }
 
-    /// Largest |a - b| over all elements of two f32 tensors of equal shape.
-    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    pub(crate) use wick_tests::max_abs_diff;
 }

@@ -2,7 +2,9 @@
 //! registered through the public pattern API like any user rewrite.
 
 use crate::PassError;
-use crate::{fold_conv_batch_norm, Match, Pattern, PatternBuilder, PatternPass, Replacement, Rewriter};
+use crate::{
+    fold_conv_batch_norm, BatchNormParams, Match, Pattern, PatternBuilder, PatternPass, Replacement, Rewriter,
+};
 use wick_ir::{BatchNormAttrs, Conv2dAttrs, Op};
 
 /// The pattern `batch_norm(conv2d(x, @w[, @b]), @mean, @var[, @gamma, @beta])`.
@@ -60,16 +62,16 @@ fn replace(found: &Match, rewriter: &mut Rewriter<'_>) -> Result<Replacement, Pa
     let (Some(running_mean), Some(running_var)) = (data("bn.running_mean")?, data("bn.running_var")?) else {
         return Ok(Replacement::Refuse("incomplete_match"));
     };
-    let (folded_weight, folded_bias) = fold_conv_batch_norm(
-        rewriter.constant_data(weight)?,
-        data("conv.bias")?,
+    let batch_norm = BatchNormParams {
         running_mean,
         running_var,
-        data("bn.weight")?,
-        data("bn.bias")?,
+        weight: data("bn.weight")?,
+        bias: data("bn.bias")?,
         eps,
-    )
-    .map_err(|e| rewriter.candle_error(bn, e))?;
+    };
+    let (folded_weight, folded_bias) =
+        fold_conv_batch_norm(rewriter.constant_data(weight)?, data("conv.bias")?, &batch_norm)
+            .map_err(|e| rewriter.candle_error(bn, e))?;
     let weight = rewriter.add_constant(&format!("{name}.weight"), folded_weight)?;
     let bias = rewriter.add_constant(&format!("{name}.bias"), folded_bias)?;
     let fused = rewriter.add_node(&name, Op::Conv2d(conv_attrs), &[x, weight, bias])?;

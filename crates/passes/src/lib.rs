@@ -19,7 +19,7 @@ mod rewrite;
 pub use counters::{Counters, PassCounters};
 pub use dce::EliminateDeadCode;
 pub use error::PassError;
-pub use fold::{batch_norm_scale_shift, fold_conv_batch_norm};
+pub use fold::{fold_conv_batch_norm, BatchNormParams};
 pub use fuse_conv_batch_norm::{conv_batch_norm_pattern, fuse_conv_batch_norm, fused_name};
 pub use fuse_conv_epilogue::{fuse_conv_add_relu, fuse_conv_max_pool, fuse_conv_relu};
 pub use manager::{ExtensionPoint, PassManager, PassReport, PassRun, StopReason};

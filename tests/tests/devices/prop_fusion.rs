@@ -4,118 +4,52 @@
 use candle_core::{DType, Device};
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
-use wick_ir::{BatchNormAttrs, Conv2dAttrs, Graph, Op, TensorFact};
+use wick_ir::{BatchNormAttrs, Graph, Op, TensorFact};
 use wick_models::random::uniform;
 use wick_passes::PassManager;
+use wick_tests::conv_case::{arb_conv_case, ConvCase};
 use wick_tests::device_test;
 use wick_tests::harness::{arb_graph, check_semantics, check_semantics_on, config, GraphCase};
 
 /// One conv → batch_norm pair with every attribute drawn at random.
 #[derive(Debug, Clone)]
 struct ConvBnCase {
-    batch: usize,
-    in_channels: usize,
-    out_channels: usize,
-    groups: usize,
-    kernel: [usize; 2],
-    stride: usize,
-    dilation: usize,
-    padding: [usize; 2],
-    size: [usize; 2],
+    conv: ConvCase,
     bias: bool,
     affine: bool,
     eps: f64,
     seed: u64,
 }
 
-fn divisors(n: usize) -> Vec<usize> {
-    (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
-}
-
 fn arb_conv_bn() -> impl Strategy<Value = ConvBnCase> {
     (
-        (1usize..4, 1usize..4, 1usize..4, 1usize..3, [0usize..3, 0usize..3]),
-        (
-            1usize..7,
-            0usize..3,
-            1usize..4,
-            any::<prop::sample::Index>(),
-            any::<bool>(),
-        ),
-        (
-            [0usize..5, 0usize..5],
-            any::<bool>(),
-            any::<bool>(),
-            -5.0f64..-1.0,
-            any::<u64>(),
-        ),
+        arb_conv_case(),
+        any::<bool>(),
+        any::<bool>(),
+        -5.0f64..-1.0,
+        any::<u64>(),
     )
-        .prop_map(
-            |(
-                (batch, kh, kw, stride_dilation, padding),
-                (channels, group_kind, per_group, group_pick, c_eq_hw),
-                (extra, bias, affine, log_eps, seed),
-            )| {
-                let (stride, dilation) = if stride_dilation == 1 {
-                    (1, 1 + seed as usize % 2)
-                } else {
-                    (2, 1)
-                };
-                let kernel = [kh, kw];
-                let min = |axis: usize| {
-                    (dilation * (kernel[axis] - 1) + 1)
-                        .saturating_sub(2 * padding[axis])
-                        .max(1)
-                };
-                // C == H == W exercises candle's NCHW/NHWC stride ambiguity (candle PR #3405).
-                let (in_channels, size) = if c_eq_hw {
-                    let n = channels.max(min(0)).max(min(1)).max(2);
-                    (n, [n, n])
-                } else {
-                    (channels, [min(0) + extra[0], min(1) + extra[1]])
-                };
-                let groups = match group_kind {
-                    0 => 1,
-                    1 => in_channels,
-                    _ => *group_pick.get(&divisors(in_channels)),
-                };
-                ConvBnCase {
-                    batch,
-                    in_channels,
-                    out_channels: groups * per_group,
-                    groups,
-                    kernel,
-                    stride,
-                    dilation,
-                    padding,
-                    size,
-                    bias,
-                    affine,
-                    eps: 10f64.powf(log_eps),
-                    seed,
-                }
-            },
-        )
+        .prop_map(|(conv, bias, affine, log_eps, seed)| ConvBnCase {
+            conv,
+            bias,
+            affine,
+            eps: 10f64.powf(log_eps),
+            seed,
+        })
 }
 
 fn build(case: &ConvBnCase) -> (GraphCase, f64) {
     let mut graph = Graph::new("conv_bn");
-    let [h, w] = case.size;
+    let conv = &case.conv;
     let x = graph
-        .add_input("x", TensorFact::new(DType::F32, [case.batch, case.in_channels, h, w]))
+        .add_input("x", TensorFact::new(DType::F32, conv.input_dims()))
         .unwrap();
     let mut constant = |name: &str, shape: &[usize], lo: f64, hi: f64| {
         let t = uniform(case.seed, name, shape, lo, hi, &Device::Cpu).unwrap();
         (graph.add_constant(name, t.clone()).unwrap(), t)
     };
-    let o = case.out_channels;
-    let fan_in = case.in_channels / case.groups * case.kernel[0] * case.kernel[1];
-    let (weight, weight_data) = constant(
-        "conv.weight",
-        &[o, case.in_channels / case.groups, case.kernel[0], case.kernel[1]],
-        -1.0,
-        1.0,
-    );
+    let (o, fan_in) = (conv.out_channels, conv.fan_in());
+    let (weight, weight_data) = constant("conv.weight", &conv.weight_dims(), -1.0, 1.0);
     let mut conv_inputs = vec![x, weight];
     let mut bias_max = 0.0;
     if case.bias {
@@ -131,13 +65,7 @@ fn build(case: &ConvBnCase) -> (GraphCase, f64) {
         bn_inputs.push(constant("bn.bias", &[o], -1.0, 1.0).0);
         (gamma_max, beta_max) = (2.0, 1.0);
     }
-    let attrs = Conv2dAttrs {
-        stride: [case.stride; 2],
-        padding: case.padding,
-        dilation: [case.dilation; 2],
-        groups: case.groups,
-    };
-    let conv = graph.add_node("conv", Op::Conv2d(attrs), &conv_inputs).unwrap();
+    let conv = graph.add_node("conv", Op::Conv2d(conv.attrs()), &conv_inputs).unwrap();
     bn_inputs.insert(0, conv);
     let bn = graph
         .add_node("bn", Op::BatchNorm(BatchNormAttrs { eps: case.eps }), &bn_inputs)
@@ -253,7 +181,7 @@ fn regression(case: ConvBnCase) {
 /// C == H == W == 4 with a depthwise 3x3 conv (candle's layout-ambiguity bug shape).
 #[test]
 fn regression_c_eq_h_eq_w_depthwise() {
-    regression(ConvBnCase {
+    let conv = ConvCase {
         batch: 1,
         in_channels: 4,
         out_channels: 4,
@@ -263,6 +191,9 @@ fn regression_c_eq_h_eq_w_depthwise() {
         dilation: 1,
         padding: [1, 1],
         size: [4, 4],
+    };
+    regression(ConvBnCase {
+        conv,
         bias: false,
         affine: true,
         eps: 1e-5,
@@ -273,7 +204,7 @@ fn regression_c_eq_h_eq_w_depthwise() {
 /// Kernel 1x3, asymmetric padding, stride 2, no bias, no affine, eps 0.1.
 #[test]
 fn regression_asymmetric_kernel_and_padding() {
-    regression(ConvBnCase {
+    let conv = ConvCase {
         batch: 2,
         in_channels: 3,
         out_channels: 6,
@@ -283,6 +214,9 @@ fn regression_asymmetric_kernel_and_padding() {
         dilation: 1,
         padding: [0, 2],
         size: [3, 5],
+    };
+    regression(ConvBnCase {
+        conv,
         bias: false,
         affine: false,
         eps: 0.1,

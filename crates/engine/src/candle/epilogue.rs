@@ -12,39 +12,44 @@ use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tens
 /// owned by the caller): adds `bias` (`[C]`) and `residual` (`y`'s shape),
 /// then ReLU when `relu`.
 pub(crate) fn apply(y: &Tensor, bias: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<()> {
+    let op = ConvEpilogue { relu };
     match residual {
-        None => y.inplace_op2(bias, &BiasAct { relu }),
-        Some(r) => y.inplace_op3(bias, r, &BiasResidualAct { relu }),
+        None => y.inplace_op2(bias, &op),
+        Some(r) => y.inplace_op3(bias, r, &op),
     }
 }
 
-/// `y += bias[c]`, then ReLU.
-struct BiasAct {
+/// `y += bias[c] (+ residual)`, then ReLU: an [`InplaceOp2`] without a
+/// residual, an [`InplaceOp3`] with one.
+struct ConvEpilogue {
     relu: bool,
 }
 
-/// `y += bias[c] + residual`, then ReLU.
-struct BiasResidualAct {
+/// The epilogue's read-only operands on one backend's storage `S`.
+struct Operands<'a, S> {
+    bias: (&'a S, &'a Layout),
+    residual: Option<(&'a S, &'a Layout)>,
     relu: bool,
 }
 
 /// `(n, channels, plane)` after checking the operands: `y` a contiguous
 /// rank-4 value, `bias` `[C]` contiguous, `residual` (if any) `y`'s
 /// contiguous shape. Errors name what was expected.
-fn geometry(y: &Layout, bias: &Layout, residual: Option<&Layout>) -> Result<(usize, usize, usize)> {
+fn geometry<S>(y: &Layout, operands: &Operands<'_, S>) -> Result<(usize, usize, usize)> {
     let &[_, channels, h, w] = y.dims() else {
         bail!("conv epilogue: output must be NCHW, got {:?}", y.dims())
     };
     if !y.is_contiguous() {
         bail!("conv epilogue: output must be contiguous")
     }
+    let bias = operands.bias.1;
     if bias.dims() != [channels] || !bias.is_contiguous() {
         bail!(
             "conv epilogue: bias must be [{channels}] contiguous, got {:?}",
             bias.dims()
         )
     }
-    if let Some(r) = residual {
+    if let Some((_, r)) = operands.residual {
         if r.dims() != y.dims() || !r.is_contiguous() {
             bail!(
                 "conv epilogue: residual must be {:?} contiguous, got {:?}",
@@ -56,21 +61,14 @@ fn geometry(y: &Layout, bias: &Layout, residual: Option<&Layout>) -> Result<(usi
     Ok((y.shape().elem_count(), channels, h * w))
 }
 
-fn cpu_epilogue(
-    y: &mut CpuStorage,
-    yl: &Layout,
-    bias: &CpuStorage,
-    bl: &Layout,
-    residual: Option<(&CpuStorage, &Layout)>,
-    relu: bool,
-) -> Result<()> {
-    let (n, channels, plane) = geometry(yl, bl, residual.map(|(_, l)| l))?;
-    let (CpuStorage::F32(y), CpuStorage::F32(bias)) = (y, bias) else {
+fn cpu_epilogue(y: &mut CpuStorage, yl: &Layout, operands: Operands<'_, CpuStorage>) -> Result<()> {
+    let (n, channels, plane) = geometry(yl, &operands)?;
+    let (CpuStorage::F32(y), (CpuStorage::F32(bias), bl)) = (y, operands.bias) else {
         bail!("conv epilogue: f32 operands only")
     };
     let y = &mut y[yl.start_offset()..][..n];
     let bias = &bias[bl.start_offset()..][..channels];
-    let residual = match residual {
+    let residual = match operands.residual {
         None => None,
         Some((CpuStorage::F32(r), l)) => Some(&r[l.start_offset()..][..n]),
         Some(_) => bail!("conv epilogue: f32 operands only"),
@@ -81,18 +79,23 @@ fn cpu_epilogue(
     // One (image, channel) plane at a time: plane `i` is channel `i % C`.
     for (i, values) in y.chunks_mut(plane).enumerate() {
         let residual = residual.map(|r| &r[i * plane..][..plane]);
-        crate::cpu::epilogue::in_place(values, bias[i % channels], residual, relu);
+        crate::cpu::epilogue::in_place(values, bias[i % channels], residual, operands.relu);
     }
     Ok(())
 }
 
-impl InplaceOp2 for BiasAct {
+impl InplaceOp2 for ConvEpilogue {
     fn name(&self) -> &'static str {
-        "wick-bias-act"
+        "wick-conv-epilogue"
     }
 
     fn cpu_fwd(&self, y: &mut CpuStorage, yl: &Layout, bias: &CpuStorage, bl: &Layout) -> Result<()> {
-        cpu_epilogue(y, yl, bias, bl, None, self.relu)
+        let operands = Operands {
+            bias: (bias, bl),
+            residual: None,
+            relu: self.relu,
+        };
+        cpu_epilogue(y, yl, operands)
     }
 
     #[cfg(feature = "cuda")]
@@ -103,13 +106,18 @@ impl InplaceOp2 for BiasAct {
         bias: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<()> {
-        cuda::launch(y, yl, bias, bl, None, self.relu)
+        let operands = Operands {
+            bias: (bias, bl),
+            residual: None,
+            relu: self.relu,
+        };
+        cuda::launch(y, yl, operands)
     }
 }
 
-impl InplaceOp3 for BiasResidualAct {
+impl InplaceOp3 for ConvEpilogue {
     fn name(&self) -> &'static str {
-        "wick-bias-residual-act"
+        "wick-conv-epilogue"
     }
 
     fn cpu_fwd(
@@ -121,7 +129,12 @@ impl InplaceOp3 for BiasResidualAct {
         residual: &CpuStorage,
         rl: &Layout,
     ) -> Result<()> {
-        cpu_epilogue(y, yl, bias, bl, Some((residual, rl)), self.relu)
+        let operands = Operands {
+            bias: (bias, bl),
+            residual: Some((residual, rl)),
+            relu: self.relu,
+        };
+        cpu_epilogue(y, yl, operands)
     }
 
     #[cfg(feature = "cuda")]
@@ -134,32 +147,32 @@ impl InplaceOp3 for BiasResidualAct {
         residual: &candle_core::CudaStorage,
         rl: &Layout,
     ) -> Result<()> {
-        cuda::launch(y, yl, bias, bl, Some((residual, rl)), self.relu)
+        let operands = Operands {
+            bias: (bias, bl),
+            residual: Some((residual, rl)),
+            relu: self.relu,
+        };
+        cuda::launch(y, yl, operands)
     }
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::geometry;
+    use super::{geometry, Operands};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{bail, CudaStorage, Layout, Result};
 
-    const PTX: &str = include_str!("../cuda/epilogue.ptx");
+    const PTX: &str = include_str!("../../cuda/epilogue.ptx");
 
-    pub(super) fn launch(
-        y: &mut CudaStorage,
-        yl: &Layout,
-        bias: &CudaStorage,
-        bl: &Layout,
-        residual: Option<(&CudaStorage, &Layout)>,
-        relu: bool,
-    ) -> Result<()> {
-        let (n, channels, plane) = geometry(yl, bl, residual.map(|(_, l)| l))?;
+    pub(super) fn launch(y: &mut CudaStorage, yl: &Layout, operands: Operands<'_, CudaStorage>) -> Result<()> {
+        let (n, channels, plane) = geometry(yl, &operands)?;
         let (Ok(channels), Ok(plane)) = (u32::try_from(channels), u32::try_from(plane)) else {
             bail!("conv epilogue: {channels} channels of {plane} values exceed the kernel's u32 indices")
         };
+        let (residual, relu) = (operands.residual, operands.relu);
+        let (bias, bl) = operands.bias;
         let dev = y.device().clone();
         let name = if residual.is_some() {
             "wick_bias_residual_act_f32"

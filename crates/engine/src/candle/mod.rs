@@ -8,6 +8,7 @@ pub(crate) mod epilogue;
 use crate::kernel::Slot;
 use candle_core::{DType, Tensor, D};
 use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
+use wick_passes::BatchNormParams;
 
 /// One step on candle's ops, with its operands by role.
 #[derive(Debug)]
@@ -151,19 +152,18 @@ impl CandleOp {
                 affine,
             } => {
                 let x = value(*x)?;
-                let (weight, bias) = match affine {
-                    Some((w, b)) => (Some(value(*w)?), Some(value(*b)?)),
-                    None => (None, None),
+                let (running_mean, running_var) = (value(*mean)?, value(*var)?);
+                let affine = affine
+                    .map(|(w, b)| Ok::<_, candle_core::Error>((value(w)?, value(b)?)))
+                    .transpose()?;
+                let params = BatchNormParams {
+                    running_mean: &running_mean,
+                    running_var: &running_var,
+                    weight: affine.as_ref().map(|(w, _)| w),
+                    bias: affine.as_ref().map(|(_, b)| b),
+                    eps: *eps,
                 };
-                let (scale, shift) = batch_norm_affine(
-                    &value(*mean)?,
-                    &value(*var)?,
-                    weight.as_ref(),
-                    bias.as_ref(),
-                    *eps,
-                    x.dtype(),
-                    x.rank(),
-                )?;
+                let (scale, shift) = batch_norm_affine(&params, x.dtype(), x.rank())?;
                 x.broadcast_mul(&scale)?.broadcast_add(&shift)
             }
             CandleOp::Relu { x } => value(*x)?.relu(),
@@ -176,18 +176,14 @@ impl CandleOp {
     }
 }
 
-/// Batch norm's `(scale, shift)` ([`wick_passes::batch_norm_scale_shift`])
-/// in `dtype`, shaped `[1, C, 1, ...]` to broadcast over a rank-`rank` value.
+/// Batch norm's `(scale, shift)` ([`BatchNormParams::scale_shift`]) in
+/// `dtype`, shaped `[1, C, 1, ...]` to broadcast over a rank-`rank` value.
 pub(crate) fn batch_norm_affine(
-    mean: &Tensor,
-    var: &Tensor,
-    weight: Option<&Tensor>,
-    bias: Option<&Tensor>,
-    eps: f64,
+    params: &BatchNormParams<'_>,
     dtype: DType,
     rank: usize,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let (scale, shift) = wick_passes::batch_norm_scale_shift(mean, var, weight, bias, eps)?;
+    let (scale, shift) = params.scale_shift()?;
     let shape = channel_shape(scale.dim(0)?, rank);
     Ok((
         scale.to_dtype(dtype)?.reshape(shape.clone())?,

@@ -12,8 +12,9 @@ pub(crate) mod winograd;
 use super::epilogue::Epilogue;
 use super::gemm::Isa;
 use super::ConvAlgorithm;
+use crate::cpu::gemm::Layout;
 use candle_core::{bail, Device, Tensor};
-use direct::{DirectConv, DirectLayout};
+use direct::DirectConv;
 use grouped::GroupedConv;
 use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
 use winograd::{WinogradF2, WinogradF4};
@@ -178,16 +179,11 @@ impl CpuConv {
                 pool_unfused("winograd")?;
                 CpuConv::WinogradF2(WinogradF2::new(spec, weight, epilogue, isa)?)
             }
-            ConvAlgorithm::DirectPanels => CpuConv::Direct(DirectConv::new(
-                spec,
-                weight,
-                epilogue,
-                pool,
-                DirectLayout::Panels,
-                isa,
-            )?),
+            ConvAlgorithm::DirectPanels => {
+                CpuConv::Direct(DirectConv::new(spec, weight, epilogue, pool, Layout::Panels, isa)?)
+            }
             ConvAlgorithm::DirectLanes => {
-                CpuConv::Direct(DirectConv::new(spec, weight, epilogue, pool, DirectLayout::Lanes, isa)?)
+                CpuConv::Direct(DirectConv::new(spec, weight, epilogue, pool, Layout::Lanes, isa)?)
             }
             ConvAlgorithm::Grouped => CpuConv::Grouped(GroupedConv::new(spec, weight, epilogue)?, pool),
         })
@@ -199,8 +195,8 @@ impl CpuConv {
             CpuConv::WinogradF4(_) => ConvAlgorithm::WinogradF4,
             CpuConv::WinogradF2(_) => ConvAlgorithm::WinogradF2,
             CpuConv::Direct(conv) => match conv.layout() {
-                DirectLayout::Panels => ConvAlgorithm::DirectPanels,
-                DirectLayout::Lanes => ConvAlgorithm::DirectLanes,
+                Layout::Panels => ConvAlgorithm::DirectPanels,
+                Layout::Lanes => ConvAlgorithm::DirectLanes,
             },
             CpuConv::Grouped(..) => ConvAlgorithm::Grouped,
         }

@@ -1,10 +1,12 @@
 //! The grouped and direct convs against candle's conv across random shapes.
 
-use super::direct::{DirectConv, DirectLayout};
+use super::direct::DirectConv;
 use super::grouped::GroupedConv;
 use super::*;
 use crate::cpu::gemm::Isa;
+use crate::cpu::gemm::Layout;
 use proptest::prelude::*;
+use wick_tests::conv_case::{arb_conv_case, ConvCase};
 
 /// The grouped conv of `w` with `attrs` (tests).
 fn grouped(w: &Tensor, b: Option<&Tensor>, attrs: Conv2dAttrs, relu: bool) -> GroupedConv {
@@ -33,104 +35,30 @@ fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: Conv2dAttrs, relu: b
 
 #[derive(Debug, Clone)]
 struct Case {
-    batch: usize,
-    channels: usize,
-    groups: usize,
-    per_group: usize,
-    kernel: [usize; 2],
-    stride: usize,
-    dilation: usize,
-    padding: [usize; 2],
-    size: [usize; 2],
+    conv: ConvCase,
     bias: bool,
     relu: bool,
 }
 
 fn arb_case() -> impl Strategy<Value = Case> {
-    (
-        1usize..4,
-        1usize..7,
-        0usize..3,
-        1usize..4,
-        [1usize..4, 1usize..4],
-        1usize..3,
-        1usize..3,
-        [0usize..3, 0usize..3],
-    )
-        .prop_flat_map(
-            |(batch, channels, group_kind, per_group, kernel, stride, dilation, padding)| {
-                let min = |axis: usize| {
-                    (dilation * (kernel[axis] - 1) + 1)
-                        .saturating_sub(2 * padding[axis])
-                        .max(1)
-                };
-                let groups = match group_kind {
-                    0 => 1,
-                    1 => channels,
-                    _ => (1..=channels)
-                        .rev()
-                        .find(|d| channels % d == 0 && *d < channels)
-                        .unwrap_or(1),
-                };
-                (
-                    Just((batch, channels, groups, per_group, kernel, stride, dilation, padding)),
-                    [min(0)..min(0) + 6, min(1)..min(1) + 6],
-                    any::<bool>(),
-                    any::<bool>(),
-                    any::<bool>(),
-                )
-            },
-        )
-        .prop_map(
-            |((batch, channels, groups, per_group, kernel, stride, dilation, padding), size, bias, relu, square)| {
-                // Every other square case has C == H == W (candle's layout-ambiguity shape).
-                let size = if square && size[0].max(size[1]) <= channels.max(size[0]) {
-                    [channels.max(size[0]); 2]
-                } else {
-                    size
-                };
-                Case {
-                    batch,
-                    channels,
-                    groups,
-                    per_group,
-                    kernel,
-                    stride,
-                    dilation,
-                    padding,
-                    size,
-                    bias,
-                    relu,
-                }
-            },
-        )
+    (arb_conv_case(), any::<bool>(), any::<bool>()).prop_map(|(conv, bias, relu)| Case { conv, bias, relu })
 }
 
 /// Both weight layouts of [`DirectConv`] (pixels on the vector lanes, output channels on them).
-const DIRECT_LAYOUTS: [DirectLayout; 2] = [DirectLayout::Panels, DirectLayout::Lanes];
+const DIRECT_LAYOUTS: [Layout; 2] = [Layout::Panels, Layout::Lanes];
 
 /// Every CPU algorithm that takes `case` (named), and candle's answer.
 fn run_case(case: &Case) -> (Vec<(String, Tensor)>, Tensor) {
-    let d = Device::Cpu;
-    let o = case.groups * case.per_group;
-    let x = Tensor::randn(0f32, 1.0, (case.batch, case.channels, case.size[0], case.size[1]), &d).unwrap();
-    let w = Tensor::randn(
-        0f32,
-        1.0,
-        (o, case.channels / case.groups, case.kernel[0], case.kernel[1]),
-        &d,
-    )
-    .unwrap();
-    let b = case.bias.then(|| Tensor::randn(0f32, 1.0, o, &d).unwrap());
-    let attrs = Conv2dAttrs {
-        stride: [case.stride; 2],
-        padding: case.padding,
-        dilation: [case.dilation; 2],
-        groups: case.groups,
-    };
+    let (d, conv) = (Device::Cpu, &case.conv);
+    let x = Tensor::randn(0f32, 1.0, conv.input_dims().as_slice(), &d).unwrap();
+    let w = Tensor::randn(0f32, 1.0, conv.weight_dims().as_slice(), &d).unwrap();
+    let b = case
+        .bias
+        .then(|| Tensor::randn(0f32, 1.0, conv.out_channels, &d).unwrap());
+    let attrs = conv.attrs();
     let packed = grouped(&w, b.as_ref(), attrs, case.relu);
     let mut got = vec![("grouped".to_string(), packed.run(&x, None).unwrap())];
-    if case.groups == 1 {
+    if conv.groups == 1 {
         for isa in Isa::available() {
             for layout in DIRECT_LAYOUTS {
                 let direct = DirectConv::for_test(&w, b.as_ref(), attrs, case.relu, None, layout, isa).unwrap();
@@ -145,13 +73,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// The grouped and (one group, every SIMD path) direct convs equal
-    /// candle's conv (+ bias, + relu) across random
-    /// shapes: groups incl. depthwise, kernel h != w, stride 2, dilation,
-    /// asymmetric padding, odd sizes, C == H == W.
+    /// candle's conv (+ bias, + relu) across random shapes
+    /// ([`arb_conv_case`]: groups incl. depthwise, kernel h != w, stride,
+    /// dilation, asymmetric padding, odd sizes, C == H == W).
     #[test]
     fn matches_candle(case in arb_case()) {
         let (got, want) = run_case(&case);
-        let k = (case.channels / case.groups * case.kernel[0] * case.kernel[1]) as f32;
+        let k = case.conv.fan_in() as f64;
         for (name, got) in got {
             prop_assert_eq!(got.dims(), want.dims(), "{}", name);
             let diff = crate::test_util::max_abs_diff(&got, &want);

@@ -91,36 +91,53 @@ pub(crate) fn lane_gemm(
     for k0 in (0..depth).step_by(KC) {
         let kc = KC.min(depth - k0);
         for (i, g) in groups.clone().enumerate() {
-            let wg = &w[chunk_offset(k0, kc, g, rows)..][..kc * LANES];
+            let chunk = Chunk {
+                wg: &w[chunk_offset(k0, kc, g, rows)..][..kc * LANES],
+                v: &v[k0 * cols..],
+                kc,
+                cols,
+                pixels,
+                first: k0 == 0,
+            };
             let mg = &mut m[i * pixels * LANES..][..pixels * LANES];
-            let first = k0 == 0;
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `wg` has kc·LANES values, `mg` pixels·LANES, and `v`
                 // from row k0 has kc rows of `cols >= pixels` values (checked
                 // above); the CPU has AVX-512F (`Isa::Avx512` is only handed
                 // out when it does).
-                Isa::Avx512 => unsafe { x86::chunk_avx512(wg, &v[k0 * cols..], mg, kc, cols, pixels, first) },
+                Isa::Avx512 => unsafe { x86::chunk_avx512(&chunk, mg) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above, for AVX2 + FMA.
-                Isa::Avx2Fma => unsafe { x86::chunk_avx2(wg, &v[k0 * cols..], mg, kc, cols, pixels, first) },
-                _ => chunk_scalar(wg, &v[k0 * cols..], mg, kc, cols, pixels, first),
+                Isa::Avx2Fma => unsafe { x86::chunk_avx2(&chunk, mg) },
+                _ => chunk_scalar(&chunk, mg),
             }
         }
     }
 }
 
-/// One lane group, one depth chunk: `mg[p][l] (+)= Σ_d wg[d][l] · v[d][p]`,
-/// starting from zero when `first`.
-fn chunk_scalar(wg: &[f32], v: &[f32], mg: &mut [f32], kc: usize, cols: usize, pixels: usize, first: bool) {
-    for p in 0..pixels {
+/// One lane group's operands for one depth chunk: `wg` (`kc·LANES`
+/// weights), `v` from the chunk's first row (`kc` rows of `cols`, only the
+/// first `pixels` columns read); `first` starts the sums from zero.
+struct Chunk<'a> {
+    wg: &'a [f32],
+    v: &'a [f32],
+    kc: usize,
+    cols: usize,
+    pixels: usize,
+    first: bool,
+}
+
+/// One lane group, one depth chunk: `mg[p][l] (+)= Σ_d wg[d][l] · v[d][p]`.
+fn chunk_scalar(c: &Chunk<'_>, mg: &mut [f32]) {
+    for p in 0..c.pixels {
         let acc = &mut mg[p * LANES..][..LANES];
-        if first {
+        if c.first {
             acc.fill(0.0);
         }
-        for d in 0..kc {
-            let a = v[d * cols + p];
-            for (acc, &w) in acc.iter_mut().zip(&wg[d * LANES..][..LANES]) {
+        for d in 0..c.kc {
+            let a = c.v[d * c.cols + p];
+            for (acc, &w) in acc.iter_mut().zip(&c.wg[d * LANES..][..LANES]) {
                 *acc += a * w;
             }
         }
@@ -129,7 +146,7 @@ fn chunk_scalar(wg: &[f32], v: &[f32], mg: &mut [f32], kc: usize, cols: usize, p
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{LANES, MAX_TILE, PREFETCH};
+    use super::{Chunk, LANES, MAX_TILE, PREFETCH};
     use std::arch::x86_64::*;
 
     /// [`super::chunk_scalar`] on AVX-512F, in tiles of up to
@@ -139,15 +156,15 @@ mod x86 {
     /// AVX-512F; `wg` has `kc·32` values, `v` `kc` rows of `cols` (the
     /// last may end after `pixels`), `mg` `pixels·32`; `pixels <= cols`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn chunk_avx512(
-        wg: &[f32],
-        v: &[f32],
-        mg: &mut [f32],
-        kc: usize,
-        cols: usize,
-        pixels: usize,
-        first: bool,
-    ) {
+    pub(super) unsafe fn chunk_avx512(c: &Chunk<'_>, mg: &mut [f32]) {
+        let Chunk {
+            wg,
+            v,
+            kc,
+            cols,
+            pixels,
+            first,
+        } = *c;
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
             let tiles = pixels.div_ceil(MAX_TILE);
@@ -222,15 +239,15 @@ mod x86 {
     /// # Safety
     /// As [`chunk_avx512`], with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn chunk_avx2(
-        wg: &[f32],
-        v: &[f32],
-        mg: &mut [f32],
-        kc: usize,
-        cols: usize,
-        pixels: usize,
-        first: bool,
-    ) {
+    pub(super) unsafe fn chunk_avx2(c: &Chunk<'_>, mg: &mut [f32]) {
+        let Chunk {
+            wg,
+            v,
+            kc,
+            cols,
+            pixels,
+            first,
+        } = *c;
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
             let (wg, v, mg) = (wg.as_ptr(), v.as_ptr(), mg.as_mut_ptr());

@@ -15,6 +15,35 @@ pub(crate) mod panel;
 pub(crate) use lane::{lane_gemm, pack_lanes, LaneProduct, LANES};
 pub(crate) use panel::{pack_panels, panel_gemm, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
 
+/// Which micro-kernel a left operand (the weights) is packed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// [`pack_panels`] for [`panel_gemm`]: pixels on the vector lanes.
+    Panels,
+    /// [`pack_lanes`] for [`lane_gemm`]: output channels on the vector
+    /// lanes, weights streamed once (few pixels).
+    Lanes,
+}
+
+impl Layout {
+    /// `rows` rounded up to whole panels or lane groups.
+    pub(crate) fn padded_rows(self, rows: usize) -> usize {
+        match self {
+            Layout::Panels => rows.div_ceil(PANEL_ROWS) * PANEL_ROWS,
+            Layout::Lanes => rows.div_ceil(LANES) * LANES,
+        }
+    }
+
+    /// Packs row-major `plain` `[rows, depth]` into `packed`
+    /// (`padded_rows(rows) · depth` values; the padding rows are zeros).
+    pub(crate) fn pack(self, plain: &[f32], rows: usize, depth: usize, packed: &mut [f32]) {
+        match self {
+            Layout::Panels => pack_panels(plain, rows, depth, packed),
+            Layout::Lanes => pack_lanes(plain, rows, depth, packed),
+        }
+    }
+}
+
 /// An instruction-set path. Only [`Isa::available`] (and [`Isa::detect`])
 /// hand out a path other than [`Isa::Scalar`]: the kernels' `unsafe`
 /// dispatch relies on the CPU having the features of every path it is given.

@@ -17,14 +17,17 @@ pub(crate) const PANEL_TILES: usize = 32;
 /// `cols` must be a multiple of this (a half micro-tile finishes the row).
 pub(crate) const PANEL_GRANULE: usize = 16;
 
-/// Packs row-major `plain` `[rows, depth]` (`rows` a multiple of
-/// [`PANEL_ROWS`]) into panels `[rows / PANEL_ROWS][depth][PANEL_ROWS]`.
+/// Packs row-major `plain` `[rows, depth]` into panels
+/// `[rows / PANEL_ROWS][depth][PANEL_ROWS]` (`packed` holds `rows` rounded
+/// up to whole panels, times `depth`; rows past `rows` are zeros).
 pub(crate) fn pack_panels(plain: &[f32], rows: usize, depth: usize, packed: &mut [f32]) {
-    assert!(rows.is_multiple_of(PANEL_ROWS) && plain.len() == rows * depth && packed.len() == rows * depth);
+    let padded = rows.div_ceil(PANEL_ROWS) * PANEL_ROWS;
+    assert!(plain.len() == rows * depth && packed.len() == padded * depth);
     for (panel, out) in packed.chunks_mut(depth * PANEL_ROWS).enumerate() {
         for d in 0..depth {
             for r in 0..PANEL_ROWS {
-                out[d * PANEL_ROWS + r] = plain[(panel * PANEL_ROWS + r) * depth + d];
+                let row = panel * PANEL_ROWS + r;
+                out[d * PANEL_ROWS + r] = if row < rows { plain[row * depth + d] } else { 0.0 };
             }
         }
     }

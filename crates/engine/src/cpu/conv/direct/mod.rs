@@ -13,8 +13,7 @@ mod pooled;
 use super::{output, ConvShape, ConvSpec};
 use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
-use crate::cpu::gemm::{lane_gemm, pack_lanes, pack_panels, panel_gemm, Isa, LaneProduct, LANES};
-use crate::cpu::gemm::{PANEL_GRANULE, PANEL_ROWS};
+use crate::cpu::gemm::{lane_gemm, panel_gemm, Isa, LaneProduct, Layout, LANES, PANEL_GRANULE, PANEL_ROWS};
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -31,16 +30,6 @@ const MIN_BLOCK_COLS: usize = 128;
 /// block's columns for every lane group).
 const LANE_BLOCK_PIXELS: usize = 256;
 
-/// Which micro-kernel the weights are packed for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DirectLayout {
-    /// [`pack_panels`] `[O_pad, C·kh·kw]` for [`panel_gemm`]: pixels on the lanes.
-    Panels,
-    /// [`pack_lanes`] for [`lane_gemm`]: output channels on the lanes,
-    /// weights streamed once (few pixels).
-    Lanes,
-}
-
 /// A one-group convolution with its weights packed for one of the two GEMM
 /// micro-kernels.
 #[derive(Debug)]
@@ -48,7 +37,7 @@ pub(crate) struct DirectConv {
     spec: ConvSpec,
     /// Output channels rounded up to a whole panel (or lane group).
     padded_out: usize,
-    layout: DirectLayout,
+    layout: Layout,
     packed: Vec<f32>,
     epilogue: Epilogue,
     /// A max pool applied to the convolution's output, if fused.
@@ -95,14 +84,14 @@ impl DirectConv {
         weight: &Tensor,
         epilogue: Epilogue,
         pool: Option<MaxPool2dAttrs>,
-        layout: DirectLayout,
+        layout: Layout,
         isa: Isa,
     ) -> candle_core::Result<Self> {
         if let Some(p) = pool {
             if (0..2).any(|i| p.kernel[i] == 0 || p.stride[i] == 0 || p.padding[i] > p.kernel[i] / 2) {
                 bail!("fused max pool needs non-zero kernel and stride and padding <= half the window, got {p:?}")
             }
-            if layout == DirectLayout::Lanes {
+            if layout == Layout::Lanes {
                 bail!("the fused max pool runs on the panel layout")
             }
         }
@@ -111,22 +100,16 @@ impl DirectConv {
         }
         let out_channels = spec.out_channels;
         let depth = spec.in_channels * spec.kernel[0] * spec.kernel[1];
-        let mut plain = weight.flatten_all()?.to_vec1::<f32>()?;
-        let (padded_out, packed) = match layout {
-            DirectLayout::Lanes => {
-                let padded_out = out_channels.div_ceil(LANES) * LANES;
-                let mut lanes = weight_buffer(padded_out * depth);
-                pack_lanes(&plain, out_channels, depth, &mut lanes);
-                (padded_out, lanes)
-            }
-            DirectLayout::Panels => {
-                let padded_out = out_channels.div_ceil(PANEL_ROWS) * PANEL_ROWS;
-                plain.resize(padded_out * depth, 0.0);
-                let mut panels = weight_buffer(padded_out * depth);
-                pack_panels(&plain, padded_out, depth, &mut panels);
-                (padded_out, panels)
-            }
-        };
+        let plain = weight.flatten_all()?.to_vec1::<f32>()?;
+        if plain.len() != out_channels * depth {
+            bail!(
+                "direct conv weight {:?} does not match {out_channels} x {depth}",
+                weight.dims()
+            )
+        }
+        let padded_out = layout.padded_rows(out_channels);
+        let mut packed = weight_buffer(padded_out * depth);
+        layout.pack(&plain, out_channels, depth, &mut packed);
         Ok(Self {
             spec,
             padded_out,
@@ -139,7 +122,7 @@ impl DirectConv {
     }
 
     /// The weights' layout.
-    pub(crate) fn layout(&self) -> DirectLayout {
+    pub(crate) fn layout(&self) -> Layout {
         self.layout
     }
 
@@ -150,7 +133,7 @@ impl DirectConv {
     /// Output pixels per block: a multiple of the GEMM granule, columns and
     /// products together within [`BLOCK_BYTES`], blocks of even size.
     fn block_cols(&self, total: usize) -> usize {
-        if self.layout == DirectLayout::Lanes {
+        if self.layout == Layout::Lanes {
             return total.min(LANE_BLOCK_PIXELS).div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
         }
         let per_col = (self.depth() + self.padded_out) * 4;
@@ -230,8 +213,8 @@ impl DirectConv {
     /// much again for the lane layout's transposition.
     fn products_len(&self, cols: usize) -> usize {
         match self.layout {
-            DirectLayout::Panels => self.padded_out * cols,
-            DirectLayout::Lanes => 2 * self.padded_out * cols,
+            Layout::Panels => self.padded_out * cols,
+            Layout::Lanes => 2 * self.padded_out * cols,
         }
     }
 }
@@ -322,7 +305,7 @@ impl Run<'_> {
         }
         let v = &*v;
         match conv.layout {
-            DirectLayout::Panels if self.split => {
+            Layout::Panels if self.split => {
                 let per_task = (conv.padded_out / PANEL_ROWS).div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
                 m.par_chunks_mut(per_task * cols).enumerate().for_each(|(i, m)| {
                     let rows = m.len() / cols;
@@ -330,8 +313,8 @@ impl Run<'_> {
                     panel_gemm(conv.isa, u, v, m, rows, depth, cols);
                 });
             }
-            DirectLayout::Panels => panel_gemm(conv.isa, &conv.packed, v, m, conv.padded_out, depth, cols),
-            DirectLayout::Lanes => {
+            Layout::Panels => panel_gemm(conv.isa, &conv.packed, v, m, conv.padded_out, depth, cols),
+            Layout::Lanes => {
                 let (m, t) = m.split_at_mut(conv.padded_out * cols);
                 let t = &mut t[..conv.padded_out * pixels];
                 // `t` is `[O_pad / LANES][pixels][LANES]`; tasks own whole lane groups.
@@ -428,7 +411,7 @@ impl DirectConv {
         attrs: wick_ir::Conv2dAttrs,
         relu: bool,
         pool: Option<MaxPool2dAttrs>,
-        layout: DirectLayout,
+        layout: Layout,
         isa: Isa,
     ) -> candle_core::Result<Self> {
         let spec = ConvSpec::of(weight, attrs)?;

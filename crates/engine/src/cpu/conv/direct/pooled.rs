@@ -90,8 +90,9 @@ impl Run<'_> {
 
 #[cfg(test)]
 mod tests {
-    use crate::cpu::conv::direct::{DirectConv, DirectLayout::Panels};
+    use crate::cpu::conv::direct::DirectConv;
     use crate::cpu::gemm::Isa;
+    use crate::cpu::gemm::Layout::Panels;
     use crate::cpu::pool::max_pool2d;
     use candle_core::{Device, Tensor};
     use proptest::prelude::*;

@@ -10,11 +10,11 @@
 //! Error: the points 0, ±1, ∞ only (coefficients ±1 and ½), well inside the
 //! F(4×4) bound that `winograd/tests.rs` checks both against.
 
-use super::{check_applies, transformed_weights, Tiles, SKEW};
+use super::{pack_weights, Tiles, SKEW};
 use crate::cpu::conv::{output, ConvSpec};
-use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
-use crate::cpu::gemm::{lane_gemm, pack_lanes, Isa, LaneProduct, LANES};
+use crate::cpu::gemm::{lane_gemm, Isa, LaneProduct, Layout, LANES};
 use candle_core::Tensor;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -34,7 +34,7 @@ pub(crate) struct WinogradF2 {
     spec: ConvSpec,
     /// Output channels rounded up to whole lane groups.
     padded_out: usize,
-    /// `U[ξ]` (`[O, C]`) for each ξ, packed by [`pack_lanes`].
+    /// `U[ξ]` (`[O, C]`) for each ξ, packed for the lane micro-kernel.
     u: Vec<f32>,
     epilogue: Epilogue,
     isa: Isa,
@@ -55,22 +55,7 @@ struct Run<'a> {
 impl WinogradF2 {
     /// Transforms and packs `weight` (`[O, C, 3, 3]`, f32) for `spec`.
     pub(crate) fn new(spec: ConvSpec, weight: &Tensor, epilogue: Epilogue, isa: Isa) -> candle_core::Result<Self> {
-        check_applies(&spec)?;
-        let (out_channels, in_channels) = (spec.out_channels, spec.in_channels);
-        let w = weight.flatten_all()?.to_vec1::<f32>()?;
-        let padded_out = out_channels.div_ceil(LANES) * LANES;
-        let per_plain = out_channels * in_channels;
-        let plain = transformed_weights(&w, out_channels, out_channels, in_channels, weight_transform);
-        let per_xi = padded_out * in_channels;
-        let mut u = weight_buffer(XI * per_xi);
-        for xi in 0..XI {
-            pack_lanes(
-                &plain[xi * per_plain..][..per_plain],
-                out_channels,
-                in_channels,
-                &mut u[xi * per_xi..][..per_xi],
-            );
-        }
+        let (padded_out, u) = pack_weights(&spec, weight, weight_transform, Layout::Lanes)?;
         Ok(Self {
             spec,
             padded_out,

@@ -15,11 +15,11 @@
 //! `tests/tests/devices/pytorch.rs` on a whole ResNet18).
 
 use super::f4_transform::{weight_transform, InputChannel, OutputChannel};
-use super::{check_applies, transformed_weights, Tiles, SKEW};
+use super::{pack_weights, Tiles, SKEW};
 use crate::cpu::conv::{output, ConvSpec};
-use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
-use crate::cpu::gemm::{pack_panels, panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
+use crate::cpu::gemm::{panel_gemm, Isa, Layout, PANEL_GRANULE, PANEL_TILES};
 use candle_core::Tensor;
 use rayon::prelude::*;
 
@@ -72,21 +72,7 @@ pub(super) struct Block {
 impl WinogradF4 {
     /// Transforms and packs `weight` (`[O, C, 3, 3]`, f32) for `spec`.
     pub(crate) fn new(spec: ConvSpec, weight: &Tensor, epilogue: Epilogue, isa: Isa) -> candle_core::Result<Self> {
-        check_applies(&spec)?;
-        let (out_channels, in_channels) = (spec.out_channels, spec.in_channels);
-        let w = weight.flatten_all()?.to_vec1::<f32>()?;
-        let padded_out = out_channels.div_ceil(PANEL_ROWS) * PANEL_ROWS;
-        let plain = transformed_weights(&w, out_channels, padded_out, in_channels, weight_transform);
-        let per_xi = padded_out * in_channels;
-        let mut u = weight_buffer(XI * per_xi);
-        for xi in 0..XI {
-            pack_panels(
-                &plain[xi * per_xi..][..per_xi],
-                padded_out,
-                in_channels,
-                &mut u[xi * per_xi..][..per_xi],
-            );
-        }
+        let (padded_out, u) = pack_weights(&spec, weight, weight_transform, Layout::Panels)?;
         Ok(Self {
             spec,
             padded_out,
