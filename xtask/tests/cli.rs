@@ -74,30 +74,21 @@ fn unknown_model() {
 #[test]
 fn wrong_input_shape_and_dtype() {
     let dir = tempfile::tempdir().unwrap();
-    let shape = write_input(
-        dir.path(),
-        "shape.safetensors",
-        Tensor::zeros((1, 3, 28, 28), DType::F32, &Device::Cpu).unwrap(),
-    );
-    assert_fails(
-        &["run", "toy", "--input", &shape],
-        "model `toy` expects input [N,1,H,W]",
-    );
-    let dtype = write_input(
-        dir.path(),
-        "dtype.safetensors",
-        Tensor::zeros((5, 1, 1, 1), DType::F64, &Device::Cpu).unwrap(),
-    );
-    assert_fails(
-        &["run", "toy", "--input", &dtype],
-        "input `%x` must be f32[5,1,1,1], got f64[5,1,1,1]",
-    );
-    let small = write_input(
-        dir.path(),
-        "small.safetensors",
-        Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap(),
-    );
-    assert_fails(&["run", "toy-sequential", "--input", &small], "H, W >= 11");
+    let cases = [
+        ("toy", [1, 3, 28, 28], DType::F32, "model `toy` expects input [N,1,H,W]"),
+        (
+            "toy",
+            [5, 1, 1, 1],
+            DType::F64,
+            "input `%x` must be f32[5,1,1,1], got f64[5,1,1,1]",
+        ),
+        ("toy-sequential", [1, 3, 8, 8], DType::F32, "H, W >= 11"),
+    ];
+    for (i, (model, shape, dtype, needle)) in cases.into_iter().enumerate() {
+        let input = Tensor::zeros(shape.as_slice(), dtype, &Device::Cpu).unwrap();
+        let path = write_input(dir.path(), &format!("{i}.safetensors"), input);
+        assert_fails(&["run", model, "--input", &path], needle);
+    }
 }
 
 /// An input file without a tensor called `input` is refused.

@@ -67,13 +67,11 @@ impl Kernel {
                 let x = slot(0);
                 match params.as_deref() {
                     Some(&[running_mean, running_var, ref affine @ ..]) => {
-                        let params = BatchNormParams {
-                            running_mean,
-                            running_var,
-                            weight: affine.first().copied(),
-                            bias: affine.get(1).copied(),
-                            eps: attrs.eps,
+                        let affine = match affine {
+                            [weight, bias] => Some((*weight, *bias)),
+                            _ => None,
                         };
+                        let params = BatchNormParams::new(running_mean, running_var, affine, attrs.eps);
                         let (scale, shift) =
                             batch_norm_affine(&params, node.fact.dtype, node.fact.rank()).at(&node.name)?;
                         candle(CandleOp::BatchNormFolded { scale, shift, x })

@@ -144,6 +144,12 @@ impl Parser {
         })
     }
 
+    /// `error` (from building the graph) located at token `position`.
+    fn error_at(&mut self, position: usize, error: IrError) -> IrError {
+        self.lexer.position = position;
+        self.error_here(error.to_string())
+    }
+
     fn next(&mut self) -> Token {
         let token = self.lexer.tokens[self.lexer.position].0.clone();
         if token != Token::End {
@@ -405,10 +411,8 @@ impl Parser {
                 self.expect_keyword("constant")?;
                 self.expect_punct(':')?;
                 let fact = self.fact()?;
-                let id = self.graph.add_constant_decl(name.clone(), fact).map_err(|e| {
-                    self.lexer.position = position;
-                    self.error_here(e.to_string())
-                })?;
+                let added = self.graph.add_constant_decl(name.clone(), fact);
+                let id = added.map_err(|e| self.error_at(position, e))?;
                 self.define(&name, id);
                 Ok(true)
             }
@@ -432,10 +436,8 @@ impl Parser {
                 self.expect_punct(':')?;
                 let fact_position = self.lexer.position;
                 let declared = self.fact()?;
-                let id = self.graph.add_node(name.clone(), op, &inputs).map_err(|e| {
-                    self.lexer.position = position;
-                    self.error_here(e.to_string())
-                })?;
+                let added = self.graph.add_node(name.clone(), op, &inputs);
+                let id = added.map_err(|e| self.error_at(position, e))?;
                 let inferred = &self.graph.node(id).fact;
                 if inferred != &declared {
                     self.lexer.position = fact_position;
@@ -473,10 +475,8 @@ impl Parser {
                 };
                 self.expect_punct(':')?;
                 let fact = self.fact()?;
-                let id = self.graph.add_input(input.clone(), fact).map_err(|e| {
-                    self.lexer.position = position;
-                    self.error_here(e.to_string())
-                })?;
+                let added = self.graph.add_input(input.clone(), fact);
+                let id = added.map_err(|e| self.error_at(position, e))?;
                 self.define(&input, id);
                 if !self.list_continues(')')? {
                     break;

@@ -18,7 +18,23 @@ pub struct BatchNormParams<'a> {
     pub eps: f64,
 }
 
-impl BatchNormParams<'_> {
+impl<'a> BatchNormParams<'a> {
+    /// The parameters `(μ, σ²)`, with `(γ, β)` when affine.
+    pub fn new(
+        running_mean: &'a Tensor,
+        running_var: &'a Tensor,
+        affine: Option<(&'a Tensor, &'a Tensor)>,
+        eps: f64,
+    ) -> Self {
+        Self {
+            running_mean,
+            running_var,
+            weight: affine.map(|(w, _)| w),
+            bias: affine.map(|(_, b)| b),
+            eps,
+        }
+    }
+
     /// The batch norm as an affine map per channel, `y = x · scale + shift`:
     ///
     /// `scale = γ / √(σ² + ε)`, `shift = β − μ · scale`,
@@ -80,13 +96,7 @@ mod tests {
 
     /// A batch norm without affine parameters.
     fn plain<'a>(mean: &'a Tensor, var: &'a Tensor, eps: f64) -> BatchNormParams<'a> {
-        BatchNormParams {
-            running_mean: mean,
-            running_var: var,
-            weight: None,
-            bias: None,
-            eps,
-        }
+        BatchNormParams::new(mean, var, None, eps)
     }
 
     /// The fold equals the formula worked by hand for two channels.
@@ -94,13 +104,7 @@ mod tests {
     fn folds_by_hand_example() {
         let weight = t(&[1.0, 2.0, 3.0, 4.0]).reshape((2, 2, 1, 1)).unwrap();
         let (mean, var, gamma, beta) = (t(&[1.0, 2.0]), t(&[3.0, 0.0]), t(&[2.0, 3.0]), t(&[0.25, 0.0]));
-        let bn = BatchNormParams {
-            running_mean: &mean,
-            running_var: &var,
-            weight: Some(&gamma),
-            bias: Some(&beta),
-            eps: 1.0,
-        };
+        let bn = BatchNormParams::new(&mean, &var, Some((&gamma, &beta)), 1.0);
         let (w, b) = fold_conv_batch_norm(&weight, Some(&t(&[0.5, -1.0])), &bn).unwrap();
         // channel 0: s = 2 / sqrt(4) = 1; channel 1: s = 3 / sqrt(1) = 3.
         assert_eq!(

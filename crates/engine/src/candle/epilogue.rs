@@ -25,6 +25,16 @@ struct ConvEpilogue {
     relu: bool,
 }
 
+impl ConvEpilogue {
+    fn operands<'a, S>(&self, bias: (&'a S, &'a Layout), residual: Option<(&'a S, &'a Layout)>) -> Operands<'a, S> {
+        Operands {
+            bias,
+            residual,
+            relu: self.relu,
+        }
+    }
+}
+
 /// The epilogue's read-only operands on one backend's storage `S`.
 struct Operands<'a, S> {
     bias: (&'a S, &'a Layout),
@@ -90,11 +100,7 @@ impl InplaceOp2 for ConvEpilogue {
     }
 
     fn cpu_fwd(&self, y: &mut CpuStorage, yl: &Layout, bias: &CpuStorage, bl: &Layout) -> Result<()> {
-        let operands = Operands {
-            bias: (bias, bl),
-            residual: None,
-            relu: self.relu,
-        };
+        let operands = self.operands((bias, bl), None);
         cpu_epilogue(y, yl, operands)
     }
 
@@ -106,11 +112,7 @@ impl InplaceOp2 for ConvEpilogue {
         bias: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<()> {
-        let operands = Operands {
-            bias: (bias, bl),
-            residual: None,
-            relu: self.relu,
-        };
+        let operands = self.operands((bias, bl), None);
         cuda::launch(y, yl, operands)
     }
 }
@@ -129,11 +131,7 @@ impl InplaceOp3 for ConvEpilogue {
         residual: &CpuStorage,
         rl: &Layout,
     ) -> Result<()> {
-        let operands = Operands {
-            bias: (bias, bl),
-            residual: Some((residual, rl)),
-            relu: self.relu,
-        };
+        let operands = self.operands((bias, bl), Some((residual, rl)));
         cpu_epilogue(y, yl, operands)
     }
 
@@ -147,11 +145,7 @@ impl InplaceOp3 for ConvEpilogue {
         residual: &candle_core::CudaStorage,
         rl: &Layout,
     ) -> Result<()> {
-        let operands = Operands {
-            bias: (bias, bl),
-            residual: Some((residual, rl)),
-            relu: self.relu,
-        };
+        let operands = self.operands((bias, bl), Some((residual, rl)));
         cuda::launch(y, yl, operands)
     }
 }

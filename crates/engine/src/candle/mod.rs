@@ -156,13 +156,8 @@ impl CandleOp {
                 let affine = affine
                     .map(|(w, b)| Ok::<_, candle_core::Error>((value(w)?, value(b)?)))
                     .transpose()?;
-                let params = BatchNormParams {
-                    running_mean: &running_mean,
-                    running_var: &running_var,
-                    weight: affine.as_ref().map(|(w, _)| w),
-                    bias: affine.as_ref().map(|(_, b)| b),
-                    eps: *eps,
-                };
+                let affine = affine.as_ref().map(|(w, b)| (w, b));
+                let params = BatchNormParams::new(&running_mean, &running_var, affine, *eps);
                 let (scale, shift) = batch_norm_affine(&params, x.dtype(), x.rank())?;
                 x.broadcast_mul(&scale)?.broadcast_add(&shift)
             }

@@ -12,6 +12,7 @@ pub(crate) mod conv;
 pub(crate) mod data;
 pub(crate) mod epilogue;
 pub(crate) mod gemm;
+pub(crate) mod parallel;
 pub(crate) mod pool;
 
 use crate::kernel::Slot;

@@ -240,14 +240,8 @@ mod x86 {
     /// As [`chunk_avx512`], with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn chunk_avx2(c: &Chunk<'_>, mg: &mut [f32]) {
-        let Chunk {
-            wg,
-            v,
-            kc,
-            cols,
-            pixels,
-            first,
-        } = *c;
+        let (kc, cols, pixels, first) = (c.kc, c.cols, c.pixels, c.first);
+        let (wg, v) = (c.wg, c.v);
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
             let (wg, v, mg) = (wg.as_ptr(), v.as_ptr(), mg.as_mut_ptr());

@@ -14,6 +14,7 @@ use super::{output, ConvShape, ConvSpec};
 use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{lane_gemm, panel_gemm, Isa, LaneProduct, Layout, LANES, PANEL_GRANULE, PANEL_ROWS};
+use crate::cpu::parallel::for_ranges;
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -256,16 +257,8 @@ impl Run<'_> {
             let (v, m) = scratch.split_at_mut(v_len);
             self.products(&block, v, m);
             let m = &*m;
-            let epilogue = |channels: Range<usize>| self.epilogue(m, &block, channels);
-            if self.split {
-                // Channels in parallel: each writes its own output rows.
-                let per = out_channels.div_ceil(4 * rayon::current_num_threads()).max(1);
-                (0..out_channels.div_ceil(per))
-                    .into_par_iter()
-                    .for_each(|i| epilogue(i * per..out_channels.min((i + 1) * per)));
-            } else {
-                epilogue(0..out_channels);
-            }
+            // Split: channels in parallel, each writing its own output rows.
+            for_ranges(out_channels, self.split, |channels| self.epilogue(m, &block, channels));
         });
     }
 

@@ -15,6 +15,7 @@ use crate::cpu::conv::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{lane_gemm, Isa, LaneProduct, Layout, LANES};
+use crate::cpu::parallel::for_ranges;
 use candle_core::Tensor;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -138,12 +139,10 @@ impl Run<'_> {
         // ξ matrices one cache line further apart than their size (see SKEW).
         let (v_stride, m_stride) = (c_in * count + SKEW, c_out * count + SKEW);
         let (v, m) = (&mut v[..XI * v_stride], &mut m[..XI * m_stride]);
-        let threads = rayon::current_num_threads();
         // V[ξ][c][t]: channel c writes rows (ξ, c) only.
         let vptr = SharedOut::over(v);
-        let per = c_in.div_ceil(4 * threads).max(1);
-        (0..c_in.div_ceil(per)).into_par_iter().for_each(|chunk| {
-            for c in chunk * per..c_in.min((chunk + 1) * per) {
+        for_ranges(c_in, true, |channels| {
+            for c in channels {
                 self.transform_input(c, tiles.clone(), vptr);
             }
         });
@@ -162,9 +161,8 @@ impl Run<'_> {
         });
         let m = &*m;
         let out_channels = conv.spec.out_channels;
-        let per = out_channels.div_ceil(4 * threads).max(1);
-        (0..out_channels.div_ceil(per)).into_par_iter().for_each(|chunk| {
-            for o in chunk * per..out_channels.min((chunk + 1) * per) {
+        for_ranges(out_channels, true, |channels| {
+            for o in channels {
                 self.transform_output(m, o, tiles.clone());
             }
         });

@@ -20,6 +20,7 @@ use crate::cpu::conv::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{panel_gemm, Isa, Layout, PANEL_GRANULE, PANEL_TILES};
+use crate::cpu::parallel::for_ranges;
 use candle_core::Tensor;
 use rayon::prelude::*;
 
@@ -178,19 +179,7 @@ impl Run<'_> {
                     });
                 }
             };
-            let threads = rayon::current_num_threads();
-            let chunks = |n: usize| {
-                let per = n.div_ceil(4 * threads).max(1);
-                (0..n.div_ceil(per)).map(move |i| i * per..((i + 1) * per).min(n))
-            };
-            if split {
-                chunks(s.channels)
-                    .collect::<Vec<_>>()
-                    .into_par_iter()
-                    .for_each(transform_channels);
-            } else {
-                transform_channels(0..s.channels);
-            }
+            for_ranges(s.channels, split, transform_channels);
             let per_u = conv.padded_out * s.channels;
             let gemm = |xi: usize, m: &mut [f32]| {
                 panel_gemm(
@@ -221,14 +210,7 @@ impl Run<'_> {
                     });
                 }
             };
-            if split {
-                chunks(s.out_channels)
-                    .collect::<Vec<_>>()
-                    .into_par_iter()
-                    .for_each(transform_outputs);
-            } else {
-                transform_outputs(0..s.out_channels);
-            }
+            for_ranges(s.out_channels, split, transform_outputs);
         });
     }
 
