@@ -1,6 +1,6 @@
 //! The pass manager's policies and the pattern API's refusals, on graphs written as IR text.
 
-use wick_ir::{DType, Graph, Op, TensorFact};
+use wick_ir::{BatchNormAttrs, Conv2dAttrs, DType, Graph, Op, OpKind, TensorFact};
 use wick_models::random::fill_missing_constants;
 use wick_passes::{
     EliminateDeadCode, ExtensionPoint, MatchOutcome, Pass, PassCounters, PassError, PassManager, Pattern,
@@ -197,7 +197,7 @@ fn pattern_from_example_graph_is_shape_agnostic() {
     .unwrap();
     let pass = PatternPass::new("collapse-relu")
         .register_replacement(Pattern::from_graph(&example).unwrap(), |m, _| {
-            Ok(Replacement::With(m.get("inner").unwrap()))
+            Ok(Replacement::With(m.node("inner")?))
         });
     let mut manager = PassManager::new();
     manager.add_pass(pass).add_pass(EliminateDeadCode);
@@ -220,10 +220,38 @@ fn invalid_patterns_are_errors() {
     let x = p.value("x");
     let b = p.optional_constant("b");
     let w = p.constant("w");
-    let conv = p.op("conv", Op::Conv2d(Default::default()), &[x, b, w]);
+    let conv = p.op("conv", OpKind::Conv2d, &[x, b, w]);
     assert!(p
         .build(conv)
         .unwrap_err()
         .to_string()
         .contains("optional operands must all come last"));
+}
+
+/// A match's typed accessors: bound names give their node and the
+/// attributes of their op; a name the pattern lacks, or another kind's
+/// attributes, are typed errors that name what was asked.
+#[test]
+fn match_accessors_are_typed() {
+    let g = graph(
+        "graph g(%x: f32[1,2,5,5]) {\n  @w = constant : f32[2,2,3,3]\n  %c = conv2d[stride=2](%x, @w) : f32[1,2,2,2]\n  %r = relu(%c) : f32[1,2,2,2]\n  return %r\n}",
+    );
+    let mut p = PatternBuilder::new();
+    let x = p.value("x");
+    let w = p.constant("w");
+    let b = p.optional_constant("b");
+    let conv = p.op("conv", OpKind::Conv2d, &[x, w, b]);
+    let relu = p.op("relu", Op::Relu, &[conv]);
+    let pattern = p.build(relu).unwrap();
+    let root = g.find("r").unwrap();
+    let MatchOutcome::Matched(found) = pattern.match_at(&g, &g.users(), root) else {
+        panic!("conv → relu should match");
+    };
+    assert_eq!(found.node("conv").unwrap(), g.find("c").unwrap());
+    assert_eq!(found.get("b"), None, "absent optional operand");
+    let attrs: Conv2dAttrs = found.attrs(&g, "conv").unwrap();
+    assert_eq!(attrs.stride, [2, 2]);
+    assert!(matches!(found.node("bias"), Err(PassError::UnboundName(ref n)) if n == "bias"));
+    let err = found.attrs::<BatchNormAttrs>(&g, "conv").unwrap_err();
+    assert_eq!(err.to_string(), "the matched node `conv` is conv2d, not batch_norm");
 }

@@ -3,7 +3,7 @@
 //! extension point, property-tested with wick's harness.
 
 use proptest::prelude::*;
-use wick_ir::Op;
+use wick_ir::OpKind;
 use wick_passes::{ExtensionPoint, PassManager, PatternBuilder, PatternPass, Replacement};
 use wick_tests::harness::{arb_graph, check_semantics, config};
 
@@ -11,12 +11,11 @@ use wick_tests::harness::{arb_graph, check_semantics, config};
 fn collapse_double_relu() -> PatternPass {
     let mut p = PatternBuilder::new();
     let x = p.value("x");
-    let inner = p.op("inner", Op::Relu, &[x]);
-    let outer = p.op("outer", Op::Relu, &[inner]);
+    let inner = p.op("inner", OpKind::Relu, &[x]);
+    let outer = p.op("outer", OpKind::Relu, &[inner]);
     let pattern = p.build(outer).expect("valid pattern");
-    PatternPass::new("collapse-double-relu").register_replacement(pattern, |found, _rewriter| {
-        Ok(Replacement::With(found.get("inner").unwrap()))
-    })
+    PatternPass::new("collapse-double-relu")
+        .register_replacement(pattern, |found, _rewriter| Ok(Replacement::With(found.node("inner")?)))
 }
 
 fn pipeline() -> PassManager {

@@ -7,7 +7,7 @@ use crate::kernel::Kernel;
 use crate::plan::{InputSlot, Plan, Step};
 use crate::EngineError;
 use candle_core::Device;
-use wick_ir::{Graph, Op};
+use wick_ir::{Graph, OpRole};
 
 /// Compiles graphs for one device.
 #[derive(Debug, Clone)]
@@ -40,13 +40,13 @@ impl Engine {
         let mut inputs = Vec::new();
         for id in graph.node_ids() {
             let node = graph.node(id);
-            match node.op {
-                Op::Input => inputs.push(InputSlot {
+            match node.op.role() {
+                OpRole::Input => inputs.push(InputSlot {
                     slot: id.index(),
                     name: node.name.clone(),
                     fact: node.fact.clone(),
                 }),
-                Op::Constant => {
+                OpRole::Constant => {
                     let data = graph
                         .constant_data(&node.name)
                         .ok_or_else(|| EngineError::MissingConstant {
@@ -57,7 +57,7 @@ impl Engine {
                     // its inputs for backprop and keep the whole forward alive.
                     constants.push((id.index(), data.detach().to_device(&self.device).at(&node.name)?));
                 }
-                _ => steps.push(Step {
+                OpRole::Computed => steps.push(Step {
                     name: node.name.clone(),
                     op: node.op.name(),
                     fact: node.fact.clone(),

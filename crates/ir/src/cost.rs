@@ -26,7 +26,14 @@ impl Graph {
                     let rows = node.fact.elem_count() / weight[0].max(1);
                     2 * (rows * weight[0] * weight[1]) as u64
                 }
-                _ => 0,
+                Op::Input
+                | Op::Constant
+                | Op::BatchNorm(_)
+                | Op::Relu
+                | Op::Add
+                | Op::MaxPool2d(_)
+                | Op::GlobalAvgPool2d
+                | Op::Flatten(_) => 0,
             })
             .sum()
     }

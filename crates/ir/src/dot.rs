@@ -1,7 +1,7 @@
 //! Graphviz DOT export, with fused nodes (names joined by `+`) marked.
 
 use crate::print::op_text;
-use crate::{Graph, Op};
+use crate::{Graph, Op, OpRole};
 use std::fmt::Write;
 
 fn escape(text: &str) -> String {
@@ -21,9 +21,9 @@ impl Graph {
         );
         for (index, node) in self.nodes().iter().enumerate() {
             let id = format!("n{index}");
-            match &node.op {
-                Op::Constant => continue,
-                Op::Input => {
+            match node.op.role() {
+                OpRole::Constant => continue,
+                OpRole::Input => {
                     let _ = writeln!(
                         out,
                         "  {id} [label=\"%{}\\n{}\", shape=ellipse];",
@@ -31,7 +31,7 @@ impl Graph {
                         node.fact
                     );
                 }
-                op => {
+                OpRole::Computed => {
                     let fused = node.name.contains('+');
                     let constants: Vec<String> = node
                         .inputs
@@ -40,7 +40,7 @@ impl Graph {
                         .filter(|n| n.op == Op::Constant)
                         .map(|n| format!("@{}", n.name))
                         .collect();
-                    let mut label = format!("%{}\\n{}", escape(&node.name), escape(&op_text(op)));
+                    let mut label = format!("%{}\\n{}", escape(&node.name), escape(&op_text(&node.op)));
                     if !constants.is_empty() {
                         let _ = write!(label, "\\n{}", escape(&constants.join(" ")));
                     }

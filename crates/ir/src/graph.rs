@@ -1,6 +1,6 @@
 //! The graph itself: nodes in topological order, inputs, outputs and constant data.
 
-use crate::{IrError, Op, TensorFact};
+use crate::{IrError, Op, OpRole, TensorFact};
 use candle_core::Tensor;
 use std::collections::HashMap;
 
@@ -400,23 +400,23 @@ impl Graph {
         let mut graph = self.clone();
         for index in 0..graph.nodes.len() {
             let node = &graph.nodes[index];
-            let fact = match node.op {
-                Op::Constant => continue,
-                Op::Input => {
+            let fact = match node.op.role() {
+                OpRole::Constant => continue,
+                OpRole::Input => {
                     let mut fact = node.fact.clone();
                     match fact.shape.first_mut() {
                         Some(first) => *first = batch,
                         None => {
                             return Err(IrError::InvalidNode {
                                 node: node.name.clone(),
-                                op: "input",
+                                op: node.op.name(),
                                 message: "a scalar input has no batch dimension".into(),
                             })
                         }
                     }
                     fact
                 }
-                _ => graph.infer(&node.name, &node.op, &node.inputs)?,
+                OpRole::Computed => graph.infer(&node.name, &node.op, &node.inputs)?,
             };
             graph.nodes[index].fact = fact;
         }

@@ -22,7 +22,10 @@ mod verify;
 pub use error::{IrError, ParseError, Violation};
 pub use fact::TensorFact;
 pub use graph::{Graph, Node, NodeId};
-pub use op::{windowed_len, BatchNormAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, MaxPool2dAttrs, Op};
+pub use op::{
+    windowed_len, BatchNormAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, MaxPool2dAttrs, Op, OpAttrs, OpKind,
+    OpRole,
+};
 
 /// The `DType` of candle, re-exported because facts are written in it.
 pub use candle_core::DType;

@@ -5,8 +5,8 @@
 //! stands for both axes of a pair. `//` starts a comment.
 
 use crate::{
-    BatchNormAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, Graph, IrError, MaxPool2dAttrs, NodeId, Op,
-    ParseError, TensorFact,
+    BatchNormAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, Graph, IrError, MaxPool2dAttrs, NodeId, Op, OpKind,
+    OpRole, ParseError, TensorFact,
 };
 use candle_core::DType;
 use std::collections::HashMap;
@@ -327,20 +327,22 @@ impl Parser {
             used: vec![],
             parser: self,
         };
-        let op = match op_name {
-            "conv2d" => Op::Conv2d(Conv2dAttrs {
-                stride: table.pair("stride")?.unwrap_or([1, 1]),
-                padding: table.pair("padding")?.unwrap_or([0, 0]),
-                dilation: table.pair("dilation")?.unwrap_or([1, 1]),
-                groups: table.scalar("groups")?.unwrap_or(1),
-            }),
-            "fused_conv2d" => Op::FusedConv2d(FusedConv2dAttrs {
-                conv: Conv2dAttrs {
-                    stride: table.pair("stride")?.unwrap_or([1, 1]),
-                    padding: table.pair("padding")?.unwrap_or([0, 0]),
-                    dilation: table.pair("dilation")?.unwrap_or([1, 1]),
-                    groups: table.scalar("groups")?.unwrap_or(1),
-                },
+        let unknown = |parser: &mut Parser| {
+            parser.lexer.position = op_position;
+            let ops: Vec<&str> = OpKind::ALL
+                .iter()
+                .filter(|kind| kind.role() == OpRole::Computed)
+                .map(|kind| kind.name())
+                .collect();
+            parser.error_here(format!("unknown op `{op_name}`; expected one of {}", ops.join(", ")))
+        };
+        let Some(kind) = OpKind::from_name(op_name) else {
+            return Err(unknown(table.parser));
+        };
+        let op = match kind {
+            OpKind::Conv2d => Op::Conv2d(table.conv()?),
+            OpKind::FusedConv2d => Op::FusedConv2d(FusedConv2dAttrs {
+                conv: table.conv()?,
                 relu: match table.scalar::<u8>("relu")? {
                     None | Some(0) => false,
                     Some(1) => true,
@@ -359,10 +361,10 @@ impl Parser {
                     None => None,
                 },
             }),
-            "batch_norm" => Op::BatchNorm(BatchNormAttrs {
+            OpKind::BatchNorm => Op::BatchNorm(BatchNormAttrs {
                 eps: table.scalar("eps")?.unwrap_or(1e-5),
             }),
-            "max_pool2d" => {
+            OpKind::MaxPool2d => {
                 let kernel = table
                     .pair("kernel")?
                     .ok_or_else(|| table.parser.error_here("max_pool2d needs `kernel`"))?;
@@ -372,21 +374,17 @@ impl Parser {
                     padding: table.pair("padding")?.unwrap_or([0, 0]),
                 })
             }
-            "flatten" => Op::Flatten(FlattenAttrs {
+            OpKind::Flatten => Op::Flatten(FlattenAttrs {
                 start_dim: table
                     .scalar("start_dim")?
                     .ok_or_else(|| table.parser.error_here("flatten needs `start_dim`"))?,
             }),
-            "relu" => Op::Relu,
-            "add" => Op::Add,
-            "global_avg_pool2d" => Op::GlobalAvgPool2d,
-            "linear" => Op::Linear,
-            other => {
-                self.lexer.position = op_position;
-                return Err(self.error_here(format!(
-                    "unknown op `{other}`; expected one of conv2d, fused_conv2d, batch_norm, relu, add, max_pool2d, global_avg_pool2d, flatten, linear"
-                )));
-            }
+            OpKind::Relu => Op::Relu,
+            OpKind::Add => Op::Add,
+            OpKind::GlobalAvgPool2d => Op::GlobalAvgPool2d,
+            OpKind::Linear => Op::Linear,
+            // Declared in the signature and with `@name = constant`, not as ops.
+            OpKind::Input | OpKind::Constant => return Err(unknown(table.parser)),
         };
         table.finish()?;
         self.lexer.position = end;
@@ -408,7 +406,7 @@ impl Parser {
                 let position = self.lexer.position;
                 self.next();
                 self.expect_punct('=')?;
-                self.expect_keyword("constant")?;
+                self.expect_keyword(OpKind::Constant.name())?;
                 self.expect_punct(':')?;
                 let fact = self.fact()?;
                 let added = self.graph.add_constant_decl(name.clone(), fact);
@@ -549,6 +547,16 @@ impl AttrTable<'_> {
                 }
             }
         }
+    }
+
+    /// A conv's attributes, PyTorch's defaults where omitted.
+    fn conv(&mut self) -> Result<Conv2dAttrs> {
+        Ok(Conv2dAttrs {
+            stride: self.pair("stride")?.unwrap_or([1, 1]),
+            padding: self.pair("padding")?.unwrap_or([0, 0]),
+            dilation: self.pair("dilation")?.unwrap_or([1, 1]),
+            groups: self.scalar("groups")?.unwrap_or(1),
+        })
     }
 
     fn finish(mut self) -> Result<()> {

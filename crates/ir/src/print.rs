@@ -11,14 +11,16 @@ fn pair(values: [usize; 2]) -> String {
 pub(crate) fn op_text(op: &Op) -> String {
     match op {
         Op::Conv2d(a) => format!(
-            "conv2d[stride={}, padding={}, dilation={}, groups={}]",
+            "{}[stride={}, padding={}, dilation={}, groups={}]",
+            op.name(),
             pair(a.stride),
             pair(a.padding),
             pair(a.dilation),
             a.groups
         ),
         Op::FusedConv2d(a) => format!(
-            "fused_conv2d[stride={}, padding={}, dilation={}, groups={}, relu={}{}]",
+            "{}[stride={}, padding={}, dilation={}, groups={}, relu={}{}]",
+            op.name(),
             pair(a.conv.stride),
             pair(a.conv.padding),
             pair(a.conv.dilation),
@@ -31,15 +33,16 @@ pub(crate) fn op_text(op: &Op) -> String {
                 pair(p.padding)
             ))
         ),
-        Op::BatchNorm(a) => format!("batch_norm[eps={:?}]", a.eps),
+        Op::BatchNorm(a) => format!("{}[eps={:?}]", op.name(), a.eps),
         Op::MaxPool2d(a) => format!(
-            "max_pool2d[kernel={}, stride={}, padding={}]",
+            "{}[kernel={}, stride={}, padding={}]",
+            op.name(),
             pair(a.kernel),
             pair(a.stride),
             pair(a.padding)
         ),
-        Op::Flatten(a) => format!("flatten[start_dim={}]", a.start_dim),
-        other => other.name().to_string(),
+        Op::Flatten(a) => format!("{}[start_dim={}]", op.name(), a.start_dim),
+        Op::Input | Op::Constant | Op::Relu | Op::Add | Op::GlobalAvgPool2d | Op::Linear => op.name().to_string(),
     }
 }
 
@@ -52,7 +55,7 @@ impl Graph {
     /// One node as one line of IR text (without indentation).
     pub fn node_text(&self, node: &Node) -> String {
         if node.op == Op::Constant {
-            return format!("@{} = constant : {}", node.name, node.fact);
+            return format!("@{} = {} : {}", node.name, node.op.name(), node.fact);
         }
         let operands: Vec<String> = node.inputs.iter().map(|&i| self.value_ref(i)).collect();
         format!(

@@ -275,3 +275,30 @@ fn with_batch_reinfers_facts() {
     seven.verify().unwrap();
     assert_eq!(seven.to_string(), TOY.replace("f32[5,1,1,1]", "f32[7,1,1,1]"));
 }
+
+/// Every op kind's text name is unique and reads back as that kind, and the
+/// printer writes each op under its kind's name.
+#[test]
+fn op_kind_names_round_trip() {
+    let mut names = std::collections::HashSet::new();
+    for &kind in OpKind::ALL {
+        assert!(names.insert(kind.name()), "{kind:?}");
+        assert_eq!(OpKind::from_name(kind.name()), Some(kind));
+    }
+    assert_eq!(OpKind::from_name("conv3d"), None);
+    let graph = Graph::parse(
+        "graph g(%x: f32[1,2,4,4]) {\n  @w = constant : f32[2,2,1,1]\n  %c = conv2d(%x, @w) : f32[1,2,4,4]\n  %p = max_pool2d[kernel=2](%c) : f32[1,2,2,2]\n  return %p\n}",
+    )
+    .unwrap();
+    for node in graph.nodes() {
+        let text = graph.node_text(node);
+        assert!(text.contains(node.op.name()), "{text}");
+        assert_eq!(
+            node.op.kind().role() == OpRole::Computed,
+            !matches!(node.op, Op::Input | Op::Constant)
+        );
+    }
+    let err = Graph::parse("graph g(%x: f32[2]) {\n  %y = input(%x) : f32[2]\n  return %y\n}").unwrap_err();
+    assert!(err.to_string().contains("unknown op `input`"), "{err}");
+    assert!(err.to_string().contains("global_avg_pool2d"), "{err}");
+}

@@ -1,7 +1,7 @@
 //! The verifier: re-derives every fact and checks every invariant, reporting all violations at once.
 
 use crate::graph::is_valid_name;
-use crate::{Graph, IrError, Op, TensorFact, Violation};
+use crate::{Graph, IrError, Op, OpRole, TensorFact, Violation};
 use std::collections::HashSet;
 
 impl Graph {
@@ -52,12 +52,12 @@ impl Graph {
                     report(&node.name, format!("operand {what} is not defined before this node"));
                 }
             }
-            match node.op {
-                Op::Input if !declared_inputs.contains(&index) => {
+            match node.op.role() {
+                OpRole::Input if !declared_inputs.contains(&index) => {
                     report(&node.name, "input node missing from the graph signature".into());
                 }
-                Op::Input => {}
-                Op::Constant => {
+                OpRole::Input => {}
+                OpRole::Constant => {
                     if let Some(data) = self.constant_data(&node.name) {
                         let got = TensorFact::of(data);
                         if got != node.fact {
@@ -65,7 +65,7 @@ impl Graph {
                         }
                     }
                 }
-                _ if operands_ok => {
+                OpRole::Computed if operands_ok => {
                     let facts: Vec<&TensorFact> = node.inputs.iter().map(|i| &self.node(*i).fact).collect();
                     match node.op.infer(&facts) {
                         Ok(inferred) if inferred != node.fact => report(
@@ -76,9 +76,9 @@ impl Graph {
                         Err(message) => report(&node.name, format!("{}: {message}", node.op.name())),
                     }
                 }
-                _ => {}
+                OpRole::Computed => {}
             }
-            if !node.inputs.is_empty() && matches!(node.op, Op::Input | Op::Constant) {
+            if !node.inputs.is_empty() && node.op.role() != OpRole::Computed {
                 report(&node.name, format!("{} takes no operands", node.op.name()));
             }
         }

@@ -45,6 +45,19 @@ pub enum PassError {
     /// A pattern was built wrongly (a programming error in the pattern, reported, not panicked).
     #[error("invalid pattern: {0}")]
     InvalidPattern(String),
+    /// A replacement asked a match for a name its pattern does not bind.
+    #[error("the match binds no node named `{0}`")]
+    UnboundName(String),
+    /// A replacement asked a matched node for another op kind's attributes.
+    #[error("the matched node `{name}` is {got}, not {expected}")]
+    UnexpectedOp {
+        /// The pattern name.
+        name: String,
+        /// The kind asked for.
+        expected: &'static str,
+        /// The kind matched.
+        got: &'static str,
+    },
     /// A user pass was registered at an extension point the pipeline lacks.
     #[error("pipeline has no extension point `{0}`")]
     NoSuchPoint(String),

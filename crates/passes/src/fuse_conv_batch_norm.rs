@@ -5,7 +5,7 @@ use crate::PassError;
 use crate::{
     fold_conv_batch_norm, BatchNormParams, Match, Pattern, PatternBuilder, PatternPass, Replacement, Rewriter,
 };
-use wick_ir::{BatchNormAttrs, Conv2dAttrs, Op};
+use wick_ir::{BatchNormAttrs, Conv2dAttrs, Op, OpKind};
 
 /// The pattern `batch_norm(conv2d(x, @w[, @b]), @mean, @var[, @gamma, @beta])`.
 ///
@@ -17,16 +17,12 @@ pub fn conv_batch_norm_pattern() -> Pattern {
     let x = p.value("x");
     let weight = p.constant("conv.weight");
     let bias = p.optional_constant("conv.bias");
-    let conv = p.op("conv", Op::Conv2d(Conv2dAttrs::default()), &[x, weight, bias]);
+    let conv = p.op("conv", OpKind::Conv2d, &[x, weight, bias]);
     let mean = p.constant("bn.running_mean");
     let var = p.constant("bn.running_var");
     let gamma = p.optional_constant("bn.weight");
     let beta = p.optional_constant("bn.bias");
-    let bn = p.op(
-        "bn",
-        Op::BatchNorm(BatchNormAttrs { eps: 1e-5 }),
-        &[conv, mean, var, gamma, beta],
-    );
+    let bn = p.op("bn", OpKind::BatchNorm, &[conv, mean, var, gamma, beta]);
     p.build(bn)
         .expect("the conv-batch-norm pattern is well formed (unit-tested)")
 }
@@ -47,28 +43,23 @@ pub fn fused_name(conv: &str, batch_norm: &str) -> String {
 }
 
 fn replace(found: &Match, rewriter: &mut Rewriter<'_>) -> Result<Replacement, PassError> {
-    let bound = |name: &str| found.get(name);
-    let (Some(conv), Some(x), Some(weight)) = (bound("conv"), bound("x"), bound("conv.weight")) else {
-        return Ok(Replacement::Refuse("incomplete_match"));
-    };
-    let bn = found.root();
+    let (conv, x, weight, bn) = (
+        found.node("conv")?,
+        found.node("x")?,
+        found.node("conv.weight")?,
+        found.root(),
+    );
     let graph = rewriter.graph();
-    let (Op::Conv2d(conv_attrs), Op::BatchNorm(bn_attrs)) = (&graph.node(conv).op, &graph.node(bn).op) else {
-        return Ok(Replacement::Refuse("unexpected_op"));
-    };
-    let (conv_attrs, eps) = (*conv_attrs, bn_attrs.eps);
+    let conv_attrs: Conv2dAttrs = found.attrs(graph, "conv")?;
+    let eps = found.attrs::<BatchNormAttrs>(graph, "bn")?.eps;
     let name = fused_name(&graph.node(conv).name, &graph.node(bn).name);
-    let data = |name: &str| bound(name).map(|id| rewriter.constant_data(id)).transpose();
-    let (Some(running_mean), Some(running_var)) = (data("bn.running_mean")?, data("bn.running_var")?) else {
-        return Ok(Replacement::Refuse("incomplete_match"));
-    };
-    let batch_norm = BatchNormParams {
-        running_mean,
-        running_var,
-        weight: data("bn.weight")?,
-        bias: data("bn.bias")?,
-        eps,
-    };
+    let data = |name: &str| found.get(name).map(|id| rewriter.constant_data(id)).transpose();
+    let (running_mean, running_var) = (
+        rewriter.constant_data(found.node("bn.running_mean")?)?,
+        rewriter.constant_data(found.node("bn.running_var")?)?,
+    );
+    let affine = data("bn.weight")?.zip(data("bn.bias")?);
+    let batch_norm = BatchNormParams::new(running_mean, running_var, affine, eps);
     let (folded_weight, folded_bias) =
         fold_conv_batch_norm(rewriter.constant_data(weight)?, data("conv.bias")?, &batch_norm)
             .map_err(|e| rewriter.candle_error(bn, e))?;

@@ -13,14 +13,14 @@
 
 use crate::{Match, PassError, Pattern, PatternBuilder, PatternId, PatternPass, Replacement, Rewriter};
 use candle_core::Tensor;
-use wick_ir::{Conv2dAttrs, FusedConv2dAttrs, MaxPool2dAttrs, NodeId, Op};
+use wick_ir::{Conv2dAttrs, FusedConv2dAttrs, MaxPool2dAttrs, NodeId, Op, OpKind};
 
 /// `conv2d(x, @conv.weight[, @conv.bias])`, returning the conv's pattern id.
 fn conv_operands(p: &mut PatternBuilder) -> PatternId {
     let x = p.value("x");
     let weight = p.constant("conv.weight");
     let bias = p.optional_constant("conv.bias");
-    p.op("conv", Op::Conv2d(Conv2dAttrs::default()), &[x, weight, bias])
+    p.op("conv", OpKind::Conv2d, &[x, weight, bias])
 }
 
 /// relu(add(conv, r)) with the conv as add operand `conv_first ? 0 : 1`.
@@ -29,8 +29,8 @@ fn add_relu_pattern(conv_first: bool) -> Pattern {
     let conv = conv_operands(&mut p);
     let residual = p.value("residual");
     let operands = if conv_first { [conv, residual] } else { [residual, conv] };
-    let add = p.op("add", Op::Add, &operands);
-    let relu = p.op("relu", Op::Relu, &[add]);
+    let add = p.op("add", OpKind::Add, &operands);
+    let relu = p.op("relu", OpKind::Relu, &[add]);
     p.build(relu)
         .expect("the conv-add-relu pattern is well formed (unit-tested)")
 }
@@ -38,7 +38,7 @@ fn add_relu_pattern(conv_first: bool) -> Pattern {
 fn relu_pattern() -> Pattern {
     let mut p = PatternBuilder::new();
     let conv = conv_operands(&mut p);
-    let relu = p.op("relu", Op::Relu, &[conv]);
+    let relu = p.op("relu", OpKind::Relu, &[conv]);
     p.build(relu)
         .expect("the conv-relu pattern is well formed (unit-tested)")
 }
@@ -50,13 +50,9 @@ fn fuse(
     residual: Option<NodeId>,
     suffix: &str,
 ) -> Result<Replacement, PassError> {
-    let (Some(conv), Some(x), Some(weight)) = (found.get("conv"), found.get("x"), found.get("conv.weight")) else {
-        return Ok(Replacement::Refuse("incomplete_match"));
-    };
+    let (conv, x, weight) = (found.node("conv")?, found.node("x")?, found.node("conv.weight")?);
     let graph = rewriter.graph();
-    let Op::Conv2d(attrs) = graph.node(conv).op else {
-        return Ok(Replacement::Refuse("unexpected_op"));
-    };
+    let attrs: Conv2dAttrs = found.attrs(graph, "conv")?;
     let name = format!("{}+{suffix}", graph.node(conv).name);
     let bias = match found.get("conv.bias") {
         Some(bias) => bias,
@@ -83,12 +79,8 @@ fn fuse(
 
 /// The `fuse-conv-add-relu` pass.
 pub fn fuse_conv_add_relu() -> PatternPass {
-    let with_residual = |found: &Match, rewriter: &mut Rewriter<'_>| {
-        let Some(residual) = found.get("residual") else {
-            return Ok(Replacement::Refuse("incomplete_match"));
-        };
-        fuse(found, rewriter, Some(residual), "add+relu")
-    };
+    let with_residual =
+        |found: &Match, rewriter: &mut Rewriter<'_>| fuse(found, rewriter, Some(found.node("residual")?), "add+relu");
     PatternPass::new("fuse-conv-add-relu")
         .register_replacement(add_relu_pattern(true), with_residual)
         .register_replacement(add_relu_pattern(false), with_residual)
@@ -110,13 +102,8 @@ fn max_pool_pattern(residual: bool) -> Pattern {
     if residual {
         operands.push(p.value("residual"));
     }
-    let conv = p.op("conv", Op::FusedConv2d(FusedConv2dAttrs::default()), &operands);
-    let any_pool = MaxPool2dAttrs {
-        kernel: [1, 1],
-        stride: [1, 1],
-        padding: [0, 0],
-    };
-    let pool = p.op("pool", Op::MaxPool2d(any_pool), &[conv]);
+    let conv = p.op("conv", OpKind::FusedConv2d, &operands);
+    let pool = p.op("pool", OpKind::MaxPool2d, &[conv]);
     p.build(pool)
         .expect("the conv-max-pool pattern is well formed (unit-tested)")
 }
@@ -124,13 +111,10 @@ fn max_pool_pattern(residual: bool) -> Pattern {
 /// The `fuse-conv-max-pool` pass.
 pub fn fuse_conv_max_pool() -> PatternPass {
     let fuse_pool = |found: &Match, rewriter: &mut Rewriter<'_>| {
-        let (Some(conv), Some(pool)) = (found.get("conv"), found.get("pool")) else {
-            return Ok(Replacement::Refuse("incomplete_match"));
-        };
+        let (conv, pool) = (found.node("conv")?, found.node("pool")?);
         let graph = rewriter.graph();
-        let (&Op::FusedConv2d(attrs), &Op::MaxPool2d(pool_attrs)) = (&graph.node(conv).op, &graph.node(pool).op) else {
-            return Ok(Replacement::Refuse("unexpected_op"));
-        };
+        let attrs: FusedConv2dAttrs = found.attrs(graph, "conv")?;
+        let pool_attrs: MaxPool2dAttrs = found.attrs(graph, "pool")?;
         if attrs.pool.is_some() {
             return Ok(Replacement::Refuse("already_pooled"));
         }

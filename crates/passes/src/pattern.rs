@@ -10,8 +10,7 @@
 
 use crate::PassError;
 use std::collections::{HashMap, HashSet};
-use std::mem::discriminant;
-use wick_ir::{Graph, NodeId, Op};
+use wick_ir::{Graph, NodeId, Op, OpAttrs, OpKind, OpRole};
 
 /// A node of a pattern under construction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -23,10 +22,10 @@ enum PatternNode {
     Value { name: String },
     /// A constant (weight); `optional` ones may be absent as trailing operands.
     Constant { name: String, optional: bool },
-    /// An op of the same kind as `op` (attributes ignored) applied to `inputs`.
+    /// An op of kind `kind` (any attributes) applied to `inputs`.
     Op {
         name: String,
-        op: Op,
+        kind: OpKind,
         inputs: Vec<PatternId>,
     },
 }
@@ -46,14 +45,14 @@ impl PatternNode {
 /// Builds a [`Pattern`] with the IR's op vocabulary plus wildcards.
 ///
 /// ```
-/// use wick_ir::{Op, Conv2dAttrs};
+/// use wick_ir::OpKind;
 /// use wick_passes::PatternBuilder;
 /// let mut p = PatternBuilder::new();
 /// let x = p.value("x");
 /// let w = p.constant("weight");
 /// let b = p.optional_constant("bias");
-/// let conv = p.op("conv", Op::Conv2d(Conv2dAttrs::default()), &[x, w, b]);
-/// let relu = p.op("relu", Op::Relu, &[conv]);
+/// let conv = p.op("conv", OpKind::Conv2d, &[x, w, b]);
+/// let relu = p.op("relu", OpKind::Relu, &[conv]);
 /// let pattern = p.build(relu).unwrap();
 /// ```
 #[derive(Debug, Default)]
@@ -93,12 +92,13 @@ impl PatternBuilder {
         })
     }
 
-    /// An op node: matches graph nodes whose op is the same kind as `op`
-    /// (its attributes are ignored: they are captured from the match).
-    pub fn op(&mut self, name: &str, op: Op, inputs: &[PatternId]) -> PatternId {
+    /// An op node: matches graph nodes of `kind` whatever their attributes
+    /// (the replacement reads them from the match: [`Match::attrs`]). An
+    /// [`Op`] value stands for its kind.
+    pub fn op(&mut self, name: &str, kind: impl Into<OpKind>, inputs: &[PatternId]) -> PatternId {
         self.push(PatternNode::Op {
             name: name.into(),
-            op,
+            kind: kind.into(),
             inputs: inputs.to_vec(),
         })
     }
@@ -154,9 +154,27 @@ impl Match {
         self.root
     }
 
-    /// The graph node bound to pattern name `name`; `None` for an absent optional operand.
+    /// The graph node bound to pattern name `name`; `None` for an absent
+    /// optional operand (or a name the pattern does not have).
     pub fn get(&self, name: &str) -> Option<NodeId> {
         self.bound.get(name).copied()
+    }
+
+    /// The graph node bound to `name`, which the pattern always binds (an
+    /// op or a required operand); a typed error naming it otherwise.
+    pub fn node(&self, name: &str) -> Result<NodeId, PassError> {
+        self.get(name).ok_or_else(|| PassError::UnboundName(name.to_string()))
+    }
+
+    /// The attributes of the op node bound to `name`, of the kind `A` goes
+    /// with (which the pattern guarantees); a typed error otherwise.
+    pub fn attrs<A: OpAttrs>(&self, graph: &Graph, name: &str) -> Result<A, PassError> {
+        let op = &graph.node(self.node(name)?).op;
+        A::of(op).ok_or_else(|| PassError::UnexpectedOp {
+            name: name.to_string(),
+            expected: A::KIND.name(),
+            got: op.name(),
+        })
     }
 
     /// All graph nodes matched by op nodes of the pattern (root included).
@@ -198,12 +216,12 @@ impl Pattern {
         let mut builder = PatternBuilder::new();
         let mut ids = Vec::with_capacity(graph.len());
         for node in graph.nodes() {
-            let id = match &node.op {
-                Op::Input => builder.value(&node.name),
-                Op::Constant => builder.constant(&node.name),
-                op => {
+            let id = match node.op.role() {
+                OpRole::Input => builder.value(&node.name),
+                OpRole::Constant => builder.constant(&node.name),
+                OpRole::Computed => {
                     let inputs: Vec<PatternId> = node.inputs.iter().map(|i| ids[i.index()]).collect();
-                    builder.op(&node.name, op.clone(), &inputs)
+                    builder.op(&node.name, node.op.kind(), &inputs)
                 }
             };
             ids.push(id);
@@ -268,8 +286,8 @@ impl Pattern {
                     state.refusal.get_or_insert("parameter_not_constant");
                 }
             }
-            PatternNode::Op { op, inputs, .. } => {
-                if discriminant(op) != discriminant(&node.op) {
+            PatternNode::Op { kind, inputs, .. } => {
+                if node.op.kind() != *kind {
                     return false;
                 }
                 let required = inputs.iter().filter(|i| !self.nodes[i.0].is_optional()).count();

@@ -10,24 +10,18 @@
 //! `wick_tests::harness` (see `tests/tests/user_pass_example.rs`).
 
 use anyhow::Result;
-use wick_ir::{Graph, Op};
+use wick_ir::{Graph, OpKind};
 use wick_passes::{EliminateDeadCode, ExtensionPoint, PassManager, PatternBuilder, PatternPass, Replacement};
 
 /// relu(relu(x)) ⇒ relu(x).
 fn collapse_double_relu() -> Result<PatternPass> {
     let mut p = PatternBuilder::new();
     let x = p.value("x");
-    let inner = p.op("inner", Op::Relu, &[x]);
-    let outer = p.op("outer", Op::Relu, &[inner]);
+    let inner = p.op("inner", OpKind::Relu, &[x]);
+    let outer = p.op("outer", OpKind::Relu, &[inner]);
     let pattern = p.build(outer)?;
-    Ok(
-        PatternPass::new("collapse-double-relu").register_replacement(pattern, |found, _rewriter| {
-            Ok(match found.get("inner") {
-                Some(inner) => Replacement::With(inner),
-                None => Replacement::Refuse("incomplete_match"),
-            })
-        }),
-    )
+    Ok(PatternPass::new("collapse-double-relu")
+        .register_replacement(pattern, |found, _rewriter| Ok(Replacement::With(found.node("inner")?))))
 }
 
 fn main() -> Result<()> {
