@@ -7,7 +7,7 @@
 //! same input; outputs are compared with an eager reference computed by the
 //! parent, and the command fails when a mode disagrees beyond tolerance.
 
-use crate::common::{report_json, ModelArgs, Passes, DEFAULT_INPUT_SEED};
+use crate::common::{report_json, DeviceArgs, ModelArgs, DEFAULT_INPUT_SEED};
 use crate::{process_stats, stats};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -60,9 +60,8 @@ pub struct BenchArgs {
     /// all) while the round medians differ by more than 3%.
     #[arg(long, default_value_t = 3, value_name = "N")]
     max_rounds: usize,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Safetensors weights with PyTorch names; seeded random weights when absent.
     #[arg(long, value_name = "FILE")]
     weights: Option<PathBuf>,
@@ -115,7 +114,6 @@ fn model_args(model: &str, weights: &Option<PathBuf>, batch: Option<usize>) -> M
         model: model.to_string(),
         weights: weights.clone(),
         batch,
-        passes: Passes::None,
         hub: false,
     }
 }
@@ -243,7 +241,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.modes.is_empty() {
         bail!("--modes lists no mode");
     }
-    let device = parse_device(&args.device)?;
+    let device = args.device.open()?;
     let model = model_args(&args.model, &args.weights, args.batch).load(&device)?;
     let shape = name.input_shape(args.batch);
     let batch = shape[0];
@@ -262,7 +260,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     save_tensor(&input, "input", &x)?;
     eprintln!(
         "bench {name}: input {shape:?}, device {}, {:.2} GFLOP/forward, {} warm-up + {} timed forwards per round (up to {} rounds) per mode",
-        args.device,
+        args.device.device,
         flops as f64 / 1e9,
         args.warmup,
         args.iters,
@@ -276,7 +274,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let mut command = Command::new(&exe);
         command
             .arg("bench-worker")
-            .args(["--model", &args.model, "--mode", mode.name(), "--device", &args.device])
+            .args([
+                "--model",
+                &args.model,
+                "--mode",
+                mode.name(),
+                "--device",
+                &args.device.device,
+            ])
             .arg("--input")
             .arg(&input)
             .arg("--output")
@@ -319,7 +324,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .iter()
         .find(|r| r.mode == Mode::CandleEager)
         .map(|r| stats::median(&r.samples));
-    print_table(&results, name, &shape, &args.device, flops, eager_median);
+    print_table(&results, name, &shape, &args.device.device, flops, eager_median);
     let passes = results
         .iter()
         .find(|r| r.mode == Mode::Wick)
@@ -350,7 +355,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let document = json!({
             "model": name.as_str(),
             "batch": batch,
-            "device": args.device,
+            "device": args.device.device,
             "gflop_per_forward": flops as f64 / 1e9,
             "modes": modes,
             "passes": passes,

@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
+use wick_engine::{CompiledModel, Engine};
 use wick_ir::Graph;
 use wick_models::{Model, ModelName, WeightSource};
 use wick_passes::{PassManager, PassReport};
@@ -42,9 +43,6 @@ pub struct ModelArgs {
     /// Batch size of the generated input (default: the tutorial's).
     #[arg(long, value_name = "N")]
     pub batch: Option<usize>,
-    /// Pass pipeline.
-    #[arg(long, value_enum, default_value_t = Passes::None)]
-    pub passes: Passes,
     /// Take resnet18's weights from the Hugging Face hub (`timm/resnet18.a1_in1k`),
     /// local cache first; set HF_HUB_OFFLINE=1 to never download.
     #[arg(long, conflicts_with = "weights")]
@@ -74,6 +72,69 @@ impl ModelArgs {
             },
         };
         Model::load(name, source, device).with_context(|| format!("loading model `{name}`"))
+    }
+}
+
+/// `--passes` for the commands that execute or save a model: optimised
+/// unless `--passes none`, as ONNX Runtime and tract optimise by default.
+#[derive(Debug, Args)]
+pub struct OptimiseArgs {
+    /// Pass pipeline: `default` (wick's fusions) or `none` (the graph as traced).
+    #[arg(long, value_enum, default_value_t = Passes::Default)]
+    pub passes: Passes,
+}
+
+/// `--passes` for the commands that print a graph: as traced unless `--passes default`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Pass pipeline to run before printing: `none` (the graph as traced) or `default`.
+    #[arg(long, value_enum, default_value_t = Passes::None)]
+    pub passes: Passes,
+}
+
+/// `--device` for the commands that execute a model.
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl DeviceArgs {
+    /// Opens the device (a typed error for unknown names or a build without CUDA).
+    pub fn open(&self) -> Result<Device> {
+        Ok(wick_engine::parse_device(&self.device)?)
+    }
+}
+
+/// A model traced at its default input shape (batch from `--batch`), run
+/// through `passes` and compiled for the device: what `profile` and
+/// `throughput` measure.
+pub struct CompiledRun {
+    /// The model's name.
+    pub name: ModelName,
+    /// The input shape traced and compiled for.
+    pub shape: Vec<usize>,
+    /// The device it runs on.
+    pub device: Device,
+    /// The compiled model.
+    pub compiled: CompiledModel,
+}
+
+impl CompiledRun {
+    /// Loads, traces, optimises and compiles.
+    pub fn new(model: &ModelArgs, passes: Passes, device: &DeviceArgs) -> Result<Self> {
+        let device = device.open()?;
+        let loaded = model.load(&device)?;
+        let shape = loaded.name().input_shape(model.batch);
+        let (graph, _) = apply_passes(loaded.trace(&shape)?, passes, None)?;
+        let compiled = Engine::new(device.clone()).compile(&graph)?;
+        Ok(Self {
+            name: loaded.name(),
+            shape,
+            device,
+            compiled,
+        })
     }
 }
 
@@ -120,10 +181,11 @@ pub struct OutputArgs {
     /// Print only the pass report as JSON (schema in README).
     #[arg(long, conflicts_with = "report")]
     pub json: bool,
-    /// Write Graphviz DOT of the final graph to FILE (and FILE.svg when `dot` is installed).
+    /// Write Graphviz DOT of the final graph to FILE, and an SVG beside it
+    /// (FILE with its extension replaced by `.svg`) when Graphviz's `dot` is installed.
     #[arg(long, value_name = "FILE")]
     pub dot: Option<PathBuf>,
-    /// Write the IR before and after every pass into DIR.
+    /// Write the IR before and after every pass into DIR (`NN-<pass>.before.wick` / `.after.wick`).
     #[arg(long, value_name = "DIR")]
     pub dump_ir: Option<PathBuf>,
 }

@@ -1,6 +1,6 @@
 //! `cargo xtask graph`: print a model's IR.
 
-use crate::common::{apply_passes, ModelArgs, OutputArgs};
+use crate::common::{apply_passes, InspectArgs, ModelArgs, OutputArgs};
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
@@ -11,6 +11,8 @@ pub struct GraphArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
+    passes: InspectArgs,
+    #[command(flatten)]
     output: OutputArgs,
 }
 
@@ -18,6 +20,6 @@ pub struct GraphArgs {
 pub fn run(args: GraphArgs) -> Result<()> {
     let model = args.model.load(&Device::Cpu)?;
     let shape = model.name().input_shape(args.model.batch);
-    let (graph, report) = apply_passes(model.trace(&shape)?, args.model.passes, args.output.dump_ir.as_deref())?;
+    let (graph, report) = apply_passes(model.trace(&shape)?, args.passes.passes, args.output.dump_ir.as_deref())?;
     args.output.emit(model.name().as_str(), &graph, report.as_ref())
 }

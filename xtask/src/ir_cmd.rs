@@ -1,6 +1,6 @@
 //! `cargo xtask ir`: parse, verify (and optionally optimise) IR text from a file.
 
-use crate::common::{apply_passes, OutputArgs, Passes};
+use crate::common::{apply_passes, InspectArgs, OutputArgs};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::io::Read;
@@ -12,9 +12,8 @@ use wick_ir::Graph;
 pub struct IrArgs {
     /// File with IR text as printed by `graph` (`-` reads standard input).
     file: PathBuf,
-    /// Pass pipeline to run on it.
-    #[arg(long, value_enum, default_value_t = Passes::None)]
-    passes: Passes,
+    #[command(flatten)]
+    passes: InspectArgs,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -38,6 +37,6 @@ pub fn run(args: IrArgs) -> Result<()> {
     let mut graph = graph;
     wick_models::random::fill_missing_constants(&mut graph, 0)?;
     let name = graph.name().to_string();
-    let (graph, report) = apply_passes(graph, args.passes, args.output.dump_ir.as_deref())?;
+    let (graph, report) = apply_passes(graph, args.passes.passes, args.output.dump_ir.as_deref())?;
     args.output.emit(&name, &graph, report.as_ref())
 }

@@ -1,11 +1,10 @@
 //! `cargo xtask profile`: where the engine's time goes, per op kind and per node.
 
-use crate::common::{apply_passes, ModelArgs, DEFAULT_INPUT_SEED};
+use crate::common::{CompiledRun, DeviceArgs, ModelArgs, OptimiseArgs, DEFAULT_INPUT_SEED};
 use anyhow::Result;
 use clap::Args;
 use std::collections::BTreeMap;
 use std::time::Instant;
-use wick_engine::{parse_device, Engine};
 use wick_models::random_input;
 
 /// Arguments of `profile`.
@@ -19,24 +18,24 @@ pub struct ProfileArgs {
     /// How many of the slowest nodes to list
     #[arg(long, default_value_t = 10, value_name = "N")]
     top: usize,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    optimise: OptimiseArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 /// Runs the model with per-step timing and prints the breakdown.
 pub fn run(args: ProfileArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
-    let model = args.model.load(&device)?;
-    let shape = model.name().input_shape(args.model.batch);
-    let (graph, _) = apply_passes(model.trace(&shape)?, args.model.passes, None)?;
-    let compiled = Engine::new(device.clone()).compile(&graph)?;
+    let CompiledRun {
+        name,
+        shape,
+        device,
+        compiled,
+    } = CompiledRun::new(&args.model, args.optimise.passes, &args.device)?;
     let x = random_input(DEFAULT_INPUT_SEED, &shape, &device)?;
     eprintln!(
         "profile {}: input {shape:?}, passes {}, 1 warm-up + {} profiled forwards",
-        model.name(),
-        args.model.passes,
-        args.iters
+        name, args.optimise.passes, args.iters
     );
     compiled.run(std::slice::from_ref(&x))?;
     let iters = args.iters.max(1);
@@ -68,8 +67,7 @@ pub fn run(args: ProfileArgs) -> Result<()> {
     by_op.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
     println!(
         "{} {shape:?}, passes {}: {wall:.2} ms per forward ({total:.2} ms in steps)",
-        model.name(),
-        args.model.passes
+        name, args.optimise.passes
     );
     println!("\n{:<20} {:>6} {:>10} {:>7}", "op", "nodes", "ms", "share");
     for (op, (count, ms)) in &by_op {

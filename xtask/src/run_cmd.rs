@@ -1,13 +1,13 @@
 //! `cargo xtask run`: run a model once on a given or generated input.
 
-use crate::common::{apply_passes, ModelArgs, DEFAULT_INPUT_SEED};
+use crate::common::{apply_passes, DeviceArgs, ModelArgs, OptimiseArgs, DEFAULT_INPUT_SEED};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::Args;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use wick_engine::{parse_device, Engine};
+use wick_engine::Engine;
 use wick_models::random_input;
 
 /// Arguments of `run`.
@@ -21,9 +21,10 @@ pub struct RunArgs {
     /// Where to write the output, as safetensors with one tensor named `output`.
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    optimise: OptimiseArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 fn read_input(path: &Path, device: &candle_core::Device) -> Result<Tensor> {
@@ -46,7 +47,7 @@ fn read_input(path: &Path, device: &candle_core::Device) -> Result<Tensor> {
 
 /// Runs the model and prints `model: input [..] -> output [..] in X ms`.
 pub fn run(args: RunArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
+    let device = args.device.open()?;
     let model = args.model.load(&device)?;
     let name = model.name();
     let x = match &args.input {
@@ -59,7 +60,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         None => random_input(DEFAULT_INPUT_SEED, &name.input_shape(args.model.batch), &device)?,
     };
     model.check_input(x.dims())?;
-    let (graph, _report) = apply_passes(model.trace(x.dims())?, args.model.passes, None)?;
+    let (graph, _report) = apply_passes(model.trace(x.dims())?, args.optimise.passes, None)?;
     let compiled = Engine::new(device).compile(&graph)?;
     let start = Instant::now();
     let outputs = compiled.run(std::slice::from_ref(&x))?;
@@ -75,8 +76,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         x.dims(),
         output.dims(),
         elapsed.as_secs_f64() * 1e3,
-        args.model.passes,
-        args.device
+        args.optimise.passes,
+        args.device.device
     );
     Ok(())
 }

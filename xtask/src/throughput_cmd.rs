@@ -1,11 +1,9 @@
 //! `cargo xtask throughput`: images/s when several threads share one compiled model.
 
-use crate::common::{apply_passes, ModelArgs, DEFAULT_INPUT_SEED};
+use crate::common::{CompiledRun, DeviceArgs, ModelArgs, OptimiseArgs, DEFAULT_INPUT_SEED};
 use anyhow::{Context, Result};
 use clap::Args;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wick_engine::{parse_device, Engine};
 use wick_models::random_input;
 
 /// Arguments of `throughput`.
@@ -19,24 +17,25 @@ pub struct ThroughputArgs {
     /// Seconds of calls per thread count (after one warm-up call per thread).
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    optimise: OptimiseArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 /// Runs the shared model from each number of threads for a fixed time and prints images/s.
 pub fn run(args: ThroughputArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
-    let model = args.model.load(&device)?;
-    let shape = model.name().input_shape(args.model.batch);
-    let (graph, _) = apply_passes(model.trace(&shape)?, args.model.passes, None)?;
-    let compiled = Arc::new(Engine::new(device.clone()).compile(&graph)?);
+    let CompiledRun {
+        name,
+        shape,
+        device,
+        compiled,
+    } = CompiledRun::new(&args.model, args.optimise.passes, &args.device)?;
     let duration = Duration::from_secs_f64(args.seconds.max(0.1));
     println!(
-        "{} {shape:?} on {}, passes {}, {} rayon threads inside the kernels",
-        model.name(),
-        args.device,
-        args.model.passes,
+        "{name} {shape:?} on {}, passes {}, {} rayon threads inside the kernels",
+        args.device.device,
+        args.optimise.passes,
         rayon_threads()
     );
     for &threads in &args.threads {
@@ -45,7 +44,8 @@ pub fn run(args: ThroughputArgs) -> Result<()> {
         let start = Instant::now();
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let compiled = Arc::clone(&compiled);
+                // Clones share the compiled plan and its packed weights.
+                let compiled = compiled.clone();
                 let x = random_input(DEFAULT_INPUT_SEED + t as u64, &shape, &device);
                 let device = device.clone();
                 std::thread::spawn(move || -> Result<u64> {

@@ -379,3 +379,27 @@ fn throughput_reports_each_thread_count() {
         "{stdout}"
     );
 }
+
+/// Commands that execute or save a model optimise by default (`--passes
+/// none` opts out); `graph` prints the graph as traced unless asked.
+#[test]
+fn optimisation_is_on_by_default_where_models_run() {
+    let stdout = |args: &[&str]| {
+        let out = xtask(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(stdout(&["run", "toy"]).contains("(passes: default,"));
+    assert!(stdout(&["run", "toy", "--passes", "none"]).contains("(passes: none,"));
+    assert!(stdout(&["profile", "toy", "--iters", "1"]).contains("passes default"));
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("toy");
+    assert!(stdout(&["export", "toy", "--out", saved.to_str().unwrap()]).contains("(passes: default)"));
+    let graph = std::fs::read_to_string(saved.join("graph.wick")).unwrap();
+    assert!(!graph.contains("batch_norm"), "{graph}");
+    assert!(stdout(&["graph", "toy"]).contains("batch_norm"));
+}

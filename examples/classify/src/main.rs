@@ -8,28 +8,41 @@
 //! meaningless, but every step runs); `--hub` takes timm's ImageNet weights
 //! from the Hugging Face cache (downloading them when allowed).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use candle_core::Device;
+use clap::Parser;
+use std::path::PathBuf;
 use wick_engine::Engine;
 use wick_models::{hub, Model, ModelName, WeightSource};
 use wick_passes::PassManager;
 
+/// Classify one PNG or JPEG image with ResNet18 and print the top 5 classes.
+#[derive(Debug, Parser)]
+#[command(name = "wick-classify", version)]
+struct Args {
+    /// The image (PNG or JPEG).
+    image: PathBuf,
+    /// ResNet18 weights (safetensors, PyTorch names); wick's seeded random init when absent.
+    weights: Option<PathBuf>,
+    /// Take timm's ImageNet weights from the Hugging Face cache (downloading them when allowed).
+    #[arg(long, conflicts_with = "weights")]
+    hub: bool,
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(image) = args.first() else {
-        bail!("usage: wick-classify IMAGE [WEIGHTS.safetensors | --hub]");
+    let args = Args::parse();
+    let source = match (args.weights, args.hub) {
+        (_, true) => WeightSource::File(hub::resnet18_weights(&Default::default())?),
+        (Some(path), false) => WeightSource::File(path),
+        (None, false) => WeightSource::Random { seed: 0 },
     };
-    let source = match args.get(1).map(String::as_str) {
-        Some("--hub") => WeightSource::File(hub::resnet18_weights(&Default::default())?),
-        Some(path) => WeightSource::File(path.into()),
-        None => WeightSource::Random { seed: 0 },
-    };
+    let image = args.image.display().to_string();
     // 1. load, 2. trace at the input shape, 3. optimise, 4. compile, 5. run.
     let model = Model::load(ModelName::Resnet18, source, &Device::Cpu)?;
     let mut graph = model.trace(&[1, 3, 224, 224])?;
     let report = PassManager::default_pipeline().run(&mut graph)?;
     let compiled = Engine::cpu().compile(&graph)?;
-    let bytes = std::fs::read(image).with_context(|| format!("cannot read `{image}`"))?;
+    let bytes = std::fs::read(&args.image).with_context(|| format!("cannot read `{image}`"))?;
     let x = wick_serve::preprocess(&bytes).map_err(anyhow::Error::msg)?;
     let logits = compiled.run(&[x])?.remove(0);
     eprint!("{report}");
