@@ -71,6 +71,34 @@ impl SharedOut {
         }
     }
 
+    /// Panics unless elements `start..end` lie in the buffer: one check for
+    /// a region that [`SharedOut::slice_within`] then writes piecewise.
+    #[inline(always)]
+    pub(crate) fn check(&self, start: usize, end: usize) {
+        assert!(
+            start <= end && end <= self.len,
+            "output elements {start}..{end} outside a buffer of {}",
+            self.len
+        );
+    }
+
+    /// Elements `start..start + len` without a bounds check of its own.
+    ///
+    /// # Safety
+    /// As [`SharedOut::slice`], and the elements lie in a range that
+    /// [`SharedOut::check`] accepted (debug builds check again).
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice_within(&self, start: usize, len: usize) -> &mut [f32] {
+        debug_assert!(
+            start + len <= self.len,
+            "output elements {start}+{len} outside {}",
+            self.len
+        );
+        // SAFETY: in bounds and exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+
     /// Elements `start..start + len` (panics when they lie outside the buffer).
     ///
     /// # Safety

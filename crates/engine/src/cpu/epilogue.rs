@@ -49,6 +49,23 @@ pub(crate) fn write(out: &mut [f32], src: &[f32], bias: f32, residual: Option<&[
     }
 }
 
+/// [`value`] on a fixed-size row (kept in one vector register).
+#[inline(always)]
+pub(crate) fn row<const N: usize>(x: [f32; N], bias: f32, residual: Option<&[f32; N]>, relu: bool) -> [f32; N] {
+    // Whole-array steps (not `value` per element), the form that stays in
+    // one register in the Winograd output transform's inner loop.
+    let mut row = x.map(|x| x + bias);
+    if let Some(r) = residual {
+        for (v, r) in row.iter_mut().zip(r) {
+            *v += r;
+        }
+    }
+    if relu {
+        row = row.map(|v| v.max(0.0));
+    }
+    row
+}
+
 /// A conv's epilogue as a kernel holds it: the bias per output channel
 /// (zeros without one) and whether ReLU follows.
 #[derive(Debug, Clone)]
@@ -82,12 +99,6 @@ impl Epilogue {
         self.bias[channel]
     }
 
-    /// [`value`] for output channel `channel`.
-    #[inline(always)]
-    pub(crate) fn value(&self, channel: usize, x: f32, residual: Option<f32>) -> f32 {
-        value(x, self.bias[channel], residual, self.relu)
-    }
-
     /// [`in_place`] for output channel `channel`.
     #[inline(always)]
     pub(crate) fn in_place(&self, channel: usize, values: &mut [f32], residual: Option<&[f32]>) {
@@ -98,16 +109,6 @@ impl Epilogue {
     #[inline(always)]
     pub(crate) fn write(&self, channel: usize, out: &mut [f32], src: &[f32], residual: Option<&[f32]>) {
         write(out, src, self.bias[channel], residual, self.relu)
-    }
-
-    /// [`value`] on a fixed-size row (kept in one vector register).
-    #[inline(always)]
-    pub(crate) fn row<const N: usize>(&self, channel: usize, x: [f32; N], residual: Option<&[f32; N]>) -> [f32; N] {
-        let (bias, relu) = (self.bias[channel], self.relu);
-        match residual {
-            Some(r) => std::array::from_fn(|i| value(x[i], bias, Some(r[i]), relu)),
-            None => x.map(|x| value(x, bias, None, relu)),
-        }
     }
 }
 
@@ -139,8 +140,8 @@ mod tests {
             e.in_place(1, &mut a, Some(&r));
             let mut b = [0f32; 4];
             e.write(1, &mut b, &x, Some(&r));
-            let c = e.row(1, x, Some(&r));
-            let d: Vec<f32> = x.iter().zip(&r).map(|(&x, &r)| e.value(1, x, Some(r))).collect();
+            let c = row(x, -2.0, Some(&r), relu);
+            let d: Vec<f32> = x.iter().zip(&r).map(|(&x, &r)| value(x, -2.0, Some(r), relu)).collect();
             assert_eq!(
                 (a.to_vec(), b.to_vec(), c.to_vec()),
                 (want.clone(), want.clone(), want.clone())

@@ -13,7 +13,7 @@
 use super::{pack_weights, Tiles, SKEW};
 use crate::cpu::conv::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
-use crate::cpu::epilogue::Epilogue;
+use crate::cpu::epilogue::{self, Epilogue};
 use crate::cpu::gemm::{lane_gemm, Isa, LaneProduct, Layout, LANES};
 use crate::cpu::parallel::for_ranges;
 use candle_core::Tensor;
@@ -199,6 +199,7 @@ impl Run<'_> {
         let count = tiles.len();
         let s = &self.tiles.shape;
         let per_xi = self.conv.padded_out * count + SKEW;
+        let (bias, relu) = (self.conv.epilogue.bias(o), self.conv.epilogue.relu());
         for t0 in (0..count).step_by(TILE_LANES) {
             let n = TILE_LANES.min(count - t0);
             let mut products = [[0f32; TILE_LANES]; XI];
@@ -211,15 +212,19 @@ impl Run<'_> {
             let y = output_transform(&products);
             for lane in 0..n {
                 let (image, ty, tx) = self.tiles.tile(tiles.start + t0 + lane);
-                for (i, y) in y.iter().enumerate() {
-                    let (oy, ox) = (ty * M + i / M, tx * M + i % M);
-                    if oy >= s.out_height || ox >= s.out_width {
-                        continue;
+                let (h, w) = ((s.out_height - ty * M).min(M), (s.out_width - tx * M).min(M));
+                // The tile's rows in channel o, checked at once.
+                let first = (image * s.out_channels + o) * s.out_plane() + ty * M * s.out_width + tx * M;
+                self.dst.check(first, first + (h - 1) * s.out_width + w);
+                for i in 0..h {
+                    let base = first + i * s.out_width;
+                    // SAFETY: within the range checked above; (o, tile) is
+                    // written by this task only.
+                    let out = unsafe { self.dst.slice_within(base, w) };
+                    for (j, out) in out.iter_mut().enumerate() {
+                        let residual = self.residual.map(|r| r[base + j]);
+                        *out = epilogue::value(y[i * M + j][lane], bias, residual, relu);
                     }
-                    let at = (image * s.out_channels + o) * s.out_plane() + oy * s.out_width + ox;
-                    let value = self.conv.epilogue.value(o, y[lane], self.residual.map(|r| r[at]));
-                    // SAFETY: (o, tile) is written by this task only.
-                    unsafe { self.dst.slice(at, 1) }.fill(value);
                 }
             }
         }

@@ -6,6 +6,7 @@
 
 use super::f4::{Block, Run, ALPHA, LANES, M, XI};
 use crate::cpu::data::SharedOut;
+use crate::cpu::epilogue;
 use crate::cpu::gemm::{Isa, IsaBody};
 
 /// How many channels ahead the input transform prefetches its patches.
@@ -166,12 +167,16 @@ fn finish_input_chunk(
             cols_t[a][col] = t[a];
         }
     }
+    // The 36 runs written below, from (ξ = 0) to (ξ = 35), checked at once.
+    let first = c * cols + start;
+    v.check(first, (XI - 1) * v_stride + first + LANES);
     for (a, row) in cols_t.iter().enumerate() {
         let t = input_transform(row);
         for (b, lanes_v) in t.iter().enumerate() {
             let xi = a * ALPHA + b;
-            // SAFETY: row (ξ, c) of V belongs to this channel only.
-            unsafe { v.slice(xi * v_stride + c * cols + start, LANES) }.copy_from_slice(lanes_v);
+            // SAFETY: within the range checked above; row (ξ, c) of V
+            // belongs to this channel only.
+            unsafe { v.slice_within(xi * v_stride + first, LANES) }.copy_from_slice(lanes_v);
         }
     }
 }
@@ -192,7 +197,10 @@ impl IsaBody for OutputChannel<'_> {
     #[inline(always)]
     fn run(self) {
         let OutputChannel { run, block, m, k } = self;
-        let (s, epilogue, cols) = (&run.tiles.shape, &run.conv.epilogue, block.cols);
+        let (s, cols) = (&run.tiles.shape, block.cols);
+        // Hoisted: the writes below go through a raw pointer, so the compiler
+        // cannot tell that they leave the epilogue's bias alone.
+        let (bias, relu) = (run.conv.epilogue.bias(k), run.conv.epilogue.relu());
         let m_stride = run.conv.m_stride(cols);
         let out_plane = s.out_plane();
         for (chunk, positions) in block.positions.chunks(LANES).enumerate() {
@@ -218,20 +226,24 @@ impl IsaBody for OutputChannel<'_> {
                 } else {
                     ((s.out_height - p.out_y).min(M), (s.out_width - p.out_x).min(M))
                 };
+                // The tile's rows in this channel, checked at once.
+                let first = plane + p.out_y * s.out_width + p.out_x;
+                run.dst.check(first, first + (h - 1) * s.out_width + w);
                 for (i, o) in o.iter().enumerate().take(h) {
-                    let base = plane + (p.out_y + i) * s.out_width + p.out_x;
-                    // SAFETY (both writes): these pixels belong to this tile
-                    // and channel only (see `WinogradF4::run`).
+                    let base = first + i * s.out_width;
+                    // SAFETY (both writes): within the range checked above;
+                    // these pixels belong to this tile and channel only (see
+                    // `WinogradF4::run`).
                     if w == M {
                         // Whole row: fixed-size arrays keep it in one vector register.
                         let residual: Option<&[f32; M]> =
                             run.residual.map(|r| r[base..base + M].try_into().expect("M values"));
-                        let row: [f32; M] = epilogue.row(k, std::array::from_fn(|j| o[j][lane]), residual);
-                        unsafe { run.dst.slice(base, M) }.copy_from_slice(&row);
+                        let row: [f32; M] = epilogue::row(std::array::from_fn(|j| o[j][lane]), bias, residual, relu);
+                        unsafe { run.dst.slice_within(base, M) }.copy_from_slice(&row);
                     } else {
-                        let out = unsafe { run.dst.slice(base, w) };
+                        let out = unsafe { run.dst.slice_within(base, w) };
                         for (j, (out, o)) in out.iter_mut().zip(o).enumerate() {
-                            *out = epilogue.value(k, o[lane], run.residual.map(|r| r[base + j]));
+                            *out = epilogue::value(o[lane], bias, run.residual.map(|r| r[base + j]), relu);
                         }
                     }
                 }
