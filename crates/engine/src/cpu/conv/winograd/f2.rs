@@ -210,8 +210,8 @@ impl Run<'_> {
                 }
             }
             let y = output_transform(&products);
-            for lane in 0..n {
-                let (image, ty, tx) = self.tiles.tile(tiles.start + t0 + lane);
+            for (lane, tile) in (tiles.start + t0..tiles.start + t0 + n).enumerate() {
+                let (image, ty, tx) = self.tiles.tile(tile);
                 let (h, w) = ((s.out_height - ty * M).min(M), (s.out_width - tx * M).min(M));
                 // The tile's rows in channel o, checked at once.
                 let first = (image * s.out_channels + o) * s.out_plane() + ty * M * s.out_width + tx * M;
