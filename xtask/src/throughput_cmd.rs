@@ -25,12 +25,8 @@ pub struct ThroughputArgs {
 
 /// Runs the shared model from each number of threads for a fixed time and prints images/s.
 pub fn run(args: ThroughputArgs) -> Result<()> {
-    let CompiledRun {
-        name,
-        shape,
-        device,
-        compiled,
-    } = CompiledRun::new(&args.model, args.optimise.passes, &args.device)?;
+    let run = CompiledRun::new(&args.model, args.optimise.passes, &args.device)?;
+    let (name, shape, device, compiled) = (run.name, run.shape, run.device, run.compiled);
     let duration = Duration::from_secs_f64(args.seconds.max(0.1));
     println!(
         "{name} {shape:?} on {}, passes {}, {} rayon threads inside the kernels",

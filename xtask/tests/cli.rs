@@ -16,6 +16,25 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
 }
 
+/// Runs a command that must succeed and returns its output.
+fn xtask_ok(args: &[&str]) -> Output {
+    let out = xtask(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Asserts that `output` (a command's stdout or stderr) holds every needle.
+fn assert_contains(output: &[u8], needles: &[&str]) {
+    let text = String::from_utf8_lossy(output);
+    for needle in needles {
+        assert!(text.contains(needle), "expected `{needle}` in:\n{text}");
+    }
+}
+
 /// Asserts failure with `needle` in stderr and no panic.
 fn assert_fails(args: &[&str], needle: &str) {
     let out = xtask(args);
@@ -39,7 +58,7 @@ fn run_with_files_writes_output() {
     let input = write_input(dir.path(), "in.safetensors", io["input"].clone());
     let output = dir.path().join("out.safetensors");
     let weights = fixtures().join("toy.weights.safetensors");
-    let out = xtask(&[
+    let out = xtask_ok(&[
         "run",
         "toy",
         "--weights",
@@ -49,7 +68,6 @@ fn run_with_files_writes_output() {
         "--output",
         output.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.starts_with("toy: input [5, 1, 1, 1] -> output [5, 1, 1, 1] in "),
@@ -176,8 +194,7 @@ fn graph_output_parses_back() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("g.ir");
     std::fs::write(&path, &out.stdout).unwrap();
-    let again = xtask(&["ir", path.to_str().unwrap()]);
-    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let again = xtask_ok(&["ir", path.to_str().unwrap()]);
     assert_eq!(again.stdout, out.stdout);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("graph toy-sequential(%x: f32[3,3,28,28]) {"));
 }
@@ -186,8 +203,7 @@ fn graph_output_parses_back() {
 #[test]
 fn graph_json_reports_fusions() {
     for (model, expected) in [("toy", 3), ("toy-sequential", 2), ("resnet18", 20)] {
-        let out = xtask(&["graph", model, "--passes", "default", "--json", "--batch", "1"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = xtask_ok(&["graph", model, "--passes", "default", "--json", "--batch", "1"]);
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(json["model"], model);
         let fuse = &json["passes"][0];
@@ -249,7 +265,7 @@ fn run_fused_matches_pytorch() {
         let input = write_input(dir.path(), &format!("{stem}.in"), io["input"].clone());
         let output = dir.path().join(format!("{stem}.out"));
         let weights = fixtures().join(format!("{stem}.weights.safetensors"));
-        let out = xtask(&[
+        xtask_ok(&[
             "run",
             model,
             "--passes",
@@ -261,7 +277,6 @@ fn run_fused_matches_pytorch() {
             "--output",
             output.to_str().unwrap(),
         ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let got = candle_core::safetensors::load(&output, &Device::Cpu).unwrap();
         let diff = max_abs_diff(&got["output"], &io["output"]);
         assert!(diff < 1e-5, "{model}: {diff}");
@@ -273,7 +288,7 @@ fn run_fused_matches_pytorch() {
 fn bench_json_schema() {
     let dir = tempfile::tempdir().unwrap();
     let json_path = dir.path().join("bench.json");
-    let out = xtask(&[
+    let out = xtask_ok(&[
         "bench",
         "toy-sequential",
         "--warmup",
@@ -283,7 +298,6 @@ fn bench_json_schema() {
         "--json",
         json_path.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
     assert_eq!(json["model"], "toy-sequential");
     assert_eq!(json["batch"], 1);
@@ -306,11 +320,7 @@ fn bench_json_schema() {
         assert!(mode["max_abs_diff_vs_eager"].as_f64().unwrap() < 1e-4);
     }
     assert_eq!(json["passes"][0]["counters"]["matched"], 2);
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        table.contains("candle-eager") && table.contains("fuse-conv-batch-norm [matched=2]"),
-        "{table}"
-    );
+    assert_contains(&out.stdout, &["candle-eager", "fuse-conv-batch-norm [matched=2]"]);
 }
 
 /// A mode whose output is wrong makes the bench exit non-zero, naming the mode.
@@ -336,7 +346,7 @@ fn bench_fails_on_wrong_output() {
 #[test]
 fn export_then_load_matches_fresh() {
     let dir = tempfile::tempdir().unwrap();
-    let out = xtask(&[
+    xtask_ok(&[
         "export",
         "toy-sequential",
         "--passes",
@@ -346,7 +356,6 @@ fn export_then_load_matches_fresh() {
         "--out",
         dir.path().to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let loaded = wick_engine::saved::load(dir.path()).unwrap();
     assert!(loaded.to_string().contains("fused_conv2d"));
     let model = wick_models::Model::load(
@@ -371,28 +380,15 @@ fn export_then_load_matches_fresh() {
 /// `throughput` reports images/s for each number of caller threads.
 #[test]
 fn throughput_reports_each_thread_count() {
-    let out = xtask(&["throughput", "toy", "--seconds", "0.2", "--threads", "1,2"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        stdout.contains("threads 1: ") && stdout.contains("threads 2: "),
-        "{stdout}"
-    );
+    let out = xtask_ok(&["throughput", "toy", "--seconds", "0.2", "--threads", "1,2"]);
+    assert_contains(&out.stdout, &["threads 1: ", "threads 2: "]);
 }
 
 /// Commands that execute or save a model optimise by default (`--passes
 /// none` opts out); `graph` prints the graph as traced unless asked.
 #[test]
 fn optimisation_is_on_by_default_where_models_run() {
-    let stdout = |args: &[&str]| {
-        let out = xtask(args);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let stdout = |args: &[&str]| String::from_utf8_lossy(&xtask_ok(args).stdout).into_owned();
     assert!(stdout(&["run", "toy"]).contains("(passes: default,"));
     assert!(stdout(&["run", "toy", "--passes", "none"]).contains("(passes: none,"));
     assert!(stdout(&["profile", "toy", "--iters", "1"]).contains("passes default"));

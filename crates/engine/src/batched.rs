@@ -115,13 +115,9 @@ mod tests {
     use candle_core::{DType, Device};
 
     fn model() -> BatchedModel {
-        let mut graph = Graph::parse(
+        let graph = crate::test_util::graph_with_weights(
             "graph g(%x: f32[1,2,4,4]) {\n  @w = constant : f32[3,2,3,3]\n  %c = conv2d[padding=1](%x, @w) : f32[1,3,4,4]\n  %r = relu(%c) : f32[1,3,4,4]\n  return %r\n}",
-        )
-        .unwrap();
-        graph
-            .set_constant_data("w", Tensor::randn(0f32, 1.0, (3, 2, 3, 3), &Device::Cpu).unwrap())
-            .unwrap();
+        );
         BatchedModel::new(Engine::cpu(), graph, 2).unwrap()
     }
 

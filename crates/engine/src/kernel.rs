@@ -3,7 +3,7 @@
 //! activations only) or candle's device-generic ops, each variant naming its
 //! operands by role (`x`, `residual`, `weight`, …) as value slots.
 
-use crate::candle::{batch_norm_affine, CandleOp};
+use crate::candle::{batch_norm_affine, CandleOp, FusedConv};
 use crate::cpu::conv::{ConvSpec, CpuConv};
 use crate::cpu::{conv_algorithm, CpuKernel};
 use crate::error::AtNode;
@@ -186,7 +186,7 @@ fn lower_conv(
     } = operands;
     Ok(Kernel::Candle(match (fused, bias) {
         (None, bias) => CandleOp::Conv2d { attrs, x, weight, bias },
-        (Some(_), Some(bias)) => CandleOp::FusedConv2d {
+        (Some(_), Some(bias)) => CandleOp::FusedConv2d(FusedConv {
             attrs,
             relu,
             pool,
@@ -194,7 +194,7 @@ fn lower_conv(
             weight,
             bias,
             residual,
-        },
+        }),
         (Some(_), None) => return Err(unsupported(node, device, "a fused conv needs a bias operand".into())),
     }))
 }

@@ -169,19 +169,9 @@ mod tests {
     use candle_core::DType;
 
     fn graph() -> Graph {
-        let mut graph = Graph::parse(
+        crate::test_util::graph_with_weights(
             "graph g(%x: f32[1,2,3,3]) {\n  @w = constant : f32[2,2,1,1]\n  @b = constant : f32[2]\n  %c = conv2d(%x, @w, @b) : f32[1,2,3,3]\n  return %c\n}",
         )
-        .unwrap();
-        let w = Tensor::arange(0f32, 4.0, &Device::Cpu)
-            .unwrap()
-            .reshape((2, 2, 1, 1))
-            .unwrap();
-        graph.set_constant_data("w", w).unwrap();
-        graph
-            .set_constant_data("b", Tensor::new(&[0.5f32, -1.0], &Device::Cpu).unwrap())
-            .unwrap();
-        graph
     }
 
     /// Save then load gives the same text and identical outputs.

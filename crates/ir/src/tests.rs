@@ -93,21 +93,21 @@ fn undefined_value_is_an_error() {
 /// Syntax errors name what was expected and what was found.
 #[test]
 fn syntax_errors_are_located() {
-    let err = parse_err("graph g(%x: f32[1]) {\n  %y = relu(%x : f32[1]\n  return %y\n}");
-    assert!(
-        err.contains("expected `,` or `)`, found `:`") && err.contains("line 2"),
-        "{err}"
-    );
-    let err = parse_err("graph g(%x: f32[1]) {\n  %y = sigmoid(%x) : f32[1]\n  return %y\n}");
-    assert!(err.contains("unknown op `sigmoid`"), "{err}");
-    let err = parse_err("graph g(%x: f32[1]) {\n  %y = relu(%x) : f32[2]\n  return %y\n}");
-    assert!(err.contains("annotated f32[2]"), "{err}");
-    let err = parse_err("graph g(%x: f32[1]) {\n  %y = relu(%x) : q9[1]\n  return %y\n}");
-    assert!(err.contains("unknown dtype `q9`"), "{err}");
-    let err = parse_err("graph g(%x: f32[1,1,3,3], %w: f32[1,1,1,1]) {\n  %y = conv2d[strides=1](%x, %w) : f32[1,1,3,3]\n  return %y\n}");
-    assert!(err.contains("unknown attribute `strides`"), "{err}");
-    let err = parse_err("graph g(%x: f32[1]) {\n  %x = relu(%x) : f32[1]\n  return %x\n}");
-    assert!(err.contains("duplicate value name `x`"), "{err}");
+    let cases = [
+        ("  %y = relu(%x : f32[1]", "expected `,` or `)`, found `:`"),
+        ("  %y = sigmoid(%x) : f32[1]", "unknown op `sigmoid`"),
+        ("  %y = relu(%x) : f32[2]", "annotated f32[2]"),
+        ("  %y = relu(%x) : q9[1]", "unknown dtype `q9`"),
+        (
+            "  %y = conv2d[strides=1](%x, %x) : f32[1]",
+            "unknown attribute `strides`",
+        ),
+        ("  %x = relu(%x) : f32[1]", "duplicate value name `x`"),
+    ];
+    for (line, needle) in cases {
+        let err = parse_err(&format!("graph g(%x: f32[1]) {{\n{line}\n  return %y\n}}"));
+        assert!(err.contains(needle) && err.contains("line 2"), "{line}: {err}");
+    }
     let err = parse_err("graph g(%x: f32[1]) {\n  return @x\n}");
     assert!(err.contains("`@x` is not a constant"), "{err}");
 }

@@ -10,6 +10,49 @@ use candle_core::{DType, Tensor, D};
 use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
 use wick_passes::BatchNormParams;
 
+/// A fused conv on candle's ops: the conv, then bias (+ residual) (+ ReLU)
+/// as one in-place pass for f32 ([`epilogue`]), as candle ops otherwise;
+/// then the max pool, if any.
+#[derive(Debug)]
+pub(crate) struct FusedConv {
+    pub(crate) attrs: Conv2dAttrs,
+    pub(crate) relu: bool,
+    pub(crate) pool: Option<MaxPool2dAttrs>,
+    pub(crate) x: Slot,
+    pub(crate) weight: Slot,
+    pub(crate) bias: Slot,
+    pub(crate) residual: Option<Slot>,
+}
+
+impl FusedConv {
+    fn run(&self, value: impl Fn(Slot) -> candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
+        let (x, weight, bias) = (value(self.x)?, value(self.weight)?, value(self.bias)?);
+        let residual = self.residual.map(&value).transpose()?;
+        let y = if x.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+            // The convolution without bias, then bias (+ residual, + ReLU)
+            // in one in-place pass (one kernel launch on CUDA).
+            let y = conv2d(&self.attrs, &x, &weight, None)?.contiguous()?;
+            epilogue::apply(&y, &bias, residual.as_ref(), self.relu)?;
+            y
+        } else {
+            let y = conv2d(&self.attrs, &x, &weight, Some(&bias))?;
+            let y = match residual {
+                Some(residual) => (y + residual)?,
+                None => y,
+            };
+            if self.relu {
+                y.relu()?
+            } else {
+                y
+            }
+        };
+        match &self.pool {
+            Some(pool) => max_pool2d(&y, pool),
+            None => Ok(y),
+        }
+    }
+}
+
 /// One step on candle's ops, with its operands by role.
 #[derive(Debug)]
 pub(crate) enum CandleOp {
@@ -21,17 +64,8 @@ pub(crate) enum CandleOp {
         weight: Slot,
         bias: Option<Slot>,
     },
-    /// The conv, then bias (+ residual) (+ ReLU) as one in-place pass for f32
-    /// ([`epilogue`]), as candle ops otherwise; then the max pool, if any.
-    FusedConv2d {
-        attrs: Conv2dAttrs,
-        relu: bool,
-        pool: Option<MaxPool2dAttrs>,
-        x: Slot,
-        weight: Slot,
-        bias: Slot,
-        residual: Option<Slot>,
-    },
+    /// The conv, its epilogue and the fused max pool.
+    FusedConv2d(FusedConv),
     /// `x · scale + shift` with both precomputed from constant statistics
     /// (`[1, C, 1, ...]`, the node's dtype).
     BatchNormFolded {
@@ -81,13 +115,7 @@ impl CandleOp {
             CandleOp::Conv2d { x, weight, bias, .. } | CandleOp::Linear { x, weight, bias } => {
                 [*x, *weight].into_iter().chain(*bias).collect()
             }
-            CandleOp::FusedConv2d {
-                x,
-                weight,
-                bias,
-                residual,
-                ..
-            } => [*x, *weight, *bias].into_iter().chain(*residual).collect(),
+            CandleOp::FusedConv2d(op) => [op.x, op.weight, op.bias].into_iter().chain(op.residual).collect(),
             CandleOp::BatchNorm {
                 x, mean, var, affine, ..
             } => [*x, *mean, *var]
@@ -110,39 +138,7 @@ impl CandleOp {
             CandleOp::Conv2d { attrs, x, weight, bias } => {
                 conv2d(attrs, &value(*x)?, &value(*weight)?, optional(*bias)?.as_ref())
             }
-            CandleOp::FusedConv2d {
-                attrs,
-                relu,
-                pool,
-                x,
-                weight,
-                bias,
-                residual,
-            } => {
-                let (x, weight, bias, residual) = (value(*x)?, value(*weight)?, value(*bias)?, optional(*residual)?);
-                let y = if x.dtype() == DType::F32 && bias.dtype() == DType::F32 {
-                    // The convolution without bias, then bias (+ residual, + ReLU)
-                    // in one in-place pass (one kernel launch on CUDA).
-                    let y = conv2d(attrs, &x, &weight, None)?.contiguous()?;
-                    epilogue::apply(&y, &bias, residual.as_ref(), *relu)?;
-                    y
-                } else {
-                    let y = conv2d(attrs, &x, &weight, Some(&bias))?;
-                    let y = match residual {
-                        Some(residual) => (y + residual)?,
-                        None => y,
-                    };
-                    if *relu {
-                        y.relu()?
-                    } else {
-                        y
-                    }
-                };
-                match pool {
-                    Some(pool) => max_pool2d(&y, pool),
-                    None => Ok(y),
-                }
-            }
+            CandleOp::FusedConv2d(op) => op.run(value),
             CandleOp::BatchNormFolded { scale, shift, x } => value(*x)?.broadcast_mul(scale)?.broadcast_add(shift),
             CandleOp::BatchNorm {
                 eps,
