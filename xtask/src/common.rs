@@ -185,7 +185,7 @@ pub struct OutputArgs {
     /// (FILE with its extension replaced by `.svg`) when Graphviz's `dot` is installed.
     #[arg(long, value_name = "FILE")]
     pub dot: Option<PathBuf>,
-    /// Write the IR before and after every pass into DIR (`NN-<pass>.before.wick` / `.after.wick`).
+    /// Write the IR before and after every pass into DIR (`NNN-<pass>.before.ir` / `.after.ir`).
     #[arg(long, value_name = "DIR")]
     pub dump_ir: Option<PathBuf>,
 }

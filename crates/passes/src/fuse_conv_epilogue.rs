@@ -1,9 +1,9 @@
 //! Epilogue fusion: a convolution absorbs the ops that follow it, so the
 //! engine applies them while the output is still in cache.
 //!
-//! - `fuse-conv-add-relu`: relu(add(conv2d(x, w[, b]), r)) ⇒ fused_conv2d[relu](x, w, b, r)
+//! - `fuse-conv-add-relu`: `relu(add(conv2d(x, w[, b]), r))` ⇒ `fused_conv2d[relu](x, w, b, r)`
 //!   (ResNet's block tail; either add operand may be the conv);
-//! - `fuse-conv-relu`: relu(conv2d(x, w[, b])) ⇒ fused_conv2d[relu](x, w, b);
+//! - `fuse-conv-relu`: `relu(conv2d(x, w[, b]))` ⇒ `fused_conv2d[relu](x, w, b)`;
 //! - `fuse-conv-max-pool`: max_pool2d(fused_conv2d(x, w, b[, r])) ⇒
 //!   fused_conv2d[.., pool](x, w, b[, r]) (ResNet's stem: the conv's output,
 //!   4× the pooled one, then never leaves the cache).

@@ -105,7 +105,7 @@ impl Epilogue {
         in_place(values, self.bias[channel], residual, self.relu)
     }
 
-    /// [`write`] for output channel `channel`.
+    /// [`write()`] for output channel `channel`.
     #[inline(always)]
     pub(crate) fn write(&self, channel: usize, out: &mut [f32], src: &[f32], residual: Option<&[f32]>) {
         write(out, src, self.bias[channel], residual, self.relu)
