@@ -63,6 +63,39 @@ impl ConvCase {
     }
 }
 
+impl std::str::FromStr for ConvCase {
+    type Err = String;
+
+    /// A case written on one line, the way shrunk failures are kept as
+    /// named tests: `n1 c4 o4 g4 k3x3 s1 d1 p1x1 4x4` (batch, in and out
+    /// channels, groups, kernel, stride, dilation, padding, input size).
+    fn from_str(text: &str) -> Result<Self, String> {
+        let field = |prefix: &str| -> Result<&str, String> {
+            let found = text.split_whitespace().find_map(|word| word.strip_prefix(prefix));
+            found.ok_or_else(|| format!("`{text}` has no `{prefix}..`"))
+        };
+        let number = |s: &str| s.parse::<usize>().map_err(|e| format!("`{s}` in `{text}`: {e}"));
+        let pair = |s: &str| -> Result<[usize; 2], String> {
+            let (h, w) = s
+                .split_once('x')
+                .ok_or_else(|| format!("`{s}` in `{text}` is not HxW"))?;
+            Ok([number(h)?, number(w)?])
+        };
+        let size = text.split_whitespace().last().unwrap_or_default();
+        Ok(ConvCase {
+            batch: number(field("n")?)?,
+            in_channels: number(field("c")?)?,
+            out_channels: number(field("o")?)?,
+            groups: number(field("g")?)?,
+            kernel: pair(field("k")?)?,
+            stride: number(field("s")?)?,
+            dilation: number(field("d")?)?,
+            padding: pair(field("p")?)?,
+            size: pair(size)?,
+        })
+    }
+}
+
 fn divisors(n: usize) -> Vec<usize> {
     (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
 }
@@ -123,4 +156,35 @@ pub fn arb_conv_case() -> impl Strategy<Value = ConvCase> {
                 }
             },
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConvCase;
+
+    /// The one-line form reads every field; a missing or malformed one is an error naming it.
+    #[test]
+    fn one_line_form() {
+        let case: ConvCase = "n2 c3 o6 g3 k1x3 s2 d1 p0x2 3x5".parse().unwrap();
+        let want = ConvCase {
+            batch: 2,
+            in_channels: 3,
+            out_channels: 6,
+            groups: 3,
+            kernel: [1, 3],
+            stride: 2,
+            dilation: 1,
+            padding: [0, 2],
+            size: [3, 5],
+        };
+        assert_eq!(case, want);
+        assert!("n2 c3 o6 k1x3 s2 d1 p0x2 3x5"
+            .parse::<ConvCase>()
+            .unwrap_err()
+            .contains("`g..`"));
+        assert!("n2 c3 o6 g3 k1 s2 d1 p0x2 3x5"
+            .parse::<ConvCase>()
+            .unwrap_err()
+            .contains("HxW"));
+    }
 }

@@ -174,52 +174,31 @@ fn expected_fusions(graph: &Graph) -> (u64, u64) {
     (fused, refused)
 }
 
-fn regression(case: ConvBnCase) {
-    check_conv_bn(&case, &Device::Cpu).unwrap();
+/// A shrunk failure or a shape worth pinning: `conv` as
+/// [`ConvCase`]'s one-line form.
+fn regression(conv: &str, bias: bool, affine: bool, eps: f64, seed: u64) {
+    let conv = conv.parse::<ConvCase>().unwrap();
+    check_conv_bn(
+        &ConvBnCase {
+            conv,
+            bias,
+            affine,
+            eps,
+            seed,
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
 }
 
 /// C == H == W == 4 with a depthwise 3x3 conv (candle's layout-ambiguity bug shape).
 #[test]
 fn regression_c_eq_h_eq_w_depthwise() {
-    let conv = ConvCase {
-        batch: 1,
-        in_channels: 4,
-        out_channels: 4,
-        groups: 4,
-        kernel: [3, 3],
-        stride: 1,
-        dilation: 1,
-        padding: [1, 1],
-        size: [4, 4],
-    };
-    regression(ConvBnCase {
-        conv,
-        bias: false,
-        affine: true,
-        eps: 1e-5,
-        seed: 1,
-    });
+    regression("n1 c4 o4 g4 k3x3 s1 d1 p1x1 4x4", false, true, 1e-5, 1);
 }
 
 /// Kernel 1x3, asymmetric padding, stride 2, no bias, no affine, eps 0.1.
 #[test]
 fn regression_asymmetric_kernel_and_padding() {
-    let conv = ConvCase {
-        batch: 2,
-        in_channels: 3,
-        out_channels: 6,
-        groups: 3,
-        kernel: [1, 3],
-        stride: 2,
-        dilation: 1,
-        padding: [0, 2],
-        size: [3, 5],
-    };
-    regression(ConvBnCase {
-        conv,
-        bias: false,
-        affine: false,
-        eps: 0.1,
-        seed: 2,
-    });
+    regression("n2 c3 o6 g3 k1x3 s2 d1 p0x2 3x5", false, false, 0.1, 2);
 }
