@@ -125,15 +125,42 @@ impl CompiledRun {
     /// Loads, traces, optimises and compiles.
     pub fn new(model: &ModelArgs, passes: Passes, device: &DeviceArgs) -> Result<Self> {
         let device = device.open()?;
-        let loaded = model.load(&device)?;
-        let shape = loaded.name().input_shape(model.batch);
-        let (graph, _) = apply_passes(loaded.trace(&shape)?, passes, None)?;
-        let compiled = Engine::new(device.clone()).compile(&graph)?;
+        let traced = model.traced(&device, passes, None)?;
+        let compiled = Engine::new(device.clone()).compile(&traced.graph)?;
         Ok(Self {
-            name: loaded.name(),
-            shape,
+            name: traced.name,
+            shape: traced.shape,
             device,
             compiled,
+        })
+    }
+}
+
+/// A model traced at its default input shape (batch from `--batch`) and
+/// run through a pass pipeline.
+pub struct Traced {
+    /// The model's name.
+    pub name: ModelName,
+    /// The input shape traced at.
+    pub shape: Vec<usize>,
+    /// The graph after the passes.
+    pub graph: Graph,
+    /// The pass report (`None` for `--passes none`).
+    pub report: Option<PassReport>,
+}
+
+impl ModelArgs {
+    /// Loads the model onto `device`, traces it and runs `passes`
+    /// (dumping IR into `dump_dir` when given).
+    pub fn traced(&self, device: &Device, passes: Passes, dump_dir: Option<&Path>) -> Result<Traced> {
+        let model = self.load(device)?;
+        let shape = model.name().input_shape(self.batch);
+        let (graph, report) = apply_passes(model.trace(&shape)?, passes, dump_dir)?;
+        Ok(Traced {
+            name: model.name(),
+            shape,
+            graph,
+            report,
         })
     }
 }

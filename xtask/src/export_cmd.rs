@@ -1,6 +1,6 @@
 //! `cargo xtask export`: save a model's optimised graph and folded weights.
 
-use crate::common::{apply_passes, ModelArgs, OptimiseArgs};
+use crate::common::{ModelArgs, OptimiseArgs, Traced};
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Args;
@@ -20,13 +20,10 @@ pub struct ExportArgs {
 
 /// Traces at the given batch, runs the passes and saves the result.
 pub fn run(args: ExportArgs) -> Result<()> {
-    let model = args.model.load(&Device::Cpu)?;
-    let shape = model.name().input_shape(args.model.batch);
-    let (graph, _) = apply_passes(model.trace(&shape)?, args.optimise.passes, None)?;
+    let Traced { name, shape, graph, .. } = args.model.traced(&Device::Cpu, args.optimise.passes, None)?;
     wick_engine::saved::save(&graph, &args.out).with_context(|| format!("exporting to `{}`", args.out.display()))?;
     println!(
-        "{}: saved {} nodes for input {shape:?} (passes: {}) to {}",
-        model.name(),
+        "{name}: saved {} nodes for input {shape:?} (passes: {}) to {}",
         graph.len(),
         args.optimise.passes,
         args.out.display()

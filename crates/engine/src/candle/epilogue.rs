@@ -6,6 +6,8 @@
 //! ([`crate::cpu::epilogue`]), the reference the CUDA kernel mirrors, and
 //! lets the op's checks and indexing be tested anywhere.
 
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
 /// Applies the epilogue in place to `y` (`[N, C, H, W]`, f32, contiguous and
@@ -100,20 +102,12 @@ impl InplaceOp2 for ConvEpilogue {
     }
 
     fn cpu_fwd(&self, y: &mut CpuStorage, yl: &Layout, bias: &CpuStorage, bl: &Layout) -> Result<()> {
-        let operands = self.operands((bias, bl), None);
-        cpu_epilogue(y, yl, operands)
+        cpu_epilogue(y, yl, self.operands((bias, bl), None))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        y: &mut candle_core::CudaStorage,
-        yl: &Layout,
-        bias: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> Result<()> {
-        let operands = self.operands((bias, bl), None);
-        cuda::launch(y, yl, operands)
+    fn cuda_fwd(&self, y: &mut CudaStorage, yl: &Layout, bias: &CudaStorage, bl: &Layout) -> Result<()> {
+        cuda::launch(y, yl, self.operands((bias, bl), None))
     }
 }
 
@@ -138,11 +132,11 @@ impl InplaceOp3 for ConvEpilogue {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        y: &mut candle_core::CudaStorage,
+        y: &mut CudaStorage,
         yl: &Layout,
-        bias: &candle_core::CudaStorage,
+        bias: &CudaStorage,
         bl: &Layout,
-        residual: &candle_core::CudaStorage,
+        residual: &CudaStorage,
         rl: &Layout,
     ) -> Result<()> {
         let operands = self.operands((bias, bl), Some((residual, rl)));
