@@ -14,6 +14,7 @@ mod dot;
 mod error;
 mod fact;
 mod graph;
+mod kind;
 mod op;
 mod parse;
 mod print;
@@ -22,10 +23,8 @@ mod verify;
 pub use error::{IrError, ParseError, Violation};
 pub use fact::TensorFact;
 pub use graph::{Graph, Node, NodeId};
-pub use op::{
-    windowed_len, BatchNormAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, MaxPool2dAttrs, Op, OpAttrs, OpKind,
-    OpRole,
-};
+pub use kind::{OpAttrs, OpKind, OpRole};
+pub use op::{windowed_len, BatchNormAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, MaxPool2dAttrs, Op};
 
 /// The `DType` of candle, re-exported because facts are written in it.
 pub use candle_core::DType;

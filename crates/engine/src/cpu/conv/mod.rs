@@ -97,12 +97,19 @@ impl ConvSpec {
 /// The shapes of one conv call (see [`ConvSpec::check`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConvShape {
+    /// N.
     pub(crate) batch: usize,
+    /// C, the input's channels.
     pub(crate) channels: usize,
+    /// H.
     pub(crate) height: usize,
+    /// W.
     pub(crate) width: usize,
+    /// O, the output's channels.
     pub(crate) out_channels: usize,
+    /// OH.
     pub(crate) out_height: usize,
+    /// OW.
     pub(crate) out_width: usize,
 }
 
@@ -130,8 +137,11 @@ impl ConvShape {
 
 /// A checked call: contiguous operands and their shapes.
 pub(crate) struct ConvCall {
+    /// The input, contiguous.
     pub(crate) x: Tensor,
+    /// The residual, contiguous, of the conv output's shape.
     pub(crate) residual: Option<Tensor>,
+    /// The shapes.
     pub(crate) shape: ConvShape,
 }
 
