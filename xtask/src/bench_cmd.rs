@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
-use wick_engine::{parse_device, Engine};
+use wick_engine::{parse_device, CacheSizes, CpuPath, Engine};
 use wick_models::{random_input, ModelName};
 use wick_passes::PassManager;
 
@@ -242,6 +242,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("--modes lists no mode");
     }
     let device = args.device.open()?;
+    // The path the workers' engines compile for (they inherit WICK_ISA).
+    let cpu_path = device.is_cpu().then(CpuPath::selected).transpose()?;
+    let caches = CacheSizes::detect();
+    let machine = format!(
+        "CPU {}, path {}, caches L1d {} KiB / L2 {} KiB / L3 {} KiB ({})",
+        process_stats::cpu_model().unwrap_or_else(|| "unknown".into()),
+        cpu_path.map_or("-".to_string(), |p| p.to_string()),
+        caches.l1d >> 10,
+        caches.l2 >> 10,
+        caches.l3 >> 10,
+        if caches.detected { "sysfs" } else { "fallback" }
+    );
     let model = model_args(&args.model, &args.weights, args.batch).load(&device)?;
     let shape = name.input_shape(args.batch);
     let batch = shape[0];
@@ -324,7 +336,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .iter()
         .find(|r| r.mode == Mode::CandleEager)
         .map(|r| stats::median(&r.samples));
-    print_table(&results, name, &shape, &args.device.device, flops, eager_median);
+    print_table(
+        &results,
+        name,
+        &shape,
+        &args.device.device,
+        &machine,
+        flops,
+        eager_median,
+    );
     let passes = results
         .iter()
         .find(|r| r.mode == Mode::Wick)
@@ -364,6 +384,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "iters": args.iters,
             "tolerance": args.tolerance,
             "cpu": process_stats::cpu_model(),
+            "cpu_path": cpu_path.map(|p| p.to_string()),
+            "caches": {
+                "l1d_kib": caches.l1d >> 10,
+                "l2_kib": caches.l2 >> 10,
+                "l3_kib": caches.l3 >> 10,
+                "detected": caches.detected,
+            },
         });
         std::fs::write(path, serde_json::to_string_pretty(&document)? + "\n")
             .with_context(|| format!("cannot write `{}`", path.display()))?;
@@ -391,11 +418,12 @@ fn print_table(
     name: ModelName,
     shape: &[usize],
     device: &str,
+    machine: &str,
     flops: u64,
     eager_median: Option<f64>,
 ) {
     println!(
-        "{name} {shape:?} on {device}: {:.2} GFLOP per forward",
+        "{name} {shape:?} on {device}: {:.2} GFLOP per forward; {machine}",
         flops as f64 / 1e9
     );
     println!(

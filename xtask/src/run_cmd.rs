@@ -71,8 +71,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         candle_core::safetensors::save(&tensors, path)
             .with_context(|| format!("cannot write output file `{}`", path.display()))?;
     }
+    let path = compiled.cpu_path().map_or(String::new(), |p| format!(", path: {p}"));
     println!(
-        "{name}: input {:?} -> output {:?} in {:.3} ms (passes: {}, device: {})",
+        "{name}: input {:?} -> output {:?} in {:.3} ms (passes: {}, device: {}{path})",
         x.dims(),
         output.dims(),
         elapsed.as_secs_f64() * 1e3,

@@ -399,3 +399,25 @@ fn optimisation_is_on_by_default_where_models_run() {
     assert!(!graph.contains("batch_norm"), "{graph}");
     assert!(stdout(&["graph", "toy"]).contains("batch_norm"));
 }
+
+/// `WICK_ISA` forces the CPU kernels' path: every path this CPU has runs
+/// and says so; an unknown name is a typed error, exit 1.
+#[test]
+fn wick_isa_forces_a_path() {
+    for path in wick_engine::CpuPath::available() {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["run", "toy-sequential"])
+            .env(wick_engine::ISA_ENV, path.name())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{path}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_contains(&out.stdout, &[&format!("path: {path})")]);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["run", "toy"])
+        .env(wick_engine::ISA_ENV, "sse2")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_contains(&out.stderr, &["unknown CPU path `sse2`"]);
+}

@@ -4,7 +4,9 @@
 use crate::error::AtNode;
 use crate::exec::CompiledModel;
 use crate::kernel::Kernel;
+use crate::machine::Machine;
 use crate::plan::{InputSlot, Plan, Step};
+use crate::CpuPath;
 use crate::EngineError;
 use candle_core::Device;
 use wick_ir::{Graph, OpRole};
@@ -13,12 +15,26 @@ use wick_ir::{Graph, OpRole};
 #[derive(Debug, Clone)]
 pub struct Engine {
     device: Device,
+    /// The CPU kernels' path, when not the best one or `WICK_ISA`'s.
+    cpu_path: Option<CpuPath>,
 }
 
 impl Engine {
-    /// An engine for `device`.
+    /// An engine for `device`. On the CPU its kernels take the path
+    /// `WICK_ISA` names (`avx512`, `avx2` or `scalar`) when set, the best
+    /// one the CPU has otherwise.
     pub fn new(device: Device) -> Self {
-        Self { device }
+        Self { device, cpu_path: None }
+    }
+
+    /// The same engine with its CPU kernels on `path`, whatever `WICK_ISA`
+    /// says: a typed error when the CPU lacks it.
+    pub fn with_cpu_path(self, path: CpuPath) -> Result<Self, EngineError> {
+        path.isa()?;
+        Ok(Self {
+            cpu_path: Some(path),
+            ..self
+        })
     }
 
     /// An engine for the host CPU.
@@ -35,6 +51,10 @@ impl Engine {
     /// per node and plans when each intermediate value is freed.
     pub fn compile(&self, graph: &Graph) -> Result<CompiledModel, EngineError> {
         graph.verify()?;
+        let machine = match self.device.is_cpu() {
+            true => Some(Machine::resolve(self.cpu_path)?),
+            false => None,
+        };
         let mut constants = Vec::new();
         let mut steps = Vec::new();
         let mut inputs = Vec::new();
@@ -61,7 +81,7 @@ impl Engine {
                     name: node.name.clone(),
                     op: node.op.name(),
                     fact: node.fact.clone(),
-                    kernel: Kernel::lower(graph, node, &self.device)?,
+                    kernel: Kernel::lower(graph, node, &self.device, machine)?,
                     output: id.index(),
                     free_after: Vec::new(),
                 }),
@@ -78,6 +98,10 @@ impl Engine {
             outputs: graph.outputs().iter().map(|o| o.index()).collect(),
             output_facts: graph.outputs().iter().map(|&o| graph.node(o).fact.clone()).collect(),
         });
-        Ok(CompiledModel::new(plan, self.device.clone()))
+        Ok(CompiledModel::new(
+            plan,
+            self.device.clone(),
+            machine.map(|m| m.isa.path()),
+        ))
     }
 }

@@ -67,6 +67,20 @@ pub enum EngineError {
         #[source]
         source: Box<candle_core::Error>,
     },
+    /// `WICK_ISA` or [`crate::Engine::with_cpu_path`] named no path wick has.
+    #[error("unknown CPU path `{given}`; expected one of avx512, avx2, scalar (WICK_ISA)")]
+    UnknownCpuPath {
+        /// The name given.
+        given: String,
+    },
+    /// A CPU path was asked for that this CPU does not support.
+    #[error("this CPU has no {path} path; it supports {}", available.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "))]
+    CpuPathUnavailable {
+        /// The path asked for.
+        path: crate::CpuPath,
+        /// The paths this CPU supports.
+        available: Vec<crate::CpuPath>,
+    },
     /// A candle operation failed while executing a node.
     #[error("candle error in node `%{node}`: {source}")]
     Candle {

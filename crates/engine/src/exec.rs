@@ -5,7 +5,7 @@
 use crate::error::AtNode;
 use crate::kernel::Slot;
 use crate::plan::Plan;
-use crate::EngineError;
+use crate::{CpuPath, EngineError};
 use candle_core::{Device, Tensor};
 use std::sync::Arc;
 use wick_ir::TensorFact;
@@ -23,16 +23,24 @@ pub struct CompiledModel {
     device: Device,
     /// Decided once at compile time (see `execute_scheduled`).
     run_in_pool: bool,
+    /// The CPU kernels' path (`None` off the CPU).
+    cpu_path: Option<CpuPath>,
 }
 
 impl CompiledModel {
-    pub(crate) fn new(plan: Plan, device: Device) -> Self {
+    pub(crate) fn new(plan: Plan, device: Device, cpu_path: Option<CpuPath>) -> Self {
         let run_in_pool = device.is_cpu() && plan.peak_activation_bytes() <= IN_POOL_MAX_ACTIVATION_BYTES;
         Self {
             plan: Arc::new(plan),
             device,
             run_in_pool,
+            cpu_path,
         }
+    }
+
+    /// The instruction-set path its CPU kernels take (`None` off the CPU).
+    pub fn cpu_path(&self) -> Option<CpuPath> {
+        self.cpu_path
     }
 
     /// Name of the compiled graph.
@@ -274,6 +282,28 @@ mod tests {
     #[test]
     fn compiled_model_is_send_and_sync() {
         assert_send_sync::<CompiledModel>();
+    }
+
+    /// Every path this CPU has compiles ResNet-like convs (Winograd, direct,
+    /// pooled) to the same output within f32 rounding, and reports its path.
+    #[test]
+    fn every_cpu_path_gives_the_same_output() {
+        use crate::CpuPath;
+        use wick_models::{Model, ModelName, WeightSource};
+        let model = Model::load(ModelName::Resnet18, WeightSource::Random { seed: 3 }, &Device::Cpu).unwrap();
+        let mut graph = model.trace(&[1, 3, 64, 64]).unwrap();
+        wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+        let x = wick_models::random_input(4, &[1, 3, 64, 64], &Device::Cpu).unwrap();
+        let run = |path: CpuPath| {
+            let compiled = Engine::cpu().with_cpu_path(path).unwrap().compile(&graph).unwrap();
+            assert_eq!(compiled.cpu_path(), Some(path));
+            compiled.run(std::slice::from_ref(&x)).unwrap().remove(0)
+        };
+        let scalar = run(CpuPath::Scalar);
+        for path in CpuPath::available() {
+            let diff = crate::test_util::max_abs_diff(&run(path), &scalar);
+            assert!(diff < 1e-4, "{path}: {diff}");
+        }
     }
 
     /// Clones share the plan (and so the packed weights) instead of copying it.

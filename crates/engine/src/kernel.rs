@@ -7,6 +7,7 @@ use crate::candle::{batch_norm_affine, CandleOp, FusedConv};
 use crate::cpu::conv::{ConvSpec, CpuConv};
 use crate::cpu::{conv_algorithm, CpuKernel};
 use crate::error::AtNode;
+use crate::machine::Machine;
 use crate::EngineError;
 use candle_core::{DType, Device, Tensor};
 use wick_ir::{Conv2dAttrs, FusedConv2dAttrs, Graph, Node, Op};
@@ -33,8 +34,14 @@ struct ConvOperands {
 }
 
 impl Kernel {
-    /// Lowers `node` (neither an input nor a constant) for `device`.
-    pub(crate) fn lower(graph: &Graph, node: &Node, device: &Device) -> Result<Kernel, EngineError> {
+    /// Lowers `node` (neither an input nor a constant) for `device`
+    /// (`machine`: the CPU's path and caches, when on the CPU).
+    pub(crate) fn lower(
+        graph: &Graph,
+        node: &Node,
+        device: &Device,
+        machine: Option<Machine>,
+    ) -> Result<Kernel, EngineError> {
         let slot = |i: usize| node.inputs[i].index();
         let optional = |i: usize| node.inputs.get(i).map(|id| id.index());
         let candle = |op: CandleOp| Ok(Kernel::Candle(op));
@@ -51,7 +58,7 @@ impl Kernel {
                     bias: optional(2),
                     residual: None,
                 };
-                lower_conv(graph, node, device, *attrs, None, operands)
+                lower_conv(graph, node, (device, machine), *attrs, None, operands)
             }
             Op::FusedConv2d(fused) => {
                 let operands = ConvOperands {
@@ -60,7 +67,7 @@ impl Kernel {
                     bias: Some(slot(2)),
                     residual: optional(3),
                 };
-                lower_conv(graph, node, device, fused.conv, Some(*fused), operands)
+                lower_conv(graph, node, (device, machine), fused.conv, Some(*fused), operands)
             }
             Op::BatchNorm(attrs) => {
                 let params: Option<Vec<&Tensor>> = (1..node.inputs.len()).map(|i| constant(graph, node, i)).collect();
@@ -140,7 +147,7 @@ fn constant<'g>(graph: &'g Graph, node: &Node, i: usize) -> Option<&'g Tensor> {
 fn lower_conv(
     graph: &Graph,
     node: &Node,
-    device: &Device,
+    (device, machine): (&Device, Option<Machine>),
     attrs: Conv2dAttrs,
     fused: Option<FusedConv2dAttrs>,
     operands: ConvOperands,
@@ -148,7 +155,7 @@ fn lower_conv(
     let (relu, pool) = fused.map_or((false, None), |f| (f.relu, f.pool));
     let weight = constant(graph, node, 1);
     let bias = operands.bias.map(|_| constant(graph, node, 2));
-    if let (true, DType::F32, Some(weight), None | Some(Some(_))) = (device.is_cpu(), node.fact.dtype, weight, bias) {
+    if let (Some(machine), DType::F32, Some(weight), None | Some(Some(_))) = (machine, node.fact.dtype, weight, bias) {
         let spec = ConvSpec::of(weight, attrs).at(&node.name)?;
         // The node's fact: the conv's output, or the pooled one (whose
         // spatial size the policy does not read).
@@ -160,7 +167,7 @@ fn lower_conv(
             ));
         };
         let algorithm = conv_algorithm(&spec, pool.is_some(), out_shape);
-        let conv = CpuConv::new(algorithm, weight, bias.flatten(), attrs, relu, pool).at(&node.name)?;
+        let conv = CpuConv::new(algorithm, weight, bias.flatten(), attrs, relu, pool, machine).at(&node.name)?;
         tracing::debug!(node = %node.name, kernel = conv.algorithm().name(), "cpu conv kernel");
         return Ok(Kernel::Cpu(CpuKernel::Conv {
             conv,

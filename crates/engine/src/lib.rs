@@ -50,6 +50,7 @@ mod device;
 mod error;
 mod exec;
 mod kernel;
+mod machine;
 mod plan;
 pub mod saved;
 
@@ -58,6 +59,7 @@ pub use compile::Engine;
 pub use device::{parse_device, DeviceSpec};
 pub use error::EngineError;
 pub use exec::{CompiledModel, StepProfile, IN_POOL_MAX_ACTIVATION_BYTES};
+pub use machine::{CacheSizes, CpuPath, ISA_ENV};
 
 /// Helpers shared by the engine's unit tests.
 #[cfg(test)]

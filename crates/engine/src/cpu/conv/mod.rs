@@ -10,9 +10,9 @@ pub(crate) mod grouped;
 pub(crate) mod winograd;
 
 use super::epilogue::Epilogue;
-use super::gemm::Isa;
 use super::ConvAlgorithm;
 use crate::cpu::gemm::Layout;
+use crate::machine::Machine;
 use candle_core::{bail, Device, Tensor};
 use direct::DirectConv;
 use grouped::GroupedConv;
@@ -164,7 +164,8 @@ pub(crate) enum CpuConv {
 }
 
 impl CpuConv {
-    /// Packs `weight` and `bias` for `algorithm` (from [`super::conv_algorithm`]).
+    /// Packs `weight` and `bias` for `algorithm` (from [`super::conv_algorithm`])
+    /// on `machine`'s path, with blocks sized from its caches.
     pub(crate) fn new(
         algorithm: ConvAlgorithm,
         weight: &Tensor,
@@ -172,10 +173,10 @@ impl CpuConv {
         attrs: Conv2dAttrs,
         relu: bool,
         pool: Option<MaxPool2dAttrs>,
+        machine: Machine,
     ) -> candle_core::Result<Self> {
         let spec = ConvSpec::of(weight, attrs)?;
         let epilogue = Epilogue::new(bias, spec.out_channels, relu)?;
-        let isa = Isa::detect();
         let pool_unfused = |algorithm: &str| match pool {
             Some(_) => bail!("{algorithm} takes no fused pool"),
             None => Ok(()),
@@ -183,17 +184,17 @@ impl CpuConv {
         Ok(match algorithm {
             ConvAlgorithm::WinogradF4 => {
                 pool_unfused("winograd")?;
-                CpuConv::WinogradF4(WinogradF4::new(spec, weight, epilogue, isa)?)
+                CpuConv::WinogradF4(WinogradF4::new(spec, weight, epilogue, machine)?)
             }
             ConvAlgorithm::WinogradF2 => {
                 pool_unfused("winograd")?;
-                CpuConv::WinogradF2(WinogradF2::new(spec, weight, epilogue, isa)?)
+                CpuConv::WinogradF2(WinogradF2::new(spec, weight, epilogue, machine)?)
             }
             ConvAlgorithm::DirectPanels => {
-                CpuConv::Direct(DirectConv::new(spec, weight, epilogue, pool, Layout::Panels, isa)?)
+                CpuConv::Direct(DirectConv::new(spec, weight, epilogue, pool, Layout::Panels, machine)?)
             }
             ConvAlgorithm::DirectLanes => {
-                CpuConv::Direct(DirectConv::new(spec, weight, epilogue, pool, Layout::Lanes, isa)?)
+                CpuConv::Direct(DirectConv::new(spec, weight, epilogue, pool, Layout::Lanes, machine)?)
             }
             ConvAlgorithm::Grouped => CpuConv::Grouped(GroupedConv::new(spec, weight, epilogue)?, pool),
         })

@@ -79,6 +79,15 @@ impl Isa {
         isas
     }
 
+    /// The user-facing name of this path.
+    pub(crate) fn path(self) -> crate::CpuPath {
+        match self {
+            Isa::Avx512 => crate::CpuPath::Avx512,
+            Isa::Avx2Fma => crate::CpuPath::Avx2,
+            Isa::Scalar => crate::CpuPath::Scalar,
+        }
+    }
+
     /// Runs `body` compiled for this path: its [`IsaBody::run`] (marked
     /// `#[inline(always)]`) is inlined into a `#[target_feature]` function
     /// of the path, so its plain loops vectorise for the path's registers.

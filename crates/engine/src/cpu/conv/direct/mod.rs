@@ -15,13 +15,11 @@ use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{lane_gemm, panel_gemm, Isa, LaneProduct, Layout, LANES, PANEL_GRANULE, PANEL_ROWS};
 use crate::cpu::parallel::for_ranges;
+use crate::machine::Machine;
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
 use wick_ir::MaxPool2dAttrs;
-
-/// Scratch (im2col columns and products) one block aims to fit in.
-const BLOCK_BYTES: usize = 1 << 20;
 
 /// Smallest block worth running on its own thread rather than splitting
 /// one block's phases across threads.
@@ -44,6 +42,8 @@ pub(crate) struct DirectConv {
     /// A max pool applied to the convolution's output, if fused.
     pool: Option<MaxPool2dAttrs>,
     isa: Isa,
+    /// Scratch (im2col columns and products) one block aims to fit in: the L2.
+    block_bytes: usize,
 }
 
 /// A run of output pixels in one output row: image, row, columns
@@ -86,7 +86,7 @@ impl DirectConv {
         epilogue: Epilogue,
         pool: Option<MaxPool2dAttrs>,
         layout: Layout,
-        isa: Isa,
+        machine: Machine,
     ) -> candle_core::Result<Self> {
         if let Some(p) = pool {
             if (0..2).any(|i| p.kernel[i] == 0 || p.stride[i] == 0 || p.padding[i] > p.kernel[i] / 2) {
@@ -118,7 +118,8 @@ impl DirectConv {
             packed,
             epilogue,
             pool,
-            isa,
+            isa: machine.isa,
+            block_bytes: machine.block_bytes(),
         })
     }
 
@@ -132,13 +133,13 @@ impl DirectConv {
     }
 
     /// Output pixels per block: a multiple of the GEMM granule, columns and
-    /// products together within [`BLOCK_BYTES`], blocks of even size.
+    /// products together within the block budget (the L2), blocks of even size.
     fn block_cols(&self, total: usize) -> usize {
         if self.layout == Layout::Lanes {
             return total.min(LANE_BLOCK_PIXELS).div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
         }
         let per_col = (self.depth() + self.padded_out) * 4;
-        let target = (BLOCK_BYTES / per_col).max(PANEL_GRANULE);
+        let target = (self.block_bytes / per_col).max(PANEL_GRANULE);
         // At least two blocks per thread where each keeps MIN_BLOCK_COLS
         // columns: whole blocks in parallel keep each block's columns in one
         // core's cache, where splitting one block across threads makes every
@@ -409,6 +410,6 @@ impl DirectConv {
     ) -> candle_core::Result<Self> {
         let spec = ConvSpec::of(weight, attrs)?;
         let epilogue = Epilogue::new(bias, spec.out_channels, relu)?;
-        Self::new(spec, weight, epilogue, pool, layout, isa)
+        Self::new(spec, weight, epilogue, pool, layout, Machine::with_isa(isa))
     }
 }

@@ -5,7 +5,7 @@
 //! ResNet18 at batch 10), is never written to memory; the price is
 //! recomputing the one convolution row that neighbouring tasks share.
 
-use super::{Run, BLOCK_BYTES};
+use super::Run;
 use crate::cpu::data::with_scratch;
 use crate::cpu::epilogue;
 use crate::cpu::pool::{max_rows, pool_row};
@@ -21,7 +21,7 @@ impl Run<'_> {
         let per_conv_row = self.shape.out_width * (self.conv.depth() + self.conv.padded_out) * 4;
         let conv_rows = |rows: usize| (rows - 1) * sh + kh;
         let mut rows = 1;
-        while rows < pool_rows && conv_rows(rows + 1) * per_conv_row <= BLOCK_BYTES {
+        while rows < pool_rows && conv_rows(rows + 1) * per_conv_row <= self.conv.block_bytes {
             rows += 1;
         }
         let chunks = pool_rows.div_ceil(rows);

@@ -16,6 +16,7 @@ use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::{self, Epilogue};
 use crate::cpu::gemm::{lane_gemm, Isa, LaneProduct, Layout, LANES};
 use crate::cpu::parallel::for_ranges;
+use crate::machine::Machine;
 use candle_core::Tensor;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -55,14 +56,19 @@ struct Run<'a> {
 
 impl WinogradF2 {
     /// Transforms and packs `weight` (`[O, C, 3, 3]`, f32) for `spec`.
-    pub(crate) fn new(spec: ConvSpec, weight: &Tensor, epilogue: Epilogue, isa: Isa) -> candle_core::Result<Self> {
+    pub(crate) fn new(
+        spec: ConvSpec,
+        weight: &Tensor,
+        epilogue: Epilogue,
+        machine: Machine,
+    ) -> candle_core::Result<Self> {
         let (padded_out, u) = pack_weights(&spec, weight, weight_transform, Layout::Lanes)?;
         Ok(Self {
             spec,
             padded_out,
             u,
             epilogue,
-            isa,
+            isa: machine.isa,
         })
     }
 

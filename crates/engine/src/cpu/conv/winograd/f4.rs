@@ -21,6 +21,7 @@ use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{panel_gemm, Isa, Layout, PANEL_GRANULE, PANEL_TILES};
 use crate::cpu::parallel::for_ranges;
+use crate::machine::Machine;
 use candle_core::Tensor;
 use rayon::prelude::*;
 
@@ -30,8 +31,6 @@ pub(super) const ALPHA: usize = 6;
 pub(super) const M: usize = 4;
 /// Number of transformed components per tile.
 pub(super) const XI: usize = ALPHA * ALPHA;
-/// Scratch (`V` and `M`) one block aims to fit in.
-const BLOCK_BYTES: usize = 1 << 20;
 /// Tiles transformed together (one SIMD-friendly vector of lanes).
 pub(super) const LANES: usize = 16;
 const _: () = assert!(
@@ -49,6 +48,8 @@ pub(crate) struct WinogradF4 {
     u: Vec<f32>,
     pub(super) epilogue: Epilogue,
     pub(super) isa: Isa,
+    /// Scratch (`V` and `M`) one block aims to fit in: the L2.
+    block_bytes: usize,
 }
 
 /// One forward's context, shared by its blocks.
@@ -72,22 +73,28 @@ pub(super) struct Block {
 
 impl WinogradF4 {
     /// Transforms and packs `weight` (`[O, C, 3, 3]`, f32) for `spec`.
-    pub(crate) fn new(spec: ConvSpec, weight: &Tensor, epilogue: Epilogue, isa: Isa) -> candle_core::Result<Self> {
+    pub(crate) fn new(
+        spec: ConvSpec,
+        weight: &Tensor,
+        epilogue: Epilogue,
+        machine: Machine,
+    ) -> candle_core::Result<Self> {
         let (padded_out, u) = pack_weights(&spec, weight, weight_transform, Layout::Panels)?;
         Ok(Self {
             spec,
             padded_out,
             u,
             epilogue,
-            isa,
+            isa: machine.isa,
+            block_bytes: machine.block_bytes(),
         })
     }
 
-    /// Tiles per block: `V` and `M` of a block together stay within about
-    /// 1 MiB (a Zen 4 L2), and a block is a whole number of GEMM column panels.
+    /// Tiles per block: `V` and `M` of a block together stay within the
+    /// L2, and a block is a whole number of GEMM column panels.
     fn tile_block(&self) -> usize {
         let per_tile = XI * (self.spec.in_channels + self.padded_out) * 4;
-        ((BLOCK_BYTES / per_tile) / PANEL_TILES).clamp(1, 8) * PANEL_TILES
+        ((self.block_bytes / per_tile) / PANEL_TILES).clamp(1, 8) * PANEL_TILES
     }
 
     /// Distance between `V[ξ]` and `V[ξ + 1]` in a block of `cols` columns:

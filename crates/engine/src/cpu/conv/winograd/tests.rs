@@ -4,6 +4,7 @@
 use super::*;
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::Isa;
+use crate::machine::Machine;
 use candle_core::{Device, Tensor};
 use proptest::prelude::*;
 use wick_ir::Conv2dAttrs;
@@ -23,8 +24,8 @@ fn winograd(
     let spec = ConvSpec::of(weight, attrs)?;
     let epilogue = Epilogue::new(bias, spec.out_channels, relu)?;
     Ok((
-        WinogradF4::new(spec, weight, epilogue.clone(), isa)?,
-        WinogradF2::new(spec, weight, epilogue, isa)?,
+        WinogradF4::new(spec, weight, epilogue.clone(), Machine::with_isa(isa))?,
+        WinogradF2::new(spec, weight, epilogue, Machine::with_isa(isa))?,
     ))
 }
 
@@ -233,8 +234,8 @@ fn rejects_bad_input() {
         ConvSpec::of(weight, attrs).unwrap()
     };
     let e = Epilogue::new(None, 4, false).unwrap();
-    assert!(WinogradF4::new(spec(&five, [1, 1]), &five, e.clone(), Isa::Scalar).is_err());
-    assert!(WinogradF2::new(spec(&five, [1, 1]), &five, e.clone(), Isa::Scalar).is_err());
-    assert!(WinogradF2::new(spec(&w, [3, 1]), &w, e, Isa::Scalar).is_err());
+    assert!(WinogradF4::new(spec(&five, [1, 1]), &five, e.clone(), Machine::with_isa(Isa::Scalar)).is_err());
+    assert!(WinogradF2::new(spec(&five, [1, 1]), &five, e.clone(), Machine::with_isa(Isa::Scalar)).is_err());
+    assert!(WinogradF2::new(spec(&w, [3, 1]), &w, e, Machine::with_isa(Isa::Scalar)).is_err());
     assert!(applies(&spec(&w, [2, 2])) && !applies(&spec(&w, [3, 0])));
 }

@@ -1,0 +1,284 @@
+//! The CPU a model is compiled for: which instruction-set path its kernels
+//! take ([`CpuPath`]: the best the CPU has, or the one `WICK_ISA` or
+//! [`crate::Engine::with_cpu_path`] asks for) and the cache sizes its block
+//! sizes are derived from ([`CacheSizes`]).
+
+use crate::cpu::gemm::Isa;
+use crate::EngineError;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+/// The environment variable that forces an instruction-set path.
+pub const ISA_ENV: &str = "WICK_ISA";
+
+/// An instruction-set path of wick's CPU kernels, as a user names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CpuPath {
+    /// AVX-512F (x86-64).
+    Avx512,
+    /// AVX2 and FMA (x86-64).
+    Avx2,
+    /// Portable Rust, any CPU.
+    Scalar,
+}
+
+impl CpuPath {
+    /// Every path, fastest first.
+    pub const ALL: [CpuPath; 3] = [CpuPath::Avx512, CpuPath::Avx2, CpuPath::Scalar];
+
+    /// The name `WICK_ISA` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuPath::Avx512 => "avx512",
+            CpuPath::Avx2 => "avx2",
+            CpuPath::Scalar => "scalar",
+        }
+    }
+
+    /// The paths this CPU supports, fastest first (scalar always).
+    pub fn available() -> Vec<CpuPath> {
+        Isa::available().into_iter().map(Isa::path).collect()
+    }
+
+    /// The fastest path this CPU supports.
+    pub fn best() -> CpuPath {
+        Isa::detect().path()
+    }
+
+    /// The kernels' path for this request: a typed error when the CPU lacks it.
+    pub(crate) fn isa(self) -> Result<Isa, EngineError> {
+        Isa::available()
+            .into_iter()
+            .find(|&isa| isa.path() == self)
+            .ok_or_else(|| EngineError::CpuPathUnavailable {
+                path: self,
+                available: CpuPath::available(),
+            })
+    }
+
+    /// The path an [`crate::Engine`] without [`crate::Engine::with_cpu_path`]
+    /// compiles for: `WICK_ISA`'s when set (a typed error when unknown or
+    /// unavailable), the best one otherwise.
+    pub fn selected() -> Result<CpuPath, EngineError> {
+        let path = CpuPath::from_env()?.unwrap_or_else(CpuPath::best);
+        path.isa()?;
+        Ok(path)
+    }
+
+    /// The path `WICK_ISA` asks for, if it is set.
+    pub fn from_env() -> Result<Option<CpuPath>, EngineError> {
+        match std::env::var(ISA_ENV) {
+            Ok(value) => value.parse().map(Some),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(value)) => Err(EngineError::UnknownCpuPath {
+                given: value.to_string_lossy().into_owned(),
+            }),
+        }
+    }
+}
+
+impl FromStr for CpuPath {
+    type Err = EngineError;
+
+    fn from_str(given: &str) -> Result<Self, EngineError> {
+        CpuPath::ALL
+            .into_iter()
+            .find(|path| path.name() == given)
+            .ok_or_else(|| EngineError::UnknownCpuPath {
+                given: given.to_string(),
+            })
+    }
+}
+
+impl std::fmt::Display for CpuPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Data cache sizes in bytes, per core (L1d, L2) and per package (L3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSizes {
+    /// Level-1 data cache.
+    pub l1d: usize,
+    /// Level-2 cache.
+    pub l2: usize,
+    /// Level-3 cache (0 when there is none).
+    pub l3: usize,
+    /// Whether the sizes were read from the machine (`false`: [`CacheSizes::FALLBACK`]).
+    pub detected: bool,
+}
+
+impl CacheSizes {
+    /// What the kernels assume where the machine does not say (no Linux
+    /// sysfs): 32 KiB L1d, 512 KiB L2 and 8 MiB L3, the smallest of the
+    /// x86-64 server cores seen here (Zen 3: 32 KiB / 512 KiB / 32 MiB),
+    /// so blocks sized from them still fit a bigger cache.
+    pub const FALLBACK: CacheSizes = CacheSizes {
+        l1d: 32 << 10,
+        l2: 512 << 10,
+        l3: 8 << 20,
+        detected: false,
+    };
+
+    /// The caches of CPU 0, read once from Linux sysfs
+    /// (`/sys/devices/system/cpu/cpu0/cache/index*/{level,type,size}`);
+    /// [`CacheSizes::FALLBACK`] where that is missing or unreadable.
+    pub fn detect() -> CacheSizes {
+        static DETECTED: OnceLock<CacheSizes> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let caches = read_sysfs("/sys/devices/system/cpu/cpu0/cache").unwrap_or(CacheSizes::FALLBACK);
+            tracing::debug!(
+                l1d_kib = caches.l1d >> 10,
+                l2_kib = caches.l2 >> 10,
+                l3_kib = caches.l3 >> 10,
+                detected = caches.detected,
+                "cpu caches"
+            );
+            caches
+        })
+    }
+}
+
+/// Reads `index*/` below `dir`; `None` unless L1d and L2 are both found.
+fn read_sysfs(dir: &str) -> Option<CacheSizes> {
+    let mut caches = CacheSizes {
+        l1d: 0,
+        l2: 0,
+        l3: 0,
+        detected: true,
+    };
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let read = |name: &str| std::fs::read_to_string(path.join(name)).ok();
+        let (Some(level), Some(kind), Some(size)) = (read("level"), read("type"), read("size")) else {
+            continue;
+        };
+        let Some(size) = parse_size(size.trim()) else {
+            continue;
+        };
+        match (level.trim(), kind.trim()) {
+            ("1", "Data" | "Unified") => caches.l1d = size,
+            ("2", "Data" | "Unified") => caches.l2 = size,
+            ("3", "Data" | "Unified") => caches.l3 = size,
+            _ => {}
+        }
+    }
+    (caches.l1d > 0 && caches.l2 > 0).then_some(caches)
+}
+
+/// `32K`, `1024K`, `32M` or a plain byte count, as sysfs writes sizes.
+fn parse_size(text: &str) -> Option<usize> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let value: usize = digits.parse().ok()?;
+    let unit = match unit {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return None,
+    };
+    value.checked_mul(unit)
+}
+
+/// What the CPU kernels of one compiled model are built for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Machine {
+    /// The instruction-set path.
+    pub(crate) isa: Isa,
+    /// The caches block sizes are derived from.
+    pub(crate) caches: CacheSizes,
+}
+
+impl Machine {
+    /// `path` (or `WICK_ISA`, or the best path) and the detected caches.
+    pub(crate) fn resolve(path: Option<CpuPath>) -> Result<Machine, EngineError> {
+        let path = match path {
+            Some(path) => path,
+            None => CpuPath::from_env()?.unwrap_or_else(CpuPath::best),
+        };
+        Ok(Machine {
+            isa: path.isa()?,
+            caches: CacheSizes::detect(),
+        })
+    }
+
+    /// `isa` (from [`Isa::available`]) and the detected caches (tests).
+    #[cfg(test)]
+    pub(crate) fn with_isa(isa: Isa) -> Machine {
+        Machine {
+            isa,
+            caches: CacheSizes::detect(),
+        }
+    }
+
+    /// Scratch bytes one block of a conv aims to fit in: the L2 (each core's own).
+    pub(crate) fn block_bytes(&self) -> usize {
+        self.caches.l2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Path names parse back; unknown names are a typed error naming them.
+    #[test]
+    fn path_names() {
+        for path in CpuPath::ALL {
+            assert_eq!(path.name().parse::<CpuPath>().unwrap(), path);
+        }
+        let err = "sse2".parse::<CpuPath>().unwrap_err();
+        assert!(err.to_string().contains("`sse2`") && err.to_string().contains("avx512, avx2, scalar"));
+    }
+
+    /// Every path the CPU has resolves; scalar always does; the best is the first.
+    #[test]
+    fn available_paths_resolve() {
+        let available = CpuPath::available();
+        assert_eq!(available[0], CpuPath::best());
+        assert_eq!(*available.last().unwrap(), CpuPath::Scalar);
+        for path in CpuPath::ALL {
+            assert_eq!(path.isa().is_ok(), available.contains(&path), "{path}");
+        }
+    }
+
+    /// sysfs sizes in K, M or bytes; junk is `None`.
+    #[test]
+    fn sysfs_sizes() {
+        assert_eq!(parse_size("32K"), Some(32 << 10));
+        assert_eq!(parse_size("1024K"), Some(1 << 20));
+        assert_eq!(parse_size("32M"), Some(32 << 20));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("12Q"), None);
+        assert_eq!(parse_size("99999999999999999999G"), None);
+    }
+
+    /// A sysfs-like directory is read; one without L2 falls back.
+    #[test]
+    fn sysfs_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, (level, kind, size)) in [
+            ("1", "Data", "48K"),
+            ("1", "Instruction", "32K"),
+            ("2", "Unified", "2048K"),
+            ("3", "Unified", "36M"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let index = dir.path().join(format!("index{i}"));
+            std::fs::create_dir(&index).unwrap();
+            std::fs::write(index.join("level"), format!("{level}\n")).unwrap();
+            std::fs::write(index.join("type"), format!("{kind}\n")).unwrap();
+            std::fs::write(index.join("size"), format!("{size}\n")).unwrap();
+        }
+        let caches = read_sysfs(dir.path().to_str().unwrap()).unwrap();
+        assert_eq!((caches.l1d, caches.l2, caches.l3), (48 << 10, 2 << 20, 36 << 20));
+        assert!(caches.detected);
+        assert!(read_sysfs("/nonexistent").is_none());
+    }
+}
