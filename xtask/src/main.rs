@@ -6,6 +6,7 @@ mod common;
 mod export_cmd;
 mod graph_cmd;
 mod ir_cmd;
+mod peak_cmd;
 mod process_stats;
 mod profile_cmd;
 mod run_cmd;
@@ -38,6 +39,8 @@ enum Command {
     Export(export_cmd::ExportArgs),
     /// Images/s with 1, 2, ... threads sharing one compiled model.
     Throughput(throughput_cmd::ThroughputArgs),
+    /// The CPU's measured fp32 FMA peak per instruction-set path (the roofline).
+    Peak(peak_cmd::PeakArgs),
     /// One bench mode in its own process (internal).
     #[command(hide = true)]
     BenchWorker(bench_cmd::WorkerArgs),
@@ -57,6 +60,7 @@ fn main() -> std::process::ExitCode {
         Command::Profile(args) => profile_cmd::run(args),
         Command::Export(args) => export_cmd::run(args),
         Command::Throughput(args) => throughput_cmd::run(args),
+        Command::Peak(args) => peak_cmd::run(args),
         Command::BenchWorker(args) => bench_cmd::worker(args),
     };
     match result {

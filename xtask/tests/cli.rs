@@ -421,3 +421,12 @@ fn wick_isa_forces_a_path() {
     assert_eq!(out.status.code(), Some(1));
     assert_contains(&out.stderr, &["unknown CPU path `sse2`"]);
 }
+
+/// `peak` measures every path this CPU has (no rate is asserted).
+#[test]
+fn peak_lists_every_available_path() {
+    let out = xtask_ok(&["peak", "--seconds", "0.01", "--threads", "1"]);
+    let names: Vec<&str> = wick_engine::CpuPath::available().iter().map(|p| p.name()).collect();
+    assert_contains(&out.stdout, &names);
+    assert_contains(&out.stdout, &["GFLOP/s", "caches L1d"]);
+}

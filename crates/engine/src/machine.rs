@@ -65,6 +65,24 @@ impl CpuPath {
         Ok(path)
     }
 
+    /// Measured fp32 FMA peak of this path, in FLOP/s, with `threads`
+    /// threads (each on its own chains) for about `duration`: the roofline
+    /// the kernels are measured against. A typed error when the CPU lacks
+    /// the path.
+    pub fn fma_peak(self, threads: usize, duration: std::time::Duration) -> Result<f64, EngineError> {
+        let isa = self.isa()?;
+        let rates = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads.max(1))
+                .map(|_| scope.spawn(move || crate::cpu::peak::fma_peak(isa, duration)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(0.0))
+                .collect::<Vec<f64>>()
+        });
+        Ok(rates.iter().sum())
+    }
+
     /// The path `WICK_ISA` asks for, if it is set.
     pub fn from_env() -> Result<Option<CpuPath>, EngineError> {
         match std::env::var(ISA_ENV) {

@@ -13,6 +13,7 @@ pub(crate) mod data;
 pub(crate) mod epilogue;
 pub(crate) mod gemm;
 pub(crate) mod parallel;
+pub(crate) mod peak;
 pub(crate) mod pool;
 
 use crate::kernel::Slot;
