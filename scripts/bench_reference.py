@@ -1,13 +1,16 @@
-"""Times PyTorch eager and ONNX Runtime on ResNet18 with the tutorial's
-protocol, for side-by-side comparison with `cargo xtask bench resnet18`
-(run both in the same minute on the same machine). Not run by CI.
+"""Times PyTorch eager, ONNX Runtime and OpenVINO's CPU plugin on ResNet18
+with the tutorial's protocol, for side-by-side comparison with `cargo xtask
+bench resnet18` (run both in the same minute on the same machine). Not run
+by CI.
 
-    .venv/bin/pip install torch torchvision onnx onnxruntime
+    .venv/bin/pip install torch torchvision onnx onnxruntime openvino
     .venv/bin/python scripts/bench_reference.py [--batch 10] [--iters 20] [--warmup 10]
 
-Prints median / min / max ms per forward and each runtime's peak RSS:
-ONNX Runtime runs in a child process of its own (as each `cargo xtask
-bench` mode does), so its figure is ORT's alone; PyTorch's is this process.
+Both ONNX runtimes get the same exported file and 2 threads; OpenVINO runs
+f32 inference precision with the LATENCY hint. Prints median / min / max ms
+per forward and each runtime's peak RSS: ONNX Runtime and OpenVINO each run
+in a child process of their own (as each `cargo xtask bench` mode does), so
+their figures are theirs alone; PyTorch's is this process.
 """
 
 import argparse
@@ -38,10 +41,11 @@ def main():
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--ort-child", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["onnxruntime", "openvino"], help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.ort_child:
-        return ort_child(args.ort_child, args.warmup, args.iters)
+    if args.child:
+        return runtime_child(args.child, args.dir, args.warmup, args.iters)
     import torch  # not in the ORT child: its peak RSS must be ORT's alone
     import torchvision
 
@@ -52,38 +56,51 @@ def main():
     with torch.no_grad():
         rows.append(("pytorch-eager", timed(lambda: model(x), args.warmup, args.iters)))
     torch_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ort_rss = None
-    try:
-        import onnxruntime as ort
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = pathlib.Path(tmp) / "resnet18.onnx"
-            torch.onnx.export(model, x, str(path), input_names=["input"], output_names=["output"], dynamo=False)
-            np.save(pathlib.Path(tmp) / "input.npy", x.numpy().astype(np.float32))
+    child_rss = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "resnet18.onnx"
+        torch.onnx.export(model, x, str(path), input_names=["input"], output_names=["output"], dynamo=False)
+        np.save(pathlib.Path(tmp) / "input.npy", x.numpy().astype(np.float32))
+        for runtime in ("onnxruntime", "openvino"):
+            try:
+                version = __import__(runtime).__version__
+            except ImportError as err:
+                print(f"({runtime} not installed: {err})")
+                continue
             child = subprocess.run(
-                [sys.executable, __file__, "--ort-child", tmp, "--warmup", str(args.warmup), "--iters", str(args.iters)],
+                [sys.executable, __file__, "--child", runtime, "--dir", tmp,
+                 "--warmup", str(args.warmup), "--iters", str(args.iters)],
                 check=True, capture_output=True, text=True,
             )
-            median, low, high, ort_rss = map(float, child.stdout.split())
-            rows.append((f"onnxruntime-{ort.__version__}", (median, low, high)))
-    except ImportError as err:
-        print(f"(onnxruntime not installed: {err})")
+            median, low, high, rss = map(float, child.stdout.split())
+            rows.append((f"{runtime}-{version}", (median, low, high)))
+            child_rss.append(f"{runtime} child process {rss:.0f} MiB")
     print(f"resnet18 batch {args.batch}, torch {torch.__version__}, {args.warmup} warm-up + {args.iters} timed forwards")
     print(f"{'runtime':<22} {'median ms':>10} {'min ms':>9} {'max ms':>9}")
     for name, (median, low, high) in rows:
         print(f"{name:<22} {median:>10.2f} {low:>9.2f} {high:>9.2f}")
-    print(f"peak RSS: pytorch-eager process {torch_rss:.0f} MiB" + (f", onnxruntime child process {ort_rss:.0f} MiB" if ort_rss else ""))
+    print(f"peak RSS: pytorch-eager process {torch_rss:.0f} MiB" + "".join(f", {r}" for r in child_rss))
 
 
-def ort_child(directory, warmup, iters):
-    """Times ORT on the exported model in a process that never imported torch."""
-    import onnxruntime as ort
+def runtime_child(runtime, directory, warmup, iters):
+    """Times one ONNX runtime on the exported model in a process that never imported torch."""
+    model = str(pathlib.Path(directory) / "resnet18.onnx")
+    x = np.load(pathlib.Path(directory) / "input.npy")
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(pathlib.Path(directory) / "resnet18.onnx"), options, providers=["CPUExecutionProvider"])
-    feed = {"input": np.load(pathlib.Path(directory) / "input.npy")}
-    median, low, high = timed(lambda: session.run(None, feed), warmup, iters)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        run = lambda: session.run(None, {"input": x})
+    else:
+        import openvino as ov
+
+        config = {"INFERENCE_NUM_THREADS": "2", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        compiled = ov.Core().compile_model(model, "CPU", config)
+        request = compiled.create_infer_request()
+        run = lambda: request.infer({0: x})
+    median, low, high = timed(run, warmup, iters)
     # VmHWM, not ru_maxrss: Linux carries the parent's maxrss across fork + exec.
     hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     print(median, low, high, hwm_kib / 1024)
