@@ -63,7 +63,7 @@ def main():
         np.save(pathlib.Path(tmp) / "input.npy", x.numpy().astype(np.float32))
         for runtime in ("onnxruntime", "openvino"):
             try:
-                version = __import__(runtime).__version__
+                version = __import__(runtime).__version__.split("-")[0]
             except ImportError as err:
                 print(f"({runtime} not installed: {err})")
                 continue
