@@ -99,12 +99,11 @@ impl FromStr for CpuPath {
     type Err = EngineError;
 
     fn from_str(given: &str) -> Result<Self, EngineError> {
+        let unknown = || EngineError::UnknownCpuPath { given: given.into() };
         CpuPath::ALL
             .into_iter()
             .find(|path| path.name() == given)
-            .ok_or_else(|| EngineError::UnknownCpuPath {
-                given: given.to_string(),
-            })
+            .ok_or_else(unknown)
     }
 }
 

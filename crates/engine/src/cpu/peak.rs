@@ -45,39 +45,30 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::hint::black_box;
 
-    /// 24 chains of 16-lane FMAs (of AVX-512's 32 registers).
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512(steps: usize) -> f64 {
-        let (a, b) = (_mm512_set1_ps(black_box(0.999_999)), _mm512_set1_ps(black_box(1e-7)));
-        let mut acc = [_mm512_set1_ps(black_box(1.0)); 24];
-        for _ in 0..steps {
-            for acc in acc.iter_mut() {
-                *acc = _mm512_fmadd_ps(*acc, a, b);
+    /// Defines `$name(steps)`: `$chains` independent chains of `$lanes`-lane
+    /// FMAs on the `$feature` path, as many as its register file holds
+    /// beside the two operands; returns the FLOPs done.
+    macro_rules! chains {
+        ($name:ident, $feature:literal, $chains:literal, $lanes:literal, $splat:ident, $fmadd:ident) => {
+            /// # Safety
+            /// The CPU has the path's features.
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn $name(steps: usize) -> f64 {
+                let (a, b) = ($splat(black_box(0.999_999)), $splat(black_box(1e-7)));
+                let mut acc = [$splat(black_box(1.0)); $chains];
+                for _ in 0..steps {
+                    for acc in acc.iter_mut() {
+                        *acc = $fmadd(*acc, a, b);
+                    }
+                }
+                black_box(acc);
+                (steps * $chains * $lanes * 2) as f64
             }
-        }
-        black_box(acc);
-        (steps * 24 * 16 * 2) as f64
+        };
     }
 
-    /// 12 chains of 8-lane FMAs (of AVX2's 16 registers).
-    ///
-    /// # Safety
-    /// The CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2(steps: usize) -> f64 {
-        let (a, b) = (_mm256_set1_ps(black_box(0.999_999)), _mm256_set1_ps(black_box(1e-7)));
-        let mut acc = [_mm256_set1_ps(black_box(1.0)); 12];
-        for _ in 0..steps {
-            for acc in acc.iter_mut() {
-                *acc = _mm256_fmadd_ps(*acc, a, b);
-            }
-        }
-        black_box(acc);
-        (steps * 12 * 8 * 2) as f64
-    }
+    chains!(avx512, "avx512f", 24, 16, _mm512_set1_ps, _mm512_fmadd_ps);
+    chains!(avx2, "avx2,fma", 12, 8, _mm256_set1_ps, _mm256_fmadd_ps);
 }
 
 #[cfg(test)]

@@ -68,7 +68,12 @@ impl Isa {
         let mut isas = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            // Every AVX-512F CPU also has AVX2 and FMA; checked all the same,
+            // as the AVX-512 path's generic code is compiled with all three.
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 isas.push(Isa::Avx512);
             }
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -96,7 +101,7 @@ impl Isa {
         match self {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512` is only handed out by `Isa::available`,
-            // which checked that the CPU has AVX-512F.
+            // which checked that the CPU has AVX-512F, AVX2 and FMA.
             Isa::Avx512 => unsafe { x86::avx512(body) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above, for AVX2 + FMA.
@@ -121,8 +126,8 @@ mod x86 {
     use super::IsaBody;
 
     /// # Safety
-    /// The CPU has AVX-512F.
-    #[target_feature(enable = "avx512f")]
+    /// The CPU has AVX-512F, AVX2 and FMA.
+    #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn avx512<B: IsaBody>(body: B) -> B::Output {
         body.run()
     }

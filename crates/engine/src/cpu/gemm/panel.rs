@@ -107,36 +107,53 @@ mod x86 {
         }
     }
 
-    /// One 8 × 16·V micro-tile: `m[r][j] = Σ_d up[d·8 + r] · vp[d·cols + j]`.
-    ///
-    /// # Safety
-    /// AVX-512F; `up` has `8·depth` values, `vp` and `mp` have `16·V` values
-    /// in each of `depth` (resp. 8) rows of stride `cols`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn micro_avx512<const V: usize>(up: *const f32, vp: *const f32, mp: *mut f32, depth: usize, cols: usize) {
-        // SAFETY: the caller upholds this function's `# Safety` contract.
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); V]; PANEL_ROWS];
-            let (mut vp, mut ur) = (vp, up);
-            for _ in 0..depth {
-                let b: [__m512; V] = std::array::from_fn(|j| _mm512_loadu_ps(vp.add(16 * j)));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let a = _mm512_set1_ps(*ur.add(r));
-                    for j in 0..V {
-                        acc[j] = _mm512_fmadd_ps(a, b[j], acc[j]);
+    /// Defines `$name::<V>`, one `$rows × $lanes·V` micro-tile on the
+    /// `$feature` path: `m[r][j] = Σ_d up[d·8 + r] · vp[d·cols + j]`,
+    /// `$rows` accumulator rows of `V` vectors, `v` loaded once per depth
+    /// step, `u` broadcast per row. The one body both SIMD paths share;
+    /// each picks the shape its register file holds.
+    macro_rules! micro_tile {
+        ($name:ident, $feature:literal, $vector:ty, $rows:expr, $lanes:expr,
+         $zero:ident, $load:ident, $splat:ident, $fmadd:ident, $store:ident) => {
+            /// # Safety
+            /// The CPU has the path's features; `up` has `8·depth` values
+            /// from the tile's first row on, `vp` and `mp` have
+            /// `lanes·V` values in each of `depth` (resp. `rows`) rows of
+            /// stride `cols`.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            unsafe fn $name<const V: usize>(up: *const f32, vp: *const f32, mp: *mut f32, depth: usize, cols: usize) {
+                // SAFETY: within the bounds of the contract above.
+                unsafe {
+                    let mut acc = [[$zero(); V]; $rows];
+                    let (mut vp, mut ur) = (vp, up);
+                    for _ in 0..depth {
+                        let b: [$vector; V] = std::array::from_fn(|j| $load(vp.add($lanes * j)));
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let a = $splat(*ur.add(r));
+                            for j in 0..V {
+                                acc[j] = $fmadd(a, b[j], acc[j]);
+                            }
+                        }
+                        vp = vp.add(cols);
+                        ur = ur.add(PANEL_ROWS);
+                    }
+                    for (r, acc) in acc.iter().enumerate() {
+                        for (j, acc) in acc.iter().enumerate() {
+                            $store(mp.add(r * cols + $lanes * j), *acc);
+                        }
                     }
                 }
-                vp = vp.add(cols);
-                ur = ur.add(PANEL_ROWS);
             }
-            for (r, acc) in acc.iter().enumerate() {
-                for (j, acc) in acc.iter().enumerate() {
-                    _mm512_storeu_ps(mp.add(r * cols + 16 * j), *acc);
-                }
-            }
-        }
+        };
     }
+
+    #[rustfmt::skip]
+    micro_tile!(micro_avx512, "avx512f", __m512, PANEL_ROWS, 16,
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps);
+    #[rustfmt::skip]
+    micro_tile!(micro_avx2, "avx2,fma", __m256, AVX2_ROWS, 8,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps);
 
     /// Half a panel's rows (4) per AVX2 micro-tile.
     const AVX2_ROWS: usize = PANEL_ROWS / 2;
@@ -162,39 +179,6 @@ mod x86 {
                     for t0 in (0..cols).step_by(PANEL_GRANULE) {
                         micro_avx2::<{ PANEL_GRANULE / 8 }>(up, v.add(t0), mp.add(t0), depth, cols);
                     }
-                }
-            }
-        }
-    }
-
-    /// One 4 × 8·V micro-tile: `m[r][j] = Σ_d up[d·8 + r] · vp[d·cols + j]`
-    /// for `r < 4` (the panel's rows from `up` on), `j < 8·V`.
-    ///
-    /// # Safety
-    /// AVX2 and FMA; `up` has `8·depth` values from the panel's start
-    /// (less its first `4` when it points at the second half), `vp` and `mp`
-    /// have `8·V` values in each of `depth` (resp. 4) rows of stride `cols`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn micro_avx2<const V: usize>(up: *const f32, vp: *const f32, mp: *mut f32, depth: usize, cols: usize) {
-        // SAFETY: within the bounds of the contract above.
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); V]; AVX2_ROWS];
-            let (mut vp, mut ur) = (vp, up);
-            for _ in 0..depth {
-                let b: [__m256; V] = std::array::from_fn(|j| _mm256_loadu_ps(vp.add(8 * j)));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let a = _mm256_broadcast_ss(&*ur.add(r));
-                    for j in 0..V {
-                        acc[j] = _mm256_fmadd_ps(a, b[j], acc[j]);
-                    }
-                }
-                vp = vp.add(cols);
-                ur = ur.add(PANEL_ROWS);
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                for (j, acc) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(mp.add(r * cols + 8 * j), *acc);
                 }
             }
         }

@@ -10,14 +10,14 @@
 //! Error: the points 0, ±1, ∞ only (coefficients ±1 and ½), well inside the
 //! F(4×4) bound that `winograd/tests.rs` checks both against.
 
-use super::{pack_weights, Tiles, SKEW};
+use super::{Packed, Tiles, SKEW};
 use crate::cpu::conv::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::{self, Epilogue};
-use crate::cpu::gemm::{lane_gemm, Isa, LaneProduct, Layout, LANES};
+use crate::cpu::gemm::{lane_gemm, LaneProduct, Layout, LANES};
 use crate::cpu::parallel::for_ranges;
 use crate::machine::Machine;
-use candle_core::Tensor;
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -33,13 +33,8 @@ const BLOCK_TILES: usize = 64;
 /// A 3×3 stride-1 convolution with its weights in the F(2×2, 3×3) domain.
 #[derive(Debug)]
 pub(crate) struct WinogradF2 {
-    spec: ConvSpec,
-    /// Output channels rounded up to whole lane groups.
-    padded_out: usize,
-    /// `U[ξ]` (`[O, C]`) for each ξ, packed for the lane micro-kernel.
-    u: Vec<f32>,
-    epilogue: Epilogue,
-    isa: Isa,
+    /// The conv, its `U[ξ]` (`[O, C]`) packed for the lane micro-kernel, the epilogue, the path.
+    w: Packed,
 }
 
 /// One forward's context, shared by its blocks.
@@ -56,29 +51,18 @@ struct Run<'a> {
 
 impl WinogradF2 {
     /// Transforms and packs `weight` (`[O, C, 3, 3]`, f32) for `spec`.
-    pub(crate) fn new(
-        spec: ConvSpec,
-        weight: &Tensor,
-        epilogue: Epilogue,
-        machine: Machine,
-    ) -> candle_core::Result<Self> {
-        let (padded_out, u) = pack_weights(&spec, weight, weight_transform, Layout::Lanes)?;
-        Ok(Self {
-            spec,
-            padded_out,
-            u,
-            epilogue,
-            isa: machine.isa,
-        })
+    pub(crate) fn new(spec: ConvSpec, weight: &Tensor, epilogue: Epilogue, machine: Machine) -> Result<Self> {
+        let w = Packed::new(spec, weight, weight_transform, Layout::Lanes, epilogue, machine)?;
+        Ok(Self { w })
     }
 
     /// Runs on a CPU f32 tensor `[N, C, H, W]`; `residual` (the output's
     /// shape) is added before the optional ReLU.
-    pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let call = self.spec.check(x, residual)?;
+    pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let call = self.w.spec.check(x, residual)?;
         let shape = call.shape;
         let tiles = Tiles::new(shape, M);
-        let [ph, pw] = self.spec.attrs.padding;
+        let [ph, pw] = self.w.spec.attrs.padding;
         let out_len = shape.out_len();
         if out_len == 0 {
             return output(Vec::new(), shape.out_dims());
@@ -94,7 +78,7 @@ impl WinogradF2 {
             let padded_plane = padded_height * padded_width;
             let padded_len = shape.batch * channels * padded_plane;
             let block = BLOCK_TILES.min(tiles.total);
-            let (v_len, m_len) = (XI * (channels * block + SKEW), XI * (self.padded_out * block + SKEW));
+            let (v_len, m_len) = (XI * (channels * block + SKEW), XI * (self.w.padded_out * block + SKEW));
             // One scratch for all three: a nested `with_scratch` would
             // allocate afresh on every call.
             with_scratch(padded_len + v_len + m_len, |scratch| {
@@ -141,7 +125,7 @@ impl Run<'_> {
     fn block(&self, tiles: Range<usize>, v: &mut [f32], m: &mut [f32]) {
         let conv = self.conv;
         let count = tiles.len();
-        let (c_in, c_out) = (conv.spec.in_channels, conv.padded_out);
+        let (c_in, c_out) = (conv.w.spec.in_channels, conv.w.padded_out);
         // ξ matrices one cache line further apart than their size (see SKEW).
         let (v_stride, m_stride) = (c_in * count + SKEW, c_out * count + SKEW);
         let (v, m) = (&mut v[..XI * v_stride], &mut m[..XI * m_stride]);
@@ -161,12 +145,12 @@ impl Run<'_> {
             pixels: count,
         };
         m.par_chunks_mut(m_stride).enumerate().for_each(|(xi, m)| {
-            let u = &conv.u[xi * c_out * c_in..][..c_out * c_in];
+            let u = &conv.w.u[xi * c_out * c_in..][..c_out * c_in];
             let v = &v[xi * v_stride..][..c_in * count];
-            lane_gemm(conv.isa, size, u, v, &mut m[..c_out * count], 0..c_out / LANES);
+            lane_gemm(conv.w.isa, size, u, v, &mut m[..c_out * count], 0..c_out / LANES);
         });
         let m = &*m;
-        let out_channels = conv.spec.out_channels;
+        let out_channels = conv.w.spec.out_channels;
         for_ranges(out_channels, true, |channels| {
             for o in channels {
                 self.transform_output(m, o, tiles.clone());
@@ -179,7 +163,7 @@ impl Run<'_> {
     /// matrices [`SKEW`] apart; no other task writes channel `c`).
     fn transform_input(&self, c: usize, tiles: Range<usize>, v: SharedOut) {
         let count = tiles.len();
-        let c_in = self.conv.spec.in_channels;
+        let c_in = self.conv.w.spec.in_channels;
         let plane = self.padded_height * self.padded_width;
         for t0 in (0..count).step_by(TILE_LANES) {
             let n = TILE_LANES.min(count - t0);
@@ -204,8 +188,8 @@ impl Run<'_> {
     fn transform_output(&self, m: &[f32], o: usize, tiles: Range<usize>) {
         let count = tiles.len();
         let s = &self.tiles.shape;
-        let per_xi = self.conv.padded_out * count + SKEW;
-        let (bias, relu) = (self.conv.epilogue.bias(o), self.conv.epilogue.relu());
+        let per_xi = self.conv.w.padded_out * count + SKEW;
+        let (bias, relu) = (self.conv.w.epilogue.bias(o), self.conv.w.epilogue.relu());
         for t0 in (0..count).step_by(TILE_LANES) {
             let n = TILE_LANES.min(count - t0);
             let mut products = [[0f32; TILE_LANES]; XI];

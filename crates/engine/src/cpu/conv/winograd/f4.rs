@@ -15,14 +15,14 @@
 //! `tests/tests/devices/pytorch.rs` on a whole ResNet18).
 
 use super::f4_transform::{weight_transform, InputChannel, OutputChannel};
-use super::{pack_weights, Tiles, SKEW};
+use super::{Packed, Tiles, SKEW};
 use crate::cpu::conv::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{panel_gemm, Isa, Layout, PANEL_GRANULE, PANEL_TILES};
 use crate::cpu::parallel::for_ranges;
 use crate::machine::Machine;
-use candle_core::Tensor;
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 /// Input tile side (`4 + 3 - 1`).
@@ -41,13 +41,8 @@ const _: () = assert!(
 /// A 3×3 stride-1 convolution with its weights in the F(4×4) domain.
 #[derive(Debug)]
 pub(crate) struct WinogradF4 {
-    pub(super) spec: ConvSpec,
-    /// Output channels rounded up to a whole panel.
-    padded_out: usize,
-    /// `U[ξ]` for each ξ, packed in panels for [`panel_gemm`].
-    u: Vec<f32>,
-    pub(super) epilogue: Epilogue,
-    pub(super) isa: Isa,
+    /// The conv, its `U[ξ]` packed in panels for [`panel_gemm`], the epilogue, the path.
+    pub(super) w: Packed,
     /// Scratch (`V` and `M`) one block aims to fit in: the L2.
     block_bytes: usize,
 }
@@ -73,19 +68,9 @@ pub(super) struct Block {
 
 impl WinogradF4 {
     /// Transforms and packs `weight` (`[O, C, 3, 3]`, f32) for `spec`.
-    pub(crate) fn new(
-        spec: ConvSpec,
-        weight: &Tensor,
-        epilogue: Epilogue,
-        machine: Machine,
-    ) -> candle_core::Result<Self> {
-        let (padded_out, u) = pack_weights(&spec, weight, weight_transform, Layout::Panels)?;
+    pub(crate) fn new(spec: ConvSpec, weight: &Tensor, epilogue: Epilogue, machine: Machine) -> Result<Self> {
         Ok(Self {
-            spec,
-            padded_out,
-            u,
-            epilogue,
-            isa: machine.isa,
+            w: Packed::new(spec, weight, weight_transform, Layout::Panels, epilogue, machine)?,
             block_bytes: machine.block_bytes(),
         })
     }
@@ -93,25 +78,25 @@ impl WinogradF4 {
     /// Tiles per block: `V` and `M` of a block together stay within the
     /// L2, and a block is a whole number of GEMM column panels.
     fn tile_block(&self) -> usize {
-        let per_tile = XI * (self.spec.in_channels + self.padded_out) * 4;
+        let per_tile = XI * (self.w.spec.in_channels + self.w.padded_out) * 4;
         ((self.block_bytes / per_tile) / PANEL_TILES).clamp(1, 8) * PANEL_TILES
     }
 
     /// Distance between `V[ξ]` and `V[ξ + 1]` in a block of `cols` columns:
     /// the `[C, cols]` matrix plus [`SKEW`].
     pub(super) fn v_stride(&self, cols: usize) -> usize {
-        self.spec.in_channels * cols + SKEW
+        self.w.spec.in_channels * cols + SKEW
     }
 
     /// Distance between `M[ξ]` and `M[ξ + 1]`: `[O_pad, cols]` plus [`SKEW`].
     pub(super) fn m_stride(&self, cols: usize) -> usize {
-        self.padded_out * cols + SKEW
+        self.w.padded_out * cols + SKEW
     }
 
     /// Runs on a CPU f32 tensor `[N, C, H, W]`; `residual` (the output's
     /// shape) is added before the optional ReLU.
-    pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let call = self.spec.check(x, residual)?;
+    pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let call = self.w.spec.check(x, residual)?;
         let tiles = Tiles::new(call.shape, M);
         let out_len = call.shape.out_len();
         if out_len == 0 {
@@ -161,7 +146,7 @@ impl Run<'_> {
         // GEMM columns: the block's tiles rounded up to the kernel's granule.
         let cols = tiles.div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
         let positions: Vec<TilePos> = (first..first + tiles).map(|t| self.tile_pos(t)).collect();
-        let gathers = match conv.isa {
+        let gathers = match conv.w.isa {
             Isa::Avx512 => GatherChunk::for_block(&positions, self, cols),
             _ => Vec::new(),
         };
@@ -178,7 +163,7 @@ impl Run<'_> {
             let vptr = SharedOut::over(v);
             let transform_channels = |range: std::ops::Range<usize>| {
                 for c in range {
-                    conv.isa.run(InputChannel {
+                    conv.w.isa.run(InputChannel {
                         run: self,
                         block: &block,
                         c,
@@ -187,14 +172,14 @@ impl Run<'_> {
                 }
             };
             for_ranges(s.channels, split, transform_channels);
-            let per_u = conv.padded_out * s.channels;
+            let per_u = conv.w.padded_out * s.channels;
             let gemm = |xi: usize, m: &mut [f32]| {
                 panel_gemm(
-                    conv.isa,
-                    &conv.u[xi * per_u..][..per_u],
+                    conv.w.isa,
+                    &conv.w.u[xi * per_u..][..per_u],
                     &v[xi * v_stride..][..s.channels * cols],
-                    &mut m[..conv.padded_out * cols],
-                    conv.padded_out,
+                    &mut m[..conv.w.padded_out * cols],
+                    conv.w.padded_out,
                     s.channels,
                     cols,
                 )
@@ -209,7 +194,7 @@ impl Run<'_> {
             let m = &*m;
             let transform_outputs = |range: std::ops::Range<usize>| {
                 for k in range {
-                    conv.isa.run(OutputChannel {
+                    conv.w.isa.run(OutputChannel {
                         run: self,
                         block: &block,
                         m,
@@ -223,7 +208,7 @@ impl Run<'_> {
 
     /// Where tile `t` (numbered over the batch) reads and writes.
     fn tile_pos(&self, t: usize) -> TilePos {
-        let (s, padding) = (&self.tiles.shape, self.conv.spec.attrs.padding);
+        let (s, padding) = (&self.tiles.shape, self.conv.w.spec.attrs.padding);
         let (image, ty, tx) = self.tiles.tile(t);
         let y0 = (ty * M) as isize - padding[0] as isize;
         let x0 = (tx * M) as isize - padding[1] as isize;

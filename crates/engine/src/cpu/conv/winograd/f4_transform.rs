@@ -91,7 +91,7 @@ impl IsaBody for InputChannel<'_> {
             // d[row][col][lane]: the 6×6 input patch of each lane's tile.
             let mut d = [[[0f32; LANES]; ALPHA]; ALPHA];
             #[cfg(target_arch = "x86_64")]
-            if let (Isa::Avx512, Some(g)) = (run.conv.isa, block.gathers.get(start / LANES)) {
+            if let (Isa::Avx512, Some(g)) = (run.conv.w.isa, block.gathers.get(start / LANES)) {
                 // The chunk's channel-0 offsets, moved to channel c (fits i32:
                 // `GatherChunk::for_block` checked the input's length).
                 let shift = (c * plane_len) as i32;
@@ -200,7 +200,7 @@ impl IsaBody for OutputChannel<'_> {
         let (s, cols) = (&run.tiles.shape, block.cols);
         // Hoisted: the writes below go through a raw pointer, so the compiler
         // cannot tell that they leave the epilogue's bias alone.
-        let (bias, relu) = (run.conv.epilogue.bias(k), run.conv.epilogue.relu());
+        let (bias, relu) = (run.conv.w.epilogue.bias(k), run.conv.w.epilogue.relu());
         let m_stride = run.conv.m_stride(cols);
         let out_plane = s.out_plane();
         for (chunk, positions) in block.positions.chunks(LANES).enumerate() {

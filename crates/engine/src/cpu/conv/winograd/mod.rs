@@ -11,7 +11,7 @@
 //!   micro-kernel, for few-pixel maps (batch 1 at 7×7).
 //!
 //! What they share lives here: when a conv qualifies ([`applies`]), the
-//! weights' transform and packing ([`pack_weights`]) and where the tiles
+//! weights' transform and packing ([`Packed`]) and where the tiles
 //! are ([`Tiles`]). Their fp32 error is bounded in `tests.rs` against f64.
 
 pub(crate) mod f2;
@@ -23,7 +23,9 @@ pub(crate) use f4::WinogradF4;
 
 use super::{ConvShape, ConvSpec};
 use crate::cpu::data::weight_buffer;
-use crate::cpu::gemm::Layout;
+use crate::cpu::epilogue::Epilogue;
+use crate::cpu::gemm::{Isa, Layout};
+use crate::machine::Machine;
 use candle_core::{bail, Tensor};
 use wick_ir::Conv2dAttrs;
 
@@ -57,41 +59,66 @@ fn check_applies(spec: &ConvSpec) -> candle_core::Result<()> {
     Ok(())
 }
 
-/// The weights of `spec` (`weight`, `[O, C, 3, 3]`) in the Winograd domain:
-/// each 3×3 kernel through `transform` (computed in f64, stored f32), then
-/// each of the `N` ξ matrices `U[ξ]` (`[O, C]`) packed for `layout`'s
-/// micro-kernel, one after the other in a huge-page weight buffer. Returns
-/// the output channels padded for `layout`, and the buffer.
-fn pack_weights<const N: usize>(
-    spec: &ConvSpec,
-    weight: &Tensor,
-    transform: fn(&[f32]) -> [f64; N],
-    layout: Layout,
-) -> candle_core::Result<(usize, Vec<f32>)> {
-    check_applies(spec)?;
-    let (rows, depth) = (spec.out_channels, spec.in_channels);
-    let w = weight.flatten_all()?.to_vec1::<f32>()?;
-    if w.len() != rows * depth * 9 {
-        bail!(
-            "winograd weight {:?} does not match {rows} x {depth} x 3 x 3",
-            weight.dims()
-        )
-    }
-    let mut plain = vec![0f32; N * rows * depth];
-    for o in 0..rows {
-        for c in 0..depth {
-            let u = transform(&w[(o * depth + c) * 9..][..9]);
-            for (xi, value) in u.iter().enumerate() {
-                plain[(xi * rows + o) * depth + c] = *value as f32;
+/// What both Winograd convs hold: the conv, its weights in the Winograd
+/// domain packed for one micro-kernel, the epilogue and the path.
+#[derive(Debug)]
+pub(crate) struct Packed {
+    /// The conv.
+    spec: ConvSpec,
+    /// Output channels padded for the layout.
+    padded_out: usize,
+    /// `U[ξ]` (`[O, C]`) for each ξ, one after the other, packed for the layout.
+    u: Vec<f32>,
+    epilogue: Epilogue,
+    isa: Isa,
+}
+
+impl Packed {
+    /// `weight` (`[O, C, 3, 3]`) with each 3×3 kernel through `transform`
+    /// (computed in f64, stored f32), then each of the `N` ξ matrices packed
+    /// for `layout`'s micro-kernel in a huge-page weight buffer.
+    fn new<const N: usize>(
+        spec: ConvSpec,
+        weight: &Tensor,
+        transform: fn(&[f32]) -> [f64; N],
+        layout: Layout,
+        epilogue: Epilogue,
+        machine: Machine,
+    ) -> candle_core::Result<Self> {
+        check_applies(&spec)?;
+        let (rows, depth) = (spec.out_channels, spec.in_channels);
+        let w = weight.flatten_all()?.to_vec1::<f32>()?;
+        if w.len() != rows * depth * 9 {
+            bail!(
+                "winograd weight {:?} does not match {rows} x {depth} x 3 x 3",
+                weight.dims()
+            )
+        }
+        let mut plain = vec![0f32; N * rows * depth];
+        for o in 0..rows {
+            for c in 0..depth {
+                let u = transform(&w[(o * depth + c) * 9..][..9]);
+                for (xi, value) in u.iter().enumerate() {
+                    plain[(xi * rows + o) * depth + c] = *value as f32;
+                }
             }
         }
+        let padded_out = layout.padded_rows(rows);
+        let mut u = weight_buffer(N * padded_out * depth);
+        for (plain, packed) in plain
+            .chunks_exact(rows * depth)
+            .zip(u.chunks_exact_mut(padded_out * depth))
+        {
+            layout.pack(plain, rows, depth, packed);
+        }
+        Ok(Self {
+            spec,
+            padded_out,
+            u,
+            epilogue,
+            isa: machine.isa,
+        })
     }
-    let padded = layout.padded_rows(rows);
-    let mut u = weight_buffer(N * padded * depth);
-    for (plain, packed) in plain.chunks_exact(rows * depth).zip(u.chunks_exact_mut(padded * depth)) {
-        layout.pack(plain, rows, depth, packed);
-    }
-    Ok((padded, u))
 }
 
 /// Where a call's output tiles of side `m` are: tile `t` (numbered over the
