@@ -11,7 +11,13 @@
 //! check), `kernel` (a step's kernel: candle ops or wick's CPU kernels, with
 //! named operands), `candle/` (device-generic ops, the CUDA epilogue),
 //! `cpu/` (the conv policy, the epilogue, the pool, the GEMM micro-kernels
-//! and their ISA dispatch, the conv algorithms), `batched` and `saved`.
+//! and their ISA dispatch, the conv algorithms), `machine` (the CPU path
+//! and caches a model is compiled for), `batched` and `saved`.
+//!
+//! On the CPU the kernels take the best instruction-set path the CPU has;
+//! [`Engine::with_cpu_path`] or the `WICK_ISA` environment variable
+//! (`avx512`, `avx2`, `scalar`) forces one, a typed error where the CPU
+//! lacks it.
 //!
 //! A service loads weights, traces, optimises and compiles once, then calls
 //! [`CompiledModel::run`] from any number of threads (it is `Send + Sync`;
