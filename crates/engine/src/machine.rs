@@ -217,10 +217,12 @@ impl Machine {
             Some(path) => path,
             None => CpuPath::from_env()?.unwrap_or_else(CpuPath::best),
         };
-        Ok(Machine {
+        let machine = Machine {
             isa: path.isa()?,
             caches: CacheSizes::detect(),
-        })
+        };
+        tracing::debug!(path = %path, "cpu path");
+        Ok(machine)
     }
 
     /// `isa` (from [`Isa::available`]) and the detected caches (tests).
