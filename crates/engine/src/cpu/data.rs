@@ -117,6 +117,9 @@ impl SharedOut {
     }
 }
 
+/// f32 values per 64-byte cache line.
+const CACHE_LINE_FLOATS: usize = 16;
+
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -126,10 +129,15 @@ thread_local! {
 /// (rayon work stealing inside `f`) gets a buffer of its own.
 pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     let mut scratch = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
-    if scratch.len() < len {
-        scratch = vec![0f32; len];
+    // Room to start on a cache line: the kernels' matrices in scratch are
+    // whole lines long, so their rows then start on lines too, and a
+    // micro-tile's row of 16 (or 32) floats is one (or two) lines, not two (three).
+    let room = len.saturating_add(CACHE_LINE_FLOATS);
+    if scratch.len() < room {
+        scratch = vec![0f32; room];
     }
-    let result = f(&mut scratch[..len]);
+    let skip = scratch.as_ptr().align_offset(CACHE_LINE_FLOATS * 4).min(CACHE_LINE_FLOATS);
+    let result = f(&mut scratch[skip..skip + len]);
     SCRATCH.with(|cell| {
         let mut cell = cell.borrow_mut();
         // Keep the larger buffer when a nested call put one back meanwhile.
