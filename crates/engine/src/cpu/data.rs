@@ -136,7 +136,10 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
     if scratch.len() < room {
         scratch = vec![0f32; room];
     }
-    let skip = scratch.as_ptr().align_offset(CACHE_LINE_FLOATS * 4).min(CACHE_LINE_FLOATS);
+    let skip = scratch
+        .as_ptr()
+        .align_offset(CACHE_LINE_FLOATS * 4)
+        .min(CACHE_LINE_FLOATS);
     let result = f(&mut scratch[skip..skip + len]);
     SCRATCH.with(|cell| {
         let mut cell = cell.borrow_mut();
