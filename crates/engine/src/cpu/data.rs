@@ -182,6 +182,36 @@ const HUGE_PAGE: usize = 2 << 20;
 
 #[cfg(test)]
 mod tests {
+    use super::SharedOut;
+
+    /// Slices inside the buffer are handed out; one reaching past its end,
+    /// or whose end overflows, panics before any write.
+    #[test]
+    fn shared_out_checks_every_slice() {
+        let mut buffer = vec![0f32; 8];
+        let out = SharedOut::new(&mut buffer, 8);
+        // SAFETY: one slice at a time, within the buffer, which outlives it.
+        unsafe { out.slice(6, 2) }.fill(1.0);
+        out.check(0, 8);
+        assert_eq!(buffer[6..], [1.0, 1.0]);
+        let out = SharedOut::new(&mut buffer, 8);
+        for (start, len) in [(7, 2), (9, 0), (usize::MAX, 2)] {
+            // SAFETY: as above; these requests must panic before a slice exists.
+            let caught = std::panic::catch_unwind(|| unsafe { out.slice(start, len) }.len());
+            assert!(caught.is_err(), "{start}+{len}");
+        }
+        assert!(std::panic::catch_unwind(|| out.check(4, 9)).is_err());
+    }
+
+    /// A buffer cannot claim more elements than its allocation holds.
+    #[test]
+    #[should_panic(expected = "in a buffer of")]
+    fn shared_out_needs_the_capacity() {
+        let mut buffer = Vec::<f32>::with_capacity(4);
+        let too_many = buffer.capacity() + 1;
+        let _ = SharedOut::new(&mut buffer, too_many);
+    }
+
     /// The buffer is zeroed and writable end to end, whatever backs it.
     #[test]
     fn weight_buffer_is_zeroed() {
