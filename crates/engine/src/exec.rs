@@ -7,6 +7,7 @@ use crate::kernel::Slot;
 use crate::plan::Plan;
 use crate::{CpuPath, EngineError};
 use candle_core::{Device, Tensor};
+use std::borrow::Cow;
 use std::sync::Arc;
 use wick_ir::TensorFact;
 
@@ -187,15 +188,20 @@ pub(crate) fn check_inputs<'a>(
         });
     }
     for (given, (name, fact)) in inputs.iter().zip(declared) {
-        let mut expected = fact.clone();
-        if let (Some(batch), Some(first)) = (batch, expected.shape.first_mut()) {
-            *first = batch;
-        }
+        // A copy of the declared fact only where the batch replaces its first dimension.
+        let expected = match batch {
+            Some(batch) if !fact.shape.is_empty() => {
+                let mut fact = fact.clone();
+                fact.shape[0] = batch;
+                Cow::Owned(fact)
+            }
+            _ => Cow::Borrowed(fact),
+        };
         let got = TensorFact::of(given);
-        if got != expected {
+        if got != *expected {
             return Err(EngineError::InputMismatch {
                 input: name.to_string(),
-                expected,
+                expected: expected.into_owned(),
                 got,
             });
         }

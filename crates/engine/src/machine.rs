@@ -215,7 +215,7 @@ impl Machine {
     pub(crate) fn resolve(path: Option<CpuPath>) -> Result<Machine, EngineError> {
         let path = match path {
             Some(path) => path,
-            None => CpuPath::from_env()?.unwrap_or_else(CpuPath::best),
+            None => CpuPath::selected()?,
         };
         let machine = Machine {
             isa: path.isa()?,

@@ -47,22 +47,18 @@ impl Plan {
     pub(crate) fn new(mut plan: Plan) -> Plan {
         let count = plan.slot_count;
         let mut read = vec![false; count];
-        for slot in plan
-            .steps
-            .iter()
-            .flat_map(|s| s.kernel.reads())
-            .chain(plan.outputs.iter().copied())
-        {
-            read[slot] = true;
-        }
-        plan.constants.retain(|(slot, _)| read[*slot]);
         let mut last_use: Vec<Option<usize>> = vec![None; count];
         for (index, step) in plan.steps.iter().enumerate() {
             last_use[step.output] = Some(index);
             for input in step.kernel.reads() {
+                read[input] = true;
                 last_use[input] = Some(index);
             }
         }
+        for &slot in &plan.outputs {
+            read[slot] = true;
+        }
+        plan.constants.retain(|(slot, _)| read[*slot]);
         let mut pinned = vec![false; count];
         for &slot in plan.outputs.iter().chain(plan.constants.iter().map(|(slot, _)| slot)) {
             pinned[slot] = true;

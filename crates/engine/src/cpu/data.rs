@@ -107,13 +107,10 @@ impl SharedOut {
     #[inline(always)]
     #[allow(clippy::mut_from_ref)]
     pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
-        assert!(
-            start.checked_add(len).is_some_and(|end| end <= self.len),
-            "output elements {start}+{len} outside a buffer of {}",
-            self.len
-        );
+        // An end that overflows saturates to usize::MAX, past any real buffer.
+        self.check(start, start.saturating_add(len));
         // SAFETY: in bounds (checked above); exclusive by the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+        unsafe { self.slice_within(start, len) }
     }
 }
 

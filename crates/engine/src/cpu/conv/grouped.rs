@@ -70,8 +70,11 @@ impl GroupedConv {
     pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let call = self.spec.check(x, residual)?;
         let g = self.geometry(call.shape);
-        let (batch, image_in, image_out) = (g.shape.batch, g.shape.channels * g.shape.in_plane(), g.shape.out_len());
-        let image_out = image_out.checked_div(batch).unwrap_or(0);
+        let batch = g.shape.batch;
+        let (image_in, image_out) = (
+            g.shape.channels * g.shape.in_plane(),
+            g.shape.out_channels * g.shape.out_plane(),
+        );
         let mut out = vec![0f32; g.shape.out_len()];
         if image_out == 0 {
             return output(out, g.shape.out_dims());
