@@ -10,7 +10,7 @@ use crate::error::AtNode;
 use crate::machine::Machine;
 use crate::EngineError;
 use candle_core::{DType, Device, Tensor};
-use wick_ir::{Conv2dAttrs, FusedConv2dAttrs, Graph, Node, Op};
+use wick_ir::{FusedConv2dAttrs, Graph, Node, Op};
 use wick_passes::BatchNormParams;
 
 /// A value's place in a run: the index of the node that produces it.
@@ -58,7 +58,12 @@ impl Kernel {
                     bias: optional(2),
                     residual: None,
                 };
-                lower_conv(graph, node, (device, machine), *attrs, None, operands)
+                let plain = FusedConv2dAttrs {
+                    conv: *attrs,
+                    relu: false,
+                    pool: None,
+                };
+                lower_conv(graph, node, (device, machine), plain, false, operands)
             }
             Op::FusedConv2d(fused) => {
                 let operands = ConvOperands {
@@ -67,7 +72,7 @@ impl Kernel {
                     bias: Some(slot(2)),
                     residual: optional(3),
                 };
-                lower_conv(graph, node, (device, machine), fused.conv, Some(*fused), operands)
+                lower_conv(graph, node, (device, machine), *fused, true, operands)
             }
             Op::BatchNorm(attrs) => {
                 let params: Option<Vec<&Tensor>> = (1..node.inputs.len()).map(|i| constant(graph, node, i)).collect();
@@ -142,17 +147,22 @@ fn constant<'g>(graph: &'g Graph, node: &Node, i: usize) -> Option<&'g Tensor> {
         .flatten()
 }
 
-/// A conv (plain or `fused`): wick's CPU conv when on the CPU in f32 with
-/// constant weight and bias, candle's ops otherwise.
+/// A conv (a plain one as `relu: false, pool: None`; `fused` for the fused
+/// op): wick's CPU conv when on the CPU in f32 with constant weight and
+/// bias, candle's ops otherwise.
 fn lower_conv(
     graph: &Graph,
     node: &Node,
     (device, machine): (&Device, Option<Machine>),
-    attrs: Conv2dAttrs,
-    fused: Option<FusedConv2dAttrs>,
+    conv: FusedConv2dAttrs,
+    fused: bool,
     operands: ConvOperands,
 ) -> Result<Kernel, EngineError> {
-    let (relu, pool) = fused.map_or((false, None), |f| (f.relu, f.pool));
+    let FusedConv2dAttrs {
+        conv: attrs,
+        relu,
+        pool,
+    } = conv;
     let weight = constant(graph, node, 1);
     let bias = operands.bias.map(|_| constant(graph, node, 2));
     if let (Some(machine), DType::F32, Some(weight), None | Some(Some(_))) = (machine, node.fact.dtype, weight, bias) {
@@ -192,8 +202,8 @@ fn lower_conv(
         residual,
     } = operands;
     Ok(Kernel::Candle(match (fused, bias) {
-        (None, bias) => CandleOp::Conv2d { attrs, x, weight, bias },
-        (Some(_), Some(bias)) => CandleOp::FusedConv2d(FusedConv {
+        (false, bias) => CandleOp::Conv2d { attrs, x, weight, bias },
+        (true, Some(bias)) => CandleOp::FusedConv2d(FusedConv {
             attrs,
             relu,
             pool,
@@ -202,7 +212,7 @@ fn lower_conv(
             bias,
             residual,
         }),
-        (Some(_), None) => return Err(unsupported(node, device, "a fused conv needs a bias operand".into())),
+        (true, None) => return Err(unsupported(node, device, "a fused conv needs a bias operand".into())),
     }))
 }
 
