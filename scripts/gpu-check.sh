@@ -6,9 +6,12 @@
 #      unfused vs eager and vs the CPU, the committed PyTorch fixtures, and
 #      the conv -> batch_norm property test, each as NAME_cuda (the NAME_cpu
 #      variants run too, on this machine's CPU);
-#   3. benches ResNet18 on the GPU at batch 10 and 64;
+#   3. benches ResNet18 on the GPU at batch 10 and 64, and, where python3
+#      has torch + torchvision, PyTorch eager on the same GPU with the same
+#      protocol (scripts/bench_reference_gpu.py) for a side-by-side ratio;
 #   4. writes everything to $OUT (default ./gpu-check-out): gpu-check.json
-#      (device, date, commit, test counts, bench results) plus the raw logs.
+#      (device, host CPU, date, commit, test counts, bench results, the
+#      PyTorch reference) plus the raw logs.
 #
 #   scripts/gpu-check.sh [BUNDLE_DIR]      # default target-cuda/gpu
 #
@@ -47,6 +50,7 @@ export LD_LIBRARY_PATH="$WORK:${NV_LIBS}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH
 
 echo "== device"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+lscpu | sed -n 's/^Model name: *//p' | head -1 | tee "$OUT/host-cpu.txt"
 if ldd "$WORK/xtask-cuda" | grep "not found" | tee "$OUT/missing-libs.txt"; then
   echo "missing shared libraries (see above); set LD_LIBRARY_PATH to a CUDA 13 cuBLAS/cuRAND" >&2
 fi
@@ -64,6 +68,14 @@ for batch in 10 64; do
   [ "$rc" -eq 0 ] || BENCH_RC=$rc
 done
 
+echo "== PyTorch eager reference on the same GPU"
+if python3 -c 'import torch, torchvision; assert torch.cuda.is_available()' 2>/dev/null; then
+  PYTHONUNBUFFERED=1 python3 "$ROOT/scripts/bench_reference_gpu.py" --batch 10 64 --json "$OUT/torch-reference.json" 2>&1 \
+    | tee "$OUT/torch-reference.log"
+else
+  echo "(python3 has no CUDA torch + torchvision: no reference row)"
+fi
+
 COMMIT=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
 python3 - "$OUT" "$COMMIT" "$TESTS_RC" "$BENCH_RC" <<'PY'
 import datetime, json, os, re, sys
@@ -75,8 +87,11 @@ for batch in (10, 64):
     path = os.path.join(out, f"bench-b{batch}.json")
     if os.path.exists(path):
         bench[f"batch_{batch}"] = json.load(open(path))
+reference_path = os.path.join(out, "torch-reference.json")
+reference = json.load(open(reference_path)) if os.path.exists(reference_path) else None
 summary = {
     "device": open(os.path.join(out, "device.txt")).read().strip(),
+    "host_cpu": open(os.path.join(out, "host-cpu.txt")).read().strip(),
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     "commit": commit,
     "tests": {
@@ -87,6 +102,7 @@ summary = {
     },
     "bench_exit_status": bench_rc,
     "bench": bench,
+    "torch_reference": reference,
 }
 json.dump(summary, open(os.path.join(out, "gpu-check.json"), "w"), indent=2)
 print(json.dumps({k: summary[k] for k in ("device", "commit", "bench_exit_status")} | {"tests_failed": summary["tests"]["failed"], "cuda_variants_passed": summary["tests"]["cuda_variants_passed"]}, indent=2))

@@ -35,7 +35,8 @@ impl std::fmt::Display for Passes {
 /// Model selection and weights.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// Model name: toy, toy-sequential or resnet18.
+    /// Model name: toy, toy-sequential or resnet18 (`run` also takes a
+    /// directory written by `export`, or a file of IR text).
     pub model: String,
     /// Safetensors file with PyTorch parameter names; seeded random weights when absent.
     #[arg(long, value_name = "FILE")]

@@ -31,7 +31,7 @@ pub fn run(args: IrArgs) -> Result<()> {
         std::fs::read_to_string(&args.file).with_context(|| format!("cannot read `{}`", args.file.display()))?
     };
     let graph = Graph::parse(&text).with_context(|| format!("in `{}`", args.file.display()))?;
-    graph.verify()?;
+    graph.verify_with(&wick_ir::Limits::from_env().map_err(anyhow::Error::msg)?)?;
     // Text carries no weights; give constants deterministic data so that
     // weight-folding passes can run on hand-written graphs.
     let mut graph = graph;

@@ -118,7 +118,7 @@ fn input_file_without_input_tensor() {
     candle_core::safetensors::save(&HashMap::from([("x".to_string(), t)]), &path).unwrap();
     assert_fails(
         &["run", "toy", "--input", path.to_str().unwrap()],
-        "exactly one tensor named `input`",
+        "must hold exactly the tensors [\"input\"]",
     );
 }
 

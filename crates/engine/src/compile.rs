@@ -9,7 +9,7 @@ use crate::plan::{InputSlot, Plan, Step};
 use crate::CpuPath;
 use crate::EngineError;
 use candle_core::Device;
-use wick_ir::{Graph, OpRole};
+use wick_ir::{Graph, Limits, OpRole};
 
 /// Compiles graphs for one device.
 #[derive(Debug, Clone)]
@@ -17,6 +17,8 @@ pub struct Engine {
     device: Device,
     /// The CPU kernels' path, when not the best one or `WICK_ISA`'s.
     cpu_path: Option<CpuPath>,
+    /// Size limits every compiled graph is verified against.
+    limits: Limits,
 }
 
 impl Engine {
@@ -24,7 +26,23 @@ impl Engine {
     /// `WICK_ISA` names (`avx512`, `avx2` or `scalar`) when set, the best
     /// one the CPU has otherwise.
     pub fn new(device: Device) -> Self {
-        Self { device, cpu_path: None }
+        Self {
+            device,
+            cpu_path: None,
+            limits: Limits::default(),
+        }
+    }
+
+    /// The same engine verifying graphs against `limits` instead of
+    /// [`Limits::default`]: the largest tensor, and the largest workspace
+    /// an op may need (candle's convolutions unfold their input, im2col).
+    pub fn with_limits(self, limits: Limits) -> Self {
+        Self { limits, ..self }
+    }
+
+    /// The size limits compiled graphs are verified against.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// The same engine with its CPU kernels on `path`, whatever `WICK_ISA`
@@ -47,10 +65,11 @@ impl Engine {
         &self.device
     }
 
-    /// Verifies `graph`, moves its constants to the device, selects a kernel
-    /// per node and plans when each intermediate value is freed.
+    /// Verifies `graph` (against [`Engine::limits`]), moves its constants
+    /// to the device, selects a kernel per node and plans when each
+    /// intermediate value is freed.
     pub fn compile(&self, graph: &Graph) -> Result<CompiledModel, EngineError> {
-        graph.verify()?;
+        graph.verify_with(&self.limits)?;
         let machine = match self.device.is_cpu() {
             true => Some(Machine::resolve(self.cpu_path)?),
             false => None,
@@ -81,7 +100,7 @@ impl Engine {
                     name: node.name.clone(),
                     op: node.op.name(),
                     fact: node.fact.clone(),
-                    kernel: Kernel::lower(graph, node, &self.device, machine)?,
+                    kernel: Kernel::lower(graph, node, (&self.device, machine), &self.limits)?,
                     output: id.index(),
                     free_after: Vec::new(),
                 }),

@@ -26,6 +26,16 @@ pub enum EngineError {
         /// Why.
         reason: String,
     },
+    /// A kernel would need more memory than the engine's limits allow.
+    #[error("node `%{node}`: {what} would exceed the limit of {limit} elements (wick_ir::Limits, WICK_MAX_ELEMENTS)")]
+    TooLarge {
+        /// The node.
+        node: String,
+        /// What would be too large.
+        what: String,
+        /// The element limit in force.
+        limit: usize,
+    },
     /// Wrong number of inputs.
     #[error("graph `{graph}` takes {expected} input(s), got {got}")]
     InputCount {

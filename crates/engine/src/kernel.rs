@@ -10,7 +10,7 @@ use crate::error::AtNode;
 use crate::machine::Machine;
 use crate::EngineError;
 use candle_core::{DType, Device, Tensor};
-use wick_ir::{FusedConv2dAttrs, Graph, Node, Op};
+use wick_ir::{FusedConv2dAttrs, Graph, Limits, Node, Op};
 use wick_passes::BatchNormParams;
 
 /// A value's place in a run: the index of the node that produces it.
@@ -35,12 +35,13 @@ struct ConvOperands {
 
 impl Kernel {
     /// Lowers `node` (neither an input nor a constant) for `device`
-    /// (`machine`: the CPU's path and caches, when on the CPU).
+    /// (`machine`: the CPU's path and caches, when on the CPU), refusing a
+    /// kernel whose workspace would exceed `limits`.
     pub(crate) fn lower(
         graph: &Graph,
         node: &Node,
-        device: &Device,
-        machine: Option<Machine>,
+        (device, machine): (&Device, Option<Machine>),
+        limits: &Limits,
     ) -> Result<Kernel, EngineError> {
         let slot = |i: usize| node.inputs[i].index();
         let optional = |i: usize| node.inputs.get(i).map(|id| id.index());
@@ -63,7 +64,7 @@ impl Kernel {
                     relu: false,
                     pool: None,
                 };
-                lower_conv(graph, node, (device, machine), plain, false, operands)
+                lower_conv(graph, node, (device, machine), limits, (plain, false), operands)
             }
             Op::FusedConv2d(fused) => {
                 let operands = ConvOperands {
@@ -72,7 +73,7 @@ impl Kernel {
                     bias: Some(slot(2)),
                     residual: optional(3),
                 };
-                lower_conv(graph, node, (device, machine), *fused, true, operands)
+                lower_conv(graph, node, (device, machine), limits, (*fused, true), operands)
             }
             Op::BatchNorm(attrs) => {
                 let params: Option<Vec<&Tensor>> = (1..node.inputs.len()).map(|i| constant(graph, node, i)).collect();
@@ -154,8 +155,8 @@ fn lower_conv(
     graph: &Graph,
     node: &Node,
     (device, machine): (&Device, Option<Machine>),
-    conv: FusedConv2dAttrs,
-    fused: bool,
+    limits: &Limits,
+    (conv, fused): (FusedConv2dAttrs, bool),
     operands: ConvOperands,
 ) -> Result<Kernel, EngineError> {
     let FusedConv2dAttrs {
@@ -194,6 +195,24 @@ fn lower_conv(
                 attrs.stride, attrs.dilation
             ),
         ));
+    }
+    // candle unfolds the input (im2col): N·OH·OW rows of C/g·kh·kw values.
+    let (x_dims, w_dims) = (
+        &graph.node(node.inputs[0]).fact.shape,
+        &graph.node(node.inputs[1]).fact.shape,
+    );
+    let unfolded = match (x_dims.as_slice(), w_dims.as_slice()) {
+        (&[n, _, h, w], &[_, c, kh, kw]) => attrs
+            .output_size([kh, kw], [h, w])
+            .and_then(|[oh, ow]| [n, oh, ow, c, kh, kw].iter().try_fold(1usize, |p, &d| p.checked_mul(d))),
+        _ => None,
+    };
+    if unfolded.is_none_or(|n| n > limits.max_elements()) {
+        return Err(EngineError::TooLarge {
+            node: node.name.clone(),
+            what: "the unfolded (im2col) input of candle's conv2d".into(),
+            limit: limits.max_elements(),
+        });
     }
     let ConvOperands {
         x,

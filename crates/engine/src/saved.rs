@@ -9,7 +9,7 @@ use crate::EngineError;
 use candle_core::{safetensors::Load, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use wick_ir::{Graph, Op};
+use wick_ir::{Graph, Limits, Op};
 
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -113,12 +113,35 @@ pub fn save(graph: &Graph, dir: &Path) -> Result<(), SavedError> {
     std::fs::write(&graph_path, format!("{HEADER}{FORMAT_VERSION}\n{graph}")).map_err(io(&graph_path))
 }
 
-/// Reads a graph saved by [`save`], with its weights attached and verified.
+/// The largest `graph.wick` [`load`] reads: 64 MiB (ResNet50's is 30 KB).
+pub const MAX_GRAPH_TEXT_BYTES: u64 = 64 << 20;
+
+/// The largest safetensors header the format allows (its reader's own bound).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// Reads a graph saved by [`save`], with its weights attached and the
+/// whole verified against [`Limits::default`].
 pub fn load(dir: &Path) -> Result<Graph, SavedError> {
+    load_with(dir, &Limits::default())
+}
+
+/// [`load`] with the given size limits. The graph's facts are verified
+/// against `limits` before any weight is read, so a graph declaring a
+/// tensor too large is refused without allocating it.
+pub fn load_with(dir: &Path, limits: &Limits) -> Result<Graph, SavedError> {
     let graph_path = dir.join(GRAPH_FILE);
-    let text = std::fs::read_to_string(&graph_path).map_err(io(&graph_path))?;
+    let size = std::fs::metadata(&graph_path).map_err(io(&graph_path))?.len();
+    if size > MAX_GRAPH_TEXT_BYTES {
+        return Err(SavedError::Version {
+            path: graph_path,
+            found: format!("a file of {size} bytes, more than the {MAX_GRAPH_TEXT_BYTES} a graph may have"),
+        });
+    }
+    let bytes = std::fs::read(&graph_path).map_err(io(&graph_path))?;
+    let text = String::from_utf8_lossy(&bytes);
     let first = text.lines().next().unwrap_or_default();
     if first != format!("{HEADER}{FORMAT_VERSION}") {
+        let first: String = first.chars().take(80).collect();
         return Err(SavedError::Version {
             path: graph_path,
             found: format!("first line `{first}`"),
@@ -129,37 +152,75 @@ pub fn load(dir: &Path) -> Result<Graph, SavedError> {
         source,
     };
     let mut graph = Graph::parse(&text).map_err(bad_graph)?;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let bytes = std::fs::read(&weights_path).map_err(io(&weights_path))?;
-    let corrupt = |message: String| SavedError::Weights {
-        path: weights_path.clone(),
-        message,
-    };
-    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
-    let constants: Vec<String> = graph
+    graph.verify_with(limits).map_err(bad_graph)?;
+    attach_weights(&mut graph, &dir.join(WEIGHTS_FILE))?;
+    graph.verify_with(limits).map_err(bad_graph)?;
+    Ok(graph)
+}
+
+/// Gives every constant of `graph` its tensor from the safetensors file
+/// `path` (tensors named like the constants). The file may be no larger
+/// than the declared constants need (plus a header), each tensor's shape
+/// must be the declared one before it is read, and the file may hold no
+/// tensor the graph does not use. Verify the graph first: the declared
+/// facts bound what is read.
+pub fn attach_weights(graph: &mut Graph, path: &Path) -> Result<(), SavedError> {
+    let constants: Vec<(String, wick_ir::TensorFact)> = graph
         .nodes()
         .iter()
         .filter(|n| n.op == Op::Constant)
-        .map(|n| n.name.clone())
+        .map(|n| (n.name.clone(), n.fact.clone()))
         .collect();
-    for name in &constants {
+    let corrupt = |message: String| SavedError::Weights {
+        path: path.to_path_buf(),
+        message,
+    };
+    let declared = constants
+        .iter()
+        .try_fold(8 + MAX_SAFETENSORS_HEADER, |total, (_, fact)| {
+            total.checked_add(fact.checked_size_in_bytes()? as u64)
+        })
+        .unwrap_or(u64::MAX);
+    let size = std::fs::metadata(path).map_err(io(path))?.len();
+    if size > declared {
+        return Err(corrupt(format!(
+            "{size} bytes, more than the graph's constants and a header can take ({declared})"
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    for (name, fact) in &constants {
         let view = file.tensor(name).map_err(|_| SavedError::MissingWeight {
             name: name.clone(),
-            path: weights_path.clone(),
+            path: path.to_path_buf(),
         })?;
+        if view.shape() != fact.shape.as_slice() {
+            return Err(corrupt(format!(
+                "tensor `{name}` has shape {:?}, the graph declares {fact}",
+                view.shape()
+            )));
+        }
         let tensor = view
             .load(&Device::Cpu)
             .map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
-        graph.set_constant_data(name, tensor).map_err(bad_graph)?;
+        graph
+            .set_constant_data(name, tensor)
+            .map_err(|source| SavedError::Graph {
+                path: path.to_path_buf(),
+                source,
+            })?;
     }
-    if let Some(extra) = file.names().into_iter().find(|n| !constants.iter().any(|c| c == *n)) {
+    if let Some(extra) = file
+        .names()
+        .into_iter()
+        .find(|n| !constants.iter().any(|(c, _)| c == *n))
+    {
         return Err(SavedError::UnexpectedWeight {
             name: extra.to_string(),
-            path: weights_path,
+            path: path.to_path_buf(),
         });
     }
-    graph.verify().map_err(bad_graph)?;
-    Ok(graph)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -224,6 +285,9 @@ mod tests {
         wrong.insert("b".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
         candle_core::safetensors::save(&wrong, dir.path().join(WEIGHTS_FILE)).unwrap();
         let err = load(dir.path()).unwrap_err();
-        assert!(err.to_string().contains("expected f32[2], got data of f32[3]"), "{err}");
+        assert!(
+            err.to_string().contains("has shape [3], the graph declares f32[2]"),
+            "{err}"
+        );
     }
 }

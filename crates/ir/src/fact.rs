@@ -31,14 +31,28 @@ impl TensorFact {
         self.shape.len()
     }
 
-    /// Number of elements.
+    /// Number of elements, saturating at `usize::MAX` (exact for every fact
+    /// that passed [`crate::Limits::check`]).
     pub fn elem_count(&self) -> usize {
-        self.shape.iter().product()
+        self.checked_elem_count().unwrap_or(usize::MAX)
     }
 
-    /// Size in bytes of a dense tensor with this fact.
+    /// Number of elements, `None` when the product overflows `usize`.
+    pub fn checked_elem_count(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+    }
+
+    /// Size in bytes of a dense tensor with this fact, saturating at
+    /// `usize::MAX` (exact for every fact that passed [`crate::Limits::check`]).
     pub fn size_in_bytes(&self) -> usize {
-        self.elem_count() * self.dtype.size_in_bytes()
+        self.checked_size_in_bytes().unwrap_or(usize::MAX)
+    }
+
+    /// Size in bytes, `None` when it exceeds `isize::MAX` (the most one
+    /// allocation can hold) or the product overflows.
+    pub fn checked_size_in_bytes(&self) -> Option<usize> {
+        let bytes = self.checked_elem_count()?.checked_mul(self.dtype.size_in_bytes())?;
+        (bytes <= isize::MAX as usize).then_some(bytes)
     }
 }
 

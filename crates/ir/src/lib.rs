@@ -15,6 +15,7 @@ mod error;
 mod fact;
 mod graph;
 mod kind;
+mod limits;
 mod op;
 mod parse;
 mod print;
@@ -24,6 +25,7 @@ pub use error::{IrError, ParseError, Violation};
 pub use fact::TensorFact;
 pub use graph::{Graph, Node, NodeId};
 pub use kind::{OpAttrs, OpKind, OpRole};
+pub use limits::{Limits, DEFAULT_MAX_ELEMENTS, MAX_ELEMENTS_ENV};
 pub use op::{windowed_len, BatchNormAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, MaxPool2dAttrs, Op};
 
 /// The `DType` of candle, re-exported because facts are written in it.

@@ -221,8 +221,11 @@ impl Op {
                         inputs[0]
                     ));
                 }
+                let Some(merged) = x[*start_dim..].iter().try_fold(1usize, |n, &d| n.checked_mul(d)) else {
+                    return Err(format!("merged dimension of {} overflows", inputs[0]));
+                };
                 let mut shape = x[..*start_dim].to_vec();
-                shape.push(x[*start_dim..].iter().product());
+                shape.push(merged);
                 Ok(TensorFact::new(inputs[0].dtype, shape))
             }
             Op::Linear => infer_linear(inputs),
@@ -254,10 +257,15 @@ fn check_positive(values: &[usize], what: &str) -> Result<(), String> {
 /// Length of a sliding-window output along one axis (convolution or pool,
 /// floor mode): `(len + 2·padding − dilation·(kernel − 1) − 1) / stride + 1`.
 /// `None` when the dilated window does not fit the padded input, when
-/// `kernel` or `stride` is 0, or when a step of the formula overflows.
+/// `kernel` or `stride` is 0, or when a step of the formula overflows or
+/// the padded extent exceeds `isize::MAX` (kernels index it with signed
+/// offsets).
 pub fn windowed_len(len: usize, kernel: usize, stride: usize, padding: usize, dilation: usize) -> Option<usize> {
     let span = dilation.checked_mul(kernel.checked_sub(1)?)?.checked_add(1)?;
     let padded = padding.checked_mul(2)?.checked_add(len)?;
+    if padded > isize::MAX as usize {
+        return None;
+    }
     Some(padded.checked_sub(span)?.checked_div(stride)? + 1)
 }
 
@@ -294,12 +302,10 @@ fn infer_conv2d(attrs: &Conv2dAttrs, inputs: &[&TensorFact]) -> Result<TensorFac
             "groups={g} must divide input channels {c} and output channels {o}"
         ));
     }
-    if ci * g != c {
+    if ci.checked_mul(g) != Some(c) {
         return Err(format!(
-            "weight {} expects {} input channels (groups={g}), input {} has {c}",
-            inputs[1],
-            ci * g,
-            inputs[0]
+            "weight {} expects {ci} input channels per group times groups={g}, input {} has {c}",
+            inputs[1], inputs[0]
         ));
     }
     check_positive(&[kh, kw], "kernel size")?;
@@ -334,7 +340,7 @@ fn infer_max_pool2d(attrs: &MaxPool2dAttrs, input: &TensorFact) -> Result<Tensor
     check_positive(&attrs.kernel, "kernel")?;
     check_positive(&attrs.stride, "stride")?;
     for axis in 0..2 {
-        if attrs.padding[axis] * 2 > attrs.kernel[axis] {
+        if attrs.padding[axis] > attrs.kernel[axis] / 2 {
             return Err(format!(
                 "padding {:?} must be at most half of kernel {:?}",
                 attrs.padding, attrs.kernel
@@ -426,6 +432,8 @@ mod tests {
         assert_eq!(windowed_len(4, 3, 1, 1 << 63, 1), None);
         assert_eq!(windowed_len(usize::MAX, 1, 1, 1, 1), None);
         assert_eq!(windowed_len(4, 3, 1, 0, usize::MAX), None);
+        // Fits usize but not isize: refused (kernels use signed offsets).
+        assert_eq!(windowed_len(1, 2, 1, 1 << 62, 1 << 63), None);
     }
 
     /// A kernel larger than the padded input is an error, not an underflow.

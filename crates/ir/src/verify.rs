@@ -1,7 +1,7 @@
 //! The verifier: re-derives every fact and checks every invariant, reporting all violations at once.
 
 use crate::graph::is_valid_name;
-use crate::{Graph, IrError, Op, OpRole, TensorFact, Violation};
+use crate::{Graph, IrError, Limits, Op, OpRole, TensorFact, Violation};
 use std::collections::HashSet;
 
 impl Graph {
@@ -9,9 +9,16 @@ impl Graph {
     /// names valid and unique, operands defined earlier (topological order),
     /// arity, each node's fact equal to the one its op infers, inputs listed
     /// in the signature, at least one output, and constant data (where
-    /// supplied) agreeing with its declaration.
+    /// supplied) agreeing with its declaration, and every fact within
+    /// [`Limits::default`] (no zero-sized dimension, at most
+    /// [`crate::DEFAULT_MAX_ELEMENTS`] elements).
     pub fn verify(&self) -> Result<(), IrError> {
-        let violations = self.violations();
+        self.verify_with(&Limits::default())
+    }
+
+    /// [`Graph::verify`] with the given size limits.
+    pub fn verify_with(&self, limits: &Limits) -> Result<(), IrError> {
+        let violations = self.violations_with(limits);
         if violations.is_empty() {
             Ok(())
         } else {
@@ -22,8 +29,14 @@ impl Graph {
         }
     }
 
-    /// Every violation of the graph's invariants; empty when the graph is sound.
+    /// Every violation of the graph's invariants under [`Limits::default`];
+    /// empty when the graph is sound.
     pub fn violations(&self) -> Vec<Violation> {
+        self.violations_with(&Limits::default())
+    }
+
+    /// Every violation of the graph's invariants under `limits`.
+    pub fn violations_with(&self, limits: &Limits) -> Vec<Violation> {
         let mut out = Vec::new();
         let mut report = |node: &str, message: String| {
             out.push(Violation {
@@ -39,6 +52,9 @@ impl Graph {
             }
             if !seen.insert(node.name.as_str()) {
                 report(&node.name, "name defined more than once".into());
+            }
+            if let Err(message) = limits.check(&node.fact) {
+                report(&node.name, message);
             }
             let mut operands_ok = true;
             for input in &node.inputs {

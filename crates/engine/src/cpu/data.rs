@@ -114,6 +114,39 @@ impl SharedOut {
     }
 }
 
+/// A buffer with room for `len` values (length 0: the kernel writes them
+/// through a [`SharedOut`] and sets the length), or an error naming `what`
+/// when the allocation is refused: a size that came from outside ends in an
+/// error, never in an abort.
+pub(crate) fn output_buffer(len: usize, what: &str) -> candle_core::Result<Vec<f32>> {
+    let mut buffer = Vec::new();
+    if buffer.try_reserve_exact(len).is_err() {
+        bail!("cannot allocate {len} f32 values for the {what}")
+    }
+    Ok(buffer)
+}
+
+/// A zeroed buffer of `len` values, or an error naming `what` when the
+/// allocation is refused (see [`output_buffer`]). Zeroed by the allocator
+/// (fresh pages are not touched until written), as `vec![0.0; len]` is.
+pub(crate) fn zeroed(len: usize, what: &str) -> candle_core::Result<Vec<f32>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let Ok(layout) = std::alloc::Layout::array::<f32>(len) else {
+        bail!("cannot allocate {len} f32 values for the {what}: too large")
+    };
+    // SAFETY: `layout` has a non-zero size (len > 0).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<f32>();
+    if ptr.is_null() {
+        bail!("cannot allocate {len} f32 values for the {what}")
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout of
+    // `[f32; len]`, which is what a `Vec<f32>` of capacity `len` holds; all
+    // `len` values are initialised (zero bits are 0.0).
+    Ok(unsafe { Vec::from_raw_parts(ptr, len, len) })
+}
+
 /// f32 values per 64-byte cache line.
 const CACHE_LINE_FLOATS: usize = 16;
 
@@ -121,17 +154,28 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The most scratch one thread may hold: 2^28 values (1 GiB). The kernels'
+/// blocks are sized from the caches (about an L2 each); a Winograd F(2×2)
+/// conv also copies its padded input here (ResNet18's largest at batch 256:
+/// 2^23.5 values). A conv asking for more (a hostile weight of millions of
+/// channels, say) gets an error, not an allocation it cannot survive.
+pub(crate) const SCRATCH_MAX_VALUES: usize = 1 << 28;
+
 /// Runs `f` on this thread's scratch buffer, grown to at least `len` values
 /// (contents unspecified). Re-entrant: a nested call on the same thread
-/// (rayon work stealing inside `f`) gets a buffer of its own.
-pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+/// (rayon work stealing inside `f`) gets a buffer of its own. An error when
+/// `len` exceeds [`SCRATCH_MAX_VALUES`] or the allocation is refused.
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> candle_core::Result<R> {
+    if len > SCRATCH_MAX_VALUES {
+        bail!("a kernel needs {len} f32 values of scratch, more than the {SCRATCH_MAX_VALUES} wick allows per thread")
+    }
     let mut scratch = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
     // Room to start on a cache line: the kernels' matrices in scratch are
     // whole lines long, so their rows then start on lines too, and a
     // micro-tile's row of 16 (or 32) floats is one (or two) lines, not two (three).
-    let room = len.saturating_add(CACHE_LINE_FLOATS);
+    let room = len + CACHE_LINE_FLOATS;
     if scratch.len() < room {
-        scratch = vec![0f32; room];
+        scratch = zeroed(room, "kernel scratch")?;
     }
     let skip = scratch
         .as_ptr()
@@ -145,7 +189,7 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
             *cell = scratch;
         }
     });
-    result
+    Ok(result)
 }
 
 /// A zeroed buffer of `len` values for packed weights, which the kernel is
@@ -153,8 +197,8 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
 /// as on the bench machine). At batch 1 a forward streams ~70 MB of packed
 /// weights once; 2 MiB pages need 1/512 of the TLB entries 4 KiB pages do.
 /// Only advice: where it is not taken the buffer is an ordinary `Vec`.
-pub(crate) fn weight_buffer(len: usize) -> Vec<f32> {
-    let buffer = vec![0f32; len];
+pub(crate) fn weight_buffer(len: usize) -> candle_core::Result<Vec<f32>> {
+    let buffer = zeroed(len, "packed weights")?;
     #[cfg(target_os = "linux")]
     if len * 4 >= HUGE_PAGE {
         // Advise the whole pages inside the allocation, before anything is
@@ -169,7 +213,7 @@ pub(crate) fn weight_buffer(len: usize) -> Vec<f32> {
             unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
         }
     }
-    buffer
+    Ok(buffer)
 }
 
 #[cfg(target_os = "linux")]
@@ -209,11 +253,21 @@ mod tests {
         let _ = SharedOut::new(&mut buffer, too_many);
     }
 
+    /// A buffer too large to allocate is an error naming it, not an abort.
+    #[test]
+    fn refused_allocations_are_errors() {
+        let err = super::zeroed(usize::MAX / 2, "test output").unwrap_err();
+        assert!(err.to_string().contains("test output"), "{err}");
+        let err = super::output_buffer(usize::MAX / 2, "test output").unwrap_err();
+        assert!(err.to_string().contains("cannot allocate"), "{err}");
+        assert_eq!(super::zeroed(3, "x").unwrap(), [0.0; 3]);
+    }
+
     /// The buffer is zeroed and writable end to end, whatever backs it.
     #[test]
     fn weight_buffer_is_zeroed() {
         for len in [0, 1, 1000, (3 << 20) + 17] {
-            let mut b = super::weight_buffer(len);
+            let mut b = super::weight_buffer(len).unwrap();
             assert_eq!(b.len(), len);
             assert!(b.iter().all(|&v| v == 0.0));
             b.iter_mut().for_each(|v| *v = 1.0);

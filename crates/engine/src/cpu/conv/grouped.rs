@@ -8,7 +8,7 @@
 //! threads.
 
 use super::{output, ConvShape, ConvSpec};
-use crate::cpu::data::with_cpu_f32;
+use crate::cpu::data::{with_cpu_f32, zeroed, SCRATCH_MAX_VALUES};
 use crate::cpu::epilogue::Epilogue;
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
@@ -75,9 +75,18 @@ impl GroupedConv {
             g.shape.channels * g.shape.in_plane(),
             g.shape.out_channels * g.shape.out_plane(),
         );
-        let mut out = vec![0f32; g.shape.out_len()];
+        let mut out = zeroed(g.shape.out_len(), "conv output")?;
         if image_out == 0 {
             return output(out, g.shape.out_dims());
+        }
+        // Each image's im2col columns, [C/g·kh·kw, OH·OW], are scratch.
+        match g.k.checked_mul(g.shape.out_plane()) {
+            Some(len) if self.is_pointwise() || len <= SCRATCH_MAX_VALUES => {}
+            _ => bail!(
+                "grouped conv: im2col of {} x {} values exceeds the {SCRATCH_MAX_VALUES} allowed",
+                g.k,
+                g.shape.out_plane()
+            ),
         }
         with_cpu_f32(
             "grouped conv",
@@ -87,10 +96,10 @@ impl GroupedConv {
                 let threads = rayon::current_num_threads();
                 let residual_of = |i: usize| residual_data.map(|r| &r[i * image_out..(i + 1) * image_out]);
                 if batch >= threads {
-                    out.par_chunks_mut(image_out).enumerate().for_each(|(i, out)| {
+                    out.par_chunks_mut(image_out).enumerate().try_for_each(|(i, out)| {
                         let input = &data[i * image_in..(i + 1) * image_in];
                         self.image(input, residual_of(i), out, &g, gemm::Parallelism::None)
-                    });
+                    })
                 } else {
                     for (i, out) in out.chunks_mut(image_out).enumerate() {
                         let parallelism = if threads > 1 {
@@ -104,10 +113,10 @@ impl GroupedConv {
                             out,
                             &g,
                             parallelism,
-                        );
+                        )?;
                     }
+                    Ok(())
                 }
-                Ok(())
             },
         )?;
         output(out, g.shape.out_dims())
@@ -121,12 +130,12 @@ impl GroupedConv {
         out: &mut [f32],
         g: &Geometry,
         parallelism: gemm::Parallelism,
-    ) {
+    ) -> candle_core::Result<()> {
         let (spatial, plane) = (g.shape.out_plane(), g.shape.in_plane());
         let mut columns = if self.is_pointwise() {
             Vec::new()
         } else {
-            vec![0f32; g.k * spatial]
+            zeroed(g.k * spatial, "grouped conv columns")?
         };
         for group in 0..self.spec.attrs.groups {
             let group_input = &input[group * g.group_channels * plane..][..g.group_channels * plane];
@@ -138,7 +147,13 @@ impl GroupedConv {
             };
             let lhs = &self.weight[group * g.group_outputs * g.k..][..g.group_outputs * g.k];
             let dst = &mut out[group * g.group_outputs * spatial..][..g.group_outputs * spatial];
-            debug_assert_eq!(rhs.len(), g.k * spatial);
+            // The lengths the SAFETY argument below rests on, re-checked here.
+            assert!(
+                rhs.len() == g.k * spatial
+                    && lhs.len() == g.group_outputs * g.k
+                    && dst.len() == g.group_outputs * spatial,
+                "grouped conv operands do not match their geometry"
+            );
             // SAFETY: dst is [group_outputs, spatial] row-major (row stride
             // `spatial`), lhs is [group_outputs, k] (row stride k), rhs is
             // [k, spatial] (row stride spatial); the three slices have exactly
@@ -172,6 +187,7 @@ impl GroupedConv {
             let residual = residual.map(|r| &r[channel * spatial..(channel + 1) * spatial]);
             self.epilogue.in_place(channel, row, residual);
         }
+        Ok(())
     }
 
     /// Writes the `[k, OH·OW]` column matrix of one group's `[C/g, H, W]` input.

@@ -11,7 +11,7 @@
 mod pooled;
 
 use super::{output, ConvShape, ConvSpec};
-use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::data::{output_buffer, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{lane_gemm, panel_gemm, Isa, LaneProduct, Layout, LANES, PANEL_GRANULE, PANEL_ROWS};
 use crate::cpu::parallel::for_ranges;
@@ -109,7 +109,7 @@ impl DirectConv {
             )
         }
         let padded_out = layout.padded_rows(out_channels);
-        let mut packed = weight_buffer(padded_out * depth);
+        let mut packed = weight_buffer(padded_out * depth)?;
         layout.pack(&plain, out_channels, depth, &mut packed);
         Ok(Self {
             spec,
@@ -174,7 +174,7 @@ impl DirectConv {
             // An empty batch: nothing to compute (and no block size to pick).
             return output(Vec::new(), final_dims);
         }
-        let mut out = Vec::<f32>::with_capacity(out_len);
+        let mut out = output_buffer(out_len, "conv output")?;
         // Disjoint writes: blocks (row chunks when pooled) cover disjoint
         // output pixels, and one task writes every channel of its pixels once.
         let dst = SharedOut::new(&mut out, out_len);
@@ -189,8 +189,7 @@ impl DirectConv {
                 split: false,
             };
             if let Some(pool) = &self.pool {
-                run.pooled(pool, [final_dims[2], final_dims[3]]);
-                return Ok(());
+                return run.pooled(pool, [final_dims[2], final_dims[3]]);
             }
             let total = shape.batch * shape.out_plane();
             let cols = self.block_cols(total);
@@ -198,11 +197,10 @@ impl DirectConv {
             run.split = blocks < 2 * threads && threads > 1;
             let run_block = |b: usize| run.block(b * cols, cols);
             if run.split {
-                (0..blocks).for_each(run_block);
+                (0..blocks).try_for_each(run_block)
             } else {
-                (0..blocks).into_par_iter().for_each(run_block);
+                (0..blocks).into_par_iter().try_for_each(run_block)
             }
-            Ok(())
         })?;
         // SAFETY: the blocks cover all N·OH·OW output pixels (`pooled`: all
         // pooled pixels) and each writes every channel of its pixels, so all
@@ -249,7 +247,7 @@ impl Run<'_> {
     }
 
     /// im2col, product and epilogue for pixels `first..first + cols` (clipped).
-    fn block(&self, first: usize, cols: usize) {
+    fn block(&self, first: usize, cols: usize) -> candle_core::Result<()> {
         let total = self.shape.batch * self.shape.out_plane();
         let block = self.block_of(first, cols.min(total - first));
         let out_channels = self.shape.out_channels;
@@ -260,7 +258,7 @@ impl Run<'_> {
             let m = &*m;
             // Split: channels in parallel, each writing its own output rows.
             for_ranges(out_channels, self.split, |channels| self.epilogue(m, &block, channels));
-        });
+        })
     }
 
     /// The epilogue for output channels `channels` of a block (products

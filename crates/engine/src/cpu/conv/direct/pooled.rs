@@ -15,7 +15,7 @@ use wick_ir::MaxPool2dAttrs;
 
 impl Run<'_> {
     /// Writes the pooled output `[N, O, pooled[0], pooled[1]]`.
-    pub(super) fn pooled(&mut self, pool: &MaxPool2dAttrs, pooled: [usize; 2]) {
+    pub(super) fn pooled(&mut self, pool: &MaxPool2dAttrs, pooled: [usize; 2]) -> candle_core::Result<()> {
         let (pool_rows, [sh, kh]) = (pooled[0], [pool.stride[0], pool.kernel[0]]);
         // Pooled rows per task: the convolution rows they need fit the block budget.
         let per_conv_row = self.shape.out_width * (self.conv.depth() + self.conv.padded_out) * 4;
@@ -31,17 +31,23 @@ impl Run<'_> {
         let this = &*self;
         let task = |t: usize| {
             let (image, first) = (t / chunks, t % chunks * rows);
-            this.pooled_task(image, first..(first + rows).min(pool_rows), pool, pooled);
+            this.pooled_task(image, first..(first + rows).min(pool_rows), pool, pooled)
         };
         if self.split {
-            (0..tasks).for_each(task);
+            (0..tasks).try_for_each(task)
         } else {
-            (0..tasks).into_par_iter().for_each(task);
+            (0..tasks).into_par_iter().try_for_each(task)
         }
     }
 
     /// Pooled rows `rows` of image `image`, every channel.
-    fn pooled_task(&self, image: usize, rows: Range<usize>, pool: &MaxPool2dAttrs, pooled: [usize; 2]) {
+    fn pooled_task(
+        &self,
+        image: usize,
+        rows: Range<usize>,
+        pool: &MaxPool2dAttrs,
+        pooled: [usize; 2],
+    ) -> candle_core::Result<()> {
         let ([kh, kw], [sh, sw], [ph, pw]) = (pool.kernel, pool.stride, pool.padding);
         let (oh, ow, out_channels) = (self.shape.out_height, self.shape.out_width, self.shape.out_channels);
         let conv = self.conv;
@@ -84,7 +90,7 @@ impl Run<'_> {
                     unsafe { self.dst.slice(base, pooled[1]) }.copy_from_slice(pooled_row);
                 }
             }
-        });
+        })
     }
 }
 

@@ -12,7 +12,7 @@
 
 use super::{Packed, Tiles, SKEW};
 use crate::cpu::conv::{output, ConvSpec};
-use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::data::{output_buffer, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::{self, Epilogue};
 use crate::cpu::gemm::{lane_gemm, LaneProduct, Layout, LANES};
 use crate::cpu::parallel::for_ranges;
@@ -69,7 +69,7 @@ impl WinogradF2 {
         }
         // Every tile's 4×4 patch, padding included, lies in here.
         let (padded_height, padded_width) = (M * shape.out_height.div_ceil(M) + 2, M * tiles.across + 2);
-        let mut out = Vec::<f32>::with_capacity(out_len);
+        let mut out = output_buffer(out_len, "conv output")?;
         // Disjoint writes: each output element belongs to one (tile,
         // channel) pair, written by one task of one block.
         let dst = SharedOut::new(&mut out, out_len);
@@ -108,8 +108,7 @@ impl WinogradF2 {
                 for first in (0..tiles.total).step_by(block) {
                     run.block(first..tiles.total.min(first + block), v, m);
                 }
-            });
-            Ok(())
+            })
         })?;
         // SAFETY: the blocks cover every tile of every image, and each tile
         // writes all its in-bounds output pixels for every channel.

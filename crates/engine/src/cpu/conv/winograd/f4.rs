@@ -17,7 +17,7 @@
 use super::f4_transform::{weight_transform, InputChannel, OutputChannel};
 use super::{Packed, Tiles, SKEW};
 use crate::cpu::conv::{output, ConvSpec};
-use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::data::{output_buffer, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{panel_gemm, Isa, Layout, PANEL_GRANULE, PANEL_TILES};
 use crate::cpu::parallel::for_ranges;
@@ -102,7 +102,7 @@ impl WinogradF4 {
         if out_len == 0 {
             return output(Vec::new(), call.shape.out_dims());
         }
-        let mut out = Vec::<f32>::with_capacity(out_len);
+        let mut out = output_buffer(out_len, "conv output")?;
         // Disjoint writes: each output element belongs to exactly one
         // (tile, channel) pair, and each pair is written by one task.
         let dst = SharedOut::new(&mut out, out_len);
@@ -120,13 +120,10 @@ impl WinogradF4 {
             if blocks >= 2 * threads {
                 (0..blocks)
                     .into_par_iter()
-                    .for_each(|b| run.block(b * block, block, false));
+                    .try_for_each(|b| run.block(b * block, block, false))
             } else {
-                for b in 0..blocks {
-                    run.block(b * block, block, threads > 1);
-                }
+                (0..blocks).try_for_each(|b| run.block(b * block, block, threads > 1))
             }
-            Ok(())
         })?;
         // SAFETY: the blocks cover every tile of every image, and each tile
         // writes all its in-bounds output pixels for every channel, so all
@@ -139,7 +136,7 @@ impl WinogradF4 {
 impl Run<'_> {
     /// Transforms, multiplies and writes back tiles `first..first + block`
     /// (clipped to the batch); `split` divides each phase across threads.
-    fn block(&self, first: usize, block: usize, split: bool) {
+    fn block(&self, first: usize, block: usize, split: bool) -> Result<()> {
         let conv = self.conv;
         let s = &self.tiles.shape;
         let tiles = block.min(self.tiles.total - first);
@@ -203,7 +200,7 @@ impl Run<'_> {
                 }
             };
             for_ranges(s.out_channels, split, transform_outputs);
-        });
+        })
     }
 
     /// Where tile `t` (numbered over the batch) reads and writes.

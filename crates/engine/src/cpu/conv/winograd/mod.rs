@@ -104,7 +104,7 @@ impl Packed {
             }
         }
         let padded_out = layout.padded_rows(rows);
-        let mut u = weight_buffer(N * padded_out * depth);
+        let mut u = weight_buffer(N * padded_out * depth)?;
         for (plain, packed) in plain
             .chunks_exact(rows * depth)
             .zip(u.chunks_exact_mut(padded_out * depth))
