@@ -3,6 +3,7 @@
 
 pub mod conv_case;
 pub mod harness;
+pub mod hostile;
 
 use candle_core::{DType, Device, Tensor};
 use wick_models::{Model, ModelName, WeightSource};

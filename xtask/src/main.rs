@@ -66,7 +66,11 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // One line, whatever the error (a verifier's list included), so
+            // scripts and logs get the whole problem on the line they grep.
+            let message = format!("{err:#}");
+            let lines: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+            eprintln!("error: {}", lines.join(" "));
             std::process::ExitCode::FAILURE
         }
     }

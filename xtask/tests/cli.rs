@@ -430,3 +430,60 @@ fn peak_lists_every_available_path() {
     assert_contains(&out.stdout, &names);
     assert_contains(&out.stdout, &["GFLOP/s", "caches L1d"]);
 }
+
+/// Every committed hostile graph, run from the command line as a file of IR
+/// text, exits with status 1 and one line naming the problem: never 101
+/// (panic), 134 (abort) or 139 (segfault).
+#[test]
+fn hostile_graphs_exit_1_with_one_line() {
+    for case in wick_tests::hostile::hostile_cases() {
+        let out = xtask(&["run", case.path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {stderr}", case.path.display());
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "{}: {stderr}",
+            case.path.display()
+        );
+        assert!(
+            stderr.contains(&case.expect),
+            "{}: expected `{}` in {stderr}",
+            case.path.display(),
+            case.expect
+        );
+    }
+}
+
+/// `run DIR` runs what `export` wrote; `run FILE.wick` runs IR text with
+/// seeded constants or with `--weights`, and misuse is a one-line error.
+#[test]
+fn run_takes_saved_directories_and_ir_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("toy");
+    xtask_ok(&["export", "toy", "--out", saved.to_str().unwrap()]);
+    let out = xtask_ok(&["run", saved.to_str().unwrap()]);
+    assert_contains(&out.stdout, &["graph toy: input [[5, 1, 1, 1]] -> output [5, 1, 1, 1]"]);
+    let text = saved.join("graph.wick");
+    let out = xtask_ok(&["run", text.to_str().unwrap(), "--batch", "3"]);
+    assert_contains(&out.stdout, &["input [[3, 1, 1, 1]] -> output [3, 1, 1, 1]"]);
+    let weights = saved.join("weights.safetensors");
+    let from_text = dir.path().join("text.safetensors");
+    let from_dir = dir.path().join("dir.safetensors");
+    xtask_ok(&[
+        "run",
+        text.to_str().unwrap(),
+        "--weights",
+        weights.to_str().unwrap(),
+        "--output",
+        from_text.to_str().unwrap(),
+    ]);
+    xtask_ok(&["run", saved.to_str().unwrap(), "--output", from_dir.to_str().unwrap()]);
+    let load = |p: &Path| candle_core::safetensors::load(p, &Device::Cpu).unwrap()["output"].clone();
+    assert_eq!(max_abs_diff(&load(&from_text), &load(&from_dir)), 0.0);
+    assert_fails(
+        &["run", saved.to_str().unwrap(), "--weights", weights.to_str().unwrap()],
+        "carries its weights",
+    );
+    assert_fails(&["run", "no/such/graph.wick"], "cannot read `no/such/graph.wick`");
+}

@@ -167,6 +167,13 @@ impl Op {
                 inputs.len()
             ));
         }
+        for (i, input) in inputs.iter().enumerate() {
+            if input.shape.contains(&0) {
+                return Err(format!(
+                    "input {i} {input} has a zero-sized dimension; empty tensors are not supported"
+                ));
+            }
+        }
         if let Some(first) = inputs.first() {
             for (i, other) in inputs.iter().enumerate().skip(1) {
                 if other.dtype != first.dtype {
