@@ -140,3 +140,58 @@ fn serves_valid_and_rejects_malformed_requests() {
     }
     assert!(exit.expect("server did not stop within 10 s").success());
 }
+
+/// A one-colour PNG: compresses to a few KB at any size, as bombs do.
+fn uniform_png(width: u32, height: u32) -> Vec<u8> {
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    use image::ImageEncoder;
+    let pixels = [200u8, 100, 50].repeat(width as usize * height as usize);
+    let mut bytes = Vec::new();
+    PngEncoder::new_with_quality(&mut bytes, CompressionType::Best, FilterType::NoFilter)
+        .write_image(&pixels, width, height, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    bytes
+}
+
+/// A PNG whose header declares `width` x `height` over the pixel data of a
+/// 1 x 1 image (header CRC recomputed): a decompression bomb's header.
+fn declared_png(width: u32, height: u32) -> Vec<u8> {
+    let mut bytes = png(1, 1);
+    bytes[16..20].copy_from_slice(&width.to_be_bytes());
+    bytes[20..24].copy_from_slice(&height.to_be_bytes());
+    let mut crc = !0u32;
+    for &byte in &bytes[12..29] {
+        crc ^= byte as u32;
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xEDB8_8320 & (!(crc & 1)).wrapping_add(1));
+        }
+    }
+    bytes[29..33].copy_from_slice(&(!crc).to_be_bytes());
+    bytes
+}
+
+/// Image bombs: a tall, a wide and a huge-area image each get 413 with a
+/// JSON error, and the server still answers `/healthz` and predicts.
+#[test]
+fn image_bombs_get_413_and_the_server_stays_up() {
+    let server = Server::start();
+    let addr = server.addr.clone();
+    let path = "/v1/models/resnet18:predict";
+    for (what, body) in [
+        ("tall", uniform_png(1, 1_000_000)),
+        ("wide", uniform_png(1_000_000, 1)),
+        ("huge area", declared_png(100_000, 100_000)),
+    ] {
+        assert!(body.len() < 100_000, "{what}: {} bytes", body.len());
+        let (status, json) = request(&addr, "POST", path, "image/png", &body);
+        assert_eq!(status, 413, "{what}: {json}");
+        assert!(
+            json["error"].as_str().is_some_and(|e| e.contains("image")),
+            "{what}: {json}"
+        );
+        let (status, json) = request(&addr, "GET", "/healthz", "text/plain", b"");
+        assert_eq!((status, json["status"].as_str()), (200, Some("ok")), "after {what}");
+    }
+    let (status, json) = request(&addr, "POST", path, "image/png", &png(64, 48));
+    assert_eq!(status, 200, "{json}");
+}
