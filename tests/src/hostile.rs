@@ -42,12 +42,16 @@ pub fn guarded(f: impl FnOnce() -> Result<Vec<Tensor>, String>) -> Ending {
 /// Parses, verifies (against `limits`), fills constants with seeded data,
 /// runs the default passes, compiles and runs IR text on the CPU.
 pub fn run_ir_text(text: &str, limits: &Limits) -> Ending {
-    guarded(|| {
-        let mut graph = Graph::parse(text).map_err(|e| e.to_string())?;
-        graph.verify_with(limits).map_err(|e| e.to_string())?;
-        fill_missing_constants(&mut graph, 0).map_err(|e| e.to_string())?;
-        run_graph(graph, limits)
-    })
+    guarded(|| ir_text_pipeline(text, limits))
+}
+
+/// [`run_ir_text`] without the panic guard (for fuzz targets, where a
+/// panic must reach the fuzzer).
+pub fn ir_text_pipeline(text: &str, limits: &Limits) -> Result<Vec<Tensor>, String> {
+    let mut graph = Graph::parse(text).map_err(|e| e.to_string())?;
+    graph.verify_with(limits).map_err(|e| e.to_string())?;
+    fill_missing_constants(&mut graph, 0).map_err(|e| e.to_string())?;
+    run_graph(graph, limits)
 }
 
 /// Loads a saved directory (against `limits`), runs the default passes,
@@ -57,6 +61,36 @@ pub fn run_saved(dir: &Path, limits: &Limits) -> Ending {
         let graph = saved::load_with(dir, limits).map_err(|e| e.to_string())?;
         run_graph(graph, limits)
     })
+}
+
+/// A saved model from one byte string (a fuzz input): the first 4 bytes
+/// (little-endian, modulo what follows) say how many of the rest are
+/// `graph.wick`; the remainder is `weights.safetensors`.
+pub fn split_saved(data: &[u8]) -> (&[u8], &[u8]) {
+    let (head, rest) = data.split_at(data.len().min(4));
+    let mut len = [0u8; 4];
+    len[..head.len()].copy_from_slice(head);
+    let cut = (u32::from_le_bytes(len) as usize) % (rest.len() + 1);
+    rest.split_at(cut)
+}
+
+/// [`saved::from_bytes`] on [`split_saved`]'s two parts, then the passes,
+/// compile and run: what `wick-serve --saved` does with a directory.
+pub fn saved_bytes_pipeline(data: &[u8], limits: &Limits) -> Result<Vec<Tensor>, String> {
+    let (text, weights) = split_saved(data);
+    let graph = saved::from_bytes(text, weights, limits).map_err(|e| e.to_string())?;
+    run_graph(graph, limits)
+}
+
+/// Safetensors bytes as toy-sequential's weights (the loader checks names,
+/// shapes and dtypes), then the model traced, optimised, compiled and run.
+pub fn weights_pipeline(bytes: &[u8]) -> Result<Vec<Tensor>, String> {
+    use wick_models::{Model, ModelName, WeightSource};
+    let name = ModelName::ToySequential;
+    let model =
+        Model::load(name, WeightSource::Safetensors(bytes.to_vec()), &Device::Cpu).map_err(|e| e.to_string())?;
+    let graph = model.trace(&name.input_shape(Some(1))).map_err(|e| e.to_string())?;
+    run_graph(graph, &Limits::default())
 }
 
 fn run_graph(mut graph: Graph, limits: &Limits) -> Result<Vec<Tensor>, String> {

@@ -132,28 +132,59 @@ pub fn load_with(dir: &Path, limits: &Limits) -> Result<Graph, SavedError> {
     let graph_path = dir.join(GRAPH_FILE);
     let size = std::fs::metadata(&graph_path).map_err(io(&graph_path))?.len();
     if size > MAX_GRAPH_TEXT_BYTES {
-        return Err(SavedError::Version {
-            path: graph_path,
-            found: format!("a file of {size} bytes, more than the {MAX_GRAPH_TEXT_BYTES} a graph may have"),
-        });
+        return Err(too_long(&graph_path, size));
     }
-    let bytes = std::fs::read(&graph_path).map_err(io(&graph_path))?;
-    let text = String::from_utf8_lossy(&bytes);
+    let text = std::fs::read(&graph_path).map_err(io(&graph_path))?;
+    let mut graph = parse_saved(&text, &graph_path, limits)?;
+    attach_weights(&mut graph, &dir.join(WEIGHTS_FILE))?;
+    graph.verify_with(limits).map_err(|source| SavedError::Graph {
+        path: graph_path,
+        source,
+    })?;
+    Ok(graph)
+}
+
+/// [`load_with`] on the two files' bytes already in memory (`graph.wick`,
+/// then `weights.safetensors`): the same checks, in the same order.
+pub fn from_bytes(graph_text: &[u8], weights: &[u8], limits: &Limits) -> Result<Graph, SavedError> {
+    let (graph_path, weights_path) = (Path::new(GRAPH_FILE), Path::new(WEIGHTS_FILE));
+    if graph_text.len() as u64 > MAX_GRAPH_TEXT_BYTES {
+        return Err(too_long(graph_path, graph_text.len() as u64));
+    }
+    let mut graph = parse_saved(graph_text, graph_path, limits)?;
+    check_weights_size(&graph, weights.len() as u64, weights_path)?;
+    attach_weight_bytes(&mut graph, weights, weights_path)?;
+    graph.verify_with(limits).map_err(|source| SavedError::Graph {
+        path: graph_path.to_path_buf(),
+        source,
+    })?;
+    Ok(graph)
+}
+
+fn too_long(path: &Path, size: u64) -> SavedError {
+    SavedError::Version {
+        path: path.to_path_buf(),
+        found: format!("a file of {size} bytes, more than the {MAX_GRAPH_TEXT_BYTES} a graph may have"),
+    }
+}
+
+/// The header check, parse and first verification (facts within `limits`
+/// before any weight is read) of a saved graph's text.
+fn parse_saved(bytes: &[u8], path: &Path, limits: &Limits) -> Result<Graph, SavedError> {
+    let text = String::from_utf8_lossy(bytes);
     let first = text.lines().next().unwrap_or_default();
     if first != format!("{HEADER}{FORMAT_VERSION}") {
         let first: String = first.chars().take(80).collect();
         return Err(SavedError::Version {
-            path: graph_path,
+            path: path.to_path_buf(),
             found: format!("first line `{first}`"),
         });
     }
     let bad_graph = |source| SavedError::Graph {
-        path: graph_path.clone(),
+        path: path.to_path_buf(),
         source,
     };
-    let mut graph = Graph::parse(&text).map_err(bad_graph)?;
-    graph.verify_with(limits).map_err(bad_graph)?;
-    attach_weights(&mut graph, &dir.join(WEIGHTS_FILE))?;
+    let graph = Graph::parse(&text).map_err(bad_graph)?;
     graph.verify_with(limits).map_err(bad_graph)?;
     Ok(graph)
 }
@@ -165,30 +196,46 @@ pub fn load_with(dir: &Path, limits: &Limits) -> Result<Graph, SavedError> {
 /// tensor the graph does not use. Verify the graph first: the declared
 /// facts bound what is read.
 pub fn attach_weights(graph: &mut Graph, path: &Path) -> Result<(), SavedError> {
-    let constants: Vec<(String, wick_ir::TensorFact)> = graph
+    check_weights_size(graph, std::fs::metadata(path).map_err(io(path))?.len(), path)?;
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    attach_weight_bytes(graph, &bytes, path)
+}
+
+fn constants(graph: &Graph) -> Vec<(String, wick_ir::TensorFact)> {
+    graph
         .nodes()
         .iter()
         .filter(|n| n.op == Op::Constant)
         .map(|n| (n.name.clone(), n.fact.clone()))
-        .collect();
-    let corrupt = |message: String| SavedError::Weights {
-        path: path.to_path_buf(),
-        message,
-    };
-    let declared = constants
+        .collect()
+}
+
+/// Refuses a weights file of `size` bytes larger than the graph's constants
+/// and a safetensors header can take, before it is read.
+fn check_weights_size(graph: &Graph, size: u64, path: &Path) -> Result<(), SavedError> {
+    let declared = constants(graph)
         .iter()
         .try_fold(8 + MAX_SAFETENSORS_HEADER, |total, (_, fact)| {
             total.checked_add(fact.checked_size_in_bytes()? as u64)
         })
         .unwrap_or(u64::MAX);
-    let size = std::fs::metadata(path).map_err(io(path))?.len();
     if size > declared {
-        return Err(corrupt(format!(
-            "{size} bytes, more than the graph's constants and a header can take ({declared})"
-        )));
+        return Err(SavedError::Weights {
+            path: path.to_path_buf(),
+            message: format!("{size} bytes, more than the graph's constants and a header can take ({declared})"),
+        });
     }
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    Ok(())
+}
+
+/// [`attach_weights`] on the file's bytes (`path` names them in errors).
+fn attach_weight_bytes(graph: &mut Graph, bytes: &[u8], path: &Path) -> Result<(), SavedError> {
+    let constants = constants(graph);
+    let corrupt = |message: String| SavedError::Weights {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| corrupt(e.to_string()))?;
     for (name, fact) in &constants {
         let view = file.tensor(name).map_err(|_| SavedError::MissingWeight {
             name: name.clone(),

@@ -111,11 +111,18 @@ impl Weights {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::from_bytes(&bytes, path, device)
+    }
+
+    /// Reads a safetensors file's bytes already in memory (a request body,
+    /// say); `path` names them in errors. Every tensor is bounded by the
+    /// bytes given: the reader checks each one's offsets against them.
+    pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Self, ModelError> {
         let corrupt = |message: String| ModelError::Safetensors {
             path: path.to_path_buf(),
             message,
         };
-        let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| corrupt(e.to_string()))?;
         let mut tensors = HashMap::new();
         for (name, view) in file.tensors() {
             let tensor = view

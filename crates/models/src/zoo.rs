@@ -80,6 +80,8 @@ pub enum WeightSource {
     File(PathBuf),
     /// Tensors already in memory, keyed by parameter name.
     Tensors(HashMap<String, Tensor>),
+    /// A safetensors file's bytes already in memory (a request body, say).
+    Safetensors(Vec<u8>),
 }
 
 /// A loaded model of any kind.
@@ -102,6 +104,9 @@ impl Model {
                 device: device.clone(),
             }),
             WeightSource::File(path) => Box::new(Weights::from_file(&path, device)?),
+            WeightSource::Safetensors(bytes) => {
+                Box::new(Weights::from_bytes(&bytes, std::path::Path::new("<bytes>"), device)?)
+            }
             WeightSource::Tensors(tensors) => Box::new(Weights::from_tensors(tensors, "the given tensors", device)),
         };
         let model = Self::build(name, params.as_mut()).map_err(|e| match e {

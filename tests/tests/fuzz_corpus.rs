@@ -1,0 +1,61 @@
+//! Replays the committed fuzz corpora (`fuzz/corpus/<target>/`, the inputs
+//! cargo-fuzz found interesting, minimised) and every crash the fuzzers
+//! found (`fuzz/regressions/<target>/`, each fixed) through the same
+//! pipelines the fuzz targets run, on stable: none may panic. The image
+//! target's corpus is replayed by wick-serve's tests.
+
+use std::path::{Path, PathBuf};
+use wick_ir::Limits;
+use wick_tests::hostile::{guarded, ir_text_pipeline, saved_bytes_pipeline, weights_pipeline, Ending};
+
+/// Every file of `fuzz/{corpus,regressions}/<target>/`, in name order.
+fn inputs(target: &str) -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let mut files: Vec<PathBuf> = ["corpus", "regressions"]
+        .iter()
+        .filter_map(|kind| std::fs::read_dir(root.join(kind).join(target)).ok())
+        .flatten()
+        .map(|entry| entry.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
+}
+
+/// Runs `pipeline` on every input of `target`; panics name the file.
+fn replay(target: &str, pipeline: impl Fn(&[u8]) -> Ending) -> usize {
+    let files = inputs(target);
+    assert!(!files.is_empty(), "no committed corpus for `{target}`");
+    for path in &files {
+        let data = std::fs::read(path).unwrap();
+        if let Ending::Panic(message) = pipeline(&data) {
+            panic!("{}: panicked: {message}", path.display());
+        }
+    }
+    files.len()
+}
+
+/// The fuzz targets' limit: small tensors, quick runs.
+fn limits() -> Limits {
+    Limits::default().with_max_elements(1 << 12)
+}
+
+#[test]
+fn ir_pipeline_corpus_replays_without_panics() {
+    replay("ir_pipeline", |data| {
+        guarded(|| match std::str::from_utf8(data) {
+            Ok(text) => ir_text_pipeline(text, &limits()),
+            Err(_) => Ok(Vec::new()),
+        })
+    });
+}
+
+#[test]
+fn saved_load_corpus_replays_without_panics() {
+    replay("saved_load", |data| guarded(|| saved_bytes_pipeline(data, &limits())));
+}
+
+#[test]
+fn weights_corpus_replays_without_panics() {
+    replay("weights", |data| guarded(|| weights_pipeline(data)));
+}
