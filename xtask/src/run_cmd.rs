@@ -33,6 +33,22 @@ pub struct RunArgs {
 /// The tensors of safetensors file `path`, which must hold exactly those
 /// named in `names` (for a single input, `input` is accepted too).
 fn read_inputs(path: &Path, names: &[String], device: &candle_core::Device) -> Result<Vec<Tensor>> {
+    // Inputs are tensors within the element limit: refuse a file that
+    // cannot be one (a sparse 100 GB file, say) before reading it.
+    let limits = Limits::from_env().map_err(anyhow::Error::msg)?;
+    let most = (limits.max_elements() as u64)
+        .saturating_mul(8 * names.len() as u64)
+        .saturating_add(100_000_008);
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("cannot read input file `{}`", path.display()))?
+        .len();
+    if size > most {
+        bail!(
+            "input file `{}` has {size} bytes, more than {} tensor(s) within the element limit can take",
+            path.display(),
+            names.len()
+        );
+    }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read input file `{}`", path.display()))?;
     let file = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow::anyhow!("input file `{}` is not a valid safetensors file: {e}", path.display()))?;

@@ -487,3 +487,17 @@ fn run_takes_saved_directories_and_ir_text() {
     );
     assert_fails(&["run", "no/such/graph.wick"], "cannot read `no/such/graph.wick`");
 }
+
+/// Files larger than anything they could hold (sparse files: no disk or
+/// memory used) are refused by size before they are read.
+#[test]
+fn oversized_files_are_refused_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let sparse = dir.path().join("sparse.safetensors");
+    std::fs::File::create(&sparse).unwrap().set_len(16 << 30).unwrap();
+    let sparse = sparse.to_str().unwrap();
+    assert_fails(&["run", "toy", "--weights", sparse], "a weights file may have");
+    assert_fails(&["run", "toy", "--input", sparse], "within the element limit can take");
+    let out = xtask(&["run", "toy", "--weights", sparse]);
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -23,7 +23,7 @@ mod zoo;
 pub use error::ModelError;
 pub use frontend::{Eager, Frontend, Module};
 pub use layers::{BatchNorm, Conv2d, Linear, MaxPool2d, Relu, Sequential, SequentialLayer};
-pub use params::{ParamKind, ParamSource, RandomParams, Weights};
+pub use params::{ParamKind, ParamSource, RandomParams, Weights, MAX_WEIGHTS_FILE_BYTES};
 pub use resnet::{BasicBlock, ResNet};
 pub use toy::{Toy, WrappedBatchNorm};
 pub use trace::{trace, Tracer};

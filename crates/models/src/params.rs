@@ -103,14 +103,27 @@ pub struct Weights {
     device: Device,
 }
 
+/// The largest weights file [`Weights::from_file`] reads: 4 GiB, a billion
+/// f32 parameters (ResNet50 has 25 million). A larger file (a sparse one,
+/// say) is refused before it is read rather than read into memory.
+pub const MAX_WEIGHTS_FILE_BYTES: u64 = 4 << 30;
+
 impl Weights {
     /// Reads a safetensors file. A truncated or corrupt file is a
     /// [`ModelError::Safetensors`] naming it.
     pub fn from_file(path: &Path, device: &Device) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        let io = |source| ModelError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let size = std::fs::metadata(path).map_err(io)?.len();
+        if size > MAX_WEIGHTS_FILE_BYTES {
+            return Err(ModelError::Safetensors {
+                path: path.to_path_buf(),
+                message: format!("{size} bytes, more than the {MAX_WEIGHTS_FILE_BYTES} a weights file may have"),
+            });
+        }
+        let bytes = std::fs::read(path).map_err(io)?;
         Self::from_bytes(&bytes, path, device)
     }
 
