@@ -41,8 +41,12 @@ struct Args {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
     let args = Args::parse();
+    // Size limits on every graph and request tensor (WICK_MAX_ELEMENTS).
+    let limits = wick_ir::Limits::from_env().map_err(anyhow::Error::msg)?;
     let graph = match &args.saved {
-        Some(dir) => wick_engine::saved::load(dir).with_context(|| format!("loading `{}`", dir.display()))?,
+        Some(dir) => {
+            wick_engine::saved::load_with(dir, &limits).with_context(|| format!("loading `{}`", dir.display()))?
+        }
         None => {
             let source = match &args.weights {
                 Some(path) => WeightSource::File(path.clone()),
@@ -55,7 +59,7 @@ async fn main() -> Result<()> {
         }
     };
     let state = Arc::new(AppState {
-        model: BatchedModel::new(Engine::cpu(), graph, args.cache)?,
+        model: BatchedModel::new(Engine::cpu().with_limits(limits), graph, args.cache)?,
         name: "resnet18".into(),
     });
     let listener = tokio::net::TcpListener::bind(&args.addr)
