@@ -86,7 +86,7 @@ impl Kernel {
                         };
                         let params = BatchNormParams::new(running_mean, running_var, affine, attrs.eps);
                         let (scale, shift) =
-                            batch_norm_affine(&params, node.fact.dtype, node.fact.rank()).at(&node.name)?;
+                            batch_norm_affine(&params, node.fact.dtype, node.fact.rank(), device).at(&node.name)?;
                         candle(CandleOp::BatchNormFolded { scale, shift, x })
                     }
                     _ => candle(CandleOp::BatchNorm {

@@ -6,7 +6,7 @@
 pub(crate) mod epilogue;
 
 use crate::kernel::Slot;
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
 use wick_passes::BatchNormParams;
 
@@ -154,7 +154,7 @@ impl CandleOp {
                     .transpose()?;
                 let affine = affine.as_ref().map(|(w, b)| (w, b));
                 let params = BatchNormParams::new(&running_mean, &running_var, affine, *eps);
-                let (scale, shift) = batch_norm_affine(&params, x.dtype(), x.rank())?;
+                let (scale, shift) = batch_norm_affine(&params, x.dtype(), x.rank(), x.device())?;
                 x.broadcast_mul(&scale)?.broadcast_add(&shift)
             }
             CandleOp::Relu { x } => value(*x)?.relu(),
@@ -173,12 +173,15 @@ pub(crate) fn batch_norm_affine(
     params: &BatchNormParams<'_>,
     dtype: DType,
     rank: usize,
+    device: &Device,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let (scale, shift) = params.scale_shift()?;
     let shape = channel_shape(scale.dim(0)?, rank);
+    // On the step's device: the statistics are the graph's constants,
+    // wherever they were built (a CPU-built graph compiled for a GPU).
     Ok((
-        scale.to_dtype(dtype)?.reshape(shape.clone())?,
-        shift.to_dtype(dtype)?.reshape(shape)?,
+        scale.to_dtype(dtype)?.reshape(shape.clone())?.to_device(device)?,
+        shift.to_dtype(dtype)?.reshape(shape)?.to_device(device)?,
     ))
 }
 
