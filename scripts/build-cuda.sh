@@ -52,6 +52,11 @@ cp -L "$CU/lib/libcudart.so.13" "$BUNDLE/"
 strip --strip-debug -o "$BUNDLE/xtask-cuda" "$CARGO_TARGET_DIR/release/xtask"
 strip --strip-debug -o "$BUNDLE/devices-cuda" "$TEST_BIN"
 xz -T0 -6 -f "$BUNDLE/xtask-cuda" "$BUNDLE/devices-cuda"
+# The commit the bundle was built from (+dirty when the tree had changes):
+# gpu-check.sh reports this, not the GPU machine's copy of .git.
+COMMIT=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
+git -C "$ROOT" diff --quiet HEAD -- crates xtask tests examples 2>/dev/null || COMMIT="$COMMIT+dirty"
+echo "$COMMIT" > "$BUNDLE/COMMIT"
 echo "built $BUNDLE (CUDA, sm_${CUDA_COMPUTE_CAP}):"
 ls -l "$BUNDLE"
 echo "on a GPU machine: scripts/gpu-check.sh $BUNDLE   (needs python3 and the driver; see the script)"

@@ -76,7 +76,7 @@ else
   echo "(python3 has no CUDA torch + torchvision: no reference row)"
 fi
 
-COMMIT=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
+COMMIT=$(cat "$BUNDLE/COMMIT" 2>/dev/null || echo unknown)
 python3 - "$OUT" "$COMMIT" "$TESTS_RC" "$BENCH_RC" <<'PY'
 import datetime, json, os, re, sys
 out, commit, tests_rc, bench_rc = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
