@@ -17,14 +17,25 @@ impl Graph {
                     let Ok(out) = Op::Conv2d(attrs).infer(&operands) else {
                         return 0;
                     };
-                    let kernel = &operands[1].shape;
-                    let macs_per_output = kernel[1] * kernel[2] * kernel[3];
-                    2 * (out.elem_count() * macs_per_output) as u64
+                    // Saturating: an unverified graph may state any sizes.
+                    let macs_per_output = operands[1].shape[1..]
+                        .iter()
+                        .fold(1u64, |n, &d| n.saturating_mul(d as u64));
+                    (out.elem_count() as u64)
+                        .saturating_mul(macs_per_output)
+                        .saturating_mul(2)
                 }
                 Op::Linear => {
-                    let weight = &self.node(node.inputs[1]).fact.shape;
-                    let rows = node.fact.elem_count() / weight[0].max(1);
-                    2 * (rows * weight[0] * weight[1]) as u64
+                    let Some(weight) = node.inputs.get(1).map(|&w| &self.node(w).fact.shape) else {
+                        return 0;
+                    };
+                    let (&[outputs, features], Some(&last)) = (weight.as_slice(), node.fact.shape.last()) else {
+                        return 0;
+                    };
+                    let rows = (node.fact.elem_count() / last.max(1)) as u64;
+                    rows.saturating_mul(outputs as u64)
+                        .saturating_mul(features as u64)
+                        .saturating_mul(2)
                 }
                 Op::Input
                 | Op::Constant
@@ -35,6 +46,6 @@ impl Graph {
                 | Op::GlobalAvgPool2d
                 | Op::Flatten(_) => 0,
             })
-            .sum()
+            .fold(0u64, u64::saturating_add)
     }
 }
