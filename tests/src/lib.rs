@@ -2,6 +2,7 @@
 //! tolerances relative to output scale, and model loading shortcuts.
 
 pub mod conv_case;
+pub mod fuzz_graph;
 pub mod harness;
 pub mod hostile;
 

@@ -59,3 +59,17 @@ fn saved_load_corpus_replays_without_panics() {
 fn weights_corpus_replays_without_panics() {
     replay("weights", |data| guarded(|| weights_pipeline(data)));
 }
+
+#[test]
+fn graph_diff_corpus_agrees_with_the_reference() {
+    let files = inputs("graph_diff");
+    assert!(!files.is_empty(), "no committed corpus for `graph_diff`");
+    for path in &files {
+        let data = std::fs::read(path).unwrap();
+        match guarded(|| wick_tests::fuzz_graph::check_bytes(&data).map(|_| Vec::new())) {
+            Ending::Ran(_) => {}
+            Ending::Error(message) => panic!("{}: {message}", path.display()),
+            Ending::Panic(message) => panic!("{}: panicked: {message}", path.display()),
+        }
+    }
+}
