@@ -38,7 +38,7 @@ pub fn graph_from_bytes(data: &[u8]) -> (Graph, Tensor) {
         .add_input("x", TensorFact::new(DType::F32, dims))
         .expect("fresh name");
     let mut values: Vec<NodeId> = vec![x];
-    let mut constant = |graph: &mut Graph, name: String, shape: &[usize], lo: f64, hi: f64| {
+    let constant = |graph: &mut Graph, name: String, shape: &[usize], lo: f64, hi: f64| {
         let data = wick_models::random::uniform(seed, &name, shape, lo, hi, &Device::Cpu).expect("cpu tensor");
         graph.add_constant(name, data).expect("fresh name")
     };
@@ -49,7 +49,7 @@ pub fn graph_from_bytes(data: &[u8]) -> (Graph, Tensor) {
         let name = format!("s{step}");
         let added = match b.below(6) {
             0 => {
-                let divisors: Vec<usize> = (1..=channels).filter(|g| channels % g == 0).collect();
+                let divisors: Vec<usize> = (1..=channels).filter(|g| channels.is_multiple_of(*g)).collect();
                 let groups = divisors[b.below(divisors.len())];
                 let out = groups * (1 + b.below(3));
                 let kernel = [1 + b.below(4), 1 + b.below(4)];
