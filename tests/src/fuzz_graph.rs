@@ -167,7 +167,7 @@ pub fn check_bytes(data: &[u8]) -> Result<bool, String> {
         let g = g.to_dtype(DType::F64).map_err(|e| e.to_string())?;
         let diff = crate::max_abs_diff(&g, w);
         let scale = crate::max_abs(w).max(1.0);
-        if !(diff <= 1e-3 * scale) {
+        if diff.is_nan() || diff > 1e-3 * scale {
             return Err(format!(
                 "output {k}: wick f32 differs from the f64 reference by {diff:e} (scale {scale:e})\n{graph}"
             ));
