@@ -1,36 +1,52 @@
-//! Example wick service: ResNet18 classification over HTTP.
+//! Example wick service: any wick graph over HTTP, speaking the Open
+//! Inference Protocol (KServe v2) that Triton's, KServe's and OpenVINO
+//! Model Server's clients speak, plus an image convenience route.
 //!
-//! `POST /v1/models/resnet18:predict[?top_k=K]` takes a PNG or JPEG image
-//! (`Content-Type: image/png` / `image/jpeg`; resized and normalised as
-//! torchvision does for ImageNet) or a raw tensor (`application/x-safetensors`
-//! with one tensor `input` `[N, 3, H, W]`) and answers the top-K classes per
-//! image as JSON. `GET /healthz` answers `{"status":"ok"}`. Request bodies
-//! are bounded; malformed requests get 4xx JSON errors.
+//! - `GET /v2/health/live`, `GET /v2/health/ready`: 200, empty body.
+//! - `GET /v2`: server metadata (`extensions: ["binary_tensor_data"]`).
+//! - `GET /v2/models/{name}[/versions/1]`: inputs and outputs with name,
+//!   datatype (`FP32`) and shape (`-1` for the batch), from the served graph.
+//! - `GET /v2/models/{name}[/versions/1]/ready`: 200, or 404 for another model.
+//! - `POST /v2/models/{name}[/versions/1]/infer`: JSON tensors, or Triton's
+//!   binary tensor data extension (`Inference-Header-Content-Length`,
+//!   `binary_data_size`, `binary_data`, `binary_data_output`) both ways.
+//! - `POST /v1/models/{name}:predict[?top_k=K]`: a PNG or JPEG image
+//!   (resized and normalised as torchvision does for ImageNet) or a raw
+//!   tensor (`application/x-safetensors`, one tensor `input`), answered
+//!   with the top-K classes per image. `GET /healthz`: `{"status":"ok"}`.
+//!
+//! Errors are the protocol's `{"error": "..."}` with a 4xx/5xx status;
+//! request bodies are bounded.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use candle_core::{DType, Device, Tensor, D};
 use serde::Deserialize;
 use serde_json::json;
+use std::collections::HashMap;
 use std::sync::Arc;
 use wick_engine::BatchedModel;
+use wick_ir::Limits;
 
-/// ImageNet normalisation used by torchvision's ResNet weights.
-const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-/// ImageNet standard deviations.
-const STD: [f32; 3] = [0.229, 0.224, 0.225];
+mod image;
+pub mod oip;
+pub use image::{preprocess, ImageError, MAX_ASPECT_RATIO, MAX_DECODE_BYTES, MAX_IMAGE_SIDE};
+use oip::ModelInfo;
 
-/// Shared state: the compiled model (any batch size).
+/// Shared state: the compiled model (any batch size) and what the protocol
+/// says of it.
 pub struct AppState {
     /// The model served.
     pub model: BatchedModel,
-    /// Name in the URL and responses.
-    pub name: String,
+    /// Its name, inputs and outputs.
+    pub info: ModelInfo,
+    /// Size limits on request tensors (the engine's).
+    pub limits: Limits,
 }
 
 /// An error answered as `{"error": ...}` with a status code.
@@ -49,6 +65,15 @@ impl ApiError {
     }
 }
 
+impl From<oip::OipError> for ApiError {
+    fn from(e: oip::OipError) -> Self {
+        Self::new(
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            e.message,
+        )
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(json!({ "error": self.message }))).into_response()
@@ -59,117 +84,115 @@ impl IntoResponse for ApiError {
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
-        .route("/v1/models/resnet18:predict", post(predict))
+        .route("/v2/health/live", get(|| async { StatusCode::OK }))
+        .route("/v2/health/ready", get(|| async { StatusCode::OK }))
+        .route("/v2", get(server_metadata))
+        .route("/v2/models/{name}", get(model_metadata))
+        .route("/v2/models/{name}/versions/{version}", get(model_metadata))
+        .route("/v2/models/{name}/ready", get(model_ready))
+        .route("/v2/models/{name}/versions/{version}/ready", get(model_ready))
+        .route("/v2/models/{name}/infer", post(infer))
+        .route("/v2/models/{name}/versions/{version}/infer", post(infer))
+        .route("/v1/models/{spec}", post(predict))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
 
+async fn server_metadata() -> Json<serde_json::Value> {
+    Json(json!({
+        "name": "wick-serve",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data"],
+    }))
+}
+
+/// The served model if the path names it (and version 1, if a version is given).
+fn served<'a>(state: &'a AppState, path: &HashMap<String, String>) -> Result<&'a ModelInfo, ApiError> {
+    let name = path.get("name").map(String::as_str).unwrap_or_default();
+    if name != state.info.name {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("unknown model `{name}`; this server serves `{}`", state.info.name),
+        ));
+    }
+    match path.get("version") {
+        Some(v) if v != oip::MODEL_VERSION => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("model `{name}` has no version `{v}` (it has {})", oip::MODEL_VERSION),
+        )),
+        _ => Ok(&state.info),
+    }
+}
+
+async fn model_metadata(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(served(&state, &path)?.metadata()))
+}
+
+async fn model_ready(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<HashMap<String, String>>,
+) -> Result<StatusCode, ApiError> {
+    served(&state, &path).map(|_| StatusCode::OK)
+}
+
+/// The protocol's inference: decode (JSON or binary), run, encode.
+async fn infer(
+    State(state): State<Arc<AppState>>,
+    Path(path): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    served(&state, &path)?;
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let header_len = match headers.get("inference-header-content-length") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "Inference-Header-Content-Length must be a byte count",
+                    )
+                })?,
+        ),
+    };
+    let for_run = Arc::clone(&state);
+    let encoded = tokio::task::spawn_blocking(move || -> Result<oip::Encoded, ApiError> {
+        let decoded = oip::decode(&for_run.info, &body, header_len, &for_run.limits)?;
+        let outputs = for_run
+            .model
+            .run(&decoded.inputs)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(oip::encode(&for_run.info, &decoded, &outputs)?)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let mut response = encoded.body.into_response();
+    let headers = response.headers_mut();
+    match encoded.header_len {
+        Some(n) => {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            headers.insert("inference-header-content-length", HeaderValue::from(n));
+        }
+        None => {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+    }
+    Ok(response)
+}
+
 #[derive(Debug, Deserialize)]
 struct PredictQuery {
     top_k: Option<usize>,
-}
-
-/// Largest accepted image side, in pixels, checked from the header before
-/// any pixel is decoded.
-pub const MAX_IMAGE_SIDE: u32 = 8192;
-/// Most memory the decoder may allocate for one image (an 8192 × 8192 RGBA8
-/// image takes exactly this).
-pub const MAX_DECODE_BYTES: u64 = 256 << 20;
-/// Largest accepted ratio of the longer to the shorter side: the resize
-/// makes the shorter side 256, so the resized image has at most
-/// 256 × 256·32 pixels (6 MiB), whatever the image declares.
-pub const MAX_ASPECT_RATIO: u32 = 32;
-
-/// Why an image body was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ImageError {
-    /// Not a decodable PNG or JPEG, or an empty one (HTTP 400).
-    Invalid(String),
-    /// Declared dimensions or decode memory over the limits (HTTP 413).
-    TooLarge(String),
-}
-
-impl ImageError {
-    fn status(&self) -> StatusCode {
-        match self {
-            ImageError::Invalid(_) => StatusCode::BAD_REQUEST,
-            ImageError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        }
-    }
-
-    fn message(self) -> String {
-        match self {
-            ImageError::Invalid(m) | ImageError::TooLarge(m) => m,
-        }
-    }
-}
-
-/// torchvision's ImageNet eval transform: resize the shorter side to 256
-/// (bilinear), centre-crop 224, scale to [0, 1], normalise; `[1, 3, 224, 224]`.
-///
-/// Memory is bounded before decoding: the header's dimensions must be at
-/// most [`MAX_IMAGE_SIDE`] and the decoder may allocate at most
-/// [`MAX_DECODE_BYTES`]; the aspect ratio must be at most
-/// [`MAX_ASPECT_RATIO`], which bounds the resized image.
-pub fn preprocess(bytes: &[u8]) -> Result<Tensor, ImageError> {
-    let reader = || -> Result<_, ImageError> {
-        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| ImageError::Invalid(format!("cannot read image: {e}")))?;
-        let mut limits = image::Limits::default();
-        limits.max_image_width = Some(MAX_IMAGE_SIDE);
-        limits.max_image_height = Some(MAX_IMAGE_SIDE);
-        limits.max_alloc = Some(MAX_DECODE_BYTES);
-        reader.limits(limits);
-        Ok(reader)
-    };
-    // The header's dimensions first: nothing is decoded for a refused image.
-    let (w, h) = reader()?.into_dimensions().map_err(image_error)?;
-    check_dimensions(w, h)?;
-    let image = reader()?.decode().map_err(image_error)?.to_rgb8();
-    let (w, h) = image.dimensions();
-    check_dimensions(w, h)?;
-    let scale = 256.0 / w.min(h) as f64;
-    let (rw, rh) = (
-        ((w as f64 * scale).round() as u32).max(224),
-        ((h as f64 * scale).round() as u32).max(224),
-    );
-    let resized = image::imageops::resize(&image, rw, rh, image::imageops::FilterType::Triangle);
-    let (x0, y0) = ((rw - 224) / 2, (rh - 224) / 2);
-    let mut data = vec![0f32; 3 * 224 * 224];
-    for y in 0..224 {
-        for x in 0..224 {
-            let pixel = resized.get_pixel(x0 + x, y0 + y);
-            for c in 0..3 {
-                data[(c * 224 + y as usize) * 224 + x as usize] = (pixel[c] as f32 / 255.0 - MEAN[c]) / STD[c];
-            }
-        }
-    }
-    Tensor::from_vec(data, (1, 3, 224, 224), &Device::Cpu).map_err(|e| ImageError::Invalid(e.to_string()))
-}
-
-/// Refuses empty images and aspect ratios over [`MAX_ASPECT_RATIO`].
-fn check_dimensions(w: u32, h: u32) -> Result<(), ImageError> {
-    if w == 0 || h == 0 {
-        return Err(ImageError::Invalid(format!("empty image ({w} x {h})")));
-    }
-    if w.max(h) > MAX_ASPECT_RATIO.saturating_mul(w.min(h)) {
-        return Err(ImageError::TooLarge(format!(
-            "image {w} x {h} has an aspect ratio over {MAX_ASPECT_RATIO}:1"
-        )));
-    }
-    Ok(())
-}
-
-/// Limit errors are 413, everything else the decoder reports is 400.
-fn image_error(error: image::ImageError) -> ImageError {
-    match error {
-        image::ImageError::Limits(e) => ImageError::TooLarge(format!(
-            "image over the limits ({MAX_IMAGE_SIDE} pixels a side, {MAX_DECODE_BYTES} bytes decoded): {e}"
-        )),
-        e => ImageError::Invalid(format!("cannot decode image: {e}")),
-    }
 }
 
 fn raw_tensor(bytes: &[u8]) -> Result<Tensor, String> {
@@ -183,10 +206,15 @@ fn raw_tensor(bytes: &[u8]) -> Result<Tensor, String> {
 
 async fn predict(
     State(state): State<Arc<AppState>>,
+    Path(spec): Path<String>,
     query: Result<Query<PredictQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let name = spec
+        .strip_suffix(":predict")
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no such route: /v1/models/{spec}")))?;
+    served(&state, &HashMap::from([("name".to_string(), name.to_string())]))?;
     let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let top_k = query.top_k.unwrap_or(5);
@@ -217,7 +245,7 @@ async fn predict(
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?
         .remove(0);
     let predictions = top_classes(&logits, top_k).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    Ok(Json(json!({ "model": state.name, "predictions": predictions })))
+    Ok(Json(json!({ "model": state.info.name, "predictions": predictions })))
 }
 
 /// Softmax probabilities of the `k` best classes per row of `[N, classes]` logits.
@@ -247,77 +275,6 @@ pub fn top_classes(logits: &Tensor, k: usize) -> Result<Vec<Vec<serde_json::Valu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A uniform image becomes the normalised constant per channel, at 224x224.
-    #[test]
-    fn preprocess_normalises_like_torchvision() {
-        let image = image::RgbImage::from_pixel(300, 500, image::Rgb([255, 0, 128]));
-        let mut bytes = std::io::Cursor::new(Vec::new());
-        image.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
-        let x = preprocess(&bytes.into_inner()).unwrap();
-        assert_eq!(x.dims(), [1, 3, 224, 224]);
-        for (c, value) in [255.0f32, 0.0, 128.0].into_iter().enumerate() {
-            let plane = x
-                .narrow(1, c, 1)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let want = (value / 255.0 - MEAN[c]) / STD[c];
-            assert!(plane.iter().all(|v| (v - want).abs() < 1e-5), "channel {c}");
-        }
-    }
-
-    fn png(width: u32, height: u32) -> Vec<u8> {
-        let image = image::RgbImage::from_pixel(width, height, image::Rgb([10, 20, 30]));
-        let mut bytes = std::io::Cursor::new(Vec::new());
-        image.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
-        bytes.into_inner()
-    }
-
-    /// Tall and wide images past the aspect ratio, sides past the limit
-    /// and a header declaring a huge area are refused as too large before
-    /// decoding; garbage is invalid; the largest accepted ratio passes.
-    #[test]
-    fn image_bombs_are_refused() {
-        let too_large = |bytes: &[u8]| matches!(preprocess(bytes), Err(ImageError::TooLarge(_)));
-        assert!(too_large(&png(1, 1_000_000)), "tall");
-        assert!(too_large(&png(40_000, 1)), "wide");
-        assert!(too_large(&png(330, 10)), "aspect 33:1");
-        assert!(preprocess(&png(320, 10)).is_ok(), "aspect 32:1 is accepted");
-        assert!(too_large(&declared_png(100_000, 100_000)), "huge declared area");
-        assert!(too_large(&declared_png(8_000, 8_193)), "one side over the limit");
-        assert!(matches!(preprocess(b"not an image"), Err(ImageError::Invalid(_))));
-        // A header within the limits but no pixel data: invalid, not a crash.
-        assert!(matches!(
-            preprocess(&declared_png(4_000, 4_000)),
-            Err(ImageError::Invalid(_))
-        ));
-    }
-
-    /// A PNG whose header declares `width` x `height` but holds the pixel
-    /// data of a 1 x 1 image (the CRC of the header is recomputed).
-    pub(crate) fn declared_png(width: u32, height: u32) -> Vec<u8> {
-        let mut bytes = png(1, 1);
-        // Signature (8), IHDR length (4), "IHDR" (4), then width and height.
-        bytes[16..20].copy_from_slice(&width.to_be_bytes());
-        bytes[20..24].copy_from_slice(&height.to_be_bytes());
-        let crc = crc32(&bytes[12..29]);
-        bytes[29..33].copy_from_slice(&crc.to_be_bytes());
-        bytes
-    }
-
-    fn crc32(data: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &byte in data {
-            crc ^= byte as u32;
-            for _ in 0..8 {
-                crc = (crc >> 1) ^ (0xEDB8_8320 & (!(crc & 1)).wrapping_add(1));
-            }
-        }
-        !crc
-    }
 
     /// Top-k is sorted, sums to at most 1, and k is honoured.
     #[test]

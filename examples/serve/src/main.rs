@@ -15,6 +15,7 @@ use std::sync::Arc;
 use wick_engine::{BatchedModel, Engine};
 use wick_models::{Model, ModelName, WeightSource};
 use wick_passes::PassManager;
+use wick_serve::oip::ModelInfo;
 use wick_serve::{router, AppState};
 
 /// Serve ResNet18 classification over HTTP.
@@ -32,6 +33,10 @@ struct Args {
     /// Largest accepted request body.
     #[arg(long, default_value_t = 8 << 20)]
     max_body_bytes: usize,
+    /// The model's name in URLs (default: the graph's name, `resnet18` for
+    /// the built-in model).
+    #[arg(long)]
+    model_name: Option<String>,
     /// Batch sizes kept compiled.
     #[arg(long, default_value_t = 4)]
     cache: usize,
@@ -58,9 +63,12 @@ async fn main() -> Result<()> {
             graph
         }
     };
+    let name = args.model_name.clone().unwrap_or_else(|| graph.name().to_string());
+    let info = ModelInfo::of(&graph, &name).map_err(anyhow::Error::msg)?;
     let state = Arc::new(AppState {
         model: BatchedModel::new(Engine::cpu().with_limits(limits), graph, args.cache)?,
-        name: "resnet18".into(),
+        info,
+        limits,
     });
     let listener = tokio::net::TcpListener::bind(&args.addr)
         .await

@@ -1,73 +1,11 @@
 //! Starts the example service on 127.0.0.1 and sends it concurrent valid and
 //! malformed requests (bounded in count and time), then shuts it down.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::{declared_png, png, request, uniform_png, Server};
+use std::process::Command;
 use std::time::Duration;
-
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    fn start() -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wick-serve"))
-            .args(["--addr", "127.0.0.1:0", "--max-body-bytes", "1000000"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .expect(&line)
-            .to_string();
-        Server { child, addr }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
-
-/// One HTTP/1.1 request over a fresh connection; returns (status, body as JSON).
-fn request(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, serde_json::Value) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    // An oversized body may be refused before it is all sent.
-    let _ = stream.write_all(body);
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    let text = String::from_utf8_lossy(&response);
-    let status: u16 = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let json = text
-        .split_once("\r\n\r\n")
-        .and_then(|(_, body)| serde_json::from_str(body).ok())
-        .unwrap_or(serde_json::Value::Null);
-    (status, json)
-}
-
-fn png(width: u32, height: u32) -> Vec<u8> {
-    let image = image::RgbImage::from_fn(width, height, |x, y| {
-        image::Rgb([(x % 256) as u8, (y % 256) as u8, 128])
-    });
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    image.write_to(&mut bytes, image::ImageFormat::Png).unwrap();
-    bytes.into_inner()
-}
 
 /// Health, concurrent predictions and malformed requests, then graceful shutdown.
 #[test]
@@ -139,35 +77,6 @@ fn serves_valid_and_rejects_malformed_requests() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(exit.expect("server did not stop within 10 s").success());
-}
-
-/// A one-colour PNG: compresses to a few KB at any size, as bombs do.
-fn uniform_png(width: u32, height: u32) -> Vec<u8> {
-    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
-    use image::ImageEncoder;
-    let pixels = [200u8, 100, 50].repeat(width as usize * height as usize);
-    let mut bytes = Vec::new();
-    PngEncoder::new_with_quality(&mut bytes, CompressionType::Best, FilterType::NoFilter)
-        .write_image(&pixels, width, height, image::ExtendedColorType::Rgb8)
-        .unwrap();
-    bytes
-}
-
-/// A PNG whose header declares `width` x `height` over the pixel data of a
-/// 1 x 1 image (header CRC recomputed): a decompression bomb's header.
-fn declared_png(width: u32, height: u32) -> Vec<u8> {
-    let mut bytes = png(1, 1);
-    bytes[16..20].copy_from_slice(&width.to_be_bytes());
-    bytes[20..24].copy_from_slice(&height.to_be_bytes());
-    let mut crc = !0u32;
-    for &byte in &bytes[12..29] {
-        crc ^= byte as u32;
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xEDB8_8320 & (!(crc & 1)).wrapping_add(1));
-        }
-    }
-    bytes[29..33].copy_from_slice(&(!crc).to_be_bytes());
-    bytes
 }
 
 /// Image bombs: a tall, a wide and a huge-area image each get 413 with a
