@@ -30,6 +30,16 @@ pub enum ImageError {
     TooLarge(String),
 }
 
+impl std::fmt::Display for ImageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageError::Invalid(m) | ImageError::TooLarge(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for ImageError {}
+
 impl ImageError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
