@@ -33,20 +33,74 @@ use std::sync::Arc;
 use wick_engine::BatchedModel;
 use wick_ir::Limits;
 
+pub mod batcher;
 mod image;
 pub mod oip;
 pub use image::{preprocess, ImageError, MAX_ASPECT_RATIO, MAX_DECODE_BYTES, MAX_IMAGE_SIDE};
 use oip::ModelInfo;
 
-/// Shared state: the compiled model (any batch size) and what the protocol
-/// says of it.
+/// Shared state: the model behind its batching queue, and what the
+/// protocol says of it.
 pub struct AppState {
-    /// The model served.
-    pub model: BatchedModel,
+    /// The queue in front of the model (any batch size).
+    pub batcher: batcher::Batcher,
     /// Its name, inputs and outputs.
     pub info: ModelInfo,
     /// Size limits on request tensors (the engine's).
     pub limits: Limits,
+    /// How long a request may wait for its forward to start (504 after).
+    pub deadline: std::time::Duration,
+}
+
+impl AppState {
+    /// Serves `model` as `info` through a [`batcher::Batcher`] with `config`.
+    pub fn new(
+        model: BatchedModel,
+        info: ModelInfo,
+        limits: Limits,
+        config: batcher::BatchConfig,
+        deadline: std::time::Duration,
+    ) -> Self {
+        Self {
+            batcher: batcher::Batcher::new(Arc::new(model), config),
+            info,
+            limits,
+            deadline,
+        }
+    }
+
+    /// Queues `inputs` for a batched forward and waits for this request's
+    /// rows: 503 (with `Retry-After`) when the queue is full, 504 when the
+    /// deadline passes first, 500 when the forward fails.
+    async fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, ApiError> {
+        let deadline = std::time::Instant::now() + self.deadline;
+        let receiver = self.batcher.submit(inputs, deadline).map_err(|e| match e {
+            batcher::SubmitError::Full => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "overloaded: {} requests already queued; retry later",
+                    self.batcher.config().max_queue
+                ),
+            )
+            .retry_after(1),
+            batcher::SubmitError::BadInputs(message) => ApiError::new(StatusCode::BAD_REQUEST, message),
+        })?;
+        match tokio::time::timeout(self.deadline, receiver).await {
+            Ok(Ok(Ok(outputs))) => Ok(outputs),
+            Ok(Ok(Err(message))) if message.contains("deadline") => {
+                Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, message))
+            }
+            Ok(Ok(Err(message))) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)),
+            Ok(Err(_)) => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the model's worker stopped",
+            )),
+            Err(_) => Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("no answer within the {} ms deadline", self.deadline.as_millis()),
+            )),
+        }
+    }
 }
 
 /// An error answered as `{"error": ...}` with a status code.
@@ -54,6 +108,7 @@ pub struct AppState {
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -61,6 +116,15 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The same error with a `Retry-After` header of `seconds`.
+    fn retry_after(self, seconds: u32) -> Self {
+        Self {
+            retry_after: Some(seconds),
+            ..self
         }
     }
 }
@@ -76,7 +140,13 @@ impl From<oip::OipError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -162,17 +232,18 @@ async fn infer(
                 })?,
         ),
     };
-    let for_run = Arc::clone(&state);
-    let encoded = tokio::task::spawn_blocking(move || -> Result<oip::Encoded, ApiError> {
-        let decoded = oip::decode(&for_run.info, &body, header_len, &for_run.limits)?;
-        let outputs = for_run
-            .model
-            .run(&decoded.inputs)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        Ok(oip::encode(&for_run.info, &decoded, &outputs)?)
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    // Decoding and encoding are CPU work: off the async workers.
+    let for_decode = Arc::clone(&state);
+    let decoded =
+        tokio::task::spawn_blocking(move || oip::decode(&for_decode.info, &body, header_len, &for_decode.limits))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let decoded = Arc::new(decoded);
+    let outputs = state.forward(decoded.inputs.clone()).await?;
+    let for_encode = Arc::clone(&state);
+    let encoded = tokio::task::spawn_blocking(move || oip::encode(&for_encode.info, &decoded, &outputs))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     let mut response = encoded.body.into_response();
     let headers = response.headers_mut();
     match encoded.header_len {
@@ -229,7 +300,10 @@ async fn predict(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let input = match content_type.split(';').next().unwrap_or("").trim() {
-        "image/png" | "image/jpeg" => preprocess(&body).map_err(|e| ApiError::new(e.status(), e.message()))?,
+        "image/png" | "image/jpeg" => tokio::task::spawn_blocking(move || preprocess(&body))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| ApiError::new(e.status(), e.message()))?,
         "application/x-safetensors" => raw_tensor(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?,
         other => {
             return Err(ApiError::new(
@@ -238,12 +312,18 @@ async fn predict(
             ))
         }
     };
-    let state_for_run = Arc::clone(&state);
-    let logits = tokio::task::spawn_blocking(move || state_for_run.model.run(&[input]))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?
-        .remove(0);
+    if state.info.inputs.len() != 1 || input.dims().get(1..) != Some(&state.info.inputs[0].dims[..]) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "model `{}` takes {:?} per image, got {:?}",
+                state.info.name,
+                state.info.inputs.iter().map(|i| &i.dims).collect::<Vec<_>>(),
+                input.dims()
+            ),
+        ));
+    }
+    let logits = state.forward(vec![input]).await?.remove(0);
     let predictions = top_classes(&logits, top_k).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     Ok(Json(json!({ "model": state.info.name, "predictions": predictions })))
 }

@@ -12,9 +12,11 @@ use clap::Parser;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use wick_engine::{BatchedModel, Engine};
 use wick_models::{Model, ModelName, WeightSource};
 use wick_passes::PassManager;
+use wick_serve::batcher::BatchConfig;
 use wick_serve::oip::ModelInfo;
 use wick_serve::{router, AppState};
 
@@ -37,6 +39,22 @@ struct Args {
     /// the built-in model).
     #[arg(long)]
     model_name: Option<String>,
+    /// Dynamic batching: most rows coalesced into one forward.
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_batch: usize,
+    /// Dynamic batching: how long (ms) the oldest request waits for others.
+    #[arg(long, default_value_t = 2.0)]
+    max_delay_ms: f64,
+    /// Requests queued at most; beyond, 503 with Retry-After.
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_queue: usize,
+    /// Forwards in flight at once (each already uses every core).
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    workers: usize,
+    /// Per-request deadline in ms: a request whose forward has not started
+    /// (or finished) by then gets 504.
+    #[arg(long, default_value_t = 30_000)]
+    deadline_ms: u64,
     /// Batch sizes kept compiled.
     #[arg(long, default_value_t = 4)]
     cache: usize,
@@ -65,11 +83,15 @@ async fn main() -> Result<()> {
     };
     let name = args.model_name.clone().unwrap_or_else(|| graph.name().to_string());
     let info = ModelInfo::of(&graph, &name).map_err(anyhow::Error::msg)?;
-    let state = Arc::new(AppState {
-        model: BatchedModel::new(Engine::cpu().with_limits(limits), graph, args.cache)?,
-        info,
-        limits,
-    });
+    let config = BatchConfig {
+        max_batch: args.max_batch,
+        max_delay: Duration::from_micros((args.max_delay_ms * 1000.0) as u64),
+        max_queue: args.max_queue,
+        workers: args.workers,
+    };
+    let model = BatchedModel::new(Engine::cpu().with_limits(limits), graph, args.cache)?;
+    let deadline = Duration::from_millis(args.deadline_ms);
+    let state = Arc::new(AppState::new(model, info, limits, config, deadline));
     let listener = tokio::net::TcpListener::bind(&args.addr)
         .await
         .with_context(|| format!("cannot bind {}", args.addr))?;

@@ -46,7 +46,7 @@ fn assert_close(got: &[f32], want: &[f32]) {
 
 #[test]
 fn health_metadata_and_inference() {
-    let server = Server::start_with(8_000_000);
+    let server = Server::start_with(8_000_000, &[]);
     let addr = server.addr.as_str();
     for path in [
         "/v2/health/live",
@@ -180,4 +180,66 @@ fn health_metadata_and_inference() {
     }
     let (status, _) = get(addr, "/v2/health/live");
     assert_eq!(status, 200, "still live after the malformed requests");
+}
+
+/// Binary batch-1 ResNet18 request body and its headers.
+fn binary_request(seed: u64) -> (Headers, Vec<u8>) {
+    let x = wick_models::random_input(seed, &[1, 3, 224, 224], &Device::Cpu).unwrap();
+    let values: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let header = json!({
+        "inputs": [{"name": "x", "shape": [1, 3, 224, 224], "datatype": "FP32", "parameters": {"binary_data_size": values.len() * 4}}],
+    })
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    let headers = vec![
+        ("Content-Type", "application/octet-stream".to_string()),
+        ("Inference-Header-Content-Length", header.len().to_string()),
+    ];
+    (headers, body)
+}
+
+/// Overload: with one forward in flight and one request queued, a burst of
+/// 24 concurrent requests gets 200s and 503s with `Retry-After` (never an
+/// error of another kind), and the server stays live.
+#[test]
+fn overload_is_503_with_retry_after() {
+    let server = Server::start_with(8_000_000, &["--max-queue", "1", "--workers", "1", "--max-batch", "1"]);
+    let addr = server.addr.clone();
+    let (headers, body) = binary_request(1);
+    let handles: Vec<_> = (0..24)
+        .map(|_| {
+            let (addr, headers, body) = (addr.clone(), headers.clone(), body.clone());
+            std::thread::spawn(move || request_raw(&addr, "POST", "/v2/models/resnet18/infer", &headers, &body))
+        })
+        .collect();
+    let mut counts = std::collections::BTreeMap::new();
+    for handle in handles {
+        let (status, headers, body) = handle.join().unwrap();
+        *counts.entry(status).or_insert(0) += 1;
+        if status == 503 {
+            assert_eq!(headers.get("retry-after").map(String::as_str), Some("1"));
+            assert!(json_of(&body)["error"].as_str().unwrap().contains("overloaded"));
+        }
+    }
+    assert!(counts.keys().all(|s| *s == 200 || *s == 503), "{counts:?}");
+    assert!(
+        counts.get(&503).copied().unwrap_or(0) > 0,
+        "no request was shed: {counts:?}"
+    );
+    assert!(
+        counts.get(&200).copied().unwrap_or(0) > 0,
+        "nothing was served: {counts:?}"
+    );
+    assert_eq!(get(&addr, "/v2/health/live").0, 200);
+}
+
+/// A deadline shorter than a forward: 504 with the protocol's error.
+#[test]
+fn a_passed_deadline_is_504() {
+    let server = Server::start_with(8_000_000, &["--deadline-ms", "1"]);
+    let (headers, body) = binary_request(2);
+    let (status, _, response) = request_raw(&server.addr, "POST", "/v2/models/resnet18/infer", &headers, &body);
+    assert_eq!(status, 504, "{}", String::from_utf8_lossy(&response));
+    assert!(json_of(&response)["error"].is_string());
 }

@@ -15,14 +15,15 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Server {
-        Self::start_with(1_000_000)
+        Self::start_with(1_000_000, &[])
     }
 
     /// Starts `wick-serve` (built-in ResNet18, seeded weights) on a free
-    /// port with request bodies of at most `max_body_bytes`.
-    pub fn start_with(max_body_bytes: usize) -> Server {
+    /// port with request bodies of at most `max_body_bytes` and `args`.
+    pub fn start_with(max_body_bytes: usize, args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_wick-serve"))
             .args(["--addr", "127.0.0.1:0", "--max-body-bytes", &max_body_bytes.to_string()])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

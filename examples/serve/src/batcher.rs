@@ -1,0 +1,317 @@
+//! Dynamic batching with backpressure: requests for the model wait in one
+//! bounded queue; worker threads take the oldest, coalesce whatever else
+//! arrives within a short delay into one forward of up to `max_batch` rows
+//! (as Triton's dynamic batcher does), run it, and hand each caller its
+//! own rows. A full queue is refused at once ([`SubmitError::Full`], 503),
+//! so memory is bounded by the queue, not by the load; a caller that gave
+//! up (deadline passed, connection closed) is skipped before its forward.
+
+use candle_core::Tensor;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use wick_engine::BatchedModel;
+
+/// How requests are queued and coalesced.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    /// Most rows one forward takes (requests larger than this run alone).
+    pub max_batch: usize,
+    /// How long the oldest request waits for others to join its forward.
+    pub max_delay: Duration,
+    /// Most requests waiting; one more is refused with 503.
+    pub max_queue: usize,
+    /// Forwards in flight at once (worker threads); each forward already
+    /// uses every core through the kernels' thread pool. 0 starts none:
+    /// nothing is ever run (for tests of the queue alone).
+    pub workers: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 8,
+            max_delay: Duration::from_millis(2),
+            max_queue: 64,
+            workers: 1,
+        }
+    }
+}
+
+/// What a caller gets back: its rows of every output, or why not.
+pub type Reply = Result<Vec<Tensor>, String>;
+
+/// One request waiting for a forward.
+struct Job {
+    inputs: Vec<Tensor>,
+    rows: usize,
+    deadline: Instant,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue is full: try again later (503 with `Retry-After`).
+    Full,
+    /// The inputs have no batch dimension or disagree on it.
+    BadInputs(String),
+}
+
+/// The queue and its workers for one model.
+pub struct Batcher {
+    queue: SyncSender<Job>,
+    /// The receiving end, held here too so the queue outlives its workers
+    /// (and exists with none).
+    _jobs: Arc<Mutex<Receiver<Job>>>,
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    config: BatchConfig,
+}
+
+impl Batcher {
+    /// Starts `config.workers` worker threads running `model`.
+    pub fn new(model: Arc<BatchedModel>, config: BatchConfig) -> Self {
+        let (queue, jobs) = sync_channel::<Job>(config.max_queue.max(1));
+        let jobs = Arc::new(Mutex::new(jobs));
+        let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for index in 0..config.workers {
+            let (model, jobs, waiting) = (Arc::clone(&model), Arc::clone(&jobs), Arc::clone(&waiting));
+            std::thread::Builder::new()
+                .name(format!("wick-batcher-{index}"))
+                .spawn(move || work(&model, &jobs, &waiting, config))
+                .expect("a worker thread");
+        }
+        Self {
+            queue,
+            _jobs: jobs,
+            waiting,
+            config,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BatchConfig {
+        &self.config
+    }
+
+    /// Requests waiting for a forward now.
+    pub fn queue_depth(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Queues `inputs` (each `[rows, ...]`, the same `rows`) for a forward
+    /// that must start before `deadline`; the reply arrives on the receiver.
+    pub fn submit(&self, inputs: Vec<Tensor>, deadline: Instant) -> Result<oneshot::Receiver<Reply>, SubmitError> {
+        let rows = match inputs.first().map(|t| t.dims().first().copied()) {
+            Some(Some(rows)) if rows > 0 && inputs.iter().all(|t| t.dims().first() == Some(&rows)) => rows,
+            _ => {
+                return Err(SubmitError::BadInputs(
+                    "every input needs the same non-zero batch dimension".into(),
+                ))
+            }
+        };
+        let (reply, receiver) = oneshot::channel();
+        let job = Job {
+            inputs,
+            rows,
+            deadline,
+            reply,
+        };
+        self.waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match self.queue.try_send(job) {
+            Ok(()) => Ok(receiver),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                Err(SubmitError::Full)
+            }
+        }
+    }
+}
+
+/// A worker: take the oldest job, gather more for up to `max_delay`, run.
+fn work(
+    model: &BatchedModel,
+    jobs: &Mutex<Receiver<Job>>,
+    waiting: &std::sync::atomic::AtomicUsize,
+    config: BatchConfig,
+) {
+    let mut held: Option<Job> = None;
+    loop {
+        let batch = {
+            let Ok(queue) = jobs.lock() else { return };
+            let taken = |job: Job| {
+                waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                job
+            };
+            let first = match held.take() {
+                Some(job) => job,
+                None => match queue.recv() {
+                    Ok(job) => taken(job),
+                    Err(_) => return, // the service is gone
+                },
+            };
+            let mut rows = first.rows;
+            let mut batch = vec![first];
+            let until = Instant::now() + config.max_delay;
+            while rows < config.max_batch {
+                let left = until.saturating_duration_since(Instant::now());
+                match queue.recv_timeout(left) {
+                    Ok(job) => {
+                        let job = taken(job);
+                        if rows + job.rows > config.max_batch {
+                            held = Some(job);
+                            break;
+                        }
+                        rows += job.rows;
+                        batch.push(job);
+                    }
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            batch
+        };
+        run(model, batch);
+    }
+}
+
+/// One forward for every live job of `batch`, each answered with its rows.
+fn run(model: &BatchedModel, batch: Vec<Job>) {
+    let now = Instant::now();
+    let (live, gone): (Vec<Job>, Vec<Job>) = batch
+        .into_iter()
+        .partition(|job| !job.reply.is_closed() && job.deadline > now);
+    for job in gone {
+        // Deadline passed or caller gone: no forward for it.
+        let _ = job
+            .reply
+            .send(Err("the request's deadline passed while it was queued".into()));
+    }
+    if live.is_empty() {
+        return;
+    }
+    tracing::debug!(
+        requests = live.len(),
+        rows = live.iter().map(|j| j.rows).sum::<usize>(),
+        "forward"
+    );
+    let result = forward(model, &live);
+    match result {
+        Ok(outputs) => {
+            let mut offset = 0;
+            for job in live {
+                let rows: Reply = outputs
+                    .iter()
+                    .map(|y| y.narrow(0, offset, job.rows).map_err(|e| e.to_string()))
+                    .collect();
+                offset += job.rows;
+                let _ = job.reply.send(rows);
+            }
+        }
+        Err(message) => {
+            for job in live {
+                let _ = job.reply.send(Err(message.clone()));
+            }
+        }
+    }
+}
+
+fn forward(model: &BatchedModel, jobs: &[Job]) -> Result<Vec<Tensor>, String> {
+    if let [job] = jobs {
+        return model.run(&job.inputs).map_err(|e| e.to_string());
+    }
+    let inputs = (0..jobs[0].inputs.len())
+        .map(|i| {
+            let parts: Vec<&Tensor> = jobs.iter().map(|job| &job.inputs[i]).collect();
+            Tensor::cat(&parts, 0).map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    model.run(&inputs).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use wick_engine::Engine;
+    use wick_ir::{Graph, Op, TensorFact};
+
+    /// `y = relu(x)` over `[N, 3]`, any batch.
+    fn model() -> Arc<BatchedModel> {
+        let mut graph = Graph::new("g");
+        let x = graph.add_input("x", TensorFact::new(DType::F32, [1usize, 3])).unwrap();
+        let y = graph.add_node("y", Op::Relu, &[x]).unwrap();
+        graph.set_outputs(vec![y]);
+        Arc::new(BatchedModel::new(Engine::cpu(), graph, 8).unwrap())
+    }
+
+    fn rows(values: &[[f32; 3]]) -> Tensor {
+        let flat: Vec<f32> = values.iter().flatten().copied().collect();
+        Tensor::from_vec(flat, (values.len(), 3), &Device::Cpu).unwrap()
+    }
+
+    /// Concurrent requests are coalesced into fewer forwards, and each
+    /// caller gets exactly its own rows back.
+    #[test]
+    fn coalesces_and_returns_each_callers_rows() {
+        let model = model();
+        let config = BatchConfig {
+            max_batch: 8,
+            max_delay: Duration::from_millis(200),
+            max_queue: 16,
+            workers: 1,
+        };
+        let batcher = Batcher::new(Arc::clone(&model), config);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let receivers: Vec<_> = (0..4)
+            .map(|i| {
+                let v = i as f32;
+                batcher.submit(vec![rows(&[[v, -v, v + 0.5]])], deadline).unwrap()
+            })
+            .collect();
+        for (i, receiver) in receivers.into_iter().enumerate() {
+            let y = receiver.blocking_recv().unwrap().unwrap();
+            let v = i as f32;
+            assert_eq!(y[0].to_vec2::<f32>().unwrap(), [[v, 0.0, v + 0.5]]);
+        }
+        // One forward at batch 4: one compile, of batch size 4.
+        let stats = model.stats();
+        assert_eq!((stats.misses, stats.entries), (1, 1), "{stats:?}");
+        model.compiled(4).unwrap();
+        assert_eq!(model.stats().hits, stats.hits + 1, "batch 4 was the one compiled");
+    }
+
+    /// A full queue refuses at once; a passed deadline is answered without
+    /// a forward; inputs without a batch dimension are refused.
+    #[test]
+    fn full_queue_and_deadline() {
+        let far = Instant::now() + Duration::from_secs(30);
+        let idle = Batcher::new(
+            model(),
+            BatchConfig {
+                max_queue: 2,
+                workers: 0,
+                ..BatchConfig::default()
+            },
+        );
+        let _first = idle.submit(vec![rows(&[[1.0, 2.0, 3.0]])], far).unwrap();
+        let _second = idle.submit(vec![rows(&[[1.0, 2.0, 3.0]])], far).unwrap();
+        assert_eq!(idle.queue_depth(), 2);
+        assert_eq!(
+            idle.submit(vec![rows(&[[1.0, 2.0, 3.0]])], far).unwrap_err(),
+            SubmitError::Full
+        );
+        assert_eq!(idle.queue_depth(), 2);
+
+        let batcher = Batcher::new(model(), BatchConfig::default());
+        let past = Instant::now();
+        let reply = batcher.submit(vec![rows(&[[1.0, 2.0, 3.0]])], past).unwrap();
+        let err = reply.blocking_recv().unwrap().unwrap_err();
+        assert!(err.contains("deadline"), "{err}");
+        let scalar = Tensor::new(1f32, &Device::Cpu).unwrap();
+        assert!(matches!(
+            batcher.submit(vec![scalar], far),
+            Err(SubmitError::BadInputs(_))
+        ));
+    }
+}
