@@ -1,67 +1,94 @@
-//! Any batch size without re-tracing: a compiled-model cache keyed by batch.
+//! Any batch size without re-tracing: a compiled-model cache keyed by
+//! batch, least recently used first out, one compile per size however many
+//! callers ask for it at once.
 
 use crate::exec::check_inputs;
 use crate::{CompiledModel, Engine, EngineError};
 use candle_core::Tensor;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 use wick_ir::Graph;
 
-/// Hit/miss counts of a [`BatchedModel`]'s compile cache.
+/// Counters of a [`BatchedModel`]'s compile cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStats {
-    /// Runs served by an already compiled batch size.
+    /// Runs served by an already compiled batch size (including callers
+    /// that waited for another's compile of it).
     pub hits: u64,
-    /// Runs that compiled a new batch size.
+    /// Runs that found their batch size neither compiled nor compiling.
     pub misses: u64,
+    /// Compiles run (one per miss that succeeded or failed).
+    pub compiles: u64,
+    /// Compiled sizes dropped to make room.
+    pub evictions: u64,
     /// Batch sizes compiled and held now.
     pub entries: usize,
 }
 
-/// Compiled models by batch size, and the order they were compiled in.
+/// One batch size: its compiled model once ready (the slot's lock is held
+/// while it compiles, so a second caller waits for the first's result
+/// instead of compiling again), and when it was last used.
 #[derive(Debug, Default)]
-struct Cache {
-    models: HashMap<usize, Arc<CompiledModel>>,
-    order: VecDeque<usize>,
+struct Slot {
+    model: Mutex<Option<Arc<CompiledModel>>>,
+    last_used: AtomicU64,
 }
 
 /// A graph served at any batch size: each new batch size is compiled once
 /// (facts re-inferred with [`Graph::with_batch`], weights shared) and kept
-/// in a bounded cache; the least recently compiled size is dropped first.
-/// Only the first dimension may vary: any other difference from the
-/// template's input facts is an [`EngineError::InputMismatch`].
+/// in a bounded cache; when it is full, the size used least recently is
+/// dropped. Concurrent first calls at one size compile it once. Only the
+/// first dimension may vary: any other difference from the template's
+/// input facts is an [`EngineError::InputMismatch`].
 #[derive(Debug)]
 pub struct BatchedModel {
     template: Graph,
     engine: Engine,
     capacity: usize,
-    cache: RwLock<Cache>,
+    slots: Mutex<HashMap<usize, Arc<Slot>>>,
+    clock: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
+    compiles: AtomicU64,
+    evictions: AtomicU64,
 }
 
 impl BatchedModel {
     /// Serves `graph` (traced at any batch size) on `engine`'s device,
     /// holding at most `capacity` compiled batch sizes (at least 1).
     pub fn new(engine: Engine, graph: Graph, capacity: usize) -> Result<Self, EngineError> {
-        graph.verify()?;
+        graph.verify_with(engine.limits())?;
         Ok(Self {
             template: graph,
             engine,
             capacity: capacity.max(1),
-            cache: RwLock::new(Cache::default()),
+            slots: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            compiles: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
         })
     }
 
     /// Cache counters.
     pub fn stats(&self) -> CacheStats {
-        let entries = self.cache.read().map(|c| c.models.len()).unwrap_or(0);
+        let entries = self
+            .slots
+            .lock()
+            .map(|slots| {
+                slots
+                    .values()
+                    .filter(|s| s.model.try_lock().map(|m| m.is_some()).unwrap_or(false))
+                    .count()
+            })
+            .unwrap_or(0);
         CacheStats {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
+            compiles: self.compiles.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
             entries,
         }
     }
@@ -79,27 +106,73 @@ impl BatchedModel {
         Ok(batch)
     }
 
-    /// The compiled model for `batch`, compiling it on a miss.
+    /// The slot for `batch`, created when absent; marks it used now.
+    fn slot(&self, batch: usize) -> Arc<Slot> {
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let slot = Arc::clone(slots.entry(batch).or_default());
+        slot.last_used.store(now, Ordering::Relaxed);
+        slot
+    }
+
+    /// Drops the least recently used sizes other than `keep` until the
+    /// cache holds `capacity` (callers still holding a dropped model keep
+    /// it alive until they finish).
+    fn evict_beyond_capacity(&self, keep: usize) {
+        let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        while slots.len() > self.capacity {
+            let oldest = slots
+                .iter()
+                .filter(|(&b, _)| b != keep)
+                .min_by_key(|(_, s)| s.last_used.load(Ordering::Relaxed))
+                .map(|(&b, _)| b);
+            let Some(oldest) = oldest else { break };
+            slots.remove(&oldest);
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The compiled model for `batch`, compiling it on a miss; callers
+    /// arriving while it compiles wait for that compile.
     pub fn compiled(&self, batch: usize) -> Result<Arc<CompiledModel>, EngineError> {
-        if let Some(model) = self.cache.read().ok().and_then(|c| c.models.get(&batch).cloned()) {
+        let slot = self.slot(batch);
+        if let Some(model) = slot.model.try_lock().ok().and_then(|m| m.clone()) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(model);
         }
+        // Compiled, compiling (wait on the lock), or to compile (hold it).
+        let mut model = slot.model.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(model) = model.as_ref() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Arc::clone(model));
+        }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let model = Arc::new(self.engine.compile(&self.template.with_batch(batch)?)?);
-        if let Ok(mut cache) = self.cache.write() {
-            let Cache { models, order } = &mut *cache;
-            if models.insert(batch, Arc::clone(&model)).is_none() {
-                order.push_back(batch);
+        self.compiles.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(batch, "compiling a new batch size");
+        match self
+            .template
+            .with_batch(batch)
+            .map_err(EngineError::from)
+            .and_then(|g| self.engine.compile(&g))
+        {
+            Ok(compiled) => {
+                let compiled = Arc::new(compiled);
+                *model = Some(Arc::clone(&compiled));
+                drop(model);
+                self.evict_beyond_capacity(batch);
+                Ok(compiled)
             }
-            while models.len() > self.capacity {
-                match order.pop_front() {
-                    Some(oldest) => models.remove(&oldest),
-                    None => break,
-                };
+            Err(e) => {
+                // A size that does not compile (over the limits, say) holds
+                // no place in the cache: drop its slot if it is still there.
+                drop(model);
+                let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if slots.get(&batch).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                    slots.remove(&batch);
+                }
+                Err(e)
             }
         }
-        Ok(model)
     }
 
     /// Runs on inputs of any batch size (the same for every input).
@@ -134,15 +207,57 @@ mod tests {
             let want = fixed.run(&[x]).unwrap().remove(0);
             assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0);
         }
-        // 1, 3 miss; 3, 1 hit; 5 misses and evicts 1 (capacity 2).
+        // 1, 3 miss; 3, 1 hit; 5 misses and evicts 3, the least recently
+        // used (1 was used after it; capacity 2).
         assert_eq!(
             model.stats(),
             CacheStats {
                 hits: 2,
                 misses: 3,
+                compiles: 3,
+                evictions: 1,
                 entries: 2
             }
         );
+        model.compiled(1).unwrap();
+        assert_eq!(model.stats().hits, 3, "1 survived: it was used more recently than 3");
+        model.compiled(3).unwrap();
+        assert_eq!(model.stats().compiles, 4, "3 was the one evicted");
+    }
+
+    /// A batch size that does not compile (here: over the element limit)
+    /// is an error that evicts nothing.
+    #[test]
+    fn failed_compiles_take_no_place() {
+        let graph = model().template;
+        let engine = Engine::cpu().with_limits(wick_ir::Limits::default().with_max_elements(32 * 16));
+        let model = BatchedModel::new(engine, graph, 1).unwrap();
+        model.compiled(1).unwrap();
+        assert!(model.compiled(1000).is_err());
+        let stats = model.stats();
+        assert_eq!((stats.entries, stats.evictions), (1, 0), "{stats:?}");
+        model.compiled(1).unwrap();
+        assert_eq!(model.stats().compiles, 2, "batch 1 stayed compiled");
+    }
+
+    /// Many threads asking for one new size at once compile it once.
+    #[test]
+    fn concurrent_misses_compile_once() {
+        let model = Arc::new(model());
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let model = Arc::clone(&model);
+                std::thread::spawn(move || {
+                    let x = Tensor::zeros((4, 2, 4, 4), DType::F32, &Device::Cpu).unwrap();
+                    model.run(&[x]).unwrap();
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let stats = model.stats();
+        assert_eq!((stats.compiles, stats.misses, stats.hits), (1, 1, 7), "{stats:?}");
     }
 
     /// Only the batch dimension may vary; zero batch and wrong dtype are errors too.
