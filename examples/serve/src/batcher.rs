@@ -6,6 +6,7 @@
 //! so memory is bounded by the queue, not by the load; a caller that gave
 //! up (deadline passed, connection closed) is skipped before its forward.
 
+use crate::metrics::Metrics;
 use candle_core::Tensor;
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -46,6 +47,7 @@ pub type Reply = Result<Vec<Tensor>, String>;
 struct Job {
     inputs: Vec<Tensor>,
     rows: usize,
+    queued: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Reply>,
 }
@@ -61,6 +63,7 @@ pub enum SubmitError {
 
 /// The queue and its workers for one model.
 pub struct Batcher {
+    model: Arc<BatchedModel>,
     queue: SyncSender<Job>,
     /// The receiving end, held here too so the queue outlives its workers
     /// (and exists with none).
@@ -70,24 +73,32 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Starts `config.workers` worker threads running `model`.
-    pub fn new(model: Arc<BatchedModel>, config: BatchConfig) -> Self {
+    /// Starts `config.workers` worker threads running `model`, recording
+    /// queue waits, forwards and rows in `metrics`.
+    pub fn new(model: Arc<BatchedModel>, config: BatchConfig, metrics: Arc<Metrics>) -> Self {
         let (queue, jobs) = sync_channel::<Job>(config.max_queue.max(1));
         let jobs = Arc::new(Mutex::new(jobs));
         let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for index in 0..config.workers {
             let (model, jobs, waiting) = (Arc::clone(&model), Arc::clone(&jobs), Arc::clone(&waiting));
+            let metrics = Arc::clone(&metrics);
             std::thread::Builder::new()
                 .name(format!("wick-batcher-{index}"))
-                .spawn(move || work(&model, &jobs, &waiting, config))
+                .spawn(move || work(&model, &jobs, &waiting, config, &metrics))
                 .expect("a worker thread");
         }
         Self {
+            model,
             queue,
             _jobs: jobs,
             waiting,
             config,
         }
+    }
+
+    /// The model behind the queue.
+    pub fn model(&self) -> &BatchedModel {
+        &self.model
     }
 
     /// The configuration.
@@ -115,6 +126,7 @@ impl Batcher {
         let job = Job {
             inputs,
             rows,
+            queued: Instant::now(),
             deadline,
             reply,
         };
@@ -135,6 +147,7 @@ fn work(
     jobs: &Mutex<Receiver<Job>>,
     waiting: &std::sync::atomic::AtomicUsize,
     config: BatchConfig,
+    metrics: &Metrics,
 ) {
     let mut held: Option<Job> = None;
     loop {
@@ -171,12 +184,12 @@ fn work(
             }
             batch
         };
-        run(model, batch);
+        run(model, batch, metrics);
     }
 }
 
 /// One forward for every live job of `batch`, each answered with its rows.
-fn run(model: &BatchedModel, batch: Vec<Job>) {
+fn run(model: &BatchedModel, batch: Vec<Job>, metrics: &Metrics) {
     let now = Instant::now();
     let (live, gone): (Vec<Job>, Vec<Job>) = batch
         .into_iter()
@@ -190,12 +203,15 @@ fn run(model: &BatchedModel, batch: Vec<Job>) {
     if live.is_empty() {
         return;
     }
-    tracing::debug!(
-        requests = live.len(),
-        rows = live.iter().map(|j| j.rows).sum::<usize>(),
-        "forward"
-    );
-    let result = forward(model, &live);
+    let rows = live.iter().map(|j| j.rows).sum::<usize>();
+    tracing::debug!(requests = live.len(), rows, "forward");
+    for job in &live {
+        metrics.queued(now.saturating_duration_since(job.queued));
+    }
+    let result = {
+        let _in_flight = metrics.forward(rows);
+        forward(model, &live)
+    };
     match result {
         Ok(outputs) => {
             let mut offset = 0;
@@ -261,7 +277,7 @@ mod tests {
             max_queue: 16,
             workers: 1,
         };
-        let batcher = Batcher::new(Arc::clone(&model), config);
+        let batcher = Batcher::new(Arc::clone(&model), config, Arc::default());
         let deadline = Instant::now() + Duration::from_secs(30);
         let receivers: Vec<_> = (0..4)
             .map(|i| {
@@ -293,6 +309,7 @@ mod tests {
                 workers: 0,
                 ..BatchConfig::default()
             },
+            Arc::default(),
         );
         let _first = idle.submit(vec![rows(&[[1.0, 2.0, 3.0]])], far).unwrap();
         let _second = idle.submit(vec![rows(&[[1.0, 2.0, 3.0]])], far).unwrap();
@@ -303,7 +320,7 @@ mod tests {
         );
         assert_eq!(idle.queue_depth(), 2);
 
-        let batcher = Batcher::new(model(), BatchConfig::default());
+        let batcher = Batcher::new(model(), BatchConfig::default(), Arc::default());
         let past = Instant::now();
         let reply = batcher.submit(vec![rows(&[[1.0, 2.0, 3.0]])], past).unwrap();
         let err = reply.blocking_recv().unwrap().unwrap_err();

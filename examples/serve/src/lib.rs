@@ -35,6 +35,7 @@ use wick_ir::Limits;
 
 pub mod batcher;
 mod image;
+pub mod metrics;
 pub mod oip;
 pub use image::{preprocess, ImageError, MAX_ASPECT_RATIO, MAX_DECODE_BYTES, MAX_IMAGE_SIDE};
 use oip::ModelInfo;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub limits: Limits,
     /// How long a request may wait for its forward to start (504 after).
     pub deadline: std::time::Duration,
+    /// What `/metrics` reports.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl AppState {
@@ -61,11 +64,13 @@ impl AppState {
         config: batcher::BatchConfig,
         deadline: std::time::Duration,
     ) -> Self {
+        let metrics = Arc::new(metrics::Metrics::default());
         Self {
-            batcher: batcher::Batcher::new(Arc::new(model), config),
+            batcher: batcher::Batcher::new(Arc::new(model), config, Arc::clone(&metrics)),
             info,
             limits,
             deadline,
+            metrics,
         }
     }
 
@@ -164,9 +169,46 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer))
         .route("/v1/models/{spec}", post(predict))
+        .route("/metrics", get(render_metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), track))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// Counts and logs every request: one `tracing` line (target `wick_serve`,
+/// level info) with method, route template, status and milliseconds.
+async fn track(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let start = std::time::Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("(unmatched)", |p| p.as_str())
+        .to_string();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let elapsed = start.elapsed();
+    let status = response.status().as_u16();
+    state.metrics.request(&route, status, elapsed);
+    tracing::info!(%method, %path, %route, status, ms = elapsed.as_secs_f64() * 1e3, "request");
+    response
+}
+
+async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
+    let text = state
+        .metrics
+        .render(state.batcher.queue_depth(), state.batcher.model().stats());
+    let mut response = text.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
 }
 
 async fn server_metadata() -> Json<serde_json::Value> {

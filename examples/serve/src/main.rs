@@ -62,7 +62,12 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    // One line per request at info (RUST_LOG, default info; e.g.
+    // RUST_LOG=wick_serve=debug adds each batch formed).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
     // Size limits on every graph and request tensor (WICK_MAX_ELEMENTS).
     let limits = wick_ir::Limits::from_env().map_err(anyhow::Error::msg)?;

@@ -180,6 +180,24 @@ fn health_metadata_and_inference() {
     }
     let (status, _) = get(addr, "/v2/health/live");
     assert_eq!(status, 200, "still live after the malformed requests");
+
+    // What happened above, as Prometheus text.
+    let (status, headers, body) = request_raw(addr, "GET", "/metrics", &[], b"");
+    assert_eq!(status, 200);
+    assert!(headers["content-type"].starts_with("text/plain"));
+    let text = String::from_utf8(body).unwrap();
+    for line in [
+        "wick_requests_total{route=\"/v2/models/{name}/infer\",status=\"200\"} 1",
+        "wick_requests_total{route=\"/v2/models/{name}/versions/{version}/infer\",status=\"200\"} 1",
+        "wick_requests_total{route=\"/v2/models/{name}/infer\",status=\"400\"} 4",
+        "wick_requests_total{route=\"/v2/models/{name}/infer\",status=\"404\"} 1",
+        "wick_compute_seconds_count 2",
+        "wick_batch_rows_bucket{le=\"2\"} 2",
+        "wick_batch_cache_compiles_total 1",
+        "wick_queue_depth 0",
+    ] {
+        assert!(text.contains(line), "missing `{line}` in:\n{text}");
+    }
 }
 
 /// Binary batch-1 ResNet18 request body and its headers.
