@@ -52,6 +52,8 @@ pub struct BatchedModel {
     misses: AtomicU64,
     compiles: AtomicU64,
     evictions: AtomicU64,
+    /// The only batch sizes served, when restricted (sorted, distinct).
+    allowed: Option<Vec<usize>>,
 }
 
 impl BatchedModel {
@@ -69,7 +71,34 @@ impl BatchedModel {
             misses: AtomicU64::new(0),
             compiles: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            allowed: None,
         })
+    }
+
+    /// The same model serving only the batch sizes in `sizes` (any other
+    /// is [`EngineError::BatchNotAllowed`]), each compiled now; the cache
+    /// grows to hold them all.
+    pub fn with_allowed_batches(mut self, sizes: &[usize]) -> Result<Self, EngineError> {
+        let mut sizes = sizes.to_vec();
+        sizes.sort_unstable();
+        sizes.dedup();
+        if sizes.first().is_none_or(|&s| s == 0) {
+            return Err(EngineError::BatchNotAllowed {
+                batch: 0,
+                allowed: sizes,
+            });
+        }
+        self.capacity = self.capacity.max(sizes.len());
+        for &size in &sizes {
+            self.compiled(size)?;
+        }
+        self.allowed = Some(sizes);
+        Ok(self)
+    }
+
+    /// The batch sizes served, when restricted.
+    pub fn allowed_batches(&self) -> Option<&[usize]> {
+        self.allowed.as_deref()
     }
 
     /// Cache counters.
@@ -135,6 +164,14 @@ impl BatchedModel {
     /// The compiled model for `batch`, compiling it on a miss; callers
     /// arriving while it compiles wait for that compile.
     pub fn compiled(&self, batch: usize) -> Result<Arc<CompiledModel>, EngineError> {
+        if let Some(allowed) = &self.allowed {
+            if allowed.binary_search(&batch).is_err() {
+                return Err(EngineError::BatchNotAllowed {
+                    batch,
+                    allowed: allowed.clone(),
+                });
+            }
+        }
         let slot = self.slot(batch);
         if let Some(model) = slot.model.try_lock().ok().and_then(|m| m.clone()) {
             self.hits.fetch_add(1, Ordering::Relaxed);
@@ -238,6 +275,27 @@ mod tests {
         assert_eq!((stats.entries, stats.evictions), (1, 0), "{stats:?}");
         model.compiled(1).unwrap();
         assert_eq!(model.stats().compiles, 2, "batch 1 stayed compiled");
+    }
+
+    /// An allow-list compiles its sizes up front and refuses the others.
+    #[test]
+    fn allowed_batches_are_compiled_up_front() {
+        let model = model().with_allowed_batches(&[4, 1, 4]).unwrap();
+        assert_eq!(model.allowed_batches(), Some(&[1, 4][..]));
+        assert_eq!((model.stats().compiles, model.stats().entries), (2, 2));
+        let x = Tensor::zeros((4, 2, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        model.run(&[x]).unwrap();
+        assert_eq!(model.stats().compiles, 2);
+        let x = Tensor::zeros((3, 2, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let err = model.run(&[x]).unwrap_err().to_string();
+        assert!(
+            err.contains("batch size 3 is not served") && err.contains("[1, 4]"),
+            "{err}"
+        );
+        assert!(BatchedModel::new(Engine::cpu(), model.template.clone(), 1)
+            .unwrap()
+            .with_allowed_batches(&[])
+            .is_err());
     }
 
     /// Many threads asking for one new size at once compile it once.

@@ -36,6 +36,14 @@ pub enum EngineError {
         /// The element limit in force.
         limit: usize,
     },
+    /// A batch size outside a [`crate::BatchedModel`]'s allow-list.
+    #[error("batch size {batch} is not served; the allowed sizes are {allowed:?}")]
+    BatchNotAllowed {
+        /// The batch size asked for.
+        batch: usize,
+        /// The sizes served.
+        allowed: Vec<usize>,
+    },
     /// Wrong number of inputs.
     #[error("graph `{graph}` takes {expected} input(s), got {got}")]
     InputCount {

@@ -40,8 +40,31 @@ impl Default for BatchConfig {
     }
 }
 
+/// Why a queued request got no rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// Its deadline passed before its forward started (504).
+    Deadline(String),
+    /// The model refuses the request's inputs (400).
+    Refused(String),
+    /// The forward failed (500).
+    Failed(String),
+}
+
+impl Failure {
+    fn of(error: wick_engine::EngineError) -> Self {
+        use wick_engine::EngineError::*;
+        match error {
+            InputMismatch { .. } | InputCount { .. } | BatchNotAllowed { .. } | TooLarge { .. } => {
+                Failure::Refused(error.to_string())
+            }
+            other => Failure::Failed(other.to_string()),
+        }
+    }
+}
+
 /// What a caller gets back: its rows of every output, or why not.
-pub type Reply = Result<Vec<Tensor>, String>;
+pub type Reply = Result<Vec<Tensor>, Failure>;
 
 /// One request waiting for a forward.
 struct Job {
@@ -149,7 +172,8 @@ fn work(
     config: BatchConfig,
     metrics: &Metrics,
 ) {
-    let mut held: Option<Job> = None;
+    // Jobs taken from the queue but left for the next forward, oldest first.
+    let mut held: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
     loop {
         let batch = {
             let Ok(queue) = jobs.lock() else { return };
@@ -157,7 +181,7 @@ fn work(
                 waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 job
             };
-            let first = match held.take() {
+            let first = match held.pop_front() {
                 Some(job) => job,
                 None => match queue.recv() {
                     Ok(job) => taken(job),
@@ -168,18 +192,35 @@ fn work(
             let mut batch = vec![first];
             let until = Instant::now() + config.max_delay;
             while rows < config.max_batch {
-                let left = until.saturating_duration_since(Instant::now());
-                match queue.recv_timeout(left) {
-                    Ok(job) => {
-                        let job = taken(job);
-                        if rows + job.rows > config.max_batch {
-                            held = Some(job);
-                            break;
-                        }
-                        rows += job.rows;
-                        batch.push(job);
-                    }
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                let next = match held.pop_front() {
+                    Some(job) => job,
+                    None => match queue.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                        Ok(job) => taken(job),
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    },
+                };
+                if rows + next.rows > config.max_batch {
+                    held.push_front(next);
+                    break;
+                }
+                rows += next.rows;
+                batch.push(next);
+            }
+            // With an allow-list, the longest prefix of an allowed size
+            // runs; the rest waits for the next forward.
+            if let Some(allowed) = model.allowed_batches() {
+                let mut total = 0;
+                let fits = batch
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, job)| {
+                        total += job.rows;
+                        allowed.binary_search(&total).is_ok().then_some(i + 1)
+                    })
+                    .last()
+                    .unwrap_or(1);
+                for job in batch.drain(fits..).rev() {
+                    held.push_front(job);
                 }
             }
             batch
@@ -196,9 +237,9 @@ fn run(model: &BatchedModel, batch: Vec<Job>, metrics: &Metrics) {
         .partition(|job| !job.reply.is_closed() && job.deadline > now);
     for job in gone {
         // Deadline passed or caller gone: no forward for it.
-        let _ = job
-            .reply
-            .send(Err("the request's deadline passed while it was queued".into()));
+        let _ = job.reply.send(Err(Failure::Deadline(
+            "the request's deadline passed while it was queued".into(),
+        )));
     }
     if live.is_empty() {
         return;
@@ -218,31 +259,35 @@ fn run(model: &BatchedModel, batch: Vec<Job>, metrics: &Metrics) {
             for job in live {
                 let rows: Reply = outputs
                     .iter()
-                    .map(|y| y.narrow(0, offset, job.rows).map_err(|e| e.to_string()))
+                    .map(|y| {
+                        y.narrow(0, offset, job.rows)
+                            .map_err(|e| Failure::Failed(e.to_string()))
+                    })
                     .collect();
                 offset += job.rows;
                 let _ = job.reply.send(rows);
             }
         }
-        Err(message) => {
+        Err(failure) => {
             for job in live {
-                let _ = job.reply.send(Err(message.clone()));
+                let _ = job.reply.send(Err(failure.clone()));
             }
         }
     }
 }
 
-fn forward(model: &BatchedModel, jobs: &[Job]) -> Result<Vec<Tensor>, String> {
+fn forward(model: &BatchedModel, jobs: &[Job]) -> Result<Vec<Tensor>, Failure> {
     if let [job] = jobs {
-        return model.run(&job.inputs).map_err(|e| e.to_string());
+        return model.run(&job.inputs).map_err(Failure::of);
     }
     let inputs = (0..jobs[0].inputs.len())
         .map(|i| {
             let parts: Vec<&Tensor> = jobs.iter().map(|job| &job.inputs[i]).collect();
-            Tensor::cat(&parts, 0).map_err(|e| e.to_string())
+            // Inputs that disagree beyond the batch are the callers' fault.
+            Tensor::cat(&parts, 0).map_err(|e| Failure::Refused(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    model.run(&inputs).map_err(|e| e.to_string())
+    model.run(&inputs).map_err(Failure::of)
 }
 
 #[cfg(test)]
@@ -297,6 +342,43 @@ mod tests {
         assert_eq!(model.stats().hits, stats.hits + 1, "batch 4 was the one compiled");
     }
 
+    /// With an allow-list, only allowed sizes are formed: three one-row
+    /// requests under [1, 2, 4] run as 2 + 1, all answered, none refused.
+    #[test]
+    fn allowed_sizes_only() {
+        let graph = {
+            let mut graph = Graph::new("g");
+            let x = graph.add_input("x", TensorFact::new(DType::F32, [1usize, 3])).unwrap();
+            let y = graph.add_node("y", Op::Relu, &[x]).unwrap();
+            graph.set_outputs(vec![y]);
+            graph
+        };
+        let model = BatchedModel::new(Engine::cpu(), graph, 1)
+            .unwrap()
+            .with_allowed_batches(&[1, 2, 4])
+            .unwrap();
+        let model = Arc::new(model);
+        let config = BatchConfig {
+            max_batch: 8,
+            max_delay: Duration::from_millis(200),
+            ..BatchConfig::default()
+        };
+        let batcher = Batcher::new(Arc::clone(&model), config, Arc::default());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let receivers: Vec<_> = (0..3)
+            .map(|i| batcher.submit(vec![rows(&[[i as f32, 0.0, 0.0]])], deadline).unwrap())
+            .collect();
+        for (i, receiver) in receivers.into_iter().enumerate() {
+            let y = receiver.blocking_recv().unwrap().unwrap();
+            assert_eq!(y[0].to_vec2::<f32>().unwrap(), [[i as f32, 0.0, 0.0]]);
+        }
+        let stats = model.stats();
+        assert_eq!(
+            stats.compiles, 3,
+            "only the allowed sizes, compiled up front: {stats:?}"
+        );
+    }
+
     /// A full queue refuses at once; a passed deadline is answered without
     /// a forward; inputs without a batch dimension are refused.
     #[test]
@@ -324,7 +406,7 @@ mod tests {
         let past = Instant::now();
         let reply = batcher.submit(vec![rows(&[[1.0, 2.0, 3.0]])], past).unwrap();
         let err = reply.blocking_recv().unwrap().unwrap_err();
-        assert!(err.contains("deadline"), "{err}");
+        assert!(matches!(err, Failure::Deadline(_)), "{err:?}");
         let scalar = Tensor::new(1f32, &Device::Cpu).unwrap();
         assert!(matches!(
             batcher.submit(vec![scalar], far),

@@ -92,10 +92,13 @@ impl AppState {
         })?;
         match tokio::time::timeout(self.deadline, receiver).await {
             Ok(Ok(Ok(outputs))) => Ok(outputs),
-            Ok(Ok(Err(message))) if message.contains("deadline") => {
+            Ok(Ok(Err(batcher::Failure::Deadline(message)))) => {
                 Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, message))
             }
-            Ok(Ok(Err(message))) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)),
+            Ok(Ok(Err(batcher::Failure::Refused(message)))) => Err(ApiError::new(StatusCode::BAD_REQUEST, message)),
+            Ok(Ok(Err(batcher::Failure::Failed(message)))) => {
+                Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message))
+            }
             Ok(Err(_)) => Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the model's worker stopped",

@@ -9,6 +9,7 @@
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Parser;
+use std::future::IntoFuture;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,6 +56,13 @@ struct Args {
     /// (or finished) by then gets 504.
     #[arg(long, default_value_t = 30_000)]
     deadline_ms: u64,
+    /// On SIGTERM, how long requests in flight may take to finish.
+    #[arg(long, default_value_t = 10)]
+    drain_seconds: u64,
+    /// Serve only these batch sizes (comma-separated), compiled at start;
+    /// the batcher forms only these. Default: any size, compiled on first use.
+    #[arg(long, value_delimiter = ',')]
+    batch_sizes: Vec<usize>,
     /// Batch sizes kept compiled.
     #[arg(long, default_value_t = 4)]
     cache: usize,
@@ -94,7 +102,11 @@ async fn main() -> Result<()> {
         max_queue: args.max_queue,
         workers: args.workers,
     };
-    let model = BatchedModel::new(Engine::cpu().with_limits(limits), graph, args.cache)?;
+    let mut model = BatchedModel::new(Engine::cpu().with_limits(limits), graph, args.cache)?;
+    if !args.batch_sizes.is_empty() {
+        eprintln!("compiling batch sizes {:?}", args.batch_sizes);
+        model = model.with_allowed_batches(&args.batch_sizes)?;
+    }
     let deadline = Duration::from_millis(args.deadline_ms);
     let state = Arc::new(AppState::new(model, info, limits, config, deadline));
     let listener = tokio::net::TcpListener::bind(&args.addr)
@@ -102,10 +114,24 @@ async fn main() -> Result<()> {
         .with_context(|| format!("cannot bind {}", args.addr))?;
     println!("listening on http://{}", listener.local_addr()?);
     std::io::stdout().flush()?;
-    axum::serve(listener, router(state, args.max_body_bytes))
-        .with_graceful_shutdown(shutdown())
-        .await?;
-    eprintln!("shut down");
+    // On SIGTERM / Ctrl-C: stop accepting, let requests in flight finish,
+    // but for at most --drain-seconds.
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let signalled = Arc::clone(&stopping);
+    let server = axum::serve(listener, router(state, args.max_body_bytes)).with_graceful_shutdown(async move {
+        shutdown().await;
+        signalled.notify_one();
+    });
+    let drain = Duration::from_secs(args.drain_seconds);
+    tokio::select! {
+        result = server.into_future() => {
+            result?;
+            eprintln!("shut down");
+        }
+        _ = async { stopping.notified().await; tokio::time::sleep(drain).await } => {
+            eprintln!("shut down after {} s of draining, with requests still in flight", drain.as_secs());
+        }
+    }
     Ok(())
 }
 
