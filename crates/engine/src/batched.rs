@@ -54,6 +54,8 @@ pub struct BatchedModel {
     evictions: AtomicU64,
     /// The only batch sizes served, when restricted (sorted, distinct).
     allowed: Option<Vec<usize>>,
+    /// Packed convs shared by every batch size's compile.
+    convs: crate::cpu::ConvCache,
 }
 
 impl BatchedModel {
@@ -72,6 +74,7 @@ impl BatchedModel {
             compiles: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             allowed: None,
+            convs: Default::default(),
         })
     }
 
@@ -190,7 +193,7 @@ impl BatchedModel {
             .template
             .with_batch(batch)
             .map_err(EngineError::from)
-            .and_then(|g| self.engine.compile(&g))
+            .and_then(|g| self.engine.compile_sharing(&g, Some(&self.convs)))
         {
             Ok(compiled) => {
                 let compiled = Arc::new(compiled);
@@ -296,6 +299,29 @@ mod tests {
             .unwrap()
             .with_allowed_batches(&[])
             .is_err());
+    }
+
+    /// Batch sizes whose convs take the same algorithm share one packing.
+    #[test]
+    fn batch_sizes_share_packed_convs() {
+        let model = model();
+        let (a, b) = (model.compiled(1).unwrap(), model.compiled(2).unwrap());
+        let convs = |m: &CompiledModel| -> Vec<*const crate::cpu::conv::CpuConv> {
+            m.plan()
+                .steps
+                .iter()
+                .filter_map(|s| match &s.kernel {
+                    crate::kernel::Kernel::Cpu(crate::cpu::CpuKernel::Conv { conv, .. }) => {
+                        Some(std::ptr::from_ref::<crate::cpu::conv::CpuConv>(conv))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(convs(&a).len(), 1);
+        assert_eq!(convs(&a), convs(&b), "one packed conv for both sizes");
+        let alone = Engine::cpu().compile(&model.template.with_batch(1).unwrap()).unwrap();
+        assert_ne!(convs(&alone), convs(&a), "a plain compile packs its own");
     }
 
     /// Many threads asking for one new size at once compile it once.

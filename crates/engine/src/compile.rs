@@ -1,9 +1,10 @@
 //! [`Engine`]: verifies a graph, lowers each node to a kernel for the
 //! device (weights moved or packed once) and plans the run.
 
+use crate::cpu::ConvCache;
 use crate::error::AtNode;
 use crate::exec::CompiledModel;
-use crate::kernel::Kernel;
+use crate::kernel::{Kernel, Lowering};
 use crate::machine::Machine;
 use crate::plan::{InputSlot, Plan, Step};
 use crate::CpuPath;
@@ -69,10 +70,27 @@ impl Engine {
     /// to the device, selects a kernel per node and plans when each
     /// intermediate value is freed.
     pub fn compile(&self, graph: &Graph) -> Result<CompiledModel, EngineError> {
+        self.compile_sharing(graph, None)
+    }
+
+    /// [`Engine::compile`], taking packed convs from `convs` (and adding
+    /// to it) when given: the compiles of one graph at several batch sizes
+    /// then share their packed weights.
+    pub(crate) fn compile_sharing(
+        &self,
+        graph: &Graph,
+        convs: Option<&ConvCache>,
+    ) -> Result<CompiledModel, EngineError> {
         graph.verify_with(&self.limits)?;
         let machine = match self.device.is_cpu() {
             true => Some(Machine::resolve(self.cpu_path)?),
             false => None,
+        };
+        let lowering = Lowering {
+            device: &self.device,
+            machine,
+            limits: &self.limits,
+            convs,
         };
         let mut constants = Vec::new();
         let mut steps = Vec::new();
@@ -100,7 +118,7 @@ impl Engine {
                     name: node.name.clone(),
                     op: node.op.name(),
                     fact: node.fact.clone(),
-                    kernel: Kernel::lower(graph, node, (&self.device, machine), &self.limits)?,
+                    kernel: Kernel::lower(graph, node, &lowering)?,
                     output: id.index(),
                     free_after: Vec::new(),
                 }),

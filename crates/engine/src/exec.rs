@@ -29,6 +29,12 @@ pub struct CompiledModel {
 }
 
 impl CompiledModel {
+    /// The plan: its steps and their kernels (read by tests).
+    #[cfg(test)]
+    pub(crate) fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
     pub(crate) fn new(plan: Plan, device: Device, cpu_path: Option<CpuPath>) -> Self {
         let run_in_pool = device.is_cpu() && plan.peak_activation_bytes() <= IN_POOL_MAX_ACTIVATION_BYTES;
         Self {

@@ -5,7 +5,7 @@
 
 use crate::candle::{batch_norm_affine, CandleOp, FusedConv};
 use crate::cpu::conv::{ConvSpec, CpuConv};
-use crate::cpu::{conv_algorithm, CpuKernel};
+use crate::cpu::{conv_algorithm, ConvCache, CpuKernel};
 use crate::error::AtNode;
 use crate::machine::Machine;
 use crate::EngineError;
@@ -25,6 +25,15 @@ pub(crate) enum Kernel {
     Cpu(CpuKernel),
 }
 
+/// What lowering needs beside the node: the device, the CPU's path and
+/// caches (when on the CPU), the limits, and packed convs to share.
+pub(crate) struct Lowering<'a> {
+    pub(crate) device: &'a Device,
+    pub(crate) machine: Option<Machine>,
+    pub(crate) limits: &'a Limits,
+    pub(crate) convs: Option<&'a ConvCache>,
+}
+
 /// A conv node's operands by role (the IR's order: x, weight, bias, residual).
 struct ConvOperands {
     x: Slot,
@@ -34,15 +43,10 @@ struct ConvOperands {
 }
 
 impl Kernel {
-    /// Lowers `node` (neither an input nor a constant) for `device`
-    /// (`machine`: the CPU's path and caches, when on the CPU), refusing a
-    /// kernel whose workspace would exceed `limits`.
-    pub(crate) fn lower(
-        graph: &Graph,
-        node: &Node,
-        (device, machine): (&Device, Option<Machine>),
-        limits: &Limits,
-    ) -> Result<Kernel, EngineError> {
+    /// Lowers `node` (neither an input nor a constant) as `how` says,
+    /// refusing a kernel whose workspace would exceed its limits.
+    pub(crate) fn lower(graph: &Graph, node: &Node, how: &Lowering<'_>) -> Result<Kernel, EngineError> {
+        let device = how.device;
         let slot = |i: usize| node.inputs[i].index();
         let optional = |i: usize| node.inputs.get(i).map(|id| id.index());
         let candle = |op: CandleOp| Ok(Kernel::Candle(op));
@@ -64,7 +68,7 @@ impl Kernel {
                     relu: false,
                     pool: None,
                 };
-                lower_conv(graph, node, (device, machine), limits, (plain, false), operands)
+                lower_conv(graph, node, how, (plain, false), operands)
             }
             Op::FusedConv2d(fused) => {
                 let operands = ConvOperands {
@@ -73,7 +77,7 @@ impl Kernel {
                     bias: Some(slot(2)),
                     residual: optional(3),
                 };
-                lower_conv(graph, node, (device, machine), limits, (*fused, true), operands)
+                lower_conv(graph, node, how, (*fused, true), operands)
             }
             Op::BatchNorm(attrs) => {
                 let params: Option<Vec<&Tensor>> = (1..node.inputs.len()).map(|i| constant(graph, node, i)).collect();
@@ -154,11 +158,11 @@ fn constant<'g>(graph: &'g Graph, node: &Node, i: usize) -> Option<&'g Tensor> {
 fn lower_conv(
     graph: &Graph,
     node: &Node,
-    (device, machine): (&Device, Option<Machine>),
-    limits: &Limits,
+    how: &Lowering<'_>,
     (conv, fused): (FusedConv2dAttrs, bool),
     operands: ConvOperands,
 ) -> Result<Kernel, EngineError> {
+    let (device, machine, limits) = (how.device, how.machine, how.limits);
     let FusedConv2dAttrs {
         conv: attrs,
         relu,
@@ -178,7 +182,12 @@ fn lower_conv(
             ));
         };
         let algorithm = conv_algorithm(&spec, pool.is_some(), out_shape);
-        let conv = CpuConv::new(algorithm, weight, bias.flatten(), attrs, relu, pool, machine).at(&node.name)?;
+        let pack = || CpuConv::new(algorithm, weight, bias.flatten(), attrs, relu, pool, machine);
+        let conv = match how.convs {
+            Some(convs) => convs.get_or_pack(&node.name, algorithm, pack),
+            None => pack().map(std::sync::Arc::new),
+        }
+        .at(&node.name)?;
         tracing::debug!(node = %node.name, kernel = conv.algorithm().name(), "cpu conv kernel");
         return Ok(Kernel::Cpu(CpuKernel::Conv {
             conv,

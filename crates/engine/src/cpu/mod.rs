@@ -19,6 +19,7 @@ pub(crate) mod pool;
 use crate::kernel::Slot;
 use candle_core::Tensor;
 use conv::{winograd, ConvSpec, CpuConv};
+use std::sync::Arc;
 use wick_ir::MaxPool2dAttrs;
 
 /// Fewer tiles than this (over the batch) run faster as a direct convolution
@@ -42,7 +43,7 @@ const F2_MIN_CHANNELS: usize = 64;
 const LANE_MAX_PIXELS: usize = 256;
 
 /// The CPU conv algorithms, named as the debug log and the tests name them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum ConvAlgorithm {
     /// Winograd F(4×4, 3×3) on the panel micro-kernel.
     WinogradF4,
@@ -98,13 +99,43 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
     }
 }
 
+/// Packed convolutions shared by the compiles of one graph at several
+/// batch sizes ([`crate::BatchedModel`]): keyed by node name and algorithm,
+/// so a conv whose algorithm does not change with the batch is packed once
+/// (ResNet18's packed Winograd weights are ~4× its 3×3 weights: ~150 MB
+/// per compiled size when not shared). Only sound for compiles of one
+/// template graph on one engine (the same weights, attributes and path).
+#[derive(Debug, Default)]
+pub(crate) struct ConvCache(std::sync::Mutex<std::collections::HashMap<(String, ConvAlgorithm), Arc<CpuConv>>>);
+
+impl ConvCache {
+    /// The conv packed for `node` and `algorithm`, packing it with `pack`
+    /// on first use.
+    pub(crate) fn get_or_pack(
+        &self,
+        node: &str,
+        algorithm: ConvAlgorithm,
+        pack: impl FnOnce() -> candle_core::Result<CpuConv>,
+    ) -> candle_core::Result<Arc<CpuConv>> {
+        let key = (node.to_string(), algorithm);
+        if let Some(conv) = self.0.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(conv);
+        }
+        let conv = Arc::new(pack()?);
+        if let Ok(mut map) = self.0.lock() {
+            map.entry(key).or_insert_with(|| Arc::clone(&conv));
+        }
+        Ok(conv)
+    }
+}
+
 /// A step run by one of wick's CPU kernels, with its operands by role.
 #[derive(Debug)]
 pub(crate) enum CpuKernel {
     /// A conv (with its epilogue and fused pool) whose weights were packed
     /// at compile time: it reads only `x` and the `residual`, if any.
     Conv {
-        conv: CpuConv,
+        conv: Arc<CpuConv>,
         x: Slot,
         residual: Option<Slot>,
     },
