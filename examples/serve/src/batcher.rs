@@ -8,8 +8,9 @@
 
 use crate::metrics::Metrics;
 use candle_core::Tensor;
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use wick_engine::BatchedModel;
@@ -84,39 +85,42 @@ pub enum SubmitError {
     BadInputs(String),
 }
 
+/// The waiting requests, oldest first, and the signal workers wait on.
+#[derive(Default)]
+struct Queue {
+    jobs: Mutex<VecDeque<Job>>,
+    arrived: Condvar,
+    /// Set when the batcher is dropped: workers finish and exit.
+    closed: AtomicBool,
+}
+
 /// The queue and its workers for one model.
 pub struct Batcher {
     model: Arc<BatchedModel>,
-    queue: SyncSender<Job>,
-    /// The receiving end, held here too so the queue outlives its workers
-    /// (and exists with none).
-    _jobs: Arc<Mutex<Receiver<Job>>>,
-    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    queue: Arc<Queue>,
     config: BatchConfig,
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.queue.closed.store(true, Ordering::Relaxed);
+        self.queue.arrived.notify_all();
+    }
 }
 
 impl Batcher {
     /// Starts `config.workers` worker threads running `model`, recording
     /// queue waits, forwards and rows in `metrics`.
     pub fn new(model: Arc<BatchedModel>, config: BatchConfig, metrics: Arc<Metrics>) -> Self {
-        let (queue, jobs) = sync_channel::<Job>(config.max_queue.max(1));
-        let jobs = Arc::new(Mutex::new(jobs));
-        let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let queue = Arc::new(Queue::default());
         for index in 0..config.workers {
-            let (model, jobs, waiting) = (Arc::clone(&model), Arc::clone(&jobs), Arc::clone(&waiting));
-            let metrics = Arc::clone(&metrics);
+            let (model, queue, metrics) = (Arc::clone(&model), Arc::clone(&queue), Arc::clone(&metrics));
             std::thread::Builder::new()
                 .name(format!("wick-batcher-{index}"))
-                .spawn(move || work(&model, &jobs, &waiting, config, &metrics))
+                .spawn(move || work(&model, &queue, config, &metrics))
                 .expect("a worker thread");
         }
-        Self {
-            model,
-            queue,
-            _jobs: jobs,
-            waiting,
-            config,
-        }
+        Self { model, queue, config }
     }
 
     /// The model behind the queue.
@@ -131,11 +135,14 @@ impl Batcher {
 
     /// Requests waiting for a forward now.
     pub fn queue_depth(&self) -> usize {
-        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+        self.queue.jobs.lock().map(|jobs| jobs.len()).unwrap_or(0)
     }
 
     /// Queues `inputs` (each `[rows, ...]`, the same `rows`) for a forward
-    /// that must start before `deadline`; the reply arrives on the receiver.
+    /// that must start before `deadline`; the reply arrives on the
+    /// receiver. A full queue first drops the requests whose callers have
+    /// gone (closed connection, deadline passed), so they free their
+    /// places at once.
     pub fn submit(&self, inputs: Vec<Tensor>, deadline: Instant) -> Result<oneshot::Receiver<Reply>, SubmitError> {
         let rows = match inputs.first().map(|t| t.dims().first().copied()) {
             Some(Some(rows)) if rows > 0 && inputs.iter().all(|t| t.dims().first() == Some(&rows)) => rows,
@@ -146,68 +153,72 @@ impl Batcher {
             }
         };
         let (reply, receiver) = oneshot::channel();
-        let job = Job {
+        let mut jobs = self.queue.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if jobs.len() >= self.config.max_queue {
+            jobs.retain(|job| !job.reply.is_closed());
+        }
+        if jobs.len() >= self.config.max_queue {
+            return Err(SubmitError::Full);
+        }
+        jobs.push_back(Job {
             inputs,
             rows,
             queued: Instant::now(),
             deadline,
             reply,
-        };
-        self.waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match self.queue.try_send(job) {
-            Ok(()) => Ok(receiver),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                Err(SubmitError::Full)
-            }
-        }
+        });
+        drop(jobs);
+        self.queue.arrived.notify_one();
+        Ok(receiver)
     }
 }
 
 /// A worker: take the oldest job, gather more for up to `max_delay`, run.
-fn work(
-    model: &BatchedModel,
-    jobs: &Mutex<Receiver<Job>>,
-    waiting: &std::sync::atomic::AtomicUsize,
-    config: BatchConfig,
-    metrics: &Metrics,
-) {
-    // Jobs taken from the queue but left for the next forward, oldest first.
-    let mut held: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
+fn work(model: &BatchedModel, queue: &Queue, config: BatchConfig, metrics: &Metrics) {
     loop {
         let batch = {
-            let Ok(queue) = jobs.lock() else { return };
-            let taken = |job: Job| {
-                waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                job
-            };
-            let first = match held.pop_front() {
-                Some(job) => job,
-                None => match queue.recv() {
-                    Ok(job) => taken(job),
-                    Err(_) => return, // the service is gone
-                },
+            let mut jobs = queue.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let first = loop {
+                if queue.closed.load(Ordering::Relaxed) {
+                    return;
+                }
+                match jobs.pop_front() {
+                    Some(job) => break job,
+                    None => {
+                        jobs = queue
+                            .arrived
+                            .wait(jobs)
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    }
+                }
             };
             let mut rows = first.rows;
             let mut batch = vec![first];
             let until = Instant::now() + config.max_delay;
             while rows < config.max_batch {
-                let next = match held.pop_front() {
-                    Some(job) => job,
-                    None => match queue.recv_timeout(until.saturating_duration_since(Instant::now())) {
-                        Ok(job) => taken(job),
-                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-                    },
-                };
-                if rows + next.rows > config.max_batch {
-                    held.push_front(next);
-                    break;
+                match jobs.front() {
+                    // Too big to join: it starts the next forward.
+                    Some(next) if rows + next.rows > config.max_batch => break,
+                    Some(_) => {
+                        let next = jobs.pop_front().expect("front exists");
+                        rows += next.rows;
+                        batch.push(next);
+                    }
+                    None => {
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        jobs = queue
+                            .arrived
+                            .wait_timeout(jobs, left)
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .0;
+                    }
                 }
-                rows += next.rows;
-                batch.push(next);
             }
             // With an allow-list, the longest prefix of an allowed size
-            // runs; the rest waits for the next forward.
+            // runs; the rest goes back to the front of the queue.
             if let Some(allowed) = model.allowed_batches() {
                 let mut total = 0;
                 let fits = batch
@@ -220,7 +231,7 @@ fn work(
                     .last()
                     .unwrap_or(1);
                 for job in batch.drain(fits..).rev() {
-                    held.push_front(job);
+                    jobs.push_front(job);
                 }
             }
             batch
@@ -393,13 +404,17 @@ mod tests {
             },
             Arc::default(),
         );
-        let _first = idle.submit(vec![rows(&[[1.0, 2.0, 3.0]])], far).unwrap();
+        let first = idle.submit(vec![rows(&[[1.0, 2.0, 3.0]])], far).unwrap();
         let _second = idle.submit(vec![rows(&[[1.0, 2.0, 3.0]])], far).unwrap();
         assert_eq!(idle.queue_depth(), 2);
         assert_eq!(
             idle.submit(vec![rows(&[[1.0, 2.0, 3.0]])], far).unwrap_err(),
             SubmitError::Full
         );
+        assert_eq!(idle.queue_depth(), 2);
+        // A caller that gives up frees its place for the next request.
+        drop(first);
+        let _third = idle.submit(vec![rows(&[[1.0, 2.0, 3.0]])], far).unwrap();
         assert_eq!(idle.queue_depth(), 2);
 
         let batcher = Batcher::new(model(), BatchConfig::default(), Arc::default());
