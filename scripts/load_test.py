@@ -118,6 +118,7 @@ def main():
     parser.add_argument("--server", default="target/release/wick-serve")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--server-args", nargs="*", default=[], help="more wick-serve flags, for both configurations")
     args = parser.parse_args()
     print(f"{'config':<12} {'clients':>7} {'img/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
           f"{'idle MiB':>8} {'peak MiB':>8} {'live max ms':>11}  statuses", flush=True)
@@ -127,7 +128,7 @@ def main():
     )
     for name, extra in configs:
         for clients in args.clients:
-            r = run(args.server, extra, clients, args.seconds)
+            r = run(args.server, extra + args.server_args, clients, args.seconds)
             print(f"{name:<12} {clients:>7} {r['images_per_s']:>7.1f} {r['p50_ms']:>8.1f} {r['p90_ms']:>8.1f} "
                   f"{r['p99_ms']:>8.1f} {r['idle_rss_mib']:>8.0f} {r['peak_rss_mib']:>8.0f} {r['live_worst_ms']:>11.1f}  "
                   f"{dict(sorted(r['statuses'].items()))}", flush=True)

@@ -68,8 +68,20 @@ struct Args {
     cache: usize,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // Decoding, encoding and image preprocessing run on Tokio's blocking
+    // pool: short CPU work, for which more threads than cores only add
+    // memory (each thread's allocations, a malloc arena each). Forwards run
+    // on the batcher's own threads.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(cores)
+        .build()?
+        .block_on(serve())
+}
+
+async fn serve() -> Result<()> {
     // One line per request at info (RUST_LOG, default info; e.g.
     // RUST_LOG=wick_serve=debug adds each batch formed).
     tracing_subscriber::fmt()
