@@ -50,7 +50,7 @@ pub fn run_ir_text(text: &str, limits: &Limits) -> Ending {
 pub fn ir_text_pipeline(text: &str, limits: &Limits) -> Result<Vec<Tensor>, String> {
     let mut graph = Graph::parse(text).map_err(|e| e.to_string())?;
     graph.verify_with(limits).map_err(|e| e.to_string())?;
-    fill_missing_constants(&mut graph, 0).map_err(|e| e.to_string())?;
+    fill_missing_constants(&mut graph, 0, limits).map_err(|e| e.to_string())?;
     run_graph(graph, limits)
 }
 

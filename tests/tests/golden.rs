@@ -51,7 +51,7 @@ fn check_model(name: ModelName, stem: &str) {
 fn check_text(stem: &str) {
     let text = std::fs::read_to_string(golden_dir().join(format!("{stem}.ir"))).unwrap();
     let mut graph = Graph::parse(&text).unwrap();
-    fill_missing_constants(&mut graph, 0).unwrap();
+    fill_missing_constants(&mut graph, 0, &Default::default()).unwrap();
     assert_golden(&format!("{stem}.after.ir"), &after_text(graph));
 }
 

@@ -147,3 +147,18 @@ fn the_engine_verifies_against_its_limits() {
     assert!(err.contains("more than the limit of 1024"), "{err}");
     assert!(wick_engine::Engine::cpu().compile(&graph).is_ok());
 }
+
+/// The element limit is for admission (the engine, loaders, the CLI); the
+/// pass manager's verification after each pass checks structure only, so
+/// a user who raises the limit can still optimise a graph above the default.
+#[test]
+fn passes_do_not_apply_the_admission_limit() {
+    let mut graph: Graph = "graph g(%x: f32[2,1073741824]) {\n  %r = relu(%x) : f32[2,1073741824]\n  return %r\n}"
+        .parse()
+        .unwrap();
+    assert!(graph.verify().is_err(), "over the default limit");
+    wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+    graph.verify_with(&Limits::unbounded()).unwrap();
+    let raised = Limits::default().with_max_elements(1 << 31);
+    graph.verify_with(&raised).unwrap();
+}

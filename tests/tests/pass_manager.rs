@@ -9,7 +9,7 @@ use wick_passes::{
 
 fn graph(text: &str) -> Graph {
     let mut graph = Graph::parse(text).unwrap();
-    fill_missing_constants(&mut graph, 3).unwrap();
+    fill_missing_constants(&mut graph, 3, &Default::default()).unwrap();
     graph
 }
 

@@ -30,12 +30,12 @@ pub fn run(args: IrArgs) -> Result<()> {
     } else {
         std::fs::read_to_string(&args.file).with_context(|| format!("cannot read `{}`", args.file.display()))?
     };
-    let graph = Graph::parse(&text).with_context(|| format!("in `{}`", args.file.display()))?;
-    graph.verify_with(&wick_ir::Limits::from_env().map_err(anyhow::Error::msg)?)?;
+    let mut graph = Graph::parse(&text).with_context(|| format!("in `{}`", args.file.display()))?;
     // Text carries no weights; give constants deterministic data so that
-    // weight-folding passes can run on hand-written graphs.
-    let mut graph = graph;
-    wick_models::random::fill_missing_constants(&mut graph, 0)?;
+    // weight-folding passes can run on hand-written graphs (verified
+    // against the limits first: nothing too large is allocated).
+    let limits = wick_ir::Limits::from_env().map_err(anyhow::Error::msg)?;
+    wick_models::random::fill_missing_constants(&mut graph, 0, &limits)?;
     let name = graph.name().to_string();
     let (graph, report) = apply_passes(graph, args.passes.passes, args.output.dump_ir.as_deref())?;
     args.output.emit(&name, &graph, report.as_ref())

@@ -122,7 +122,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             match &args.model.weights {
                 Some(weights) => saved::attach_weights(&mut graph, weights)?,
                 None => {
-                    fill_missing_constants(&mut graph, DEFAULT_WEIGHT_SEED)?;
+                    fill_missing_constants(&mut graph, DEFAULT_WEIGHT_SEED, &limits)?;
                 }
             }
             graph.verify_with(&limits)?;

@@ -87,7 +87,7 @@ pub(crate) mod test_util {
     /// A graph parsed from IR text with seeded random data for its constants.
     pub(crate) fn graph_with_weights(text: &str) -> wick_ir::Graph {
         let mut graph = wick_ir::Graph::parse(text).unwrap();
-        wick_models::random::fill_missing_constants(&mut graph, 7).unwrap();
+        wick_models::random::fill_missing_constants(&mut graph, 7, &Default::default()).unwrap();
         graph
     }
 }

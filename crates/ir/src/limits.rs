@@ -35,6 +35,16 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// No element limit: only representable sizes and no zero-sized
+    /// dimension. For checks of structure rather than admission (the pass
+    /// manager's verification after each pass, tracing a model written in
+    /// code), where whoever admits the graph applies its own limits.
+    pub fn unbounded() -> Self {
+        Self {
+            max_elements: usize::MAX,
+        }
+    }
+
     /// These limits with at most `max_elements` elements per tensor.
     pub fn with_max_elements(self, max_elements: usize) -> Self {
         Self { max_elements }

@@ -68,12 +68,16 @@ pub fn uniform(
 /// tensor (uniform in [-1, 1), or [0.5, 1.5) where it is used as a batch-norm
 /// running variance so the graph stays finite). Returns how many were filled.
 /// Used to run hand-written IR text, which carries no weights. The graph
-/// is verified first (default [`wick_ir::Limits`]), so no declared fact
-/// larger than the limit is ever allocated.
-pub fn fill_missing_constants(graph: &mut wick_ir::Graph, seed: u64) -> Result<usize, crate::ModelError> {
+/// is verified against `limits` first, so no declared fact larger than the
+/// limit is ever allocated.
+pub fn fill_missing_constants(
+    graph: &mut wick_ir::Graph,
+    seed: u64,
+    limits: &wick_ir::Limits,
+) -> Result<usize, crate::ModelError> {
     use wick_ir::Op;
     // The declared facts size what is allocated: bounded first.
-    graph.verify()?;
+    graph.verify_with(limits)?;
     let mut variance = std::collections::HashSet::new();
     for node in graph.nodes() {
         if let (Op::BatchNorm(_), Some(&var)) = (&node.op, node.inputs.get(2)) {

@@ -51,7 +51,7 @@ impl Tracer {
     /// Sets the outputs, verifies and returns the graph.
     pub fn finish(mut self, outputs: Vec<NodeId>) -> Result<Graph, ModelError> {
         self.graph.set_outputs(outputs);
-        self.graph.verify()?;
+        self.graph.verify_with(&wick_ir::Limits::unbounded())?;
         Ok(self.graph)
     }
 }

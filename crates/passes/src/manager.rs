@@ -251,10 +251,12 @@ impl PassManager {
     /// Runs the pipeline on `graph`. The graph is verified first and after
     /// every pass; an error names the pass after which verification failed.
     pub fn run(&self, graph: &mut Graph) -> Result<PassReport, PassError> {
-        graph.verify().map_err(|source| PassError::VerifyAfter {
-            pass: "(input graph, before any pass)".into(),
-            source,
-        })?;
+        graph
+            .verify_with(&wick_ir::Limits::unbounded())
+            .map_err(|source| PassError::VerifyAfter {
+                pass: "(input graph, before any pass)".into(),
+                source,
+            })?;
         let passes = self.sequence();
         let cap = self.fixpoint_cap.unwrap_or(1);
         let mut runs = Vec::new();
@@ -272,10 +274,12 @@ impl PassManager {
                 let start = Instant::now();
                 let changed = pass.run(graph, &mut PassCounters::new(&mut counters, name))?;
                 let wall = start.elapsed();
-                graph.verify().map_err(|source| PassError::VerifyAfter {
-                    pass: name.to_string(),
-                    source,
-                })?;
+                graph
+                    .verify_with(&wick_ir::Limits::unbounded())
+                    .map_err(|source| PassError::VerifyAfter {
+                        pass: name.to_string(),
+                        source,
+                    })?;
                 self.dump(step, name, "after", graph)?;
                 tracing::debug!(
                     pass = name,
