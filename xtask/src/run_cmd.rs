@@ -134,17 +134,8 @@ pub fn run(args: RunArgs) -> Result<()> {
 /// Parses and verifies IR text from `path` (at most
 /// [`saved::MAX_GRAPH_TEXT_BYTES`]).
 fn read_ir(path: &Path, limits: &Limits) -> Result<Graph> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("cannot read `{}`", path.display()))?
-        .len();
-    if size > saved::MAX_GRAPH_TEXT_BYTES {
-        bail!(
-            "`{}` has {size} bytes, more than the {} IR text may have",
-            path.display(),
-            saved::MAX_GRAPH_TEXT_BYTES
-        );
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    let bytes = saved::read_graph_text(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    let text = String::from_utf8(bytes).with_context(|| format!("`{}` is not UTF-8 text", path.display()))?;
     let graph = Graph::parse(&text).with_context(|| format!("in `{}`", path.display()))?;
     graph.verify_with(limits)?;
     Ok(graph)

@@ -39,6 +39,14 @@ pub enum SavedError {
         /// What its first line says.
         found: String,
     },
+    /// A graph file larger than [`MAX_GRAPH_TEXT_BYTES`] (refused unread).
+    #[error("`{path}` has {size} bytes, more than the {MAX_GRAPH_TEXT_BYTES} a graph file may have")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
     /// The graph text is malformed or fails verification.
     #[error("`{path}`: {source}")]
     Graph {
@@ -130,11 +138,7 @@ pub fn load(dir: &Path) -> Result<Graph, SavedError> {
 /// tensor too large is refused without allocating it.
 pub fn load_with(dir: &Path, limits: &Limits) -> Result<Graph, SavedError> {
     let graph_path = dir.join(GRAPH_FILE);
-    let size = std::fs::metadata(&graph_path).map_err(io(&graph_path))?.len();
-    if size > MAX_GRAPH_TEXT_BYTES {
-        return Err(too_long(&graph_path, size));
-    }
-    let text = std::fs::read(&graph_path).map_err(io(&graph_path))?;
+    let text = read_graph_text(&graph_path)?;
     let mut graph = parse_saved(&text, &graph_path, limits)?;
     attach_weights(&mut graph, &dir.join(WEIGHTS_FILE))?;
     graph.verify_with(limits).map_err(|source| SavedError::Graph {
@@ -162,10 +166,20 @@ pub fn from_bytes(graph_text: &[u8], weights: &[u8], limits: &Limits) -> Result<
 }
 
 fn too_long(path: &Path, size: u64) -> SavedError {
-    SavedError::Version {
+    SavedError::TooLarge {
         path: path.to_path_buf(),
-        found: format!("a file of {size} bytes, more than the {MAX_GRAPH_TEXT_BYTES} a graph may have"),
+        size,
     }
+}
+
+/// The bytes of a graph file (`graph.wick` or any IR text), refused by
+/// size before it is read when over [`MAX_GRAPH_TEXT_BYTES`].
+pub fn read_graph_text(path: &Path) -> Result<Vec<u8>, SavedError> {
+    let size = std::fs::metadata(path).map_err(io(path))?.len();
+    if size > MAX_GRAPH_TEXT_BYTES {
+        return Err(too_long(path, size));
+    }
+    std::fs::read(path).map_err(io(path))
 }
 
 /// The header check, parse and first verification (facts within `limits`

@@ -41,16 +41,11 @@ impl std::fmt::Display for ImageError {
 impl std::error::Error for ImageError {}
 
 impl ImageError {
+    /// The HTTP status this refusal is answered with.
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             ImageError::Invalid(_) => StatusCode::BAD_REQUEST,
             ImageError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        }
-    }
-
-    pub(crate) fn message(self) -> String {
-        match self {
-            ImageError::Invalid(m) | ImageError::TooLarge(m) => m,
         }
     }
 }
@@ -122,6 +117,30 @@ fn image_error(error: image::ImageError) -> ImageError {
     }
 }
 
+/// Test support, not API: a PNG whose header declares `width` x `height`
+/// over the pixel data of a 1 x 1 image (header CRC recomputed), the
+/// header of a decompression bomb. Shared by the unit and loopback tests.
+#[doc(hidden)]
+pub fn declared_png(width: u32, height: u32) -> Vec<u8> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_pixel(1, 1, image::Rgb([10, 20, 30]))
+        .write_to(&mut bytes, image::ImageFormat::Png)
+        .expect("a 1 x 1 PNG encodes");
+    let mut bytes = bytes.into_inner();
+    // Signature (8), IHDR length (4), "IHDR" (4), then width and height.
+    bytes[16..20].copy_from_slice(&width.to_be_bytes());
+    bytes[20..24].copy_from_slice(&height.to_be_bytes());
+    let mut crc = !0u32;
+    for &byte in &bytes[12..29] {
+        crc ^= byte as u32;
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xEDB8_8320 & (!(crc & 1)).wrapping_add(1));
+        }
+    }
+    bytes[29..33].copy_from_slice(&(!crc).to_be_bytes());
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,28 +191,5 @@ mod tests {
             preprocess(&declared_png(4_000, 4_000)),
             Err(ImageError::Invalid(_))
         ));
-    }
-
-    /// A PNG whose header declares `width` x `height` but holds the pixel
-    /// data of a 1 x 1 image (the CRC of the header is recomputed).
-    pub(crate) fn declared_png(width: u32, height: u32) -> Vec<u8> {
-        let mut bytes = png(1, 1);
-        // Signature (8), IHDR length (4), "IHDR" (4), then width and height.
-        bytes[16..20].copy_from_slice(&width.to_be_bytes());
-        bytes[20..24].copy_from_slice(&height.to_be_bytes());
-        let crc = crc32(&bytes[12..29]);
-        bytes[29..33].copy_from_slice(&crc.to_be_bytes());
-        bytes
-    }
-
-    fn crc32(data: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &byte in data {
-            crc ^= byte as u32;
-            for _ in 0..8 {
-                crc = (crc >> 1) ^ (0xEDB8_8320 & (!(crc & 1)).wrapping_add(1));
-            }
-        }
-        !crc
     }
 }

@@ -37,6 +37,8 @@ pub mod batcher;
 mod image;
 pub mod metrics;
 pub mod oip;
+#[doc(hidden)]
+pub use image::declared_png;
 pub use image::{preprocess, ImageError, MAX_ASPECT_RATIO, MAX_DECODE_BYTES, MAX_IMAGE_SIDE};
 use oip::ModelInfo;
 
@@ -348,7 +350,7 @@ async fn predict(
         "image/png" | "image/jpeg" => tokio::task::spawn_blocking(move || preprocess(&body))
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-            .map_err(|e| ApiError::new(e.status(), e.message()))?,
+            .map_err(|e| ApiError::new(e.status(), e.to_string()))?,
         "application/x-safetensors" => raw_tensor(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?,
         other => {
             return Err(ApiError::new(

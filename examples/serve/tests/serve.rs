@@ -3,9 +3,10 @@
 
 mod common;
 
-use common::{declared_png, png, request, uniform_png, Server};
+use common::{png, request, uniform_png, Server};
 use std::process::Command;
 use std::time::Duration;
+use wick_serve::declared_png;
 
 /// Health, concurrent predictions and malformed requests, then graceful shutdown.
 #[test]

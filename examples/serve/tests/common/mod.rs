@@ -90,23 +90,6 @@ pub fn uniform_png(width: u32, height: u32) -> Vec<u8> {
     bytes
 }
 
-/// A PNG whose header declares `width` x `height` over the pixel data of a
-/// 1 x 1 image (header CRC recomputed): a decompression bomb's header.
-pub fn declared_png(width: u32, height: u32) -> Vec<u8> {
-    let mut bytes = png(1, 1);
-    bytes[16..20].copy_from_slice(&width.to_be_bytes());
-    bytes[20..24].copy_from_slice(&height.to_be_bytes());
-    let mut crc = !0u32;
-    for &byte in &bytes[12..29] {
-        crc ^= byte as u32;
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xEDB8_8320 & (!(crc & 1)).wrapping_add(1));
-        }
-    }
-    bytes[29..33].copy_from_slice(&(!crc).to_be_bytes());
-    bytes
-}
-
 /// One HTTP/1.1 request with extra `headers`; returns the status, the
 /// response headers (lower-case names) and the raw body.
 pub fn request_raw(
