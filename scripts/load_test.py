@@ -10,9 +10,10 @@ Standard library only; not run by CI.
 
 Each configuration gets a fresh server process, its batch sizes compiled
 at start (--batch-sizes) so no compile falls inside the measurement:
-"batching" is --max-batch 8 --max-delay-ms 2 --batch-sizes 1,2,4,8 (the
-defaults plus the allow-list); "no batching" is --max-batch 1
---batch-sizes 1. Idle RSS is read after start and a few warm-up requests.
+"b8 d2ms" is --max-batch 8 --max-delay-ms 2 --batch-sizes 1,2,4,8 (the
+defaults plus the allow-list; others with --batching 16:5 ...); "no
+batching" is --max-batch 1 --batch-sizes 1. Clients wait as a 503's
+Retry-After says (--impatient: 10 ms). Idle RSS is read after start and a few warm-up requests.
 """
 
 import argparse
@@ -47,7 +48,7 @@ def rss_mib(pid):
     return 0.0
 
 
-def run(server, extra, clients, seconds):
+def run(server, extra, clients, seconds, impatient):
     proc, host, port = start(server, extra)
     header, body = request_body(1)
     headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
@@ -71,16 +72,19 @@ def run(server, extra, clients, seconds):
                 response = conn.getresponse()
                 response.read()
                 status = response.status
+                retry_after = float(response.getheader("Retry-After") or 0)
             except (ConnectionError, http.client.HTTPException):
                 conn = http.client.HTTPConnection(host, port, timeout=120)
-                status = 0
+                status, retry_after = 0, 0.0
             elapsed = time.monotonic() - start_t
             with lock:
                 statuses[status] = statuses.get(status, 0) + 1
                 if status == 200:
                     latencies.append(elapsed)
             if status == 503:
-                time.sleep(0.01)
+                # A well-behaved client waits as told (1 s), or 10 ms
+                # with --impatient.
+                time.sleep(0.01 if impatient else retry_after)
 
     def sampler():
         while time.monotonic() < stop:
@@ -118,17 +122,23 @@ def main():
     parser.add_argument("--server", default="target/release/wick-serve")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--batching", nargs="+", default=["8:2"],
+                        help="batching configurations MAX_BATCH:DELAY_MS (batch sizes: powers of two below MAX_BATCH, and it)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the no-batching configuration")
+    parser.add_argument("--impatient", action="store_true", help="retry a 503 after 10 ms, not after its Retry-After")
     parser.add_argument("--server-args", nargs="*", default=[], help="more wick-serve flags, for both configurations")
     args = parser.parse_args()
     print(f"{'config':<12} {'clients':>7} {'img/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
           f"{'idle MiB':>8} {'peak MiB':>8} {'live max ms':>11}  statuses", flush=True)
-    configs = (
-        ("no batching", ["--max-batch", "1", "--batch-sizes", "1"]),
-        ("batching", ["--max-batch", "8", "--max-delay-ms", "2", "--batch-sizes", "1,2,4,8"]),
-    )
+    configs = [] if args.no_baseline else [("no batching", ["--max-batch", "1", "--batch-sizes", "1"])]
+    for spec in args.batching:
+        max_batch, delay = spec.split(":")
+        sizes = ",".join(str(1 << i) for i in range(int(max_batch).bit_length()) if 1 << i < int(max_batch)) or "1"
+        sizes = f"{sizes},{max_batch}" if int(max_batch) > 1 else sizes
+        configs.append((f"b{max_batch} d{delay}ms", ["--max-batch", max_batch, "--max-delay-ms", delay, "--batch-sizes", sizes]))
     for name, extra in configs:
         for clients in args.clients:
-            r = run(args.server, extra + args.server_args, clients, args.seconds)
+            r = run(args.server, extra + args.server_args, clients, args.seconds, args.impatient)
             print(f"{name:<12} {clients:>7} {r['images_per_s']:>7.1f} {r['p50_ms']:>8.1f} {r['p90_ms']:>8.1f} "
                   f"{r['p99_ms']:>8.1f} {r['idle_rss_mib']:>8.0f} {r['peak_rss_mib']:>8.0f} {r['live_worst_ms']:>11.1f}  "
                   f"{dict(sorted(r['statuses'].items()))}", flush=True)

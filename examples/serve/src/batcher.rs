@@ -30,12 +30,22 @@ pub struct BatchConfig {
     pub workers: usize,
 }
 
+impl BatchConfig {
+    /// The most requests a service in front of this batcher should hold at
+    /// once: a full queue plus a full forward per worker. Admitting more
+    /// only holds bodies and tensors in memory to be refused at the queue.
+    pub fn max_admitted(&self) -> usize {
+        self.max_queue
+            .saturating_add(self.max_batch.saturating_mul(self.workers))
+    }
+}
+
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
             max_batch: 8,
             max_delay: Duration::from_millis(2),
-            max_queue: 64,
+            max_queue: 16,
             workers: 1,
         }
     }

@@ -18,14 +18,14 @@
 //! Errors are the protocol's `{"error": "..."}` with a 4xx/5xx status;
 //! request bodies are bounded.
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use candle_core::{DType, Device, Tensor, D};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
@@ -33,6 +33,7 @@ use std::sync::Arc;
 use wick_engine::BatchedModel;
 use wick_ir::Limits;
 
+pub mod admission;
 pub mod batcher;
 mod image;
 pub mod metrics;
@@ -55,10 +56,16 @@ pub struct AppState {
     pub deadline: std::time::Duration,
     /// What `/metrics` reports.
     pub metrics: Arc<metrics::Metrics>,
+    /// Requests held at once, from before their bodies are read.
+    pub admission: Arc<admission::Admission>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
 }
 
 impl AppState {
-    /// Serves `model` as `info` through a [`batcher::Batcher`] with `config`.
+    /// Serves `model` as `info` through a [`batcher::Batcher`] with
+    /// `config`, admitting at most [`batcher::BatchConfig::max_admitted`]
+    /// requests at once and bodies of at most [`DEFAULT_MAX_BODY_BYTES`].
     pub fn new(
         model: BatchedModel,
         info: ModelInfo,
@@ -68,12 +75,70 @@ impl AppState {
     ) -> Self {
         let metrics = Arc::new(metrics::Metrics::default());
         Self {
+            admission: admission::Admission::new(config.max_admitted()),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             batcher: batcher::Batcher::new(Arc::new(model), config, Arc::clone(&metrics)),
             info,
             limits,
             deadline,
             metrics,
         }
+    }
+
+    /// The same state accepting bodies of at most `max_body_bytes`.
+    pub fn with_max_body_bytes(self, max_body_bytes: usize) -> Self {
+        Self { max_body_bytes, ..self }
+    }
+
+    /// Admits one more request before its body is read (503 with
+    /// `Retry-After` when all places are taken: the body is then read and
+    /// dropped as it arrives, never held), then reads the body,
+    /// refusing one over the limit (413) by its `Content-Length` before
+    /// reading it, or as soon as it grows past the limit.
+    async fn admit_and_read(&self, headers: &HeaderMap, body: Body) -> Result<(admission::Ticket, Bytes), ApiError> {
+        let Some(ticket) = self.admission.try_admit() else {
+            // Read and drop the body (never more than the limit), so the
+            // client gets its 503 on a connection that stays usable.
+            let mut rest = http_body_util::Limited::new(body, self.max_body_bytes);
+            while let Some(Ok(_)) = rest.frame().await {}
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "overloaded: {} requests already admitted; retry later",
+                    self.admission.capacity()
+                ),
+            )
+            .retry_after(1));
+        };
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {} bytes", self.max_body_bytes),
+            )
+        };
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
+            return Err(too_large());
+        }
+        let bytes = axum::body::to_bytes(body, self.max_body_bytes).await.map_err(|e| {
+            // axum wraps the limit's error in its own, possibly twice.
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            let over_limit = std::iter::from_fn(|| {
+                let current = source?;
+                source = current.source();
+                Some(current)
+            })
+            .any(|s| s.is::<http_body_util::LengthLimitError>());
+            if over_limit {
+                too_large()
+            } else {
+                ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}"))
+            }
+        })?;
+        Ok((ticket, bytes))
     }
 
     /// Queues `inputs` for a batched forward and waits for this request's
@@ -160,8 +225,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Builds the router with a request body limit of `max_body_bytes`.
-pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+/// The request body limit unless [`AppState::with_max_body_bytes`] sets one.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 8 << 20;
+
+/// Builds the router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let max_body_bytes = state.max_body_bytes;
     Router::new()
         .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
@@ -205,9 +274,11 @@ async fn track(
 }
 
 async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state
-        .metrics
-        .render(state.batcher.queue_depth(), state.batcher.model().stats());
+    let text = state.metrics.render(
+        state.batcher.queue_depth(),
+        state.admission.admitted(),
+        state.batcher.model().stats(),
+    );
     let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -261,10 +332,10 @@ async fn infer(
     State(state): State<Arc<AppState>>,
     Path(path): Path<HashMap<String, String>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     served(&state, &path)?;
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let (_ticket, body) = state.admit_and_read(&headers, body).await?;
     let header_len = match headers.get("inference-header-content-length") {
         None => None,
         Some(v) => Some(
@@ -327,14 +398,13 @@ async fn predict(
     Path(spec): Path<String>,
     query: Result<Query<PredictQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let name = spec
         .strip_suffix(":predict")
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no such route: /v1/models/{spec}")))?;
     served(&state, &HashMap::from([("name".to_string(), name.to_string())]))?;
     let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let top_k = query.top_k.unwrap_or(5);
     if !(1..=1000).contains(&top_k) {
         return Err(ApiError::new(
@@ -345,7 +415,9 @@ async fn predict(
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+        .unwrap_or("")
+        .to_string();
+    let (_ticket, body) = state.admit_and_read(&headers, body).await?;
     let input = match content_type.split(';').next().unwrap_or("").trim() {
         "image/png" | "image/jpeg" => tokio::task::spawn_blocking(move || preprocess(&body))
             .await

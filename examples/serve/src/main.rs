@@ -34,23 +34,25 @@ struct Args {
     #[arg(long)]
     saved: Option<PathBuf>,
     /// Largest accepted request body.
-    #[arg(long, default_value_t = 8 << 20)]
+    #[arg(long, default_value_t = wick_serve::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
     /// The model's name in URLs (default: the graph's name, `resnet18` for
     /// the built-in model).
     #[arg(long)]
     model_name: Option<String>,
     /// Dynamic batching: most rows coalesced into one forward.
-    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, default_value_t = BatchConfig::default().max_batch, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_batch: usize,
     /// Dynamic batching: how long (ms) the oldest request waits for others.
     #[arg(long, default_value_t = 2.0)]
     max_delay_ms: f64,
-    /// Requests queued at most; beyond, 503 with Retry-After.
-    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    /// Requests queued at most. The service admits at most this plus
+    /// --max-batch x --workers requests at once (reading, queued, running),
+    /// checked before a body is read; beyond, 503 with Retry-After.
+    #[arg(long, default_value_t = BatchConfig::default().max_queue, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_queue: usize,
     /// Forwards in flight at once (each already uses every core).
-    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, default_value_t = BatchConfig::default().workers, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     workers: usize,
     /// Per-request deadline in ms: a request whose forward has not started
     /// (or finished) by then gets 504.
@@ -120,7 +122,7 @@ async fn serve() -> Result<()> {
         model = model.with_allowed_batches(&args.batch_sizes)?;
     }
     let deadline = Duration::from_millis(args.deadline_ms);
-    let state = Arc::new(AppState::new(model, info, limits, config, deadline));
+    let state = Arc::new(AppState::new(model, info, limits, config, deadline).with_max_body_bytes(args.max_body_bytes));
     let listener = tokio::net::TcpListener::bind(&args.addr)
         .await
         .with_context(|| format!("cannot bind {}", args.addr))?;
@@ -130,7 +132,7 @@ async fn serve() -> Result<()> {
     // but for at most --drain-seconds.
     let stopping = Arc::new(tokio::sync::Notify::new());
     let signalled = Arc::clone(&stopping);
-    let server = axum::serve(listener, router(state, args.max_body_bytes)).with_graceful_shutdown(async move {
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         shutdown().await;
         signalled.notify_one();
     });

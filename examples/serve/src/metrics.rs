@@ -110,7 +110,7 @@ impl Metrics {
 
     /// The Prometheus text exposition, with the queue depth and the cache
     /// counters read at the time of the call.
-    pub fn render(&self, queue_depth: usize, cache: CacheStats) -> String {
+    pub fn render(&self, queue_depth: usize, admitted: usize, cache: CacheStats) -> String {
         let mut out = String::new();
         out.push_str("# HELP wick_requests_total Requests answered, by route and status.\n");
         out.push_str("# TYPE wick_requests_total counter\n");
@@ -141,6 +141,11 @@ impl Metrics {
                 "wick_queue_depth",
                 "Requests waiting for a forward now.",
                 queue_depth as u64,
+            ),
+            (
+                "wick_requests_admitted",
+                "Requests held now (body being read, queued, running or answered).",
+                admitted as u64,
             ),
             (
                 "wick_batch_cache_entries",
@@ -212,7 +217,7 @@ mod tests {
             evictions: 0,
             entries: 1,
         };
-        let text = metrics.render(2, cache);
+        let text = metrics.render(2, 3, cache);
         for line in [
             "wick_requests_total{route=\"/v2/models/{name}/infer\",status=\"200\"} 1",
             "wick_requests_total{route=\"/v2/models/{name}/infer\",status=\"503\"} 1",
@@ -224,6 +229,7 @@ mod tests {
             "wick_compute_seconds_count 1",
             "wick_forwards_in_flight 0",
             "wick_queue_depth 2",
+            "wick_requests_admitted 3",
             "wick_batch_cache_hits_total 5",
             "wick_batch_cache_compiles_total 1",
         ] {

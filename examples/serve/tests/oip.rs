@@ -252,6 +252,61 @@ fn overload_is_503_with_retry_after() {
     assert_eq!(get(&addr, "/v2/health/live").0, 200);
 }
 
+/// Admission comes before the body: with two places (queue 1 + one
+/// forward of 1), two clients that send headers but hold their bodies take
+/// both, a third gets 503 at once (its body read and dropped), and when the
+/// two disconnect their places come back.
+#[test]
+fn admission_precedes_the_body_and_disconnects_release_places() {
+    use std::io::Write;
+    let server = Server::start_with(8_000_000, &["--max-queue", "1", "--workers", "1", "--max-batch", "1"]);
+    let (headers, body) = binary_request(3);
+    let head = |addr: &str| {
+        let mut head = format!(
+            "POST /v2/models/resnet18/infer HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (name, value) in &headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head + "\r\n"
+    };
+    let admitted = |addr: &str| {
+        let text = String::from_utf8(get(addr, "/metrics").1).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("wick_requests_admitted "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("the admitted gauge")
+    };
+    let holders: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+            stream.write_all(head(&server.addr).as_bytes()).unwrap();
+            stream.write_all(&body[..100]).unwrap();
+            stream
+        })
+        .collect();
+    let start = std::time::Instant::now();
+    while admitted(&server.addr) < 2 {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the two held requests were never admitted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (status, response_headers, response) =
+        request_raw(&server.addr, "POST", "/v2/models/resnet18/infer", &headers, &body);
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&response));
+    assert_eq!(response_headers.get("retry-after").map(String::as_str), Some("1"));
+    drop(holders);
+    while admitted(&server.addr) > 0 {
+        assert!(start.elapsed().as_secs() < 30, "closed connections kept their places");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (status, _, response) = request_raw(&server.addr, "POST", "/v2/models/resnet18/infer", &headers, &body);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&response));
+}
+
 /// A deadline shorter than a forward: 504 with the protocol's error.
 #[test]
 fn a_passed_deadline_is_504() {
