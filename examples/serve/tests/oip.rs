@@ -307,6 +307,32 @@ fn admission_precedes_the_body_and_disconnects_release_places() {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&response));
 }
 
+/// A chunked body (no `Content-Length`) is refused with 413 as soon as it
+/// grows past the limit.
+#[test]
+fn chunked_body_over_the_limit_is_413() {
+    use std::io::{Read, Write};
+    let server = Server::start_with(1000, &[]);
+    let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let head = format!(
+        "POST /v2/models/resnet18/infer HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        server.addr
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    for _ in 0..3 {
+        let _ = stream.write_all(format!("{:x}\r\n{}\r\n", 600, "0".repeat(600)).as_bytes());
+    }
+    let _ = stream.write_all(b"0\r\n\r\n");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("larger than 1000 bytes"), "{text}");
+}
+
 /// A deadline shorter than a forward: 504 with the protocol's error.
 #[test]
 fn a_passed_deadline_is_504() {
