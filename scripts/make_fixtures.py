@@ -8,10 +8,11 @@
   values; saved as torch state dicts (names such as `nested.0.running_mean`,
   `wrapped.mod.weight`, `0.weight`, with num_batches_tracked), plus an input
   and PyTorch's output.
-* resnet18: torchvision's architecture with weights from wick's seeded init
-  (scripts/wick_random.py, the twin of crates/models/src/random.rs), so the
-  46 MB weights need not be committed; input from the same generator; only
-  PyTorch's logits and a few probe values are stored.
+* resnet18 (batch 2), resnet34 and resnet50 (batch 1): torchvision's
+  architectures with weights from wick's seeded init (scripts/wick_random.py,
+  the twin of crates/models/src/random.rs), so the 46-98 MB weights need not
+  be committed; input from the same generator; only PyTorch's logits and a
+  few probe values are stored.
 """
 
 import pathlib
@@ -28,7 +29,6 @@ import wick_random  # noqa: E402
 OUT = pathlib.Path(__file__).resolve().parent.parent / "fixtures"
 RESNET_WEIGHT_SEED = 7
 RESNET_INPUT_SEED = 11
-RESNET_INPUT_SHAPE = (2, 3, 224, 224)
 
 
 class WrappedBatchNorm(nn.Module):
@@ -101,13 +101,13 @@ def toy_fixtures():
 
 
 @torch.no_grad()
-def resnet_fixture():
+def resnet_fixture(name: str, batch: int):
     import torchvision
 
-    model = torchvision.models.resnet18()
+    model = getattr(torchvision.models, name)()
     model.load_state_dict(wick_random.random_state_dict(model, RESNET_WEIGHT_SEED))
     model.eval()
-    x = wick_random.random_input(RESNET_INPUT_SEED, RESNET_INPUT_SHAPE)
+    x = wick_random.random_input(RESNET_INPUT_SEED, (batch, 3, 224, 224))
     y = model(x)
     save_file(
         {
@@ -117,16 +117,18 @@ def resnet_fixture():
             "probe.layer4.1.bn2.running_var": model.layer4[1].bn2.running_var[:16].contiguous(),
             "meta.seeds": torch.tensor([RESNET_WEIGHT_SEED, RESNET_INPUT_SEED], dtype=torch.int64),
         },
-        str(OUT / "resnet18_random.io.safetensors"),
+        str(OUT / f"{name}_random.io.safetensors"),
     )
-    print(f"resnet18: logits {tuple(y.shape)} |y|max {y.abs().max():.4f} torch {torch.__version__}")
+    print(f"{name}: logits {tuple(y.shape)} |y|max {y.abs().max():.4f} torch {torch.__version__}")
 
 
 def main():
     OUT.mkdir(exist_ok=True)
     torch.set_num_threads(2)
     toy_fixtures()
-    resnet_fixture()
+    resnet_fixture("resnet18", 2)
+    resnet_fixture("resnet34", 1)
+    resnet_fixture("resnet50", 1)
 
 
 if __name__ == "__main__":

@@ -33,15 +33,16 @@ def uniform(seed: int, name: str, shape, lo: float, hi: float) -> np.ndarray:
     return (lo + (hi - lo) * u).astype(np.float32).reshape(shape)
 
 
-def init_range(name: str, shape):
-    """The interval of ParamKind::init_range for a torchvision ResNet parameter."""
+def init_range(name: str, shape, fc_in: int = 512):
+    """The interval of ParamKind::init_range for a torchvision ResNet parameter
+    (`fc_in`: the classifier's input features, 512 for ResNet18/34, 2048 for ResNet50)."""
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "running_mean":
         return (-0.2, 0.2)
     if leaf == "running_var":
         return (0.5, 1.5)
     if name.startswith("fc."):
-        bound = 1.0 / np.sqrt(shape[1] if leaf == "weight" else 512)
+        bound = 1.0 / np.sqrt(shape[1] if leaf == "weight" else fc_in)
         return (-bound, bound)
     if leaf == "weight" and len(shape) == 4:
         fan_in = shape[1] * shape[2] * shape[3]
@@ -59,11 +60,12 @@ def random_state_dict(model, seed: int):
     import torch
 
     out = {}
+    fc_in = model.fc.in_features
     for name, tensor in model.state_dict().items():
         if name.endswith("num_batches_tracked"):
             out[name] = tensor
             continue
-        lo, hi = init_range(name, tuple(tensor.shape))
+        lo, hi = init_range(name, tuple(tensor.shape), fc_in)
         out[name] = torch.from_numpy(uniform(seed, name, tuple(tensor.shape), lo, hi))
     return out
 

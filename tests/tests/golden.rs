@@ -84,3 +84,19 @@ fn golden_bn_eps_1e_3() {
 fn golden_conv_no_bias_bn_no_affine() {
     check_text("conv_no_bias_bn_no_affine");
 }
+
+/// ResNet50's bottleneck block with a strided downsample (8 → 4 → 16
+/// channels, stride 2, on 8×8) as traced and after fusion: four conv → bn
+/// pairs, two conv + relu epilogues, the tail's conv + add + relu.
+#[test]
+fn golden_bottleneck() {
+    let mut params = wick_models::RandomParams {
+        seed: 0,
+        device: candle_core::Device::Cpu,
+    };
+    let block = wick_models::Bottleneck::load(&mut params, "layer2.0", 8, 4, 2).unwrap();
+    let fact = wick_ir::TensorFact::new(candle_core::DType::F32, [1, 8, 8, 8]);
+    let graph = wick_models::trace("bottleneck", &block, fact).unwrap();
+    assert_golden("bottleneck.before.ir", &graph.to_string());
+    assert_golden("bottleneck.after.ir", &after_text(graph));
+}

@@ -109,10 +109,10 @@ fn corrupt_files_are_typed_errors() {
 /// Unknown model names list the known ones.
 #[test]
 fn unknown_model_name() {
-    let err = "resnet50".parse::<ModelName>().unwrap_err();
+    let err = "resnet101".parse::<ModelName>().unwrap_err();
     assert_eq!(
         err.to_string(),
-        "unknown model `resnet50`; expected one of: toy, toy-sequential, resnet18"
+        "unknown model `resnet101`; expected one of: toy, toy-sequential, resnet18, resnet34, resnet50"
     );
 }
 
@@ -133,32 +133,7 @@ fn hub_loader_reads_local_cache_offline() {
     let Model::Resnet18(resnet) = wick_tests::random_model(ModelName::Resnet18, 3) else {
         unreachable!()
     };
-    let mut tensors = HashMap::new();
-    let mut put = |key: String, t: &Tensor| {
-        tensors.insert(key, t.clone());
-    };
-    let mut convs = vec![&resnet.conv1];
-    let mut bns = vec![&resnet.bn1];
-    for block in resnet.layers.iter().flatten() {
-        convs.extend([&block.conv1, &block.conv2]);
-        bns.extend([&block.bn1, &block.bn2]);
-        if let Some((conv, bn)) = &block.downsample {
-            convs.push(conv);
-            bns.push(bn);
-        }
-    }
-    for conv in convs {
-        put(format!("{}.weight", conv.path), conv.inner.weight());
-    }
-    for bn in bns {
-        put(format!("{}.running_mean", bn.path), bn.inner.running_mean());
-        put(format!("{}.running_var", bn.path), bn.inner.running_var());
-        let (w, b) = bn.inner.weight_and_bias().unwrap();
-        put(format!("{}.weight", bn.path), w);
-        put(format!("{}.bias", bn.path), b);
-    }
-    put("fc.weight".into(), resnet.fc.inner.weight());
-    put("fc.bias".into(), resnet.fc.inner.bias().unwrap());
+    let tensors = resnet.named_tensors().unwrap();
     assert_eq!(tensors.len(), 20 + 20 * 4 + 2);
     let exported = save(dir.path(), "export.safetensors", &tensors);
     hub::seed_cache(
@@ -181,4 +156,56 @@ fn hub_loader_reads_local_cache_offline() {
     let a = loaded.forward_eager(&x).unwrap();
     let b = Model::Resnet18(resnet).forward_eager(&x).unwrap();
     assert_eq!(wick_tests::max_abs_diff(&a, &b), 0.0);
+}
+
+/// ResNet34 and ResNet50 take their class count from the weights: a
+/// checkpoint exported with a 10-way `fc` loads strictly and answers 10
+/// logits per image, the first 10 of the model it was exported from.
+#[test]
+fn resnets_take_the_class_count_from_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [ModelName::Resnet34, ModelName::Resnet50] {
+        let model = wick_tests::random_model(name, 4);
+        let (Model::Resnet34(resnet) | Model::Resnet50(resnet)) = &model else {
+            unreachable!()
+        };
+        let mut tensors = resnet.named_tensors().unwrap();
+        let features = tensors["fc.weight"].dims()[1];
+        tensors.insert("fc.weight".into(), tensors["fc.weight"].narrow(0, 0, 10).unwrap());
+        tensors.insert("fc.bias".into(), tensors["fc.bias"].narrow(0, 0, 10).unwrap());
+        let exported = save(dir.path(), &format!("{name}.safetensors"), &tensors);
+        let loaded = Model::load(name, WeightSource::File(exported), &Device::Cpu).unwrap();
+        let x = wick_models::random_input(5, &[2, 3, 64, 64], &Device::Cpu).unwrap();
+        let got = loaded.forward_eager(&x).unwrap();
+        assert_eq!(got.dims(), [2, 10], "{name}");
+        let full = model.forward_eager(&x).unwrap().narrow(1, 0, 10).unwrap();
+        // The 10-way product may take another GEMM kernel than the 1000-way one.
+        wick_tests::assert_close(&got, &full, 1e-5, name.as_str());
+        assert_eq!(features, if name == ModelName::Resnet50 { 2048 } else { 512 });
+    }
+}
+
+/// `--hub` knows timm's ResNet34/50 repositories and names the model it
+/// has none for.
+#[test]
+fn hub_repositories_per_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = HubOptions {
+        cache_dir: Some(dir.path().join("hub")),
+        offline: true,
+    };
+    for (name, repo) in [
+        (ModelName::Resnet34, "timm/resnet34.a1_in1k"),
+        (ModelName::Resnet50, "timm/resnet50.a1_in1k"),
+    ] {
+        match hub::weights(name, &options).unwrap_err() {
+            ModelError::NotInCache { repo: got, .. } => assert_eq!(got, repo),
+            other => panic!("{other}"),
+        }
+    }
+    let err = hub::weights(ModelName::Toy, &options).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "no hub weights for `toy`; --hub takes one of: resnet18, resnet34, resnet50"
+    );
 }

@@ -45,9 +45,9 @@ impl Mode {
 /// Arguments of `bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Model name: toy, toy-sequential or resnet18.
+    /// Model name: toy, toy-sequential, resnet18, resnet34 or resnet50.
     model: String,
-    /// Batch size (default: the tutorial's, 10 for resnet18).
+    /// Batch size (default: the tutorial's, 10 for the ResNets).
     #[arg(long, value_name = "N")]
     batch: Option<usize>,
     /// Untimed forwards before timing, per mode.

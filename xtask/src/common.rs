@@ -35,8 +35,8 @@ impl std::fmt::Display for Passes {
 /// Model selection and weights.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// Model name: toy, toy-sequential or resnet18 (`run` also takes a
-    /// directory written by `export`, or a file of IR text).
+    /// Model name: toy, toy-sequential, resnet18, resnet34 or resnet50
+    /// (`run` also takes a directory written by `export`, or a file of IR text).
     pub model: String,
     /// Safetensors file with PyTorch parameter names; seeded random weights when absent.
     #[arg(long, value_name = "FILE")]
@@ -44,8 +44,9 @@ pub struct ModelArgs {
     /// Batch size of the generated input (default: the tutorial's).
     #[arg(long, value_name = "N")]
     pub batch: Option<usize>,
-    /// Take resnet18's weights from the Hugging Face hub (`timm/resnet18.a1_in1k`),
-    /// local cache first; set HF_HUB_OFFLINE=1 to never download.
+    /// Take the weights from the Hugging Face hub (timm's `resnet18.a1_in1k`,
+    /// `resnet34.a1_in1k`, `resnet50.a1_in1k`), local cache first; set
+    /// HF_HUB_OFFLINE=1 to never download.
     #[arg(long, conflicts_with = "weights")]
     pub hub: bool,
 }
@@ -64,10 +65,7 @@ impl ModelArgs {
         }
         let source = match (&self.weights, self.hub) {
             (Some(path), _) => WeightSource::File(path.clone()),
-            (None, true) if name == ModelName::Resnet18 => {
-                WeightSource::File(wick_models::hub::resnet18_weights(&Default::default())?)
-            }
-            (None, true) => anyhow::bail!("--hub is only available for resnet18"),
+            (None, true) => WeightSource::File(wick_models::hub::weights(name, &Default::default())?),
             (None, false) => WeightSource::Random {
                 seed: DEFAULT_WEIGHT_SEED,
             },

@@ -115,7 +115,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         Target::IrText(path) => {
             if args.model.hub {
-                bail!("--hub applies to resnet18, not to IR text");
+                bail!("--hub applies to a model name, not to IR text");
             }
             let limits = Limits::from_env().map_err(anyhow::Error::msg)?;
             let mut graph = read_ir(&path, &limits)?;

@@ -81,6 +81,14 @@ pub enum ModelError {
         /// Cache directory searched.
         cache: PathBuf,
     },
+    /// A model with no weights on the hub that wick knows of.
+    #[error("no hub weights for `{model}`; --hub takes one of: {}", known.join(", "))]
+    NoHubWeights {
+        /// The model asked for.
+        model: String,
+        /// The models with hub weights.
+        known: Vec<&'static str>,
+    },
     /// The hub could not deliver a file.
     #[error("cannot fetch `{file}` of `{repo}` from the Hugging Face hub: {message}")]
     Hub {

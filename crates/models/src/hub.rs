@@ -1,13 +1,20 @@
 //! Fetching weights from the Hugging Face hub, cache first (works offline).
 
-use crate::ModelError;
+use crate::{ModelError, ModelName};
 use hf_hub::{Cache, Repo};
 use std::path::{Path, PathBuf};
 
 /// The hub repository wick loads ResNet18 weights from (timm names = torchvision names).
 pub const RESNET18_REPO: &str = "timm/resnet18.a1_in1k";
-/// The weights file within [`RESNET18_REPO`].
+/// The weights file within [`RESNET18_REPO`] (and every repository of [`HUB_REPOS`]).
 pub const RESNET18_FILE: &str = "model.safetensors";
+/// The hub repositories of the models that have one: timm's ResNets, whose
+/// parameter names are torchvision's (`conv1`, `layer1.0.bn2`, `fc`, ...).
+pub const HUB_REPOS: [(ModelName, &str); 3] = [
+    (ModelName::Resnet18, RESNET18_REPO),
+    (ModelName::Resnet34, "timm/resnet34.a1_in1k"),
+    (ModelName::Resnet50, "timm/resnet50.a1_in1k"),
+];
 
 /// Where to look and whether the network may be used.
 #[derive(Debug, Clone, Default)]
@@ -53,7 +60,21 @@ pub fn fetch(repo: &str, file: &str, options: &HubOptions) -> Result<PathBuf, Mo
 
 /// The timm ResNet18 weights file ([`RESNET18_REPO`]), cache first.
 pub fn resnet18_weights(options: &HubOptions) -> Result<PathBuf, ModelError> {
-    fetch(RESNET18_REPO, RESNET18_FILE, options)
+    weights(ModelName::Resnet18, options)
+}
+
+/// The hub weights file of `model` ([`HUB_REPOS`]), cache first; a typed
+/// error for a model without one.
+pub fn weights(model: ModelName, options: &HubOptions) -> Result<PathBuf, ModelError> {
+    let repo = HUB_REPOS
+        .iter()
+        .find(|(name, _)| *name == model)
+        .map(|(_, repo)| *repo)
+        .ok_or_else(|| ModelError::NoHubWeights {
+            model: model.as_str().to_string(),
+            known: HUB_REPOS.iter().map(|(name, _)| name.as_str()).collect(),
+        })?;
+    fetch(repo, RESNET18_FILE, options)
 }
 
 /// Places `source` into a Hugging Face cache at `cache_dir` as `file` of

@@ -24,7 +24,7 @@ pub use error::ModelError;
 pub use frontend::{Eager, Frontend, Module};
 pub use layers::{BatchNorm, Conv2d, Linear, MaxPool2d, Relu, Sequential, SequentialLayer};
 pub use params::{ParamKind, ParamSource, RandomParams, Weights, MAX_WEIGHTS_FILE_BYTES};
-pub use resnet::{BasicBlock, ResNet};
+pub use resnet::{BasicBlock, Bottleneck, ResNet, ResNetDepth, ResidualBlock, BOTTLENECK_EXPANSION};
 pub use toy::{Toy, WrappedBatchNorm};
 pub use trace::{trace, Tracer};
 pub use zoo::{random_input, Model, ModelName, WeightSource, MODEL_NAMES};

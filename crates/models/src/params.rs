@@ -69,6 +69,14 @@ pub trait ParamSource {
     fn param(&mut self, name: &str, shape: &[usize], kind: ParamKind) -> Result<Tensor, ModelError>;
     /// Called once the model is built: reports leftover tensors, if the source is strict.
     fn finish(&mut self, model: &str) -> Result<(), ModelError>;
+
+    /// The shape parameter `name` has in this source, if the source fixes
+    /// one (a file does; a random init takes any): how a model reads
+    /// sizes the weights decide, such as its class count.
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        let _ = name;
+        None
+    }
 }
 
 /// Parameters drawn from [`random`], f32, deterministic in the seed.
@@ -191,6 +199,10 @@ impl ParamSource for Weights {
         }
         self.used.insert(name.to_string());
         tensor.to_device(&self.device).context(name)
+    }
+
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|t| t.dims().to_vec())
     }
 
     fn finish(&mut self, model: &str) -> Result<(), ModelError> {

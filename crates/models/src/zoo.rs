@@ -1,6 +1,8 @@
 //! The models wick ships, by name: loading, default inputs, eager runs and tracing.
 
-use crate::{trace, Eager, ModelError, Module, ParamSource, RandomParams, ResNet, Sequential, Toy, Weights};
+use crate::{
+    trace, Eager, ModelError, Module, ParamSource, RandomParams, ResNet, ResNetDepth, Sequential, Toy, Weights,
+};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,7 +10,7 @@ use std::str::FromStr;
 use wick_ir::{Graph, TensorFact};
 
 /// The names accepted by [`ModelName::from_str`].
-pub const MODEL_NAMES: [&str; 3] = ["toy", "toy-sequential", "resnet18"];
+pub const MODEL_NAMES: [&str; 5] = ["toy", "toy-sequential", "resnet18", "resnet34", "resnet50"];
 
 /// A model wick knows how to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -19,11 +21,21 @@ pub enum ModelName {
     ToySequential,
     /// torchvision's ResNet18 (twenty pairs).
     Resnet18,
+    /// torchvision's ResNet34 (36 pairs).
+    Resnet34,
+    /// torchvision's ResNet50 (53 pairs, bottleneck blocks).
+    Resnet50,
 }
 
 impl ModelName {
     /// All models.
-    pub const ALL: [ModelName; 3] = [ModelName::Toy, ModelName::ToySequential, ModelName::Resnet18];
+    pub const ALL: [ModelName; 5] = [
+        ModelName::Toy,
+        ModelName::ToySequential,
+        ModelName::Resnet18,
+        ModelName::Resnet34,
+        ModelName::Resnet50,
+    ];
 
     /// The CLI / graph name.
     pub fn as_str(self) -> &'static str {
@@ -31,6 +43,18 @@ impl ModelName {
             ModelName::Toy => "toy",
             ModelName::ToySequential => "toy-sequential",
             ModelName::Resnet18 => "resnet18",
+            ModelName::Resnet34 => "resnet34",
+            ModelName::Resnet50 => "resnet50",
+        }
+    }
+
+    /// The ResNet depth this name builds, if it is a ResNet.
+    pub fn resnet_depth(self) -> Option<ResNetDepth> {
+        match self {
+            ModelName::Resnet18 => Some(ResNetDepth::R18),
+            ModelName::Resnet34 => Some(ResNetDepth::R34),
+            ModelName::Resnet50 => Some(ResNetDepth::R50),
+            ModelName::Toy | ModelName::ToySequential => None,
         }
     }
 
@@ -39,7 +63,7 @@ impl ModelName {
         let mut shape = match self {
             ModelName::Toy => vec![5, 1, 1, 1],
             ModelName::ToySequential => vec![1, 3, 28, 28],
-            ModelName::Resnet18 => vec![10, 3, 224, 224],
+            ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50 => vec![10, 3, 224, 224],
         };
         if let Some(batch) = batch {
             shape[0] = batch;
@@ -93,6 +117,10 @@ pub enum Model {
     ToySequential(Sequential),
     /// See [`ModelName::Resnet18`].
     Resnet18(ResNet),
+    /// See [`ModelName::Resnet34`].
+    Resnet34(ResNet),
+    /// See [`ModelName::Resnet50`].
+    Resnet50(ResNet),
 }
 
 impl Model {
@@ -129,8 +157,21 @@ impl Model {
         Ok(match name {
             ModelName::Toy => Model::Toy(Toy::load(params)?),
             ModelName::ToySequential => Model::ToySequential(crate::toy::toy_sequential(params)?),
-            ModelName::Resnet18 => Model::Resnet18(ResNet::resnet18(params, 1000)?),
+            ModelName::Resnet18 => Model::Resnet18(Self::resnet(params, ResNetDepth::R18)?),
+            ModelName::Resnet34 => Model::Resnet34(Self::resnet(params, ResNetDepth::R34)?),
+            ModelName::Resnet50 => Model::Resnet50(Self::resnet(params, ResNetDepth::R50)?),
         })
+    }
+
+    /// A ResNet whose class count is the weights' (`fc.weight`'s rows), or
+    /// ImageNet's 1000 when the source fixes none (a random init) or its
+    /// `fc.weight` is not `[classes >= 1, features]` (then refused by shape).
+    fn resnet(params: &mut dyn ParamSource, depth: ResNetDepth) -> Result<ResNet, ModelError> {
+        let classes = match params.shape_of("fc.weight").as_deref() {
+            Some(&[classes, features]) if classes >= 1 && features == depth.features() => classes,
+            _ => 1000,
+        };
+        ResNet::load(params, depth, classes)
     }
 
     /// Which model this is.
@@ -139,6 +180,8 @@ impl Model {
             Model::Toy(_) => ModelName::Toy,
             Model::ToySequential(_) => ModelName::ToySequential,
             Model::Resnet18(_) => ModelName::Resnet18,
+            Model::Resnet34(_) => ModelName::Resnet34,
+            Model::Resnet50(_) => ModelName::Resnet50,
         }
     }
 
@@ -150,7 +193,7 @@ impl Model {
                 Some(crate::SequentialLayer::Conv2d(c)) => c.inner.weight().dtype(),
                 _ => DType::F32,
             },
-            Model::Resnet18(m) => m.conv1.inner.weight().dtype(),
+            Model::Resnet18(m) | Model::Resnet34(m) | Model::Resnet50(m) => m.conv1.inner.weight().dtype(),
         }
     }
 
@@ -160,7 +203,7 @@ impl Model {
         let (channels, min_size) = match self.name() {
             ModelName::Toy => (1, 1),
             ModelName::ToySequential => (3, 11),
-            ModelName::Resnet18 => (3, 1),
+            ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50 => (3, 1),
         };
         let ok = dims.len() == 4 && dims[0] > 0 && dims[1] == channels && dims[2] >= min_size && dims[3] >= min_size;
         if ok {
@@ -181,7 +224,7 @@ impl Model {
         match self {
             Model::Toy(m) => m.forward(&mut eager, x.clone()),
             Model::ToySequential(m) => m.forward(&mut eager, x.clone()),
-            Model::Resnet18(m) => m.forward(&mut eager, x.clone()),
+            Model::Resnet18(m) | Model::Resnet34(m) | Model::Resnet50(m) => m.forward(&mut eager, x.clone()),
         }
     }
 
@@ -193,7 +236,7 @@ impl Model {
         match self {
             Model::Toy(m) => trace(name, m, fact),
             Model::ToySequential(m) => trace(name, m, fact),
-            Model::Resnet18(m) => trace(name, m, fact),
+            Model::Resnet18(m) | Model::Resnet34(m) | Model::Resnet50(m) => trace(name, m, fact),
         }
     }
 }

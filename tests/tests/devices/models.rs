@@ -1,4 +1,4 @@
-//! The default pipeline on the shipped models: 3 / 2 / 20 conv → batch_norm
+//! The default pipeline on the shipped models: 3 / 2 / 20 / 36 / 53 conv → batch_norm
 //! fusions, no batch_norm left, outputs unchanged — on every device
 //! (`device_test!`: `_cpu`, and `_cuda` with the `cuda` feature, which also
 //! checks the GPU's fused output against the CPU's).
@@ -90,5 +90,22 @@ device_test! {
     /// relu or max_pool2d.
     fn resnet18_fuses_twenty(device) {
         check(ModelName::Resnet18, Some(1), [20, 8, 9, 1], &device);
+    }
+}
+
+device_test! {
+    /// All 36 pairs of ResNet34; 16 block tails, 16 + 1 conv + relu
+    /// epilogues and the stem's max pool.
+    fn resnet34_fuses_thirty_six(device) {
+        check(ModelName::Resnet34, Some(1), [36, 16, 17, 1], &device);
+    }
+}
+
+device_test! {
+    /// All 53 pairs of ResNet50 (1x1 reductions and expansions, strided 3x3,
+    /// downsamples); 16 bottleneck tails (conv3 + residual add + relu), two
+    /// conv + relu epilogues per bottleneck and the stem's, and its max pool.
+    fn resnet50_fuses_fifty_three(device) {
+        check(ModelName::Resnet50, Some(1), [53, 16, 33, 1], &device);
     }
 }

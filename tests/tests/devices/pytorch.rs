@@ -72,32 +72,32 @@ device_test! {
     /// ResNet18 with wick's seeded init (re-implemented in Python) matches
     /// torchvision's logits within 1e-4 at logit scale ~2.
     fn resnet18_matches_torchvision(device) {
-        check_resnet18(&device);
+        check_resnet(ModelName::Resnet18, &device);
     }
 }
 
-fn check_resnet18(device: &Device) {
-    let io = load("resnet18_random.io.safetensors");
+device_test! {
+    /// ResNet34 (seeded init) matches torchvision's logits within 1e-4 of
+    /// their scale (~6).
+    fn resnet34_matches_torchvision(device) {
+        check_resnet(ModelName::Resnet34, &device);
+    }
+}
+
+device_test! {
+    /// ResNet50 (bottleneck blocks, seeded init) matches torchvision's
+    /// logits within 1e-4 of their scale (~2).
+    fn resnet50_matches_torchvision(device) {
+        check_resnet(ModelName::Resnet50, &device);
+    }
+}
+
+fn check_resnet(name: ModelName, device: &Device) {
+    let io = load(&format!("{name}_random.io.safetensors"));
     let seeds: Vec<i64> = io["meta.seeds"].to_vec1().unwrap();
-    let model = Model::load(
-        ModelName::Resnet18,
-        WeightSource::Random { seed: seeds[0] as u64 },
-        device,
-    )
-    .unwrap();
+    let model = Model::load(name, WeightSource::Random { seed: seeds[0] as u64 }, device).unwrap();
     let want = &io["output"];
-    let x = random_input(
-        seeds[1] as u64,
-        &want
-            .dims()
-            .iter()
-            .copied()
-            .take(1)
-            .chain([3, 224, 224])
-            .collect::<Vec<_>>(),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let x = random_input(seeds[1] as u64, &[want.dims()[0], 3, 224, 224], &Device::Cpu).unwrap();
     // If these fail, the Rust and Python generators diverged (not the model).
     let probe_input = x.flatten_all().unwrap().narrow(0, 0, 16).unwrap();
     assert_eq!(
@@ -105,7 +105,7 @@ fn check_resnet18(device: &Device) {
         0.0,
         "input generator diverged"
     );
-    let Model::Resnet18(resnet) = &model else {
+    let (Model::Resnet18(resnet) | Model::Resnet34(resnet) | Model::Resnet50(resnet)) = &model else {
         unreachable!()
     };
     let probe_weight = resnet
@@ -129,20 +129,21 @@ fn check_resnet18(device: &Device) {
         &model.forward_eager(&x).unwrap().to_device(&Device::Cpu).unwrap(),
         want,
         1e-4,
-        "resnet18 eager vs torchvision",
+        &format!("{name} eager vs torchvision"),
     );
-    // Both engine paths run the Winograd 3x3 convs; the fused one also folds BN.
+    // The engine runs its own kernels (Winograd, direct, lane GEMM); the
+    // fused graph also folds every batch norm into its conv.
     for fused in [false, true] {
         let got = engine_output(&model, &x, fused);
         println!(
-            "resnet18 engine (fused: {fused}): max |diff| vs torchvision {:e}",
+            "{name} engine (fused: {fused}): max |diff| vs torchvision {:e}",
             max_abs_diff(&got, want)
         );
         assert_close(
             &got,
             want,
             1e-4,
-            &format!("resnet18 engine (fused: {fused}) vs torchvision"),
+            &format!("{name} engine (fused: {fused}) vs torchvision"),
         );
     }
 }
