@@ -1,10 +1,10 @@
-"""Times PyTorch eager, ONNX Runtime and OpenVINO's CPU plugin on ResNet18
-with the tutorial's protocol, for side-by-side comparison with `cargo xtask
-bench resnet18` (run both in the same minute on the same machine). Not run
-by CI.
+"""Times PyTorch eager, ONNX Runtime and OpenVINO's CPU plugin on a
+torchvision classifier (ResNet18 by default) with the tutorial's protocol,
+for side-by-side comparison with `cargo xtask bench MODEL` (run both in the
+same minute on the same machine). Not run by CI.
 
     .venv/bin/pip install torch torchvision onnx onnxruntime openvino
-    .venv/bin/python scripts/bench_reference.py [--batch 10] [--iters 20] [--warmup 10]
+    .venv/bin/python scripts/bench_reference.py [--model resnet50] [--batch 10] [--iters 20] [--warmup 10]
 
 Both ONNX runtimes get the same exported file and 2 threads; OpenVINO runs
 f32 inference precision with the LATENCY hint. Prints median / min / max ms
@@ -38,6 +38,7 @@ def timed(fn, warmup, iters):
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="resnet18", help="a torchvision.models constructor: resnet18, resnet34, resnet50, ...")
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=10)
@@ -50,7 +51,7 @@ def main():
     import torchvision
 
     torch.set_num_threads(2)
-    model = torchvision.models.resnet18().eval()
+    model = getattr(torchvision.models, args.model)().eval()
     x = torch.randn(args.batch, 3, 224, 224)
     rows = []
     with torch.no_grad():
@@ -58,7 +59,7 @@ def main():
     torch_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     child_rss = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = pathlib.Path(tmp) / "resnet18.onnx"
+        path = pathlib.Path(tmp) / "model.onnx"
         torch.onnx.export(model, x, str(path), input_names=["input"], output_names=["output"], dynamo=False)
         np.save(pathlib.Path(tmp) / "input.npy", x.numpy().astype(np.float32))
         for runtime in ("onnxruntime", "openvino"):
@@ -75,7 +76,7 @@ def main():
             median, low, high, rss = map(float, child.stdout.split())
             rows.append((f"{runtime}-{version}", (median, low, high)))
             child_rss.append(f"{runtime} child process {rss:.0f} MiB")
-    print(f"resnet18 batch {args.batch}, torch {torch.__version__}, {args.warmup} warm-up + {args.iters} timed forwards")
+    print(f"{args.model} batch {args.batch}, torch {torch.__version__}, {args.warmup} warm-up + {args.iters} timed forwards")
     print(f"{'runtime':<22} {'median ms':>10} {'min ms':>9} {'max ms':>9}")
     for name, (median, low, high) in rows:
         print(f"{name:<22} {median:>10.2f} {low:>9.2f} {high:>9.2f}")
@@ -84,7 +85,7 @@ def main():
 
 def runtime_child(runtime, directory, warmup, iters):
     """Times one ONNX runtime on the exported model in a process that never imported torch."""
-    model = str(pathlib.Path(directory) / "resnet18.onnx")
+    model = str(pathlib.Path(directory) / "model.onnx")
     x = np.load(pathlib.Path(directory) / "input.npy")
     if runtime == "onnxruntime":
         import onnxruntime as ort

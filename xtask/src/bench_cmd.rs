@@ -153,7 +153,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
                 let report = PassManager::default_pipeline().run(&mut graph)?;
                 passes = report_json(Some(&report));
             }
-            let compiled = Engine::new(device.clone()).compile(&graph)?;
+            let compiled = Engine::new(device.clone()).compile_owned(graph)?;
             planned_peak = json!(compiled.planned_peak_activation_bytes() as f64 / (1 << 20) as f64);
             Box::new(move |x: &Tensor| Ok(compiled.run(std::slice::from_ref(x))?.remove(0)))
         }

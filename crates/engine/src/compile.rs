@@ -73,6 +73,15 @@ impl Engine {
         self.compile_sharing(graph, None)
     }
 
+    /// [`Engine::compile`] consuming the graph: each constant's data is
+    /// released as soon as the last node using it is lowered (a packed
+    /// conv keeps only its packed copy), so the compile's peak memory is
+    /// the packed weights plus what is still unpacked, not both in full.
+    /// The same result as [`Engine::compile`] on the same graph.
+    pub fn compile_owned(&self, mut graph: Graph) -> Result<CompiledModel, EngineError> {
+        self.compile_graph(GraphArg::Owned(&mut graph), None)
+    }
+
     /// [`Engine::compile`], taking packed convs from `convs` (and adding
     /// to it) when given: the compiles of one graph at several batch sizes
     /// then share their packed weights.
@@ -81,6 +90,11 @@ impl Engine {
         graph: &Graph,
         convs: Option<&ConvCache>,
     ) -> Result<CompiledModel, EngineError> {
+        self.compile_graph(GraphArg::Borrowed(graph), convs)
+    }
+
+    fn compile_graph(&self, mut arg: GraphArg<'_>, convs: Option<&ConvCache>) -> Result<CompiledModel, EngineError> {
+        let graph = arg.graph();
         graph.verify_with(&self.limits)?;
         let machine = match self.device.is_cpu() {
             true => Some(Machine::resolve(self.cpu_path)?),
@@ -95,7 +109,16 @@ impl Engine {
         let mut constants = Vec::new();
         let mut steps = Vec::new();
         let mut inputs = Vec::new();
-        for id in graph.node_ids() {
+        // For an owned graph: how many users of each constant are still to
+        // be lowered, and whether a lowered kernel reads it at run time.
+        let mut pending_users: Vec<usize> = graph.users().iter().map(Vec::len).collect();
+        let mut read_at_run_time = vec![false; graph.len()];
+        for &output in graph.outputs() {
+            read_at_run_time[output.index()] = true;
+        }
+        let ids: Vec<_> = graph.node_ids().collect();
+        for id in ids {
+            let graph = arg.graph();
             let node = graph.node(id);
             match node.op.role() {
                 OpRole::Input => inputs.push(InputSlot {
@@ -112,16 +135,54 @@ impl Engine {
                     // Detached: a constant derived from a candle `Var` (candle-nn keeps
                     // batch-norm statistics in Vars) would make every result track
                     // its inputs for backprop and keep the whole forward alive.
-                    constants.push((id.index(), data.detach().to_device(&self.device).at(&node.name)?));
+                    // An owned graph's constants are taken when no step reads them.
+                    if !arg.is_owned() {
+                        constants.push((id.index(), data.detach().to_device(&self.device).at(&node.name)?));
+                    }
                 }
-                OpRole::Computed => steps.push(Step {
-                    name: node.name.clone(),
-                    op: node.op.name(),
-                    fact: node.fact.clone(),
-                    kernel: Kernel::lower(graph, node, &lowering)?,
-                    output: id.index(),
-                    free_after: Vec::new(),
-                }),
+                OpRole::Computed => {
+                    let kernel = Kernel::lower(graph, node, &lowering)?;
+                    for slot in kernel.reads() {
+                        read_at_run_time[slot] = true;
+                    }
+                    let step = Step {
+                        name: node.name.clone(),
+                        op: node.op.name(),
+                        fact: node.fact.clone(),
+                        kernel,
+                        output: id.index(),
+                        free_after: Vec::new(),
+                    };
+                    let operands = node.inputs.clone();
+                    steps.push(step);
+                    if let GraphArg::Owned(graph) = &mut arg {
+                        for operand in operands {
+                            let slot = operand.index();
+                            pending_users[slot] -= 1;
+                            if pending_users[slot] > 0 || graph.node(operand).op.role() != OpRole::Constant {
+                                continue;
+                            }
+                            let name = graph.node(operand).name.clone();
+                            if let Some(data) = graph.take_constant_data(&name) {
+                                if read_at_run_time[slot] {
+                                    constants.push((slot, data.detach().to_device(&self.device).at(&name)?));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let graph = arg.graph();
+        if arg.is_owned() {
+            // Constants no step lowered (graph outputs, say) are still there.
+            for id in graph.node_ids() {
+                let node = graph.node(id);
+                if node.op.role() == OpRole::Constant && read_at_run_time[id.index()] {
+                    if let Some(data) = graph.constant_data(&node.name) {
+                        constants.push((id.index(), data.detach().to_device(&self.device).at(&node.name)?));
+                    }
+                }
             }
         }
         // Declaration order of inputs in the signature may differ from node order.
@@ -140,5 +201,25 @@ impl Engine {
             self.device.clone(),
             machine.map(|m| m.isa.path()),
         ))
+    }
+}
+
+/// The graph a compile works on: borrowed (its constants stay), or owned
+/// (each constant's data is released once lowered).
+enum GraphArg<'a> {
+    Borrowed(&'a Graph),
+    Owned(&'a mut Graph),
+}
+
+impl GraphArg<'_> {
+    fn graph(&self) -> &Graph {
+        match self {
+            GraphArg::Borrowed(graph) => graph,
+            GraphArg::Owned(graph) => graph,
+        }
+    }
+
+    fn is_owned(&self) -> bool {
+        matches!(self, GraphArg::Owned(_))
     }
 }

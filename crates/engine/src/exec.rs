@@ -235,7 +235,7 @@ mod tests {
     use crate::kernel::Kernel;
     use crate::Engine;
     use candle_core::DType;
-    use wick_ir::Graph;
+    use wick_ir::{Graph, Op};
 
     /// The CPU conv algorithm chosen for each conv step, by node name.
     fn conv_kernels(model: &CompiledModel) -> Vec<(String, &'static str)> {
@@ -286,6 +286,44 @@ mod tests {
         let ten = kernels(10);
         assert_eq!(count(&ten, "winograd-f4x4"), 13, "{ten:?}");
         assert_eq!(count(&ten, "direct-panels"), 7, "{ten:?}");
+    }
+
+    /// Compiling an owned graph gives the same model as compiling a
+    /// borrowed one (bit for bit), also when constants are read at run
+    /// time (the unfused graph's batch norms, the linear layer) or are a
+    /// graph output.
+    #[test]
+    fn compile_owned_equals_compile() {
+        use wick_models::{Model, ModelName, WeightSource};
+        let model = Model::load(ModelName::Resnet18, WeightSource::Random { seed: 2 }, &Device::Cpu).unwrap();
+        let x = wick_models::random_input(4, &[1, 3, 64, 64], &Device::Cpu).unwrap();
+        let traced = model.trace(x.dims()).unwrap();
+        let mut fused = traced.clone();
+        wick_passes::PassManager::default_pipeline().run(&mut fused).unwrap();
+        for graph in [traced, fused] {
+            let want = Engine::cpu()
+                .compile(&graph)
+                .unwrap()
+                .run(std::slice::from_ref(&x))
+                .unwrap();
+            let got = Engine::cpu()
+                .compile_owned(graph)
+                .unwrap()
+                .run(std::slice::from_ref(&x))
+                .unwrap();
+            assert_eq!(want[0].to_vec2::<f32>().unwrap(), got[0].to_vec2::<f32>().unwrap());
+        }
+        let mut graph = Graph::new("constant-out");
+        let input = graph.add_input("x", TensorFact::new(DType::F32, [2])).unwrap();
+        let c = graph
+            .add_constant("c", Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap())
+            .unwrap();
+        let sum = graph.add_node("sum", Op::Add, &[input, c]).unwrap();
+        graph.set_outputs(vec![sum, c]);
+        let x = Tensor::new(&[10f32, 20.0], &Device::Cpu).unwrap();
+        let out = Engine::cpu().compile_owned(graph).unwrap().run(&[x]).unwrap();
+        assert_eq!(out[0].to_vec1::<f32>().unwrap(), [11.0, 22.0]);
+        assert_eq!(out[1].to_vec1::<f32>().unwrap(), [1.0, 2.0]);
     }
 
     fn assert_send_sync<T: Send + Sync>() {}

@@ -237,6 +237,13 @@ impl Graph {
         self.constants.get(name)
     }
 
+    /// Removes and returns the data of constant `@name` (the node stays, a
+    /// declaration without data): how a consumer that owns the graph hands
+    /// each weight on and frees it as it goes.
+    pub fn take_constant_data(&mut self, name: &str) -> Option<Tensor> {
+        self.constants.remove(name)
+    }
+
     /// Supplies (or replaces) the data of constant `@name`; its dtype and shape
     /// must equal the declared fact.
     pub fn set_constant_data(&mut self, name: &str, data: Tensor) -> Result<(), IrError> {
