@@ -8,7 +8,7 @@
   values; saved as torch state dicts (names such as `nested.0.running_mean`,
   `wrapped.mod.weight`, `0.weight`, with num_batches_tracked), plus an input
   and PyTorch's output.
-* resnet18 (batch 2), resnet34 and resnet50 (batch 1): torchvision's
+* resnet18 (batch 2), resnet34, resnet50 and mobilenet_v2 (batch 1): torchvision's
   architectures with weights from wick's seeded init (scripts/wick_random.py,
   the twin of crates/models/src/random.rs), so the 46-98 MB weights need not
   be committed; input from the same generator; only PyTorch's logits and a
@@ -101,7 +101,7 @@ def toy_fixtures():
 
 
 @torch.no_grad()
-def resnet_fixture(name: str, batch: int):
+def classifier_fixture(name: str, batch: int):
     import torchvision
 
     model = getattr(torchvision.models, name)()
@@ -109,12 +109,12 @@ def resnet_fixture(name: str, batch: int):
     model.eval()
     x = wick_random.random_input(RESNET_INPUT_SEED, (batch, 3, 224, 224))
     y = model(x)
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     save_file(
         {
             "output": y.contiguous(),
             "probe.input": x.flatten()[:16].contiguous(),
-            "probe.conv1.weight": model.conv1.weight.flatten()[:16].contiguous(),
-            "probe.layer4.1.bn2.running_var": model.layer4[1].bn2.running_var[:16].contiguous(),
+            "probe.first_conv.weight": first_conv.weight.flatten()[:16].contiguous(),
             "meta.seeds": torch.tensor([RESNET_WEIGHT_SEED, RESNET_INPUT_SEED], dtype=torch.int64),
         },
         str(OUT / f"{name}_random.io.safetensors"),
@@ -126,9 +126,10 @@ def main():
     OUT.mkdir(exist_ok=True)
     torch.set_num_threads(2)
     toy_fixtures()
-    resnet_fixture("resnet18", 2)
-    resnet_fixture("resnet34", 1)
-    resnet_fixture("resnet50", 1)
+    classifier_fixture("resnet18", 2)
+    classifier_fixture("resnet34", 1)
+    classifier_fixture("resnet50", 1)
+    classifier_fixture("mobilenet_v2", 1)
 
 
 if __name__ == "__main__":

@@ -33,39 +33,34 @@ def uniform(seed: int, name: str, shape, lo: float, hi: float) -> np.ndarray:
     return (lo + (hi - lo) * u).astype(np.float32).reshape(shape)
 
 
-def init_range(name: str, shape, fc_in: int = 512):
-    """The interval of ParamKind::init_range for a torchvision ResNet parameter
-    (`fc_in`: the classifier's input features, 512 for ResNet18/34, 2048 for ResNet50)."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "running_mean":
-        return (-0.2, 0.2)
-    if leaf == "running_var":
-        return (0.5, 1.5)
-    if name.startswith("fc."):
-        bound = 1.0 / np.sqrt(shape[1] if leaf == "weight" else fc_in)
+def init_range(module, leaf: str):
+    """The interval of ParamKind::init_range for parameter `leaf` of a torch module."""
+    import torch.nn as nn
+
+    if isinstance(module, nn.BatchNorm2d):
+        return {"running_mean": (-0.2, 0.2), "bias": (-0.2, 0.2), "running_var": (0.5, 1.5), "weight": (0.4, 0.9)}[leaf]
+    if isinstance(module, nn.Conv2d):
+        fan_in = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        bound = np.sqrt(6.0 / fan_in) if leaf == "weight" else 1.0 / np.sqrt(fan_in)
         return (-bound, bound)
-    if leaf == "weight" and len(shape) == 4:
-        fan_in = shape[1] * shape[2] * shape[3]
-        bound = np.sqrt(6.0 / fan_in)
+    if isinstance(module, nn.Linear):
+        bound = 1.0 / np.sqrt(module.in_features)
         return (-bound, bound)
-    if leaf == "weight":
-        return (0.4, 0.9)
-    if leaf == "bias":
-        return (-0.2, 0.2)
-    raise ValueError(f"no init rule for {name}")
+    raise ValueError(f"no init rule for {type(module).__name__}.{leaf}")
 
 
 def random_state_dict(model, seed: int):
     """A state dict for `model` drawn from wick's init (num_batches_tracked kept as is)."""
     import torch
 
+    modules = dict(model.named_modules())
     out = {}
-    fc_in = model.fc.in_features
     for name, tensor in model.state_dict().items():
         if name.endswith("num_batches_tracked"):
             out[name] = tensor
             continue
-        lo, hi = init_range(name, tuple(tensor.shape), fc_in)
+        owner, leaf = name.rsplit(".", 1)
+        lo, hi = init_range(modules[owner], leaf)
         out[name] = torch.from_numpy(uniform(seed, name, tuple(tensor.shape), lo, hi))
     return out
 

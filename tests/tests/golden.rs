@@ -100,3 +100,19 @@ fn golden_bottleneck() {
     assert_golden("bottleneck.before.ir", &graph.to_string());
     assert_golden("bottleneck.after.ir", &after_text(graph));
 }
+
+/// MobileNetV2's inverted residual block with its residual (16 → 96 → 16
+/// channels, stride 1, on 8×8): 1x1 expansion + ReLU6, 3x3 depthwise +
+/// ReLU6, linear 1x1 projection, add; three conv → bn pairs fused.
+#[test]
+fn golden_inverted_residual() {
+    let mut params = wick_models::RandomParams {
+        seed: 0,
+        device: candle_core::Device::Cpu,
+    };
+    let block = wick_models::InvertedResidual::load(&mut params, "features.2", 16, 16, 1, 6).unwrap();
+    let fact = wick_ir::TensorFact::new(candle_core::DType::F32, [1, 16, 8, 8]);
+    let graph = wick_models::trace("inverted_residual", &block, fact).unwrap();
+    assert_golden("inverted_residual.before.ir", &graph.to_string());
+    assert_golden("inverted_residual.after.ir", &after_text(graph));
+}

@@ -10,7 +10,7 @@ use crate::error::AtNode;
 use crate::machine::Machine;
 use crate::EngineError;
 use candle_core::{DType, Device, Tensor};
-use wick_ir::{FusedConv2dAttrs, Graph, Limits, Node, Op};
+use wick_ir::{Activation, FusedConv2dAttrs, Graph, Limits, Node, Op};
 use wick_passes::BatchNormParams;
 
 /// A value's place in a run: the index of the node that produces it.
@@ -102,8 +102,12 @@ impl Kernel {
                     }),
                 }
             }
-            Op::Relu => candle(CandleOp::Relu { x: slot(0) }),
+            Op::Relu | Op::Relu6 | Op::HardSwish | Op::HardSigmoid | Op::Sigmoid | Op::Silu => {
+                let activation = Activation::of(&node.op).expect("an activation op");
+                candle(CandleOp::Activation { activation, x: slot(0) })
+            }
             Op::Add => candle(CandleOp::Add { a: slot(0), b: slot(1) }),
+            Op::Mul => candle(CandleOp::Mul { a: slot(0), b: slot(1) }),
             Op::MaxPool2d(attrs) if device.is_cpu() && node.fact.dtype == DType::F32 => {
                 Ok(Kernel::Cpu(CpuKernel::MaxPool2d {
                     attrs: *attrs,

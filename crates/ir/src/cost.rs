@@ -41,7 +41,13 @@ impl Graph {
                 | Op::Constant
                 | Op::BatchNorm(_)
                 | Op::Relu
+                | Op::Relu6
+                | Op::HardSwish
+                | Op::HardSigmoid
+                | Op::Sigmoid
+                | Op::Silu
                 | Op::Add
+                | Op::Mul
                 | Op::MaxPool2d(_)
                 | Op::GlobalAvgPool2d
                 | Op::Flatten(_) => 0,

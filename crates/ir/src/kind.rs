@@ -42,8 +42,20 @@ op_kinds! {
     BatchNorm = "batch_norm",
     /// [`Op::Relu`].
     Relu = "relu",
+    /// [`Op::Relu6`].
+    Relu6 = "relu6",
+    /// [`Op::HardSwish`].
+    HardSwish = "hardswish",
+    /// [`Op::HardSigmoid`].
+    HardSigmoid = "hardsigmoid",
+    /// [`Op::Sigmoid`].
+    Sigmoid = "sigmoid",
+    /// [`Op::Silu`].
+    Silu = "silu",
     /// [`Op::Add`].
     Add = "add",
+    /// [`Op::Mul`].
+    Mul = "mul",
     /// [`Op::MaxPool2d`].
     MaxPool2d = "max_pool2d",
     /// [`Op::GlobalAvgPool2d`].
@@ -69,7 +81,13 @@ impl OpKind {
             | OpKind::FusedConv2d
             | OpKind::BatchNorm
             | OpKind::Relu
+            | OpKind::Relu6
+            | OpKind::HardSwish
+            | OpKind::HardSigmoid
+            | OpKind::Sigmoid
+            | OpKind::Silu
             | OpKind::Add
+            | OpKind::Mul
             | OpKind::MaxPool2d
             | OpKind::GlobalAvgPool2d
             | OpKind::Flatten

@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+mod activation;
 mod cost;
 mod dot;
 mod error;
@@ -21,6 +22,7 @@ mod parse;
 mod print;
 mod verify;
 
+pub use activation::Activation;
 pub use error::{IrError, ParseError, Violation};
 pub use fact::TensorFact;
 pub use graph::{Graph, Node, NodeId};

@@ -87,8 +87,22 @@ pub enum Op {
     BatchNorm(BatchNormAttrs),
     /// Elementwise `max(x, 0)`.
     Relu,
+    /// Elementwise `min(max(x, 0), 6)` (PyTorch's `ReLU6`, ONNX `Clip(0, 6)`).
+    Relu6,
+    /// Elementwise `x · relu6(x + 3) / 6` (PyTorch's `Hardswish`).
+    HardSwish,
+    /// Elementwise `relu6(x + 3) / 6` (PyTorch's `Hardsigmoid`).
+    HardSigmoid,
+    /// Elementwise `1 / (1 + e^-x)`.
+    Sigmoid,
+    /// Elementwise `x · sigmoid(x)` (PyTorch's `SiLU`, swish).
+    Silu,
     /// Elementwise `a + b` of two values of equal fact.
     Add,
+    /// Elementwise `a · b`, `b` broadcast to `a`'s shape: of `a`'s rank,
+    /// each dimension `a`'s or 1 (squeeze-and-excitation's
+    /// `[N,C,H,W] · [N,C,1,1]`).
+    Mul,
     /// 2-D max pool over NCHW.
     MaxPool2d(MaxPool2dAttrs),
     /// Adaptive average pool to 1x1: `[N,C,H,W] -> [N,C,1,1]`.
@@ -109,7 +123,13 @@ impl Op {
             Op::FusedConv2d(_) => OpKind::FusedConv2d,
             Op::BatchNorm(_) => OpKind::BatchNorm,
             Op::Relu => OpKind::Relu,
+            Op::Relu6 => OpKind::Relu6,
+            Op::HardSwish => OpKind::HardSwish,
+            Op::HardSigmoid => OpKind::HardSigmoid,
+            Op::Sigmoid => OpKind::Sigmoid,
+            Op::Silu => OpKind::Silu,
             Op::Add => OpKind::Add,
+            Op::Mul => OpKind::Mul,
             Op::MaxPool2d(_) => OpKind::MaxPool2d,
             Op::GlobalAvgPool2d => OpKind::GlobalAvgPool2d,
             Op::Flatten(_) => OpKind::Flatten,
@@ -134,8 +154,16 @@ impl Op {
             Op::Conv2d(_) | Op::Linear => &[2, 3],
             Op::BatchNorm(_) => &[3, 5],
             Op::FusedConv2d(_) => &[3, 4],
-            Op::Relu | Op::MaxPool2d(_) | Op::GlobalAvgPool2d | Op::Flatten(_) => &[1],
-            Op::Add => &[2],
+            Op::Relu
+            | Op::Relu6
+            | Op::HardSwish
+            | Op::HardSigmoid
+            | Op::Sigmoid
+            | Op::Silu
+            | Op::MaxPool2d(_)
+            | Op::GlobalAvgPool2d
+            | Op::Flatten(_) => &[1],
+            Op::Add | Op::Mul => &[2],
         }
     }
 
@@ -145,9 +173,19 @@ impl Op {
         match self {
             Op::Conv2d(_) | Op::BatchNorm(_) | Op::Linear => index > 0,
             Op::FusedConv2d(_) => index == 1 || index == 2,
-            Op::Input | Op::Constant | Op::Relu | Op::Add | Op::MaxPool2d(_) | Op::GlobalAvgPool2d | Op::Flatten(_) => {
-                false
-            }
+            Op::Input
+            | Op::Constant
+            | Op::Relu
+            | Op::Relu6
+            | Op::HardSwish
+            | Op::HardSigmoid
+            | Op::Sigmoid
+            | Op::Silu
+            | Op::Add
+            | Op::Mul
+            | Op::MaxPool2d(_)
+            | Op::GlobalAvgPool2d
+            | Op::Flatten(_) => false,
         }
     }
 
@@ -204,7 +242,18 @@ impl Op {
                 }
             }
             Op::BatchNorm(attrs) => infer_batch_norm(attrs, inputs),
-            Op::Relu => Ok(inputs[0].clone()),
+            Op::Relu | Op::Relu6 | Op::HardSwish | Op::HardSigmoid | Op::Sigmoid | Op::Silu => Ok(inputs[0].clone()),
+            Op::Mul => {
+                let (a, b) = (&inputs[0].shape, &inputs[1].shape);
+                let broadcasts = a.len() == b.len() && a.iter().zip(b).all(|(&a, &b)| b == a || b == 1);
+                if !broadcasts {
+                    return Err(format!(
+                        "the second operand must broadcast to the first (same rank, each dimension equal or 1), got {} and {}",
+                        inputs[0], inputs[1]
+                    ));
+                }
+                Ok(inputs[0].clone())
+            }
             Op::Add => {
                 if inputs[0].shape != inputs[1].shape {
                     return Err(format!(

@@ -380,7 +380,13 @@ impl Parser {
                     .ok_or_else(|| table.parser.error_here("flatten needs `start_dim`"))?,
             }),
             OpKind::Relu => Op::Relu,
+            OpKind::Relu6 => Op::Relu6,
+            OpKind::HardSwish => Op::HardSwish,
+            OpKind::HardSigmoid => Op::HardSigmoid,
+            OpKind::Sigmoid => Op::Sigmoid,
+            OpKind::Silu => Op::Silu,
             OpKind::Add => Op::Add,
+            OpKind::Mul => Op::Mul,
             OpKind::GlobalAvgPool2d => Op::GlobalAvgPool2d,
             OpKind::Linear => Op::Linear,
             // Declared in the signature and with `@name = constant`, not as ops.

@@ -42,7 +42,18 @@ pub(crate) fn op_text(op: &Op) -> String {
             pair(a.padding)
         ),
         Op::Flatten(a) => format!("{}[start_dim={}]", op.name(), a.start_dim),
-        Op::Input | Op::Constant | Op::Relu | Op::Add | Op::GlobalAvgPool2d | Op::Linear => op.name().to_string(),
+        Op::Input
+        | Op::Constant
+        | Op::Relu
+        | Op::Relu6
+        | Op::HardSwish
+        | Op::HardSigmoid
+        | Op::Sigmoid
+        | Op::Silu
+        | Op::Add
+        | Op::Mul
+        | Op::GlobalAvgPool2d
+        | Op::Linear => op.name().to_string(),
     }
 }
 

@@ -95,7 +95,7 @@ fn undefined_value_is_an_error() {
 fn syntax_errors_are_located() {
     let cases = [
         ("  %y = relu(%x : f32[1]", "expected `,` or `)`, found `:`"),
-        ("  %y = sigmoid(%x) : f32[1]", "unknown op `sigmoid`"),
+        ("  %y = softmax(%x) : f32[1]", "unknown op `softmax`"),
         ("  %y = relu(%x) : f32[2]", "annotated f32[2]"),
         ("  %y = relu(%x) : q9[1]", "unknown dtype `q9`"),
         (
@@ -301,4 +301,41 @@ fn op_kind_names_round_trip() {
     let err = Graph::parse("graph g(%x: f32[2]) {\n  %y = input(%x) : f32[2]\n  return %y\n}").unwrap_err();
     assert!(err.to_string().contains("unknown op `input`"), "{err}");
     assert!(err.to_string().contains("global_avg_pool2d"), "{err}");
+}
+
+/// The activations and the broadcast multiply of squeeze-and-excitation:
+/// text round-trips, facts follow the first operand, FLOPs count none of
+/// them, and a second operand that does not broadcast is an error naming
+/// both facts.
+#[test]
+fn activations_and_broadcast_mul() {
+    let text = "graph se(%x: f32[2,4,5,5]) {
+  %a = relu6(%x) : f32[2,4,5,5]
+  %b = hardswish(%a) : f32[2,4,5,5]
+  %c = silu(%b) : f32[2,4,5,5]
+  %p = global_avg_pool2d(%c) : f32[2,4,1,1]
+  %g = hardsigmoid(%p) : f32[2,4,1,1]
+  %s = sigmoid(%g) : f32[2,4,1,1]
+  %y = mul(%c, %s) : f32[2,4,5,5]
+  return %y
+}";
+    let graph = Graph::parse(text).unwrap();
+    assert_eq!(Graph::parse(&graph.to_string()).unwrap().to_string(), graph.to_string());
+    assert_eq!(graph.flops(), 0);
+    for (name, op) in [
+        ("a", Op::Relu6),
+        ("b", Op::HardSwish),
+        ("c", Op::Silu),
+        ("g", Op::HardSigmoid),
+        ("s", Op::Sigmoid),
+        ("y", Op::Mul),
+    ] {
+        assert_eq!(graph.node(graph.find(name).unwrap()).op, op, "{name}");
+    }
+    let wrong = text.replace("%y = mul(%c, %s) : f32[2,4,5,5]", "%y = mul(%s, %c) : f32[2,4,1,1]");
+    let err = Graph::parse(&wrong).unwrap_err().to_string();
+    assert!(
+        err.contains("must broadcast to the first") && err.contains("f32[2,4,5,5]"),
+        "{err}"
+    );
 }

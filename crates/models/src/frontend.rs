@@ -4,6 +4,7 @@ use crate::error::CandleContext;
 use crate::{BatchNorm, Conv2d, Linear, MaxPool2d, ModelError};
 use candle_core::{Tensor, D};
 use candle_nn::{Module as _, ModuleT as _};
+use wick_ir::Activation;
 
 /// The layer vocabulary a model's `forward` may use. [`Eager`] computes with
 /// candle; [`crate::Tracer`] appends IR nodes. A model written against this
@@ -15,10 +16,16 @@ pub trait Frontend {
     fn conv2d(&mut self, layer: &Conv2d, x: &Self::Value) -> Result<Self::Value, ModelError>;
     /// An inference-mode batch norm layer.
     fn batch_norm(&mut self, layer: &BatchNorm, x: &Self::Value) -> Result<Self::Value, ModelError>;
+    /// An elementwise activation; `path` is the module path of the activation module.
+    fn activation(&mut self, path: &str, activation: Activation, x: &Self::Value) -> Result<Self::Value, ModelError>;
     /// ReLU; `path` is the module path of the activation module.
-    fn relu(&mut self, path: &str, x: &Self::Value) -> Result<Self::Value, ModelError>;
+    fn relu(&mut self, path: &str, x: &Self::Value) -> Result<Self::Value, ModelError> {
+        self.activation(path, Activation::Relu, x)
+    }
     /// Elementwise sum of two values of equal shape.
     fn add(&mut self, path: &str, a: &Self::Value, b: &Self::Value) -> Result<Self::Value, ModelError>;
+    /// Elementwise product, `b` broadcast to `a` (`[N,C,H,W] · [N,C,1,1]`).
+    fn mul(&mut self, path: &str, a: &Self::Value, b: &Self::Value) -> Result<Self::Value, ModelError>;
     /// A max-pool layer.
     fn max_pool2d(&mut self, layer: &MaxPool2d, x: &Self::Value) -> Result<Self::Value, ModelError>;
     /// Adaptive average pool to 1x1.
@@ -51,12 +58,16 @@ impl Frontend for Eager {
         layer.inner.forward_t(x, false).context(&layer.path)
     }
 
-    fn relu(&mut self, path: &str, x: &Tensor) -> Result<Tensor, ModelError> {
-        x.relu().context(path)
+    fn activation(&mut self, path: &str, activation: Activation, x: &Tensor) -> Result<Tensor, ModelError> {
+        activation.apply(x).context(path)
     }
 
     fn add(&mut self, path: &str, a: &Tensor, b: &Tensor) -> Result<Tensor, ModelError> {
         (a + b).context(path)
+    }
+
+    fn mul(&mut self, path: &str, a: &Tensor, b: &Tensor) -> Result<Tensor, ModelError> {
+        a.broadcast_mul(b).context(path)
     }
 
     fn max_pool2d(&mut self, layer: &MaxPool2d, x: &Tensor) -> Result<Tensor, ModelError> {

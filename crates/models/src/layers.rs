@@ -36,15 +36,18 @@ pub struct ConvSpec {
     pub padding: usize,
     /// Whether the conv has a bias.
     pub bias: bool,
+    /// Channel groups (1: dense; `in_channels`: depthwise).
+    pub groups: usize,
 }
 
 impl Conv2d {
     /// Loads `{path}.weight` (and `{path}.bias`) for a conv of `spec`.
     pub fn load(params: &mut dyn ParamSource, path: &str, spec: ConvSpec) -> Result<Self, ModelError> {
-        let fan_in = spec.in_channels * spec.kernel * spec.kernel;
+        let groups = spec.groups.max(1);
+        let fan_in = spec.in_channels / groups * spec.kernel * spec.kernel;
         let weight = params.param(
             &key(path, "weight"),
-            &[spec.out_channels, spec.in_channels, spec.kernel, spec.kernel],
+            &[spec.out_channels, spec.in_channels / groups, spec.kernel, spec.kernel],
             ParamKind::ConvWeight { fan_in },
         )?;
         let bias = if spec.bias {
@@ -55,6 +58,7 @@ impl Conv2d {
         let config = candle_nn::Conv2dConfig {
             padding: spec.padding,
             stride: spec.stride,
+            groups,
             ..Default::default()
         };
         Ok(Self {

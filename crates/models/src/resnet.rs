@@ -30,6 +30,7 @@ fn conv(in_channels: usize, out_channels: usize, kernel: usize, stride: usize) -
         stride,
         padding: kernel / 2,
         bias: false,
+        groups: 1,
     }
 }
 

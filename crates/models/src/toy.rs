@@ -40,6 +40,7 @@ const ONE_BY_ONE: ConvSpec = ConvSpec {
     stride: 1,
     padding: 0,
     bias: true,
+    groups: 1,
 };
 
 impl Toy {
@@ -82,6 +83,7 @@ pub fn toy_sequential(params: &mut dyn ParamSource) -> Result<Sequential, ModelE
         stride: 1,
         padding: 0,
         bias: true,
+        groups: 1,
     };
     Ok(Sequential {
         layers: vec![

@@ -7,7 +7,7 @@
 use crate::{BatchNorm, Conv2d, Frontend, Linear, MaxPool2d, ModelError, Module};
 use candle_core::Tensor;
 use std::collections::HashMap;
-use wick_ir::{BatchNormAttrs, FlattenAttrs, Graph, MaxPool2dAttrs, NodeId, Op, TensorFact};
+use wick_ir::{Activation, BatchNormAttrs, FlattenAttrs, Graph, MaxPool2dAttrs, NodeId, Op, TensorFact};
 
 /// Builds a [`Graph`] from front-end calls. Weights become constants named by
 /// their safetensors keys and share storage with the model (no copy).
@@ -84,12 +84,16 @@ impl Frontend for Tracer {
         self.node(&layer.path, Op::BatchNorm(BatchNormAttrs { eps: bn.eps() }), &inputs)
     }
 
-    fn relu(&mut self, path: &str, x: &NodeId) -> Result<NodeId, ModelError> {
-        self.node(path, Op::Relu, &[*x])
+    fn activation(&mut self, path: &str, activation: Activation, x: &NodeId) -> Result<NodeId, ModelError> {
+        self.node(path, activation.op(), &[*x])
     }
 
     fn add(&mut self, path: &str, a: &NodeId, b: &NodeId) -> Result<NodeId, ModelError> {
         self.node(path, Op::Add, &[*a, *b])
+    }
+
+    fn mul(&mut self, path: &str, a: &NodeId, b: &NodeId) -> Result<NodeId, ModelError> {
+        self.node(path, Op::Mul, &[*a, *b])
     }
 
     fn max_pool2d(&mut self, layer: &MaxPool2d, x: &NodeId) -> Result<NodeId, ModelError> {

@@ -1,7 +1,8 @@
 //! The models wick ships, by name: loading, default inputs, eager runs and tracing.
 
 use crate::{
-    trace, Eager, ModelError, Module, ParamSource, RandomParams, ResNet, ResNetDepth, Sequential, Toy, Weights,
+    trace, Eager, MobileNetV2, ModelError, Module, ParamSource, RandomParams, ResNet, ResNetDepth, Sequential, Toy,
+    Weights, MOBILENET_V2_FEATURES,
 };
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -10,7 +11,14 @@ use std::str::FromStr;
 use wick_ir::{Graph, TensorFact};
 
 /// The names accepted by [`ModelName::from_str`].
-pub const MODEL_NAMES: [&str; 5] = ["toy", "toy-sequential", "resnet18", "resnet34", "resnet50"];
+pub const MODEL_NAMES: [&str; 6] = [
+    "toy",
+    "toy-sequential",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "mobilenet-v2",
+];
 
 /// A model wick knows how to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -25,16 +33,19 @@ pub enum ModelName {
     Resnet34,
     /// torchvision's ResNet50 (53 pairs, bottleneck blocks).
     Resnet50,
+    /// torchvision's MobileNetV2 (52 pairs, depthwise convs, ReLU6).
+    MobilenetV2,
 }
 
 impl ModelName {
     /// All models.
-    pub const ALL: [ModelName; 5] = [
+    pub const ALL: [ModelName; 6] = [
         ModelName::Toy,
         ModelName::ToySequential,
         ModelName::Resnet18,
         ModelName::Resnet34,
         ModelName::Resnet50,
+        ModelName::MobilenetV2,
     ];
 
     /// The CLI / graph name.
@@ -45,6 +56,7 @@ impl ModelName {
             ModelName::Resnet18 => "resnet18",
             ModelName::Resnet34 => "resnet34",
             ModelName::Resnet50 => "resnet50",
+            ModelName::MobilenetV2 => "mobilenet-v2",
         }
     }
 
@@ -54,7 +66,7 @@ impl ModelName {
             ModelName::Resnet18 => Some(ResNetDepth::R18),
             ModelName::Resnet34 => Some(ResNetDepth::R34),
             ModelName::Resnet50 => Some(ResNetDepth::R50),
-            ModelName::Toy | ModelName::ToySequential => None,
+            ModelName::Toy | ModelName::ToySequential | ModelName::MobilenetV2 => None,
         }
     }
 
@@ -63,7 +75,9 @@ impl ModelName {
         let mut shape = match self {
             ModelName::Toy => vec![5, 1, 1, 1],
             ModelName::ToySequential => vec![1, 3, 28, 28],
-            ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50 => vec![10, 3, 224, 224],
+            ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50 | ModelName::MobilenetV2 => {
+                vec![10, 3, 224, 224]
+            }
         };
         if let Some(batch) = batch {
             shape[0] = batch;
@@ -121,6 +135,8 @@ pub enum Model {
     Resnet34(ResNet),
     /// See [`ModelName::Resnet50`].
     Resnet50(ResNet),
+    /// See [`ModelName::MobilenetV2`].
+    MobilenetV2(MobileNetV2),
 }
 
 impl Model {
@@ -160,17 +176,16 @@ impl Model {
             ModelName::Resnet18 => Model::Resnet18(Self::resnet(params, ResNetDepth::R18)?),
             ModelName::Resnet34 => Model::Resnet34(Self::resnet(params, ResNetDepth::R34)?),
             ModelName::Resnet50 => Model::Resnet50(Self::resnet(params, ResNetDepth::R50)?),
+            ModelName::MobilenetV2 => {
+                let classes = classes_of(params, "classifier.1.weight", MOBILENET_V2_FEATURES);
+                Model::MobilenetV2(MobileNetV2::load(params, classes)?)
+            }
         })
     }
 
-    /// A ResNet whose class count is the weights' (`fc.weight`'s rows), or
-    /// ImageNet's 1000 when the source fixes none (a random init) or its
-    /// `fc.weight` is not `[classes >= 1, features]` (then refused by shape).
+    /// A ResNet whose class count is the weights' (`fc.weight`'s rows).
     fn resnet(params: &mut dyn ParamSource, depth: ResNetDepth) -> Result<ResNet, ModelError> {
-        let classes = match params.shape_of("fc.weight").as_deref() {
-            Some(&[classes, features]) if classes >= 1 && features == depth.features() => classes,
-            _ => 1000,
-        };
+        let classes = classes_of(params, "fc.weight", depth.features());
         ResNet::load(params, depth, classes)
     }
 
@@ -182,6 +197,7 @@ impl Model {
             Model::Resnet18(_) => ModelName::Resnet18,
             Model::Resnet34(_) => ModelName::Resnet34,
             Model::Resnet50(_) => ModelName::Resnet50,
+            Model::MobilenetV2(_) => ModelName::MobilenetV2,
         }
     }
 
@@ -194,6 +210,7 @@ impl Model {
                 _ => DType::F32,
             },
             Model::Resnet18(m) | Model::Resnet34(m) | Model::Resnet50(m) => m.conv1.inner.weight().dtype(),
+            Model::MobilenetV2(m) => m.stem.conv.inner.weight().dtype(),
         }
     }
 
@@ -203,7 +220,7 @@ impl Model {
         let (channels, min_size) = match self.name() {
             ModelName::Toy => (1, 1),
             ModelName::ToySequential => (3, 11),
-            ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50 => (3, 1),
+            ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50 | ModelName::MobilenetV2 => (3, 1),
         };
         let ok = dims.len() == 4 && dims[0] > 0 && dims[1] == channels && dims[2] >= min_size && dims[3] >= min_size;
         if ok {
@@ -225,6 +242,7 @@ impl Model {
             Model::Toy(m) => m.forward(&mut eager, x.clone()),
             Model::ToySequential(m) => m.forward(&mut eager, x.clone()),
             Model::Resnet18(m) | Model::Resnet34(m) | Model::Resnet50(m) => m.forward(&mut eager, x.clone()),
+            Model::MobilenetV2(m) => m.forward(&mut eager, x.clone()),
         }
     }
 
@@ -237,7 +255,18 @@ impl Model {
             Model::Toy(m) => trace(name, m, fact),
             Model::ToySequential(m) => trace(name, m, fact),
             Model::Resnet18(m) | Model::Resnet34(m) | Model::Resnet50(m) => trace(name, m, fact),
+            Model::MobilenetV2(m) => trace(name, m, fact),
         }
+    }
+}
+
+/// The class count the weights give a classifier whose weight is `weight`
+/// (`[classes >= 1, features]`), or ImageNet's 1000 when the source fixes
+/// none (a random init) or its shape is another (then refused by shape).
+fn classes_of(params: &dyn ParamSource, weight: &str, features: usize) -> usize {
+    match params.shape_of(weight).as_deref() {
+        Some(&[classes, f]) if classes >= 1 && f == features => classes,
+        _ => 1000,
     }
 }
 

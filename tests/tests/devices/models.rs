@@ -109,3 +109,11 @@ device_test! {
         check(ModelName::Resnet50, Some(1), [53, 16, 33, 1], &device);
     }
 }
+
+device_test! {
+    /// All 52 conv → batch_norm pairs of MobileNetV2 (17 depthwise convs
+    /// among them); its ReLU6s and residual adds stay separate ops for now.
+    fn mobilenet_v2_fuses_fifty_two(device) {
+        check(ModelName::MobilenetV2, Some(1), [52, 0, 0, 0], &device);
+    }
+}

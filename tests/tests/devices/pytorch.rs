@@ -72,7 +72,7 @@ device_test! {
     /// ResNet18 with wick's seeded init (re-implemented in Python) matches
     /// torchvision's logits within 1e-4 at logit scale ~2.
     fn resnet18_matches_torchvision(device) {
-        check_resnet(ModelName::Resnet18, &device);
+        check_classifier(ModelName::Resnet18, &device);
     }
 }
 
@@ -80,7 +80,7 @@ device_test! {
     /// ResNet34 (seeded init) matches torchvision's logits within 1e-4 of
     /// their scale (~6).
     fn resnet34_matches_torchvision(device) {
-        check_resnet(ModelName::Resnet34, &device);
+        check_classifier(ModelName::Resnet34, &device);
     }
 }
 
@@ -88,12 +88,12 @@ device_test! {
     /// ResNet50 (bottleneck blocks, seeded init) matches torchvision's
     /// logits within 1e-4 of their scale (~2).
     fn resnet50_matches_torchvision(device) {
-        check_resnet(ModelName::Resnet50, &device);
+        check_classifier(ModelName::Resnet50, &device);
     }
 }
 
-fn check_resnet(name: ModelName, device: &Device) {
-    let io = load(&format!("{name}_random.io.safetensors"));
+fn check_classifier(name: ModelName, device: &Device) {
+    let io = load(&format!("{}_random.io.safetensors", name.as_str().replace('-', "_")));
     let seeds: Vec<i64> = io["meta.seeds"].to_vec1().unwrap();
     let model = Model::load(name, WeightSource::Random { seed: seeds[0] as u64 }, device).unwrap();
     let want = &io["output"];
@@ -105,13 +105,15 @@ fn check_resnet(name: ModelName, device: &Device) {
         0.0,
         "input generator diverged"
     );
-    let (Model::Resnet18(resnet) | Model::Resnet34(resnet) | Model::Resnet50(resnet)) = &model else {
-        unreachable!()
-    };
-    let probe_weight = resnet
-        .conv1
-        .inner
-        .weight()
+    let graph = model.trace(x.dims()).unwrap();
+    let first_conv = graph
+        .nodes()
+        .iter()
+        .find(|n| matches!(n.op, wick_ir::Op::Conv2d(_)))
+        .expect("a conv");
+    let probe_weight = graph
+        .constant_data(&graph.node(first_conv.inputs[1]).name)
+        .unwrap()
         .flatten_all()
         .unwrap()
         .narrow(0, 0, 16)
@@ -119,7 +121,7 @@ fn check_resnet(name: ModelName, device: &Device) {
         .to_device(&Device::Cpu)
         .unwrap();
     assert_eq!(
-        max_abs_diff(&probe_weight, &io["probe.conv1.weight"]),
+        max_abs_diff(&probe_weight, &io["probe.first_conv.weight"]),
         0.0,
         "weight generator diverged"
     );
@@ -145,5 +147,13 @@ fn check_resnet(name: ModelName, device: &Device) {
             1e-4,
             &format!("{name} engine (fused: {fused}) vs torchvision"),
         );
+    }
+}
+
+device_test! {
+    /// MobileNetV2 (depthwise convs, ReLU6, linear bottlenecks; seeded
+    /// init) matches torchvision's logits within 1e-4 of their scale.
+    fn mobilenet_v2_matches_torchvision(device) {
+        check_classifier(ModelName::MobilenetV2, &device);
     }
 }

@@ -7,7 +7,7 @@ pub(crate) mod epilogue;
 
 use crate::kernel::Slot;
 use candle_core::{DType, Device, Tensor, D};
-use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
+use wick_ir::{Activation, Conv2dAttrs, MaxPool2dAttrs};
 use wick_passes::BatchNormParams;
 
 /// A fused conv on candle's ops: the conv, then bias (+ residual) (+ ReLU)
@@ -82,10 +82,17 @@ pub(crate) enum CandleOp {
         /// `(weight, bias)`, when affine.
         affine: Option<(Slot, Slot)>,
     },
-    Relu {
+    /// An elementwise activation ([`Activation::apply`]).
+    Activation {
+        activation: Activation,
         x: Slot,
     },
     Add {
+        a: Slot,
+        b: Slot,
+    },
+    /// `a · b`, `b` broadcast to `a`.
+    Mul {
         a: Slot,
         b: Slot,
     },
@@ -123,11 +130,11 @@ impl CandleOp {
                 .chain(affine.iter().flat_map(|&(w, b)| [w, b]))
                 .collect(),
             CandleOp::BatchNormFolded { x, .. }
-            | CandleOp::Relu { x }
+            | CandleOp::Activation { x, .. }
             | CandleOp::MaxPool2d { x, .. }
             | CandleOp::GlobalAvgPool2d { x }
             | CandleOp::Reshape { x, .. } => vec![*x],
-            CandleOp::Add { a, b } => vec![*a, *b],
+            CandleOp::Add { a, b } | CandleOp::Mul { a, b } => vec![*a, *b],
         }
     }
 
@@ -157,8 +164,9 @@ impl CandleOp {
                 let (scale, shift) = batch_norm_affine(&params, x.dtype(), x.rank(), x.device())?;
                 x.broadcast_mul(&scale)?.broadcast_add(&shift)
             }
-            CandleOp::Relu { x } => value(*x)?.relu(),
+            CandleOp::Activation { activation, x } => activation.apply(&value(*x)?),
             CandleOp::Add { a, b } => value(*a)? + value(*b)?,
+            CandleOp::Mul { a, b } => value(*a)?.broadcast_mul(&value(*b)?),
             CandleOp::MaxPool2d { attrs, x } => max_pool2d(&value(*x)?, attrs),
             CandleOp::GlobalAvgPool2d { x } => value(*x)?.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2),
             CandleOp::Reshape { shape, x } => value(*x)?.reshape(shape.as_slice()),
