@@ -8,7 +8,8 @@
   values; saved as torch state dicts (names such as `nested.0.running_mean`,
   `wrapped.mod.weight`, `0.weight`, with num_batches_tracked), plus an input
   and PyTorch's output.
-* resnet18 (batch 2), resnet34, resnet50 and mobilenet_v2 (batch 1): torchvision's
+* resnet18 (batch 2), resnet34, resnet50, mobilenet_v2, mobilenet_v3_large and
+  efficientnet_b0 (batch 1): torchvision's
   architectures with weights from wick's seeded init (scripts/wick_random.py,
   the twin of crates/models/src/random.rs), so the 46-98 MB weights need not
   be committed; input from the same generator; only PyTorch's logits and a
@@ -130,6 +131,8 @@ def main():
     classifier_fixture("resnet34", 1)
     classifier_fixture("resnet50", 1)
     classifier_fixture("mobilenet_v2", 1)
+    classifier_fixture("mobilenet_v3_large", 1)
+    classifier_fixture("efficientnet_b0", 1)
 
 
 if __name__ == "__main__":

@@ -91,12 +91,22 @@ pub struct BatchNorm {
 impl BatchNorm {
     /// Loads an affine batch norm over `channels` with PyTorch's default eps 1e-5.
     pub fn load(params: &mut dyn ParamSource, path: &str, channels: usize) -> Result<Self, ModelError> {
+        Self::load_with_eps(params, path, channels, 1e-5)
+    }
+
+    /// Loads an affine batch norm over `channels` with `eps` (MobileNetV3 uses 1e-3).
+    pub fn load_with_eps(
+        params: &mut dyn ParamSource,
+        path: &str,
+        channels: usize,
+        eps: f64,
+    ) -> Result<Self, ModelError> {
         let shape = [channels];
         let running_mean = params.param(&key(path, "running_mean"), &shape, ParamKind::RunningMean)?;
         let running_var = params.param(&key(path, "running_var"), &shape, ParamKind::RunningVar)?;
         let weight = params.param(&key(path, "weight"), &shape, ParamKind::BatchNormWeight)?;
         let bias = params.param(&key(path, "bias"), &shape, ParamKind::BatchNormBias)?;
-        let inner = candle_nn::BatchNorm::new(channels, running_mean, running_var, weight, bias, 1e-5).context(path)?;
+        let inner = candle_nn::BatchNorm::new(channels, running_mean, running_var, weight, bias, eps).context(path)?;
         Ok(Self {
             path: path.to_string(),
             inner,

@@ -2,66 +2,10 @@
 //! (`features.{i}.conv.{j}`, `classifier.1`): inverted residual blocks of a
 //! 1x1 expansion, a 3x3 depthwise conv and a linear 1x1 projection, ReLU6.
 
+use crate::conv_norm::{same_conv, ConvNormActivation};
 use crate::layers::{child, ConvSpec};
 use crate::{BatchNorm, Conv2d, Frontend, Linear, ModelError, Module, ParamSource};
 use wick_ir::Activation;
-
-/// torchvision's `Conv2dNormActivation`: conv (no bias) → batch norm →
-/// optional activation, its layers named `{path}.0`, `{path}.1`.
-#[derive(Debug, Clone)]
-pub struct ConvNormActivation {
-    /// The conv (`{path}.0`).
-    pub conv: Conv2d,
-    /// Its batch norm (`{path}.1`).
-    pub bn: BatchNorm,
-    /// The activation (`{path}.2`), if any.
-    pub activation: Option<Activation>,
-    /// Module path.
-    pub path: String,
-}
-
-impl ConvNormActivation {
-    /// Loads `{path}.0` (a `kernel`×`kernel` conv, padding `kernel / 2`,
-    /// `groups` groups) and `{path}.1`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        params: &mut dyn ParamSource,
-        path: &str,
-        in_channels: usize,
-        out_channels: usize,
-        kernel: usize,
-        stride: usize,
-        groups: usize,
-        activation: Option<Activation>,
-    ) -> Result<Self, ModelError> {
-        let spec = ConvSpec {
-            in_channels,
-            out_channels,
-            kernel,
-            stride,
-            padding: kernel / 2,
-            bias: false,
-            groups,
-        };
-        Ok(Self {
-            conv: Conv2d::load(params, &child(path, "0"), spec)?,
-            bn: BatchNorm::load(params, &child(path, "1"), out_channels)?,
-            activation,
-            path: path.to_string(),
-        })
-    }
-}
-
-impl Module for ConvNormActivation {
-    fn forward<F: Frontend>(&self, frontend: &mut F, x: F::Value) -> Result<F::Value, ModelError> {
-        let y = frontend.conv2d(&self.conv, &x)?;
-        let y = frontend.batch_norm(&self.bn, &y)?;
-        match self.activation {
-            Some(activation) => frontend.activation(&child(&self.path, "2"), activation, &y),
-            None => Ok(y),
-        }
-    }
-}
 
 /// torchvision's `InvertedResidual`: [1x1 expansion →] 3x3 depthwise →
 /// 1x1 linear projection, plus the input when the stride is 1 and the
@@ -94,11 +38,8 @@ impl InvertedResidual {
             layers.push(ConvNormActivation::load(
                 params,
                 &child(&conv, "0"),
-                in_channels,
-                hidden,
-                1,
-                1,
-                1,
+                same_conv(in_channels, hidden, 1, 1, 1),
+                BN_EPS,
                 relu6,
             )?);
         }
@@ -106,11 +47,8 @@ impl InvertedResidual {
         layers.push(ConvNormActivation::load(
             params,
             &child(&conv, &next.to_string()),
-            hidden,
-            hidden,
-            3,
-            stride,
-            hidden,
+            same_conv(hidden, hidden, 3, stride, hidden),
+            BN_EPS,
             relu6,
         )?);
         // The projection is a bare conv and batch norm at `conv.{n}`, `conv.{n+1}`.
@@ -167,6 +105,9 @@ pub struct MobileNetV2 {
     pub classifier: Linear,
 }
 
+/// MobileNetV2's batch-norm eps (PyTorch's default).
+const BN_EPS: f64 = 1e-5;
+
 /// Channels of MobileNetV2's last conv, into the classifier.
 pub const MOBILENET_V2_FEATURES: usize = 1280;
 
@@ -174,7 +115,7 @@ impl MobileNetV2 {
     /// Loads MobileNetV2 with `num_classes` outputs.
     pub fn load(params: &mut dyn ParamSource, num_classes: usize) -> Result<Self, ModelError> {
         let relu6 = Some(Activation::Relu6);
-        let stem = ConvNormActivation::load(params, "features.0", 3, 32, 3, 2, 1, relu6)?;
+        let stem = ConvNormActivation::load(params, "features.0", same_conv(3, 32, 3, 2, 1), BN_EPS, relu6)?;
         // (expand ratio, output channels, repeats, first stride), torchvision's table.
         let settings = [
             (1, 16, 1, 1),
@@ -205,11 +146,8 @@ impl MobileNetV2 {
         let head = ConvNormActivation::load(
             params,
             &format!("features.{}", blocks.len() + 1),
-            in_channels,
-            MOBILENET_V2_FEATURES,
-            1,
-            1,
-            1,
+            same_conv(in_channels, MOBILENET_V2_FEATURES, 1, 1, 1),
+            BN_EPS,
             relu6,
         )?;
         Ok(Self {

@@ -1,8 +1,9 @@
 //! The models wick ships, by name: loading, default inputs, eager runs and tracing.
 
 use crate::{
-    trace, Eager, MobileNetV2, ModelError, Module, ParamSource, RandomParams, ResNet, ResNetDepth, Sequential, Toy,
-    Weights, MOBILENET_V2_FEATURES,
+    trace, Eager, EfficientNet, MobileNetV2, MobileNetV3, ModelError, Module, ParamSource, RandomParams, ResNet,
+    ResNetDepth, Sequential, Toy, Weights, EFFICIENTNET_B0_FEATURES, MOBILENET_V2_FEATURES,
+    MOBILENET_V3_LARGE_FEATURES,
 };
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -11,13 +12,15 @@ use std::str::FromStr;
 use wick_ir::{Graph, TensorFact};
 
 /// The names accepted by [`ModelName::from_str`].
-pub const MODEL_NAMES: [&str; 6] = [
+pub const MODEL_NAMES: [&str; 8] = [
     "toy",
     "toy-sequential",
     "resnet18",
     "resnet34",
     "resnet50",
     "mobilenet-v2",
+    "mobilenet-v3-large",
+    "efficientnet-b0",
 ];
 
 /// A model wick knows how to build.
@@ -35,17 +38,23 @@ pub enum ModelName {
     Resnet50,
     /// torchvision's MobileNetV2 (52 pairs, depthwise convs, ReLU6).
     MobilenetV2,
+    /// torchvision's MobileNetV3-Large (46 pairs, hardswish, squeeze-and-excitation).
+    MobilenetV3Large,
+    /// torchvision's EfficientNet-B0 (49 pairs, SiLU, squeeze-and-excitation).
+    EfficientnetB0,
 }
 
 impl ModelName {
     /// All models.
-    pub const ALL: [ModelName; 6] = [
+    pub const ALL: [ModelName; 8] = [
         ModelName::Toy,
         ModelName::ToySequential,
         ModelName::Resnet18,
         ModelName::Resnet34,
         ModelName::Resnet50,
         ModelName::MobilenetV2,
+        ModelName::MobilenetV3Large,
+        ModelName::EfficientnetB0,
     ];
 
     /// The CLI / graph name.
@@ -57,6 +66,8 @@ impl ModelName {
             ModelName::Resnet34 => "resnet34",
             ModelName::Resnet50 => "resnet50",
             ModelName::MobilenetV2 => "mobilenet-v2",
+            ModelName::MobilenetV3Large => "mobilenet-v3-large",
+            ModelName::EfficientnetB0 => "efficientnet-b0",
         }
     }
 
@@ -66,7 +77,7 @@ impl ModelName {
             ModelName::Resnet18 => Some(ResNetDepth::R18),
             ModelName::Resnet34 => Some(ResNetDepth::R34),
             ModelName::Resnet50 => Some(ResNetDepth::R50),
-            ModelName::Toy | ModelName::ToySequential | ModelName::MobilenetV2 => None,
+            _ => None,
         }
     }
 
@@ -75,9 +86,7 @@ impl ModelName {
         let mut shape = match self {
             ModelName::Toy => vec![5, 1, 1, 1],
             ModelName::ToySequential => vec![1, 3, 28, 28],
-            ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50 | ModelName::MobilenetV2 => {
-                vec![10, 3, 224, 224]
-            }
+            _ => vec![10, 3, 224, 224],
         };
         if let Some(batch) = batch {
             shape[0] = batch;
@@ -137,6 +146,10 @@ pub enum Model {
     Resnet50(ResNet),
     /// See [`ModelName::MobilenetV2`].
     MobilenetV2(MobileNetV2),
+    /// See [`ModelName::MobilenetV3Large`].
+    MobilenetV3Large(MobileNetV3),
+    /// See [`ModelName::EfficientnetB0`].
+    EfficientnetB0(EfficientNet),
 }
 
 impl Model {
@@ -180,6 +193,14 @@ impl Model {
                 let classes = classes_of(params, "classifier.1.weight", MOBILENET_V2_FEATURES);
                 Model::MobilenetV2(MobileNetV2::load(params, classes)?)
             }
+            ModelName::MobilenetV3Large => {
+                let classes = classes_of(params, "classifier.3.weight", MOBILENET_V3_LARGE_FEATURES);
+                Model::MobilenetV3Large(MobileNetV3::large(params, classes)?)
+            }
+            ModelName::EfficientnetB0 => {
+                let classes = classes_of(params, "classifier.1.weight", EFFICIENTNET_B0_FEATURES);
+                Model::EfficientnetB0(EfficientNet::b0(params, classes)?)
+            }
         })
     }
 
@@ -198,6 +219,8 @@ impl Model {
             Model::Resnet34(_) => ModelName::Resnet34,
             Model::Resnet50(_) => ModelName::Resnet50,
             Model::MobilenetV2(_) => ModelName::MobilenetV2,
+            Model::MobilenetV3Large(_) => ModelName::MobilenetV3Large,
+            Model::EfficientnetB0(_) => ModelName::EfficientnetB0,
         }
     }
 
@@ -211,6 +234,8 @@ impl Model {
             },
             Model::Resnet18(m) | Model::Resnet34(m) | Model::Resnet50(m) => m.conv1.inner.weight().dtype(),
             Model::MobilenetV2(m) => m.stem.conv.inner.weight().dtype(),
+            Model::MobilenetV3Large(m) => m.stem.conv.inner.weight().dtype(),
+            Model::EfficientnetB0(m) => m.stem.conv.inner.weight().dtype(),
         }
     }
 
@@ -220,7 +245,7 @@ impl Model {
         let (channels, min_size) = match self.name() {
             ModelName::Toy => (1, 1),
             ModelName::ToySequential => (3, 11),
-            ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50 | ModelName::MobilenetV2 => (3, 1),
+            _ => (3, 1),
         };
         let ok = dims.len() == 4 && dims[0] > 0 && dims[1] == channels && dims[2] >= min_size && dims[3] >= min_size;
         if ok {
@@ -243,6 +268,8 @@ impl Model {
             Model::ToySequential(m) => m.forward(&mut eager, x.clone()),
             Model::Resnet18(m) | Model::Resnet34(m) | Model::Resnet50(m) => m.forward(&mut eager, x.clone()),
             Model::MobilenetV2(m) => m.forward(&mut eager, x.clone()),
+            Model::MobilenetV3Large(m) => m.forward(&mut eager, x.clone()),
+            Model::EfficientnetB0(m) => m.forward(&mut eager, x.clone()),
         }
     }
 
@@ -256,6 +283,8 @@ impl Model {
             Model::ToySequential(m) => trace(name, m, fact),
             Model::Resnet18(m) | Model::Resnet34(m) | Model::Resnet50(m) => trace(name, m, fact),
             Model::MobilenetV2(m) => trace(name, m, fact),
+            Model::MobilenetV3Large(m) => trace(name, m, fact),
+            Model::EfficientnetB0(m) => trace(name, m, fact),
         }
     }
 }

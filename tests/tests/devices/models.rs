@@ -117,3 +117,19 @@ device_test! {
         check(ModelName::MobilenetV2, Some(1), [52, 0, 0, 0], &device);
     }
 }
+
+device_test! {
+    /// All 46 conv → batch_norm pairs of MobileNetV3-Large; its ReLUs (after
+    /// the first six blocks' convs and every squeeze-and-excitation's `fc1`)
+    /// become conv epilogues.
+    fn mobilenet_v3_large_fuses_forty_six(device) {
+        check(ModelName::MobilenetV3Large, Some(1), [46, 0, 19, 0], &device);
+    }
+}
+
+device_test! {
+    /// All 49 conv → batch_norm pairs of EfficientNet-B0 (3x3 and 5x5 depthwise).
+    fn efficientnet_b0_fuses_forty_nine(device) {
+        check(ModelName::EfficientnetB0, Some(1), [49, 0, 0, 0], &device);
+    }
+}

@@ -157,3 +157,19 @@ device_test! {
         check_classifier(ModelName::MobilenetV2, &device);
     }
 }
+
+device_test! {
+    /// MobileNetV3-Large (hardswish, squeeze-and-excitation with
+    /// hardsigmoid, batch-norm eps 1e-3; seeded init) matches torchvision.
+    fn mobilenet_v3_large_matches_torchvision(device) {
+        check_classifier(ModelName::MobilenetV3Large, &device);
+    }
+}
+
+device_test! {
+    /// EfficientNet-B0 (SiLU, squeeze-and-excitation with sigmoid, 5x5
+    /// depthwise convs; seeded init) matches torchvision.
+    fn efficientnet_b0_matches_torchvision(device) {
+        check_classifier(ModelName::EfficientnetB0, &device);
+    }
+}
