@@ -104,7 +104,14 @@ impl Kernel {
             }
             Op::Relu | Op::Relu6 | Op::HardSwish | Op::HardSigmoid | Op::Sigmoid | Op::Silu => {
                 let activation = Activation::of(&node.op).expect("an activation op");
-                candle(CandleOp::Activation { activation, x: slot(0) })
+                match how.machine {
+                    Some(machine) if node.fact.dtype == DType::F32 => Ok(Kernel::Cpu(CpuKernel::Activation {
+                        isa: machine.isa,
+                        activation,
+                        x: slot(0),
+                    })),
+                    _ => candle(CandleOp::Activation { activation, x: slot(0) }),
+                }
             }
             Op::Add => candle(CandleOp::Add { a: slot(0), b: slot(1) }),
             Op::Mul => candle(CandleOp::Mul { a: slot(0), b: slot(1) }),

@@ -8,6 +8,7 @@
 //! speed: every algorithm takes any input shape and is tested against
 //! candle's conv.
 
+pub(crate) mod activation;
 pub(crate) mod conv;
 pub(crate) mod data;
 pub(crate) mod epilogue;
@@ -20,7 +21,7 @@ use crate::kernel::Slot;
 use candle_core::Tensor;
 use conv::{winograd, ConvSpec, CpuConv};
 use std::sync::Arc;
-use wick_ir::MaxPool2dAttrs;
+use wick_ir::{Activation, MaxPool2dAttrs};
 
 /// Fewer tiles than this (over the batch) run faster as a direct convolution
 /// than as Winograd F(4×4) (measured on ResNet18: at batch 1 its 7×7
@@ -53,8 +54,10 @@ pub(crate) enum ConvAlgorithm {
     DirectPanels,
     /// Blocked implicit GEMM, output channels on the vector lanes.
     DirectLanes,
-    /// Per-group im2col + the `gemm` crate (grouped and depthwise convs).
+    /// Per-group im2col + the `gemm` crate (grouped convs other than depthwise).
     Grouped,
+    /// One filter per channel over a zero-padded plane (depthwise convs).
+    Depthwise,
 }
 
 impl ConvAlgorithm {
@@ -66,6 +69,7 @@ impl ConvAlgorithm {
             ConvAlgorithm::DirectPanels => "direct-panels",
             ConvAlgorithm::DirectLanes => "direct-lanes",
             ConvAlgorithm::Grouped => "grouped",
+            ConvAlgorithm::Depthwise => "depthwise",
         }
     }
 }
@@ -78,7 +82,10 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
     let [batch, out_channels, out_height, out_width] = out_shape;
     let pixels = batch.saturating_mul(out_height).saturating_mul(out_width);
     if spec.attrs.groups != 1 {
-        return ConvAlgorithm::Grouped;
+        return match conv::depthwise::DepthwiseConv::applies(spec) {
+            true => ConvAlgorithm::Depthwise,
+            false => ConvAlgorithm::Grouped,
+        };
     }
     if pooled {
         return ConvAlgorithm::DirectPanels;
@@ -141,6 +148,12 @@ pub(crate) enum CpuKernel {
     },
     /// The max pool.
     MaxPool2d { attrs: MaxPool2dAttrs, x: Slot },
+    /// An elementwise activation, on the instruction-set path `isa`.
+    Activation {
+        isa: gemm::Isa,
+        activation: Activation,
+        x: Slot,
+    },
 }
 
 impl CpuKernel {
@@ -148,7 +161,7 @@ impl CpuKernel {
     pub(crate) fn reads(&self) -> Vec<Slot> {
         match self {
             CpuKernel::Conv { x, residual, .. } => std::iter::once(*x).chain(*residual).collect(),
-            CpuKernel::MaxPool2d { x, .. } => vec![*x],
+            CpuKernel::MaxPool2d { x, .. } | CpuKernel::Activation { x, .. } => vec![*x],
         }
     }
 
@@ -157,6 +170,7 @@ impl CpuKernel {
         match self {
             CpuKernel::Conv { conv, x, residual } => conv.run(&value(*x)?, residual.map(&value).transpose()?.as_ref()),
             CpuKernel::MaxPool2d { attrs, x } => pool::max_pool2d(&value(*x)?, attrs),
+            CpuKernel::Activation { isa, activation, x } => activation::activation(*isa, *activation, &value(*x)?),
         }
     }
 }
@@ -194,7 +208,8 @@ mod tests {
             (spec(256, 3, 2, 1), false, [1, 256, 14, 14], DirectLanes),
             (spec(64, 1, 1, 1), false, [10, 64, 28, 28], DirectPanels),
             (spec(3, 7, 2, 1), true, [1, 64, 112, 112], DirectPanels),
-            (spec(32, 3, 1, 32), false, [1, 32, 7, 7], Grouped),
+            (spec(32, 3, 1, 32), false, [1, 32, 7, 7], Depthwise),
+            (spec(32, 3, 1, 8), false, [1, 32, 7, 7], Grouped),
         ];
         for (spec, pooled, shape, want) in cases {
             assert_eq!(conv_algorithm(&spec, pooled, shape), want, "{spec:?} {shape:?}");

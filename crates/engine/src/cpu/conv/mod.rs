@@ -5,6 +5,7 @@
 //!
 //! Which algorithm runs a node is decided in [`super::conv_algorithm`].
 
+pub(crate) mod depthwise;
 pub(crate) mod direct;
 pub(crate) mod grouped;
 pub(crate) mod winograd;
@@ -14,6 +15,7 @@ use super::ConvAlgorithm;
 use crate::cpu::gemm::Layout;
 use crate::machine::Machine;
 use candle_core::{bail, Device, Tensor};
+use depthwise::DepthwiseConv;
 use direct::DirectConv;
 use grouped::GroupedConv;
 use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
@@ -161,6 +163,8 @@ pub(crate) enum CpuConv {
     Direct(DirectConv),
     /// Per-group im2col + `gemm`, then the fused max pool, if any, as a pass of its own.
     Grouped(GroupedConv, Option<MaxPool2dAttrs>),
+    /// One filter per channel, then the fused max pool, if any, as a pass of its own.
+    Depthwise(DepthwiseConv, Option<MaxPool2dAttrs>),
 }
 
 impl CpuConv {
@@ -197,6 +201,9 @@ impl CpuConv {
                 CpuConv::Direct(DirectConv::new(spec, weight, epilogue, pool, Layout::Lanes, machine)?)
             }
             ConvAlgorithm::Grouped => CpuConv::Grouped(GroupedConv::new(spec, weight, epilogue)?, pool),
+            ConvAlgorithm::Depthwise => {
+                CpuConv::Depthwise(DepthwiseConv::new(spec, weight, epilogue, machine.isa)?, pool)
+            }
         })
     }
 
@@ -210,6 +217,7 @@ impl CpuConv {
                 Layout::Lanes => ConvAlgorithm::DirectLanes,
             },
             CpuConv::Grouped(..) => ConvAlgorithm::Grouped,
+            CpuConv::Depthwise(..) => ConvAlgorithm::Depthwise,
         }
     }
 
@@ -222,6 +230,8 @@ impl CpuConv {
             CpuConv::Direct(conv) => conv.run(x, residual),
             CpuConv::Grouped(conv, None) => conv.run(x, residual),
             CpuConv::Grouped(conv, Some(pool)) => super::pool::max_pool2d(&conv.run(x, residual)?, pool),
+            CpuConv::Depthwise(conv, None) => conv.run(x, residual),
+            CpuConv::Depthwise(conv, Some(pool)) => super::pool::max_pool2d(&conv.run(x, residual)?, pool),
         }
     }
 }

@@ -58,6 +58,14 @@ fn run_case(case: &Case) -> (Vec<(String, Tensor)>, Tensor) {
     let attrs = conv.attrs();
     let packed = grouped(&w, b.as_ref(), attrs, case.relu);
     let mut got = vec![("grouped".to_string(), packed.run(&x, None).unwrap())];
+    let spec = ConvSpec::of(&w, attrs).unwrap();
+    if depthwise::DepthwiseConv::applies(&spec) {
+        for isa in Isa::available() {
+            let epilogue = Epilogue::new(b.as_ref(), spec.out_channels, case.relu).unwrap();
+            let conv = depthwise::DepthwiseConv::new(spec, &w, epilogue, isa).unwrap();
+            got.push((format!("depthwise {isa:?}"), conv.run(&x, None).unwrap()));
+        }
+    }
     if conv.groups == 1 {
         for isa in Isa::available() {
             for layout in DIRECT_LAYOUTS {
