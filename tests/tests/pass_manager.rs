@@ -63,6 +63,8 @@ fn user_passes_run_at_named_points() {
             "fuse-conv-batch-norm",
             "fuse-conv-add-relu",
             "fuse-conv-relu",
+            "fuse-conv-activation",
+            "fuse-conv-add",
             "fuse-conv-max-pool",
             "eliminate-dead-code",
             "eliminate-dead-code"

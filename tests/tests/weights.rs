@@ -112,7 +112,7 @@ fn unknown_model_name() {
     let err = "resnet101".parse::<ModelName>().unwrap_err();
     assert_eq!(
         err.to_string(),
-        "unknown model `resnet101`; expected one of: toy, toy-sequential, resnet18, resnet34, resnet50"
+        "unknown model `resnet101`; expected one of: toy, toy-sequential, resnet18, resnet34, resnet50, mobilenet-v2, mobilenet-v3-large, efficientnet-b0"
     );
 }
 

@@ -65,7 +65,7 @@ impl Kernel {
                 };
                 let plain = FusedConv2dAttrs {
                     conv: *attrs,
-                    relu: false,
+                    activation: None,
                     pool: None,
                 };
                 lower_conv(graph, node, how, (plain, false), operands)
@@ -163,7 +163,7 @@ fn constant<'g>(graph: &'g Graph, node: &Node, i: usize) -> Option<&'g Tensor> {
         .flatten()
 }
 
-/// A conv (a plain one as `relu: false, pool: None`; `fused` for the fused
+/// A conv (a plain one as `activation: None, pool: None`; `fused` for the fused
 /// op): wick's CPU conv when on the CPU in f32 with constant weight and
 /// bias, candle's ops otherwise.
 fn lower_conv(
@@ -176,7 +176,7 @@ fn lower_conv(
     let (device, machine, limits) = (how.device, how.machine, how.limits);
     let FusedConv2dAttrs {
         conv: attrs,
-        relu,
+        activation,
         pool,
     } = conv;
     let weight = constant(graph, node, 1);
@@ -193,7 +193,7 @@ fn lower_conv(
             ));
         };
         let algorithm = conv_algorithm(&spec, pool.is_some(), out_shape);
-        let pack = || CpuConv::new(algorithm, weight, bias.flatten(), attrs, relu, pool, machine);
+        let pack = || CpuConv::new(algorithm, weight, bias.flatten(), attrs, activation, pool, machine);
         let conv = match how.convs {
             Some(convs) => convs.get_or_pack(&node.name, algorithm, pack),
             None => pack().map(std::sync::Arc::new),
@@ -244,7 +244,7 @@ fn lower_conv(
         (false, bias) => CandleOp::Conv2d { attrs, x, weight, bias },
         (true, Some(bias)) => CandleOp::FusedConv2d(FusedConv {
             attrs,
-            relu,
+            activation,
             pool,
             x,
             weight,

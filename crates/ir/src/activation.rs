@@ -58,6 +58,13 @@ impl Activation {
         }
     }
 
+    /// Whether the activation never decreases (then it commutes with a
+    /// max: a fused pool may apply it after the max); hardswish and SiLU
+    /// dip below zero before rising.
+    pub fn is_monotonic(self) -> bool {
+        !matches!(self, Activation::HardSwish | Activation::Silu)
+    }
+
     /// Applies the activation with candle's ops, in `x`'s dtype, written
     /// the way PyTorch computes it (`hardsigmoid` as `relu6(x + 3) / 6`, not
     /// `x / 6 + 1/2`), so the two round alike.

@@ -29,15 +29,15 @@ impl Default for Conv2dAttrs {
 /// Attributes of a convolution with a fused epilogue.
 ///
 /// Inputs are `(x, weight, bias)` or `(x, weight, bias, residual)`; the
-/// output is `conv(x) + bias [+ residual]`, then ReLU when `relu` is set,
-/// then a max pool when `pool` is set (the output fact is the pooled one;
-/// a residual has the convolution's shape).
+/// output is `conv(x) + bias [+ residual]`, then the activation when one
+/// is set, then a max pool when `pool` is set (the output fact is the
+/// pooled one; a residual has the convolution's shape).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct FusedConv2dAttrs {
     /// The convolution's own attributes.
     pub conv: Conv2dAttrs,
-    /// Whether ReLU is applied after the bias (and residual).
-    pub relu: bool,
+    /// The activation applied after the bias (and residual), if any.
+    pub activation: Option<crate::Activation>,
     /// A max pool applied last, if any.
     pub pool: Option<MaxPool2dAttrs>,
 }

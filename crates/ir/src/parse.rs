@@ -120,6 +120,8 @@ fn tokenize(text: &str) -> std::result::Result<Vec<(Token, usize, usize)>, Parse
 enum AttrValue {
     Number(String),
     List(Vec<String>),
+    /// A name, such as an activation's.
+    Word(String),
 }
 
 struct Parser {
@@ -305,6 +307,10 @@ impl Parser {
                         self.next();
                         AttrValue::Number(n)
                     }
+                    Token::Ident(word) => {
+                        self.next();
+                        AttrValue::Word(word)
+                    }
                     other => {
                         return Err(
                             self.error_here(format!("expected a value for `{name}`, found {}", other.describe()))
@@ -343,13 +349,35 @@ impl Parser {
             OpKind::Conv2d => Op::Conv2d(table.conv()?),
             OpKind::FusedConv2d => Op::FusedConv2d(FusedConv2dAttrs {
                 conv: table.conv()?,
-                relu: match table.scalar::<u8>("relu")? {
-                    None | Some(0) => false,
-                    Some(1) => true,
-                    Some(other) => {
-                        return Err(table
-                            .parser
-                            .error_here(format!("attribute `relu` is 0 or 1, got {other}")))
+                activation: {
+                    let relu = match table.scalar::<u8>("relu")? {
+                        None | Some(0) => false,
+                        Some(1) => true,
+                        Some(other) => {
+                            return Err(table
+                                .parser
+                                .error_here(format!("attribute `relu` is 0 or 1, got {other}")))
+                        }
+                    };
+                    match (relu, table.word("activation")?) {
+                        (false, None) => None,
+                        (true, None) => Some(crate::Activation::Relu),
+                        (false, Some(name)) => Some(
+                            crate::Activation::ALL
+                                .into_iter()
+                                .find(|a| a.op().name() == name)
+                                .ok_or_else(|| {
+                                    let names: Vec<&str> =
+                                        crate::Activation::ALL.iter().map(|a| a.op().name()).collect();
+                                    table.parser.error_here(format!(
+                                        "unknown activation `{name}`; expected one of {}",
+                                        names.join(", ")
+                                    ))
+                                })?,
+                        ),
+                        (true, Some(_)) => {
+                            return Err(table.parser.error_here("`relu=1` and `activation` together: give one"))
+                        }
                     }
                 },
                 pool: match table.pair("pool_kernel")? {
@@ -526,9 +554,21 @@ impl AttrTable<'_> {
                 .parse()
                 .map(Some)
                 .map_err(|_| self.bad(position, format!("attribute `{name}`: cannot read `{n}`"))),
+            Some((AttrValue::Word(word), position)) => Err(self.bad(
+                position,
+                format!("attribute `{name}`: expected a number, found `{word}`"),
+            )),
             Some((AttrValue::List(_), position)) => {
                 Err(self.bad(position, format!("attribute `{name}` takes one number")))
             }
+        }
+    }
+
+    fn word(&mut self, name: &str) -> Result<Option<String>> {
+        match self.take(name) {
+            None => Ok(None),
+            Some((AttrValue::Word(word), _)) => Ok(Some(word)),
+            Some((_, position)) => Err(self.bad(position, format!("attribute `{name}` takes a name"))),
         }
     }
 
@@ -543,6 +583,10 @@ impl AttrTable<'_> {
                     format!("attribute `{name}`: expected a non-negative integer, found `{n}`"),
                 )),
             },
+            Some((AttrValue::Word(word), position)) => Err(self.bad(
+                position,
+                format!("attribute `{name}`: expected a non-negative integer, found `{word}`"),
+            )),
             Some((AttrValue::List(items), position)) => {
                 match items.iter().map(|s| parse(s)).collect::<Option<Vec<_>>>() {
                     Some(v) if v.len() == 2 => Ok(Some([v[0], v[1]])),

@@ -19,13 +19,18 @@ pub(crate) fn op_text(op: &Op) -> String {
             a.groups
         ),
         Op::FusedConv2d(a) => format!(
-            "{}[stride={}, padding={}, dilation={}, groups={}, relu={}{}]",
+            "{}[stride={}, padding={}, dilation={}, groups={}, {}{}]",
             op.name(),
             pair(a.conv.stride),
             pair(a.conv.padding),
             pair(a.conv.dilation),
             a.conv.groups,
-            u8::from(a.relu),
+            // `relu=0|1` as before the other activations existed.
+            match a.activation {
+                None => "relu=0".to_string(),
+                Some(crate::Activation::Relu) => "relu=1".to_string(),
+                Some(other) => format!("activation={}", other.op().name()),
+            },
             a.pool.map_or(String::new(), |p| format!(
                 ", pool_kernel={}, pool_stride={}, pool_padding={}",
                 pair(p.kernel),

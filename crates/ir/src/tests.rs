@@ -339,3 +339,36 @@ fn activations_and_broadcast_mul() {
         "{err}"
     );
 }
+
+/// A fused conv's activation: `relu=1` as before, any other by name;
+/// text round-trips; an unknown name or both forms at once are errors.
+#[test]
+fn fused_conv_activation_attribute() {
+    let text = "graph g(%x: f32[1,3,8,8]) {
+  @w = constant : f32[4,3,3,3]
+  @b = constant : f32[4]
+  %y = fused_conv2d[padding=1, activation=silu](%x, @w, @b) : f32[1,4,8,8]
+  %z = fused_conv2d[padding=1, relu=1](%y, @w2, @b) : f32[1,4,8,8]
+  return %z
+}"
+    .replace("@w2", "@w4")
+    .replace(
+        "  @b = constant : f32[4]\n",
+        "  @b = constant : f32[4]\n  @w4 = constant : f32[4,4,3,3]\n",
+    );
+    let graph = Graph::parse(&text).unwrap();
+    let attrs = |name: &str| match graph.node(graph.find(name).unwrap()).op {
+        Op::FusedConv2d(a) => a.activation,
+        _ => panic!("expected fused_conv2d"),
+    };
+    assert_eq!(attrs("y"), Some(crate::Activation::Silu));
+    assert_eq!(attrs("z"), Some(crate::Activation::Relu));
+    assert_eq!(Graph::parse(&graph.to_string()).unwrap().to_string(), graph.to_string());
+    let err = parse_err(&text.replace("activation=silu", "activation=swish"));
+    assert!(
+        err.contains("unknown activation `swish`") && err.contains("hardswish"),
+        "{err}"
+    );
+    let err = parse_err(&text.replace("activation=silu", "activation=silu, relu=1"));
+    assert!(err.contains("give one"), "{err}");
+}

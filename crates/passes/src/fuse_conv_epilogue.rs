@@ -4,16 +4,23 @@
 //! - `fuse-conv-add-relu`: `relu(add(conv2d(x, w[, b]), r))` ⇒ `fused_conv2d[relu](x, w, b, r)`
 //!   (ResNet's block tail; either add operand may be the conv);
 //! - `fuse-conv-relu`: `relu(conv2d(x, w[, b]))` ⇒ `fused_conv2d[relu](x, w, b)`;
+//! - `fuse-conv-activation`: the same for ReLU6, hardswish, hardsigmoid,
+//!   sigmoid and SiLU (the mobile models' activations);
+//! - `fuse-conv-add`: `add(conv2d(x, w[, b]), r)` ⇒ `fused_conv2d(x, w, b, r)`
+//!   (the mobile blocks' residual, with no activation after it; runs after
+//!   `fuse-conv-add-relu`, which takes the adds a ReLU follows);
 //! - `fuse-conv-max-pool`: max_pool2d(fused_conv2d(x, w, b[, r])) ⇒
 //!   fused_conv2d[.., pool](x, w, b[, r]) (ResNet's stem: the conv's output,
-//!   4× the pooled one, then never leaves the cache).
+//!   4× the pooled one, then never leaves the cache); refused after a
+//!   non-monotonic activation (`skipped.non_monotonic`), which would not
+//!   commute with the max.
 //!
 //! A missing bias becomes a zero constant. All are written with the public
 //! pattern API; refusals (the conv or add used elsewhere) are counted.
 
 use crate::{Match, PassError, Pattern, PatternBuilder, PatternId, PatternPass, Replacement, Rewriter};
 use candle_core::Tensor;
-use wick_ir::{Conv2dAttrs, FusedConv2dAttrs, MaxPool2dAttrs, NodeId, Op, OpKind};
+use wick_ir::{Activation, Conv2dAttrs, FusedConv2dAttrs, MaxPool2dAttrs, NodeId, Op, OpKind};
 
 /// `conv2d(x, @conv.weight[, @conv.bias])`, returning the conv's pattern id.
 fn conv_operands(p: &mut PatternBuilder) -> PatternId {
@@ -35,19 +42,32 @@ fn add_relu_pattern(conv_first: bool) -> Pattern {
         .expect("the conv-add-relu pattern is well formed (unit-tested)")
 }
 
-fn relu_pattern() -> Pattern {
+/// `activation(conv)`.
+fn activation_pattern(activation: Activation) -> Pattern {
     let mut p = PatternBuilder::new();
     let conv = conv_operands(&mut p);
-    let relu = p.op("relu", OpKind::Relu, &[conv]);
-    p.build(relu)
-        .expect("the conv-relu pattern is well formed (unit-tested)")
+    let act = p.op("activation", activation.op().kind(), &[conv]);
+    p.build(act)
+        .expect("the conv-activation pattern is well formed (unit-tested)")
 }
 
-/// Builds the fused conv for a match, with `residual` as fourth operand when given.
+/// `add(conv, r)` with the conv as add operand `conv_first ? 0 : 1`.
+fn add_pattern(conv_first: bool) -> Pattern {
+    let mut p = PatternBuilder::new();
+    let conv = conv_operands(&mut p);
+    let residual = p.value("residual");
+    let operands = if conv_first { [conv, residual] } else { [residual, conv] };
+    let add = p.op("add", OpKind::Add, &operands);
+    p.build(add).expect("the conv-add pattern is well formed (unit-tested)")
+}
+
+/// Builds the fused conv for a match, with `residual` as fourth operand
+/// when given and `activation` after it.
 fn fuse(
     found: &Match,
     rewriter: &mut Rewriter<'_>,
     residual: Option<NodeId>,
+    activation: Option<Activation>,
     suffix: &str,
 ) -> Result<Replacement, PassError> {
     let (conv, x, weight) = (found.node("conv")?, found.node("x")?, found.node("conv.weight")?);
@@ -69,7 +89,7 @@ fn fuse(
         &name,
         Op::FusedConv2d(FusedConv2dAttrs {
             conv: attrs,
-            relu: true,
+            activation,
             pool: None,
         }),
         &inputs,
@@ -79,8 +99,15 @@ fn fuse(
 
 /// The `fuse-conv-add-relu` pass.
 pub fn fuse_conv_add_relu() -> PatternPass {
-    let with_residual =
-        |found: &Match, rewriter: &mut Rewriter<'_>| fuse(found, rewriter, Some(found.node("residual")?), "add+relu");
+    let with_residual = |found: &Match, rewriter: &mut Rewriter<'_>| {
+        fuse(
+            found,
+            rewriter,
+            Some(found.node("residual")?),
+            Some(Activation::Relu),
+            "add+relu",
+        )
+    };
     PatternPass::new("fuse-conv-add-relu")
         .register_replacement(add_relu_pattern(true), with_residual)
         .register_replacement(add_relu_pattern(false), with_residual)
@@ -88,8 +115,31 @@ pub fn fuse_conv_add_relu() -> PatternPass {
 
 /// The `fuse-conv-relu` pass.
 pub fn fuse_conv_relu() -> PatternPass {
-    PatternPass::new("fuse-conv-relu")
-        .register_replacement(relu_pattern(), |found, rewriter| fuse(found, rewriter, None, "relu"))
+    PatternPass::new("fuse-conv-relu").register_replacement(activation_pattern(Activation::Relu), |found, rewriter| {
+        fuse(found, rewriter, None, Some(Activation::Relu), "relu")
+    })
+}
+
+/// The `fuse-conv-activation` pass: every activation but ReLU (which
+/// `fuse-conv-relu` takes).
+pub fn fuse_conv_activation() -> PatternPass {
+    Activation::ALL.into_iter().filter(|&a| a != Activation::Relu).fold(
+        PatternPass::new("fuse-conv-activation"),
+        |pass, activation| {
+            pass.register_replacement(activation_pattern(activation), move |found, rewriter| {
+                fuse(found, rewriter, None, Some(activation), activation.op().name())
+            })
+        },
+    )
+}
+
+/// The `fuse-conv-add` pass.
+pub fn fuse_conv_add() -> PatternPass {
+    let with_residual =
+        |found: &Match, rewriter: &mut Rewriter<'_>| fuse(found, rewriter, Some(found.node("residual")?), None, "add");
+    PatternPass::new("fuse-conv-add")
+        .register_replacement(add_pattern(true), with_residual)
+        .register_replacement(add_pattern(false), with_residual)
 }
 
 /// max_pool2d(fused_conv2d(x, @w, @b[, residual])).
@@ -118,6 +168,9 @@ pub fn fuse_conv_max_pool() -> PatternPass {
         if attrs.pool.is_some() {
             return Ok(Replacement::Refuse("already_pooled"));
         }
+        if attrs.activation.is_some_and(|a| !a.is_monotonic()) {
+            return Ok(Replacement::Refuse("non_monotonic"));
+        }
         let name = format!("{}+{}", graph.node(conv).name, graph.node(pool).path());
         let inputs = graph.node(conv).inputs.clone();
         let fused = rewriter.add_node(
@@ -145,7 +198,9 @@ mod tests {
         let _ = (
             add_relu_pattern(true),
             add_relu_pattern(false),
-            relu_pattern(),
+            add_pattern(true),
+            add_pattern(false),
+            max_pool_pattern(false),
             max_pool_pattern(false),
             max_pool_pattern(true),
         );

@@ -21,7 +21,9 @@ pub use dce::EliminateDeadCode;
 pub use error::PassError;
 pub use fold::{fold_conv_batch_norm, BatchNormParams};
 pub use fuse_conv_batch_norm::{conv_batch_norm_pattern, fuse_conv_batch_norm, fused_name};
-pub use fuse_conv_epilogue::{fuse_conv_add_relu, fuse_conv_max_pool, fuse_conv_relu};
+pub use fuse_conv_epilogue::{
+    fuse_conv_activation, fuse_conv_add, fuse_conv_add_relu, fuse_conv_max_pool, fuse_conv_relu,
+};
 pub use manager::{ExtensionPoint, PassManager, PassReport, PassRun, StopReason};
 pub use pass::Pass;
 pub use pattern::{Match, MatchOutcome, Pattern, PatternBuilder, PatternId};

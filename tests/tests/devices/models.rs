@@ -1,5 +1,6 @@
-//! The default pipeline on the shipped models: 3 / 2 / 20 / 36 / 53 conv → batch_norm
-//! fusions, no batch_norm left, outputs unchanged — on every device
+//! The default pipeline on the shipped models: every conv → batch_norm
+//! pair fused, activations and residual adds into conv epilogues, no
+//! batch_norm left, outputs unchanged — on every device
 //! (`device_test!`: `_cpu`, and `_cuda` with the `cuda` feature, which also
 //! checks the GPU's fused output against the CPU's).
 
@@ -10,8 +11,9 @@ use wick_models::{random_input, Model, ModelName, WeightSource};
 use wick_passes::PassManager;
 use wick_tests::{assert_close, device_test};
 
-/// Expected `matched` counts: conv-bn, conv-add-relu, conv-relu, conv-max-pool.
-fn check(name: ModelName, batch: Option<usize>, expected: [u64; 4], device: &Device) {
+/// Expected `matched` counts: conv-bn, conv-add-relu, conv-relu,
+/// conv-activation, conv-add, conv-max-pool.
+fn check(name: ModelName, batch: Option<usize>, expected: [u64; 6], device: &Device) {
     let model = Model::load(name, WeightSource::Random { seed: 5 }, device).unwrap();
     let shape = name.input_shape(batch);
     let x = random_input(9, &shape, device).unwrap();
@@ -23,13 +25,28 @@ fn check(name: ModelName, batch: Option<usize>, expected: [u64; 4], device: &Dev
         "fuse-conv-batch-norm",
         "fuse-conv-add-relu",
         "fuse-conv-relu",
+        "fuse-conv-activation",
+        "fuse-conv-add",
         "fuse-conv-max-pool",
     ]
     .map(|p| report.count(p, "matched"));
     assert_eq!(counts, expected, "{report}");
+    // Every activation follows a conv but the toy's and MobileNetV3's
+    // classifier hardswish (after a linear layer).
+    let left: Vec<&str> = fused
+        .nodes()
+        .iter()
+        .filter(|n| wick_ir::Activation::of(&n.op).is_some())
+        .map(|n| n.name.as_str())
+        .collect();
+    let allowed: &[&str] = match name {
+        ModelName::Toy => &["relu"],
+        ModelName::MobilenetV3Large => &["classifier.1"],
+        _ => &[],
+    };
     assert!(
-        fused.nodes().iter().all(|n| n.op != Op::Relu || name == ModelName::Toy),
-        "relu left in {name}:\n{fused}"
+        left.iter().all(|n| allowed.contains(n)),
+        "activations left in {name}: {left:?}"
     );
     assert!(
         fused.nodes().iter().all(|n| !matches!(n.op, Op::BatchNorm(_))),
@@ -72,14 +89,14 @@ fn check(name: ModelName, batch: Option<usize>, expected: [u64; 4], device: &Dev
 device_test! {
     /// Three pairs in the tutorial's toy model, across Sequential and wrapper boundaries.
     fn toy_fuses_three(device) {
-        check(ModelName::Toy, None, [3, 0, 0, 0], &device);
+        check(ModelName::Toy, None, [3, 0, 0, 0, 0, 0], &device);
     }
 }
 
 device_test! {
     /// Two pairs in the tutorial's Sequential model with different shapes from the pattern's example.
     fn toy_sequential_fuses_two(device) {
-        check(ModelName::ToySequential, None, [2, 0, 1, 0], &device);
+        check(ModelName::ToySequential, None, [2, 0, 1, 0, 0, 0], &device);
     }
 }
 
@@ -89,7 +106,7 @@ device_test! {
     /// conv + relu epilogues and the stem's max pool, leaving no separate
     /// relu or max_pool2d.
     fn resnet18_fuses_twenty(device) {
-        check(ModelName::Resnet18, Some(1), [20, 8, 9, 1], &device);
+        check(ModelName::Resnet18, Some(1), [20, 8, 9, 0, 0, 1], &device);
     }
 }
 
@@ -97,7 +114,7 @@ device_test! {
     /// All 36 pairs of ResNet34; 16 block tails, 16 + 1 conv + relu
     /// epilogues and the stem's max pool.
     fn resnet34_fuses_thirty_six(device) {
-        check(ModelName::Resnet34, Some(1), [36, 16, 17, 1], &device);
+        check(ModelName::Resnet34, Some(1), [36, 16, 17, 0, 0, 1], &device);
     }
 }
 
@@ -106,30 +123,33 @@ device_test! {
     /// downsamples); 16 bottleneck tails (conv3 + residual add + relu), two
     /// conv + relu epilogues per bottleneck and the stem's, and its max pool.
     fn resnet50_fuses_fifty_three(device) {
-        check(ModelName::Resnet50, Some(1), [53, 16, 33, 1], &device);
+        check(ModelName::Resnet50, Some(1), [53, 16, 33, 0, 0, 1], &device);
     }
 }
 
 device_test! {
     /// All 52 conv → batch_norm pairs of MobileNetV2 (17 depthwise convs
-    /// among them); its ReLU6s and residual adds stay separate ops for now.
+    /// among them), its 35 ReLU6s and 10 residual adds as conv epilogues.
     fn mobilenet_v2_fuses_fifty_two(device) {
-        check(ModelName::MobilenetV2, Some(1), [52, 0, 0, 0], &device);
+        check(ModelName::MobilenetV2, Some(1), [52, 0, 0, 35, 10, 0], &device);
     }
 }
 
 device_test! {
     /// All 46 conv → batch_norm pairs of MobileNetV3-Large; its ReLUs (after
-    /// the first six blocks' convs and every squeeze-and-excitation's `fc1`)
+    /// the first six blocks' convs and every squeeze-and-excitation's `fc1`),
+    /// 20 hardswishes and 8 hardsigmoids (each `fc2`) and 10 residual adds
     /// become conv epilogues.
     fn mobilenet_v3_large_fuses_forty_six(device) {
-        check(ModelName::MobilenetV3Large, Some(1), [46, 0, 19, 0], &device);
+        check(ModelName::MobilenetV3Large, Some(1), [46, 0, 19, 28, 10, 0], &device);
     }
 }
 
 device_test! {
-    /// All 49 conv → batch_norm pairs of EfficientNet-B0 (3x3 and 5x5 depthwise).
+    /// All 49 conv → batch_norm pairs of EfficientNet-B0 (3x3 and 5x5
+    /// depthwise); 49 SiLUs and 16 sigmoids (each `fc2`), 9 residual adds
+    /// as conv epilogues.
     fn efficientnet_b0_fuses_forty_nine(device) {
-        check(ModelName::EfficientnetB0, Some(1), [49, 0, 0, 0], &device);
+        check(ModelName::EfficientnetB0, Some(1), [49, 0, 0, 65, 9, 0], &device);
     }
 }

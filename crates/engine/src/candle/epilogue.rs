@@ -91,7 +91,8 @@ fn cpu_epilogue(y: &mut CpuStorage, yl: &Layout, operands: Operands<'_, CpuStora
     // One (image, channel) plane at a time: plane `i` is channel `i % C`.
     for (i, values) in y.chunks_mut(plane).enumerate() {
         let residual = residual.map(|r| &r[i * plane..][..plane]);
-        crate::cpu::epilogue::in_place(values, bias[i % channels], residual, operands.relu);
+        let activation = operands.relu.then_some(wick_ir::Activation::Relu);
+        crate::cpu::epilogue::in_place(values, bias[i % channels], residual, activation);
     }
     Ok(())
 }

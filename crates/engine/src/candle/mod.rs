@@ -16,7 +16,7 @@ use wick_passes::BatchNormParams;
 #[derive(Debug)]
 pub(crate) struct FusedConv {
     pub(crate) attrs: Conv2dAttrs,
-    pub(crate) relu: bool,
+    pub(crate) activation: Option<Activation>,
     pub(crate) pool: Option<MaxPool2dAttrs>,
     pub(crate) x: Slot,
     pub(crate) weight: Slot,
@@ -32,18 +32,22 @@ impl FusedConv {
             // The convolution without bias, then bias (+ residual, + ReLU)
             // in one in-place pass (one kernel launch on CUDA).
             let y = conv2d(&self.attrs, &x, &weight, None)?.contiguous()?;
-            epilogue::apply(&y, &bias, residual.as_ref(), self.relu)?;
-            y
+            // ReLU in the one pass (the CUDA kernel's); another activation after it.
+            let relu = self.activation == Some(Activation::Relu);
+            epilogue::apply(&y, &bias, residual.as_ref(), relu)?;
+            match self.activation {
+                Some(activation) if !relu => activation.apply(&y)?,
+                _ => y,
+            }
         } else {
             let y = conv2d(&self.attrs, &x, &weight, Some(&bias))?;
             let y = match residual {
                 Some(residual) => (y + residual)?,
                 None => y,
             };
-            if self.relu {
-                y.relu()?
-            } else {
-                y
+            match self.activation {
+                Some(activation) => activation.apply(&y)?,
+                None => y,
             }
         };
         match &self.pool {

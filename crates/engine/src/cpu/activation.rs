@@ -42,17 +42,30 @@ impl IsaBody for Apply<'_> {
     #[inline(always)]
     fn run(self) {
         let values = self.values;
-        // One loop per activation, so each vectorises on its own.
+        // One loop per activation (a constant in each), so each vectorises
+        // on its own.
         match self.activation {
-            Activation::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
-            Activation::Relu6 => values.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
-            Activation::HardSwish => values
-                .iter_mut()
-                .for_each(|v| *v = *v * ((*v + 3.0).clamp(0.0, 6.0) / 6.0)),
-            Activation::HardSigmoid => values.iter_mut().for_each(|v| *v = (*v + 3.0).clamp(0.0, 6.0) / 6.0),
-            Activation::Sigmoid => values.iter_mut().for_each(|v| *v = sigmoid(*v)),
-            Activation::Silu => values.iter_mut().for_each(|v| *v *= sigmoid(*v)),
+            Activation::Relu => values.iter_mut().for_each(|v| *v = scalar(Activation::Relu, *v)),
+            Activation::Relu6 => values.iter_mut().for_each(|v| *v = scalar(Activation::Relu6, *v)),
+            Activation::HardSwish => values.iter_mut().for_each(|v| *v = scalar(Activation::HardSwish, *v)),
+            Activation::HardSigmoid => values.iter_mut().for_each(|v| *v = scalar(Activation::HardSigmoid, *v)),
+            Activation::Sigmoid => values.iter_mut().for_each(|v| *v = scalar(Activation::Sigmoid, *v)),
+            Activation::Silu => values.iter_mut().for_each(|v| *v = scalar(Activation::Silu, *v)),
         }
+    }
+}
+
+/// One value through `activation` in f32, as PyTorch writes it (the one
+/// copy of the f32 formulas: this kernel and the conv epilogue use it).
+#[inline(always)]
+pub(crate) fn scalar(activation: Activation, v: f32) -> f32 {
+    match activation {
+        Activation::Relu => v.max(0.0),
+        Activation::Relu6 => v.clamp(0.0, 6.0),
+        Activation::HardSwish => v * ((v + 3.0).clamp(0.0, 6.0) / 6.0),
+        Activation::HardSigmoid => (v + 3.0).clamp(0.0, 6.0) / 6.0,
+        Activation::Sigmoid => sigmoid(v),
+        Activation::Silu => v * sigmoid(v),
     }
 }
 

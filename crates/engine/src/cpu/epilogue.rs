@@ -1,57 +1,91 @@
-//! The conv epilogue, once: `y = relu?(x + bias[c] (+ residual))`, the same
+//! The conv epilogue, once: `y = act(x + bias[c] (+ residual))`, the same
 //! arithmetic in the same order for every CPU kernel (grouped, direct,
 //! pooled, both Winograd transforms) and for the candle path's one-pass op
 //! (whose CUDA kernel mirrors it).
 
+use crate::cpu::activation::scalar;
 use candle_core::{bail, Tensor};
+use wick_ir::Activation;
 
-/// One output value: `x + bias (+ residual)`, then ReLU when `relu`.
+/// `v` through the optional activation.
 #[inline(always)]
-pub(crate) fn value(x: f32, bias: f32, residual: Option<f32>, relu: bool) -> f32 {
+pub(crate) fn activate(activation: Option<Activation>, v: f32) -> f32 {
+    match activation {
+        None => v,
+        Some(Activation::Relu) => v.max(0.0),
+        Some(a) => scalar(a, v),
+    }
+}
+
+/// One output value: `x + bias (+ residual)`, then the activation.
+#[inline(always)]
+pub(crate) fn value(x: f32, bias: f32, residual: Option<f32>, activation: Option<Activation>) -> f32 {
     let v = match residual {
         Some(r) => x + bias + r,
         None => x + bias,
     };
-    if relu {
-        v.max(0.0)
-    } else {
-        v
-    }
+    activate(activation, v)
 }
 
-/// `values[i] = relu?(values[i] + bias (+ residual[i]))` over one channel's run.
-#[inline(always)]
-pub(crate) fn in_place(values: &mut [f32], bias: f32, residual: Option<&[f32]>, relu: bool) {
-    match residual {
-        Some(residual) => {
-            for (v, &r) in values.iter_mut().zip(residual) {
-                *v = value(*v, bias, Some(r), relu);
+/// Runs `$body` with `$f` bound to the activation as a closure, one match
+/// outside the loop in `$body` (ReLU and none keep their vector loops).
+macro_rules! with_activation {
+    ($activation:expr, |$f:ident| $body:expr) => {
+        match $activation {
+            None => {
+                let $f = |v: f32| v;
+                $body
+            }
+            Some(Activation::Relu) => {
+                let $f = |v: f32| v.max(0.0);
+                $body
+            }
+            Some(a) => {
+                let $f = move |v: f32| scalar(a, v);
+                $body
             }
         }
-        None => values.iter_mut().for_each(|v| *v = value(*v, bias, None, relu)),
-    }
+    };
 }
 
-/// `out[i] = relu?(src[i] + bias (+ residual[i]))` over one channel's run.
+/// `values[i] = act(values[i] + bias (+ residual[i]))` over one channel's run.
 #[inline(always)]
-pub(crate) fn write(out: &mut [f32], src: &[f32], bias: f32, residual: Option<&[f32]>, relu: bool) {
-    match residual {
+pub(crate) fn in_place(values: &mut [f32], bias: f32, residual: Option<&[f32]>, activation: Option<Activation>) {
+    with_activation!(activation, |f| match residual {
+        Some(residual) => {
+            for (v, &r) in values.iter_mut().zip(residual) {
+                *v = f(*v + bias + r);
+            }
+        }
+        None => values.iter_mut().for_each(|v| *v = f(*v + bias)),
+    })
+}
+
+/// `out[i] = act(src[i] + bias (+ residual[i]))` over one channel's run.
+#[inline(always)]
+pub(crate) fn write(out: &mut [f32], src: &[f32], bias: f32, residual: Option<&[f32]>, activation: Option<Activation>) {
+    with_activation!(activation, |f| match residual {
         Some(residual) => {
             for ((out, &x), &r) in out.iter_mut().zip(src).zip(residual) {
-                *out = value(x, bias, Some(r), relu);
+                *out = f(x + bias + r);
             }
         }
         None => {
             for (out, &x) in out.iter_mut().zip(src) {
-                *out = value(x, bias, None, relu);
+                *out = f(x + bias);
             }
         }
-    }
+    })
 }
 
 /// [`value`] on a fixed-size row (kept in one vector register).
 #[inline(always)]
-pub(crate) fn row<const N: usize>(x: [f32; N], bias: f32, residual: Option<&[f32; N]>, relu: bool) -> [f32; N] {
+pub(crate) fn row<const N: usize>(
+    x: [f32; N],
+    bias: f32,
+    residual: Option<&[f32; N]>,
+    activation: Option<Activation>,
+) -> [f32; N] {
     // Whole-array steps (not `value` per element), the form that stays in
     // one register in the Winograd output transform's inner loop.
     let mut row = x.map(|x| x + bias);
@@ -60,23 +94,28 @@ pub(crate) fn row<const N: usize>(x: [f32; N], bias: f32, residual: Option<&[f32
             *v += r;
         }
     }
-    if relu {
-        row = row.map(|v| v.max(0.0));
+    match activation {
+        None => row,
+        Some(Activation::Relu) => row.map(|v| v.max(0.0)),
+        Some(a) => row.map(|v| scalar(a, v)),
     }
-    row
 }
 
 /// A conv's epilogue as a kernel holds it: the bias per output channel
-/// (zeros without one) and whether ReLU follows.
+/// (zeros without one) and the activation that follows, if any.
 #[derive(Debug, Clone)]
 pub(crate) struct Epilogue {
     bias: Vec<f32>,
-    relu: bool,
+    activation: Option<Activation>,
 }
 
 impl Epilogue {
     /// `bias` (`[out_channels]`, f32) or zeros; an error when its length differs.
-    pub(crate) fn new(bias: Option<&Tensor>, out_channels: usize, relu: bool) -> candle_core::Result<Self> {
+    pub(crate) fn new(
+        bias: Option<&Tensor>,
+        out_channels: usize,
+        activation: Option<Activation>,
+    ) -> candle_core::Result<Self> {
         let bias = match bias {
             Some(b) => b.flatten_all()?.to_vec1::<f32>()?,
             None => vec![0.0; out_channels],
@@ -84,13 +123,13 @@ impl Epilogue {
         if bias.len() != out_channels {
             bail!("conv bias has {} values for {out_channels} output channels", bias.len())
         }
-        Ok(Self { bias, relu })
+        Ok(Self { bias, activation })
     }
 
-    /// Whether ReLU follows.
+    /// The activation that follows, if any.
     #[inline(always)]
-    pub(crate) fn relu(&self) -> bool {
-        self.relu
+    pub(crate) fn activation(&self) -> Option<Activation> {
+        self.activation
     }
 
     /// The bias of output channel `channel`.
@@ -102,13 +141,13 @@ impl Epilogue {
     /// [`in_place`] for output channel `channel`.
     #[inline(always)]
     pub(crate) fn in_place(&self, channel: usize, values: &mut [f32], residual: Option<&[f32]>) {
-        in_place(values, self.bias[channel], residual, self.relu)
+        in_place(values, self.bias[channel], residual, self.activation)
     }
 
     /// [`write()`] for output channel `channel`.
     #[inline(always)]
     pub(crate) fn write(&self, channel: usize, out: &mut [f32], src: &[f32], residual: Option<&[f32]>) {
-        write(out, src, self.bias[channel], residual, self.relu)
+        write(out, src, self.bias[channel], residual, self.activation)
     }
 }
 
@@ -117,36 +156,42 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Every form computes relu?(x + b + r) with the residual added before the ReLU.
+    /// Every form computes act(x + b + r) with the residual added before
+    /// the activation, for no activation and each one (against the f64
+    /// reference).
     #[test]
     fn forms_agree() {
         let bias = Tensor::new(&[0.5f32, -2.0], &Device::Cpu).unwrap();
-        for relu in [false, true] {
-            let e = Epilogue::new(Some(&bias), 2, relu).unwrap();
+        let activations = std::iter::once(None).chain(Activation::ALL.map(Some));
+        for activation in activations {
+            let e = Epilogue::new(Some(&bias), 2, activation).unwrap();
             let (x, r) = ([1.0f32, -3.0, 0.25, 4.0], [0.5f32, 1.0, -1.0, -8.0]);
             let want: Vec<f32> = x
                 .iter()
                 .zip(&r)
                 .map(|(x, r)| {
                     let v = x - 2.0 + r;
-                    if relu {
-                        v.max(0.0)
-                    } else {
-                        v
-                    }
+                    activation.map_or(v, |a| a.reference(f64::from(v)) as f32)
                 })
                 .collect();
             let mut a = x;
             e.in_place(1, &mut a, Some(&r));
             let mut b = [0f32; 4];
             e.write(1, &mut b, &x, Some(&r));
-            let c = row(x, -2.0, Some(&r), relu);
-            let d: Vec<f32> = x.iter().zip(&r).map(|(&x, &r)| value(x, -2.0, Some(r), relu)).collect();
-            assert_eq!(
-                (a.to_vec(), b.to_vec(), c.to_vec()),
-                (want.clone(), want.clone(), want.clone())
-            );
-            assert_eq!(d, want);
+            let c = row(x, -2.0, Some(&r), activation);
+            let d: Vec<f32> = x
+                .iter()
+                .zip(&r)
+                .map(|(&x, &r)| value(x, -2.0, Some(r), activation))
+                .collect();
+            for got in [a.to_vec(), b.to_vec(), c.to_vec(), d] {
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                        "{activation:?}: {got:?} vs {want:?}"
+                    );
+                }
+            }
         }
     }
 
@@ -154,8 +199,8 @@ mod tests {
     #[test]
     fn bias_length_is_checked() {
         let bias = Tensor::new(&[0.5f32, -2.0], &Device::Cpu).unwrap();
-        let err = Epilogue::new(Some(&bias), 3, false).unwrap_err();
+        let err = Epilogue::new(Some(&bias), 3, None).unwrap_err();
         assert!(err.to_string().contains("2 values for 3"), "{err}");
-        assert_eq!(Epilogue::new(None, 3, true).unwrap().bias(2), 0.0);
+        assert_eq!(Epilogue::new(None, 3, Some(Activation::Relu)).unwrap().bias(2), 0.0);
     }
 }

@@ -175,12 +175,12 @@ impl CpuConv {
         weight: &Tensor,
         bias: Option<&Tensor>,
         attrs: Conv2dAttrs,
-        relu: bool,
+        activation: Option<wick_ir::Activation>,
         pool: Option<MaxPool2dAttrs>,
         machine: Machine,
     ) -> candle_core::Result<Self> {
         let spec = ConvSpec::of(weight, attrs)?;
-        let epilogue = Epilogue::new(bias, spec.out_channels, relu)?;
+        let epilogue = Epilogue::new(bias, spec.out_channels, activation)?;
         let pool_unfused = |algorithm: &str| match pool {
             Some(_) => bail!("{algorithm} takes no fused pool"),
             None => Ok(()),

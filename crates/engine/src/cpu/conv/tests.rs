@@ -6,15 +6,16 @@ use super::*;
 use crate::cpu::gemm::Isa;
 use crate::cpu::gemm::Layout;
 use proptest::prelude::*;
+use wick_ir::Activation;
 use wick_tests::conv_case::{arb_conv_case, ConvCase};
 
 /// The grouped conv of `w` with `attrs` (tests).
-fn grouped(w: &Tensor, b: Option<&Tensor>, attrs: Conv2dAttrs, relu: bool) -> GroupedConv {
+fn grouped(w: &Tensor, b: Option<&Tensor>, attrs: Conv2dAttrs, activation: Option<Activation>) -> GroupedConv {
     let spec = ConvSpec::of(w, attrs).unwrap();
-    GroupedConv::new(spec, w, Epilogue::new(b, spec.out_channels, relu).unwrap()).unwrap()
+    GroupedConv::new(spec, w, Epilogue::new(b, spec.out_channels, activation).unwrap()).unwrap()
 }
 
-fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: Conv2dAttrs, relu: bool) -> Tensor {
+fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: Conv2dAttrs, activation: Option<Activation>) -> Tensor {
     // candle's conv takes one stride/dilation; equal-axis cases only.
     let x = x
         .pad_with_zeros(2, a.padding[0], a.padding[0])
@@ -27,8 +28,8 @@ fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: Conv2dAttrs, relu: b
             .broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap())
             .unwrap();
     }
-    if relu {
-        y = y.relu().unwrap();
+    if let Some(activation) = activation {
+        y = activation.apply(&y).unwrap();
     }
     y
 }
@@ -37,11 +38,15 @@ fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: Conv2dAttrs, relu: b
 struct Case {
     conv: ConvCase,
     bias: bool,
-    relu: bool,
+    activation: Option<Activation>,
 }
 
 fn arb_case() -> impl Strategy<Value = Case> {
-    (arb_conv_case(), any::<bool>(), any::<bool>()).prop_map(|(conv, bias, relu)| Case { conv, bias, relu })
+    (arb_conv_case(), any::<bool>(), proptest::option::of(0usize..6)).prop_map(|(conv, bias, activation)| Case {
+        conv,
+        bias,
+        activation: activation.map(|i| Activation::ALL[i]),
+    })
 }
 
 /// Both weight layouts of [`DirectConv`] (pixels on the vector lanes, output channels on them).
@@ -56,12 +61,12 @@ fn run_case(case: &Case) -> (Vec<(String, Tensor)>, Tensor) {
         .bias
         .then(|| Tensor::randn(0f32, 1.0, conv.out_channels, &d).unwrap());
     let attrs = conv.attrs();
-    let packed = grouped(&w, b.as_ref(), attrs, case.relu);
+    let packed = grouped(&w, b.as_ref(), attrs, case.activation);
     let mut got = vec![("grouped".to_string(), packed.run(&x, None).unwrap())];
     let spec = ConvSpec::of(&w, attrs).unwrap();
     if depthwise::DepthwiseConv::applies(&spec) {
         for isa in Isa::available() {
-            let epilogue = Epilogue::new(b.as_ref(), spec.out_channels, case.relu).unwrap();
+            let epilogue = Epilogue::new(b.as_ref(), spec.out_channels, case.activation).unwrap();
             let conv = depthwise::DepthwiseConv::new(spec, &w, epilogue, isa).unwrap();
             got.push((format!("depthwise {isa:?}"), conv.run(&x, None).unwrap()));
         }
@@ -69,12 +74,12 @@ fn run_case(case: &Case) -> (Vec<(String, Tensor)>, Tensor) {
     if conv.groups == 1 {
         for isa in Isa::available() {
             for layout in DIRECT_LAYOUTS {
-                let direct = DirectConv::for_test(&w, b.as_ref(), attrs, case.relu, None, layout, isa).unwrap();
+                let direct = DirectConv::for_test(&w, b.as_ref(), attrs, case.activation, None, layout, isa).unwrap();
                 got.push((format!("direct {layout:?} {isa:?}"), direct.run(&x, None).unwrap()));
             }
         }
     }
-    (got, reference(&x, &w, b.as_ref(), attrs, case.relu))
+    (got, reference(&x, &w, b.as_ref(), attrs, case.activation))
 }
 
 proptest! {
@@ -108,18 +113,17 @@ fn residual_then_relu() {
         padding: [1, 1],
         ..Default::default()
     };
-    let got = grouped(&w, Some(&b), attrs, true).run(&x, Some(&r)).unwrap();
-    let want = (reference(&x, &w, Some(&b), attrs, false) + &r)
-        .unwrap()
-        .relu()
+    let got = grouped(&w, Some(&b), attrs, Some(Activation::Relu))
+        .run(&x, Some(&r))
         .unwrap();
+    let want = (reference(&x, &w, Some(&b), attrs, None) + &r).unwrap().relu().unwrap();
     let diff = crate::test_util::max_abs_diff(&got, &want);
     assert!(diff < 1e-4, "{diff}");
     for (isa, layout) in Isa::available()
         .into_iter()
         .flat_map(|i| DIRECT_LAYOUTS.map(|l| (i, l)))
     {
-        let direct = DirectConv::for_test(&w, Some(&b), attrs, true, None, layout, isa).unwrap();
+        let direct = DirectConv::for_test(&w, Some(&b), attrs, Some(Activation::Relu), None, layout, isa).unwrap();
         let diff = crate::test_util::max_abs_diff(&direct.run(&x, Some(&r)).unwrap(), &want);
         assert!(diff < 1e-4, "direct {layout:?} {isa:?}: {diff}");
         assert!(direct.run(&x, Some(&r.narrow(0, 0, 1).unwrap())).is_err());
@@ -127,7 +131,7 @@ fn residual_then_relu() {
         let empty = direct.run(&x.narrow(0, 0, 0).unwrap(), None).unwrap();
         assert_eq!(empty.dims(), [0, 6, 5, 5]);
     }
-    assert!(grouped(&w, Some(&b), attrs, true)
+    assert!(grouped(&w, Some(&b), attrs, Some(Activation::Relu))
         .run(&x, Some(&r.narrow(0, 0, 1).unwrap()))
         .is_err());
 }
@@ -151,9 +155,9 @@ fn per_axis_stride_and_dilation() {
         dilation: [1, 2],
         groups: 1,
     };
-    let got = grouped(&w, None, attrs, false).run(&x, None).unwrap();
+    let got = grouped(&w, None, attrs, None).run(&x, None).unwrap();
     for layout in DIRECT_LAYOUTS {
-        let direct = DirectConv::for_test(&w, None, attrs, false, None, layout, Isa::detect())
+        let direct = DirectConv::for_test(&w, None, attrs, None, None, layout, Isa::detect())
             .unwrap()
             .run(&x, None)
             .unwrap();

@@ -396,18 +396,18 @@ impl Run<'_> {
 #[cfg(test)]
 impl DirectConv {
     /// For tests: the conv of `weight` (`[O, C, kh, kw]`), `bias` and
-    /// `attrs`, with ReLU when `relu`, on a given layout and path.
+    /// `attrs`, with `activation`, on a given layout and path.
     pub(crate) fn for_test(
         weight: &Tensor,
         bias: Option<&Tensor>,
         attrs: wick_ir::Conv2dAttrs,
-        relu: bool,
+        activation: Option<wick_ir::Activation>,
         pool: Option<MaxPool2dAttrs>,
         layout: Layout,
         isa: Isa,
     ) -> candle_core::Result<Self> {
         let spec = ConvSpec::of(weight, attrs)?;
-        let epilogue = Epilogue::new(bias, spec.out_channels, relu)?;
+        let epilogue = Epilogue::new(bias, spec.out_channels, activation)?;
         Self::new(spec, weight, epilogue, pool, layout, Machine::with_isa(isa))
     }
 }

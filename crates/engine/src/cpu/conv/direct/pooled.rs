@@ -65,13 +65,17 @@ impl Run<'_> {
             let (conv_plane, pooled_plane) = (oh * ow, pooled[0] * pooled[1]);
             for o in 0..out_channels {
                 let conv_rows = &mut m[o * block.cols..][..block.pixels];
-                // Without a residual, bias and ReLU commute with the max (both
-                // are monotonic, and so is f32 rounding of `x + b`): they are
-                // applied to the pooled values only, a quarter of the work.
-                let late_epilogue = self.residual.is_none();
-                if let Some(r) = self.residual {
-                    let r = &r[(image * out_channels + o) * conv_plane + y_lo * ow..][..block.pixels];
-                    conv.epilogue.in_place(o, conv_rows, Some(r));
+                // Without a residual, the bias and a monotonic activation
+                // commute with the max (and so does f32 rounding of `x + b`):
+                // they are applied to the pooled values only, a quarter of
+                // the work. Otherwise before the max.
+                let monotonic = conv.epilogue.activation().is_none_or(|a| a.is_monotonic());
+                let late_epilogue = self.residual.is_none() && monotonic;
+                if !late_epilogue {
+                    let r = self
+                        .residual
+                        .map(|r| &r[(image * out_channels + o) * conv_plane + y_lo * ow..][..block.pixels]);
+                    conv.epilogue.in_place(o, conv_rows, r);
                 }
                 let conv_rows = &*conv_rows;
                 for r in rows.clone() {
@@ -82,7 +86,7 @@ impl Run<'_> {
                     max_rows(&conv_rows[(ys.start - y_lo) * ow..(ys.end - y_lo) * ow], ow, column_max);
                     pool_row(column_max, [kw, sw, pw], window_max, pooled_row);
                     if late_epilogue {
-                        epilogue::in_place(pooled_row, conv.epilogue.bias(o), None, conv.epilogue.relu());
+                        epilogue::in_place(pooled_row, conv.epilogue.bias(o), None, conv.epilogue.activation());
                     }
                     let base = (image * out_channels + o) * pooled_plane + r * pooled[1];
                     // SAFETY: pooled pixels (image, o, r, ..) belong to this
@@ -110,14 +114,15 @@ mod tests {
         /// The fused conv + max pool equals the conv followed by the engine's
         /// max pool exactly (same products, same maxima), on every SIMD
         /// path: kernels 1..=7, stride 1..=2, conv and pool padding, pool
-        /// windows 1..=3 with stride 1..=2, residual and ReLU on or off,
+        /// windows 1..=3 with stride 1..=2, residual on or off, no
+        /// activation or any (applied after the max only when monotonic),
         /// odd sizes, several images and row chunks.
         #[test]
         fn equals_conv_then_pool(
             batch in 1usize..3, channels in 1usize..5, outputs in 1usize..11, kernel in 1usize..8,
             stride in 1usize..3, conv_pad in 0usize..3, extra in [0usize..12, 0usize..12],
             pool_kernel in 1usize..4, pool_stride in 1usize..3, pool_pad_flag in any::<bool>(),
-            relu in any::<bool>(), with_residual in any::<bool>(),
+            activation in proptest::option::of(0usize..6), with_residual in any::<bool>(),
         ) {
             let d = Device::Cpu;
             // Large enough that the conv output holds a pool window even unpadded.
@@ -132,11 +137,12 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (outputs, channels, kernel, kernel), &d).unwrap();
             let b = Tensor::randn(0f32, 1.0, outputs, &d).unwrap();
             for isa in Isa::available() {
-                let plain = DirectConv::for_test(&w, Some(&b), attrs, relu, None, Panels, isa).unwrap();
+                let activation = activation.map(|i| wick_ir::Activation::ALL[i]);
+                let plain = DirectConv::for_test(&w, Some(&b), attrs, activation, None, Panels, isa).unwrap();
                 let conv_shape = plain.run(&x, None).unwrap().dims().to_vec();
                 let r = with_residual.then(|| Tensor::randn(0f32, 1.0, conv_shape.as_slice(), &d).unwrap());
                 let want = max_pool2d(&plain.run(&x, r.as_ref()).unwrap(), &pool).unwrap();
-                let fused = DirectConv::for_test(&w, Some(&b), attrs, relu, Some(pool), Panels, isa).unwrap();
+                let fused = DirectConv::for_test(&w, Some(&b), attrs, activation, Some(pool), Panels, isa).unwrap();
                 let got = fused.run(&x, r.as_ref()).unwrap();
                 prop_assert_eq!(got.dims(), want.dims());
                 prop_assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0, "{:?}", isa);
@@ -162,9 +168,10 @@ mod tests {
             stride: [2, 2],
             padding: [1, 1],
         };
-        let plain = DirectConv::for_test(&w, Some(&b), attrs, true, None, Panels, Isa::detect()).unwrap();
+        let relu = Some(wick_ir::Activation::Relu);
+        let plain = DirectConv::for_test(&w, Some(&b), attrs, relu, None, Panels, Isa::detect()).unwrap();
         let want = max_pool2d(&plain.run(&x, None).unwrap(), &pool).unwrap();
-        let fused = DirectConv::for_test(&w, Some(&b), attrs, true, Some(pool), Panels, Isa::detect()).unwrap();
+        let fused = DirectConv::for_test(&w, Some(&b), attrs, relu, Some(pool), Panels, Isa::detect()).unwrap();
         let got = fused.run(&x, None).unwrap();
         assert_eq!(got.dims(), [2, 64, 56, 56]);
         assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0);
@@ -183,7 +190,7 @@ mod tests {
             &w,
             None,
             Conv2dAttrs::default(),
-            false,
+            None,
             Some(too_much_padding),
             Panels,
             Isa::Scalar
@@ -195,7 +202,7 @@ mod tests {
             padding: [0, 0],
         };
         let conv =
-            DirectConv::for_test(&w, None, Conv2dAttrs::default(), false, Some(big), Panels, Isa::Scalar).unwrap();
+            DirectConv::for_test(&w, None, Conv2dAttrs::default(), None, Some(big), Panels, Isa::Scalar).unwrap();
         let x = Tensor::zeros((1, 1, 6, 6), candle_core::DType::F32, &d).unwrap();
         assert!(conv.run(&x, None).is_err(), "a 9x9 window on a 4x4 conv output");
     }

@@ -188,7 +188,7 @@ impl Run<'_> {
         let count = tiles.len();
         let s = &self.tiles.shape;
         let per_xi = self.conv.w.padded_out * count + SKEW;
-        let (bias, relu) = (self.conv.w.epilogue.bias(o), self.conv.w.epilogue.relu());
+        let (bias, activation) = (self.conv.w.epilogue.bias(o), self.conv.w.epilogue.activation());
         for t0 in (0..count).step_by(TILE_LANES) {
             let n = TILE_LANES.min(count - t0);
             let mut products = [[0f32; TILE_LANES]; XI];
@@ -212,7 +212,7 @@ impl Run<'_> {
                     let out = unsafe { self.dst.slice_within(base, w) };
                     for (j, out) in out.iter_mut().enumerate() {
                         let residual = self.residual.map(|r| r[base + j]);
-                        *out = epilogue::value(y[i * M + j][lane], bias, residual, relu);
+                        *out = epilogue::value(y[i * M + j][lane], bias, residual, activation);
                     }
                 }
             }

@@ -200,7 +200,7 @@ impl IsaBody for OutputChannel<'_> {
         let (s, cols) = (&run.tiles.shape, block.cols);
         // Hoisted: the writes below go through a raw pointer, so the compiler
         // cannot tell that they leave the epilogue's bias alone.
-        let (bias, relu) = (run.conv.w.epilogue.bias(k), run.conv.w.epilogue.relu());
+        let (bias, activation) = (run.conv.w.epilogue.bias(k), run.conv.w.epilogue.activation());
         let m_stride = run.conv.m_stride(cols);
         let out_plane = s.out_plane();
         for (chunk, positions) in block.positions.chunks(LANES).enumerate() {
@@ -238,12 +238,13 @@ impl IsaBody for OutputChannel<'_> {
                         // Whole row: fixed-size arrays keep it in one vector register.
                         let residual: Option<&[f32; M]> =
                             run.residual.map(|r| r[base..base + M].try_into().expect("M values"));
-                        let row: [f32; M] = epilogue::row(std::array::from_fn(|j| o[j][lane]), bias, residual, relu);
+                        let row: [f32; M] =
+                            epilogue::row(std::array::from_fn(|j| o[j][lane]), bias, residual, activation);
                         unsafe { run.dst.slice_within(base, M) }.copy_from_slice(&row);
                     } else {
                         let out = unsafe { run.dst.slice_within(base, w) };
                         for (j, (out, o)) in out.iter_mut().zip(o).enumerate() {
-                            *out = epilogue::value(o[lane], bias, run.residual.map(|r| r[base + j]), relu);
+                            *out = epilogue::value(o[lane], bias, run.residual.map(|r| r[base + j]), activation);
                         }
                     }
                 }

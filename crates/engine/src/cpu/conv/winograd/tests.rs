@@ -7,14 +7,14 @@ use crate::cpu::gemm::Isa;
 use crate::machine::Machine;
 use candle_core::{Device, Tensor};
 use proptest::prelude::*;
-use wick_ir::Conv2dAttrs;
+use wick_ir::{Activation, Conv2dAttrs};
 
 /// Both Winograd convs of `weight` (`[O, C, 3, 3]`) with `padding` on path `isa`.
 fn winograd(
     weight: &Tensor,
     bias: Option<&Tensor>,
     padding: [usize; 2],
-    relu: bool,
+    activation: Option<Activation>,
     isa: Isa,
 ) -> candle_core::Result<(WinogradF4, WinogradF2)> {
     let attrs = Conv2dAttrs {
@@ -22,7 +22,7 @@ fn winograd(
         ..Default::default()
     };
     let spec = ConvSpec::of(weight, attrs)?;
-    let epilogue = Epilogue::new(bias, spec.out_channels, relu)?;
+    let epilogue = Epilogue::new(bias, spec.out_channels, activation)?;
     Ok((
         WinogradF4::new(spec, weight, epilogue.clone(), Machine::with_isa(isa))?,
         WinogradF2::new(spec, weight, epilogue, Machine::with_isa(isa))?,
@@ -43,7 +43,7 @@ struct Case {
     size: [usize; 2],
     padding: [usize; 2],
     bias: bool,
-    relu: bool,
+    activation: Option<Activation>,
     residual: bool,
     seed: u64,
 }
@@ -55,14 +55,15 @@ fn arb_case() -> impl Strategy<Value = Case> {
         1usize..20,
         [1usize..14, 1usize..14],
         [0usize..3, 0usize..3],
-        any::<(bool, bool, bool, bool)>(),
+        any::<(bool, bool, bool)>(),
+        proptest::option::of(0usize..6),
         any::<u64>(),
     )
-        .prop_filter("the 3x3 window must fit", |(_, _, _, size, padding, _, _)| {
+        .prop_filter("the 3x3 window must fit", |(_, _, _, size, padding, _, _, _)| {
             size[0] + 2 * padding[0] >= 3 && size[1] + 2 * padding[1] >= 3
         })
         .prop_map(
-            |(batch, channels, outputs, size, padding, (bias, relu, residual, square), seed)| {
+            |(batch, channels, outputs, size, padding, (bias, residual, square), activation, seed)| {
                 // Every other case with C == H == W (the layout-ambiguity shape)
                 // where the window fits.
                 let size = if square && channels >= 3 { [channels; 2] } else { size };
@@ -73,7 +74,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                     size,
                     padding,
                     bias,
-                    relu,
+                    activation: activation.map(|i| Activation::ALL[i]),
                     residual,
                     seed,
                 }
@@ -145,14 +146,14 @@ fn worst_ratio(case: &Case) -> f64 {
         want = (want + f64_of(r)).unwrap();
         magnitude = (magnitude + f64_of(r).abs().unwrap()).unwrap();
     }
-    if case.relu {
-        want = want.relu().unwrap();
+    if let Some(activation) = case.activation {
+        want = activation.apply(&want).unwrap();
     }
     let f64s = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let (want, magnitude) = (f64s(&want), f64s(&magnitude));
     let mut worst = 0f64;
     for isa in Isa::available() {
-        let (f4, f2) = winograd(&weight, bias.as_ref(), case.padding, case.relu, isa).unwrap();
+        let (f4, f2) = winograd(&weight, bias.as_ref(), case.padding, case.activation, isa).unwrap();
         let outputs = [
             ("F(4x4)", f4.run(&x, residual.as_ref()).unwrap()),
             ("F(2x2)", f2.run(&x, residual.as_ref()).unwrap()),
@@ -200,7 +201,7 @@ fn multi_block_and_split_paths() {
             size: [size, size],
             padding: [1, 1],
             bias: true,
-            relu: true,
+            activation: Some(Activation::Relu),
             residual: true,
             seed: 7,
         };
@@ -213,7 +214,7 @@ fn multi_block_and_split_paths() {
 fn rejects_bad_input() {
     let d = Device::Cpu;
     let w = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, &d).unwrap();
-    let (f4, f2) = winograd(&w, None, [1, 1], false, Isa::Scalar).unwrap();
+    let (f4, f2) = winograd(&w, None, [1, 1], None, Isa::Scalar).unwrap();
     type Run<'a> = &'a dyn Fn(&Tensor, Option<&Tensor>) -> candle_core::Result<Tensor>;
     let runs: [Run; 2] = [&|x, r| f4.run(x, r), &|x, r| f2.run(x, r)];
     for run in runs {
@@ -233,7 +234,7 @@ fn rejects_bad_input() {
         };
         ConvSpec::of(weight, attrs).unwrap()
     };
-    let e = Epilogue::new(None, 4, false).unwrap();
+    let e = Epilogue::new(None, 4, None).unwrap();
     assert!(WinogradF4::new(spec(&five, [1, 1]), &five, e.clone(), Machine::with_isa(Isa::Scalar)).is_err());
     assert!(WinogradF2::new(spec(&five, [1, 1]), &five, e.clone(), Machine::with_isa(Isa::Scalar)).is_err());
     assert!(WinogradF2::new(spec(&w, [3, 1]), &w, e, Machine::with_isa(Isa::Scalar)).is_err());
