@@ -28,7 +28,8 @@ pub(crate) fn value(x: f32, bias: f32, residual: Option<f32>, activation: Option
 }
 
 /// Runs `$body` with `$f` bound to the activation as a closure, one match
-/// outside the loop in `$body` (ReLU and none keep their vector loops).
+/// outside the loop in `$body`: each activation gets its own loop with the
+/// activation a constant in it, so every loop vectorises.
 macro_rules! with_activation {
     ($activation:expr, |$f:ident| $body:expr) => {
         match $activation {
@@ -37,11 +38,27 @@ macro_rules! with_activation {
                 $body
             }
             Some(Activation::Relu) => {
-                let $f = |v: f32| v.max(0.0);
+                let $f = |v: f32| scalar(Activation::Relu, v);
                 $body
             }
-            Some(a) => {
-                let $f = move |v: f32| scalar(a, v);
+            Some(Activation::Relu6) => {
+                let $f = |v: f32| scalar(Activation::Relu6, v);
+                $body
+            }
+            Some(Activation::HardSwish) => {
+                let $f = |v: f32| scalar(Activation::HardSwish, v);
+                $body
+            }
+            Some(Activation::HardSigmoid) => {
+                let $f = |v: f32| scalar(Activation::HardSigmoid, v);
+                $body
+            }
+            Some(Activation::Sigmoid) => {
+                let $f = |v: f32| scalar(Activation::Sigmoid, v);
+                $body
+            }
+            Some(Activation::Silu) => {
+                let $f = |v: f32| scalar(Activation::Silu, v);
                 $body
             }
         }

@@ -1,9 +1,10 @@
 //! The depthwise CPU convolution (one filter per channel: groups = input =
 //! output channels, MobileNets' and EfficientNets' k×k convs): each plane
-//! is copied once into a zero-padded scratch, then every output row
-//! accumulates `kh·kw` shifted input rows scaled by one weight each (at
-//! stride 1 a contiguous multiply-add that vectorises on the path's
-//! registers), and the epilogue runs on the plane while it is in cache.
+//! is copied once into a zero-padded scratch with its columns split by
+//! phase modulo the stride, then every output row accumulates `kh·kw`
+//! contiguous runs of input scaled by one weight each (a multiply-add that
+//! vectorises on the path's registers, at any stride), and the epilogue
+//! runs on the plane while it is in cache.
 //! Planes (image × channel) run in parallel.
 //!
 //! The grouped conv's im2col + per-group GEMM spent its time on thousands
@@ -57,6 +58,10 @@ impl DepthwiseConv {
         let call = self.spec.check(x, residual)?;
         let shape = call.shape;
         let a = self.spec.attrs;
+        let stride_w = a.stride[1];
+        // The padded plane, its columns split by phase modulo the stride:
+        // phase p holds padded columns p, p + s, p + 2s, ... so that every
+        // kernel tap reads a contiguous run of its phase's row.
         let padded = [
             shape.height.checked_add(2 * a.padding[0]),
             shape.width.checked_add(2 * a.padding[1]),
@@ -64,7 +69,11 @@ impl DepthwiseConv {
         let [Some(padded_height), Some(padded_width)] = padded else {
             bail!("depthwise conv: padded input of {:?} overflows", shape)
         };
-        let padded_len = match padded_height.checked_mul(padded_width) {
+        let phase_width = padded_width.div_ceil(stride_w);
+        let padded_len = match [padded_height, phase_width, stride_w]
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+        {
             Some(len) if len <= SCRATCH_MAX_VALUES => len,
             _ => bail!("depthwise conv: a padded plane of {padded_height} x {padded_width} exceeds the {SCRATCH_MAX_VALUES} values allowed"),
         };
@@ -74,6 +83,7 @@ impl DepthwiseConv {
             return output(out, shape.out_dims());
         }
         let taps = self.spec.kernel[0] * self.spec.kernel[1];
+        let phase_len = padded_height * phase_width;
         with_cpu_f32("depthwise conv", &call.x, call.residual.as_ref(), |data, residual| {
             out.par_chunks_mut(out_plane).enumerate().try_for_each_init(
                 Vec::new,
@@ -89,12 +99,21 @@ impl DepthwiseConv {
                     let input = &data[plane * in_plane..][..in_plane];
                     // The padding stays zero: only the interior is written.
                     for (y, row) in input.chunks_exact(shape.width).enumerate() {
-                        let start = (y + a.padding[0]) * padded_width + a.padding[1];
-                        scratch[start..start + shape.width].copy_from_slice(row);
+                        let row_start = (y + a.padding[0]) * phase_width;
+                        if stride_w == 1 {
+                            let start = row_start + a.padding[1];
+                            scratch[start..start + shape.width].copy_from_slice(row);
+                        } else {
+                            for (x, &v) in row.iter().enumerate() {
+                                let column = x + a.padding[1];
+                                scratch[(column % stride_w) * phase_len + row_start + column / stride_w] = v;
+                            }
+                        }
                     }
                     self.isa.run(Plane {
-                        padded: scratch,
-                        padded_width,
+                        phases: scratch,
+                        phase_len,
+                        phase_width,
                         weight: &self.weight[channel * taps..][..taps],
                         out,
                         out_width: shape.out_width,
@@ -112,10 +131,12 @@ impl DepthwiseConv {
     }
 }
 
-/// One plane's accumulation into a zeroed `out`.
+/// One plane's accumulation into a zeroed `out`, from the padded plane
+/// split into `stride[1]` column phases of `phase_len` values each.
 struct Plane<'a> {
-    padded: &'a [f32],
-    padded_width: usize,
+    phases: &'a [f32],
+    phase_len: usize,
+    phase_width: usize,
     weight: &'a [f32],
     out: &'a mut [f32],
     out_width: usize,
@@ -132,20 +153,16 @@ impl IsaBody for Plane<'_> {
         let ([kh, kw], [sh, sw], [dh, dw]) = (self.kernel, self.stride, self.dilation);
         for (oy, row) in self.out.chunks_exact_mut(self.out_width).enumerate() {
             for ky in 0..kh {
-                let base = (oy * sh + ky * dh) * self.padded_width;
+                let row_start = (oy * sh + ky * dh) * self.phase_width;
                 for kx in 0..kw {
                     let w = self.weight[ky * kw + kx];
-                    let start = base + kx * dw;
-                    if sw == 1 {
-                        let src = &self.padded[start..start + row.len()];
-                        for (o, &s) in row.iter_mut().zip(src) {
-                            *o += w * s;
-                        }
-                    } else {
-                        let src = &self.padded[start..];
-                        for (o, s) in row.iter_mut().zip(src.iter().step_by(sw)) {
-                            *o += w * s;
-                        }
+                    // Output column ox reads padded column ox·sw + kx·dw:
+                    // phase (kx·dw) mod sw, index ox + (kx·dw) / sw.
+                    let column = kx * dw;
+                    let start = (column % sw) * self.phase_len + row_start + column / sw;
+                    let src = &self.phases[start..start + row.len()];
+                    for (o, &s) in row.iter_mut().zip(src) {
+                        *o += w * s;
                     }
                 }
             }
