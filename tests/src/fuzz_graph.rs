@@ -1,14 +1,15 @@
 //! Graphs from fuzz bytes, checked differentially: every byte string
 //! becomes a small valid graph (convolutions with any groups, kernel,
-//! stride, dilation and padding per axis, batch norms, ReLU, adds, max
-//! pools, a global pool → flatten → linear head), which runs through the
+//! stride, dilation and padding per axis, batch norms, every activation,
+//! adds, squeeze-and-excitation's broadcast multiply, max pools, a global
+//! pool → flatten → linear head), which runs through the
 //! default passes on wick's f32 CPU kernels and, as the reference, unfused
 //! in f64 on candle's ops. The `graph_diff` fuzz target and its corpus
 //! replay call [`check_bytes`].
 
 use candle_core::{DType, Device, Tensor};
 use wick_engine::{Engine, EngineError};
-use wick_ir::{BatchNormAttrs, Conv2dAttrs, FlattenAttrs, Graph, MaxPool2dAttrs, NodeId, Op, TensorFact};
+use wick_ir::{Activation, BatchNormAttrs, Conv2dAttrs, FlattenAttrs, Graph, MaxPool2dAttrs, NodeId, Op, TensorFact};
 use wick_passes::PassManager;
 
 /// Reads small numbers from the fuzz bytes; zeros once they run out.
@@ -47,7 +48,7 @@ pub fn graph_from_bytes(data: &[u8]) -> (Graph, Tensor) {
         let fact = graph.node(source).fact.clone();
         let channels = fact.shape[1];
         let name = format!("s{step}");
-        let added = match b.below(6) {
+        let added = match b.below(7) {
             0 => {
                 let divisors: Vec<usize> = (1..=channels).filter(|g| channels.is_multiple_of(*g)).collect();
                 let groups = divisors[b.below(divisors.len())];
@@ -77,7 +78,18 @@ pub fn graph_from_bytes(data: &[u8]) -> (Graph, Tensor) {
                 }
                 graph.add_node(name, Op::BatchNorm(BatchNormAttrs { eps: 1e-5 }), &operands)
             }
-            2 => graph.add_node(name, Op::Relu, &[source]),
+            2 => {
+                let activation = Activation::ALL[b.below(Activation::ALL.len())];
+                graph.add_node(name, activation.op(), &[source])
+            }
+            5 => {
+                // Squeeze-and-excitation's scale: x · act(mean over H, W).
+                let pooled = graph.add_node(format!("{name}.pool"), Op::GlobalAvgPool2d, &[source]);
+                match pooled {
+                    Ok(pooled) => graph.add_node(name, Op::Mul, &[source, pooled]),
+                    Err(e) => Err(e),
+                }
+            }
             3 => {
                 let same: Vec<NodeId> = values.iter().copied().filter(|v| graph.node(*v).fact == fact).collect();
                 graph.add_node(name, Op::Add, &[source, same[b.below(same.len())]])

@@ -61,22 +61,39 @@ impl BasicBlock {
 
 impl Module for BasicBlock {
     fn forward<F: Frontend>(&self, frontend: &mut F, x: F::Value) -> Result<F::Value, ModelError> {
-        let relu = child(&self.path, "relu");
-        let out = frontend.conv2d(&self.conv1, &x)?;
-        let out = frontend.batch_norm(&self.bn1, &out)?;
-        let out = frontend.relu(&relu, &out)?;
-        let out = frontend.conv2d(&self.conv2, &out)?;
-        let out = frontend.batch_norm(&self.bn2, &out)?;
-        let identity = match &self.downsample {
-            Some((conv, bn)) => {
-                let y = frontend.conv2d(conv, &x)?;
-                frontend.batch_norm(bn, &y)?
-            }
-            None => x,
-        };
-        let out = frontend.add(&child(&self.path, "add"), &out, &identity)?;
-        frontend.relu(&relu, &out)
+        let pairs = [(&self.conv1, &self.bn1), (&self.conv2, &self.bn2)];
+        residual_forward(frontend, &self.path, &pairs, self.downsample.as_ref(), x)
     }
+}
+
+/// What both block kinds compute: each (conv, bn) pair in turn with the
+/// block's ReLU between them, plus the (optionally downsampled) identity,
+/// then the ReLU.
+fn residual_forward<F: Frontend>(
+    frontend: &mut F,
+    path: &str,
+    pairs: &[(&Conv2d, &BatchNorm)],
+    downsample: Option<&(Conv2d, BatchNorm)>,
+    x: F::Value,
+) -> Result<F::Value, ModelError> {
+    let relu = child(path, "relu");
+    let mut out = x.clone();
+    for (index, (conv, bn)) in pairs.iter().enumerate() {
+        if index > 0 {
+            out = frontend.relu(&relu, &out)?;
+        }
+        out = frontend.conv2d(conv, &out)?;
+        out = frontend.batch_norm(bn, &out)?;
+    }
+    let identity = match downsample {
+        Some((conv, bn)) => {
+            let y = frontend.conv2d(conv, &x)?;
+            frontend.batch_norm(bn, &y)?
+        }
+        None => x,
+    };
+    let out = frontend.add(&child(path, "add"), &out, &identity)?;
+    frontend.relu(&relu, &out)
 }
 
 /// torchvision's `Bottleneck` (ResNet v1.5): conv1x1 → bn → relu → conv3x3
@@ -147,24 +164,12 @@ impl Bottleneck {
 
 impl Module for Bottleneck {
     fn forward<F: Frontend>(&self, frontend: &mut F, x: F::Value) -> Result<F::Value, ModelError> {
-        let relu = child(&self.path, "relu");
-        let out = frontend.conv2d(&self.conv1, &x)?;
-        let out = frontend.batch_norm(&self.bn1, &out)?;
-        let out = frontend.relu(&relu, &out)?;
-        let out = frontend.conv2d(&self.conv2, &out)?;
-        let out = frontend.batch_norm(&self.bn2, &out)?;
-        let out = frontend.relu(&relu, &out)?;
-        let out = frontend.conv2d(&self.conv3, &out)?;
-        let out = frontend.batch_norm(&self.bn3, &out)?;
-        let identity = match &self.downsample {
-            Some((conv, bn)) => {
-                let y = frontend.conv2d(conv, &x)?;
-                frontend.batch_norm(bn, &y)?
-            }
-            None => x,
-        };
-        let out = frontend.add(&child(&self.path, "add"), &out, &identity)?;
-        frontend.relu(&relu, &out)
+        let pairs = [
+            (&self.conv1, &self.bn1),
+            (&self.conv2, &self.bn2),
+            (&self.conv3, &self.bn3),
+        ];
+        residual_forward(frontend, &self.path, &pairs, self.downsample.as_ref(), x)
     }
 }
 
