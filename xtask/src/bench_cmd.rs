@@ -115,6 +115,7 @@ fn model_args(model: &str, weights: &Option<PathBuf>, batch: Option<usize>) -> M
         weights: weights.clone(),
         batch,
         hub: false,
+        num_classes: None,
     }
 }
 

@@ -44,6 +44,10 @@ pub struct ModelArgs {
     /// Batch size of the generated input (default: the tutorial's).
     #[arg(long, value_name = "N")]
     pub batch: Option<usize>,
+    /// Classifier outputs (default: the weights' count, 1000 for the
+    /// seeded init); weights of another count are refused.
+    #[arg(long, value_name = "N")]
+    pub num_classes: Option<usize>,
     /// Take the weights from the Hugging Face hub (timm's `resnet18.a1_in1k`,
     /// `resnet34.a1_in1k`, `resnet50.a1_in1k`), local cache first; set
     /// HF_HUB_OFFLINE=1 to never download.
@@ -70,7 +74,8 @@ impl ModelArgs {
                 seed: DEFAULT_WEIGHT_SEED,
             },
         };
-        Model::load(name, source, device).with_context(|| format!("loading model `{name}`"))
+        Model::load_with_classes(name, source, device, self.num_classes)
+            .with_context(|| format!("loading model `{name}`"))
     }
 }
 

@@ -503,3 +503,13 @@ fn oversized_files_are_refused_before_reading() {
     let out = xtask(&["run", "toy", "--weights", sparse]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// `--num-classes` sizes the classifier of a seeded model; a model without
+/// one, or a count out of range, is a one-line error.
+#[test]
+fn num_classes_sizes_the_classifier() {
+    let out = xtask_ok(&["run", "mobilenet-v2", "--num-classes", "10", "--batch", "1"]);
+    assert_contains(&out.stdout, &["-> output [1, 10]"]);
+    assert_fails(&["run", "toy", "--num-classes", "3"], "the model has no classifier");
+    assert_fails(&["run", "resnet18", "--num-classes", "0"], "expected 1 to 65536, got 0");
+}

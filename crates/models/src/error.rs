@@ -81,6 +81,14 @@ pub enum ModelError {
         /// Cache directory searched.
         cache: PathBuf,
     },
+    /// A class count the model cannot take.
+    #[error("--num-classes for `{model}`: {message}")]
+    NumClasses {
+        /// The model.
+        model: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A model with no weights on the hub that wick knows of.
     #[error("no hub weights for `{model}`; --hub takes one of: {}", known.join(", "))]
     NoHubWeights {

@@ -37,4 +37,4 @@ pub use params::{ParamKind, ParamSource, RandomParams, Weights, MAX_WEIGHTS_FILE
 pub use resnet::{BasicBlock, Bottleneck, ResNet, ResNetDepth, ResidualBlock, BOTTLENECK_EXPANSION};
 pub use toy::{Toy, WrappedBatchNorm};
 pub use trace::{trace, Tracer};
-pub use zoo::{random_input, Model, ModelName, WeightSource, MODEL_NAMES};
+pub use zoo::{random_input, Model, ModelName, WeightSource, MAX_NUM_CLASSES, MODEL_NAMES};

@@ -153,8 +153,36 @@ pub enum Model {
 }
 
 impl Model {
-    /// Builds model `name` with parameters from `source` on `device`.
+    /// Builds model `name` with parameters from `source` on `device`; a
+    /// classifier's class count is the weights' (1000 for a random init).
     pub fn load(name: ModelName, source: WeightSource, device: &Device) -> Result<Self, ModelError> {
+        Self::load_with_classes(name, source, device, None)
+    }
+
+    /// [`Model::load`] with `num_classes` outputs when given (weights of
+    /// another count are then refused by shape). At most
+    /// [`MAX_NUM_CLASSES`]; the toy models have no classifier and take none.
+    pub fn load_with_classes(
+        name: ModelName,
+        source: WeightSource,
+        device: &Device,
+        num_classes: Option<usize>,
+    ) -> Result<Self, ModelError> {
+        if let Some(classes) = num_classes {
+            let problem = match name {
+                ModelName::Toy | ModelName::ToySequential => Some("the model has no classifier".to_string()),
+                _ if !(1..=MAX_NUM_CLASSES).contains(&classes) => {
+                    Some(format!("expected 1 to {MAX_NUM_CLASSES}, got {classes}"))
+                }
+                _ => None,
+            };
+            if let Some(message) = problem {
+                return Err(ModelError::NumClasses {
+                    model: name.as_str().to_string(),
+                    message,
+                });
+            }
+        }
         let mut params: Box<dyn ParamSource> = match source {
             WeightSource::Random { seed } => Box::new(RandomParams {
                 seed,
@@ -166,7 +194,7 @@ impl Model {
             }
             WeightSource::Tensors(tensors) => Box::new(Weights::from_tensors(tensors, "the given tensors", device)),
         };
-        let model = Self::build(name, params.as_mut()).map_err(|e| match e {
+        let model = Self::build(name, params.as_mut(), num_classes).map_err(|e| match e {
             ModelError::MissingWeight {
                 name: weight,
                 source_name,
@@ -182,13 +210,23 @@ impl Model {
         Ok(model)
     }
 
-    fn build(name: ModelName, params: &mut dyn ParamSource) -> Result<Self, ModelError> {
+    fn build(name: ModelName, params: &mut dyn ParamSource, num_classes: Option<usize>) -> Result<Self, ModelError> {
+        let classes_of = |params: &dyn ParamSource, weight: &str, features: usize| {
+            num_classes.unwrap_or_else(|| classes_of(params, weight, features))
+        };
         Ok(match name {
             ModelName::Toy => Model::Toy(Toy::load(params)?),
             ModelName::ToySequential => Model::ToySequential(crate::toy::toy_sequential(params)?),
-            ModelName::Resnet18 => Model::Resnet18(Self::resnet(params, ResNetDepth::R18)?),
-            ModelName::Resnet34 => Model::Resnet34(Self::resnet(params, ResNetDepth::R34)?),
-            ModelName::Resnet50 => Model::Resnet50(Self::resnet(params, ResNetDepth::R50)?),
+            ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50 => {
+                let depth = name.resnet_depth().expect("a ResNet");
+                let classes = classes_of(params, "fc.weight", depth.features());
+                let net = ResNet::load(params, depth, classes)?;
+                match depth {
+                    ResNetDepth::R18 => Model::Resnet18(net),
+                    ResNetDepth::R34 => Model::Resnet34(net),
+                    ResNetDepth::R50 => Model::Resnet50(net),
+                }
+            }
             ModelName::MobilenetV2 => {
                 let classes = classes_of(params, "classifier.1.weight", MOBILENET_V2_FEATURES);
                 Model::MobilenetV2(MobileNetV2::load(params, classes)?)
@@ -202,12 +240,6 @@ impl Model {
                 Model::EfficientnetB0(EfficientNet::b0(params, classes)?)
             }
         })
-    }
-
-    /// A ResNet whose class count is the weights' (`fc.weight`'s rows).
-    fn resnet(params: &mut dyn ParamSource, depth: ResNetDepth) -> Result<ResNet, ModelError> {
-        let classes = classes_of(params, "fc.weight", depth.features());
-        ResNet::load(params, depth, classes)
     }
 
     /// Which model this is.
@@ -288,6 +320,11 @@ impl Model {
         }
     }
 }
+
+/// The most classes `--num-classes` may ask for: three times ImageNet-21k's
+/// 21,843; a classifier of that many rows over ResNet50's 2048 features is
+/// 512 MiB of f32, allocated for a random init.
+pub const MAX_NUM_CLASSES: usize = 1 << 16;
 
 /// The class count the weights give a classifier whose weight is `weight`
 /// (`[classes >= 1, features]`), or ImageNet's 1000 when the source fixes
