@@ -133,8 +133,8 @@ def main():
     configs = [] if args.no_baseline else [("no batching", ["--max-batch", "1", "--batch-sizes", "1"])]
     for spec in args.batching:
         max_batch, delay = spec.split(":")
-        sizes = ",".join(str(1 << i) for i in range(int(max_batch).bit_length()) if 1 << i < int(max_batch)) or "1"
-        sizes = f"{sizes},{max_batch}" if int(max_batch) > 1 else sizes
+        largest = int(max_batch)
+        sizes = ",".join(str(n) for n in sorted({1 << i for i in range(largest.bit_length()) if 1 << i < largest} | {largest}))
         configs.append((f"b{max_batch} d{delay}ms", ["--max-batch", max_batch, "--max-delay-ms", delay, "--batch-sizes", sizes]))
     for name, extra in configs:
         for clients in args.clients:

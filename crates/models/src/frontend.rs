@@ -34,6 +34,12 @@ pub trait Frontend {
     fn flatten(&mut self, path: &str, x: &Self::Value, start_dim: usize) -> Result<Self::Value, ModelError>;
     /// A fully connected layer.
     fn linear(&mut self, layer: &Linear, x: &Self::Value) -> Result<Self::Value, ModelError>;
+    /// The classifiers' neck: global average pool (`avgpool`), then
+    /// `flatten(x, 1)` (`flatten`): `[N, C, H, W]` to `[N, C]`.
+    fn pooled_features(&mut self, x: &Self::Value) -> Result<Self::Value, ModelError> {
+        let x = self.global_avg_pool2d("avgpool", x)?;
+        self.flatten("flatten", &x, 1)
+    }
 }
 
 /// A module: something with a `forward` over any [`Frontend`].

@@ -124,45 +124,35 @@ impl MbConv {
     pub fn load(params: &mut dyn ParamSource, path: &str, spec: MbConvSpec) -> Result<Self, ModelError> {
         let block = child(path, "block");
         let mut layers = Vec::new();
+        // Layers are `{path}.block.{index}`, numbered as they are added.
         let next = |layers: &Vec<MbLayer>| child(&block, &layers.len().to_string());
+        let conv = |layers: &mut Vec<MbLayer>, params: &mut dyn ParamSource, conv: ConvSpec, act| {
+            let layer = ConvNormActivation::load(params, &next(layers), conv, spec.eps, act)?;
+            layers.push(MbLayer::ConvNorm(layer));
+            Ok::<_, ModelError>(())
+        };
         let act = Some(spec.activation);
         if spec.expanded != spec.in_channels {
-            let conv = same_conv(spec.in_channels, spec.expanded, 1, 1, 1);
-            layers.push(MbLayer::ConvNorm(ConvNormActivation::load(
+            conv(
+                &mut layers,
                 params,
-                &next(&layers),
-                conv,
-                spec.eps,
+                same_conv(spec.in_channels, spec.expanded, 1, 1, 1),
                 act,
-            )?));
+            )?;
         }
         let depthwise = same_conv(spec.expanded, spec.expanded, spec.kernel, spec.stride, spec.expanded);
-        layers.push(MbLayer::ConvNorm(ConvNormActivation::load(
-            params,
-            &next(&layers),
-            depthwise,
-            spec.eps,
-            act,
-        )?));
+        conv(&mut layers, params, depthwise, act)?;
         if let Some(squeeze) = spec.squeeze {
             let (inner, scale) = spec.se_activations;
-            layers.push(MbLayer::Se(SqueezeExcitation::load(
-                params,
-                &next(&layers),
-                spec.expanded,
-                squeeze,
-                inner,
-                scale,
-            )?));
+            let se = SqueezeExcitation::load(params, &next(&layers), spec.expanded, squeeze, inner, scale)?;
+            layers.push(MbLayer::Se(se));
         }
-        let projection = same_conv(spec.expanded, spec.out_channels, 1, 1, 1);
-        layers.push(MbLayer::ConvNorm(ConvNormActivation::load(
+        conv(
+            &mut layers,
             params,
-            &next(&layers),
-            projection,
-            spec.eps,
+            same_conv(spec.expanded, spec.out_channels, 1, 1, 1),
             None,
-        )?));
+        )?;
         Ok(Self {
             path: path.to_string(),
             layers,

@@ -166,8 +166,7 @@ impl Module for MobileNetV2 {
             x = block.forward(frontend, x)?;
         }
         let x = self.head.forward(frontend, x)?;
-        let x = frontend.global_avg_pool2d("avgpool", &x)?;
-        let x = frontend.flatten("flatten", &x, 1)?;
+        let x = frontend.pooled_features(&x)?;
         frontend.linear(&self.classifier, &x)
     }
 }

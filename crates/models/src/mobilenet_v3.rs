@@ -93,8 +93,7 @@ impl Module for MobileNetV3 {
             x = block.forward(frontend, x)?;
         }
         let x = self.head.forward(frontend, x)?;
-        let x = frontend.global_avg_pool2d("avgpool", &x)?;
-        let x = frontend.flatten("flatten", &x, 1)?;
+        let x = frontend.pooled_features(&x)?;
         let x = frontend.linear(&self.pre_classifier, &x)?;
         let x = frontend.activation("classifier.1", Activation::HardSwish, &x)?;
         frontend.linear(&self.classifier, &x)

@@ -211,7 +211,7 @@ impl Model {
     }
 
     fn build(name: ModelName, params: &mut dyn ParamSource, num_classes: Option<usize>) -> Result<Self, ModelError> {
-        let classes_of = |params: &dyn ParamSource, weight: &str, features: usize| {
+        let classes = |params: &dyn ParamSource, weight: &str, features: usize| {
             num_classes.unwrap_or_else(|| classes_of(params, weight, features))
         };
         Ok(match name {
@@ -219,7 +219,7 @@ impl Model {
             ModelName::ToySequential => Model::ToySequential(crate::toy::toy_sequential(params)?),
             ModelName::Resnet18 | ModelName::Resnet34 | ModelName::Resnet50 => {
                 let depth = name.resnet_depth().expect("a ResNet");
-                let classes = classes_of(params, "fc.weight", depth.features());
+                let classes = classes(params, "fc.weight", depth.features());
                 let net = ResNet::load(params, depth, classes)?;
                 match depth {
                     ResNetDepth::R18 => Model::Resnet18(net),
@@ -228,15 +228,15 @@ impl Model {
                 }
             }
             ModelName::MobilenetV2 => {
-                let classes = classes_of(params, "classifier.1.weight", MOBILENET_V2_FEATURES);
+                let classes = classes(params, "classifier.1.weight", MOBILENET_V2_FEATURES);
                 Model::MobilenetV2(MobileNetV2::load(params, classes)?)
             }
             ModelName::MobilenetV3Large => {
-                let classes = classes_of(params, "classifier.3.weight", MOBILENET_V3_LARGE_FEATURES);
+                let classes = classes(params, "classifier.3.weight", MOBILENET_V3_LARGE_FEATURES);
                 Model::MobilenetV3Large(MobileNetV3::large(params, classes)?)
             }
             ModelName::EfficientnetB0 => {
-                let classes = classes_of(params, "classifier.1.weight", EFFICIENTNET_B0_FEATURES);
+                let classes = classes(params, "classifier.1.weight", EFFICIENTNET_B0_FEATURES);
                 Model::EfficientnetB0(EfficientNet::b0(params, classes)?)
             }
         })
