@@ -191,3 +191,41 @@ fn per_axis_stride_and_dilation() {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The depthwise conv on planes wider than its segments (1..=16 output
+    /// columns at a time, a row's last segment reading past the row), every
+    /// path, equals candle's conv: the shapes [`arb_conv_case`] draws stay
+    /// narrower than one segment.
+    #[test]
+    fn depthwise_wide_planes(
+        channels in 2usize..5,
+        kernel in 1usize..6,
+        stride in 1usize..4,
+        dilation in 1usize..3,
+        padding in 0usize..3,
+        width in 1usize..70,
+        height in 1usize..6,
+        activation in proptest::option::of(0usize..6),
+    ) {
+        let span = dilation * (kernel - 1) + 1;
+        let (width, height) = ((span + width).saturating_sub(2 * padding).max(1), (span + height).saturating_sub(2 * padding).max(1));
+        let attrs = Conv2dAttrs { stride: [stride, stride], padding: [padding, padding], dilation: [dilation, dilation], groups: channels };
+        let d = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, channels, height, width), &d).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (channels, 1, kernel, kernel), &d).unwrap();
+        let b = Tensor::randn(0f32, 1.0, channels, &d).unwrap();
+        let activation = activation.map(|i| Activation::ALL[i]);
+        let want = reference(&x, &w, Some(&b), attrs, activation);
+        let spec = ConvSpec::of(&w, attrs).unwrap();
+        for isa in Isa::available() {
+            let epilogue = Epilogue::new(Some(&b), channels, activation).unwrap();
+            let got = depthwise::DepthwiseConv::new(spec, &w, epilogue, isa).unwrap().run(&x, None).unwrap();
+            prop_assert_eq!(got.dims(), want.dims());
+            let diff = crate::test_util::max_abs_diff(&got, &want);
+            prop_assert!(diff <= 1e-5 * (kernel * kernel) as f64 * 4.0, "{:?}: diff {}", isa, diff);
+        }
+    }
+}
