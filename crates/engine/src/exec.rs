@@ -288,6 +288,29 @@ mod tests {
         assert_eq!(count(&ten, "direct-panels"), 7, "{ten:?}");
     }
 
+    /// MobileNetV2's convs: every 1×1 on the in-place GEMM, every 3×3
+    /// depthwise on the depthwise kernel, the stem on the direct conv.
+    #[test]
+    fn mobilenet_convs_take_their_kernels() {
+        use wick_models::{Model, ModelName, WeightSource};
+        let name = ModelName::MobilenetV2;
+        let model = Model::load(name, WeightSource::Random { seed: 1 }, &Device::Cpu).unwrap();
+        let mut graph = model.trace(&name.input_shape(Some(1))).unwrap();
+        wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+        let kernels = conv_kernels(&Engine::cpu().compile(&graph).unwrap());
+        let count = |kind: &str| kernels.iter().filter(|(_, k)| *k == kind).count();
+        assert_eq!(
+            [
+                count("pointwise"),
+                count("depthwise"),
+                count("direct-panels"),
+                kernels.len()
+            ],
+            [34, 17, 1, 52],
+            "{kernels:?}"
+        );
+    }
+
     /// Compiling an owned graph gives the same model as compiling a
     /// borrowed one (bit for bit), also when constants are read at run
     /// time (the unfused graph's batch norms, the linear layer) or are a

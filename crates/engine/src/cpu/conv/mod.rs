@@ -8,6 +8,7 @@
 pub(crate) mod depthwise;
 pub(crate) mod direct;
 pub(crate) mod grouped;
+pub(crate) mod pointwise;
 pub(crate) mod winograd;
 
 use super::epilogue::Epilogue;
@@ -18,6 +19,7 @@ use candle_core::{bail, Device, Tensor};
 use depthwise::DepthwiseConv;
 use direct::DirectConv;
 use grouped::GroupedConv;
+use pointwise::PointwiseConv;
 use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
 use winograd::{WinogradF2, WinogradF4};
 
@@ -165,6 +167,8 @@ pub(crate) enum CpuConv {
     Grouped(GroupedConv, Option<MaxPool2dAttrs>),
     /// One filter per channel, then the fused max pool, if any, as a pass of its own.
     Depthwise(DepthwiseConv, Option<MaxPool2dAttrs>),
+    /// A 1×1 conv as a GEMM on the NCHW planes in place.
+    Pointwise(PointwiseConv),
 }
 
 impl CpuConv {
@@ -204,6 +208,10 @@ impl CpuConv {
             ConvAlgorithm::Depthwise => {
                 CpuConv::Depthwise(DepthwiseConv::new(spec, weight, epilogue, machine.isa)?, pool)
             }
+            ConvAlgorithm::Pointwise => {
+                pool_unfused("pointwise")?;
+                CpuConv::Pointwise(PointwiseConv::new(spec, weight, epilogue, machine)?)
+            }
         })
     }
 
@@ -218,6 +226,7 @@ impl CpuConv {
             },
             CpuConv::Grouped(..) => ConvAlgorithm::Grouped,
             CpuConv::Depthwise(..) => ConvAlgorithm::Depthwise,
+            CpuConv::Pointwise(_) => ConvAlgorithm::Pointwise,
         }
     }
 
@@ -232,6 +241,7 @@ impl CpuConv {
             CpuConv::Grouped(conv, Some(pool)) => super::pool::max_pool2d(&conv.run(x, residual)?, pool),
             CpuConv::Depthwise(conv, None) => conv.run(x, residual),
             CpuConv::Depthwise(conv, Some(pool)) => super::pool::max_pool2d(&conv.run(x, residual)?, pool),
+            CpuConv::Pointwise(conv) => conv.run(x, residual),
         }
     }
 }

@@ -36,29 +36,59 @@ pub(crate) fn pack_panels(plain: &[f32], rows: usize, depth: usize, packed: &mut
 /// `m = u · v`: `u` packed by [`pack_panels`] (`rows × depth`), `v`
 /// `[depth, cols]`, `m` `[rows, cols]`; `isa` must be one of [`Isa::available`].
 pub(crate) fn panel_gemm(isa: Isa, u: &[f32], v: &[f32], m: &mut [f32], rows: usize, depth: usize, cols: usize) {
+    panel_gemm_strided(isa, u, Strided { data: v, stride: cols }, m, cols, [rows, depth, cols]);
+}
+
+/// A row-major matrix operand whose rows are `stride` values apart.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<'a> {
+    /// The values, from the first row's first column.
+    pub(crate) data: &'a [f32],
+    /// Distance between row starts, in values.
+    pub(crate) stride: usize,
+}
+
+/// [`panel_gemm`] on operands inside larger matrices: `v` is `[depth,
+/// cols]` with rows `v.stride` apart, `m` `[rows, cols]` with rows
+/// `m_stride` apart (a block of an NCHW plane: a 1×1 conv reads its input
+/// and writes its output in place). `[rows, depth, cols]` as for
+/// [`panel_gemm`]; the strides are at least `cols`.
+pub(crate) fn panel_gemm_strided(isa: Isa, u: &[f32], v: Strided, m: &mut [f32], m_stride: usize, size: [usize; 3]) {
+    let [rows, depth, cols] = size;
     assert!(rows.is_multiple_of(PANEL_ROWS) && cols.is_multiple_of(PANEL_GRANULE));
-    // Checked products: a wrapped length must not let a short buffer through.
-    let holds = |buffer: usize, a: usize, b: usize| a.checked_mul(b).is_some_and(|n| buffer >= n);
-    assert!(holds(u.len(), rows, depth) && holds(v.len(), depth, cols) && holds(m.len(), rows, cols));
+    assert!(v.stride >= cols && m_stride >= cols);
+    // Checked sizes: a wrapped length must not let a short buffer through.
+    // A `[n, cols]` matrix with rows `stride` apart spans (n - 1)·stride + cols.
+    let spans = |n: usize, stride: usize| match n {
+        0 => Some(0),
+        n => (n - 1).checked_mul(stride)?.checked_add(cols),
+    };
+    let holds = |buffer: usize, n: Option<usize>| n.is_some_and(|n| buffer >= n);
+    assert!(
+        holds(u.len(), rows.checked_mul(depth))
+            && holds(v.data.len(), spans(depth, v.stride))
+            && holds(m.len(), spans(rows, m_stride))
+    );
+    let strides = [v.stride, m_stride];
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the lengths were checked above (the kernels index within
+        // SAFETY: the spans were checked above (the kernels index within
         // them only), and `Isa::Avx512` is only handed out when the CPU has AVX-512F.
-        Isa::Avx512 => unsafe { x86::gemm_avx512(u, v, m, rows, depth, cols) },
+        Isa::Avx512 => unsafe { x86::gemm_avx512(u, v.data, m, size, strides) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for AVX2 + FMA.
-        Isa::Avx2Fma => unsafe { x86::gemm_avx2(u, v, m, rows, depth, cols) },
-        _ => gemm_scalar(u, v, m, rows, depth, cols),
+        Isa::Avx2Fma => unsafe { x86::gemm_avx2(u, v.data, m, size, strides) },
+        _ => gemm_scalar(u, v.data, m, size, strides),
     }
 }
 
-fn gemm_scalar(u: &[f32], v: &[f32], m: &mut [f32], rows: usize, depth: usize, cols: usize) {
+fn gemm_scalar(u: &[f32], v: &[f32], m: &mut [f32], [rows, depth, cols]: [usize; 3], [vs, ms]: [usize; 2]) {
     for panel in 0..rows / PANEL_ROWS {
         let u = &u[panel * depth * PANEL_ROWS..][..depth * PANEL_ROWS];
         for t0 in (0..cols).step_by(PANEL_GRANULE) {
             let mut acc = [[0f32; PANEL_GRANULE]; PANEL_ROWS];
             for d in 0..depth {
-                let vv = &v[d * cols + t0..][..PANEL_GRANULE];
+                let vv = &v[d * vs + t0..][..PANEL_GRANULE];
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let a = u[d * PANEL_ROWS + r];
                     for (acc, &b) in acc.iter_mut().zip(vv) {
@@ -67,7 +97,7 @@ fn gemm_scalar(u: &[f32], v: &[f32], m: &mut [f32], rows: usize, depth: usize, c
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
-                m[(panel * PANEL_ROWS + r) * cols + t0..][..PANEL_GRANULE].copy_from_slice(acc);
+                m[(panel * PANEL_ROWS + r) * ms + t0..][..PANEL_GRANULE].copy_from_slice(acc);
             }
         }
     }
@@ -80,12 +110,19 @@ mod x86 {
 
     /// # Safety
     /// The CPU has AVX-512F; `u`, `v`, `m` hold at least `rows·depth`,
-    /// `depth·cols`, `rows·cols` values; `rows % 8 == 0`, `cols % 16 == 0`.
-    /// Every pointer formed is `panel·depth·8 + d·8 + r < rows·depth` (u),
-    /// `d·cols + t0 + 16·j + 15 < depth·cols` (v), `(panel·8 + r)·cols + t0
-    /// + 16·j + 15 < rows·cols` (m).
+    /// `(depth - 1)·vs + cols`, `(rows - 1)·ms + cols` values; `rows % 8 ==
+    /// 0`, `cols % 16 == 0`, `vs, ms >= cols`. Every pointer formed is
+    /// `panel·depth·8 + d·8 + r < rows·depth` (u), `d·vs + t0 + 16·j + 15 <
+    /// (depth - 1)·vs + cols` (v), `(panel·8 + r)·ms + t0 + 16·j + 15 <
+    /// (rows - 1)·ms + cols` (m).
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn gemm_avx512(u: &[f32], v: &[f32], m: &mut [f32], rows: usize, depth: usize, cols: usize) {
+    pub(super) unsafe fn gemm_avx512(
+        u: &[f32],
+        v: &[f32],
+        m: &mut [f32],
+        [rows, depth, cols]: [usize; 3],
+        [vs, ms]: [usize; 2],
+    ) {
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
             let (u, v, m) = (u.as_ptr(), v.as_ptr(), m.as_mut_ptr());
@@ -94,21 +131,21 @@ mod x86 {
             // the (contiguous, prefetch-friendly) weight panels stream past it.
             for t0 in (0..full).step_by(PANEL_TILES) {
                 for panel in 0..rows / PANEL_ROWS {
-                    let (up, mp) = (u.add(panel * depth * PANEL_ROWS), m.add(panel * PANEL_ROWS * cols));
-                    micro_avx512::<{ PANEL_TILES / 16 }>(up, v.add(t0), mp.add(t0), depth, cols);
+                    let (up, mp) = (u.add(panel * depth * PANEL_ROWS), m.add(panel * PANEL_ROWS * ms));
+                    micro_avx512::<{ PANEL_TILES / 16 }>(up, v.add(t0), mp.add(t0), depth, [vs, ms]);
                 }
             }
             if full < cols {
                 for panel in 0..rows / PANEL_ROWS {
-                    let (up, mp) = (u.add(panel * depth * PANEL_ROWS), m.add(panel * PANEL_ROWS * cols));
-                    micro_avx512::<1>(up, v.add(full), mp.add(full), depth, cols);
+                    let (up, mp) = (u.add(panel * depth * PANEL_ROWS), m.add(panel * PANEL_ROWS * ms));
+                    micro_avx512::<1>(up, v.add(full), mp.add(full), depth, [vs, ms]);
                 }
             }
         }
     }
 
     /// Defines `$name::<V>`, one `$rows × $lanes·V` micro-tile on the
-    /// `$feature` path: `m[r][j] = Σ_d up[d·8 + r] · vp[d·cols + j]`,
+    /// `$feature` path: `m[r·ms + j] = Σ_d up[d·8 + r] · vp[d·vs + j]`,
     /// `$rows` accumulator rows of `V` vectors, `v` loaded once per depth
     /// step, `u` broadcast per row. The one body both SIMD paths share;
     /// each picks the shape its register file holds.
@@ -119,10 +156,16 @@ mod x86 {
             /// The CPU has the path's features; `up` has `8·depth` values
             /// from the tile's first row on, `vp` and `mp` have
             /// `lanes·V` values in each of `depth` (resp. `rows`) rows of
-            /// stride `cols`.
+            /// stride `vs` (resp. `ms`).
             #[inline]
             #[target_feature(enable = $feature)]
-            unsafe fn $name<const V: usize>(up: *const f32, vp: *const f32, mp: *mut f32, depth: usize, cols: usize) {
+            unsafe fn $name<const V: usize>(
+                up: *const f32,
+                vp: *const f32,
+                mp: *mut f32,
+                depth: usize,
+                [vs, ms]: [usize; 2],
+            ) {
                 // SAFETY: within the bounds of the contract above.
                 unsafe {
                     let mut acc = [[$zero(); V]; $rows];
@@ -135,12 +178,12 @@ mod x86 {
                                 acc[j] = $fmadd(a, b[j], acc[j]);
                             }
                         }
-                        vp = vp.add(cols);
+                        vp = vp.add(vs);
                         ur = ur.add(PANEL_ROWS);
                     }
                     for (r, acc) in acc.iter().enumerate() {
                         for (j, acc) in acc.iter().enumerate() {
-                            $store(mp.add(r * cols + $lanes * j), *acc);
+                            $store(mp.add(r * ms + $lanes * j), *acc);
                         }
                     }
                 }
@@ -169,7 +212,13 @@ mod x86 {
     /// 89–116 GFLOP/s on one core with the operands in cache, and lost 5%
     /// in the model: 8 accumulators already cover the FMA latency.)
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn gemm_avx2(u: &[f32], v: &[f32], m: &mut [f32], rows: usize, depth: usize, cols: usize) {
+    pub(super) unsafe fn gemm_avx2(
+        u: &[f32],
+        v: &[f32],
+        m: &mut [f32],
+        [rows, depth, cols]: [usize; 3],
+        [vs, ms]: [usize; 2],
+    ) {
         // SAFETY: the caller upholds this function's `# Safety` contract;
         // every tile reads and writes within the bounds stated there.
         unsafe {
@@ -184,7 +233,7 @@ mod x86 {
                     for half in 0..2 {
                         let row = panel * PANEL_ROWS + half * AVX2_ROWS;
                         let up = u.add(panel * depth * PANEL_ROWS + half * AVX2_ROWS);
-                        micro_avx2::<{ PANEL_GRANULE / 8 }>(up, v.add(t0), m.add(row * cols + t0), depth, cols);
+                        micro_avx2::<{ PANEL_GRANULE / 8 }>(up, v.add(t0), m.add(row * ms + t0), depth, [vs, ms]);
                     }
                 }
             }
@@ -201,26 +250,38 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
 
         /// Every available path equals a plain triple loop (f64 accumulation)
-        /// within an f32 rounding bound.
+        /// within an f32 rounding bound, with `v` and `m` inside wider
+        /// matrices (strides past `cols`; the gaps of `m` stay untouched).
         #[test]
-        fn paths_match_plain_product(panels in 1usize..4, depth in 1usize..70, granules in 1usize..6, seed in any::<u64>()) {
+        fn paths_match_plain_product(
+            panels in 1usize..4,
+            depth in 1usize..70,
+            granules in 1usize..6,
+            [v_pad, m_pad] in [0usize..20, 0usize..20],
+            seed in any::<u64>(),
+        ) {
             let (rows, cols) = (panels * PANEL_ROWS, granules * PANEL_GRANULE);
+            let (vs, ms) = (cols + v_pad, cols + m_pad);
             let mut next = crate::test_util::uniform(seed);
             let plain: Vec<f32> = (0..rows * depth).map(|_| next()).collect();
-            let v: Vec<f32> = (0..depth * cols).map(|_| next()).collect();
+            // The last row is `cols` long: the span a strided operand needs.
+            let v: Vec<f32> = (0..(depth - 1) * vs + cols).map(|_| next()).collect();
             let mut packed = vec![0f32; rows * depth];
             pack_panels(&plain, rows, depth, &mut packed);
             for isa in Isa::available() {
-                let mut m = vec![f32::NAN; rows * cols];
-                panel_gemm(isa, &packed, &v, &mut m, rows, depth, cols);
+                let mut m = vec![f32::NAN; (rows - 1) * ms + cols];
+                panel_gemm_strided(isa, &packed, Strided { data: &v, stride: vs }, &mut m, ms, [rows, depth, cols]);
                 for r in 0..rows {
                     for c in 0..cols {
-                        let terms = (0..depth).map(|d| f64::from(plain[r * depth + d]) * f64::from(v[d * cols + c]));
+                        let terms = (0..depth).map(|d| f64::from(plain[r * depth + d]) * f64::from(v[d * vs + c]));
                         let want: f64 = terms.clone().sum();
                         // Any f32 summation order: |error| <= n·ε·Σ|aᵢbᵢ| (to first order).
                         let bound = 1.01 * depth as f64 * f64::from(f32::EPSILON) * terms.map(f64::abs).sum::<f64>();
-                        let got = f64::from(m[r * cols + c]);
+                        let got = f64::from(m[r * ms + c]);
                         prop_assert!((got - want).abs() <= bound, "{isa:?} r={r} c={c}: {got} vs {want}");
+                    }
+                    if r + 1 < rows {
+                        prop_assert!(m[r * ms + cols..(r + 1) * ms].iter().all(|x| x.is_nan()), "{isa:?} wrote a gap");
                     }
                 }
             }

@@ -1,0 +1,293 @@
+//! The 1×1 CPU convolution (stride 1, no padding, one group: the
+//! MobileNets' and EfficientNets' expand and project convs, ResNet50's
+//! bottleneck ends) as a GEMM on the NCHW planes themselves: an image's
+//! input `[C, H·W]` is already the right operand `V` of `out = W · V`, and
+//! its output `[O, H·W]` the product, so the panel micro-kernel reads the
+//! input and writes the output in place, column block by column block, and
+//! the epilogue runs on each block while it is in cache. No im2col copy
+//! and no products buffer, as the direct conv needs for other kernels.
+//!
+//! What the in-place product cannot cover goes through scratch: a row
+//! panel with fewer than 8 output channels left (its padding rows must not
+//! be written into the next channels) and the last `H·W mod 16` columns
+//! (a whole micro-tile would run past the plane).
+//!
+//! Tasks are (image, run of output channels): every image writes its own
+//! contiguous output plane, split by channels only when there are fewer
+//! images than threads to keep busy.
+
+use super::{output, ConvSpec};
+use crate::cpu::data::{output_buffer, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::epilogue::Epilogue;
+use crate::cpu::gemm::{pack_panels, panel_gemm_strided, Isa, Strided, PANEL_GRANULE, PANEL_ROWS};
+use crate::machine::Machine;
+use candle_core::{bail, Tensor};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// A 1×1 convolution with its weights packed in panels.
+#[derive(Debug)]
+pub(crate) struct PointwiseConv {
+    spec: ConvSpec,
+    /// `[O_pad / 8][C][8]` ([`pack_panels`]).
+    packed: Vec<f32>,
+    epilogue: Epilogue,
+    isa: Isa,
+    /// Bytes one column block's input and output aim to fit in: the L2.
+    block_bytes: usize,
+}
+
+/// One image's operands for one task.
+struct Task<'a> {
+    /// The image's input plane `[C, P]`.
+    input: &'a [f32],
+    /// The image's residual plane `[O, P]`, if any.
+    residual: Option<&'a [f32]>,
+    /// Output channels `rows` of the image, `[rows.len(), P]`.
+    out: &'a mut [f32],
+    /// Which output channels; starts on a panel boundary.
+    rows: Range<usize>,
+}
+
+impl PointwiseConv {
+    /// Whether `spec` is a 1×1 conv with stride 1, no padding and one group
+    /// (dilation does not matter for a 1×1 kernel).
+    pub(crate) fn applies(spec: &ConvSpec) -> bool {
+        let a = spec.attrs;
+        spec.kernel == [1, 1] && a.stride == [1, 1] && a.padding == [0, 0] && a.groups == 1
+    }
+
+    /// Packs `weight` (`[O, C, 1, 1]`, f32) for `spec` on `machine`'s path.
+    pub(crate) fn new(
+        spec: ConvSpec,
+        weight: &Tensor,
+        epilogue: Epilogue,
+        machine: Machine,
+    ) -> candle_core::Result<Self> {
+        if !Self::applies(&spec) {
+            bail!(
+                "a pointwise conv needs a 1x1 kernel, stride 1, no padding and one group, got {:?} {:?}",
+                spec.kernel,
+                spec.attrs
+            )
+        }
+        let (rows, depth) = (spec.out_channels, spec.in_channels);
+        let plain = weight.flatten_all()?.to_vec1::<f32>()?;
+        if plain.len() != rows * depth {
+            bail!(
+                "pointwise conv weight {:?} does not match {rows} x {depth}",
+                weight.dims()
+            )
+        }
+        let mut packed = weight_buffer(rows.div_ceil(PANEL_ROWS) * PANEL_ROWS * depth)?;
+        pack_panels(&plain, rows, depth, &mut packed);
+        Ok(Self {
+            spec,
+            packed,
+            epilogue,
+            isa: machine.isa,
+            block_bytes: machine.block_bytes(),
+        })
+    }
+
+    /// Runs on a CPU f32 tensor `[N, C, H, W]`, adding `residual` (the
+    /// output's shape) before the activation.
+    pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let call = self.spec.check(x, residual)?;
+        let shape = call.shape;
+        let (plane, out_channels) = (shape.out_plane(), shape.out_channels);
+        let out_len = shape.out_len();
+        if out_len == 0 {
+            return output(Vec::new(), shape.out_dims());
+        }
+        let mut out = output_buffer(out_len, "conv output")?;
+        let dst = SharedOut::new(&mut out, out_len);
+        // Channel runs per image: enough tasks for every thread twice over.
+        let threads = rayon::current_num_threads();
+        let panels = out_channels.div_ceil(PANEL_ROWS);
+        let runs = (2 * threads).div_ceil(shape.batch).clamp(1, panels);
+        let run_rows = panels.div_ceil(runs) * PANEL_ROWS;
+        let runs = out_channels.div_ceil(run_rows);
+        let (in_image, out_image) = (shape.channels * plane, out_channels * plane);
+        with_cpu_f32("pointwise conv", &call.x, call.residual.as_ref(), |input, residual| {
+            (0..shape.batch * runs).into_par_iter().try_for_each(|task| {
+                let (image, run) = (task / runs, task % runs);
+                let rows = run * run_rows..out_channels.min((run + 1) * run_rows);
+                // SAFETY: tasks write disjoint channel runs of disjoint
+                // images; nothing else reads or writes `out` meanwhile.
+                let out = unsafe { dst.slice(image * out_image + rows.start * plane, rows.len() * plane) };
+                self.task(Task {
+                    input: &input[image * in_image..][..in_image],
+                    residual: residual.map(|r| &r[image * out_image..][..out_image]),
+                    out,
+                    rows,
+                })
+            })
+        })?;
+        // SAFETY: the tasks cover every channel of every image, and each
+        // writes all `P` columns of its channels (in place or from scratch).
+        unsafe { out.set_len(out_len) };
+        output(out, shape.out_dims())
+    }
+
+    /// One task: in place over whole panels and whole micro-tile columns,
+    /// then through scratch for the last partial panel and the last columns.
+    fn task(&self, t: Task) -> candle_core::Result<()> {
+        let depth = self.spec.in_channels;
+        let plane = t.input.len() / depth;
+        let first_panel = t.rows.start / PANEL_ROWS;
+        let full_rows = t.rows.len() / PANEL_ROWS * PANEL_ROWS;
+        let padded_rows = t.rows.len().div_ceil(PANEL_ROWS) * PANEL_ROWS;
+        let u = &self.packed[first_panel * PANEL_ROWS * depth..][..padded_rows * depth];
+        let cols_full = plane / PANEL_GRANULE * PANEL_GRANULE;
+        // Columns per block: the block's input and output within the L2.
+        let per_col = (depth + padded_rows) * 4;
+        let block = (self.block_bytes / per_col / PANEL_GRANULE * PANEL_GRANULE).max(PANEL_GRANULE);
+        let tail = plane - cols_full;
+        // Scratch: a partial panel's product over one block, or the last
+        // columns' input `[C, 16]` and product `[padded_rows, 16]`.
+        let scratch_len = (PANEL_ROWS * block).max((depth + padded_rows) * PANEL_GRANULE);
+        with_scratch(scratch_len, |scratch| {
+            let residual_row = |row: usize, cols: Range<usize>| t.residual.map(|r| &r[row * plane..][cols]);
+            for c0 in (0..cols_full).step_by(block) {
+                let n = block.min(cols_full - c0);
+                let v = Strided {
+                    data: &t.input[c0..],
+                    stride: plane,
+                };
+                if full_rows > 0 {
+                    let size = [full_rows, depth, n];
+                    panel_gemm_strided(self.isa, &u[..full_rows * depth], v, &mut t.out[c0..], plane, size);
+                    for r in 0..full_rows {
+                        let row = t.rows.start + r;
+                        let values = &mut t.out[r * plane + c0..][..n];
+                        self.epilogue.in_place(row, values, residual_row(row, c0..c0 + n));
+                    }
+                }
+                if full_rows < t.rows.len() {
+                    let m = &mut scratch[..PANEL_ROWS * n];
+                    let size = [PANEL_ROWS, depth, n];
+                    panel_gemm_strided(self.isa, &u[full_rows * depth..], v, m, n, size);
+                    for r in full_rows..t.rows.len() {
+                        let row = t.rows.start + r;
+                        let (src, residual) = (&m[(r - full_rows) * n..][..n], residual_row(row, c0..c0 + n));
+                        self.epilogue
+                            .write(row, &mut t.out[r * plane + c0..][..n], src, residual);
+                    }
+                }
+            }
+            if tail > 0 {
+                let (v, m) = scratch.split_at_mut(depth * PANEL_GRANULE);
+                for (c, v) in v.chunks_exact_mut(PANEL_GRANULE).enumerate() {
+                    v[..tail].copy_from_slice(&t.input[c * plane + cols_full..][..tail]);
+                    v[tail..].fill(0.0);
+                }
+                let m = &mut m[..padded_rows * PANEL_GRANULE];
+                let size = [padded_rows, depth, PANEL_GRANULE];
+                let v = Strided {
+                    data: v,
+                    stride: PANEL_GRANULE,
+                };
+                panel_gemm_strided(self.isa, u, v, m, PANEL_GRANULE, size);
+                for r in 0..t.rows.len() {
+                    let row = t.rows.start + r;
+                    let (src, residual) = (&m[r * PANEL_GRANULE..][..tail], residual_row(row, cols_full..plane));
+                    self.epilogue
+                        .write(row, &mut t.out[r * plane + cols_full..][..tail], src, residual);
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::conv::ConvSpec;
+    use candle_core::Device;
+    use proptest::prelude::*;
+    use wick_ir::{Activation, Conv2dAttrs};
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Every path equals candle's conv + bias + residual + activation:
+        /// channel counts off the panel size (a partial last panel), planes
+        /// off the micro-tile width (scratch columns), blocks of a few
+        /// micro-tiles (several column blocks per task), batches of 1..3.
+        #[test]
+        fn matches_candle(
+            batch in 1usize..4,
+            channels in 1usize..20,
+            out_channels in 1usize..30,
+            [height, width] in [1usize..12, 1usize..40],
+            block_tiles in 1usize..4,
+            residual in any::<bool>(),
+            activation in proptest::option::of(0usize..6),
+        ) {
+            let d = Device::Cpu;
+            let x = Tensor::randn(0f32, 1.0, (batch, channels, height, width), &d).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (out_channels, channels, 1, 1), &d).unwrap();
+            let b = Tensor::randn(0f32, 1.0, out_channels, &d).unwrap();
+            let r = Tensor::randn(0f32, 1.0, (batch, out_channels, height, width), &d).unwrap();
+            let activation = activation.map(|i| Activation::ALL[i]);
+            let mut want = x.conv2d(&w, 0, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, out_channels, 1, 1)).unwrap()).unwrap();
+            if residual {
+                want = (want + &r).unwrap();
+            }
+            if let Some(a) = activation {
+                want = a.apply(&want).unwrap();
+            }
+            let spec = ConvSpec::of(&w, Conv2dAttrs::default()).unwrap();
+            for isa in Isa::available() {
+                let epilogue = Epilogue::new(Some(&b), out_channels, activation).unwrap();
+                let mut conv = PointwiseConv::new(spec, &w, epilogue, Machine::with_isa(isa)).unwrap();
+                conv.block_bytes = block_tiles * PANEL_GRANULE * (channels + out_channels.next_multiple_of(PANEL_ROWS)) * 4;
+                let got = conv.run(&x, residual.then_some(&r)).unwrap();
+                prop_assert_eq!(got.dims(), want.dims());
+                let diff = crate::test_util::max_abs_diff(&got, &want);
+                prop_assert!(diff <= 1e-5 * channels as f64 * 4.0, "{:?}: diff {}", isa, diff);
+            }
+        }
+    }
+
+    /// Other kernels, strides, paddings and groups are refused, and the
+    /// operands are checked: wrong channels, a residual of another shape.
+    #[test]
+    fn refuses_what_it_does_not_compute() {
+        let d = Device::Cpu;
+        let machine = Machine::with_isa(Isa::Scalar);
+        let epilogue = || Epilogue::new(None, 4, None).unwrap();
+        let w = Tensor::zeros((4, 2, 1, 1), candle_core::DType::F32, &d).unwrap();
+        for attrs in [
+            Conv2dAttrs {
+                stride: [2, 1],
+                ..Default::default()
+            },
+            Conv2dAttrs {
+                padding: [0, 1],
+                ..Default::default()
+            },
+        ] {
+            let spec = ConvSpec::of(&w, attrs).unwrap();
+            assert!(PointwiseConv::new(spec, &w, epilogue(), machine).is_err(), "{attrs:?}");
+        }
+        let w3 = Tensor::zeros((4, 2, 3, 3), candle_core::DType::F32, &d).unwrap();
+        let spec = ConvSpec::of(&w3, Conv2dAttrs::default()).unwrap();
+        assert!(PointwiseConv::new(spec, &w3, epilogue(), machine).is_err());
+        let conv = PointwiseConv::new(
+            ConvSpec::of(&w, Conv2dAttrs::default()).unwrap(),
+            &w,
+            epilogue(),
+            machine,
+        )
+        .unwrap();
+        let x = Tensor::zeros((1, 3, 4, 4), candle_core::DType::F32, &d).unwrap();
+        assert!(conv.run(&x, None).is_err(), "3 channels for 2");
+        let x = Tensor::zeros((1, 2, 4, 4), candle_core::DType::F32, &d).unwrap();
+        let r = Tensor::zeros((1, 4, 4, 3), candle_core::DType::F32, &d).unwrap();
+        assert!(conv.run(&x, Some(&r)).is_err(), "residual of another shape");
+        let empty = conv.run(&x.narrow(0, 0, 0).unwrap(), None).unwrap();
+        assert_eq!(empty.dims(), [0, 4, 4, 4]);
+    }
+}
