@@ -4,6 +4,7 @@
 //! (whose CUDA kernel mirrors it).
 
 use crate::cpu::activation::scalar;
+use crate::cpu::gemm::{Isa, IsaBody};
 use candle_core::{bail, Tensor};
 use wick_ir::Activation;
 
@@ -119,11 +120,13 @@ pub(crate) fn row<const N: usize>(
 }
 
 /// A conv's epilogue as a kernel holds it: the bias per output channel
-/// (zeros without one) and the activation that follows, if any.
+/// (zeros without one), the activation that follows, if any, and the path
+/// its loops run on.
 #[derive(Debug, Clone)]
 pub(crate) struct Epilogue {
     bias: Vec<f32>,
     activation: Option<Activation>,
+    isa: Isa,
 }
 
 impl Epilogue {
@@ -140,7 +143,21 @@ impl Epilogue {
         if bias.len() != out_channels {
             bail!("conv bias has {} values for {out_channels} output channels", bias.len())
         }
-        Ok(Self { bias, activation })
+        Ok(Self {
+            bias,
+            activation,
+            isa: Isa::Scalar,
+        })
+    }
+
+    /// This epilogue with its loops compiled for `isa` (one of
+    /// [`Isa::available`]; portable code until set). Called from a kernel
+    /// body that already runs on the path, or not: SiLU's `exp` on
+    /// EfficientNet-B0's largest 1×1 conv took 2.4 ms at batch 1 on Zen 4
+    /// compiled for baseline x86-64, against 0.8 ms for ReLU6 on the same shape.
+    pub(crate) fn on(mut self, isa: Isa) -> Self {
+        self.isa = isa;
+        self
     }
 
     /// The activation that follows, if any.
@@ -155,16 +172,49 @@ impl Epilogue {
         self.bias[channel]
     }
 
-    /// [`in_place`] for output channel `channel`.
+    /// [`in_place`] for output channel `channel`, on the epilogue's path.
     #[inline(always)]
     pub(crate) fn in_place(&self, channel: usize, values: &mut [f32], residual: Option<&[f32]>) {
-        in_place(values, self.bias[channel], residual, self.activation)
+        self.isa.run(Run {
+            out: values,
+            src: None,
+            bias: self.bias[channel],
+            residual,
+            activation: self.activation,
+        })
     }
 
-    /// [`write()`] for output channel `channel`.
+    /// [`write()`] for output channel `channel`, on the epilogue's path.
     #[inline(always)]
     pub(crate) fn write(&self, channel: usize, out: &mut [f32], src: &[f32], residual: Option<&[f32]>) {
-        write(out, src, self.bias[channel], residual, self.activation)
+        self.isa.run(Run {
+            out,
+            src: Some(src),
+            bias: self.bias[channel],
+            residual,
+            activation: self.activation,
+        })
+    }
+}
+
+/// [`in_place`] (no `src`) or [`write()`] as a body for [`Isa::run`].
+struct Run<'a> {
+    out: &'a mut [f32],
+    src: Option<&'a [f32]>,
+    bias: f32,
+    residual: Option<&'a [f32]>,
+    activation: Option<Activation>,
+}
+
+impl IsaBody for Run<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        match self.src {
+            None => in_place(self.out, self.bias, self.residual, self.activation),
+            Some(src) => write(self.out, src, self.bias, self.residual, self.activation),
+        }
     }
 }
 

@@ -2,9 +2,10 @@
 //! output channels, MobileNets' and EfficientNets' k×k convs): each plane
 //! is copied once into a zero-padded scratch with its columns split by
 //! phase modulo the stride (so that every kernel tap reads a contiguous
-//! run, at any stride), then each output row is computed 8 or 16 columns
-//! at a time with the sums in registers over all `kh·kw` taps and stored
-//! once, and the epilogue runs on the plane while it is in cache.
+//! run, at any stride; stride 2 by pairs, which vectorise), then the
+//! output is computed in segments of 8 or 16 columns, four segments at a
+//! time, with the sums in registers over all `kh·kw` taps and stored once,
+//! and the epilogue runs on the plane while it is in cache.
 //! Planes (image × channel) run in parallel.
 //!
 //! The grouped conv's im2col + per-group GEMM spent its time on thousands
@@ -13,7 +14,9 @@
 //! never ran on rows of 56 or fewer columns, so nearly every value went
 //! through its scalar remainder, and the stride-2 split divided per value;
 //! MobileNetV2 batch 1 on Zen 4 spent 6.0 ms of ~17 in its depthwise
-//! convs then, 3.0 ms with segments.
+//! convs then, 3.0 ms with one segment at a time (add latency bound), and
+//! the whole model took 7.9 -> 6.6 ms more with four segments at once,
+//! the pair split and the epilogue compiled for the path.
 
 use super::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, zeroed, SCRATCH_MAX_VALUES};
@@ -115,28 +118,15 @@ impl DepthwiseConv {
                     }
                     let channel = plane % shape.channels;
                     let input = &data[plane * in_plane..][..in_plane];
-                    // The padding stays zero: only the interior is written.
-                    for (y, row) in input.chunks_exact(shape.width).enumerate() {
-                        let row_start = (y + a.padding[0]) * phase_width;
-                        if stride_w == 1 {
-                            let start = row_start + a.padding[1];
-                            scratch[start..start + shape.width].copy_from_slice(row);
-                            continue;
-                        }
-                        for phase in 0..stride_w {
-                            // The first input column of this phase (padded
-                            // column x + pad ≡ phase mod stride) and its index.
-                            let first = (phase + stride_w - a.padding[1] % stride_w) % stride_w;
-                            if first >= row.len() {
-                                continue;
-                            }
-                            let start = phase * phase_len + row_start + (first + a.padding[1]) / stride_w;
-                            let src = row[first..].iter().step_by(stride_w);
-                            for (dst, &v) in scratch[start..].iter_mut().zip(src) {
-                                *dst = v;
-                            }
-                        }
-                    }
+                    self.isa.run(Split {
+                        input,
+                        width: shape.width,
+                        scratch: &mut scratch[..],
+                        phase_len,
+                        phase_width,
+                        padding: a.padding,
+                        stride: stride_w,
+                    });
                     let body = Plane {
                         phases: scratch,
                         offsets: &offsets,
@@ -161,6 +151,59 @@ impl DepthwiseConv {
     }
 }
 
+/// One input plane copied into the zero-padded scratch, its columns split
+/// by phase modulo the stride: phase `p` holds padded columns `p, p + s,
+/// p + 2s, ...`. Only the interior is written (the padding stays zero).
+struct Split<'a> {
+    input: &'a [f32],
+    width: usize,
+    scratch: &'a mut [f32],
+    phase_len: usize,
+    phase_width: usize,
+    padding: [usize; 2],
+    stride: usize,
+}
+
+impl IsaBody for Split<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let (s, pad) = (self.stride, self.padding[1]);
+        for (y, row) in self.input.chunks_exact(self.width).enumerate() {
+            let row_start = (y + self.padding[0]) * self.phase_width;
+            for phase in 0..s {
+                // The first input column of this phase (padded column
+                // x + pad ≡ phase mod stride) and where it goes.
+                let first = (phase + s - pad % s) % s;
+                let Some(src) = row.get(first..) else { continue };
+                let start = phase * self.phase_len + row_start + (first + pad) / s;
+                let dst = &mut self.scratch[start..][..src.len().div_ceil(s)];
+                match s {
+                    1 => dst.copy_from_slice(src),
+                    // Every other value, as pairs: a shuffle per vector.
+                    2 => {
+                        let pairs = src.chunks_exact(2);
+                        let odd = pairs.remainder().first().copied();
+                        let n = pairs.len();
+                        for (d, pair) in dst.iter_mut().zip(pairs) {
+                            *d = pair[0];
+                        }
+                        if let Some(v) = odd {
+                            dst[n] = v;
+                        }
+                    }
+                    _ => {
+                        for (d, &v) in dst.iter_mut().zip(src.iter().step_by(s)) {
+                            *d = v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The widest output segment [`Plane`] computes at once: the scratch
 /// holds this many values past its phases, so a segment's read that runs
 /// past a row's end (into the next row, or the slack) stays in bounds.
@@ -179,10 +222,17 @@ struct Plane<'a> {
     out_width: usize,
 }
 
-/// [`Plane`] computed `L` output columns at a time: the `L` sums stay in
-/// registers over all taps (one contiguous `L`-wide read and multiply-add
-/// per tap) and are stored once; a row's last segment reads past the row
-/// (harmlessly, see [`SEGMENT_SLACK`]) and stores only its columns.
+/// Segments computed together: independent sums, so the multiply-adds of
+/// one tap do not wait on each other (one segment at a time left the
+/// kernel waiting on the add latency, one tap after another).
+const UNITS: usize = 4;
+
+/// [`Plane`] computed `L` output columns at a time: the `L` sums of a
+/// segment stay in registers over all taps (one contiguous `L`-wide read
+/// and multiply-add per tap) and are stored once, [`UNITS`] segments
+/// (along a row, then on to the next rows) at once; a row's last segment
+/// reads past the row (harmlessly, see [`SEGMENT_SLACK`]) and stores only
+/// its columns.
 struct Segments<'a, const L: usize>(Plane<'a>);
 
 impl<const L: usize> IsaBody for Segments<'_, L> {
@@ -192,20 +242,31 @@ impl<const L: usize> IsaBody for Segments<'_, L> {
     fn run(self) {
         let p = self.0;
         debug_assert!(L <= SEGMENT_SLACK);
-        for (oy, row) in p.out.chunks_exact_mut(p.out_width).enumerate() {
-            let base = oy * p.row_step;
-            for (ox, out) in (0..p.out_width).step_by(L).zip(row.chunks_mut(L)) {
-                let mut acc = [0f32; L];
-                for (&offset, &w) in p.offsets.iter().zip(p.weight) {
+        let per_row = p.out_width.div_ceil(L);
+        let segments = p.out.len() / p.out_width * per_row;
+        for first in (0..segments).step_by(UNITS) {
+            // Where each segment reads (at offset 0) and writes; a last
+            // group of fewer repeats its final segment, stored once.
+            let unit = |i: usize| {
+                let segment = (first + i).min(segments - 1);
+                let (oy, ox) = (segment / per_row, segment % per_row * L);
+                (oy * p.row_step + ox, oy * p.out_width + ox, L.min(p.out_width - ox))
+            };
+            let units: [(usize, usize, usize); UNITS] = std::array::from_fn(unit);
+            let mut acc = [[0f32; L]; UNITS];
+            for (&offset, &w) in p.offsets.iter().zip(p.weight) {
+                for (acc, &(read, _, _)) in acc.iter_mut().zip(&units) {
                     // In bounds: the last valid column of the last row is
                     // at most L - 1 values before the slack's end.
-                    let start = base + offset + ox;
-                    let src = &p.phases[start..start + L];
+                    let src = &p.phases[read + offset..][..L];
                     for (a, &s) in acc.iter_mut().zip(src) {
                         *a += w * s;
                     }
                 }
-                out.copy_from_slice(&acc[..out.len()]);
+            }
+            let real = UNITS.min(segments - first);
+            for (acc, &(_, write, len)) in acc.iter().zip(&units).take(real) {
+                p.out[write..write + len].copy_from_slice(&acc[..len]);
             }
         }
     }

@@ -184,7 +184,7 @@ impl CpuConv {
         machine: Machine,
     ) -> candle_core::Result<Self> {
         let spec = ConvSpec::of(weight, attrs)?;
-        let epilogue = Epilogue::new(bias, spec.out_channels, activation)?;
+        let epilogue = Epilogue::new(bias, spec.out_channels, activation)?.on(machine.isa);
         let pool_unfused = |algorithm: &str| match pool {
             Some(_) => bail!("{algorithm} takes no fused pool"),
             None => Ok(()),

@@ -240,7 +240,7 @@ mod tests {
             }
             let spec = ConvSpec::of(&w, Conv2dAttrs::default()).unwrap();
             for isa in Isa::available() {
-                let epilogue = Epilogue::new(Some(&b), out_channels, activation).unwrap();
+                let epilogue = Epilogue::new(Some(&b), out_channels, activation).unwrap().on(isa);
                 let mut conv = PointwiseConv::new(spec, &w, epilogue, Machine::with_isa(isa)).unwrap();
                 conv.block_bytes = block_tiles * PANEL_GRANULE * (channels + out_channels.next_multiple_of(PANEL_ROWS)) * 4;
                 let got = conv.run(&x, residual.then_some(&r)).unwrap();

@@ -66,7 +66,9 @@ fn run_case(case: &Case) -> (Vec<(String, Tensor)>, Tensor) {
     let spec = ConvSpec::of(&w, attrs).unwrap();
     if depthwise::DepthwiseConv::applies(&spec) {
         for isa in Isa::available() {
-            let epilogue = Epilogue::new(b.as_ref(), spec.out_channels, case.activation).unwrap();
+            let epilogue = Epilogue::new(b.as_ref(), spec.out_channels, case.activation)
+                .unwrap()
+                .on(isa);
             let conv = depthwise::DepthwiseConv::new(spec, &w, epilogue, isa).unwrap();
             got.push((format!("depthwise {isa:?}"), conv.run(&x, None).unwrap()));
         }
@@ -221,7 +223,7 @@ proptest! {
         let want = reference(&x, &w, Some(&b), attrs, activation);
         let spec = ConvSpec::of(&w, attrs).unwrap();
         for isa in Isa::available() {
-            let epilogue = Epilogue::new(Some(&b), channels, activation).unwrap();
+            let epilogue = Epilogue::new(Some(&b), channels, activation).unwrap().on(isa);
             let got = depthwise::DepthwiseConv::new(spec, &w, epilogue, isa).unwrap().run(&x, None).unwrap();
             prop_assert_eq!(got.dims(), want.dims());
             let diff = crate::test_util::max_abs_diff(&got, &want);

@@ -407,7 +407,7 @@ impl DirectConv {
         isa: Isa,
     ) -> candle_core::Result<Self> {
         let spec = ConvSpec::of(weight, attrs)?;
-        let epilogue = Epilogue::new(bias, spec.out_channels, activation)?;
+        let epilogue = Epilogue::new(bias, spec.out_channels, activation)?.on(isa);
         Self::new(spec, weight, epilogue, pool, layout, Machine::with_isa(isa))
     }
 }

@@ -22,7 +22,7 @@ fn winograd(
         ..Default::default()
     };
     let spec = ConvSpec::of(weight, attrs)?;
-    let epilogue = Epilogue::new(bias, spec.out_channels, activation)?;
+    let epilogue = Epilogue::new(bias, spec.out_channels, activation)?.on(isa);
     Ok((
         WinogradF4::new(spec, weight, epilogue.clone(), Machine::with_isa(isa))?,
         WinogradF2::new(spec, weight, epilogue, Machine::with_isa(isa))?,
