@@ -114,7 +114,20 @@ impl Kernel {
                 }
             }
             Op::Add => candle(CandleOp::Add { a: slot(0), b: slot(1) }),
-            Op::Mul => candle(CandleOp::Mul { a: slot(0), b: slot(1) }),
+            Op::Mul => {
+                let [a, s] = [0, 1].map(|i| &graph.node(node.inputs[i]).fact.shape);
+                let per_plane = a.len() == 4 && s.as_slice() == [a[0], a[1], 1, 1];
+                match how.machine {
+                    Some(machine) if node.fact.dtype == DType::F32 && per_plane => {
+                        Ok(Kernel::Cpu(CpuKernel::ChannelScale {
+                            isa: machine.isa,
+                            a: slot(0),
+                            s: slot(1),
+                        }))
+                    }
+                    _ => candle(CandleOp::Mul { a: slot(0), b: slot(1) }),
+                }
+            }
             Op::MaxPool2d(attrs) if device.is_cpu() && node.fact.dtype == DType::F32 => {
                 Ok(Kernel::Cpu(CpuKernel::MaxPool2d {
                     attrs: *attrs,
@@ -125,7 +138,13 @@ impl Kernel {
                 attrs: *attrs,
                 x: slot(0),
             }),
-            Op::GlobalAvgPool2d => candle(CandleOp::GlobalAvgPool2d { x: slot(0) }),
+            Op::GlobalAvgPool2d => match how.machine {
+                Some(machine) if node.fact.dtype == DType::F32 => Ok(Kernel::Cpu(CpuKernel::GlobalAvgPool2d {
+                    isa: machine.isa,
+                    x: slot(0),
+                })),
+                _ => candle(CandleOp::GlobalAvgPool2d { x: slot(0) }),
+            },
             Op::Flatten(_) => candle(CandleOp::Reshape {
                 shape: node.fact.shape.clone(),
                 x: slot(0),

@@ -1,5 +1,6 @@
 //! wick's own CPU f32 kernels: convolutions with weights packed at compile
-//! time (one module per algorithm family under [`conv`]), the max pool, the
+//! time (one module per algorithm family under [`conv`]), the max pool,
+//! the per-plane ops (global average pool, channel scale), the activations, the
 //! conv epilogue (once, for all of them), the GEMM micro-kernels with the
 //! instruction-set dispatch, and the memory they work in.
 //!
@@ -15,6 +16,7 @@ pub(crate) mod epilogue;
 pub(crate) mod gemm;
 pub(crate) mod parallel;
 pub(crate) mod peak;
+pub(crate) mod plane;
 pub(crate) mod pool;
 
 use crate::kernel::Slot;
@@ -163,6 +165,10 @@ pub(crate) enum CpuKernel {
         activation: Activation,
         x: Slot,
     },
+    /// The global average pool, on `isa`.
+    GlobalAvgPool2d { isa: gemm::Isa, x: Slot },
+    /// `a · s` with `s` one value per plane of `a` (`[N, C, 1, 1]`), on `isa`.
+    ChannelScale { isa: gemm::Isa, a: Slot, s: Slot },
 }
 
 impl CpuKernel {
@@ -170,7 +176,10 @@ impl CpuKernel {
     pub(crate) fn reads(&self) -> Vec<Slot> {
         match self {
             CpuKernel::Conv { x, residual, .. } => std::iter::once(*x).chain(*residual).collect(),
-            CpuKernel::MaxPool2d { x, .. } | CpuKernel::Activation { x, .. } => vec![*x],
+            CpuKernel::MaxPool2d { x, .. } | CpuKernel::Activation { x, .. } | CpuKernel::GlobalAvgPool2d { x, .. } => {
+                vec![*x]
+            }
+            CpuKernel::ChannelScale { a, s, .. } => vec![*a, *s],
         }
     }
 
@@ -180,6 +189,8 @@ impl CpuKernel {
             CpuKernel::Conv { conv, x, residual } => conv.run(&value(*x)?, residual.map(&value).transpose()?.as_ref()),
             CpuKernel::MaxPool2d { attrs, x } => pool::max_pool2d(&value(*x)?, attrs),
             CpuKernel::Activation { isa, activation, x } => activation::activation(*isa, *activation, &value(*x)?),
+            CpuKernel::GlobalAvgPool2d { isa, x } => plane::global_avg_pool2d(*isa, &value(*x)?),
+            CpuKernel::ChannelScale { isa, a, s } => plane::channel_scale(*isa, &value(*a)?, &value(*s)?),
         }
     }
 }

@@ -1,0 +1,208 @@
+//! The CPU f32 ops that treat an NCHW tensor as `N·C` planes with one value
+//! each: the global average pool (a plane to its mean) and the channel
+//! scale (a plane times its value: squeeze-and-excitation's `[N,C,H,W] ·
+//! [N,C,1,1]`). One pass, planes in parallel in tasks of at least
+//! [`MIN_TASK`] values, compiled for the instruction-set path. candle's
+//! `mean_keepdim` twice and `broadcast_mul` took 1.9 ms of EfficientNet-B0's
+//! batch-1 forward on Zen 4 for ~2 M values.
+
+use crate::cpu::data::{output_buffer, with_cpu_f32};
+use crate::cpu::gemm::{Isa, IsaBody};
+use candle_core::{bail, Device, Tensor};
+use rayon::prelude::*;
+
+/// Fewest values per parallel task (fewer planes are not worth a thread).
+const MIN_TASK: usize = 1 << 14;
+
+/// Lanes of the partial sums (a whole AVX-512 vector, two AVX2 ones).
+const LANES: usize = 16;
+
+/// `[N, C, H, W]` of `x`, or an error naming `what`.
+fn nchw(x: &Tensor, what: &str) -> candle_core::Result<[usize; 4]> {
+    match *x.dims() {
+        [n, c, h, w] => Ok([n, c, h, w]),
+        _ => bail!("the {what} takes an NCHW tensor, got {:?}", x.dims()),
+    }
+}
+
+/// Planes per task for planes of `plane` values.
+fn planes_per_task(plane: usize) -> usize {
+    MIN_TASK.div_ceil(plane.max(1))
+}
+
+/// The mean of each plane of a CPU f32 `[N, C, H, W]`: `[N, C, 1, 1]`
+/// (the sum in f32, divided by `H·W`, as PyTorch's CPU kernel computes it
+/// up to summation order; an empty plane's mean is NaN, as there).
+pub(crate) fn global_avg_pool2d(isa: Isa, x: &Tensor) -> candle_core::Result<Tensor> {
+    let x = x.contiguous()?;
+    let [n, c, h, w] = nchw(&x, "global average pool")?;
+    let planes = n * c;
+    let plane = h * w;
+    let mut out = output_buffer(planes, "global average pool output")?;
+    out.resize(planes, 0.0);
+    if plane > 0 {
+        with_cpu_f32("global average pool", &x, None, |data, _| {
+            let per_task = planes_per_task(plane);
+            out.par_chunks_mut(per_task)
+                .zip(data.par_chunks(per_task * plane))
+                .for_each(|(out, data)| isa.run(Means { data, plane, out }));
+            Ok(())
+        })?;
+    } else {
+        out.fill(f32::NAN);
+    }
+    Tensor::from_vec(out, (n, c, 1, 1), &Device::Cpu)
+}
+
+/// Each `plane`-long run of `data` to its mean in `out`.
+struct Means<'a> {
+    data: &'a [f32],
+    plane: usize,
+    out: &'a mut [f32],
+}
+
+impl IsaBody for Means<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        for (mean, values) in self.out.iter_mut().zip(self.data.chunks_exact(self.plane)) {
+            let mut lanes = [0f32; LANES];
+            let chunks = values.chunks_exact(LANES);
+            let rest: f32 = chunks.remainder().iter().sum();
+            for chunk in chunks {
+                for (l, &v) in lanes.iter_mut().zip(chunk) {
+                    *l += v;
+                }
+            }
+            *mean = (lanes.iter().sum::<f32>() + rest) / self.plane as f32;
+        }
+    }
+}
+
+/// `a · s` for CPU f32 `a` `[N, C, H, W]` and `s` `[N, C, 1, 1]`: every
+/// plane of `a` times its value of `s`.
+pub(crate) fn channel_scale(isa: Isa, a: &Tensor, s: &Tensor) -> candle_core::Result<Tensor> {
+    let (a, s) = (a.contiguous()?, s.contiguous()?);
+    let [n, c, h, w] = nchw(&a, "channel scale")?;
+    if s.dims() != [n, c, 1, 1] {
+        bail!(
+            "the channel scale multiplies {:?} by one value per plane, [{n}, {c}, 1, 1], got {:?}",
+            a.dims(),
+            s.dims()
+        )
+    }
+    let plane = h * w;
+    let len = a.elem_count();
+    let mut out = output_buffer(len, "channel scale output")?;
+    if len > 0 {
+        let per_task = planes_per_task(plane);
+        with_cpu_f32("channel scale", &a, Some(&s), |data, scale| {
+            let scale = scale.unwrap_or_default();
+            out.spare_capacity_mut()[..len]
+                .par_chunks_mut(per_task * plane)
+                .zip(data.par_chunks(per_task * plane))
+                .zip(scale.par_chunks(per_task))
+                .for_each(|((out, data), scale)| {
+                    isa.run(Scale {
+                        data,
+                        plane,
+                        scale,
+                        out,
+                    })
+                });
+            Ok(())
+        })?;
+        // SAFETY: the tasks wrote all `len` values (every plane of every task).
+        unsafe { out.set_len(len) };
+    }
+    Tensor::from_vec(out, a.dims(), &Device::Cpu)
+}
+
+/// Each `plane`-long run of `data` times its value of `scale`, into `out`.
+struct Scale<'a> {
+    data: &'a [f32],
+    plane: usize,
+    scale: &'a [f32],
+    out: &'a mut [std::mem::MaybeUninit<f32>],
+}
+
+impl IsaBody for Scale<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let runs = self
+            .out
+            .chunks_exact_mut(self.plane)
+            .zip(self.data.chunks_exact(self.plane));
+        for ((out, values), &s) in runs.zip(self.scale) {
+            for (o, &v) in out.iter_mut().zip(values) {
+                o.write(v * s);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Both ops on every path against f64 (the mean) and the exact
+        /// product (one f32 multiply), across plane sizes around the lane
+        /// count and task size.
+        #[test]
+        fn match_reference(n in 1usize..3, c in 1usize..9, h in 1usize..40, w in 1usize..70, seed in any::<u64>()) {
+            let mut next = crate::test_util::uniform(seed);
+            let x: Vec<f32> = (0..n * c * h * w).map(|_| next()).collect();
+            let s: Vec<f32> = (0..n * c).map(|_| next()).collect();
+            let xt = Tensor::from_vec(x.clone(), (n, c, h, w), &Device::Cpu).unwrap();
+            let st = Tensor::from_vec(s.clone(), (n, c, 1, 1), &Device::Cpu).unwrap();
+            let plane = h * w;
+            for isa in Isa::available() {
+                let means: Vec<f32> = global_avg_pool2d(isa, &xt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let scaled: Vec<f32> = channel_scale(isa, &xt, &st).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                for (p, values) in x.chunks_exact(plane).enumerate() {
+                    let sum: f64 = values.iter().map(|&v| f64::from(v)).sum();
+                    let abs: f64 = values.iter().map(|&v| f64::from(v).abs()).sum();
+                    // Any f32 summation order: |error| <= n·ε·Σ|v|, over n; then the division's rounding.
+                    let want = sum / plane as f64;
+                    let bound = 1.01 * f64::from(f32::EPSILON) * (abs + want.abs()) + 1e-30;
+                    prop_assert!((f64::from(means[p]) - want).abs() <= bound, "{isa:?} plane {p}");
+                    for (i, &v) in values.iter().enumerate() {
+                        prop_assert_eq!(scaled[p * plane + i], v * s[p], "{:?} plane {} value {}", isa, p, i);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Shapes other than NCHW and `[N, C, 1, 1]` are refused with the
+    /// shapes named; an empty plane's mean is NaN.
+    #[test]
+    fn shapes_are_checked() {
+        let d = Device::Cpu;
+        let x = Tensor::zeros((2, 3, 4, 4), candle_core::DType::F32, &d).unwrap();
+        let isa = Isa::Scalar;
+        let err = channel_scale(
+            isa,
+            &x,
+            &Tensor::zeros((2, 3, 4, 1), candle_core::DType::F32, &d).unwrap(),
+        );
+        assert!(err.unwrap_err().to_string().contains("[2, 3, 1, 1]"));
+        let flat = Tensor::zeros((2, 3), candle_core::DType::F32, &d).unwrap();
+        assert!(global_avg_pool2d(isa, &flat).unwrap_err().to_string().contains("NCHW"));
+        let empty = Tensor::zeros((1, 2, 0, 3), candle_core::DType::F32, &d).unwrap();
+        let means: Vec<f32> = global_avg_pool2d(isa, &empty)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(means.iter().all(|m| m.is_nan()));
+    }
+}
