@@ -91,15 +91,21 @@ pub(crate) fn exp(x: f32) -> f32 {
     // Round to nearest by adding and subtracting 1.5·2^23 (no `floor`
     // call on paths without SSE4.1; the loops stay vectorised).
     const ROUND: f32 = 12_582_912.0;
-    let n = (clamped * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = clamped * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = clamped - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
         p = p * r + c;
     }
     let e_r = p * r * r + r + 1.0;
-    // n is in [-126, 127]: a normal power of two.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n is in [-126, 127]: a normal power of two. `shifted` is the
+    // integer 1.5·2^23 + n exactly (ulp 1 there), so its bits are those of
+    // 1.5·2^23 plus n: integer arithmetic on the bits, where `n as i32`
+    // (a saturating conversion) compiled to a scalar convert and `cmov`
+    // per lane and cost 12% of EfficientNet-B0's forward on Zen 4.
+    let biased = shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+    let scale = f32::from_bits(biased << 23);
     if x.is_nan() {
         x
     } else {
