@@ -152,6 +152,8 @@ impl Engine {
                         kernel,
                         output: id.index(),
                         free_after: Vec::new(),
+                        recycle_after: Vec::new(),
+                        pooled_output: false,
                     };
                     let operands = node.inputs.clone();
                     steps.push(step);

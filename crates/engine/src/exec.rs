@@ -2,13 +2,14 @@
 //! value after its last use, optionally timing every step, on the caller's
 //! thread or inside rayon's pool.
 
+use crate::cpu::recycle::{self, BufferPool};
 use crate::error::AtNode;
 use crate::kernel::Slot;
 use crate::plan::Plan;
 use crate::{CpuPath, EngineError};
 use candle_core::{Device, Tensor};
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use wick_ir::TensorFact;
 
 /// Forwards planning at most this many bytes of live activations run inside
@@ -26,6 +27,10 @@ pub struct CompiledModel {
     run_in_pool: bool,
     /// The CPU kernels' path (`None` off the CPU).
     cpu_path: Option<CpuPath>,
+    /// The activation buffers of the last forward, for the next one
+    /// (`cpu::recycle`); shared by clones, taken by one forward at a time
+    /// (a concurrent one starts with an empty pool).
+    buffers: Arc<Mutex<Option<BufferPool>>>,
 }
 
 impl CompiledModel {
@@ -42,6 +47,7 @@ impl CompiledModel {
             device,
             run_in_pool,
             cpu_path,
+            buffers: Arc::default(),
         }
     }
 
@@ -118,10 +124,31 @@ impl CompiledModel {
         profile: Option<&mut Vec<StepProfile>>,
     ) -> Result<Vec<Tensor>, EngineError> {
         if self.run_in_pool {
-            rayon::scope(|_| self.execute(inputs, profile))
+            rayon::scope(|_| self.execute_pooled(inputs, profile))
         } else {
-            self.execute(inputs, profile)
+            self.execute_pooled(inputs, profile)
         }
+    }
+
+    /// [`Self::execute`] with the model's buffer pool current on this thread
+    /// (CPU only), kept for the next forward. The pool keeps at most twice
+    /// the plan's peak of live activations.
+    fn execute_pooled(
+        &self,
+        inputs: &[Tensor],
+        profile: Option<&mut Vec<StepProfile>>,
+    ) -> Result<Vec<Tensor>, EngineError> {
+        if !self.device.is_cpu() {
+            return self.execute(inputs, profile);
+        }
+        let cap = self.plan.peak_activation_bytes().saturating_mul(2);
+        let pool = self.buffers.lock().ok().and_then(|mut p| p.take());
+        let pool = pool.unwrap_or_else(|| BufferPool::new(cap));
+        let (result, pool) = recycle::with_pool(pool, || self.execute(inputs, profile));
+        if let Ok(mut kept) = self.buffers.lock() {
+            kept.get_or_insert(pool);
+        }
+        result
     }
 
     fn execute(
@@ -148,7 +175,7 @@ impl CompiledModel {
                 })
             };
             let start = profile.is_some().then(std::time::Instant::now);
-            let output = step.kernel.run(value).at(&step.name)?;
+            let output = recycle::drawing(step.pooled_output, || step.kernel.run(value)).at(&step.name)?;
             if let (Some(profile), Some(start)) = (profile.as_deref_mut(), start) {
                 self.device.synchronize().at(&step.name)?;
                 profile.push(StepProfile {
@@ -159,6 +186,11 @@ impl CompiledModel {
                 });
             }
             slots[step.output] = Some(output);
+            for &slot in &step.recycle_after {
+                if let Some(value) = slots[slot].take() {
+                    recycle::reclaim(value);
+                }
+            }
             for &slot in &step.free_after {
                 slots[slot] = None;
             }
@@ -377,6 +409,54 @@ mod tests {
             let diff = crate::test_util::max_abs_diff(&run(path), &scalar);
             assert!(diff < 1e-4, "{path}: {diff}");
         }
+    }
+
+    /// Buffers recycled across steps and forwards never reach the caller:
+    /// outputs held from one forward keep their values through the next
+    /// ones, and forwards on a warm pool equal those of a fresh model bit
+    /// for bit. Only values CPU kernels made and only CPU kernels read are
+    /// recycled, and no step whose output leaves the forward draws.
+    #[test]
+    fn recycled_buffers_never_reach_the_caller() {
+        use crate::kernel::Kernel;
+        use wick_models::{Model, ModelName, WeightSource};
+        let name = ModelName::MobilenetV2;
+        let model = Model::load(name, WeightSource::Random { seed: 3 }, &Device::Cpu).unwrap();
+        let mut graph = model.trace(&[2, 3, 64, 64]).unwrap();
+        wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+        let compiled = Engine::cpu().compile(&graph).unwrap();
+        let plan = &compiled.plan;
+        let made_by_cpu: Vec<usize> = plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s.kernel, Kernel::Cpu(_)))
+            .map(|s| s.output)
+            .collect();
+        let read_by_candle: Vec<usize> = plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s.kernel, Kernel::Candle(_)))
+            .flat_map(|s| s.kernel.reads())
+            .collect();
+        let recycled: Vec<usize> = plan.steps.iter().flat_map(|s| s.recycle_after.clone()).collect();
+        assert!(recycled.len() > 50, "{recycled:?}");
+        for slot in &recycled {
+            assert!(made_by_cpu.contains(slot) && !read_by_candle.contains(slot) && !plan.outputs.contains(slot));
+        }
+        assert!(plan
+            .steps
+            .iter()
+            .all(|s| !s.pooled_output || !plan.outputs.contains(&s.output)));
+        let input = |seed| wick_models::random_input(seed, &[2, 3, 64, 64], &Device::Cpu).unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let first = compiled.run(&[input(1)]).unwrap().remove(0);
+        let kept = values(&first);
+        let second = compiled.run(&[input(2)]).unwrap().remove(0);
+        let again = compiled.run(&[input(1)]).unwrap().remove(0);
+        assert_eq!(values(&first), kept, "a held output was overwritten");
+        assert_eq!(values(&again), kept);
+        let fresh = Engine::cpu().compile(&graph).unwrap();
+        assert_eq!(values(&fresh.run(&[input(2)]).unwrap()[0]), values(&second));
     }
 
     /// Clones share the plan (and so the packed weights) instead of copying it.

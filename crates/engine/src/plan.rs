@@ -24,6 +24,14 @@ pub(crate) struct Step {
     pub(crate) output: Slot,
     /// Slots whose last reader is this step (freed after it).
     pub(crate) free_after: Vec<Slot>,
+    /// The slots of `free_after` whose storage goes back to the forward's
+    /// buffer pool (made and read by CPU kernels only: see `cpu::recycle`).
+    pub(crate) recycle_after: Vec<Slot>,
+    /// Whether this step's output will go back to the pool, so may be
+    /// drawn from it (an output that leaves the forward, or that a candle
+    /// op reads, is allocated afresh: a small result never holds a large
+    /// pooled buffer).
+    pub(crate) pooled_output: bool,
 }
 
 /// Everything a run needs besides its inputs; shared by every clone of a
@@ -63,10 +71,30 @@ impl Plan {
         for &slot in plan.outputs.iter().chain(plan.constants.iter().map(|(slot, _)| slot)) {
             pinned[slot] = true;
         }
+        // Values a CPU kernel made and only CPU kernels read: their storage
+        // is theirs alone (CPU kernels never return a view of an operand).
+        let mut own_storage = vec![false; count];
+        for step in &plan.steps {
+            own_storage[step.output] = matches!(step.kernel, Kernel::Cpu(_));
+        }
+        for step in &plan.steps {
+            if !matches!(step.kernel, Kernel::Cpu(_)) {
+                for input in step.kernel.reads() {
+                    own_storage[input] = false;
+                }
+            }
+        }
         for (slot, last) in last_use.iter().enumerate() {
             if let (Some(step), false) = (last, pinned[slot]) {
-                plan.steps[*step].free_after.push(slot);
+                let step = &mut plan.steps[*step];
+                step.free_after.push(slot);
+                if own_storage[slot] {
+                    step.recycle_after.push(slot);
+                }
             }
+        }
+        for step in &mut plan.steps {
+            step.pooled_output = own_storage[step.output] && !pinned[step.output];
         }
         plan
     }

@@ -115,10 +115,14 @@ impl SharedOut {
 }
 
 /// A buffer with room for `len` values (length 0: the kernel writes them
-/// through a [`SharedOut`] and sets the length), or an error naming `what`
-/// when the allocation is refused: a size that came from outside ends in an
-/// error, never in an abort.
+/// through a [`SharedOut`] and sets the length), from the current forward's
+/// pool when it holds one that fits ([`super::recycle`]), or an error
+/// naming `what` when the allocation is refused: a size that came from
+/// outside ends in an error, never in an abort.
 pub(crate) fn output_buffer(len: usize, what: &str) -> candle_core::Result<Vec<f32>> {
+    if let Some(buffer) = super::recycle::take(len) {
+        return Ok(buffer);
+    }
     let mut buffer = Vec::new();
     if buffer.try_reserve_exact(len).is_err() {
         bail!("cannot allocate {len} f32 values for the {what}")

@@ -18,6 +18,7 @@ pub(crate) mod parallel;
 pub(crate) mod peak;
 pub(crate) mod plane;
 pub(crate) mod pool;
+pub(crate) mod recycle;
 
 use crate::kernel::Slot;
 use candle_core::Tensor;
@@ -148,6 +149,8 @@ impl ConvCache {
 }
 
 /// A step run by one of wick's CPU kernels, with its operands by role.
+/// Every one returns fresh storage, never a view of an operand: the
+/// executor recycles values only these kernels make and read (`recycle`).
 #[derive(Debug)]
 pub(crate) enum CpuKernel {
     /// A conv (with its epilogue and fused pool) whose weights were packed

@@ -3,7 +3,7 @@
 //! conv's fused pool (candle's own pool has no padding, so the candle path
 //! builds a padded copy first: `crate::candle::max_pool2d`).
 
-use crate::cpu::data::{with_cpu_f32, zeroed};
+use crate::cpu::data::{output_buffer, with_cpu_f32};
 use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
 use wick_ir::MaxPool2dAttrs;
@@ -28,7 +28,8 @@ pub(crate) fn max_pool2d(x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Res
     let Some(len) = [n, c, oh, ow].iter().try_fold(1usize, |len, &d| len.checked_mul(d)) else {
         bail!("max_pool2d output [{n}, {c}, {oh}, {ow}] has more elements than fit in memory")
     };
-    let mut out = zeroed(len, "max_pool2d output")?;
+    let mut out = output_buffer(len, "max_pool2d output")?;
+    out.resize(len, 0.0);
     if len == 0 {
         return Tensor::from_vec(out, (n, c, oh, ow), &Device::Cpu);
     }

@@ -19,7 +19,7 @@
 //! the pair split and the epilogue compiled for the path.
 
 use super::{output, ConvSpec};
-use crate::cpu::data::{with_cpu_f32, zeroed, SCRATCH_MAX_VALUES};
+use crate::cpu::data::{output_buffer, with_cpu_f32, SCRATCH_MAX_VALUES};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{Isa, IsaBody};
 use candle_core::{bail, Tensor};
@@ -89,7 +89,8 @@ impl DepthwiseConv {
             _ => bail!("depthwise conv: a padded plane of {padded_height} x {padded_width} exceeds the {SCRATCH_MAX_VALUES} values allowed"),
         };
         let (in_plane, out_plane) = (shape.in_plane(), shape.out_plane());
-        let mut out = zeroed(shape.out_len(), "conv output")?;
+        let mut out = output_buffer(shape.out_len(), "conv output")?;
+        out.resize(shape.out_len(), 0.0);
         if out_plane == 0 {
             return output(out, shape.out_dims());
         }

@@ -8,7 +8,7 @@
 //! threads.
 
 use super::{output, ConvShape, ConvSpec};
-use crate::cpu::data::{with_cpu_f32, zeroed, SCRATCH_MAX_VALUES};
+use crate::cpu::data::{output_buffer, with_cpu_f32, zeroed, SCRATCH_MAX_VALUES};
 use crate::cpu::epilogue::Epilogue;
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
@@ -75,7 +75,8 @@ impl GroupedConv {
             g.shape.channels * g.shape.in_plane(),
             g.shape.out_channels * g.shape.out_plane(),
         );
-        let mut out = zeroed(g.shape.out_len(), "conv output")?;
+        let mut out = output_buffer(g.shape.out_len(), "conv output")?;
+        out.resize(g.shape.out_len(), 0.0);
         if image_out == 0 {
             return output(out, g.shape.out_dims());
         }
