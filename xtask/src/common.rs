@@ -35,8 +35,10 @@ impl std::fmt::Display for Passes {
 /// Model selection and weights.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// Model name: toy, toy-sequential, resnet18, resnet34 or resnet50
-    /// (`run` also takes a directory written by `export`, or a file of IR text).
+    /// Model name (toy, toy-sequential, resnet18, resnet34, resnet50,
+    /// mobilenet-v2, mobilenet-v3-large, efficientnet-b0) or an ONNX file
+    /// (`*.onnx`); `run` also takes a directory written by `export`, or a
+    /// file of IR text.
     pub model: String,
     /// Safetensors file with PyTorch parameter names; seeded random weights when absent.
     #[arg(long, value_name = "FILE")]
@@ -59,6 +61,34 @@ impl ModelArgs {
     /// Parses the model name.
     pub fn name(&self) -> Result<ModelName> {
         Ok(self.model.parse::<ModelName>()?)
+    }
+
+    /// The ONNX file named instead of a model, if the argument is one (`*.onnx`).
+    pub fn onnx_path(&self) -> Option<&Path> {
+        onnx_path(&self.model)
+    }
+
+    /// Imports the ONNX file `path` at `--batch` (the file's batch, 1 where
+    /// symbolic, without it); the flags that pick weights do not apply.
+    pub fn import_onnx(&self, path: &Path) -> Result<Graph> {
+        if self.weights.is_some() || self.hub || self.num_classes.is_some() {
+            anyhow::bail!(
+                "`{}` is an ONNX file: it carries its weights and classes (no --weights, --hub or --num-classes)",
+                path.display()
+            );
+        }
+        if self.batch == Some(0) {
+            anyhow::bail!("--batch must be at least 1");
+        }
+        let limits = wick_ir::Limits::from_env().map_err(anyhow::Error::msg)?;
+        let options = wick_onnx::ImportOptions {
+            batch: self.batch,
+            max_elements: limits.max_elements(),
+        };
+        let graph =
+            wick_onnx::import_file(path, &options).with_context(|| format!("importing `{}`", path.display()))?;
+        graph.verify_with(&limits)?;
+        Ok(graph)
     }
 
     /// Loads the model onto `device`.
@@ -115,8 +145,8 @@ impl DeviceArgs {
 /// through `passes` and compiled for the device: what `profile` and
 /// `throughput` measure.
 pub struct CompiledRun {
-    /// The model's name.
-    pub name: ModelName,
+    /// The model's name, or the ONNX file's path.
+    pub name: String,
     /// The input shape traced and compiled for.
     pub shape: Vec<usize>,
     /// The device it runs on.
@@ -140,11 +170,19 @@ impl CompiledRun {
     }
 }
 
-/// A model traced at its default input shape (batch from `--batch`) and
-/// run through a pass pipeline.
+/// `arg` as an ONNX file, if it names one (`*.onnx`, any case).
+pub fn onnx_path(arg: &str) -> Option<&Path> {
+    let path = Path::new(arg);
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+        .then_some(path)
+}
+
+/// A model traced at its default input shape (batch from `--batch`), or
+/// an ONNX file imported, and run through a pass pipeline.
 pub struct Traced {
-    /// The model's name.
-    pub name: ModelName,
+    /// The model's name, or the ONNX file's path.
+    pub name: String,
     /// The input shape traced at.
     pub shape: Vec<usize>,
     /// The graph after the passes.
@@ -157,11 +195,21 @@ impl ModelArgs {
     /// Loads the model onto `device`, traces it and runs `passes`
     /// (dumping IR into `dump_dir` when given).
     pub fn traced(&self, device: &Device, passes: Passes, dump_dir: Option<&Path>) -> Result<Traced> {
-        let model = self.load(device)?;
-        let shape = model.name().input_shape(self.batch);
-        let (graph, report) = apply_passes(model.trace(&shape)?, passes, dump_dir)?;
+        let (name, graph) = match self.onnx_path() {
+            Some(path) => (path.display().to_string(), self.import_onnx(path)?),
+            None => {
+                let model = self.load(device)?;
+                let shape = model.name().input_shape(self.batch);
+                (model.name().to_string(), model.trace(&shape)?)
+            }
+        };
+        let shape = match graph.inputs() {
+            [input] => graph.node(*input).fact.shape.clone(),
+            inputs => anyhow::bail!("`{name}` has {} inputs; wick's commands take one", inputs.len()),
+        };
+        let (graph, report) = apply_passes(graph, passes, dump_dir)?;
         Ok(Traced {
-            name: model.name(),
+            name,
             shape,
             graph,
             report,

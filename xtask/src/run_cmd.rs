@@ -78,17 +78,20 @@ fn read_inputs(path: &Path, names: &[String], device: &candle_core::Device) -> R
 }
 
 /// What `run` runs: a model of the zoo, a directory written by `export`,
-/// or a file of IR text.
+/// a file of IR text, or an ONNX file.
 enum Target {
     Model,
     Saved(PathBuf),
     IrText(PathBuf),
+    Onnx(PathBuf),
 }
 
 impl Target {
     fn of(arg: &str) -> Target {
         let path = Path::new(arg);
-        if path.is_dir() {
+        if let Some(onnx) = crate::common::onnx_path(arg) {
+            Target::Onnx(onnx.to_path_buf())
+        } else if path.is_dir() {
             Target::Saved(path.to_path_buf())
         } else if path.is_file() || path.extension().is_some_and(|e| e == "wick") {
             Target::IrText(path.to_path_buf())
@@ -102,6 +105,11 @@ impl Target {
 pub fn run(args: RunArgs) -> Result<()> {
     match Target::of(&args.model.model) {
         Target::Model => run_model(args),
+        Target::Onnx(path) => {
+            let graph = args.model.import_onnx(&path)?;
+            let limits = Limits::from_env().map_err(anyhow::Error::msg)?;
+            run_graph(&args, graph, limits)
+        }
         Target::Saved(dir) => {
             if args.model.weights.is_some() || args.model.hub {
                 bail!(
@@ -151,8 +159,20 @@ fn run_graph(args: &RunArgs, graph: Graph, limits: Limits) -> Result<()> {
         None => graph,
     };
     let names: Vec<String> = graph.inputs().iter().map(|&i| graph.node(i).name.clone()).collect();
+    let mut graph = graph;
     let inputs = match &args.input {
-        Some(path) => read_inputs(path, &names, &device)?,
+        Some(path) => {
+            let inputs = read_inputs(path, &names, &device)?;
+            // One input of another batch size: the graph follows it (an
+            // ONNX file or IR text fixes a batch; the input file decides).
+            if let ([x], [id]) = (inputs.as_slice(), graph.inputs()) {
+                let fact = &graph.node(*id).fact.shape;
+                if x.dims().len() == fact.len() && x.dims()[1..] == fact[1..] && x.dims()[0] != fact[0] {
+                    graph = graph.with_batch(x.dims()[0])?;
+                }
+            }
+            inputs
+        }
         None => graph
             .inputs()
             .iter()
