@@ -6,6 +6,8 @@
 //! the engine) and `wick` (after the default pipeline). Every mode runs on the
 //! same input; outputs are compared with an eager reference computed by the
 //! parent, and the command fails when a mode disagrees beyond tolerance.
+//! An ONNX file (`FILE.onnx`) has no eager mode: its reference is the
+//! imported graph without passes, run by the parent.
 
 use crate::common::{report_json, DeviceArgs, ModelArgs, DEFAULT_INPUT_SEED};
 use crate::{process_stats, stats};
@@ -138,18 +140,24 @@ type Forward = dyn Fn(&Tensor) -> Result<Tensor>;
 /// Runs one mode: load, compile, warm up, time, report JSON on stdout.
 pub fn worker(args: WorkerArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
-    let model = model_args(&args.model, &args.weights, None).load(&device)?;
     let x = load_tensor(&args.input, "input", &device)?;
+    let model_args = model_args(&args.model, &args.weights, Some(x.dims()[0]));
     let compile_start = Instant::now();
     let mut passes = Value::Null;
     let mut planned_peak = Value::Null;
-    let forward: Box<Forward> = match args.mode {
-        Mode::CandleEager => Box::new(move |x: &Tensor| Ok(model.forward_eager(x)?)),
-        Mode::WickUnfused | Mode::Wick => {
-            let mut graph = model.trace(x.dims())?;
-            // A service keeps only the compiled model: drop the candle one so
-            // the unfused weights are not counted twice in peak memory.
-            drop(model);
+    let forward: Box<Forward> = match (args.mode, model_args.onnx_path()) {
+        (Mode::CandleEager, Some(_)) => bail!("candle-eager runs a model of the zoo, not an ONNX file"),
+        (Mode::CandleEager, None) => {
+            let model = model_args.load(&device)?;
+            Box::new(move |x: &Tensor| Ok(model.forward_eager(x)?))
+        }
+        (Mode::WickUnfused | Mode::Wick, onnx) => {
+            let mut graph = match onnx {
+                Some(path) => model_args.import_onnx(path)?,
+                // A service keeps only the compiled model: the candle one is
+                // dropped so the unfused weights are not counted twice in peak memory.
+                None => model_args.load(&device)?.trace(x.dims())?,
+            };
             if args.mode == Mode::Wick {
                 let report = PassManager::default_pipeline().run(&mut graph)?;
                 passes = report_json(Some(&report));
@@ -235,7 +243,18 @@ struct ModeResult {
 
 /// Runs every mode in a child process and prints the comparison table.
 pub fn run(args: BenchArgs) -> Result<()> {
-    let name: ModelName = args.model.parse()?;
+    let mut args = args;
+    let onnx = crate::common::onnx_path(&args.model).map(Path::to_path_buf);
+    if onnx.is_some() && args.modes.contains(&Mode::CandleEager) {
+        eprintln!(
+            "an ONNX file has no candle-eager mode: skipped (the reference is the imported graph without passes)"
+        );
+        args.modes.retain(|&m| m != Mode::CandleEager);
+    }
+    let name = match &onnx {
+        Some(path) => path.display().to_string(),
+        None => args.model.parse::<ModelName>()?.to_string(),
+    };
     if args.batch == Some(0) {
         bail!("--batch must be at least 1");
     }
@@ -255,18 +274,39 @@ pub fn run(args: BenchArgs) -> Result<()> {
         caches.l3 >> 10,
         if caches.detected { "sysfs" } else { "fallback" }
     );
-    let model = model_args(&args.model, &args.weights, args.batch).load(&device)?;
-    let shape = name.input_shape(args.batch);
+    let model_args = model_args(&args.model, &args.weights, args.batch);
+    // The reference: candle's eager forward, or for an ONNX file the
+    // imported graph without passes on wick's engine.
+    let (shape, x, flops, reference) = match &onnx {
+        Some(path) => {
+            let graph = model_args.import_onnx(path)?;
+            let shape = match graph.inputs() {
+                [input] => graph.node(*input).fact.shape.clone(),
+                inputs => bail!("`{name}` has {} inputs; bench takes one", inputs.len()),
+            };
+            let x = random_input(DEFAULT_INPUT_SEED, &shape, &device)?;
+            let compiled = wick_engine::Engine::new(device.clone()).compile(&graph)?;
+            let reference = compiled.run(std::slice::from_ref(&x))?.remove(0);
+            (shape, x, graph.flops(), reference)
+        }
+        None => {
+            let model = model_args.load(&device)?;
+            let shape = model.name().input_shape(args.batch);
+            let x = random_input(DEFAULT_INPUT_SEED, &shape, &device)?;
+            (
+                shape.clone(),
+                x.clone(),
+                model.trace(&shape)?.flops(),
+                model.forward_eager(&x)?,
+            )
+        }
+    };
     let batch = shape[0];
-    let x = random_input(DEFAULT_INPUT_SEED, &shape, &device)?;
-    let flops = model.trace(&shape)?.flops();
-    let reference = model.forward_eager(&x)?;
     let reference_scale = reference
         .abs()?
         .max_all()?
         .to_dtype(candle_core::DType::F64)?
         .to_scalar::<f64>()?;
-    drop(model);
 
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let input = dir.path().join("input.safetensors");
@@ -339,7 +379,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .map(|r| stats::median(&r.samples));
     print_table(
         &results,
-        name,
+        &name,
         &shape,
         &args.device.device,
         &machine,
@@ -374,7 +414,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             })
             .collect();
         let document = json!({
-            "model": name.as_str(),
+            "model": name,
             "batch": batch,
             "device": args.device.device,
             "gflop_per_forward": flops as f64 / 1e9,
@@ -406,7 +446,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .collect();
     if !wrong.is_empty() {
         bail!(
-            "outputs disagree with candle-eager beyond {limit:.3e} ({} x max(1, |eager| = {reference_scale:.3})): {}",
+            "outputs disagree with the reference beyond {limit:.3e} ({} x max(1, |reference| = {reference_scale:.3})): {}",
             args.tolerance,
             wrong.join(", ")
         );
@@ -416,7 +456,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 fn print_table(
     results: &[ModeResult],
-    name: ModelName,
+    name: &str,
     shape: &[usize],
     device: &str,
     machine: &str,
