@@ -8,8 +8,8 @@
   exporter's external weights): a small CNN using every operator family the
   importer lowers (conv + batch norm + ReLU, max pool, depthwise conv +
   ReLU6 (Clip), hardswish, squeeze-and-excitation (mean, 1x1 convs,
-  hardsigmoid, broadcast Mul), SiLU (Sigmoid * x), residual Add, flatten,
-  linear), PyTorch's default init under a fixed seed with non-trivial
+  hardsigmoid, broadcast Mul), SiLU (Sigmoid * x), residual Add, channel
+  Concat, average pool, ceil-mode max pool, flatten, linear), PyTorch's default init under a fixed seed with non-trivial
   batch-norm statistics, exported by both of torch's exporters at opset 17
   with a symbolic batch; tiny.io.safetensors holds an input of batch 2 and
   PyTorch's float64 output.
@@ -53,7 +53,10 @@ class Tiny(nn.Module):
         self.se_reduce = nn.Conv2d(16, 4, 1)
         self.se_expand = nn.Conv2d(4, 16, 1)
         self.project = nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
-        self.head = nn.Sequential(nn.Conv2d(8, 12, 1), nn.BatchNorm2d(12), nn.SiLU())
+        self.branch = nn.Sequential(nn.Conv2d(8, 4, 1), nn.ReLU())
+        self.avg = nn.AvgPool2d(2, stride=2)
+        self.ceil_pool = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.head = nn.Sequential(nn.Conv2d(12, 12, 1), nn.BatchNorm2d(12), nn.SiLU())
         self.fc = nn.Linear(12, 5)
 
     def forward(self, x):
@@ -62,7 +65,10 @@ class Tiny(nn.Module):
         s = torch.nn.functional.adaptive_avg_pool2d(y, 1)
         s = torch.nn.functional.hardsigmoid(self.se_expand(torch.relu(self.se_reduce(s))))
         y = self.project(y * s)
-        x = self.head(x + y)
+        x = x + y
+        # DenseNet's join and transition, SqueezeNet's ceil-mode pool.
+        x = self.ceil_pool(self.avg(torch.cat([x, self.branch(x)], 1)))
+        x = self.head(x)
         x = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1)
         return self.fc(x)
 

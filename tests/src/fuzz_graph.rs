@@ -97,6 +97,7 @@ pub fn graph_from_bytes(data: &[u8]) -> (Graph, Tensor) {
             _ => {
                 let kernel = [1 + b.below(3), 1 + b.below(3)];
                 let attrs = MaxPool2dAttrs {
+                    ceil_mode: false,
                     kernel,
                     stride: [1 + b.below(3), 1 + b.below(3)],
                     padding: [b.below(kernel[0] / 2 + 1), b.below(kernel[1] / 2 + 1)],

@@ -82,6 +82,18 @@ pub fn saved_bytes_pipeline(data: &[u8], limits: &Limits) -> Result<Vec<Tensor>,
     run_graph(graph, limits)
 }
 
+/// Bytes as an ONNX model (`wick_onnx::import_bytes`, constants and inputs
+/// within `limits`), then verified, optimised, compiled and run.
+pub fn onnx_bytes_pipeline(data: &[u8], limits: &Limits) -> Result<Vec<Tensor>, String> {
+    let options = wick_onnx::ImportOptions {
+        batch: None,
+        max_elements: limits.max_elements(),
+    };
+    let graph = wick_onnx::import_bytes(data, &options).map_err(|e| e.to_string())?;
+    graph.verify_with(limits).map_err(|e| e.to_string())?;
+    run_graph(graph, limits)
+}
+
 /// Safetensors bytes as toy-sequential's weights (the loader checks names,
 /// shapes and dtypes), then the model traced, optimised, compiled and run.
 pub fn weights_pipeline(bytes: &[u8]) -> Result<Vec<Tensor>, String> {

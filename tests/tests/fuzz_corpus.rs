@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 use wick_ir::Limits;
-use wick_tests::hostile::{guarded, ir_text_pipeline, saved_bytes_pipeline, weights_pipeline, Ending};
+use wick_tests::hostile::{
+    guarded, ir_text_pipeline, onnx_bytes_pipeline, saved_bytes_pipeline, weights_pipeline, Ending,
+};
 
 /// Every file of `fuzz/{corpus,regressions}/<target>/`, in name order.
 fn inputs(target: &str) -> Vec<PathBuf> {
@@ -48,6 +50,11 @@ fn ir_pipeline_corpus_replays_without_panics() {
             Err(_) => Ok(Vec::new()),
         })
     });
+}
+
+#[test]
+fn onnx_import_corpus_replays_without_panics() {
+    replay("onnx_import", |data| guarded(|| onnx_bytes_pipeline(data, &limits())));
 }
 
 #[test]

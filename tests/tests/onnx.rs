@@ -55,6 +55,15 @@ fn tiny_exports_match_pytorch() {
             ops.contains(&"silu") && !ops.contains(&"sigmoid") && ops.contains(&"mul"),
             "{file}: {ops:?}"
         );
+        assert!(
+            ops.contains(&"concat") && ops.contains(&"avg_pool2d"),
+            "{file}: {ops:?}"
+        );
+        let ceil = graph
+            .nodes()
+            .iter()
+            .any(|n| matches!(n.op, Op::MaxPool2d(p) if p.ceil_mode));
+        assert!(ceil, "{file}: no ceil-mode pool");
         // Without --batch the symbolic batch is 1.
         let one = import_file(fixture(file), &ImportOptions::default()).unwrap();
         assert_eq!(one.node(one.inputs()[0]).fact.shape, [1, 3, 32, 32]);

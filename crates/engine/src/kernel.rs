@@ -145,6 +145,14 @@ impl Kernel {
                 })),
                 _ => candle(CandleOp::GlobalAvgPool2d { x: slot(0) }),
             },
+            Op::AvgPool2d(attrs) => candle(CandleOp::AvgPool2d {
+                attrs: *attrs,
+                x: slot(0),
+            }),
+            Op::Concat(attrs) => candle(CandleOp::Concat {
+                axis: attrs.axis,
+                xs: node.inputs.iter().map(|id| id.index()).collect(),
+            }),
             Op::Flatten(_) => candle(CandleOp::Reshape {
                 shape: node.fact.shape.clone(),
                 x: slot(0),

@@ -50,6 +50,8 @@ impl Graph {
                 | Op::Mul
                 | Op::MaxPool2d(_)
                 | Op::GlobalAvgPool2d
+                | Op::AvgPool2d(_)
+                | Op::Concat(_)
                 | Op::Flatten(_) => 0,
             })
             .fold(0u64, u64::saturating_add)

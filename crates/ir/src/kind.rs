@@ -2,7 +2,9 @@
 //! read it here), the role a node plays in a graph, and typed access to an
 //! op's attributes.
 
-use crate::{BatchNormAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, MaxPool2dAttrs, Op};
+use crate::{
+    AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, MaxPool2dAttrs, Op,
+};
 
 /// Declares [`OpKind`] with each kind's IR text name, written once here and
 /// read by the printer, the parser and error messages.
@@ -60,6 +62,10 @@ op_kinds! {
     MaxPool2d = "max_pool2d",
     /// [`Op::GlobalAvgPool2d`].
     GlobalAvgPool2d = "global_avg_pool2d",
+    /// [`Op::AvgPool2d`].
+    AvgPool2d = "avg_pool2d",
+    /// [`Op::Concat`].
+    Concat = "concat",
     /// [`Op::Flatten`].
     Flatten = "flatten",
     /// [`Op::Linear`].
@@ -90,6 +96,8 @@ impl OpKind {
             | OpKind::Mul
             | OpKind::MaxPool2d
             | OpKind::GlobalAvgPool2d
+            | OpKind::AvgPool2d
+            | OpKind::Concat
             | OpKind::Flatten
             | OpKind::Linear => OpRole::Computed,
         }
@@ -149,5 +157,7 @@ op_attrs! {
     FusedConv2dAttrs => FusedConv2d,
     BatchNormAttrs => BatchNorm,
     MaxPool2dAttrs => MaxPool2d,
+    AvgPool2dAttrs => AvgPool2d,
+    ConcatAttrs => Concat,
     FlattenAttrs => Flatten,
 }

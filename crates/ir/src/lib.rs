@@ -28,7 +28,10 @@ pub use fact::TensorFact;
 pub use graph::{Graph, Node, NodeId};
 pub use kind::{OpAttrs, OpKind, OpRole};
 pub use limits::{Limits, DEFAULT_MAX_ELEMENTS, MAX_ELEMENTS_ENV};
-pub use op::{windowed_len, BatchNormAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, MaxPool2dAttrs, Op};
+pub use op::{
+    windowed_len, AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs,
+    MaxPool2dAttrs, Op,
+};
 
 /// The `DType` of candle, re-exported because facts are written in it.
 pub use candle_core::DType;

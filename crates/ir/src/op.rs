@@ -52,7 +52,7 @@ pub struct BatchNormAttrs {
     pub eps: f64,
 }
 
-/// Attributes of a 2-D max pool as torchvision uses it (dilation 1, floor mode).
+/// Attributes of a 2-D max pool as torchvision uses it (dilation 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MaxPool2dAttrs {
     /// Window size `[h, w]`.
@@ -61,6 +61,27 @@ pub struct MaxPool2dAttrs {
     pub stride: [usize; 2],
     /// Implicit negative-infinity padding `[h, w]`, at most half the window.
     pub padding: [usize; 2],
+    /// Round the output size up (PyTorch's `ceil_mode`, SqueezeNet's
+    /// pools): a last window that starts inside the input (or its left
+    /// padding) and runs past its end counts, clipped.
+    pub ceil_mode: bool,
+}
+
+/// Attributes of a 2-D average pool without padding (floor mode): the
+/// transitions of torchvision's DenseNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AvgPool2dAttrs {
+    /// Window size `[h, w]`.
+    pub kernel: [usize; 2],
+    /// Stride `[h, w]`.
+    pub stride: [usize; 2],
+}
+
+/// Attributes of a concatenation of values along one axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConcatAttrs {
+    /// The axis the values are joined along; every other dimension agrees.
+    pub axis: usize,
 }
 
 /// Attributes of a flatten: dimensions `start_dim..` are merged into one.
@@ -107,6 +128,11 @@ pub enum Op {
     MaxPool2d(MaxPool2dAttrs),
     /// Adaptive average pool to 1x1: `[N,C,H,W] -> [N,C,1,1]`.
     GlobalAvgPool2d,
+    /// 2-D average pool over NCHW, no padding.
+    AvgPool2d(AvgPool2dAttrs),
+    /// `concat(x1, x2, ...)` along an axis (DenseNet's and SqueezeNet's
+    /// channel concatenations): one or more inputs.
+    Concat(ConcatAttrs),
     /// Merges dimensions `start_dim..` into one.
     Flatten(FlattenAttrs),
     /// `x @ weight^T (+ bias)` over the last dimension of `x`.
@@ -132,6 +158,8 @@ impl Op {
             Op::Mul => OpKind::Mul,
             Op::MaxPool2d(_) => OpKind::MaxPool2d,
             Op::GlobalAvgPool2d => OpKind::GlobalAvgPool2d,
+            Op::AvgPool2d(_) => OpKind::AvgPool2d,
+            Op::Concat(_) => OpKind::Concat,
             Op::Flatten(_) => OpKind::Flatten,
             Op::Linear => OpKind::Linear,
         }
@@ -147,7 +175,8 @@ impl Op {
         self.kind().role()
     }
 
-    /// Accepted numbers of inputs.
+    /// Accepted numbers of inputs; empty for any number from one on
+    /// ([`Op::Concat`]).
     pub fn arity(&self) -> &'static [usize] {
         match self {
             Op::Input | Op::Constant => &[0],
@@ -162,8 +191,10 @@ impl Op {
             | Op::Silu
             | Op::MaxPool2d(_)
             | Op::GlobalAvgPool2d
+            | Op::AvgPool2d(_)
             | Op::Flatten(_) => &[1],
             Op::Add | Op::Mul => &[2],
+            Op::Concat(_) => &[],
         }
     }
 
@@ -185,6 +216,8 @@ impl Op {
             | Op::Mul
             | Op::MaxPool2d(_)
             | Op::GlobalAvgPool2d
+            | Op::AvgPool2d(_)
+            | Op::Concat(_)
             | Op::Flatten(_) => false,
         }
     }
@@ -194,16 +227,17 @@ impl Op {
     /// `Input` and `Constant` have no inputs and declare their fact; for them
     /// this returns an error.
     pub fn infer(&self, inputs: &[&TensorFact]) -> Result<TensorFact, String> {
-        if !self.arity().contains(&inputs.len()) {
-            return Err(format!(
-                "expected {} input(s), got {}",
-                self.arity()
-                    .iter()
-                    .map(|n| n.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" or "),
-                inputs.len()
-            ));
+        let arity = self.arity();
+        let accepted = match arity {
+            [] => !inputs.is_empty(),
+            counts => counts.contains(&inputs.len()),
+        };
+        if !accepted {
+            let expected = match arity {
+                [] => "at least 1".to_string(),
+                counts => counts.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" or "),
+            };
+            return Err(format!("expected {expected} input(s), got {}", inputs.len()));
         }
         for (i, input) in inputs.iter().enumerate() {
             if input.shape.contains(&0) {
@@ -268,6 +302,17 @@ impl Op {
                 let x = expect_rank(inputs[0], 4, "input")?;
                 Ok(TensorFact::new(inputs[0].dtype, [x[0], x[1], 1, 1]))
             }
+            Op::AvgPool2d(attrs) => {
+                check_positive(&attrs.kernel, "kernel")?;
+                check_positive(&attrs.stride, "stride")?;
+                let x = expect_rank(inputs[0], 4, "input")?;
+                let axis = |i: usize| windowed_len(x[2 + i], attrs.kernel[i], attrs.stride[i], 0, 1);
+                match (axis(0), axis(1)) {
+                    (Some(oh), Some(ow)) => Ok(TensorFact::new(inputs[0].dtype, [x[0], x[1], oh, ow])),
+                    _ => Err(format!("window {:?} does not fit input {}", attrs.kernel, inputs[0])),
+                }
+            }
+            Op::Concat(ConcatAttrs { axis }) => infer_concat(*axis, inputs),
             Op::Flatten(FlattenAttrs { start_dim }) => {
                 let x = &inputs[0].shape;
                 if *start_dim >= x.len() {
@@ -337,9 +382,18 @@ impl Conv2dAttrs {
 
 impl MaxPool2dAttrs {
     /// Output `[height, width]` of this pool on an `[height, width]` input;
-    /// `None` when the window does not fit (see [`windowed_len`]).
+    /// `None` when the window does not fit (see [`windowed_len`]). In ceil
+    /// mode, PyTorch's rule: one more window when the floor leaves input
+    /// uncovered, unless it would start past the input and left padding.
     pub fn output_size(&self, [height, width]: [usize; 2]) -> Option<[usize; 2]> {
-        let axis = |len: usize, i: usize| windowed_len(len, self.kernel[i], self.stride[i], self.padding[i], 1);
+        let axis = |len: usize, i: usize| {
+            let (kernel, stride, padding) = (self.kernel[i], self.stride[i], self.padding[i]);
+            let floor = windowed_len(len, kernel, stride, padding, 1)?;
+            let covered = (floor - 1).checked_mul(stride)?.checked_add(kernel)?;
+            let padded = len.checked_add(padding.checked_mul(2)?)?;
+            let extra = self.ceil_mode && covered < padded && floor.checked_mul(stride)? < len.checked_add(padding)?;
+            Some(floor + usize::from(extra))
+        };
         Some([axis(height, 0)?, axis(width, 1)?])
     }
 }
@@ -411,6 +465,32 @@ fn infer_max_pool2d(attrs: &MaxPool2dAttrs, input: &TensorFact) -> Result<Tensor
             attrs.kernel, attrs.padding
         )),
     }
+}
+
+fn infer_concat(axis: usize, inputs: &[&TensorFact]) -> Result<TensorFact, String> {
+    let first = &inputs[0].shape;
+    if axis >= first.len() {
+        return Err(format!(
+            "axis {axis} out of range for rank-{} input {}",
+            first.len(),
+            inputs[0]
+        ));
+    }
+    let mut shape = first.clone();
+    for (i, input) in inputs.iter().enumerate().skip(1) {
+        let agrees =
+            input.shape.len() == first.len() && (0..first.len()).all(|d| d == axis || input.shape[d] == first[d]);
+        if !agrees {
+            return Err(format!(
+                "input {i} {input} must match input 0 {} in every dimension but {axis}",
+                inputs[0]
+            ));
+        }
+        shape[axis] = shape[axis]
+            .checked_add(input.shape[axis])
+            .ok_or_else(|| format!("dimension {axis} of the result overflows"))?;
+    }
+    Ok(TensorFact::new(inputs[0].dtype, shape))
 }
 
 fn infer_linear(inputs: &[&TensorFact]) -> Result<TensorFact, String> {
@@ -510,10 +590,46 @@ mod tests {
         assert!(err.contains("f16") && err.contains("f32"), "{err}");
     }
 
+    /// Ceil mode as PyTorch computes it: SqueezeNet's 3x3 stride-2 pools
+    /// (109 -> 54, 54 -> 27, 27 -> 13; floor: 54, 26, 13), and no window
+    /// that would start in the right padding (3 wide, window 2, stride 2,
+    /// padding 1: 2, not 3).
+    #[test]
+    fn max_pool_ceil_mode() {
+        let pool = |len: usize, kernel: usize, stride: usize, padding: usize, ceil_mode: bool| {
+            let attrs = MaxPool2dAttrs {
+                kernel: [kernel, 1],
+                stride: [stride, 1],
+                padding: [padding, 0],
+                ceil_mode,
+            };
+            attrs.output_size([len, 1]).unwrap()[0]
+        };
+        let squeezenet: Vec<[usize; 2]> = [109, 54, 27]
+            .iter()
+            .map(|&l| [pool(l, 3, 2, 0, true), pool(l, 3, 2, 0, false)])
+            .collect();
+        assert_eq!(squeezenet, [[54, 54], [27, 26], [13, 13]]);
+        assert_eq!(pool(3, 2, 2, 1, true), 2);
+        assert_eq!(pool(5, 3, 2, 1, true), 3);
+        assert_eq!(pool(5, 2, 2, 0, true), 3);
+        let text = Op::MaxPool2d(MaxPool2dAttrs {
+            kernel: [3, 3],
+            stride: [2, 2],
+            padding: [0, 0],
+            ceil_mode: true,
+        });
+        assert_eq!(
+            crate::print::op_text(&text),
+            "max_pool2d[kernel=[3,3], stride=[2,2], padding=[0,0], ceil_mode=1]"
+        );
+    }
+
     /// torchvision's stem max pool: 3x3, stride 2, padding 1 on 112x112 gives 56x56.
     #[test]
     fn max_pool_matches_torchvision_stem() {
         let attrs = MaxPool2dAttrs {
+            ceil_mode: false,
             kernel: [3, 3],
             stride: [2, 2],
             padding: [1, 1],

@@ -5,8 +5,8 @@
 //! stands for both axes of a pair. `//` starts a comment.
 
 use crate::{
-    BatchNormAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, Graph, IrError, MaxPool2dAttrs, NodeId, Op, OpKind,
-    OpRole, ParseError, TensorFact,
+    AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, Graph, IrError,
+    MaxPool2dAttrs, NodeId, Op, OpKind, OpRole, ParseError, TensorFact,
 };
 use candle_core::DType;
 use std::collections::HashMap;
@@ -350,15 +350,7 @@ impl Parser {
             OpKind::FusedConv2d => Op::FusedConv2d(FusedConv2dAttrs {
                 conv: table.conv()?,
                 activation: {
-                    let relu = match table.scalar::<u8>("relu")? {
-                        None | Some(0) => false,
-                        Some(1) => true,
-                        Some(other) => {
-                            return Err(table
-                                .parser
-                                .error_here(format!("attribute `relu` is 0 or 1, got {other}")))
-                        }
-                    };
+                    let relu = table.flag("relu")?;
                     match (relu, table.word("activation")?) {
                         (false, None) => None,
                         (true, None) => Some(crate::Activation::Relu),
@@ -385,6 +377,7 @@ impl Parser {
                         kernel,
                         stride: table.pair("pool_stride")?.unwrap_or(kernel),
                         padding: table.pair("pool_padding")?.unwrap_or([0, 0]),
+                        ceil_mode: table.flag("pool_ceil_mode")?,
                     }),
                     None => None,
                 },
@@ -400,8 +393,23 @@ impl Parser {
                     kernel,
                     stride: table.pair("stride")?.unwrap_or(kernel),
                     padding: table.pair("padding")?.unwrap_or([0, 0]),
+                    ceil_mode: table.flag("ceil_mode")?,
                 })
             }
+            OpKind::AvgPool2d => {
+                let kernel = table
+                    .pair("kernel")?
+                    .ok_or_else(|| table.parser.error_here("avg_pool2d needs `kernel`"))?;
+                Op::AvgPool2d(AvgPool2dAttrs {
+                    kernel,
+                    stride: table.pair("stride")?.unwrap_or(kernel),
+                })
+            }
+            OpKind::Concat => Op::Concat(ConcatAttrs {
+                axis: table
+                    .scalar("axis")?
+                    .ok_or_else(|| table.parser.error_here("concat needs `axis`"))?,
+            }),
             OpKind::Flatten => Op::Flatten(FlattenAttrs {
                 start_dim: table
                     .scalar("start_dim")?
@@ -561,6 +569,17 @@ impl AttrTable<'_> {
             Some((AttrValue::List(_), position)) => {
                 Err(self.bad(position, format!("attribute `{name}` takes one number")))
             }
+        }
+    }
+
+    /// A 0/1 attribute, false when absent.
+    fn flag(&mut self, name: &str) -> Result<bool> {
+        match self.scalar::<u8>(name)? {
+            None | Some(0) => Ok(false),
+            Some(1) => Ok(true),
+            Some(other) => Err(self
+                .parser
+                .error_here(format!("attribute `{name}` is 0 or 1, got {other}"))),
         }
     }
 

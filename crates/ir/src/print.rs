@@ -32,20 +32,25 @@ pub(crate) fn op_text(op: &Op) -> String {
                 Some(other) => format!("activation={}", other.op().name()),
             },
             a.pool.map_or(String::new(), |p| format!(
-                ", pool_kernel={}, pool_stride={}, pool_padding={}",
+                ", pool_kernel={}, pool_stride={}, pool_padding={}{}",
                 pair(p.kernel),
                 pair(p.stride),
-                pair(p.padding)
+                pair(p.padding),
+                if p.ceil_mode { ", pool_ceil_mode=1" } else { "" }
             ))
         ),
         Op::BatchNorm(a) => format!("{}[eps={:?}]", op.name(), a.eps),
         Op::MaxPool2d(a) => format!(
-            "{}[kernel={}, stride={}, padding={}]",
+            "{}[kernel={}, stride={}, padding={}{}]",
             op.name(),
             pair(a.kernel),
             pair(a.stride),
-            pair(a.padding)
+            pair(a.padding),
+            // Written only when set: floor-mode text is as it always was.
+            if a.ceil_mode { ", ceil_mode=1" } else { "" }
         ),
+        Op::AvgPool2d(a) => format!("{}[kernel={}, stride={}]", op.name(), pair(a.kernel), pair(a.stride)),
+        Op::Concat(a) => format!("{}[axis={}]", op.name(), a.axis),
         Op::Flatten(a) => format!("{}[start_dim={}]", op.name(), a.start_dim),
         Op::Input
         | Op::Constant

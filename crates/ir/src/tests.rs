@@ -64,6 +64,7 @@ fn fused_conv_with_pool() {
     assert_eq!(
         attrs.pool,
         Some(MaxPool2dAttrs {
+            ceil_mode: false,
             kernel: [3, 3],
             stride: [2, 2],
             padding: [1, 1]
@@ -213,6 +214,7 @@ fn arb_chain() -> impl Strategy<Value = Graph> {
                         .add_node(
                             format!("l{i}"),
                             Op::MaxPool2d(MaxPool2dAttrs {
+                                ceil_mode: false,
                                 kernel: [2, 2],
                                 stride: [1, 2],
                                 padding: [1, 0],
@@ -371,4 +373,37 @@ fn fused_conv_activation_attribute() {
     );
     let err = parse_err(&text.replace("activation=silu", "activation=silu, relu=1"));
     assert!(err.contains("give one"), "{err}");
+}
+
+/// DenseNet's and SqueezeNet's ops: `concat` (any number of inputs, one
+/// axis may differ), `avg_pool2d` and a ceil-mode `max_pool2d` round-trip
+/// as text; a concat of mismatched shapes or out-of-range axis, and one
+/// without inputs, are errors that say so.
+#[test]
+fn concat_avg_pool_and_ceil_mode() {
+    let text = "graph dense(%x: f32[1,4,7,7]) {
+  %a = relu(%x) : f32[1,4,7,7]
+  %c = concat[axis=1](%x, %a, %x) : f32[1,12,7,7]
+  %p = avg_pool2d[kernel=[2,2], stride=[2,2]](%c) : f32[1,12,3,3]
+  %m = max_pool2d[kernel=[2,2], stride=[2,2], padding=[0,0], ceil_mode=1](%c) : f32[1,12,4,4]
+  %one = concat[axis=0](%m) : f32[1,12,4,4]
+  return %p, %one
+}";
+    let graph = Graph::parse(text).unwrap();
+    graph.verify().unwrap();
+    assert_eq!(graph.to_string(), text.to_string() + "\n");
+    assert_eq!(graph.flops(), 0);
+    let f = |shape: &[usize]| TensorFact::new(DType::F32, shape.to_vec());
+    let concat = |axis| Op::Concat(crate::ConcatAttrs { axis });
+    let err = concat(1).infer(&[&f(&[1, 4, 7, 7]), &f(&[1, 4, 6, 7])]).unwrap_err();
+    assert!(err.contains("every dimension but 1"), "{err}");
+    let err = concat(4).infer(&[&f(&[1, 4, 7, 7])]).unwrap_err();
+    assert!(err.contains("axis 4 out of range"), "{err}");
+    let err = concat(0).infer(&[]).unwrap_err();
+    assert!(err.contains("at least 1"), "{err}");
+    let pool = Op::AvgPool2d(crate::AvgPool2dAttrs {
+        kernel: [8, 2],
+        stride: [1, 1],
+    });
+    assert!(pool.infer(&[&f(&[1, 4, 7, 7])]).unwrap_err().contains("does not fit"));
 }

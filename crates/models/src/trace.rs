@@ -98,6 +98,7 @@ impl Frontend for Tracer {
 
     fn max_pool2d(&mut self, layer: &MaxPool2d, x: &NodeId) -> Result<NodeId, ModelError> {
         let attrs = MaxPool2dAttrs {
+            ceil_mode: false,
             kernel: layer.kernel,
             stride: layer.stride,
             padding: layer.padding,

@@ -19,6 +19,13 @@
 //!   are folded at import; `Mul(x, Sigmoid(x))` becomes SiLU; a `MatMul`
 //!   by a constant followed by the `Add` of a bias vector becomes one
 //!   linear layer.
+//! - Operators: those of torchvision's CNN classifiers (ResNet, ResNeXt,
+//!   Wide ResNet, VGG-BN, MobileNetV2/V3, EfficientNet, RegNet, MNASNet,
+//!   DenseNet, SqueezeNet): `Conv`, `BatchNormalization`, `Relu`, `Clip`,
+//!   `Sigmoid`, `HardSigmoid`, `HardSwish`, `Add`, `Mul`, `MaxPool` (ceil
+//!   mode too), `AveragePool`, `GlobalAveragePool`, `ReduceMean`, `Concat`,
+//!   `Flatten`, `Reshape`, `Gemm`, `MatMul`, with the limits the README's
+//!   table lists.
 //! - Anything else that cannot be expressed is one
 //!   [`OnnxError::Unsupported`] listing every such node (name, operator,
 //!   opset, reason), not the first.

@@ -8,7 +8,9 @@ use crate::fold;
 use crate::import::{Importer, Value};
 use crate::proto::NodeProto;
 use crate::tensor::Const;
-use wick_ir::{Activation, BatchNormAttrs, Conv2dAttrs, FlattenAttrs, MaxPool2dAttrs, NodeId, Op};
+use wick_ir::{
+    Activation, AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, Conv2dAttrs, FlattenAttrs, MaxPool2dAttrs, NodeId, Op,
+};
 
 /// The operators [`lower`] knows (some only for some attributes or
 /// constant operands).
@@ -67,6 +69,12 @@ pub(crate) fn lower(imp: &mut Importer, node: &NodeProto) -> Result<Vec<Value>, 
             Ok(vec![operand(imp, node, 0)?])
         }
         "Constant" => Ok(vec![Value::Const(fold::constant(imp, node)?)]),
+        "Concat"
+            if (0..node.input.len())
+                .any(|i| !matches!(imp.operand(node, i), Some(Value::Const(Const::I64 { .. })))) =>
+        {
+            concat(imp, node, &a)
+        }
         "Shape" | "Gather" | "Unsqueeze" | "Squeeze" | "Concat" | "Cast" => fold::shape_op(imp, node),
         "Conv" => conv(imp, node, &a),
         "BatchNormalization" => {
@@ -121,12 +129,19 @@ pub(crate) fn lower(imp: &mut Importer, node: &NodeProto) -> Result<Vec<Value>, 
                 "count_include_pad",
             ])?;
             let (kernel, stride) = (a.pair("kernel_shape", [0, 0])?, a.pair("strides", [1, 1])?);
-            if kernel != [1, 1] || stride != [1, 1] || a.padding()? != [0, 0] {
-                return Err(format!(
-                    "kernel {kernel:?}, stride {stride:?}: only the identity 1x1 average pool (an adaptive pool to the input's size) is supported"
-                ));
+            if kernel.contains(&0) {
+                return Err("kernel_shape is missing".into());
             }
-            Ok(vec![operand(imp, node, 0)?])
+            if a.padding()? != [0, 0] || a.int("ceil_mode", 0)? != 0 {
+                return Err("padding and ceil_mode are not supported (torchvision's pools have neither)".into());
+            }
+            // A 1x1 window with stride 1 (an adaptive pool to the input's own
+            // size, as VGG's at 224x224) is the identity.
+            if kernel == [1, 1] && stride == [1, 1] {
+                return Ok(vec![operand(imp, node, 0)?]);
+            }
+            let x = imp.ir(node, 0)?;
+            one(imp.add(node, "", Op::AvgPool2d(AvgPool2dAttrs { kernel, stride }), &[x])?)
         }
         "GlobalAveragePool" => {
             a.only(&[])?;
@@ -197,6 +212,27 @@ fn conv(imp: &mut Importer, node: &NodeProto, a: &Attrs) -> Result<Vec<Value>, S
         inputs.push(imp.ir(node, 2)?);
     }
     Ok(vec![Value::Ir(imp.add(node, "", Op::Conv2d(attrs), &inputs)?)])
+}
+
+/// `Concat` of computed values (DenseNet's and SqueezeNet's channel joins;
+/// integer constants are shape arithmetic, folded in [`fold`]).
+fn concat(imp: &mut Importer, node: &NodeProto, a: &Attrs) -> Result<Vec<Value>, String> {
+    a.only(&["axis"])?;
+    let inputs = (0..node.input.len())
+        .map(|i| imp.ir(node, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let rank = imp.shape(*inputs.first().ok_or("no inputs")?).len() as i64;
+    let axis = a.int("axis", 1)?;
+    let axis = usize::try_from(if axis < 0 { axis + rank } else { axis })
+        .ok()
+        .filter(|&ax| (ax as i64) < rank)
+        .ok_or(format!("axis {axis} out of range for rank {rank}"))?;
+    Ok(vec![Value::Ir(imp.add(
+        node,
+        "",
+        Op::Concat(ConcatAttrs { axis }),
+        &inputs,
+    )?)])
 }
 
 /// `Clip(x, min, max)`: ReLU6 for (0, 6), ReLU for (0, none).
@@ -303,19 +339,9 @@ fn max_pool(imp: &mut Importer, node: &NodeProto, a: &Attrs) -> Result<Vec<Value
         kernel,
         stride: a.pair("strides", [1, 1])?,
         padding: a.padding()?,
+        ceil_mode: a.int("ceil_mode", 0)? != 0,
     };
     let x = imp.ir(node, 0)?;
-    if a.int("ceil_mode", 0)? != 0 {
-        // Ceil mode is floor mode when every window fits exactly.
-        let shape = imp.shape(x);
-        let exact = (0..2).all(|i| {
-            let span = shape.get(2 + i).map_or(0, |&s| s + 2 * attrs.padding[i]);
-            span >= attrs.kernel[i] && (span - attrs.kernel[i]).is_multiple_of(attrs.stride[i])
-        });
-        if !exact {
-            return Err("ceil_mode 1 is not supported where it adds a window".into());
-        }
-    }
     Ok(vec![Value::Ir(imp.add(node, "", Op::MaxPool2d(attrs), &[x])?)])
 }
 

@@ -168,6 +168,11 @@ pub fn fuse_conv_max_pool() -> PatternPass {
         if attrs.pool.is_some() {
             return Ok(Replacement::Refuse("already_pooled"));
         }
+        // The fused kernel pools in floor mode only: ceil-mode pools
+        // (SqueezeNet's) stay ops of their own.
+        if pool_attrs.ceil_mode {
+            return Ok(Replacement::Refuse("ceil_mode"));
+        }
         if attrs.activation.is_some_and(|a| !a.is_monotonic()) {
             return Ok(Replacement::Refuse("non_monotonic"));
         }

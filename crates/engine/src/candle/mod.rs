@@ -107,6 +107,15 @@ pub(crate) enum CandleOp {
     GlobalAvgPool2d {
         x: Slot,
     },
+    AvgPool2d {
+        attrs: wick_ir::AvgPool2dAttrs,
+        x: Slot,
+    },
+    /// The values of `xs` joined along `axis`.
+    Concat {
+        axis: usize,
+        xs: Vec<Slot>,
+    },
     /// A flatten: the same data under the node's shape.
     Reshape {
         shape: Vec<usize>,
@@ -137,7 +146,9 @@ impl CandleOp {
             | CandleOp::Activation { x, .. }
             | CandleOp::MaxPool2d { x, .. }
             | CandleOp::GlobalAvgPool2d { x }
+            | CandleOp::AvgPool2d { x, .. }
             | CandleOp::Reshape { x, .. } => vec![*x],
+            CandleOp::Concat { xs, .. } => xs.clone(),
             CandleOp::Add { a, b } | CandleOp::Mul { a, b } => vec![*a, *b],
         }
     }
@@ -173,6 +184,14 @@ impl CandleOp {
             CandleOp::Mul { a, b } => value(*a)?.broadcast_mul(&value(*b)?),
             CandleOp::MaxPool2d { attrs, x } => max_pool2d(&value(*x)?, attrs),
             CandleOp::GlobalAvgPool2d { x } => value(*x)?.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2),
+            CandleOp::AvgPool2d { attrs, x } => {
+                let ([kh, kw], [sh, sw]) = (attrs.kernel, attrs.stride);
+                value(*x)?.avg_pool2d_with_stride((kh, kw), (sh, sw))
+            }
+            CandleOp::Concat { axis, xs } => {
+                let values = xs.iter().map(|&x| value(x)).collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&values, *axis)
+            }
             CandleOp::Reshape { shape, x } => value(*x)?.reshape(shape.as_slice()),
             CandleOp::Linear { x, weight, bias } => linear(&value(*x)?, &value(*weight)?, optional(*bias)?.as_ref()),
         }
@@ -243,15 +262,33 @@ fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Re
 /// padded copy. The candle path's pool, and the reference the CPU pool is
 /// tested against.
 pub(crate) fn max_pool2d(x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Result<Tensor> {
+    let (_, _, height, width) = x.dims4()?;
+    let Some(out) = attrs.output_size([height, width]) else {
+        candle_core::bail!("max_pool2d window {:?} does not fit {:?}", attrs.kernel, x.dims())
+    };
     let mut padded = x.clone();
-    for (dim, pad) in [(2, attrs.padding[0]), (3, attrs.padding[1])] {
-        if pad == 0 {
-            continue;
+    for (axis, len) in [height, width].into_iter().enumerate() {
+        let dim = 2 + axis;
+        let pad = attrs.padding[axis];
+        // After the right padding, ceil mode's last window needs more
+        // -inf columns to lie inside (candle pools in floor mode).
+        let needed = (out[axis] - 1) * attrs.stride[axis] + attrs.kernel[axis];
+        let extra = needed.saturating_sub(len + 2 * pad);
+        let edge = |size: usize| -> candle_core::Result<Option<Tensor>> {
+            if size == 0 {
+                return Ok(None);
+            }
+            let mut dims = padded.dims().to_vec();
+            dims[dim] = size;
+            Ok(Some(
+                Tensor::full(f32::NEG_INFINITY, dims, x.device())?.to_dtype(x.dtype())?,
+            ))
+        };
+        let (left, right) = (edge(pad)?, edge(pad + extra)?);
+        let parts: Vec<&Tensor> = left.iter().chain([&padded]).chain(right.iter()).collect();
+        if parts.len() > 1 {
+            padded = Tensor::cat(&parts, dim)?;
         }
-        let mut edge = padded.dims().to_vec();
-        edge[dim] = pad;
-        let fill = Tensor::full(f32::NEG_INFINITY, edge, x.device())?.to_dtype(x.dtype())?;
-        padded = Tensor::cat(&[&fill, &padded, &fill], dim)?;
     }
     padded.max_pool2d_with_stride((attrs.kernel[0], attrs.kernel[1]), (attrs.stride[0], attrs.stride[1]))
 }

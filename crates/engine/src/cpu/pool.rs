@@ -114,11 +114,13 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
         /// Equals the candle path's max-pool (on a −∞-padded copy), across windows,
-        /// strides, paddings (<= half the window) and odd sizes incl. C == H == W.
+        /// strides, paddings (<= half the window), ceil and floor mode and odd
+        /// sizes incl. C == H == W.
         #[test]
         fn matches_candle(
             n in 1usize..3, c in 1usize..5, kernel in [1usize..4, 1usize..4], stride in [1usize..3, 1usize..3],
             extra in [0usize..6, 0usize..6], pad_flags in [any::<bool>(), any::<bool>()], square in any::<bool>(),
+            ceil_mode in any::<bool>(),
         ) {
             let padding = [usize::from(pad_flags[0]) * kernel[0] / 2, usize::from(pad_flags[1]) * kernel[1] / 2];
             let mut size = [kernel[0] + extra[0], kernel[1] + extra[1]];
@@ -127,13 +129,33 @@ mod tests {
                 size = [s, s];
             }
             let x = Tensor::randn(0f32, 1.0, (n, if square { size[0] } else { c }, size[0], size[1]), &Device::Cpu).unwrap();
-            let attrs = MaxPool2dAttrs { kernel, stride, padding };
+            let attrs = MaxPool2dAttrs { kernel, stride, padding, ceil_mode };
             let got = max_pool2d(&x, &attrs).unwrap();
             let want = crate::candle::max_pool2d(&x, &attrs).unwrap();
             prop_assert_eq!(got.dims(), want.dims());
             let diff = crate::test_util::max_abs_diff(&got, &want);
             prop_assert_eq!(diff, 0.0);
         }
+    }
+
+    /// Ceil mode adds the window that starts inside the input and runs past
+    /// its end (clipped), as PyTorch does: 5 columns, window 2, stride 2.
+    #[test]
+    fn ceil_mode_keeps_the_last_window() {
+        let x = Tensor::new(&[[[[1f32, 5.0, 2.0, 3.0, 7.0]]]], &Device::Cpu).unwrap();
+        let attrs = |ceil_mode| MaxPool2dAttrs {
+            kernel: [1, 2],
+            stride: [1, 2],
+            padding: [0, 0],
+            ceil_mode,
+        };
+        let values = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values(max_pool2d(&x, &attrs(false)).unwrap()), [5.0, 3.0]);
+        assert_eq!(values(max_pool2d(&x, &attrs(true)).unwrap()), [5.0, 3.0, 7.0]);
+        assert_eq!(
+            values(crate::candle::max_pool2d(&x, &attrs(true)).unwrap()),
+            [5.0, 3.0, 7.0]
+        );
     }
 
     /// A NaN in a window makes that window's output NaN (PyTorch's rule);
@@ -145,6 +167,7 @@ mod tests {
         values[15] = 9.0;
         let x = Tensor::from_vec(values, (1, 1, 4, 4), &Device::Cpu).unwrap();
         let attrs = MaxPool2dAttrs {
+            ceil_mode: false,
             kernel: [2, 2],
             stride: [2, 2],
             padding: [0, 0],

@@ -95,6 +95,9 @@ impl DirectConv {
             if layout == Layout::Lanes {
                 bail!("the fused max pool runs on the panel layout")
             }
+            if p.ceil_mode {
+                bail!("the fused max pool runs in floor mode (fuse-conv-max-pool leaves ceil-mode pools unfused)")
+            }
         }
         if spec.attrs.groups != 1 {
             bail!("the direct conv takes one group, got {}", spec.attrs.groups)

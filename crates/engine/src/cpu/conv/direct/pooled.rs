@@ -109,46 +109,47 @@ mod tests {
     use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+           #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
 
-        /// The fused conv + max pool equals the conv followed by the engine's
-        /// max pool exactly (same products, same maxima), on every SIMD
-        /// path: kernels 1..=7, stride 1..=2, conv and pool padding, pool
-        /// windows 1..=3 with stride 1..=2, residual on or off, no
-        /// activation or any (applied after the max only when monotonic),
-        /// odd sizes, several images and row chunks.
-        #[test]
-        fn equals_conv_then_pool(
-            batch in 1usize..3, channels in 1usize..5, outputs in 1usize..11, kernel in 1usize..8,
-            stride in 1usize..3, conv_pad in 0usize..3, extra in [0usize..12, 0usize..12],
-            pool_kernel in 1usize..4, pool_stride in 1usize..3, pool_pad_flag in any::<bool>(),
-            activation in proptest::option::of(0usize..6), with_residual in any::<bool>(),
-        ) {
-            let d = Device::Cpu;
-            // Large enough that the conv output holds a pool window even unpadded.
-            let size = [kernel + stride * pool_kernel + extra[0], kernel + stride * pool_kernel + extra[1]];
-            let attrs = Conv2dAttrs { stride: [stride; 2], padding: [conv_pad; 2], ..Default::default() };
-            let pool = MaxPool2dAttrs {
-                kernel: [pool_kernel; 2],
-                stride: [pool_stride; 2],
-                padding: [usize::from(pool_pad_flag) * pool_kernel / 2; 2],
-            };
-            let x = Tensor::randn(0f32, 1.0, (batch, channels, size[0], size[1]), &d).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (outputs, channels, kernel, kernel), &d).unwrap();
-            let b = Tensor::randn(0f32, 1.0, outputs, &d).unwrap();
-            for isa in Isa::available() {
-                let activation = activation.map(|i| wick_ir::Activation::ALL[i]);
-                let plain = DirectConv::for_test(&w, Some(&b), attrs, activation, None, Panels, isa).unwrap();
-                let conv_shape = plain.run(&x, None).unwrap().dims().to_vec();
-                let r = with_residual.then(|| Tensor::randn(0f32, 1.0, conv_shape.as_slice(), &d).unwrap());
-                let want = max_pool2d(&plain.run(&x, r.as_ref()).unwrap(), &pool).unwrap();
-                let fused = DirectConv::for_test(&w, Some(&b), attrs, activation, Some(pool), Panels, isa).unwrap();
-                let got = fused.run(&x, r.as_ref()).unwrap();
-                prop_assert_eq!(got.dims(), want.dims());
-                prop_assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0, "{:?}", isa);
-            }
-        }
-    }
+           /// The fused conv + max pool equals the conv followed by the engine's
+           /// max pool exactly (same products, same maxima), on every SIMD
+           /// path: kernels 1..=7, stride 1..=2, conv and pool padding, pool
+           /// windows 1..=3 with stride 1..=2, residual on or off, no
+           /// activation or any (applied after the max only when monotonic),
+           /// odd sizes, several images and row chunks.
+           #[test]
+           fn equals_conv_then_pool(
+               batch in 1usize..3, channels in 1usize..5, outputs in 1usize..11, kernel in 1usize..8,
+               stride in 1usize..3, conv_pad in 0usize..3, extra in [0usize..12, 0usize..12],
+               pool_kernel in 1usize..4, pool_stride in 1usize..3, pool_pad_flag in any::<bool>(),
+               activation in proptest::option::of(0usize..6), with_residual in any::<bool>(),
+           ) {
+               let d = Device::Cpu;
+               // Large enough that the conv output holds a pool window even unpadded.
+               let size = [kernel + stride * pool_kernel + extra[0], kernel + stride * pool_kernel + extra[1]];
+               let attrs = Conv2dAttrs { stride: [stride; 2], padding: [conv_pad; 2], ..Default::default() };
+               let pool = MaxPool2dAttrs {
+    ceil_mode: false,
+                   kernel: [pool_kernel; 2],
+                   stride: [pool_stride; 2],
+                   padding: [usize::from(pool_pad_flag) * pool_kernel / 2; 2],
+               };
+               let x = Tensor::randn(0f32, 1.0, (batch, channels, size[0], size[1]), &d).unwrap();
+               let w = Tensor::randn(0f32, 1.0, (outputs, channels, kernel, kernel), &d).unwrap();
+               let b = Tensor::randn(0f32, 1.0, outputs, &d).unwrap();
+               for isa in Isa::available() {
+                   let activation = activation.map(|i| wick_ir::Activation::ALL[i]);
+                   let plain = DirectConv::for_test(&w, Some(&b), attrs, activation, None, Panels, isa).unwrap();
+                   let conv_shape = plain.run(&x, None).unwrap().dims().to_vec();
+                   let r = with_residual.then(|| Tensor::randn(0f32, 1.0, conv_shape.as_slice(), &d).unwrap());
+                   let want = max_pool2d(&plain.run(&x, r.as_ref()).unwrap(), &pool).unwrap();
+                   let fused = DirectConv::for_test(&w, Some(&b), attrs, activation, Some(pool), Panels, isa).unwrap();
+                   let got = fused.run(&x, r.as_ref()).unwrap();
+                   prop_assert_eq!(got.dims(), want.dims());
+                   prop_assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0, "{:?}", isa);
+               }
+           }
+       }
 
     /// ResNet's stem at 224×224: several row chunks per image (the
     /// recomputed boundary rows included), exactly as conv then pool.
@@ -164,6 +165,7 @@ mod tests {
             ..Default::default()
         };
         let pool = MaxPool2dAttrs {
+            ceil_mode: false,
             kernel: [3, 3],
             stride: [2, 2],
             padding: [1, 1],
@@ -182,6 +184,7 @@ mod tests {
         let d = Device::Cpu;
         let w = Tensor::zeros((2, 1, 3, 3), candle_core::DType::F32, &d).unwrap();
         let too_much_padding = MaxPool2dAttrs {
+            ceil_mode: false,
             kernel: [2, 2],
             stride: [2, 2],
             padding: [2, 2],
@@ -197,6 +200,7 @@ mod tests {
         )
         .is_err());
         let big = MaxPool2dAttrs {
+            ceil_mode: false,
             kernel: [9, 9],
             stride: [1, 1],
             padding: [0, 0],
