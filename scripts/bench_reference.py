@@ -5,6 +5,7 @@ same minute on the same machine). Not run by CI.
 
     .venv/bin/pip install torch torchvision onnx onnxruntime openvino
     .venv/bin/python scripts/bench_reference.py [--model resnet50] [--batch 10] [--iters 20] [--warmup 10]
+    .venv/bin/python scripts/bench_reference.py --onnx model.onnx [--batch 10]   # a user's file, as `cargo xtask bench model.onnx`
 
 Both ONNX runtimes get the same exported file and 2 threads; OpenVINO runs
 f32 inference precision with the LATENCY hint. Prints median / min / max ms
@@ -42,11 +43,15 @@ def main():
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--onnx", help="time this ONNX file (ONNX Runtime and OpenVINO only; a symbolic batch is --batch)")
     parser.add_argument("--child", choices=["onnxruntime", "openvino"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return runtime_child(args.child, args.dir, args.warmup, args.iters)
+        return runtime_child(args.child, args.dir, args.warmup, args.iters, args.file)
+    if args.onnx:
+        return time_file(args)
     import torch  # not in the ORT child: its peak RSS must be ORT's alone
     import torchvision
 
@@ -83,9 +88,38 @@ def main():
     print(f"peak RSS: pytorch-eager process {torch_rss:.0f} MiB" + "".join(f", {r}" for r in child_rss))
 
 
-def runtime_child(runtime, directory, warmup, iters):
+def time_file(args):
+    """ONNX Runtime and OpenVINO on a given file, an input of its declared
+    shape (a symbolic first dimension is --batch), each in its own process."""
+    import onnx
+
+    graph = onnx.load(args.onnx, load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    (first,) = [i for i in graph.input if i.name not in initializers]
+    shape = [d.dim_value if d.HasField("dim_value") else args.batch for d in first.type.tensor_type.shape.dim]
+    rows, child_rss = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(pathlib.Path(tmp) / "input.npy", np.random.default_rng(1).standard_normal(shape, dtype=np.float32))
+        for runtime in ("onnxruntime", "openvino"):
+            version = __import__(runtime).__version__.split("-")[0]
+            child = subprocess.run(
+                [sys.executable, __file__, "--child", runtime, "--dir", tmp, "--file", str(pathlib.Path(args.onnx).resolve()),
+                 "--warmup", str(args.warmup), "--iters", str(args.iters)],
+                check=True, capture_output=True, text=True,
+            )
+            median, low, high, rss = map(float, child.stdout.split())
+            rows.append((f"{runtime}-{version}", (median, low, high)))
+            child_rss.append(f"{runtime} {rss:.0f} MiB")
+    print(f"{args.onnx} input {shape}, {args.warmup} warm-up + {args.iters} timed forwards")
+    print(f"{'runtime':<22} {'median ms':>10} {'min ms':>9} {'max ms':>9}")
+    for name, (median, low, high) in rows:
+        print(f"{name:<22} {median:>10.2f} {low:>9.2f} {high:>9.2f}")
+    print("peak RSS: " + ", ".join(child_rss))
+
+
+def runtime_child(runtime, directory, warmup, iters, file=None):
     """Times one ONNX runtime on the exported model in a process that never imported torch."""
-    model = str(pathlib.Path(directory) / "model.onnx")
+    model = file or str(pathlib.Path(directory) / "model.onnx")
     x = np.load(pathlib.Path(directory) / "input.npy")
     if runtime == "onnxruntime":
         import onnxruntime as ort
@@ -93,7 +127,8 @@ def runtime_child(runtime, directory, warmup, iters):
         options = ort.SessionOptions()
         options.intra_op_num_threads = 2
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        run = lambda: session.run(None, {"input": x})
+        name = session.get_inputs()[0].name
+        run = lambda: session.run(None, {name: x})
     else:
         import openvino as ov
 

@@ -1,7 +1,8 @@
 //! Graphs from fuzz bytes, checked differentially: every byte string
 //! becomes a small valid graph (convolutions with any groups, kernel,
 //! stride, dilation and padding per axis, batch norms, every activation,
-//! adds, squeeze-and-excitation's broadcast multiply, max pools, a global
+//! adds, squeeze-and-excitation's broadcast multiply, channel concats,
+//! average pools, max pools in floor and ceil mode, a global
 //! pool → flatten → linear head), which runs through the
 //! default passes on wick's f32 CPU kernels and, as the reference, unfused
 //! in f64 on candle's ops. The `graph_diff` fuzz target and its corpus
@@ -9,7 +10,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use wick_engine::{Engine, EngineError};
-use wick_ir::{Activation, BatchNormAttrs, Conv2dAttrs, FlattenAttrs, Graph, MaxPool2dAttrs, NodeId, Op, TensorFact};
+use wick_ir::{
+    Activation, AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, Conv2dAttrs, FlattenAttrs, Graph, MaxPool2dAttrs, NodeId,
+    Op, TensorFact,
+};
 use wick_passes::PassManager;
 
 /// Reads small numbers from the fuzz bytes; zeros once they run out.
@@ -48,7 +52,7 @@ pub fn graph_from_bytes(data: &[u8]) -> (Graph, Tensor) {
         let fact = graph.node(source).fact.clone();
         let channels = fact.shape[1];
         let name = format!("s{step}");
-        let added = match b.below(7) {
+        let added = match b.below(9) {
             0 => {
                 let divisors: Vec<usize> = (1..=channels).filter(|g| channels.is_multiple_of(*g)).collect();
                 let groups = divisors[b.below(divisors.len())];
@@ -94,13 +98,31 @@ pub fn graph_from_bytes(data: &[u8]) -> (Graph, Tensor) {
                 let same: Vec<NodeId> = values.iter().copied().filter(|v| graph.node(*v).fact == fact).collect();
                 graph.add_node(name, Op::Add, &[source, same[b.below(same.len())]])
             }
+            6 => {
+                // DenseNet's join: the source and a value of the same N, H, W.
+                let joinable: Vec<NodeId> = values
+                    .iter()
+                    .copied()
+                    .filter(|v| {
+                        let shape = &graph.node(*v).fact.shape;
+                        shape[0] == fact.shape[0] && shape[2..] == fact.shape[2..]
+                    })
+                    .collect();
+                let other = joinable[b.below(joinable.len())];
+                graph.add_node(name, Op::Concat(ConcatAttrs { axis: 1 }), &[source, other])
+            }
+            7 => {
+                let kernel = [1 + b.below(3), 1 + b.below(3)];
+                let stride = [1 + b.below(3), 1 + b.below(3)];
+                graph.add_node(name, Op::AvgPool2d(AvgPool2dAttrs { kernel, stride }), &[source])
+            }
             _ => {
                 let kernel = [1 + b.below(3), 1 + b.below(3)];
                 let attrs = MaxPool2dAttrs {
-                    ceil_mode: false,
                     kernel,
                     stride: [1 + b.below(3), 1 + b.below(3)],
                     padding: [b.below(kernel[0] / 2 + 1), b.below(kernel[1] / 2 + 1)],
+                    ceil_mode: b.flag(),
                 };
                 graph.add_node(name, Op::MaxPool2d(attrs), &[source])
             }
@@ -224,6 +246,8 @@ mod tests {
             "relu",
             "add",
             "max_pool2d",
+            "concat",
+            "avg_pool2d",
             "global_avg_pool2d",
             "flatten",
             "linear",
