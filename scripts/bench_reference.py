@@ -62,30 +62,42 @@ def main():
     with torch.no_grad():
         rows.append(("pytorch-eager", timed(lambda: model(x), args.warmup, args.iters)))
     torch_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    child_rss = []
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "model.onnx"
         torch.onnx.export(model, x, str(path), input_names=["input"], output_names=["output"], dynamo=False)
         np.save(pathlib.Path(tmp) / "input.npy", x.numpy().astype(np.float32))
-        for runtime in ("onnxruntime", "openvino"):
-            try:
-                version = __import__(runtime).__version__.split("-")[0]
-            except ImportError as err:
-                print(f"({runtime} not installed: {err})")
-                continue
-            child = subprocess.run(
-                [sys.executable, __file__, "--child", runtime, "--dir", tmp,
-                 "--warmup", str(args.warmup), "--iters", str(args.iters)],
-                check=True, capture_output=True, text=True,
-            )
-            median, low, high, rss = map(float, child.stdout.split())
-            rows.append((f"{runtime}-{version}", (median, low, high)))
-            child_rss.append(f"{runtime} child process {rss:.0f} MiB")
+        rows_child, child_rss = run_children(tmp, args, None)
+        rows += rows_child
     print(f"{args.model} batch {args.batch}, torch {torch.__version__}, {args.warmup} warm-up + {args.iters} timed forwards")
+    print_rows(rows)
+    print(f"peak RSS: pytorch-eager process {torch_rss:.0f} MiB" + "".join(f", {r}" for r in child_rss))
+
+
+def run_children(tmp, args, file):
+    """Each installed ONNX runtime in a child process of its own, on
+    `file` (else the exported tmp/model.onnx) and tmp/input.npy."""
+    rows, child_rss = [], []
+    for runtime in ("onnxruntime", "openvino"):
+        try:
+            version = __import__(runtime).__version__.split("-")[0]
+        except ImportError as err:
+            print(f"({runtime} not installed: {err})")
+            continue
+        command = [sys.executable, __file__, "--child", runtime, "--dir", tmp,
+                   "--warmup", str(args.warmup), "--iters", str(args.iters)]
+        if file:
+            command += ["--file", file]
+        child = subprocess.run(command, check=True, capture_output=True, text=True)
+        median, low, high, rss = map(float, child.stdout.split())
+        rows.append((f"{runtime}-{version}", (median, low, high)))
+        child_rss.append(f"{runtime} child process {rss:.0f} MiB")
+    return rows, child_rss
+
+
+def print_rows(rows):
     print(f"{'runtime':<22} {'median ms':>10} {'min ms':>9} {'max ms':>9}")
     for name, (median, low, high) in rows:
         print(f"{name:<22} {median:>10.2f} {low:>9.2f} {high:>9.2f}")
-    print(f"peak RSS: pytorch-eager process {torch_rss:.0f} MiB" + "".join(f", {r}" for r in child_rss))
 
 
 def time_file(args):
@@ -97,23 +109,11 @@ def time_file(args):
     initializers = {t.name for t in graph.initializer}
     (first,) = [i for i in graph.input if i.name not in initializers]
     shape = [d.dim_value if d.HasField("dim_value") else args.batch for d in first.type.tensor_type.shape.dim]
-    rows, child_rss = [], []
     with tempfile.TemporaryDirectory() as tmp:
         np.save(pathlib.Path(tmp) / "input.npy", np.random.default_rng(1).standard_normal(shape, dtype=np.float32))
-        for runtime in ("onnxruntime", "openvino"):
-            version = __import__(runtime).__version__.split("-")[0]
-            child = subprocess.run(
-                [sys.executable, __file__, "--child", runtime, "--dir", tmp, "--file", str(pathlib.Path(args.onnx).resolve()),
-                 "--warmup", str(args.warmup), "--iters", str(args.iters)],
-                check=True, capture_output=True, text=True,
-            )
-            median, low, high, rss = map(float, child.stdout.split())
-            rows.append((f"{runtime}-{version}", (median, low, high)))
-            child_rss.append(f"{runtime} {rss:.0f} MiB")
+        rows, child_rss = run_children(tmp, args, str(pathlib.Path(args.onnx).resolve()))
     print(f"{args.onnx} input {shape}, {args.warmup} warm-up + {args.iters} timed forwards")
-    print(f"{'runtime':<22} {'median ms':>10} {'min ms':>9} {'max ms':>9}")
-    for name, (median, low, high) in rows:
-        print(f"{name:<22} {median:>10.2f} {low:>9.2f} {high:>9.2f}")
+    print_rows(rows)
     print("peak RSS: " + ", ".join(child_rss))
 
 
