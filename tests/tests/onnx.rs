@@ -314,3 +314,99 @@ fn wrong_input_shapes_are_refused() {
         assert!(compiled.run(&[x]).is_err(), "{wrong:?}");
     }
 }
+
+/// `Conv` padding in every form ONNX has: asymmetric `pads` and
+/// `auto_pad` `SAME_UPPER` / `SAME_LOWER` (their odd extra at the end /
+/// the beginning) and `VALID`, against candle's conv on an input padded by
+/// hand (pads worked out by hand: 6x5 input, 3x2 kernel, stride 2 needs
+/// one extra row and one extra column).
+#[test]
+fn conv_padding_forms() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (1, 2, 6, 5), &dev).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (3, 2, 3, 2), &dev).unwrap();
+    let weight = proto::TensorProto {
+        name: "w".into(),
+        dims: vec![3, 2, 3, 2],
+        data_type: 1,
+        float_data: w.flatten_all().unwrap().to_vec1().unwrap(),
+        ..Default::default()
+    };
+    // (auto_pad, pads, stride, the padding that means [top, left, bottom, right]).
+    type Case = (&'static str, Option<[i64; 4]>, i64, [usize; 4]);
+    let cases: [Case; 5] = [
+        ("NOTSET", Some([1, 0, 2, 1]), 1, [1, 0, 2, 1]),
+        ("NOTSET", Some([1, 1, 1, 1]), 2, [1, 1, 1, 1]),
+        ("SAME_UPPER", None, 2, [0, 0, 1, 1]),
+        ("SAME_LOWER", None, 2, [1, 1, 0, 0]),
+        ("VALID", None, 2, [0, 0, 0, 0]),
+    ];
+    for (auto_pad, pads, stride, [top, left, bottom, right]) in cases {
+        let mut model = relu_model();
+        let graph = model.graph.as_mut().unwrap();
+        let mut conv = node("conv", "Conv", &["x", "w"], &["y"]);
+        let attribute = |name: &str, r#type: i32| proto::AttributeProto {
+            name: name.into(),
+            r#type,
+            ..Default::default()
+        };
+        conv.attribute.push(proto::AttributeProto {
+            s: auto_pad.as_bytes().to_vec(),
+            ..attribute("auto_pad", 3)
+        });
+        conv.attribute.push(proto::AttributeProto {
+            ints: vec![stride, stride],
+            ..attribute("strides", 7)
+        });
+        if let Some(pads) = pads {
+            conv.attribute.push(proto::AttributeProto {
+                ints: pads.to_vec(),
+                ..attribute("pads", 7)
+            });
+        }
+        graph.node = vec![conv];
+        graph.initializer = vec![weight.clone()];
+        let dims = |d: &[i64]| {
+            let mut input = graph.input[0].clone();
+            let shape = input
+                .r#type
+                .as_mut()
+                .unwrap()
+                .tensor_type
+                .as_mut()
+                .unwrap()
+                .shape
+                .as_mut()
+                .unwrap();
+            shape.dim = d
+                .iter()
+                .map(|&v| proto::Dimension {
+                    dim_value: Some(v),
+                    dim_param: None,
+                })
+                .collect();
+            input
+        };
+        graph.input = vec![dims(&[1, 2, 6, 5])];
+        graph.output = vec![proto::ValueInfoProto {
+            name: "y".into(),
+            r#type: None,
+        }];
+        let imported = import(&model).unwrap_or_else(|e| panic!("{auto_pad} {pads:?}: {e}"));
+        let (got, _) = run(&imported, &x, true);
+        let padded = x
+            .pad_with_zeros(2, top, bottom)
+            .unwrap()
+            .pad_with_zeros(3, left, right)
+            .unwrap();
+        let want = padded.conv2d(&w, 0, stride as usize, 1, 1).unwrap();
+        assert_eq!(got.dims(), want.dims(), "{auto_pad} {pads:?}");
+        assert!(max_abs_diff(&got, &want) < 1e-5, "{auto_pad} {pads:?}");
+        let pads_in_ir = imported.nodes().iter().any(|n| matches!(n.op, Op::Pad(_)));
+        assert_eq!(
+            pads_in_ir,
+            top != bottom || left != right,
+            "{auto_pad} {pads:?}: a pad op only for the uneven part"
+        );
+    }
+}

@@ -149,6 +149,10 @@ impl Kernel {
                 attrs: *attrs,
                 x: slot(0),
             }),
+            Op::Pad(attrs) => candle(CandleOp::Pad {
+                pads: attrs.pads,
+                x: slot(0),
+            }),
             Op::Concat(attrs) => candle(CandleOp::Concat {
                 axis: attrs.axis,
                 xs: node.inputs.iter().map(|id| id.index()).collect(),

@@ -52,6 +52,7 @@ impl Graph {
                 | Op::GlobalAvgPool2d
                 | Op::AvgPool2d(_)
                 | Op::Concat(_)
+                | Op::Pad(_)
                 | Op::Flatten(_) => 0,
             })
             .fold(0u64, u64::saturating_add)

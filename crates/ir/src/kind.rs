@@ -4,6 +4,7 @@
 
 use crate::{
     AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, MaxPool2dAttrs, Op,
+    PadAttrs,
 };
 
 /// Declares [`OpKind`] with each kind's IR text name, written once here and
@@ -66,6 +67,8 @@ op_kinds! {
     AvgPool2d = "avg_pool2d",
     /// [`Op::Concat`].
     Concat = "concat",
+    /// [`Op::Pad`].
+    Pad = "pad",
     /// [`Op::Flatten`].
     Flatten = "flatten",
     /// [`Op::Linear`].
@@ -98,6 +101,7 @@ impl OpKind {
             | OpKind::GlobalAvgPool2d
             | OpKind::AvgPool2d
             | OpKind::Concat
+            | OpKind::Pad
             | OpKind::Flatten
             | OpKind::Linear => OpRole::Computed,
         }
@@ -159,5 +163,6 @@ op_attrs! {
     MaxPool2dAttrs => MaxPool2d,
     AvgPool2dAttrs => AvgPool2d,
     ConcatAttrs => Concat,
+    PadAttrs => Pad,
     FlattenAttrs => Flatten,
 }

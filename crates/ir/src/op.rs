@@ -77,6 +77,15 @@ pub struct AvgPool2dAttrs {
     pub stride: [usize; 2],
 }
 
+/// Attributes of a zero padding of an NCHW value's spatial axes, each side
+/// on its own (what a symmetric conv padding cannot express: ONNX's
+/// asymmetric `pads` and `SAME_*` auto-padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PadAttrs {
+    /// Zeros added `[top, left, bottom, right]`.
+    pub pads: [usize; 4],
+}
+
 /// Attributes of a concatenation of values along one axis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConcatAttrs {
@@ -130,6 +139,8 @@ pub enum Op {
     GlobalAvgPool2d,
     /// 2-D average pool over NCHW, no padding.
     AvgPool2d(AvgPool2dAttrs),
+    /// Zero padding of the spatial axes, each side on its own.
+    Pad(PadAttrs),
     /// `concat(x1, x2, ...)` along an axis (DenseNet's and SqueezeNet's
     /// channel concatenations): one or more inputs.
     Concat(ConcatAttrs),
@@ -160,6 +171,7 @@ impl Op {
             Op::GlobalAvgPool2d => OpKind::GlobalAvgPool2d,
             Op::AvgPool2d(_) => OpKind::AvgPool2d,
             Op::Concat(_) => OpKind::Concat,
+            Op::Pad(_) => OpKind::Pad,
             Op::Flatten(_) => OpKind::Flatten,
             Op::Linear => OpKind::Linear,
         }
@@ -192,6 +204,7 @@ impl Op {
             | Op::MaxPool2d(_)
             | Op::GlobalAvgPool2d
             | Op::AvgPool2d(_)
+            | Op::Pad(_)
             | Op::Flatten(_) => &[1],
             Op::Add | Op::Mul => &[2],
             Op::Concat(_) => &[],
@@ -218,6 +231,7 @@ impl Op {
             | Op::GlobalAvgPool2d
             | Op::AvgPool2d(_)
             | Op::Concat(_)
+            | Op::Pad(_)
             | Op::Flatten(_) => false,
         }
     }
@@ -313,6 +327,20 @@ impl Op {
                 }
             }
             Op::Concat(ConcatAttrs { axis }) => infer_concat(*axis, inputs),
+            Op::Pad(PadAttrs {
+                pads: [top, left, bottom, right],
+            }) => {
+                let x = expect_rank(inputs[0], 4, "input")?;
+                let grow = |len: usize, a: usize, b: usize| len.checked_add(a)?.checked_add(b);
+                match (grow(x[2], *top, *bottom), grow(x[3], *left, *right)) {
+                    (Some(h), Some(w)) => Ok(TensorFact::new(inputs[0].dtype, [x[0], x[1], h, w])),
+                    _ => Err(format!(
+                        "padding {:?} of {} overflows",
+                        [top, left, bottom, right],
+                        inputs[0]
+                    )),
+                }
+            }
             Op::Flatten(FlattenAttrs { start_dim }) => {
                 let x = &inputs[0].shape;
                 if *start_dim >= x.len() {

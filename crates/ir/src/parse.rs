@@ -6,7 +6,7 @@
 
 use crate::{
     AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, Graph, IrError,
-    MaxPool2dAttrs, NodeId, Op, OpKind, OpRole, ParseError, TensorFact,
+    MaxPool2dAttrs, NodeId, Op, OpKind, OpRole, PadAttrs, ParseError, TensorFact,
 };
 use candle_core::DType;
 use std::collections::HashMap;
@@ -403,6 +403,17 @@ impl Parser {
                 Op::AvgPool2d(AvgPool2dAttrs {
                     kernel,
                     stride: table.pair("stride")?.unwrap_or(kernel),
+                })
+            }
+            OpKind::Pad => {
+                let [top, left] = table
+                    .pair("begin")?
+                    .ok_or_else(|| table.parser.error_here("pad needs `begin` ([top, left])"))?;
+                let [bottom, right] = table
+                    .pair("end")?
+                    .ok_or_else(|| table.parser.error_here("pad needs `end` ([bottom, right])"))?;
+                Op::Pad(PadAttrs {
+                    pads: [top, left, bottom, right],
                 })
             }
             OpKind::Concat => Op::Concat(ConcatAttrs {

@@ -51,6 +51,15 @@ pub(crate) fn op_text(op: &Op) -> String {
         ),
         Op::AvgPool2d(a) => format!("{}[kernel={}, stride={}]", op.name(), pair(a.kernel), pair(a.stride)),
         Op::Concat(a) => format!("{}[axis={}]", op.name(), a.axis),
+        Op::Pad(a) => {
+            let [top, left, bottom, right] = a.pads;
+            format!(
+                "{}[begin={}, end={}]",
+                op.name(),
+                pair([top, left]),
+                pair([bottom, right])
+            )
+        }
         Op::Flatten(a) => format!("{}[start_dim={}]", op.name(), a.start_dim),
         Op::Input
         | Op::Constant

@@ -376,9 +376,10 @@ fn fused_conv_activation_attribute() {
 }
 
 /// DenseNet's and SqueezeNet's ops: `concat` (any number of inputs, one
-/// axis may differ), `avg_pool2d` and a ceil-mode `max_pool2d` round-trip
-/// as text; a concat of mismatched shapes or out-of-range axis, and one
-/// without inputs, are errors that say so.
+/// axis may differ), `avg_pool2d` and a ceil-mode `max_pool2d`, and the
+/// one-sided `pad` of ONNX's asymmetric conv padding, round-trip as text;
+/// a concat of mismatched shapes or out-of-range axis, one without inputs,
+/// and a pad whose size overflows are errors that say so.
 #[test]
 fn concat_avg_pool_and_ceil_mode() {
     let text = "graph dense(%x: f32[1,4,7,7]) {
@@ -387,7 +388,8 @@ fn concat_avg_pool_and_ceil_mode() {
   %p = avg_pool2d[kernel=[2,2], stride=[2,2]](%c) : f32[1,12,3,3]
   %m = max_pool2d[kernel=[2,2], stride=[2,2], padding=[0,0], ceil_mode=1](%c) : f32[1,12,4,4]
   %one = concat[axis=0](%m) : f32[1,12,4,4]
-  return %p, %one
+  %z = pad[begin=[0,1], end=[2,0]](%one) : f32[1,12,6,5]
+  return %p, %z
 }";
     let graph = Graph::parse(text).unwrap();
     graph.verify().unwrap();

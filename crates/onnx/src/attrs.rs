@@ -89,9 +89,53 @@ impl<'a> Attrs<'a> {
         }
     }
 
-    /// Symmetric 2-D padding `[h, w]` from `pads` (`[top, left, bottom,
-    /// right]`) with `auto_pad` NOTSET (or VALID: none); asymmetric pads
-    /// and SAME_* are refused.
+    /// A conv's padding `[top, left, bottom, right]` on an `[h, w]` input:
+    /// `pads` as given (each side on its own), or `auto_pad` `SAME_UPPER` /
+    /// `SAME_LOWER` (output `ceil(in / stride)`, the odd extra at the end /
+    /// the beginning) or `VALID`.
+    pub(crate) fn conv_pads(
+        &self,
+        input: [usize; 2],
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        dilation: [usize; 2],
+    ) -> Result<[usize; 4], String> {
+        let same = |lower: bool| -> Result<[usize; 4], String> {
+            let mut pads = [0; 4];
+            for axis in 0..2 {
+                let span = (kernel[axis] - 1)
+                    .checked_mul(dilation[axis])
+                    .and_then(|s| s.checked_add(1))
+                    .ok_or("the kernel span overflows")?;
+                let out = input[axis].div_ceil(stride[axis]);
+                let needed = (out.saturating_sub(1))
+                    .checked_mul(stride[axis])
+                    .and_then(|n| n.checked_add(span))
+                    .ok_or("the padding overflows")?;
+                let total = needed.saturating_sub(input[axis]);
+                let (small, large) = (total / 2, total - total / 2);
+                (pads[axis], pads[axis + 2]) = if lower { (large, small) } else { (small, large) };
+            }
+            Ok(pads)
+        };
+        match self.string("auto_pad", "NOTSET")?.as_str() {
+            "NOTSET" => {}
+            "VALID" => return Ok([0; 4]),
+            "SAME_UPPER" => return same(false),
+            "SAME_LOWER" => return same(true),
+            other => return Err(format!("auto_pad {other} is not an ONNX value")),
+        }
+        match self.ints("pads")? {
+            None => Ok([0; 4]),
+            Some(pads) if pads.len() == 4 && pads.iter().all(|&p| p >= 0) => Ok([0, 1, 2, 3].map(|i| pads[i] as usize)),
+            Some(pads) => Err(format!("pads {pads:?} must be four non-negative values (2-D)")),
+        }
+    }
+
+    /// A pool's symmetric 2-D padding `[h, w]` from `pads` (`[top, left,
+    /// bottom, right]`) with `auto_pad` NOTSET (or VALID: none); asymmetric
+    /// pads and SAME_* are refused (a pool pads with -inf, not zeros, so
+    /// the conv's separate zero `pad` cannot stand in).
     pub(crate) fn padding(&self) -> Result<[usize; 2], String> {
         match self.string("auto_pad", "NOTSET")?.as_str() {
             "NOTSET" => {}

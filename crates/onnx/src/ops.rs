@@ -10,6 +10,7 @@ use crate::proto::NodeProto;
 use crate::tensor::Const;
 use wick_ir::{
     Activation, AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, Conv2dAttrs, FlattenAttrs, MaxPool2dAttrs, NodeId, Op,
+    PadAttrs,
 };
 
 /// The operators [`lower`] knows (some only for some attributes or
@@ -185,19 +186,15 @@ fn activation(imp: &mut Importer, node: &NodeProto, a: &Attrs, act: Activation) 
 fn conv(imp: &mut Importer, node: &NodeProto, a: &Attrs) -> Result<Vec<Value>, String> {
     a.only(&["kernel_shape", "strides", "pads", "dilations", "group", "auto_pad"])?;
     let group = a.int("group", 1)?;
-    let attrs = Conv2dAttrs {
-        stride: a.pair("strides", [1, 1])?,
-        padding: a.padding()?,
-        dilation: a.pair("dilations", [1, 1])?,
-        groups: usize::try_from(group)
-            .ok()
-            .filter(|&g| g > 0)
-            .ok_or(format!("group {group} must be positive"))?,
-    };
-    let x = imp.ir(node, 0)?;
+    let groups = usize::try_from(group)
+        .ok()
+        .filter(|&g| g > 0)
+        .ok_or(format!("group {group} must be positive"))?;
+    let (stride, dilation) = (a.pair("strides", [1, 1])?, a.pair("dilations", [1, 1])?);
+    let mut x = imp.ir(node, 0)?;
     let w = imp.ir(node, 1)?;
     let weight = imp.shape(w).to_vec();
-    if weight.len() != 4 {
+    if weight.len() != 4 || imp.shape(x).len() != 4 {
         return Err(format!(
             "weight of shape {weight:?}: only 2-D convolutions (4-D weights) are supported"
         ));
@@ -207,6 +204,26 @@ fn conv(imp: &mut Importer, node: &NodeProto, a: &Attrs) -> Result<Vec<Value>, S
             return Err(format!("kernel_shape {kernel:?} does not match the weight {weight:?}"));
         }
     }
+    let input = [imp.shape(x)[2], imp.shape(x)[3]];
+    let [top, left, bottom, right] = a.conv_pads(input, [weight[2], weight[3]], stride, dilation)?;
+    // The conv pads both sides of an axis alike; what one side has more of
+    // is a zero padding of its own before it.
+    let padding = [top.min(bottom), left.min(right)];
+    let extra = [
+        top - padding[0],
+        left - padding[1],
+        bottom - padding[0],
+        right - padding[1],
+    ];
+    if extra != [0; 4] {
+        x = imp.add(node, ".pad", Op::Pad(PadAttrs { pads: extra }), &[x])?;
+    }
+    let attrs = Conv2dAttrs {
+        stride,
+        padding,
+        dilation,
+        groups,
+    };
     let mut inputs = vec![x, w];
     if imp.operand(node, 2).is_some() {
         inputs.push(imp.ir(node, 2)?);

@@ -229,6 +229,12 @@ pub struct StringStringEntryProto {
 pub mod data_type {
     /// `FLOAT` (f32).
     pub const FLOAT: i32 = 1;
+    /// `UINT8`.
+    pub const UINT8: i32 = 2;
+    /// `INT8`.
+    pub const INT8: i32 = 3;
+    /// `BOOL` (one byte each).
+    pub const BOOL: i32 = 9;
     /// `INT32`.
     pub const INT32: i32 = 6;
     /// `INT64`.

@@ -100,6 +100,7 @@ pub(crate) fn read(
     let external_raw;
     let raw = if tensor.data_location == 1 || !tensor.external_data.is_empty() {
         let width = match tensor.data_type {
+            data_type::BOOL | data_type::UINT8 | data_type::INT8 => 1,
             data_type::FLOAT | data_type::INT32 => 4,
             data_type::INT64 | data_type::DOUBLE => 8,
             other => {
@@ -154,6 +155,17 @@ pub(crate) fn read(
             values: values(raw, &tensor.int64_data, count, i64::from_le_bytes).map_err(error)?,
             dims,
         }),
+        data_type::BOOL | data_type::UINT8 | data_type::INT8 => Ok(Const::I64 {
+            values: values(raw, &tensor.int32_data, count, |[b]: [u8; 1]| i32::from(b))
+                .map_err(error)?
+                .into_iter()
+                .map(|v| match tensor.data_type {
+                    data_type::INT8 => i64::from(v as u8 as i8),
+                    _ => i64::from(v),
+                })
+                .collect(),
+            dims,
+        }),
         data_type::INT32 => Ok(Const::I64 {
             values: values(raw, &tensor.int32_data, count, i32::from_le_bytes)
                 .map_err(error)?
@@ -163,7 +175,7 @@ pub(crate) fn read(
             dims,
         }),
         other => Err(error(format!(
-            "element type {} is not supported (FLOAT, DOUBLE, INT32, INT64 are)",
+            "element type {} is not supported (FLOAT, DOUBLE, INT64, INT32, INT8, UINT8, BOOL are)",
             data_type::name(other)
         ))),
     }
@@ -304,6 +316,12 @@ mod tests {
         let mut t = proto(&[3], data_type::INT64);
         t.int64_data = vec![1, -1, 7];
         assert_eq!(read(&t, "s", 100, none).unwrap().ints().unwrap(), [1, -1, 7]);
+        let mut t = proto(&[2], data_type::BOOL);
+        t.raw_data = vec![1, 0];
+        assert_eq!(read(&t, "mode", 100, none).unwrap().ints().unwrap(), [1, 0]);
+        let mut t = proto(&[2], data_type::INT8);
+        t.raw_data = vec![0xff, 7];
+        assert_eq!(read(&t, "i8", 100, none).unwrap().ints().unwrap(), [-1, 7]);
         let mut t = proto(&[], data_type::FLOAT);
         t.float_data = vec![6.0];
         assert_eq!(read(&t, "max", 100, none).unwrap().scalar_f32(), Some(6.0));

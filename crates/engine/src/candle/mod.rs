@@ -111,6 +111,11 @@ pub(crate) enum CandleOp {
         attrs: wick_ir::AvgPool2dAttrs,
         x: Slot,
     },
+    /// Zeros around the spatial axes, `[top, left, bottom, right]`.
+    Pad {
+        pads: [usize; 4],
+        x: Slot,
+    },
     /// The values of `xs` joined along `axis`.
     Concat {
         axis: usize,
@@ -147,6 +152,7 @@ impl CandleOp {
             | CandleOp::MaxPool2d { x, .. }
             | CandleOp::GlobalAvgPool2d { x }
             | CandleOp::AvgPool2d { x, .. }
+            | CandleOp::Pad { x, .. }
             | CandleOp::Reshape { x, .. } => vec![*x],
             CandleOp::Concat { xs, .. } => xs.clone(),
             CandleOp::Add { a, b } | CandleOp::Mul { a, b } => vec![*a, *b],
@@ -188,6 +194,12 @@ impl CandleOp {
                 let ([kh, kw], [sh, sw]) = (attrs.kernel, attrs.stride);
                 value(*x)?.avg_pool2d_with_stride((kh, kw), (sh, sw))
             }
+            CandleOp::Pad {
+                pads: [top, left, bottom, right],
+                x,
+            } => value(*x)?
+                .pad_with_zeros(2, *top, *bottom)?
+                .pad_with_zeros(3, *left, *right),
             CandleOp::Concat { axis, xs } => {
                 let values = xs.iter().map(|&x| value(x)).collect::<candle_core::Result<Vec<_>>>()?;
                 Tensor::cat(&values, *axis)
