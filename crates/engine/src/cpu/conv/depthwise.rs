@@ -106,6 +106,9 @@ impl DepthwiseConv {
             })
             .collect();
         let taps = offsets.len();
+        // Narrow rows (7×7 planes) waste less in 8-wide segments.
+        let segment = if shape.out_width <= 8 { 8 } else { 16 };
+        let units = units(shape.out_height, shape.out_width, segment, a.stride[0] * phase_width);
         with_cpu_f32("depthwise conv", &call.x, call.residual.as_ref(), |data, residual| {
             out.par_chunks_mut(out_plane).enumerate().try_for_each_init(
                 Vec::new,
@@ -131,13 +134,11 @@ impl DepthwiseConv {
                     let body = Plane {
                         phases: scratch,
                         offsets: &offsets,
-                        row_step: a.stride[0] * phase_width,
+                        units: &units,
                         weight: &self.weight[channel * taps..][..taps],
                         out: &mut *out,
-                        out_width: shape.out_width,
                     };
-                    // Narrow rows (7×7 planes) waste less in 8-wide segments.
-                    if shape.out_width <= 8 {
+                    if segment == 8 {
                         self.isa.run(Segments::<8>(body));
                     } else {
                         self.isa.run(Segments::<16>(body));
@@ -216,11 +217,47 @@ struct Plane<'a> {
     phases: &'a [f32],
     /// Where each tap of output (0, 0) reads in `phases`.
     offsets: &'a [usize],
-    /// How far one output row moves the reads: stride·(phase width).
-    row_step: usize,
+    /// The plane's output segments, a whole number of groups of [`UNITS`].
+    units: &'a [Unit],
     weight: &'a [f32],
     out: &'a mut [f32],
-    out_width: usize,
+}
+
+/// One output segment: where its reads start (for tap offset 0), where
+/// its outputs go, and how many there are (0 for the padding units that
+/// fill the last group).
+#[derive(Debug, Clone, Copy)]
+struct Unit {
+    read: usize,
+    write: usize,
+    len: usize,
+}
+
+/// The segments of an `out_height × out_width` output, `segment` columns
+/// each, rows `row_step` values apart in the phases; padded with empty
+/// units to a whole number of groups. The same for every plane of a call,
+/// so worked out once (indices per unit cost divisions, which outweighed
+/// the multiply-adds of small planes).
+fn units(out_height: usize, out_width: usize, segment: usize, row_step: usize) -> Vec<Unit> {
+    let mut units: Vec<Unit> = (0..out_height)
+        .flat_map(|oy| {
+            (0..out_width).step_by(segment).map(move |ox| Unit {
+                read: oy * row_step + ox,
+                write: oy * out_width + ox,
+                len: segment.min(out_width - ox),
+            })
+        })
+        .collect();
+    let empty = units.last().map_or(
+        Unit {
+            read: 0,
+            write: 0,
+            len: 0,
+        },
+        |u| Unit { len: 0, ..*u },
+    );
+    units.resize(units.len().next_multiple_of(UNITS), empty);
+    units
 }
 
 /// Segments computed together: independent sums, so the multiply-adds of
@@ -233,7 +270,7 @@ const UNITS: usize = 4;
 /// and multiply-add per tap) and are stored once, [`UNITS`] segments
 /// (along a row, then on to the next rows) at once; a row's last segment
 /// reads past the row (harmlessly, see [`SEGMENT_SLACK`]) and stores only
-/// its columns.
+/// its columns; the units padding the last group store nothing.
 struct Segments<'a, const L: usize>(Plane<'a>);
 
 impl<const L: usize> IsaBody for Segments<'_, L> {
@@ -243,31 +280,20 @@ impl<const L: usize> IsaBody for Segments<'_, L> {
     fn run(self) {
         let p = self.0;
         debug_assert!(L <= SEGMENT_SLACK);
-        let per_row = p.out_width.div_ceil(L);
-        let segments = p.out.len() / p.out_width * per_row;
-        for first in (0..segments).step_by(UNITS) {
-            // Where each segment reads (at offset 0) and writes; a last
-            // group of fewer repeats its final segment, stored once.
-            let unit = |i: usize| {
-                let segment = (first + i).min(segments - 1);
-                let (oy, ox) = (segment / per_row, segment % per_row * L);
-                (oy * p.row_step + ox, oy * p.out_width + ox, L.min(p.out_width - ox))
-            };
-            let units: [(usize, usize, usize); UNITS] = std::array::from_fn(unit);
+        for group in p.units.chunks_exact(UNITS) {
             let mut acc = [[0f32; L]; UNITS];
             for (&offset, &w) in p.offsets.iter().zip(p.weight) {
-                for (acc, &(read, _, _)) in acc.iter_mut().zip(&units) {
+                for (acc, unit) in acc.iter_mut().zip(group) {
                     // In bounds: the last valid column of the last row is
                     // at most L - 1 values before the slack's end.
-                    let src = &p.phases[read + offset..][..L];
+                    let src = &p.phases[unit.read + offset..][..L];
                     for (a, &s) in acc.iter_mut().zip(src) {
                         *a += w * s;
                     }
                 }
             }
-            let real = UNITS.min(segments - first);
-            for (acc, &(_, write, len)) in acc.iter().zip(&units).take(real) {
-                p.out[write..write + len].copy_from_slice(&acc[..len]);
+            for (acc, unit) in acc.iter().zip(group) {
+                p.out[unit.write..unit.write + unit.len].copy_from_slice(&acc[..unit.len]);
             }
         }
     }
