@@ -91,7 +91,19 @@ impl Kernel {
                         let params = BatchNormParams::new(running_mean, running_var, affine, attrs.eps);
                         let (scale, shift) =
                             batch_norm_affine(&params, node.fact.dtype, node.fact.rank(), device).at(&node.name)?;
-                        candle(CandleOp::BatchNormFolded { scale, shift, x })
+                        match how.machine {
+                            // A batch norm no conv precedes (DenseNet's pre-activation ones).
+                            Some(machine) if node.fact.dtype == DType::F32 && node.fact.rank() == 4 => {
+                                let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+                                Ok(Kernel::Cpu(CpuKernel::ChannelAffine {
+                                    isa: machine.isa,
+                                    scale: values(&scale).at(&node.name)?,
+                                    shift: values(&shift).at(&node.name)?,
+                                    x,
+                                }))
+                            }
+                            _ => candle(CandleOp::BatchNormFolded { scale, shift, x }),
+                        }
                     }
                     _ => candle(CandleOp::BatchNorm {
                         eps: attrs.eps,

@@ -172,6 +172,13 @@ pub(crate) enum CpuKernel {
     GlobalAvgPool2d { isa: gemm::Isa, x: Slot },
     /// `a · s` with `s` one value per plane of `a` (`[N, C, 1, 1]`), on `isa`.
     ChannelScale { isa: gemm::Isa, a: Slot, s: Slot },
+    /// `x · scale[c] + shift[c]` (a batch norm folded at compile time), on `isa`.
+    ChannelAffine {
+        isa: gemm::Isa,
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+        x: Slot,
+    },
 }
 
 impl CpuKernel {
@@ -179,9 +186,10 @@ impl CpuKernel {
     pub(crate) fn reads(&self) -> Vec<Slot> {
         match self {
             CpuKernel::Conv { x, residual, .. } => std::iter::once(*x).chain(*residual).collect(),
-            CpuKernel::MaxPool2d { x, .. } | CpuKernel::Activation { x, .. } | CpuKernel::GlobalAvgPool2d { x, .. } => {
-                vec![*x]
-            }
+            CpuKernel::MaxPool2d { x, .. }
+            | CpuKernel::Activation { x, .. }
+            | CpuKernel::GlobalAvgPool2d { x, .. }
+            | CpuKernel::ChannelAffine { x, .. } => vec![*x],
             CpuKernel::ChannelScale { a, s, .. } => vec![*a, *s],
         }
     }
@@ -194,6 +202,7 @@ impl CpuKernel {
             CpuKernel::Activation { isa, activation, x } => activation::activation(*isa, *activation, &value(*x)?),
             CpuKernel::GlobalAvgPool2d { isa, x } => plane::global_avg_pool2d(*isa, &value(*x)?),
             CpuKernel::ChannelScale { isa, a, s } => plane::channel_scale(*isa, &value(*a)?, &value(*s)?),
+            CpuKernel::ChannelAffine { isa, scale, shift, x } => plane::channel_affine(*isa, &value(*x)?, scale, shift),
         }
     }
 }
