@@ -24,6 +24,7 @@ use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{Isa, IsaBody};
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// A depthwise convolution with its weights kept for the CPU.
 #[derive(Debug)]
@@ -89,11 +90,12 @@ impl DepthwiseConv {
             _ => bail!("depthwise conv: a padded plane of {padded_height} x {padded_width} exceeds the {SCRATCH_MAX_VALUES} values allowed"),
         };
         let (in_plane, out_plane) = (shape.in_plane(), shape.out_plane());
-        let mut out = output_buffer(shape.out_len(), "conv output")?;
-        out.resize(shape.out_len(), 0.0);
-        if out_plane == 0 {
-            return output(out, shape.out_dims());
+        let out_len = shape.out_len();
+        if out_len == 0 {
+            return output(Vec::new(), shape.out_dims());
         }
+        // Not zeroed: every value is written (the segments cover each row).
+        let mut out = output_buffer(out_len, "conv output")?;
         let [kh, kw] = self.spec.kernel;
         let phase_len = padded_height * phase_width;
         // Where tap (ky, kx) of output (0, 0) reads: padded column kx·dw is
@@ -110,9 +112,10 @@ impl DepthwiseConv {
         let segment = if shape.out_width <= 8 { 8 } else { 16 };
         let units = units(shape.out_height, shape.out_width, segment, a.stride[0] * phase_width);
         with_cpu_f32("depthwise conv", &call.x, call.residual.as_ref(), |data, residual| {
-            out.par_chunks_mut(out_plane).enumerate().try_for_each_init(
-                Vec::new,
-                |scratch: &mut Vec<f32>, (plane, out)| {
+            out.spare_capacity_mut()[..out_len]
+                .par_chunks_mut(out_plane)
+                .enumerate()
+                .try_for_each_init(Vec::new, |scratch: &mut Vec<f32>, (plane, out)| {
                     if scratch.len() != padded_len {
                         scratch.clear();
                         if scratch.try_reserve_exact(padded_len).is_err() {
@@ -143,12 +146,17 @@ impl DepthwiseConv {
                     } else {
                         self.isa.run(Segments::<16>(body));
                     }
+                    // SAFETY: `Segments` wrote every value of this plane (its
+                    // units cover every column of every output row), so the
+                    // slice is initialised; f32 and MaybeUninit<f32> share a layout.
+                    let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
                     let residual = residual.map(|r| &r[plane * out_plane..][..out_plane]);
                     self.epilogue.in_place(channel, out, residual);
                     Ok(())
-                },
-            )
+                })
         })?;
+        // SAFETY: the planes cover all `out_len` values, each written above.
+        unsafe { out.set_len(out_len) };
         output(out, shape.out_dims())
     }
 }
@@ -220,7 +228,7 @@ struct Plane<'a> {
     /// The plane's output segments, a whole number of groups of [`UNITS`].
     units: &'a [Unit],
     weight: &'a [f32],
-    out: &'a mut [f32],
+    out: &'a mut [MaybeUninit<f32>],
 }
 
 /// One output segment: where its reads start (for tap offset 0), where
@@ -293,7 +301,9 @@ impl<const L: usize> IsaBody for Segments<'_, L> {
                 }
             }
             for (acc, unit) in acc.iter().zip(group) {
-                p.out[unit.write..unit.write + unit.len].copy_from_slice(&acc[..unit.len]);
+                for (o, &v) in p.out[unit.write..unit.write + unit.len].iter_mut().zip(acc) {
+                    o.write(v);
+                }
             }
         }
     }
