@@ -103,7 +103,9 @@ impl<'a> Attrs<'a> {
         let same = |lower: bool| -> Result<[usize; 4], String> {
             let mut pads = [0; 4];
             for axis in 0..2 {
-                let span = (kernel[axis] - 1)
+                let span = kernel[axis]
+                    .checked_sub(1)
+                    .ok_or("a kernel of size 0")?
                     .checked_mul(dilation[axis])
                     .and_then(|s| s.checked_add(1))
                     .ok_or("the kernel span overflows")?;
@@ -155,5 +157,55 @@ impl<'a> Attrs<'a> {
                 "pads {pads:?} are not supported: wick pads both sides of an axis alike ([t, l, t, l])"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::AttributeProto;
+
+    fn node(attributes: Vec<AttributeProto>) -> NodeProto {
+        NodeProto {
+            attribute: attributes,
+            ..Default::default()
+        }
+    }
+
+    fn auto_pad(value: &str) -> AttributeProto {
+        AttributeProto {
+            name: "auto_pad".into(),
+            r#type: ty::STRING,
+            s: value.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// SAME padding as ONNX defines it (the odd extra at the end for
+    /// UPPER, the beginning for LOWER); a zero-sized kernel or an unknown
+    /// mode is an error, not an underflow; pads must be four and
+    /// non-negative.
+    #[test]
+    fn conv_pads() {
+        let upper = node(vec![auto_pad("SAME_UPPER")]);
+        let lower = node(vec![auto_pad("SAME_LOWER")]);
+        let pads = |n: &NodeProto, kernel| Attrs::of(n).conv_pads([6, 5], kernel, [2, 2], [1, 1]);
+        assert_eq!(pads(&upper, [3, 2]).unwrap(), [0, 0, 1, 1]);
+        assert_eq!(pads(&lower, [3, 2]).unwrap(), [1, 1, 0, 0]);
+        assert!(pads(&upper, [0, 2]).unwrap_err().contains("size 0"));
+        assert!(pads(&node(vec![auto_pad("SAME")]), [3, 2])
+            .unwrap_err()
+            .contains("SAME"));
+        let explicit = |values: Vec<i64>| {
+            node(vec![AttributeProto {
+                name: "pads".into(),
+                r#type: ty::INTS,
+                ints: values,
+                ..Default::default()
+            }])
+        };
+        assert_eq!(pads(&explicit(vec![1, 0, 2, 1]), [3, 2]).unwrap(), [1, 0, 2, 1]);
+        assert!(pads(&explicit(vec![1, 0, -2, 1]), [3, 2]).is_err());
+        assert!(pads(&explicit(vec![1, 0]), [3, 2]).is_err());
     }
 }
