@@ -158,24 +158,6 @@ fn structure(graph: &Graph) -> Vec<String> {
 
 /// A minimal valid model: `y = relu(x)` on `f32[batch, 4]`.
 fn relu_model() -> ModelProto {
-    let tensor_type = |dims: &[Option<i64>]| proto::TypeProto {
-        tensor_type: Some(proto::TensorTypeProto {
-            elem_type: 1,
-            shape: Some(proto::TensorShapeProto {
-                dim: dims
-                    .iter()
-                    .map(|d| proto::Dimension {
-                        dim_value: *d,
-                        dim_param: d.is_none().then(|| "batch".into()),
-                    })
-                    .collect(),
-            }),
-        }),
-    };
-    let value = |name: &str, dims: &[Option<i64>]| proto::ValueInfoProto {
-        name: name.into(),
-        r#type: Some(tensor_type(dims)),
-    };
     ModelProto {
         ir_version: 8,
         opset_import: vec![proto::OperatorSetIdProto {
@@ -185,11 +167,32 @@ fn relu_model() -> ModelProto {
         graph: Some(proto::GraphProto {
             name: "g".into(),
             node: vec![node("relu", "Relu", &["x"], &["y"])],
-            input: vec![value("x", &[None, Some(4)])],
-            output: vec![value("y", &[None, Some(4)])],
+            input: vec![value_info("x", &[None, Some(4)])],
+            output: vec![value_info("y", &[None, Some(4)])],
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// A graph input or output `name`: f32 of `dims` (`None`: the symbolic `batch`).
+fn value_info(name: &str, dims: &[Option<i64>]) -> proto::ValueInfoProto {
+    proto::ValueInfoProto {
+        name: name.into(),
+        r#type: Some(proto::TypeProto {
+            tensor_type: Some(proto::TensorTypeProto {
+                elem_type: 1,
+                shape: Some(proto::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|d| proto::Dimension {
+                            dim_value: *d,
+                            dim_param: d.is_none().then(|| "batch".into()),
+                        })
+                        .collect(),
+                }),
+            }),
+        }),
     }
 }
 
@@ -366,28 +369,7 @@ fn conv_padding_forms() {
         }
         graph.node = vec![conv];
         graph.initializer = vec![weight.clone()];
-        let dims = |d: &[i64]| {
-            let mut input = graph.input[0].clone();
-            let shape = input
-                .r#type
-                .as_mut()
-                .unwrap()
-                .tensor_type
-                .as_mut()
-                .unwrap()
-                .shape
-                .as_mut()
-                .unwrap();
-            shape.dim = d
-                .iter()
-                .map(|&v| proto::Dimension {
-                    dim_value: Some(v),
-                    dim_param: None,
-                })
-                .collect();
-            input
-        };
-        graph.input = vec![dims(&[1, 2, 6, 5])];
+        graph.input = vec![value_info("x", &[Some(1), Some(2), Some(6), Some(5)])];
         graph.output = vec![proto::ValueInfoProto {
             name: "y".into(),
             r#type: None,

@@ -31,6 +31,8 @@ pub struct CompiledModel {
     /// (`cpu::recycle`); shared by clones, taken by one forward at a time
     /// (a concurrent one starts with an empty pool).
     buffers: Arc<Mutex<Option<BufferPool>>>,
+    /// Most bytes the pool keeps: twice the plan's peak of live activations.
+    pool_cap: usize,
 }
 
 impl CompiledModel {
@@ -41,13 +43,15 @@ impl CompiledModel {
     }
 
     pub(crate) fn new(plan: Plan, device: Device, cpu_path: Option<CpuPath>) -> Self {
-        let run_in_pool = device.is_cpu() && plan.peak_activation_bytes() <= IN_POOL_MAX_ACTIVATION_BYTES;
+        let peak = plan.peak_activation_bytes();
+        let run_in_pool = device.is_cpu() && peak <= IN_POOL_MAX_ACTIVATION_BYTES;
         Self {
             plan: Arc::new(plan),
             device,
             run_in_pool,
             cpu_path,
             buffers: Arc::default(),
+            pool_cap: peak.saturating_mul(2),
         }
     }
 
@@ -131,8 +135,7 @@ impl CompiledModel {
     }
 
     /// [`Self::execute`] with the model's buffer pool current on this thread
-    /// (CPU only), kept for the next forward. The pool keeps at most twice
-    /// the plan's peak of live activations.
+    /// (CPU only), kept for the next forward.
     fn execute_pooled(
         &self,
         inputs: &[Tensor],
@@ -141,9 +144,8 @@ impl CompiledModel {
         if !self.device.is_cpu() {
             return self.execute(inputs, profile);
         }
-        let cap = self.plan.peak_activation_bytes().saturating_mul(2);
         let pool = self.buffers.lock().ok().and_then(|mut p| p.take());
-        let pool = pool.unwrap_or_else(|| BufferPool::new(cap));
+        let pool = pool.unwrap_or_else(|| BufferPool::new(self.pool_cap));
         let (result, pool) = recycle::with_pool(pool, || self.execute(inputs, profile));
         if let Ok(mut kept) = self.buffers.lock() {
             kept.get_or_insert(pool);

@@ -373,12 +373,7 @@ impl Parser {
                     }
                 },
                 pool: match table.pair("pool_kernel")? {
-                    Some(kernel) => Some(MaxPool2dAttrs {
-                        kernel,
-                        stride: table.pair("pool_stride")?.unwrap_or(kernel),
-                        padding: table.pair("pool_padding")?.unwrap_or([0, 0]),
-                        ceil_mode: table.flag("pool_ceil_mode")?,
-                    }),
+                    Some(kernel) => Some(table.max_pool("pool_", kernel)?),
                     None => None,
                 },
             }),
@@ -389,12 +384,7 @@ impl Parser {
                 let kernel = table
                     .pair("kernel")?
                     .ok_or_else(|| table.parser.error_here("max_pool2d needs `kernel`"))?;
-                Op::MaxPool2d(MaxPool2dAttrs {
-                    kernel,
-                    stride: table.pair("stride")?.unwrap_or(kernel),
-                    padding: table.pair("padding")?.unwrap_or([0, 0]),
-                    ceil_mode: table.flag("ceil_mode")?,
-                })
+                Op::MaxPool2d(table.max_pool("", kernel)?)
             }
             OpKind::AvgPool2d => {
                 let kernel = table
@@ -581,6 +571,18 @@ impl AttrTable<'_> {
                 Err(self.bad(position, format!("attribute `{name}` takes one number")))
             }
         }
+    }
+
+    /// A max pool's attributes besides its `kernel`, each name after
+    /// `prefix` (`pool_` inside a fused conv): stride (default the
+    /// kernel), padding (default 0), ceil_mode (default 0).
+    fn max_pool(&mut self, prefix: &str, kernel: [usize; 2]) -> Result<MaxPool2dAttrs> {
+        Ok(MaxPool2dAttrs {
+            kernel,
+            stride: self.pair(&format!("{prefix}stride"))?.unwrap_or(kernel),
+            padding: self.pair(&format!("{prefix}padding"))?.unwrap_or([0, 0]),
+            ceil_mode: self.flag(&format!("{prefix}ceil_mode"))?,
+        })
     }
 
     /// A 0/1 attribute, false when absent.

@@ -104,7 +104,7 @@ pub(crate) fn channel_scale(isa: Isa, a: &Tensor, s: &Tensor) -> candle_core::Re
 /// candle path's `broadcast_mul` and `broadcast_add`, so the same values).
 pub(crate) fn channel_affine(isa: Isa, x: &Tensor, scale: &[f32], shift: &[f32]) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
-    let [n, c, _, _] = nchw(&x, "batch norm")?;
+    let [_, c, _, _] = nchw(&x, "batch norm")?;
     if scale.len() != c || shift.len() != c {
         bail!(
             "the batch norm has {} scales for {:?} ({c} channels)",
@@ -112,13 +112,12 @@ pub(crate) fn channel_affine(isa: Isa, x: &Tensor, scale: &[f32], shift: &[f32])
             x.dims()
         )
     }
-    // One value per plane, as `per_plane` takes them (N·C, small).
-    let planes = |v: &[f32]| -> Vec<f32> { (0..n).flat_map(|_| v.iter().copied()).collect() };
-    per_plane(isa, &x, &planes(scale), Some(&planes(shift)), "batch norm")
+    per_plane(isa, &x, scale, Some(shift), "batch norm")
 }
 
-/// Every plane `p` of `x` times `scale[p]` (plus `shift[p]`): one pass,
-/// planes in parallel.
+/// Every plane `p` of `x` times `scale[p mod scale.len()]` (plus the same
+/// of `shift`): one value per plane (`N·C`) or per channel (`C`, repeated
+/// for every image). One pass, planes in parallel.
 fn per_plane(isa: Isa, x: &Tensor, scale: &[f32], shift: Option<&[f32]>, what: &str) -> candle_core::Result<Tensor> {
     let [_, _, h, w] = nchw(x, what)?;
     let plane = h * w;
@@ -132,12 +131,12 @@ fn per_plane(isa: Isa, x: &Tensor, scale: &[f32], shift: Option<&[f32]>, what: &
                 .zip(data.par_chunks(per_task * plane))
                 .enumerate()
                 .for_each(|(task, (out, data))| {
-                    let planes = task * per_task..(task * per_task + out.len() / plane);
                     isa.run(Scale {
                         data,
                         plane,
-                        scale: &scale[planes.clone()],
-                        shift: shift.map(|s| &s[planes]),
+                        first_plane: task * per_task,
+                        scale,
+                        shift,
                         out,
                     })
                 });
@@ -149,11 +148,13 @@ fn per_plane(isa: Isa, x: &Tensor, scale: &[f32], shift: Option<&[f32]>, what: &
     Tensor::from_vec(out, x.dims(), &Device::Cpu)
 }
 
-/// Each `plane`-long run of `data` times its value of `scale` (plus its
-/// value of `shift`), into `out`.
+/// Each `plane`-long run of `data` (planes `first_plane..` of the tensor)
+/// times its value of `scale` (plus its value of `shift`), into `out`.
 struct Scale<'a> {
     data: &'a [f32],
     plane: usize,
+    first_plane: usize,
+    /// Per plane or per channel: plane `p` takes value `p mod len`.
     scale: &'a [f32],
     shift: Option<&'a [f32]>,
     out: &'a mut [std::mem::MaybeUninit<f32>],
@@ -168,16 +169,17 @@ impl IsaBody for Scale<'_> {
             .out
             .chunks_exact_mut(self.plane)
             .zip(self.data.chunks_exact(self.plane));
-        match self.shift {
-            None => {
-                for ((out, values), &s) in runs.zip(self.scale) {
+        let period = self.scale.len();
+        for (p, (out, values)) in (self.first_plane..).zip(runs) {
+            let s = self.scale[p % period];
+            match self.shift {
+                None => {
                     for (o, &v) in out.iter_mut().zip(values) {
                         o.write(v * s);
                     }
                 }
-            }
-            Some(shift) => {
-                for (((out, values), &s), &t) in runs.zip(self.scale).zip(shift) {
+                Some(shift) => {
+                    let t = shift[p % period];
                     for (o, &v) in out.iter_mut().zip(values) {
                         o.write(v * s + t);
                     }
