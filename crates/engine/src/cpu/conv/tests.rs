@@ -199,7 +199,8 @@ proptest! {
 
     /// The depthwise conv on planes wider than its segments (1..=16 output
     /// columns at a time, a row's last segment reading past the row), every
-    /// path, equals candle's conv: the shapes [`arb_conv_case`] draws stay
+    /// path, with or without a residual (added before the activation),
+    /// equals candle's conv: the shapes [`arb_conv_case`] draws stay
     /// narrower than one segment.
     #[test]
     fn depthwise_wide_planes(
@@ -211,6 +212,7 @@ proptest! {
         width in 1usize..70,
         height in 1usize..6,
         activation in proptest::option::of(0usize..6),
+        residual in any::<bool>(),
     ) {
         let span = dilation * (kernel - 1) + 1;
         let (width, height) = ((span + width).saturating_sub(2 * padding).max(1), (span + height).saturating_sub(2 * padding).max(1));
@@ -220,11 +222,18 @@ proptest! {
         let w = Tensor::randn(0f32, 1.0, (channels, 1, kernel, kernel), &d).unwrap();
         let b = Tensor::randn(0f32, 1.0, channels, &d).unwrap();
         let activation = activation.map(|i| Activation::ALL[i]);
-        let want = reference(&x, &w, Some(&b), attrs, activation);
+        let mut want = reference(&x, &w, Some(&b), attrs, None);
+        let r = residual.then(|| Tensor::randn(0f32, 1.0, want.dims(), &d).unwrap());
+        if let Some(r) = &r {
+            want = (want + r).unwrap();
+        }
+        if let Some(a) = activation {
+            want = a.apply(&want).unwrap();
+        }
         let spec = ConvSpec::of(&w, attrs).unwrap();
         for isa in Isa::available() {
             let epilogue = Epilogue::new(Some(&b), channels, activation).unwrap().on(isa);
-            let got = depthwise::DepthwiseConv::new(spec, &w, epilogue, isa).unwrap().run(&x, None).unwrap();
+            let got = depthwise::DepthwiseConv::new(spec, &w, epilogue, isa).unwrap().run(&x, r.as_ref()).unwrap();
             prop_assert_eq!(got.dims(), want.dims());
             let diff = crate::test_util::max_abs_diff(&got, &want);
             prop_assert!(diff <= 1e-5 * (kernel * kernel) as f64 * 4.0, "{:?}: diff {}", isa, diff);

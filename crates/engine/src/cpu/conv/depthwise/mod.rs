@@ -4,8 +4,9 @@
 //! phase modulo the stride (so that every kernel tap reads a contiguous
 //! run, at any stride; stride 2 by pairs, which vectorise), then the
 //! output is computed in segments of 8 or 16 columns, four segments at a
-//! time, with the sums in registers over all `kh·kw` taps and stored once,
-//! and the epilogue runs on the plane while it is in cache.
+//! time, with the sums in registers over all `kh·kw` taps and stored once.
+//! On the SIMD paths ([`simd`]) the epilogue is applied in registers before
+//! that store; the portable path runs it on the plane while it is in cache.
 //! Planes (image × channel) run in parallel.
 //!
 //! The grouped conv's im2col + per-group GEMM spent its time on thousands
@@ -16,7 +17,9 @@
 //! MobileNetV2 batch 1 on Zen 4 spent 6.0 ms of ~17 in its depthwise
 //! convs then, 3.0 ms with one segment at a time (add latency bound), and
 //! the whole model took 7.9 -> 6.6 ms more with four segments at once,
-//! the pair split and the epilogue compiled for the path.
+//! the pair split and the epilogue compiled for the path, and 6.85 ->
+//! 5.9 ms with the SIMD segments, the plane copy's divisions taken out of
+//! its row loop and its rows copied inline (alternating runs).
 
 use super::{output, ConvSpec};
 use crate::cpu::data::{output_buffer, with_cpu_f32, SCRATCH_MAX_VALUES};
@@ -25,6 +28,9 @@ use crate::cpu::gemm::{Isa, IsaBody};
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
+use wick_ir::Activation;
+
+mod simd;
 
 /// A depthwise convolution with its weights kept for the CPU.
 #[derive(Debug)]
@@ -108,9 +114,16 @@ impl DepthwiseConv {
             })
             .collect();
         let taps = offsets.len();
-        // Narrow rows (7×7 planes) waste less in 8-wide segments.
-        let segment = if shape.out_width <= 8 { 8 } else { 16 };
+        // Narrow rows (7×7 planes) waste less in 8-wide segments; AVX2's
+        // vectors are 8 wide.
+        let segment = if shape.out_width <= 8 || self.isa == Isa::Avx2Fma {
+            8
+        } else {
+            16
+        };
         let units = units(shape.out_height, shape.out_width, segment, a.stride[0] * phase_width);
+        // How far any segment reads into the phases (checked per plane).
+        let reach = units.iter().map(|u| u.read).max().unwrap_or(0) + offsets.iter().max().unwrap_or(&0) + segment;
         with_cpu_f32("depthwise conv", &call.x, call.residual.as_ref(), |data, residual| {
             out.spare_capacity_mut()[..out_len]
                 .par_chunks_mut(out_plane)
@@ -134,24 +147,48 @@ impl DepthwiseConv {
                         padding: a.padding,
                         stride: stride_w,
                     });
+                    let residual = residual.map(|r| &r[plane * out_plane..][..out_plane]);
+                    if reach > scratch.len() || residual.is_some_and(|r| r.len() != out.len()) {
+                        bail!(
+                            "depthwise conv: segments reach {reach} values in a padded plane of {}",
+                            scratch.len()
+                        )
+                    }
                     let body = Plane {
                         phases: scratch,
                         offsets: &offsets,
                         units: &units,
                         weight: &self.weight[channel * taps..][..taps],
+                        bias: self.epilogue.bias(channel),
+                        activation: self.epilogue.activation(),
+                        residual,
                         out: &mut *out,
                     };
-                    if segment == 8 {
-                        self.isa.run(Segments::<8>(body));
-                    } else {
-                        self.isa.run(Segments::<16>(body));
+                    match (self.isa, segment) {
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: the path has AVX-512F (`Isa::Avx512` is only
+                        // handed out then); `reach` bounds every read and
+                        // was checked against the phases above, the units
+                        // lie within the plane (`units`), and the residual
+                        // has the plane's length.
+                        (Isa::Avx512, 16) => unsafe { simd::segments_avx512(body) },
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: as above; every AVX-512 path also has AVX2
+                        // and FMA (`Isa::available` checks all three).
+                        (Isa::Avx512 | Isa::Avx2Fma, 8) => unsafe { simd::segments_avx2(body) },
+                        _ => {
+                            if segment == 8 {
+                                self.isa.run(Segments::<8>(body));
+                            } else {
+                                self.isa.run(Segments::<16>(body));
+                            }
+                            // SAFETY: `Segments` wrote every value of this plane (its
+                            // units cover every column of every output row), so the
+                            // slice is initialised; f32 and MaybeUninit<f32> share a layout.
+                            let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                            self.epilogue.in_place(channel, out, residual);
+                        }
                     }
-                    // SAFETY: `Segments` wrote every value of this plane (its
-                    // units cover every column of every output row), so the
-                    // slice is initialised; f32 and MaybeUninit<f32> share a layout.
-                    let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
-                    let residual = residual.map(|r| &r[plane * out_plane..][..out_plane]);
-                    self.epilogue.in_place(channel, out, residual);
                     Ok(())
                 })
         })?;
@@ -180,17 +217,21 @@ impl IsaBody for Split<'_> {
     #[inline(always)]
     fn run(self) {
         let (s, pad) = (self.stride, self.padding[1]);
-        for (y, row) in self.input.chunks_exact(self.width).enumerate() {
-            let row_start = (y + self.padding[0]) * self.phase_width;
-            for phase in 0..s {
-                // The first input column of this phase (padded column
-                // x + pad ≡ phase mod stride) and where it goes.
-                let first = (phase + s - pad % s) % s;
-                let Some(src) = row.get(first..) else { continue };
-                let start = phase * self.phase_len + row_start + (first + pad) / s;
-                let dst = &mut self.scratch[start..][..src.len().div_ceil(s)];
+        // Phase by phase, its constants worked out once (divisions per
+        // row cost more than the copies of small planes): the first input
+        // column of the phase (padded column x + pad ≡ phase mod stride),
+        // where it goes in a padded row, and how many columns it takes.
+        for phase in 0..s {
+            let first = (phase + s - pad % s) % s;
+            let Some(rest) = self.width.checked_sub(first) else {
+                continue;
+            };
+            let (start, count) = (phase * self.phase_len + (first + pad) / s, rest.div_ceil(s));
+            for (y, row) in self.input.chunks_exact(self.width).enumerate() {
+                let row_start = (y + self.padding[0]) * self.phase_width;
+                let (src, dst) = (&row[first..], &mut self.scratch[start + row_start..][..count]);
                 match s {
-                    1 => dst.copy_from_slice(src),
+                    1 => copy(dst, src),
                     // Every other value, as pairs: a shuffle per vector.
                     2 => {
                         let pairs = src.chunks_exact(2);
@@ -214,13 +255,27 @@ impl IsaBody for Split<'_> {
     }
 }
 
+/// `dst.copy_from_slice(src)` in 16-value pieces: inline vector moves
+/// rather than a `memmove` call per row (most rows here are 7 to 56 values).
+#[inline(always)]
+fn copy(dst: &mut [f32], src: &[f32]) {
+    let mut dst = dst.chunks_exact_mut(16);
+    let mut src = src.chunks_exact(16);
+    for (d, s) in dst.by_ref().zip(src.by_ref()) {
+        d.copy_from_slice(s);
+    }
+    for (d, &s) in dst.into_remainder().iter_mut().zip(src.remainder()) {
+        *d = s;
+    }
+}
+
 /// The widest output segment [`Plane`] computes at once: the scratch
 /// holds this many values past its phases, so a segment's read that runs
 /// past a row's end (into the next row, or the slack) stays in bounds.
 const SEGMENT_SLACK: usize = 16;
 
 /// One plane's output, written (not accumulated) into `out` from the padded
-/// plane split into column phases.
+/// plane split into column phases, and its epilogue.
 struct Plane<'a> {
     phases: &'a [f32],
     /// Where each tap of output (0, 0) reads in `phases`.
@@ -228,6 +283,11 @@ struct Plane<'a> {
     /// The plane's output segments, a whole number of groups of [`UNITS`].
     units: &'a [Unit],
     weight: &'a [f32],
+    /// The plane's bias, activation and residual (the SIMD paths apply
+    /// them as they store; the portable one leaves them to a pass after).
+    bias: f32,
+    activation: Option<Activation>,
+    residual: Option<&'a [f32]>,
     out: &'a mut [MaybeUninit<f32>],
 }
 
