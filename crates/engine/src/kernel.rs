@@ -5,6 +5,7 @@
 
 use crate::candle::{batch_norm_affine, CandleOp, FusedConv};
 use crate::cpu::conv::{ConvSpec, CpuConv};
+use crate::cpu::linear::CpuLinear;
 use crate::cpu::{conv_algorithm, ConvCache, CpuKernel};
 use crate::error::AtNode;
 use crate::machine::Machine;
@@ -173,11 +174,24 @@ impl Kernel {
                 shape: node.fact.shape.clone(),
                 x: slot(0),
             }),
-            Op::Linear => candle(CandleOp::Linear {
-                x: slot(0),
-                weight: slot(1),
-                bias: optional(2),
-            }),
+            Op::Linear => {
+                let weight = constant(graph, node, 1);
+                let bias = (node.inputs.len() > 2).then(|| constant(graph, node, 2));
+                match (how.machine, weight, bias) {
+                    (Some(machine), Some(weight), None | Some(Some(_))) if node.fact.dtype == DType::F32 => {
+                        let linear = CpuLinear::new(weight, bias.flatten(), machine.isa).at(&node.name)?;
+                        Ok(Kernel::Cpu(CpuKernel::Linear {
+                            linear: std::sync::Arc::new(linear),
+                            x: slot(0),
+                        }))
+                    }
+                    _ => candle(CandleOp::Linear {
+                        x: slot(0),
+                        weight: slot(1),
+                        bias: optional(2),
+                    }),
+                }
+            }
         }
     }
 

@@ -14,6 +14,7 @@ pub(crate) mod conv;
 pub(crate) mod data;
 pub(crate) mod epilogue;
 pub(crate) mod gemm;
+pub(crate) mod linear;
 pub(crate) mod parallel;
 pub(crate) mod peak;
 pub(crate) mod plane;
@@ -179,6 +180,8 @@ pub(crate) enum CpuKernel {
         shift: Vec<f32>,
         x: Slot,
     },
+    /// A linear layer whose weights and bias were kept at compile time.
+    Linear { linear: Arc<linear::CpuLinear>, x: Slot },
 }
 
 impl CpuKernel {
@@ -189,7 +192,8 @@ impl CpuKernel {
             CpuKernel::MaxPool2d { x, .. }
             | CpuKernel::Activation { x, .. }
             | CpuKernel::GlobalAvgPool2d { x, .. }
-            | CpuKernel::ChannelAffine { x, .. } => vec![*x],
+            | CpuKernel::ChannelAffine { x, .. }
+            | CpuKernel::Linear { x, .. } => vec![*x],
             CpuKernel::ChannelScale { a, s, .. } => vec![*a, *s],
         }
     }
@@ -203,6 +207,7 @@ impl CpuKernel {
             CpuKernel::GlobalAvgPool2d { isa, x } => plane::global_avg_pool2d(*isa, &value(*x)?),
             CpuKernel::ChannelScale { isa, a, s } => plane::channel_scale(*isa, &value(*a)?, &value(*s)?),
             CpuKernel::ChannelAffine { isa, scale, shift, x } => plane::channel_affine(*isa, &value(*x)?, scale, shift),
+            CpuKernel::Linear { linear, x } => linear.run(&value(*x)?),
         }
     }
 }
