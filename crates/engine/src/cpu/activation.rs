@@ -21,13 +21,16 @@ pub(crate) fn activation(isa: Isa, activation: Activation, x: &Tensor) -> candle
         out.extend_from_slice(data);
         Ok(())
     })?;
-    out.par_chunks_mut(CHUNK).for_each(|chunk| {
-        isa.run(Apply {
-            activation,
-            values: chunk,
-        })
-    });
+    out.par_chunks_mut(CHUNK)
+        .for_each(|chunk| in_place(isa, Some(activation), chunk));
     Tensor::from_vec(out, x.dims(), &Device::Cpu)
+}
+
+/// `values` through `activation`, if any, in place on `isa`.
+pub(crate) fn in_place(isa: Isa, activation: Option<Activation>, values: &mut [f32]) {
+    if let Some(activation) = activation {
+        isa.run(Apply { activation, values })
+    }
 }
 
 /// One chunk, in place.

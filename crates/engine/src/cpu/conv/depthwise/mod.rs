@@ -164,18 +164,29 @@ impl DepthwiseConv {
                         residual,
                         out: &mut *out,
                     };
+                    let activation = body.activation;
                     match (self.isa, segment) {
                         #[cfg(target_arch = "x86_64")]
-                        // SAFETY: the path has AVX-512F (`Isa::Avx512` is only
-                        // handed out then); `reach` bounds every read and
-                        // was checked against the phases above, the units
-                        // lie within the plane (`units`), and the residual
-                        // has the plane's length.
-                        (Isa::Avx512, 16) => unsafe { simd::segments_avx512(body) },
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: as above; every AVX-512 path also has AVX2
-                        // and FMA (`Isa::available` checks all three).
-                        (Isa::Avx512 | Isa::Avx2Fma, 8) => unsafe { simd::segments_avx2(body) },
+                        (Isa::Avx512 | Isa::Avx2Fma, _) => {
+                            if segment == 16 {
+                                // SAFETY: the path has AVX-512F (16-wide segments
+                                // are only chosen on `Isa::Avx512`, handed out
+                                // then); `reach` bounds every read and was checked
+                                // against the phases above, the units lie within
+                                // the plane (`units`), the residual has its length.
+                                unsafe { simd::segments_avx512(body) }
+                            } else {
+                                // SAFETY: as above; every AVX-512 path also has
+                                // AVX2 and FMA (`Isa::available` checks all three).
+                                unsafe { simd::segments_avx2(body) }
+                            }
+                            if simd::deferred(activation) {
+                                // SAFETY: the segments wrote every value of the
+                                // plane (as below).
+                                let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                                crate::cpu::activation::in_place(self.isa, activation, out);
+                            }
+                        }
                         _ => {
                             if segment == 8 {
                                 self.isa.run(Segments::<8>(body));

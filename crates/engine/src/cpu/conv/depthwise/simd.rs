@@ -12,13 +12,12 @@
 //! a third of it outside the multiply-adds).
 
 use super::{Plane, UNITS};
-use crate::cpu::activation::scalar;
 use wick_ir::Activation;
 
-/// Runs `$body` with `$act` bound to a closure applying the activation to a
-/// vector, matched once outside the plane's loop. Piecewise-linear ones
-/// use the vector min/max (operands ordered as `f32::clamp` and
-/// `f32::max` treat NaN); sigmoid and SiLU go through `$scalar_path`.
+/// Defines `$name`, the segments of one plane on a SIMD path. The
+/// piecewise-linear activations use the vector min/max (operands ordered
+/// as `f32::clamp` and `f32::max` treat NaN); sigmoid and SiLU are left to
+/// the caller ([`deferred`]).
 macro_rules! simd_body {
     ($name:ident, $feature:literal, $vector:ty, $lanes:expr,
      $zero:ident, $load:ident, $store:ident, $set1:ident, $fmadd:ident,
@@ -41,32 +40,6 @@ macro_rules! simd_body {
                 let out = p.out.as_mut_ptr().cast::<f32>();
                 let bias = $set1(p.bias);
                 let (zero, three, six) = ($zero(), $set1(3.0), $set1(6.0));
-                let activation = p.activation;
-                let activate = |v: $vector| -> $vector {
-                    match activation {
-                        None => v,
-                        // `v.max(0.0)`: 0 for NaN (max returns its second operand then).
-                        Some(Activation::Relu) => $max(v, zero),
-                        // `clamp`: NaN stays NaN (the second operand).
-                        Some(Activation::Relu6) => $min(six, $max(zero, v)),
-                        Some(Activation::HardSigmoid) => $div($min(six, $max(zero, $add(v, three))), six),
-                        Some(Activation::HardSwish) => $mul(v, $div($min(six, $max(zero, $add(v, three))), six)),
-                        // Through the portable formula (`exp`), one
-                        // vectorised loop per activation (a constant in it).
-                        Some(Activation::Sigmoid) => {
-                            let mut row = [0f32; LANES];
-                            $store(row.as_mut_ptr(), v);
-                            row.iter_mut().for_each(|x| *x = scalar(Activation::Sigmoid, *x));
-                            $load(row.as_ptr())
-                        }
-                        Some(Activation::Silu) => {
-                            let mut row = [0f32; LANES];
-                            $store(row.as_mut_ptr(), v);
-                            row.iter_mut().for_each(|x| *x = scalar(Activation::Silu, *x));
-                            $load(row.as_ptr())
-                        }
-                    }
-                };
                 for group in p.units.chunks_exact(UNITS) {
                     let mut acc = [$zero(); UNITS];
                     for (&offset, &w) in p.offsets.iter().zip(p.weight) {
@@ -82,7 +55,20 @@ macro_rules! simd_body {
                             let r = r.as_ptr().add(unit.write);
                             v = $add(v, if full { $load(r) } else { $load_part(r, unit.len) });
                         }
-                        let v = activate(v);
+                        // The activation, in registers (as a closure it
+                        // stayed a call per segment on AVX2).
+                        let v = match p.activation {
+                            None => v,
+                            // `v.max(0.0)`: 0 for NaN (max returns its second operand then).
+                            Some(Activation::Relu) => $max(v, zero),
+                            // `clamp`: NaN stays NaN (the second operand).
+                            Some(Activation::Relu6) => $min(six, $max(zero, v)),
+                            Some(Activation::HardSigmoid) => $div($min(six, $max(zero, $add(v, three))), six),
+                            Some(Activation::HardSwish) => $mul(v, $div($min(six, $max(zero, $add(v, three))), six)),
+                            // Left to a pass over the plane (`exp` as a
+                            // vectorised loop; per segment it stayed scalar).
+                            Some(Activation::Sigmoid | Activation::Silu) => v,
+                        };
                         if full {
                             $store(out.add(unit.write), v);
                         } else {
@@ -93,6 +79,13 @@ macro_rules! simd_body {
             }
         }
     };
+}
+
+/// Whether the SIMD segments leave `activation` to a pass over the plane
+/// after them (its `exp` vectorises as a loop over the plane; per segment
+/// it stayed scalar on AVX2).
+pub(super) fn deferred(activation: Option<Activation>) -> bool {
+    matches!(activation, Some(Activation::Sigmoid | Activation::Silu))
 }
 
 #[cfg(target_arch = "x86_64")]
