@@ -119,6 +119,38 @@ pub(crate) fn row<const N: usize>(
     }
 }
 
+/// Whether a kernel that applies the epilogue in SIMD registers leaves
+/// `activation` to a pass of its own afterwards ([`vector_activation!`]
+/// passes it through): sigmoid and SiLU, whose `exp` vectorises as a loop
+/// over a row (per vector it stayed scalar code on the AVX2 path).
+pub(crate) fn deferred(activation: Option<Activation>) -> bool {
+    matches!(activation, Some(Activation::Sigmoid | Activation::Silu))
+}
+
+/// `$activation` (an `Option<Activation>`) on the SIMD vector `$v`, for the
+/// kernels that apply the epilogue in registers, with the path's
+/// intrinsics. The piecewise-linear activations use min/max with operands
+/// ordered as `f32::clamp` and `f32::max` treat NaN (a NaN operand makes
+/// the intrinsics return their second one); [`deferred`] ones pass through.
+macro_rules! vector_activation {
+    ($activation:expr, $v:expr, $set1:ident, $zero:ident, $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident) => {{
+        let v = $v;
+        match $activation {
+            None | Some(Activation::Sigmoid | Activation::Silu) => v,
+            // `v.max(0.0)`: 0 for NaN.
+            Some(Activation::Relu) => $max(v, $zero()),
+            // `clamp`: NaN stays NaN.
+            Some(Activation::Relu6) => $min($set1(6.0), $max($zero(), v)),
+            Some(Activation::HardSigmoid) => $div($min($set1(6.0), $max($zero(), $add(v, $set1(3.0)))), $set1(6.0)),
+            Some(Activation::HardSwish) => $mul(
+                v,
+                $div($min($set1(6.0), $max($zero(), $add(v, $set1(3.0)))), $set1(6.0)),
+            ),
+        }
+    }};
+}
+pub(crate) use vector_activation;
+
 /// A conv's epilogue as a kernel holds it: the bias per output channel
 /// (zeros without one), the activation that follows, if any, and the path
 /// its loops run on.
@@ -170,6 +202,11 @@ impl Epilogue {
     #[inline(always)]
     pub(crate) fn bias(&self, channel: usize) -> f32 {
         self.bias[channel]
+    }
+
+    /// The biases of output channels `channels`.
+    pub(crate) fn biases(&self, channels: std::ops::Range<usize>) -> &[f32] {
+        &self.bias[channels]
     }
 
     /// [`in_place`] for output channel `channel`, on the epilogue's path.

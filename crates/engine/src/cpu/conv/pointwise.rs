@@ -17,9 +17,10 @@
 //! images than threads to keep busy.
 
 use super::{output, ConvSpec};
+use crate::cpu::activation;
 use crate::cpu::data::{output_buffer, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
-use crate::cpu::epilogue::Epilogue;
-use crate::cpu::gemm::{pack_panels, panel_gemm_strided, Isa, Strided, PANEL_GRANULE, PANEL_ROWS};
+use crate::cpu::epilogue::{deferred, Epilogue};
+use crate::cpu::gemm::{pack_panels, panel_gemm_strided, Isa, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS};
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
@@ -156,18 +157,29 @@ impl PointwiseConv {
                     stride: plane,
                 };
                 if full_rows > 0 {
-                    let size = [full_rows, depth, n];
-                    panel_gemm_strided(self.isa, &u[..full_rows * depth], v, &mut t.out[c0..], plane, size);
-                    for r in 0..full_rows {
-                        let row = t.rows.start + r;
-                        let values = &mut t.out[r * plane + c0..][..n];
-                        self.epilogue.in_place(row, values, residual_row(row, c0..c0 + n));
+                    // The epilogue as the product is stored (sigmoid and
+                    // SiLU after, row by row while the block is in cache).
+                    let activation = self.epilogue.activation();
+                    let epilogue = StoreEpilogue {
+                        bias: self.epilogue.biases(t.rows.start..t.rows.start + full_rows),
+                        residual: t.residual.map(|r| Strided {
+                            data: &r[t.rows.start * plane + c0..],
+                            stride: plane,
+                        }),
+                        activation,
+                    };
+                    let (size, out) = ([full_rows, depth, n], &mut t.out[c0..]);
+                    panel_gemm_strided(self.isa, &u[..full_rows * depth], v, out, plane, size, Some(epilogue));
+                    if deferred(activation) {
+                        for r in 0..full_rows {
+                            activation::in_place(self.isa, activation, &mut t.out[r * plane + c0..][..n]);
+                        }
                     }
                 }
                 if full_rows < t.rows.len() {
                     let m = &mut scratch[..PANEL_ROWS * n];
                     let size = [PANEL_ROWS, depth, n];
-                    panel_gemm_strided(self.isa, &u[full_rows * depth..], v, m, n, size);
+                    panel_gemm_strided(self.isa, &u[full_rows * depth..], v, m, n, size, None);
                     for r in full_rows..t.rows.len() {
                         let row = t.rows.start + r;
                         let (src, residual) = (&m[(r - full_rows) * n..][..n], residual_row(row, c0..c0 + n));
@@ -188,7 +200,7 @@ impl PointwiseConv {
                     data: v,
                     stride: PANEL_GRANULE,
                 };
-                panel_gemm_strided(self.isa, u, v, m, PANEL_GRANULE, size);
+                panel_gemm_strided(self.isa, u, v, m, PANEL_GRANULE, size, None);
                 for r in 0..t.rows.len() {
                     let row = t.rows.start + r;
                     let (src, residual) = (&m[r * PANEL_GRANULE..][..tail], residual_row(row, cols_full..plane));

@@ -13,7 +13,9 @@ pub(crate) mod lane;
 pub(crate) mod panel;
 
 pub(crate) use lane::{lane_gemm, pack_lanes, LaneProduct, LANES};
-pub(crate) use panel::{pack_panels, panel_gemm, panel_gemm_strided, Strided, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
+pub(crate) use panel::{
+    pack_panels, panel_gemm, panel_gemm_strided, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES,
+};
 
 /// Which micro-kernel a left operand (the weights) is packed for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,6 +9,8 @@
 //! is tested against an f64 product on every machine that has it.
 
 use super::Isa;
+use crate::cpu::epilogue::{deferred, in_place};
+use wick_ir::Activation;
 
 /// Rows of `U` per panel (and per micro-tile).
 pub(crate) const PANEL_ROWS: usize = 8;
@@ -36,7 +38,28 @@ pub(crate) fn pack_panels(plain: &[f32], rows: usize, depth: usize, packed: &mut
 /// `m = u · v`: `u` packed by [`pack_panels`] (`rows × depth`), `v`
 /// `[depth, cols]`, `m` `[rows, cols]`; `isa` must be one of [`Isa::available`].
 pub(crate) fn panel_gemm(isa: Isa, u: &[f32], v: &[f32], m: &mut [f32], rows: usize, depth: usize, cols: usize) {
-    panel_gemm_strided(isa, u, Strided { data: v, stride: cols }, m, cols, [rows, depth, cols]);
+    panel_gemm_strided(
+        isa,
+        u,
+        Strided { data: v, stride: cols },
+        m,
+        cols,
+        [rows, depth, cols],
+        None,
+    );
+}
+
+/// The epilogue a product gets as it is stored (in registers on the SIMD
+/// paths): `m[r][c] = act(m[r][c] + bias[r] (+ residual[r][c]))`, the
+/// order of [`crate::cpu::epilogue::value`]. Sigmoid and SiLU are left to
+/// the caller ([`deferred`]).
+#[derive(Clone, Copy)]
+pub(crate) struct StoreEpilogue<'a> {
+    /// One value per row of `m`.
+    pub(crate) bias: &'a [f32],
+    /// `[rows, cols]` like `m`, rows `stride` apart.
+    pub(crate) residual: Option<Strided<'a>>,
+    pub(crate) activation: Option<Activation>,
 }
 
 /// A row-major matrix operand whose rows are `stride` values apart.
@@ -51,9 +74,18 @@ pub(crate) struct Strided<'a> {
 /// [`panel_gemm`] on operands inside larger matrices: `v` is `[depth,
 /// cols]` with rows `v.stride` apart, `m` `[rows, cols]` with rows
 /// `m_stride` apart (a block of an NCHW plane: a 1×1 conv reads its input
-/// and writes its output in place). `[rows, depth, cols]` as for
-/// [`panel_gemm`]; the strides are at least `cols`.
-pub(crate) fn panel_gemm_strided(isa: Isa, u: &[f32], v: Strided, m: &mut [f32], m_stride: usize, size: [usize; 3]) {
+/// and writes its output in place), with `epilogue` applied as `m` is
+/// stored, if given. `[rows, depth, cols]` as for [`panel_gemm`]; the
+/// strides are at least `cols`.
+pub(crate) fn panel_gemm_strided(
+    isa: Isa,
+    u: &[f32],
+    v: Strided,
+    m: &mut [f32],
+    m_stride: usize,
+    size: [usize; 3],
+    epilogue: Option<StoreEpilogue>,
+) {
     let [rows, depth, cols] = size;
     assert!(rows.is_multiple_of(PANEL_ROWS) && cols.is_multiple_of(PANEL_GRANULE));
     assert!(v.stride >= cols && m_stride >= cols);
@@ -69,16 +101,31 @@ pub(crate) fn panel_gemm_strided(isa: Isa, u: &[f32], v: Strided, m: &mut [f32],
             && holds(v.data.len(), spans(depth, v.stride))
             && holds(m.len(), spans(rows, m_stride))
     );
+    if let Some(e) = epilogue {
+        assert!(e.bias.len() >= rows);
+        if let Some(r) = e.residual {
+            assert!(r.stride >= cols && holds(r.data.len(), spans(rows, r.stride)));
+        }
+    }
     let strides = [v.stride, m_stride];
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the spans were checked above (the kernels index within
         // them only), and `Isa::Avx512` is only handed out when the CPU has AVX-512F.
-        Isa::Avx512 => unsafe { x86::gemm_avx512(u, v.data, m, size, strides) },
+        Isa::Avx512 => unsafe { x86::gemm_avx512(u, v.data, m, size, strides, epilogue) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for AVX2 + FMA.
-        Isa::Avx2Fma => unsafe { x86::gemm_avx2(u, v.data, m, size, strides) },
-        _ => gemm_scalar(u, v.data, m, size, strides),
+        Isa::Avx2Fma => unsafe { x86::gemm_avx2(u, v.data, m, size, strides, epilogue) },
+        _ => {
+            gemm_scalar(u, v.data, m, size, strides);
+            if let Some(e) = epilogue {
+                let activation = e.activation.filter(|&a| !deferred(Some(a)));
+                for (r, &bias) in e.bias[..rows].iter().enumerate() {
+                    let residual = e.residual.map(|res| &res.data[r * res.stride..][..cols]);
+                    in_place(&mut m[r * m_stride..][..cols], bias, residual, activation);
+                }
+            }
+        }
     }
 }
 
@@ -105,8 +152,36 @@ fn gemm_scalar(u: &[f32], v: &[f32], m: &mut [f32], [rows, depth, cols]: [usize;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
+    use super::{StoreEpilogue, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
+    use crate::cpu::epilogue::vector_activation;
     use std::arch::x86_64::*;
+    use wick_ir::Activation;
+
+    /// One micro-tile's share of a [`StoreEpilogue`]: the bias of its first
+    /// row, the residual at its first value (null without one) and the
+    /// residual's row stride.
+    #[derive(Clone, Copy)]
+    struct TileEpilogue {
+        bias: *const f32,
+        residual: *const f32,
+        stride: usize,
+        activation: Option<Activation>,
+    }
+
+    impl TileEpilogue {
+        /// The share of `e` for the tile whose first value is `m[row][col]`
+        /// (indexing checked: a tile starts inside `m`).
+        fn at(e: Option<StoreEpilogue>, row: usize, col: usize) -> Option<Self> {
+            e.map(|e| TileEpilogue {
+                bias: e.bias[row..].as_ptr(),
+                residual: e
+                    .residual
+                    .map_or(std::ptr::null(), |r| r.data[row * r.stride + col..].as_ptr()),
+                stride: e.residual.map_or(0, |r| r.stride),
+                activation: e.activation,
+            })
+        }
+    }
 
     /// # Safety
     /// The CPU has AVX-512F; `u`, `v`, `m` hold at least `rows·depth`,
@@ -114,7 +189,8 @@ mod x86 {
     /// 0`, `cols % 16 == 0`, `vs, ms >= cols`. Every pointer formed is
     /// `panel·depth·8 + d·8 + r < rows·depth` (u), `d·vs + t0 + 16·j + 15 <
     /// (depth - 1)·vs + cols` (v), `(panel·8 + r)·ms + t0 + 16·j + 15 <
-    /// (rows - 1)·ms + cols` (m).
+    /// (rows - 1)·ms + cols` (m); `epi`'s bias has `rows` values and its
+    /// residual, if any, spans `m`'s rows and columns at its own stride.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gemm_avx512(
         u: &[f32],
@@ -122,6 +198,7 @@ mod x86 {
         m: &mut [f32],
         [rows, depth, cols]: [usize; 3],
         [vs, ms]: [usize; 2],
+        epi: Option<StoreEpilogue>,
     ) {
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
@@ -132,13 +209,15 @@ mod x86 {
             for t0 in (0..full).step_by(PANEL_TILES) {
                 for panel in 0..rows / PANEL_ROWS {
                     let (up, mp) = (u.add(panel * depth * PANEL_ROWS), m.add(panel * PANEL_ROWS * ms));
-                    micro_avx512::<{ PANEL_TILES / 16 }>(up, v.add(t0), mp.add(t0), depth, [vs, ms]);
+                    let e = TileEpilogue::at(epi, panel * PANEL_ROWS, t0);
+                    micro_avx512::<{ PANEL_TILES / 16 }>(up, v.add(t0), mp.add(t0), depth, [vs, ms], e);
                 }
             }
             if full < cols {
                 for panel in 0..rows / PANEL_ROWS {
                     let (up, mp) = (u.add(panel * depth * PANEL_ROWS), m.add(panel * PANEL_ROWS * ms));
-                    micro_avx512::<1>(up, v.add(full), mp.add(full), depth, [vs, ms]);
+                    let e = TileEpilogue::at(epi, panel * PANEL_ROWS, full);
+                    micro_avx512::<1>(up, v.add(full), mp.add(full), depth, [vs, ms], e);
                 }
             }
         }
@@ -147,16 +226,19 @@ mod x86 {
     /// Defines `$name::<V>`, one `$rows × $lanes·V` micro-tile on the
     /// `$feature` path: `m[r·ms + j] = Σ_d up[d·8 + r] · vp[d·vs + j]`,
     /// `$rows` accumulator rows of `V` vectors, `v` loaded once per depth
-    /// step, `u` broadcast per row. The one body both SIMD paths share;
-    /// each picks the shape its register file holds.
+    /// step, `u` broadcast per row, the epilogue (if any) applied as the
+    /// sums are stored. The one body both SIMD paths share; each picks the
+    /// shape its register file holds.
     macro_rules! micro_tile {
         ($name:ident, $feature:literal, $vector:ty, $rows:expr, $lanes:expr,
-         $zero:ident, $load:ident, $splat:ident, $fmadd:ident, $store:ident) => {
+         $zero:ident, $load:ident, $splat:ident, $fmadd:ident, $store:ident,
+         $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident) => {
             /// # Safety
             /// The CPU has the path's features; `up` has `8·depth` values
             /// from the tile's first row on, `vp` and `mp` have
             /// `lanes·V` values in each of `depth` (resp. `rows`) rows of
-            /// stride `vs` (resp. `ms`).
+            /// stride `vs` (resp. `ms`); `epi`'s bias has `rows` values
+            /// and its residual `lanes·V` in each of `rows` rows.
             #[inline]
             #[target_feature(enable = $feature)]
             unsafe fn $name<const V: usize>(
@@ -165,6 +247,7 @@ mod x86 {
                 mp: *mut f32,
                 depth: usize,
                 [vs, ms]: [usize; 2],
+                epi: Option<TileEpilogue>,
             ) {
                 // SAFETY: within the bounds of the contract above.
                 unsafe {
@@ -182,8 +265,16 @@ mod x86 {
                         ur = ur.add(PANEL_ROWS);
                     }
                     for (r, acc) in acc.iter().enumerate() {
-                        for (j, acc) in acc.iter().enumerate() {
-                            $store(mp.add(r * ms + $lanes * j), *acc);
+                        for (j, &acc) in acc.iter().enumerate() {
+                            let mut v = acc;
+                            if let Some(e) = epi {
+                                v = $add(v, $splat(*e.bias.add(r)));
+                                if !e.residual.is_null() {
+                                    v = $add(v, $load(e.residual.add(r * e.stride + $lanes * j)));
+                                }
+                                v = vector_activation!(e.activation, v, $splat, $zero, $add, $mul, $div, $max, $min);
+                            }
+                            $store(mp.add(r * ms + $lanes * j), v);
                         }
                     }
                 }
@@ -193,10 +284,12 @@ mod x86 {
 
     #[rustfmt::skip]
     micro_tile!(micro_avx512, "avx512f", __m512, PANEL_ROWS, 16,
-        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps);
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps,
+        _mm512_add_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps);
     #[rustfmt::skip]
     micro_tile!(micro_avx2, "avx2,fma", __m256, AVX2_ROWS, 8,
-        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps);
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps,
+        _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps);
 
     /// Half a panel's rows (4) per AVX2 micro-tile.
     const AVX2_ROWS: usize = PANEL_ROWS / 2;
@@ -218,6 +311,7 @@ mod x86 {
         m: &mut [f32],
         [rows, depth, cols]: [usize; 3],
         [vs, ms]: [usize; 2],
+        epi: Option<StoreEpilogue>,
     ) {
         // SAFETY: the caller upholds this function's `# Safety` contract;
         // every tile reads and writes within the bounds stated there.
@@ -233,7 +327,8 @@ mod x86 {
                     for half in 0..2 {
                         let row = panel * PANEL_ROWS + half * AVX2_ROWS;
                         let up = u.add(panel * depth * PANEL_ROWS + half * AVX2_ROWS);
-                        micro_avx2::<{ PANEL_GRANULE / 8 }>(up, v.add(t0), m.add(row * ms + t0), depth, [vs, ms]);
+                        let (mp, e) = (m.add(row * ms + t0), TileEpilogue::at(epi, row, t0));
+                        micro_avx2::<{ PANEL_GRANULE / 8 }>(up, v.add(t0), mp, depth, [vs, ms], e);
                     }
                 }
             }
@@ -270,7 +365,7 @@ mod tests {
             pack_panels(&plain, rows, depth, &mut packed);
             for isa in Isa::available() {
                 let mut m = vec![f32::NAN; (rows - 1) * ms + cols];
-                panel_gemm_strided(isa, &packed, Strided { data: &v, stride: vs }, &mut m, ms, [rows, depth, cols]);
+                panel_gemm_strided(isa, &packed, Strided { data: &v, stride: vs }, &mut m, ms, [rows, depth, cols], None);
                 for r in 0..rows {
                     for c in 0..cols {
                         let terms = (0..depth).map(|d| f64::from(plain[r * depth + d]) * f64::from(v[d * vs + c]));

@@ -180,7 +180,7 @@ impl DepthwiseConv {
                                 // AVX2 and FMA (`Isa::available` checks all three).
                                 unsafe { simd::segments_avx2(body) }
                             }
-                            if simd::deferred(activation) {
+                            if crate::cpu::epilogue::deferred(activation) {
                                 // SAFETY: the segments wrote every value of the
                                 // plane (as below).
                                 let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };

@@ -12,12 +12,13 @@
 //! a third of it outside the multiply-adds).
 
 use super::{Plane, UNITS};
+use crate::cpu::epilogue::vector_activation;
 use wick_ir::Activation;
 
 /// Defines `$name`, the segments of one plane on a SIMD path. The
 /// piecewise-linear activations use the vector min/max (operands ordered
 /// as `f32::clamp` and `f32::max` treat NaN); sigmoid and SiLU are left to
-/// the caller ([`deferred`]).
+/// the caller ([`crate::cpu::epilogue::deferred`]).
 macro_rules! simd_body {
     ($name:ident, $feature:literal, $vector:ty, $lanes:expr,
      $zero:ident, $load:ident, $store:ident, $set1:ident, $fmadd:ident,
@@ -39,7 +40,6 @@ macro_rules! simd_body {
                 let base = p.phases.as_ptr();
                 let out = p.out.as_mut_ptr().cast::<f32>();
                 let bias = $set1(p.bias);
-                let (zero, three, six) = ($zero(), $set1(3.0), $set1(6.0));
                 for group in p.units.chunks_exact(UNITS) {
                     let mut acc = [$zero(); UNITS];
                     for (&offset, &w) in p.offsets.iter().zip(p.weight) {
@@ -57,18 +57,7 @@ macro_rules! simd_body {
                         }
                         // The activation, in registers (as a closure it
                         // stayed a call per segment on AVX2).
-                        let v = match p.activation {
-                            None => v,
-                            // `v.max(0.0)`: 0 for NaN (max returns its second operand then).
-                            Some(Activation::Relu) => $max(v, zero),
-                            // `clamp`: NaN stays NaN (the second operand).
-                            Some(Activation::Relu6) => $min(six, $max(zero, v)),
-                            Some(Activation::HardSigmoid) => $div($min(six, $max(zero, $add(v, three))), six),
-                            Some(Activation::HardSwish) => $mul(v, $div($min(six, $max(zero, $add(v, three))), six)),
-                            // Left to a pass over the plane (`exp` as a
-                            // vectorised loop; per segment it stayed scalar).
-                            Some(Activation::Sigmoid | Activation::Silu) => v,
-                        };
+                        let v = vector_activation!(p.activation, v, $set1, $zero, $add, $mul, $div, $max, $min);
                         if full {
                             $store(out.add(unit.write), v);
                         } else {
@@ -79,13 +68,6 @@ macro_rules! simd_body {
             }
         }
     };
-}
-
-/// Whether the SIMD segments leave `activation` to a pass over the plane
-/// after them (its `exp` vectorises as a loop over the plane; per segment
-/// it stayed scalar on AVX2).
-pub(super) fn deferred(activation: Option<Activation>) -> bool {
-    matches!(activation, Some(Activation::Sigmoid | Activation::Silu))
 }
 
 #[cfg(target_arch = "x86_64")]
