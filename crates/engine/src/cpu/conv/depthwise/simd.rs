@@ -34,8 +34,9 @@ macro_rules! simd_body {
         pub(crate) unsafe fn $name(p: Plane) {
             const LANES: usize = $lanes;
             // SAFETY: every read is within `reach` of the phases, every
-            // write within `out` (the caller's contract); partial segments
-            // are loaded and stored masked to their `len` values.
+            // write within `out` (the caller's contract): a whole vector
+            // only where it ends inside `out`, masked to `len` values
+            // otherwise (likewise for the residual).
             unsafe {
                 let base = p.phases.as_ptr();
                 let out = p.out.as_mut_ptr().cast::<f32>();
@@ -49,8 +50,17 @@ macro_rules! simd_body {
                         }
                     }
                     for (&acc, unit) in acc.iter().zip(group) {
+                        if unit.len == 0 {
+                            continue;
+                        }
                         let mut v = $add(acc, bias);
-                        let full = unit.len == LANES;
+                        // A whole vector is stored wherever it stays inside
+                        // the plane, also for a row's last (partial)
+                        // segment: the values past it belong to later units
+                        // (units go in write order, one plane per call),
+                        // which store over them. Only the plane's end is
+                        // masked (AVX2's masked store is slow on Zen).
+                        let full = unit.write + LANES <= p.out.len();
                         if let Some(r) = p.residual {
                             let r = r.as_ptr().add(unit.write);
                             v = $add(v, if full { $load(r) } else { $load_part(r, unit.len) });
