@@ -55,51 +55,66 @@ impl CpuLinear {
 
     /// `x · Wᵀ + b` for a CPU f32 `x` whose last dimension is the input features.
     pub(crate) fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (outs, depth) = (self.out_features, self.in_features);
         let mut dims = x.dims().to_vec();
         match dims.last_mut() {
-            Some(last) if *last == depth => *last = outs,
+            Some(last) if *last == self.in_features => *last = self.out_features,
             _ => bail!(
-                "linear input {:?} must end in the weight's {depth} input features",
-                x.dims()
+                "linear input {:?} must end in the weight's {} input features",
+                x.dims(),
+                self.in_features
             ),
         }
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let Some(out_len) = rows.checked_mul(outs) else {
-            bail!("linear output {dims:?} overflows")
-        };
-        let mut out = output_buffer(out_len, "linear output")?;
-        let dst = SharedOut::new(&mut out, out_len);
         let x = x.contiguous()?;
-        with_cpu_f32("linear", &x, None, |input, _| {
-            (0..outs.div_ceil(BLOCK)).into_par_iter().for_each(|block| {
-                let cols = block * BLOCK..outs.min((block + 1) * BLOCK);
-                let weight = &self.weight[cols.start * depth..cols.end * depth];
-                for r0 in (0..rows).step_by(ROWS) {
-                    let tile = ROWS.min(rows - r0);
-                    let mut sums = [[0f32; BLOCK]; ROWS];
-                    Dots {
-                        weight,
-                        depth,
-                        x: &input[r0 * depth..(r0 + tile) * depth],
-                        sums: &mut sums,
-                    }
-                    .run(self.isa);
-                    for (r, sums) in sums.iter().take(tile).enumerate() {
-                        // SAFETY: tasks write disjoint output columns
-                        // (`cols`) of each row; nothing else touches `out`.
-                        let out = unsafe { dst.slice((r0 + r) * outs + cols.start, cols.len()) };
-                        for ((o, s), b) in out.iter_mut().zip(sums).zip(&self.bias[cols.clone()]) {
-                            *o = s + b;
-                        }
+        let out = with_cpu_f32("linear", &x, None, |input, _| {
+            let out = output_buffer(rows.saturating_mul(self.out_features), "linear output")?;
+            self.products(input, rows, out)
+        })?;
+        Tensor::from_vec(out, dims, &Device::Cpu)
+    }
+
+    /// `input · Wᵀ + b` for `rows` rows of the input features (`input`
+    /// holds `rows · in_features` values), `[rows, out_features]`, in `out`
+    /// (an empty buffer; grown if it holds too few).
+    pub(crate) fn products(&self, input: &[f32], rows: usize, mut out: Vec<f32>) -> candle_core::Result<Vec<f32>> {
+        let (outs, depth) = (self.out_features, self.in_features);
+        if rows.checked_mul(depth) != Some(input.len()) {
+            bail!("linear input of {} values is not {rows} rows of {depth}", input.len())
+        }
+        let Some(out_len) = rows.checked_mul(outs) else {
+            bail!("linear output of {rows} x {outs} overflows")
+        };
+        out.clear();
+        if out.try_reserve_exact(out_len).is_err() {
+            bail!("cannot allocate {out_len} f32 values for the linear output")
+        }
+        let dst = SharedOut::new(&mut out, out_len);
+        (0..outs.div_ceil(BLOCK)).into_par_iter().for_each(|block| {
+            let cols = block * BLOCK..outs.min((block + 1) * BLOCK);
+            let weight = &self.weight[cols.start * depth..cols.end * depth];
+            for r0 in (0..rows).step_by(ROWS) {
+                let tile = ROWS.min(rows - r0);
+                let mut sums = [[0f32; BLOCK]; ROWS];
+                Dots {
+                    weight,
+                    depth,
+                    x: &input[r0 * depth..(r0 + tile) * depth],
+                    sums: &mut sums,
+                }
+                .run(self.isa);
+                for (r, sums) in sums.iter().take(tile).enumerate() {
+                    // SAFETY: tasks write disjoint output columns
+                    // (`cols`) of each row; nothing else touches `out`.
+                    let out = unsafe { dst.slice((r0 + r) * outs + cols.start, cols.len()) };
+                    for ((o, s), b) in out.iter_mut().zip(sums).zip(&self.bias[cols.clone()]) {
+                        *o = s + b;
                     }
                 }
-            });
-            Ok(())
-        })?;
+            }
+        });
         // SAFETY: the blocks cover every column of every row, each written above.
         unsafe { out.set_len(out_len) };
-        Tensor::from_vec(out, dims, &Device::Cpu)
+        Ok(out)
     }
 }
 
@@ -123,19 +138,33 @@ impl Dots<'_> {
         let tile = self.x.len() / depth;
         assert!(tile <= ROWS && tile * depth == self.x.len() && self.weight.len() <= BLOCK * depth);
         let rows: [&[f32]; ROWS] = std::array::from_fn(|r| &self.x[r.min(tile - 1) * depth..][..depth]);
-        for (j, w) in self.weight.chunks_exact(depth).enumerate() {
-            let sums: [f32; ROWS] = match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Isa::Avx512` is only handed out when the CPU has
-                // AVX-512F; every row and `w` hold `depth` values.
-                Isa::Avx512 => unsafe { x86::dot_avx512(rows, w) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above, for AVX2 + FMA.
-                Isa::Avx2Fma => unsafe { x86::dot_avx2(rows, w) },
-                _ => rows.map(|x| x.iter().zip(w).map(|(x, w)| x * w).sum()),
+        // Only the tile's rows (a const row count per call: short tiles,
+        // as at batch 1, do no work for the rows they lack).
+        macro_rules! on_tile {
+            ($dots:path) => {
+                match tile {
+                    1 => $dots([rows[0]], self.weight, depth, self.sums),
+                    2 => $dots([rows[0], rows[1]], self.weight, depth, self.sums),
+                    3 => $dots([rows[0], rows[1], rows[2]], self.weight, depth, self.sums),
+                    _ => $dots(rows, self.weight, depth, self.sums),
+                }
             };
-            for (r, sum) in sums.into_iter().take(tile).enumerate() {
-                self.sums[r][j] = sum;
+        }
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512` is only handed out when the CPU has
+            // AVX-512F; every row holds `depth` values, `weight` at most
+            // `BLOCK` rows of them.
+            Isa::Avx512 => unsafe { on_tile!(x86::dots_avx512) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, for AVX2 + FMA.
+            Isa::Avx2Fma => unsafe { on_tile!(x86::dots_avx2) },
+            _ => {
+                for (j, w) in self.weight.chunks_exact(depth).enumerate() {
+                    for (sums, x) in self.sums.iter_mut().zip(rows) {
+                        sums[j] = x.iter().zip(w).map(|(x, w)| x * w).sum();
+                    }
+                }
             }
         }
     }
@@ -143,65 +172,61 @@ impl Dots<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::ROWS;
+    use super::{BLOCK, ROWS};
     use std::arch::x86_64::*;
 
-    /// Defines `$name`: [`ROWS`] dot products of `x[r]` with `w` (all
-    /// `w.len()` long), two vectors of partial sums each (the add latency
-    /// of one would bound the loop), `w` loaded once for all rows.
-    macro_rules! dot {
-        ($name:ident, $feature:literal, $lanes:expr, $zero:ident, $load:ident, $store:ident, $fmadd:ident) => {
+    /// Defines `$name`: for each weight row `j` of `weight` (`depth` long,
+    /// at most [`BLOCK`] rows), `R` dot products of `x[r]` with it into
+    /// `sums[r][j]`, two vectors of partial sums each (the add latency of
+    /// one would bound the loop), the weight row loaded once for all rows.
+    /// One call per block: a call per weight row cost more than the dot
+    /// products of squeeze-and-excitation's short rows.
+    macro_rules! dots {
+        ($name:ident, $feature:literal, $lanes:expr, $zero:ident, $load:ident, $store:ident, $fmadd:ident, $add:ident) => {
             /// # Safety
-            /// The CPU has the path's features; every `x[r]` is at least `w.len()` long.
+            /// The CPU has the path's features; `R <= ROWS`; every `x[r]`
+            /// holds `depth` values, `weight` at most `BLOCK · depth`.
             #[target_feature(enable = $feature)]
-            pub(super) unsafe fn $name(x: [&[f32]; ROWS], w: &[f32]) -> [f32; ROWS] {
+            pub(super) unsafe fn $name<const R: usize>(
+                x: [&[f32]; R],
+                weight: &[f32],
+                depth: usize,
+                sums: &mut [[f32; BLOCK]; ROWS],
+            ) {
                 const STEP: usize = 2 * $lanes;
-                let n = w.len();
-                let whole = n / STEP * STEP;
-                let mut acc = [[$zero(); 2]; ROWS];
-                // SAFETY: `c + STEP <= whole <= n`, within `w` and every row.
-                unsafe {
-                    let (wp, xp) = (w.as_ptr(), x.map(<[f32]>::as_ptr));
-                    for c in (0..whole).step_by(STEP) {
-                        let (w0, w1) = ($load(wp.add(c)), $load(wp.add(c + $lanes)));
-                        for (acc, xp) in acc.iter_mut().zip(xp) {
-                            acc[0] = $fmadd(w0, $load(xp.add(c)), acc[0]);
-                            acc[1] = $fmadd(w1, $load(xp.add(c + $lanes)), acc[1]);
+                let whole = depth / STEP * STEP;
+                let xp = x.map(<[f32]>::as_ptr);
+                for (j, w) in weight.chunks_exact(depth).take(BLOCK).enumerate() {
+                    let mut acc = [[$zero(); 2]; R];
+                    // SAFETY: `c + STEP <= whole <= depth`, within `w` and every row.
+                    unsafe {
+                        let wp = w.as_ptr();
+                        for c in (0..whole).step_by(STEP) {
+                            let (w0, w1) = ($load(wp.add(c)), $load(wp.add(c + $lanes)));
+                            for (acc, xp) in acc.iter_mut().zip(xp) {
+                                acc[0] = $fmadd(w0, $load(xp.add(c)), acc[0]);
+                                acc[1] = $fmadd(w1, $load(xp.add(c + $lanes)), acc[1]);
+                            }
                         }
                     }
-                }
-                std::array::from_fn(|r| {
-                    let mut lanes = [0f32; STEP];
-                    // SAFETY: `lanes` holds both vectors.
-                    unsafe {
-                        $store(lanes.as_mut_ptr(), acc[r][0]);
-                        $store(lanes.as_mut_ptr().add($lanes), acc[r][1]);
+                    for ((sums, acc), x) in sums.iter_mut().zip(acc).zip(x) {
+                        let mut lanes = [0f32; $lanes];
+                        // SAFETY: `lanes` holds one vector.
+                        unsafe { $store(lanes.as_mut_ptr(), $add(acc[0], acc[1])) };
+                        let tail: f32 = w[whole..].iter().zip(&x[whole..depth]).map(|(w, x)| w * x).sum();
+                        sums[j] = lanes.iter().sum::<f32>() + tail;
                     }
-                    let tail: f32 = w[whole..].iter().zip(&x[r][whole..n]).map(|(w, x)| w * x).sum();
-                    lanes.iter().sum::<f32>() + tail
-                })
+                }
             }
         };
     }
 
-    dot!(
-        dot_avx512,
-        "avx512f",
-        16,
-        _mm512_setzero_ps,
-        _mm512_loadu_ps,
-        _mm512_storeu_ps,
-        _mm512_fmadd_ps
-    );
-    dot!(
-        dot_avx2,
-        "avx2,fma",
-        8,
-        _mm256_setzero_ps,
-        _mm256_loadu_ps,
-        _mm256_storeu_ps,
-        _mm256_fmadd_ps
-    );
+    #[rustfmt::skip]
+    dots!(dots_avx512, "avx512f", 16,
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, _mm512_add_ps);
+    #[rustfmt::skip]
+    dots!(dots_avx2, "avx2,fma", 8,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps, _mm256_add_ps);
 }
 
 #[cfg(test)]

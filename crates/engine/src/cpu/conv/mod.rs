@@ -7,6 +7,7 @@
 
 pub(crate) mod depthwise;
 pub(crate) mod direct;
+pub(crate) mod gemv;
 pub(crate) mod grouped;
 pub(crate) mod pointwise;
 pub(crate) mod winograd;
@@ -18,6 +19,7 @@ use crate::machine::Machine;
 use candle_core::{bail, Device, Tensor};
 use depthwise::DepthwiseConv;
 use direct::DirectConv;
+use gemv::GemvConv;
 use grouped::GroupedConv;
 use pointwise::PointwiseConv;
 use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
@@ -169,6 +171,8 @@ pub(crate) enum CpuConv {
     Depthwise(DepthwiseConv, Option<MaxPool2dAttrs>),
     /// A 1×1 conv as a GEMM on the NCHW planes in place.
     Pointwise(PointwiseConv),
+    /// A 1×1 conv on 1×1 planes as dot products.
+    Gemv(GemvConv),
 }
 
 impl CpuConv {
@@ -212,6 +216,10 @@ impl CpuConv {
                 pool_unfused("pointwise")?;
                 CpuConv::Pointwise(PointwiseConv::new(spec, weight, epilogue, machine)?)
             }
+            ConvAlgorithm::Gemv => {
+                pool_unfused("gemv")?;
+                CpuConv::Gemv(GemvConv::new(spec, weight, epilogue, machine.isa)?)
+            }
         })
     }
 
@@ -227,6 +235,7 @@ impl CpuConv {
             CpuConv::Grouped(..) => ConvAlgorithm::Grouped,
             CpuConv::Depthwise(..) => ConvAlgorithm::Depthwise,
             CpuConv::Pointwise(_) => ConvAlgorithm::Pointwise,
+            CpuConv::Gemv(_) => ConvAlgorithm::Gemv,
         }
     }
 
@@ -242,6 +251,7 @@ impl CpuConv {
             CpuConv::Depthwise(conv, None) => conv.run(x, residual),
             CpuConv::Depthwise(conv, Some(pool)) => super::pool::max_pool2d(&conv.run(x, residual)?, pool),
             CpuConv::Pointwise(conv) => conv.run(x, residual),
+            CpuConv::Gemv(conv) => conv.run(x, residual),
         }
     }
 }
