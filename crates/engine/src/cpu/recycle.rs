@@ -30,6 +30,10 @@ pub(crate) struct BufferPool {
     draw: bool,
 }
 
+/// Requests under this many values (64 KiB) come from the allocator's
+/// heap cheaply; they are not given buffers over four times that.
+const SMALL: usize = 1 << 14;
+
 impl BufferPool {
     /// An empty pool that keeps at most `cap_bytes` of buffers.
     pub(crate) fn new(cap_bytes: usize) -> Self {
@@ -41,15 +45,18 @@ impl BufferPool {
         }
     }
 
-    /// The smallest buffer with room for `len` values, if any. (Only
+    /// The smallest buffer with room for `len` values, if any; a small
+    /// request (under [`SMALL`] values) only takes a small buffer. (Only
     /// buffers within a quarter of `len` left MobileNetV2 at batch 10
     /// allocating 185 MiB peak with 8.8 k page faults a forward, against
-    /// 134 MiB and none: a CNN's activations shrink and grow again.)
+    /// 134 MiB and none: a CNN's activations shrink and grow again. But a
+    /// squeeze-and-excitation vector that takes an activation's buffer
+    /// leaves the next activation to fault in fresh pages.)
     fn take(&mut self, len: usize) -> Option<Vec<f32>> {
         if !self.draw {
             return None;
         }
-        let fits = |b: &Vec<f32>| b.capacity() >= len;
+        let fits = |b: &Vec<f32>| b.capacity() >= len && (len >= SMALL || b.capacity() <= 4 * SMALL);
         let (index, _) = self
             .buffers
             .iter()
