@@ -89,6 +89,7 @@ impl GemvConv {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::conv::tests::reference_with_residual;
     use candle_core::Device;
     use proptest::prelude::*;
     use wick_ir::{Activation, Conv2dAttrs};
@@ -113,14 +114,9 @@ mod tests {
             let b = Tensor::randn(0f32, 1.0, out_channels, &d).unwrap();
             let r = Tensor::randn(0f32, 1.0, (batch, out_channels, height, width), &d).unwrap();
             let activation = activation.map(|i| Activation::ALL[i]);
-            let mut want = x.conv2d(&w, 0, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, out_channels, 1, 1)).unwrap()).unwrap();
-            if residual {
-                want = (want + &r).unwrap();
-            }
-            if let Some(a) = activation {
-                want = a.apply(&want).unwrap();
-            }
-            let spec = ConvSpec::of(&w, Conv2dAttrs::default()).unwrap();
+            let attrs = Conv2dAttrs::default();
+            let want = reference_with_residual(&x, &w, Some(&b), attrs, residual.then_some(&r), activation);
+            let spec = ConvSpec::of(&w, attrs).unwrap();
             for isa in Isa::available() {
                 let epilogue = Epilogue::new(Some(&b), out_channels, activation).unwrap().on(isa);
                 let got = GemvConv::new(spec, &w, epilogue, isa).unwrap().run(&x, residual.then_some(&r)).unwrap();
