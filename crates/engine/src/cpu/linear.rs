@@ -23,8 +23,10 @@ const ROWS: usize = 4;
 /// A linear layer with its weights and bias kept for the CPU.
 #[derive(Debug)]
 pub(crate) struct CpuLinear {
-    /// `[out_features, in_features]`, row-major.
-    weight: Vec<f32>,
+    /// `[out_features, in_features]`, contiguous f32 on the CPU: the
+    /// graph's tensor itself (its storage shared, not copied: the compiles
+    /// of one graph at several batch sizes hold the weights once).
+    weight: Tensor,
     /// `[out_features]` (zeros without a bias).
     bias: Vec<f32>,
     out_features: usize,
@@ -36,7 +38,14 @@ impl CpuLinear {
     /// Keeps `weight` (`[out, in]`, f32) and `bias` (`[out]`) for path `isa`.
     pub(crate) fn new(weight: &Tensor, bias: Option<&Tensor>, isa: Isa) -> candle_core::Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        let weight = weight.flatten_all()?.to_vec1::<f32>()?;
+        if weight.dtype() != candle_core::DType::F32 || !weight.device().is_cpu() {
+            bail!(
+                "linear weight must be f32 on the CPU, got {:?} on {:?}",
+                weight.dtype(),
+                weight.device()
+            )
+        }
+        let weight = weight.detach().contiguous()?;
         let bias = match bias {
             Some(b) => b.flatten_all()?.to_vec1::<f32>()?,
             None => vec![0.0; out_features],
@@ -89,9 +98,21 @@ impl CpuLinear {
             bail!("cannot allocate {out_len} f32 values for the linear output")
         }
         let dst = SharedOut::new(&mut out, out_len);
+        with_cpu_f32("linear weight", &self.weight, None, |weights, _| {
+            self.blocks(weights, input, rows, &dst);
+            Ok(())
+        })?;
+        // SAFETY: the blocks cover every column of every row, each written above.
+        unsafe { out.set_len(out_len) };
+        Ok(out)
+    }
+
+    /// Every block of outputs of `rows` input rows into `dst`, in parallel.
+    fn blocks(&self, weights: &[f32], input: &[f32], rows: usize, dst: &SharedOut) {
+        let (outs, depth) = (self.out_features, self.in_features);
         (0..outs.div_ceil(BLOCK)).into_par_iter().for_each(|block| {
             let cols = block * BLOCK..outs.min((block + 1) * BLOCK);
-            let weight = &self.weight[cols.start * depth..cols.end * depth];
+            let weight = &weights[cols.start * depth..cols.end * depth];
             for r0 in (0..rows).step_by(ROWS) {
                 let tile = ROWS.min(rows - r0);
                 let mut sums = [[0f32; BLOCK]; ROWS];
@@ -112,9 +133,6 @@ impl CpuLinear {
                 }
             }
         });
-        // SAFETY: the blocks cover every column of every row, each written above.
-        unsafe { out.set_len(out_len) };
-        Ok(out)
     }
 }
 

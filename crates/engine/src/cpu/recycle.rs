@@ -204,4 +204,18 @@ mod tests {
         assert_eq!(pool.buffers.len(), 1);
         assert_eq!(pool.bytes, 3200);
     }
+
+    /// The smallest fitting buffer is taken; a small request never takes a
+    /// large buffer (it would leave the next large output without one).
+    #[test]
+    fn small_requests_take_small_buffers() {
+        let mut pool = BufferPool::new(usize::MAX);
+        pool.draw = true;
+        pool.put(vec![0f32; 8 * SMALL]);
+        assert!(pool.take(100).is_none(), "a small request took a large buffer");
+        pool.put(vec![0f32; 2 * SMALL]);
+        assert_eq!(pool.take(100).map(|b| b.capacity()), Some(2 * SMALL));
+        assert_eq!(pool.take(5 * SMALL).map(|b| b.capacity()), Some(8 * SMALL));
+        assert!(pool.take(1).is_none(), "the pool is empty");
+    }
 }
