@@ -135,7 +135,8 @@ impl PointwiseConv {
     /// then through scratch for the last partial panel and the last columns.
     fn task(&self, t: Task) -> candle_core::Result<()> {
         let depth = self.spec.in_channels;
-        let plane = t.input.len() / depth;
+        // From the output: with no input channels the input is empty.
+        let plane = t.out.len() / t.rows.len().max(1);
         let first_panel = t.rows.start / PANEL_ROWS;
         let full_rows = t.rows.len() / PANEL_ROWS * PANEL_ROWS;
         let padded_rows = t.rows.len().div_ceil(PANEL_ROWS) * PANEL_ROWS;

@@ -255,3 +255,38 @@ proptest! {
         }
     }
 }
+
+/// A conv with no input channels (a weight `[O, 0, kh, kw]`, as a hostile
+/// file may hold) computes the bias through the activation on every
+/// one-group algorithm and path, rather than panicking while packing.
+#[test]
+fn no_input_channels_give_the_bias() {
+    let d = Device::Cpu;
+    let b = Tensor::new(&[0.5f32, -1.0, 2.0], &d).unwrap();
+    for kernel in [1, 3] {
+        let w = Tensor::zeros((3, 0, kernel, kernel), candle_core::DType::F32, &d).unwrap();
+        let attrs = Conv2dAttrs {
+            padding: [kernel / 2; 2],
+            ..Default::default()
+        };
+        let x = Tensor::zeros((2, 0, 4, 5), candle_core::DType::F32, &d).unwrap();
+        let want = [0.5f32, 0.0, 2.0];
+        let spec = ConvSpec::of(&w, attrs).unwrap();
+        let mut algorithms = vec![ConvAlgorithm::DirectPanels, ConvAlgorithm::DirectLanes];
+        if kernel == 1 {
+            algorithms.extend([ConvAlgorithm::Pointwise, ConvAlgorithm::Gemv]);
+        }
+        for isa in Isa::available() {
+            for &algorithm in &algorithms {
+                let machine = crate::machine::Machine::with_isa(isa);
+                let conv = CpuConv::new(algorithm, &w, Some(&b), attrs, Some(Activation::Relu), None, machine).unwrap();
+                let got = conv.run(&x, None).unwrap();
+                assert_eq!(got.dims(), [2, 3, 4, 5], "{algorithm:?} {isa:?}");
+                let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for (i, v) in got.iter().enumerate() {
+                    assert_eq!(*v, want[i / 20 % 3], "{algorithm:?} {isa:?} {spec:?} at {i}");
+                }
+            }
+        }
+    }
+}

@@ -25,6 +25,9 @@ pub(crate) const PANEL_GRANULE: usize = 16;
 pub(crate) fn pack_panels(plain: &[f32], rows: usize, depth: usize, packed: &mut [f32]) {
     let padded = rows.div_ceil(PANEL_ROWS) * PANEL_ROWS;
     assert!(plain.len() == rows * depth && packed.len() == padded * depth);
+    if depth == 0 {
+        return; // nothing to pack (and no chunk size to split by)
+    }
     for (panel, out) in packed.chunks_mut(depth * PANEL_ROWS).enumerate() {
         for d in 0..depth {
             for r in 0..PANEL_ROWS {

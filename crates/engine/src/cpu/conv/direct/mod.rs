@@ -291,7 +291,7 @@ impl Run<'_> {
         let (depth, cols, pixels) = (conv.depth(), block.cols, block.pixels);
         if self.split {
             // im2col rows are independent: share them too.
-            let per_task = depth.div_ceil(4 * rayon::current_num_threads());
+            let per_task = depth.div_ceil(4 * rayon::current_num_threads()).max(1);
             v.par_chunks_mut(per_task * cols)
                 .enumerate()
                 .for_each(|(i, v)| self.im2col(block, i * per_task, v));
