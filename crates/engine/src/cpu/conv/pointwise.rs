@@ -19,7 +19,7 @@
 use super::{output, ConvSpec};
 use crate::cpu::activation;
 use crate::cpu::data::{output_buffer, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
-use crate::cpu::epilogue::{deferred, Epilogue};
+use crate::cpu::epilogue::{deferred, value, Epilogue};
 use crate::cpu::gemm::{pack_panels, panel_gemm_strided, Isa, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS};
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
@@ -101,6 +101,9 @@ impl PointwiseConv {
         if out_len == 0 {
             return output(Vec::new(), shape.out_dims());
         }
+        if plane == 1 && shape.batch > 1 {
+            return self.images_as_columns(&call);
+        }
         let mut out = output_buffer(out_len, "conv output")?;
         let dst = SharedOut::new(&mut out, out_len);
         // Channel runs per image: enough tasks for every thread twice over.
@@ -128,6 +131,39 @@ impl PointwiseConv {
         // SAFETY: the tasks cover every channel of every image, and each
         // writes all `P` columns of its channels (in place or from scratch).
         unsafe { out.set_len(out_len) };
+        output(out, shape.out_dims())
+    }
+
+    /// A batch of 1×1 planes (squeeze-and-excitation's excitation) as one
+    /// product with the images as its columns: per image, a plane is one
+    /// column of a 16-column tile, the other 15 padding.
+    fn images_as_columns(&self, call: &super::ConvCall) -> candle_core::Result<Tensor> {
+        let shape = call.shape;
+        let (batch, depth, outs) = (shape.batch, shape.channels, shape.out_channels);
+        let cols = batch.next_multiple_of(PANEL_GRANULE);
+        let padded_rows = outs.div_ceil(PANEL_ROWS) * PANEL_ROWS;
+        let mut out = output_buffer(batch * outs, "conv output")?;
+        with_cpu_f32("pointwise conv", &call.x, call.residual.as_ref(), |input, residual| {
+            with_scratch((depth + padded_rows) * cols, |scratch| {
+                let (v, m) = scratch.split_at_mut(depth * cols);
+                // `v[c][n] = x[n][c]`, the padding columns zero.
+                for (c, v) in v.chunks_exact_mut(cols).enumerate() {
+                    for (n, v) in v.iter_mut().enumerate() {
+                        *v = if n < batch { input[n * depth + c] } else { 0.0 };
+                    }
+                }
+                let m = &mut m[..padded_rows * cols];
+                let v = Strided { data: v, stride: cols };
+                panel_gemm_strided(self.isa, &self.packed, v, m, cols, [padded_rows, depth, cols], None);
+                let activation = self.epilogue.activation();
+                for n in 0..batch {
+                    for o in 0..outs {
+                        let r = residual.map(|r| r[n * outs + o]);
+                        out.push(value(m[o * cols + n], self.epilogue.bias(o), r, activation));
+                    }
+                }
+            })
+        })?;
         output(out, shape.out_dims())
     }
 
@@ -228,7 +264,8 @@ mod tests {
         /// Every path equals candle's conv + bias + residual + activation:
         /// channel counts off the panel size (a partial last panel), planes
         /// off the micro-tile width (scratch columns), blocks of a few
-        /// micro-tiles (several column blocks per task), batches of 1..3.
+        /// micro-tiles (several column blocks per task), batches of 1..3,
+        /// and batches of 6..18 1×1 planes (the images as columns).
         #[test]
         fn matches_candle(
             batch in 1usize..4,
@@ -238,7 +275,13 @@ mod tests {
             block_tiles in 1usize..4,
             residual in any::<bool>(),
             activation in proptest::option::of(0usize..6),
+            one_by_one in any::<bool>(),
         ) {
+            // 1×1 planes at batch > 1 take the images-as-columns path.
+            let [batch, height, width] = match one_by_one {
+                true => [batch * 6, 1, 1],
+                false => [batch, height, width],
+            };
             let d = Device::Cpu;
             let x = Tensor::randn(0f32, 1.0, (batch, channels, height, width), &d).unwrap();
             let w = Tensor::randn(0f32, 1.0, (out_channels, channels, 1, 1), &d).unwrap();
