@@ -155,16 +155,16 @@ impl Dots<'_> {
         }
         let tile = self.x.len() / depth;
         assert!(tile <= ROWS && tile * depth == self.x.len() && self.weight.len() <= BLOCK * depth);
-        let rows: [&[f32]; ROWS] = std::array::from_fn(|r| &self.x[r.min(tile - 1) * depth..][..depth]);
+        let row = |r: usize| &self.x[r * depth..][..depth];
         // Only the tile's rows (a const row count per call: short tiles,
         // as at batch 1, do no work for the rows they lack).
         macro_rules! on_tile {
             ($dots:path) => {
                 match tile {
-                    1 => $dots([rows[0]], self.weight, depth, self.sums),
-                    2 => $dots([rows[0], rows[1]], self.weight, depth, self.sums),
-                    3 => $dots([rows[0], rows[1], rows[2]], self.weight, depth, self.sums),
-                    _ => $dots(rows, self.weight, depth, self.sums),
+                    1 => $dots([row(0)], self.weight, depth, self.sums),
+                    2 => $dots([row(0), row(1)], self.weight, depth, self.sums),
+                    3 => $dots([row(0), row(1), row(2)], self.weight, depth, self.sums),
+                    _ => $dots([row(0), row(1), row(2), row(3)], self.weight, depth, self.sums),
                 }
             };
         }
@@ -179,7 +179,7 @@ impl Dots<'_> {
             Isa::Avx2Fma => unsafe { on_tile!(x86::dots_avx2) },
             _ => {
                 for (j, w) in self.weight.chunks_exact(depth).enumerate() {
-                    for (sums, x) in self.sums.iter_mut().zip(rows) {
+                    for (sums, x) in self.sums.iter_mut().zip((0..tile).map(row)) {
                         sums[j] = x.iter().zip(w).map(|(x, w)| x * w).sum();
                     }
                 }

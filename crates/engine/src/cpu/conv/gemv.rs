@@ -1,5 +1,5 @@
-//! A 1×1 conv whose output planes are 1×1 (squeeze-and-excitation's two
-//! convs after the global average pool) as dot products: `y[n][o] =
+//! A 1×1 conv whose output planes are 1×1 (squeeze-and-excitation's
+//! squeeze after the global average pool) as dot products: `y[n][o] =
 //! act(Σ_c W[o][c] · x[n][c] + b[o] (+ r[n][o]))` on the linear layer's
 //! kernel, the weights `[O, C]` streamed once per four images.
 //!

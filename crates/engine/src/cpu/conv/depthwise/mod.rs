@@ -122,8 +122,12 @@ impl DepthwiseConv {
             16
         };
         let units = units(shape.out_height, shape.out_width, segment, a.stride[0] * phase_width);
-        // How far any segment reads into the phases (checked per plane).
+        // How far any segment reads into the phases: within every plane's
+        // scratch (`padded_len` values), checked once.
         let reach = units.iter().map(|u| u.read).max().unwrap_or(0) + offsets.iter().max().unwrap_or(&0) + segment;
+        if reach > padded_len {
+            bail!("depthwise conv: segments reach {reach} values in a padded plane of {padded_len}")
+        }
         with_cpu_f32("depthwise conv", &call.x, call.residual.as_ref(), |data, residual| {
             out.spare_capacity_mut()[..out_len]
                 .par_chunks_mut(out_plane)
@@ -148,26 +152,24 @@ impl DepthwiseConv {
                         stride: stride_w,
                     });
                     let residual = residual.map(|r| &r[plane * out_plane..][..out_plane]);
-                    if reach > scratch.len() || residual.is_some_and(|r| r.len() != out.len()) {
-                        bail!(
-                            "depthwise conv: segments reach {reach} values in a padded plane of {}",
-                            scratch.len()
-                        )
+                    if residual.is_some_and(|r| r.len() != out.len()) {
+                        bail!("depthwise conv: a residual plane of another size")
                     }
+                    let activation = self.epilogue.activation();
                     let body = Plane {
                         phases: scratch,
                         offsets: &offsets,
                         units: &units,
                         weight: &self.weight[channel * taps..][..taps],
                         bias: self.epilogue.bias(channel),
-                        activation: self.epilogue.activation(),
+                        activation,
                         residual,
                         out: &mut *out,
                     };
-                    let activation = body.activation;
-                    match (self.isa, segment) {
+                    // Whether the segments applied the epilogue as they stored.
+                    let fused = match self.isa {
                         #[cfg(target_arch = "x86_64")]
-                        (Isa::Avx512 | Isa::Avx2Fma, _) => {
+                        Isa::Avx512 | Isa::Avx2Fma => {
                             if segment == 16 {
                                 // SAFETY: the path has AVX-512F (16-wide segments
                                 // are only chosen on `Isa::Avx512`, handed out
@@ -180,12 +182,7 @@ impl DepthwiseConv {
                                 // AVX2 and FMA (`Isa::available` checks all three).
                                 unsafe { simd::segments_avx2(body) }
                             }
-                            if crate::cpu::epilogue::deferred(activation) {
-                                // SAFETY: the segments wrote every value of the
-                                // plane (as below).
-                                let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
-                                crate::cpu::activation::in_place(self.isa, activation, out);
-                            }
+                            true
                         }
                         _ => {
                             if segment == 8 {
@@ -193,12 +190,17 @@ impl DepthwiseConv {
                             } else {
                                 self.isa.run(Segments::<16>(body));
                             }
-                            // SAFETY: `Segments` wrote every value of this plane (its
-                            // units cover every column of every output row), so the
-                            // slice is initialised; f32 and MaybeUninit<f32> share a layout.
-                            let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
-                            self.epilogue.in_place(channel, out, residual);
+                            false
                         }
+                    };
+                    // SAFETY: the segments wrote every value of this plane (their
+                    // units cover every column of every output row), so the
+                    // slice is initialised; f32 and MaybeUninit<f32> share a layout.
+                    let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                    if !fused {
+                        self.epilogue.in_place(channel, out, residual);
+                    } else if crate::cpu::epilogue::deferred(activation) {
+                        crate::cpu::activation::in_place(self.isa, activation, out);
                     }
                     Ok(())
                 })
