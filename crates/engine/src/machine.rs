@@ -238,6 +238,15 @@ impl Machine {
     pub(crate) fn block_bytes(&self) -> usize {
         self.caches.l2
     }
+
+    /// Bytes a kernel's operands and output can take with its output still
+    /// in cache for the next step: the last-level cache (the L3, else the L2).
+    pub(crate) fn cached_bytes(&self) -> usize {
+        match self.caches.l3 {
+            0 => self.caches.l2,
+            l3 => l3,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -63,6 +63,11 @@ pub(crate) struct StoreEpilogue<'a> {
     /// `[rows, cols]` like `m`, rows `stride` apart.
     pub(crate) residual: Option<Strided<'a>>,
     pub(crate) activation: Option<Activation>,
+    /// Store with non-temporal hints (past the caches, no read for
+    /// ownership) where a vector's address is aligned to the vector: for
+    /// an output too large to stay in the L3 until its reader comes, the
+    /// read halves the memory traffic of a store. The scalar path ignores it.
+    pub(crate) stream: bool,
 }
 
 /// A row-major matrix operand whose rows are `stride` values apart.
@@ -206,6 +211,7 @@ mod x86 {
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
             let (u, v, m) = (u.as_ptr(), v.as_ptr(), m.as_mut_ptr());
+            let stream = streams(epi);
             let full = cols / PANEL_TILES * PANEL_TILES;
             // Column panels outer: one `depth × 32` slice of `v` stays in L1 while
             // the (contiguous, prefetch-friendly) weight panels stream past it.
@@ -221,20 +227,45 @@ mod x86 {
                     let (up, mp) = (u.add(panel * depth * PANEL_ROWS), m.add(panel * PANEL_ROWS * ms));
                     let e = TileEpilogue::at(epi, panel * PANEL_ROWS, t0);
                     let next = next.filter(|_| panel == 0);
-                    micro_avx512::<{ PANEL_TILES / 16 }>(up, v.add(t0), mp.add(t0), depth, [vs, ms], e, next);
+                    let (vp, mp) = (v.add(t0), mp.add(t0));
+                    match stream {
+                        true => micro_avx512::<{ PANEL_TILES / 16 }, true>(up, vp, mp, depth, [vs, ms], e, next),
+                        false => micro_avx512::<{ PANEL_TILES / 16 }, false>(up, vp, mp, depth, [vs, ms], e, next),
+                    }
                 }
             }
             if full < cols {
                 for panel in 0..rows / PANEL_ROWS {
                     let (up, mp) = (u.add(panel * depth * PANEL_ROWS), m.add(panel * PANEL_ROWS * ms));
                     let e = TileEpilogue::at(epi, panel * PANEL_ROWS, full);
-                    micro_avx512::<1>(up, v.add(full), mp.add(full), depth, [vs, ms], e, None);
+                    let (vp, mp) = (v.add(full), mp.add(full));
+                    match stream {
+                        true => micro_avx512::<1, true>(up, vp, mp, depth, [vs, ms], e, None),
+                        false => micro_avx512::<1, false>(up, vp, mp, depth, [vs, ms], e, None),
+                    }
                 }
             }
+            fence_streams(stream);
         }
     }
 
-    /// Defines `$name::<V>`, one `$rows × $lanes·V` micro-tile on the
+    /// Whether `epi` asks for streaming stores.
+    fn streams(epi: Option<StoreEpilogue>) -> bool {
+        epi.is_some_and(|e| e.stream)
+    }
+
+    /// Orders this thread's streaming stores (weakly ordered) before its
+    /// later stores, such as the one that tells another thread the task
+    /// is done, if it streamed.
+    #[inline]
+    fn fence_streams(stream: bool) {
+        if stream {
+            // SAFETY: SSE is part of x86-64.
+            unsafe { _mm_sfence() }
+        }
+    }
+
+    /// Defines `$name::<V, STREAM>`, one `$rows × $lanes·V` micro-tile on the
     /// `$feature` path: `m[r·ms + j] = Σ_d up[d·8 + r] · vp[d·vs + j]`,
     /// `$rows` accumulator rows of `V` vectors, `v` loaded once per depth
     /// step, `u` broadcast per row, the epilogue (if any) applied as the
@@ -242,7 +273,7 @@ mod x86 {
     /// shape its register file holds.
     macro_rules! micro_tile {
         ($name:ident, $feature:literal, $vector:ty, $rows:expr, $lanes:expr,
-         $zero:ident, $load:ident, $splat:ident, $fmadd:ident, $store:ident,
+         $zero:ident, $load:ident, $splat:ident, $fmadd:ident, $store:ident, $stream:ident,
          $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident) => {
             /// # Safety
             /// The CPU has the path's features; `up` has `8·depth` values
@@ -255,7 +286,7 @@ mod x86 {
             /// formed with wrapping arithmetic and never dereferenced.
             #[inline]
             #[target_feature(enable = $feature)]
-            unsafe fn $name<const V: usize>(
+            unsafe fn $name<const V: usize, const STREAM: bool>(
                 up: *const f32,
                 vp: *const f32,
                 mp: *mut f32,
@@ -296,7 +327,13 @@ mod x86 {
                                 }
                                 v = vector_activation!(e.activation, v, $splat, $zero, $add, $mul, $div, $max, $min);
                             }
-                            $store(mp.add(r * ms + $lanes * j), v);
+                            let at = mp.add(r * ms + $lanes * j);
+                            // Streamed only at the aligned address it needs.
+                            if STREAM && (at as usize).is_multiple_of($lanes * 4) {
+                                $stream(at, v)
+                            } else {
+                                $store(at, v)
+                            }
                         }
                     }
                 }
@@ -306,11 +343,11 @@ mod x86 {
 
     #[rustfmt::skip]
     micro_tile!(micro_avx512, "avx512f", __m512, PANEL_ROWS, 16,
-        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps,
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps, _mm512_stream_ps,
         _mm512_add_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps);
     #[rustfmt::skip]
     micro_tile!(micro_avx2, "avx2,fma", __m256, AVX2_ROWS, 8,
-        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps, _mm256_stream_ps,
         _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps);
 
     /// Half a panel's rows (4) per AVX2 micro-tile.
@@ -339,6 +376,7 @@ mod x86 {
         // every tile reads and writes within the bounds stated there.
         unsafe {
             let (u, v, m) = (u.as_ptr(), v.as_ptr(), m.as_mut_ptr());
+            let stream = streams(epi);
             // Column slices outer, as on AVX-512: one `depth × 16` slice
             // of `v` stays in L1 while every row panel's weights stream
             // past it (rows outer re-read all of `v` from L2 per 4 rows:
@@ -353,10 +391,15 @@ mod x86 {
                         let up = u.add(panel * depth * PANEL_ROWS + half * AVX2_ROWS);
                         let (mp, e) = (m.add(row * ms + t0), TileEpilogue::at(epi, row, t0));
                         let next = next.filter(|_| panel == 0 && half == 0);
-                        micro_avx2::<{ PANEL_GRANULE / 8 }>(up, v.add(t0), mp, depth, [vs, ms], e, next);
+                        let vp = v.add(t0);
+                        match stream {
+                            true => micro_avx2::<{ PANEL_GRANULE / 8 }, true>(up, vp, mp, depth, [vs, ms], e, next),
+                            false => micro_avx2::<{ PANEL_GRANULE / 8 }, false>(up, vp, mp, depth, [vs, ms], e, next),
+                        }
                     }
                 }
             }
+            fence_streams(stream);
         }
     }
 }

@@ -1,0 +1,76 @@
+"""Per-node time of ONNX Runtime on a torchvision classifier, to set beside
+`cargo xtask profile MODEL --batch N` when looking for where wick's time
+goes. Not run by CI.
+
+    .venv/bin/python scripts/profile_reference.py --model mobilenet_v3_large [--batch 10] [--iters 20] [--top 30]
+
+Exports the model as `scripts/bench_reference.py` does, runs ONNX Runtime
+(2 intra-op threads, default graph optimisations) with its profiler on and
+prints the mean ms per forward of each fused node, slowest first, and the
+totals per operator kind.
+"""
+
+import argparse
+import collections
+import json
+import pathlib
+import tempfile
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args()
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import torchvision
+
+    model = getattr(torchvision.models, args.model)().eval()
+    x = torch.randn(args.batch, 3, 224, 224)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "model.onnx"
+        torch.onnx.export(model, x, str(path), input_names=["input"], output_names=["output"], dynamo=False)
+        feed = {"input": x.numpy().astype(np.float32)}
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        warm = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(args.warmup):
+            warm.run(None, feed)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(pathlib.Path(tmp) / "ort")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(args.warmup):
+            session.run(None, feed)
+        for _ in range(args.iters):
+            session.run(None, feed)
+        events = json.loads(pathlib.Path(session.end_profiling()).read_text())
+    per_node = collections.defaultdict(list)
+    kinds = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        name = event["name"][: -len("_kernel_time")]
+        per_node[name].append(event["dur"] / 1e3)
+        kinds[name] = event["args"].get("op_name", "?")
+    # The first `warmup` calls of the profiled session are discarded.
+    means = {name: sum(d[args.warmup :]) / max(1, len(d) - args.warmup) for name, d in per_node.items()}
+    total = sum(means.values())
+    by_kind = collections.defaultdict(lambda: [0, 0.0])
+    for name, ms in means.items():
+        by_kind[kinds[name]][0] += 1
+        by_kind[kinds[name]][1] += ms
+    print(f"{args.model} batch {args.batch}, onnxruntime {ort.__version__}, {args.iters} profiled forwards, {total:.3f} ms of node time per forward")
+    for kind, (count, ms) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
+        print(f"{kind:<28}{count:>4}{ms:>10.3f}{100 * ms / total:>7.1f}%")
+    print()
+    for name, ms in sorted(means.items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"{name:<60}{kinds[name]:<22}{ms:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()
