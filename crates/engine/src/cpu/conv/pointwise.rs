@@ -11,7 +11,7 @@
 //! panel with fewer than 8 output channels left (its padding rows must not
 //! be written into the next channels) and the last `H·W mod 16` columns
 //! (a whole micro-tile would run past the plane), and, for an output too
-//! large for the last-level cache, stored with streaming stores, the
+//! large to stay in cache, stored with streaming stores, the
 //! columns before the first aligned one.
 //!
 //! Tasks are (image, run of output channels): every image writes its own
@@ -151,7 +151,7 @@ impl PointwiseConv {
     /// Whether a call reading `input` values (and a residual of the
     /// output's size, if `residual`) and writing `output` values on planes
     /// of `plane` stores its output with streaming stores: when all of it
-    /// cannot stay in the last-level cache (its first rows are evicted
+    /// cannot stay in cache ([`Machine::cached_bytes`]: its first rows are evicted
     /// before its last are written, so its reader finds none of it there
     /// anyway and the stores' reads for ownership are wasted traffic),
     /// when every output row can start aligned (planes of whole 16-value

@@ -299,6 +299,15 @@ mod x86 {
                 unsafe {
                     let mut acc = [[$zero(); V]; $rows];
                     let (mut vp, mut ur) = (vp, up);
+                    if let Some(e) = epi.filter(|e| !e.residual.is_null()) {
+                        // The next tile's residual rows, a hint as above.
+                        for r in 0..$rows {
+                            let row = e.residual.wrapping_add(r * e.stride + $lanes * V);
+                            for line in (0..$lanes * V).step_by(16) {
+                                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(line).cast());
+                            }
+                        }
+                    }
                     for d in 0..depth {
                         if let Some(next) = next {
                             // A hint: never faults, whatever the address.
