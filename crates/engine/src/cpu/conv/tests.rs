@@ -218,13 +218,14 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// The depthwise conv on planes wider than its segments (1..=16 output
-    /// columns at a time, a row's last segment reading past the row), every
-    /// path, with or without a residual (added before the activation),
-    /// equals candle's conv: the shapes [`arb_conv_case`] draws stay
-    /// narrower than one segment.
+    /// columns at a time, a row's last segment reading past the row) and
+    /// on narrow ones with many channels (the SIMD paths' channel blocks,
+    /// a partial last block), every path, with or without a residual
+    /// (added before the activation), equals candle's conv: the shapes
+    /// [`arb_conv_case`] draws stay narrower than one segment, with few channels.
     #[test]
     fn depthwise_wide_planes(
-        channels in 2usize..5,
+        channels in 2usize..40,
         kernel in 1usize..6,
         stride in 1usize..4,
         dilation in 1usize..3,

@@ -7,7 +7,9 @@
 //! time, with the sums in registers over all `kh·kw` taps and stored once.
 //! On the SIMD paths ([`simd`]) the epilogue is applied in registers before
 //! that store; the portable path runs it on the plane while it is in cache.
-//! Planes (image × channel) run in parallel.
+//! Planes (image × channel) run in parallel. Outputs up to 28 columns
+//! wide take [`blocked`] on the SIMD paths instead: channels in the
+//! vector lanes, no lane idle on a 7-wide row.
 //!
 //! The grouped conv's im2col + per-group GEMM spent its time on thousands
 //! of one-row products here. A first version accumulated each tap into
@@ -30,6 +32,7 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use wick_ir::Activation;
 
+mod blocked;
 mod simd;
 
 /// A depthwise convolution with its weights kept for the CPU.
@@ -40,6 +43,8 @@ pub(crate) struct DepthwiseConv {
     weight: Vec<f32>,
     epilogue: Epilogue,
     isa: Isa,
+    /// The weights for narrow outputs, channels in the lanes (SIMD paths).
+    blocked: Option<blocked::BlockedWeights>,
 }
 
 impl DepthwiseConv {
@@ -59,11 +64,14 @@ impl DepthwiseConv {
                 spec.out_channels
             )
         }
+        let weight = weight.flatten_all()?.to_vec1::<f32>()?;
+        let blocked = blocked::BlockedWeights::new(&weight, spec.in_channels, &epilogue, isa);
         Ok(Self {
             spec,
-            weight: weight.flatten_all()?.to_vec1::<f32>()?,
+            weight,
             epilogue,
             isa,
+            blocked,
         })
     }
 
@@ -102,6 +110,29 @@ impl DepthwiseConv {
         }
         // Not zeroed: every value is written (the segments cover each row).
         let mut out = output_buffer(out_len, "conv output")?;
+        if let Some(weights) = self
+            .blocked
+            .as_ref()
+            .filter(|_| shape.out_width <= blocked::MAX_OUT_WIDTH)
+        {
+            with_cpu_f32("depthwise conv", &call.x, call.residual.as_ref(), |data, residual| {
+                let out = &mut out.spare_capacity_mut()[..out_len];
+                blocked::run(
+                    weights,
+                    &self.epilogue,
+                    self.isa,
+                    shape,
+                    self.spec.kernel,
+                    a,
+                    data,
+                    residual,
+                    out,
+                )
+            })?;
+            // SAFETY: `blocked::run` wrote all `out_len` values.
+            unsafe { out.set_len(out_len) };
+            return output(out, shape.out_dims());
+        }
         let [kh, kw] = self.spec.kernel;
         let phase_len = padded_height * phase_width;
         // Where tap (ky, kx) of output (0, 0) reads: padded column kx·dw is

@@ -1,0 +1,609 @@
+//! The depthwise conv on small planes (the 7×7 and 14×14 stages of the
+//! MobileNets and EfficientNets) with the channels in the vector lanes:
+//! per image, a block of 16 channels (8 on AVX2) is copied into a
+//! zero-padded scratch `[H + 2p][W'][16]`, every output position is then
+//! one vector of sums over the `kh·kw` taps (a vector of 16 channels'
+//! weights per tap, no lane wasted whatever the plane's width), the
+//! epilogue is applied in registers, and the block is copied back into its
+//! 16 NCHW planes.
+//!
+//! The plane-wise segments ([`super::simd`]) fill a vector with one row's
+//! columns: on a 7×7 output a row is half an AVX-512 vector and each of
+//! its 25 taps (5×5) a load, a multiply-add and a lane mask for 7 sums.
+//! MobileNetV3-Large's 5×5 convs on 960 channels of 7×7 took 0.81 ms at
+//! batch 10 on Zen 4 that way against ONNX Runtime's 0.25 (its NCHWc
+//! layout keeps channels in the lanes throughout).
+
+use super::super::ConvShape;
+use crate::cpu::data::with_scratch;
+use crate::cpu::epilogue::{deferred, Epilogue};
+use crate::cpu::gemm::Isa;
+use candle_core::bail;
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+use wick_ir::{Activation, Conv2dAttrs};
+
+/// Output planes of at most this many columns take the blocked path; the
+/// segments fill their vectors on wider rows. Zen 4, AVX-512, alone, ms
+/// blocked / segments: MobileNetV3's 960 channels 7×7 5×5 at batch 10
+/// 0.32-0.37 / 0.76-0.77, 672 channels 14×14 3×3 0.56-0.68 / 0.77-0.78,
+/// 120 channels 28×28 5×5 0.48-0.52 / 0.64-0.68 (batch 1: 0.063-0.077 /
+/// 0.086-0.089); but 72 channels 56×56 3×3 0.86-0.88 / 0.79-0.98 and 32
+/// channels 112×112 1.77-1.79 / 1.60.
+pub(super) const MAX_OUT_WIDTH: usize = 28;
+
+/// A depthwise conv's weights and biases with the channels innermost.
+#[derive(Debug)]
+pub(super) struct BlockedWeights {
+    /// Channels per block: the path's vector width.
+    lanes: usize,
+    /// `[C_pad / lanes][kh·kw][lanes]`, zero past the last channel.
+    weight: Vec<f32>,
+    /// `[C_pad]`, zero past the last channel.
+    bias: Vec<f32>,
+}
+
+impl BlockedWeights {
+    /// `weight` (`[C, kh·kw]`) and `epilogue`'s biases for `isa`'s vectors;
+    /// `None` on the portable path.
+    pub(super) fn new(weight: &[f32], channels: usize, epilogue: &Epilogue, isa: Isa) -> Option<Self> {
+        let lanes = match isa {
+            Isa::Avx512 => 16,
+            Isa::Avx2Fma => 8,
+            _ => return None,
+        };
+        let taps = weight.len().checked_div(channels)?;
+        let padded = channels.next_multiple_of(lanes);
+        let mut blocked = vec![0.0; padded * taps];
+        for (c, filter) in weight.chunks_exact(taps.max(1)).take(channels).enumerate() {
+            let block = &mut blocked[c / lanes * taps * lanes..][..taps * lanes];
+            for (tap, &w) in filter.iter().enumerate() {
+                block[tap * lanes + c % lanes] = w;
+            }
+        }
+        let bias = (0..padded)
+            .map(|c| if c < channels { epilogue.bias(c) } else { 0.0 })
+            .collect();
+        Some(Self {
+            lanes,
+            weight: blocked,
+            bias,
+        })
+    }
+}
+
+/// Where a call's reads and writes fall in the block scratch; worked out
+/// (and bounded) once per call.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    lanes: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    padding: [usize; 2],
+    /// Input `[H, W]`.
+    size: [usize; 2],
+    /// Output `[OH, OW]`.
+    out: [usize; 2],
+    /// Output columns computed per row: `OW` rounded up to the tile.
+    out_width: usize,
+    /// Columns of a padded input row in the scratch.
+    padded_width: usize,
+    /// Values of the padded input block, `[H + 2p][padded_width][lanes]`.
+    input_len: usize,
+    /// Values of the output block, `[OH][out_width][lanes]`.
+    output_len: usize,
+}
+
+impl Geometry {
+    /// Where input position `(y, x)` starts in the padded block.
+    #[inline(always)]
+    fn padded_at(&self, y: usize, x: usize) -> usize {
+        ((y + self.padding[0]) * self.padded_width + x + self.padding[1]) * self.lanes
+    }
+
+    /// The geometry of `shape` under `attrs` with `tile` output columns per
+    /// step, or an error when a size overflows. Every read of the kernel
+    /// ([`Geometry::max_read`]) falls inside the padded block.
+    fn new(
+        shape: ConvShape,
+        kernel: [usize; 2],
+        attrs: Conv2dAttrs,
+        lanes: usize,
+        tile: usize,
+    ) -> candle_core::Result<Self> {
+        let out_width = shape.out_width.next_multiple_of(tile);
+        let reach = |n: usize, s: usize, k: usize, d: usize| {
+            n.checked_sub(1)?
+                .checked_mul(s)?
+                .checked_add(k.checked_sub(1)?.checked_mul(d)?)
+        };
+        let sizes = (|| {
+            let padded_height = shape.height.checked_add(2 * attrs.padding[0])?;
+            let padded_width = shape
+                .width
+                .checked_add(2 * attrs.padding[1])?
+                .max(reach(out_width, attrs.stride[1], kernel[1], attrs.dilation[1])? + 1);
+            let input_len = padded_height.checked_mul(padded_width)?.checked_mul(lanes)?;
+            let output_len = shape.out_height.checked_mul(out_width)?.checked_mul(lanes)?;
+            // The last row any tap reads is inside the padded height (the
+            // output size formula), the last column inside the padded width.
+            let last_row = reach(shape.out_height, attrs.stride[0], kernel[0], attrs.dilation[0])?;
+            (last_row < padded_height).then_some((padded_width, input_len, output_len))
+        })();
+        let Some((padded_width, input_len, output_len)) = sizes else {
+            bail!("depthwise conv: the channel-blocked planes of {shape:?} overflow")
+        };
+        Ok(Self {
+            lanes,
+            kernel,
+            stride: attrs.stride,
+            dilation: attrs.dilation,
+            padding: attrs.padding,
+            size: [shape.height, shape.width],
+            out: [shape.out_height, shape.out_width],
+            out_width,
+            padded_width,
+            input_len,
+            output_len,
+        })
+    }
+}
+
+/// One block's kernel operands, for the SIMD bodies.
+struct Kernel<'a> {
+    g: Geometry,
+    /// `[H + 2p][padded_width][lanes]`.
+    input: &'a [f32],
+    /// `[kh·kw][lanes]`.
+    weight: &'a [f32],
+    /// `[lanes]`.
+    bias: &'a [f32],
+    /// Bias and activation in registers (else the raw sums).
+    fused: bool,
+    activation: Option<Activation>,
+    /// `[OH][out_width][lanes]`.
+    output: &'a mut [f32],
+}
+
+/// Runs the blocked depthwise conv of `shape` on `input` into `out`
+/// (uninitialised, `[N, C, OH, OW]`); `residual`, if any, has the output's
+/// shape. Every value of `out` is written.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run(
+    blocked: &BlockedWeights,
+    epilogue: &Epilogue,
+    isa: Isa,
+    shape: ConvShape,
+    kernel: [usize; 2],
+    attrs: Conv2dAttrs,
+    input: &[f32],
+    residual: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
+) -> candle_core::Result<()> {
+    let lanes = blocked.lanes;
+    // Output columns per step (sums in registers): 7 wastes none on the
+    // 7-, 14- and 28-wide rows of the models, 8 fills AVX2's registers.
+    let tile = if shape.out_width.is_multiple_of(7) { 7 } else { 8 };
+    let g = Geometry::new(shape, kernel, attrs, lanes, tile)?;
+    let channels = shape.channels;
+    let (in_plane, out_plane) = (shape.height * shape.width, shape.out_height * shape.out_width);
+    let taps = kernel[0] * kernel[1];
+    let activation = epilogue.activation();
+    // With a residual the plane pass applies the whole epilogue.
+    let fused = residual.is_none();
+    let block_out = lanes * out_plane;
+    let Some(scratch_len) = g.input_len.checked_add(g.output_len) else {
+        bail!("depthwise conv: the channel-blocked planes of {shape:?} overflow")
+    };
+    if out.len() != shape.batch * channels * out_plane || residual.is_some_and(|r| r.len() != out.len()) {
+        bail!("depthwise conv: operands of another size than {shape:?}")
+    }
+    out.par_chunks_mut(channels * out_plane.max(1))
+        .enumerate()
+        .flat_map(|(image, out)| {
+            out.par_chunks_mut(block_out.max(1))
+                .enumerate()
+                .map(move |(block, out)| (image, block, out))
+        })
+        .try_for_each(|(image, block, out)| {
+            let first = block * lanes;
+            let count = out.len() / out_plane.max(1);
+            let planes = &input[(image * channels + first) * in_plane..][..count * in_plane];
+            with_scratch(scratch_len, |scratch| {
+                let (padded, sums) = scratch.split_at_mut(g.input_len);
+                pack(isa, &g, planes, count, padded);
+                let k = Kernel {
+                    g,
+                    input: padded,
+                    weight: &blocked.weight[block * taps * lanes..][..taps * lanes],
+                    bias: &blocked.bias[first..][..lanes],
+                    fused,
+                    activation,
+                    output: &mut sums[..g.output_len],
+                };
+                compute(isa, tile, k);
+                unpack(isa, &g, sums, count, out);
+            })?;
+            // SAFETY: `unpack` wrote every value of the block's planes.
+            let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            for (c, plane) in out.chunks_exact_mut(out_plane.max(1)).enumerate() {
+                let channel = first + c;
+                if let Some(r) = residual {
+                    let at = (image * channels + channel) * out_plane;
+                    epilogue.in_place(channel, plane, Some(&r[at..][..out_plane]));
+                } else if deferred(activation) {
+                    crate::cpu::activation::in_place(isa, activation, plane);
+                }
+            }
+            Ok(())
+        })
+}
+
+/// Copies `count` planes `[H, W]` into the zero-padded block scratch,
+/// channel `c` in lane `c`; the padding zero. On the SIMD paths a lane's
+/// worth of positions at a time, transposed in registers; the positions
+/// past the last whole group (and the portable path) one value at a time.
+fn pack(isa: Isa, g: &Geometry, planes: &[f32], count: usize, padded: &mut [f32]) {
+    padded.fill(0.0);
+    let [height, width] = g.size;
+    let positions = height * width;
+    if positions == 0 {
+        return;
+    }
+    assert!(count <= g.lanes && planes.len() >= count * positions && padded.len() >= g.input_len);
+    let done = match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: 16 lanes only on `Isa::Avx512`; the lengths were checked
+        // above and every position's destination is inside the padded block.
+        Isa::Avx512 if g.lanes == 16 => unsafe { x86::pack_avx512(g, planes, count, padded) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, 8 lanes on `Isa::Avx2Fma`.
+        Isa::Avx2Fma if g.lanes == 8 => unsafe { x86::pack_avx2(g, planes, count, padded) },
+        _ => 0,
+    };
+    for c in 0..count {
+        for q in done..positions {
+            let (y, x) = (q / width, q % width);
+            padded[g.padded_at(y, x) + c] = planes[c * positions + q];
+        }
+    }
+}
+
+/// Copies the block's sums `[OH][out_width][lanes]` into `count` planes
+/// `[OH, OW]` of `out`, writing each value; transposed in registers on the
+/// SIMD paths as [`pack`].
+fn unpack(isa: Isa, g: &Geometry, sums: &[f32], count: usize, out: &mut [MaybeUninit<f32>]) {
+    let positions = g.out[0] * g.out[1];
+    assert!(count <= g.lanes && out.len() >= count * positions && sums.len() >= g.output_len);
+    let done = match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `pack`; every position's sums are inside the output block.
+        Isa::Avx512 if g.lanes == 16 => unsafe { x86::unpack_avx512(g, sums, count, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2Fma if g.lanes == 8 => unsafe { x86::unpack_avx2(g, sums, count, out) },
+        _ => 0,
+    };
+    for c in 0..count {
+        for q in done..positions {
+            let (y, x) = (q / g.out[1], q % g.out[1]);
+            out[c * positions + q].write(sums[(y * g.out_width + x) * g.lanes + c]);
+        }
+    }
+}
+
+/// The block's sums on `isa` with `tile` output columns per step.
+fn compute(isa: Isa, tile: usize, k: Kernel) {
+    // The checks the SIMD bodies rely on.
+    let g = k.g;
+    assert!(
+        k.input.len() >= g.input_len
+            && k.output.len() >= g.output_len
+            && k.weight.len() >= g.kernel[0] * g.kernel[1] * g.lanes
+            && k.bias.len() >= g.lanes
+            && g.out_width.is_multiple_of(tile)
+    );
+    match (isa, tile) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: 16 lanes are only chosen on `Isa::Avx512` (handed out
+        // when the CPU has AVX-512F); the operands' lengths were checked
+        // above and `Geometry::new` bounds every read inside the input.
+        (Isa::Avx512, 7) => unsafe { x86::blocked_avx512::<7>(k) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Isa::Avx512, _) => unsafe { x86::blocked_avx512::<8>(k) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, 8 lanes on `Isa::Avx2Fma` (AVX2 and FMA).
+        (Isa::Avx2Fma, 7) => unsafe { x86::blocked_avx2::<7>(k) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Isa::Avx2Fma, _) => unsafe { x86::blocked_avx2::<8>(k) },
+        _ => unreachable!("blocked weights exist only on the SIMD paths"),
+    }
+}
+
+/// Defines `$name::<T>`: the block's sums `T` output columns at a time,
+/// one vector of `$lanes` channels per output position, over every tap.
+macro_rules! blocked_body {
+    ($name:ident, $feature:literal, $lanes:expr,
+     $zero:ident, $load:ident, $store:ident, $set1:ident, $fmadd:ident,
+     $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident) => {
+        /// # Safety
+        /// The CPU has the path's features; `k`'s operands hold the lengths
+        /// of its geometry (with `lanes == $lanes`), `out_width` is a
+        /// multiple of `T`, and every input position
+        /// `(oy·sh + ky·dh, ox·sw + kx·dw)` lies inside the padded block.
+        #[target_feature(enable = $feature)]
+        pub(super) unsafe fn $name<const T: usize>(k: Kernel) {
+            const LANES: usize = $lanes;
+            let g = k.g;
+            let [sh, sw] = g.stride;
+            let [dh, dw] = g.dilation;
+            // SAFETY: reads within the padded block and writes within the
+            // output block, as the caller's contract states.
+            unsafe {
+                let (input, weight) = (k.input.as_ptr(), k.weight.as_ptr());
+                let output = k.output.as_mut_ptr();
+                let bias = $load(k.bias.as_ptr());
+                for oy in 0..g.out[0] {
+                    for ox in (0..g.out_width).step_by(T) {
+                        let mut acc = [$zero(); T];
+                        for ky in 0..g.kernel[0] {
+                            let row = input.add(((oy * sh + ky * dh) * g.padded_width + ox * sw) * LANES);
+                            let taps = weight.add(ky * g.kernel[1] * LANES);
+                            for kx in 0..g.kernel[1] {
+                                let w = $load(taps.add(kx * LANES));
+                                let at = row.add(kx * dw * LANES);
+                                for (t, acc) in acc.iter_mut().enumerate() {
+                                    *acc = $fmadd($load(at.add(t * sw * LANES)), w, *acc);
+                                }
+                            }
+                        }
+                        let dst = output.add((oy * g.out_width + ox) * LANES);
+                        for (t, &acc) in acc.iter().enumerate() {
+                            let v = match k.fused {
+                                true => {
+                                    let v = $add(acc, bias);
+                                    vector_activation!(k.activation, v, $set1, $zero, $add, $mul, $div, $max, $min)
+                                }
+                                false => acc,
+                            };
+                            $store(dst.add(t * LANES), v);
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
+/// Defines `$pack` and `$unpack`, [`pack`] and [`unpack`] for the whole
+/// groups of `$lanes` positions: `$lanes` channels' runs of positions
+/// loaded as rows, transposed into one vector per position (and back).
+/// Both return how many positions they covered.
+macro_rules! transposed_copies {
+    ($pack:ident, $unpack:ident, $feature:literal, $vector:ty, $lanes:expr,
+     $zero:ident, $load:ident, $store:ident, $transpose:ident) => {
+        /// # Safety
+        /// The CPU has the path's features; `g.lanes == $lanes`, `count <=
+        /// $lanes`, `planes` holds `count` planes `[H, W]` and `padded`
+        /// the padded block of `g`.
+        #[target_feature(enable = $feature)]
+        pub(super) unsafe fn $pack(g: &Geometry, planes: &[f32], count: usize, padded: &mut [f32]) -> usize {
+            const LANES: usize = $lanes;
+            let [height, width] = g.size;
+            let positions = height * width;
+            let whole = positions / LANES * LANES;
+            // SAFETY: rows `c < count` read `LANES` values from `q + LANES
+            // <= positions` of plane `c`; each position's vector goes to
+            // its interior place in the padded block.
+            unsafe {
+                let (src, dst) = (planes.as_ptr(), padded.as_mut_ptr());
+                let (mut y, mut x) = (0, 0);
+                for q in (0..whole).step_by(LANES) {
+                    let rows: [$vector; LANES] = std::array::from_fn(|c| match c < count {
+                        true => $load(src.add(c * positions + q)),
+                        false => $zero(),
+                    });
+                    for v in $transpose(rows) {
+                        $store(dst.add(g.padded_at(y, x)), v);
+                        x += 1;
+                        if x == width {
+                            (y, x) = (y + 1, 0);
+                        }
+                    }
+                }
+            }
+            whole
+        }
+
+        /// # Safety
+        /// The CPU has the path's features; `g.lanes == $lanes`, `count <=
+        /// $lanes`, `sums` holds the output block of `g` and `out` `count`
+        /// planes `[OH, OW]`.
+        #[target_feature(enable = $feature)]
+        pub(super) unsafe fn $unpack(g: &Geometry, sums: &[f32], count: usize, out: &mut [MaybeUninit<f32>]) -> usize {
+            const LANES: usize = $lanes;
+            let width = g.out[1];
+            let positions = g.out[0] * width;
+            let whole = positions / LANES * LANES;
+            // SAFETY: each position's vector is inside the output block;
+            // rows `c < count` write `LANES` values from `q + LANES <=
+            // positions` of plane `c`.
+            unsafe {
+                let (src, dst) = (sums.as_ptr(), out.as_mut_ptr().cast::<f32>());
+                let (mut y, mut x) = (0, 0);
+                for q in (0..whole).step_by(LANES) {
+                    let columns: [$vector; LANES] = std::array::from_fn(|_| {
+                        let v = $load(src.add((y * g.out_width + x) * LANES));
+                        x += 1;
+                        if x == width {
+                            (y, x) = (y + 1, 0);
+                        }
+                        v
+                    });
+                    for (c, v) in $transpose(columns).into_iter().take(count).enumerate() {
+                        $store(dst.add(c * positions + q), v);
+                    }
+                }
+            }
+            whole
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use crate::cpu::epilogue::vector_activation;
+    use std::arch::x86_64::*;
+
+    #[rustfmt::skip]
+    blocked_body!(blocked_avx512, "avx512f", 16,
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps,
+        _mm512_add_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps);
+    #[rustfmt::skip]
+    blocked_body!(blocked_avx2, "avx2,fma", 8,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps,
+        _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps);
+
+    transposed_copies!(
+        pack_avx512,
+        unpack_avx512,
+        "avx512f",
+        __m512,
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        transpose16
+    );
+    transposed_copies!(
+        pack_avx2,
+        unpack_avx2,
+        "avx2,fma",
+        __m256,
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        transpose8
+    );
+
+    /// The 16 × 16 transpose of `r` (row `i` lane `j` -> row `j` lane `i`):
+    /// pairs of rows interleaved by 32 then 64 bits (4 × 4 blocks
+    /// transposed within each 128-bit lane), then the 128-bit lanes gathered.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        // u[4g + k], 128-bit lane l: column 4l + k of rows 4g..4g + 4.
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (g, k) = (i / 4, i % 4);
+            let (a, b) = (
+                _mm512_castps_pd(t[4 * g + k / 2]),
+                _mm512_castps_pd(t[4 * g + 2 + k / 2]),
+            );
+            _mm512_castpd_ps(if k % 2 == 0 {
+                _mm512_unpacklo_pd(a, b)
+            } else {
+                _mm512_unpackhi_pd(a, b)
+            })
+        });
+        let mut out = [_mm512_setzero_ps(); 16];
+        for k in 0..4 {
+            let lo_a = _mm512_shuffle_f32x4::<0x44>(u[k], u[4 + k]);
+            let hi_a = _mm512_shuffle_f32x4::<0xEE>(u[k], u[4 + k]);
+            let lo_b = _mm512_shuffle_f32x4::<0x44>(u[8 + k], u[12 + k]);
+            let hi_b = _mm512_shuffle_f32x4::<0xEE>(u[8 + k], u[12 + k]);
+            out[k] = _mm512_shuffle_f32x4::<0x88>(lo_a, lo_b);
+            out[4 + k] = _mm512_shuffle_f32x4::<0xDD>(lo_a, lo_b);
+            out[8 + k] = _mm512_shuffle_f32x4::<0x88>(hi_a, hi_b);
+            out[12 + k] = _mm512_shuffle_f32x4::<0xDD>(hi_a, hi_b);
+        }
+        out
+    }
+
+    /// The 8 × 8 transpose of `r`, as [`transpose16`] on AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
+        });
+        // u[4g + k], 128-bit lane l: column 4l + k of rows 4g..4g + 4.
+        let u: [__m256; 8] = std::array::from_fn(|i| {
+            let (g, k) = (i / 4, i % 4);
+            let (a, b) = (
+                _mm256_castps_pd(t[4 * g + k / 2]),
+                _mm256_castps_pd(t[4 * g + 2 + k / 2]),
+            );
+            _mm256_castpd_ps(if k % 2 == 0 {
+                _mm256_unpacklo_pd(a, b)
+            } else {
+                _mm256_unpackhi_pd(a, b)
+            })
+        });
+        std::array::from_fn(|j| {
+            let (l, k) = (j / 4, j % 4);
+            if l == 0 {
+                _mm256_permute2f128_ps::<0x20>(u[k], u[4 + k])
+            } else {
+                _mm256_permute2f128_ps::<0x31>(u[k], u[4 + k])
+            }
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Both transposes against the plain one, on every path the CPU has.
+        #[test]
+        fn transposes() {
+            let value = |i: usize, j: usize| (i * 100 + j) as f32;
+            for isa in Isa::available() {
+                match isa {
+                    // SAFETY: the path's features are present (`Isa::available`).
+                    Isa::Avx512 => unsafe {
+                        let rows: [__m512; 16] = std::array::from_fn(|i| {
+                            let row: [f32; 16] = std::array::from_fn(|j| value(i, j));
+                            _mm512_loadu_ps(row.as_ptr())
+                        });
+                        for (j, v) in transpose16(rows).into_iter().enumerate() {
+                            let mut got = [0f32; 16];
+                            _mm512_storeu_ps(got.as_mut_ptr(), v);
+                            assert_eq!(got, std::array::from_fn(|i| value(i, j)), "avx512 row {j}");
+                        }
+                    },
+                    // SAFETY: as above.
+                    Isa::Avx2Fma => unsafe {
+                        let rows: [__m256; 8] = std::array::from_fn(|i| {
+                            let row: [f32; 8] = std::array::from_fn(|j| value(i, j));
+                            _mm256_loadu_ps(row.as_ptr())
+                        });
+                        for (j, v) in transpose8(rows).into_iter().enumerate() {
+                            let mut got = [0f32; 8];
+                            _mm256_storeu_ps(got.as_mut_ptr(), v);
+                            assert_eq!(got, std::array::from_fn(|i| value(i, j)), "avx2 row {j}");
+                        }
+                    },
+                    _ => {}
+                }
+            }
+        }
+    }
+}
