@@ -116,6 +116,142 @@ pub(crate) fn exp(x: f32) -> f32 {
     }
 }
 
+/// Defines `$exp` and `$sigmoid` on one SIMD path: [`exp`] and
+/// [`sigmoid`] lane by lane with the same operations in the same order
+/// (separate multiplies and adds, as the scalar code compiles), so every
+/// lane equals the scalar result bit for bit. For the kernels that apply
+/// the epilogue in registers ([`crate::cpu::epilogue::vector_activation!`]).
+macro_rules! vector_sigmoid {
+    ($exp:ident, $sigmoid:ident, $feature:literal, $vector:ty, $set1:ident, $set1_epi32:ident,
+     $add:ident, $sub:ident, $mul:ident, $div:ident, $max:ident, $min:ident,
+     $add_epi32:ident, $sub_epi32:ident, $slli_epi32:ident, $to_bits:ident, $from_bits:ident, $keep_nan:ident) => {
+        /// [`crate::cpu::activation::exp`] on every lane.
+        #[inline]
+        #[target_feature(enable = $feature)]
+        pub(crate) fn $exp(x: $vector) -> $vector {
+            const LN2_HI: f32 = 0.693_359_4;
+            const LN2_LO: f32 = -2.121_944_4e-4;
+            const ROUND: f32 = 12_582_912.0;
+            let clamped = $min($max(x, $set1(-87.3)), $set1(88.0));
+            let shifted = $add($mul(clamped, $set1(std::f32::consts::LOG2_E)), $set1(ROUND));
+            let n = $sub(shifted, $set1(ROUND));
+            let r = $sub($sub(clamped, $mul(n, $set1(LN2_HI))), $mul(n, $set1(LN2_LO)));
+            let mut p = $set1(1.987_569_1e-4);
+            for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+                p = $add($mul(p, r), $set1(c));
+            }
+            let e_r = $add($add($mul($mul(p, r), r), r), $set1(1.0));
+            let biased = $add_epi32(
+                $sub_epi32($to_bits(shifted), $set1_epi32(ROUND.to_bits() as i32)),
+                $set1_epi32(127),
+            );
+            $keep_nan(x, $mul(e_r, $from_bits($slli_epi32::<23>(biased))))
+        }
+
+        /// [`crate::cpu::activation::sigmoid`] on every lane (`-x` as `0 - x`: the same but for
+        /// the sign of a zero, which `exp` does not see).
+        #[inline]
+        #[target_feature(enable = $feature)]
+        pub(crate) fn $sigmoid(x: $vector) -> $vector {
+            let one = $set1(1.0);
+            $div(one, $add(one, $exp($sub($set1(0.0), x))))
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `x` in its NaN lanes, `v` elsewhere.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn keep_nan_avx512(x: __m512, v: __m512) -> __m512 {
+        _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), v, x)
+    }
+
+    /// As [`keep_nan_avx512`], 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn keep_nan_avx2(x: __m256, v: __m256) -> __m256 {
+        _mm256_blendv_ps(v, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
+    }
+
+    #[rustfmt::skip]
+    vector_sigmoid!(exp_avx512, sigmoid_avx512, "avx512f", __m512, _mm512_set1_ps, _mm512_set1_epi32,
+        _mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps,
+        _mm512_add_epi32, _mm512_sub_epi32, _mm512_slli_epi32, _mm512_castps_si512, _mm512_castsi512_ps,
+        keep_nan_avx512);
+    #[rustfmt::skip]
+    vector_sigmoid!(exp_avx2, sigmoid_avx2, "avx2,fma", __m256, _mm256_set1_ps, _mm256_set1_epi32,
+        _mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps,
+        _mm256_add_epi32, _mm256_sub_epi32, _mm256_slli_epi32, _mm256_castps_si256, _mm256_castsi256_ps,
+        keep_nan_avx2);
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::cpu::activation::{exp, sigmoid};
+        use crate::cpu::gemm::Isa;
+
+        /// Both paths equal the scalar `exp` and `sigmoid` bit for bit
+        /// (NaN for NaN) over a sweep past both clamps and the specials.
+        #[test]
+        fn vector_forms_equal_scalar() {
+            let mut values: Vec<f32> = (0..40_000).map(|i| (i as f32 - 20_000.0) / 200.0).collect();
+            values.extend([
+                0.0,
+                -0.0,
+                1e-40,
+                -1e-40,
+                1e30,
+                -1e30,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::NAN,
+                88.0,
+                -87.3,
+            ]);
+            values.resize(values.len().next_multiple_of(16), 0.5);
+            let same = |got: f32, want: f32| got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan());
+            for isa in Isa::available() {
+                for chunk in values.chunks_exact(16) {
+                    let mut got = [[0f32; 16]; 2];
+                    match isa {
+                        // SAFETY: the path's features are present (`Isa::available`).
+                        Isa::Avx512 => unsafe {
+                            let x = _mm512_loadu_ps(chunk.as_ptr());
+                            _mm512_storeu_ps(got[0].as_mut_ptr(), exp_avx512(x));
+                            _mm512_storeu_ps(got[1].as_mut_ptr(), sigmoid_avx512(x));
+                        },
+                        // SAFETY: as above.
+                        Isa::Avx2Fma => unsafe {
+                            for half in 0..2 {
+                                let x = _mm256_loadu_ps(chunk[8 * half..].as_ptr());
+                                _mm256_storeu_ps(got[0][8 * half..].as_mut_ptr(), exp_avx2(x));
+                                _mm256_storeu_ps(got[1][8 * half..].as_mut_ptr(), sigmoid_avx2(x));
+                            }
+                        },
+                        _ => continue,
+                    }
+                    for (i, &x) in chunk.iter().enumerate() {
+                        assert!(same(got[0][i], exp(x)), "{isa:?} exp({x}): {} vs {}", got[0][i], exp(x));
+                        assert!(
+                            same(got[1][i], sigmoid(x)),
+                            "{isa:?} sigmoid({x}): {} vs {}",
+                            got[1][i],
+                            sigmoid(x)
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{sigmoid_avx2, sigmoid_avx512};
+
 #[cfg(test)]
 mod tests {
     use super::*;

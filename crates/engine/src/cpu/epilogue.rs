@@ -119,24 +119,20 @@ pub(crate) fn row<const N: usize>(
     }
 }
 
-/// Whether a kernel that applies the epilogue in SIMD registers leaves
-/// `activation` to a pass of its own afterwards ([`vector_activation!`]
-/// passes it through): sigmoid and SiLU, whose `exp` vectorises as a loop
-/// over a row (per vector it stayed scalar code on the AVX2 path).
-pub(crate) fn deferred(activation: Option<Activation>) -> bool {
-    matches!(activation, Some(Activation::Sigmoid | Activation::Silu))
-}
-
 /// `$activation` (an `Option<Activation>`) on the SIMD vector `$v`, for the
 /// kernels that apply the epilogue in registers, with the path's
-/// intrinsics. The piecewise-linear activations use min/max with operands
+/// intrinsics and sigmoid (`crate::cpu::activation::sigmoid_avx512` or
+/// `_avx2`). The piecewise-linear activations use min/max with operands
 /// ordered as `f32::clamp` and `f32::max` treat NaN (a NaN operand makes
-/// the intrinsics return their second one); [`deferred`] ones pass through.
+/// the intrinsics return their second one); sigmoid and SiLU equal the
+/// scalar forms bit for bit.
 macro_rules! vector_activation {
-    ($activation:expr, $v:expr, $set1:ident, $zero:ident, $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident) => {{
+    ($activation:expr, $v:expr, $set1:ident, $zero:ident, $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident, $sigmoid:path) => {{
         let v = $v;
         match $activation {
-            None | Some(Activation::Sigmoid | Activation::Silu) => v,
+            None => v,
+            Some(Activation::Sigmoid) => $sigmoid(v),
+            Some(Activation::Silu) => $mul(v, $sigmoid(v)),
             // `v.max(0.0)`: 0 for NaN.
             Some(Activation::Relu) => $max(v, $zero()),
             // `clamp`: NaN stays NaN.

@@ -19,9 +19,8 @@
 //! images than threads to keep busy.
 
 use super::{output, ConvSpec};
-use crate::cpu::activation;
 use crate::cpu::data::{output_buffer, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
-use crate::cpu::epilogue::{deferred, value, Epilogue};
+use crate::cpu::epilogue::{value, Epilogue};
 use crate::cpu::gemm::{pack_panels, panel_gemm_strided, Isa, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS};
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
@@ -154,15 +153,13 @@ impl PointwiseConv {
     /// cannot stay in cache ([`Machine::cached_bytes`]: its first rows are evicted
     /// before its last are written, so its reader finds none of it there
     /// anyway and the stores' reads for ownership are wasted traffic),
-    /// when every output row can start aligned (planes of whole 16-value
-    /// tiles) and when no activation pass re-reads the output. MobileNetV3's
+    /// and when every output row can start aligned (planes of whole 16-value
+    /// tiles). MobileNetV3's
     /// 16 -> 64 expansion on 112 x 112 planes at batch 10 (40 MB) on Zen 4
     /// (32 MiB L3), alone: 3.3-4.3 -> 1.6-1.9 ms.
     fn streams(&self, input: usize, output: usize, residual: bool, plane: usize) -> bool {
         let values = input.saturating_add(output.saturating_mul(1 + usize::from(residual)));
-        !deferred(self.epilogue.activation())
-            && plane.is_multiple_of(PANEL_GRANULE)
-            && values.saturating_mul(4) > self.cached_bytes
+        plane.is_multiple_of(PANEL_GRANULE) && values.saturating_mul(4) > self.cached_bytes
     }
 
     /// A batch of 1×1 planes (squeeze-and-excitation's excitation) as one
@@ -233,8 +230,7 @@ impl PointwiseConv {
                     stride: plane,
                 };
                 if full_rows > 0 {
-                    // The epilogue as the product is stored (sigmoid and
-                    // SiLU after, row by row while the block is in cache).
+                    // The epilogue as the product is stored.
                     let activation = self.epilogue.activation();
                     let epilogue = StoreEpilogue {
                         bias: self.epilogue.biases(t.rows.start..t.rows.start + full_rows),
@@ -247,11 +243,6 @@ impl PointwiseConv {
                     };
                     let (size, out) = ([full_rows, depth, n], &mut t.out[c0..]);
                     panel_gemm_strided(self.isa, &u[..full_rows * depth], v, out, plane, size, Some(epilogue));
-                    if deferred(activation) {
-                        for r in 0..full_rows {
-                            activation::in_place(self.isa, activation, &mut t.out[r * plane + c0..][..n]);
-                        }
-                    }
                 }
                 if full_rows < t.rows.len() {
                     let m = &mut scratch[..PANEL_ROWS * n];

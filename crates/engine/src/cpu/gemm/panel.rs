@@ -9,7 +9,7 @@
 //! is tested against an f64 product on every machine that has it.
 
 use super::Isa;
-use crate::cpu::epilogue::{deferred, in_place};
+use crate::cpu::epilogue::in_place;
 use wick_ir::Activation;
 
 /// Rows of `U` per panel (and per micro-tile).
@@ -54,8 +54,7 @@ pub(crate) fn panel_gemm(isa: Isa, u: &[f32], v: &[f32], m: &mut [f32], rows: us
 
 /// The epilogue a product gets as it is stored (in registers on the SIMD
 /// paths): `m[r][c] = act(m[r][c] + bias[r] (+ residual[r][c]))`, the
-/// order of [`crate::cpu::epilogue::value`]. Sigmoid and SiLU are left to
-/// the caller ([`deferred`]).
+/// order of [`crate::cpu::epilogue::value`].
 #[derive(Clone, Copy)]
 pub(crate) struct StoreEpilogue<'a> {
     /// One value per row of `m`.
@@ -127,10 +126,9 @@ pub(crate) fn panel_gemm_strided(
         _ => {
             gemm_scalar(u, v.data, m, size, strides);
             if let Some(e) = epilogue {
-                let activation = e.activation.filter(|&a| !deferred(Some(a)));
                 for (r, &bias) in e.bias[..rows].iter().enumerate() {
                     let residual = e.residual.map(|res| &res.data[r * res.stride..][..cols]);
-                    in_place(&mut m[r * m_stride..][..cols], bias, residual, activation);
+                    in_place(&mut m[r * m_stride..][..cols], bias, residual, e.activation);
                 }
             }
         }
@@ -161,6 +159,7 @@ fn gemm_scalar(u: &[f32], v: &[f32], m: &mut [f32], [rows, depth, cols]: [usize;
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{StoreEpilogue, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
+    use crate::cpu::activation::{sigmoid_avx2, sigmoid_avx512};
     use crate::cpu::epilogue::vector_activation;
     use std::arch::x86_64::*;
     use wick_ir::Activation;
@@ -274,7 +273,7 @@ mod x86 {
     macro_rules! micro_tile {
         ($name:ident, $feature:literal, $vector:ty, $rows:expr, $lanes:expr,
          $zero:ident, $load:ident, $splat:ident, $fmadd:ident, $store:ident, $stream:ident,
-         $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident) => {
+         $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident, $sigmoid:path) => {
             /// # Safety
             /// The CPU has the path's features; `up` has `8·depth` values
             /// from the tile's first row on, `vp` and `mp` have
@@ -334,7 +333,18 @@ mod x86 {
                                 if !e.residual.is_null() {
                                     v = $add(v, $load(e.residual.add(r * e.stride + $lanes * j)));
                                 }
-                                v = vector_activation!(e.activation, v, $splat, $zero, $add, $mul, $div, $max, $min);
+                                v = vector_activation!(
+                                    e.activation,
+                                    v,
+                                    $splat,
+                                    $zero,
+                                    $add,
+                                    $mul,
+                                    $div,
+                                    $max,
+                                    $min,
+                                    $sigmoid
+                                );
                             }
                             let at = mp.add(r * ms + $lanes * j);
                             // Streamed only at the aligned address it needs.
@@ -353,11 +363,11 @@ mod x86 {
     #[rustfmt::skip]
     micro_tile!(micro_avx512, "avx512f", __m512, PANEL_ROWS, 16,
         _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps, _mm512_stream_ps,
-        _mm512_add_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps);
+        _mm512_add_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps, sigmoid_avx512);
     #[rustfmt::skip]
     micro_tile!(micro_avx2, "avx2,fma", __m256, AVX2_ROWS, 8,
         _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps, _mm256_stream_ps,
-        _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps);
+        _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps, sigmoid_avx2);
 
     /// Half a panel's rows (4) per AVX2 micro-tile.
     const AVX2_ROWS: usize = PANEL_ROWS / 2;

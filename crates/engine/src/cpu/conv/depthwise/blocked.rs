@@ -16,7 +16,7 @@
 
 use super::super::ConvShape;
 use crate::cpu::data::with_scratch;
-use crate::cpu::epilogue::{deferred, Epilogue};
+use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::Isa;
 use candle_core::bail;
 use rayon::prelude::*;
@@ -232,8 +232,6 @@ pub(super) fn run(
                 if let Some(r) = residual {
                     let at = (image * channels + channel) * out_plane;
                     epilogue.in_place(channel, plane, Some(&r[at..][..out_plane]));
-                } else if deferred(activation) {
-                    crate::cpu::activation::in_place(isa, activation, plane);
                 }
             }
             Ok(())
@@ -328,7 +326,7 @@ fn compute(isa: Isa, tile: usize, k: Kernel) {
 macro_rules! blocked_body {
     ($name:ident, $feature:literal, $lanes:expr,
      $zero:ident, $load:ident, $store:ident, $set1:ident, $fmadd:ident,
-     $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident) => {
+     $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident, $sigmoid:path) => {
         /// # Safety
         /// The CPU has the path's features; `k`'s operands hold the lengths
         /// of its geometry (with `lanes == $lanes`), `out_width` is a
@@ -365,7 +363,18 @@ macro_rules! blocked_body {
                             let v = match k.fused {
                                 true => {
                                     let v = $add(acc, bias);
-                                    vector_activation!(k.activation, v, $set1, $zero, $add, $mul, $div, $max, $min)
+                                    vector_activation!(
+                                        k.activation,
+                                        v,
+                                        $set1,
+                                        $zero,
+                                        $add,
+                                        $mul,
+                                        $div,
+                                        $max,
+                                        $min,
+                                        $sigmoid
+                                    )
                                 }
                                 false => acc,
                             };
@@ -462,11 +471,13 @@ mod x86 {
     #[rustfmt::skip]
     blocked_body!(blocked_avx512, "avx512f", 16,
         _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps,
-        _mm512_add_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps);
+        _mm512_add_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps,
+        crate::cpu::activation::sigmoid_avx512);
     #[rustfmt::skip]
     blocked_body!(blocked_avx2, "avx2,fma", 8,
         _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps,
-        _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps);
+        _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps,
+        crate::cpu::activation::sigmoid_avx2);
 
     transposed_copies!(
         pack_avx512,

@@ -230,8 +230,6 @@ impl DepthwiseConv {
                     let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
                     if !fused {
                         self.epilogue.in_place(channel, out, residual);
-                    } else if crate::cpu::epilogue::deferred(activation) {
-                        crate::cpu::activation::in_place(self.isa, activation, out);
                     }
                     Ok(())
                 })

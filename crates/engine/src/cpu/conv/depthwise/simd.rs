@@ -17,13 +17,13 @@ use wick_ir::Activation;
 
 /// Defines `$name`, the segments of one plane on a SIMD path. The
 /// piecewise-linear activations use the vector min/max (operands ordered
-/// as `f32::clamp` and `f32::max` treat NaN); sigmoid and SiLU are left to
-/// the caller ([`crate::cpu::epilogue::deferred`]).
+/// as `f32::clamp` and `f32::max` treat NaN), sigmoid and SiLU the path's
+/// `$sigmoid`.
 macro_rules! simd_body {
     ($name:ident, $feature:literal, $vector:ty, $lanes:expr,
      $zero:ident, $load:ident, $store:ident, $set1:ident, $fmadd:ident,
      $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident,
-     $load_part:ident, $store_part:ident) => {
+     $load_part:ident, $store_part:ident, $sigmoid:path) => {
         /// # Safety
         /// The CPU has the path's features; `p.reach <= p.phases.len()`
         /// and `p.reach >= unit.read + offset + LANES` for every unit and
@@ -67,7 +67,18 @@ macro_rules! simd_body {
                         }
                         // The activation, in registers (as a closure it
                         // stayed a call per segment on AVX2).
-                        let v = vector_activation!(p.activation, v, $set1, $zero, $add, $mul, $div, $max, $min);
+                        let v = vector_activation!(
+                            p.activation,
+                            v,
+                            $set1,
+                            $zero,
+                            $add,
+                            $mul,
+                            $div,
+                            $max,
+                            $min,
+                            $sigmoid
+                        );
                         if full {
                             $store(out.add(unit.write), v);
                         } else {
@@ -142,12 +153,12 @@ mod x86 {
     simd_body!(segments_avx512, "avx512f", __m512, 16,
         _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps,
         _mm512_add_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps,
-        load_part_avx512, store_part_avx512);
+        load_part_avx512, store_part_avx512, crate::cpu::activation::sigmoid_avx512);
     #[rustfmt::skip]
     simd_body!(segments_avx2, "avx2,fma", __m256, 8,
         _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps,
         _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps,
-        load_part_avx2, store_part_avx2);
+        load_part_avx2, store_part_avx2, crate::cpu::activation::sigmoid_avx2);
 }
 
 #[cfg(target_arch = "x86_64")]
