@@ -9,10 +9,10 @@
 //!
 //! What the in-place product cannot cover goes through scratch: a row
 //! panel with fewer than 8 output channels left (its padding rows must not
-//! be written into the next channels) and the last `H·W mod 16` columns
-//! (a whole micro-tile would run past the plane), and, for an output too
-//! large to stay in cache, stored with streaming stores, the
-//! columns before the first aligned one.
+//! be written into the next channels), and, one column at a time
+//! ([`panel_columns`]), the last `H·W mod 16` columns (a whole micro-tile
+//! would run past the plane) and, for an output too large to stay in cache,
+//! stored with streaming stores, the columns before the first aligned one.
 //!
 //! Tasks are (image, run of output channels): every image writes its own
 //! contiguous output plane, split by channels only when there are fewer
@@ -21,7 +21,9 @@
 use super::{output, ConvSpec};
 use crate::cpu::data::{output_buffer, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::{value, Epilogue};
-use crate::cpu::gemm::{pack_panels, panel_gemm_strided, Isa, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS};
+use crate::cpu::gemm::{
+    pack_panels, panel_columns, panel_gemm_strided, Isa, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS,
+};
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
@@ -219,8 +221,8 @@ impl PointwiseConv {
         let per_col = (depth + padded_rows) * 4;
         let block = (self.block_bytes / per_col / PANEL_GRANULE * PANEL_GRANULE).max(PANEL_GRANULE);
         // Scratch: a partial panel's product over one block, or the first
-        // or last columns' input `[C, 16]` and product `[padded_rows, 16]`.
-        let scratch_len = (PANEL_ROWS * block).max((depth + padded_rows) * PANEL_GRANULE);
+        // or last columns' product `[padded_rows, < 16]`.
+        let scratch_len = (PANEL_ROWS * block).max(padded_rows * PANEL_GRANULE);
         with_scratch(scratch_len, |scratch| {
             let residual_row = |row: usize, cols: Range<usize>| t.residual.map(|r| &r[row * plane..][cols]);
             for c0 in (head..cols_full).step_by(block) {
@@ -261,21 +263,15 @@ impl PointwiseConv {
                 if n == 0 {
                     continue;
                 }
-                let (v, m) = scratch.split_at_mut(depth * PANEL_GRANULE);
-                for (c, v) in v.chunks_exact_mut(PANEL_GRANULE).enumerate() {
-                    v[..n].copy_from_slice(&t.input[c * plane + cols.start..][..n]);
-                    v[n..].fill(0.0);
-                }
-                let m = &mut m[..padded_rows * PANEL_GRANULE];
-                let size = [padded_rows, depth, PANEL_GRANULE];
+                let m = &mut scratch[..padded_rows * n];
                 let v = Strided {
-                    data: v,
-                    stride: PANEL_GRANULE,
+                    data: t.input,
+                    stride: plane,
                 };
-                panel_gemm_strided(self.isa, u, v, m, PANEL_GRANULE, size, None);
+                panel_columns(self.isa, u, padded_rows / PANEL_ROWS, depth, v, cols.clone(), m);
                 for r in 0..t.rows.len() {
                     let row = t.rows.start + r;
-                    let (src, residual) = (&m[r * PANEL_GRANULE..][..n], residual_row(row, cols.clone()));
+                    let (src, residual) = (&m[r * n..][..n], residual_row(row, cols.clone()));
                     self.epilogue
                         .write(row, &mut t.out[r * plane + cols.start..][..n], src, residual);
                 }

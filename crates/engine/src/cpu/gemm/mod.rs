@@ -8,10 +8,14 @@
 //! - [`lane`]: output channels on the vector lanes, weights streamed once
 //!   (few pixels: batch 1 at 7×7); Winograd F(2×2) and the direct conv's
 //!   lane layout.
+//! - [`columns`]: a few columns of a panel product, one at a time (the
+//!   1×1 conv's columns off the micro-tile width).
 
+pub(crate) mod columns;
 pub(crate) mod lane;
 pub(crate) mod panel;
 
+pub(crate) use columns::panel_columns;
 pub(crate) use lane::{lane_gemm, pack_lanes, LaneProduct, LANES};
 pub(crate) use panel::{
     pack_panels, panel_gemm, panel_gemm_strided, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES,
