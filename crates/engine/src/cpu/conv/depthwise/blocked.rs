@@ -239,13 +239,24 @@ pub(super) fn run(
 }
 
 /// Copies `count` planes `[H, W]` into the zero-padded block scratch,
-/// channel `c` in lane `c`; the padding zero. On the SIMD paths a lane's
-/// worth of positions at a time, transposed in registers; the positions
-/// past the last whole group (and the portable path) one value at a time.
+/// channel `c` in lane `c`; the padding and the lanes past `count` zero.
+/// On the SIMD paths a lane's worth of positions at a time, transposed in
+/// registers; the positions past the last whole group (and the portable
+/// path) one at a time.
 fn pack(isa: Isa, g: &Geometry, planes: &[f32], count: usize, padded: &mut [f32]) {
-    padded.fill(0.0);
     let [height, width] = g.size;
     let positions = height * width;
+    // The padding only: the interior is written below (a whole fill was
+    // 1% of MobileNetV2's batch-1 forward).
+    let row = g.padded_width * g.lanes;
+    let (top, interior) = (g.padding[0] * row, height * row);
+    padded[..top].fill(0.0);
+    padded[top + interior..g.input_len].fill(0.0);
+    for r in padded[top..top + interior].chunks_exact_mut(row.max(1)) {
+        let (left, right) = (g.padding[1] * g.lanes, (g.padding[1] + width) * g.lanes);
+        r[..left].fill(0.0);
+        r[right..].fill(0.0);
+    }
     if positions == 0 {
         return;
     }
@@ -260,10 +271,10 @@ fn pack(isa: Isa, g: &Geometry, planes: &[f32], count: usize, padded: &mut [f32]
         Isa::Avx2Fma if g.lanes == 8 => unsafe { x86::pack_avx2(g, planes, count, padded) },
         _ => 0,
     };
-    for c in 0..count {
-        for q in done..positions {
-            let (y, x) = (q / width, q % width);
-            padded[g.padded_at(y, x) + c] = planes[c * positions + q];
+    for q in done..positions {
+        let at = g.padded_at(q / width, q % width);
+        for (c, lane) in padded[at..at + g.lanes].iter_mut().enumerate() {
+            *lane = if c < count { planes[c * positions + q] } else { 0.0 };
         }
     }
 }
