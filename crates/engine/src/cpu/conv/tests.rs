@@ -220,7 +220,7 @@ proptest! {
     /// The depthwise conv on planes wider than its segments (1..=16 output
     /// columns at a time, a row's last segment reading past the row) and
     /// on narrow ones with many channels (the SIMD paths' channel blocks,
-    /// a partial last block), every path, with or without a residual
+    /// a partial last block, bands of one row and more), every path, with or without a residual
     /// (added before the activation), equals candle's conv: the shapes
     /// [`arb_conv_case`] draws stay narrower than one segment, with few channels.
     #[test]
@@ -234,6 +234,7 @@ proptest! {
         height in 1usize..6,
         activation in proptest::option::of(0usize..6),
         residual in any::<bool>(),
+        band_bytes in proptest::option::of(0usize..20_000),
     ) {
         let span = dilation * (kernel - 1) + 1;
         let (width, height) = ((span + width).saturating_sub(2 * padding).max(1), (span + height).saturating_sub(2 * padding).max(1));
@@ -249,10 +250,51 @@ proptest! {
         let spec = ConvSpec::of(&w, attrs).unwrap();
         for isa in Isa::available() {
             let epilogue = Epilogue::new(Some(&b), channels, activation).unwrap().on(isa);
-            let got = depthwise::DepthwiseConv::new(spec, &w, epilogue, isa).unwrap().run(&x, r.as_ref()).unwrap();
+            let mut conv = depthwise::DepthwiseConv::new(spec, &w, epilogue, isa).unwrap();
+            if let Some(bytes) = band_bytes {
+                conv = conv.with_band_bytes(bytes);
+            }
+            let got = conv.run(&x, r.as_ref()).unwrap();
             prop_assert_eq!(got.dims(), want.dims());
             let diff = crate::test_util::max_abs_diff(&got, &want);
             prop_assert!(diff <= 1e-5 * (kernel * kernel) as f64 * 4.0, "{:?}: diff {}", isa, diff);
+        }
+    }
+}
+
+/// Bands of one output row that lie wholly in the padding (a 1×1 kernel
+/// over a 1×1 input padded by 2: rows of zeros plus the bias) and bands
+/// that straddle it, on every path: the blocked depthwise conv's bands
+/// find their input rows (once a band's first row was taken for an input row).
+#[test]
+fn depthwise_bands_in_the_padding() {
+    let d = Device::Cpu;
+    for (kernel, stride, padding) in [(1, 1, 2), (1, 3, 2), (3, 2, 1), (3, 1, 2)] {
+        let channels = 20;
+        let attrs = Conv2dAttrs {
+            stride: [stride, stride],
+            padding: [padding, padding],
+            dilation: [1, 1],
+            groups: channels,
+        };
+        let x = Tensor::randn(0f32, 1.0, (2, channels, 3, 3), &d).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (channels, 1, kernel, kernel), &d).unwrap();
+        let b = Tensor::randn(0f32, 1.0, channels, &d).unwrap();
+        let want = reference(&x, &w, Some(&b), attrs, Some(Activation::Silu));
+        let spec = ConvSpec::of(&w, attrs).unwrap();
+        for isa in Isa::available() {
+            let epilogue = Epilogue::new(Some(&b), channels, Some(Activation::Silu))
+                .unwrap()
+                .on(isa);
+            let conv = depthwise::DepthwiseConv::new(spec, &w, epilogue, isa)
+                .unwrap()
+                .with_band_bytes(0);
+            let got = conv.run(&x, None).unwrap();
+            let diff = crate::test_util::max_abs_diff(&got, &want);
+            assert!(
+                diff <= 1e-5 * 40.0,
+                "{isa:?} k{kernel} s{stride} p{padding}: diff {diff}"
+            );
         }
     }
 }

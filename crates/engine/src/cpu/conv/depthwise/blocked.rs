@@ -1,11 +1,11 @@
-//! The depthwise conv on small planes (the 7×7 and 14×14 stages of the
-//! MobileNets and EfficientNets) with the channels in the vector lanes:
-//! per image, a block of 16 channels (8 on AVX2) is copied into a
-//! zero-padded scratch `[H + 2p][W'][16]`, every output position is then
-//! one vector of sums over the `kh·kw` taps (a vector of 16 channels'
-//! weights per tap, no lane wasted whatever the plane's width), the
-//! epilogue is applied in registers, and the block is copied back into its
-//! 16 NCHW planes.
+//! The depthwise conv on planes up to 56 wide (all but the 112×112 stage
+//! of the MobileNets and EfficientNets) with the channels in the vector
+//! lanes: per image, a block of 16 channels (8 on AVX2) is copied, a band
+//! of rows at a time (a quarter of the L2), into a zero-padded scratch
+//! `[rows][W'][16]`, every output position is then one vector of sums over
+//! the `kh·kw` taps (a vector of 16 channels' weights per tap, no lane
+//! wasted whatever the plane's width), the epilogue is applied in
+//! registers, and the band is copied back into its 16 NCHW planes.
 //!
 //! The plane-wise segments ([`super::simd`]) fill a vector with one row's
 //! columns: on a 7×7 output a row is half an AVX-512 vector and each of
@@ -21,16 +21,19 @@ use crate::cpu::gemm::Isa;
 use candle_core::bail;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
+use std::ops::Range;
 use wick_ir::{Activation, Conv2dAttrs};
 
 /// Output planes of at most this many columns take the blocked path; the
 /// segments fill their vectors on wider rows. Zen 4, AVX-512, alone, ms
-/// blocked / segments: MobileNetV3's 960 channels 7×7 5×5 at batch 10
-/// 0.32-0.37 / 0.76-0.77, 672 channels 14×14 3×3 0.56-0.68 / 0.77-0.78,
-/// 120 channels 28×28 5×5 0.48-0.52 / 0.64-0.68 (batch 1: 0.063-0.077 /
-/// 0.086-0.089); but 72 channels 56×56 3×3 0.86-0.88 / 0.79-0.98 and 32
-/// channels 112×112 1.77-1.79 / 1.60.
-pub(super) const MAX_OUT_WIDTH: usize = 28;
+/// blocked / segments (medians of 40): MobileNetV3's 960 channels 7×7 5×5
+/// at batch 10 0.32-0.37 / 0.76-0.77, 672 channels 14×14 3×3 0.56-0.68 /
+/// 0.77-0.78, 120 channels 28×28 5×5 0.48-0.52 / 0.64-0.68; in bands of a
+/// quarter of the L2, 144 channels 56×56 3×3 2.2-2.5 / 2.6-3.3, 96
+/// channels 112×112 stride 2 3.8-4.0 / 5.9-6.0 (batch 1: 0.19-0.21 /
+/// 0.26-0.28); but 32 channels on 112×112 outputs 0.23-0.24 / 0.15-0.19
+/// at batch 1 (16 channels at batch 10 level).
+pub(super) const MAX_OUT_WIDTH: usize = 56;
 
 /// A depthwise conv's weights and biases with the channels innermost.
 #[derive(Debug)]
@@ -41,6 +44,8 @@ pub(super) struct BlockedWeights {
     weight: Vec<f32>,
     /// `[C_pad]`, zero past the last channel.
     bias: Vec<f32>,
+    /// Bytes one band's padded input and sums aim at: a quarter of the L2.
+    pub(super) band_bytes: usize,
 }
 
 impl BlockedWeights {
@@ -68,6 +73,7 @@ impl BlockedWeights {
             lanes,
             weight: blocked,
             bias,
+            band_bytes: crate::machine::CacheSizes::detect().l2 / 4,
         })
     }
 }
@@ -89,28 +95,35 @@ struct Geometry {
     out_width: usize,
     /// Columns of a padded input row in the scratch.
     padded_width: usize,
-    /// Values of the padded input block, `[H + 2p][padded_width][lanes]`.
+    /// Output rows per band: one band's input and sums within the budget.
+    band_rows: usize,
+    /// Values of one band's padded input, `[(band_rows - 1)·sh + (kh -
+    /// 1)·dh + 1][padded_width][lanes]`.
     input_len: usize,
-    /// Values of the output block, `[OH][out_width][lanes]`.
+    /// Values of one band's sums, `[band_rows][out_width][lanes]`.
     output_len: usize,
 }
 
 impl Geometry {
-    /// Where input position `(y, x)` starts in the padded block.
+    /// Where input column `x` of scratch row `row` starts in a band.
     #[inline(always)]
-    fn padded_at(&self, y: usize, x: usize) -> usize {
-        ((y + self.padding[0]) * self.padded_width + x + self.padding[1]) * self.lanes
+    fn at(&self, row: usize, x: usize) -> usize {
+        (row * self.padded_width + x + self.padding[1]) * self.lanes
+    }
+
+    /// Padded input rows a band of `rows` output rows reads.
+    fn band_input_rows(&self, rows: usize) -> usize {
+        (rows - 1) * self.stride[0] + (self.kernel[0] - 1) * self.dilation[0] + 1
     }
 
     /// The geometry of `shape` under `attrs` with `tile` output columns per
-    /// step, or an error when a size overflows. Every read of the kernel
-    /// ([`Geometry::max_read`]) falls inside the padded block.
+    /// step and bands of about `band_bytes`, or an error when a size
+    /// overflows. Every read of a band's rows falls inside its padded input.
     fn new(
         shape: ConvShape,
         kernel: [usize; 2],
         attrs: Conv2dAttrs,
-        lanes: usize,
-        tile: usize,
+        [lanes, tile, band_bytes]: [usize; 3],
     ) -> candle_core::Result<Self> {
         let out_width = shape.out_width.next_multiple_of(tile);
         let reach = |n: usize, s: usize, k: usize, d: usize| {
@@ -124,14 +137,24 @@ impl Geometry {
                 .width
                 .checked_add(2 * attrs.padding[1])?
                 .max(reach(out_width, attrs.stride[1], kernel[1], attrs.dilation[1])? + 1);
-            let input_len = padded_height.checked_mul(padded_width)?.checked_mul(lanes)?;
-            let output_len = shape.out_height.checked_mul(out_width)?.checked_mul(lanes)?;
             // The last row any tap reads is inside the padded height (the
             // output size formula), the last column inside the padded width.
             let last_row = reach(shape.out_height, attrs.stride[0], kernel[0], attrs.dilation[0])?;
-            (last_row < padded_height).then_some((padded_width, input_len, output_len))
+            if last_row >= padded_height {
+                return None;
+            }
+            // Rows per band: `b` output rows read `(b - 1)·sh + span` input rows.
+            let (row_in, row_out) = (padded_width.checked_mul(lanes * 4)?, out_width.checked_mul(lanes * 4)?);
+            let span = reach(1, attrs.stride[0], kernel[0], attrs.dilation[0])? + 1;
+            let per_row = attrs.stride[0].checked_mul(row_in)?.checked_add(row_out)?;
+            let fixed = span.saturating_sub(attrs.stride[0]).saturating_mul(row_in);
+            let band_rows = (band_bytes.saturating_sub(fixed) / per_row.max(1)).clamp(1, shape.out_height.max(1));
+            let band_input = reach(band_rows, attrs.stride[0], kernel[0], attrs.dilation[0])? + 1;
+            let input_len = band_input.checked_mul(padded_width)?.checked_mul(lanes)?;
+            let output_len = band_rows.checked_mul(out_width)?.checked_mul(lanes)?;
+            Some((padded_width, band_rows, input_len, output_len))
         })();
-        let Some((padded_width, input_len, output_len)) = sizes else {
+        let Some((padded_width, band_rows, input_len, output_len)) = sizes else {
             bail!("depthwise conv: the channel-blocked planes of {shape:?} overflow")
         };
         Ok(Self {
@@ -144,16 +167,19 @@ impl Geometry {
             out: [shape.out_height, shape.out_width],
             out_width,
             padded_width,
+            band_rows,
             input_len,
             output_len,
         })
     }
 }
 
-/// One block's kernel operands, for the SIMD bodies.
+/// One band's kernel operands, for the SIMD bodies.
 struct Kernel<'a> {
     g: Geometry,
-    /// `[H + 2p][padded_width][lanes]`.
+    /// Output rows of the band (at most `g.band_rows`).
+    rows: usize,
+    /// The band's padded input, `[band input rows][padded_width][lanes]`.
     input: &'a [f32],
     /// `[kh·kw][lanes]`.
     weight: &'a [f32],
@@ -162,7 +188,7 @@ struct Kernel<'a> {
     /// Bias and activation in registers (else the raw sums).
     fused: bool,
     activation: Option<Activation>,
-    /// `[OH][out_width][lanes]`.
+    /// `[rows][out_width][lanes]`.
     output: &'a mut [f32],
 }
 
@@ -185,7 +211,7 @@ pub(super) fn run(
     // Output columns per step (sums in registers): 7 wastes none on the
     // 7-, 14- and 28-wide rows of the models, 8 fills AVX2's registers.
     let tile = if shape.out_width.is_multiple_of(7) { 7 } else { 8 };
-    let g = Geometry::new(shape, kernel, attrs, lanes, tile)?;
+    let g = Geometry::new(shape, kernel, attrs, [lanes, tile, blocked.band_bytes])?;
     let channels = shape.channels;
     let (in_plane, out_plane) = (shape.height * shape.width, shape.out_height * shape.out_width);
     let taps = kernel[0] * kernel[1];
@@ -212,18 +238,22 @@ pub(super) fn run(
             let planes = &input[(image * channels + first) * in_plane..][..count * in_plane];
             with_scratch(scratch_len, |scratch| {
                 let (padded, sums) = scratch.split_at_mut(g.input_len);
-                pack(isa, &g, planes, count, padded);
-                let k = Kernel {
-                    g,
-                    input: padded,
-                    weight: &blocked.weight[block * taps * lanes..][..taps * lanes],
-                    bias: &blocked.bias[first..][..lanes],
-                    fused,
-                    activation,
-                    output: &mut sums[..g.output_len],
-                };
-                compute(isa, tile, k);
-                unpack(isa, &g, sums, count, out);
+                for first_row in (0..shape.out_height).step_by(g.band_rows) {
+                    let rows = g.band_rows.min(shape.out_height - first_row);
+                    pack(isa, &g, planes, count, padded, first_row, rows);
+                    let k = Kernel {
+                        g,
+                        rows,
+                        input: padded,
+                        weight: &blocked.weight[block * taps * lanes..][..taps * lanes],
+                        bias: &blocked.bias[first..][..lanes],
+                        fused,
+                        activation,
+                        output: &mut sums[..g.output_len],
+                    };
+                    compute(isa, tile, k);
+                    unpack(isa, &g, sums, count, out, first_row, rows);
+                }
             })?;
             // SAFETY: `unpack` wrote every value of the block's planes.
             let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
@@ -238,66 +268,87 @@ pub(super) fn run(
         })
 }
 
-/// Copies `count` planes `[H, W]` into the zero-padded block scratch,
+/// Copies the input rows that output rows `first_row..first_row + rows`
+/// read, of `count` planes `[H, W]`, into the band's zero-padded scratch,
 /// channel `c` in lane `c`; the padding and the lanes past `count` zero.
 /// On the SIMD paths a lane's worth of positions at a time, transposed in
 /// registers; the positions past the last whole group (and the portable
 /// path) one at a time.
-fn pack(isa: Isa, g: &Geometry, planes: &[f32], count: usize, padded: &mut [f32]) {
+fn pack(isa: Isa, g: &Geometry, planes: &[f32], count: usize, padded: &mut [f32], first_row: usize, rows: usize) {
     let [height, width] = g.size;
     let positions = height * width;
+    let used = g.band_input_rows(rows);
+    // Scratch row r holds padded row top + r: scratch rows `r0..r1` hold
+    // input rows `y0..`, the rest (if any) is padding.
+    let top = first_row * g.stride[0];
+    let r0 = g.padding[0].saturating_sub(top).min(used);
+    let r1 = (g.padding[0] + height).saturating_sub(top).clamp(r0, used);
+    let y0 = (top + r0).saturating_sub(g.padding[0]);
     // The padding only: the interior is written below (a whole fill was
     // 1% of MobileNetV2's batch-1 forward).
     let row = g.padded_width * g.lanes;
-    let (top, interior) = (g.padding[0] * row, height * row);
-    padded[..top].fill(0.0);
-    padded[top + interior..g.input_len].fill(0.0);
-    for r in padded[top..top + interior].chunks_exact_mut(row.max(1)) {
-        let (left, right) = (g.padding[1] * g.lanes, (g.padding[1] + width) * g.lanes);
+    let interior = r1 * row;
+    assert!(count <= g.lanes && planes.len() >= count * positions && used * row <= g.input_len.min(padded.len()));
+    padded[..r0 * row].fill(0.0);
+    padded[interior..used * row].fill(0.0);
+    let (left, right) = (g.padding[1] * g.lanes, (g.padding[1] + width) * g.lanes);
+    for r in padded[r0 * row..interior].chunks_exact_mut(row.max(1)) {
         r[..left].fill(0.0);
         r[right..].fill(0.0);
     }
-    if positions == 0 {
-        return;
-    }
-    assert!(count <= g.lanes && planes.len() >= count * positions && padded.len() >= g.input_len);
+    let span = y0 * width..(y0 + r1 - r0) * width;
     let done = match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: 16 lanes only on `Isa::Avx512`; the lengths were checked
-        // above and every position's destination is inside the padded block.
-        Isa::Avx512 if g.lanes == 16 => unsafe { x86::pack_avx512(g, planes, count, padded) },
+        // above and every position's destination is inside the band.
+        Isa::Avx512 if g.lanes == 16 => unsafe { x86::pack_avx512(g, planes, count, padded, span.clone(), r0) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, 8 lanes on `Isa::Avx2Fma`.
-        Isa::Avx2Fma if g.lanes == 8 => unsafe { x86::pack_avx2(g, planes, count, padded) },
+        Isa::Avx2Fma if g.lanes == 8 => unsafe { x86::pack_avx2(g, planes, count, padded, span.clone(), r0) },
         _ => 0,
     };
-    for q in done..positions {
-        let at = g.padded_at(q / width, q % width);
+    for q in span.start + done..span.end {
+        let at = g.at(q / width - y0 + r0, q % width);
         for (c, lane) in padded[at..at + g.lanes].iter_mut().enumerate() {
             *lane = if c < count { planes[c * positions + q] } else { 0.0 };
         }
     }
 }
 
-/// Copies the block's sums `[OH][out_width][lanes]` into `count` planes
-/// `[OH, OW]` of `out`, writing each value; transposed in registers on the
-/// SIMD paths as [`pack`].
-fn unpack(isa: Isa, g: &Geometry, sums: &[f32], count: usize, out: &mut [MaybeUninit<f32>]) {
-    let positions = g.out[0] * g.out[1];
-    assert!(count <= g.lanes && out.len() >= count * positions && sums.len() >= g.output_len);
+/// Copies a band's sums `[rows][out_width][lanes]` into output rows
+/// `first_row..first_row + rows` of `count` planes `[OH, OW]` of `out`,
+/// writing each value; transposed in registers on the SIMD paths as [`pack`].
+fn unpack(
+    isa: Isa,
+    g: &Geometry,
+    sums: &[f32],
+    count: usize,
+    out: &mut [MaybeUninit<f32>],
+    first_row: usize,
+    rows: usize,
+) {
+    let plane = g.out[0] * g.out[1];
+    let span = first_row * g.out[1]..(first_row + rows) * g.out[1];
+    assert!(
+        count <= g.lanes
+            && out.len() >= count * plane
+            && span.end <= plane
+            && rows <= g.band_rows
+            && sums.len() >= g.output_len
+    );
     let done = match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `pack`; every position's sums are inside the output block.
-        Isa::Avx512 if g.lanes == 16 => unsafe { x86::unpack_avx512(g, sums, count, out) },
+        // SAFETY: as in `pack`; every position's sums are inside the band's.
+        Isa::Avx512 if g.lanes == 16 => unsafe { x86::unpack_avx512(g, sums, count, out, span.clone()) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2Fma if g.lanes == 8 => unsafe { x86::unpack_avx2(g, sums, count, out) },
+        Isa::Avx2Fma if g.lanes == 8 => unsafe { x86::unpack_avx2(g, sums, count, out, span.clone()) },
         _ => 0,
     };
     for c in 0..count {
-        for q in done..positions {
-            let (y, x) = (q / g.out[1], q % g.out[1]);
-            out[c * positions + q].write(sums[(y * g.out_width + x) * g.lanes + c]);
+        for q in span.start + done..span.end {
+            let (y, x) = (q / g.out[1] - first_row, q % g.out[1]);
+            out[c * plane + q].write(sums[(y * g.out_width + x) * g.lanes + c]);
         }
     }
 }
@@ -307,7 +358,8 @@ fn compute(isa: Isa, tile: usize, k: Kernel) {
     // The checks the SIMD bodies rely on.
     let g = k.g;
     assert!(
-        k.input.len() >= g.input_len
+        k.rows <= g.band_rows
+            && k.input.len() >= g.input_len
             && k.output.len() >= g.output_len
             && k.weight.len() >= g.kernel[0] * g.kernel[1] * g.lanes
             && k.bias.len() >= g.lanes
@@ -355,7 +407,7 @@ macro_rules! blocked_body {
                 let (input, weight) = (k.input.as_ptr(), k.weight.as_ptr());
                 let output = k.output.as_mut_ptr();
                 let bias = $load(k.bias.as_ptr());
-                for oy in 0..g.out[0] {
+                for oy in 0..k.rows {
                     for ox in (0..g.out_width).step_by(T) {
                         let mut acc = [$zero(); T];
                         for ky in 0..g.kernel[0] {
@@ -407,27 +459,36 @@ macro_rules! transposed_copies {
      $zero:ident, $load:ident, $store:ident, $transpose:ident) => {
         /// # Safety
         /// The CPU has the path's features; `g.lanes == $lanes`, `count <=
-        /// $lanes`, `planes` holds `count` planes `[H, W]` and `padded`
-        /// the padded block of `g`.
+        /// $lanes`, `planes` holds `count` planes `[H, W]`, `span` is a
+        /// run of whole input rows, and `padded` holds a band of `g` whose
+        /// scratch rows from `r0` on take them. Returns how many of
+        /// `span`'s positions it copied (whole groups of `$lanes`).
         #[target_feature(enable = $feature)]
-        pub(super) unsafe fn $pack(g: &Geometry, planes: &[f32], count: usize, padded: &mut [f32]) -> usize {
+        pub(super) unsafe fn $pack(
+            g: &Geometry,
+            planes: &[f32],
+            count: usize,
+            padded: &mut [f32],
+            span: Range<usize>,
+            r0: usize,
+        ) -> usize {
             const LANES: usize = $lanes;
             let [height, width] = g.size;
             let positions = height * width;
-            let whole = positions / LANES * LANES;
+            let whole = span.len() / LANES * LANES;
             // SAFETY: rows `c < count` read `LANES` values from `q + LANES
-            // <= positions` of plane `c`; each position's vector goes to
-            // its interior place in the padded block.
+            // <= span.end <= positions` of plane `c`; each position's
+            // vector goes to its interior place in the band.
             unsafe {
                 let (src, dst) = (planes.as_ptr(), padded.as_mut_ptr());
-                let (mut y, mut x) = (0, 0);
-                for q in (0..whole).step_by(LANES) {
+                let (mut y, mut x) = (r0, 0);
+                for q in (span.start..span.start + whole).step_by(LANES) {
                     let rows: [$vector; LANES] = std::array::from_fn(|c| match c < count {
                         true => $load(src.add(c * positions + q)),
                         false => $zero(),
                     });
                     for v in $transpose(rows) {
-                        $store(dst.add(g.padded_at(y, x)), v);
+                        $store(dst.add(g.at(y, x)), v);
                         x += 1;
                         if x == width {
                             (y, x) = (y + 1, 0);
@@ -440,21 +501,28 @@ macro_rules! transposed_copies {
 
         /// # Safety
         /// The CPU has the path's features; `g.lanes == $lanes`, `count <=
-        /// $lanes`, `sums` holds the output block of `g` and `out` `count`
-        /// planes `[OH, OW]`.
+        /// $lanes`, `sums` holds a band's sums of `g` for the whole output
+        /// rows `span` (positions of a plane) and `out` `count` planes
+        /// `[OH, OW]`. Returns how many of `span`'s positions it copied.
         #[target_feature(enable = $feature)]
-        pub(super) unsafe fn $unpack(g: &Geometry, sums: &[f32], count: usize, out: &mut [MaybeUninit<f32>]) -> usize {
+        pub(super) unsafe fn $unpack(
+            g: &Geometry,
+            sums: &[f32],
+            count: usize,
+            out: &mut [MaybeUninit<f32>],
+            span: Range<usize>,
+        ) -> usize {
             const LANES: usize = $lanes;
             let width = g.out[1];
-            let positions = g.out[0] * width;
-            let whole = positions / LANES * LANES;
-            // SAFETY: each position's vector is inside the output block;
+            let plane = g.out[0] * width;
+            let whole = span.len() / LANES * LANES;
+            // SAFETY: each position's vector is inside the band's sums;
             // rows `c < count` write `LANES` values from `q + LANES <=
-            // positions` of plane `c`.
+            // span.end <= plane` of plane `c`.
             unsafe {
                 let (src, dst) = (sums.as_ptr(), out.as_mut_ptr().cast::<f32>());
                 let (mut y, mut x) = (0, 0);
-                for q in (0..whole).step_by(LANES) {
+                for q in (span.start..span.start + whole).step_by(LANES) {
                     let columns: [$vector; LANES] = std::array::from_fn(|_| {
                         let v = $load(src.add((y * g.out_width + x) * LANES));
                         x += 1;
@@ -464,7 +532,7 @@ macro_rules! transposed_copies {
                         v
                     });
                     for (c, v) in $transpose(columns).into_iter().take(count).enumerate() {
-                        $store(dst.add(c * positions + q), v);
+                        $store(dst.add(c * plane + q), v);
                     }
                 }
             }

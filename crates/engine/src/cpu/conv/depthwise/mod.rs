@@ -7,7 +7,7 @@
 //! time, with the sums in registers over all `kh·kw` taps and stored once.
 //! On the SIMD paths ([`simd`]) the epilogue is applied in registers before
 //! that store; the portable path runs it on the plane while it is in cache.
-//! Planes (image × channel) run in parallel. Outputs up to 28 columns
+//! Planes (image × channel) run in parallel. Outputs up to 56 columns
 //! wide take [`blocked`] on the SIMD paths instead: channels in the
 //! vector lanes, no lane idle on a 7-wide row.
 //!
@@ -73,6 +73,16 @@ impl DepthwiseConv {
             isa,
             blocked,
         })
+    }
+
+    /// This conv with the channel-blocked path's bands of about `bytes`
+    /// (tests: several bands on small planes).
+    #[cfg(test)]
+    pub(crate) fn with_band_bytes(mut self, bytes: usize) -> Self {
+        if let Some(b) = self.blocked.as_mut() {
+            b.band_bytes = bytes;
+        }
+        self
     }
 
     /// Runs on a CPU f32 tensor `[N, C, H, W]`, adding `residual` (the
