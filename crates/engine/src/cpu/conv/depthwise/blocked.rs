@@ -15,12 +15,11 @@
 //! layout keeps channels in the lanes throughout).
 
 use super::super::ConvShape;
-use crate::cpu::data::with_scratch;
+use crate::cpu::data::{with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::Isa;
 use candle_core::bail;
 use rayon::prelude::*;
-use std::mem::MaybeUninit;
 use std::ops::Range;
 use wick_ir::{Activation, Conv2dAttrs};
 
@@ -192,9 +191,13 @@ struct Kernel<'a> {
     output: &'a mut [f32],
 }
 
-/// Runs the blocked depthwise conv of `shape` on `input` into `out`
-/// (uninitialised, `[N, C, OH, OW]`); `residual`, if any, has the output's
-/// shape. Every value of `out` is written.
+/// Runs the blocked depthwise conv of `shape` on `input` into the first
+/// `N·C·OH·OW` values of `out`'s allocation (`[N, C, OH, OW]`, every value
+/// written; the caller sets the length); `residual`, if any, has the
+/// output's shape. Tasks are (image, channel block, band of rows): at
+/// batch 1 a few blocks alone left threads idle (MobileNetV3's 72 channels
+/// are 5 blocks for 2 threads), so bands are cut small enough for four
+/// tasks per thread.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run(
     blocked: &BlockedWeights,
@@ -205,7 +208,7 @@ pub(super) fn run(
     attrs: Conv2dAttrs,
     input: &[f32],
     residual: Option<&[f32]>,
-    out: &mut [MaybeUninit<f32>],
+    out: &mut Vec<f32>,
 ) -> candle_core::Result<()> {
     let lanes = blocked.lanes;
     // Output columns per step (sums in registers): 7 wastes none on the
@@ -214,58 +217,68 @@ pub(super) fn run(
     let g = Geometry::new(shape, kernel, attrs, [lanes, tile, blocked.band_bytes])?;
     let channels = shape.channels;
     let (in_plane, out_plane) = (shape.height * shape.width, shape.out_height * shape.out_width);
+    let out_len = shape.batch * channels * out_plane;
     let taps = kernel[0] * kernel[1];
     let activation = epilogue.activation();
     // With a residual the plane pass applies the whole epilogue.
     let fused = residual.is_none();
-    let block_out = lanes * out_plane;
     let Some(scratch_len) = g.input_len.checked_add(g.output_len) else {
         bail!("depthwise conv: the channel-blocked planes of {shape:?} overflow")
     };
-    if out.len() != shape.batch * channels * out_plane || residual.is_some_and(|r| r.len() != out.len()) {
+    if input.len() != shape.batch * channels * in_plane || residual.is_some_and(|r| r.len() != out_len) {
         bail!("depthwise conv: operands of another size than {shape:?}")
     }
-    out.par_chunks_mut(channels * out_plane.max(1))
-        .enumerate()
-        .flat_map(|(image, out)| {
-            out.par_chunks_mut(block_out.max(1))
-                .enumerate()
-                .map(move |(block, out)| (image, block, out))
-        })
-        .try_for_each(|(image, block, out)| {
-            let first = block * lanes;
-            let count = out.len() / out_plane.max(1);
-            let planes = &input[(image * channels + first) * in_plane..][..count * in_plane];
-            with_scratch(scratch_len, |scratch| {
-                let (padded, sums) = scratch.split_at_mut(g.input_len);
-                for first_row in (0..shape.out_height).step_by(g.band_rows) {
-                    let rows = g.band_rows.min(shape.out_height - first_row);
-                    pack(isa, &g, planes, count, padded, first_row, rows);
-                    let k = Kernel {
-                        g,
-                        rows,
-                        input: padded,
-                        weight: &blocked.weight[block * taps * lanes..][..taps * lanes],
-                        bias: &blocked.bias[first..][..lanes],
-                        fused,
-                        activation,
-                        output: &mut sums[..g.output_len],
-                    };
-                    compute(isa, tile, k);
-                    unpack(isa, &g, sums, count, out, first_row, rows);
-                }
-            })?;
-            // SAFETY: `unpack` wrote every value of the block's planes.
-            let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
-            for (c, plane) in out.chunks_exact_mut(out_plane.max(1)).enumerate() {
-                let channel = first + c;
-                if let Some(r) = residual {
-                    let at = (image * channels + channel) * out_plane;
-                    epilogue.in_place(channel, plane, Some(&r[at..][..out_plane]));
-                }
+    if out_len == 0 {
+        return Ok(());
+    }
+    // Smaller bands than the cache allows where blocks are few (the
+    // lengths of `g` stay upper bounds).
+    let blocks = channels.div_ceil(lanes);
+    let wanted = (4 * rayon::current_num_threads()).div_ceil(shape.batch * blocks);
+    let band_rows = g.band_rows.min(shape.out_height.div_ceil(wanted.max(1))).max(1);
+    let g = Geometry { band_rows, ..g };
+    let bands = shape.out_height.div_ceil(band_rows);
+    let dst = SharedOut::new(out, out_len);
+    (0..shape.batch * blocks * bands).into_par_iter().try_for_each(|task| {
+        let (image, block, band) = (task / (blocks * bands), task / bands % blocks, task % bands);
+        let first = block * lanes;
+        let count = lanes.min(channels - first);
+        let first_row = band * band_rows;
+        let rows = band_rows.min(shape.out_height - first_row);
+        let span = first_row * shape.out_width..(first_row + rows) * shape.out_width;
+        let planes = &input[(image * channels + first) * in_plane..][..count * in_plane];
+        let base = (image * channels + first) * out_plane;
+        // SAFETY: tasks write disjoint rows (bands) of disjoint planes
+        // (image, channel); nothing else touches `out` meanwhile.
+        let mut outs: [&mut [f32]; 16] = std::array::from_fn(|c| match c < count {
+            true => unsafe { dst.slice(base + c * out_plane + span.start, span.len()) },
+            false => &mut [],
+        });
+        let outs = &mut outs[..count];
+        with_scratch(scratch_len, |scratch| {
+            let (padded, sums) = scratch.split_at_mut(g.input_len);
+            pack(isa, &g, planes, count, padded, first_row, rows);
+            let k = Kernel {
+                g,
+                rows,
+                input: padded,
+                weight: &blocked.weight[block * taps * lanes..][..taps * lanes],
+                bias: &blocked.bias[first..][..lanes],
+                fused,
+                activation,
+                output: &mut sums[..g.output_len],
+            };
+            compute(isa, tile, k);
+            unpack(isa, &g, sums, outs, rows);
+        })?;
+        if let Some(r) = residual {
+            for (c, out) in outs.iter_mut().enumerate() {
+                let at = base + c * out_plane + span.start;
+                epilogue.in_place(first + c, out, Some(&r[at..][..span.len()]));
             }
-            Ok(())
-        })
+        }
+        Ok(())
+    })
 }
 
 /// Copies the input rows that output rows `first_row..first_row + rows`
@@ -315,40 +328,30 @@ fn pack(isa: Isa, g: &Geometry, planes: &[f32], count: usize, padded: &mut [f32]
     }
 }
 
-/// Copies a band's sums `[rows][out_width][lanes]` into output rows
-/// `first_row..first_row + rows` of `count` planes `[OH, OW]` of `out`,
-/// writing each value; transposed in registers on the SIMD paths as [`pack`].
-fn unpack(
-    isa: Isa,
-    g: &Geometry,
-    sums: &[f32],
-    count: usize,
-    out: &mut [MaybeUninit<f32>],
-    first_row: usize,
-    rows: usize,
-) {
-    let plane = g.out[0] * g.out[1];
-    let span = first_row * g.out[1]..(first_row + rows) * g.out[1];
+/// Copies a band's sums `[rows][out_width][lanes]` into `outs` (the
+/// band's `rows · OW` values of each of the block's planes), writing each
+/// value; transposed in registers on the SIMD paths as [`pack`].
+fn unpack(isa: Isa, g: &Geometry, sums: &[f32], outs: &mut [&mut [f32]], rows: usize) {
+    let width = g.out[1];
+    let len = rows * width;
     assert!(
-        count <= g.lanes
-            && out.len() >= count * plane
-            && span.end <= plane
+        outs.len() <= g.lanes
+            && outs.iter().all(|o| o.len() == len)
             && rows <= g.band_rows
             && sums.len() >= g.output_len
     );
     let done = match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `pack`; every position's sums are inside the band's.
-        Isa::Avx512 if g.lanes == 16 => unsafe { x86::unpack_avx512(g, sums, count, out, span.clone()) },
+        Isa::Avx512 if g.lanes == 16 => unsafe { x86::unpack_avx512(g, sums, outs, len) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2Fma if g.lanes == 8 => unsafe { x86::unpack_avx2(g, sums, count, out, span.clone()) },
+        Isa::Avx2Fma if g.lanes == 8 => unsafe { x86::unpack_avx2(g, sums, outs, len) },
         _ => 0,
     };
-    for c in 0..count {
-        for q in span.start + done..span.end {
-            let (y, x) = (q / g.out[1] - first_row, q % g.out[1]);
-            out[c * plane + q].write(sums[(y * g.out_width + x) * g.lanes + c]);
+    for (c, out) in outs.iter_mut().enumerate() {
+        for (q, o) in out.iter_mut().enumerate().skip(done) {
+            *o = sums[((q / width) * g.out_width + q % width) * g.lanes + c];
         }
     }
 }
@@ -365,26 +368,36 @@ fn compute(isa: Isa, tile: usize, k: Kernel) {
             && k.bias.len() >= g.lanes
             && g.out_width.is_multiple_of(tile)
     );
+    // Stride 1 and 2 as constants (the models' strides), any other as is.
+    macro_rules! on_stride {
+        ($body:ident, $tile:literal) => {
+            match g.stride[1] {
+                1 => x86::$body::<$tile, 1>(k),
+                2 => x86::$body::<$tile, 2>(k),
+                _ => x86::$body::<$tile, 0>(k),
+            }
+        };
+    }
     match (isa, tile) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: 16 lanes are only chosen on `Isa::Avx512` (handed out
         // when the CPU has AVX-512F); the operands' lengths were checked
         // above and `Geometry::new` bounds every read inside the input.
-        (Isa::Avx512, 7) => unsafe { x86::blocked_avx512::<7>(k) },
+        (Isa::Avx512, 7) => unsafe { on_stride!(blocked_avx512, 7) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        (Isa::Avx512, _) => unsafe { x86::blocked_avx512::<8>(k) },
+        (Isa::Avx512, _) => unsafe { on_stride!(blocked_avx512, 8) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, 8 lanes on `Isa::Avx2Fma` (AVX2 and FMA).
-        (Isa::Avx2Fma, 7) => unsafe { x86::blocked_avx2::<7>(k) },
+        (Isa::Avx2Fma, 7) => unsafe { on_stride!(blocked_avx2, 7) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        (Isa::Avx2Fma, _) => unsafe { x86::blocked_avx2::<8>(k) },
+        (Isa::Avx2Fma, _) => unsafe { on_stride!(blocked_avx2, 8) },
         _ => unreachable!("blocked weights exist only on the SIMD paths"),
     }
 }
 
-/// Defines `$name::<T>`: the block's sums `T` output columns at a time,
+/// Defines `$name::<T, SW>`: the block's sums `T` output columns at a time,
 /// one vector of `$lanes` channels per output position, over every tap.
 macro_rules! blocked_body {
     ($name:ident, $feature:literal, $lanes:expr,
@@ -396,10 +409,12 @@ macro_rules! blocked_body {
         /// multiple of `T`, and every input position
         /// `(oy·sh + ky·dh, ox·sw + kx·dw)` lies inside the padded block.
         #[target_feature(enable = $feature)]
-        pub(super) unsafe fn $name<const T: usize>(k: Kernel) {
+        pub(super) unsafe fn $name<const T: usize, const SW: usize>(k: Kernel) {
             const LANES: usize = $lanes;
             let g = k.g;
-            let [sh, sw] = g.stride;
+            // A constant column stride where given (its loads' offsets
+            // then immediates), the geometry's otherwise.
+            let [sh, sw] = [g.stride[0], if SW == 0 { g.stride[1] } else { SW }];
             let [dh, dw] = g.dilation;
             // SAFETY: reads within the padded block and writes within the
             // output block, as the caller's contract states.
@@ -500,29 +515,21 @@ macro_rules! transposed_copies {
         }
 
         /// # Safety
-        /// The CPU has the path's features; `g.lanes == $lanes`, `count <=
-        /// $lanes`, `sums` holds a band's sums of `g` for the whole output
-        /// rows `span` (positions of a plane) and `out` `count` planes
-        /// `[OH, OW]`. Returns how many of `span`'s positions it copied.
+        /// The CPU has the path's features; `g.lanes == $lanes`, `outs`
+        /// has at most `$lanes` slices of `len` values, whole output rows
+        /// whose sums `sums` holds (a band of `g`). Returns how many of the
+        /// `len` positions it copied (whole groups of `$lanes`).
         #[target_feature(enable = $feature)]
-        pub(super) unsafe fn $unpack(
-            g: &Geometry,
-            sums: &[f32],
-            count: usize,
-            out: &mut [MaybeUninit<f32>],
-            span: Range<usize>,
-        ) -> usize {
+        pub(super) unsafe fn $unpack(g: &Geometry, sums: &[f32], outs: &mut [&mut [f32]], len: usize) -> usize {
             const LANES: usize = $lanes;
             let width = g.out[1];
-            let plane = g.out[0] * width;
-            let whole = span.len() / LANES * LANES;
+            let whole = len / LANES * LANES;
             // SAFETY: each position's vector is inside the band's sums;
-            // rows `c < count` write `LANES` values from `q + LANES <=
-            // span.end <= plane` of plane `c`.
+            // slice `c` takes `LANES` values from `q + LANES <= len`.
             unsafe {
-                let (src, dst) = (sums.as_ptr(), out.as_mut_ptr().cast::<f32>());
+                let src = sums.as_ptr();
                 let (mut y, mut x) = (0, 0);
-                for q in (span.start..span.start + whole).step_by(LANES) {
+                for q in (0..whole).step_by(LANES) {
                     let columns: [$vector; LANES] = std::array::from_fn(|_| {
                         let v = $load(src.add((y * g.out_width + x) * LANES));
                         x += 1;
@@ -531,8 +538,8 @@ macro_rules! transposed_copies {
                         }
                         v
                     });
-                    for (c, v) in $transpose(columns).into_iter().take(count).enumerate() {
-                        $store(dst.add(c * plane + q), v);
+                    for (out, v) in outs.iter_mut().zip($transpose(columns)) {
+                        $store(out.as_mut_ptr().add(q), v);
                     }
                 }
             }

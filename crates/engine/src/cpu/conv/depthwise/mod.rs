@@ -126,18 +126,8 @@ impl DepthwiseConv {
             .filter(|_| shape.out_width <= blocked::MAX_OUT_WIDTH)
         {
             with_cpu_f32("depthwise conv", &call.x, call.residual.as_ref(), |data, residual| {
-                let out = &mut out.spare_capacity_mut()[..out_len];
-                blocked::run(
-                    weights,
-                    &self.epilogue,
-                    self.isa,
-                    shape,
-                    self.spec.kernel,
-                    a,
-                    data,
-                    residual,
-                    out,
-                )
+                let (epilogue, kernel) = (&self.epilogue, self.spec.kernel);
+                blocked::run(weights, epilogue, self.isa, shape, kernel, a, data, residual, &mut out)
             })?;
             // SAFETY: `blocked::run` wrote all `out_len` values.
             unsafe { out.set_len(out_len) };
