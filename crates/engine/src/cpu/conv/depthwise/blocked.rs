@@ -498,10 +498,14 @@ macro_rules! transposed_copies {
                 let (src, dst) = (planes.as_ptr(), padded.as_mut_ptr());
                 let (mut y, mut x) = (r0, 0);
                 for q in (span.start..span.start + whole).step_by(LANES) {
-                    let rows: [$vector; LANES] = std::array::from_fn(|c| match c < count {
-                        true => $load(src.add(c * positions + q)),
-                        false => $zero(),
-                    });
+                    // A full block loads every row without a check per lane.
+                    let rows: [$vector; LANES] = match count == LANES {
+                        true => std::array::from_fn(|c| $load(src.add(c * positions + q))),
+                        false => std::array::from_fn(|c| match c < count {
+                            true => $load(src.add(c * positions + q)),
+                            false => $zero(),
+                        }),
+                    };
                     for v in $transpose(rows) {
                         $store(dst.add(g.at(y, x)), v);
                         x += 1;
@@ -528,6 +532,23 @@ macro_rules! transposed_copies {
             // slice `c` takes `LANES` values from `q + LANES <= len`.
             unsafe {
                 let src = sums.as_ptr();
+                // A full block with rows of whole tiles (7, 14, 28, 56 wide):
+                // the positions' sums are consecutive and every lane has a
+                // plane, so neither loop branches (the general form's
+                // row walk and per-plane checks were most of its time).
+                if let (true, Ok(full)) = (
+                    g.out_width == width,
+                    <&mut [&mut [f32]; LANES]>::try_from(&mut *outs),
+                ) {
+                    let planes: [*mut f32; LANES] = std::array::from_fn(|c| full[c].as_mut_ptr());
+                    for q in (0..whole).step_by(LANES) {
+                        let columns: [$vector; LANES] = std::array::from_fn(|i| $load(src.add((q + i) * LANES)));
+                        for (plane, v) in planes.iter().zip($transpose(columns)) {
+                            $store(plane.add(q), v);
+                        }
+                    }
+                    return whole;
+                }
                 let (mut y, mut x) = (0, 0);
                 for q in (0..whole).step_by(LANES) {
                     let columns: [$vector; LANES] = std::array::from_fn(|_| {
