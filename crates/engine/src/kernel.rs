@@ -256,7 +256,8 @@ fn lower_conv(
             None => pack().map(std::sync::Arc::new),
         }
         .at(&node.name)?;
-        tracing::debug!(node = %node.name, kernel = conv.algorithm().name(), "cpu conv kernel");
+        let form = conv.form(out_shape[3]);
+        tracing::debug!(node = %node.name, kernel = conv.algorithm().name(), form, "cpu conv kernel");
         return Ok(Kernel::Cpu(CpuKernel::Conv {
             conv,
             x: operands.x,

@@ -239,6 +239,16 @@ impl CpuConv {
         }
     }
 
+    /// Which form of its algorithm runs a node whose output is `out_width`
+    /// wide, where the algorithm has more than one (the debug log's
+    /// `form`; not stated behind a fused pool, whose input is wider).
+    pub(crate) fn form(&self, out_width: usize) -> &'static str {
+        match self {
+            CpuConv::Depthwise(conv, None) => conv.form(out_width),
+            _ => "",
+        }
+    }
+
     /// Runs on a CPU f32 tensor `[N, C, H, W]`, adding `residual` (the
     /// conv's output shape) before the optional ReLU, then the fused pool.
     pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {

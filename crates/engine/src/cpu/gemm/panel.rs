@@ -64,8 +64,9 @@ pub(crate) struct StoreEpilogue<'a> {
     pub(crate) activation: Option<Activation>,
     /// Store with non-temporal hints (past the caches, no read for
     /// ownership) where a vector's address is aligned to the vector: for
-    /// an output too large to stay in the L3 until its reader comes, the
-    /// read halves the memory traffic of a store. The scalar path ignores it.
+    /// an output too large to stay in cache until its reader comes, where
+    /// that read would double a store's memory traffic. The scalar path
+    /// ignores it.
     pub(crate) stream: bool,
 }
 

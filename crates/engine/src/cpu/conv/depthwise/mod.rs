@@ -85,6 +85,20 @@ impl DepthwiseConv {
         self
     }
 
+    /// The form that runs an output `out_width` wide: channels in the lanes
+    /// (`blocked`) or plane-wise segments.
+    pub(crate) fn form(&self, out_width: usize) -> &'static str {
+        match self.blocks(out_width) {
+            true => "channel-blocked",
+            false => "plane segments",
+        }
+    }
+
+    /// Whether an output `out_width` wide takes the blocked path.
+    fn blocks(&self, out_width: usize) -> bool {
+        self.blocked.is_some() && out_width <= blocked::MAX_OUT_WIDTH
+    }
+
     /// Runs on a CPU f32 tensor `[N, C, H, W]`, adding `residual` (the
     /// output's shape) before the optional ReLU.
     pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
@@ -120,11 +134,7 @@ impl DepthwiseConv {
         }
         // Not zeroed: every value is written (the segments cover each row).
         let mut out = output_buffer(out_len, "conv output")?;
-        if let Some(weights) = self
-            .blocked
-            .as_ref()
-            .filter(|_| shape.out_width <= blocked::MAX_OUT_WIDTH)
-        {
+        if let Some(weights) = self.blocked.as_ref().filter(|_| self.blocks(shape.out_width)) {
             with_cpu_f32("depthwise conv", &call.x, call.residual.as_ref(), |data, residual| {
                 let (epilogue, kernel) = (&self.epilogue, self.spec.kernel);
                 blocked::run(weights, epilogue, self.isa, shape, kernel, a, data, residual, &mut out)
