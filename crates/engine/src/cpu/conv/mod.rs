@@ -209,9 +209,7 @@ impl CpuConv {
                 CpuConv::Direct(DirectConv::new(spec, weight, epilogue, pool, Layout::Lanes, machine)?)
             }
             ConvAlgorithm::Grouped => CpuConv::Grouped(GroupedConv::new(spec, weight, epilogue)?, pool),
-            ConvAlgorithm::Depthwise => {
-                CpuConv::Depthwise(DepthwiseConv::new(spec, weight, epilogue, machine.isa)?, pool)
-            }
+            ConvAlgorithm::Depthwise => CpuConv::Depthwise(DepthwiseConv::new(spec, weight, epilogue, machine)?, pool),
             ConvAlgorithm::Pointwise => {
                 pool_unfused("pointwise")?;
                 CpuConv::Pointwise(PointwiseConv::new(spec, weight, epilogue, machine)?)

@@ -211,11 +211,11 @@ impl PointwiseConv {
         // start where the output rows do (all alike: `P` is a multiple of
         // the tile width when streaming), the columns before go through
         // scratch. Without an aligned start the stores are just not streamed.
-        let head = match t.stream {
-            true => Some(t.out.as_ptr().align_offset(STREAM_ALIGN)).filter(|&h| h < PANEL_GRANULE && h <= plane),
-            false => None,
+        let aligned = t.out.as_ptr().align_offset(STREAM_ALIGN);
+        let head = match t.stream && aligned < PANEL_GRANULE && aligned <= plane {
+            true => aligned,
+            false => 0,
         };
-        let head = head.unwrap_or(0);
         let cols_full = head + (plane - head) / PANEL_GRANULE * PANEL_GRANULE;
         // Columns per block: the block's input and output within the L2.
         let per_col = (depth + padded_rows) * 4;

@@ -89,7 +89,7 @@ fn run_case(case: &Case) -> (Vec<(String, Tensor)>, Tensor) {
             let epilogue = Epilogue::new(b.as_ref(), spec.out_channels, case.activation)
                 .unwrap()
                 .on(isa);
-            let conv = depthwise::DepthwiseConv::new(spec, &w, epilogue, isa).unwrap();
+            let conv = depthwise::DepthwiseConv::new(spec, &w, epilogue, Machine::with_isa(isa)).unwrap();
             got.push((format!("depthwise {isa:?}"), conv.run(&x, None).unwrap()));
         }
     }
@@ -250,7 +250,7 @@ proptest! {
         let spec = ConvSpec::of(&w, attrs).unwrap();
         for isa in Isa::available() {
             let epilogue = Epilogue::new(Some(&b), channels, activation).unwrap().on(isa);
-            let mut conv = depthwise::DepthwiseConv::new(spec, &w, epilogue, isa).unwrap();
+            let mut conv = depthwise::DepthwiseConv::new(spec, &w, epilogue, Machine::with_isa(isa)).unwrap();
             if let Some(bytes) = band_bytes {
                 conv = conv.with_band_bytes(bytes);
             }
@@ -286,7 +286,7 @@ fn depthwise_bands_in_the_padding() {
             let epilogue = Epilogue::new(Some(&b), channels, Some(Activation::Silu))
                 .unwrap()
                 .on(isa);
-            let conv = depthwise::DepthwiseConv::new(spec, &w, epilogue, isa)
+            let conv = depthwise::DepthwiseConv::new(spec, &w, epilogue, Machine::with_isa(isa))
                 .unwrap()
                 .with_band_bytes(0);
             let got = conv.run(&x, None).unwrap();

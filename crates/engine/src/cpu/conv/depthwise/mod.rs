@@ -27,6 +27,7 @@ use super::{output, ConvSpec};
 use crate::cpu::data::{output_buffer, with_cpu_f32, SCRATCH_MAX_VALUES};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{Isa, IsaBody};
+use crate::machine::Machine;
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -54,8 +55,15 @@ impl DepthwiseConv {
         groups > 1 && spec.in_channels == groups && spec.out_channels == groups
     }
 
-    /// Keeps `weight` (`[C, 1, kh, kw]`, f32) for `spec` on path `isa`.
-    pub(crate) fn new(spec: ConvSpec, weight: &Tensor, epilogue: Epilogue, isa: Isa) -> candle_core::Result<Self> {
+    /// Keeps `weight` (`[C, 1, kh, kw]`, f32) for `spec` on `machine`'s
+    /// path, the blocked form's bands sized from its caches.
+    pub(crate) fn new(
+        spec: ConvSpec,
+        weight: &Tensor,
+        epilogue: Epilogue,
+        machine: Machine,
+    ) -> candle_core::Result<Self> {
+        let isa = machine.isa;
         if !Self::applies(&spec) {
             bail!(
                 "a depthwise conv needs groups = input = output channels, got {} groups, {} -> {} channels",
@@ -65,7 +73,7 @@ impl DepthwiseConv {
             )
         }
         let weight = weight.flatten_all()?.to_vec1::<f32>()?;
-        let blocked = blocked::BlockedWeights::new(&weight, spec.in_channels, &epilogue, isa);
+        let blocked = blocked::BlockedWeights::new(&weight, spec.in_channels, &epilogue, machine);
         Ok(Self {
             spec,
             weight,

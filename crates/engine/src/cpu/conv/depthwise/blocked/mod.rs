@@ -19,6 +19,7 @@ use super::super::ConvShape;
 use crate::cpu::data::{with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::Isa;
+use crate::machine::Machine;
 use candle_core::bail;
 use rayon::prelude::*;
 use wick_ir::{Activation, Conv2dAttrs};
@@ -48,10 +49,10 @@ pub(super) struct BlockedWeights {
 }
 
 impl BlockedWeights {
-    /// `weight` (`[C, kh·kw]`) and `epilogue`'s biases for `isa`'s vectors;
-    /// `None` on the portable path.
-    pub(super) fn new(weight: &[f32], channels: usize, epilogue: &Epilogue, isa: Isa) -> Option<Self> {
-        let lanes = match isa {
+    /// `weight` (`[C, kh·kw]`) and `epilogue`'s biases for the vectors of
+    /// `machine`'s path, bands from its L2; `None` on the portable path.
+    pub(super) fn new(weight: &[f32], channels: usize, epilogue: &Epilogue, machine: Machine) -> Option<Self> {
+        let lanes = match machine.isa {
             Isa::Avx512 => 16,
             Isa::Avx2Fma => 8,
             _ => return None,
@@ -72,7 +73,7 @@ impl BlockedWeights {
             lanes,
             weight: blocked,
             bias,
-            band_bytes: crate::machine::CacheSizes::detect().l2 / 4,
+            band_bytes: machine.block_bytes() / 4,
         })
     }
 }
