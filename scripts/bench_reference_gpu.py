@@ -1,4 +1,4 @@
-"""Times PyTorch eager ResNet18 on a CUDA GPU with the protocol of `cargo
+"""Times PyTorch eager torchvision models (ResNet18 by default) on a CUDA GPU with the protocol of `cargo
 xtask bench` (warm-up forwards, then timed forwards, each followed by a
 device synchronisation), for side-by-side comparison with `xtask bench
 resnet18 --device cuda` in the same run of scripts/gpu-check.sh. Not run by
@@ -33,6 +33,7 @@ def timed(fn, sync, warmup, iters):
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", nargs="+", default=["resnet18"])
     parser.add_argument("--batch", type=int, nargs="+", default=[10, 64])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=10)
@@ -42,7 +43,6 @@ def main():
     import torchvision
 
     device = torch.device("cuda")
-    model = torchvision.models.resnet18().eval().to(device)
     results = {
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
@@ -51,19 +51,22 @@ def main():
         "iters": args.iters,
         "rows": [],
     }
-    for batch in args.batch:
-        x = torch.randn(batch, 3, 224, 224, device=device)
-        for name, tf32 in (("pytorch-eager-fp32", False), ("pytorch-eager-tf32", True)):
-            torch.backends.cudnn.allow_tf32 = tf32
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            with torch.no_grad():
-                row = timed(lambda: model(x), torch.cuda.synchronize, args.warmup, args.iters)
-            results["rows"].append({"runtime": name, "batch": batch, **row})
-    print(f"resnet18 on {results['device']}, torch {results['torch']}, cuDNN {results['cudnn']}, "
+    for model_name in args.model:
+        model = getattr(torchvision.models, model_name.replace("-", "_"))().eval().to(device)
+        for batch in args.batch:
+            x = torch.randn(batch, 3, 224, 224, device=device)
+            for name, tf32 in (("pytorch-eager-fp32", False), ("pytorch-eager-tf32", True)):
+                torch.backends.cudnn.allow_tf32 = tf32
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                with torch.no_grad():
+                    row = timed(lambda: model(x), torch.cuda.synchronize, args.warmup, args.iters)
+                results["rows"].append({"model": model_name, "runtime": name, "batch": batch, **row})
+    print(f"{', '.join(args.model)} on {results['device']}, torch {results['torch']}, cuDNN {results['cudnn']}, "
           f"{args.warmup} warm-up + {args.iters} timed forwards")
-    print(f"{'runtime':<20} {'batch':>5} {'median ms':>10} {'min ms':>9} {'max ms':>9}")
+    print(f"{'model':<20} {'runtime':<20} {'batch':>5} {'median ms':>10} {'min ms':>9} {'max ms':>9}")
     for r in results["rows"]:
-        print(f"{r['runtime']:<20} {r['batch']:>5} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f} {r['max_ms']:>9.3f}")
+        print(f"{r['model']:<20} {r['runtime']:<20} {r['batch']:>5} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f} "
+              f"{r['max_ms']:>9.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

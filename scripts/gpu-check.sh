@@ -6,9 +6,12 @@
 #      unfused vs eager and vs the CPU, the committed PyTorch fixtures, and
 #      the conv -> batch_norm property test, each as NAME_cuda (the NAME_cpu
 #      variants run too, on this machine's CPU);
-#   3. benches ResNet18 on the GPU at batch 10 and 64, and, where python3
-#      has torch + torchvision, PyTorch eager on the same GPU with the same
-#      protocol (scripts/bench_reference_gpu.py) for a side-by-side ratio;
+#   3. benches ResNet18 on the GPU at batch 10 and 64 and the model zoo
+#      ($WICK_GPU_MODELS, default ResNet50, MobileNetV2/V3, EfficientNet-B0)
+#      at batch 10 (each bench also checks wick's output against candle's
+#      eager model within 1e-4), and, where python3 has torch + torchvision,
+#      PyTorch eager on the same GPU with the same protocol
+#      (scripts/bench_reference_gpu.py) for a side-by-side ratio;
 #   4. writes everything to $OUT (default ./gpu-check-out): gpu-check.json
 #      (device, host CPU, date, commit, test counts, bench results, the
 #      PyTorch reference) plus the raw logs.
@@ -60,18 +63,27 @@ WICK_FIXTURES_DIR="$ROOT/fixtures" "$WORK/devices-cuda" --test-threads 1 2>&1 | 
 TESTS_RC=${PIPESTATUS[0]}
 
 BENCH_RC=0
-for batch in 10 64; do
-  echo "== bench resnet18 --device cuda --batch $batch"
-  "$WORK/xtask-cuda" bench resnet18 --device cuda --batch "$batch" --json "$OUT/bench-b$batch.json" 2>&1 \
-    | tee "$OUT/bench-b$batch.log"
-  rc=${PIPESTATUS[0]}
+MODELS=${WICK_GPU_MODELS:-resnet50 mobilenet-v2 mobilenet-v3-large efficientnet-b0}
+bench() { # MODEL BATCH
+  echo "== bench $1 --device cuda --batch $2"
+  "$WORK/xtask-cuda" bench "$1" --device cuda --batch "$2" --json "$OUT/bench-$1-b$2.json" 2>&1 \
+    | tee "$OUT/bench-$1-b$2.log"
+  local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || BENCH_RC=$rc
-done
+}
+bench resnet18 10
+bench resnet18 64
+for model in $MODELS; do bench "$model" 10; done
 
 echo "== PyTorch eager reference on the same GPU"
 if python3 -c 'import torch, torchvision; assert torch.cuda.is_available()' 2>/dev/null; then
   PYTHONUNBUFFERED=1 python3 "$ROOT/scripts/bench_reference_gpu.py" --batch 10 64 --json "$OUT/torch-reference.json" 2>&1 \
     | tee "$OUT/torch-reference.log"
+  if [ -n "$MODELS" ]; then
+    # shellcheck disable=SC2086 # one word per model
+    PYTHONUNBUFFERED=1 python3 "$ROOT/scripts/bench_reference_gpu.py" --model $MODELS --batch 10 \
+      --json "$OUT/torch-reference-zoo.json" 2>&1 | tee "$OUT/torch-reference-zoo.log"
+  fi
 else
   echo "(python3 has no CUDA torch + torchvision: no reference row)"
 fi
@@ -83,12 +95,19 @@ out, commit, tests_rc, bench_rc = sys.argv[1], sys.argv[2], int(sys.argv[3]), in
 log = open(os.path.join(out, "tests.log")).read()
 results = dict(re.findall(r"^test (\S+) \.\.\. (ok|FAILED|ignored)", log, re.M))
 bench = {}
-for batch in (10, 64):
-    path = os.path.join(out, f"bench-b{batch}.json")
+for name in sorted(os.listdir(out)):
+    m = re.fullmatch(r"bench-(.+)-b(\d+)\.json", name)
+    if m:
+        bench[f"{m.group(1)}_batch_{m.group(2)}"] = json.load(open(os.path.join(out, name)))
+reference = None
+for name in ("torch-reference.json", "torch-reference-zoo.json"):
+    path = os.path.join(out, name)
     if os.path.exists(path):
-        bench[f"batch_{batch}"] = json.load(open(path))
-reference_path = os.path.join(out, "torch-reference.json")
-reference = json.load(open(reference_path)) if os.path.exists(reference_path) else None
+        part = json.load(open(path))
+        if reference is None:
+            reference = part
+        else:
+            reference["rows"] += part["rows"]
 summary = {
     "device": open(os.path.join(out, "device.txt")).read().strip(),
     "host_cpu": open(os.path.join(out, "host-cpu.txt")).read().strip(),

@@ -47,7 +47,8 @@ impl Mode {
 /// Arguments of `bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Model name: toy, toy-sequential, resnet18, resnet34 or resnet50.
+    /// Model name: toy, toy-sequential, resnet18, resnet34, resnet50,
+    /// mobilenet-v2, mobilenet-v3-large or efficientnet-b0.
     model: String,
     /// Batch size (default: the tutorial's, 10 for the ResNets).
     #[arg(long, value_name = "N")]

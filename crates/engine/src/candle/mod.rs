@@ -3,6 +3,7 @@
 //! `crate::cpu`), with the fused conv's epilogue as one in-place op
 //! ([`epilogue`], a CUDA kernel on GPUs). Operands are named by role.
 
+pub(crate) mod depthwise;
 pub(crate) mod epilogue;
 
 use crate::kernel::Slot;
@@ -237,8 +238,22 @@ fn channel_shape(channels: usize, rank: usize) -> Vec<usize> {
 
 /// candle's conv2d with per-axis padding (pre-padded with zeros when the
 /// axes differ) and a broadcast bias; stride and dilation must be equal on
-/// both axes (checked when the step is chosen).
+/// both axes (checked when the step is chosen). An f32 depthwise conv runs
+/// as one op ([`depthwise`]) instead of candle's conv per group.
 fn conv2d(attrs: &Conv2dAttrs, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let y = if depthwise::applies(attrs, x, weight) {
+        depthwise::conv2d(attrs, x, weight)?
+    } else {
+        candle_conv2d(attrs, x, weight)?
+    };
+    match bias {
+        Some(bias) => y.broadcast_add(&bias.reshape(channel_shape(bias.dim(0)?, 4))?),
+        None => Ok(y),
+    }
+}
+
+/// candle's own conv2d, pre-padded with zeros when the padding differs between axes.
+fn candle_conv2d(attrs: &Conv2dAttrs, x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     let mut x = x.clone();
     let [ph, pw] = attrs.padding;
     let padding = if ph == pw {
@@ -247,11 +262,7 @@ fn conv2d(attrs: &Conv2dAttrs, x: &Tensor, weight: &Tensor, bias: Option<&Tensor
         x = x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?;
         0
     };
-    let y = x.conv2d(weight, padding, attrs.stride[0], attrs.dilation[0], attrs.groups)?;
-    match bias {
-        Some(bias) => y.broadcast_add(&bias.reshape(channel_shape(bias.dim(0)?, 4))?),
-        None => Ok(y),
-    }
+    x.conv2d(weight, padding, attrs.stride[0], attrs.dilation[0], attrs.groups)
 }
 
 /// `x @ weightᵀ (+ bias)` over the last dimension of `x`.
