@@ -64,16 +64,17 @@ TESTS_RC=${PIPESTATUS[0]}
 
 BENCH_RC=0
 MODELS=${WICK_GPU_MODELS:-resnet50 mobilenet-v2 mobilenet-v3-large efficientnet-b0}
-bench() { # MODEL BATCH
+bench() { # MODEL BATCH [BENCH OPTIONS]
   echo "== bench $1 --device cuda --batch $2"
-  "$WORK/xtask-cuda" bench "$1" --device cuda --batch "$2" --json "$OUT/bench-$1-b$2.json" 2>&1 \
+  "$WORK/xtask-cuda" bench "$1" --device cuda --batch "$2" "${@:3}" --json "$OUT/bench-$1-b$2.json" 2>&1 \
     | tee "$OUT/bench-$1-b$2.log"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || BENCH_RC=$rc
 }
 bench resnet18 10
 bench resnet18 64
-for model in $MODELS; do bench "$model" 10; done
+# One round each: candle's eager depthwise convs (a conv per group) are slow.
+for model in $MODELS; do bench "$model" 10 --warmup 5 --max-rounds 1; done
 
 echo "== PyTorch eager reference on the same GPU"
 if python3 -c 'import torch, torchvision; assert torch.cuda.is_available()' 2>/dev/null; then
