@@ -179,7 +179,8 @@ impl Kernel {
                 let bias = (node.inputs.len() > 2).then(|| constant(graph, node, 2));
                 match (how.machine, weight, bias) {
                     (Some(machine), Some(weight), None | Some(Some(_))) if node.fact.dtype == DType::F32 => {
-                        let linear = CpuLinear::new(weight, bias.flatten(), machine.isa).at(&node.name)?;
+                        let (weight, bias) = on_host(weight, bias.flatten()).at(&node.name)?;
+                        let linear = CpuLinear::new(&weight, bias.as_ref(), machine.isa).at(&node.name)?;
                         Ok(Kernel::Cpu(CpuKernel::Linear {
                             linear: std::sync::Arc::new(linear),
                             x: slot(0),
@@ -220,6 +221,14 @@ fn constant<'g>(graph: &'g Graph, node: &Node, i: usize) -> Option<&'g Tensor> {
         .flatten()
 }
 
+/// A CPU kernel's weight and bias on the host, to be packed there: a
+/// graph's constants may live on another device (a model traced on a GPU,
+/// compiled for the CPU engine). A copy only when they do.
+fn on_host(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    let host = candle_core::Device::Cpu;
+    Ok((weight.to_device(&host)?, bias.map(|b| b.to_device(&host)).transpose()?))
+}
+
 /// A conv (a plain one as `activation: None, pool: None`; `fused` for the fused
 /// op): wick's CPU conv when on the CPU in f32 with constant weight and
 /// bias, candle's ops otherwise.
@@ -250,7 +259,10 @@ fn lower_conv(
             ));
         };
         let algorithm = conv_algorithm(&spec, pool.is_some(), out_shape);
-        let pack = || CpuConv::new(algorithm, weight, bias.flatten(), attrs, activation, pool, machine);
+        let pack = || {
+            let (weight, bias) = on_host(weight, bias.flatten())?;
+            CpuConv::new(algorithm, &weight, bias.as_ref(), attrs, activation, pool, machine)
+        };
         let conv = match how.convs {
             Some(convs) => convs.get_or_pack(&node.name, algorithm, pack),
             None => pack().map(std::sync::Arc::new),
