@@ -82,6 +82,19 @@ impl SharedOut {
         );
     }
 
+    /// A pointer to element `start` (checked: at most the buffer's length),
+    /// for a kernel that writes elements of a region [`SharedOut::check`]
+    /// accepted through raw pointers.
+    pub(crate) fn ptr_at(&self, start: usize) -> *mut f32 {
+        assert!(
+            start <= self.len,
+            "output element {start} outside a buffer of {}",
+            self.len
+        );
+        // SAFETY: within the allocation (or one past its end), as checked.
+        unsafe { self.ptr.add(start) }
+    }
+
     /// Elements `start..start + len` without a bounds check of its own.
     ///
     /// # Safety

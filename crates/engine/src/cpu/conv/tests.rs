@@ -262,6 +262,54 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// The direct conv's panel layout with blocks of a few tiles (small
+    /// block budgets): on planes of a block or more, blocks within one
+    /// image store whole panels and tiles in place (several blocks per
+    /// plane, a partial last tile, a partial last panel of 1..7 output
+    /// channels), on smaller planes blocks across images; every path, with
+    /// or without a residual (added before the activation), equals
+    /// candle's conv. [`arb_conv_case`]'s planes are smaller than a block.
+    #[test]
+    fn direct_blocks_in_place(
+        batch in 1usize..4,
+        channels in 1usize..5,
+        out_channels in 1usize..20,
+        kernel in 1usize..4,
+        stride in 1usize..3,
+        padding in 0usize..2,
+        [height, width] in [3usize..20, 3usize..40],
+        block_tiles in 1usize..5,
+        activation in proptest::option::of(0usize..6),
+        residual in any::<bool>(),
+    ) {
+        let (height, width) = (height.max(kernel), width.max(kernel));
+        let attrs = Conv2dAttrs { stride: [stride, stride], padding: [padding, padding], ..Conv2dAttrs::default() };
+        let d = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (batch, channels, height, width), &d).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (out_channels, channels, kernel, kernel), &d).unwrap();
+        let b = Tensor::randn(0f32, 1.0, out_channels, &d).unwrap();
+        let activation = activation.map(|i| Activation::ALL[i]);
+        let dims = reference(&x, &w, None, attrs, None).dims().to_vec();
+        let r = residual.then(|| Tensor::randn(0f32, 1.0, dims, &d).unwrap());
+        let want = reference_with_residual(&x, &w, Some(&b), attrs, r.as_ref(), activation);
+        let depth = channels * kernel * kernel;
+        // Columns plus products per block column, as `block_cols` counts them.
+        let per_col = (depth + out_channels.next_multiple_of(crate::cpu::gemm::PANEL_ROWS)) * 4;
+        for isa in Isa::available() {
+            let conv = DirectConv::for_test(&w, Some(&b), attrs, activation, None, Layout::Panels, isa)
+                .unwrap()
+                .with_block_bytes(block_tiles * crate::cpu::gemm::PANEL_GRANULE * per_col);
+            let got = conv.run(&x, r.as_ref()).unwrap();
+            prop_assert_eq!(got.dims(), want.dims());
+            let diff = crate::test_util::max_abs_diff(&got, &want);
+            prop_assert!(diff <= 1e-5 * depth as f64 * 4.0, "{:?}: diff {}", isa, diff);
+        }
+    }
+}
+
 /// Bands of one output row that lie wholly in the padding (a 1×1 kernel
 /// over a 1×1 input padded by 2: rows of zeros plus the bias) and bands
 /// that straddle it, on every path: the blocked depthwise conv's bands

@@ -9,6 +9,7 @@
 //! is tested against an f64 product on every machine that has it.
 
 use super::Isa;
+use crate::cpu::data::SharedOut;
 use crate::cpu::epilogue::in_place;
 use wick_ir::Activation;
 
@@ -94,7 +95,55 @@ pub(crate) fn panel_gemm_strided(
     size: [usize; 3],
     epilogue: Option<StoreEpilogue>,
 ) {
-    let [rows, depth, cols] = size;
+    let span = check_operands(u, v, m_stride, size, epilogue);
+    assert!(span.is_some_and(|span| m.len() >= span));
+    // SAFETY: operands checked above; `m` is exclusively borrowed and holds the span.
+    unsafe { gemm_into(isa, u, v, m.as_mut_ptr(), m_stride, size, epilogue) }
+}
+
+/// Rows `stride` apart from element `start` of a buffer several tasks
+/// write at once: a block of columns of NCHW planes whose other columns
+/// other tasks write.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedRows {
+    pub(crate) out: SharedOut,
+    pub(crate) start: usize,
+    pub(crate) stride: usize,
+}
+
+/// [`panel_gemm_strided`] into elements `m.start + r·m.stride + c` (`r <
+/// rows`, `c < cols`) of a shared buffer.
+///
+/// # Safety
+/// No other task reads or writes those elements while this runs, and the
+/// buffer outlives the call (the span is checked against it here).
+pub(crate) unsafe fn panel_gemm_shared(
+    isa: Isa,
+    u: &[f32],
+    v: Strided,
+    m: SharedRows,
+    size: [usize; 3],
+    epilogue: Option<StoreEpilogue>,
+) {
+    let Some(span) = check_operands(u, v, m.stride, size, epilogue) else {
+        panic!("panel product of {size:?} with stride {} overflows", m.stride)
+    };
+    m.out.check(m.start, m.start.saturating_add(span));
+    // SAFETY: in bounds (checked above); exclusive by the caller's contract.
+    unsafe { gemm_into(isa, u, v, m.out.ptr_at(m.start), m.stride, size, epilogue) }
+}
+
+/// Panics unless the operands of a `[rows, depth, cols]` product fit (whole
+/// panels and tiles, strides at least `cols`, `u`, `v` and the epilogue's
+/// operands long enough); returns the span of `m` (`(rows - 1)·m_stride +
+/// cols`, 0 without rows), `None` when it overflows.
+fn check_operands(
+    u: &[f32],
+    v: Strided,
+    m_stride: usize,
+    [rows, depth, cols]: [usize; 3],
+    epilogue: Option<StoreEpilogue>,
+) -> Option<usize> {
     assert!(rows.is_multiple_of(PANEL_ROWS) && cols.is_multiple_of(PANEL_GRANULE));
     assert!(v.stride >= cols && m_stride >= cols);
     // Checked sizes: a wrapped length must not let a short buffer through.
@@ -104,39 +153,60 @@ pub(crate) fn panel_gemm_strided(
         n => (n - 1).checked_mul(stride)?.checked_add(cols),
     };
     let holds = |buffer: usize, n: Option<usize>| n.is_some_and(|n| buffer >= n);
-    assert!(
-        holds(u.len(), rows.checked_mul(depth))
-            && holds(v.data.len(), spans(depth, v.stride))
-            && holds(m.len(), spans(rows, m_stride))
-    );
+    assert!(holds(u.len(), rows.checked_mul(depth)) && holds(v.data.len(), spans(depth, v.stride)));
     if let Some(e) = epilogue {
         assert!(e.bias.len() >= rows);
         if let Some(r) = e.residual {
             assert!(r.stride >= cols && holds(r.data.len(), spans(rows, r.stride)));
         }
     }
+    spans(rows, m_stride)
+}
+
+/// The product on `isa` into `m`.
+///
+/// # Safety
+/// [`check_operands`] accepted the operands, `m` is valid for writes of
+/// its span, and nothing else accesses the elements the product writes
+/// (`r·m_stride + c`, `r < rows`, `c < cols`) meanwhile.
+unsafe fn gemm_into(
+    isa: Isa,
+    u: &[f32],
+    v: Strided,
+    m: *mut f32,
+    m_stride: usize,
+    size: [usize; 3],
+    epilogue: Option<StoreEpilogue>,
+) {
+    let [rows, _, cols] = size;
     let strides = [v.stride, m_stride];
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the spans were checked above (the kernels index within
-        // them only), and `Isa::Avx512` is only handed out when the CPU has AVX-512F.
+        // SAFETY: the spans were checked by the caller (the kernels index
+        // within them only), and `Isa::Avx512` is only handed out when the
+        // CPU has AVX-512F.
         Isa::Avx512 => unsafe { x86::gemm_avx512(u, v.data, m, size, strides, epilogue) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for AVX2 + FMA.
         Isa::Avx2Fma => unsafe { x86::gemm_avx2(u, v.data, m, size, strides, epilogue) },
         _ => {
-            gemm_scalar(u, v.data, m, size, strides);
+            // SAFETY: as above; the scalar product writes the same elements.
+            unsafe { gemm_scalar(u, v.data, m, size, strides) };
             if let Some(e) = epilogue {
                 for (r, &bias) in e.bias[..rows].iter().enumerate() {
                     let residual = e.residual.map(|res| &res.data[r * res.stride..][..cols]);
-                    in_place(&mut m[r * m_stride..][..cols], bias, residual, e.activation);
+                    // SAFETY: row r's `cols` values, written by this product only.
+                    let row = unsafe { std::slice::from_raw_parts_mut(m.add(r * m_stride), cols) };
+                    in_place(row, bias, residual, e.activation);
                 }
             }
         }
     }
 }
 
-fn gemm_scalar(u: &[f32], v: &[f32], m: &mut [f32], [rows, depth, cols]: [usize; 3], [vs, ms]: [usize; 2]) {
+/// # Safety
+/// As [`gemm_into`], for `m`'s rows `ms` apart.
+unsafe fn gemm_scalar(u: &[f32], v: &[f32], m: *mut f32, [rows, depth, cols]: [usize; 3], [vs, ms]: [usize; 2]) {
     for panel in 0..rows / PANEL_ROWS {
         let u = &u[panel * depth * PANEL_ROWS..][..depth * PANEL_ROWS];
         for t0 in (0..cols).step_by(PANEL_GRANULE) {
@@ -151,7 +221,11 @@ fn gemm_scalar(u: &[f32], v: &[f32], m: &mut [f32], [rows, depth, cols]: [usize;
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
-                m[(panel * PANEL_ROWS + r) * ms + t0..][..PANEL_GRANULE].copy_from_slice(acc);
+                // SAFETY: a tile of row `panel·8 + r` inside the product's
+                // span, written by this product only (the caller's contract).
+                let tile =
+                    unsafe { std::slice::from_raw_parts_mut(m.add((panel * PANEL_ROWS + r) * ms + t0), PANEL_GRANULE) };
+                tile.copy_from_slice(acc);
             }
         }
     }
@@ -192,8 +266,9 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU has AVX-512F; `u`, `v`, `m` hold at least `rows·depth`,
-    /// `(depth - 1)·vs + cols`, `(rows - 1)·ms + cols` values; `rows % 8 ==
+    /// The CPU has AVX-512F; `u`, `v` hold at least `rows·depth`,
+    /// `(depth - 1)·vs + cols` values, `m` is valid for writes of `(rows -
+    /// 1)·ms + cols` (nothing else accesses the elements written); `rows % 8 ==
     /// 0`, `cols % 16 == 0`, `vs, ms >= cols`. Every pointer formed is
     /// `panel·depth·8 + d·8 + r < rows·depth` (u), `d·vs + t0 + 16·j + 15 <
     /// (depth - 1)·vs + cols` (v), `(panel·8 + r)·ms + t0 + 16·j + 15 <
@@ -203,14 +278,14 @@ mod x86 {
     pub(super) unsafe fn gemm_avx512(
         u: &[f32],
         v: &[f32],
-        m: &mut [f32],
+        m: *mut f32,
         [rows, depth, cols]: [usize; 3],
         [vs, ms]: [usize; 2],
         epi: Option<StoreEpilogue>,
     ) {
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
-            let (u, v, m) = (u.as_ptr(), v.as_ptr(), m.as_mut_ptr());
+            let (u, v) = (u.as_ptr(), v.as_ptr());
             let stream = streams(epi);
             let full = cols / PANEL_TILES * PANEL_TILES;
             // Column panels outer: one `depth × 32` slice of `v` stays in L1 while
@@ -387,7 +462,7 @@ mod x86 {
     pub(super) unsafe fn gemm_avx2(
         u: &[f32],
         v: &[f32],
-        m: &mut [f32],
+        m: *mut f32,
         [rows, depth, cols]: [usize; 3],
         [vs, ms]: [usize; 2],
         epi: Option<StoreEpilogue>,
@@ -395,7 +470,7 @@ mod x86 {
         // SAFETY: the caller upholds this function's `# Safety` contract;
         // every tile reads and writes within the bounds stated there.
         unsafe {
-            let (u, v, m) = (u.as_ptr(), v.as_ptr(), m.as_mut_ptr());
+            let (u, v) = (u.as_ptr(), v.as_ptr());
             let stream = streams(epi);
             // Column slices outer, as on AVX-512: one `depth × 16` slice
             // of `v` stays in L1 while every row panel's weights stream

@@ -4,16 +4,23 @@
 //! im2col columns (`[C·kh·kw, block]`, fits L2) are multiplied by the
 //! weights packed once at compile time (panel or lane micro-kernel), and the
 //! epilogue is applied while the block is still in cache. No whole-image
-//! im2col buffer, no per-call packing. With a fused max pool (`pooled.rs`)
-//! the convolution's rows stay in scratch and only the pooled output is
-//! written.
+//! im2col buffer, no per-call packing. On planes of at least a block, in
+//! the panel layout, blocks stay within one image, so a block's pixels are
+//! one run of each output channel's plane: the product is stored there
+//! with the epilogue in registers (as the 1×1 conv does), and only the
+//! last partial panel and tile go through scratch. With a fused max pool
+//! (`pooled.rs`) the convolution's rows stay in scratch and only the pooled
+//! output is written.
 
 mod pooled;
 
 use super::{output, ConvShape, ConvSpec};
 use crate::cpu::data::{output_buffer, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
-use crate::cpu::gemm::{lane_gemm, panel_gemm, Isa, IsaBody, LaneProduct, Layout, LANES, PANEL_GRANULE, PANEL_ROWS};
+use crate::cpu::gemm::{
+    lane_gemm, panel_gemm, panel_gemm_shared, panel_gemm_strided, Isa, IsaBody, LaneProduct, Layout, SharedRows,
+    StoreEpilogue, Strided, LANES, PANEL_GRANULE, PANEL_ROWS,
+};
 use crate::cpu::parallel::for_ranges;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
@@ -66,6 +73,9 @@ struct Run<'a> {
     shape: ConvShape,
     /// Whether each block's phases are split across threads (few blocks).
     split: bool,
+    /// Whether blocks lie within one image and store their products in
+    /// place ([`Run::in_place`]).
+    in_place: bool,
 }
 
 /// One block of output pixels.
@@ -190,15 +200,32 @@ impl DirectConv {
                 dst,
                 shape,
                 split: false,
+                in_place: false,
             };
             if let Some(pool) = &self.pool {
                 return run.pooled(pool, [final_dims[2], final_dims[3]]);
             }
-            let total = shape.batch * shape.out_plane();
+            let (plane, total) = (shape.out_plane(), shape.batch * shape.out_plane());
             let cols = self.block_cols(total);
-            let blocks = total.div_ceil(cols);
+            // Blocks within one image where each image has a block's worth
+            // of pixels (smaller planes share blocks: less padding).
+            let per_image = plane.div_ceil(cols);
+            let (blocks, cols) = match self.layout == Layout::Panels && plane >= cols {
+                true => (
+                    shape.batch * per_image,
+                    plane.div_ceil(per_image).next_multiple_of(PANEL_GRANULE),
+                ),
+                false => (total.div_ceil(cols), cols),
+            };
             run.split = blocks < 2 * threads && threads > 1;
-            let run_block = |b: usize| run.block(b * cols, cols);
+            run.in_place = self.layout == Layout::Panels && plane >= cols && !run.split;
+            let run_block = |b: usize| match self.layout == Layout::Panels && plane >= cols {
+                true => {
+                    let (image, k) = (b / per_image, b % per_image);
+                    run.block(image * plane + k * cols, cols.min(plane - k * cols))
+                }
+                false => run.block(b * cols, cols.min(total - b * cols)),
+            };
             if run.split {
                 (0..blocks).try_for_each(run_block)
             } else {
@@ -249,19 +276,86 @@ impl Run<'_> {
         }
     }
 
-    /// im2col, product and epilogue for pixels `first..first + cols` (clipped).
-    fn block(&self, first: usize, cols: usize) -> candle_core::Result<()> {
-        let total = self.shape.batch * self.shape.out_plane();
-        let block = self.block_of(first, cols.min(total - first));
+    /// im2col, product and epilogue for pixels `first..first + pixels`.
+    fn block(&self, first: usize, pixels: usize) -> candle_core::Result<()> {
+        let block = self.block_of(first, pixels);
         let out_channels = self.shape.out_channels;
         let (v_len, m_len) = (self.conv.depth() * block.cols, self.conv.products_len(block.cols));
         with_scratch(v_len + m_len, |scratch| {
             let (v, m) = scratch.split_at_mut(v_len);
+            if self.in_place {
+                return self.in_place(first, &block, v, m);
+            }
             self.products(&block, v, m);
             let m = &*m;
             // Split: channels in parallel, each writing its own output rows.
             for_ranges(out_channels, self.split, |channels| self.epilogue(m, &block, channels));
         })
+    }
+
+    /// A block within one image (pixels `first..`, one run of each output
+    /// plane): the product of whole panels and tiles stored in the output
+    /// with the epilogue in registers; through scratch `m`, the rows past
+    /// the last whole panel and the columns past the last whole tile.
+    fn in_place(&self, first: usize, block: &Block, v: &mut [f32], m: &mut [f32]) {
+        let (conv, s) = (self.conv, &self.shape);
+        let (depth, cols, pixels, plane) = (conv.depth(), block.cols, block.pixels, s.out_plane());
+        self.im2col(block, 0, v);
+        let v = &*v;
+        let full_rows = s.out_channels / PANEL_ROWS * PANEL_ROWS;
+        let full_cols = pixels / PANEL_GRANULE * PANEL_GRANULE;
+        // Output channel 0's value of the block's first pixel.
+        let base = (first / plane * s.out_channels) * plane + first % plane;
+        let columns = Strided { data: v, stride: cols };
+        if full_rows > 0 && full_cols > 0 {
+            let epilogue = StoreEpilogue {
+                bias: conv.epilogue.biases(0..full_rows),
+                residual: self.residual.map(|r| Strided {
+                    data: &r[base..],
+                    stride: plane,
+                }),
+                activation: conv.epilogue.activation(),
+                stream: false,
+            };
+            let size = [full_rows, depth, full_cols];
+            let u = &conv.packed[..full_rows * depth];
+            let m = SharedRows {
+                out: self.dst,
+                start: base,
+                stride: plane,
+            };
+            // SAFETY: this block alone writes its pixels' columns of the
+            // image's output planes (blocks are disjoint runs of pixels).
+            unsafe { panel_gemm_shared(conv.isa, u, columns, m, size, Some(epilogue)) };
+        }
+        // The rest into `m` (`[O_pad, cols]`): the last partial panel's
+        // rows over the whole tiles, every row over the last partial tile.
+        if full_rows < s.out_channels && full_cols > 0 {
+            let size = [PANEL_ROWS, depth, full_cols];
+            let u = &conv.packed[full_rows * depth..][..PANEL_ROWS * depth];
+            panel_gemm_strided(conv.isa, u, columns, &mut m[full_rows * cols..], cols, size, None);
+        }
+        if full_cols < pixels {
+            let size = [conv.padded_out, depth, PANEL_GRANULE];
+            let tail = Strided {
+                data: &v[full_cols..],
+                stride: cols,
+            };
+            panel_gemm_strided(conv.isa, &conv.packed, tail, &mut m[full_cols..], cols, size, None);
+        }
+        let m = &*m;
+        for o in 0..s.out_channels {
+            let done = if o < full_rows { full_cols } else { 0 };
+            if done == pixels {
+                continue;
+            }
+            let at = base + o * plane + done;
+            // SAFETY: as above: the block's own pixels of channel o.
+            let out = unsafe { self.dst.slice(at, pixels - done) };
+            let residual = self.residual.map(|r| &r[at..][..pixels - done]);
+            conv.epilogue
+                .write(o, out, &m[o * cols + done..][..pixels - done], residual);
+        }
     }
 
     /// The epilogue for output channels `channels` of a block (products
@@ -446,5 +540,12 @@ impl DirectConv {
         let spec = ConvSpec::of(weight, attrs)?;
         let epilogue = Epilogue::new(bias, spec.out_channels, activation)?.on(isa);
         Self::new(spec, weight, epilogue, pool, layout, Machine::with_isa(isa))
+    }
+
+    /// For tests: blocks sized for a budget of `bytes` (small ones: many
+    /// blocks per plane).
+    pub(crate) fn with_block_bytes(mut self, bytes: usize) -> Self {
+        self.block_bytes = bytes;
+        self
     }
 }
