@@ -54,6 +54,43 @@ pub(super) fn reference_with_residual(
     }
 }
 
+/// Random operands of a conv with a bias, an optional residual and an
+/// optional activation, and candle's answer ([`random_case`]).
+struct RandomCase {
+    x: Tensor,
+    w: Tensor,
+    b: Tensor,
+    residual: Option<Tensor>,
+    activation: Option<Activation>,
+    want: Tensor,
+}
+
+/// A [`RandomCase`] of these shapes; `activation` indexes [`Activation::ALL`].
+fn random_case(
+    x_dims: [usize; 4],
+    w_dims: [usize; 4],
+    attrs: Conv2dAttrs,
+    activation: Option<usize>,
+    residual: bool,
+) -> RandomCase {
+    let d = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, x_dims.as_slice(), &d).unwrap();
+    let w = Tensor::randn(0f32, 1.0, w_dims.as_slice(), &d).unwrap();
+    let b = Tensor::randn(0f32, 1.0, w_dims[0], &d).unwrap();
+    let activation = activation.map(|i| Activation::ALL[i]);
+    let dims = reference(&x, &w, None, attrs, None).dims().to_vec();
+    let residual = residual.then(|| Tensor::randn(0f32, 1.0, dims, &d).unwrap());
+    let want = reference_with_residual(&x, &w, Some(&b), attrs, residual.as_ref(), activation);
+    RandomCase {
+        x,
+        w,
+        b,
+        residual,
+        activation,
+        want,
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Case {
     conv: ConvCase,
@@ -239,14 +276,8 @@ proptest! {
         let span = dilation * (kernel - 1) + 1;
         let (width, height) = ((span + width).saturating_sub(2 * padding).max(1), (span + height).saturating_sub(2 * padding).max(1));
         let attrs = Conv2dAttrs { stride: [stride, stride], padding: [padding, padding], dilation: [dilation, dilation], groups: channels };
-        let d = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, channels, height, width), &d).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (channels, 1, kernel, kernel), &d).unwrap();
-        let b = Tensor::randn(0f32, 1.0, channels, &d).unwrap();
-        let activation = activation.map(|i| Activation::ALL[i]);
-        let dims = reference(&x, &w, None, attrs, None).dims().to_vec();
-        let r = residual.then(|| Tensor::randn(0f32, 1.0, dims, &d).unwrap());
-        let want = reference_with_residual(&x, &w, Some(&b), attrs, r.as_ref(), activation);
+        let RandomCase { x, w, b, residual: r, activation, want } =
+            random_case([2, channels, height, width], [channels, 1, kernel, kernel], attrs, activation, residual);
         let spec = ConvSpec::of(&w, attrs).unwrap();
         for isa in Isa::available() {
             let epilogue = Epilogue::new(Some(&b), channels, activation).unwrap().on(isa);
@@ -260,10 +291,6 @@ proptest! {
             prop_assert!(diff <= 1e-5 * (kernel * kernel) as f64 * 4.0, "{:?}: diff {}", isa, diff);
         }
     }
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// The direct conv's panel layout with blocks of a few tiles (small
     /// block budgets): on planes of a block or more, blocks within one
@@ -287,14 +314,9 @@ proptest! {
     ) {
         let (height, width) = (height.max(kernel), width.max(kernel));
         let attrs = Conv2dAttrs { stride: [stride, stride], padding: [padding, padding], ..Conv2dAttrs::default() };
-        let d = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (batch, channels, height, width), &d).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (out_channels, channels, kernel, kernel), &d).unwrap();
-        let b = Tensor::randn(0f32, 1.0, out_channels, &d).unwrap();
-        let activation = activation.map(|i| Activation::ALL[i]);
-        let dims = reference(&x, &w, None, attrs, None).dims().to_vec();
-        let r = residual.then(|| Tensor::randn(0f32, 1.0, dims, &d).unwrap());
-        let want = reference_with_residual(&x, &w, Some(&b), attrs, r.as_ref(), activation);
+        let RandomCase { x, w, b, residual: r, activation, want } = random_case(
+            [batch, channels, height, width], [out_channels, channels, kernel, kernel], attrs, activation, residual,
+        );
         let depth = channels * kernel * kernel;
         // Columns plus products per block column, as `block_cols` counts them.
         let per_col = (depth + out_channels.next_multiple_of(crate::cpu::gemm::PANEL_ROWS)) * 4;
