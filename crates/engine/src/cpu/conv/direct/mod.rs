@@ -208,9 +208,12 @@ impl DirectConv {
             let (plane, total) = (shape.out_plane(), shape.batch * shape.out_plane());
             let cols = self.block_cols(total);
             // Blocks within one image where each image has a block's worth
-            // of pixels (smaller planes share blocks: less padding).
+            // of pixels (smaller planes share blocks: less padding). Each
+            // image's last block is non-empty: the per-image size is at most
+            // `cols` (a multiple of the granule), and (per_image − 1)·cols < plane.
+            let within_images = self.layout == Layout::Panels && plane >= cols;
             let per_image = plane.div_ceil(cols);
-            let (blocks, cols) = match self.layout == Layout::Panels && plane >= cols {
+            let (blocks, cols) = match within_images {
                 true => (
                     shape.batch * per_image,
                     plane.div_ceil(per_image).next_multiple_of(PANEL_GRANULE),
@@ -218,8 +221,8 @@ impl DirectConv {
                 false => (total.div_ceil(cols), cols),
             };
             run.split = blocks < 2 * threads && threads > 1;
-            run.in_place = self.layout == Layout::Panels && plane >= cols && !run.split;
-            let run_block = |b: usize| match self.layout == Layout::Panels && plane >= cols {
+            run.in_place = within_images && !run.split;
+            let run_block = |b: usize| match within_images {
                 true => {
                     let (image, k) = (b / per_image, b % per_image);
                     run.block(image * plane + k * cols, cols.min(plane - k * cols))
