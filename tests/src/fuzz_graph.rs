@@ -2,7 +2,7 @@
 //! becomes a small valid graph (convolutions with any groups, kernel,
 //! stride, dilation and padding per axis, batch norms, every activation,
 //! adds, squeeze-and-excitation's broadcast multiply, channel concats,
-//! average pools, max pools in floor and ceil mode, a global
+//! zero padding, average pools, max pools in floor and ceil mode, a global
 //! pool → flatten → linear head), which runs through the
 //! default passes on wick's f32 CPU kernels and, as the reference, unfused
 //! in f64 on candle's ops. The `graph_diff` fuzz target and its corpus
@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use wick_engine::{Engine, EngineError};
 use wick_ir::{
     Activation, AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, Conv2dAttrs, FlattenAttrs, Graph, MaxPool2dAttrs, NodeId,
-    Op, TensorFact,
+    Op, PadAttrs, TensorFact,
 };
 use wick_passes::PassManager;
 
@@ -110,6 +110,11 @@ pub fn graph_from_bytes(data: &[u8]) -> (Graph, Tensor) {
                     .collect();
                 let other = joinable[b.below(joinable.len())];
                 graph.add_node(name, Op::Concat(ConcatAttrs { axis: 1 }), &[source, other])
+            }
+            4 => {
+                // Zeros around the plane (ONNX exports' explicit `Pad`).
+                let pads = [b.below(3), b.below(3), b.below(3), b.below(3)];
+                graph.add_node(name, Op::Pad(PadAttrs { pads }), &[source])
             }
             7 => {
                 let kernel = [1 + b.below(3), 1 + b.below(3)];
@@ -249,6 +254,8 @@ mod tests {
             "concat",
             "avg_pool2d",
             "global_avg_pool2d",
+            "mul",
+            "pad",
             "flatten",
             "linear",
         ] {
