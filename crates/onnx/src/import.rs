@@ -139,6 +139,22 @@ pub(crate) fn import(model: &ModelProto, options: &ImportOptions, dir: Option<&P
     Ok(result)
 }
 
+#[cfg(test)]
+impl Importer {
+    /// For tests: an importer with no values, as for an empty ONNX graph.
+    pub(crate) fn empty() -> Self {
+        Importer {
+            graph: Graph::new("test"),
+            values: HashMap::new(),
+            constants: HashMap::new(),
+            sigmoid_of: HashMap::new(),
+            bare_linear: HashMap::new(),
+            max_elements: usize::MAX,
+            dir: None,
+        }
+    }
+}
+
 impl Importer {
     fn read_initializers(&mut self, graph: &GraphProto) -> Result<(), OnnxError> {
         for t in &graph.initializer {
