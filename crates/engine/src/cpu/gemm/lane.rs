@@ -33,18 +33,20 @@ const PREFETCH: usize = 16 * LANES;
 pub(crate) fn pack_lanes(plain: &[f32], rows: usize, depth: usize, packed: &mut [f32]) {
     let padded = rows.div_ceil(LANES) * LANES;
     assert!(plain.len() == rows * depth && packed.len() == padded * depth);
-    for k0 in (0..depth).step_by(KC) {
-        let kc = KC.min(depth - k0);
-        for group in 0..padded / LANES {
-            let out = &mut packed[chunk_offset(k0, kc, group, padded)..][..kc * LANES];
-            for d in 0..kc {
-                for l in 0..LANES {
-                    let row = group * LANES + l;
-                    out[d * LANES + l] = if row < rows { plain[row * depth + k0 + d] } else { 0.0 };
-                }
-            }
+    packed.fill(0.0);
+    for (row, values) in plain.chunks_exact(depth.max(1)).enumerate() {
+        for (d, &value) in values.iter().enumerate() {
+            packed[lane_index(padded, depth, row, d)] = value;
         }
     }
+}
+
+/// Where [`pack_lanes`] puts element (`row`, `d`) of a `[rows, depth]`
+/// matrix whose rows pad to `padded`.
+pub(crate) fn lane_index(padded: usize, depth: usize, row: usize, d: usize) -> usize {
+    let k0 = d / KC * KC;
+    let kc = KC.min(depth - k0);
+    chunk_offset(k0, kc, row / LANES, padded) + (d - k0) * LANES + row % LANES
 }
 
 /// Where the `kc`-deep chunk at depth `k0` of lane group `group` starts.

@@ -16,10 +16,10 @@ pub(crate) mod lane;
 pub(crate) mod panel;
 
 pub(crate) use columns::panel_columns;
-pub(crate) use lane::{lane_gemm, pack_lanes, LaneProduct, LANES};
+pub(crate) use lane::{lane_gemm, lane_index, pack_lanes, LaneProduct, LANES};
 pub(crate) use panel::{
-    pack_panels, panel_gemm, panel_gemm_shared, panel_gemm_strided, SharedRows, StoreEpilogue, Strided, PANEL_GRANULE,
-    PANEL_ROWS, PANEL_TILES,
+    pack_panels, panel_gemm, panel_gemm_shared, panel_gemm_strided, panel_index, SharedRows, StoreEpilogue, Strided,
+    PANEL_GRANULE, PANEL_ROWS, PANEL_TILES,
 };
 
 /// Which micro-kernel a left operand (the weights) is packed for.
@@ -47,6 +47,15 @@ impl Layout {
         match self {
             Layout::Panels => pack_panels(plain, rows, depth, packed),
             Layout::Lanes => pack_lanes(plain, rows, depth, packed),
+        }
+    }
+
+    /// Where [`Layout::pack`] puts element (`row`, `d`) of a matrix `depth`
+    /// deep whose rows pad to `padded` (`padded_rows` of its rows).
+    pub(crate) fn index(self, padded: usize, depth: usize, row: usize, d: usize) -> usize {
+        match self {
+            Layout::Panels => panel_index(depth, row, d),
+            Layout::Lanes => lane_index(padded, depth, row, d),
         }
     }
 }

@@ -26,17 +26,17 @@ pub(crate) const PANEL_GRANULE: usize = 16;
 pub(crate) fn pack_panels(plain: &[f32], rows: usize, depth: usize, packed: &mut [f32]) {
     let padded = rows.div_ceil(PANEL_ROWS) * PANEL_ROWS;
     assert!(plain.len() == rows * depth && packed.len() == padded * depth);
-    if depth == 0 {
-        return; // nothing to pack (and no chunk size to split by)
-    }
-    for (panel, out) in packed.chunks_mut(depth * PANEL_ROWS).enumerate() {
-        for d in 0..depth {
-            for r in 0..PANEL_ROWS {
-                let row = panel * PANEL_ROWS + r;
-                out[d * PANEL_ROWS + r] = if row < rows { plain[row * depth + d] } else { 0.0 };
-            }
+    packed.fill(0.0);
+    for (row, values) in plain.chunks_exact(depth.max(1)).enumerate() {
+        for (d, &value) in values.iter().enumerate() {
+            packed[panel_index(depth, row, d)] = value;
         }
     }
+}
+
+/// Where [`pack_panels`] puts element (`row`, `d`) of a matrix `depth` deep.
+pub(crate) fn panel_index(depth: usize, row: usize, d: usize) -> usize {
+    (row / PANEL_ROWS * depth + d) * PANEL_ROWS + row % PANEL_ROWS
 }
 
 /// `m = u · v`: `u` packed by [`pack_panels`] (`rows × depth`), `v`

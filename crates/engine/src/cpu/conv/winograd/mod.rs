@@ -22,7 +22,7 @@ pub(crate) use f2::WinogradF2;
 pub(crate) use f4::WinogradF4;
 
 use super::{ConvShape, ConvSpec};
-use crate::cpu::data::weight_buffer;
+use crate::cpu::data::{weight_buffer, with_cpu_f32};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{Isa, Layout};
 use crate::machine::Machine;
@@ -75,8 +75,10 @@ pub(crate) struct Packed {
 
 impl Packed {
     /// `weight` (`[O, C, 3, 3]`) with each 3×3 kernel through `transform`
-    /// (computed in f64, stored f32), then each of the `N` ξ matrices packed
-    /// for `layout`'s micro-kernel in a huge-page weight buffer.
+    /// (computed in f64, stored f32), each value written straight to its
+    /// place in the `N` ξ matrices packed for `layout`'s micro-kernel, in a
+    /// huge-page weight buffer (no other copy of the weights is made: the
+    /// packed weights of ResNet34's layer4 take 36 MB per conv).
     fn new<const N: usize>(
         spec: ConvSpec,
         weight: &Tensor,
@@ -87,30 +89,25 @@ impl Packed {
     ) -> candle_core::Result<Self> {
         check_applies(&spec)?;
         let (rows, depth) = (spec.out_channels, spec.in_channels);
-        let w = weight.flatten_all()?.to_vec1::<f32>()?;
-        if w.len() != rows * depth * 9 {
+        if weight.dims() != [rows, depth, 3, 3] {
             bail!(
                 "winograd weight {:?} does not match {rows} x {depth} x 3 x 3",
                 weight.dims()
             )
         }
-        let mut plain = vec![0f32; N * rows * depth];
-        for o in 0..rows {
-            for c in 0..depth {
-                let u = transform(&w[(o * depth + c) * 9..][..9]);
-                for (xi, value) in u.iter().enumerate() {
-                    plain[(xi * rows + o) * depth + c] = *value as f32;
+        let padded_out = layout.padded_rows(rows);
+        let matrix = padded_out * depth;
+        let mut u = weight_buffer(N * matrix)?;
+        with_cpu_f32("winograd conv's weight", &weight.contiguous()?, None, |w, _| {
+            for (kernel, w) in w.chunks_exact(9).enumerate() {
+                let (o, c) = (kernel / depth, kernel % depth);
+                let at = layout.index(padded_out, depth, o, c);
+                for (xi, value) in transform(w).iter().enumerate() {
+                    u[xi * matrix + at] = *value as f32;
                 }
             }
-        }
-        let padded_out = layout.padded_rows(rows);
-        let mut u = weight_buffer(N * padded_out * depth)?;
-        for (plain, packed) in plain
-            .chunks_exact(rows * depth)
-            .zip(u.chunks_exact_mut(padded_out * depth))
-        {
-            layout.pack(plain, rows, depth, packed);
-        }
+            Ok(())
+        })?;
         Ok(Self {
             spec,
             padded_out,
