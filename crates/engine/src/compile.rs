@@ -1,10 +1,11 @@
 //! [`Engine`]: verifies a graph, lowers each node to a kernel for the
 //! device (weights moved or packed once) and plans the run.
 
+use crate::cpu::budget::WeightBudget;
 use crate::cpu::ConvCache;
 use crate::error::AtNode;
 use crate::exec::CompiledModel;
-use crate::kernel::{Kernel, Lowering};
+use crate::kernel::{plan_cpu_convs, Kernel, Lowering};
 use crate::machine::Machine;
 use crate::plan::{InputSlot, Plan, Step};
 use crate::CpuPath;
@@ -20,6 +21,9 @@ pub struct Engine {
     cpu_path: Option<CpuPath>,
     /// Size limits every compiled graph is verified against.
     limits: Limits,
+    /// How much memory packed conv weights may take, when not
+    /// `WICK_WEIGHT_BUDGET`'s or the default.
+    weight_budget: Option<WeightBudget>,
 }
 
 impl Engine {
@@ -31,6 +35,7 @@ impl Engine {
             device,
             cpu_path: None,
             limits: Limits::default(),
+            weight_budget: None,
         }
     }
 
@@ -39,6 +44,21 @@ impl Engine {
     /// an op may need (candle's convolutions unfold their input, im2col).
     pub fn with_limits(self, limits: Limits) -> Self {
         Self { limits, ..self }
+    }
+
+    /// The same engine packing CPU conv weights within `budget`, whatever
+    /// `WICK_WEIGHT_BUDGET` says. Without it, that variable's budget (a
+    /// factor or `unlimited`; a typed error at compile when malformed) or
+    /// [`WeightBudget::default`]: packed weights at most
+    /// [`crate::DEFAULT_WEIGHT_BUDGET`] times the graph's conv weights. Over
+    /// budget, the Winograd F(4×4) convs with the fewest tiles per forward
+    /// step down to F(2×2), trading some speed for memory;
+    /// [`WeightBudget::unlimited`] gives every conv its fastest algorithm.
+    pub fn with_weight_budget(self, budget: WeightBudget) -> Self {
+        Self {
+            weight_budget: Some(budget),
+            ..self
+        }
     }
 
     /// The size limits compiled graphs are verified against.
@@ -100,11 +120,22 @@ impl Engine {
             true => Some(Machine::resolve(self.cpu_path)?),
             false => None,
         };
+        let conv_algorithms = match machine {
+            Some(_) => {
+                let budget = match self.weight_budget {
+                    Some(budget) => budget,
+                    None => WeightBudget::from_env()?.unwrap_or_default(),
+                };
+                plan_cpu_convs(graph, budget)
+            }
+            None => Default::default(),
+        };
         let lowering = Lowering {
             device: &self.device,
             machine,
             limits: &self.limits,
             convs,
+            conv_algorithms: &conv_algorithms,
         };
         let mut constants = Vec::new();
         let mut steps = Vec::new();

@@ -99,6 +99,13 @@ pub enum EngineError {
         /// The paths this CPU supports.
         available: Vec<crate::CpuPath>,
     },
+    /// `WICK_WEIGHT_BUDGET` or a parsed [`crate::WeightBudget`] was not a
+    /// factor of at least 1 or `unlimited`.
+    #[error("invalid weight budget `{given}`; expected a factor of at least 1 (e.g. 2.5) or `unlimited` (WICK_WEIGHT_BUDGET)")]
+    InvalidWeightBudget {
+        /// The text given.
+        given: String,
+    },
     /// A candle operation failed while executing a node.
     #[error("candle error in node `%{node}`: {source}")]
     Candle {

@@ -286,17 +286,22 @@ mod tests {
 
     /// Kernels follow the compiled shape: ResNet18 at batch 1 runs layer4's
     /// 3×3 stride-1 convs as F(2×2) and its few-pixel direct convs on the
-    /// lane GEMM; at batch 10 every 3×3 stride-1 conv is F(4×4) and the
-    /// direct convs use panels.
+    /// lane GEMM; at batch 10 the direct convs use panels and every 3×3
+    /// stride-1 conv is F(4×4) but for the weight budget: layer4's three,
+    /// the fewest tiles, step down to F(2×2) (packed weights 3.5× the conv
+    /// weights with them, 2.1× without), to the same output within f32
+    /// rounding.
     #[test]
     fn conv_kernels_follow_the_compiled_batch() {
+        use crate::WeightBudget;
         use wick_models::{Model, ModelName, WeightSource};
         let model = Model::load(ModelName::Resnet18, WeightSource::Random { seed: 1 }, &Device::Cpu).unwrap();
-        let kernels = |batch: usize| {
+        let compile = |batch: usize, budget: WeightBudget| {
             let mut graph = model.trace(&ModelName::Resnet18.input_shape(Some(batch))).unwrap();
             wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
-            conv_kernels(&Engine::cpu().compile(&graph).unwrap())
+            Engine::cpu().with_weight_budget(budget).compile(&graph).unwrap()
         };
+        let kernels = |batch: usize| conv_kernels(&compile(batch, WeightBudget::default()));
         let count = |ks: &[(String, &str)], kind: &str| ks.iter().filter(|(_, k)| *k == kind).count();
         let one = kernels(1);
         assert_eq!(one.len(), 20, "{one:?}");
@@ -317,9 +322,32 @@ mod tests {
             };
             assert_eq!(*kind, expected, "{name} at batch 1");
         }
-        let ten = kernels(10);
-        assert_eq!(count(&ten, "winograd-f4x4"), 13, "{ten:?}");
-        assert_eq!(count(&ten, "direct-panels"), 7, "{ten:?}");
+        let (budgeted, unlimited) = (
+            compile(10, WeightBudget::default()),
+            compile(10, WeightBudget::unlimited()),
+        );
+        let ten = conv_kernels(&budgeted);
+        for (name, kind) in &ten {
+            // The stem, the downsamples and layer2-4's first convs have stride 2.
+            let strided = |n: &str| {
+                n.starts_with("conv1")
+                    || n.contains("downsample")
+                    || (n.contains(".0.conv1") && !n.starts_with("layer1"))
+            };
+            let expected = match name.as_str() {
+                n if strided(n) => "direct-panels",
+                n if n.starts_with("layer4.") => "winograd-f2x2",
+                _ => "winograd-f4x4",
+            };
+            assert_eq!(*kind, expected, "{name} at batch 10");
+        }
+        let all_f4 = conv_kernels(&unlimited);
+        assert_eq!(count(&all_f4, "winograd-f4x4"), 13, "{all_f4:?}");
+        assert_eq!(count(&all_f4, "direct-panels"), 7, "{all_f4:?}");
+        let x = wick_models::random_input(5, &ModelName::Resnet18.input_shape(Some(10)), &Device::Cpu).unwrap();
+        let run = |model: &CompiledModel| model.run(std::slice::from_ref(&x)).unwrap().remove(0);
+        let diff = crate::test_util::max_abs_diff(&run(&budgeted), &run(&unlimited));
+        assert!(diff < 1e-4, "{diff}");
     }
 
     /// MobileNetV2's convs: every 1×1 on the in-place GEMM, every 3×3

@@ -4,13 +4,15 @@
 //! operands by role (`x`, `residual`, `weight`, …) as value slots.
 
 use crate::candle::{batch_norm_affine, CandleOp, FusedConv};
+use crate::cpu::budget::{self, PlannedConv, WeightBudget};
 use crate::cpu::conv::{ConvSpec, CpuConv};
 use crate::cpu::linear::CpuLinear;
-use crate::cpu::{conv_algorithm, ConvCache, CpuKernel};
+use crate::cpu::{conv_algorithm, ConvAlgorithm, ConvCache, CpuKernel};
 use crate::error::AtNode;
 use crate::machine::Machine;
 use crate::EngineError;
 use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
 use wick_ir::{Activation, FusedConv2dAttrs, Graph, Limits, Node, Op};
 use wick_passes::BatchNormParams;
 
@@ -33,6 +35,43 @@ pub(crate) struct Lowering<'a> {
     pub(crate) machine: Option<Machine>,
     pub(crate) limits: &'a Limits,
     pub(crate) convs: Option<&'a ConvCache>,
+    /// The algorithm of each CPU conv by node name ([`plan_cpu_convs`]).
+    pub(crate) conv_algorithms: &'a HashMap<String, ConvAlgorithm>,
+}
+
+/// The algorithm of every conv node wick's CPU convs will run (on the CPU,
+/// f32, constant weight and bias), by node name: the policy's choice per
+/// conv, then F(4×4) convs stepped down until the graph's packed weights
+/// fit `budget`. Convs this cannot size are left to lowering's errors.
+pub(crate) fn plan_cpu_convs(graph: &Graph, budget: WeightBudget) -> HashMap<String, ConvAlgorithm> {
+    let mut names = Vec::new();
+    let mut convs = Vec::new();
+    for id in graph.node_ids() {
+        let node = graph.node(id);
+        let (attrs, pooled, bias) = match &node.op {
+            Op::Conv2d(attrs) => (*attrs, false, node.inputs.get(2)),
+            Op::FusedConv2d(fused) => (fused.conv, fused.pool.is_some(), node.inputs.get(2)),
+            _ => continue,
+        };
+        let constant_bias = bias.is_none_or(|_| constant(graph, node, 2).is_some());
+        let (Some(weight), true, DType::F32) = (constant(graph, node, 1), constant_bias, node.fact.dtype) else {
+            continue;
+        };
+        let (Ok(spec), Ok(out_shape)) = (
+            ConvSpec::of(weight, attrs),
+            <[usize; 4]>::try_from(node.fact.shape.as_slice()),
+        ) else {
+            continue;
+        };
+        names.push(node.name.clone());
+        convs.push(PlannedConv {
+            spec,
+            out_shape,
+            algorithm: conv_algorithm(&spec, pooled, out_shape),
+        });
+    }
+    budget::fit(&mut convs, budget);
+    names.into_iter().zip(convs.iter().map(|c| c.algorithm)).collect()
 }
 
 /// A conv node's operands by role (the IR's order: x, weight, bias, residual).
@@ -258,7 +297,12 @@ fn lower_conv(
                 format!("conv output must be NCHW, got {}", node.fact),
             ));
         };
-        let algorithm = conv_algorithm(&spec, pool.is_some(), out_shape);
+        // As planned for the whole graph (the weight budget), or the policy's.
+        let algorithm = how
+            .conv_algorithms
+            .get(&node.name)
+            .copied()
+            .unwrap_or_else(|| conv_algorithm(&spec, pool.is_some(), out_shape));
         let pack = || {
             let (weight, bias) = on_host(weight, bias.flatten())?;
             CpuConv::new(algorithm, &weight, bias.as_ref(), attrs, activation, pool, machine)

@@ -62,6 +62,7 @@ pub mod saved;
 
 pub use batched::{BatchedModel, CacheStats};
 pub use compile::Engine;
+pub use cpu::budget::{WeightBudget, DEFAULT_WEIGHT_BUDGET, WEIGHT_BUDGET_ENV};
 pub use device::{parse_device, DeviceSpec};
 pub use error::EngineError;
 pub use exec::{CompiledModel, StepProfile, IN_POOL_MAX_ACTIVATION_BYTES};

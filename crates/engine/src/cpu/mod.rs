@@ -5,11 +5,13 @@
 //! instruction-set dispatch, and the memory they work in.
 //!
 //! [`conv_algorithm`] is the policy: which algorithm runs a conv node, from
-//! the node's attributes and its compiled shape. The choice only affects
-//! speed: every algorithm takes any input shape and is tested against
+//! the node's attributes and its compiled shape; [`budget`] then bounds the
+//! memory of a whole graph's packed weights. The choice only affects speed
+//! and memory: every algorithm takes any input shape and is tested against
 //! candle's conv.
 
 pub(crate) mod activation;
+pub(crate) mod budget;
 pub(crate) mod conv;
 pub(crate) mod data;
 pub(crate) mod epilogue;
@@ -124,10 +126,29 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
         ConvAlgorithm::WinogradF4
     } else if winograd && channels >= F2_MIN_CHANNELS && pixels <= F2_MAX_PIXELS {
         ConvAlgorithm::WinogradF2
-    } else if pixels <= LANE_MAX_PIXELS {
-        ConvAlgorithm::DirectLanes
     } else {
-        ConvAlgorithm::DirectPanels
+        direct(pixels)
+    }
+}
+
+/// What runs a conv [`conv_algorithm`] gives F(4×4) when F(4×4) is not
+/// taken ([`budget`]): F(2×2) where it has the channels, at any size (16
+/// multiplies per 4 outputs against the direct conv's 36), a direct conv
+/// otherwise.
+pub(crate) fn conv_algorithm_without_f4(spec: &ConvSpec, out_shape: [usize; 4]) -> ConvAlgorithm {
+    let [batch, out_channels, out_height, out_width] = out_shape;
+    let pixels = batch.saturating_mul(out_height).saturating_mul(out_width);
+    match winograd::applies(spec) && spec.in_channels.min(out_channels) >= F2_MIN_CHANNELS {
+        true => ConvAlgorithm::WinogradF2,
+        false => direct(pixels),
+    }
+}
+
+/// The direct conv's layout for `pixels` output pixels per forward.
+fn direct(pixels: usize) -> ConvAlgorithm {
+    match pixels <= LANE_MAX_PIXELS {
+        true => ConvAlgorithm::DirectLanes,
+        false => ConvAlgorithm::DirectPanels,
     }
 }
 
