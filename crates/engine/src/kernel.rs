@@ -74,12 +74,14 @@ pub(crate) fn plan_cpu_convs(graph: &Graph, budget: WeightBudget) -> HashMap<Str
     names.into_iter().zip(convs.iter().map(|c| c.algorithm)).collect()
 }
 
-/// A conv node's operands by role (the IR's order: x, weight, bias, residual).
+/// A conv node's operands by role (the IR's order: x, weight, bias,
+/// residual, scale).
 struct ConvOperands {
     x: Slot,
     weight: Slot,
     bias: Option<Slot>,
     residual: Option<Slot>,
+    scale: Option<Slot>,
 }
 
 impl Kernel {
@@ -102,20 +104,25 @@ impl Kernel {
                     weight: slot(1),
                     bias: optional(2),
                     residual: None,
+                    scale: None,
                 };
                 let plain = FusedConv2dAttrs {
                     conv: *attrs,
-                    activation: None,
-                    pool: None,
+                    ..Default::default()
                 };
                 lower_conv(graph, node, how, (plain, false), operands)
             }
             Op::FusedConv2d(fused) => {
+                let slots: Vec<Slot> = node.inputs.iter().map(|id| id.index()).collect();
+                let Some(inputs) = fused.inputs(&slots) else {
+                    return Err(unsupported(node, device, "operands do not fit the attributes".into()));
+                };
                 let operands = ConvOperands {
-                    x: slot(0),
-                    weight: slot(1),
-                    bias: Some(slot(2)),
-                    residual: optional(3),
+                    x: inputs.x,
+                    weight: inputs.weight,
+                    bias: Some(inputs.bias),
+                    residual: inputs.residual,
+                    scale: inputs.scale,
                 };
                 lower_conv(graph, node, how, (*fused, true), operands)
             }
@@ -283,6 +290,7 @@ fn lower_conv(
         conv: attrs,
         activation,
         pool,
+        input_scale: _,
     } = conv;
     let weight = constant(graph, node, 1);
     let bias = operands.bias.map(|_| constant(graph, node, 2));
@@ -318,6 +326,8 @@ fn lower_conv(
             conv,
             x: operands.x,
             residual: operands.residual,
+            scale: operands.scale,
+            isa: machine.isa,
         }));
     }
     if attrs.stride[0] != attrs.stride[1] || attrs.dilation[0] != attrs.dilation[1] {
@@ -353,6 +363,7 @@ fn lower_conv(
         weight,
         bias,
         residual,
+        scale,
     } = operands;
     Ok(Kernel::Candle(match (fused, bias) {
         (false, bias) => CandleOp::Conv2d { attrs, x, weight, bias },
@@ -364,6 +375,7 @@ fn lower_conv(
             weight,
             bias,
             residual,
+            scale,
         }),
         (true, None) => return Err(unsupported(node, device, "a fused conv needs a bias operand".into())),
     }))

@@ -30,7 +30,7 @@ pub use kind::{OpAttrs, OpKind, OpRole};
 pub use limits::{Limits, DEFAULT_MAX_ELEMENTS, MAX_ELEMENTS_ENV};
 pub use op::{
     windowed_len, AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs,
-    MaxPool2dAttrs, Op, PadAttrs,
+    FusedConvInputs, MaxPool2dAttrs, Op, PadAttrs,
 };
 
 /// The `DType` of candle, re-exported because facts are written in it.

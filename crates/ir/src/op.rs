@@ -28,10 +28,13 @@ impl Default for Conv2dAttrs {
 
 /// Attributes of a convolution with a fused epilogue.
 ///
-/// Inputs are `(x, weight, bias)` or `(x, weight, bias, residual)`; the
-/// output is `conv(x) + bias [+ residual]`, then the activation when one
-/// is set, then a max pool when `pool` is set (the output fact is the
-/// pooled one; a residual has the convolution's shape).
+/// Inputs are `(x, weight, bias[, residual][, scale])`; the output is
+/// `conv(x · scale) + bias [+ residual]`, then the activation when one is
+/// set, then a max pool when `pool` is set (the output fact is the pooled
+/// one; a residual has the convolution's shape). `scale`, present when
+/// `input_scale` is set, is `[N, C, 1, 1]`: one factor per image and input
+/// channel (squeeze-and-excitation's), which a conv can fold into its
+/// weights per image instead of rescaling its input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct FusedConv2dAttrs {
     /// The convolution's own attributes.
@@ -40,6 +43,51 @@ pub struct FusedConv2dAttrs {
     pub activation: Option<crate::Activation>,
     /// A max pool applied last, if any.
     pub pool: Option<MaxPool2dAttrs>,
+    /// Whether the last input scales the conv's input channels per image.
+    pub input_scale: bool,
+}
+
+/// A fused conv's inputs by role (see [`FusedConv2dAttrs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FusedConvInputs<T> {
+    /// The conv's input.
+    pub x: T,
+    /// `[O, C/groups, kh, kw]`.
+    pub weight: T,
+    /// `[O]`.
+    pub bias: T,
+    /// Added before the activation, of the conv output's shape.
+    pub residual: Option<T>,
+    /// `[N, C, 1, 1]`, multiplying `x` per image and channel.
+    pub scale: Option<T>,
+}
+
+impl FusedConv2dAttrs {
+    /// `inputs` by role, or `None` when their number does not fit these
+    /// attributes (3 or 4, one more with `input_scale`).
+    pub fn inputs<T: Copy>(&self, inputs: &[T]) -> Option<FusedConvInputs<T>> {
+        let (scale, rest) = match self.input_scale {
+            true => inputs.split_last().map(|(s, rest)| (Some(*s), rest))?,
+            false => (None, inputs),
+        };
+        match *rest {
+            [x, weight, bias] => Some(FusedConvInputs {
+                x,
+                weight,
+                bias,
+                residual: None,
+                scale,
+            }),
+            [x, weight, bias, residual] => Some(FusedConvInputs {
+                x,
+                weight,
+                bias,
+                residual: Some(residual),
+                scale,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Attributes of an inference-mode batch norm over channel axis 1.
@@ -110,8 +158,9 @@ pub enum Op {
     Constant,
     /// `conv2d(x, weight[, bias])`.
     Conv2d(Conv2dAttrs),
-    /// `fused_conv2d(x, weight, bias[, residual])`: a conv with its epilogue
-    /// (bias, residual add, ReLU) in one op, produced by epilogue fusion.
+    /// `fused_conv2d(x, weight, bias[, residual][, scale])`: a conv with its
+    /// epilogue (bias, residual add, activation, max pool) and its input's
+    /// per-channel scale in one op, produced by the fusion passes.
     FusedConv2d(FusedConv2dAttrs),
     /// `batch_norm(x, running_mean, running_var[, weight, bias])` in inference form.
     BatchNorm(BatchNormAttrs),
@@ -194,6 +243,7 @@ impl Op {
             Op::Input | Op::Constant => &[0],
             Op::Conv2d(_) | Op::Linear => &[2, 3],
             Op::BatchNorm(_) => &[3, 5],
+            Op::FusedConv2d(attrs) if attrs.input_scale => &[4, 5],
             Op::FusedConv2d(_) => &[3, 4],
             Op::Relu
             | Op::Relu6
@@ -278,10 +328,21 @@ impl Op {
             Op::Input | Op::Constant => Err("declares its fact; nothing to infer".into()),
             Op::Conv2d(attrs) => infer_conv2d(attrs, inputs),
             Op::FusedConv2d(attrs) => {
-                let out = infer_conv2d(&attrs.conv, &inputs[..3])?;
-                if let Some(residual) = inputs.get(3) {
+                let operands = attrs.inputs(inputs).ok_or("operands do not fit the attributes")?;
+                let out = infer_conv2d(&attrs.conv, &[operands.x, operands.weight, operands.bias])?;
+                if let Some(residual) = operands.residual {
                     if residual.shape != out.shape {
                         return Err(format!("residual must be {out}, got {residual}"));
+                    }
+                }
+                if let Some(scale) = operands.scale {
+                    let x = operands.x;
+                    let expected = [x.shape[0], x.shape[1], 1, 1];
+                    if scale.shape != expected || scale.dtype != x.dtype {
+                        return Err(format!(
+                            "scale must be {} {expected:?} (one factor per image and input channel), got {scale}",
+                            x.dtype.as_str()
+                        ));
                     }
                 }
                 match &attrs.pool {

@@ -376,6 +376,7 @@ impl Parser {
                     Some(kernel) => Some(table.max_pool("pool_", kernel)?),
                     None => None,
                 },
+                input_scale: table.flag("input_scale")?,
             }),
             OpKind::BatchNorm => Op::BatchNorm(BatchNormAttrs {
                 eps: table.scalar("eps")?.unwrap_or(1e-5),

@@ -19,7 +19,7 @@ pub(crate) fn op_text(op: &Op) -> String {
             a.groups
         ),
         Op::FusedConv2d(a) => format!(
-            "{}[stride={}, padding={}, dilation={}, groups={}, {}{}]",
+            "{}[stride={}, padding={}, dilation={}, groups={}, {}{}{}]",
             op.name(),
             pair(a.conv.stride),
             pair(a.conv.padding),
@@ -37,7 +37,9 @@ pub(crate) fn op_text(op: &Op) -> String {
                 pair(p.stride),
                 pair(p.padding),
                 if p.ceil_mode { ", pool_ceil_mode=1" } else { "" }
-            ))
+            )),
+            // Written only when set: text without a scale is as it always was.
+            if a.input_scale { ", input_scale=1" } else { "" }
         ),
         Op::BatchNorm(a) => format!("{}[eps={:?}]", op.name(), a.eps),
         Op::MaxPool2d(a) => format!(

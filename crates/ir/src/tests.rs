@@ -375,6 +375,52 @@ fn fused_conv_activation_attribute() {
     assert!(err.contains("give one"), "{err}");
 }
 
+/// A fused conv's input scale: the last operand, `[N, C, 1, 1]` of the
+/// input's dtype, after the residual when there is one; text round-trips
+/// (`input_scale=1`, written only when set); the roles read back by
+/// `FusedConv2dAttrs::inputs`; a scale of another shape, one operand too
+/// few, and FLOPs as the conv's own.
+#[test]
+fn fused_conv_input_scale() {
+    let text = "graph g(%x: f32[2,3,8,8], %s: f32[2,3,1,1], %r: f32[2,4,8,8]) {
+  @w = constant : f32[4,3,1,1]
+  @b = constant : f32[4]
+  %y = fused_conv2d[activation=silu, input_scale=1](%x, @w, @b, %s) : f32[2,4,8,8]
+  %z = fused_conv2d[input_scale=1](%x, @w, @b, %r, %s) : f32[2,4,8,8]
+  return %y, %z
+}";
+    let graph = Graph::parse(text).unwrap();
+    assert_eq!(Graph::parse(&graph.to_string()).unwrap().to_string(), graph.to_string());
+    assert!(graph.to_string().contains("relu=0, input_scale=1]("), "{graph}");
+    let roles = |name: &str| {
+        let node = graph.node(graph.find(name).unwrap());
+        let Op::FusedConv2d(attrs) = node.op else {
+            panic!("expected fused_conv2d")
+        };
+        assert!(attrs.input_scale);
+        let names: Vec<&str> = node.inputs.iter().map(|&i| graph.node(i).name.as_str()).collect();
+        attrs.inputs(&names).unwrap()
+    };
+    let y = roles("y");
+    assert_eq!(
+        (y.x, y.weight, y.bias, y.residual, y.scale),
+        ("x", "w", "b", None, Some("s"))
+    );
+    let z = roles("z");
+    assert_eq!((z.residual, z.scale), (Some("r"), Some("s")));
+    assert_eq!(graph.flops(), 2 * 2 * (2 * 8 * 8 * 4 * 3));
+    let err = parse_err(&text.replace("%s: f32[2,3,1,1]", "%s: f32[1,3,1,1]"));
+    assert!(err.contains("scale must be f32 [2, 3, 1, 1]"), "{err}");
+    let err = parse_err(&text.replace("(%x, @w, @b, %s)", "(%x, @w, @b)"));
+    assert!(err.contains("expected 4 or 5 input(s), got 3"), "{err}");
+    let unscaled = FusedConv2dAttrs::default();
+    assert_eq!(unscaled.inputs(&[1, 2]), None);
+    assert_eq!(
+        unscaled.inputs(&[1, 2, 3, 4]).map(|i| (i.residual, i.scale)),
+        Some((Some(4), None))
+    );
+}
+
 /// DenseNet's and SqueezeNet's ops: `concat` (any number of inputs, one
 /// axis may differ), `avg_pool2d` and a ceil-mode `max_pool2d`, and the
 /// one-sided `pad` of ONNX's asymmetric conv padding, round-trip as text;

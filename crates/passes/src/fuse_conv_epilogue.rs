@@ -91,6 +91,7 @@ fn fuse(
             conv: attrs,
             activation,
             pool: None,
+            input_scale: false,
         }),
         &inputs,
     )?;

@@ -23,11 +23,18 @@ pub(crate) struct FusedConv {
     pub(crate) weight: Slot,
     pub(crate) bias: Slot,
     pub(crate) residual: Option<Slot>,
+    /// `[N, C, 1, 1]` factors of `x`'s channels, applied first (as the
+    /// unfused `mul` would: the same values).
+    pub(crate) scale: Option<Slot>,
 }
 
 impl FusedConv {
     fn run(&self, value: impl Fn(Slot) -> candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
         let (x, weight, bias) = (value(self.x)?, value(self.weight)?, value(self.bias)?);
+        let x = match self.scale {
+            Some(scale) => x.broadcast_mul(&value(scale)?)?,
+            None => x,
+        };
         let residual = self.residual.map(&value).transpose()?;
         let y = if x.dtype() == DType::F32 && bias.dtype() == DType::F32 {
             // The convolution without bias, then bias (+ residual, + ReLU)
@@ -141,7 +148,11 @@ impl CandleOp {
             CandleOp::Conv2d { x, weight, bias, .. } | CandleOp::Linear { x, weight, bias } => {
                 [*x, *weight].into_iter().chain(*bias).collect()
             }
-            CandleOp::FusedConv2d(op) => [op.x, op.weight, op.bias].into_iter().chain(op.residual).collect(),
+            CandleOp::FusedConv2d(op) => [op.x, op.weight, op.bias]
+                .into_iter()
+                .chain(op.residual)
+                .chain(op.scale)
+                .collect(),
             CandleOp::BatchNorm {
                 x, mean, var, affine, ..
             } => [*x, *mean, *var]

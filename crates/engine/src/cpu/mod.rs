@@ -193,6 +193,9 @@ pub(crate) enum CpuKernel {
         conv: Arc<CpuConv>,
         x: Slot,
         residual: Option<Slot>,
+        /// `[N, C, 1, 1]` factors of `x`'s channels, on `isa`'s path.
+        scale: Option<Slot>,
+        isa: gemm::Isa,
     },
     /// The max pool.
     MaxPool2d { attrs: MaxPool2dAttrs, x: Slot },
@@ -221,7 +224,7 @@ impl CpuKernel {
     /// The slots the kernel reads at run time.
     pub(crate) fn reads(&self) -> Vec<Slot> {
         match self {
-            CpuKernel::Conv { x, residual, .. } => std::iter::once(*x).chain(*residual).collect(),
+            CpuKernel::Conv { x, residual, scale, .. } => std::iter::once(*x).chain(*residual).chain(*scale).collect(),
             CpuKernel::MaxPool2d { x, .. }
             | CpuKernel::Activation { x, .. }
             | CpuKernel::GlobalAvgPool2d { x, .. }
@@ -234,7 +237,18 @@ impl CpuKernel {
     /// Runs on the values in `slots`.
     pub(crate) fn run(&self, value: impl Fn(Slot) -> candle_core::Result<Tensor>) -> candle_core::Result<Tensor> {
         match self {
-            CpuKernel::Conv { conv, x, residual } => conv.run(&value(*x)?, residual.map(&value).transpose()?.as_ref()),
+            CpuKernel::Conv {
+                conv,
+                x,
+                residual,
+                scale,
+                isa,
+            } => conv.run_scaled(
+                *isa,
+                &value(*x)?,
+                residual.map(&value).transpose()?.as_ref(),
+                scale.map(&value).transpose()?.as_ref(),
+            ),
             CpuKernel::MaxPool2d { attrs, x } => pool::max_pool2d(&value(*x)?, attrs),
             CpuKernel::Activation { isa, activation, x } => activation::activation(*isa, *activation, &value(*x)?),
             CpuKernel::GlobalAvgPool2d { isa, x } => plane::global_avg_pool2d(*isa, &value(*x)?),

@@ -247,6 +247,23 @@ impl CpuConv {
         }
     }
 
+    /// [`Self::run`] on `x · scale` when a `scale` (`[N, C, 1, 1]`) is
+    /// given: the 1×1 conv folds it into its weights per image where that
+    /// is cheaper; the others run on the input scaled on `isa`'s path.
+    pub(crate) fn run_scaled(
+        &self,
+        isa: crate::cpu::gemm::Isa,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        scale: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        match (self, scale) {
+            (_, None) => self.run(x, residual),
+            (CpuConv::Pointwise(conv), scale) => conv.run_scaled(x, residual, scale),
+            (_, Some(scale)) => self.run(&super::plane::channel_scale(isa, x, scale)?, residual),
+        }
+    }
+
     /// Runs on a CPU f32 tensor `[N, C, H, W]`, adding `residual` (the
     /// conv's output shape) before the optional ReLU, then the fused pool.
     pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {

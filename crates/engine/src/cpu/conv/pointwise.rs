@@ -78,6 +78,9 @@ struct Task<'a> {
     part: (usize, usize),
     /// Whether to store the output with streaming stores.
     stream: bool,
+    /// The image's factor per input channel (`[C]`), folded into the
+    /// task's weights, if the input is scaled.
+    scale: Option<&'a [f32]>,
 }
 
 impl PointwiseConv {
@@ -125,14 +128,47 @@ impl PointwiseConv {
     /// Runs on a CPU f32 tensor `[N, C, H, W]`, adding `residual` (the
     /// output's shape) before the activation.
     pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        self.run_scaled(x, residual, None)
+    }
+
+    /// [`Self::run`] on `x · scale` (`scale` `[N, C, 1, 1]`, one factor per
+    /// image and input channel: squeeze-and-excitation's). Each task
+    /// multiplies its rows of the weights by the image's factors into its
+    /// scratch, and the scaled input is never made: `O·C` products per
+    /// image (per column share, on planes split by columns), `1/(H·W)` of
+    /// the conv's own, against the unfused `mul`'s `C·H·W` products and a
+    /// pass over memory. Batches of 1×1 planes, which run as one product
+    /// over all images, scale their input first.
+    pub(crate) fn run_scaled(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        scale: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let call = self.spec.check(x, residual)?;
         let shape = call.shape;
         let (plane, out_channels) = (shape.out_plane(), shape.out_channels);
         let out_len = shape.out_len();
+        let scale = match scale {
+            Some(s) if s.dims() != [shape.batch, shape.channels, 1, 1] => bail!(
+                "the scale of a {:?} conv input must be [{}, {}, 1, 1], got {:?}",
+                call.x.dims(),
+                shape.batch,
+                shape.channels,
+                s.dims()
+            ),
+            Some(s) if plane == 1 && shape.batch > 1 => {
+                let scaled = super::super::plane::channel_scale(self.isa, &call.x, s)?;
+                return self.run_scaled(&scaled, call.residual.as_ref(), None);
+            }
+            Some(s) => Some(s.contiguous()?),
+            None => None,
+        };
         if out_len == 0 {
             return output(Vec::new(), shape.out_dims());
         }
         if plane == 1 && shape.batch > 1 {
+            // A scaled input took the branch above.
             return self.images_as_columns(&call);
         }
         let mut out = output_buffer(out_len, "conv output")?;
@@ -150,21 +186,25 @@ impl PointwiseConv {
         let runs = out_channels.div_ceil(run_rows);
         let (in_image, out_image) = (shape.channels * plane, out_channels * plane);
         let stream = self.streams(shape.batch * in_image, out_len, call.residual.is_some(), plane);
+        let channels = shape.channels;
         with_cpu_f32("pointwise conv", &call.x, call.residual.as_ref(), |input, residual| {
-            (0..shape.batch * runs * parts).into_par_iter().try_for_each(|task| {
-                let (image, run, part) = (task / (runs * parts), task / parts % runs, task % parts);
-                let rows = run * run_rows..out_channels.min((run + 1) * run_rows);
-                self.task(Task {
-                    input: &input[image * in_image..][..in_image],
-                    residual: residual.map(|r| &r[image * out_image..][..out_image]),
-                    out: SharedRows {
-                        out: dst,
-                        start: image * out_image,
-                        stride: plane,
-                    },
-                    rows,
-                    part: (part, parts),
-                    stream,
+            with_optional_f32("pointwise conv's input scale", scale.as_ref(), |scale| {
+                (0..shape.batch * runs * parts).into_par_iter().try_for_each(|task| {
+                    let (image, run, part) = (task / (runs * parts), task / parts % runs, task % parts);
+                    let rows = run * run_rows..out_channels.min((run + 1) * run_rows);
+                    self.task(Task {
+                        input: &input[image * in_image..][..in_image],
+                        residual: residual.map(|r| &r[image * out_image..][..out_image]),
+                        out: SharedRows {
+                            out: dst,
+                            start: image * out_image,
+                            stride: plane,
+                        },
+                        rows,
+                        part: (part, parts),
+                        stream,
+                        scale: scale.map(|s| &s[image * channels..][..channels]),
+                    })
                 })
             })
         })?;
@@ -235,7 +275,7 @@ impl PointwiseConv {
         let first_panel = t.rows.start / PANEL_ROWS;
         let full_rows = t.rows.len() / PANEL_ROWS * PANEL_ROWS;
         let padded_rows = t.rows.len().div_ceil(PANEL_ROWS) * PANEL_ROWS;
-        let u = &self.packed[first_panel * PANEL_ROWS * depth..][..padded_rows * depth];
+        let packed = &self.packed[first_panel * PANEL_ROWS * depth..][..padded_rows * depth];
         // The task's first output row, and where each of its values lies.
         let first = t.out.start + t.rows.start * plane;
         let at = |row: usize, col: usize| first + row * plane + col;
@@ -258,8 +298,11 @@ impl PointwiseConv {
         let per_col = (depth + padded_rows) * 4;
         let block = (self.block_bytes / per_col / PANEL_GRANULE * PANEL_GRANULE).max(PANEL_GRANULE);
         // Scratch: a partial panel's product over one block, or the first
-        // or last columns' product `[padded_rows, < 16]`.
-        let scratch_len = (PANEL_ROWS * block).max(padded_rows * PANEL_GRANULE);
+        // or last columns' product `[padded_rows, < 16]`; before it, the
+        // task's weights times the image's input scale, if any.
+        // (Whole cache lines of it, so that the products' rows stay aligned.)
+        let scaled_len = t.scale.map_or(0, |_| packed.len().next_multiple_of(16));
+        let scratch_len = scaled_len + (PANEL_ROWS * block).max(padded_rows * PANEL_GRANULE);
         // SAFETY (each `slice` below): rows `t.rows` of this task's
         // columns, which no other task writes (runs and shares are disjoint).
         let write = |row: usize, cols: Range<usize>, src: &[f32]| {
@@ -268,6 +311,15 @@ impl PointwiseConv {
             self.epilogue.write(t.rows.start + row, out, src, residual);
         };
         with_scratch(scratch_len, |scratch| {
+            let (scaled, scratch) = scratch.split_at_mut(scaled_len);
+            let u = match t.scale {
+                Some(scale) => {
+                    let scaled = &mut scaled[..packed.len()];
+                    scale_depth(packed, scale, scaled);
+                    &*scaled
+                }
+                None => packed,
+            };
             for c0 in (lo..hi).step_by(block) {
                 let n = block.min(hi - c0);
                 let v = Strided {
@@ -323,6 +375,31 @@ impl PointwiseConv {
     }
 }
 
+/// `scaled` = panel-packed weights `packed` (`[panels][C][8]`, `C` =
+/// `scale.len()`) with depth `d` (input channel) multiplied by `scale[d]`.
+fn scale_depth(packed: &[f32], scale: &[f32], scaled: &mut [f32]) {
+    let rows_of_8 = packed.chunks_exact(PANEL_ROWS).zip(scaled.chunks_exact_mut(PANEL_ROWS));
+    // The `k`-th 8 values are panel `k / C`, depth `k mod C`.
+    for (k, (from, to)) in rows_of_8.enumerate() {
+        let factor = scale[k % scale.len()];
+        for (to, from) in to.iter_mut().zip(from) {
+            *to = from * factor;
+        }
+    }
+}
+
+/// Runs `f` on the f32 data of `tensor`, if any (a contiguous CPU tensor).
+fn with_optional_f32<R>(
+    what: &str,
+    tensor: Option<&Tensor>,
+    f: impl FnOnce(Option<&[f32]>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    match tensor {
+        Some(tensor) => with_cpu_f32(what, tensor, None, |data, _| f(Some(data))),
+        None => f(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,7 +418,9 @@ mod tests {
         /// micro-tiles (several column blocks per task), batches of 1..3,
         /// batches of 6..18 1×1 planes (the images as columns), and
         /// outputs streamed past the caches (columns before the first
-        /// aligned one through scratch).
+        /// aligned one through scratch). With an input scale, the same on
+        /// the scaled input (the weights scaled per task and image; the
+        /// input itself on 1×1 planes).
         #[test]
         fn matches_candle(
             batch in 1usize..4,
@@ -353,6 +432,7 @@ mod tests {
             activation in proptest::option::of(0usize..6),
             one_by_one in any::<bool>(),
             stream in any::<bool>(),
+            scaled in any::<bool>(),
         ) {
             // 1×1 planes at batch > 1 take the images-as-columns path;
             // streamed outputs need planes of whole tiles.
@@ -368,14 +448,20 @@ mod tests {
             let r = Tensor::randn(0f32, 1.0, (batch, out_channels, height, width), &d).unwrap();
             let activation = activation.map(|i| Activation::ALL[i]);
             let attrs = Conv2dAttrs::default();
-            let want = reference_with_residual(&x, &w, Some(&b), attrs, residual.then_some(&r), activation);
+            let scale = Tensor::randn(0f32, 1.0, (batch, channels, 1, 1), &d).unwrap();
+            let scale = scaled.then_some(&scale);
+            let input = match scale {
+                Some(s) => x.broadcast_mul(s).unwrap(),
+                None => x.clone(),
+            };
+            let want = reference_with_residual(&input, &w, Some(&b), attrs, residual.then_some(&r), activation);
             let spec = ConvSpec::of(&w, attrs).unwrap();
             for isa in Isa::available() {
                 let epilogue = Epilogue::new(Some(&b), out_channels, activation).unwrap().on(isa);
                 let mut conv = PointwiseConv::new(spec, &w, epilogue, Machine::with_isa(isa)).unwrap();
                 conv.block_bytes = block_tiles * PANEL_GRANULE * (channels + out_channels.next_multiple_of(PANEL_ROWS)) * 4;
                 conv.cached_bytes = if stream { 0 } else { usize::MAX };
-                let got = conv.run(&x, residual.then_some(&r)).unwrap();
+                let got = conv.run_scaled(&x, residual.then_some(&r), scale).unwrap();
                 prop_assert_eq!(got.dims(), want.dims());
                 let diff = crate::test_util::max_abs_diff(&got, &want);
                 prop_assert!(diff <= 1e-5 * channels as f64 * 4.0, "{:?}: diff {}", isa, diff);
@@ -421,5 +507,9 @@ mod tests {
         assert!(conv.run(&x, Some(&r)).is_err(), "residual of another shape");
         let empty = conv.run(&x.narrow(0, 0, 0).unwrap(), None).unwrap();
         assert_eq!(empty.dims(), [0, 4, 4, 4]);
+        for dims in [&[1, 3, 1, 1][..], &[2, 2, 1, 1], &[1, 2, 2, 1], &[2, 1]] {
+            let s = Tensor::ones(dims, candle_core::DType::F32, &d).unwrap();
+            assert!(conv.run_scaled(&x, None, Some(&s)).is_err(), "scale {dims:?}");
+        }
     }
 }

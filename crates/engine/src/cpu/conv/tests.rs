@@ -403,3 +403,37 @@ fn no_input_channels_give_the_bias() {
         }
     }
 }
+
+/// The convs other than the 1×1 one run on the input scaled first: the same
+/// values as scaling it outside (as the unfused `mul` does), bit for bit.
+#[test]
+fn other_convs_scale_their_input_first() {
+    let d = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (2, 8, 6, 7), &d).unwrap();
+    let s = Tensor::randn(0f32, 1.0, (2, 8, 1, 1), &d).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (8, 8, 3, 3), &d).unwrap();
+    let b = Tensor::randn(0f32, 1.0, 8, &d).unwrap();
+    let attrs = Conv2dAttrs {
+        padding: [1, 1],
+        ..Default::default()
+    };
+    for isa in Isa::available() {
+        let machine = crate::machine::Machine::with_isa(isa);
+        let scaled = crate::cpu::plane::channel_scale(isa, &x, &s).unwrap();
+        for algorithm in [
+            ConvAlgorithm::WinogradF4,
+            ConvAlgorithm::WinogradF2,
+            ConvAlgorithm::DirectPanels,
+            ConvAlgorithm::DirectLanes,
+        ] {
+            let conv = CpuConv::new(algorithm, &w, Some(&b), attrs, None, None, machine).unwrap();
+            let want = conv.run(&scaled, None).unwrap();
+            let got = conv.run_scaled(isa, &x, None, Some(&s)).unwrap();
+            assert_eq!(
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{algorithm:?} {isa:?}"
+            );
+        }
+    }
+}
