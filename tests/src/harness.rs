@@ -2,7 +2,8 @@
 //! semantics on random graphs?"
 //!
 //! [`arb_graph`] draws small random graphs (chains and branches of conv2d,
-//! batch_norm, relu and add; some values with several users; some
+//! batch_norm, relu, add and squeeze-and-excitation's per-channel scale;
+//! some values with several users; some
 //! intermediate values returned as graph outputs) with random weights and
 //! inputs. [`check_semantics`] runs a graph through the engine before and
 //! after a [`PassManager`] and compares every output.
@@ -74,6 +75,12 @@ pub enum Step {
         /// Second operand.
         b: prop::sample::Index,
     },
+    /// Squeeze-and-excitation's scale of an earlier value `x`:
+    /// `mul(x, sigmoid(global_avg_pool2d(x)))`.
+    Scale {
+        /// Which earlier value feeds it.
+        source: prop::sample::Index,
+    },
     /// Also return an earlier value as a graph output.
     Output {
         /// Which value.
@@ -89,6 +96,7 @@ fn arb_step() -> impl Strategy<Value = Step> {
             .prop_map(|(source, affine, log_eps)| Step::BatchNorm { source, affine, eps: 10f64.powf(log_eps) }),
         2 => any::<prop::sample::Index>().prop_map(|source| Step::Relu { source }),
         2 => (any::<prop::sample::Index>(), any::<prop::sample::Index>()).prop_map(|(a, b)| Step::Add { a, b }),
+        2 => any::<prop::sample::Index>().prop_map(|source| Step::Scale { source }),
         1 => any::<prop::sample::Index>().prop_map(|source| Step::Output { source }),
     ]
 }
@@ -161,6 +169,16 @@ pub fn build_graph(batch: usize, channels: usize, size: usize, steps: &[Step], s
                     .filter(|v| graph.node(*v).fact == graph.node(a).fact)
                     .collect();
                 graph.add_node(name, Op::Add, &[a, *b.get(&same)])
+            }
+            Step::Scale { source } => {
+                let x = *source.get(&values);
+                let pooled = graph
+                    .add_node(format!("{name}.pool"), Op::GlobalAvgPool2d, &[x])
+                    .expect("a pool of an NCHW value");
+                let s = graph
+                    .add_node(format!("{name}.sigmoid"), Op::Sigmoid, &[pooled])
+                    .expect("a sigmoid");
+                graph.add_node(name, Op::Mul, &[x, s])
             }
             Step::Output { source } => {
                 outputs.push(*source.get(&values));

@@ -116,3 +116,33 @@ fn golden_inverted_residual() {
     assert_golden("inverted_residual.before.ir", &graph.to_string());
     assert_golden("inverted_residual.after.ir", &after_text(graph));
 }
+
+/// EfficientNet's MBConv block with squeeze-and-excitation and its
+/// residual (16 → 64 → 16 channels, 3x3 depthwise, stride 1, on 8×8):
+/// three conv → bn pairs and the SE convs' SiLU and sigmoid fused, the
+/// residual add into the projection, and the SE scale into it too
+/// (`input_scale=1`, the sigmoid as its last operand).
+#[test]
+fn golden_mbconv_squeeze_excitation() {
+    let mut params = wick_models::RandomParams {
+        seed: 0,
+        device: candle_core::Device::Cpu,
+    };
+    let silu = wick_ir::Activation::Silu;
+    let spec = wick_models::MbConvSpec {
+        in_channels: 16,
+        kernel: 3,
+        expanded: 64,
+        out_channels: 16,
+        stride: 1,
+        squeeze: Some(4),
+        activation: silu,
+        se_activations: (silu, wick_ir::Activation::Sigmoid),
+        eps: 1e-3,
+    };
+    let block = wick_models::MbConv::load(&mut params, "features.2.1", spec).unwrap();
+    let fact = wick_ir::TensorFact::new(candle_core::DType::F32, [1, 16, 8, 8]);
+    let graph = wick_models::trace("mbconv_se", &block, fact).unwrap();
+    assert_golden("mbconv_se.before.ir", &graph.to_string());
+    assert_golden("mbconv_se.after.ir", &after_text(graph));
+}

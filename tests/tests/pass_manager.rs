@@ -66,6 +66,7 @@ fn user_passes_run_at_named_points() {
             "fuse-conv-activation",
             "fuse-conv-add",
             "fuse-conv-max-pool",
+            "fuse-conv-input-scale",
             "eliminate-dead-code",
             "eliminate-dead-code"
         ]
@@ -148,6 +149,41 @@ fn refuses_when_interior_is_graph_output() {
     );
     assert_eq!(matched, 0);
     assert_eq!(counters["skipped.interior_value_is_graph_output"], 1);
+}
+
+/// `fuse-conv-input-scale`'s counters on `text` after the default pipeline.
+fn input_scale_counts(text: &str) -> std::collections::BTreeMap<String, u64> {
+    let report = PassManager::default_pipeline().run(&mut graph(text)).unwrap();
+    let run = report.runs.iter().find(|r| r.name == "fuse-conv-input-scale").unwrap();
+    run.counters.clone()
+}
+
+/// A scale that is not one factor per image and channel (`[1, C, 1, 1]`
+/// on a batch of 2, a per-pixel one) stays a `mul`, and so does one whose
+/// scaled value has another user; each refusal is counted. One per image
+/// and channel fuses.
+#[test]
+fn input_scale_refusals() {
+    let text = |s: &str, extra_user: bool| {
+        format!(
+            "graph g(%x: f32[2,3,4,4], %s: f32[{s}]) {{
+  @w = constant : f32[5,3,1,1]
+  %m = mul(%x, %s) : f32[2,3,4,4]
+  %conv = conv2d(%m, @w) : f32[2,5,4,4]
+  return %conv{}
+}}",
+            if extra_user { ", %m" } else { "" }
+        )
+    };
+    for s in ["1,3,1,1", "2,1,4,4"] {
+        let counters = input_scale_counts(&text(s, false));
+        assert_eq!(counters.get("matched"), None, "{s}: {counters:?}");
+        assert_eq!(counters["skipped.not_per_channel"], 1, "{s}: {counters:?}");
+    }
+    let counters = input_scale_counts(&text("2,3,1,1", true));
+    assert_eq!(counters.get("matched"), None, "{counters:?}");
+    assert_eq!(counters["skipped.interior_value_is_graph_output"], 1, "{counters:?}");
+    assert_eq!(input_scale_counts(&text("2,3,1,1", false))["matched"], 1);
 }
 
 /// A weight that is computed (not a constant) cannot be folded; the refusal is counted.

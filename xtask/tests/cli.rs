@@ -226,6 +226,7 @@ fn graph_json_reports_fusions() {
                 "fuse-conv-activation",
                 "fuse-conv-add",
                 "fuse-conv-max-pool",
+                "fuse-conv-input-scale",
                 "eliminate-dead-code"
             ]
         );

@@ -3,8 +3,8 @@
 //! points, and reports what each pass did.
 
 use crate::{
-    fuse_conv_activation, fuse_conv_add, fuse_conv_add_relu, fuse_conv_batch_norm, fuse_conv_max_pool, fuse_conv_relu,
-    Counters, EliminateDeadCode, Pass, PassCounters, PassError,
+    fuse_conv_activation, fuse_conv_add, fuse_conv_add_relu, fuse_conv_batch_norm, fuse_conv_input_scale,
+    fuse_conv_max_pool, fuse_conv_relu, Counters, EliminateDeadCode, Pass, PassCounters, PassError,
 };
 use std::fmt;
 use std::path::PathBuf;
@@ -167,8 +167,8 @@ impl PassManager {
 
     /// wick's default pipeline: `start` · fuse-conv-batch-norm ·
     /// fuse-conv-add-relu · fuse-conv-relu · fuse-conv-activation ·
-    /// fuse-conv-add · fuse-conv-max-pool · `post-fusion` ·
-    /// eliminate-dead-code · `end`.
+    /// fuse-conv-add · fuse-conv-max-pool · fuse-conv-input-scale ·
+    /// `post-fusion` · eliminate-dead-code · `end`.
     pub fn default_pipeline() -> Self {
         Self {
             stages: vec![
@@ -179,6 +179,7 @@ impl PassManager {
                 Stage::Pass(Box::new(fuse_conv_activation())),
                 Stage::Pass(Box::new(fuse_conv_add())),
                 Stage::Pass(Box::new(fuse_conv_max_pool())),
+                Stage::Pass(Box::new(fuse_conv_input_scale())),
                 Stage::Point(ExtensionPoint::PostFusion),
                 Stage::Pass(Box::new(EliminateDeadCode)),
                 Stage::Point(ExtensionPoint::End),

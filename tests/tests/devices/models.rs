@@ -12,8 +12,8 @@ use wick_passes::PassManager;
 use wick_tests::{assert_close, device_test};
 
 /// Expected `matched` counts: conv-bn, conv-add-relu, conv-relu,
-/// conv-activation, conv-add, conv-max-pool.
-fn check(name: ModelName, batch: Option<usize>, expected: [u64; 6], device: &Device) {
+/// conv-activation, conv-add, conv-max-pool, conv-input-scale.
+fn check(name: ModelName, batch: Option<usize>, expected: [u64; 7], device: &Device) {
     let model = Model::load(name, WeightSource::Random { seed: 5 }, device).unwrap();
     let shape = name.input_shape(batch);
     let x = random_input(9, &shape, device).unwrap();
@@ -28,6 +28,7 @@ fn check(name: ModelName, batch: Option<usize>, expected: [u64; 6], device: &Dev
         "fuse-conv-activation",
         "fuse-conv-add",
         "fuse-conv-max-pool",
+        "fuse-conv-input-scale",
     ]
     .map(|p| report.count(p, "matched"));
     assert_eq!(counts, expected, "{report}");
@@ -55,6 +56,11 @@ fn check(name: ModelName, batch: Option<usize>, expected: [u64; 6], device: &Dev
     assert!(
         fused.nodes().iter().all(|n| !matches!(n.op, Op::MaxPool2d(_))),
         "max_pool2d left in {name}:\n{fused}"
+    );
+    // Every squeeze-and-excitation scale went into its projection conv.
+    assert!(
+        fused.nodes().iter().all(|n| !matches!(n.op, Op::Mul)),
+        "mul left in {name}:\n{fused}"
     );
     let run = |engine: &Engine, graph, x: &Tensor| {
         engine
@@ -89,14 +95,14 @@ fn check(name: ModelName, batch: Option<usize>, expected: [u64; 6], device: &Dev
 device_test! {
     /// Three pairs in the tutorial's toy model, across Sequential and wrapper boundaries.
     fn toy_fuses_three(device) {
-        check(ModelName::Toy, None, [3, 0, 0, 0, 0, 0], &device);
+        check(ModelName::Toy, None, [3, 0, 0, 0, 0, 0, 0], &device);
     }
 }
 
 device_test! {
     /// Two pairs in the tutorial's Sequential model with different shapes from the pattern's example.
     fn toy_sequential_fuses_two(device) {
-        check(ModelName::ToySequential, None, [2, 0, 1, 0, 0, 0], &device);
+        check(ModelName::ToySequential, None, [2, 0, 1, 0, 0, 0, 0], &device);
     }
 }
 
@@ -106,7 +112,7 @@ device_test! {
     /// conv + relu epilogues and the stem's max pool, leaving no separate
     /// relu or max_pool2d.
     fn resnet18_fuses_twenty(device) {
-        check(ModelName::Resnet18, Some(1), [20, 8, 9, 0, 0, 1], &device);
+        check(ModelName::Resnet18, Some(1), [20, 8, 9, 0, 0, 1, 0], &device);
     }
 }
 
@@ -114,7 +120,7 @@ device_test! {
     /// All 36 pairs of ResNet34; 16 block tails, 16 + 1 conv + relu
     /// epilogues and the stem's max pool.
     fn resnet34_fuses_thirty_six(device) {
-        check(ModelName::Resnet34, Some(1), [36, 16, 17, 0, 0, 1], &device);
+        check(ModelName::Resnet34, Some(1), [36, 16, 17, 0, 0, 1, 0], &device);
     }
 }
 
@@ -123,7 +129,7 @@ device_test! {
     /// downsamples); 16 bottleneck tails (conv3 + residual add + relu), two
     /// conv + relu epilogues per bottleneck and the stem's, and its max pool.
     fn resnet50_fuses_fifty_three(device) {
-        check(ModelName::Resnet50, Some(1), [53, 16, 33, 0, 0, 1], &device);
+        check(ModelName::Resnet50, Some(1), [53, 16, 33, 0, 0, 1, 0], &device);
     }
 }
 
@@ -131,7 +137,7 @@ device_test! {
     /// All 52 conv → batch_norm pairs of MobileNetV2 (17 depthwise convs
     /// among them), its 35 ReLU6s and 10 residual adds as conv epilogues.
     fn mobilenet_v2_fuses_fifty_two(device) {
-        check(ModelName::MobilenetV2, Some(1), [52, 0, 0, 35, 10, 0], &device);
+        check(ModelName::MobilenetV2, Some(1), [52, 0, 0, 35, 10, 0, 0], &device);
     }
 }
 
@@ -139,17 +145,19 @@ device_test! {
     /// All 46 conv → batch_norm pairs of MobileNetV3-Large; its ReLUs (after
     /// the first six blocks' convs and every squeeze-and-excitation's `fc1`),
     /// 20 hardswishes and 8 hardsigmoids (each `fc2`) and 10 residual adds
-    /// become conv epilogues.
+    /// become conv epilogues; the 8 squeeze-and-excitation scales go into
+    /// their projection convs.
     fn mobilenet_v3_large_fuses_forty_six(device) {
-        check(ModelName::MobilenetV3Large, Some(1), [46, 0, 19, 28, 10, 0], &device);
+        check(ModelName::MobilenetV3Large, Some(1), [46, 0, 19, 28, 10, 0, 8], &device);
     }
 }
 
 device_test! {
     /// All 49 conv → batch_norm pairs of EfficientNet-B0 (3x3 and 5x5
     /// depthwise); 49 SiLUs and 16 sigmoids (each `fc2`), 9 residual adds
-    /// as conv epilogues.
+    /// as conv epilogues; the 16 squeeze-and-excitation scales into their
+    /// projection convs.
     fn efficientnet_b0_fuses_forty_nine(device) {
-        check(ModelName::EfficientnetB0, Some(1), [49, 0, 0, 65, 9, 0], &device);
+        check(ModelName::EfficientnetB0, Some(1), [49, 0, 0, 65, 9, 0, 16], &device);
     }
 }

@@ -123,6 +123,71 @@ device_test! {
     }
 }
 
+/// A conv (every attribute drawn, a 1×1 one half the time: the kernel that
+/// folds the scale into its weights) reading `mul(x, s)` with `s`
+/// `[N, C, 1, 1]`, then a SiLU: squeeze-and-excitation's scale into the
+/// projection, with the activation fused before it.
+#[derive(Debug, Clone)]
+struct ScaledConvCase {
+    conv: ConvCase,
+    bias: bool,
+    seed: u64,
+}
+
+fn arb_scaled_conv() -> impl Strategy<Value = ScaledConvCase> {
+    (arb_conv_case(), any::<bool>(), any::<bool>(), any::<u64>()).prop_map(|(mut conv, one_by_one, bias, seed)| {
+        if one_by_one {
+            (conv.kernel, conv.stride, conv.padding, conv.groups) = ([1, 1], 1, [0, 0], 1);
+            conv.out_channels = conv.out_channels.max(1);
+        }
+        ScaledConvCase { conv, bias, seed }
+    })
+}
+
+fn check_scaled_conv(case: &ScaledConvCase, device: &Device) -> Result<(), TestCaseError> {
+    let conv = &case.conv;
+    let mut graph = Graph::new("scaled_conv");
+    let dims = conv.input_dims();
+    let x = graph.add_input("x", TensorFact::new(DType::F32, dims)).unwrap();
+    let s = graph
+        .add_input("s", TensorFact::new(DType::F32, [dims[0], dims[1], 1, 1]))
+        .unwrap();
+    let mut constant = |name: &str, shape: &[usize]| {
+        let t = uniform(case.seed, name, shape, -1.0, 1.0, &Device::Cpu).unwrap();
+        graph.add_constant(name, t).unwrap()
+    };
+    let mut inputs = vec![constant("conv.weight", &conv.weight_dims())];
+    if case.bias {
+        inputs.push(constant("conv.bias", &[conv.out_channels]));
+    }
+    let scaled = graph.add_node("mul", Op::Mul, &[x, s]).unwrap();
+    inputs.insert(0, scaled);
+    let y = graph.add_node("conv", Op::Conv2d(conv.attrs()), &inputs).unwrap();
+    let out = graph.add_node("silu", Op::Silu, &[y]).unwrap();
+    graph.set_outputs(vec![out]);
+    let input = |name: &str, shape: &[usize]| uniform(case.seed, name, shape, -1.0, 1.0, &Device::Cpu).unwrap();
+    let graph_case = GraphCase {
+        inputs: vec![input("input", &dims), input("scale", &[dims[0], dims[1], 1, 1])],
+        graph,
+    };
+    let report = check_semantics_on(device, &PassManager::default_pipeline(), &graph_case, 1e-5)?;
+    prop_assert_eq!(report.count("fuse-conv-activation", "matched"), 1);
+    prop_assert_eq!(report.count("fuse-conv-input-scale", "matched"), 1);
+    Ok(())
+}
+
+device_test! {
+    /// Any conv reading a per-channel scaled value takes the scale in
+    /// (`fuse-conv-input-scale`, after its activation fused) and keeps its
+    /// output, both graphs run on the device under test.
+    fn input_scale_fusion_preserves_output(device) {
+        let mut runner = TestRunner::new(config(128));
+        if let Err(e) = runner.run(&arb_scaled_conv(), |case| check_scaled_conv(&case, &device)) {
+            panic!("{e}");
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(config(256))]
 
