@@ -25,9 +25,38 @@ use wick_ir::{Activation, Conv2dAttrs, FusedConv2dAttrs, MaxPool2dAttrs, NodeId,
 /// `conv2d(x, @conv.weight[, @conv.bias])`, returning the conv's pattern id.
 fn conv_operands(p: &mut PatternBuilder) -> PatternId {
     let x = p.value("x");
+    conv_on(p, x)
+}
+
+/// `conv2d(x, @conv.weight[, @conv.bias])` on a given `x`.
+pub(crate) fn conv_on(p: &mut PatternBuilder, x: PatternId) -> PatternId {
     let weight = p.constant("conv.weight");
     let bias = p.optional_constant("conv.bias");
     p.op("conv", OpKind::Conv2d, &[x, weight, bias])
+}
+
+/// `fused_conv2d(x, @conv.weight, @conv.bias[, residual])` on a given `x`.
+pub(crate) fn fused_conv_on(p: &mut PatternBuilder, x: PatternId, residual: bool) -> PatternId {
+    let weight = p.constant("conv.weight");
+    let bias = p.constant("conv.bias");
+    let mut operands = vec![x, weight, bias];
+    if residual {
+        operands.push(p.value("residual"));
+    }
+    p.op("conv", OpKind::FusedConv2d, &operands)
+}
+
+/// The match's `conv.bias`, or a zero constant `{name}.bias` of the
+/// conv's output channels when it has none.
+pub(crate) fn bias_or_zeros(found: &Match, rewriter: &mut Rewriter<'_>, name: &str) -> Result<NodeId, PassError> {
+    if let Some(bias) = found.get("conv.bias") {
+        return Ok(bias);
+    }
+    let (conv, weight) = (found.node("conv")?, found.node("conv.weight")?);
+    let fact = &rewriter.graph().node(weight).fact;
+    let zeros = Tensor::zeros(fact.shape[0], fact.dtype, &candle_core::Device::Cpu)
+        .map_err(|e| rewriter.candle_error(conv, e))?;
+    rewriter.add_constant(&format!("{name}.bias"), zeros)
 }
 
 /// relu(add(conv, r)) with the conv as add operand `conv_first ? 0 : 1`.
@@ -74,15 +103,7 @@ fn fuse(
     let graph = rewriter.graph();
     let attrs: Conv2dAttrs = found.attrs(graph, "conv")?;
     let name = format!("{}+{suffix}", graph.node(conv).name);
-    let bias = match found.get("conv.bias") {
-        Some(bias) => bias,
-        None => {
-            let fact = &graph.node(weight).fact;
-            let zeros = Tensor::zeros(fact.shape[0], fact.dtype, &candle_core::Device::Cpu)
-                .map_err(|e| rewriter.candle_error(conv, e))?;
-            rewriter.add_constant(&format!("{name}.bias"), zeros)?
-        }
-    };
+    let bias = bias_or_zeros(found, rewriter, &name)?;
     let mut inputs = vec![x, weight, bias];
     inputs.extend(residual);
     let fused = rewriter.add_node(
@@ -147,13 +168,7 @@ pub fn fuse_conv_add() -> PatternPass {
 fn max_pool_pattern(residual: bool) -> Pattern {
     let mut p = PatternBuilder::new();
     let x = p.value("x");
-    let weight = p.constant("conv.weight");
-    let bias = p.constant("conv.bias");
-    let mut operands = vec![x, weight, bias];
-    if residual {
-        operands.push(p.value("residual"));
-    }
-    let conv = p.op("conv", OpKind::FusedConv2d, &operands);
+    let conv = fused_conv_on(&mut p, x, residual);
     let pool = p.op("pool", OpKind::MaxPool2d, &[conv]);
     p.build(pool)
         .expect("the conv-max-pool pattern is well formed (unit-tested)")

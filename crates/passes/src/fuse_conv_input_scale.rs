@@ -13,8 +13,8 @@
 //! (`skipped.not_per_channel`), a conv that already has one
 //! (`skipped.already_scaled`), the mul used elsewhere (by the matcher).
 
+use crate::fuse_conv_epilogue::{bias_or_zeros, conv_on, fused_conv_on};
 use crate::{Match, PassError, PatternBuilder, PatternId, PatternPass, Replacement, Rewriter};
-use candle_core::Tensor;
 use wick_ir::{Conv2dAttrs, FusedConv2dAttrs, Op, OpKind};
 
 /// `mul(a, s)`, returning its pattern id.
@@ -28,9 +28,7 @@ fn scaled_input(p: &mut PatternBuilder) -> PatternId {
 fn plain_pattern() -> crate::Pattern {
     let mut p = PatternBuilder::new();
     let x = scaled_input(&mut p);
-    let weight = p.constant("conv.weight");
-    let bias = p.optional_constant("conv.bias");
-    let conv = p.op("conv", OpKind::Conv2d, &[x, weight, bias]);
+    let conv = conv_on(&mut p, x);
     p.build(conv)
         .expect("the conv-input-scale pattern is well formed (unit-tested)")
 }
@@ -39,13 +37,7 @@ fn plain_pattern() -> crate::Pattern {
 fn fused_pattern(residual: bool) -> crate::Pattern {
     let mut p = PatternBuilder::new();
     let x = scaled_input(&mut p);
-    let weight = p.constant("conv.weight");
-    let bias = p.constant("conv.bias");
-    let mut operands = vec![x, weight, bias];
-    if residual {
-        operands.push(p.value("residual"));
-    }
-    let conv = p.op("conv", OpKind::FusedConv2d, &operands);
+    let conv = fused_conv_on(&mut p, x, residual);
     p.build(conv)
         .expect("the fused-conv-input-scale pattern is well formed (unit-tested)")
 }
@@ -76,15 +68,7 @@ fn fuse(found: &Match, rewriter: &mut Rewriter<'_>) -> Result<Replacement, PassE
         },
     };
     let name = format!("{}+scale", conv_node.name);
-    let bias = match found.get("conv.bias") {
-        Some(bias) => bias,
-        None => {
-            let fact = &graph.node(weight).fact;
-            let zeros = Tensor::zeros(fact.shape[0], fact.dtype, &candle_core::Device::Cpu)
-                .map_err(|e| rewriter.candle_error(conv, e))?;
-            rewriter.add_constant(&format!("{name}.bias"), zeros)?
-        }
-    };
+    let bias = bias_or_zeros(found, rewriter, &name)?;
     let mut inputs = vec![a, weight, bias];
     inputs.extend(found.get("residual"));
     inputs.push(scale);
