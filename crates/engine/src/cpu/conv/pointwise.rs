@@ -78,8 +78,8 @@ struct Task<'a> {
     part: (usize, usize),
     /// Whether to store the output with streaming stores.
     stream: bool,
-    /// The image's factor per input channel (`[C]`), folded into the
-    /// task's weights, if the input is scaled.
+    /// The image's factor per input channel (`[C]`), if the input is
+    /// scaled: folded into the task's weights or its copy of the input.
     scale: Option<&'a [f32]>,
 }
 
