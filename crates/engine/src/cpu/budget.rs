@@ -24,7 +24,7 @@ use std::str::FromStr;
 /// `compile_owned` only the packed one, in a process ~50 MiB smaller. At
 /// 2.5×, ResNet34 (81 MiB of conv weights) packs 200 MiB at batch 1 and 10
 /// (3.8× at batch 10 before its five layer4 convs and one of layer3 step
-/// down, 2.5× at batch 1 before one of layer3 does): peak RSS 256 / 274
+/// down, 2.5× at batch 1 before one of layer3 does): peak RSS 256 / 271
 /// MiB against ONNX Runtime's 289 / 336 (Zen 4). ResNet18 at batch 10
 /// (3.5× → 2.1×: layer4's three) and ResNet50 (2.1× at most) follow.
 pub const DEFAULT_WEIGHT_BUDGET: f32 = 2.5;
