@@ -411,6 +411,71 @@ mod tests {
         assert_eq!(out[1].to_vec1::<f32>().unwrap(), [1.0, 2.0]);
     }
 
+    /// A fused conv's input scale on both families of kernels: wick's CPU
+    /// conv (f32; a 1×1 and a 3×3 one) and candle's ops (f64, and f32 with
+    /// a weight that is an input, not a constant) equal the conv of the
+    /// input multiplied by the scale.
+    #[test]
+    fn fused_conv_input_scale_on_every_kernel() {
+        let d = Device::Cpu;
+        for (dtype, constant_weight, kernel) in [
+            (DType::F32, true, 1),
+            (DType::F32, true, 3),
+            (DType::F64, true, 3),
+            (DType::F32, false, 1),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, 5, 6, 7), &d)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let s = Tensor::randn(0f32, 1.0, (2, 5, 1, 1), &d)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let w = Tensor::randn(0f32, 1.0, (4, 5, kernel, kernel), &d)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let b = Tensor::randn(0f32, 1.0, 4, &d).unwrap().to_dtype(dtype).unwrap();
+            let mut graph = Graph::new("scaled");
+            let fact = |t: &Tensor| TensorFact::new(dtype, t.dims().to_vec());
+            let xi = graph.add_input("x", fact(&x)).unwrap();
+            let si = graph.add_input("s", fact(&s)).unwrap();
+            let wi = match constant_weight {
+                true => graph.add_constant("w", w.clone()).unwrap(),
+                false => graph.add_input("w", fact(&w)).unwrap(),
+            };
+            let bi = graph.add_constant("b", b.clone()).unwrap();
+            let attrs = wick_ir::FusedConv2dAttrs {
+                conv: wick_ir::Conv2dAttrs {
+                    padding: [kernel / 2; 2],
+                    ..Default::default()
+                },
+                input_scale: true,
+                ..Default::default()
+            };
+            let y = graph.add_node("y", Op::FusedConv2d(attrs), &[xi, wi, bi, si]).unwrap();
+            graph.set_outputs(vec![y]);
+            let mut inputs = vec![x.clone(), s.clone()];
+            if !constant_weight {
+                inputs.push(w.clone());
+            }
+            let got = Engine::cpu().compile(&graph).unwrap().run(&inputs).unwrap().remove(0);
+            let want = x
+                .broadcast_mul(&s)
+                .unwrap()
+                .conv2d(&w, kernel / 2, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap();
+            let diff = crate::test_util::max_abs_diff(&got, &want);
+            assert!(
+                diff < 1e-4,
+                "{dtype:?} constant weight {constant_weight} {kernel}x{kernel}: {diff}"
+            );
+        }
+    }
+
     fn assert_send_sync<T: Send + Sync>() {}
 
     /// A compiled model can be shared across threads.
