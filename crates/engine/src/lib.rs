@@ -10,9 +10,14 @@
 //! last-use frees, peak bytes), `exec` (run, profile, scheduling, the input
 //! check), `kernel` (a step's kernel: candle ops or wick's CPU kernels, with
 //! named operands), `candle/` (device-generic ops, the CUDA epilogue),
-//! `cpu/` (the conv policy, the epilogue, the pool, the GEMM micro-kernels
-//! and their ISA dispatch, the conv algorithms), `machine` (the CPU path
-//! and caches a model is compiled for), `batched` and `saved`.
+//! `cpu/` (the conv policy and the packed-weight budget, the epilogue, the
+//! pool, the GEMM micro-kernels and their ISA dispatch, the conv
+//! algorithms), `machine` (the CPU path and caches a model is compiled
+//! for), `batched` and `saved`.
+//!
+//! Packed conv weights stay within [`WeightBudget`] (2.5× the graph's conv
+//! weights unless [`Engine::with_weight_budget`] or `WICK_WEIGHT_BUDGET`
+//! says otherwise): over it, Winograd F(4×4) convs step down to F(2×2).
 //!
 //! On the CPU the kernels take the best instruction-set path the CPU has;
 //! [`Engine::with_cpu_path`] or the `WICK_ISA` environment variable
