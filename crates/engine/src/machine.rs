@@ -85,13 +85,18 @@ impl CpuPath {
 
     /// The path `WICK_ISA` asks for, if it is set.
     pub fn from_env() -> Result<Option<CpuPath>, EngineError> {
-        match std::env::var(ISA_ENV) {
-            Ok(value) => value.parse().map(Some),
-            Err(std::env::VarError::NotPresent) => Ok(None),
-            Err(std::env::VarError::NotUnicode(value)) => Err(EngineError::UnknownCpuPath {
-                given: value.to_string_lossy().into_owned(),
-            }),
-        }
+        parse_env(ISA_ENV)
+    }
+}
+
+/// The value of environment variable `name` parsed as a `T`, if it is
+/// set: `T`'s typed error otherwise, also for text that is not Unicode
+/// (parsed lossily, so the error shows what was given).
+pub(crate) fn parse_env<T: FromStr<Err = EngineError>>(name: &str) -> Result<Option<T>, EngineError> {
+    match std::env::var(name) {
+        Ok(value) => value.parse().map(Some),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(value)) => value.to_string_lossy().parse().map(Some),
     }
 }
 

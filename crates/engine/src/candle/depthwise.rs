@@ -139,23 +139,18 @@ fn cpu_depthwise(x: &[f32], weight: &[f32], g: &Geometry, count: usize) -> Vec<f
         let (image, oc) = (plane_index / (channels * mult), plane_index % (channels * mult));
         let plane = &x[(image * channels + oc / mult) * h * w..][..h * w];
         let taps = &weight[oc * kh * kw..][..kh * kw];
+        // The input index of output `o`'s tap `k` on an axis (stride, dilation,
+        // padding, length), if inside.
+        let input =
+            |o: usize, k: usize, [s, d, p, len]: [usize; 4]| (o * s + k * d).checked_sub(p).filter(|&i| i < len);
+        let (rows, cols) = ([at(g.sh), at(g.dh), at(g.ph), h], [at(g.sw), at(g.dw), at(g.pw), w]);
         for oy in 0..oh {
             for ox in 0..ow {
                 let mut sum = 0.0f32;
                 for ky in 0..kh {
-                    let Some(iy) = (oy * at(g.sh) + ky * at(g.dh))
-                        .checked_sub(at(g.ph))
-                        .filter(|&iy| iy < h)
-                    else {
-                        continue;
-                    };
+                    let Some(iy) = input(oy, ky, rows) else { continue };
                     for kx in 0..kw {
-                        let Some(ix) = (ox * at(g.sw) + kx * at(g.dw))
-                            .checked_sub(at(g.pw))
-                            .filter(|&ix| ix < w)
-                        else {
-                            continue;
-                        };
+                        let Some(ix) = input(ox, kx, cols) else { continue };
                         sum = plane[iy * w + ix].mul_add(taps[ky * kw + kx], sum);
                     }
                 }

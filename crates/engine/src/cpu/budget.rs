@@ -63,13 +63,7 @@ impl WeightBudget {
 
     /// The budget `WICK_WEIGHT_BUDGET` sets, if it is set.
     pub fn from_env() -> Result<Option<WeightBudget>, EngineError> {
-        match std::env::var(WEIGHT_BUDGET_ENV) {
-            Ok(value) => value.parse().map(Some),
-            Err(std::env::VarError::NotPresent) => Ok(None),
-            Err(std::env::VarError::NotUnicode(value)) => Err(EngineError::InvalidWeightBudget {
-                given: value.to_string_lossy().into_owned(),
-            }),
-        }
+        crate::machine::parse_env(WEIGHT_BUDGET_ENV)
     }
 }
 
