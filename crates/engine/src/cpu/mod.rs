@@ -107,10 +107,10 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
     // 30-50% less than the direct conv's im2col + products + epilogue copy.
     if conv::pointwise::PointwiseConv::applies(spec) {
         // On 1×1 planes (squeeze-and-excitation) the panel GEMM's 16-column
-        // tiles are 15/16 padding; dot products win where each is long
-        // (the squeeze: 1152 -> 48 at batch 1 / 10 on Zen 4, 13 / 25 us
-        // against 34 / 121), not for the short ones of the excitation
-        // (48 -> 1152: 51 / 209 us against 42 / 154).
+        // tiles are mostly padding; dot products win where each is long
+        // (the squeeze: 1152 -> 48 at batch 1 / 10 on Zen 4, alone, 3 / 10
+        // us against 8 / 32), not for the short ones of the excitation
+        // (48 -> 1152: 14 / 109 us against 11 / 18).
         let dots = out_height.saturating_mul(out_width) == 1 && spec.in_channels >= out_channels;
         return match dots {
             true => ConvAlgorithm::Gemv,

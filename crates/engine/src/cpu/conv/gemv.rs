@@ -12,6 +12,7 @@
 //! product on a transposed copy.
 
 use super::{output, ConvSpec};
+use crate::cpu::activation;
 use crate::cpu::data::{output_buffer, with_cpu_f32};
 use crate::cpu::epilogue::{value, Epilogue};
 use crate::cpu::gemm::Isa;
@@ -25,6 +26,7 @@ pub(crate) struct GemvConv {
     /// The weights as a linear layer without bias (the epilogue adds it).
     linear: CpuLinear,
     epilogue: Epilogue,
+    isa: Isa,
 }
 
 impl GemvConv {
@@ -43,6 +45,7 @@ impl GemvConv {
             spec,
             linear: CpuLinear::new(&weight, None, isa)?,
             epilogue,
+            isa,
         })
     }
 
@@ -67,6 +70,23 @@ impl GemvConv {
                 // forward's pool: a pooled buffer that fits is often one of
                 // the big activations', which the next big output then misses).
                 let sums = self.linear.products(input, shape.batch * plane, Vec::new())?;
+                if plane == 1 {
+                    // `[N, O]` is the output's layout: bias and residual
+                    // value by value, the activation on the path's vectors
+                    // (one sigmoid at a time took most of EfficientNet's
+                    // squeeze convs at batch 10).
+                    let mut values = sums;
+                    for (image, row) in values.chunks_exact_mut(outs).enumerate() {
+                        for (o, v) in row.iter_mut().enumerate() {
+                            *v += self.epilogue.bias(o);
+                            if let Some(r) = residual {
+                                *v += r[image * outs + o];
+                            }
+                        }
+                    }
+                    activation::in_place(self.isa, activation, &mut values);
+                    return Ok(values);
+                }
                 let mut values = output_buffer(sums.len(), "conv output")?;
                 // `[N, O, H·W]`, through the epilogue.
                 for (image, sums) in sums.chunks_exact(plane * outs).enumerate() {

@@ -231,34 +231,89 @@ impl PointwiseConv {
 
     /// A batch of 1×1 planes (squeeze-and-excitation's excitation) as one
     /// product with the images as its columns: per image, a plane is one
-    /// column of a 16-column tile, the other 15 padding.
+    /// column of a 16-column tile, the other 15 padding. Runs of output
+    /// channels in parallel, the epilogue applied in registers as the
+    /// product is stored (its bias, residual and activation per channel
+    /// row), then each run's rows written out as the images' columns.
+    /// (One task with the epilogue value by value afterwards: 43 / 105 us
+    /// with ReLU6 / sigmoid for EfficientNet-B0's 48 -> 1152 at batch 10
+    /// on Zen 4, alone, most of it the scalar sigmoids; 18 / 22 us now.)
     fn images_as_columns(&self, call: &super::ConvCall) -> candle_core::Result<Tensor> {
         let shape = call.shape;
         let (batch, depth, outs) = (shape.batch, shape.channels, shape.out_channels);
         let cols = batch.next_multiple_of(PANEL_GRANULE);
-        let padded_rows = outs.div_ceil(PANEL_ROWS) * PANEL_ROWS;
-        let mut out = output_buffer(batch * outs, "conv output")?;
+        let panels = outs.div_ceil(PANEL_ROWS);
+        let out_len = shape.out_len();
+        let mut out = output_buffer(out_len, "conv output")?;
+        let dst = SharedOut::new(&mut out, out_len);
+        let activation = self.epilogue.activation();
+        // Panels per task: enough tasks for every thread twice over.
+        let per_task = panels.div_ceil(2 * rayon::current_num_threads()).max(1);
         with_cpu_f32("pointwise conv", &call.x, call.residual.as_ref(), |input, residual| {
-            with_scratch((depth + padded_rows) * cols, |scratch| {
-                let (v, m) = scratch.split_at_mut(depth * cols);
-                // `v[c][n] = x[n][c]`, the padding columns zero.
-                for (c, v) in v.chunks_exact_mut(cols).enumerate() {
-                    for (n, v) in v.iter_mut().enumerate() {
-                        *v = if n < batch { input[n * depth + c] } else { 0.0 };
-                    }
+            let transposed_residual = residual.map_or(0, |_| outs * cols);
+            with_scratch(depth * cols + transposed_residual, |scratch| {
+                let (v, rt) = scratch.split_at_mut(depth * cols);
+                // `v[c][n] = x[n][c]`, `rt[o][n] = residual[n][o]`, the
+                // padding columns (and rows) zero.
+                transpose_into(input, batch, depth, v, cols);
+                if let Some(r) = residual {
+                    transpose_into(r, batch, outs, rt, cols);
                 }
-                let m = &mut m[..padded_rows * cols];
-                let v = Strided { data: v, stride: cols };
-                panel_gemm_strided(self.isa, &self.packed, v, m, cols, [padded_rows, depth, cols], None);
-                let activation = self.epilogue.activation();
-                for n in 0..batch {
-                    for o in 0..outs {
-                        let r = residual.map(|r| r[n * outs + o]);
-                        out.push(value(m[o * cols + n], self.epilogue.bias(o), r, activation));
-                    }
-                }
-            })
+                let (v, rt) = (&*v, &*rt);
+                (0..panels.div_ceil(per_task)).into_par_iter().try_for_each(|task| {
+                    let rows = task * per_task * PANEL_ROWS..outs.min((task + 1) * per_task * PANEL_ROWS);
+                    let full = rows.len() / PANEL_ROWS * PANEL_ROWS;
+                    let padded = rows.len().div_ceil(PANEL_ROWS) * PANEL_ROWS;
+                    let u = &self.packed[rows.start * depth..][..padded * depth];
+                    let v = Strided { data: v, stride: cols };
+                    with_scratch(padded * cols, |m| {
+                        if full > 0 {
+                            let epilogue = StoreEpilogue {
+                                bias: self.epilogue.biases(rows.start..rows.start + full),
+                                residual: residual.map(|_| Strided {
+                                    data: &rt[rows.start * cols..],
+                                    stride: cols,
+                                }),
+                                activation,
+                                stream: false,
+                            };
+                            let size = [full, depth, cols];
+                            panel_gemm_strided(self.isa, &u[..full * depth], v, m, cols, size, Some(epilogue));
+                        }
+                        if full < rows.len() {
+                            // The last channels, fewer than a panel: their
+                            // padding rows have no bias.
+                            let m = &mut m[full * cols..];
+                            panel_gemm_strided(
+                                self.isa,
+                                &u[full * depth..],
+                                v,
+                                m,
+                                cols,
+                                [PANEL_ROWS, depth, cols],
+                                None,
+                            );
+                            for (i, o) in (rows.start + full..rows.end).enumerate() {
+                                for (n, m) in m[i * cols..][..batch].iter_mut().enumerate() {
+                                    let r = residual.map(|_| rt[o * cols + n]);
+                                    *m = value(*m, self.epilogue.bias(o), r, activation);
+                                }
+                            }
+                        }
+                        for n in 0..batch {
+                            // SAFETY: tasks write disjoint channels (`rows`)
+                            // of each image; nothing else touches `out`.
+                            let out = unsafe { dst.slice(n * outs + rows.start, rows.len()) };
+                            for (i, out) in out.iter_mut().enumerate() {
+                                *out = m[i * cols + n];
+                            }
+                        }
+                    })
+                })
+            })?
         })?;
+        // SAFETY: the tasks cover every channel of every image, each written above.
+        unsafe { out.set_len(out_len) };
         output(out, shape.out_dims())
     }
 
@@ -387,6 +442,16 @@ impl PointwiseConv {
                 }
             }
         })
+    }
+}
+
+/// `to[c][n] = from[n][c]` for `from` `[rows, width]`, `to` `[width][cols]`
+/// (`cols >= rows`), the columns past `rows` zero.
+fn transpose_into(from: &[f32], rows: usize, width: usize, to: &mut [f32], cols: usize) {
+    for (c, to) in to.chunks_exact_mut(cols).take(width).enumerate() {
+        for (n, to) in to.iter_mut().enumerate() {
+            *to = if n < rows { from[n * width + c] } else { 0.0 };
+        }
     }
 }
 
