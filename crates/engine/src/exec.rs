@@ -2,14 +2,17 @@
 //! value after its last use, optionally timing every step, on the caller's
 //! thread or inside rayon's pool.
 
+use crate::cpu::data::{output_buffer, with_cpu_f32};
 use crate::cpu::recycle::{self, BufferPool};
 use crate::error::AtNode;
 use crate::kernel::Slot;
-use crate::plan::Plan;
+use crate::plan::{Plan, Step};
+use crate::tiling::BatchTiling;
 use crate::{CpuPath, EngineError};
 use candle_core::{Device, Tensor};
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use wick_ir::TensorFact;
 
 /// Forwards planning at most this many bytes of live activations run inside
@@ -33,6 +36,8 @@ pub struct CompiledModel {
     buffers: Arc<Mutex<Option<BufferPool>>>,
     /// Most bytes the pool keeps: twice the plan's peak of live activations.
     pool_cap: usize,
+    /// Whether the leading steps run a few images at a time (CPU).
+    tiling: Option<BatchTiling>,
 }
 
 impl CompiledModel {
@@ -42,7 +47,7 @@ impl CompiledModel {
         &self.plan
     }
 
-    pub(crate) fn new(plan: Plan, device: Device, cpu_path: Option<CpuPath>) -> Self {
+    pub(crate) fn new(plan: Plan, device: Device, cpu_path: Option<CpuPath>, tiling: Option<BatchTiling>) -> Self {
         let peak = plan.peak_activation_bytes();
         let run_in_pool = device.is_cpu() && peak <= IN_POOL_MAX_ACTIVATION_BYTES;
         Self {
@@ -52,7 +57,14 @@ impl CompiledModel {
             cpu_path,
             buffers: Arc::default(),
             pool_cap: peak.saturating_mul(2),
+            tiling,
         }
+    }
+
+    /// This model with its leading steps tiled as `tiling` says (tests).
+    #[cfg(test)]
+    pub(crate) fn with_tiling(self, tiling: Option<BatchTiling>) -> Self {
+        Self { tiling, ..self }
     }
 
     /// The instruction-set path its CPU kernels take (`None` off the CPU).
@@ -168,33 +180,15 @@ impl CompiledModel {
         for (given, declared) in inputs.iter().zip(&plan.inputs) {
             slots[declared.slot] = Some(given.detach().to_device(&self.device).at(&declared.name)?);
         }
-        for step in &plan.steps {
-            let value = |slot: Slot| {
-                slots[slot].clone().ok_or_else(|| {
-                    candle_core::Error::Msg(format!(
-                        "engine invariant broken: slot {slot} freed before its last use"
-                    ))
-                })
-            };
-            let start = profile.is_some().then(std::time::Instant::now);
-            let output = recycle::drawing(step.pooled_output, || step.kernel.run(value)).at(&step.name)?;
-            if let (Some(profile), Some(start)) = (profile.as_deref_mut(), start) {
-                self.device.synchronize().at(&step.name)?;
-                profile.push(StepProfile {
-                    name: step.name.clone(),
-                    op: step.op,
-                    output: step.fact.clone(),
-                    elapsed: start.elapsed(),
-                });
-            }
-            slots[step.output] = Some(output);
-            for &slot in &step.recycle_after {
-                if let Some(value) = slots[slot].take() {
-                    recycle::reclaim(value);
-                }
-            }
-            for &slot in &step.free_after {
-                slots[slot] = None;
+        let mut first = 0;
+        if let Some(tiling) = self.tiling {
+            self.run_tiled(&mut slots, tiling, profile.as_deref_mut())?;
+            first = tiling.steps;
+        }
+        for step in &plan.steps[first..] {
+            let elapsed = self.run_step(step, &mut slots, profile.is_some())?;
+            if let (Some(profile), Some(elapsed)) = (profile.as_deref_mut(), elapsed) {
+                profile.push(StepProfile::of(step, elapsed));
             }
         }
         plan.outputs
@@ -209,6 +203,128 @@ impl CompiledModel {
             })
             .collect()
     }
+
+    /// Runs `step` on `slots`: stores its output and frees (or recycles)
+    /// the values whose last reader it is. Timed, after a device sync,
+    /// when `timed`.
+    fn run_step(
+        &self,
+        step: &Step,
+        slots: &mut [Option<Tensor>],
+        timed: bool,
+    ) -> Result<Option<Duration>, EngineError> {
+        let value = |slot: Slot| {
+            slots[slot].clone().ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "engine invariant broken: slot {slot} freed before its last use"
+                ))
+            })
+        };
+        let start = timed.then(Instant::now);
+        let output = recycle::drawing(step.pooled_output, || step.kernel.run(value)).at(&step.name)?;
+        let elapsed = match start {
+            Some(start) => {
+                self.device.synchronize().at(&step.name)?;
+                Some(start.elapsed())
+            }
+            None => None,
+        };
+        slots[step.output] = Some(output);
+        for &slot in &step.recycle_after {
+            if let Some(value) = slots[slot].take() {
+                recycle::reclaim(value);
+            }
+        }
+        for &slot in &step.free_after {
+            slots[slot] = None;
+        }
+        Ok(elapsed)
+    }
+
+    /// The first `tiling.steps` steps, `tiling.images` images at a time
+    /// (the inputs narrowed to them): the values they leave live are
+    /// gathered into whole-batch tensors in `slots` (see [`crate::tiling`]).
+    fn run_tiled(
+        &self,
+        slots: &mut [Option<Tensor>],
+        tiling: BatchTiling,
+        profile: Option<&mut Vec<StepProfile>>,
+    ) -> Result<(), EngineError> {
+        let plan = &*self.plan;
+        let steps = &plan.steps[..tiling.steps];
+        let batch = plan
+            .inputs
+            .first()
+            .and_then(|i| i.fact.shape.first())
+            .copied()
+            .unwrap_or(0);
+        let before: Vec<bool> = slots.iter().map(Option::is_some).collect();
+        let mut elapsed = vec![Duration::ZERO; steps.len()];
+        // The slots live after the tiled steps that they made, and each
+        // one's values group by group.
+        let mut boundary: Vec<(Slot, Vec<Tensor>)> = Vec::new();
+        for start in (0..batch).step_by(tiling.images.max(1)) {
+            let images = tiling.images.min(batch - start);
+            let mut group = slots.to_vec();
+            for input in &plan.inputs {
+                if let Some(value) = &slots[input.slot] {
+                    group[input.slot] = Some(value.narrow(0, start, images).at(&input.name)?);
+                }
+            }
+            for (step, total) in steps.iter().zip(&mut elapsed) {
+                if let Some(e) = self.run_step(step, &mut group, profile.is_some())? {
+                    *total += e;
+                }
+            }
+            if start == 0 {
+                boundary = (0..group.len())
+                    .filter(|&slot| group[slot].is_some() && !before[slot])
+                    .map(|slot| (slot, Vec::new()))
+                    .collect();
+            }
+            for (slot, values) in &mut boundary {
+                values.extend(group[*slot].take());
+            }
+        }
+        for (slot, values) in boundary {
+            let name = plan
+                .steps
+                .iter()
+                .find(|s| s.output == slot)
+                .map_or(plan.name.as_str(), |s| &s.name);
+            slots[slot] = Some(gather(values).at(name)?);
+        }
+        if let Some(profile) = profile {
+            profile.extend(steps.iter().zip(elapsed).map(|(step, e)| StepProfile::of(step, e)));
+        }
+        Ok(())
+    }
+}
+
+/// One value from its groups of images (CPU f32 tensors alike but for
+/// their first dimension), in one buffer from the forward's pool; the
+/// groups' buffers go back to the pool (tiled steps' outputs, held by no one else).
+fn gather(groups: Vec<Tensor>) -> candle_core::Result<Tensor> {
+    let Some(first) = groups.first() else {
+        candle_core::bail!("engine invariant broken: a batch-tiled value with no groups")
+    };
+    let mut dims = first.dims().to_vec();
+    if let Some(images) = dims.first_mut() {
+        *images = groups.iter().map(|g| g.dims().first().copied().unwrap_or(0)).sum();
+    }
+    let len = groups.iter().map(Tensor::elem_count).sum();
+    let mut out = recycle::drawing(true, || output_buffer(len, "batch-tiled value"))?;
+    for group in &groups {
+        let group = group.contiguous()?;
+        with_cpu_f32("batch-tiled value", &group, None, |data, _| {
+            out.extend_from_slice(data);
+            Ok(())
+        })?;
+    }
+    for group in groups {
+        recycle::reclaim(group);
+    }
+    Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
 /// The one input check of a run: the count, then each input's dtype and
@@ -260,6 +376,18 @@ pub struct StepProfile {
     pub output: TensorFact,
     /// Wall time of the step.
     pub elapsed: std::time::Duration,
+}
+
+impl StepProfile {
+    /// The profile of `step` run in `elapsed`.
+    fn of(step: &Step, elapsed: Duration) -> Self {
+        StepProfile {
+            name: step.name.clone(),
+            op: step.op,
+            output: step.fact.clone(),
+            elapsed,
+        }
+    }
 }
 
 #[cfg(test)]

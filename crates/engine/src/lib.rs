@@ -64,6 +64,7 @@ mod kernel;
 mod machine;
 mod plan;
 pub mod saved;
+mod tiling;
 
 pub use batched::{BatchedModel, CacheStats};
 pub use compile::Engine;
