@@ -8,7 +8,7 @@ use crate::exec::CompiledModel;
 use crate::kernel::{plan_cpu_convs, Kernel, Lowering};
 use crate::machine::Machine;
 use crate::plan::{InputSlot, Plan, Step};
-use crate::tiling::BatchTiling;
+use crate::tiling::{BatchTiling, TilingSwitch};
 use crate::CpuPath;
 use crate::EngineError;
 use candle_core::Device;
@@ -26,8 +26,8 @@ pub struct Engine {
     /// `WICK_WEIGHT_BUDGET`'s or the default.
     weight_budget: Option<WeightBudget>,
     /// Whether CPU forwards may run their leading steps a few images at a
-    /// time ([`Engine::with_batch_tiling`]).
-    batch_tiling: bool,
+    /// time, when not `WICK_BATCH_TILING`'s or the default (on).
+    batch_tiling: Option<bool>,
 }
 
 impl Engine {
@@ -40,7 +40,7 @@ impl Engine {
             cpu_path: None,
             limits: Limits::default(),
             weight_budget: None,
-            batch_tiling: true,
+            batch_tiling: None,
         }
     }
 
@@ -72,10 +72,12 @@ impl Engine {
     /// those steps a few images at a time, as many as stay in cache, and
     /// gathers what they leave for the rest into whole-batch tensors: the
     /// same values, less memory traffic and a lower peak of live
-    /// activations. Off, every step runs on the whole batch.
+    /// activations. Off, every step runs on the whole batch. Without it,
+    /// `WICK_BATCH_TILING` (`on` or `off`; a typed error at compile
+    /// otherwise) or on.
     pub fn with_batch_tiling(self, on: bool) -> Self {
         Self {
-            batch_tiling: on,
+            batch_tiling: Some(on),
             ..self
         }
     }
@@ -248,8 +250,12 @@ impl Engine {
             outputs: graph.outputs().iter().map(|o| o.index()).collect(),
             output_facts: graph.outputs().iter().map(|&o| graph.node(o).fact.clone()).collect(),
         });
+        let tiling_on = match self.batch_tiling {
+            Some(on) => on,
+            None => TilingSwitch::from_env()?.is_none_or(|s| s.0),
+        };
         let tiling = match machine {
-            Some(machine) if self.batch_tiling => BatchTiling::of(&plan, machine.cached_bytes()),
+            Some(machine) if tiling_on => BatchTiling::of(&plan, machine.cached_bytes()),
             _ => None,
         };
         if let Some(t) = tiling {

@@ -106,6 +106,12 @@ pub enum EngineError {
         /// The text given.
         given: String,
     },
+    /// `WICK_BATCH_TILING` was set to something else than `on` or `off`.
+    #[error("invalid batch tiling `{given}`; expected `on` or `off` (WICK_BATCH_TILING)")]
+    InvalidBatchTiling {
+        /// The text given.
+        given: String,
+    },
     /// A candle operation failed while executing a node.
     #[error("candle error in node `%{node}`: {source}")]
     Candle {

@@ -12,19 +12,51 @@
 //! dimension), so running them image by image computes the same values.
 //!
 //! Groups take as many images as keep the largest tiled step within half
-//! the cache budget (one image for the MobileNets' and EfficientNet's
-//! first blocks). Batch 10 on Zen 4 (2 threads), bench medians of three
-//! alternating runs, tiled / untiled: MobileNetV2 40.1-41.6 / 43.9-45.5
-//! ms, peak RSS 71 / 137 MiB; EfficientNet-B0 67.9-70.3 / 68.0-72.1 ms,
-//! 80 / 148 MiB; MobileNetV3-Large 33.6-35.6 / 32.7-33.6 ms, 82 / 107
-//! MiB; ResNet50 364-394 / 367-388 ms, 283 / 349 MiB. (Groups as large as
-//! the whole budget allows, two to four images, were no faster for
-//! MobileNetV2.)
+//! the cache budget (one or two images for the MobileNets' and
+//! EfficientNet's first blocks). Batch 10 on Zen 4 (2 threads), `bench`
+//! medians of four alternating runs, tiled / untiled (`WICK_BATCH_TILING`):
+//! MobileNetV2 40.1-42.2 / 44.2-46.3 ms, peak RSS 70 / 137 MiB;
+//! EfficientNet-B0 69.7-71.5 / 69.6-73.6 ms, 80 / 148 MiB;
+//! MobileNetV3-Large 34.3-35.4 / 33.4-34.3 and in another series 34.2-35.3
+//! / 33.9-35.3 ms, 89 / 107 MiB; ResNet50 364-394 / 367-388 ms, 283 / 349
+//! MiB. The gain is where the whole-batch working sets are several times
+//! the cache (MobileNetV2's 96 and 144 channels at 112² and 56²); tiling
+//! only MobileNetV2's steps over twice the budget gave no speed.
 
 use crate::kernel::Kernel;
 use crate::plan::Plan;
+use crate::EngineError;
 use candle_core::DType;
+use std::str::FromStr;
 use wick_ir::TensorFact;
+
+/// The environment variable that turns batch tiling `on` (the default)
+/// or `off` where the engine was not told ([`crate::Engine::with_batch_tiling`]).
+pub const BATCH_TILING_ENV: &str = "WICK_BATCH_TILING";
+
+/// Whether batch tiling is on, as `WICK_BATCH_TILING` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TilingSwitch(pub(crate) bool);
+
+impl TilingSwitch {
+    /// The switch `WICK_BATCH_TILING` sets, if it is set: a typed error
+    /// for anything but `on` or `off`.
+    pub(crate) fn from_env() -> Result<Option<Self>, EngineError> {
+        crate::machine::parse_env(BATCH_TILING_ENV)
+    }
+}
+
+impl FromStr for TilingSwitch {
+    type Err = EngineError;
+
+    fn from_str(given: &str) -> Result<Self, EngineError> {
+        match given.trim() {
+            "on" => Ok(Self(true)),
+            "off" => Ok(Self(false)),
+            _ => Err(EngineError::InvalidBatchTiling { given: given.into() }),
+        }
+    }
+}
 
 /// How a forward's leading steps run: `images` at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +190,21 @@ mod tests {
         assert_eq!(BatchTiling::of(plan, 1), Some(BatchTiling { steps: cpu, images: 1 }));
         let (one, _) = mobilenet(1);
         assert_eq!(BatchTiling::of(one.plan(), 1), None, "batch 1");
+    }
+
+    /// `on` and `off` parse; anything else is a typed error naming it.
+    #[test]
+    fn switch_parses() {
+        assert_eq!("on".parse::<TilingSwitch>().unwrap(), TilingSwitch(true));
+        assert_eq!(" off".parse::<TilingSwitch>().unwrap(), TilingSwitch(false));
+        for bad in ["", "yes", "0", "On"] {
+            let err = bad.parse::<TilingSwitch>().unwrap_err();
+            assert!(
+                matches!(&err, EngineError::InvalidBatchTiling { given } if given == bad)
+                    && err.to_string().contains(BATCH_TILING_ENV),
+                "{bad:?}: {err}"
+            );
+        }
     }
 
     /// Tiled forwards give the untiled one's output (each image's values
