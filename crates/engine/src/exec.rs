@@ -260,9 +260,9 @@ impl CompiledModel {
             .unwrap_or(0);
         let before: Vec<bool> = slots.iter().map(Option::is_some).collect();
         let mut elapsed = vec![Duration::ZERO; steps.len()];
-        // The slots live after the tiled steps that they made, and each
-        // one's values group by group.
-        let mut boundary: Vec<(Slot, Vec<Tensor>)> = Vec::new();
+        // The slots live after the tiled steps that they made, each
+        // gathering its groups' values as they come.
+        let mut boundary: Vec<Gathered> = Vec::new();
         for start in (0..batch).step_by(tiling.images.max(1)) {
             let images = tiling.images.min(batch - start);
             let mut group = slots.to_vec();
@@ -277,22 +277,27 @@ impl CompiledModel {
                 }
             }
             if start == 0 {
-                boundary = (0..group.len())
-                    .filter(|&slot| group[slot].is_some() && !before[slot])
-                    .map(|slot| (slot, Vec::new()))
-                    .collect();
+                for slot in (0..group.len()).filter(|&slot| group[slot].is_some() && !before[slot]) {
+                    let step = plan.steps.iter().find(|s| s.output == slot);
+                    let name = step.map_or(plan.name.as_str(), |s| s.name.as_str());
+                    let dims = step.map(|s| s.fact.shape.clone()).unwrap_or_default();
+                    let data = recycle::drawing(true, || output_buffer(dims.iter().product(), "batch-tiled value"));
+                    boundary.push(Gathered {
+                        slot,
+                        name: name.to_string(),
+                        data: data.at(name)?,
+                        dims,
+                    });
+                }
             }
-            for (slot, values) in &mut boundary {
-                values.extend(group[*slot].take());
+            for gathered in &mut boundary {
+                let value = group[gathered.slot].take();
+                gathered.append(value).at(&gathered.name)?;
             }
         }
-        for (slot, values) in boundary {
-            let name = plan
-                .steps
-                .iter()
-                .find(|s| s.output == slot)
-                .map_or(plan.name.as_str(), |s| &s.name);
-            slots[slot] = Some(gather(values).at(name)?);
+        for gathered in boundary {
+            let (slot, name) = (gathered.slot, gathered.name.clone());
+            slots[slot] = Some(gathered.finish().at(&name)?);
         }
         if let Some(profile) = profile {
             profile.extend(steps.iter().zip(elapsed).map(|(step, e)| StepProfile::of(step, e)));
@@ -301,30 +306,45 @@ impl CompiledModel {
     }
 }
 
-/// One value from its groups of images (CPU f32 tensors alike but for
-/// their first dimension), in one buffer from the forward's pool; the
-/// groups' buffers go back to the pool (tiled steps' outputs, held by no one else).
-fn gather(groups: Vec<Tensor>) -> candle_core::Result<Tensor> {
-    let Some(first) = groups.first() else {
-        candle_core::bail!("engine invariant broken: a batch-tiled value with no groups")
-    };
-    let mut dims = first.dims().to_vec();
-    if let Some(images) = dims.first_mut() {
-        *images = groups.iter().map(|g| g.dims().first().copied().unwrap_or(0)).sum();
-    }
-    let len = groups.iter().map(Tensor::elem_count).sum();
-    let mut out = recycle::drawing(true, || output_buffer(len, "batch-tiled value"))?;
-    for group in &groups {
-        let group = group.contiguous()?;
-        with_cpu_f32("batch-tiled value", &group, None, |data, _| {
-            out.extend_from_slice(data);
+/// A value of the whole batch gathered from its groups of images, in one
+/// buffer from the forward's pool.
+struct Gathered {
+    slot: Slot,
+    /// The step that makes it, for errors.
+    name: String,
+    /// The whole batch's values so far.
+    data: Vec<f32>,
+    /// The whole batch's shape (the step's fact).
+    dims: Vec<usize>,
+}
+
+impl Gathered {
+    /// Appends one group's values (a CPU f32 tensor a tiled step made,
+    /// held by no one else: its buffer goes back to the pool).
+    fn append(&mut self, group: Option<Tensor>) -> candle_core::Result<()> {
+        let Some(group) = group else {
+            candle_core::bail!("engine invariant broken: a batch-tiled value missing from a group")
+        };
+        let group = match group.is_contiguous() {
+            true => group,
+            false => group.contiguous()?,
+        };
+        let room = self.data.capacity() - self.data.len();
+        if group.elem_count() > room {
+            candle_core::bail!("engine invariant broken: batch-tiled groups larger than the batch")
+        }
+        with_cpu_f32("batch-tiled value", &group, None, |values, _| {
+            self.data.extend_from_slice(values);
             Ok(())
         })?;
-    }
-    for group in groups {
         recycle::reclaim(group);
+        Ok(())
     }
-    Tensor::from_vec(out, dims, &Device::Cpu)
+
+    /// The gathered value, once every group is in.
+    fn finish(self) -> candle_core::Result<Tensor> {
+        Tensor::from_vec(self.data, self.dims, &Device::Cpu)
+    }
 }
 
 /// The one input check of a run: the count, then each input's dtype and

@@ -15,8 +15,8 @@
 //! the cache budget (one or two images for the MobileNets' and
 //! EfficientNet's first blocks). Batch 10 on Zen 4 (2 threads), `bench`
 //! medians of four alternating runs, tiled / untiled (`WICK_BATCH_TILING`):
-//! MobileNetV2 40.1-42.2 / 44.2-46.3 ms, peak RSS 70 / 137 MiB;
-//! EfficientNet-B0 69.7-71.5 / 69.6-73.6 ms, 80 / 148 MiB;
+//! MobileNetV2 40.1-42.2 / 44.2-46.3 ms, peak RSS 57 / 137 MiB;
+//! EfficientNet-B0 69.7-71.5 / 69.6-73.6 ms, 71 / 148 MiB;
 //! MobileNetV3-Large 34.3-35.4 / 33.4-34.3 and in another series 34.2-35.3
 //! / 33.9-35.3 ms, 89 / 107 MiB; ResNet50 364-394 / 367-388 ms, 283 / 349
 //! MiB. The gain is where the whole-batch working sets are several times
