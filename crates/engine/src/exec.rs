@@ -1,6 +1,7 @@
 //! [`CompiledModel`]: runs a plan on inputs (checked first), freeing each
 //! value after its last use, optionally timing every step, on the caller's
-//! thread or inside rayon's pool.
+//! thread or inside rayon's pool, its leading steps a few images at a time
+//! where the compile tiled them ([`crate::tiling`]).
 
 use crate::cpu::data::{output_buffer, with_cpu_f32};
 use crate::cpu::recycle::{self, BufferPool};
@@ -281,7 +282,9 @@ impl CompiledModel {
                     let step = plan.steps.iter().find(|s| s.output == slot);
                     let name = step.map_or(plan.name.as_str(), |s| s.name.as_str());
                     let dims = step.map(|s| s.fact.shape.clone()).unwrap_or_default();
-                    let data = recycle::drawing(true, || output_buffer(dims.iter().product(), "batch-tiled value"));
+                    // From the pool where the step's own output would be.
+                    let pooled = step.is_some_and(|s| s.pooled_output);
+                    let data = recycle::drawing(pooled, || output_buffer(dims.iter().product(), "batch-tiled value"));
                     boundary.push(Gathered {
                         slot,
                         name: name.to_string(),
@@ -307,7 +310,7 @@ impl CompiledModel {
 }
 
 /// A value of the whole batch gathered from its groups of images, in one
-/// buffer from the forward's pool.
+/// buffer (from the forward's pool where its step's output would be).
 struct Gathered {
     slot: Slot,
     /// The step that makes it, for errors.

@@ -81,8 +81,9 @@ impl BatchTiling {
         for input in &plan.inputs {
             facts[input.slot] = Some(&input.fact);
         }
-        let (mut steps, mut largest) = (0, 0usize);
-        for (index, step) in plan.steps.iter().enumerate() {
+        // Bytes of each separable step's operands and output.
+        let mut sizes = Vec::new();
+        for step in &plan.steps {
             let operands: Option<Vec<&TensorFact>> = step.kernel.reads().iter().map(|&slot| facts[slot]).collect();
             let separable = matches!(step.kernel, Kernel::Cpu(_))
                 && operands
@@ -98,14 +99,10 @@ impl BatchTiling {
                 .chain([&step.fact])
                 .map(|f| f.shape.iter().product::<usize>().saturating_mul(4))
                 .fold(0usize, usize::saturating_add);
-            if bytes > cached_bytes {
-                steps = index + 1;
-            }
-            largest = largest.max(bytes);
+            sizes.push(bytes);
         }
-        if steps == 0 {
-            return None;
-        }
+        let steps = sizes.iter().rposition(|&bytes| bytes > cached_bytes)? + 1;
+        let largest = sizes[..steps].iter().copied().max().unwrap_or(0);
         let per_image = largest.div_ceil(batch).max(1);
         let images = (cached_bytes / 2 / per_image).max(1);
         (images < batch).then_some(BatchTiling { steps, images })
