@@ -425,6 +425,31 @@ fn wick_isa_forces_a_path() {
     assert_contains(&out.stderr, &["unknown CPU path `sse2`"]);
 }
 
+/// `WICK_BATCH_TILING` takes `on` or `off`; anything else is a typed
+/// error at compile, exit 1, naming what was given.
+#[test]
+fn wick_batch_tiling_switch() {
+    for value in ["on", "off"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["run", "toy"])
+            .env(wick_engine::BATCH_TILING_ENV, value)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{value}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["run", "toy"])
+        .env(wick_engine::BATCH_TILING_ENV, "sometimes")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_contains(&out.stderr, &["invalid batch tiling `sometimes`"]);
+}
+
 /// `peak` measures every path this CPU has (no rate is asserted).
 #[test]
 fn peak_lists_every_available_path() {
