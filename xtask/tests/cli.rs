@@ -403,24 +403,25 @@ fn optimisation_is_on_by_default_where_models_run() {
     assert!(stdout(&["graph", "toy"]).contains("batch_norm"));
 }
 
+/// The CLI run with `args` and environment variable `key` set to `value`.
+fn run_with_env(args: &[&str], key: &str, value: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .env(key, value)
+        .output()
+        .unwrap()
+}
+
 /// `WICK_ISA` forces the CPU kernels' path: every path this CPU has runs
 /// and says so; an unknown name is a typed error, exit 1.
 #[test]
 fn wick_isa_forces_a_path() {
     for path in wick_engine::CpuPath::available() {
-        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-            .args(["run", "toy-sequential"])
-            .env(wick_engine::ISA_ENV, path.name())
-            .output()
-            .unwrap();
+        let out = run_with_env(&["run", "toy-sequential"], wick_engine::ISA_ENV, path.name());
         assert!(out.status.success(), "{path}: {}", String::from_utf8_lossy(&out.stderr));
         assert_contains(&out.stdout, &[&format!("path: {path})")]);
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["run", "toy"])
-        .env(wick_engine::ISA_ENV, "sse2")
-        .output()
-        .unwrap();
+    let out = run_with_env(&["run", "toy"], wick_engine::ISA_ENV, "sse2");
     assert_eq!(out.status.code(), Some(1));
     assert_contains(&out.stderr, &["unknown CPU path `sse2`"]);
 }
@@ -430,22 +431,14 @@ fn wick_isa_forces_a_path() {
 #[test]
 fn wick_batch_tiling_switch() {
     for value in ["on", "off"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-            .args(["run", "toy"])
-            .env(wick_engine::BATCH_TILING_ENV, value)
-            .output()
-            .unwrap();
+        let out = run_with_env(&["run", "toy"], wick_engine::BATCH_TILING_ENV, value);
         assert!(
             out.status.success(),
             "{value}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["run", "toy"])
-        .env(wick_engine::BATCH_TILING_ENV, "sometimes")
-        .output()
-        .unwrap();
+    let out = run_with_env(&["run", "toy"], wick_engine::BATCH_TILING_ENV, "sometimes");
     assert_eq!(out.status.code(), Some(1));
     assert_contains(&out.stderr, &["invalid batch tiling `sometimes`"]);
 }

@@ -258,7 +258,7 @@ impl Engine {
             Some(machine) if tiling_on => BatchTiling::of(&plan, machine.cached_bytes()),
             _ => None,
         };
-        if let Some(t) = tiling {
+        if let Some(t) = &tiling {
             tracing::debug!(
                 graph = graph.name(),
                 steps = t.steps,

@@ -182,7 +182,7 @@ impl CompiledModel {
             slots[declared.slot] = Some(given.detach().to_device(&self.device).at(&declared.name)?);
         }
         let mut first = 0;
-        if let Some(tiling) = self.tiling {
+        if let Some(tiling) = &self.tiling {
             self.run_tiled(&mut slots, tiling, profile.as_deref_mut())?;
             first = tiling.steps;
         }
@@ -243,29 +243,30 @@ impl CompiledModel {
     }
 
     /// The first `tiling.steps` steps, `tiling.images` images at a time
-    /// (the inputs narrowed to them): the values they leave live are
+    /// (the inputs narrowed to them): the outputs of `tiling.boundary` are
     /// gathered into whole-batch tensors in `slots` (see [`crate::tiling`]).
     fn run_tiled(
         &self,
         slots: &mut [Option<Tensor>],
-        tiling: BatchTiling,
+        tiling: &BatchTiling,
         profile: Option<&mut Vec<StepProfile>>,
     ) -> Result<(), EngineError> {
         let plan = &*self.plan;
         let steps = &plan.steps[..tiling.steps];
-        let batch = plan
-            .inputs
-            .first()
-            .and_then(|i| i.fact.shape.first())
-            .copied()
-            .unwrap_or(0);
-        let before: Vec<bool> = slots.iter().map(Option::is_some).collect();
         let mut elapsed = vec![Duration::ZERO; steps.len()];
-        // The slots live after the tiled steps that they made, each
-        // gathering its groups' values as they come.
-        let mut boundary: Vec<Gathered> = Vec::new();
-        for start in (0..batch).step_by(tiling.images.max(1)) {
-            let images = tiling.images.min(batch - start);
+        let mut boundary = Vec::with_capacity(tiling.boundary.len());
+        for &index in &tiling.boundary {
+            let step = &steps[index];
+            // From the pool where the step's own output would be.
+            let len = step.fact.shape.iter().product();
+            let data = recycle::drawing(step.pooled_output, || output_buffer(len, "batch-tiled value"));
+            boundary.push(Gathered {
+                step,
+                data: data.at(&step.name)?,
+            });
+        }
+        for start in (0..tiling.batch).step_by(tiling.images.max(1)) {
+            let images = tiling.images.min(tiling.batch - start);
             let mut group = slots.to_vec();
             for input in &plan.inputs {
                 if let Some(value) = &slots[input.slot] {
@@ -277,30 +278,14 @@ impl CompiledModel {
                     *total += e;
                 }
             }
-            if start == 0 {
-                for slot in (0..group.len()).filter(|&slot| group[slot].is_some() && !before[slot]) {
-                    let step = plan.steps.iter().find(|s| s.output == slot);
-                    let name = step.map_or(plan.name.as_str(), |s| s.name.as_str());
-                    let dims = step.map(|s| s.fact.shape.clone()).unwrap_or_default();
-                    // From the pool where the step's own output would be.
-                    let pooled = step.is_some_and(|s| s.pooled_output);
-                    let data = recycle::drawing(pooled, || output_buffer(dims.iter().product(), "batch-tiled value"));
-                    boundary.push(Gathered {
-                        slot,
-                        name: name.to_string(),
-                        data: data.at(name)?,
-                        dims,
-                    });
-                }
-            }
             for gathered in &mut boundary {
-                let value = group[gathered.slot].take();
-                gathered.append(value).at(&gathered.name)?;
+                let value = group[gathered.step.output].take();
+                gathered.append(value).at(&gathered.step.name)?;
             }
         }
         for gathered in boundary {
-            let (slot, name) = (gathered.slot, gathered.name.clone());
-            slots[slot] = Some(gathered.finish().at(&name)?);
+            let step = gathered.step;
+            slots[step.output] = Some(gathered.finish().at(&step.name)?);
         }
         if let Some(profile) = profile {
             profile.extend(steps.iter().zip(elapsed).map(|(step, e)| StepProfile::of(step, e)));
@@ -311,17 +296,14 @@ impl CompiledModel {
 
 /// A value of the whole batch gathered from its groups of images, in one
 /// buffer (from the forward's pool where its step's output would be).
-struct Gathered {
-    slot: Slot,
-    /// The step that makes it, for errors.
-    name: String,
+struct Gathered<'a> {
+    /// The tiled step that makes it.
+    step: &'a Step,
     /// The whole batch's values so far.
     data: Vec<f32>,
-    /// The whole batch's shape (the step's fact).
-    dims: Vec<usize>,
 }
 
-impl Gathered {
+impl Gathered<'_> {
     /// Appends one group's values (a CPU f32 tensor a tiled step made,
     /// held by no one else: its buffer goes back to the pool).
     fn append(&mut self, group: Option<Tensor>) -> candle_core::Result<()> {
@@ -346,7 +328,7 @@ impl Gathered {
 
     /// The gathered value, once every group is in.
     fn finish(self) -> candle_core::Result<Tensor> {
-        Tensor::from_vec(self.data, self.dims, &Device::Cpu)
+        Tensor::from_vec(self.data, self.step.fact.shape.as_slice(), &Device::Cpu)
     }
 }
 

@@ -13,7 +13,8 @@
 //! `cpu/` (the conv policy and the packed-weight budget, the epilogue, the
 //! pool, the GEMM micro-kernels and their ISA dispatch, the conv
 //! algorithms), `machine` (the CPU path and caches a model is compiled
-//! for), `batched` and `saved`.
+//! for), `tiling` (which leading steps run a few images at a time),
+//! `batched` and `saved`.
 //!
 //! Packed conv weights stay within [`WeightBudget`] (2.5× the graph's conv
 //! weights unless [`Engine::with_weight_budget`] or `WICK_WEIGHT_BUDGET`

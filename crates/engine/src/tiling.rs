@@ -59,15 +59,34 @@ impl FromStr for TilingSwitch {
 }
 
 /// How a forward's leading steps run: `images` at a time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct BatchTiling {
     /// How many of the plan's first steps run per group of images.
     pub(crate) steps: usize,
     /// Images per group: fewer than the batch.
     pub(crate) images: usize,
+    /// The batch the plan was compiled for.
+    pub(crate) batch: usize,
+    /// The tiled steps whose outputs outlive them (read by a later step or
+    /// a graph output), by index: what each group leaves to gather.
+    pub(crate) boundary: Vec<usize>,
 }
 
 impl BatchTiling {
+    /// The first `steps` steps of `plan` in groups of `images` of the
+    /// batch `plan` was compiled for, with the steps whose outputs outlive
+    /// them (none of the tiled steps frees them).
+    pub(crate) fn new(plan: &Plan, steps: usize, images: usize) -> Self {
+        let tiled = &plan.steps[..steps];
+        let freed: Vec<usize> = tiled.iter().flat_map(|s| s.free_after.iter().copied()).collect();
+        Self {
+            steps,
+            images,
+            batch: batch_of(plan).unwrap_or(0),
+            boundary: (0..steps).filter(|&i| !freed.contains(&tiled[i].output)).collect(),
+        }
+    }
+
     /// The tiling of `plan` for a cache that keeps `cached_bytes` between
     /// steps, if any: the leading run of CPU steps whose operands and
     /// outputs all have the batch as their first dimension (f32), up to the
@@ -97,7 +116,7 @@ impl BatchTiling {
                 .into_iter()
                 .flatten()
                 .chain([&step.fact])
-                .map(|f| f.shape.iter().product::<usize>().saturating_mul(4))
+                .map(TensorFact::size_in_bytes)
                 .fold(0usize, usize::saturating_add);
             sizes.push(bytes);
         }
@@ -105,7 +124,7 @@ impl BatchTiling {
         let largest = sizes[..steps].iter().copied().max().unwrap_or(0);
         let per_image = largest.div_ceil(batch).max(1);
         let images = (cached_bytes / 2 / per_image).max(1);
-        (images < batch).then_some(BatchTiling { steps, images })
+        (images < batch).then(|| BatchTiling::new(plan, steps, images))
     }
 }
 
@@ -184,7 +203,7 @@ mod tests {
             .take_while(|s| matches!(s.kernel, Kernel::Cpu(_)))
             .count();
         assert!(cpu < plan.steps.len());
-        assert_eq!(BatchTiling::of(plan, 1), Some(BatchTiling { steps: cpu, images: 1 }));
+        assert_eq!(BatchTiling::of(plan, 1), Some(BatchTiling::new(plan, cpu, 1)));
         let (one, _) = mobilenet(1);
         assert_eq!(BatchTiling::of(one.plan(), 1), None, "batch 1");
     }
@@ -206,16 +225,22 @@ mod tests {
 
     /// Tiled forwards give the untiled one's output (each image's values
     /// are computed alike whatever the group) in groups of 1 and 2 images
-    /// of 3, up to a few steps and through every step that may be tiled;
-    /// the profile has every step once.
+    /// of 3, up to a few steps, inside a residual block (two values to
+    /// gather) and through every step that may be tiled; the profile has
+    /// every step once.
     #[test]
     fn tiled_forwards_match() {
         let (model, x) = mobilenet(3);
         let want = model.run(std::slice::from_ref(&x)).unwrap().remove(0);
         let steps = BatchTiling::of(model.plan(), 1).unwrap().steps;
-        for (tiled, images) in [(4, 1), (11, 2), (steps, 1), (steps - 1, 2)] {
-            let tiling = BatchTiling { steps: tiled, images };
-            let model = model.clone().with_tiling(Some(tiling));
+        // A cut inside an inverted residual block: its input and the
+        // block's last output so far both outlive the tiled steps.
+        let inside = (1..steps)
+            .find(|&k| BatchTiling::new(model.plan(), k, 1).boundary.len() >= 2)
+            .expect("a cut two values cross");
+        for (tiled, images) in [(4, 1), (11, 2), (inside, 2), (steps, 1), (steps - 1, 2)] {
+            let tiling = BatchTiling::new(model.plan(), tiled, images);
+            let model = model.clone().with_tiling(Some(tiling.clone()));
             let got = model.run(std::slice::from_ref(&x)).unwrap().remove(0);
             assert_eq!(got.dims(), want.dims());
             let diff = crate::test_util::max_abs_diff(&got, &want);
