@@ -1,32 +1,46 @@
 //! The direct conv with a fused max pool (ResNet's stem): each task takes a
-//! few pooled rows of one image, computes the convolution rows their
-//! windows need into scratch (the epilogue applied there), and pools them
-//! into the output. The convolution's output, 4× the pooled one (32 MB for
+//! run of pooled rows of one image, computes the convolution rows their
+//! windows need into scratch a few at a time, and pools each pooled row
+//! into the output as soon as its window's rows are there. The convolution's output, 4× the pooled one (32 MB for
 //! ResNet18 at batch 10), is never written to memory; the price is
 //! recomputing the one convolution row that neighbouring tasks share.
 
-use super::Run;
+use super::{Run, MIN_BLOCK_COLS};
 use crate::cpu::data::with_scratch;
 use crate::cpu::epilogue;
+use crate::cpu::gemm::{panel_gemm_strided, Strided, PANEL_GRANULE};
 use crate::cpu::pool::{max_rows, pool_row};
 use rayon::prelude::*;
 use std::ops::Range;
 use wick_ir::MaxPool2dAttrs;
 
+/// Most pooled rows per task (ResNet's stem: 33 convolution rows of 112
+/// pixels × 64 channels, 0.9 MiB of scratch per thread).
+const MAX_TASK_ROWS: usize = 16;
+
 impl Run<'_> {
     /// Writes the pooled output `[N, O, pooled[0], pooled[1]]`.
     pub(super) fn pooled(&mut self, pool: &MaxPool2dAttrs, pooled: [usize; 2]) -> candle_core::Result<()> {
-        let (pool_rows, [sh, kh]) = (pooled[0], [pool.stride[0], pool.kernel[0]]);
-        // Pooled rows per task: the convolution rows they need fit the block budget.
-        let per_conv_row = self.shape.out_width * (self.conv.depth() + self.conv.padded_out) * 4;
-        let conv_rows = |rows: usize| (rows - 1) * sh + kh;
-        let mut rows = 1;
-        while rows < pool_rows && conv_rows(rows + 1) * per_conv_row <= self.conv.block_bytes {
+        let pool_rows = pooled[0];
+        // Pooled rows per task: up to MAX_TASK_ROWS while there are at
+        // least four tasks per thread, and at least two (one per task
+        // computes 3 convolution rows per pooled row, 1.5× the 2 it
+        // needs: on many threads). A task recomputes the one
+        // convolution row it shares with the next; its convolution rows
+        // come in sub-blocks and are pooled as they come (`pooled_task`),
+        // so its scratch need not fit a cache. (Sized to the L2 with every
+        // row at once, ResNet18's stem on Zen 3 took 2 pooled rows per
+        // task, 5 convolution rows for 4, its columns and products filling
+        // the 512 KiB L2: alternating forwards, 0.91× that time at batch 1
+        // and 0.92× at batch 10 as now.)
+        let threads = rayon::current_num_threads();
+        let tasks = |rows: usize| self.shape.batch * pool_rows.div_ceil(rows);
+        let mut rows = pool_rows.min(2);
+        while rows < pool_rows.min(MAX_TASK_ROWS) && tasks(rows + 1) >= 4 * threads {
             rows += 1;
         }
         let chunks = pool_rows.div_ceil(rows);
         let tasks = self.shape.batch * chunks;
-        let threads = rayon::current_num_threads();
         self.split = tasks < 2 * threads && threads > 1;
         let this = &*self;
         let task = |t: usize| {
@@ -38,6 +52,13 @@ impl Run<'_> {
         } else {
             (0..tasks).into_par_iter().try_for_each(task)
         }
+    }
+
+    /// Columns of a sub-block of convolution rows: whole rows, at least
+    /// MIN_BLOCK_COLS columns, rounded up to the panel granule.
+    fn sub_block_cols(&self) -> usize {
+        let ow = self.shape.out_width.max(1);
+        (MIN_BLOCK_COLS.div_ceil(ow) * ow).next_multiple_of(PANEL_GRANULE)
     }
 
     /// Pooled rows `rows` of image `image`, every channel.
@@ -55,44 +76,84 @@ impl Run<'_> {
         let window = |r: usize| (r * sh).saturating_sub(ph)..(r * sh + kh).saturating_sub(ph).min(oh);
         let (y_lo, y_hi) = (window(rows.start).start, window(rows.end - 1).end);
         let block = self.block_of((image * oh + y_lo) * ow, (y_hi - y_lo) * ow);
-        let (v_len, m_len) = (conv.depth() * block.cols, conv.products_len(block.cols));
+        // Split (few tasks): the whole block's rows at once, each phase
+        // shared by the threads. Otherwise the convolution rows come in
+        // sub-blocks of about MIN_BLOCK_COLS columns, side by side in `m`
+        // (its rows with room for the last sub-block's padding), and each
+        // pooled row is pooled as soon as its window's rows are there,
+        // while they are still in cache.
+        let whole = self.split;
+        let (v_cols, m_cols) = match whole {
+            true => (block.cols, block.cols),
+            false => (
+                self.sub_block_cols(),
+                block.pixels.next_multiple_of(PANEL_GRANULE) + PANEL_GRANULE,
+            ),
+        };
+        let sub_rows = match whole {
+            true => y_hi - y_lo,
+            false => v_cols / ow,
+        };
+        let (v_len, m_len) = (conv.depth() * v_cols, conv.padded_out * m_cols);
         with_scratch(v_len + m_len + 2 * ow + pooled[1], |scratch| {
             let (v, rest) = scratch.split_at_mut(v_len);
             let (m, rest) = rest.split_at_mut(m_len);
             let (column_max, rest) = rest.split_at_mut(ow);
             let (window_max, pooled_row) = rest.split_at_mut(ow);
-            self.products(&block, v, m);
             let (conv_plane, pooled_plane) = (oh * ow, pooled[0] * pooled[1]);
-            for o in 0..out_channels {
-                let conv_rows = &mut m[o * block.cols..][..block.pixels];
-                // Without a residual, the bias and a monotonic activation
-                // commute with the max (and so does f32 rounding of `x + b`):
-                // they are applied to the pooled values only, a quarter of
-                // the work. Otherwise before the max.
-                let monotonic = conv.epilogue.activation().is_none_or(|a| a.is_monotonic());
-                let late_epilogue = self.residual.is_none() && monotonic;
-                if !late_epilogue {
-                    let r = self
-                        .residual
-                        .map(|r| &r[(image * out_channels + o) * conv_plane + y_lo * ow..][..block.pixels]);
-                    conv.epilogue.in_place(o, conv_rows, r);
+            // Without a residual, the bias and a monotonic activation
+            // commute with the max (and so does f32 rounding of `x + b`):
+            // they are applied to the pooled values only, a quarter of the
+            // work. Otherwise to the convolution rows, before the max.
+            let monotonic = conv.epilogue.activation().is_none_or(|a| a.is_monotonic());
+            let late_epilogue = self.residual.is_none() && monotonic;
+            let mut next_row = rows.start;
+            for y in (y_lo..y_hi).step_by(sub_rows) {
+                let n = sub_rows.min(y_hi - y);
+                let at = (y - y_lo) * ow;
+                if whole {
+                    self.products(&block, v, m);
+                } else {
+                    let sub = self.block_of((image * oh + y) * ow, n * ow);
+                    let v = &mut v[..conv.depth() * sub.cols];
+                    self.im2col(&sub, 0, v);
+                    let columns = Strided {
+                        data: v,
+                        stride: sub.cols,
+                    };
+                    let size = [conv.padded_out, conv.depth(), sub.cols];
+                    panel_gemm_strided(conv.isa, &conv.packed, columns, &mut m[at..], m_cols, size, None);
                 }
-                let conv_rows = &*conv_rows;
-                for r in rows.clone() {
-                    // The window's rows lie within y_lo..y_hi (windows grow
-                    // with r) and are not empty: padding <= half the window
-                    // (checked in `DirectConv::new`); likewise its columns.
-                    let ys = window(r);
-                    max_rows(&conv_rows[(ys.start - y_lo) * ow..(ys.end - y_lo) * ow], ow, column_max);
-                    pool_row(column_max, [kw, sw, pw], window_max, pooled_row);
-                    if late_epilogue {
-                        epilogue::in_place(pooled_row, conv.epilogue.bias(o), None, conv.epilogue.activation());
+                // The pooled rows whose windows end within the rows so far.
+                let ready = (next_row..rows.end)
+                    .find(|&r| window(r).end > y + n)
+                    .unwrap_or(rows.end);
+                for o in 0..out_channels {
+                    let channel = &mut m[o * m_cols..][..block.pixels];
+                    if !late_epilogue {
+                        let plane = (image * out_channels + o) * conv_plane;
+                        let r = self.residual.map(|r| &r[plane + y * ow..][..n * ow]);
+                        conv.epilogue.in_place(o, &mut channel[at..at + n * ow], r);
                     }
-                    let base = (image * out_channels + o) * pooled_plane + r * pooled[1];
-                    // SAFETY: pooled pixels (image, o, r, ..) belong to this
-                    // task only (tasks split images' rows).
-                    unsafe { self.dst.slice(base, pooled[1]) }.copy_from_slice(pooled_row);
+                    let channel = &*channel;
+                    for r in next_row..ready {
+                        // The window's rows lie within y_lo..y + n (windows
+                        // grow with r) and are not empty: padding <= half
+                        // the window (checked in `DirectConv::new`);
+                        // likewise its columns.
+                        let ys = window(r);
+                        max_rows(&channel[(ys.start - y_lo) * ow..(ys.end - y_lo) * ow], ow, column_max);
+                        pool_row(column_max, [kw, sw, pw], window_max, pooled_row);
+                        if late_epilogue {
+                            epilogue::in_place(pooled_row, conv.epilogue.bias(o), None, conv.epilogue.activation());
+                        }
+                        let base = (image * out_channels + o) * pooled_plane + r * pooled[1];
+                        // SAFETY: pooled pixels (image, o, r, ..) belong to this
+                        // task only (tasks split images' rows).
+                        unsafe { self.dst.slice(base, pooled[1]) }.copy_from_slice(pooled_row);
+                    }
                 }
+                next_row = ready;
             }
         })
     }
@@ -177,6 +238,41 @@ mod tests {
         let got = fused.run(&x, None).unwrap();
         assert_eq!(got.dims(), [2, 64, 56, 56]);
         assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0);
+    }
+
+    /// Tasks of many convolution rows, computed and pooled a sub-block at a
+    /// time, with a residual and an activation that does not commute with
+    /// the max (so the epilogue runs on each sub-block's rows, each with
+    /// its own rows of the residual): exactly as conv then pool, on every
+    /// path. Two threads, as on the machines measured, so the tasks run
+    /// unsplit whatever this machine has.
+    #[test]
+    fn sub_blocks_with_residual() {
+        let d = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 96, 90), &d).unwrap();
+        let w = Tensor::randn(0f32, 0.3, (16, 3, 3, 3), &d).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 16, &d).unwrap();
+        let attrs = Conv2dAttrs {
+            padding: [1, 1],
+            ..Default::default()
+        };
+        let pool = MaxPool2dAttrs {
+            ceil_mode: false,
+            kernel: [3, 3],
+            stride: [2, 2],
+            padding: [1, 1],
+        };
+        let residual = Tensor::randn(0f32, 1.0, (2, 16, 96, 90), &d).unwrap();
+        let hardswish = Some(wick_ir::Activation::HardSwish);
+        let threads = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for isa in Isa::available() {
+            let plain = DirectConv::for_test(&w, Some(&b), attrs, hardswish, None, Panels, isa).unwrap();
+            let want = max_pool2d(&plain.run(&x, Some(&residual)).unwrap(), &pool).unwrap();
+            let fused = DirectConv::for_test(&w, Some(&b), attrs, hardswish, Some(pool), Panels, isa).unwrap();
+            let got = threads.install(|| fused.run(&x, Some(&residual))).unwrap();
+            assert_eq!(got.dims(), [2, 16, 48, 45]);
+            assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0, "{isa:?}");
+        }
     }
 
     #[test]
