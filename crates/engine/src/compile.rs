@@ -55,7 +55,8 @@ impl Engine {
     /// `WICK_WEIGHT_BUDGET` says. Without it, that variable's budget (a
     /// factor or `unlimited`; a typed error at compile when malformed) or
     /// [`WeightBudget::default`]: packed weights at most
-    /// [`crate::DEFAULT_WEIGHT_BUDGET`] times the graph's conv weights. Over
+    /// [`crate::DEFAULT_WEIGHT_BUDGET`] times the graph's conv weights plus
+    /// [`crate::DEFAULT_WEIGHT_ALLOWANCE_MIB`]. Over
     /// budget, the Winograd F(4×4) convs with the fewest tiles per forward
     /// step down to F(2×2), trading some speed for memory;
     /// [`WeightBudget::unlimited`] gives every conv its fastest algorithm.

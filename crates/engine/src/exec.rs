@@ -420,10 +420,10 @@ mod tests {
     /// Kernels follow the compiled shape: ResNet18 at batch 1 runs layer4's
     /// 3×3 stride-1 convs as F(2×2) and its few-pixel direct convs on the
     /// lane GEMM; at batch 10 the direct convs use panels and every 3×3
-    /// stride-1 conv is F(4×4) but for the weight budget: layer4's three,
-    /// the fewest tiles, step down to F(2×2) (packed weights 3.5× the conv
-    /// weights with them, 2.1× without), to the same output within f32
-    /// rounding.
+    /// stride-1 conv is F(4×4), within the default weight budget (2.5× the
+    /// conv weights + 48 MiB) too; a bare 2.5× steps layer4's three, the
+    /// fewest tiles, down to F(2×2) (packed weights 3.5× the conv weights
+    /// with them, 2.1× without), to the same output within f32 rounding.
     #[test]
     fn conv_kernels_follow_the_compiled_batch() {
         use crate::WeightBudget;
@@ -455,10 +455,8 @@ mod tests {
             };
             assert_eq!(*kind, expected, "{name} at batch 1");
         }
-        let (budgeted, unlimited) = (
-            compile(10, WeightBudget::default()),
-            compile(10, WeightBudget::unlimited()),
-        );
+        let bare = WeightBudget::factor(crate::DEFAULT_WEIGHT_BUDGET).unwrap();
+        let (budgeted, unlimited) = (compile(10, bare), compile(10, WeightBudget::unlimited()));
         let ten = conv_kernels(&budgeted);
         for (name, kind) in &ten {
             // The stem, the downsamples and layer2-4's first convs have stride 2.
@@ -477,6 +475,7 @@ mod tests {
         let all_f4 = conv_kernels(&unlimited);
         assert_eq!(count(&all_f4, "winograd-f4x4"), 13, "{all_f4:?}");
         assert_eq!(count(&all_f4, "direct-panels"), 7, "{all_f4:?}");
+        assert_eq!(kernels(10), all_f4, "the default budget's allowance holds layer4's F(4×4)");
         let x = wick_models::random_input(5, &ModelName::Resnet18.input_shape(Some(10)), &Device::Cpu).unwrap();
         let run = |model: &CompiledModel| model.run(std::slice::from_ref(&x)).unwrap().remove(0);
         let diff = crate::test_util::max_abs_diff(&run(&budgeted), &run(&unlimited));

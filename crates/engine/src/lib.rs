@@ -17,8 +17,8 @@
 //! `batched` and `saved`.
 //!
 //! Packed conv weights stay within [`WeightBudget`] (2.5× the graph's conv
-//! weights unless [`Engine::with_weight_budget`] or `WICK_WEIGHT_BUDGET`
-//! says otherwise): over it, Winograd F(4×4) convs step down to F(2×2).
+//! weights + 48 MiB unless [`Engine::with_weight_budget`] or
+//! `WICK_WEIGHT_BUDGET` says otherwise): over it, Winograd F(4×4) convs step down to F(2×2).
 //!
 //! On the CPU the kernels take the best instruction-set path the CPU has;
 //! [`Engine::with_cpu_path`] or the `WICK_ISA` environment variable
@@ -69,7 +69,7 @@ mod tiling;
 
 pub use batched::{BatchedModel, CacheStats};
 pub use compile::Engine;
-pub use cpu::budget::{WeightBudget, DEFAULT_WEIGHT_BUDGET, WEIGHT_BUDGET_ENV};
+pub use cpu::budget::{WeightBudget, DEFAULT_WEIGHT_ALLOWANCE_MIB, DEFAULT_WEIGHT_BUDGET, WEIGHT_BUDGET_ENV};
 pub use device::{parse_device, DeviceSpec};
 pub use error::EngineError;
 pub use exec::{CompiledModel, StepProfile, IN_POOL_MAX_ACTIVATION_BYTES};
