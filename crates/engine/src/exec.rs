@@ -475,7 +475,11 @@ mod tests {
         let all_f4 = conv_kernels(&unlimited);
         assert_eq!(count(&all_f4, "winograd-f4x4"), 13, "{all_f4:?}");
         assert_eq!(count(&all_f4, "direct-panels"), 7, "{all_f4:?}");
-        assert_eq!(kernels(10), all_f4, "the default budget's allowance holds layer4's F(4×4)");
+        assert_eq!(
+            kernels(10),
+            all_f4,
+            "the default budget's allowance holds layer4's F(4×4)"
+        );
         let x = wick_models::random_input(5, &ModelName::Resnet18.input_shape(Some(10)), &Device::Cpu).unwrap();
         let run = |model: &CompiledModel| model.run(std::slice::from_ref(&x)).unwrap().remove(0);
         let diff = crate::test_util::max_abs_diff(&run(&budgeted), &run(&unlimited));

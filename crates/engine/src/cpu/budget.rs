@@ -294,7 +294,10 @@ mod tests {
     fn default_allowance_keeps_f4() {
         let plan = || vec![conv3x3(512, [10, 512, 7, 7]); 3];
         assert_eq!(fit(&mut plan(), WeightBudget::default()), 0);
-        assert_eq!(fit(&mut plan(), WeightBudget::factor(DEFAULT_WEIGHT_BUDGET).unwrap()), 3);
+        assert_eq!(
+            fit(&mut plan(), WeightBudget::factor(DEFAULT_WEIGHT_BUDGET).unwrap()),
+            3
+        );
         assert_eq!(WeightBudget::default().allowance_mib(), DEFAULT_WEIGHT_ALLOWANCE_MIB);
         assert_eq!("2.5".parse::<WeightBudget>().unwrap().allowance_mib(), 0.0);
     }

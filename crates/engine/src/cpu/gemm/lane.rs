@@ -169,11 +169,7 @@ mod x86 {
         } = *c;
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
-            let tiles = pixels.div_ceil(MAX_TILE);
-            let mut p0 = 0;
-            for t in 0..tiles {
-                // Tile sizes differ by at most one.
-                let r = (pixels - p0).div_ceil(tiles - t);
+            for (p0, r) in equal_tiles(pixels, MAX_TILE) {
                 let (vp, mp) = (v.as_ptr().add(p0), mg.as_mut_ptr().add(p0 * LANES));
                 macro_rules! dispatch {
                     ($($n:literal)*) => {
@@ -184,7 +180,6 @@ mod x86 {
                     };
                 }
                 dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
-                p0 += r;
             }
         }
     }
@@ -235,6 +230,17 @@ mod x86 {
         }
     }
 
+    /// `pixels` as tiles of at most `max`, sizes differing by at most one
+    /// (no tiny remainder): `(first pixel, pixels)` each.
+    fn equal_tiles(pixels: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+        let tiles = pixels.div_ceil(max.max(1));
+        (0..tiles).scan(0, move |p0, t| {
+            let (first, r) = (*p0, (pixels - *p0).div_ceil(tiles - t));
+            *p0 += r;
+            Some((first, r))
+        })
+    }
+
     /// Most pixels per AVX2 micro-tile.
     const AVX2_TILE: usize = 6;
 
@@ -260,11 +266,7 @@ mod x86 {
         } = *c;
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
-            let tiles = pixels.div_ceil(AVX2_TILE);
-            let mut p0 = 0;
-            for t in 0..tiles {
-                // Tile sizes differ by at most one.
-                let r = (pixels - p0).div_ceil(tiles - t);
+            for (p0, r) in equal_tiles(pixels, AVX2_TILE) {
                 let (vp, mp) = (v.as_ptr().add(p0), mg.as_mut_ptr().add(p0 * LANES));
                 for half in [0, 16] {
                     let (wp, mp) = (wg.as_ptr().add(half), mp.add(half));
@@ -278,7 +280,6 @@ mod x86 {
                     }
                     dispatch!(1 2 3 4 5 6);
                 }
-                p0 += r;
             }
         }
     }
