@@ -1,9 +1,10 @@
 //! The direct conv with a fused max pool (ResNet's stem): each task takes a
 //! run of pooled rows of one image, computes the convolution rows their
 //! windows need into scratch a few at a time, and pools each pooled row
-//! into the output as soon as its window's rows are there. The convolution's output, 4× the pooled one (32 MB for
-//! ResNet18 at batch 10), is never written to memory; the price is
-//! recomputing the one convolution row that neighbouring tasks share.
+//! into the output as soon as its window's rows are there. The
+//! convolution's output, 4× the pooled one (32 MB for ResNet18 at batch
+//! 10), is never written to memory; the price is recomputing the one
+//! convolution row that neighbouring tasks share.
 
 use super::{Run, MIN_BLOCK_COLS};
 use crate::cpu::data::with_scratch;
