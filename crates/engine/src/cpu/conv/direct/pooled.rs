@@ -213,6 +213,28 @@ mod tests {
            }
        }
 
+    /// ResNet's max pool: 3×3, stride 2, padding 1.
+    fn resnet_pool() -> MaxPool2dAttrs {
+        MaxPool2dAttrs {
+            ceil_mode: false,
+            kernel: [3, 3],
+            stride: [2, 2],
+            padding: [1, 1],
+        }
+    }
+
+    /// The fused conv + pool's output and the conv's then the engine's
+    /// pool; `conv` makes the conv with or without the fused pool.
+    fn fused_and_plain(
+        conv: impl Fn(Option<MaxPool2dAttrs>) -> DirectConv,
+        pool: MaxPool2dAttrs,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> (Tensor, Tensor) {
+        let want = max_pool2d(&conv(None).run(x, residual).unwrap(), &pool).unwrap();
+        (conv(Some(pool)).run(x, residual).unwrap(), want)
+    }
+
     /// ResNet's stem at 224×224: several row chunks per image (the
     /// recomputed boundary rows included), exactly as conv then pool.
     #[test]
@@ -226,17 +248,10 @@ mod tests {
             padding: [3, 3],
             ..Default::default()
         };
-        let pool = MaxPool2dAttrs {
-            ceil_mode: false,
-            kernel: [3, 3],
-            stride: [2, 2],
-            padding: [1, 1],
-        };
+        let pool = resnet_pool();
         let relu = Some(wick_ir::Activation::Relu);
-        let plain = DirectConv::for_test(&w, Some(&b), attrs, relu, None, Panels, Isa::detect()).unwrap();
-        let want = max_pool2d(&plain.run(&x, None).unwrap(), &pool).unwrap();
-        let fused = DirectConv::for_test(&w, Some(&b), attrs, relu, Some(pool), Panels, Isa::detect()).unwrap();
-        let got = fused.run(&x, None).unwrap();
+        let conv = |pool| DirectConv::for_test(&w, Some(&b), attrs, relu, pool, Panels, Isa::detect()).unwrap();
+        let (got, want) = fused_and_plain(conv, pool, &x, None);
         assert_eq!(got.dims(), [2, 64, 56, 56]);
         assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0);
     }
@@ -257,20 +272,13 @@ mod tests {
             padding: [1, 1],
             ..Default::default()
         };
-        let pool = MaxPool2dAttrs {
-            ceil_mode: false,
-            kernel: [3, 3],
-            stride: [2, 2],
-            padding: [1, 1],
-        };
+        let pool = resnet_pool();
         let residual = Tensor::randn(0f32, 1.0, (2, 16, 96, 90), &d).unwrap();
         let hardswish = Some(wick_ir::Activation::HardSwish);
         let threads = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for isa in Isa::available() {
-            let plain = DirectConv::for_test(&w, Some(&b), attrs, hardswish, None, Panels, isa).unwrap();
-            let want = max_pool2d(&plain.run(&x, Some(&residual)).unwrap(), &pool).unwrap();
-            let fused = DirectConv::for_test(&w, Some(&b), attrs, hardswish, Some(pool), Panels, isa).unwrap();
-            let got = threads.install(|| fused.run(&x, Some(&residual))).unwrap();
+            let conv = |pool| DirectConv::for_test(&w, Some(&b), attrs, hardswish, pool, Panels, isa).unwrap();
+            let (got, want) = threads.install(|| fused_and_plain(conv, pool, &x, Some(&residual)));
             assert_eq!(got.dims(), [2, 16, 48, 45]);
             assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0, "{isa:?}");
         }
