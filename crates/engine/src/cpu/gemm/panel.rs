@@ -288,6 +288,8 @@ mod x86 {
             let (u, v) = (u.as_ptr(), v.as_ptr());
             let stream = streams(epi);
             let full = cols / PANEL_TILES * PANEL_TILES;
+            // Vectors per full tile's row.
+            const TILE: usize = PANEL_TILES / 16;
             // Column panels outer: one `depth × 32` slice of `v` stays in L1 while
             // the (contiguous, prefetch-friendly) weight panels stream past it.
             for t0 in (0..full).step_by(PANEL_TILES) {
@@ -304,9 +306,11 @@ mod x86 {
                     let next = next.filter(|_| panel == 0);
                     let (vp, mp) = (v.add(t0), mp.add(t0));
                     match stream {
-                        true => micro_avx512::<{ PANEL_TILES / 16 }, true, false>(up, vp, mp, depth, [vs, ms], e, next),
+                        true => {
+                            micro_avx512::<TILE, true, false>(TileWeights::whole(up), vp, mp, depth, [vs, ms], e, next)
+                        }
                         false => {
-                            micro_avx512::<{ PANEL_TILES / 16 }, false, false>(up, vp, mp, depth, [vs, ms], e, next)
+                            micro_avx512::<TILE, false, false>(TileWeights::whole(up), vp, mp, depth, [vs, ms], e, next)
                         }
                     }
                 }
@@ -317,8 +321,12 @@ mod x86 {
                     let e = TileEpilogue::at(epi, panel * PANEL_ROWS, full);
                     let (vp, mp) = (v.add(full), mp.add(full));
                     match stream {
-                        true => micro_avx512::<1, true, false>(up, vp, mp, depth, [vs, ms], e, None),
-                        false => micro_avx512::<1, false, false>(up, vp, mp, depth, [vs, ms], e, None),
+                        true => {
+                            micro_avx512::<1, true, false>(TileWeights::whole(up), vp, mp, depth, [vs, ms], e, None)
+                        }
+                        false => {
+                            micro_avx512::<1, false, false>(TileWeights::whole(up), vp, mp, depth, [vs, ms], e, None)
+                        }
                     }
                 }
             }
@@ -342,9 +350,31 @@ mod x86 {
         }
     }
 
+    /// Where a micro-tile's weights lie: row `r`'s at `at + d·8 + r` for
+    /// rows before `split`, at `at + d·8 + r + jump` from there on (a tile
+    /// that runs into the next panel).
+    #[derive(Clone, Copy)]
+    struct TileWeights {
+        at: *const f32,
+        split: usize,
+        jump: usize,
+    }
+
+    impl TileWeights {
+        /// A tile whose rows all lie in the panel `at` points into.
+        fn whole(at: *const f32) -> Self {
+            TileWeights {
+                at,
+                split: PANEL_ROWS,
+                jump: 0,
+            }
+        }
+    }
+
     /// Defines `$name::<V, STREAM, ACC>`, one `$rows × $lanes·V` micro-tile
-    /// on the `$feature` path: `m[r·ms + j] = Σ_d up[d·8 + r] · vp[d·vs + j]`
-    /// (with `ACC`, added to the values `m` holds: a later depth chunk),
+    /// on the `$feature` path: `m[r·ms + j] = Σ_d U[r][d] · vp[d·vs + j]`,
+    /// the weights `U` where `u` says ([`TileWeights`]), (with `ACC`, added
+    /// to the values `m` holds: a later depth chunk),
     /// `$rows` accumulator rows of `V` vectors, `v` loaded once per depth
     /// step, `u` broadcast per row, the epilogue (if any) applied as the
     /// sums are stored. The one body both SIMD paths share; each picks the
@@ -354,8 +384,9 @@ mod x86 {
          $zero:ident, $load:ident, $splat:ident, $fmadd:ident, $store:ident, $stream:ident,
          $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident, $sigmoid:path) => {
             /// # Safety
-            /// The CPU has the path's features; `up` has `8·depth` values
-            /// from the tile's first row on, `vp` and `mp` have
+            /// The CPU has the path's features; `u.at` has `8·depth` values
+            /// from the tile's first row on (and from `u.jump` on, if a
+            /// row lies past `u.split`), `vp` and `mp` have
             /// `lanes·V` values in each of `depth` (resp. `rows`) rows of
             /// stride `vs` (resp. `ms`); `epi`'s bias has `rows` values
             /// and its residual `lanes·V` in each of `rows` rows. `next`,
@@ -366,7 +397,7 @@ mod x86 {
             #[inline]
             #[target_feature(enable = $feature)]
             unsafe fn $name<const V: usize, const STREAM: bool, const ACC: bool>(
-                up: *const f32,
+                u: TileWeights,
                 vp: *const f32,
                 mp: *mut f32,
                 depth: usize,
@@ -376,6 +407,9 @@ mod x86 {
             ) {
                 // SAFETY: within the bounds of the contract above.
                 unsafe {
+                    // Where row `r`'s weights lie from `up`: past `split`,
+                    // in the next panel.
+                    let rows_at: [usize; $rows] = std::array::from_fn(|r| if r < u.split { r } else { r + u.jump });
                     let mut acc = [[$zero(); V]; $rows];
                     if ACC {
                         for (r, acc) in acc.iter_mut().enumerate() {
@@ -384,7 +418,7 @@ mod x86 {
                             }
                         }
                     }
-                    let (mut vp, mut ur) = (vp, up);
+                    let (mut vp, mut ur) = (vp, u.at);
                     if let Some(e) = epi.filter(|e| !e.residual.is_null()) {
                         // The next tile's residual rows, a hint as above.
                         for r in 0..$rows {
@@ -404,7 +438,7 @@ mod x86 {
                         }
                         let b: [$vector; V] = std::array::from_fn(|j| $load(vp.add($lanes * j)));
                         for (r, acc) in acc.iter_mut().enumerate() {
-                            let a = $splat(*ur.add(r));
+                            let a = $splat(*ur.add(rows_at[r]));
                             for j in 0..V {
                                 acc[j] = $fmadd(a, b[j], acc[j]);
                             }
@@ -455,9 +489,25 @@ mod x86 {
     micro_tile!(micro_avx2, "avx2,fma", __m256, AVX2_ROWS, 8,
         _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps, _mm256_stream_ps,
         _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps, sigmoid_avx2);
+    #[rustfmt::skip]
+    micro_tile!(micro_avx2_tall, "avx2,fma", __m256, AVX2_TALL_ROWS, 8,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps, _mm256_stream_ps,
+        _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps, sigmoid_avx2);
 
-    /// Half a panel's rows (4) per AVX2 micro-tile.
+    /// Half a panel's rows (4) per short AVX2 micro-tile.
     const AVX2_ROWS: usize = PANEL_ROWS / 2;
+    /// Rows per tall AVX2 micro-tile (12 accumulators).
+    const AVX2_TALL_ROWS: usize = 6;
+
+    /// The height of the next AVX2 micro-tile with `left` rows (a multiple
+    /// of 2, from a multiple of 8) left in the block: tall ones, and short
+    /// ones for the last 4 or 8 rows, which 6-row tiles cannot cover.
+    fn avx2_tile_rows(left: usize) -> usize {
+        match left {
+            4 | 8 => AVX2_ROWS,
+            _ => AVX2_TALL_ROWS,
+        }
+    }
     /// Products deeper than this run in depth chunks on AVX2: a 16-column
     /// slice of `v` 512 deep is 32 KiB, the whole L1.
     const AVX2_MAX_DEPTH: usize = 512;
@@ -468,6 +518,12 @@ mod x86 {
     /// at most 96 KiB, under a fifth of a 512 KiB L2 (Zen 3's, the smallest
     /// of the x86 machines measured).
     const AVX2_BLOCK_ROWS: usize = 128;
+
+    /// Output rows at least this many values apart (4 KiB: a page each)
+    /// have the lines of their next tiles prefetched.
+    const AVX2_FAR_ROWS: usize = 1024;
+    /// How many tiles ahead along its rows a tile prefetches the output.
+    const AVX2_STORE_AHEAD: usize = 4;
 
     /// Depth per chunk and rows per block of an AVX2 product `depth` deep
     /// with `rows` rows: the whole product where a slice of `v` fits the
@@ -488,14 +544,23 @@ mod x86 {
 
     /// # Safety
     /// As [`gemm_avx512`], with AVX2 and FMA instead of AVX-512F. AVX2 has
-    /// 16 vector registers: a micro-tile is 4 rows × 16 columns (8
-    /// accumulators, 2 loads of `v` and 4 broadcasts of `u` per depth step
-    /// for 8 FMAs; 11 registers, no spill), each panel's 8 rows as two
-    /// halves. (4 × 24, 12 accumulators, left LLVM one register short: it
-    /// spilled an accumulator every step and ran 40–60% slower; written in
-    /// assembly it ran no faster than 4 × 16 on Zen 4, 92–107 against
-    /// 89–116 GFLOP/s on one core with the operands in cache, and lost 5%
-    /// in the model: 8 accumulators already cover the FMA latency.)
+    /// 16 vector registers: a micro-tile is 6 rows × 16 columns (12
+    /// accumulators, 2 loads of `v` and 6 broadcasts of `u` per depth step
+    /// for 12 FMAs; 15 registers, no spill), the last 4 or 8 rows of a
+    /// block in tiles of 4 × 16 ([`avx2_tile_rows`]). A 6-row tile runs
+    /// across two 8-row panels where it must: its rows past the first
+    /// panel's last read their weights a panel on, so the panels stay the
+    /// layout every kernel packs. With 8 accumulators (4 × 16 tiles, the
+    /// FMA latency times its throughput, no slack) ResNet18 at batch 10
+    /// took 1.13× the time of 6 × 16 on Zen 3 (stride-2 and layer3/4
+    /// convs 1.16-1.28×), MobileNetV3-Large 1.07× (its 1×1 convs up to
+    /// 1.20×), alternating forwards. (4 × 24, also 12 accumulators, left
+    /// LLVM one register short: it spilled an accumulator every step.)
+    /// Output rows a page or more apart have their next tiles' lines
+    /// prefetched ([`AVX2_STORE_AHEAD`]): a tile's rows are that many
+    /// streams, too many for the hardware prefetchers, and the stores
+    /// waited on their lines (MobileNetV3's 16 -> 64 conv on 112×112
+    /// planes at batch 1: 0.73-0.79× the time without, Zen 3).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn gemm_avx2(
         u: &[f32],
@@ -520,6 +585,7 @@ mod x86 {
             // L2) pass it; each chunk adds its sums to the last one's in
             // `m`, the epilogue comes with the last.
             let (kc, mc) = avx2_blocks(depth, rows);
+            let ahead = ms >= AVX2_FAR_ROWS;
             let chunks = depth.div_ceil(kc).max(1);
             for k in 0..chunks {
                 let k0 = k * kc;
@@ -531,18 +597,43 @@ mod x86 {
                         let vp = v.add(k0 * vs + t0);
                         // The block's first tile prefetches the next slice of `v`.
                         let next = (t0 + PANEL_GRANULE < cols).then(|| vp.wrapping_add(PANEL_GRANULE));
-                        for row in (r0..r1).step_by(AVX2_ROWS) {
-                            let up = u.add(row / PANEL_ROWS * depth * PANEL_ROWS + k0 * PANEL_ROWS + row % PANEL_ROWS);
+                        let mut row = r0;
+                        while row < r1 {
+                            let height = avx2_tile_rows(r1 - row);
+                            debug_assert!(row + height <= r1, "a tile past its block");
+                            // Rows past the panel's last lie a panel on.
+                            let up = TileWeights {
+                                at: u.add(row / PANEL_ROWS * depth * PANEL_ROWS + k0 * PANEL_ROWS + row % PANEL_ROWS),
+                                split: PANEL_ROWS - row % PANEL_ROWS,
+                                jump: depth.saturating_sub(1) * PANEL_ROWS,
+                            };
                             let mp = m.add(row * ms + t0);
                             let e = TileEpilogue::at(epi.filter(|_| last), row, t0);
                             let next = next.filter(|_| row == r0);
-                            const W: usize = PANEL_GRANULE / 8;
-                            match (stream && last, first) {
-                                (true, true) => micro_avx2::<W, true, false>(up, vp, mp, chunk, [vs, ms], e, next),
-                                (true, false) => micro_avx2::<W, true, true>(up, vp, mp, chunk, [vs, ms], e, next),
-                                (false, true) => micro_avx2::<W, false, false>(up, vp, mp, chunk, [vs, ms], e, next),
-                                (false, false) => micro_avx2::<W, false, true>(up, vp, mp, chunk, [vs, ms], e, next),
+                            if ahead && last {
+                                // A hint: never faults, whatever the address.
+                                for r in 0..height {
+                                    let line = mp.wrapping_add(r * ms + AVX2_STORE_AHEAD * PANEL_GRANULE);
+                                    _mm_prefetch::<_MM_HINT_T0>(line.cast());
+                                }
                             }
+                            const W: usize = PANEL_GRANULE / 8;
+                            // The tile's height and its store and accumulate modes.
+                            macro_rules! tile {
+                                ($tile:ident) => {
+                                    match (stream && last, first) {
+                                        (true, true) => $tile::<W, true, false>(up, vp, mp, chunk, [vs, ms], e, next),
+                                        (true, false) => $tile::<W, true, true>(up, vp, mp, chunk, [vs, ms], e, next),
+                                        (false, true) => $tile::<W, false, false>(up, vp, mp, chunk, [vs, ms], e, next),
+                                        (false, false) => $tile::<W, false, true>(up, vp, mp, chunk, [vs, ms], e, next),
+                                    }
+                                };
+                            }
+                            match height == AVX2_TALL_ROWS {
+                                true => tile!(micro_avx2_tall),
+                                false => tile!(micro_avx2),
+                            }
+                            row += height;
                         }
                     }
                 }
