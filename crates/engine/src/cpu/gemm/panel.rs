@@ -519,11 +519,12 @@ mod x86 {
     /// of the x86 machines measured).
     const AVX2_BLOCK_ROWS: usize = 128;
 
-    /// Output rows at least this many values apart (4 KiB: a page each)
-    /// have the lines of their next tiles prefetched.
+    /// Rows at least this many values apart (4 KiB: a page each) have
+    /// their lines prefetched [`AVX2_AHEAD`] tiles ahead.
     const AVX2_FAR_ROWS: usize = 1024;
-    /// How many tiles ahead along its rows a tile prefetches the output.
-    const AVX2_STORE_AHEAD: usize = 4;
+    /// How many tiles (16 columns) ahead along its rows the product
+    /// prefetches the far rows of `v`, of the output and of the residual.
+    const AVX2_AHEAD: usize = 4;
 
     /// Depth per chunk and rows per block of an AVX2 product `depth` deep
     /// with `rows` rows: the whole product where a slice of `v` fits the
@@ -556,11 +557,14 @@ mod x86 {
     /// convs 1.16-1.28×), MobileNetV3-Large 1.07× (its 1×1 convs up to
     /// 1.20×), alternating forwards. (4 × 24, also 12 accumulators, left
     /// LLVM one register short: it spilled an accumulator every step.)
-    /// Output rows a page or more apart have their next tiles' lines
-    /// prefetched ([`AVX2_STORE_AHEAD`]): a tile's rows are that many
-    /// streams, too many for the hardware prefetchers, and the stores
-    /// waited on their lines (MobileNetV3's 16 -> 64 conv on 112×112
-    /// planes at batch 1: 0.73-0.79× the time without, Zen 3).
+    /// Rows a page or more apart (a 1×1 conv's planes) have the lines of
+    /// the tiles [`AVX2_AHEAD`] on prefetched: a tile's rows are that many
+    /// streams, too many for the hardware prefetchers, and the loads and
+    /// stores waited on their lines. Zen 3, alternating forwards:
+    /// MobileNetV3's 16 -> 64 conv on 112×112 planes at batch 1 0.73-0.79×
+    /// the time without the output's lines; at batch 10 with `v`'s and
+    /// the residual's 4 tiles ahead rather than 1 and none, its 72 -> 24 +
+    /// residual on 56×56 planes 0.75×, the whole model 0.97×.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn gemm_avx2(
         u: &[f32],
@@ -596,7 +600,9 @@ mod x86 {
                     for t0 in (0..cols).step_by(PANEL_GRANULE) {
                         let vp = v.add(k0 * vs + t0);
                         // The block's first tile prefetches the next slice of `v`.
-                        let next = (t0 + PANEL_GRANULE < cols).then(|| vp.wrapping_add(PANEL_GRANULE));
+                        // (Rows a page or more apart: `AVX2_AHEAD` slices on.)
+                        let ahead_v = if vs >= AVX2_FAR_ROWS { AVX2_AHEAD } else { 1 };
+                        let next = (t0 + PANEL_GRANULE < cols).then(|| vp.wrapping_add(ahead_v * PANEL_GRANULE));
                         let mut row = r0;
                         while row < r1 {
                             let height = avx2_tile_rows(r1 - row);
@@ -611,10 +617,19 @@ mod x86 {
                             let e = TileEpilogue::at(epi.filter(|_| last), row, t0);
                             let next = next.filter(|_| row == r0);
                             if ahead && last {
-                                // A hint: never faults, whatever the address.
-                                for r in 0..height {
-                                    let line = mp.wrapping_add(r * ms + AVX2_STORE_AHEAD * PANEL_GRANULE);
-                                    _mm_prefetch::<_MM_HINT_T0>(line.cast());
+                                // Hints: never fault, whatever the address.
+                                // The output's lines (not for streaming
+                                // stores, which need none) and the residual's.
+                                let along = AVX2_AHEAD * PANEL_GRANULE;
+                                for r in (0..height).filter(|_| !stream) {
+                                    _mm_prefetch::<_MM_HINT_T0>(mp.wrapping_add(r * ms + along).cast());
+                                }
+                                for e in e.iter().filter(|e| !e.residual.is_null()) {
+                                    for r in 0..height {
+                                        _mm_prefetch::<_MM_HINT_T0>(
+                                            e.residual.wrapping_add(r * e.stride + along).cast(),
+                                        );
+                                    }
                                 }
                             }
                             const W: usize = PANEL_GRANULE / 8;
