@@ -332,6 +332,36 @@ proptest! {
     }
 }
 
+/// A conv deeper than the AVX2 product's depth chunks (576 = 64·3·3)
+/// with a block budget of one tile: its blocks take the least size a
+/// chunked product is given (several per image, partial tiles, a residual
+/// and an activation); every path equals candle's conv.
+#[test]
+fn deep_direct_conv_in_least_blocks() {
+    let attrs = Conv2dAttrs {
+        padding: [1, 1],
+        ..Conv2dAttrs::default()
+    };
+    let RandomCase {
+        x,
+        w,
+        b,
+        residual,
+        activation,
+        want,
+    } = random_case([2, 64, 13, 13], [20, 64, 3, 3], attrs, Some(0), true);
+    let per_col = (576 + 24) * 4;
+    for isa in Isa::available() {
+        let conv = DirectConv::for_test(&w, Some(&b), attrs, activation, None, Layout::Panels, isa)
+            .unwrap()
+            .with_block_bytes(crate::cpu::gemm::PANEL_GRANULE * per_col);
+        let got = conv.run(&x, residual.as_ref()).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let diff = crate::test_util::max_abs_diff(&got, &want);
+        assert!(diff <= 1e-5 * 576.0 * 4.0, "{isa:?}: diff {diff}");
+    }
+}
+
 /// Bands of one output row that lie wholly in the padding (a 1×1 kernel
 /// over a 1×1 input padded by 2: rows of zeros plus the bias) and bands
 /// that straddle it, on every path: the blocked depthwise conv's bands

@@ -18,8 +18,8 @@ pub(crate) mod panel;
 pub(crate) use columns::panel_columns;
 pub(crate) use lane::{lane_gemm, lane_index, pack_lanes, LaneProduct, LANES};
 pub(crate) use panel::{
-    pack_panels, panel_gemm, panel_gemm_shared, panel_gemm_strided, panel_index, SharedRows, StoreEpilogue, Strided,
-    PANEL_GRANULE, PANEL_ROWS, PANEL_TILES,
+    chunks_depth, pack_panels, panel_gemm, panel_gemm_shared, panel_gemm_strided, panel_index, SharedRows,
+    StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES,
 };
 
 /// Which micro-kernel a left operand (the weights) is packed for.

@@ -20,6 +20,17 @@ pub(crate) const PANEL_TILES: usize = 32;
 /// `cols` must be a multiple of this (a half micro-tile finishes the row).
 pub(crate) const PANEL_GRANULE: usize = 16;
 
+/// Products deeper than this run in depth chunks on AVX2: a 16-column
+/// slice of `v` 512 deep is 32 KiB, the whole L1.
+const AVX2_MAX_DEPTH: usize = 512;
+
+/// Whether `isa`'s product `depth` deep runs in depth chunks (AVX2 past
+/// 512): a chunk's rows of `v` stay in the L2 while the weights pass, so
+/// `v` as a whole need not fit it.
+pub(crate) fn chunks_depth(isa: Isa, depth: usize) -> bool {
+    isa == Isa::Avx2Fma && depth > AVX2_MAX_DEPTH
+}
+
 /// Packs row-major `plain` `[rows, depth]` into panels
 /// `[rows / PANEL_ROWS][depth][PANEL_ROWS]` (`packed` holds `rows` rounded
 /// up to whole panels, times `depth`; rows past `rows` are zeros).
@@ -233,7 +244,7 @@ unsafe fn gemm_scalar(u: &[f32], v: &[f32], m: *mut f32, [rows, depth, cols]: [u
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{StoreEpilogue, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
+    use super::{StoreEpilogue, AVX2_MAX_DEPTH, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
     use crate::cpu::activation::{sigmoid_avx2, sigmoid_avx512};
     use crate::cpu::epilogue::vector_activation;
     use std::arch::x86_64::*;
@@ -508,9 +519,7 @@ mod x86 {
             _ => AVX2_TALL_ROWS,
         }
     }
-    /// Products deeper than this run in depth chunks on AVX2: a 16-column
-    /// slice of `v` 512 deep is 32 KiB, the whole L1.
-    const AVX2_MAX_DEPTH: usize = 512;
+
     /// The most depth per chunk: a 16-column slice of `v` this deep is
     /// 12 KiB, well inside the L1 beside the weights' stream.
     const AVX2_CHUNK_DEPTH: usize = 192;
