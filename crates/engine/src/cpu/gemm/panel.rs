@@ -383,9 +383,9 @@ mod x86 {
     }
 
     /// Defines `$name::<V, STREAM, ACC>`, one `$rows × $lanes·V` micro-tile
-    /// on the `$feature` path: `m[r·ms + j] = Σ_d U[r][d] · vp[d·vs + j]`,
-    /// the weights `U` where `u` says ([`TileWeights`]), (with `ACC`, added
-    /// to the values `m` holds: a later depth chunk),
+    /// on the `$feature` path: `m[r·ms + j] = Σ_d U[r][d] · vp[d·vs + j]`
+    /// with the weights `U` where `u` says ([`TileWeights`]) (with `ACC`,
+    /// added to the values `m` holds: a later depth chunk),
     /// `$rows` accumulator rows of `V` vectors, `v` loaded once per depth
     /// step, `u` broadcast per row, the epilogue (if any) applied as the
     /// sums are stored. The one body both SIMD paths share; each picks the
@@ -418,8 +418,8 @@ mod x86 {
             ) {
                 // SAFETY: within the bounds of the contract above.
                 unsafe {
-                    // Where row `r`'s weights lie from `up`: past `split`,
-                    // in the next panel.
+                    // Where row `r`'s weights lie from `u.at`: past
+                    // `u.split`, in the next panel.
                     let rows_at: [usize; $rows] = std::array::from_fn(|r| if r < u.split { r } else { r + u.jump });
                     let mut acc = [[$zero(); V]; $rows];
                     if ACC {
