@@ -18,7 +18,8 @@
 //!
 //! Packed conv weights stay within [`WeightBudget`] (2.5× the graph's conv
 //! weights + 48 MiB unless [`Engine::with_weight_budget`] or
-//! `WICK_WEIGHT_BUDGET` says otherwise): over it, Winograd F(4×4) convs step down to F(2×2).
+//! `WICK_WEIGHT_BUDGET` says otherwise): over it, Winograd F(4×4) convs
+//! step down to F(2×2).
 //!
 //! On the CPU the kernels take the best instruction-set path the CPU has;
 //! [`Engine::with_cpu_path`] or the `WICK_ISA` environment variable

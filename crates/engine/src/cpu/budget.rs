@@ -72,6 +72,7 @@ impl WeightBudget {
         Self::bare(f32::INFINITY)
     }
 
+    /// `factor` times the conv weights, no allowance.
     fn bare(factor: f32) -> Self {
         Self {
             factor,

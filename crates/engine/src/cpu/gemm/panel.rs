@@ -599,6 +599,9 @@ mod x86 {
             // `m`, the epilogue comes with the last.
             let (kc, mc) = avx2_blocks(depth, rows);
             let ahead = ms >= AVX2_FAR_ROWS;
+            // Slices on that the first tile prefetches `v`: the next, or
+            // `AVX2_AHEAD` on where its rows are a page or more apart.
+            let ahead_v = if vs >= AVX2_FAR_ROWS { AVX2_AHEAD } else { 1 };
             let chunks = depth.div_ceil(kc).max(1);
             for k in 0..chunks {
                 let k0 = k * kc;
@@ -608,9 +611,7 @@ mod x86 {
                     let r1 = rows.min(r0 + mc);
                     for t0 in (0..cols).step_by(PANEL_GRANULE) {
                         let vp = v.add(k0 * vs + t0);
-                        // The block's first tile prefetches the next slice of `v`.
-                        // (Rows a page or more apart: `AVX2_AHEAD` slices on.)
-                        let ahead_v = if vs >= AVX2_FAR_ROWS { AVX2_AHEAD } else { 1 };
+                        // The block's first tile prefetches a later slice of `v`.
                         let next = (t0 + PANEL_GRANULE < cols).then(|| vp.wrapping_add(ahead_v * PANEL_GRANULE));
                         let mut row = r0;
                         while row < r1 {
