@@ -238,6 +238,32 @@ const PAGE: usize = 4096;
 #[cfg(target_os = "linux")]
 const HUGE_PAGE: usize = 2 << 20;
 
+/// `out[k] = src[k·stride]` for every `k` of `out` (`src` holds at least
+/// `(out.len() − 1)·stride + 1` values); stride 2 as pairs, which
+/// vectorises with the path's shuffles where a plain step does not.
+#[inline(always)]
+pub(crate) fn gather_strided(src: &[f32], stride: usize, out: &mut [f32]) {
+    let Some((last, head)) = out.split_last_mut() else {
+        return;
+    };
+    let n = head.len();
+    match stride {
+        0 => head.fill(src[0]),
+        1 => head.copy_from_slice(&src[..n]),
+        2 => {
+            for (value, pair) in head.iter_mut().zip(src[..2 * n].chunks_exact(2)) {
+                *value = pair[0];
+            }
+        }
+        _ => {
+            for (value, &x) in head.iter_mut().zip(src.iter().step_by(stride)) {
+                *value = x;
+            }
+        }
+    }
+    *last = src[n * stride];
+}
+
 #[cfg(test)]
 mod tests {
     use super::SharedOut;

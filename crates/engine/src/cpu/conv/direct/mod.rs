@@ -15,7 +15,7 @@
 mod pooled;
 
 use super::{output, ConvShape, ConvSpec};
-use crate::cpu::data::{output_buffer, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::data::{gather_strided, output_buffer, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{
     chunks_depth, lane_gemm, panel_gemm, panel_gemm_shared, panel_gemm_strided, Isa, IsaBody, LaneProduct, Layout,
@@ -504,21 +504,7 @@ impl Run<'_> {
                 }
                 // lo..hi keeps ix = ox·sw + dx within 0..W.
                 let start = (lo as isize * sw + dx) as usize;
-                let n = inside.len();
-                if sw == 1 {
-                    inside.copy_from_slice(&line[start..start + n]);
-                } else if sw == 2 {
-                    // Even elements of line[start..start + 2n - 1], as pairs (vectorises).
-                    let (last, head) = inside.split_last_mut().expect("n >= 1");
-                    for (value, pair) in head.iter_mut().zip(line[start..start + 2 * (n - 1)].chunks_exact(2)) {
-                        *value = pair[0];
-                    }
-                    *last = line[start + 2 * (n - 1)];
-                } else {
-                    for (value, &x) in inside.iter_mut().zip(line[start..].iter().step_by(sw as usize)) {
-                        *value = x;
-                    }
-                }
+                gather_strided(&line[start..], sw as usize, inside);
             }
             v[block.pixels..].fill(0.0);
         }
