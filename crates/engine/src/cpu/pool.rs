@@ -84,7 +84,8 @@ pub(crate) fn max_rows(rows: &[f32], width: usize, out: &mut [f32]) {
 
 /// Max-pools one row: `out[x] = max(row[x·stride − pad ..][..kernel])`,
 /// the window clipped to the row (padding never wins: pad <= kernel / 2,
-/// and `out.len()` is the pooled width). `scratch` holds `row.len()` values.
+/// and `out.len()` is the pooled width; kernel and stride at least 1, as
+/// `MaxPool2dAttrs::output_size` requires). `scratch` holds `row.len()` values.
 ///
 /// Done as a stride-1 sliding max over whole rows (vectorises, a
 /// [`BLOCK`] at a time) and a pick of every `stride`-th window, instead of a
