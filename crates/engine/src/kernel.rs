@@ -187,16 +187,19 @@ impl Kernel {
                     _ => candle(CandleOp::Mul { a: slot(0), b: slot(1) }),
                 }
             }
-            Op::MaxPool2d(attrs) if device.is_cpu() && node.fact.dtype == DType::F32 => {
-                Ok(Kernel::Cpu(CpuKernel::MaxPool2d {
+            Op::MaxPool2d(attrs) => match how.machine {
+                Some(machine) if node.fact.dtype == DType::F32 => Ok(Kernel::Cpu(CpuKernel::MaxPool2d {
+                    pool: crate::cpu::pool::MaxPool {
+                        attrs: *attrs,
+                        isa: machine.isa,
+                    },
+                    x: slot(0),
+                })),
+                _ => candle(CandleOp::MaxPool2d {
                     attrs: *attrs,
                     x: slot(0),
-                }))
-            }
-            Op::MaxPool2d(attrs) => candle(CandleOp::MaxPool2d {
-                attrs: *attrs,
-                x: slot(0),
-            }),
+                }),
+            },
             Op::GlobalAvgPool2d => match how.machine {
                 Some(machine) if node.fact.dtype == DType::F32 => Ok(Kernel::Cpu(CpuKernel::GlobalAvgPool2d {
                     isa: machine.isa,

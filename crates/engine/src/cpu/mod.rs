@@ -27,7 +27,7 @@ use crate::kernel::Slot;
 use candle_core::Tensor;
 use conv::{winograd, ConvSpec, CpuConv};
 use std::sync::Arc;
-use wick_ir::{Activation, MaxPool2dAttrs};
+use wick_ir::Activation;
 
 /// Fewer tiles than this (over the batch) run faster as a direct convolution
 /// than as Winograd F(4×4) (measured on ResNet18: at batch 1 its 7×7
@@ -197,8 +197,8 @@ pub(crate) enum CpuKernel {
         scale: Option<Slot>,
         isa: gemm::Isa,
     },
-    /// The max pool.
-    MaxPool2d { attrs: MaxPool2dAttrs, x: Slot },
+    /// The max pool, on its path.
+    MaxPool2d { pool: pool::MaxPool, x: Slot },
     /// An elementwise activation, on the instruction-set path `isa`.
     Activation {
         isa: gemm::Isa,
@@ -249,7 +249,7 @@ impl CpuKernel {
                 residual.map(&value).transpose()?.as_ref(),
                 scale.map(&value).transpose()?.as_ref(),
             ),
-            CpuKernel::MaxPool2d { attrs, x } => pool::max_pool2d(&value(*x)?, attrs),
+            CpuKernel::MaxPool2d { pool, x } => pool.run(&value(*x)?),
             CpuKernel::Activation { isa, activation, x } => activation::activation(*isa, *activation, &value(*x)?),
             CpuKernel::GlobalAvgPool2d { isa, x } => plane::global_avg_pool2d(*isa, &value(*x)?),
             CpuKernel::ChannelScale { isa, a, s } => plane::channel_scale(*isa, &value(*a)?, &value(*s)?),

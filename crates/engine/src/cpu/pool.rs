@@ -1,20 +1,37 @@
 //! The CPU f32 max pool over NCHW with implicit −∞ padding, one pass over
-//! the input, planes in parallel, and the row operations it shares with the
-//! conv's fused pool (candle's own pool has no padding, so the candle path
-//! builds a padded copy first: `crate::candle::max_pool2d`).
+//! the input, planes in parallel, its loops compiled for an instruction-set
+//! path, and the row operations it shares with the conv's fused pool
+//! (candle's own pool has no padding, so the candle path builds a padded
+//! copy first: `crate::candle::max_pool2d`).
 
 use crate::cpu::data::{output_buffer, with_cpu_f32};
+use crate::cpu::gemm::{Isa, IsaBody};
 use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
 use wick_ir::MaxPool2dAttrs;
 
-/// Max-pools a CPU f32 tensor `[N, C, H, W]`.
-pub(crate) fn max_pool2d(x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Result<Tensor> {
+/// A max pool with the path its loops run on (one of [`Isa::available`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MaxPool {
+    /// Window, stride, padding, ceil mode.
+    pub(crate) attrs: MaxPool2dAttrs,
+    /// The instruction-set path.
+    pub(crate) isa: Isa,
+}
+
+impl MaxPool {
+    /// [`max_pool2d`] with these attributes on this path.
+    pub(crate) fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        max_pool2d(self.isa, x, &self.attrs)
+    }
+}
+
+/// Max-pools a CPU f32 tensor `[N, C, H, W]` on `isa`'s path.
+pub(crate) fn max_pool2d(isa: Isa, x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     let &[n, c, h, w] = x.dims() else {
         bail!("max_pool2d input must be NCHW, got {:?}", x.dims())
     };
-    let ([kh, kw], [sh, sw], [ph, pw]) = (attrs.kernel, attrs.stride, attrs.padding);
     let Some([oh, ow]) = attrs.output_size([h, w]) else {
         bail!("max_pool2d window {:?} does not fit {:?}", attrs.kernel, x.dims())
     };
@@ -37,19 +54,59 @@ pub(crate) fn max_pool2d(x: &Tensor, attrs: &MaxPool2dAttrs) -> candle_core::Res
         out.par_chunks_mut(oh * ow).zip(data.par_chunks(h * w)).for_each_init(
             || (vec![0f32; w], vec![0f32; w]),
             |(column_max, window_max), (out, plane)| {
-                for (oy, out) in out.chunks_mut(ow).enumerate() {
-                    // Window rows clipped to the image: padding never wins a max
-                    // (pad <= kernel / 2, so every window holds a real row).
-                    let y0 = (oy * sh).saturating_sub(ph);
-                    let y1 = (oy * sh + kh).saturating_sub(ph).min(h);
-                    max_rows(&plane[y0 * w..y1 * w], w, column_max);
-                    pool_row(column_max, [kw, sw, pw], window_max, out);
-                }
+                isa.run(PoolPlane {
+                    plane,
+                    size: [h, w],
+                    pooled_width: ow,
+                    attrs,
+                    column_max,
+                    window_max,
+                    out,
+                })
             },
         );
         Ok(())
     })?;
     Tensor::from_vec(out, (n, c, oh, ow), &Device::Cpu)
+}
+
+/// One plane of [`max_pool2d`] (`plane` `[size[0], size[1]]` into `out`
+/// `[OH, pooled_width]`, through row scratch `column_max` and
+/// `window_max`), as a body for [`Isa::run`].
+struct PoolPlane<'a> {
+    plane: &'a [f32],
+    size: [usize; 2],
+    pooled_width: usize,
+    attrs: &'a MaxPool2dAttrs,
+    column_max: &'a mut [f32],
+    window_max: &'a mut [f32],
+    out: &'a mut [f32],
+}
+
+impl IsaBody for PoolPlane<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let PoolPlane {
+            plane,
+            size: [h, w],
+            pooled_width,
+            attrs,
+            column_max,
+            window_max,
+            out,
+        } = self;
+        let ([kh, kw], [sh, sw], [ph, pw]) = (attrs.kernel, attrs.stride, attrs.padding);
+        for (oy, out) in out.chunks_mut(pooled_width).enumerate() {
+            // Window rows clipped to the image: padding never wins a max
+            // (pad <= kernel / 2, so every window holds a real row).
+            let y0 = (oy * sh).saturating_sub(ph);
+            let y1 = (oy * sh + kh).saturating_sub(ph).min(h);
+            max_rows(&plane[y0 * w..y1 * w], w, column_max);
+            pool_row(column_max, [kw, sw, pw], window_max, out);
+        }
+    }
 }
 
 /// Columns per register block of the max loops: two AVX2 vectors. The
@@ -170,17 +227,19 @@ mod tests {
                 None => x,
             };
             let attrs = MaxPool2dAttrs { kernel, stride, padding, ceil_mode };
-            let got = max_pool2d(&x, &attrs).unwrap();
             let plain = naive(&x, &attrs);
-            prop_assert_eq!(got.dims(), plain.dims());
-            let (got_values, plain_values) = (values(&got), values(&plain));
-            for (i, (a, b)) in got_values.iter().zip(&plain_values).enumerate() {
-                prop_assert!(a == b || (a.is_nan() && b.is_nan()), "output {}: {} vs {}", i, a, b);
-            }
-            if nan.is_none() {
-                // candle's pool drops NaN (PyTorch's keeps it): compared without.
-                let want = crate::candle::max_pool2d(&x, &attrs).unwrap();
-                prop_assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0);
+            for isa in Isa::available() {
+                let got = max_pool2d(isa, &x, &attrs).unwrap();
+                prop_assert_eq!(got.dims(), plain.dims());
+                let (got_values, plain_values) = (values(&got), values(&plain));
+                for (i, (a, b)) in got_values.iter().zip(&plain_values).enumerate() {
+                    prop_assert!(a == b || (a.is_nan() && b.is_nan()), "{:?} output {}: {} vs {}", isa, i, a, b);
+                }
+                if nan.is_none() {
+                    // candle's pool drops NaN (PyTorch's keeps it): compared without.
+                    let want = crate::candle::max_pool2d(&x, &attrs).unwrap();
+                    prop_assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0);
+                }
             }
         }
     }
@@ -238,8 +297,10 @@ mod tests {
             ceil_mode,
         };
         let values = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(values(max_pool2d(&x, &attrs(false)).unwrap()), [5.0, 3.0]);
-        assert_eq!(values(max_pool2d(&x, &attrs(true)).unwrap()), [5.0, 3.0, 7.0]);
+        for isa in Isa::available() {
+            assert_eq!(values(max_pool2d(isa, &x, &attrs(false)).unwrap()), [5.0, 3.0]);
+            assert_eq!(values(max_pool2d(isa, &x, &attrs(true)).unwrap()), [5.0, 3.0, 7.0]);
+        }
         assert_eq!(
             values(crate::candle::max_pool2d(&x, &attrs(true)).unwrap()),
             [5.0, 3.0, 7.0]
@@ -260,13 +321,15 @@ mod tests {
             stride: [2, 2],
             padding: [0, 0],
         };
-        let got: Vec<f32> = max_pool2d(&x, &attrs)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert!(got[0].is_nan(), "{got:?}");
-        assert_eq!(&got[1..], &[0.0, 0.0, 9.0]);
+        for isa in Isa::available() {
+            let got: Vec<f32> = max_pool2d(isa, &x, &attrs)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(got[0].is_nan(), "{isa:?}: {got:?}");
+            assert_eq!(&got[1..], &[0.0, 0.0, 9.0], "{isa:?}");
+        }
     }
 }

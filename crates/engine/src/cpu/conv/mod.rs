@@ -13,6 +13,7 @@ pub(crate) mod pointwise;
 pub(crate) mod winograd;
 
 use super::epilogue::Epilogue;
+use super::pool::MaxPool;
 use super::ConvAlgorithm;
 use crate::cpu::gemm::Layout;
 use crate::machine::Machine;
@@ -166,9 +167,9 @@ pub(crate) enum CpuConv {
     /// Blocked implicit GEMM (one group), optionally with a fused max pool.
     Direct(DirectConv),
     /// Per-group im2col + `gemm`, then the fused max pool, if any, as a pass of its own.
-    Grouped(GroupedConv, Option<MaxPool2dAttrs>),
+    Grouped(GroupedConv, Option<MaxPool>),
     /// One filter per channel, then the fused max pool, if any, as a pass of its own.
-    Depthwise(DepthwiseConv, Option<MaxPool2dAttrs>),
+    Depthwise(DepthwiseConv, Option<MaxPool>),
     /// A 1×1 conv as a GEMM on the NCHW planes in place.
     Pointwise(PointwiseConv),
     /// A 1×1 conv on 1×1 planes as dot products.
@@ -189,6 +190,13 @@ impl CpuConv {
     ) -> candle_core::Result<Self> {
         let spec = ConvSpec::of(weight, attrs)?;
         let epilogue = Epilogue::new(bias, spec.out_channels, activation)?.on(machine.isa);
+        // A pool the conv leaves to a pass of its own, on the machine's path.
+        let pass = |pool: Option<MaxPool2dAttrs>| {
+            pool.map(|attrs| MaxPool {
+                attrs,
+                isa: machine.isa,
+            })
+        };
         let pool_unfused = |algorithm: &str| match pool {
             Some(_) => bail!("{algorithm} takes no fused pool"),
             None => Ok(()),
@@ -208,8 +216,10 @@ impl CpuConv {
             ConvAlgorithm::DirectLanes => {
                 CpuConv::Direct(DirectConv::new(spec, weight, epilogue, pool, Layout::Lanes, machine)?)
             }
-            ConvAlgorithm::Grouped => CpuConv::Grouped(GroupedConv::new(spec, weight, epilogue)?, pool),
-            ConvAlgorithm::Depthwise => CpuConv::Depthwise(DepthwiseConv::new(spec, weight, epilogue, machine)?, pool),
+            ConvAlgorithm::Grouped => CpuConv::Grouped(GroupedConv::new(spec, weight, epilogue)?, pass(pool)),
+            ConvAlgorithm::Depthwise => {
+                CpuConv::Depthwise(DepthwiseConv::new(spec, weight, epilogue, machine)?, pass(pool))
+            }
             ConvAlgorithm::Pointwise => {
                 pool_unfused("pointwise")?;
                 CpuConv::Pointwise(PointwiseConv::new(spec, weight, epilogue, machine)?)
@@ -272,9 +282,9 @@ impl CpuConv {
             CpuConv::WinogradF2(conv) => conv.run(x, residual),
             CpuConv::Direct(conv) => conv.run(x, residual),
             CpuConv::Grouped(conv, None) => conv.run(x, residual),
-            CpuConv::Grouped(conv, Some(pool)) => super::pool::max_pool2d(&conv.run(x, residual)?, pool),
+            CpuConv::Grouped(conv, Some(pool)) => pool.run(&conv.run(x, residual)?),
             CpuConv::Depthwise(conv, None) => conv.run(x, residual),
-            CpuConv::Depthwise(conv, Some(pool)) => super::pool::max_pool2d(&conv.run(x, residual)?, pool),
+            CpuConv::Depthwise(conv, Some(pool)) => pool.run(&conv.run(x, residual)?),
             CpuConv::Pointwise(conv) => conv.run(x, residual),
             CpuConv::Gemv(conv) => conv.run(x, residual),
         }

@@ -282,7 +282,7 @@ mod tests {
                    let plain = DirectConv::for_test(&w, Some(&b), attrs, activation, None, Panels, isa).unwrap();
                    let conv_shape = plain.run(&x, None).unwrap().dims().to_vec();
                    let r = with_residual.then(|| Tensor::randn(0f32, 1.0, conv_shape.as_slice(), &d).unwrap());
-                   let want = max_pool2d(&plain.run(&x, r.as_ref()).unwrap(), &pool).unwrap();
+                   let want = max_pool2d(Isa::Scalar, &plain.run(&x, r.as_ref()).unwrap(), &pool).unwrap();
                    let fused = DirectConv::for_test(&w, Some(&b), attrs, activation, Some(pool), Panels, isa).unwrap();
                    let got = fused.run(&x, r.as_ref()).unwrap();
                    prop_assert_eq!(got.dims(), want.dims());
@@ -309,7 +309,7 @@ mod tests {
         x: &Tensor,
         residual: Option<&Tensor>,
     ) -> (Tensor, Tensor) {
-        let want = max_pool2d(&conv(None).run(x, residual).unwrap(), &pool).unwrap();
+        let want = max_pool2d(Isa::Scalar, &conv(None).run(x, residual).unwrap(), &pool).unwrap();
         (conv(Some(pool)).run(x, residual).unwrap(), want)
     }
 
