@@ -191,7 +191,7 @@ impl CpuConv {
         let spec = ConvSpec::of(weight, attrs)?;
         let epilogue = Epilogue::new(bias, spec.out_channels, activation)?.on(machine.isa);
         // A pool the conv leaves to a pass of its own, on the machine's path.
-        let pass = |pool: Option<MaxPool2dAttrs>| {
+        let unfused_pool = |pool: Option<MaxPool2dAttrs>| {
             pool.map(|attrs| MaxPool {
                 attrs,
                 isa: machine.isa,
@@ -216,9 +216,9 @@ impl CpuConv {
             ConvAlgorithm::DirectLanes => {
                 CpuConv::Direct(DirectConv::new(spec, weight, epilogue, pool, Layout::Lanes, machine)?)
             }
-            ConvAlgorithm::Grouped => CpuConv::Grouped(GroupedConv::new(spec, weight, epilogue)?, pass(pool)),
+            ConvAlgorithm::Grouped => CpuConv::Grouped(GroupedConv::new(spec, weight, epilogue)?, unfused_pool(pool)),
             ConvAlgorithm::Depthwise => {
-                CpuConv::Depthwise(DepthwiseConv::new(spec, weight, epilogue, machine)?, pass(pool))
+                CpuConv::Depthwise(DepthwiseConv::new(spec, weight, epilogue, machine)?, unfused_pool(pool))
             }
             ConvAlgorithm::Pointwise => {
                 pool_unfused("pointwise")?;
