@@ -11,6 +11,12 @@ use std::sync::OnceLock;
 /// The environment variable that forces an instruction-set path.
 pub const ISA_ENV: &str = "WICK_ISA";
 
+/// The most L3 a kernel counts on per thread before it streams its output
+/// ([`Machine::stream_bytes`]): a VM cannot see how many cores share the
+/// socket's L3 it reports. 8 MiB keeps the bound measured on Zen (half its
+/// 32 MiB L3, on two threads) where it was.
+const STREAM_BYTES_PER_THREAD: usize = 8 << 20;
+
 /// An instruction-set path of wick's CPU kernels, as a user names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CpuPath {
@@ -257,11 +263,56 @@ impl Machine {
             l3 => l3 / 2,
         }
     }
+
+    /// Bytes a kernel's operands and output can take before its output is
+    /// written with streaming stores (past the caches): [`Self::cached_bytes`],
+    /// at most [`STREAM_BYTES_PER_THREAD`] per thread of the pool. sysfs
+    /// gives the L3 of the whole socket, which every core of the host
+    /// shares: 300 MiB on the 2-vCPU Intel Xeon VM measured here, whose
+    /// reads slow from L3 to memory speed between 16 and 64 MiB. There
+    /// half that L3 left MobileNetV2's 16 -> 96 expansion on 112 x 112
+    /// planes at batch 10 (48 MB out) unstreamed at 9.9 ms against 4.0 ms
+    /// streamed; with the bound, at batch 10, MobileNetV2 took 0.80-0.81x
+    /// the time, MobileNetV3-Large 0.94-0.96x, EfficientNet-B0 0.94-0.95x,
+    /// ResNet50 0.96-0.99x (one model per setting in one process, forwards
+    /// alternating, both orders). Zen's 32 MiB L3 halves to the same
+    /// 16 MiB on two threads. The batch tiling keeps [`Self::cached_bytes`]: with
+    /// this bound it tiled ResNet50 at batch 10 down to layer3, whose
+    /// F(4x4) convs, their weights streamed once per group of images, took
+    /// 1.8x the time.
+    pub(crate) fn stream_bytes(&self) -> usize {
+        let threads = rayon::current_num_threads().max(1);
+        self.cached_bytes().min(STREAM_BYTES_PER_THREAD.saturating_mul(threads))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The streaming bound is half the L3, at most 8 MiB per pool thread:
+    /// a 300 MiB socket L3 seen from two threads counts as 16 MiB, Zen's
+    /// 32 MiB L3 keeps its half, a small L3 its half, no L3 the L2.
+    #[test]
+    fn stream_bytes_per_thread() {
+        let on_two = |l3: usize| {
+            let machine = Machine {
+                isa: Isa::Scalar,
+                caches: CacheSizes {
+                    l1d: 48 << 10,
+                    l2: 2 << 20,
+                    l3,
+                    detected: true,
+                },
+            };
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            (pool.install(|| machine.stream_bytes()), machine.cached_bytes())
+        };
+        assert_eq!(on_two(300 << 20), (16 << 20, 150 << 20));
+        assert_eq!(on_two(32 << 20), (16 << 20, 16 << 20));
+        assert_eq!(on_two(8 << 20), (4 << 20, 4 << 20));
+        assert_eq!(on_two(0), (2 << 20, 2 << 20));
+    }
 
     /// Path names parse back; unknown names are a typed error naming them.
     #[test]

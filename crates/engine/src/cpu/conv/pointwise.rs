@@ -59,8 +59,8 @@ pub(crate) struct PointwiseConv {
     /// Bytes one column block's input and output aim to fit in: the L2.
     block_bytes: usize,
     /// Bytes of operands and output past which the output is streamed
-    /// ([`Machine::cached_bytes`]).
-    cached_bytes: usize,
+    /// ([`Machine::stream_bytes`]).
+    stream_bytes: usize,
 }
 
 /// One image's operands for one task.
@@ -121,7 +121,7 @@ impl PointwiseConv {
             epilogue,
             isa: machine.isa,
             block_bytes: machine.block_bytes(),
-            cached_bytes: machine.cached_bytes(),
+            stream_bytes: machine.stream_bytes(),
         })
     }
 
@@ -217,7 +217,7 @@ impl PointwiseConv {
     /// Whether a call reading `input` values (and a residual of the
     /// output's size, if `residual`) and writing `output` values on planes
     /// of `plane` stores its output with streaming stores: when all of it
-    /// cannot stay in cache ([`Machine::cached_bytes`]: its first rows are evicted
+    /// cannot stay in cache ([`Machine::stream_bytes`]: its first rows are evicted
     /// before its last are written, so its reader finds none of it there
     /// anyway and the stores' reads for ownership are wasted traffic),
     /// and when every output row can start aligned (planes of whole 16-value
@@ -226,7 +226,7 @@ impl PointwiseConv {
     /// (32 MiB L3), alone: 3.3-4.3 -> 1.6-1.9 ms.
     fn streams(&self, input: usize, output: usize, residual: bool, plane: usize) -> bool {
         let values = input.saturating_add(output.saturating_mul(1 + usize::from(residual)));
-        plane.is_multiple_of(PANEL_GRANULE) && values.saturating_mul(4) > self.cached_bytes
+        plane.is_multiple_of(PANEL_GRANULE) && values.saturating_mul(4) > self.stream_bytes
     }
 
     /// A batch of 1×1 planes (squeeze-and-excitation's excitation) as one
@@ -553,7 +553,7 @@ mod tests {
                 let epilogue = Epilogue::new(Some(&b), out_channels, activation).unwrap().on(isa);
                 let mut conv = PointwiseConv::new(spec, &w, epilogue, Machine::with_isa(isa)).unwrap();
                 conv.block_bytes = block_tiles * PANEL_GRANULE * (channels + out_channels.next_multiple_of(PANEL_ROWS)) * 4;
-                conv.cached_bytes = if stream { 0 } else { usize::MAX };
+                conv.stream_bytes = if stream { 0 } else { usize::MAX };
                 let got = conv.run_scaled(&x, residual.then_some(&r), scale).unwrap();
                 prop_assert_eq!(got.dims(), want.dims());
                 let diff = crate::test_util::max_abs_diff(&got, &want);
