@@ -131,7 +131,7 @@ const BLOCK: usize = 16;
 #[inline(always)]
 fn block_starts(n: usize) -> (impl Iterator<Item = usize>, usize) {
     let whole = n / BLOCK * BLOCK;
-    let last = (n > whole && n >= BLOCK).then_some(n - BLOCK);
+    let last = (n > whole && n >= BLOCK).then(|| n - BLOCK);
     let covered = if last.is_some() { n } else { whole };
     ((0..whole).step_by(BLOCK).chain(last), covered)
 }
