@@ -267,19 +267,20 @@ impl Machine {
     /// Bytes a kernel's operands and output can take before its output is
     /// written with streaming stores (past the caches): [`Self::cached_bytes`],
     /// at most [`STREAM_BYTES_PER_THREAD`] per thread of the pool. sysfs
-    /// gives the L3 of the whole socket, which every core of the host
-    /// shares: 300 MiB on the 2-vCPU Intel Xeon VM measured here, whose
-    /// reads slow from L3 to memory speed between 16 and 64 MiB. There
-    /// half that L3 left MobileNetV2's 16 -> 96 expansion on 112 x 112
-    /// planes at batch 10 (48 MB out) unstreamed at 9.9 ms against 4.0 ms
-    /// streamed; with the bound, at batch 10, MobileNetV2 took 0.80-0.81x
-    /// the time, MobileNetV3-Large 0.94-0.96x, EfficientNet-B0 0.94-0.95x,
-    /// ResNet50 0.96-0.99x (one model per setting in one process, forwards
+    /// gives the size of the L3 a core sits behind, shared with every core
+    /// behind it, on a VM with cores it cannot see: 300 MiB (the socket's)
+    /// on the 2-vCPU Intel Xeon VM measured here, whose reads slow from L3
+    /// to memory speed between 16 and 64 MiB. There half that L3 left
+    /// MobileNetV2's 16 -> 96 expansion on 112 x 112 planes at batch 10
+    /// (48 MB out) unstreamed at 9.9 ms against 4.0 ms streamed; with the
+    /// bound, at batch 10, MobileNetV2 took 0.80-0.81x the time,
+    /// MobileNetV3-Large 0.94-0.96x, EfficientNet-B0 0.94-0.95x, ResNet50
+    /// 0.96-0.99x (one model per setting in one process, forwards
     /// alternating, both orders). Zen's 32 MiB L3 halves to the same
-    /// 16 MiB on two threads. The batch tiling keeps [`Self::cached_bytes`]: with
-    /// this bound it tiled ResNet50 at batch 10 down to layer3, whose
-    /// F(4x4) convs, their weights streamed once per group of images, took
-    /// 1.8x the time.
+    /// 16 MiB on two threads. The batch tiling keeps
+    /// [`Self::cached_bytes`]: with this bound it tiled ResNet50 at batch
+    /// 10 down to layer3, whose F(4x4) convs, their weights streamed once
+    /// per group of images, took 1.8x the time.
     pub(crate) fn stream_bytes(&self) -> usize {
         let threads = rayon::current_num_threads().max(1);
         self.cached_bytes().min(STREAM_BYTES_PER_THREAD.saturating_mul(threads))
