@@ -13,7 +13,7 @@ pub const ISA_ENV: &str = "WICK_ISA";
 
 /// The most L3 a kernel counts on per thread before it streams its output
 /// ([`Machine::stream_bytes`]): a VM cannot see how many cores share the
-/// socket's L3 it reports. 8 MiB keeps the bound measured on Zen (half its
+/// L3 that sysfs reports. 8 MiB keeps the bound measured on Zen (half its
 /// 32 MiB L3, on two threads) where it was.
 const STREAM_BYTES_PER_THREAD: usize = 8 << 20;
 
@@ -256,7 +256,8 @@ impl Machine {
     /// else the L2. (The whole L3 left MobileNetV3's 16 -> 16 + residual
     /// conv on 112 x 112 planes at batch 10, 24 MB, unstreamed at
     /// 1.0-2.0 ms; with half, streamed, 0.5-0.8 ms alone, 2.0 -> 1.2 ms
-    /// in the model on Zen 4.)
+    /// in the model on Zen 4.) The batch tiling's bound; the streaming
+    /// decision takes [`Self::stream_bytes`], which caps it per thread.
     pub(crate) fn cached_bytes(&self) -> usize {
         match self.caches.l3 {
             0 => self.caches.l2,
