@@ -8,14 +8,18 @@
 //! - [`lane`]: output channels on the vector lanes, weights streamed once
 //!   (few pixels: batch 1 at 7×7); Winograd F(2×2) and the direct conv's
 //!   lane layout.
+//! - [`gathered`]: the panel product with `V`'s rows read through a
+//!   table of offsets (the direct conv without im2col).
 //! - [`columns`]: a few columns of a panel product, one at a time (the
 //!   1×1 conv's columns off the micro-tile width).
 
 pub(crate) mod columns;
+pub(crate) mod gathered;
 pub(crate) mod lane;
 pub(crate) mod panel;
 
 pub(crate) use columns::panel_columns;
+pub(crate) use gathered::{panel_gemm_gathered, Gathered};
 pub(crate) use lane::{lane_gemm, lane_index, pack_lanes, LaneProduct, LANES};
 pub(crate) use panel::{
     chunks_depth, pack_panels, panel_gemm, panel_gemm_shared, panel_gemm_strided, panel_index, SharedRows,

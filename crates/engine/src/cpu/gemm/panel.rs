@@ -243,7 +243,7 @@ unsafe fn gemm_scalar(u: &[f32], v: &[f32], m: *mut f32, [rows, depth, cols]: [u
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::{StoreEpilogue, AVX2_MAX_DEPTH, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
     use crate::cpu::activation::{sigmoid_avx2, sigmoid_avx512};
     use crate::cpu::epilogue::vector_activation;
@@ -254,7 +254,7 @@ mod x86 {
     /// row, the residual at its first value (null without one) and the
     /// residual's row stride.
     #[derive(Clone, Copy)]
-    struct TileEpilogue {
+    pub(in crate::cpu::gemm) struct TileEpilogue {
         bias: *const f32,
         residual: *const f32,
         stride: usize,
@@ -317,12 +317,24 @@ mod x86 {
                     let next = next.filter(|_| panel == 0);
                     let (vp, mp) = (v.add(t0), mp.add(t0));
                     match stream {
-                        true => {
-                            micro_avx512::<TILE, true, false>(TileWeights::whole(up), vp, mp, depth, [vs, ms], e, next)
-                        }
-                        false => {
-                            micro_avx512::<TILE, false, false>(TileWeights::whole(up), vp, mp, depth, [vs, ms], e, next)
-                        }
+                        true => micro_avx512::<TILE, true, false, false>(
+                            TileWeights::whole(up),
+                            TileColumns::rows(vp, vs),
+                            mp,
+                            depth,
+                            ms,
+                            e,
+                            next,
+                        ),
+                        false => micro_avx512::<TILE, false, false, false>(
+                            TileWeights::whole(up),
+                            TileColumns::rows(vp, vs),
+                            mp,
+                            depth,
+                            ms,
+                            e,
+                            next,
+                        ),
                     }
                 }
             }
@@ -332,12 +344,24 @@ mod x86 {
                     let e = TileEpilogue::at(epi, panel * PANEL_ROWS, full);
                     let (vp, mp) = (v.add(full), mp.add(full));
                     match stream {
-                        true => {
-                            micro_avx512::<1, true, false>(TileWeights::whole(up), vp, mp, depth, [vs, ms], e, None)
-                        }
-                        false => {
-                            micro_avx512::<1, false, false>(TileWeights::whole(up), vp, mp, depth, [vs, ms], e, None)
-                        }
+                        true => micro_avx512::<1, true, false, false>(
+                            TileWeights::whole(up),
+                            TileColumns::rows(vp, vs),
+                            mp,
+                            depth,
+                            ms,
+                            e,
+                            None,
+                        ),
+                        false => micro_avx512::<1, false, false, false>(
+                            TileWeights::whole(up),
+                            TileColumns::rows(vp, vs),
+                            mp,
+                            depth,
+                            ms,
+                            e,
+                            None,
+                        ),
                     }
                 }
             }
@@ -365,15 +389,35 @@ mod x86 {
     /// rows before `split`, at `at + d·8 + r + jump` from there on (a tile
     /// that runs into the next panel).
     #[derive(Clone, Copy)]
-    struct TileWeights {
-        at: *const f32,
-        split: usize,
-        jump: usize,
+    pub(in crate::cpu::gemm) struct TileWeights {
+        pub(in crate::cpu::gemm) at: *const f32,
+        pub(in crate::cpu::gemm) split: usize,
+        pub(in crate::cpu::gemm) jump: usize,
+    }
+
+    /// Where a micro-tile's rows of `v` lie: row `d` at `at + d·stride`, or
+    /// (a `TABLE` tile) at `at + table[d]`.
+    #[derive(Clone, Copy)]
+    pub(in crate::cpu::gemm) struct TileColumns {
+        pub(in crate::cpu::gemm) at: *const f32,
+        pub(in crate::cpu::gemm) stride: usize,
+        pub(in crate::cpu::gemm) table: *const usize,
+    }
+
+    impl TileColumns {
+        /// Rows `stride` apart from `at`.
+        pub(in crate::cpu::gemm) fn rows(at: *const f32, stride: usize) -> Self {
+            TileColumns {
+                at,
+                stride,
+                table: std::ptr::null(),
+            }
+        }
     }
 
     impl TileWeights {
         /// A tile whose rows all lie in the panel `at` points into.
-        fn whole(at: *const f32) -> Self {
+        pub(in crate::cpu::gemm) fn whole(at: *const f32) -> Self {
             TileWeights {
                 at,
                 split: PANEL_ROWS,
@@ -382,9 +426,11 @@ mod x86 {
         }
     }
 
-    /// Defines `$name::<V, STREAM, ACC>`, one `$rows × $lanes·V` micro-tile
-    /// on the `$feature` path: `m[r·ms + j] = Σ_d U[r][d] · vp[d·vs + j]`
-    /// with the weights `U` where `u` says ([`TileWeights`]) (with `ACC`,
+    /// Defines `$name::<V, STREAM, ACC, TABLE>`, one `$rows × $lanes·V`
+    /// micro-tile on the `$feature` path: `m[r·ms + j] = Σ_d U[r][d] ·
+    /// V[d][j]` with the weights `U` where `u` says ([`TileWeights`]) and
+    /// `V`'s rows where `v` says ([`TileColumns`]: `v.stride` apart, or
+    /// with `TABLE` at `v.table`'s offsets) (with `ACC`,
     /// added to the values `m` holds: a later depth chunk),
     /// `$rows` accumulator rows of `V` vectors, `v` loaded once per depth
     /// step, `u` broadcast per row, the epilogue (if any) applied as the
@@ -397,9 +443,10 @@ mod x86 {
             /// # Safety
             /// The CPU has the path's features; `u.at` has `8·depth` values
             /// from the tile's first row on (and from `u.jump` on, if a
-            /// row lies past `u.split`), `vp` and `mp` have
-            /// `lanes·V` values in each of `depth` (resp. `rows`) rows of
-            /// stride `vs` (resp. `ms`); `epi`'s bias has `rows` values
+            /// row lies past `u.split`), `v` has `lanes·V` values in each
+            /// of its `depth` rows (with `TABLE`, `v.table` has `depth`
+            /// offsets), `mp` as many in each of `rows` rows of stride
+            /// `ms`; `epi`'s bias has `rows` values
             /// and its residual `lanes·V` in each of `rows` rows. `next`,
             /// if given, is prefetched along `v`'s rows (`lanes·V` values
             /// each, stride `vs`): a hint that never faults, its pointers
@@ -407,12 +454,17 @@ mod x86 {
             /// With `ACC`, the tile's values in `m` were written before.
             #[inline]
             #[target_feature(enable = $feature)]
-            unsafe fn $name<const V: usize, const STREAM: bool, const ACC: bool>(
+            pub(in crate::cpu::gemm) unsafe fn $name<
+                const V: usize,
+                const STREAM: bool,
+                const ACC: bool,
+                const TABLE: bool,
+            >(
                 u: TileWeights,
-                vp: *const f32,
+                v: TileColumns,
                 mp: *mut f32,
                 depth: usize,
-                [vs, ms]: [usize; 2],
+                ms: usize,
                 epi: Option<TileEpilogue>,
                 next: Option<*const f32>,
             ) {
@@ -429,7 +481,7 @@ mod x86 {
                             }
                         }
                     }
-                    let (mut vp, mut ur) = (vp, u.at);
+                    let (mut vp, mut ur, vs) = (v.at, u.at, v.stride);
                     if let Some(e) = epi.filter(|e| !e.residual.is_null()) {
                         // The next tile's residual rows, a hint as above.
                         for r in 0..$rows {
@@ -447,7 +499,9 @@ mod x86 {
                                 _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(line).cast());
                             }
                         }
-                        let b: [$vector; V] = std::array::from_fn(|j| $load(vp.add($lanes * j)));
+                        // With `TABLE`, row d lies at `v.table[d]` from `v.at`.
+                        let row = if TABLE { v.at.add(*v.table.add(d)) } else { vp };
+                        let b: [$vector; V] = std::array::from_fn(|j| $load(row.add($lanes * j)));
                         for (r, acc) in acc.iter_mut().enumerate() {
                             let a = $splat(*ur.add(rows_at[r]));
                             for j in 0..V {
@@ -508,12 +562,12 @@ mod x86 {
     /// Half a panel's rows (4) per short AVX2 micro-tile.
     const AVX2_ROWS: usize = PANEL_ROWS / 2;
     /// Rows per tall AVX2 micro-tile (12 accumulators).
-    const AVX2_TALL_ROWS: usize = 6;
+    pub(in crate::cpu::gemm) const AVX2_TALL_ROWS: usize = 6;
 
     /// The height of the next AVX2 micro-tile with `left` rows (a multiple
     /// of 2, from a multiple of 8) left in the block: tall ones, and short
     /// ones for the last 4 or 8 rows, which 6-row tiles cannot cover.
-    fn avx2_tile_rows(left: usize) -> usize {
+    pub(in crate::cpu::gemm) fn avx2_tile_rows(left: usize) -> usize {
         match left {
             4 | 8 => AVX2_ROWS,
             _ => AVX2_TALL_ROWS,
@@ -647,10 +701,42 @@ mod x86 {
                             macro_rules! tile {
                                 ($tile:ident) => {
                                     match (stream && last, first) {
-                                        (true, true) => $tile::<W, true, false>(up, vp, mp, chunk, [vs, ms], e, next),
-                                        (true, false) => $tile::<W, true, true>(up, vp, mp, chunk, [vs, ms], e, next),
-                                        (false, true) => $tile::<W, false, false>(up, vp, mp, chunk, [vs, ms], e, next),
-                                        (false, false) => $tile::<W, false, true>(up, vp, mp, chunk, [vs, ms], e, next),
+                                        (true, true) => $tile::<W, true, false, false>(
+                                            up,
+                                            TileColumns::rows(vp, vs),
+                                            mp,
+                                            chunk,
+                                            ms,
+                                            e,
+                                            next,
+                                        ),
+                                        (true, false) => $tile::<W, true, true, false>(
+                                            up,
+                                            TileColumns::rows(vp, vs),
+                                            mp,
+                                            chunk,
+                                            ms,
+                                            e,
+                                            next,
+                                        ),
+                                        (false, true) => $tile::<W, false, false, false>(
+                                            up,
+                                            TileColumns::rows(vp, vs),
+                                            mp,
+                                            chunk,
+                                            ms,
+                                            e,
+                                            next,
+                                        ),
+                                        (false, false) => $tile::<W, false, true, false>(
+                                            up,
+                                            TileColumns::rows(vp, vs),
+                                            mp,
+                                            chunk,
+                                            ms,
+                                            e,
+                                            next,
+                                        ),
                                     }
                                 };
                             }

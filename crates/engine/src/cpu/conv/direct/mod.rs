@@ -12,6 +12,7 @@
 //! (`pooled.rs`) the convolution's rows stay in scratch and only the pooled
 //! output is written.
 
+mod phased;
 mod pooled;
 
 use super::{output, ConvShape, ConvSpec};
@@ -24,6 +25,7 @@ use crate::cpu::gemm::{
 use crate::cpu::parallel::for_ranges;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
+use phased::Phases;
 use rayon::prelude::*;
 use std::ops::Range;
 use wick_ir::MaxPool2dAttrs;
@@ -76,6 +78,9 @@ struct Run<'a> {
     /// Whether blocks lie within one image and store their products in
     /// place ([`Run::in_place`]).
     in_place: bool,
+    /// The input's phase layout, where the product reads the input in
+    /// place of im2col columns ([`Phases::applies`]).
+    phases: Option<Phases>,
 }
 
 /// One block of output pixels.
@@ -216,6 +221,9 @@ impl DirectConv {
                 shape,
                 split: false,
                 in_place: false,
+                phases: Phases::applies(self, &shape)
+                    .then(|| Phases::new(self, &shape))
+                    .transpose()?,
             };
             if let Some(pool) = &self.pool {
                 return run.pooled(pool, [final_dims[2], final_dims[3]]);
@@ -236,7 +244,7 @@ impl DirectConv {
                 false => (total.div_ceil(cols), cols),
             };
             run.split = blocks < 2 * threads && threads > 1;
-            run.in_place = within_images && !run.split;
+            run.in_place = within_images && !run.split && run.phases.is_none();
             let run_block = |b: usize| match within_images {
                 true => {
                     let (image, k) = (b / per_image, b % per_image);
@@ -298,6 +306,22 @@ impl Run<'_> {
     fn block(&self, first: usize, pixels: usize) -> candle_core::Result<()> {
         let block = self.block_of(first, pixels);
         let out_channels = self.shape.out_channels;
+        if let Some(phases) = &self.phases {
+            // Products with a granule of room past the block's columns
+            // for the last row's last tile.
+            let m_cols = block.cols + PANEL_GRANULE;
+            let buf_len = phases.buffer_len(self.conv, Phases::block_rows(&block))?;
+            let m_len = self.conv.padded_out * m_cols;
+            return with_scratch(buf_len + m_len, |scratch| {
+                let (buf, m) = scratch.split_at_mut(buf_len);
+                self.phased(phases, &block, buf, m, m_cols)?;
+                let m = &*m;
+                for_ranges(out_channels, self.split, |channels| {
+                    self.epilogue(m, m_cols, &block, channels)
+                });
+                Ok(())
+            })?;
+        }
         let (v_len, m_len) = (self.conv.depth() * block.cols, self.conv.products_len(block.cols));
         with_scratch(v_len + m_len, |scratch| {
             let (v, m) = scratch.split_at_mut(v_len);
@@ -307,7 +331,9 @@ impl Run<'_> {
             self.products(&block, v, m);
             let m = &*m;
             // Split: channels in parallel, each writing its own output rows.
-            for_ranges(out_channels, self.split, |channels| self.epilogue(m, &block, channels));
+            for_ranges(out_channels, self.split, |channels| {
+                self.epilogue(m, block.cols, &block, channels)
+            });
         })
     }
 
@@ -377,11 +403,11 @@ impl Run<'_> {
     }
 
     /// The epilogue for output channels `channels` of a block (products
-    /// `m`, `[O_pad, cols]`), written to the block's output pixels.
-    fn epilogue(&self, m: &[f32], block: &Block, channels: Range<usize>) {
+    /// `m`, `[O_pad, m_cols]`), written to the block's output pixels.
+    fn epilogue(&self, m: &[f32], m_cols: usize, block: &Block, channels: Range<usize>) {
         let s = &self.shape;
         for o in channels {
-            let products = &m[o * block.cols..][..block.cols];
+            let products = &m[o * m_cols..][..block.cols];
             for seg in &block.segments {
                 let base = (seg.image * s.out_channels + o) * s.out_plane() + seg.y * s.out_width;
                 let src = &products[seg.col..seg.col + seg.x1 - seg.x0];

@@ -138,8 +138,10 @@ impl Run<'_> {
         // pooled row is pooled as soon as its window's rows are there,
         // while they are still in cache.
         let whole = self.split;
+        // Phased products write a granule past a row's end (`phased.rs`).
+        let room = if self.phases.is_some() { PANEL_GRANULE } else { 0 };
         let (v_cols, m_cols) = match whole {
-            true => (block.cols, block.cols),
+            true => (block.cols, block.cols + room),
             false => (
                 self.sub_block_cols(),
                 block.pixels.next_multiple_of(PANEL_GRANULE) + PANEL_GRANULE,
@@ -149,7 +151,11 @@ impl Run<'_> {
             true => y_hi - y_lo,
             false => v_cols / ow,
         };
-        let (v_len, m_len) = (conv.depth() * v_cols, conv.padded_out * m_cols);
+        let v_len = match &self.phases {
+            Some(phases) => phases.buffer_len(conv, sub_rows)?,
+            None => conv.depth() * v_cols,
+        };
+        let m_len = conv.padded_out * m_cols;
         with_scratch(v_len + m_len + 2 * ow + pooled[1], |scratch| {
             let (v, rest) = scratch.split_at_mut(v_len);
             let (m, rest) = rest.split_at_mut(m_len);
@@ -165,7 +171,10 @@ impl Run<'_> {
             for y in (y_lo..y_hi).step_by(sub_rows) {
                 let n = sub_rows.min(y_hi - y);
                 let at = (y - y_lo) * ow;
-                if whole {
+                if let Some(phases) = &self.phases {
+                    let sub = self.block_of((image * oh + y) * ow, n * ow);
+                    self.phased(phases, &sub, v, &mut m[at..], m_cols)?;
+                } else if whole {
                     self.products(&block, v, m);
                 } else {
                     let sub = self.block_of((image * oh + y) * ow, n * ow);
@@ -198,7 +207,8 @@ impl Run<'_> {
                 conv.isa.run(body);
                 next_row = ready;
             }
-        })
+            Ok(())
+        })?
     }
 }
 

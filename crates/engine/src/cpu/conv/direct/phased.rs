@@ -1,0 +1,320 @@
+//! The direct conv without im2col: a block's input rows are copied once
+//! into column phases (the columns `x ≡ p (mod stride)` of each padded
+//! row, side by side), so each of the `C·kh·kw` rows of the block's GEMM
+//! columns is a run of one phase row, shifted by `kx·dilation / stride`,
+//! and the product reads it there through a table of offsets
+//! ([`panel_gemm_gathered`]). im2col writes `kh·kw` values per input
+//! channel and output pixel; the phases about `stride_y` (ResNet's stem,
+//! 7×7 stride 2: 49 against 2; its 3×3 stride-2 convs: 9 against 2).
+//! Taken by the panel layout on output rows wide enough that the 16-column
+//! granule wastes little ([`Phases::applies`]); a row's last tile runs
+//! past its end into the next row's columns, which come later and
+//! overwrite them (the products' scratch has a granule of room at the end).
+
+use super::{Block, DirectConv, Run, Segment};
+use crate::cpu::conv::ConvShape;
+use crate::cpu::data::gather_strided;
+use crate::cpu::gemm::{panel_gemm_gathered, Gathered, IsaBody, Layout, PANEL_GRANULE, PANEL_ROWS};
+use candle_core::bail;
+use rayon::prelude::*;
+
+/// Zeros past a block's phase rows: the last tile of the last row reads up
+/// to a granule past them (values that only reach discarded columns).
+const SLACK: usize = PANEL_GRANULE;
+
+/// Least ratio of im2col's copies to the phases' (`kh·kw / (sy·sx)`) for
+/// which the phases are taken. Alternating runs on an Emerald Rapids
+/// Xeon (AVX-512, 2 threads): ResNet's 7×7 stride-2 stem (12.25) with its
+/// pool 0.90x the time at batch 10 and 0.84x at batch 1, unpooled
+/// 0.88-0.91x; 3×3 stride-2 convs (2.25) 1.13x (64 -> 128 channels, 28
+/// wide) and 1.29x (128 -> 256, 14 wide: one half tile per row) slower,
+/// MobileNet's 3 -> 32 stem level. Their im2col is a small share of the
+/// time (one copy per 128 or 256 FMAs); what the phases give up (the
+/// in-place store, aligned rows, whole tiles) costs more.
+const MIN_COPY_RATIO: usize = 12;
+
+/// The phase layout of one run's input: per padded input row, `C`
+/// channels of `stride` phases of `width` values.
+#[derive(Debug)]
+pub(super) struct Phases {
+    /// Values per phase row: the output row and the kernel's reach.
+    width: usize,
+    /// Values per padded input row (`C · stride · width`).
+    row: usize,
+    /// Where GEMM row `(c, ky, kx)` starts, from its output row's first
+    /// phase value: `ky·dy` rows, channel `c`, phase `kx·dx mod s`, `kx·dx
+    /// / s` values on.
+    table: Vec<usize>,
+}
+
+impl Phases {
+    /// Whether `conv` on `shape` reads phases: the panel layout, a kernel
+    /// wider than one column (a 1×1 conv's im2col is already one copy),
+    /// and output rows that fill at least 7/8 of their 16-column granules
+    /// (ResNet's 112, 56, 28 and 14; not 7).
+    pub(super) fn applies(conv: &DirectConv, shape: &ConvShape) -> bool {
+        let ow = shape.out_width;
+        let ([kh, kw], [sy, sx]) = (conv.spec.kernel, conv.spec.attrs.stride);
+        conv.layout == Layout::Panels
+            && kh * kw >= MIN_COPY_RATIO * sy * sx
+            && conv.spec.kernel[1] > 1
+            && ow > 0
+            && ow.next_multiple_of(PANEL_GRANULE) * 7 <= ow * 8
+    }
+
+    /// The layout for `conv` on `shape`; an error when a size overflows.
+    pub(super) fn new(conv: &DirectConv, shape: &ConvShape) -> candle_core::Result<Self> {
+        let a = &conv.spec.attrs;
+        let ([kh, kw], s, dx, dy) = (conv.spec.kernel, a.stride[1], a.dilation[1], a.dilation[0]);
+        let sizes = || -> Option<(usize, usize)> {
+            let reach = (kw - 1).checked_mul(dx)? / s;
+            let width = shape.out_width.checked_add(reach)?;
+            let row = shape.channels.checked_mul(s)?.checked_mul(width)?;
+            // The furthest entry of the table must be addressable too.
+            row.checked_mul((kh - 1).checked_mul(dy)?.checked_add(1)?)?;
+            Some((width, row))
+        };
+        let Some((width, row)) = sizes() else {
+            bail!("conv input phases overflow for {shape:?}")
+        };
+        let mut table = Vec::new();
+        table
+            .try_reserve_exact(conv.depth())
+            .map_err(|_| candle_core::Error::Msg("cannot allocate the conv's phase table".into()))?;
+        for c in 0..shape.channels {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let (phase, shift) = (kx * dx % s, kx * dx / s);
+                    table.push(ky * dy * row + (c * s + phase) * width + shift);
+                }
+            }
+        }
+        Ok(Phases { width, row, table })
+    }
+
+    /// Padded input rows that `out_rows` consecutive output rows read.
+    fn input_rows(&self, conv: &DirectConv, out_rows: usize) -> Option<usize> {
+        let a = &conv.spec.attrs;
+        let span = (conv.spec.kernel[0] - 1).checked_mul(a.dilation[0])?;
+        out_rows.checked_sub(1)?.checked_mul(a.stride[0])?.checked_add(span + 1)
+    }
+
+    /// Scratch values for the phases of `out_rows` output rows of one image.
+    pub(super) fn buffer_len(&self, conv: &DirectConv, out_rows: usize) -> candle_core::Result<usize> {
+        match self
+            .input_rows(conv, out_rows.max(1))
+            .and_then(|rows| rows.checked_mul(self.row))
+        {
+            Some(len) => len
+                .checked_add(SLACK)
+                .ok_or_else(|| candle_core::Error::Msg("phases overflow".into())),
+            None => bail!("conv input phases for {out_rows} rows overflow"),
+        }
+    }
+
+    /// The most output rows of one image among `block`'s segments.
+    pub(super) fn block_rows(block: &Block) -> usize {
+        groups(&block.segments).map(|g| g.len()).max().unwrap_or(1)
+    }
+}
+
+/// Runs of segments in one image (consecutive output rows: a block's
+/// segments come in pixel order).
+fn groups(segments: &[Segment]) -> impl Iterator<Item = &[Segment]> {
+    segments.chunk_by(|a, b| a.image == b.image)
+}
+
+impl Run<'_> {
+    /// The products of `block`'s pixels, `m[o·m_cols + seg.col..]` for each
+    /// segment (`m` `[O_pad, m_cols]`, `m_cols` at least the block's
+    /// columns plus a granule), through the phases in `buf` (at least
+    /// [`Phases::buffer_len`] for [`Phases::block_rows`]). With `split`,
+    /// the output channels' panels are shared by the threads.
+    pub(super) fn phased(
+        &self,
+        phases: &Phases,
+        block: &Block,
+        buf: &mut [f32],
+        m: &mut [f32],
+        m_cols: usize,
+    ) -> candle_core::Result<()> {
+        let conv = self.conv;
+        let (depth, sy) = (conv.depth(), conv.spec.attrs.stride[0]);
+        for group in groups(&block.segments) {
+            let (image, y0) = (group[0].image, group[0].y);
+            let rows = group.len();
+            let len = phases.buffer_len(conv, rows)? - SLACK;
+            let (filled, slack) = buf.split_at_mut(len);
+            conv.isa.run(Fill {
+                run: self,
+                phases,
+                image,
+                first: y0 * sy,
+                out: filled,
+            });
+            slack[..SLACK].fill(0.0);
+            let v = Gathered {
+                data: &buf[..len + SLACK],
+                table: &phases.table,
+            };
+            let product = |u: &[f32], m: &mut [f32], rows: usize| {
+                for seg in group {
+                    let start = (seg.y - y0) * sy * phases.row + seg.x0;
+                    let cols = (seg.x1 - seg.x0).next_multiple_of(PANEL_GRANULE);
+                    panel_gemm_gathered(conv.isa, u, v, start, &mut m[seg.col..], m_cols, [rows, cols]);
+                }
+            };
+            if self.split {
+                let panels = conv.padded_out / PANEL_ROWS;
+                let per_task = panels.div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
+                m[..conv.padded_out * m_cols]
+                    .par_chunks_mut(per_task * m_cols)
+                    .enumerate()
+                    .for_each(|(i, m)| {
+                        let rows = m.len() / m_cols;
+                        product(&conv.packed[i * per_task * depth..][..rows * depth], m, rows);
+                    });
+            } else {
+                product(&conv.packed, m, conv.padded_out);
+            }
+        }
+        Ok(())
+    }
+
+    /// The phases of image `image`'s padded input rows `first..` into
+    /// `out` (whole rows of `phases.row`): zeros where a row or column
+    /// lies in the padding.
+    #[inline(always)]
+    fn fill_body(&self, phases: &Phases, image: usize, first: usize, out: &mut [f32]) {
+        let (s, a) = (&self.shape, &self.conv.spec.attrs);
+        let (sx, [py, px]) = (a.stride[1], a.padding);
+        for (i, row) in out.chunks_exact_mut(phases.row).enumerate() {
+            let iy = (first + i).checked_sub(py).filter(|&iy| iy < s.height);
+            for (cp, dst) in row.chunks_exact_mut(phases.width).enumerate() {
+                let Some(iy) = iy else {
+                    dst.fill(0.0);
+                    continue;
+                };
+                let (c, p) = (cp / sx, cp % sx);
+                // Phase value j is padded column j·sx + p, input column j·sx + p − px.
+                let lo = px.saturating_sub(p).div_ceil(sx).min(dst.len());
+                let hi = (s.width + px).saturating_sub(p).div_ceil(sx).clamp(lo, dst.len());
+                dst[..lo].fill(0.0);
+                dst[hi..].fill(0.0);
+                if lo < hi {
+                    let line = &self.input[(image * s.channels + c) * s.in_plane() + iy * s.width..][..s.width];
+                    gather_strided(&line[lo * sx + p - px..], sx, &mut dst[lo..hi]);
+                }
+            }
+        }
+    }
+}
+
+/// [`Run::fill_body`] compiled for the conv's path (its strided gathers
+/// vectorise with the path's shuffles).
+struct Fill<'a, 'r> {
+    run: &'a Run<'r>,
+    phases: &'a Phases,
+    image: usize,
+    first: usize,
+    out: &'a mut [f32],
+}
+
+impl IsaBody for Fill<'_, '_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        self.run.fill_body(self.phases, self.image, self.first, self.out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Phases;
+    use crate::cpu::conv::direct::DirectConv;
+    use crate::cpu::conv::tests::reference_with_residual;
+    use crate::cpu::gemm::{Isa, Layout, PANEL_GRANULE};
+    use crate::cpu::pool::max_pool2d;
+    use candle_core::{Device, Tensor};
+    use proptest::prelude::*;
+    use wick_ir::{Activation, Conv2dAttrs, MaxPool2dAttrs};
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Convs that read phases (wide kernels for their stride, output
+        /// rows of 14 to 48, which leave a row's last tile partial or not)
+        /// equal candle's conv on every path: dilation, padding per axis,
+        /// several images, small blocks (segments that start and end
+        /// inside rows, blocks across images), a residual and an
+        /// activation, and with ResNet's max pool fused, the conv then the
+        /// engine's pool. Two threads: few blocks split their panels.
+        #[test]
+        fn equals_candle(
+            batch in 1usize..3, channels in 1usize..4, outputs in 1usize..20,
+            [kh, kw] in [3usize..8, 3usize..8], stride in 1usize..3, dilation in 1usize..3,
+            [py, px] in [0usize..4, 0usize..4],
+            ow in prop::sample::select(vec![14usize, 15, 16, 28, 30, 32, 48]), oh in 2usize..5,
+            block_tiles in proptest::option::of(1usize..6),
+            activation in proptest::option::of(0usize..6), residual in any::<bool>(), pooled in any::<bool>(),
+        ) {
+            prop_assume!(kh * kw >= super::MIN_COPY_RATIO * stride * stride);
+            let extent = |out: usize, k: usize, pad: usize| ((out - 1) * stride + (k - 1) * dilation + 1).checked_sub(2 * pad);
+            let (Some(height), Some(width)) = (extent(oh, kh, py), extent(ow, kw, px)) else {
+                return Err(TestCaseError::reject("padding wider than the input"));
+            };
+            prop_assume!(height > 0 && width > 0);
+            let d = Device::Cpu;
+            let attrs = Conv2dAttrs { stride: [stride; 2], padding: [py, px], dilation: [dilation; 2], groups: 1 };
+            let x = Tensor::randn(0f32, 1.0, (batch, channels, height, width), &d).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (outputs, channels, kh, kw), &d).unwrap();
+            let b = Tensor::randn(0f32, 1.0, outputs, &d).unwrap();
+            let r = residual.then(|| Tensor::randn(0f32, 1.0, (batch, outputs, oh, ow), &d).unwrap());
+            let activation = activation.map(|i| Activation::ALL[i]);
+            let mut want = reference_with_residual(&x, &w, Some(&b), attrs, r.as_ref(), activation);
+            prop_assert_eq!(want.dims(), [batch, outputs, oh, ow]);
+            let pool = pooled.then_some(MaxPool2dAttrs { kernel: [3, 3], stride: [2, 2], padding: [1, 1], ceil_mode: false });
+            if let Some(pool) = &pool {
+                want = max_pool2d(Isa::Scalar, &want, pool).unwrap();
+            }
+            let threads = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            let depth = channels * kh * kw;
+            for isa in Isa::available() {
+                let mut conv = DirectConv::for_test(&w, Some(&b), attrs, activation, pool, Layout::Panels, isa).unwrap();
+                if let Some(tiles) = block_tiles {
+                    conv = conv.with_block_bytes(tiles * PANEL_GRANULE * (depth + outputs) * 4);
+                }
+                let shape = conv.spec.check(&x, r.as_ref()).unwrap().shape;
+                prop_assert!(Phases::applies(&conv, &shape));
+                let got = threads.install(|| conv.run(&x, r.as_ref())).unwrap();
+                prop_assert_eq!(got.dims(), want.dims());
+                let diff = crate::test_util::max_abs_diff(&got, &want);
+                prop_assert!(diff <= 1e-5 * depth as f64 * 4.0, "{:?}: diff {}", isa, diff);
+            }
+        }
+    }
+
+    /// The rows and columns the phases hold: ResNet's stem (3 channels,
+    /// 224 wide, 7×7 stride 2, padding 3, 112 out) reads 2 phases of 115
+    /// values per channel (the 112 outputs and a reach of 3), 7 padded
+    /// rows for one output row and 2 more per further row.
+    #[test]
+    fn stem_layout() {
+        let w = Tensor::zeros((64, 3, 7, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let attrs = Conv2dAttrs {
+            stride: [2, 2],
+            padding: [3, 3],
+            ..Default::default()
+        };
+        let conv = DirectConv::for_test(&w, None, attrs, None, None, Layout::Panels, Isa::Scalar).unwrap();
+        let x = Tensor::zeros((1, 3, 224, 224), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let shape = conv.spec.check(&x, None).unwrap().shape;
+        let phases = Phases::new(&conv, &shape).unwrap();
+        assert_eq!((phases.width, phases.row), (115, 3 * 2 * 115));
+        assert_eq!(phases.input_rows(&conv, 1), Some(7));
+        assert_eq!(phases.input_rows(&conv, 4), Some(13));
+        // (c, ky, kx) = (1, 2, 5): 2 rows down, channel 1's phase 1, 2 on.
+        assert_eq!(phases.table[(7 + 2) * 7 + 5], 2 * 690 + (2 + 1) * 115 + 2);
+    }
+}
