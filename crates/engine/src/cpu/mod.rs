@@ -21,6 +21,7 @@ pub(crate) mod parallel;
 pub(crate) mod peak;
 pub(crate) mod plane;
 pub(crate) mod pool;
+pub(crate) mod pool_window;
 pub(crate) mod recycle;
 
 use crate::kernel::Slot;

@@ -6,6 +6,7 @@
 
 use crate::cpu::data::{output_buffer, with_cpu_f32};
 use crate::cpu::gemm::{Isa, IsaBody};
+use crate::cpu::pool_window::pool_window_row;
 use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
 use wick_ir::MaxPool2dAttrs;
@@ -55,6 +56,7 @@ pub(crate) fn max_pool2d(isa: Isa, x: &Tensor, attrs: &MaxPool2dAttrs) -> candle
             || (vec![0f32; w], vec![0f32; w]),
             |(column_max, window_max), (out, plane)| {
                 isa.run(PoolPlane {
+                    isa,
                     plane,
                     size: [h, w],
                     pooled_width: ow,
@@ -74,6 +76,7 @@ pub(crate) fn max_pool2d(isa: Isa, x: &Tensor, attrs: &MaxPool2dAttrs) -> candle
 /// `[OH, pooled_width]`, through row scratch `column_max` and
 /// `window_max`), as a body for [`Isa::run`].
 struct PoolPlane<'a> {
+    isa: Isa,
     plane: &'a [f32],
     size: [usize; 2],
     pooled_width: usize,
@@ -89,6 +92,7 @@ impl IsaBody for PoolPlane<'_> {
     #[inline(always)]
     fn run(self) {
         let PoolPlane {
+            isa,
             plane,
             size: [h, w],
             pooled_width,
@@ -103,8 +107,16 @@ impl IsaBody for PoolPlane<'_> {
             // (pad <= kernel / 2, so every window holds a real row).
             let y0 = (oy * sh).saturating_sub(ph);
             let y1 = (oy * sh + kh).saturating_sub(ph).min(h);
-            max_rows(&plane[y0 * w..y1 * w], w, column_max);
-            pool_row(column_max, [kw, sw, pw], window_max, out);
+            let rows = &plane[y0 * w..y1 * w];
+            pool_window_row(
+                isa,
+                rows,
+                w,
+                [kw, sw, pw],
+                [&mut *column_max, &mut *window_max],
+                out,
+                None,
+            );
         }
     }
 }

@@ -10,7 +10,7 @@ use super::{Run, MIN_BLOCK_COLS};
 use crate::cpu::data::with_scratch;
 use crate::cpu::epilogue;
 use crate::cpu::gemm::{panel_gemm_strided, IsaBody, Strided, PANEL_GRANULE};
-use crate::cpu::pool::{max_rows, pool_row};
+use crate::cpu::pool_window::pool_window_row;
 use rayon::prelude::*;
 use std::ops::Range;
 use wick_ir::MaxPool2dAttrs;
@@ -80,7 +80,7 @@ impl Run<'_> {
             pool,
             pooled,
             late_epilogue,
-            rows: [column_max, window_max, pooled_row],
+            rows: [column_max, window_max],
             ..
         } = p;
         let ([_, kw], [_, sw], [_, pw]) = (pool.kernel, pool.stride, pool.padding);
@@ -105,15 +105,14 @@ impl Run<'_> {
                 // with r) and are not empty: padding <= half the window
                 // (checked in `DirectConv::new`); likewise its columns.
                 let ys = window(pool, oh, r);
-                max_rows(&channel[(ys.start - y_lo) * ow..(ys.end - y_lo) * ow], ow, column_max);
-                pool_row(column_max, [kw, sw, pw], window_max, pooled_row);
-                if late_epilogue {
-                    epilogue::in_place(pooled_row, conv.epilogue.bias(o), None, conv.epilogue.activation());
-                }
+                let window_rows = &channel[(ys.start - y_lo) * ow..(ys.end - y_lo) * ow];
+                let scratch = [&mut *column_max, &mut *window_max];
                 let base = (image * out_channels + o) * pooled_plane + r * pooled[1];
                 // SAFETY: pooled pixels (image, o, r, ..) belong to this
                 // task only (tasks split images' rows).
-                unsafe { self.dst.slice(base, pooled[1]) }.copy_from_slice(pooled_row);
+                let out = unsafe { self.dst.slice(base, pooled[1]) };
+                let late = late_epilogue.then(|| (conv.epilogue.bias(o), conv.epilogue.activation()));
+                pool_window_row(conv.isa, window_rows, ow, [kw, sw, pw], scratch, out, late);
             }
         }
     }
@@ -156,11 +155,10 @@ impl Run<'_> {
             None => conv.depth() * v_cols,
         };
         let m_len = conv.padded_out * m_cols;
-        with_scratch(v_len + m_len + 2 * ow + pooled[1], |scratch| {
+        with_scratch(v_len + m_len + 2 * ow, |scratch| {
             let (v, rest) = scratch.split_at_mut(v_len);
             let (m, rest) = rest.split_at_mut(m_len);
-            let (column_max, rest) = rest.split_at_mut(ow);
-            let (window_max, pooled_row) = rest.split_at_mut(ow);
+            let (column_max, window_max) = rest.split_at_mut(ow);
             // Without a residual, the bias and a monotonic activation
             // commute with the max (and so does f32 rounding of `x + b`):
             // they are applied to the pooled values only, a quarter of the
@@ -202,7 +200,7 @@ impl Run<'_> {
                     pool,
                     pooled,
                     late_epilogue,
-                    rows: [&mut *column_max, &mut *window_max, &mut *pooled_row],
+                    rows: [&mut *column_max, &mut *window_max],
                 };
                 conv.isa.run(body);
                 next_row = ready;
@@ -224,7 +222,7 @@ fn window(pool: &MaxPool2dAttrs, oh: usize, r: usize) -> Range<usize> {
 /// many), unless it comes after the max (`late_epilogue`), then the pooled
 /// rows `pooled_rows` of image `image` from `m` (`[O_pad, m_cols]`, the
 /// task's `pixels` side by side), through the row scratch `rows` (column
-/// max, window max, pooled row).
+/// max, window max) into the output.
 struct PoolReady<'a, 'r> {
     run: &'a Run<'r>,
     m: &'a mut [f32],
@@ -236,7 +234,7 @@ struct PoolReady<'a, 'r> {
     pool: &'a MaxPool2dAttrs,
     pooled: [usize; 2],
     late_epilogue: bool,
-    rows: [&'a mut [f32]; 3],
+    rows: [&'a mut [f32]; 2],
 }
 
 impl IsaBody for PoolReady<'_, '_> {
