@@ -362,6 +362,38 @@ fn deep_direct_conv_in_least_blocks() {
     }
 }
 
+/// Planes smaller than a block that fill their granules take a block
+/// each, stored in place ([`super::direct`]'s `whole_plane_block`): a 1×1
+/// stride-2 conv onto 14×14 (196 pixels, as ResNet's layer3 downsample)
+/// and a 3×3 conv onto 12×12 (144), several images, a residual and an
+/// activation, on every path, equal candle's conv; a 7×7 plane (49
+/// pixels, under a block's least) shares blocks across images as before.
+#[test]
+fn whole_plane_blocks_in_place() {
+    for (input, kernel, stride, padding) in [(28, 1, 2, 0), (12, 3, 1, 1), (7, 3, 1, 1)] {
+        let attrs = Conv2dAttrs {
+            stride: [stride; 2],
+            padding: [padding; 2],
+            ..Conv2dAttrs::default()
+        };
+        let RandomCase {
+            x,
+            w,
+            b,
+            residual,
+            activation,
+            want,
+        } = random_case([3, 6, input, input], [13, 6, kernel, kernel], attrs, Some(3), true);
+        for isa in Isa::available() {
+            let conv = DirectConv::for_test(&w, Some(&b), attrs, activation, None, Layout::Panels, isa).unwrap();
+            let got = conv.run(&x, residual.as_ref()).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = crate::test_util::max_abs_diff(&got, &want);
+            assert!(diff <= 1e-5 * 54.0 * 4.0, "{input} {isa:?}: diff {diff}");
+        }
+    }
+}
+
 /// Bands of one output row that lie wholly in the padding (a 1×1 kernel
 /// over a 1×1 input padded by 2: rows of zeros plus the bias) and bands
 /// that straddle it, on every path: the blocked depthwise conv's bands
