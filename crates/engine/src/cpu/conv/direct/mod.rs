@@ -43,10 +43,11 @@ const LANE_BLOCK_PIXELS: usize = 256;
 /// in place with the epilogue in registers, rather than sharing blocks
 /// with the next image's pixels through scratch and a separate epilogue
 /// pass: at least [`MIN_BLOCK_COLS`] pixels (so at most 15 of 143, a
-/// tenth, pad the last granule). ResNet18's downsample convs at batch 10 (1×1 stride 2 onto
-/// 28×28 and 14×14) took 0.70-0.78x the time alone and 0.76x and 0.67x in
-/// the model, ResNet50's layer3.0.downsample 0.84x; its 3×3 stride-2
-/// conv onto 14×14 0.89-0.93x (Emerald Rapids Xeon, alternating runs).
+/// tenth, pad the last granule). ResNet18's downsample convs at batch 10
+/// (1×1 stride 2 onto 28×28 and 14×14) took 0.70-0.78x the time alone and
+/// 0.76x and 0.67x in the model, ResNet50's layer3.0.downsample 0.84x; the
+/// 3×3 stride-2 conv onto 14×14 0.89-0.93x (Emerald Rapids Xeon,
+/// alternating runs).
 fn whole_plane_block(plane: usize) -> bool {
     plane >= MIN_BLOCK_COLS
 }
