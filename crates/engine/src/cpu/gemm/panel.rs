@@ -316,25 +316,10 @@ pub(super) mod x86 {
                     let e = TileEpilogue::at(epi, panel * PANEL_ROWS, t0);
                     let next = next.filter(|_| panel == 0);
                     let (vp, mp) = (v.add(t0), mp.add(t0));
+                    let (w, columns) = (TileWeights::whole(up), TileColumns::rows(vp, vs));
                     match stream {
-                        true => micro_avx512::<TILE, true, false, false>(
-                            TileWeights::whole(up),
-                            TileColumns::rows(vp, vs),
-                            mp,
-                            depth,
-                            ms,
-                            e,
-                            next,
-                        ),
-                        false => micro_avx512::<TILE, false, false, false>(
-                            TileWeights::whole(up),
-                            TileColumns::rows(vp, vs),
-                            mp,
-                            depth,
-                            ms,
-                            e,
-                            next,
-                        ),
+                        true => micro_avx512::<TILE, true, false, false>(w, columns, mp, depth, ms, e, next),
+                        false => micro_avx512::<TILE, false, false, false>(w, columns, mp, depth, ms, e, next),
                     }
                 }
             }
@@ -343,25 +328,10 @@ pub(super) mod x86 {
                     let (up, mp) = (u.add(panel * depth * PANEL_ROWS), m.add(panel * PANEL_ROWS * ms));
                     let e = TileEpilogue::at(epi, panel * PANEL_ROWS, full);
                     let (vp, mp) = (v.add(full), mp.add(full));
+                    let (w, columns) = (TileWeights::whole(up), TileColumns::rows(vp, vs));
                     match stream {
-                        true => micro_avx512::<1, true, false, false>(
-                            TileWeights::whole(up),
-                            TileColumns::rows(vp, vs),
-                            mp,
-                            depth,
-                            ms,
-                            e,
-                            None,
-                        ),
-                        false => micro_avx512::<1, false, false, false>(
-                            TileWeights::whole(up),
-                            TileColumns::rows(vp, vs),
-                            mp,
-                            depth,
-                            ms,
-                            e,
-                            None,
-                        ),
+                        true => micro_avx512::<1, true, false, false>(w, columns, mp, depth, ms, e, None),
+                        false => micro_avx512::<1, false, false, false>(w, columns, mp, depth, ms, e, None),
                     }
                 }
             }
@@ -697,46 +667,23 @@ pub(super) mod x86 {
                                 }
                             }
                             const W: usize = PANEL_GRANULE / 8;
+                            let columns = TileColumns::rows(vp, vs);
                             // The tile's height and its store and accumulate modes.
                             macro_rules! tile {
                                 ($tile:ident) => {
                                     match (stream && last, first) {
-                                        (true, true) => $tile::<W, true, false, false>(
-                                            up,
-                                            TileColumns::rows(vp, vs),
-                                            mp,
-                                            chunk,
-                                            ms,
-                                            e,
-                                            next,
-                                        ),
-                                        (true, false) => $tile::<W, true, true, false>(
-                                            up,
-                                            TileColumns::rows(vp, vs),
-                                            mp,
-                                            chunk,
-                                            ms,
-                                            e,
-                                            next,
-                                        ),
-                                        (false, true) => $tile::<W, false, false, false>(
-                                            up,
-                                            TileColumns::rows(vp, vs),
-                                            mp,
-                                            chunk,
-                                            ms,
-                                            e,
-                                            next,
-                                        ),
-                                        (false, false) => $tile::<W, false, true, false>(
-                                            up,
-                                            TileColumns::rows(vp, vs),
-                                            mp,
-                                            chunk,
-                                            ms,
-                                            e,
-                                            next,
-                                        ),
+                                        (true, true) => {
+                                            $tile::<W, true, false, false>(up, columns, mp, chunk, ms, e, next)
+                                        }
+                                        (true, false) => {
+                                            $tile::<W, true, true, false>(up, columns, mp, chunk, ms, e, next)
+                                        }
+                                        (false, true) => {
+                                            $tile::<W, false, false, false>(up, columns, mp, chunk, ms, e, next)
+                                        }
+                                        (false, false) => {
+                                            $tile::<W, false, true, false>(up, columns, mp, chunk, ms, e, next)
+                                        }
                                     }
                                 };
                             }
