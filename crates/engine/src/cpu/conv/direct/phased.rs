@@ -5,9 +5,10 @@
 //! and the product reads it there through a table of offsets
 //! ([`panel_gemm_gathered`]). im2col writes `kh·kw` values per input
 //! channel and output pixel; the phases about `stride_y` (ResNet's stem,
-//! 7×7 stride 2: 49 against 2; its 3×3 stride-2 convs: 9 against 2).
-//! Taken by the panel layout on output rows wide enough that the 16-column
-//! granule wastes little ([`Phases::applies`]); a row's last tile runs
+//! 7×7 stride 2: 49 against 2). Taken by the panel layout where im2col
+//! would copy at least [`MIN_COPY_RATIO`] times as much, on output rows
+//! wide enough that the 16-column granule wastes little
+//! ([`Phases::applies`]); a row's last tile runs
 //! past its end into the next row's columns, which come later and
 //! overwrite them (the products' scratch has a granule of room at the end).
 
@@ -49,17 +50,22 @@ pub(super) struct Phases {
 
 impl Phases {
     /// Whether `conv` on `shape` reads phases: the panel layout, a kernel
-    /// wider than one column (a 1×1 conv's im2col is already one copy),
-    /// and output rows that fill at least 7/8 of their 16-column granules
-    /// (ResNet's 112, 56, 28 and 14; not 7).
+    /// wider than one column (a 1×1 conv's im2col is already one copy) and
+    /// [`MIN_COPY_RATIO`] times the strides' area, and output rows that
+    /// fill at least 7/8 of their 16-column granules (ResNet's 112, 56, 28
+    /// and 14; not 7). Saturating: a hostile stride only says no.
     pub(super) fn applies(conv: &DirectConv, shape: &ConvShape) -> bool {
         let ow = shape.out_width;
         let ([kh, kw], [sy, sx]) = (conv.spec.kernel, conv.spec.attrs.stride);
         conv.layout == Layout::Panels
-            && kh * kw >= MIN_COPY_RATIO * sy * sx
-            && conv.spec.kernel[1] > 1
+            && kh.saturating_mul(kw) >= MIN_COPY_RATIO.saturating_mul(sy).saturating_mul(sx)
+            && kw > 1
             && ow > 0
-            && ow.next_multiple_of(PANEL_GRANULE) * 7 <= ow * 8
+            && ow
+                .checked_next_multiple_of(PANEL_GRANULE)
+                .and_then(|tiles| tiles.checked_mul(7))
+                .zip(ow.checked_mul(8))
+                .is_some_and(|(padded, row)| padded <= row)
     }
 
     /// The layout for `conv` on `shape`; an error when a size overflows.
@@ -96,7 +102,10 @@ impl Phases {
     fn input_rows(&self, conv: &DirectConv, out_rows: usize) -> Option<usize> {
         let a = &conv.spec.attrs;
         let span = (conv.spec.kernel[0] - 1).checked_mul(a.dilation[0])?;
-        out_rows.checked_sub(1)?.checked_mul(a.stride[0])?.checked_add(span + 1)
+        out_rows
+            .checked_sub(1)?
+            .checked_mul(a.stride[0])?
+            .checked_add(span.checked_add(1)?)
     }
 
     /// Scratch values for the phases of `out_rows` output rows of one image.
@@ -198,7 +207,12 @@ impl Run<'_> {
                 let (c, p) = (cp / sx, cp % sx);
                 // Phase value j is padded column j·sx + p, input column j·sx + p − px.
                 let lo = px.saturating_sub(p).div_ceil(sx).min(dst.len());
-                let hi = (s.width + px).saturating_sub(p).div_ceil(sx).clamp(lo, dst.len());
+                let hi = s
+                    .width
+                    .saturating_add(px)
+                    .saturating_sub(p)
+                    .div_ceil(sx)
+                    .clamp(lo, dst.len());
                 dst[..lo].fill(0.0);
                 dst[hi..].fill(0.0);
                 if lo < hi {
