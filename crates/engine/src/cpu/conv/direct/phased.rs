@@ -309,6 +309,35 @@ mod tests {
         }
     }
 
+    /// Strides and widths near the integer range only make the phases not
+    /// apply (no overflow, in debug builds too).
+    #[test]
+    fn huge_attributes_say_no() {
+        let w = Tensor::zeros((4, 3, 7, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
+        for (stride, out_width) in [
+            (usize::MAX / 2, 16),
+            (1 << 40, 112),
+            (1, usize::MAX - 3),
+            (2, usize::MAX / 8 + 1),
+        ] {
+            let attrs = Conv2dAttrs {
+                stride: [stride; 2],
+                ..Default::default()
+            };
+            let conv = DirectConv::for_test(&w, None, attrs, None, None, Layout::Panels, Isa::Scalar).unwrap();
+            let shape = crate::cpu::conv::ConvShape {
+                batch: 1,
+                channels: 3,
+                height: 224,
+                width: 224,
+                out_channels: 4,
+                out_height: 1,
+                out_width,
+            };
+            assert!(!Phases::applies(&conv, &shape), "stride {stride}, width {out_width}");
+        }
+    }
+
     /// The rows and columns the phases hold: ResNet's stem (3 channels,
     /// 224 wide, 7×7 stride 2, padding 3, 112 out) reads 2 phases of 115
     /// values per channel (the 112 outputs and a reach of 3), 7 padded
