@@ -29,26 +29,25 @@ pub(crate) fn pool_window_row(
     out: &mut [f32],
     epilogue: Option<(f32, Option<Activation>)>,
 ) {
-    #[cfg(target_arch = "x86_64")]
     // Element by element: `window == [3, 2, 1]` compiled to three stores
     // and one 16-byte load of them, which the store buffer cannot forward
     // (a stall per pooled row).
     let [kernel, stride, pad] = window;
-    if kernel == 3
+    let resnet = kernel == 3
         && stride == 2
         && pad == 1
         && width > 0
         && rows.len().is_multiple_of(width)
-        && out.len() <= width.div_ceil(2)
-    {
-        match isa {
-            // SAFETY: AVX-512F is only handed out where the CPU has it;
-            // the row count and widths were checked above.
-            Isa::Avx512 => return unsafe { x86::resnet_avx512(rows, width, out, epilogue) },
-            // SAFETY: as above, AVX2 and FMA.
-            Isa::Avx2Fma => return unsafe { x86::resnet_avx2(rows, width, out, epilogue) },
-            _ => {}
-        }
+        && out.len() <= width.div_ceil(2);
+    match isa {
+        // SAFETY: AVX-512F is only handed out where the CPU has it; the
+        // row count and widths were checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if resnet => return unsafe { x86::resnet_avx512(rows, width, out, epilogue) },
+        // SAFETY: as above, AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma if resnet => return unsafe { x86::resnet_avx2(rows, width, out, epilogue) },
+        _ => {}
     }
     max_rows(rows, width, column_max);
     pool_row(column_max, window, window_max, out);
