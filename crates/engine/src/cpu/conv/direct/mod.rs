@@ -453,15 +453,7 @@ impl Run<'_> {
         }
         let v = &*v;
         match conv.layout {
-            Layout::Panels if self.split => {
-                let per_task = (conv.padded_out / PANEL_ROWS).div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
-                m.par_chunks_mut(per_task * cols).enumerate().for_each(|(i, m)| {
-                    let rows = m.len() / cols;
-                    let u = &conv.packed[i * per_task * depth..][..rows * depth];
-                    panel_gemm(conv.isa, u, v, m, rows, depth, cols);
-                });
-            }
-            Layout::Panels => panel_gemm(conv.isa, &conv.packed, v, m, conv.padded_out, depth, cols),
+            Layout::Panels => self.panel_runs(m, cols, |u, m, rows| panel_gemm(conv.isa, u, v, m, rows, depth, cols)),
             Layout::Lanes => {
                 let (m, t) = m.split_at_mut(conv.padded_out * cols);
                 let t = &mut t[..conv.padded_out * pixels];
@@ -495,6 +487,26 @@ impl Run<'_> {
                 });
             }
         }
+    }
+
+    /// `product(u, m, rows)` over the weights' panels (`m` `[O_pad,
+    /// m_cols]`): all of them at once, or with `split` in runs of panels
+    /// shared by the threads, each run given its rows of the packed weights
+    /// and of `m`.
+    fn panel_runs(&self, m: &mut [f32], m_cols: usize, product: impl Fn(&[f32], &mut [f32], usize) + Sync) {
+        let conv = self.conv;
+        if !self.split {
+            return product(&conv.packed, m, conv.padded_out);
+        }
+        let depth = conv.depth();
+        let per_task = (conv.padded_out / PANEL_ROWS).div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
+        m[..conv.padded_out * m_cols]
+            .par_chunks_mut(per_task * m_cols)
+            .enumerate()
+            .for_each(|(i, m)| {
+                let rows = m.len() / m_cols;
+                product(&conv.packed[i * per_task * depth..][..rows * depth], m, rows);
+            });
     }
 
     /// Fills rows of `v` (`[C·kh·kw, cols]`) with the block's columns;

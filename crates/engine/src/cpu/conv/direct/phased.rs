@@ -15,9 +15,8 @@
 use super::{Block, DirectConv, Run, Segment};
 use crate::cpu::conv::ConvShape;
 use crate::cpu::data::gather_strided;
-use crate::cpu::gemm::{panel_gemm_gathered, Gathered, IsaBody, Layout, PANEL_GRANULE, PANEL_ROWS};
+use crate::cpu::gemm::{panel_gemm_gathered, Gathered, IsaBody, Layout, PANEL_GRANULE};
 use candle_core::bail;
-use rayon::prelude::*;
 
 /// Zeros past a block's phase rows: the last tile of the last row reads up
 /// to a granule past them (values that only reach discarded columns).
@@ -148,7 +147,7 @@ impl Run<'_> {
         m_cols: usize,
     ) -> candle_core::Result<()> {
         let conv = self.conv;
-        let (depth, sy) = (conv.depth(), conv.spec.attrs.stride[0]);
+        let sy = conv.spec.attrs.stride[0];
         for group in groups(&block.segments) {
             let (image, y0) = (group[0].image, group[0].y);
             let rows = group.len();
@@ -173,19 +172,7 @@ impl Run<'_> {
                     panel_gemm_gathered(conv.isa, u, v, start, &mut m[seg.col..], m_cols, [rows, cols]);
                 }
             };
-            if self.split {
-                let panels = conv.padded_out / PANEL_ROWS;
-                let per_task = panels.div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
-                m[..conv.padded_out * m_cols]
-                    .par_chunks_mut(per_task * m_cols)
-                    .enumerate()
-                    .for_each(|(i, m)| {
-                        let rows = m.len() / m_cols;
-                        product(&conv.packed[i * per_task * depth..][..rows * depth], m, rows);
-                    });
-            } else {
-                product(&conv.packed, m, conv.padded_out);
-            }
+            self.panel_runs(m, m_cols, product);
         }
         Ok(())
     }
