@@ -6,6 +6,10 @@
 //! input and writes the output in place, column block by column block, and
 //! the epilogue runs on each block while it is in cache. No im2col copy
 //! and no products buffer, as the direct conv needs for other kernels.
+//! Where enough output channels read a block of the input, or its rows
+//! start off the cache lines, the block is first copied into the
+//! micro-tiles' column slices ([`packs`]), which the product then reads
+//! contiguously.
 //!
 //! What the in-place product cannot cover goes through scratch: a row
 //! panel with fewer than 8 output channels left (its padding rows must not
@@ -28,8 +32,8 @@ use super::{output, ConvSpec};
 use crate::cpu::data::{output_buffer, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::{value, Epilogue};
 use crate::cpu::gemm::{
-    pack_panels, panel_columns, panel_gemm_shared, panel_gemm_strided, Isa, SharedRows, StoreEpilogue, Strided,
-    PANEL_GRANULE, PANEL_ROWS,
+    pack_panels, pack_tiles, panel_columns, panel_gemm_shared, panel_gemm_strided, Isa, SharedRows, StoreEpilogue,
+    Strided, PANEL_GRANULE, PANEL_ROWS,
 };
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
@@ -47,6 +51,10 @@ const STREAM_ALIGN: usize = 64;
 /// 672 -> 112 projection on 14×14 planes at batch 1 (196 = 1.75 × 112)
 /// took 0.239 ms split by columns against 0.173 by channels (Zen 4).
 const COLUMN_SPLIT_RATIO: usize = 4;
+
+/// The output and input channels that make packing a column block of the
+/// input pay on any plane ([`packs`]).
+const PACK_MIN: usize = 128;
 
 /// A 1×1 convolution with its weights packed in panels.
 #[derive(Debug)]
@@ -361,13 +369,16 @@ impl PointwiseConv {
         // Scratch: a partial panel's product over one block, or the first
         // or last columns' product `[padded_rows, < 16]`; before it, the
         // scaled operand, if any (whole cache lines of it, so that the
-        // products' rows stay aligned).
+        // products' rows stay aligned), and the block's input packed in
+        // tiles, if it is.
         let scaled_len = match t.scale {
             None => 0,
             Some(_) if scale_input => t.input.len().next_multiple_of(16),
             Some(_) => packed.len().next_multiple_of(16),
         };
-        let scratch_len = scaled_len + (PANEL_ROWS * block).max(padded_rows * PANEL_GRANULE);
+        let pack = packs(padded_rows, depth, plane);
+        let tiles_len = if pack { depth * block.min(hi - lo) } else { 0 };
+        let scratch_len = scaled_len + tiles_len + (PANEL_ROWS * block).max(padded_rows * PANEL_GRANULE);
         // SAFETY (each `slice` below): rows `t.rows` of this task's
         // columns, which no other task writes (runs and shares are disjoint).
         let write = |row: usize, cols: Range<usize>, src: &[f32]| {
@@ -377,6 +388,7 @@ impl PointwiseConv {
         };
         with_scratch(scratch_len, |scratch| {
             let (scaled, scratch) = scratch.split_at_mut(scaled_len);
+            let (tiles, scratch) = scratch.split_at_mut(tiles_len);
             let (u, input) = match t.scale {
                 None => (packed, t.input),
                 Some(scale) if scale_input => {
@@ -395,6 +407,10 @@ impl PointwiseConv {
                 let v = Strided {
                     data: &input[c0..],
                     stride: plane,
+                };
+                let v = match pack {
+                    true => pack_tiles(self.isa, v, depth, n, tiles),
+                    false => v.into(),
                 };
                 if full_rows > 0 {
                     // The epilogue as the product is stored.
@@ -443,6 +459,30 @@ impl PointwiseConv {
             }
         })
     }
+}
+
+/// Whether a task with `rows` output channels (whole panels) from `depth`
+/// input channels on planes of `plane` pixels packs each column block of
+/// its input in tiles ([`pack_tiles`]) before the product reads it: where
+/// the rows of the input start off the cache lines (planes not a multiple
+/// of 16 pixels: ResNet50's and the MobileNets' 14×14 and 7×7; most vector
+/// loads of the in-place operand split across two lines) and at least two
+/// panels read the copy; or where a tile's slice of the input is deep
+/// (its rows a plane apart, too many streams for the prefetchers) and at
+/// least [`PACK_MIN`] rows read it. The copy is not overlapped with the
+/// product (its reads wait on memory), so it takes fewer rows to pay for
+/// it on misaligned planes. Alone on the Intel Xeon VM (AVX-512), ResNet50
+/// at batch 10, alternating runs: 1024 -> 256 on 14×14 0.93× the time,
+/// 512 -> 2048 + residual on 7×7 0.84×, 2048 -> 512 0.80×, 512 -> 128 on
+/// 28×28 0.87×, 128 -> 512 + residual 0.93-0.96×; MobileNetV2's 576 -> 96
+/// on 14×14 0.95×, 960 -> 160 + residual on 7×7 0.84×; AVX2 forced there
+/// (16-column slices) 0.79-1.03×. Packed on every aligned plane with 16
+/// rows or more, the projections lost (256 -> 64 on 56×56 1.31×, 144 ->
+/// 24 1.28×), and so did MobileNetV2's shallow expansions (24 -> 144 on
+/// 56×56 1.06×). ResNet50 at batch 10 in all: 0.96×.
+fn packs(rows: usize, depth: usize, plane: usize) -> bool {
+    let misaligned = !plane.is_multiple_of(PANEL_GRANULE);
+    (misaligned && rows >= 2 * PANEL_ROWS) || (rows >= PACK_MIN && depth >= PACK_MIN)
 }
 
 /// `to[c][n] = from[n][c]` for `from` `[rows, width]`, `to` `[width][cols]`
@@ -498,6 +538,7 @@ mod tests {
     use super::*;
     use crate::cpu::conv::tests::reference_with_residual;
     use crate::cpu::conv::ConvSpec;
+    use crate::cpu::gemm::PANEL_TILES;
     use candle_core::Device;
     use proptest::prelude::*;
     use wick_ir::{Activation, Conv2dAttrs};
@@ -558,6 +599,56 @@ mod tests {
                 prop_assert_eq!(got.dims(), want.dims());
                 let diff = crate::test_util::max_abs_diff(&got, &want);
                 prop_assert!(diff <= 1e-5 * channels as f64 * 4.0, "{:?}: diff {}", isa, diff);
+            }
+        }
+    }
+
+    /// The blocks packed in tiles before the product ([`packs`]) give
+    /// candle's values on every path: many channels on an aligned plane,
+    /// two panels on misaligned planes (14×14 and 7×7, as ResNet50's),
+    /// several column blocks per task, split by channels and by columns,
+    /// streamed or not, with a residual, an activation and an input scale.
+    #[test]
+    fn packed_blocks_match_candle() {
+        let d = Device::Cpu;
+        // (batch, in, out, height, width, stream): each packs.
+        for (batch, channels, outs, h, w, stream) in [
+            (2, 130, 136, 4, 16, false),
+            (1, 129, 128, 2, 32, true),
+            (2, 24, 16, 14, 14, false),
+            (3, 40, 23, 7, 7, false),
+            (1, 8, 20, 5, 13, false),
+        ] {
+            assert!(
+                packs(outs / PANEL_ROWS * PANEL_ROWS, channels, h * w),
+                "{outs} x {channels} on {h}x{w}"
+            );
+            let x = Tensor::randn(0f32, 1.0, (batch, channels, h, w), &d).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (outs, channels, 1, 1), &d).unwrap();
+            let b = Tensor::randn(0f32, 1.0, outs, &d).unwrap();
+            let r = Tensor::randn(0f32, 1.0, (batch, outs, h, w), &d).unwrap();
+            let s = Tensor::randn(0f32, 1.0, (batch, channels, 1, 1), &d).unwrap();
+            let scaled = x.broadcast_mul(&s).unwrap();
+            let attrs = Conv2dAttrs::default();
+            let spec = ConvSpec::of(&wt, attrs).unwrap();
+            let relu = Some(Activation::Relu);
+            for (scale, residual) in [(None, None), (Some(&s), Some(&r))] {
+                let input = if scale.is_some() { &scaled } else { &x };
+                let want = reference_with_residual(input, &wt, Some(&b), attrs, residual, relu);
+                for isa in Isa::available() {
+                    let epilogue = Epilogue::new(Some(&b), outs, relu).unwrap().on(isa);
+                    let mut conv = PointwiseConv::new(spec, &wt, epilogue, Machine::with_isa(isa)).unwrap();
+                    // Two tiles of columns per block.
+                    conv.block_bytes = 2 * PANEL_TILES * (channels + outs.next_multiple_of(PANEL_ROWS)) * 4;
+                    conv.stream_bytes = if stream { 0 } else { usize::MAX };
+                    let got = conv.run_scaled(&x, residual, scale).unwrap();
+                    let diff = crate::test_util::max_abs_diff(&got, &want);
+                    assert!(
+                        diff <= 1e-5 * channels as f64 * 4.0,
+                        "{isa:?} {:?} -> {outs}: {diff}",
+                        x.dims()
+                    );
+                }
             }
         }
     }

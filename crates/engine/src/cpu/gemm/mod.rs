@@ -10,6 +10,8 @@
 //!   lane layout.
 //! - [`gathered`]: the panel product with `V`'s rows read through a
 //!   table of offsets (the direct conv without im2col).
+//! - [`right`]: the panel product's right operand, row-major in place or
+//!   packed in the micro-tiles' column slices.
 //! - [`columns`]: a few columns of a panel product, one at a time (the
 //!   1×1 conv's columns off the micro-tile width).
 
@@ -17,6 +19,7 @@ pub(crate) mod columns;
 pub(crate) mod gathered;
 pub(crate) mod lane;
 pub(crate) mod panel;
+pub(crate) mod right;
 
 pub(crate) use columns::panel_columns;
 pub(crate) use gathered::{panel_gemm_gathered, Gathered};
@@ -25,6 +28,7 @@ pub(crate) use panel::{
     chunks_depth, pack_panels, panel_gemm, panel_gemm_shared, panel_gemm_strided, panel_index, SharedRows,
     StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES,
 };
+pub(crate) use right::pack_tiles;
 
 /// Which micro-kernel a left operand (the weights) is packed for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

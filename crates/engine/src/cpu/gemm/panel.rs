@@ -1,6 +1,7 @@
 //! A small register-blocked f32 matrix product for pre-packed left operands,
 //! `M = U · V` with `U` `[rows, depth]` (packed in panels of [`PANEL_ROWS`]
-//! rows), `V` `[depth, cols]` row-major and `M` `[rows, cols]` row-major,
+//! rows), `V` `[depth, cols]` row-major (or packed in the micro-tiles'
+//! column slices: [`super::right`]) and `M` `[rows, cols]` row-major,
 //! `cols` a multiple of [`PANEL_GRANULE`]. Used by the Winograd convolution,
 //! whose 36 products per block are too small for a general GEMM's packing
 //! to pay off.
@@ -8,6 +9,7 @@
 //! Paths chosen at run time: AVX-512F, AVX2 + FMA, and portable scalar; each
 //! is tested against an f64 product on every machine that has it.
 
+use super::right::{Right, RightLayout};
 use super::Isa;
 use crate::cpu::data::SharedOut;
 use crate::cpu::epilogue::in_place;
@@ -92,21 +94,22 @@ pub(crate) struct Strided<'a> {
 }
 
 /// [`panel_gemm`] on operands inside larger matrices: `v` is `[depth,
-/// cols]` with rows `v.stride` apart, `m` `[rows, cols]` with rows
-/// `m_stride` apart (a block of an NCHW plane: a 1×1 conv reads its input
+/// cols]` with rows `v.stride` apart (or packed in tiles: [`Right`]), `m`
+/// `[rows, cols]` with rows `m_stride` apart (a block of an NCHW plane: a 1×1 conv reads its input
 /// and writes its output in place), with `epilogue` applied as `m` is
 /// stored, if given. `[rows, depth, cols]` as for [`panel_gemm`]; the
 /// strides are at least `cols`.
-pub(crate) fn panel_gemm_strided(
+pub(crate) fn panel_gemm_strided<'v>(
     isa: Isa,
     u: &[f32],
-    v: Strided,
+    v: impl Into<Right<'v>>,
     m: &mut [f32],
     m_stride: usize,
     size: [usize; 3],
     epilogue: Option<StoreEpilogue>,
 ) {
-    let span = check_operands(u, v, m_stride, size, epilogue);
+    let v = v.into();
+    let span = check_operands(isa, u, v, m_stride, size, epilogue);
     assert!(span.is_some_and(|span| m.len() >= span));
     // SAFETY: operands checked above; `m` is exclusively borrowed and holds the span.
     unsafe { gemm_into(isa, u, v, m.as_mut_ptr(), m_stride, size, epilogue) }
@@ -128,15 +131,16 @@ pub(crate) struct SharedRows {
 /// # Safety
 /// No other task reads or writes those elements while this runs, and the
 /// buffer outlives the call (the span is checked against it here).
-pub(crate) unsafe fn panel_gemm_shared(
+pub(crate) unsafe fn panel_gemm_shared<'v>(
     isa: Isa,
     u: &[f32],
-    v: Strided,
+    v: impl Into<Right<'v>>,
     m: SharedRows,
     size: [usize; 3],
     epilogue: Option<StoreEpilogue>,
 ) {
-    let Some(span) = check_operands(u, v, m.stride, size, epilogue) else {
+    let v = v.into();
+    let Some(span) = check_operands(isa, u, v, m.stride, size, epilogue) else {
         panic!("panel product of {size:?} with stride {} overflows", m.stride)
     };
     m.out.check(m.start, m.start.saturating_add(span));
@@ -144,19 +148,21 @@ pub(crate) unsafe fn panel_gemm_shared(
     unsafe { gemm_into(isa, u, v, m.out.ptr_at(m.start), m.stride, size, epilogue) }
 }
 
-/// Panics unless the operands of a `[rows, depth, cols]` product fit (whole
-/// panels and tiles, strides at least `cols`, `u`, `v` and the epilogue's
+/// Panics unless the operands of a `[rows, depth, cols]` product on `isa`
+/// fit (whole panels and tiles, strides at least `cols`, packed slices of
+/// `isa`'s width, `u`, `v` and the epilogue's
 /// operands long enough); returns the span of `m` (`(rows - 1)·m_stride +
 /// cols`, 0 without rows), `None` when it overflows.
 fn check_operands(
+    isa: Isa,
     u: &[f32],
-    v: Strided,
+    v: Right,
     m_stride: usize,
     [rows, depth, cols]: [usize; 3],
     epilogue: Option<StoreEpilogue>,
 ) -> Option<usize> {
     assert!(rows.is_multiple_of(PANEL_ROWS) && cols.is_multiple_of(PANEL_GRANULE));
-    assert!(v.stride >= cols && m_stride >= cols);
+    assert!(m_stride >= cols);
     // Checked sizes: a wrapped length must not let a short buffer through.
     // A `[n, cols]` matrix with rows `stride` apart spans (n - 1)·stride + cols.
     let spans = |n: usize, stride: usize| match n {
@@ -164,7 +170,7 @@ fn check_operands(
         n => (n - 1).checked_mul(stride)?.checked_add(cols),
     };
     let holds = |buffer: usize, n: Option<usize>| n.is_some_and(|n| buffer >= n);
-    assert!(holds(u.len(), rows.checked_mul(depth)) && holds(v.data.len(), spans(depth, v.stride)));
+    assert!(holds(u.len(), rows.checked_mul(depth)) && v.holds(isa, depth, cols));
     if let Some(e) = epilogue {
         assert!(e.bias.len() >= rows);
         if let Some(r) = e.residual {
@@ -183,26 +189,26 @@ fn check_operands(
 unsafe fn gemm_into(
     isa: Isa,
     u: &[f32],
-    v: Strided,
+    v: Right,
     m: *mut f32,
     m_stride: usize,
     size: [usize; 3],
     epilogue: Option<StoreEpilogue>,
 ) {
-    let [rows, _, cols] = size;
-    let strides = [v.stride, m_stride];
+    let [rows, depth, cols] = size;
+    let (v, layout) = v.parts(depth, cols);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the spans were checked by the caller (the kernels index
         // within them only), and `Isa::Avx512` is only handed out when the
         // CPU has AVX-512F.
-        Isa::Avx512 => unsafe { x86::gemm_avx512(u, v.data, m, size, strides, epilogue) },
+        Isa::Avx512 => unsafe { x86::gemm_avx512(u, v, layout, m, size, m_stride, epilogue) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for AVX2 + FMA.
-        Isa::Avx2Fma => unsafe { x86::gemm_avx2(u, v.data, m, size, strides, epilogue) },
+        Isa::Avx2Fma => unsafe { x86::gemm_avx2(u, v, layout, m, size, m_stride, epilogue) },
         _ => {
             // SAFETY: as above; the scalar product writes the same elements.
-            unsafe { gemm_scalar(u, v.data, m, size, strides) };
+            unsafe { gemm_scalar(u, v, layout, m, size, m_stride) };
             if let Some(e) = epilogue {
                 for (r, &bias) in e.bias[..rows].iter().enumerate() {
                     let residual = e.residual.map(|res| &res.data[r * res.stride..][..cols]);
@@ -216,14 +222,22 @@ unsafe fn gemm_into(
 }
 
 /// # Safety
-/// As [`gemm_into`], for `m`'s rows `ms` apart.
-unsafe fn gemm_scalar(u: &[f32], v: &[f32], m: *mut f32, [rows, depth, cols]: [usize; 3], [vs, ms]: [usize; 2]) {
+/// As [`gemm_into`], for `m`'s rows `ms` apart and `v` laid out as `layout` says.
+unsafe fn gemm_scalar(
+    u: &[f32],
+    v: &[f32],
+    layout: RightLayout,
+    m: *mut f32,
+    [rows, depth, cols]: [usize; 3],
+    ms: usize,
+) {
     for panel in 0..rows / PANEL_ROWS {
         let u = &u[panel * depth * PANEL_ROWS..][..depth * PANEL_ROWS];
         for t0 in (0..cols).step_by(PANEL_GRANULE) {
             let mut acc = [[0f32; PANEL_GRANULE]; PANEL_ROWS];
+            let (at, vs) = layout.at(t0);
             for d in 0..depth {
-                let vv = &v[d * vs + t0..][..PANEL_GRANULE];
+                let vv = &v[at + d * vs..][..PANEL_GRANULE];
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let a = u[d * PANEL_ROWS + r];
                     for (acc, &b) in acc.iter_mut().zip(vv) {
@@ -244,7 +258,7 @@ unsafe fn gemm_scalar(u: &[f32], v: &[f32], m: *mut f32, [rows, depth, cols]: [u
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    use super::{StoreEpilogue, AVX2_MAX_DEPTH, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
+    use super::{RightLayout, StoreEpilogue, AVX2_MAX_DEPTH, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
     use crate::cpu::activation::{sigmoid_avx2, sigmoid_avx512};
     use crate::cpu::epilogue::vector_activation;
     use std::arch::x86_64::*;
@@ -277,21 +291,25 @@ pub(super) mod x86 {
     }
 
     /// # Safety
-    /// The CPU has AVX-512F; `u`, `v` hold at least `rows·depth`,
-    /// `(depth - 1)·vs + cols` values, `m` is valid for writes of `(rows -
-    /// 1)·ms + cols` (nothing else accesses the elements written); `rows % 8 ==
-    /// 0`, `cols % 16 == 0`, `vs, ms >= cols`. Every pointer formed is
-    /// `panel·depth·8 + d·8 + r < rows·depth` (u), `d·vs + t0 + 16·j + 15 <
-    /// (depth - 1)·vs + cols` (v), `(panel·8 + r)·ms + t0 + 16·j + 15 <
-    /// (rows - 1)·ms + cols` (m); `epi`'s bias has `rows` values and its
+    /// The CPU has AVX-512F; `u` holds at least `rows·depth` values, `v` a
+    /// `[depth, cols]` operand laid out as `layout` says (`(depth - 1)·vs +
+    /// cols` values row-major, `depth·cols` packed in 32-column slices),
+    /// `m` is valid for writes of `(rows - 1)·ms + cols` (nothing else
+    /// accesses the elements written); `rows % 8 == 0`, `cols % 16 == 0`,
+    /// `vs, ms >= cols`. Every pointer formed is `panel·depth·8 + d·8 + r <
+    /// rows·depth` (u), `at + d·vs + 16·j + 15` inside `v` for `(at, vs) =
+    /// layout.at(t0)` (row-major: `d·vs + t0 + 16·j + 15 < (depth - 1)·vs +
+    /// cols`; packed: within the tile's slice, `depth` rows of its width),
+    /// `(panel·8 + r)·ms + t0 + 16·j + 15 < (rows - 1)·ms + cols` (m); `epi`'s bias has `rows` values and its
     /// residual, if any, spans `m`'s rows and columns at its own stride.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gemm_avx512(
         u: &[f32],
         v: &[f32],
+        layout: RightLayout,
         m: *mut f32,
         [rows, depth, cols]: [usize; 3],
-        [vs, ms]: [usize; 2],
+        ms: usize,
         epi: Option<StoreEpilogue>,
     ) {
         // SAFETY: the caller upholds this function's `# Safety` contract.
@@ -310,12 +328,15 @@ pub(super) mod x86 {
                 // projections (24-32 outputs, little reuse of a slice) at
                 // batch 10 on Zen 4: 18.7-19.1 -> 15.9-16.5 ms in all (L2
                 // hint: 19.2-21.5).
-                let next = (t0 + PANEL_TILES < cols).then(|| v.wrapping_add(t0 + PANEL_TILES));
+                // (Packed tiles lie one after the other: the hardware's
+                // prefetchers follow them.)
+                let (at, vs) = layout.at(t0);
+                let next = (layout.is_rows() && t0 + PANEL_TILES < cols).then(|| v.wrapping_add(t0 + PANEL_TILES));
                 for panel in 0..rows / PANEL_ROWS {
                     let (up, mp) = (u.add(panel * depth * PANEL_ROWS), m.add(panel * PANEL_ROWS * ms));
                     let e = TileEpilogue::at(epi, panel * PANEL_ROWS, t0);
                     let next = next.filter(|_| panel == 0);
-                    let (vp, mp) = (v.add(t0), mp.add(t0));
+                    let (vp, mp) = (v.add(at), mp.add(t0));
                     let (w, columns) = (TileWeights::whole(up), TileColumns::rows(vp, vs));
                     match stream {
                         true => micro_avx512::<TILE, true, false, false>(w, columns, mp, depth, ms, e, next),
@@ -324,10 +345,11 @@ pub(super) mod x86 {
                 }
             }
             if full < cols {
+                let (at, vs) = layout.at(full);
                 for panel in 0..rows / PANEL_ROWS {
                     let (up, mp) = (u.add(panel * depth * PANEL_ROWS), m.add(panel * PANEL_ROWS * ms));
                     let e = TileEpilogue::at(epi, panel * PANEL_ROWS, full);
-                    let (vp, mp) = (v.add(full), mp.add(full));
+                    let (vp, mp) = (v.add(at), mp.add(full));
                     let (w, columns) = (TileWeights::whole(up), TileColumns::rows(vp, vs));
                     match stream {
                         true => micro_avx512::<1, true, false, false>(w, columns, mp, depth, ms, e, None),
@@ -602,9 +624,10 @@ pub(super) mod x86 {
     pub(super) unsafe fn gemm_avx2(
         u: &[f32],
         v: &[f32],
+        layout: RightLayout,
         m: *mut f32,
         [rows, depth, cols]: [usize; 3],
-        [vs, ms]: [usize; 2],
+        ms: usize,
         epi: Option<StoreEpilogue>,
     ) {
         // SAFETY: the caller upholds this function's `# Safety` contract;
@@ -625,7 +648,12 @@ pub(super) mod x86 {
             let ahead = ms >= AVX2_FAR_ROWS;
             // Slices on that the first tile prefetches `v`: the next, or
             // `AVX2_AHEAD` on where its rows are a page or more apart.
-            let ahead_v = if vs >= AVX2_FAR_ROWS { AVX2_AHEAD } else { 1 };
+            // Packed tiles lie one after the other: none.
+            let ahead_v = match layout.at(0).1 {
+                _ if !layout.is_rows() => 0,
+                vs if vs >= AVX2_FAR_ROWS => AVX2_AHEAD,
+                _ => 1,
+            };
             let chunks = depth.div_ceil(kc).max(1);
             for k in 0..chunks {
                 let k0 = k * kc;
@@ -634,9 +662,11 @@ pub(super) mod x86 {
                 for r0 in (0..rows).step_by(mc) {
                     let r1 = rows.min(r0 + mc);
                     for t0 in (0..cols).step_by(PANEL_GRANULE) {
-                        let vp = v.add(k0 * vs + t0);
+                        let (at, vs) = layout.at(t0);
+                        let vp = v.add(at + k0 * vs);
                         // The block's first tile prefetches a later slice of `v`.
-                        let next = (t0 + PANEL_GRANULE < cols).then(|| vp.wrapping_add(ahead_v * PANEL_GRANULE));
+                        let next = (ahead_v > 0 && t0 + PANEL_GRANULE < cols)
+                            .then(|| vp.wrapping_add(ahead_v * PANEL_GRANULE));
                         let mut row = r0;
                         while row < r1 {
                             let height = avx2_tile_rows(r1 - row);

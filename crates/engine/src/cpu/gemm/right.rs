@@ -1,0 +1,226 @@
+//! The right operand `V` `[depth, cols]` of a panel product: row-major
+//! with its rows a stride apart (an NCHW plane read in place), or packed
+//! by [`pack_tiles`] into the micro-tiles' column slices (`depth` rows of
+//! a tile's width each, 32 columns on AVX-512, 16 on AVX2), so that a
+//! tile reads one contiguous run instead of `depth` rows a plane apart
+//! (too many streams for the hardware prefetchers, and on planes of 14×14
+//! or 7×7 pixels most vector loads split across two cache lines).
+
+use super::{Isa, Strided, PANEL_GRANULE, PANEL_TILES};
+
+/// The columns of one packed slice on `isa`'s path: its micro-tile's width.
+pub(crate) fn tile_width(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => PANEL_TILES,
+        _ => PANEL_GRANULE,
+    }
+}
+
+/// Where a panel product's right operand `V` `[depth, cols]` lies.
+#[derive(Clone, Copy)]
+pub(crate) enum Right<'a> {
+    /// Row-major, rows `stride` apart.
+    Rows(Strided<'a>),
+    /// Packed by [`pack_tiles`] in slices `width` columns wide.
+    Tiles { data: &'a [f32], width: usize },
+}
+
+impl<'a> From<Strided<'a>> for Right<'a> {
+    fn from(v: Strided<'a>) -> Self {
+        Right::Rows(v)
+    }
+}
+
+impl<'a> Right<'a> {
+    /// The values, and how a `[depth, cols]` operand lies in them.
+    pub(super) fn parts(self, depth: usize, cols: usize) -> (&'a [f32], RightLayout) {
+        match self {
+            Right::Rows(v) => (
+                v.data,
+                RightLayout {
+                    stride: v.stride,
+                    width: 0,
+                    depth,
+                    cols,
+                },
+            ),
+            Right::Tiles { data, width } => (
+                data,
+                RightLayout {
+                    stride: 0,
+                    width,
+                    depth,
+                    cols,
+                },
+            ),
+        }
+    }
+
+    /// Whether the values hold a `[depth, cols]` operand for `isa`'s
+    /// product: `(depth - 1)·stride + cols` values row-major (with `stride
+    /// >= cols`), `depth·cols` packed in slices of `isa`'s tile width.
+    pub(super) fn holds(self, isa: Isa, depth: usize, cols: usize) -> bool {
+        let needed = match self {
+            Right::Rows(v) if v.stride < cols => None,
+            Right::Tiles { width, .. } if width != tile_width(isa) => None,
+            Right::Rows(v) => match depth {
+                0 => Some(0),
+                d => (d - 1).checked_mul(v.stride).and_then(|n| n.checked_add(cols)),
+            },
+            Right::Tiles { .. } => depth.checked_mul(cols),
+        };
+        let len = self.parts(depth, cols).0.len();
+        needed.is_some_and(|n| len >= n)
+    }
+}
+
+/// How a `[depth, cols]` right operand lies in its values (see [`Right`]).
+#[derive(Clone, Copy)]
+pub(super) struct RightLayout {
+    /// The row stride of a row-major operand; 0 for packed tiles.
+    stride: usize,
+    /// The packed slices' width.
+    width: usize,
+    depth: usize,
+    cols: usize,
+}
+
+impl RightLayout {
+    /// For a micro-tile starting at column `col` (a multiple of its width
+    /// below `cols`): the offset of `V[0][col]` and the distance between
+    /// the tile's rows (a packed slice's width: the last one of an odd
+    /// number of granules on AVX-512 is 16 wide).
+    #[inline]
+    pub(super) fn at(self, col: usize) -> (usize, usize) {
+        match self.stride {
+            0 => {
+                let slice = col / self.width * self.width;
+                (slice * self.depth + col - slice, self.width.min(self.cols - slice))
+            }
+            stride => (col, stride),
+        }
+    }
+
+    /// Whether the operand is row-major (its rows far apart, worth
+    /// prefetching ahead) rather than packed.
+    #[inline]
+    pub(super) fn is_rows(self) -> bool {
+        self.stride != 0
+    }
+}
+
+/// Packs `v` (`[depth, cols]`, rows `v.stride` apart, `cols` a multiple of
+/// [`PANEL_GRANULE`]) for `isa`'s product into `tiles` (`depth·cols`
+/// values): slice `s` of `w` = [`tile_width`] columns (the last of an odd
+/// number of granules on AVX-512, 16) holds `depth` rows of its columns,
+/// one after the other, from `tiles[w·s·depth]` on.
+///
+/// # Panics
+/// If `cols` is not a multiple of the granule or the buffers are too short
+/// (the callers size them from the same shape).
+pub(crate) fn pack_tiles<'a>(isa: Isa, v: Strided, depth: usize, cols: usize, tiles: &'a mut [f32]) -> Right<'a> {
+    assert!(cols.is_multiple_of(PANEL_GRANULE) && Right::Rows(v).holds(isa, depth, cols));
+    let width = tile_width(isa);
+    let tiles = &mut tiles[..depth * cols];
+    for slice in (0..cols).step_by(width) {
+        let from = &v.data[slice..];
+        match width.min(cols - slice) {
+            PANEL_TILES => copy_rows::<PANEL_TILES>(from, v.stride, &mut tiles[slice * depth..][..depth * PANEL_TILES]),
+            _ => copy_rows::<PANEL_GRANULE>(from, v.stride, &mut tiles[slice * depth..][..depth * PANEL_GRANULE]),
+        }
+    }
+    Right::Tiles { data: tiles, width }
+}
+
+/// `to`'s rows of `W` values from `from`'s, `stride` apart (a width known
+/// at compile time: vector moves rather than a `memcpy` call per row).
+fn copy_rows<const W: usize>(from: &[f32], stride: usize, to: &mut [f32]) {
+    for (d, to) in to.chunks_exact_mut(W).enumerate() {
+        to.copy_from_slice(&from[d * stride..][..W]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::gemm::{pack_panels, panel_gemm_strided, Isa, PANEL_ROWS};
+
+    /// Every value lands where [`RightLayout::at`] says its tile reads it,
+    /// for 16-, 32- and odd-granule widths, on every path's slices, and
+    /// only there (every value of the packed buffer written once).
+    #[test]
+    fn tiles_lie_where_the_layout_says() {
+        for (depth, cols, stride) in [(3, 16, 16), (5, 32, 40), (4, 80, 83), (1, 48, 48)] {
+            let v: Vec<f32> = (0..(depth - 1) * stride + cols).map(|i| i as f32).collect();
+            for isa in [Isa::Avx512, Isa::Avx2Fma, Isa::Scalar] {
+                let mut tiles = vec![f32::NAN; depth * cols];
+                let (_, layout) =
+                    pack_tiles(isa, Strided { data: &v, stride }, depth, cols, &mut tiles).parts(depth, cols);
+                let mut seen = vec![0; depth * cols];
+                let width = tile_width(isa);
+                for col in (0..cols).step_by(width) {
+                    let (at, row) = layout.at(col);
+                    for d in 0..depth {
+                        for j in 0..width.min(cols - col) {
+                            assert_eq!(
+                                tiles[at + d * row + j],
+                                v[d * stride + col + j],
+                                "{isa:?} {depth}x{cols} d={d} c={}",
+                                col + j
+                            );
+                            seen[at + d * row + j] += 1;
+                        }
+                    }
+                }
+                assert!(seen.iter().all(|&n| n == 1), "{isa:?} {depth}x{cols}");
+            }
+        }
+    }
+
+    /// A product on packed tiles writes the same values, bit for bit, as
+    /// on the row-major operand (the same sums in the same order), on every
+    /// path: a 16-column last slice, and depths past the AVX2 path's chunk.
+    #[test]
+    fn tiles_give_the_row_major_product() {
+        for (depth, cols) in [(7, 16), (64, 48), (300, 96), (700, 80)] {
+            let rows = 3 * PANEL_ROWS;
+            let stride = cols + 5;
+            let mut next = crate::test_util::uniform(depth as u64);
+            let plain: Vec<f32> = (0..rows * depth).map(|_| next()).collect();
+            let v: Vec<f32> = (0..(depth - 1) * stride + cols).map(|_| next()).collect();
+            let mut packed = vec![0f32; rows * depth];
+            pack_panels(&plain, rows, depth, &mut packed);
+            let v = Strided { data: &v, stride };
+            for isa in Isa::available() {
+                let mut tiles = vec![0f32; depth * cols];
+                let tiles = pack_tiles(isa, v, depth, cols, &mut tiles);
+                let product = |right: Right| {
+                    let mut m = vec![0f32; rows * cols];
+                    panel_gemm_strided(isa, &packed, right, &mut m, cols, [rows, depth, cols], None);
+                    m
+                };
+                let (want, got) = (product(v.into()), product(tiles));
+                assert!(
+                    want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{isa:?} {depth}x{cols}"
+                );
+            }
+        }
+    }
+
+    /// Short buffers, strides below the width and slices of another
+    /// path's width are refused.
+    #[test]
+    fn holds_checks_the_span() {
+        let data = [0f32; 64];
+        let (avx2, avx512) = (Isa::Avx2Fma, Isa::Avx512);
+        let tiles = |width| Right::Tiles { data: &data, width };
+        assert!(tiles(16).holds(avx2, 4, 16) && !tiles(16).holds(avx2, 5, 16));
+        assert!(tiles(32).holds(avx512, 2, 32) && !tiles(16).holds(avx512, 2, 32) && !tiles(32).holds(avx2, 2, 32));
+        assert!(!tiles(16).holds(avx2, usize::MAX, 16));
+        let rows = |stride| Right::Rows(Strided { data: &data, stride });
+        assert!(rows(16).holds(avx2, 4, 16) && rows(24).holds(avx2, 2, 16));
+        assert!(!rows(24).holds(avx2, 3, 32) && !rows(8).holds(avx2, 1, 16));
+        assert!(!rows(usize::MAX).holds(avx2, 3, 16) && rows(usize::MAX).holds(avx2, 1, 16));
+    }
+}
