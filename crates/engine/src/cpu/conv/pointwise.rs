@@ -55,6 +55,9 @@ const COLUMN_SPLIT_RATIO: usize = 4;
 /// The output and input channels that make packing a column block of the
 /// input pay on any plane ([`packs`]).
 const PACK_MIN: usize = 128;
+/// The output channels that make packing pay on planes whose rows start
+/// off the cache lines ([`packs`]).
+const PACK_MIN_MISALIGNED: usize = 4 * PANEL_ROWS;
 
 /// A 1×1 convolution with its weights packed in panels.
 #[derive(Debug)]
@@ -466,7 +469,7 @@ impl PointwiseConv {
 /// its input in tiles ([`pack_tiles`]) before the product reads it: where
 /// the rows of the input start off the cache lines (planes not a multiple
 /// of 16 pixels: ResNet50's and the MobileNets' 14×14 and 7×7; most vector
-/// loads of the in-place operand split across two lines) and at least two
+/// loads of the in-place operand split across two lines) and at least four
 /// panels read the copy; or where a tile's slice of the input is deep
 /// (its rows a plane apart, too many streams for the prefetchers) and at
 /// least [`PACK_MIN`] rows read it. The copy is not overlapped with the
@@ -479,10 +482,15 @@ impl PointwiseConv {
 /// (16-column slices) 0.79-1.03×. Packed on every aligned plane with 16
 /// rows or more, the projections lost (256 -> 64 on 56×56 1.31×, 144 ->
 /// 24 1.28×), and so did MobileNetV2's shallow expansions (24 -> 144 on
-/// 56×56 1.06×). ResNet50 at batch 10 in all: 0.96×.
+/// 56×56 1.06×); at batch 1, tasks of three panels on misaligned planes
+/// (576 -> 96 + residual on 14×14, 24 rows a task) 1.11×. In all,
+/// alternating forwards: ResNet50 0.96× at batch 10, 0.90-0.99× at batch
+/// 1, MobileNetV2 0.95-0.98× at batch 10, MobileNetV3-Large and
+/// EfficientNet-B0 0.95-0.99× at batch 10 and 0.97-1.04× (noise) at batch
+/// 1; AVX2 forced, batch 10: 0.94-0.99×.
 fn packs(rows: usize, depth: usize, plane: usize) -> bool {
     let misaligned = !plane.is_multiple_of(PANEL_GRANULE);
-    (misaligned && rows >= 2 * PANEL_ROWS) || (rows >= PACK_MIN && depth >= PACK_MIN)
+    (misaligned && rows >= PACK_MIN_MISALIGNED) || (rows >= PACK_MIN && depth >= PACK_MIN)
 }
 
 /// `to[c][n] = from[n][c]` for `from` `[rows, width]`, `to` `[width][cols]`
@@ -605,52 +613,55 @@ mod tests {
 
     /// The blocks packed in tiles before the product ([`packs`]) give
     /// candle's values on every path: many channels on an aligned plane,
-    /// two panels on misaligned planes (14×14 and 7×7, as ResNet50's),
-    /// several column blocks per task, split by channels and by columns,
-    /// streamed or not, with a residual, an activation and an input scale.
+    /// four panels or more on misaligned planes (14×14 and 7×7, as
+    /// ResNet50's), several column blocks per task, split by channels and
+    /// by columns, streamed or not, with a residual, an activation and an
+    /// input scale. On two threads, as the shapes are chosen for: each
+    /// task keeps enough rows to pack.
     #[test]
     fn packed_blocks_match_candle() {
-        let d = Device::Cpu;
-        // (batch, in, out, height, width, stream): each packs.
-        for (batch, channels, outs, h, w, stream) in [
-            (2, 130, 136, 4, 16, false),
-            (1, 129, 128, 2, 32, true),
-            (2, 24, 16, 14, 14, false),
-            (3, 40, 23, 7, 7, false),
-            (1, 8, 20, 5, 13, false),
-        ] {
-            assert!(
-                packs(outs / PANEL_ROWS * PANEL_ROWS, channels, h * w),
-                "{outs} x {channels} on {h}x{w}"
-            );
-            let x = Tensor::randn(0f32, 1.0, (batch, channels, h, w), &d).unwrap();
-            let wt = Tensor::randn(0f32, 1.0, (outs, channels, 1, 1), &d).unwrap();
-            let b = Tensor::randn(0f32, 1.0, outs, &d).unwrap();
-            let r = Tensor::randn(0f32, 1.0, (batch, outs, h, w), &d).unwrap();
-            let s = Tensor::randn(0f32, 1.0, (batch, channels, 1, 1), &d).unwrap();
-            let scaled = x.broadcast_mul(&s).unwrap();
-            let attrs = Conv2dAttrs::default();
-            let spec = ConvSpec::of(&wt, attrs).unwrap();
-            let relu = Some(Activation::Relu);
-            for (scale, residual) in [(None, None), (Some(&s), Some(&r))] {
-                let input = if scale.is_some() { &scaled } else { &x };
-                let want = reference_with_residual(input, &wt, Some(&b), attrs, residual, relu);
-                for isa in Isa::available() {
-                    let epilogue = Epilogue::new(Some(&b), outs, relu).unwrap().on(isa);
-                    let mut conv = PointwiseConv::new(spec, &wt, epilogue, Machine::with_isa(isa)).unwrap();
-                    // Two tiles of columns per block.
-                    conv.block_bytes = 2 * PANEL_TILES * (channels + outs.next_multiple_of(PANEL_ROWS)) * 4;
-                    conv.stream_bytes = if stream { 0 } else { usize::MAX };
-                    let got = conv.run_scaled(&x, residual, scale).unwrap();
-                    let diff = crate::test_util::max_abs_diff(&got, &want);
-                    assert!(
-                        diff <= 1e-5 * channels as f64 * 4.0,
-                        "{isa:?} {:?} -> {outs}: {diff}",
-                        x.dims()
-                    );
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(|| {
+            let d = Device::Cpu;
+            // (batch, in, out, height, width, stream, rows a task): split by
+            // channels in two runs (batches of 2-3), by columns (batch 1).
+            for (batch, channels, outs, h, w, stream, task_rows) in [
+                (2, 130, 264, 4, 16, false, 128),
+                (1, 129, 128, 16, 32, true, 128),
+                (3, 24, 72, 14, 14, false, 32),
+                (3, 40, 75, 7, 7, false, 40),
+                (1, 8, 37, 13, 15, false, 40),
+            ] {
+                assert!(packs(task_rows, channels, h * w), "{task_rows} x {channels} on {h}x{w}");
+                let x = Tensor::randn(0f32, 1.0, (batch, channels, h, w), &d).unwrap();
+                let wt = Tensor::randn(0f32, 1.0, (outs, channels, 1, 1), &d).unwrap();
+                let b = Tensor::randn(0f32, 1.0, outs, &d).unwrap();
+                let r = Tensor::randn(0f32, 1.0, (batch, outs, h, w), &d).unwrap();
+                let s = Tensor::randn(0f32, 1.0, (batch, channels, 1, 1), &d).unwrap();
+                let scaled = x.broadcast_mul(&s).unwrap();
+                let attrs = Conv2dAttrs::default();
+                let spec = ConvSpec::of(&wt, attrs).unwrap();
+                let relu = Some(Activation::Relu);
+                for (scale, residual) in [(None, None), (Some(&s), Some(&r))] {
+                    let input = if scale.is_some() { &scaled } else { &x };
+                    let want = reference_with_residual(input, &wt, Some(&b), attrs, residual, relu);
+                    for isa in Isa::available() {
+                        let epilogue = Epilogue::new(Some(&b), outs, relu).unwrap().on(isa);
+                        let mut conv = PointwiseConv::new(spec, &wt, epilogue, Machine::with_isa(isa)).unwrap();
+                        // Two tiles of columns per block.
+                        conv.block_bytes = 2 * PANEL_TILES * (channels + outs.next_multiple_of(PANEL_ROWS)) * 4;
+                        conv.stream_bytes = if stream { 0 } else { usize::MAX };
+                        let got = conv.run_scaled(&x, residual, scale).unwrap();
+                        let diff = crate::test_util::max_abs_diff(&got, &want);
+                        assert!(
+                            diff <= 1e-5 * channels as f64 * 4.0,
+                            "{isa:?} {:?} -> {outs}: {diff}",
+                            x.dims()
+                        );
+                    }
                 }
             }
-        }
+        });
     }
 
     /// Each way of taking an input scale, on every path: tasks with more
