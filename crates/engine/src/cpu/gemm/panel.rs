@@ -300,8 +300,9 @@ pub(super) mod x86 {
     /// rows·depth` (u), `at + d·vs + 16·j + 15` inside `v` for `(at, vs) =
     /// layout.at(t0)` (row-major: `d·vs + t0 + 16·j + 15 < (depth - 1)·vs +
     /// cols`; packed: within the tile's slice, `depth` rows of its width),
-    /// `(panel·8 + r)·ms + t0 + 16·j + 15 < (rows - 1)·ms + cols` (m); `epi`'s bias has `rows` values and its
-    /// residual, if any, spans `m`'s rows and columns at its own stride.
+    /// `(panel·8 + r)·ms + t0 + 16·j + 15 < (rows - 1)·ms + cols` (m);
+    /// `epi`'s bias has `rows` values and its residual, if any, spans
+    /// `m`'s rows and columns at its own stride.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gemm_avx512(
         u: &[f32],
