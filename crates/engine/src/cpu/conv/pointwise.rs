@@ -380,8 +380,14 @@ impl PointwiseConv {
             Some(_) => packed.len().next_multiple_of(16),
         };
         let pack = packs(padded_rows, depth, plane);
-        let tiles_len = if pack { depth * block.min(hi - lo) } else { 0 };
-        let scratch_len = scaled_len + tiles_len + (PANEL_ROWS * block).max(padded_rows * PANEL_GRANULE);
+        let tiles_len = if pack {
+            depth.saturating_mul(block.min(hi - lo))
+        } else {
+            0
+        };
+        let products_len = (PANEL_ROWS * block).max(padded_rows * PANEL_GRANULE);
+        // Saturated: past the scratch cap, `with_scratch` refuses it.
+        let scratch_len = scaled_len.saturating_add(tiles_len).saturating_add(products_len);
         // SAFETY (each `slice` below): rows `t.rows` of this task's
         // columns, which no other task writes (runs and shares are disjoint).
         let write = |row: usize, cols: Range<usize>, src: &[f32]| {

@@ -332,7 +332,8 @@ pub(super) mod x86 {
                 // (Packed tiles lie one after the other: the hardware's
                 // prefetchers follow them.)
                 let (at, vs) = layout.at(t0);
-                let next = (layout.is_rows() && t0 + PANEL_TILES < cols).then(|| v.wrapping_add(t0 + PANEL_TILES));
+                let next = (layout.rows_apart().is_some() && t0 + PANEL_TILES < cols)
+                    .then(|| v.wrapping_add(t0 + PANEL_TILES));
                 for panel in 0..rows / PANEL_ROWS {
                     let (up, mp) = (u.add(panel * depth * PANEL_ROWS), m.add(panel * PANEL_ROWS * ms));
                     let e = TileEpilogue::at(epi, panel * PANEL_ROWS, t0);
@@ -650,10 +651,10 @@ pub(super) mod x86 {
             // Slices on that the first tile prefetches `v`: the next, or
             // `AVX2_AHEAD` on where its rows are a page or more apart.
             // Packed tiles lie one after the other: none.
-            let ahead_v = match layout.at(0).1 {
-                _ if !layout.is_rows() => 0,
-                vs if vs >= AVX2_FAR_ROWS => AVX2_AHEAD,
-                _ => 1,
+            let ahead_v = match layout.rows_apart() {
+                None => 0,
+                Some(vs) if vs >= AVX2_FAR_ROWS => AVX2_AHEAD,
+                Some(_) => 1,
             };
             let chunks = depth.div_ceil(kc).max(1);
             for k in 0..chunks {

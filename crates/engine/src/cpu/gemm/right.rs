@@ -39,7 +39,7 @@ impl<'a> Right<'a> {
                 v.data,
                 RightLayout {
                     stride: v.stride,
-                    width: 0,
+                    tiled: false,
                     depth,
                     cols,
                 },
@@ -47,8 +47,8 @@ impl<'a> Right<'a> {
             Right::Tiles { data, width } => (
                 data,
                 RightLayout {
-                    stride: 0,
-                    width,
+                    stride: width,
+                    tiled: true,
                     depth,
                     cols,
                 },
@@ -77,10 +77,11 @@ impl<'a> Right<'a> {
 /// How a `[depth, cols]` right operand lies in its values (see [`Right`]).
 #[derive(Clone, Copy)]
 pub(super) struct RightLayout {
-    /// The row stride of a row-major operand; 0 for packed tiles.
+    /// The row stride of a row-major operand, the slices' width of a
+    /// packed one.
     stride: usize,
-    /// The packed slices' width.
-    width: usize,
+    /// Whether the operand is packed.
+    tiled: bool,
     depth: usize,
     cols: usize,
 }
@@ -92,20 +93,22 @@ impl RightLayout {
     /// number of granules on AVX-512 is 16 wide).
     #[inline]
     pub(super) fn at(self, col: usize) -> (usize, usize) {
-        match self.stride {
-            0 => {
-                let slice = col / self.width * self.width;
-                (slice * self.depth + col - slice, self.width.min(self.cols - slice))
+        match self.tiled {
+            // A packed operand's width is its path's tile width (checked
+            // by `Right::holds`), never 0.
+            true => {
+                let (width, slice) = (self.stride, col / self.stride * self.stride);
+                (slice * self.depth + col - slice, width.min(self.cols - slice))
             }
-            stride => (col, stride),
+            false => (col, self.stride),
         }
     }
 
-    /// Whether the operand is row-major (its rows far apart, worth
-    /// prefetching ahead) rather than packed.
+    /// The distance between the rows of a row-major operand (far apart,
+    /// worth prefetching ahead); `None` for a packed one.
     #[inline]
-    pub(super) fn is_rows(self) -> bool {
-        self.stride != 0
+    pub(super) fn rows_apart(self) -> Option<usize> {
+        (!self.tiled).then_some(self.stride)
     }
 }
 
@@ -204,6 +207,26 @@ mod tests {
                     want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{isa:?} {depth}x{cols}"
                 );
+            }
+        }
+    }
+
+    /// A product without columns runs on every path whatever its
+    /// operand's layout, a row-major one of stride 0 included (no slice
+    /// width to divide by), and writes nothing.
+    #[test]
+    fn products_without_columns_run() {
+        let (rows, depth) = (2 * PANEL_ROWS, 5);
+        let packed = vec![1f32; rows * depth];
+        for isa in Isa::available() {
+            let mut m: Vec<f32> = Vec::new();
+            let rows_major = Right::Rows(Strided { data: &[], stride: 0 });
+            let tiles = Right::Tiles {
+                data: &[],
+                width: tile_width(isa),
+            };
+            for right in [rows_major, tiles] {
+                panel_gemm_strided(isa, &packed, right, &mut m, 0, [rows, depth, 0], None);
             }
         }
     }
