@@ -95,10 +95,10 @@ pub(crate) struct Strided<'a> {
 
 /// [`panel_gemm`] on operands inside larger matrices: `v` is `[depth,
 /// cols]` with rows `v.stride` apart (or packed in tiles: [`Right`]), `m`
-/// `[rows, cols]` with rows `m_stride` apart (a block of an NCHW plane: a 1×1 conv reads its input
-/// and writes its output in place), with `epilogue` applied as `m` is
-/// stored, if given. `[rows, depth, cols]` as for [`panel_gemm`]; the
-/// strides are at least `cols`.
+/// `[rows, cols]` with rows `m_stride` apart (a block of an NCHW plane: a
+/// 1×1 conv reads its input and writes its output in place), with
+/// `epilogue` applied as `m` is stored, if given. `[rows, depth, cols]` as
+/// for [`panel_gemm`]; the strides are at least `cols`.
 pub(crate) fn panel_gemm_strided<'v>(
     isa: Isa,
     u: &[f32],
@@ -296,7 +296,7 @@ pub(super) mod x86 {
     /// cols` values row-major, `depth·cols` packed in 32-column slices),
     /// `m` is valid for writes of `(rows - 1)·ms + cols` (nothing else
     /// accesses the elements written); `rows % 8 == 0`, `cols % 16 == 0`,
-    /// `vs, ms >= cols`. Every pointer formed is `panel·depth·8 + d·8 + r <
+    /// `ms >= cols` (and a row-major `vs`). Every pointer formed is `panel·depth·8 + d·8 + r <
     /// rows·depth` (u), `at + d·vs + 16·j + 15` inside `v` for `(at, vs) =
     /// layout.at(t0)` (row-major: `d·vs + t0 + 16·j + 15 < (depth - 1)·vs +
     /// cols`; packed: within the tile's slice, `depth` rows of its width),
@@ -601,8 +601,9 @@ pub(super) mod x86 {
     }
 
     /// # Safety
-    /// As [`gemm_avx512`], with AVX2 and FMA instead of AVX-512F. AVX2 has
-    /// 16 vector registers: a micro-tile is 6 rows × 16 columns (12
+    /// As [`gemm_avx512`], with AVX2 and FMA instead of AVX-512F (and
+    /// packed slices 16 columns wide). AVX2 has 16 vector registers: a
+    /// micro-tile is 6 rows × 16 columns (12
     /// accumulators, 2 loads of `v` and 6 broadcasts of `u` per depth step
     /// for 12 FMAs; 15 registers, no spill), the last 4 or 8 rows of a
     /// block in tiles of 4 × 16 ([`avx2_tile_rows`]). A 6-row tile runs
