@@ -22,11 +22,12 @@
 //! image writes its own contiguous output plane. Fewer images than threads
 //! to keep busy are split by channels where the planes are small (each
 //! task then reads the whole input plane but only its weights), by columns
-//! where they are several times larger than the output's channels (each
-//! task reads only its columns of the input, and all the weights): a
-//! task's reads are smallest that way, and MobileNets' 1×1 convs to 24 channels on 56×56
-//! planes at batch 1 ran no faster on two threads than on one when split
-//! into three 8-channel runs that each read the whole input.
+//! where they hold at least twice as many pixels as the output has
+//! channels (each task reads only its columns of the input, and all the
+//! weights): a task's reads are smallest that way, and MobileNets' 1×1
+//! convs to 24 channels on 56×56 planes at batch 1 ran no faster on two
+//! threads than on one when split into three 8-channel runs that each
+//! read the whole input.
 
 use super::{output, ConvSpec};
 use crate::cpu::data::{output_buffer, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
@@ -45,12 +46,25 @@ use std::ops::Range;
 const STREAM_ALIGN: usize = 64;
 
 /// How many times the output's channels a plane must hold for an image's
-/// tasks to split its columns rather than its channels. Below it, the
-/// column shares are a few tiles each, every share reads all the weights
-/// and the last one also the columns past the last tile: MobileNetV3's
-/// 672 -> 112 projection on 14×14 planes at batch 1 (196 = 1.75 × 112)
-/// took 0.239 ms split by columns against 0.173 by channels (Zen 4).
-const COLUMN_SPLIT_RATIO: usize = 4;
+/// tasks to split its columns rather than its channels. A channel run
+/// reads (and, where it packs, copies) the whole input plane and its rows
+/// of the weights, a column share its columns of the input and all the
+/// weights: per task, `C·P + O·C/k` against `C·P/k + O·C` for `k` tasks,
+/// equal at `P = O` (at `P = O/2` for a packing run, whose copy doubles
+/// the input's cost). Below twice, the column shares are a few
+/// tiles each and the last one also takes the columns past the last
+/// tile: MobileNetV3's 672 -> 112 projection on 14×14 planes at batch 1
+/// (196 = 1.75 × 112) took 0.239 ms split by columns against 0.173 by
+/// channels (Zen 4, before the 1×1 conv packed). At twice and more, on the
+/// Intel Xeon VM (AVX-512), batch 1, two threads, alternating forwards
+/// against a ratio of 4: ResNet50's 512 -> 256 on 28×28 (3.06×) 0.70-0.71×
+/// the time, MobileNetV2's 384 -> 64 and 576 -> 96 projections on 14×14
+/// 0.88-0.94×, MobileNetV3-Large's 240 -> 80 and 200 -> 80 0.78-0.85×;
+/// whole forwards ResNet50 0.984×, MobileNetV2 0.979×, MobileNetV3-Large
+/// 0.988×, EfficientNet-B0 0.995×. (At `P >= O` and `P >= 0.75·O`, also
+/// taking ResNet50's 128 -> 512 + residual on 28×28 and 1024 -> 256 on
+/// 14×14: the same forwards within 1%.)
+const COLUMN_SPLIT_RATIO: usize = 2;
 
 /// The output and input channels that make packing a column block of the
 /// input pay on any plane ([`packs`]).
@@ -634,7 +648,7 @@ mod tests {
             for (batch, channels, outs, h, w, stream, task_rows) in [
                 (2, 130, 264, 4, 16, false, 128),
                 (1, 129, 128, 16, 32, true, 128),
-                (3, 24, 72, 14, 14, false, 32),
+                (3, 24, 104, 14, 14, false, 48),
                 (3, 40, 75, 7, 7, false, 40),
                 (1, 8, 37, 13, 15, false, 40),
             ] {
@@ -678,9 +692,9 @@ mod tests {
     #[test]
     fn input_scale_on_either_operand() {
         let d = Device::Cpu;
-        // (batch, in, out, height, width): 24 rows > 6 pixels; 24 rows on
+        // (batch, in, out, height, width): 24 rows > 6 pixels; 40 rows on
         // 64-pixel planes split by channels; 8 rows on 20×20 split by columns.
-        for (batch, channels, outs, h, wd) in [(1, 5, 24, 2, 3), (3, 5, 24, 2, 3), (1, 9, 24, 8, 8), (2, 7, 8, 20, 20)]
+        for (batch, channels, outs, h, wd) in [(1, 5, 24, 2, 3), (3, 5, 24, 2, 3), (1, 9, 40, 8, 8), (2, 7, 8, 20, 20)]
         {
             let x = Tensor::randn(0f32, 1.0, (batch, channels, h, wd), &d).unwrap();
             let s = Tensor::randn(0f32, 1.0, (batch, channels, 1, 1), &d).unwrap();
