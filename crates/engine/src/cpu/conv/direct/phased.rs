@@ -12,7 +12,7 @@
 //! past its end into the next row's columns, which come later and
 //! overwrite them (the products' scratch has a granule of room at the end).
 
-use super::{Block, DirectConv, Run, Segment};
+use super::{groups, Block, DirectConv, Run};
 use crate::cpu::conv::ConvShape;
 use crate::cpu::data::gather_strided;
 use crate::cpu::gemm::{panel_gemm_gathered, Gathered, IsaBody, Layout, PANEL_GRANULE};
@@ -124,12 +124,6 @@ impl Phases {
     pub(super) fn block_rows(block: &Block) -> usize {
         groups(&block.segments).map(|g| g.len()).max().unwrap_or(1)
     }
-}
-
-/// Runs of segments in one image (consecutive output rows: a block's
-/// segments come in pixel order).
-fn groups(segments: &[Segment]) -> impl Iterator<Item = &[Segment]> {
-    segments.chunk_by(|a, b| a.image == b.image)
 }
 
 impl Run<'_> {
