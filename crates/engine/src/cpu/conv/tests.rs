@@ -362,6 +362,38 @@ fn deep_direct_conv_in_least_blocks() {
     }
 }
 
+/// A lane-layout conv deep enough to split its product by depth (2088 =
+/// 232·3·3, 17 chunks of the packed weights), on two threads with one
+/// block (batch 1, 5×5 outputs): parts of the depth whose sums are added,
+/// and on a single thread the product whole; a partial lane group, a
+/// residual and an activation; every path equals candle's conv.
+#[test]
+fn lane_products_split_by_depth() {
+    let attrs = Conv2dAttrs {
+        stride: [2, 2],
+        padding: [1, 1],
+        ..Conv2dAttrs::default()
+    };
+    let RandomCase {
+        x,
+        w,
+        b,
+        residual,
+        activation,
+        want,
+    } = random_case([1, 232, 9, 9], [40, 232, 3, 3], attrs, Some(0), true);
+    for threads in [2, 1] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for isa in Isa::available() {
+            let conv = DirectConv::for_test(&w, Some(&b), attrs, activation, None, Layout::Lanes, isa).unwrap();
+            let got = pool.install(|| conv.run(&x, residual.as_ref())).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = crate::test_util::max_abs_diff(&got, &want);
+            assert!(diff <= 1e-5 * 2088.0 * 4.0, "{isa:?} on {threads} threads: diff {diff}");
+        }
+    }
+}
+
 /// Planes smaller than a block that fill their granules take a block
 /// each, stored in place ([`super::direct`]'s `whole_plane_block`): a 1×1
 /// stride-2 conv onto 14×14 (196 pixels, as ResNet's layer3 downsample)

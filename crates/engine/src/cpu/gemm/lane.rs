@@ -21,6 +21,8 @@ use super::Isa;
 pub(crate) const LANES: usize = 32;
 /// Depth of the chunk of weights and columns kept in L1 at a time.
 const KC: usize = 128;
+/// The depth a product can be split at ([`lane_gemm_part`]): its chunks'.
+pub(crate) const LANE_CHUNK: usize = KC;
 /// Most pixels per AVX-512 micro-tile (`2·R` accumulators).
 const MAX_TILE: usize = 12;
 /// How far ahead (in floats) the weights are prefetched.
@@ -78,6 +80,22 @@ pub(crate) fn lane_gemm(
     m: &mut [f32],
     groups: std::ops::Range<usize>,
 ) {
+    lane_gemm_part(isa, size, w, v, m, groups, 0..size.depth)
+}
+
+/// [`lane_gemm`] over the depths `depths` only: `m` gets the sums of
+/// their terms, `v` holds just their rows (`[depths.len(), cols]`).
+/// `depths` starts on a chunk ([`LANE_CHUNK`]) and ends on one or at the
+/// product's depth, so that it takes whole chunks of the packed weights.
+pub(crate) fn lane_gemm_part(
+    isa: Isa,
+    size: LaneProduct,
+    w: &[f32],
+    v: &[f32],
+    m: &mut [f32],
+    groups: std::ops::Range<usize>,
+    depths: std::ops::Range<usize>,
+) {
     let LaneProduct {
         rows,
         depth,
@@ -85,28 +103,38 @@ pub(crate) fn lane_gemm(
         pixels,
     } = size;
     assert!(rows.is_multiple_of(LANES) && groups.end <= rows / LANES && pixels <= cols);
+    assert!(
+        depths.start.is_multiple_of(KC)
+            && depths.start <= depths.end
+            && (depths.end == depth || (depths.end < depth && depths.end.is_multiple_of(KC)))
+    );
     // Checked products: a wrapped length must not let a short buffer through.
     let holds =
         |buffer: usize, a: usize, b: Option<usize>| b.and_then(|b| a.checked_mul(b)).is_some_and(|n| buffer >= n);
-    assert!(holds(w.len(), rows, Some(depth)) && holds(v.len(), depth, Some(cols)));
+    assert!(holds(w.len(), rows, Some(depth)) && holds(v.len(), depths.len(), Some(cols)));
     assert!(holds(m.len(), groups.len(), pixels.checked_mul(LANES)));
-    for k0 in (0..depth).step_by(KC) {
+    if depths.is_empty() {
+        // The sums of no terms (no input channels, say).
+        m[..groups.len() * pixels * LANES].fill(0.0);
+    }
+    for k0 in depths.clone().step_by(KC) {
         let kc = KC.min(depth - k0);
         for (i, g) in groups.clone().enumerate() {
             let chunk = Chunk {
                 wg: &w[chunk_offset(k0, kc, g, rows)..][..kc * LANES],
-                v: &v[k0 * cols..],
+                v: &v[(k0 - depths.start) * cols..],
                 kc,
                 cols,
                 pixels,
-                first: k0 == 0,
+                first: k0 == depths.start,
             };
             let mg = &mut m[i * pixels * LANES..][..pixels * LANES];
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `wg` has kc·LANES values, `mg` pixels·LANES, and `v`
-                // from row k0 has kc rows of `cols >= pixels` values (checked
-                // above); the CPU has AVX-512F (`Isa::Avx512` is only handed
+                // from row k0 - depths.start has kc rows of `cols >= pixels`
+                // values (checked above: `depths` ends at the depth or on a
+                // chunk, so kc rows lie within it); the CPU has AVX-512F (`Isa::Avx512` is only handed
                 // out when it does).
                 Isa::Avx512 => unsafe { x86::chunk_avx512(&chunk, mg) },
                 #[cfg(target_arch = "x86_64")]
@@ -372,6 +400,59 @@ mod tests {
                         // Any f32 summation order: |error| <= n·ε·Σ|aᵢbᵢ| (to first order).
                         let bound = 1.01 * depth as f64 * f64::from(f32::EPSILON) * terms.map(f64::abs).sum::<f64>();
                         prop_assert!((got - want).abs() <= bound, "{:?} r={} p={}: {} vs {}", isa, r, p, got, want);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Parts of the depth cut at a chunk ([`lane_gemm_part`], each given
+    /// only its rows of `v`) add up to the product on every path, and a
+    /// part with no depth gives zeros, whatever `m` held (NaN here).
+    #[test]
+    fn depth_parts_add_up() {
+        let (rows, pixels, cols) = (2 * LANES, 13, 16);
+        for depth in [KC, 2 * KC + 7, 3 * KC] {
+            let mut next = crate::test_util::uniform(depth as u64);
+            let plain: Vec<f32> = (0..rows * depth).map(|_| next()).collect();
+            let v: Vec<f32> = (0..depth * cols).map(|_| next()).collect();
+            let mut packed = vec![f32::NAN; rows * depth];
+            pack_lanes(&plain, rows, depth, &mut packed);
+            // At the middle chunk, or at the end (an empty second part).
+            let cut = depth.div_ceil(KC) / 2 * KC;
+            let cut = if cut == 0 { depth } else { cut };
+            for isa in Isa::available() {
+                let size = LaneProduct {
+                    rows,
+                    depth,
+                    cols,
+                    pixels,
+                };
+                let (mut a, mut b) = (vec![f32::NAN; rows * pixels], vec![f32::NAN; rows * pixels]);
+                lane_gemm_part(isa, size, &packed, &v[..cut * cols], &mut a, 0..rows / LANES, 0..cut);
+                lane_gemm_part(
+                    isa,
+                    size,
+                    &packed,
+                    &v[cut * cols..],
+                    &mut b,
+                    0..rows / LANES,
+                    cut..depth,
+                );
+                if cut == depth {
+                    assert!(b.iter().all(|&x| x == 0.0), "{isa:?} {depth}");
+                }
+                for r in 0..rows {
+                    for p in 0..pixels {
+                        let at = (r / LANES * pixels + p) * LANES + r % LANES;
+                        let got = f64::from(a[at] + b[at]);
+                        let terms = (0..depth).map(|d| f64::from(plain[r * depth + d]) * f64::from(v[d * cols + p]));
+                        let want: f64 = terms.clone().sum();
+                        let bound = 1.01 * depth as f64 * f64::from(f32::EPSILON) * terms.map(f64::abs).sum::<f64>();
+                        assert!(
+                            (got - want).abs() <= bound,
+                            "{isa:?} {depth} r={r} p={p}: {got} vs {want}"
+                        );
                     }
                 }
             }

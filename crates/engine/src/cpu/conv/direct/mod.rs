@@ -20,8 +20,8 @@ use super::{output, ConvShape, ConvSpec};
 use crate::cpu::data::{gather_strided, output_buffer, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{
-    chunks_depth, lane_gemm, panel_gemm, panel_gemm_shared, panel_gemm_strided, Isa, IsaBody, LaneProduct, Layout,
-    SharedRows, StoreEpilogue, Strided, LANES, PANEL_GRANULE, PANEL_ROWS,
+    chunks_depth, lane_gemm, lane_gemm_part, panel_gemm, panel_gemm_shared, panel_gemm_strided, Isa, IsaBody,
+    LaneProduct, Layout, SharedRows, StoreEpilogue, Strided, LANES, LANE_CHUNK, PANEL_GRANULE, PANEL_ROWS,
 };
 use crate::cpu::parallel::for_ranges;
 use crate::machine::Machine;
@@ -78,6 +78,29 @@ struct Segment {
     x0: usize,
     x1: usize,
     col: usize,
+}
+
+/// The least depth a lane-layout product shared by the threads is split
+/// at ([`lane_parts`]). Alternating forwards at batch 1 on the Intel Xeon
+/// VM, two threads: ResNet50's layer3.0.conv2 (2304 deep) 0.79-0.81× the
+/// time, layer4.0.conv2 (4608) 0.89-0.90×, ResNet18's layer4.0.conv1
+/// (2304) 0.96-0.97×; split at every depth, its layer3.0.conv1 (1152) was
+/// level and the 1×1 stride-2 downsamples (128-1024 deep) 1.12-1.52×
+/// slower (one part on one thread, or the parts' sums outweighing the
+/// product).
+const LANE_SPLIT_DEPTH: usize = 2048;
+
+/// Parts of the depth a lane-layout block's product is split into
+/// ([`Run::lane_products`]): with `split` (one block shared by the
+/// threads) and at least [`LANE_SPLIT_DEPTH`], enough for every thread
+/// twice over, at most one per chunk of the packed weights; otherwise one.
+fn lane_parts(depth: usize, split: bool) -> usize {
+    match split && depth >= LANE_SPLIT_DEPTH {
+        true => (2 * rayon::current_num_threads())
+            .min(depth.div_ceil(LANE_CHUNK))
+            .max(1),
+        false => 1,
+    }
 }
 
 /// Runs of segments in one image: consecutive output rows, which a
@@ -293,7 +316,7 @@ impl DirectConv {
     fn products_len(&self, cols: usize) -> usize {
         match self.layout {
             Layout::Panels => self.padded_out * cols,
-            Layout::Lanes => 2 * self.padded_out * cols,
+            Layout::Lanes => (1 + lane_parts(self.depth(), true)) * self.padded_out * cols,
         }
     }
 }
@@ -458,52 +481,103 @@ impl Run<'_> {
     /// product's output-channel panels across threads.
     fn products(&self, block: &Block, v: &mut [f32], m: &mut [f32]) {
         let conv = self.conv;
-        let (depth, cols, pixels) = (conv.depth(), block.cols, block.pixels);
+        if conv.layout == Layout::Lanes {
+            return self.lane_products(block, v, m);
+        }
+        let (depth, cols) = (conv.depth(), block.cols);
+        self.im2col_rows(block, v);
+        let v = &*v;
+        self.panel_runs(m, cols, |u, m, rows| panel_gemm(conv.isa, u, v, m, rows, depth, cols));
+    }
+
+    /// The block's im2col columns into `v` (`[C·kh·kw, cols]`), their rows
+    /// shared by the threads with `split`.
+    fn im2col_rows(&self, block: &Block, v: &mut [f32]) {
+        let cols = block.cols;
+        let v = &mut v[..self.conv.depth() * cols];
         if self.split {
             // im2col rows are independent: share them too.
-            let per_task = depth.div_ceil(4 * rayon::current_num_threads()).max(1);
+            let per_task = self.conv.depth().div_ceil(4 * rayon::current_num_threads()).max(1);
             v.par_chunks_mut(per_task * cols)
                 .enumerate()
                 .for_each(|(i, v)| self.im2col(block, i * per_task, v));
         } else {
             self.im2col(block, 0, v);
         }
-        let v = &*v;
-        match conv.layout {
-            Layout::Panels => self.panel_runs(m, cols, |u, m, rows| panel_gemm(conv.isa, u, v, m, rows, depth, cols)),
-            Layout::Lanes => {
-                let (m, t) = m.split_at_mut(conv.padded_out * cols);
-                let t = &mut t[..conv.padded_out * pixels];
-                // `t` is `[O_pad / LANES][pixels][LANES]`; tasks own whole lane groups.
-                let per_group = pixels * LANES;
-                let groups = conv.padded_out / LANES;
-                let per_task = if self.split {
-                    groups.div_ceil(2 * rayon::current_num_threads())
-                } else {
-                    groups
-                };
-                let size = LaneProduct {
-                    rows: conv.padded_out,
-                    depth,
-                    cols,
-                    pixels,
-                };
-                t.par_chunks_mut(per_task * per_group).enumerate().for_each(|(i, t)| {
+    }
+
+    /// [`Run::products`] in the lane layout. A deep product shared by the
+    /// threads runs in parts of the depth (whole chunks of the packed
+    /// weights, [`lane_parts`]): each part's task writes its rows of the
+    /// im2col columns and multiplies them by every lane group's weights for
+    /// those depths, so the columns a task reads are the ones it wrote (in
+    /// its core's cache) and the weights still pass once; the parts' sums
+    /// are added, in part order, as the products go back to `[O_pad,
+    /// cols]` for the epilogue. Otherwise the im2col rows, then the lane
+    /// groups, are shared by the threads: every task reads all the
+    /// columns, half of them written by the other core (the deep 3×3
+    /// stride-2 convs at batch 1 took 1.5-1.7× the CPU time in their
+    /// products on two threads as on one).
+    fn lane_products(&self, block: &Block, v: &mut [f32], m: &mut [f32]) {
+        let conv = self.conv;
+        let (depth, cols, pixels) = (conv.depth(), block.cols, block.pixels);
+        let parts = lane_parts(depth, self.split);
+        let per_part = conv.padded_out * pixels;
+        let (m, partials) = m.split_at_mut(conv.padded_out * cols);
+        // Each `[O_pad / LANES][pixels][LANES]`.
+        let partials = &mut partials[..parts * per_part];
+        let size = LaneProduct {
+            rows: conv.padded_out,
+            depth,
+            cols,
+            pixels,
+        };
+        let groups = conv.padded_out / LANES;
+        let per_group = pixels * LANES;
+        if parts > 1 {
+            let chunks = depth.div_ceil(LANE_CHUNK);
+            let bound = |p: usize| (chunks * p / parts * LANE_CHUNK).min(depth);
+            // Each part's rows of the columns.
+            let mut rows = Vec::with_capacity(parts);
+            let mut rest = &mut v[..depth * cols];
+            for p in 0..parts {
+                let (part, tail) = std::mem::take(&mut rest).split_at_mut((bound(p + 1) - bound(p)) * cols);
+                rows.push(part);
+                rest = tail;
+            }
+            rows.into_par_iter()
+                .zip(partials.par_chunks_mut(per_part))
+                .enumerate()
+                .for_each(|(p, (v, t))| {
+                    self.im2col(block, bound(p), v);
+                    lane_gemm_part(conv.isa, size, &conv.packed, v, t, 0..groups, bound(p)..bound(p + 1));
+                });
+        } else {
+            self.im2col_rows(block, v);
+            let v = &*v;
+            // Tasks own whole lane groups.
+            let per_task = match self.split {
+                true => groups.div_ceil(2 * rayon::current_num_threads()),
+                false => groups,
+            };
+            partials
+                .par_chunks_mut(per_task * per_group)
+                .enumerate()
+                .for_each(|(i, t)| {
                     let first = i * per_task;
                     lane_gemm(conv.isa, size, &conv.packed, v, t, first..first + t.len() / per_group);
                 });
-                // Back to `[O_pad, cols]` for the epilogue (columns past
-                // `pixels` are never read), a lane group per task.
-                let t = &*t;
-                m.par_chunks_mut(LANES * cols).enumerate().for_each(|(group, m)| {
-                    for (p, t) in t[group * per_group..][..per_group].chunks_exact(LANES).enumerate() {
-                        for (l, &value) in t.iter().enumerate() {
-                            m[l * cols + p] = value;
-                        }
-                    }
-                });
-            }
         }
+        // Columns past `pixels` are never read; a lane group per task.
+        let partials = &*partials;
+        m.par_chunks_mut(LANES * cols).enumerate().for_each(|(group, m)| {
+            for p in 0..pixels {
+                for l in 0..LANES {
+                    let at = group * per_group + p * LANES + l;
+                    m[l * cols + p] = (1..parts).fold(partials[at], |sum, k| sum + partials[k * per_part + at]);
+                }
+            }
+        });
     }
 
     /// `product(u, m, rows)` over the weights' panels (`m` `[O_pad,
