@@ -134,8 +134,8 @@ pub(crate) fn lane_gemm_part(
                 // SAFETY: `wg` has kc·LANES values, `mg` pixels·LANES, and `v`
                 // from row k0 - depths.start has kc rows of `cols >= pixels`
                 // values (checked above: `depths` ends at the depth or on a
-                // chunk, so kc rows lie within it); the CPU has AVX-512F (`Isa::Avx512` is only handed
-                // out when it does).
+                // chunk, so kc rows lie within it); the CPU has AVX-512F
+                // (`Isa::Avx512` is only handed out when it does).
                 Isa::Avx512 => unsafe { x86::chunk_avx512(&chunk, mg) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above, for AVX2 + FMA.
