@@ -568,13 +568,19 @@ impl Run<'_> {
                     lane_gemm(conv.isa, size, &conv.packed, v, t, first..first + t.len() / per_group);
                 });
         }
-        // Columns past `pixels` are never read; a lane group per task.
+        // Columns past `pixels` are never read; a lane group per task, the
+        // parts' sums added in part order.
         let partials = &*partials;
         m.par_chunks_mut(LANES * cols).enumerate().for_each(|(group, m)| {
-            for p in 0..pixels {
-                for l in 0..LANES {
-                    let at = group * per_group + p * LANES + l;
-                    m[l * cols + p] = (1..parts).fold(partials[at], |sum, k| sum + partials[k * per_part + at]);
+            for k in 0..parts {
+                let t = &partials[k * per_part + group * per_group..][..per_group];
+                for (p, t) in t.chunks_exact(LANES).enumerate() {
+                    for (l, &value) in t.iter().enumerate() {
+                        match k {
+                            0 => m[l * cols + p] = value,
+                            _ => m[l * cols + p] += value,
+                        }
+                    }
                 }
             }
         });
