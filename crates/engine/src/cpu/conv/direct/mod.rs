@@ -311,12 +311,16 @@ impl DirectConv {
         output(out, final_dims)
     }
 
-    /// Scratch [`Run::products`] needs for its `m`: `[O_pad, cols]`, and as
-    /// much again for the lane layout's transposition.
+    /// Scratch [`Run::products`] needs for its `m`: `[O_pad, cols]`, and
+    /// for the lane layout as much again per part of its depth
+    /// ([`lane_parts`]; saturated: past the scratch cap, `with_scratch`
+    /// refuses it).
     fn products_len(&self, cols: usize) -> usize {
         match self.layout {
             Layout::Panels => self.padded_out * cols,
-            Layout::Lanes => (1 + lane_parts(self.depth(), true)) * self.padded_out * cols,
+            Layout::Lanes => (1 + lane_parts(self.depth(), true))
+                .saturating_mul(self.padded_out)
+                .saturating_mul(cols),
         }
     }
 }
@@ -369,7 +373,7 @@ impl Run<'_> {
             })?;
         }
         let (v_len, m_len) = (self.conv.depth() * block.cols, self.conv.products_len(block.cols));
-        with_scratch(v_len + m_len, |scratch| {
+        with_scratch(v_len.saturating_add(m_len), |scratch| {
             let (v, m) = scratch.split_at_mut(v_len);
             if self.in_place {
                 return self.in_place(first, &block, v, m);
