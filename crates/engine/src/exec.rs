@@ -3,7 +3,8 @@
 //! thread or inside rayon's pool, its leading steps a few images at a time
 //! where the compile tiled them ([`crate::tiling`]).
 
-use crate::cpu::data::{output_buffer, with_cpu_f32};
+use crate::cpu::data::with_cpu_f32;
+use crate::cpu::output::Output;
 use crate::cpu::recycle::{self, BufferPool};
 use crate::error::AtNode;
 use crate::kernel::Slot;
@@ -259,7 +260,7 @@ impl CompiledModel {
             let step = &steps[index];
             // From the pool where the step's own output would be.
             let len = step.fact.shape.iter().product();
-            let data = recycle::drawing(step.pooled_output, || output_buffer(len, "batch-tiled value"));
+            let data = recycle::drawing(step.pooled_output, || Output::new(len, "batch-tiled value"));
             boundary.push(Gathered {
                 step,
                 data: data.at(&step.name)?,
@@ -300,7 +301,7 @@ struct Gathered<'a> {
     /// The tiled step that makes it.
     step: &'a Step,
     /// The whole batch's values so far.
-    data: Vec<f32>,
+    data: Output,
 }
 
 impl Gathered<'_> {
@@ -314,7 +315,7 @@ impl Gathered<'_> {
             true => group,
             false => group.contiguous()?,
         };
-        let room = self.data.capacity() - self.data.len();
+        let room = self.data.room();
         if group.elem_count() > room {
             candle_core::bail!("engine invariant broken: batch-tiled groups larger than the batch")
         }
@@ -328,7 +329,7 @@ impl Gathered<'_> {
 
     /// The gathered value, once every group is in.
     fn finish(self) -> candle_core::Result<Tensor> {
-        Tensor::from_vec(self.data, self.step.fact.shape.as_slice(), &Device::Cpu)
+        self.data.into_tensor(&self.step.fact.shape)
     }
 }
 

@@ -3,9 +3,10 @@
 //! `clamp` makes two passes and two temporaries; ReLU6 on MobileNetV2 took
 //! most of its forward that way).
 
-use crate::cpu::data::{output_buffer, with_cpu_f32};
+use crate::cpu::data::with_cpu_f32;
 use crate::cpu::gemm::{Isa, IsaBody};
-use candle_core::{Device, Tensor};
+use crate::cpu::output::Output;
+use candle_core::Tensor;
 use rayon::prelude::*;
 use wick_ir::Activation;
 
@@ -16,14 +17,15 @@ const CHUNK: usize = 1 << 14;
 pub(crate) fn activation(isa: Isa, activation: Activation, x: &Tensor) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
     let len = x.elem_count();
-    let mut out = output_buffer(len, "activation output")?;
+    let mut out = Output::new(len, "activation output")?;
     with_cpu_f32("CPU activation", &x, None, |data, _| {
         out.extend_from_slice(data);
         Ok(())
     })?;
-    out.par_chunks_mut(CHUNK)
+    out.values_mut()
+        .par_chunks_mut(CHUNK)
         .for_each(|chunk| in_place(isa, Some(activation), chunk));
-    Tensor::from_vec(out, x.dims(), &Device::Cpu)
+    out.into_tensor(x.dims())
 }
 
 /// `values` through `activation`, if any, in place on `isa`.
@@ -255,6 +257,7 @@ pub(crate) use x86::{sigmoid_avx2, sigmoid_avx512};
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     /// `exp` within 2 ulp of f64's `exp` over its range, by a sweep.
     #[test]

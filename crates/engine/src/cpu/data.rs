@@ -63,6 +63,14 @@ impl SharedOut {
         }
     }
 
+    /// The `len` values from `ptr` on.
+    ///
+    /// # Safety
+    /// They lie inside one allocation that outlives every use of the result.
+    pub(crate) unsafe fn from_raw(ptr: *mut f32, len: usize) -> Self {
+        Self { ptr, len }
+    }
+
     /// All of `slice` (scratch that tasks fill in disjoint parts).
     pub(crate) fn over(slice: &mut [f32]) -> Self {
         Self {
@@ -127,24 +135,8 @@ impl SharedOut {
     }
 }
 
-/// A buffer with room for `len` values (length 0: the kernel writes them
-/// through a [`SharedOut`] and sets the length), from the current forward's
-/// pool when it holds one that fits ([`super::recycle`]), or an error
-/// naming `what` when the allocation is refused: a size that came from
-/// outside ends in an error, never in an abort.
-pub(crate) fn output_buffer(len: usize, what: &str) -> candle_core::Result<Vec<f32>> {
-    if let Some(buffer) = super::recycle::take(len) {
-        return Ok(buffer);
-    }
-    let mut buffer = Vec::new();
-    if buffer.try_reserve_exact(len).is_err() {
-        bail!("cannot allocate {len} f32 values for the {what}")
-    }
-    Ok(buffer)
-}
-
 /// A zeroed buffer of `len` values, or an error naming `what` when the
-/// allocation is refused (see [`output_buffer`]). Zeroed by the allocator
+/// allocation is refused (see [`super::output::Output::new`]). Zeroed by the allocator
 /// (fresh pages are not touched until written), as `vec![0.0; len]` is.
 pub(crate) fn zeroed(len: usize, what: &str) -> candle_core::Result<Vec<f32>> {
     if len == 0 {
@@ -301,8 +293,6 @@ mod tests {
     fn refused_allocations_are_errors() {
         let err = super::zeroed(usize::MAX / 2, "test output").unwrap_err();
         assert!(err.to_string().contains("test output"), "{err}");
-        let err = super::output_buffer(usize::MAX / 2, "test output").unwrap_err();
-        assert!(err.to_string().contains("cannot allocate"), "{err}");
         assert_eq!(super::zeroed(3, "x").unwrap(), [0.0; 3]);
     }
 

@@ -17,6 +17,7 @@ pub(crate) mod data;
 pub(crate) mod epilogue;
 pub(crate) mod gemm;
 pub(crate) mod linear;
+pub(crate) mod output;
 pub(crate) mod parallel;
 pub(crate) mod peak;
 pub(crate) mod plane;

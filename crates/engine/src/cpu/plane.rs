@@ -8,9 +8,10 @@
 //! `mean_keepdim` twice and `broadcast_mul` took 1.9 ms of EfficientNet-B0's
 //! batch-1 forward on Zen 4 for ~2 M values.
 
-use crate::cpu::data::{output_buffer, with_cpu_f32};
+use crate::cpu::data::with_cpu_f32;
 use crate::cpu::gemm::{Isa, IsaBody};
-use candle_core::{bail, Device, Tensor};
+use crate::cpu::output::Output;
+use candle_core::{bail, Tensor};
 use rayon::prelude::*;
 
 /// Fewest values per parallel task (fewer planes are not worth a thread).
@@ -40,20 +41,21 @@ pub(crate) fn global_avg_pool2d(isa: Isa, x: &Tensor) -> candle_core::Result<Ten
     let [n, c, h, w] = nchw(&x, "global average pool")?;
     let planes = n * c;
     let plane = h * w;
-    let mut out = output_buffer(planes, "global average pool output")?;
-    out.resize(planes, 0.0);
+    let mut out = Output::new(planes, "global average pool output")?;
+    out.fill(planes, 0.0);
     if plane > 0 {
         with_cpu_f32("global average pool", &x, None, |data, _| {
             let per_task = planes_per_task(plane);
-            out.par_chunks_mut(per_task)
+            out.values_mut()
+                .par_chunks_mut(per_task)
                 .zip(data.par_chunks(per_task * plane))
                 .for_each(|(out, data)| isa.run(Means { data, plane, out }));
             Ok(())
         })?;
     } else {
-        out.fill(f32::NAN);
+        out.fill(planes, f32::NAN);
     }
-    Tensor::from_vec(out, (n, c, 1, 1), &Device::Cpu)
+    out.into_tensor(&[n, c, 1, 1])
 }
 
 /// Each `plane`-long run of `data` to its mean in `out`.
@@ -122,11 +124,11 @@ fn per_plane(isa: Isa, x: &Tensor, scale: &[f32], shift: Option<&[f32]>, what: &
     let [_, _, h, w] = nchw(x, what)?;
     let plane = h * w;
     let len = x.elem_count();
-    let mut out = output_buffer(len, what)?;
+    let mut out = Output::new(len, what)?;
     if len > 0 {
         let per_task = planes_per_task(plane);
         with_cpu_f32(what, x, None, |data, _| {
-            out.spare_capacity_mut()[..len]
+            out.spare()[..len]
                 .par_chunks_mut(per_task * plane)
                 .zip(data.par_chunks(per_task * plane))
                 .enumerate()
@@ -143,9 +145,9 @@ fn per_plane(isa: Isa, x: &Tensor, scale: &[f32], shift: Option<&[f32]>, what: &
             Ok(())
         })?;
         // SAFETY: the tasks wrote all `len` values (every plane of every task).
-        unsafe { out.set_len(len) };
+        unsafe { out.assume_written(len) };
     }
-    Tensor::from_vec(out, x.dims(), &Device::Cpu)
+    out.into_tensor(x.dims())
 }
 
 /// Each `plane`-long run of `data` (planes `first_plane..` of the tensor)
@@ -192,6 +194,7 @@ impl IsaBody for Scale<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use proptest::prelude::*;
 
     proptest! {

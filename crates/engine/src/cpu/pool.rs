@@ -4,10 +4,11 @@
 //! (candle's own pool has no padding, so the candle path builds a padded
 //! copy first: `crate::candle::max_pool2d`).
 
-use crate::cpu::data::{output_buffer, with_cpu_f32};
+use crate::cpu::data::with_cpu_f32;
 use crate::cpu::gemm::{Isa, IsaBody};
+use crate::cpu::output::Output;
 use crate::cpu::pool_window::pool_window_row;
-use candle_core::{bail, Device, Tensor};
+use candle_core::{bail, Tensor};
 use rayon::prelude::*;
 use wick_ir::MaxPool2dAttrs;
 
@@ -46,30 +47,33 @@ pub(crate) fn max_pool2d(isa: Isa, x: &Tensor, attrs: &MaxPool2dAttrs) -> candle
     let Some(len) = [n, c, oh, ow].iter().try_fold(1usize, |len, &d| len.checked_mul(d)) else {
         bail!("max_pool2d output [{n}, {c}, {oh}, {ow}] has more elements than fit in memory")
     };
-    let mut out = output_buffer(len, "max_pool2d output")?;
-    out.resize(len, 0.0);
+    let mut out = Output::new(len, "max_pool2d output")?;
+    out.fill(len, 0.0);
     if len == 0 {
-        return Tensor::from_vec(out, (n, c, oh, ow), &Device::Cpu);
+        return out.into_tensor(&[n, c, oh, ow]);
     }
     with_cpu_f32("CPU max-pool", &x, None, |data, _| {
-        out.par_chunks_mut(oh * ow).zip(data.par_chunks(h * w)).for_each_init(
-            || (vec![0f32; w], vec![0f32; w]),
-            |(column_max, window_max), (out, plane)| {
-                isa.run(PoolPlane {
-                    isa,
-                    plane,
-                    size: [h, w],
-                    pooled_width: ow,
-                    attrs,
-                    column_max,
-                    window_max,
-                    out,
-                })
-            },
-        );
+        out.values_mut()
+            .par_chunks_mut(oh * ow)
+            .zip(data.par_chunks(h * w))
+            .for_each_init(
+                || (vec![0f32; w], vec![0f32; w]),
+                |(column_max, window_max), (out, plane)| {
+                    isa.run(PoolPlane {
+                        isa,
+                        plane,
+                        size: [h, w],
+                        pooled_width: ow,
+                        attrs,
+                        column_max,
+                        window_max,
+                        out,
+                    })
+                },
+            );
         Ok(())
     })?;
-    Tensor::from_vec(out, (n, c, oh, ow), &Device::Cpu)
+    out.into_tensor(&[n, c, oh, ow])
 }
 
 /// One plane of [`max_pool2d`] (`plane` `[size[0], size[1]]` into `out`
@@ -227,6 +231,7 @@ pub(crate) fn nan_max(a: f32, b: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use proptest::prelude::*;
 
     proptest! {

@@ -3,7 +3,7 @@
 //! model, made the current thread's pool for the length of a forward
 //! ([`with_pool`]); the executor hands it each dead value its CPU kernels
 //! made ([`reclaim`]) and their output buffers come from it
-//! ([`take`], through `data::output_buffer`).
+//! ([`take`], through [`super::output::Output::new`]).
 //!
 //! Without it, every output past glibc's 32 MiB mmap threshold was fresh
 //! mmap memory, faulted in 4 KiB at a time on every forward: MobileNetV2

@@ -13,10 +13,11 @@
 
 use super::{output, ConvSpec};
 use crate::cpu::activation;
-use crate::cpu::data::{output_buffer, with_cpu_f32};
+use crate::cpu::data::with_cpu_f32;
 use crate::cpu::epilogue::{value, Epilogue};
 use crate::cpu::gemm::Isa;
 use crate::cpu::linear::CpuLinear;
+use crate::cpu::output::Output;
 use candle_core::{bail, Tensor};
 
 /// A 1×1 conv as dot products.
@@ -61,7 +62,7 @@ impl GemvConv {
             _ => call.x.flatten_from(2)?.transpose(1, 2)?.contiguous()?,
         };
         let activation = self.epilogue.activation();
-        let values = with_cpu_f32(
+        with_cpu_f32(
             "conv as dot products",
             &rows,
             call.residual.as_ref(),
@@ -85,24 +86,26 @@ impl GemvConv {
                         }
                     }
                     activation::in_place(self.isa, activation, &mut values);
-                    return Ok(values);
+                    return output(values, shape.out_dims());
                 }
-                let mut values = output_buffer(sums.len(), "conv output")?;
+                let mut values = Output::new(sums.len(), "conv output")?;
+                let mut row = Vec::with_capacity(plane);
                 // `[N, O, H·W]`, through the epilogue.
                 for (image, sums) in sums.chunks_exact(plane * outs).enumerate() {
                     for o in 0..outs {
                         let bias = self.epilogue.bias(o);
                         let at = (image * outs + o) * plane;
-                        for p in 0..plane {
+                        row.clear();
+                        row.extend((0..plane).map(|p| {
                             let r = residual.map(|r| r[at + p]);
-                            values.push(value(sums[p * outs + o], bias, r, activation));
-                        }
+                            value(sums[p * outs + o], bias, r, activation)
+                        }));
+                        values.extend_from_slice(&row);
                     }
                 }
-                Ok(values)
+                values.into_tensor(&shape.out_dims())
             },
-        )?;
-        output(values, shape.out_dims())
+        )
     }
 }
 

@@ -7,9 +7,10 @@
 //! images as threads; otherwise images run in turn and each gemm uses all
 //! threads.
 
-use super::{output, ConvShape, ConvSpec};
-use crate::cpu::data::{output_buffer, with_cpu_f32, zeroed, SCRATCH_MAX_VALUES};
+use super::{ConvShape, ConvSpec};
+use crate::cpu::data::{with_cpu_f32, zeroed, SCRATCH_MAX_VALUES};
 use crate::cpu::epilogue::Epilogue;
+use crate::cpu::output::Output;
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
 
@@ -75,10 +76,10 @@ impl GroupedConv {
             g.shape.channels * g.shape.in_plane(),
             g.shape.out_channels * g.shape.out_plane(),
         );
-        let mut out = output_buffer(g.shape.out_len(), "conv output")?;
-        out.resize(g.shape.out_len(), 0.0);
+        let mut out = Output::new(g.shape.out_len(), "conv output")?;
+        out.fill(g.shape.out_len(), 0.0);
         if image_out == 0 {
-            return output(out, g.shape.out_dims());
+            return out.into_tensor(&g.shape.out_dims());
         }
         // Each image's im2col columns, [C/g·kh·kw, OH·OW], are scratch.
         match g.k.checked_mul(g.shape.out_plane()) {
@@ -97,12 +98,15 @@ impl GroupedConv {
                 let threads = rayon::current_num_threads();
                 let residual_of = |i: usize| residual_data.map(|r| &r[i * image_out..(i + 1) * image_out]);
                 if batch >= threads {
-                    out.par_chunks_mut(image_out).enumerate().try_for_each(|(i, out)| {
-                        let input = &data[i * image_in..(i + 1) * image_in];
-                        self.image(input, residual_of(i), out, &g, gemm::Parallelism::None)
-                    })
+                    out.values_mut()
+                        .par_chunks_mut(image_out)
+                        .enumerate()
+                        .try_for_each(|(i, out)| {
+                            let input = &data[i * image_in..(i + 1) * image_in];
+                            self.image(input, residual_of(i), out, &g, gemm::Parallelism::None)
+                        })
                 } else {
-                    for (i, out) in out.chunks_mut(image_out).enumerate() {
+                    for (i, out) in out.values_mut().chunks_mut(image_out).enumerate() {
                         let parallelism = if threads > 1 {
                             gemm::Parallelism::Rayon(threads)
                         } else {
@@ -120,7 +124,7 @@ impl GroupedConv {
                 }
             },
         )?;
-        output(out, g.shape.out_dims())
+        out.into_tensor(&g.shape.out_dims())
     }
 
     /// One image: `input` is `[C, H, W]`, `residual` and `out` are `[O, OH, OW]`.

@@ -30,12 +30,13 @@
 //! read the whole input.
 
 use super::{output, ConvSpec};
-use crate::cpu::data::{output_buffer, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch};
 use crate::cpu::epilogue::{value, Epilogue};
 use crate::cpu::gemm::{
     pack_panels, pack_tiles, panel_columns, panel_gemm_shared, panel_gemm_strided, Isa, SharedRows, StoreEpilogue,
     Strided, PANEL_GRANULE, PANEL_ROWS,
 };
+use crate::cpu::output::Output;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
@@ -196,8 +197,8 @@ impl PointwiseConv {
             // A scaled input took the branch above.
             return self.images_as_columns(&call);
         }
-        let mut out = output_buffer(out_len, "conv output")?;
-        let dst = SharedOut::new(&mut out, out_len);
+        let mut out = Output::new(out_len, "conv output")?;
+        let dst = out.shared(out_len);
         // Enough tasks for every thread twice over: images, then channel
         // runs or column shares (see the module's note).
         let threads = rayon::current_num_threads();
@@ -235,8 +236,8 @@ impl PointwiseConv {
         })?;
         // SAFETY: the tasks cover every channel of every image, and each
         // writes all `P` columns of its channels (in place or from scratch).
-        unsafe { out.set_len(out_len) };
-        output(out, shape.out_dims())
+        unsafe { out.assume_written(out_len) };
+        out.into_tensor(&shape.out_dims())
     }
 
     /// Whether a call reading `input` values (and a residual of the
@@ -269,8 +270,8 @@ impl PointwiseConv {
         let cols = batch.next_multiple_of(PANEL_GRANULE);
         let panels = outs.div_ceil(PANEL_ROWS);
         let out_len = shape.out_len();
-        let mut out = output_buffer(out_len, "conv output")?;
-        let dst = SharedOut::new(&mut out, out_len);
+        let mut out = Output::new(out_len, "conv output")?;
+        let dst = out.shared(out_len);
         let activation = self.epilogue.activation();
         // Panels per task: enough tasks for every thread twice over.
         let per_task = panels.div_ceil(2 * rayon::current_num_threads()).max(1);
@@ -338,8 +339,8 @@ impl PointwiseConv {
             })?
         })?;
         // SAFETY: the tasks cover every channel of every image, each written above.
-        unsafe { out.set_len(out_len) };
-        output(out, shape.out_dims())
+        unsafe { out.assume_written(out_len) };
+        out.into_tensor(&shape.out_dims())
     }
 
     /// One task: in place over whole panels and whole micro-tile columns,

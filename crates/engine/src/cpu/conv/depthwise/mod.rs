@@ -24,9 +24,10 @@
 //! its row loop and its rows copied inline (alternating runs).
 
 use super::{output, ConvSpec};
-use crate::cpu::data::{output_buffer, with_cpu_f32, SCRATCH_MAX_VALUES};
+use crate::cpu::data::{with_cpu_f32, SCRATCH_MAX_VALUES};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{Isa, IsaBody};
+use crate::cpu::output::Output;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
@@ -141,15 +142,15 @@ impl DepthwiseConv {
             return output(Vec::new(), shape.out_dims());
         }
         // Not zeroed: every value is written (the segments cover each row).
-        let mut out = output_buffer(out_len, "conv output")?;
+        let mut out = Output::new(out_len, "conv output")?;
         if let Some(weights) = self.blocked.as_ref().filter(|_| self.blocks(shape.out_width)) {
             with_cpu_f32("depthwise conv", &call.x, call.residual.as_ref(), |data, residual| {
                 let (epilogue, kernel) = (&self.epilogue, self.spec.kernel);
                 blocked::run(weights, epilogue, self.isa, shape, kernel, a, data, residual, &mut out)
             })?;
             // SAFETY: `blocked::run` wrote all `out_len` values.
-            unsafe { out.set_len(out_len) };
-            return output(out, shape.out_dims());
+            unsafe { out.assume_written(out_len) };
+            return out.into_tensor(&shape.out_dims());
         }
         let [kh, kw] = self.spec.kernel;
         let phase_len = padded_height * phase_width;
@@ -178,7 +179,7 @@ impl DepthwiseConv {
             bail!("depthwise conv: segments reach {reach} values in a padded plane of {padded_len}")
         }
         with_cpu_f32("depthwise conv", &call.x, call.residual.as_ref(), |data, residual| {
-            out.spare_capacity_mut()[..out_len]
+            out.spare()[..out_len]
                 .par_chunks_mut(out_plane)
                 .enumerate()
                 .try_for_each_init(Vec::new, |scratch: &mut Vec<f32>, (plane, out)| {
@@ -253,8 +254,8 @@ impl DepthwiseConv {
                 })
         })?;
         // SAFETY: the planes cover all `out_len` values, each written above.
-        unsafe { out.set_len(out_len) };
-        output(out, shape.out_dims())
+        unsafe { out.assume_written(out_len) };
+        out.into_tensor(&shape.out_dims())
     }
 }
 

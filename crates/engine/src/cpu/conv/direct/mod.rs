@@ -17,12 +17,13 @@ mod phased;
 mod pooled;
 
 use super::{output, ConvShape, ConvSpec};
-use crate::cpu::data::{gather_strided, output_buffer, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::data::{gather_strided, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{
     chunks_depth, lane_gemm, lane_gemm_part, panel_gemm, panel_gemm_shared, panel_gemm_strided, Isa, IsaBody,
     LaneProduct, Layout, SharedRows, StoreEpilogue, Strided, LANES, LANE_CHUNK, PANEL_GRANULE, PANEL_ROWS,
 };
+use crate::cpu::output::Output;
 use crate::cpu::parallel::for_ranges;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
@@ -252,10 +253,10 @@ impl DirectConv {
             // An empty batch: nothing to compute (and no block size to pick).
             return output(Vec::new(), final_dims);
         }
-        let mut out = output_buffer(out_len, "conv output")?;
+        let mut out = Output::new(out_len, "conv output")?;
         // Disjoint writes: blocks (row chunks when pooled) cover disjoint
         // output pixels, and one task writes every channel of its pixels once.
-        let dst = SharedOut::new(&mut out, out_len);
+        let dst = out.shared(out_len);
         with_cpu_f32("direct conv", &call.x, call.residual.as_ref(), |input, residual| {
             let threads = rayon::current_num_threads();
             let mut run = Run {
@@ -307,8 +308,8 @@ impl DirectConv {
         // SAFETY: the blocks cover all N·OH·OW output pixels (`pooled`: all
         // pooled pixels) and each writes every channel of its pixels, so all
         // `out_len` values are set.
-        unsafe { out.set_len(out_len) };
-        output(out, final_dims)
+        unsafe { out.assume_written(out_len) };
+        out.into_tensor(&final_dims)
     }
 
     /// Scratch [`Run::products`] needs for its `m`: `[O_pad, cols]`, and

@@ -12,9 +12,10 @@
 
 use super::{Packed, Tiles, SKEW};
 use crate::cpu::conv::{output, ConvSpec};
-use crate::cpu::data::{output_buffer, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::{self, Epilogue};
 use crate::cpu::gemm::{lane_gemm, LaneProduct, Layout, LANES};
+use crate::cpu::output::Output;
 use crate::cpu::parallel::for_ranges;
 use crate::machine::Machine;
 use candle_core::{Result, Tensor};
@@ -69,10 +70,10 @@ impl WinogradF2 {
         }
         // Every tile's 4×4 patch, padding included, lies in here.
         let (padded_height, padded_width) = (M * shape.out_height.div_ceil(M) + 2, M * tiles.across + 2);
-        let mut out = output_buffer(out_len, "conv output")?;
+        let mut out = Output::new(out_len, "conv output")?;
         // Disjoint writes: each output element belongs to one (tile,
         // channel) pair, written by one task of one block.
-        let dst = SharedOut::new(&mut out, out_len);
+        let dst = out.shared(out_len);
         with_cpu_f32("winograd conv", &call.x, call.residual.as_ref(), |input, residual| {
             let (channels, width) = (shape.channels, shape.width);
             let padded_plane = padded_height * padded_width;
@@ -112,8 +113,8 @@ impl WinogradF2 {
         })?;
         // SAFETY: the blocks cover every tile of every image, and each tile
         // writes all its in-bounds output pixels for every channel.
-        unsafe { out.set_len(out_len) };
-        output(out, shape.out_dims())
+        unsafe { out.assume_written(out_len) };
+        out.into_tensor(&shape.out_dims())
     }
 }
 

@@ -17,9 +17,10 @@
 use super::f4_transform::{weight_transform, InputChannel, OutputChannel};
 use super::{Packed, Tiles, SKEW};
 use crate::cpu::conv::{output, ConvSpec};
-use crate::cpu::data::{output_buffer, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{panel_gemm, Isa, Layout, PANEL_GRANULE, PANEL_TILES};
+use crate::cpu::output::Output;
 use crate::cpu::parallel::for_ranges;
 use crate::machine::Machine;
 use candle_core::{Result, Tensor};
@@ -102,10 +103,10 @@ impl WinogradF4 {
         if out_len == 0 {
             return output(Vec::new(), call.shape.out_dims());
         }
-        let mut out = output_buffer(out_len, "conv output")?;
+        let mut out = Output::new(out_len, "conv output")?;
         // Disjoint writes: each output element belongs to exactly one
         // (tile, channel) pair, and each pair is written by one task.
-        let dst = SharedOut::new(&mut out, out_len);
+        let dst = out.shared(out_len);
         with_cpu_f32("winograd conv", &call.x, call.residual.as_ref(), |input, residual| {
             let run = Run {
                 conv: self,
@@ -128,8 +129,8 @@ impl WinogradF4 {
         // SAFETY: the blocks cover every tile of every image, and each tile
         // writes all its in-bounds output pixels for every channel, so all
         // `out_len` elements are initialised.
-        unsafe { out.set_len(out_len) };
-        output(out, call.shape.out_dims())
+        unsafe { out.assume_written(out_len) };
+        out.into_tensor(&call.shape.out_dims())
     }
 }
 

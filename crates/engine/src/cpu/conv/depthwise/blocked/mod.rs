@@ -16,9 +16,10 @@
 //! sums and the register transposes) are in [`simd`].
 
 use super::super::ConvShape;
-use crate::cpu::data::{with_scratch, SharedOut};
+use crate::cpu::data::with_scratch;
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::Isa;
+use crate::cpu::output::Output;
 use crate::machine::Machine;
 use candle_core::bail;
 use rayon::prelude::*;
@@ -209,7 +210,7 @@ pub(super) fn run(
     attrs: Conv2dAttrs,
     input: &[f32],
     residual: Option<&[f32]>,
-    out: &mut Vec<f32>,
+    out: &mut Output,
 ) -> candle_core::Result<()> {
     let lanes = blocked.lanes;
     // Output columns per step (sums in registers): 7 wastes none on the
@@ -239,7 +240,7 @@ pub(super) fn run(
     let band_rows = g.band_rows.min(shape.out_height.div_ceil(wanted.max(1))).max(1);
     let g = Geometry { band_rows, ..g };
     let bands = shape.out_height.div_ceil(band_rows);
-    let dst = SharedOut::new(out, out_len);
+    let dst = out.shared(out_len);
     (0..shape.batch * blocks * bands).into_par_iter().try_for_each(|task| {
         let (image, block, band) = (task / (blocks * bands), task / bands % blocks, task % bands);
         let first = block * lanes;
