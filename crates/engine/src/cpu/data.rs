@@ -157,7 +157,16 @@ pub(crate) fn zeroed(len: usize, what: &str) -> candle_core::Result<Vec<f32>> {
 }
 
 /// f32 values per 64-byte cache line.
-const CACHE_LINE_FLOATS: usize = 16;
+pub(crate) const CACHE_LINE_FLOATS: usize = 16;
+
+/// How many values from `ptr` the next cache line starts (0 to
+/// [`CACHE_LINE_FLOATS`]` - 1`; 0 where it cannot be reached by whole values).
+pub(crate) fn line_offset(ptr: *const f32) -> usize {
+    match ptr.align_offset(CACHE_LINE_FLOATS * 4) {
+        skip if skip < CACHE_LINE_FLOATS => skip,
+        _ => 0,
+    }
+}
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -186,10 +195,7 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> ca
     if scratch.len() < room {
         scratch = zeroed(room, "kernel scratch")?;
     }
-    let skip = scratch
-        .as_ptr()
-        .align_offset(CACHE_LINE_FLOATS * 4)
-        .min(CACHE_LINE_FLOATS);
+    let skip = line_offset(scratch.as_ptr());
     let result = f(&mut scratch[skip..skip + len]);
     SCRATCH.with(|cell| {
         let mut cell = cell.borrow_mut();

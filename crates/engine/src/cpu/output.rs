@@ -13,18 +13,12 @@
 //! at batch 1 0.95× summed over its nodes (no node slower; the 1×1 convs
 //! at layer1 of ResNet50 0.75-0.94×, reading the planes in place). A `Vec<f32>`
 //! cannot be allocated aligned (it frees with the layout of `f32`), so the
-//! buffer holds up to [`ALIGN_VALUES`]` - 1` extra values in front.
+//! buffer holds up to [`CACHE_LINE_FLOATS`]` - 1` extra values in front.
 
-use super::data::SharedOut;
+use super::data::{line_offset, SharedOut, CACHE_LINE_FLOATS};
 use super::recycle;
 use candle_core::{bail, Device, Tensor};
 use std::mem::MaybeUninit;
-
-/// Bytes an output's first value is aligned to: a cache line.
-const ALIGN_BYTES: usize = 64;
-/// Values in [`ALIGN_BYTES`]: an output starts at most this many less one
-/// values into its buffer.
-pub(crate) const ALIGN_VALUES: usize = ALIGN_BYTES / std::mem::size_of::<f32>();
 
 /// An output buffer: zeros up to the first value on a cache line
 /// (`offset`), then the output's values as they are written.
@@ -43,7 +37,7 @@ impl Output {
     /// is refused: a size that came from outside ends in an error, never
     /// in an abort.
     pub(crate) fn new(len: usize, what: &str) -> candle_core::Result<Self> {
-        let Some(room) = len.checked_add(ALIGN_VALUES - 1) else {
+        let Some(room) = len.checked_add(CACHE_LINE_FLOATS - 1) else {
             bail!("cannot allocate {len} f32 values for the {what}")
         };
         let mut buffer = match recycle::take(room) {
@@ -56,11 +50,10 @@ impl Output {
                 buffer
             }
         };
-        // At most `ALIGN_VALUES - 1` for an `f32` pointer (4-byte aligned);
-        // 0 where the allocation is empty or the offset cannot be computed.
-        let offset = match buffer.as_ptr().align_offset(ALIGN_BYTES) {
-            o if o < ALIGN_VALUES && buffer.capacity() > 0 => o,
-            _ => 0,
+        // Within the room reserved above (an empty allocation has none).
+        let offset = match buffer.capacity() {
+            0 => 0,
+            _ => line_offset(buffer.as_ptr()),
         };
         buffer.clear();
         buffer.resize(offset, 0.0);
@@ -150,7 +143,7 @@ mod tests {
             let mut out = Output::new(len, "test output").unwrap();
             let shared = out.shared(len);
             if len > 0 {
-                assert_eq!(shared.ptr_at(0) as usize % ALIGN_BYTES, 0, "{len}");
+                assert_eq!(shared.ptr_at(0) as usize % (CACHE_LINE_FLOATS * 4), 0, "{len}");
             }
             for i in 0..len {
                 // SAFETY: one value at a time, inside the buffer.
