@@ -1,13 +1,15 @@
-"""Per-node time of ONNX Runtime on a torchvision classifier, to set beside
-`cargo xtask profile MODEL --batch N` when looking for where wick's time
-goes. Not run by CI.
+"""Per-node time of ONNX Runtime or OpenVINO on a torchvision classifier,
+to set beside `cargo xtask profile MODEL --batch N` when looking for where
+wick's time goes. Not run by CI.
 
-    .venv/bin/python scripts/profile_reference.py --model mobilenet_v3_large [--batch 10] [--iters 20] [--top 30]
+    .venv/bin/python scripts/profile_reference.py --model mobilenet_v3_large [--batch 10] [--iters 20] [--top 30] [--runtime openvino]
 
 Exports the model as `scripts/bench_reference.py` does, runs ONNX Runtime
-(2 intra-op threads, default graph optimisations) with its profiler on and
-prints the mean ms per forward of each fused node, slowest first, and the
-totals per operator kind.
+(2 intra-op threads, default graph optimisations) with its profiler on, or
+OpenVINO's CPU plugin (2 threads, f32, LATENCY hint, performance counters
+on), and prints the mean ms per forward of each fused node, slowest first,
+and the totals per operator kind (OpenVINO: per layer type, with the
+kernel it chose in the node list).
 """
 
 import argparse
@@ -24,9 +26,9 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime")
     args = parser.parse_args()
     import numpy as np
-    import onnxruntime as ort
     import torch
     import torchvision
 
@@ -36,19 +38,28 @@ def main():
         path = pathlib.Path(tmp) / "model.onnx"
         torch.onnx.export(model, x, str(path), input_names=["input"], output_names=["output"], dynamo=False)
         feed = {"input": x.numpy().astype(np.float32)}
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 2
-        warm = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        for _ in range(args.warmup):
-            warm.run(None, feed)
-        options.enable_profiling = True
-        options.profile_file_prefix = str(pathlib.Path(tmp) / "ort")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        for _ in range(args.warmup):
-            session.run(None, feed)
-        for _ in range(args.iters):
-            session.run(None, feed)
-        events = json.loads(pathlib.Path(session.end_profiling()).read_text())
+        profile = profile_openvino if args.runtime == "openvino" else profile_onnxruntime
+        version, means, kinds = profile(path, feed, args, tmp)
+    report(args, version, means, kinds)
+
+
+def profile_onnxruntime(path, feed, args, tmp):
+    """Mean ms per forward of each node, its operator kind, ORT's version."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    warm = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(args.warmup):
+        warm.run(None, feed)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(pathlib.Path(tmp) / "ort")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(args.warmup):
+        session.run(None, feed)
+    for _ in range(args.iters):
+        session.run(None, feed)
+    events = json.loads(pathlib.Path(session.end_profiling()).read_text())
     per_node = collections.defaultdict(list)
     kinds = {}
     for event in events:
@@ -59,17 +70,50 @@ def main():
         kinds[name] = event["args"].get("op_name", "?")
     # The first `warmup` calls of the profiled session are discarded.
     means = {name: sum(d[args.warmup :]) / max(1, len(d) - args.warmup) for name, d in per_node.items()}
+    return f"onnxruntime {ort.__version__}", means, kinds
+
+
+def profile_openvino(path, feed, args, _tmp):
+    """Mean ms per forward of each executed layer, its type and kernel, OpenVINO's version."""
+    import openvino as ov
+
+    core = ov.Core()
+    config = {
+        "INFERENCE_NUM_THREADS": 2,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32",
+        "PERF_COUNT": True,
+    }
+    request = core.compile_model(str(path), "CPU", config).create_infer_request()
+    x = feed["input"]
+    for _ in range(args.warmup):
+        request.infer({0: x})
+    sums = collections.defaultdict(float)
+    kinds = {}
+    for _ in range(args.iters):
+        request.infer({0: x})
+        for info in request.profiling_info:
+            if info.status != info.Status.EXECUTED:
+                continue
+            sums[info.node_name] += info.real_time.total_seconds() * 1e3
+            kinds[info.node_name] = f"{info.node_type} {info.exec_type}"
+    means = {name: ms / args.iters for name, ms in sums.items()}
+    return f"openvino {ov.__version__}", means, kinds
+
+
+def report(args, version, means, kinds):
+    """The totals per kind, then the slowest nodes."""
     total = sum(means.values())
     by_kind = collections.defaultdict(lambda: [0, 0.0])
     for name, ms in means.items():
         by_kind[kinds[name]][0] += 1
         by_kind[kinds[name]][1] += ms
-    print(f"{args.model} batch {args.batch}, onnxruntime {ort.__version__}, {args.iters} profiled forwards, {total:.3f} ms of node time per forward")
+    print(f"{args.model} batch {args.batch}, {version}, {args.iters} profiled forwards, {total:.3f} ms of node time per forward")
     for kind, (count, ms) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
-        print(f"{kind:<28}{count:>4}{ms:>10.3f}{100 * ms / total:>7.1f}%")
+        print(f"{kind:<40}{count:>4}{ms:>10.3f}{100 * ms / max(total, 1e-9):>7.1f}%")
     print()
     for name, ms in sorted(means.items(), key=lambda kv: -kv[1])[: args.top]:
-        print(f"{name:<60}{kinds[name]:<22}{ms:>9.3f}")
+        print(f"{name:<60} {kinds[name]:<40}{ms:>9.3f}")
 
 
 if __name__ == "__main__":
