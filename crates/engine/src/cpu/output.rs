@@ -105,6 +105,11 @@ impl Output {
         self.buffer.extend_from_slice(values);
     }
 
+    /// Appends the values of `values`.
+    pub(crate) fn extend(&mut self, values: impl IntoIterator<Item = f32>) {
+        self.buffer.extend(values);
+    }
+
     /// Sets the values to `len` copies of `value`.
     pub(crate) fn fill(&mut self, len: usize, value: f32) {
         self.buffer.truncate(self.offset);

@@ -89,18 +89,15 @@ impl GemvConv {
                     return output(values, shape.out_dims());
                 }
                 let mut values = Output::new(sums.len(), "conv output")?;
-                let mut row = Vec::with_capacity(plane);
                 // `[N, O, H·W]`, through the epilogue.
                 for (image, sums) in sums.chunks_exact(plane * outs).enumerate() {
                     for o in 0..outs {
                         let bias = self.epilogue.bias(o);
                         let at = (image * outs + o) * plane;
-                        row.clear();
-                        row.extend((0..plane).map(|p| {
+                        values.extend((0..plane).map(|p| {
                             let r = residual.map(|r| r[at + p]);
                             value(sums[p * outs + o], bias, r, activation)
                         }));
-                        values.extend_from_slice(&row);
                     }
                 }
                 values.into_tensor(&shape.out_dims())
