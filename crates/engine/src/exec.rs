@@ -413,6 +413,7 @@ mod tests {
             .iter()
             .filter_map(|step| match &step.kernel {
                 Kernel::Cpu(CpuKernel::Conv { conv, .. }) => Some((step.name.clone(), conv.algorithm().name())),
+                Kernel::Cpu(CpuKernel::ExpandedDepthwise { .. }) => Some((step.name.clone(), "expanded-depthwise")),
                 _ => None,
             })
             .collect()
@@ -488,7 +489,12 @@ mod tests {
     }
 
     /// MobileNetV2's convs: every 1×1 on the in-place GEMM, every 3×3
-    /// depthwise on the depthwise kernel, the stem on the direct conv.
+    /// depthwise on the depthwise kernel, the stem on the direct conv; with
+    /// expansion fusion (the default) each block's expansion runs inside
+    /// its depthwise conv where that takes the channel-blocked form (all
+    /// 16 at 224×224 on the SIMD paths: every output up to 56 wide but the
+    /// first block's, which has no expansion), as one step named after
+    /// both, to the same output within f32 rounding.
     #[test]
     fn mobilenet_convs_take_their_kernels() {
         use wick_models::{Model, ModelName, WeightSource};
@@ -496,18 +502,45 @@ mod tests {
         let model = Model::load(name, WeightSource::Random { seed: 1 }, &Device::Cpu).unwrap();
         let mut graph = model.trace(&name.input_shape(Some(1))).unwrap();
         wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
-        let kernels = conv_kernels(&Engine::cpu().compile(&graph).unwrap());
-        let count = |kind: &str| kernels.iter().filter(|(_, k)| *k == kind).count();
-        assert_eq!(
-            [
-                count("pointwise"),
-                count("depthwise"),
-                count("direct-panels"),
-                kernels.len()
-            ],
-            [34, 17, 1, 52],
-            "{kernels:?}"
-        );
+        let count = |kernels: &[(String, &str)], kind: &str| kernels.iter().filter(|(_, k)| *k == kind).count();
+        let x = wick_models::random_input(4, &name.input_shape(Some(1)), &Device::Cpu).unwrap();
+        for isa in crate::cpu::gemm::Isa::available() {
+            let engine = Engine::cpu().with_cpu_path(isa.path()).unwrap();
+            let (fused, unfused) = (
+                engine.clone().compile(&graph).unwrap(),
+                engine.with_expansion_fusion(false).compile(&graph).unwrap(),
+            );
+            let kernels = conv_kernels(&unfused);
+            let counts = ["pointwise", "depthwise", "direct-panels", "expanded-depthwise"].map(|k| count(&kernels, k));
+            assert_eq!(
+                [counts.as_slice(), &[kernels.len()]].concat(),
+                [34, 17, 1, 0, 52],
+                "{kernels:?}"
+            );
+            let kernels = conv_kernels(&fused);
+            let counts = ["pointwise", "depthwise", "direct-panels", "expanded-depthwise"].map(|k| count(&kernels, k));
+            let blocked = matches!(isa, crate::cpu::gemm::Isa::Avx512 | crate::cpu::gemm::Isa::Avx2Fma);
+            let want = match blocked {
+                true => [18, 1, 1, 16, 36],
+                false => [34, 17, 1, 0, 52],
+            };
+            assert_eq!(
+                [counts.as_slice(), &[kernels.len()]].concat(),
+                want,
+                "{isa:?} {kernels:?}"
+            );
+            if blocked {
+                let pair = "features.2.conv.0.0+1+relu6+features.2.conv.1.0+1+relu6";
+                assert!(kernels.contains(&(pair.into(), "expanded-depthwise")), "{kernels:?}");
+                // The expanded tensors are never made.
+                assert!(fused.planned_peak_activation_bytes() < unfused.planned_peak_activation_bytes());
+            }
+            let run = |model: &CompiledModel| model.run(std::slice::from_ref(&x)).unwrap().remove(0);
+            let (a, b) = (run(&fused), run(&unfused));
+            let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+            let diff = crate::test_util::max_abs_diff(&a, &b);
+            assert!(diff <= 1e-5 * scale.max(1.0), "{isa:?}: diff {diff} at scale {scale}");
+        }
     }
 
     /// Compiling an owned graph gives the same model as compiling a
@@ -671,7 +704,7 @@ mod tests {
             .flat_map(|s| s.kernel.reads())
             .collect();
         let recycled: Vec<usize> = plan.steps.iter().flat_map(|s| s.recycle_after.clone()).collect();
-        assert!(recycled.len() > 50, "{recycled:?}");
+        assert!(recycled.len() > 30, "{recycled:?}");
         for slot in &recycled {
             assert!(made_by_cpu.contains(slot) && !read_by_candle.contains(slot) && !plan.outputs.contains(slot));
         }

@@ -70,6 +70,7 @@ mod cpu;
 mod device;
 mod error;
 mod exec;
+mod expansion;
 mod kernel;
 mod machine;
 mod plan;

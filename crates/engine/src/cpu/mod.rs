@@ -199,6 +199,14 @@ pub(crate) enum CpuKernel {
         scale: Option<Slot>,
         isa: gemm::Isa,
     },
+    /// A depthwise conv on the output of a 1×1 conv (`expand`, weights
+    /// blocked by the depthwise conv's lanes) applied to `x`, without
+    /// making that output ([`crate::expansion`]).
+    ExpandedDepthwise {
+        expand: conv::depthwise::ExpandWeights,
+        conv: Arc<CpuConv>,
+        x: Slot,
+    },
     /// The max pool, on its path.
     MaxPool2d { pool: pool::MaxPool, x: Slot },
     /// An elementwise activation, on the instruction-set path `isa`.
@@ -227,7 +235,8 @@ impl CpuKernel {
     pub(crate) fn reads(&self) -> Vec<Slot> {
         match self {
             CpuKernel::Conv { x, residual, scale, .. } => std::iter::once(*x).chain(*residual).chain(*scale).collect(),
-            CpuKernel::MaxPool2d { x, .. }
+            CpuKernel::ExpandedDepthwise { x, .. }
+            | CpuKernel::MaxPool2d { x, .. }
             | CpuKernel::Activation { x, .. }
             | CpuKernel::GlobalAvgPool2d { x, .. }
             | CpuKernel::ChannelAffine { x, .. }
@@ -251,6 +260,7 @@ impl CpuKernel {
                 residual.map(&value).transpose()?.as_ref(),
                 scale.map(&value).transpose()?.as_ref(),
             ),
+            CpuKernel::ExpandedDepthwise { expand, conv, x } => conv.run_expanded(expand, &value(*x)?),
             CpuKernel::MaxPool2d { pool, x } => pool.run(&value(*x)?),
             CpuKernel::Activation { isa, activation, x } => activation::activation(*isa, *activation, &value(*x)?),
             CpuKernel::GlobalAvgPool2d { isa, x } => plane::global_avg_pool2d(*isa, &value(*x)?),

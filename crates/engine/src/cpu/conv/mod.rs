@@ -55,20 +55,16 @@ impl ConvSpec {
         })
     }
 
-    /// The one check every CPU conv makes on its operands: `x` is `[N, C,
-    /// H, W]` f32 with `C` this conv's input channels and the window fitting
-    /// `H × W`; `residual`, if any, has the conv output's shape; the output
-    /// length fits `usize`. Returns both operands contiguous, with the shapes.
-    pub(crate) fn check(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<ConvCall> {
-        let x = x.contiguous()?;
-        let &[batch, channels, height, width] = x.dims() else {
-            bail!("conv input must be NCHW, got {:?}", x.dims())
-        };
+    /// The shapes of a call on an input `[N, C, H, W]` (`dims`): `C` this
+    /// conv's input channels, the window fitting `H × W`, the output length
+    /// fitting `usize`.
+    pub(crate) fn shape(&self, dims: [usize; 4]) -> candle_core::Result<ConvShape> {
+        let [batch, channels, height, width] = dims;
         if channels != self.in_channels {
             bail!("conv expects {} input channels, got {channels}", self.in_channels)
         }
         let Some([out_height, out_width]) = self.attrs.output_size(self.kernel, [height, width]) else {
-            bail!("kernel {:?} does not fit input {:?}", self.kernel, x.dims())
+            bail!("kernel {:?} does not fit input {:?}", self.kernel, dims)
         };
         let shape = ConvShape {
             batch,
@@ -90,6 +86,19 @@ impl ConvSpec {
                 shape.out_dims()
             )
         }
+        Ok(shape)
+    }
+
+    /// The one check every CPU conv makes on its operands: `x` is `[N, C,
+    /// H, W]` f32 with `C` this conv's input channels and the window fitting
+    /// `H × W`; `residual`, if any, has the conv output's shape; the output
+    /// length fits `usize`. Returns both operands contiguous, with the shapes.
+    pub(crate) fn check(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<ConvCall> {
+        let x = x.contiguous()?;
+        let &[batch, channels, height, width] = x.dims() else {
+            bail!("conv input must be NCHW, got {:?}", x.dims())
+        };
+        let shape = self.shape([batch, channels, height, width])?;
         let residual = residual.map(|r| r.contiguous()).transpose()?;
         if residual.as_ref().is_some_and(|r| r.dims() != shape.out_dims()) {
             bail!(
@@ -271,6 +280,16 @@ impl CpuConv {
             (_, None) => self.run(x, residual),
             (CpuConv::Pointwise(conv), scale) => conv.run_scaled(x, residual, scale),
             (_, Some(scale)) => self.run(&super::plane::channel_scale(isa, x, scale)?, residual),
+        }
+    }
+
+    /// Runs a depthwise conv (without a fused pool) on the output of the
+    /// 1×1 conv `expand` applied to `x`, computing it band by band
+    /// ([`DepthwiseConv::run_expanded`]); an error for any other conv.
+    pub(crate) fn run_expanded(&self, expand: &depthwise::ExpandWeights, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            CpuConv::Depthwise(conv, None) => conv.run_expanded(expand, x),
+            _ => bail!("only a depthwise conv without a fused pool runs a 1×1 conv in front"),
         }
     }
 

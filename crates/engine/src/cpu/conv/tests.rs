@@ -531,3 +531,56 @@ fn other_convs_scale_their_input_first() {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// A 1×1 conv fused in front of the channel-blocked depthwise conv
+    /// (each band's input computed from the 1×1 conv's input) equals
+    /// candle's two convs one after the other, each with its bias and
+    /// activation, on every path with the blocked form: rows of 1..=16+
+    /// positions (the 14-, 7- and 1-wide steps), partial last blocks, bands
+    /// of one row and more, rows wholly in the padding.
+    #[test]
+    fn expanded_depthwise_matches_candle(
+        in_channels in 1usize..24,
+        channels in 2usize..40,
+        kernel in 1usize..6,
+        stride in 1usize..3,
+        padding in 0usize..3,
+        width in 1usize..40,
+        height in 1usize..6,
+        activations in (proptest::option::of(0usize..6), proptest::option::of(0usize..6)),
+        band_bytes in proptest::option::of(0usize..20_000),
+    ) {
+        let d = Device::Cpu;
+        let (width, height) = ((kernel + width).saturating_sub(2 * padding).max(1), (kernel + height).saturating_sub(2 * padding).max(1));
+        let expand_attrs = Conv2dAttrs::default();
+        let attrs = Conv2dAttrs { stride: [stride, stride], padding: [padding, padding], dilation: [1, 1], groups: channels };
+        let x = Tensor::randn(0f32, 1.0, (2, in_channels, height, width), &d).unwrap();
+        let w1 = Tensor::randn(0f32, 1.0, (channels, in_channels, 1, 1), &d).unwrap();
+        let b1 = Tensor::randn(0f32, 1.0, channels, &d).unwrap();
+        let w2 = Tensor::randn(0f32, 1.0, (channels, 1, kernel, kernel), &d).unwrap();
+        let b2 = Tensor::randn(0f32, 1.0, channels, &d).unwrap();
+        let [a1, a2] = [activations.0, activations.1].map(|a| a.map(|i| Activation::ALL[i]));
+        let expanded = reference(&x, &w1, Some(&b1), expand_attrs, a1);
+        let want = reference(&expanded, &w2, Some(&b2), attrs, a2);
+        let spec = ConvSpec::of(&w2, attrs).unwrap();
+        let w1_values = w1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for isa in Isa::available() {
+            let epilogue = Epilogue::new(Some(&b2), channels, a2).unwrap().on(isa);
+            let mut conv = depthwise::DepthwiseConv::new(spec, &w2, epilogue, Machine::with_isa(isa)).unwrap();
+            if let Some(bytes) = band_bytes {
+                conv = conv.with_band_bytes(bytes);
+            }
+            let Some(lanes) = conv.lanes() else { continue };
+            let expand_epilogue = Epilogue::new(Some(&b1), channels, a1).unwrap();
+            let expand = depthwise::ExpandWeights::new(&w1_values, [channels, in_channels], &expand_epilogue, lanes).unwrap();
+            let got = conv.run_expanded(&expand, &x).unwrap();
+            prop_assert_eq!(got.dims(), want.dims());
+            let diff = crate::test_util::max_abs_diff(&got, &want);
+            let scale = (in_channels * kernel * kernel) as f64;
+            prop_assert!(diff <= 1e-5 * scale * 4.0, "{:?}: diff {}", isa, diff);
+        }
+    }
+}

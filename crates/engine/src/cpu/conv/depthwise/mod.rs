@@ -37,6 +37,9 @@ use wick_ir::Activation;
 mod blocked;
 mod simd;
 
+pub(crate) use blocked::ExpandWeights;
+use blocked::Source;
+
 /// A depthwise convolution with its weights kept for the CPU.
 #[derive(Debug)]
 pub(crate) struct DepthwiseConv {
@@ -108,6 +111,53 @@ impl DepthwiseConv {
         self.blocked.is_some() && out_width <= blocked::MAX_OUT_WIDTH
     }
 
+    /// The channels per block of the blocked form, if this conv has one
+    /// (what a 1×1 conv fused in front blocks its outputs by).
+    pub(crate) fn lanes(&self) -> Option<usize> {
+        self.blocked.as_ref().map(|b| b.lanes)
+    }
+
+    /// The channels per block of the blocked form a depthwise conv takes
+    /// on `isa` for an output `out_width` wide, if it takes that form.
+    pub(crate) fn blocked_lanes(isa: Isa, out_width: usize) -> Option<usize> {
+        blocked::lanes_for(isa, out_width)
+    }
+
+    /// Runs on the output of the 1×1 conv `expand` applied to `x` (`[N,
+    /// C_in, H, W]`, CPU f32) without making it: each band's input is
+    /// computed from `x` (channel-blocked form only: an error when an
+    /// output `out_width` wide would take the plane segments, or when
+    /// `expand` is blocked otherwise or has other channels).
+    pub(crate) fn run_expanded(&self, expand: &ExpandWeights, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.contiguous()?;
+        let &[batch, in_channels, height, width] = x.dims() else {
+            bail!("fused 1×1 conv input must be NCHW, got {:?}", x.dims())
+        };
+        if in_channels != expand.in_channels {
+            bail!(
+                "fused 1×1 conv expects {} input channels, got {in_channels}",
+                expand.in_channels
+            )
+        }
+        let shape = self.spec.shape([batch, self.spec.in_channels, height, width])?;
+        let Some(weights) = self.blocked.as_ref().filter(|_| self.blocks(shape.out_width)) else {
+            bail!(
+                "depthwise conv: no channel-blocked form for an output {} wide",
+                shape.out_width
+            )
+        };
+        let out_len = shape.out_len();
+        let mut out = Output::new(out_len, "conv output")?;
+        with_cpu_f32("depthwise conv", &x, None, |data, _| {
+            let (epilogue, kernel, a) = (&self.epilogue, self.spec.kernel, self.spec.attrs);
+            let source = Source::Expanded(data, expand);
+            blocked::run(weights, epilogue, self.isa, shape, kernel, a, source, None, &mut out)
+        })?;
+        // SAFETY: `blocked::run` wrote all `out_len` values.
+        unsafe { out.assume_written(out_len) };
+        out.into_tensor(&shape.out_dims())
+    }
+
     /// Runs on a CPU f32 tensor `[N, C, H, W]`, adding `residual` (the
     /// output's shape) before the optional ReLU.
     pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
@@ -146,7 +196,17 @@ impl DepthwiseConv {
         if let Some(weights) = self.blocked.as_ref().filter(|_| self.blocks(shape.out_width)) {
             with_cpu_f32("depthwise conv", &call.x, call.residual.as_ref(), |data, residual| {
                 let (epilogue, kernel) = (&self.epilogue, self.spec.kernel);
-                blocked::run(weights, epilogue, self.isa, shape, kernel, a, data, residual, &mut out)
+                blocked::run(
+                    weights,
+                    epilogue,
+                    self.isa,
+                    shape,
+                    kernel,
+                    a,
+                    Source::Planes(data),
+                    residual,
+                    &mut out,
+                )
             })?;
             // SAFETY: `blocked::run` wrote all `out_len` values.
             unsafe { out.assume_written(out_len) };

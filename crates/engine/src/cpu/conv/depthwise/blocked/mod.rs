@@ -16,12 +16,13 @@
 //! sums and the register transposes) are in [`simd`].
 
 use super::super::ConvShape;
-use crate::cpu::data::with_scratch;
+use crate::cpu::data::{with_scratch, CACHE_LINE_FLOATS};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::Isa;
 use crate::cpu::output::Output;
 use crate::machine::Machine;
 use candle_core::bail;
+pub(crate) use expand::ExpandWeights;
 use rayon::prelude::*;
 use wick_ir::{Activation, Conv2dAttrs};
 
@@ -36,11 +37,27 @@ use wick_ir::{Activation, Conv2dAttrs};
 /// at batch 1 (16 channels at batch 10 level).
 pub(super) const MAX_OUT_WIDTH: usize = 56;
 
+/// Channels per block on `isa`'s path: its vector width (`None` on the
+/// portable path, which has no blocked form).
+fn path_lanes(isa: Isa) -> Option<usize> {
+    match isa {
+        Isa::Avx512 => Some(16),
+        Isa::Avx2Fma => Some(8),
+        _ => None,
+    }
+}
+
+/// The channels per block of the blocked form on `isa` for an output
+/// `out_width` wide, if such an output takes it.
+pub(crate) fn lanes_for(isa: Isa, out_width: usize) -> Option<usize> {
+    path_lanes(isa).filter(|_| out_width <= MAX_OUT_WIDTH)
+}
+
 /// A depthwise conv's weights and biases with the channels innermost.
 #[derive(Debug)]
 pub(super) struct BlockedWeights {
     /// Channels per block: the path's vector width.
-    lanes: usize,
+    pub(super) lanes: usize,
     /// `[C_pad / lanes][kh·kw][lanes]`, zero past the last channel.
     weight: Vec<f32>,
     /// `[C_pad]`, zero past the last channel.
@@ -53,11 +70,7 @@ impl BlockedWeights {
     /// `weight` (`[C, kh·kw]`) and `epilogue`'s biases for the vectors of
     /// `machine`'s path, bands from its L2; `None` on the portable path.
     pub(super) fn new(weight: &[f32], channels: usize, epilogue: &Epilogue, machine: Machine) -> Option<Self> {
-        let lanes = match machine.isa {
-            Isa::Avx512 => 16,
-            Isa::Avx2Fma => 8,
-            _ => return None,
-        };
+        let lanes = path_lanes(machine.isa)?;
         let taps = weight.len().checked_div(channels)?;
         let padded = channels.next_multiple_of(lanes);
         let mut blocked = vec![0.0; padded * taps];
@@ -193,7 +206,17 @@ struct Kernel<'a> {
     output: &'a mut [f32],
 }
 
-/// Runs the blocked depthwise conv of `shape` on `input` into the first
+/// What a band's padded input is made from.
+#[derive(Clone, Copy)]
+pub(super) enum Source<'a> {
+    /// The depthwise conv's input planes `[N, C, H, W]`, copied in.
+    Planes(&'a [f32]),
+    /// The input `[N, C_in, H, W]` of a 1×1 conv whose output is the
+    /// depthwise conv's input, computed into each band ([`expand`]).
+    Expanded(&'a [f32], &'a ExpandWeights),
+}
+
+/// Runs the blocked depthwise conv of `shape` on `source` into the first
 /// `N·C·OH·OW` values of `out`'s allocation (`[N, C, OH, OW]`, every value
 /// written; the caller sets the length); `residual`, if any, has the
 /// output's shape. Tasks are (image, channel block, band of rows): at
@@ -208,7 +231,7 @@ pub(super) fn run(
     shape: ConvShape,
     kernel: [usize; 2],
     attrs: Conv2dAttrs,
-    input: &[f32],
+    source: Source<'_>,
     residual: Option<&[f32]>,
     out: &mut Output,
 ) -> candle_core::Result<()> {
@@ -224,74 +247,125 @@ pub(super) fn run(
     let activation = epilogue.activation();
     // With a residual the plane pass applies the whole epilogue.
     let fused = residual.is_none();
-    let Some(scratch_len) = g.input_len.checked_add(g.output_len) else {
-        bail!("depthwise conv: the channel-blocked planes of {shape:?} overflow")
+    // Values per image of the input the bands are made from.
+    let image_len = match source {
+        Source::Planes(_) => channels * in_plane,
+        Source::Expanded(_, e) => {
+            if e.lanes != lanes || e.out_channels != channels {
+                bail!(
+                    "depthwise conv: a fused 1×1 conv of {} channels in blocks of {}, not {channels} in {lanes}",
+                    e.out_channels,
+                    e.lanes
+                )
+            }
+            e.in_channels * in_plane
+        }
     };
-    if input.len() != shape.batch * channels * in_plane || residual.is_some_and(|r| r.len() != out_len) {
+    let input = match source {
+        Source::Planes(input) | Source::Expanded(input, _) => input,
+    };
+    if input.len() != shape.batch * image_len || residual.is_some_and(|r| r.len() != out_len) {
         bail!("depthwise conv: operands of another size than {shape:?}")
     }
     if out_len == 0 {
         return Ok(());
     }
-    // Smaller bands than the cache allows where blocks are few (the
+    // Blocks per task: a fused 1×1 conv computes two blocks' inputs at
+    // once (each input value broadcast once for both).
+    let per_task = match source {
+        Source::Planes(_) => 1,
+        Source::Expanded(..) => expand::BLOCKS,
+    };
+    // Each block's padded input from a cache line.
+    let stride = g.input_len.checked_next_multiple_of(CACHE_LINE_FLOATS);
+    let scratch_len = stride.and_then(|n| n.checked_mul(per_task)?.checked_add(g.output_len));
+    let (Some(stride), Some(scratch_len)) = (stride, scratch_len) else {
+        bail!("depthwise conv: the channel-blocked planes of {shape:?} overflow")
+    };
+    // Smaller bands than the cache allows where tasks are few (the
     // lengths of `g` stay upper bounds).
     let blocks = channels.div_ceil(lanes);
-    let wanted = (4 * rayon::current_num_threads()).div_ceil(shape.batch * blocks);
+    let groups = blocks.div_ceil(per_task);
+    let wanted = (4 * rayon::current_num_threads()).div_ceil(shape.batch * groups);
     let band_rows = g.band_rows.min(shape.out_height.div_ceil(wanted.max(1))).max(1);
     let g = Geometry { band_rows, ..g };
     let bands = shape.out_height.div_ceil(band_rows);
     let dst = out.shared(out_len);
-    (0..shape.batch * blocks * bands).into_par_iter().try_for_each(|task| {
-        let (image, block, band) = (task / (blocks * bands), task / bands % blocks, task % bands);
-        let first = block * lanes;
-        let count = lanes.min(channels - first);
+    (0..shape.batch * groups * bands).into_par_iter().try_for_each(|task| {
+        let (image, group, band) = (task / (groups * bands), task / bands % groups, task % bands);
+        let first_block = group * per_task;
+        let count = per_task.min(blocks - first_block);
         let first_row = band * band_rows;
         let rows = band_rows.min(shape.out_height - first_row);
-        let span = first_row * shape.out_width..(first_row + rows) * shape.out_width;
-        let planes = &input[(image * channels + first) * in_plane..][..count * in_plane];
-        let base = (image * channels + first) * out_plane;
-        // SAFETY: tasks write disjoint rows (bands) of disjoint planes
-        // (image, channel); nothing else touches `out` meanwhile.
-        let mut outs: [&mut [f32]; 16] = std::array::from_fn(|c| match c < count {
-            true => unsafe { dst.slice(base + c * out_plane + span.start, span.len()) },
-            false => &mut [],
-        });
-        let outs = &mut outs[..count];
         with_scratch(scratch_len, |scratch| {
-            let (padded, sums) = scratch.split_at_mut(g.input_len);
-            pack(isa, &g, planes, count, padded, first_row, rows);
-            let k = Kernel {
-                g,
-                rows,
-                input: padded,
-                weight: &blocked.weight[block * taps * lanes..][..taps * lanes],
-                bias: &blocked.bias[first..][..lanes],
-                fused,
-                activation,
-                output: &mut sums[..g.output_len],
-            };
-            compute(isa, tile, k);
-            unpack(isa, &g, sums, outs, rows);
-        })?;
-        if let Some(r) = residual {
-            for (c, out) in outs.iter_mut().enumerate() {
-                let at = base + c * out_plane + span.start;
-                epilogue.in_place(first + c, out, Some(&r[at..][..span.len()]));
+            let (padded, sums) = scratch.split_at_mut(stride * per_task);
+            let mut span = 0..0;
+            let mut r0 = 0;
+            for one in padded.chunks_exact_mut(stride.max(1)).take(count) {
+                (span, r0) = pad(&g, one, first_row, rows);
             }
-        }
-        Ok(())
+            match source {
+                Source::Planes(_) => {
+                    let first = first_block * lanes;
+                    let planes =
+                        &input[(image * channels + first) * in_plane..][..lanes.min(channels - first) * in_plane];
+                    pack(isa, &g, planes, lanes.min(channels - first), padded, span, r0)
+                }
+                Source::Expanded(_, e) => {
+                    let x = &input[image * image_len..][..image_len];
+                    expand::fill(
+                        isa,
+                        &g,
+                        e,
+                        first_block..first_block + count,
+                        x,
+                        (padded, stride),
+                        span,
+                        r0,
+                    )
+                }
+            }
+            for (j, padded) in padded.chunks_exact(stride.max(1)).take(count).enumerate() {
+                let block = first_block + j;
+                let first = block * lanes;
+                let k = Kernel {
+                    g,
+                    rows,
+                    input: padded,
+                    weight: &blocked.weight[block * taps * lanes..][..taps * lanes],
+                    bias: &blocked.bias[first..][..lanes],
+                    fused,
+                    activation,
+                    output: &mut sums[..g.output_len],
+                };
+                compute(isa, tile, k);
+                let planes = lanes.min(channels - first);
+                let span = first_row * shape.out_width..(first_row + rows) * shape.out_width;
+                let base = (image * channels + first) * out_plane;
+                // SAFETY: tasks write disjoint rows (bands) of disjoint
+                // planes (image, channel); nothing else touches `out` meanwhile.
+                let mut outs: [&mut [f32]; 16] = std::array::from_fn(|c| match c < planes {
+                    true => unsafe { dst.slice(base + c * out_plane + span.start, span.len()) },
+                    false => &mut [],
+                });
+                let outs = &mut outs[..planes];
+                unpack(isa, &g, sums, outs, rows);
+                if let Some(r) = residual {
+                    for (c, out) in outs.iter_mut().enumerate() {
+                        let at = base + c * out_plane + span.start;
+                        epilogue.in_place(first + c, out, Some(&r[at..][..span.len()]));
+                    }
+                }
+            }
+        })
     })
 }
 
-/// Copies the input rows that output rows `first_row..first_row + rows`
-/// read, of `count` planes `[H, W]`, into the band's zero-padded scratch,
-/// channel `c` in lane `c`; the padding and the lanes past `count` zero.
-/// On the SIMD paths a lane's worth of positions at a time, transposed in
-/// registers; the positions past the last whole group (and the portable
-/// path) one at a time.
-fn pack(isa: Isa, g: &Geometry, planes: &[f32], count: usize, padded: &mut [f32], first_row: usize, rows: usize) {
+/// Zeroes the padding of the band of output rows `first_row..first_row +
+/// rows` in its scratch and returns which input rows its interior takes
+/// and the scratch row the first of them goes to.
+fn pad(g: &Geometry, padded: &mut [f32], first_row: usize, rows: usize) -> (std::ops::Range<usize>, usize) {
     let [height, width] = g.size;
-    let positions = height * width;
     let used = g.band_input_rows(rows);
     // Scratch row r holds padded row top + r: scratch rows `r0..r1` hold
     // input rows `y0..`, the rest (if any) is padding.
@@ -299,11 +373,11 @@ fn pack(isa: Isa, g: &Geometry, planes: &[f32], count: usize, padded: &mut [f32]
     let r0 = g.padding[0].saturating_sub(top).min(used);
     let r1 = (g.padding[0] + height).saturating_sub(top).clamp(r0, used);
     let y0 = (top + r0).saturating_sub(g.padding[0]);
-    // The padding only: the interior is written below (a whole fill was
-    // 1% of MobileNetV2's batch-1 forward).
+    // The padding only: the interior is written by the caller (a whole
+    // fill was 1% of MobileNetV2's batch-1 forward).
     let row = g.padded_width * g.lanes;
     let interior = r1 * row;
-    assert!(count <= g.lanes && planes.len() >= count * positions && used * row <= g.input_len.min(padded.len()));
+    assert!(used * row <= g.input_len.min(padded.len()));
     padded[..r0 * row].fill(0.0);
     padded[interior..used * row].fill(0.0);
     let (left, right) = (g.padding[1] * g.lanes, (g.padding[1] + width) * g.lanes);
@@ -311,7 +385,32 @@ fn pack(isa: Isa, g: &Geometry, planes: &[f32], count: usize, padded: &mut [f32]
         r[..left].fill(0.0);
         r[right..].fill(0.0);
     }
-    let span = y0 * width..(y0 + r1 - r0) * width;
+    (y0..y0 + (r1 - r0), r0)
+}
+
+/// Copies input rows `rows` of `count` planes `[H, W]` into the band's
+/// scratch rows from `r0` on, channel `c` in lane `c`, the lanes past
+/// `count` zero ([`pad`] wrote the rest). On the SIMD paths a lane's worth
+/// of positions at a time, transposed in registers; the positions past the
+/// last whole group (and the portable path) one at a time.
+fn pack(
+    isa: Isa,
+    g: &Geometry,
+    planes: &[f32],
+    count: usize,
+    padded: &mut [f32],
+    rows: std::ops::Range<usize>,
+    r0: usize,
+) {
+    let [height, width] = g.size;
+    let positions = height * width;
+    let y0 = rows.start;
+    assert!(
+        count <= g.lanes
+            && planes.len() >= count * positions
+            && (rows.is_empty() || (rows.end <= height && g.at(r0 + rows.len() - 1, width) <= padded.len()))
+    );
+    let span = rows.start * width..rows.end * width;
     let done = match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: 16 lanes only on `Isa::Avx512`; the lengths were checked
@@ -399,5 +498,6 @@ fn compute(isa: Isa, tile: usize, k: Kernel) {
     }
 }
 
+mod expand;
 #[cfg(target_arch = "x86_64")]
 mod simd;
