@@ -103,6 +103,14 @@ pub(crate) mod test_util {
 
     pub(crate) use wick_tests::max_abs_diff;
 
+    /// `ulps` units in the last place of `t`'s largest magnitude (at least
+    /// of 1.0): a tolerance for results that differ only by an
+    /// activation's vector form against its scalar one.
+    pub(crate) fn ulps_of(t: &candle_core::Tensor, ulps: u32) -> f64 {
+        let max = t.abs().and_then(|a| a.max_all()).and_then(|m| m.to_scalar::<f32>());
+        f64::from(ulps) * f64::from(f32::EPSILON) * f64::from(max.unwrap_or(f32::INFINITY).max(1.0))
+    }
+
     /// A graph parsed from IR text with seeded random data for its constants.
     pub(crate) fn graph_with_weights(text: &str) -> wick_ir::Graph {
         let mut graph = wick_ir::Graph::parse(text).unwrap();

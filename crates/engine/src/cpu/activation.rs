@@ -119,13 +119,16 @@ pub(crate) fn exp(x: f32) -> f32 {
 }
 
 /// Defines `$exp` and `$sigmoid` on one SIMD path: [`exp`] and
-/// [`sigmoid`] lane by lane with the same operations in the same order
-/// (separate multiplies and adds, as the scalar code compiles), so every
-/// lane equals the scalar result bit for bit. For the kernels that apply
-/// the epilogue in registers ([`crate::cpu::epilogue::vector_activation!`]).
+/// [`sigmoid`] lane by lane, the polynomial and the reduction as fused
+/// multiply-adds and the reciprocal as the path's estimate refined by one
+/// Newton step (`vdivps` was most of SiLU's cost in the conv epilogues:
+/// EfficientNet-B0 evaluates ~6 M SiLUs per image). Within 8 ulp of the
+/// scalar forms (tested; 4 on the Intel Xeon VM), not bit for bit: the
+/// scalar code rounds each multiply and add, and divides. For the kernels that apply the epilogue
+/// in registers ([`crate::cpu::epilogue::vector_activation!`]).
 macro_rules! vector_sigmoid {
     ($exp:ident, $sigmoid:ident, $feature:literal, $vector:ty, $set1:ident, $set1_epi32:ident,
-     $add:ident, $sub:ident, $mul:ident, $div:ident, $max:ident, $min:ident,
+     $add:ident, $sub:ident, $mul:ident, $fmadd:ident, $fnmadd:ident, $rcp:ident, $max:ident, $min:ident,
      $add_epi32:ident, $sub_epi32:ident, $slli_epi32:ident, $to_bits:ident, $from_bits:ident, $keep_nan:ident) => {
         /// [`crate::cpu::activation::exp`] on every lane.
         #[inline]
@@ -135,14 +138,14 @@ macro_rules! vector_sigmoid {
             const LN2_LO: f32 = -2.121_944_4e-4;
             const ROUND: f32 = 12_582_912.0;
             let clamped = $min($max(x, $set1(-87.3)), $set1(88.0));
-            let shifted = $add($mul(clamped, $set1(std::f32::consts::LOG2_E)), $set1(ROUND));
+            let shifted = $fmadd(clamped, $set1(std::f32::consts::LOG2_E), $set1(ROUND));
             let n = $sub(shifted, $set1(ROUND));
-            let r = $sub($sub(clamped, $mul(n, $set1(LN2_HI))), $mul(n, $set1(LN2_LO)));
+            let r = $fnmadd(n, $set1(LN2_LO), $fnmadd(n, $set1(LN2_HI), clamped));
             let mut p = $set1(1.987_569_1e-4);
             for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
-                p = $add($mul(p, r), $set1(c));
+                p = $fmadd(p, r, $set1(c));
             }
-            let e_r = $add($add($mul($mul(p, r), r), r), $set1(1.0));
+            let e_r = $fmadd($mul(p, r), r, $add(r, $set1(1.0)));
             let biased = $add_epi32(
                 $sub_epi32($to_bits(shifted), $set1_epi32(ROUND.to_bits() as i32)),
                 $set1_epi32(127),
@@ -151,12 +154,15 @@ macro_rules! vector_sigmoid {
         }
 
         /// [`crate::cpu::activation::sigmoid`] on every lane (`-x` as `0 - x`: the same but for
-        /// the sign of a zero, which `exp` does not see).
+        /// the sign of a zero, which `exp` does not see): `y ≈ 1 / d` from
+        /// the estimate, then `y + y·(1 - d·y)`.
         #[inline]
         #[target_feature(enable = $feature)]
         pub(crate) fn $sigmoid(x: $vector) -> $vector {
             let one = $set1(1.0);
-            $div(one, $add(one, $exp($sub($set1(0.0), x))))
+            let d = $add(one, $exp($sub($set1(0.0), x)));
+            let y = $rcp(d);
+            $fmadd($fnmadd(d, y, one), y, y)
         }
     };
 }
@@ -181,12 +187,14 @@ mod x86 {
 
     #[rustfmt::skip]
     vector_sigmoid!(exp_avx512, sigmoid_avx512, "avx512f", __m512, _mm512_set1_ps, _mm512_set1_epi32,
-        _mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps,
+        _mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_fmadd_ps, _mm512_fnmadd_ps, _mm512_rcp14_ps,
+        _mm512_max_ps, _mm512_min_ps,
         _mm512_add_epi32, _mm512_sub_epi32, _mm512_slli_epi32, _mm512_castps_si512, _mm512_castsi512_ps,
         keep_nan_avx512);
     #[rustfmt::skip]
     vector_sigmoid!(exp_avx2, sigmoid_avx2, "avx2,fma", __m256, _mm256_set1_ps, _mm256_set1_epi32,
-        _mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps,
+        _mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_fmadd_ps, _mm256_fnmadd_ps, _mm256_rcp_ps,
+        _mm256_max_ps, _mm256_min_ps,
         _mm256_add_epi32, _mm256_sub_epi32, _mm256_slli_epi32, _mm256_castps_si256, _mm256_castsi256_ps,
         keep_nan_avx2);
 
@@ -196,10 +204,14 @@ mod x86 {
         use crate::cpu::activation::{exp, sigmoid};
         use crate::cpu::gemm::Isa;
 
-        /// Both paths equal the scalar `exp` and `sigmoid` bit for bit
-        /// (NaN for NaN) over a sweep past both clamps and the specials.
+        /// Both paths' `exp` and `sigmoid` are within 8 ulp of the scalar
+        /// forms (NaN for NaN; where the true value is below 1e-37, a
+        /// flushed tiny reciprocal on AVX2, within 1e-37) over a sweep past
+        /// both clamps and the specials. The Intel Xeon VM gives at most 4
+        /// (AVX2's 12-bit estimate, sigmoid of large negative values); the
+        /// estimate instructions' tables differ between vendors.
         #[test]
-        fn vector_forms_equal_scalar() {
+        fn vector_forms_within_8_ulp_of_scalar() {
             let mut values: Vec<f32> = (0..40_000).map(|i| (i as f32 - 20_000.0) / 200.0).collect();
             values.extend([
                 0.0,
@@ -215,7 +227,13 @@ mod x86 {
                 -87.3,
             ]);
             values.resize(values.len().next_multiple_of(16), 0.5);
-            let same = |got: f32, want: f32| got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan());
+            let same = |got: f32, want: f32| {
+                let ulps = (i64::from(got.to_bits() as i32) - i64::from(want.to_bits() as i32)).abs();
+                (got.is_nan() && want.is_nan())
+                    || got == want
+                    || (got - want).abs() <= 1e-37
+                    || (got.is_finite() && got.is_sign_negative() == want.is_sign_negative() && ulps <= 8)
+            };
             for isa in Isa::available() {
                 for chunk in values.chunks_exact(16) {
                     let mut got = [[0f32; 16]; 2];

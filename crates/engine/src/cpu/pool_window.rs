@@ -134,7 +134,6 @@ mod x86 {
                     _mm512_setzero_ps,
                     _mm512_add_ps,
                     _mm512_mul_ps,
-                    _mm512_div_ps,
                     _mm512_max_ps,
                     _mm512_min_ps,
                     sigmoid_avx512
@@ -221,7 +220,6 @@ mod x86 {
                     _mm256_setzero_ps,
                     _mm256_add_ps,
                     _mm256_mul_ps,
-                    _mm256_div_ps,
                     _mm256_max_ps,
                     _mm256_min_ps,
                     sigmoid_avx2
@@ -248,8 +246,9 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
-        /// ResNet's window on every path equals the general path exactly
-        /// (NaN where it has NaN), for 1 to 3 rows of any width from 1 to
+        /// ResNet's window on every path equals the general path (NaN
+        /// where it has NaN; the maxima exactly, the activation after them
+        /// within 8 ulp: its vector and scalar forms differ), for 1 to 3 rows of any width from 1 to
         /// several vectors, with NaNs and infinities in the rows, with or
         /// without a bias and any activation after the max.
         #[test]
@@ -277,7 +276,8 @@ mod tests {
                 let mut got = vec![7f32; pooled];
                 pool_window_row(isa, &rows, width, [3, 2, 1], [&mut c, &mut w], &mut got, epilogue);
                 for (x, (a, b)) in got.iter().zip(&want).enumerate() {
-                    prop_assert!(a == b || (a.is_nan() && b.is_nan()), "{isa:?} x{x}: {a} vs {b}");
+                    let close = (a - b).abs() <= 8.0 * f32::EPSILON * b.abs().max(f32::MIN_POSITIVE);
+                    prop_assert!(a == b || (a.is_nan() && b.is_nan()) || close, "{isa:?} x{x}: {a} vs {b}");
                 }
             }
         }

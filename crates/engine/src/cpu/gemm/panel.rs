@@ -433,7 +433,7 @@ pub(super) mod x86 {
     macro_rules! micro_tile {
         ($name:ident, $feature:literal, $vector:ty, $rows:expr, $lanes:expr,
          $zero:ident, $load:ident, $splat:ident, $fmadd:ident, $store:ident, $stream:ident,
-         $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident, $sigmoid:path) => {
+         $add:ident, $mul:ident, $max:ident, $min:ident, $sigmoid:path) => {
             /// # Safety
             /// The CPU has the path's features; `u.at` has `8·depth` values
             /// from the tile's first row on (and from `u.jump` on, if a
@@ -520,7 +520,6 @@ pub(super) mod x86 {
                                     $zero,
                                     $add,
                                     $mul,
-                                    $div,
                                     $max,
                                     $min,
                                     $sigmoid
@@ -543,15 +542,15 @@ pub(super) mod x86 {
     #[rustfmt::skip]
     micro_tile!(micro_avx512, "avx512f", __m512, PANEL_ROWS, 16,
         _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps, _mm512_stream_ps,
-        _mm512_add_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps, sigmoid_avx512);
+        _mm512_add_ps, _mm512_mul_ps, _mm512_max_ps, _mm512_min_ps, sigmoid_avx512);
     #[rustfmt::skip]
     micro_tile!(micro_avx2, "avx2,fma", __m256, AVX2_ROWS, 8,
         _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps, _mm256_stream_ps,
-        _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps, sigmoid_avx2);
+        _mm256_add_ps, _mm256_mul_ps, _mm256_max_ps, _mm256_min_ps, sigmoid_avx2);
     #[rustfmt::skip]
     micro_tile!(micro_avx2_tall, "avx2,fma", __m256, AVX2_TALL_ROWS, 8,
         _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps, _mm256_stream_ps,
-        _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps, sigmoid_avx2);
+        _mm256_add_ps, _mm256_mul_ps, _mm256_max_ps, _mm256_min_ps, sigmoid_avx2);
 
     /// Half a panel's rows (4) per short AVX2 micro-tile.
     const AVX2_ROWS: usize = PANEL_ROWS / 2;

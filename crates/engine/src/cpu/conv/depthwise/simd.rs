@@ -22,7 +22,7 @@ use wick_ir::Activation;
 macro_rules! simd_body {
     ($name:ident, $feature:literal, $vector:ty, $lanes:expr,
      $zero:ident, $load:ident, $store:ident, $set1:ident, $fmadd:ident,
-     $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident,
+     $add:ident, $mul:ident, $max:ident, $min:ident,
      $load_part:ident, $store_part:ident, $sigmoid:path) => {
         /// # Safety
         /// The CPU has the path's features; `p.reach <= p.phases.len()`
@@ -67,18 +67,7 @@ macro_rules! simd_body {
                         }
                         // The activation, in registers (as a closure it
                         // stayed a call per segment on AVX2).
-                        let v = vector_activation!(
-                            p.activation,
-                            v,
-                            $set1,
-                            $zero,
-                            $add,
-                            $mul,
-                            $div,
-                            $max,
-                            $min,
-                            $sigmoid
-                        );
+                        let v = vector_activation!(p.activation, v, $set1, $zero, $add, $mul, $max, $min, $sigmoid);
                         if full {
                             $store(out.add(unit.write), v);
                         } else {
@@ -152,12 +141,12 @@ mod x86 {
     #[rustfmt::skip]
     simd_body!(segments_avx512, "avx512f", __m512, 16,
         _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps,
-        _mm512_add_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps,
+        _mm512_add_ps, _mm512_mul_ps, _mm512_max_ps, _mm512_min_ps,
         load_part_avx512, store_part_avx512, crate::cpu::activation::sigmoid_avx512);
     #[rustfmt::skip]
     simd_body!(segments_avx2, "avx2,fma", __m256, 8,
         _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps,
-        _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps,
+        _mm256_add_ps, _mm256_mul_ps, _mm256_max_ps, _mm256_min_ps,
         load_part_avx2, store_part_avx2, crate::cpu::activation::sigmoid_avx2);
 }
 

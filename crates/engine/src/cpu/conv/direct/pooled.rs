@@ -270,7 +270,8 @@ mod tests {
            #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
 
            /// The fused conv + max pool equals the conv followed by the engine's
-           /// max pool exactly (same products, same maxima), on every SIMD
+           /// max pool (same products, same maxima; within an ulp or a few of
+           /// the activation, whose vector and scalar forms differ by that), on every SIMD
            /// path: kernels 1..=7, stride 1..=2, conv and pool padding, pool
            /// windows 1..=3 with stride 1..=2, residual on or off, no
            /// activation or any (applied after the max only when monotonic),
@@ -304,7 +305,8 @@ mod tests {
                    let fused = DirectConv::for_test(&w, Some(&b), attrs, activation, Some(pool), Panels, isa).unwrap();
                    let got = fused.run(&x, r.as_ref()).unwrap();
                    prop_assert_eq!(got.dims(), want.dims());
-                   prop_assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0, "{:?}", isa);
+                   let diff = crate::test_util::max_abs_diff(&got, &want);
+                   prop_assert!(diff <= crate::test_util::ulps_of(&want, 8), "{:?}: {}", isa, diff);
                }
            }
        }
@@ -376,7 +378,8 @@ mod tests {
             let conv = |pool| DirectConv::for_test(&w, Some(&b), attrs, hardswish, pool, Panels, isa).unwrap();
             let (got, want) = threads.install(|| fused_and_plain(conv, pool, &x, Some(&residual)));
             assert_eq!(got.dims(), [2, 16, 48, 45]);
-            assert_eq!(crate::test_util::max_abs_diff(&got, &want), 0.0, "{isa:?}");
+            let diff = crate::test_util::max_abs_diff(&got, &want);
+            assert!(diff <= crate::test_util::ulps_of(&want, 8), "{isa:?}: {diff}");
         }
     }
 

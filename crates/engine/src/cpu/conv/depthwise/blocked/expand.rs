@@ -242,7 +242,7 @@ fn portable(r: Run, step: usize) {
 macro_rules! expand_body {
     ($name:ident, $feature:literal, $lanes:expr,
      $load:ident, $store:ident, $set1:ident, $zero:ident, $fmadd:ident,
-     $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident, $sigmoid:path) => {
+     $add:ident, $mul:ident, $max:ident, $min:ident, $sigmoid:path) => {
         /// # Safety
         /// The CPU has the path's features; `T <= STEP`, `r.lanes ==
         /// $lanes`, `r.weight` and `r.bias` hold `B` blocks' vectors,
@@ -275,18 +275,7 @@ macro_rules! expand_body {
                 }
                 for (j, acc) in acc.iter().enumerate() {
                     for (t, &acc) in acc.iter().enumerate() {
-                        let v = vector_activation!(
-                            r.activation,
-                            acc,
-                            $set1,
-                            $zero,
-                            $add,
-                            $mul,
-                            $div,
-                            $max,
-                            $min,
-                            $sigmoid
-                        );
+                        let v = vector_activation!(r.activation, acc, $set1, $zero, $add, $mul, $max, $min, $sigmoid);
                         $store(dst.add(j * r.stride + r.at[t]), v);
                     }
                 }
@@ -298,10 +287,10 @@ macro_rules! expand_body {
 #[rustfmt::skip]
 expand_body!(avx512, "avx512f", 16,
     _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_fmadd_ps,
-    _mm512_add_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps,
+    _mm512_add_ps, _mm512_mul_ps, _mm512_max_ps, _mm512_min_ps,
     crate::cpu::activation::sigmoid_avx512);
 #[rustfmt::skip]
 expand_body!(avx2, "avx2,fma", 8,
     _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_fmadd_ps,
-    _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps,
+    _mm256_add_ps, _mm256_mul_ps, _mm256_max_ps, _mm256_min_ps,
     crate::cpu::activation::sigmoid_avx2);

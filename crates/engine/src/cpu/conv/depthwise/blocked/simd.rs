@@ -22,7 +22,7 @@ const PREFETCH_AHEAD: usize = 128;
 macro_rules! blocked_body {
     ($name:ident, $feature:literal, $lanes:expr,
      $zero:ident, $load:ident, $store:ident, $set1:ident, $fmadd:ident,
-     $add:ident, $mul:ident, $div:ident, $max:ident, $min:ident, $sigmoid:path) => {
+     $add:ident, $mul:ident, $max:ident, $min:ident, $sigmoid:path) => {
         /// # Safety
         /// The CPU has the path's features; `k`'s operands hold the lengths
         /// of its geometry (with `lanes == $lanes`), `out_width` is a
@@ -61,18 +61,7 @@ macro_rules! blocked_body {
                             let v = match k.fused {
                                 true => {
                                     let v = $add(acc, bias);
-                                    vector_activation!(
-                                        k.activation,
-                                        v,
-                                        $set1,
-                                        $zero,
-                                        $add,
-                                        $mul,
-                                        $div,
-                                        $max,
-                                        $min,
-                                        $sigmoid
-                                    )
+                                    vector_activation!(k.activation, v, $set1, $zero, $add, $mul, $max, $min, $sigmoid)
                                 }
                                 false => acc,
                             };
@@ -196,12 +185,12 @@ macro_rules! transposed_copies {
 #[rustfmt::skip]
 blocked_body!(blocked_avx512, "avx512f", 16,
     _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps,
-    _mm512_add_ps, _mm512_mul_ps, _mm512_div_ps, _mm512_max_ps, _mm512_min_ps,
+    _mm512_add_ps, _mm512_mul_ps, _mm512_max_ps, _mm512_min_ps,
     crate::cpu::activation::sigmoid_avx512);
 #[rustfmt::skip]
 blocked_body!(blocked_avx2, "avx2,fma", 8,
     _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps,
-    _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, _mm256_max_ps, _mm256_min_ps,
+    _mm256_add_ps, _mm256_mul_ps, _mm256_max_ps, _mm256_min_ps,
     crate::cpu::activation::sigmoid_avx2);
 
 transposed_copies!(
