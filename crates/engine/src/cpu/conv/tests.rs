@@ -540,7 +540,8 @@ proptest! {
     /// candle's two convs one after the other, each with its bias and
     /// activation, on every path with the blocked form: rows of 1..=16+
     /// positions (the 14-, 7- and 1-wide steps), partial last blocks, bands
-    /// of one row and more, rows wholly in the padding.
+    /// of one row and more, rows wholly in the padding, one or two blocks
+    /// per task.
     #[test]
     fn expanded_depthwise_matches_candle(
         in_channels in 1usize..24,
@@ -552,6 +553,7 @@ proptest! {
         height in 1usize..6,
         activations in (proptest::option::of(0usize..6), proptest::option::of(0usize..6)),
         band_bytes in proptest::option::of(0usize..20_000),
+        blocks_per_task in proptest::option::of(1usize..3),
     ) {
         let d = Device::Cpu;
         let (width, height) = ((kernel + width).saturating_sub(2 * padding).max(1), (kernel + height).saturating_sub(2 * padding).max(1));
@@ -572,6 +574,9 @@ proptest! {
             let mut conv = depthwise::DepthwiseConv::new(spec, &w2, epilogue, Machine::with_isa(isa)).unwrap();
             if let Some(bytes) = band_bytes {
                 conv = conv.with_band_bytes(bytes);
+            }
+            if let Some(n) = blocks_per_task {
+                conv = conv.with_blocks_per_task(n);
             }
             let Some(lanes) = conv.lanes() else { continue };
             let expand_epilogue = Epilogue::new(Some(&b1), channels, a1).unwrap();

@@ -97,6 +97,16 @@ impl DepthwiseConv {
         self
     }
 
+    /// This conv running a fused 1×1 conv `n` blocks per task (tests: the
+    /// one- and two-block forms on small shapes).
+    #[cfg(test)]
+    pub(crate) fn with_blocks_per_task(mut self, n: usize) -> Self {
+        if let Some(b) = self.blocked.as_mut() {
+            b.blocks_per_task = Some(n);
+        }
+        self
+    }
+
     /// The form that runs an output `out_width` wide: channels in the lanes
     /// (`blocked`) or plane-wise segments.
     pub(crate) fn form(&self, out_width: usize) -> &'static str {
