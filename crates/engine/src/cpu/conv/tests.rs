@@ -465,7 +465,8 @@ fn depthwise_bands_in_the_padding() {
 
 /// A conv with no input channels (a weight `[O, 0, kh, kw]`, as a hostile
 /// file may hold) computes the bias through the activation on every
-/// one-group algorithm and path, rather than panicking while packing.
+/// one-group algorithm and path, and fused in front of a depthwise conv,
+/// rather than panicking while packing.
 #[test]
 fn no_input_channels_give_the_bias() {
     let d = Device::Cpu;
@@ -492,6 +493,27 @@ fn no_input_channels_give_the_bias() {
                 let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 for (i, v) in got.iter().enumerate() {
                     assert_eq!(*v, want[i / 20 % 3], "{algorithm:?} {isa:?} {spec:?} at {i}");
+                }
+            }
+            // The same 1×1 conv fused in front of a depthwise conv that
+            // passes its input through (1×1 taps of 1, no bias).
+            let machine = crate::machine::Machine::with_isa(isa);
+            let ones = Tensor::ones((3, 1, 1, 1), candle_core::DType::F32, &d).unwrap();
+            let through = Conv2dAttrs {
+                groups: 3,
+                ..Default::default()
+            };
+            let dw_spec = ConvSpec::of(&ones, through).unwrap();
+            let identity = Epilogue::new(None, 3, None).unwrap().on(isa);
+            let dw = depthwise::DepthwiseConv::new(dw_spec, &ones, identity, machine).unwrap();
+            if let (1, Some(lanes)) = (kernel, dw.lanes()) {
+                let epilogue = Epilogue::new(Some(&b), 3, Some(Activation::Relu)).unwrap();
+                let expand = depthwise::ExpandWeights::new(&[], [3, 0], &epilogue, lanes).unwrap();
+                let got = dw.run_expanded(&expand, &x).unwrap();
+                assert_eq!(got.dims(), [2, 3, 4, 5], "expanded {isa:?}");
+                let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for (i, v) in got.iter().enumerate() {
+                    assert_eq!(*v, want[i / 20 % 3], "expanded {isa:?} at {i}");
                 }
             }
         }

@@ -16,7 +16,7 @@
 //! 0.94-0.99× except 32 → 192 on 28×28 (1.14×: half the tasks), 160 →
 //! 960 on 7×7 0.93-0.98×.
 
-use super::Geometry;
+use super::{channels_innermost, Geometry};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::Isa;
 use candle_core::bail;
@@ -55,27 +55,15 @@ impl ExpandWeights {
         epilogue: &Epilogue,
         lanes: usize,
     ) -> candle_core::Result<Self> {
-        let padded = out_channels.checked_next_multiple_of(lanes.max(1));
-        let len = padded.and_then(|p| p.checked_mul(in_channels));
-        let (Some(padded), Some(len)) = (padded, len) else {
-            bail!("fused 1×1 conv: {out_channels} × {in_channels} weights overflow")
-        };
-        if lanes == 0 || in_channels == 0 || out_channels.checked_mul(in_channels) != Some(weight.len()) {
+        if out_channels.checked_mul(in_channels) != Some(weight.len()) {
             bail!(
-                "fused 1×1 conv: {} weights for {out_channels} × {in_channels} channels in blocks of {lanes}",
+                "fused 1×1 conv: {} weights for {out_channels} × {in_channels} channels",
                 weight.len()
             )
         }
-        let mut blocked = vec![0.0; len];
-        for (c, filter) in weight.chunks_exact(in_channels).enumerate() {
-            let block = &mut blocked[c / lanes * in_channels * lanes..][..in_channels * lanes];
-            for (k, &w) in filter.iter().enumerate() {
-                block[k * lanes + c % lanes] = w;
-            }
-        }
-        let bias = (0..padded)
-            .map(|c| if c < out_channels { epilogue.bias(c) } else { 0.0 })
-            .collect();
+        let Some((blocked, bias)) = channels_innermost(weight, [out_channels, in_channels], lanes, epilogue) else {
+            bail!("fused 1×1 conv: {out_channels} × {in_channels} weights in blocks of {lanes} overflow")
+        };
         Ok(Self {
             lanes,
             in_channels,
@@ -151,7 +139,8 @@ pub(super) fn fill(
             }
         }
         let run = Run {
-            src: &x[q..],
+            // Empty without input channels (no value is read then).
+            src: x.get(q..).unwrap_or_default(),
             plane,
             weight,
             bias,
@@ -216,15 +205,12 @@ struct Run<'a> {
 
 /// The step one value at a time (the portable path).
 fn portable(r: Run, step: usize) {
-    let lanes = r.lanes;
-    // `[blocks][in_channels][lanes]` over `[blocks][lanes]`.
+    let lanes = r.lanes.max(1);
+    // `[blocks][in_channels][lanes]` over `[blocks][lanes]` (no input
+    // channels: the biases alone).
     let cin = r.weight.len() / r.bias.len().max(1);
-    for (j, (weight, bias)) in r
-        .weight
-        .chunks_exact(cin * lanes)
-        .zip(r.bias.chunks_exact(lanes))
-        .enumerate()
-    {
+    for (j, bias) in r.bias.chunks_exact(lanes).enumerate() {
+        let weight = &r.weight[j * cin * lanes..][..cin * lanes];
         for t in 0..step {
             for (c, out) in r.padded[j * r.stride + r.at[t]..][..lanes].iter_mut().enumerate() {
                 let sum = weight

@@ -75,17 +75,7 @@ impl BlockedWeights {
     pub(super) fn new(weight: &[f32], channels: usize, epilogue: &Epilogue, machine: Machine) -> Option<Self> {
         let lanes = path_lanes(machine.isa)?;
         let taps = weight.len().checked_div(channels)?;
-        let padded = channels.next_multiple_of(lanes);
-        let mut blocked = vec![0.0; padded * taps];
-        for (c, filter) in weight.chunks_exact(taps.max(1)).take(channels).enumerate() {
-            let block = &mut blocked[c / lanes * taps * lanes..][..taps * lanes];
-            for (tap, &w) in filter.iter().enumerate() {
-                block[tap * lanes + c % lanes] = w;
-            }
-        }
-        let bias = (0..padded)
-            .map(|c| if c < channels { epilogue.bias(c) } else { 0.0 })
-            .collect();
+        let (blocked, bias) = channels_innermost(weight, [channels, taps], lanes, epilogue)?;
         Some(Self {
             lanes,
             weight: blocked,
@@ -94,6 +84,34 @@ impl BlockedWeights {
             blocks_per_task: None,
         })
     }
+}
+
+/// `weight` (`[channels][per]`: a depthwise conv's taps, a 1×1 conv's
+/// input channels) with the channels innermost in blocks of `lanes`,
+/// `[C_pad / lanes][per][lanes]`, and `epilogue`'s biases `[C_pad]`, both
+/// zero past the last channel; `None` when a size overflows or `weight`
+/// is shorter than `channels · per`.
+pub(super) fn channels_innermost(
+    weight: &[f32],
+    [channels, per]: [usize; 2],
+    lanes: usize,
+    epilogue: &Epilogue,
+) -> Option<(Vec<f32>, Vec<f32>)> {
+    let padded = channels.checked_next_multiple_of(lanes)?;
+    if lanes == 0 || weight.len() < channels.checked_mul(per)? {
+        return None;
+    }
+    let mut blocked = vec![0.0; padded.checked_mul(per)?];
+    for (c, filter) in weight.chunks_exact(per.max(1)).take(channels).enumerate() {
+        let block = &mut blocked[c / lanes * per * lanes..][..per * lanes];
+        for (k, &w) in filter.iter().enumerate() {
+            block[k * lanes + c % lanes] = w;
+        }
+    }
+    let bias = (0..padded)
+        .map(|c| if c < channels { epilogue.bias(c) } else { 0.0 })
+        .collect();
+    Some((blocked, bias))
 }
 
 /// Where a call's reads and writes fall in the block scratch; worked out
