@@ -9,13 +9,16 @@
 //! plan is, so the rewrite passes, the verifier and the CUDA path never
 //! see it.
 //!
-//! Intel Xeon VM (AVX-512, 2 threads), the pair alone, two steps against
-//! one, medians of six alternating runs: MobileNetV2 at batch 1 16 → 96
-//! on 112×112 then the stride-2 depthwise 0.60×, 24 → 144 on 56×56
-//! 0.69×, 32 → 192 on 28×28 0.73×, 64 → 384 and 96 → 576 on 14×14 0.76×
-//! and 0.81×, 160 → 960 on 7×7 0.74×; at batch 10 24 → 144 on 56×56
-//! 0.72×, 96 → 576 on 14×14 0.93×. The expanded tensor is also never
-//! allocated: the forward's peak of live activations drops with it.
+//! Intel Xeon VM (AVX-512, 2 threads), the one step against the pair's
+//! two in the model, per node, alternating binaries: MobileNetV2 at batch
+//! 1 16 → 96 on 112×112 then the stride-2 depthwise 0.67-0.72×, 24 → 144
+//! on 56×56 0.76-0.77×, 24 → 144 then stride 2 0.81-0.82×, the 14×14 and
+//! 7×7 pairs 0.86-1.0×; the forward about 0.92× at batch 1 and 0.85× at
+//! batch 10. (Alone, against two steps whose outputs were fresh
+//! allocations, it looked better, 0.60-0.81×: the engine's recycled
+//! buffers take that cost away.) The expanded tensor is also never
+//! allocated: the forward's peak of live activations drops with it (5.7 →
+//! 3.1 MiB at batch 1).
 
 use crate::cpu::conv::depthwise::{DepthwiseConv, ExpandWeights};
 use crate::cpu::conv::CpuConv;
