@@ -271,7 +271,7 @@ pub(super) fn run(
     let fused = residual.is_none();
     // Values per image of the input the bands are made from.
     let image_len = match source {
-        Source::Planes(_) => channels * in_plane,
+        Source::Planes(_) => channels.checked_mul(in_plane),
         Source::Expanded(_, e) => {
             if e.lanes != lanes || e.out_channels != channels {
                 bail!(
@@ -280,14 +280,18 @@ pub(super) fn run(
                     e.lanes
                 )
             }
-            e.in_channels * in_plane
+            e.in_channels.checked_mul(in_plane)
         }
     };
     let input = match source {
         Source::Planes(input) | Source::Expanded(input, _) => input,
     };
-    if input.len() != shape.batch * image_len || residual.is_some_and(|r| r.len() != out_len) {
-        bail!("depthwise conv: operands of another size than {shape:?}")
+    let input_len = image_len.and_then(|n| n.checked_mul(shape.batch));
+    let (Some(image_len), true) = (image_len, input_len == Some(input.len())) else {
+        bail!("depthwise conv: an input of {} values for {shape:?}", input.len())
+    };
+    if residual.is_some_and(|r| r.len() != out_len) {
+        bail!("depthwise conv: a residual of another size than {shape:?}'s output")
     }
     if out_len == 0 {
         return Ok(());
