@@ -25,8 +25,7 @@ use crate::cpu::conv::CpuConv;
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::Isa;
 use crate::cpu::{ConvAlgorithm, CpuKernel};
-use crate::kernel::{Kernel, Slot};
-use candle_core::Tensor;
+use crate::kernel::{constant, on_host, Kernel, Slot};
 use std::collections::HashMap;
 use wick_ir::{Activation, Graph, Node, NodeId, Op};
 
@@ -89,8 +88,8 @@ impl Expansions {
 /// A conv node's operands and what its epilogue does, for either conv op.
 struct ConvParts {
     x: NodeId,
-    weight: NodeId,
-    bias: Option<NodeId>,
+    /// Whether it has a bias operand (input 2 of either op).
+    bias: bool,
     activation: Option<Activation>,
     /// A residual, an input scale or a fused pool (none fuse here).
     extra: bool,
@@ -101,8 +100,7 @@ impl ConvParts {
         match &node.op {
             Op::Conv2d(_) => Some(Self {
                 x: *node.inputs.first()?,
-                weight: *node.inputs.get(1)?,
-                bias: node.inputs.get(2).copied(),
+                bias: node.inputs.len() > 2,
                 activation: None,
                 extra: false,
             }),
@@ -110,8 +108,7 @@ impl ConvParts {
                 let inputs = fused.inputs(&node.inputs)?;
                 Some(Self {
                     x: inputs.x,
-                    weight: inputs.weight,
-                    bias: Some(inputs.bias),
+                    bias: true,
                     activation: fused.activation,
                     extra: inputs.residual.is_some() || inputs.scale.is_some() || fused.pool.is_some(),
                 })
@@ -127,22 +124,18 @@ pub(crate) fn expand_weights(graph: &Graph, node: &Node, lanes: usize) -> candle
     let Some(parts) = ConvParts::of(node) else {
         candle_core::bail!("a fused 1×1 conv must be a conv node")
     };
-    let constant = |id: NodeId| {
-        let operand = graph.node(id);
-        match (operand.op == Op::Constant)
-            .then(|| graph.constant_data(&operand.name))
-            .flatten()
-        {
-            Some(data) => data.to_device(&candle_core::Device::Cpu),
-            None => candle_core::bail!("the fused 1×1 conv's operand `{}` is not a constant", operand.name),
-        }
+    // Both conv ops hold the weight at input 1 and the bias, if any, at 2.
+    let not_constant = || candle_core::Error::Msg(format!("the fused 1×1 conv `{}` needs constant weights", node.name));
+    let weight = constant(graph, node, 1).ok_or_else(not_constant)?;
+    let bias = match parts.bias {
+        true => Some(constant(graph, node, 2).ok_or_else(not_constant)?),
+        false => None,
     };
-    let weight = constant(parts.weight)?;
+    let (weight, bias) = on_host(weight, bias)?;
     let (out_channels, in_channels, kh, kw) = weight.dims4()?;
     if [kh, kw] != [1, 1] {
         candle_core::bail!("a fused 1×1 conv has a {kh}×{kw} kernel")
     }
-    let bias: Option<Tensor> = parts.bias.map(constant).transpose()?;
     let epilogue = Epilogue::new(bias.as_ref(), out_channels, parts.activation)?;
     let values = weight.flatten_all()?.to_vec1::<f32>()?;
     let weights = ExpandWeights::new(&values, [out_channels, in_channels], &epilogue, lanes)?;

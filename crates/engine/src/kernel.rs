@@ -263,7 +263,7 @@ impl Kernel {
 }
 
 /// Data of operand `i` of `node` if it is a constant.
-fn constant<'g>(graph: &'g Graph, node: &Node, i: usize) -> Option<&'g Tensor> {
+pub(crate) fn constant<'g>(graph: &'g Graph, node: &Node, i: usize) -> Option<&'g Tensor> {
     let operand = graph.node(node.inputs[i]);
     (operand.op == Op::Constant)
         .then(|| graph.constant_data(&operand.name))
@@ -273,7 +273,7 @@ fn constant<'g>(graph: &'g Graph, node: &Node, i: usize) -> Option<&'g Tensor> {
 /// A CPU kernel's weight and bias on the host, to be packed there: a
 /// graph's constants may live on another device (a model traced on a GPU,
 /// compiled for the CPU engine). A copy only when they do.
-fn on_host(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+pub(crate) fn on_host(weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<(Tensor, Option<Tensor>)> {
     let host = candle_core::Device::Cpu;
     Ok((weight.to_device(&host)?, bias.map(|b| b.to_device(&host)).transpose()?))
 }
