@@ -41,7 +41,7 @@ pub(crate) struct Expansions {
 
 impl Expansions {
     /// The pairs in `graph` whose convs run as `algorithms` says (the CPU
-    /// plan) on `isa`'s path: a 1×1 conv on the in-place GEMM with no
+    /// plan) on `isa`'s path: a 1×1 conv (either form) with no
     /// residual, input scale or pool, read by nothing but a depthwise conv
     /// with none of those either (as its input) whose output takes the
     /// channel-blocked form, and not a graph output.
@@ -61,7 +61,10 @@ impl Expansions {
             let producer = graph.node(parts.x);
             let plain = ConvParts::of(producer).is_some_and(|p| !p.extra);
             if plain
-                && algorithms.get(&producer.name) == Some(&ConvAlgorithm::Pointwise)
+                && matches!(
+                    algorithms.get(&producer.name),
+                    Some(ConvAlgorithm::Pointwise | ConvAlgorithm::PointwiseLanes)
+                )
                 && users[parts.x.index()] == [id]
                 && !graph.outputs().contains(&parts.x)
             {

@@ -51,6 +51,31 @@ const F2_MIN_CHANNELS: usize = 64;
 /// micro-kernel: channels on the vector lanes, weights streamed once.
 const LANE_MAX_PIXELS: usize = 256;
 
+/// Output planes up to this many pixels (7×7, 8×8) run a 1×1 conv with
+/// enough input channels ([`POINTWISE_LANES_MIN_DEPTH`]) on the lane
+/// micro-kernel ([`conv::pointwise_lanes`]) rather than the in-place GEMM,
+/// which pads their rows to whole 16-column granules and packs its input.
+/// Per node on the Intel Xeon VM (AVX-512, two threads), alternating
+/// profiles of the two builds, each ratio against the median node's of
+/// the same runs (the host's speed drifted between them): ResNet50's
+/// layer4 1×1 convs (2048 -> 512, 512 -> 2048 + residual) 0.76-0.84× the
+/// time at batch 1 and 0.82-0.85× at batch 10; MobileNetV2's 960 -> 160
+/// / 320 projections 0.82-0.90× (batch 1) and 0.89-0.93× (batch 10);
+/// MobileNetV3-Large's and EfficientNet-B0's squeeze-and-excitation-scaled
+/// projections (672 / 960 -> 160, 1152 -> 192 / 320) 0.71-0.79× at batch 1,
+/// 0.93-1.03× at batch 10. With AVX2 forced: ResNet50's 0.92-1.0×,
+/// MobileNetV2's 0.98-1.05×. On 14×14 planes the lane product alone
+/// was 0.92-0.98× the in-place conv's whole time, before gathering its
+/// products back into rows: not taken there.
+pub(crate) const POINTWISE_LANES_MAX_PLANE: usize = 64;
+/// Input channels from which the lane form of a small-plane 1×1 conv
+/// pays for gathering its products back into rows (one strided read per
+/// output value, against `C` multiply-adds for it). The expansions to
+/// four to six times their 160-320 channels lost (same runs as above):
+/// MobileNetV3-Large's 160 -> 960 1.11×, MobileNetV2's and
+/// EfficientNet-B0's 320 -> 1280 1.02-1.03×.
+pub(crate) const POINTWISE_LANES_MIN_DEPTH: usize = 384;
+
 /// The CPU conv algorithms, named as the debug log and the tests name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum ConvAlgorithm {
@@ -68,6 +93,9 @@ pub(crate) enum ConvAlgorithm {
     Depthwise,
     /// A 1×1 conv (stride 1, no padding) as a GEMM on the planes in place.
     Pointwise,
+    /// A 1×1 conv (stride 1, no padding) on small planes, output channels
+    /// on the vector lanes.
+    PointwiseLanes,
     /// A 1×1 conv on 1×1 output planes as dot products.
     Gemv,
 }
@@ -83,6 +111,7 @@ impl ConvAlgorithm {
             ConvAlgorithm::Grouped => "grouped",
             ConvAlgorithm::Depthwise => "depthwise",
             ConvAlgorithm::Pointwise => "pointwise",
+            ConvAlgorithm::PointwiseLanes => "pointwise-lanes",
             ConvAlgorithm::Gemv => "gemv",
         }
     }
@@ -113,10 +142,16 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
         // (the squeeze: 1152 -> 48 at batch 1 / 10 on Zen 4, alone, 3 / 10
         // us against 8 / 32), not for the short ones of the excitation
         // (48 -> 1152: 14 / 109 us against 11 / 18).
-        let dots = out_height.saturating_mul(out_width) == 1 && spec.in_channels >= out_channels;
-        return match dots {
-            true => ConvAlgorithm::Gemv,
-            false => ConvAlgorithm::Pointwise,
+        let plane = out_height.saturating_mul(out_width);
+        let dots = plane == 1 && spec.in_channels >= out_channels;
+        // Lane groups padding the output channels by at most a quarter.
+        let lanes = (2..=POINTWISE_LANES_MAX_PLANE).contains(&plane)
+            && spec.in_channels >= POINTWISE_LANES_MIN_DEPTH
+            && out_channels.next_multiple_of(gemm::LANES) <= out_channels.saturating_mul(5) / 4;
+        return match (dots, lanes) {
+            (true, _) => ConvAlgorithm::Gemv,
+            (false, true) => ConvAlgorithm::PointwiseLanes,
+            (false, false) => ConvAlgorithm::Pointwise,
         };
     }
     let winograd = winograd::applies(spec);
@@ -292,7 +327,9 @@ mod tests {
 
     /// The policy on ResNet-like shapes: F(4×4) with enough tiles, F(2×2)
     /// for few pixels and many channels, the in-place GEMM for 1×1 stride
-    /// 1, lanes for other few-pixel convs, panels otherwise; grouped and
+    /// 1 (the lane form for deep ones on planes of 2 to 64 pixels whose
+    /// lane groups pad the outputs by at most a quarter: not 100 -> 128),
+    /// lanes for other few-pixel convs, panels otherwise; grouped and
     /// pooled convs by their constraint.
     #[test]
     fn policy_by_shape() {
@@ -305,6 +342,12 @@ mod tests {
             (spec(256, 3, 2, 1), false, [1, 256, 14, 14], DirectLanes),
             (spec(64, 1, 1, 1), false, [10, 64, 28, 28], Pointwise),
             (spec(64, 1, 1, 1), false, [1, 64, 7, 7], Pointwise),
+            (spec(512, 1, 1, 1), false, [1, 512, 7, 7], PointwiseLanes),
+            (spec(384, 1, 1, 1), false, [10, 112, 8, 8], PointwiseLanes),
+            (spec(383, 1, 1, 1), false, [1, 512, 7, 7], Pointwise),
+            (spec(512, 1, 1, 1), false, [1, 512, 9, 9], Pointwise),
+            (spec(512, 1, 1, 1), false, [1, 100, 7, 7], Pointwise),
+            (spec(512, 1, 1, 1), false, [2, 2048, 1, 1], Pointwise),
             (spec(64, 1, 1, 1), false, [4, 64, 1, 1], Gemv),
             (spec(64, 1, 1, 1), false, [4, 256, 1, 1], Pointwise),
             (spec(64, 1, 2, 1), false, [10, 64, 28, 28], DirectPanels),

@@ -10,6 +10,7 @@ pub(crate) mod direct;
 pub(crate) mod gemv;
 pub(crate) mod grouped;
 pub(crate) mod pointwise;
+pub(crate) mod pointwise_lanes;
 pub(crate) mod winograd;
 
 use super::epilogue::Epilogue;
@@ -23,6 +24,7 @@ use direct::DirectConv;
 use gemv::GemvConv;
 use grouped::GroupedConv;
 use pointwise::PointwiseConv;
+use pointwise_lanes::PointwiseLanes;
 use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
 use winograd::{WinogradF2, WinogradF4};
 
@@ -181,6 +183,8 @@ pub(crate) enum CpuConv {
     Depthwise(DepthwiseConv, Option<MaxPool>),
     /// A 1×1 conv as a GEMM on the NCHW planes in place.
     Pointwise(PointwiseConv),
+    /// A 1×1 conv on small planes, output channels on the vector lanes.
+    PointwiseLanes(PointwiseLanes),
     /// A 1×1 conv on 1×1 planes as dot products.
     Gemv(GemvConv),
 }
@@ -233,6 +237,10 @@ impl CpuConv {
                 pool_unfused("pointwise")?;
                 CpuConv::Pointwise(PointwiseConv::new(spec, weight, epilogue, machine)?)
             }
+            ConvAlgorithm::PointwiseLanes => {
+                pool_unfused("pointwise")?;
+                CpuConv::PointwiseLanes(PointwiseLanes::new(spec, weight, epilogue, machine)?)
+            }
             ConvAlgorithm::Gemv => {
                 pool_unfused("gemv")?;
                 CpuConv::Gemv(GemvConv::new(spec, weight, epilogue, machine.isa)?)
@@ -252,6 +260,7 @@ impl CpuConv {
             CpuConv::Grouped(..) => ConvAlgorithm::Grouped,
             CpuConv::Depthwise(..) => ConvAlgorithm::Depthwise,
             CpuConv::Pointwise(_) => ConvAlgorithm::Pointwise,
+            CpuConv::PointwiseLanes(_) => ConvAlgorithm::PointwiseLanes,
             CpuConv::Gemv(_) => ConvAlgorithm::Gemv,
         }
     }
@@ -267,7 +276,7 @@ impl CpuConv {
     }
 
     /// [`Self::run`] on `x · scale` when a `scale` (`[N, C, 1, 1]`) is
-    /// given: the 1×1 conv folds it into its weights per image where that
+    /// given: the in-place 1×1 conv folds it into its weights per image where that
     /// is cheaper; the others run on the input scaled on `isa`'s path.
     pub(crate) fn run_scaled(
         &self,
@@ -305,6 +314,7 @@ impl CpuConv {
             CpuConv::Depthwise(conv, None) => conv.run(x, residual),
             CpuConv::Depthwise(conv, Some(pool)) => pool.run(&conv.run(x, residual)?),
             CpuConv::Pointwise(conv) => conv.run(x, residual),
+            CpuConv::PointwiseLanes(conv) => conv.run(x, residual),
             CpuConv::Gemv(conv) => conv.run(x, residual),
         }
     }

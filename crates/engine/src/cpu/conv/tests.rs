@@ -482,7 +482,11 @@ fn no_input_channels_give_the_bias() {
         let spec = ConvSpec::of(&w, attrs).unwrap();
         let mut algorithms = vec![ConvAlgorithm::DirectPanels, ConvAlgorithm::DirectLanes];
         if kernel == 1 {
-            algorithms.extend([ConvAlgorithm::Pointwise, ConvAlgorithm::Gemv]);
+            algorithms.extend([
+                ConvAlgorithm::Pointwise,
+                ConvAlgorithm::PointwiseLanes,
+                ConvAlgorithm::Gemv,
+            ]);
         }
         for isa in Isa::available() {
             for &algorithm in &algorithms {

@@ -1,0 +1,216 @@
+//! The 1×1 CPU convolution on small planes (7×7 and the like: ResNet50's
+//! layer4, the MobileNets' and EfficientNet's last stage) on the lane
+//! micro-kernel: output channels on the vector lanes, pixels broadcast
+//! straight from the NCHW input planes. On such planes the in-place GEMM
+//! ([`super::pointwise`]) pads every 49-pixel row to 64 columns and packs
+//! its input into column slices before the product reads it; here each
+//! pixel is one broadcast from its channel's row, so nothing is padded or
+//! packed, and the weights pass through L1 a depth chunk at a time
+//! ([`crate::cpu::gemm::lane`]). The products come out per lane group,
+//! pixel by pixel (`[groups][pixels][32]`); each output channel's row is
+//! gathered from them and stored with the epilogue. An input scale
+//! (squeeze-and-excitation's) is applied to the input first, as for the
+//! other convs ([`super::CpuConv::run_scaled`]).
+//!
+//! Where it is chosen ([`crate::cpu::conv_algorithm`]) and what it
+//! measured: [`crate::cpu::POINTWISE_LANES_MAX_PLANE`].
+
+use super::{output, ConvSpec};
+use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch};
+use crate::cpu::epilogue::Epilogue;
+use crate::cpu::gemm::{lane_gemm, pack_lanes, Isa, LaneProduct, LANES};
+use crate::cpu::output::Output;
+use crate::machine::Machine;
+use candle_core::{bail, Tensor};
+use rayon::prelude::*;
+
+/// A 1×1 convolution (stride 1, no padding, one group) with its weights
+/// packed for the lane micro-kernel.
+#[derive(Debug)]
+pub(crate) struct PointwiseLanes {
+    spec: ConvSpec,
+    /// Output channels rounded up to a whole lane group.
+    padded_out: usize,
+    /// [`pack_lanes`]'s layout: `[depth chunk][lane group][chunk depth][LANES]`.
+    packed: Vec<f32>,
+    epilogue: Epilogue,
+    isa: Isa,
+}
+
+impl PointwiseLanes {
+    /// Packs `weight` (`[O, C, 1, 1]`, f32) for `spec` on `machine`'s path;
+    /// an error for any conv other than a 1×1 one with stride 1, no
+    /// padding and one group.
+    pub(crate) fn new(
+        spec: ConvSpec,
+        weight: &Tensor,
+        epilogue: Epilogue,
+        machine: Machine,
+    ) -> candle_core::Result<Self> {
+        if !super::pointwise::PointwiseConv::applies(&spec) {
+            bail!(
+                "a pointwise conv needs a 1x1 kernel, stride 1, no padding and one group, got {:?} {:?}",
+                spec.kernel,
+                spec.attrs
+            )
+        }
+        let (rows, depth) = (spec.out_channels, spec.in_channels);
+        let plain = weight.flatten_all()?.to_vec1::<f32>()?;
+        if Some(plain.len()) != rows.checked_mul(depth) {
+            bail!(
+                "pointwise conv weight {:?} does not match {rows} x {depth}",
+                weight.dims()
+            )
+        }
+        let padded_out = rows.div_ceil(LANES) * LANES;
+        let Some(len) = padded_out.checked_mul(depth) else {
+            bail!("pointwise conv weight of {rows} x {depth} values is too large")
+        };
+        let mut packed = weight_buffer(len)?;
+        pack_lanes(&plain, rows, depth, &mut packed);
+        Ok(Self {
+            spec,
+            padded_out,
+            packed,
+            epilogue,
+            isa: machine.isa,
+        })
+    }
+
+    /// Runs on a CPU f32 tensor `[N, C, H, W]`, adding `residual` (the
+    /// output's shape) before the activation.
+    ///
+    /// Tasks are (image, run of lane groups), enough for every thread
+    /// twice over; each reads its image's whole input (small planes: `C`
+    /// rows of a few dozen pixels) and its groups' weights, and writes its
+    /// channels of the image's output.
+    pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let call = self.spec.check(x, residual)?;
+        let shape = call.shape;
+        let (plane, outs, depth) = (shape.out_plane(), shape.out_channels, shape.channels);
+        let out_len = shape.out_len();
+        if out_len == 0 {
+            return output(Vec::new(), shape.out_dims());
+        }
+        let mut out = Output::new(out_len, "conv output")?;
+        let dst = out.shared(out_len);
+        let groups = self.padded_out / LANES;
+        let threads = rayon::current_num_threads();
+        let per_run = groups.div_ceil((2 * threads).div_ceil(shape.batch).clamp(1, groups));
+        let runs = groups.div_ceil(per_run);
+        // Products of one run (`[groups][plane][LANES]`), then one gathered row.
+        let Some(scratch_len) = (per_run * LANES).checked_mul(plane).and_then(|m| m.checked_add(plane)) else {
+            bail!("pointwise conv on {:?}: products too large", call.x.dims())
+        };
+        let size = LaneProduct {
+            rows: self.padded_out,
+            depth,
+            cols: plane,
+            pixels: plane,
+        };
+        with_cpu_f32("pointwise conv", &call.x, call.residual.as_ref(), |input, residual| {
+            (0..shape.batch * runs).into_par_iter().try_for_each(|task| {
+                let (image, run) = (task / runs, task % runs);
+                let run_groups = run * per_run..groups.min((run + 1) * per_run);
+                let x = &input[image * depth * plane..][..depth * plane];
+                with_scratch(scratch_len, |scratch| {
+                    let (m, row) = scratch.split_at_mut(run_groups.len() * LANES * plane);
+                    let row = &mut row[..plane];
+                    lane_gemm(self.isa, size, &self.packed, x, m, run_groups.clone());
+                    for (i, group) in run_groups.clone().enumerate() {
+                        let products = &m[i * plane * LANES..][..plane * LANES];
+                        for lane in 0..LANES.min(outs.saturating_sub(group * LANES)) {
+                            let o = group * LANES + lane;
+                            for (value, pixel) in row.iter_mut().zip(products.chunks_exact(LANES)) {
+                                *value = pixel[lane];
+                            }
+                            let at = (image * outs + o) * plane;
+                            // SAFETY: channel `o` of image `image`, which only
+                            // this task writes (runs own disjoint groups).
+                            let out = unsafe { dst.slice(at, plane) };
+                            let residual = residual.map(|r| &r[at..][..plane]);
+                            self.epilogue.write(o, out, row, residual);
+                        }
+                    }
+                })
+            })
+        })?;
+        // SAFETY: the tasks cover every image and every lane group, and
+        // each writes all `P` values of its groups' real channels.
+        unsafe { out.assume_written(out_len) };
+        out.into_tensor(&shape.out_dims())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::conv::tests::reference_with_residual;
+    use candle_core::Device;
+    use proptest::prelude::*;
+    use wick_ir::{Activation, Conv2dAttrs};
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Every path equals candle's conv + bias + residual + activation:
+        /// output channels off the lane group (a partial last group),
+        /// depths across the kernel's chunks, planes of a few pixels to a
+        /// few dozen, batches of 1..4 (one run or several per image), on
+        /// one thread and on three.
+        #[test]
+        fn matches_candle(
+            batch in 1usize..4,
+            channels in 1usize..300,
+            out_channels in 1usize..80,
+            [height, width] in [1usize..9, 1usize..9],
+            residual in any::<bool>(),
+            activation in proptest::option::of(0usize..6),
+            threads in prop_oneof![Just(1usize), Just(3)],
+        ) {
+            let d = Device::Cpu;
+            let x = Tensor::randn(0f32, 1.0, (batch, channels, height, width), &d).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (out_channels, channels, 1, 1), &d).unwrap();
+            let b = Tensor::randn(0f32, 1.0, out_channels, &d).unwrap();
+            let r = Tensor::randn(0f32, 1.0, (batch, out_channels, height, width), &d).unwrap();
+            let activation = activation.map(|i| Activation::ALL[i]);
+            let attrs = Conv2dAttrs::default();
+            let want = reference_with_residual(&x, &w, Some(&b), attrs, residual.then_some(&r), activation);
+            let spec = ConvSpec::of(&w, attrs).unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for isa in Isa::available() {
+                let epilogue = Epilogue::new(Some(&b), out_channels, activation).unwrap().on(isa);
+                let conv = PointwiseLanes::new(spec, &w, epilogue, Machine::with_isa(isa)).unwrap();
+                let got = pool.install(|| conv.run(&x, residual.then_some(&r))).unwrap();
+                prop_assert_eq!(got.dims(), want.dims());
+                let diff = crate::test_util::max_abs_diff(&got, &want);
+                prop_assert!(diff <= 1e-5 * channels as f64 * 4.0, "{:?}: diff {}", isa, diff);
+            }
+        }
+    }
+
+    /// Convs it does not compute (a 3×3 kernel, a stride) are refused at
+    /// construction, and an input of the wrong channel count at run time,
+    /// with errors that say what was expected.
+    #[test]
+    fn refuses_what_it_does_not_compute() {
+        let d = Device::Cpu;
+        let isa = Isa::detect();
+        let epilogue = |o| Epilogue::new(None, o, None).unwrap().on(isa);
+        let w3 = Tensor::zeros((4, 2, 3, 3), candle_core::DType::F32, &d).unwrap();
+        let spec3 = ConvSpec::of(&w3, Conv2dAttrs::default()).unwrap();
+        let err = PointwiseLanes::new(spec3, &w3, epilogue(4), Machine::with_isa(isa)).unwrap_err();
+        assert!(err.to_string().contains("1x1 kernel"), "{err}");
+        let w1 = Tensor::zeros((4, 2, 1, 1), candle_core::DType::F32, &d).unwrap();
+        let strided = Conv2dAttrs {
+            stride: [2, 2],
+            ..Conv2dAttrs::default()
+        };
+        let spec_s = ConvSpec::of(&w1, strided).unwrap();
+        assert!(PointwiseLanes::new(spec_s, &w1, epilogue(4), Machine::with_isa(isa)).is_err());
+        let spec = ConvSpec::of(&w1, Conv2dAttrs::default()).unwrap();
+        let conv = PointwiseLanes::new(spec, &w1, epilogue(4), Machine::with_isa(isa)).unwrap();
+        let x = Tensor::zeros((1, 3, 7, 7), candle_core::DType::F32, &d).unwrap();
+        assert!(conv.run(&x, None).is_err());
+    }
+}
