@@ -124,21 +124,8 @@ impl PointwiseConv {
         epilogue: Epilogue,
         machine: Machine,
     ) -> candle_core::Result<Self> {
-        if !Self::applies(&spec) {
-            bail!(
-                "a pointwise conv needs a 1x1 kernel, stride 1, no padding and one group, got {:?} {:?}",
-                spec.kernel,
-                spec.attrs
-            )
-        }
         let (rows, depth) = (spec.out_channels, spec.in_channels);
-        let plain = weight.flatten_all()?.to_vec1::<f32>()?;
-        if plain.len() != rows * depth {
-            bail!(
-                "pointwise conv weight {:?} does not match {rows} x {depth}",
-                weight.dims()
-            )
-        }
+        let plain = Self::plain_weights(&spec, weight)?;
         let mut packed = weight_buffer(rows.div_ceil(PANEL_ROWS) * PANEL_ROWS * depth)?;
         pack_panels(&plain, rows, depth, &mut packed);
         Ok(Self {
@@ -149,6 +136,28 @@ impl PointwiseConv {
             block_bytes: machine.block_bytes(),
             stream_bytes: machine.stream_bytes(),
         })
+    }
+
+    /// `weight` (`[O, C, 1, 1]`, f32) as `O` rows of `C` values, for a
+    /// `spec` this conv [applies](Self::applies) to (either form); an error
+    /// that says what was expected otherwise.
+    pub(super) fn plain_weights(spec: &ConvSpec, weight: &Tensor) -> candle_core::Result<Vec<f32>> {
+        if !Self::applies(spec) {
+            bail!(
+                "a pointwise conv needs a 1x1 kernel, stride 1, no padding and one group, got {:?} {:?}",
+                spec.kernel,
+                spec.attrs
+            )
+        }
+        let (rows, depth) = (spec.out_channels, spec.in_channels);
+        let plain = weight.flatten_all()?.to_vec1::<f32>()?;
+        if Some(plain.len()) != rows.checked_mul(depth) {
+            bail!(
+                "pointwise conv weight {:?} does not match {rows} x {depth}",
+                weight.dims()
+            )
+        }
+        Ok(plain)
     }
 
     /// Runs on a CPU f32 tensor `[N, C, H, W]`, adding `residual` (the

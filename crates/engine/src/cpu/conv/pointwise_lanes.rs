@@ -47,21 +47,8 @@ impl PointwiseLanes {
         epilogue: Epilogue,
         machine: Machine,
     ) -> candle_core::Result<Self> {
-        if !super::pointwise::PointwiseConv::applies(&spec) {
-            bail!(
-                "a pointwise conv needs a 1x1 kernel, stride 1, no padding and one group, got {:?} {:?}",
-                spec.kernel,
-                spec.attrs
-            )
-        }
         let (rows, depth) = (spec.out_channels, spec.in_channels);
-        let plain = weight.flatten_all()?.to_vec1::<f32>()?;
-        if Some(plain.len()) != rows.checked_mul(depth) {
-            bail!(
-                "pointwise conv weight {:?} does not match {rows} x {depth}",
-                weight.dims()
-            )
-        }
+        let plain = super::pointwise::PointwiseConv::plain_weights(&spec, weight)?;
         let padded_out = rows.div_ceil(LANES) * LANES;
         let Some(len) = padded_out.checked_mul(depth) else {
             bail!("pointwise conv weight of {rows} x {depth} values is too large")
