@@ -62,11 +62,11 @@ const LANE_MAX_PIXELS: usize = 256;
 /// time at batch 1 and 0.82-0.85× at batch 10; MobileNetV2's 960 -> 160
 /// / 320 projections 0.82-0.90× (batch 1) and 0.89-0.93× (batch 10);
 /// MobileNetV3-Large's and EfficientNet-B0's squeeze-and-excitation-scaled
-/// projections (672 / 960 -> 160, 1152 -> 192 / 320) 0.71-0.79× at batch 1,
-/// 0.93-1.03× at batch 10. With AVX2 forced: ResNet50's 0.92-1.0×,
-/// MobileNetV2's 0.98-1.05×. On 14×14 planes the lane product alone
-/// was 0.92-0.98× the in-place conv's whole time, before gathering its
-/// products back into rows: not taken there.
+/// projections (672 / 960 -> 160, 672 / 1152 -> 192, 1152 -> 320)
+/// 0.71-0.79× at batch 1, 0.93-1.03× at batch 10. With AVX2 forced:
+/// ResNet50's 0.92-1.0×, MobileNetV2's 0.98-1.05×. On 14×14 planes the
+/// lane product alone was 0.92-0.98× the in-place conv's whole time,
+/// before gathering its products back into rows: not taken there.
 pub(crate) const POINTWISE_LANES_MAX_PLANE: usize = 64;
 /// Input channels from which the lane form of a small-plane 1×1 conv
 /// pays for gathering its products back into rows (one strided read per
