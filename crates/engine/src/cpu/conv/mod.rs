@@ -276,8 +276,9 @@ impl CpuConv {
     }
 
     /// [`Self::run`] on `x · scale` when a `scale` (`[N, C, 1, 1]`) is
-    /// given: the in-place 1×1 conv folds it into its weights per image where that
-    /// is cheaper; the others run on the input scaled on `isa`'s path.
+    /// given: the in-place 1×1 conv folds it into its weights per image
+    /// where that is cheaper; the others (the lane-form 1×1 conv too) run
+    /// on the input scaled on `isa`'s path.
     pub(crate) fn run_scaled(
         &self,
         isa: crate::cpu::gemm::Isa,

@@ -297,13 +297,11 @@ pub(super) fn run(
         return Ok(());
     }
     // Blocks per task: a fused 1×1 conv computes two blocks' inputs at
-    // once (each input value broadcast once for both). (Where that left
-    // fewer than four tasks per thread, one block per task instead, so
-    // that bands are cut less and recompute fewer of the 1×1 conv's rows:
+    // once (each input value broadcast once for both). (Tried: one block
+    // per task where two left fewer than four tasks per thread, so that
+    // bands are cut less and recompute fewer of the 1×1 conv's rows;
     // MobileNetV2 and EfficientNet-B0 at batch 1, per node, within the
-    // host's noise, ±5%.)
-    let blocks = channels.div_ceil(lanes);
-    let tasks_wanted = 4 * rayon::current_num_threads();
+    // host's noise, ±5%: not kept.)
     let per_task = match source {
         Source::Planes(_) => 1,
         Source::Expanded(..) => blocked
@@ -319,8 +317,9 @@ pub(super) fn run(
     };
     // Smaller bands than the cache allows where tasks are few (the
     // lengths of `g` stay upper bounds).
+    let blocks = channels.div_ceil(lanes);
     let groups = blocks.div_ceil(per_task);
-    let wanted = tasks_wanted.div_ceil(shape.batch * groups);
+    let wanted = (4 * rayon::current_num_threads()).div_ceil(shape.batch * groups);
     let band_rows = g.band_rows.min(shape.out_height.div_ceil(wanted.max(1))).max(1);
     let g = Geometry { band_rows, ..g };
     let bands = shape.out_height.div_ceil(band_rows);
