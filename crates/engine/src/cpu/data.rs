@@ -208,27 +208,42 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> ca
 }
 
 /// A zeroed buffer of `len` values for packed weights, which the kernel is
-/// asked to back with transparent huge pages (Linux; THP in `madvise` mode,
-/// as on the bench machine). At batch 1 a forward streams ~70 MB of packed
-/// weights once; 2 MiB pages need 1/512 of the TLB entries 4 KiB pages do.
-/// Only advice: where it is not taken the buffer is an ordinary `Vec`.
+/// asked to back with transparent huge pages ([`advise_huge_pages`]). At
+/// batch 1 a forward streams ~70 MB of packed weights once; 2 MiB pages
+/// need 1/512 of the TLB entries 4 KiB pages do.
 pub(crate) fn weight_buffer(len: usize) -> candle_core::Result<Vec<f32>> {
     let buffer = zeroed(len, "packed weights")?;
+    advise_huge_pages(buffer.as_ptr(), len);
+    Ok(buffer)
+}
+
+/// Asks the kernel to back the whole pages of the allocation of `len`
+/// values at `start` with transparent huge pages (Linux, THP in `madvise`
+/// mode, as on the bench machine), if it spans at least one: before
+/// anything is written to fresh memory, its first writes then fault in
+/// huge pages where the kernel can. Only advice, which changes how pages
+/// are backed, never their contents; where it is not taken (another OS,
+/// THP off, an allocation under 2 MiB) the memory is as allocated.
+pub(crate) fn advise_huge_pages(start: *const f32, len: usize) {
     #[cfg(target_os = "linux")]
-    if len * 4 >= HUGE_PAGE {
-        // Advise the whole pages inside the allocation, before anything is
-        // written (a large zeroed allocation is fresh untouched mmap memory,
-        // so the first writes fault in huge pages where the kernel can).
-        let start = buffer.as_ptr() as usize;
-        let (first, end) = (start.next_multiple_of(PAGE), (start + len * 4) / PAGE * PAGE);
+    {
+        let (start, bytes) = (start as usize, len.saturating_mul(4));
+        if bytes < HUGE_PAGE {
+            return;
+        }
+        let (Some(first), Some(end)) = (start.checked_next_multiple_of(PAGE), start.checked_add(bytes)) else {
+            return;
+        };
+        let end = end / PAGE * PAGE;
         if end > first {
-            // SAFETY: [first, end) lies within `buffer`'s allocation and is
-            // page-aligned; MADV_HUGEPAGE changes how pages are backed, never
-            // their contents. Failure (no THP) is harmless and ignored.
+            // SAFETY: [first, end) lies within the allocation and is
+            // page-aligned; MADV_HUGEPAGE changes how pages are backed,
+            // never their contents. Failure (no THP) is harmless and ignored.
             unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
         }
     }
-    Ok(buffer)
+    #[cfg(not(target_os = "linux"))]
+    let _ = (start, len);
 }
 
 #[cfg(target_os = "linux")]
