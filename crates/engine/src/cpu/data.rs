@@ -170,6 +170,9 @@ pub(crate) fn line_offset(ptr: *const f32) -> usize {
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A second buffer, for an operand a kernel prepares once and shares
+    /// with the tasks it then runs in parallel ([`with_shared_scratch`]).
+    static SHARED_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The most scratch one thread may hold: 2^28 values (1 GiB). The kernels'
@@ -184,10 +187,29 @@ pub(crate) const SCRATCH_MAX_VALUES: usize = 1 << 28;
 /// (rayon work stealing inside `f`) gets a buffer of its own. An error when
 /// `len` exceeds [`SCRATCH_MAX_VALUES`] or the allocation is refused.
 pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> candle_core::Result<R> {
+    with_buffer(&SCRATCH, len, f)
+}
+
+/// [`with_scratch`] on a second buffer of this thread's, for an operand
+/// shared with parallel tasks that take scratch themselves: those that
+/// run on this thread find their usual buffer, not an empty slot that a
+/// fresh allocation (and its page faults) would fill each call.
+pub(crate) fn with_shared_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> candle_core::Result<R> {
+    with_buffer(&SHARED_SCRATCH, len, f)
+}
+
+/// [`with_scratch`] on the buffer `key` holds; inlined, so that each
+/// caller reaches its thread-local directly, as one without the other did.
+#[inline(always)]
+fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> candle_core::Result<R> {
     if len > SCRATCH_MAX_VALUES {
         bail!("a kernel needs {len} f32 values of scratch, more than the {SCRATCH_MAX_VALUES} wick allows per thread")
     }
-    let mut scratch = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    let mut scratch = key.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
     // Room to start on a cache line: the kernels' matrices in scratch are
     // whole lines long, so their rows then start on lines too, and a
     // micro-tile's row of 16 (or 32) floats is one (or two) lines, not two (three).
@@ -197,7 +219,7 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> ca
     }
     let skip = line_offset(scratch.as_ptr());
     let result = f(&mut scratch[skip..skip + len]);
-    SCRATCH.with(|cell| {
+    key.with(|cell| {
         let mut cell = cell.borrow_mut();
         // Keep the larger buffer when a nested call put one back meanwhile.
         if cell.len() < scratch.len() {

@@ -9,7 +9,8 @@
 //! Where enough output channels read a block of the input, or its rows
 //! start off the cache lines, the block is first copied into the
 //! micro-tiles' column slices ([`packs`]), which the product then reads
-//! contiguously.
+//! contiguously; where an image's channels are split into several runs,
+//! its input is packed once for all of them, before they start.
 //!
 //! What the in-place product cannot cover goes through scratch: a row
 //! panel with fewer than 8 output channels left (its padding rows must not
@@ -30,11 +31,11 @@
 //! read the whole input.
 
 use super::{output, ConvSpec};
-use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch};
+use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch, with_shared_scratch};
 use crate::cpu::epilogue::{value, Epilogue};
 use crate::cpu::gemm::{
-    pack_panels, pack_tiles, panel_columns, panel_gemm_shared, panel_gemm_strided, Isa, SharedRows, StoreEpilogue,
-    Strided, PANEL_GRANULE, PANEL_ROWS,
+    pack_panels, pack_tiles, pack_tiles_parallel, panel_columns, panel_gemm_shared, panel_gemm_strided, Isa, Right,
+    SharedRows, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS,
 };
 use crate::cpu::output::Output;
 use crate::machine::Machine;
@@ -107,6 +108,9 @@ struct Task<'a> {
     /// The image's factor per input channel (`[C]`), if the input is
     /// scaled: folded into the task's weights or its copy of the input.
     scale: Option<&'a [f32]>,
+    /// The image's input columns `0..P/16·16` packed in tiles, where the
+    /// image's channel runs share one copy ([`PointwiseConv::shares_packing`]).
+    packed: Option<Right<'a>>,
 }
 
 impl PointwiseConv {
@@ -222,25 +226,50 @@ impl PointwiseConv {
         let (in_image, out_image) = (shape.channels * plane, out_channels * plane);
         let stream = self.streams(shape.batch * in_image, out_len, call.residual.is_some(), plane);
         let channels = shape.channels;
+        // Columns of each image packed once for all its runs, if shared.
+        let shared_cols = match self.shares_packing(runs, run_rows, plane, stream, scale.is_some()) {
+            true => plane / PANEL_GRANULE * PANEL_GRANULE,
+            false => 0,
+        };
+        // Saturated: past the scratch cap, `with_scratch` refuses it.
+        let shared_len = shape.batch.saturating_mul(channels).saturating_mul(shared_cols);
         with_cpu_f32("pointwise conv", &call.x, call.residual.as_ref(), |input, residual| {
             with_optional_f32("pointwise conv's input scale", scale.as_ref(), |scale| {
-                (0..shape.batch * runs * parts).into_par_iter().try_for_each(|task| {
-                    let (image, run, part) = (task / (runs * parts), task / parts % runs, task % parts);
-                    let rows = run * run_rows..out_channels.min((run + 1) * run_rows);
-                    self.task(Task {
-                        input: &input[image * in_image..][..in_image],
-                        residual: residual.map(|r| &r[image * out_image..][..out_image]),
-                        out: SharedRows {
-                            out: dst,
-                            start: image * out_image,
-                            stride: plane,
-                        },
-                        rows,
-                        part: (part, parts),
-                        stream,
-                        scale: scale.map(|s| &s[image * channels..][..channels]),
+                with_shared_scratch(shared_len, |shared| {
+                    let image_tiles = channels * shared_cols;
+                    let packed: Vec<Option<Right>> = match shared_cols {
+                        0 => vec![None; shape.batch],
+                        _ => shared
+                            .chunks_mut(image_tiles)
+                            .enumerate()
+                            .map(|(image, tiles)| {
+                                let v = Strided {
+                                    data: &input[image * in_image..][..in_image],
+                                    stride: plane,
+                                };
+                                Some(pack_tiles_parallel(self.isa, v, channels, shared_cols, tiles))
+                            })
+                            .collect(),
+                    };
+                    (0..shape.batch * runs * parts).into_par_iter().try_for_each(|task| {
+                        let (image, run, part) = (task / (runs * parts), task / parts % runs, task % parts);
+                        let rows = run * run_rows..out_channels.min((run + 1) * run_rows);
+                        self.task(Task {
+                            input: &input[image * in_image..][..in_image],
+                            residual: residual.map(|r| &r[image * out_image..][..out_image]),
+                            out: SharedRows {
+                                out: dst,
+                                start: image * out_image,
+                                stride: plane,
+                            },
+                            rows,
+                            part: (part, parts),
+                            stream,
+                            scale: scale.map(|s| &s[image * channels..][..channels]),
+                            packed: packed[image],
+                        })
                     })
-                })
+                })?
             })
         })?;
         // SAFETY: the tasks cover every channel of every image, and each
@@ -262,6 +291,29 @@ impl PointwiseConv {
     fn streams(&self, input: usize, output: usize, residual: bool, plane: usize) -> bool {
         let values = input.saturating_add(output.saturating_mul(1 + usize::from(residual)));
         plane.is_multiple_of(PANEL_GRANULE) && values.saturating_mul(4) > self.stream_bytes
+    }
+
+    /// Whether each image's input is packed once, before its tasks start,
+    /// for all `runs` runs of `run_rows` output channels to read
+    /// ([`pack_tiles_parallel`]), rather than by each run for itself: where
+    /// the runs pack ([`packs`]) and are several (fewer images than the
+    /// threads twice over: ResNet50's 1024 -> 256 on 14×14 at batch 1 on
+    /// two threads packed its 0.8 MB input four times), on planes of a
+    /// tile or more, without streamed stores (whose aligned start differs
+    /// per task) or an input scale (which a task may fold into its copy).
+    /// ResNet50 at batch 1 on the Intel Xeon VM (AVX-512, 2 threads), two
+    /// alternating per-node profiles of 5 rounds, each node against the
+    /// median node: 1024 -> 256 on 14×14 0.90-0.93× the time, 128 -> 512 +
+    /// residual on 28×28 0.92-0.94×, 1024 -> 512 on 14×14 0.95×, 256 ->
+    /// 1024 + residual on 14×14 (a 0.2 MB input) level; alone, after the
+    /// caches were flushed, 0.91-0.96×.
+    fn shares_packing(&self, runs: usize, run_rows: usize, plane: usize, stream: bool, scaled: bool) -> bool {
+        runs > 1
+            && !stream
+            && !scaled
+            && plane >= PANEL_GRANULE
+            && self.spec.in_channels > 0
+            && packs(run_rows, self.spec.in_channels, plane)
     }
 
     /// A batch of 1×1 planes (squeeze-and-excitation's excitation) as one
@@ -403,7 +455,13 @@ impl PointwiseConv {
             Some(_) if scale_input => t.input.len().next_multiple_of(16),
             Some(_) => packed.len().next_multiple_of(16),
         };
-        let pack = packs(padded_rows, depth, plane);
+        // With the image's input packed for all its runs (head 0, one
+        // share of all the columns): one block of all of them.
+        let block = match t.packed {
+            Some(_) => block.max(hi - lo),
+            None => block,
+        };
+        let pack = t.packed.is_none() && packs(padded_rows, depth, plane);
         let tiles_len = if pack {
             depth.saturating_mul(block.min(hi - lo))
         } else {
@@ -441,9 +499,10 @@ impl PointwiseConv {
                     data: &input[c0..],
                     stride: plane,
                 };
-                let v = match pack {
-                    true => pack_tiles(self.isa, v, depth, n, tiles),
-                    false => v.into(),
+                let v = match (t.packed, pack) {
+                    (Some(packed), _) => packed,
+                    (None, true) => pack_tiles(self.isa, v, depth, n, tiles),
+                    (None, false) => v.into(),
                 };
                 if full_rows > 0 {
                     // The epilogue as the product is stored.
@@ -646,8 +705,10 @@ mod tests {
     /// four panels or more on misaligned planes (14×14 and 7×7, as
     /// ResNet50's), several column blocks per task, split by channels and
     /// by columns, streamed or not, with a residual, an activation and an
-    /// input scale. On two threads, as the shapes are chosen for: each
-    /// task keeps enough rows to pack.
+    /// input scale; without the scale, each image's input packed once for
+    /// the runs of its channels ([`PointwiseConv::shares_packing`]: batches
+    /// of 2-3 in two runs, batch 1 in four). On two threads, as the shapes
+    /// are chosen for: each task keeps enough rows to pack.
     #[test]
     fn packed_blocks_match_candle() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
@@ -661,6 +722,7 @@ mod tests {
                 (3, 24, 104, 14, 14, false, 48),
                 (3, 40, 75, 7, 7, false, 40),
                 (1, 8, 37, 13, 15, false, 40),
+                (1, 100, 128, 10, 10, false, 32),
             ] {
                 assert!(packs(task_rows, channels, h * w), "{task_rows} x {channels} on {h}x{w}");
                 let x = Tensor::randn(0f32, 1.0, (batch, channels, h, w), &d).unwrap();
@@ -692,6 +754,27 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// The input is packed once per image where several runs of channels
+    /// would each pack it, and by each task otherwise: one run, streamed
+    /// stores, an input scale, planes under a tile, runs too short to pack.
+    #[test]
+    fn shares_packing_only_where_runs_would_each_pack() {
+        let d = Device::Cpu;
+        let w = Tensor::zeros((256, 1024, 1, 1), candle_core::DType::F32, &d).unwrap();
+        let b = Tensor::zeros(256, candle_core::DType::F32, &d).unwrap();
+        let spec = ConvSpec::of(&w, Conv2dAttrs::default()).unwrap();
+        let isa = Isa::detect();
+        let epilogue = Epilogue::new(Some(&b), 256, None).unwrap().on(isa);
+        let conv = PointwiseConv::new(spec, &w, epilogue, Machine::with_isa(isa)).unwrap();
+        // ResNet50's 1024 -> 256 on 14×14 at batch 1: four runs of 64.
+        assert!(conv.shares_packing(4, 64, 196, false, false));
+        assert!(!conv.shares_packing(1, 256, 196, false, false));
+        assert!(!conv.shares_packing(4, 64, 196, true, false));
+        assert!(!conv.shares_packing(4, 64, 196, false, true));
+        assert!(!conv.shares_packing(4, 64, 8, false, false));
+        assert!(!conv.shares_packing(4, 8, 196, false, false));
     }
 
     /// Each way of taking an input scale, on every path: tasks with more

@@ -7,6 +7,7 @@
 //! or 7×7 pixels most vector loads split across two cache lines).
 
 use super::{Isa, Strided, PANEL_GRANULE, PANEL_TILES};
+use rayon::prelude::*;
 
 /// The columns of one packed slice on `isa`'s path: its micro-tile's width.
 pub(crate) fn tile_width(isa: Isa) -> usize {
@@ -125,14 +126,49 @@ pub(crate) fn pack_tiles<'a>(isa: Isa, v: Strided, depth: usize, cols: usize, ti
     assert!(cols.is_multiple_of(PANEL_GRANULE) && Right::Rows(v).holds(isa, depth, cols));
     let width = tile_width(isa);
     let tiles = &mut tiles[..depth * cols];
-    for slice in (0..cols).step_by(width) {
-        let from = &v.data[slice..];
-        match width.min(cols - slice) {
-            PANEL_TILES => copy_rows::<PANEL_TILES>(from, v.stride, &mut tiles[slice * depth..][..depth * PANEL_TILES]),
-            _ => copy_rows::<PANEL_GRANULE>(from, v.stride, &mut tiles[slice * depth..][..depth * PANEL_GRANULE]),
+    if depth > 0 {
+        for (k, slice) in tiles.chunks_mut(depth * width).enumerate() {
+            pack_slice(v, depth, k * width, slice);
         }
     }
     Right::Tiles { data: tiles, width }
+}
+
+/// [`pack_tiles`] with its slices spread over rayon's threads: for an
+/// operand that several tasks read (a 1×1 conv's input, which each of its
+/// runs of output channels would otherwise pack for itself), packed once
+/// before they start.
+///
+/// # Panics
+/// As [`pack_tiles`].
+pub(crate) fn pack_tiles_parallel<'a>(
+    isa: Isa,
+    v: Strided,
+    depth: usize,
+    cols: usize,
+    tiles: &'a mut [f32],
+) -> Right<'a> {
+    assert!(cols.is_multiple_of(PANEL_GRANULE) && Right::Rows(v).holds(isa, depth, cols));
+    let width = tile_width(isa);
+    let tiles = &mut tiles[..depth * cols];
+    if depth > 0 {
+        tiles
+            .par_chunks_mut(depth * width)
+            .enumerate()
+            .for_each(|(k, slice)| pack_slice(v, depth, k * width, slice));
+    }
+    Right::Tiles { data: tiles, width }
+}
+
+/// One slice of [`pack_tiles`] (`depth` > 0 rows): `v`'s columns from
+/// `first` on, as many per row as `slice` holds (a whole tile or, last, a
+/// granule).
+fn pack_slice(v: Strided, depth: usize, first: usize, slice: &mut [f32]) {
+    let from = &v.data[first..];
+    match slice.len() / depth {
+        PANEL_TILES => copy_rows::<PANEL_TILES>(from, v.stride, slice),
+        _ => copy_rows::<PANEL_GRANULE>(from, v.stride, slice),
+    }
 }
 
 /// `to`'s rows of `W` values from `from`'s, `stride` apart (a width known
@@ -150,7 +186,8 @@ mod tests {
 
     /// Every value lands where [`RightLayout::at`] says its tile reads it,
     /// for 16-, 32- and odd-granule widths, on every path's slices, and
-    /// only there (every value of the packed buffer written once).
+    /// only there (every value of the packed buffer written once); packed
+    /// in parallel, the same buffer.
     #[test]
     fn tiles_lie_where_the_layout_says() {
         for (depth, cols, stride) in [(3, 16, 16), (5, 32, 40), (4, 80, 83), (1, 48, 48)] {
@@ -176,6 +213,11 @@ mod tests {
                     }
                 }
                 assert!(seen.iter().all(|&n| n == 1), "{isa:?} {depth}x{cols}");
+                // Packed in parallel: the same buffer, value for value.
+                let mut parallel = vec![f32::NAN; depth * cols];
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+                pool.install(|| pack_tiles_parallel(isa, Strided { data: &v, stride }, depth, cols, &mut parallel));
+                assert_eq!(parallel, tiles, "{isa:?} {depth}x{cols} in parallel");
             }
         }
     }
