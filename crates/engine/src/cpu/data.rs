@@ -175,7 +175,8 @@ thread_local! {
     static SHARED_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The most scratch one thread may hold: 2^28 values (1 GiB). The kernels'
+/// The most scratch one thread may hold in each of its two buffers
+/// ([`with_scratch`], [`with_shared_scratch`]): 2^28 values (1 GiB). The kernels'
 /// blocks are sized from the caches (about an L2 each); a Winograd F(2×2)
 /// conv also copies its padded input here (ResNet18's largest at batch 256:
 /// 2^23.5 values). A conv asking for more (a hostile weight of millions of
@@ -198,8 +199,9 @@ pub(crate) fn with_shared_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R
     with_buffer(&SHARED_SCRATCH, len, f)
 }
 
-/// [`with_scratch`] on the buffer `key` holds; inlined, so that each
-/// caller reaches its thread-local directly, as one without the other did.
+/// [`with_scratch`] on the buffer `key` holds; inlined, so that each of
+/// the two reaches its own thread-local directly, as `with_scratch` did
+/// before there were two.
 #[inline(always)]
 fn with_buffer<R>(
     key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
