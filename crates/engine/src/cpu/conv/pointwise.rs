@@ -237,8 +237,9 @@ impl PointwiseConv {
             with_optional_f32("pointwise conv's input scale", scale.as_ref(), |scale| {
                 with_shared_scratch(shared_len, |shared| {
                     let image_tiles = channels * shared_cols;
-                    let packed: Vec<Option<Right>> = match shared_cols {
-                        0 => vec![None; shape.batch],
+                    // Each image's packed input, if shared (none: no allocation).
+                    let packed: Vec<Right> = match shared_cols {
+                        0 => Vec::new(),
                         _ => shared
                             .chunks_mut(image_tiles)
                             .enumerate()
@@ -247,7 +248,7 @@ impl PointwiseConv {
                                     data: &input[image * in_image..][..in_image],
                                     stride: plane,
                                 };
-                                Some(pack_tiles_parallel(self.isa, v, channels, shared_cols, tiles))
+                                pack_tiles_parallel(self.isa, v, channels, shared_cols, tiles)
                             })
                             .collect(),
                     };
@@ -266,7 +267,7 @@ impl PointwiseConv {
                             part: (part, parts),
                             stream,
                             scale: scale.map(|s| &s[image * channels..][..channels]),
-                            packed: packed[image],
+                            packed: packed.get(image).copied(),
                         })
                     })
                 })?

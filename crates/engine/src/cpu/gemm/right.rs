@@ -123,15 +123,7 @@ impl RightLayout {
 /// If `cols` is not a multiple of the granule or the buffers are too short
 /// (the callers size them from the same shape).
 pub(crate) fn pack_tiles<'a>(isa: Isa, v: Strided, depth: usize, cols: usize, tiles: &'a mut [f32]) -> Right<'a> {
-    assert!(cols.is_multiple_of(PANEL_GRANULE) && Right::Rows(v).holds(isa, depth, cols));
-    let width = tile_width(isa);
-    let tiles = &mut tiles[..depth * cols];
-    if depth > 0 {
-        for (k, slice) in tiles.chunks_mut(depth * width).enumerate() {
-            pack_slice(v, depth, k * width, slice);
-        }
-    }
-    Right::Tiles { data: tiles, width }
+    pack(isa, v, depth, cols, tiles, false)
 }
 
 /// [`pack_tiles`] with its slices spread over rayon's threads: for an
@@ -148,14 +140,21 @@ pub(crate) fn pack_tiles_parallel<'a>(
     cols: usize,
     tiles: &'a mut [f32],
 ) -> Right<'a> {
+    pack(isa, v, depth, cols, tiles, true)
+}
+
+/// [`pack_tiles`], its slices one after the other or (`parallel`) spread
+/// over rayon's threads.
+fn pack<'a>(isa: Isa, v: Strided, depth: usize, cols: usize, tiles: &'a mut [f32], parallel: bool) -> Right<'a> {
     assert!(cols.is_multiple_of(PANEL_GRANULE) && Right::Rows(v).holds(isa, depth, cols));
     let width = tile_width(isa);
     let tiles = &mut tiles[..depth * cols];
     if depth > 0 {
-        tiles
-            .par_chunks_mut(depth * width)
-            .enumerate()
-            .for_each(|(k, slice)| pack_slice(v, depth, k * width, slice));
+        let slice = |(k, slice): (usize, &mut [f32])| pack_slice(v, depth, k * width, slice);
+        match parallel {
+            true => tiles.par_chunks_mut(depth * width).enumerate().for_each(slice),
+            false => tiles.chunks_mut(depth * width).enumerate().for_each(slice),
+        }
     }
     Right::Tiles { data: tiles, width }
 }
