@@ -525,4 +525,14 @@ fn print_table(
         "(median/min/max over {} timed forwards per mode; peak MiB = each mode's own process peak RSS; live MiB = engine-planned peak activations)",
         results.first().map_or(0, |r| r.samples.len())
     );
+    // The same words as `scripts/bench_reference.py`'s line, so that a log
+    // of a pair states every process's peak RSS with its unit, apart from
+    // the table's neighbouring number columns.
+    let rss: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.peak_rss_mib.map(|m| format!("{} process {m:.0} MiB", r.mode.name())))
+        .collect();
+    if !rss.is_empty() {
+        println!("peak RSS: {}", rss.join(", "));
+    }
 }
