@@ -93,10 +93,11 @@ fn scalar(u: &[f32], v: Gathered, start: usize, m: &mut [f32], ms: usize, [rows,
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::panel::x86::{
-        avx2_tile_rows, micro_avx2, micro_avx2_tall, micro_avx512, TileColumns, TileWeights, AVX2_TALL_ROWS,
+        avx2_tile_rows, avx512_tile_rows, micro_avx2, micro_avx2_tall, micro_avx512, micro_avx512_tall, TileColumns,
+        TileWeights, AVX2_TALL_ROWS, AVX512_TALL_ROWS,
     };
     use super::Gathered;
-    use crate::cpu::gemm::{PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
+    use crate::cpu::gemm::{PANEL_GRANULE, PANEL_TILES};
 
     /// The columns of tile `t0` of `v` from `start`.
     fn columns(v: Gathered, start: usize, t0: usize) -> TileColumns {
@@ -122,17 +123,27 @@ mod x86 {
         let full = cols / PANEL_TILES * PANEL_TILES;
         const TILE: usize = PANEL_TILES / 16;
         // SAFETY: tiles read `start + table[d] + t0 + 0..tile width` and
-        // write rows `panel·8 + r` of `m`'s span (the caller's checks).
+        // write their rows of `m`'s span (the caller's checks); a tall
+        // tile's rows past its panel read the next panel's weights, within
+        // `u` (rows stay below `rows`).
         unsafe {
             for t0 in (0..cols).step_by(PANEL_TILES) {
                 let vt = columns(v, start, t0);
-                for panel in 0..rows / PANEL_ROWS {
-                    let up = TileWeights::whole(u.as_ptr().add(panel * depth * PANEL_ROWS));
-                    let mp = m.add(panel * PANEL_ROWS * ms + t0);
-                    match t0 < full {
-                        true => micro_avx512::<TILE, false, false, true>(up, vt, mp, depth, ms, None, None),
-                        false => micro_avx512::<1, false, false, true>(up, vt, mp, depth, ms, None, None),
+                let mut row = 0;
+                while row < rows {
+                    // 12-row tiles across panels, as the panel product's.
+                    let height = avx512_tile_rows(rows - row);
+                    let up = TileWeights::from_row(u.as_ptr(), row, depth);
+                    let mp = m.add(row * ms + t0);
+                    match (height == AVX512_TALL_ROWS, t0 < full) {
+                        (true, true) => {
+                            micro_avx512_tall::<TILE, false, false, true>(up, vt, mp, depth, ms, None, None)
+                        }
+                        (true, false) => micro_avx512_tall::<1, false, false, true>(up, vt, mp, depth, ms, None, None),
+                        (false, true) => micro_avx512::<TILE, false, false, true>(up, vt, mp, depth, ms, None, None),
+                        (false, false) => micro_avx512::<1, false, false, true>(up, vt, mp, depth, ms, None, None),
                     }
+                    row += height;
                 }
             }
         }
@@ -155,11 +166,7 @@ mod x86 {
                 let mut row = 0;
                 while row < rows {
                     let height = avx2_tile_rows(rows - row);
-                    let up = TileWeights {
-                        at: u.as_ptr().add(row / PANEL_ROWS * depth * PANEL_ROWS + row % PANEL_ROWS),
-                        split: PANEL_ROWS - row % PANEL_ROWS,
-                        jump: (depth - 1) * PANEL_ROWS,
-                    };
+                    let up = TileWeights::from_row(u.as_ptr(), row, depth);
                     let mp = m.add(row * ms + t0);
                     match height == AVX2_TALL_ROWS {
                         true => micro_avx2_tall::<W, false, false, true>(up, vt, mp, depth, ms, None, None),
@@ -186,7 +193,7 @@ mod tests {
         /// rounding bound; `m`'s gaps past `cols` stay untouched.
         #[test]
         fn paths_match_plain_product(
-            panels in 0usize..4, depth in 0usize..40, tiles in 1usize..6, gap in 0usize..5,
+            panels in 0usize..6, depth in 0usize..40, tiles in 1usize..6, gap in 0usize..5,
             seed in any::<u64>(), start in 0usize..7,
         ) {
             let (rows, cols) = (panels * PANEL_ROWS, tiles * PANEL_GRANULE);
