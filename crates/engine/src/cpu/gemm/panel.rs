@@ -408,7 +408,7 @@ pub(super) mod x86 {
     /// per 12 rows rather than 8. Intel Xeon VM (Emerald Rapids, 2
     /// threads), forwards alternating in one process, 8-row tiles against
     /// these: ResNet50 at batch 10 1.02-1.08× the time (1×1 convs alone
-    /// 1.00-1.05×), batch 1 0.99-1.02×, ResNet18, ResNet34, MobileNetV2
+    /// 0.98-1.05×), batch 1 0.99-1.05×, ResNet18, ResNet34, MobileNetV2
     /// and EfficientNet-B0 within the host's noise (0.97-1.03×).
     pub(in crate::cpu::gemm) const AVX512_TALL_ROWS: usize = 12;
 
