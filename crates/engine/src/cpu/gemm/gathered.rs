@@ -93,8 +93,7 @@ fn scalar(u: &[f32], v: Gathered, start: usize, m: &mut [f32], ms: usize, [rows,
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::panel::x86::{
-        avx2_tile_rows, avx512_tile_rows, micro_avx2, micro_avx2_tall, micro_avx512, micro_avx512_tall, TileColumns,
-        TileWeights, AVX2_TALL_ROWS, AVX512_TALL_ROWS,
+        avx2_tile_rows, avx512_column_tiles, micro_avx2, micro_avx2_tall, TileColumns, TileWeights, AVX2_TALL_ROWS,
     };
     use super::Gathered;
     use crate::cpu::gemm::{PANEL_GRANULE, PANEL_TILES};
@@ -129,21 +128,10 @@ mod x86 {
         unsafe {
             for t0 in (0..cols).step_by(PANEL_TILES) {
                 let vt = columns(v, start, t0);
-                let mut row = 0;
-                while row < rows {
-                    // 12-row tiles across panels, as the panel product's.
-                    let height = avx512_tile_rows(rows - row);
-                    let up = TileWeights::from_row(u.as_ptr(), row, depth);
-                    let mp = m.add(row * ms + t0);
-                    match (height == AVX512_TALL_ROWS, t0 < full) {
-                        (true, true) => {
-                            micro_avx512_tall::<TILE, false, false, true>(up, vt, mp, depth, ms, None, None)
-                        }
-                        (true, false) => micro_avx512_tall::<1, false, false, true>(up, vt, mp, depth, ms, None, None),
-                        (false, true) => micro_avx512::<TILE, false, false, true>(up, vt, mp, depth, ms, None, None),
-                        (false, false) => micro_avx512::<1, false, false, true>(up, vt, mp, depth, ms, None, None),
-                    }
-                    row += height;
+                // 12-row tiles across panels, as the panel product's.
+                match t0 < full {
+                    true => avx512_column_tiles::<TILE, true>(u.as_ptr(), vt, m, [rows, depth, t0], ms, None, None),
+                    false => avx512_column_tiles::<1, true>(u.as_ptr(), vt, m, [rows, depth, t0], ms, None, None),
                 }
             }
         }

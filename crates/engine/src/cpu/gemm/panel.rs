@@ -335,31 +335,35 @@ pub(super) mod x86 {
                 // prefetchers follow them.)
                 let next = (layout.rows_apart().is_some() && t0 + PANEL_TILES < cols)
                     .then(|| v.wrapping_add(t0 + PANEL_TILES));
-                avx512_column_tiles::<TILE>(u, v, layout, m, [rows, depth, t0], ms, epi, next);
+                let (at, vs) = layout.at(t0);
+                let columns = TileColumns::rows(v.add(at), vs);
+                avx512_column_tiles::<TILE, false>(u, columns, m, [rows, depth, t0], ms, epi, next);
             }
             if full < cols {
-                avx512_column_tiles::<1>(u, v, layout, m, [rows, depth, full], ms, epi, None);
+                let (at, vs) = layout.at(full);
+                let columns = TileColumns::rows(v.add(at), vs);
+                avx512_column_tiles::<1, false>(u, columns, m, [rows, depth, full], ms, epi, None);
             }
             fence_streams(stream);
         }
     }
 
-    /// The tiles of columns `t0..t0 + 16·V` of [`gemm_avx512`]'s product,
-    /// every row: 12-row tiles, and 8-row ones for the last 8 or 16 rows
-    /// ([`avx512_tile_rows`]). A 12-row tile runs across two 8-row panels
-    /// (its rows past the first panel's last read their weights a panel
-    /// on), as AVX2's 6-row tiles do.
+    /// The tiles of columns `t0..t0 + 16·V` of an AVX-512 panel product
+    /// ([`gemm_avx512`], and with `TABLE` the gathered one), every row,
+    /// reading `v`'s rows where `columns` says: 12-row tiles, and 8-row
+    /// ones for the last 8 or 16 rows ([`avx512_tile_rows`]). A 12-row
+    /// tile runs across two 8-row panels (its rows past the first panel's
+    /// last read their weights a panel on), as AVX2's 6-row tiles do.
     ///
     /// # Safety
-    /// As [`gemm_avx512`], for columns `t0..t0 + 16·V` within `cols`;
-    /// `next` as the micro-tiles take it (a hint, never dereferenced).
-    #[allow(clippy::too_many_arguments)]
+    /// As [`gemm_avx512`] (or the gathered product), for columns `t0..t0 +
+    /// 16·V` within `cols`, `columns` locating them; `next` as the
+    /// micro-tiles take it (a hint, never dereferenced).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn avx512_column_tiles<const V: usize>(
+    pub(in crate::cpu::gemm) unsafe fn avx512_column_tiles<const V: usize, const TABLE: bool>(
         u: *const f32,
-        v: *const f32,
-        layout: RightLayout,
+        columns: TileColumns,
         m: *mut f32,
         [rows, depth, t0]: [usize; 3],
         ms: usize,
@@ -370,8 +374,6 @@ pub(super) mod x86 {
         // each tile reads and writes its rows of the columns stated there.
         unsafe {
             let stream = streams(epi);
-            let (at, vs) = layout.at(t0);
-            let columns = TileColumns::rows(v.add(at), vs);
             let mut row = 0;
             while row < rows {
                 let height = avx512_tile_rows(rows - row);
@@ -381,10 +383,10 @@ pub(super) mod x86 {
                 let e = TileEpilogue::at(epi, row, t0);
                 let next = next.filter(|_| row == 0);
                 match (height == AVX512_TALL_ROWS, stream) {
-                    (true, true) => micro_avx512_tall::<V, true, false, false>(w, columns, mp, depth, ms, e, next),
-                    (true, false) => micro_avx512_tall::<V, false, false, false>(w, columns, mp, depth, ms, e, next),
-                    (false, true) => micro_avx512::<V, true, false, false>(w, columns, mp, depth, ms, e, next),
-                    (false, false) => micro_avx512::<V, false, false, false>(w, columns, mp, depth, ms, e, next),
+                    (true, true) => micro_avx512_tall::<V, true, false, TABLE>(w, columns, mp, depth, ms, e, next),
+                    (true, false) => micro_avx512_tall::<V, false, false, TABLE>(w, columns, mp, depth, ms, e, next),
+                    (false, true) => micro_avx512::<V, true, false, TABLE>(w, columns, mp, depth, ms, e, next),
+                    (false, false) => micro_avx512::<V, false, false, TABLE>(w, columns, mp, depth, ms, e, next),
                 }
                 row += height;
             }
