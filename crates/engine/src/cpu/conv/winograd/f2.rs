@@ -10,7 +10,7 @@
 //! Error: the points 0, ±1, ∞ only (coefficients ±1 and ½), well inside the
 //! F(4×4) bound that `winograd/tests.rs` checks both against.
 
-use super::{Packed, Tiles, SKEW};
+use super::{tiles_per_block, Packed, Tiles, SKEW};
 use crate::cpu::conv::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::{self, Epilogue};
@@ -28,7 +28,11 @@ const ALPHA: usize = 4;
 const M: usize = 2;
 /// Transformed components per tile.
 const XI: usize = ALPHA * ALPHA;
-/// Most tiles per block (scratch `V` and `M` stay small).
+/// Most tiles per block (scratch `V` and `M` stay small), unless the
+/// weights outweigh all the tiles' `V` and `M` ([`tiles_per_block`]:
+/// ResNet34's layer4 at batch 10, 160 tiles, F(2×2) once its weight
+/// budget steps it down, took 0.97-0.98× the forward's time in one block
+/// as in blocks of 64, alternating forwards on the Intel Xeon VM).
 const BLOCK_TILES: usize = 64;
 
 /// A 3×3 stride-1 convolution with its weights in the F(2×2, 3×3) domain.
@@ -78,7 +82,9 @@ impl WinogradF2 {
             let (channels, width) = (shape.channels, shape.width);
             let padded_plane = padded_height * padded_width;
             let padded_len = shape.batch * channels * padded_plane;
-            let block = BLOCK_TILES.min(tiles.total);
+            let per_tile = XI * (channels + self.w.padded_out) * 4;
+            let u_bytes = std::mem::size_of_val(self.w.u.as_slice());
+            let block = tiles_per_block(BLOCK_TILES, tiles.total, per_tile, u_bytes).min(tiles.total);
             let (v_len, m_len) = (XI * (channels * block + SKEW), XI * (self.w.padded_out * block + SKEW));
             // One scratch for all three: a nested `with_scratch` would
             // allocate afresh on every call.

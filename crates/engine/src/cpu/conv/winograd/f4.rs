@@ -15,7 +15,7 @@
 //! `tests/tests/devices/pytorch.rs` on a whole ResNet18).
 
 use super::f4_transform::{weight_transform, InputChannel, OutputChannel};
-use super::{Packed, Tiles, SKEW};
+use super::{tiles_per_block, Packed, Tiles, SKEW};
 use crate::cpu::conv::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
@@ -76,11 +76,13 @@ impl WinogradF4 {
         })
     }
 
-    /// Tiles per block: `V` and `M` of a block together stay within the
-    /// L2, and a block is a whole number of GEMM column panels.
-    fn tile_block(&self) -> usize {
+    /// Tiles per block of `total`: `V` and `M` of a block together stay
+    /// within the L2, and a block is a whole number of GEMM column panels;
+    /// or one block where the weights outweigh them ([`tiles_per_block`]).
+    fn tile_block(&self, total: usize) -> usize {
         let per_tile = XI * (self.w.spec.in_channels + self.w.padded_out) * 4;
-        ((self.block_bytes / per_tile) / PANEL_TILES).clamp(1, 8) * PANEL_TILES
+        let cache_block = ((self.block_bytes / per_tile) / PANEL_TILES).clamp(1, 8) * PANEL_TILES;
+        tiles_per_block(cache_block, total, per_tile, std::mem::size_of_val(self.w.u.as_slice()))
     }
 
     /// Distance between `V[ξ]` and `V[ξ + 1]` in a block of `cols` columns:
@@ -115,7 +117,7 @@ impl WinogradF4 {
                 dst,
                 tiles,
             };
-            let block = self.tile_block();
+            let block = self.tile_block(tiles.total);
             let blocks = tiles.total.div_ceil(block);
             let threads = rayon::current_num_threads();
             if blocks >= 2 * threads {

@@ -190,10 +190,13 @@ proptest! {
 
 /// Several blocks over the batch (blocks run in parallel) and a
 /// ResNet-sized layer (blocks split across threads) give the same answer;
-/// so does F(2×2) on ResNet's batch-1 layer4 shape (several lane groups).
+/// so does F(2×2) on ResNet's batch-1 layer4 shape (several lane groups),
+/// and one block of more tiles than the cache bounds where the weights
+/// outweigh the tiles' `V` and `M` (256 channels: F(4×4) on 24×24, 36
+/// tiles; F(2×2) on 20×20, 100 tiles).
 #[test]
 fn multi_block_and_split_paths() {
-    for (batch, channels, size) in [(6, 16, 23), (1, 64, 9), (1, 80, 7)] {
+    for (batch, channels, size) in [(6, 16, 23), (1, 64, 9), (1, 80, 7), (1, 256, 24), (1, 256, 20)] {
         let case = Case {
             batch,
             channels,
@@ -208,6 +211,17 @@ fn multi_block_and_split_paths() {
         let worst = worst_ratio(&case);
         assert!(worst <= ERROR_FACTOR, "{case:?}: {worst}");
     }
+}
+
+/// One block of all the tiles exactly where their `V` and `M` take no
+/// more than the weights; the cache's block otherwise, also where the
+/// product of the sizes overflows.
+#[test]
+fn one_block_where_the_weights_outweigh_the_tiles() {
+    assert_eq!(tiles_per_block(32, 40, 100, 4000), 40);
+    assert_eq!(tiles_per_block(32, 40, 100, 3999), 32);
+    assert_eq!(tiles_per_block(32, 20, 100, 4000), 32);
+    assert_eq!(tiles_per_block(32, usize::MAX, 2, usize::MAX), 32);
 }
 
 #[test]
