@@ -28,6 +28,9 @@ pub(crate) struct BufferPool {
     cap_bytes: usize,
     /// Whether [`take`] draws from the pool now (see [`drawing`]).
     draw: bool,
+    /// Requests of at least [`SMALL`] values made while drawing that found
+    /// no buffer (each a fresh allocation, faulted in page by page).
+    misses: usize,
 }
 
 /// Requests under this many values (64 KiB) come from the allocator's
@@ -42,7 +45,15 @@ impl BufferPool {
             bytes: 0,
             cap_bytes,
             draw: false,
+            misses: 0,
         }
+    }
+
+    /// How many requests of at least [`SMALL`] values found no buffer while
+    /// drawing, over the pool's life: on a warm pool, a forward that
+    /// returns every buffer it was lent adds none.
+    pub(crate) fn misses(&self) -> usize {
+        self.misses
     }
 
     /// The smallest buffer with room for `len` values, if any; a small
@@ -57,12 +68,16 @@ impl BufferPool {
             return None;
         }
         let fits = |b: &Vec<f32>| b.capacity() >= len && (len >= SMALL || b.capacity() <= 4 * SMALL);
-        let (index, _) = self
+        let found = self
             .buffers
             .iter()
             .enumerate()
             .filter(|(_, b)| fits(b))
-            .min_by_key(|(_, b)| b.capacity())?;
+            .min_by_key(|(_, b)| b.capacity());
+        let Some((index, _)) = found else {
+            self.misses += usize::from(len >= SMALL);
+            return None;
+        };
         let buffer = self.buffers.swap_remove(index);
         self.bytes -= buffer.capacity() * 4;
         Some(buffer)

@@ -197,8 +197,11 @@ impl PointwiseConv {
                 s.dims()
             ),
             Some(s) if plane == 1 && shape.batch > 1 => {
+                // Back to the forward's pool after use, as `CpuConv::run_scaled`'s.
                 let scaled = super::super::plane::channel_scale(self.isa, &call.x, s)?;
-                return self.run_scaled(&scaled, call.residual.as_ref(), None);
+                let out = self.run_scaled(&scaled, call.residual.as_ref(), None);
+                crate::cpu::recycle::reclaim(scaled);
+                return out;
             }
             Some(s) => Some(s.contiguous()?),
             None => None,
