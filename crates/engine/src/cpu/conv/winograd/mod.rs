@@ -22,7 +22,7 @@ pub(crate) use f2::WinogradF2;
 pub(crate) use f4::WinogradF4;
 
 use super::{ConvShape, ConvSpec};
-use crate::cpu::data::{weight_buffer, with_cpu_f32};
+use crate::cpu::data::{weight_buffer, with_cpu_f32, SCRATCH_MAX_VALUES};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{Isa, Layout};
 use crate::machine::Machine;
@@ -44,9 +44,12 @@ const SKEW: usize = 16;
 /// F(4×4) convs at batch 10 (40 tiles, 5.9 MB of `V` and `M` against 38 MB
 /// of `U`) took 0.88-0.90× the time in one block as in two (blocks of 32
 /// tiles), the whole forward 0.98-0.99× (Intel Xeon VM, AVX-512, 2
-/// threads, alternating forwards).
+/// threads, alternating forwards). Never more than half the scratch a
+/// thread may take ([`SCRATCH_MAX_VALUES`]): a conv whose weights are that
+/// large still runs in cache-sized blocks rather than fail.
 fn tiles_per_block(cache_block: usize, total: usize, per_tile: usize, u_bytes: usize) -> usize {
-    match per_tile.checked_mul(total).is_some_and(|bytes| bytes <= u_bytes) {
+    let most = u_bytes.min(SCRATCH_MAX_VALUES / 2 * std::mem::size_of::<f32>());
+    match per_tile.checked_mul(total).is_some_and(|bytes| bytes <= most) {
         true => total.max(cache_block),
         false => cache_block,
     }

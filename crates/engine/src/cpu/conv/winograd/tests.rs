@@ -214,14 +214,18 @@ fn multi_block_and_split_paths() {
 }
 
 /// One block of all the tiles exactly where their `V` and `M` take no
-/// more than the weights; the cache's block otherwise, also where the
-/// product of the sizes overflows.
+/// more than the weights and half the scratch cap; the cache's block
+/// otherwise, also where the product of the sizes overflows.
 #[test]
 fn one_block_where_the_weights_outweigh_the_tiles() {
     assert_eq!(tiles_per_block(32, 40, 100, 4000), 40);
     assert_eq!(tiles_per_block(32, 40, 100, 3999), 32);
     assert_eq!(tiles_per_block(32, 20, 100, 4000), 32);
     assert_eq!(tiles_per_block(32, usize::MAX, 2, usize::MAX), 32);
+    // Weights past half the scratch cap: cache-sized blocks, as before.
+    let half_cap = crate::cpu::data::SCRATCH_MAX_VALUES / 2 * 4;
+    assert_eq!(tiles_per_block(32, 1000, half_cap / 1000, usize::MAX), 1000);
+    assert_eq!(tiles_per_block(32, 1000, half_cap / 1000 + 1, usize::MAX), 32);
 }
 
 #[test]
