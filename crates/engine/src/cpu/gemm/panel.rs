@@ -277,7 +277,7 @@ pub(super) mod x86 {
     /// the time at batch 10 (256 floats ahead: 0.93×; 2048 and 4096:
     /// 0.90-0.92×) and 0.90× at batch 1, ResNet34 b1 0.85×, ResNet50 b1
     /// 0.95× and b10 0.975×; MobileNetV2, MobileNetV3-Large and
-    /// EfficientNet-B0 at batch 1 and 10 level (0.99-1.02×). AVX2 forced:
+    /// EfficientNet-B0 at batch 1 and 10 level (0.98-1.02×). AVX2 forced:
     /// ResNet18 b1 0.95×, b10 0.97×.
     const U_AHEAD: usize = 1024;
 
