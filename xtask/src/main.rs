@@ -3,6 +3,7 @@
 
 mod bench_cmd;
 mod common;
+mod compare_cmd;
 mod export_cmd;
 mod graph_cmd;
 mod ir_cmd;
@@ -35,6 +36,8 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Per-op time breakdown of the engine.
     Profile(profile_cmd::ProfileArgs),
+    /// Two engine settings of one model timed in one process, forwards interleaved.
+    Compare(compare_cmd::CompareArgs),
     /// Save the (optimised) graph and its folded weights to a directory.
     Export(export_cmd::ExportArgs),
     /// Images/s with 1, 2, ... threads sharing one compiled model.
@@ -58,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Ir(args) => ir_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Profile(args) => profile_cmd::run(args),
+        Command::Compare(args) => compare_cmd::run(args),
         Command::Export(args) => export_cmd::run(args),
         Command::Throughput(args) => throughput_cmd::run(args),
         Command::Peak(args) => peak_cmd::run(args),

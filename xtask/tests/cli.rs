@@ -575,3 +575,35 @@ fn onnx_files_run_like_models() {
         "cannot read ONNX file",
     );
 }
+
+/// `compare` times two engine settings of one model interleaved and names
+/// the ratio; a setting it cannot take is a named error.
+#[test]
+fn compare_reports_the_ratio_and_refuses_bad_settings() {
+    let out = xtask_ok(&[
+        "compare",
+        "toy",
+        "--forwards",
+        "4",
+        "--warmup",
+        "1",
+        "--b-passes",
+        "none",
+        "--b-isa",
+        "scalar",
+    ]);
+    assert_contains(
+        &out.stdout,
+        &[
+            "A default, B passes none, isa scalar",
+            "B/A: ratio of medians",
+            "(4 pairs)",
+        ],
+    );
+    assert_fails(&["compare", "toy", "--b-isa", "neon"], "unknown CPU path `neon`");
+    assert_fails(
+        &["compare", "toy", "--b-batch-tiling", "maybe"],
+        "--b-batch-tiling takes `on` or `off`",
+    );
+    assert_fails(&["compare", "toy", "--b-weight-budget", "0.5"], "invalid weight budget");
+}
