@@ -56,13 +56,9 @@ fn variant_b(args: &CompareArgs, mut engine: Engine) -> Result<(Engine, Vec<Stri
         engine = engine.with_cpu_path(path)?;
         said.push(format!("isa {path}"));
     }
-    if let Some(budget) = &args.b_weight_budget {
-        let budget: WeightBudget = budget.parse()?;
-        engine = engine.with_weight_budget(budget);
-        said.push(format!(
-            "weight budget {}",
-            args.b_weight_budget.as_deref().unwrap_or_default()
-        ));
+    if let Some(given) = &args.b_weight_budget {
+        engine = engine.with_weight_budget(given.parse::<WeightBudget>()?);
+        said.push(format!("weight budget {given}"));
     }
     if let Some(tiling) = &args.b_batch_tiling {
         let on = match tiling.trim() {
