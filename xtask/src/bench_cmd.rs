@@ -303,11 +303,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     };
     let batch = shape[0];
-    let reference_scale = reference
-        .abs()?
-        .max_all()?
-        .to_dtype(candle_core::DType::F64)?
-        .to_scalar::<f64>()?;
+    let reference_scale = stats::abs_max(&reference)?;
 
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let input = dir.path().join("input.safetensors");
@@ -357,11 +353,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         let report: Value = serde_json::from_slice(&child.stdout).context("bench worker printed no result")?;
         let got = load_tensor(&output, "output", &device)?;
-        let max_abs_diff = (&got - &reference)?
-            .abs()?
-            .max_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
+        let max_abs_diff = stats::abs_max(&(&got - &reference)?)?;
         results.push(ModeResult {
             mode,
             samples: serde_json::from_value(report["samples_ms"].clone())?,

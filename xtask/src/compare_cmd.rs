@@ -122,11 +122,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         }
     }
     let (ya, yb) = (last_a.context("no forward of A")?, last_b.context("no forward of B")?);
-    let diff = (ya.to_dtype(candle_core::DType::F32)? - yb.to_dtype(candle_core::DType::F32)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
+    let diff = stats::abs_max(&(ya - yb)?)?;
     // The i-th forward of A against the i-th of B: neighbours in time.
     let pair_ratios: Vec<f64> = times_a.iter().zip(&times_b).map(|(a, b)| b / a).collect();
     let row = |name: &str, t: &[f64]| {

@@ -25,6 +25,15 @@ pub fn max(samples: &[f64]) -> f64 {
     samples.iter().copied().fold(f64::NEG_INFINITY, f64::max)
 }
 
+/// Largest |value| of a tensor, in f64: an output's scale, or with `a - b`
+/// the largest difference of two outputs.
+pub fn abs_max(t: &candle_core::Tensor) -> candle_core::Result<f64> {
+    t.abs()?
+        .max_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,6 +84,23 @@ impl IsaBody for Means<'_> {
     }
 }
 
+/// `f` on [`channel_scale`]`(isa, a, s)`, a step's own intermediate: its
+/// buffer, which may have come from the forward's pool, goes back there
+/// after `f` (dropped, the pool would lose it every forward:
+/// `cpu::recycle`). `f` must return fresh storage, as every CPU kernel
+/// does, never a view of the scaled input.
+pub(crate) fn on_channel_scaled<R>(
+    isa: Isa,
+    a: &Tensor,
+    s: &Tensor,
+    f: impl FnOnce(&Tensor) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let scaled = channel_scale(isa, a, s)?;
+    let out = f(&scaled);
+    super::recycle::reclaim(scaled);
+    out
+}
+
 /// `a · s` for CPU f32 `a` `[N, C, H, W]` and `s` `[N, C, 1, 1]`: every
 /// plane of `a` times its value of `s`.
 pub(crate) fn channel_scale(isa: Isa, a: &Tensor, s: &Tensor) -> candle_core::Result<Tensor> {

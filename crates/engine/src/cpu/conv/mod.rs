@@ -289,16 +289,7 @@ impl CpuConv {
         match (self, scale) {
             (_, None) => self.run(x, residual),
             (CpuConv::Pointwise(conv), scale) => conv.run_scaled(x, residual, scale),
-            (_, Some(scale)) => {
-                // The scaled input is this step's own intermediate (fresh
-                // storage no one else holds): its buffer, which may have
-                // come from the forward's pool, goes back there, or the
-                // pool would lose it every forward (`cpu::recycle`).
-                let scaled = super::plane::channel_scale(isa, x, scale)?;
-                let out = self.run(&scaled, residual);
-                crate::cpu::recycle::reclaim(scaled);
-                out
-            }
+            (_, Some(scale)) => super::plane::on_channel_scaled(isa, x, scale, |x| self.run(x, residual)),
         }
     }
 

@@ -197,11 +197,10 @@ impl PointwiseConv {
                 s.dims()
             ),
             Some(s) if plane == 1 && shape.batch > 1 => {
-                // Back to the forward's pool after use, as `CpuConv::run_scaled`'s.
-                let scaled = super::super::plane::channel_scale(self.isa, &call.x, s)?;
-                let out = self.run_scaled(&scaled, call.residual.as_ref(), None);
-                crate::cpu::recycle::reclaim(scaled);
-                return out;
+                let residual = call.residual.as_ref();
+                return super::super::plane::on_channel_scaled(self.isa, &call.x, s, |x| {
+                    self.run_scaled(x, residual, None)
+                });
             }
             Some(s) => Some(s.contiguous()?),
             None => None,
