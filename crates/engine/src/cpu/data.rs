@@ -1,7 +1,7 @@
 //! The memory wick's CPU kernels work in: a tensor's f32 data, an output
 //! buffer that tasks writing disjoint elements share, per-thread scratch
 //! reused across calls (no allocation, no page fault in a steady-state
-//! forward), and buffers for packed weights backed by huge pages.
+//! forward), and the advice that puts large buffers on huge pages.
 
 use candle_core::{bail, CpuStorage, Storage, Tensor};
 use std::cell::RefCell;
@@ -231,16 +231,6 @@ fn with_buffer<R>(
     Ok(result)
 }
 
-/// A zeroed buffer of `len` values for packed weights, which the kernel is
-/// asked to back with transparent huge pages ([`advise_huge_pages`]). At
-/// batch 1 a forward streams ~70 MB of packed weights once; 2 MiB pages
-/// need 1/512 of the TLB entries 4 KiB pages do.
-pub(crate) fn weight_buffer(len: usize) -> candle_core::Result<Vec<f32>> {
-    let buffer = zeroed(len, "packed weights")?;
-    advise_huge_pages(buffer.as_ptr(), len);
-    Ok(buffer)
-}
-
 /// Asks the kernel to back the whole pages of the allocation of `len`
 /// values at `start` with transparent huge pages (Linux, THP in `madvise`
 /// mode, as on the bench machine), if it spans at least one: before
@@ -248,7 +238,7 @@ pub(crate) fn weight_buffer(len: usize) -> candle_core::Result<Vec<f32>> {
 /// huge pages where the kernel can. Only advice, which changes how pages
 /// are backed, never their contents; where it is not taken (another OS,
 /// THP off, an allocation under 2 MiB) the memory is as allocated.
-pub(crate) fn advise_huge_pages(start: *const f32, len: usize) {
+pub(super) fn advise_huge_pages(start: *const f32, len: usize) {
     #[cfg(target_os = "linux")]
     {
         let (start, bytes) = (start as usize, len.saturating_mul(4));
@@ -339,17 +329,5 @@ mod tests {
         let err = super::zeroed(usize::MAX / 2, "test output").unwrap_err();
         assert!(err.to_string().contains("test output"), "{err}");
         assert_eq!(super::zeroed(3, "x").unwrap(), [0.0; 3]);
-    }
-
-    /// The buffer is zeroed and writable end to end, whatever backs it.
-    #[test]
-    fn weight_buffer_is_zeroed() {
-        for len in [0, 1, 1000, (3 << 20) + 17] {
-            let mut b = super::weight_buffer(len).unwrap();
-            assert_eq!(b.len(), len);
-            assert!(b.iter().all(|&v| v == 0.0));
-            b.iter_mut().for_each(|v| *v = 1.0);
-            assert!(b.iter().all(|&v| v == 1.0));
-        }
     }
 }

@@ -24,6 +24,7 @@ pub(crate) mod plane;
 pub(crate) mod pool;
 pub(crate) mod pool_window;
 pub(crate) mod recycle;
+pub(crate) mod weight_buffer;
 
 use crate::kernel::Slot;
 use candle_core::Tensor;

@@ -31,13 +31,14 @@
 //! read the whole input.
 
 use super::{output, ConvSpec};
-use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch, with_shared_scratch};
+use crate::cpu::data::{with_cpu_f32, with_scratch, with_shared_scratch};
 use crate::cpu::epilogue::{value, Epilogue};
 use crate::cpu::gemm::{
     pack_panels, pack_tiles, pack_tiles_parallel, panel_columns, panel_gemm_shared, panel_gemm_strided, Isa, Right,
     SharedRows, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS,
 };
 use crate::cpu::output::Output;
+use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
@@ -80,7 +81,7 @@ const PACK_MIN_MISALIGNED: usize = 4 * PANEL_ROWS;
 pub(crate) struct PointwiseConv {
     spec: ConvSpec,
     /// `[O_pad / 8][C][8]` ([`pack_panels`]).
-    packed: Vec<f32>,
+    packed: WeightBuffer,
     epilogue: Epilogue,
     isa: Isa,
     /// Bytes one column block's input and output aim to fit in: the L2.
@@ -130,7 +131,7 @@ impl PointwiseConv {
     ) -> candle_core::Result<Self> {
         let (rows, depth) = (spec.out_channels, spec.in_channels);
         let plain = Self::plain_weights(&spec, weight)?;
-        let mut packed = weight_buffer(rows.div_ceil(PANEL_ROWS) * PANEL_ROWS * depth)?;
+        let mut packed = WeightBuffer::zeroed(rows.div_ceil(PANEL_ROWS) * PANEL_ROWS * depth, "packed weights")?;
         pack_panels(&plain, rows, depth, &mut packed);
         Ok(Self {
             spec,

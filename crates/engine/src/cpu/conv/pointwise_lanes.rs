@@ -16,10 +16,11 @@
 //! measured: [`crate::cpu::POINTWISE_LANES_MAX_PLANE`].
 
 use super::{output, ConvSpec};
-use crate::cpu::data::{weight_buffer, with_cpu_f32, with_scratch};
+use crate::cpu::data::{with_cpu_f32, with_scratch};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{lane_gemm, pack_lanes, Isa, LaneProduct, LANES};
 use crate::cpu::output::Output;
+use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
 use rayon::prelude::*;
@@ -32,7 +33,7 @@ pub(crate) struct PointwiseLanes {
     /// Output channels rounded up to a whole lane group.
     padded_out: usize,
     /// [`pack_lanes`]'s layout: `[depth chunk][lane group][chunk depth][LANES]`.
-    packed: Vec<f32>,
+    packed: WeightBuffer,
     epilogue: Epilogue,
     isa: Isa,
 }
@@ -53,7 +54,7 @@ impl PointwiseLanes {
         let Some(len) = padded_out.checked_mul(depth) else {
             bail!("pointwise conv weight of {rows} x {depth} values is too large")
         };
-        let mut packed = weight_buffer(len)?;
+        let mut packed = WeightBuffer::zeroed(len, "packed weights")?;
         pack_lanes(&plain, rows, depth, &mut packed);
         Ok(Self {
             spec,

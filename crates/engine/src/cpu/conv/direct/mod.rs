@@ -17,7 +17,7 @@ mod phased;
 mod pooled;
 
 use super::{output, ConvShape, ConvSpec};
-use crate::cpu::data::{gather_strided, weight_buffer, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::data::{gather_strided, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{
     chunks_depth, lane_gemm, lane_gemm_part, panel_gemm, panel_gemm_shared, panel_gemm_strided, Isa, IsaBody,
@@ -25,6 +25,7 @@ use crate::cpu::gemm::{
 };
 use crate::cpu::output::Output;
 use crate::cpu::parallel::for_ranges;
+use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
 use phased::Phases;
@@ -61,7 +62,7 @@ pub(crate) struct DirectConv {
     /// Output channels rounded up to a whole panel (or lane group).
     padded_out: usize,
     layout: Layout,
-    packed: Vec<f32>,
+    packed: WeightBuffer,
     epilogue: Epilogue,
     /// A max pool applied to the convolution's output, if fused.
     pool: Option<MaxPool2dAttrs>,
@@ -173,7 +174,7 @@ impl DirectConv {
             )
         }
         let padded_out = layout.padded_rows(out_channels);
-        let mut packed = weight_buffer(padded_out * depth)?;
+        let mut packed = WeightBuffer::zeroed(padded_out * depth, "packed weights")?;
         layout.pack(&plain, out_channels, depth, &mut packed);
         Ok(Self {
             spec,

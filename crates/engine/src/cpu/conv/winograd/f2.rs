@@ -83,7 +83,7 @@ impl WinogradF2 {
             let padded_plane = padded_height * padded_width;
             let padded_len = shape.batch * channels * padded_plane;
             let per_tile = XI * (channels + self.w.padded_out) * 4;
-            let u_bytes = std::mem::size_of_val(self.w.u.as_slice());
+            let u_bytes = std::mem::size_of_val(&*self.w.u);
             let block = tiles_per_block(BLOCK_TILES, tiles.total, per_tile, u_bytes).min(tiles.total);
             let (v_len, m_len) = (XI * (channels * block + SKEW), XI * (self.w.padded_out * block + SKEW));
             // One scratch for all three: a nested `with_scratch` would

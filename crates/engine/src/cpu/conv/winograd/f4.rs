@@ -82,7 +82,7 @@ impl WinogradF4 {
     fn tile_block(&self, total: usize) -> usize {
         let per_tile = XI * (self.w.spec.in_channels + self.w.padded_out) * 4;
         let cache_block = ((self.block_bytes / per_tile) / PANEL_TILES).clamp(1, 8) * PANEL_TILES;
-        tiles_per_block(cache_block, total, per_tile, std::mem::size_of_val(self.w.u.as_slice()))
+        tiles_per_block(cache_block, total, per_tile, std::mem::size_of_val(&*self.w.u))
     }
 
     /// Distance between `V[ξ]` and `V[ξ + 1]` in a block of `cols` columns:

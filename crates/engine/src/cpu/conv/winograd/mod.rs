@@ -22,9 +22,10 @@ pub(crate) use f2::WinogradF2;
 pub(crate) use f4::WinogradF4;
 
 use super::{ConvShape, ConvSpec};
-use crate::cpu::data::{weight_buffer, with_cpu_f32, SCRATCH_MAX_VALUES};
+use crate::cpu::data::{with_cpu_f32, SCRATCH_MAX_VALUES};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{Isa, Layout};
+use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
 use wick_ir::Conv2dAttrs;
@@ -88,7 +89,7 @@ pub(crate) struct Packed {
     /// Output channels padded for the layout.
     padded_out: usize,
     /// `U[ξ]` (`[O, C]`) for each ξ, one after the other, packed for the layout.
-    u: Vec<f32>,
+    u: WeightBuffer,
     epilogue: Epilogue,
     isa: Isa,
 }
@@ -117,7 +118,7 @@ impl Packed {
         }
         let padded_out = layout.padded_rows(rows);
         let matrix = padded_out * depth;
-        let mut u = weight_buffer(N * matrix)?;
+        let mut u = WeightBuffer::zeroed(N * matrix, "packed weights")?;
         with_cpu_f32("winograd conv's weight", &weight.contiguous()?, None, |w, _| {
             for (kernel, w) in w.chunks_exact(9).enumerate() {
                 let (o, c) = (kernel / depth, kernel % depth);
