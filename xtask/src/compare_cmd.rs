@@ -40,6 +40,9 @@ pub struct CompareArgs {
     /// Variant B's batch tiling: `on` or `off` (A: on, or `WICK_BATCH_TILING`'s).
     #[arg(long, value_name = "on|off")]
     b_batch_tiling: Option<String>,
+    /// Variant B's spinning: `on` or `off` (A: on, or `WICK_SPIN`'s).
+    #[arg(long, value_name = "on|off")]
+    b_spin: Option<String>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -61,15 +64,23 @@ fn variant_b(args: &CompareArgs, mut engine: Engine) -> Result<(Engine, Vec<Stri
         said.push(format!("weight budget {given}"));
     }
     if let Some(tiling) = &args.b_batch_tiling {
-        let on = match tiling.trim() {
-            "on" => true,
-            "off" => false,
-            other => bail!("--b-batch-tiling takes `on` or `off`, got `{other}`"),
-        };
-        engine = engine.with_batch_tiling(on);
+        engine = engine.with_batch_tiling(on_off("--b-batch-tiling", tiling)?);
         said.push(format!("batch tiling {tiling}"));
     }
+    if let Some(spin) = &args.b_spin {
+        engine = engine.with_spinning(on_off("--b-spin", spin)?);
+        said.push(format!("spinning {spin}"));
+    }
     Ok((engine, said))
+}
+
+/// `on` or `off` given to `flag`, or an error naming the flag.
+fn on_off(flag: &str, given: &str) -> Result<bool> {
+    match given.trim() {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => bail!("{flag} takes `on` or `off`, got `{other}`"),
+    }
 }
 
 /// Which variant the `i`-th timed forward runs: A B B A, A B B A, …

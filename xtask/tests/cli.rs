@@ -605,5 +605,6 @@ fn compare_reports_the_ratio_and_refuses_bad_settings() {
         &["compare", "toy", "--b-batch-tiling", "maybe"],
         "--b-batch-tiling takes `on` or `off`",
     );
+    assert_fails(&["compare", "toy", "--b-spin", "fast"], "--b-spin takes `on` or `off`");
     assert_fails(&["compare", "toy", "--b-weight-budget", "0.5"], "invalid weight budget");
 }

@@ -9,6 +9,7 @@ use crate::expansion::{self, Expansions};
 use crate::kernel::{plan_cpu_convs, Kernel, Lowering};
 use crate::machine::Machine;
 use crate::plan::{InputSlot, Plan, Step};
+use crate::spin::SpinSwitch;
 use crate::tiling::{BatchTiling, TilingSwitch};
 use crate::CpuPath;
 use crate::EngineError;
@@ -30,6 +31,9 @@ pub struct Engine {
     /// Whether CPU forwards may run their leading steps a few images at a
     /// time, when not `WICK_BATCH_TILING`'s or the default (on).
     batch_tiling: Option<bool>,
+    /// Whether small CPU forwards keep the pool's other workers spinning
+    /// ([`Engine::with_spinning`]), when not `WICK_SPIN`'s or the default (on).
+    spinning: Option<bool>,
     /// Whether a CPU 1×1 conv read only by a channel-blocked depthwise
     /// conv runs inside it (on unless switched off).
     expansion_fusion: bool,
@@ -46,6 +50,7 @@ impl Engine {
             limits: Limits::default(),
             weight_budget: None,
             batch_tiling: None,
+            spinning: None,
             expansion_fusion: true,
         }
     }
@@ -85,6 +90,20 @@ impl Engine {
     pub fn with_batch_tiling(self, on: bool) -> Self {
         Self {
             batch_tiling: Some(on),
+            ..self
+        }
+    }
+
+    /// The same engine with spinning on (the default) or off. On, a CPU
+    /// forward small enough to run inside rayon's pool keeps the pool's
+    /// other workers taking its work until it ends, instead of letting
+    /// them sleep between kernels and waking them for the next (5-13%
+    /// of the time at batch 1 on a 2-core VM), at the cost of the CPU time
+    /// they would have slept through. Without it, `WICK_SPIN` (`on` or
+    /// `off`; a typed error at compile otherwise) or on.
+    pub fn with_spinning(self, on: bool) -> Self {
+        Self {
+            spinning: Some(on),
             ..self
         }
     }
@@ -303,12 +322,14 @@ impl Engine {
                 "batch tiling: the first steps run a few images at a time"
             );
         }
-        Ok(CompiledModel::new(
-            plan,
-            self.device.clone(),
-            machine.map(|m| m.isa.path()),
-            tiling,
-        ))
+        let spinning = match self.spinning {
+            Some(on) => on,
+            None => SpinSwitch::from_env()?.is_none_or(|s| s.0),
+        };
+        Ok(
+            CompiledModel::new(plan, self.device.clone(), machine.map(|m| m.isa.path()), tiling)
+                .with_spinning(spinning),
+        )
     }
 }
 

@@ -112,6 +112,12 @@ pub enum EngineError {
         /// The text given.
         given: String,
     },
+    /// `WICK_SPIN` was set to something else than `on` or `off`.
+    #[error("invalid spinning switch `{given}`; expected `on` or `off` (WICK_SPIN)")]
+    InvalidSpin {
+        /// The text given.
+        given: String,
+    },
     /// A candle operation failed while executing a node.
     #[error("candle error in node `%{node}`: {source}")]
     Candle {

@@ -40,6 +40,9 @@ pub struct CompiledModel {
     pool_cap: usize,
     /// Whether the leading steps run a few images at a time (CPU).
     tiling: Option<BatchTiling>,
+    /// Whether a forward run in the pool keeps the other workers spinning
+    /// (`crate::spin`).
+    spinning: bool,
 }
 
 impl CompiledModel {
@@ -60,7 +63,13 @@ impl CompiledModel {
             buffers: Arc::default(),
             pool_cap: peak.saturating_mul(2),
             tiling,
+            spinning: false,
         }
+    }
+
+    /// This model with spinning on or off ([`crate::Engine::with_spinning`]).
+    pub(crate) fn with_spinning(self, spinning: bool) -> Self {
+        Self { spinning, ..self }
     }
 
     /// The misses of the pool kept for the next forward (tests; see
@@ -148,7 +157,9 @@ impl CompiledModel {
         inputs: &[Tensor],
         profile: Option<&mut Vec<StepProfile>>,
     ) -> Result<Vec<Tensor>, EngineError> {
-        if self.run_in_pool {
+        if self.run_in_pool && self.spinning {
+            crate::spin::with_spinners(|| self.execute_pooled(inputs, profile))
+        } else if self.run_in_pool {
             rayon::scope(|_| self.execute_pooled(inputs, profile))
         } else {
             self.execute_pooled(inputs, profile)
@@ -775,6 +786,34 @@ mod tests {
             compiled.run(std::slice::from_ref(&x)).unwrap();
         }
         assert_eq!(compiled.pool_misses(), warm, "warm forwards allocated afresh");
+    }
+
+    /// A small forward computes the same values with the pool's workers
+    /// spinning as without, also with many forwards of it at once from
+    /// inside the pool, each handing out spinners.
+    #[test]
+    fn spinning_changes_no_value() {
+        use rayon::prelude::*;
+        use wick_models::{Model, ModelName, WeightSource};
+        let model = Model::load(ModelName::Resnet18, WeightSource::Random { seed: 5 }, &Device::Cpu).unwrap();
+        let shape = [1, 3, 64, 64];
+        let mut graph = model.trace(&shape).unwrap();
+        wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+        let spinning = Engine::cpu().with_spinning(true).compile(&graph).unwrap();
+        let still = Engine::cpu().with_spinning(false).compile(&graph).unwrap();
+        assert!(spinning.run_in_pool && spinning.spinning && !still.spinning);
+        let x = wick_models::random_input(2, &shape, &Device::Cpu).unwrap();
+        let want = still.run(std::slice::from_ref(&x)).unwrap().remove(0).to_vec2::<f32>().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let outputs: Vec<_> = pool.install(|| {
+            (0..6)
+                .into_par_iter()
+                .map(|_| spinning.run(std::slice::from_ref(&x)).unwrap().remove(0))
+                .collect()
+        });
+        for y in outputs {
+            assert_eq!(y.to_vec2::<f32>().unwrap(), want);
+        }
     }
 
     /// Clones share the plan (and so the packed weights) instead of copying it.

@@ -75,6 +75,7 @@ mod kernel;
 mod machine;
 mod plan;
 pub mod saved;
+mod spin;
 mod tiling;
 
 pub use batched::{BatchedModel, CacheStats};
@@ -84,6 +85,7 @@ pub use device::{parse_device, DeviceSpec};
 pub use error::EngineError;
 pub use exec::{CompiledModel, StepProfile, IN_POOL_MAX_ACTIVATION_BYTES};
 pub use machine::{CacheSizes, CpuPath, ISA_ENV};
+pub use spin::SPIN_ENV;
 pub use tiling::BATCH_TILING_ENV;
 
 /// Helpers shared by the engine's unit tests.

@@ -95,6 +95,16 @@ impl CpuPath {
     }
 }
 
+/// `true` for `on`, `false` for `off` (surrounding blanks ignored), `None`
+/// for anything else: the engine's on/off switches read this way.
+pub(crate) fn on_off(given: &str) -> Option<bool> {
+    match given.trim() {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
+}
+
 /// The value of environment variable `name` parsed as a `T`, if it is
 /// set: `T`'s typed error otherwise, also for text that is not Unicode
 /// (parsed lossily, so the error shows what was given).

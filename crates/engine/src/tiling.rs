@@ -50,11 +50,9 @@ impl FromStr for TilingSwitch {
     type Err = EngineError;
 
     fn from_str(given: &str) -> Result<Self, EngineError> {
-        match given.trim() {
-            "on" => Ok(Self(true)),
-            "off" => Ok(Self(false)),
-            _ => Err(EngineError::InvalidBatchTiling { given: given.into() }),
-        }
+        crate::machine::on_off(given)
+            .map(Self)
+            .ok_or_else(|| EngineError::InvalidBatchTiling { given: given.into() })
     }
 }
 

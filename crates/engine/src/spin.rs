@@ -1,0 +1,185 @@
+//! Keeping rayon's other workers awake through a small CPU forward, so
+//! each kernel's parallel loop finds them running instead of waking them.
+//!
+//! A small forward (ResNet18 at batch 1) runs on one of rayon's workers
+//! (`CompiledModel::execute_scheduled`) and splits each of its ~20-70
+//! kernels across the pool. Between two kernels the other workers run out
+//! of work, spin briefly and go to sleep; the next kernel's tasks then
+//! wait for them to be woken (a futex and, in a VM, an inter-processor
+//! interrupt): ResNet50 at batch 1 made ~90 context switches a forward.
+//! With spinning on, the forward first hands each other worker a job that
+//! keeps taking the pool's work ([`rayon::yield_now`]) until the forward
+//! ends, as ONNX Runtime's intra-op threads spin by default. Intel Xeon VM
+//! (2 threads), forwards alternating in one process, spinning / not:
+//! ResNet18 batch 1 0.94-0.95x the time, ResNet34 0.93-0.94x, ResNet50
+//! 0.95x, MobileNetV2 0.88-0.90x, MobileNetV3-Large 0.87-0.89x,
+//! EfficientNet-B0 0.89x. (Large forwards, which run on the caller's
+//! thread, gained nothing from it: 1.00-1.03x at batch 10.)
+//!
+//! A spinner never holds up a forward: one that starts on a thread that
+//! is itself running a forward (its own, or another forward's worker that
+//! took it while waiting in a join) returns at once, and one that has
+//! found no work for [`IDLE_MAX`] returns too, so two forwards sharing
+//! the pool can never wait on each other's spinners. The cost is CPU time
+//! the waiting workers would have slept through, during forwards only;
+//! `WICK_SPIN=off` (or [`crate::Engine::with_spinning`]) turns it off.
+
+use crate::EngineError;
+use std::cell::Cell;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// The environment variable that turns spinning `on` (the default) or
+/// `off` where the engine was not told ([`crate::Engine::with_spinning`]).
+pub const SPIN_ENV: &str = "WICK_SPIN";
+
+/// How long a spinner waits without finding work before it returns. The
+/// gaps between a small forward's parallel loops (a serial step, one
+/// worker finishing its share before the other) reach a few hundred
+/// microseconds: ResNet50 at batch 1 kept its gain with 0.5 and 2 ms and
+/// lost most of it with 0.1 ms (0.998x; 0.02 ms: 0.98x).
+const IDLE_MAX: Duration = Duration::from_millis(2);
+
+thread_local! {
+    /// Whether this thread is running a forward with spinners (which a
+    /// spinner must not hold up by spinning on top of it).
+    static IN_FORWARD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether spinning is on, as `WICK_SPIN` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SpinSwitch(pub(crate) bool);
+
+impl SpinSwitch {
+    /// The switch `WICK_SPIN` sets, if it is set: a typed error for
+    /// anything but `on` or `off`.
+    pub(crate) fn from_env() -> Result<Option<Self>, EngineError> {
+        crate::machine::parse_env(SPIN_ENV)
+    }
+}
+
+impl FromStr for SpinSwitch {
+    type Err = EngineError;
+
+    fn from_str(given: &str) -> Result<Self, EngineError> {
+        crate::machine::on_off(given)
+            .map(Self)
+            .ok_or_else(|| EngineError::InvalidSpin { given: given.into() })
+    }
+}
+
+/// Runs `forward` in a rayon scope (on a worker of the current pool) with
+/// a spinner handed to each other worker for as long as it runs; also
+/// when `forward` panics, the spinners stop and the panic goes on.
+pub(crate) fn with_spinners<R: Send>(forward: impl FnOnce() -> R + Send) -> R {
+    let done = AtomicBool::new(false);
+    let done = &done;
+    rayon::scope(|scope| {
+        for _ in 1..rayon::current_num_threads() {
+            scope.spawn(move |_| spin(done));
+        }
+        let _stop = Stop(done);
+        let _in_forward = InForward::enter();
+        forward()
+    })
+}
+
+/// Takes the pool's work until `done`, unless this thread runs a forward
+/// or no work came for [`IDLE_MAX`].
+fn spin(done: &AtomicBool) {
+    if IN_FORWARD.with(Cell::get) {
+        return;
+    }
+    let mut idle_since = Instant::now();
+    while !done.load(Ordering::Acquire) {
+        match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => idle_since = Instant::now(),
+            _ if idle_since.elapsed() > IDLE_MAX => return,
+            _ => std::hint::spin_loop(),
+        }
+    }
+}
+
+/// Tells the spinners to stop when dropped (at the end of the forward, or
+/// while a panic unwinds it).
+struct Stop<'a>(&'a AtomicBool);
+
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Marks this thread as running a forward until dropped (restoring what
+/// it was: forwards nest when one runs inside another's task).
+struct InForward(bool);
+
+impl InForward {
+    fn enter() -> Self {
+        Self(IN_FORWARD.with(|f| f.replace(true)))
+    }
+}
+
+impl Drop for InForward {
+    fn drop(&mut self) {
+        IN_FORWARD.with(|f| f.set(self.0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    /// `on` and `off` and nothing else.
+    #[test]
+    fn switch_parses_on_and_off_only() {
+        assert_eq!("on".parse::<SpinSwitch>().unwrap(), SpinSwitch(true));
+        assert_eq!(" off ".parse::<SpinSwitch>().unwrap(), SpinSwitch(false));
+        let err = "yes".parse::<SpinSwitch>().unwrap_err();
+        assert!(
+            matches!(&err, EngineError::InvalidSpin { given } if given == "yes"),
+            "{err}"
+        );
+        assert!(err.to_string().contains(SPIN_ENV), "{err}");
+    }
+
+    /// The work inside runs in full, with its parallel loops, and what it
+    /// returns comes back.
+    #[test]
+    fn runs_the_forward_and_its_parallel_work() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let sum: u64 = pool.install(|| with_spinners(|| (0..100_000u64).into_par_iter().sum()));
+        assert_eq!(sum, 100_000 * 99_999 / 2);
+    }
+
+    /// Many forwards at once on one pool, each from a worker and each
+    /// with spinners, all finish (no forward waits on another's spinners).
+    #[test]
+    fn concurrent_forwards_finish() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let sums: Vec<u64> = pool.install(|| {
+            (0..16u64)
+                .into_par_iter()
+                .map(|k| with_spinners(|| (0..10_000u64).into_par_iter().map(|i| i * k).sum()))
+                .collect()
+        });
+        for (k, sum) in sums.into_iter().enumerate() {
+            assert_eq!(sum, k as u64 * 10_000 * 9_999 / 2);
+        }
+    }
+
+    /// A forward that panics stops its spinners and passes the panic on,
+    /// rather than leaving the scope waiting for them.
+    #[test]
+    fn a_panicking_forward_stops_its_spinners() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let (caught, in_forward) = pool.install(|| {
+            let caught = std::panic::catch_unwind(|| with_spinners(|| -> u32 { panic!("forward failed") }));
+            (caught.is_err(), IN_FORWARD.with(Cell::get))
+        });
+        assert!(caught, "the panic did not come back");
+        assert!(!in_forward, "the thread still counts as running a forward");
+    }
+}
