@@ -151,7 +151,9 @@ impl CompiledModel {
     /// activations come from the caller's malloc arena: glibc gives each
     /// worker its own, and forwards alternating between two workers' arenas
     /// raised ResNet18's batch-10 peak RSS from 261 to 323 MiB for no speed.
-    /// From a thread already in the pool both run in place.
+    /// From a thread already in the pool both run in place. A small forward
+    /// with spinning on also keeps the pool's other workers taking its
+    /// work until it ends (`crate::spin`).
     fn execute_scheduled(
         &self,
         inputs: &[Tensor],
@@ -803,7 +805,12 @@ mod tests {
         let still = Engine::cpu().with_spinning(false).compile(&graph).unwrap();
         assert!(spinning.run_in_pool && spinning.spinning && !still.spinning);
         let x = wick_models::random_input(2, &shape, &Device::Cpu).unwrap();
-        let want = still.run(std::slice::from_ref(&x)).unwrap().remove(0).to_vec2::<f32>().unwrap();
+        let want = still
+            .run(std::slice::from_ref(&x))
+            .unwrap()
+            .remove(0)
+            .to_vec2::<f32>()
+            .unwrap();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let outputs: Vec<_> = pool.install(|| {
             (0..6)
