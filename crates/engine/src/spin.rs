@@ -10,11 +10,13 @@
 //! With spinning on, the forward first hands each other worker a job that
 //! keeps taking the pool's work ([`rayon::yield_now`]) until the forward
 //! ends, as ONNX Runtime's intra-op threads spin by default. Intel Xeon VM
-//! (2 threads), forwards alternating in one process, spinning / not:
-//! ResNet18 batch 1 0.94-0.95x the time, ResNet34 0.93-0.94x, ResNet50
-//! 0.95x, MobileNetV2 0.88-0.90x, MobileNetV3-Large 0.87-0.89x,
-//! EfficientNet-B0 0.89x. (Large forwards, which run on the caller's
-//! thread, gained nothing from it: 1.00-1.03x at batch 10.)
+//! (2 threads), forwards alternating in one process (a temporary switch,
+//! then `cargo xtask compare MODEL --batch 1 --b-spin off`), spinning /
+//! not: ResNet18 batch 1 0.93-0.95x the time, ResNet34 0.93-0.94x,
+//! ResNet50 0.94-0.96x, MobileNetV2 0.88-0.91x, MobileNetV3-Large
+//! 0.87-0.92x, EfficientNet-B0 0.89x; AVX2 forced, ResNet18 0.92x and
+//! MobileNetV2 0.91x. (Large forwards, which run on the caller's thread,
+//! gained nothing from spinners: 1.00-1.03x at batch 10.)
 //!
 //! A spinner never holds up a forward: one that starts on a thread that
 //! is itself running a forward (its own, or another forward's worker that
