@@ -74,11 +74,22 @@ pub(crate) fn scalar(activation: Activation, v: f32) -> f32 {
     }
 }
 
-/// `1 / (1 + e^-x)` in f32 with [`exp`]: within 1e-38 of 0 for very
-/// negative `x`, 1 for very positive, NaN for NaN.
+/// `1 / (1 + e^-x)` in f32 with [`exp`]: 0 where `1 + e^-x` reaches
+/// 2^126 (`x` below about -87.3, -inf included), whose reciprocal would
+/// be subnormal, as the SIMD paths' reciprocal estimates flush it (so
+/// SiLU of -inf is NaN on every path, as `x / (1 + e^-x)` is in PyTorch,
+/// not -inf on this one and NaN on those); 1 for very positive `x`, NaN
+/// for NaN.
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + exp(-x))
+    /// 2^126: from here on `1 / d` is subnormal.
+    const FLUSH: f32 = 8.507_059e37;
+    let d = 1.0 + exp(-x);
+    if d >= FLUSH {
+        0.0
+    } else {
+        1.0 / d
+    }
 }
 
 /// `e^x` in f32 without a library call, so the loops it is in vectorise
