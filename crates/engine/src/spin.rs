@@ -22,7 +22,7 @@
 //! is itself running a forward (its own, or another forward's worker that
 //! took it while waiting in a join) returns at once, and one that has
 //! found no work for [`IDLE_MAX`] returns too, so two forwards sharing
-//! the pool can never wait on each other's spinners. The cost is CPU time
+//! the pool can never wait on each other's spinners for longer. The cost is CPU time
 //! the waiting workers would have slept through, during forwards only;
 //! `WICK_SPIN=off` (or [`crate::Engine::with_spinning`]) turns it off.
 
@@ -39,9 +39,12 @@ pub const SPIN_ENV: &str = "WICK_SPIN";
 /// How long a spinner waits without finding work before it returns. The
 /// gaps between a small forward's parallel loops (a serial step, one
 /// worker finishing its share before the other) reach a few hundred
-/// microseconds: ResNet50 at batch 1 kept its gain with 0.5 and 2 ms and
-/// lost most of it with 0.1 ms (0.998x; 0.02 ms: 0.98x).
-const IDLE_MAX: Duration = Duration::from_millis(2);
+/// microseconds: ResNet50 at batch 1 kept its gain with 0.5 and 2 ms
+/// (0.958x, 0.951x the time) and lost most of it with 0.1 ms (0.998x;
+/// 0.02 ms: 0.98x). It also bounds the one wait a spinner can cause: with
+/// more than two workers, one that steals a spinner while it waits inside
+/// a task of the forward holds that task until the spinner returns.
+const IDLE_MAX: Duration = Duration::from_micros(500);
 
 thread_local! {
     /// Whether this thread is running a forward with spinners (which a
@@ -157,18 +160,21 @@ mod tests {
     }
 
     /// Many forwards at once on one pool, each from a worker and each
-    /// with spinners, all finish (no forward waits on another's spinners).
+    /// with spinners, all finish (no forward waits on another's spinners),
+    /// on two workers and on more than the machine has cores.
     #[test]
     fn concurrent_forwards_finish() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let sums: Vec<u64> = pool.install(|| {
-            (0..16u64)
-                .into_par_iter()
-                .map(|k| with_spinners(|| (0..10_000u64).into_par_iter().map(|i| i * k).sum()))
-                .collect()
-        });
-        for (k, sum) in sums.into_iter().enumerate() {
-            assert_eq!(sum, k as u64 * 10_000 * 9_999 / 2);
+        for threads in [2, 5] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let sums: Vec<u64> = pool.install(|| {
+                (0..16u64)
+                    .into_par_iter()
+                    .map(|k| with_spinners(|| (0..10_000u64).into_par_iter().map(|i| i * k).sum()))
+                    .collect()
+            });
+            for (k, sum) in sums.into_iter().enumerate() {
+                assert_eq!(sum, k as u64 * 10_000 * 9_999 / 2, "{threads} threads");
+            }
         }
     }
 
