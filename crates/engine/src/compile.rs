@@ -326,10 +326,13 @@ impl Engine {
             Some(on) => on,
             None => SpinSwitch::from_env()?.is_none_or(|s| s.0),
         };
-        Ok(
-            CompiledModel::new(plan, self.device.clone(), machine.map(|m| m.isa.path()), tiling)
-                .with_spinning(spinning),
-        )
+        Ok(CompiledModel::new(
+            plan,
+            self.device.clone(),
+            machine.map(|m| m.isa.path()),
+            tiling,
+            spinning,
+        ))
     }
 }
 

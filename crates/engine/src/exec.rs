@@ -41,7 +41,7 @@ pub struct CompiledModel {
     /// Whether the leading steps run a few images at a time (CPU).
     tiling: Option<BatchTiling>,
     /// Whether a forward run in the pool keeps the other workers spinning
-    /// (`crate::spin`).
+    /// (`crate::spin`, [`crate::Engine::with_spinning`]).
     spinning: bool,
 }
 
@@ -52,7 +52,13 @@ impl CompiledModel {
         &self.plan
     }
 
-    pub(crate) fn new(plan: Plan, device: Device, cpu_path: Option<CpuPath>, tiling: Option<BatchTiling>) -> Self {
+    pub(crate) fn new(
+        plan: Plan,
+        device: Device,
+        cpu_path: Option<CpuPath>,
+        tiling: Option<BatchTiling>,
+        spinning: bool,
+    ) -> Self {
         let peak = plan.peak_activation_bytes();
         let run_in_pool = device.is_cpu() && peak <= IN_POOL_MAX_ACTIVATION_BYTES;
         Self {
@@ -63,13 +69,8 @@ impl CompiledModel {
             buffers: Arc::default(),
             pool_cap: peak.saturating_mul(2),
             tiling,
-            spinning: false,
+            spinning,
         }
-    }
-
-    /// This model with spinning on or off ([`crate::Engine::with_spinning`]).
-    pub(crate) fn with_spinning(self, spinning: bool) -> Self {
-        Self { spinning, ..self }
     }
 
     /// The misses of the pool kept for the next forward (tests; see
