@@ -50,7 +50,7 @@ pub(crate) fn lane_index(padded: usize, depth: usize, row: usize, d: usize) -> u
 }
 
 /// Where the `kc`-deep chunk at depth `k0` of lane group `group` starts.
-fn chunk_offset(k0: usize, kc: usize, group: usize, padded_rows: usize) -> usize {
+pub(super) fn chunk_offset(k0: usize, kc: usize, group: usize, padded_rows: usize) -> usize {
     k0 * padded_rows + group * kc * LANES
 }
 

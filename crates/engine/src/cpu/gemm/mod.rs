@@ -8,6 +8,8 @@
 //! - [`lane`]: output channels on the vector lanes, weights streamed once
 //!   (few pixels: batch 1 at 7×7); Winograd F(2×2) and the direct conv's
 //!   lane layout.
+//! - [`lane_gathered`]: the lane product with the pixels read through a
+//!   table of offsets (the direct conv's lane layout without im2col).
 //! - [`gathered`]: the panel product with `V`'s rows read through a
 //!   table of offsets (the direct conv without im2col).
 //! - [`right`]: the panel product's right operand, row-major in place or
@@ -18,12 +20,14 @@
 pub(crate) mod columns;
 pub(crate) mod gathered;
 pub(crate) mod lane;
+pub(crate) mod lane_gathered;
 pub(crate) mod panel;
 pub(crate) mod right;
 
 pub(crate) use columns::panel_columns;
 pub(crate) use gathered::{panel_gemm_gathered, Gathered};
 pub(crate) use lane::{lane_gemm, lane_gemm_part, lane_index, pack_lanes, LaneProduct, LANES, LANE_CHUNK};
+pub(crate) use lane_gathered::{lane_gemm_gathered, LaneTile};
 pub(crate) use panel::{
     chunks_depth, pack_panels, panel_gemm, panel_gemm_shared, panel_gemm_strided, panel_index, SharedRows,
     StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES,

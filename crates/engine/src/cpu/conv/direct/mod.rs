@@ -11,7 +11,8 @@
 //! with the epilogue in registers (as the 1×1 conv does), and only the
 //! last partial panel and tile go through scratch. With a fused max pool
 //! (`pooled.rs`) the convolution's rows stay in scratch and only the pooled
-//! output is written.
+//! output is written. The lane layout reads the input's phases in place
+//! of im2col for kernels of more than one value (`phased.rs`).
 
 mod phased;
 mod pooled;
@@ -82,14 +83,15 @@ struct Segment {
     col: usize,
 }
 
-/// The least depth a lane-layout product shared by the threads is split
-/// at ([`lane_parts`]). Alternating forwards at batch 1 on the Intel Xeon
-/// VM, two threads: ResNet50's layer3.0.conv2 (2304 deep) 0.79-0.81× the
-/// time, layer4.0.conv2 (4608) 0.89-0.90×, ResNet18's layer4.0.conv1
-/// (2304) 0.96-0.97×; split at every depth, its layer3.0.conv1 (1152) was
-/// level and the 1×1 stride-2 downsamples (128-1024 deep) 1.12-1.52×
-/// slower (one part on one thread, or the parts' sums outweighing the
-/// product).
+/// The least depth a lane-layout product on im2col columns shared by the
+/// threads is split at ([`lane_parts`]; 1×1 kernels and strides the
+/// phases do not take, `phased.rs`). Measured when the 3×3 convs ran on
+/// im2col too, alternating forwards at batch 1 on the Intel Xeon VM, two
+/// threads: ResNet50's layer3.0.conv2 (2304 deep) 0.79-0.81× the time,
+/// layer4.0.conv2 (4608) 0.89-0.90×, ResNet18's layer4.0.conv1 (2304)
+/// 0.96-0.97×; split at every depth, its layer3.0.conv1 (1152) was level
+/// and the 1×1 stride-2 downsamples (128-1024 deep) 1.12-1.52× slower (one
+/// part on one thread, or the parts' sums outweighing the product).
 const LANE_SPLIT_DEPTH: usize = 2048;
 
 /// Parts of the depth a lane-layout block's product is split into
@@ -111,6 +113,32 @@ fn lane_parts(depth: usize, split: bool) -> usize {
 /// block's columns.
 fn groups(segments: &[Segment]) -> impl Iterator<Item = &[Segment]> {
     segments.chunk_by(|a, b| a.image == b.image)
+}
+
+/// Lane-layout products (`parts` sums of the depth, each
+/// `[O_pad / LANES][pixels][LANES]`, one after the other) back to rows of
+/// `m` (`[O_pad, cols]`, only the first `pixels` columns written), the
+/// parts added in order; a lane group per task.
+fn lanes_to_rows(partials: &[f32], parts: usize, pixels: usize, m: &mut [f32], cols: usize) {
+    let per_group = pixels * LANES;
+    let per_part = partials.len() / parts.max(1);
+    let groups = per_part / per_group.max(1);
+    m[..groups * LANES * cols]
+        .par_chunks_mut(LANES * cols)
+        .enumerate()
+        .for_each(|(group, m)| {
+            for k in 0..parts {
+                let t = &partials[k * per_part + group * per_group..][..per_group];
+                for (p, t) in t.chunks_exact(LANES).enumerate() {
+                    for (l, &value) in t.iter().enumerate() {
+                        match k {
+                            0 => m[l * cols + p] = value,
+                            _ => m[l * cols + p] += value,
+                        }
+                    }
+                }
+            }
+        });
 }
 
 /// One forward's context, shared by its blocks.
@@ -362,6 +390,15 @@ impl Run<'_> {
             // Products with a granule of room past the block's columns
             // for the last row's last tile.
             let m_cols = block.cols + PANEL_GRANULE;
+            if self.conv.layout == Layout::Lanes {
+                // The products before they go back to rows too.
+                let buf_len = phases.lane_buffer_len(self.conv, &block)?;
+                let m_len = self.conv.padded_out * (m_cols + block.pixels);
+                return with_scratch(buf_len.saturating_add(m_len), |scratch| {
+                    let (buf, m) = scratch.split_at_mut(buf_len);
+                    self.lane_phased(phases, &block, buf, m, m_cols)
+                })?;
+            }
             let buf_len = phases.buffer_len(self.conv, Phases::block_rows(&block))?;
             let m_len = self.conv.padded_out * m_cols;
             return with_scratch(buf_len + m_len, |scratch| {
@@ -369,7 +406,7 @@ impl Run<'_> {
                 self.phased(phases, &block, buf, m, m_cols)?;
                 let m = &*m;
                 for_ranges(out_channels, self.split, |channels| {
-                    self.epilogue(m, m_cols, &block, channels)
+                    self.epilogue(&m[channels.start * m_cols..], m_cols, &block, channels)
                 });
                 Ok(())
             })?;
@@ -384,7 +421,7 @@ impl Run<'_> {
             let m = &*m;
             // Split: channels in parallel, each writing its own output rows.
             for_ranges(out_channels, self.split, |channels| {
-                self.epilogue(m, block.cols, &block, channels)
+                self.epilogue(&m[channels.start * block.cols..], block.cols, &block, channels)
             });
         })
     }
@@ -455,7 +492,8 @@ impl Run<'_> {
     }
 
     /// The epilogue for output channels `channels` of a block (products
-    /// `m`, `[O_pad, m_cols]`), written to the block's output pixels.
+    /// `m`, `[channels, m_cols]` from the first of them), written to the
+    /// block's output pixels.
     /// Each image's pixels of the block are written in one call
     /// ([`groups`]), not an output row at a time (14 or 7 values, most of
     /// them in scalar tails, on ResNet's 14×14 and 7×7 planes at batch 1:
@@ -463,8 +501,8 @@ impl Run<'_> {
     /// alone, alternating, on the Intel Xeon VM).
     fn epilogue(&self, m: &[f32], m_cols: usize, block: &Block, channels: Range<usize>) {
         let s = &self.shape;
-        for o in channels {
-            let products = &m[o * m_cols..][..block.cols];
+        for o in channels.clone() {
+            let products = &m[(o - channels.start) * m_cols..][..block.cols];
             for run in groups(&block.segments) {
                 let (first, len) = (&run[0], run.iter().map(|seg| seg.x1 - seg.x0).sum::<usize>());
                 debug_assert!(run
@@ -574,22 +612,7 @@ impl Run<'_> {
                     lane_gemm(conv.isa, size, &conv.packed, v, t, first..first + t.len() / per_group);
                 });
         }
-        // Columns past `pixels` are never read; a lane group per task, the
-        // parts' sums added in part order.
-        let partials = &*partials;
-        m.par_chunks_mut(LANES * cols).enumerate().for_each(|(group, m)| {
-            for k in 0..parts {
-                let t = &partials[k * per_part + group * per_group..][..per_group];
-                for (p, t) in t.chunks_exact(LANES).enumerate() {
-                    for (l, &value) in t.iter().enumerate() {
-                        match k {
-                            0 => m[l * cols + p] = value,
-                            _ => m[l * cols + p] += value,
-                        }
-                    }
-                }
-            }
-        });
+        lanes_to_rows(&*partials, parts, pixels, m, cols);
     }
 
     /// `product(u, m, rows)` over the weights' panels (`m` `[O_pad,

@@ -1,0 +1,432 @@
+//! The lane product with the pixels' operand read in place through a
+//! table of offsets: `m[g][p][l] = Σ_d w[g·LANES + l][d] · data[table[d] +
+//! at(p)]`, the direct conv's lane layout without im2col. The conv's
+//! input is copied once into column phases (`conv::direct::phased`), in
+//! which row `d = (c, ky, kx)` of the im2col columns of an output row is a
+//! run of consecutive values at `table[d]` past the row's start; each
+//! micro-tile broadcasts its pixels from there (one or two output rows of
+//! consecutive pixels) as [`super::lane_gemm`] broadcasts them from the
+//! copied columns, in the same order of sums.
+
+use super::lane::{chunk_offset, LANES, LANE_CHUNK};
+use super::{Gathered, Isa};
+use std::ops::Range;
+
+/// Most pixels per AVX-512 tile (`2·pixels` accumulators of the 32).
+pub(crate) const AVX512_TILE: usize = 14;
+/// Most pixels per AVX2 tile (`2·pixels` accumulators of the 16, half a
+/// lane group at a time).
+pub(crate) const AVX2_TILE: usize = 6;
+
+/// Most pixels per tile on `isa`.
+pub(crate) fn max_tile(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => AVX512_TILE,
+        Isa::Avx2Fma | Isa::Scalar => AVX2_TILE,
+    }
+}
+
+/// A micro-tile: `rows` (1 or 2) runs of `width` consecutive pixels; run
+/// `j`'s pixel `i` reads `data[table[d] + start + j·pitch + i]` and is
+/// pixel `col + j·col_pitch + i` of the product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LaneTile {
+    pub(crate) start: usize,
+    pub(crate) pitch: usize,
+    pub(crate) col: usize,
+    pub(crate) col_pitch: usize,
+    pub(crate) width: usize,
+    pub(crate) rows: usize,
+}
+
+impl LaneTile {
+    /// The tile's furthest offset into the data past a table entry and its
+    /// last pixel, if they fit `usize`.
+    fn reach(&self) -> Option<(usize, usize)> {
+        let last = self.rows.checked_sub(1)?;
+        let within = self.width.checked_sub(1)?;
+        let data = last
+            .checked_mul(self.pitch)?
+            .checked_add(self.start)?
+            .checked_add(within)?;
+        let pixel = last
+            .checked_mul(self.col_pitch)?
+            .checked_add(self.col)?
+            .checked_add(within)?;
+        Some((data, pixel))
+    }
+}
+
+/// Lane groups `groups` of the product (see the module docs): `w` packed
+/// by [`super::pack_lanes`] with `rows` rows (a multiple of [`LANES`]) and
+/// depth `v.table.len()`, `m` `[groups.len()][pixels][LANES]`; each tile
+/// at most [`max_tile`] pixels; `isa` one of [`Isa::available`]. Panics
+/// when an operand is short or a tile out of bounds (checked arithmetic).
+pub(crate) fn lane_gemm_gathered(
+    isa: Isa,
+    (w, rows): (&[f32], usize),
+    v: Gathered,
+    tiles: &[LaneTile],
+    (m, pixels): (&mut [f32], usize),
+    groups: Range<usize>,
+) {
+    let depth = v.table.len();
+    assert!(rows.is_multiple_of(LANES) && groups.end <= rows / LANES);
+    assert!(rows.checked_mul(depth).is_some_and(|n| w.len() >= n));
+    assert!(groups
+        .len()
+        .checked_mul(pixels)
+        .and_then(|n| n.checked_mul(LANES))
+        .is_some_and(|n| m.len() >= n));
+    let far = v.table.iter().copied().max().unwrap_or(0);
+    for tile in tiles {
+        assert!((1..=2).contains(&tile.rows) && tile.width * tile.rows <= max_tile(isa));
+        let reach = tile.reach();
+        assert!(
+            reach
+                .is_some_and(|(data, pixel)| data.checked_add(far).is_some_and(|d| d < v.data.len()) && pixel < pixels),
+            "tile {tile:?} past its operands"
+        );
+    }
+    if depth == 0 {
+        m[..groups.len() * pixels * LANES].fill(0.0);
+        return;
+    }
+    for k0 in (0..depth).step_by(LANE_CHUNK) {
+        let kc = LANE_CHUNK.min(depth - k0);
+        let table = &v.table[k0..k0 + kc];
+        for (i, g) in groups.clone().enumerate() {
+            let wg = &w[chunk_offset(k0, kc, g, rows)..][..kc * LANES];
+            let mg = &mut m[i * pixels * LANES..][..pixels * LANES];
+            for (t, tile) in tiles.iter().enumerate() {
+                let chunk = Chunk {
+                    wg,
+                    table,
+                    data: v.data,
+                    first: k0 == 0,
+                    ahead: t == 0,
+                };
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `wg` has kc·LANES values; every value the tile
+                    // reads, `data[table[d] + start + j·pitch + i]`, and
+                    // writes, `mg[(col + j·col_pitch + i)·LANES..][..LANES]`,
+                    // lies within its slice (checked above); the tile has at
+                    // most AVX512_TILE pixels; the CPU has AVX-512F.
+                    Isa::Avx512 => unsafe { x86::tile_avx512(&chunk, tile, mg) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above, for AVX2 + FMA and AVX2_TILE.
+                    Isa::Avx2Fma => unsafe { x86::tile_avx2(&chunk, tile, mg) },
+                    _ => tile_scalar(&chunk, tile, mg),
+                }
+            }
+        }
+    }
+}
+
+/// One lane group's chunk of the depth: its weights (`kc·LANES`), the
+/// chunk's table entries; `first` starts the sums from zero, `ahead`
+/// prefetches the next chunk's weights.
+struct Chunk<'a> {
+    wg: &'a [f32],
+    table: &'a [usize],
+    data: &'a [f32],
+    first: bool,
+    ahead: bool,
+}
+
+/// One tile, one chunk: `mg[p][l] (+)= Σ_d wg[d][l] · data[table[d] + at(p)]`.
+fn tile_scalar(c: &Chunk<'_>, t: &LaneTile, mg: &mut [f32]) {
+    for j in 0..t.rows {
+        for i in 0..t.width {
+            let acc = &mut mg[(t.col + j * t.col_pitch + i) * LANES..][..LANES];
+            if c.first {
+                acc.fill(0.0);
+            }
+            for (d, &offset) in c.table.iter().enumerate() {
+                let a = c.data[offset + t.start + j * t.pitch + i];
+                for (acc, &w) in acc.iter_mut().zip(&c.wg[d * LANES..][..LANES]) {
+                    *acc += a * w;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Chunk, LaneTile, LANES};
+    use std::arch::x86_64::*;
+
+    /// [`super::tile_scalar`] on AVX-512F: dispatches the tile's shape.
+    ///
+    /// # Safety
+    /// AVX-512F; the operands as [`super::lane_gemm_gathered`] checks them,
+    /// at most [`super::AVX512_TILE`] pixels.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_avx512(c: &Chunk<'_>, t: &LaneTile, mg: &mut [f32]) {
+        let kc = c.table.len();
+        let (wp, tab) = (c.wg.as_ptr(), c.table.as_ptr());
+        // SAFETY: the caller upholds this function's `# Safety` contract;
+        // the pointers below are the tile's first value and pixel.
+        unsafe {
+            let dp = c.data.as_ptr().add(t.start);
+            let mp = mg.as_mut_ptr().add(t.col * LANES);
+            let (pitch, mpitch) = (t.pitch, t.col_pitch * LANES);
+            macro_rules! dispatch {
+                ($($w:literal $h:literal),*) => {
+                    match (t.width, t.rows, c.ahead) {
+                        $(($w, $h, true) => avx512::<$w, $h, true>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
+                          ($w, $h, false) => avx512::<$w, $h, false>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),)*
+                        _ => unreachable!("tile of {} x {} pixels", t.rows, t.width),
+                    }
+                };
+            }
+            dispatch!(1 1, 2 1, 3 1, 4 1, 5 1, 6 1, 7 1, 8 1, 9 1, 10 1, 11 1, 12 1, 13 1, 14 1,
+                      1 2, 2 2, 3 2, 4 2, 5 2, 6 2, 7 2);
+        }
+    }
+
+    /// `H` runs of `W` pixels × 32 lanes: `2·W·H` accumulators across the
+    /// chunk; per depth step two loads of weights and a broadcast per
+    /// pixel from its phase row. With `AHEAD`, the next chunk's weights
+    /// are prefetched into L2 as in the im2col product's first tile.
+    ///
+    /// # Safety
+    /// AVX-512F; reads `wp[..kc·32]`, `tab[..kc]`, `dp[tab[d] + j·pitch +
+    /// i]` for `j < H`, `i < W`, reads/writes `mp[j·mpitch + i·32..][..32]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx512<const W: usize, const H: usize, const AHEAD: bool>(
+        wp: *const f32,
+        tab: *const usize,
+        dp: *const f32,
+        pitch: usize,
+        mp: *mut f32,
+        mpitch: usize,
+        kc: usize,
+        first: bool,
+    ) {
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            let mut acc = [[[_mm512_setzero_ps(); 2]; W]; H];
+            if !first {
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let at = mp.add(j * mpitch + i * LANES);
+                        *acc = [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))];
+                    }
+                }
+            }
+            let ahead = kc * LANES;
+            let mut wp = wp;
+            for d in 0..kc {
+                if AHEAD {
+                    // Hints only: past the weights' end they are never
+                    // dereferenced (formed with wrapping_add).
+                    _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead + 16) as *const i8);
+                }
+                let row = dp.add(*tab.add(d));
+                let (w0, w1) = (_mm512_loadu_ps(wp), _mm512_loadu_ps(wp.add(16)));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let row = row.add(j * pitch);
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let a = _mm512_set1_ps(*row.add(i));
+                        acc[0] = _mm512_fmadd_ps(a, w0, acc[0]);
+                        acc[1] = _mm512_fmadd_ps(a, w1, acc[1]);
+                    }
+                }
+                wp = wp.add(LANES);
+            }
+            for (j, acc) in acc.iter().enumerate() {
+                for (i, acc) in acc.iter().enumerate() {
+                    let at = mp.add(j * mpitch + i * LANES);
+                    _mm512_storeu_ps(at, acc[0]);
+                    _mm512_storeu_ps(at.add(16), acc[1]);
+                }
+            }
+        }
+    }
+
+    /// [`super::tile_scalar`] on AVX2 + FMA, half a lane group (16 lanes)
+    /// at a time.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; the operands as [`super::lane_gemm_gathered`] checks
+    /// them, at most [`super::AVX2_TILE`] pixels.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2(c: &Chunk<'_>, t: &LaneTile, mg: &mut [f32]) {
+        let kc = c.table.len();
+        let tab = c.table.as_ptr();
+        // SAFETY: as in `tile_avx512`; each half reads its 16 lanes of the
+        // weights and products.
+        unsafe {
+            let dp = c.data.as_ptr().add(t.start);
+            let (pitch, mpitch) = (t.pitch, t.col_pitch * LANES);
+            for half in [0, 16] {
+                let (wp, mp) = (c.wg.as_ptr().add(half), mg.as_mut_ptr().add(t.col * LANES + half));
+                let ahead = c.ahead && half == 0;
+                macro_rules! dispatch {
+                    ($($w:literal $h:literal),*) => {
+                        match (t.width, t.rows, ahead) {
+                            $(($w, $h, true) => avx2::<$w, $h, true>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
+                              ($w, $h, false) => avx2::<$w, $h, false>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),)*
+                            _ => unreachable!("tile of {} x {} pixels", t.rows, t.width),
+                        }
+                    };
+                }
+                dispatch!(1 1, 2 1, 3 1, 4 1, 5 1, 6 1, 1 2, 2 2, 3 2);
+            }
+        }
+    }
+
+    /// `H` runs of `W` pixels × 16 lanes (two ymm per pixel), as
+    /// [`avx512`] on one half of the lane group.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; reads `wp[d·32..][..16]`, `tab[..kc]`, `dp[tab[d] +
+    /// j·pitch + i]`, reads/writes `mp[j·mpitch + i·32..][..16]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx2<const W: usize, const H: usize, const AHEAD: bool>(
+        wp: *const f32,
+        tab: *const usize,
+        dp: *const f32,
+        pitch: usize,
+        mp: *mut f32,
+        mpitch: usize,
+        kc: usize,
+        first: bool,
+    ) {
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            let mut acc = [[[_mm256_setzero_ps(); 2]; W]; H];
+            if !first {
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let at = mp.add(j * mpitch + i * LANES);
+                        *acc = [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))];
+                    }
+                }
+            }
+            let ahead = kc * LANES;
+            let mut wp = wp;
+            for d in 0..kc {
+                if AHEAD {
+                    // Hints only, as on AVX-512 (both halves' lines).
+                    _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead + 16) as *const i8);
+                }
+                let row = dp.add(*tab.add(d));
+                let (w0, w1) = (_mm256_loadu_ps(wp), _mm256_loadu_ps(wp.add(8)));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let row = row.add(j * pitch);
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let a = _mm256_broadcast_ss(&*row.add(i));
+                        acc[0] = _mm256_fmadd_ps(a, w0, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(a, w1, acc[1]);
+                    }
+                }
+                wp = wp.add(LANES);
+            }
+            for (j, acc) in acc.iter().enumerate() {
+                for (i, acc) in acc.iter().enumerate() {
+                    let at = mp.add(j * mpitch + i * LANES);
+                    _mm256_storeu_ps(at, acc[0]);
+                    _mm256_storeu_ps(at.add(8), acc[1]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::gemm::pack_lanes;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Every available path equals a plain loop (f64 sums) over the
+        /// gathered values within an f32 rounding bound, across chunk
+        /// boundaries, partial lane groups, every tile shape the path
+        /// takes and tiles of two runs.
+        #[test]
+        fn paths_match_plain_product(
+            out_rows in 1usize..70,
+            depth in 0usize..(2 * LANE_CHUNK + 9),
+            width in 1usize..=AVX512_TILE,
+            two in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let mut next = crate::test_util::uniform(seed);
+            let (pitch, data_len) = (23, 600);
+            let data: Vec<f32> = (0..data_len).map(|_| next()).collect();
+            let table: Vec<usize> = (0..depth).map(|d| (d * 37 + 11) % 500).collect();
+            let plain: Vec<f32> = (0..out_rows * depth).map(|_| next()).collect();
+            let padded = out_rows.div_ceil(LANES) * LANES;
+            let mut packed = vec![f32::NAN; padded * depth];
+            pack_lanes(&plain, out_rows, depth, &mut packed);
+            for isa in Isa::available() {
+                let max = max_tile(isa);
+                let rows = if two && 2 * width.min(max) <= max { 2 } else { 1 };
+                let tile_width = width.min(max / rows);
+                // Two tiles: one from value 3, one from value 40 (run 2
+                // `pitch` on), pixels 0.. and 2·tile_width.. of the product.
+                let tiles = [
+                    LaneTile { start: 3, pitch, col: 0, col_pitch: tile_width, width: tile_width, rows },
+                    LaneTile { start: 40, pitch, col: 2 * tile_width, col_pitch: tile_width, width: tile_width, rows },
+                ];
+                let pixels = 2 * tile_width + rows * tile_width;
+                let at = |t: &LaneTile, p: usize| t.start + p / t.width * t.pitch + p % t.width;
+                let mut m = vec![f32::NAN; padded * pixels];
+                let (first, rest) = m.split_at_mut(pixels * LANES);
+                let v = Gathered { data: &data, table: &table };
+                lane_gemm_gathered(isa, (&packed, padded), v, &tiles, (first, pixels), 0..1);
+                lane_gemm_gathered(isa, (&packed, padded), v, &tiles, (rest, pixels), 1..padded / LANES);
+                for tile in &tiles {
+                    for p in 0..tile.rows * tile.width {
+                        let pixel = tile.col + p / tile.width * tile.col_pitch + p % tile.width;
+                        for r in 0..padded {
+                            let got = f64::from(m[(r / LANES * pixels + pixel) * LANES + r % LANES]);
+                            if r >= out_rows {
+                                prop_assert_eq!(got, 0.0, "{:?} padding row {}", isa, r);
+                                continue;
+                            }
+                            let terms = (0..depth).map(|d| f64::from(plain[r * depth + d]) * f64::from(data[table[d] + at(tile, p)]));
+                            let want: f64 = terms.clone().sum();
+                            let bound = 1.01 * depth as f64 * f64::from(f32::EPSILON) * terms.map(f64::abs).sum::<f64>();
+                            prop_assert!((got - want).abs() <= bound, "{:?} r={} pixel={}: {} vs {}", isa, r, pixel, got, want);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A tile reaching past the data is refused, not read.
+    #[test]
+    #[should_panic(expected = "past its operands")]
+    fn tile_past_the_data_panics() {
+        let (data, table, w) = (vec![0f32; 10], vec![0usize, 5], vec![0f32; 2 * LANES]);
+        let tile = LaneTile {
+            start: 0,
+            pitch: 0,
+            col: 0,
+            col_pitch: 0,
+            width: 6,
+            rows: 1,
+        };
+        let mut m = vec![0f32; 6 * LANES];
+        let v = Gathered {
+            data: &data,
+            table: &table,
+        };
+        lane_gemm_gathered(Isa::Scalar, (&w, LANES), v, &[tile], (&mut m, 6), 0..1);
+    }
+}
