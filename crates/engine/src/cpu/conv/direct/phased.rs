@@ -333,10 +333,12 @@ impl Run<'_> {
 }
 
 /// Micro-tiles of at most `max` pixels over one image's segments (in
-/// the phases, output row `y` starts `pitch` values after row `y - 1`):
-/// two rows at once where consecutive segments cover the same columns
-/// and both fit a tile (ResNet's 7-wide rows at batch 1), otherwise each
-/// segment in tiles of equal width (no tiny remainder).
+/// the phases, output row `y` starts `pitch` values after row `y - 1`),
+/// each segment cut in tiles of equal width (no tiny remainder): two rows
+/// at once where consecutive segments cover the same columns and that
+/// takes fewer tiles (ResNet's 7-wide rows at batch 1: one tile of 2 × 7
+/// on AVX-512, three of 2 × 3 or 2 × 2 on AVX2 against four of 4 or 3;
+/// its 14-wide rows on AVX2: five of 2 × 3 or 2 × 2 against six).
 fn lane_tiles(group: &[Segment], pitch: usize, max: usize) -> Vec<LaneTile> {
     let y0 = group.first().map_or(0, |s| s.y);
     let mut tiles = Vec::new();
@@ -344,23 +346,17 @@ fn lane_tiles(group: &[Segment], pitch: usize, max: usize) -> Vec<LaneTile> {
     while k < group.len() {
         let seg = group[k];
         let width = seg.x1 - seg.x0;
-        let start = (seg.y - y0) * pitch + seg.x0;
-        let pair = group
+        let single = width.div_ceil(max.max(1));
+        let paired = width.div_ceil((max / 2).max(1));
+        let next = group
             .get(k + 1)
-            .filter(|next| next.y == seg.y + 1 && (next.x0, next.x1) == (seg.x0, seg.x1) && 2 * width <= max);
-        if let Some(next) = pair {
-            tiles.push(LaneTile {
-                start,
-                pitch,
-                col: seg.col,
-                col_pitch: next.col - seg.col,
-                width,
-                rows: 2,
-            });
-            k += 2;
-            continue;
-        }
-        let count = width.div_ceil(max);
+            .filter(|next| next.y == seg.y + 1 && (next.x0, next.x1) == (seg.x0, seg.x1) && max >= 2)
+            .filter(|_| paired < 2 * single);
+        let (count, rows, col_pitch) = match next {
+            Some(next) => (paired, 2, next.col - seg.col),
+            None => (single, 1, 0),
+        };
+        let start = (seg.y - y0) * pitch + seg.x0;
         let mut x = 0;
         for t in 0..count {
             let w = (width - x).div_ceil(count - t);
@@ -368,13 +364,13 @@ fn lane_tiles(group: &[Segment], pitch: usize, max: usize) -> Vec<LaneTile> {
                 start: start + x,
                 pitch,
                 col: seg.col + x,
-                col_pitch: 0,
+                col_pitch,
                 width: w,
-                rows: 1,
+                rows,
             });
             x += w;
         }
-        k += 1;
+        k += rows;
     }
     tiles
 }
@@ -513,8 +509,9 @@ mod tests {
     }
 
     /// Tiles: ResNet's 7-wide rows two at a time on AVX-512 (the last row
-    /// alone), 14-wide rows one tile each, 30-wide rows in equal tiles,
-    /// a segment that starts inside a row alone.
+    /// alone) and on AVX2 (in three tiles), 14-wide rows one tile each on
+    /// AVX-512, 30-wide rows in equal tiles, rows a whole number of tiles
+    /// wide one at a time, a segment that starts inside a row alone.
     #[test]
     fn lane_tiles_pair_narrow_rows() {
         let seg = |y, x0, x1, col| Segment {
@@ -530,6 +527,15 @@ mod tests {
         let pair = lane_tiles(&rows(7, 2), 100, 14)[0];
         assert_eq!((pair.start, pair.pitch, pair.col_pitch), (0, 100, 7));
         assert_eq!(shapes(lane_tiles(&rows(14, 2), 100, 14)), [(0, 14, 1), (14, 14, 1)]);
+        // AVX2's 6-pixel tiles: 7-wide rows as 2 × 3, 2 × 2, 2 × 2.
+        assert_eq!(
+            shapes(lane_tiles(&rows(7, 2), 100, 6)),
+            [(0, 3, 2), (3, 2, 2), (5, 2, 2)]
+        );
+        assert_eq!(
+            shapes(lane_tiles(&rows(12, 2), 100, 6)),
+            [(0, 6, 1), (6, 6, 1), (12, 6, 1), (18, 6, 1)]
+        );
         assert_eq!(
             shapes(lane_tiles(&rows(30, 1), 100, 14)),
             [(0, 10, 1), (10, 10, 1), (20, 10, 1)]
