@@ -74,16 +74,16 @@ pub(crate) fn scalar(activation: Activation, v: f32) -> f32 {
     }
 }
 
+/// 2^126: from here on `1 / d` is subnormal, and sigmoid is 0 on every path.
+const FLUSH: f32 = 8.507_059e37;
+
 /// `1 / (1 + e^-x)` in f32 with [`exp`]: 0 where `1 + e^-x` reaches
-/// 2^126 (`x` below about -87.3, -inf included), whose reciprocal would
-/// be subnormal, as the SIMD paths' reciprocal estimates flush it (so
-/// SiLU of -inf is NaN on every path, as `x / (1 + e^-x)` is in PyTorch,
-/// not -inf on this one and NaN on those); 1 for very positive `x`, NaN
-/// for NaN.
+/// [`FLUSH`] (`x` below about -87.3, -inf included), whose reciprocal
+/// would be subnormal, on every path (AVX2's reciprocal estimate flushes
+/// it, AVX-512's is made to; so SiLU of -inf is NaN on every path, as `x
+/// / (1 + e^-x)` is in PyTorch); 1 for very positive `x`, NaN for NaN.
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    /// 2^126: from here on `1 / d` is subnormal.
-    const FLUSH: f32 = 8.507_059e37;
     let d = 1.0 + exp(-x);
     if d >= FLUSH {
         0.0
@@ -140,7 +140,8 @@ pub(crate) fn exp(x: f32) -> f32 {
 macro_rules! vector_sigmoid {
     ($exp:ident, $sigmoid:ident, $feature:literal, $vector:ty, $set1:ident, $set1_epi32:ident,
      $add:ident, $sub:ident, $mul:ident, $fmadd:ident, $fnmadd:ident, $rcp:ident, $max:ident, $min:ident,
-     $add_epi32:ident, $sub_epi32:ident, $slli_epi32:ident, $to_bits:ident, $from_bits:ident, $keep_nan:ident) => {
+     $add_epi32:ident, $sub_epi32:ident, $slli_epi32:ident, $to_bits:ident, $from_bits:ident, $keep_nan:ident,
+     $flush:ident) => {
         /// [`crate::cpu::activation::exp`] on every lane.
         #[inline]
         #[target_feature(enable = $feature)]
@@ -166,14 +167,16 @@ macro_rules! vector_sigmoid {
 
         /// [`crate::cpu::activation::sigmoid`] on every lane (`-x` as `0 - x`: the same but for
         /// the sign of a zero, which `exp` does not see): `y ≈ 1 / d` from
-        /// the estimate, then `y + y·(1 - d·y)`.
+        /// the estimate, then `y + y·(1 - d·y)`, and 0 where `d` reaches
+        /// 2^126, as the scalar form: AVX2's estimate flushes a subnormal
+        /// reciprocal to 0 there, AVX-512's does not.
         #[inline]
         #[target_feature(enable = $feature)]
         pub(crate) fn $sigmoid(x: $vector) -> $vector {
             let one = $set1(1.0);
             let d = $add(one, $exp($sub($set1(0.0), x)));
             let y = $rcp(d);
-            $fmadd($fnmadd(d, y, one), y, y)
+            $flush(d, $fmadd($fnmadd(d, y, one), y, y))
         }
     };
 }
@@ -189,6 +192,23 @@ mod x86 {
         _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x), v, x)
     }
 
+    /// 0 in the lanes where `d` is at least [`super::FLUSH`], `y` elsewhere
+    /// (NaN lanes of `d` keep `y`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn flush_avx512(d: __m512, y: __m512) -> __m512 {
+        let big = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(d, _mm512_set1_ps(super::FLUSH));
+        _mm512_mask_blend_ps(big, y, _mm512_setzero_ps())
+    }
+
+    /// As [`flush_avx512`], 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn flush_avx2(d: __m256, y: __m256) -> __m256 {
+        let big = _mm256_cmp_ps::<_CMP_GE_OQ>(d, _mm256_set1_ps(super::FLUSH));
+        _mm256_blendv_ps(y, _mm256_setzero_ps(), big)
+    }
+
     /// As [`keep_nan_avx512`], 8 lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -201,13 +221,13 @@ mod x86 {
         _mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, _mm512_fmadd_ps, _mm512_fnmadd_ps, _mm512_rcp14_ps,
         _mm512_max_ps, _mm512_min_ps,
         _mm512_add_epi32, _mm512_sub_epi32, _mm512_slli_epi32, _mm512_castps_si512, _mm512_castsi512_ps,
-        keep_nan_avx512);
+        keep_nan_avx512, flush_avx512);
     #[rustfmt::skip]
     vector_sigmoid!(exp_avx2, sigmoid_avx2, "avx2,fma", __m256, _mm256_set1_ps, _mm256_set1_epi32,
         _mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_fmadd_ps, _mm256_fnmadd_ps, _mm256_rcp_ps,
         _mm256_max_ps, _mm256_min_ps,
         _mm256_add_epi32, _mm256_sub_epi32, _mm256_slli_epi32, _mm256_castps_si256, _mm256_castsi256_ps,
-        keep_nan_avx2);
+        keep_nan_avx2, flush_avx2);
 
     #[cfg(test)]
     mod tests {
@@ -275,6 +295,40 @@ mod x86 {
                         );
                     }
                 }
+            }
+        }
+
+        /// Where `1 + e^-x` reaches 2^126 (-87.4 and below, -inf) sigmoid
+        /// is exactly 0 on both paths and the scalar form, not a
+        /// subnormal on some (AVX-512's estimate keeps them, AVX2's
+        /// flushes them: the fused max pool's SiLU of -inf differed
+        /// between paths); NaN stays NaN; just above, a normal value.
+        #[test]
+        fn sigmoid_flushes_to_zero_on_every_path() {
+            let x = [-87.4f32, -88.0, -100.0, -1e30, f32::NEG_INFINITY, -87.0, f32::NAN, 0.0];
+            assert!(x[..5].iter().all(|&v| sigmoid(v) == 0.0) && sigmoid(-87.0) > 0.0 && sigmoid(f32::NAN).is_nan());
+            for isa in Isa::available() {
+                let mut got = [0f32; 16];
+                let mut lanes = [0.5f32; 16];
+                lanes[..8].copy_from_slice(&x);
+                match isa {
+                    // SAFETY: the path's features are present (`Isa::available`).
+                    Isa::Avx512 => unsafe {
+                        _mm512_storeu_ps(got.as_mut_ptr(), sigmoid_avx512(_mm512_loadu_ps(lanes.as_ptr())));
+                    },
+                    // SAFETY: as above.
+                    Isa::Avx2Fma => unsafe {
+                        _mm256_storeu_ps(got.as_mut_ptr(), sigmoid_avx2(_mm256_loadu_ps(lanes.as_ptr())));
+                    },
+                    _ => continue,
+                }
+                assert!(got[..5].iter().all(|&g| g == 0.0), "{isa:?}: {:?}", &got[..5]);
+                assert!(
+                    got[5] >= f32::MIN_POSITIVE && got[6].is_nan(),
+                    "{isa:?}: {:?}",
+                    &got[5..7]
+                );
+                assert!((got[7] - 0.5).abs() < 1e-6, "{isa:?}: sigmoid(0) = {}", got[7]);
             }
         }
     }
