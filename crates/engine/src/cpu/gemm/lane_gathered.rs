@@ -187,69 +187,6 @@ mod x86 {
         }
     }
 
-    /// `H` runs of `W` pixels × 32 lanes: `2·W·H` accumulators across the
-    /// chunk; per depth step two loads of weights and a broadcast per
-    /// pixel from its phase row. With `AHEAD`, the next chunk's weights
-    /// are prefetched into L2 as in the im2col product's first tile.
-    ///
-    /// # Safety
-    /// AVX-512F; reads `wp[..kc·32]`, `tab[..kc]`, `dp[tab[d] + j·pitch +
-    /// i]` for `j < H`, `i < W`, reads/writes `mp[j·mpitch + i·32..][..32]`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn avx512<const W: usize, const H: usize, const AHEAD: bool>(
-        wp: *const f32,
-        tab: *const usize,
-        dp: *const f32,
-        pitch: usize,
-        mp: *mut f32,
-        mpitch: usize,
-        kc: usize,
-        first: bool,
-    ) {
-        // SAFETY: the caller upholds this function's `# Safety` contract.
-        unsafe {
-            let mut acc = [[[_mm512_setzero_ps(); 2]; W]; H];
-            if !first {
-                for (j, acc) in acc.iter_mut().enumerate() {
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let at = mp.add(j * mpitch + i * LANES);
-                        *acc = [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))];
-                    }
-                }
-            }
-            let ahead = kc * LANES;
-            let mut wp = wp;
-            for d in 0..kc {
-                if AHEAD {
-                    // Hints only: past the weights' end they are never
-                    // dereferenced (formed with wrapping_add).
-                    _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead + 16) as *const i8);
-                }
-                let row = dp.add(*tab.add(d));
-                let (w0, w1) = (_mm512_loadu_ps(wp), _mm512_loadu_ps(wp.add(16)));
-                for (j, acc) in acc.iter_mut().enumerate() {
-                    let row = row.add(j * pitch);
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let a = _mm512_set1_ps(*row.add(i));
-                        acc[0] = _mm512_fmadd_ps(a, w0, acc[0]);
-                        acc[1] = _mm512_fmadd_ps(a, w1, acc[1]);
-                    }
-                }
-                wp = wp.add(LANES);
-            }
-            for (j, acc) in acc.iter().enumerate() {
-                for (i, acc) in acc.iter().enumerate() {
-                    let at = mp.add(j * mpitch + i * LANES);
-                    _mm512_storeu_ps(at, acc[0]);
-                    _mm512_storeu_ps(at.add(16), acc[1]);
-                }
-            }
-        }
-    }
-
     /// [`super::tile_scalar`] on AVX2 + FMA, half a lane group (16 lanes)
     /// at a time.
     ///
@@ -282,65 +219,83 @@ mod x86 {
         }
     }
 
-    /// `H` runs of `W` pixels × 16 lanes (two ymm per pixel), as
-    /// [`avx512`] on one half of the lane group.
-    ///
-    /// # Safety
-    /// AVX2 and FMA; reads `wp[d·32..][..16]`, `tab[..kc]`, `dp[tab[d] +
-    /// j·pitch + i]`, reads/writes `mp[j·mpitch + i·32..][..16]`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn avx2<const W: usize, const H: usize, const AHEAD: bool>(
-        wp: *const f32,
-        tab: *const usize,
-        dp: *const f32,
-        pitch: usize,
-        mp: *mut f32,
-        mpitch: usize,
-        kc: usize,
-        first: bool,
-    ) {
-        // SAFETY: the caller upholds this function's `# Safety` contract.
-        unsafe {
-            let mut acc = [[[_mm256_setzero_ps(); 2]; W]; H];
-            if !first {
-                for (j, acc) in acc.iter_mut().enumerate() {
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let at = mp.add(j * mpitch + i * LANES);
-                        *acc = [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))];
+    /// Defines `$name::<W, H, AHEAD>`: `H` runs of `W` pixels × two
+    /// vectors of `$lanes` lanes (`2·W·H` accumulators across the chunk);
+    /// per depth step two loads of weights and a broadcast per pixel from
+    /// its phase row. With `AHEAD`, the next chunk's weights are prefetched
+    /// into L2 as in the im2col product's first tile (both halves' lines
+    /// on AVX2, from its first half). The one body both paths share: on
+    /// AVX-512 one call covers the 32 lanes of a group, on AVX2 one half.
+    macro_rules! micro_tile {
+        ($name:ident, $feature:literal, $lanes:expr, $zero:ident, $load:ident, $splat:ident,
+         $fmadd:ident, $store:ident) => {
+            /// # Safety
+            /// The path's features; reads `wp[d·32..][..2·lanes]`,
+            /// `tab[..kc]`, `dp[tab[d] + j·pitch + i]` for `j < H`, `i <
+            /// W`, reads/writes `mp[j·mpitch + i·32..][..2·lanes]`.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn $name<const W: usize, const H: usize, const AHEAD: bool>(
+                wp: *const f32,
+                tab: *const usize,
+                dp: *const f32,
+                pitch: usize,
+                mp: *mut f32,
+                mpitch: usize,
+                kc: usize,
+                first: bool,
+            ) {
+                // SAFETY: the caller upholds this function's `# Safety` contract.
+                unsafe {
+                    let mut acc = [[[$zero(); 2]; W]; H];
+                    if !first {
+                        for (j, acc) in acc.iter_mut().enumerate() {
+                            for (i, acc) in acc.iter_mut().enumerate() {
+                                let at = mp.add(j * mpitch + i * LANES);
+                                *acc = [$load(at), $load(at.add($lanes))];
+                            }
+                        }
+                    }
+                    let ahead = kc * LANES;
+                    let mut wp = wp;
+                    for d in 0..kc {
+                        if AHEAD {
+                            // Hints only: past the weights' end they are never
+                            // dereferenced (formed with wrapping_add).
+                            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead + 16) as *const i8);
+                        }
+                        let row = dp.add(*tab.add(d));
+                        let (w0, w1) = ($load(wp), $load(wp.add($lanes)));
+                        for (j, acc) in acc.iter_mut().enumerate() {
+                            let row = row.add(j * pitch);
+                            for (i, acc) in acc.iter_mut().enumerate() {
+                                let a = $splat(*row.add(i));
+                                acc[0] = $fmadd(a, w0, acc[0]);
+                                acc[1] = $fmadd(a, w1, acc[1]);
+                            }
+                        }
+                        wp = wp.add(LANES);
+                    }
+                    for (j, acc) in acc.iter().enumerate() {
+                        for (i, acc) in acc.iter().enumerate() {
+                            let at = mp.add(j * mpitch + i * LANES);
+                            $store(at, acc[0]);
+                            $store(at.add($lanes), acc[1]);
+                        }
                     }
                 }
             }
-            let ahead = kc * LANES;
-            let mut wp = wp;
-            for d in 0..kc {
-                if AHEAD {
-                    // Hints only, as on AVX-512 (both halves' lines).
-                    _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead + 16) as *const i8);
-                }
-                let row = dp.add(*tab.add(d));
-                let (w0, w1) = (_mm256_loadu_ps(wp), _mm256_loadu_ps(wp.add(8)));
-                for (j, acc) in acc.iter_mut().enumerate() {
-                    let row = row.add(j * pitch);
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let a = _mm256_broadcast_ss(&*row.add(i));
-                        acc[0] = _mm256_fmadd_ps(a, w0, acc[0]);
-                        acc[1] = _mm256_fmadd_ps(a, w1, acc[1]);
-                    }
-                }
-                wp = wp.add(LANES);
-            }
-            for (j, acc) in acc.iter().enumerate() {
-                for (i, acc) in acc.iter().enumerate() {
-                    let at = mp.add(j * mpitch + i * LANES);
-                    _mm256_storeu_ps(at, acc[0]);
-                    _mm256_storeu_ps(at.add(8), acc[1]);
-                }
-            }
-        }
+        };
     }
+
+    #[rustfmt::skip]
+    micro_tile!(avx512, "avx512f", 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps,
+        _mm512_storeu_ps);
+    #[rustfmt::skip]
+    micro_tile!(avx2, "avx2,fma", 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps,
+        _mm256_storeu_ps);
 }
 
 #[cfg(test)]

@@ -406,6 +406,59 @@ mod tests {
     use proptest::prelude::*;
     use wick_ir::{Activation, Conv2dAttrs, MaxPool2dAttrs};
 
+    /// A random conv case and candle's output for it (the residual, if
+    /// any, added before the activation).
+    struct Case {
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        r: Option<Tensor>,
+        attrs: Conv2dAttrs,
+        want: Tensor,
+    }
+
+    impl Case {
+        /// `[batch, channels, outputs, oh, ow]` with a `[kh, kw]` kernel
+        /// at `[stride, dilation]` on both axes and padding `[py, px]`;
+        /// `None` where the padding is wider than the input.
+        fn new(
+            [batch, channels, outputs, oh, ow]: [usize; 5],
+            [kh, kw]: [usize; 2],
+            [stride, dilation]: [usize; 2],
+            [py, px]: [usize; 2],
+            residual: bool,
+            activation: Option<Activation>,
+        ) -> Option<Case> {
+            let extent =
+                |out: usize, k: usize, pad: usize| ((out - 1) * stride + (k - 1) * dilation + 1).checked_sub(2 * pad);
+            let (height, width) = (extent(oh, kh, py)?, extent(ow, kw, px)?);
+            if height == 0 || width == 0 {
+                return None;
+            }
+            let d = Device::Cpu;
+            let attrs = Conv2dAttrs {
+                stride: [stride; 2],
+                padding: [py, px],
+                dilation: [dilation; 2],
+                groups: 1,
+            };
+            let x = Tensor::randn(0f32, 1.0, (batch, channels, height, width), &d).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (outputs, channels, kh, kw), &d).unwrap();
+            let b = Tensor::randn(0f32, 1.0, outputs, &d).unwrap();
+            let r = residual.then(|| Tensor::randn(0f32, 1.0, (batch, outputs, oh, ow), &d).unwrap());
+            let want = reference_with_residual(&x, &w, Some(&b), attrs, r.as_ref(), activation);
+            assert_eq!(want.dims(), [batch, outputs, oh, ow]);
+            Some(Case {
+                x,
+                w,
+                b,
+                r,
+                attrs,
+                want,
+            })
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -426,20 +479,11 @@ mod tests {
             activation in proptest::option::of(0usize..6), residual in any::<bool>(), pooled in any::<bool>(),
         ) {
             prop_assume!(kh * kw >= super::MIN_COPY_RATIO * stride * stride);
-            let extent = |out: usize, k: usize, pad: usize| ((out - 1) * stride + (k - 1) * dilation + 1).checked_sub(2 * pad);
-            let (Some(height), Some(width)) = (extent(oh, kh, py), extent(ow, kw, px)) else {
+            let activation = activation.map(|i| Activation::ALL[i]);
+            let sizes = [batch, channels, outputs, oh, ow];
+            let Some(Case { x, w, b, r, attrs, mut want }) = Case::new(sizes, [kh, kw], [stride, dilation], [py, px], residual, activation) else {
                 return Err(TestCaseError::reject("padding wider than the input"));
             };
-            prop_assume!(height > 0 && width > 0);
-            let d = Device::Cpu;
-            let attrs = Conv2dAttrs { stride: [stride; 2], padding: [py, px], dilation: [dilation; 2], groups: 1 };
-            let x = Tensor::randn(0f32, 1.0, (batch, channels, height, width), &d).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (outputs, channels, kh, kw), &d).unwrap();
-            let b = Tensor::randn(0f32, 1.0, outputs, &d).unwrap();
-            let r = residual.then(|| Tensor::randn(0f32, 1.0, (batch, outputs, oh, ow), &d).unwrap());
-            let activation = activation.map(|i| Activation::ALL[i]);
-            let mut want = reference_with_residual(&x, &w, Some(&b), attrs, r.as_ref(), activation);
-            prop_assert_eq!(want.dims(), [batch, outputs, oh, ow]);
             let pool = pooled.then_some(MaxPool2dAttrs { kernel: [3, 3], stride: [2, 2], padding: [1, 1], ceil_mode: false });
             if let Some(pool) = &pool {
                 want = max_pool2d(Isa::Scalar, &want, pool).unwrap();
@@ -480,20 +524,11 @@ mod tests {
             activation in proptest::option::of(0usize..6), residual in any::<bool>(),
         ) {
             prop_assume!(kh * kw > 1);
-            let extent = |out: usize, k: usize, pad: usize| ((out - 1) * stride + (k - 1) * dilation + 1).checked_sub(2 * pad);
-            let (Some(height), Some(width)) = (extent(oh, kh, py), extent(ow, kw, px)) else {
+            let activation = activation.map(|i| Activation::ALL[i]);
+            let sizes = [batch, channels, outputs, oh, ow];
+            let Some(Case { x, w, b, r, attrs, want }) = Case::new(sizes, [kh, kw], [stride, dilation], [py, px], residual, activation) else {
                 return Err(TestCaseError::reject("padding wider than the input"));
             };
-            prop_assume!(height > 0 && width > 0);
-            let d = Device::Cpu;
-            let attrs = Conv2dAttrs { stride: [stride; 2], padding: [py, px], dilation: [dilation; 2], groups: 1 };
-            let x = Tensor::randn(0f32, 1.0, (batch, channels, height, width), &d).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (outputs, channels, kh, kw), &d).unwrap();
-            let b = Tensor::randn(0f32, 1.0, outputs, &d).unwrap();
-            let r = residual.then(|| Tensor::randn(0f32, 1.0, (batch, outputs, oh, ow), &d).unwrap());
-            let activation = activation.map(|i| Activation::ALL[i]);
-            let want = reference_with_residual(&x, &w, Some(&b), attrs, r.as_ref(), activation);
-            prop_assert_eq!(want.dims(), [batch, outputs, oh, ow]);
             let threads = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
             let depth = channels * kh * kw;
             for isa in Isa::available() {
