@@ -80,7 +80,7 @@ pub(crate) fn lane_gemm_gathered(
         .is_some_and(|n| m.len() >= n));
     let far = v.table.iter().copied().max().unwrap_or(0);
     for tile in tiles {
-        assert!((1..=2).contains(&tile.rows) && tile.width * tile.rows <= max_tile(isa));
+        assert!((1..=2).contains(&tile.rows) && tile.width.saturating_mul(tile.rows) <= max_tile(isa));
         let reach = tile.reach();
         assert!(
             reach
