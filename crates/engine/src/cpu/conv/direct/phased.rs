@@ -156,6 +156,12 @@ impl Phases {
         groups(&block.segments).map(|g| g.len()).max().unwrap_or(1)
     }
 
+    /// Values from one output row's phases to the next's (`stride` padded
+    /// input rows).
+    pub(super) fn pitch(&self, conv: &DirectConv) -> usize {
+        conv.spec.attrs.stride[0] * self.row
+    }
+
     /// Scratch values for the phases of every image of `block`, one after
     /// the other ([`Run::lane_phased`]).
     pub(super) fn lane_buffer_len(&self, conv: &DirectConv, block: &Block) -> candle_core::Result<usize> {
@@ -182,27 +188,18 @@ impl Run<'_> {
         m_cols: usize,
     ) -> candle_core::Result<()> {
         let conv = self.conv;
-        let sy = conv.spec.attrs.stride[0];
+        let pitch = phases.pitch(conv);
         for group in groups(&block.segments) {
-            let (image, y0) = (group[0].image, group[0].y);
-            let rows = group.len();
-            let len = phases.buffer_len(conv, rows)? - SLACK;
-            let (filled, slack) = buf.split_at_mut(len);
-            conv.isa.run(Fill {
-                run: self,
-                phases,
-                image,
-                first: y0 * sy,
-                out: filled,
-            });
-            slack[..SLACK].fill(0.0);
+            let y0 = group[0].y;
+            let region = &mut buf[..phases.buffer_len(conv, group.len())?];
+            self.fill_phases(phases, group, region, false);
             let v = Gathered {
-                data: &buf[..len + SLACK],
+                data: region,
                 table: &phases.table,
             };
             let product = |u: &[f32], m: &mut [f32], rows: usize| {
                 for seg in group {
-                    let start = (seg.y - y0) * sy * phases.row + seg.x0;
+                    let start = (seg.y - y0) * pitch + seg.x0;
                     let cols = (seg.x1 - seg.x0).next_multiple_of(PANEL_GRANULE);
                     panel_gemm_gathered(conv.isa, u, v, start, &mut m[seg.col..], m_cols, [rows, cols]);
                 }
@@ -229,7 +226,6 @@ impl Run<'_> {
         m_cols: usize,
     ) -> candle_core::Result<()> {
         let conv = self.conv;
-        let sy = conv.spec.attrs.stride[0];
         let pixels = block.pixels;
         let (m, partials) = m.split_at_mut(conv.padded_out * m_cols);
         let partials = &mut partials[..conv.padded_out * pixels];
@@ -242,28 +238,8 @@ impl Run<'_> {
             images.push((group, region));
             rest = tail;
         }
-        let threads = rayon::current_num_threads();
         for (group, region) in &mut images {
-            let (image, first) = (group[0].image, group[0].y * sy);
-            let (filled, slack) = region.split_at_mut(region.len() - SLACK);
-            let rows = filled.len() / phases.row;
-            let per_fill = match self.split {
-                true => rows.div_ceil(2 * threads).max(1),
-                false => rows,
-            };
-            filled
-                .par_chunks_mut(per_fill * phases.row)
-                .enumerate()
-                .for_each(|(i, out)| {
-                    conv.isa.run(Fill {
-                        run: self,
-                        phases,
-                        image,
-                        first: first + i * per_fill,
-                        out,
-                    })
-                });
-            slack.fill(0.0);
+            self.fill_phases(phases, group, region, self.split);
         }
         let products: Vec<(Gathered, Vec<LaneTile>)> = images
             .iter()
@@ -272,12 +248,12 @@ impl Run<'_> {
                     data: region,
                     table: &phases.table,
                 };
-                (v, lane_tiles(group, sy * phases.row, max_tile(conv.isa)))
+                (v, lane_tiles(group, phases.pitch(conv), max_tile(conv.isa)))
             })
             .collect();
         let lane_groups = conv.padded_out / LANES;
         let per_task = match self.split {
-            true => lane_groups.div_ceil(2 * threads).max(1),
+            true => lane_groups.div_ceil(2 * rayon::current_num_threads()).max(1),
             false => lane_groups,
         };
         partials
@@ -296,6 +272,33 @@ impl Run<'_> {
                 self.epilogue(m, m_cols, block, channels);
             });
         Ok(())
+    }
+
+    /// The phases of one image's segments (`group`, consecutive output
+    /// rows) into `region` ([`Phases::buffer_len`] of their rows), the
+    /// [`SLACK`] past them zeroed; with `shared`, the rows split among
+    /// the threads.
+    fn fill_phases(&self, phases: &Phases, group: &[Segment], region: &mut [f32], shared: bool) {
+        let (image, first) = (group[0].image, group[0].y * self.conv.spec.attrs.stride[0]);
+        let (filled, slack) = region.split_at_mut(region.len() - SLACK);
+        let rows = filled.len() / phases.row;
+        let per_fill = match shared {
+            true => rows.div_ceil(2 * rayon::current_num_threads()).max(1),
+            false => rows,
+        };
+        filled
+            .par_chunks_mut(per_fill * phases.row)
+            .enumerate()
+            .for_each(|(i, out)| {
+                self.conv.isa.run(Fill {
+                    run: self,
+                    phases,
+                    image,
+                    first: first + i * per_fill,
+                    out,
+                })
+            });
+        slack.fill(0.0);
     }
 
     /// The phases of image `image`'s padded input rows `first..` into
