@@ -199,6 +199,19 @@ impl Dots<'_> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{BLOCK, ROWS};
+
+    /// Weight rows read at a time for one input row (batch 1), on both
+    /// paths. One input row reads the weights once whatever the grouping,
+    /// at memory speed, and the prefetchers follow several streams where
+    /// one stream left the memory idle: on the Intel Xeon VM (2 threads,
+    /// in the model, the weights cold), ResNet50's 2048 -> 1000 took
+    /// 0.30-0.35 ms against 0.46-0.60 one row at a time on AVX-512 (0.39-
+    /// 0.42 two at a time; one row with four sums, or software prefetch
+    /// 1-16 KiB ahead: no gain), 0.33 against 0.40-0.44 on AVX2 (forced);
+    /// MobileNetV2's 1280 -> 1000 0.096-0.114 against 0.126-0.172. (On
+    /// Zen 4, an earlier session, one row at a time had measured 0.111 ms
+    /// against 0.147 for the 1280 -> 1000 layer, its weights in L3 there.)
+    const BATCH1_GROUP: usize = 4;
     use std::arch::x86_64::*;
 
     /// The sum of an AVX2 vector's 8 lanes (a tree: halves, then pairs).
@@ -212,7 +225,8 @@ mod x86 {
 
     /// Defines `$name`: for each weight row `j` of `weight` (`depth` long,
     /// at most [`BLOCK`] rows), `R` dot products of `x[r]` with it into
-    /// `sums[r][j]`. `$group` weight rows at a time, one vector of
+    /// `sums[r][j]`. `$group` weight rows at a time ([`BATCH1_GROUP`] for
+    /// one input row), one vector of
     /// partial sums per (row, weight row): each weight vector loaded once
     /// for the `R` rows and each input vector once for the `$group`
     /// weight rows, `R·$group` independent sums (enough to hide the
@@ -224,7 +238,7 @@ mod x86 {
     /// 0.93-1.07 ms against 0.46-0.52 now, MobileNetV3's 960 -> 1280
     /// 0.36-0.49 against 0.29-0.35.)
     macro_rules! dots {
-        ($name:ident, $group_fn:ident, $feature:literal, $lanes:expr, $group:expr, $vector:ty,
+        ($name:ident, $rows_fn:ident, $group_fn:ident, $feature:literal, $lanes:expr, $group:expr, $vector:ty,
          $zero:ident, $load:ident, $fmadd:ident, $sum:path) => {
             /// # Safety
             /// The CPU has the path's features; `R <= ROWS`; every `x[r]`
@@ -237,19 +251,33 @@ mod x86 {
                 sums: &mut [[f32; BLOCK]; ROWS],
             ) {
                 let rows = weight.len().checked_div(depth).unwrap_or(0).min(BLOCK);
-                // One input row (batch 1) reads the weights once whatever
-                // the grouping, at memory speed: one weight row at a time
-                // keeps that one stream the prefetchers follow (groups of
-                // four: 0.147 against 0.111 ms for a 1280 -> 1000 layer,
-                // Zen 4).
-                let whole = match R {
-                    1 => 0,
-                    _ => rows / $group * $group,
-                };
+                // SAFETY: as this function's contract.
+                unsafe {
+                    match R {
+                        1 => $rows_fn::<R, BATCH1_GROUP>(x, weight, depth, rows, sums),
+                        _ => $rows_fn::<R, { $group }>(x, weight, depth, rows, sums),
+                    }
+                }
+            }
+
+            /// `sums[r][j]` for the first `rows` weight rows, `J` at a time.
+            ///
+            /// # Safety
+            /// As `$name`; `rows <= BLOCK` and `rows · depth <= weight.len()`.
+            #[inline]
+            #[target_feature(enable = $feature)]
+            unsafe fn $rows_fn<const R: usize, const J: usize>(
+                x: [&[f32]; R],
+                weight: &[f32],
+                depth: usize,
+                rows: usize,
+                sums: &mut [[f32; BLOCK]; ROWS],
+            ) {
+                let whole = rows / J * J;
                 // SAFETY: the groups' weight rows are below `rows`, within `weight`.
                 unsafe {
-                    for j in (0..whole).step_by($group) {
-                        $group_fn::<R, { $group }>(x, weight, depth, j, sums);
+                    for j in (0..whole).step_by(J) {
+                        $group_fn::<R, J>(x, weight, depth, j, sums);
                     }
                     for j in whole..rows {
                         $group_fn::<R, 1>(x, weight, depth, j, sums);
@@ -299,10 +327,10 @@ mod x86 {
     }
 
     #[rustfmt::skip]
-    dots!(dots_avx512, group_avx512, "avx512f", 16, 4, __m512,
+    dots!(dots_avx512, rows_avx512, group_avx512, "avx512f", 16, 4, __m512,
         _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps);
     #[rustfmt::skip]
-    dots!(dots_avx2, group_avx2, "avx2,fma", 8, 2, __m256,
+    dots!(dots_avx2, rows_avx2, group_avx2, "avx2,fma", 8, 2, __m256,
         _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, sum_avx2);
 }
 
