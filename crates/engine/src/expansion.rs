@@ -63,7 +63,7 @@ impl Expansions {
             if plain
                 && matches!(
                     algorithms.get(&producer.name),
-                    Some(ConvAlgorithm::Pointwise | ConvAlgorithm::PointwiseLanes)
+                    Some(ConvAlgorithm::Pointwise | ConvAlgorithm::PointwiseLanes | ConvAlgorithm::PointwiseSplit)
                 )
                 && users[parts.x.index()] == [id]
                 && !graph.outputs().contains(&parts.x)

@@ -77,6 +77,35 @@ pub(crate) const POINTWISE_LANES_MAX_PLANE: usize = 64;
 /// EfficientNet-B0's 320 -> 1280 1.02-1.03×.
 pub(crate) const POINTWISE_LANES_MIN_DEPTH: usize = 384;
 
+/// A 1×1 conv at batch 1 with at least this many times as many input
+/// channels as output channels, on a plane of [`SPLIT_MIN_PLANE`] to
+/// [`SPLIT_MAX_PLANE`] pixels, runs in two halves of its depth
+/// ([`conv::pointwise_split`]): each of two threads reads half the input
+/// and half the weights, where with its share of the columns it read all
+/// of both (the input half of it written by the other core, as the convs
+/// before split their channels: a likely reason, not measured apart).
+/// Per node on the Intel Xeon VM (AVX-512, 2 threads), profiles of the
+/// two builds alternating, medians of three: MobileNetV2's 14×14
+/// projections (576 -> 96 + residual, 384 -> 64 + residual, 384 -> 96)
+/// 0.75-0.87× the time, the forward 0.96×; ResNet50's 1024 -> 256 on
+/// 14×14 0.74-0.85×, the forward 0.99×; EfficientNet-B0's and
+/// MobileNetV3-Large's squeeze-and-excitation-scaled projections on 14×14
+/// 0.66-0.71×, forwards 0.95× and 0.91×. AVX2 forced: MobileNetV2's 0.72-
+/// 0.87× (forward 0.96×), EfficientNet-B0's 0.72-0.78× (0.95×). Tried
+/// first with a run-time switch: ResNet50's 256 -> 1024 + residual on
+/// 14×14 (fewer input than output channels: the output's sums cross
+/// instead) 1.22-1.44×; on 28×28 planes level (0.95-1.03×); on 56×56 and
+/// 112×112 slower (1.04-1.94×: one task per half, where the column shares
+/// kept both threads busy): not taken.
+pub(crate) const SPLIT_MIN_DEPTH_RATIO: usize = 2;
+/// The smallest plane (pixels) a depth-split 1×1 conv runs on: 10×10.
+/// (The smaller ones, 7×7 and 8×8, mostly go to the lane form; the
+/// split is not measured on them.)
+pub(crate) const SPLIT_MIN_PLANE: usize = 100;
+/// The largest plane a depth-split 1×1 conv runs on: 20×20 (14×14
+/// measured; 28×28 level).
+pub(crate) const SPLIT_MAX_PLANE: usize = 400;
+
 /// The CPU conv algorithms, named as the debug log and the tests name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum ConvAlgorithm {
@@ -97,6 +126,9 @@ pub(crate) enum ConvAlgorithm {
     /// A 1×1 conv (stride 1, no padding) on small planes, output channels
     /// on the vector lanes.
     PointwiseLanes,
+    /// A 1×1 conv (stride 1, no padding) as two half-depth GEMMs in
+    /// parallel and their sum: projections on small planes at batch 1.
+    PointwiseSplit,
     /// A 1×1 conv on 1×1 output planes as dot products.
     Gemv,
 }
@@ -113,6 +145,7 @@ impl ConvAlgorithm {
             ConvAlgorithm::Depthwise => "depthwise",
             ConvAlgorithm::Pointwise => "pointwise",
             ConvAlgorithm::PointwiseLanes => "pointwise-lanes",
+            ConvAlgorithm::PointwiseSplit => "pointwise-split",
             ConvAlgorithm::Gemv => "gemv",
         }
     }
@@ -149,10 +182,15 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
         let lanes = (2..=POINTWISE_LANES_MAX_PLANE).contains(&plane)
             && spec.in_channels >= POINTWISE_LANES_MIN_DEPTH
             && out_channels.next_multiple_of(gemm::LANES) <= out_channels.saturating_mul(5) / 4;
-        return match (dots, lanes) {
-            (true, _) => ConvAlgorithm::Gemv,
-            (false, true) => ConvAlgorithm::PointwiseLanes,
-            (false, false) => ConvAlgorithm::Pointwise,
+        // Projections on small planes at batch 1 (images fewer than threads).
+        let split = batch == 1
+            && (SPLIT_MIN_PLANE..=SPLIT_MAX_PLANE).contains(&plane)
+            && spec.in_channels >= out_channels.saturating_mul(SPLIT_MIN_DEPTH_RATIO);
+        return match (dots, lanes, split) {
+            (true, _, _) => ConvAlgorithm::Gemv,
+            (false, true, _) => ConvAlgorithm::PointwiseLanes,
+            (false, false, true) => ConvAlgorithm::PointwiseSplit,
+            (false, false, false) => ConvAlgorithm::Pointwise,
         };
     }
     let winograd = winograd::applies(spec);
@@ -329,7 +367,9 @@ mod tests {
     /// The policy on ResNet-like shapes: F(4×4) with enough tiles, F(2×2)
     /// for few pixels and many channels, the in-place GEMM for 1×1 stride
     /// 1 (the lane form for deep ones on planes of 2 to 64 pixels whose
-    /// lane groups pad the outputs by at most a quarter: not 100 -> 128),
+    /// lane groups pad the outputs by at most a quarter: not 100 -> 128;
+    /// in two halves of their depth for projections at batch 1 on planes of
+    /// 100 to 400 pixels with at least twice as many inputs as outputs),
     /// lanes for other few-pixel convs, panels otherwise; grouped and
     /// pooled convs by their constraint.
     #[test]
@@ -349,6 +389,13 @@ mod tests {
             (spec(512, 1, 1, 1), false, [1, 512, 9, 9], Pointwise),
             (spec(512, 1, 1, 1), false, [1, 100, 7, 7], Pointwise),
             (spec(512, 1, 1, 1), false, [2, 2048, 1, 1], Pointwise),
+            (spec(576, 1, 1, 1), false, [1, 96, 14, 14], PointwiseSplit),
+            (spec(1024, 1, 1, 1), false, [1, 256, 10, 10], PointwiseSplit),
+            (spec(512, 1, 1, 1), false, [1, 256, 20, 20], PointwiseSplit),
+            (spec(510, 1, 1, 1), false, [1, 256, 14, 14], Pointwise),
+            (spec(576, 1, 1, 1), false, [2, 96, 14, 14], Pointwise),
+            (spec(576, 1, 1, 1), false, [1, 96, 28, 28], Pointwise),
+            (spec(576, 1, 1, 1), false, [1, 96, 9, 9], Pointwise),
             (spec(64, 1, 1, 1), false, [4, 64, 1, 1], Gemv),
             (spec(64, 1, 1, 1), false, [4, 256, 1, 1], Pointwise),
             (spec(64, 1, 2, 1), false, [10, 64, 28, 28], DirectPanels),

@@ -11,6 +11,7 @@ pub(crate) mod gemv;
 pub(crate) mod grouped;
 pub(crate) mod pointwise;
 pub(crate) mod pointwise_lanes;
+pub(crate) mod pointwise_split;
 pub(crate) mod winograd;
 
 use super::epilogue::Epilogue;
@@ -25,6 +26,7 @@ use gemv::GemvConv;
 use grouped::GroupedConv;
 use pointwise::PointwiseConv;
 use pointwise_lanes::PointwiseLanes;
+use pointwise_split::PointwiseSplit;
 use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
 use winograd::{WinogradF2, WinogradF4};
 
@@ -185,6 +187,8 @@ pub(crate) enum CpuConv {
     Pointwise(PointwiseConv),
     /// A 1×1 conv on small planes, output channels on the vector lanes.
     PointwiseLanes(PointwiseLanes),
+    /// A 1×1 conv as two half-depth GEMMs in parallel and their sum.
+    PointwiseSplit(PointwiseSplit),
     /// A 1×1 conv on 1×1 planes as dot products.
     Gemv(GemvConv),
 }
@@ -241,6 +245,10 @@ impl CpuConv {
                 pool_unfused("pointwise")?;
                 CpuConv::PointwiseLanes(PointwiseLanes::new(spec, weight, epilogue, machine)?)
             }
+            ConvAlgorithm::PointwiseSplit => {
+                pool_unfused("pointwise")?;
+                CpuConv::PointwiseSplit(PointwiseSplit::new(spec, weight, epilogue, machine)?)
+            }
             ConvAlgorithm::Gemv => {
                 pool_unfused("gemv")?;
                 CpuConv::Gemv(GemvConv::new(spec, weight, epilogue, machine.isa)?)
@@ -261,6 +269,7 @@ impl CpuConv {
             CpuConv::Depthwise(..) => ConvAlgorithm::Depthwise,
             CpuConv::Pointwise(_) => ConvAlgorithm::Pointwise,
             CpuConv::PointwiseLanes(_) => ConvAlgorithm::PointwiseLanes,
+            CpuConv::PointwiseSplit(_) => ConvAlgorithm::PointwiseSplit,
             CpuConv::Gemv(_) => ConvAlgorithm::Gemv,
         }
     }
@@ -277,7 +286,8 @@ impl CpuConv {
 
     /// [`Self::run`] on `x · scale` when a `scale` (`[N, C, 1, 1]`) is
     /// given: the in-place 1×1 conv folds it into its weights per image
-    /// where that is cheaper; the others (the lane-form 1×1 conv too) run
+    /// where that is cheaper (and so do its depth halves); the others (the
+    /// lane-form 1×1 conv too) run
     /// on the input scaled on `isa`'s path.
     pub(crate) fn run_scaled(
         &self,
@@ -289,6 +299,7 @@ impl CpuConv {
         match (self, scale) {
             (_, None) => self.run(x, residual),
             (CpuConv::Pointwise(conv), scale) => conv.run_scaled(x, residual, scale),
+            (CpuConv::PointwiseSplit(conv), scale) => conv.run_scaled(x, residual, scale),
             (_, Some(scale)) => super::plane::on_channel_scaled(isa, x, scale, |x| self.run(x, residual)),
         }
     }
@@ -316,6 +327,7 @@ impl CpuConv {
             CpuConv::Depthwise(conv, Some(pool)) => pool.run(&conv.run(x, residual)?),
             CpuConv::Pointwise(conv) => conv.run(x, residual),
             CpuConv::PointwiseLanes(conv) => conv.run(x, residual),
+            CpuConv::PointwiseSplit(conv) => conv.run_scaled(x, residual, None),
             CpuConv::Gemv(conv) => conv.run(x, residual),
         }
     }

@@ -92,26 +92,26 @@ pub(crate) struct PointwiseConv {
 }
 
 /// One image's operands for one task.
-struct Task<'a> {
+pub(super) struct Task<'a> {
     /// The image's input plane `[C, P]`.
-    input: &'a [f32],
+    pub(super) input: &'a [f32],
     /// The image's residual plane `[O, P]`, if any.
-    residual: Option<&'a [f32]>,
+    pub(super) residual: Option<&'a [f32]>,
     /// The image's output `[O, P]` (rows a plane apart), which other tasks
     /// write too: this one writes `rows` × its share of the columns.
-    out: SharedRows,
+    pub(super) out: SharedRows,
     /// Which output channels; starts on a panel boundary.
-    rows: Range<usize>,
+    pub(super) rows: Range<usize>,
     /// Its share of the columns: part `k` of `parts` (`(k, parts)`).
-    part: (usize, usize),
+    pub(super) part: (usize, usize),
     /// Whether to store the output with streaming stores.
-    stream: bool,
+    pub(super) stream: bool,
     /// The image's factor per input channel (`[C]`), if the input is
     /// scaled: folded into the task's weights or its copy of the input.
-    scale: Option<&'a [f32]>,
+    pub(super) scale: Option<&'a [f32]>,
     /// The image's input columns `0..P/16·16` packed in tiles, where the
     /// image's channel runs share one copy ([`PointwiseConv::shares_packing`]).
-    packed: Option<Right<'a>>,
+    pub(super) packed: Option<Right<'a>>,
 }
 
 impl PointwiseConv {
@@ -414,7 +414,7 @@ impl PointwiseConv {
     /// columns: part `k` of `parts` takes the `k`-th of `parts` runs of the
     /// in-place tiles, the first part also the columns before them, the
     /// last part those after them.
-    fn task(&self, t: Task) -> candle_core::Result<()> {
+    pub(super) fn task(&self, t: Task) -> candle_core::Result<()> {
         let depth = self.spec.in_channels;
         let plane = t.out.stride;
         let (part, parts) = t.part;
@@ -623,7 +623,7 @@ fn scale_planes(input: &[f32], plane: usize, scale: &[f32], scaled: &mut [f32]) 
 }
 
 /// Runs `f` on the f32 data of `tensor`, if any (a contiguous CPU tensor).
-fn with_optional_f32<R>(
+pub(super) fn with_optional_f32<R>(
     what: &str,
     tensor: Option<&Tensor>,
     f: impl FnOnce(Option<&[f32]>) -> candle_core::Result<R>,
