@@ -169,11 +169,11 @@ impl PointwiseSplit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::conv::tests::reference_with_residual;
+    use crate::cpu::conv::tests::{random_case, reference_with_residual, RandomCase};
     use crate::cpu::gemm::Isa;
     use candle_core::Device;
     use proptest::prelude::*;
-    use wick_ir::{Activation, Conv2dAttrs};
+    use wick_ir::Conv2dAttrs;
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
@@ -195,26 +195,23 @@ mod tests {
             scaled in any::<bool>(),
             threads in prop_oneof![Just(1usize), Just(2), Just(5)],
         ) {
-            let d = Device::Cpu;
-            let x = Tensor::randn(0f32, 1.0, (batch, channels, height, width), &d).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (out_channels, channels, 1, 1), &d).unwrap();
-            let b = Tensor::randn(0f32, 1.0, out_channels, &d).unwrap();
-            let r = Tensor::randn(0f32, 1.0, (batch, out_channels, height, width), &d).unwrap();
-            let s = Tensor::randn(0f32, 1.0, (batch, channels, 1, 1), &d).unwrap();
-            let scale = scaled.then_some(&s);
-            let input = match scale {
-                Some(s) => x.broadcast_mul(s).unwrap(),
-                None => x.clone(),
-            };
-            let activation = activation.map(|i| Activation::ALL[i]);
             let attrs = Conv2dAttrs::default();
-            let want = reference_with_residual(&input, &w, Some(&b), attrs, residual.then_some(&r), activation);
-            let spec = ConvSpec::of(&w, attrs).unwrap();
+            let dims = [batch, channels, height, width];
+            let case = random_case(dims, [out_channels, channels, 1, 1], attrs, activation, residual);
+            let RandomCase { x, w, b, residual: r, activation, .. } = &case;
+            // Scaled: candle's answer on the scaled input.
+            let s = Tensor::randn(0f32, 1.0, (batch, channels, 1, 1), &Device::Cpu).unwrap();
+            let scale = scaled.then_some(&s);
+            let want = match scale {
+                Some(s) => reference_with_residual(&x.broadcast_mul(s).unwrap(), w, Some(b), attrs, r.as_ref(), *activation),
+                None => case.want.clone(),
+            };
+            let spec = ConvSpec::of(w, attrs).unwrap();
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             for isa in Isa::available() {
-                let epilogue = Epilogue::new(Some(&b), out_channels, activation).unwrap().on(isa);
-                let conv = PointwiseSplit::new(spec, &w, epilogue, Machine::with_isa(isa)).unwrap();
-                let got = pool.install(|| conv.run_scaled(&x, residual.then_some(&r), scale)).unwrap();
+                let epilogue = Epilogue::new(Some(b), out_channels, *activation).unwrap().on(isa);
+                let conv = PointwiseSplit::new(spec, w, epilogue, Machine::with_isa(isa)).unwrap();
+                let got = pool.install(|| conv.run_scaled(x, r.as_ref(), scale)).unwrap();
                 prop_assert_eq!(got.dims(), want.dims());
                 let diff = crate::test_util::max_abs_diff(&got, &want);
                 prop_assert!(diff <= 1e-5 * channels as f64 * 4.0, "{:?}: diff {}", isa, diff);

@@ -56,17 +56,17 @@ pub(super) fn reference_with_residual(
 
 /// Random operands of a conv with a bias, an optional residual and an
 /// optional activation, and candle's answer ([`random_case`]).
-struct RandomCase {
-    x: Tensor,
-    w: Tensor,
-    b: Tensor,
-    residual: Option<Tensor>,
-    activation: Option<Activation>,
-    want: Tensor,
+pub(super) struct RandomCase {
+    pub(super) x: Tensor,
+    pub(super) w: Tensor,
+    pub(super) b: Tensor,
+    pub(super) residual: Option<Tensor>,
+    pub(super) activation: Option<Activation>,
+    pub(super) want: Tensor,
 }
 
 /// A [`RandomCase`] of these shapes; `activation` indexes [`Activation::ALL`].
-fn random_case(
+pub(super) fn random_case(
     x_dims: [usize; 4],
     w_dims: [usize; 4],
     attrs: Conv2dAttrs,
