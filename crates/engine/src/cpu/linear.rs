@@ -199,6 +199,7 @@ impl Dots<'_> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{BLOCK, ROWS};
+    use std::arch::x86_64::*;
 
     /// Weight rows read at a time for one input row (batch 1), on both
     /// paths. One input row reads the weights once whatever the grouping,
@@ -212,7 +213,6 @@ mod x86 {
     /// Zen 4, an earlier session, one row at a time had measured 0.111 ms
     /// against 0.147 for the 1280 -> 1000 layer, its weights in L3 there.)
     const BATCH1_GROUP: usize = 4;
-    use std::arch::x86_64::*;
 
     /// The sum of an AVX2 vector's 8 lanes (a tree: halves, then pairs).
     #[inline]
