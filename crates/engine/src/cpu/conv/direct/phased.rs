@@ -401,65 +401,48 @@ impl IsaBody for Fill<'_, '_> {
 mod tests {
     use super::{lane_tiles, Phases};
     use crate::cpu::conv::direct::{DirectConv, Segment};
-    use crate::cpu::conv::tests::reference_with_residual;
+    use crate::cpu::conv::tests::{random_case, RandomCase};
     use crate::cpu::gemm::LaneTile;
     use crate::cpu::gemm::{Isa, Layout, PANEL_GRANULE};
     use crate::cpu::pool::max_pool2d;
     use candle_core::{Device, Tensor};
     use proptest::prelude::*;
-    use wick_ir::{Activation, Conv2dAttrs, MaxPool2dAttrs};
+    use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
 
-    /// A random conv case and candle's output for it (the residual, if
-    /// any, added before the activation).
-    struct Case {
-        x: Tensor,
-        w: Tensor,
-        b: Tensor,
-        r: Option<Tensor>,
-        attrs: Conv2dAttrs,
-        want: Tensor,
-    }
-
-    impl Case {
-        /// `[batch, channels, outputs, oh, ow]` with a `[kh, kw]` kernel
-        /// at `[stride, dilation]` on both axes and padding `[py, px]`;
-        /// `None` where the padding is wider than the input.
-        fn new(
-            [batch, channels, outputs, oh, ow]: [usize; 5],
-            [kh, kw]: [usize; 2],
-            [stride, dilation]: [usize; 2],
-            [py, px]: [usize; 2],
-            residual: bool,
-            activation: Option<Activation>,
-        ) -> Option<Case> {
-            let extent =
-                |out: usize, k: usize, pad: usize| ((out - 1) * stride + (k - 1) * dilation + 1).checked_sub(2 * pad);
-            let (height, width) = (extent(oh, kh, py)?, extent(ow, kw, px)?);
-            if height == 0 || width == 0 {
-                return None;
-            }
-            let d = Device::Cpu;
-            let attrs = Conv2dAttrs {
-                stride: [stride; 2],
-                padding: [py, px],
-                dilation: [dilation; 2],
-                groups: 1,
-            };
-            let x = Tensor::randn(0f32, 1.0, (batch, channels, height, width), &d).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (outputs, channels, kh, kw), &d).unwrap();
-            let b = Tensor::randn(0f32, 1.0, outputs, &d).unwrap();
-            let r = residual.then(|| Tensor::randn(0f32, 1.0, (batch, outputs, oh, ow), &d).unwrap());
-            let want = reference_with_residual(&x, &w, Some(&b), attrs, r.as_ref(), activation);
-            assert_eq!(want.dims(), [batch, outputs, oh, ow]);
-            Some(Case {
-                x,
-                w,
-                b,
-                r,
-                attrs,
-                want,
-            })
+    /// A random conv case ([`random_case`]: candle's output with the
+    /// residual, if any, added before the activation) and its attributes:
+    /// `[batch, channels, outputs, oh, ow]` with a `[kh, kw]` kernel at
+    /// `[stride, dilation]` on both axes and padding `[py, px]`; `None`
+    /// where the padding is wider than the input.
+    fn case(
+        [batch, channels, outputs, oh, ow]: [usize; 5],
+        [kh, kw]: [usize; 2],
+        [stride, dilation]: [usize; 2],
+        [py, px]: [usize; 2],
+        residual: bool,
+        activation: Option<usize>,
+    ) -> Option<(RandomCase, Conv2dAttrs)> {
+        let extent =
+            |out: usize, k: usize, pad: usize| ((out - 1) * stride + (k - 1) * dilation + 1).checked_sub(2 * pad);
+        let (height, width) = (extent(oh, kh, py)?, extent(ow, kw, px)?);
+        if height == 0 || width == 0 {
+            return None;
         }
+        let attrs = Conv2dAttrs {
+            stride: [stride; 2],
+            padding: [py, px],
+            dilation: [dilation; 2],
+            groups: 1,
+        };
+        let case = random_case(
+            [batch, channels, height, width],
+            [outputs, channels, kh, kw],
+            attrs,
+            activation,
+            residual,
+        );
+        assert_eq!(case.want.dims(), [batch, outputs, oh, ow]);
+        Some((case, attrs))
     }
 
     proptest! {
@@ -482,9 +465,8 @@ mod tests {
             activation in proptest::option::of(0usize..6), residual in any::<bool>(), pooled in any::<bool>(),
         ) {
             prop_assume!(kh * kw >= super::MIN_COPY_RATIO * stride * stride);
-            let activation = activation.map(|i| Activation::ALL[i]);
             let sizes = [batch, channels, outputs, oh, ow];
-            let Some(Case { x, w, b, r, attrs, mut want }) = Case::new(sizes, [kh, kw], [stride, dilation], [py, px], residual, activation) else {
+            let Some((RandomCase { x, w, b, residual: r, activation, mut want }, attrs)) = case(sizes, [kh, kw], [stride, dilation], [py, px], residual, activation) else {
                 return Err(TestCaseError::reject("padding wider than the input"));
             };
             let pool = pooled.then_some(MaxPool2dAttrs { kernel: [3, 3], stride: [2, 2], padding: [1, 1], ceil_mode: false });
@@ -527,9 +509,8 @@ mod tests {
             activation in proptest::option::of(0usize..6), residual in any::<bool>(),
         ) {
             prop_assume!(kh * kw > 1);
-            let activation = activation.map(|i| Activation::ALL[i]);
             let sizes = [batch, channels, outputs, oh, ow];
-            let Some(Case { x, w, b, r, attrs, want }) = Case::new(sizes, [kh, kw], [stride, dilation], [py, px], residual, activation) else {
+            let Some((RandomCase { x, w, b, residual: r, activation, want }, attrs)) = case(sizes, [kh, kw], [stride, dilation], [py, px], residual, activation) else {
                 return Err(TestCaseError::reject("padding wider than the input"));
             };
             let threads = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
