@@ -293,6 +293,53 @@ fn band_rows(rows: Rows, per_band: usize, threads: usize, equal: bool) -> usize 
         .unwrap_or(first)
 }
 
+/// The channel blocks a blocked depthwise conv's tasks share out.
+#[derive(Debug, Clone, Copy)]
+struct Work {
+    /// Images.
+    batch: usize,
+    /// Channel blocks per image.
+    blocks: usize,
+    /// Whether the last block is full (every block costs the same).
+    whole: bool,
+}
+
+/// Blocks per task and output rows per band: the first of `choices`
+/// (blocks per task, most preferred first) whose tasks, cut into bands by
+/// [`band_rows`] (the later choices in their first cut only), divide
+/// evenly among `threads`, else the first choice. Two blocks a task let a
+/// fused 1×1 conv compute both blocks' inputs at once; where that leaves
+/// the threads unequal shares and one block a task does not, one. Intel
+/// Xeon VM, batch 1, profiles of the two builds alternating:
+/// EfficientNet-B0's 480-channel 5×5 depthwise on 14×14 (15 two-block
+/// tasks, whose halos rule out more bands; 30 one-block tasks) 0.17 ->
+/// 0.11 ms, its features.5.1 0.87×, 6.0 0.90×; MobileNetV3-Large's
+/// 72-channel ones (5 blocks, 3 or 5 tasks a band) 0.92-0.94×; forwards
+/// EfficientNet-B0 0.98×, MobileNetV3-Large 0.97×, MobileNetV2 level; AVX2
+/// forced level.
+fn cut_tasks(rows: Rows, work: Work, choices: &[usize], threads: usize) -> (usize, usize) {
+    let first = choices.first().copied().unwrap_or(1);
+    let cut = |per_task: usize| {
+        let per_task = per_task.max(1);
+        let groups = work.blocks.div_ceil(per_task);
+        // Tasks cost alike where every group has as many whole blocks;
+        // the later choices keep the first cut of their bands (one block
+        // a task in more bands: MobileNetV3-Large's 200-channel features.8
+        // on AVX2, 25 blocks in two bands, 1.5× slower).
+        let equal = work.whole && work.blocks.is_multiple_of(per_task) && per_task == first;
+        let per_band = work.batch.saturating_mul(groups);
+        let cut = band_rows(rows, per_band, threads, equal);
+        let tasks = per_band.checked_mul(rows.height.div_ceil(cut));
+        (per_task, cut, tasks.is_some_and(|t| t.is_multiple_of(threads.max(1))))
+    };
+    let (per_task, band_rows, _) = choices
+        .iter()
+        .map(|&p| cut(p))
+        .find(|&(_, _, even)| even)
+        .unwrap_or_else(|| cut(first));
+    (per_task, band_rows)
+}
+
 /// Runs the blocked depthwise conv of `shape` on `source` into the first
 /// `N·C·OH·OW` values of `out`'s allocation (`[N, C, OH, OW]`, every value
 /// written; the caller sets the length); `residual`, if any, has the
@@ -353,27 +400,23 @@ pub(super) fn run(
     }
     // Blocks per task: a fused 1×1 conv computes two blocks' inputs at
     // once (each input value broadcast once for both). (Tried: one block
-    // per task where two left fewer than four tasks per thread, so that
+    // per task wherever two left fewer than four tasks per thread, so that
     // bands are cut less and recompute fewer of the 1×1 conv's rows;
     // MobileNetV2 and EfficientNet-B0 at batch 1, per node, within the
-    // host's noise, ±5%: not kept.)
-    let per_task = match source {
+    // host's noise, ±5%: not kept. One block a task where two cannot be
+    // shared evenly: [`cut_tasks`].)
+    let preferred = match source {
         Source::Planes(_) => 1,
         Source::Expanded(..) => blocked
             .blocks_per_task
             .unwrap_or(expand::BLOCKS)
             .clamp(1, expand::BLOCKS),
     };
-    // Each block's padded input from a cache line.
-    let stride = g.input_len.checked_next_multiple_of(CACHE_LINE_FLOATS);
-    let scratch_len = stride.and_then(|n| n.checked_mul(per_task)?.checked_add(g.output_len));
-    let (Some(stride), Some(scratch_len)) = (stride, scratch_len) else {
-        bail!("depthwise conv: the channel-blocked planes of {shape:?} overflow")
-    };
     // Smaller bands than the cache allows where tasks are few (the
-    // lengths of `g` stay upper bounds).
+    // lengths of `g` stay upper bounds), and one block a task where two
+    // cannot be shared evenly among the threads and one can
+    // ([`cut_tasks`]; unless a test fixed the blocks per task).
     let blocks = channels.div_ceil(lanes);
-    let groups = blocks.div_ceil(per_task);
     let rows = Rows {
         height: shape.out_height,
         most: g.band_rows,
@@ -383,9 +426,23 @@ pub(super) fn run(
             .saturating_add(1)
             .saturating_sub(attrs.stride[0]),
     };
-    // Tasks cost alike where every group has as many whole blocks.
-    let equal = channels.is_multiple_of(lanes) && blocks.is_multiple_of(per_task);
-    let band_rows = band_rows(rows, shape.batch * groups, rayon::current_num_threads(), equal);
+    let work = Work {
+        batch: shape.batch,
+        blocks,
+        whole: channels.is_multiple_of(lanes),
+    };
+    let choices: &[usize] = match blocked.blocks_per_task {
+        None if preferred > 1 => &[preferred, 1],
+        _ => &[preferred],
+    };
+    let (per_task, band_rows) = cut_tasks(rows, work, choices, rayon::current_num_threads());
+    // Each block's padded input from a cache line.
+    let stride = g.input_len.checked_next_multiple_of(CACHE_LINE_FLOATS);
+    let scratch_len = stride.and_then(|n| n.checked_mul(per_task)?.checked_add(g.output_len));
+    let (Some(stride), Some(scratch_len)) = (stride, scratch_len) else {
+        bail!("depthwise conv: the channel-blocked planes of {shape:?} overflow")
+    };
+    let groups = blocks.div_ceil(per_task);
     let g = Geometry { band_rows, ..g };
     let bands = shape.out_height.div_ceil(band_rows);
     let dst = out.shared(out_len);
@@ -602,7 +659,7 @@ mod simd;
 
 #[cfg(test)]
 mod tests {
-    use super::{band_rows, Rows};
+    use super::{band_rows, cut_tasks, Rows, Work};
 
     /// Rows `height` at stride `stride` with a halo of `halo` input rows.
     fn rows(height: usize, stride: usize, halo: usize) -> Rows {
@@ -654,5 +711,29 @@ mod tests {
         // Seven threads, 3 groups: 10 bands of 6 rows (30 tasks) become
         // 14 bands of 4 (42 tasks, 6 a thread).
         assert_eq!(band_rows(rows(56, 2, 1), 3, 7, true), 4);
+    }
+
+    /// Two blocks a task where their tasks share evenly; else one block a
+    /// task where those do; else two as first cut.
+    #[test]
+    fn one_block_a_task_where_two_cannot_share_evenly() {
+        let work = |batch, blocks, whole| Work { batch, blocks, whole };
+        // EfficientNet-B0's 480 channels (30 blocks), 5×5 on 14×14 rows:
+        // 15 two-block tasks, more bands ruled out by the halos; 30 one-block tasks.
+        assert_eq!(cut_tasks(rows(14, 1, 4), work(1, 30, true), &[2, 1], 2), (1, 14));
+        // MobileNetV2's features.2 (6 blocks): two a task, in 4 bands.
+        assert_eq!(cut_tasks(rows(56, 2, 1), work(1, 6, true), &[2, 1], 2), (2, 14));
+        // Five blocks, the last partial (72 channels): one a task, 2 bands.
+        assert_eq!(cut_tasks(rows(28, 2, 3), work(1, 5, false), &[2, 1], 2), (1, 14));
+        // One block a task only in its first cut: 25 blocks on 14 rows
+        // (3×3, halo 2) would need two bands; two blocks a task stay.
+        assert_eq!(cut_tasks(rows(14, 1, 2), work(1, 25, true), &[2, 1], 2), (2, 14));
+        // A fixed choice stays, even and all.
+        assert_eq!(cut_tasks(rows(14, 1, 4), work(1, 30, true), &[2], 2), (2, 14));
+        // Nothing even (one row, five blocks: 3 or 5 tasks on two
+        // threads): the first choice.
+        assert_eq!(cut_tasks(rows(1, 1, 2), work(1, 5, true), &[2, 1], 2), (2, 1));
+        // Batch 10: two a task.
+        assert_eq!(cut_tasks(rows(14, 1, 4), work(10, 30, true), &[2, 1], 2), (2, 14));
     }
 }
