@@ -559,42 +559,46 @@ fn other_convs_scale_their_input_first() {
 }
 
 /// The fused 1×1 + channel-blocked depthwise conv gives the same values
-/// on any number of threads (its bands, cut per thread count so that each
-/// thread takes as many, each compute their rows whole): MobileNetV2's
-/// first expand + stride-2 depthwise shape, scaled down, at batch 1.
+/// on any number of threads (its bands and blocks per task, cut per
+/// thread count so that each thread takes as many tasks, each compute
+/// their rows whole): MobileNetV2's first expand + stride-2 depthwise
+/// shape, scaled down, at batch 1, with 96 channels (two blocks a task)
+/// and 72 (a partial last block: one block a task on two threads).
 #[test]
 fn expanded_depthwise_equal_on_every_thread_count() {
     let d = Device::Cpu;
-    let (in_channels, channels) = (8, 96);
-    let attrs = Conv2dAttrs {
-        stride: [2, 2],
-        padding: [1, 1],
-        dilation: [1, 1],
-        groups: channels,
-    };
-    let x = Tensor::randn(0f32, 1.0, (1, in_channels, 56, 56), &d).unwrap();
-    let w1: Vec<f32> = Tensor::randn(0f32, 1.0, (channels, in_channels), &d)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let w2 = Tensor::randn(0f32, 1.0, (channels, 1, 3, 3), &d).unwrap();
-    let spec = ConvSpec::of(&w2, attrs).unwrap();
-    for isa in Isa::available() {
-        let epilogue = Epilogue::new(None, channels, Some(Activation::Relu6)).unwrap().on(isa);
-        let conv = depthwise::DepthwiseConv::new(spec, &w2, epilogue, Machine::with_isa(isa)).unwrap();
-        let Some(lanes) = conv.lanes() else { continue };
-        let expand_epilogue = Epilogue::new(None, channels, Some(Activation::Relu6)).unwrap();
-        let expand = depthwise::ExpandWeights::new(&w1, [channels, in_channels], &expand_epilogue, lanes).unwrap();
-        let on = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            let out = pool.install(|| conv.run_expanded(&expand, &x)).unwrap();
-            out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    for channels in [96, 72] {
+        let in_channels = 8;
+        let attrs = Conv2dAttrs {
+            stride: [2, 2],
+            padding: [1, 1],
+            dilation: [1, 1],
+            groups: channels,
         };
-        let one = on(1);
-        for threads in [2, 3, 7] {
-            assert!(on(threads) == one, "{isa:?} on {threads} threads");
+        let x = Tensor::randn(0f32, 1.0, (1, in_channels, 56, 56), &d).unwrap();
+        let w1: Vec<f32> = Tensor::randn(0f32, 1.0, (channels, in_channels), &d)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let w2 = Tensor::randn(0f32, 1.0, (channels, 1, 3, 3), &d).unwrap();
+        let spec = ConvSpec::of(&w2, attrs).unwrap();
+        for isa in Isa::available() {
+            let epilogue = Epilogue::new(None, channels, Some(Activation::Relu6)).unwrap().on(isa);
+            let conv = depthwise::DepthwiseConv::new(spec, &w2, epilogue, Machine::with_isa(isa)).unwrap();
+            let Some(lanes) = conv.lanes() else { continue };
+            let expand_epilogue = Epilogue::new(None, channels, Some(Activation::Relu6)).unwrap();
+            let expand = depthwise::ExpandWeights::new(&w1, [channels, in_channels], &expand_epilogue, lanes).unwrap();
+            let on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let out = pool.install(|| conv.run_expanded(&expand, &x)).unwrap();
+                out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            let one = on(1);
+            for threads in [2, 3, 7] {
+                assert!(on(threads) == one, "{channels} channels, {isa:?} on {threads} threads");
+            }
         }
     }
 }

@@ -714,7 +714,7 @@ mod tests {
     }
 
     /// Two blocks a task where their tasks share evenly; else one block a
-    /// task where those do; else two as first cut.
+    /// task where those do in their first cut; else the first choice.
     #[test]
     fn one_block_a_task_where_two_cannot_share_evenly() {
         let work = |batch, blocks, whole| Work { batch, blocks, whole };
