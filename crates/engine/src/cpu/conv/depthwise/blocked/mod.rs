@@ -420,11 +420,9 @@ pub(super) fn run(
     let rows = Rows {
         height: shape.out_height,
         most: g.band_rows,
-        stride: attrs.stride[0],
-        halo: (kernel[0].saturating_sub(1))
-            .saturating_mul(attrs.dilation[0])
-            .saturating_add(1)
-            .saturating_sub(attrs.stride[0]),
+        stride: g.stride[0],
+        // One output row's input rows past the stride's share.
+        halo: g.band_input_rows(1).saturating_sub(g.stride[0]),
     };
     let work = Work {
         batch: shape.batch,
