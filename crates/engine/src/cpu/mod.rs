@@ -23,6 +23,7 @@ pub(crate) mod peak;
 pub(crate) mod plane;
 pub(crate) mod pool;
 pub(crate) mod pool_window;
+pub(crate) mod prefetch;
 pub(crate) mod recycle;
 pub(crate) mod weight_buffer;
 

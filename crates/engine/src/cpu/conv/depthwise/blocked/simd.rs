@@ -3,7 +3,9 @@
 //! transposes of its copies in and out ([`super::pack`], [`super::unpack`]).
 
 use super::{Geometry, Kernel};
+use crate::cpu::data::CACHE_LINE_FLOATS;
 use crate::cpu::epilogue::vector_activation;
+use crate::cpu::prefetch;
 use std::arch::x86_64::*;
 use std::ops::Range;
 use wick_ir::Activation;
@@ -145,6 +147,9 @@ macro_rules! transposed_copies {
             // slice `c` takes `LANES` values from `q + LANES <= len`.
             unsafe {
                 let src = sums.as_ptr();
+                // The next line of each plane asked for ahead of its
+                // stores (the other thread may hold it: [`prefetch`]).
+                let hint = prefetch::available();
                 // A full block with rows of whole tiles (7, 14, 28, 56 wide):
                 // the positions' sums are consecutive and every lane has a
                 // plane, so neither loop branches (the general form's
@@ -155,6 +160,11 @@ macro_rules! transposed_copies {
                 ) {
                     let planes: [*mut f32; LANES] = std::array::from_fn(|c| full[c].as_mut_ptr());
                     for q in (0..whole).step_by(LANES) {
+                        if hint && q % CACHE_LINE_FLOATS == 0 {
+                            for plane in &planes {
+                                prefetch::write_line(true, plane.wrapping_add(q + CACHE_LINE_FLOATS));
+                            }
+                        }
                         let columns: [$vector; LANES] = std::array::from_fn(|i| $load(src.add((q + i) * LANES)));
                         for (plane, v) in planes.iter().zip($transpose(columns)) {
                             $store(plane.add(q), v);
@@ -164,6 +174,11 @@ macro_rules! transposed_copies {
                 }
                 let (mut y, mut x) = (0, 0);
                 for q in (0..whole).step_by(LANES) {
+                    if hint && q % CACHE_LINE_FLOATS == 0 {
+                        for out in outs.iter() {
+                            prefetch::write_line(true, out.as_ptr().wrapping_add(q + CACHE_LINE_FLOATS));
+                        }
+                    }
                     let columns: [$vector; LANES] = std::array::from_fn(|_| {
                         let v = $load(src.add((y * g.out_width + x) * LANES));
                         x += 1;
