@@ -13,6 +13,7 @@
 
 use super::{Plane, UNITS};
 use crate::cpu::epilogue::vector_activation;
+use crate::cpu::prefetch;
 use wick_ir::Activation;
 
 /// Defines `$name`, the segments of one plane on a SIMD path. The
@@ -41,7 +42,16 @@ macro_rules! simd_body {
                 let base = p.phases.as_ptr();
                 let out = p.out.as_mut_ptr().cast::<f32>();
                 let bias = $set1(p.bias);
+                // The next group's output lines asked for ahead of its
+                // stores (the other thread may hold them: [`prefetch`]).
+                let hint = prefetch::available();
                 for group in p.units.chunks_exact(UNITS) {
+                    if hint {
+                        let ahead = out.wrapping_add(group[0].write + UNITS * LANES);
+                        for line in (0..UNITS * LANES).step_by(16) {
+                            prefetch::write_line(true, ahead.wrapping_add(line));
+                        }
+                    }
                     let mut acc = [$zero(); UNITS];
                     for (&offset, &w) in p.offsets.iter().zip(p.weight) {
                         let w = $set1(w);
