@@ -38,6 +38,7 @@ use crate::cpu::gemm::{
     SharedRows, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS,
 };
 use crate::cpu::output::Output;
+use crate::cpu::parallel::try_shares;
 use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
@@ -255,7 +256,7 @@ impl PointwiseConv {
                             })
                             .collect(),
                     };
-                    (0..shape.batch * runs * parts).into_par_iter().try_for_each(|task| {
+                    let body = |task: usize| {
                         let (image, run, part) = (task / (runs * parts), task / parts % runs, task % parts);
                         let rows = run * run_rows..out_channels.min((run + 1) * run_rows);
                         self.task(Task {
@@ -272,7 +273,11 @@ impl PointwiseConv {
                             scale: scale.map(|s| &s[image * channels..][..channels]),
                             packed: packed.get(image).copied(),
                         })
-                    })
+                    };
+                    // Each thread one run of tasks: a contiguous strip of
+                    // columns, the one the depthwise conv before it wrote
+                    // on the same core where it goes band by band.
+                    try_shares(shape.batch * runs * parts, body)
                 })?
             })
         })?;

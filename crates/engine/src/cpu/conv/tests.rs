@@ -563,14 +563,17 @@ fn other_convs_scale_their_input_first() {
 /// thread count so that each thread takes as many tasks, each compute
 /// their rows whole): MobileNetV2's first expand + stride-2 depthwise
 /// shape, scaled down, at batch 1, with 96 channels (two blocks a task)
-/// and 72 (a partial last block: one block a task on two threads).
+/// and 72 (a partial last block: one block a task on two threads), at
+/// stride 2 and 1 (the tasks block by block, and band by band).
 #[test]
 fn expanded_depthwise_equal_on_every_thread_count() {
     let d = Device::Cpu;
-    for channels in [96, 72] {
+    // Stride 2: 28-wide outputs, cut block by block; stride 1: 56-wide
+    // ones, whose 14- and 28-row bands end on cache lines, band by band.
+    for (channels, stride) in [(96, 2), (72, 2), (96, 1), (72, 1)] {
         let in_channels = 8;
         let attrs = Conv2dAttrs {
-            stride: [2, 2],
+            stride: [stride, stride],
             padding: [1, 1],
             dilation: [1, 1],
             groups: channels,
@@ -597,7 +600,10 @@ fn expanded_depthwise_equal_on_every_thread_count() {
             };
             let one = on(1);
             for threads in [2, 3, 7] {
-                assert!(on(threads) == one, "{channels} channels, {isa:?} on {threads} threads");
+                assert!(
+                    on(threads) == one,
+                    "{channels} channels, stride {stride}, {isa:?} on {threads} threads"
+                );
             }
         }
     }

@@ -160,7 +160,7 @@ macro_rules! transposed_copies {
                 ) {
                     let planes: [*mut f32; LANES] = std::array::from_fn(|c| full[c].as_mut_ptr());
                     for q in (0..whole).step_by(LANES) {
-                        if hint && q % CACHE_LINE_FLOATS == 0 {
+                        if hint && q % CACHE_LINE_FLOATS == 0 && q + CACHE_LINE_FLOATS < len {
                             for plane in &planes {
                                 prefetch::write_line(true, plane.wrapping_add(q + CACHE_LINE_FLOATS));
                             }
@@ -174,7 +174,7 @@ macro_rules! transposed_copies {
                 }
                 let (mut y, mut x) = (0, 0);
                 for q in (0..whole).step_by(LANES) {
-                    if hint && q % CACHE_LINE_FLOATS == 0 {
+                    if hint && q % CACHE_LINE_FLOATS == 0 && q + CACHE_LINE_FLOATS < len {
                         for out in outs.iter() {
                             prefetch::write_line(true, out.as_ptr().wrapping_add(q + CACHE_LINE_FLOATS));
                         }
