@@ -110,7 +110,7 @@ impl Engine {
 
     /// The same engine with expansion fusion on (the default) or off. On,
     /// a CPU 1×1 conv whose only reader is a depthwise conv taking the
-    /// channel-blocked form (outputs up to 56 wide on the AVX2 and AVX-512
+    /// channel-blocked form (outputs up to 112 wide on the AVX2 and AVX-512
     /// paths: a MobileNet's or EfficientNet's expansion and the depthwise
     /// conv after it) runs inside that conv as one step, its output
     /// computed band by band in cache and never made whole: the same

@@ -526,8 +526,8 @@ mod tests {
     /// depthwise on the depthwise kernel, the stem on the direct conv; with
     /// expansion fusion (the default) each block's expansion runs inside
     /// its depthwise conv where that takes the channel-blocked form (all
-    /// 16 at 224×224 on the SIMD paths: every output up to 56 wide but the
-    /// first block's, which has no expansion), as one step named after
+    /// 16 at 224×224 on the SIMD paths: every output up to 112 wide but
+    /// the first block's, which has no expansion), as one step named after
     /// both, to the same output within f32 rounding.
     #[test]
     fn mobilenet_convs_take_their_kernels() {

@@ -222,7 +222,8 @@ mod tests {
             (56, "", "%d", true),
             (14, "  %s = add(%e, %d) : f32[2,32,14,14]\n", "%s", false),
             (14, "", "%d, %e", false),
-            (60, "", "%d", false),
+            (60, "", "%d", true),
+            (116, "", "%d", false),
         ];
         for isa in Isa::available() {
             let blocked = matches!(isa, Isa::Avx512 | Isa::Avx2Fma);

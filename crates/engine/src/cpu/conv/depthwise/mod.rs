@@ -7,9 +7,10 @@
 //! time, with the sums in registers over all `kh·kw` taps and stored once.
 //! On the SIMD paths ([`simd`]) the epilogue is applied in registers before
 //! that store; the portable path runs it on the plane while it is in cache.
-//! Planes (image × channel) run in parallel. Outputs up to 56 columns
-//! wide take [`blocked`] on the SIMD paths instead: channels in the
-//! vector lanes, no lane idle on a 7-wide row.
+//! Planes (image × channel) run in parallel. Outputs up to 112 columns
+//! wide (every depthwise conv of the models at 224×224) take [`blocked`]
+//! on the SIMD paths instead: channels in the vector lanes, no lane idle
+//! on a 7-wide row, tasks band by band.
 //!
 //! The grouped conv's im2col + per-group GEMM spent its time on thousands
 //! of one-row products here. A first version accumulated each tap into
