@@ -52,7 +52,8 @@ pub(crate) fn try_shares<E: Send>(n: usize, f: impl Fn(usize) -> Result<(), E> +
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// The ranges cover `0..n` exactly once, split or not.
+    /// The shares cover `0..n` exactly once on pools of one to seven
+    /// threads, fewer tasks than threads included.
     #[test]
     fn shares_run_every_task_once_on_any_pool() {
         for threads in [1, 2, 3, 7] {
@@ -97,6 +98,7 @@ mod tests {
         }
     }
 
+    /// The ranges cover `0..n` exactly once, split or not.
     #[test]
     fn ranges_cover_everything_once() {
         for n in [0, 1, 7, 100] {

@@ -20,7 +20,10 @@
 //! stored with streaming stores, the columns before the first aligned one.
 //!
 //! Tasks are (image, run of output channels, share of the columns): every
-//! image writes its own contiguous output plane. Fewer images than threads
+//! image writes its own contiguous output plane. Each thread takes one
+//! contiguous run of them ([`try_shares`]): the same strip of the planes
+//! every call, the one a band-by-band depthwise conv before it wrote on
+//! the same core. Fewer images than threads
 //! to keep busy are split by channels where the planes are small (each
 //! task then reads the whole input plane but only its weights), by columns
 //! where they hold at least twice as many pixels as the output has

@@ -708,9 +708,6 @@ mod tests {
         }
     }
 
-    /// Bands hold at most what the cache allows, make about four tasks a
-    /// thread, and are cut smaller (to at most twice as many, evenly)
-    /// where that gives each thread as many equal tasks for few rows more.
     /// Band by band only where there are several bands and every band
     /// boundary starts a cache line: MobileNetV2's 56-wide planes in bands
     /// of 28 or 14 rows, not its 28-wide ones in bands of 14 (392 values:
@@ -727,6 +724,9 @@ mod tests {
         assert!(!by_bands(2, 16, 17, 17 * 17));
     }
 
+    /// Bands hold at most what the cache allows, make about four tasks a
+    /// thread, and are cut smaller (to at most twice as many, evenly)
+    /// where that gives each thread as many equal tasks for few rows more.
     #[test]
     fn bands_share_evenly() {
         // MobileNetV2's features.2 at batch 1, 2 threads: 3 groups of
