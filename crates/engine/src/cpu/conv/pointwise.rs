@@ -176,11 +176,18 @@ impl PointwiseConv {
     }
 
     /// [`Self::run`] on `x · scale` (`scale` `[N, C, 1, 1]`, one factor per
-    /// image and input channel: squeeze-and-excitation's). Each task
+    /// image and input channel: squeeze-and-excitation's). Where the input
+    /// is copied into the micro-tiles' slices anyway ([`packs`], or once
+    /// per image for all its runs), the factors go into that copy (and
+    /// into the few columns outside the tiles); otherwise each task
     /// scales, into its scratch, its rows of the weights by the image's
     /// factors (`rows·C` products), or, with more rows than pixels, the
     /// image's input (`C·H·W`, as the unfused `mul` would): the scaled
     /// input is never a value of its own, written to memory and read back.
+    /// In the copy, against the weights scaled per task: MobileNetV3-Large
+    /// at batch 10 (Intel Xeon VM, 2 threads, alternating profiles), its
+    /// scaled projections 0.94-0.96× the time (672 -> 112 and 960 -> 160
+    /// on 14×14), EfficientNet-B0's level, both at batch 1 level.
     /// Batches of 1×1 planes, which run as one product over all images,
     /// scale their input first.
     pub(crate) fn run_scaled(
@@ -234,7 +241,7 @@ impl PointwiseConv {
         let stream = self.streams(shape.batch * in_image, out_len, call.residual.is_some(), plane);
         let channels = shape.channels;
         // Columns of each image packed once for all its runs, if shared.
-        let shared_cols = match self.shares_packing(runs, run_rows, plane, stream, scale.is_some()) {
+        let shared_cols = match self.shares_packing(runs, run_rows, plane, stream) {
             true => plane / PANEL_GRANULE * PANEL_GRANULE,
             false => 0,
         };
@@ -255,7 +262,9 @@ impl PointwiseConv {
                                     data: &input[image * in_image..][..in_image],
                                     stride: plane,
                                 };
-                                pack_tiles_parallel(self.isa, v, channels, shared_cols, tiles)
+                                // An input scale goes into the copy.
+                                let scale = scale.map(|s| &s[image * channels..][..channels]);
+                                pack_tiles_parallel(self.isa, v, channels, shared_cols, tiles, scale)
                             })
                             .collect(),
                     };
@@ -312,17 +321,16 @@ impl PointwiseConv {
     /// threads twice over: ResNet50's 1024 -> 256 on 14×14 at batch 1 on
     /// two threads packed its 0.8 MB input four times), on planes of a
     /// tile or more, without streamed stores (whose aligned start differs
-    /// per task) or an input scale (which a task may fold into its copy).
+    /// per task). An input scale goes into that copy.
     /// ResNet50 at batch 1 on the Intel Xeon VM (AVX-512, 2 threads), two
     /// alternating per-node profiles of 5 rounds, each node against the
     /// median node: 1024 -> 256 on 14×14 0.90-0.93× the time, 128 -> 512 +
     /// residual on 28×28 0.92-0.94×, 1024 -> 512 on 14×14 0.95×, 256 ->
     /// 1024 + residual on 14×14 (a 0.2 MB input) level; alone, after the
     /// caches were flushed, 0.91-0.96×.
-    fn shares_packing(&self, runs: usize, run_rows: usize, plane: usize, stream: bool, scaled: bool) -> bool {
+    fn shares_packing(&self, runs: usize, run_rows: usize, plane: usize, stream: bool) -> bool {
         runs > 1
             && !stream
-            && !scaled
             && plane >= PANEL_GRANULE
             && self.spec.in_channels > 0
             && packs(run_rows, self.spec.in_channels, plane)
@@ -457,13 +465,20 @@ impl PointwiseConv {
         // columns (MobileNetV3's 960 -> 160 on 7×7 planes: the weights
         // took 0.8 ms more than the unfused mul at batch 10, Zen 4).
         let scale_input = parts == 1 && t.rows.len() > plane;
+        let pack = t.packed.is_none() && packs(padded_rows, depth, plane);
+        // Where the input is copied into tiles anyway (by this task, or
+        // once for the image's runs), the scale goes into that copy and
+        // the columns outside the tiles are scaled on their own, a few at
+        // a time: no scaled weights or input made beforehand.
+        let scale_in_tiles = t.scale.filter(|_| pack || t.packed.is_some());
         // Scratch: a partial panel's product over one block, or the first
         // or last columns' product `[padded_rows, < 16]`; before it, the
         // scaled operand, if any (whole cache lines of it, so that the
-        // products' rows stay aligned), and the block's input packed in
-        // tiles, if it is.
+        // products' rows stay aligned), the block's input packed in
+        // tiles, if it is, and those columns' scaled input.
         let scaled_len = match t.scale {
             None => 0,
+            Some(_) if scale_in_tiles.is_some() => 0,
             Some(_) if scale_input => t.input.len().next_multiple_of(16),
             Some(_) => packed.len().next_multiple_of(16),
         };
@@ -473,15 +488,21 @@ impl PointwiseConv {
             Some(_) => block.max(hi - lo),
             None => block,
         };
-        let pack = t.packed.is_none() && packs(padded_rows, depth, plane);
         let tiles_len = if pack {
             depth.saturating_mul(block.min(hi - lo))
         } else {
             0
         };
+        let edge_len = match scale_in_tiles {
+            Some(_) => depth.saturating_mul(PANEL_GRANULE),
+            None => 0,
+        };
         let products_len = (PANEL_ROWS * block).max(padded_rows * PANEL_GRANULE);
         // Saturated: past the scratch cap, `with_scratch` refuses it.
-        let scratch_len = scaled_len.saturating_add(tiles_len).saturating_add(products_len);
+        let scratch_len = scaled_len
+            .saturating_add(tiles_len)
+            .saturating_add(edge_len)
+            .saturating_add(products_len);
         // SAFETY (each `slice` below): rows `t.rows` of this task's
         // columns, which no other task writes (runs and shares are disjoint).
         let write = |row: usize, cols: Range<usize>, src: &[f32]| {
@@ -492,8 +513,10 @@ impl PointwiseConv {
         with_scratch(scratch_len, |scratch| {
             let (scaled, scratch) = scratch.split_at_mut(scaled_len);
             let (tiles, scratch) = scratch.split_at_mut(tiles_len);
+            let (edge, scratch) = scratch.split_at_mut(edge_len);
             let (u, input) = match t.scale {
                 None => (packed, t.input),
+                Some(_) if scale_in_tiles.is_some() => (packed, t.input),
                 Some(scale) if scale_input => {
                     let scaled = &mut scaled[..t.input.len()];
                     scale_planes(t.input, plane, scale, scaled);
@@ -513,7 +536,7 @@ impl PointwiseConv {
                 };
                 let v = match (t.packed, pack) {
                     (Some(packed), _) => packed,
-                    (None, true) => pack_tiles(self.isa, v, depth, n, tiles),
+                    (None, true) => pack_tiles(self.isa, v, depth, n, tiles, scale_in_tiles),
                     (None, false) => v.into(),
                 };
                 if full_rows > 0 {
@@ -552,11 +575,26 @@ impl PointwiseConv {
                     continue;
                 }
                 let m = &mut scratch[..padded_rows * n];
-                let v = Strided {
-                    data: input,
-                    stride: plane,
-                };
-                panel_columns(self.isa, u, padded_rows / PANEL_ROWS, depth, v, cols.clone(), m);
+                match scale_in_tiles {
+                    None => {
+                        let v = Strided {
+                            data: input,
+                            stride: plane,
+                        };
+                        panel_columns(self.isa, u, padded_rows / PANEL_ROWS, depth, v, cols.clone(), m);
+                    }
+                    Some(scale) => {
+                        // These columns of the scaled input, `[C, n]`.
+                        let edge = &mut edge[..depth * n];
+                        for ((to, from), &s) in edge.chunks_exact_mut(n).zip(input.chunks_exact(plane)).zip(scale) {
+                            for (to, &x) in to.iter_mut().zip(&from[cols.clone()]) {
+                                *to = x * s;
+                            }
+                        }
+                        let v = Strided { data: edge, stride: n };
+                        panel_columns(self.isa, u, padded_rows / PANEL_ROWS, depth, v, 0..n, m);
+                    }
+                }
                 for r in 0..t.rows.len() {
                     write(r, cols.clone(), &m[r * n..][..n]);
                 }
@@ -770,7 +808,7 @@ mod tests {
 
     /// The input is packed once per image where several runs of channels
     /// would each pack it, and by each task otherwise: one run, streamed
-    /// stores, an input scale, planes under a tile, runs too short to pack.
+    /// stores, planes under a tile, runs too short to pack.
     #[test]
     fn shares_packing_only_where_runs_would_each_pack() {
         let d = Device::Cpu;
@@ -781,12 +819,11 @@ mod tests {
         let epilogue = Epilogue::new(Some(&b), 256, None).unwrap().on(isa);
         let conv = PointwiseConv::new(spec, &w, epilogue, Machine::with_isa(isa)).unwrap();
         // ResNet50's 1024 -> 256 on 14×14 at batch 1: four runs of 64.
-        assert!(conv.shares_packing(4, 64, 196, false, false));
-        assert!(!conv.shares_packing(1, 256, 196, false, false));
-        assert!(!conv.shares_packing(4, 64, 196, true, false));
-        assert!(!conv.shares_packing(4, 64, 196, false, true));
-        assert!(!conv.shares_packing(4, 64, 8, false, false));
-        assert!(!conv.shares_packing(4, 8, 196, false, false));
+        assert!(conv.shares_packing(4, 64, 196, false));
+        assert!(!conv.shares_packing(1, 256, 196, false));
+        assert!(!conv.shares_packing(4, 64, 196, true));
+        assert!(!conv.shares_packing(4, 64, 8, false));
+        assert!(!conv.shares_packing(4, 8, 196, false));
     }
 
     /// Each way of taking an input scale, on every path: tasks with more

@@ -117,13 +117,24 @@ impl RightLayout {
 /// [`PANEL_GRANULE`]) for `isa`'s product into `tiles` (`depth·cols`
 /// values): slice `s` of `w` = [`tile_width`] columns (the last of an odd
 /// number of granules on AVX-512, 16) holds `depth` rows of its columns,
-/// one after the other, from `tiles[w·s·depth]` on.
+/// one after the other, from `tiles[w·s·depth]` on; with a `scale` (one
+/// factor per row of `v`: a squeeze-and-excitation's per channel), row
+/// `d` multiplied by `scale[d]` on its way (the product then reads the
+/// scaled operand without another copy of it).
 ///
 /// # Panics
 /// If `cols` is not a multiple of the granule or the buffers are too short
-/// (the callers size them from the same shape).
-pub(crate) fn pack_tiles<'a>(isa: Isa, v: Strided, depth: usize, cols: usize, tiles: &'a mut [f32]) -> Right<'a> {
-    pack(isa, v, depth, cols, tiles, false)
+/// (the callers size them from the same shape), or `scale` has fewer than
+/// `depth` factors.
+pub(crate) fn pack_tiles<'a>(
+    isa: Isa,
+    v: Strided,
+    depth: usize,
+    cols: usize,
+    tiles: &'a mut [f32],
+    scale: Option<&[f32]>,
+) -> Right<'a> {
+    pack(isa, v, depth, cols, tiles, scale, false)
 }
 
 /// [`pack_tiles`] with its slices spread over rayon's threads: for an
@@ -139,18 +150,31 @@ pub(crate) fn pack_tiles_parallel<'a>(
     depth: usize,
     cols: usize,
     tiles: &'a mut [f32],
+    scale: Option<&[f32]>,
 ) -> Right<'a> {
-    pack(isa, v, depth, cols, tiles, true)
+    pack(isa, v, depth, cols, tiles, scale, true)
 }
 
 /// [`pack_tiles`], its slices one after the other or (`parallel`) spread
 /// over rayon's threads.
-fn pack<'a>(isa: Isa, v: Strided, depth: usize, cols: usize, tiles: &'a mut [f32], parallel: bool) -> Right<'a> {
+fn pack<'a>(
+    isa: Isa,
+    v: Strided,
+    depth: usize,
+    cols: usize,
+    tiles: &'a mut [f32],
+    scale: Option<&[f32]>,
+    parallel: bool,
+) -> Right<'a> {
     assert!(cols.is_multiple_of(PANEL_GRANULE) && Right::Rows(v).holds(isa, depth, cols));
+    assert!(
+        scale.is_none_or(|s| s.len() >= depth),
+        "a scale of fewer than {depth} factors"
+    );
     let width = tile_width(isa);
     let tiles = &mut tiles[..depth * cols];
     if depth > 0 {
-        let slice = |(k, slice): (usize, &mut [f32])| pack_slice(v, depth, k * width, slice);
+        let slice = |(k, slice): (usize, &mut [f32])| pack_slice(v, depth, k * width, slice, scale);
         match parallel {
             true => tiles.par_chunks_mut(depth * width).enumerate().for_each(slice),
             false => tiles.chunks_mut(depth * width).enumerate().for_each(slice),
@@ -161,20 +185,32 @@ fn pack<'a>(isa: Isa, v: Strided, depth: usize, cols: usize, tiles: &'a mut [f32
 
 /// One slice of [`pack_tiles`] (`depth` > 0 rows): `v`'s columns from
 /// `first` on, as many per row as `slice` holds (a whole tile or, last, a
-/// granule).
-fn pack_slice(v: Strided, depth: usize, first: usize, slice: &mut [f32]) {
+/// granule), each row times its factor if scaled.
+fn pack_slice(v: Strided, depth: usize, first: usize, slice: &mut [f32], scale: Option<&[f32]>) {
     let from = &v.data[first..];
     match slice.len() / depth {
-        PANEL_TILES => copy_rows::<PANEL_TILES>(from, v.stride, slice),
-        _ => copy_rows::<PANEL_GRANULE>(from, v.stride, slice),
+        PANEL_TILES => copy_rows::<PANEL_TILES>(from, v.stride, slice, scale),
+        _ => copy_rows::<PANEL_GRANULE>(from, v.stride, slice, scale),
     }
 }
 
 /// `to`'s rows of `W` values from `from`'s, `stride` apart (a width known
-/// at compile time: vector moves rather than a `memcpy` call per row).
-fn copy_rows<const W: usize>(from: &[f32], stride: usize, to: &mut [f32]) {
-    for (d, to) in to.chunks_exact_mut(W).enumerate() {
-        to.copy_from_slice(&from[d * stride..][..W]);
+/// at compile time: vector moves rather than a `memcpy` call per row),
+/// row `d` times `scale[d]` if scaled.
+fn copy_rows<const W: usize>(from: &[f32], stride: usize, to: &mut [f32], scale: Option<&[f32]>) {
+    match scale {
+        None => {
+            for (d, to) in to.chunks_exact_mut(W).enumerate() {
+                to.copy_from_slice(&from[d * stride..][..W]);
+            }
+        }
+        Some(scale) => {
+            for ((d, to), &s) in to.chunks_exact_mut(W).enumerate().zip(scale) {
+                for (to, &x) in to.iter_mut().zip(&from[d * stride..][..W]) {
+                    *to = x * s;
+                }
+            }
+        }
     }
 }
 
@@ -186,7 +222,7 @@ mod tests {
     /// Every value lands where [`RightLayout::at`] says its tile reads it,
     /// for 16-, 32- and odd-granule widths, on every path's slices, and
     /// only there (every value of the packed buffer written once); packed
-    /// in parallel, the same buffer.
+    /// in parallel, the same buffer; scaled, each row times its factor.
     #[test]
     fn tiles_lie_where_the_layout_says() {
         for (depth, cols, stride) in [(3, 16, 16), (5, 32, 40), (4, 80, 83), (1, 48, 48)] {
@@ -194,7 +230,7 @@ mod tests {
             for isa in [Isa::Avx512, Isa::Avx2Fma, Isa::Scalar] {
                 let mut tiles = vec![f32::NAN; depth * cols];
                 let (_, layout) =
-                    pack_tiles(isa, Strided { data: &v, stride }, depth, cols, &mut tiles).parts(depth, cols);
+                    pack_tiles(isa, Strided { data: &v, stride }, depth, cols, &mut tiles, None).parts(depth, cols);
                 let mut seen = vec![0; depth * cols];
                 let width = tile_width(isa);
                 for col in (0..cols).step_by(width) {
@@ -215,8 +251,31 @@ mod tests {
                 // Packed in parallel: the same buffer, value for value.
                 let mut parallel = vec![f32::NAN; depth * cols];
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-                pool.install(|| pack_tiles_parallel(isa, Strided { data: &v, stride }, depth, cols, &mut parallel));
+                pool.install(|| {
+                    pack_tiles_parallel(isa, Strided { data: &v, stride }, depth, cols, &mut parallel, None)
+                });
                 assert_eq!(parallel, tiles, "{isa:?} {depth}x{cols} in parallel");
+                // Scaled, one after the other and in parallel: row d times
+                // its factor, where the unscaled copy put it (`v[k] = k`,
+                // so a value's row is `k / stride`).
+                let scale: Vec<f32> = (0..depth).map(|d| 0.5 + d as f32).collect();
+                let want: Vec<f32> = tiles.iter().map(|&k| k * scale[k as usize / stride]).collect();
+                let mut scaled = vec![f32::NAN; depth * cols];
+                pack_tiles(
+                    isa,
+                    Strided { data: &v, stride },
+                    depth,
+                    cols,
+                    &mut scaled,
+                    Some(&scale),
+                );
+                assert_eq!(scaled, want, "{isa:?} {depth}x{cols} scaled");
+                let mut scaled_parallel = vec![f32::NAN; depth * cols];
+                pool.install(|| {
+                    let v = Strided { data: &v, stride };
+                    pack_tiles_parallel(isa, v, depth, cols, &mut scaled_parallel, Some(&scale))
+                });
+                assert_eq!(scaled_parallel, want, "{isa:?} {depth}x{cols} scaled in parallel");
             }
         }
     }
@@ -237,7 +296,7 @@ mod tests {
             let v = Strided { data: &v, stride };
             for isa in Isa::available() {
                 let mut tiles = vec![0f32; depth * cols];
-                let tiles = pack_tiles(isa, v, depth, cols, &mut tiles);
+                let tiles = pack_tiles(isa, v, depth, cols, &mut tiles, None);
                 let product = |right: Right| {
                     let mut m = vec![0f32; rows * cols];
                     panel_gemm_strided(isa, &packed, right, &mut m, cols, [rows, depth, cols], None);
