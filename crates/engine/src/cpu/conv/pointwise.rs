@@ -264,7 +264,7 @@ impl PointwiseConv {
                                 };
                                 // An input scale goes into the copy.
                                 let scale = scale.map(|s| &s[image * channels..][..channels]);
-                                pack_tiles_parallel(self.isa, v, channels, shared_cols, tiles, scale)
+                                pack_tiles_parallel(self.isa, v, [channels, shared_cols], tiles, scale)
                             })
                             .collect(),
                     };
@@ -536,7 +536,7 @@ impl PointwiseConv {
                 };
                 let v = match (t.packed, pack) {
                     (Some(packed), _) => packed,
-                    (None, true) => pack_tiles(self.isa, v, depth, n, tiles, scale_in_tiles),
+                    (None, true) => pack_tiles(self.isa, v, [depth, n], tiles, scale_in_tiles),
                     (None, false) => v.into(),
                 };
                 if full_rows > 0 {

@@ -113,8 +113,8 @@ impl RightLayout {
     }
 }
 
-/// Packs `v` (`[depth, cols]`, rows `v.stride` apart, `cols` a multiple of
-/// [`PANEL_GRANULE`]) for `isa`'s product into `tiles` (`depth·cols`
+/// Packs `v` (`size` = `[depth, cols]`, rows `v.stride` apart, `cols` a
+/// multiple of [`PANEL_GRANULE`]) for `isa`'s product into `tiles` (`depth·cols`
 /// values): slice `s` of `w` = [`tile_width`] columns (the last of an odd
 /// number of granules on AVX-512, 16) holds `depth` rows of its columns,
 /// one after the other, from `tiles[w·s·depth]` on; with a `scale` (one
@@ -126,16 +126,12 @@ impl RightLayout {
 /// If `cols` is not a multiple of the granule or the buffers are too short
 /// (the callers size them from the same shape), or `scale` has fewer than
 /// `depth` factors.
-pub(crate) fn pack_tiles<'a>(
-    isa: Isa,
-    v: Strided,
-    depth: usize,
-    cols: usize,
-    tiles: &'a mut [f32],
-    scale: Option<&[f32]>,
-) -> Right<'a> {
-    pack(isa, v, depth, cols, tiles, scale, false)
+pub(crate) fn pack_tiles<'a>(isa: Isa, v: Strided, size: [usize; 2], tiles: &'a mut [f32], scale: Scale) -> Right<'a> {
+    pack(isa, v, size, tiles, scale, false)
 }
+
+/// An optional factor per row of a packed operand ([`pack_tiles`]).
+pub(crate) type Scale<'a> = Option<&'a [f32]>;
 
 /// [`pack_tiles`] with its slices spread over rayon's threads: for an
 /// operand that several tasks read (a 1×1 conv's input, which each of its
@@ -147,12 +143,11 @@ pub(crate) fn pack_tiles<'a>(
 pub(crate) fn pack_tiles_parallel<'a>(
     isa: Isa,
     v: Strided,
-    depth: usize,
-    cols: usize,
+    size: [usize; 2],
     tiles: &'a mut [f32],
-    scale: Option<&[f32]>,
+    scale: Scale,
 ) -> Right<'a> {
-    pack(isa, v, depth, cols, tiles, scale, true)
+    pack(isa, v, size, tiles, scale, true)
 }
 
 /// [`pack_tiles`], its slices one after the other or (`parallel`) spread
@@ -160,10 +155,9 @@ pub(crate) fn pack_tiles_parallel<'a>(
 fn pack<'a>(
     isa: Isa,
     v: Strided,
-    depth: usize,
-    cols: usize,
+    [depth, cols]: [usize; 2],
     tiles: &'a mut [f32],
-    scale: Option<&[f32]>,
+    scale: Scale,
     parallel: bool,
 ) -> Right<'a> {
     assert!(cols.is_multiple_of(PANEL_GRANULE) && Right::Rows(v).holds(isa, depth, cols));
@@ -186,7 +180,7 @@ fn pack<'a>(
 /// One slice of [`pack_tiles`] (`depth` > 0 rows): `v`'s columns from
 /// `first` on, as many per row as `slice` holds (a whole tile or, last, a
 /// granule), each row times its factor if scaled.
-fn pack_slice(v: Strided, depth: usize, first: usize, slice: &mut [f32], scale: Option<&[f32]>) {
+fn pack_slice(v: Strided, depth: usize, first: usize, slice: &mut [f32], scale: Scale) {
     let from = &v.data[first..];
     match slice.len() / depth {
         PANEL_TILES => copy_rows::<PANEL_TILES>(from, v.stride, slice, scale),
@@ -197,7 +191,7 @@ fn pack_slice(v: Strided, depth: usize, first: usize, slice: &mut [f32], scale: 
 /// `to`'s rows of `W` values from `from`'s, `stride` apart (a width known
 /// at compile time: vector moves rather than a `memcpy` call per row),
 /// row `d` times `scale[d]` if scaled.
-fn copy_rows<const W: usize>(from: &[f32], stride: usize, to: &mut [f32], scale: Option<&[f32]>) {
+fn copy_rows<const W: usize>(from: &[f32], stride: usize, to: &mut [f32], scale: Scale) {
     match scale {
         None => {
             for (d, to) in to.chunks_exact_mut(W).enumerate() {
@@ -230,7 +224,7 @@ mod tests {
             for isa in [Isa::Avx512, Isa::Avx2Fma, Isa::Scalar] {
                 let mut tiles = vec![f32::NAN; depth * cols];
                 let (_, layout) =
-                    pack_tiles(isa, Strided { data: &v, stride }, depth, cols, &mut tiles, None).parts(depth, cols);
+                    pack_tiles(isa, Strided { data: &v, stride }, [depth, cols], &mut tiles, None).parts(depth, cols);
                 let mut seen = vec![0; depth * cols];
                 let width = tile_width(isa);
                 for col in (0..cols).step_by(width) {
@@ -252,7 +246,7 @@ mod tests {
                 let mut parallel = vec![f32::NAN; depth * cols];
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
                 pool.install(|| {
-                    pack_tiles_parallel(isa, Strided { data: &v, stride }, depth, cols, &mut parallel, None)
+                    pack_tiles_parallel(isa, Strided { data: &v, stride }, [depth, cols], &mut parallel, None)
                 });
                 assert_eq!(parallel, tiles, "{isa:?} {depth}x{cols} in parallel");
                 // Scaled, one after the other and in parallel: row d times
@@ -273,7 +267,7 @@ mod tests {
                 let mut scaled_parallel = vec![f32::NAN; depth * cols];
                 pool.install(|| {
                     let v = Strided { data: &v, stride };
-                    pack_tiles_parallel(isa, v, depth, cols, &mut scaled_parallel, Some(&scale))
+                    pack_tiles_parallel(isa, v, [depth, cols], &mut scaled_parallel, Some(&scale))
                 });
                 assert_eq!(scaled_parallel, want, "{isa:?} {depth}x{cols} scaled in parallel");
             }
@@ -296,7 +290,7 @@ mod tests {
             let v = Strided { data: &v, stride };
             for isa in Isa::available() {
                 let mut tiles = vec![0f32; depth * cols];
-                let tiles = pack_tiles(isa, v, depth, cols, &mut tiles, None);
+                let tiles = pack_tiles(isa, v, [depth, cols], &mut tiles, None);
                 let product = |right: Right| {
                     let mut m = vec![0f32; rows * cols];
                     panel_gemm_strided(isa, &packed, right, &mut m, cols, [rows, depth, cols], None);
