@@ -258,8 +258,7 @@ mod tests {
                 pack_tiles(
                     isa,
                     Strided { data: &v, stride },
-                    depth,
-                    cols,
+                    [depth, cols],
                     &mut scaled,
                     Some(&scale),
                 );
