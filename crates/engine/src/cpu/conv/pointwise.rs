@@ -755,9 +755,10 @@ mod tests {
     /// four panels or more on misaligned planes (14×14 and 7×7, as
     /// ResNet50's), several column blocks per task, split by channels and
     /// by columns, streamed or not, with a residual, an activation and an
-    /// input scale; without the scale, each image's input packed once for
-    /// the runs of its channels ([`PointwiseConv::shares_packing`]: batches
-    /// of 2-3 in two runs, batch 1 in four). On two threads, as the shapes
+    /// input scale (multiplied into the tiles' copy and into the columns
+    /// outside them); each image's input packed once for the runs of its
+    /// channels ([`PointwiseConv::shares_packing`]: batches of 2-3 in two
+    /// runs, batch 1 in four), scaled or not. On two threads, as the shapes
     /// are chosen for: each task keeps enough rows to pack.
     #[test]
     fn packed_blocks_match_candle() {
