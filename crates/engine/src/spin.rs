@@ -18,6 +18,10 @@
 //! MobileNetV2 0.91x. (Large forwards, which run on the caller's thread,
 //! gained nothing from spinners: 1.00-1.03x at batch 10.)
 //!
+//! After a forward from outside the pool ends, the workers keep taking
+//! work for [`LINGER`], so that the next forward of a back-to-back stream
+//! finds them running ([`linger`]); `WICK_SPIN=off` turns that off too.
+//!
 //! A spinner never holds up a forward: one that starts on a thread that
 //! is itself running a forward (its own, or another forward's worker that
 //! took it while waiting in a join) returns at once, and one that has
@@ -45,6 +49,21 @@ pub const SPIN_ENV: &str = "WICK_SPIN";
 /// more than two workers, one that steals a spinner while it waits inside
 /// a task of the forward holds that task until the spinner returns.
 const IDLE_MAX: Duration = Duration::from_micros(500);
+
+/// How long each of the pool's workers keeps taking work after a forward
+/// from outside the pool ends ([`linger`]): the next forward, if it comes
+/// within this, starts on a running worker, and its spinners find running
+/// workers too, instead of each being woken. Intel Xeon VM (2 threads),
+/// `cargo xtask bench MODEL --batch 1` (back-to-back forwards), six
+/// alternating runs of the two builds, medians: MobileNetV3-Large 2.575
+/// -> 2.49 ms, MobileNetV2 2.825 -> 2.765, EfficientNet-B0 4.715 -> 4.66,
+/// ResNet18 and ResNet50 level (1.01× and 1.00×; with a switch before,
+/// 0.996×); 0.1 ms gained less (MobileNetV2 0.995×), 1 ms no more
+/// (MobileNetV3-Large 0.973× against 0.977×). The cost is CPU time the
+/// workers would have slept through, at most this long per worker after
+/// each forward. Batch 10 and larger forwards run on the caller's thread
+/// without spinners, and linger not.
+const LINGER: Duration = Duration::from_micros(300);
 
 thread_local! {
     /// Whether this thread is running a forward with spinners (which a
@@ -76,18 +95,45 @@ impl FromStr for SpinSwitch {
 
 /// Runs `forward` in a rayon scope (on a worker of the current pool) with
 /// a spinner handed to each other worker for as long as it runs; also
-/// when `forward` panics, the spinners stop and the panic goes on.
+/// when `forward` panics, the spinners stop and the panic goes on. Called
+/// from outside the pool, it leaves the workers lingering for the next
+/// forward ([`linger`]).
 pub(crate) fn with_spinners<R: Send>(forward: impl FnOnce() -> R + Send) -> R {
     let done = AtomicBool::new(false);
     let done = &done;
-    rayon::scope(|scope| {
+    let outside = rayon::current_thread_index().is_none();
+    let result = rayon::scope(|scope| {
         for _ in 1..rayon::current_num_threads() {
             scope.spawn(move |_| spin(done));
         }
         let _stop = Stop(done);
         let _in_forward = InForward::enter();
         forward()
-    })
+    });
+    if outside {
+        linger(LINGER);
+    }
+    result
+}
+
+/// Hands each of the pool's workers a job that takes the pool's work for
+/// up to `time` and returns once it has run one (the next forward, or its
+/// spinner) or the time is up. Detached: the caller does not wait for it.
+/// Only after forwards from outside the pool (a service's request thread,
+/// a benchmark loop), whose workers would otherwise go to sleep between
+/// forwards; inside the pool other work keeps them busy.
+fn linger(time: Duration) {
+    for _ in 0..rayon::current_num_threads() {
+        rayon::spawn(move || {
+            let start = Instant::now();
+            while start.elapsed() < time {
+                match rayon::yield_now() {
+                    Some(rayon::Yield::Executed) => return,
+                    _ => std::hint::spin_loop(),
+                }
+            }
+        });
+    }
 }
 
 /// Takes the pool's work until `done`, unless this thread runs a forward
@@ -157,6 +203,26 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let sum: u64 = pool.install(|| with_spinners(|| (0..100_000u64).into_par_iter().sum()));
         assert_eq!(sum, 100_000 * 99_999 / 2);
+    }
+
+    /// Forwards from several threads outside the pool (rayon's global
+    /// one), back to back, each leaving the workers lingering: every one
+    /// returns its own answer, none waits on another's lingering jobs.
+    #[test]
+    fn forwards_from_outside_the_pool_finish_while_workers_linger() {
+        let callers: Vec<_> = (1..=4u64)
+            .map(|k| {
+                std::thread::spawn(move || {
+                    (0..20)
+                        .map(|_| with_spinners(|| (0..10_000u64).into_par_iter().map(|i| i * k).sum::<u64>()))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for (k, caller) in (1..=4u64).zip(callers) {
+            let sums = caller.join().unwrap();
+            assert!(sums.iter().all(|&s| s == k * 10_000 * 9_999 / 2), "caller {k}");
+        }
     }
 
     /// Many forwards at once on one pool, each from a worker and each
