@@ -37,8 +37,8 @@ use super::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch, with_shared_scratch};
 use crate::cpu::epilogue::{value, Epilogue};
 use crate::cpu::gemm::{
-    pack_panels, pack_tiles, pack_tiles_parallel, panel_columns, panel_gemm_shared, panel_gemm_strided, Isa, Right,
-    SharedRows, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS,
+    pack_panels, pack_tiles, pack_tiles_parallel, panel_columns, panel_gemm_shared, panel_gemm_strided, scale_rows,
+    Isa, Right, SharedRows, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS,
 };
 use crate::cpu::output::Output;
 use crate::cpu::parallel::try_shares;
@@ -519,7 +519,7 @@ impl PointwiseConv {
                 Some(_) if scale_in_tiles.is_some() => (packed, t.input),
                 Some(scale) if scale_input => {
                     let scaled = &mut scaled[..t.input.len()];
-                    scale_planes(t.input, plane, scale, scaled);
+                    scale_rows(t.input, plane, plane, scaled, scale);
                     (packed, &*scaled)
                 }
                 Some(scale) => {
@@ -586,11 +586,7 @@ impl PointwiseConv {
                     Some(scale) => {
                         // These columns of the scaled input, `[C, n]`.
                         let edge = &mut edge[..depth * n];
-                        for ((to, from), &s) in edge.chunks_exact_mut(n).zip(input.chunks_exact(plane)).zip(scale) {
-                            for (to, &x) in to.iter_mut().zip(&from[cols.clone()]) {
-                                *to = x * s;
-                            }
-                        }
+                        scale_rows(&input[cols.start..], plane, n, edge, scale);
                         let v = Strided { data: edge, stride: n };
                         panel_columns(self.isa, u, padded_rows / PANEL_ROWS, depth, v, 0..n, m);
                     }
@@ -649,19 +645,6 @@ fn scale_depth(packed: &[f32], scale: &[f32], scaled: &mut [f32]) {
     // The `k`-th 8 values are panel `k / C`, depth `k mod C`.
     for (k, (from, to)) in rows_of_8.enumerate() {
         let factor = scale[k % scale.len()];
-        for (to, from) in to.iter_mut().zip(from) {
-            *to = from * factor;
-        }
-    }
-}
-
-/// `scaled` = the planes `input` (`[C][plane]`) with plane `c` multiplied
-/// by `scale[c]` (the same f32 products as the unfused `mul`).
-fn scale_planes(input: &[f32], plane: usize, scale: &[f32], scaled: &mut [f32]) {
-    let planes = input
-        .chunks_exact(plane.max(1))
-        .zip(scaled.chunks_exact_mut(plane.max(1)));
-    for ((from, to), &factor) in planes.zip(scale) {
         for (to, from) in to.iter_mut().zip(from) {
             *to = from * factor;
         }

@@ -32,7 +32,7 @@ pub(crate) use panel::{
     chunks_depth, pack_panels, panel_gemm, panel_gemm_shared, panel_gemm_strided, panel_index, SharedRows,
     StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES,
 };
-pub(crate) use right::{pack_tiles, pack_tiles_parallel, Right};
+pub(crate) use right::{pack_tiles, pack_tiles_parallel, scale_rows, Right};
 
 /// Which micro-kernel a left operand (the weights) is packed for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

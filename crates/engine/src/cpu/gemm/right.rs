@@ -198,12 +198,20 @@ fn copy_rows<const W: usize>(from: &[f32], stride: usize, to: &mut [f32], scale:
                 to.copy_from_slice(&from[d * stride..][..W]);
             }
         }
-        Some(scale) => {
-            for ((d, to), &s) in to.chunks_exact_mut(W).enumerate().zip(scale) {
-                for (to, &x) in to.iter_mut().zip(&from[d * stride..][..W]) {
-                    *to = x * s;
-                }
-            }
+        Some(scale) => scale_rows(from, stride, W, to, scale),
+    }
+}
+
+/// `to`'s rows of `width` values (as many as `to` and `scale` hold):
+/// `from`'s rows, `stride` apart, row `d` times `scale[d]` (the same f32
+/// products as an unfused per-channel `mul`). A 1×1 conv's input planes
+/// scaled whole (`width` = `stride` = the plane), a few of their columns,
+/// or a tile's slice of them.
+#[inline]
+pub(crate) fn scale_rows(from: &[f32], stride: usize, width: usize, to: &mut [f32], scale: &[f32]) {
+    for ((d, to), &s) in to.chunks_exact_mut(width.max(1)).enumerate().zip(scale) {
+        for (to, &x) in to.iter_mut().zip(&from[d * stride..][..width]) {
+            *to = x * s;
         }
     }
 }

@@ -279,11 +279,7 @@ fn band_rows(rows: Rows, per_band: usize, threads: usize, equal: bool) -> usize 
     let wanted = threads.saturating_mul(4).div_ceil(per_band.max(1));
     let first = rows.most.min(rows.height.div_ceil(wanted.max(1))).max(1);
     let bands = |cut: usize| rows.height.div_ceil(cut.max(1));
-    let even = |cut: usize| {
-        bands(cut)
-            .checked_mul(per_band)
-            .is_some_and(|tasks| tasks.is_multiple_of(threads.max(1)))
-    };
+    let even = |cut: usize| shares_evenly(rows, cut, per_band, threads);
     // Input rows the bands compute, in all: H·sh + bands·halo.
     let computed = |cut: usize| {
         rows.height
@@ -299,6 +295,15 @@ fn band_rows(rows: Rows, per_band: usize, threads: usize, equal: bool) -> usize 
         .take_while(|&cut| computed(cut).saturating_mul(8) <= computed(first).saturating_mul(9))
         .find(|&cut| even(cut))
         .unwrap_or(first)
+}
+
+/// Whether bands of `cut` rows, `per_band` tasks each, give every one of
+/// `threads` threads as many tasks.
+fn shares_evenly(rows: Rows, cut: usize, per_band: usize, threads: usize) -> bool {
+    rows.height
+        .div_ceil(cut.max(1))
+        .checked_mul(per_band)
+        .is_some_and(|tasks| tasks.is_multiple_of(threads.max(1)))
 }
 
 /// The channel blocks a blocked depthwise conv's tasks share out.
@@ -337,8 +342,7 @@ fn cut_tasks(rows: Rows, work: Work, choices: &[usize], threads: usize) -> (usiz
         let equal = work.whole && work.blocks.is_multiple_of(per_task) && per_task == first;
         let per_band = work.batch.saturating_mul(groups);
         let cut = band_rows(rows, per_band, threads, equal);
-        let tasks = per_band.checked_mul(rows.height.div_ceil(cut));
-        (per_task, cut, tasks.is_some_and(|t| t.is_multiple_of(threads.max(1))))
+        (per_task, cut, shares_evenly(rows, cut, per_band, threads))
     };
     let (per_task, band_rows, _) = choices
         .iter()
