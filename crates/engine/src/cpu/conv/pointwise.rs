@@ -7,10 +7,13 @@
 //! the epilogue runs on each block while it is in cache. No im2col copy
 //! and no products buffer, as the direct conv needs for other kernels.
 //! Where enough output channels read a block of the input, or its rows
-//! start off the cache lines, the block is first copied into the
-//! micro-tiles' column slices ([`packs`]), which the product then reads
-//! contiguously; where an image's channels are split into several runs,
-//! its input is packed once for all of them, before they start.
+//! start off the cache lines, the block is copied into the micro-tiles'
+//! column slices ([`packs`]), which the product then reads contiguously:
+//! on AVX-512 by the product itself, each slice's first micro-tile
+//! storing what it loads ([`panel_gemm_shared_packing`]), elsewhere (and
+//! with an input scale to fold into the copy) before the product; where
+//! an image's channels are split into several runs, its input is packed
+//! once for all of them, before they start.
 //!
 //! What the in-place product cannot cover goes through scratch: a row
 //! panel with fewer than 8 output channels left (its padding rows must not
@@ -37,8 +40,8 @@ use super::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch, with_shared_scratch};
 use crate::cpu::epilogue::{value, Epilogue};
 use crate::cpu::gemm::{
-    pack_panels, pack_tiles, pack_tiles_parallel, panel_columns, panel_gemm_shared, panel_gemm_strided, scale_rows,
-    Isa, Right, SharedRows, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS,
+    pack_panels, pack_tiles, pack_tiles_parallel, panel_columns, panel_gemm_shared, panel_gemm_shared_packing,
+    panel_gemm_strided, scale_rows, Isa, Right, SharedRows, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS,
 };
 use crate::cpu::output::Output;
 use crate::cpu::parallel::try_shares;
@@ -471,6 +474,10 @@ impl PointwiseConv {
         // the columns outside the tiles are scaled on their own, a few at
         // a time: no scaled weights or input made beforehand.
         let scale_in_tiles = t.scale.filter(|_| pack || t.packed.is_some());
+        // Unscaled, over whole panels, the product packs as it goes
+        // ([`panel_gemm_shared_packing`]); otherwise the block is packed
+        // before the product reads it.
+        let pack_as_it_goes = pack && scale_in_tiles.is_none() && full_rows == t.rows.len();
         // Scratch: a partial panel's product over one block, or the first
         // or last columns' product `[padded_rows, < 16]`; before it, the
         // scaled operand, if any (whole cache lines of it, so that the
@@ -534,10 +541,13 @@ impl PointwiseConv {
                     data: &input[c0..],
                     stride: plane,
                 };
-                let v = match (t.packed, pack) {
-                    (Some(packed), _) => packed,
-                    (None, true) => pack_tiles(self.isa, v, [depth, n], tiles, scale_in_tiles),
-                    (None, false) => v.into(),
+                // The operand, and the tiles the product packs it into as it
+                // goes, if it does.
+                let (v, packing) = match (t.packed, pack) {
+                    (Some(packed), _) => (packed, None),
+                    (None, true) if pack_as_it_goes => (Right::Rows(v), Some(&mut *tiles)),
+                    (None, true) => (pack_tiles(self.isa, v, [depth, n], tiles, scale_in_tiles), None),
+                    (None, false) => (v.into(), None),
                 };
                 if full_rows > 0 {
                     // The epilogue as the product is stored.
@@ -556,8 +566,14 @@ impl PointwiseConv {
                         stride: plane,
                     };
                     let size = [full_rows, depth, n];
+                    let u = &u[..full_rows * depth];
                     // SAFETY: as for `write`: this task's rows and columns.
-                    unsafe { panel_gemm_shared(self.isa, &u[..full_rows * depth], v, m, size, Some(epilogue)) };
+                    match (v, packing) {
+                        (Right::Rows(v), Some(tiles)) => unsafe {
+                            panel_gemm_shared_packing(self.isa, u, v, tiles, m, size, Some(epilogue))
+                        },
+                        _ => unsafe { panel_gemm_shared(self.isa, u, v, m, size, Some(epilogue)) },
+                    }
                 }
                 if full_rows < t.rows.len() {
                     let m = &mut scratch[..PANEL_ROWS * n];

@@ -104,6 +104,7 @@ mod x86 {
             at: v.data[start + t0..].as_ptr(),
             stride: 0,
             table: v.table.as_ptr(),
+            pack: std::ptr::null_mut(),
         }
     }
 

@@ -9,7 +9,7 @@
 //! Paths chosen at run time: AVX-512F, AVX2 + FMA, and portable scalar; each
 //! is tested against an f64 product on every machine that has it.
 
-use super::right::{Right, RightLayout};
+use super::right::{pack_tiles, Right, RightLayout};
 use super::Isa;
 use crate::cpu::data::SharedOut;
 use crate::cpu::epilogue::in_place;
@@ -146,6 +146,57 @@ pub(crate) unsafe fn panel_gemm_shared<'v>(
     m.out.check(m.start, m.start.saturating_add(span));
     // SAFETY: in bounds (checked above); exclusive by the caller's contract.
     unsafe { gemm_into(isa, u, v, m.out.ptr_at(m.start), m.stride, size, epilogue) }
+}
+
+/// [`panel_gemm_shared`] on a row-major `v` (rows a plane apart: a 1×1
+/// conv's input read in place) that the product copies into micro-tile
+/// slices in `tiles` as it goes, so that every tile reads a contiguous
+/// slice ([`super::right`]'s reason to pack). On AVX-512 the first
+/// micro-tile of each column slice copies the values it loads anyway
+/// into `tiles` (one slice, reused: `depth·32` values), overlapped with
+/// its FMAs, and the slice's other tiles read the copy; elsewhere the
+/// operand is packed first ([`pack_tiles`]: `depth·cols` values of
+/// `tiles`). The copy first was a pass of its own whose strided reads
+/// waited on memory: 11% of ResNet50's 512 -> 128 conv on 28×28 alone
+/// in `perf` (one thread). Against it, on the Intel Xeon VM (AVX-512, 2
+/// threads), `cargo xtask bench` medians of 5 alternating runs: ResNet50
+/// 0.98× the time at batch 10 and at batch 1, MobileNetV2 0.985× at batch
+/// 10 and 0.97× at batch 1, MobileNetV3-Large at batch 10 level (its
+/// scaled inputs are still packed first, the scale going into the copy);
+/// per node, MobileNetV2's projections on 14×14 at batch 10 0.90-0.94×,
+/// those on 7×7 (one and a half slices) 0.97-1.03×.
+///
+/// # Safety
+/// As [`panel_gemm_shared`]; `tiles` holds `depth·cols` values.
+pub(crate) unsafe fn panel_gemm_shared_packing(
+    isa: Isa,
+    u: &[f32],
+    v: Strided,
+    tiles: &mut [f32],
+    m: SharedRows,
+    size: [usize; 3],
+    epilogue: Option<StoreEpilogue>,
+) {
+    let [_, depth, cols] = size;
+    assert!(depth.checked_mul(cols).is_some_and(|n| tiles.len() >= n));
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        let Some(span) = check_operands(isa, u, v.into(), m.stride, size, epilogue) else {
+            panic!("panel product of {size:?} with stride {} overflows", m.stride)
+        };
+        m.out.check(m.start, m.start.saturating_add(span));
+        let (v, layout) = Right::from(v).parts(depth, cols);
+        let layout = layout.packing_into(tiles.as_mut_ptr());
+        // SAFETY: in bounds (checked above); `m` exclusive by the caller's
+        // contract; `tiles`, borrowed mutably, holds `depth·cols` values,
+        // at least one slice (`depth` rows of 32 columns, or of 16 where
+        // those are all the columns).
+        unsafe { x86::gemm_avx512(u, v, layout, m.out.ptr_at(m.start), size, m.stride, epilogue) };
+        return;
+    }
+    let v = pack_tiles(isa, v, [depth, cols], tiles, None);
+    // SAFETY: the caller's contract.
+    unsafe { panel_gemm_shared(isa, u, v, m, size, epilogue) }
 }
 
 /// Panics unless the operands of a `[rows, depth, cols]` product on `isa`
@@ -321,7 +372,11 @@ pub(super) mod x86 {
     /// `rows` rows (m);
     /// `epi`'s bias has `rows` values and its residual, if any, spans
     /// `m`'s rows and columns at its own stride. Micro-tiles of 12 rows
-    /// (across panels) and 8 ([`avx512_column_tiles`]).
+    /// (across panels) and 8 ([`avx512_column_tiles`]). `layout.pack()`,
+    /// if not null (with a row-major `v`), is valid for writes of
+    /// `depth·32` values nothing else accesses meanwhile: each column
+    /// slice's first tile copies its rows of `v` there, the slice's other
+    /// tiles read them from there.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gemm_avx512(
         u: &[f32],
@@ -337,6 +392,7 @@ pub(super) mod x86 {
             let (u, v) = (u.as_ptr(), v.as_ptr());
             let stream = streams(epi);
             let full = cols / PANEL_TILES * PANEL_TILES;
+            let pack = layout.pack();
             // Vectors per full tile's row.
             const TILE: usize = PANEL_TILES / 16;
             // Column panels outer: one `depth × 32` slice of `v` stays in L1 while
@@ -353,12 +409,12 @@ pub(super) mod x86 {
                 let next = (layout.rows_apart().is_some() && t0 + PANEL_TILES < cols)
                     .then(|| v.wrapping_add(t0 + PANEL_TILES));
                 let (at, vs) = layout.at(t0);
-                let columns = TileColumns::rows(v.add(at), vs);
+                let columns = TileColumns::rows(v.add(at), vs).packing(pack);
                 avx512_column_tiles::<TILE, false>(u, columns, m, [rows, depth, t0], ms, epi, next);
             }
             if full < cols {
                 let (at, vs) = layout.at(full);
-                let columns = TileColumns::rows(v.add(at), vs);
+                let columns = TileColumns::rows(v.add(at), vs).packing(pack);
                 avx512_column_tiles::<1, false>(u, columns, m, [rows, depth, full], ms, epi, None);
             }
             fence_streams(stream);
@@ -399,6 +455,12 @@ pub(super) mod x86 {
                 let mp = m.add(row * ms + t0);
                 let e = TileEpilogue::at(epi, row, t0);
                 let next = next.filter(|_| row == 0);
+                // The first tile copies its slice of `v` into `columns.pack`
+                // (if any) as it reads it, the others read that copy.
+                let columns = match (row, columns.pack.is_null()) {
+                    (0, _) | (_, true) => columns,
+                    _ => TileColumns::rows(columns.pack, 16 * V),
+                };
                 match (height == AVX512_TALL_ROWS, stream) {
                     (true, true) => micro_avx512_tall::<V, true, false, TABLE>(w, columns, mp, depth, ms, e, next),
                     (true, false) => micro_avx512_tall::<V, false, false, TABLE>(w, columns, mp, depth, ms, e, next),
@@ -458,22 +520,32 @@ pub(super) mod x86 {
     }
 
     /// Where a micro-tile's rows of `v` lie: row `d` at `at + d·stride`, or
-    /// (a `TABLE` tile) at `at + table[d]`.
+    /// (a `TABLE` tile) at `at + table[d]`; and where, if `pack` is not
+    /// null, the tile copies them as it reads them: row `d`'s values at
+    /// `pack + d·w` (`w` the tile's width), one slice of packed tiles.
     #[derive(Clone, Copy)]
     pub(in crate::cpu::gemm) struct TileColumns {
         pub(in crate::cpu::gemm) at: *const f32,
         pub(in crate::cpu::gemm) stride: usize,
         pub(in crate::cpu::gemm) table: *const usize,
+        pub(in crate::cpu::gemm) pack: *mut f32,
     }
 
     impl TileColumns {
-        /// Rows `stride` apart from `at`.
+        /// Rows `stride` apart from `at`, not copied.
         pub(in crate::cpu::gemm) fn rows(at: *const f32, stride: usize) -> Self {
             TileColumns {
                 at,
                 stride,
                 table: std::ptr::null(),
+                pack: std::ptr::null_mut(),
             }
+        }
+
+        /// These columns, copied into `pack` as a tile reads them (none
+        /// where `pack` is null).
+        pub(in crate::cpu::gemm) fn packing(self, pack: *mut f32) -> Self {
+            TileColumns { pack, ..self }
         }
     }
 
@@ -516,6 +588,8 @@ pub(super) mod x86 {
             /// each, stride `vs`): a hint that never faults, its pointers
             /// formed with wrapping arithmetic and never dereferenced.
             /// With `ACC`, the tile's values in `m` were written before.
+            /// `v.pack`, if not null, is valid for writes of `depth·lanes·V`
+            /// values that nothing else accesses meanwhile.
             #[inline]
             #[target_feature(enable = $feature)]
             pub(in crate::cpu::gemm) unsafe fn $name<
@@ -575,6 +649,11 @@ pub(super) mod x86 {
                         // With `TABLE`, row d lies at `v.table[d]` from `v.at`.
                         let row = if TABLE { v.at.add(*v.table.add(d)) } else { vp };
                         let b: [$vector; V] = std::array::from_fn(|j| $load(row.add($lanes * j)));
+                        if !v.pack.is_null() {
+                            for (j, &b) in b.iter().enumerate() {
+                                $store(v.pack.add((d * V + j) * $lanes), b);
+                            }
+                        }
                         for (r, acc) in acc.iter_mut().enumerate() {
                             let a = $splat(*ur.add(rows_at[r]));
                             for j in 0..V {
@@ -857,6 +936,56 @@ mod tests {
                         prop_assert!(m[r * ms + cols..(r + 1) * ms].iter().all(|x| x.is_nan()), "{isa:?} wrote a gap");
                     }
                 }
+            }
+        }
+    }
+
+    /// Packing the operand as the product goes gives the product of the
+    /// operand packed first, bit for bit (the same sums in the same
+    /// order), with the epilogue (bias, residual, ReLU), on every path:
+    /// 12- and 8-row tiles, a 16-column last slice, `m` and the residual
+    /// inside wider rows (the gaps untouched), shallow and deep operands.
+    #[test]
+    fn packing_as_it_goes_equals_packing_first() {
+        for (panels, depth, cols) in [(1, 3, 16), (3, 64, 48), (5, 300, 96), (4, 700, 80), (2, 1, 32)] {
+            let (rows, stride, ms) = (panels * PANEL_ROWS, cols + 5, cols + 3);
+            let mut next = crate::test_util::uniform((depth * cols) as u64);
+            let plain: Vec<f32> = (0..rows * depth).map(|_| next()).collect();
+            let v: Vec<f32> = (0..(depth - 1) * stride + cols).map(|_| next()).collect();
+            let bias: Vec<f32> = (0..rows).map(|_| next()).collect();
+            let residual: Vec<f32> = (0..(rows - 1) * ms + cols).map(|_| next()).collect();
+            let mut packed = vec![0f32; rows * depth];
+            pack_panels(&plain, rows, depth, &mut packed);
+            let v = Strided { data: &v, stride };
+            let epilogue = StoreEpilogue {
+                bias: &bias,
+                residual: Some(Strided {
+                    data: &residual,
+                    stride: ms,
+                }),
+                activation: Some(Activation::Relu),
+                stream: false,
+            };
+            let size = [rows, depth, cols];
+            let len = (rows - 1) * ms + cols;
+            for isa in Isa::available() {
+                let mut tiles = vec![f32::NAN; depth * cols];
+                let first = pack_tiles(isa, v, [depth, cols], &mut tiles, None);
+                let mut want = vec![f32::NAN; len];
+                panel_gemm_strided(isa, &packed, first, &mut want, ms, size, Some(epilogue));
+                let mut got = vec![f32::NAN; len];
+                let mut tiles = vec![f32::NAN; depth * cols];
+                let m = SharedRows {
+                    out: SharedOut::over(&mut got),
+                    start: 0,
+                    stride: ms,
+                };
+                // SAFETY: `got` outlives the call, which alone accesses it.
+                unsafe { panel_gemm_shared_packing(isa, &packed, v, &mut tiles, m, size, Some(epilogue)) };
+                assert!(
+                    want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{isa:?} {rows}x{depth}x{cols}"
+                );
             }
         }
     }

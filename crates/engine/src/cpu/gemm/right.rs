@@ -43,6 +43,7 @@ impl<'a> Right<'a> {
                     tiled: false,
                     depth,
                     cols,
+                    pack: std::ptr::null_mut(),
                 },
             ),
             Right::Tiles { data, width } => (
@@ -52,6 +53,7 @@ impl<'a> Right<'a> {
                     tiled: true,
                     depth,
                     cols,
+                    pack: std::ptr::null_mut(),
                 },
             ),
         }
@@ -85,6 +87,9 @@ pub(super) struct RightLayout {
     tiled: bool,
     depth: usize,
     cols: usize,
+    /// Where the product copies a row-major operand's column slices as it
+    /// reads them (one slice at a time), or null.
+    pack: *mut f32,
 }
 
 impl RightLayout {
@@ -103,6 +108,20 @@ impl RightLayout {
             }
             false => (col, self.stride),
         }
+    }
+
+    /// This row-major layout, its slices copied into `pack` as the product
+    /// reads them ([`super::panel_gemm_shared_packing`]).
+    pub(super) fn packing_into(self, pack: *mut f32) -> Self {
+        debug_assert!(!self.tiled, "a packed operand packed again");
+        RightLayout { pack, ..self }
+    }
+
+    /// Where the product copies the operand's slices as it reads them
+    /// (null: it does not).
+    #[inline]
+    pub(super) fn pack(self) -> *mut f32 {
+        self.pack
     }
 
     /// The distance between the rows of a row-major operand (far apart,
