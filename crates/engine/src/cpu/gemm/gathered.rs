@@ -158,8 +158,8 @@ mod x86 {
                     let up = TileWeights::from_row(u.as_ptr(), row, depth);
                     let mp = m.add(row * ms + t0);
                     match height == AVX2_TALL_ROWS {
-                        true => micro_avx2_tall::<W, false, false, true>(up, vt, mp, depth, ms, None, None),
-                        false => micro_avx2::<W, false, false, true>(up, vt, mp, depth, ms, None, None),
+                        true => micro_avx2_tall::<W, false, false, true, false>(up, vt, mp, depth, ms, None, None),
+                        false => micro_avx2::<W, false, false, true, false>(up, vt, mp, depth, ms, None, None),
                     }
                     row += height;
                 }

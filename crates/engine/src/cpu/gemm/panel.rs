@@ -153,7 +153,7 @@ pub(crate) unsafe fn panel_gemm_shared<'v>(
 /// slices in `tiles` as it goes, so that every tile reads a contiguous
 /// slice ([`super::right`]'s reason to pack). On AVX-512 the first
 /// micro-tile of each column slice copies the values it loads anyway
-/// into `tiles` (one slice, reused: `depth·32` values), overlapped with
+/// into `tiles` (one slice, reused: `depth·48` values at most), overlapped with
 /// its FMAs, and the slice's other tiles read the copy; elsewhere the
 /// operand is packed first ([`pack_tiles`]: `depth·cols` values of
 /// `tiles`). The copy first was a pass of its own whose strided reads
@@ -189,8 +189,8 @@ pub(crate) unsafe fn panel_gemm_shared_packing(
         let layout = layout.packing_into(tiles.as_mut_ptr());
         // SAFETY: in bounds (checked above); `m` exclusive by the caller's
         // contract; `tiles`, borrowed mutably, holds `depth·cols` values,
-        // at least one slice (`depth` rows of 32 columns, or of 16 where
-        // those are all the columns).
+        // at least one slice (`depth` rows of 48 columns, or of 32 or 16
+        // where the columns are fewer).
         unsafe { x86::gemm_avx512(u, v, layout, m.out.ptr_at(m.start), size, m.stride, epilogue) };
         return;
     }
@@ -371,12 +371,14 @@ pub(super) mod x86 {
     /// `row·ms + t0 + 16·j + 15 < (rows - 1)·ms + cols` for each of the
     /// `rows` rows (m);
     /// `epi`'s bias has `rows` values and its residual, if any, spans
-    /// `m`'s rows and columns at its own stride. Micro-tiles of 12 rows
-    /// (across panels) and 8 ([`avx512_column_tiles`]). `layout.pack()`,
+    /// `m`'s rows and columns at its own stride. A row-major `v` goes in
+    /// 8 × 48 micro-tiles ([`WIDE_TILE`]) as far as whole ones reach, the
+    /// rest (and a packed `v`) in tiles of 12 rows (across panels) and 8
+    /// ([`avx512_column_tiles`]), 32 or 16 columns wide. `layout.pack()`,
     /// if not null (with a row-major `v`), is valid for writes of
-    /// `depth·32` values nothing else accesses meanwhile: each column
-    /// slice's first tile copies its rows of `v` there, the slice's other
-    /// tiles read them from there.
+    /// `depth·min(48, cols)` values nothing else accesses meanwhile: each
+    /// column slice's first tile copies its rows of `v` there, the slice's
+    /// other tiles read them from there.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gemm_avx512(
         u: &[f32],
@@ -391,13 +393,36 @@ pub(super) mod x86 {
         unsafe {
             let (u, v) = (u.as_ptr(), v.as_ptr());
             let stream = streams(epi);
-            let full = cols / PANEL_TILES * PANEL_TILES;
             let pack = layout.pack();
+            // A row-major operand in slices of `WIDE_TILE` columns (8-row
+            // tiles), then of 32 and 16 (12- and 8-row tiles) for the rest.
+            let wide = match layout.rows_apart() {
+                Some(_) => cols / WIDE_TILE * WIDE_TILE,
+                None => 0,
+            };
+            for t0 in (0..wide).step_by(WIDE_TILE) {
+                // As below: the first tile prefetches the next slice.
+                let next = (t0 + WIDE_TILE < cols).then(|| v.wrapping_add(t0 + WIDE_TILE));
+                let (at, vs) = layout.at(t0);
+                let columns = TileColumns::rows(v.add(at), vs).packing(pack);
+                for row in (0..rows).step_by(PANEL_ROWS) {
+                    let w = TileWeights::from_row(u, row, depth);
+                    let (mp, e) = (m.add(row * ms + t0), TileEpilogue::at(epi, row, t0));
+                    let run = TileRun {
+                        tall: false,
+                        stream,
+                        first: row == 0,
+                        next: next.filter(|_| row == 0),
+                    };
+                    avx512_tile::<{ WIDE_TILE / 16 }, false>(run, w, columns, mp, depth, ms, e);
+                }
+            }
+            let full = wide + (cols - wide) / PANEL_TILES * PANEL_TILES;
             // Vectors per full tile's row.
             const TILE: usize = PANEL_TILES / 16;
             // Column panels outer: one `depth × 32` slice of `v` stays in L1 while
             // the (contiguous, prefetch-friendly) weight panels stream past it.
-            for t0 in (0..full).step_by(PANEL_TILES) {
+            for t0 in (wide..full).step_by(PANEL_TILES) {
                 // The first tile's pass prefetches the next slice of `v`
                 // into L1: its rows are a plane apart in a 1×1 conv, too
                 // many streams for the hardware prefetchers. MobileNetV2's
@@ -455,19 +480,76 @@ pub(super) mod x86 {
                 let mp = m.add(row * ms + t0);
                 let e = TileEpilogue::at(epi, row, t0);
                 let next = next.filter(|_| row == 0);
-                // The first tile copies its slice of `v` into `columns.pack`
-                // (if any) as it reads it, the others read that copy.
-                let columns = match (row, columns.pack.is_null()) {
-                    (0, _) | (_, true) => columns,
-                    _ => TileColumns::rows(columns.pack, 16 * V),
+                let run = TileRun {
+                    tall: height == AVX512_TALL_ROWS,
+                    stream,
+                    first: row == 0,
+                    next,
                 };
-                match (height == AVX512_TALL_ROWS, stream) {
-                    (true, true) => micro_avx512_tall::<V, true, false, TABLE>(w, columns, mp, depth, ms, e, next),
-                    (true, false) => micro_avx512_tall::<V, false, false, TABLE>(w, columns, mp, depth, ms, e, next),
-                    (false, true) => micro_avx512::<V, true, false, TABLE>(w, columns, mp, depth, ms, e, next),
-                    (false, false) => micro_avx512::<V, false, false, TABLE>(w, columns, mp, depth, ms, e, next),
-                }
+                avx512_tile::<V, TABLE>(run, w, columns, mp, depth, ms, e);
                 row += height;
+            }
+        }
+    }
+
+    /// Which AVX-512 micro-tile [`avx512_tile`] runs, and how.
+    #[derive(Clone, Copy)]
+    pub(in crate::cpu::gemm) struct TileRun {
+        /// 12 rows ([`AVX512_TALL_ROWS`]) rather than 8.
+        pub(in crate::cpu::gemm) tall: bool,
+        /// Streaming stores.
+        pub(in crate::cpu::gemm) stream: bool,
+        /// The first tile of its column slice: where the slice is packed
+        /// as the product goes, the one that copies it.
+        pub(in crate::cpu::gemm) first: bool,
+        /// The slice of `v` it prefetches along `v`'s rows, if any (a hint).
+        pub(in crate::cpu::gemm) next: Option<*const f32>,
+    }
+
+    /// One AVX-512 micro-tile of `V` vectors' width, as `run` says: where
+    /// `columns.pack` is not null, the column slice's first tile copies
+    /// `v`'s rows there as it reads them and the others read the copy.
+    ///
+    /// # Safety
+    /// As the micro-tiles', for the tile's rows and columns.
+    #[inline(always)]
+    pub(in crate::cpu::gemm) unsafe fn avx512_tile<const V: usize, const TABLE: bool>(
+        run: TileRun,
+        w: TileWeights,
+        columns: TileColumns,
+        mp: *mut f32,
+        depth: usize,
+        ms: usize,
+        e: Option<TileEpilogue>,
+    ) {
+        let TileRun {
+            tall,
+            stream,
+            first,
+            next,
+        } = run;
+        macro_rules! tile {
+            ($pack:literal, $columns:expr) => {
+                match (tall, stream) {
+                    (true, true) => {
+                        micro_avx512_tall::<V, true, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next)
+                    }
+                    (true, false) => {
+                        micro_avx512_tall::<V, false, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next)
+                    }
+                    (false, true) => micro_avx512::<V, true, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next),
+                    (false, false) => {
+                        micro_avx512::<V, false, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next)
+                    }
+                }
+            };
+        }
+        // SAFETY: the caller upholds the micro-tiles' contract.
+        unsafe {
+            match (first, columns.pack.is_null()) {
+                (_, true) => tile!(false, columns),
+                (true, false) => tile!(true, columns),
+                (false, false) => tile!(false, TileColumns::rows(columns.pack, 16 * V)),
             }
         }
     }
@@ -481,6 +563,24 @@ pub(super) mod x86 {
             _ => AVX512_TALL_ROWS,
         }
     }
+
+    /// Columns per micro-tile of an AVX-512 product on a row-major `v`
+    /// (where the slices' width is the product's own choice): 8 rows × 48
+    /// columns, 24 accumulators as in a 12 × 32 tile, but 3 loads of `v`
+    /// and 8 broadcasts per 24 FMAs rather than 2 and 12, no tile across
+    /// two panels, and a 7×7 plane's 49 columns one slice rather than a
+    /// 32- and a 16-column one (each pass of the weights). Intel Xeon VM
+    /// (AVX-512, 2 threads), `cargo xtask bench` medians of 4-5 alternating
+    /// runs against 12 × 32 there: at batch 10 ResNet18 0.97× the time,
+    /// ResNet50 0.97×, MobileNetV2 0.99×, MobileNetV3-Large and
+    /// EfficientNet-B0 level; at batch 1 ResNet34 0.99×, ResNet18,
+    /// ResNet50, MobileNetV2, MobileNetV3-Large 0.99-1.00×, EfficientNet-B0
+    /// level. (Packed operands keep 32-column slices: [`super::right`].)
+    /// The tile's copy into the packed slice must be a compile-time switch
+    /// (`PACK`): as a branch in the depth loop it left LLVM short of
+    /// registers, the accumulators went to the stack, and ResNet50's 128
+    /// -> 512 + residual on 28×28 took 2.7× the time.
+    const WIDE_TILE: usize = 48;
 
     /// Rows per tall AVX-512 micro-tile: 24 accumulators (12 × 32
     /// columns; 27 of the 32 registers, no spill), 2 loads of `v` and 12
@@ -588,8 +688,10 @@ pub(super) mod x86 {
             /// each, stride `vs`): a hint that never faults, its pointers
             /// formed with wrapping arithmetic and never dereferenced.
             /// With `ACC`, the tile's values in `m` were written before.
-            /// `v.pack`, if not null, is valid for writes of `depth·lanes·V`
-            /// values that nothing else accesses meanwhile.
+            /// With `PACK` (a compile-time switch: a branch in the loop
+            /// cost LLVM the accumulators' registers on 8 × 48 tiles), the
+            /// tile copies `v`'s rows to `v.pack`, valid for writes of
+            /// `depth·lanes·V` values that nothing else accesses meanwhile.
             #[inline]
             #[target_feature(enable = $feature)]
             pub(in crate::cpu::gemm) unsafe fn $name<
@@ -597,6 +699,7 @@ pub(super) mod x86 {
                 const STREAM: bool,
                 const ACC: bool,
                 const TABLE: bool,
+                const PACK: bool,
             >(
                 u: TileWeights,
                 v: TileColumns,
@@ -649,7 +752,7 @@ pub(super) mod x86 {
                         // With `TABLE`, row d lies at `v.table[d]` from `v.at`.
                         let row = if TABLE { v.at.add(*v.table.add(d)) } else { vp };
                         let b: [$vector; V] = std::array::from_fn(|j| $load(row.add($lanes * j)));
-                        if !v.pack.is_null() {
+                        if PACK {
                             for (j, &b) in b.iter().enumerate() {
                                 $store(v.pack.add((d * V + j) * $lanes), b);
                             }
@@ -862,16 +965,16 @@ pub(super) mod x86 {
                                 ($tile:ident) => {
                                     match (stream && last, first) {
                                         (true, true) => {
-                                            $tile::<W, true, false, false>(up, columns, mp, chunk, ms, e, next)
+                                            $tile::<W, true, false, false, false>(up, columns, mp, chunk, ms, e, next)
                                         }
                                         (true, false) => {
-                                            $tile::<W, true, true, false>(up, columns, mp, chunk, ms, e, next)
+                                            $tile::<W, true, true, false, false>(up, columns, mp, chunk, ms, e, next)
                                         }
                                         (false, true) => {
-                                            $tile::<W, false, false, false>(up, columns, mp, chunk, ms, e, next)
+                                            $tile::<W, false, false, false, false>(up, columns, mp, chunk, ms, e, next)
                                         }
                                         (false, false) => {
-                                            $tile::<W, false, true, false>(up, columns, mp, chunk, ms, e, next)
+                                            $tile::<W, false, true, false, false>(up, columns, mp, chunk, ms, e, next)
                                         }
                                     }
                                 };
@@ -905,10 +1008,12 @@ mod tests {
         #[test]
         fn paths_match_plain_product(
             // Up to 5 panels: AVX-512's 12-row tiles from a panel's start
-            // and from its middle, and the 8-row ones after them.
+            // and from its middle, and the 8-row ones after them; up to 7
+            // granules: one or two 48-column slices and the 16 or 32
+            // columns after them.
             panels in 1usize..6,
             depth in 0usize..300,
-            granules in 1usize..6,
+            granules in 1usize..8,
             [v_pad, m_pad] in [0usize..20, 0usize..20],
             seed in any::<u64>(),
         ) {
