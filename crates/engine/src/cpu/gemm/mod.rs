@@ -30,7 +30,7 @@ pub(crate) use lane::{lane_gemm, lane_gemm_part, lane_index, pack_lanes, LanePro
 pub(crate) use lane_gathered::{lane_gemm_gathered, LaneTile};
 pub(crate) use panel::{
     chunks_depth, pack_panels, panel_gemm, panel_gemm_shared, panel_gemm_shared_packing, panel_gemm_strided,
-    panel_index, SharedRows, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES,
+    panel_index, SharedRows, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES, WIDE_TILE,
 };
 pub(crate) use right::{pack_tiles, pack_tiles_parallel, scale_rows, Right};
 

@@ -19,6 +19,25 @@ use wick_ir::Activation;
 pub(crate) const PANEL_ROWS: usize = 8;
 /// Columns of `V` per full micro-tile.
 pub(crate) const PANEL_TILES: usize = 32;
+/// Columns per AVX-512 micro-tile and packed slice: 8 rows × 48
+/// columns, 24 accumulators as in a 12 × 32 tile, but 3 loads of `v`
+/// and 8 broadcasts per 24 FMAs rather than 2 and 12, no tile across
+/// two panels, and a 7×7 plane's 49 columns one slice rather than a
+/// 32- and a 16-column one (each pass of the weights). Intel Xeon VM
+/// (AVX-512, 2 threads), `cargo xtask bench` medians of 4-5 alternating
+/// runs against 12 × 32 there: at batch 10 ResNet18 0.97× the time,
+/// ResNet50 0.97×, MobileNetV2 0.99×, MobileNetV3-Large and
+/// EfficientNet-B0 level; at batch 1 ResNet34 0.99×, ResNet18,
+/// ResNet50, MobileNetV2, MobileNetV3-Large 0.99-1.00×, EfficientNet-B0
+/// level. Packed operands' slices 48 wide too ([`super::right`]: the
+/// 1×1 conv's input packed once for all its runs at batch 1, and scaled
+/// inputs), against 32: ResNet50 0.99× at batch 1 and level at batch 10,
+/// EfficientNet-B0 0.98× at batch 1, MobileNetV3-Large 0.99× at batch 1
+/// and 0.97× at batch 10, MobileNetV2 level. The tile's copy into the packed slice must be a compile-time switch
+/// (`PACK`): as a branch in the depth loop it left LLVM short of
+/// registers, the accumulators went to the stack, and ResNet50's 128
+/// -> 512 + residual on 28×28 took 2.7× the time.
+pub(crate) const WIDE_TILE: usize = 48;
 /// `cols` must be a multiple of this (a half micro-tile finishes the row).
 pub(crate) const PANEL_GRANULE: usize = 16;
 
@@ -309,7 +328,7 @@ unsafe fn gemm_scalar(
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    use super::{RightLayout, StoreEpilogue, AVX2_MAX_DEPTH, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES};
+    use super::{RightLayout, StoreEpilogue, AVX2_MAX_DEPTH, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES, WIDE_TILE};
     use crate::cpu::activation::{sigmoid_avx2, sigmoid_avx512};
     use crate::cpu::epilogue::vector_activation;
     use std::arch::x86_64::*;
@@ -361,7 +380,7 @@ pub(super) mod x86 {
     /// # Safety
     /// The CPU has AVX-512F; `u` holds at least `rows·depth` values, `v` a
     /// `[depth, cols]` operand laid out as `layout` says (`(depth - 1)·vs +
-    /// cols` values row-major, `depth·cols` packed in 32-column slices),
+    /// cols` values row-major, `depth·cols` packed in 48-column slices),
     /// `m` is valid for writes of `(rows - 1)·ms + cols` (nothing else
     /// accesses the elements written); `rows % 8 == 0`, `cols % 16 == 0`,
     /// `ms >= cols` (and a row-major `vs`). Every pointer formed is `panel·depth·8 + d·8 + r <
@@ -371,10 +390,10 @@ pub(super) mod x86 {
     /// `row·ms + t0 + 16·j + 15 < (rows - 1)·ms + cols` for each of the
     /// `rows` rows (m);
     /// `epi`'s bias has `rows` values and its residual, if any, spans
-    /// `m`'s rows and columns at its own stride. A row-major `v` goes in
-    /// 8 × 48 micro-tiles ([`WIDE_TILE`]) as far as whole ones reach, the
-    /// rest (and a packed `v`) in tiles of 12 rows (across panels) and 8
-    /// ([`avx512_column_tiles`]), 32 or 16 columns wide. `layout.pack()`,
+    /// `m`'s rows and columns at its own stride. 8 × 48 micro-tiles
+    /// ([`WIDE_TILE`]) as far as whole ones reach, the rest in tiles of 12
+    /// rows (across panels) and 8 ([`avx512_column_tiles`]), 32 or 16
+    /// columns wide. `layout.pack()`,
     /// if not null (with a row-major `v`), is valid for writes of
     /// `depth·min(48, cols)` values nothing else accesses meanwhile: each
     /// column slice's first tile copies its rows of `v` there, the slice's
@@ -394,12 +413,10 @@ pub(super) mod x86 {
             let (u, v) = (u.as_ptr(), v.as_ptr());
             let stream = streams(epi);
             let pack = layout.pack();
-            // A row-major operand in slices of `WIDE_TILE` columns (8-row
-            // tiles), then of 32 and 16 (12- and 8-row tiles) for the rest.
-            let wide = match layout.rows_apart() {
-                Some(_) => cols / WIDE_TILE * WIDE_TILE,
-                None => 0,
-            };
+            // Slices of `WIDE_TILE` columns (8-row tiles), then one of 32
+            // or 16 (12- and 8-row tiles) for the rest: a packed operand's
+            // slices are cut the same way ([`super::right`]).
+            let wide = cols / WIDE_TILE * WIDE_TILE;
             for t0 in (0..wide).step_by(WIDE_TILE) {
                 // As below: the first tile prefetches the next slice.
                 let next = (t0 + WIDE_TILE < cols).then(|| v.wrapping_add(t0 + WIDE_TILE));
@@ -563,24 +580,6 @@ pub(super) mod x86 {
             _ => AVX512_TALL_ROWS,
         }
     }
-
-    /// Columns per micro-tile of an AVX-512 product on a row-major `v`
-    /// (where the slices' width is the product's own choice): 8 rows × 48
-    /// columns, 24 accumulators as in a 12 × 32 tile, but 3 loads of `v`
-    /// and 8 broadcasts per 24 FMAs rather than 2 and 12, no tile across
-    /// two panels, and a 7×7 plane's 49 columns one slice rather than a
-    /// 32- and a 16-column one (each pass of the weights). Intel Xeon VM
-    /// (AVX-512, 2 threads), `cargo xtask bench` medians of 4-5 alternating
-    /// runs against 12 × 32 there: at batch 10 ResNet18 0.97× the time,
-    /// ResNet50 0.97×, MobileNetV2 0.99×, MobileNetV3-Large and
-    /// EfficientNet-B0 level; at batch 1 ResNet34 0.99×, ResNet18,
-    /// ResNet50, MobileNetV2, MobileNetV3-Large 0.99-1.00×, EfficientNet-B0
-    /// level. (Packed operands keep 32-column slices: [`super::right`].)
-    /// The tile's copy into the packed slice must be a compile-time switch
-    /// (`PACK`): as a branch in the depth loop it left LLVM short of
-    /// registers, the accumulators went to the stack, and ResNet50's 128
-    /// -> 512 + residual on 28×28 took 2.7× the time.
-    const WIDE_TILE: usize = 48;
 
     /// Rows per tall AVX-512 micro-tile: 24 accumulators (12 × 32
     /// columns; 27 of the 32 registers, no spill), 2 loads of `v` and 12

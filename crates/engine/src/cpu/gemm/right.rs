@@ -1,18 +1,18 @@
 //! The right operand `V` `[depth, cols]` of a panel product: row-major
 //! with its rows a stride apart (an NCHW plane read in place), or packed
 //! by [`pack_tiles`] into the micro-tiles' column slices (`depth` rows of
-//! a tile's width each, 32 columns on AVX-512, 16 on AVX2), so that a
+//! a tile's width each, 48 columns on AVX-512, 16 on AVX2), so that a
 //! tile reads one contiguous run instead of `depth` rows a plane apart
 //! (too many streams for the hardware prefetchers, and on planes of 14×14
 //! or 7×7 pixels most vector loads split across two cache lines).
 
-use super::{Isa, Strided, PANEL_GRANULE, PANEL_TILES};
+use super::{Isa, Strided, PANEL_GRANULE, PANEL_TILES, WIDE_TILE};
 use rayon::prelude::*;
 
 /// The columns of one packed slice on `isa`'s path: its micro-tile's width.
 pub(crate) fn tile_width(isa: Isa) -> usize {
     match isa {
-        Isa::Avx512 => PANEL_TILES,
+        Isa::Avx512 => WIDE_TILE,
         _ => PANEL_GRANULE,
     }
 }
@@ -95,8 +95,8 @@ pub(super) struct RightLayout {
 impl RightLayout {
     /// For a micro-tile starting at column `col` (a multiple of its width
     /// below `cols`): the offset of `V[0][col]` and the distance between
-    /// the tile's rows (a packed slice's width: the last one of an odd
-    /// number of granules on AVX-512 is 16 wide).
+    /// the tile's rows (a packed slice's width: on AVX-512 the last one
+    /// is 16 or 32 wide where the columns are not whole slices of 48).
     #[inline]
     pub(super) fn at(self, col: usize) -> (usize, usize) {
         match self.tiled {
@@ -134,8 +134,9 @@ impl RightLayout {
 
 /// Packs `v` (`size` = `[depth, cols]`, rows `v.stride` apart, `cols` a
 /// multiple of [`PANEL_GRANULE`]) for `isa`'s product into `tiles` (`depth·cols`
-/// values): slice `s` of `w` = [`tile_width`] columns (the last of an odd
-/// number of granules on AVX-512, 16) holds `depth` rows of its columns,
+/// values): slice `s` of `w` = [`tile_width`] columns (on AVX-512 the
+/// last, where the columns are not whole slices, 16 or 32) holds `depth`
+/// rows of its columns,
 /// one after the other, from `tiles[w·s·depth]` on; with a `scale` (one
 /// factor per row of `v`: a squeeze-and-excitation's per channel), row
 /// `d` multiplied by `scale[d]` on its way (the product then reads the
@@ -197,11 +198,12 @@ fn pack<'a>(
 }
 
 /// One slice of [`pack_tiles`] (`depth` > 0 rows): `v`'s columns from
-/// `first` on, as many per row as `slice` holds (a whole tile or, last, a
-/// granule), each row times its factor if scaled.
+/// `first` on, as many per row as `slice` holds (a whole tile or, last,
+/// one or two granules), each row times its factor if scaled.
 fn pack_slice(v: Strided, depth: usize, first: usize, slice: &mut [f32], scale: Scale) {
     let from = &v.data[first..];
     match slice.len() / depth {
+        WIDE_TILE => copy_rows::<WIDE_TILE>(from, v.stride, slice, scale),
         PANEL_TILES => copy_rows::<PANEL_TILES>(from, v.stride, slice, scale),
         _ => copy_rows::<PANEL_GRANULE>(from, v.stride, slice, scale),
     }
@@ -246,7 +248,7 @@ mod tests {
     /// in parallel, the same buffer; scaled, each row times its factor.
     #[test]
     fn tiles_lie_where_the_layout_says() {
-        for (depth, cols, stride) in [(3, 16, 16), (5, 32, 40), (4, 80, 83), (1, 48, 48)] {
+        for (depth, cols, stride) in [(3, 16, 16), (5, 32, 40), (4, 80, 83), (1, 48, 48), (2, 112, 115)] {
             let v: Vec<f32> = (0..(depth - 1) * stride + cols).map(|i| i as f32).collect();
             for isa in [Isa::Avx512, Isa::Avx2Fma, Isa::Scalar] {
                 let mut tiles = vec![f32::NAN; depth * cols];
@@ -359,7 +361,8 @@ mod tests {
         let (avx2, avx512) = (Isa::Avx2Fma, Isa::Avx512);
         let tiles = |width| Right::Tiles { data: &data, width };
         assert!(tiles(16).holds(avx2, 4, 16) && !tiles(16).holds(avx2, 5, 16));
-        assert!(tiles(32).holds(avx512, 2, 32) && !tiles(16).holds(avx512, 2, 32) && !tiles(32).holds(avx2, 2, 32));
+        assert!(tiles(48).holds(avx512, 1, 48) && !tiles(48).holds(avx512, 2, 48));
+        assert!(!tiles(32).holds(avx512, 2, 32) && !tiles(16).holds(avx512, 2, 32) && !tiles(32).holds(avx2, 2, 32));
         assert!(!tiles(16).holds(avx2, usize::MAX, 16));
         let rows = |stride| Right::Rows(Strided { data: &data, stride });
         assert!(rows(16).holds(avx2, 4, 16) && rows(24).holds(avx2, 2, 16));
