@@ -19,7 +19,7 @@ use super::{tiles_per_block, Packed, Tiles, SKEW};
 use crate::cpu::conv::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
-use crate::cpu::gemm::{panel_gemm, Isa, Layout, PANEL_GRANULE, PANEL_TILES};
+use crate::cpu::gemm::{panel_gemm, Isa, Layout, PANEL_GRANULE, PANEL_TILES, WIDE_TILE};
 use crate::cpu::output::Output;
 use crate::cpu::parallel::for_ranges;
 use crate::machine::Machine;
@@ -77,11 +77,22 @@ impl WinogradF4 {
     }
 
     /// Tiles per block of `total`: `V` and `M` of a block together stay
-    /// within the L2, and a block is a whole number of GEMM column panels;
-    /// or one block where the weights outweigh them ([`tiles_per_block`]).
+    /// within the L2, and a block is a whole number of slices of the
+    /// GEMM's columns, at most 256 tiles: 48 on AVX-512 ([`WIDE_TILE`]),
+    /// 32 elsewhere; or one block where the weights outweigh them
+    /// ([`tiles_per_block`]). In slices of 48 rather than 32 on AVX-512,
+    /// once its product's tiles were 48 wide (a block of 64 left a
+    /// 16-column rest): ResNet18 0.97× the time at batch 10, ResNet34
+    /// 0.98×, ResNet50 0.99×, batch 1 within the noise (0.98-1.02×),
+    /// `cargo xtask bench` medians of alternating runs on the Intel Xeon VM
+    /// (2 threads); AVX2 forced there, 1.01× (so not on AVX2).
     fn tile_block(&self, total: usize) -> usize {
         let per_tile = XI * (self.w.spec.in_channels + self.w.padded_out) * 4;
-        let cache_block = ((self.block_bytes / per_tile) / PANEL_TILES).clamp(1, 8) * PANEL_TILES;
+        let slice = match self.w.isa {
+            Isa::Avx512 => WIDE_TILE,
+            _ => PANEL_TILES,
+        };
+        let cache_block = ((self.block_bytes / per_tile) / slice).clamp(1, 256 / slice) * slice;
         tiles_per_block(cache_block, total, per_tile, std::mem::size_of_val(&*self.w.u))
     }
 
