@@ -129,16 +129,7 @@ pub(super) fn fill(
             n if n >= main / 2 => main / 2,
             _ => 1,
         };
-        let mut at = [0; STEP];
-        for a in &mut at[..step] {
-            *a = next;
-            (col, next) = (col + 1, next + lanes);
-            if col == width {
-                (row, col) = (row + 1, 0);
-                next = g.at(row, col);
-            }
-        }
-        let run = Run {
+        let mut run = Run {
             // Empty without input channels (no value is read then).
             src: x.get(q..).unwrap_or_default(),
             plane,
@@ -148,8 +139,20 @@ pub(super) fn fill(
             activation: e.activation,
             padded: &mut *padded,
             stride,
-            at,
+            at: [0; STEP],
         };
+        // Written in place and the step's body borrowing the run: the
+        // positions built here and copied into it (16-byte loads of 8-byte
+        // stores just made, which the CPU cannot forward) stalled each
+        // step (`perf`: two thirds of this function's time on that copy).
+        for a in &mut run.at[..step] {
+            *a = next;
+            (col, next) = (col + 1, next + lanes);
+            if col == width {
+                (row, col) = (row + 1, 0);
+                next = g.at(row, col);
+            }
+        }
         macro_rules! on {
             ($body:ident, $($blocks:literal: [$($step:literal),*]),*) => {
                 match (count, step) {
@@ -158,8 +161,8 @@ pub(super) fn fill(
                     // planes (positions `q..q + step <= span.end <= plane`),
                     // and each position's vector lies in each block's band
                     // (its row and column inside the checked rows).
-                    $($(($blocks, $step) => unsafe { $body::<$step, $blocks>(run) },)*)*
-                    _ => portable(run, step),
+                    $($(($blocks, $step) => unsafe { $body::<$step, $blocks>(&mut run) },)*)*
+                    _ => portable(&mut run, step),
                 }
             };
         }
@@ -168,7 +171,7 @@ pub(super) fn fill(
             Isa::Avx512 if lanes == 16 => on!(avx512, 1: [14, 7, 1], 2: [14, 7, 1]),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma if lanes == 8 => on!(avx2, 1: [14, 7, 1], 2: [6, 3, 1]),
-            _ => portable(run, step),
+            _ => portable(&mut run, step),
         }
         q += step;
     }
@@ -204,7 +207,7 @@ struct Run<'a> {
 }
 
 /// The step one value at a time (the portable path).
-fn portable(r: Run, step: usize) {
+fn portable(r: &mut Run, step: usize) {
     let lanes = r.lanes.max(1);
     // `[blocks][in_channels][lanes]` over `[blocks][lanes]` (no input
     // channels: the biases alone).
@@ -236,7 +239,7 @@ macro_rules! expand_body {
         /// and `r.padded` a vector at each of `j · stride + r.at[..T]`, `j < B`.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feature)]
-        unsafe fn $name<const T: usize, const B: usize>(r: Run) {
+        unsafe fn $name<const T: usize, const B: usize>(r: &mut Run) {
             use crate::cpu::epilogue::vector_activation;
             use std::arch::x86_64::*;
             const LANES: usize = $lanes;
