@@ -33,10 +33,11 @@ pub(crate) const PANEL_TILES: usize = 32;
 /// 1×1 conv's input packed once for all its runs at batch 1, and scaled
 /// inputs), against 32: ResNet50 0.99× at batch 1 and level at batch 10,
 /// EfficientNet-B0 0.98× at batch 1, MobileNetV3-Large 0.99× at batch 1
-/// and 0.97× at batch 10, MobileNetV2 level. The tile's copy into the packed slice must be a compile-time switch
-/// (`PACK`): as a branch in the depth loop it left LLVM short of
-/// registers, the accumulators went to the stack, and ResNet50's 128
-/// -> 512 + residual on 28×28 took 2.7× the time.
+/// and 0.97× at batch 10, MobileNetV2 level. The tile's copy into the
+/// packed slice must be a compile-time switch (`PACK`): as a branch in
+/// the depth loop it left LLVM short of registers, the accumulators went
+/// to the stack, and ResNet50's 128 -> 512 + residual on 28×28 took 2.7×
+/// the time.
 pub(crate) const WIDE_TILE: usize = 48;
 /// `cols` must be a multiple of this (a half micro-tile finishes the row).
 pub(crate) const PANEL_GRANULE: usize = 16;
@@ -172,18 +173,19 @@ pub(crate) unsafe fn panel_gemm_shared<'v>(
 /// slices in `tiles` as it goes, so that every tile reads a contiguous
 /// slice ([`super::right`]'s reason to pack). On AVX-512 the first
 /// micro-tile of each column slice copies the values it loads anyway
-/// into `tiles` (one slice, reused: `depth·48` values at most), overlapped with
-/// its FMAs, and the slice's other tiles read the copy; elsewhere the
-/// operand is packed first ([`pack_tiles`]: `depth·cols` values of
-/// `tiles`). The copy first was a pass of its own whose strided reads
-/// waited on memory: 11% of ResNet50's 512 -> 128 conv on 28×28 alone
-/// in `perf` (one thread). Against it, on the Intel Xeon VM (AVX-512, 2
-/// threads), `cargo xtask bench` medians of 5 alternating runs: ResNet50
-/// 0.98× the time at batch 10 and at batch 1, MobileNetV2 0.985× at batch
-/// 10 and 0.97× at batch 1, MobileNetV3-Large at batch 10 level (its
-/// scaled inputs are still packed first, the scale going into the copy);
-/// per node, MobileNetV2's projections on 14×14 at batch 10 0.90-0.94×,
-/// those on 7×7 (one and a half slices) 0.97-1.03×.
+/// into `tiles` (one slice, reused: `depth·48` values at most),
+/// overlapped with its FMAs, and the slice's other tiles read the copy;
+/// elsewhere the operand is packed first ([`pack_tiles`]: `depth·cols`
+/// values of `tiles`). The copy first was a pass of its own whose
+/// strided reads waited on memory: 11% of ResNet50's 512 -> 128 conv on
+/// 28×28 alone in `perf` (one thread). Against it (both with the 32-column
+/// tiles of the time, before [`WIDE_TILE`]), on the Intel Xeon VM
+/// (AVX-512, 2 threads), `cargo xtask bench` medians of 5 alternating
+/// runs: ResNet50 0.98× the time at batch 10 and at batch 1, MobileNetV2
+/// 0.985× at batch 10 and 0.97× at batch 1, MobileNetV3-Large at batch
+/// 10 level (its scaled inputs are still packed first, the scale going
+/// into the copy); per node, MobileNetV2's projections on 14×14 at batch
+/// 10 0.90-0.94×, those on 7×7 (then one and a half slices) 0.97-1.03×.
 ///
 /// # Safety
 /// As [`panel_gemm_shared`]; `tiles` holds `depth·cols` values.
@@ -393,11 +395,10 @@ pub(super) mod x86 {
     /// `m`'s rows and columns at its own stride. 8 × 48 micro-tiles
     /// ([`WIDE_TILE`]) as far as whole ones reach, the rest in tiles of 12
     /// rows (across panels) and 8 ([`avx512_column_tiles`]), 32 or 16
-    /// columns wide. `layout.pack()`,
-    /// if not null (with a row-major `v`), is valid for writes of
-    /// `depth·min(48, cols)` values nothing else accesses meanwhile: each
-    /// column slice's first tile copies its rows of `v` there, the slice's
-    /// other tiles read them from there.
+    /// columns wide. `layout.pack()`, if not null (with a row-major `v`),
+    /// is valid for writes of `depth·min(48, cols)` values nothing else
+    /// accesses meanwhile: each column slice's first tile copies its rows
+    /// of `v` there, the slice's other tiles read them from there.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gemm_avx512(
         u: &[f32],
@@ -1055,8 +1056,9 @@ mod tests {
     /// Packing the operand as the product goes gives the product of the
     /// operand packed first, bit for bit (the same sums in the same
     /// order), with the epilogue (bias, residual, ReLU), on every path:
-    /// 12- and 8-row tiles, a 16-column last slice, `m` and the residual
-    /// inside wider rows (the gaps untouched), shallow and deep operands.
+    /// one and two 8 × 48 slices, the 12- and 8-row tiles of a 32- or
+    /// 16-column rest, `m` and the residual inside wider rows (the gaps
+    /// untouched), shallow and deep operands.
     #[test]
     fn packing_as_it_goes_equals_packing_first() {
         for (panels, depth, cols) in [(1, 3, 16), (3, 64, 48), (5, 300, 96), (4, 700, 80), (2, 1, 32)] {
