@@ -160,10 +160,7 @@ pub(crate) unsafe fn panel_gemm_shared<'v>(
     epilogue: Option<StoreEpilogue>,
 ) {
     let v = v.into();
-    let Some(span) = check_operands(isa, u, v, m.stride, size, epilogue) else {
-        panic!("panel product of {size:?} with stride {} overflows", m.stride)
-    };
-    m.out.check(m.start, m.start.saturating_add(span));
+    check_shared(isa, u, v, m, size, epilogue);
     // SAFETY: in bounds (checked above); exclusive by the caller's contract.
     unsafe { gemm_into(isa, u, v, m.out.ptr_at(m.start), m.stride, size, epilogue) }
 }
@@ -202,10 +199,7 @@ pub(crate) unsafe fn panel_gemm_shared_packing(
     assert!(depth.checked_mul(cols).is_some_and(|n| tiles.len() >= n));
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
-        let Some(span) = check_operands(isa, u, v.into(), m.stride, size, epilogue) else {
-            panic!("panel product of {size:?} with stride {} overflows", m.stride)
-        };
-        m.out.check(m.start, m.start.saturating_add(span));
+        check_shared(isa, u, v.into(), m, size, epilogue);
         let (v, layout) = Right::from(v).parts(depth, cols);
         let layout = layout.packing_into(tiles.as_mut_ptr());
         // SAFETY: in bounds (checked above); `m` exclusive by the caller's
@@ -218,6 +212,16 @@ pub(crate) unsafe fn panel_gemm_shared_packing(
     let v = pack_tiles(isa, v, [depth, cols], tiles, None);
     // SAFETY: the caller's contract.
     unsafe { panel_gemm_shared(isa, u, v, m, size, epilogue) }
+}
+
+/// [`check_operands`] for a product into rows of a shared buffer, and
+/// the span it writes checked against that buffer: panics where either
+/// fails.
+fn check_shared(isa: Isa, u: &[f32], v: Right, m: SharedRows, size: [usize; 3], epilogue: Option<StoreEpilogue>) {
+    let Some(span) = check_operands(isa, u, v, m.stride, size, epilogue) else {
+        panic!("panel product of {size:?} with stride {} overflows", m.stride)
+    };
+    m.out.check(m.start, m.start.saturating_add(span));
 }
 
 /// Panics unless the operands of a `[rows, depth, cols]` product on `isa`
@@ -414,51 +418,39 @@ pub(super) mod x86 {
             let (u, v) = (u.as_ptr(), v.as_ptr());
             let stream = streams(epi);
             let pack = layout.pack();
-            // Slices of `WIDE_TILE` columns (8-row tiles), then one of 32
-            // or 16 (12- and 8-row tiles) for the rest: a packed operand's
-            // slices are cut the same way ([`super::right`]).
+            // Slices of `WIDE_TILE` columns as far as whole ones reach,
+            // then one of 32 or 16 for the rest: a packed operand's slices
+            // are cut the same way ([`super::right`]).
             let wide = cols / WIDE_TILE * WIDE_TILE;
-            for t0 in (0..wide).step_by(WIDE_TILE) {
-                // As below: the first tile prefetches the next slice.
-                let next = (t0 + WIDE_TILE < cols).then(|| v.wrapping_add(t0 + WIDE_TILE));
-                let (at, vs) = layout.at(t0);
-                let columns = TileColumns::rows(v.add(at), vs).packing(pack);
-                for row in (0..rows).step_by(PANEL_ROWS) {
-                    let w = TileWeights::from_row(u, row, depth);
-                    let (mp, e) = (m.add(row * ms + t0), TileEpilogue::at(epi, row, t0));
-                    let run = TileRun {
-                        tall: false,
-                        stream,
-                        first: row == 0,
-                        next: next.filter(|_| row == 0),
-                    };
-                    avx512_tile::<{ WIDE_TILE / 16 }, false>(run, w, columns, mp, depth, ms, e);
-                }
-            }
-            let full = wide + (cols - wide) / PANEL_TILES * PANEL_TILES;
-            // Vectors per full tile's row.
-            const TILE: usize = PANEL_TILES / 16;
-            // Column panels outer: one `depth × 32` slice of `v` stays in L1 while
-            // the (contiguous, prefetch-friendly) weight panels stream past it.
-            for t0 in (wide..full).step_by(PANEL_TILES) {
-                // The first tile's pass prefetches the next slice of `v`
-                // into L1: its rows are a plane apart in a 1×1 conv, too
-                // many streams for the hardware prefetchers. MobileNetV2's
+            let mut t0 = 0;
+            while t0 < cols {
+                let width = match cols - t0 {
+                    _ if t0 < wide => WIDE_TILE,
+                    n if n >= PANEL_TILES => PANEL_TILES,
+                    _ => PANEL_GRANULE,
+                };
+                // The first tile's pass prefetches the next slice of `v`:
+                // its rows are a plane apart in a 1×1 conv, too many
+                // streams for the hardware prefetchers. MobileNetV2's
                 // projections (24-32 outputs, little reuse of a slice) at
-                // batch 10 on Zen 4: 18.7-19.1 -> 15.9-16.5 ms in all (L2
-                // hint: 19.2-21.5).
-                // (Packed tiles lie one after the other: the hardware's
-                // prefetchers follow them.)
-                let next = (layout.rows_apart().is_some() && t0 + PANEL_TILES < cols)
-                    .then(|| v.wrapping_add(t0 + PANEL_TILES));
+                // batch 10 on Zen 4: 18.7-19.1 -> 15.9-16.5 ms in all (an
+                // L2 hint there: 19.2-21.5; a wide slice's hint is L2 all
+                // the same, see the micro-tiles). (Packed tiles lie one
+                // after the other: the hardware's prefetchers follow them.) One `depth × width`
+                // slice of `v` stays in cache while the (contiguous,
+                // prefetch-friendly) weight panels stream past it.
+                let next = (layout.rows_apart().is_some() && t0 + width < cols).then(|| v.wrapping_add(t0 + width));
                 let (at, vs) = layout.at(t0);
                 let columns = TileColumns::rows(v.add(at), vs).packing(pack);
-                avx512_column_tiles::<TILE, false>(u, columns, m, [rows, depth, t0], ms, epi, next);
-            }
-            if full < cols {
-                let (at, vs) = layout.at(full);
-                let columns = TileColumns::rows(v.add(at), vs).packing(pack);
-                avx512_column_tiles::<1, false>(u, columns, m, [rows, depth, full], ms, epi, None);
+                let at_t0 = [rows, depth, t0];
+                match width {
+                    WIDE_TILE => avx512_column_tiles::<{ WIDE_TILE / 16 }, false>(u, columns, m, at_t0, ms, epi, next),
+                    PANEL_TILES => {
+                        avx512_column_tiles::<{ PANEL_TILES / 16 }, false>(u, columns, m, at_t0, ms, epi, next)
+                    }
+                    _ => avx512_column_tiles::<1, false>(u, columns, m, at_t0, ms, epi, next),
+                }
+                t0 += width;
             }
             fence_streams(stream);
         }
@@ -466,10 +458,11 @@ pub(super) mod x86 {
 
     /// The tiles of columns `t0..t0 + 16·V` of an AVX-512 panel product
     /// ([`gemm_avx512`], and with `TABLE` the gathered one), every row,
-    /// reading `v`'s rows where `columns` says: 12-row tiles, and 8-row
-    /// ones for the last 8 or 16 rows ([`avx512_tile_rows`]). A 12-row
-    /// tile runs across two 8-row panels (its rows past the first panel's
-    /// last read their weights a panel on), as AVX2's 6-row tiles do.
+    /// reading `v`'s rows where `columns` says: 8-row tiles for a
+    /// [`WIDE_TILE`] slice; otherwise 12-row tiles, and 8-row ones for the
+    /// last 8 or 16 rows ([`avx512_tile_rows`]). A 12-row tile runs across
+    /// two 8-row panels (its rows past the first panel's last read their
+    /// weights a panel on), as AVX2's 6-row tiles do.
     ///
     /// # Safety
     /// As [`gemm_avx512`] (or the gathered product), for columns `t0..t0 +
@@ -490,84 +483,44 @@ pub(super) mod x86 {
         // each tile reads and writes its rows of the columns stated there.
         unsafe {
             let stream = streams(epi);
+            // Wide tiles are one panel high ([`WIDE_TILE`]).
+            let wide = 16 * V == WIDE_TILE;
             let mut row = 0;
             while row < rows {
-                let height = avx512_tile_rows(rows - row);
+                let height = if wide { PANEL_ROWS } else { avx512_tile_rows(rows - row) };
                 debug_assert!(row + height <= rows, "a tile past the rows");
                 let w = TileWeights::from_row(u, row, depth);
                 let mp = m.add(row * ms + t0);
                 let e = TileEpilogue::at(epi, row, t0);
                 let next = next.filter(|_| row == 0);
-                let run = TileRun {
-                    tall: height == AVX512_TALL_ROWS,
-                    stream,
-                    first: row == 0,
-                    next,
-                };
-                avx512_tile::<V, TABLE>(run, w, columns, mp, depth, ms, e);
-                row += height;
-            }
-        }
-    }
-
-    /// Which AVX-512 micro-tile [`avx512_tile`] runs, and how.
-    #[derive(Clone, Copy)]
-    pub(in crate::cpu::gemm) struct TileRun {
-        /// 12 rows ([`AVX512_TALL_ROWS`]) rather than 8.
-        pub(in crate::cpu::gemm) tall: bool,
-        /// Streaming stores.
-        pub(in crate::cpu::gemm) stream: bool,
-        /// The first tile of its column slice: where the slice is packed
-        /// as the product goes, the one that copies it.
-        pub(in crate::cpu::gemm) first: bool,
-        /// The slice of `v` it prefetches along `v`'s rows, if any (a hint).
-        pub(in crate::cpu::gemm) next: Option<*const f32>,
-    }
-
-    /// One AVX-512 micro-tile of `V` vectors' width, as `run` says: where
-    /// `columns.pack` is not null, the column slice's first tile copies
-    /// `v`'s rows there as it reads them and the others read the copy.
-    ///
-    /// # Safety
-    /// As the micro-tiles', for the tile's rows and columns.
-    #[inline(always)]
-    pub(in crate::cpu::gemm) unsafe fn avx512_tile<const V: usize, const TABLE: bool>(
-        run: TileRun,
-        w: TileWeights,
-        columns: TileColumns,
-        mp: *mut f32,
-        depth: usize,
-        ms: usize,
-        e: Option<TileEpilogue>,
-    ) {
-        let TileRun {
-            tall,
-            stream,
-            first,
-            next,
-        } = run;
-        macro_rules! tile {
-            ($pack:literal, $columns:expr) => {
-                match (tall, stream) {
-                    (true, true) => {
-                        micro_avx512_tall::<V, true, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next)
-                    }
-                    (true, false) => {
-                        micro_avx512_tall::<V, false, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next)
-                    }
-                    (false, true) => micro_avx512::<V, true, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next),
-                    (false, false) => {
-                        micro_avx512::<V, false, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next)
-                    }
+                let tall = !wide && height == AVX512_TALL_ROWS;
+                macro_rules! tile {
+                    ($pack:literal, $columns:expr) => {
+                        match (tall, stream) {
+                            (true, true) => {
+                                micro_avx512_tall::<V, true, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next)
+                            }
+                            (true, false) => {
+                                micro_avx512_tall::<V, false, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next)
+                            }
+                            (false, true) => {
+                                micro_avx512::<V, true, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next)
+                            }
+                            (false, false) => {
+                                micro_avx512::<V, false, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next)
+                            }
+                        }
+                    };
                 }
-            };
-        }
-        // SAFETY: the caller upholds the micro-tiles' contract.
-        unsafe {
-            match (first, columns.pack.is_null()) {
-                (_, true) => tile!(false, columns),
-                (true, false) => tile!(true, columns),
-                (false, false) => tile!(false, TileColumns::rows(columns.pack, 16 * V)),
+                // Where the slice is packed as the product goes
+                // (`columns.pack`), its first tile copies it as it reads
+                // it and the others read that copy.
+                match (row, columns.pack.is_null()) {
+                    (_, true) => tile!(false, columns),
+                    (0, false) => tile!(true, columns),
+                    _ => tile!(false, TileColumns::rows(columns.pack, 16 * V)),
+                }
+                row += height;
             }
         }
     }
