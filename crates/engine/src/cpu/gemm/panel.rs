@@ -421,14 +421,9 @@ pub(super) mod x86 {
             // Slices of `WIDE_TILE` columns as far as whole ones reach,
             // then one of 32 or 16 for the rest: a packed operand's slices
             // are cut the same way ([`super::right`]).
-            let wide = cols / WIDE_TILE * WIDE_TILE;
             let mut t0 = 0;
             while t0 < cols {
-                let width = match cols - t0 {
-                    _ if t0 < wide => WIDE_TILE,
-                    n if n >= PANEL_TILES => PANEL_TILES,
-                    _ => PANEL_GRANULE,
-                };
+                let width = avx512_slice_width(t0, cols);
                 // The first tile's pass prefetches the next slice of `v`:
                 // its rows are a plane apart in a 1×1 conv, too many
                 // streams for the hardware prefetchers. MobileNetV2's
@@ -453,6 +448,17 @@ pub(super) mod x86 {
                 t0 += width;
             }
             fence_streams(stream);
+        }
+    }
+
+    /// The width of the AVX-512 column slice from column `t0` of `cols` (a
+    /// multiple of [`PANEL_GRANULE`]): [`WIDE_TILE`] as far as whole ones
+    /// reach, then one of 32 or 16 columns for the rest.
+    pub(in crate::cpu::gemm) fn avx512_slice_width(t0: usize, cols: usize) -> usize {
+        match cols - t0 {
+            _ if t0 < cols / WIDE_TILE * WIDE_TILE => WIDE_TILE,
+            n if n >= PANEL_TILES => PANEL_TILES,
+            _ => PANEL_GRANULE,
         }
     }
 
