@@ -8,13 +8,20 @@ same minute on the same machine). Not run by CI.
     .venv/bin/python scripts/bench_reference.py --onnx model.onnx [--batch 10]   # a user's file, as `cargo xtask bench model.onnx`
 
 Both ONNX runtimes get the same exported file and 2 threads; OpenVINO runs
-f32 inference precision with the LATENCY hint. Prints median / min / max ms
+f32 inference precision with the LATENCY hint. With `--isa avx2` OpenVINO
+also runs a second time held to AVX2 + FMA (oneDNN's ONEDNN_MAX_CPU_ISA,
+which its CPU plugin honours: the child checks that every convolution's
+kernel is an AVX2 one, else fails), the same-machine reference for wick's
+forced AVX2 path (`WICK_ISA=avx2`) on an AVX-512 CPU; its global pooling
+and fully connected layer still run their own paths. ONNX Runtime has no
+such switch: its row is always its best path. Prints median / min / max ms
 per forward and each runtime's peak RSS: ONNX Runtime and OpenVINO each run
 in a child process of their own (as each `cargo xtask bench` mode does), so
 their figures are theirs alone; PyTorch's is this process.
 """
 
 import argparse
+import os
 import pathlib
 import resource
 import statistics
@@ -44,7 +51,8 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--onnx", help="time this ONNX file (ONNX Runtime and OpenVINO only; a symbolic batch is --batch)")
-    parser.add_argument("--child", choices=["onnxruntime", "openvino"], help=argparse.SUPPRESS)
+    parser.add_argument("--isa", choices=["avx2"], help="also time OpenVINO held to this instruction set")
+    parser.add_argument("--child", choices=["onnxruntime", "openvino", "openvino-avx2"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -77,20 +85,24 @@ def run_children(tmp, args, file):
     """Each installed ONNX runtime in a child process of its own, on
     `file` (else the exported tmp/model.onnx) and tmp/input.npy."""
     rows, child_rss = [], []
-    for runtime in ("onnxruntime", "openvino"):
+    runtimes = ["onnxruntime", "openvino"] + [f"openvino-{args.isa}"] * bool(args.isa)
+    for runtime in runtimes:
+        module, _, isa = runtime.partition("-")
         try:
-            version = __import__(runtime).__version__.split("-")[0]
+            version = __import__(module).__version__.split("-")[0]
         except ImportError as err:
-            print(f"({runtime} not installed: {err})")
+            print(f"({module} not installed: {err})")
             continue
         command = [sys.executable, __file__, "--child", runtime, "--dir", tmp,
                    "--warmup", str(args.warmup), "--iters", str(args.iters)]
         if file:
             command += ["--file", file]
-        child = subprocess.run(command, check=True, capture_output=True, text=True)
+        env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa.upper()) if isa else None
+        child = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
         median, low, high, rss = map(float, child.stdout.split())
-        rows.append((f"{runtime}-{version}", (median, low, high)))
-        child_rss.append(f"{runtime} child process {rss:.0f} MiB")
+        name = f"{module}-{version}" + (f"-{isa}" if isa else "")
+        rows.append((name, (median, low, high)))
+        child_rss.append(f"{name} child process {rss:.0f} MiB")
     return rows, child_rss
 
 
@@ -134,12 +146,24 @@ def runtime_child(runtime, directory, warmup, iters, file=None):
 
         config = {"INFERENCE_NUM_THREADS": "2", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         compiled = ov.Core().compile_model(model, "CPU", config)
+        if runtime == "openvino-avx2":
+            check_avx2(compiled)
         request = compiled.create_infer_request()
         run = lambda: request.infer({0: x})
     median, low, high = timed(run, warmup, iters)
     # VmHWM, not ru_maxrss: Linux carries the parent's maxrss across fork + exec.
     hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     print(median, low, high, hwm_kib / 1024)
+
+
+def check_avx2(compiled):
+    """Fails unless every convolution of OpenVINO's compiled model runs an
+    AVX2 kernel (its runtime model names each layer's primitive)."""
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        kind, primitive = info["layerType"].astype(str), info["primitiveType"].astype(str)
+        if kind == "Convolution" and "avx2" not in primitive:
+            sys.exit(f"OpenVINO ran {op.get_friendly_name()} with {primitive}, not AVX2: ONEDNN_MAX_CPU_ISA ignored")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@
 # PYTHON (default python3, with torch, torchvision, onnx, onnxruntime),
 # OUT (default ./cpu-pairs-out: one log per pair plus wick's JSON). ISA, if
 # given, is WICK_ISA for wick's run (avx512, avx2 or scalar); the runtimes
-# always run their own best path.
+# run their own best path, and with avx2 OpenVINO also runs held to AVX2
+# (`bench_reference.py --isa avx2`: the same-machine AVX2 reference; ONNX
+# Runtime has no such switch).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 XTASK=${XTASK:-cargo xtask}
@@ -25,7 +27,9 @@ for spec in "$@"; do
   log="$OUT/pair-$model-b$batch${isa:+-$isa}.log"
   {
     echo "== $model batch $batch${isa:+ (wick on $isa)} $(date -u +%FT%TZ)"
-    PYTHONUNBUFFERED=1 "$PYTHON" "$ROOT/scripts/bench_reference.py" --model "${model//-/_}" --batch "$batch"
+    # shellcheck disable=SC2046 # no argument without an AVX2 ISA
+    PYTHONUNBUFFERED=1 "$PYTHON" "$ROOT/scripts/bench_reference.py" --model "${model//-/_}" --batch "$batch" \
+      $([ "$isa" = avx2 ] && echo --isa avx2)
     # shellcheck disable=SC2086 # XTASK may be `cargo xtask`; no WICK_ISA without an ISA
     env ${isa:+WICK_ISA=$isa} $XTASK bench "$model" --modes wick --batch "$batch" \
       --json "$OUT/wick-$model-b$batch${isa:+-$isa}.json"
