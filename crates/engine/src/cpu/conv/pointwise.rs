@@ -9,9 +9,10 @@
 //! Where enough output channels read a block of the input, or its rows
 //! start off the cache lines, the block is copied into the micro-tiles'
 //! column slices ([`packs`]), which the product then reads contiguously:
-//! on AVX-512 by the product itself, each slice's first micro-tile
-//! storing what it loads ([`panel_gemm_shared_packing`]), elsewhere (and
-//! with an input scale to fold into the copy) before the product; where
+//! on AVX-512 and AVX2 by the product itself, each slice's first
+//! micro-tile storing what it loads ([`panel_gemm_shared_packing`]),
+//! elsewhere (the scalar path, AVX2's products in depth chunks, and with
+//! an input scale to fold into the copy) before the product; where
 //! an image's channels are split into several runs, its input is packed
 //! once for all of them, before they start.
 //!

@@ -168,14 +168,20 @@ pub(crate) unsafe fn panel_gemm_shared<'v>(
 /// [`panel_gemm_shared`] on a row-major `v` (rows a plane apart: a 1×1
 /// conv's input read in place) that the product copies into micro-tile
 /// slices in `tiles` as it goes, so that every tile reads a contiguous
-/// slice ([`super::right`]'s reason to pack). On AVX-512 the first
-/// micro-tile of each column slice copies the values it loads anyway
-/// into `tiles` (one slice, reused: `depth·48` values at most),
-/// overlapped with its FMAs, and the slice's other tiles read the copy;
-/// elsewhere the operand is packed first ([`pack_tiles`]: `depth·cols`
-/// values of `tiles`). The copy first was a pass of its own whose
-/// strided reads waited on memory: 11% of ResNet50's 512 -> 128 conv on
-/// 28×28 alone in `perf` (one thread). Against it (both with the 32-column
+/// slice ([`super::right`]'s reason to pack). On AVX-512, and on AVX2
+/// where the product is not cut in depth chunks ([`chunks_depth`]), the
+/// first micro-tile of each column slice copies the values it loads
+/// anyway into `tiles` (one slice, reused: `depth·48` values at most,
+/// `depth·16` on AVX2), overlapped with its FMAs, and the slice's other
+/// tiles read the copy; elsewhere the operand is packed first
+/// ([`pack_tiles`]: `depth·cols` values of `tiles`). AVX2 (forced on the
+/// Intel Xeon VM, 2 threads) against packing first: ResNet50 at batch 1
+/// 0.976× the time (7 alternating runs; its 1×1 convs that pack, on
+/// 28×28 to 7×7 planes, 0.88-0.95× in profiles), MobileNetV2 and
+/// EfficientNet-B0 at batch 1 level, ResNet50 at batch 10 0.996×. The
+/// copy first was a pass of its own whose strided reads waited on memory:
+/// 11% of ResNet50's 512 -> 128 conv on 28×28 alone in `perf` (one
+/// thread). Against it (both with the 32-column
 /// tiles of the time, before [`WIDE_TILE`]), on the Intel Xeon VM
 /// (AVX-512, 2 threads), `cargo xtask bench` medians of 5 alternating
 /// runs: ResNet50 0.98× the time at batch 10 and at batch 1, MobileNetV2
@@ -198,15 +204,21 @@ pub(crate) unsafe fn panel_gemm_shared_packing(
     let [_, depth, cols] = size;
     assert!(depth.checked_mul(cols).is_some_and(|n| tiles.len() >= n));
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
+    if isa == Isa::Avx512 || (isa == Isa::Avx2Fma && !chunks_depth(isa, depth)) {
         check_shared(isa, u, v.into(), m, size, epilogue);
         let (v, layout) = Right::from(v).parts(depth, cols);
         let layout = layout.packing_into(tiles.as_mut_ptr());
+        let (at, ms) = (m.out.ptr_at(m.start), m.stride);
         // SAFETY: in bounds (checked above); `m` exclusive by the caller's
         // contract; `tiles`, borrowed mutably, holds `depth·cols` values,
         // at least one slice (`depth` rows of 48 columns, or of 32 or 16
-        // where the columns are fewer).
-        unsafe { x86::gemm_avx512(u, v, layout, m.out.ptr_at(m.start), size, m.stride, epilogue) };
+        // where the columns are fewer; 16 on AVX2).
+        unsafe {
+            match isa {
+                Isa::Avx512 => x86::gemm_avx512(u, v, layout, at, size, ms, epilogue),
+                _ => x86::gemm_avx2(u, v, layout, at, size, ms, epilogue),
+            }
+        }
         return;
     }
     let v = pack_tiles(isa, v, [depth, cols], tiles, None);
@@ -833,7 +845,9 @@ pub(super) mod x86 {
 
     /// # Safety
     /// As [`gemm_avx512`], with AVX2 and FMA instead of AVX-512F (and
-    /// packed slices 16 columns wide). AVX2 has 16 vector registers: a
+    /// packed slices 16 columns wide; `layout.pack()` is only written,
+    /// `depth·16` values of it, by a product in one depth chunk and one
+    /// block of rows, [`avx2_blocks`], and ignored otherwise). AVX2 has 16 vector registers: a
     /// micro-tile is 6 rows × 16 columns (12
     /// accumulators, 2 loads of `v` and 6 broadcasts of `u` per depth step
     /// for 12 FMAs; 15 registers, no spill), the last 4 or 8 rows of a
@@ -889,6 +903,12 @@ pub(super) mod x86 {
                 Some(_) => 1,
             };
             let chunks = depth.div_ceil(kc).max(1);
+            // Packed as the product goes (one chunk, one block of rows:
+            // the slice's first tile copies it, the others read the copy).
+            let pack = match chunks == 1 && mc >= rows {
+                true => layout.pack(),
+                false => std::ptr::null_mut(),
+            };
             for k in 0..chunks {
                 let k0 = k * kc;
                 let chunk = kc.min(depth - k0);
@@ -926,21 +946,36 @@ pub(super) mod x86 {
                                 }
                             }
                             const W: usize = PANEL_GRANULE / 8;
-                            let columns = TileColumns::rows(vp, vs);
-                            // The tile's height and its store and accumulate modes.
+                            // The slice's first tile copies what it reads
+                            // where it is packed as it goes; the others read
+                            // that copy.
+                            let packing = !pack.is_null() && row == r0;
+                            let columns = match (pack.is_null(), packing) {
+                                (true, _) => TileColumns::rows(vp, vs),
+                                (false, true) => TileColumns::rows(vp, vs).packing(pack),
+                                (false, false) => TileColumns::rows(pack, PANEL_GRANULE),
+                            };
+                            // The tile's height, its store and accumulate
+                            // modes, and whether it copies (one chunk: first).
                             macro_rules! tile {
                                 ($tile:ident) => {
-                                    match (stream && last, first) {
-                                        (true, true) => {
+                                    match (stream && last, first, packing) {
+                                        (true, true, false) => {
                                             $tile::<W, true, false, false, false>(up, columns, mp, chunk, ms, e, next)
                                         }
-                                        (true, false) => {
+                                        (true, true, true) => {
+                                            $tile::<W, true, false, false, true>(up, columns, mp, chunk, ms, e, next)
+                                        }
+                                        (true, false, _) => {
                                             $tile::<W, true, true, false, false>(up, columns, mp, chunk, ms, e, next)
                                         }
-                                        (false, true) => {
+                                        (false, true, false) => {
                                             $tile::<W, false, false, false, false>(up, columns, mp, chunk, ms, e, next)
                                         }
-                                        (false, false) => {
+                                        (false, true, true) => {
+                                            $tile::<W, false, false, false, true>(up, columns, mp, chunk, ms, e, next)
+                                        }
+                                        (false, false, _) => {
                                             $tile::<W, false, true, false, false>(up, columns, mp, chunk, ms, e, next)
                                         }
                                     }
