@@ -2,19 +2,22 @@
 to set beside `cargo xtask profile MODEL --batch N` when looking for where
 wick's time goes. Not run by CI.
 
-    .venv/bin/python scripts/profile_reference.py --model mobilenet_v3_large [--batch 10] [--iters 20] [--top 30] [--runtime openvino]
+    .venv/bin/python scripts/profile_reference.py --model mobilenet_v3_large [--batch 10] [--iters 20] [--top 30] [--runtime openvino [--isa avx2]]
 
 Exports the model as `scripts/bench_reference.py` does, runs ONNX Runtime
 (2 intra-op threads, default graph optimisations) with its profiler on, or
 OpenVINO's CPU plugin (2 threads, f32, LATENCY hint, performance counters
 on), and prints the mean ms per forward of each fused node, slowest first,
 and the totals per operator kind (OpenVINO: per layer type, with the
-kernel it chose in the node list).
+kernel it chose in the node list). `--isa avx2` holds OpenVINO to AVX2 + FMA
+(ONEDNN_MAX_CPU_ISA, as `bench_reference.py --isa avx2`; the kernel column
+shows what each layer ran), beside `WICK_ISA=avx2 cargo xtask profile`.
 """
 
 import argparse
 import collections
 import json
+import os
 import pathlib
 import tempfile
 
@@ -27,7 +30,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime")
+    parser.add_argument("--isa", choices=["avx2"], help="hold OpenVINO to this instruction set")
     args = parser.parse_args()
+    if args.isa:
+        if args.runtime != "openvino":
+            parser.error("--isa holds OpenVINO only (ONNX Runtime has no such switch)")
+        # Read by OpenVINO's oneDNN when it loads: before the import.
+        os.environ["ONEDNN_MAX_CPU_ISA"] = args.isa.upper()
     import numpy as np
     import torch
     import torchvision
