@@ -98,9 +98,11 @@ def run_children(tmp, args, file):
         if file:
             command += ["--file", file]
         env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa.upper()) if isa else None
-        child = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
-        median, low, high, rss = map(float, child.stdout.split())
         name = f"{module}-{version}" + (f"-{isa}" if isa else "")
+        child = subprocess.run(command, capture_output=True, text=True, env=env)
+        if child.returncode != 0:
+            sys.exit(f"{name} child failed: {child.stderr.strip()}")
+        median, low, high, rss = map(float, child.stdout.split())
         rows.append((name, (median, low, high)))
         child_rss.append(f"{name} child process {rss:.0f} MiB")
     return rows, child_rss
@@ -157,12 +159,13 @@ def runtime_child(runtime, directory, warmup, iters, file=None):
 
 
 def check_avx2(compiled):
-    """Fails unless every convolution of OpenVINO's compiled model runs an
-    AVX2 kernel (its runtime model names each layer's primitive)."""
+    """Fails unless every convolution (grouped and depthwise included) of
+    OpenVINO's compiled model runs an AVX2 kernel (its runtime model names
+    each layer's primitive)."""
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
         kind, primitive = info["layerType"].astype(str), info["primitiveType"].astype(str)
-        if kind == "Convolution" and "avx2" not in primitive:
+        if kind in ("Convolution", "GroupConvolution") and "avx2" not in primitive:
             sys.exit(f"OpenVINO ran {op.get_friendly_name()} with {primitive}, not AVX2: ONEDNN_MAX_CPU_ISA ignored")
 
 

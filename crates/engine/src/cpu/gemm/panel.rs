@@ -181,8 +181,8 @@ pub(crate) unsafe fn panel_gemm_shared<'v>(
 /// EfficientNet-B0 at batch 1 level, ResNet50 at batch 10 0.996×. The
 /// copy first was a pass of its own whose strided reads waited on memory:
 /// 11% of ResNet50's 512 -> 128 conv on 28×28 alone in `perf` (one
-/// thread). Against it (both with the 32-column
-/// tiles of the time, before [`WIDE_TILE`]), on the Intel Xeon VM
+/// thread). Against it (both with the 32-column tiles of the time,
+/// before [`WIDE_TILE`]), on the Intel Xeon VM
 /// (AVX-512, 2 threads), `cargo xtask bench` medians of 5 alternating
 /// runs: ResNet50 0.98× the time at batch 10 and at batch 1, MobileNetV2
 /// 0.985× at batch 10 and 0.97× at batch 1, MobileNetV3-Large at batch
@@ -847,8 +847,8 @@ pub(super) mod x86 {
     /// As [`gemm_avx512`], with AVX2 and FMA instead of AVX-512F (and
     /// packed slices 16 columns wide; `layout.pack()` is only written,
     /// `depth·16` values of it, by a product in one depth chunk and one
-    /// block of rows, [`avx2_blocks`], and ignored otherwise). AVX2 has 16 vector registers: a
-    /// micro-tile is 6 rows × 16 columns (12
+    /// block of rows, [`avx2_blocks`], and ignored otherwise). AVX2 has 16
+    /// vector registers: a micro-tile is 6 rows × 16 columns (12
     /// accumulators, 2 loads of `v` and 6 broadcasts of `u` per depth step
     /// for 12 FMAs; 15 registers, no spill), the last 4 or 8 rows of a
     /// block in tiles of 4 × 16 ([`avx2_tile_rows`]). A 6-row tile runs
