@@ -93,11 +93,11 @@ fn scalar(u: &[f32], v: Gathered, start: usize, m: &mut [f32], ms: usize, [rows,
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::panel::x86::{
-        avx2_tile_rows, avx512_column_tiles, avx512_slice_width, micro_avx2, micro_avx2_tall, TileColumns, TileWeights,
+        avx2_tile_rows, avx512_slice, avx512_slice_width, micro_avx2, micro_avx2_tall, TileColumns, TileWeights,
         AVX2_TALL_ROWS,
     };
     use super::Gathered;
-    use crate::cpu::gemm::{PANEL_GRANULE, PANEL_TILES, WIDE_TILE};
+    use crate::cpu::gemm::PANEL_GRANULE;
 
     /// The columns of tile `t0` of `v` from `start`.
     fn columns(v: Gathered, start: usize, t0: usize) -> TileColumns {
@@ -137,15 +137,9 @@ mod x86 {
             // 12-row tiles across panels for a rest of 32 or 16 columns).
             let mut t0 = 0;
             while t0 < cols {
-                let (vt, at) = (columns(v, start, t0), [rows, depth, t0]);
                 let width = avx512_slice_width(t0, cols);
-                match width {
-                    WIDE_TILE => avx512_column_tiles::<{ WIDE_TILE / 16 }, true>(u.as_ptr(), vt, m, at, ms, None, None),
-                    PANEL_TILES => {
-                        avx512_column_tiles::<{ PANEL_TILES / 16 }, true>(u.as_ptr(), vt, m, at, ms, None, None)
-                    }
-                    _ => avx512_column_tiles::<1, true>(u.as_ptr(), vt, m, at, ms, None, None),
-                }
+                let at = [rows, depth, t0, width];
+                avx512_slice::<true>(u.as_ptr(), columns(v, start, t0), m, at, ms, None, None);
                 t0 += width;
             }
         }

@@ -443,20 +443,14 @@ pub(super) mod x86 {
                 // batch 10 on Zen 4: 18.7-19.1 -> 15.9-16.5 ms in all (an
                 // L2 hint there: 19.2-21.5; a wide slice's hint is L2 all
                 // the same, see the micro-tiles). (Packed tiles lie one
-                // after the other: the hardware's prefetchers follow them.) One `depth × width`
-                // slice of `v` stays in cache while the (contiguous,
-                // prefetch-friendly) weight panels stream past it.
+                // after the other: the hardware's prefetchers follow them.)
+                // One `depth × width` slice of `v` stays in cache while the
+                // (contiguous, prefetch-friendly) weight panels stream past
+                // it.
                 let next = (layout.rows_apart().is_some() && t0 + width < cols).then(|| v.wrapping_add(t0 + width));
                 let (at, vs) = layout.at(t0);
                 let columns = TileColumns::rows(v.add(at), vs).packing(pack);
-                let at_t0 = [rows, depth, t0];
-                match width {
-                    WIDE_TILE => avx512_column_tiles::<{ WIDE_TILE / 16 }, false>(u, columns, m, at_t0, ms, epi, next),
-                    PANEL_TILES => {
-                        avx512_column_tiles::<{ PANEL_TILES / 16 }, false>(u, columns, m, at_t0, ms, epi, next)
-                    }
-                    _ => avx512_column_tiles::<1, false>(u, columns, m, at_t0, ms, epi, next),
-                }
+                avx512_slice::<false>(u, columns, m, [rows, depth, t0, width], ms, epi, next);
                 t0 += width;
             }
             fence_streams(stream);
@@ -471,6 +465,33 @@ pub(super) mod x86 {
             _ if t0 < cols / WIDE_TILE * WIDE_TILE => WIDE_TILE,
             n if n >= PANEL_TILES => PANEL_TILES,
             _ => PANEL_GRANULE,
+        }
+    }
+
+    /// [`avx512_column_tiles`] for the slice of columns `t0..t0 + width`
+    /// ([`avx512_slice_width`]: 48, 32 or 16).
+    ///
+    /// # Safety
+    /// As [`avx512_column_tiles`] for those columns.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(in crate::cpu::gemm) unsafe fn avx512_slice<const TABLE: bool>(
+        u: *const f32,
+        columns: TileColumns,
+        m: *mut f32,
+        [rows, depth, t0, width]: [usize; 4],
+        ms: usize,
+        epi: Option<StoreEpilogue>,
+        next: Option<*const f32>,
+    ) {
+        let at = [rows, depth, t0];
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            match width {
+                WIDE_TILE => avx512_column_tiles::<{ WIDE_TILE / 16 }, TABLE>(u, columns, m, at, ms, epi, next),
+                PANEL_TILES => avx512_column_tiles::<{ PANEL_TILES / 16 }, TABLE>(u, columns, m, at, ms, epi, next),
+                _ => avx512_column_tiles::<1, TABLE>(u, columns, m, at, ms, epi, next),
+            }
         }
     }
 
@@ -956,34 +977,30 @@ pub(super) mod x86 {
                                 (false, false) => TileColumns::rows(pack, PANEL_GRANULE),
                             };
                             // The tile's height, its store and accumulate
-                            // modes, and whether it copies (one chunk: first).
+                            // modes, and whether it copies.
                             macro_rules! tile {
-                                ($tile:ident) => {
-                                    match (stream && last, first, packing) {
-                                        (true, true, false) => {
-                                            $tile::<W, true, false, false, false>(up, columns, mp, chunk, ms, e, next)
+                                ($tile:ident, $pack:literal) => {
+                                    match (stream && last, first) {
+                                        (true, true) => {
+                                            $tile::<W, true, false, false, $pack>(up, columns, mp, chunk, ms, e, next)
                                         }
-                                        (true, true, true) => {
-                                            $tile::<W, true, false, false, true>(up, columns, mp, chunk, ms, e, next)
+                                        (true, false) => {
+                                            $tile::<W, true, true, false, $pack>(up, columns, mp, chunk, ms, e, next)
                                         }
-                                        (true, false, _) => {
-                                            $tile::<W, true, true, false, false>(up, columns, mp, chunk, ms, e, next)
+                                        (false, true) => {
+                                            $tile::<W, false, false, false, $pack>(up, columns, mp, chunk, ms, e, next)
                                         }
-                                        (false, true, false) => {
-                                            $tile::<W, false, false, false, false>(up, columns, mp, chunk, ms, e, next)
-                                        }
-                                        (false, true, true) => {
-                                            $tile::<W, false, false, false, true>(up, columns, mp, chunk, ms, e, next)
-                                        }
-                                        (false, false, _) => {
-                                            $tile::<W, false, true, false, false>(up, columns, mp, chunk, ms, e, next)
+                                        (false, false) => {
+                                            $tile::<W, false, true, false, $pack>(up, columns, mp, chunk, ms, e, next)
                                         }
                                     }
                                 };
                             }
-                            match height == AVX2_TALL_ROWS {
-                                true => tile!(micro_avx2_tall),
-                                false => tile!(micro_avx2),
+                            match (height == AVX2_TALL_ROWS, packing) {
+                                (true, true) => tile!(micro_avx2_tall, true),
+                                (true, false) => tile!(micro_avx2_tall, false),
+                                (false, true) => tile!(micro_avx2, true),
+                                (false, false) => tile!(micro_avx2, false),
                             }
                             row += height;
                         }
