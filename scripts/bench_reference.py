@@ -8,13 +8,16 @@ same minute on the same machine). Not run by CI.
     .venv/bin/python scripts/bench_reference.py --onnx model.onnx [--batch 10]   # a user's file, as `cargo xtask bench model.onnx`
 
 Both ONNX runtimes get the same exported file and 2 threads; OpenVINO runs
-f32 inference precision with the LATENCY hint. With `--isa avx2` OpenVINO
-also runs a second time held to AVX2 + FMA (oneDNN's ONEDNN_MAX_CPU_ISA,
-which its CPU plugin honours: the child checks that every convolution's
-kernel is an AVX2 one, else fails), the same-machine reference for wick's
-forced AVX2 path (`WICK_ISA=avx2`) on an AVX-512 CPU; its global pooling
-and fully connected layer still run their own paths. ONNX Runtime has no
-such switch: its row is always its best path. Prints median / min / max ms
+f32 inference precision with the LATENCY hint. With `--isa avx2` both
+also run a second time held to AVX2 + FMA, the same-machine references for
+wick's forced AVX2 path (`WICK_ISA=avx2`) on an AVX-512 CPU: ONNX Runtime
+under `scripts/avx2only.c` (an LD_PRELOAD shim, built here with `cc`, that
+hides AVX-512 and AMX from CPUID, so MLAS picks its AVX2 kernels as on an
+AVX2-only CPU; the child checks that numpy, loaded in the same process,
+sees AVX2 and no AVX-512F, else fails), OpenVINO with oneDNN's
+ONEDNN_MAX_CPU_ISA (which its CPU plugin honours: the child checks that
+every convolution's kernel is an AVX2 one, else fails; its global pooling
+and fully connected layer still run their own paths). Prints median / min / max ms
 per forward and each runtime's peak RSS: ONNX Runtime and OpenVINO each run
 in a child process of their own (as each `cargo xtask bench` mode does), so
 their figures are theirs alone; PyTorch's is this process.
@@ -51,8 +54,10 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--onnx", help="time this ONNX file (ONNX Runtime and OpenVINO only; a symbolic batch is --batch)")
-    parser.add_argument("--isa", choices=["avx2"], help="also time OpenVINO held to this instruction set")
-    parser.add_argument("--child", choices=["onnxruntime", "openvino", "openvino-avx2"], help=argparse.SUPPRESS)
+    parser.add_argument("--isa", choices=["avx2"], help="also time ONNX Runtime and OpenVINO held to this instruction set")
+    parser.add_argument(
+        "--child", choices=["onnxruntime", "openvino", "onnxruntime-avx2", "openvino-avx2"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -85,7 +90,9 @@ def run_children(tmp, args, file):
     """Each installed ONNX runtime in a child process of its own, on
     `file` (else the exported tmp/model.onnx) and tmp/input.npy."""
     rows, child_rss = [], []
-    runtimes = ["onnxruntime", "openvino"] + [f"openvino-{args.isa}"] * bool(args.isa)
+    runtimes = ["onnxruntime", "openvino"]
+    if args.isa:
+        runtimes += [f"onnxruntime-{args.isa}", f"openvino-{args.isa}"]
     for runtime in runtimes:
         module, _, isa = runtime.partition("-")
         try:
@@ -97,15 +104,48 @@ def run_children(tmp, args, file):
                    "--warmup", str(args.warmup), "--iters", str(args.iters)]
         if file:
             command += ["--file", file]
-        env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa.upper()) if isa else None
+        env = None
+        if isa and module == "onnxruntime":
+            env = dict(os.environ, LD_PRELOAD=avx2_shim(tmp))
+        elif isa:
+            env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa.upper())
         name = f"{module}-{version}" + (f"-{isa}" if isa else "")
         child = subprocess.run(command, capture_output=True, text=True, env=env)
+        if child.returncode != 0 and isa:
+            # A held-back run that cannot be had here (no CPUID faulting,
+            # no cc): say so, and keep the other rows.
+            reason = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+            print(f"({name} not timed: {reason})")
+            continue
         if child.returncode != 0:
             sys.exit(f"{name} child failed: {child.stderr.strip()}")
         median, low, high, rss = map(float, child.stdout.split())
         rows.append((name, (median, low, high)))
         child_rss.append(f"{name} child process {rss:.0f} MiB")
     return rows, child_rss
+
+
+def avx2_shim(tmp):
+    """scripts/avx2only.c built into `tmp` (a C compiler as `cc`); its path."""
+    source = pathlib.Path(__file__).with_name("avx2only.c")
+    library = pathlib.Path(tmp) / "avx2only.so"
+    if not library.exists():
+        build = subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(library), str(source)],
+                               capture_output=True, text=True)
+        if build.returncode != 0:
+            sys.exit(f"cannot build {source.name} (needs cc): {build.stderr.strip()}")
+    return str(library)
+
+
+def check_cpuid_masked():
+    """Fails unless this process sees AVX2 + FMA and no AVX-512F through
+    CPUID (numpy's run-time dispatch reads it, as MLAS does)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    if features.get("AVX512F") or not (features.get("AVX2") and features.get("FMA3")):
+        sys.exit(f"CPUID not masked to AVX2 (AVX512F {features.get('AVX512F')}, AVX2 {features.get('AVX2')})")
 
 
 def print_rows(rows):
@@ -135,7 +175,9 @@ def runtime_child(runtime, directory, warmup, iters, file=None):
     """Times one ONNX runtime on the exported model in a process that never imported torch."""
     model = file or str(pathlib.Path(directory) / "model.onnx")
     x = np.load(pathlib.Path(directory) / "input.npy")
-    if runtime == "onnxruntime":
+    if runtime.startswith("onnxruntime"):
+        if runtime == "onnxruntime-avx2":
+            check_cpuid_masked()
         import onnxruntime as ort
 
         options = ort.SessionOptions()

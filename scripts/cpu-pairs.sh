@@ -11,9 +11,10 @@
 # PYTHON (default python3, with torch, torchvision, onnx, onnxruntime),
 # OUT (default ./cpu-pairs-out: one log per pair plus wick's JSON). ISA, if
 # given, is WICK_ISA for wick's run (avx512, avx2 or scalar); the runtimes
-# run their own best path, and with avx2 OpenVINO also runs held to AVX2
-# (`bench_reference.py --isa avx2`: the same-machine AVX2 reference; ONNX
-# Runtime has no such switch).
+# run their own best path, and with avx2 ONNX Runtime and OpenVINO also run
+# held to AVX2 (`bench_reference.py --isa avx2`: the same-machine AVX2
+# references; ONNX Runtime's needs CPUID faulting and `cc`, else its row
+# says why it is missing).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 XTASK=${XTASK:-cargo xtask}
@@ -34,6 +35,6 @@ for spec in "$@"; do
     env ${isa:+WICK_ISA=$isa} $XTASK bench "$model" --modes wick --batch "$batch" \
       --json "$OUT/wick-$model-b$batch${isa:+-$isa}.json"
   } >"$log" 2>&1 || rc=1
-  grep -E '^== |^onnxruntime|^openvino|^wick |^peak RSS' "$log"
+  grep -E '^== |^onnxruntime|^openvino|^\(|^wick |^peak RSS' "$log"
 done
 exit $rc

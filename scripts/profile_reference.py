@@ -9,9 +9,11 @@ Exports the model as `scripts/bench_reference.py` does, runs ONNX Runtime
 OpenVINO's CPU plugin (2 threads, f32, LATENCY hint, performance counters
 on), and prints the mean ms per forward of each fused node, slowest first,
 and the totals per operator kind (OpenVINO: per layer type, with the
-kernel it chose in the node list). `--isa avx2` holds OpenVINO to AVX2 + FMA
-(ONEDNN_MAX_CPU_ISA, as `bench_reference.py --isa avx2`; the kernel column
-shows what each layer ran), beside `WICK_ISA=avx2 cargo xtask profile`.
+kernel it chose in the node list). `--isa avx2` holds either to AVX2 + FMA
+as `bench_reference.py --isa avx2` does (ONNX Runtime: this script runs
+again under the `scripts/avx2only.c` shim, which hides AVX-512 from CPUID;
+OpenVINO: ONEDNN_MAX_CPU_ISA, the kernel column showing what each layer
+ran), beside `WICK_ISA=avx2 cargo xtask profile`.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import collections
 import json
 import os
 import pathlib
+import sys
 import tempfile
 
 
@@ -30,11 +33,17 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime")
-    parser.add_argument("--isa", choices=["avx2"], help="hold OpenVINO to this instruction set")
+    parser.add_argument("--isa", choices=["avx2"], help="hold the runtime to this instruction set")
     args = parser.parse_args()
-    if args.isa:
-        if args.runtime != "openvino":
-            parser.error("--isa holds OpenVINO only (ONNX Runtime has no such switch)")
+    if args.isa and args.runtime == "onnxruntime":
+        from bench_reference import avx2_shim, check_cpuid_masked
+
+        if "avx2only" not in os.environ.get("LD_PRELOAD", ""):
+            # The shim must be loaded as the process starts: run again under it.
+            shim = avx2_shim(tempfile.mkdtemp(prefix="wick-avx2only-"))
+            os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, LD_PRELOAD=shim))
+        check_cpuid_masked()
+    elif args.isa:
         # Read by OpenVINO's oneDNN when it loads: before the import.
         os.environ["ONEDNN_MAX_CPU_ISA"] = args.isa.upper()
     import numpy as np
@@ -117,7 +126,8 @@ def report(args, version, means, kinds):
     for name, ms in means.items():
         by_kind[kinds[name]][0] += 1
         by_kind[kinds[name]][1] += ms
-    print(f"{args.model} batch {args.batch}, {version}, {args.iters} profiled forwards, {total:.3f} ms of node time per forward")
+    held = f" held to {args.isa}" if args.isa else ""
+    print(f"{args.model} batch {args.batch}, {version}{held}, {args.iters} profiled forwards, {total:.3f} ms of node time per forward")
     for kind, (count, ms) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
         print(f"{kind:<40}{count:>4}{ms:>10.3f}{100 * ms / max(total, 1e-9):>7.1f}%")
     print()
