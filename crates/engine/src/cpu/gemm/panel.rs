@@ -664,7 +664,59 @@ pub(super) mod x86 {
     /// step, `u` broadcast per row, the epilogue (if any) applied as the
     /// sums are stored. The one body both SIMD paths share; each picks the
     /// shape its register file holds.
+    ///
+    /// The tile's rows in the next panel (from `u.split` on) are known at
+    /// compile time for the splits the path's tiles meet (`$splits`; `$rows`:
+    /// none): each row's weights are then a fixed offset from one of two
+    /// pointers, where a split known only at run time kept one pointer per
+    /// row, each advanced every depth step (LLVM's strength reduction): on
+    /// AVX2, six `add`s per twelve FMAs. Intel Xeon VM, 2 threads: with
+    /// AVX2 forced, ResNet18's layer2.0.conv1 (3×3 stride 2, 64 -> 128 on
+    /// 28×28) alone at batch 1 0.94× the time, ResNet50's 64 -> 256 on
+    /// 56×56 0.94×; `bench` medians of 5 alternating runs, ResNet18 batch
+    /// 1 0.955× (12.58 -> 12.02 ms), ResNet50 0.967×, MobileNetV2 0.99×,
+    /// ResNet18 batch 10 0.97×; on AVX-512 ResNet18 batch 1 0.97×,
+    /// ResNet50 0.975×, MobileNetV2 and ResNet50 batch 10 level.
     macro_rules! micro_tile {
+        ($name:ident, $body:ident, $feature:literal, $vector:ty, $rows:expr, [$($splits:literal),*], $lanes:expr,
+         $zero:ident, $load:ident, $splat:ident, $fmadd:ident, $store:ident, $stream:ident,
+         $add:ident, $mul:ident, $max:ident, $min:ident, $sigmoid:path) => {
+            /// # Safety
+            /// As for the tile's body (below).
+            #[inline]
+            #[target_feature(enable = $feature)]
+            pub(in crate::cpu::gemm) unsafe fn $name<
+                const V: usize,
+                const STREAM: bool,
+                const ACC: bool,
+                const TABLE: bool,
+                const PACK: bool,
+            >(
+                u: TileWeights,
+                v: TileColumns,
+                mp: *mut f32,
+                depth: usize,
+                ms: usize,
+                epi: Option<TileEpilogue>,
+                next: Option<*const f32>,
+            ) {
+                // SAFETY: the caller upholds the body's contract.
+                unsafe {
+                    match u.split {
+                        s if s >= $rows => $body::<V, STREAM, ACC, TABLE, PACK, { $rows }>(u, v, mp, depth, ms, epi, next),
+                        $($splits => $body::<V, STREAM, ACC, TABLE, PACK, $splits>(u, v, mp, depth, ms, epi, next),)*
+                        _ => $body::<V, STREAM, ACC, TABLE, PACK, { usize::MAX }>(u, v, mp, depth, ms, epi, next),
+                    }
+                }
+            }
+            micro_tile_body!($body, $feature, $vector, $rows, $lanes, $zero, $load, $splat, $fmadd, $store,
+                $stream, $add, $mul, $max, $min, $sigmoid);
+        };
+    }
+
+    /// The body of [`micro_tile`]'s tiles, with `SPLIT` the tile's first
+    /// row in the next panel (`usize::MAX`: `u.split`, read at run time).
+    macro_rules! micro_tile_body {
         ($name:ident, $feature:literal, $vector:ty, $rows:expr, $lanes:expr,
          $zero:ident, $load:ident, $splat:ident, $fmadd:ident, $store:ident, $stream:ident,
          $add:ident, $mul:ident, $max:ident, $min:ident, $sigmoid:path) => {
@@ -684,14 +736,17 @@ pub(super) mod x86 {
             /// cost LLVM the accumulators' registers on 8 × 48 tiles), the
             /// tile copies `v`'s rows to `v.pack`, valid for writes of
             /// `depth·lanes·V` values that nothing else accesses meanwhile.
+            /// `SPLIT` (unless `usize::MAX`) must equal `u.split` or, for a
+            /// tile within one panel, be at least `$rows`.
             #[inline]
             #[target_feature(enable = $feature)]
-            pub(in crate::cpu::gemm) unsafe fn $name<
+            unsafe fn $name<
                 const V: usize,
                 const STREAM: bool,
                 const ACC: bool,
                 const TABLE: bool,
                 const PACK: bool,
+                const SPLIT: usize,
             >(
                 u: TileWeights,
                 v: TileColumns,
@@ -705,7 +760,8 @@ pub(super) mod x86 {
                 unsafe {
                     // Where row `r`'s weights lie from `u.at`: past
                     // `u.split`, in the next panel.
-                    let rows_at: [usize; $rows] = std::array::from_fn(|r| if r < u.split { r } else { r + u.jump });
+                    let split = if SPLIT == usize::MAX { u.split } else { SPLIT };
+                    let rows_at: [usize; $rows] = std::array::from_fn(|r| if r < split { r } else { r + u.jump });
                     let mut acc = [[$zero(); V]; $rows];
                     if ACC {
                         for (r, acc) in acc.iter_mut().enumerate() {
@@ -725,7 +781,7 @@ pub(super) mod x86 {
                         }
                     }
                     // The tile's rows lie in one panel, or two from `u.split` on.
-                    let two_panels = u.split < $rows;
+                    let two_panels = split < $rows;
                     for d in 0..depth {
                         // Hints only, as `next`'s: the weights `U_AHEAD` on
                         // in the tile's panels (past their end: the next
@@ -800,20 +856,22 @@ pub(super) mod x86 {
         };
     }
 
+    // Splits each tile meets: AVX-512 tiles start on rows that are
+    // multiples of 4, AVX2 ones on even rows (of 8-row panels).
     #[rustfmt::skip]
-    micro_tile!(micro_avx512, "avx512f", __m512, PANEL_ROWS, 16,
+    micro_tile!(micro_avx512, micro_avx512_body, "avx512f", __m512, PANEL_ROWS, [4], 16,
         _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps, _mm512_stream_ps,
         _mm512_add_ps, _mm512_mul_ps, _mm512_max_ps, _mm512_min_ps, sigmoid_avx512);
     #[rustfmt::skip]
-    micro_tile!(micro_avx512_tall, "avx512f", __m512, AVX512_TALL_ROWS, 16,
+    micro_tile!(micro_avx512_tall, micro_avx512_tall_body, "avx512f", __m512, AVX512_TALL_ROWS, [4, 8], 16,
         _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps, _mm512_stream_ps,
         _mm512_add_ps, _mm512_mul_ps, _mm512_max_ps, _mm512_min_ps, sigmoid_avx512);
     #[rustfmt::skip]
-    micro_tile!(micro_avx2, "avx2,fma", __m256, AVX2_ROWS, 8,
+    micro_tile!(micro_avx2, micro_avx2_body, "avx2,fma", __m256, AVX2_ROWS, [2], 8,
         _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps, _mm256_stream_ps,
         _mm256_add_ps, _mm256_mul_ps, _mm256_max_ps, _mm256_min_ps, sigmoid_avx2);
     #[rustfmt::skip]
-    micro_tile!(micro_avx2_tall, "avx2,fma", __m256, AVX2_TALL_ROWS, 8,
+    micro_tile!(micro_avx2_tall, micro_avx2_tall_body, "avx2,fma", __m256, AVX2_TALL_ROWS, [2, 4], 8,
         _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps, _mm256_stream_ps,
         _mm256_add_ps, _mm256_mul_ps, _mm256_max_ps, _mm256_min_ps, sigmoid_avx2);
 
