@@ -685,21 +685,9 @@ pub(super) mod x86 {
             /// As for the tile's body (below).
             #[inline]
             #[target_feature(enable = $feature)]
-            pub(in crate::cpu::gemm) unsafe fn $name<
-                const V: usize,
-                const STREAM: bool,
-                const ACC: bool,
-                const TABLE: bool,
-                const PACK: bool,
-            >(
-                u: TileWeights,
-                v: TileColumns,
-                mp: *mut f32,
-                depth: usize,
-                ms: usize,
-                epi: Option<TileEpilogue>,
-                next: Option<*const f32>,
-            ) {
+            pub(in crate::cpu::gemm) unsafe fn $name<const V: usize, const STREAM: bool, const ACC: bool,
+                const TABLE: bool, const PACK: bool>(u: TileWeights, v: TileColumns, mp: *mut f32, depth: usize,
+                ms: usize, epi: Option<TileEpilogue>, next: Option<*const f32>) {
                 // SAFETY: the caller upholds the body's contract.
                 unsafe {
                     match u.split {
