@@ -16,7 +16,9 @@
  *
  * Exits with status 3 (and a message) at load where CPUID faulting is
  * unavailable, rather than run unmasked. Threads inherit the faulting
- * setting from the thread that loads the shim (before any is made).
+ * setting from the thread that loads the shim (before any is made). A
+ * program that later installs its own SIGSEGV handler takes the faults
+ * away from the shim (Python does not, unless faulthandler is enabled).
  */
 #define _GNU_SOURCE
 #include <asm/prctl.h>

@@ -106,7 +106,11 @@ def run_children(tmp, args, file):
             command += ["--file", file]
         env = None
         if isa and module == "onnxruntime":
-            env = dict(os.environ, LD_PRELOAD=avx2_shim(tmp))
+            shim, failure = avx2_shim(tmp)
+            if failure:
+                print(f"({module}-{version}-{isa} not timed: {failure})")
+                continue
+            env = dict(os.environ, LD_PRELOAD=shim)
         elif isa:
             env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa.upper())
         name = f"{module}-{version}" + (f"-{isa}" if isa else "")
@@ -126,15 +130,19 @@ def run_children(tmp, args, file):
 
 
 def avx2_shim(tmp):
-    """scripts/avx2only.c built into `tmp` (a C compiler as `cc`); its path."""
+    """scripts/avx2only.c built into `tmp` with `cc`: (its path, None), or
+    (None, why not)."""
     source = pathlib.Path(__file__).with_name("avx2only.c")
     library = pathlib.Path(tmp) / "avx2only.so"
     if not library.exists():
-        build = subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(library), str(source)],
-                               capture_output=True, text=True)
+        try:
+            build = subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(library), str(source)],
+                                   capture_output=True, text=True)
+        except OSError as err:
+            return None, f"cannot build {source.name}: {err}"
         if build.returncode != 0:
-            sys.exit(f"cannot build {source.name} (needs cc): {build.stderr.strip()}")
-    return str(library)
+            return None, f"cannot build {source.name}: {build.stderr.strip()}"
+    return str(library), None
 
 
 def check_cpuid_masked():

@@ -40,7 +40,9 @@ def main():
 
         if "avx2only" not in os.environ.get("LD_PRELOAD", ""):
             # The shim must be loaded as the process starts: run again under it.
-            shim = avx2_shim(tempfile.mkdtemp(prefix="wick-avx2only-"))
+            shim, failure = avx2_shim(tempfile.mkdtemp(prefix="wick-avx2only-"))
+            if failure:
+                sys.exit(failure)
             os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, LD_PRELOAD=shim))
         check_cpuid_masked()
     elif args.isa:
