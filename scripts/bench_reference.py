@@ -104,22 +104,15 @@ def run_children(tmp, args, file):
                    "--warmup", str(args.warmup), "--iters", str(args.iters)]
         if file:
             command += ["--file", file]
-        env = None
-        if isa and module == "onnxruntime":
-            shim, failure = avx2_shim(tmp)
-            if failure:
-                print(f"({module}-{version}-{isa} not timed: {failure})")
-                continue
-            env = dict(os.environ, LD_PRELOAD=shim)
-        elif isa:
-            env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa.upper())
         name = f"{module}-{version}" + (f"-{isa}" if isa else "")
-        child = subprocess.run(command, capture_output=True, text=True, env=env)
-        if child.returncode != 0 and isa:
+        env, failure = held_back(module, isa, tmp)
+        child = None if failure else subprocess.run(command, capture_output=True, text=True, env=env)
+        if child and child.returncode != 0 and isa:
+            failure = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+        if failure:
             # A held-back run that cannot be had here (no CPUID faulting,
             # no cc): say so, and keep the other rows.
-            reason = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
-            print(f"({name} not timed: {reason})")
+            print(f"({name} not timed: {failure})")
             continue
         if child.returncode != 0:
             sys.exit(f"{name} child failed: {child.stderr.strip()}")
@@ -127,6 +120,17 @@ def run_children(tmp, args, file):
         rows.append((name, (median, low, high)))
         child_rss.append(f"{name} child process {rss:.0f} MiB")
     return rows, child_rss
+
+
+def held_back(module, isa, tmp):
+    """The environment of `module`'s child held to `isa` (None: its best
+    path), or why it cannot be had: (env, None) or (None, reason)."""
+    if not isa:
+        return None, None
+    if module == "onnxruntime":
+        shim, failure = avx2_shim(tmp)
+        return (None, failure) if failure else (dict(os.environ, LD_PRELOAD=shim), None)
+    return dict(os.environ, ONEDNN_MAX_CPU_ISA=isa.upper()), None
 
 
 def avx2_shim(tmp):
