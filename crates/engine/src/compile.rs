@@ -182,13 +182,13 @@ impl Engine {
             true => Some(Machine::resolve(self.cpu_path)?),
             false => None,
         };
-        let conv_algorithms = match machine {
-            Some(_) => {
+        let conv_algorithms = match &machine {
+            Some(machine) => {
                 let budget = match self.weight_budget {
                     Some(budget) => budget,
                     None => WeightBudget::from_env()?.unwrap_or_default(),
                 };
-                plan_cpu_convs(graph, budget)
+                plan_cpu_convs(graph, budget, machine)
             }
             None => Default::default(),
         };

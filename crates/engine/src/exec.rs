@@ -451,8 +451,8 @@ mod tests {
     }
 
     /// Kernels follow the compiled shape: ResNet18 at batch 1 runs layer4's
-    /// 3×3 stride-1 convs as F(2×2) and its few-pixel direct convs on the
-    /// lane GEMM; at batch 10 the direct convs use panels and every 3×3
+    /// 3×3 stride-1 convs as F(2×2) (direct with wide FMAs) and its
+    /// few-pixel direct convs on the lane GEMM; at batch 10 the direct convs use panels and every 3×3
     /// stride-1 conv is F(4×4), within the default weight budget (2.5× the
     /// conv weights + 48 MiB) too; a bare 2.5× steps layer4's three, the
     /// fewest tiles, down to F(2×2) (packed weights 3.5× the conv weights
@@ -471,10 +471,16 @@ mod tests {
         let count = |ks: &[(String, &str)], kind: &str| ks.iter().filter(|(_, k)| *k == kind).count();
         let one = kernels(1);
         assert_eq!(one.len(), 20, "{one:?}");
+        // Where the AVX-512 FMAs are wide, layer4's stride-1 convs run
+        // direct rather than F(2×2) (the policy's test covers both).
+        let f2 = match crate::machine::Machine::resolve(None).unwrap().wide_fma {
+            true => "direct-lanes",
+            false => "winograd-f2x2",
+        };
         for (name, kind) in &one {
             let expected = match name.as_str() {
-                n if n.starts_with("layer4.") && n.contains("conv2") => "winograd-f2x2",
-                n if n.starts_with("layer4.1.conv1") => "winograd-f2x2",
+                n if n.starts_with("layer4.") && n.contains("conv2") => f2,
+                n if n.starts_with("layer4.1.conv1") => f2,
                 n if n.starts_with("layer4.")
                     || n.starts_with("layer3.0.conv1")
                     || n.starts_with("layer3.0.downsample") =>

@@ -42,8 +42,9 @@ pub(crate) struct Lowering<'a> {
 /// The algorithm of every conv node wick's CPU convs will run (on the CPU,
 /// f32, constant weight and bias), by node name: the policy's choice per
 /// conv, then F(4×4) convs stepped down until the graph's packed weights
-/// fit `budget`. Convs this cannot size are left to lowering's errors.
-pub(crate) fn plan_cpu_convs(graph: &Graph, budget: WeightBudget) -> HashMap<String, ConvAlgorithm> {
+/// fit `budget`, for `machine`. Convs this cannot size are left to
+/// lowering's errors.
+pub(crate) fn plan_cpu_convs(graph: &Graph, budget: WeightBudget, machine: &Machine) -> HashMap<String, ConvAlgorithm> {
     let mut names = Vec::new();
     let mut convs = Vec::new();
     for id in graph.node_ids() {
@@ -67,10 +68,10 @@ pub(crate) fn plan_cpu_convs(graph: &Graph, budget: WeightBudget) -> HashMap<Str
         convs.push(PlannedConv {
             spec,
             out_shape,
-            algorithm: conv_algorithm(&spec, pooled, out_shape),
+            algorithm: conv_algorithm(&spec, pooled, out_shape, machine.wide_fma),
         });
     }
-    budget::fit(&mut convs, budget);
+    budget::fit(&mut convs, budget, machine.wide_fma);
     names.into_iter().zip(convs.iter().map(|c| c.algorithm)).collect()
 }
 
@@ -313,7 +314,7 @@ fn lower_conv(
             .conv_algorithms
             .get(&node.name)
             .copied()
-            .unwrap_or_else(|| conv_algorithm(&spec, pool.is_some(), out_shape));
+            .unwrap_or_else(|| conv_algorithm(&spec, pool.is_some(), out_shape, machine.wide_fma));
         let pack = || {
             let (weight, bias) = on_host(weight, bias.flatten())?;
             CpuConv::new(algorithm, &weight, bias.as_ref(), attrs, activation, pool, machine)

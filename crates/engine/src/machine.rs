@@ -1,7 +1,8 @@
 //! The CPU a model is compiled for: which instruction-set path its kernels
 //! take ([`CpuPath`]: the best the CPU has, or the one `WICK_ISA` or
 //! [`crate::Engine::with_cpu_path`] asks for) and the cache sizes its block
-//! sizes are derived from ([`CacheSizes`]).
+//! sizes are derived from ([`CacheSizes`]), and whether its AVX-512 FMAs
+//! run at twice AVX2's rate ([`Machine::wide_fma`]).
 
 use crate::cpu::gemm::Isa;
 use crate::EngineError;
@@ -237,6 +238,38 @@ pub(crate) struct Machine {
     pub(crate) isa: Isa,
     /// The caches block sizes are derived from.
     pub(crate) caches: CacheSizes,
+    /// Whether the path's FMAs do at least [`WIDE_FMA_RATIO`] times the
+    /// work of AVX2's per second on one thread: AVX-512 on cores with two
+    /// 512-bit FMA units (Intel Xeon), not where each 512-bit op runs as
+    /// two halves (AMD Zen 4) or on the AVX2 and scalar paths. Measured
+    /// once per process ([`wide_fma`]). Where it holds, compute is cheap
+    /// against memory and the conv policy takes fewer packed weights over
+    /// fewer multiplies ([`crate::cpu::conv_algorithm`]).
+    pub(crate) wide_fma: bool,
+}
+
+/// Least ratio of the AVX-512 path's FMA rate to AVX2's that counts as
+/// wide: two 512-bit units measure about 2 (1.86 on the Intel Xeon VM:
+/// 246 against 132 GFLOP/s a thread), one unit or split 512-bit ops about 1.
+pub(crate) const WIDE_FMA_RATIO: f64 = 1.5;
+
+/// Whether `isa`'s FMAs are wide ([`Machine::wide_fma`]): only AVX-512 can
+/// be; its rate against AVX2's is measured on the first call (a few
+/// milliseconds) and kept for the process.
+fn wide_fma(isa: Isa) -> bool {
+    static RATIO: OnceLock<f64> = OnceLock::new();
+    match isa {
+        Isa::Avx512 => {
+            let ratio = *RATIO.get_or_init(|| {
+                // AVX-512 is only handed out with AVX2 and FMA too.
+                let ratio = crate::cpu::peak::fma_ratio(Isa::Avx512, Isa::Avx2Fma);
+                tracing::debug!(ratio, wide = ratio >= WIDE_FMA_RATIO, "fma rate avx512 / avx2");
+                ratio
+            });
+            ratio >= WIDE_FMA_RATIO
+        }
+        _ => false,
+    }
 }
 
 impl Machine {
@@ -246,9 +279,11 @@ impl Machine {
             Some(path) => path,
             None => CpuPath::selected()?,
         };
+        let isa = path.isa()?;
         let machine = Machine {
-            isa: path.isa()?,
+            isa,
             caches: CacheSizes::detect(),
+            wide_fma: wide_fma(isa),
         };
         tracing::debug!(path = %path, "cpu path");
         Ok(machine)
@@ -260,6 +295,7 @@ impl Machine {
         Machine {
             isa,
             caches: CacheSizes::detect(),
+            wide_fma: wide_fma(isa),
         }
     }
 
@@ -326,6 +362,7 @@ mod tests {
                     l3,
                     detected: true,
                 },
+                wide_fma: false,
             };
             let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
             (pool.install(|| machine.stream_bytes()), machine.cached_bytes())

@@ -162,8 +162,9 @@ impl PlannedConv {
 /// Steps `convs`' F(4×4) convs down, fewest tiles first (the larger one
 /// first among equals), until their packed weights fit `budget`; returns
 /// how many stepped down. Each steps down to what the policy would choose
-/// without F(4×4), at any size (F(2×2) where it has the channels).
-pub(crate) fn fit(convs: &mut [PlannedConv], budget: WeightBudget) -> usize {
+/// without F(4×4), at any size (F(2×2) where it has the channels; on few
+/// pixels with wide FMAs the direct conv, [`conv_algorithm_without_f4`]).
+pub(crate) fn fit(convs: &mut [PlannedConv], budget: WeightBudget, wide_fma: bool) -> usize {
     let weights: f64 = convs.iter().map(PlannedConv::weight_floats).sum();
     let allowance = f64::from(budget.allowance_mib()) * f64::from(1 << 20) / 4.0;
     let allowed = weights * f64::from(budget.get()) + allowance;
@@ -183,7 +184,7 @@ pub(crate) fn fit(convs: &mut [PlannedConv], budget: WeightBudget) -> usize {
             break;
         }
         let conv = &mut convs[i];
-        let down = conv_algorithm_without_f4(&conv.spec, conv.out_shape);
+        let down = conv_algorithm_without_f4(&conv.spec, conv.out_shape, wide_fma);
         packed += conv.packed_floats(down) - conv.packed_floats(conv.algorithm);
         conv.algorithm = down;
         stepped += 1;
@@ -215,7 +216,7 @@ mod tests {
                 ..Default::default()
             },
         };
-        let algorithm = super::super::conv_algorithm(&spec, false, out_shape);
+        let algorithm = super::super::conv_algorithm(&spec, false, out_shape, false);
         PlannedConv {
             spec,
             out_shape,
@@ -240,14 +241,14 @@ mod tests {
             assert!(crate::cpu::conv::winograd::applies(&conv.spec));
         }
         let mut convs = plan();
-        assert_eq!(fit(&mut convs, WeightBudget::unlimited()), 0);
-        assert_eq!(fit(&mut convs, WeightBudget::factor(4.0).unwrap()), 0);
+        assert_eq!(fit(&mut convs, WeightBudget::unlimited(), false), 0);
+        assert_eq!(fit(&mut convs, WeightBudget::factor(4.0).unwrap(), false), 0);
         // Weights 1 + 4 + 4 (units of 256²·9 floats): F(4×4) everywhere is
         // 36; one 512 conv down is 36 - 4·(4 - 16/9) = 27.1 (3.0×), both 18.2
         // (2.0×), and then the 256 conv 15.9 (1.8×).
         let algorithms = |budget: f32| {
             let mut convs = plan();
-            fit(&mut convs, WeightBudget::factor(budget).unwrap());
+            fit(&mut convs, WeightBudget::factor(budget).unwrap(), false);
             convs.iter().map(|c| c.algorithm).collect::<Vec<_>>()
         };
         use ConvAlgorithm::{WinogradF2 as F2, WinogradF4 as F4};
@@ -263,8 +264,23 @@ mod tests {
     fn narrow_convs_step_down_to_direct() {
         let mut convs = vec![conv3x3(16, [10, 16, 56, 56])];
         assert_eq!(convs[0].algorithm, ConvAlgorithm::WinogradF4);
-        assert_eq!(fit(&mut convs, WeightBudget::factor(1.0).unwrap()), 1);
+        assert_eq!(fit(&mut convs, WeightBudget::factor(1.0).unwrap(), false), 1);
         assert_eq!(convs[0].algorithm, ConvAlgorithm::DirectPanels);
+    }
+
+    /// With wide FMAs, an F(4×4) conv on few pixels steps down to the
+    /// direct conv (F(2×2) without them); on many, to F(2×2) either way.
+    #[test]
+    fn wide_fma_steps_few_pixels_down_to_direct() {
+        let step = |out_shape, wide_fma| {
+            let mut convs = vec![conv3x3(256, out_shape)];
+            assert_eq!(convs[0].algorithm, ConvAlgorithm::WinogradF4);
+            assert_eq!(fit(&mut convs, WeightBudget::factor(1.0).unwrap(), wide_fma), 1);
+            convs[0].algorithm
+        };
+        assert_eq!(step([1, 256, 16, 16], true), ConvAlgorithm::DirectLanes);
+        assert_eq!(step([1, 256, 16, 16], false), ConvAlgorithm::WinogradF2);
+        assert_eq!(step([10, 256, 7, 7], true), ConvAlgorithm::WinogradF2);
     }
 
     /// Factors below 1 (and NaN) are refused, in code and in text.
@@ -294,9 +310,9 @@ mod tests {
     #[test]
     fn default_allowance_keeps_f4() {
         let plan = || vec![conv3x3(512, [10, 512, 7, 7]); 3];
-        assert_eq!(fit(&mut plan(), WeightBudget::default()), 0);
+        assert_eq!(fit(&mut plan(), WeightBudget::default(), false), 0);
         assert_eq!(
-            fit(&mut plan(), WeightBudget::factor(DEFAULT_WEIGHT_BUDGET).unwrap()),
+            fit(&mut plan(), WeightBudget::factor(DEFAULT_WEIGHT_BUDGET).unwrap(), false),
             3
         );
         assert_eq!(WeightBudget::default().allowance_mib(), DEFAULT_WEIGHT_ALLOWANCE_MIB);

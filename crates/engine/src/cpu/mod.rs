@@ -40,9 +40,19 @@ const F4_MIN_TILES: usize = 16;
 /// Fewer channels (in or out) than this do not fill F(4×4)'s panels.
 const F4_MIN_CHANNELS: usize = 8;
 /// Output pixels per forward up to which F(2×2) is chosen when F(4×4) does
-/// not pay off. Measured on ResNet18's layer4 at batch 1 (49 pixels): 1.58 ms
-/// direct (lane GEMM) against 1.17–1.27 ms F(2×2) when it landed. Bigger
-/// maps with too few tiles for F(4×4) (batch 2–3 at 7×7) were not timed.
+/// not pay off, on paths without wide FMAs. Measured on ResNet18's layer4
+/// at batch 1 (49 pixels): 1.58 ms direct (lane GEMM) against 1.17–1.27 ms
+/// F(2×2) when it landed (Zen 4); on the Intel Xeon VM, per node in the
+/// model, the AVX2 path's direct convs took 1.20-1.24× F(2×2)'s time. With
+/// wide FMAs ([`crate::machine::Machine::wide_fma`]) the direct lane conv
+/// is taken instead: F(2×2) cuts the multiplies 2.25× but packs 16/9 of the
+/// weights (16.8 MB a 512-channel conv, streamed once per forward at batch
+/// 1), and where the FMAs are twice as fast, the stream costs more than the
+/// multiplies it saves. Intel Xeon VM, AVX-512, 2 threads, alternating
+/// profiles: ResNet18's three layer4 F(2×2) convs 0.87-0.96× the time
+/// direct, ResNet18 batch 1 0.96×, ResNet34 0.98×, ResNet50 level (its
+/// two, 0.95-0.99×). Bigger maps with too few tiles for F(4×4) (batch 2–3
+/// at 7×7) were not timed.
 const F2_MAX_PIXELS: usize = 256;
 /// Fewer channels than this gain too little from F(2×2)'s cut in
 /// multiplies (a judgement, not a measurement: ResNet18's few-pixel 3×3
@@ -155,8 +165,9 @@ impl ConvAlgorithm {
 /// The conv policy: the algorithm for a conv `spec` whose output at the
 /// compiled shape is `[batch, out_channels, out_height, out_width]` (before
 /// any fused pool; `pooled` when a max pool is fused, which only the direct
-/// conv does in its panel layout).
-pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4]) -> ConvAlgorithm {
+/// conv does in its panel layout), on a machine whose FMAs are wide or not
+/// ([`crate::machine::Machine::wide_fma`]).
+pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4], wide_fma: bool) -> ConvAlgorithm {
     let [batch, out_channels, out_height, out_width] = out_shape;
     let pixels = batch.saturating_mul(out_height).saturating_mul(out_width);
     if spec.attrs.groups != 1 {
@@ -201,7 +212,7 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
         .saturating_mul(out_width.div_ceil(4));
     if winograd && channels >= F4_MIN_CHANNELS && f4_tiles >= F4_MIN_TILES {
         ConvAlgorithm::WinogradF4
-    } else if winograd && channels >= F2_MIN_CHANNELS && pixels <= F2_MAX_PIXELS {
+    } else if winograd && channels >= F2_MIN_CHANNELS && pixels <= F2_MAX_PIXELS && !wide_fma {
         ConvAlgorithm::WinogradF2
     } else {
         direct(pixels)
@@ -210,12 +221,16 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
 
 /// What runs a conv [`conv_algorithm`] gives F(4×4) when F(4×4) is not
 /// taken ([`budget`]): F(2×2) where it has the channels, at any size (16
-/// multiplies per 4 outputs against the direct conv's 36), a direct conv
-/// otherwise.
-pub(crate) fn conv_algorithm_without_f4(spec: &ConvSpec, out_shape: [usize; 4]) -> ConvAlgorithm {
+/// multiplies per 4 outputs against the direct conv's 36) but with wide
+/// FMAs only past [`F2_MAX_PIXELS`] (below, the direct conv is faster and
+/// packs less), a direct conv otherwise.
+pub(crate) fn conv_algorithm_without_f4(spec: &ConvSpec, out_shape: [usize; 4], wide_fma: bool) -> ConvAlgorithm {
     let [batch, out_channels, out_height, out_width] = out_shape;
     let pixels = batch.saturating_mul(out_height).saturating_mul(out_width);
-    match winograd::applies(spec) && spec.in_channels.min(out_channels) >= F2_MIN_CHANNELS {
+    let f2 = winograd::applies(spec)
+        && spec.in_channels.min(out_channels) >= F2_MIN_CHANNELS
+        && !(wide_fma && pixels <= F2_MAX_PIXELS);
+    match f2 {
         true => ConvAlgorithm::WinogradF2,
         false => direct(pixels),
     }
@@ -405,7 +420,17 @@ mod tests {
             (spec(32, 3, 1, 8), false, [1, 32, 7, 7], Grouped),
         ];
         for (spec, pooled, shape, want) in cases {
-            assert_eq!(conv_algorithm(&spec, pooled, shape), want, "{spec:?} {shape:?}");
+            assert_eq!(conv_algorithm(&spec, pooled, shape, false), want, "{spec:?} {shape:?}");
+            // Wide FMAs change only the few-pixel F(2×2) convs, to lanes.
+            let wide = match want {
+                WinogradF2 => DirectLanes,
+                other => other,
+            };
+            assert_eq!(
+                conv_algorithm(&spec, pooled, shape, true),
+                wide,
+                "{spec:?} {shape:?} wide"
+            );
         }
     }
 }

@@ -1,6 +1,8 @@
 //! A probe of the CPU's fp32 FMA peak per instruction-set path: independent
 //! accumulator chains, enough of them to cover the FMA latency, nothing
-//! loaded from memory. The roofline the kernels are measured against.
+//! loaded from memory. The roofline the kernels are measured against, and
+//! the ratio of two paths' rates that the conv policy reads
+//! ([`crate::machine::Machine::wide_fma`]).
 
 use super::gemm::Isa;
 use std::hint::black_box;
@@ -9,11 +11,12 @@ use std::time::{Duration, Instant};
 /// Multiply-adds per call of a path's inner loop body, per lane.
 const STEPS: usize = 1 << 16;
 
-/// fp32 FLOP/s of `isa` on one thread, over about `duration`.
+/// fp32 FLOP/s of `isa` on one thread, over about `duration` (at least one
+/// call of the inner loop).
 pub(crate) fn fma_peak(isa: Isa, duration: Duration) -> f64 {
     let start = Instant::now();
     let mut flops = 0f64;
-    while start.elapsed() < duration {
+    while flops == 0.0 || start.elapsed() < duration {
         flops += match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512` is only handed out when the CPU has AVX-512F.
@@ -25,6 +28,18 @@ pub(crate) fn fma_peak(isa: Isa, duration: Duration) -> f64 {
         };
     }
     flops / start.elapsed().as_secs_f64()
+}
+
+/// The ratio of `wide`'s fp32 FMA rate to `narrow`'s on this thread: the
+/// best of three alternating rounds of one inner loop each (about 0.2-0.8
+/// ms a round), so that a round the thread lost to another does not decide.
+pub(crate) fn fma_ratio(wide: Isa, narrow: Isa) -> f64 {
+    let (mut fast, mut slow) = (0f64, 0f64);
+    for _ in 0..3 {
+        fast = fast.max(fma_peak(wide, Duration::ZERO));
+        slow = slow.max(fma_peak(narrow, Duration::ZERO));
+    }
+    fast / slow
 }
 
 /// Eight independent chains of scalar multiply-adds (the compiler's own code).
@@ -83,5 +98,17 @@ mod tests {
             .map(|isa| fma_peak(isa, Duration::from_millis(20)))
             .collect();
         assert!(rates.iter().all(|&r| r > 0.0), "{rates:?}");
+    }
+
+    /// Every pair of paths gives a finite positive ratio (no timing is
+    /// asserted).
+    #[test]
+    fn ratios_measure() {
+        for wide in Isa::available() {
+            for narrow in Isa::available() {
+                let ratio = fma_ratio(wide, narrow);
+                assert!(ratio.is_finite() && ratio > 0.0, "{wide:?} / {narrow:?}: {ratio}");
+            }
+        }
     }
 }
