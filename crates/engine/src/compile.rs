@@ -198,6 +198,8 @@ impl Engine {
         };
         // The fused 1×1 convs' weights, by the depthwise conv that runs them.
         let mut expanding = HashMap::new();
+        // The fused depthwise steps (kernel, name) that run a projection, by projection.
+        let mut projecting = HashMap::new();
         let lowering = Lowering {
             device: &self.device,
             machine,
@@ -257,8 +259,31 @@ impl Engine {
                             kernel = expansion::fuse(kernel, expand, x).at(&node.name)?;
                             name = format!("{}+{}", graph.node(producer).name, node.name);
                         }
+                        if let Some(depthwise) = expansions.projected_in(id) {
+                            let (fused, fused_name) = projecting
+                                .remove(&depthwise)
+                                .ok_or_else(|| {
+                                    candle_core::Error::Msg("the depthwise conv it reads was not lowered first".into())
+                                })
+                                .at(&node.name)?;
+                            kernel = expansion::project(fused, kernel).at(&node.name)?;
+                            name = format!("{fused_name}+{name}");
+                        }
                         for slot in kernel.reads() {
                             read_at_run_time[slot] = true;
+                        }
+                        if expansions.projection_of(id).is_some() {
+                            // No step: its projection runs it.
+                            projecting.insert(id, (kernel, name));
+                            release(
+                                &mut arg,
+                                id,
+                                &mut pending_users,
+                                &read_at_run_time,
+                                &mut constants,
+                                &self.device,
+                            )?;
+                            continue;
                         }
                         steps.push(Step {
                             name,

@@ -297,6 +297,16 @@ pub(crate) enum CpuKernel {
         conv: Arc<CpuConv>,
         x: Slot,
     },
+    /// [`Self::ExpandedDepthwise`] with the in-place 1×1 conv `projection`
+    /// (and its `residual`) run on the depthwise conv's output, without
+    /// making that output either ([`crate::expansion`]).
+    ProjectedDepthwise {
+        expand: conv::depthwise::ExpandWeights,
+        conv: Arc<CpuConv>,
+        x: Slot,
+        projection: Arc<CpuConv>,
+        residual: Option<Slot>,
+    },
     /// The max pool, on its path.
     MaxPool2d { pool: pool::MaxPool, x: Slot },
     /// An elementwise activation, on the instruction-set path `isa`.
@@ -325,6 +335,7 @@ impl CpuKernel {
     pub(crate) fn reads(&self) -> Vec<Slot> {
         match self {
             CpuKernel::Conv { x, residual, scale, .. } => std::iter::once(*x).chain(*residual).chain(*scale).collect(),
+            CpuKernel::ProjectedDepthwise { x, residual, .. } => std::iter::once(*x).chain(*residual).collect(),
             CpuKernel::ExpandedDepthwise { x, .. }
             | CpuKernel::MaxPool2d { x, .. }
             | CpuKernel::Activation { x, .. }
@@ -351,6 +362,18 @@ impl CpuKernel {
                 scale.map(&value).transpose()?.as_ref(),
             ),
             CpuKernel::ExpandedDepthwise { expand, conv, x } => conv.run_expanded(expand, &value(*x)?),
+            CpuKernel::ProjectedDepthwise {
+                expand,
+                conv,
+                x,
+                projection,
+                residual,
+            } => conv.run_projected(
+                expand,
+                &value(*x)?,
+                projection,
+                residual.map(&value).transpose()?.as_ref(),
+            ),
             CpuKernel::MaxPool2d { pool, x } => pool.run(&value(*x)?),
             CpuKernel::Activation { isa, activation, x } => activation::activation(*isa, *activation, &value(*x)?),
             CpuKernel::GlobalAvgPool2d { isa, x } => plane::global_avg_pool2d(*isa, &value(*x)?),

@@ -314,6 +314,32 @@ impl CpuConv {
         }
     }
 
+    /// [`Self::run_expanded`] with the in-place 1×1 conv `projection` run
+    /// on its output too, plus `residual` ([`DepthwiseConv::run_projected`],
+    /// or the two in turn where it declines); an error for any other pair
+    /// of convs.
+    pub(crate) fn run_projected(
+        &self,
+        expand: &depthwise::ExpandWeights,
+        x: &Tensor,
+        projection: &CpuConv,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        match (self, projection) {
+            (CpuConv::Depthwise(conv, None), CpuConv::Pointwise(p)) => {
+                if let Some(out) = conv.run_projected(expand, x, p.projection(), residual)? {
+                    return Ok(out);
+                }
+                // The two steps; the value between them back to the pool.
+                let expanded = conv.run_expanded(expand, x)?;
+                let out = p.run(&expanded, residual);
+                crate::cpu::recycle::reclaim(expanded);
+                out
+            }
+            _ => bail!("only a depthwise conv without a fused pool runs an in-place 1×1 conv after it"),
+        }
+    }
+
     /// Runs on a CPU f32 tensor `[N, C, H, W]`, adding `residual` (the
     /// conv's output shape) before the optional ReLU, then the fused pool.
     pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {

@@ -151,6 +151,17 @@ impl PointwiseConv {
         })
     }
 
+    /// Its packed weights, channels and epilogue, for a depthwise conv that
+    /// runs it on its own output ([`super::depthwise::Projection`]).
+    pub(crate) fn projection(&self) -> super::depthwise::Projection<'_> {
+        super::depthwise::Projection {
+            packed: &self.packed,
+            in_channels: self.spec.in_channels,
+            out_channels: self.spec.out_channels,
+            epilogue: &self.epilogue,
+        }
+    }
+
     /// `weight` (`[O, C, 1, 1]`, f32) as `O` rows of `C` values, for a
     /// `spec` this conv [applies](Self::applies) to (either form); an error
     /// that says what was expected otherwise.

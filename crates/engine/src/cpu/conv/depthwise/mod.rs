@@ -38,6 +38,7 @@ use wick_ir::Activation;
 mod blocked;
 mod simd;
 
+pub(crate) use blocked::project::Projection;
 pub(crate) use blocked::ExpandWeights;
 use blocked::Source;
 
@@ -167,6 +168,63 @@ impl DepthwiseConv {
         // SAFETY: `blocked::run` wrote all `out_len` values.
         unsafe { out.assume_written(out_len) };
         out.into_tensor(&shape.out_dims())
+    }
+
+    /// [`Self::run_expanded`] with the 1×1 conv `projection` applied to
+    /// its output (`[N, O, OH, OW]`, plus `residual` of that shape before
+    /// the projection's activation), without making that output either
+    /// ([`blocked::project`]); `None` where too few bands would share the
+    /// threads (the caller runs the two steps).
+    pub(crate) fn run_projected(
+        &self,
+        expand: &ExpandWeights,
+        x: &Tensor,
+        projection: Projection<'_>,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let x = x.contiguous()?;
+        let &[batch, in_channels, height, width] = x.dims() else {
+            bail!("fused 1×1 conv input must be NCHW, got {:?}", x.dims())
+        };
+        if in_channels != expand.in_channels || projection.in_channels != self.spec.out_channels {
+            bail!(
+                "fused 1×1 convs expect {} input channels and {} depthwise channels, got {in_channels} and {}",
+                expand.in_channels,
+                projection.in_channels,
+                self.spec.out_channels
+            )
+        }
+        let shape = self.spec.shape([batch, self.spec.in_channels, height, width])?;
+        let Some(weights) = self.blocked.as_ref().filter(|_| self.blocks(shape.out_width)) else {
+            bail!(
+                "depthwise conv: no channel-blocked form for an output {} wide",
+                shape.out_width
+            )
+        };
+        let dims = [batch, projection.out_channels, shape.out_height, shape.out_width];
+        let out_len = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let Some(out_len) = out_len else {
+            bail!("fused 1×1 conv output {dims:?} overflows")
+        };
+        let residual = residual.map(|r| r.contiguous()).transpose()?;
+        if residual.as_ref().is_some_and(|r| r.dims() != dims) {
+            bail!("fused 1×1 conv residual must be {dims:?}")
+        }
+        let out = with_cpu_f32("depthwise conv", &x, residual.as_ref(), |data, residual| {
+            let ops = blocked::project::Operands {
+                x: data,
+                projection,
+                residual,
+            };
+            let (kernel, attrs, activation) = (self.spec.kernel, self.spec.attrs, self.epilogue.activation());
+            blocked::project::run(self.isa, weights, activation, expand, shape, (kernel, attrs), ops)
+        })?;
+        let Some(mut out) = out else {
+            return Ok(None);
+        };
+        // SAFETY: `project::run` wrote all `out_len` values.
+        unsafe { out.assume_written(out_len) };
+        out.into_tensor(&dims).map(Some)
     }
 
     /// Runs on a CPU f32 tensor `[N, C, H, W]`, adding `residual` (the

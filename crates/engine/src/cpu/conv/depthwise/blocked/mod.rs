@@ -695,6 +695,7 @@ fn compute(isa: Isa, tile: usize, k: Kernel) {
 }
 
 mod expand;
+pub(super) mod project;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 

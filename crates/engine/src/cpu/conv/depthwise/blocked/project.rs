@@ -1,0 +1,258 @@
+//! The 1×1 conv after an expanded depthwise conv (the projection of a
+//! MobileNetV2-style block) fused into it: each task takes one band of
+//! output rows of one image through every channel block (the expansion
+//! computed into the band's scratch, [`super::expand`], then the depthwise
+//! sums), collects the band's depthwise output as `[C, pixels]` rows in
+//! scratch, and multiplies the projection's packed weights into them there,
+//! writing only the block's output (with its bias and residual). The
+//! expanded tensor and the depthwise output, 6× the block's input and
+//! output on MobileNetV2, are never written to memory.
+
+use super::{compute, expand, pad, unpack, BlockedWeights, ExpandWeights, Geometry, Kernel};
+use crate::cpu::conv::ConvShape;
+use crate::cpu::data::{with_scratch, CACHE_LINE_FLOATS};
+use crate::cpu::epilogue::Epilogue;
+use crate::cpu::gemm::{panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS};
+use crate::cpu::output::Output;
+use candle_core::bail;
+use rayon::prelude::*;
+use wick_ir::{Activation, Conv2dAttrs};
+
+/// A fused projection's operands: its weights packed in panels
+/// (`[O_pad / 8][C][8]`), input and output channels, and epilogue.
+#[derive(Clone, Copy)]
+pub(crate) struct Projection<'a> {
+    pub(crate) packed: &'a [f32],
+    pub(crate) in_channels: usize,
+    pub(crate) out_channels: usize,
+    pub(crate) epilogue: &'a Epilogue,
+}
+
+/// What one fused call reads besides the expansion and the depthwise
+/// conv: the image planes the expansion reads, the projection and its
+/// residual (`[N, O, OH, OW]`).
+pub(crate) struct Operands<'a> {
+    pub(crate) x: &'a [f32],
+    pub(crate) projection: Projection<'a>,
+    pub(crate) residual: Option<&'a [f32]>,
+}
+
+/// Bands per thread the cut aims at at least (as the depthwise conv's own
+/// cut, [`super::band_rows`]).
+const TASKS_PER_THREAD: usize = 4;
+
+/// Output rows per band of `height` for `batch` images on `threads`
+/// threads: at most `most` ([`rows_per_band`]), few enough for
+/// [`TASKS_PER_THREAD`] tasks a thread; `None` (not fused: the two steps
+/// run instead) with fewer images than threads, or bands whose expansion
+/// rows (each band computes its own halo) exceed their share by more than
+/// a third. Fewer images than threads leave few bands of one image to
+/// share: on the Intel Xeon VM (2 threads) MobileNetV2 at batch 1 took
+/// 1.33× the time for features.4 (56 -> 28 rows, stride 2, 7 bands of 4
+/// rows) and 1.02-1.04× for features.2 and .3 (8 bands of 7), the forward
+/// 1.02×, per-block profiles of the two builds alternating.
+/// `reach` is the input rows one output row reads (`(kh − 1)·dh + 1`),
+/// `stride` the rows between output rows'.
+fn band_cut(most: usize, [height, batch]: [usize; 2], [stride, reach]: [usize; 2], threads: usize) -> Option<usize> {
+    let bands = TASKS_PER_THREAD.saturating_mul(threads).div_ceil(batch.max(1));
+    let rows = most.min(height.div_ceil(bands.max(1))).max(1);
+    let tasks = batch.saturating_mul(height.div_ceil(rows));
+    let computed = (rows - 1).saturating_mul(stride).saturating_add(reach);
+    let share = rows.saturating_mul(stride);
+    (batch >= threads && tasks >= 2 * threads && computed.saturating_mul(3) <= share.saturating_mul(4)).then_some(rows)
+}
+
+/// Output rows per band: the band's depthwise output and products, `(C +
+/// O_pad) · rows · OW` values, within `bytes`, and at most what the
+/// depthwise scratch allows (`most`); at least one.
+fn rows_per_band(bytes: usize, [channels, padded_out, out_width]: [usize; 3], most: usize) -> usize {
+    let per_row = channels
+        .saturating_add(padded_out)
+        .saturating_mul(out_width)
+        .saturating_mul(4);
+    (bytes / per_row.max(1)).clamp(1, most.max(1))
+}
+
+/// Runs the expansion `e`, the depthwise conv of `shape` (`blocked`, with
+/// `activation` after its bias; the expansion's output as its input) and
+/// the projection on `ops` into a new output (`[N, O, OH, OW]`, every
+/// value written; the caller sets the length). Bands are cut so that a
+/// band's depthwise output and products take about half the L2 (twice the
+/// depthwise conv's band budget, a quarter of it), and enough of them for
+/// the threads ([`band_cut`]); `None`, with nothing allocated, where there
+/// cannot be.
+#[allow(clippy::too_many_arguments)]
+pub(in crate::cpu::conv::depthwise) fn run(
+    isa: Isa,
+    blocked: &BlockedWeights,
+    activation: Option<Activation>,
+    e: &ExpandWeights,
+    shape: ConvShape,
+    (kernel, attrs): ([usize; 2], Conv2dAttrs),
+    ops: Operands<'_>,
+) -> candle_core::Result<Option<Output>> {
+    let tile = if shape.out_width.is_multiple_of(7) { 7 } else { 8 };
+    let g = Geometry::new(shape, kernel, attrs, [blocked.lanes, tile, blocked.band_bytes])?;
+    if e.lanes != g.lanes || e.out_channels != shape.channels {
+        bail!(
+            "depthwise conv: a fused 1×1 conv of {} channels in blocks of {}, not {} in {}",
+            e.out_channels,
+            e.lanes,
+            shape.channels,
+            g.lanes
+        )
+    }
+    let budget = blocked.band_bytes.saturating_mul(2);
+    let (weight, bias) = (&blocked.weight, &blocked.bias);
+    let (lanes, channels) = (g.lanes, shape.channels);
+    let p = ops.projection;
+    let padded_out = p.out_channels.next_multiple_of(PANEL_ROWS);
+    let taps = g.kernel[0] * g.kernel[1];
+    let most = rows_per_band(budget, [channels, padded_out, shape.out_width], g.band_rows);
+    let reach = (g.kernel[0] - 1) * g.dilation[0] + 1;
+    let threads = rayon::current_num_threads();
+    let cut = band_cut(most, [shape.out_height, shape.batch], [g.stride[0], reach], threads);
+    let Some(band_rows) = cut else {
+        return Ok(None);
+    };
+    let g = Geometry { band_rows, ..g };
+    let bands = shape.out_height.div_ceil(band_rows);
+    let blocks = channels.div_ceil(lanes);
+    let (in_plane, out_plane) = (shape.height * shape.width, shape.out_height * shape.out_width);
+    let image_len = e.in_channels * in_plane;
+    // Scratch: each of a group's blocks' padded input (from a cache line),
+    // the sums, the band's depthwise output `[C][cols]` and products
+    // `[O_pad][cols]`, `cols` its pixels rounded up to the GEMM's granule.
+    let most_cols = (band_rows * shape.out_width).next_multiple_of(PANEL_GRANULE);
+    let stride = g.input_len.checked_next_multiple_of(CACHE_LINE_FLOATS);
+    let scratch_len = stride.and_then(|s| {
+        s.checked_mul(expand::BLOCKS)?
+            .checked_add(g.output_len)?
+            .checked_add(channels.checked_add(padded_out)?.checked_mul(most_cols)?)
+    });
+    let (Some(stride), Some(scratch_len)) = (stride, scratch_len) else {
+        bail!("depthwise conv: the fused projection's band of {shape:?} overflows")
+    };
+    if p.packed.len() < padded_out * channels || ops.x.len() < shape.batch * image_len {
+        bail!("depthwise conv: a fused projection's operands are short for {shape:?}")
+    }
+    let out_len = shape.batch * p.out_channels * out_plane;
+    if ops.residual.is_some_and(|r| r.len() != out_len) {
+        bail!("depthwise conv: a residual of another size than the projection's output")
+    }
+    let mut output = Output::new(out_len, "conv output")?;
+    let out = output.shared(out_len);
+    let body = |task: usize| {
+        let (image, band) = (task / bands, task % bands);
+        let first_row = band * band_rows;
+        let rows = band_rows.min(shape.out_height - first_row);
+        let pixels = rows * shape.out_width;
+        let cols = pixels.next_multiple_of(PANEL_GRANULE);
+        let x = &ops.x[image * image_len..][..image_len];
+        with_scratch(scratch_len, |scratch| {
+            let (padded, rest) = scratch.split_at_mut(stride * expand::BLOCKS);
+            let (sums, rest) = rest.split_at_mut(g.output_len);
+            let (depthwise, products) = rest.split_at_mut(channels * cols);
+            for first_block in (0..blocks).step_by(expand::BLOCKS) {
+                let count = expand::BLOCKS.min(blocks - first_block);
+                let (mut span, mut r0) = (0..0, 0);
+                for one in padded.chunks_exact_mut(stride.max(1)).take(count) {
+                    (span, r0) = pad(&g, one, first_row, rows);
+                }
+                expand::fill(
+                    isa,
+                    &g,
+                    e,
+                    first_block..first_block + count,
+                    x,
+                    (padded, stride),
+                    span,
+                    r0,
+                );
+                for (j, padded) in padded.chunks_exact(stride.max(1)).take(count).enumerate() {
+                    let block = first_block + j;
+                    let first = block * lanes;
+                    compute(
+                        isa,
+                        tile,
+                        Kernel {
+                            g,
+                            rows,
+                            input: padded,
+                            weight: &weight[block * taps * lanes..][..taps * lanes],
+                            bias: &bias[first..][..lanes],
+                            fused: true,
+                            activation,
+                            output: &mut sums[..g.output_len],
+                        },
+                    );
+                    // The block's channels' rows of the band's output.
+                    let planes = lanes.min(channels - first);
+                    let mut rows_of = depthwise[first * cols..][..planes * cols].chunks_exact_mut(cols);
+                    let mut outs: [&mut [f32]; 16] = std::array::from_fn(|_| match rows_of.next() {
+                        Some(row) => &mut row[..pixels],
+                        None => &mut [],
+                    });
+                    unpack(isa, &g, sums, &mut outs[..planes], rows);
+                }
+            }
+            // Columns past `pixels` hold stale values: each product column
+            // reads only its own, and those past `pixels` are not written.
+            let products = &mut products[..padded_out * cols];
+            panel_gemm(
+                isa,
+                p.packed,
+                &depthwise[..channels * cols],
+                products,
+                padded_out,
+                channels,
+                cols,
+            );
+            for o in 0..p.out_channels {
+                let at = (image * p.out_channels + o) * out_plane + first_row * shape.out_width;
+                // SAFETY: tasks write disjoint bands (image, rows) of the
+                // output planes; nothing else touches `out` meanwhile.
+                let dst = unsafe { out.slice(at, pixels) };
+                let residual = ops.residual.map(|r| &r[at..][..pixels]);
+                p.epilogue.write(o, dst, &products[o * cols..][..pixels], residual);
+            }
+        })
+    };
+    (0..shape.batch * bands).into_par_iter().try_for_each(body)?;
+    Ok(Some(output))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{band_cut, rows_per_band};
+
+    /// Bands give each thread four tasks where the cache allows; fewer
+    /// than two a thread, or halos past a third of a band's rows, decline.
+    #[test]
+    fn bands_share_the_threads_or_decline() {
+        // Batch 10 on 2 threads: one band an image, as the cache allows.
+        assert_eq!(band_cut(14, [14, 10], [1, 3], 2), Some(14));
+        assert_eq!(band_cut(6, [14, 10], [1, 3], 2), Some(6));
+        // ... but not in bands of 5 (7 rows computed for 5).
+        assert_eq!(band_cut(5, [14, 10], [1, 3], 2), None);
+        // Batch 2: four bands of 8 rows (the last 6), halos 10 / 8.
+        assert_eq!(band_cut(30, [30, 2], [1, 3], 2), Some(8));
+        // Batch 1 on two threads declines; on one, one band.
+        assert_eq!(band_cut(56, [56, 1], [1, 3], 2), None);
+        assert_eq!(band_cut(56, [56, 1], [1, 3], 1), Some(14));
+        // Bands of 2 rows (4 / 2) decline; so does one row of two images.
+        assert_eq!(band_cut(14, [14, 2], [1, 3], 8), None);
+        assert_eq!(band_cut(1, [1, 2], [1, 1], 2), None);
+    }
+
+    /// Bands keep the depthwise output and products within the budget,
+    /// at least one row, at most what the depthwise scratch allows.
+    #[test]
+    fn bands_fit_the_budget() {
+        // 144 channels, 24 outputs (24 padded), 56 wide: 18 KB a row.
+        assert_eq!(rows_per_band(512 << 10, [144, 24, 56], 56), 13);
+        assert_eq!(rows_per_band(512 << 10, [144, 24, 56], 8), 8);
+        assert_eq!(rows_per_band(1, [144, 24, 56], 8), 1);
+        assert_eq!(rows_per_band(1 << 30, [960, 160, 7], 7), 7);
+    }
+}
