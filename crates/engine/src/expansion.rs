@@ -51,7 +51,8 @@ impl Expansions {
     /// plan) on `isa`'s path: a 1×1 conv (either form) with no
     /// residual, input scale or pool, read by nothing but a depthwise conv
     /// with none of those either (as its input) whose output takes the
-    /// channel-blocked form, and not a graph output.
+    /// channel-blocked form, and not a graph output; and such depthwise
+    /// convs' projections ([`projection`]), with an expansion or not.
     pub(crate) fn find(graph: &Graph, algorithms: &HashMap<String, ConvAlgorithm>, isa: Isa) -> Self {
         let users = graph.users();
         let mut found = Self::default();
@@ -78,11 +79,11 @@ impl Expansions {
                 tracing::debug!(expand = %producer.name, depthwise = %reader.name, "1×1 conv runs inside its depthwise reader");
                 found.reader.insert(parts.x, (id, lanes));
                 found.producer.insert(id, parts.x);
-                if let Some(projection) = projection(graph, &users, algorithms, id) {
-                    tracing::debug!(depthwise = %reader.name, projection = %graph.node(projection).name, "1×1 conv runs inside the depthwise conv it reads");
-                    found.projection.insert(id, projection);
-                    found.projected.insert(projection, id);
-                }
+            }
+            if let Some(projection) = projection(graph, &users, algorithms, id) {
+                tracing::debug!(depthwise = %reader.name, projection = %graph.node(projection).name, "1×1 conv runs inside the depthwise conv it reads");
+                found.projection.insert(id, projection);
+                found.projected.insert(projection, id);
             }
         }
         found
@@ -110,8 +111,8 @@ impl Expansions {
     }
 }
 
-/// The reader of depthwise conv `id` (itself running a fused expansion)
-/// that runs inside it too: its only reader, an in-place 1×1 conv
+/// The reader of depthwise conv `id` (on the channel-blocked form) that
+/// runs inside it: its only reader, an in-place 1×1 conv
 /// (`pointwise`) of its output with no input scale or pool (a residual
 /// and an activation are fine), where that output is not a graph output.
 fn projection(
@@ -217,18 +218,30 @@ pub(crate) fn fuse(kernel: Kernel, expand: ExpandWeights, x: Slot) -> candle_cor
 /// alternating forwards: MobileNetV2 at batch 10 0.89× the time (AVX2
 /// forced 0.90×), MobileNetV3-Large 0.98× (0.96×; its blocks with
 /// squeeze-and-excitation scale the depthwise output first and are not
-/// fused), MobileNetV2 at batch 1 level.
+/// fused), MobileNetV2 at batch 1 level. Then also without an expansion
+/// (the first block of either: a depthwise conv on 112×112 planes and its
+/// projection): MobileNetV3-Large at batch 10 0.87× (AVX2 0.91×; its
+/// features.1, 16 -> 16 + residual, 0.74×), MobileNetV2 0.97× (0.97×),
+/// both at batch 1 level.
 pub(crate) fn project(depthwise: Kernel, projection: Kernel) -> candle_core::Result<Kernel> {
-    match (depthwise, projection) {
-        (
-            Kernel::Cpu(CpuKernel::ExpandedDepthwise { expand, conv, x }),
-            Kernel::Cpu(CpuKernel::Conv {
-                conv: projection,
-                residual,
-                scale: None,
-                ..
-            }),
-        ) if matches!(&*projection, CpuConv::Pointwise(_)) => Ok(Kernel::Cpu(CpuKernel::ProjectedDepthwise {
+    let (expand, conv, x) = match depthwise {
+        Kernel::Cpu(CpuKernel::ExpandedDepthwise { expand, conv, x }) => (Some(expand), conv, x),
+        Kernel::Cpu(CpuKernel::Conv {
+            conv,
+            x,
+            residual: None,
+            scale: None,
+            ..
+        }) if matches!(&*conv, CpuConv::Depthwise(dw, None) if dw.lanes().is_some()) => (None, conv, x),
+        _ => candle_core::bail!("a 1×1 conv fuses only after a channel-blocked depthwise conv"),
+    };
+    match projection {
+        Kernel::Cpu(CpuKernel::Conv {
+            conv: projection,
+            residual,
+            scale: None,
+            ..
+        }) if matches!(&*projection, CpuConv::Pointwise(_)) => Ok(Kernel::Cpu(CpuKernel::ProjectedDepthwise {
             expand,
             conv,
             x,
@@ -293,11 +306,24 @@ mod tests {
     }
 
     /// A MobileNetV2 block on `[batch, 16, size, size]`: a 16 → `mid` 1×1
-    /// conv and ReLU, a 3×3 depthwise conv at `stride` and ReLU, a `mid` →
+    /// conv and ReLU (none when `mid` is 0: the depthwise conv then has
+    /// 16 channels), a 3×3 depthwise conv at `stride` and ReLU, a `mid` →
     /// `out` 1×1 conv and the block's input added (`residual`), through the
     /// default passes (which fuse the epilogues).
     fn block(batch: usize, size: usize, [mid, out, stride]: [usize; 3], residual: bool) -> Graph {
         let o = (size - 1) / stride + 1;
+        let (expand, dw_in, mid) = match mid {
+            0 => (String::new(), "%x", 16),
+            mid => (
+                format!(
+                    "  %e = conv2d[stride=[1,1], padding=[0,0], dilation=[1,1], groups=1](%x, @we, @be) : f32[{batch},{mid},{size},{size}]
+  %re = relu(%e) : f32[{batch},{mid},{size},{size}]
+"
+                ),
+                "%re",
+                mid,
+            ),
+        };
         let tail = match residual {
             true => format!("  %s = add(%p, %x) : f32[{batch},{out},{o},{o}]\n  return %s\n"),
             false => "  return %p\n".to_string(),
@@ -310,9 +336,7 @@ mod tests {
   @bd = constant : f32[{mid}]
   @wp = constant : f32[{out},{mid},1,1]
   @bp = constant : f32[{out}]
-  %e = conv2d[stride=[1,1], padding=[0,0], dilation=[1,1], groups=1](%x, @we, @be) : f32[{batch},{mid},{size},{size}]
-  %re = relu(%e) : f32[{batch},{mid},{size},{size}]
-  %d = conv2d[stride=[{stride},{stride}], padding=[1,1], dilation=[1,1], groups={mid}](%re, @wd, @bd) : f32[{batch},{mid},{o},{o}]
+{expand}  %d = conv2d[stride=[{stride},{stride}], padding=[1,1], dilation=[1,1], groups={mid}]({dw_in}, @wd, @bd) : f32[{batch},{mid},{o},{o}]
   %rd = relu(%d) : f32[{batch},{mid},{o},{o}]
   %p = conv2d[stride=[1,1], padding=[0,0], dilation=[1,1], groups=1](%rd, @wp, @bp) : f32[{batch},{out},{o},{o}]
 {tail}}}"
@@ -336,7 +360,8 @@ mod tests {
     }
 
     /// A block's expansion, depthwise conv and projection run as one step
-    /// on the channel-blocked paths, to the unfused output within f32
+    /// on the channel-blocked paths (and so do a depthwise conv and
+    /// projection without an expansion), to the unfused output within f32
     /// rounding: with and without a residual, at strides 1 and 2, with
     /// channels that leave a partial lane block (40) and a partial panel
     /// of outputs (12); in one band (batch 10) or several per image, the
@@ -352,6 +377,8 @@ mod tests {
             (2, 30, [40, 12, 2], false),
             (1, 14, [24, 16, 1], true),
             (1, 56, [32, 24, 2], false),
+            (10, 14, [0, 16, 1], true),
+            (2, 30, [0, 24, 2], false),
         ];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for isa in Isa::available() {
@@ -364,11 +391,11 @@ mod tests {
                 let steps = fused_steps(&fused);
                 let case = format!("{isa:?} batch {batch} size {size} {channels:?} residual {residual}");
                 match blocked {
-                    // Named after all three fused nodes (`e+relu+d+relu+p+add`).
+                    // Named after all the fused nodes (`e+relu+d+relu+p+add`).
                     true => assert!(
                         steps.len() == 1
-                            && steps[0].starts_with("e+")
-                            && steps[0].contains("+d+")
+                            && steps[0].starts_with(if channels[0] > 0 { "e+" } else { "d+" })
+                            && steps[0].contains("d+")
                             && steps[0].contains("+p"),
                         "{case}: {steps:?}"
                     ),

@@ -297,11 +297,11 @@ pub(crate) enum CpuKernel {
         conv: Arc<CpuConv>,
         x: Slot,
     },
-    /// [`Self::ExpandedDepthwise`] with the in-place 1×1 conv `projection`
-    /// (and its `residual`) run on the depthwise conv's output, without
-    /// making that output either ([`crate::expansion`]).
+    /// A depthwise conv (or [`Self::ExpandedDepthwise`], with `expand`)
+    /// with the in-place 1×1 conv `projection` (and its `residual`) run on
+    /// its output, without making that output ([`crate::expansion`]).
     ProjectedDepthwise {
-        expand: conv::depthwise::ExpandWeights,
+        expand: Option<conv::depthwise::ExpandWeights>,
         conv: Arc<CpuConv>,
         x: Slot,
         projection: Arc<CpuConv>,
@@ -369,7 +369,7 @@ impl CpuKernel {
                 projection,
                 residual,
             } => conv.run_projected(
-                expand,
+                expand.as_ref(),
                 &value(*x)?,
                 projection,
                 residual.map(&value).transpose()?.as_ref(),

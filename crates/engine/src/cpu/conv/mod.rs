@@ -314,13 +314,13 @@ impl CpuConv {
         }
     }
 
-    /// [`Self::run_expanded`] with the in-place 1×1 conv `projection` run
-    /// on its output too, plus `residual` ([`DepthwiseConv::run_projected`],
-    /// or the two in turn where it declines); an error for any other pair
-    /// of convs.
+    /// A depthwise conv (or, with `expand`, [`Self::run_expanded`]) with
+    /// the in-place 1×1 conv `projection` run on its output too, plus
+    /// `residual` ([`DepthwiseConv::run_projected`], or the convs in turn
+    /// where it declines); an error for any other pair of convs.
     pub(crate) fn run_projected(
         &self,
-        expand: &depthwise::ExpandWeights,
+        expand: Option<&depthwise::ExpandWeights>,
         x: &Tensor,
         projection: &CpuConv,
         residual: Option<&Tensor>,
@@ -330,10 +330,13 @@ impl CpuConv {
                 if let Some(out) = conv.run_projected(expand, x, p.projection(), residual)? {
                     return Ok(out);
                 }
-                // The two steps; the value between them back to the pool.
-                let expanded = conv.run_expanded(expand, x)?;
-                let out = p.run(&expanded, residual);
-                crate::cpu::recycle::reclaim(expanded);
+                // The steps in turn; the value between them back to the pool.
+                let depthwise = match expand {
+                    Some(expand) => conv.run_expanded(expand, x)?,
+                    None => conv.run(x, None)?,
+                };
+                let out = p.run(&depthwise, residual);
+                crate::cpu::recycle::reclaim(depthwise);
                 out
             }
             _ => bail!("only a depthwise conv without a fused pool runs an in-place 1×1 conv after it"),

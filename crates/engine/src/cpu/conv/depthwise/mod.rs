@@ -170,14 +170,14 @@ impl DepthwiseConv {
         out.into_tensor(&shape.out_dims())
     }
 
-    /// [`Self::run_expanded`] with the 1×1 conv `projection` applied to
-    /// its output (`[N, O, OH, OW]`, plus `residual` of that shape before
-    /// the projection's activation), without making that output either
-    /// ([`blocked::project`]); `None` where too few bands would share the
-    /// threads (the caller runs the two steps).
+    /// This conv on `x` (or, with `expand`, [`Self::run_expanded`]) with
+    /// the 1×1 conv `projection` applied to its output (`[N, O, OH, OW]`,
+    /// plus `residual` of that shape before the projection's activation),
+    /// without making that output ([`blocked::project`]); `None` where too
+    /// few bands would share the threads (the caller runs the convs in turn).
     pub(crate) fn run_projected(
         &self,
-        expand: &ExpandWeights,
+        expand: Option<&ExpandWeights>,
         x: &Tensor,
         projection: Projection<'_>,
         residual: Option<&Tensor>,
@@ -186,10 +186,10 @@ impl DepthwiseConv {
         let &[batch, in_channels, height, width] = x.dims() else {
             bail!("fused 1×1 conv input must be NCHW, got {:?}", x.dims())
         };
-        if in_channels != expand.in_channels || projection.in_channels != self.spec.out_channels {
+        let want = expand.map_or(self.spec.in_channels, |e| e.in_channels);
+        if in_channels != want || projection.in_channels != self.spec.out_channels {
             bail!(
-                "fused 1×1 convs expect {} input channels and {} depthwise channels, got {in_channels} and {}",
-                expand.in_channels,
+                "fused 1×1 convs expect {want} input channels and {} depthwise channels, got {in_channels} and {}",
                 projection.in_channels,
                 self.spec.out_channels
             )
@@ -211,13 +211,17 @@ impl DepthwiseConv {
             bail!("fused 1×1 conv residual must be {dims:?}")
         }
         let out = with_cpu_f32("depthwise conv", &x, residual.as_ref(), |data, residual| {
+            let source = match expand {
+                Some(e) => Source::Expanded(data, e),
+                None => Source::Planes(data),
+            };
             let ops = blocked::project::Operands {
-                x: data,
+                source,
                 projection,
                 residual,
             };
             let (kernel, attrs, activation) = (self.spec.kernel, self.spec.attrs, self.epilogue.activation());
-            blocked::project::run(self.isa, weights, activation, expand, shape, (kernel, attrs), ops)
+            blocked::project::run(self.isa, weights, activation, shape, (kernel, attrs), ops)
         })?;
         let Some(mut out) = out else {
             return Ok(None);

@@ -238,7 +238,7 @@ struct Kernel<'a> {
 
 /// What a band's padded input is made from.
 #[derive(Clone, Copy)]
-pub(super) enum Source<'a> {
+pub(crate) enum Source<'a> {
     /// The depthwise conv's input planes `[N, C, H, W]`, copied in.
     Planes(&'a [f32]),
     /// The input `[N, C_in, H, W]` of a 1×1 conv whose output is the

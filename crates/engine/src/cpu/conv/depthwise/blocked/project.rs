@@ -8,7 +8,7 @@
 //! expanded tensor and the depthwise output, 6× the block's input and
 //! output on MobileNetV2, are never written to memory.
 
-use super::{compute, expand, pad, unpack, BlockedWeights, ExpandWeights, Geometry, Kernel};
+use super::{compute, expand, pack, pad, unpack, BlockedWeights, Geometry, Kernel, Source};
 use crate::cpu::conv::ConvShape;
 use crate::cpu::data::{with_scratch, CACHE_LINE_FLOATS};
 use crate::cpu::epilogue::Epilogue;
@@ -28,11 +28,11 @@ pub(crate) struct Projection<'a> {
     pub(crate) epilogue: &'a Epilogue,
 }
 
-/// What one fused call reads besides the expansion and the depthwise
-/// conv: the image planes the expansion reads, the projection and its
-/// residual (`[N, O, OH, OW]`).
+/// What one fused call reads besides the depthwise conv: its input (the
+/// planes, or those of the expansion in front of it), the projection and
+/// its residual (`[N, O, OH, OW]`).
 pub(crate) struct Operands<'a> {
-    pub(crate) x: &'a [f32],
+    pub(crate) source: Source<'a>,
     pub(crate) projection: Projection<'a>,
     pub(crate) residual: Option<&'a [f32]>,
 }
@@ -73,9 +73,9 @@ fn rows_per_band(bytes: usize, [channels, padded_out, out_width]: [usize; 3], mo
     (bytes / per_row.max(1)).clamp(1, most.max(1))
 }
 
-/// Runs the expansion `e`, the depthwise conv of `shape` (`blocked`, with
-/// `activation` after its bias; the expansion's output as its input) and
-/// the projection on `ops` into a new output (`[N, O, OH, OW]`, every
+/// Runs the depthwise conv of `shape` (`blocked`, with `activation` after
+/// its bias) on its input (the expansion's output, computed band by band,
+/// where `ops.source` has one) and the projection into a new output (`[N, O, OH, OW]`, every
 /// value written; the caller sets the length). Bands are cut so that a
 /// band's depthwise output and products take about half the L2 (twice the
 /// depthwise conv's band budget, a quarter of it), and enough of them for
@@ -86,22 +86,29 @@ pub(in crate::cpu::conv::depthwise) fn run(
     isa: Isa,
     blocked: &BlockedWeights,
     activation: Option<Activation>,
-    e: &ExpandWeights,
     shape: ConvShape,
     (kernel, attrs): ([usize; 2], Conv2dAttrs),
     ops: Operands<'_>,
 ) -> candle_core::Result<Option<Output>> {
     let tile = if shape.out_width.is_multiple_of(7) { 7 } else { 8 };
     let g = Geometry::new(shape, kernel, attrs, [blocked.lanes, tile, blocked.band_bytes])?;
-    if e.lanes != g.lanes || e.out_channels != shape.channels {
-        bail!(
-            "depthwise conv: a fused 1×1 conv of {} channels in blocks of {}, not {} in {}",
-            e.out_channels,
-            e.lanes,
-            shape.channels,
-            g.lanes
-        )
-    }
+    let (in_plane, out_plane) = (shape.height * shape.width, shape.out_height * shape.out_width);
+    // The input the bands are made from and its values per image.
+    let (x, image_len) = match ops.source {
+        Source::Planes(x) => (x, shape.channels * in_plane),
+        Source::Expanded(x, e) => {
+            if e.lanes != g.lanes || e.out_channels != shape.channels {
+                bail!(
+                    "depthwise conv: a fused 1×1 conv of {} channels in blocks of {}, not {} in {}",
+                    e.out_channels,
+                    e.lanes,
+                    shape.channels,
+                    g.lanes
+                )
+            }
+            (x, e.in_channels * in_plane)
+        }
+    };
     let budget = blocked.band_bytes.saturating_mul(2);
     let (weight, bias) = (&blocked.weight, &blocked.bias);
     let (lanes, channels) = (g.lanes, shape.channels);
@@ -118,8 +125,6 @@ pub(in crate::cpu::conv::depthwise) fn run(
     let g = Geometry { band_rows, ..g };
     let bands = shape.out_height.div_ceil(band_rows);
     let blocks = channels.div_ceil(lanes);
-    let (in_plane, out_plane) = (shape.height * shape.width, shape.out_height * shape.out_width);
-    let image_len = e.in_channels * in_plane;
     // Scratch: each of a group's blocks' padded input (from a cache line),
     // the sums, the band's depthwise output `[C][cols]` and products
     // `[O_pad][cols]`, `cols` its pixels rounded up to the GEMM's granule.
@@ -133,7 +138,7 @@ pub(in crate::cpu::conv::depthwise) fn run(
     let (Some(stride), Some(scratch_len)) = (stride, scratch_len) else {
         bail!("depthwise conv: the fused projection's band of {shape:?} overflows")
     };
-    if p.packed.len() < padded_out * channels || ops.x.len() < shape.batch * image_len {
+    if p.packed.len() < padded_out * channels || x.len() != shape.batch * image_len {
         bail!("depthwise conv: a fused projection's operands are short for {shape:?}")
     }
     let out_len = shape.batch * p.out_channels * out_plane;
@@ -148,7 +153,7 @@ pub(in crate::cpu::conv::depthwise) fn run(
         let rows = band_rows.min(shape.out_height - first_row);
         let pixels = rows * shape.out_width;
         let cols = pixels.next_multiple_of(PANEL_GRANULE);
-        let x = &ops.x[image * image_len..][..image_len];
+        let x = &x[image * image_len..][..image_len];
         with_scratch(scratch_len, |scratch| {
             let (padded, rest) = scratch.split_at_mut(stride * expand::BLOCKS);
             let (sums, rest) = rest.split_at_mut(g.output_len);
@@ -159,16 +164,20 @@ pub(in crate::cpu::conv::depthwise) fn run(
                 for one in padded.chunks_exact_mut(stride.max(1)).take(count) {
                     (span, r0) = pad(&g, one, first_row, rows);
                 }
-                expand::fill(
-                    isa,
-                    &g,
-                    e,
-                    first_block..first_block + count,
-                    x,
-                    (padded, stride),
-                    span,
-                    r0,
-                );
+                match ops.source {
+                    Source::Planes(_) => {
+                        for (j, padded) in padded.chunks_exact_mut(stride.max(1)).take(count).enumerate() {
+                            let first = (first_block + j) * lanes;
+                            let planes = lanes.min(channels - first);
+                            let x = &x[first * in_plane..][..planes * in_plane];
+                            pack(isa, &g, x, planes, padded, span.clone(), r0);
+                        }
+                    }
+                    Source::Expanded(_, e) => {
+                        let blocks = first_block..first_block + count;
+                        expand::fill(isa, &g, e, blocks, x, (padded, stride), span, r0)
+                    }
+                }
                 for (j, padded) in padded.chunks_exact(stride.max(1)).take(count).enumerate() {
                     let block = first_block + j;
                     let first = block * lanes;
