@@ -275,26 +275,18 @@ impl Engine {
                         if expansions.projection_of(id).is_some() {
                             // No step: its projection runs it.
                             projecting.insert(id, (kernel, name));
-                            release(
-                                &mut arg,
-                                id,
-                                &mut pending_users,
-                                &read_at_run_time,
-                                &mut constants,
-                                &self.device,
-                            )?;
-                            continue;
+                        } else {
+                            steps.push(Step {
+                                name,
+                                op: node.op.name(),
+                                fact: node.fact.clone(),
+                                kernel,
+                                output: id.index(),
+                                free_after: Vec::new(),
+                                recycle_after: Vec::new(),
+                                pooled_output: false,
+                            });
                         }
-                        steps.push(Step {
-                            name,
-                            op: node.op.name(),
-                            fact: node.fact.clone(),
-                            kernel,
-                            output: id.index(),
-                            free_after: Vec::new(),
-                            recycle_after: Vec::new(),
-                            pooled_output: false,
-                        });
                     }
                     release(
                         &mut arg,
