@@ -9,6 +9,7 @@ pub(crate) mod depthwise;
 pub(crate) mod direct;
 pub(crate) mod gemv;
 pub(crate) mod grouped;
+pub(crate) mod planes;
 pub(crate) mod pointwise;
 pub(crate) mod pointwise_lanes;
 pub(crate) mod pointwise_split;

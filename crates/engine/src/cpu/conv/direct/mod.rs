@@ -17,12 +17,13 @@
 mod phased;
 mod pooled;
 
+use super::planes::{self, PlaneRun, Product};
 use super::{output, ConvShape, ConvSpec};
 use crate::cpu::data::{gather_strided, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{
-    chunks_depth, lane_gemm, lane_gemm_part, panel_gemm, panel_gemm_shared, panel_gemm_strided, Isa, IsaBody,
-    LaneProduct, Layout, SharedRows, StoreEpilogue, Strided, LANES, LANE_CHUNK, PANEL_GRANULE, PANEL_ROWS,
+    chunks_depth, lane_gemm, lane_gemm_part, panel_gemm, Isa, IsaBody, LaneProduct, Layout, LANES, LANE_CHUNK,
+    PANEL_GRANULE, PANEL_ROWS,
 };
 use crate::cpu::output::Output;
 use crate::cpu::parallel::for_ranges;
@@ -432,63 +433,29 @@ impl Run<'_> {
     /// the last whole panel and the columns past the last whole tile.
     fn in_place(&self, first: usize, block: &Block, v: &mut [f32], m: &mut [f32]) {
         let (conv, s) = (self.conv, &self.shape);
-        let (depth, cols, pixels, plane) = (conv.depth(), block.cols, block.pixels, s.out_plane());
+        let plane = s.out_plane();
         self.im2col(block, 0, v);
-        let v = &*v;
-        let full_rows = s.out_channels / PANEL_ROWS * PANEL_ROWS;
-        let full_cols = pixels / PANEL_GRANULE * PANEL_GRANULE;
-        // Output channel 0's value of the block's first pixel.
-        let base = (first / plane * s.out_channels) * plane + first % plane;
-        let columns = Strided { data: v, stride: cols };
-        if full_rows > 0 && full_cols > 0 {
-            let epilogue = StoreEpilogue {
-                bias: conv.epilogue.biases(0..full_rows),
-                residual: self.residual.map(|r| Strided {
-                    data: &r[base..],
-                    stride: plane,
-                }),
-                activation: conv.epilogue.activation(),
-                stream: false,
-            };
-            let size = [full_rows, depth, full_cols];
-            let u = &conv.packed[..full_rows * depth];
-            let m = SharedRows {
-                out: self.dst,
-                start: base,
-                stride: plane,
-            };
-            // SAFETY: this block alone writes its pixels' columns of the
-            // image's output planes (blocks are disjoint runs of pixels).
-            unsafe { panel_gemm_shared(conv.isa, u, columns, m, size, Some(epilogue)) };
-        }
-        // The rest into `m` (`[O_pad, cols]`): the last partial panel's
-        // rows over the whole tiles, every row over the last partial tile.
-        if full_rows < s.out_channels && full_cols > 0 {
-            let size = [PANEL_ROWS, depth, full_cols];
-            let u = &conv.packed[full_rows * depth..][..PANEL_ROWS * depth];
-            panel_gemm_strided(conv.isa, u, columns, &mut m[full_rows * cols..], cols, size, None);
-        }
-        if full_cols < pixels {
-            let size = [conv.padded_out, depth, PANEL_GRANULE];
-            let tail = Strided {
-                data: &v[full_cols..],
-                stride: cols,
-            };
-            panel_gemm_strided(conv.isa, &conv.packed, tail, &mut m[full_cols..], cols, size, None);
-        }
-        let m = &*m;
-        for o in 0..s.out_channels {
-            let done = if o < full_rows { full_cols } else { 0 };
-            if done == pixels {
-                continue;
-            }
-            let at = base + o * plane + done;
-            // SAFETY: as above: the block's own pixels of channel o.
-            let out = unsafe { self.dst.slice(at, pixels - done) };
-            let residual = self.residual.map(|r| &r[at..][..pixels - done]);
-            conv.epilogue
-                .write(o, out, &m[o * cols + done..][..pixels - done], residual);
-        }
+        let product = Product {
+            isa: conv.isa,
+            packed: &conv.packed[..],
+            epilogue: &conv.epilogue,
+            out_channels: s.out_channels,
+            padded_out: conv.padded_out,
+            depth: conv.depth(),
+            v,
+            cols: block.cols,
+            pixels: block.pixels,
+        };
+        let out = PlaneRun {
+            dst: self.dst,
+            // Output channel 0's value of the block's first pixel.
+            base: (first / plane * s.out_channels) * plane + first % plane,
+            plane,
+            residual: self.residual,
+        };
+        // SAFETY: this block alone writes its pixels' columns of the
+        // image's output planes (blocks are disjoint runs of pixels).
+        unsafe { planes::store(product, out, m) }
     }
 
     /// The epilogue for output channels `channels` of a block (products

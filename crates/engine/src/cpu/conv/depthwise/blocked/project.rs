@@ -9,10 +9,11 @@
 //! output on MobileNetV2, are never written to memory.
 
 use super::{compute, expand, pack, pad, unpack, BlockedWeights, Geometry, Kernel, Source};
+use crate::cpu::conv::planes::{self, PlaneRun, Product};
 use crate::cpu::conv::ConvShape;
 use crate::cpu::data::{with_scratch, CACHE_LINE_FLOATS};
 use crate::cpu::epilogue::Epilogue;
-use crate::cpu::gemm::{panel_gemm, Isa, PANEL_GRANULE, PANEL_ROWS};
+use crate::cpu::gemm::{Isa, PANEL_GRANULE, PANEL_ROWS};
 use crate::cpu::output::Output;
 use candle_core::bail;
 use rayon::prelude::*;
@@ -206,25 +207,27 @@ pub(in crate::cpu::conv::depthwise) fn run(
                 }
             }
             // Columns past `pixels` hold stale values: each product column
-            // reads only its own, and those past `pixels` are not written.
-            let products = &mut products[..padded_out * cols];
-            panel_gemm(
+            // reads only its own, and those past `pixels` are not stored.
+            let product = Product {
                 isa,
-                p.packed,
-                &depthwise[..channels * cols],
-                products,
+                packed: p.packed,
+                epilogue: p.epilogue,
+                out_channels: p.out_channels,
                 padded_out,
-                channels,
+                depth: channels,
+                v: &depthwise[..channels * cols],
                 cols,
-            );
-            for o in 0..p.out_channels {
-                let at = (image * p.out_channels + o) * out_plane + first_row * shape.out_width;
-                // SAFETY: tasks write disjoint bands (image, rows) of the
-                // output planes; nothing else touches `out` meanwhile.
-                let dst = unsafe { out.slice(at, pixels) };
-                let residual = ops.residual.map(|r| &r[at..][..pixels]);
-                p.epilogue.write(o, dst, &products[o * cols..][..pixels], residual);
-            }
+                pixels,
+            };
+            let run = PlaneRun {
+                dst: out,
+                base: image * p.out_channels * out_plane + first_row * shape.out_width,
+                plane: out_plane,
+                residual: ops.residual,
+            };
+            // SAFETY: tasks write disjoint bands (image, rows) of the
+            // output planes; nothing else touches `out` meanwhile.
+            unsafe { planes::store(product, run, &mut products[..padded_out * cols]) };
         })
     };
     (0..shape.batch * bands).into_par_iter().try_for_each(body)?;
