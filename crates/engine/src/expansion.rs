@@ -115,6 +115,8 @@ impl Expansions {
 /// runs inside it: its only reader, an in-place 1×1 conv
 /// (`pointwise`) of its output with no input scale or pool (a residual
 /// and an activation are fine), where that output is not a graph output.
+/// A reader that takes the output twice (as its residual too) is listed
+/// twice in `users`, so it is not the only reader.
 fn projection(
     graph: &Graph,
     users: &[Vec<NodeId>],
@@ -357,6 +359,47 @@ mod tests {
         }
         wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
         graph
+    }
+
+    /// A projection whose residual is the depthwise output it reads (the
+    /// fused add of `p + d`) does not run inside the depthwise conv, whose
+    /// output is then needed on its own: the plan keeps both steps and
+    /// runs to the unfused output.
+    #[test]
+    fn projection_reading_its_input_twice_stays_a_step() {
+        let text = "graph g(%x: f32[10,16,14,14]) {
+  @wd = constant : f32[16,1,3,3]
+  @bd = constant : f32[16]
+  @wp = constant : f32[16,16,1,1]
+  @bp = constant : f32[16]
+  %d = conv2d[stride=[1,1], padding=[1,1], dilation=[1,1], groups=16](%x, @wd, @bd) : f32[10,16,14,14]
+  %p = conv2d[stride=[1,1], padding=[0,0], dilation=[1,1], groups=1](%d, @wp, @bp) : f32[10,16,14,14]
+  %s = add(%p, %d) : f32[10,16,14,14]
+  return %s
+}";
+        let mut graph = Graph::parse(text).unwrap();
+        for (name, dims) in [
+            ("wd", vec![16, 1, 3, 3]),
+            ("bd", vec![16]),
+            ("wp", vec![16, 16, 1, 1]),
+            ("bp", vec![16]),
+        ] {
+            let data = Tensor::randn(0f32, 1.0, dims, &Device::Cpu).unwrap();
+            graph.set_constant_data(name, data).unwrap();
+        }
+        wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+        for isa in Isa::available() {
+            let engine = Engine::cpu().with_cpu_path(isa.path()).unwrap();
+            let fused = engine.clone().compile(&graph).unwrap();
+            let unfused = engine.clone().with_expansion_fusion(false).compile(&graph).unwrap();
+            assert!(fused_steps(&fused).is_empty(), "{isa:?}: {:?}", fused_steps(&fused));
+            let x = Tensor::randn(0f32, 1.0, (10, 16, 14, 14), &Device::Cpu).unwrap();
+            let (a, b) = (
+                fused.run(std::slice::from_ref(&x)).unwrap(),
+                unfused.run(std::slice::from_ref(&x)).unwrap(),
+            );
+            assert!(crate::test_util::max_abs_diff(&a[0], &b[0]) < 1e-4, "{isa:?}");
+        }
     }
 
     /// A block's expansion, depthwise conv and projection run as one step

@@ -1,12 +1,13 @@
-//! The 1×1 conv after an expanded depthwise conv (the projection of a
-//! MobileNetV2-style block) fused into it: each task takes one band of
-//! output rows of one image through every channel block (the expansion
-//! computed into the band's scratch, [`super::expand`], then the depthwise
-//! sums), collects the band's depthwise output as `[C, pixels]` rows in
-//! scratch, and multiplies the projection's packed weights into them there,
-//! writing only the block's output (with its bias and residual). The
-//! expanded tensor and the depthwise output, 6× the block's input and
-//! output on MobileNetV2, are never written to memory.
+//! The 1×1 conv after a channel-blocked depthwise conv (the projection of
+//! a MobileNetV2-style block) fused into it: each task takes one band of
+//! output rows of one image through every channel block (its input copied
+//! in, or the expansion in front computed into the band's scratch,
+//! [`super::expand`], then the depthwise sums), collects the band's
+//! depthwise output as `[C, pixels]` rows in scratch, and multiplies the
+//! projection's packed weights into them there, writing only the block's
+//! output (with its bias and residual, [`planes`]). The expanded tensor
+//! and the depthwise output, 6× the block's input and output on
+//! MobileNetV2, are never written to memory.
 
 use super::{compute, expand, pack, pad, unpack, BlockedWeights, Geometry, Kernel, Source};
 use crate::cpu::conv::planes::{self, PlaneRun, Product};
@@ -76,12 +77,13 @@ fn rows_per_band(bytes: usize, [channels, padded_out, out_width]: [usize; 3], mo
 
 /// Runs the depthwise conv of `shape` (`blocked`, with `activation` after
 /// its bias) on its input (the expansion's output, computed band by band,
-/// where `ops.source` has one) and the projection into a new output (`[N, O, OH, OW]`, every
-/// value written; the caller sets the length). Bands are cut so that a
-/// band's depthwise output and products take about half the L2 (twice the
-/// depthwise conv's band budget, a quarter of it), and enough of them for
-/// the threads ([`band_cut`]); `None`, with nothing allocated, where there
-/// cannot be.
+/// where `ops.source` has one) and the projection into a new output (`[N,
+/// O, OH, OW]`, every value written; the caller sets the length). Bands
+/// are cut so that a band's depthwise output and products take about half
+/// the L2 (twice the depthwise conv's band budget, a quarter of it), and
+/// enough of them for the threads ([`band_cut`]); `None`, with nothing
+/// allocated, where there cannot be. Sizes are checked: an overflow is an
+/// error.
 #[allow(clippy::too_many_arguments)]
 pub(in crate::cpu::conv::depthwise) fn run(
     isa: Isa,
@@ -93,10 +95,12 @@ pub(in crate::cpu::conv::depthwise) fn run(
 ) -> candle_core::Result<Option<Output>> {
     let tile = if shape.out_width.is_multiple_of(7) { 7 } else { 8 };
     let g = Geometry::new(shape, kernel, attrs, [blocked.lanes, tile, blocked.band_bytes])?;
-    let (in_plane, out_plane) = (shape.height * shape.width, shape.out_height * shape.out_width);
+    let overflow = || candle_core::Error::Msg(format!("depthwise conv: the sizes of {shape:?} overflow"));
+    let in_plane = shape.height.checked_mul(shape.width).ok_or_else(overflow)?;
+    let out_plane = shape.out_height.checked_mul(shape.out_width).ok_or_else(overflow)?;
     // The input the bands are made from and its values per image.
-    let (x, image_len) = match ops.source {
-        Source::Planes(x) => (x, shape.channels * in_plane),
+    let (x, per_image) = match ops.source {
+        Source::Planes(x) => (x, shape.channels.checked_mul(in_plane)),
         Source::Expanded(x, e) => {
             if e.lanes != g.lanes || e.out_channels != shape.channels {
                 bail!(
@@ -107,9 +111,10 @@ pub(in crate::cpu::conv::depthwise) fn run(
                     g.lanes
                 )
             }
-            (x, e.in_channels * in_plane)
+            (x, e.in_channels.checked_mul(in_plane))
         }
     };
+    let image_len = per_image.ok_or_else(overflow)?;
     let budget = blocked.band_bytes.saturating_mul(2);
     let (weight, bias) = (&blocked.weight, &blocked.bias);
     let (lanes, channels) = (g.lanes, shape.channels);
@@ -139,10 +144,13 @@ pub(in crate::cpu::conv::depthwise) fn run(
     let (Some(stride), Some(scratch_len)) = (stride, scratch_len) else {
         bail!("depthwise conv: the fused projection's band of {shape:?} overflows")
     };
-    if p.packed.len() < padded_out * channels || x.len() != shape.batch * image_len {
+    let (weights, input) = (padded_out.checked_mul(channels), shape.batch.checked_mul(image_len));
+    if weights.is_none_or(|n| p.packed.len() < n) || input != Some(x.len()) {
         bail!("depthwise conv: a fused projection's operands are short for {shape:?}")
     }
-    let out_len = shape.batch * p.out_channels * out_plane;
+    let out_len = (shape.batch.checked_mul(p.out_channels))
+        .and_then(|n| n.checked_mul(out_plane))
+        .ok_or_else(overflow)?;
     if ops.residual.is_some_and(|r| r.len() != out_len) {
         bail!("depthwise conv: a residual of another size than the projection's output")
     }
