@@ -453,11 +453,12 @@ mod tests {
 
     /// Kernels follow the compiled shape: ResNet18 at batch 1 runs layer4's
     /// 3×3 stride-1 convs as F(2×2) (direct with wide FMAs) and its
-    /// few-pixel direct convs on the lane GEMM; at batch 10 the direct convs use panels and every 3×3
-    /// stride-1 conv is F(4×4), within the default weight budget (2.5× the
-    /// conv weights + 48 MiB) too; a bare 2.5× steps layer4's three, the
-    /// fewest tiles, down to F(2×2) (packed weights 3.5× the conv weights
-    /// with them, 2.1× without), to the same output within f32 rounding.
+    /// few-pixel direct convs on the lane GEMM; at batch 10 the direct
+    /// convs use panels and every 3×3 stride-1 conv is F(4×4), within the
+    /// default weight budget (2.5× the conv weights + 48 MiB) too; a bare
+    /// 2.5× steps layer4's three, the fewest tiles, down to F(2×2) (packed
+    /// weights 3.5× the conv weights with them, 2.1× without), to the same
+    /// output within f32 rounding.
     #[test]
     fn conv_kernels_follow_the_compiled_batch() {
         use crate::WeightBudget;
