@@ -250,22 +250,15 @@ impl Engine {
                         let mut kernel = Kernel::lower(graph, node, &lowering)?;
                         let mut name = node.name.clone();
                         if let Some(producer) = expansions.producer_of(id) {
-                            let (expand, x) = expanding
-                                .remove(&producer)
-                                .ok_or_else(|| {
-                                    candle_core::Error::Msg("its fused 1×1 conv was not lowered first".into())
-                                })
-                                .at(&node.name)?;
+                            let (expand, x) =
+                                lowered_first(&mut expanding, producer, "its fused 1×1 conv").at(&node.name)?;
                             kernel = expansion::fuse(kernel, expand, x).at(&node.name)?;
                             name = format!("{}+{}", graph.node(producer).name, node.name);
                         }
                         if let Some(depthwise) = expansions.projected_in(id) {
-                            let (fused, fused_name) = projecting
-                                .remove(&depthwise)
-                                .ok_or_else(|| {
-                                    candle_core::Error::Msg("the depthwise conv it reads was not lowered first".into())
-                                })
-                                .at(&node.name)?;
+                            let (fused, fused_name) =
+                                lowered_first(&mut projecting, depthwise, "the depthwise conv it reads")
+                                    .at(&node.name)?;
                             kernel = expansion::project(fused, kernel).at(&node.name)?;
                             name = format!("{fused_name}+{name}");
                         }
@@ -351,6 +344,14 @@ impl Engine {
             spinning,
         ))
     }
+}
+
+/// Takes what lowering stashed for node `id` (`what`: lowered before the
+/// node whose step runs it); an error naming it when it is absent.
+fn lowered_first<V>(stash: &mut HashMap<NodeId, V>, id: NodeId, what: &str) -> candle_core::Result<V> {
+    stash
+        .remove(&id)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} was not lowered first")))
 }
 
 /// For an owned graph, after lowering node `id`: releases the data of each

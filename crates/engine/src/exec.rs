@@ -437,6 +437,16 @@ mod tests {
     use wick_ir::{Graph, Op};
 
     /// The CPU conv algorithm chosen for each conv step, by node name.
+    /// `name` with seeded random weights, traced at `shape` and through the
+    /// default passes.
+    fn fused_graph(name: wick_models::ModelName, seed: u64, shape: &[usize]) -> Graph {
+        use wick_models::{Model, WeightSource};
+        let model = Model::load(name, WeightSource::Random { seed }, &Device::Cpu).unwrap();
+        let mut graph = model.trace(shape).unwrap();
+        wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+        graph
+    }
+
     fn conv_kernels(model: &CompiledModel) -> Vec<(String, &'static str)> {
         model
             .plan
@@ -541,11 +551,9 @@ mod tests {
     /// 56×56 and 28×28 blocks), to the same output within f32 rounding.
     #[test]
     fn mobilenet_convs_take_their_kernels() {
-        use wick_models::{Model, ModelName, WeightSource};
+        use wick_models::ModelName;
         let name = ModelName::MobilenetV2;
-        let model = Model::load(name, WeightSource::Random { seed: 1 }, &Device::Cpu).unwrap();
-        let mut graph = model.trace(&name.input_shape(Some(1))).unwrap();
-        wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+        let graph = fused_graph(name, 1, &name.input_shape(Some(1)));
         let count = |kernels: &[(String, &str)], kind: &str| kernels.iter().filter(|(_, k)| *k == kind).count();
         let x = wick_models::random_input(4, &name.input_shape(Some(1)), &Device::Cpu).unwrap();
         for isa in crate::cpu::gemm::Isa::available() {
@@ -606,12 +614,10 @@ mod tests {
     /// f32 rounding, on every path.
     #[test]
     fn mobilenet_projections_in_their_blocks_match() {
-        use wick_models::{Model, ModelName, WeightSource};
+        use wick_models::ModelName;
         let name = ModelName::MobilenetV2;
-        let model = Model::load(name, WeightSource::Random { seed: 2 }, &Device::Cpu).unwrap();
         let shape = [2, 3, 224, 224];
-        let mut graph = model.trace(&shape).unwrap();
-        wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+        let graph = fused_graph(name, 2, &shape);
         let x = wick_models::random_input(5, &shape, &Device::Cpu).unwrap();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for isa in crate::cpu::gemm::Isa::available() {
@@ -744,10 +750,8 @@ mod tests {
     #[test]
     fn every_cpu_path_gives_the_same_output() {
         use crate::CpuPath;
-        use wick_models::{Model, ModelName, WeightSource};
-        let model = Model::load(ModelName::Resnet18, WeightSource::Random { seed: 3 }, &Device::Cpu).unwrap();
-        let mut graph = model.trace(&[1, 3, 64, 64]).unwrap();
-        wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+        use wick_models::ModelName;
+        let graph = fused_graph(ModelName::Resnet18, 3, &[1, 3, 64, 64]);
         let x = wick_models::random_input(4, &[1, 3, 64, 64], &Device::Cpu).unwrap();
         let run = |path: CpuPath| {
             let compiled = Engine::cpu().with_cpu_path(path).unwrap().compile(&graph).unwrap();
@@ -769,11 +773,9 @@ mod tests {
     #[test]
     fn recycled_buffers_never_reach_the_caller() {
         use crate::kernel::Kernel;
-        use wick_models::{Model, ModelName, WeightSource};
+        use wick_models::ModelName;
         let name = ModelName::MobilenetV2;
-        let model = Model::load(name, WeightSource::Random { seed: 3 }, &Device::Cpu).unwrap();
-        let mut graph = model.trace(&[2, 3, 64, 64]).unwrap();
-        wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+        let graph = fused_graph(name, 3, &[2, 3, 64, 64]);
         let compiled = Engine::cpu().compile(&graph).unwrap();
         let plan = &compiled.plan;
         let made_by_cpu: Vec<usize> = plan
@@ -822,12 +824,10 @@ mod tests {
     /// in their place.
     #[test]
     fn warm_forwards_lose_no_pooled_buffer() {
-        use wick_models::{Model, ModelName, WeightSource};
+        use wick_models::ModelName;
         let name = ModelName::MobilenetV3Large;
-        let model = Model::load(name, WeightSource::Random { seed: 3 }, &Device::Cpu).unwrap();
         let shape = [2, 3, 224, 224];
-        let mut graph = model.trace(&shape).unwrap();
-        wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+        let graph = fused_graph(name, 3, &shape);
         let compiled = Engine::cpu().compile(&graph).unwrap();
         let x = wick_models::random_input(1, &shape, &Device::Cpu).unwrap();
         for _ in 0..2 {
@@ -846,11 +846,9 @@ mod tests {
     #[test]
     fn spinning_changes_no_value() {
         use rayon::prelude::*;
-        use wick_models::{Model, ModelName, WeightSource};
-        let model = Model::load(ModelName::Resnet18, WeightSource::Random { seed: 5 }, &Device::Cpu).unwrap();
+        use wick_models::ModelName;
         let shape = [1, 3, 64, 64];
-        let mut graph = model.trace(&shape).unwrap();
-        wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+        let graph = fused_graph(ModelName::Resnet18, 5, &shape);
         let spinning = Engine::cpu().with_spinning(true).compile(&graph).unwrap();
         let still = Engine::cpu().with_spinning(false).compile(&graph).unwrap();
         assert!(spinning.run_in_pool && spinning.spinning && !still.spinning);

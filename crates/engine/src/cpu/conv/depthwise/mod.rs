@@ -24,7 +24,7 @@
 //! 5.9 ms with the SIMD segments, the plane copy's divisions taken out of
 //! its row loop and its rows copied inline (alternating runs).
 
-use super::{output, ConvSpec};
+use super::{output, ConvShape, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, SCRATCH_MAX_VALUES};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{Isa, IsaBody};
@@ -135,21 +135,21 @@ impl DepthwiseConv {
         blocked::lanes_for(isa, out_width)
     }
 
-    /// Runs on the output of the 1×1 conv `expand` applied to `x` (`[N,
-    /// C_in, H, W]`, CPU f32) without making it: each band's input is
-    /// computed from `x` (channel-blocked form only: an error when an
-    /// output `out_width` wide would take the plane segments, or when
-    /// `expand` is blocked otherwise or has other channels).
-    pub(crate) fn run_expanded(&self, expand: &ExpandWeights, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// A fused call's operand `x` (`[N, C_in, H, W]`, `C_in` = `channels`:
+    /// the fused 1×1 conv's input, or this conv's), contiguous, this conv's
+    /// shape on it and its channel-blocked weights; an error when `x` is
+    /// not so or its output takes the plane segments.
+    fn blocked_call(
+        &self,
+        x: &Tensor,
+        channels: usize,
+    ) -> candle_core::Result<(Tensor, ConvShape, &blocked::BlockedWeights)> {
         let x = x.contiguous()?;
         let &[batch, in_channels, height, width] = x.dims() else {
             bail!("fused 1×1 conv input must be NCHW, got {:?}", x.dims())
         };
-        if in_channels != expand.in_channels {
-            bail!(
-                "fused 1×1 conv expects {} input channels, got {in_channels}",
-                expand.in_channels
-            )
+        if in_channels != channels {
+            bail!("fused 1×1 conv expects {channels} input channels, got {in_channels}")
         }
         let shape = self.spec.shape([batch, self.spec.in_channels, height, width])?;
         let Some(weights) = self.blocked.as_ref().filter(|_| self.blocks(shape.out_width)) else {
@@ -158,6 +158,16 @@ impl DepthwiseConv {
                 shape.out_width
             )
         };
+        Ok((x, shape, weights))
+    }
+
+    /// Runs on the output of the 1×1 conv `expand` applied to `x` (`[N,
+    /// C_in, H, W]`, CPU f32) without making it: each band's input is
+    /// computed from `x` (channel-blocked form only: an error when an
+    /// output `out_width` wide would take the plane segments, or when
+    /// `expand` is blocked otherwise or has other channels).
+    pub(crate) fn run_expanded(&self, expand: &ExpandWeights, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (x, shape, weights) = self.blocked_call(x, expand.in_channels)?;
         let out_len = shape.out_len();
         let mut out = Output::new(out_len, "conv output")?;
         with_cpu_f32("depthwise conv", &x, None, |data, _| {
@@ -182,26 +192,16 @@ impl DepthwiseConv {
         projection: Projection<'_>,
         residual: Option<&Tensor>,
     ) -> candle_core::Result<Option<Tensor>> {
-        let x = x.contiguous()?;
-        let &[batch, in_channels, height, width] = x.dims() else {
-            bail!("fused 1×1 conv input must be NCHW, got {:?}", x.dims())
-        };
-        let want = expand.map_or(self.spec.in_channels, |e| e.in_channels);
-        if in_channels != want || projection.in_channels != self.spec.out_channels {
+        if projection.in_channels != self.spec.out_channels {
             bail!(
-                "fused 1×1 convs expect {want} input channels and {} depthwise channels, got {in_channels} and {}",
+                "fused 1×1 conv after the depthwise conv expects {} input channels, got {}",
                 projection.in_channels,
                 self.spec.out_channels
             )
         }
-        let shape = self.spec.shape([batch, self.spec.in_channels, height, width])?;
-        let Some(weights) = self.blocked.as_ref().filter(|_| self.blocks(shape.out_width)) else {
-            bail!(
-                "depthwise conv: no channel-blocked form for an output {} wide",
-                shape.out_width
-            )
-        };
-        let dims = [batch, projection.out_channels, shape.out_height, shape.out_width];
+        let input_channels = expand.map_or(self.spec.in_channels, |e| e.in_channels);
+        let (x, shape, weights) = self.blocked_call(x, input_channels)?;
+        let dims = [shape.batch, projection.out_channels, shape.out_height, shape.out_width];
         let out_len = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
         let Some(out_len) = out_len else {
             bail!("fused 1×1 conv output {dims:?} overflows")

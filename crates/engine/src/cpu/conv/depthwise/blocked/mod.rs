@@ -372,9 +372,7 @@ pub(super) fn run(
     out: &mut Output,
 ) -> candle_core::Result<()> {
     let lanes = blocked.lanes;
-    // Output columns per step (sums in registers): 7 wastes none on the
-    // 7-, 14- and 28-wide rows of the models, 8 fills AVX2's registers.
-    let tile = if shape.out_width.is_multiple_of(7) { 7 } else { 8 };
+    let tile = tile(shape.out_width);
     let g = Geometry::new(shape, kernel, attrs, [lanes, tile, blocked.band_bytes])?;
     let channels = shape.channels;
     let (in_plane, out_plane) = (shape.height * shape.width, shape.out_height * shape.out_width);
@@ -650,6 +648,16 @@ fn unpack(isa: Isa, g: &Geometry, sums: &[f32], outs: &mut [&mut [f32]], rows: u
         for (q, o) in out.iter_mut().enumerate().skip(done) {
             *o = sums[((q / width) * g.out_width + q % width) * g.lanes + c];
         }
+    }
+}
+
+/// Output columns per step (sums in registers) for rows `out_width` wide:
+/// 7 wastes none on the 7-, 14- and 28-wide rows of the models, 8 fills
+/// AVX2's registers.
+fn tile(out_width: usize) -> usize {
+    match out_width.is_multiple_of(7) {
+        true => 7,
+        false => 8,
     }
 }
 

@@ -9,7 +9,7 @@
 //! and the depthwise output, 6× the block's input and output on
 //! MobileNetV2, are never written to memory.
 
-use super::{compute, expand, pack, pad, unpack, BlockedWeights, Geometry, Kernel, Source};
+use super::{compute, expand, pack, pad, tile, unpack, BlockedWeights, Geometry, Kernel, Source};
 use crate::cpu::conv::planes::{self, PlaneRun, Product};
 use crate::cpu::conv::ConvShape;
 use crate::cpu::data::{with_scratch, CACHE_LINE_FLOATS};
@@ -93,7 +93,7 @@ pub(in crate::cpu::conv::depthwise) fn run(
     (kernel, attrs): ([usize; 2], Conv2dAttrs),
     ops: Operands<'_>,
 ) -> candle_core::Result<Option<Output>> {
-    let tile = if shape.out_width.is_multiple_of(7) { 7 } else { 8 };
+    let tile = tile(shape.out_width);
     let g = Geometry::new(shape, kernel, attrs, [blocked.lanes, tile, blocked.band_bytes])?;
     let overflow = || candle_core::Error::Msg(format!("depthwise conv: the sizes of {shape:?} overflow"));
     let in_plane = shape.height.checked_mul(shape.width).ok_or_else(overflow)?;
@@ -122,7 +122,8 @@ pub(in crate::cpu::conv::depthwise) fn run(
     let padded_out = p.out_channels.next_multiple_of(PANEL_ROWS);
     let taps = g.kernel[0] * g.kernel[1];
     let most = rows_per_band(budget, [channels, padded_out, shape.out_width], g.band_rows);
-    let reach = (g.kernel[0] - 1) * g.dilation[0] + 1;
+    // Input rows one output row reads.
+    let reach = g.band_input_rows(1);
     let threads = rayon::current_num_threads();
     let cut = band_cut(most, [shape.out_height, shape.batch], [g.stride[0], reach], threads);
     let Some(band_rows) = cut else {
