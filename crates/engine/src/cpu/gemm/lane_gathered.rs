@@ -1,12 +1,13 @@
 //! The lane product with the pixels' operand read in place through a
 //! table of offsets: `m[g][p][l] = Σ_d w[g·LANES + l][d] · data[table[d] +
-//! at(p)]`, the direct conv's lane layout without im2col. The conv's
-//! input is copied once into column phases (`conv::direct::phased`), in
-//! which row `d = (c, ky, kx)` of the im2col columns of an output row is a
-//! run of consecutive values at `table[d]` past the row's start; each
-//! micro-tile broadcasts its pixels from there (one or two output rows of
-//! consecutive pixels) as [`super::lane_gemm`] broadcasts them from the
-//! copied columns, in the same order of sums.
+//! at(p)]`, the direct conv's lane layout without im2col. Row `d = (c, ky,
+//! kx)` of the im2col columns of an output row is a run of values `step`
+//! apart at `table[d]` past the row's start: in the conv's input itself at
+//! the conv's stride (`conv::direct::unpadded`), or consecutive in a copy
+//! (the column phases of `conv::direct::phased`, the im2col columns of a
+//! few border pixels); each micro-tile broadcasts its pixels from there
+//! (one or two output rows) as [`super::lane_gemm`] broadcasts them from
+//! the copied columns, in the same order of sums.
 
 use super::lane::{chunk_offset, LANES, LANE_CHUNK};
 use super::{Gathered, Isa};
@@ -26,18 +27,26 @@ pub(crate) fn max_tile(isa: Isa) -> usize {
     }
 }
 
-/// A micro-tile: `rows` (1 or 2) runs of `width` consecutive pixels; run
-/// `j`'s pixel `i` reads `data[table[d] + start + j·pitch + i]` and is
-/// pixel `col + j·col_pitch + i` of the product.
+/// A micro-tile: `rows` (1 or 2) runs of `width` pixels; run `j`'s pixel
+/// `i` reads `data[table[d] + start + j·pitch + i·step]` (`step` 1 or 2)
+/// and is pixel `col + j·col_pitch + i·col_step` of the product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LaneTile {
     pub(crate) start: usize,
     pub(crate) pitch: usize,
+    /// Values between a run's pixels in the data: 1 or [`MAX_STEP`].
+    pub(crate) step: usize,
     pub(crate) col: usize,
     pub(crate) col_pitch: usize,
+    /// Product pixels between a run's pixels.
+    pub(crate) col_step: usize,
     pub(crate) width: usize,
     pub(crate) rows: usize,
 }
+
+/// The widest step between a run's pixels in the data (a stride-2 conv's
+/// input read in place).
+pub(crate) const MAX_STEP: usize = 2;
 
 impl LaneTile {
     /// The tile's furthest offset into the data past a table entry and its
@@ -48,29 +57,42 @@ impl LaneTile {
         let data = last
             .checked_mul(self.pitch)?
             .checked_add(self.start)?
-            .checked_add(within)?;
+            .checked_add(within.checked_mul(self.step)?)?;
         let pixel = last
             .checked_mul(self.col_pitch)?
             .checked_add(self.col)?
-            .checked_add(within)?;
+            .checked_add(within.checked_mul(self.col_step)?)?;
         Some((data, pixel))
     }
 }
 
-/// Lane groups `groups` of the product (see the module docs): `w` packed
-/// by [`super::pack_lanes`] with `rows` rows (a multiple of [`LANES`]) and
-/// depth `v.table.len()`, `m` `[groups.len()][pixels][LANES]`; each tile
-/// at most [`max_tile`] pixels; `isa` one of [`Isa::available`]. Panics
-/// when an operand is short or a tile out of bounds (checked arithmetic).
+/// Where some of a product's pixels are read: the data and its table,
+/// and the tiles that read them.
+pub(crate) struct Source<'a> {
+    pub(crate) v: Gathered<'a>,
+    pub(crate) tiles: Vec<LaneTile>,
+}
+
+/// Lane groups `groups` of the product (see the module docs) over the
+/// tiles of every source, each chunk of weights read once for all of
+/// them: `w` packed by [`super::pack_lanes`] with `rows` rows (a multiple
+/// of [`LANES`]) and the depth of every source's table, `m`
+/// `[groups.len()][pixels][LANES]`; each tile at most [`max_tile`]
+/// pixels; `isa` one of [`Isa::available`]. Panics when an operand is
+/// short, the tables' depths differ or a tile is out of bounds (checked
+/// arithmetic).
 pub(crate) fn lane_gemm_gathered(
     isa: Isa,
     (w, rows): (&[f32], usize),
-    v: Gathered,
-    tiles: &[LaneTile],
+    sources: &[Source],
     (m, pixels): (&mut [f32], usize),
     groups: Range<usize>,
 ) {
-    let depth = v.table.len();
+    let depth = sources.first().map_or(0, |s| s.v.table.len());
+    assert!(
+        sources.iter().all(|s| s.v.table.len() == depth),
+        "tables of different depths"
+    );
     assert!(rows.is_multiple_of(LANES) && groups.end <= rows / LANES);
     assert!(rows.checked_mul(depth).is_some_and(|n| w.len() >= n));
     assert!(groups
@@ -78,15 +100,19 @@ pub(crate) fn lane_gemm_gathered(
         .checked_mul(pixels)
         .and_then(|n| n.checked_mul(LANES))
         .is_some_and(|n| m.len() >= n));
-    let far = v.table.iter().copied().max().unwrap_or(0);
-    for tile in tiles {
-        assert!((1..=2).contains(&tile.rows) && tile.width.saturating_mul(tile.rows) <= max_tile(isa));
-        let reach = tile.reach();
-        assert!(
-            reach
-                .is_some_and(|(data, pixel)| data.checked_add(far).is_some_and(|d| d < v.data.len()) && pixel < pixels),
-            "tile {tile:?} past its operands"
-        );
+    for Source { v, tiles } in sources {
+        let far = v.table.iter().copied().max().unwrap_or(0);
+        for tile in tiles {
+            assert!((1..=2).contains(&tile.rows) && tile.width.saturating_mul(tile.rows) <= max_tile(isa));
+            assert!((1..=MAX_STEP).contains(&tile.step), "tile step {}", tile.step);
+            let reach = tile.reach();
+            assert!(
+                reach.is_some_and(
+                    |(data, pixel)| data.checked_add(far).is_some_and(|d| d < v.data.len()) && pixel < pixels
+                ),
+                "tile {tile:?} past its operands"
+            );
+        }
     }
     if depth == 0 {
         m[..groups.len() * pixels * LANES].fill(0.0);
@@ -94,14 +120,16 @@ pub(crate) fn lane_gemm_gathered(
     }
     for k0 in (0..depth).step_by(LANE_CHUNK) {
         let kc = LANE_CHUNK.min(depth - k0);
-        let table = &v.table[k0..k0 + kc];
         for (i, g) in groups.clone().enumerate() {
             let wg = &w[chunk_offset(k0, kc, g, rows)..][..kc * LANES];
             let mg = &mut m[i * pixels * LANES..][..pixels * LANES];
-            for (t, tile) in tiles.iter().enumerate() {
+            let tiles = sources
+                .iter()
+                .flat_map(|s| s.tiles.iter().map(move |tile| (&s.v, tile)));
+            for (t, (v, tile)) in tiles.enumerate() {
                 let chunk = Chunk {
                     wg,
-                    table,
+                    table: &v.table[k0..k0 + kc],
                     data: v.data,
                     first: k0 == 0,
                     ahead: t == 0,
@@ -109,10 +137,11 @@ pub(crate) fn lane_gemm_gathered(
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `wg` has kc·LANES values; every value the tile
-                    // reads, `data[table[d] + start + j·pitch + i]`, and
-                    // writes, `mg[(col + j·col_pitch + i)·LANES..][..LANES]`,
+                    // reads, `data[table[d] + start + j·pitch + i·step]`, and
+                    // writes, `mg[(col + j·col_pitch + i·col_step)·LANES..][..LANES]`,
                     // lies within its slice (checked above); the tile has at
-                    // most AVX512_TILE pixels; the CPU has AVX-512F.
+                    // most AVX512_TILE pixels and a step of 1 or 2; the CPU
+                    // has AVX-512F.
                     Isa::Avx512 => unsafe { x86::tile_avx512(&chunk, tile, mg) },
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: as above, for AVX2 + FMA and AVX2_TILE.
@@ -139,12 +168,12 @@ struct Chunk<'a> {
 fn tile_scalar(c: &Chunk<'_>, t: &LaneTile, mg: &mut [f32]) {
     for j in 0..t.rows {
         for i in 0..t.width {
-            let acc = &mut mg[(t.col + j * t.col_pitch + i) * LANES..][..LANES];
+            let acc = &mut mg[(t.col + j * t.col_pitch + i * t.col_step) * LANES..][..LANES];
             if c.first {
                 acc.fill(0.0);
             }
             for (d, &offset) in c.table.iter().enumerate() {
-                let a = c.data[offset + t.start + j * t.pitch + i];
+                let a = c.data[offset + t.start + j * t.pitch + i * t.step];
                 for (acc, &w) in acc.iter_mut().zip(&c.wg[d * LANES..][..LANES]) {
                     *acc += a * w;
                 }
@@ -172,13 +201,15 @@ mod x86 {
         unsafe {
             let dp = c.data.as_ptr().add(t.start);
             let mp = mg.as_mut_ptr().add(t.col * LANES);
-            let (pitch, mpitch) = (t.pitch, t.col_pitch * LANES);
+            let (pitch, mpitch) = (t.pitch, [t.col_pitch * LANES, t.col_step * LANES]);
             macro_rules! dispatch {
                 ($($w:literal $h:literal),*) => {
-                    match (t.width, t.rows, c.ahead) {
-                        $(($w, $h, true) => avx512::<$w, $h, true>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
-                          ($w, $h, false) => avx512::<$w, $h, false>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),)*
-                        _ => unreachable!("tile of {} x {} pixels", t.rows, t.width),
+                    match (t.width, t.rows, c.ahead, t.step) {
+                        $(($w, $h, true, 1) => avx512::<$w, $h, true, 1>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
+                          ($w, $h, false, 1) => avx512::<$w, $h, false, 1>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
+                          ($w, $h, true, 2) => avx512::<$w, $h, true, 2>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
+                          ($w, $h, false, 2) => avx512::<$w, $h, false, 2>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),)*
+                        _ => unreachable!("tile of {} x {} pixels, step {}", t.rows, t.width, t.step),
                     }
                 };
             }
@@ -201,16 +232,18 @@ mod x86 {
         // weights and products.
         unsafe {
             let dp = c.data.as_ptr().add(t.start);
-            let (pitch, mpitch) = (t.pitch, t.col_pitch * LANES);
+            let (pitch, mpitch) = (t.pitch, [t.col_pitch * LANES, t.col_step * LANES]);
             for half in [0, 16] {
                 let (wp, mp) = (c.wg.as_ptr().add(half), mg.as_mut_ptr().add(t.col * LANES + half));
                 let ahead = c.ahead && half == 0;
                 macro_rules! dispatch {
                     ($($w:literal $h:literal),*) => {
-                        match (t.width, t.rows, ahead) {
-                            $(($w, $h, true) => avx2::<$w, $h, true>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
-                              ($w, $h, false) => avx2::<$w, $h, false>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),)*
-                            _ => unreachable!("tile of {} x {} pixels", t.rows, t.width),
+                        match (t.width, t.rows, ahead, t.step) {
+                            $(($w, $h, true, 1) => avx2::<$w, $h, true, 1>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
+                              ($w, $h, false, 1) => avx2::<$w, $h, false, 1>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
+                              ($w, $h, true, 2) => avx2::<$w, $h, true, 2>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
+                              ($w, $h, false, 2) => avx2::<$w, $h, false, 2>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),)*
+                            _ => unreachable!("tile of {} x {} pixels, step {}", t.rows, t.width, t.step),
                         }
                     };
                 }
@@ -219,10 +252,11 @@ mod x86 {
         }
     }
 
-    /// Defines `$name::<W, H, AHEAD>`: `H` runs of `W` pixels × two
-    /// vectors of `$lanes` lanes (`2·W·H` accumulators across the chunk);
-    /// per depth step two loads of weights and a broadcast per pixel from
-    /// its phase row. With `AHEAD`, the next chunk's weights are prefetched
+    /// Defines `$name::<W, H, AHEAD, S>`: `H` runs of `W` pixels `S` values
+    /// apart × two vectors of `$lanes` lanes (`2·W·H` accumulators across
+    /// the chunk); per depth step two loads of weights and a broadcast per
+    /// pixel from its row (`S` a constant, so each broadcast's address is
+    /// the row's plus a fixed displacement). With `AHEAD`, the next chunk's weights are prefetched
     /// into L2 as in the im2col product's first tile (both halves' lines
     /// on AVX2, from its first half). The one body both paths share: on
     /// AVX-512 one call covers the 32 lanes of a group, on AVX2 one half.
@@ -231,18 +265,18 @@ mod x86 {
          $fmadd:ident, $store:ident) => {
             /// # Safety
             /// The path's features; reads `wp[d·32..][..2·lanes]`,
-            /// `tab[..kc]`, `dp[tab[d] + j·pitch + i]` for `j < H`, `i <
-            /// W`, reads/writes `mp[j·mpitch + i·32..][..2·lanes]`.
+            /// `tab[..kc]`, `dp[tab[d] + j·pitch + i·S]` for `j < H`, `i <
+            /// W`, reads/writes `mp[j·mpitch[0] + i·mpitch[1]..][..2·lanes]`.
             #[inline]
             #[target_feature(enable = $feature)]
             #[allow(clippy::too_many_arguments)]
-            unsafe fn $name<const W: usize, const H: usize, const AHEAD: bool>(
+            unsafe fn $name<const W: usize, const H: usize, const AHEAD: bool, const S: usize>(
                 wp: *const f32,
                 tab: *const usize,
                 dp: *const f32,
                 pitch: usize,
                 mp: *mut f32,
-                mpitch: usize,
+                mpitch: [usize; 2],
                 kc: usize,
                 first: bool,
             ) {
@@ -252,7 +286,7 @@ mod x86 {
                     if !first {
                         for (j, acc) in acc.iter_mut().enumerate() {
                             for (i, acc) in acc.iter_mut().enumerate() {
-                                let at = mp.add(j * mpitch + i * LANES);
+                                let at = mp.add(j * mpitch[0] + i * mpitch[1]);
                                 *acc = [$load(at), $load(at.add($lanes))];
                             }
                         }
@@ -271,7 +305,7 @@ mod x86 {
                         for (j, acc) in acc.iter_mut().enumerate() {
                             let row = row.add(j * pitch);
                             for (i, acc) in acc.iter_mut().enumerate() {
-                                let a = $splat(*row.add(i));
+                                let a = $splat(*row.add(i * S));
                                 acc[0] = $fmadd(a, w0, acc[0]);
                                 acc[1] = $fmadd(a, w1, acc[1]);
                             }
@@ -280,7 +314,7 @@ mod x86 {
                     }
                     for (j, acc) in acc.iter().enumerate() {
                         for (i, acc) in acc.iter().enumerate() {
-                            let at = mp.add(j * mpitch + i * LANES);
+                            let at = mp.add(j * mpitch[0] + i * mpitch[1]);
                             $store(at, acc[0]);
                             $store(at.add($lanes), acc[1]);
                         }
@@ -317,6 +351,8 @@ mod tests {
             depth in 0usize..(2 * LANE_CHUNK + 9),
             width in 1usize..=AVX512_TILE,
             two in any::<bool>(),
+            step in 1usize..=MAX_STEP,
+            col_step in 1usize..3,
             seed in any::<u64>(),
         ) {
             let mut next = crate::test_util::uniform(seed);
@@ -332,21 +368,26 @@ mod tests {
                 let rows = if two && 2 * width.min(max) <= max { 2 } else { 1 };
                 let tile_width = width.min(max / rows);
                 // Two tiles: one from value 3, one from value 40 (run 2
-                // `pitch` on), pixels 0.. and 2·tile_width.. of the product.
-                let tiles = [
-                    LaneTile { start: 3, pitch, col: 0, col_pitch: tile_width, width: tile_width, rows },
-                    LaneTile { start: 40, pitch, col: 2 * tile_width, col_pitch: tile_width, width: tile_width, rows },
-                ];
-                let pixels = 2 * tile_width + rows * tile_width;
-                let at = |t: &LaneTile, p: usize| t.start + p / t.width * t.pitch + p % t.width;
+                // `pitch` on), their pixels `step` values apart. In the
+                // product, with `col_step` 1 the first tile's pixels from 0
+                // and the second's after them; with 2 interleaved (the
+                // first's the even pixels, the second's the odd).
+                let (second, col_pitch) = match col_step {
+                    1 => (rows * tile_width, tile_width),
+                    _ => (1, 2 * tile_width),
+                };
+                let tile = |start, col| LaneTile { start, pitch, step, col, col_pitch, col_step, width: tile_width, rows };
+                let tiles = [tile(3, 0), tile(40, second)];
+                let pixels = 2 * rows * tile_width;
+                let at = |t: &LaneTile, p: usize| t.start + p / t.width * t.pitch + p % t.width * t.step;
                 let mut m = vec![f32::NAN; padded * pixels];
                 let (first, rest) = m.split_at_mut(pixels * LANES);
-                let v = Gathered { data: &data, table: &table };
-                lane_gemm_gathered(isa, (&packed, padded), v, &tiles, (first, pixels), 0..1);
-                lane_gemm_gathered(isa, (&packed, padded), v, &tiles, (rest, pixels), 1..padded / LANES);
+                let sources = [Source { v: Gathered { data: &data, table: &table }, tiles: tiles.to_vec() }];
+                lane_gemm_gathered(isa, (&packed, padded), &sources, (first, pixels), 0..1);
+                lane_gemm_gathered(isa, (&packed, padded), &sources, (rest, pixels), 1..padded / LANES);
                 for tile in &tiles {
                     for p in 0..tile.rows * tile.width {
-                        let pixel = tile.col + p / tile.width * tile.col_pitch + p % tile.width;
+                        let pixel = tile.col + p / tile.width * tile.col_pitch + p % tile.width * tile.col_step;
                         for r in 0..padded {
                             let got = f64::from(m[(r / LANES * pixels + pixel) * LANES + r % LANES]);
                             if r >= out_rows {
@@ -372,8 +413,10 @@ mod tests {
         let tile = LaneTile {
             start: 0,
             pitch: 0,
+            step: 1,
             col: 0,
             col_pitch: 0,
+            col_step: 1,
             width: 6,
             rows: 1,
         };
@@ -382,6 +425,12 @@ mod tests {
             data: &data,
             table: &table,
         };
-        lane_gemm_gathered(Isa::Scalar, (&w, LANES), v, &[tile], (&mut m, 6), 0..1);
+        lane_gemm_gathered(
+            Isa::Scalar,
+            (&w, LANES),
+            &[Source { v, tiles: vec![tile] }],
+            (&mut m, 6),
+            0..1,
+        );
     }
 }

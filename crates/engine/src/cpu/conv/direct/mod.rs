@@ -11,11 +11,14 @@
 //! with the epilogue in registers (as the 1×1 conv does), and only the
 //! last partial panel and tile go through scratch. With a fused max pool
 //! (`pooled.rs`) the convolution's rows stay in scratch and only the pooled
-//! output is written. The lane layout reads the input's phases in place
-//! of im2col for kernels of more than one value (`phased.rs`).
+//! output is written. The lane layout reads the input itself where few
+//! pixels' windows reach into the padding (`unpadded.rs`: strides 1 and
+//! 2), else the input's phases in place of im2col for kernels of more
+//! than one value (`phased.rs`).
 
 mod phased;
 mod pooled;
+mod unpadded;
 
 use super::planes::{self, PlaneRun, Product};
 use super::{output, ConvShape, ConvSpec};
@@ -33,6 +36,7 @@ use candle_core::{bail, Tensor};
 use phased::Phases;
 use rayon::prelude::*;
 use std::ops::Range;
+use unpadded::Unpadded;
 use wick_ir::MaxPool2dAttrs;
 
 /// Smallest block worth running on its own thread rather than splitting
@@ -157,6 +161,9 @@ struct Run<'a> {
     /// The input's phase layout, where the product reads the input in
     /// place of im2col columns ([`Phases::applies`]).
     phases: Option<Phases>,
+    /// Where the lane product reads the input itself ([`Unpadded::applies`];
+    /// then no phases).
+    unpadded: Option<Unpadded>,
 }
 
 /// One block of output pixels.
@@ -289,6 +296,9 @@ impl DirectConv {
         let dst = out.shared(out_len);
         with_cpu_f32("direct conv", &call.x, call.residual.as_ref(), |input, residual| {
             let threads = rayon::current_num_threads();
+            let unpadded = Unpadded::applies(self, &shape)
+                .then(|| Unpadded::new(self, &shape))
+                .transpose()?;
             let mut run = Run {
                 conv: self,
                 input,
@@ -297,9 +307,10 @@ impl DirectConv {
                 shape,
                 split: false,
                 in_place: false,
-                phases: Phases::applies(self, &shape)
+                phases: (unpadded.is_none() && Phases::applies(self, &shape))
                     .then(|| Phases::new(self, &shape))
                     .transpose()?,
+                unpadded,
             };
             if let Some(pool) = &self.pool {
                 return run.pooled(pool, [final_dims[2], final_dims[3]]);
@@ -387,6 +398,10 @@ impl Run<'_> {
     fn block(&self, first: usize, pixels: usize) -> candle_core::Result<()> {
         let block = self.block_of(first, pixels);
         let out_channels = self.shape.out_channels;
+        if let Some(unpadded) = &self.unpadded {
+            let len = self.unpadded_len(unpadded, &block);
+            return with_scratch(len, |scratch| self.lane_unpadded(unpadded, &block, scratch))?;
+        }
         if let Some(phases) = &self.phases {
             // Products with a granule of room past the block's columns
             // for the last row's last tile.

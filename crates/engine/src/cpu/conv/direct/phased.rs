@@ -13,7 +13,9 @@
 //! overwrite them (the products' scratch has a granule of room at the end).
 //!
 //! The lane layout (few pixels: batch 1 at 14×14 and 7×7) reads phases
-//! for every kernel of more than one value ([`lane_gemm_gathered`]): its
+//! for every kernel of more than one value that does not read the input
+//! itself (`unpadded.rs`: where at most a third of the pixels are on the
+//! border, so not ResNet's 3×3 stride-1 convs on 7×7) ([`lane_gemm_gathered`]): its
 //! tiles broadcast each pixel from its phase row, one or two output rows
 //! per tile, and tasks owning whole lane groups finish their channels'
 //! epilogue. On the Intel Xeon VM (AVX-512, 2 threads), against im2col
@@ -24,16 +26,17 @@
 //! whole forwards alternating in one process ResNet18 0.99×, ResNet34
 //! 0.98-0.99×, ResNet50 0.997-1.0×; AVX2 forced level (1.00×). Tiles of
 //! up to 14 pixels on AVX-512 (28 accumulators): ResNet18 0.99× against
-//! 12. The 1×1 stride-2 convs stay on im2col (one copy of the pixels
-//! they read, where the phases copy every input row: 1.5-1.9× slower
-//! with the fill on one thread).
+//! 12. The 1×1 stride-2 convs never took the phases (one copy of the
+//! pixels they read in im2col, where the phases copy every input row:
+//! 1.5-1.9× slower with the fill on one thread); they read the input in
+//! place now.
 
 use super::{groups, lanes_to_rows, Block, DirectConv, Run, Segment};
 use crate::cpu::conv::ConvShape;
 use crate::cpu::data::gather_strided;
 use crate::cpu::gemm::lane_gathered::max_tile;
 use crate::cpu::gemm::{
-    lane_gemm_gathered, panel_gemm_gathered, Gathered, IsaBody, LaneTile, Layout, LANES, PANEL_GRANULE,
+    lane_gemm_gathered, panel_gemm_gathered, Gathered, IsaBody, LaneTile, Layout, Source, LANES, PANEL_GRANULE,
 };
 use candle_core::bail;
 use rayon::prelude::*;
@@ -241,14 +244,19 @@ impl Run<'_> {
         for (group, region) in &mut images {
             self.fill_phases(phases, group, region, self.split);
         }
-        let products: Vec<(Gathered, Vec<LaneTile>)> = images
+        let sources: Vec<Source> = images
             .iter()
             .map(|(group, region)| {
-                let v = Gathered {
-                    data: region,
-                    table: &phases.table,
-                };
-                (v, lane_tiles(group, phases.pitch(conv), max_tile(conv.isa)))
+                // In the phases, output row `y` starts `pitch` values after row `y - 1`.
+                let (y0, pitch) = (group[0].y, phases.pitch(conv));
+                let start = |seg: &Segment| (seg.y - y0) * pitch + seg.x0;
+                Source {
+                    v: Gathered {
+                        data: region,
+                        table: &phases.table,
+                    },
+                    tiles: lane_tiles(group, start, pitch, 1, max_tile(conv.isa)),
+                }
             })
             .collect();
         let lane_groups = conv.padded_out / LANES;
@@ -263,10 +271,8 @@ impl Run<'_> {
             .for_each(|(i, (t, m))| {
                 let first = i * per_task;
                 let groups = first..first + t.len() / (pixels * LANES);
-                for (v, tiles) in &products {
-                    let w = (&conv.packed[..], conv.padded_out);
-                    lane_gemm_gathered(conv.isa, w, *v, tiles, (&mut *t, pixels), groups.clone());
-                }
+                let w = (&conv.packed[..], conv.padded_out);
+                lane_gemm_gathered(conv.isa, w, &sources, (&mut *t, pixels), groups.clone());
                 lanes_to_rows(t, 1, pixels, m, m_cols);
                 let channels = groups.start * LANES..(groups.end * LANES).min(self.shape.out_channels);
                 self.epilogue(m, m_cols, block, channels);
@@ -335,39 +341,50 @@ impl Run<'_> {
     }
 }
 
-/// Micro-tiles of at most `max` pixels over one image's segments (in
-/// the phases, output row `y` starts `pitch` values after row `y - 1`),
-/// each segment cut in tiles of equal width (no tiny remainder): two rows
-/// at once where consecutive segments cover the same columns and that
-/// takes fewer tiles (ResNet's 7-wide rows at batch 1: one tile of 2 × 7
-/// on AVX-512, three of 2 × 3 or 2 × 2 on AVX2 against four of 4 or 3;
-/// its 14-wide rows on AVX2: five of 2 × 3 or 2 × 2 against six).
-fn lane_tiles(group: &[Segment], pitch: usize, max: usize) -> Vec<LaneTile> {
-    let y0 = group.first().map_or(0, |s| s.y);
+/// Micro-tiles of at most `max` pixels over `runs` (segments of one
+/// output row each, in the block's columns), each run cut in tiles of
+/// equal width (no tiny remainder): two rows at once where the next run
+/// is the next row of the same image over the same columns and that takes
+/// fewer tiles (ResNet's 7-wide rows at batch 1: one tile of 2 × 7 on
+/// AVX-512, three of 2 × 3 or 2 × 2 on AVX2 against four of 4 or 3; its
+/// 14-wide rows on AVX2: five of 2 × 3 or 2 × 2 against six). Run `seg`'s
+/// first pixel reads from `start(seg)`, the next row's `pitch` on, its
+/// pixels `step` apart.
+pub(super) fn lane_tiles(
+    runs: &[Segment],
+    start: impl Fn(&Segment) -> usize,
+    pitch: usize,
+    step: usize,
+    max: usize,
+) -> Vec<LaneTile> {
     let mut tiles = Vec::new();
     let mut k = 0;
-    while k < group.len() {
-        let seg = group[k];
+    while k < runs.len() {
+        let seg = runs[k];
         let width = seg.x1 - seg.x0;
         let single = width.div_ceil(max.max(1));
         let paired = width.div_ceil((max / 2).max(1));
-        let next = group
+        let next = runs
             .get(k + 1)
-            .filter(|next| next.y == seg.y + 1 && (next.x0, next.x1) == (seg.x0, seg.x1) && max >= 2)
+            .filter(|next| {
+                next.image == seg.image && next.y == seg.y + 1 && (next.x0, next.x1) == (seg.x0, seg.x1) && max >= 2
+            })
             .filter(|_| paired < 2 * single);
         let (count, rows, col_pitch) = match next {
             Some(next) => (paired, 2, next.col - seg.col),
             None => (single, 1, 0),
         };
-        let start = (seg.y - y0) * pitch + seg.x0;
+        let first = start(&seg);
         let mut x = 0;
         for t in 0..count {
             let w = (width - x).div_ceil(count - t);
             tiles.push(LaneTile {
-                start: start + x,
+                start: first + x * step,
                 pitch,
+                step,
                 col: seg.col + x,
                 col_pitch,
+                col_step: 1,
                 width: w,
                 rows,
             });
@@ -542,24 +559,23 @@ mod tests {
         };
         let rows = |width: usize, n: usize| (0..n).map(|y| seg(y, 0, width, y * width)).collect::<Vec<_>>();
         let shapes = |tiles: Vec<LaneTile>| tiles.iter().map(|t| (t.col, t.width, t.rows)).collect::<Vec<_>>();
-        assert_eq!(shapes(lane_tiles(&rows(7, 3), 100, 14)), [(0, 7, 2), (14, 7, 1)]);
-        let pair = lane_tiles(&rows(7, 2), 100, 14)[0];
+        // Output row `y` 100 values after row `y - 1` from the first run's.
+        let lane_tiles = |runs: &[Segment], max| lane_tiles(runs, |s| (s.y - runs[0].y) * 100 + s.x0, 100, 1, max);
+        assert_eq!(shapes(lane_tiles(&rows(7, 3), 14)), [(0, 7, 2), (14, 7, 1)]);
+        let pair = lane_tiles(&rows(7, 2), 14)[0];
         assert_eq!((pair.start, pair.pitch, pair.col_pitch), (0, 100, 7));
-        assert_eq!(shapes(lane_tiles(&rows(14, 2), 100, 14)), [(0, 14, 1), (14, 14, 1)]);
+        assert_eq!(shapes(lane_tiles(&rows(14, 2), 14)), [(0, 14, 1), (14, 14, 1)]);
         // AVX2's 6-pixel tiles: 7-wide rows as 2 × 3, 2 × 2, 2 × 2.
+        assert_eq!(shapes(lane_tiles(&rows(7, 2), 6)), [(0, 3, 2), (3, 2, 2), (5, 2, 2)]);
         assert_eq!(
-            shapes(lane_tiles(&rows(7, 2), 100, 6)),
-            [(0, 3, 2), (3, 2, 2), (5, 2, 2)]
-        );
-        assert_eq!(
-            shapes(lane_tiles(&rows(12, 2), 100, 6)),
+            shapes(lane_tiles(&rows(12, 2), 6)),
             [(0, 6, 1), (6, 6, 1), (12, 6, 1), (18, 6, 1)]
         );
         assert_eq!(
-            shapes(lane_tiles(&rows(30, 1), 100, 14)),
+            shapes(lane_tiles(&rows(30, 1), 14)),
             [(0, 10, 1), (10, 10, 1), (20, 10, 1)]
         );
-        let tiles = lane_tiles(&[seg(3, 2, 7, 0), seg(4, 0, 7, 5)], 100, 14);
+        let tiles = lane_tiles(&[seg(3, 2, 7, 0), seg(4, 0, 7, 5)], 14);
         assert_eq!(shapes(tiles.clone()), [(0, 5, 1), (5, 7, 1)]);
         assert_eq!((tiles[0].start, tiles[1].start), (2, 100));
     }

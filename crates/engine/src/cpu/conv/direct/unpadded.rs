@@ -1,0 +1,474 @@
+//! The lane layout's product reading the conv's input where it lies: each
+//! micro-tile broadcasts its pixels straight from the input planes at the
+//! conv's column stride ([`lane_gemm_gathered`] with a step of 1 or 2),
+//! through a table of where row `(c, ky, kx)` of the im2col columns lies
+//! from a pixel's window; only the pixels whose window reaches into the
+//! padding (the border: a stride-2 3×3 conv's top row and left column)
+//! are gathered into im2col columns, and their tiles read those, in the
+//! same pass over each chunk of weights.
+//!
+//! The phases (`phased.rs`) copy every input row first (9-13% of
+//! ResNet18's layer3.0.conv1 and layer4.0.conv1 alone in perf, one
+//! thread); here nothing is copied but the border, gathered pixel by
+//! pixel through a mask of its taps inside the input (as per-row runs,
+//! im2col's form, the left border's one pixel a row took 11%). Taken
+//! where the border is at most a [`MAX_BORDER_SHARE`] of the pixels, at
+//! a column stride the micro-tile takes ([`MAX_STEP`]): ResNet's 3×3
+//! stride-2 convs at batch 1 (27 of 196 pixels at 14×14, 13 of 49 at
+//! 7×7) and its 1×1 stride-2 downsamples (none). Per node in ResNet18 at
+//! batch 1 on the Intel Xeon VM (2 threads, profiles alternating in ABBA
+//! order against the phases and im2col): layer3.0.conv1 0.91×, layer4.0.conv1
+//! 0.98×, the downsamples 0.73× / 0.83× / 0.93×; AVX2 forced 0.96×, 0.94×
+//! and 0.86× / 0.99× / 1.06×; ResNet34's 0.94×, 1.00×, 0.77× / 0.79× /
+//! 0.95×: about 0.08 ms a forward, within the forwards' noise. ResNet's
+//! 3×3 stride-1 convs on 7×7 (24 of 49 pixels on the border) took 1.22×
+//! the time this way, and the 28×28 stride-2 conv and downsample on the
+//! lane layout 1.15× and 1.9× (they stay on the panel layout).
+
+use super::phased::lane_tiles;
+use super::{lanes_to_rows, Block, DirectConv, Run, Segment};
+use crate::cpu::conv::ConvShape;
+use crate::cpu::gemm::lane_gathered::{max_tile, MAX_STEP};
+use crate::cpu::gemm::{lane_gemm_gathered, Gathered, LaneTile, Layout, Source, LANES};
+use candle_core::bail;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Most border pixels, as a share of a plane's (numerator, denominator),
+/// for which the input is read in place rather than copied into phases.
+const MAX_BORDER_SHARE: (usize, usize) = (1, 3);
+
+/// Where a conv's windows lie in its input: the table of the im2col rows'
+/// offsets from a window's origin, and the output rows and columns whose
+/// windows lie wholly inside the input.
+#[derive(Debug)]
+pub(super) struct Unpadded {
+    /// Offset of GEMM row `(c, ky, kx)` from its pixel's window origin in
+    /// image 0: `c·H·W + ky·dy·W + kx·dx`.
+    table: Vec<usize>,
+    /// Output rows whose windows lie inside the input's rows.
+    rows: Range<usize>,
+    /// Output columns whose windows lie inside the input's columns.
+    cols: Range<usize>,
+}
+
+/// The outputs `o < out` whose window `o·stride − pad + k·dilation` (`k <
+/// kernel`) lies inside `0..len`; `None` where a size overflows.
+fn inside(len: usize, out: usize, kernel: usize, stride: usize, pad: usize, dilation: usize) -> Option<Range<usize>> {
+    let lo = pad.div_ceil(stride.max(1)).min(out);
+    let reach = kernel.checked_sub(1)?.checked_mul(dilation)?;
+    // o·stride − pad + reach ≤ len − 1  ⇔  o ≤ (len − 1 + pad − reach) / stride.
+    let hi = match len
+        .checked_add(pad)?
+        .checked_sub(1)
+        .and_then(|top| top.checked_sub(reach))
+    {
+        Some(top) => (top / stride.max(1)).checked_add(1)?.clamp(lo, out),
+        None => lo,
+    };
+    Some(lo..hi)
+}
+
+impl Unpadded {
+    /// Whether `conv` on `shape` reads its input in place: the lane
+    /// layout, a column stride of at most [`MAX_STEP`], and at most a
+    /// [`MAX_BORDER_SHARE`] of each plane's pixels on the border.
+    /// Saturating: a hostile shape only says no.
+    pub(super) fn applies(conv: &DirectConv, shape: &ConvShape) -> bool {
+        let a = &conv.spec.attrs;
+        let taps = conv.spec.kernel[0].saturating_mul(conv.spec.kernel[1]);
+        if conv.layout != Layout::Lanes || !(1..=MAX_STEP).contains(&a.stride[1]) || shape.channels == 0 || taps > 64 {
+            return false;
+        }
+        let Some((rows, cols)) = Self::inside(conv, shape) else {
+            return false;
+        };
+        let plane = shape.out_plane();
+        let border = plane - rows.len() * cols.len();
+        let (num, den) = MAX_BORDER_SHARE;
+        plane > 0 && border.saturating_mul(den) <= plane.saturating_mul(num)
+    }
+
+    /// The output rows and columns whose windows lie inside the input.
+    fn inside(conv: &DirectConv, shape: &ConvShape) -> Option<(Range<usize>, Range<usize>)> {
+        let (a, [kh, kw]) = (&conv.spec.attrs, conv.spec.kernel);
+        let rows = inside(
+            shape.height,
+            shape.out_height,
+            kh,
+            a.stride[0],
+            a.padding[0],
+            a.dilation[0],
+        )?;
+        let cols = inside(
+            shape.width,
+            shape.out_width,
+            kw,
+            a.stride[1],
+            a.padding[1],
+            a.dilation[1],
+        )?;
+        Some((rows, cols))
+    }
+
+    /// The table for `conv` on `shape`; an error when a size overflows.
+    pub(super) fn new(conv: &DirectConv, shape: &ConvShape) -> candle_core::Result<Self> {
+        let (a, [kh, kw]) = (&conv.spec.attrs, conv.spec.kernel);
+        let Some((rows, cols)) = Self::inside(conv, shape) else {
+            bail!("conv windows overflow for {shape:?}")
+        };
+        // The furthest entry: the last channel's plane plus the window's reach.
+        let far = || {
+            let plane = shape.in_plane();
+            shape
+                .channels
+                .checked_mul(plane)?
+                .checked_add((kh - 1).checked_mul(a.dilation[0])?.checked_mul(shape.width)?)?
+                .checked_add((kw - 1).checked_mul(a.dilation[1])?)
+        };
+        if far().is_none() {
+            bail!("conv input offsets overflow for {shape:?}")
+        }
+        let mut table = Vec::new();
+        table
+            .try_reserve_exact(conv.depth())
+            .map_err(|_| candle_core::Error::Msg("cannot allocate the conv's offset table".into()))?;
+        let plane = shape.in_plane();
+        for c in 0..shape.channels {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    table.push(c * plane + ky * a.dilation[0] * shape.width + kx * a.dilation[1]);
+                }
+            }
+        }
+        Ok(Self { table, rows, cols })
+    }
+
+    /// `block`'s pixels split into runs whose windows lie inside the
+    /// input (segments of the block's own columns) and the border's
+    /// pixels, in block order.
+    fn split(&self, block: &Block) -> (Vec<Segment>, Vec<Edge>) {
+        let (mut inner, mut border) = (Vec::new(), Vec::new());
+        let mut edge = |seg: &Segment, xs: Range<usize>| {
+            border.extend(xs.map(|x| Edge {
+                image: seg.image,
+                y: seg.y,
+                x,
+                col: seg.col + x - seg.x0,
+            }))
+        };
+        for seg in &block.segments {
+            let (a, b) = match self.rows.contains(&seg.y) {
+                true => (
+                    self.cols.start.clamp(seg.x0, seg.x1),
+                    self.cols.end.clamp(seg.x0, seg.x1),
+                ),
+                false => (seg.x1, seg.x1),
+            };
+            let b = b.max(a);
+            edge(seg, seg.x0..a);
+            if a < b {
+                inner.push(Segment {
+                    x0: a,
+                    x1: b,
+                    col: seg.col + a - seg.x0,
+                    ..*seg
+                });
+            }
+            edge(seg, b..seg.x1);
+        }
+        (inner, border)
+    }
+}
+
+/// A border pixel: image, output row and column, its column in the block.
+#[derive(Debug, Clone, Copy)]
+struct Edge {
+    image: usize,
+    y: usize,
+    x: usize,
+    col: usize,
+}
+
+impl Run<'_> {
+    /// The lane layout's block read in place ([`Unpadded`]): the border's
+    /// im2col columns into `scratch` (rows shared by the threads with
+    /// `split`), then tasks owning whole lane groups multiply the pixels
+    /// inside (from the input) and the border's (from its columns) into
+    /// the rest of `scratch` (`[O_pad / LANES][pixels][LANES]` after `[O_pad,
+    /// block.cols]`), bring their groups back to rows and write their
+    /// channels' epilogue. `scratch` holds at least
+    /// [`Run::unpadded_len`] values.
+    pub(super) fn lane_unpadded(&self, u: &Unpadded, block: &Block, scratch: &mut [f32]) -> candle_core::Result<()> {
+        let conv = self.conv;
+        let (s, a) = (&self.shape, &conv.spec.attrs);
+        let (depth, pixels, m_cols) = (conv.depth(), block.pixels, block.cols);
+        let (inner, border) = u.split(block);
+        let (v, rest) = scratch.split_at_mut(depth * border.len());
+        let (m, rest) = rest.split_at_mut(conv.padded_out * m_cols);
+        let partials = &mut rest[..conv.padded_out * pixels];
+        if !border.is_empty() {
+            self.border_columns(u, &border, v);
+        }
+        let max = max_tile(conv.isa);
+        let (sy, sx, [py, px]) = (a.stride[0], a.stride[1], a.padding);
+        let image_len = s.channels * s.in_plane();
+        // Inside the input, each run's window origin is in the image.
+        let origin = |seg: &Segment| image_len * seg.image + (seg.y * sy - py) * s.width + seg.x0 * sx - px;
+        let inner_tiles = lane_tiles(&inner, origin, sy * s.width, sx, max);
+        let border_cols: Vec<usize> = border.iter().map(|e| e.col).collect();
+        let border_tiles = column_tiles(&border_cols, max);
+        let border_table: Vec<usize> = (0..depth).map(|d| d * border.len()).collect();
+        let sources = [
+            Source {
+                v: Gathered {
+                    data: self.input,
+                    table: &u.table,
+                },
+                tiles: inner_tiles,
+            },
+            Source {
+                v: Gathered {
+                    data: v,
+                    table: &border_table,
+                },
+                tiles: border_tiles,
+            },
+        ];
+        let lane_groups = conv.padded_out / LANES;
+        let per_task = match self.split {
+            true => lane_groups.div_ceil(2 * rayon::current_num_threads()).max(1),
+            false => lane_groups,
+        };
+        partials
+            .par_chunks_mut(per_task * pixels * LANES)
+            .zip(m.par_chunks_mut(per_task * LANES * m_cols))
+            .enumerate()
+            .for_each(|(i, (t, m))| {
+                let first = i * per_task;
+                let groups = first..first + t.len() / (pixels * LANES);
+                let w = (&conv.packed[..], conv.padded_out);
+                lane_gemm_gathered(conv.isa, w, &sources, (&mut *t, pixels), groups.clone());
+                lanes_to_rows(t, 1, pixels, m, m_cols);
+                let channels = groups.start * LANES..(groups.end * LANES).min(s.out_channels);
+                self.epilogue(m, m_cols, block, channels);
+            });
+        Ok(())
+    }
+
+    /// The im2col columns of the border pixels `border` into `v` (`[C·kh·kw,
+    /// border.len()]`): zeros where a window reaches into the padding; rows
+    /// shared by the threads with `split`. Row by row over the pixels (a
+    /// stride-2 conv's left border is one pixel a row: per-row runs took a
+    /// tenth of the conv).
+    fn border_columns(&self, u: &Unpadded, border: &[Edge], v: &mut [f32]) {
+        let (s, a, [kh, kw]) = (&self.shape, &self.conv.spec.attrs, self.conv.spec.kernel);
+        let image_len = s.channels * s.in_plane();
+        // Per pixel: where its window's origin would be, and which of its
+        // taps lie inside the input (bit ky·kw + kx; `applies` keeps kh·kw
+        // within 64).
+        let taps: Vec<(isize, u64)> = border
+            .iter()
+            .map(|e| {
+                let iy = (e.y * a.stride[0]) as isize - a.padding[0] as isize;
+                let ix = (e.x * a.stride[1]) as isize - a.padding[1] as isize;
+                let inside = |at: isize, len: usize| at >= 0 && (at as usize) < len;
+                let mut mask = 0u64;
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let (y, x) = (iy + (ky * a.dilation[0]) as isize, ix + (kx * a.dilation[1]) as isize);
+                        mask |= u64::from(inside(y, s.height) && inside(x, s.width)) << (ky * kw + kx);
+                    }
+                }
+                ((e.image * image_len) as isize + iy * s.width as isize + ix, mask)
+            })
+            .collect();
+        let fill = |first: usize, v: &mut [f32]| {
+            for (row, v) in (first..).zip(v.chunks_exact_mut(border.len())) {
+                let (offset, tap) = (u.table[row] as isize, row % (kh * kw));
+                for (&(origin, mask), v) in taps.iter().zip(v) {
+                    *v = match mask >> tap & 1 {
+                        // An inside tap: its value lies within the input.
+                        1 => self.input[(origin + offset) as usize],
+                        _ => 0.0,
+                    };
+                }
+            }
+        };
+        let depth = self.conv.depth();
+        if self.split {
+            let per_task = depth.div_ceil(2 * rayon::current_num_threads()).max(1);
+            v[..depth * border.len()]
+                .par_chunks_mut(per_task * border.len())
+                .enumerate()
+                .for_each(|(i, v)| fill(i * per_task, v));
+        } else {
+            fill(0, &mut v[..depth * border.len()]);
+        }
+    }
+
+    /// Scratch values [`Run::lane_unpadded`] takes for `block`: the
+    /// border's columns and the products twice (saturated: past the
+    /// scratch cap, `with_scratch` refuses it).
+    pub(super) fn unpadded_len(&self, u: &Unpadded, block: &Block) -> usize {
+        let conv = self.conv;
+        let (_, border) = u.split(block);
+        conv.depth()
+            .saturating_mul(border.len())
+            .saturating_add(conv.padded_out.saturating_mul(block.cols.saturating_add(block.pixels)))
+    }
+}
+
+/// Micro-tiles of at most `max` pixels over consecutive columns of an
+/// im2col copy (`cols[k]`: the block column of copied column `k`), each
+/// over copied columns whose block columns are evenly spaced (a stride-2
+/// conv's left border: one a row), cut in tiles of equal width.
+fn column_tiles(cols: &[usize], max: usize) -> Vec<LaneTile> {
+    let mut tiles = Vec::new();
+    let mut k = 0;
+    while k < cols.len() {
+        let step = cols.get(k + 1).map_or(1, |&next| next - cols[k]);
+        let mut end = k + 1;
+        while end < cols.len() && cols[end] - cols[end - 1] == step {
+            end += 1;
+        }
+        let (len, count) = (end - k, (end - k).div_ceil(max.max(1)));
+        let mut x = 0;
+        for t in 0..count {
+            let w = (len - x).div_ceil(count - t);
+            tiles.push(LaneTile {
+                start: k + x,
+                pitch: 0,
+                step: 1,
+                col: cols[k + x],
+                col_pitch: 0,
+                col_step: step,
+                width: w,
+                rows: 1,
+            });
+            x += w;
+        }
+        k = end;
+    }
+    tiles
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{column_tiles, inside, Unpadded};
+    use crate::cpu::conv::direct::DirectConv;
+    use crate::cpu::conv::tests::{random_case, RandomCase};
+    use crate::cpu::gemm::{Isa, Layout};
+    use candle_core::{DType, Device, Tensor};
+    use proptest::prelude::*;
+    use wick_ir::Conv2dAttrs;
+
+    fn attrs(stride: usize, padding: usize, dilation: usize) -> Conv2dAttrs {
+        Conv2dAttrs {
+            stride: [stride; 2],
+            padding: [padding; 2],
+            dilation: [dilation; 2],
+            groups: 1,
+        }
+    }
+
+    /// The outputs whose windows lie inside the input, worked by hand.
+    #[test]
+    fn inside_ranges() {
+        // 3×3 stride 2 pad 1 on 28: output 0 reads row -1, 13 reads 25..=27.
+        assert_eq!(inside(28, 14, 3, 2, 1, 1), Some(1..14));
+        // 1×1 stride 2 on 28: all 14.
+        assert_eq!(inside(28, 14, 1, 2, 0, 1), Some(0..14));
+        // 3×3 stride 1 pad 1 on 7: the first and last read padding.
+        assert_eq!(inside(7, 7, 3, 1, 1, 1), Some(1..6));
+        // Dilation 2, pad 2, stride 1 on 10: outputs 2..8.
+        assert_eq!(inside(10, 10, 3, 1, 2, 2), Some(2..8));
+        // Padding past the kernel's reach: no output inside.
+        assert_eq!(inside(2, 6, 3, 1, 3, 1), Some(3..3));
+        // A kernel of no values has no reach to compute.
+        assert_eq!(inside(4, 4, 0, 1, 0, 1), None);
+        assert_eq!(inside(usize::MAX, 4, 3, 1, 1, 1), None);
+    }
+
+    /// Which convs read in place: ResNet's stride-2 convs at batch 1 (3×3
+    /// onto 14×14 and 7×7, 1×1 downsamples), not its 3×3 stride-1 convs on
+    /// 7×7 (24 of 49 pixels on the border), not column strides past
+    /// MAX_STEP, not the panel layout.
+    #[test]
+    fn applies_to_strided_lane_convs() {
+        let case = |c: usize, k: usize, a: Conv2dAttrs, hw: usize, layout: Layout| {
+            let w = Tensor::zeros((32, c, k, k), DType::F32, &Device::Cpu).unwrap();
+            let conv = DirectConv::for_test(&w, None, a, None, None, layout, Isa::Scalar).unwrap();
+            let x = Tensor::zeros((1, c, hw, hw), DType::F32, &Device::Cpu).unwrap();
+            let shape = conv.spec.check(&x, None).unwrap().shape;
+            Unpadded::applies(&conv, &shape)
+        };
+        assert!(case(8, 3, attrs(2, 1, 1), 28, Layout::Lanes));
+        assert!(case(8, 3, attrs(2, 1, 1), 14, Layout::Lanes));
+        assert!(case(8, 1, attrs(2, 0, 1), 14, Layout::Lanes));
+        assert!(!case(8, 3, attrs(1, 1, 1), 7, Layout::Lanes));
+        assert!(!case(8, 3, attrs(3, 1, 1), 28, Layout::Lanes));
+        assert!(!case(8, 3, attrs(2, 1, 1), 28, Layout::Panels));
+    }
+
+    /// Border tiles: runs of evenly spaced block columns, cut in equal
+    /// tiles; a 3×3 stride-2 conv onto 7×7's border (the top row, then the
+    /// left column: the first of which continues the row's run) in two
+    /// tiles on AVX-512's 14, three on AVX2's 6.
+    #[test]
+    fn column_tiles_follow_even_runs() {
+        let border: Vec<usize> = (0..7).chain((1..7).map(|y| 7 * y)).collect();
+        let shapes = |tiles: Vec<crate::cpu::gemm::LaneTile>| {
+            tiles
+                .iter()
+                .map(|t| (t.start, t.col, t.col_step, t.width))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(shapes(column_tiles(&border, 14)), [(0, 0, 1, 8), (8, 14, 7, 5)]);
+        assert_eq!(
+            shapes(column_tiles(&border, 6)),
+            [(0, 0, 1, 4), (4, 4, 1, 4), (8, 14, 7, 5)]
+        );
+        assert_eq!(shapes(column_tiles(&[5], 6)), [(0, 5, 1, 1)]);
+        assert!(column_tiles(&[], 6).is_empty());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Lane convs that read their input in place equal candle's conv on
+        /// every path: kernels of 1 to 4 values a side, strides 1 and 2,
+        /// dilation, padding (the border through its im2col columns),
+        /// partial lane groups, several images and more pixels than a block
+        /// (blocks across images), a residual and an activation; on two
+        /// threads (one block: lane groups and border rows shared) and one.
+        #[test]
+        fn equals_candle(
+            batch in 1usize..4, channels in 1usize..5, outputs in 1usize..70,
+            k in 1usize..5, stride in 1usize..3, dilation in 1usize..3, padding in 0usize..3,
+            oh in 3usize..16, ow in 3usize..16,
+            activation in proptest::option::of(0usize..6), residual in any::<bool>(),
+            threads in 1usize..3,
+        ) {
+            let extent = |out: usize| ((out - 1) * stride + (k - 1) * dilation + 1).checked_sub(2 * padding);
+            let (Some(height), Some(width)) = (extent(oh), extent(ow)) else {
+                return Err(TestCaseError::reject("padding wider than the input"));
+            };
+            prop_assume!(height > 0 && width > 0);
+            let a = attrs(stride, padding, dilation);
+            let RandomCase { x, w, b, residual: r, activation, want } =
+                random_case([batch, channels, height, width], [outputs, channels, k, k], a, activation, residual);
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let depth = channels * k * k;
+            for isa in Isa::available() {
+                let conv = DirectConv::for_test(&w, Some(&b), a, activation, None, Layout::Lanes, isa).unwrap();
+                let shape = conv.spec.check(&x, r.as_ref()).unwrap().shape;
+                prop_assume!(Unpadded::applies(&conv, &shape));
+                let got = pool.install(|| conv.run(&x, r.as_ref())).unwrap();
+                prop_assert_eq!(got.dims(), want.dims());
+                let diff = crate::test_util::max_abs_diff(&got, &want);
+                prop_assert!(diff <= 1e-5 * depth as f64 * 4.0, "{:?}: diff {}", isa, diff);
+            }
+        }
+    }
+}
