@@ -17,10 +17,12 @@
 //! stride-2 convs at batch 1 (27 of 196 pixels at 14×14, 13 of 49 at
 //! 7×7) and its 1×1 stride-2 downsamples (none). Per node in ResNet18 at
 //! batch 1 on the Intel Xeon VM (2 threads, profiles alternating in ABBA
-//! order against the phases and im2col): layer3.0.conv1 0.91×, layer4.0.conv1
-//! 0.98×, the downsamples 0.73× / 0.83× / 0.93×; AVX2 forced 0.96×, 0.94×
-//! and 0.86× / 0.99× / 1.06×; ResNet34's 0.94×, 1.00×, 0.77× / 0.79× /
-//! 0.95×: about 0.08 ms a forward, within the forwards' noise. ResNet's
+//! order against the phases and im2col): layer3.0.conv1 0.91×,
+//! layer4.0.conv1 0.98×, the layer3 and layer4 downsamples 0.73× and
+//! 0.83×; AVX2 forced 0.96×, 0.94×, 0.86×, 0.99×; ResNet34's 0.94×,
+//! 1.00×, 0.77×, 0.79×: about 0.08 ms a forward, within the forwards'
+//! noise (`bench` medians 0.99× ResNet18, 1.01-1.03× ResNet34 and
+//! ResNet50 and AVX2's ResNet18, runs spread ±3%). ResNet's
 //! 3×3 stride-1 convs on 7×7 (24 of 49 pixels on the border) took 1.22×
 //! the time this way, and the 28×28 stride-2 conv and downsample on the
 //! lane layout 1.15× and 1.9× (they stay on the panel layout).
