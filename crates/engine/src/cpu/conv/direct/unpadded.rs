@@ -13,9 +13,13 @@
 //! pixel through a mask of its taps inside the input (as per-row runs,
 //! im2col's form, the left border's one pixel a row took 11%). Taken
 //! where the border is at most a [`MAX_BORDER_SHARE`] of the pixels, at
-//! a column stride the micro-tile takes ([`MAX_STEP`]): ResNet's 3×3
-//! stride-2 convs at batch 1 (27 of 196 pixels at 14×14, 13 of 49 at
-//! 7×7) and its 1×1 stride-2 downsamples (none). Per node in ResNet18 at
+//! a column stride the micro-tile takes ([`MAX_STEP`]), and one image's
+//! input takes at most half the L2 (every task reads all of it, a
+//! stride-2 product half of each line it touches: ResNet50's
+//! layer3.0.downsample, 1.6 MB of input, took 1.17× the time in place
+//! against its compact im2col copy; its 0.8 MB layer4.0.downsample
+//! 1.02×): ResNet's 3×3 stride-2 convs at batch 1 (27 of 196 pixels at
+//! 14×14, 13 of 49 at 7×7) and its 1×1 stride-2 downsamples (none). Per node in ResNet18 at
 //! batch 1 on the Intel Xeon VM (2 threads, profiles alternating in ABBA
 //! order against the phases and im2col): layer3.0.conv1 0.91×,
 //! layer4.0.conv1 0.98×, the layer3 and layer4 downsamples 0.73× and
@@ -73,9 +77,10 @@ fn inside(len: usize, out: usize, kernel: usize, stride: usize, pad: usize, dila
 
 impl Unpadded {
     /// Whether `conv` on `shape` reads its input in place: the lane
-    /// layout, a column stride of at most [`MAX_STEP`], and at most a
-    /// [`MAX_BORDER_SHARE`] of each plane's pixels on the border.
-    /// Saturating: a hostile shape only says no.
+    /// layout, a column stride of at most [`MAX_STEP`], at most a
+    /// [`MAX_BORDER_SHARE`] of each plane's pixels on the border, and one
+    /// image's input within half the block budget (the L2). Saturating: a
+    /// hostile shape only says no.
     pub(super) fn applies(conv: &DirectConv, shape: &ConvShape) -> bool {
         let a = &conv.spec.attrs;
         let taps = conv.spec.kernel[0].saturating_mul(conv.spec.kernel[1]);
@@ -88,7 +93,11 @@ impl Unpadded {
         let plane = shape.out_plane();
         let border = plane - rows.len() * cols.len();
         let (num, den) = MAX_BORDER_SHARE;
-        plane > 0 && border.saturating_mul(den) <= plane.saturating_mul(num)
+        // One image's input within half the block budget (the L2): every
+        // task reads all of it, lines whole where a stride-2 product uses
+        // half of each.
+        let input = shape.channels.saturating_mul(shape.in_plane()).saturating_mul(4);
+        plane > 0 && border.saturating_mul(den) <= plane.saturating_mul(num) && input <= conv.block_bytes / 2
     }
 
     /// The output rows and columns whose windows lie inside the input.
