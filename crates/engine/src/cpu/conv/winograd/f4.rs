@@ -32,6 +32,9 @@ pub(super) const ALPHA: usize = 6;
 pub(super) const M: usize = 4;
 /// Number of transformed components per tile.
 pub(super) const XI: usize = ALPHA * ALPHA;
+/// Fewest tiles a block run whole on one thread takes (one GEMM granule)
+/// where the blocks are one a thread ([`WinogradF4::schedule`]).
+const PER_THREAD_MIN_TILES: usize = PANEL_GRANULE;
 /// Tiles transformed together (one SIMD-friendly vector of lanes).
 pub(super) const LANES: usize = 16;
 const _: () = assert!(
@@ -96,6 +99,35 @@ impl WinogradF4 {
         tiles_per_block(cache_block, total, per_tile, std::mem::size_of_val(&*self.w.u))
     }
 
+    /// Tiles per block of `total` on `threads` threads, and whether the
+    /// blocks run whole on their threads (else one after the other, each
+    /// phase split across the threads): [`Self::tile_block`]'s blocks
+    /// where there are two a thread or more; one block a thread where
+    /// that block's `V` and `M` fit the block budget (the L2), each holds
+    /// at least [`PER_THREAD_MIN_TILES`] and the threads' L2s hold `U`
+    /// (each block streams all of it). The split phases hand `V` and `M`
+    /// from one core to the other between phases and wait at each:
+    /// ResNet18's layer2.0.conv2 at batch 1 (49 tiles, `U` 2.36 MB)
+    /// 0.79× the time in blocks of 25 and 24 tiles, its reader of a
+    /// stride-2 conv's output; where `U` comes from memory once per thread
+    /// it loses (ResNet18's layer4 at batch 10, 40 tiles, `U` 37.7 MB:
+    /// 1.16-1.21×). Intel Xeon VM, AVX-512, 2 threads, ABBA profiles.
+    pub(super) fn schedule(&self, total: usize, threads: usize) -> (usize, bool) {
+        let block = self.tile_block(total);
+        if total.div_ceil(block) >= 2 * threads {
+            return (block, true);
+        }
+        let per_thread = total.div_ceil(threads.max(1));
+        let per_tile = XI * (self.w.spec.in_channels + self.w.padded_out) * 4;
+        let u_bytes = std::mem::size_of_val(&*self.w.u);
+        let fits = per_thread.saturating_mul(per_tile) <= self.block_bytes
+            && u_bytes <= self.block_bytes.saturating_mul(threads);
+        match threads > 1 && per_thread >= PER_THREAD_MIN_TILES && fits {
+            true => (per_thread, true),
+            false => (block, threads <= 1),
+        }
+    }
+
     /// Distance between `V[ξ]` and `V[ξ + 1]` in a block of `cols` columns:
     /// the `[C, cols]` matrix plus [`SKEW`].
     pub(super) fn v_stride(&self, cols: usize) -> usize {
@@ -128,15 +160,13 @@ impl WinogradF4 {
                 dst,
                 tiles,
             };
-            let block = self.tile_block(tiles.total);
+            let (block, whole) = self.schedule(tiles.total, rayon::current_num_threads());
             let blocks = tiles.total.div_ceil(block);
-            let threads = rayon::current_num_threads();
-            if blocks >= 2 * threads {
-                (0..blocks)
+            match whole {
+                true => (0..blocks)
                     .into_par_iter()
-                    .try_for_each(|b| run.block(b * block, block, false))
-            } else {
-                (0..blocks).try_for_each(|b| run.block(b * block, block, threads > 1))
+                    .try_for_each(|b| run.block(b * block, block, false)),
+                false => (0..blocks).try_for_each(|b| run.block(b * block, block, true)),
             }
         })?;
         // SAFETY: the blocks cover every tile of every image, and each tile
@@ -144,6 +174,15 @@ impl WinogradF4 {
         // `out_len` elements are initialised.
         unsafe { out.assume_written(out_len) };
         out.into_tensor(&call.shape.out_dims())
+    }
+}
+
+#[cfg(test)]
+impl WinogradF4 {
+    /// For tests: blocks sized for a budget of `bytes`.
+    pub(super) fn with_block_bytes(mut self, bytes: usize) -> Self {
+        self.block_bytes = bytes;
+        self
     }
 }
 

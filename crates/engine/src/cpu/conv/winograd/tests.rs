@@ -213,6 +213,38 @@ fn multi_block_and_split_paths() {
     }
 }
 
+/// One block a thread (ResNet's layer2 at batch 1: 49 tiles on two
+/// threads) gives the sums the same conv gives in one block with each
+/// phase split across the threads (the same products per tile, in the
+/// same order), and candle's conv; not where the threads' L2s would not
+/// hold the weights (256 channels: each thread would stream 9.4 MB), nor
+/// on one thread, nor with fewer than 16 tiles a thread.
+#[test]
+fn whole_blocks_per_thread_match_split_phases() {
+    let d = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (1, 96, 28, 28), &d).unwrap();
+    let w = Tensor::randn(0f32, 0.1, (100, 96, 3, 3), &d).unwrap();
+    let want = conv(&x, &w, [1, 1]);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    for isa in Isa::available() {
+        let (f4, _) = winograd(&w, None, [1, 1], None, isa).unwrap();
+        let whole = f4.with_block_bytes(2 << 20);
+        assert_eq!(whole.schedule(49, 2), (25, true), "{isa:?}");
+        assert!(whole.schedule(49, 1).1 && !whole.schedule(30, 2).1, "{isa:?}");
+        let got = pool.install(|| whole.run(&x, None)).unwrap();
+        // 25 tiles a thread (720 KB of V and M) past a 256 KiB budget.
+        let split = whole.with_block_bytes(256 << 10);
+        assert!(!split.schedule(49, 2).1, "{isa:?}");
+        let got_split = pool.install(|| split.run(&x, None)).unwrap();
+        assert_eq!(values(&got), values(&got_split), "{isa:?}");
+        let diff = crate::test_util::max_abs_diff(&got, &want);
+        assert!(diff <= 1e-2, "{isa:?}: diff {diff}");
+    }
+    let wide = Tensor::zeros((256, 256, 3, 3), candle_core::DType::F32, &d).unwrap();
+    let (f4, _) = winograd(&wide, None, [1, 1], None, Isa::Scalar).unwrap();
+    assert!(!f4.with_block_bytes(2 << 20).schedule(49, 2).1);
+}
+
 /// One block of all the tiles exactly where their `V` and `M` take no
 /// more than the weights and half the scratch cap; the cache's block
 /// otherwise, also where the product of the sizes overflows.
