@@ -399,8 +399,7 @@ impl Run<'_> {
         let block = self.block_of(first, pixels);
         let out_channels = self.shape.out_channels;
         if let Some(unpadded) = &self.unpadded {
-            let len = self.unpadded_len(unpadded, &block);
-            return with_scratch(len, |scratch| self.lane_unpadded(unpadded, &block, scratch))?;
+            return self.lane_unpadded(unpadded, &block);
         }
         if let Some(phases) = &self.phases {
             // Products with a granule of room past the block's columns

@@ -15,7 +15,8 @@
 //! The lane layout (few pixels: batch 1 at 14×14 and 7×7) reads phases
 //! for every kernel of more than one value that does not read the input
 //! itself (`unpadded.rs`: where at most a third of the pixels are on the
-//! border, so not ResNet's 3×3 stride-1 convs on 7×7) ([`lane_gemm_gathered`]): its
+//! border, so not ResNet's 3×3 stride-1 convs on 7×7)
+//! ([`lane_gemm_gathered`]): its
 //! tiles broadcast each pixel from its phase row, one or two output rows
 //! per tile, and tasks owning whole lane groups finish their channels'
 //! epilogue. On the Intel Xeon VM (AVX-512, 2 threads), against im2col

@@ -19,9 +19,11 @@
 //! layer3.0.downsample, 1.6 MB of input, took 1.17× the time in place
 //! against its compact im2col copy; its 0.8 MB layer4.0.downsample
 //! 1.02×): ResNet's 3×3 stride-2 convs at batch 1 (27 of 196 pixels at
-//! 14×14, 13 of 49 at 7×7) and its 1×1 stride-2 downsamples (none). Per node in ResNet18 at
-//! batch 1 on the Intel Xeon VM (2 threads, profiles alternating in ABBA
-//! order against the phases and im2col): layer3.0.conv1 0.91×,
+//! 14×14, 13 of 49 at 7×7) and its 1×1 stride-2 downsamples (none).
+//!
+//! Per node in ResNet18 at batch 1 on the Intel Xeon VM (2 threads,
+//! profiles alternating in ABBA order against the phases and im2col):
+//! layer3.0.conv1 0.91×,
 //! layer4.0.conv1 0.98×, the layer3 and layer4 downsamples 0.73× and
 //! 0.83×; AVX2 forced 0.96×, 0.94×, 0.86×, 0.99×; ResNet34's 0.94×,
 //! 1.00×, 0.77×, 0.79×: about 0.08 ms a forward, within the forwards'
@@ -34,6 +36,7 @@
 use super::phased::lane_tiles;
 use super::{lanes_to_rows, Block, DirectConv, Run, Segment};
 use crate::cpu::conv::ConvShape;
+use crate::cpu::data::with_scratch;
 use crate::cpu::gemm::lane_gathered::{max_tile, MAX_STEP};
 use crate::cpu::gemm::{lane_gemm_gathered, Gathered, LaneTile, Layout, Source, LANES};
 use candle_core::bail;
@@ -203,30 +206,49 @@ struct Edge {
 
 impl Run<'_> {
     /// The lane layout's block read in place ([`Unpadded`]): the border's
-    /// im2col columns into `scratch` (rows shared by the threads with
+    /// im2col columns into scratch (rows shared by the threads with
     /// `split`), then tasks owning whole lane groups multiply the pixels
     /// inside (from the input) and the border's (from its columns) into
-    /// the rest of `scratch` (`[O_pad / LANES][pixels][LANES]` after `[O_pad,
-    /// block.cols]`), bring their groups back to rows and write their
-    /// channels' epilogue. `scratch` holds at least
-    /// [`Run::unpadded_len`] values.
-    pub(super) fn lane_unpadded(&self, u: &Unpadded, block: &Block, scratch: &mut [f32]) -> candle_core::Result<()> {
+    /// scratch products (`[O_pad / LANES][pixels][LANES]`), bring their
+    /// groups back to rows (`[O_pad, block.cols]`) and write their
+    /// channels' epilogue.
+    pub(super) fn lane_unpadded(&self, u: &Unpadded, block: &Block) -> candle_core::Result<()> {
+        let conv = self.conv;
+        let (depth, pixels, m_cols) = (conv.depth(), block.pixels, block.cols);
+        let (inner, border) = u.split(block);
+        // Saturated: past the scratch cap, `with_scratch` refuses it.
+        let len = depth
+            .saturating_mul(border.len())
+            .saturating_add(conv.padded_out.saturating_mul(m_cols.saturating_add(pixels)));
+        with_scratch(len, |scratch| {
+            self.unpadded_products(u, block, (&inner, &border), scratch)
+        })
+    }
+
+    /// [`Run::lane_unpadded`] with its runs inside the input, border pixels
+    /// and scratch.
+    fn unpadded_products(
+        &self,
+        u: &Unpadded,
+        block: &Block,
+        (inner, border): (&[Segment], &[Edge]),
+        scratch: &mut [f32],
+    ) {
         let conv = self.conv;
         let (s, a) = (&self.shape, &conv.spec.attrs);
         let (depth, pixels, m_cols) = (conv.depth(), block.pixels, block.cols);
-        let (inner, border) = u.split(block);
         let (v, rest) = scratch.split_at_mut(depth * border.len());
         let (m, rest) = rest.split_at_mut(conv.padded_out * m_cols);
         let partials = &mut rest[..conv.padded_out * pixels];
         if !border.is_empty() {
-            self.border_columns(u, &border, v);
+            self.border_columns(u, border, v);
         }
         let max = max_tile(conv.isa);
         let (sy, sx, [py, px]) = (a.stride[0], a.stride[1], a.padding);
         let image_len = s.channels * s.in_plane();
         // Inside the input, each run's window origin is in the image.
         let origin = |seg: &Segment| image_len * seg.image + (seg.y * sy - py) * s.width + seg.x0 * sx - px;
-        let inner_tiles = lane_tiles(&inner, origin, sy * s.width, sx, max);
+        let inner_tiles = lane_tiles(inner, origin, sy * s.width, sx, max);
         let border_cols: Vec<usize> = border.iter().map(|e| e.col).collect();
         let border_tiles = column_tiles(&border_cols, max);
         let border_table: Vec<usize> = (0..depth).map(|d| d * border.len()).collect();
@@ -264,7 +286,6 @@ impl Run<'_> {
                 let channels = groups.start * LANES..(groups.end * LANES).min(s.out_channels);
                 self.epilogue(m, m_cols, block, channels);
             });
-        Ok(())
     }
 
     /// The im2col columns of the border pixels `border` into `v` (`[C·kh·kw,
@@ -316,17 +337,6 @@ impl Run<'_> {
         } else {
             fill(0, &mut v[..depth * border.len()]);
         }
-    }
-
-    /// Scratch values [`Run::lane_unpadded`] takes for `block`: the
-    /// border's columns and the products twice (saturated: past the
-    /// scratch cap, `with_scratch` refuses it).
-    pub(super) fn unpadded_len(&self, u: &Unpadded, block: &Block) -> usize {
-        let conv = self.conv;
-        let (_, border) = u.split(block);
-        conv.depth()
-            .saturating_mul(border.len())
-            .saturating_add(conv.padded_out.saturating_mul(block.cols.saturating_add(block.pixels)))
     }
 }
 

@@ -4,9 +4,10 @@
 //! instead of 144: a 4× cut in arithmetic for the convs that carry most of
 //! ResNet's FLOPs.
 //!
-//! Work is split into blocks of `tile_block` tiles (over the whole batch);
-//! blocks run in parallel when there are enough of them, otherwise each
-//! phase of a block is split across threads. Scratch buffers live per thread
+//! Work is split into blocks of tiles (over the whole batch,
+//! [`WinogradF4::schedule`]): blocks run in parallel when there are enough
+//! of them or one a thread fits, otherwise each phase of a block is split
+//! across threads. Scratch buffers live per thread
 //! and are reused across calls, so a steady-state forward allocates nothing
 //! but its output. The transforms are in `f4_transform.rs`.
 //!
@@ -90,13 +91,18 @@ impl WinogradF4 {
     /// `cargo xtask bench` medians of alternating runs on the Intel Xeon VM
     /// (2 threads); AVX2 forced there, 1.01× (so not on AVX2).
     fn tile_block(&self, total: usize) -> usize {
-        let per_tile = XI * (self.w.spec.in_channels + self.w.padded_out) * 4;
+        let per_tile = self.tile_bytes();
         let slice = match self.w.isa {
             Isa::Avx512 => WIDE_TILE,
             _ => PANEL_TILES,
         };
         let cache_block = ((self.block_bytes / per_tile) / slice).clamp(1, 256 / slice) * slice;
         tiles_per_block(cache_block, total, per_tile, std::mem::size_of_val(&*self.w.u))
+    }
+
+    /// Bytes of `V` and `M` one tile takes in a block.
+    fn tile_bytes(&self) -> usize {
+        XI * (self.w.spec.in_channels + self.w.padded_out) * std::mem::size_of::<f32>()
     }
 
     /// Tiles per block of `total` on `threads` threads, and whether the
@@ -107,20 +113,22 @@ impl WinogradF4 {
     /// at least [`PER_THREAD_MIN_TILES`] and the threads' L2s hold `U`
     /// (each block streams all of it). The split phases hand `V` and `M`
     /// from one core to the other between phases and wait at each:
-    /// ResNet18's layer2.0.conv2 at batch 1 (49 tiles, `U` 2.36 MB)
-    /// 0.79× the time in blocks of 25 and 24 tiles, its reader of a
-    /// stride-2 conv's output; where `U` comes from memory once per thread
-    /// it loses (ResNet18's layer4 at batch 10, 40 tiles, `U` 37.7 MB:
-    /// 1.16-1.21×). Intel Xeon VM, AVX-512, 2 threads, ABBA profiles.
+    /// ResNet18's layer2.0.conv2 at batch 1 (49 tiles, `U` 2.36 MB, the
+    /// reader of a stride-2 conv's output) 0.79-0.87× the time in blocks of
+    /// 25 and 24 tiles, its layer1.0.conv1 (the pooled stem's reader, 196
+    /// tiles: three blocks of up to 96 before, 98 + 98 now) 0.88×, AVX2
+    /// forced 0.85× and 0.83×, the other layer1/2 convs level; where `U`
+    /// comes from memory once per thread it loses (ResNet18's layer4 at
+    /// batch 10, 40 tiles, `U` 37.7 MB: 1.16-1.21×). Intel Xeon VM, 2
+    /// threads, ABBA profiles.
     pub(super) fn schedule(&self, total: usize, threads: usize) -> (usize, bool) {
         let block = self.tile_block(total);
         if total.div_ceil(block) >= 2 * threads {
             return (block, true);
         }
         let per_thread = total.div_ceil(threads.max(1));
-        let per_tile = XI * (self.w.spec.in_channels + self.w.padded_out) * 4;
         let u_bytes = std::mem::size_of_val(&*self.w.u);
-        let fits = per_thread.saturating_mul(per_tile) <= self.block_bytes
+        let fits = per_thread.saturating_mul(self.tile_bytes()) <= self.block_bytes
             && u_bytes <= self.block_bytes.saturating_mul(threads);
         match threads > 1 && per_thread >= PER_THREAD_MIN_TILES && fits {
             true => (per_thread, true),
