@@ -32,13 +32,11 @@
 //! 1.5-1.9× slower with the fill on one thread); they read the input in
 //! place now.
 
-use super::{groups, lanes_to_rows, Block, DirectConv, Run, Segment};
+use super::{groups, Block, DirectConv, Run, Segment};
 use crate::cpu::conv::ConvShape;
 use crate::cpu::data::gather_strided;
 use crate::cpu::gemm::lane_gathered::max_tile;
-use crate::cpu::gemm::{
-    lane_gemm_gathered, panel_gemm_gathered, Gathered, IsaBody, LaneTile, Layout, Source, LANES, PANEL_GRANULE,
-};
+use crate::cpu::gemm::{panel_gemm_gathered, Gathered, IsaBody, LaneTile, Layout, Source, PANEL_GRANULE};
 use candle_core::bail;
 use rayon::prelude::*;
 
@@ -260,24 +258,7 @@ impl Run<'_> {
                 }
             })
             .collect();
-        let lane_groups = conv.padded_out / LANES;
-        let per_task = match self.split {
-            true => lane_groups.div_ceil(2 * rayon::current_num_threads()).max(1),
-            false => lane_groups,
-        };
-        partials
-            .par_chunks_mut(per_task * pixels * LANES)
-            .zip(m.par_chunks_mut(per_task * LANES * m_cols))
-            .enumerate()
-            .for_each(|(i, (t, m))| {
-                let first = i * per_task;
-                let groups = first..first + t.len() / (pixels * LANES);
-                let w = (&conv.packed[..], conv.padded_out);
-                lane_gemm_gathered(conv.isa, w, &sources, (&mut *t, pixels), groups.clone());
-                lanes_to_rows(t, 1, pixels, m, m_cols);
-                let channels = groups.start * LANES..(groups.end * LANES).min(self.shape.out_channels);
-                self.epilogue(m, m_cols, block, channels);
-            });
+        self.lane_tasks(&sources, block, partials, m, m_cols);
         Ok(())
     }
 

@@ -34,11 +34,11 @@
 //! lane layout 1.15× and 1.9× (they stay on the panel layout).
 
 use super::phased::lane_tiles;
-use super::{lanes_to_rows, Block, DirectConv, Run, Segment};
+use super::{Block, DirectConv, Run, Segment};
 use crate::cpu::conv::ConvShape;
 use crate::cpu::data::with_scratch;
 use crate::cpu::gemm::lane_gathered::{max_tile, MAX_STEP};
-use crate::cpu::gemm::{lane_gemm_gathered, Gathered, LaneTile, Layout, Source, LANES};
+use crate::cpu::gemm::{Gathered, LaneTile, Layout, Source};
 use candle_core::bail;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -268,24 +268,7 @@ impl Run<'_> {
                 tiles: border_tiles,
             },
         ];
-        let lane_groups = conv.padded_out / LANES;
-        let per_task = match self.split {
-            true => lane_groups.div_ceil(2 * rayon::current_num_threads()).max(1),
-            false => lane_groups,
-        };
-        partials
-            .par_chunks_mut(per_task * pixels * LANES)
-            .zip(m.par_chunks_mut(per_task * LANES * m_cols))
-            .enumerate()
-            .for_each(|(i, (t, m))| {
-                let first = i * per_task;
-                let groups = first..first + t.len() / (pixels * LANES);
-                let w = (&conv.packed[..], conv.padded_out);
-                lane_gemm_gathered(conv.isa, w, &sources, (&mut *t, pixels), groups.clone());
-                lanes_to_rows(t, 1, pixels, m, m_cols);
-                let channels = groups.start * LANES..(groups.end * LANES).min(s.out_channels);
-                self.epilogue(m, m_cols, block, channels);
-            });
+        self.lane_tasks(&sources, block, partials, m, m_cols);
     }
 
     /// The im2col columns of the border pixels `border` into `v` (`[C·kh·kw,
