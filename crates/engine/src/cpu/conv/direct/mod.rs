@@ -146,35 +146,6 @@ fn lanes_to_rows(partials: &[f32], parts: usize, pixels: usize, m: &mut [f32], c
         });
 }
 
-impl Run<'_> {
-    /// The lane layout's product of `block` read through `sources`, in
-    /// tasks owning whole lane groups (shared by the threads with `split`):
-    /// each multiplies its groups into `partials` (`[O_pad / LANES][pixels]
-    /// [LANES]`), brings them back to rows of `m` (`[O_pad, m_cols]`) and
-    /// writes its channels' epilogue.
-    fn lane_tasks(&self, sources: &[Source], block: &Block, partials: &mut [f32], m: &mut [f32], m_cols: usize) {
-        let (conv, pixels) = (self.conv, block.pixels);
-        let lane_groups = conv.padded_out / LANES;
-        let per_task = match self.split {
-            true => lane_groups.div_ceil(2 * rayon::current_num_threads()).max(1),
-            false => lane_groups,
-        };
-        partials[..conv.padded_out * pixels]
-            .par_chunks_mut(per_task * pixels * LANES)
-            .zip(m.par_chunks_mut(per_task * LANES * m_cols))
-            .enumerate()
-            .for_each(|(i, (t, m))| {
-                let first = i * per_task;
-                let groups = first..first + t.len() / (pixels * LANES);
-                let w = (&conv.packed[..], conv.padded_out);
-                lane_gemm_gathered(conv.isa, w, sources, (&mut *t, pixels), groups.clone());
-                lanes_to_rows(t, 1, pixels, m, m_cols);
-                let channels = groups.start * LANES..(groups.end * LANES).min(self.shape.out_channels);
-                self.epilogue(m, m_cols, block, channels);
-            });
-    }
-}
-
 /// One forward's context, shared by its blocks.
 struct Run<'a> {
     conv: &'a DirectConv,
@@ -623,6 +594,33 @@ impl Run<'_> {
                 });
         }
         lanes_to_rows(&*partials, parts, pixels, m, cols);
+    }
+
+    /// The lane layout's product of `block` read through `sources`, in
+    /// tasks owning whole lane groups (shared by the threads with `split`):
+    /// each multiplies its groups into `partials` (`[O_pad / LANES][pixels]
+    /// [LANES]`), brings them back to rows of `m` (`[O_pad, m_cols]`) and
+    /// writes its channels' epilogue.
+    fn lane_tasks(&self, sources: &[Source], block: &Block, partials: &mut [f32], m: &mut [f32], m_cols: usize) {
+        let (conv, pixels) = (self.conv, block.pixels);
+        let lane_groups = conv.padded_out / LANES;
+        let per_task = match self.split {
+            true => lane_groups.div_ceil(2 * rayon::current_num_threads()).max(1),
+            false => lane_groups,
+        };
+        partials[..conv.padded_out * pixels]
+            .par_chunks_mut(per_task * pixels * LANES)
+            .zip(m.par_chunks_mut(per_task * LANES * m_cols))
+            .enumerate()
+            .for_each(|(i, (t, m))| {
+                let first = i * per_task;
+                let groups = first..first + t.len() / (pixels * LANES);
+                let w = (&conv.packed[..], conv.padded_out);
+                lane_gemm_gathered(conv.isa, w, sources, (&mut *t, pixels), groups.clone());
+                lanes_to_rows(t, 1, pixels, m, m_cols);
+                let channels = groups.start * LANES..(groups.end * LANES).min(self.shape.out_channels);
+                self.epilogue(m, m_cols, block, channels);
+            });
     }
 
     /// `product(u, m, rows)` over the weights' panels (`m` `[O_pad,

@@ -492,8 +492,10 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
-        /// The lane layout's convs that read phases (kernels of more than
-        /// one value, column strides up to MAX_LANE_STRIDE) equal candle's
+        /// The lane layout's convs that may read phases (kernels of more
+        /// than one value, column strides up to MAX_LANE_STRIDE; those with
+        /// few border pixels at strides 1-2 read the input in place
+        /// instead, `unpadded.rs`, tested there too) equal candle's
         /// conv on every path: dilation, padding per axis, partial lane
         /// groups, output rows narrower and wider than a tile (one- and
         /// two-row tiles), several images and more pixels than a block

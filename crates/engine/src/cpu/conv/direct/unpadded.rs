@@ -90,7 +90,7 @@ impl Unpadded {
         if conv.layout != Layout::Lanes || !(1..=MAX_STEP).contains(&a.stride[1]) || shape.channels == 0 || taps > 64 {
             return false;
         }
-        let Some((rows, cols)) = Self::inside(conv, shape) else {
+        let Some((rows, cols)) = Self::inside_ranges(conv, shape) else {
             return false;
         };
         let plane = shape.out_plane();
@@ -104,7 +104,7 @@ impl Unpadded {
     }
 
     /// The output rows and columns whose windows lie inside the input.
-    fn inside(conv: &DirectConv, shape: &ConvShape) -> Option<(Range<usize>, Range<usize>)> {
+    fn inside_ranges(conv: &DirectConv, shape: &ConvShape) -> Option<(Range<usize>, Range<usize>)> {
         let (a, [kh, kw]) = (&conv.spec.attrs, conv.spec.kernel);
         let rows = inside(
             shape.height,
@@ -128,7 +128,7 @@ impl Unpadded {
     /// The table for `conv` on `shape`; an error when a size overflows.
     pub(super) fn new(conv: &DirectConv, shape: &ConvShape) -> candle_core::Result<Self> {
         let (a, [kh, kw]) = (&conv.spec.attrs, conv.spec.kernel);
-        let Some((rows, cols)) = Self::inside(conv, shape) else {
+        let Some((rows, cols)) = Self::inside_ranges(conv, shape) else {
             bail!("conv windows overflow for {shape:?}")
         };
         // The furthest entry: the last channel's plane plus the window's reach.
@@ -244,11 +244,9 @@ impl Run<'_> {
             self.border_columns(u, border, v);
         }
         let max = max_tile(conv.isa);
-        let (sy, sx, [py, px]) = (a.stride[0], a.stride[1], a.padding);
-        let image_len = s.channels * s.in_plane();
-        // Inside the input, each run's window origin is in the image.
-        let origin = |seg: &Segment| image_len * seg.image + (seg.y * sy - py) * s.width + seg.x0 * sx - px;
-        let inner_tiles = lane_tiles(inner, origin, sy * s.width, sx, max);
+        // Inside the input, each run's window origin lies in its image.
+        let origin = |seg: &Segment| self.window_origin(seg.image, seg.y, seg.x0)[2] as usize;
+        let inner_tiles = lane_tiles(inner, origin, a.stride[0] * s.width, a.stride[1], max);
         let border_cols: Vec<usize> = border.iter().map(|e| e.col).collect();
         let border_tiles = column_tiles(&border_cols, max);
         let border_table: Vec<usize> = (0..depth).map(|d| d * border.len()).collect();
@@ -271,6 +269,18 @@ impl Run<'_> {
         self.lane_tasks(&sources, block, partials, m, m_cols);
     }
 
+    /// Pixel (`image`, `y`, `x`)'s window origin: the input row and column
+    /// of its first tap (negative in the padding) and where that would lie
+    /// in the input (an offset, in bounds where the tap is inside). The
+    /// sizes are the input's own (`applies` bounds the padding by them).
+    fn window_origin(&self, image: usize, y: usize, x: usize) -> [isize; 3] {
+        let (s, a) = (&self.shape, &self.conv.spec.attrs);
+        let iy = (y * a.stride[0]) as isize - a.padding[0] as isize;
+        let ix = (x * a.stride[1]) as isize - a.padding[1] as isize;
+        let image_len = s.channels * s.in_plane();
+        [iy, ix, (image * image_len) as isize + iy * s.width as isize + ix]
+    }
+
     /// The im2col columns of the border pixels `border` into `v` (`[C·kh·kw,
     /// border.len()]`): zeros where a window reaches into the padding; rows
     /// shared by the threads with `split`. Row by row over the pixels (a
@@ -278,15 +288,13 @@ impl Run<'_> {
     /// tenth of the conv).
     fn border_columns(&self, u: &Unpadded, border: &[Edge], v: &mut [f32]) {
         let (s, a, [kh, kw]) = (&self.shape, &self.conv.spec.attrs, self.conv.spec.kernel);
-        let image_len = s.channels * s.in_plane();
         // Per pixel: where its window's origin would be, and which of its
         // taps lie inside the input (bit ky·kw + kx; `applies` keeps kh·kw
         // within 64).
         let taps: Vec<(isize, u64)> = border
             .iter()
             .map(|e| {
-                let iy = (e.y * a.stride[0]) as isize - a.padding[0] as isize;
-                let ix = (e.x * a.stride[1]) as isize - a.padding[1] as isize;
+                let [iy, ix, origin] = self.window_origin(e.image, e.y, e.x);
                 let inside = |at: isize, len: usize| at >= 0 && (at as usize) < len;
                 let mut mask = 0u64;
                 for ky in 0..kh {
@@ -295,7 +303,7 @@ impl Run<'_> {
                         mask |= u64::from(inside(y, s.height) && inside(x, s.width)) << (ky * kw + kx);
                     }
                 }
-                ((e.image * image_len) as isize + iy * s.width as isize + ix, mask)
+                (origin, mask)
             })
             .collect();
         let fill = |first: usize, v: &mut [f32]| {

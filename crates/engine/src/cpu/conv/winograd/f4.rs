@@ -123,16 +123,16 @@ impl WinogradF4 {
     /// threads, ABBA profiles.
     pub(super) fn schedule(&self, total: usize, threads: usize) -> (usize, bool) {
         let block = self.tile_block(total);
-        if total.div_ceil(block) >= 2 * threads {
+        if threads <= 1 || total.div_ceil(block) >= 2 * threads {
             return (block, true);
         }
-        let per_thread = total.div_ceil(threads.max(1));
+        let per_thread = total.div_ceil(threads);
         let u_bytes = std::mem::size_of_val(&*self.w.u);
         let fits = per_thread.saturating_mul(self.tile_bytes()) <= self.block_bytes
             && u_bytes <= self.block_bytes.saturating_mul(threads);
-        match threads > 1 && per_thread >= PER_THREAD_MIN_TILES && fits {
+        match per_thread >= PER_THREAD_MIN_TILES && fits {
             true => (per_thread, true),
-            false => (block, threads <= 1),
+            false => (block, false),
         }
     }
 
