@@ -24,6 +24,7 @@ use super::planes::{self, PlaneRun, Product};
 use super::{output, ConvShape, ConvSpec};
 use crate::cpu::data::{gather_strided, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
+use crate::cpu::gemm::lane_gathered::{max_runs, max_tile};
 use crate::cpu::gemm::{
     chunks_depth, lane_gemm, lane_gemm_gathered, lane_gemm_part, panel_gemm, Isa, IsaBody, LaneProduct, Layout, Source,
     LANES, LANE_CHUNK, PANEL_GRANULE, PANEL_ROWS,
@@ -227,6 +228,23 @@ impl DirectConv {
     /// The weights' layout.
     pub(crate) fn layout(&self) -> Layout {
         self.layout
+    }
+
+    /// The most pixels and runs (output rows) of the lane layout's
+    /// micro-tiles that read in place ([`phased::lane_tiles`]): runs down
+    /// the rows past two only for kernels of more than one value, whose
+    /// taps share the lines a tile reads (ResNet18's 1×1 stride-2
+    /// downsample onto 7×7 took 1.18× the time in columns of 6 × 1 on
+    /// AVX2, each broadcast from a line of its own for each of its 256
+    /// channels; its 3×3 stride-2 conv onto 14×14 in 3 × 2 tiles took
+    /// 0.94-0.96× the time: Intel Xeon VM, AVX2 forced, per node in the
+    /// model, ABBA).
+    fn tile_limit(&self) -> (usize, usize) {
+        let runs = match self.spec.kernel[0] * self.spec.kernel[1] {
+            1 => max_runs(self.isa).min(2),
+            _ => max_runs(self.isa),
+        };
+        (max_tile(self.isa), runs)
     }
 
     fn depth(&self) -> usize {

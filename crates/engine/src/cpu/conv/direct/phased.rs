@@ -35,7 +35,6 @@
 use super::{groups, Block, DirectConv, Run, Segment};
 use crate::cpu::conv::ConvShape;
 use crate::cpu::data::gather_strided;
-use crate::cpu::gemm::lane_gathered::max_tile;
 use crate::cpu::gemm::{panel_gemm_gathered, Gathered, IsaBody, LaneTile, Layout, Source, PANEL_GRANULE};
 use candle_core::bail;
 use rayon::prelude::*;
@@ -254,7 +253,7 @@ impl Run<'_> {
                         data: region,
                         table: &phases.table,
                     },
-                    tiles: lane_tiles(group, start, pitch, 1, max_tile(conv.isa)),
+                    tiles: lane_tiles(group, start, pitch, 1, conv.tile_limit()),
                 }
             })
             .collect();
@@ -323,39 +322,52 @@ impl Run<'_> {
     }
 }
 
-/// Micro-tiles of at most `max` pixels over `runs` (segments of one
-/// output row each, in the block's columns), each run cut in tiles of
-/// equal width (no tiny remainder): two rows at once where the next run
-/// is the next row of the same image over the same columns and that takes
-/// fewer tiles (ResNet's 7-wide rows at batch 1: one tile of 2 × 7 on
-/// AVX-512, three of 2 × 3 or 2 × 2 on AVX2 against four of 4 or 3; its
-/// 14-wide rows on AVX2: five of 2 × 3 or 2 × 2 against six). Run `seg`'s
-/// first pixel reads from `start(seg)`, the next row's `pitch` on, its
-/// pixels `step` apart.
+/// Micro-tiles of at most `max` pixels in at most `max_runs` runs over
+/// `runs` (segments of one output row each, in the block's columns), each
+/// group of runs cut in tiles of equal width (no tiny remainder): `h` rows
+/// at once where the next `h − 1` runs are the next rows of the same image
+/// over the same columns and that takes the most pixels a tile (the fewest
+/// `h` of equals). ResNet's 7-wide rows at batch 1: one tile of 2 × 7 on
+/// AVX-512; on AVX2 columns of 6 × 1 (seven tiles for six rows, against
+/// nine in row pairs of 2 × 3 and 2 × 2); its 14-wide rows on AVX2 three
+/// at a time in tiles of 3 × 2 (seven tiles for three rows; a pair takes
+/// five). Run `seg`'s first pixel reads from `start(seg)`, the next row's
+/// `pitch` on, its pixels `step` apart.
 pub(super) fn lane_tiles(
     runs: &[Segment],
     start: impl Fn(&Segment) -> usize,
     pitch: usize,
     step: usize,
-    max: usize,
+    (max, max_runs): (usize, usize),
 ) -> Vec<LaneTile> {
+    let max = max.max(1);
     let mut tiles = Vec::new();
     let mut k = 0;
     while k < runs.len() {
         let seg = runs[k];
         let width = seg.x1 - seg.x0;
-        let single = width.div_ceil(max.max(1));
-        let paired = width.div_ceil((max / 2).max(1));
-        let next = runs
-            .get(k + 1)
-            .filter(|next| {
-                next.image == seg.image && next.y == seg.y + 1 && (next.x0, next.x1) == (seg.x0, seg.x1) && max >= 2
+        let col_pitch = runs.get(k + 1).map_or(0, |next| next.col.wrapping_sub(seg.col));
+        // The runs after `seg` that continue it: the next rows, same columns,
+        // evenly spaced in the block.
+        let follows = |j: usize| {
+            runs.get(k + j).is_some_and(|r| {
+                r.image == seg.image
+                    && r.y == seg.y + j
+                    && (r.x0, r.x1) == (seg.x0, seg.x1)
+                    && r.col == seg.col.wrapping_add(j.wrapping_mul(col_pitch))
             })
-            .filter(|_| paired < 2 * single);
-        let (count, rows, col_pitch) = match next {
-            Some(next) => (paired, 2, next.col - seg.col),
-            None => (single, 1, 0),
         };
+        let available = (1..max_runs.min(max)).take_while(|&j| follows(j)).count() + 1;
+        // Tiles for `h` rows at once, and the rows with the most pixels a
+        // tile (compared as h / tiles, cross-multiplied; the first on ties).
+        let count = |h: usize| width.div_ceil((max / h).max(1));
+        let rows = (1..=available)
+            .reduce(|best, h| match h * count(best) > best * count(h) {
+                true => h,
+                false => best,
+            })
+            .unwrap_or(1);
+        let (count, col_pitch) = (count(rows), if rows > 1 { col_pitch } else { 0 });
         let first = start(&seg);
         let mut x = 0;
         for t in 0..count {
@@ -544,7 +556,8 @@ mod tests {
         let rows = |width: usize, n: usize| (0..n).map(|y| seg(y, 0, width, y * width)).collect::<Vec<_>>();
         let shapes = |tiles: Vec<LaneTile>| tiles.iter().map(|t| (t.col, t.width, t.rows)).collect::<Vec<_>>();
         // Output row `y` 100 values after row `y - 1` from the first run's.
-        let lane_tiles = |runs: &[Segment], max| lane_tiles(runs, |s| (s.y - runs[0].y) * 100 + s.x0, 100, 1, max);
+        // AVX-512's limits: two runs a tile.
+        let lane_tiles = |runs: &[Segment], max| lane_tiles(runs, |s| (s.y - runs[0].y) * 100 + s.x0, 100, 1, (max, 2));
         assert_eq!(shapes(lane_tiles(&rows(7, 3), 14)), [(0, 7, 2), (14, 7, 1)]);
         let pair = lane_tiles(&rows(7, 2), 14)[0];
         assert_eq!((pair.start, pair.pitch, pair.col_pitch), (0, 100, 7));
@@ -559,6 +572,21 @@ mod tests {
             shapes(lane_tiles(&rows(30, 1), 14)),
             [(0, 10, 1), (10, 10, 1), (20, 10, 1)]
         );
+        // AVX2's: up to six runs of a pixel; a 7 × 7 plane in columns of
+        // six rows and the last row in two; 14-wide rows in threes.
+        let avx2 = |runs: &[Segment]| shapes(super::lane_tiles(runs, |s| s.y * 100 + s.x0, 100, 1, (6, 6)));
+        let mut want: Vec<_> = (0..7).map(|x| (x, 1, 6)).collect();
+        want.extend([(42, 4, 1), (46, 3, 1)]);
+        assert_eq!(avx2(&rows(7, 7)), want);
+        assert_eq!(avx2(&rows(14, 3)), (0..7).map(|x| (2 * x, 2, 3)).collect::<Vec<_>>());
+        let column = super::lane_tiles(&rows(7, 6), |s| s.y * 100 + s.x0, 100, 1, (6, 6))[3];
+        assert_eq!(
+            (column.start, column.pitch, column.col, column.col_pitch),
+            (3, 100, 3, 7)
+        );
+        // Rows of another width or image, or not the next row, end a group.
+        let broken = [seg(0, 0, 7, 0), seg(1, 0, 7, 7), seg(3, 0, 7, 14)];
+        assert_eq!(avx2(&broken), [(0, 3, 2), (3, 2, 2), (5, 2, 2), (14, 4, 1), (18, 3, 1)]);
         let tiles = lane_tiles(&[seg(3, 2, 7, 0), seg(4, 0, 7, 5)], 14);
         assert_eq!(shapes(tiles.clone()), [(0, 5, 1), (5, 7, 1)]);
         assert_eq!((tiles[0].start, tiles[1].start), (2, 100));

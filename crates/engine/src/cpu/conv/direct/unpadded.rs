@@ -246,7 +246,7 @@ impl Run<'_> {
         let max = max_tile(conv.isa);
         // Inside the input, each run's window origin lies in its image.
         let origin = |seg: &Segment| self.window_origin(seg.image, seg.y, seg.x0)[2] as usize;
-        let inner_tiles = lane_tiles(inner, origin, a.stride[0] * s.width, a.stride[1], max);
+        let inner_tiles = lane_tiles(inner, origin, a.stride[0] * s.width, a.stride[1], conv.tile_limit());
         let border_cols: Vec<usize> = border.iter().map(|e| e.col).collect();
         let border_tiles = column_tiles(&border_cols, max);
         let border_table: Vec<usize> = (0..depth).map(|d| d * border.len()).collect();
