@@ -499,9 +499,8 @@ mod tests {
                 {
                     "direct-lanes"
                 }
-                n if n.contains("downsample") || n.starts_with("conv1") || n.starts_with("layer2.0.conv1") => {
-                    "direct-panels"
-                }
+                n if n.starts_with("conv1") => "stem",
+                n if n.contains("downsample") || n.starts_with("layer2.0.conv1") => "direct-panels",
                 _ => "winograd-f4x4",
             };
             assert_eq!(*kind, expected, "{name} at batch 1");
@@ -510,13 +509,10 @@ mod tests {
         let (budgeted, unlimited) = (compile(10, bare), compile(10, WeightBudget::unlimited()));
         let ten = conv_kernels(&budgeted);
         for (name, kind) in &ten {
-            // The stem, the downsamples and layer2-4's first convs have stride 2.
-            let strided = |n: &str| {
-                n.starts_with("conv1")
-                    || n.contains("downsample")
-                    || (n.contains(".0.conv1") && !n.starts_with("layer1"))
-            };
+            // The downsamples and layer2-4's first convs have stride 2.
+            let strided = |n: &str| n.contains("downsample") || (n.contains(".0.conv1") && !n.starts_with("layer1"));
             let expected = match name.as_str() {
+                n if n.starts_with("conv1") => "stem",
                 n if strided(n) => "direct-panels",
                 n if n.starts_with("layer4.") => "winograd-f2x2",
                 _ => "winograd-f4x4",
@@ -525,7 +521,8 @@ mod tests {
         }
         let all_f4 = conv_kernels(&unlimited);
         assert_eq!(count(&all_f4, "winograd-f4x4"), 13, "{all_f4:?}");
-        assert_eq!(count(&all_f4, "direct-panels"), 7, "{all_f4:?}");
+        assert_eq!(count(&all_f4, "direct-panels"), 6, "{all_f4:?}");
+        assert_eq!(count(&all_f4, "stem"), 1, "{all_f4:?}");
         assert_eq!(
             kernels(10),
             all_f4,

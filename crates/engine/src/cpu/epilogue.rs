@@ -79,6 +79,16 @@ pub(crate) fn in_place(values: &mut [f32], bias: f32, residual: Option<&[f32]>, 
     })
 }
 
+/// `values[i] = act(values[i] + biases[i])`: one pixel's channels.
+#[inline(always)]
+pub(crate) fn in_place_channels(values: &mut [f32], biases: &[f32], activation: Option<Activation>) {
+    with_activation!(activation, |f| {
+        for (v, &bias) in values.iter_mut().zip(biases) {
+            *v = f(*v + bias);
+        }
+    })
+}
+
 /// `out[i] = act(src[i] + bias (+ residual[i]))` over one channel's run.
 #[inline(always)]
 pub(crate) fn write(out: &mut [f32], src: &[f32], bias: f32, residual: Option<&[f32]>, activation: Option<Activation>) {

@@ -25,6 +25,7 @@ pub(crate) mod pool;
 pub(crate) mod pool_window;
 pub(crate) mod prefetch;
 pub(crate) mod recycle;
+pub(crate) mod transpose;
 pub(crate) mod weight_buffer;
 
 use crate::kernel::Slot;
@@ -142,6 +143,9 @@ pub(crate) enum ConvAlgorithm {
     PointwiseSplit,
     /// A 1×1 conv on 1×1 output planes as dot products.
     Gemv,
+    /// A conv of few input channels with a fused max pool, output
+    /// channels on the vector lanes (ResNet's stem).
+    Stem,
 }
 
 impl ConvAlgorithm {
@@ -158,6 +162,7 @@ impl ConvAlgorithm {
             ConvAlgorithm::PointwiseLanes => "pointwise-lanes",
             ConvAlgorithm::PointwiseSplit => "pointwise-split",
             ConvAlgorithm::Gemv => "gemv",
+            ConvAlgorithm::Stem => "stem",
         }
     }
 }
@@ -177,6 +182,9 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
         };
     }
     if pooled {
+        if conv::stem::StemConv::applies(spec) {
+            return ConvAlgorithm::Stem;
+        }
         return ConvAlgorithm::DirectPanels;
     }
     // At every size: MobileNetV2's 7×7 1×1 convs at batch 1 took the same
@@ -438,7 +446,8 @@ mod tests {
             (spec(64, 1, 1, 1), false, [4, 64, 1, 1], Gemv),
             (spec(64, 1, 1, 1), false, [4, 256, 1, 1], Pointwise),
             (spec(64, 1, 2, 1), false, [10, 64, 28, 28], DirectPanels),
-            (spec(3, 7, 2, 1), true, [1, 64, 112, 112], DirectPanels),
+            (spec(3, 7, 2, 1), true, [1, 64, 112, 112], Stem),
+            (spec(8, 3, 2, 1), true, [1, 64, 112, 112], DirectPanels),
             (spec(32, 3, 1, 32), false, [1, 32, 7, 7], Depthwise),
             (spec(32, 3, 1, 8), false, [1, 32, 7, 7], Grouped),
         ];

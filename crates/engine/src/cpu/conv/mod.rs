@@ -13,6 +13,8 @@ pub(crate) mod planes;
 pub(crate) mod pointwise;
 pub(crate) mod pointwise_lanes;
 pub(crate) mod pointwise_split;
+pub(crate) mod stem;
+pub(crate) mod stem_tile;
 pub(crate) mod winograd;
 
 use super::epilogue::Epilogue;
@@ -28,6 +30,7 @@ use grouped::GroupedConv;
 use pointwise::PointwiseConv;
 use pointwise_lanes::PointwiseLanes;
 use pointwise_split::PointwiseSplit;
+use stem::StemConv;
 use wick_ir::{Conv2dAttrs, MaxPool2dAttrs};
 use winograd::{WinogradF2, WinogradF4};
 
@@ -192,6 +195,9 @@ pub(crate) enum CpuConv {
     PointwiseSplit(PointwiseSplit),
     /// A 1×1 conv on 1×1 planes as dot products.
     Gemv(GemvConv),
+    /// A conv of few input channels with a fused max pool, output channels
+    /// on the vector lanes.
+    Stem(StemConv),
 }
 
 impl CpuConv {
@@ -254,6 +260,12 @@ impl CpuConv {
                 pool_unfused("gemv")?;
                 CpuConv::Gemv(GemvConv::new(spec, weight, epilogue, machine.isa)?)
             }
+            ConvAlgorithm::Stem => {
+                let Some(pool) = pool else {
+                    bail!("the stem conv runs with a fused max pool")
+                };
+                CpuConv::Stem(StemConv::new(spec, weight, epilogue, pool, machine)?)
+            }
         })
     }
 
@@ -272,6 +284,7 @@ impl CpuConv {
             CpuConv::PointwiseLanes(_) => ConvAlgorithm::PointwiseLanes,
             CpuConv::PointwiseSplit(_) => ConvAlgorithm::PointwiseSplit,
             CpuConv::Gemv(_) => ConvAlgorithm::Gemv,
+            CpuConv::Stem(_) => ConvAlgorithm::Stem,
         }
     }
 
@@ -359,6 +372,7 @@ impl CpuConv {
             CpuConv::PointwiseLanes(conv) => conv.run(x, residual),
             CpuConv::PointwiseSplit(conv) => conv.run_scaled(x, residual, None),
             CpuConv::Gemv(conv) => conv.run(x, residual),
+            CpuConv::Stem(conv) => conv.run(x, residual),
         }
     }
 }

@@ -61,6 +61,19 @@ fn whole_plane_block(plane: usize) -> bool {
     plane >= MIN_BLOCK_COLS
 }
 
+/// An error unless `p` is a max pool a conv can run fused: non-zero
+/// kernel and stride, padding at most half the window (so no window lies
+/// wholly in the padding), floor mode.
+pub(crate) fn check_fused_pool(p: &MaxPool2dAttrs) -> candle_core::Result<()> {
+    if (0..2).any(|i| p.kernel[i] == 0 || p.stride[i] == 0 || p.padding[i] > p.kernel[i] / 2) {
+        bail!("fused max pool needs non-zero kernel and stride and padding <= half the window, got {p:?}")
+    }
+    if p.ceil_mode {
+        bail!("the fused max pool runs in floor mode (fuse-conv-max-pool leaves ceil-mode pools unfused)")
+    }
+    Ok(())
+}
+
 /// A one-group convolution with its weights packed for one of the two GEMM
 /// micro-kernels.
 #[derive(Debug)]
@@ -187,15 +200,10 @@ impl DirectConv {
         layout: Layout,
         machine: Machine,
     ) -> candle_core::Result<Self> {
-        if let Some(p) = pool {
-            if (0..2).any(|i| p.kernel[i] == 0 || p.stride[i] == 0 || p.padding[i] > p.kernel[i] / 2) {
-                bail!("fused max pool needs non-zero kernel and stride and padding <= half the window, got {p:?}")
-            }
+        if let Some(p) = &pool {
+            check_fused_pool(p)?;
             if layout == Layout::Lanes {
                 bail!("the fused max pool runs on the panel layout")
-            }
-            if p.ceil_mode {
-                bail!("the fused max pool runs in floor mode (fuse-conv-max-pool leaves ceil-mode pools unfused)")
             }
         }
         if spec.attrs.groups != 1 {

@@ -1,0 +1,551 @@
+//! A conv of few input channels with a fused max pool (ResNet's stem: 3 →
+//! 64 channels, 7×7 stride 2, then a 3×3 stride-2 pool), output channels
+//! on the vector lanes: each task zero-pads the input rows its convolution
+//! rows read, computes those rows one at a time as `[pixels][channels]`
+//! ([`stem_tile`]: each input value broadcast against a block of weight
+//! vectors, read in place at the conv's column stride), and pools each
+//! pooled row across whole channel vectors as soon as its window's rows
+//! are there; only the pooled row is turned back into the output's NCHW
+//! planes, with the epilogue.
+//!
+//! The panel layout's stem (`direct/pooled.rs`) puts pixels on the lanes
+//! and broadcasts weights: with three input channels its depth is 147, its
+//! pixels come from the input's column phases, and its gathered 8 × 48
+//! tile ran at ~60% of the FMA peak. Here the tile broadcasts the input
+//! and loads aligned weight vectors, 10 loads for 24 FMAs on AVX-512 (78%
+//! of the stem's samples in `perf`, the pooling 11%, the padded copy and
+//! the transposes ~5%). ResNet's stem + pool alone, 2 threads, ABBA, on
+//! the Intel Xeon VM: batch 1 0.94× the panel layout's time on AVX-512
+//! (0.825 against 0.875 ms) and 0.91× on AVX2 (1.215 against 1.335);
+//! batch 10 0.97× (8.8 against 9.1 ms); in ResNet18 per node, batch 1
+//! 0.96× and 0.95×, batch 10 1.01× and 0.92×. Tasks share the
+//! convolution row between their pooled rows, so each computes it (at
+//! batch 1, 7 of 119 rows); fewer, larger tasks ran slower (two a thread:
+//! 1.1×).
+
+use super::stem_tile::{block, stem_row, Window};
+use super::{output, ConvShape, ConvSpec};
+use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::epilogue::{self, Epilogue};
+use crate::cpu::gemm::{Isa, IsaBody};
+use crate::cpu::output::Output;
+use crate::cpu::pool::nan_max;
+use crate::cpu::transpose::columns_to_rows8;
+use crate::cpu::weight_buffer::WeightBuffer;
+use crate::machine::Machine;
+use candle_core::{bail, Tensor};
+use rayon::prelude::*;
+use std::ops::Range;
+use wick_ir::MaxPool2dAttrs;
+
+/// Most input channels the stem conv takes: any count computes, but
+/// only 3 (RGB) were measured; deeper pooled convs stay on the direct
+/// conv.
+pub(crate) const MAX_CHANNELS: usize = 4;
+
+/// Most pooled rows per task.
+const MAX_TASK_ROWS: usize = 16;
+
+/// A conv with few input channels and a fused max pool, its weights packed
+/// in blocks of output channels for the path's tile.
+#[derive(Debug)]
+pub(crate) struct StemConv {
+    spec: ConvSpec,
+    /// Output channels per block of the packed weights ([`block`]).
+    block: usize,
+    /// `[block][C·kh·kw][block]`, zeros past the output channels.
+    packed: WeightBuffer,
+    epilogue: Epilogue,
+    pool: MaxPool2dAttrs,
+    isa: Isa,
+}
+
+impl StemConv {
+    /// Whether `spec` with a fused pool runs here: one group, at most
+    /// [`MAX_CHANNELS`] input channels, no dilation, a column stride of 1
+    /// or 2.
+    pub(crate) fn applies(spec: &ConvSpec) -> bool {
+        let a = &spec.attrs;
+        a.groups == 1
+            && (1..=MAX_CHANNELS).contains(&spec.in_channels)
+            && a.dilation == [1, 1]
+            && (1..=2).contains(&a.stride[1])
+            && spec.kernel[0] > 0
+            && spec.kernel[1] > 0
+    }
+
+    /// Packs `weight` (`[O, C, kh, kw]`, f32) for `machine`'s path; an
+    /// error unless [`Self::applies`] and `pool` is a valid fused pool.
+    pub(crate) fn new(
+        spec: ConvSpec,
+        weight: &Tensor,
+        epilogue: Epilogue,
+        pool: MaxPool2dAttrs,
+        machine: Machine,
+    ) -> candle_core::Result<Self> {
+        super::direct::check_fused_pool(&pool)?;
+        if !Self::applies(&spec) {
+            bail!("the stem conv takes one group of 1 to {MAX_CHANNELS} input channels, no dilation and a column stride of 1 or 2, got {spec:?}")
+        }
+        let depth = spec.in_channels * spec.kernel[0] * spec.kernel[1];
+        let plain = weight.flatten_all()?.to_vec1::<f32>()?;
+        if plain.len() != spec.out_channels * depth {
+            bail!(
+                "stem conv weight {:?} does not match {} x {depth}",
+                weight.dims(),
+                spec.out_channels
+            )
+        }
+        let block = block(machine.isa);
+        let padded = spec.out_channels.div_ceil(block) * block;
+        let mut packed = WeightBuffer::zeroed(padded * depth, "packed weights")?;
+        for (o, row) in plain.chunks_exact(depth).enumerate() {
+            for (d, &value) in row.iter().enumerate() {
+                packed[(o / block * depth + d) * block + o % block] = value;
+            }
+        }
+        Ok(Self {
+            spec,
+            block,
+            packed,
+            epilogue,
+            pool,
+            isa: machine.isa,
+        })
+    }
+
+    /// Output channels rounded up to whole blocks.
+    fn padded_out(&self) -> usize {
+        self.spec.out_channels.div_ceil(self.block) * self.block
+    }
+
+    /// Runs on a CPU f32 tensor `[N, C, H, W]`: the conv, `residual` (the
+    /// conv's output shape) added before the activation, then the pool.
+    pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let call = self.spec.check(x, residual)?;
+        let shape = call.shape;
+        let Some(pooled) = self.pool.output_size([shape.out_height, shape.out_width]) else {
+            bail!(
+                "pool window {:?} does not fit the conv output {:?}",
+                self.pool.kernel,
+                shape.out_dims()
+            )
+        };
+        let dims = [shape.batch, shape.out_channels, pooled[0], pooled[1]];
+        let out_len: usize = dims.iter().product();
+        if out_len == 0 {
+            return output(Vec::new(), dims);
+        }
+        let mut out = Output::new(out_len, "conv output")?;
+        let dst = out.shared(out_len);
+        with_cpu_f32("stem conv", &call.x, call.residual.as_ref(), |input, residual| {
+            let run = Run {
+                conv: self,
+                input,
+                residual,
+                dst,
+                shape,
+                pooled,
+            };
+            // Pooled rows per task: up to MAX_TASK_ROWS while there are at
+            // least four tasks a thread (as the direct conv's pooled tasks).
+            let threads = rayon::current_num_threads();
+            let tasks = |rows: usize| shape.batch * pooled[0].div_ceil(rows);
+            let mut rows = 1;
+            while rows < pooled[0].min(MAX_TASK_ROWS) && tasks(rows + 1) >= 4 * threads {
+                rows += 1;
+            }
+            let chunks = pooled[0].div_ceil(rows);
+            (0..shape.batch * chunks).into_par_iter().try_for_each(|t| {
+                let (image, first) = (t / chunks, t % chunks * rows);
+                run.task(image, first..(first + rows).min(pooled[0]))
+            })
+        })?;
+        // SAFETY: the tasks cover every image's pooled rows, and each writes
+        // every channel of its rows.
+        unsafe { out.assume_written(out_len) };
+        out.into_tensor(&dims)
+    }
+}
+
+/// One forward's context.
+struct Run<'a> {
+    conv: &'a StemConv,
+    input: &'a [f32],
+    residual: Option<&'a [f32]>,
+    dst: SharedOut,
+    shape: ConvShape,
+    pooled: [usize; 2],
+}
+
+/// The conv outputs (of `len`) in the window of pooled output `r` along
+/// dimension `dim` of `pool`: `r·s − p .. r·s − p + k`, clipped.
+fn window(pool: &MaxPool2dAttrs, dim: usize, len: usize, r: usize) -> Range<usize> {
+    let (k, s, p) = (pool.kernel[dim], pool.stride[dim], pool.padding[dim]);
+    (r * s).saturating_sub(p)..(r * s + k).saturating_sub(p).min(len)
+}
+
+impl Run<'_> {
+    /// Pooled rows `rows` of image `image`, every channel.
+    fn task(&self, image: usize, rows: Range<usize>) -> candle_core::Result<()> {
+        let (conv, s) = (self.conv, &self.shape);
+        let (a, [kh, kw]) = (&conv.spec.attrs, conv.spec.kernel);
+        let (oh, ow) = (s.out_height, s.out_width);
+        let pool = &conv.pool;
+        let (y_lo, y_hi) = (
+            window(pool, 0, oh, rows.start).start,
+            window(pool, 0, oh, rows.end - 1).end,
+        );
+        // The zero-padded input rows and columns the task's conv rows read.
+        // Saturated: past the scratch cap, `with_scratch` refuses them.
+        let in_rows = (y_hi - y_lo - 1).saturating_mul(a.stride[0]).saturating_add(kh);
+        let in_cols = (ow - 1).saturating_mul(a.stride[1]).saturating_add(kw);
+        let padded_out = conv.padded_out();
+        let ring = pool.kernel[0];
+        let padded_len = s.channels.saturating_mul(in_rows).saturating_mul(in_cols);
+        let row_len = ow.saturating_mul(padded_out);
+        let len = padded_len
+            .saturating_add(ring.saturating_mul(row_len))
+            .saturating_add(row_len)
+            .saturating_add(self.pooled[1].saturating_mul(padded_out));
+        with_scratch(len, |scratch| {
+            let (padded, rest) = scratch.split_at_mut(padded_len);
+            let (ring_rows, rest) = rest.split_at_mut(ring * row_len);
+            let (column_max, pooled_row) = rest.split_at_mut(row_len);
+            self.pad_rows(image, y_lo, [in_rows, in_cols], padded);
+            let taps = Window {
+                channels: s.channels,
+                plane: in_rows * in_cols,
+                cols: in_cols,
+                kernel: [kh, kw],
+                step: a.stride[1],
+            };
+            // Without a residual, the bias and a monotonic activation
+            // commute with the max: they are applied to the pooled values
+            // only. Otherwise to each convolution row, before the max.
+            let monotonic = conv.epilogue.activation().is_none_or(|a| a.is_monotonic());
+            let late = self.residual.is_none() && monotonic;
+            let mut next = rows.start;
+            for y in y_lo..y_hi {
+                let row = &mut ring_rows[y % ring * row_len..][..row_len];
+                self.conv_row(&padded[(y - y_lo) * a.stride[0] * in_cols..], taps, row);
+                if !late {
+                    self.row_epilogue(image, y, row);
+                }
+                while next < rows.end && window(pool, 0, oh, next).end <= y + 1 {
+                    conv.isa.run(PoolRow {
+                        run: self,
+                        image,
+                        r: next,
+                        ring_rows: &*ring_rows,
+                        scratch: [&mut *column_max, &mut *pooled_row],
+                        late,
+                    });
+                    next += 1;
+                }
+            }
+        })
+    }
+
+    /// The zero-padded input of image `image` (`[C][rows][cols]`, `size`)
+    /// that convolution rows from `y_lo` read: input row `y_lo·sh − ph + i`,
+    /// column `j − pw`.
+    fn pad_rows(&self, image: usize, y_lo: usize, [rows, cols]: [usize; 2], padded: &mut [f32]) {
+        let (s, a) = (&self.shape, &self.conv.spec.attrs);
+        let (lo, hi) = (a.padding[1].min(cols), a.padding[1].saturating_add(s.width).min(cols));
+        for c in 0..s.channels {
+            for i in 0..rows {
+                let dst = &mut padded[(c * rows + i) * cols..][..cols];
+                let iy = (y_lo * a.stride[0] + i)
+                    .checked_sub(a.padding[0])
+                    .filter(|&iy| iy < s.height);
+                let Some(iy) = iy else {
+                    dst.fill(0.0);
+                    continue;
+                };
+                let line = &self.input[((image * s.channels + c) * s.height + iy) * s.width..][..s.width];
+                dst[..lo].fill(0.0);
+                dst[lo..hi.max(lo)].copy_from_slice(&line[..hi.saturating_sub(lo)]);
+                dst[hi.max(lo)..].fill(0.0);
+            }
+        }
+    }
+
+    /// One convolution row into `row` (`[OW][O_pad]`) from its padded
+    /// input rows `data`, a block of channels at a time.
+    fn conv_row(&self, data: &[f32], window: Window, row: &mut [f32]) {
+        let conv = self.conv;
+        let (ow, padded_out, block) = (self.shape.out_width, conv.padded_out(), conv.block);
+        let depth = window.depth();
+        for b in 0..padded_out / block {
+            let w = &conv.packed[b * depth * block..][..depth * block];
+            stem_row(conv.isa, w, data, window, ow, &mut row[b * block..], padded_out);
+        }
+    }
+
+    /// The epilogue on convolution row `y` of image `image` (`[OW][O_pad]`)
+    /// before the max: with a residual, or an activation that does not
+    /// commute with it.
+    fn row_epilogue(&self, image: usize, y: usize, row: &mut [f32]) {
+        let (conv, s) = (self.conv, &self.shape);
+        let padded_out = conv.padded_out();
+        for o in 0..s.out_channels {
+            let plane = ((image * s.out_channels + o) * s.out_height + y) * s.out_width;
+            let (bias, activation) = (conv.epilogue.bias(o), conv.epilogue.activation());
+            for x in 0..s.out_width {
+                let v = &mut row[x * padded_out + o];
+                *v = epilogue::value(*v, bias, self.residual.map(|r| r[plane + x]), activation);
+            }
+        }
+    }
+
+    /// [`PoolRow`]'s body.
+    #[inline(always)]
+    fn pool_row(&self, p: PoolRow<'_, '_>) {
+        let PoolRow {
+            image,
+            r,
+            ring_rows,
+            scratch: [column_max, pooled_row],
+            late,
+            ..
+        } = p;
+        let (conv, s) = (self.conv, &self.shape);
+        let (pool, po, ow) = (&conv.pool, conv.padded_out(), s.out_width);
+        let row_len = ow * po;
+        let ring = pool.kernel[0];
+        let ys = window(pool, 0, s.out_height, r);
+        // Non-empty windows: padding <= half the window (`check_fused_pool`).
+        let ring_row = |y: usize| &ring_rows[y % ring * row_len..][..row_len];
+        match ys.len() {
+            1 => column_max.copy_from_slice(ring_row(ys.start)),
+            _ => {
+                for ((m, &a), &b) in column_max
+                    .iter_mut()
+                    .zip(ring_row(ys.start))
+                    .zip(ring_row(ys.start + 1))
+                {
+                    *m = nan_max(a, b);
+                }
+            }
+        }
+        for y in ys.start + 2..ys.end {
+            for (m, &v) in column_max.iter_mut().zip(ring_row(y)) {
+                *m = nan_max(*m, v);
+            }
+        }
+        let pw = self.pooled[1];
+        let (biases, activation) = (conv.epilogue.biases(0..s.out_channels), conv.epilogue.activation());
+        for px in 0..pw {
+            let xs = window(pool, 1, ow, px);
+            let out = &mut pooled_row[px * po..][..po];
+            out.copy_from_slice(&column_max[xs.start * po..][..po]);
+            for x in xs.start + 1..xs.end {
+                for (m, &v) in out.iter_mut().zip(&column_max[x * po..][..po]) {
+                    *m = nan_max(*m, v);
+                }
+            }
+            if late {
+                epilogue::in_place_channels(out, biases, activation);
+            }
+        }
+        // SAFETY: pooled row r of image `image` belongs to this task only
+        // (tasks split images' rows); each channel's row is taken once.
+        let out_row = |o: usize| unsafe {
+            self.dst
+                .slice(((image * s.out_channels + o) * self.pooled[0] + r) * pw, pw)
+        };
+        let mut o = 0;
+        while o + 8 <= s.out_channels {
+            columns_to_rows8(conv.isa, pooled_row, po, o, std::array::from_fn(|k| out_row(o + k)));
+            o += 8;
+        }
+        for o in o..s.out_channels {
+            for (px, out) in out_row(o).iter_mut().enumerate() {
+                *out = pooled_row[px * po + o];
+            }
+        }
+    }
+}
+
+/// Pooled row `r` of image `image` from the convolution rows in
+/// `ring_rows` (row `y` in slot `y % pool height`), through `scratch`
+/// (the column maxima, `[OW][O_pad]`, and the pooled row, `[PW][O_pad]`),
+/// into the output, with the epilogue when `late`; compiled for the
+/// conv's path by [`Isa::run`] (the maxima vectorise across the channels).
+struct PoolRow<'a, 'r> {
+    run: &'a Run<'r>,
+    image: usize,
+    r: usize,
+    ring_rows: &'a [f32],
+    scratch: [&'a mut [f32]; 2],
+    late: bool,
+}
+
+impl IsaBody for PoolRow<'_, '_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        self.run.pool_row(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StemConv;
+    use crate::cpu::conv::direct::DirectConv;
+    use crate::cpu::conv::ConvSpec;
+    use crate::cpu::epilogue::Epilogue;
+    use crate::cpu::gemm::{Isa, Layout};
+    use crate::cpu::pool::max_pool2d;
+    use crate::machine::Machine;
+    use candle_core::{Device, Tensor};
+    use proptest::prelude::*;
+    use wick_ir::{Activation, Conv2dAttrs, MaxPool2dAttrs};
+
+    /// The stem conv on `isa`'s path.
+    fn stem(
+        w: &Tensor,
+        b: &Tensor,
+        attrs: Conv2dAttrs,
+        activation: Option<Activation>,
+        pool: MaxPool2dAttrs,
+        isa: Isa,
+    ) -> candle_core::Result<StemConv> {
+        let spec = ConvSpec::of(w, attrs)?;
+        let epilogue = Epilogue::new(Some(b), spec.out_channels, activation)?.on(isa);
+        StemConv::new(spec, w, epilogue, pool, Machine::with_isa(isa))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// The stem conv equals the direct conv followed by the engine's
+        /// max pool (the same sums in the same order; within a few ulps
+        /// of the activation, whose vector and scalar forms differ by
+        /// that), on every path and on one thread and two: 1 to 4 input
+        /// channels, output channels across partial blocks of the AVX-512
+        /// (64) and AVX2 (16) tiles, kernels of 1 to 7 a side, row strides
+        /// 1 to 3 and column strides 1 to 2, conv and pool padding, pool
+        /// windows 1 to 3 with strides 1 to 2, any activation (after the
+        /// max only where monotonic), a residual (before the max), several
+        /// images and tasks.
+        #[test]
+        fn equals_conv_then_pool(
+            batch in 1usize..3, channels in 1usize..=4, outputs in 1usize..80, kernel in [1usize..8, 1usize..8],
+            stride in [1usize..4, 1usize..3], conv_pad in [0usize..4, 0usize..4], extra in [0usize..14, 0usize..14],
+            pool_kernel in 1usize..4, pool_stride in 1usize..3, pool_pad in any::<bool>(),
+            activation in proptest::option::of(0usize..6), with_residual in any::<bool>(),
+        ) {
+            let d = Device::Cpu;
+            let size = [0, 1].map(|i| kernel[i] + stride[i] * pool_kernel + extra[i]);
+            let attrs = Conv2dAttrs { stride, padding: [conv_pad[0].min(kernel[0] - 1), conv_pad[1].min(kernel[1] - 1)], ..Default::default() };
+            let pool = MaxPool2dAttrs {
+                ceil_mode: false,
+                kernel: [pool_kernel; 2],
+                stride: [pool_stride; 2],
+                padding: [usize::from(pool_pad) * pool_kernel / 2; 2],
+            };
+            let x = Tensor::randn(0f32, 1.0, (batch, channels, size[0], size[1]), &d).unwrap();
+            let w = Tensor::randn(0f32, 1.0, (outputs, channels, kernel[0], kernel[1]), &d).unwrap();
+            let b = Tensor::randn(0f32, 1.0, outputs, &d).unwrap();
+            let activation = activation.map(|i| Activation::ALL[i]);
+            let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            for isa in Isa::available() {
+                let plain = DirectConv::for_test(&w, Some(&b), attrs, activation, None, Layout::Panels, isa).unwrap();
+                let conv_shape = plain.run(&x, None).unwrap().dims().to_vec();
+                let r = with_residual.then(|| Tensor::randn(0f32, 1.0, conv_shape.as_slice(), &d).unwrap());
+                let want = max_pool2d(Isa::Scalar, &plain.run(&x, r.as_ref()).unwrap(), &pool).unwrap();
+                let conv = stem(&w, &b, attrs, activation, pool, isa).unwrap();
+                for got in [conv.run(&x, r.as_ref()).unwrap(), two.install(|| conv.run(&x, r.as_ref())).unwrap()] {
+                    prop_assert_eq!(got.dims(), want.dims());
+                    let diff = crate::test_util::max_abs_diff(&got, &want);
+                    prop_assert!(diff <= crate::test_util::ulps_of(&want, 8), "{:?}: {}", isa, diff);
+                }
+            }
+        }
+    }
+
+    /// ResNet's stem at 224 × 224 on every path, two images on two
+    /// threads (several tasks an image, the rows they share computed by
+    /// both): as the direct conv then the pool.
+    #[test]
+    fn resnet_stem() {
+        let d = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 224, 224), &d).unwrap();
+        let w = Tensor::randn(0f32, 0.1, (64, 3, 7, 7), &d).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 64, &d).unwrap();
+        let attrs = Conv2dAttrs {
+            stride: [2, 2],
+            padding: [3, 3],
+            ..Default::default()
+        };
+        let pool = MaxPool2dAttrs {
+            ceil_mode: false,
+            kernel: [3, 3],
+            stride: [2, 2],
+            padding: [1, 1],
+        };
+        let relu = Some(Activation::Relu);
+        let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for isa in Isa::available() {
+            let plain = DirectConv::for_test(&w, Some(&b), attrs, relu, None, Layout::Panels, isa).unwrap();
+            let want = max_pool2d(Isa::Scalar, &plain.run(&x, None).unwrap(), &pool).unwrap();
+            let conv = stem(&w, &b, attrs, relu, pool, isa).unwrap();
+            let got = two.install(|| conv.run(&x, None)).unwrap();
+            assert_eq!(got.dims(), [2, 64, 56, 56]);
+            let diff = crate::test_util::max_abs_diff(&got, &want);
+            assert!(diff <= crate::test_util::ulps_of(&want, 8), "{isa:?}: {diff}");
+        }
+    }
+
+    /// Convs outside its shapes and bad pools are refused with an error;
+    /// an input of other channels or a pool window larger than the conv's
+    /// output too.
+    #[test]
+    fn refuses_what_it_does_not_run() {
+        let d = Device::Cpu;
+        let pool = MaxPool2dAttrs {
+            ceil_mode: false,
+            kernel: [2, 2],
+            stride: [2, 2],
+            padding: [0, 0],
+        };
+        let b = Tensor::zeros(4, candle_core::DType::F32, &d).unwrap();
+        let w = |c| Tensor::zeros((4, c, 3, 3), candle_core::DType::F32, &d).unwrap();
+        let isa = Isa::Scalar;
+        let plain = Conv2dAttrs::default();
+        assert!(stem(&w(5), &b, plain, None, pool, isa).is_err(), "5 input channels");
+        let dilated = Conv2dAttrs {
+            dilation: [2, 2],
+            ..plain
+        };
+        assert!(stem(&w(3), &b, dilated, None, pool, isa).is_err(), "dilation");
+        let wide = Conv2dAttrs {
+            stride: [1, 3],
+            ..plain
+        };
+        assert!(stem(&w(3), &b, wide, None, pool, isa).is_err(), "column stride 3");
+        let padded = MaxPool2dAttrs {
+            padding: [2, 2],
+            ..pool
+        };
+        assert!(
+            stem(&w(3), &b, plain, None, padded, isa).is_err(),
+            "pool padding past half"
+        );
+        let ceil = MaxPool2dAttrs {
+            ceil_mode: true,
+            ..pool
+        };
+        assert!(stem(&w(3), &b, plain, None, ceil, isa).is_err(), "ceil mode");
+        let conv = stem(&w(3), &b, plain, None, pool, isa).unwrap();
+        let x = Tensor::zeros((1, 2, 8, 8), candle_core::DType::F32, &d).unwrap();
+        assert!(conv.run(&x, None).is_err(), "2 channels for 3");
+        let big = MaxPool2dAttrs { kernel: [9, 9], ..pool };
+        let conv = stem(&w(3), &b, plain, None, big, isa).unwrap();
+        let x = Tensor::zeros((1, 3, 6, 6), candle_core::DType::F32, &d).unwrap();
+        assert!(conv.run(&x, None).is_err(), "a 9x9 window on a 4x4 conv output");
+    }
+}
