@@ -30,6 +30,7 @@
 //! batch 10. Prefetching the task's input rows before the padded copy
 //! was level (1.01×).
 
+use super::direct::{check_fused_pool, pool_window as window, pooled_dims, task_rows};
 use super::stem_tile::{block, stem_row, Window};
 use super::{output, ConvShape, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
@@ -50,9 +51,6 @@ use wick_ir::MaxPool2dAttrs;
 /// only 3 (RGB) were measured; deeper pooled convs stay on the direct
 /// conv.
 pub(crate) const MAX_CHANNELS: usize = 4;
-
-/// Most pooled rows per task.
-const MAX_TASK_ROWS: usize = 16;
 
 /// A conv with few input channels and a fused max pool, its weights packed
 /// in blocks of output channels for the path's tile.
@@ -91,7 +89,7 @@ impl StemConv {
         pool: MaxPool2dAttrs,
         machine: Machine,
     ) -> candle_core::Result<Self> {
-        super::direct::check_fused_pool(&pool)?;
+        check_fused_pool(&pool)?;
         if !Self::applies(&spec) {
             bail!("the stem conv takes one group of 1 to {MAX_CHANNELS} input channels, no dilation and a column stride of 1 or 2, got {spec:?}")
         }
@@ -132,14 +130,8 @@ impl StemConv {
     pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let call = self.spec.check(x, residual)?;
         let shape = call.shape;
-        let Some(pooled) = self.pool.output_size([shape.out_height, shape.out_width]) else {
-            bail!(
-                "pool window {:?} does not fit the conv output {:?}",
-                self.pool.kernel,
-                shape.out_dims()
-            )
-        };
-        let dims = [shape.batch, shape.out_channels, pooled[0], pooled[1]];
+        let dims = pooled_dims(&self.pool, &shape)?;
+        let pooled = [dims[2], dims[3]];
         let out_len: usize = dims.iter().product();
         if out_len == 0 {
             return output(Vec::new(), dims);
@@ -155,14 +147,8 @@ impl StemConv {
                 shape,
                 pooled,
             };
-            // Pooled rows per task: up to MAX_TASK_ROWS while there are at
-            // least four tasks a thread (as the direct conv's pooled tasks).
-            let threads = rayon::current_num_threads();
-            let tasks = |rows: usize| shape.batch * pooled[0].div_ceil(rows);
-            let mut rows = 1;
-            while rows < pooled[0].min(MAX_TASK_ROWS) && tasks(rows + 1) >= 4 * threads {
-                rows += 1;
-            }
+            // Pooled rows per task as the direct conv's pooled tasks take them.
+            let rows = task_rows(shape.batch, pooled[0], rayon::current_num_threads());
             let chunks = pooled[0].div_ceil(rows);
             (0..shape.batch * chunks).into_par_iter().try_for_each(|t| {
                 let (image, first) = (t / chunks, t % chunks * rows);
@@ -184,13 +170,6 @@ struct Run<'a> {
     dst: SharedOut,
     shape: ConvShape,
     pooled: [usize; 2],
-}
-
-/// The conv outputs (of `len`) in the window of pooled output `r` along
-/// dimension `dim` of `pool`: `r·s − p .. r·s − p + k`, clipped.
-fn window(pool: &MaxPool2dAttrs, dim: usize, len: usize, r: usize) -> Range<usize> {
-    let (k, s, p) = (pool.kernel[dim], pool.stride[dim], pool.padding[dim]);
-    (r * s).saturating_sub(p)..(r * s + k).saturating_sub(p).min(len)
 }
 
 impl Run<'_> {

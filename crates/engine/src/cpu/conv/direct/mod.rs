@@ -20,6 +20,8 @@ mod phased;
 mod pooled;
 mod unpadded;
 
+pub(crate) use pooled::{check_fused_pool, pooled_dims, task_rows, window as pool_window};
+
 use super::planes::{self, PlaneRun, Product};
 use super::{output, ConvShape, ConvSpec};
 use crate::cpu::data::{gather_strided, with_cpu_f32, with_scratch, SharedOut};
@@ -59,19 +61,6 @@ const LANE_BLOCK_PIXELS: usize = 256;
 /// alternating runs).
 fn whole_plane_block(plane: usize) -> bool {
     plane >= MIN_BLOCK_COLS
-}
-
-/// An error unless `p` is a max pool a conv can run fused: non-zero
-/// kernel and stride, padding at most half the window (so no window lies
-/// wholly in the padding), floor mode.
-pub(crate) fn check_fused_pool(p: &MaxPool2dAttrs) -> candle_core::Result<()> {
-    if (0..2).any(|i| p.kernel[i] == 0 || p.stride[i] == 0 || p.padding[i] > p.kernel[i] / 2) {
-        bail!("fused max pool needs non-zero kernel and stride and padding <= half the window, got {p:?}")
-    }
-    if p.ceil_mode {
-        bail!("the fused max pool runs in floor mode (fuse-conv-max-pool leaves ceil-mode pools unfused)")
-    }
-    Ok(())
 }
 
 /// A one-group convolution with its weights packed for one of the two GEMM
@@ -300,16 +289,7 @@ impl DirectConv {
         let shape = call.shape;
         let final_dims = match &self.pool {
             None => shape.out_dims(),
-            Some(p) => {
-                let Some([ph, pw]) = p.output_size([shape.out_height, shape.out_width]) else {
-                    bail!(
-                        "pool window {:?} does not fit the conv output {:?}",
-                        p.kernel,
-                        shape.out_dims()
-                    )
-                };
-                [shape.batch, shape.out_channels, ph, pw]
-            }
+            Some(p) => pooled_dims(p, &shape)?,
         };
         let out_len: usize = final_dims.iter().product();
         if out_len == 0 {

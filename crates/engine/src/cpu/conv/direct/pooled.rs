@@ -7,10 +7,12 @@
 //! convolution row that neighbouring tasks share.
 
 use super::{Run, MIN_BLOCK_COLS};
+use crate::cpu::conv::ConvShape;
 use crate::cpu::data::with_scratch;
 use crate::cpu::epilogue;
 use crate::cpu::gemm::{panel_gemm_strided, IsaBody, Strided, PANEL_GRANULE};
 use crate::cpu::pool_window::pool_window_row;
+use candle_core::bail;
 use rayon::prelude::*;
 use std::ops::Range;
 use wick_ir::MaxPool2dAttrs;
@@ -32,11 +34,7 @@ impl Run<'_> {
     /// Writes the pooled output `[N, O, pooled[0], pooled[1]]`.
     pub(super) fn pooled(&mut self, pool: &MaxPool2dAttrs, pooled: [usize; 2]) -> candle_core::Result<()> {
         let pool_rows = pooled[0];
-        // Pooled rows per task: up to MAX_TASK_ROWS while there are at
-        // least four tasks per thread, and at least two (one per task
-        // computes 3 convolution rows per pooled row, 1.5× the 2 it
-        // needs: on many threads). A task recomputes the one
-        // convolution row it shares with the next; its convolution rows
+        // Pooled rows per task ([`task_rows`]); a task's convolution rows
         // come in sub-blocks and are pooled as they come (`pooled_task`),
         // so its scratch need not fit a cache. (Sized to the L2 with every
         // row at once, ResNet18's stem on Zen 3 took 2 pooled rows per
@@ -44,11 +42,7 @@ impl Run<'_> {
         // the 512 KiB L2: alternating forwards, 0.91× that time at batch 1
         // and 0.92× at batch 10 as now.)
         let threads = rayon::current_num_threads();
-        let tasks = |rows: usize| self.shape.batch * pool_rows.div_ceil(rows);
-        let mut rows = pool_rows.min(2);
-        while rows < pool_rows.min(MAX_TASK_ROWS) && tasks(rows + 1) >= 4 * threads {
-            rows += 1;
-        }
+        let rows = task_rows(self.shape.batch, pool_rows, threads);
         let chunks = pool_rows.div_ceil(rows);
         let tasks = self.shape.batch * chunks;
         self.split = tasks < 2 * threads && threads > 1;
@@ -113,7 +107,7 @@ impl Run<'_> {
                 // The window's rows lie within y_lo..y + n (windows grow
                 // with r) and are not empty: padding <= half the window
                 // (checked in `DirectConv::new`); likewise its columns.
-                let ys = window(pool, oh, r);
+                let ys = window(pool, 0, oh, r);
                 let window_rows = &channel[(ys.start - y_lo) * ow..(ys.end - y_lo) * ow];
                 let scratch = [&mut *column_max, &mut *window_max];
                 let base = (image * out_channels + o) * pooled_plane + r * pooled[1];
@@ -136,7 +130,7 @@ impl Run<'_> {
     ) -> candle_core::Result<()> {
         let (oh, ow) = (self.shape.out_height, self.shape.out_width);
         let conv = self.conv;
-        let window = |r: usize| window(pool, oh, r);
+        let window = |r: usize| window(pool, 0, oh, r);
         let (y_lo, y_hi) = (window(rows.start).start, window(rows.end - 1).end);
         let block = self.block_of((image * oh + y_lo) * ow, (y_hi - y_lo) * ow);
         // Split (few tasks): the whole block's rows at once, each phase
@@ -220,11 +214,52 @@ impl Run<'_> {
     }
 }
 
-/// The convolution rows (of `oh`) in the window of pooled row `r`:
-/// `r·sh − ph .. r·sh − ph + kh`, clipped to the image.
-fn window(pool: &MaxPool2dAttrs, oh: usize, r: usize) -> Range<usize> {
-    let (kh, sh, ph) = (pool.kernel[0], pool.stride[0], pool.padding[0]);
-    (r * sh).saturating_sub(ph)..(r * sh + kh).saturating_sub(ph).min(oh)
+/// The convolution outputs (of `len`) in the window of pooled output `r`
+/// along dimension `dim` (0 rows, 1 columns) of `pool`: `r·s − p .. r·s −
+/// p + k`, clipped to the image.
+pub(crate) fn window(pool: &MaxPool2dAttrs, dim: usize, len: usize, r: usize) -> Range<usize> {
+    let (k, s, p) = (pool.kernel[dim], pool.stride[dim], pool.padding[dim]);
+    (r * s).saturating_sub(p)..(r * s + k).saturating_sub(p).min(len)
+}
+
+/// An error unless `p` is a max pool a conv can run fused: non-zero
+/// kernel and stride, padding at most half the window (so no window lies
+/// wholly in the padding), floor mode.
+pub(crate) fn check_fused_pool(p: &MaxPool2dAttrs) -> candle_core::Result<()> {
+    if (0..2).any(|i| p.kernel[i] == 0 || p.stride[i] == 0 || p.padding[i] > p.kernel[i] / 2) {
+        bail!("fused max pool needs non-zero kernel and stride and padding <= half the window, got {p:?}")
+    }
+    if p.ceil_mode {
+        bail!("the fused max pool runs in floor mode (fuse-conv-max-pool leaves ceil-mode pools unfused)")
+    }
+    Ok(())
+}
+
+/// The output `[N, O, PH, PW]` of a conv on `shape` followed by `pool`; an
+/// error when the pool's window does not fit the conv's output.
+pub(crate) fn pooled_dims(pool: &MaxPool2dAttrs, shape: &ConvShape) -> candle_core::Result<[usize; 4]> {
+    let Some([ph, pw]) = pool.output_size([shape.out_height, shape.out_width]) else {
+        bail!(
+            "pool window {:?} does not fit the conv output {:?}",
+            pool.kernel,
+            shape.out_dims()
+        )
+    };
+    Ok([shape.batch, shape.out_channels, ph, pw])
+}
+
+/// Pooled rows per task for `batch` images of `pool_rows` pooled rows on
+/// `threads`: up to [`MAX_TASK_ROWS`] while there are at least four tasks
+/// per thread, and at least two (one per task computes 3 convolution rows
+/// per pooled row, 1.5× the 2 it needs: on many threads). A task
+/// recomputes the one convolution row it shares with the next.
+pub(crate) fn task_rows(batch: usize, pool_rows: usize, threads: usize) -> usize {
+    let tasks = |rows: usize| batch * pool_rows.div_ceil(rows);
+    let mut rows = pool_rows.min(2);
+    while rows < pool_rows.min(MAX_TASK_ROWS) && tasks(rows + 1) >= 4 * threads {
+        rows += 1;
+    }
+    rows
 }
 
 /// The pooling of one task's convolution rows so far: the epilogue on the
