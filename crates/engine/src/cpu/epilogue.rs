@@ -208,6 +208,13 @@ impl Epilogue {
         self.activation
     }
 
+    /// Whether this epilogue may follow a max pool instead of preceding
+    /// it: without a residual, the bias and a monotonic activation (or
+    /// none) commute with the max (and so does f32 rounding of `x + b`).
+    pub(crate) fn commutes_with_max(&self, residual: bool) -> bool {
+        !residual && self.activation.is_none_or(|a| a.is_monotonic())
+    }
+
     /// The bias of output channel `channel`.
     #[inline(always)]
     pub(crate) fn bias(&self, channel: usize) -> f32 {

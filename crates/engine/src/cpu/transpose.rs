@@ -31,6 +31,7 @@ pub(crate) fn columns_to_rows8(isa: Isa, src: &[f32], stride: usize, col: usize,
             r += 8;
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
     let _ = isa;
     for r in r..rows {
         for (k, d) in dst.iter_mut().enumerate() {

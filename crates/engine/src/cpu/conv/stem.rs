@@ -57,9 +57,8 @@ pub(crate) const MAX_CHANNELS: usize = 4;
 #[derive(Debug)]
 pub(crate) struct StemConv {
     spec: ConvSpec,
-    /// Output channels per block of the packed weights ([`block`]).
-    block: usize,
-    /// `[block][C·kh·kw][block]`, zeros past the output channels.
+    /// `[block][C·kh·kw][block]` (blocks of [`block`] output channels for
+    /// the path), zeros past the output channels.
     packed: WeightBuffer,
     epilogue: Epilogue,
     pool: MaxPool2dAttrs,
@@ -112,7 +111,6 @@ impl StemConv {
         }
         Ok(Self {
             spec,
-            block,
             packed,
             epilogue,
             pool,
@@ -122,7 +120,7 @@ impl StemConv {
 
     /// Output channels rounded up to whole blocks.
     fn padded_out(&self) -> usize {
-        self.spec.out_channels.div_ceil(self.block) * self.block
+        self.spec.out_channels.div_ceil(block(self.isa)) * block(self.isa)
     }
 
     /// Runs on a CPU f32 tensor `[N, C, H, W]`: the conv, `residual` (the
@@ -207,11 +205,9 @@ impl Run<'_> {
                 kernel: [kh, kw],
                 step: a.stride[1],
             };
-            // Without a residual, the bias and a monotonic activation
-            // commute with the max: they are applied to the pooled values
-            // only. Otherwise to each convolution row, before the max.
-            let monotonic = conv.epilogue.activation().is_none_or(|a| a.is_monotonic());
-            let late = self.residual.is_none() && monotonic;
+            // The bias and activation on the pooled values where they
+            // commute with the max, else on each convolution row before it.
+            let late = conv.epilogue.commutes_with_max(self.residual.is_some());
             let mut next = rows.start;
             let mut claimed = rows.start;
             for y in y_lo..y_hi {
@@ -285,7 +281,7 @@ impl Run<'_> {
     /// input rows `data`, a block of channels at a time.
     fn conv_row(&self, data: &[f32], window: Window, row: &mut [f32]) {
         let conv = self.conv;
-        let (ow, padded_out, block) = (self.shape.out_width, conv.padded_out(), conv.block);
+        let (ow, padded_out, block) = (self.shape.out_width, conv.padded_out(), block(conv.isa));
         let depth = window.depth();
         for b in 0..padded_out / block {
             let w = &conv.packed[b * depth * block..][..depth * block];
@@ -405,6 +401,7 @@ impl IsaBody for PoolRow<'_, '_> {
 mod tests {
     use super::StemConv;
     use crate::cpu::conv::direct::DirectConv;
+    use crate::cpu::conv::tests::resnet_pool;
     use crate::cpu::conv::ConvSpec;
     use crate::cpu::epilogue::Epilogue;
     use crate::cpu::gemm::{Isa, Layout};
@@ -491,12 +488,7 @@ mod tests {
             padding: [3, 3],
             ..Default::default()
         };
-        let pool = MaxPool2dAttrs {
-            ceil_mode: false,
-            kernel: [3, 3],
-            stride: [2, 2],
-            padding: [1, 1],
-        };
+        let pool = resnet_pool();
         let relu = Some(Activation::Relu);
         let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for isa in Isa::available() {

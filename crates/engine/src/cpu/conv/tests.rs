@@ -667,3 +667,13 @@ proptest! {
         }
     }
 }
+
+/// ResNet's max pool: 3×3, stride 2, padding 1 (the pooled convs' tests).
+pub(crate) fn resnet_pool() -> wick_ir::MaxPool2dAttrs {
+    wick_ir::MaxPool2dAttrs {
+        ceil_mode: false,
+        kernel: [3, 3],
+        stride: [2, 2],
+        padding: [1, 1],
+    }
+}

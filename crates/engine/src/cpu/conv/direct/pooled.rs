@@ -163,12 +163,10 @@ impl Run<'_> {
             let (v, rest) = scratch.split_at_mut(v_len);
             let (m, rest) = rest.split_at_mut(m_len);
             let (column_max, window_max) = rest.split_at_mut(ow);
-            // Without a residual, the bias and a monotonic activation
-            // commute with the max (and so does f32 rounding of `x + b`):
-            // they are applied to the pooled values only, a quarter of the
-            // work. Otherwise to the convolution rows, before the max.
-            let monotonic = conv.epilogue.activation().is_none_or(|a| a.is_monotonic());
-            let late_epilogue = self.residual.is_none() && monotonic;
+            // The bias and activation on the pooled values only (a quarter
+            // of the work) where they commute with the max, else on the
+            // convolution rows before it.
+            let late_epilogue = conv.epilogue.commutes_with_max(self.residual.is_some());
             let mut next_row = rows.start;
             for y in (y_lo..y_hi).step_by(sub_rows) {
                 let n = sub_rows.min(y_hi - y);
@@ -294,6 +292,7 @@ impl IsaBody for PoolReady<'_, '_> {
 #[cfg(test)]
 mod tests {
     use crate::cpu::conv::direct::DirectConv;
+    use crate::cpu::conv::tests::resnet_pool;
     use crate::cpu::gemm::Isa;
     use crate::cpu::gemm::Layout::Panels;
     use crate::cpu::pool::max_pool2d;
@@ -345,16 +344,6 @@ mod tests {
                }
            }
        }
-
-    /// ResNet's max pool: 3×3, stride 2, padding 1.
-    fn resnet_pool() -> MaxPool2dAttrs {
-        MaxPool2dAttrs {
-            ceil_mode: false,
-            kernel: [3, 3],
-            stride: [2, 2],
-            padding: [1, 1],
-        }
-    }
 
     /// The fused conv + pool's output and the conv's then the engine's
     /// pool; `conv` makes the conv with or without the fused pool.

@@ -37,7 +37,7 @@ use super::phased::lane_tiles;
 use super::{Block, DirectConv, Run, Segment};
 use crate::cpu::conv::ConvShape;
 use crate::cpu::data::with_scratch;
-use crate::cpu::gemm::lane_gathered::{max_tile, MAX_STEP};
+use crate::cpu::gemm::lane_gathered::MAX_STEP;
 use crate::cpu::gemm::{Gathered, LaneTile, Layout, Source};
 use candle_core::bail;
 use rayon::prelude::*;
@@ -243,12 +243,12 @@ impl Run<'_> {
         if !border.is_empty() {
             self.border_columns(u, border, v);
         }
-        let max = max_tile(conv.isa);
+        let limit = conv.tile_limit();
         // Inside the input, each run's window origin lies in its image.
         let origin = |seg: &Segment| self.window_origin(seg.image, seg.y, seg.x0)[2] as usize;
-        let inner_tiles = lane_tiles(inner, origin, a.stride[0] * s.width, a.stride[1], conv.tile_limit());
+        let inner_tiles = lane_tiles(inner, origin, a.stride[0] * s.width, a.stride[1], limit);
         let border_cols: Vec<usize> = border.iter().map(|e| e.col).collect();
-        let border_tiles = column_tiles(&border_cols, max);
+        let border_tiles = column_tiles(&border_cols, limit.0);
         let border_table: Vec<usize> = (0..depth).map(|d| d * border.len()).collect();
         let sources = [
             Source {
