@@ -446,10 +446,10 @@ fn wick_batch_tiling_switch() {
 /// `peak` measures every path this CPU has (no rate is asserted).
 #[test]
 fn peak_lists_every_available_path() {
-    let out = xtask_ok(&["peak", "--seconds", "0.01", "--threads", "1"]);
+    let out = xtask_ok(&["peak", "--seconds", "0.01", "--threads", "1", "--read-mib", "1"]);
     let names: Vec<&str> = wick_engine::CpuPath::available().iter().map(|p| p.name()).collect();
     assert_contains(&out.stdout, &names);
-    assert_contains(&out.stdout, &["GFLOP/s", "caches L1d"]);
+    assert_contains(&out.stdout, &["GFLOP/s", "caches L1d", "read GB/s"]);
 }
 
 /// Every committed hostile graph, run from the command line as a file of IR
