@@ -82,11 +82,21 @@ fn unexpected_tensors_are_refused() {
 fn corrupt_files_are_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
     let good = std::fs::read(fixtures_dir().join("toy.weights.safetensors")).unwrap();
-    let cases: [(&str, &[u8]); 4] = [
+    // A tensor with no values whose strides overflow (found by the
+    // `weights` fuzz target's kind of input: it panicked inside candle).
+    let header = br#"{"w":{"dtype":"F32","shape":[0,1099511627776,1099511627776],"data_offsets":[0,0]}}"#;
+    let zero_sized: Vec<u8> = (header.len() as u64)
+        .to_le_bytes()
+        .iter()
+        .chain(header)
+        .copied()
+        .collect();
+    let cases: [(&str, &[u8]); 5] = [
         ("truncated.safetensors", &good[..good.len() - 10]),
         ("header-only.safetensors", &good[..12]),
         ("empty.safetensors", &[]),
         ("garbage.safetensors", b"this is not a safetensors file at all"),
+        ("zero-sized.safetensors", &zero_sized),
     ];
     for (name, bytes) in cases {
         let path = dir.path().join(name);

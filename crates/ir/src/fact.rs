@@ -3,6 +3,15 @@
 use candle_core::DType;
 use std::fmt;
 
+/// The product of `shape` with each zero-sized axis counted as one, `None`
+/// where it overflows `usize`: how far a tensor's strides reach (candle
+/// multiplies out the trailing dimensions, zero or not). A shape read from
+/// outside is made into a tensor only where this is `Some`: `[0, 2^40,
+/// 2^40]` holds no value, yet its strides overflow.
+pub fn shape_extent(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d.max(1)))
+}
+
 /// Dtype and static shape of one IR value, printed as `f32[5,1,1,1]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorFact {

@@ -24,7 +24,7 @@ mod verify;
 
 pub use activation::Activation;
 pub use error::{IrError, ParseError, Violation};
-pub use fact::TensorFact;
+pub use fact::{shape_extent, TensorFact};
 pub use graph::{Graph, Node, NodeId};
 pub use kind::{OpAttrs, OpKind, OpRole};
 pub use limits::{Limits, DEFAULT_MAX_ELEMENTS, MAX_ELEMENTS_ENV};

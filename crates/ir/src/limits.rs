@@ -118,4 +118,14 @@ mod tests {
         let big = Limits::default().with_max_elements(usize::MAX);
         assert!(big.check(&f(&[usize::MAX / 2])).is_err());
     }
+
+    /// The extent counts a zero-sized axis as one and overflows by name.
+    #[test]
+    fn extents() {
+        use crate::shape_extent;
+        assert_eq!(shape_extent(&[2, 3, 4]), Some(24));
+        assert_eq!(shape_extent(&[]), Some(1));
+        assert_eq!(shape_extent(&[0, 5]), Some(5));
+        assert_eq!(shape_extent(&[0, 1 << 40, 1 << 40]), None);
+    }
 }

@@ -146,6 +146,14 @@ impl Weights {
         let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| corrupt(e.to_string()))?;
         let mut tensors = HashMap::new();
         for (name, view) in file.tensors() {
+            // The reader checked the bytes; the strides of a tensor with
+            // no values (`[0, 2^40, 2^40]`) are checked here.
+            if wick_ir::shape_extent(view.shape()).is_none() {
+                return Err(corrupt(format!(
+                    "tensor `{name}` has shape {:?}, beyond what this machine can address",
+                    view.shape()
+                )));
+            }
             let tensor = view
                 .load(&Device::Cpu)
                 .map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;

@@ -223,10 +223,11 @@ pub(crate) fn reshape_dims(from: &[usize], target: &[i64], allowzero: bool) -> R
             t => return Err(format!("shape value {t} is not supported")),
         }
     }
-    let known = dims
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .ok_or("the target shape overflows")?;
+    // The extent too: a zero-sized target's other axes still make strides.
+    if wick_ir::shape_extent(&dims).is_none() {
+        return Err(format!("the target shape {target:?} overflows"));
+    }
+    let known: usize = dims.iter().product();
     if let Some(i) = inferred {
         if known == 0 || !total.is_multiple_of(known) {
             return Err(format!("cannot infer -1 reshaping {from:?} to {target:?}"));
@@ -251,5 +252,9 @@ mod tests {
         assert!(reshape_dims(&[2, 512], &[2, 100], false).is_err());
         assert!(reshape_dims(&[2, 512], &[-1, -1], false).is_err());
         assert!(reshape_dims(&[2, 512], &[i64::MAX, i64::MAX], false).is_err());
+        // An empty tensor to a zero-sized shape whose strides overflow.
+        let err = reshape_dims(&[0], &[0, 1 << 40, 1 << 40], true).unwrap_err();
+        assert!(err.contains("overflows"), "{err}");
+        assert_eq!(reshape_dims(&[0], &[0, 3], true).unwrap(), [0, 3]);
     }
 }

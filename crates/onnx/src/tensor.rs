@@ -52,7 +52,9 @@ impl Const {
 }
 
 /// The element count of `dims`, checked: each dimension non-negative, the
-/// product within `max_elements`.
+/// product within `max_elements`, and so is the product with each
+/// zero-sized axis counted as one ([`wick_ir::shape_extent`]: a tensor
+/// that holds no value still has strides).
 pub(crate) fn element_count(name: &str, dims: &[i64], max_elements: usize) -> Result<(Vec<usize>, usize), OnnxError> {
     let error = |message: String| OnnxError::Tensor {
         name: name.to_string(),
@@ -62,15 +64,13 @@ pub(crate) fn element_count(name: &str, dims: &[i64], max_elements: usize) -> Re
         .iter()
         .map(|&d| usize::try_from(d).map_err(|_| error(format!("negative dimension {d} in {dims:?}"))))
         .collect::<Result<_, _>>()?;
-    let count = dims
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .filter(|&n| n <= max_elements)
-        .ok_or_else(|| {
-            error(format!(
-                "shape {dims:?} has more than the {max_elements} elements wick allows"
-            ))
-        })?;
+    if wick_ir::shape_extent(&dims).is_none_or(|n| n > max_elements) {
+        return Err(error(format!(
+            "shape {dims:?} has more than the {max_elements} elements wick allows (a zero-sized axis counted as one)"
+        )));
+    }
+    // At most the extent: no overflow.
+    let count = dims.iter().product();
     Ok((dims, count))
 }
 
@@ -339,6 +339,13 @@ mod tests {
                 proto(&[1 << 40, 1 << 40], data_type::FLOAT),
                 "more than the 100 elements",
             ),
+            // No values, but strides past `usize` (a fuzzed initializer
+            // that panicked inside candle before).
+            (
+                proto(&[0, 1 << 40, 1 << 40], data_type::FLOAT),
+                "more than the 100 elements",
+            ),
+            (proto(&[0, 101], data_type::FLOAT), "more than the 100 elements"),
             (proto(&[2], 10), "FLOAT16"),
             (
                 TensorProto {
