@@ -120,6 +120,20 @@ fn input_file_without_input_tensor() {
         &["run", "toy", "--input", path.to_str().unwrap()],
         "must hold exactly the tensors [\"input\"]",
     );
+    // An `input` with no values whose strides overflow: a named error,
+    // not candle's overflow panic (exit 101 in this debug build).
+    let header = br#"{"input":{"dtype":"F32","shape":[0,1099511627776,1099511627776],"data_offsets":[0,0]}}"#;
+    let bytes: Vec<u8> = (header.len() as u64)
+        .to_le_bytes()
+        .iter()
+        .chain(header)
+        .copied()
+        .collect();
+    std::fs::write(&path, bytes).unwrap();
+    assert_fails(
+        &["run", "toy", "--input", path.to_str().unwrap()],
+        "beyond what this machine can address",
+    );
 }
 
 /// Missing, misshapen and corrupt weights are reported by name.
