@@ -24,6 +24,18 @@ pub enum Ending {
     Panic(String),
 }
 
+/// A safetensors file of one f32 tensor `name` of `shape` with no data
+/// behind it: for a shape with a zero-sized axis, one the format accepts
+/// (no values, no bytes) whose strides may still overflow.
+pub fn dataless_safetensors(name: &str, shape: &[u64]) -> Vec<u8> {
+    let header = format!(r#"{{"{name}":{{"dtype":"F32","shape":{shape:?},"data_offsets":[0,0]}}}}"#);
+    (header.len() as u64)
+        .to_le_bytes()
+        .into_iter()
+        .chain(header.into_bytes())
+        .collect()
+}
+
 /// Runs `f`, turning a panic into [`Ending::Panic`].
 pub fn guarded(f: impl FnOnce() -> Result<Vec<Tensor>, String>) -> Ending {
     match catch_unwind(AssertUnwindSafe(f)) {

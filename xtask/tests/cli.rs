@@ -122,13 +122,7 @@ fn input_file_without_input_tensor() {
     );
     // An `input` with no values whose strides overflow: a named error,
     // not candle's overflow panic (exit 101 in this debug build).
-    let header = br#"{"input":{"dtype":"F32","shape":[0,1099511627776,1099511627776],"data_offsets":[0,0]}}"#;
-    let bytes: Vec<u8> = (header.len() as u64)
-        .to_le_bytes()
-        .iter()
-        .chain(header)
-        .copied()
-        .collect();
+    let bytes = wick_tests::hostile::dataless_safetensors("input", &[0, 1 << 40, 1 << 40]);
     std::fs::write(&path, bytes).unwrap();
     assert_fails(
         &["run", "toy", "--input", path.to_str().unwrap()],
