@@ -25,7 +25,8 @@ pub struct PeakArgs {
     read_mib: Vec<usize>,
 }
 
-/// Measures and prints GFLOP/s for every path this CPU has.
+/// Measures and prints GFLOP/s for every path this CPU has, then the read
+/// rate of each working set.
 pub fn run(args: PeakArgs) -> Result<()> {
     let caches = CacheSizes::detect();
     println!(
@@ -46,8 +47,11 @@ pub fn run(args: PeakArgs) -> Result<()> {
     }
     println!("{:<8} {:>8} {:>12}", "MiB", "threads", "read GB/s");
     for &mib in &args.read_mib {
+        let Some(bytes) = mib.max(1).checked_mul(1 << 20) else {
+            anyhow::bail!("--read-mib {mib} is more than this machine can address");
+        };
         for &threads in &args.threads {
-            let rate = read_rate(threads.max(1), mib.max(1) << 20, duration)?;
+            let rate = read_rate(threads.max(1), bytes, duration)?;
             println!("{:<8} {:>8} {:>12.1}", mib.max(1), threads.max(1), rate / 1e9);
         }
     }
