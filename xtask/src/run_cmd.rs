@@ -66,20 +66,11 @@ fn read_inputs(path: &Path, names: &[String], device: &candle_core::Device) -> R
             found
         ),
     };
-    use candle_core::safetensors::Load;
     names
         .iter()
         .map(|name| {
             let view = file.tensor(name)?;
-            // No values but strides past `usize` (`[0, 2^40, 2^40]`): refused before candle multiplies them out.
-            if wick_ir::shape_extent(view.shape()).is_none() {
-                bail!(
-                    "input file `{}`: tensor `{name}` has shape {:?}, beyond what this machine can address",
-                    path.display(),
-                    view.shape()
-                );
-            }
-            view.load(device)
+            wick_models::load_view(&view, device)
                 .map_err(|e| anyhow::anyhow!("input file `{}`: tensor `{name}`: {e}", path.display()))
         })
         .collect()

@@ -118,6 +118,13 @@ pub enum EngineError {
         /// The text given.
         given: String,
     },
+    /// The memory read probe ([`crate::CpuPath::read_rate`]) could not
+    /// allocate its buffer.
+    #[error("cannot allocate {bytes} bytes a thread for the read probe")]
+    ProbeAllocation {
+        /// The buffer asked for, per thread.
+        bytes: usize,
+    },
     /// A candle operation failed while executing a node.
     #[error("candle error in node `%{node}`: {source}")]
     Candle {

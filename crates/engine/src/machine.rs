@@ -98,6 +98,26 @@ impl CpuPath {
         Ok(rates.iter().sum())
     }
 
+    /// Bytes per second `threads` threads read together on this path, each
+    /// summing its own buffer of about `bytes` over and over for about
+    /// `duration`: the caches' and memory's side of the roofline. A typed
+    /// error when the CPU lacks the path or a buffer cannot be allocated.
+    pub fn read_rate(self, threads: usize, bytes: usize, duration: std::time::Duration) -> Result<f64, EngineError> {
+        let isa = self.isa()?;
+        let rates = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads.max(1))
+                .map(|_| scope.spawn(move || crate::cpu::peak::read_rate(isa, bytes, duration)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().ok().flatten())
+                .collect::<Option<Vec<f64>>>()
+        });
+        rates
+            .map(|rates| rates.iter().sum())
+            .ok_or(EngineError::ProbeAllocation { bytes })
+    }
+
     /// The path `WICK_ISA` asks for, if it is set.
     pub fn from_env() -> Result<Option<CpuPath>, EngineError> {
         parse_env(ISA_ENV)

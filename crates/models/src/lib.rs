@@ -33,7 +33,7 @@ pub use layers::{BatchNorm, Conv2d, Linear, MaxPool2d, Relu, Sequential, Sequent
 pub use mbconv::{make_divisible, MbConv, MbConvSpec, MbLayer, SqueezeExcitation};
 pub use mobilenet::{InvertedResidual, MobileNetV2, MOBILENET_V2_FEATURES};
 pub use mobilenet_v3::{MobileNetV3, MOBILENET_V3_LARGE_FEATURES};
-pub use params::{ParamKind, ParamSource, RandomParams, Weights, MAX_WEIGHTS_FILE_BYTES};
+pub use params::{load_view, ParamKind, ParamSource, RandomParams, Weights, MAX_WEIGHTS_FILE_BYTES};
 pub use resnet::{BasicBlock, Bottleneck, ResNet, ResNetDepth, ResidualBlock, BOTTLENECK_EXPANSION};
 pub use toy::{Toy, WrappedBatchNorm};
 pub use trace::{trace, Tracer};

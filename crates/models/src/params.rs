@@ -146,17 +146,7 @@ impl Weights {
         let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| corrupt(e.to_string()))?;
         let mut tensors = HashMap::new();
         for (name, view) in file.tensors() {
-            // The reader checked the bytes; the strides of a tensor with
-            // no values (`[0, 2^40, 2^40]`) are checked here.
-            if wick_ir::shape_extent(view.shape()).is_none() {
-                return Err(corrupt(format!(
-                    "tensor `{name}` has shape {:?}, beyond what this machine can address",
-                    view.shape()
-                )));
-            }
-            let tensor = view
-                .load(&Device::Cpu)
-                .map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
+            let tensor = load_view(&view, &Device::Cpu).map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
             tensors.insert(name, tensor);
         }
         Ok(Self::from_tensors(tensors, format!("`{}`", path.display()), device))
@@ -177,6 +167,21 @@ impl Weights {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }
+}
+
+/// One tensor of a safetensors file from outside, on `device`. The reader
+/// checked its bytes against the file; the strides of a shape with no
+/// values (`[0, 2^40, 2^40]`) are checked here, before candle multiplies
+/// them out ([`wick_ir::shape_extent`]).
+pub fn load_view(view: &safetensors::tensor::TensorView<'_>, device: &Device) -> candle_core::Result<Tensor> {
+    if wick_ir::shape_extent(view.shape()).is_none() {
+        // A plain message: candle's `bail!` attaches a backtrace.
+        return Err(candle_core::Error::Msg(format!(
+            "shape {:?} is beyond what this machine can address",
+            view.shape()
+        )));
+    }
+    view.load(device)
 }
 
 impl ParamSource for Weights {

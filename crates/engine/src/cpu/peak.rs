@@ -1,10 +1,11 @@
-//! A probe of the CPU's fp32 FMA peak per instruction-set path: independent
-//! accumulator chains, enough of them to cover the FMA latency, nothing
-//! loaded from memory. The roofline the kernels are measured against, and
-//! the ratio of two paths' rates that the conv policy reads
-//! ([`crate::machine::Machine::wide_fma`]).
+//! Probes of the roofline the kernels are measured against: the CPU's fp32
+//! FMA peak per instruction-set path (independent accumulator chains,
+//! enough of them to cover the FMA latency, nothing loaded from memory;
+//! also the ratio of two paths' rates that the conv policy reads,
+//! [`crate::machine::Machine::wide_fma`]), and the rate at which a thread
+//! reads a working set of a given size (the caches' and memory's side).
 
-use super::gemm::Isa;
+use super::gemm::{Isa, IsaBody};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,61 @@ pub(crate) fn fma_ratio(wide: Isa, narrow: Isa) -> f64 {
         slow = slow.max(fma_peak(narrow, Duration::ZERO));
     }
     fast / slow
+}
+
+/// Floats the read probe sums per step: four cache lines.
+const READ_STEP: usize = 64;
+
+/// Bytes per second one thread reads, summing its own buffer of about
+/// `bytes` (whole steps) over and over with `isa`'s vectors for about
+/// `duration`, after a first pass that brings its pages in; `None` when
+/// the buffer cannot be allocated.
+pub(crate) fn read_rate(isa: Isa, bytes: usize, duration: Duration) -> Option<f64> {
+    let len = (bytes / 4).max(READ_STEP) / READ_STEP * READ_STEP;
+    let mut buffer: Vec<f32> = Vec::new();
+    buffer.try_reserve_exact(len).ok()?;
+    buffer.resize(len, 1.0);
+    let mut acc = [0f32; 16];
+    isa.run(Sum {
+        buffer: &buffer,
+        acc: &mut acc,
+    });
+    let start = Instant::now();
+    let mut passes = 0u64;
+    while passes == 0 || start.elapsed() < duration {
+        isa.run(Sum {
+            buffer: black_box(&buffer),
+            acc: &mut acc,
+        });
+        passes += 1;
+    }
+    black_box(acc);
+    Some(passes as f64 * (len * 4) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `acc[i] += Σ` of every value of `buffer` at `i` mod 16 (whole
+/// [`READ_STEP`]s): four independent vector adds a step, each a cache
+/// line's values, compiled for the path by [`Isa::run`].
+struct Sum<'a> {
+    buffer: &'a [f32],
+    acc: &'a mut [f32; 16],
+}
+
+impl IsaBody for Sum<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        // A local copy stays in registers (through the reference, the
+        // sums went back to memory every step: 0.4x the rate from L2).
+        let mut acc = *self.acc;
+        for step in self.buffer.chunks_exact(READ_STEP) {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                *acc += (step[i] + step[i + 16]) + (step[i + 32] + step[i + 48]);
+            }
+        }
+        *self.acc = acc;
+    }
 }
 
 /// Eight independent chains of scalar multiply-adds (the compiler's own code).
@@ -98,6 +154,26 @@ mod tests {
             .map(|isa| fma_peak(isa, Duration::from_millis(20)))
             .collect();
         assert!(rates.iter().all(|&r| r > 0.0), "{rates:?}");
+    }
+
+    /// The read probe's sums are the buffer's on every path, and its rate
+    /// is positive and finite (no rate is asserted).
+    #[test]
+    fn reads_sum_the_buffer() {
+        let buffer: Vec<f32> = (0..4 * READ_STEP).map(|i| i as f32).collect();
+        for isa in Isa::available() {
+            let mut acc = [0f32; 16];
+            isa.run(Sum {
+                buffer: &buffer,
+                acc: &mut acc,
+            });
+            for (i, &a) in acc.iter().enumerate() {
+                let want: f32 = buffer.iter().skip(i).step_by(16).sum();
+                assert_eq!(a, want, "{isa:?} lane {i}");
+            }
+            let rate = read_rate(isa, 1 << 16, Duration::from_millis(1)).unwrap();
+            assert!(rate.is_finite() && rate > 0.0, "{isa:?}: {rate}");
+        }
     }
 
     /// Every pair of paths gives a finite positive ratio (no timing is
