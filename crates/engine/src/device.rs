@@ -59,7 +59,7 @@ fn open_cuda(ordinal: usize, given: &str) -> Result<Device, EngineError> {
     match opened {
         Ok(result) => result.map_err(|source| EngineError::DeviceUnavailable {
             given: given.to_string(),
-            source: Box::new(source),
+            source: Box::new(wick_ir::plain_candle_error(source)),
         }),
         Err(_) => Err(EngineError::DeviceUnavailable {
             given: given.to_string(),

@@ -145,7 +145,24 @@ impl<T> AtNode<T> for candle_core::Result<T> {
     fn at(self, node: &str) -> Result<T, EngineError> {
         self.map_err(|source| EngineError::Candle {
             node: node.to_string(),
-            source: Box::new(source),
+            source: Box::new(wick_ir::plain_candle_error(source)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AtNode, EngineError};
+
+    /// A node's candle error is one line even where candle attached a
+    /// backtrace (it does whenever `RUST_BACKTRACE` is set).
+    #[test]
+    fn node_errors_drop_candle_backtraces() {
+        let traced = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("shape mismatch in matmul".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let error: EngineError = Err::<(), _>(traced).at("fc").unwrap_err();
+        assert_eq!(error.to_string(), "candle error in node `%fc`: shape mismatch in matmul");
     }
 }

@@ -108,7 +108,7 @@ pub fn save(graph: &Graph, dir: &Path) -> Result<(), SavedError> {
                 .and_then(|t| t.contiguous())
                 .map_err(|source| EngineError::Candle {
                     node: node.name.clone(),
-                    source: Box::new(source),
+                    source: Box::new(wick_ir::plain_candle_error(source)),
                 })?,
         );
     }

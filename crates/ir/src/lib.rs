@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 mod activation;
+mod candle_error;
 mod cost;
 mod dot;
 mod error;
@@ -23,6 +24,7 @@ mod print;
 mod verify;
 
 pub use activation::Activation;
+pub use candle_error::plain_candle_error;
 pub use error::{IrError, ParseError, Violation};
 pub use fact::{shape_extent, TensorFact};
 pub use graph::{Graph, Node, NodeId};

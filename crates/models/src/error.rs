@@ -140,7 +140,7 @@ impl<T> CandleContext<T> for candle_core::Result<T> {
     fn context(self, context: &str) -> Result<T, ModelError> {
         self.map_err(|source| ModelError::Candle {
             context: context.to_string(),
-            source: Box::new(source),
+            source: Box::new(wick_ir::plain_candle_error(source)),
         })
     }
 }

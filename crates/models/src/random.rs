@@ -99,7 +99,7 @@ pub fn fill_missing_constants(
             .and_then(|t| t.to_dtype(dtype))
             .map_err(|source| crate::ModelError::Candle {
                 context: name.clone(),
-                source: Box::new(source),
+                source: Box::new(wick_ir::plain_candle_error(source)),
             })?;
         graph.set_constant_data(name, data)?;
     }

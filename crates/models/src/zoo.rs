@@ -340,6 +340,6 @@ fn classes_of(params: &dyn ParamSource, weight: &str, features: usize) -> usize 
 pub fn random_input(seed: u64, shape: &[usize], device: &Device) -> Result<Tensor, ModelError> {
     crate::random::uniform(seed, "input", shape, -1.0, 1.0, device).map_err(|source| ModelError::Candle {
         context: "random input".into(),
-        source: Box::new(source),
+        source: Box::new(wick_ir::plain_candle_error(source)),
     })
 }

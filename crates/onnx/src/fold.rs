@@ -6,6 +6,7 @@
 //! unsupported.
 
 use crate::attrs::Attrs;
+use crate::error::candle_text;
 use crate::import::{Importer, Value};
 use crate::proto::{data_type, NodeProto};
 use crate::tensor::{self, Const};
@@ -27,7 +28,7 @@ pub(crate) fn constant(imp: &Importer, node: &NodeProto) -> Result<Const, String
     let floats = |values: Vec<f32>, dims: Vec<usize>| {
         Tensor::from_vec(values, dims, &Device::Cpu)
             .map(Const::F32)
-            .map_err(|e| e.to_string())
+            .map_err(candle_text)
     };
     if node.attribute.iter().any(|x| x.name == "value_float") {
         return floats(vec![a.float("value_float", 0.0)?], vec![]);
@@ -173,7 +174,7 @@ pub(crate) fn shape_op(imp: &Importer, node: &NodeProto) -> Result<Vec<Value>, S
                         values: t
                             .flatten_all()
                             .and_then(|t| t.to_vec1::<f32>())
-                            .map_err(|e| e.to_string())?
+                            .map_err(candle_text)?
                             .into_iter()
                             .map(|v| v as i64)
                             .collect(),
@@ -183,7 +184,7 @@ pub(crate) fn shape_op(imp: &Importer, node: &NodeProto) -> Result<Vec<Value>, S
                     Const::F32(_) => c.clone(),
                     Const::I64 { dims, values } => Const::F32(
                         Tensor::from_vec(values.iter().map(|&v| v as f32).collect(), dims.clone(), &Device::Cpu)
-                            .map_err(|e| e.to_string())?,
+                            .map_err(candle_text)?,
                     ),
                 },
                 _ => return Err(format!("cast to {} is not supported here", data_type::name(to))),
@@ -197,7 +198,7 @@ pub(crate) fn shape_op(imp: &Importer, node: &NodeProto) -> Result<Vec<Value>, S
 /// `c` with the same values in shape `dims`.
 fn with_dims(c: &Const, dims: Vec<usize>) -> Result<Const, String> {
     Ok(match c {
-        Const::F32(t) => Const::F32(t.reshape(dims).map_err(|e| e.to_string())?),
+        Const::F32(t) => Const::F32(t.reshape(dims).map_err(candle_text)?),
         Const::I64 { values, .. } => Const::I64 {
             dims,
             values: values.clone(),

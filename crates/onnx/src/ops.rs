@@ -4,6 +4,7 @@
 //! The table in the README lists the same operators and limits.
 
 use crate::attrs::Attrs;
+use crate::error::candle_text;
 use crate::fold;
 use crate::import::{Importer, Value};
 use crate::proto::NodeProto;
@@ -295,7 +296,7 @@ fn add(imp: &mut Importer, node: &NodeProto, a: &Attrs) -> Result<Vec<Value>, St
             if let Some(&(x, w)) = imp.bare_linear.get(y) {
                 let out = imp.shape(w)[0];
                 if bias.elem_count() == out && bias.dims().iter().rev().skip(1).all(|&d| d == 1) {
-                    let bias = bias.reshape(out).map_err(|e| e.to_string())?;
+                    let bias = bias.reshape(out).map_err(candle_text)?;
                     let b = imp.constant(&node.input[constant], bias).map_err(|e| e.to_string())?;
                     return Ok(vec![Value::Ir(imp.add(node, "", Op::Linear, &[x, w, b])?)]);
                 }
@@ -446,7 +447,7 @@ fn gemm(imp: &mut Importer, node: &NodeProto, a: &Attrs) -> Result<Vec<Value>, S
                 bias.dims()
             ));
         }
-        let bias = bias.reshape(out).map_err(|e| e.to_string())?;
+        let bias = bias.reshape(out).map_err(candle_text)?;
         inputs.push(imp.constant(&node.input[2], bias).map_err(|e| e.to_string())?);
     }
     Ok(vec![Value::Ir(imp.add(node, "", Op::Linear, &inputs)?)])
@@ -475,7 +476,7 @@ fn weight_rows(imp: &mut Importer, node: &NodeProto, rows: bool) -> Result<NodeI
     if rows {
         return imp.constant(&node.input[1], b).map_err(|e| e.to_string());
     }
-    let t = b.t().and_then(|t| t.contiguous()).map_err(|e| e.to_string())?;
+    let t = b.t().and_then(|t| t.contiguous()).map_err(candle_text)?;
     imp.constant(&format!("{}.T", node.input[1]), t)
         .map_err(|e| e.to_string())
 }

@@ -71,7 +71,7 @@ impl Rewriter<'_> {
         PassError::Candle {
             pass: self.pass.to_string(),
             node: self.graph.node(node).name.clone(),
-            source: Box::new(source),
+            source: Box::new(wick_ir::plain_candle_error(source)),
         }
     }
 

@@ -91,7 +91,8 @@ pub fn preprocess(bytes: &[u8]) -> Result<Tensor, ImageError> {
             }
         }
     }
-    Tensor::from_vec(data, (1, 3, 224, 224), &Device::Cpu).map_err(|e| ImageError::Invalid(e.to_string()))
+    Tensor::from_vec(data, (1, 3, 224, 224), &Device::Cpu)
+        .map_err(|e| ImageError::Invalid(wick_ir::plain_candle_error(e).to_string()))
 }
 
 /// Refuses empty images and aspect ratios over [`MAX_ASPECT_RATIO`].

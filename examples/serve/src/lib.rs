@@ -449,14 +449,13 @@ async fn predict(
 
 /// Softmax probabilities of the `k` best classes per row of `[N, classes]` logits.
 pub fn top_classes(logits: &Tensor, k: usize) -> Result<Vec<Vec<serde_json::Value>>, String> {
-    let probabilities = candle_core::Tensor::exp(
-        &logits
-            .broadcast_sub(&logits.max_keepdim(D::Minus1).map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?,
-    )
-    .and_then(|e| e.broadcast_div(&e.sum_keepdim(D::Minus1)?))
-    .and_then(|p| p.to_dtype(DType::F32)?.to_vec2::<f32>())
-    .map_err(|e| e.to_string())?;
+    let softmax = || {
+        let e = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()
+    };
+    let probabilities = softmax().map_err(|e| wick_ir::plain_candle_error(e).to_string())?;
     Ok(probabilities
         .iter()
         .map(|row| {
