@@ -35,6 +35,7 @@ use wick_ir::Limits;
 
 pub mod admission;
 pub mod batcher;
+pub mod fuzzing;
 mod image;
 pub mod metrics;
 pub mod oip;
