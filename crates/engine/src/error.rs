@@ -163,6 +163,9 @@ mod tests {
             backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
         };
         let error: EngineError = Err::<(), _>(traced).at("fc").unwrap_err();
-        assert_eq!(error.to_string(), "candle error in node `%fc`: shape mismatch in matmul");
+        assert_eq!(
+            error.to_string(),
+            "candle error in node `%fc`: shape mismatch in matmul"
+        );
     }
 }
