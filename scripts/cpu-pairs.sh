@@ -14,7 +14,9 @@
 # run their own best path, and with avx2 ONNX Runtime and OpenVINO also run
 # held to AVX2 (`bench_reference.py --isa avx2`: the same-machine AVX2
 # references; ONNX Runtime's needs CPUID faulting and `cc`, else its row
-# says why it is missing).
+# says why it is missing). Each pair ends in a `ratio:` line (wick's median
+# over ORT's and over the faster runtime's, against the AVX2-held ones for
+# an avx2 pair); repeat a spec to see how far the ratio moves between pairs.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 XTASK=${XTASK:-cargo xtask}
@@ -23,6 +25,27 @@ OUT=${OUT:-$PWD/cpu-pairs-out}
 mkdir -p "$OUT"
 export RAYON_NUM_THREADS=2
 rc=0
+
+# One line of ratios from a pair's log: wick's median over ONNX Runtime's
+# and over the faster of ONNX Runtime and OpenVINO, each runtime's own best
+# path; with ISA avx2, over the runtimes held to AVX2 (`-avx2` rows) when
+# they ran. Nothing when a median is missing (a failed run says why above).
+ratios() {
+  awk -v isa="$2" '
+    function median_of(name) { return (name in med) ? med[name] : 0 }
+    /^(onnxruntime|openvino)-[0-9.]+(-avx2)? / {
+      key = $1; sub(/-[0-9.]+/, "", key); med[key] = $2
+    }
+    /^wick / { med["wick"] = $2 }
+    END {
+      suffix = (isa == "avx2" && ("onnxruntime-avx2" in med || "openvino-avx2" in med)) ? "-avx2" : ""
+      ort = median_of("onnxruntime" suffix); ov = median_of("openvino" suffix); wick = median_of("wick")
+      if (wick == 0 || ort == 0) exit
+      faster = (ov > 0 && ov < ort) ? ov : ort
+      printf "ratio: wick / ORT%s %.3f, wick / the faster of ORT%s and OV%s %.3f\n", suffix, wick / ort, suffix, suffix, wick / faster
+    }' "$1"
+}
+
 for spec in "$@"; do
   IFS=: read -r model batch isa <<<"$spec"
   log="$OUT/pair-$model-b$batch${isa:+-$isa}.log"
@@ -36,5 +59,6 @@ for spec in "$@"; do
       --json "$OUT/wick-$model-b$batch${isa:+-$isa}.json"
   } >"$log" 2>&1 || rc=1
   grep -E '^== |^onnxruntime|^openvino|^\(|^wick |^peak RSS' "$log"
+  ratios "$log" "$isa"
 done
 exit $rc
