@@ -16,7 +16,8 @@
 # references; ONNX Runtime's needs CPUID faulting and `cc`, else its row
 # says why it is missing). Each pair ends in a `ratio:` line (wick's median
 # over ORT's and over the faster runtime's, against the AVX2-held ones for
-# an avx2 pair); repeat a spec to see how far the ratio moves between pairs.
+# an avx2 pair); repeat a spec to see how far the ratio moves between pairs
+# (a repeat's log and JSON get `-2`, `-3`, ... in their names).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 XTASK=${XTASK:-cargo xtask}
@@ -46,9 +47,14 @@ ratios() {
     }' "$1"
 }
 
+# How many times each spec has run: a repeat's files get `-2`, `-3`, ...
+declare -A runs
 for spec in "$@"; do
   IFS=: read -r model batch isa <<<"$spec"
-  log="$OUT/pair-$model-b$batch${isa:+-$isa}.log"
+  name="$model-b$batch${isa:+-$isa}"
+  runs[$name]=$((${runs[$name]:-0} + 1))
+  [ "${runs[$name]}" -gt 1 ] && name="$name-${runs[$name]}"
+  log="$OUT/pair-$name.log"
   {
     echo "== $model batch $batch${isa:+ (wick on $isa)} $(date -u +%FT%TZ)"
     # shellcheck disable=SC2046 # no argument without an AVX2 ISA
@@ -56,7 +62,7 @@ for spec in "$@"; do
       $([ "$isa" = avx2 ] && echo --isa avx2)
     # shellcheck disable=SC2086 # XTASK may be `cargo xtask`; no WICK_ISA without an ISA
     env ${isa:+WICK_ISA=$isa} $XTASK bench "$model" --modes wick --batch "$batch" \
-      --json "$OUT/wick-$model-b$batch${isa:+-$isa}.json"
+      --json "$OUT/wick-$name.json"
   } >"$log" 2>&1 || rc=1
   grep -E '^== |^onnxruntime|^openvino|^\(|^wick |^peak RSS' "$log"
   ratios "$log" "$isa"
