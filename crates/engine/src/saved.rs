@@ -263,7 +263,7 @@ fn attach_weight_bytes(graph: &mut Graph, bytes: &[u8], path: &Path) -> Result<(
         }
         let tensor = view
             .load(&Device::Cpu)
-            .map_err(|e| corrupt(format!("tensor `{name}`: {e}")))?;
+            .map_err(|e| corrupt(format!("tensor `{name}`: {}", wick_ir::plain_candle_message(e))))?;
         graph
             .set_constant_data(name, tensor)
             .map_err(|source| SavedError::Graph {

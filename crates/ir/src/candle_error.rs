@@ -8,7 +8,8 @@
 //! be dozens of lines instead of one: on a terminal, in a log line, and in
 //! the body of a serving error response (where it would also disclose the
 //! server's internals). Every wick error that keeps a candle error keeps it
-//! through [`plain_candle_error`].
+//! through [`plain_candle_error`], and every message made of one through
+//! [`plain_candle_message`].
 
 /// `error` with every backtrace candle attached removed, at any depth of
 /// its `Context` and `WithPath` wrappers; its messages, context and paths
@@ -27,6 +28,12 @@ pub fn plain_candle_error(error: candle_core::Error) -> candle_core::Error {
         },
         other => other,
     }
+}
+
+/// [`plain_candle_error`]'s message: for the errors that carry a candle
+/// error as text (the ONNX importer's, the service's responses).
+pub fn plain_candle_message(error: candle_core::Error) -> String {
+    plain_candle_error(error).to_string()
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ mod print;
 mod verify;
 
 pub use activation::Activation;
-pub use candle_error::plain_candle_error;
+pub use candle_error::{plain_candle_error, plain_candle_message};
 pub use error::{IrError, ParseError, Violation};
 pub use fact::{shape_extent, TensorFact};
 pub use graph::{Graph, Node, NodeId};

@@ -172,16 +172,16 @@ impl Weights {
 /// One tensor of a safetensors file from outside, on `device`. The reader
 /// checked its bytes against the file; the strides of a shape with no
 /// values (`[0, 2^40, 2^40]`) are checked here, before candle multiplies
-/// them out ([`wick_ir::shape_extent`]).
+/// them out ([`wick_ir::shape_extent`]). Errors come without candle's
+/// backtrace ([`wick_ir::plain_candle_error`]).
 pub fn load_view(view: &safetensors::tensor::TensorView<'_>, device: &Device) -> candle_core::Result<Tensor> {
     if wick_ir::shape_extent(view.shape()).is_none() {
-        // A plain message: candle's `bail!` attaches a backtrace.
         return Err(candle_core::Error::Msg(format!(
             "shape {:?} is beyond what this machine can address",
             view.shape()
         )));
     }
-    view.load(device)
+    view.load(device).map_err(wick_ir::plain_candle_error)
 }
 
 impl ParamSource for Weights {

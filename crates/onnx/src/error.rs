@@ -125,10 +125,3 @@ pub enum OnnxError {
     #[error("building wick IR: {0}")]
     Ir(#[from] wick_ir::IrError),
 }
-
-/// A candle error's message for an importer error, on one line where
-/// candle's is: without the backtrace candle attaches under `RUST_BACKTRACE`
-/// ([`wick_ir::plain_candle_error`]).
-pub(crate) fn candle_text(error: candle_core::Error) -> String {
-    wick_ir::plain_candle_error(error).to_string()
-}

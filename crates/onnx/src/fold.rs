@@ -6,11 +6,11 @@
 //! unsupported.
 
 use crate::attrs::Attrs;
-use crate::error::candle_text;
 use crate::import::{Importer, Value};
 use crate::proto::{data_type, NodeProto};
 use crate::tensor::{self, Const};
 use candle_core::{Device, Tensor};
+use wick_ir::plain_candle_message;
 
 /// The value of a `Constant` node.
 pub(crate) fn constant(imp: &Importer, node: &NodeProto) -> Result<Const, String> {
@@ -28,7 +28,7 @@ pub(crate) fn constant(imp: &Importer, node: &NodeProto) -> Result<Const, String
     let floats = |values: Vec<f32>, dims: Vec<usize>| {
         Tensor::from_vec(values, dims, &Device::Cpu)
             .map(Const::F32)
-            .map_err(candle_text)
+            .map_err(plain_candle_message)
     };
     if node.attribute.iter().any(|x| x.name == "value_float") {
         return floats(vec![a.float("value_float", 0.0)?], vec![]);
@@ -174,7 +174,7 @@ pub(crate) fn shape_op(imp: &Importer, node: &NodeProto) -> Result<Vec<Value>, S
                         values: t
                             .flatten_all()
                             .and_then(|t| t.to_vec1::<f32>())
-                            .map_err(candle_text)?
+                            .map_err(plain_candle_message)?
                             .into_iter()
                             .map(|v| v as i64)
                             .collect(),
@@ -184,7 +184,7 @@ pub(crate) fn shape_op(imp: &Importer, node: &NodeProto) -> Result<Vec<Value>, S
                     Const::F32(_) => c.clone(),
                     Const::I64 { dims, values } => Const::F32(
                         Tensor::from_vec(values.iter().map(|&v| v as f32).collect(), dims.clone(), &Device::Cpu)
-                            .map_err(candle_text)?,
+                            .map_err(plain_candle_message)?,
                     ),
                 },
                 _ => return Err(format!("cast to {} is not supported here", data_type::name(to))),
@@ -198,7 +198,7 @@ pub(crate) fn shape_op(imp: &Importer, node: &NodeProto) -> Result<Vec<Value>, S
 /// `c` with the same values in shape `dims`.
 fn with_dims(c: &Const, dims: Vec<usize>) -> Result<Const, String> {
     Ok(match c {
-        Const::F32(t) => Const::F32(t.reshape(dims).map_err(candle_text)?),
+        Const::F32(t) => Const::F32(t.reshape(dims).map_err(plain_candle_message)?),
         Const::I64 { values, .. } => Const::I64 {
             dims,
             values: values.clone(),

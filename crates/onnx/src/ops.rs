@@ -4,14 +4,13 @@
 //! The table in the README lists the same operators and limits.
 
 use crate::attrs::Attrs;
-use crate::error::candle_text;
 use crate::fold;
 use crate::import::{Importer, Value};
 use crate::proto::NodeProto;
 use crate::tensor::Const;
 use wick_ir::{
-    Activation, AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, Conv2dAttrs, FlattenAttrs, MaxPool2dAttrs, NodeId, Op,
-    PadAttrs,
+    plain_candle_message, Activation, AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, Conv2dAttrs, FlattenAttrs,
+    MaxPool2dAttrs, NodeId, Op, PadAttrs,
 };
 
 /// The operators [`lower`] knows (some only for some attributes or
@@ -296,7 +295,7 @@ fn add(imp: &mut Importer, node: &NodeProto, a: &Attrs) -> Result<Vec<Value>, St
             if let Some(&(x, w)) = imp.bare_linear.get(y) {
                 let out = imp.shape(w)[0];
                 if bias.elem_count() == out && bias.dims().iter().rev().skip(1).all(|&d| d == 1) {
-                    let bias = bias.reshape(out).map_err(candle_text)?;
+                    let bias = bias.reshape(out).map_err(plain_candle_message)?;
                     let b = imp.constant(&node.input[constant], bias).map_err(|e| e.to_string())?;
                     return Ok(vec![Value::Ir(imp.add(node, "", Op::Linear, &[x, w, b])?)]);
                 }
@@ -447,7 +446,7 @@ fn gemm(imp: &mut Importer, node: &NodeProto, a: &Attrs) -> Result<Vec<Value>, S
                 bias.dims()
             ));
         }
-        let bias = bias.reshape(out).map_err(candle_text)?;
+        let bias = bias.reshape(out).map_err(plain_candle_message)?;
         inputs.push(imp.constant(&node.input[2], bias).map_err(|e| e.to_string())?);
     }
     Ok(vec![Value::Ir(imp.add(node, "", Op::Linear, &inputs)?)])
@@ -476,7 +475,7 @@ fn weight_rows(imp: &mut Importer, node: &NodeProto, rows: bool) -> Result<NodeI
     if rows {
         return imp.constant(&node.input[1], b).map_err(|e| e.to_string());
     }
-    let t = b.t().and_then(|t| t.contiguous()).map_err(candle_text)?;
+    let t = b.t().and_then(|t| t.contiguous()).map_err(plain_candle_message)?;
     imp.constant(&format!("{}.T", node.input[1]), t)
         .map_err(|e| e.to_string())
 }

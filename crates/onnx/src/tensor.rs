@@ -143,7 +143,7 @@ pub(crate) fn read(
     let floats = |values: Vec<f32>| {
         Tensor::from_vec(values, dims.clone(), &Device::Cpu)
             .map(Const::F32)
-            .map_err(|e| error(e.to_string()))
+            .map_err(|e| error(wick_ir::plain_candle_message(e)))
     };
     match tensor.data_type {
         data_type::FLOAT => floats(values(raw, &tensor.float_data, count, f32::from_le_bytes).map_err(error)?),

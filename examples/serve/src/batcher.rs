@@ -305,7 +305,7 @@ fn forward(model: &BatchedModel, jobs: &[Job]) -> Result<Vec<Tensor>, Failure> {
         .map(|i| {
             let parts: Vec<&Tensor> = jobs.iter().map(|job| &job.inputs[i]).collect();
             // Inputs that disagree beyond the batch are the callers' fault.
-            Tensor::cat(&parts, 0).map_err(|e| Failure::Refused(wick_ir::plain_candle_error(e).to_string()))
+            Tensor::cat(&parts, 0).map_err(|e| Failure::Refused(wick_ir::plain_candle_message(e)))
         })
         .collect::<Result<Vec<_>, _>>()?;
     model.run(&inputs).map_err(Failure::of)

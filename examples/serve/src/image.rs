@@ -92,7 +92,7 @@ pub fn preprocess(bytes: &[u8]) -> Result<Tensor, ImageError> {
         }
     }
     Tensor::from_vec(data, (1, 3, 224, 224), &Device::Cpu)
-        .map_err(|e| ImageError::Invalid(wick_ir::plain_candle_error(e).to_string()))
+        .map_err(|e| ImageError::Invalid(wick_ir::plain_candle_message(e)))
 }
 
 /// Refuses empty images and aspect ratios over [`MAX_ASPECT_RATIO`].

@@ -456,7 +456,7 @@ pub fn top_classes(logits: &Tensor, k: usize) -> Result<Vec<Vec<serde_json::Valu
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()
     };
-    let probabilities = softmax().map_err(|e| wick_ir::plain_candle_error(e).to_string())?;
+    let probabilities = softmax().map_err(wick_ir::plain_candle_message)?;
     Ok(probabilities
         .iter()
         .map(|row| {

@@ -212,8 +212,7 @@ pub fn decode(model: &ModelInfo, body: &[u8], header_len: Option<usize>, limits:
             }
             (None, None) => return Err(bad(format!("input `{}` has no `data`", input.name))),
         };
-        let tensor = Tensor::from_vec(values, dims, &Device::Cpu)
-            .map_err(|e| bad(wick_ir::plain_candle_error(e).to_string()))?;
+        let tensor = Tensor::from_vec(values, dims, &Device::Cpu).map_err(|e| bad(wick_ir::plain_candle_message(e)))?;
         inputs[index] = Some(tensor);
     }
     if !binary.is_empty() {
@@ -327,7 +326,7 @@ pub struct Encoded {
 pub fn encode(model: &ModelInfo, decoded: &Decoded, outputs: &[Tensor]) -> Result<Encoded, OipError> {
     let internal = |e: candle_core::Error| OipError {
         status: 500,
-        message: wick_ir::plain_candle_error(e).to_string(),
+        message: wick_ir::plain_candle_message(e),
     };
     let mut binary = Vec::new();
     let mut listed = Vec::new();
