@@ -16,8 +16,11 @@
 # references; ONNX Runtime's needs CPUID faulting and `cc`, else its row
 # says why it is missing). Each pair ends in a `ratio:` line (wick's median
 # over ORT's and over the faster runtime's, against the AVX2-held ones for
-# an avx2 pair); repeat a spec to see how far the ratio moves between pairs
-# (a repeat's log and JSON get `-2`, `-3`, ... in their names).
+# an avx2 pair), after a `steal:` line (the share of CPU time the
+# hypervisor gave to other guests during the runtimes' runs and during
+# wick's: a noisy neighbour, measured); repeat a spec to see how far the
+# ratio moves between pairs (a repeat's log and JSON get `-2`, `-3`, ...
+# in their names).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 XTASK=${XTASK:-cargo xtask}
@@ -47,6 +50,20 @@ ratios() {
     }' "$1"
 }
 
+# The CPU time the hypervisor gave to other guests ("steal": a vCPU this
+# machine wanted but did not get) as a percentage of all CPU time since
+# `ticks` printed $1 (/proc/stat's first line); "?" where it is unreadable.
+# A worker stolen mid-forward stalls the other at the next barrier, so a
+# pair with much steal says little about either side.
+ticks() { head -1 /proc/stat 2>/dev/null; }
+steal_since() {
+  awk -v before="$1" 'NR == 1 {
+      n = split(before, b); total = 0
+      for (i = 2; i <= 9; i++) total += $i - b[i]
+      if (n >= 9 && total > 0) printf "%.1f%%", 100 * ($9 - b[9]) / total; else printf "?"
+    }' /proc/stat 2>/dev/null || printf "?"
+}
+
 # How many times each spec has run: a repeat's files get `-2`, `-3`, ...
 declare -A runs
 for spec in "$@"; do
@@ -57,14 +74,19 @@ for spec in "$@"; do
   log="$OUT/pair-$name.log"
   {
     echo "== $model batch $batch${isa:+ (wick on $isa)} $(date -u +%FT%TZ)"
+    before=$(ticks)
     # shellcheck disable=SC2046 # no argument without an AVX2 ISA
     PYTHONUNBUFFERED=1 "$PYTHON" "$ROOT/scripts/bench_reference.py" --model "${model//-/_}" --batch "$batch" \
       $([ "$isa" = avx2 ] && echo --isa avx2)
+    runtimes_steal=$(steal_since "$before") before=$(ticks)
     # shellcheck disable=SC2086 # XTASK may be `cargo xtask`; no WICK_ISA without an ISA
     env ${isa:+WICK_ISA=$isa} $XTASK bench "$model" --modes wick --batch "$batch" \
       --json "$OUT/wick-$name.json"
+    status=$?
+    echo "steal: $runtimes_steal of the CPU time during the runtimes' runs, $(steal_since "$before") during wick's"
+    (exit "$status")
   } >"$log" 2>&1 || rc=1
-  grep -E '^== |^onnxruntime|^openvino|^\(|^wick |^peak RSS' "$log"
+  grep -E '^== |^onnxruntime|^openvino|^\(|^wick |^peak RSS|^steal:' "$log"
   ratios "$log" "$isa"
 done
 exit $rc
