@@ -451,13 +451,40 @@ fn wick_batch_tiling_switch() {
     assert_contains(&out.stderr, &["invalid batch tiling `sometimes`"]);
 }
 
-/// `peak` measures every path this CPU has (no rate is asserted).
+/// `peak` measures every path this CPU has and the panel product's rate on
+/// each shape asked for (no rate is asserted); a malformed shape is a
+/// one-line usage error.
 #[test]
 fn peak_lists_every_available_path() {
-    let out = xtask_ok(&["peak", "--seconds", "0.01", "--threads", "1", "--read-mib", "1"]);
+    let out = xtask_ok(&[
+        "peak",
+        "--seconds",
+        "0.01",
+        "--threads",
+        "1",
+        "--read-mib",
+        "1",
+        "--gemm",
+        "16x8x32,6x3x20",
+    ]);
     let names: Vec<&str> = wick_engine::CpuPath::available().iter().map(|p| p.name()).collect();
     assert_contains(&out.stdout, &names);
-    assert_contains(&out.stdout, &["GFLOP/s", "caches L1d", "read GB/s"]);
+    assert_contains(
+        &out.stdout,
+        &[
+            "GFLOP/s",
+            "caches L1d",
+            "read GB/s",
+            "panel product",
+            "16x8x32",
+            "6x3x20",
+        ],
+    );
+    for bad in ["16x8", "16x0x32", "16xax32"] {
+        let out = xtask(&["peak", "--gemm", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert_contains(&out.stderr, &["ROWSxDEPTHxCOLS"]);
+    }
 }
 
 /// Every committed hostile graph, run from the command line as a file of IR

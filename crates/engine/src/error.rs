@@ -118,11 +118,12 @@ pub enum EngineError {
         /// The text given.
         given: String,
     },
-    /// The memory read probe ([`crate::CpuPath::read_rate`]) could not
-    /// allocate its buffer.
-    #[error("cannot allocate {bytes} bytes a thread for the read probe")]
+    /// A probe ([`crate::CpuPath::read_rate`]'s buffer,
+    /// [`crate::CpuPath::panel_rate`]'s operands) could not allocate its
+    /// memory.
+    #[error("cannot allocate {bytes} bytes a thread for the probe")]
     ProbeAllocation {
-        /// The buffer asked for, per thread.
+        /// The memory asked for, per thread.
         bytes: usize,
     },
     /// A candle operation failed while executing a node.

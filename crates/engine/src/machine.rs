@@ -118,6 +118,44 @@ impl CpuPath {
             .ok_or(EngineError::ProbeAllocation { bytes })
     }
 
+    /// Measured fp32 rate of the panel micro-kernel on this path (the
+    /// product under the Winograd, direct and 1×1 convs, without an
+    /// epilogue), in FLOP/s, with `threads` threads each multiplying its own
+    /// `[rows, depth] × [depth, cols]` operands (`shape`; rows rounded up to
+    /// a multiple of 8, columns to 16) over and over for about `duration`:
+    /// the kernel's side of the roofline, beside [`Self::fma_peak`]. A
+    /// typed error when the CPU lacks the path or the operands cannot be
+    /// allocated.
+    pub fn panel_rate(
+        self,
+        threads: usize,
+        shape: [usize; 3],
+        duration: std::time::Duration,
+    ) -> Result<f64, EngineError> {
+        let isa = self.isa()?;
+        let rates = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads.max(1))
+                .map(|_| scope.spawn(move || crate::cpu::peak::panel_rate(isa, shape, duration)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().ok().flatten())
+                .collect::<Option<Vec<f64>>>()
+        });
+        // What one thread's three operands ask for (saturated: a size past
+        // `usize` is what could not be allocated).
+        let [rows, depth, cols] = shape.map(|n| n.max(1));
+        let floats = rows
+            .saturating_mul(depth)
+            .saturating_add(depth.saturating_mul(cols))
+            .saturating_add(rows.saturating_mul(cols));
+        rates
+            .map(|rates| rates.iter().sum())
+            .ok_or(EngineError::ProbeAllocation {
+                bytes: floats.saturating_mul(4),
+            })
+    }
+
     /// The path `WICK_ISA` asks for, if it is set.
     pub fn from_env() -> Result<Option<CpuPath>, EngineError> {
         parse_env(ISA_ENV)

@@ -2,10 +2,13 @@
 //! FMA peak per instruction-set path (independent accumulator chains,
 //! enough of them to cover the FMA latency, nothing loaded from memory;
 //! also the ratio of two paths' rates that the conv policy reads,
-//! [`crate::machine::Machine::wide_fma`]), and the rate at which a thread
-//! reads a working set of a given size (the caches' and memory's side).
+//! [`crate::machine::Machine::wide_fma`]), the rate at which a thread
+//! reads a working set of a given size (the caches' and memory's side), and
+//! the rate of the panel micro-kernel on operands of a given shape (the
+//! kernel's side: how much of the FMA peak the product under the convs
+//! reaches before any conv's layout, epilogue or memory traffic).
 
-use super::gemm::{Isa, IsaBody};
+use super::gemm::{panel_gemm, Isa, IsaBody, PANEL_GRANULE, PANEL_ROWS};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -71,6 +74,41 @@ pub(crate) fn read_rate(isa: Isa, bytes: usize, duration: Duration) -> Option<f6
     }
     black_box(acc);
     Some(passes as f64 * (len * 4) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// fp32 FLOP/s of the panel micro-kernel on one thread
+/// ([`panel_gemm`]: `m = u · v`, `u` `[rows, depth]` in 8-row panels, `v`
+/// `[depth, cols]` row-major, no epilogue), the product repeated for about
+/// `duration` after one that brings the operands into the caches; `rows`
+/// rounded up to whole panels and `cols` to whole 16-column granules (and
+/// each size at least 1). `None` when the operands cannot be allocated
+/// (their sizes overflowing included).
+pub(crate) fn panel_rate(isa: Isa, [rows, depth, cols]: [usize; 3], duration: Duration) -> Option<f64> {
+    let rows = rows.max(1).checked_next_multiple_of(PANEL_ROWS)?;
+    let cols = cols.max(1).checked_next_multiple_of(PANEL_GRANULE)?;
+    let depth = depth.max(1);
+    // Small values that neither overflow nor turn denormal as products
+    // repeat (each one overwrites `m`).
+    let filled = |len: Option<usize>| -> Option<Vec<f32>> {
+        let len = len?;
+        let mut values = Vec::new();
+        values.try_reserve_exact(len).ok()?;
+        values.extend((0..len).map(|i| (i % 7) as f32 * 0.01));
+        Some(values)
+    };
+    let u = filled(rows.checked_mul(depth))?;
+    let v = filled(depth.checked_mul(cols))?;
+    let mut m = filled(rows.checked_mul(cols))?;
+    panel_gemm(isa, &u, &v, &mut m, rows, depth, cols);
+    let start = Instant::now();
+    let mut products = 0u64;
+    while products == 0 || start.elapsed() < duration {
+        panel_gemm(isa, black_box(&u), black_box(&v), &mut m, rows, depth, cols);
+        products += 1;
+    }
+    black_box(&m);
+    let flops = 2.0 * rows as f64 * depth as f64 * cols as f64;
+    Some(products as f64 * flops / start.elapsed().as_secs_f64())
 }
 
 /// `acc[i] += Σ` of every value of `buffer` at `i` mod 16 (whole
@@ -173,6 +211,22 @@ mod tests {
             }
             let rate = read_rate(isa, 1 << 16, Duration::from_millis(1)).unwrap();
             assert!(rate.is_finite() && rate > 0.0, "{isa:?}: {rate}");
+        }
+    }
+
+    /// The panel probe runs on every path, on shapes it must round up
+    /// (rows to a panel, columns to a granule, a zero depth to one), and
+    /// gives a positive finite rate (no rate is asserted); sizes whose
+    /// product overflows are refused, not allocated.
+    #[test]
+    fn panel_probe_measures() {
+        for isa in Isa::available() {
+            for shape in [[8, 64, 16], [6, 0, 49], [1, 1, 1]] {
+                let rate = panel_rate(isa, shape, Duration::from_millis(1)).unwrap();
+                assert!(rate.is_finite() && rate > 0.0, "{isa:?} {shape:?}: {rate}");
+            }
+            assert!(panel_rate(isa, [usize::MAX / 2, 1 << 40, 16], Duration::ZERO).is_none());
+            assert!(panel_rate(isa, [8, 1, usize::MAX], Duration::ZERO).is_none());
         }
     }
 
