@@ -5,6 +5,7 @@
 //! run at twice AVX2's rate ([`Machine::wide_fma`]).
 
 use crate::cpu::gemm::Isa;
+use crate::cpu::peak;
 use crate::EngineError;
 use std::str::FromStr;
 use std::sync::OnceLock;
@@ -86,16 +87,8 @@ impl CpuPath {
     /// the path.
     pub fn fma_peak(self, threads: usize, duration: std::time::Duration) -> Result<f64, EngineError> {
         let isa = self.isa()?;
-        let rates = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads.max(1))
-                .map(|_| scope.spawn(move || crate::cpu::peak::fma_peak(isa, duration)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or(0.0))
-                .collect::<Vec<f64>>()
-        });
-        Ok(rates.iter().sum())
+        let rate = peak::on_threads(threads, || Some(peak::fma_peak(isa, duration)));
+        Ok(rate.unwrap_or(0.0))
     }
 
     /// Bytes per second `threads` threads read together on this path, each
@@ -104,17 +97,7 @@ impl CpuPath {
     /// error when the CPU lacks the path or a buffer cannot be allocated.
     pub fn read_rate(self, threads: usize, bytes: usize, duration: std::time::Duration) -> Result<f64, EngineError> {
         let isa = self.isa()?;
-        let rates = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads.max(1))
-                .map(|_| scope.spawn(move || crate::cpu::peak::read_rate(isa, bytes, duration)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().ok().flatten())
-                .collect::<Option<Vec<f64>>>()
-        });
-        rates
-            .map(|rates| rates.iter().sum())
+        peak::on_threads(threads, || peak::read_rate(isa, bytes, duration))
             .ok_or(EngineError::ProbeAllocation { bytes })
     }
 
@@ -133,27 +116,16 @@ impl CpuPath {
         duration: std::time::Duration,
     ) -> Result<f64, EngineError> {
         let isa = self.isa()?;
-        let rates = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads.max(1))
-                .map(|_| scope.spawn(move || crate::cpu::peak::panel_rate(isa, shape, duration)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().ok().flatten())
-                .collect::<Option<Vec<f64>>>()
-        });
-        // What one thread's three operands ask for (saturated: a size past
-        // `usize` is what could not be allocated).
+        // What one thread's three operands ask for, if they cannot be had
+        // (saturated: a size past `usize` is what could not be allocated).
         let [rows, depth, cols] = shape.map(|n| n.max(1));
         let floats = rows
             .saturating_mul(depth)
             .saturating_add(depth.saturating_mul(cols))
             .saturating_add(rows.saturating_mul(cols));
-        rates
-            .map(|rates| rates.iter().sum())
-            .ok_or(EngineError::ProbeAllocation {
-                bytes: floats.saturating_mul(4),
-            })
+        peak::on_threads(threads, || peak::panel_rate(isa, shape, duration)).ok_or(EngineError::ProbeAllocation {
+            bytes: floats.saturating_mul(4),
+        })
     }
 
     /// The path `WICK_ISA` asks for, if it is set.

@@ -12,6 +12,19 @@ use super::gemm::{panel_gemm, Isa, IsaBody, PANEL_GRANULE, PANEL_ROWS};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+/// The sum of `probe`'s rates on `threads` threads (at least one) running
+/// it at once, each on its own data: `None` when any thread's is (or its
+/// thread panicked).
+pub(crate) fn on_threads(threads: usize, probe: impl Fn() -> Option<f64> + Sync) -> Option<f64> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads.max(1)).map(|_| scope.spawn(&probe)).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().ok().flatten())
+            .sum::<Option<f64>>()
+    })
+}
+
 /// Multiply-adds per call of a path's inner loop body, per lane.
 const STEPS: usize = 1 << 16;
 
@@ -228,6 +241,17 @@ mod tests {
             assert!(panel_rate(isa, [usize::MAX / 2, 1 << 40, 16], Duration::ZERO).is_none());
             assert!(panel_rate(isa, [8, 1, usize::MAX], Duration::ZERO).is_none());
         }
+    }
+
+    /// The threads' rates are summed; one thread without a rate leaves
+    /// none.
+    #[test]
+    fn threads_sum_their_rates() {
+        assert_eq!(on_threads(3, || Some(2.0)), Some(6.0));
+        assert_eq!(on_threads(0, || Some(2.0)), Some(2.0));
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let first_fails = || (calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0).then_some(1.0);
+        assert_eq!(on_threads(2, first_fails), None);
     }
 
     /// Every pair of paths gives a finite positive ratio (no timing is
