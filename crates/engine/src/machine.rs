@@ -116,15 +116,17 @@ impl CpuPath {
         duration: std::time::Duration,
     ) -> Result<f64, EngineError> {
         let isa = self.isa()?;
-        // What one thread's three operands ask for, if they cannot be had
-        // (saturated: a size past `usize` is what could not be allocated).
-        let [rows, depth, cols] = shape.map(|n| n.max(1));
-        let floats = rows
-            .saturating_mul(depth)
-            .saturating_add(depth.saturating_mul(cols))
-            .saturating_add(rows.saturating_mul(cols));
-        peak::on_threads(threads, || peak::panel_rate(isa, shape, duration)).ok_or(EngineError::ProbeAllocation {
-            bytes: floats.saturating_mul(4),
+        peak::on_threads(threads, || peak::panel_rate(isa, shape, duration)).ok_or_else(|| {
+            // What one thread's three operands asked for (saturated: a
+            // size past `usize` is what could not be allocated).
+            let [rows, depth, cols] = shape.map(|n| n.max(1));
+            let floats = rows
+                .saturating_mul(depth)
+                .saturating_add(depth.saturating_mul(cols))
+                .saturating_add(rows.saturating_mul(cols));
+            EngineError::ProbeAllocation {
+                bytes: floats.saturating_mul(4),
+            }
         })
     }
 
