@@ -886,11 +886,9 @@ pub(super) mod x86 {
     /// of the x86 machines measured).
     const AVX2_BLOCK_ROWS: usize = 128;
 
-    /// Rows at least this many values apart (4 KiB: a page each) have
-    /// their lines prefetched [`AVX2_AHEAD`] tiles ahead.
-    const AVX2_FAR_ROWS: usize = 1024;
     /// How many tiles (16 columns) ahead along its rows the product
-    /// prefetches the far rows of `v`, of the output and of the residual.
+    /// prefetches the rows of a row-major `v`, of the output and of the
+    /// residual.
     const AVX2_AHEAD: usize = 4;
 
     /// Depth per chunk and rows per block of an AVX2 product `depth` deep
@@ -927,14 +925,22 @@ pub(super) mod x86 {
     /// convs 1.16-1.28×), MobileNetV3-Large 1.07× (its 1×1 convs up to
     /// 1.20×), alternating forwards. (4 × 24, also 12 accumulators, left
     /// LLVM one register short: it spilled an accumulator every step.)
-    /// Rows a page or more apart (a 1×1 conv's planes) have the lines of
-    /// the tiles [`AVX2_AHEAD`] on prefetched: a tile's rows are that many
-    /// streams, too many for the hardware prefetchers, and the loads and
-    /// stores waited on their lines. Zen 3, alternating forwards:
-    /// MobileNetV3's 16 -> 64 conv on 112×112 planes at batch 1 0.73-0.79×
-    /// the time without the output's lines; at batch 10 with `v`'s and
-    /// the residual's 4 tiles ahead rather than 1 and none, its 72 -> 24 +
-    /// residual on 56×56 planes 0.75×, the whole model 0.97×.
+    /// The lines of the tiles [`AVX2_AHEAD`] on are prefetched along every
+    /// row a tile reads or writes (a 1×1 conv's planes, a Winograd
+    /// product's outputs): a tile's rows are that many streams, too many
+    /// for the hardware prefetchers, and the loads and stores waited on
+    /// their lines. Zen 3, alternating forwards: MobileNetV3's 16 -> 64
+    /// conv on 112×112 planes at batch 1 0.73-0.79× the time without the
+    /// output's lines; at batch 10 with `v`'s and the residual's 4 tiles
+    /// ahead rather than 1 and none, its 72 -> 24 + residual on 56×56
+    /// planes 0.75×, the whole model 0.97×. Once only rows a page or more
+    /// apart had them; on rows closer too (28×28 planes, 3 KiB apart), in
+    /// one process, one thread, the micro-kernel on 784 columns ran
+    /// 1.21-1.37× as fast (level on 96 and 3136), and per node against the
+    /// model's median node (`scripts/ab-nodes.sh`, Zen 3, two threads)
+    /// ResNet50's 1×1 convs with a residual on 28×28 at batch 10 took
+    /// 0.81-0.91× the time, ResNet18's at batch 1 and 10 none slower
+    /// (its downsamples at batch 10 0.91-0.97×).
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn gemm_avx2(
         u: &[f32],
@@ -960,14 +966,11 @@ pub(super) mod x86 {
             // L2) pass it; each chunk adds its sums to the last one's in
             // `m`, the epilogue comes with the last.
             let (kc, mc) = avx2_blocks(depth, rows);
-            let ahead = ms >= AVX2_FAR_ROWS;
-            // Slices on that the first tile prefetches `v`: the next, or
-            // `AVX2_AHEAD` on where its rows are a page or more apart.
+            // Slices on that the first tile prefetches a row-major `v`.
             // Packed tiles lie one after the other: none.
             let ahead_v = match layout.rows_apart() {
                 None => 0,
-                Some(vs) if vs >= AVX2_FAR_ROWS => AVX2_AHEAD,
-                Some(_) => 1,
+                Some(_) => AVX2_AHEAD,
             };
             let chunks = depth.div_ceil(kc).max(1);
             // Packed as the product goes (one chunk, one block of rows:
@@ -996,7 +999,7 @@ pub(super) mod x86 {
                             let mp = m.add(row * ms + t0);
                             let e = TileEpilogue::at(epi.filter(|_| last), row, t0);
                             let next = next.filter(|_| row == r0);
-                            if ahead && last {
+                            if last {
                                 // Hints: never fault, whatever the address.
                                 // The output's lines (not for streaming
                                 // stores, which need none) and the residual's.
