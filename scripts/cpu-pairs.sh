@@ -14,7 +14,8 @@
 # run their own best path, and with avx2 ONNX Runtime and OpenVINO also run
 # held to AVX2 (`bench_reference.py --isa avx2`: the same-machine AVX2
 # references; ONNX Runtime's needs CPUID faulting and `cc`, else its row
-# says why it is missing). Each pair ends in a `ratio:` line (wick's median
+# says why it is missing). Each pair ends in a `ratio:` line, printed and
+# appended to the pair's log (wick's median
 # over ORT's and over the faster runtime's, against the AVX2-held ones for
 # an avx2 pair), after a `steal:` line (the share of CPU time the
 # hypervisor gave to other guests during the runtimes' runs and during
@@ -87,6 +88,7 @@ for spec in "$@"; do
     (exit "$status")
   } >"$log" 2>&1 || rc=1
   grep -E '^== |^onnxruntime|^openvino|^\(|^wick |^peak RSS|^steal:' "$log"
-  ratios "$log" "$isa"
+  # Into the pair's log too, so that a log read later carries its ratio.
+  ratios "$log" "$isa" | tee -a "$log"
 done
 exit $rc
