@@ -6,7 +6,7 @@
 //! ([`panel_gemm_gathered`]). im2col writes `kh·kw` values per input
 //! channel and output pixel; the phases about `stride_y` (ResNet's stem,
 //! 7×7 stride 2: 49 against 2). Taken by the panel layout where im2col
-//! would copy at least [`MIN_COPY_RATIO`] times as much, on output rows
+//! would copy at least [`min_copy_ratio`] times as much, on output rows
 //! wide enough that the 16-column granule wastes little
 //! ([`Phases::applies`]); a row's last tile runs
 //! past its end into the next row's columns, which come later and
@@ -35,7 +35,7 @@
 use super::{groups, Block, DirectConv, Run, Segment};
 use crate::cpu::conv::ConvShape;
 use crate::cpu::data::gather_strided;
-use crate::cpu::gemm::{panel_gemm_gathered, Gathered, IsaBody, LaneTile, Layout, Source, PANEL_GRANULE};
+use crate::cpu::gemm::{panel_gemm_gathered, Gathered, Isa, IsaBody, LaneTile, Layout, Source, PANEL_GRANULE};
 use candle_core::bail;
 use rayon::prelude::*;
 
@@ -53,6 +53,28 @@ const SLACK: usize = PANEL_GRANULE;
 /// time (one copy per 128 or 256 FMAs); what the phases give up (the
 /// in-place store, aligned rows, whole tiles) costs more.
 const MIN_COPY_RATIO: usize = 12;
+
+/// [`MIN_COPY_RATIO`] on the AVX2 path: the phases wherever they copy
+/// less than im2col (3×3 stride-2 convs, 2.25, included). On the AVX2-only
+/// Zen 3 VM (2 threads, `scripts/ab-nodes.sh`, each node against the
+/// model's median node) at batch 10 the 3×3 stride-2 convs onto 14-wide
+/// rows took 0.87× (ResNet18's layer3.0.conv1), 0.91× (ResNet34's) and
+/// 0.94× (ResNet50's layer3.0.conv2) the time, those onto 28-wide rows
+/// 0.96-1.04×, MobileNetV2's 3 -> 32 stem onto 112-wide rows 0.79×;
+/// EfficientNet-B0's stem at batch 1 0.86×, ResNet18's layer2.0.conv1 at
+/// batch 1 level. There im2col was 16% of a direct conv's time (`perf`).
+/// Other kernels and strides this admits (3×3 stride 1 where Winograd
+/// does not apply, 5×5 stride 2) were not timed.
+const MIN_COPY_RATIO_AVX2: usize = 2;
+
+/// The least ratio of im2col's copies to the phases' for `isa`'s panel
+/// product.
+fn min_copy_ratio(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx2Fma => MIN_COPY_RATIO_AVX2,
+        _ => MIN_COPY_RATIO,
+    }
+}
 
 /// Largest column stride for which the lane layout reads phases: each
 /// phase row holds the output row and the kernel's reach, so `stride`
@@ -79,7 +101,7 @@ impl Phases {
     /// Whether `conv` on `shape` reads phases: the lane layout at a column
     /// stride of at most [`MAX_LANE_STRIDE`]; or the panel layout, a kernel
     /// wider than one column (a 1×1 conv's im2col is already one copy) and
-    /// [`MIN_COPY_RATIO`] times the strides' area, and output rows that
+    /// [`min_copy_ratio`] times the strides' area, and output rows that
     /// fill at least 7/8 of their 16-column granules (ResNet's 112, 56, 28
     /// and 14; not 7). Saturating: a hostile stride only says no.
     pub(super) fn applies(conv: &DirectConv, shape: &ConvShape) -> bool {
@@ -89,7 +111,7 @@ impl Phases {
             return sx <= MAX_LANE_STRIDE && kh.saturating_mul(kw) > 1 && ow > 0 && shape.channels > 0;
         }
         conv.layout == Layout::Panels
-            && kh.saturating_mul(kw) >= MIN_COPY_RATIO.saturating_mul(sy).saturating_mul(sx)
+            && kh.saturating_mul(kw) >= min_copy_ratio(conv.isa).saturating_mul(sy).saturating_mul(sx)
             && kw > 1
             && ow > 0
             && ow
@@ -460,7 +482,8 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
         /// Convs that read phases (wide kernels for their stride, output
-        /// rows of 14 to 48, which leave a row's last tile partial or not)
+        /// rows of 14 to 48, which leave a row's last tile partial or not;
+        /// 3×3 stride 2 on the AVX2 path only, im2col elsewhere)
         /// equal candle's conv on every path: dilation, padding per axis,
         /// several images, small blocks (segments that start and end
         /// inside rows, blocks across images), a residual and an
@@ -475,7 +498,7 @@ mod tests {
             block_tiles in proptest::option::of(1usize..6),
             activation in proptest::option::of(0usize..6), residual in any::<bool>(), pooled in any::<bool>(),
         ) {
-            prop_assume!(kh * kw >= super::MIN_COPY_RATIO * stride * stride);
+            prop_assume!(kh * kw >= super::MIN_COPY_RATIO_AVX2 * stride * stride);
             let sizes = [batch, channels, outputs, oh, ow];
             let Some((RandomCase { x, w, b, residual: r, activation, mut want }, attrs)) = case(sizes, [kh, kw], [stride, dilation], [py, px], residual, activation) else {
                 return Err(TestCaseError::reject("padding wider than the input"));
@@ -492,7 +515,9 @@ mod tests {
                     conv = conv.with_block_bytes(tiles * PANEL_GRANULE * (depth + outputs) * 4);
                 }
                 let shape = conv.spec.check(&x, r.as_ref()).unwrap().shape;
-                prop_assert!(Phases::applies(&conv, &shape));
+                // On paths with a higher ratio, im2col: equal all the same.
+                let phased = kh * kw >= super::min_copy_ratio(isa) * stride * stride;
+                prop_assert_eq!(Phases::applies(&conv, &shape), phased);
                 let got = threads.install(|| conv.run(&x, r.as_ref())).unwrap();
                 prop_assert_eq!(got.dims(), want.dims());
                 let diff = crate::test_util::max_abs_diff(&got, &want);
@@ -590,6 +615,42 @@ mod tests {
         let tiles = lane_tiles(&[seg(3, 2, 7, 0), seg(4, 0, 7, 5)], 14);
         assert_eq!(shapes(tiles.clone()), [(0, 5, 1), (5, 7, 1)]);
         assert_eq!((tiles[0].start, tiles[1].start), (2, 100));
+    }
+
+    /// ResNet's 3×3 stride-2 convs (onto 28- and 14-wide rows) read phases
+    /// in the panel layout on the AVX2 path only; the 7×7 stride-2 stem on
+    /// every path; a 1×1 stride-2 downsample and 7-wide rows on none.
+    #[test]
+    fn three_by_three_stride_two_reads_phases_on_avx2() {
+        let applies = |isa: Isa, [k, channels, width, out_width]: [usize; 4]| {
+            let w = Tensor::zeros((8, channels, k, k), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let attrs = Conv2dAttrs {
+                stride: [2, 2],
+                padding: [k / 2; 2],
+                ..Default::default()
+            };
+            let conv = DirectConv::for_test(&w, None, attrs, None, None, Layout::Panels, isa).unwrap();
+            let shape = crate::cpu::conv::ConvShape {
+                batch: 1,
+                channels,
+                height: width,
+                width,
+                out_channels: 8,
+                out_height: out_width,
+                out_width,
+            };
+            Phases::applies(&conv, &shape)
+        };
+        // [kernel, channels, input width, output width].
+        let (conv_28, conv_14, stem) = ([3, 64, 56, 28], [3, 128, 28, 14], [7, 3, 224, 112]);
+        let (downsample, conv_7) = ([1, 64, 56, 28], [3, 256, 14, 7]);
+        // Packing runs on the path: only the paths this CPU has.
+        for isa in Isa::available() {
+            let avx2 = isa == Isa::Avx2Fma;
+            assert_eq!((applies(isa, conv_28), applies(isa, conv_14)), (avx2, avx2), "{isa:?}");
+            assert!(applies(isa, stem), "{isa:?}");
+            assert!(!applies(isa, downsample) && !applies(isa, conv_7), "{isa:?}");
+        }
     }
 
     /// Strides and widths near the integer range only make the phases not
