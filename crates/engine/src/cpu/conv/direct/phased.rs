@@ -483,7 +483,8 @@ mod tests {
 
         /// Convs that read phases (wide kernels for their stride, output
         /// rows of 14 to 48, which leave a row's last tile partial or not;
-        /// 3×3 stride 2 on the AVX2 path only, im2col elsewhere)
+        /// kernels from twice the strides' area, 3×3 stride 2 included, on
+        /// the AVX2 path, from 12 times elsewhere, im2col below)
         /// equal candle's conv on every path: dilation, padding per axis,
         /// several images, small blocks (segments that start and end
         /// inside rows, blocks across images), a residual and an
