@@ -447,7 +447,7 @@ pub(super) mod x86 {
                 // One `depth × width` slice of `v` stays in cache while the
                 // (contiguous, prefetch-friendly) weight panels stream past
                 // it.
-                let next = (layout.rows_apart().is_some() && t0 + width < cols).then(|| v.wrapping_add(t0 + width));
+                let next = (layout.row_major() && t0 + width < cols).then(|| v.wrapping_add(t0 + width));
                 let (at, vs) = layout.at(t0);
                 let columns = TileColumns::rows(v.add(at), vs).packing(pack);
                 avx512_slice::<false>(u, columns, m, [rows, depth, t0, width], ms, epi, next);
@@ -966,12 +966,9 @@ pub(super) mod x86 {
             // L2) pass it; each chunk adds its sums to the last one's in
             // `m`, the epilogue comes with the last.
             let (kc, mc) = avx2_blocks(depth, rows);
-            // Slices on that the first tile prefetches a row-major `v`.
-            // Packed tiles lie one after the other: none.
-            let ahead_v = match layout.rows_apart() {
-                None => 0,
-                Some(_) => AVX2_AHEAD,
-            };
+            // The first tile prefetches a row-major `v` `AVX2_AHEAD` slices
+            // on; packed tiles lie one after the other: no prefetch.
+            let row_major = layout.row_major();
             let chunks = depth.div_ceil(kc).max(1);
             // Packed as the product goes (one chunk, one block of rows:
             // the slice's first tile copies it, the others read the copy).
@@ -989,8 +986,8 @@ pub(super) mod x86 {
                         let (at, vs) = layout.at(t0);
                         let vp = v.add(at + k0 * vs);
                         // The block's first tile prefetches a later slice of `v`.
-                        let next = (ahead_v > 0 && t0 + PANEL_GRANULE < cols)
-                            .then(|| vp.wrapping_add(ahead_v * PANEL_GRANULE));
+                        let next = (row_major && t0 + PANEL_GRANULE < cols)
+                            .then(|| vp.wrapping_add(AVX2_AHEAD * PANEL_GRANULE));
                         let mut row = r0;
                         while row < r1 {
                             let height = avx2_tile_rows(r1 - row);

@@ -124,11 +124,11 @@ impl RightLayout {
         self.pack
     }
 
-    /// The distance between the rows of a row-major operand (far apart,
-    /// worth prefetching ahead); `None` for a packed one.
+    /// Whether the operand is row-major (its rows far apart, worth
+    /// prefetching ahead), not packed.
     #[inline]
-    pub(super) fn rows_apart(self) -> Option<usize> {
-        (!self.tiled).then_some(self.stride)
+    pub(super) fn row_major(self) -> bool {
+        !self.tiled
     }
 }
 
