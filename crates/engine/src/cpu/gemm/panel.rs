@@ -42,15 +42,34 @@ pub(crate) const WIDE_TILE: usize = 48;
 /// `cols` must be a multiple of this (a half micro-tile finishes the row).
 pub(crate) const PANEL_GRANULE: usize = 16;
 
-/// Products deeper than this run in depth chunks on AVX2: a 16-column
-/// slice of `v` 512 deep is 32 KiB, the whole L1.
+/// Products with a row-major `v` deeper than this run in depth chunks on
+/// AVX2: a 16-column slice of `v` 512 deep is 32 KiB, the whole L1.
 const AVX2_MAX_DEPTH: usize = 512;
 
+/// [`AVX2_MAX_DEPTH`] for a packed `v` (contiguous slices, or copied into
+/// them by the product as it goes): a slice that outgrows the L1 is read
+/// in order, which the hardware prefetchers follow, so chunking only adds
+/// each chunk's reload of the sums and, in a 1×1 conv, a separate packing
+/// pass. On the Zen 3 VM, ResNet50's 1×1 conv 1024 -> 256 on 14×14 at
+/// batch 10 alone 0.87-0.88× the time unchunked (two series of 6
+/// alternating runs, 12 of 12 faster); in the model (`scripts/ab-nodes.sh`,
+/// each node against the median node, a noisy host) its 1024 -> 256 convs
+/// 0.92-0.99× and 1024 -> 512 0.84× in one run, level within that run's
+/// ±10% in another. Row-major operands stay at 512: with every product
+/// unchunked to 1024, the 1024-deep 1×1 stride-2 downsample, which reads
+/// its input in place, took 1.06×.
+const AVX2_MAX_PACKED_DEPTH: usize = 1024;
+
 /// Whether `isa`'s product `depth` deep runs in depth chunks (AVX2 past
-/// 512): a chunk's rows of `v` stay in the L2 while the weights pass, so
-/// `v` as a whole need not fit it.
-pub(crate) fn chunks_depth(isa: Isa, depth: usize) -> bool {
-    isa == Isa::Avx2Fma && depth > AVX2_MAX_DEPTH
+/// [`AVX2_MAX_DEPTH`], past [`AVX2_MAX_PACKED_DEPTH`] where `v` is
+/// `packed`): a chunk's rows of `v` stay in the L2 while the weights pass,
+/// so `v` as a whole need not fit it.
+pub(crate) fn chunks_depth(isa: Isa, depth: usize, packed: bool) -> bool {
+    let most = match packed {
+        true => AVX2_MAX_PACKED_DEPTH,
+        false => AVX2_MAX_DEPTH,
+    };
+    isa == Isa::Avx2Fma && depth > most
 }
 
 /// Packs row-major `plain` `[rows, depth]` into panels
@@ -204,7 +223,7 @@ pub(crate) unsafe fn panel_gemm_shared_packing(
     let [_, depth, cols] = size;
     assert!(depth.checked_mul(cols).is_some_and(|n| tiles.len() >= n));
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 || (isa == Isa::Avx2Fma && !chunks_depth(isa, depth)) {
+    if isa == Isa::Avx512 || (isa == Isa::Avx2Fma && !chunks_depth(isa, depth, true)) {
         check_shared(isa, u, v.into(), m, size, epilogue);
         let (v, layout) = Right::from(v).parts(depth, cols);
         let layout = layout.packing_into(tiles.as_mut_ptr());
@@ -346,7 +365,7 @@ unsafe fn gemm_scalar(
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    use super::{RightLayout, StoreEpilogue, AVX2_MAX_DEPTH, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES, WIDE_TILE};
+    use super::{chunks_depth, Isa, RightLayout, StoreEpilogue, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES, WIDE_TILE};
     use crate::cpu::activation::{sigmoid_avx2, sigmoid_avx512};
     use crate::cpu::epilogue::vector_activation;
     use std::arch::x86_64::*;
@@ -897,9 +916,11 @@ pub(super) mod x86 {
     /// deep, on Zen 3), else even chunks of at most [`AVX2_CHUNK_DEPTH`]
     /// (multiples of 8) and blocks of [`AVX2_BLOCK_ROWS`]. ResNet18 at batch
     /// 10 on Zen 3, alternating forwards: its stride-2 3×3 convs (576, 1152
-    /// and 2304 deep) 0.92×, 0.93× and 0.83× the unchunked time.
-    fn avx2_blocks(depth: usize, rows: usize) -> (usize, usize) {
-        match depth <= AVX2_MAX_DEPTH {
+    /// and 2304 deep) 0.92×, 0.93× and 0.83× the unchunked time. A
+    /// `packed` `v` runs whole to [`super::AVX2_MAX_PACKED_DEPTH`]
+    /// ([`chunks_depth`]).
+    fn avx2_blocks(depth: usize, rows: usize, packed: bool) -> (usize, usize) {
+        match !chunks_depth(Isa::Avx2Fma, depth, packed) {
             true => (depth.max(1), rows.max(1)),
             false => (
                 depth.div_ceil(depth.div_ceil(AVX2_CHUNK_DEPTH)).next_multiple_of(8),
@@ -965,10 +986,10 @@ pub(super) mod x86 {
             // a chunk's slice stays in L1 while the block's weights (in
             // L2) pass it; each chunk adds its sums to the last one's in
             // `m`, the epilogue comes with the last.
-            let (kc, mc) = avx2_blocks(depth, rows);
             // The first tile prefetches a row-major `v` `AVX2_AHEAD` slices
             // on; packed tiles lie one after the other: no prefetch.
             let row_major = layout.row_major();
+            let (kc, mc) = avx2_blocks(depth, rows, !row_major || !layout.pack().is_null());
             let chunks = depth.div_ceil(kc).max(1);
             // Packed as the product goes (one chunk, one block of rows:
             // the slice's first tile copies it, the others read the copy).
@@ -1118,7 +1139,14 @@ mod tests {
     /// untouched), shallow and deep operands.
     #[test]
     fn packing_as_it_goes_equals_packing_first() {
-        for (panels, depth, cols) in [(1, 3, 16), (3, 64, 48), (5, 300, 96), (4, 700, 80), (2, 1, 32)] {
+        for (panels, depth, cols) in [
+            (1, 3, 16),
+            (3, 64, 48),
+            (5, 300, 96),
+            (4, 700, 80),
+            (2, 1100, 32),
+            (2, 1, 32),
+        ] {
             let (rows, stride, ms) = (panels * PANEL_ROWS, cols + 5, cols + 3);
             let mut next = crate::test_util::uniform((depth * cols) as u64);
             let plain: Vec<f32> = (0..rows * depth).map(|_| next()).collect();
@@ -1167,7 +1195,7 @@ mod tests {
     #[test]
     fn deep_products_with_epilogue() {
         let (rows, cols) = (17 * PANEL_ROWS, 3 * PANEL_GRANULE);
-        for depth in [513, 700, 2304] {
+        for depth in [513, 700, 1100, 2304] {
             let mut next = crate::test_util::uniform(depth as u64);
             let plain: Vec<f32> = (0..rows * depth).map(|_| next()).collect();
             let v: Vec<f32> = (0..depth * cols).map(|_| next()).collect();
@@ -1175,7 +1203,10 @@ mod tests {
             let residual: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
             let mut packed = vec![0f32; rows * depth];
             pack_panels(&plain, rows, depth, &mut packed);
-            for isa in Isa::available() {
+            // Row-major (chunked past 512 on AVX2) and packed in tiles
+            // (chunked past 1024).
+            let layouts = Isa::available().into_iter().flat_map(|isa| [(isa, false), (isa, true)]);
+            for (isa, tiled) in layouts {
                 let mut m = vec![f32::NAN; rows * cols];
                 let epilogue = StoreEpilogue {
                     bias: &bias,
@@ -1187,7 +1218,12 @@ mod tests {
                     stream: false,
                 };
                 let v = Strided { data: &v, stride: cols };
-                panel_gemm_strided(isa, &packed, v, &mut m, cols, [rows, depth, cols], Some(epilogue));
+                let mut tiles = vec![f32::NAN; depth * cols];
+                let right = match tiled {
+                    true => pack_tiles(isa, v, [depth, cols], &mut tiles, None),
+                    false => Right::Rows(v),
+                };
+                panel_gemm_strided(isa, &packed, right, &mut m, cols, [rows, depth, cols], Some(epilogue));
                 for r in 0..rows {
                     for c in 0..cols {
                         let terms =
@@ -1201,7 +1237,7 @@ mod tests {
                         let got = f64::from(m[r * cols + c]);
                         assert!(
                             (got - want).abs() <= bound,
-                            "{isa:?} depth {depth} r={r} c={c}: {got} vs {want}"
+                            "{isa:?} tiled {tiled} depth {depth} r={r} c={c}: {got} vs {want}"
                         );
                     }
                 }

@@ -263,7 +263,7 @@ impl DirectConv {
             return total.min(LANE_BLOCK_PIXELS).div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
         }
         let per_col = (self.depth() + self.padded_out) * 4;
-        let least = match chunks_depth(self.isa, self.depth()) {
+        let least = match chunks_depth(self.isa, self.depth(), false) {
             true => MIN_BLOCK_COLS,
             false => PANEL_GRANULE,
         };
