@@ -50,6 +50,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    settle_thread_count();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
@@ -76,6 +77,25 @@ fn main() -> std::process::ExitCode {
             let lines: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
             eprintln!("error: {}", lines.join(" "));
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Sets `RAYON_NUM_THREADS`, where it is unset, to the size rayon's global
+/// pool takes anyway (`std::thread::available_parallelism`), before any
+/// thread starts. candle 0.11's CPU ops ask `candle_core::utils::
+/// get_num_threads()` for their thread count on every call (each matmul,
+/// each tile of its conv), and without that variable it counts the
+/// physical cores by parsing `/proc/cpuinfo` each time, uncached: 65,995
+/// reads in one `bench mobilenet-v3-large --iters 1` (its candle-eager
+/// reference), 2.8 s of wall time against 1.0 s with the variable set
+/// (2-core Zen 3 VM). The engine's own kernels never ask; candle's eager
+/// path (the bench's baseline and reference) now takes the pool's thread
+/// count, logical cores, where it took the physical ones.
+fn settle_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        if let Ok(threads) = std::thread::available_parallelism() {
+            std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
         }
     }
 }
