@@ -89,7 +89,9 @@ impl IsaBody for Apply<'_> {
 }
 
 /// One value through `activation` in f32, as PyTorch writes it (the one
-/// copy of the f32 formulas: this kernel and the conv epilogue use it).
+/// copy of the f32 formulas: this kernel and the conv epilogues use it,
+/// but for sigmoid and SiLU on the SIMD paths, which take the vector form
+/// of the same formula, [`sigmoid_avx2`] / [`sigmoid_avx512`]).
 #[inline(always)]
 pub(crate) fn scalar(activation: Activation, v: f32) -> f32 {
     match activation {

@@ -982,10 +982,11 @@ pub(super) mod x86 {
             // past it (rows outer re-read all of `v` from L2 per 4 rows:
             // ResNet18 at batch 10, AVX2 forced on Zen 4, alternating runs:
             // medians 162 → 146 ms). Deeper products than the L1 holds a
-            // slice of run in depth chunks and row blocks ([`avx2_blocks`]):
-            // a chunk's slice stays in L1 while the block's weights (in
-            // L2) pass it; each chunk adds its sums to the last one's in
-            // `m`, the epilogue comes with the last.
+            // slice of (a row-major `v`; a packed one past 1024 deep) run
+            // in depth chunks and row blocks ([`avx2_blocks`]): a chunk's
+            // slice stays in L1 while the block's weights (in L2) pass it;
+            // each chunk adds its sums to the last one's in `m`, the
+            // epilogue comes with the last.
             // The first tile prefetches a row-major `v` `AVX2_AHEAD` slices
             // on; packed tiles lie one after the other: no prefetch.
             let row_major = layout.row_major();
