@@ -32,10 +32,12 @@ pub(crate) fn activation(isa: Isa, activation: Activation, x: &Tensor) -> candle
 /// SiLU in the path's vector form ([`sigmoid_slice`]), the others as
 /// plain loops the path's compiler vectorises.
 pub(crate) fn in_place(isa: Isa, activation: Option<Activation>, values: &mut [f32]) {
-    match activation {
-        Some(a @ (Activation::Sigmoid | Activation::Silu)) if sigmoid_slice(isa, a == Activation::Silu, values) => {}
-        Some(activation) => isa.run(Apply { activation, values }),
-        None => {}
+    let Some(activation) = activation else {
+        return;
+    };
+    let sigmoid = matches!(activation, Activation::Sigmoid | Activation::Silu);
+    if !(sigmoid && sigmoid_slice(isa, activation == Activation::Silu, values)) {
+        isa.run(Apply { activation, values })
     }
 }
 

@@ -229,49 +229,32 @@ impl Epilogue {
     /// [`in_place`] for output channel `channel`, on the epilogue's path.
     #[inline(always)]
     pub(crate) fn in_place(&self, channel: usize, values: &mut [f32], residual: Option<&[f32]>) {
-        let activation = self.loop_activation();
-        self.isa.run(Run {
-            out: &mut *values,
-            src: None,
-            bias: self.bias[channel],
-            residual,
-            activation,
-        });
-        self.vector_activation(activation, values);
+        self.run(channel, values, None, residual)
     }
 
     /// [`write()`] for output channel `channel`, on the epilogue's path.
     #[inline(always)]
     pub(crate) fn write(&self, channel: usize, out: &mut [f32], src: &[f32], residual: Option<&[f32]>) {
-        let activation = self.loop_activation();
+        self.run(channel, out, Some(src), residual)
+    }
+
+    /// [`Run`] on the epilogue's path; sigmoid and SiLU after it, through
+    /// the activation kernel ([`crate::cpu::activation::in_place`]: the
+    /// kernels' vector form on the SIMD paths, where the loop's scalar
+    /// formula vectorised with a division).
+    #[inline(always)]
+    fn run(&self, channel: usize, out: &mut [f32], src: Option<&[f32]>, residual: Option<&[f32]>) {
+        let after = self
+            .activation
+            .filter(|a| matches!(a, Activation::Sigmoid | Activation::Silu));
         self.isa.run(Run {
             out: &mut *out,
-            src: Some(src),
+            src,
             bias: self.bias[channel],
             residual,
-            activation,
+            activation: self.activation.filter(|_| after.is_none()),
         });
-        self.vector_activation(activation, out);
-    }
-
-    /// The activation [`Run`]'s loop applies: none where it is sigmoid or
-    /// SiLU on a SIMD path, which [`Self::vector_activation`] applies
-    /// after it in the kernels' vector form.
-    fn loop_activation(&self) -> Option<Activation> {
-        match self.activation {
-            Some(Activation::Sigmoid | Activation::Silu) if self.isa != Isa::Scalar => None,
-            a => a,
-        }
-    }
-
-    /// Sigmoid or SiLU over `values` (a run the loop just wrote) in the
-    /// path's vector form, where [`Self::loop_activation`] left it out.
-    fn vector_activation(&self, applied: Option<Activation>, values: &mut [f32]) {
-        if applied != self.activation {
-            if let Some(activation) = self.activation {
-                crate::cpu::activation::in_place(self.isa, Some(activation), values);
-            }
-        }
+        crate::cpu::activation::in_place(self.isa, after, out);
     }
 }
 
