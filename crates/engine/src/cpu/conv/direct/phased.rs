@@ -34,7 +34,7 @@
 
 use super::{groups, Block, DirectConv, Run, Segment};
 use crate::cpu::conv::ConvShape;
-use crate::cpu::data::gather_strided;
+use crate::cpu::data::{gather_strided, CACHE_LINE_FLOATS as LINE};
 use crate::cpu::gemm::{panel_gemm_gathered, Gathered, Isa, IsaBody, LaneTile, Layout, Source, PANEL_GRANULE};
 use candle_core::bail;
 use rayon::prelude::*;
@@ -89,7 +89,24 @@ const MAX_LANE_STRIDE: usize = 4;
 pub(super) struct Phases {
     /// Values per phase row: the output row and the kernel's reach.
     width: usize,
-    /// Values per padded input row (`C · stride · width`).
+    /// Values of one padded input row's phases (`C · stride · width`).
+    used: usize,
+    /// Values from one padded input row's phases to the next's: `used`,
+    /// then zeros to an odd number of cache lines, so that the rows a
+    /// micro-tile reads at once (one per output row, a stride of input
+    /// rows apart) fall in different sets of the L1. At `used` alone, 512
+    /// channels of 2 phases of 8 values made a row 32 KiB, and a lane
+    /// tile's six output rows (columns of 6 × 1 on ResNet's 7-wide rows at
+    /// batch 1 on AVX2) read six lines 64 KiB apart, all in one set of an
+    /// 8-way L1, with the weights' lines there too. ResNet50's
+    /// layer4.0.conv2 (3×3 stride 2, 512 -> 512 onto 7×7) at batch 1 on
+    /// the AVX2-only Zen 3 VM (2 threads), alternating runs: alone 0.73×
+    /// the time (median of 6, 0.69-0.86), in the model 4.04 -> 3.05 ms
+    /// (`scripts/ab-nodes.sh`, 0.75 against a median node of 1.05; im2col
+    /// into the lane product instead of phases did as well, 0.65×). The
+    /// phased convs with wider rows (ResNet50's layer2.0/3.0.conv2 and
+    /// ResNet34's layer3.0.conv1 at batch 1, ResNet18's stride-2 convs and
+    /// EfficientNet-B0's stem at batch 10) level with their median node.
     row: usize,
     /// Where GEMM row `(c, ky, kx)` starts, from its output row's first
     /// phase value: `ky·dy` rows, channel `c`, phase `kx·dx mod s`, `kx·dx
@@ -125,15 +142,17 @@ impl Phases {
     pub(super) fn new(conv: &DirectConv, shape: &ConvShape) -> candle_core::Result<Self> {
         let a = &conv.spec.attrs;
         let ([kh, kw], s, dx, dy) = (conv.spec.kernel, a.stride[1], a.dilation[1], a.dilation[0]);
-        let sizes = || -> Option<(usize, usize)> {
+        let sizes = || -> Option<(usize, usize, usize)> {
             let reach = (kw - 1).checked_mul(dx)? / s;
             let width = shape.out_width.checked_add(reach)?;
-            let row = shape.channels.checked_mul(s)?.checked_mul(width)?;
+            let used = shape.channels.checked_mul(s)?.checked_mul(width)?;
+            // An odd number of cache lines a row ([`Phases::row`]).
+            let row = (used.div_ceil(LINE) | 1).checked_mul(LINE)?;
             // The furthest entry of the table must be addressable too.
             row.checked_mul((kh - 1).checked_mul(dy)?.checked_add(1)?)?;
-            Some((width, row))
+            Some((width, used, row))
         };
-        let Some((width, row)) = sizes() else {
+        let Some((width, used, row)) = sizes() else {
             bail!("conv input phases overflow for {shape:?}")
         };
         let mut table = Vec::new();
@@ -148,7 +167,12 @@ impl Phases {
                 }
             }
         }
-        Ok(Phases { width, row, table })
+        Ok(Phases {
+            width,
+            used,
+            row,
+            table,
+        })
     }
 
     /// Padded input rows that `out_rows` consecutive output rows read.
@@ -319,6 +343,8 @@ impl Run<'_> {
         let (sx, [py, px]) = (a.stride[1], a.padding);
         for (i, row) in out.chunks_exact_mut(phases.row).enumerate() {
             let iy = (first + i).checked_sub(py).filter(|&iy| iy < s.height);
+            let (row, pad) = row.split_at_mut(phases.used);
+            pad.fill(0.0);
             for (cp, dst) in row.chunks_exact_mut(phases.width).enumerate() {
                 let Some(iy) = iy else {
                     dst.fill(0.0);
@@ -432,7 +458,7 @@ impl IsaBody for Fill<'_, '_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{lane_tiles, Phases};
+    use super::{lane_tiles, Phases, LINE};
     use crate::cpu::conv::direct::{DirectConv, Segment};
     use crate::cpu::conv::tests::{random_case, RandomCase};
     use crate::cpu::gemm::LaneTile;
@@ -687,6 +713,41 @@ mod tests {
     /// 224 wide, 7×7 stride 2, padding 3, 112 out) reads 2 phases of 115
     /// values per channel (the 112 outputs and a reach of 3), 7 padded
     /// rows for one output row and 2 more per further row.
+    /// Every padded input row's phases take an odd number of cache lines,
+    /// at most one past what they hold, so that the rows of six
+    /// consecutive output rows (stride 2: two padded rows apart) start in
+    /// six different L1 sets (64 of them, a line each), whatever the channel
+    /// count: ResNet50's layer4.0.conv2 (512 channels, 14×14, stride 2)
+    /// made 32 KiB rows of 2 phases of 8 values before.
+    #[test]
+    fn rows_take_an_odd_number_of_lines() {
+        for channels in [1, 3, 64, 128, 256, 512, 1024] {
+            for (in_width, stride) in [(14, 2), (28, 2), (7, 1), (56, 2)] {
+                let w = Tensor::zeros((8, channels, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+                let attrs = Conv2dAttrs {
+                    stride: [stride, stride],
+                    padding: [1, 1],
+                    ..Default::default()
+                };
+                let conv = DirectConv::for_test(&w, None, attrs, None, None, Layout::Lanes, Isa::Scalar).unwrap();
+                let x =
+                    Tensor::zeros((1, channels, in_width, in_width), candle_core::DType::F32, &Device::Cpu).unwrap();
+                let shape = conv.spec.check(&x, None).unwrap().shape;
+                let phases = Phases::new(&conv, &shape).unwrap();
+                let lines = phases.row / LINE;
+                assert_eq!(phases.used, channels * stride * phases.width, "{channels} {in_width}");
+                assert!(
+                    phases.row % LINE == 0 && lines % 2 == 1,
+                    "{channels} {in_width}: {lines} lines"
+                );
+                assert!(phases.used <= phases.row && phases.row < phases.used + 2 * LINE);
+                let sets: std::collections::HashSet<usize> =
+                    (0..6).map(|j| j * phases.pitch(&conv) / LINE % 64).collect();
+                assert_eq!(sets.len(), 6, "{channels} {in_width} stride {stride}");
+            }
+        }
+    }
+
     #[test]
     fn stem_layout() {
         let w = Tensor::zeros((64, 3, 7, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
@@ -699,10 +760,11 @@ mod tests {
         let x = Tensor::zeros((1, 3, 224, 224), candle_core::DType::F32, &Device::Cpu).unwrap();
         let shape = conv.spec.check(&x, None).unwrap().shape;
         let phases = Phases::new(&conv, &shape).unwrap();
-        assert_eq!((phases.width, phases.row), (115, 3 * 2 * 115));
+        // 690 values a row, padded to 45 cache lines (an odd number).
+        assert_eq!((phases.width, phases.used, phases.row), (115, 3 * 2 * 115, 45 * 16));
         assert_eq!(phases.input_rows(&conv, 1), Some(7));
         assert_eq!(phases.input_rows(&conv, 4), Some(13));
         // (c, ky, kx) = (1, 2, 5): 2 rows down, channel 1's phase 1, 2 on.
-        assert_eq!(phases.table[(7 + 2) * 7 + 5], 2 * 690 + (2 + 1) * 115 + 2);
+        assert_eq!(phases.table[(7 + 2) * 7 + 5], 2 * 720 + (2 + 1) * 115 + 2);
     }
 }
