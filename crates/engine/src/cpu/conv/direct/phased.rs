@@ -709,16 +709,12 @@ mod tests {
         }
     }
 
-    /// The rows and columns the phases hold: ResNet's stem (3 channels,
-    /// 224 wide, 7×7 stride 2, padding 3, 112 out) reads 2 phases of 115
-    /// values per channel (the 112 outputs and a reach of 3), 7 padded
-    /// rows for one output row and 2 more per further row.
     /// Every padded input row's phases take an odd number of cache lines,
-    /// at most one past what they hold, so that the rows of six
-    /// consecutive output rows (stride 2: two padded rows apart) start in
-    /// six different L1 sets (64 of them, a line each), whatever the channel
-    /// count: ResNet50's layer4.0.conv2 (512 channels, 14×14, stride 2)
-    /// made 32 KiB rows of 2 phases of 8 values before.
+    /// less than two of them padding, so that the phases of six
+    /// consecutive output rows (a stride of padded rows apart) start in
+    /// six different L1 sets (64 of them, a line each), whatever the
+    /// channel count: ResNet50's layer4.0.conv2 (512 channels, 14×14,
+    /// stride 2) made rows of exactly 32 KiB before (2 phases of 8 values).
     #[test]
     fn rows_take_an_odd_number_of_lines() {
         for channels in [1, 3, 64, 128, 256, 512, 1024] {
@@ -748,6 +744,11 @@ mod tests {
         }
     }
 
+    /// The rows and columns the phases hold: ResNet's stem (3 channels,
+    /// 224 wide, 7×7 stride 2, padding 3, 112 out) reads 2 phases of 115
+    /// values per channel (the 112 outputs and a reach of 3), 7 padded
+    /// rows for one output row and 2 more per further row; 690 values a
+    /// row, padded to 45 cache lines.
     #[test]
     fn stem_layout() {
         let w = Tensor::zeros((64, 3, 7, 7), candle_core::DType::F32, &Device::Cpu).unwrap();
@@ -760,7 +761,6 @@ mod tests {
         let x = Tensor::zeros((1, 3, 224, 224), candle_core::DType::F32, &Device::Cpu).unwrap();
         let shape = conv.spec.check(&x, None).unwrap().shape;
         let phases = Phases::new(&conv, &shape).unwrap();
-        // 690 values a row, padded to 45 cache lines (an odd number).
         assert_eq!((phases.width, phases.used, phases.row), (115, 3 * 2 * 115, 45 * 16));
         assert_eq!(phases.input_rows(&conv, 1), Some(7));
         assert_eq!(phases.input_rows(&conv, 4), Some(13));
