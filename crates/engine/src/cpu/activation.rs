@@ -35,10 +35,15 @@ pub(crate) fn in_place(isa: Isa, activation: Option<Activation>, values: &mut [f
     let Some(activation) = activation else {
         return;
     };
-    let sigmoid = matches!(activation, Activation::Sigmoid | Activation::Silu);
-    if !(sigmoid && sigmoid_slice(isa, activation == Activation::Silu, values)) {
+    if !(is_sigmoid(activation) && sigmoid_slice(isa, activation == Activation::Silu, values)) {
         isa.run(Apply { activation, values })
     }
+}
+
+/// Whether `activation` is sigmoid or SiLU: the two with a vector form
+/// of their own ([`sigmoid_slice`]).
+pub(crate) fn is_sigmoid(activation: Activation) -> bool {
+    matches!(activation, Activation::Sigmoid | Activation::Silu)
 }
 
 /// Sigmoid (or SiLU, `x · sigmoid(x)`) over `values` in place with the

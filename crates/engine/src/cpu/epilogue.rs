@@ -244,9 +244,7 @@ impl Epilogue {
     /// formula vectorised with a division).
     #[inline(always)]
     fn run(&self, channel: usize, out: &mut [f32], src: Option<&[f32]>, residual: Option<&[f32]>) {
-        let after = self
-            .activation
-            .filter(|a| matches!(a, Activation::Sigmoid | Activation::Silu));
+        let after = self.activation.filter(|&a| crate::cpu::activation::is_sigmoid(a));
         self.isa.run(Run {
             out: &mut *out,
             src,

@@ -920,9 +920,9 @@ pub(super) mod x86 {
     /// `packed` `v` runs whole to [`super::AVX2_MAX_PACKED_DEPTH`]
     /// ([`chunks_depth`]).
     fn avx2_blocks(depth: usize, rows: usize, packed: bool) -> (usize, usize) {
-        match !chunks_depth(Isa::Avx2Fma, depth, packed) {
-            true => (depth.max(1), rows.max(1)),
-            false => (
+        match chunks_depth(Isa::Avx2Fma, depth, packed) {
+            false => (depth.max(1), rows.max(1)),
+            true => (
                 depth.div_ceil(depth.div_ceil(AVX2_CHUNK_DEPTH)).next_multiple_of(8),
                 AVX2_BLOCK_ROWS,
             ),
