@@ -164,9 +164,20 @@ mod x86 {
                     let height = avx2_tile_rows(rows - row);
                     let up = TileWeights::from_row(u.as_ptr(), row, depth);
                     let mp = m.add(row * ms + t0);
-                    match height == AVX2_TALL_ROWS {
-                        true => micro_avx2_tall::<W, false, false, true, false>(up, vt, mp, depth, ms, None, None),
-                        false => micro_avx2::<W, false, false, true, false>(up, vt, mp, depth, ms, None, None),
+                    // The first slice leads, as in the panel product.
+                    match (height == AVX2_TALL_ROWS, t0 == 0) {
+                        (true, true) => {
+                            micro_avx2_tall::<W, false, false, true, false, true>(up, vt, mp, depth, ms, None, None)
+                        }
+                        (true, false) => {
+                            micro_avx2_tall::<W, false, false, true, false, false>(up, vt, mp, depth, ms, None, None)
+                        }
+                        (false, true) => {
+                            micro_avx2::<W, false, false, true, false, true>(up, vt, mp, depth, ms, None, None)
+                        }
+                        (false, false) => {
+                            micro_avx2::<W, false, false, true, false, false>(up, vt, mp, depth, ms, None, None)
+                        }
                     }
                     row += height;
                 }

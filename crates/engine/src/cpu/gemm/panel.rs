@@ -552,20 +552,23 @@ pub(super) mod x86 {
                 let e = TileEpilogue::at(epi, row, t0);
                 let next = next.filter(|_| row == 0);
                 let tall = !wide && height == AVX512_TALL_ROWS;
+                // Every tile leads (prefetches) on AVX-512: the hints cost
+                // AVX2's tiles issue slots in the slices after the first
+                // (`avx2_leads`), not measured on AVX-512's wider tiles.
                 macro_rules! tile {
                     ($pack:literal, $columns:expr) => {
                         match (tall, stream) {
-                            (true, true) => {
-                                micro_avx512_tall::<V, true, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next)
-                            }
-                            (true, false) => {
-                                micro_avx512_tall::<V, false, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next)
-                            }
+                            (true, true) => micro_avx512_tall::<V, true, false, TABLE, $pack, true>(
+                                w, $columns, mp, depth, ms, e, next,
+                            ),
+                            (true, false) => micro_avx512_tall::<V, false, false, TABLE, $pack, true>(
+                                w, $columns, mp, depth, ms, e, next,
+                            ),
                             (false, true) => {
-                                micro_avx512::<V, true, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next)
+                                micro_avx512::<V, true, false, TABLE, $pack, true>(w, $columns, mp, depth, ms, e, next)
                             }
                             (false, false) => {
-                                micro_avx512::<V, false, false, TABLE, $pack>(w, $columns, mp, depth, ms, e, next)
+                                micro_avx512::<V, false, false, TABLE, $pack, true>(w, $columns, mp, depth, ms, e, next)
                             }
                         }
                     };
@@ -673,7 +676,7 @@ pub(super) mod x86 {
         }
     }
 
-    /// Defines `$name::<V, STREAM, ACC, TABLE>`, one `$rows × $lanes·V`
+    /// Defines `$name::<V, STREAM, ACC, TABLE, PACK, LEAD>`, one `$rows × $lanes·V`
     /// micro-tile on the `$feature` path: `m[r·ms + j] = Σ_d U[r][d] ·
     /// V[d][j]` with the weights `U` where `u` says ([`TileWeights`]) and
     /// `V`'s rows where `v` says ([`TileColumns`]: `v.stride` apart, or
@@ -705,14 +708,16 @@ pub(super) mod x86 {
             #[inline]
             #[target_feature(enable = $feature)]
             pub(in crate::cpu::gemm) unsafe fn $name<const V: usize, const STREAM: bool, const ACC: bool,
-                const TABLE: bool, const PACK: bool>(u: TileWeights, v: TileColumns, mp: *mut f32, depth: usize,
-                ms: usize, epi: Option<TileEpilogue>, next: Option<*const f32>) {
+                const TABLE: bool, const PACK: bool, const LEAD: bool>(u: TileWeights, v: TileColumns, mp: *mut f32,
+                depth: usize, ms: usize, epi: Option<TileEpilogue>, next: Option<*const f32>) {
                 // SAFETY: the caller upholds the body's contract.
                 unsafe {
                     match u.split {
-                        s if s >= $rows => $body::<V, STREAM, ACC, TABLE, PACK, { $rows }>(u, v, mp, depth, ms, epi, next),
-                        $($splits => $body::<V, STREAM, ACC, TABLE, PACK, $splits>(u, v, mp, depth, ms, epi, next),)*
-                        _ => $body::<V, STREAM, ACC, TABLE, PACK, { usize::MAX }>(u, v, mp, depth, ms, epi, next),
+                        s if s >= $rows => {
+                            $body::<V, STREAM, ACC, TABLE, PACK, LEAD, { $rows }>(u, v, mp, depth, ms, epi, next)
+                        }
+                        $($splits => $body::<V, STREAM, ACC, TABLE, PACK, LEAD, $splits>(u, v, mp, depth, ms, epi, next),)*
+                        _ => $body::<V, STREAM, ACC, TABLE, PACK, LEAD, { usize::MAX }>(u, v, mp, depth, ms, epi, next),
                     }
                 }
             }
@@ -744,7 +749,10 @@ pub(super) mod x86 {
             /// tile copies `v`'s rows to `v.pack`, valid for writes of
             /// `depth·lanes·V` values that nothing else accesses meanwhile.
             /// `SPLIT` (unless `usize::MAX`) must equal `u.split` or, for a
-            /// tile within one panel, be at least `$rows`.
+            /// tile within one panel, be at least `$rows`. Only a `LEAD` tile
+            /// prefetches (the weights [`U_AHEAD`] on, and `next`): a
+            /// compile-time switch too, so that the others' depth loop has
+            /// no hint and no branch on `next`.
             #[inline]
             #[target_feature(enable = $feature)]
             unsafe fn $name<
@@ -753,6 +761,7 @@ pub(super) mod x86 {
                 const ACC: bool,
                 const TABLE: bool,
                 const PACK: bool,
+                const LEAD: bool,
                 const SPLIT: usize,
             >(
                 u: TileWeights,
@@ -792,12 +801,15 @@ pub(super) mod x86 {
                     for d in 0..depth {
                         // Hints only, as `next`'s: the weights `U_AHEAD` on
                         // in the tile's panels (past their end: the next
-                        // tile's, or no address read at all).
-                        _mm_prefetch::<_MM_HINT_T1>(ur.wrapping_add(U_AHEAD).cast());
-                        if two_panels {
+                        // tile's, or no address read at all). Leading tiles
+                        // only (see `LEAD`).
+                        if LEAD {
+                            _mm_prefetch::<_MM_HINT_T1>(ur.wrapping_add(U_AHEAD).cast());
+                        }
+                        if LEAD && two_panels {
                             _mm_prefetch::<_MM_HINT_T1>(ur.wrapping_add(u.jump + U_AHEAD).cast());
                         }
-                        if let Some(next) = next {
+                        if let Some(next) = next.filter(|_| LEAD) {
                             // A hint: never faults, whatever the address.
                             let row = next.wrapping_add(d * vs);
                             for line in (0..$lanes * V).step_by(16) {
@@ -895,6 +907,26 @@ pub(super) mod x86 {
             4 | 8 => AVX2_ROWS,
             _ => AVX2_TALL_ROWS,
         }
+    }
+
+    /// Whether an AVX2 micro-tile of the column slice from `t0` leads: it
+    /// prefetches the weights ahead of its depth steps (and `v`'s next
+    /// slice, if it is the one that does: `prefetches_v`). The block's
+    /// first slice leads (its weights come from memory: a forward's
+    /// weights outgrow the caches), the later slices find the weights in
+    /// cache and run without the hints, which cost issue slots there: one
+    /// or two prefetches and a branch on `next` per 12 FMAs. One thread on
+    /// the Zen 3 VM, the product alternating with a copy of the tile
+    /// without hints in one process (`v` packed): 192 × 1024 × 192 at
+    /// 0.71-0.89 of that copy's rate with the hints in every tile, 0.97-0.99
+    /// without; 264 × 64 × 784 0.62-0.86 and 0.89-0.97. Whole forwards,
+    /// `cargo xtask compare` (2 threads, 40-100 interleaved pairs, every
+    /// tile leading as variant B): ResNet50 at batch 1 and 10 1.03× and
+    /// 1.075× the time with every tile leading, ResNet18 at batch 10
+    /// 1.045× (batch 1 level), MobileNetV3-Large 1.035×, MobileNetV2
+    /// 1.02×, EfficientNet-B0 1.014×, ResNet34 1.01× (all batch 1).
+    fn avx2_leads(t0: usize, prefetches_v: bool) -> bool {
+        t0 == 0 || prefetches_v
     }
 
     /// The most depth per chunk: a 16-column slice of `v` this deep is
@@ -1045,30 +1077,35 @@ pub(super) mod x86 {
                                 (false, false) => TileColumns::rows(pack, PANEL_GRANULE),
                             };
                             // The tile's height, its store and accumulate
-                            // modes, and whether it copies.
+                            // modes, whether it copies and whether it leads
+                            // (prefetches): the block's first slice, whose
+                            // weights come from memory, and the tile that
+                            // prefetches `v`'s next slice (see `avx2_leads`).
                             macro_rules! tile {
-                                ($tile:ident, $pack:literal) => {
+                                ($tile:ident, $pack:literal, $lead:literal) => {
                                     match (stream && last, first) {
-                                        (true, true) => {
-                                            $tile::<W, true, false, false, $pack>(up, columns, mp, chunk, ms, e, next)
-                                        }
-                                        (true, false) => {
-                                            $tile::<W, true, true, false, $pack>(up, columns, mp, chunk, ms, e, next)
-                                        }
-                                        (false, true) => {
-                                            $tile::<W, false, false, false, $pack>(up, columns, mp, chunk, ms, e, next)
-                                        }
-                                        (false, false) => {
-                                            $tile::<W, false, true, false, $pack>(up, columns, mp, chunk, ms, e, next)
-                                        }
+                                        (true, true) => $tile::<W, true, false, false, $pack, $lead>(
+                                            up, columns, mp, chunk, ms, e, next,
+                                        ),
+                                        (true, false) => $tile::<W, true, true, false, $pack, $lead>(
+                                            up, columns, mp, chunk, ms, e, next,
+                                        ),
+                                        (false, true) => $tile::<W, false, false, false, $pack, $lead>(
+                                            up, columns, mp, chunk, ms, e, next,
+                                        ),
+                                        (false, false) => $tile::<W, false, true, false, $pack, $lead>(
+                                            up, columns, mp, chunk, ms, e, next,
+                                        ),
                                     }
                                 };
                             }
-                            match (height == AVX2_TALL_ROWS, packing) {
-                                (true, true) => tile!(micro_avx2_tall, true),
-                                (true, false) => tile!(micro_avx2_tall, false),
-                                (false, true) => tile!(micro_avx2, true),
-                                (false, false) => tile!(micro_avx2, false),
+                            match (height == AVX2_TALL_ROWS, packing, avx2_leads(t0, next.is_some())) {
+                                (true, true, _) => tile!(micro_avx2_tall, true, true),
+                                (true, false, true) => tile!(micro_avx2_tall, false, true),
+                                (true, false, false) => tile!(micro_avx2_tall, false, false),
+                                (false, true, _) => tile!(micro_avx2, true, true),
+                                (false, false, true) => tile!(micro_avx2, false, true),
+                                (false, false, false) => tile!(micro_avx2, false, false),
                             }
                             row += height;
                         }
