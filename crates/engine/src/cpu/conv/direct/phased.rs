@@ -345,25 +345,30 @@ impl Run<'_> {
             let iy = (first + i).checked_sub(py).filter(|&iy| iy < s.height);
             let (row, pad) = row.split_at_mut(phases.used);
             pad.fill(0.0);
-            for (cp, dst) in row.chunks_exact_mut(phases.width).enumerate() {
-                let Some(iy) = iy else {
-                    dst.fill(0.0);
-                    continue;
-                };
-                let (c, p) = (cp / sx, cp % sx);
+            let Some(iy) = iy else {
+                row.fill(0.0);
+                continue;
+            };
+            // Phase by phase, so that each phase's bounds (two divisions,
+            // which cost more than a segment's copy) are worked out once
+            // for all the channels: row `cp` is channel `cp / sx`'s phase
+            // `cp % sx`.
+            for p in 0..sx {
                 // Phase value j is padded column j·sx + p, input column j·sx + p − px.
-                let lo = px.saturating_sub(p).div_ceil(sx).min(dst.len());
+                let lo = px.saturating_sub(p).div_ceil(sx).min(phases.width);
                 let hi = s
                     .width
                     .saturating_add(px)
                     .saturating_sub(p)
                     .div_ceil(sx)
-                    .clamp(lo, dst.len());
-                dst[..lo].fill(0.0);
-                dst[hi..].fill(0.0);
-                if lo < hi {
-                    let line = &self.input[(image * s.channels + c) * s.in_plane() + iy * s.width..][..s.width];
-                    gather_strided(&line[lo * sx + p - px..], sx, &mut dst[lo..hi]);
+                    .clamp(lo, phases.width);
+                for (c, dst) in row.chunks_exact_mut(phases.width).skip(p).step_by(sx).enumerate() {
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    if lo < hi {
+                        let line = &self.input[(image * s.channels + c) * s.in_plane() + iy * s.width..][..s.width];
+                        gather_strided(&line[lo * sx + p - px..], sx, &mut dst[lo..hi]);
+                    }
                 }
             }
         }
