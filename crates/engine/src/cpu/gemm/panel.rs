@@ -385,7 +385,9 @@ pub(super) mod x86 {
     /// 0.90-0.92×) and 0.90× at batch 1, ResNet34 b1 0.85×, ResNet50 b1
     /// 0.95× and b10 0.975×; MobileNetV2, MobileNetV3-Large and
     /// EfficientNet-B0 at batch 1 and 10 level (0.98-1.02×). AVX2 forced:
-    /// ResNet18 b1 0.95×, b10 0.97×.
+    /// ResNet18 b1 0.95×, b10 0.97×. On AVX2 only the tiles that lead
+    /// prefetch (`avx2_leads`: the block's first column slice, which
+    /// brings the weights in); every AVX-512 tile does.
     const U_AHEAD: usize = 1024;
 
     /// One micro-tile's share of a [`StoreEpilogue`]: the bias of its first
