@@ -920,8 +920,9 @@ pub(super) mod x86 {
     /// or two prefetches and a branch on `next` per 12 FMAs. One thread on
     /// the Zen 3 VM, the product alternating with a copy of the tile
     /// without hints in one process (`v` packed): 192 × 1024 × 192 at
-    /// 0.71-0.89 of that copy's rate with the hints in every tile, 0.97-0.99
-    /// without; 264 × 64 × 784 0.62-0.86 and 0.89-0.97. Whole forwards,
+    /// 0.71-0.94 of that copy's rate with the hints in every tile, 1.00-1.04
+    /// with leading tiles only; 264 × 64 × 784 0.62-0.89 and 0.93-0.95;
+    /// 256 × 256 × 3136 0.71-0.91 and 0.93-0.98. Whole forwards,
     /// `cargo xtask compare` (2 threads, 40-100 interleaved pairs, every
     /// tile leading as variant B): ResNet50 at batch 1 and 10 1.03× and
     /// 1.075× the time with every tile leading, ResNet18 at batch 10
