@@ -76,6 +76,8 @@ pub(crate) struct DirectConv {
     /// A max pool applied to the convolution's output, if fused.
     pool: Option<MaxPool2dAttrs>,
     isa: Isa,
+    /// Whether the path's FMAs are wide ([`Machine::wide_fma`]).
+    wide_fma: bool,
     /// Scratch (im2col columns and products) one block aims to fit in: the L2.
     block_bytes: usize,
 }
@@ -218,6 +220,7 @@ impl DirectConv {
             epilogue,
             pool,
             isa: machine.isa,
+            wide_fma: machine.wide_fma,
             block_bytes: machine.block_bytes(),
         })
     }

@@ -67,11 +67,27 @@ const MIN_COPY_RATIO: usize = 12;
 /// does not apply, 5×5 stride 2) were not timed.
 const MIN_COPY_RATIO_AVX2: usize = 2;
 
-/// The least ratio of im2col's copies to the phases' for `isa`'s panel
-/// product.
-fn min_copy_ratio(isa: Isa) -> usize {
-    match isa {
+/// Most output channels for which the AVX-512 path without wide FMAs
+/// ([`crate::machine::Machine::wide_fma`]: each 512-bit FMA issued as two
+/// halves, as on AMD Zen 4) takes the phases at [`MIN_COPY_RATIO_AVX2`]:
+/// each value im2col copies feeds one FMA per output channel, so the
+/// fewer the outputs, the larger the copy's share, and at half the FMA
+/// rate of the wide cores that share is twice theirs. Alone on Zen 4 (2
+/// threads, `xtask compare`, batch 1, phases against im2col, 3×3 stride-2
+/// convs with ReLU): 3 -> 16 onto 112×112 (MobileNetV3's stem) 0.83× the
+/// time, 16 -> 32 onto 56×56 0.89×, 32 -> 64 onto 56×56 0.99×, 64 -> 64
+/// onto 28×28 0.92×; 64 -> 128 onto 28×28 (ResNet18's layer2.0.conv1)
+/// 1.03× and 128 -> 128 (ResNet50's layer2.0.conv2) 1.00×. MobileNetV3 at
+/// batch 1, whole forwards alternating: 0.97× the time; ResNet18 and
+/// ResNet50 (no conv of theirs changes) level.
+const NARROW_AVX512_MAX_OUTPUTS: usize = 64;
+
+/// The least ratio of im2col's copies to the phases' for `conv`'s panel
+/// product: its path, whether that path's FMAs are wide, its outputs.
+fn min_copy_ratio(conv: &DirectConv) -> usize {
+    match conv.isa {
         Isa::Avx2Fma => MIN_COPY_RATIO_AVX2,
+        Isa::Avx512 if !conv.wide_fma && conv.spec.out_channels <= NARROW_AVX512_MAX_OUTPUTS => MIN_COPY_RATIO_AVX2,
         _ => MIN_COPY_RATIO,
     }
 }
@@ -128,7 +144,7 @@ impl Phases {
             return sx <= MAX_LANE_STRIDE && kh.saturating_mul(kw) > 1 && ow > 0 && shape.channels > 0;
         }
         conv.layout == Layout::Panels
-            && kh.saturating_mul(kw) >= min_copy_ratio(conv.isa).saturating_mul(sy).saturating_mul(sx)
+            && kh.saturating_mul(kw) >= min_copy_ratio(conv).saturating_mul(sy).saturating_mul(sx)
             && kw > 1
             && ow > 0
             && ow
@@ -548,7 +564,7 @@ mod tests {
                 }
                 let shape = conv.spec.check(&x, r.as_ref()).unwrap().shape;
                 // On paths with a higher ratio, im2col: equal all the same.
-                let phased = kh * kw >= super::min_copy_ratio(isa) * stride * stride;
+                let phased = kh * kw >= super::min_copy_ratio(&conv) * stride * stride;
                 prop_assert_eq!(Phases::applies(&conv, &shape), phased);
                 let got = threads.install(|| conv.run(&x, r.as_ref())).unwrap();
                 prop_assert_eq!(got.dims(), want.dims());
@@ -650,12 +666,14 @@ mod tests {
     }
 
     /// ResNet's 3×3 stride-2 convs (onto 28- and 14-wide rows) read phases
-    /// in the panel layout on the AVX2 path only; the 7×7 stride-2 stem on
-    /// every path; a 1×1 stride-2 downsample and 7-wide rows on none.
+    /// in the panel layout on the AVX2 path only; MobileNetV3's 3 -> 16
+    /// stem on AVX2 and on AVX-512 without wide FMAs; the 7×7 stride-2
+    /// stem on every path; a 1×1 stride-2 downsample and 7-wide rows on
+    /// none.
     #[test]
-    fn three_by_three_stride_two_reads_phases_on_avx2() {
-        let applies = |isa: Isa, [k, channels, width, out_width]: [usize; 4]| {
-            let w = Tensor::zeros((8, channels, k, k), candle_core::DType::F32, &Device::Cpu).unwrap();
+    fn three_by_three_stride_two_reads_phases_where_copies_cost() {
+        let applies = |isa: Isa, [k, channels, outputs, width, out_width]: [usize; 5]| {
+            let w = Tensor::zeros((outputs, channels, k, k), candle_core::DType::F32, &Device::Cpu).unwrap();
             let attrs = Conv2dAttrs {
                 stride: [2, 2],
                 padding: [k / 2; 2],
@@ -667,21 +685,32 @@ mod tests {
                 channels,
                 height: width,
                 width,
-                out_channels: 8,
+                out_channels: outputs,
                 out_height: out_width,
                 out_width,
             };
-            Phases::applies(&conv, &shape)
+            (Phases::applies(&conv, &shape), conv.wide_fma)
         };
-        // [kernel, channels, input width, output width].
-        let (conv_28, conv_14, stem) = ([3, 64, 56, 28], [3, 128, 28, 14], [7, 3, 224, 112]);
-        let (downsample, conv_7) = ([1, 64, 56, 28], [3, 256, 14, 7]);
+        // [kernel, channels, outputs, input width, output width].
+        let (conv_28, conv_14) = ([3, 64, 128, 56, 28], [3, 128, 256, 28, 14]);
+        let (small_stem, stem) = ([3, 3, 16, 224, 112], [7, 3, 64, 224, 112]);
+        let (downsample, conv_7) = ([1, 64, 128, 56, 28], [3, 256, 512, 14, 7]);
         // Packing runs on the path: only the paths this CPU has.
         for isa in Isa::available() {
             let avx2 = isa == Isa::Avx2Fma;
-            assert_eq!((applies(isa, conv_28), applies(isa, conv_14)), (avx2, avx2), "{isa:?}");
-            assert!(applies(isa, stem), "{isa:?}");
-            assert!(!applies(isa, downsample) && !applies(isa, conv_7), "{isa:?}");
+            let (small, wide) = applies(isa, small_stem);
+            assert_eq!(
+                small,
+                avx2 || (isa == Isa::Avx512 && !wide),
+                "{isa:?}, wide FMAs {wide}"
+            );
+            assert_eq!(
+                (applies(isa, conv_28).0, applies(isa, conv_14).0),
+                (avx2, avx2),
+                "{isa:?}"
+            );
+            assert!(applies(isa, stem).0, "{isa:?}");
+            assert!(!applies(isa, downsample).0 && !applies(isa, conv_7).0, "{isa:?}");
         }
     }
 
