@@ -77,9 +77,10 @@ const MIN_COPY_RATIO_AVX2: usize = 2;
 /// convs with ReLU): 3 -> 16 onto 112×112 (MobileNetV3's stem) 0.83× the
 /// time, 16 -> 32 onto 56×56 0.89×, 32 -> 64 onto 56×56 0.99×, 64 -> 64
 /// onto 28×28 0.92×; 64 -> 128 onto 28×28 (ResNet18's layer2.0.conv1)
-/// 1.03× and 128 -> 128 (ResNet50's layer2.0.conv2) 1.00×. MobileNetV3 at
-/// batch 1, whole forwards alternating: 0.97× the time; ResNet18 and
-/// ResNet50 (no conv of theirs changes) level.
+/// 1.03× and 128 -> 128 (ResNet50's layer2.0.conv2) 1.00×. Whole forwards
+/// alternating at batch 1: MobileNetV3 0.97× the time; MobileNetV2 and
+/// EfficientNet-B0 (their 3 -> 32 stems) 1.00×; the ResNets' convs, of
+/// 128 outputs and more, keep im2col.
 const NARROW_AVX512_MAX_OUTPUTS: usize = 64;
 
 /// The least ratio of im2col's copies to the phases' for `conv`'s panel
