@@ -276,7 +276,9 @@ pub(crate) struct Machine {
     /// two halves (AMD Zen 4) or on the AVX2 and scalar paths. Measured
     /// once per process ([`wide_fma`]). Where it holds, compute is cheap
     /// against memory and the conv policy takes fewer packed weights over
-    /// fewer multiplies ([`crate::cpu::conv_algorithm`]).
+    /// fewer multiplies ([`crate::cpu::conv_algorithm`]); where it does
+    /// not, the direct conv reads input phases rather than im2col for
+    /// convs of few outputs on AVX-512 too (`cpu/conv/direct/phased.rs`).
     pub(crate) wide_fma: bool,
 }
 
