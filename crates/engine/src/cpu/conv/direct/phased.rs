@@ -80,7 +80,10 @@ const MIN_COPY_RATIO_AVX2: usize = 2;
 /// 1.03× and 128 -> 128 (ResNet50's layer2.0.conv2) 1.00×. Whole forwards
 /// alternating at batch 1: MobileNetV3 0.97× the time; MobileNetV2 and
 /// EfficientNet-B0 (their 3 -> 32 stems) 1.00×; the ResNets' convs, of
-/// 128 outputs and more, keep im2col.
+/// 128 outputs and more, keep im2col. Other shapes the rule admits, alone:
+/// 5×5 stride 2, 32 -> 64 onto 56×56, 0.89× the time; 3×3 stride 1 with
+/// dilation 2 (no Winograd), 32 -> 32 on 56×56 0.87× and 64 -> 64 on
+/// 28×28 0.90×.
 const NARROW_AVX512_MAX_OUTPUTS: usize = 64;
 
 /// The least ratio of im2col's copies to the phases' for `conv`'s panel
