@@ -93,8 +93,8 @@ fn scalar(u: &[f32], v: Gathered, start: usize, m: &mut [f32], ms: usize, [rows,
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::panel::x86::{
-        avx2_tile_rows, avx512_slice, avx512_slice_width, micro_avx2, micro_avx2_tall, TileColumns, TileWeights,
-        AVX2_TALL_ROWS,
+        avx2_leads, avx2_tile_rows, avx512_slice, avx512_slice_width, micro_avx2, micro_avx2_tall, TileColumns,
+        TileWeights, AVX2_TALL_ROWS,
     };
     use super::Gathered;
     use crate::cpu::gemm::PANEL_GRANULE;
@@ -164,8 +164,8 @@ mod x86 {
                     let height = avx2_tile_rows(rows - row);
                     let up = TileWeights::from_row(u.as_ptr(), row, depth);
                     let mp = m.add(row * ms + t0);
-                    // The first slice leads, as in the panel product.
-                    match (height == AVX2_TALL_ROWS, t0 == 0) {
+                    // Leading as in the panel product (no `v` prefetch here).
+                    match (height == AVX2_TALL_ROWS, avx2_leads(t0, false)) {
                         (true, true) => {
                             micro_avx2_tall::<W, false, false, true, false, true>(up, vt, mp, depth, ms, None, None)
                         }

@@ -928,7 +928,7 @@ pub(super) mod x86 {
     /// 1.075× the time with every tile leading, ResNet18 at batch 10
     /// 1.045× (batch 1 level), MobileNetV3-Large 1.035×, MobileNetV2
     /// 1.02×, EfficientNet-B0 1.014×, ResNet34 1.01× (all batch 1).
-    fn avx2_leads(t0: usize, prefetches_v: bool) -> bool {
+    pub(in crate::cpu::gemm) fn avx2_leads(t0: usize, prefetches_v: bool) -> bool {
         t0 == 0 || prefetches_v
     }
 
