@@ -3,6 +3,7 @@
 //! reused across calls (no allocation, no page fault in a steady-state
 //! forward), and the advice that puts large buffers on huge pages.
 
+use crate::cpu::gemm::Isa;
 use candle_core::{bail, CpuStorage, Storage, Tensor};
 use std::cell::RefCell;
 
@@ -265,6 +266,71 @@ const PAGE: usize = 4096;
 #[cfg(target_os = "linux")]
 const HUGE_PAGE: usize = 2 << 20;
 
+/// [`gather_strided`] on `isa`'s path: on AVX-512, stride 2 in vectors
+/// of 16 to the last value (two loads and one permute a vector, the row's
+/// end through masks), where LLVM's vectorisation of the pairs took 8
+/// values a step and the last `n mod 8` one by one: ResNet's stride-2
+/// convs gather rows of 14, 28 or 56 values for im2col, much of each in
+/// that tail. Zen 4, 2 threads, `xtask compare` (A B B A): alone, 3×3
+/// stride 2 64 -> 128 onto 28×28 (ResNet18's layer2.0.conv1) at batch 1
+/// 0.944× the time, 256 -> 256 onto 14×14 (ResNet50's layer3.0.conv2) at
+/// batch 10 0.93×, ResNet50's 1×1 stride-2 downsample onto 14×14 at batch
+/// 10 0.96×, other shapes 0.99-1.0×; whole models level (ResNet50,
+/// ResNet18, ResNet34, the mobile models 0.99-1.01×, a null test 1.005×).
+/// AVX2 keeps the plain loop: its masked loads and stores (`vmaskmovps`)
+/// for the end made ResNet18's layer2.0.conv1 1.018× slower there.
+#[inline(always)]
+pub(crate) fn gather_strided_on(isa: Isa, src: &[f32], stride: usize, out: &mut [f32]) {
+    let n = out.len();
+    // The last value read: (n − 1)·2, within `src` (checked here, so the
+    // SIMD loops below read and write in bounds).
+    let fits = n
+        .checked_sub(1)
+        .is_none_or(|last| last.checked_mul(2).is_some_and(|at| at < src.len()));
+    match (isa, stride) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `src` holds the 2(n − 1) + 1 values read (`fits`), `out`
+        // the n written; the path's features come with `isa`.
+        (Isa::Avx512, 2) if fits => unsafe { x86::stride2_avx512(src, out) },
+        _ => gather_strided(src, stride, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `out[k] = src[2k]`, 16 at a time; masked loads for the values past
+    /// `src`'s end that a vector would reach (never read: a masked lane
+    /// does not fault), a masked store for the last vector.
+    ///
+    /// # Safety
+    /// AVX-512F; `src` holds `2(out.len() − 1) + 1` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn stride2_avx512(src: &[f32], out: &mut [f32]) {
+        let n = out.len();
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let mask = |lanes: usize| -> __mmask16 { ((1u32 << lanes.min(16)) - 1) as __mmask16 };
+        let (s, o) = (src.as_ptr(), out.as_mut_ptr());
+        let mut k = 0;
+        // SAFETY: the lanes read lie below 2(n − 1) + 1 (`avail`), within
+        // `src` (a masked-off lane is not read, and does not fault); the
+        // lanes stored below n.
+        unsafe {
+            while k < n {
+                let take = (n - k).min(16);
+                let avail = 2 * take - 1;
+                let lo = _mm512_maskz_loadu_ps(mask(avail), s.add(2 * k));
+                // Wrapping: past `src`'s end when every lane is masked off.
+                let hi = _mm512_maskz_loadu_ps(mask(avail.saturating_sub(16)), s.wrapping_add(2 * k + 16));
+                let v = _mm512_permutex2var_ps(lo, even, hi);
+                _mm512_mask_storeu_ps(o.add(k), mask(take), v);
+                k += 16;
+            }
+        }
+    }
+}
+
 /// `out[k] = src[k·stride]` for every `k` of `out` (`src` holds at least
 /// `(out.len() − 1)·stride + 1` values); stride 2 as pairs, which
 /// vectorises with the path's shuffles where a plain step does not.
@@ -321,6 +387,29 @@ mod tests {
         let mut buffer = Vec::<f32>::with_capacity(4);
         let too_many = buffer.capacity() + 1;
         let _ = SharedOut::new(&mut buffer, too_many);
+    }
+
+    /// Every path's gather equals the plain one, for every length from
+    /// none to past two vectors, at every stride, with `src` holding just
+    /// the values read (the masked loads must not reach past it), and
+    /// leaves the values past `out` alone.
+    #[test]
+    fn gather_on_every_path_matches_plain() {
+        use crate::cpu::gemm::Isa;
+        for isa in Isa::available() {
+            for stride in 0..4 {
+                for n in 0..40usize {
+                    let len = n.saturating_sub(1) * stride + usize::from(n > 0);
+                    let src: Vec<f32> = (0..len).map(|i| i as f32 * 0.5 - 3.0).collect();
+                    let mut want = vec![f32::NAN; n + 3];
+                    let mut got = want.clone();
+                    super::gather_strided(&src, stride, &mut want[..n]);
+                    super::gather_strided_on(isa, &src, stride, &mut got[..n]);
+                    assert_eq!(want[..n], got[..n], "{isa:?} stride {stride}, {n} values");
+                    assert!(got[n..].iter().all(|x| x.is_nan()), "{isa:?} wrote past {n} values");
+                }
+            }
+        }
     }
 
     /// A buffer too large to allocate is an error naming it, not an abort.

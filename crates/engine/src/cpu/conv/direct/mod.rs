@@ -24,7 +24,7 @@ pub(crate) use pooled::{check_fused_pool, pooled_dims, task_rows, window as pool
 
 use super::planes::{self, PlaneRun, Product};
 use super::{output, ConvShape, ConvSpec};
-use crate::cpu::data::{gather_strided, with_cpu_f32, with_scratch, SharedOut};
+use crate::cpu::data::{gather_strided_on, with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::lane_gathered::{max_runs, max_tile};
 use crate::cpu::gemm::{
@@ -700,7 +700,7 @@ impl Run<'_> {
                 }
                 // lo..hi keeps ix = ox·sw + dx within 0..W.
                 let start = (lo as isize * sw + dx) as usize;
-                gather_strided(&line[start..], sw as usize, inside);
+                gather_strided_on(self.conv.isa, &line[start..], sw as usize, inside);
             }
             v[block.pixels..].fill(0.0);
         }

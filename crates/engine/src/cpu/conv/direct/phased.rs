@@ -34,7 +34,7 @@
 
 use super::{groups, Block, DirectConv, Run, Segment};
 use crate::cpu::conv::ConvShape;
-use crate::cpu::data::{gather_strided, CACHE_LINE_FLOATS as LINE};
+use crate::cpu::data::{gather_strided_on, CACHE_LINE_FLOATS as LINE};
 use crate::cpu::gemm::{panel_gemm_gathered, Gathered, Isa, IsaBody, LaneTile, Layout, Source, PANEL_GRANULE};
 use candle_core::bail;
 use rayon::prelude::*;
@@ -387,7 +387,7 @@ impl Run<'_> {
                     dst[hi..].fill(0.0);
                     if lo < hi {
                         let line = &self.input[(image * s.channels + c) * s.in_plane() + iy * s.width..][..s.width];
-                        gather_strided(&line[lo * sx + p - px..], sx, &mut dst[lo..hi]);
+                        gather_strided_on(self.conv.isa, &line[lo * sx + p - px..], sx, &mut dst[lo..hi]);
                     }
                 }
             }
