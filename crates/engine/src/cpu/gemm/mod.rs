@@ -23,6 +23,8 @@ pub(crate) mod lane;
 pub(crate) mod lane_gathered;
 pub(crate) mod panel;
 pub(crate) mod right;
+#[cfg(target_arch = "x86_64")]
+mod row_sweep;
 
 pub(crate) use columns::panel_columns;
 pub(crate) use gathered::{panel_gemm_gathered, Gathered};

@@ -404,7 +404,7 @@ pub(super) mod x86 {
     impl TileEpilogue {
         /// The share of `e` for the tile whose first value is `m[row][col]`
         /// (indexing checked: a tile starts inside `m`).
-        fn at(e: Option<StoreEpilogue>, row: usize, col: usize) -> Option<Self> {
+        pub(in crate::cpu::gemm) fn at(e: Option<StoreEpilogue>, row: usize, col: usize) -> Option<Self> {
             e.map(|e| TileEpilogue {
                 bias: e.bias[row..].as_ptr(),
                 residual: e
@@ -433,9 +433,10 @@ pub(super) mod x86 {
     /// ([`WIDE_TILE`]) as far as whole ones reach, the rest in tiles of 12
     /// rows (across panels) and 8 ([`avx512_column_tiles`]), 32 or 16
     /// columns wide. `layout.pack()`, if not null (with a row-major `v`),
-    /// is valid for writes of `depth·min(48, cols)` values nothing else
-    /// accesses meanwhile: each column slice's first tile copies its rows
-    /// of `v` there, the slice's other tiles read them from there.
+    /// is valid for writes of `depth·cols` values nothing else accesses
+    /// meanwhile: each column slice's first tile copies its rows of `v`
+    /// there, the slice's other tiles read them from there (one slice at a
+    /// time, or a row sweep's block of them side by side).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gemm_avx512(
         u: &[f32],
@@ -453,8 +454,13 @@ pub(super) mod x86 {
             let pack = layout.pack();
             // Slices of `WIDE_TILE` columns as far as whole ones reach,
             // then one of 32 or 16 for the rest: a packed operand's slices
-            // are cut the same way ([`super::right`]).
-            let mut t0 = 0;
+            // are cut the same way ([`super::right`]). A shallow product's
+            // whole slices in row sweeps instead ([`super::super::row_sweep`]).
+            let size = [rows, depth, cols];
+            let mut t0 = match super::super::row_sweep::applies(size, stream) {
+                true => super::super::row_sweep::avx512(u, v, layout, m, size, ms, epi),
+                false => 0,
+            };
             while t0 < cols {
                 let width = avx512_slice_width(t0, cols);
                 // The first tile's pass prefetches the next slice of `v`:
