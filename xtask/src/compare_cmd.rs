@@ -37,7 +37,7 @@ pub struct CompareArgs {
     /// `unlimited` (A: the default, or `WICK_WEIGHT_BUDGET`'s).
     #[arg(long, value_name = "BUDGET")]
     b_weight_budget: Option<String>,
-    /// Variant B's batch tiling: `on` or `off` (A: on, or `WICK_BATCH_TILING`'s).
+    /// Variant B's batch tiling: `on` or `off` (A: off, or `WICK_BATCH_TILING`'s).
     #[arg(long, value_name = "on|off")]
     b_batch_tiling: Option<String>,
     /// Variant B's spinning: `on` or `off` (A: on, or `WICK_SPIN`'s).

@@ -29,7 +29,7 @@ pub struct Engine {
     /// `WICK_WEIGHT_BUDGET`'s or the default.
     weight_budget: Option<WeightBudget>,
     /// Whether CPU forwards may run their leading steps a few images at a
-    /// time, when not `WICK_BATCH_TILING`'s or the default (on).
+    /// time, when not `WICK_BATCH_TILING`'s or the default (off).
     batch_tiling: Option<bool>,
     /// Whether small CPU forwards keep the pool's other workers spinning
     /// ([`Engine::with_spinning`]), when not `WICK_SPIN`'s or the default (on).
@@ -78,15 +78,17 @@ impl Engine {
         }
     }
 
-    /// The same engine with batch tiling on (the default) or off. On, a
+    /// The same engine with batch tiling on or off (the default). On, a
     /// CPU forward whose first steps' whole-batch operands and outputs
     /// overflow the cache (a MobileNet's first blocks at batch 10) runs
     /// those steps a few images at a time, as many as stay in cache, and
     /// gathers what they leave for the rest into whole-batch tensors: the
-    /// same values, less memory traffic and a lower peak of live
-    /// activations. Off, every step runs on the whole batch. Without it,
-    /// `WICK_BATCH_TILING` (`on` or `off`; a typed error at compile
-    /// otherwise) or on.
+    /// same values and a lower peak of live activations, but each group
+    /// reads the steps' weights again and runs smaller products, which
+    /// now costs more time than the memory traffic it saves
+    /// ([`crate::tiling`]). Off, every step runs on the whole batch.
+    /// Without it, `WICK_BATCH_TILING` (`on` or `off`; a typed error at
+    /// compile otherwise) or off.
     pub fn with_batch_tiling(self, on: bool) -> Self {
         Self {
             batch_tiling: Some(on),
@@ -317,7 +319,7 @@ impl Engine {
         });
         let tiling_on = match self.batch_tiling {
             Some(on) => on,
-            None => TilingSwitch::from_env()?.is_none_or(|s| s.0),
+            None => TilingSwitch::from_env()?.is_some_and(|s| s.0),
         };
         let tiling = match machine {
             Some(machine) if tiling_on => BatchTiling::of(&plan, machine.cached_bytes()),

@@ -22,6 +22,22 @@
 //! MiB. The gain is where the whole-batch working sets are several times
 //! the cache (MobileNetV2's 96 and 144 channels at 112² and 56²); tiling
 //! only MobileNetV2's steps over twice the budget gave no speed.
+//!
+//! Off by default since the forty-first session: with the expansion 1×1
+//! convs run inside their depthwise convs and the largest outputs streamed
+//! past the caches, the MobileNets' first blocks no longer write the
+//! activations tiling kept in cache, and what tiling costs stayed: each
+//! group reads the tiled steps' weights again (ResNet50 at batch 10 tiled
+//! through layer3 in groups of one image: its 34 MB of weights up to there
+//! read ten times) and runs products a tenth as wide. Zen 4, 2 threads,
+//! `xtask compare --b-batch-tiling off` (forwards alternating in one
+//! process), untiled over tiled: batch 10 ResNet50 0.93-0.95× the time
+//! (four runs; AVX2 forced 0.99×), MobileNetV2 0.95× (AVX2 0.935×),
+//! EfficientNet-B0 0.975×, ResNet34 1.006×, ResNet18 0.99×,
+//! MobileNetV3-Large 0.996×; batch 32 ResNet50 0.80×, EfficientNet-B0
+//! 0.915×, MobileNetV2 1.00×. Peak RSS untiled at batch 10 (`bench`):
+//! ResNet50 317 MiB (242 tiled), MobileNetV2 69 (57), EfficientNet-B0 102
+//! (68), the others alike; ONNX Runtime's 395, 242 and 333 MiB.
 
 use crate::kernel::Kernel;
 use crate::plan::Plan;
@@ -30,8 +46,8 @@ use candle_core::DType;
 use std::str::FromStr;
 use wick_ir::TensorFact;
 
-/// The environment variable that turns batch tiling `on` (the default)
-/// or `off` where the engine was not told ([`crate::Engine::with_batch_tiling`]).
+/// The environment variable that turns batch tiling `on` or `off` (the
+/// default) where the engine was not told ([`crate::Engine::with_batch_tiling`]).
 pub const BATCH_TILING_ENV: &str = "WICK_BATCH_TILING";
 
 /// Whether batch tiling is on, as `WICK_BATCH_TILING` says.
