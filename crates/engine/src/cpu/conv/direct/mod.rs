@@ -329,10 +329,9 @@ impl DirectConv {
             // Blocks within one image where each image has a block's worth
             // of pixels, or a plane a block of its own stores well
             // ([`whole_plane_block`]); smaller planes share blocks. Each
-            // image's last block is non-empty: the per-image size is at most
-            // `cols` (a multiple of the granule), and (per_image − 1)·cols < plane.
+            // image's last block is non-empty ([`blocks_per_image`]).
             let within_images = self.layout == Layout::Panels && (plane >= cols || whole_plane_block(plane));
-            let per_image = plane.div_ceil(cols);
+            let per_image = blocks_per_image(plane, cols, shape.batch, threads);
             let (blocks, cols) = match within_images {
                 true => (
                     shape.batch * per_image,
@@ -724,6 +723,36 @@ impl IsaBody for Im2col<'_, '_> {
     }
 }
 
+/// Blocks per image for output planes of `plane` pixels in blocks of at
+/// most about `cols` (a multiple of the granule), `batch` images on
+/// `threads` threads: the fewest that fit, or one fewer where that takes
+/// fewer columns per thread (each block pads its pixels to whole 16-column
+/// tiles, and the threads take the batch's blocks in rounds), with each
+/// image's last block non-empty. ResNet's 14×14 planes at batch 10 on two
+/// threads: one block of 208 columns an image (10 % 2 = 0: five rounds,
+/// 1040 columns a thread) where two of 112 took ten rounds, 1120. The
+/// larger block passes the budget (the L2) by up to twice: blocks of 1.5 to
+/// 2 budgets ran level with one on Zen 4 (fortieth session). Zen 4, 2
+/// threads, alone at batch 10 (`xtask compare`, 60 pairs): ResNet50's
+/// layer3.0.conv2 (3×3 stride 2, 256 -> 256 onto 14×14) 0.94× the time,
+/// its 1×1 stride-2 downsample 512 -> 1024 0.88× (AVX2 forced 0.99×,
+/// 0.90×); whole ResNet50, ResNet34 and ResNet18 at batch 10 0.993×,
+/// 0.997×, 1.005× (within the host's noise).
+fn blocks_per_image(plane: usize, cols: usize, batch: usize, threads: usize) -> usize {
+    let fit = plane.div_ceil(cols.max(1)).max(1);
+    let block = |k: usize| plane.div_ceil(k).next_multiple_of(PANEL_GRANULE);
+    let per_thread = |k: usize| {
+        batch
+            .saturating_mul(k)
+            .div_ceil(threads.max(1))
+            .saturating_mul(block(k))
+    };
+    match fit.checked_sub(1) {
+        Some(fewer) if fewer > 0 && (fewer - 1) * block(fewer) < plane && per_thread(fewer) < per_thread(fit) => fewer,
+        _ => fit,
+    }
+}
+
 #[cfg(test)]
 impl DirectConv {
     /// For tests: the conv of `weight` (`[O, C, kh, kw]`), `bias` and
@@ -752,6 +781,36 @@ impl DirectConv {
 
 #[cfg(test)]
 mod tests {
+    /// Blocks per image: the fewest that fit in `cols`, or one fewer where
+    /// the threads then take fewer padded columns each; the last block of
+    /// an image never empty.
+    #[test]
+    fn blocks_per_image_pads_less() {
+        use super::{blocks_per_image, PANEL_GRANULE};
+        // 14×14 at batch 10 on 2 threads: one block of 208 (five rounds)
+        // rather than two of 112 (ten rounds).
+        assert_eq!(blocks_per_image(196, 112, 10, 2), 1);
+        // At batch 1, one block would leave a thread idle.
+        assert_eq!(blocks_per_image(196, 112, 1, 2), 2);
+        // 28×28 at batch 1: four of 208 in two rounds, not three of 272.
+        assert_eq!(blocks_per_image(784, 208, 1, 2), 4);
+        // Whole tiles already: nothing to gain.
+        assert_eq!(blocks_per_image(256, 128, 10, 2), 2);
+        for plane in 1..600 {
+            for cols in (16..400).step_by(16) {
+                for (batch, threads) in [(1, 1), (1, 2), (3, 2), (10, 2), (7, 4)] {
+                    let k = blocks_per_image(plane, cols, batch, threads);
+                    let block = plane.div_ceil(k).next_multiple_of(PANEL_GRANULE);
+                    assert!(
+                        k >= 1 && (k - 1) * block < plane && k * block >= plane,
+                        "{plane} {cols} {batch} {threads}"
+                    );
+                    assert!(k + 1 >= plane.div_ceil(cols) && k <= plane.div_ceil(cols));
+                }
+            }
+        }
+    }
+
     /// Plane sizes that take a block of their own: at least 128 pixels.
     #[test]
     fn whole_plane_blocks() {
