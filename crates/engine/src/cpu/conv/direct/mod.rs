@@ -281,7 +281,7 @@ impl DirectConv {
         // take as long as 6 smaller ones (ResNet18's layer2.0.conv1 at
         // batch 1, 784 pixels: 5 → 6 blocks).
         let blocks = total.div_ceil(target).max(1).next_multiple_of(threads);
-        total.div_ceil(blocks).div_ceil(PANEL_GRANULE) * PANEL_GRANULE
+        block_width(total, blocks, target, threads)
     }
 
     /// Runs on a CPU f32 tensor `[N, C, H, W]`; `residual` (the
@@ -723,6 +723,31 @@ impl IsaBody for Im2col<'_, '_> {
     }
 }
 
+/// The width of `total` pixels' blocks (a multiple of the granule) for
+/// about `blocks` of them (a multiple of `threads`) of at most about
+/// `target` pixels: that many, or a round of blocks more or fewer (within
+/// twice `target`), whichever gives each thread the fewest columns, each
+/// block padding its pixels to whole 16-column tiles (ties: the fewer
+/// blocks, each of which reads all the weights). ResNet50's 1×1 stride-2
+/// downsample onto 7×7 at batch 10 (490 pixels, 85 a block by the L2) on
+/// two threads: four blocks of 128 columns (two rounds, 256 columns a
+/// thread, each block 1.5 budgets) where six of 96 took three rounds, 288
+/// (eight of 64 tie with four); alone 0.89× the time
+/// (Zen 4, `xtask compare`, 40 pairs), the other stride-2 convs of the
+/// ResNets level.
+fn block_width(total: usize, blocks: usize, target: usize, threads: usize) -> usize {
+    let threads = threads.max(1);
+    let width = |b: usize| total.div_ceil(b.max(1)).next_multiple_of(PANEL_GRANULE);
+    let per_thread = |b: usize| b.div_ceil(threads).saturating_mul(width(b));
+    let mut best = blocks;
+    for b in [blocks.saturating_sub(threads), blocks.saturating_add(threads)] {
+        if b >= threads && width(b) <= target.saturating_mul(2) && per_thread(b) < per_thread(best) {
+            best = b;
+        }
+    }
+    width(best)
+}
+
 /// Blocks per image for output planes of `plane` pixels in blocks of at
 /// most about `cols` (a multiple of the granule), `batch` images on
 /// `threads` threads: the fewest that fit, or one fewer where that takes
@@ -806,6 +831,38 @@ mod tests {
                         "{plane} {cols} {batch} {threads}"
                     );
                     assert!(k + 1 >= plane.div_ceil(cols) && k <= plane.div_ceil(cols));
+                }
+            }
+        }
+    }
+
+    /// Block widths: the budget's count of blocks, or a round more or
+    /// fewer where each thread then pads fewer columns, never past twice
+    /// the target; every width covers the pixels in whole tiles.
+    #[test]
+    fn block_width_pads_less() {
+        use super::{block_width, PANEL_GRANULE};
+        // 490 pixels, 85 a block, 2 threads: 4 of 128, not 6 of 96
+        // (8 of 64 tie with 4: the fewer blocks).
+        assert_eq!(block_width(490, 6, 85, 2), 128);
+        // 784 pixels, 196 a block: 4 of 208 (2 rounds) beat 6 of 144 (3 rounds).
+        assert_eq!(block_width(784, 4, 196, 2), 208);
+        // Fewer, wider blocks only within twice the target.
+        assert_eq!(block_width(1000, 8, 64, 2), 128);
+        for total in 1..700usize {
+            for target in (16..300usize).step_by(16) {
+                for threads in [1, 2, 3, 4usize] {
+                    let blocks = total.div_ceil(target).next_multiple_of(threads);
+                    let asked = total.div_ceil(blocks).next_multiple_of(PANEL_GRANULE);
+                    let w = block_width(total, blocks, target, threads);
+                    assert!(
+                        w.is_multiple_of(PANEL_GRANULE) && w > 0,
+                        "{total} {target} {threads}: {w}"
+                    );
+                    assert!(
+                        w == asked || w <= 2 * target,
+                        "{total} {target} {threads}: {w} past twice the target"
+                    );
                 }
             }
         }
