@@ -25,6 +25,8 @@ pub(crate) mod panel;
 pub(crate) mod right;
 #[cfg(target_arch = "x86_64")]
 mod row_sweep;
+#[cfg(test)]
+pub(crate) mod test_case;
 
 pub(crate) use columns::panel_columns;
 pub(crate) use gathered::{panel_gemm_gathered, Gathered};

@@ -1194,43 +1194,25 @@ mod tests {
             (2, 1100, 32),
             (2, 1, 32),
         ] {
-            let (rows, stride, ms) = (panels * PANEL_ROWS, cols + 5, cols + 3);
-            let mut next = crate::test_util::uniform((depth * cols) as u64);
-            let plain: Vec<f32> = (0..rows * depth).map(|_| next()).collect();
-            let v: Vec<f32> = (0..(depth - 1) * stride + cols).map(|_| next()).collect();
-            let bias: Vec<f32> = (0..rows).map(|_| next()).collect();
-            let residual: Vec<f32> = (0..(rows - 1) * ms + cols).map(|_| next()).collect();
-            let mut packed = vec![0f32; rows * depth];
-            pack_panels(&plain, rows, depth, &mut packed);
-            let v = Strided { data: &v, stride };
-            let epilogue = StoreEpilogue {
-                bias: &bias,
-                residual: Some(Strided {
-                    data: &residual,
-                    stride: ms,
-                }),
-                activation: Some(Activation::Relu),
-                stream: false,
-            };
-            let size = [rows, depth, cols];
-            let len = (rows - 1) * ms + cols;
+            let case = super::super::test_case::Case::new(panels, depth, cols);
+            let (size, v) = (case.size(), case.v());
             for isa in Isa::available() {
                 let mut tiles = vec![f32::NAN; depth * cols];
                 let first = pack_tiles(isa, v, [depth, cols], &mut tiles, None);
-                let mut want = vec![f32::NAN; len];
-                panel_gemm_strided(isa, &packed, first, &mut want, ms, size, Some(epilogue));
-                let mut got = vec![f32::NAN; len];
-                let mut tiles = vec![f32::NAN; depth * cols];
-                let m = SharedRows {
-                    out: SharedOut::over(&mut got),
-                    start: 0,
-                    stride: ms,
-                };
-                // SAFETY: `got` outlives the call, which alone accesses it.
-                unsafe { panel_gemm_shared_packing(isa, &packed, v, &mut tiles, m, size, Some(epilogue)) };
+                let mut want = vec![f32::NAN; case.len()];
+                panel_gemm_strided(
+                    isa,
+                    &case.packed,
+                    first,
+                    &mut want,
+                    case.ms,
+                    size,
+                    Some(case.epilogue()),
+                );
+                let got = case.packing_as_it_goes(isa);
                 assert!(
                     want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{isa:?} {rows}x{depth}x{cols}"
+                    "{isa:?} {size:?}"
                 );
             }
         }

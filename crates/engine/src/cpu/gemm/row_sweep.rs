@@ -118,12 +118,8 @@ pub(super) unsafe fn avx512(
 #[cfg(test)]
 mod tests {
     use super::MAX_DEPTH;
-    use crate::cpu::data::SharedOut;
-    use crate::cpu::gemm::{
-        pack_panels, pack_tiles, panel_gemm_shared_packing, panel_gemm_strided, Isa, SharedRows, StoreEpilogue,
-        Strided, PANEL_ROWS,
-    };
-    use wick_ir::Activation;
+    use crate::cpu::gemm::test_case::Case;
+    use crate::cpu::gemm::{pack_tiles, panel_gemm_strided, Isa};
 
     /// Products the sweeps take (one block of slices and a rest, several
     /// blocks, the deepest and a 1-deep one) equal the f64 product with
@@ -133,37 +129,19 @@ mod tests {
     #[test]
     fn sweeps_match_plain_product() {
         for (panels, depth, cols) in [(3, 64, 400), (2, MAX_DEPTH, 848), (5, 1, 96), (4, 100, 2 * 48)] {
-            let (rows, stride, ms) = (panels * PANEL_ROWS, cols + 5, cols + 3);
-            let mut next = crate::test_util::uniform((depth * cols) as u64);
-            let plain: Vec<f32> = (0..rows * depth).map(|_| next()).collect();
-            let v: Vec<f32> = (0..(depth - 1) * stride + cols).map(|_| next()).collect();
-            let bias: Vec<f32> = (0..rows).map(|_| next()).collect();
-            let residual: Vec<f32> = (0..(rows - 1) * ms + cols).map(|_| next()).collect();
-            let mut packed = vec![0f32; rows * depth];
-            pack_panels(&plain, rows, depth, &mut packed);
-            let v = Strided { data: &v, stride };
-            let epilogue = StoreEpilogue {
-                bias: &bias,
-                residual: Some(Strided {
-                    data: &residual,
-                    stride: ms,
-                }),
-                activation: Some(Activation::Relu),
-                stream: false,
-            };
-            let size = [rows, depth, cols];
-            let len = (rows - 1) * ms + cols;
+            let case = Case::new(panels, depth, cols);
+            let Case { rows, ms, stride, .. } = case;
+            let (size, v) = (case.size(), case.v());
             let check = |isa: Isa, got: &[f32], how: &str| {
                 for r in 0..rows {
                     for c in 0..cols {
-                        let terms =
-                            (0..depth).map(|d| f64::from(plain[r * depth + d]) * f64::from(v.data[d * stride + c]));
-                        let sum = terms.clone().sum::<f64>() + f64::from(bias[r]) + f64::from(residual[r * ms + c]);
+                        let terms = (0..depth)
+                            .map(|d| f64::from(case.plain[r * depth + d]) * f64::from(case.v[d * stride + c]));
+                        let (bias, residual) = (case.bias[r], case.residual[r * ms + c]);
+                        let sum = terms.clone().sum::<f64>() + f64::from(bias) + f64::from(residual);
                         let bound =
                             1.01 * (depth + 2) as f64 * f64::from(f32::EPSILON) * terms.map(f64::abs).sum::<f64>()
-                                + 4.0
-                                    * f64::from(f32::EPSILON)
-                                    * (f64::from(bias[r].abs()) + f64::from(residual[r * ms + c].abs()));
+                                + 4.0 * f64::from(f32::EPSILON) * f64::from(bias.abs() + residual.abs());
                         let got = f64::from(got[r * ms + c]);
                         assert!(
                             (got - sum.max(0.0)).abs() <= bound,
@@ -179,24 +157,15 @@ mod tests {
                 }
             };
             for isa in Isa::available() {
-                let mut m = vec![f32::NAN; len];
-                panel_gemm_strided(isa, &packed, v, &mut m, ms, size, Some(epilogue));
+                let mut m = vec![f32::NAN; case.len()];
+                panel_gemm_strided(isa, &case.packed, v, &mut m, ms, size, Some(case.epilogue()));
                 check(isa, &m, "in place");
                 let mut tiles = vec![f32::NAN; depth * cols];
                 let first = pack_tiles(isa, v, [depth, cols], &mut tiles, None);
-                let mut m = vec![f32::NAN; len];
-                panel_gemm_strided(isa, &packed, first, &mut m, ms, size, Some(epilogue));
+                let mut m = vec![f32::NAN; case.len()];
+                panel_gemm_strided(isa, &case.packed, first, &mut m, ms, size, Some(case.epilogue()));
                 check(isa, &m, "packed first");
-                let mut m = vec![f32::NAN; len];
-                let mut tiles = vec![f32::NAN; depth * cols];
-                let out = SharedRows {
-                    out: SharedOut::over(&mut m),
-                    start: 0,
-                    stride: ms,
-                };
-                // SAFETY: `m` outlives the call, which alone accesses it.
-                unsafe { panel_gemm_shared_packing(isa, &packed, v, &mut tiles, out, size, Some(epilogue)) };
-                check(isa, &m, "packed as it goes");
+                check(isa, &case.packing_as_it_goes(isa), "packed as it goes");
             }
         }
     }
