@@ -739,9 +739,13 @@ fn block_width(total: usize, blocks: usize, target: usize, threads: usize) -> us
     let threads = threads.max(1);
     let width = |b: usize| total.div_ceil(b.max(1)).next_multiple_of(PANEL_GRANULE);
     let per_thread = |b: usize| b.div_ceil(threads).saturating_mul(width(b));
+    // The same parallel regime: blocks shared by the threads (fewer than
+    // two a thread, `Run::split`) or not.
+    let shared = |b: usize| b < 2 * threads;
     let mut best = blocks;
     for b in [blocks.saturating_sub(threads), blocks.saturating_add(threads)] {
-        if b >= threads && width(b) <= target.saturating_mul(2) && per_thread(b) < per_thread(best) {
+        let fits = b >= threads && width(b) <= target.saturating_mul(2) && shared(b) == shared(blocks);
+        if fits && per_thread(b) < per_thread(best) {
             best = b;
         }
     }
@@ -772,8 +776,18 @@ fn blocks_per_image(plane: usize, cols: usize, batch: usize, threads: usize) -> 
             .div_ceil(threads.max(1))
             .saturating_mul(block(k))
     };
+    // The same parallel regime: blocks shared by the threads (fewer than
+    // two a thread, `Run::split`) or not.
+    let shared = |k: usize| batch.saturating_mul(k) < 2 * threads.max(1);
     match fit.checked_sub(1) {
-        Some(fewer) if fewer > 0 && (fewer - 1) * block(fewer) < plane && per_thread(fewer) < per_thread(fit) => fewer,
+        Some(fewer)
+            if fewer > 0
+                && (fewer - 1) * block(fewer) < plane
+                && shared(fewer) == shared(fit)
+                && per_thread(fewer) < per_thread(fit) =>
+        {
+            fewer
+        }
         _ => fit,
     }
 }
@@ -815,8 +829,10 @@ mod tests {
         // 14×14 at batch 10 on 2 threads: one block of 208 (five rounds)
         // rather than two of 112 (ten rounds).
         assert_eq!(blocks_per_image(196, 112, 10, 2), 1);
-        // At batch 1, one block would leave a thread idle.
+        // At batch 1, one block would leave a thread idle; at batch 2, one
+        // block an image would share each block between the threads.
         assert_eq!(blocks_per_image(196, 112, 1, 2), 2);
+        assert_eq!(blocks_per_image(196, 112, 2, 2), 2);
         // 28×28 at batch 1: four of 208 in two rounds, not three of 272.
         assert_eq!(blocks_per_image(784, 208, 1, 2), 4);
         // Whole tiles already: nothing to gain.
@@ -849,6 +865,8 @@ mod tests {
         assert_eq!(block_width(784, 4, 196, 2), 208);
         // Fewer, wider blocks only within twice the target.
         assert_eq!(block_width(1000, 8, 64, 2), 128);
+        // Not from two blocks a thread down to one (shared by the threads).
+        assert_eq!(block_width(490, 4, 85, 2), 128);
         for total in 1..700usize {
             for target in (16..300usize).step_by(16) {
                 for threads in [1, 2, 3, 4usize] {
