@@ -339,7 +339,7 @@ impl DirectConv {
                 ),
                 false => (total.div_ceil(cols), cols),
             };
-            run.split = blocks < 2 * threads && threads > 1;
+            run.split = shares_blocks(blocks, threads) && threads > 1;
             run.in_place = within_images && !run.split && run.phases.is_none();
             let run_block = |b: usize| match within_images {
                 true => {
@@ -737,19 +737,19 @@ impl IsaBody for Im2col<'_, '_> {
 /// ResNets level.
 fn block_width(total: usize, blocks: usize, target: usize, threads: usize) -> usize {
     let threads = threads.max(1);
-    let width = |b: usize| total.div_ceil(b.max(1)).next_multiple_of(PANEL_GRANULE);
-    let per_thread = |b: usize| b.div_ceil(threads).saturating_mul(width(b));
-    // The same parallel regime: blocks shared by the threads (fewer than
-    // two a thread, `Run::split`) or not.
-    let shared = |b: usize| b < 2 * threads;
-    let mut best = blocks;
+    let asked = Cut::of(total, blocks, 1, threads);
+    let mut best = asked;
     for b in [blocks.saturating_sub(threads), blocks.saturating_add(threads)] {
-        let fits = b >= threads && width(b) <= target.saturating_mul(2) && shared(b) == shared(blocks);
-        if fits && per_thread(b) < per_thread(best) {
-            best = b;
+        let cut = Cut::of(total, b, 1, threads);
+        if b >= threads
+            && cut.width <= target.saturating_mul(2)
+            && cut.shared == asked.shared
+            && cut.per_thread < best.per_thread
+        {
+            best = cut;
         }
     }
-    width(best)
+    best.width
 }
 
 /// Blocks per image for output planes of `plane` pixels in blocks of at
@@ -769,26 +769,49 @@ fn block_width(total: usize, blocks: usize, target: usize, threads: usize) -> us
 /// 0.997×, 1.005× (within the host's noise).
 fn blocks_per_image(plane: usize, cols: usize, batch: usize, threads: usize) -> usize {
     let fit = plane.div_ceil(cols.max(1)).max(1);
-    let block = |k: usize| plane.div_ceil(k).next_multiple_of(PANEL_GRANULE);
-    let per_thread = |k: usize| {
-        batch
-            .saturating_mul(k)
-            .div_ceil(threads.max(1))
-            .saturating_mul(block(k))
-    };
-    // The same parallel regime: blocks shared by the threads (fewer than
-    // two a thread, `Run::split`) or not.
-    let shared = |k: usize| batch.saturating_mul(k) < 2 * threads.max(1);
+    let cut = |k: usize| Cut::of(plane, k, batch, threads);
     match fit.checked_sub(1) {
         Some(fewer)
             if fewer > 0
-                && (fewer - 1) * block(fewer) < plane
-                && shared(fewer) == shared(fit)
-                && per_thread(fewer) < per_thread(fit) =>
+                && (fewer - 1) * cut(fewer).width < plane
+                && cut(fewer).shared == cut(fit).shared
+                && cut(fewer).per_thread < cut(fit).per_thread =>
         {
             fewer
         }
         _ => fit,
+    }
+}
+
+/// Whether `blocks` blocks are too few for each of `threads` threads to
+/// take two, so that the threads share each block's work (`Run::split`,
+/// which also needs more than one thread).
+fn shares_blocks(blocks: usize, threads: usize) -> bool {
+    blocks < 2 * threads.max(1)
+}
+
+/// `groups` runs of `pixels` pixels (the images, or the whole batch as one
+/// run) cut into `k` blocks each, on `threads` threads: what
+/// [`block_width`] and [`blocks_per_image`] weigh.
+#[derive(Clone, Copy)]
+struct Cut {
+    /// A block's columns: its pixels in whole 16-column tiles.
+    width: usize,
+    /// Columns each thread computes, taking the blocks in rounds.
+    per_thread: usize,
+    /// Whether the threads share each block ([`shares_blocks`]).
+    shared: bool,
+}
+
+impl Cut {
+    fn of(pixels: usize, k: usize, groups: usize, threads: usize) -> Cut {
+        let blocks = groups.saturating_mul(k);
+        let width = pixels.div_ceil(k.max(1)).next_multiple_of(PANEL_GRANULE);
+        Cut {
+            width,
+            per_thread: blocks.div_ceil(threads.max(1)).saturating_mul(width),
+            shared: shares_blocks(blocks, threads),
+        }
     }
 }
 
