@@ -54,8 +54,8 @@ pub struct BatchedModel {
     evictions: AtomicU64,
     /// The only batch sizes served, when restricted (sorted, distinct).
     allowed: Option<Vec<usize>>,
-    /// Packed convs shared by every batch size's compile.
-    convs: crate::cpu::ConvCache,
+    /// Packed convs and linear layers shared by every batch size's compile.
+    packed: crate::cpu::PackedCache,
 }
 
 impl BatchedModel {
@@ -74,7 +74,7 @@ impl BatchedModel {
             compiles: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             allowed: None,
-            convs: Default::default(),
+            packed: Default::default(),
         })
     }
 
@@ -193,7 +193,7 @@ impl BatchedModel {
             .template
             .with_batch(batch)
             .map_err(EngineError::from)
-            .and_then(|g| self.engine.compile_sharing(&g, Some(&self.convs)))
+            .and_then(|g| self.engine.compile_sharing(&g, Some(&self.packed)))
         {
             Ok(compiled) => {
                 let compiled = Arc::new(compiled);
@@ -322,6 +322,44 @@ mod tests {
         assert_eq!(convs(&a), convs(&b), "one packed conv for both sizes");
         let alone = Engine::cpu().compile(&model.template.with_batch(1).unwrap()).unwrap();
         assert_ne!(convs(&alone), convs(&a), "a plain compile packs its own");
+    }
+
+    /// Batch sizes share one packing of a linear layer too.
+    #[test]
+    fn batch_sizes_share_packed_linears() {
+        let graph = crate::test_util::graph_with_weights(
+            "graph g(%x: f32[1,2,4,4]) {\n  %p = global_avg_pool2d(%x) : f32[1,2,1,1]\n  %f = flatten[start_dim=1](%p) : f32[1,2]\n  @l = constant : f32[5,2]\n  %y = linear(%f, @l) : f32[1,5]\n  return %y\n}",
+        );
+        let model = BatchedModel::new(Engine::cpu(), graph, 2).unwrap();
+        let (a, b) = (model.compiled(1).unwrap(), model.compiled(3).unwrap());
+        let linears = |m: &CompiledModel| -> Vec<*const crate::cpu::linear::CpuLinear> {
+            m.plan()
+                .steps
+                .iter()
+                .filter_map(|s| match &s.kernel {
+                    crate::kernel::Kernel::Cpu(crate::cpu::CpuKernel::Linear { linear, .. }) => {
+                        Some(std::ptr::from_ref::<crate::cpu::linear::CpuLinear>(linear))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(linears(&a).len(), 1);
+        assert_eq!(linears(&a), linears(&b), "one packed linear for both sizes");
+        let x = Tensor::randn(0f32, 1.0, (3, 2, 4, 4), &Device::Cpu).unwrap();
+        let got = model.run(std::slice::from_ref(&x)).unwrap().remove(0);
+        let alone = Engine::cpu().compile(&model.template.with_batch(3).unwrap()).unwrap();
+        assert_ne!(linears(&alone), linears(&b), "a plain compile packs its own");
+        let fixed = alone.run(std::slice::from_ref(&x)).unwrap().remove(0);
+        let diff = (got - fixed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
     }
 
     /// Many threads asking for one new size at once compile it once.

@@ -2,7 +2,7 @@
 //! device (weights moved or packed once) and plans the run.
 
 use crate::cpu::budget::WeightBudget;
-use crate::cpu::ConvCache;
+use crate::cpu::PackedCache;
 use crate::error::AtNode;
 use crate::exec::CompiledModel;
 use crate::expansion::{self, Expansions};
@@ -166,18 +166,18 @@ impl Engine {
         self.compile_graph(GraphArg::Owned(&mut graph), None)
     }
 
-    /// [`Engine::compile`], taking packed convs from `convs` (and adding
-    /// to it) when given: the compiles of one graph at several batch sizes
-    /// then share their packed weights.
+    /// [`Engine::compile`], taking packed convs and linear layers from
+    /// `packed` (and adding to it) when given: the compiles of one graph at
+    /// several batch sizes then share their packed weights.
     pub(crate) fn compile_sharing(
         &self,
         graph: &Graph,
-        convs: Option<&ConvCache>,
+        packed: Option<&PackedCache>,
     ) -> Result<CompiledModel, EngineError> {
-        self.compile_graph(GraphArg::Borrowed(graph), convs)
+        self.compile_graph(GraphArg::Borrowed(graph), packed)
     }
 
-    fn compile_graph(&self, mut arg: GraphArg<'_>, convs: Option<&ConvCache>) -> Result<CompiledModel, EngineError> {
+    fn compile_graph(&self, mut arg: GraphArg<'_>, packed: Option<&PackedCache>) -> Result<CompiledModel, EngineError> {
         let graph = arg.graph();
         graph.verify_with(&self.limits)?;
         let machine = match self.device.is_cpu() {
@@ -206,7 +206,7 @@ impl Engine {
             device: &self.device,
             machine,
             limits: &self.limits,
-            convs,
+            packed,
             conv_algorithms: &conv_algorithms,
         };
         let mut constants = Vec::new();

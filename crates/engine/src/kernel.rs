@@ -7,7 +7,7 @@ use crate::candle::{batch_norm_affine, CandleOp, FusedConv};
 use crate::cpu::budget::{self, PlannedConv, WeightBudget};
 use crate::cpu::conv::{ConvSpec, CpuConv};
 use crate::cpu::linear::CpuLinear;
-use crate::cpu::{conv_algorithm, ConvAlgorithm, ConvCache, CpuKernel};
+use crate::cpu::{conv_algorithm, ConvAlgorithm, CpuKernel, PackedCache};
 use crate::error::AtNode;
 use crate::machine::Machine;
 use crate::EngineError;
@@ -29,12 +29,12 @@ pub(crate) enum Kernel {
 }
 
 /// What lowering needs beside the node: the device, the CPU's path and
-/// caches (when on the CPU), the limits, and packed convs to share.
+/// caches (when on the CPU), the limits, and packed weights to share.
 pub(crate) struct Lowering<'a> {
     pub(crate) device: &'a Device,
     pub(crate) machine: Option<Machine>,
     pub(crate) limits: &'a Limits,
-    pub(crate) convs: Option<&'a ConvCache>,
+    pub(crate) packed: Option<&'a PackedCache>,
     /// The algorithm of each CPU conv by node name ([`plan_cpu_convs`]).
     pub(crate) conv_algorithms: &'a HashMap<String, ConvAlgorithm>,
 }
@@ -229,12 +229,16 @@ impl Kernel {
                 let bias = (node.inputs.len() > 2).then(|| constant(graph, node, 2));
                 match (how.machine, weight, bias) {
                     (Some(machine), Some(weight), None | Some(Some(_))) if node.fact.dtype == DType::F32 => {
-                        let (weight, bias) = on_host(weight, bias.flatten()).at(&node.name)?;
-                        let linear = CpuLinear::new(&weight, bias.as_ref(), machine.isa).at(&node.name)?;
-                        Ok(Kernel::Cpu(CpuKernel::Linear {
-                            linear: std::sync::Arc::new(linear),
-                            x: slot(0),
-                        }))
+                        let pack = || {
+                            let (weight, bias) = on_host(weight, bias.flatten())?;
+                            CpuLinear::new(&weight, bias.as_ref(), machine.isa)
+                        };
+                        let linear = match how.packed {
+                            Some(packed) => packed.linear(&node.name, pack),
+                            None => pack().map(std::sync::Arc::new),
+                        }
+                        .at(&node.name)?;
+                        Ok(Kernel::Cpu(CpuKernel::Linear { linear, x: slot(0) }))
                     }
                     _ => candle(CandleOp::Linear {
                         x: slot(0),
@@ -319,8 +323,8 @@ fn lower_conv(
             let (weight, bias) = on_host(weight, bias.flatten())?;
             CpuConv::new(algorithm, &weight, bias.as_ref(), attrs, activation, pool, machine)
         };
-        let conv = match how.convs {
-            Some(convs) => convs.get_or_pack(&node.name, algorithm, pack),
+        let conv = match how.packed {
+            Some(packed) => packed.conv(&node.name, algorithm, pack),
             None => pack().map(std::sync::Arc::new),
         }
         .at(&node.name)?;

@@ -1,34 +1,53 @@
 //! The fully connected layer on CPU f32: `y = x · Wᵀ + b` over the last
-//! dimension of `x`, the weights kept as `[out, in]` rows. Each output is a
-//! dot product of an input row with a weight row, both contiguous: the
-//! weights (the big operand: 5 MB for a 1280 → 1000 classifier) stream
-//! through once per [`ROWS`] input rows, blocks of outputs in parallel.
+//! dimension of `x`. The weights are packed once into panels of a few
+//! outputs, `[out / width][in][width]`: each panel's dot products read one
+//! contiguous run of memory from front to back, the input rows' values
+//! broadcast against a vector of outputs, so the sums come out in the
+//! vectors' lanes with no reduction at the end. The weights (the big
+//! operand: 5 MB for a 1280 → 1000 classifier) stream through once per
+//! [`ROWS`] input rows, panels in parallel.
 //!
 //! The classifiers of the model zoo run at batch 1 to 10, where candle's
 //! `matmul` with a transposed right operand plus its bias pass was slower
 //! (per-node profile in the model, Zen 4, batch 1 / 10: MobileNetV2's
 //! classifier 0.42 / 0.74 ms -> 0.21 / 0.59, ResNet50's 0.73 / 1.48 ->
-//! 0.35 / 0.88).
+//! 0.35 / 0.88). The weights were then read as `[out, in]` rows, four rows
+//! at a time; rows of 960 or 1280 values are short streams, which the
+//! hardware prefetchers pick up late: on Zen 4 (2 threads, weights not in
+//! cache) a 960 -> 32768 layer alone ran at 23 GB/s against ONNX Runtime's
+//! 27-35, and in panels at 31 GB/s (0.71× the time, `xtask compare`, 100
+//! pairs); MobileNetV3-Large's classifier took 0.16-0.19 ms against
+//! 0.22-0.24 (960 -> 1280) per node, the forward 0.975× at batch 1 (AVX2
+//! forced 0.98×), MobileNetV2 0.98×, EfficientNet-B0 and ResNet50 level;
+//! batch 10 level.
 
 use crate::cpu::data::{with_cpu_f32, SharedOut};
 use crate::cpu::gemm::Isa;
+use crate::cpu::weight_buffer::WeightBuffer;
 use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
 
-/// Outputs per parallel task.
-const BLOCK: usize = 32;
-/// Input rows that share one pass over a weight row: with four weight
-/// rows at a time, 20 vectors of sums (AVX-512's 32 registers; AVX2's 16
-/// hold 5 × 2), and batches of 10 in two passes.
+/// Input rows that share one pass over a panel: 2 vectors of sums per row
+/// and step of the depth in flight, 20 vectors with two steps (AVX-512's
+/// 32 registers) or 10 with one (AVX2's 16); batches of 10 in two passes.
 const ROWS: usize = 5;
 
-/// A linear layer with its weights and bias kept for the CPU.
+/// The most outputs per panel ([`width`]).
+const WIDTH_MAX: usize = 32;
+
+/// Outputs per panel of the packed weights on `isa`'s path: two vectors.
+fn width(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 32,
+        _ => 16,
+    }
+}
+
+/// A linear layer with its weights packed and its bias kept for the CPU.
 #[derive(Debug)]
 pub(crate) struct CpuLinear {
-    /// `[out_features, in_features]`, contiguous f32 on the CPU: the
-    /// graph's tensor itself (its storage shared, not copied: the compiles
-    /// of one graph at several batch sizes hold the weights once).
-    weight: Tensor,
+    /// The weights in panels ([`pack`]).
+    panels: WeightBuffer,
     /// `[out_features]` (zeros without a bias).
     bias: Vec<f32>,
     out_features: usize,
@@ -37,7 +56,7 @@ pub(crate) struct CpuLinear {
 }
 
 impl CpuLinear {
-    /// Keeps `weight` (`[out, in]`, f32) and `bias` (`[out]`) for path `isa`.
+    /// Packs `weight` (`[out, in]`, f32) and keeps `bias` (`[out]`) for path `isa`.
     pub(crate) fn new(weight: &Tensor, bias: Option<&Tensor>, isa: Isa) -> candle_core::Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         if weight.dtype() != candle_core::DType::F32 || !weight.device().is_cpu() {
@@ -47,7 +66,6 @@ impl CpuLinear {
                 weight.device()
             )
         }
-        let weight = weight.detach().contiguous()?;
         let bias = match bias {
             Some(b) => b.flatten_all()?.to_vec1::<f32>()?,
             None => vec![0.0; out_features],
@@ -55,8 +73,12 @@ impl CpuLinear {
         if bias.len() != out_features {
             bail!("linear bias has {} values for {out_features} outputs", bias.len())
         }
+        let weight = weight.contiguous()?;
+        let panels = with_cpu_f32("linear weight", &weight, None, |w, _| {
+            pack(w, out_features, in_features, width(isa))
+        })?;
         Ok(Self {
-            weight,
+            panels,
             bias,
             out_features,
             in_features,
@@ -100,26 +122,25 @@ impl CpuLinear {
             bail!("cannot allocate {out_len} f32 values for the linear output")
         }
         let dst = SharedOut::new(&mut out, out_len);
-        with_cpu_f32("linear weight", &self.weight, None, |weights, _| {
-            self.blocks(weights, input, rows, &dst);
-            Ok(())
-        })?;
-        // SAFETY: the blocks cover every column of every row, each written above.
+        self.panel_tasks(input, rows, &dst);
+        // SAFETY: the panels cover every column of every row, each written above.
         unsafe { out.set_len(out_len) };
         Ok(out)
     }
 
-    /// Every block of outputs of `rows` input rows into `dst`, in parallel.
-    fn blocks(&self, weights: &[f32], input: &[f32], rows: usize, dst: &SharedOut) {
-        let (outs, depth) = (self.out_features, self.in_features);
-        (0..outs.div_ceil(BLOCK)).into_par_iter().for_each(|block| {
-            let cols = block * BLOCK..outs.min((block + 1) * BLOCK);
-            let weight = &weights[cols.start * depth..cols.end * depth];
+    /// Every panel's outputs of `rows` input rows into `dst`, a task per
+    /// panel, each reading its panel once per [`ROWS`] input rows.
+    fn panel_tasks(&self, input: &[f32], rows: usize, dst: &SharedOut) {
+        let (outs, depth, width) = (self.out_features, self.in_features, width(self.isa));
+        let per_panel = depth * width;
+        (0..outs.div_ceil(width)).into_par_iter().for_each(|p| {
+            let cols = p * width..outs.min((p + 1) * width);
+            let panel = &self.panels[p * per_panel..][..per_panel];
             for r0 in (0..rows).step_by(ROWS) {
                 let tile = ROWS.min(rows - r0);
-                let mut sums = [[0f32; BLOCK]; ROWS];
-                Dots {
-                    weight,
+                let mut sums = [[0f32; WIDTH_MAX]; ROWS];
+                PanelDots {
+                    panel,
                     depth,
                     x: &input[r0 * depth..(r0 + tile) * depth],
                     sums: &mut sums,
@@ -138,57 +159,86 @@ impl CpuLinear {
     }
 }
 
-/// The dot products of up to [`ROWS`] input rows (`x`, `[tile, depth]`) with
-/// up to [`BLOCK`] weight rows (`weight`, `[block, depth]`), into `sums[r][j]`.
-struct Dots<'a> {
-    weight: &'a [f32],
-    depth: usize,
-    x: &'a [f32],
-    sums: &'a mut [[f32; BLOCK]; ROWS],
+/// `[out, depth]` row-major weights as panels `[out / width][depth][width]`
+/// (outputs past `out` zero), so that a panel's dot products read one
+/// contiguous run of memory from front to back.
+fn pack(w: &[f32], out: usize, depth: usize, width: usize) -> candle_core::Result<WeightBuffer> {
+    let Some(len) = out
+        .div_ceil(width)
+        .checked_mul(width)
+        .and_then(|n| n.checked_mul(depth))
+    else {
+        bail!("linear weights of {out} x {depth} overflow")
+    };
+    if Some(w.len()) != out.checked_mul(depth) {
+        bail!("linear weights hold {} values, not {out} x {depth}", w.len())
+    }
+    let mut packed = WeightBuffer::zeroed(len, "linear weights")?;
+    if depth > 0 {
+        for (o, row) in w.chunks_exact(depth).enumerate() {
+            let panel = &mut packed[o / width * depth * width..][..depth * width];
+            for (k, &value) in row.iter().enumerate() {
+                panel[k * width + o % width] = value;
+            }
+        }
+    }
+    Ok(packed)
 }
 
-impl Dots<'_> {
-    /// Runs on `isa`'s dot product (intrinsics on the SIMD paths: the
-    /// portable loop below stayed scalar, its sums on the stack).
+/// Up to [`ROWS`] input rows (`x`, `[tile, depth]`) times one panel
+/// (`[depth][width]`), into `sums[r][..width]`.
+struct PanelDots<'a> {
+    panel: &'a [f32],
+    depth: usize,
+    x: &'a [f32],
+    sums: &'a mut [[f32; WIDTH_MAX]; ROWS],
+}
+
+impl PanelDots<'_> {
+    /// Runs on `isa`'s path (intrinsics on the SIMD paths).
     fn run(self, isa: Isa) {
         let depth = self.depth;
         if depth == 0 {
             return;
         }
         let tile = self.x.len() / depth;
-        assert!(tile <= ROWS && tile * depth == self.x.len() && self.weight.len() <= BLOCK * depth);
+        let width = width(isa);
+        assert!(tile <= ROWS && tile * depth == self.x.len() && self.panel.len() == depth * width);
         let row = |r: usize| &self.x[r * depth..][..depth];
-        // Only the tile's rows (a const row count per call: short tiles,
-        // as at batch 1, do no work for the rows they lack).
         macro_rules! on_tile {
-            ($dots:path) => {
+            ($dots:ident, $u12:expr, $u35:expr) => {
                 match tile {
-                    1 => $dots([row(0)], self.weight, depth, self.sums),
-                    2 => $dots([row(0), row(1)], self.weight, depth, self.sums),
-                    3 => $dots([row(0), row(1), row(2)], self.weight, depth, self.sums),
-                    4 => $dots([row(0), row(1), row(2), row(3)], self.weight, depth, self.sums),
-                    _ => $dots(
+                    1 => x86::$dots::<1, { $u12 }>([row(0)], self.panel, depth, self.sums),
+                    2 => x86::$dots::<2, { $u12 }>([row(0), row(1)], self.panel, depth, self.sums),
+                    3 => x86::$dots::<3, { $u35 }>([row(0), row(1), row(2)], self.panel, depth, self.sums),
+                    4 => x86::$dots::<4, { $u35 }>([row(0), row(1), row(2), row(3)], self.panel, depth, self.sums),
+                    _ => x86::$dots::<5, { $u35 }>(
                         [row(0), row(1), row(2), row(3), row(4)],
-                        self.weight,
+                        self.panel,
                         depth,
                         self.sums,
                     ),
                 }
             };
         }
+        // Steps of the depth in flight: as many as the registers hold
+        // beside the panel's two vectors and the broadcasts (AVX-512: 16
+        // sums for up to 2 rows, 20 for 5; AVX2: 8 and 10).
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512` is only handed out when the CPU has
-            // AVX-512F; every row holds `depth` values, `weight` at most
-            // `BLOCK` rows of them.
-            Isa::Avx512 => unsafe { on_tile!(x86::dots_avx512) },
+            // AVX-512F; every row holds `depth` values, the panel `depth`
+            // rows of 32 (checked above).
+            Isa::Avx512 => unsafe { on_tile!(panel_avx512, 4, 2) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above, for AVX2 + FMA.
-            Isa::Avx2Fma => unsafe { on_tile!(x86::dots_avx2) },
+            // SAFETY: as above, for AVX2 + FMA and rows of 16.
+            Isa::Avx2Fma => unsafe { on_tile!(panel_avx2, 2, 1) },
             _ => {
-                for (j, w) in self.weight.chunks_exact(depth).enumerate() {
+                for (k, w) in self.panel.chunks_exact(width).enumerate() {
                     for (sums, x) in self.sums.iter_mut().zip((0..tile).map(row)) {
-                        sums[j] = x.iter().zip(w).map(|(x, w)| x * w).sum();
+                        for (s, w) in sums.iter_mut().zip(w) {
+                            *s += x[k] * w;
+                        }
                     }
                 }
             }
@@ -198,128 +248,66 @@ impl Dots<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{BLOCK, ROWS};
+    use super::{ROWS, WIDTH_MAX};
     use std::arch::x86_64::*;
 
-    /// Weight rows read at a time for one input row (batch 1), on both
-    /// paths. One input row reads the weights once whatever the grouping,
-    /// at memory speed, and the prefetchers follow several streams where
-    /// one stream left the memory idle: on the Intel Xeon VM (2 threads,
-    /// in the model, the weights cold), ResNet50's 2048 -> 1000 took
-    /// 0.30-0.35 ms against 0.46-0.60 one row at a time on AVX-512 (0.39-
-    /// 0.42 two at a time; one row with four sums, or software prefetch
-    /// 1-16 KiB ahead: no gain), 0.33 against 0.40-0.44 on AVX2 (forced);
-    /// MobileNetV2's 1280 -> 1000 0.096-0.114 against 0.126-0.172. (On
-    /// Zen 4, an earlier session, one row at a time had measured 0.111 ms
-    /// against 0.147 for the 1280 -> 1000 layer, its weights in L3 there.)
-    const BATCH1_GROUP: usize = 4;
-
-    /// The sum of an AVX2 vector's 8 lanes (a tree: halves, then pairs).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn sum_avx2(v: __m256) -> f32 {
-        let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
-    }
-
-    /// Defines `$name`: for each weight row `j` of `weight` (`depth` long,
-    /// at most [`BLOCK`] rows), `R` dot products of `x[r]` with it into
-    /// `sums[r][j]`. `$group` weight rows at a time ([`BATCH1_GROUP`] for
-    /// one input row), one vector of
-    /// partial sums per (row, weight row): each weight vector loaded once
-    /// for the `R` rows and each input vector once for the `$group`
-    /// weight rows, `R·$group` independent sums (enough to hide the
-    /// multiply-add latency), each reduced by a tree at the end. One call
-    /// per block: a call per weight row cost more than the dot products of
-    /// squeeze-and-excitation's short rows. (One weight row at a time, two
-    /// partial sums per row reduced lane by lane, four rows a pass: alone
-    /// on Zen 4, alternating, batch 10, ResNet50's 2048 -> 1000 took
-    /// 0.93-1.07 ms against 0.46-0.52 now, MobileNetV3's 960 -> 1280
-    /// 0.36-0.49 against 0.29-0.35.)
-    macro_rules! dots {
-        ($name:ident, $rows_fn:ident, $group_fn:ident, $feature:literal, $lanes:expr, $group:expr, $vector:ty,
-         $zero:ident, $load:ident, $fmadd:ident, $sum:path) => {
+    /// Defines `$name`: `sums[r][..2·lanes]` = `x[r]` times a panel
+    /// `[depth][2·lanes]`, each weight vector loaded once for the `R` rows
+    /// and multiplied by each row's value broadcast; `U` steps of the
+    /// depth in flight, each with sums of its own (added at the end), so
+    /// that `2·R·U` independent sums hide the multiply-add latency.
+    macro_rules! panel_dots {
+        ($name:ident, $feature:literal, $lanes:expr, $zero:ident, $load:ident, $set1:ident, $fmadd:ident, $add:ident, $store:ident) => {
             /// # Safety
             /// The CPU has the path's features; `R <= ROWS`; every `x[r]`
-            /// holds `depth` values, `weight` at most `BLOCK · depth`.
+            /// holds `depth` values, `panel` `depth · 2 · lanes`.
             #[target_feature(enable = $feature)]
-            pub(super) unsafe fn $name<const R: usize>(
+            pub(super) unsafe fn $name<const R: usize, const U: usize>(
                 x: [&[f32]; R],
-                weight: &[f32],
+                panel: &[f32],
                 depth: usize,
-                sums: &mut [[f32; BLOCK]; ROWS],
+                sums: &mut [[f32; WIDTH_MAX]; ROWS],
             ) {
-                let rows = weight.len().checked_div(depth).unwrap_or(0).min(BLOCK);
-                // SAFETY: as this function's contract.
+                const W: usize = 2 * $lanes;
+                debug_assert!(panel.len() >= depth * W && x.iter().all(|x| x.len() >= depth));
+                let (w, xp) = (panel.as_ptr(), x.map(<[f32]>::as_ptr));
+                let mut acc = [[[$zero(); 2]; R]; U];
+                let mut k = 0;
+                // SAFETY: `k < depth`: within every input row and the panel.
                 unsafe {
-                    match R {
-                        1 => $rows_fn::<R, BATCH1_GROUP>(x, weight, depth, rows, sums),
-                        _ => $rows_fn::<R, { $group }>(x, weight, depth, rows, sums),
-                    }
-                }
-            }
-
-            /// `sums[r][j]` for the first `rows` weight rows, `J` at a time.
-            ///
-            /// # Safety
-            /// As `$name`; `rows <= BLOCK` and `rows · depth <= weight.len()`.
-            #[inline]
-            #[target_feature(enable = $feature)]
-            unsafe fn $rows_fn<const R: usize, const J: usize>(
-                x: [&[f32]; R],
-                weight: &[f32],
-                depth: usize,
-                rows: usize,
-                sums: &mut [[f32; BLOCK]; ROWS],
-            ) {
-                let whole = rows / J * J;
-                // SAFETY: the groups' weight rows are below `rows`, within `weight`.
-                unsafe {
-                    for j in (0..whole).step_by(J) {
-                        $group_fn::<R, J>(x, weight, depth, j, sums);
-                    }
-                    for j in whole..rows {
-                        $group_fn::<R, 1>(x, weight, depth, j, sums);
-                    }
-                }
-            }
-
-            /// `sums[r][j0 + j]` for `j < J`: weight rows `j0..j0 + J`.
-            ///
-            /// # Safety
-            /// As `$name`; `(j0 + J)·depth <= weight.len()`, `j0 + J <= BLOCK`.
-            #[inline]
-            #[target_feature(enable = $feature)]
-            unsafe fn $group_fn<const R: usize, const J: usize>(
-                x: [&[f32]; R],
-                weight: &[f32],
-                depth: usize,
-                j0: usize,
-                sums: &mut [[f32; BLOCK]; ROWS],
-            ) {
-                let whole = depth / $lanes * $lanes;
-                let w = &weight[j0 * depth..(j0 + J) * depth];
-                let (wp, xp) = (w.as_ptr(), x.map(<[f32]>::as_ptr));
-                let mut acc = [[$zero(); J]; R];
-                // SAFETY: `c + lanes <= whole <= depth`, within every
-                // weight row of the group and every input row.
-                unsafe {
-                    for c in (0..whole).step_by($lanes) {
-                        let wv: [$vector; J] = std::array::from_fn(|j| $load(wp.add(j * depth + c)));
-                        for (acc, xp) in acc.iter_mut().zip(xp) {
-                            let xv = $load(xp.add(c));
-                            for (acc, &wv) in acc.iter_mut().zip(&wv) {
-                                *acc = $fmadd(wv, xv, *acc);
+                    while k + U <= depth {
+                        for (u, acc) in acc.iter_mut().enumerate() {
+                            let wv = [$load(w.add((k + u) * W)), $load(w.add((k + u) * W + $lanes))];
+                            for (acc, xp) in acc.iter_mut().zip(xp) {
+                                let b = $set1(*xp.add(k + u));
+                                acc[0] = $fmadd(wv[0], b, acc[0]);
+                                acc[1] = $fmadd(wv[1], b, acc[1]);
                             }
                         }
+                        k += U;
+                    }
+                    while k < depth {
+                        let wv = [$load(w.add(k * W)), $load(w.add(k * W + $lanes))];
+                        for (acc, xp) in acc[0].iter_mut().zip(xp) {
+                            let b = $set1(*xp.add(k));
+                            acc[0] = $fmadd(wv[0], b, acc[0]);
+                            acc[1] = $fmadd(wv[1], b, acc[1]);
+                        }
+                        k += 1;
                     }
                 }
-                for ((sums, acc), x) in sums.iter_mut().zip(acc).zip(x) {
-                    for (j, acc) in acc.into_iter().enumerate() {
-                        let w = &w[j * depth..][..depth];
-                        let tail: f32 = w[whole..].iter().zip(&x[whole..depth]).map(|(w, x)| w * x).sum();
-                        sums[j0 + j] = $sum(acc) + tail;
+                let (first, rest) = acc.split_at_mut(1);
+                for more in rest {
+                    for (acc, more) in first[0].iter_mut().zip(more.iter()) {
+                        acc[0] = $add(acc[0], more[0]);
+                        acc[1] = $add(acc[1], more[1]);
+                    }
+                }
+                for (sums, acc) in sums.iter_mut().zip(&first[0]) {
+                    // SAFETY: `W <= WIDTH_MAX` values per row of `sums`.
+                    unsafe {
+                        $store(sums.as_mut_ptr(), acc[0]);
+                        $store(sums.as_mut_ptr().add($lanes), acc[1]);
                     }
                 }
             }
@@ -327,11 +315,11 @@ mod x86 {
     }
 
     #[rustfmt::skip]
-    dots!(dots_avx512, rows_avx512, group_avx512, "avx512f", 16, 4, __m512,
-        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps);
+    panel_dots!(panel_avx512, "avx512f", 16,
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_storeu_ps);
     #[rustfmt::skip]
-    dots!(dots_avx2, rows_avx2, group_avx2, "avx2,fma", 8, 2, __m256,
-        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, sum_avx2);
+    panel_dots!(panel_avx2, "avx2,fma", 8,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps, _mm256_storeu_ps);
 }
 
 #[cfg(test)]

@@ -252,33 +252,58 @@ fn direct(pixels: usize) -> ConvAlgorithm {
     }
 }
 
-/// Packed convolutions shared by the compiles of one graph at several
-/// batch sizes ([`crate::BatchedModel`]): keyed by node name and algorithm,
-/// so a conv whose algorithm does not change with the batch is packed once
-/// (ResNet18's packed Winograd weights are ~4× its 3×3 weights: ~150 MB
-/// per compiled size when not shared). Only sound for compiles of one
-/// template graph on one engine (the same weights, attributes and path).
+/// Packed weights shared by the compiles of one graph at several batch
+/// sizes ([`crate::BatchedModel`]): convs keyed by node name and
+/// algorithm, so a conv whose algorithm does not change with the batch is
+/// packed once (ResNet18's packed Winograd weights are ~4× its 3×3
+/// weights: ~150 MB per compiled size when not shared), and linear layers
+/// by node name (their panels do not depend on the batch). Only sound for
+/// compiles of one template graph on one engine (the same weights,
+/// attributes and path).
 #[derive(Debug, Default)]
-pub(crate) struct ConvCache(std::sync::Mutex<std::collections::HashMap<(String, ConvAlgorithm), Arc<CpuConv>>>);
+pub(crate) struct PackedCache {
+    convs: Shared<(String, ConvAlgorithm), CpuConv>,
+    linears: Shared<String, linear::CpuLinear>,
+}
 
-impl ConvCache {
+/// Values packed once per key and shared.
+type Shared<K, V> = std::sync::Mutex<std::collections::HashMap<K, Arc<V>>>;
+
+/// The value under `key` in `map`, packing it with `pack` on first use.
+fn get_or_pack<K: Eq + std::hash::Hash, V>(
+    map: &Shared<K, V>,
+    key: K,
+    pack: impl FnOnce() -> candle_core::Result<V>,
+) -> candle_core::Result<Arc<V>> {
+    if let Some(value) = map.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        return Ok(value);
+    }
+    let value = Arc::new(pack()?);
+    if let Ok(mut map) = map.lock() {
+        map.entry(key).or_insert_with(|| Arc::clone(&value));
+    }
+    Ok(value)
+}
+
+impl PackedCache {
     /// The conv packed for `node` and `algorithm`, packing it with `pack`
     /// on first use.
-    pub(crate) fn get_or_pack(
+    pub(crate) fn conv(
         &self,
         node: &str,
         algorithm: ConvAlgorithm,
         pack: impl FnOnce() -> candle_core::Result<CpuConv>,
     ) -> candle_core::Result<Arc<CpuConv>> {
-        let key = (node.to_string(), algorithm);
-        if let Some(conv) = self.0.lock().ok().and_then(|m| m.get(&key).cloned()) {
-            return Ok(conv);
-        }
-        let conv = Arc::new(pack()?);
-        if let Ok(mut map) = self.0.lock() {
-            map.entry(key).or_insert_with(|| Arc::clone(&conv));
-        }
-        Ok(conv)
+        get_or_pack(&self.convs, (node.to_string(), algorithm), pack)
+    }
+
+    /// The linear layer packed for `node`, packing it with `pack` on first use.
+    pub(crate) fn linear(
+        &self,
+        node: &str,
+        pack: impl FnOnce() -> candle_core::Result<linear::CpuLinear>,
+    ) -> candle_core::Result<Arc<linear::CpuLinear>> {
+        get_or_pack(&self.linears, node.to_string(), pack)
     }
 }
 

@@ -1,7 +1,8 @@
 //! A 1×1 conv whose output planes are 1×1 (squeeze-and-excitation's
 //! squeeze after the global average pool) as dot products: `y[n][o] =
 //! act(Σ_c W[o][c] · x[n][c] + b[o] (+ r[n][o]))` on the linear layer's
-//! kernel, the weights `[O, C]` streamed once per four images.
+//! kernel, the weights `[O, C]` packed in its panels and streamed once per
+//! five images.
 //!
 //! The panel GEMM computes 16 columns per micro-tile: on a 1×1 plane 15 of
 //! them are padding. Chosen for the squeeze (more inputs than outputs),
