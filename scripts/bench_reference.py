@@ -21,12 +21,26 @@ and fully connected layer still run their own paths). Prints median / min / max 
 per forward and each runtime's peak RSS: ONNX Runtime and OpenVINO each run
 in a child process of their own (as each `cargo xtask bench` mode does), so
 their figures are theirs alone; PyTorch's is this process.
+
+With `--interleave ROUNDS`, wick runs beside them in the same run: ONNX
+Runtime, OpenVINO and wick (`cargo xtask chunks`, or `--xtask BIN`) each
+wait in a process of their own and take turns, ROUNDS rounds of one chunk
+each (about `--chunk-ms` of forwards, the order rotating from round to
+round, a short pause between chunks so that no runtime's spinning threads
+run into the next one's chunk); PyTorch is skipped. It prints each
+runtime's median / min / max over all its forwards and peak RSS, then
+wick's ratio to ONNX Runtime and to the faster runtime in each round (the
+rounds' median, min and max): on a host whose speed drifts between
+minutes, chunks a few hundred milliseconds apart see the same host.
+
+    .venv/bin/python scripts/bench_reference.py --model mobilenet_v3_large --batch 1 --interleave 12 --xtask target/release/xtask [--wick-isa avx2 --isa avx2]
 """
 
 import argparse
 import os
 import pathlib
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -58,11 +72,19 @@ def main():
     parser.add_argument(
         "--child", choices=["onnxruntime", "openvino", "onnxruntime-avx2", "openvino-avx2"], help=argparse.SUPPRESS
     )
+    parser.add_argument("--interleave", type=int, metavar="ROUNDS",
+                        help="time ONNX Runtime, OpenVINO and wick in turns, ROUNDS chunks each (see above)")
+    parser.add_argument("--chunk-ms", type=float, default=300.0, help="about how long each chunk runs (--interleave)")
+    parser.add_argument("--xtask", default="cargo xtask", help="the command that runs `xtask chunks` (--interleave)")
+    parser.add_argument("--wick-isa", choices=["avx512", "avx2", "scalar"], help="WICK_ISA for wick's process (--interleave)")
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--file", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return runtime_child(args.child, args.dir, args.warmup, args.iters, args.file)
+        return runtime_child(args.child, args.dir, args.warmup, args.iters, args.file, args.serve)
+    if args.interleave:
+        return interleave(args)
     if args.onnx:
         return time_file(args)
     import torch  # not in the ORT child: its peak RSS must be ORT's alone
@@ -183,8 +205,10 @@ def time_file(args):
     print("peak RSS: " + ", ".join(child_rss))
 
 
-def runtime_child(runtime, directory, warmup, iters, file=None):
-    """Times one ONNX runtime on the exported model in a process that never imported torch."""
+def runtime_child(runtime, directory, warmup, iters, file=None, serve=False):
+    """Times one ONNX runtime on the exported model in a process that never
+    imported torch; with `serve`, in chunks asked for on stdin instead
+    (`serve_chunks`)."""
     model = file or str(pathlib.Path(directory) / "model.onnx")
     x = np.load(pathlib.Path(directory) / "input.npy")
     if runtime.startswith("onnxruntime"):
@@ -206,10 +230,130 @@ def runtime_child(runtime, directory, warmup, iters, file=None):
             check_avx2(compiled)
         request = compiled.create_infer_request()
         run = lambda: request.infer({0: x})
+    if serve:
+        return serve_chunks(run)
     median, low, high = timed(run, warmup, iters)
-    # VmHWM, not ru_maxrss: Linux carries the parent's maxrss across fork + exec.
-    hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    print(median, low, high, hwm_kib / 1024)
+    print(median, low, high, peak_rss_mib())
+
+
+def peak_rss_mib():
+    """This process's peak RSS (VmHWM, not ru_maxrss: Linux carries the
+    parent's maxrss across fork + exec)."""
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+
+
+def serve_chunks(run):
+    """The protocol of `cargo xtask chunks`: each stdin line a count N, answered
+    with N forwards' ms on one line; `q`, a blank line or the end ends it,
+    after a line `rss MiB`."""
+    for line in sys.stdin:
+        if line.strip() in ("", "q"):
+            break
+        times = []
+        for _ in range(int(line)):
+            start = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - start) * 1e3)
+        print(" ".join(f"{t:.4f}" for t in times), flush=True)
+    print(f"rss {peak_rss_mib():.1f}", flush=True)
+
+
+class Chunked:
+    """A runtime waiting in a child process for chunk requests."""
+
+    def __init__(self, name, command, env=None):
+        self.name = name
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.times, self.rounds, self.rss = [], [], float("nan")
+
+    def chunk(self, n):
+        self.process.stdin.write(f"{n}\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            sys.exit(f"{self.name} stopped (exit status {self.process.wait()})")
+        return [float(t) for t in line.split()]
+
+    def close(self):
+        self.process.stdin.write("q\n")
+        self.process.stdin.flush()
+        last = self.process.stdout.readline().split()
+        if len(last) == 2 and last[0] == "rss":
+            self.rss = float(last[1])
+        self.process.wait()
+
+
+def interleave(args):
+    """ONNX Runtime, OpenVINO and wick in turns on one model (see the module doc)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.onnx:
+            file, wick_model = str(pathlib.Path(args.onnx).resolve()), str(pathlib.Path(args.onnx).resolve())
+            import onnx
+
+            graph = onnx.load(file, load_external_data=False).graph
+            initializers = {t.name for t in graph.initializer}
+            (first,) = [i for i in graph.input if i.name not in initializers]
+            shape = [d.dim_value if d.HasField("dim_value") else args.batch for d in first.type.tensor_type.shape.dim]
+            x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
+        else:
+            import torch
+            import torchvision
+
+            file, wick_model = None, args.model.replace("_", "-")
+            model = getattr(torchvision.models, args.model)().eval()
+            x = torch.randn(args.batch, 3, 224, 224)
+            torch.onnx.export(model, x, str(pathlib.Path(tmp) / "model.onnx"), input_names=["input"],
+                              output_names=["output"], dynamo=False)
+            x = x.numpy().astype(np.float32)
+        np.save(pathlib.Path(tmp) / "input.npy", x)
+        engines = []
+        runtimes = ["onnxruntime", "openvino"] + ([f"onnxruntime-{args.isa}", f"openvino-{args.isa}"] if args.isa else [])
+        for runtime in runtimes:
+            module, _, isa = runtime.partition("-")
+            try:
+                version = __import__(module).__version__.split("-")[0]
+            except ImportError as err:
+                print(f"({module} not installed: {err})")
+                continue
+            env, failure = held_back(module, isa, tmp)
+            name = f"{module}-{version}" + (f"-{isa}" if isa else "")
+            if failure:
+                print(f"({name} not timed: {failure})")
+                continue
+            command = [sys.executable, __file__, "--child", runtime, "--dir", tmp, "--serve"] + (["--file", file] if file else [])
+            engines.append(Chunked(name, command, env))
+        wick_env = dict(os.environ, WICK_ISA=args.wick_isa) if args.wick_isa else None
+        wick_name = "wick" + (f"-{args.wick_isa}" if args.wick_isa else "")
+        engines.append(Chunked(wick_name, shlex.split(args.xtask) + ["chunks", wick_model, "--batch", str(args.batch)], wick_env))
+        # Warm-up, then a chunk as long that sizes each runtime's chunks
+        # (the first forwards of a session are slower).
+        sizes = {}
+        for engine in engines:
+            engine.chunk(max(args.warmup, 1))
+            warm = engine.chunk(max(args.warmup, 1))
+            sizes[engine.name] = max(1, round(args.chunk_ms / max(statistics.median(warm), 1e-3)))
+        for r in range(args.interleave):
+            for engine in engines[r % len(engines):] + engines[:r % len(engines)]:
+                times = engine.chunk(sizes[engine.name])
+                engine.times += times
+                engine.rounds.append(statistics.median(times))
+                time.sleep(0.05)
+        for engine in engines:
+            engine.close()
+    print(f"{args.model if not args.onnx else args.onnx} batch {args.batch}, interleaved: {args.interleave} rounds, "
+          + ", ".join(f"{e.name} {sizes[e.name]} forwards a chunk" for e in engines))
+    print_rows([(e.name, (statistics.median(e.times), min(e.times), max(e.times))) for e in engines])
+    # wick's process also builds and traces the model (`bench` reports its engine's alone).
+    print("peak RSS: " + ", ".join(f"{e.name} child process {e.rss:.0f} MiB" for e in engines))
+    wick = engines[-1]
+    references = [e for e in engines[:-1] if e.name.endswith(f"-{args.isa}") == bool(args.wick_isa and args.isa)]
+    ort = [e for e in references if e.name.startswith("onnxruntime")]
+    for label, rows in [("ORT", ort), ("the faster of ORT and OV", references)]:
+        if not rows:
+            continue
+        ratios = [w / min(e.rounds[r] for e in rows) for r, w in enumerate(wick.rounds)]
+        print(f"ratio per round: {wick.name} / {label} median {statistics.median(ratios):.3f}, "
+              f"min {min(ratios):.3f}, max {max(ratios):.3f} ({len(ratios)} rounds)")
 
 
 def check_avx2(compiled):

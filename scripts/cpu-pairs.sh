@@ -22,6 +22,11 @@
 # wick's: a noisy neighbour, measured); repeat a spec to see how far the
 # ratio moves between pairs (a repeat's log and JSON get `-2`, `-3`, ...
 # in their names).
+# With INTERLEAVE=ROUNDS, each pair is followed by the same runtimes and
+# wick taking turns in one run (`bench_reference.py --interleave`, chunks
+# of about CHUNK_MS ms, default 300): its `ratio per round:` lines, the
+# rounds' median ratio, are the figure to read on a host whose speed
+# drifts between minutes.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 XTASK=${XTASK:-cargo xtask}
@@ -31,7 +36,8 @@ mkdir -p "$OUT"
 export RAYON_NUM_THREADS=2
 rc=0
 
-# One line of ratios from a pair's log: wick's median over ONNX Runtime's
+# One line of ratios from a pair's log (its first rows: the pair's, not
+# the interleaved run's): wick's median over ONNX Runtime's
 # and over the faster of ONNX Runtime and OpenVINO, each runtime's own best
 # path; with ISA avx2, over the runtimes held to AVX2 (`-avx2` rows) when
 # they ran. Nothing when a median is missing (a failed run says why above).
@@ -39,9 +45,9 @@ ratios() {
   awk -v isa="$2" '
     function median_of(name) { return (name in med) ? med[name] : 0 }
     /^(onnxruntime|openvino)-[0-9.]+(-avx2)? / {
-      key = $1; sub(/-[0-9.]+/, "", key); med[key] = $2
+      key = $1; sub(/-[0-9.]+/, "", key); if (!(key in med)) med[key] = $2
     }
-    /^wick / { med["wick"] = $2 }
+    /^wick / { if (!("wick" in med)) med["wick"] = $2 }
     END {
       suffix = (isa == "avx2" && ("onnxruntime-avx2" in med || "openvino-avx2" in med)) ? "-avx2" : ""
       ort = median_of("onnxruntime" suffix); ov = median_of("openvino" suffix); wick = median_of("wick")
@@ -85,9 +91,15 @@ for spec in "$@"; do
       --json "$OUT/wick-$name.json"
     status=$?
     echo "steal: $runtimes_steal of the CPU time during the runtimes' runs, $(steal_since "$before") during wick's"
+    if [ -n "${INTERLEAVE:-}" ]; then
+      # shellcheck disable=SC2046 # no argument without an AVX2 ISA
+      PYTHONUNBUFFERED=1 "$PYTHON" "$ROOT/scripts/bench_reference.py" --model "${model//-/_}" --batch "$batch" \
+        --interleave "$INTERLEAVE" --chunk-ms "${CHUNK_MS:-300}" --xtask "$XTASK" \
+        ${isa:+--wick-isa $isa} $([ "$isa" = avx2 ] && echo --isa avx2) || status=1
+    fi
     (exit "$status")
   } >"$log" 2>&1 || rc=1
-  grep -E '^== |^onnxruntime|^openvino|^\(|^wick |^peak RSS|^steal:' "$log"
+  grep -E '^== |^onnxruntime|^openvino|^\(|^wick|^peak RSS|^steal:|^ratio per round:|interleaved:' "$log"
   # Into the pair's log too, so that a log read later carries its ratio.
   ratios "$log" "$isa" | tee -a "$log"
 done

@@ -2,6 +2,7 @@
 //! its IR, `bench` times it. Errors go to stderr with a non-zero exit.
 
 mod bench_cmd;
+mod chunks_cmd;
 mod common;
 mod compare_cmd;
 mod export_cmd;
@@ -38,6 +39,8 @@ enum Command {
     Profile(profile_cmd::ProfileArgs),
     /// Two engine settings of one model timed in one process, forwards interleaved.
     Compare(compare_cmd::CompareArgs),
+    /// Forwards timed in chunks asked for on stdin (for interleaving with other runtimes).
+    Chunks(chunks_cmd::ChunksArgs),
     /// Save the (optimised) graph and its folded weights to a directory.
     Export(export_cmd::ExportArgs),
     /// Images/s with 1, 2, ... threads sharing one compiled model.
@@ -63,6 +66,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench_cmd::run(args),
         Command::Profile(args) => profile_cmd::run(args),
         Command::Compare(args) => compare_cmd::run(args),
+        Command::Chunks(args) => chunks_cmd::run(args),
         Command::Export(args) => export_cmd::run(args),
         Command::Throughput(args) => throughput_cmd::run(args),
         Command::Peak(args) => peak_cmd::run(args),
