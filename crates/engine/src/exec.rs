@@ -80,6 +80,12 @@ impl CompiledModel {
         self.buffers.lock().unwrap().as_ref().map_or(0, BufferPool::misses)
     }
 
+    /// How many buffers the pool kept for the next forward holds (tests).
+    #[cfg(test)]
+    pub(crate) fn pool_len(&self) -> usize {
+        self.buffers.lock().unwrap().as_ref().map_or(0, BufferPool::len)
+    }
+
     /// This model with its leading steps tiled as `tiling` says (tests).
     #[cfg(test)]
     pub(crate) fn with_tiling(self, tiling: Option<BatchTiling>) -> Self {
@@ -835,6 +841,28 @@ mod tests {
             compiled.run(std::slice::from_ref(&x)).unwrap();
         }
         assert_eq!(compiled.pool_misses(), warm, "warm forwards allocated afresh");
+    }
+
+    /// Warm forwards give the pool back what they took and nothing more:
+    /// MobileNetV3-Large's squeeze convs and classifiers, whose outputs
+    /// came from the heap, added a buffer each to the pool every forward
+    /// (`recycle::MAX_BUFFERS`).
+    #[test]
+    fn warm_forwards_keep_the_pool_size() {
+        use wick_models::ModelName;
+        let shape = [1, 3, 224, 224];
+        let graph = fused_graph(ModelName::MobilenetV3Large, 3, &shape);
+        let compiled = Engine::cpu().compile(&graph).unwrap();
+        let x = wick_models::random_input(1, &shape, &Device::Cpu).unwrap();
+        for _ in 0..2 {
+            compiled.run(std::slice::from_ref(&x)).unwrap();
+        }
+        let warm = compiled.pool_len();
+        for _ in 0..3 {
+            compiled.run(std::slice::from_ref(&x)).unwrap();
+        }
+        assert!(warm > 0);
+        assert_eq!(compiled.pool_len(), warm, "the pool grew over warm forwards");
     }
 
     /// A small forward computes the same values with the pool's workers

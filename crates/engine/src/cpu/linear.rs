@@ -23,6 +23,7 @@
 
 use crate::cpu::data::{with_cpu_f32, SharedOut};
 use crate::cpu::gemm::Isa;
+use crate::cpu::recycle;
 use crate::cpu::weight_buffer::WeightBuffer;
 use candle_core::{bail, Device, Tensor};
 use rayon::prelude::*;
@@ -100,8 +101,11 @@ impl CpuLinear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x = x.contiguous()?;
         let out = with_cpu_f32("linear", &x, None, |input, _| {
-            // A small output (classifiers: rows of 1000): from the heap.
-            self.products(input, rows, Vec::new())
+            // From the forward's pool, where the output goes back when
+            // dead (from the heap, it would add a buffer to the pool each
+            // forward: `recycle::MAX_BUFFERS`).
+            let buffer = recycle::take(rows.saturating_mul(self.out_features)).unwrap_or_default();
+            self.products(input, rows, buffer)
         })?;
         Tensor::from_vec(out, dims, &Device::Cpu)
     }

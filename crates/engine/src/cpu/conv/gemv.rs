@@ -19,6 +19,7 @@ use crate::cpu::epilogue::{value, Epilogue};
 use crate::cpu::gemm::Isa;
 use crate::cpu::linear::CpuLinear;
 use crate::cpu::output::Output;
+use crate::cpu::recycle;
 use candle_core::{bail, Tensor};
 
 /// A 1×1 conv as dot products.
@@ -68,10 +69,15 @@ impl GemvConv {
             &rows,
             call.residual.as_ref(),
             |input, residual| {
-                // `[N, H·W, O]`, sums only, in a buffer of its own (not the
-                // forward's pool: a pooled buffer that fits is often one of
-                // the big activations', which the next big output then misses).
-                let sums = self.linear.products(input, shape.batch * plane, Vec::new())?;
+                // `[N, H·W, O]`, sums only. On 1×1 planes they become the
+                // output, so from the forward's pool, where the output goes
+                // back (`recycle::MAX_BUFFERS`; a small request takes only a
+                // small buffer); otherwise an intermediate, from the heap.
+                let buffer = match plane {
+                    1 => recycle::take(shape.batch.saturating_mul(outs)).unwrap_or_default(),
+                    _ => Vec::new(),
+                };
+                let sums = self.linear.products(input, shape.batch * plane, buffer)?;
                 if plane == 1 {
                     // `[N, O]` is the output's layout: bias and residual
                     // value by value, the activation on the path's vectors
