@@ -108,10 +108,9 @@ def main():
     print(f"peak RSS: pytorch-eager process {torch_rss:.0f} MiB" + "".join(f", {r}" for r in child_rss))
 
 
-def run_children(tmp, args, file):
-    """Each installed ONNX runtime in a child process of its own, on
-    `file` (else the exported tmp/model.onnx) and tmp/input.npy."""
-    rows, child_rss = [], []
+def installed_runtimes(args):
+    """(runtime, module, isa, name) of each installed ONNX runtime, with
+    the held-back ones `--isa` asks for; a missing one is said and skipped."""
     runtimes = ["onnxruntime", "openvino"]
     if args.isa:
         runtimes += [f"onnxruntime-{args.isa}", f"openvino-{args.isa}"]
@@ -122,11 +121,18 @@ def run_children(tmp, args, file):
         except ImportError as err:
             print(f"({module} not installed: {err})")
             continue
+        yield runtime, module, isa, f"{module}-{version}" + (f"-{isa}" if isa else "")
+
+
+def run_children(tmp, args, file):
+    """Each installed ONNX runtime in a child process of its own, on
+    `file` (else the exported tmp/model.onnx) and tmp/input.npy."""
+    rows, child_rss = [], []
+    for runtime, module, isa, name in installed_runtimes(args):
         command = [sys.executable, __file__, "--child", runtime, "--dir", tmp,
                    "--warmup", str(args.warmup), "--iters", str(args.iters)]
         if file:
             command += ["--file", file]
-        name = f"{module}-{version}" + (f"-{isa}" if isa else "")
         env, failure = held_back(module, isa, tmp)
         child = None if failure else subprocess.run(command, capture_output=True, text=True, env=env)
         if child and child.returncode != 0 and isa:
@@ -307,16 +313,8 @@ def interleave(args):
             x = x.numpy().astype(np.float32)
         np.save(pathlib.Path(tmp) / "input.npy", x)
         engines = []
-        runtimes = ["onnxruntime", "openvino"] + ([f"onnxruntime-{args.isa}", f"openvino-{args.isa}"] if args.isa else [])
-        for runtime in runtimes:
-            module, _, isa = runtime.partition("-")
-            try:
-                version = __import__(module).__version__.split("-")[0]
-            except ImportError as err:
-                print(f"({module} not installed: {err})")
-                continue
+        for runtime, module, isa, name in installed_runtimes(args):
             env, failure = held_back(module, isa, tmp)
-            name = f"{module}-{version}" + (f"-{isa}" if isa else "")
             if failure:
                 print(f"({name} not timed: {failure})")
                 continue

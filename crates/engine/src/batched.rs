@@ -301,22 +301,29 @@ mod tests {
             .is_err());
     }
 
+    /// The packed operand of each of `m`'s CPU steps that `pick` takes
+    /// (a conv's, a linear layer's), by address.
+    fn packed<T>(m: &CompiledModel, pick: impl Fn(&crate::cpu::CpuKernel) -> Option<&T>) -> Vec<*const T> {
+        m.plan()
+            .steps
+            .iter()
+            .filter_map(|s| match &s.kernel {
+                crate::kernel::Kernel::Cpu(kernel) => pick(kernel).map(std::ptr::from_ref),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Batch sizes whose convs take the same algorithm share one packing.
     #[test]
     fn batch_sizes_share_packed_convs() {
         let model = model();
         let (a, b) = (model.compiled(1).unwrap(), model.compiled(2).unwrap());
-        let convs = |m: &CompiledModel| -> Vec<*const crate::cpu::conv::CpuConv> {
-            m.plan()
-                .steps
-                .iter()
-                .filter_map(|s| match &s.kernel {
-                    crate::kernel::Kernel::Cpu(crate::cpu::CpuKernel::Conv { conv, .. }) => {
-                        Some(std::ptr::from_ref::<crate::cpu::conv::CpuConv>(conv))
-                    }
-                    _ => None,
-                })
-                .collect()
+        let convs = |m: &CompiledModel| {
+            packed(m, |k| match k {
+                crate::cpu::CpuKernel::Conv { conv, .. } => Some(&**conv),
+                _ => None,
+            })
         };
         assert_eq!(convs(&a).len(), 1);
         assert_eq!(convs(&a), convs(&b), "one packed conv for both sizes");
@@ -324,7 +331,8 @@ mod tests {
         assert_ne!(convs(&alone), convs(&a), "a plain compile packs its own");
     }
 
-    /// Batch sizes share one packing of a linear layer too.
+    /// Batch sizes share one packing of a linear layer too, and compute
+    /// what a plain compile does.
     #[test]
     fn batch_sizes_share_packed_linears() {
         let graph = crate::test_util::graph_with_weights(
@@ -332,34 +340,20 @@ mod tests {
         );
         let model = BatchedModel::new(Engine::cpu(), graph, 2).unwrap();
         let (a, b) = (model.compiled(1).unwrap(), model.compiled(3).unwrap());
-        let linears = |m: &CompiledModel| -> Vec<*const crate::cpu::linear::CpuLinear> {
-            m.plan()
-                .steps
-                .iter()
-                .filter_map(|s| match &s.kernel {
-                    crate::kernel::Kernel::Cpu(crate::cpu::CpuKernel::Linear { linear, .. }) => {
-                        Some(std::ptr::from_ref::<crate::cpu::linear::CpuLinear>(linear))
-                    }
-                    _ => None,
-                })
-                .collect()
+        let linears = |m: &CompiledModel| {
+            packed(m, |k| match k {
+                crate::cpu::CpuKernel::Linear { linear, .. } => Some(&**linear),
+                _ => None,
+            })
         };
         assert_eq!(linears(&a).len(), 1);
         assert_eq!(linears(&a), linears(&b), "one packed linear for both sizes");
-        let x = Tensor::randn(0f32, 1.0, (3, 2, 4, 4), &Device::Cpu).unwrap();
-        let got = model.run(std::slice::from_ref(&x)).unwrap().remove(0);
         let alone = Engine::cpu().compile(&model.template.with_batch(3).unwrap()).unwrap();
         assert_ne!(linears(&alone), linears(&b), "a plain compile packs its own");
+        let x = Tensor::randn(0f32, 1.0, (3, 2, 4, 4), &Device::Cpu).unwrap();
+        let got = model.run(std::slice::from_ref(&x)).unwrap().remove(0);
         let fixed = alone.run(std::slice::from_ref(&x)).unwrap().remove(0);
-        let diff = (got - fixed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0);
+        assert_eq!(crate::test_util::max_abs_diff(&got, &fixed), 0.0);
     }
 
     /// Many threads asking for one new size at once compile it once.
