@@ -118,6 +118,19 @@ pub(crate) const SPLIT_MIN_PLANE: usize = 100;
 /// measured; 28×28 level).
 pub(crate) const SPLIT_MAX_PLANE: usize = 400;
 
+/// The deepest 1×1 conv on 1×1 planes with more outputs than inputs (the
+/// squeeze-and-excitation's excitation) run as dot products on the linear
+/// layer's packed panels ([`ConvAlgorithm::Gemv`]) rather than the panel
+/// GEMM, whose 16-column tiles are 15/16 padding there. Zen 4, two
+/// threads, batch 1, `xtask compare` (300 pairs after 50 warm-up
+/// forwards): EfficientNet-B0 (excitations 4-48 deep) 0.977-0.981× the
+/// time, AVX2 forced 0.980×; MobileNetV3-Large (24-240 deep) level at 64
+/// (0.999-1.005×), 1.015-1.023× slower with every excitation as dot
+/// products; batch 10 level (1.00×). (Tried before the buffer pool stopped
+/// growing every forward, dot products for every excitation made
+/// EfficientNet-B0 1.02-1.035× slower.)
+pub(crate) const GEMV_MAX_SHALLOW_DEPTH: usize = 64;
+
 /// The CPU conv algorithms, named as the debug log and the tests name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum ConvAlgorithm {
@@ -194,10 +207,10 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
         // On 1×1 planes (squeeze-and-excitation) the panel GEMM's 16-column
         // tiles are mostly padding; dot products win where each is long
         // (the squeeze: 1152 -> 48 at batch 1 / 10 on Zen 4, alone, 3 / 10
-        // us against 8 / 32), not for the short ones of the excitation
-        // (48 -> 1152: 14 / 109 us against 11 / 18).
+        // us against 8 / 32) and, on the packed linear kernel, for the
+        // shallow excitations ([`GEMV_MAX_SHALLOW_DEPTH`]).
         let plane = out_height.saturating_mul(out_width);
-        let dots = plane == 1 && spec.in_channels >= out_channels;
+        let dots = plane == 1 && (spec.in_channels >= out_channels || spec.in_channels <= GEMV_MAX_SHALLOW_DEPTH);
         // Lane groups padding the output channels by at most a quarter.
         let lanes = (2..=POINTWISE_LANES_MAX_PLANE).contains(&plane)
             && spec.in_channels >= POINTWISE_LANES_MIN_DEPTH
@@ -442,8 +455,9 @@ mod tests {
     /// lane groups pad the outputs by at most a quarter: not 100 -> 128;
     /// in two halves of their depth for projections at batch 1 on planes of
     /// 100 to 400 pixels with at least twice as many inputs as outputs),
-    /// lanes for other few-pixel convs, panels otherwise; grouped and
-    /// pooled convs by their constraint.
+    /// lanes for other few-pixel convs, panels otherwise; 1×1 planes as
+    /// dot products for squeezes and excitations at most 64 deep; grouped
+    /// and pooled convs by their constraint.
     #[test]
     fn policy_by_shape() {
         use ConvAlgorithm::*;
@@ -469,7 +483,8 @@ mod tests {
             (spec(576, 1, 1, 1), false, [1, 96, 28, 28], Pointwise),
             (spec(576, 1, 1, 1), false, [1, 96, 9, 9], Pointwise),
             (spec(64, 1, 1, 1), false, [4, 64, 1, 1], Gemv),
-            (spec(64, 1, 1, 1), false, [4, 256, 1, 1], Pointwise),
+            (spec(64, 1, 1, 1), false, [4, 256, 1, 1], Gemv),
+            (spec(65, 1, 1, 1), false, [4, 256, 1, 1], Pointwise),
             (spec(64, 1, 2, 1), false, [10, 64, 28, 28], DirectPanels),
             (spec(3, 7, 2, 1), true, [1, 64, 112, 112], Stem),
             (spec(8, 3, 2, 1), true, [1, 64, 112, 112], DirectPanels),

@@ -8,7 +8,9 @@
 //! them are padding. Chosen for the squeeze (more inputs than outputs),
 //! where each dot product is long: EfficientNet-B0's SE convs took 0.43 ->
 //! 0.27 ms at batch 1 and 2.4 -> 1.7-1.8 ms at batch 10 on Zen 4 (per-node
-//! profile; ONNX Runtime 0.19 at batch 1). Other plane sizes are computed
+//! profile; ONNX Runtime 0.19 at batch 1); and, since the linear kernel
+//! reads packed panels, for shallow excitations
+//! ([`crate::cpu::GEMV_MAX_SHALLOW_DEPTH`]). Other plane sizes are computed
 //! too (every CPU conv takes any input shape): pixels become rows of a
 //! product on a transposed copy.
 
