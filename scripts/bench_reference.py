@@ -98,9 +98,7 @@ def main():
         rows.append(("pytorch-eager", timed(lambda: model(x), args.warmup, args.iters)))
     torch_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with tempfile.TemporaryDirectory() as tmp:
-        path = pathlib.Path(tmp) / "model.onnx"
-        torch.onnx.export(model, x, str(path), input_names=["input"], output_names=["output"], dynamo=False)
-        np.save(pathlib.Path(tmp) / "input.npy", x.numpy().astype(np.float32))
+        export_model(model, x, tmp)
         rows_child, child_rss = run_children(tmp, args, None)
         rows += rows_child
     print(f"{args.model} batch {args.batch}, torch {torch.__version__}, {args.warmup} warm-up + {args.iters} timed forwards")
@@ -122,6 +120,27 @@ def installed_runtimes(args):
             print(f"({module} not installed: {err})")
             continue
         yield runtime, module, isa, f"{module}-{version}" + (f"-{isa}" if isa else "")
+
+
+def export_model(model, x, tmp):
+    """`model` (torch) exported to tmp/model.onnx on input `x`, saved as tmp/input.npy."""
+    import torch
+
+    torch.onnx.export(model, x, str(pathlib.Path(tmp) / "model.onnx"), input_names=["input"],
+                      output_names=["output"], dynamo=False)
+    np.save(pathlib.Path(tmp) / "input.npy", x.numpy().astype(np.float32))
+
+
+def file_input(path, batch):
+    """A seeded random input of the ONNX file's declared shape (a symbolic
+    first dimension is `batch`)."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    (first,) = [i for i in graph.input if i.name not in initializers]
+    shape = [d.dim_value if d.HasField("dim_value") else batch for d in first.type.tensor_type.shape.dim]
+    return np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
 
 
 def run_children(tmp, args, file):
@@ -197,16 +216,11 @@ def print_rows(rows):
 def time_file(args):
     """ONNX Runtime and OpenVINO on a given file, an input of its declared
     shape (a symbolic first dimension is --batch), each in its own process."""
-    import onnx
-
-    graph = onnx.load(args.onnx, load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-    (first,) = [i for i in graph.input if i.name not in initializers]
-    shape = [d.dim_value if d.HasField("dim_value") else args.batch for d in first.type.tensor_type.shape.dim]
+    x = file_input(args.onnx, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
-        np.save(pathlib.Path(tmp) / "input.npy", np.random.default_rng(1).standard_normal(shape, dtype=np.float32))
+        np.save(pathlib.Path(tmp) / "input.npy", x)
         rows, child_rss = run_children(tmp, args, str(pathlib.Path(args.onnx).resolve()))
-    print(f"{args.onnx} input {shape}, {args.warmup} warm-up + {args.iters} timed forwards")
+    print(f"{args.onnx} input {list(x.shape)}, {args.warmup} warm-up + {args.iters} timed forwards")
     print_rows(rows)
     print("peak RSS: " + ", ".join(child_rss))
 
@@ -293,25 +307,14 @@ def interleave(args):
     """ONNX Runtime, OpenVINO and wick in turns on one model (see the module doc)."""
     with tempfile.TemporaryDirectory() as tmp:
         if args.onnx:
-            file, wick_model = str(pathlib.Path(args.onnx).resolve()), str(pathlib.Path(args.onnx).resolve())
-            import onnx
-
-            graph = onnx.load(file, load_external_data=False).graph
-            initializers = {t.name for t in graph.initializer}
-            (first,) = [i for i in graph.input if i.name not in initializers]
-            shape = [d.dim_value if d.HasField("dim_value") else args.batch for d in first.type.tensor_type.shape.dim]
-            x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
+            file = wick_model = str(pathlib.Path(args.onnx).resolve())
+            np.save(pathlib.Path(tmp) / "input.npy", file_input(file, args.batch))
         else:
             import torch
             import torchvision
 
             file, wick_model = None, args.model.replace("_", "-")
-            model = getattr(torchvision.models, args.model)().eval()
-            x = torch.randn(args.batch, 3, 224, 224)
-            torch.onnx.export(model, x, str(pathlib.Path(tmp) / "model.onnx"), input_names=["input"],
-                              output_names=["output"], dynamo=False)
-            x = x.numpy().astype(np.float32)
-        np.save(pathlib.Path(tmp) / "input.npy", x)
+            export_model(getattr(torchvision.models, args.model)().eval(), torch.randn(args.batch, 3, 224, 224), tmp)
         engines = []
         for runtime, module, isa, name in installed_runtimes(args):
             env, failure = held_back(module, isa, tmp)

@@ -233,11 +233,7 @@ impl Kernel {
                             let (weight, bias) = on_host(weight, bias.flatten())?;
                             CpuLinear::new(&weight, bias.as_ref(), machine.isa)
                         };
-                        let linear = match how.packed {
-                            Some(packed) => packed.linear(&node.name, pack),
-                            None => pack().map(std::sync::Arc::new),
-                        }
-                        .at(&node.name)?;
+                        let linear = PackedCache::linear(how.packed, &node.name, pack).at(&node.name)?;
                         Ok(Kernel::Cpu(CpuKernel::Linear { linear, x: slot(0) }))
                     }
                     _ => candle(CandleOp::Linear {
@@ -323,11 +319,7 @@ fn lower_conv(
             let (weight, bias) = on_host(weight, bias.flatten())?;
             CpuConv::new(algorithm, &weight, bias.as_ref(), attrs, activation, pool, machine)
         };
-        let conv = match how.packed {
-            Some(packed) => packed.conv(&node.name, algorithm, pack),
-            None => pack().map(std::sync::Arc::new),
-        }
-        .at(&node.name)?;
+        let conv = PackedCache::conv(how.packed, &node.name, algorithm, pack).at(&node.name)?;
         let form = conv.form(out_shape[3]);
         tracing::debug!(node = %node.name, kernel = conv.algorithm().name(), form, "cpu conv kernel");
         return Ok(Kernel::Cpu(CpuKernel::Conv {

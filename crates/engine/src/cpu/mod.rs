@@ -299,24 +299,30 @@ fn get_or_pack<K: Eq + std::hash::Hash, V>(
 }
 
 impl PackedCache {
-    /// The conv packed for `node` and `algorithm`, packing it with `pack`
-    /// on first use.
+    /// The conv packed for `node` and `algorithm`: from `cache` when given
+    /// (packing it with `pack` on first use), else packed with `pack`.
     pub(crate) fn conv(
-        &self,
+        cache: Option<&Self>,
         node: &str,
         algorithm: ConvAlgorithm,
         pack: impl FnOnce() -> candle_core::Result<CpuConv>,
     ) -> candle_core::Result<Arc<CpuConv>> {
-        get_or_pack(&self.convs, (node.to_string(), algorithm), pack)
+        match cache {
+            Some(cache) => get_or_pack(&cache.convs, (node.to_string(), algorithm), pack),
+            None => pack().map(Arc::new),
+        }
     }
 
-    /// The linear layer packed for `node`, packing it with `pack` on first use.
+    /// The linear layer packed for `node`, as [`PackedCache::conv`].
     pub(crate) fn linear(
-        &self,
+        cache: Option<&Self>,
         node: &str,
         pack: impl FnOnce() -> candle_core::Result<linear::CpuLinear>,
     ) -> candle_core::Result<Arc<linear::CpuLinear>> {
-        get_or_pack(&self.linears, node.to_string(), pack)
+        match cache {
+            Some(cache) => get_or_pack(&cache.linears, node.to_string(), pack),
+            None => pack().map(Arc::new),
+        }
     }
 }
 

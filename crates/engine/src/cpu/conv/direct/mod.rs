@@ -336,7 +336,7 @@ impl DirectConv {
             let (blocks, cols) = match within_images {
                 true => (
                     shape.batch * per_image,
-                    plane.div_ceil(per_image).next_multiple_of(PANEL_GRANULE),
+                    Cut::of(plane, per_image, shape.batch, threads).width,
                 ),
                 false => (total.div_ceil(cols), cols),
             };
@@ -783,17 +783,17 @@ fn block_width(total: usize, blocks: usize, target: usize, threads: usize) -> us
 /// 0.997×, 1.005× (within the host's noise).
 fn blocks_per_image(plane: usize, cols: usize, batch: usize, threads: usize) -> usize {
     let fit = plane.div_ceil(cols.max(1)).max(1);
-    let cut = |k: usize| Cut::of(plane, k, batch, threads);
-    match fit.checked_sub(1) {
-        Some(fewer)
-            if fewer > 0
-                && (fewer - 1) * cut(fewer).width < plane
-                && cut(fewer).shared == cut(fit).shared
-                && cut(fewer).per_thread < cut(fit).per_thread =>
-        {
-            fewer
-        }
-        _ => fit,
+    let fewer = fit - 1;
+    if fewer == 0 {
+        return fit;
+    }
+    let (a, b) = (
+        Cut::of(plane, fewer, batch, threads),
+        Cut::of(plane, fit, batch, threads),
+    );
+    match (fewer - 1) * a.width < plane && a.shared == b.shared && a.per_thread < b.per_thread {
+        true => fewer,
+        false => fit,
     }
 }
 
