@@ -111,7 +111,8 @@ impl Engine {
     }
 
     /// The same engine with expansion fusion on (the default) or off. On,
-    /// a CPU 1×1 conv whose only reader is a depthwise conv taking the
+    /// a CPU 1×1 conv (or a conv of at most 64 values per window, a
+    /// network's stem) whose only reader is a depthwise conv taking the
     /// channel-blocked form (outputs up to 112 wide on the AVX2 and AVX-512
     /// paths: a MobileNet's or EfficientNet's expansion and the depthwise
     /// conv after it) runs inside that conv as one step, its output
@@ -253,7 +254,7 @@ impl Engine {
                         let mut name = node.name.clone();
                         if let Some(producer) = expansions.producer_of(id) {
                             let (expand, x) =
-                                lowered_first(&mut expanding, producer, "its fused 1×1 conv").at(&node.name)?;
+                                lowered_first(&mut expanding, producer, "its fused conv").at(&node.name)?;
                             kernel = expansion::fuse(kernel, expand, x).at(&node.name)?;
                             name = format!("{}+{}", graph.node(producer).name, node.name);
                         }

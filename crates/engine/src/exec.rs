@@ -549,9 +549,10 @@ mod tests {
     /// its depthwise conv where that takes the channel-blocked form (all
     /// 16 at 224×224 on the SIMD paths: every output up to 112 wide but
     /// the first block's, which has no expansion), as one step named after
-    /// both, and so does each in-place projection after such a pair or
-    /// after the first block's depthwise conv (features.1-6: the 112×112,
-    /// 56×56 and 28×28 blocks), to the same output within f32 rounding.
+    /// both, and so does the stem (a window of 27 values) inside the first
+    /// block's depthwise conv, and each in-place projection after such a
+    /// pair (features.1-6: the 112×112, 56×56 and 28×28 blocks), to the
+    /// same output within f32 rounding.
     #[test]
     fn mobilenet_convs_take_their_kernels() {
         use wick_models::ModelName;
@@ -584,10 +585,11 @@ mod tests {
             let kernels = conv_kernels(&fused);
             let counts = kinds.map(|k| count(&kernels, k));
             let blocked = matches!(isa, crate::cpu::gemm::Isa::Avx512 | crate::cpu::gemm::Isa::Avx2Fma);
-            // Blocked: the expansions run in their depthwise convs, and the
-            // in-place projections after features.1-6's in them too.
+            // Blocked: the stem and the expansions run in their depthwise
+            // convs, and the in-place projections after features.1-6's in
+            // them too.
             let want = match blocked {
-                true => [1, 4, 7, 0, 1, 11, 6, 30],
+                true => [1, 4, 7, 0, 0, 11, 6, 29],
                 false => [23, 4, 7, 17, 1, 0, 0, 52],
             };
             assert_eq!(
@@ -598,6 +600,8 @@ mod tests {
             if blocked {
                 let pair = "features.7.conv.0.0+1+relu6+features.7.conv.1.0+1+relu6";
                 assert!(kernels.contains(&(pair.into(), "expanded-depthwise")), "{kernels:?}");
+                let head = "features.0.0+1+relu6+features.1.conv.0.0+1+relu6+features.1.conv.1+2";
+                assert!(kernels.contains(&(head.into(), "projected-depthwise")), "{kernels:?}");
                 let block = "features.3.conv.0.0+1+relu6+features.3.conv.1.0+1+relu6+features.3.conv.2+3+add";
                 assert!(kernels.contains(&(block.into(), "projected-depthwise")), "{kernels:?}");
                 // The expanded tensors are never made.

@@ -341,8 +341,8 @@ pub(crate) enum CpuKernel {
         scale: Option<Slot>,
         isa: gemm::Isa,
     },
-    /// A depthwise conv on the output of a 1×1 conv (`expand`, weights
-    /// blocked by the depthwise conv's lanes) applied to `x`, without
+    /// A depthwise conv on the output of a 1×1 conv or a stem (`expand`,
+    /// weights blocked by the depthwise conv's lanes) applied to `x`, without
     /// making that output ([`crate::expansion`]).
     ExpandedDepthwise {
         expand: conv::depthwise::ExpandWeights,

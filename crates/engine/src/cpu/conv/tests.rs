@@ -513,7 +513,7 @@ fn no_input_channels_give_the_bias() {
             let dw = depthwise::DepthwiseConv::new(dw_spec, &ones, identity, machine).unwrap();
             if let (1, Some(lanes)) = (kernel, dw.lanes()) {
                 let epilogue = Epilogue::new(Some(&b), 3, Some(Activation::Relu)).unwrap();
-                let expand = depthwise::ExpandWeights::new(&[], [3, 0], &epilogue, lanes).unwrap();
+                let expand = depthwise::ExpandWeights::new(&[], [3, 0], &epilogue, lanes, None).unwrap();
                 let got = dw.run_expanded(&expand, &x).unwrap();
                 assert_eq!(got.dims(), [2, 3, 4, 5], "expanded {isa:?}");
                 let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -593,7 +593,8 @@ fn expanded_depthwise_equal_on_every_thread_count() {
             let conv = depthwise::DepthwiseConv::new(spec, &w2, epilogue, Machine::with_isa(isa)).unwrap();
             let Some(lanes) = conv.lanes() else { continue };
             let expand_epilogue = Epilogue::new(None, channels, Some(Activation::Relu6)).unwrap();
-            let expand = depthwise::ExpandWeights::new(&w1, [channels, in_channels], &expand_epilogue, lanes).unwrap();
+            let expand =
+                depthwise::ExpandWeights::new(&w1, [channels, in_channels], &expand_epilogue, lanes, None).unwrap();
             let on = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let out = pool.install(|| conv.run_expanded(&expand, &x)).unwrap();
@@ -614,14 +615,17 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// A 1×1 conv fused in front of the channel-blocked depthwise conv
-    /// (each band's input computed from the 1×1 conv's input) equals
-    /// candle's two convs one after the other, each with its bias and
-    /// activation, on every path with the blocked form: rows of 1..=16+
-    /// positions (the 14-, 7- and 1-wide steps), partial last blocks, bands
-    /// of one row and more, rows wholly in the padding, one or two blocks
+    /// (each band's input computed from the 1×1 conv's input), or a conv
+    /// of a small window (`window`: kernel, stride, padding, dilation; its
+    /// windows gathered per band), equals candle's two convs one after the
+    /// other, each with its bias and activation, on every path with the
+    /// blocked form: rows of 1..=16+ positions (the 14-, 7- and 1-wide
+    /// steps), partial last blocks, bands of one row and more, rows wholly
+    /// in the padding, windows reaching past every edge, one or two blocks
     /// per task.
     #[test]
     fn expanded_depthwise_matches_candle(
+        window in proptest::option::of((1usize..5, 1usize..3, 0usize..3, 1usize..3)),
         in_channels in 1usize..24,
         channels in 2usize..40,
         kernel in 1usize..6,
@@ -635,10 +639,21 @@ proptest! {
     ) {
         let d = Device::Cpu;
         let (width, height) = ((kernel + width).saturating_sub(2 * padding).max(1), (kernel + height).saturating_sub(2 * padding).max(1));
-        let expand_attrs = Conv2dAttrs::default();
+        // The fused conv's kernel and attributes; its input large enough
+        // that its output is the depthwise conv's input `[height, width]`.
+        let (k1, expand_attrs) = match window {
+            None => (1, Conv2dAttrs::default()),
+            Some((k, s, p, dl)) => (k, Conv2dAttrs { stride: [s, s], padding: [p, p], dilation: [dl, dl], groups: 1 }),
+        };
+        let in_channels = in_channels.min(depthwise::MAX_WINDOW_DEPTH / (k1 * k1));
+        let reach = (k1 - 1) * expand_attrs.dilation[0] + 1;
+        let input = |out: usize| ((out - 1) * expand_attrs.stride[0] + reach).saturating_sub(2 * expand_attrs.padding[0]).max(1);
+        let (in_height, in_width) = (input(height), input(width));
+        let out_of = |n: usize| (n + 2 * expand_attrs.padding[0]).checked_sub(reach).map(|r| r / expand_attrs.stride[0] + 1);
+        prop_assume!(out_of(in_height).is_some() && out_of(in_width).is_some());
         let attrs = Conv2dAttrs { stride: [stride, stride], padding: [padding, padding], dilation: [1, 1], groups: channels };
-        let x = Tensor::randn(0f32, 1.0, (2, in_channels, height, width), &d).unwrap();
-        let w1 = Tensor::randn(0f32, 1.0, (channels, in_channels, 1, 1), &d).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, in_channels, in_height, in_width), &d).unwrap();
+        let w1 = Tensor::randn(0f32, 1.0, (channels, in_channels, k1, k1), &d).unwrap();
         let b1 = Tensor::randn(0f32, 1.0, channels, &d).unwrap();
         let w2 = Tensor::randn(0f32, 1.0, (channels, 1, kernel, kernel), &d).unwrap();
         let b2 = Tensor::randn(0f32, 1.0, channels, &d).unwrap();
@@ -658,11 +673,18 @@ proptest! {
             }
             let Some(lanes) = conv.lanes() else { continue };
             let expand_epilogue = Epilogue::new(Some(&b1), channels, a1).unwrap();
-            let expand = depthwise::ExpandWeights::new(&w1_values, [channels, in_channels], &expand_epilogue, lanes).unwrap();
+            let window = window.map(|_| depthwise::Window {
+                channels: in_channels,
+                size: [in_height, in_width],
+                kernel: [k1, k1],
+                attrs: expand_attrs,
+            });
+            let depth = in_channels * k1 * k1;
+            let expand = depthwise::ExpandWeights::new(&w1_values, [channels, depth], &expand_epilogue, lanes, window).unwrap();
             let got = conv.run_expanded(&expand, &x).unwrap();
             prop_assert_eq!(got.dims(), want.dims());
             let diff = crate::test_util::max_abs_diff(&got, &want);
-            let scale = (in_channels * kernel * kernel) as f64;
+            let scale = (depth * kernel * kernel) as f64;
             prop_assert!(diff <= 1e-5 * scale * 4.0, "{:?}: diff {}", isa, diff);
         }
     }

@@ -39,8 +39,8 @@ mod blocked;
 mod simd;
 
 pub(crate) use blocked::project::Projection;
-pub(crate) use blocked::ExpandWeights;
 use blocked::Source;
+pub(crate) use blocked::{ExpandWeights, Window, MAX_WINDOW_DEPTH};
 
 /// A depthwise convolution with its weights kept for the CPU.
 #[derive(Debug)]
@@ -135,22 +135,28 @@ impl DepthwiseConv {
         blocked::lanes_for(isa, out_width)
     }
 
-    /// A fused call's operand `x` (`[N, C_in, H, W]`, `C_in` = `channels`:
-    /// the fused 1×1 conv's input, or this conv's), contiguous, this conv's
-    /// shape on it and its channel-blocked weights; an error when `x` is
-    /// not so or its output takes the plane segments.
+    /// A fused call's operand `x` (`[N, C_in, H, W]`: the input of the
+    /// conv `expand` fused in front, or this conv's), contiguous, this
+    /// conv's shape on it (on `expand`'s output) and its channel-blocked
+    /// weights; an error when `x` is not so or its output takes the plane
+    /// segments.
     fn blocked_call(
         &self,
         x: &Tensor,
-        channels: usize,
+        expand: Option<&ExpandWeights>,
     ) -> candle_core::Result<(Tensor, ConvShape, &blocked::BlockedWeights)> {
         let x = x.contiguous()?;
         let &[batch, in_channels, height, width] = x.dims() else {
-            bail!("fused 1×1 conv input must be NCHW, got {:?}", x.dims())
+            bail!("fused conv input must be NCHW, got {:?}", x.dims())
         };
+        let channels = expand.map_or(self.spec.in_channels, |e| e.in_channels());
         if in_channels != channels {
-            bail!("fused 1×1 conv expects {channels} input channels, got {in_channels}")
+            bail!("fused conv expects {channels} input channels, got {in_channels}")
         }
+        let [height, width] = match expand {
+            Some(e) => e.output_size([height, width])?,
+            None => [height, width],
+        };
         let shape = self.spec.shape([batch, self.spec.in_channels, height, width])?;
         let Some(weights) = self.blocked.as_ref().filter(|_| self.blocks(shape.out_width)) else {
             bail!(
@@ -161,13 +167,13 @@ impl DepthwiseConv {
         Ok((x, shape, weights))
     }
 
-    /// Runs on the output of the 1×1 conv `expand` applied to `x` (`[N,
+    /// Runs on the output of the conv `expand` applied to `x` (`[N,
     /// C_in, H, W]`, CPU f32) without making it: each band's input is
     /// computed from `x` (channel-blocked form only: an error when an
     /// output `out_width` wide would take the plane segments, or when
     /// `expand` is blocked otherwise or has other channels).
     pub(crate) fn run_expanded(&self, expand: &ExpandWeights, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (x, shape, weights) = self.blocked_call(x, expand.in_channels)?;
+        let (x, shape, weights) = self.blocked_call(x, Some(expand))?;
         let out_len = shape.out_len();
         let mut out = Output::new(out_len, "conv output")?;
         with_cpu_f32("depthwise conv", &x, None, |data, _| {
@@ -199,8 +205,7 @@ impl DepthwiseConv {
                 self.spec.out_channels
             )
         }
-        let input_channels = expand.map_or(self.spec.in_channels, |e| e.in_channels);
-        let (x, shape, weights) = self.blocked_call(x, input_channels)?;
+        let (x, shape, weights) = self.blocked_call(x, expand)?;
         let dims = [shape.batch, projection.out_channels, shape.out_height, shape.out_width];
         let out_len = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
         let Some(out_len) = out_len else {

@@ -1,9 +1,11 @@
-//! A 1×1 conv fused in front of the blocked depthwise conv (MobileNets'
-//! and EfficientNets' expansion): each band's padded input is computed
-//! from the 1×1 conv's input, one vector of the block's channels per
-//! position (`bias + Σ_k w[k] · x[k]`, then the activation), straight into
-//! the band's scratch, so the expanded tensor is never written out by one
-//! kernel and copied in, transposed, by the next.
+//! A conv fused in front of the blocked depthwise conv, computed band by
+//! band straight into the depthwise conv's scratch, so its output is never
+//! written out by one kernel and copied in, transposed, by the next: a 1×1
+//! conv (MobileNets' and EfficientNets' expansion), or a conv of a small
+//! window on few channels (their stem, 3×3 stride 2 on the image's three
+//! channels), whose band of windows ([`Window`]) is first gathered into
+//! scratch as the rows of a 1×1 conv's input. Each position's vector is
+//! `bias + Σ_k w[k] · x[k]`, then the activation.
 //!
 //! The depthwise conv's band scratch is `[rows][W'][lanes]`: a position's
 //! vector holds `lanes` channels, which is what a 1×1 conv with the output
@@ -17,27 +19,97 @@
 //! 960 on 7×7 0.93-0.98×.
 
 use super::{channels_innermost, Geometry};
+use crate::cpu::data::gather_strided_on;
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::Isa;
 use candle_core::bail;
 use std::ops::Range;
-use wick_ir::Activation;
+use wick_ir::{Activation, Conv2dAttrs};
 
-/// A 1×1 conv's weights and biases with its output channels in blocks of
-/// the depthwise conv's lanes.
+/// The window a fused conv of more than one tap (or with a stride or
+/// padding) reads for each output position: gathered per band, one row of
+/// the band's positions per input channel and tap (`[C·kh·kw][positions]`,
+/// zeros where the window reaches into the padding), and then summed as a
+/// 1×1 conv of `C·kh·kw` input channels.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window {
+    /// The conv's input channels.
+    pub(crate) channels: usize,
+    /// Its input `[H, W]`.
+    pub(crate) size: [usize; 2],
+    /// `[kh, kw]`.
+    pub(crate) kernel: [usize; 2],
+    /// Its stride, padding and dilation (one group).
+    pub(crate) attrs: Conv2dAttrs,
+}
+
+impl Window {
+    /// The conv's output `[OH, OW]` (the depthwise conv's input), or
+    /// `None` where a size overflows or the window is larger than the
+    /// padded input.
+    fn output(&self) -> Option<[usize; 2]> {
+        let side = |axis: usize| {
+            let padded = self.size[axis].checked_add(self.attrs.padding[axis].checked_mul(2)?)?;
+            let reach = (self.kernel[axis].checked_sub(1)?).checked_mul(self.attrs.dilation[axis])?;
+            Some(padded.checked_sub(reach.checked_add(1)?)? / self.attrs.stride[axis].max(1) + 1)
+        };
+        Some([side(0)?, side(1)?])
+    }
+
+    /// Gathers the windows of output rows `rows` (`width` positions each)
+    /// from `x` (one image's `channels` planes `[H, W]`) into `out`, one
+    /// run of `rows.len() · width` values per channel and tap.
+    fn gather(&self, isa: Isa, x: &[f32], rows: Range<usize>, width: usize, out: &mut [f32]) {
+        let [height, in_width] = self.size;
+        let ([kh, kw], a) = (self.kernel, self.attrs);
+        let positions = rows.len() * width;
+        let taps = (0..self.channels).flat_map(|c| (0..kh).flat_map(move |ky| (0..kw).map(move |kx| (c, ky, kx))));
+        for ((c, ky, kx), run) in taps.zip(out.chunks_exact_mut(positions.max(1))) {
+            // Output column `o` reads input column `o·sw + kx·dw − pw`:
+            // inside the row for `o` in `lo..hi`.
+            let (sw, offset, pw) = (a.stride[1].max(1), kx * a.dilation[1], a.padding[1]);
+            let lo = pw.saturating_sub(offset).div_ceil(sw).min(width);
+            let hi = (in_width + pw).saturating_sub(offset).div_ceil(sw).clamp(lo, width);
+            for (y, line) in rows.clone().zip(run.chunks_exact_mut(width.max(1))) {
+                // Input row `y·sh + ky·dh − ph`, if inside the plane.
+                let at = (y * a.stride[0] + ky * a.dilation[0]).checked_sub(a.padding[0]);
+                match at.filter(|&r| r < height) {
+                    Some(r) if lo < hi => {
+                        let src = &x[(c * height + r) * in_width..][..in_width];
+                        line[..lo].fill(0.0);
+                        line[hi..].fill(0.0);
+                        gather_strided_on(isa, &src[lo * sw + offset - pw..], sw, &mut line[lo..hi]);
+                    }
+                    _ => line.fill(0.0),
+                }
+            }
+        }
+    }
+}
+
+/// Most values a [`Window`] gathers per position (`C·kh·kw`): the stems
+/// of the MobileNets and EfficientNets read 27.
+pub(crate) const MAX_WINDOW_DEPTH: usize = 64;
+
+/// A fused conv's weights and biases with its output channels in blocks
+/// of the depthwise conv's lanes.
 #[derive(Debug)]
 pub(crate) struct ExpandWeights {
     /// Channels per block: the path's vector width.
     pub(super) lanes: usize,
-    /// The 1×1 conv's input channels.
-    pub(crate) in_channels: usize,
+    /// Values summed per output position: a 1×1 conv's input channels,
+    /// a window's `C·kh·kw`.
+    pub(super) depth: usize,
     /// Its output channels: the depthwise conv's channels.
     pub(super) out_channels: usize,
-    /// `[C_pad / lanes][in_channels][lanes]`, zero past the last channel.
+    /// `[C_pad / lanes][depth][lanes]`, zero past the last channel.
     weight: Vec<f32>,
     /// `[C_pad]`, zero past the last channel.
     bias: Vec<f32>,
     activation: Option<Activation>,
+    /// The window gathered per position; `None` for a 1×1 conv (stride 1,
+    /// no padding), which reads its input planes in place.
+    window: Option<Window>,
 }
 
 impl ExpandWeights {
@@ -46,31 +118,92 @@ impl ExpandWeights {
         self.lanes
     }
 
-    /// `weight` (`[out_channels, in_channels]`, a 1×1 conv's) and
-    /// `epilogue`'s biases and activation, blocked `lanes` channels at a
-    /// time; an error when the lengths disagree.
+    /// The fused conv's input channels.
+    pub(crate) fn in_channels(&self) -> usize {
+        self.window.map_or(self.depth, |w| w.channels)
+    }
+
+    /// The depthwise conv's input `[H, W]` from the fused conv's input
+    /// `size`: the same for a 1×1 conv; an error where a window's input is
+    /// not the size it was built for.
+    pub(crate) fn output_size(&self, size: [usize; 2]) -> candle_core::Result<[usize; 2]> {
+        match self.window {
+            None => Ok(size),
+            Some(w) if w.size == size => w.output().ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "fused conv: the output of a {:?} window on {size:?} overflows",
+                    w.kernel
+                ))
+            }),
+            Some(w) => bail!("fused conv: an input of {size:?}, built for {:?}", w.size),
+        }
+    }
+
+    /// Values of one image of the fused conv's input whose output is
+    /// `size` (`[H, W]`), if that does not overflow.
+    pub(super) fn image_len(&self, [height, width]: [usize; 2]) -> Option<usize> {
+        match self.window {
+            None => self.depth.checked_mul(height)?.checked_mul(width),
+            Some(w) => w.channels.checked_mul(w.size[0])?.checked_mul(w.size[1]),
+        }
+    }
+
+    /// Scratch values the gathered windows of `rows` input rows of `width`
+    /// take (none for a 1×1 conv), if that does not overflow.
+    pub(super) fn window_len(&self, rows: usize, width: usize) -> Option<usize> {
+        match self.window {
+            None => Some(0),
+            Some(_) => self.depth.checked_mul(rows)?.checked_mul(width),
+        }
+    }
+
+    /// `weight` (`[out_channels, depth]`: a 1×1 conv's, or with `window`
+    /// a conv's `[O, C, kh, kw]` flattened) and `epilogue`'s biases and
+    /// activation, blocked `lanes` channels at a time; an error when the
+    /// lengths disagree, a window's depth is not `C·kh·kw` or past
+    /// [`MAX_WINDOW_DEPTH`], or its output overflows.
     pub(crate) fn new(
         weight: &[f32],
-        [out_channels, in_channels]: [usize; 2],
+        [out_channels, depth]: [usize; 2],
         epilogue: &Epilogue,
         lanes: usize,
+        window: Option<Window>,
     ) -> candle_core::Result<Self> {
-        if out_channels.checked_mul(in_channels) != Some(weight.len()) {
+        if out_channels.checked_mul(depth) != Some(weight.len()) {
             bail!(
-                "fused 1×1 conv: {} weights for {out_channels} × {in_channels} channels",
+                "fused conv: {} weights for {out_channels} × {depth} values per position",
                 weight.len()
             )
         }
-        let Some((blocked, bias)) = channels_innermost(weight, [out_channels, in_channels], lanes, epilogue) else {
-            bail!("fused 1×1 conv: {out_channels} × {in_channels} weights in blocks of {lanes} overflow")
+        if let Some(w) = window {
+            let taps = w.kernel[0].checked_mul(w.kernel[1]);
+            if taps.and_then(|t| t.checked_mul(w.channels)) != Some(depth) || depth > MAX_WINDOW_DEPTH {
+                bail!(
+                    "fused conv: a {:?} window on {} channels for {depth} values per position (at most {MAX_WINDOW_DEPTH})",
+                    w.kernel,
+                    w.channels
+                )
+            }
+            if w.output().is_none() || w.attrs.stride.contains(&0) || w.attrs.dilation.contains(&0) {
+                bail!(
+                    "fused conv: a {:?} window on {:?} under {:?}",
+                    w.kernel,
+                    w.size,
+                    w.attrs
+                )
+            }
+        }
+        let Some((blocked, bias)) = channels_innermost(weight, [out_channels, depth], lanes, epilogue) else {
+            bail!("fused conv: {out_channels} × {depth} weights in blocks of {lanes} overflow")
         };
         Ok(Self {
             lanes,
-            in_channels,
+            depth,
             out_channels,
             weight: blocked,
             bias,
             activation: epilogue.activation(),
+            window,
         })
     }
 }
@@ -83,7 +216,9 @@ pub(super) const BLOCKS: usize = 2;
 /// blocks `blocks` (at most [`BLOCKS`]), into their bands' scratch rows
 /// from `r0` on: block `blocks.start + j`'s band `j · stride` values into
 /// `padded` (as [`super::pack`] fills one; the padding is its caller's).
-/// `x` holds one image's `in_channels` planes `[H, W]`.
+/// `x` holds one image's input (a 1×1 conv's `depth` planes `[H, W]`, a
+/// window's `C` planes of its size); `windows` at least
+/// [`ExpandWeights::window_len`] values of scratch for `rows`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fill(
     isa: Isa,
@@ -92,29 +227,57 @@ pub(super) fn fill(
     blocks: Range<usize>,
     x: &[f32],
     (padded, stride): (&mut [f32], usize),
-    rows: Range<usize>,
-    r0: usize,
+    (rows, r0): (Range<usize>, usize),
+    windows: &mut [f32],
 ) {
     let [height, width] = g.size;
-    let (lanes, cin) = (g.lanes, e.in_channels);
+    assert!((rows.is_empty() || rows.end <= height) && x.len() >= e.image_len(g.size).unwrap_or(usize::MAX));
+    // The values each position sums: `depth` runs of `plane` values, the
+    // band's rows `span` of them.
+    let (src, plane, span) = match e.window {
+        None => (x, height * width, rows.start * width..rows.end * width),
+        Some(w) => {
+            let positions = rows.len() * width;
+            let windows = &mut windows[..e.depth * positions];
+            w.gather(isa, x, rows.clone(), width, windows);
+            (&*windows, positions, 0..positions)
+        }
+    };
+    sums(isa, g, e, blocks, (src, plane, span), (padded, stride), r0);
+}
+
+/// [`fill`]'s sums: the positions `span` of `src`'s `depth` runs of
+/// `plane` values, the band's rows from `r0` on.
+fn sums(
+    isa: Isa,
+    g: &Geometry,
+    e: &ExpandWeights,
+    blocks: Range<usize>,
+    (x, plane, span): (&[f32], usize, Range<usize>),
+    (padded, stride): (&mut [f32], usize),
+    r0: usize,
+) {
+    let width = g.size[1];
+    let (lanes, cin) = (g.lanes, e.depth);
     let count = blocks.len();
     let weight = &e.weight[blocks.start * cin * lanes..][..count * cin * lanes];
     let bias = &e.bias[blocks.start * lanes..][..count * lanes];
-    // The checks the SIMD bodies rely on: every input row read is inside
-    // `x`, every position written inside its block's band.
+    // The checks the SIMD bodies rely on: every value read is inside `x`
+    // (`depth` runs of `plane`, the span inside each), every position
+    // written inside its block's band.
+    let rows = span.len().div_ceil(width.max(1));
     assert!(
         e.lanes == lanes
             && (1..=BLOCKS).contains(&count)
-            && x.len() >= cin * height * width
+            && span.end <= plane
+            && (cin == 0 || x.len() >= (cin - 1) * plane + span.end)
             && g.input_len <= stride
             && padded.len() >= (count - 1) * stride + g.input_len
-            && (rows.is_empty() || (rows.end <= height && g.at(r0 + rows.len() - 1, width) <= g.input_len))
+            && (span.is_empty() || g.at(r0 + rows - 1, width) <= g.input_len)
     );
     // The band's rows are one run of positions in each input plane (rows
     // follow each other there): steps run across row ends (on 7-wide
     // planes too), each position's vector to its own place.
-    let plane = height * width;
-    let span = rows.start * width..rows.end * width;
     let main = match (isa, count) {
         (Isa::Avx2Fma, 2) => STEP_AVX2_PAIR,
         _ => STEP,

@@ -23,7 +23,7 @@ use crate::cpu::output::Output;
 use crate::cpu::parallel::try_shares;
 use crate::machine::Machine;
 use candle_core::bail;
-pub(crate) use expand::ExpandWeights;
+pub(crate) use expand::{ExpandWeights, Window, MAX_WINDOW_DEPTH};
 use rayon::prelude::*;
 use wick_ir::{Activation, Conv2dAttrs};
 
@@ -241,8 +241,9 @@ struct Kernel<'a> {
 pub(crate) enum Source<'a> {
     /// The depthwise conv's input planes `[N, C, H, W]`, copied in.
     Planes(&'a [f32]),
-    /// The input `[N, C_in, H, W]` of a 1×1 conv whose output is the
-    /// depthwise conv's input, computed into each band ([`expand`]).
+    /// The input `[N, C_in, H_in, W_in]` of a conv (a 1×1 conv, or a
+    /// [`expand::Window`]'s) whose output is the depthwise conv's input,
+    /// computed into each band ([`expand`]).
     Expanded(&'a [f32], &'a ExpandWeights),
 }
 
@@ -387,12 +388,12 @@ pub(super) fn run(
         Source::Expanded(_, e) => {
             if e.lanes != lanes || e.out_channels != channels {
                 bail!(
-                    "depthwise conv: a fused 1×1 conv of {} channels in blocks of {}, not {channels} in {lanes}",
+                    "depthwise conv: a fused conv of {} channels in blocks of {}, not {channels} in {lanes}",
                     e.out_channels,
                     e.lanes
                 )
             }
-            e.in_channels.checked_mul(in_plane)
+            e.image_len([shape.height, shape.width])
         }
     };
     let input = match source {
@@ -444,9 +445,18 @@ pub(super) fn run(
         _ => &[preferred],
     };
     let (per_task, band_rows) = cut_tasks(rows, work, choices, rayon::current_num_threads());
-    // Each block's padded input from a cache line.
+    // Each block's padded input from a cache line; then the sums and a
+    // fused window's gathered values.
     let stride = g.input_len.checked_next_multiple_of(CACHE_LINE_FLOATS);
-    let scratch_len = stride.and_then(|n| n.checked_mul(per_task)?.checked_add(g.output_len));
+    let windows = match source {
+        Source::Planes(_) => Some(0),
+        Source::Expanded(_, e) => e.window_len(g.band_input_rows(band_rows), shape.width),
+    };
+    let scratch_len = stride.and_then(|n| {
+        n.checked_mul(per_task)?
+            .checked_add(g.output_len)?
+            .checked_add(windows?)
+    });
     let (Some(stride), Some(scratch_len)) = (stride, scratch_len) else {
         bail!("depthwise conv: the channel-blocked planes of {shape:?} overflow")
     };
@@ -465,7 +475,8 @@ pub(super) fn run(
         let first_row = band * band_rows;
         let rows = band_rows.min(shape.out_height - first_row);
         with_scratch(scratch_len, |scratch| {
-            let (padded, sums) = scratch.split_at_mut(stride * per_task);
+            let (padded, rest) = scratch.split_at_mut(stride * per_task);
+            let (sums, windows) = rest.split_at_mut(g.output_len);
             let mut span = 0..0;
             let mut r0 = 0;
             for one in padded.chunks_exact_mut(stride.max(1)).take(count) {
@@ -480,16 +491,8 @@ pub(super) fn run(
                 }
                 Source::Expanded(_, e) => {
                     let x = &input[image * image_len..][..image_len];
-                    expand::fill(
-                        isa,
-                        &g,
-                        e,
-                        first_block..first_block + count,
-                        x,
-                        (padded, stride),
-                        span,
-                        r0,
-                    )
+                    let blocks = first_block..first_block + count;
+                    expand::fill(isa, &g, e, blocks, x, (padded, stride), (span, r0), windows)
                 }
             }
             for (j, padded) in padded.chunks_exact(stride.max(1)).take(count).enumerate() {

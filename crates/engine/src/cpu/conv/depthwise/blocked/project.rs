@@ -104,14 +104,14 @@ pub(in crate::cpu::conv::depthwise) fn run(
         Source::Expanded(x, e) => {
             if e.lanes != g.lanes || e.out_channels != shape.channels {
                 bail!(
-                    "depthwise conv: a fused 1×1 conv of {} channels in blocks of {}, not {} in {}",
+                    "depthwise conv: a fused conv of {} channels in blocks of {}, not {} in {}",
                     e.out_channels,
                     e.lanes,
                     shape.channels,
                     g.lanes
                 )
             }
-            (x, e.in_channels.checked_mul(in_plane))
+            (x, e.image_len([shape.height, shape.width]))
         }
     };
     let image_len = per_image.ok_or_else(overflow)?;
@@ -137,10 +137,15 @@ pub(in crate::cpu::conv::depthwise) fn run(
     // `[O_pad][cols]`, `cols` its pixels rounded up to the GEMM's granule.
     let most_cols = (band_rows * shape.out_width).next_multiple_of(PANEL_GRANULE);
     let stride = g.input_len.checked_next_multiple_of(CACHE_LINE_FLOATS);
+    let windows = match ops.source {
+        Source::Planes(_) => Some(0),
+        Source::Expanded(_, e) => e.window_len(g.band_input_rows(band_rows), shape.width),
+    };
     let scratch_len = stride.and_then(|s| {
         s.checked_mul(expand::BLOCKS)?
             .checked_add(g.output_len)?
-            .checked_add(channels.checked_add(padded_out)?.checked_mul(most_cols)?)
+            .checked_add(channels.checked_add(padded_out)?.checked_mul(most_cols)?)?
+            .checked_add(windows?)
     });
     let (Some(stride), Some(scratch_len)) = (stride, scratch_len) else {
         bail!("depthwise conv: the fused projection's band of {shape:?} overflows")
@@ -167,7 +172,8 @@ pub(in crate::cpu::conv::depthwise) fn run(
         with_scratch(scratch_len, |scratch| {
             let (padded, rest) = scratch.split_at_mut(stride * expand::BLOCKS);
             let (sums, rest) = rest.split_at_mut(g.output_len);
-            let (depthwise, products) = rest.split_at_mut(channels * cols);
+            let (depthwise, rest) = rest.split_at_mut(channels * cols);
+            let (products, windows) = rest.split_at_mut(padded_out * cols);
             for first_block in (0..blocks).step_by(expand::BLOCKS) {
                 let count = expand::BLOCKS.min(blocks - first_block);
                 let (mut span, mut r0) = (0..0, 0);
@@ -185,7 +191,7 @@ pub(in crate::cpu::conv::depthwise) fn run(
                     }
                     Source::Expanded(_, e) => {
                         let blocks = first_block..first_block + count;
-                        expand::fill(isa, &g, e, blocks, x, (padded, stride), span, r0)
+                        expand::fill(isa, &g, e, blocks, x, (padded, stride), (span, r0), &mut *windows)
                     }
                 }
                 for (j, padded) in padded.chunks_exact(stride.max(1)).take(count).enumerate() {
@@ -236,7 +242,7 @@ pub(in crate::cpu::conv::depthwise) fn run(
             };
             // SAFETY: tasks write disjoint bands (image, rows) of the
             // output planes; nothing else touches `out` meanwhile.
-            unsafe { planes::store(product, run, &mut products[..padded_out * cols]) };
+            unsafe { planes::store(product, run, products) };
         })
     };
     (0..shape.batch * bands).into_par_iter().try_for_each(body)?;
