@@ -326,23 +326,28 @@ def interleave(args):
         wick_env = dict(os.environ, WICK_ISA=args.wick_isa) if args.wick_isa else None
         wick_name = "wick" + (f"-{args.wick_isa}" if args.wick_isa else "")
         engines.append(Chunked(wick_name, shlex.split(args.xtask) + ["chunks", wick_model, "--batch", str(args.batch)], wick_env))
-        # Warm-up, then a chunk as long that sizes each runtime's chunks
-        # (the first forwards of a session are slower).
+        # Warm-up, then a chunk as long that sizes each runtime's first
+        # chunk (the first forwards of a session are slower); later chunks
+        # are sized from the median of the forwards timed so far, so that a
+        # slow warm-up does not leave one runtime with short chunks.
+        def size(times_ms):
+            return max(1, round(args.chunk_ms / max(statistics.median(times_ms), 1e-3)))
+
         sizes = {}
         for engine in engines:
             engine.chunk(max(args.warmup, 1))
-            warm = engine.chunk(max(args.warmup, 1))
-            sizes[engine.name] = max(1, round(args.chunk_ms / max(statistics.median(warm), 1e-3)))
+            sizes[engine.name] = size(engine.chunk(max(args.warmup, 1)))
         for r in range(args.interleave):
             for engine in engines[r % len(engines):] + engines[:r % len(engines)]:
                 times = engine.chunk(sizes[engine.name])
                 engine.times += times
                 engine.rounds.append(statistics.median(times))
+                sizes[engine.name] = size(engine.times)
                 time.sleep(0.05)
         for engine in engines:
             engine.close()
     print(f"{args.model if not args.onnx else args.onnx} batch {args.batch}, interleaved: {args.interleave} rounds, "
-          + ", ".join(f"{e.name} {sizes[e.name]} forwards a chunk" for e in engines))
+          + ", ".join(f"{e.name} {sizes[e.name]} forwards a chunk at the end" for e in engines))
     print_rows([(e.name, (statistics.median(e.times), min(e.times), max(e.times))) for e in engines])
     # wick's process also builds and traces the model (`bench` reports its engine's alone).
     print("peak RSS: " + ", ".join(f"{e.name} child process {e.rss:.0f} MiB" for e in engines))
