@@ -3,9 +3,10 @@
 //! written out by one kernel and copied in, transposed, by the next: a 1×1
 //! conv (MobileNets' and EfficientNets' expansion), or a conv of a small
 //! window on few channels (their stem, 3×3 stride 2 on the image's three
-//! channels), whose band of windows ([`Window`]) is first gathered into
-//! scratch as the rows of a 1×1 conv's input. Each position's vector is
-//! `bias + Σ_k w[k] · x[k]`, then the activation.
+//! channels), whose input rows for the band are first copied into scratch
+//! with their padding ([`Window`]), each position's values then read there
+//! through a table of tap offsets. Each position's vector is `bias + Σ_k
+//! w[k] · x[k]`, then the activation.
 //!
 //! The depthwise conv's band scratch is `[rows][W'][lanes]`: a position's
 //! vector holds `lanes` channels, which is what a 1×1 conv with the output
@@ -19,7 +20,6 @@
 //! 960 on 7×7 0.93-0.98×.
 
 use super::{channels_innermost, Geometry};
-use crate::cpu::data::gather_strided_on;
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::Isa;
 use candle_core::bail;
@@ -27,10 +27,16 @@ use std::ops::Range;
 use wick_ir::{Activation, Conv2dAttrs};
 
 /// The window a fused conv of more than one tap (or with a stride or
-/// padding) reads for each output position: gathered per band, one row of
-/// the band's positions per input channel and tap (`[C·kh·kw][positions]`,
-/// zeros where the window reaches into the padding), and then summed as a
-/// 1×1 conv of `C·kh·kw` input channels.
+/// padding) reads for each output position: per band, the input rows its
+/// output rows read are copied into scratch with their zero padding
+/// (`[C][rows][W + 2·pw]`), and each position's `C·kh·kw` values are read
+/// there through a table of tap offsets, a stride apart from one position
+/// to the next. (Gathering each tap's values for the band's positions
+/// instead, `[C·kh·kw][positions]`, wrote 27 values per position where the
+/// copy writes about 2, and took 11% of MobileNetV2's first step on
+/// AVX-512 and 21% with AVX2 forced, `perf`; read from the copy, that
+/// step in the model took 0.84× the time on AVX-512 and 0.81× with AVX2
+/// forced, Zen 4, profiles of the two builds alternating.)
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Window {
     /// The conv's input channels.
@@ -56,38 +62,57 @@ impl Window {
         Some([side(0)?, side(1)?])
     }
 
-    /// Gathers the windows of output rows `rows` (`width` positions each)
-    /// from `x` (one image's `channels` planes `[H, W]`) into `out`, one
-    /// run of `rows.len() · width` values per channel and tap.
-    fn gather(&self, isa: Isa, x: &[f32], rows: Range<usize>, width: usize, out: &mut [f32]) {
-        let [height, in_width] = self.size;
-        let ([kh, kw], a) = (self.kernel, self.attrs);
-        let positions = rows.len() * width;
-        let taps = (0..self.channels).flat_map(|c| (0..kh).flat_map(move |ky| (0..kw).map(move |kx| (c, ky, kx))));
-        for ((c, ky, kx), run) in taps.zip(out.chunks_exact_mut(positions.max(1))) {
-            // Output column `o` reads input column `o·sw + kx·dw − pw`:
-            // inside the row for `o` in `lo..hi`.
-            let (sw, offset, pw) = (a.stride[1].max(1), kx * a.dilation[1], a.padding[1]);
-            let lo = pw.saturating_sub(offset).div_ceil(sw).min(width);
-            let hi = (in_width + pw).saturating_sub(offset).div_ceil(sw).clamp(lo, width);
-            for (y, line) in rows.clone().zip(run.chunks_exact_mut(width.max(1))) {
-                // Input row `y·sh + ky·dh − ph`, if inside the plane.
-                let at = (y * a.stride[0] + ky * a.dilation[0]).checked_sub(a.padding[0]);
-                match at.filter(|&r| r < height) {
-                    Some(r) if lo < hi => {
-                        let src = &x[(c * height + r) * in_width..][..in_width];
-                        line[..lo].fill(0.0);
-                        line[hi..].fill(0.0);
-                        gather_strided_on(isa, &src[lo * sw + offset - pw..], sw, &mut line[lo..hi]);
+    /// Values of a padded input row in the copy: `W + 2·pw`.
+    fn pitch(&self) -> usize {
+        self.size[1] + 2 * self.attrs.padding[1]
+    }
+
+    /// Input rows (padding included) that `rows` output rows read.
+    fn rows_in(&self, rows: usize) -> usize {
+        let a = self.attrs;
+        rows.saturating_sub(1) * a.stride[0] + (self.kernel[0] - 1) * a.dilation[0] + 1
+    }
+
+    /// Copies the input rows that output rows `rows` read from `x` (one
+    /// image's `channels` planes `[H, W]`) into `out`, `[C][rows_in][pitch]`
+    /// with zeros in the padding, and returns the values of one channel's
+    /// rows there (`rows_in · pitch`).
+    fn copy(&self, x: &[f32], rows: Range<usize>, out: &mut [f32]) -> usize {
+        let [height, width] = self.size;
+        let (pitch, [ph, pw]) = (self.pitch(), self.attrs.padding);
+        let plane = self.rows_in(rows.len()) * pitch;
+        let top = rows.start * self.attrs.stride[0];
+        for (c, copy) in out.chunks_exact_mut(plane.max(1)).take(self.channels).enumerate() {
+            for (r, line) in copy.chunks_exact_mut(pitch.max(1)).enumerate() {
+                // Padded input row `top + r`: input row `top + r − ph`, if any.
+                match (top + r).checked_sub(ph).filter(|&y| y < height) {
+                    Some(y) => {
+                        line[..pw].fill(0.0);
+                        line[pw..pw + width].copy_from_slice(&x[(c * height + y) * width..][..width]);
+                        line[pw + width..].fill(0.0);
                     }
-                    _ => line.fill(0.0),
+                    None => line.fill(0.0),
                 }
             }
         }
+        plane
+    }
+
+    /// Where value `k` (channel, tap row, tap column) of the window at
+    /// output row 0, column 0 of a copy lies, for copies of `plane` values
+    /// a channel; `depth` entries of the result hold them.
+    fn taps(&self, plane: usize) -> [usize; MAX_WINDOW_DEPTH] {
+        let ([kh, kw], a, pitch) = (self.kernel, self.attrs, self.pitch());
+        let mut taps = [0; MAX_WINDOW_DEPTH];
+        let all = (0..self.channels).flat_map(|c| (0..kh).flat_map(move |ky| (0..kw).map(move |kx| (c, ky, kx))));
+        for (tap, (c, ky, kx)) in taps.iter_mut().zip(all) {
+            *tap = c * plane + ky * a.dilation[0] * pitch + kx * a.dilation[1];
+        }
+        taps
     }
 }
 
-/// Most values a [`Window`] gathers per position (`C·kh·kw`): the stems
+/// Most values a [`Window`] reads per position (`C·kh·kw`): the stems
 /// of the MobileNets and EfficientNets read 27.
 pub(crate) const MAX_WINDOW_DEPTH: usize = 64;
 
@@ -148,12 +173,21 @@ impl ExpandWeights {
         }
     }
 
-    /// Scratch values the gathered windows of `rows` input rows of `width`
-    /// take (none for a 1×1 conv), if that does not overflow.
-    pub(super) fn window_len(&self, rows: usize, width: usize) -> Option<usize> {
+    /// Scratch values the copy of a window's input for `rows` output rows
+    /// takes (none for a 1×1 conv), if that does not overflow.
+    pub(super) fn window_len(&self, rows: usize) -> Option<usize> {
         match self.window {
             None => Some(0),
-            Some(_) => self.depth.checked_mul(rows)?.checked_mul(width),
+            Some(w) => {
+                let a = w.attrs;
+                let rows_in = rows
+                    .saturating_sub(1)
+                    .checked_mul(a.stride[0])?
+                    .checked_add(w.kernel[0].checked_sub(1)?.checked_mul(a.dilation[0])?)?
+                    .checked_add(1)?;
+                let pitch = w.size[1].checked_add(a.padding[1].checked_mul(2)?)?;
+                w.channels.checked_mul(rows_in)?.checked_mul(pitch)
+            }
         }
     }
 
@@ -232,28 +266,59 @@ pub(super) fn fill(
 ) {
     let [height, width] = g.size;
     assert!((rows.is_empty() || rows.end <= height) && x.len() >= e.image_len(g.size).unwrap_or(usize::MAX));
-    // The values each position sums: `depth` runs of `plane` values, the
-    // band's rows `span` of them.
-    let (src, plane, span) = match e.window {
-        None => (x, height * width, rows.start * width..rows.end * width),
+    // A window's tap offsets (here, so that `Reads` holds a slice).
+    let taps;
+    let reads = match e.window {
+        None => Reads::Planes {
+            x,
+            plane: height * width,
+            span: rows.start * width..rows.end * width,
+        },
         Some(w) => {
-            let positions = rows.len() * width;
-            let windows = &mut windows[..e.depth * positions];
-            w.gather(isa, x, rows.clone(), width, windows);
-            (&*windows, positions, 0..positions)
+            let len = w.channels * w.rows_in(rows.len()) * w.pitch();
+            let copy = &mut windows[..len];
+            let plane = w.copy(x, rows.clone(), copy);
+            taps = w.taps(plane);
+            Reads::Window {
+                copy,
+                taps: &taps[..e.depth.min(MAX_WINDOW_DEPTH)],
+                row: w.attrs.stride[0] * w.pitch(),
+                sx: w.attrs.stride[1],
+                rows: rows.len(),
+            }
         }
     };
-    sums(isa, g, e, blocks, (src, plane, span), (padded, stride), r0);
+    sums(isa, g, e, blocks, reads, (padded, stride), r0);
 }
 
-/// [`fill`]'s sums: the positions `span` of `src`'s `depth` runs of
-/// `plane` values, the band's rows from `r0` on.
+/// Where [`fill`]'s positions read their values.
+enum Reads<'a> {
+    /// A 1×1 conv's input planes: positions `span` of each of `depth`
+    /// planes of `plane` values (steps run on across row ends).
+    Planes {
+        x: &'a [f32],
+        plane: usize,
+        span: Range<usize>,
+    },
+    /// A window's copy ([`Window::copy`]): the position at band row `i`,
+    /// column `c` starts at `i · row + c · sx`, its value `k` `taps[k]`
+    /// on (steps stop at row ends).
+    Window {
+        copy: &'a [f32],
+        taps: &'a [usize],
+        row: usize,
+        sx: usize,
+        rows: usize,
+    },
+}
+
+/// [`fill`]'s sums of `reads` into the blocks' bands, the band's rows from `r0` on.
 fn sums(
     isa: Isa,
     g: &Geometry,
     e: &ExpandWeights,
     blocks: Range<usize>,
-    (x, plane, span): (&[f32], usize, Range<usize>),
+    reads: Reads<'_>,
     (padded, stride): (&mut [f32], usize),
     r0: usize,
 ) {
@@ -262,81 +327,145 @@ fn sums(
     let count = blocks.len();
     let weight = &e.weight[blocks.start * cin * lanes..][..count * cin * lanes];
     let bias = &e.bias[blocks.start * lanes..][..count * lanes];
-    // The checks the SIMD bodies rely on: every value read is inside `x`
-    // (`depth` runs of `plane`, the span inside each), every position
-    // written inside its block's band.
-    let rows = span.len().div_ceil(width.max(1));
+    // The checks the SIMD bodies rely on: every value read is inside the
+    // source (the last position's last value), every position written
+    // inside its block's band.
+    let (rows, fits) = match &reads {
+        Reads::Planes { x, plane, span } => (
+            span.len().div_ceil(width.max(1)),
+            span.is_empty() || (span.end <= *plane && (cin == 0 || x.len() >= (cin - 1) * plane + span.end)),
+        ),
+        Reads::Window {
+            copy,
+            taps,
+            row,
+            sx,
+            rows,
+        } => {
+            let last = taps
+                .iter()
+                .max()
+                .map(|&tap| tap + rows.saturating_sub(1) * row + (width.max(1) - 1) * sx);
+            (
+                *rows,
+                taps.len() == cin && last.is_none_or(|last| *rows == 0 || last < copy.len()),
+            )
+        }
+    };
     assert!(
         e.lanes == lanes
             && (1..=BLOCKS).contains(&count)
-            && span.end <= plane
-            && (cin == 0 || x.len() >= (cin - 1) * plane + span.end)
+            && fits
             && g.input_len <= stride
             && padded.len() >= (count - 1) * stride + g.input_len
-            && (span.is_empty() || g.at(r0 + rows - 1, width) <= g.input_len)
+            && (rows == 0 || g.at(r0 + rows - 1, width) <= g.input_len)
     );
-    // The band's rows are one run of positions in each input plane (rows
-    // follow each other there): steps run across row ends (on 7-wide
-    // planes too), each position's vector to its own place.
     let main = match (isa, count) {
         (Isa::Avx2Fma, 2) => STEP_AVX2_PAIR,
         _ => STEP,
     };
-    // Where the next position's vector goes, and its row and column.
-    let (mut row, mut col) = (r0, 0);
-    let mut next = g.at(row, col);
-    let mut q = span.start;
-    while q < span.end {
-        let step = match span.end - q {
-            n if n >= main => main,
-            n if n >= main / 2 => main / 2,
-            _ => 1,
-        };
-        let mut run = Run {
-            // Empty without input channels (no value is read then).
-            src: x.get(q..).unwrap_or_default(),
-            plane,
-            weight,
-            bias,
-            lanes,
-            activation: e.activation,
-            padded: &mut *padded,
-            stride,
-            at: [0; STEP],
-        };
-        // Written in place and the step's body borrowing the run: the
-        // positions built here and copied into it (16-byte loads of 8-byte
-        // stores just made, which the CPU cannot forward) stalled each
-        // step (`perf`: two thirds of this function's time on that copy).
-        for a in &mut run.at[..step] {
-            *a = next;
-            (col, next) = (col + 1, next + lanes);
-            if col == width {
-                (row, col) = (row + 1, 0);
-                next = g.at(row, col);
+    let size = |left: usize| match left {
+        n if n >= main => main,
+        n if n >= main / 2 => main / 2,
+        _ => 1,
+    };
+    let mut run = Run {
+        src: &[],
+        plane: 0,
+        taps: &[],
+        sx: 1,
+        weight,
+        bias,
+        lanes,
+        activation: e.activation,
+        padded,
+        stride,
+        at: [0; STEP],
+    };
+    match reads {
+        // The band's rows are one run of positions in each input plane
+        // (rows follow each other there): steps run across row ends (on
+        // 7-wide planes too), each position's vector to its own place.
+        Reads::Planes { x, plane, span } => {
+            run.plane = plane;
+            // Where the next position's vector goes, and its row and column.
+            let (mut row, mut col) = (r0, 0);
+            let mut next = g.at(row, col);
+            let mut q = span.start;
+            while q < span.end {
+                let step = size(span.end - q);
+                // Empty without input channels (no value is read then).
+                run.src = x.get(q..).unwrap_or_default();
+                // Written in place and the step's body borrowing the run:
+                // the positions built here and copied into it (16-byte
+                // loads of 8-byte stores just made, which the CPU cannot
+                // forward) stalled each step (`perf`: two thirds of this
+                // function's time on that copy).
+                for a in &mut run.at[..step] {
+                    *a = next;
+                    (col, next) = (col + 1, next + lanes);
+                    if col == width {
+                        (row, col) = (row + 1, 0);
+                        next = g.at(row, col);
+                    }
+                }
+                one_step::<false, 1>(isa, count, step, &mut run);
+                q += step;
             }
         }
-        macro_rules! on {
-            ($body:ident, $($blocks:literal: [$($step:literal),*]),*) => {
-                match (count, step) {
-                    // SAFETY: the path's features are present (the caller's
-                    // `isa`); `src` holds `step` values of each of the `cin`
-                    // planes (positions `q..q + step <= span.end <= plane`),
-                    // and each position's vector lies in each block's band
-                    // (its row and column inside the checked rows).
-                    $($(($blocks, $step) => unsafe { $body::<$step, $blocks>(&mut run) },)*)*
-                    _ => portable(&mut run, step),
+        Reads::Window {
+            copy,
+            taps,
+            row,
+            sx,
+            rows,
+        } => {
+            (run.taps, run.sx) = (taps, sx);
+            for i in 0..rows {
+                let mut col = 0;
+                while col < width {
+                    let step = size(width - col);
+                    run.src = &copy[i * row + col * sx..];
+                    for (t, a) in run.at[..step].iter_mut().enumerate() {
+                        *a = g.at(r0 + i, col + t);
+                    }
+                    match sx {
+                        1 => one_step::<true, 1>(isa, count, step, &mut run),
+                        2 => one_step::<true, 2>(isa, count, step, &mut run),
+                        _ => portable(&mut run, step),
+                    }
+                    col += step;
                 }
-            };
+            }
         }
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if lanes == 16 => on!(avx512, 1: [14, 7, 1], 2: [14, 7, 1]),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma if lanes == 8 => on!(avx2, 1: [14, 7, 1], 2: [6, 3, 1]),
-            _ => portable(&mut run, step),
-        }
-        q += step;
+    }
+}
+
+/// One step of `step` positions of `count` blocks on `isa`'s body
+/// (`WINDOW`: the values through `run.taps`, positions `SX` apart, which
+/// is `run.sx`; else `run.plane` apart). The column stride a constant: read
+/// at a runtime stride, MobileNetV2's stem fused on AVX-512 took 1.08× the
+/// time of its values gathered into contiguous runs first.
+fn one_step<const WINDOW: bool, const SX: usize>(isa: Isa, count: usize, step: usize, run: &mut Run) {
+    macro_rules! on {
+        ($body:ident, $($blocks:literal: [$($step:literal),*]),*) => {
+            match (count, step) {
+                // SAFETY: the path's features are present (the caller's
+                // `isa`); `run.src` holds each of the `step` positions'
+                // values ([`sums`] checked the last position's last value),
+                // and each position's vector lies in each block's band
+                // (its row and column inside the checked rows).
+                $($(($blocks, $step) => unsafe { $body::<$step, $blocks, WINDOW, SX>(run) },)*)*
+                _ => portable(run, step),
+            }
+        };
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if run.lanes == 16 => on!(avx512, 1: [14, 7, 1], 2: [14, 7, 1]),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma if run.lanes == 8 => on!(avx2, 1: [14, 7, 1], 2: [6, 3, 1]),
+        _ => portable(run, step),
     }
 }
 
@@ -348,13 +477,17 @@ const STEP: usize = 14;
 /// Positions per step of two blocks on AVX2: 12 sums and two weight vectors.
 const STEP_AVX2_PAIR: usize = 6;
 
-/// One step's operands: up to [`STEP`] consecutive positions of the planes.
+/// One step's operands: up to [`STEP`] consecutive positions of a row
+/// (of the planes, or of a window's copy).
 struct Run<'a> {
-    /// The first position's value in channel 0's plane; channel `k`'s
-    /// `plane · k` values on.
+    /// The first position's first value. Planes: value `k` is `plane · k`
+    /// values on, the next position's one on. Window: value `k` is
+    /// `taps[k]` values on, the next position's `sx` on.
     src: &'a [f32],
     /// Values per input plane.
     plane: usize,
+    taps: &'a [usize],
+    sx: usize,
     /// `[blocks][in_channels][lanes]`.
     weight: &'a [f32],
     /// `[blocks][lanes]`.
@@ -369,28 +502,44 @@ struct Run<'a> {
     at: [usize; STEP],
 }
 
+impl Run<'_> {
+    /// Where value `k` of position `t` lies in `src`.
+    #[inline(always)]
+    fn offset<const WINDOW: bool>(&self, k: usize, t: usize) -> usize {
+        match WINDOW {
+            true => self.taps[k] + t * self.sx,
+            false => k * self.plane + t,
+        }
+    }
+}
+
 /// The step one value at a time (the portable path).
 fn portable(r: &mut Run, step: usize) {
     let lanes = r.lanes.max(1);
     // `[blocks][in_channels][lanes]` over `[blocks][lanes]` (no input
     // channels: the biases alone).
     let cin = r.weight.len() / r.bias.len().max(1);
+    let window = !r.taps.is_empty();
     for (j, bias) in r.bias.chunks_exact(lanes).enumerate() {
         let weight = &r.weight[j * cin * lanes..][..cin * lanes];
         for t in 0..step {
-            for (c, out) in r.padded[j * r.stride + r.at[t]..][..lanes].iter_mut().enumerate() {
-                let sum = weight
-                    .chunks_exact(lanes)
-                    .enumerate()
-                    .fold(bias[c], |s, (k, w)| s + w[c] * r.src[k * r.plane + t]);
-                *out = crate::cpu::epilogue::activate(r.activation, sum);
+            let at = j * r.stride + r.at[t];
+            for c in 0..lanes {
+                let sum = weight.chunks_exact(lanes).enumerate().fold(bias[c], |s, (k, w)| {
+                    let value = match window {
+                        true => r.src[r.offset::<true>(k, t)],
+                        false => r.src[r.offset::<false>(k, t)],
+                    };
+                    s + w[c] * value
+                });
+                r.padded[at + c] = crate::cpu::epilogue::activate(r.activation, sum);
             }
         }
     }
 }
 
-/// Defines `$name::<T, B>`: one step of `T` positions of `B` blocks,
-/// sums in registers.
+/// Defines `$name::<T, B, WINDOW, SX>`: one step of `T` positions of `B`
+/// blocks, sums in registers.
 macro_rules! expand_body {
     ($name:ident, $feature:literal, $lanes:expr,
      $load:ident, $store:ident, $set1:ident, $zero:ident, $fmadd:ident,
@@ -398,11 +547,13 @@ macro_rules! expand_body {
         /// # Safety
         /// The CPU has the path's features; `T <= STEP`, `r.lanes ==
         /// $lanes`, `r.weight` and `r.bias` hold `B` blocks' vectors,
-        /// `r.src` `T` values at each of `in_channels` offsets `k · plane`,
-        /// and `r.padded` a vector at each of `j · stride + r.at[..T]`, `j < B`.
+        /// `r.src` each value `k < in_channels` of each position `t < T`
+        /// at [`Run::offset`] (`r.sx == SX` for a window, `SX == 1` for
+        /// planes), and `r.padded` a vector at each of `j · stride +
+        /// r.at[..T]`, `j < B`.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feature)]
-        unsafe fn $name<const T: usize, const B: usize>(r: &mut Run) {
+        unsafe fn $name<const T: usize, const B: usize, const WINDOW: bool, const SX: usize>(r: &mut Run) {
             use crate::cpu::epilogue::vector_activation;
             use std::arch::x86_64::*;
             const LANES: usize = $lanes;
@@ -413,13 +564,16 @@ macro_rules! expand_body {
                 let mut acc: [[_; T]; B] = std::array::from_fn(|j| [$load(r.bias.as_ptr().add(j * LANES)); T]);
                 for k in 0..cin {
                     let w: [_; B] = std::array::from_fn(|j| $load(weight.add((j * cin + k) * LANES)));
-                    let s = src.add(k * r.plane);
-                    // The next step's last value: a line the hardware
-                    // prefetchers would not have fetched (a step's 14
-                    // values of each of up to hundreds of planes).
-                    _mm_prefetch::<_MM_HINT_T0>(s.wrapping_add(2 * T - 1) as *const i8);
+                    let s = src.add(r.offset::<WINDOW>(k, 0));
+                    if !WINDOW {
+                        // The next step's last value: a line the hardware
+                        // prefetchers would not have fetched (a step's 14
+                        // values of each of up to hundreds of planes). A
+                        // window's copy is a few lines, read again and again.
+                        _mm_prefetch::<_MM_HINT_T0>(s.wrapping_add(2 * T - 1) as *const i8);
+                    }
                     for t in 0..T {
-                        let v = $set1(*s.add(t));
+                        let v = $set1(*s.add(t * SX));
                         for j in 0..B {
                             acc[j][t] = $fmadd(v, w[j], acc[j][t]);
                         }

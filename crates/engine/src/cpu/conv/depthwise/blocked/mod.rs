@@ -450,7 +450,7 @@ pub(super) fn run(
     let stride = g.input_len.checked_next_multiple_of(CACHE_LINE_FLOATS);
     let windows = match source {
         Source::Planes(_) => Some(0),
-        Source::Expanded(_, e) => e.window_len(g.band_input_rows(band_rows), shape.width),
+        Source::Expanded(_, e) => e.window_len(g.band_input_rows(band_rows)),
     };
     let scratch_len = stride.and_then(|n| {
         n.checked_mul(per_task)?
