@@ -132,7 +132,7 @@ pub(crate) struct ExpandWeights {
     /// `[C_pad]`, zero past the last channel.
     bias: Vec<f32>,
     activation: Option<Activation>,
-    /// The window gathered per position; `None` for a 1×1 conv (stride 1,
+    /// The window read per position; `None` for a 1×1 conv (stride 1,
     /// no padding), which reads its input planes in place.
     window: Option<Window>,
 }
