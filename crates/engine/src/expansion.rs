@@ -25,13 +25,15 @@
 //! A conv of a small window on few channels fuses the same way (a
 //! network's stem: MobileNetV2's and EfficientNet-B0's 3×3 stride-2 conv
 //! on the image, whose 32-channel output on 112×112 is the first
-//! depthwise conv's input): each band gathers the stem's windows for its
-//! rows (halo rows included) and sums them as a 1×1 conv of `C·kh·kw`
-//! input channels ([`ExpandWeights`] with a [`Window`]). Zen 4 (AVX-512,
-//! 2 threads), `xtask compare`, fused against the stem as its own step:
-//! MobileNetV2 at batch 10 0.96× the time, at batch 1 0.99-1.0×;
-//! EfficientNet-B0 0.985× at batch 1 and 10. The stem's output (1.6 MB
-//! an image) is never written.
+//! depthwise conv's input): each band copies the input rows its rows
+//! read (halo rows included), with their padding, and sums each
+//! position's `C·kh·kw` values there as a 1×1 conv of that many input
+//! channels ([`ExpandWeights`] with a [`Window`]). Zen 4 (AVX-512, 2
+//! threads), `xtask compare`, fused against the stem as its own step (each
+//! position's values then gathered first): MobileNetV2 at batch 10 0.96×
+//! the time, at batch 1 0.99-1.0×; EfficientNet-B0 0.985× at batch 1 and
+//! 10; reading the copied rows, the fused step 0.84× the time again. The
+//! stem's output (1.6 MB an image) is never written.
 
 use crate::cpu::conv::depthwise::{DepthwiseConv, ExpandWeights, Window, MAX_WINDOW_DEPTH};
 use crate::cpu::conv::CpuConv;
@@ -182,8 +184,8 @@ impl ConvParts {
 /// inside a depthwise reader as one ([`Window`]): one group, f32, its
 /// input `[N, C, H, W]`, `C·kh·kw` at most [`MAX_WINDOW_DEPTH`] (a
 /// network's stem on the image's channels). A conv of many channels
-/// gathers too much per band, and gains less: its own kernel already
-/// spends most of its time on multiplies.
+/// reads too much per position through the tap table, and gains less:
+/// its own kernel already spends most of its time on multiplies.
 fn window(graph: &Graph, node: &Node) -> Option<Window> {
     let attrs = match &node.op {
         Op::Conv2d(attrs) => *attrs,
@@ -224,7 +226,7 @@ pub(crate) fn expand_weights(graph: &Graph, node: &Node, lanes: usize) -> candle
     let (weight, bias) = on_host(weight, bias)?;
     let (out_channels, in_channels, kh, kw) = weight.dims4()?;
     // A 1×1 conv reads its input planes in place where it has no stride
-    // or padding (the pointwise kernels' convs); any other gathers windows.
+    // or padding (the pointwise kernels' convs); any other reads windows.
     let window = match window(graph, node) {
         Some(w) if [kh, kw] == [1, 1] && w.attrs.stride == [1, 1] && w.attrs.padding == [0, 0] => None,
         Some(w) => Some(w),

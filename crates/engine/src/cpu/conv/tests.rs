@@ -617,7 +617,7 @@ proptest! {
     /// A 1×1 conv fused in front of the channel-blocked depthwise conv
     /// (each band's input computed from the 1×1 conv's input), or a conv
     /// of a small window (`window`: kernel, stride, padding, dilation; its
-    /// windows gathered per band), equals candle's two convs one after the
+    /// input rows copied per band), equals candle's two convs one after the
     /// other, each with its bias and activation, on every path with the
     /// blocked form: rows of 1..=16+ positions (the 14-, 7- and 1-wide
     /// steps), partial last blocks, bands of one row and more, rows wholly

@@ -446,7 +446,7 @@ pub(super) fn run(
     };
     let (per_task, band_rows) = cut_tasks(rows, work, choices, rayon::current_num_threads());
     // Each block's padded input from a cache line; then the sums and a
-    // fused window's gathered values.
+    // fused window's copied input rows.
     let stride = g.input_len.checked_next_multiple_of(CACHE_LINE_FLOATS);
     let windows = match source {
         Source::Planes(_) => Some(0),
