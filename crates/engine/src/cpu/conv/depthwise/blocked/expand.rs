@@ -62,25 +62,33 @@ impl Window {
         Some([side(0)?, side(1)?])
     }
 
-    /// Values of a padded input row in the copy: `W + 2·pw`.
+    /// Values of a padded input row in the copy: `W + 2·pw` (within
+    /// `usize`: [`ExpandWeights::new`] checked the output's sizes).
     fn pitch(&self) -> usize {
         self.size[1] + 2 * self.attrs.padding[1]
     }
 
-    /// Input rows (padding included) that `rows` output rows read.
-    fn rows_in(&self, rows: usize) -> usize {
+    /// Values of the copy ([`Self::copy`]) for `rows` output rows, `[C]
+    /// [rows_in][pitch]` with `rows_in` the input rows (padding included)
+    /// they read, if that does not overflow.
+    fn copy_len(&self, rows: usize) -> Option<usize> {
         let a = self.attrs;
-        rows.saturating_sub(1) * a.stride[0] + (self.kernel[0] - 1) * a.dilation[0] + 1
+        let rows_in = rows
+            .saturating_sub(1)
+            .checked_mul(a.stride[0])?
+            .checked_add(self.kernel[0].checked_sub(1)?.checked_mul(a.dilation[0])?)?
+            .checked_add(1)?;
+        self.channels.checked_mul(rows_in)?.checked_mul(self.pitch())
     }
 
     /// Copies the input rows that output rows `rows` read from `x` (one
-    /// image's `channels` planes `[H, W]`) into `out`, `[C][rows_in][pitch]`
-    /// with zeros in the padding, and returns the values of one channel's
-    /// rows there (`rows_in · pitch`).
+    /// image's `channels` planes `[H, W]`) into `out` (`[C][rows_in]
+    /// [pitch]`, [`Self::copy_len`] values) with zeros in the padding, and
+    /// returns the values of one channel's rows there.
     fn copy(&self, x: &[f32], rows: Range<usize>, out: &mut [f32]) -> usize {
         let [height, width] = self.size;
         let (pitch, [ph, pw]) = (self.pitch(), self.attrs.padding);
-        let plane = self.rows_in(rows.len()) * pitch;
+        let plane = out.len() / self.channels.max(1);
         let top = rows.start * self.attrs.stride[0];
         for (c, copy) in out.chunks_exact_mut(plane.max(1)).take(self.channels).enumerate() {
             for (r, line) in copy.chunks_exact_mut(pitch.max(1)).enumerate() {
@@ -176,19 +184,7 @@ impl ExpandWeights {
     /// Scratch values the copy of a window's input for `rows` output rows
     /// takes (none for a 1×1 conv), if that does not overflow.
     pub(super) fn window_len(&self, rows: usize) -> Option<usize> {
-        match self.window {
-            None => Some(0),
-            Some(w) => {
-                let a = w.attrs;
-                let rows_in = rows
-                    .saturating_sub(1)
-                    .checked_mul(a.stride[0])?
-                    .checked_add(w.kernel[0].checked_sub(1)?.checked_mul(a.dilation[0])?)?
-                    .checked_add(1)?;
-                let pitch = w.size[1].checked_add(a.padding[1].checked_mul(2)?)?;
-                w.channels.checked_mul(rows_in)?.checked_mul(pitch)
-            }
-        }
+        self.window.map_or(Some(0), |w| w.copy_len(rows))
     }
 
     /// `weight` (`[out_channels, depth]`: a 1×1 conv's, or with `window`
@@ -275,8 +271,8 @@ pub(super) fn fill(
             span: rows.start * width..rows.end * width,
         },
         Some(w) => {
-            let len = w.channels * w.rows_in(rows.len()) * w.pitch();
-            let copy = &mut windows[..len];
+            // Within `windows`: its caller sized it for a band's rows.
+            let copy = &mut windows[..w.copy_len(rows.len()).unwrap_or(usize::MAX)];
             let plane = w.copy(x, rows.clone(), copy);
             taps = w.taps(plane);
             Reads::Window {
@@ -327,39 +323,17 @@ fn sums(
     let count = blocks.len();
     let weight = &e.weight[blocks.start * cin * lanes..][..count * cin * lanes];
     let bias = &e.bias[blocks.start * lanes..][..count * lanes];
-    // The checks the SIMD bodies rely on: every value read is inside the
-    // source (the last position's last value), every position written
-    // inside its block's band.
-    let (rows, fits) = match &reads {
-        Reads::Planes { x, plane, span } => (
-            span.len().div_ceil(width.max(1)),
-            span.is_empty() || (span.end <= *plane && (cin == 0 || x.len() >= (cin - 1) * plane + span.end)),
-        ),
-        Reads::Window {
-            copy,
-            taps,
-            row,
-            sx,
-            rows,
-        } => {
-            let last = taps
-                .iter()
-                .max()
-                .map(|&tap| tap + rows.saturating_sub(1) * row + (width.max(1) - 1) * sx);
-            (
-                *rows,
-                taps.len() == cin && last.is_none_or(|last| *rows == 0 || last < copy.len()),
-            )
-        }
-    };
-    assert!(
+    // The checks the SIMD bodies rely on (each source adds its own: every
+    // value read inside it): every position of `rows` rows written inside
+    // its block's band.
+    let padded_len = padded.len();
+    let band_fits = |rows: usize| {
         e.lanes == lanes
             && (1..=BLOCKS).contains(&count)
-            && fits
             && g.input_len <= stride
-            && padded.len() >= (count - 1) * stride + g.input_len
+            && padded_len >= (count - 1) * stride + g.input_len
             && (rows == 0 || g.at(r0 + rows - 1, width) <= g.input_len)
-    );
+    };
     let main = match (isa, count) {
         (Isa::Avx2Fma, 2) => STEP_AVX2_PAIR,
         _ => STEP,
@@ -387,6 +361,9 @@ fn sums(
         // (rows follow each other there): steps run across row ends (on
         // 7-wide planes too), each position's vector to its own place.
         Reads::Planes { x, plane, span } => {
+            // The last position's last value is inside `x`.
+            let fits = span.end <= plane && (cin == 0 || x.len() >= (cin - 1) * plane + span.end);
+            assert!(span.is_empty() || (fits && band_fits(span.len().div_ceil(width.max(1)))));
             run.plane = plane;
             // Where the next position's vector goes, and its row and column.
             let (mut row, mut col) = (r0, 0);
@@ -420,6 +397,13 @@ fn sums(
             sx,
             rows,
         } => {
+            // The last position's last value is inside the copy.
+            let last = taps
+                .iter()
+                .max()
+                .map(|&tap| tap + rows.saturating_sub(1) * row + (width.max(1) - 1) * sx);
+            let fits = taps.len() == cin && last.is_none_or(|last| rows == 0 || last < copy.len());
+            assert!(fits && band_fits(rows));
             (run.taps, run.sx) = (taps, sx);
             for i in 0..rows {
                 let mut col = 0;

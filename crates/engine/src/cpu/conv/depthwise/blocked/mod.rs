@@ -247,6 +247,18 @@ pub(crate) enum Source<'a> {
     Expanded(&'a [f32], &'a ExpandWeights),
 }
 
+impl Source<'_> {
+    /// Scratch values a band of `g`'s geometry with `band_rows` output
+    /// rows takes for a fused conv's window copy (none for planes or a
+    /// 1×1 conv), if that does not overflow.
+    fn window_len(&self, g: &Geometry, band_rows: usize) -> Option<usize> {
+        match self {
+            Source::Planes(_) => Some(0),
+            Source::Expanded(_, e) => e.window_len(g.band_input_rows(band_rows)),
+        }
+    }
+}
+
 /// The output rows of a blocked depthwise conv, as [`band_rows`] cuts them.
 #[derive(Debug, Clone, Copy)]
 struct Rows {
@@ -448,10 +460,7 @@ pub(super) fn run(
     // Each block's padded input from a cache line; then the sums and a
     // fused window's copied input rows.
     let stride = g.input_len.checked_next_multiple_of(CACHE_LINE_FLOATS);
-    let windows = match source {
-        Source::Planes(_) => Some(0),
-        Source::Expanded(_, e) => e.window_len(g.band_input_rows(band_rows)),
-    };
+    let windows = source.window_len(&g, band_rows);
     let scratch_len = stride.and_then(|n| {
         n.checked_mul(per_task)?
             .checked_add(g.output_len)?

@@ -137,10 +137,7 @@ pub(in crate::cpu::conv::depthwise) fn run(
     // `[O_pad][cols]`, `cols` its pixels rounded up to the GEMM's granule.
     let most_cols = (band_rows * shape.out_width).next_multiple_of(PANEL_GRANULE);
     let stride = g.input_len.checked_next_multiple_of(CACHE_LINE_FLOATS);
-    let windows = match ops.source {
-        Source::Planes(_) => Some(0),
-        Source::Expanded(_, e) => e.window_len(g.band_input_rows(band_rows)),
-    };
+    let windows = ops.source.window_len(&g, band_rows);
     let scratch_len = stride.and_then(|s| {
         s.checked_mul(expand::BLOCKS)?
             .checked_add(g.output_len)?
