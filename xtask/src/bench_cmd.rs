@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
-use wick_engine::{parse_device, CacheSizes, CpuPath, Engine};
+use wick_engine::{parse_device, CacheSizes, CacheSource, CpuPath, Engine};
 use wick_models::{random_input, ModelName};
 use wick_passes::PassManager;
 
@@ -265,7 +265,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let device = args.device.open()?;
     // The path the workers' engines compile for (they inherit WICK_ISA).
     let cpu_path = device.is_cpu().then(CpuPath::selected).transpose()?;
-    let caches = CacheSizes::detect();
+    let caches = CacheSizes::selected()?;
     let machine = format!(
         "CPU {}, path {}, caches L1d {} KiB / L2 {} KiB / L3 {} KiB ({})",
         process_stats::cpu_model().unwrap_or_else(|| "unknown".into()),
@@ -273,7 +273,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         caches.l1d >> 10,
         caches.l2 >> 10,
         caches.l3 >> 10,
-        if caches.detected { "sysfs" } else { "fallback" }
+        caches.source
     );
     let model_args = model_args(&args.model, &args.weights, args.batch);
     // The reference: candle's eager forward, or for an ONNX file the
@@ -423,7 +423,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "l1d_kib": caches.l1d >> 10,
                 "l2_kib": caches.l2 >> 10,
                 "l3_kib": caches.l3 >> 10,
-                "detected": caches.detected,
+                "detected": caches.source == CacheSource::Sysfs,
+                "source": caches.source.name(),
             },
         });
         std::fs::write(path, serde_json::to_string_pretty(&document)? + "\n")

@@ -49,14 +49,14 @@ fn parse_shape(text: &str) -> Result<[usize; 3], String> {
 /// rate of each working set and the panel micro-kernel's rate on each
 /// product shape (both on the selected path).
 pub fn run(args: PeakArgs) -> Result<()> {
-    let caches = CacheSizes::detect();
+    let caches = CacheSizes::selected()?;
     println!(
         "CPU {}; caches L1d {} KiB, L2 {} KiB, L3 {} KiB ({})",
         crate::process_stats::cpu_model().unwrap_or_else(|| "unknown".into()),
         caches.l1d >> 10,
         caches.l2 >> 10,
         caches.l3 >> 10,
-        if caches.detected { "sysfs" } else { "fallback" }
+        caches.source
     );
     println!("{:<8} {:>8} {:>12}", "path", "threads", "GFLOP/s");
     let duration = Duration::from_secs_f64(args.seconds.clamp(0.01, 60.0));

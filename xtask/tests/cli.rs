@@ -313,6 +313,9 @@ fn bench_json_schema() {
     assert_eq!(json["model"], "toy-sequential");
     assert_eq!(json["batch"], 1);
     assert_eq!(json["device"], "cpu");
+    let source = json["caches"]["source"].as_str().unwrap();
+    assert!(["sysfs", "fallback"].contains(&source), "{source}");
+    assert_eq!(json["caches"]["detected"], source == "sysfs");
     // 2 convs: 16x24x24 outputs x 3*5*5 MACs, 32x18x18 x 16*7*7, x2 FLOPs.
     let flops = 2.0 * (16.0 * 576.0 * 75.0 + 32.0 * 324.0 * 784.0);
     assert!((json["gflop_per_forward"].as_f64().unwrap() - flops / 1e9).abs() < 1e-12);
@@ -432,6 +435,31 @@ fn wick_isa_forces_a_path() {
     let out = run_with_env(&["run", "toy"], wick_engine::ISA_ENV, "sse2");
     assert_eq!(out.status.code(), Some(1));
     assert_contains(&out.stderr, &["unknown CPU path `sse2`"]);
+}
+
+/// `WICK_CACHES` sizes the kernels' blocks for other caches (and `bench`
+/// says so); text that does not parse or a size out of range is a typed
+/// error, exit 1, naming it.
+#[test]
+fn wick_caches_replace_the_detected_sizes() {
+    let out = run_with_env(&["run", "toy"], wick_engine::CACHES_ENV, "l1d=32K, l2=512K");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run_with_env(
+        &["bench", "toy", "--modes", "wick", "--iters", "1", "--warmup", "0"],
+        wick_engine::CACHES_ENV,
+        "l2=512K,l3=0",
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_contains(&out.stdout, &["L2 512 KiB / L3 0 KiB (given)"]);
+    for (given, expected) in [
+        ("l2=1K", "cache l2 of 1024 bytes is outside"),
+        ("l2=lots", "invalid cache sizes `l2=lots`: `lots` is not a size"),
+        ("l5=1M", "unknown cache `l5`"),
+    ] {
+        let out = run_with_env(&["run", "toy"], wick_engine::CACHES_ENV, given);
+        assert_eq!(out.status.code(), Some(1), "{given}");
+        assert_contains(&out.stderr, &[expected]);
+    }
 }
 
 /// `WICK_BATCH_TILING` takes `on` or `off`; anything else is a typed

@@ -11,8 +11,8 @@ use crate::machine::Machine;
 use crate::plan::{InputSlot, Plan, Step};
 use crate::spin::SpinSwitch;
 use crate::tiling::{BatchTiling, TilingSwitch};
-use crate::CpuPath;
 use crate::EngineError;
+use crate::{CacheSizes, CpuPath};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use wick_ir::{Graph, Limits, NodeId, OpRole};
@@ -23,6 +23,9 @@ pub struct Engine {
     device: Device,
     /// The CPU kernels' path, when not the best one or `WICK_ISA`'s.
     cpu_path: Option<CpuPath>,
+    /// The caches the CPU kernels' blocks are sized for, when not the
+    /// detected ones (with `WICK_CACHES`' in their place).
+    caches: Option<CacheSizes>,
     /// Size limits every compiled graph is verified against.
     limits: Limits,
     /// How much memory packed conv weights may take, when not
@@ -47,6 +50,7 @@ impl Engine {
         Self {
             device,
             cpu_path: None,
+            caches: None,
             limits: Limits::default(),
             weight_budget: None,
             batch_tiling: None,
@@ -86,7 +90,7 @@ impl Engine {
     /// same values and a lower peak of live activations, but each group
     /// reads the steps' weights again and runs smaller products, which
     /// now costs more time than the memory traffic it saves
-    /// ([`crate::tiling`]). Off, every step runs on the whole batch.
+    /// (the engine's `tiling` module). Off, every step runs on the whole batch.
     /// Without it, `WICK_BATCH_TILING` (`on` or `off`; a typed error at
     /// compile otherwise) or off.
     pub fn with_batch_tiling(self, on: bool) -> Self {
@@ -141,6 +145,20 @@ impl Engine {
         })
     }
 
+    /// The same engine with its CPU kernels' blocks sized for `caches`
+    /// instead of the detected caches and `WICK_CACHES`: a typed error when
+    /// a size is outside [`crate::L1D_RANGE`], [`crate::L2_RANGE`] or
+    /// [`crate::L3_RANGE`] (0 for no L3). Outputs do not depend on it
+    /// beyond rounding (the blocks change the order of some sums); speed
+    /// does.
+    pub fn with_caches(self, caches: CacheSizes) -> Result<Self, EngineError> {
+        caches.check()?;
+        Ok(Self {
+            caches: Some(caches),
+            ..self
+        })
+    }
+
     /// An engine for the host CPU.
     pub fn cpu() -> Self {
         Self::new(Device::Cpu)
@@ -182,7 +200,7 @@ impl Engine {
         let graph = arg.graph();
         graph.verify_with(&self.limits)?;
         let machine = match self.device.is_cpu() {
-            true => Some(Machine::resolve(self.cpu_path)?),
+            true => Some(Machine::resolve(self.cpu_path, self.caches)?),
             false => None,
         };
         let conv_algorithms = match &machine {

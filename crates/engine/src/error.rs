@@ -106,6 +106,27 @@ pub enum EngineError {
         /// The text given.
         given: String,
     },
+    /// `WICK_CACHES` (or [`crate::CacheSizes::overridden`]'s text) did not parse.
+    #[error("invalid cache sizes `{given}`: {reason}; expected e.g. `l1d=32K,l2=512K,l3=32M` (WICK_CACHES)")]
+    InvalidCacheSizes {
+        /// The text given.
+        given: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A cache size given to wick (`WICK_CACHES`, [`crate::Engine::with_caches`])
+    /// is outside the range it accepts.
+    #[error("cache {level} of {size} bytes is outside {min}..={max} bytes (WICK_CACHES, Engine::with_caches)")]
+    InvalidCacheSize {
+        /// `l1d`, `l2` or `l3`.
+        level: &'static str,
+        /// The size given, in bytes.
+        size: usize,
+        /// The least size accepted.
+        min: usize,
+        /// The largest size accepted.
+        max: usize,
+    },
     /// `WICK_BATCH_TILING` was set to something else than `on` or `off`.
     #[error("invalid batch tiling `{given}`; expected `on` or `off` (WICK_BATCH_TILING)")]
     InvalidBatchTiling {

@@ -491,7 +491,7 @@ mod tests {
         assert_eq!(one.len(), 20, "{one:?}");
         // Where the AVX-512 FMAs are wide, layer4's stride-1 convs run
         // direct rather than F(2×2) (the policy's test covers both).
-        let f2 = match crate::machine::Machine::resolve(None).unwrap().wide_fma {
+        let f2 = match crate::machine::Machine::resolve(None, None).unwrap().wide_fma {
             true => "direct-lanes",
             false => "winograd-f2x2",
         };
@@ -770,6 +770,54 @@ mod tests {
             let diff = crate::test_util::max_abs_diff(&run(path), &scalar);
             assert!(diff < 1e-4, "{path}: {diff}");
         }
+    }
+
+    /// Blocks sized for the smallest caches wick accepts, the fallback and
+    /// the largest give the same output within f32 rounding (ResNet18's
+    /// Winograd, direct and pooled convs; MobileNetV2's blocked depthwise
+    /// convs with their expansions), on every path; out-of-range caches are
+    /// a typed error before anything is compiled.
+    #[test]
+    fn every_cache_size_gives_the_same_output() {
+        use crate::{CacheSizes, CpuPath};
+        use wick_models::ModelName;
+        let sizes = [
+            CacheSizes::given(4 << 10, 64 << 10, 0).unwrap(),
+            CacheSizes::FALLBACK,
+            CacheSizes::given(1 << 20, 256 << 20, 16 << 30).unwrap(),
+        ];
+        for (name, shape) in [
+            (ModelName::Resnet18, [1, 3, 64, 64]),
+            (ModelName::MobilenetV2, [2, 3, 64, 64]),
+        ] {
+            let graph = fused_graph(name, 3, &shape);
+            let x = wick_models::random_input(4, &shape, &Device::Cpu).unwrap();
+            for path in CpuPath::available() {
+                let run = |caches: CacheSizes| {
+                    let engine = Engine::cpu().with_cpu_path(path).unwrap().with_caches(caches).unwrap();
+                    engine
+                        .compile(&graph)
+                        .unwrap()
+                        .run(std::slice::from_ref(&x))
+                        .unwrap()
+                        .remove(0)
+                };
+                let reference = run(CacheSizes::detect());
+                for caches in sizes {
+                    let diff = crate::test_util::max_abs_diff(&run(caches), &reference);
+                    assert!(diff < 1e-4, "{name} {path} {caches:?}: {diff}");
+                }
+            }
+        }
+        let too_small = CacheSizes {
+            l2: 1 << 10,
+            ..CacheSizes::FALLBACK
+        };
+        let err = Engine::cpu().with_caches(too_small).unwrap_err();
+        assert!(
+            matches!(err, EngineError::InvalidCacheSize { level: "l2", .. }),
+            "{err}"
+        );
     }
 
     /// Buffers recycled across steps and forwards never reach the caller:

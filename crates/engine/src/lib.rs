@@ -12,8 +12,8 @@
 //! named operands), `candle/` (device-generic ops, the CUDA epilogue),
 //! `cpu/` (the conv policy and the packed-weight budget, the epilogue, the
 //! pool, the GEMM micro-kernels and their ISA dispatch, the conv
-//! algorithms), `machine` (the CPU path and caches a model is compiled
-//! for), `tiling` (which leading steps run a few images at a time),
+//! algorithms), `machine` (the CPU path a model is compiled for),
+//! `caches` (the cache sizes its blocks are derived from), `tiling` (which leading steps run a few images at a time),
 //! `batched` and `saved`.
 //!
 //! Packed conv weights stay within [`WeightBudget`] (2.5× the graph's conv
@@ -24,7 +24,9 @@
 //! On the CPU the kernels take the best instruction-set path the CPU has;
 //! [`Engine::with_cpu_path`] or the `WICK_ISA` environment variable
 //! (`avx512`, `avx2`, `scalar`) forces one, a typed error where the CPU
-//! lacks it.
+//! lacks it. Block sizes come from the caches Linux sysfs reports;
+//! [`Engine::with_caches`] or `WICK_CACHES` (`l1d=32K,l2=512K,l3=32M`)
+//! give others ([`CacheSizes`]).
 //!
 //! A service loads weights, traces, optimises and compiles once, then calls
 //! [`CompiledModel::run`] from any number of threads (it is `Send + Sync`;
@@ -56,6 +58,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod batched;
+mod caches;
 mod candle;
 mod compile;
 // Off x86-64 only the portable paths run: what the SIMD paths alone use
@@ -79,12 +82,13 @@ mod spin;
 mod tiling;
 
 pub use batched::{BatchedModel, CacheStats};
+pub use caches::{CacheSizes, CacheSource, CACHES_ENV, L1D_RANGE, L2_RANGE, L3_RANGE};
 pub use compile::Engine;
 pub use cpu::budget::{WeightBudget, DEFAULT_WEIGHT_ALLOWANCE_MIB, DEFAULT_WEIGHT_BUDGET, WEIGHT_BUDGET_ENV};
 pub use device::{parse_device, DeviceSpec};
 pub use error::EngineError;
 pub use exec::{CompiledModel, StepProfile, IN_POOL_MAX_ACTIVATION_BYTES};
-pub use machine::{CacheSizes, CpuPath, ISA_ENV};
+pub use machine::{CpuPath, ISA_ENV};
 pub use spin::SPIN_ENV;
 pub use tiling::BATCH_TILING_ENV;
 

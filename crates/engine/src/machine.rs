@@ -4,6 +4,7 @@
 //! sizes are derived from ([`CacheSizes`]), and whether its AVX-512 FMAs
 //! run at twice AVX2's rate ([`Machine::wide_fma`]).
 
+use crate::caches::CacheSizes;
 use crate::cpu::gemm::Isa;
 use crate::cpu::peak;
 use crate::EngineError;
@@ -175,94 +176,6 @@ impl std::fmt::Display for CpuPath {
     }
 }
 
-/// Data cache sizes in bytes, per core (L1d, L2) and per package (L3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheSizes {
-    /// Level-1 data cache.
-    pub l1d: usize,
-    /// Level-2 cache.
-    pub l2: usize,
-    /// Level-3 cache (0 when there is none).
-    pub l3: usize,
-    /// Whether the sizes were read from the machine (`false`: [`CacheSizes::FALLBACK`]).
-    pub detected: bool,
-}
-
-impl CacheSizes {
-    /// What the kernels assume where the machine does not say (no Linux
-    /// sysfs): 32 KiB L1d, 512 KiB L2 and 8 MiB L3, the smallest of the
-    /// x86-64 server cores seen here (Zen 3: 32 KiB / 512 KiB / 32 MiB),
-    /// so blocks sized from them still fit a bigger cache.
-    pub const FALLBACK: CacheSizes = CacheSizes {
-        l1d: 32 << 10,
-        l2: 512 << 10,
-        l3: 8 << 20,
-        detected: false,
-    };
-
-    /// The caches of CPU 0, read once from Linux sysfs
-    /// (`/sys/devices/system/cpu/cpu0/cache/index*/{level,type,size}`);
-    /// [`CacheSizes::FALLBACK`] where that is missing or unreadable.
-    pub fn detect() -> CacheSizes {
-        static DETECTED: OnceLock<CacheSizes> = OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            let caches = read_sysfs("/sys/devices/system/cpu/cpu0/cache").unwrap_or(CacheSizes::FALLBACK);
-            tracing::debug!(
-                l1d_kib = caches.l1d >> 10,
-                l2_kib = caches.l2 >> 10,
-                l3_kib = caches.l3 >> 10,
-                detected = caches.detected,
-                "cpu caches"
-            );
-            caches
-        })
-    }
-}
-
-/// Reads `index*/` below `dir`; `None` unless L1d and L2 are both found.
-fn read_sysfs(dir: &str) -> Option<CacheSizes> {
-    let mut caches = CacheSizes {
-        l1d: 0,
-        l2: 0,
-        l3: 0,
-        detected: true,
-    };
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let read = |name: &str| std::fs::read_to_string(path.join(name)).ok();
-        let (Some(level), Some(kind), Some(size)) = (read("level"), read("type"), read("size")) else {
-            continue;
-        };
-        let Some(size) = parse_size(size.trim()) else {
-            continue;
-        };
-        match (level.trim(), kind.trim()) {
-            ("1", "Data" | "Unified") => caches.l1d = size,
-            ("2", "Data" | "Unified") => caches.l2 = size,
-            ("3", "Data" | "Unified") => caches.l3 = size,
-            _ => {}
-        }
-    }
-    (caches.l1d > 0 && caches.l2 > 0).then_some(caches)
-}
-
-/// `32K`, `1024K`, `32M` or a plain byte count, as sysfs writes sizes.
-fn parse_size(text: &str) -> Option<usize> {
-    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((at, _)) => text.split_at(at),
-        None => (text, ""),
-    };
-    let value: usize = digits.parse().ok()?;
-    let unit = match unit {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        "G" => 1 << 30,
-        _ => return None,
-    };
-    value.checked_mul(unit)
-}
-
 /// What the CPU kernels of one compiled model are built for.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Machine {
@@ -307,19 +220,32 @@ fn wide_fma(isa: Isa) -> bool {
 }
 
 impl Machine {
-    /// `path` (or `WICK_ISA`, or the best path) and the detected caches.
-    pub(crate) fn resolve(path: Option<CpuPath>) -> Result<Machine, EngineError> {
+    /// `path` (or `WICK_ISA`, or the best path) and `caches` (or the
+    /// detected ones with `WICK_CACHES`' in their place).
+    pub(crate) fn resolve(path: Option<CpuPath>, caches: Option<CacheSizes>) -> Result<Machine, EngineError> {
         let path = match path {
             Some(path) => path,
             None => CpuPath::selected()?,
         };
         let isa = path.isa()?;
+        let caches = match caches {
+            Some(caches) => caches,
+            None => CacheSizes::selected()?,
+        };
+        caches.check()?;
         let machine = Machine {
             isa,
-            caches: CacheSizes::detect(),
+            caches,
             wide_fma: wide_fma(isa),
         };
-        tracing::debug!(path = %path, "cpu path");
+        tracing::debug!(
+            path = %path,
+            l1d_kib = caches.l1d >> 10,
+            l2_kib = caches.l2 >> 10,
+            l3_kib = caches.l3 >> 10,
+            caches = %caches.source,
+            "cpu machine"
+        );
         Ok(machine)
     }
 
@@ -394,7 +320,7 @@ mod tests {
                     l1d: 48 << 10,
                     l2: 2 << 20,
                     l3,
-                    detected: true,
+                    source: crate::CacheSource::Sysfs,
                 },
                 wide_fma: false,
             };
@@ -426,41 +352,5 @@ mod tests {
         for path in CpuPath::ALL {
             assert_eq!(path.isa().is_ok(), available.contains(&path), "{path}");
         }
-    }
-
-    /// sysfs sizes in K, M or bytes; junk is `None`.
-    #[test]
-    fn sysfs_sizes() {
-        assert_eq!(parse_size("32K"), Some(32 << 10));
-        assert_eq!(parse_size("1024K"), Some(1 << 20));
-        assert_eq!(parse_size("32M"), Some(32 << 20));
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("12Q"), None);
-        assert_eq!(parse_size("99999999999999999999G"), None);
-    }
-
-    /// A sysfs-like directory is read; one without L2 falls back.
-    #[test]
-    fn sysfs_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        for (i, (level, kind, size)) in [
-            ("1", "Data", "48K"),
-            ("1", "Instruction", "32K"),
-            ("2", "Unified", "2048K"),
-            ("3", "Unified", "36M"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let index = dir.path().join(format!("index{i}"));
-            std::fs::create_dir(&index).unwrap();
-            std::fs::write(index.join("level"), format!("{level}\n")).unwrap();
-            std::fs::write(index.join("type"), format!("{kind}\n")).unwrap();
-            std::fs::write(index.join("size"), format!("{size}\n")).unwrap();
-        }
-        let caches = read_sysfs(dir.path().to_str().unwrap()).unwrap();
-        assert_eq!((caches.l1d, caches.l2, caches.l3), (48 << 10, 2 << 20, 36 << 20));
-        assert!(caches.detected);
-        assert!(read_sysfs("/nonexistent").is_none());
     }
 }
