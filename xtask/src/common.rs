@@ -160,7 +160,7 @@ impl CompiledRun {
     pub fn new(model: &ModelArgs, passes: Passes, device: &DeviceArgs) -> Result<Self> {
         let device = device.open()?;
         let traced = model.traced(&device, passes, None)?;
-        let compiled = Engine::new(device.clone()).compile(&traced.graph)?;
+        let compiled = Engine::new(device.clone()).compile_owned(traced.graph)?;
         Ok(Self {
             name: traced.name,
             shape: traced.shape,
