@@ -442,8 +442,14 @@ fn wick_isa_forces_a_path() {
 /// error, exit 1, naming it.
 #[test]
 fn wick_caches_replace_the_detected_sizes() {
-    let out = run_with_env(&["run", "toy"], wick_engine::CACHES_ENV, "l1d=32K, l2=512K");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for given in ["l1d=32K, l2=512K", " "] {
+        let out = run_with_env(&["run", "toy"], wick_engine::CACHES_ENV, given);
+        assert!(
+            out.status.success(),
+            "`{given}`: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let out = run_with_env(
         &["bench", "toy", "--modes", "wick", "--iters", "1", "--warmup", "0"],
         wick_engine::CACHES_ENV,

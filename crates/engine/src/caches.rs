@@ -131,11 +131,12 @@ impl CacheSizes {
     /// The caches an [`crate::Engine`] without
     /// [`crate::Engine::with_caches`] sizes its kernels for: the detected
     /// ones, with the sizes `WICK_CACHES` names in their place when it is
-    /// set (a typed error when it does not parse or a size is out of
-    /// range).
+    /// set and not blank (a typed error when it does not parse or a size
+    /// is out of range).
     pub fn selected() -> Result<CacheSizes, EngineError> {
         let detected = CacheSizes::detect();
         match std::env::var(CACHES_ENV) {
+            Ok(given) if given.trim().is_empty() => Ok(detected),
             Ok(given) => detected.overridden(&given),
             Err(std::env::VarError::NotPresent) => Ok(detected),
             Err(std::env::VarError::NotUnicode(given)) => detected.overridden(&given.to_string_lossy()),
