@@ -63,7 +63,7 @@ pub struct CacheSizes {
 
 impl CacheSizes {
     /// What the kernels assume where the machine does not say (no Linux
-    /// sysfs, or sizes outside [`L1D_RANGE`], [`L2_RANGE`]): 32 KiB L1d,
+    /// sysfs, or a size outside its range, [`L1D_RANGE`] ...): 32 KiB L1d,
     /// 512 KiB L2 and 8 MiB L3, the smallest of the x86-64 server cores
     /// seen here (Zen 3: 32 KiB / 512 KiB / 32 MiB), so blocks sized from
     /// them still fit a bigger cache.
