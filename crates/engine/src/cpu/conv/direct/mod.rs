@@ -28,7 +28,7 @@ use crate::cpu::data::{gather_strided_on, with_cpu_f32, with_scratch, SharedOut}
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::lane_gathered::{max_runs, max_tile};
 use crate::cpu::gemm::{
-    chunks_depth, lane_gemm, lane_gemm_gathered, lane_gemm_part, panel_gemm, Isa, IsaBody, LaneProduct, Layout, Source,
+    chunks_depth, lane_gemm, lane_gemm_gathered, lane_gemm_part, panel_gemm, IsaBody, LaneProduct, Layout, Source,
     LANES, LANE_CHUNK, PANEL_GRANULE, PANEL_ROWS,
 };
 use crate::cpu::output::Output;
@@ -76,11 +76,9 @@ pub(crate) struct DirectConv {
     epilogue: Epilogue,
     /// A max pool applied to the convolution's output, if fused.
     pool: Option<MaxPool2dAttrs>,
-    isa: Isa,
-    /// Whether the path's FMAs are wide ([`Machine::wide_fma`]).
-    wide_fma: bool,
-    /// Scratch (im2col columns and products) one block aims to fit in: the L2.
-    block_bytes: usize,
+    /// The path and caches it runs on: blocks (im2col columns and products)
+    /// aim to fit [`Machine::block_bytes`], the L2.
+    machine: Machine,
 }
 
 /// A run of output pixels in one output row: image, row, columns
@@ -220,9 +218,7 @@ impl DirectConv {
             packed,
             epilogue,
             pool,
-            isa: machine.isa,
-            wide_fma: machine.wide_fma,
-            block_bytes: machine.block_bytes(),
+            machine,
         })
     }
 
@@ -242,10 +238,10 @@ impl DirectConv {
     /// model, ABBA).
     fn tile_limit(&self) -> (usize, usize) {
         let runs = match self.spec.kernel[0] * self.spec.kernel[1] {
-            1 => max_runs(self.isa).min(2),
-            _ => max_runs(self.isa),
+            1 => max_runs(self.machine.isa).min(2),
+            _ => max_runs(self.machine.isa),
         };
-        (max_tile(self.isa), runs)
+        (max_tile(self.machine.isa), runs)
     }
 
     fn depth(&self) -> usize {
@@ -267,11 +263,11 @@ impl DirectConv {
             return total.min(LANE_BLOCK_PIXELS).div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
         }
         let per_col = (self.depth() + self.padded_out) * 4;
-        let least = match chunks_depth(self.isa, self.depth(), false) {
+        let least = match chunks_depth(self.machine.isa, self.depth(), false) {
             true => MIN_BLOCK_COLS,
             false => PANEL_GRANULE,
         };
-        let target = (self.block_bytes / per_col).max(least);
+        let target = (self.machine.block_bytes() / per_col).max(least);
         // At least two blocks per thread where each keeps MIN_BLOCK_COLS
         // columns: whole blocks in parallel keep each block's columns in one
         // core's cache, where splitting one block across threads makes every
@@ -459,7 +455,7 @@ impl Run<'_> {
         let plane = s.out_plane();
         self.im2col(block, 0, v);
         let product = Product {
-            isa: conv.isa,
+            isa: conv.machine.isa,
             packed: &conv.packed[..],
             epilogue: &conv.epilogue,
             out_channels: s.out_channels,
@@ -521,7 +517,9 @@ impl Run<'_> {
         let (depth, cols) = (conv.depth(), block.cols);
         self.im2col_rows(block, v);
         let v = &*v;
-        self.panel_runs(m, cols, |u, m, rows| panel_gemm(conv.isa, u, v, m, rows, depth, cols));
+        self.panel_runs(m, cols, |u, m, rows| {
+            panel_gemm(conv.machine.isa, u, v, m, rows, depth, cols)
+        });
     }
 
     /// The block's im2col columns into `v` (`[C·kh·kw, cols]`), their rows
@@ -584,7 +582,15 @@ impl Run<'_> {
                 .enumerate()
                 .for_each(|(p, (v, t))| {
                     self.im2col(block, bound(p), v);
-                    lane_gemm_part(conv.isa, size, &conv.packed, v, t, 0..groups, bound(p)..bound(p + 1));
+                    lane_gemm_part(
+                        conv.machine.isa,
+                        size,
+                        &conv.packed,
+                        v,
+                        t,
+                        0..groups,
+                        bound(p)..bound(p + 1),
+                    );
                 });
         } else {
             self.im2col_rows(block, v);
@@ -599,7 +605,14 @@ impl Run<'_> {
                 .enumerate()
                 .for_each(|(i, t)| {
                     let first = i * per_task;
-                    lane_gemm(conv.isa, size, &conv.packed, v, t, first..first + t.len() / per_group);
+                    lane_gemm(
+                        conv.machine.isa,
+                        size,
+                        &conv.packed,
+                        v,
+                        t,
+                        first..first + t.len() / per_group,
+                    );
                 });
         }
         lanes_to_rows(&*partials, parts, pixels, m, cols);
@@ -625,7 +638,7 @@ impl Run<'_> {
                 let first = i * per_task;
                 let groups = first..first + t.len() / (pixels * LANES);
                 let w = (&conv.packed[..], conv.padded_out);
-                lane_gemm_gathered(conv.isa, w, sources, (&mut *t, pixels), groups.clone());
+                lane_gemm_gathered(conv.machine.isa, w, sources, (&mut *t, pixels), groups.clone());
                 lanes_to_rows(t, 1, pixels, m, m_cols);
                 let channels = groups.start * LANES..(groups.end * LANES).min(self.shape.out_channels);
                 self.epilogue(m, m_cols, block, channels);
@@ -659,7 +672,7 @@ impl Run<'_> {
         // Compiled for the path: its stride-2 gather vectorises with the
         // path's shuffles (as baseline SSE it took a fifth of
         // MobileNetV2's stem conv).
-        self.conv.isa.run(Im2col {
+        self.conv.machine.isa.run(Im2col {
             run: self,
             block,
             first_row,
@@ -713,14 +726,14 @@ impl Run<'_> {
                 }
                 // lo..hi keeps ix = ox·sw + dx within 0..W.
                 let start = (lo as isize * sw + dx) as usize;
-                gather_strided_on(self.conv.isa, &line[start..], sw as usize, inside);
+                gather_strided_on(self.conv.machine.isa, &line[start..], sw as usize, inside);
             }
             v[block.pixels..].fill(0.0);
         }
     }
 }
 
-/// [`Run::im2col`] as a body for [`Isa::run`].
+/// [`Run::im2col`] as a body for [`crate::cpu::gemm::Isa::run`].
 struct Im2col<'a, 'r> {
     run: &'a Run<'r>,
     block: &'a Block,
@@ -840,7 +853,7 @@ impl DirectConv {
         activation: Option<wick_ir::Activation>,
         pool: Option<MaxPool2dAttrs>,
         layout: Layout,
-        isa: Isa,
+        isa: crate::cpu::gemm::Isa,
     ) -> candle_core::Result<Self> {
         let spec = ConvSpec::of(weight, attrs)?;
         let epilogue = Epilogue::new(bias, spec.out_channels, activation)?.on(isa);
@@ -850,7 +863,7 @@ impl DirectConv {
     /// For tests: blocks sized for a budget of `bytes` (small ones: many
     /// blocks per plane).
     pub(crate) fn with_block_bytes(mut self, bytes: usize) -> Self {
-        self.block_bytes = bytes;
+        self.machine.caches.l2 = bytes;
         self
     }
 }

@@ -100,7 +100,7 @@ impl Unpadded {
         // task reads all of it, lines whole where a stride-2 product uses
         // half of each.
         let input = shape.channels.saturating_mul(shape.in_plane()).saturating_mul(4);
-        plane > 0 && border.saturating_mul(den) <= plane.saturating_mul(num) && input <= conv.block_bytes / 2
+        plane > 0 && border.saturating_mul(den) <= plane.saturating_mul(num) && input <= conv.machine.block_bytes() / 2
     }
 
     /// The output rows and columns whose windows lie inside the input.
