@@ -162,17 +162,18 @@ impl CacheSizes {
             let Some((key, size)) = pair.split_once('=') else {
                 return Err(invalid(format!("`{pair}` is not key=size")));
             };
-            let (index, slot) = match key.trim() {
+            let (key, size) = (key.trim(), size.trim());
+            let (index, slot) = match key {
                 "l1d" => (0, &mut caches.l1d),
                 "l2" => (1, &mut caches.l2),
                 "l3" => (2, &mut caches.l3),
                 other => return Err(invalid(format!("unknown cache `{other}` (keys: l1d, l2, l3)"))),
             };
             if std::mem::replace(&mut seen[index], true) {
-                return Err(invalid(format!("`{}` given twice", key.trim())));
+                return Err(invalid(format!("`{key}` given twice")));
             }
-            *slot = parse_size(size.trim())
-                .ok_or_else(|| invalid(format!("`{}` is not a size (bytes, or with K, M or G)", size.trim())))?;
+            *slot = parse_size(size)
+                .ok_or_else(|| invalid(format!("`{size}` is not a size (bytes, or with K, M or G)")))?;
         }
         caches.check()?;
         Ok(caches)
@@ -181,7 +182,7 @@ impl CacheSizes {
 
 /// Reads `index*/` below `dir`; `None` unless L1d and L2 are both found
 /// and every size is in its range.
-pub(crate) fn read_sysfs(dir: &str) -> Option<CacheSizes> {
+fn read_sysfs(dir: &str) -> Option<CacheSizes> {
     let mut caches = CacheSizes {
         l1d: 0,
         l2: 0,

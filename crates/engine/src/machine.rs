@@ -228,11 +228,11 @@ impl Machine {
             None => CpuPath::selected()?,
         };
         let isa = path.isa()?;
+        // Checked already: by `Engine::with_caches`, or by `selected`.
         let caches = match caches {
             Some(caches) => caches,
             None => CacheSizes::selected()?,
         };
-        caches.check()?;
         let machine = Machine {
             isa,
             caches,

@@ -222,6 +222,11 @@ impl DirectConv {
         })
     }
 
+    /// The instruction-set path it runs on.
+    fn isa(&self) -> crate::cpu::gemm::Isa {
+        self.machine.isa
+    }
+
     /// The weights' layout.
     pub(crate) fn layout(&self) -> Layout {
         self.layout
@@ -238,10 +243,10 @@ impl DirectConv {
     /// model, ABBA).
     fn tile_limit(&self) -> (usize, usize) {
         let runs = match self.spec.kernel[0] * self.spec.kernel[1] {
-            1 => max_runs(self.machine.isa).min(2),
-            _ => max_runs(self.machine.isa),
+            1 => max_runs(self.isa()).min(2),
+            _ => max_runs(self.isa()),
         };
-        (max_tile(self.machine.isa), runs)
+        (max_tile(self.isa()), runs)
     }
 
     fn depth(&self) -> usize {
@@ -263,7 +268,7 @@ impl DirectConv {
             return total.min(LANE_BLOCK_PIXELS).div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
         }
         let per_col = (self.depth() + self.padded_out) * 4;
-        let least = match chunks_depth(self.machine.isa, self.depth(), false) {
+        let least = match chunks_depth(self.isa(), self.depth(), false) {
             true => MIN_BLOCK_COLS,
             false => PANEL_GRANULE,
         };
@@ -455,7 +460,7 @@ impl Run<'_> {
         let plane = s.out_plane();
         self.im2col(block, 0, v);
         let product = Product {
-            isa: conv.machine.isa,
+            isa: conv.isa(),
             packed: &conv.packed[..],
             epilogue: &conv.epilogue,
             out_channels: s.out_channels,
@@ -517,9 +522,7 @@ impl Run<'_> {
         let (depth, cols) = (conv.depth(), block.cols);
         self.im2col_rows(block, v);
         let v = &*v;
-        self.panel_runs(m, cols, |u, m, rows| {
-            panel_gemm(conv.machine.isa, u, v, m, rows, depth, cols)
-        });
+        self.panel_runs(m, cols, |u, m, rows| panel_gemm(conv.isa(), u, v, m, rows, depth, cols));
     }
 
     /// The block's im2col columns into `v` (`[C·kh·kw, cols]`), their rows
@@ -582,15 +585,7 @@ impl Run<'_> {
                 .enumerate()
                 .for_each(|(p, (v, t))| {
                     self.im2col(block, bound(p), v);
-                    lane_gemm_part(
-                        conv.machine.isa,
-                        size,
-                        &conv.packed,
-                        v,
-                        t,
-                        0..groups,
-                        bound(p)..bound(p + 1),
-                    );
+                    lane_gemm_part(conv.isa(), size, &conv.packed, v, t, 0..groups, bound(p)..bound(p + 1));
                 });
         } else {
             self.im2col_rows(block, v);
@@ -605,14 +600,7 @@ impl Run<'_> {
                 .enumerate()
                 .for_each(|(i, t)| {
                     let first = i * per_task;
-                    lane_gemm(
-                        conv.machine.isa,
-                        size,
-                        &conv.packed,
-                        v,
-                        t,
-                        first..first + t.len() / per_group,
-                    );
+                    lane_gemm(conv.isa(), size, &conv.packed, v, t, first..first + t.len() / per_group);
                 });
         }
         lanes_to_rows(&*partials, parts, pixels, m, cols);
@@ -638,7 +626,7 @@ impl Run<'_> {
                 let first = i * per_task;
                 let groups = first..first + t.len() / (pixels * LANES);
                 let w = (&conv.packed[..], conv.padded_out);
-                lane_gemm_gathered(conv.machine.isa, w, sources, (&mut *t, pixels), groups.clone());
+                lane_gemm_gathered(conv.isa(), w, sources, (&mut *t, pixels), groups.clone());
                 lanes_to_rows(t, 1, pixels, m, m_cols);
                 let channels = groups.start * LANES..(groups.end * LANES).min(self.shape.out_channels);
                 self.epilogue(m, m_cols, block, channels);
@@ -672,7 +660,7 @@ impl Run<'_> {
         // Compiled for the path: its stride-2 gather vectorises with the
         // path's shuffles (as baseline SSE it took a fifth of
         // MobileNetV2's stem conv).
-        self.conv.machine.isa.run(Im2col {
+        self.conv.isa().run(Im2col {
             run: self,
             block,
             first_row,
@@ -726,7 +714,7 @@ impl Run<'_> {
                 }
                 // lo..hi keeps ix = ox·sw + dx within 0..W.
                 let start = (lo as isize * sw + dx) as usize;
-                gather_strided_on(self.conv.machine.isa, &line[start..], sw as usize, inside);
+                gather_strided_on(self.conv.isa(), &line[start..], sw as usize, inside);
             }
             v[block.pixels..].fill(0.0);
         }

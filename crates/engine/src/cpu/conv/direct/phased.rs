@@ -89,7 +89,7 @@ const NARROW_AVX512_MAX_OUTPUTS: usize = 64;
 /// The least ratio of im2col's copies to the phases' for `conv`'s panel
 /// product: its path, whether that path's FMAs are wide, its outputs.
 fn min_copy_ratio(conv: &DirectConv) -> usize {
-    match conv.machine.isa {
+    match conv.isa() {
         Isa::Avx2Fma => MIN_COPY_RATIO_AVX2,
         Isa::Avx512 if !conv.machine.wide_fma && conv.spec.out_channels <= NARROW_AVX512_MAX_OUTPUTS => {
             MIN_COPY_RATIO_AVX2
@@ -270,7 +270,7 @@ impl Run<'_> {
                 for seg in group {
                     let start = (seg.y - y0) * pitch + seg.x0;
                     let cols = (seg.x1 - seg.x0).next_multiple_of(PANEL_GRANULE);
-                    panel_gemm_gathered(conv.machine.isa, u, v, start, &mut m[seg.col..], m_cols, [rows, cols]);
+                    panel_gemm_gathered(conv.isa(), u, v, start, &mut m[seg.col..], m_cols, [rows, cols]);
                 }
             };
             self.panel_runs(m, m_cols, product);
@@ -345,7 +345,7 @@ impl Run<'_> {
             .par_chunks_mut(per_fill * phases.row)
             .enumerate()
             .for_each(|(i, out)| {
-                self.conv.machine.isa.run(Fill {
+                self.conv.isa().run(Fill {
                     run: self,
                     phases,
                     image,
@@ -389,7 +389,7 @@ impl Run<'_> {
                     dst[hi..].fill(0.0);
                     if lo < hi {
                         let line = &self.input[(image * s.channels + c) * s.in_plane() + iy * s.width..][..s.width];
-                        gather_strided_on(self.conv.machine.isa, &line[lo * sx + p - px..], sx, &mut dst[lo..hi]);
+                        gather_strided_on(self.conv.isa(), &line[lo * sx + p - px..], sx, &mut dst[lo..hi]);
                     }
                 }
             }

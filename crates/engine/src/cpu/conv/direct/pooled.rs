@@ -115,7 +115,7 @@ impl Run<'_> {
                 // task only (tasks split images' rows).
                 let out = unsafe { self.dst.slice(base, pooled[1]) };
                 let late = late_epilogue.then(|| (conv.epilogue.bias(o), conv.epilogue.activation()));
-                pool_window_row(conv.machine.isa, window_rows, ow, [kw, sw, pw], scratch, out, late);
+                pool_window_row(conv.isa(), window_rows, ow, [kw, sw, pw], scratch, out, late);
             }
         }
     }
@@ -185,15 +185,7 @@ impl Run<'_> {
                         stride: sub.cols,
                     };
                     let size = [conv.padded_out, conv.depth(), sub.cols];
-                    panel_gemm_strided(
-                        conv.machine.isa,
-                        &conv.packed,
-                        columns,
-                        &mut m[at..],
-                        m_cols,
-                        size,
-                        None,
-                    );
+                    panel_gemm_strided(conv.isa(), &conv.packed, columns, &mut m[at..], m_cols, size, None);
                 }
                 // The pooled rows whose windows end within the rows so far.
                 let ready = (next_row..rows.end)
@@ -212,7 +204,7 @@ impl Run<'_> {
                     late_epilogue,
                     rows: [&mut *column_max, &mut *window_max],
                 };
-                conv.machine.isa.run(body);
+                conv.isa().run(body);
                 next_row = ready;
             }
             Ok(())
