@@ -2,18 +2,20 @@
 to set beside `cargo xtask profile MODEL --batch N` when looking for where
 wick's time goes. Not run by CI.
 
-    .venv/bin/python scripts/profile_reference.py --model mobilenet_v3_large [--batch 10] [--iters 20] [--top 30] [--runtime openvino [--isa avx2]]
+    .venv/bin/python scripts/profile_reference.py --model mobilenet_v3_large [--batch 10] [--iters 20] [--top 30] [--runtime openvino [--isa avx2]] [--threads 1]
 
 Exports the model as `scripts/bench_reference.py` does, runs ONNX Runtime
-(2 intra-op threads, default graph optimisations) with its profiler on, or
-OpenVINO's CPU plugin (2 threads, f32, LATENCY hint, performance counters
-on), and prints the mean ms per forward of each fused node, slowest first,
+(2 intra-op threads, or `--threads`; default graph optimisations) with its
+profiler on, or OpenVINO's CPU plugin (as many threads, f32, LATENCY hint,
+performance counters on), and prints the mean ms per forward of each fused node, slowest first,
 and the totals per operator kind (OpenVINO: per layer type, with the
 kernel it chose in the node list). `--isa avx2` holds either to AVX2 + FMA
 as `bench_reference.py --isa avx2` does (ONNX Runtime: this script runs
 again under the `scripts/avx2only.c` shim, which hides AVX-512 from CPUID;
 OpenVINO: ONEDNN_MAX_CPU_ISA, the kernel column showing what each layer
-ran), beside `WICK_ISA=avx2 cargo xtask profile`.
+ran), beside `WICK_ISA=avx2 cargo xtask profile`. `--threads 1` beside
+`RAYON_NUM_THREADS=1 cargo xtask profile` compares the kernels without
+their threading. Model names take wick's spelling too (`mobilenet-v2`).
 """
 
 import argparse
@@ -34,7 +36,10 @@ def main():
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime")
     parser.add_argument("--isa", choices=["avx2"], help="hold the runtime to this instruction set")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (wick: RAYON_NUM_THREADS)")
     args = parser.parse_args()
+    # The zoo's names as wick spells them (mobilenet-v2) or as torchvision does.
+    args.model = args.model.replace("-", "_")
     if args.isa and args.runtime == "onnxruntime":
         from bench_reference import avx2_shim, check_cpuid_masked
 
@@ -68,7 +73,7 @@ def profile_onnxruntime(path, feed, args, tmp):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
+    options.intra_op_num_threads = args.threads
     warm = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     for _ in range(args.warmup):
         warm.run(None, feed)
@@ -99,7 +104,7 @@ def profile_openvino(path, feed, args, _tmp):
 
     core = ov.Core()
     config = {
-        "INFERENCE_NUM_THREADS": 2,
+        "INFERENCE_NUM_THREADS": args.threads,
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_PRECISION_HINT": "f32",
         "PERF_COUNT": True,
@@ -129,7 +134,10 @@ def report(args, version, means, kinds):
         by_kind[kinds[name]][0] += 1
         by_kind[kinds[name]][1] += ms
     held = f" held to {args.isa}" if args.isa else ""
-    print(f"{args.model} batch {args.batch}, {version}{held}, {args.iters} profiled forwards, {total:.3f} ms of node time per forward")
+    print(
+        f"{args.model} batch {args.batch}, {version}{held}, {args.threads} threads, {args.iters} profiled forwards, "
+        f"{total:.3f} ms of node time per forward"
+    )
     for kind, (count, ms) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
         print(f"{kind:<40}{count:>4}{ms:>10.3f}{100 * ms / max(total, 1e-9):>7.1f}%")
     print()

@@ -14,7 +14,7 @@
 //! per step, `T` consecutive positions of the band's input rows (a step
 //! runs across row ends): `2·T` accumulators, and for each input channel
 //! two loads of weights and `T` broadcasts of the input, each serving both
-//! blocks. Two blocks against one, alone, interleaved per call on the
+//! blocks ([`STEP_AVX512_PAIR`], [`STEP_AVX2_PAIR`]). Two blocks against one, alone, interleaved per call on the
 //! Intel Xeon VM (AVX-512, 2 threads): MobileNetV2's shapes at batch 1
 //! 0.94-0.99× except 32 → 192 on 28×28 (1.14×: half the tasks), 160 →
 //! 960 on 7×7 0.93-0.98×.
@@ -335,6 +335,7 @@ fn sums(
             && (rows == 0 || g.at(r0 + rows - 1, width) <= g.input_len)
     };
     let main = match (isa, count) {
+        (Isa::Avx512, 2) => STEP_AVX512_PAIR,
         (Isa::Avx2Fma, 2) => STEP_AVX2_PAIR,
         _ => STEP,
     };
@@ -446,7 +447,7 @@ fn one_step<const WINDOW: bool, const SX: usize>(isa: Isa, count: usize, step: u
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if run.lanes == 16 => on!(avx512, 1: [14, 7, 1], 2: [14, 7, 1]),
+        Isa::Avx512 if run.lanes == 16 => on!(avx512, 1: [14, 7, 1], 2: [7, 3, 1]),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma if run.lanes == 8 => on!(avx2, 1: [14, 7, 1], 2: [6, 3, 1]),
         _ => portable(run, step),
@@ -455,9 +456,21 @@ fn one_step<const WINDOW: bool, const SX: usize>(isa: Isa, count: usize, step: u
 
 /// Positions per step of one block: 14 sums in registers and the weight
 /// vector (AVX2 has 16 registers), a whole number of the models' 7-, 14-,
-/// 28-, 56- and 112-wide rows; two blocks' on AVX-512 too (28 sums and two
-/// weight vectors of its 32 registers).
+/// 28-, 56- and 112-wide rows.
 const STEP: usize = 14;
+/// Positions per step of two blocks on AVX-512: 14 sums and two weight
+/// vectors. Two blocks' 14 positions (28 sums, filling 31 of the 32
+/// registers) ran the inner loop at about 82% of the FMA peak and the
+/// whole kernel at 64% on MobileNetV2's 32 -> 192 expansion (`perf
+/// annotate`, one thread, where OpenVINO's expansion runs at 87%). Zen 4,
+/// two builds' `xtask chunks` alternating (20-30 rounds, the rounds'
+/// median ratio): ten of MobileNetV2's features.6 blocks in a row, one
+/// thread, 0.917× the time (4 positions 0.942×, 5 0.918×, 8 0.924×, 10
+/// 0.952×); MobileNetV2 0.943× at batch 1 and 0.942× at batch 10 (6
+/// positions 0.955×, 8 0.947×), EfficientNet-B0 0.972× and 0.969×,
+/// MobileNetV3-Large 0.979× and 0.956×. One block's step left at 14 (7:
+/// 0.99-1.03×); AVX2's pair at 6 (3 and 4 positions: 1.10× and 1.03×).
+const STEP_AVX512_PAIR: usize = 7;
 /// Positions per step of two blocks on AVX2: 12 sums and two weight vectors.
 const STEP_AVX2_PAIR: usize = 6;
 
