@@ -63,7 +63,7 @@ def timed(fn, warmup, iters):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="resnet18", help="a torchvision.models constructor: resnet18, resnet34, resnet50, ...")
+    parser.add_argument("--model", default="resnet18", help="a torchvision.models constructor: resnet18, resnet34, resnet50, mobilenet_v2, ... (or wick's spelling, mobilenet-v2)")
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=10)
@@ -81,6 +81,8 @@ def main():
     parser.add_argument("--file", help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # The zoo's names as wick spells them (mobilenet-v2) or as torchvision does.
+    args.model = args.model.replace("-", "_")
     if args.child:
         return runtime_child(args.child, args.dir, args.warmup, args.iters, args.file, args.serve)
     if args.interleave:
