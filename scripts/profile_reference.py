@@ -7,8 +7,8 @@ wick's time goes. Not run by CI.
 Exports the model as `scripts/bench_reference.py` does, runs ONNX Runtime
 (2 intra-op threads, or `--threads`; default graph optimisations) with its
 profiler on, or OpenVINO's CPU plugin (as many threads, f32, LATENCY hint,
-performance counters on), and prints the mean ms per forward of each fused node, slowest first,
-and the totals per operator kind (OpenVINO: per layer type, with the
+performance counters on), and prints the mean ms per forward of each fused
+node, slowest first, and the totals per operator kind (OpenVINO: per layer type, with the
 kernel it chose in the node list). `--isa avx2` holds either to AVX2 + FMA
 as `bench_reference.py --isa avx2` does (ONNX Runtime: this script runs
 again under the `scripts/avx2only.c` shim, which hides AVX-512 from CPUID;

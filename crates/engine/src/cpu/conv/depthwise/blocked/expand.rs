@@ -14,10 +14,10 @@
 //! per step, `T` consecutive positions of the band's input rows (a step
 //! runs across row ends): `2·T` accumulators, and for each input channel
 //! two loads of weights and `T` broadcasts of the input, each serving both
-//! blocks ([`STEP_AVX512_PAIR`], [`STEP_AVX2_PAIR`]). Two blocks against one, alone, interleaved per call on the
-//! Intel Xeon VM (AVX-512, 2 threads): MobileNetV2's shapes at batch 1
-//! 0.94-0.99× except 32 → 192 on 28×28 (1.14×: half the tasks), 160 →
-//! 960 on 7×7 0.93-0.98×.
+//! blocks ([`STEP_AVX512_PAIR`], [`STEP_AVX2_PAIR`]). Two blocks against
+//! one, alone, interleaved per call on the Intel Xeon VM (AVX-512, 2
+//! threads): MobileNetV2's shapes at batch 1 0.94-0.99× except 32 → 192
+//! on 28×28 (1.14×: half the tasks), 160 → 960 on 7×7 0.93-0.98×.
 
 use super::{channels_innermost, Geometry};
 use crate::cpu::epilogue::Epilogue;
