@@ -4,8 +4,8 @@ side in one run: each as a `xtask chunks` process, taking turns a chunk of
 forwards at a time, so a host whose speed drifts between minutes slows
 both alike. Not run by CI.
 
-    python3 scripts/ab_builds.py --a target-old/release/xtask --b target/release/xtask mobilenet-v2 --batch 1
-    python3 scripts/ab_builds.py --a target/release/xtask --b-env WICK_ISA=avx2 resnet18 --batch 10 --rounds 12 --chunk 2
+    .venv/bin/python scripts/ab_builds.py --a target-old/release/xtask --b target/release/xtask mobilenet-v2 --batch 1
+    .venv/bin/python scripts/ab_builds.py --a target/release/xtask --b-env WICK_ISA=avx2 resnet18 --batch 10 --rounds 12 --chunk 2
 
 MODEL is what `xtask chunks` takes (a model name or an ONNX file). `--b`
 defaults to `--a`; `--a-env` / `--b-env` add `KEY=VALUE` settings to that
@@ -15,37 +15,22 @@ median over A's (with the quartiles of those per-round ratios): the
 figure to read. Two runs of the same build read 0.99-1.01 on the 2-core
 Zen 4 VM; a minute when the host is slow (MobileNetV2 b1 at 5.5 ms
 instead of 3.7) can move it by a few percent, so look at the medians too.
+The chunk protocol's client is `bench_reference.py`'s (`Chunked`).
 """
 
 import argparse
 import os
 import statistics
-import subprocess
+
+from bench_reference import Chunked
 
 
-def start(binary, model, batch, env):
+def start(name, binary, model, batch, env):
     """A `chunks` process, its model compiled and ready for chunks."""
     try:
-        return subprocess.Popen(
-            [binary, "chunks", model, "--batch", str(batch)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=dict(os.environ, **env),
-        )
+        return Chunked(name, [binary, "chunks", model, "--batch", str(batch)], dict(os.environ, **env))
     except OSError as e:
         raise SystemExit(f"cannot run {binary}: {e}") from None
-
-
-def chunk(process, forwards):
-    """Runs `forwards` forwards in `process`; their times in ms."""
-    process.stdin.write(f"{forwards}\n")
-    process.stdin.flush()
-    line = process.stdout.readline()
-    if not line:
-        raise SystemExit("a chunks process ended early (run it by hand to see why)")
-    return [float(t) for t in line.split()]
 
 
 def settings(pairs):
@@ -73,30 +58,28 @@ def main():
     args = parser.parse_args()
     if args.rounds < 4 or args.chunk < 1:
         raise SystemExit("--rounds must be at least 4 and --chunk at least 1")
-    a = start(args.a, args.model, args.batch, settings(args.a_env))
-    b = start(args.b or args.a, args.model, args.batch, settings(args.b_env))
-    for process in (a, b):
-        chunk(process, args.warmup)
-    times = {a: [], b: []}
+    a_env, b_env = settings(args.a_env), settings(args.b_env)
+    a = start("A", args.a, args.model, args.batch, a_env)
+    b = start("B", args.b or args.a, args.model, args.batch, b_env)
+    for side in (a, b):
+        side.chunk(args.warmup)
     ratios = []
     for r in range(args.rounds):
         got = {}
         # Each side first in every other round.
-        for process in (a, b) if r % 2 == 0 else (b, a):
-            got[process] = chunk(process, args.chunk)
-        for process in (a, b):
-            times[process] += got[process]
-        ratios.append(statistics.median(got[b]) / statistics.median(got[a]))
-    for process in (a, b):
-        process.stdin.write("q\n")
-        process.stdin.flush()
-        process.communicate()
+        for side in (a, b) if r % 2 == 0 else (b, a):
+            got[side.name] = side.chunk(args.chunk)
+            side.times += got[side.name]
+        ratios.append(statistics.median(got["B"]) / statistics.median(got["A"]))
+    for side in (a, b):
+        side.close()
     q1, _, q3 = statistics.quantiles(ratios, n=4)
     print(
         f"{args.model} batch {args.batch}, {args.rounds} rounds of {args.chunk} forwards: "
-        f"A median {statistics.median(times[a]):.3f} ms (min {min(times[a]):.3f}), "
-        f"B median {statistics.median(times[b]):.3f} ms (min {min(times[b]):.3f}); "
-        f"B/A per round median {statistics.median(ratios):.3f} (quartiles {q1:.3f}-{q3:.3f})"
+        f"A median {statistics.median(a.times):.3f} ms (min {min(a.times):.3f}), "
+        f"B median {statistics.median(b.times):.3f} ms (min {min(b.times):.3f}); "
+        f"B/A per round median {statistics.median(ratios):.3f} (quartiles {q1:.3f}-{q3:.3f}); "
+        f"peak RSS A {a.rss:.0f} / B {b.rss:.0f} MiB"
     )
 
 

@@ -81,8 +81,7 @@ def main():
     parser.add_argument("--file", help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # The zoo's names as wick spells them (mobilenet-v2) or as torchvision does.
-    args.model = args.model.replace("-", "_")
+    args.model = torchvision_name(args.model)
     if args.child:
         return runtime_child(args.child, args.dir, args.warmup, args.iters, args.file, args.serve)
     if args.interleave:
@@ -106,6 +105,11 @@ def main():
     print(f"{args.model} batch {args.batch}, torch {torch.__version__}, {args.warmup} warm-up + {args.iters} timed forwards")
     print_rows(rows)
     print(f"peak RSS: pytorch-eager process {torch_rss:.0f} MiB" + "".join(f", {r}" for r in child_rss))
+
+
+def torchvision_name(model):
+    """A zoo model's torchvision constructor name, given wick's spelling (mobilenet-v2) or torchvision's."""
+    return model.replace("-", "_")
 
 
 def installed_runtimes(args):

@@ -38,8 +38,9 @@ def main():
     parser.add_argument("--isa", choices=["avx2"], help="hold the runtime to this instruction set")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (wick: RAYON_NUM_THREADS)")
     args = parser.parse_args()
-    # The zoo's names as wick spells them (mobilenet-v2) or as torchvision does.
-    args.model = args.model.replace("-", "_")
+    from bench_reference import torchvision_name
+
+    args.model = torchvision_name(args.model)
     if args.isa and args.runtime == "onnxruntime":
         from bench_reference import avx2_shim, check_cpuid_masked
 
