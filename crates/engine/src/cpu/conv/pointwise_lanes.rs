@@ -18,7 +18,7 @@
 use super::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch};
 use crate::cpu::epilogue::Epilogue;
-use crate::cpu::gemm::{lane_gemm, pack_lanes, Isa, LaneProduct, LANES};
+use crate::cpu::gemm::{lane_gemm_lanes, pack_lanes, Isa, LaneProduct, HALF, LANES};
 use crate::cpu::output::Output;
 use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
@@ -68,7 +68,7 @@ impl PointwiseLanes {
     /// Runs on a CPU f32 tensor `[N, C, H, W]`, adding `residual` (the
     /// output's shape) before the activation.
     ///
-    /// Tasks are (image, run of lane groups), one per thread where the
+    /// Tasks are (image, run of output channels), one per thread where the
     /// images are fewer than the threads; each reads its image's whole
     /// input (small planes: `C` rows of a few dozen pixels) and its
     /// groups' weights, and writes its channels of the image's output.
@@ -80,7 +80,15 @@ impl PointwiseLanes {
     /// 64 / 37 / 57 us. Whole forwards at batch 1, alternating in one
     /// process: MobileNetV2 0.974-0.978× the time, MobileNetV3-Large
     /// 0.957×, EfficientNet-B0 0.944×, ResNet50 level; AVX2 forced
-    /// MobileNetV2 0.96×, EfficientNet-B0 0.95×.
+    /// MobileNetV2 0.96×, EfficientNet-B0 0.95×. Runs are whole lane
+    /// groups, but half groups on AVX2 (its micro-tile's width, so no
+    /// work is added): 160 channels (5 groups, 3:2 on two threads) split
+    /// 5:5 halves. AVX2 forced on Zen 4, per-node profiles of alternating
+    /// builds at batch 1: MobileNetV2's 960 -> 160 projections on 7×7
+    /// 0.81-0.89× the time, 576 -> 160 0.79-0.98×; MobileNetV3-Large's
+    /// 960 -> 160 0.86-0.93×, 672 -> 160 0.86-0.90×; whole forwards
+    /// (`scripts/ab_builds.py`) MobileNetV3-Large 0.982×, MobileNetV2
+    /// 0.992-1.004×, EfficientNet-B0 0.986× (noisy minutes).
     pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let call = self.spec.check(x, residual)?;
         let shape = call.shape;
@@ -91,12 +99,24 @@ impl PointwiseLanes {
         }
         let mut out = Output::new(out_len, "conv output")?;
         let dst = out.shared(out_len);
-        let groups = self.padded_out / LANES;
+        // Tasks own runs of output channels in units of the path's tile:
+        // half a lane group on AVX2, so that 5 groups (160 channels) split
+        // 5:5 halves on two threads rather than 3:2 groups.
+        let unit = match self.isa {
+            Isa::Avx2Fma => HALF,
+            _ => LANES,
+        };
+        let units = self.padded_out / unit;
         let threads = rayon::current_num_threads();
-        let per_run = groups.div_ceil(threads.div_ceil(shape.batch).clamp(1, groups));
-        let runs = groups.div_ceil(per_run);
+        let per_run = units.div_ceil(threads.div_ceil(shape.batch).clamp(1, units));
+        let runs = units.div_ceil(per_run);
+        // Lane groups a run touches (one more where it starts mid-group).
+        let run_groups = (per_run * unit).div_ceil(LANES) + 1;
         // Products of one run (`[groups][plane][LANES]`), then one gathered row.
-        let Some(scratch_len) = (per_run * LANES).checked_mul(plane).and_then(|m| m.checked_add(plane)) else {
+        let Some(scratch_len) = (run_groups * LANES)
+            .checked_mul(plane)
+            .and_then(|m| m.checked_add(plane))
+        else {
             bail!("pointwise conv on {:?}: products too large", call.x.dims())
         };
         let size = LaneProduct {
@@ -108,32 +128,32 @@ impl PointwiseLanes {
         with_cpu_f32("pointwise conv", &call.x, call.residual.as_ref(), |input, residual| {
             (0..shape.batch * runs).into_par_iter().try_for_each(|task| {
                 let (image, run) = (task / runs, task % runs);
-                let run_groups = run * per_run..groups.min((run + 1) * per_run);
+                let lanes = run * per_run * unit..units.min((run + 1) * per_run) * unit;
+                let first_group = lanes.start / LANES;
                 let x = &input[image * depth * plane..][..depth * plane];
                 with_scratch(scratch_len, |scratch| {
-                    let (m, row) = scratch.split_at_mut(run_groups.len() * LANES * plane);
+                    let touched = lanes.end.div_ceil(LANES) - first_group;
+                    let (m, row) = scratch.split_at_mut(touched * LANES * plane);
                     let row = &mut row[..plane];
-                    lane_gemm(self.isa, size, &self.packed, x, m, run_groups.clone());
-                    for (i, group) in run_groups.clone().enumerate() {
-                        let products = &m[i * plane * LANES..][..plane * LANES];
-                        for lane in 0..LANES.min(outs.saturating_sub(group * LANES)) {
-                            let o = group * LANES + lane;
-                            for (value, pixel) in row.iter_mut().zip(products.chunks_exact(LANES)) {
-                                *value = pixel[lane];
-                            }
-                            let at = (image * outs + o) * plane;
-                            // SAFETY: channel `o` of image `image`, which only
-                            // this task writes (runs own disjoint groups).
-                            let out = unsafe { dst.slice(at, plane) };
-                            let residual = residual.map(|r| &r[at..][..plane]);
-                            self.epilogue.write(o, out, row, residual);
+                    lane_gemm_lanes(self.isa, size, &self.packed, x, m, lanes.clone(), 0..depth);
+                    for o in lanes.start..lanes.end.min(outs) {
+                        let (group, lane) = (o / LANES - first_group, o % LANES);
+                        let products = &m[group * plane * LANES..][..plane * LANES];
+                        for (value, pixel) in row.iter_mut().zip(products.chunks_exact(LANES)) {
+                            *value = pixel[lane];
                         }
+                        let at = (image * outs + o) * plane;
+                        // SAFETY: channel `o` of image `image`, which only
+                        // this task writes (runs own disjoint channels).
+                        let out = unsafe { dst.slice(at, plane) };
+                        let residual = residual.map(|r| &r[at..][..plane]);
+                        self.epilogue.write(o, out, row, residual);
                     }
                 })
             })
         })?;
-        // SAFETY: the tasks cover every image and every lane group, and
-        // each writes all `P` values of its groups' real channels.
+        // SAFETY: the tasks cover every image and every output channel, and
+        // each writes all `P` values of its real channels.
         unsafe { out.assume_written(out_len) };
         out.into_tensor(&shape.out_dims())
     }

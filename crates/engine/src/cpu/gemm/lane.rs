@@ -94,6 +94,29 @@ pub(crate) fn lane_gemm_part(
     groups: std::ops::Range<usize>,
     depths: std::ops::Range<usize>,
 ) {
+    let lanes = groups.start * LANES..groups.end * LANES;
+    lane_gemm_lanes(isa, size, w, v, m, lanes, depths)
+}
+
+/// Lanes of a half lane group: AVX2's micro-tile width.
+pub(crate) const HALF: usize = LANES / 2;
+
+/// [`lane_gemm_part`] for the output channels `lanes` (whole half groups:
+/// bounds multiples of [`HALF`]): `m` holds the lane groups they touch
+/// (`[groups][pixels][LANES]`, from group `lanes.start / LANES`); the lanes
+/// of those groups outside `lanes` are unspecified. AVX2, whose tiles are
+/// half a group wide, computes only `lanes`; the other paths whole groups.
+pub(crate) fn lane_gemm_lanes(
+    isa: Isa,
+    size: LaneProduct,
+    w: &[f32],
+    v: &[f32],
+    m: &mut [f32],
+    lanes: std::ops::Range<usize>,
+    depths: std::ops::Range<usize>,
+) {
+    assert!(lanes.start.is_multiple_of(HALF) && lanes.end.is_multiple_of(HALF) && lanes.start <= lanes.end);
+    let groups = lanes.start / LANES..lanes.end.div_ceil(LANES);
     let LaneProduct {
         rows,
         depth,
@@ -118,6 +141,9 @@ pub(crate) fn lane_gemm_part(
     for k0 in depths.clone().step_by(KC) {
         let kc = KC.min(depth - k0);
         for (i, g) in groups.clone().enumerate() {
+            // The group's lanes in `lanes`: whole, or one half at either end.
+            let from = lanes.start.saturating_sub(g * LANES).min(LANES);
+            let to = (lanes.end - g * LANES).min(LANES);
             let chunk = Chunk {
                 wg: &w[chunk_offset(k0, kc, g, rows)..][..kc * LANES],
                 v: &v[(k0 - depths.start) * cols..],
@@ -125,6 +151,7 @@ pub(crate) fn lane_gemm_part(
                 cols,
                 pixels,
                 first: k0 == depths.start,
+                halves: [from == 0, to == LANES],
             };
             let mg = &mut m[i * pixels * LANES..][..pixels * LANES];
             match isa {
@@ -146,7 +173,9 @@ pub(crate) fn lane_gemm_part(
 
 /// One lane group's operands for one depth chunk: `wg` (`kc·LANES`
 /// weights), `v` from the chunk's first row (`kc` rows of `cols`, only the
-/// first `pixels` columns read); `first` starts the sums from zero.
+/// first `pixels` columns read); `first` starts the sums from zero;
+/// `halves`: which of the group's two halves AVX2 computes (the other
+/// paths compute both).
 struct Chunk<'a> {
     wg: &'a [f32],
     v: &'a [f32],
@@ -154,6 +183,7 @@ struct Chunk<'a> {
     cols: usize,
     pixels: usize,
     first: bool,
+    halves: [bool; 2],
 }
 
 /// One lane group, one depth chunk: `mg[p][l] (+)= Σ_d wg[d][l] · v[d][p]`.
@@ -196,6 +226,7 @@ mod x86 {
             cols,
             pixels,
             first,
+            ..
         } = *c;
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
@@ -308,16 +339,17 @@ mod x86 {
             cols,
             pixels,
             first,
+            halves,
         } = *c;
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
             for (p0, r) in equal_tiles(pixels, AVX2_TILE) {
                 let (vp, mp) = (v.as_ptr().add(p0), mg.as_mut_ptr().add(p0 * LANES));
-                for half in [0, 16] {
+                for (half, _) in [0, 16].into_iter().zip(halves).filter(|(_, computed)| *computed) {
                     let (wp, mp) = (wg.as_ptr().add(half), mp.add(half));
-                    // The first tile's first half prefetches both halves'
-                    // next chunk (as on AVX-512).
-                    let ahead = p0 == 0 && half == 0;
+                    // The first tile's first computed half prefetches both
+                    // halves' next chunk (as on AVX-512).
+                    let ahead = p0 == 0 && (half == 0 || !halves[0]);
                     macro_rules! dispatch {
                         ($($n:literal)*) => {
                             match (r, ahead) {
@@ -432,6 +464,52 @@ mod tests {
                         // Any f32 summation order: |error| <= n·ε·Σ|aᵢbᵢ| (to first order).
                         let bound = 1.01 * depth as f64 * f64::from(f32::EPSILON) * terms.map(f64::abs).sum::<f64>();
                         prop_assert!((got - want).abs() <= bound, "{:?} r={} p={}: {} vs {}", isa, r, p, got, want);
+                    }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Two runs of output channels cut at any half group
+        /// ([`lane_gemm_lanes`], each into its own buffer from its first
+        /// group, as a task's scratch) give every channel of its run as a
+        /// plain product does, on every path (AVX2 computing only the
+        /// run's halves).
+        #[test]
+        fn half_group_runs_match_plain_product(
+            groups in 1usize..5,
+            cut in 0usize..10,
+            depth in 1usize..(2 * KC + 5),
+            pixels in 1usize..20,
+            seed in any::<u64>(),
+        ) {
+            let (rows, cols) = (groups * LANES, pixels + 1);
+            let cut = cut.min(2 * groups) * HALF;
+            let mut next = crate::test_util::uniform(seed);
+            let plain: Vec<f32> = (0..rows * depth).map(|_| next()).collect();
+            let v: Vec<f32> = (0..depth * cols).map(|_| next()).collect();
+            let mut packed = vec![f32::NAN; rows * depth];
+            pack_lanes(&plain, rows, depth, &mut packed);
+            let size = LaneProduct { rows, depth, cols, pixels };
+            for isa in Isa::available() {
+                for lanes in [0..cut, cut..rows] {
+                    if lanes.is_empty() {
+                        continue;
+                    }
+                    let first = lanes.start / LANES;
+                    let mut m = vec![f32::NAN; (lanes.end.div_ceil(LANES) - first) * LANES * pixels];
+                    lane_gemm_lanes(isa, size, &packed, &v, &mut m, lanes.clone(), 0..depth);
+                    for r in lanes.clone() {
+                        for p in 0..pixels {
+                            let got = f64::from(m[((r / LANES - first) * pixels + p) * LANES + r % LANES]);
+                            let terms = (0..depth).map(|d| f64::from(plain[r * depth + d]) * f64::from(v[d * cols + p]));
+                            let want: f64 = terms.clone().sum();
+                            let bound = 1.01 * depth as f64 * f64::from(f32::EPSILON) * terms.map(f64::abs).sum::<f64>();
+                            prop_assert!((got - want).abs() <= bound, "{:?} {:?} r={} p={}: {} vs {}", isa, lanes, r, p, got, want);
+                        }
                     }
                 }
             }

@@ -30,7 +30,9 @@ pub(crate) mod test_case;
 
 pub(crate) use columns::panel_columns;
 pub(crate) use gathered::{panel_gemm_gathered, Gathered};
-pub(crate) use lane::{lane_gemm, lane_gemm_part, lane_index, pack_lanes, LaneProduct, LANES, LANE_CHUNK};
+pub(crate) use lane::{
+    lane_gemm, lane_gemm_lanes, lane_gemm_part, lane_index, pack_lanes, LaneProduct, HALF, LANES, LANE_CHUNK,
+};
 pub(crate) use lane_gathered::{lane_gemm_gathered, LaneTile, Source};
 pub(crate) use panel::{
     chunks_depth, pack_panels, panel_gemm, panel_gemm_shared, panel_gemm_shared_packing, panel_gemm_strided,
