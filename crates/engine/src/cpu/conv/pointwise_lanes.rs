@@ -110,8 +110,8 @@ impl PointwiseLanes {
         let threads = rayon::current_num_threads();
         let per_run = units.div_ceil(threads.div_ceil(shape.batch).clamp(1, units));
         let runs = units.div_ceil(per_run);
-        // Lane groups a run touches (one more where it starts mid-group).
-        let run_groups = (per_run * unit).div_ceil(LANES) + 1;
+        // Lane groups a run touches (one more where half-group runs start mid-group).
+        let run_groups = (per_run * unit).div_ceil(LANES) + usize::from(unit < LANES);
         // Products of one run (`[groups][plane][LANES]`), then one gathered row.
         let Some(scratch_len) = (run_groups * LANES)
             .checked_mul(plane)
