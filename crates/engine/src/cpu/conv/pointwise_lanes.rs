@@ -18,7 +18,7 @@
 use super::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch};
 use crate::cpu::epilogue::Epilogue;
-use crate::cpu::gemm::{lane_gemm_lanes, pack_lanes, Isa, LaneProduct, HALF, LANES};
+use crate::cpu::gemm::{lane_gemm_lanes, pack_lanes, split_unit, Isa, LaneProduct, LANES};
 use crate::cpu::output::Output;
 use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
@@ -102,10 +102,7 @@ impl PointwiseLanes {
         // Tasks own runs of output channels in units of the path's tile:
         // half a lane group on AVX2, so that 5 groups (160 channels) split
         // 5:5 halves on two threads rather than 3:2 groups.
-        let unit = match self.isa {
-            Isa::Avx2Fma => HALF,
-            _ => LANES,
-        };
+        let unit = split_unit(self.isa);
         let units = self.padded_out / unit;
         let threads = rayon::current_num_threads();
         let per_run = units.div_ceil(threads.div_ceil(shape.batch).clamp(1, units));

@@ -99,7 +99,18 @@ pub(crate) fn lane_gemm_part(
 }
 
 /// Lanes of a half lane group: AVX2's micro-tile width.
-pub(crate) const HALF: usize = LANES / 2;
+const HALF: usize = LANES / 2;
+
+/// The run of output channels tasks may split a product at on `isa`
+/// without adding work ([`lane_gemm_lanes`]): half a group on AVX2, whose
+/// tiles are half a group wide; a whole group on the other paths, which
+/// compute whole groups.
+pub(crate) fn split_unit(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx2Fma => HALF,
+        _ => LANES,
+    }
+}
 
 /// [`lane_gemm_part`] for the output channels `lanes` (whole half groups:
 /// bounds multiples of [`HALF`]): `m` holds the lane groups they touch
