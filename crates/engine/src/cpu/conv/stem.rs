@@ -534,7 +534,7 @@ impl IsaBody for PoolRow<'_, '_> {
 mod tests {
     use super::StemConv;
     use crate::cpu::conv::direct::DirectConv;
-    use crate::cpu::conv::tests::resnet_pool;
+    use crate::cpu::conv::tests::{resnet_pool, resnet_stem_conv};
     use crate::cpu::conv::ConvSpec;
     use crate::cpu::epilogue::Epilogue;
     use crate::cpu::gemm::{Isa, Layout};
@@ -614,13 +614,7 @@ mod tests {
     fn resnet_stem() {
         let d = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (2, 3, 224, 224), &d).unwrap();
-        let w = Tensor::randn(0f32, 0.1, (64, 3, 7, 7), &d).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 64, &d).unwrap();
-        let attrs = Conv2dAttrs {
-            stride: [2, 2],
-            padding: [3, 3],
-            ..Default::default()
-        };
+        let (w, b, attrs) = resnet_stem_conv();
         let pool = resnet_pool();
         let relu = Some(Activation::Relu);
         let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
@@ -658,13 +652,7 @@ mod tests {
             x[(i % 3) * 64 * 64 + (20 + 9 * i) * 64 + 7 + 13 * i] = v;
         }
         let x = Tensor::from_vec(x, (2, 3, 64, 64), &d).unwrap();
-        let w = Tensor::randn(0f32, 0.1, (64, 3, 7, 7), &d).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 64, &d).unwrap();
-        let attrs = Conv2dAttrs {
-            stride: [2, 2],
-            padding: [3, 3],
-            ..Default::default()
-        };
+        let (w, b, attrs) = resnet_stem_conv();
         let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for isa in Isa::available() {
             // No activation: ReLU's max with zero may itself drop a NaN.

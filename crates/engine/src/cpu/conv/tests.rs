@@ -699,3 +699,17 @@ pub(crate) fn resnet_pool() -> wick_ir::MaxPool2dAttrs {
         padding: [1, 1],
     }
 }
+
+/// ResNet's stem conv (3 → 64, 7×7, stride 2, padding 3): seeded-random
+/// weights (σ 0.1), biases and its attributes (the stem tests').
+pub(crate) fn resnet_stem_conv() -> (candle_core::Tensor, candle_core::Tensor, wick_ir::Conv2dAttrs) {
+    let d = candle_core::Device::Cpu;
+    let w = candle_core::Tensor::randn(0f32, 0.1, (64, 3, 7, 7), &d).unwrap();
+    let b = candle_core::Tensor::randn(0f32, 1.0, 64, &d).unwrap();
+    let attrs = wick_ir::Conv2dAttrs {
+        stride: [2, 2],
+        padding: [3, 3],
+        ..Default::default()
+    };
+    (w, b, attrs)
+}

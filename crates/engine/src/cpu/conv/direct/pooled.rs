@@ -292,7 +292,7 @@ impl IsaBody for PoolReady<'_, '_> {
 #[cfg(test)]
 mod tests {
     use crate::cpu::conv::direct::DirectConv;
-    use crate::cpu::conv::tests::resnet_pool;
+    use crate::cpu::conv::tests::{resnet_pool, resnet_stem_conv};
     use crate::cpu::gemm::Isa;
     use crate::cpu::gemm::Layout::Panels;
     use crate::cpu::pool::max_pool2d;
@@ -363,13 +363,7 @@ mod tests {
     fn resnet_stem_in_row_chunks() {
         let d = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (2, 3, 224, 224), &d).unwrap();
-        let w = Tensor::randn(0f32, 0.1, (64, 3, 7, 7), &d).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 64, &d).unwrap();
-        let attrs = Conv2dAttrs {
-            stride: [2, 2],
-            padding: [3, 3],
-            ..Default::default()
-        };
+        let (w, b, attrs) = resnet_stem_conv();
         let pool = resnet_pool();
         let relu = Some(wick_ir::Activation::Relu);
         let conv = |pool| DirectConv::for_test(&w, Some(&b), attrs, relu, pool, Panels, Isa::detect()).unwrap();
