@@ -369,9 +369,8 @@ impl Run<'_> {
                     3 => plain_window_max::<3>(rows, xs, out),
                     _ => plain_window_max::<4>(rows, xs, out),
                 }
-                if late {
-                    epilogue::in_place_channels(out, biases, activation);
-                }
+                // `plain` implies the epilogue comes after the max.
+                epilogue::in_place_channels(out, biases, activation);
             }
             return self.store_pooled_row(image, r, pooled_row);
         }
@@ -499,9 +498,9 @@ fn plain_bound(weights: &[f32], depth: usize) -> Option<f32> {
         }
         largest = largest.max(f64::from(w.abs()));
     }
+    // All weights zero: an infinite quotient, capped at f32::MAX.
     let bound = f64::from(f32::MAX) / (2.0 * depth.max(1) as f64 * largest);
-    // `as` saturates: an unbounded quotient (all weights zero) is f32::MAX.
-    Some((bound.min(f64::from(f32::MAX))) as f32)
+    Some(bound.min(f64::from(f32::MAX)) as f32)
 }
 
 /// Pooled row `r` of image `image` from the convolution rows in
