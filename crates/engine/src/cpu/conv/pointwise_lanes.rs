@@ -18,7 +18,7 @@
 use super::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch};
 use crate::cpu::epilogue::Epilogue;
-use crate::cpu::gemm::{lane_gemm_lanes, pack_lanes, split_unit, Isa, LaneProduct, LANES};
+use crate::cpu::gemm::{lane_gemm_lanes, lane_groups, pack_lanes, split_unit, Isa, LaneProduct, LANES};
 use crate::cpu::output::Output;
 use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
@@ -126,15 +126,14 @@ impl PointwiseLanes {
             (0..shape.batch * runs).into_par_iter().try_for_each(|task| {
                 let (image, run) = (task / runs, task % runs);
                 let lanes = run * per_run * unit..units.min((run + 1) * per_run) * unit;
-                let first_group = lanes.start / LANES;
+                let groups = lane_groups(&lanes);
                 let x = &input[image * depth * plane..][..depth * plane];
                 with_scratch(scratch_len, |scratch| {
-                    let touched = lanes.end.div_ceil(LANES) - first_group;
-                    let (m, row) = scratch.split_at_mut(touched * LANES * plane);
+                    let (m, row) = scratch.split_at_mut(groups.len() * LANES * plane);
                     let row = &mut row[..plane];
                     lane_gemm_lanes(self.isa, size, &self.packed, x, m, lanes.clone(), 0..depth);
                     for o in lanes.start..lanes.end.min(outs) {
-                        let (group, lane) = (o / LANES - first_group, o % LANES);
+                        let (group, lane) = (o / LANES - groups.start, o % LANES);
                         let products = &m[group * plane * LANES..][..plane * LANES];
                         for (value, pixel) in row.iter_mut().zip(products.chunks_exact(LANES)) {
                             *value = pixel[lane];

@@ -140,6 +140,14 @@ impl StemConv {
         self.spec.out_channels.div_ceil(block(self.isa)) * block(self.isa)
     }
 
+    /// Whether the plain max fits the conv's shape: padded channels in 1
+    /// to [`PLAIN_MAX`] whole vectors of [`MAX_LANES`], pool windows at
+    /// most [`PLAIN_MAX`] rows.
+    fn plain_shape(&self) -> bool {
+        let po = self.padded_out();
+        po.is_multiple_of(MAX_LANES) && (1..=PLAIN_MAX).contains(&(po / MAX_LANES)) && self.pool.kernel[0] <= PLAIN_MAX
+    }
+
     /// Runs on a CPU f32 tensor `[N, C, H, W]`: the conv, `residual` (the
     /// conv's output shape) added before the activation, then the pool.
     pub(crate) fn run(&self, x: &Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
@@ -228,6 +236,7 @@ impl Run<'_> {
             // The plain max where the convolution rows are all finite:
             // bounded input and weights, no epilogue before the max.
             let plain = late
+                && conv.plain_shape()
                 && conv.plain_bound.is_some_and(|bound| {
                     conv.isa.run(Bounded {
                         values: &padded[..],
@@ -353,8 +362,7 @@ impl Run<'_> {
         let ring_row = |y: usize| &ring_rows[y % ring * row_len..][..row_len];
         let pw = self.pooled[1];
         let (biases, activation) = (conv.epilogue.biases(0..s.out_channels), conv.epilogue.activation());
-        let vectors = po / MAX_LANES;
-        if plain && po % MAX_LANES == 0 && (1..=PLAIN_MAX).contains(&vectors) && ys.len() <= PLAIN_MAX {
+        if plain {
             let mut rows = [&ring_rows[..0]; PLAIN_MAX];
             for (row, y) in rows.iter_mut().zip(ys.clone()) {
                 *row = ring_row(y);
@@ -363,7 +371,7 @@ impl Run<'_> {
             for px in 0..pw {
                 let xs = window(pool, 1, ow, px);
                 let out = &mut pooled_row[px * po..][..po];
-                match vectors {
+                match po / MAX_LANES {
                     1 => plain_window_max::<1>(rows, xs, out),
                     2 => plain_window_max::<2>(rows, xs, out),
                     3 => plain_window_max::<3>(rows, xs, out),
@@ -515,8 +523,9 @@ struct PoolRow<'a, 'r> {
     ring_rows: &'a [f32],
     scratch: [&'a mut [f32]; 2],
     late: bool,
-    /// The task's convolution rows are finite ([`plain_bound`]): the
-    /// maxima take [`plain_window_max`].
+    /// The task's convolution rows are finite ([`plain_bound`]) and the
+    /// conv's shape fits ([`StemConv::plain_shape`]): the maxima take
+    /// [`plain_window_max`].
     plain: bool,
 }
 

@@ -112,6 +112,12 @@ pub(crate) fn split_unit(isa: Isa) -> usize {
     }
 }
 
+/// The lane groups output channels `lanes` touch: where
+/// [`lane_gemm_lanes`] puts their products in `m`.
+pub(crate) fn lane_groups(lanes: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+    lanes.start / LANES..lanes.end.div_ceil(LANES)
+}
+
 /// [`lane_gemm_part`] for the output channels `lanes` (whole half groups:
 /// bounds multiples of [`HALF`]): `m` holds the lane groups they touch
 /// (`[groups][pixels][LANES]`, from group `lanes.start / LANES`); the lanes
@@ -127,7 +133,7 @@ pub(crate) fn lane_gemm_lanes(
     depths: std::ops::Range<usize>,
 ) {
     assert!(lanes.start.is_multiple_of(HALF) && lanes.end.is_multiple_of(HALF) && lanes.start <= lanes.end);
-    let groups = lanes.start / LANES..lanes.end.div_ceil(LANES);
+    let groups = lane_groups(&lanes);
     let LaneProduct {
         rows,
         depth,
@@ -510,8 +516,8 @@ mod tests {
                     if lanes.is_empty() {
                         continue;
                     }
-                    let first = lanes.start / LANES;
-                    let mut m = vec![f32::NAN; (lanes.end.div_ceil(LANES) - first) * LANES * pixels];
+                    let first = lane_groups(&lanes).start;
+                    let mut m = vec![f32::NAN; lane_groups(&lanes).len() * LANES * pixels];
                     lane_gemm_lanes(isa, size, &packed, &v, &mut m, lanes.clone(), 0..depth);
                     for r in lanes.clone() {
                         for p in 0..pixels {

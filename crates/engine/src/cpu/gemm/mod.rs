@@ -31,7 +31,8 @@ pub(crate) mod test_case;
 pub(crate) use columns::panel_columns;
 pub(crate) use gathered::{panel_gemm_gathered, Gathered};
 pub(crate) use lane::{
-    lane_gemm, lane_gemm_lanes, lane_gemm_part, lane_index, pack_lanes, split_unit, LaneProduct, LANES, LANE_CHUNK,
+    lane_gemm, lane_gemm_lanes, lane_gemm_part, lane_groups, lane_index, pack_lanes, split_unit, LaneProduct, LANES,
+    LANE_CHUNK,
 };
 pub(crate) use lane_gathered::{lane_gemm_gathered, LaneTile, Source};
 pub(crate) use panel::{
