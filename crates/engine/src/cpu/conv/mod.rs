@@ -294,6 +294,7 @@ impl CpuConv {
     pub(crate) fn form(&self, out_width: usize) -> &'static str {
         match self {
             CpuConv::Depthwise(conv, None) => conv.form(out_width),
+            CpuConv::Direct(conv) => conv.form(),
             _ => "",
         }
     }

@@ -8,7 +8,7 @@
 
 use crate::cpu::data::SharedOut;
 use crate::cpu::epilogue::Epilogue;
-use crate::cpu::gemm::{panel_gemm_shared, panel_gemm_strided, Isa, SharedRows, StoreEpilogue, Strided};
+use crate::cpu::gemm::{panel_gemm_shared, panel_gemm_strided, DepthChunks, Isa, SharedRows, StoreEpilogue, Strided};
 use crate::cpu::gemm::{PANEL_GRANULE, PANEL_ROWS};
 
 /// Where a product goes: pixels `base..base + pixels` of output channel
@@ -26,7 +26,8 @@ pub(crate) struct PlaneRun<'a> {
 /// `depth`, [`crate::cpu::gemm::pack_panels`]; `padded_out` rows, the
 /// first `out_channels` real) times `v` (`[depth, cols]`, rows `cols`
 /// apart, `cols` a multiple of the granule, its first `pixels` columns
-/// the run's).
+/// the run's); the whole panels over whole tiles in `chunks` of the
+/// depth, if given ([`DepthChunks`]).
 #[derive(Clone, Copy)]
 pub(crate) struct Product<'a> {
     pub(crate) isa: Isa,
@@ -38,6 +39,7 @@ pub(crate) struct Product<'a> {
     pub(crate) v: &'a [f32],
     pub(crate) cols: usize,
     pub(crate) pixels: usize,
+    pub(crate) chunks: Option<DepthChunks>,
 }
 
 /// Stores `p` into `out`, `act(product + bias (+ residual))`, using `m`
@@ -57,6 +59,7 @@ pub(crate) unsafe fn store(p: Product<'_>, out: PlaneRun<'_>, m: &mut [f32]) {
         v,
         cols,
         pixels,
+        chunks,
     } = p;
     let PlaneRun {
         dst,
@@ -84,7 +87,7 @@ pub(crate) unsafe fn store(p: Product<'_>, out: PlaneRun<'_>, m: &mut [f32]) {
         };
         let size = [full_rows, depth, full_cols];
         // SAFETY: the caller's contract: these pixels are this task's.
-        unsafe { panel_gemm_shared(isa, &packed[..full_rows * depth], columns, m, size, Some(store)) };
+        unsafe { panel_gemm_shared(isa, &packed[..full_rows * depth], columns, m, size, Some(store), chunks) };
     }
     // The rest into `m` (`[O_pad, cols]`): the last partial panel's rows
     // over the whole tiles, every row over the last partial tile.

@@ -584,7 +584,7 @@ impl PointwiseConv {
                         (Right::Rows(v), Some(tiles)) => unsafe {
                             panel_gemm_shared_packing(self.isa, u, v, tiles, m, size, Some(epilogue))
                         },
-                        _ => unsafe { panel_gemm_shared(self.isa, u, v, m, size, Some(epilogue)) },
+                        _ => unsafe { panel_gemm_shared(self.isa, u, v, m, size, Some(epilogue), None) },
                     }
                 }
                 if full_rows < t.rows.len() {

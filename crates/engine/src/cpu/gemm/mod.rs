@@ -36,8 +36,9 @@ pub(crate) use lane::{
 };
 pub(crate) use lane_gathered::{lane_gemm_gathered, LaneTile, Source};
 pub(crate) use panel::{
-    chunks_depth, pack_panels, panel_gemm, panel_gemm_shared, panel_gemm_shared_packing, panel_gemm_strided,
-    panel_index, SharedRows, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES, WIDE_TILE,
+    chunks_depth, pack_panels, panel_gemm, panel_gemm_chunked, panel_gemm_shared, panel_gemm_shared_packing,
+    panel_gemm_strided, panel_index, DepthChunks, SharedRows, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS,
+    PANEL_TILES, WIDE_TILE,
 };
 pub(crate) use right::{pack_tiles, pack_tiles_parallel, scale_rows, Right};
 

@@ -94,14 +94,48 @@ pub(crate) fn panel_index(depth: usize, row: usize, d: usize) -> usize {
 /// `m = u · v`: `u` packed by [`pack_panels`] (`rows × depth`), `v`
 /// `[depth, cols]`, `m` `[rows, cols]`; `isa` must be one of [`Isa::available`].
 pub(crate) fn panel_gemm(isa: Isa, u: &[f32], v: &[f32], m: &mut [f32], rows: usize, depth: usize, cols: usize) {
-    panel_gemm_strided(
-        isa,
-        u,
-        Strided { data: v, stride: cols },
-        m,
-        cols,
-        [rows, depth, cols],
-        None,
+    panel_gemm_chunked(isa, u, v, m, [rows, depth, cols], None);
+}
+
+/// How a deep product is cut so that a slice of `v` stays in L1 while
+/// the weights pass it: depth chunks of `depth` steps, each over blocks
+/// of `rows` rows (a multiple of [`PANEL_ROWS`]), each chunk adding to
+/// the sums of the last in `m`, the epilogue with the last. Chosen from
+/// the caches ([`crate::machine::Machine::depth_chunks`]); the AVX-512
+/// path takes it, AVX2 cuts its products itself ([`chunks_depth`]) and the
+/// scalar path runs them whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DepthChunks {
+    /// Depth steps per chunk (at least 1).
+    pub(crate) depth: usize,
+    /// Rows per block of a chunk.
+    pub(crate) rows: usize,
+}
+
+/// [`panel_gemm`] in `chunks`, if given ([`DepthChunks`]): the same sums,
+/// added in the same order within a chunk.
+pub(crate) fn panel_gemm_chunked(
+    isa: Isa,
+    u: &[f32],
+    v: &[f32],
+    m: &mut [f32],
+    size: [usize; 3],
+    chunks: Option<DepthChunks>,
+) {
+    let [_, _, cols] = size;
+    let v = Right::from(Strided { data: v, stride: cols });
+    let span = check_operands(isa, u, v, cols, size, None);
+    assert!(span.is_some_and(|span| m.len() >= span));
+    check_chunks(chunks);
+    // SAFETY: operands checked above; `m` is exclusively borrowed and holds the span.
+    unsafe { gemm_into(isa, u, v, m.as_mut_ptr(), cols, size, None, chunks) }
+}
+
+/// Panics unless `chunks` (if any) has a depth and whole panels of rows.
+fn check_chunks(chunks: Option<DepthChunks>) {
+    assert!(
+        chunks.is_none_or(|c| c.depth > 0 && c.rows > 0 && c.rows.is_multiple_of(PANEL_ROWS)),
+        "depth chunks of no depth or of partial panels: {chunks:?}"
     );
 }
 
@@ -151,7 +185,7 @@ pub(crate) fn panel_gemm_strided<'v>(
     let span = check_operands(isa, u, v, m_stride, size, epilogue);
     assert!(span.is_some_and(|span| m.len() >= span));
     // SAFETY: operands checked above; `m` is exclusively borrowed and holds the span.
-    unsafe { gemm_into(isa, u, v, m.as_mut_ptr(), m_stride, size, epilogue) }
+    unsafe { gemm_into(isa, u, v, m.as_mut_ptr(), m_stride, size, epilogue, None) }
 }
 
 /// Rows `stride` apart from element `start` of a buffer several tasks
@@ -170,6 +204,7 @@ pub(crate) struct SharedRows {
 /// # Safety
 /// No other task reads or writes those elements while this runs, and the
 /// buffer outlives the call (the span is checked against it here).
+/// `chunks` as [`panel_gemm_chunked`] takes them.
 pub(crate) unsafe fn panel_gemm_shared<'v>(
     isa: Isa,
     u: &[f32],
@@ -177,11 +212,13 @@ pub(crate) unsafe fn panel_gemm_shared<'v>(
     m: SharedRows,
     size: [usize; 3],
     epilogue: Option<StoreEpilogue>,
+    chunks: Option<DepthChunks>,
 ) {
     let v = v.into();
     check_shared(isa, u, v, m, size, epilogue);
+    check_chunks(chunks);
     // SAFETY: in bounds (checked above); exclusive by the caller's contract.
-    unsafe { gemm_into(isa, u, v, m.out.ptr_at(m.start), m.stride, size, epilogue) }
+    unsafe { gemm_into(isa, u, v, m.out.ptr_at(m.start), m.stride, size, epilogue, chunks) }
 }
 
 /// [`panel_gemm_shared`] on a row-major `v` (rows a plane apart: a 1×1
@@ -234,7 +271,7 @@ pub(crate) unsafe fn panel_gemm_shared_packing(
         // where the columns are fewer; 16 on AVX2).
         unsafe {
             match isa {
-                Isa::Avx512 => x86::gemm_avx512(u, v, layout, at, size, ms, epilogue),
+                Isa::Avx512 => x86::gemm_avx512(u, v, layout, at, size, ms, epilogue, None),
                 _ => x86::gemm_avx2(u, v, layout, at, size, ms, epilogue),
             }
         }
@@ -242,7 +279,7 @@ pub(crate) unsafe fn panel_gemm_shared_packing(
     }
     let v = pack_tiles(isa, v, [depth, cols], tiles, None);
     // SAFETY: the caller's contract.
-    unsafe { panel_gemm_shared(isa, u, v, m, size, epilogue) }
+    unsafe { panel_gemm_shared(isa, u, v, m, size, epilogue, None) }
 }
 
 /// [`check_operands`] for a product into rows of a shared buffer, and
@@ -292,7 +329,9 @@ fn check_operands(
 /// # Safety
 /// [`check_operands`] accepted the operands, `m` is valid for writes of
 /// its span, and nothing else accesses the elements the product writes
-/// (`r·m_stride + c`, `r < rows`, `c < cols`) meanwhile.
+/// (`r·m_stride + c`, `r < rows`, `c < cols`) meanwhile. `chunks` as
+/// [`panel_gemm_chunked`] takes them.
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_into(
     isa: Isa,
     u: &[f32],
@@ -301,6 +340,7 @@ unsafe fn gemm_into(
     m_stride: usize,
     size: [usize; 3],
     epilogue: Option<StoreEpilogue>,
+    chunks: Option<DepthChunks>,
 ) {
     let [rows, depth, cols] = size;
     let (v, layout) = v.parts(depth, cols);
@@ -309,7 +349,7 @@ unsafe fn gemm_into(
         // SAFETY: the spans were checked by the caller (the kernels index
         // within them only), and `Isa::Avx512` is only handed out when the
         // CPU has AVX-512F.
-        Isa::Avx512 => unsafe { x86::gemm_avx512(u, v, layout, m, size, m_stride, epilogue) },
+        Isa::Avx512 => unsafe { x86::gemm_avx512(u, v, layout, m, size, m_stride, epilogue, chunks) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for AVX2 + FMA.
         Isa::Avx2Fma => unsafe { x86::gemm_avx2(u, v, layout, m, size, m_stride, epilogue) },
@@ -365,7 +405,9 @@ unsafe fn gemm_scalar(
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    use super::{chunks_depth, Isa, RightLayout, StoreEpilogue, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES, WIDE_TILE};
+    use super::{
+        chunks_depth, DepthChunks, Isa, RightLayout, StoreEpilogue, PANEL_GRANULE, PANEL_ROWS, PANEL_TILES, WIDE_TILE,
+    };
     use crate::cpu::activation::{sigmoid_avx2, sigmoid_avx512};
     use crate::cpu::epilogue::vector_activation;
     use std::arch::x86_64::*;
@@ -437,6 +479,7 @@ pub(super) mod x86 {
     /// meanwhile: each column slice's first tile copies its rows of `v`
     /// there, the slice's other tiles read them from there (one slice at a
     /// time, or a row sweep's block of them side by side).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gemm_avx512(
         u: &[f32],
@@ -446,6 +489,7 @@ pub(super) mod x86 {
         [rows, depth, cols]: [usize; 3],
         ms: usize,
         epi: Option<StoreEpilogue>,
+        chunks: Option<DepthChunks>,
     ) {
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
@@ -461,6 +505,11 @@ pub(super) mod x86 {
                 true => super::super::row_sweep::avx512(u, v, layout, m, size, ms, epi),
                 false => 0,
             };
+            // A deep product on a row-major `v` in depth chunks, if asked.
+            if let Some(c) = chunks.filter(|c| c.depth < depth && layout.row_major() && pack.is_null()) {
+                avx512_chunked(u, v, layout, m, size, ms, epi, [t0, c.depth.max(1), c.rows]);
+                return;
+            }
             while t0 < cols {
                 let width = avx512_slice_width(t0, cols);
                 // The first tile's pass prefetches the next slice of `v`:
@@ -481,6 +530,132 @@ pub(super) mod x86 {
                 t0 += width;
             }
             fence_streams(stream);
+        }
+    }
+
+    /// [`gemm_avx512`] in depth chunks of `kc` and blocks of `mc` rows
+    /// (`v` row-major, not packed), columns from `t0` on: each chunk's
+    /// slice of `v` stays in L1 while the block's weights pass it; each
+    /// chunk adds its sums to the last one's in `m`, the epilogue (and
+    /// streaming stores) with the last.
+    ///
+    /// # Safety
+    /// As [`gemm_avx512`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512_chunked(
+        u: *const f32,
+        v: *const f32,
+        layout: RightLayout,
+        m: *mut f32,
+        [rows, depth, cols]: [usize; 3],
+        ms: usize,
+        epi: Option<StoreEpilogue>,
+        [t_start, kc, mc]: [usize; 3],
+    ) {
+        // SAFETY: the caller upholds `gemm_avx512`'s contract; each chunk
+        // reads rows `k0..k0 + chunk` of the same columns and weights.
+        unsafe {
+            let chunks = depth.div_ceil(kc);
+            let mc = mc.next_multiple_of(PANEL_ROWS);
+            for k in 0..chunks {
+                let k0 = k * kc;
+                let chunk = kc.min(depth - k0);
+                let part = DepthPart {
+                    k0,
+                    len: chunk,
+                    first: k == 0,
+                    last: k + 1 == chunks,
+                };
+                for r0 in (0..rows).step_by(mc) {
+                    let r1 = rows.min(r0 + mc);
+                    let mut t0 = t_start;
+                    while t0 < cols {
+                        let width = avx512_slice_width(t0, cols);
+                        let (at, vs) = layout.at(t0);
+                        let columns = TileColumns::rows(v.add(at + k0 * vs), vs);
+                        // The block's first tile prefetches the chunk's rows
+                        // of the next slice, as the whole product's does.
+                        let next = (t0 + width < cols).then(|| columns.at.wrapping_add(width));
+                        let at = [r0, r1, depth, t0];
+                        match width {
+                            WIDE_TILE => {
+                                avx512_part_tiles::<{ WIDE_TILE / 16 }>(u, columns, m, at, ms, epi, next, part)
+                            }
+                            PANEL_TILES => {
+                                avx512_part_tiles::<{ PANEL_TILES / 16 }>(u, columns, m, at, ms, epi, next, part)
+                            }
+                            _ => avx512_part_tiles::<1>(u, columns, m, at, ms, epi, next, part),
+                        }
+                        t0 += width;
+                    }
+                }
+            }
+            fence_streams(streams(epi));
+        }
+    }
+
+    /// Which depth a chunked product's call covers: `k0..k0 + len`, the
+    /// first chunk (sums start at zero) and the last (epilogue).
+    #[derive(Clone, Copy)]
+    struct DepthPart {
+        k0: usize,
+        len: usize,
+        first: bool,
+        last: bool,
+    }
+
+    /// [`avx512_column_tiles`] for rows `r0..r1` (multiples of 8) and one
+    /// depth part of a chunked product, `columns` at the part's first row.
+    ///
+    /// # Safety
+    /// As [`avx512_column_tiles`], for those rows and depths.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512_part_tiles<const V: usize>(
+        u: *const f32,
+        columns: TileColumns,
+        m: *mut f32,
+        [r0, r1, depth, t0]: [usize; 4],
+        ms: usize,
+        epi: Option<StoreEpilogue>,
+        next: Option<*const f32>,
+        part: DepthPart,
+    ) {
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            let stream = streams(epi) && part.last;
+            let wide = 16 * V == WIDE_TILE;
+            let mut row = r0;
+            while row < r1 {
+                let height = if wide { PANEL_ROWS } else { avx512_tile_rows(r1 - row) };
+                let w = TileWeights::from_row(u.add(part.k0 * PANEL_ROWS), row, depth);
+                let mp = m.add(row * ms + t0);
+                let e = TileEpilogue::at(epi.filter(|_| part.last), row, t0);
+                let next = next.filter(|_| row == r0);
+                let tall = !wide && height == AVX512_TALL_ROWS;
+                let len = part.len;
+                macro_rules! tile {
+                    ($stream:literal, $acc:literal) => {
+                        match tall {
+                            true => micro_avx512_tall::<V, $stream, $acc, false, false, true>(
+                                w, columns, mp, len, ms, e, next,
+                            ),
+                            false => {
+                                micro_avx512::<V, $stream, $acc, false, false, true>(w, columns, mp, len, ms, e, next)
+                            }
+                        }
+                    };
+                }
+                match (stream, part.first) {
+                    (true, true) => tile!(true, false),
+                    (true, false) => tile!(true, true),
+                    (false, true) => tile!(false, false),
+                    (false, false) => tile!(false, true),
+                }
+                row += height;
+            }
         }
     }
 
@@ -1167,6 +1342,67 @@ mod tests {
                         let want: f64 = terms.clone().sum();
                         // Any f32 summation order: |error| <= n·ε·Σ|aᵢbᵢ| (to first order).
                         let bound = 1.01 * depth as f64 * f64::from(f32::EPSILON) * terms.map(f64::abs).sum::<f64>();
+                        let got = f64::from(m[r * ms + c]);
+                        prop_assert!((got - want).abs() <= bound, "{isa:?} r={r} c={c}: {got} vs {want}");
+                    }
+                    if r + 1 < rows {
+                        prop_assert!(m[r * ms + cols..(r + 1) * ms].iter().all(|x| x.is_nan()), "{isa:?} wrote a gap");
+                    }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// A product in depth chunks ([`DepthChunks`]: any chunk depth,
+        /// blocks of 1-4 panels) equals the f64 product on every path, into
+        /// an exclusive output or into shared rows with the epilogue (bias,
+        /// residual, ReLU: applied once, after the last chunk), the gaps
+        /// between `m`'s rows untouched.
+        #[test]
+        fn chunked_products_match_plain_product(
+            panels in 1usize..6,
+            depth in 1usize..300,
+            granules in 1usize..8,
+            chunk in 1usize..80,
+            block_panels in 1usize..5,
+            shared in any::<bool>(),
+        ) {
+            let case = super::super::test_case::Case::new(panels, depth, granules * PANEL_GRANULE);
+            let (rows, cols, ms) = (case.rows, case.cols, case.ms);
+            let chunks = Some(DepthChunks { depth: chunk, rows: block_panels * PANEL_ROWS });
+            for isa in Isa::available() {
+                let mut m = vec![f32::NAN; case.len()];
+                let epilogue = shared.then(|| case.epilogue());
+                match shared {
+                    true => {
+                        let rows_of = SharedRows { out: SharedOut::over(&mut m), start: 0, stride: ms };
+                        // SAFETY: `m` outlives the call, which alone accesses it.
+                        unsafe { panel_gemm_shared(isa, &case.packed, case.v(), rows_of, case.size(), epilogue, chunks) };
+                    }
+                    false => {
+                        // The exclusive form takes `v` and `m` `cols` wide.
+                        let v: Vec<f32> = (0..depth).flat_map(|d| case.v[d * case.stride..][..cols].to_vec()).collect();
+                        let mut dense = vec![f32::NAN; rows * cols];
+                        panel_gemm_chunked(isa, &case.packed, &v, &mut dense, case.size(), chunks);
+                        for r in 0..rows {
+                            m[r * ms..][..cols].copy_from_slice(&dense[r * cols..][..cols]);
+                        }
+                    }
+                }
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let terms = (0..depth)
+                            .map(|d| f64::from(case.plain[r * depth + d]) * f64::from(case.v[d * case.stride + c]));
+                        let sum: f64 = terms.clone().sum();
+                        let want = match shared {
+                            true => (sum + f64::from(case.bias[r]) + f64::from(case.residual[r * ms + c])).max(0.0),
+                            false => sum,
+                        };
+                        let bound = 1.01 * (depth + 2) as f64 * f64::from(f32::EPSILON)
+                            * (terms.map(f64::abs).sum::<f64>() + 2.0);
                         let got = f64::from(m[r * ms + c]);
                         prop_assert!((got - want).abs() <= bound, "{isa:?} r={r} c={c}: {got} vs {want}");
                     }

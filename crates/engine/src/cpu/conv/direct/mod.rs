@@ -28,8 +28,8 @@ use crate::cpu::data::{gather_strided_on, with_cpu_f32, with_scratch, SharedOut}
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::lane_gathered::{max_runs, max_tile};
 use crate::cpu::gemm::{
-    chunks_depth, lane_gemm, lane_gemm_gathered, lane_gemm_part, panel_gemm, IsaBody, LaneProduct, Layout, Source,
-    LANES, LANE_CHUNK, PANEL_GRANULE, PANEL_ROWS,
+    chunks_depth, lane_gemm, lane_gemm_gathered, lane_gemm_part, panel_gemm_chunked, DepthChunks, IsaBody, LaneProduct,
+    Layout, Source, LANES, LANE_CHUNK, PANEL_GRANULE, PANEL_ROWS,
 };
 use crate::cpu::output::Output;
 use crate::cpu::parallel::for_ranges;
@@ -253,6 +253,25 @@ impl DirectConv {
         self.spec.in_channels * self.spec.kernel[0] * self.spec.kernel[1]
     }
 
+    /// How the panel product on a block's im2col columns is cut in depth
+    /// ([`Machine::depth_chunks`]); the lane layout cuts its own.
+    fn chunks(&self) -> Option<DepthChunks> {
+        match self.layout {
+            Layout::Panels => self.machine.depth_chunks(self.depth(), self.padded_out),
+            Layout::Lanes => None,
+        }
+    }
+
+    /// The form the debug log names: `depth-chunks` where the product on
+    /// im2col columns runs in depth chunks ([`Self::chunks`]; the input
+    /// phases' gathered product, where taken, runs whole).
+    pub(crate) fn form(&self) -> &'static str {
+        match self.chunks() {
+            Some(_) => "depth-chunks",
+            None => "",
+        }
+    }
+
     /// Output pixels per block: a multiple of the GEMM granule, columns and
     /// products together within the block budget (the L2), blocks of even
     /// size; at least [`MIN_BLOCK_COLS`] where the product runs in depth
@@ -469,6 +488,7 @@ impl Run<'_> {
             v,
             cols: block.cols,
             pixels: block.pixels,
+            chunks: conv.chunks(),
         };
         let out = PlaneRun {
             dst: self.dst,
@@ -522,7 +542,10 @@ impl Run<'_> {
         let (depth, cols) = (conv.depth(), block.cols);
         self.im2col_rows(block, v);
         let v = &*v;
-        self.panel_runs(m, cols, |u, m, rows| panel_gemm(conv.isa(), u, v, m, rows, depth, cols));
+        let chunks = conv.chunks();
+        self.panel_runs(m, cols, |u, m, rows| {
+            panel_gemm_chunked(conv.isa(), u, v, m, [rows, depth, cols], chunks)
+        });
     }
 
     /// The block's im2col columns into `v` (`[C·kh·kw, cols]`), their rows

@@ -230,6 +230,9 @@ pub(in crate::cpu::conv::depthwise) fn run(
                 v: &depthwise[..channels * cols],
                 cols,
                 pixels,
+                // The expanded channels' depth (at most 1152 in the zoo:
+                // a 216 KiB slice of a wide tile) stays in the L2 whole.
+                chunks: None,
             };
             let run = PlaneRun {
                 dst: out,
