@@ -191,8 +191,9 @@ pub(crate) enum CpuConv {
     Pointwise(PointwiseConv),
     /// A 1×1 conv on small planes, output channels on the vector lanes.
     PointwiseLanes(PointwiseLanes),
-    /// A 1×1 conv as two half-depth GEMMs in parallel and their sum.
-    PointwiseSplit(PointwiseSplit),
+    /// A 1×1 conv as two half-depth GEMMs in parallel and their sum
+    /// (boxed: two 1×1 convs, the enum's largest variant by far).
+    PointwiseSplit(Box<PointwiseSplit>),
     /// A 1×1 conv on 1×1 planes as dot products.
     Gemv(GemvConv),
     /// A conv of few input channels with a fused max pool, output channels
@@ -254,7 +255,7 @@ impl CpuConv {
             }
             ConvAlgorithm::PointwiseSplit => {
                 pool_unfused("pointwise")?;
-                CpuConv::PointwiseSplit(PointwiseSplit::new(spec, weight, epilogue, machine)?)
+                CpuConv::PointwiseSplit(Box::new(PointwiseSplit::new(spec, weight, epilogue, machine)?))
             }
             ConvAlgorithm::Gemv => {
                 pool_unfused("gemv")?;

@@ -42,7 +42,8 @@ use crate::cpu::data::{with_cpu_f32, with_scratch, with_shared_scratch};
 use crate::cpu::epilogue::{value, Epilogue};
 use crate::cpu::gemm::{
     pack_panels, pack_tiles, pack_tiles_parallel, panel_columns, panel_gemm_shared, panel_gemm_shared_packing,
-    panel_gemm_strided, scale_rows, Isa, Right, SharedRows, StoreEpilogue, Strided, PANEL_GRANULE, PANEL_ROWS,
+    panel_gemm_strided, scale_rows, DepthChunks, Isa, Right, SharedRows, StoreEpilogue, Strided, PANEL_GRANULE,
+    PANEL_ROWS,
 };
 use crate::cpu::output::Output;
 use crate::cpu::parallel::try_shares;
@@ -97,6 +98,9 @@ pub(crate) struct PointwiseConv {
     /// Bytes of operands and output past which the output is streamed
     /// ([`Machine::stream_bytes`]).
     stream_bytes: usize,
+    /// How a product on its row-major input runs in depth ([`Machine::depth_chunks`]):
+    /// the depthwise conv's fused projection reads its bands that way.
+    chunks: Option<DepthChunks>,
 }
 
 /// One image's operands for one task.
@@ -148,6 +152,7 @@ impl PointwiseConv {
             isa: machine.isa,
             block_bytes: machine.block_bytes(),
             stream_bytes: machine.stream_bytes(),
+            chunks: machine.depth_chunks(depth, rows.next_multiple_of(PANEL_ROWS)),
         })
     }
 
@@ -159,6 +164,7 @@ impl PointwiseConv {
             in_channels: self.spec.in_channels,
             out_channels: self.spec.out_channels,
             epilogue: &self.epilogue,
+            chunks: self.chunks,
         }
     }
 

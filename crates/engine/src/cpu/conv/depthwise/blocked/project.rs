@@ -14,7 +14,7 @@ use crate::cpu::conv::planes::{self, PlaneRun, Product};
 use crate::cpu::conv::ConvShape;
 use crate::cpu::data::{with_scratch, CACHE_LINE_FLOATS};
 use crate::cpu::epilogue::Epilogue;
-use crate::cpu::gemm::{Isa, PANEL_GRANULE, PANEL_ROWS};
+use crate::cpu::gemm::{DepthChunks, Isa, PANEL_GRANULE, PANEL_ROWS};
 use crate::cpu::output::Output;
 use candle_core::bail;
 use rayon::prelude::*;
@@ -28,6 +28,9 @@ pub(crate) struct Projection<'a> {
     pub(crate) in_channels: usize,
     pub(crate) out_channels: usize,
     pub(crate) epilogue: &'a Epilogue,
+    /// How its product on a band runs in depth (the 1×1 conv's
+    /// [`crate::machine::Machine::depth_chunks`]).
+    pub(crate) chunks: Option<DepthChunks>,
 }
 
 /// What one fused call reads besides the depthwise conv: its input (the
@@ -230,9 +233,7 @@ pub(in crate::cpu::conv::depthwise) fn run(
                 v: &depthwise[..channels * cols],
                 cols,
                 pixels,
-                // The expanded channels' depth (at most 1152 in the zoo:
-                // a 216 KiB slice of a wide tile) stays in the L2 whole.
-                chunks: None,
+                chunks: p.chunks,
             };
             let run = PlaneRun {
                 dst: out,
