@@ -296,9 +296,96 @@ pub(crate) fn gather_strided_on(isa: Isa, src: &[f32], stride: usize, out: &mut 
     }
 }
 
+/// The three taps of a 3-wide, stride-2 kernel row (dilation 1) in one
+/// pass over an input `line`: `outs[k][i] = line[start + 2i + k]` where
+/// that index lies in `0..line.len()`, else 0 (the zero padding), for
+/// `k < 3` and every `i` (the outs of equal length). On AVX-512 every 16
+/// outputs of all three come from three masked loads (the padding masked
+/// off) and three permutes, where three [`gather_strided_on`] calls and
+/// their edge fills each read the line and cut its ends again; elsewhere
+/// value by value.
+pub(crate) fn gather_stride2_taps3(isa: Isa, line: &[f32], start: isize, outs: [&mut [f32]; 3]) {
+    let n = outs[0].len();
+    assert!(
+        outs.iter().all(|out| out.len() == n),
+        "the three taps' outputs differ in length"
+    );
+    // Every index formed below, `start + 2i + k` for `i <= n + 16`, fits
+    // an isize (slices hold at most isize::MAX bytes; `start` is a column).
+    let reach = n
+        .checked_add(16)
+        .and_then(|i| isize::try_from(i).ok())
+        .and_then(|i| i.checked_mul(2))
+        .and_then(|i| i.checked_add(start.checked_abs()?))
+        .and_then(|i| i.checked_add(48));
+    assert!(reach.is_some(), "tap offsets overflow");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the path's features come with `isa`; the loads read only
+        // lanes within `line` (masks), the stores only the outs' lanes.
+        Isa::Avx512 => unsafe { x86::stride2_taps3_avx512(line, start, outs) },
+        _ => {
+            let len = line.len() as isize;
+            for (k, out) in outs.into_iter().enumerate() {
+                for (i, out) in out.iter_mut().enumerate() {
+                    let at = start + 2 * i as isize + k as isize;
+                    *out = if (0..len).contains(&at) { line[at as usize] } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// [`super::gather_stride2_taps3`]: per 16 outputs, the 33 values
+    /// from `start + 32j` on in three masked loads (lanes outside `line`
+    /// off, so zero), the even, odd and next-even positions permuted out of
+    /// them, and masked stores of the outputs' lanes.
+    ///
+    /// # Safety
+    /// AVX-512F; `start + 2·(outs' length + 16) + 48` fits an isize.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn stride2_taps3_avx512(line: &[f32], start: isize, outs: [&mut [f32]; 3]) {
+        let n = outs[0].len();
+        let len = line.len() as isize;
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        // Positions 2..=30 by two, and 31 in the last lane (replaced by
+        // position 32, the third load's first lane).
+        let next = _mm512_setr_epi32(2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 31);
+        // Lanes `l` of a load at `p` with `0 <= p + l < len`.
+        let inside = |p: isize| -> __mmask16 {
+            let (lo, hi) = ((-p).clamp(0, 16) as u32, (len - p).clamp(0, 16) as u32);
+            match hi > lo {
+                true => (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as __mmask16,
+                false => 0,
+            }
+        };
+        let base = line.as_ptr();
+        let [o0, o1, o2] = outs.map(|out| out.as_mut_ptr());
+        let mut i = 0;
+        // SAFETY: every load's lanes are masked to `0..len` of `line` (a
+        // masked-off lane is not read and does not fault; the pointers are
+        // formed with wrapping arithmetic); the stores' lanes below `n`.
+        unsafe {
+            while i < n {
+                let p = start + 2 * i as isize;
+                let a = _mm512_maskz_loadu_ps(inside(p), base.wrapping_offset(p));
+                let b = _mm512_maskz_loadu_ps(inside(p + 16), base.wrapping_offset(p + 16));
+                let c = _mm512_maskz_loadu_ps(inside(p + 32) & 1, base.wrapping_offset(p + 32));
+                let third = _mm512_permutex2var_ps(a, next, b);
+                let third = _mm512_mask_broadcastss_ps(third, 1 << 15, _mm512_castps512_ps128(c));
+                let store = ((1u32 << (n - i).min(16)) - 1) as __mmask16;
+                _mm512_mask_storeu_ps(o0.add(i), store, _mm512_permutex2var_ps(a, even, b));
+                _mm512_mask_storeu_ps(o1.add(i), store, _mm512_permutex2var_ps(a, odd, b));
+                _mm512_mask_storeu_ps(o2.add(i), store, third);
+                i += 16;
+            }
+        }
+    }
 
     /// `out[k] = src[2k]`, 16 at a time; masked loads for the values past
     /// `src`'s end that a vector would reach (never read: a masked lane
@@ -407,6 +494,48 @@ mod tests {
                     super::gather_strided_on(isa, &src, stride, &mut got[..n]);
                     assert_eq!(want[..n], got[..n], "{isa:?} stride {stride}, {n} values");
                     assert!(got[n..].iter().all(|x| x.is_nan()), "{isa:?} wrote past {n} values");
+                }
+            }
+        }
+    }
+
+    /// The three taps of a 3-wide stride-2 kernel row equal the values the
+    /// padded line holds at `start + 2i + k` (zero outside it), on every
+    /// path, for lines of 0 to 70 values, starts before, inside and past
+    /// the line and 0 to 40 outputs: the line sits between NaNs (a read
+    /// outside it would show), the values past the outputs stay untouched.
+    #[test]
+    fn stride2_taps_match_the_padded_line() {
+        use crate::cpu::gemm::Isa;
+        for isa in Isa::available() {
+            for len in [0usize, 1, 2, 5, 16, 17, 31, 32, 33, 56, 70] {
+                let mut buf = vec![f32::NAN; len + 80];
+                for (i, x) in buf[40..40 + len].iter_mut().enumerate() {
+                    *x = i as f32 * 0.25 - 2.0;
+                }
+                let line = &buf[40..40 + len];
+                for start in -3..len as isize + 3 {
+                    for n in 0..40usize {
+                        let mut got = [vec![f32::NAN; n + 2], vec![f32::NAN; n + 2], vec![f32::NAN; n + 2]];
+                        let [a, b, c] = &mut got;
+                        super::gather_stride2_taps3(isa, line, start, [&mut a[..n], &mut b[..n], &mut c[..n]]);
+                        for (k, got) in got.iter().enumerate() {
+                            for (i, &value) in got[..n].iter().enumerate() {
+                                let at = start + 2 * i as isize + k as isize;
+                                let want = if at >= 0 && (at as usize) < len {
+                                    line[at as usize]
+                                } else {
+                                    0.0
+                                };
+                                assert_eq!(
+                                    value.to_bits(),
+                                    want.to_bits(),
+                                    "{isa:?} len {len} start {start} tap {k} i {i}"
+                                );
+                            }
+                            assert!(got[n..].iter().all(|x| x.is_nan()), "{isa:?} wrote past {n} values");
+                        }
+                    }
                 }
             }
         }
