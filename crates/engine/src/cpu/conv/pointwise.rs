@@ -615,14 +615,14 @@ impl PointwiseConv {
                             data: input,
                             stride: plane,
                         };
-                        panel_columns(self.isa, u, padded_rows / PANEL_ROWS, depth, v, cols.clone(), m);
+                        panel_columns(self.isa, u, padded_rows / PANEL_ROWS, depth, v, cols.clone(), m, n);
                     }
                     Some(scale) => {
                         // These columns of the scaled input, `[C, n]`.
                         let edge = &mut edge[..depth * n];
                         scale_rows(&input[cols.start..], plane, n, edge, scale);
                         let v = Strided { data: edge, stride: n };
-                        panel_columns(self.isa, u, padded_rows / PANEL_ROWS, depth, v, 0..n, m);
+                        panel_columns(self.isa, u, padded_rows / PANEL_ROWS, depth, v, 0..n, m, n);
                     }
                 }
                 for r in 0..t.rows.len() {

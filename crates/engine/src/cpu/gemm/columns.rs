@@ -19,9 +19,11 @@
 use super::{Isa, Strided, PANEL_ROWS};
 use std::ops::Range;
 
-/// `m[r][c - cols.start] = Σ_d U[r][d] · v[d][c]` for every row of the
-/// `panels` panels of `u` (`panels · depth · 8` values) and each column `c`
-/// of `cols`; `m` is `[panels · 8, cols.len()]`, row-major.
+/// `m[r·ms + c - cols.start] = Σ_d U[r][d] · v[d][c]` for every row of
+/// the `panels` panels of `u` (`panels · depth · 8` values) and each column
+/// `c` of `cols`; `m` is `[panels · 8, cols.len()]` with rows `ms` apart
+/// (`ms >= cols.len()`; the values between the rows untouched).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn panel_columns(
     isa: Isa,
     u: &[f32],
@@ -30,6 +32,7 @@ pub(crate) fn panel_columns(
     v: Strided,
     cols: Range<usize>,
     m: &mut [f32],
+    ms: usize,
 ) {
     let n = cols.len();
     let rows = panels * PANEL_ROWS;
@@ -37,28 +40,32 @@ pub(crate) fn panel_columns(
     let v_span = depth
         .checked_sub(1)
         .map_or(Some(0), |d| d.checked_mul(v.stride)?.checked_add(cols.end));
+    let m_span = rows
+        .checked_sub(1)
+        .map_or(Some(0), |r| r.checked_mul(ms)?.checked_add(n));
     assert!(
-        rows.checked_mul(depth).is_some_and(|len| u.len() >= len)
+        ms >= n
+            && rows.checked_mul(depth).is_some_and(|len| u.len() >= len)
             && v_span.is_some_and(|span| v.data.len() >= span)
-            && rows.checked_mul(n).is_some_and(|len| m.len() >= len)
+            && m_span.is_some_and(|span| m.len() >= span)
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the spans were checked above; AVX-512F with AVX2 and FMA
         // (`Isa::available`), and VL checked here.
         Isa::Avx512 if std::arch::is_x86_feature_detected!("avx512vl") => unsafe {
-            x86::columns_avx512(u, panels, depth, v, cols, m)
+            x86::columns_avx512(u, panels, depth, v, cols, m, ms)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the spans were checked above; every SIMD path has AVX2
         // and FMA (`Isa::available` checks them for AVX-512 too).
-        Isa::Avx512 | Isa::Avx2Fma => unsafe { x86::columns_avx2(u, panels, depth, v, cols, m) },
+        Isa::Avx512 | Isa::Avx2Fma => unsafe { x86::columns_avx2(u, panels, depth, v, cols, m, ms) },
         _ => {
             for (k, c) in cols.enumerate() {
-                for (row, out) in m.chunks_exact_mut(n).take(rows).enumerate() {
+                for row in 0..rows {
                     let (panel, r) = (row / PANEL_ROWS, row % PANEL_ROWS);
                     let weights = &u[panel * depth * PANEL_ROWS..][..depth * PANEL_ROWS];
-                    out[k] = (0..depth)
+                    m[row * ms + k] = (0..depth)
                         .map(|d| weights[d * PANEL_ROWS + r] * v.data[d * v.stride + c])
                         .sum();
                 }
@@ -87,7 +94,7 @@ mod x86 {
             /// # Safety
             /// The CPU has the features named; `u` has `panels · depth · 8`
             /// values, `v` reaches `(depth - 1) · stride + cols.end`, `m`
-            /// has `panels · 8 · cols.len()`.
+            /// has `(panels · 8 - 1) · ms + cols.len()`.
             #[target_feature(enable = $feature)]
             pub(super) unsafe fn $name(
                 u: &[f32],
@@ -96,6 +103,7 @@ mod x86 {
                 v: Strided,
                 cols: Range<usize>,
                 m: &mut [f32],
+                ms: usize,
             ) {
                 const GROUP: usize = $group;
                 let n = cols.len();
@@ -111,7 +119,7 @@ mod x86 {
                             v,
                             column: cols.start + k,
                             m: &mut *m,
-                            n,
+                            ms,
                             k,
                             panel,
                         };
@@ -167,7 +175,7 @@ mod x86 {
                             let mut sums = [0f32; PANEL_ROWS];
                             _mm256_storeu_ps(sums.as_mut_ptr(), acc);
                             for (r, &s) in sums.iter().enumerate() {
-                                *mp.add(((b.panel + q) * PANEL_ROWS + r) * b.n + b.k + j) = s;
+                                *mp.add(((b.panel + q) * PANEL_ROWS + r) * b.ms + b.k + j) = s;
                             }
                         }
                     }
@@ -182,14 +190,15 @@ mod x86 {
     columns_kernel!(columns_avx512, block_avx512, "avx2,fma,avx512f,avx512vl", 4);
 
     /// Where one block of sums goes: columns `column..column + C` of `v`
-    /// (output columns `k..k + C` of `m`, `n` wide) by panels `panel..panel + G`.
+    /// (output columns `k..k + C` of `m`, rows `ms` apart) by panels
+    /// `panel..panel + G`.
     struct Block<'a> {
         u: &'a [f32],
         depth: usize,
         v: Strided<'a>,
         column: usize,
         m: &'a mut [f32],
-        n: usize,
+        ms: usize,
         k: usize,
         panel: usize,
     }
@@ -211,6 +220,7 @@ mod tests {
             rows in 1usize..60,
             depth in 0usize..70,
             [start, count, pad] in [0usize..20, 1usize..17, 0usize..5],
+            m_pad in 0usize..4,
             seed in any::<u64>(),
         ) {
             let mut next = crate::test_util::uniform(seed);
@@ -223,16 +233,21 @@ mod tests {
             let v = Strided { data: &data, stride };
             let cols = start..start + count;
             for isa in Isa::available() {
-                let mut m = vec![f32::NAN; panels * PANEL_ROWS * count];
-                panel_columns(isa, &u, panels, depth, v, cols.clone(), &mut m);
+                // Rows `ms` apart, the gaps between them left as they were.
+                let ms = count + m_pad;
+                let mut m = vec![f32::NAN; (panels * PANEL_ROWS - 1) * ms + count];
+                panel_columns(isa, &u, panels, depth, v, cols.clone(), &mut m, ms);
                 for r in 0..panels * PANEL_ROWS {
                     for (k, c) in cols.clone().enumerate() {
                         let want: f64 = match r < rows {
                             true => (0..depth).map(|d| f64::from(plain[r * depth + d]) * f64::from(data[d * stride + c])).sum(),
                             false => 0.0,
                         };
-                        let got = f64::from(m[r * count + k]);
+                        let got = f64::from(m[r * ms + k]);
                         prop_assert!((got - want).abs() <= 1e-5 * (depth as f64 + 1.0), "{:?} [{}][{}]: {} vs {}", isa, r, c, got, want);
+                    }
+                    if r + 1 < panels * PANEL_ROWS {
+                        prop_assert!(m[r * ms + count..(r + 1) * ms].iter().all(|x| x.is_nan()), "{:?} wrote a gap", isa);
                     }
                 }
             }
