@@ -736,12 +736,10 @@ impl Run<'_> {
         for seg in &block.segments {
             let span = seg.col..seg.col + seg.x1 - seg.x0;
             let outs = [&mut v0[span.clone()], &mut v1[span.clone()], &mut v2[span]];
-            let iy = (seg.y * a.stride[0] + ky * a.dilation[0]) as isize - a.padding[0] as isize;
-            if iy < 0 || iy >= s.height as isize {
+            let Some(line) = self.input_line(seg, c, ky) else {
                 outs.into_iter().for_each(|out| out.fill(0.0));
                 continue;
-            }
-            let line = &self.input[(seg.image * s.channels + c) * plane + iy as usize * s.width..][..s.width];
+            };
             // The next channel's line, as for single rows.
             prefetch::read_span(line.as_ptr().wrapping_add(plane), s.width);
             let start = (2 * seg.x0) as isize - a.padding[1] as isize;
@@ -750,6 +748,18 @@ impl Run<'_> {
         for v in [v0, v1, v2] {
             v[block.pixels..].fill(0.0);
         }
+    }
+
+    /// The input row that kernel row `ky` of channel `c` reads for the
+    /// segment's output row, or `None` where it lies in the padding.
+    #[inline(always)]
+    fn input_line(&self, seg: &Segment, c: usize, ky: usize) -> Option<&[f32]> {
+        let (s, a) = (&self.shape, &self.conv.spec.attrs);
+        let iy = (seg.y * a.stride[0] + ky * a.dilation[0]) as isize - a.padding[0] as isize;
+        if iy < 0 || iy >= s.height as isize {
+            return None;
+        }
+        Some(&self.input[(seg.image * s.channels + c) * s.in_plane() + iy as usize * s.width..][..s.width])
     }
 
     /// Row `row` of im2col into `v` (`block.cols` values).
@@ -766,12 +776,10 @@ impl Run<'_> {
         let hi_all = ((s.width as isize - dx).max(0) + sw - 1) / sw;
         for seg in &block.segments {
             let out = &mut v[seg.col..seg.col + seg.x1 - seg.x0];
-            let iy = (seg.y * a.stride[0] + ky * a.dilation[0]) as isize - a.padding[0] as isize;
-            if iy < 0 || iy >= s.height as isize {
+            let Some(line) = self.input_line(seg, c, ky) else {
                 out.fill(0.0);
                 continue;
-            }
-            let line = &self.input[(seg.image * s.channels + c) * plane + iy as usize * s.width..][..s.width];
+            };
             if kx == 0 {
                 // The next channel's line, which rows `kw` on read
                 // (a hint: past the input's end for the last channel).
