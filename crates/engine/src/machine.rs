@@ -259,6 +259,14 @@ impl Machine {
         }
     }
 
+    /// What the conv policy weighs of this machine.
+    pub(crate) fn policy(&self) -> crate::cpu::PolicyPath {
+        crate::cpu::PolicyPath {
+            isa: self.isa,
+            wide_fma: self.wide_fma,
+        }
+    }
+
     /// Scratch bytes one block of a conv aims to fit in: the L2 (each core's own).
     pub(crate) fn block_bytes(&self) -> usize {
         self.caches.l2

@@ -63,6 +63,32 @@ const F2_MIN_CHANNELS: usize = 64;
 /// forward (batch 1 at 14×14 and below) pack their weights for the lane
 /// micro-kernel: channels on the vector lanes, weights streamed once.
 const LANE_MAX_PIXELS: usize = 256;
+/// [`LANE_MAX_PIXELS`] on the AVX2 path for kernels of more than one tap
+/// (batch 1 at 28×28: the ResNets' first 3×3 stride-2 conv of layer2).
+/// The lane tile (6 pixels × 16 channels, its pixels broadcast from the
+/// input read in place) wastes no columns on 28-wide rows, where the
+/// panel layout's 16-column tiles compute 32 a row, and copies no input
+/// phases. On the Intel Xeon VM with AVX2 forced (2 threads, alternating
+/// runs), alone at batch 1: 64 -> 128 onto 28×28 (ResNet18's and
+/// ResNet34's layer2.0.conv1) 0.81× the time (1.01 -> 0.81 ms), 128 ->
+/// 128 (ResNet50's layer2.0.conv2) 0.81× (1.96 -> 1.59); in ResNet18 per
+/// node 0.85×; whole forwards against the build before, ResNet18 0.970×
+/// (quartiles 0.962-0.973), ResNet34 0.978×, ResNet50 0.991-0.993×. On
+/// AVX-512 the panel layout's im2col and 8 × 48 tiles run them as fast
+/// (the same convs 1.03× and 1.00× the time on lanes), and the 1×1 stride-2
+/// downsamples took 1.2× on lanes (ResNet50's layer2.0.downsample per
+/// node): they keep [`LANE_MAX_PIXELS`].
+const LANE_MAX_PIXELS_AVX2_WINDOWED: usize = 784;
+
+/// What the conv policy weighs of the machine a model is compiled for
+/// ([`crate::machine::Machine`]): its path, and whether its FMAs are wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PolicyPath {
+    /// The instruction-set path.
+    pub(crate) isa: gemm::Isa,
+    /// [`crate::machine::Machine::wide_fma`].
+    pub(crate) wide_fma: bool,
+}
 
 /// Output planes up to this many pixels (7×7, 8×8) run a 1×1 conv with
 /// enough input channels ([`POINTWISE_LANES_MIN_DEPTH`]) on the lane
@@ -183,9 +209,9 @@ impl ConvAlgorithm {
 /// The conv policy: the algorithm for a conv `spec` whose output at the
 /// compiled shape is `[batch, out_channels, out_height, out_width]` (before
 /// any fused pool; `pooled` when a max pool is fused, which only the direct
-/// conv does in its panel layout), on a machine whose FMAs are wide or not
-/// ([`crate::machine::Machine::wide_fma`]).
-pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4], wide_fma: bool) -> ConvAlgorithm {
+/// conv does in its panel layout), on `path` (its FMAs wide or not:
+/// [`crate::machine::Machine::wide_fma`]).
+pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4], path: PolicyPath) -> ConvAlgorithm {
     let [batch, out_channels, out_height, out_width] = out_shape;
     let pixels = batch.saturating_mul(out_height).saturating_mul(out_width);
     if spec.attrs.groups != 1 {
@@ -233,10 +259,10 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
         .saturating_mul(out_width.div_ceil(4));
     if winograd && channels >= F4_MIN_CHANNELS && f4_tiles >= F4_MIN_TILES {
         ConvAlgorithm::WinogradF4
-    } else if winograd && channels >= F2_MIN_CHANNELS && pixels <= F2_MAX_PIXELS && !wide_fma {
+    } else if winograd && channels >= F2_MIN_CHANNELS && pixels <= F2_MAX_PIXELS && !path.wide_fma {
         ConvAlgorithm::WinogradF2
     } else {
-        direct(pixels)
+        direct(spec, pixels, path.isa)
     }
 }
 
@@ -245,21 +271,27 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
 /// multiplies per 4 outputs against the direct conv's 36) but with wide
 /// FMAs only past [`F2_MAX_PIXELS`] (below, the direct conv is faster and
 /// packs less), a direct conv otherwise.
-pub(crate) fn conv_algorithm_without_f4(spec: &ConvSpec, out_shape: [usize; 4], wide_fma: bool) -> ConvAlgorithm {
+pub(crate) fn conv_algorithm_without_f4(spec: &ConvSpec, out_shape: [usize; 4], path: PolicyPath) -> ConvAlgorithm {
     let [batch, out_channels, out_height, out_width] = out_shape;
     let pixels = batch.saturating_mul(out_height).saturating_mul(out_width);
     let f2 = winograd::applies(spec)
         && spec.in_channels.min(out_channels) >= F2_MIN_CHANNELS
-        && !(wide_fma && pixels <= F2_MAX_PIXELS);
+        && !(path.wide_fma && pixels <= F2_MAX_PIXELS);
     match f2 {
         true => ConvAlgorithm::WinogradF2,
-        false => direct(pixels),
+        false => direct(spec, pixels, path.isa),
     }
 }
 
-/// The direct conv's layout for `pixels` output pixels per forward.
-fn direct(pixels: usize) -> ConvAlgorithm {
-    match pixels <= LANE_MAX_PIXELS {
+/// The direct conv's layout for `spec` with `pixels` output pixels per
+/// forward on `isa`'s path.
+fn direct(spec: &ConvSpec, pixels: usize, isa: gemm::Isa) -> ConvAlgorithm {
+    let windowed = spec.kernel[0].saturating_mul(spec.kernel[1]) > 1;
+    let most = match (isa, windowed) {
+        (gemm::Isa::Avx2Fma, true) => LANE_MAX_PIXELS_AVX2_WINDOWED,
+        _ => LANE_MAX_PIXELS,
+    };
+    match pixels <= most {
         true => ConvAlgorithm::DirectLanes,
         false => ConvAlgorithm::DirectPanels,
     }
@@ -439,6 +471,7 @@ impl CpuKernel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::gemm::Isa;
     use wick_ir::Conv2dAttrs;
 
     fn spec(in_channels: usize, kernel: usize, stride: usize, groups: usize) -> ConvSpec {
@@ -497,17 +530,66 @@ mod tests {
             (spec(32, 3, 1, 32), false, [1, 32, 7, 7], Depthwise),
             (spec(32, 3, 1, 8), false, [1, 32, 7, 7], Grouped),
         ];
+        let path = |isa, wide_fma| PolicyPath { isa, wide_fma };
         for (spec, pooled, shape, want) in cases {
-            assert_eq!(conv_algorithm(&spec, pooled, shape, false), want, "{spec:?} {shape:?}");
+            for isa in [Isa::Scalar, Isa::Avx2Fma, Isa::Avx512] {
+                assert_eq!(
+                    conv_algorithm(&spec, pooled, shape, path(isa, false)),
+                    want,
+                    "{spec:?} {shape:?}"
+                );
+            }
             // Wide FMAs change only the few-pixel F(2×2) convs, to lanes.
             let wide = match want {
                 WinogradF2 => DirectLanes,
                 other => other,
             };
             assert_eq!(
-                conv_algorithm(&spec, pooled, shape, true),
+                conv_algorithm(&spec, pooled, shape, path(Isa::Avx512, true)),
                 wide,
                 "{spec:?} {shape:?} wide"
+            );
+        }
+    }
+
+    /// On AVX2, direct convs of more than one tap take the lane layout up
+    /// to 28×28 at batch 1 (784 pixels), other paths and 1×1 stride-2
+    /// convs up to 256 pixels; past those, panels.
+    #[test]
+    fn avx2_lanes_reach_further_for_windows() {
+        use ConvAlgorithm::*;
+        let path = |isa| PolicyPath { isa, wide_fma: false };
+        let s2 = |kernel| ConvSpec {
+            in_channels: 64,
+            out_channels: 128,
+            kernel: [kernel; 2],
+            attrs: Conv2dAttrs {
+                stride: [2, 2],
+                padding: [kernel / 2; 2],
+                ..Default::default()
+            },
+        };
+        let cases = [
+            (3, [1, 128, 28, 28], Isa::Avx2Fma, DirectLanes),
+            (3, [1, 128, 28, 29], Isa::Avx2Fma, DirectPanels),
+            (3, [2, 128, 28, 28], Isa::Avx2Fma, DirectPanels),
+            (3, [1, 128, 28, 28], Isa::Avx512, DirectPanels),
+            (3, [1, 128, 28, 28], Isa::Scalar, DirectPanels),
+            (3, [1, 128, 16, 16], Isa::Avx512, DirectLanes),
+            (1, [1, 128, 28, 28], Isa::Avx2Fma, DirectPanels),
+            (1, [1, 128, 16, 16], Isa::Avx2Fma, DirectLanes),
+        ];
+        for (kernel, shape, isa, want) in cases {
+            let spec = s2(kernel);
+            assert_eq!(
+                conv_algorithm(&spec, false, shape, path(isa)),
+                want,
+                "{kernel} {shape:?} {isa:?}"
+            );
+            assert_eq!(
+                conv_algorithm_without_f4(&spec, shape, path(isa)),
+                want,
+                "{kernel} {shape:?} {isa:?}"
             );
         }
     }

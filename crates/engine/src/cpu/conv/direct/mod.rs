@@ -51,6 +51,23 @@ const MIN_BLOCK_COLS: usize = 128;
 /// block's columns for every lane group).
 const LANE_BLOCK_PIXELS: usize = 256;
 
+/// Output pixels per block of the lane layout for `total` pixels on
+/// `threads` threads: one block up to [`LANE_BLOCK_PIXELS`], past it
+/// whole rounds of equal blocks across the threads (its tiles broadcast
+/// pixels, so a block need not fill 16-column tiles). AVX2 runs 784
+/// pixels on lanes (batch 1 at 28×28, [`crate::cpu::conv_algorithm`]): in
+/// blocks of 256 that was 3 blocks and a 16-pixel one, 512 pixels on one
+/// thread and 272 on the other (alone, ResNet18's layer2.0.conv1 took
+/// 0.84× the panel layout's time on one thread, 1.00× on two); in four of
+/// 196, 0.82× on two (Intel Xeon VM, AVX2 forced, alternating runs).
+fn lane_block_pixels(total: usize, threads: usize) -> usize {
+    let blocks = match total.div_ceil(LANE_BLOCK_PIXELS) {
+        0 | 1 => 1,
+        n => n.next_multiple_of(threads.max(1)),
+    };
+    total.div_ceil(blocks).max(1)
+}
+
 /// Whether a plane smaller than a block takes a block of its own, stored
 /// in place with the epilogue in registers, rather than sharing blocks
 /// with the next image's pixels through scratch and a separate epilogue
@@ -284,7 +301,7 @@ impl DirectConv {
     /// alternating forwards).
     fn block_cols(&self, total: usize) -> usize {
         if self.layout == Layout::Lanes {
-            return total.min(LANE_BLOCK_PIXELS).div_ceil(PANEL_GRANULE) * PANEL_GRANULE;
+            return lane_block_pixels(total, rayon::current_num_threads());
         }
         let per_col = (self.depth() + self.padded_out) * 4;
         let least = match chunks_depth(self.isa(), self.depth(), false) {
@@ -977,6 +994,33 @@ mod tests {
                     );
                     assert!(k + 1 >= plane.div_ceil(cols) && k <= plane.div_ceil(cols));
                 }
+            }
+        }
+    }
+
+    /// Lane blocks: one up to 256 pixels; past it at most 256 each, as
+    /// many as a whole number of rounds across the threads, none empty,
+    /// sizes within one of each other.
+    #[test]
+    fn lane_blocks_share_the_threads_evenly() {
+        use super::{lane_block_pixels, LANE_BLOCK_PIXELS};
+        assert_eq!(lane_block_pixels(784, 2), 196);
+        assert_eq!(lane_block_pixels(256, 2), 256);
+        assert_eq!(lane_block_pixels(49, 2), 49);
+        for total in 1usize..2000 {
+            for threads in 1..5 {
+                let width = lane_block_pixels(total, threads);
+                let blocks = total.div_ceil(width);
+                let last = total - (blocks - 1) * width;
+                assert!(width <= LANE_BLOCK_PIXELS || blocks == 1, "{total} {threads}");
+                assert!(
+                    total <= LANE_BLOCK_PIXELS || blocks.is_multiple_of(threads),
+                    "{total} {threads}"
+                );
+                assert!(
+                    last >= 1 && width - last < blocks,
+                    "{total} {threads}: {width} × {blocks}, last {last}"
+                );
             }
         }
     }
