@@ -63,22 +63,30 @@ const F2_MIN_CHANNELS: usize = 64;
 /// forward (batch 1 at 14×14 and below) pack their weights for the lane
 /// micro-kernel: channels on the vector lanes, weights streamed once.
 const LANE_MAX_PIXELS: usize = 256;
-/// [`LANE_MAX_PIXELS`] on the AVX2 path for kernels of more than one tap
-/// (batch 1 at 28×28: the ResNets' first 3×3 stride-2 conv of layer2).
-/// The lane tile (6 pixels × 16 channels, its pixels broadcast from the
-/// input read in place) wastes no columns on 28-wide rows, where the
-/// panel layout's 16-column tiles compute 32 a row, and copies no input
-/// phases. On the Intel Xeon VM with AVX2 forced (2 threads, alternating
-/// runs), alone at batch 1: 64 -> 128 onto 28×28 (ResNet18's and
-/// ResNet34's layer2.0.conv1) 0.81× the time (1.01 -> 0.81 ms), 128 ->
-/// 128 (ResNet50's layer2.0.conv2) 0.81× (1.96 -> 1.59); in ResNet18 per
-/// node 0.85×; whole forwards against the build before, ResNet18 0.970×
-/// (quartiles 0.962-0.973), ResNet34 0.978×, ResNet50 0.991-0.993×. On
-/// AVX-512 the panel layout's im2col and 8 × 48 tiles run them as fast
-/// (the same convs 1.03× and 1.00× the time on lanes), and the 1×1 stride-2
-/// downsamples took 1.2× on lanes (ResNet50's layer2.0.downsample per
-/// node): they keep [`LANE_MAX_PIXELS`].
-const LANE_MAX_PIXELS_AVX2_WINDOWED: usize = 784;
+/// Direct convs of more than one tap at least this deep (`C·kh·kw`: the
+/// ResNets' 3×3 stride-2 convs, 576 to 4608) take the lane layout at every
+/// size on the AVX2 path. Its tile (6 pixels × 16 channels, the pixels
+/// broadcast from the input read in place) copies no input phases and
+/// wastes no columns at the ends of rows, where the panel layout's
+/// 16-column tiles compute 32 of a 28-wide row. On the Intel Xeon VM with
+/// AVX2 forced (2 threads, alternating runs), alone, against panels: at
+/// batch 1, 64 -> 128 onto 28×28 (ResNet18's and ResNet34's
+/// layer2.0.conv1) 0.81× the time, 128 -> 128 (ResNet50's layer2.0.conv2)
+/// 0.81×; at batch 10 the same 0.82× and 0.85×, 256 -> 256 onto 14×14
+/// 0.84×, 256 -> 512 and 512 -> 512 onto 7×7 0.91× and 0.89×. In the
+/// models per node ResNet18's layer2.0.conv1 0.85× at batch 1, ResNet50's
+/// three at batch 10 0.83×, 0.83×, 0.93× (the forward 0.97×); whole
+/// forwards against the build before, ResNet18 at batch 1 0.970×,
+/// ResNet34 0.978×. Not the MobileNets' stems (27 deep, onto 112×112):
+/// MobileNetV3-Large's (16 outputs, half a lane group) took 1.04× the
+/// forward on lanes, MobileNetV2's and EfficientNet-B0's level; depths
+/// between were not measured. Not the 1×1 stride-2 downsamples either
+/// (64 -> 128 onto 28×28 at batch 1 1.13× on lanes). On AVX-512 the panel
+/// layout's im2col and 8 × 48 tiles run the stride-2 convs as fast (at
+/// batch 1 1.03× and 1.00× the time on lanes), and the downsamples took
+/// 1.2× on lanes (ResNet50's layer2.0.downsample per node): every other
+/// path keeps [`LANE_MAX_PIXELS`].
+const LANE_MIN_DEPTH_AVX2: usize = 576;
 
 /// What the conv policy weighs of the machine a model is compiled for
 /// ([`crate::machine::Machine`]): its path, and whether its FMAs are wide.
@@ -286,12 +294,9 @@ pub(crate) fn conv_algorithm_without_f4(spec: &ConvSpec, out_shape: [usize; 4], 
 /// The direct conv's layout for `spec` with `pixels` output pixels per
 /// forward on `isa`'s path.
 fn direct(spec: &ConvSpec, pixels: usize, isa: gemm::Isa) -> ConvAlgorithm {
-    let windowed = spec.kernel[0].saturating_mul(spec.kernel[1]) > 1;
-    let most = match (isa, windowed) {
-        (gemm::Isa::Avx2Fma, true) => LANE_MAX_PIXELS_AVX2_WINDOWED,
-        _ => LANE_MAX_PIXELS,
-    };
-    match pixels <= most {
+    let taps = spec.kernel[0].saturating_mul(spec.kernel[1]);
+    let deep_window = taps > 1 && spec.in_channels.saturating_mul(taps) >= LANE_MIN_DEPTH_AVX2;
+    match pixels <= LANE_MAX_PIXELS || (isa == gemm::Isa::Avx2Fma && deep_window) {
         true => ConvAlgorithm::DirectLanes,
         false => ConvAlgorithm::DirectPanels,
     }
@@ -552,15 +557,15 @@ mod tests {
         }
     }
 
-    /// On AVX2, direct convs of more than one tap take the lane layout up
-    /// to 28×28 at batch 1 (784 pixels), other paths and 1×1 stride-2
-    /// convs up to 256 pixels; past those, panels.
+    /// On AVX2, direct convs of more than one tap at least 576 deep take
+    /// the lane layout at every size; shallower ones, 1×1 stride-2 convs
+    /// and other paths up to 256 pixels; past those, panels.
     #[test]
-    fn avx2_lanes_reach_further_for_windows() {
+    fn avx2_lanes_for_deep_windows() {
         use ConvAlgorithm::*;
         let path = |isa| PolicyPath { isa, wide_fma: false };
-        let s2 = |kernel| ConvSpec {
-            in_channels: 64,
+        let s2 = |in_channels, kernel| ConvSpec {
+            in_channels,
             out_channels: 128,
             kernel: [kernel; 2],
             attrs: Conv2dAttrs {
@@ -570,27 +575,22 @@ mod tests {
             },
         };
         let cases = [
-            (3, [1, 128, 28, 28], Isa::Avx2Fma, DirectLanes),
-            (3, [1, 128, 28, 29], Isa::Avx2Fma, DirectPanels),
-            (3, [2, 128, 28, 28], Isa::Avx2Fma, DirectPanels),
-            (3, [1, 128, 28, 28], Isa::Avx512, DirectPanels),
-            (3, [1, 128, 28, 28], Isa::Scalar, DirectPanels),
-            (3, [1, 128, 16, 16], Isa::Avx512, DirectLanes),
-            (1, [1, 128, 28, 28], Isa::Avx2Fma, DirectPanels),
-            (1, [1, 128, 16, 16], Isa::Avx2Fma, DirectLanes),
+            (64, 3, [1, 128, 28, 28], Isa::Avx2Fma, DirectLanes),
+            (64, 3, [10, 128, 28, 28], Isa::Avx2Fma, DirectLanes),
+            (63, 3, [1, 128, 28, 28], Isa::Avx2Fma, DirectPanels),
+            (63, 3, [1, 128, 16, 16], Isa::Avx2Fma, DirectLanes),
+            (3, 3, [1, 128, 112, 112], Isa::Avx2Fma, DirectPanels),
+            (64, 3, [1, 128, 28, 28], Isa::Avx512, DirectPanels),
+            (64, 3, [1, 128, 28, 28], Isa::Scalar, DirectPanels),
+            (64, 3, [1, 128, 16, 16], Isa::Avx512, DirectLanes),
+            (1024, 1, [1, 128, 28, 28], Isa::Avx2Fma, DirectPanels),
+            (1024, 1, [1, 128, 16, 16], Isa::Avx2Fma, DirectLanes),
         ];
-        for (kernel, shape, isa, want) in cases {
-            let spec = s2(kernel);
-            assert_eq!(
-                conv_algorithm(&spec, false, shape, path(isa)),
-                want,
-                "{kernel} {shape:?} {isa:?}"
-            );
-            assert_eq!(
-                conv_algorithm_without_f4(&spec, shape, path(isa)),
-                want,
-                "{kernel} {shape:?} {isa:?}"
-            );
+        for (in_channels, kernel, shape, isa, want) in cases {
+            let spec = s2(in_channels, kernel);
+            let case = format!("{in_channels} {kernel} {shape:?} {isa:?}");
+            assert_eq!(conv_algorithm(&spec, false, shape, path(isa)), want, "{case}");
+            assert_eq!(conv_algorithm_without_f4(&spec, shape, path(isa)), want, "{case}");
         }
     }
 }

@@ -54,12 +54,13 @@ const LANE_BLOCK_PIXELS: usize = 256;
 /// Output pixels per block of the lane layout for `total` pixels on
 /// `threads` threads: one block up to [`LANE_BLOCK_PIXELS`], past it
 /// whole rounds of equal blocks across the threads (its tiles broadcast
-/// pixels, so a block need not fill 16-column tiles). AVX2 runs 784
-/// pixels on lanes (batch 1 at 28×28, [`crate::cpu::conv_algorithm`]): in
-/// blocks of 256 that was 3 blocks and a 16-pixel one, 512 pixels on one
-/// thread and 272 on the other (alone, ResNet18's layer2.0.conv1 took
-/// 0.84× the panel layout's time on one thread, 1.00× on two); in four of
-/// 196, 0.82× on two (Intel Xeon VM, AVX2 forced, alternating runs).
+/// pixels, so a block need not fill 16-column tiles). AVX2 runs deep
+/// convs on lanes at every size ([`crate::cpu::conv_algorithm`]):
+/// ResNet18's layer2.0.conv1 at batch 1 (784 pixels) in blocks of 256 was
+/// 3 blocks and a 16-pixel one, 512 pixels on one thread and 272 on the
+/// other (alone, 0.84× the panel layout's time on one thread, 1.00× on
+/// two); in four of 196, 0.82× on two (Intel Xeon VM, AVX2 forced,
+/// alternating runs).
 fn lane_block_pixels(total: usize, threads: usize) -> usize {
     let blocks = match total.div_ceil(LANE_BLOCK_PIXELS) {
         0 | 1 => 1,
