@@ -68,10 +68,10 @@ pub(crate) fn plan_cpu_convs(graph: &Graph, budget: WeightBudget, machine: &Mach
         convs.push(PlannedConv {
             spec,
             out_shape,
-            algorithm: conv_algorithm(&spec, pooled, out_shape, machine.policy()),
+            algorithm: conv_algorithm(&spec, pooled, out_shape, machine),
         });
     }
-    budget::fit(&mut convs, budget, machine.policy());
+    budget::fit(&mut convs, budget, machine);
     names.into_iter().zip(convs.iter().map(|c| c.algorithm)).collect()
 }
 
@@ -314,7 +314,7 @@ fn lower_conv(
             .conv_algorithms
             .get(&node.name)
             .copied()
-            .unwrap_or_else(|| conv_algorithm(&spec, pool.is_some(), out_shape, machine.policy()));
+            .unwrap_or_else(|| conv_algorithm(&spec, pool.is_some(), out_shape, &machine));
         let pack = || {
             let (weight, bias) = on_host(weight, bias.flatten())?;
             CpuConv::new(algorithm, &weight, bias.as_ref(), attrs, activation, pool, machine)

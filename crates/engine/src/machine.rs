@@ -259,11 +259,14 @@ impl Machine {
         }
     }
 
-    /// What the conv policy weighs of this machine.
-    pub(crate) fn policy(&self) -> crate::cpu::PolicyPath {
-        crate::cpu::PolicyPath {
-            isa: self.isa,
-            wide_fma: self.wide_fma,
+    /// `isa` with FMAs wide or not, on the fallback caches (tests of the
+    /// conv policy, which weighs only those two).
+    #[cfg(test)]
+    pub(crate) fn with_fma(isa: Isa, wide_fma: bool) -> Machine {
+        Machine {
+            isa,
+            caches: CacheSizes::FALLBACK,
+            wide_fma,
         }
     }
 

@@ -13,7 +13,8 @@
 //! packed weights per conv, 1.1–1.3× faster than F(2×2) there).
 
 use super::conv::ConvSpec;
-use super::{conv_algorithm_without_f4, ConvAlgorithm, PolicyPath};
+use super::{conv_algorithm_without_f4, ConvAlgorithm};
+use crate::machine::Machine;
 use crate::EngineError;
 use std::str::FromStr;
 
@@ -164,7 +165,7 @@ impl PlannedConv {
 /// how many stepped down. Each steps down to what the policy would choose
 /// without F(4×4), at any size (F(2×2) where it has the channels; on few
 /// pixels with wide FMAs the direct conv, [`conv_algorithm_without_f4`]).
-pub(crate) fn fit(convs: &mut [PlannedConv], budget: WeightBudget, path: PolicyPath) -> usize {
+pub(crate) fn fit(convs: &mut [PlannedConv], budget: WeightBudget, machine: &Machine) -> usize {
     let weights: f64 = convs.iter().map(PlannedConv::weight_floats).sum();
     let allowance = f64::from(budget.allowance_mib()) * f64::from(1 << 20) / 4.0;
     let allowed = weights * f64::from(budget.get()) + allowance;
@@ -184,7 +185,7 @@ pub(crate) fn fit(convs: &mut [PlannedConv], budget: WeightBudget, path: PolicyP
             break;
         }
         let conv = &mut convs[i];
-        let down = conv_algorithm_without_f4(&conv.spec, conv.out_shape, path);
+        let down = conv_algorithm_without_f4(&conv.spec, conv.out_shape, machine);
         packed += conv.packed_floats(down) - conv.packed_floats(conv.algorithm);
         conv.algorithm = down;
         stepped += 1;
@@ -206,12 +207,9 @@ mod tests {
     use crate::cpu::gemm::Isa;
     use wick_ir::Conv2dAttrs;
 
-    /// The policy of a path without wide FMAs (the scalar one).
-    fn narrow() -> PolicyPath {
-        PolicyPath {
-            isa: Isa::Scalar,
-            wide_fma: false,
-        }
+    /// A path without wide FMAs (the scalar one).
+    fn narrow() -> Machine {
+        Machine::with_fma(Isa::Scalar, false)
     }
 
     fn conv3x3(channels: usize, out_shape: [usize; 4]) -> PlannedConv {
@@ -225,7 +223,7 @@ mod tests {
                 ..Default::default()
             },
         };
-        let algorithm = super::super::conv_algorithm(&spec, false, out_shape, narrow());
+        let algorithm = super::super::conv_algorithm(&spec, false, out_shape, &narrow());
         PlannedConv {
             spec,
             out_shape,
@@ -250,14 +248,14 @@ mod tests {
             assert!(crate::cpu::conv::winograd::applies(&conv.spec));
         }
         let mut convs = plan();
-        assert_eq!(fit(&mut convs, WeightBudget::unlimited(), narrow()), 0);
-        assert_eq!(fit(&mut convs, WeightBudget::factor(4.0).unwrap(), narrow()), 0);
+        assert_eq!(fit(&mut convs, WeightBudget::unlimited(), &narrow()), 0);
+        assert_eq!(fit(&mut convs, WeightBudget::factor(4.0).unwrap(), &narrow()), 0);
         // Weights 1 + 4 + 4 (units of 256²·9 floats): F(4×4) everywhere is
         // 36; one 512 conv down is 36 - 4·(4 - 16/9) = 27.1 (3.0×), both 18.2
         // (2.0×), and then the 256 conv 15.9 (1.8×).
         let algorithms = |budget: f32| {
             let mut convs = plan();
-            fit(&mut convs, WeightBudget::factor(budget).unwrap(), narrow());
+            fit(&mut convs, WeightBudget::factor(budget).unwrap(), &narrow());
             convs.iter().map(|c| c.algorithm).collect::<Vec<_>>()
         };
         use ConvAlgorithm::{WinogradF2 as F2, WinogradF4 as F4};
@@ -273,7 +271,7 @@ mod tests {
     fn narrow_convs_step_down_to_direct() {
         let mut convs = vec![conv3x3(16, [10, 16, 56, 56])];
         assert_eq!(convs[0].algorithm, ConvAlgorithm::WinogradF4);
-        assert_eq!(fit(&mut convs, WeightBudget::factor(1.0).unwrap(), narrow()), 1);
+        assert_eq!(fit(&mut convs, WeightBudget::factor(1.0).unwrap(), &narrow()), 1);
         assert_eq!(convs[0].algorithm, ConvAlgorithm::DirectPanels);
     }
 
@@ -284,11 +282,8 @@ mod tests {
         let step = |out_shape, wide_fma| {
             let mut convs = vec![conv3x3(256, out_shape)];
             assert_eq!(convs[0].algorithm, ConvAlgorithm::WinogradF4);
-            let path = PolicyPath {
-                isa: Isa::Avx512,
-                wide_fma,
-            };
-            assert_eq!(fit(&mut convs, WeightBudget::factor(1.0).unwrap(), path), 1);
+            let machine = Machine::with_fma(Isa::Avx512, wide_fma);
+            assert_eq!(fit(&mut convs, WeightBudget::factor(1.0).unwrap(), &machine), 1);
             convs[0].algorithm
         };
         assert_eq!(step([1, 256, 16, 16], true), ConvAlgorithm::DirectLanes);
@@ -323,12 +318,12 @@ mod tests {
     #[test]
     fn default_allowance_keeps_f4() {
         let plan = || vec![conv3x3(512, [10, 512, 7, 7]); 3];
-        assert_eq!(fit(&mut plan(), WeightBudget::default(), narrow()), 0);
+        assert_eq!(fit(&mut plan(), WeightBudget::default(), &narrow()), 0);
         assert_eq!(
             fit(
                 &mut plan(),
                 WeightBudget::factor(DEFAULT_WEIGHT_BUDGET).unwrap(),
-                narrow()
+                &narrow()
             ),
             3
         );

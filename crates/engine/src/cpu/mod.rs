@@ -29,6 +29,7 @@ pub(crate) mod transpose;
 pub(crate) mod weight_buffer;
 
 use crate::kernel::Slot;
+use crate::machine::Machine;
 use candle_core::Tensor;
 use conv::{winograd, ConvSpec, CpuConv};
 use std::sync::Arc;
@@ -87,16 +88,6 @@ const LANE_MAX_PIXELS: usize = 256;
 /// 1.2× on lanes (ResNet50's layer2.0.downsample per node): every other
 /// path keeps [`LANE_MAX_PIXELS`].
 const LANE_MIN_DEPTH_AVX2: usize = 576;
-
-/// What the conv policy weighs of the machine a model is compiled for
-/// ([`crate::machine::Machine`]): its path, and whether its FMAs are wide.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PolicyPath {
-    /// The instruction-set path.
-    pub(crate) isa: gemm::Isa,
-    /// [`crate::machine::Machine::wide_fma`].
-    pub(crate) wide_fma: bool,
-}
 
 /// Output planes up to this many pixels (7×7, 8×8) run a 1×1 conv with
 /// enough input channels ([`POINTWISE_LANES_MIN_DEPTH`]) on the lane
@@ -217,9 +208,9 @@ impl ConvAlgorithm {
 /// The conv policy: the algorithm for a conv `spec` whose output at the
 /// compiled shape is `[batch, out_channels, out_height, out_width]` (before
 /// any fused pool; `pooled` when a max pool is fused, which only the direct
-/// conv does in its panel layout), on `path` (its FMAs wide or not:
-/// [`crate::machine::Machine::wide_fma`]).
-pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4], path: PolicyPath) -> ConvAlgorithm {
+/// conv does in its panel layout), on `machine` (its path, and whether its
+/// FMAs are wide: [`crate::machine::Machine::wide_fma`]).
+pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4], machine: &Machine) -> ConvAlgorithm {
     let [batch, out_channels, out_height, out_width] = out_shape;
     let pixels = batch.saturating_mul(out_height).saturating_mul(out_width);
     if spec.attrs.groups != 1 {
@@ -267,10 +258,10 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
         .saturating_mul(out_width.div_ceil(4));
     if winograd && channels >= F4_MIN_CHANNELS && f4_tiles >= F4_MIN_TILES {
         ConvAlgorithm::WinogradF4
-    } else if winograd && channels >= F2_MIN_CHANNELS && pixels <= F2_MAX_PIXELS && !path.wide_fma {
+    } else if winograd && channels >= F2_MIN_CHANNELS && pixels <= F2_MAX_PIXELS && !machine.wide_fma {
         ConvAlgorithm::WinogradF2
     } else {
-        direct(spec, pixels, path.isa)
+        direct(spec, pixels, machine.isa)
     }
 }
 
@@ -279,15 +270,15 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
 /// multiplies per 4 outputs against the direct conv's 36) but with wide
 /// FMAs only past [`F2_MAX_PIXELS`] (below, the direct conv is faster and
 /// packs less), a direct conv otherwise.
-pub(crate) fn conv_algorithm_without_f4(spec: &ConvSpec, out_shape: [usize; 4], path: PolicyPath) -> ConvAlgorithm {
+pub(crate) fn conv_algorithm_without_f4(spec: &ConvSpec, out_shape: [usize; 4], machine: &Machine) -> ConvAlgorithm {
     let [batch, out_channels, out_height, out_width] = out_shape;
     let pixels = batch.saturating_mul(out_height).saturating_mul(out_width);
     let f2 = winograd::applies(spec)
         && spec.in_channels.min(out_channels) >= F2_MIN_CHANNELS
-        && !(path.wide_fma && pixels <= F2_MAX_PIXELS);
+        && !(machine.wide_fma && pixels <= F2_MAX_PIXELS);
     match f2 {
         true => ConvAlgorithm::WinogradF2,
-        false => direct(spec, pixels, path.isa),
+        false => direct(spec, pixels, machine.isa),
     }
 }
 
@@ -535,11 +526,10 @@ mod tests {
             (spec(32, 3, 1, 32), false, [1, 32, 7, 7], Depthwise),
             (spec(32, 3, 1, 8), false, [1, 32, 7, 7], Grouped),
         ];
-        let path = |isa, wide_fma| PolicyPath { isa, wide_fma };
         for (spec, pooled, shape, want) in cases {
             for isa in [Isa::Scalar, Isa::Avx2Fma, Isa::Avx512] {
                 assert_eq!(
-                    conv_algorithm(&spec, pooled, shape, path(isa, false)),
+                    conv_algorithm(&spec, pooled, shape, &Machine::with_fma(isa, false)),
                     want,
                     "{spec:?} {shape:?}"
                 );
@@ -550,7 +540,7 @@ mod tests {
                 other => other,
             };
             assert_eq!(
-                conv_algorithm(&spec, pooled, shape, path(Isa::Avx512, true)),
+                conv_algorithm(&spec, pooled, shape, &Machine::with_fma(Isa::Avx512, true)),
                 wide,
                 "{spec:?} {shape:?} wide"
             );
@@ -563,7 +553,7 @@ mod tests {
     #[test]
     fn avx2_lanes_for_deep_windows() {
         use ConvAlgorithm::*;
-        let path = |isa| PolicyPath { isa, wide_fma: false };
+        let path = |isa| Machine::with_fma(isa, false);
         let s2 = |in_channels, kernel| ConvSpec {
             in_channels,
             out_channels: 128,
@@ -589,8 +579,8 @@ mod tests {
         for (in_channels, kernel, shape, isa, want) in cases {
             let spec = s2(in_channels, kernel);
             let case = format!("{in_channels} {kernel} {shape:?} {isa:?}");
-            assert_eq!(conv_algorithm(&spec, false, shape, path(isa)), want, "{case}");
-            assert_eq!(conv_algorithm_without_f4(&spec, shape, path(isa)), want, "{case}");
+            assert_eq!(conv_algorithm(&spec, false, shape, &path(isa)), want, "{case}");
+            assert_eq!(conv_algorithm_without_f4(&spec, shape, &path(isa)), want, "{case}");
         }
     }
 }
