@@ -7,8 +7,9 @@
 //! pixel is one broadcast from its channel's row, so nothing is padded or
 //! packed, and the weights pass through L1 a depth chunk at a time
 //! ([`crate::cpu::gemm::lane`]). The products come out per lane group,
-//! pixel by pixel (`[groups][pixels][32]`); each output channel's row is
-//! gathered from them and stored with the epilogue. An input scale
+//! pixel by pixel (`[groups][pixels][32]`); the output channels' rows are
+//! gathered from them eight at a time ([`columns_to_rows8`]) and stored
+//! with the epilogue. An input scale
 //! (squeeze-and-excitation's) is applied to the input first, as for the
 //! other convs ([`super::CpuConv::run_scaled`]).
 //!
@@ -20,6 +21,7 @@ use crate::cpu::data::{with_cpu_f32, with_scratch};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{lane_gemm_lanes, lane_groups, pack_lanes, split_unit, Isa, LaneProduct, LANES};
 use crate::cpu::output::Output;
+use crate::cpu::transpose::columns_to_rows8;
 use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
@@ -109,11 +111,8 @@ impl PointwiseLanes {
         let runs = units.div_ceil(per_run);
         // Lane groups a run touches (one more where half-group runs start mid-group).
         let run_groups = (per_run * unit).div_ceil(LANES) + usize::from(unit < LANES);
-        // Products of one run (`[groups][plane][LANES]`), then one gathered row.
-        let Some(scratch_len) = (run_groups * LANES)
-            .checked_mul(plane)
-            .and_then(|m| m.checked_add(plane))
-        else {
+        // Products of one run (`[groups][plane][LANES]`), then eight gathered rows.
+        let Some(scratch_len) = (run_groups * LANES + 8).checked_mul(plane) else {
             bail!("pointwise conv on {:?}: products too large", call.x.dims())
         };
         let size = LaneProduct {
@@ -129,21 +128,40 @@ impl PointwiseLanes {
                 let groups = lane_groups(&lanes);
                 let x = &input[image * depth * plane..][..depth * plane];
                 with_scratch(scratch_len, |scratch| {
-                    let (m, row) = scratch.split_at_mut(groups.len() * LANES * plane);
-                    let row = &mut row[..plane];
+                    let (m, rows) = scratch.split_at_mut(groups.len() * LANES * plane);
+                    let rows = &mut rows[..8 * plane];
                     lane_gemm_lanes(self.isa, size, &self.packed, x, m, lanes.clone(), 0..depth);
-                    for o in lanes.start..lanes.end.min(outs) {
+                    let channels = lanes.start..lanes.end.min(outs);
+                    let mut o = channels.start;
+                    while o < channels.end {
                         let (group, lane) = (o / LANES - groups.start, o % LANES);
                         let products = &m[group * plane * LANES..][..plane * LANES];
-                        for (value, pixel) in row.iter_mut().zip(products.chunks_exact(LANES)) {
-                            *value = pixel[lane];
+                        // Eight channels' rows at a time where eight are
+                        // left in the group (runs start on a multiple of
+                        // 16), else one.
+                        let count = match o + 8 <= channels.end && lane + 8 <= LANES {
+                            true => {
+                                let mut each = rows.chunks_exact_mut(plane);
+                                let eight = std::array::from_fn(|_| each.next().unwrap_or_default());
+                                columns_to_rows8(self.isa, products, LANES, lane, eight);
+                                8
+                            }
+                            false => {
+                                for (value, pixel) in rows.iter_mut().zip(products.chunks_exact(LANES)) {
+                                    *value = pixel[lane];
+                                }
+                                1
+                            }
+                        };
+                        for (k, row) in rows.chunks_exact(plane).take(count).enumerate() {
+                            let at = (image * outs + o + k) * plane;
+                            // SAFETY: channel `o + k` of image `image`, which
+                            // only this task writes (runs own disjoint channels).
+                            let out = unsafe { dst.slice(at, plane) };
+                            let residual = residual.map(|r| &r[at..][..plane]);
+                            self.epilogue.write(o + k, out, row, residual);
                         }
-                        let at = (image * outs + o) * plane;
-                        // SAFETY: channel `o` of image `image`, which only
-                        // this task writes (runs own disjoint channels).
-                        let out = unsafe { dst.slice(at, plane) };
-                        let residual = residual.map(|r| &r[at..][..plane]);
-                        self.epilogue.write(o, out, row, residual);
+                        o += count;
                     }
                 })
             })

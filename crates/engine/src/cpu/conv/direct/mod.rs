@@ -34,6 +34,7 @@ use crate::cpu::gemm::{
 use crate::cpu::output::Output;
 use crate::cpu::parallel::for_ranges;
 use crate::cpu::prefetch;
+use crate::cpu::transpose::columns_to_rows8;
 use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
@@ -145,25 +146,29 @@ fn groups(segments: &[Segment]) -> impl Iterator<Item = &[Segment]> {
 /// Lane-layout products (`parts` sums of the depth, each
 /// `[O_pad / LANES][pixels][LANES]`, one after the other) back to rows of
 /// `m` (`[O_pad, cols]`, only the first `pixels` columns written), the
-/// parts added in order; a lane group per task.
-fn lanes_to_rows(partials: &[f32], parts: usize, pixels: usize, m: &mut [f32], cols: usize) {
+/// parts added in order into the first (which is left holding the sums);
+/// a lane group per task, its columns moved eight at a time
+/// ([`columns_to_rows8`]). One by one, with a store `cols` values from the
+/// last for each, they took 7.5% of the CPU time of ResNet18's
+/// layer2.0.conv1 on lanes (576 deep, batch 1; Intel Xeon VM, AVX-512).
+fn lanes_to_rows(isa: Isa, partials: &mut [f32], parts: usize, pixels: usize, m: &mut [f32], cols: usize) {
     let per_group = pixels * LANES;
     let per_part = partials.len() / parts.max(1);
     let groups = per_part / per_group.max(1);
-    m[..groups * LANES * cols]
-        .par_chunks_mut(LANES * cols)
+    let (sums, rest) = partials.split_at_mut(per_part);
+    sums[..groups * per_group]
+        .par_chunks_mut(per_group.max(1))
+        .zip(m[..groups * LANES * cols].par_chunks_mut(LANES * cols))
         .enumerate()
-        .for_each(|(group, m)| {
-            for k in 0..parts {
-                let t = &partials[k * per_part + group * per_group..][..per_group];
-                for (p, t) in t.chunks_exact(LANES).enumerate() {
-                    for (l, &value) in t.iter().enumerate() {
-                        match k {
-                            0 => m[l * cols + p] = value,
-                            _ => m[l * cols + p] += value,
-                        }
-                    }
-                }
+        .for_each(|(group, (t, m))| {
+            for k in 1..parts {
+                let part = &rest[(k - 1) * per_part + group * per_group..][..per_group];
+                t.iter_mut().zip(part).for_each(|(sum, value)| *sum += value);
+            }
+            for (eight, rows) in m.chunks_exact_mut(8 * cols).enumerate() {
+                let mut rows = rows.chunks_exact_mut(cols).map(|row| &mut row[..pixels]);
+                let dst = std::array::from_fn(|_| rows.next().unwrap_or_default());
+                columns_to_rows8(isa, t, LANES, 8 * eight, dst);
             }
         });
 }
@@ -644,7 +649,7 @@ impl Run<'_> {
                     lane_gemm(conv.isa(), size, &conv.packed, v, t, first..first + t.len() / per_group);
                 });
         }
-        lanes_to_rows(&*partials, parts, pixels, m, cols);
+        lanes_to_rows(conv.isa(), partials, parts, pixels, m, cols);
     }
 
     /// The lane layout's product of `block` read through `sources`, in
@@ -668,7 +673,7 @@ impl Run<'_> {
                 let groups = first..first + t.len() / (pixels * LANES);
                 let w = (&conv.packed[..], conv.padded_out);
                 lane_gemm_gathered(conv.isa(), w, sources, (&mut *t, pixels), groups.clone());
-                lanes_to_rows(t, 1, pixels, m, m_cols);
+                lanes_to_rows(conv.isa(), t, 1, pixels, m, m_cols);
                 let channels = groups.start * LANES..(groups.end * LANES).min(self.shape.out_channels);
                 self.epilogue(m, m_cols, block, channels);
             });
