@@ -467,77 +467,95 @@ mod tests {
             .collect()
     }
 
-    /// Kernels follow the compiled shape: ResNet18 at batch 1 runs layer4's
-    /// 3×3 stride-1 convs as F(2×2) (direct with wide FMAs) and its
-    /// few-pixel direct convs on the lane GEMM; at batch 10 the direct
-    /// convs use panels and every 3×3 stride-1 conv is F(4×4), within the
-    /// default weight budget (2.5× the conv weights + 48 MiB) too; a bare
-    /// 2.5× steps layer4's three, the fewest tiles, down to F(2×2) (packed
-    /// weights 3.5× the conv weights with them, 2.1× without), to the same
-    /// output within f32 rounding.
+    /// Kernels follow the compiled shape, on every path the machine has:
+    /// ResNet18 at batch 1 runs layer4's 3×3 stride-1 convs as F(2×2)
+    /// (direct with wide FMAs) and its few-pixel direct convs on the lane
+    /// GEMM; at batch 10 the 1×1 stride-2 downsamples use panels and every
+    /// 3×3 stride-1 conv is F(4×4), within the default weight budget (2.5×
+    /// the conv weights + 48 MiB) too; the 3×3 stride-2 convs (576 deep and
+    /// more) take lanes at both batches on the SIMD paths, panels past 256
+    /// pixels on the scalar one; a bare 2.5× steps layer4's three, the
+    /// fewest tiles, down to F(2×2) (packed weights 3.5× the conv weights
+    /// with them, 2.1× without), to the same output within f32 rounding.
     #[test]
     fn conv_kernels_follow_the_compiled_batch() {
+        use crate::cpu::gemm::Isa;
         use crate::WeightBudget;
         use wick_models::{Model, ModelName, WeightSource};
         let model = Model::load(ModelName::Resnet18, WeightSource::Random { seed: 1 }, &Device::Cpu).unwrap();
-        let compile = |batch: usize, budget: WeightBudget| {
-            let mut graph = model.trace(&ModelName::Resnet18.input_shape(Some(batch))).unwrap();
-            wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
-            Engine::cpu().with_weight_budget(budget).compile(&graph).unwrap()
-        };
-        let kernels = |batch: usize| conv_kernels(&compile(batch, WeightBudget::default()));
-        let count = |ks: &[(String, &str)], kind: &str| ks.iter().filter(|(_, k)| *k == kind).count();
-        let one = kernels(1);
-        assert_eq!(one.len(), 20, "{one:?}");
-        // Where the AVX-512 FMAs are wide, layer4's stride-1 convs run
-        // direct rather than F(2×2) (the policy's test covers both).
-        let f2 = match crate::machine::Machine::resolve(None, None).unwrap().wide_fma {
-            true => "direct-lanes",
-            false => "winograd-f2x2",
-        };
-        for (name, kind) in &one {
-            let expected = match name.as_str() {
-                n if n.starts_with("layer4.") && n.contains("conv2") => f2,
-                n if n.starts_with("layer4.1.conv1") => f2,
-                n if n.starts_with("layer4.")
-                    || n.starts_with("layer3.0.conv1")
-                    || n.starts_with("layer3.0.downsample") =>
-                {
-                    "direct-lanes"
-                }
-                n if n.starts_with("conv1") => "stem",
-                n if n.contains("downsample") || n.starts_with("layer2.0.conv1") => "direct-panels",
-                _ => "winograd-f4x4",
-            };
-            assert_eq!(*kind, expected, "{name} at batch 1");
-        }
-        let bare = WeightBudget::factor(crate::DEFAULT_WEIGHT_BUDGET).unwrap();
-        let (budgeted, unlimited) = (compile(10, bare), compile(10, WeightBudget::unlimited()));
-        let ten = conv_kernels(&budgeted);
-        for (name, kind) in &ten {
-            // The downsamples and layer2-4's first convs have stride 2.
-            let strided = |n: &str| n.contains("downsample") || (n.contains(".0.conv1") && !n.starts_with("layer1"));
-            let expected = match name.as_str() {
-                n if n.starts_with("conv1") => "stem",
-                n if strided(n) => "direct-panels",
-                n if n.starts_with("layer4.") => "winograd-f2x2",
-                _ => "winograd-f4x4",
-            };
-            assert_eq!(*kind, expected, "{name} at batch 10");
-        }
-        let all_f4 = conv_kernels(&unlimited);
-        assert_eq!(count(&all_f4, "winograd-f4x4"), 13, "{all_f4:?}");
-        assert_eq!(count(&all_f4, "direct-panels"), 6, "{all_f4:?}");
-        assert_eq!(count(&all_f4, "stem"), 1, "{all_f4:?}");
-        assert_eq!(
-            kernels(10),
-            all_f4,
-            "the default budget's allowance holds layer4's F(4×4)"
-        );
         let x = wick_models::random_input(5, &ModelName::Resnet18.input_shape(Some(10)), &Device::Cpu).unwrap();
-        let run = |model: &CompiledModel| model.run(std::slice::from_ref(&x)).unwrap().remove(0);
-        let diff = crate::test_util::max_abs_diff(&run(&budgeted), &run(&unlimited));
-        assert!(diff < 1e-4, "{diff}");
+        for isa in Isa::available() {
+            let compile = |batch: usize, budget: WeightBudget| {
+                let mut graph = model.trace(&ModelName::Resnet18.input_shape(Some(batch))).unwrap();
+                wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+                let engine = Engine::cpu().with_cpu_path(isa.path()).unwrap();
+                engine.with_weight_budget(budget).compile(&graph).unwrap()
+            };
+            let kernels = |batch: usize| conv_kernels(&compile(batch, WeightBudget::default()));
+            let count = |ks: &[(String, &str)], kind: &str| ks.iter().filter(|(_, k)| *k == kind).count();
+            let simd = isa != Isa::Scalar;
+            // The 3×3 stride-2 convs past 256 pixels.
+            let deep_strided = match simd {
+                true => "direct-lanes",
+                false => "direct-panels",
+            };
+            let one = kernels(1);
+            assert_eq!(one.len(), 20, "{one:?}");
+            // Where the AVX-512 FMAs are wide, layer4's stride-1 convs run
+            // direct rather than F(2×2) (the policy's test covers both).
+            let f2 = match crate::machine::Machine::resolve(Some(isa.path()), None)
+                .unwrap()
+                .wide_fma
+            {
+                true => "direct-lanes",
+                false => "winograd-f2x2",
+            };
+            for (name, kind) in &one {
+                let expected = match name.as_str() {
+                    n if n.starts_with("layer4.") && n.contains("conv2") => f2,
+                    n if n.starts_with("layer4.1.conv1") => f2,
+                    n if n.starts_with("layer4.")
+                        || n.starts_with("layer3.0.conv1")
+                        || n.starts_with("layer3.0.downsample") =>
+                    {
+                        "direct-lanes"
+                    }
+                    n if n.starts_with("conv1") => "stem",
+                    n if n.starts_with("layer2.0.conv1") => deep_strided,
+                    n if n.contains("downsample") => "direct-panels",
+                    _ => "winograd-f4x4",
+                };
+                assert_eq!(*kind, expected, "{name} at batch 1 on {isa:?}");
+            }
+            let bare = WeightBudget::factor(crate::DEFAULT_WEIGHT_BUDGET).unwrap();
+            let (budgeted, unlimited) = (compile(10, bare), compile(10, WeightBudget::unlimited()));
+            let ten = conv_kernels(&budgeted);
+            for (name, kind) in &ten {
+                let expected = match name.as_str() {
+                    n if n.starts_with("conv1") => "stem",
+                    n if n.contains("downsample") => "direct-panels",
+                    // layer2-4's first convs have stride 2.
+                    n if n.contains(".0.conv1") && !n.starts_with("layer1") => deep_strided,
+                    n if n.starts_with("layer4.") => "winograd-f2x2",
+                    _ => "winograd-f4x4",
+                };
+                assert_eq!(*kind, expected, "{name} at batch 10 on {isa:?}");
+            }
+            let all_f4 = conv_kernels(&unlimited);
+            let lanes = if simd { 3 } else { 0 };
+            assert_eq!(count(&all_f4, "winograd-f4x4"), 13, "{all_f4:?}");
+            assert_eq!(count(&all_f4, "direct-panels"), 6 - lanes, "{all_f4:?}");
+            assert_eq!(count(&all_f4, "direct-lanes"), lanes, "{all_f4:?}");
+            assert_eq!(count(&all_f4, "stem"), 1, "{all_f4:?}");
+            assert_eq!(
+                kernels(10),
+                all_f4,
+                "the default budget's allowance holds layer4's F(4×4) on {isa:?}"
+            );
+            let run = |model: &CompiledModel| model.run(std::slice::from_ref(&x)).unwrap().remove(0);
+            let diff = crate::test_util::max_abs_diff(&run(&budgeted), &run(&unlimited));
+            assert!(diff < 1e-4, "{isa:?}: {diff}");
+        }
     }
 
     /// MobileNetV2's convs at batch 1: every 1×1 on the in-place GEMM but

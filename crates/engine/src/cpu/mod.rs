@@ -66,28 +66,39 @@ const F2_MIN_CHANNELS: usize = 64;
 const LANE_MAX_PIXELS: usize = 256;
 /// Direct convs of more than one tap at least this deep (`C·kh·kw`: the
 /// ResNets' 3×3 stride-2 convs, 576 to 4608) take the lane layout at every
-/// size on the AVX2 path. Its tile (6 pixels × 16 channels, the pixels
-/// broadcast from the input read in place) copies no input phases and
-/// wastes no columns at the ends of rows, where the panel layout's
-/// 16-column tiles compute 32 of a 28-wide row. On the Intel Xeon VM with
-/// AVX2 forced (2 threads, alternating runs), alone, against panels: at
-/// batch 1, 64 -> 128 onto 28×28 (ResNet18's and ResNet34's
-/// layer2.0.conv1) 0.81× the time, 128 -> 128 (ResNet50's layer2.0.conv2)
-/// 0.81×; at batch 10 the same 0.82× and 0.85×, 256 -> 256 onto 14×14
-/// 0.84×, 256 -> 512 and 512 -> 512 onto 7×7 0.91× and 0.89×. In the
-/// models per node ResNet18's layer2.0.conv1 0.85× at batch 1, ResNet50's
-/// three at batch 10 0.83×, 0.83×, 0.93× (the forward 0.97×); whole
-/// forwards against the build before, ResNet18 at batch 1 0.970×,
-/// ResNet34 0.978×. Not the MobileNets' stems (27 deep, onto 112×112):
+/// size on the SIMD paths (AVX2 since the forty-ninth session, AVX-512
+/// since the fiftieth). Its tile (AVX2: 6 pixels × 16 channels, AVX-512:
+/// 14 × 32, the pixels broadcast from the input read in place) copies no
+/// im2col columns or input phases and wastes no columns at the ends of
+/// rows, where the panel layout's 16-column tiles compute 32 of a 28-wide
+/// row. On the Intel Xeon VM with AVX2 forced (2 threads, alternating
+/// runs), alone, against panels: at batch 1, 64 -> 128 onto 28×28
+/// (ResNet18's and ResNet34's layer2.0.conv1) 0.81× the time, 128 -> 128
+/// (ResNet50's layer2.0.conv2) 0.81×; at batch 10 the same 0.82× and
+/// 0.85×, 256 -> 256 onto 14×14 0.84×, 256 -> 512 and 512 -> 512 onto 7×7
+/// 0.91× and 0.89×. In the models per node ResNet18's layer2.0.conv1
+/// 0.85× at batch 1, ResNet50's three at batch 10 0.83×, 0.83×, 0.93×
+/// (the forward 0.97×); whole forwards against the build before, ResNet18
+/// at batch 1 0.970×, ResNet34 0.978×. With AVX-512 the lanes ran the
+/// stride-2 convs no faster than panels (1.03× and 1.00× at batch 1)
+/// while their products went back to rows one value at a time (7.5% of
+/// the CPU time of the 64 -> 128 conv on lanes); moved eight columns at a
+/// time, alone (Intel Xeon VM, AVX-512, 2 threads, `scripts/ab_builds.py`
+/// on one-conv ONNX files): at batch 1 64 -> 128 onto 28×28 0.92×, 256 ->
+/// 256 onto 14×14 0.99×; at batch 10 64 -> 128 0.93×, 128 -> 128 0.99×,
+/// 256 -> 256 0.85×, 512 -> 512 onto 7×7 0.92×. Per node in the models:
+/// ResNet18's layer2.0.conv1 at batch 1 0.89× (five alternating
+/// profiles), ResNet50's at batch 10 0.86× (layer3.0.conv2), 1.00×,
+/// 1.02×; whole forwards level (ResNet18 0.996× at batch 1 and 10,
+/// ResNet34 0.998×, ResNet50 1.002× and 0.991×). Not measured on Zen 4's
+/// AVX-512. Not the MobileNets' stems (27 deep, onto 112×112):
 /// MobileNetV3-Large's (16 outputs, half a lane group) took 1.04× the
-/// forward on lanes, MobileNetV2's and EfficientNet-B0's level; depths
-/// between were not measured. Not the 1×1 stride-2 downsamples either
-/// (64 -> 128 onto 28×28 at batch 1 1.13× on lanes). On AVX-512 the panel
-/// layout's im2col and 8 × 48 tiles run the stride-2 convs as fast (at
-/// batch 1 1.03× and 1.00× the time on lanes), and the downsamples took
-/// 1.2× on lanes (ResNet50's layer2.0.downsample per node): every other
-/// path keeps [`LANE_MAX_PIXELS`].
-const LANE_MIN_DEPTH_AVX2: usize = 576;
+/// forward on lanes with AVX2, MobileNetV2's and EfficientNet-B0's level;
+/// depths between were not measured. Not the 1×1 stride-2 downsamples
+/// either (64 -> 128 onto 28×28 at batch 1 1.13× on lanes with AVX2;
+/// ResNet50's layer2.0.downsample 1.2× with AVX-512). The scalar path
+/// keeps [`LANE_MAX_PIXELS`].
+const LANE_MIN_DEPTH: usize = 576;
 
 /// Output planes up to this many pixels (7×7, 8×8) run a 1×1 conv with
 /// enough input channels ([`POINTWISE_LANES_MIN_DEPTH`]) on the lane
@@ -286,8 +297,8 @@ pub(crate) fn conv_algorithm_without_f4(spec: &ConvSpec, out_shape: [usize; 4], 
 /// forward on `isa`'s path.
 fn direct(spec: &ConvSpec, pixels: usize, isa: gemm::Isa) -> ConvAlgorithm {
     let taps = spec.kernel[0].saturating_mul(spec.kernel[1]);
-    let deep_window = taps > 1 && spec.in_channels.saturating_mul(taps) >= LANE_MIN_DEPTH_AVX2;
-    match pixels <= LANE_MAX_PIXELS || (isa == gemm::Isa::Avx2Fma && deep_window) {
+    let deep_window = taps > 1 && spec.in_channels.saturating_mul(taps) >= LANE_MIN_DEPTH;
+    match pixels <= LANE_MAX_PIXELS || (isa != gemm::Isa::Scalar && deep_window) {
         true => ConvAlgorithm::DirectLanes,
         false => ConvAlgorithm::DirectPanels,
     }
@@ -547,11 +558,12 @@ mod tests {
         }
     }
 
-    /// On AVX2, direct convs of more than one tap at least 576 deep take
-    /// the lane layout at every size; shallower ones, 1×1 stride-2 convs
-    /// and other paths up to 256 pixels; past those, panels.
+    /// On AVX2 and AVX-512, direct convs of more than one tap at least 576
+    /// deep take the lane layout at every size; shallower ones, 1×1
+    /// stride-2 convs and the scalar path up to 256 pixels; past those,
+    /// panels.
     #[test]
-    fn avx2_lanes_for_deep_windows() {
+    fn simd_lanes_for_deep_windows() {
         use ConvAlgorithm::*;
         let path = |isa| Machine::with_fma(isa, false);
         let s2 = |in_channels, kernel| ConvSpec {
@@ -570,10 +582,14 @@ mod tests {
             (63, 3, [1, 128, 28, 28], Isa::Avx2Fma, DirectPanels),
             (63, 3, [1, 128, 16, 16], Isa::Avx2Fma, DirectLanes),
             (3, 3, [1, 128, 112, 112], Isa::Avx2Fma, DirectPanels),
-            (64, 3, [1, 128, 28, 28], Isa::Avx512, DirectPanels),
+            (64, 3, [1, 128, 28, 28], Isa::Avx512, DirectLanes),
+            (64, 3, [10, 128, 28, 28], Isa::Avx512, DirectLanes),
+            (63, 3, [1, 128, 28, 28], Isa::Avx512, DirectPanels),
             (64, 3, [1, 128, 28, 28], Isa::Scalar, DirectPanels),
+            (64, 3, [1, 128, 16, 16], Isa::Scalar, DirectLanes),
             (64, 3, [1, 128, 16, 16], Isa::Avx512, DirectLanes),
             (1024, 1, [1, 128, 28, 28], Isa::Avx2Fma, DirectPanels),
+            (1024, 1, [1, 128, 28, 28], Isa::Avx512, DirectPanels),
             (1024, 1, [1, 128, 16, 16], Isa::Avx2Fma, DirectLanes),
         ];
         for (in_channels, kernel, shape, isa, want) in cases {

@@ -55,7 +55,7 @@ const LANE_BLOCK_PIXELS: usize = 256;
 /// Output pixels per block of the lane layout for `total` pixels on
 /// `threads` threads: one block up to [`LANE_BLOCK_PIXELS`], past it
 /// whole rounds of equal blocks across the threads (its tiles broadcast
-/// pixels, so a block need not fill 16-column tiles). AVX2 runs deep
+/// pixels, so a block need not fill 16-column tiles). The SIMD paths run deep
 /// convs on lanes at every size ([`crate::cpu::conv_algorithm`]):
 /// ResNet18's layer2.0.conv1 at batch 1 (784 pixels) in blocks of 256 was
 /// 3 blocks and a 16-pixel one, 512 pixels on one thread and 272 on the
