@@ -161,8 +161,16 @@ pub(crate) fn lane_gemm_lanes(
             // The group's lanes in `lanes`: whole, or one half at either end.
             let from = lanes.start.saturating_sub(g * LANES).min(LANES);
             let to = (lanes.end - g * LANES).min(LANES);
+            // The weights read next: the next group's in this chunk, else
+            // the first group's in the next chunk.
+            let next = match (i + 1 < groups.len(), k0 + kc < depths.end) {
+                (true, _) => Some(chunk_offset(k0, kc, g + 1, rows)),
+                (false, true) => Some(chunk_offset(k0 + kc, KC.min(depth - k0 - kc), groups.start, rows)),
+                (false, false) => None,
+            };
             let chunk = Chunk {
                 wg: &w[chunk_offset(k0, kc, g, rows)..][..kc * LANES],
+                next: next.map(|at| w.as_ptr().wrapping_add(at)),
                 v: &v[(k0 - depths.start) * cols..],
                 kc,
                 cols,
@@ -195,6 +203,8 @@ pub(crate) fn lane_gemm_lanes(
 /// paths compute both).
 struct Chunk<'a> {
     wg: &'a [f32],
+    /// Where the weights read after these start, if any (prefetched).
+    next: Option<*const f32>,
     v: &'a [f32],
     kc: usize,
     cols: usize,
@@ -228,8 +238,8 @@ mod x86 {
     /// [`MAX_TILE`] pixels (tiles of equal size, so no tiny remainder).
     ///
     /// The first tile reads the chunk's weights from memory and prefetches
-    /// the next chunk's into L2 ([`tile_avx512`]'s `AHEAD`); the other
-    /// tiles read the chunk from L1 and prefetch nothing.
+    /// the next ones (`next`) into L2 ([`tile_avx512`]'s `AHEAD`); the
+    /// other tiles read the chunk from L1 and prefetch nothing.
     ///
     /// # Safety
     /// AVX-512F; `wg` has `kc·32` values, `v` `kc` rows of `cols` (the
@@ -238,6 +248,7 @@ mod x86 {
     pub(super) unsafe fn chunk_avx512(c: &Chunk<'_>, mg: &mut [f32]) {
         let Chunk {
             wg,
+            next,
             v,
             kc,
             cols,
@@ -251,9 +262,10 @@ mod x86 {
                 let (vp, mp) = (v.as_ptr().add(p0), mg.as_mut_ptr().add(p0 * LANES));
                 macro_rules! dispatch {
                     ($($n:literal)*) => {
-                        match (r, p0 == 0) {
-                            $(($n, true) => tile_avx512::<$n, true>(wg.as_ptr(), vp, mp, kc, cols, first),
-                              ($n, false) => tile_avx512::<$n, false>(wg.as_ptr(), vp, mp, kc, cols, first),)*
+                        let np = next.unwrap_or(wg.as_ptr());
+                        match (r, p0 == 0 && next.is_some()) {
+                            $(($n, true) => tile_avx512::<$n, true>(wg.as_ptr(), np, vp, mp, kc, cols, first),
+                              ($n, false) => tile_avx512::<$n, false>(wg.as_ptr(), np, vp, mp, kc, cols, first),)*
                             _ => unreachable!("tile of {r} pixels"),
                         }
                     };
@@ -264,17 +276,25 @@ mod x86 {
     }
 
     /// `R` pixels × 32 lanes: `2·R` accumulators in registers across the
-    /// chunk. With `AHEAD`, each depth step also prefetches into L2 the
-    /// weights one chunk further on in the packed stream (`kc·32` floats:
-    /// the next lane group's chunk, which the loop reads next), so over the
-    /// tile the whole next chunk is on its way from memory while this one
-    /// is computed; at batch 1 the weights come from DRAM (ResNet18's
-    /// layer4 F(2×2) convs stream 16 MB each). ResNet18 at batch 1 on the
-    /// Intel Xeon VM (AVX-512, 2 threads; forwards of one compiled model
-    /// alternating with the earlier scheme, every tile prefetching 16 depth
-    /// steps ahead into L1): 0.97× the time in six runs of 100 forwards;
-    /// ResNet50 and MobileNetV2 / EfficientNet-B0 at batch 1 and ResNet18
-    /// at batch 10 level (0.99-1.01×).
+    /// chunk. With `AHEAD`, each depth step also prefetches into L2 one
+    /// step of the weights the loop reads next, from `np` (the task's next
+    /// lane group's chunk, or after its last group its first group's next
+    /// chunk), so over the tile the whole next chunk is on its way from
+    /// memory while this one is computed; at batch 1 the weights come from
+    /// DRAM (ResNet18's layer4 F(2×2) convs stream 16 MB each). ResNet18
+    /// at batch 1 on the Intel Xeon VM (AVX-512, 2 threads; forwards of
+    /// one compiled model alternating with the earlier scheme, every tile
+    /// prefetching 16 depth steps ahead into L1): 0.97× the time in six
+    /// runs of 100 forwards; ResNet50 and MobileNetV2 / EfficientNet-B0 at
+    /// batch 1 and ResNet18 at batch 10 level (0.99-1.01×). Until the
+    /// fiftieth session the target was always the chunk right after this
+    /// one in the packed stream, which after a task's last group is
+    /// another task's (tasks own runs of groups, the next chunk of theirs
+    /// is a chunk's worth of groups on): with the real next chunk,
+    /// `scripts/ab_builds.py` on the Intel Xeon VM (AVX-512), MobileNetV2
+    /// 0.990×, ResNet50 0.993×, EfficientNet-B0 0.995×, ResNet18 0.994×
+    /// (batch 1; AVX2 forced level), after the same change in
+    /// [`super::lane_gathered`].
     ///
     /// # Safety
     /// AVX-512F; reads `wp[..kc·32]`, `vp[d·cols + i]` for `d < kc`, `i < R`,
@@ -283,6 +303,7 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     unsafe fn tile_avx512<const R: usize, const AHEAD: bool>(
         wp: *const f32,
+        np: *const f32,
         vp: *const f32,
         mp: *mut f32,
         kc: usize,
@@ -298,14 +319,14 @@ mod x86 {
                     acc[1] = _mm512_loadu_ps(mp.add(i * LANES + 16));
                 }
             }
-            let ahead = kc * LANES;
-            let (mut wp, mut vp) = (wp, vp);
+            let (mut wp, mut np, mut vp) = (wp, np, vp);
             for _ in 0..kc {
                 if AHEAD {
                     // Hints only: these addresses may lie past the weights'
                     // end (formed with wrapping_add, never dereferenced).
-                    _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead + 16) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(np as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(np.wrapping_add(16) as *const i8);
+                    np = np.wrapping_add(LANES);
                 }
                 let (w0, w1) = (_mm512_loadu_ps(wp), _mm512_loadu_ps(wp.add(16)));
                 for (i, acc) in acc.iter_mut().enumerate() {
@@ -351,6 +372,7 @@ mod x86 {
     pub(super) unsafe fn chunk_avx2(c: &Chunk<'_>, mg: &mut [f32]) {
         let Chunk {
             wg,
+            next,
             v,
             kc,
             cols,
@@ -366,12 +388,13 @@ mod x86 {
                     let (wp, mp) = (wg.as_ptr().add(half), mp.add(half));
                     // The first tile's first computed half prefetches both
                     // halves' next chunk (as on AVX-512).
-                    let ahead = p0 == 0 && (half == 0 || !halves[0]);
+                    let ahead = p0 == 0 && (half == 0 || !halves[0]) && next.is_some();
+                    let np = next.unwrap_or(wp);
                     macro_rules! dispatch {
                         ($($n:literal)*) => {
                             match (r, ahead) {
-                                $(($n, true) => tile_avx2::<$n, true>(wp, vp, mp, kc, cols, first),
-                                  ($n, false) => tile_avx2::<$n, false>(wp, vp, mp, kc, cols, first),)*
+                                $(($n, true) => tile_avx2::<$n, true>(wp, np, vp, mp, kc, cols, first),
+                                  ($n, false) => tile_avx2::<$n, false>(wp, np, vp, mp, kc, cols, first),)*
                                 _ => unreachable!("tile of {r} pixels"),
                             }
                         };
@@ -396,6 +419,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile_avx2<const R: usize, const AHEAD: bool>(
         wp: *const f32,
+        np: *const f32,
         vp: *const f32,
         mp: *mut f32,
         kc: usize,
@@ -411,13 +435,13 @@ mod x86 {
                     acc[1] = _mm256_loadu_ps(mp.add(i * LANES + 8));
                 }
             }
-            let ahead = kc * LANES;
-            let (mut wp, mut vp) = (wp, vp);
+            let (mut wp, mut np, mut vp) = (wp, np, vp);
             for _ in 0..kc {
                 if AHEAD {
                     // Hints only, as on AVX-512.
-                    _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead + 16) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(np as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(np.wrapping_add(16) as *const i8);
+                    np = np.wrapping_add(LANES);
                 }
                 let (w0, w1) = (_mm256_loadu_ps(wp), _mm256_loadu_ps(wp.add(8)));
                 for (i, acc) in acc.iter_mut().enumerate() {

@@ -133,6 +133,18 @@ pub(crate) fn lane_gemm_gathered(
         let kc = LANE_CHUNK.min(depth - k0);
         for (i, g) in groups.clone().enumerate() {
             let wg = &w[chunk_offset(k0, kc, g, rows)..][..kc * LANES];
+            // The weights read next: the next group's in this chunk, else
+            // the first group's in the next chunk.
+            let next = match (i + 1 < groups.len(), k0 + kc < depth) {
+                (true, _) => Some(chunk_offset(k0, kc, g + 1, rows)),
+                (false, true) => Some(chunk_offset(
+                    k0 + kc,
+                    LANE_CHUNK.min(depth - k0 - kc),
+                    groups.start,
+                    rows,
+                )),
+                (false, false) => None,
+            };
             let mg = &mut m[i * pixels * LANES..][..pixels * LANES];
             let tiles = sources
                 .iter()
@@ -143,7 +155,7 @@ pub(crate) fn lane_gemm_gathered(
                     table: &v.table[k0..k0 + kc],
                     data: v.data,
                     first: k0 == 0,
-                    ahead: t == 0,
+                    ahead: next.filter(|_| t == 0).map(|at| w.as_ptr().wrapping_add(at)),
                 };
                 match isa {
                     #[cfg(target_arch = "x86_64")]
@@ -165,14 +177,21 @@ pub(crate) fn lane_gemm_gathered(
 }
 
 /// One lane group's chunk of the depth: its weights (`kc·LANES`), the
-/// chunk's table entries; `first` starts the sums from zero, `ahead`
-/// prefetches the next chunk's weights.
+/// chunk's table entries; `first` starts the sums from zero; `ahead`,
+/// where the weights read next start (the next group's in this chunk, or
+/// after the task's last group its first group's in the next chunk), is
+/// prefetched by the tile that has it. Until the fiftieth session the
+/// target was the chunk right after this one in the packed stream, which
+/// after a task's last group is another task's: with the one read next,
+/// ResNet18 at batch 1 0.980-0.984× the time (`scripts/ab_builds.py`,
+/// Intel Xeon VM, AVX-512; layer4's 7×7 convs per node 0.95-0.97×),
+/// ResNet50 level; AVX2 forced level.
 struct Chunk<'a> {
     wg: &'a [f32],
     table: &'a [usize],
     data: &'a [f32],
     first: bool,
-    ahead: bool,
+    ahead: Option<*const f32>,
 }
 
 /// One tile, one chunk: `mg[p][l] (+)= Σ_d wg[d][l] · data[table[d] + at(p)]`.
@@ -215,11 +234,12 @@ mod x86 {
             let (pitch, mpitch) = (t.pitch, [t.col_pitch * LANES, t.col_step * LANES]);
             macro_rules! dispatch {
                 ($($w:literal $h:literal),*) => {
-                    match (t.width, t.rows, c.ahead, t.step) {
-                        $(($w, $h, true, 1) => avx512::<$w, $h, true, 1>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
-                          ($w, $h, false, 1) => avx512::<$w, $h, false, 1>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
-                          ($w, $h, true, 2) => avx512::<$w, $h, true, 2>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
-                          ($w, $h, false, 2) => avx512::<$w, $h, false, 2>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),)*
+                    let np = c.ahead.unwrap_or(wp);
+                    match (t.width, t.rows, c.ahead.is_some(), t.step) {
+                        $(($w, $h, true, 1) => avx512::<$w, $h, true, 1>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),
+                          ($w, $h, false, 1) => avx512::<$w, $h, false, 1>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),
+                          ($w, $h, true, 2) => avx512::<$w, $h, true, 2>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),
+                          ($w, $h, false, 2) => avx512::<$w, $h, false, 2>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),)*
                         _ => unreachable!("tile of {} x {} pixels, step {}", t.rows, t.width, t.step),
                     }
                 };
@@ -246,14 +266,15 @@ mod x86 {
             let (pitch, mpitch) = (t.pitch, [t.col_pitch * LANES, t.col_step * LANES]);
             for half in [0, 16] {
                 let (wp, mp) = (c.wg.as_ptr().add(half), mg.as_mut_ptr().add(t.col * LANES + half));
-                let ahead = c.ahead && half == 0;
+                let ahead = c.ahead.is_some() && half == 0;
+                let np = c.ahead.unwrap_or(wp);
                 macro_rules! dispatch {
                     ($($w:literal $h:literal),*) => {
                         match (t.width, t.rows, ahead, t.step) {
-                            $(($w, $h, true, 1) => avx2::<$w, $h, true, 1>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
-                              ($w, $h, false, 1) => avx2::<$w, $h, false, 1>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
-                              ($w, $h, true, 2) => avx2::<$w, $h, true, 2>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),
-                              ($w, $h, false, 2) => avx2::<$w, $h, false, 2>(wp, tab, dp, pitch, mp, mpitch, kc, c.first),)*
+                            $(($w, $h, true, 1) => avx2::<$w, $h, true, 1>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),
+                              ($w, $h, false, 1) => avx2::<$w, $h, false, 1>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),
+                              ($w, $h, true, 2) => avx2::<$w, $h, true, 2>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),
+                              ($w, $h, false, 2) => avx2::<$w, $h, false, 2>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),)*
                             _ => unreachable!("tile of {} x {} pixels, step {}", t.rows, t.width, t.step),
                         }
                     };
@@ -267,9 +288,10 @@ mod x86 {
     /// apart × two vectors of `$lanes` lanes (`2·W·H` accumulators across
     /// the chunk); per depth step two loads of weights and a broadcast per
     /// pixel from its row (`S` a constant, so each broadcast's address is
-    /// the row's plus a fixed displacement). With `AHEAD`, the next chunk's weights are prefetched
-    /// into L2 as in the im2col product's first tile (both halves' lines
-    /// on AVX2, from its first half). The one body both paths share: on
+    /// the row's plus a fixed displacement). With `AHEAD`, the weights read
+    /// next (from `np`) are prefetched into L2 one depth step at a time,
+    /// as in the im2col product's first tile (both halves' lines on AVX2,
+    /// from its first half). The one body both paths share: on
     /// AVX-512 one call covers the 32 lanes of a group, on AVX2 one half.
     macro_rules! micro_tile {
         ($name:ident, $feature:literal, $lanes:expr, $zero:ident, $load:ident, $splat:ident,
@@ -283,6 +305,7 @@ mod x86 {
             #[allow(clippy::too_many_arguments)]
             unsafe fn $name<const W: usize, const H: usize, const AHEAD: bool, const S: usize>(
                 wp: *const f32,
+                np: *const f32,
                 tab: *const usize,
                 dp: *const f32,
                 pitch: usize,
@@ -302,14 +325,14 @@ mod x86 {
                             }
                         }
                     }
-                    let ahead = kc * LANES;
-                    let mut wp = wp;
+                    let (mut wp, mut np) = (wp, np);
                     for d in 0..kc {
                         if AHEAD {
                             // Hints only: past the weights' end they are never
                             // dereferenced (formed with wrapping_add).
-                            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead) as *const i8);
-                            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(ahead + 16) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T1>(np as *const i8);
+                            _mm_prefetch::<_MM_HINT_T1>(np.wrapping_add(16) as *const i8);
+                            np = np.wrapping_add(LANES);
                         }
                         let row = dp.add(*tab.add(d));
                         let (w0, w1) = ($load(wp), $load(wp.add($lanes)));
