@@ -40,6 +40,27 @@ pub(crate) fn columns_to_rows8(isa: Isa, src: &[f32], stride: usize, col: usize,
     }
 }
 
+/// [`columns_to_rows8`] into eight rows of `len` values `dst_stride`
+/// apart in `dst` (row `k` at `dst[k·dst_stride..][..len]`): a block of
+/// channels' rows in a scratch buffer. Panics when `dst` holds fewer than
+/// eight such rows or `len > dst_stride`.
+pub(crate) fn columns_to_block8(
+    isa: Isa,
+    src: &[f32],
+    stride: usize,
+    col: usize,
+    dst: &mut [f32],
+    (dst_stride, len): (usize, usize),
+) {
+    assert!(
+        len <= dst_stride && dst.len() >= 8 * dst_stride,
+        "block short of eight rows"
+    );
+    let mut rows = dst.chunks_exact_mut(dst_stride).map(|row| &mut row[..len]);
+    let rows = std::array::from_fn(|_| rows.next().unwrap_or_default());
+    columns_to_rows8(isa, src, stride, col, rows);
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;

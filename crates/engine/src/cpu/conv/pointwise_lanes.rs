@@ -8,7 +8,7 @@
 //! packed, and the weights pass through L1 a depth chunk at a time
 //! ([`crate::cpu::gemm::lane`]). The products come out per lane group,
 //! pixel by pixel (`[groups][pixels][32]`); the output channels' rows are
-//! gathered from them eight at a time ([`columns_to_rows8`]) and stored
+//! gathered from them eight at a time ([`columns_to_block8`]) and stored
 //! with the epilogue. An input scale
 //! (squeeze-and-excitation's) is applied to the input first, as for the
 //! other convs ([`super::CpuConv::run_scaled`]).
@@ -21,7 +21,7 @@ use crate::cpu::data::{with_cpu_f32, with_scratch};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{lane_gemm_lanes, lane_groups, pack_lanes, split_unit, Isa, LaneProduct, LANES};
 use crate::cpu::output::Output;
-use crate::cpu::transpose::columns_to_rows8;
+use crate::cpu::transpose::columns_to_block8;
 use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
@@ -141,9 +141,7 @@ impl PointwiseLanes {
                         // 16), else one.
                         let count = match o + 8 <= channels.end && lane + 8 <= LANES {
                             true => {
-                                let mut each = rows.chunks_exact_mut(plane);
-                                let eight = std::array::from_fn(|_| each.next().unwrap_or_default());
-                                columns_to_rows8(self.isa, products, LANES, lane, eight);
+                                columns_to_block8(self.isa, products, LANES, lane, rows, (plane, plane));
                                 8
                             }
                             false => {

@@ -54,6 +54,31 @@ pub(super) fn chunk_offset(k0: usize, kc: usize, group: usize, padded_rows: usiz
     k0 * padded_rows + group * kc * LANES
 }
 
+/// Where the weights a task reads after lane group `g`'s chunk at depth
+/// `k0` (`kc` deep) start, in weights packed by [`pack_lanes`] with
+/// `padded_rows` rows: the next group's chunk in `groups`, else (past its
+/// last group) its first group's next chunk, if the product's `depths`
+/// (of `depth` in all) go on past this one. What the micro-tiles prefetch
+/// while they compute this chunk.
+pub(super) fn next_chunk_offset(
+    (k0, kc): (usize, usize),
+    g: usize,
+    groups: &std::ops::Range<usize>,
+    (end, depth): (usize, usize),
+    padded_rows: usize,
+) -> Option<usize> {
+    match (g + 1 < groups.end, k0 + kc < end) {
+        (true, _) => Some(chunk_offset(k0, kc, g + 1, padded_rows)),
+        (false, true) => Some(chunk_offset(
+            k0 + kc,
+            KC.min(depth - k0 - kc),
+            groups.start,
+            padded_rows,
+        )),
+        (false, false) => None,
+    }
+}
+
 /// The sizes of one lane product `m = w · v` (see the module docs).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LaneProduct {
@@ -161,13 +186,7 @@ pub(crate) fn lane_gemm_lanes(
             // The group's lanes in `lanes`: whole, or one half at either end.
             let from = lanes.start.saturating_sub(g * LANES).min(LANES);
             let to = (lanes.end - g * LANES).min(LANES);
-            // The weights read next: the next group's in this chunk, else
-            // the first group's in the next chunk.
-            let next = match (i + 1 < groups.len(), k0 + kc < depths.end) {
-                (true, _) => Some(chunk_offset(k0, kc, g + 1, rows)),
-                (false, true) => Some(chunk_offset(k0 + kc, KC.min(depth - k0 - kc), groups.start, rows)),
-                (false, false) => None,
-            };
+            let next = next_chunk_offset((k0, kc), g, &groups, (depths.end, depth), rows);
             let chunk = Chunk {
                 wg: &w[chunk_offset(k0, kc, g, rows)..][..kc * LANES],
                 next: next.map(|at| w.as_ptr().wrapping_add(at)),

@@ -9,7 +9,7 @@
 //! (one or two output rows) as [`super::lane_gemm`] broadcasts them from
 //! the copied columns, in the same order of sums.
 
-use super::lane::{chunk_offset, LANES, LANE_CHUNK};
+use super::lane::{chunk_offset, next_chunk_offset, LANES, LANE_CHUNK};
 use super::{Gathered, Isa};
 use std::ops::Range;
 
@@ -133,18 +133,7 @@ pub(crate) fn lane_gemm_gathered(
         let kc = LANE_CHUNK.min(depth - k0);
         for (i, g) in groups.clone().enumerate() {
             let wg = &w[chunk_offset(k0, kc, g, rows)..][..kc * LANES];
-            // The weights read next: the next group's in this chunk, else
-            // the first group's in the next chunk.
-            let next = match (i + 1 < groups.len(), k0 + kc < depth) {
-                (true, _) => Some(chunk_offset(k0, kc, g + 1, rows)),
-                (false, true) => Some(chunk_offset(
-                    k0 + kc,
-                    LANE_CHUNK.min(depth - k0 - kc),
-                    groups.start,
-                    rows,
-                )),
-                (false, false) => None,
-            };
+            let next = next_chunk_offset((k0, kc), g, &groups, (depth, depth), rows);
             let mg = &mut m[i * pixels * LANES..][..pixels * LANES];
             let tiles = sources
                 .iter()

@@ -34,7 +34,7 @@ use crate::cpu::gemm::{
 use crate::cpu::output::Output;
 use crate::cpu::parallel::for_ranges;
 use crate::cpu::prefetch;
-use crate::cpu::transpose::columns_to_rows8;
+use crate::cpu::transpose::columns_to_block8;
 use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
@@ -148,7 +148,7 @@ fn groups(segments: &[Segment]) -> impl Iterator<Item = &[Segment]> {
 /// `m` (`[O_pad, cols]`, only the first `pixels` columns written), the
 /// parts added in order into the first (which is left holding the sums);
 /// a lane group per task, its columns moved eight at a time
-/// ([`columns_to_rows8`]). One by one, with a store `cols` values from the
+/// ([`columns_to_block8`]). One by one, with a store `cols` values from the
 /// last for each, they took 7.5% of the CPU time of ResNet18's
 /// layer2.0.conv1 on lanes (576 deep, batch 1; Intel Xeon VM, AVX-512).
 fn lanes_to_rows(isa: Isa, partials: &mut [f32], parts: usize, pixels: usize, m: &mut [f32], cols: usize) {
@@ -166,9 +166,7 @@ fn lanes_to_rows(isa: Isa, partials: &mut [f32], parts: usize, pixels: usize, m:
                 t.iter_mut().zip(part).for_each(|(sum, value)| *sum += value);
             }
             for (eight, rows) in m.chunks_exact_mut(8 * cols).enumerate() {
-                let mut rows = rows.chunks_exact_mut(cols).map(|row| &mut row[..pixels]);
-                let dst = std::array::from_fn(|_| rows.next().unwrap_or_default());
-                columns_to_rows8(isa, t, LANES, 8 * eight, dst);
+                columns_to_block8(isa, t, LANES, 8 * eight, rows, (cols, pixels));
             }
         });
 }
