@@ -93,10 +93,6 @@ impl IsaBody for InputChannel<'_> {
                 // `GatherChunk::for_block` checked the input's length).
                 let shift = (c * plane_len) as i32;
                 let (offsets, row_mask, col_mask) = (g.offsets.map(|o| o + shift), &g.row_mask, &g.col_mask);
-                // SAFETY: the CPU has AVX-512F (Isa::Avx512); a lane reads
-                // offsets[lane] + r·W + col only where row r and column col of
-                // its patch lie inside its image's plane, which is inside `input`
-                // (and input.len() fits i32, so no offset wraps).
                 // No software prefetch of the next channels' patches: a
                 // loop of one hint per lane and patch row (96 per chunk)
                 // two channels ahead, kept since the gathers came (ResNet18
@@ -107,6 +103,10 @@ impl IsaBody for InputChannel<'_> {
                 // forwards ResNet18 0.982× and 0.985×, ResNet34 0.986×,
                 // ResNet50 0.992× (batch 1) and 0.985× (batch 10), ResNet18
                 // at batch 10 level (1.005×).
+                // SAFETY: the CPU has AVX-512F (Isa::Avx512); a lane reads
+                // offsets[lane] + r·W + col only where row r and column col of
+                // its patch lie inside its image's plane, which is inside `input`
+                // (and input.len() fits i32, so no offset wraps).
                 unsafe { gather_patch_avx512(input, &offsets, row_mask, col_mask, s.width, &mut d) };
                 finish_input_chunk(run, block, &d, c, start, v);
                 continue;
