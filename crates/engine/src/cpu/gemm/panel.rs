@@ -521,7 +521,7 @@ pub(super) mod x86 {
             // are cut the same way ([`super::right`]). A shallow product's
             // whole slices in row sweeps instead ([`super::super::row_sweep`]).
             let size = [rows, depth, cols];
-            let mut t0 = match super::super::row_sweep::applies(size, stream) {
+            let mut t0 = match super::super::row_sweep::applies(size) {
                 true => super::super::row_sweep::avx512(u, v, layout, m, size, ms, epi),
                 false => 0,
             };
@@ -816,7 +816,7 @@ pub(super) mod x86 {
     pub(in crate::cpu::gemm) const AVX512_TALL_ROWS: usize = 12;
 
     /// Whether `epi` asks for streaming stores.
-    fn streams(epi: Option<StoreEpilogue>) -> bool {
+    pub(in crate::cpu::gemm) fn streams(epi: Option<StoreEpilogue>) -> bool {
         epi.is_some_and(|e| e.stream)
     }
 
@@ -1172,9 +1172,11 @@ pub(super) mod x86 {
 
     /// # Safety
     /// As [`gemm_avx512`], with AVX2 and FMA instead of AVX-512F (and
-    /// packed slices 16 columns wide; `layout.pack()` is only written,
-    /// `depth·16` values of it, by a product in one depth chunk and one
-    /// block of rows, [`avx2_blocks`], and ignored otherwise). AVX2 has 16
+    /// packed slices 16 columns wide; `layout.pack()`, valid for writes of
+    /// `depth·cols` values as there, is only written by a row sweep and by
+    /// a product in one depth chunk and one block of rows, [`avx2_blocks`],
+    /// and ignored otherwise). A shallow product runs in row sweeps
+    /// ([`super::super::row_sweep`]). AVX2 has 16
     /// vector registers: a micro-tile is 6 rows × 16 columns (12
     /// accumulators, 2 loads of `v` and 6 broadcasts of `u` per depth step
     /// for 12 FMAs; 15 registers, no spill), the last 4 or 8 rows of a
@@ -1218,6 +1220,13 @@ pub(super) mod x86 {
         unsafe {
             let (u, v) = (u.as_ptr(), v.as_ptr());
             let stream = streams(epi);
+            // A shallow product in row sweeps, as on AVX-512
+            // ([`super::super::row_sweep`]).
+            if super::super::row_sweep::applies([rows, depth, cols]) {
+                super::super::row_sweep::avx2(u, v, layout, m, [rows, depth, cols], ms, epi);
+                fence_streams(stream);
+                return;
+            }
             // Column slices outer, as on AVX-512: one `depth × 16` slice
             // of `v` stays in L1 while every row panel's weights stream
             // past it (rows outer re-read all of `v` from L2 per 4 rows:
