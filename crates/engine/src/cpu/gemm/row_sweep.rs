@@ -201,18 +201,23 @@ pub(super) unsafe fn avx512(
             epi,
             cut,
             #[inline(always)]
-            |t| match (t.packing, stream) {
-                (true, true) => {
-                    micro_avx512::<V, true, false, false, true, true>(t.w, t.columns, t.mp, depth, ms, t.e, t.next)
+            |t| {
+                // The tile's store mode and whether it copies (every tile leads).
+                macro_rules! tile {
+                    ($s:literal) => {
+                        match t.packing {
+                            true => micro_avx512::<V, $s, false, false, true, true>(
+                                t.w, t.columns, t.mp, depth, ms, t.e, t.next,
+                            ),
+                            false => micro_avx512::<V, $s, false, false, false, true>(
+                                t.w, t.columns, t.mp, depth, ms, t.e, t.next,
+                            ),
+                        }
+                    };
                 }
-                (true, false) => {
-                    micro_avx512::<V, false, false, false, true, true>(t.w, t.columns, t.mp, depth, ms, t.e, t.next)
-                }
-                (false, true) => {
-                    micro_avx512::<V, true, false, false, false, true>(t.w, t.columns, t.mp, depth, ms, t.e, t.next)
-                }
-                (false, false) => {
-                    micro_avx512::<V, false, false, false, false, true>(t.w, t.columns, t.mp, depth, ms, t.e, t.next)
+                match stream {
+                    true => tile!(true),
+                    false => tile!(false),
                 }
             },
         )
