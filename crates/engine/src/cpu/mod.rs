@@ -115,7 +115,9 @@ const LANE_MIN_DEPTH: usize = 576;
 /// 0.71-0.79× at batch 1, 0.93-1.03× at batch 10. With AVX2 forced:
 /// ResNet50's 0.92-1.0×, MobileNetV2's 0.98-1.05×. On 14×14 planes the
 /// lane product alone was 0.92-0.98× the in-place conv's whole time,
-/// before gathering its products back into rows: not taken there.
+/// before gathering its products back into rows: not taken there. At
+/// batch 1 the projections among them (twice as many inputs as outputs)
+/// split their depth instead ([`SPLIT_MIN_PLANE`]).
 pub(crate) const POINTWISE_LANES_MAX_PLANE: usize = 64;
 /// Input channels from which the lane form of a small-plane 1×1 conv
 /// pays for gathering its products back into rows (one strided read per
@@ -146,10 +148,19 @@ pub(crate) const POINTWISE_LANES_MIN_DEPTH: usize = 384;
 /// 112×112 slower (1.04-1.94×: one task per half, where the column shares
 /// kept both threads busy): not taken.
 pub(crate) const SPLIT_MIN_DEPTH_RATIO: usize = 2;
-/// The smallest plane (pixels) a depth-split 1×1 conv runs on: 10×10.
-/// (The smaller ones, 7×7 and 8×8, mostly go to the lane form; the
-/// split is not measured on them.)
-pub(crate) const SPLIT_MIN_PLANE: usize = 100;
+/// The smallest plane (pixels) a depth-split 1×1 conv runs on: 7×7, where
+/// it takes the projections at batch 1 from the lane form
+/// ([`POINTWISE_LANES_MAX_PLANE`]), whose tasks (runs of output channels)
+/// each read the whole input. Intel Xeon VM (2 threads), batch 1, whole
+/// forwards alternating with the lane form (`scripts/ab_builds.py`, the
+/// fifty-third session): MobileNetV2 0.978×, MobileNetV3-Large 0.976×,
+/// EfficientNet-B0 0.974× the time (AVX-512); with AVX2 forced 0.983×,
+/// 0.984×, 0.992×; ResNet50 (layer4's 2048 -> 512) 0.994× and 1.000×.
+/// Per node (profiles, AVX-512) MobileNetV2's 960 -> 160 + residual 0.075
+/// -> 0.059 ms, 576 -> 160 0.048 -> 0.039, even though the in-place GEMM
+/// pads each 49-pixel row to 64 columns. Below 7×7 the lane form stays
+/// (not measured).
+pub(crate) const SPLIT_MIN_PLANE: usize = 49;
 /// The largest plane a depth-split 1×1 conv runs on: 20×20 (14×14
 /// measured; 28×28 level).
 pub(crate) const SPLIT_MAX_PLANE: usize = 400;
@@ -251,14 +262,15 @@ pub(crate) fn conv_algorithm(spec: &ConvSpec, pooled: bool, out_shape: [usize; 4
         let lanes = (2..=POINTWISE_LANES_MAX_PLANE).contains(&plane)
             && spec.in_channels >= POINTWISE_LANES_MIN_DEPTH
             && out_channels.next_multiple_of(gemm::LANES) <= out_channels.saturating_mul(5) / 4;
-        // Projections on small planes at batch 1 (images fewer than threads).
+        // Projections on small planes at batch 1 (images fewer than
+        // threads), before the lane form: [`SPLIT_MIN_PLANE`].
         let split = batch == 1
             && (SPLIT_MIN_PLANE..=SPLIT_MAX_PLANE).contains(&plane)
             && spec.in_channels >= out_channels.saturating_mul(SPLIT_MIN_DEPTH_RATIO);
         return match (dots, lanes, split) {
             (true, _, _) => ConvAlgorithm::Gemv,
-            (false, true, _) => ConvAlgorithm::PointwiseLanes,
-            (false, false, true) => ConvAlgorithm::PointwiseSplit,
+            (false, _, true) => ConvAlgorithm::PointwiseSplit,
+            (false, true, false) => ConvAlgorithm::PointwiseLanes,
             (false, false, false) => ConvAlgorithm::Pointwise,
         };
     }
@@ -497,10 +509,11 @@ mod tests {
 
     /// The policy on ResNet-like shapes: F(4×4) with enough tiles, F(2×2)
     /// for few pixels and many channels, the in-place GEMM for 1×1 stride
-    /// 1 (the lane form for deep ones on planes of 2 to 64 pixels whose
-    /// lane groups pad the outputs by at most a quarter: not 100 -> 128;
-    /// in two halves of their depth for projections at batch 1 on planes of
-    /// 100 to 400 pixels with at least twice as many inputs as outputs),
+    /// 1 (in two halves of their depth for projections at batch 1 on
+    /// planes of 49 to 400 pixels with at least twice as many inputs as
+    /// outputs; else the lane form for deep ones on planes of 2 to 64
+    /// pixels whose lane groups pad the outputs by at most a quarter: not
+    /// 100 -> 128),
     /// lanes for other few-pixel convs, panels otherwise; 1×1 planes as
     /// dot products for squeezes and excitations at most 64 deep; grouped
     /// and pooled convs by their constraint.
@@ -517,9 +530,13 @@ mod tests {
             (spec(64, 1, 1, 1), false, [1, 64, 7, 7], Pointwise),
             (spec(512, 1, 1, 1), false, [1, 512, 7, 7], PointwiseLanes),
             (spec(384, 1, 1, 1), false, [10, 112, 8, 8], PointwiseLanes),
+            (spec(960, 1, 1, 1), false, [2, 160, 7, 7], PointwiseLanes),
+            (spec(960, 1, 1, 1), false, [1, 160, 7, 7], PointwiseSplit),
+            (spec(2048, 1, 1, 1), false, [1, 512, 7, 7], PointwiseSplit),
             (spec(383, 1, 1, 1), false, [1, 512, 7, 7], Pointwise),
             (spec(512, 1, 1, 1), false, [1, 512, 9, 9], Pointwise),
-            (spec(512, 1, 1, 1), false, [1, 100, 7, 7], Pointwise),
+            (spec(512, 1, 1, 1), false, [2, 100, 7, 7], Pointwise),
+            (spec(512, 1, 1, 1), false, [1, 100, 7, 7], PointwiseSplit),
             (spec(512, 1, 1, 1), false, [2, 2048, 1, 1], Pointwise),
             (spec(576, 1, 1, 1), false, [1, 96, 14, 14], PointwiseSplit),
             (spec(1024, 1, 1, 1), false, [1, 256, 10, 10], PointwiseSplit),
@@ -527,7 +544,9 @@ mod tests {
             (spec(510, 1, 1, 1), false, [1, 256, 14, 14], Pointwise),
             (spec(576, 1, 1, 1), false, [2, 96, 14, 14], Pointwise),
             (spec(576, 1, 1, 1), false, [1, 96, 28, 28], Pointwise),
-            (spec(576, 1, 1, 1), false, [1, 96, 9, 9], Pointwise),
+            (spec(576, 1, 1, 1), false, [1, 96, 9, 9], PointwiseSplit),
+            (spec(576, 1, 1, 1), false, [1, 96, 6, 8], PointwiseLanes),
+            (spec(576, 1, 1, 1), false, [1, 96, 4, 4], PointwiseLanes),
             (spec(64, 1, 1, 1), false, [4, 64, 1, 1], Gemv),
             (spec(64, 1, 1, 1), false, [4, 256, 1, 1], Gemv),
             (spec(65, 1, 1, 1), false, [4, 256, 1, 1], Pointwise),
