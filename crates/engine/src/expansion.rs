@@ -458,9 +458,10 @@ mod tests {
     /// rounding: with and without a residual, at strides 1 and 2, with
     /// channels that leave a partial lane block (40) and a partial panel
     /// of outputs (12); in one band (batch 10) or several per image, the
-    /// last shorter (30 rows at batch 2: bands of 8), and, with fewer
-    /// images than threads (batch 1), as its two steps in turn. Two
-    /// threads, as the cut counts them.
+    /// last shorter (30 rows at batch 2: bands of 8); with fewer images
+    /// than threads (batch 1) in bands of one image at stride 1 (56 rows:
+    /// bands of 7), and as its two steps in turn at stride 2 or where the
+    /// halos decline (14 rows). Two threads, as the cut counts them.
     #[test]
     fn projection_runs_inside_the_block() {
         let cases = [
@@ -469,6 +470,7 @@ mod tests {
             (2, 30, [48, 16, 1], true),
             (2, 30, [40, 12, 2], false),
             (1, 14, [24, 16, 1], true),
+            (1, 56, [24, 16, 1], true),
             (1, 56, [32, 24, 2], false),
             (10, 14, [0, 16, 1], true),
             (2, 30, [0, 24, 2], false),

@@ -49,13 +49,22 @@ const TASKS_PER_THREAD: usize = 4;
 /// Output rows per band of `height` for `batch` images on `threads`
 /// threads: at most `most` ([`rows_per_band`]), few enough for
 /// [`TASKS_PER_THREAD`] tasks a thread; `None` (not fused: the two steps
-/// run instead) with fewer images than threads, or bands whose expansion
-/// rows (each band computes its own halo) exceed their share by more than
-/// a third. Fewer images than threads leave few bands of one image to
-/// share: on the Intel Xeon VM (2 threads) MobileNetV2 at batch 1 took
-/// 1.33× the time for features.4 (56 -> 28 rows, stride 2, 7 bands of 4
-/// rows) and 1.02-1.04× for features.2 and .3 (8 bands of 7), the forward
-/// 1.02×, per-block profiles of the two builds alternating.
+/// run instead) with fewer images than threads at stride 2, or bands whose
+/// expansion rows (each band computes its own halo) exceed their share by
+/// more than a third. Fewer images than threads leave few bands of one
+/// image to share: on the Intel Xeon VM (2 threads) MobileNetV2 at batch 1
+/// took 1.33× the time for features.4 (56 -> 28 rows, stride 2, 7 bands of
+/// 4 rows) and 1.02-1.04× for features.2 and .3 (8 bands of 7), the
+/// forward 1.02×, per-block profiles of the two builds alternating (the
+/// forty-fifth session). At stride 1 (MobileNetV2's features.0+1 and .3,
+/// MobileNetV3-Large's features.1 and .3 at 224×224; the 28×28 ones'
+/// halos decline) the fifty-third session found the fused form ahead:
+/// whole forwards at batch 1 alternating with the build before
+/// (`scripts/ab_builds.py`, 30 rounds), MobileNetV2 0.990× and 0.992×
+/// with AVX2 forced, 0.984× twice natively, MobileNetV3-Large 0.993× and
+/// 0.985× (with a switch in one build: MobileNetV2 0.988-0.998× in five
+/// runs; EfficientNet-B0, which has no such pair, its projections reading
+/// the squeeze-and-excitation's scale, 0.996-1.006×).
 /// `reach` is the input rows one output row reads (`(kh − 1)·dh + 1`),
 /// `stride` the rows between output rows'.
 fn band_cut(most: usize, [height, batch]: [usize; 2], [stride, reach]: [usize; 2], threads: usize) -> Option<usize> {
@@ -64,7 +73,8 @@ fn band_cut(most: usize, [height, batch]: [usize; 2], [stride, reach]: [usize; 2
     let tasks = batch.saturating_mul(height.div_ceil(rows));
     let computed = (rows - 1).saturating_mul(stride).saturating_add(reach);
     let share = rows.saturating_mul(stride);
-    (batch >= threads && tasks >= 2 * threads && computed.saturating_mul(3) <= share.saturating_mul(4)).then_some(rows)
+    ((batch >= threads || stride == 1) && tasks >= 2 * threads && computed.saturating_mul(3) <= share.saturating_mul(4))
+        .then_some(rows)
 }
 
 /// Output rows per band: the band's depthwise output and products, `(C +
@@ -255,7 +265,8 @@ mod tests {
     use super::{band_cut, rows_per_band};
 
     /// Bands give each thread four tasks where the cache allows; fewer
-    /// than two a thread, or halos past a third of a band's rows, decline.
+    /// than two a thread, halos past a third of a band's rows, or fewer
+    /// images than threads at stride 2, decline.
     #[test]
     fn bands_share_the_threads_or_decline() {
         // Batch 10 on 2 threads: one band an image, as the cache allows.
@@ -265,9 +276,13 @@ mod tests {
         assert_eq!(band_cut(5, [14, 10], [1, 3], 2), None);
         // Batch 2: four bands of 8 rows (the last 6), halos 10 / 8.
         assert_eq!(band_cut(30, [30, 2], [1, 3], 2), Some(8));
-        // Batch 1 on two threads declines; on one, one band.
-        assert_eq!(band_cut(56, [56, 1], [1, 3], 2), None);
+        // Batch 1 on two threads: eight bands of 7 at stride 1 (halos 9 /
+        // 7); at stride 2 it declines; on one thread, four bands.
+        assert_eq!(band_cut(56, [56, 1], [1, 3], 2), Some(7));
+        assert_eq!(band_cut(56, [28, 1], [2, 3], 2), None);
         assert_eq!(band_cut(56, [56, 1], [1, 3], 1), Some(14));
+        // 28 rows at batch 1 on two threads: bands of 4, halos 6 / 4.
+        assert_eq!(band_cut(28, [28, 1], [1, 3], 2), None);
         // Bands of 2 rows (4 / 2) decline; so does one row of two images.
         assert_eq!(band_cut(14, [14, 2], [1, 3], 8), None);
         assert_eq!(band_cut(1, [1, 2], [1, 1], 2), None);
