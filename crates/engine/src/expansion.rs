@@ -460,7 +460,7 @@ mod tests {
     /// of outputs (12); in one band (batch 10) or several per image, the
     /// last shorter (30 rows at batch 2: bands of 8); with fewer images
     /// than threads (batch 1) in bands of one image at stride 1 (56 rows:
-    /// bands of 7), and as its two steps in turn at stride 2 or where the
+    /// bands of 14), and as its two steps in turn at stride 2 or where the
     /// halos decline (14 rows). Two threads, as the cut counts them.
     #[test]
     fn projection_runs_inside_the_block() {

@@ -46,9 +46,22 @@ pub(crate) struct Operands<'a> {
 /// cut, [`super::band_rows`]).
 const TASKS_PER_THREAD: usize = 4;
 
+/// Bands per thread where fewer images than threads share them (one
+/// image's bands, each computing its own expansion halo): fewer, taller
+/// bands than [`TASKS_PER_THREAD`] gives, so that MobileNetV2's 28×28
+/// blocks (bands of 7 rows, not 4) fuse too and the taller ones recompute
+/// fewer halo rows. Intel Xeon VM, 2 threads, batch 1, whole forwards
+/// alternating with four bands a thread (`scripts/ab_builds.py`, 30
+/// rounds, the fifty-third session): MobileNetV2 0.990-1.007× with AVX2
+/// forced in six runs (median 0.996×) and 0.981-0.991× natively in four,
+/// MobileNetV3-Large 0.993× and 0.994× (AVX2), 0.990× (native); three
+/// bands a thread 0.998× and 1.002×.
+const IMAGE_SHARED_TASKS_PER_THREAD: usize = 2;
+
 /// Output rows per band of `height` for `batch` images on `threads`
 /// threads: at most `most` ([`rows_per_band`]), few enough for
-/// [`TASKS_PER_THREAD`] tasks a thread; `None` (not fused: the two steps
+/// [`TASKS_PER_THREAD`] tasks a thread ([`IMAGE_SHARED_TASKS_PER_THREAD`]
+/// with fewer images than threads); `None` (not fused: the two steps
 /// run instead) with fewer images than threads at stride 2, or bands whose
 /// expansion rows (each band computes its own halo) exceed their share by
 /// more than a third. Fewer images than threads leave few bands of one
@@ -68,7 +81,11 @@ const TASKS_PER_THREAD: usize = 4;
 /// `reach` is the input rows one output row reads (`(kh − 1)·dh + 1`),
 /// `stride` the rows between output rows'.
 fn band_cut(most: usize, [height, batch]: [usize; 2], [stride, reach]: [usize; 2], threads: usize) -> Option<usize> {
-    let bands = TASKS_PER_THREAD.saturating_mul(threads).div_ceil(batch.max(1));
+    let per_thread = match batch < threads {
+        true => IMAGE_SHARED_TASKS_PER_THREAD,
+        false => TASKS_PER_THREAD,
+    };
+    let bands = per_thread.saturating_mul(threads).div_ceil(batch.max(1));
     let rows = most.min(height.div_ceil(bands.max(1))).max(1);
     let tasks = batch.saturating_mul(height.div_ceil(rows));
     let computed = (rows - 1).saturating_mul(stride).saturating_add(reach);
@@ -264,9 +281,10 @@ pub(in crate::cpu::conv::depthwise) fn run(
 mod tests {
     use super::{band_cut, rows_per_band};
 
-    /// Bands give each thread four tasks where the cache allows; fewer
-    /// than two a thread, halos past a third of a band's rows, or fewer
-    /// images than threads at stride 2, decline.
+    /// Bands give each thread four tasks where the cache allows (two where
+    /// one image's bands share the threads); fewer than two a thread, halos
+    /// past a third of a band's rows, or fewer images than threads at
+    /// stride 2, decline.
     #[test]
     fn bands_share_the_threads_or_decline() {
         // Batch 10 on 2 threads: one band an image, as the cache allows.
@@ -276,13 +294,15 @@ mod tests {
         assert_eq!(band_cut(5, [14, 10], [1, 3], 2), None);
         // Batch 2: four bands of 8 rows (the last 6), halos 10 / 8.
         assert_eq!(band_cut(30, [30, 2], [1, 3], 2), Some(8));
-        // Batch 1 on two threads: eight bands of 7 at stride 1 (halos 9 /
-        // 7); at stride 2 it declines; on one thread, four bands.
-        assert_eq!(band_cut(56, [56, 1], [1, 3], 2), Some(7));
+        // Batch 1 on two threads: two bands a thread at stride 1, four of
+        // 14 rows (28 rows: four of 7, halos 9 / 7); at stride 2 it
+        // declines; on one thread (as many images), four bands.
+        assert_eq!(band_cut(56, [56, 1], [1, 3], 2), Some(14));
+        assert_eq!(band_cut(28, [28, 1], [1, 3], 2), Some(7));
         assert_eq!(band_cut(56, [28, 1], [2, 3], 2), None);
         assert_eq!(band_cut(56, [56, 1], [1, 3], 1), Some(14));
-        // 28 rows at batch 1 on two threads: bands of 4, halos 6 / 4.
-        assert_eq!(band_cut(28, [28, 1], [1, 3], 2), None);
+        // 14 rows at batch 1 on two threads: bands of 4, halos 6 / 4.
+        assert_eq!(band_cut(14, [14, 1], [1, 3], 2), None);
         // Bands of 2 rows (4 / 2) decline; so does one row of two images.
         assert_eq!(band_cut(14, [14, 2], [1, 3], 8), None);
         assert_eq!(band_cut(1, [1, 2], [1, 1], 2), None);
