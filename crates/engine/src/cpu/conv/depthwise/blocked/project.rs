@@ -70,8 +70,10 @@ const IMAGE_SHARED_TASKS_PER_THREAD: usize = 2;
 /// 4 rows) and 1.02-1.04× for features.2 and .3 (8 bands of 7), the
 /// forward 1.02×, per-block profiles of the two builds alternating (the
 /// forty-fifth session). At stride 1 (MobileNetV2's features.0+1 and .3,
-/// MobileNetV3-Large's features.1 and .3 at 224×224; the 28×28 ones'
-/// halos decline) the fifty-third session found the fused form ahead:
+/// MobileNetV3-Large's features.1 and .3 at 224×224, in four bands a
+/// thread, whose halos declined the 28×28 blocks; those fuse too since
+/// [`IMAGE_SHARED_TASKS_PER_THREAD`]) the fifty-third session found the
+/// fused form ahead:
 /// whole forwards at batch 1 alternating with the build before
 /// (`scripts/ab_builds.py`, 30 rounds), MobileNetV2 0.990× and 0.992×
 /// with AVX2 forced, 0.984× twice natively, MobileNetV3-Large 0.993× and
