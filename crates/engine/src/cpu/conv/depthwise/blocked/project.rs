@@ -83,7 +83,9 @@ const IMAGE_SHARED_TASKS_PER_THREAD: usize = 2;
 /// `reach` is the input rows one output row reads (`(kh − 1)·dh + 1`),
 /// `stride` the rows between output rows'.
 fn band_cut(most: usize, [height, batch]: [usize; 2], [stride, reach]: [usize; 2], threads: usize) -> Option<usize> {
-    let per_thread = match batch < threads {
+    // One image's bands share the threads.
+    let shared = batch < threads;
+    let per_thread = match shared {
         true => IMAGE_SHARED_TASKS_PER_THREAD,
         false => TASKS_PER_THREAD,
     };
@@ -92,7 +94,7 @@ fn band_cut(most: usize, [height, batch]: [usize; 2], [stride, reach]: [usize; 2
     let tasks = batch.saturating_mul(height.div_ceil(rows));
     let computed = (rows - 1).saturating_mul(stride).saturating_add(reach);
     let share = rows.saturating_mul(stride);
-    ((batch >= threads || stride == 1) && tasks >= 2 * threads && computed.saturating_mul(3) <= share.saturating_mul(4))
+    ((!shared || stride == 1) && tasks >= 2 * threads && computed.saturating_mul(3) <= share.saturating_mul(4))
         .then_some(rows)
 }
 
