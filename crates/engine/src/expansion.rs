@@ -461,7 +461,10 @@ mod tests {
     /// last shorter (30 rows at batch 2: bands of 8); with fewer images
     /// than threads (batch 1) in bands of one image at stride 1 (56 rows:
     /// bands of 14), and as its two steps in turn at stride 2 or where the
-    /// halos decline (14 rows). Two threads, as the cut counts them.
+    /// halos decline (14 rows). Two threads, as the cut counts them; then
+    /// one and three, whose runs of bands span two images (one thread) or
+    /// start inside an image (three), so that a band takes its first rows
+    /// from the band before only within an image and a run.
     #[test]
     fn projection_runs_inside_the_block() {
         let cases = [
@@ -475,16 +478,24 @@ mod tests {
             (10, 14, [0, 16, 1], true),
             (2, 30, [0, 24, 2], false),
         ];
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for threads in [2, 1, 3] {
+            projection_cases(&cases, threads);
+        }
+    }
+
+    /// [`projection_runs_inside_the_block`]'s cases on a pool of `threads`.
+    fn projection_cases(cases: &[(usize, usize, [usize; 3], bool)], threads: usize) {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         for isa in Isa::available() {
             let blocked = matches!(isa, Isa::Avx512 | Isa::Avx2Fma);
             let engine = Engine::cpu().with_cpu_path(isa.path()).unwrap();
-            for (batch, size, channels, residual) in cases {
+            for &(batch, size, channels, residual) in cases {
                 let g = block(batch, size, channels, residual);
                 let fused = engine.clone().compile(&g).unwrap();
                 let unfused = engine.clone().with_expansion_fusion(false).compile(&g).unwrap();
                 let steps = fused_steps(&fused);
-                let case = format!("{isa:?} batch {batch} size {size} {channels:?} residual {residual}");
+                let case =
+                    format!("{isa:?} {threads} threads batch {batch} size {size} {channels:?} residual {residual}");
                 match blocked {
                     // Named after all the fused nodes (`e+relu+d+relu+p+add`).
                     true => assert!(

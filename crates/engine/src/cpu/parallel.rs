@@ -25,13 +25,23 @@ pub(crate) fn for_ranges(n: usize, split: bool, f: impl Fn(Range<usize>) + Sync 
 /// way (a strip of the planes per thread) leave each core reading what it
 /// wrote itself rather than lines the other core holds.
 pub(crate) fn try_shares<E: Send>(n: usize, f: impl Fn(usize) -> Result<(), E> + Sync + Send) -> Result<(), E> {
+    try_share_runs(n, |run| run.into_iter().try_for_each(&f))
+}
+
+/// [`try_shares`] with each share handed to `f` whole, as the range of
+/// tasks it runs (in order, on one thread): a share's tasks can then hand
+/// on what one computed to the next.
+pub(crate) fn try_share_runs<E: Send>(
+    n: usize,
+    f: impl Fn(Range<usize>) -> Result<(), E> + Sync + Send,
+) -> Result<(), E> {
     let threads = rayon::current_num_threads().min(n);
     if threads <= 1 {
-        return (0..n).try_for_each(f);
+        return f(0..n);
     }
     let failed = std::sync::Mutex::new(None);
     let run = |k: usize| {
-        if let Err(e) = (k * n / threads..(k + 1) * n / threads).try_for_each(&f) {
+        if let Err(e) = f(k * n / threads..(k + 1) * n / threads) {
             failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
         }
     };

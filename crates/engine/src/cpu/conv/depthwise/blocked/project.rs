@@ -8,6 +8,23 @@
 //! output (with its bias and residual, [`planes`]). The expanded tensor
 //! and the depthwise output, 6× the block's input and output on
 //! MobileNetV2, are never written to memory.
+//!
+//! Each thread takes one run of consecutive bands ([`try_share_runs`])
+//! and hands each band's last input rows (the ones the next band's window
+//! starts with: two for a 3×3 stride-1 conv) to the next band of the same
+//! image, which copies them rather than computing the expansion's rows
+//! again: only the first band of a run computes its halo. Where the L2 is
+//! small its bands are short and those rows many (a 512 KiB L2 cuts
+//! MobileNetV2's 56×56 blocks into bands of 6 rows, each computing 8).
+//! Intel Xeon VM, AVX2 forced with a Zen 3's caches emulated
+//! (`WICK_CACHES=l1d=32K,l2=512K,l3=32M`), alternating forwards against
+//! each band computing its halo (`scripts/ab_builds.py`, the fifty-fourth
+//! session): MobileNetV2 at batch 10 0.952× and 0.976× the time, at batch
+//! 1 0.971× and 0.980×, MobileNetV3-Large 0.997× at both; with a Zen 4's
+//! (`l2=1M`, AVX-512) MobileNetV2 0.989× (batch 10) and 0.996× (batch 1);
+//! with the VM's own (2 MiB L2) level: natively 0.999× at batch 1,
+//! 0.989× and 1.010× at batch 10 (a third run, in a noisy minute, 1.043×,
+//! quartiles 0.98-1.28), with AVX2 forced 0.996× and 0.993×.
 
 use super::{compute, expand, pack, pad, tile, unpack, BlockedWeights, Geometry, Kernel, Source};
 use crate::cpu::conv::planes::{self, PlaneRun, Product};
@@ -16,8 +33,9 @@ use crate::cpu::data::{with_scratch, CACHE_LINE_FLOATS};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{DepthChunks, Isa, PANEL_GRANULE, PANEL_ROWS};
 use crate::cpu::output::Output;
+use crate::cpu::parallel::try_share_runs;
 use candle_core::bail;
-use rayon::prelude::*;
+use std::ops::Range;
 use wick_ir::{Activation, Conv2dAttrs};
 
 /// A fused projection's operands: its weights packed in panels
@@ -47,15 +65,18 @@ pub(crate) struct Operands<'a> {
 const TASKS_PER_THREAD: usize = 4;
 
 /// Bands per thread where fewer images than threads share them (one
-/// image's bands, each computing its own expansion halo): fewer, taller
-/// bands than [`TASKS_PER_THREAD`] gives, so that MobileNetV2's 28×28
-/// blocks (bands of 7 rows, not 4) fuse too and the taller ones recompute
-/// fewer halo rows. Intel Xeon VM, 2 threads, batch 1, whole forwards
+/// image's bands): fewer, taller bands than [`TASKS_PER_THREAD`] gives, so
+/// that MobileNetV2's 28×28 blocks (bands of 7 rows, not 4) fuse too and
+/// the taller ones recomputed fewer halo rows (measured before the halos
+/// were carried from band to band). Intel Xeon VM, 2 threads, batch 1, whole forwards
 /// alternating with four bands a thread (`scripts/ab_builds.py`, 30
 /// rounds, the fifty-third session): MobileNetV2 0.990-1.007× with AVX2
 /// forced in six runs (median 0.996×) and 0.981-0.991× natively in four,
 /// MobileNetV3-Large 0.993× and 0.994× (AVX2), 0.990× (native); three
-/// bands a thread 0.998× and 1.002×.
+/// bands a thread 0.998× and 1.002×. With the halos carried (the
+/// fifty-fourth session), four bands a thread measured 1.007× and 1.008×
+/// (native, AVX2); one a thread (where [`band_cut`] counts one halo per
+/// thread's run, else it declines) 1.039× and 1.004×.
 const IMAGE_SHARED_TASKS_PER_THREAD: usize = 2;
 
 /// Output rows per band of `height` for `batch` images on `threads`
@@ -63,8 +84,11 @@ const IMAGE_SHARED_TASKS_PER_THREAD: usize = 2;
 /// [`TASKS_PER_THREAD`] tasks a thread ([`IMAGE_SHARED_TASKS_PER_THREAD`]
 /// with fewer images than threads); `None` (not fused: the two steps
 /// run instead) with fewer images than threads at stride 2, or bands whose
-/// expansion rows (each band computes its own halo) exceed their share by
-/// more than a third. Fewer images than threads leave few bands of one
+/// input rows exceed their share by more than a third (as when each band
+/// computed its halo; with halos carried, only each thread's first band
+/// does, but a rule counting one halo per thread's run, which fuses the
+/// 14×14 blocks at batch 1, measured level: 0.998× natively and with AVX2
+/// forced, the fifty-fourth session). Fewer images than threads leave few bands of one
 /// image to share: on the Intel Xeon VM (2 threads) MobileNetV2 at batch 1
 /// took 1.33× the time for features.4 (56 -> 28 rows, stride 2, 7 bands of
 /// 4 rows) and 1.02-1.04× for features.2 and .3 (8 bands of 7), the
@@ -170,14 +194,26 @@ pub(in crate::cpu::conv::depthwise) fn run(
     // the sums, the band's depthwise output `[C][cols]` and products
     // `[O_pad][cols]`, `cols` its pixels rounded up to the GEMM's granule.
     let most_cols = (band_rows * shape.out_width).next_multiple_of(PANEL_GRANULE);
+    // A band's input rows that the next band's reads start with (the
+    // rows past its own stride's share): carried over to the next band of
+    // the same thread, `[blocks][halo][padded_width][lanes]`, not made again.
+    let halo = reach.saturating_sub(g.stride[0]);
+    let row_len = g.padded_width * lanes;
+    // (Whole cache lines: the blocks' inputs after it start on one.)
+    let carry_len = (blocks * lanes).checked_mul(halo).and_then(|n| {
+        n.checked_mul(g.padded_width)?
+            .checked_next_multiple_of(CACHE_LINE_FLOATS)
+    });
     let stride = g.input_len.checked_next_multiple_of(CACHE_LINE_FLOATS);
     let windows = ops.source.window_len(&g, band_rows);
     let scratch_len = stride.and_then(|s| {
         s.checked_mul(expand::BLOCKS)?
             .checked_add(g.output_len)?
             .checked_add(channels.checked_add(padded_out)?.checked_mul(most_cols)?)?
-            .checked_add(windows?)
+            .checked_add(windows?)?
+            .checked_add(carry_len?)
     });
+    let carry_len = carry_len.unwrap_or(0);
     let (Some(stride), Some(scratch_len)) = (stride, scratch_len) else {
         bail!("depthwise conv: the fused projection's band of {shape:?} overflows")
     };
@@ -193,91 +229,121 @@ pub(in crate::cpu::conv::depthwise) fn run(
     }
     let mut output = Output::new(out_len, "conv output")?;
     let out = output.shared(out_len);
-    let body = |task: usize| {
+    // One band of one image (`task`), in `scratch`; `carry` says whether
+    // the band before it ran just before on this thread (its last `halo`
+    // rows wait in the carry) and whether the next one runs next.
+    let body = |task: usize, [carry_in, carry_out]: [bool; 2], scratch: &mut [f32]| {
         let (image, band) = (task / bands, task % bands);
         let first_row = band * band_rows;
         let rows = band_rows.min(shape.out_height - first_row);
         let pixels = rows * shape.out_width;
         let cols = pixels.next_multiple_of(PANEL_GRANULE);
         let x = &x[image * image_len..][..image_len];
-        with_scratch(scratch_len, |scratch| {
-            let (padded, rest) = scratch.split_at_mut(stride * expand::BLOCKS);
-            let (sums, rest) = rest.split_at_mut(g.output_len);
-            let (depthwise, rest) = rest.split_at_mut(channels * cols);
-            let (products, windows) = rest.split_at_mut(padded_out * cols);
-            for first_block in (0..blocks).step_by(expand::BLOCKS) {
-                let count = expand::BLOCKS.min(blocks - first_block);
-                let (mut span, mut r0) = (0..0, 0);
-                for one in padded.chunks_exact_mut(stride.max(1)).take(count) {
-                    (span, r0) = pad(&g, one, first_row, rows);
+        // The carry first: the same place for every band.
+        let (carried, rest) = scratch.split_at_mut(carry_len);
+        let (padded, rest) = rest.split_at_mut(stride * expand::BLOCKS);
+        let (sums, rest) = rest.split_at_mut(g.output_len);
+        let (depthwise, rest) = rest.split_at_mut(channels * cols);
+        let (products, windows) = rest.split_at_mut(padded_out * cols);
+        // Scratch rows `used - halo..used` are the next band's first.
+        let used = g.band_input_rows(rows);
+        for first_block in (0..blocks).step_by(expand::BLOCKS) {
+            let count = expand::BLOCKS.min(blocks - first_block);
+            let (mut span, mut r0) = (0..0, 0);
+            for one in padded.chunks_exact_mut(stride.max(1)).take(count) {
+                (span, r0) = pad(&g, one, first_row, rows);
+            }
+            let carry = |block: usize| block * halo * row_len..(block + 1) * halo * row_len;
+            if carry_in {
+                for (j, one) in padded.chunks_exact_mut(stride.max(1)).take(count).enumerate() {
+                    one[..halo * row_len].copy_from_slice(&carried[carry(first_block + j)]);
                 }
-                match ops.source {
-                    Source::Planes(_) => {
-                        for (j, padded) in padded.chunks_exact_mut(stride.max(1)).take(count).enumerate() {
-                            let first = (first_block + j) * lanes;
-                            let planes = lanes.min(channels - first);
-                            let x = &x[first * in_plane..][..planes * in_plane];
-                            pack(isa, &g, x, planes, padded, span.clone(), r0);
-                        }
-                    }
-                    Source::Expanded(_, e) => {
-                        let blocks = first_block..first_block + count;
-                        expand::fill(isa, &g, e, blocks, x, (padded, stride), (span, r0), &mut *windows)
+                // The interior rows among them are not made again.
+                let skip = halo.saturating_sub(r0).min(span.len());
+                (span.start, r0) = (span.start + skip, r0 + skip);
+            }
+            match ops.source {
+                _ if span.is_empty() => {}
+                Source::Planes(_) => {
+                    for (j, padded) in padded.chunks_exact_mut(stride.max(1)).take(count).enumerate() {
+                        let first = (first_block + j) * lanes;
+                        let planes = lanes.min(channels - first);
+                        let x = &x[first * in_plane..][..planes * in_plane];
+                        pack(isa, &g, x, planes, padded, span.clone(), r0);
                     }
                 }
-                for (j, padded) in padded.chunks_exact(stride.max(1)).take(count).enumerate() {
-                    let block = first_block + j;
-                    let first = block * lanes;
-                    compute(
-                        isa,
-                        tile,
-                        Kernel {
-                            g,
-                            rows,
-                            input: padded,
-                            weight: &weight[block * taps * lanes..][..taps * lanes],
-                            bias: &bias[first..][..lanes],
-                            fused: true,
-                            activation,
-                            output: &mut sums[..g.output_len],
-                        },
-                    );
-                    // The block's channels' rows of the band's output.
-                    let planes = lanes.min(channels - first);
-                    let mut rows_of = depthwise[first * cols..][..planes * cols].chunks_exact_mut(cols);
-                    let mut outs: [&mut [f32]; 16] = std::array::from_fn(|_| match rows_of.next() {
-                        Some(row) => &mut row[..pixels],
-                        None => &mut [],
-                    });
-                    unpack(isa, &g, sums, &mut outs[..planes], rows);
+                Source::Expanded(_, e) => {
+                    let blocks = first_block..first_block + count;
+                    expand::fill(isa, &g, e, blocks, x, (padded, stride), (span, r0), &mut *windows)
                 }
             }
-            // Columns past `pixels` hold stale values: each product column
-            // reads only its own, and those past `pixels` are not stored.
-            let product = Product {
-                isa,
-                packed: p.packed,
-                epilogue: p.epilogue,
-                out_channels: p.out_channels,
-                padded_out,
-                depth: channels,
-                v: &depthwise[..channels * cols],
-                cols,
-                pixels,
-                chunks: p.chunks,
-            };
-            let run = PlaneRun {
-                dst: out,
-                base: image * p.out_channels * out_plane + first_row * shape.out_width,
-                plane: out_plane,
-                residual: ops.residual,
-            };
-            // SAFETY: tasks write disjoint bands (image, rows) of the
-            // output planes; nothing else touches `out` meanwhile.
-            unsafe { planes::store(product, run, products) };
-        })
+            if carry_out {
+                for (j, one) in padded.chunks_exact(stride.max(1)).take(count).enumerate() {
+                    carried[carry(first_block + j)].copy_from_slice(&one[(used - halo) * row_len..used * row_len]);
+                }
+            }
+            for (j, padded) in padded.chunks_exact(stride.max(1)).take(count).enumerate() {
+                let block = first_block + j;
+                let first = block * lanes;
+                compute(
+                    isa,
+                    tile,
+                    Kernel {
+                        g,
+                        rows,
+                        input: padded,
+                        weight: &weight[block * taps * lanes..][..taps * lanes],
+                        bias: &bias[first..][..lanes],
+                        fused: true,
+                        activation,
+                        output: &mut sums[..g.output_len],
+                    },
+                );
+                // The block's channels' rows of the band's output.
+                let planes = lanes.min(channels - first);
+                let mut rows_of = depthwise[first * cols..][..planes * cols].chunks_exact_mut(cols);
+                let mut outs: [&mut [f32]; 16] = std::array::from_fn(|_| match rows_of.next() {
+                    Some(row) => &mut row[..pixels],
+                    None => &mut [],
+                });
+                unpack(isa, &g, sums, &mut outs[..planes], rows);
+            }
+        }
+        // Columns past `pixels` hold stale values: each product column
+        // reads only its own, and those past `pixels` are not stored.
+        let product = Product {
+            isa,
+            packed: p.packed,
+            epilogue: p.epilogue,
+            out_channels: p.out_channels,
+            padded_out,
+            depth: channels,
+            v: &depthwise[..channels * cols],
+            cols,
+            pixels,
+            chunks: p.chunks,
+        };
+        let run = PlaneRun {
+            dst: out,
+            base: image * p.out_channels * out_plane + first_row * shape.out_width,
+            plane: out_plane,
+            residual: ops.residual,
+        };
+        // SAFETY: tasks write disjoint bands (image, rows) of the
+        // output planes; nothing else touches `out` meanwhile.
+        unsafe { planes::store(product, run, products) };
     };
-    (0..shape.batch * bands).into_par_iter().try_for_each(body)?;
+    // Each thread one run of bands, in order, each band after the first
+    // of an image taking its first rows from the band before.
+    try_share_runs(shape.batch * bands, |run: Range<usize>| {
+        with_scratch(scratch_len, |scratch| {
+            for task in run.clone() {
+                let carry_in = task > run.start && task % bands != 0;
+                let carry_out = task + 1 < run.end && (task + 1) % bands != 0;
+                body(task, [carry_in, carry_out], &mut *scratch);
+            }
+        })
+    })?;
     Ok(Some(output))
 }
 
