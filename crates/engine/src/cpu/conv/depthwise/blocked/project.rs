@@ -64,48 +64,47 @@ pub(crate) struct Operands<'a> {
 /// cut, [`super::band_rows`]).
 const TASKS_PER_THREAD: usize = 4;
 
-/// Bands per thread where fewer images than threads share them (one
-/// image's bands): fewer, taller bands than [`TASKS_PER_THREAD`] gives, so
-/// that MobileNetV2's 28×28 blocks (bands of 7 rows, not 4) fuse too and
-/// the taller ones recomputed fewer halo rows (measured before the halos
-/// were carried from band to band). Intel Xeon VM, 2 threads, batch 1, whole forwards
-/// alternating with four bands a thread (`scripts/ab_builds.py`, 30
-/// rounds, the fifty-third session): MobileNetV2 0.990-1.007× with AVX2
+/// Bands per thread where fewer images than threads share them (one image's
+/// bands): fewer, taller bands than [`TASKS_PER_THREAD`] gives, so that
+/// MobileNetV2's 28×28 blocks (bands of 7 rows, not 4) fuse too and the
+/// taller ones recomputed fewer halo rows (measured before the halos were
+/// carried from band to band). Intel Xeon VM, 2 threads, batch 1, whole
+/// forwards alternating with four bands a thread (`scripts/ab_builds.py`,
+/// 30 rounds, the fifty-third session): MobileNetV2 0.990-1.007× with AVX2
 /// forced in six runs (median 0.996×) and 0.981-0.991× natively in four,
-/// MobileNetV3-Large 0.993× and 0.994× (AVX2), 0.990× (native); three
-/// bands a thread 0.998× and 1.002×. With the halos carried (the
-/// fifty-fourth session), four bands a thread measured 1.007× and 1.008×
-/// (native, AVX2); one a thread (where [`band_cut`] counts one halo per
-/// thread's run, else it declines) 1.039× and 1.004×.
+/// MobileNetV3-Large 0.993× and 0.994× (AVX2), 0.990× (native); three bands
+/// a thread 0.998× and 1.002×. With the halos carried (the fifty-fourth
+/// session), four bands a thread measured 1.007× and 1.008× (native, AVX2);
+/// one a thread (where [`band_cut`] counts one halo per thread's run, else
+/// it declines) 1.039× and 1.004×.
 const IMAGE_SHARED_TASKS_PER_THREAD: usize = 2;
 
 /// Output rows per band of `height` for `batch` images on `threads`
 /// threads: at most `most` ([`rows_per_band`]), few enough for
 /// [`TASKS_PER_THREAD`] tasks a thread ([`IMAGE_SHARED_TASKS_PER_THREAD`]
-/// with fewer images than threads); `None` (not fused: the two steps
-/// run instead) with fewer images than threads at stride 2, or bands whose
+/// with fewer images than threads); `None` (not fused: the two steps run
+/// instead) with fewer images than threads at stride 2, or bands whose
 /// input rows exceed their share by more than a third (as when each band
 /// computed its halo; with halos carried, only each thread's first band
 /// does, but a rule counting one halo per thread's run, which fuses the
 /// 14×14 blocks at batch 1, measured level: 0.998× natively and with AVX2
-/// forced, the fifty-fourth session). Fewer images than threads leave few bands of one
-/// image to share: on the Intel Xeon VM (2 threads) MobileNetV2 at batch 1
-/// took 1.33× the time for features.4 (56 -> 28 rows, stride 2, 7 bands of
-/// 4 rows) and 1.02-1.04× for features.2 and .3 (8 bands of 7), the
-/// forward 1.02×, per-block profiles of the two builds alternating (the
-/// forty-fifth session). At stride 1 (MobileNetV2's features.0+1 and .3,
-/// MobileNetV3-Large's features.1 and .3 at 224×224, in four bands a
-/// thread, whose halos declined the 28×28 blocks; those fuse too since
-/// [`IMAGE_SHARED_TASKS_PER_THREAD`]) the fifty-third session found the
-/// fused form ahead:
-/// whole forwards at batch 1 alternating with the build before
-/// (`scripts/ab_builds.py`, 30 rounds), MobileNetV2 0.990× and 0.992×
-/// with AVX2 forced, 0.984× twice natively, MobileNetV3-Large 0.993× and
-/// 0.985× (with a switch in one build: MobileNetV2 0.988-0.998× in five
-/// runs; EfficientNet-B0, which has no such pair, its projections reading
-/// the squeeze-and-excitation's scale, 0.996-1.006×).
-/// `reach` is the input rows one output row reads (`(kh − 1)·dh + 1`),
-/// `stride` the rows between output rows'.
+/// forced, the fifty-fourth session). Fewer images than threads leave few
+/// bands of one image to share: on the Intel Xeon VM (2 threads)
+/// MobileNetV2 at batch 1 took 1.33× the time for features.4 (56 -> 28
+/// rows, stride 2, 7 bands of 4 rows) and 1.02-1.04× for features.2 and .3
+/// (8 bands of 7), the forward 1.02×, per-block profiles of the two builds
+/// alternating (the forty-fifth session). At stride 1 (MobileNetV2's
+/// features.0+1 and .3, MobileNetV3-Large's features.1 and .3 at 224×224,
+/// in four bands a thread, whose halos declined the 28×28 blocks; those
+/// fuse too since [`IMAGE_SHARED_TASKS_PER_THREAD`]) the fifty-third
+/// session found the fused form ahead: whole forwards at batch 1
+/// alternating with the build before (`scripts/ab_builds.py`, 30 rounds),
+/// MobileNetV2 0.990× and 0.992× with AVX2 forced, 0.984× twice natively,
+/// MobileNetV3-Large 0.993× and 0.985× (with a switch in one build:
+/// MobileNetV2 0.988-0.998× in five runs; EfficientNet-B0, which has no
+/// such pair, its projections reading the squeeze-and-excitation's scale,
+/// 0.996-1.006×). `reach` is the input rows one output row reads
+/// (`(kh − 1)·dh + 1`), `stride` the rows between output rows'.
 fn band_cut(most: usize, [height, batch]: [usize; 2], [stride, reach]: [usize; 2], threads: usize) -> Option<usize> {
     // One image's bands share the threads.
     let shared = batch < threads;
