@@ -212,8 +212,7 @@ pub(in crate::cpu::conv::depthwise) fn run(
             .checked_add(windows?)?
             .checked_add(carry_len?)
     });
-    let carry_len = carry_len.unwrap_or(0);
-    let (Some(stride), Some(scratch_len)) = (stride, scratch_len) else {
+    let (Some(stride), Some(carry_len), Some(scratch_len)) = (stride, carry_len, scratch_len) else {
         bail!("depthwise conv: the fused projection's band of {shape:?} overflows")
     };
     let (weights, input) = (padded_out.checked_mul(channels), shape.batch.checked_mul(image_len));
@@ -246,18 +245,18 @@ pub(in crate::cpu::conv::depthwise) fn run(
         let (products, windows) = rest.split_at_mut(padded_out * cols);
         // Scratch rows `used - halo..used` are the next band's first.
         let used = g.band_input_rows(rows);
+        let carry = |block: usize| block * halo * row_len..(block + 1) * halo * row_len;
         for first_block in (0..blocks).step_by(expand::BLOCKS) {
             let count = expand::BLOCKS.min(blocks - first_block);
             let (mut span, mut r0) = (0..0, 0);
-            for one in padded.chunks_exact_mut(stride.max(1)).take(count) {
+            for (j, one) in padded.chunks_exact_mut(stride.max(1)).take(count).enumerate() {
                 (span, r0) = pad(&g, one, first_row, rows);
-            }
-            let carry = |block: usize| block * halo * row_len..(block + 1) * halo * row_len;
-            if carry_in {
-                for (j, one) in padded.chunks_exact_mut(stride.max(1)).take(count).enumerate() {
+                if carry_in {
                     one[..halo * row_len].copy_from_slice(&carried[carry(first_block + j)]);
                 }
-                // The interior rows among them are not made again.
+            }
+            if carry_in {
+                // The interior rows among the carried ones are not made again.
                 let skip = halo.saturating_sub(r0).min(span.len());
                 (span.start, r0) = (span.start + skip, r0 + skip);
             }
@@ -276,14 +275,12 @@ pub(in crate::cpu::conv::depthwise) fn run(
                     expand::fill(isa, &g, e, blocks, x, (padded, stride), (span, r0), &mut *windows)
                 }
             }
-            if carry_out {
-                for (j, one) in padded.chunks_exact(stride.max(1)).take(count).enumerate() {
-                    carried[carry(first_block + j)].copy_from_slice(&one[(used - halo) * row_len..used * row_len]);
-                }
-            }
             for (j, padded) in padded.chunks_exact(stride.max(1)).take(count).enumerate() {
                 let block = first_block + j;
                 let first = block * lanes;
+                if carry_out {
+                    carried[carry(block)].copy_from_slice(&padded[(used - halo) * row_len..used * row_len]);
+                }
                 compute(
                     isa,
                     tile,
