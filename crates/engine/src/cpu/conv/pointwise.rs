@@ -700,7 +700,7 @@ pub(super) fn with_optional_f32<R>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::conv::tests::reference_with_residual;
+    use crate::cpu::conv::tests::{random_case, reference_with_residual, RandomCase};
     use crate::cpu::conv::ConvSpec;
     use crate::cpu::gemm::PANEL_TILES;
     use candle_core::Device;
@@ -739,27 +739,21 @@ mod tests {
                 (false, true) => [batch, height, width.next_multiple_of(PANEL_GRANULE)],
                 (false, false) => [batch, height, width],
             };
-            let d = Device::Cpu;
-            let x = Tensor::randn(0f32, 1.0, (batch, channels, height, width), &d).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (out_channels, channels, 1, 1), &d).unwrap();
-            let b = Tensor::randn(0f32, 1.0, out_channels, &d).unwrap();
-            let r = Tensor::randn(0f32, 1.0, (batch, out_channels, height, width), &d).unwrap();
-            let activation = activation.map(|i| Activation::ALL[i]);
             let attrs = Conv2dAttrs::default();
-            let scale = Tensor::randn(0f32, 1.0, (batch, channels, 1, 1), &d).unwrap();
+            let dims = [batch, channels, height, width];
+            let case = random_case(dims, [out_channels, channels, 1, 1], attrs, activation, residual);
+            let RandomCase { x, w, b, residual: r, activation, .. } = &case;
+            let (r, activation) = (r.as_ref(), *activation);
+            let scale = Tensor::randn(0f32, 1.0, (batch, channels, 1, 1), &Device::Cpu).unwrap();
             let scale = scaled.then_some(&scale);
-            let input = match scale {
-                Some(s) => x.broadcast_mul(s).unwrap(),
-                None => x.clone(),
-            };
-            let want = reference_with_residual(&input, &w, Some(&b), attrs, residual.then_some(&r), activation);
-            let spec = ConvSpec::of(&w, attrs).unwrap();
+            let want = case.want_scaled(attrs, scale);
+            let spec = ConvSpec::of(w, attrs).unwrap();
             for isa in Isa::available() {
-                let epilogue = Epilogue::new(Some(&b), out_channels, activation).unwrap().on(isa);
-                let mut conv = PointwiseConv::new(spec, &w, epilogue, Machine::with_isa(isa)).unwrap();
+                let epilogue = Epilogue::new(Some(b), out_channels, activation).unwrap().on(isa);
+                let mut conv = PointwiseConv::new(spec, w, epilogue, Machine::with_isa(isa)).unwrap();
                 conv.block_bytes = block_tiles * PANEL_GRANULE * (channels + out_channels.next_multiple_of(PANEL_ROWS)) * 4;
                 conv.stream_bytes = if stream { 0 } else { usize::MAX };
-                let got = conv.run_scaled(&x, residual.then_some(&r), scale).unwrap();
+                let got = conv.run_scaled(x, r, scale).unwrap();
                 prop_assert_eq!(got.dims(), want.dims());
                 let diff = crate::test_util::max_abs_diff(&got, &want);
                 prop_assert!(diff <= 1e-5 * channels as f64 * 4.0, "{:?}: diff {}", isa, diff);

@@ -174,10 +174,10 @@ impl PointwiseLanes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::conv::tests::reference_with_residual;
+    use crate::cpu::conv::tests::{random_case, RandomCase};
     use candle_core::Device;
     use proptest::prelude::*;
-    use wick_ir::{Activation, Conv2dAttrs};
+    use wick_ir::Conv2dAttrs;
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
@@ -197,20 +197,16 @@ mod tests {
             activation in proptest::option::of(0usize..6),
             threads in prop_oneof![Just(1usize), Just(3)],
         ) {
-            let d = Device::Cpu;
-            let x = Tensor::randn(0f32, 1.0, (batch, channels, height, width), &d).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (out_channels, channels, 1, 1), &d).unwrap();
-            let b = Tensor::randn(0f32, 1.0, out_channels, &d).unwrap();
-            let r = Tensor::randn(0f32, 1.0, (batch, out_channels, height, width), &d).unwrap();
-            let activation = activation.map(|i| Activation::ALL[i]);
             let attrs = Conv2dAttrs::default();
-            let want = reference_with_residual(&x, &w, Some(&b), attrs, residual.then_some(&r), activation);
+            let dims = [batch, channels, height, width];
+            let RandomCase { x, w, b, residual: r, activation, want } =
+                random_case(dims, [out_channels, channels, 1, 1], attrs, activation, residual);
             let spec = ConvSpec::of(&w, attrs).unwrap();
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             for isa in Isa::available() {
                 let epilogue = Epilogue::new(Some(&b), out_channels, activation).unwrap().on(isa);
                 let conv = PointwiseLanes::new(spec, &w, epilogue, Machine::with_isa(isa)).unwrap();
-                let got = pool.install(|| conv.run(&x, residual.then_some(&r))).unwrap();
+                let got = pool.install(|| conv.run(&x, r.as_ref())).unwrap();
                 prop_assert_eq!(got.dims(), want.dims());
                 let diff = crate::test_util::max_abs_diff(&got, &want);
                 prop_assert!(diff <= 1e-5 * channels as f64 * 4.0, "{:?}: diff {}", isa, diff);

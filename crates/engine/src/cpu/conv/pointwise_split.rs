@@ -169,7 +169,7 @@ impl PointwiseSplit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::conv::tests::{random_case, reference_with_residual, RandomCase};
+    use crate::cpu::conv::tests::{random_case, RandomCase};
     use crate::cpu::gemm::Isa;
     use candle_core::Device;
     use proptest::prelude::*;
@@ -202,10 +202,7 @@ mod tests {
             // Scaled: candle's answer on the scaled input.
             let s = Tensor::randn(0f32, 1.0, (batch, channels, 1, 1), &Device::Cpu).unwrap();
             let scale = scaled.then_some(&s);
-            let want = match scale {
-                Some(s) => reference_with_residual(&x.broadcast_mul(s).unwrap(), w, Some(b), attrs, r.as_ref(), *activation),
-                None => case.want.clone(),
-            };
+            let want = case.want_scaled(attrs, scale);
             let spec = ConvSpec::of(w, attrs).unwrap();
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             for isa in Isa::available() {

@@ -91,6 +91,28 @@ pub(super) fn random_case(
     }
 }
 
+impl RandomCase {
+    /// candle's answer on the input multiplied by `scale` (`[N, C, 1, 1]`:
+    /// a squeeze-and-excitation scale the conv folds in), or
+    /// [`Self::want`] without one.
+    pub(super) fn want_scaled(&self, attrs: Conv2dAttrs, scale: Option<&Tensor>) -> Tensor {
+        match scale {
+            Some(s) => {
+                let x = self.x.broadcast_mul(s).unwrap();
+                reference_with_residual(
+                    &x,
+                    &self.w,
+                    Some(&self.b),
+                    attrs,
+                    self.residual.as_ref(),
+                    self.activation,
+                )
+            }
+            None => self.want.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Case {
     conv: ConvCase,
