@@ -79,6 +79,81 @@ pub(super) fn next_chunk_offset(
     }
 }
 
+/// A micro-tile's share of the prefetch of the weights its task reads
+/// next ([`next_chunk_offset`]), into L2 while it computes this chunk:
+/// tile `t` of a chunk's `T` tiles prefetches depth steps `t`, `t + T`,
+/// `t + 2T`, ... of them, one every `T` of its own steps, so the next
+/// chunk is on its way over the whole chunk. Until the fifty-sixth session
+/// the first tile prefetched all of it, one step per step: 256 lines in a
+/// quarter or less of the chunk's time at batch 1 (4 tiles of a 7×7
+/// plane on AVX-512), then nothing while the other tiles computed. On an
+/// Intel Xeon VM whose reads past ~40 MiB run at memory speed (12 GB/s a
+/// thread against 27 from its L3; `scripts/ab_builds.py`, 2 threads,
+/// alternating chunks of forwards): ResNet18 at batch 1 0.934-0.949×
+/// the time (three runs), ResNet34 0.946×, ResNet50 0.960× and 0.969×;
+/// AVX2 forced ResNet18 0.952× and 0.970× (its layer4 F(2×2) convs here,
+/// its 3×3 stride-2 and 7×7 direct convs in [`super::lane_gathered`]),
+/// ResNet50 0.964×; at batch 10 level (ResNet18 0.997×, ResNet50
+/// 0.995×), MobileNetV2 at batch 1 level (0.999×).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Ahead {
+    /// The tile's first line: its index's depth step of the next weights.
+    at: *const f32,
+    /// Depth steps between two of its prefetches: the chunk's tiles.
+    every: usize,
+}
+
+impl Ahead {
+    /// Tile `tile` of `tiles` over a chunk whose task reads `next` next.
+    pub(super) fn share(next: *const f32, tile: usize, tiles: usize) -> Ahead {
+        Ahead {
+            at: next.wrapping_add(tile.saturating_mul(LANES)),
+            every: tiles.max(1),
+        }
+    }
+}
+
+/// An [`Ahead`] share as its tile walks the chunk's depth steps.
+#[cfg(target_arch = "x86_64")]
+pub(super) struct Prefetch {
+    at: *const f32,
+    every: usize,
+    /// Steps until the next prefetch.
+    wait: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Prefetch {
+    /// The share's prefetches, the first at the tile's first step.
+    #[inline(always)]
+    pub(super) fn new(ahead: Ahead) -> Prefetch {
+        Prefetch {
+            at: ahead.at,
+            every: ahead.every,
+            wait: 0,
+        }
+    }
+
+    /// One depth step of the tile: every `every`-th prefetches one depth
+    /// step of the next weights (`LANES` values, two cache lines) into L2.
+    #[inline(always)]
+    pub(super) fn step(&mut self) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        if self.wait == 0 {
+            // SAFETY: hints only: they access no memory architecturally and
+            // never fault; past the weights' end the addresses (formed with
+            // wrapping_add) are never dereferenced.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T1>(self.at.cast::<i8>());
+                _mm_prefetch::<_MM_HINT_T1>(self.at.wrapping_add(16).cast::<i8>());
+            }
+            self.at = self.at.wrapping_add(LANES * self.every);
+            self.wait = self.every;
+        }
+        self.wait -= 1;
+    }
+}
+
 /// The sizes of one lane product `m = w · v` (see the module docs).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LaneProduct {
@@ -250,15 +325,15 @@ fn chunk_scalar(c: &Chunk<'_>, mg: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Chunk, LANES, MAX_TILE};
+    use super::{Ahead, Chunk, Prefetch, LANES, MAX_TILE};
     use std::arch::x86_64::*;
 
     /// [`super::chunk_scalar`] on AVX-512F, in tiles of up to
     /// [`MAX_TILE`] pixels (tiles of equal size, so no tiny remainder).
     ///
-    /// The first tile reads the chunk's weights from memory and prefetches
-    /// the next ones (`next`) into L2 ([`tile_avx512`]'s `AHEAD`); the
-    /// other tiles read the chunk from L1 and prefetch nothing.
+    /// The first tile reads the chunk's weights from memory, the others
+    /// from L1; each prefetches its share of the next ones (`next`) into
+    /// L2 ([`Ahead`]).
     ///
     /// # Safety
     /// AVX-512F; `wg` has `kc·32` values, `v` `kc` rows of `cols` (the
@@ -277,14 +352,15 @@ mod x86 {
         } = *c;
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
-            for (p0, r) in equal_tiles(pixels, MAX_TILE) {
+            let tiles = pixels.div_ceil(MAX_TILE);
+            for (t, (p0, r)) in equal_tiles(pixels, MAX_TILE).enumerate() {
                 let (vp, mp) = (v.as_ptr().add(p0), mg.as_mut_ptr().add(p0 * LANES));
                 macro_rules! dispatch {
                     ($($n:literal)*) => {
-                        let np = next.unwrap_or(wg.as_ptr());
-                        match (r, p0 == 0 && next.is_some()) {
-                            $(($n, true) => tile_avx512::<$n, true>(wg.as_ptr(), np, vp, mp, kc, cols, first),
-                              ($n, false) => tile_avx512::<$n, false>(wg.as_ptr(), np, vp, mp, kc, cols, first),)*
+                        let ahead = Ahead::share(next.unwrap_or(wg.as_ptr()), t, tiles);
+                        match (r, next.is_some()) {
+                            $(($n, true) => tile_avx512::<$n, true>(wg.as_ptr(), ahead, vp, mp, kc, cols, first),
+                              ($n, false) => tile_avx512::<$n, false>(wg.as_ptr(), ahead, vp, mp, kc, cols, first),)*
                             _ => unreachable!("tile of {r} pixels"),
                         }
                     };
@@ -295,12 +371,13 @@ mod x86 {
     }
 
     /// `R` pixels × 32 lanes: `2·R` accumulators in registers across the
-    /// chunk. With `AHEAD`, each depth step also prefetches into L2 one
-    /// step of the weights the loop reads next, from `np` (the task's next
-    /// lane group's chunk, or after its last group its first group's next
-    /// chunk), so over the tile the whole next chunk is on its way from
-    /// memory while this one is computed; at batch 1 the weights come from
-    /// DRAM (ResNet18's layer4 F(2×2) convs stream 16 MB each). ResNet18
+    /// chunk. With `AHEAD`, the tile's depth steps also prefetch its share
+    /// ([`Ahead`]) of the weights the task reads next (its next lane
+    /// group's chunk, or after its last group its first group's next
+    /// chunk), so the next chunk is on its way from memory while this one
+    /// is computed; at batch 1 the weights come from DRAM (ResNet18's
+    /// layer4 convs stream 9.4 MB each). With the first tile prefetching
+    /// a step every step (before the fifty-sixth session), ResNet18
     /// at batch 1 on the Intel Xeon VM (AVX-512, 2 threads; forwards of
     /// one compiled model alternating with the earlier scheme, every tile
     /// prefetching 16 depth steps ahead into L1): 0.97× the time in six
@@ -322,7 +399,7 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     unsafe fn tile_avx512<const R: usize, const AHEAD: bool>(
         wp: *const f32,
-        np: *const f32,
+        ahead: Ahead,
         vp: *const f32,
         mp: *mut f32,
         kc: usize,
@@ -338,14 +415,10 @@ mod x86 {
                     acc[1] = _mm512_loadu_ps(mp.add(i * LANES + 16));
                 }
             }
-            let (mut wp, mut np, mut vp) = (wp, np, vp);
+            let (mut wp, mut vp, mut prefetch) = (wp, vp, Prefetch::new(ahead));
             for _ in 0..kc {
                 if AHEAD {
-                    // Hints only: these addresses may lie past the weights'
-                    // end (formed with wrapping_add, never dereferenced).
-                    _mm_prefetch::<_MM_HINT_T1>(np as *const i8);
-                    _mm_prefetch::<_MM_HINT_T1>(np.wrapping_add(16) as *const i8);
-                    np = np.wrapping_add(LANES);
+                    prefetch.step();
                 }
                 let (w0, w1) = (_mm512_loadu_ps(wp), _mm512_loadu_ps(wp.add(16)));
                 for (i, acc) in acc.iter_mut().enumerate() {
@@ -401,19 +474,20 @@ mod x86 {
         } = *c;
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
-            for (p0, r) in equal_tiles(pixels, AVX2_TILE) {
+            let tiles = pixels.div_ceil(AVX2_TILE);
+            for (t, (p0, r)) in equal_tiles(pixels, AVX2_TILE).enumerate() {
                 let (vp, mp) = (v.as_ptr().add(p0), mg.as_mut_ptr().add(p0 * LANES));
                 for (half, _) in [0, 16].into_iter().zip(halves).filter(|(_, computed)| *computed) {
                     let (wp, mp) = (wg.as_ptr().add(half), mp.add(half));
-                    // The first tile's first computed half prefetches both
-                    // halves' next chunk (as on AVX-512).
-                    let ahead = p0 == 0 && (half == 0 || !halves[0]) && next.is_some();
-                    let np = next.unwrap_or(wp);
+                    // Each tile's first computed half prefetches its share of
+                    // both halves' next chunk (as on AVX-512).
+                    let prefetches = (half == 0 || !halves[0]) && next.is_some();
+                    let ahead = Ahead::share(next.unwrap_or(wp), t, tiles);
                     macro_rules! dispatch {
                         ($($n:literal)*) => {
-                            match (r, ahead) {
-                                $(($n, true) => tile_avx2::<$n, true>(wp, np, vp, mp, kc, cols, first),
-                                  ($n, false) => tile_avx2::<$n, false>(wp, np, vp, mp, kc, cols, first),)*
+                            match (r, prefetches) {
+                                $(($n, true) => tile_avx2::<$n, true>(wp, ahead, vp, mp, kc, cols, first),
+                                  ($n, false) => tile_avx2::<$n, false>(wp, ahead, vp, mp, kc, cols, first),)*
                                 _ => unreachable!("tile of {r} pixels"),
                             }
                         };
@@ -425,9 +499,9 @@ mod x86 {
     }
 
     /// `R` pixels × 16 lanes: `2·R` accumulators in registers across the
-    /// chunk; with `AHEAD`, the next chunk's weights prefetched into L2 as
-    /// in [`tile_avx512`] (both halves' lines, from the first tile's first
-    /// half). AVX2 forced on the Intel Xeon VM, alternating forwards against
+    /// chunk; with `AHEAD`, the tile's share of the next chunk's weights
+    /// prefetched into L2 as in [`tile_avx512`] (both halves' lines, from
+    /// each tile's first half). AVX2 forced on the Intel Xeon VM, alternating forwards against
     /// no prefetch: ResNet18 batch 1 0.93-0.95× the time, ResNet50 batch 1
     /// 0.98×, ResNet18 batch 10 level.
     ///
@@ -438,7 +512,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile_avx2<const R: usize, const AHEAD: bool>(
         wp: *const f32,
-        np: *const f32,
+        ahead: Ahead,
         vp: *const f32,
         mp: *mut f32,
         kc: usize,
@@ -454,13 +528,10 @@ mod x86 {
                     acc[1] = _mm256_loadu_ps(mp.add(i * LANES + 8));
                 }
             }
-            let (mut wp, mut np, mut vp) = (wp, np, vp);
+            let (mut wp, mut vp, mut prefetch) = (wp, vp, Prefetch::new(ahead));
             for _ in 0..kc {
                 if AHEAD {
-                    // Hints only, as on AVX-512.
-                    _mm_prefetch::<_MM_HINT_T1>(np as *const i8);
-                    _mm_prefetch::<_MM_HINT_T1>(np.wrapping_add(16) as *const i8);
-                    np = np.wrapping_add(LANES);
+                    prefetch.step();
                 }
                 let (w0, w1) = (_mm256_loadu_ps(wp), _mm256_loadu_ps(wp.add(8)));
                 for (i, acc) in acc.iter_mut().enumerate() {

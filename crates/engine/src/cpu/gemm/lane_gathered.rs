@@ -9,7 +9,7 @@
 //! (one or two output rows) as [`super::lane_gemm`] broadcasts them from
 //! the copied columns, in the same order of sums.
 
-use super::lane::{chunk_offset, next_chunk_offset, LANES, LANE_CHUNK};
+use super::lane::{chunk_offset, next_chunk_offset, Ahead, LANES, LANE_CHUNK};
 use super::{Gathered, Isa};
 use std::ops::Range;
 
@@ -138,13 +138,14 @@ pub(crate) fn lane_gemm_gathered(
             let tiles = sources
                 .iter()
                 .flat_map(|s| s.tiles.iter().map(move |tile| (&s.v, tile)));
+            let count = sources.iter().map(|s| s.tiles.len()).sum();
             for (t, (v, tile)) in tiles.enumerate() {
                 let chunk = Chunk {
                     wg,
                     table: &v.table[k0..k0 + kc],
                     data: v.data,
                     first: k0 == 0,
-                    ahead: next.filter(|_| t == 0).map(|at| w.as_ptr().wrapping_add(at)),
+                    ahead: next.map(|at| Ahead::share(w.as_ptr().wrapping_add(at), t, count)),
                 };
                 match isa {
                     #[cfg(target_arch = "x86_64")]
@@ -169,7 +170,9 @@ pub(crate) fn lane_gemm_gathered(
 /// chunk's table entries; `first` starts the sums from zero; `ahead`,
 /// where the weights read next start (the next group's in this chunk, or
 /// after the task's last group its first group's in the next chunk), is
-/// prefetched by the tile that has it. Until the fiftieth session the
+/// prefetched by the chunk's tiles, each its share of it ([`Ahead`],
+/// spread over the tiles since the fifty-sixth session: ResNet18 at batch
+/// 1 0.944× the time, measured there). Until the fiftieth session the
 /// target was the chunk right after this one in the packed stream, which
 /// after a task's last group is another task's: with the one read next,
 /// ResNet18 at batch 1 0.980-0.984× the time (`scripts/ab_builds.py`,
@@ -180,7 +183,7 @@ struct Chunk<'a> {
     table: &'a [usize],
     data: &'a [f32],
     first: bool,
-    ahead: Option<*const f32>,
+    ahead: Option<Ahead>,
 }
 
 /// One tile, one chunk: `mg[p][l] (+)= Σ_d wg[d][l] · data[table[d] + at(p)]`.
@@ -203,7 +206,8 @@ fn tile_scalar(c: &Chunk<'_>, t: &LaneTile, mg: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Chunk, LaneTile, LANES};
+    use super::{Ahead, Chunk, LaneTile, LANES};
+    use crate::cpu::gemm::lane::Prefetch;
     use std::arch::x86_64::*;
 
     /// [`super::tile_scalar`] on AVX-512F: dispatches the tile's shape.
@@ -223,12 +227,12 @@ mod x86 {
             let (pitch, mpitch) = (t.pitch, [t.col_pitch * LANES, t.col_step * LANES]);
             macro_rules! dispatch {
                 ($($w:literal $h:literal),*) => {
-                    let np = c.ahead.unwrap_or(wp);
+                    let ahead = c.ahead.unwrap_or(Ahead::share(wp, 0, 1));
                     match (t.width, t.rows, c.ahead.is_some(), t.step) {
-                        $(($w, $h, true, 1) => avx512::<$w, $h, true, 1>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),
-                          ($w, $h, false, 1) => avx512::<$w, $h, false, 1>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),
-                          ($w, $h, true, 2) => avx512::<$w, $h, true, 2>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),
-                          ($w, $h, false, 2) => avx512::<$w, $h, false, 2>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),)*
+                        $(($w, $h, true, 1) => avx512::<$w, $h, true, 1>(wp, ahead, tab, dp, pitch, mp, mpitch, kc, c.first),
+                          ($w, $h, false, 1) => avx512::<$w, $h, false, 1>(wp, ahead, tab, dp, pitch, mp, mpitch, kc, c.first),
+                          ($w, $h, true, 2) => avx512::<$w, $h, true, 2>(wp, ahead, tab, dp, pitch, mp, mpitch, kc, c.first),
+                          ($w, $h, false, 2) => avx512::<$w, $h, false, 2>(wp, ahead, tab, dp, pitch, mp, mpitch, kc, c.first),)*
                         _ => unreachable!("tile of {} x {} pixels, step {}", t.rows, t.width, t.step),
                     }
                 };
@@ -255,15 +259,15 @@ mod x86 {
             let (pitch, mpitch) = (t.pitch, [t.col_pitch * LANES, t.col_step * LANES]);
             for half in [0, 16] {
                 let (wp, mp) = (c.wg.as_ptr().add(half), mg.as_mut_ptr().add(t.col * LANES + half));
-                let ahead = c.ahead.is_some() && half == 0;
-                let np = c.ahead.unwrap_or(wp);
+                let prefetches = c.ahead.is_some() && half == 0;
+                let ahead = c.ahead.unwrap_or(Ahead::share(wp, 0, 1));
                 macro_rules! dispatch {
                     ($($w:literal $h:literal),*) => {
-                        match (t.width, t.rows, ahead, t.step) {
-                            $(($w, $h, true, 1) => avx2::<$w, $h, true, 1>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),
-                              ($w, $h, false, 1) => avx2::<$w, $h, false, 1>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),
-                              ($w, $h, true, 2) => avx2::<$w, $h, true, 2>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),
-                              ($w, $h, false, 2) => avx2::<$w, $h, false, 2>(wp, np, tab, dp, pitch, mp, mpitch, kc, c.first),)*
+                        match (t.width, t.rows, prefetches, t.step) {
+                            $(($w, $h, true, 1) => avx2::<$w, $h, true, 1>(wp, ahead, tab, dp, pitch, mp, mpitch, kc, c.first),
+                              ($w, $h, false, 1) => avx2::<$w, $h, false, 1>(wp, ahead, tab, dp, pitch, mp, mpitch, kc, c.first),
+                              ($w, $h, true, 2) => avx2::<$w, $h, true, 2>(wp, ahead, tab, dp, pitch, mp, mpitch, kc, c.first),
+                              ($w, $h, false, 2) => avx2::<$w, $h, false, 2>(wp, ahead, tab, dp, pitch, mp, mpitch, kc, c.first),)*
                             _ => unreachable!("tile of {} x {} pixels, step {}", t.rows, t.width, t.step),
                         }
                     };
@@ -277,10 +281,10 @@ mod x86 {
     /// apart × two vectors of `$lanes` lanes (`2·W·H` accumulators across
     /// the chunk); per depth step two loads of weights and a broadcast per
     /// pixel from its row (`S` a constant, so each broadcast's address is
-    /// the row's plus a fixed displacement). With `AHEAD`, the weights read
-    /// next (from `np`) are prefetched into L2 one depth step at a time,
-    /// as in the im2col product's first tile (both halves' lines on AVX2,
-    /// from its first half). The one body both paths share: on
+    /// the row's plus a fixed displacement). With `AHEAD`, the tile's share
+    /// of the weights read next (`ahead`) is prefetched into L2 as it goes,
+    /// as in the im2col product's tiles (both halves' lines on AVX2, from
+    /// its first half). The one body both paths share: on
     /// AVX-512 one call covers the 32 lanes of a group, on AVX2 one half.
     macro_rules! micro_tile {
         ($name:ident, $feature:literal, $lanes:expr, $zero:ident, $load:ident, $splat:ident,
@@ -294,7 +298,7 @@ mod x86 {
             #[allow(clippy::too_many_arguments)]
             unsafe fn $name<const W: usize, const H: usize, const AHEAD: bool, const S: usize>(
                 wp: *const f32,
-                np: *const f32,
+                ahead: Ahead,
                 tab: *const usize,
                 dp: *const f32,
                 pitch: usize,
@@ -314,14 +318,10 @@ mod x86 {
                             }
                         }
                     }
-                    let (mut wp, mut np) = (wp, np);
+                    let (mut wp, mut prefetch) = (wp, Prefetch::new(ahead));
                     for d in 0..kc {
                         if AHEAD {
-                            // Hints only: past the weights' end they are never
-                            // dereferenced (formed with wrapping_add).
-                            _mm_prefetch::<_MM_HINT_T1>(np as *const i8);
-                            _mm_prefetch::<_MM_HINT_T1>(np.wrapping_add(16) as *const i8);
-                            np = np.wrapping_add(LANES);
+                            prefetch.step();
                         }
                         let row = dp.add(*tab.add(d));
                         let (w0, w1) = ($load(wp), $load(wp.add($lanes)));
