@@ -352,8 +352,8 @@ mod x86 {
         } = *c;
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
-            let tiles = pixels.div_ceil(MAX_TILE);
-            for (t, (p0, r)) in equal_tiles(pixels, MAX_TILE).enumerate() {
+            let (tiles, each) = equal_tiles(pixels, MAX_TILE);
+            for (t, (p0, r)) in each.enumerate() {
                 let (vp, mp) = (v.as_ptr().add(p0), mg.as_mut_ptr().add(p0 * LANES));
                 macro_rules! dispatch {
                     ($($n:literal)*) => {
@@ -437,14 +437,15 @@ mod x86 {
     }
 
     /// `pixels` as tiles of at most `max`, sizes differing by at most one
-    /// (no tiny remainder): `(first pixel, pixels)` each.
-    fn equal_tiles(pixels: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    /// (no tiny remainder): how many, and `(first pixel, pixels)` each.
+    fn equal_tiles(pixels: usize, max: usize) -> (usize, impl Iterator<Item = (usize, usize)>) {
         let tiles = pixels.div_ceil(max.max(1));
-        (0..tiles).scan(0, move |p0, t| {
+        let each = (0..tiles).scan(0, move |p0, t| {
             let (first, r) = (*p0, (pixels - *p0).div_ceil(tiles - t));
             *p0 += r;
             Some((first, r))
-        })
+        });
+        (tiles, each)
     }
 
     /// Most pixels per AVX2 micro-tile.
@@ -474,8 +475,8 @@ mod x86 {
         } = *c;
         // SAFETY: the caller upholds this function's `# Safety` contract.
         unsafe {
-            let tiles = pixels.div_ceil(AVX2_TILE);
-            for (t, (p0, r)) in equal_tiles(pixels, AVX2_TILE).enumerate() {
+            let (tiles, each) = equal_tiles(pixels, AVX2_TILE);
+            for (t, (p0, r)) in each.enumerate() {
                 let (vp, mp) = (v.as_ptr().add(p0), mg.as_mut_ptr().add(p0 * LANES));
                 for (half, _) in [0, 16].into_iter().zip(halves).filter(|(_, computed)| *computed) {
                     let (wp, mp) = (wg.as_ptr().add(half), mp.add(half));

@@ -129,6 +129,8 @@ pub(crate) fn lane_gemm_gathered(
         m[..groups.len() * pixels * LANES].fill(0.0);
         return;
     }
+    // Tiles per chunk: each prefetches its share of the next ([`Ahead`]).
+    let count = sources.iter().map(|s| s.tiles.len()).sum();
     for k0 in (0..depth).step_by(LANE_CHUNK) {
         let kc = LANE_CHUNK.min(depth - k0);
         for (i, g) in groups.clone().enumerate() {
@@ -138,7 +140,6 @@ pub(crate) fn lane_gemm_gathered(
             let tiles = sources
                 .iter()
                 .flat_map(|s| s.tiles.iter().map(move |tile| (&s.v, tile)));
-            let count = sources.iter().map(|s| s.tiles.len()).sum();
             for (t, (v, tile)) in tiles.enumerate() {
                 let chunk = Chunk {
                     wg,
