@@ -9,6 +9,10 @@ use crate::cpu::data::SharedOut;
 use crate::cpu::epilogue;
 use crate::cpu::gemm::{Isa, IsaBody};
 
+/// How many channels ahead the input transform prefetches its patches
+/// (where it does: [`super::f4::WinogradF4::prefetches`]).
+pub(super) const PREFETCH_CHANNELS: usize = 2;
+
 /// `Bᵀ d` for one column of 6 lane vectors.
 #[inline(always)]
 fn input_transform(d: &[[f32; LANES]; ALPHA]) -> [[f32; LANES]; ALPHA] {
@@ -93,21 +97,25 @@ impl IsaBody for InputChannel<'_> {
                 // `GatherChunk::for_block` checked the input's length).
                 let shift = (c * plane_len) as i32;
                 let (offsets, row_mask, col_mask) = (g.offsets.map(|o| o + shift), &g.row_mask, &g.col_mask);
-                // No software prefetch of the next channels' patches: a
-                // loop of one hint per lane and patch row (96 per chunk)
-                // two channels ahead, kept since the gathers came (ResNet18
-                // at batch 10 on Zen 4, an older design), cost more than it
-                // hid. Without it, on the Intel Xeon VM (AVX-512, 2
-                // threads), alternating builds: the F(4×4) convs of
-                // ResNet18 at batch 1 0.90-0.97× the time per node, the
-                // forwards ResNet18 0.982× and 0.985×, ResNet34 0.986×,
-                // ResNet50 0.992× (batch 1) and 0.985× (batch 10), ResNet18
-                // at batch 10 level (1.005×).
                 // SAFETY: the CPU has AVX-512F (Isa::Avx512); a lane reads
                 // offsets[lane] + r·W + col only where row r and column col of
                 // its patch lie inside its image's plane, which is inside `input`
                 // (and input.len() fits i32, so no offset wraps).
                 unsafe { gather_patch_avx512(input, &offsets, row_mask, col_mask, s.width, &mut d) };
+                if run.prefetch && c + PREFETCH_CHANNELS < s.channels {
+                    let ahead = PREFETCH_CHANNELS * plane_len;
+                    for (lane, &o) in offsets.iter().enumerate().take(g.lanes) {
+                        for (r, mask) in row_mask.iter().enumerate() {
+                            if mask >> lane & 1 == 1 {
+                                // Fits isize: input.len() fits i32 (the gathers'
+                                // check); a border tile's origin may lie a column
+                                // before its row (hence isize, and the hint only).
+                                let at = (o as isize + (ahead + r * s.width) as isize).max(0) as usize;
+                                prefetch(input.as_ptr().wrapping_add(at));
+                            }
+                        }
+                    }
+                }
                 finish_input_chunk(run, block, &d, c, start, v);
                 continue;
             }
@@ -247,6 +255,19 @@ impl IsaBody for OutputChannel<'_> {
             }
         }
     }
+}
+
+/// Hints the CPU to bring `at`'s cache line into L1 (no-op off x86-64).
+#[inline(always)]
+fn prefetch(at: *const f32) {
+    // SAFETY: a prefetch never faults and reads nothing observable; any
+    // address (even out of bounds) is only a hint.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
 }
 
 /// Loads the 6×6 patches of 16 tiles with masked gathers: lane `l` of

@@ -245,6 +245,28 @@ fn whole_blocks_per_thread_match_split_phases() {
     assert!(!f4.with_block_bytes(2 << 20).schedule(49, 2).1);
 }
 
+/// The input transform's prefetch is only a hint: forced on (past 0 bytes
+/// of input) the output has the same bits as with it off, on every path,
+/// with border tiles, a partial lane chunk and two images; and it is
+/// decided by the input's size against the bound, on AVX-512 alone.
+#[test]
+fn prefetch_changes_no_output() {
+    let d = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (2, 7, 13, 11), &d).unwrap();
+    let w = Tensor::randn(0f32, 0.1, (5, 7, 3, 3), &d).unwrap();
+    for isa in Isa::available() {
+        let (f4, _) = winograd(&w, None, [1, 1], None, isa).unwrap();
+        let off = f4.with_prefetch_above(usize::MAX);
+        assert!(!off.prefetches(usize::MAX), "{isa:?}");
+        let want = off.run(&x, None).unwrap();
+        let on = off.with_prefetch_above(100);
+        assert!(!on.prefetches(100), "{isa:?}");
+        assert_eq!(on.prefetches(101), isa == Isa::Avx512, "{isa:?}");
+        let on = on.with_prefetch_above(0);
+        assert_eq!(values(&on.run(&x, None).unwrap()), values(&want), "{isa:?}");
+    }
+}
+
 /// One block of all the tiles exactly where their `V` and `M` take no
 /// more than the weights and half the scratch cap; the cache's block
 /// otherwise, also where the product of the sizes overflows.
