@@ -90,8 +90,11 @@ const LANE_MAX_PIXELS: usize = 256;
 /// ResNet18's layer2.0.conv1 at batch 1 0.89× (five alternating
 /// profiles), ResNet50's at batch 10 0.86× (layer3.0.conv2), 1.00×,
 /// 1.02×; whole forwards level (ResNet18 0.996× at batch 1 and 10,
-/// ResNet34 0.998×, ResNet50 1.002× and 0.991×). Not measured on Zen 4's
-/// AVX-512. Not the MobileNets' stems (27 deep, onto 112×112):
+/// ResNet34 0.998×, ResNet50 1.002× and 0.991×). On Zen 4's AVX-512
+/// (each 512-bit FMA in two halves) level: panels for them instead,
+/// whole forwards alternating (the fifty-seventh session) ResNet18 1.006×
+/// (batch 1) and 0.993× (batch 10), ResNet50 1.002× at both. Not the
+/// MobileNets' stems (27 deep, onto 112×112):
 /// MobileNetV3-Large's (16 outputs, half a lane group) took 1.04× the
 /// forward on lanes with AVX2, MobileNetV2's and EfficientNet-B0's level;
 /// depths between were not measured. Not the 1×1 stride-2 downsamples
