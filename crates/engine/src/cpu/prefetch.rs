@@ -64,30 +64,32 @@ pub(crate) fn write_line(on: bool, at: *const f32) {
     let _ = (on, at);
 }
 
-/// Asks for the cache lines holding `len` values from `at` to be brought
-/// into the L1 for reading, ahead of their loads. A hint, as
-/// [`write_line`]: it never faults and reads or writes nothing, whatever
-/// the addresses (SSE's `prefetcht0`, which every x86-64 CPU has).
+/// Asks for the cache line holding `at` to be brought into the L1 for
+/// reading, ahead of a load there. A hint, as [`write_line`]: it never
+/// faults and reads or writes nothing, whatever the address (SSE's
+/// `prefetcht0`, which every x86-64 CPU has).
+#[inline(always)]
+pub(crate) fn read_line(at: *const f32) {
+    // SAFETY: a prefetch is a hint: it accesses no memory architecturally
+    // and never faults.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast::<i8>())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
+/// [`read_line`] for every cache line holding the `len` values from `at`.
 #[inline(always)]
 pub(crate) fn read_span(at: *const f32, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let line = |at: *const f32| {
-            // SAFETY: a prefetch is a hint: it accesses no memory
-            // architecturally and never faults.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(at.cast::<i8>()) }
-        };
-        for k in (0..len).step_by(crate::cpu::data::CACHE_LINE_FLOATS) {
-            line(at.wrapping_add(k));
-        }
-        // The last value's line, where the steps from an unaligned `at` end before it.
-        if let Some(last) = len.checked_sub(1) {
-            line(at.wrapping_add(last));
-        }
+    for k in (0..len).step_by(crate::cpu::data::CACHE_LINE_FLOATS) {
+        read_line(at.wrapping_add(k));
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (at, len);
+    // The last value's line, where the steps from an unaligned `at` end before it.
+    if let Some(last) = len.checked_sub(1) {
+        read_line(at.wrapping_add(last));
+    }
 }
 
 #[cfg(test)]

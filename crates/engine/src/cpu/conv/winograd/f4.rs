@@ -324,8 +324,6 @@ pub(super) struct GatherChunk {
     pub(super) row_mask: [u16; ALPHA],
     /// Likewise for the patch's columns.
     pub(super) col_mask: [u16; ALPHA],
-    /// Lanes holding a tile (the last chunk may be partial or empty).
-    pub(super) lanes: usize,
 }
 
 impl GatherChunk {
@@ -344,7 +342,6 @@ impl GatherChunk {
                     offsets: [0; LANES],
                     row_mask: [0; ALPHA],
                     col_mask: [0; ALPHA],
-                    lanes: chunk.len(),
                 };
                 for (lane, p) in chunk.iter().enumerate() {
                     g.offsets[lane] =

@@ -104,14 +104,15 @@ impl IsaBody for InputChannel<'_> {
                 unsafe { gather_patch_avx512(input, &offsets, row_mask, col_mask, s.width, &mut d) };
                 if run.prefetch && c + PREFETCH_CHANNELS < s.channels {
                     let ahead = PREFETCH_CHANNELS * plane_len;
-                    for (lane, &o) in offsets.iter().enumerate().take(g.lanes) {
+                    // A row's mask bit is set only for lanes holding a tile.
+                    for (lane, &o) in offsets.iter().enumerate() {
                         for (r, mask) in row_mask.iter().enumerate() {
                             if mask >> lane & 1 == 1 {
                                 // Fits isize: input.len() fits i32 (the gathers'
                                 // check); a border tile's origin may lie a column
                                 // before its row (hence isize, and the hint only).
                                 let at = (o as isize + (ahead + r * s.width) as isize).max(0) as usize;
-                                prefetch(input.as_ptr().wrapping_add(at));
+                                crate::cpu::prefetch::read_line(input.as_ptr().wrapping_add(at));
                             }
                         }
                     }
@@ -255,19 +256,6 @@ impl IsaBody for OutputChannel<'_> {
             }
         }
     }
-}
-
-/// Hints the CPU to bring `at`'s cache line into L1 (no-op off x86-64).
-#[inline(always)]
-fn prefetch(at: *const f32) {
-    // SAFETY: a prefetch never faults and reads nothing observable; any
-    // address (even out of bounds) is only a hint.
-    #[cfg(target_arch = "x86_64")]
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = at;
 }
 
 /// Loads the 6×6 patches of 16 tiles with masked gathers: lane `l` of
