@@ -2,7 +2,7 @@
 //! 64 channels, 7×7 stride 2, then a 3×3 stride-2 pool), output channels
 //! on the vector lanes: each task zero-pads the input rows its convolution
 //! rows read, computes those rows one at a time as `[pixels][channels]`
-//! ([`stem_tile`]: each input value broadcast against a block of weight
+//! ([`stem_tile`](super::stem_tile): each input value broadcast against a block of weight
 //! vectors, read in place at the conv's column stride), and pools each
 //! pooled row across whole channel vectors as soon as its window's rows
 //! are there; only the pooled row is turned back into the output's NCHW

@@ -390,7 +390,7 @@ mod x86 {
     /// `scripts/ab_builds.py` on the Intel Xeon VM (AVX-512), MobileNetV2
     /// 0.990×, ResNet50 0.993×, EfficientNet-B0 0.995×, ResNet18 0.994×
     /// (batch 1; AVX2 forced level), after the same change in
-    /// [`super::lane_gathered`].
+    /// [`lane_gathered`](crate::cpu::gemm::lane_gathered).
     ///
     /// # Safety
     /// AVX-512F; reads `wp[..kc·32]`, `vp[d·cols + i]` for `d < kc`, `i < R`,

@@ -17,7 +17,7 @@
 //! deep) reads phases for every kernel of more than one value that does
 //! not read the input itself (`unpadded.rs`: where at most a third of the
 //! pixels are on the border, so not ResNet's 3×3 stride-1 convs on 7×7)
-//! ([`lane_gemm_gathered`]): its
+//! ([`lane_gemm_gathered`](crate::cpu::gemm::lane_gemm_gathered)): its
 //! tiles broadcast each pixel from its phase row, one or two output rows
 //! per tile, and tasks owning whole lane groups finish their channels'
 //! epilogue. On the Intel Xeon VM (AVX-512, 2 threads), against im2col
@@ -279,7 +279,7 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// The lane layout's block ([`lane_gemm_gathered`]): each image's
+    /// The lane layout's block ([`lane_gemm_gathered`](crate::cpu::gemm::lane_gemm_gathered)): each image's
     /// phases into `buf` ([`Phases::lane_buffer_len`]), rows shared by the
     /// threads with `split`; then tasks owning whole lane groups multiply
     /// every image's pixels in tiles of one or two output rows

@@ -1,6 +1,6 @@
 //! The lane layout's product reading the conv's input where it lies: each
 //! micro-tile broadcasts its pixels straight from the input planes at the
-//! conv's column stride ([`lane_gemm_gathered`] with a step of 1 or 2),
+//! conv's column stride ([`lane_gemm_gathered`](crate::cpu::gemm::lane_gemm_gathered) with a step of 1 or 2),
 //! through a table of where row `(c, ky, kx)` of the im2col columns lies
 //! from a pixel's window; only the pixels whose window reaches into the
 //! padding (the border: a stride-2 3×3 conv's top row and left column)
