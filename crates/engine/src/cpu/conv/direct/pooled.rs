@@ -6,7 +6,8 @@
 //! 10), is never written to memory; the price is recomputing the one
 //! convolution row that neighbouring tasks share.
 
-use super::{Run, MIN_BLOCK_COLS};
+use super::blocks::MIN_BLOCK_COLS;
+use super::Run;
 use crate::cpu::conv::ConvShape;
 use crate::cpu::data::with_scratch;
 use crate::cpu::epilogue;
