@@ -61,7 +61,7 @@ pub(crate) struct Operands<'a> {
 }
 
 /// Bands per thread the cut aims at at least (as the depthwise conv's own
-/// cut, [`super::band_rows`]).
+/// cut, [`super::bands::band_rows`]).
 const TASKS_PER_THREAD: usize = 4;
 
 /// Bands per thread where fewer images than threads share them (one image's
