@@ -191,7 +191,7 @@ pub(crate) struct Machine {
     /// against memory and the conv policy takes fewer packed weights over
     /// fewer multiplies ([`crate::cpu::conv_algorithm`]); where it does
     /// not, the direct conv reads input phases rather than im2col for
-    /// convs of few outputs on AVX-512 too (`cpu/conv/direct/phased.rs`).
+    /// convs of few outputs on AVX-512 too (`cpu/conv/direct/phased/`).
     pub(crate) wide_fma: bool,
 }
 

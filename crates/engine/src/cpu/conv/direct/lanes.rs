@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 /// The least depth a lane-layout product on im2col columns shared by the
 /// threads is split at ([`lane_parts`]; 1×1 kernels and strides the
-/// phases do not take, `phased.rs`). Measured when the 3×3 convs ran on
+/// phases do not take, `phased/`). Measured when the 3×3 convs ran on
 /// im2col too, alternating forwards at batch 1 on the Intel Xeon VM, two
 /// threads: ResNet50's layer3.0.conv2 (2304 deep) 0.79-0.81× the time,
 /// layer4.0.conv2 (4608) 0.89-0.90×, ResNet18's layer4.0.conv1 (2304)

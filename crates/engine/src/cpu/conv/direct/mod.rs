@@ -14,7 +14,7 @@
 //! output is written. The lane layout reads the input itself where few
 //! pixels' windows reach into the padding (`unpadded.rs`: strides 1 and
 //! 2), else the input's phases in place of im2col for kernels of more
-//! than one value (`phased.rs`).
+//! than one value (`phased/`).
 
 mod blocks;
 mod im2col;

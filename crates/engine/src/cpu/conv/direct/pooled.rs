@@ -19,7 +19,7 @@ use std::ops::Range;
 use wick_ir::MaxPool2dAttrs;
 
 /// How many im2col sub-blocks' rows a sub-block takes when the conv reads
-/// input phases (`phased.rs`): each sub-block fills its input rows anew,
+/// input phases (`phased/`): each sub-block fills its input rows anew,
 /// `kh − stride` of them shared with the one before (ResNet's stem: 9 rows
 /// for 2 output rows, 21 for 8); the phases are small, so the im2col
 /// columns' bound does not apply. Stem + pool alone, alternating runs on
@@ -141,7 +141,7 @@ impl Run<'_> {
         // pooled row is pooled as soon as its window's rows are there,
         // while they are still in cache.
         let whole = self.split;
-        // Phased products write a granule past a row's end (`phased.rs`).
+        // Phased products write a granule past a row's end (`phased/`).
         let room = if self.phases.is_some() { PANEL_GRANULE } else { 0 };
         let (v_cols, m_cols) = match whole {
             true => (block.cols, block.cols + room),

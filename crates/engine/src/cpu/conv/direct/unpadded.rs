@@ -7,7 +7,7 @@
 //! are gathered into im2col columns, and their tiles read those, in the
 //! same pass over each chunk of weights.
 //!
-//! The phases (`phased.rs`) copy every input row first (9-13% of
+//! The phases (`phased/`) copy every input row first (9-13% of
 //! ResNet18's layer3.0.conv1 and layer4.0.conv1 alone in perf, one
 //! thread); here nothing is copied but the border, gathered pixel by
 //! pixel through a mask of its taps inside the input (as per-row runs,
