@@ -5,124 +5,18 @@
 //! stands for both axes of a pair. `//` starts a comment.
 
 use crate::{
-    AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, Conv2dAttrs, FlattenAttrs, FusedConv2dAttrs, Graph, IrError,
-    MaxPool2dAttrs, NodeId, Op, OpKind, OpRole, PadAttrs, ParseError, TensorFact,
+    AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, FlattenAttrs, FusedConv2dAttrs, Graph, IrError, NodeId, Op, OpKind,
+    OpRole, PadAttrs, ParseError, TensorFact,
 };
 use candle_core::DType;
 use std::collections::HashMap;
 use std::str::FromStr;
 
-#[derive(Debug, Clone, PartialEq)]
-enum Token {
-    Ident(String),
-    Value(String),
-    Const(String),
-    Number(String),
-    Punct(char),
-    End,
-}
+mod attrs;
+mod lex;
 
-impl Token {
-    fn describe(&self) -> String {
-        match self {
-            Token::Ident(s) => format!("`{s}`"),
-            Token::Value(s) => format!("`%{s}`"),
-            Token::Const(s) => format!("`@{s}`"),
-            Token::Number(s) => format!("number `{s}`"),
-            Token::Punct(c) => format!("`{c}`"),
-            Token::End => "end of input".into(),
-        }
-    }
-}
-
-struct Lexer {
-    tokens: Vec<(Token, usize, usize)>,
-    position: usize,
-}
-
-fn name_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '+' | '#' | '-')
-}
-
-fn tokenize(text: &str) -> std::result::Result<Vec<(Token, usize, usize)>, ParseError> {
-    let mut tokens = Vec::new();
-    for (line_index, line) in text.lines().enumerate() {
-        let chars: Vec<char> = line.chars().collect();
-        let mut i = 0;
-        while i < chars.len() {
-            let c = chars[i];
-            let column = i + 1;
-            let line_no = line_index + 1;
-            let take = |start: usize, pred: &dyn Fn(char) -> bool| {
-                let mut end = start;
-                while end < chars.len() && pred(chars[end]) {
-                    end += 1;
-                }
-                (chars[start..end].iter().collect::<String>(), end)
-            };
-            if c.is_whitespace() {
-                i += 1;
-            } else if c == '/' && chars.get(i + 1) == Some(&'/') {
-                break;
-            } else if c == '%' || c == '@' {
-                let (name, end) = take(i + 1, &name_char);
-                if name.is_empty() {
-                    return Err(ParseError {
-                        line: line_no,
-                        column,
-                        message: format!("expected a name after `{c}`"),
-                    });
-                }
-                tokens.push((
-                    if c == '%' {
-                        Token::Value(name)
-                    } else {
-                        Token::Const(name)
-                    },
-                    line_no,
-                    column,
-                ));
-                i = end;
-            } else if c.is_ascii_alphabetic() || c == '_' {
-                let (name, end) = take(i, &|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-');
-                tokens.push((Token::Ident(name), line_no, column));
-                i = end;
-            } else if c.is_ascii_digit() || c == '-' {
-                let mut end = i + 1;
-                while end < chars.len() {
-                    let d = chars[end];
-                    let exponent_sign = matches!(d, '-' | '+') && matches!(chars[end - 1], 'e' | 'E');
-                    if d.is_ascii_digit() || matches!(d, '.' | 'e' | 'E') || exponent_sign {
-                        end += 1;
-                    } else {
-                        break;
-                    }
-                }
-                tokens.push((Token::Number(chars[i..end].iter().collect()), line_no, column));
-                i = end;
-            } else if "(){}[],:=".contains(c) {
-                tokens.push((Token::Punct(c), line_no, column));
-                i += 1;
-            } else {
-                return Err(ParseError {
-                    line: line_no,
-                    column,
-                    message: format!("unexpected character `{c}`"),
-                });
-            }
-        }
-    }
-    let (line, column) = tokens.last().map(|t| (t.1, t.2 + 1)).unwrap_or((1, 1));
-    tokens.push((Token::End, line, column));
-    Ok(tokens)
-}
-
-enum AttrValue {
-    Number(String),
-    List(Vec<String>),
-    /// A name, such as an activation's.
-    Word(String),
-}
+use attrs::{AttrTable, AttrValue};
+use lex::{tokenize, Lexer, Token};
 
 struct Parser {
     lexer: Lexer,
@@ -535,120 +429,6 @@ impl Parser {
             )));
         }
         Ok(self.graph)
-    }
-}
-
-struct AttrTable<'p> {
-    attrs: Vec<(String, AttrValue, usize)>,
-    used: Vec<String>,
-    parser: &'p mut Parser,
-}
-
-impl AttrTable<'_> {
-    fn take(&mut self, name: &str) -> Option<(AttrValue, usize)> {
-        self.used.push(name.to_string());
-        let index = self.attrs.iter().position(|(n, _, _)| n == name)?;
-        let (_, value, position) = self.attrs.remove(index);
-        Some((value, position))
-    }
-
-    fn bad(&mut self, position: usize, message: String) -> IrError {
-        self.parser.lexer.position = position;
-        self.parser.error_here(message)
-    }
-
-    fn scalar<T: FromStr>(&mut self, name: &str) -> Result<Option<T>> {
-        match self.take(name) {
-            None => Ok(None),
-            Some((AttrValue::Number(n), position)) => n
-                .parse()
-                .map(Some)
-                .map_err(|_| self.bad(position, format!("attribute `{name}`: cannot read `{n}`"))),
-            Some((AttrValue::Word(word), position)) => Err(self.bad(
-                position,
-                format!("attribute `{name}`: expected a number, found `{word}`"),
-            )),
-            Some((AttrValue::List(_), position)) => {
-                Err(self.bad(position, format!("attribute `{name}` takes one number")))
-            }
-        }
-    }
-
-    /// A max pool's attributes besides its `kernel`, each name after
-    /// `prefix` (`pool_` inside a fused conv): stride (default the
-    /// kernel), padding (default 0), ceil_mode (default 0).
-    fn max_pool(&mut self, prefix: &str, kernel: [usize; 2]) -> Result<MaxPool2dAttrs> {
-        Ok(MaxPool2dAttrs {
-            kernel,
-            stride: self.pair(&format!("{prefix}stride"))?.unwrap_or(kernel),
-            padding: self.pair(&format!("{prefix}padding"))?.unwrap_or([0, 0]),
-            ceil_mode: self.flag(&format!("{prefix}ceil_mode"))?,
-        })
-    }
-
-    /// A 0/1 attribute, false when absent.
-    fn flag(&mut self, name: &str) -> Result<bool> {
-        match self.scalar::<u8>(name)? {
-            None | Some(0) => Ok(false),
-            Some(1) => Ok(true),
-            Some(other) => Err(self
-                .parser
-                .error_here(format!("attribute `{name}` is 0 or 1, got {other}"))),
-        }
-    }
-
-    fn word(&mut self, name: &str) -> Result<Option<String>> {
-        match self.take(name) {
-            None => Ok(None),
-            Some((AttrValue::Word(word), _)) => Ok(Some(word)),
-            Some((_, position)) => Err(self.bad(position, format!("attribute `{name}` takes a name"))),
-        }
-    }
-
-    fn pair(&mut self, name: &str) -> Result<Option<[usize; 2]>> {
-        let parse = |s: &str| s.parse::<usize>().ok();
-        match self.take(name) {
-            None => Ok(None),
-            Some((AttrValue::Number(n), position)) => match parse(&n) {
-                Some(v) => Ok(Some([v, v])),
-                None => Err(self.bad(
-                    position,
-                    format!("attribute `{name}`: expected a non-negative integer, found `{n}`"),
-                )),
-            },
-            Some((AttrValue::Word(word), position)) => Err(self.bad(
-                position,
-                format!("attribute `{name}`: expected a non-negative integer, found `{word}`"),
-            )),
-            Some((AttrValue::List(items), position)) => {
-                match items.iter().map(|s| parse(s)).collect::<Option<Vec<_>>>() {
-                    Some(v) if v.len() == 2 => Ok(Some([v[0], v[1]])),
-                    _ => Err(self.bad(
-                        position,
-                        format!("attribute `{name}`: expected [h,w] of non-negative integers"),
-                    )),
-                }
-            }
-        }
-    }
-
-    /// A conv's attributes, PyTorch's defaults where omitted.
-    fn conv(&mut self) -> Result<Conv2dAttrs> {
-        Ok(Conv2dAttrs {
-            stride: self.pair("stride")?.unwrap_or([1, 1]),
-            padding: self.pair("padding")?.unwrap_or([0, 0]),
-            dilation: self.pair("dilation")?.unwrap_or([1, 1]),
-            groups: self.scalar("groups")?.unwrap_or(1),
-        })
-    }
-
-    fn finish(mut self) -> Result<()> {
-        if let Some((name, _, position)) = self.attrs.first() {
-            let (name, position) = (name.clone(), *position);
-            let known = self.used.join(", ");
-            return Err(self.bad(position, format!("unknown attribute `{name}`; this op takes {known}")));
-        }
-        Ok(())
     }
 }
 
