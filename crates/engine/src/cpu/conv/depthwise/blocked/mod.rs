@@ -498,3 +498,4 @@ mod expand;
 pub(super) mod project;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+mod window;
