@@ -12,7 +12,7 @@
 //! last partial panel and tile go through scratch. With a fused max pool
 //! (`pooled.rs`) the convolution's rows stay in scratch and only the pooled
 //! output is written. The lane layout reads the input itself where few
-//! pixels' windows reach into the padding (`unpadded.rs`: strides 1 and
+//! pixels' windows reach into the padding (`unpadded/`: strides 1 and
 //! 2), else the input's phases in place of im2col for kernels of more
 //! than one value (`phased/`).
 

@@ -15,7 +15,7 @@
 //! The lane layout (few pixels: batch 1 at 14×14 and 7×7; on the SIMD
 //! paths every size for kernels of more than one value at least 576
 //! deep) reads phases for every kernel of more than one value that does
-//! not read the input itself (`unpadded.rs`: where at most a third of the
+//! not read the input itself (`unpadded/`: where at most a third of the
 //! pixels are on the border, so not ResNet's 3×3 stride-1 convs on 7×7)
 //! ([`lane_gemm_gathered`](crate::cpu::gemm::lane_gemm_gathered)): its
 //! tiles broadcast each pixel from its phase row, one or two output rows

@@ -100,7 +100,7 @@ proptest! {
     /// The lane layout's convs that may read phases (kernels of more
     /// than one value, column strides up to MAX_LANE_STRIDE; those with
     /// few border pixels at strides 1-2 read the input in place
-    /// instead, `unpadded.rs`, tested there too) equal candle's
+    /// instead, `unpadded/`, tested there too) equal candle's
     /// conv on every path: dilation, padding per axis, partial lane
     /// groups, output rows narrower and wider than a tile (one- and
     /// two-row tiles), several images and more pixels than a block
