@@ -1,6 +1,7 @@
 //! Shape inference of each op: output shapes, what is accepted and what is refused.
 
 use super::*;
+use crate::TensorFact;
 use candle_core::DType;
 
 fn f(shape: &[usize]) -> TensorFact {
