@@ -19,6 +19,7 @@ pub(crate) fn columns_to_rows8(isa: Isa, src: &[f32], stride: usize, col: usize,
         .checked_mul(stride)
         .and_then(|n| n.checked_add(col)?.checked_add(8));
     assert!(reach.is_some_and(|n| src.len() >= n), "columns past the source");
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut r = 0;
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx512 | Isa::Avx2Fma) {

@@ -60,14 +60,24 @@ pub(crate) fn is_sigmoid(activation: Activation) -> bool {
 pub(crate) fn sigmoid_slice(isa: Isa, silu: bool, values: &mut [f32]) -> bool {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx512` is only handed out when the CPU has AVX-512F.
-        Isa::Avx512 => unsafe { x86::sigmoid_slice_avx512(values, silu) },
+        Isa::Avx512 => {
+            // SAFETY: `Isa::Avx512` is only handed out when the CPU has AVX-512F.
+            unsafe { x86::sigmoid_slice_avx512(values, silu) };
+            true
+        }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above, for AVX2 + FMA.
-        Isa::Avx2Fma => unsafe { x86::sigmoid_slice_avx2(values, silu) },
-        _ => return false,
+        Isa::Avx2Fma => {
+            // SAFETY: as above, for AVX2 + FMA.
+            unsafe { x86::sigmoid_slice_avx2(values, silu) };
+            true
+        }
+        // No SIMD path: the caller runs its scalar loop (off x86-64 this
+        // is the only arm, and the operands go unused).
+        _ => {
+            let _ = (values, silu);
+            false
+        }
     }
-    true
 }
 
 /// One chunk, in place.
