@@ -1,4 +1,5 @@
-//! Which 1×1 convs and stems fuse into a depthwise conv's step, and which stay steps of their own.
+//! Which 1×1 convs and stems fuse into a depthwise conv's step, and which
+//! stay steps of their own.
 
 use crate::cpu::gemm::Isa;
 use crate::cpu::CpuKernel;

@@ -1,4 +1,5 @@
-//! Shape inference of each op: output shapes, what is accepted and what is refused.
+//! Shape inference of each op: output shapes, what is accepted and what
+//! is refused.
 
 use super::*;
 use crate::TensorFact;

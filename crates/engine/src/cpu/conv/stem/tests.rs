@@ -1,4 +1,5 @@
-//! The stem conv with its fused pool against the direct conv then the pool, on every path, non-finite inputs included, and what it refuses.
+//! The stem conv with its fused pool against the direct conv then the
+//! pool, on every path, non-finite inputs included, and what it refuses.
 
 use super::StemConv;
 use crate::cpu::conv::direct::DirectConv;

@@ -1,4 +1,5 @@
-//! The lane product against an f64 product on every path, in half groups and in depth parts.
+//! The lane product against an f64 product on every path, in half groups
+//! and in depth parts.
 
 use super::*;
 use proptest::prelude::*;

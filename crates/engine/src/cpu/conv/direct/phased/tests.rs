@@ -1,4 +1,5 @@
-//! The phases against im2col on every path, the lane tiles' cut, and the rules that decide where the phases are taken.
+//! The phases against im2col on every path, the lane tiles' cut, and the
+//! rules that decide where the phases are taken.
 
 use super::{lane_tiles, Phases, LINE};
 use crate::cpu::conv::direct::{DirectConv, Segment};
