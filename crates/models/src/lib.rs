@@ -1,6 +1,6 @@
 //! Models written once against a small front end ([`Frontend`]) that either
 //! runs them eagerly with plain candle ([`Eager`], the reference) or traces
-//! them into wick's IR ([`trace`]), flattening module nesting on the way.
+//! them into wick's IR ([`trace`](fn@trace)), flattening module nesting on the way.
 //!
 //! Weights come from safetensors files with PyTorch/torchvision/timm names
 //! ([`Weights`]), from the Hugging Face cache ([`hub`]), or from a seeded
