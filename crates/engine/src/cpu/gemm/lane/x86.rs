@@ -47,72 +47,6 @@ pub(super) unsafe fn chunk_avx512(c: &Chunk<'_>, mg: &mut [f32]) {
     }
 }
 
-/// `R` pixels × 32 lanes: `2·R` accumulators in registers across the
-/// chunk. With `AHEAD`, the tile's depth steps also prefetch its share
-/// ([`Ahead`]) of the weights the task reads next (its next lane
-/// group's chunk, or after its last group its first group's next
-/// chunk), so the next chunk is on its way from memory while this one
-/// is computed; at batch 1 the weights come from DRAM (ResNet18's
-/// layer4 convs stream 9.4 MB each). With the first tile prefetching
-/// a step every step (before the fifty-sixth session), ResNet18
-/// at batch 1 on the Intel Xeon VM (AVX-512, 2 threads; forwards of
-/// one compiled model alternating with the earlier scheme, every tile
-/// prefetching 16 depth steps ahead into L1): 0.97× the time in six
-/// runs of 100 forwards; ResNet50 and MobileNetV2 / EfficientNet-B0 at
-/// batch 1 and ResNet18 at batch 10 level (0.99-1.01×). Until the
-/// fiftieth session the target was always the chunk right after this
-/// one in the packed stream, which after a task's last group is
-/// another task's (tasks own runs of groups, the next chunk of theirs
-/// is a chunk's worth of groups on): with the real next chunk,
-/// `scripts/ab_builds.py` on the Intel Xeon VM (AVX-512), MobileNetV2
-/// 0.990×, ResNet50 0.993×, EfficientNet-B0 0.995×, ResNet18 0.994×
-/// (batch 1; AVX2 forced level), after the same change in
-/// [`lane_gathered`](crate::cpu::gemm::lane_gathered).
-///
-/// # Safety
-/// AVX-512F; reads `wp[..kc·32]`, `vp[d·cols + i]` for `d < kc`, `i < R`,
-/// reads/writes `mp[..R·32]`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn tile_avx512<const R: usize, const AHEAD: bool>(
-    wp: *const f32,
-    ahead: Ahead,
-    vp: *const f32,
-    mp: *mut f32,
-    kc: usize,
-    cols: usize,
-    first: bool,
-) {
-    // SAFETY: the caller upholds this function's `# Safety` contract.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        if !first {
-            for (i, acc) in acc.iter_mut().enumerate() {
-                acc[0] = _mm512_loadu_ps(mp.add(i * LANES));
-                acc[1] = _mm512_loadu_ps(mp.add(i * LANES + 16));
-            }
-        }
-        let (mut wp, mut vp, mut prefetch) = (wp, vp, Prefetch::new(ahead));
-        for _ in 0..kc {
-            if AHEAD {
-                prefetch.step();
-            }
-            let (w0, w1) = (_mm512_loadu_ps(wp), _mm512_loadu_ps(wp.add(16)));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let a = _mm512_set1_ps(*vp.add(i));
-                acc[0] = _mm512_fmadd_ps(a, w0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(a, w1, acc[1]);
-            }
-            wp = wp.add(LANES);
-            vp = vp.add(cols);
-        }
-        for (i, acc) in acc.iter().enumerate() {
-            _mm512_storeu_ps(mp.add(i * LANES), acc[0]);
-            _mm512_storeu_ps(mp.add(i * LANES + 16), acc[1]);
-        }
-    }
-}
-
 /// `pixels` as tiles of at most `max`, sizes differing by at most one
 /// (no tiny remainder): how many, and `(first pixel, pixels)` each.
 fn equal_tiles(pixels: usize, max: usize) -> (usize, impl Iterator<Item = (usize, usize)>) {
@@ -176,53 +110,86 @@ pub(super) unsafe fn chunk_avx2(c: &Chunk<'_>, mg: &mut [f32]) {
     }
 }
 
-/// `R` pixels × 16 lanes: `2·R` accumulators in registers across the
-/// chunk; with `AHEAD`, the tile's share of the next chunk's weights
-/// prefetched into L2 as in [`tile_avx512`] (both halves' lines, from
-/// each tile's first half). AVX2 forced on the Intel Xeon VM, alternating forwards against
-/// no prefetch: ResNet18 batch 1 0.93-0.95× the time, ResNet50 batch 1
-/// 0.98×, ResNet18 batch 10 level.
-///
-/// # Safety
-/// AVX2 and FMA; reads `wp[d·32..][..16]` and `vp[d·cols + i]` for
-/// `d < kc`, `i < R`, reads/writes `mp[i·32..][..16]`.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2<const R: usize, const AHEAD: bool>(
-    wp: *const f32,
-    ahead: Ahead,
-    vp: *const f32,
-    mp: *mut f32,
-    kc: usize,
-    cols: usize,
-    first: bool,
-) {
-    // SAFETY: the caller upholds this function's `# Safety` contract.
-    unsafe {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        if !first {
-            for (i, acc) in acc.iter_mut().enumerate() {
-                acc[0] = _mm256_loadu_ps(mp.add(i * LANES));
-                acc[1] = _mm256_loadu_ps(mp.add(i * LANES + 8));
+/// Defines `$name::<R, AHEAD>`: `R` pixels × two vectors of `$lanes`
+/// lanes (`2·R` accumulators in registers across the chunk; on AVX-512
+/// one call covers the 32 lanes of a group, on AVX2 one half). With
+/// `AHEAD`, the tile's depth steps also prefetch its share ([`Ahead`])
+/// of the weights the task reads next (its next lane group's chunk, or
+/// after its last group its first group's next chunk; on AVX2 both
+/// halves' lines, from each tile's first half), so the next chunk is on
+/// its way from memory while this one is computed; at batch 1 the
+/// weights come from DRAM (ResNet18's layer4 convs stream 9.4 MB each).
+/// With the first tile prefetching a step every step (before the
+/// fifty-sixth session), ResNet18 at batch 1 on the Intel Xeon VM
+/// (AVX-512, 2 threads; forwards of one compiled model alternating with
+/// the earlier scheme, every tile prefetching 16 depth steps ahead into
+/// L1): 0.97× the time in six runs of 100 forwards; ResNet50 and
+/// MobileNetV2 / EfficientNet-B0 at batch 1 and ResNet18 at batch 10
+/// level (0.99-1.01×). Until the fiftieth session the target was always
+/// the chunk right after this one in the packed stream, which after a
+/// task's last group is another task's (tasks own runs of groups, the
+/// next chunk of theirs is a chunk's worth of groups on): with the real
+/// next chunk, `scripts/ab_builds.py` on the Intel Xeon VM (AVX-512),
+/// MobileNetV2 0.990×, ResNet50 0.993×, EfficientNet-B0 0.995×, ResNet18
+/// 0.994× (batch 1; AVX2 forced level), after the same change in
+/// [`lane_gathered`](crate::cpu::gemm::lane_gathered). AVX2 forced on the
+/// Intel Xeon VM, alternating forwards against no prefetch: ResNet18
+/// batch 1 0.93-0.95× the time, ResNet50 batch 1 0.98×, ResNet18 batch 10
+/// level. The same body as the gathered product's tiles, but for where
+/// each pixel comes from (here `vp[d·cols + i]`, a row per depth step).
+macro_rules! chunk_tile {
+    ($name:ident, $feature:literal, $lanes:expr, $zero:ident, $load:ident, $splat:ident,
+     $fmadd:ident, $store:ident) => {
+        /// # Safety
+        /// The path's features; reads `wp[d·32..][..2·lanes]` and
+        /// `vp[d·cols + i]` for `d < kc`, `i < R`, reads/writes
+        /// `mp[i·32..][..2·lanes]`.
+        #[inline]
+        #[target_feature(enable = $feature)]
+        unsafe fn $name<const R: usize, const AHEAD: bool>(
+            wp: *const f32,
+            ahead: Ahead,
+            vp: *const f32,
+            mp: *mut f32,
+            kc: usize,
+            cols: usize,
+            first: bool,
+        ) {
+            // SAFETY: the caller upholds this function's `# Safety` contract.
+            unsafe {
+                let mut acc = [[$zero(); 2]; R];
+                if !first {
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        acc[0] = $load(mp.add(i * LANES));
+                        acc[1] = $load(mp.add(i * LANES + $lanes));
+                    }
+                }
+                let (mut wp, mut vp, mut prefetch) = (wp, vp, Prefetch::new(ahead));
+                for _ in 0..kc {
+                    if AHEAD {
+                        prefetch.step();
+                    }
+                    let (w0, w1) = ($load(wp), $load(wp.add($lanes)));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let a = $splat(*vp.add(i));
+                        acc[0] = $fmadd(a, w0, acc[0]);
+                        acc[1] = $fmadd(a, w1, acc[1]);
+                    }
+                    wp = wp.add(LANES);
+                    vp = vp.add(cols);
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    $store(mp.add(i * LANES), acc[0]);
+                    $store(mp.add(i * LANES + $lanes), acc[1]);
+                }
             }
         }
-        let (mut wp, mut vp, mut prefetch) = (wp, vp, Prefetch::new(ahead));
-        for _ in 0..kc {
-            if AHEAD {
-                prefetch.step();
-            }
-            let (w0, w1) = (_mm256_loadu_ps(wp), _mm256_loadu_ps(wp.add(8)));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let a = _mm256_broadcast_ss(&*vp.add(i));
-                acc[0] = _mm256_fmadd_ps(a, w0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(a, w1, acc[1]);
-            }
-            wp = wp.add(LANES);
-            vp = vp.add(cols);
-        }
-        for (i, acc) in acc.iter().enumerate() {
-            _mm256_storeu_ps(mp.add(i * LANES), acc[0]);
-            _mm256_storeu_ps(mp.add(i * LANES + 8), acc[1]);
-        }
-    }
+    };
 }
+
+#[rustfmt::skip]
+chunk_tile!(tile_avx512, "avx512f", 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps,
+    _mm512_storeu_ps);
+#[rustfmt::skip]
+chunk_tile!(tile_avx2, "avx2,fma", 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps,
+    _mm256_storeu_ps);
