@@ -313,6 +313,18 @@ impl Engine {
                 }
             }
         }
+        // A fused kernel stashed for a step that never took it would leave
+        // its node's value unmade: refused here rather than missed at run time.
+        let unrun = expanding.keys().chain(projecting.keys()).min();
+        if let Some(&id) = unrun {
+            let node = arg.graph().node(id).name.clone();
+            return Err(EngineError::Candle {
+                source: Box::new(candle_core::Error::Msg(format!(
+                    "engine invariant broken: `{node}` was lowered for a fused step that never ran it"
+                ))),
+                node,
+            });
+        }
         let graph = arg.graph();
         if arg.is_owned() {
             // Constants no step lowered (graph outputs, say) are still there.

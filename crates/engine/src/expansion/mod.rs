@@ -65,7 +65,10 @@ impl Expansions {
     /// residual, input scale or pool, read by nothing but a depthwise conv
     /// with none of those either (as its input) whose output takes the
     /// channel-blocked form, and not a graph output; and such depthwise
-    /// convs' projections ([`projection`]), with an expansion or not.
+    /// convs' projections ([`projection`]), with an expansion or not. A
+    /// 1×1 conv takes one of the two roles: nodes come in order, so the
+    /// depthwise conv before it claims it as its projection before the one
+    /// after it could claim it as its expansion.
     pub(crate) fn find(graph: &Graph, algorithms: &HashMap<String, ConvAlgorithm>, isa: Isa) -> Self {
         let users = graph.users();
         let mut found = Self::default();
@@ -86,7 +89,11 @@ impl Expansions {
                 Some(ConvAlgorithm::DirectPanels | ConvAlgorithm::DirectLanes) => window(graph, producer).is_some(),
                 _ => false,
             };
-            if plain && fusible && users[parts.x.index()] == [id] && !graph.outputs().contains(&parts.x) {
+            // A 1×1 conv already running inside the depthwise conv before
+            // it, as its projection (a chain of depthwise and 1×1 convs,
+            // MobileNetV1's), stays there: one step cannot run it twice.
+            let projected = found.projected.contains_key(&parts.x);
+            if plain && fusible && !projected && users[parts.x.index()] == [id] && !graph.outputs().contains(&parts.x) {
                 tracing::debug!(expand = %producer.name, depthwise = %reader.name, "conv runs inside its depthwise reader");
                 found.reader.insert(parts.x, (id, lanes));
                 found.producer.insert(id, parts.x);

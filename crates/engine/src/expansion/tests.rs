@@ -329,3 +329,57 @@ fn stem_runs_inside_the_depthwise_conv() {
         }
     }
 }
+
+/// A chain of depthwise and 1×1 convs (MobileNetV1's: each 1×1 conv both
+/// the projection of the depthwise conv before it and the only input of
+/// the one after): each 1×1 conv runs once, as the projection of the
+/// depthwise conv before it (`d1+p1`, `d2+p2`, the second depthwise conv
+/// not also running `p1` in front), to the unfused output. Before, `p1`
+/// took both roles and `d1+p1` never ran: the forward failed with a value
+/// "freed before its last use" (the `graph_diff` fuzz target's find).
+#[test]
+fn a_1x1_conv_between_two_depthwise_convs_runs_once() {
+    for batch in [1, 2] {
+        let text = format!(
+            "graph g(%x: f32[{batch},16,14,14]) {{
+  @w1 = constant : f32[16,1,3,3]
+  @v1 = constant : f32[32,16,1,1]
+  @w2 = constant : f32[32,1,3,3]
+  @v2 = constant : f32[24,32,1,1]
+  %d1 = conv2d[stride=[1,1], padding=[1,1], dilation=[1,1], groups=16](%x, @w1) : f32[{batch},16,14,14]
+  %p1 = conv2d[stride=[1,1], padding=[0,0], dilation=[1,1], groups=1](%d1, @v1) : f32[{batch},32,14,14]
+  %r1 = relu(%p1) : f32[{batch},32,14,14]
+  %d2 = conv2d[stride=[1,1], padding=[1,1], dilation=[1,1], groups=32](%r1, @w2) : f32[{batch},32,14,14]
+  %p2 = conv2d[stride=[1,1], padding=[0,0], dilation=[1,1], groups=1](%d2, @v2) : f32[{batch},24,14,14]
+  return %p2
+}}"
+        );
+        let mut graph = Graph::parse(&text).unwrap();
+        for (name, dims) in [
+            ("w1", vec![16, 1, 3, 3]),
+            ("v1", vec![32, 16, 1, 1]),
+            ("w2", vec![32, 1, 3, 3]),
+            ("v2", vec![24, 32, 1, 1]),
+        ] {
+            let data = Tensor::randn(0f32, 1.0, dims, &Device::Cpu).unwrap();
+            graph.set_constant_data(name, data).unwrap();
+        }
+        wick_passes::PassManager::default_pipeline().run(&mut graph).unwrap();
+        for isa in Isa::available() {
+            let blocked = matches!(isa, Isa::Avx512 | Isa::Avx2Fma);
+            let engine = Engine::cpu().with_cpu_path(isa.path()).unwrap();
+            let fused = engine.clone().compile(&graph).unwrap();
+            let unfused = engine.clone().with_expansion_fusion(false).compile(&graph).unwrap();
+            let want: Vec<String> = match blocked {
+                true => vec!["d1+p1+relu".into(), "d2+p2".into()],
+                false => vec![],
+            };
+            assert_eq!(fused_steps(&fused), want, "{isa:?} batch {batch}");
+            let x = Tensor::randn(0f32, 1.0, (batch, 16, 14, 14), &Device::Cpu).unwrap();
+            let a = fused.run(std::slice::from_ref(&x)).unwrap();
+            let b = unfused.run(std::slice::from_ref(&x)).unwrap();
+            let diff = crate::test_util::max_abs_diff(&a[0], &b[0]);
+            assert!(diff < 1e-3, "{isa:?} batch {batch}: {diff}");
+        }
+    }
+}
