@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Checks `cargo xtask run FILE.onnx` against PyTorch (float64) and ONNX
-Runtime on torchvision classifiers exported by both of torch's exporters.
+Runtime on torchvision classifiers exported by both of torch's exporters,
+and on MobileNetV1, which torchvision lacks (defined here: a chain of
+depthwise and 1×1 convs, each 1×1 conv between two depthwise ones).
 
 For each model: random weights (seeded) with non-trivial batch-norm
 statistics, exported with `torch.onnx.export(..., opset_version=17)` by the
@@ -33,14 +35,33 @@ from safetensors.numpy import load_file, save_file
 DEFAULT_MODELS = [
     "resnet18", "resnext50_32x4d", "wide_resnet50_2", "vgg11_bn", "mobilenet_v2",
     "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "mnasnet0_5",
-    "densenet121", "squeezenet1_0",
+    "densenet121", "squeezenet1_0", "mobilenet_v1",
 ]
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def mobilenet_v1():
+    """MobileNetV1 (width 1.0): a 3×3 stride-2 stem, then thirteen
+    depthwise 3×3 + pointwise 1×1 pairs, each conv with batch norm and
+    ReLU, and a global pool and linear head."""
+    nn = torch.nn
+
+    def conv(cin, cout, kernel, stride, groups):
+        return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+                nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    widths = [(32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1), (256, 512, 2)]
+    widths += [(512, 512, 1)] * 5 + [(512, 1024, 2), (1024, 1024, 1)]
+    layers = conv(3, 32, 3, 2, 1)
+    for cin, cout, stride in widths:
+        layers += conv(cin, cin, 3, stride, cin) + conv(cin, cout, 1, 1, 1)
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1024, 1000))
+
+
 def seeded(name):
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)().eval()
+    build = mobilenet_v1 if name == "mobilenet_v1" else getattr(torchvision.models, name)
+    model = build().eval()
     # Non-trivial batch-norm statistics, so a wrong fold shows.
     with torch.no_grad():
         for m in model.modules():
