@@ -52,6 +52,32 @@ fn fused_steps(model: &CompiledModel) -> Vec<String> {
         .collect()
 }
 
+/// The largest difference between the outputs of `fused` and `unfused`
+/// on `x`, both run inside `pool` where one is given (its threads decide
+/// how a fused step's bands are shared).
+fn outputs_differ_by(
+    fused: &CompiledModel,
+    unfused: &CompiledModel,
+    x: &Tensor,
+    pool: Option<&rayon::ThreadPool>,
+) -> f64 {
+    let run = || {
+        (
+            fused.run(std::slice::from_ref(x)).unwrap(),
+            unfused.run(std::slice::from_ref(x)).unwrap(),
+        )
+    };
+    let (a, b) = match pool {
+        Some(pool) => pool.install(run),
+        None => run(),
+    };
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|(a, b)| crate::test_util::max_abs_diff(a, b))
+        .fold(0.0, f64::max)
+}
+
 /// A MobileNetV2 block on `[batch, 16, size, size]`: a 16 → `mid` 1×1
 /// conv and ReLU (none when `mid` is 0: the depthwise conv then has
 /// 16 channels), a 3×3 depthwise conv at `stride` and ReLU, a `mid` →
@@ -139,11 +165,7 @@ fn projection_reading_its_input_twice_stays_a_step() {
         let unfused = engine.clone().with_expansion_fusion(false).compile(&graph).unwrap();
         assert!(fused_steps(&fused).is_empty(), "{isa:?}: {:?}", fused_steps(&fused));
         let x = Tensor::randn(0f32, 1.0, (10, 16, 14, 14), &Device::Cpu).unwrap();
-        let (a, b) = (
-            fused.run(std::slice::from_ref(&x)).unwrap(),
-            unfused.run(std::slice::from_ref(&x)).unwrap(),
-        );
-        assert!(crate::test_util::max_abs_diff(&a[0], &b[0]) < 1e-4, "{isa:?}");
+        assert!(outputs_differ_by(&fused, &unfused, &x, None) < 1e-4, "{isa:?}");
     }
 }
 
@@ -202,13 +224,7 @@ fn projection_cases(cases: &[(usize, usize, [usize; 3], bool)], threads: usize) 
                 false => assert!(steps.is_empty(), "{case}: {steps:?}"),
             }
             let x = Tensor::randn(0f32, 1.0, (batch, 16, size, size), &Device::Cpu).unwrap();
-            let (a, b) = pool.install(|| {
-                (
-                    fused.run(std::slice::from_ref(&x)).unwrap(),
-                    unfused.run(std::slice::from_ref(&x)).unwrap(),
-                )
-            });
-            let diff = crate::test_util::max_abs_diff(&a[0], &b[0]);
+            let diff = outputs_differ_by(&fused, &unfused, &x, Some(&pool));
             assert!(diff < 1e-3, "{case}: {diff}");
         }
     }
@@ -243,15 +259,8 @@ fn fuses_only_a_sole_reader_on_the_blocked_form() {
             assert_eq!(fused_steps(&fused), want, "{isa:?} {width} {tail:?} {returns}");
             assert!(fused_steps(&unfused).is_empty());
             let x = Tensor::randn(0f32, 1.0, (2, 8, width, width), &Device::Cpu).unwrap();
-            let (a, b) = (
-                fused.run(std::slice::from_ref(&x)).unwrap(),
-                unfused.run(std::slice::from_ref(&x)).unwrap(),
-            );
-            assert_eq!(a.len(), b.len());
-            for (a, b) in a.iter().zip(&b) {
-                let diff = crate::test_util::max_abs_diff(a, b);
-                assert!(diff < 1e-4, "{isa:?} {width} {returns}: {diff}");
-            }
+            let diff = outputs_differ_by(&fused, &unfused, &x, None);
+            assert!(diff < 1e-4, "{isa:?} {width} {returns}: {diff}");
         }
     }
 }
@@ -318,13 +327,7 @@ fn stem_runs_inside_the_depthwise_conv() {
             let stem_fused = steps.iter().any(|s| s.starts_with("s+"));
             assert_eq!(stem_fused, fuses && blocked, "{case}: {steps:?}");
             let x = Tensor::randn(0f32, 1.0, (batch, cin, size, size), &Device::Cpu).unwrap();
-            let (a, b) = pool.install(|| {
-                (
-                    fused.run(std::slice::from_ref(&x)).unwrap(),
-                    unfused.run(std::slice::from_ref(&x)).unwrap(),
-                )
-            });
-            let diff = crate::test_util::max_abs_diff(&a[0], &b[0]);
+            let diff = outputs_differ_by(&fused, &unfused, &x, Some(&pool));
             assert!(diff < 1e-3, "{case}: {diff}");
         }
     }
@@ -376,9 +379,7 @@ fn a_1x1_conv_between_two_depthwise_convs_runs_once() {
             };
             assert_eq!(fused_steps(&fused), want, "{isa:?} batch {batch}");
             let x = Tensor::randn(0f32, 1.0, (batch, 16, 14, 14), &Device::Cpu).unwrap();
-            let a = fused.run(std::slice::from_ref(&x)).unwrap();
-            let b = unfused.run(std::slice::from_ref(&x)).unwrap();
-            let diff = crate::test_util::max_abs_diff(&a[0], &b[0]);
+            let diff = outputs_differ_by(&fused, &unfused, &x, None);
             assert!(diff < 1e-3, "{isa:?} batch {batch}: {diff}");
         }
     }
