@@ -317,13 +317,9 @@ impl Engine {
         // its node's value unmade: refused here rather than missed at run time.
         let unrun = expanding.keys().chain(projecting.keys()).min();
         if let Some(&id) = unrun {
-            let node = arg.graph().node(id).name.clone();
-            return Err(EngineError::Candle {
-                source: Box::new(candle_core::Error::Msg(format!(
-                    "engine invariant broken: `{node}` was lowered for a fused step that never ran it"
-                ))),
-                node,
-            });
+            let node = &arg.graph().node(id).name;
+            let message = format!("engine invariant broken: `{node}` was lowered for a fused step that never ran it");
+            return Err(candle_core::Error::Msg(message)).at(node);
         }
         let graph = arg.graph();
         if arg.is_owned() {

@@ -83,8 +83,7 @@ impl Expansions {
             .node_ids()
             .filter_map(|id| blocked_depthwise(graph, algorithms, isa, id).map(|(parts, lanes)| (id, parts, lanes)))
             .collect();
-        for (id, parts, lanes) in &depthwise {
-            let (id, lanes) = (*id, *lanes);
+        for &(id, ref parts, lanes) in &depthwise {
             let producer = graph.node(parts.x);
             let plain = ConvParts::of(producer).is_some_and(|p| !p.extra);
             let fusible = match algorithms.get(&producer.name) {
