@@ -6,9 +6,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use wick_tests::fuzz_graph::{check_bytes, Scale};
 
 fuzz_target!(|data: &[u8]| {
-    if let Err(message) = wick_tests::fuzz_graph::check_bytes(data) {
+    if let Err(message) = check_bytes(data, Scale::Small) {
         panic!("{message}");
     }
 });

@@ -1,11 +1,14 @@
 //! Replays the committed fuzz corpora (`fuzz/corpus/<target>/`, the inputs
 //! cargo-fuzz found interesting, minimised) and every crash the fuzzers
 //! found (`fuzz/regressions/<target>/`, each fixed) through the same
-//! pipelines the fuzz targets run, on stable: none may panic. The image
-//! target's corpus is replayed by wick-serve's tests.
+//! pipelines the fuzz targets run, on stable: none may panic, and the
+//! differential targets' inputs (`graph_diff`, `graph_diff_wide`) must
+//! agree with their f64 reference. The image target's corpus is replayed
+//! by wick-serve's tests.
 
 use std::path::{Path, PathBuf};
 use wick_ir::Limits;
+use wick_tests::fuzz_graph::{check_bytes, Scale};
 use wick_tests::hostile::{
     guarded, ir_text_pipeline, onnx_bytes_pipeline, saved_bytes_pipeline, weights_pipeline, Ending,
 };
@@ -67,16 +70,27 @@ fn weights_corpus_replays_without_panics() {
     replay("weights", |data| guarded(|| weights_pipeline(data)));
 }
 
-#[test]
-fn graph_diff_corpus_agrees_with_the_reference() {
-    let files = inputs("graph_diff");
-    assert!(!files.is_empty(), "no committed corpus for `graph_diff`");
+/// Every input of a differential target's corpus agrees with the f64
+/// reference at `scale`; a failure names the file.
+fn replay_differential(target: &str, scale: Scale) {
+    let files = inputs(target);
+    assert!(!files.is_empty(), "no committed corpus for `{target}`");
     for path in &files {
         let data = std::fs::read(path).unwrap();
-        match guarded(|| wick_tests::fuzz_graph::check_bytes(&data).map(|_| Vec::new())) {
+        match guarded(|| check_bytes(&data, scale).map(|_| Vec::new())) {
             Ending::Ran(_) => {}
             Ending::Error(message) => panic!("{}: {message}", path.display()),
             Ending::Panic(message) => panic!("{}: panicked: {message}", path.display()),
         }
     }
+}
+
+#[test]
+fn graph_diff_corpus_agrees_with_the_reference() {
+    replay_differential("graph_diff", Scale::Small);
+}
+
+#[test]
+fn graph_diff_wide_corpus_agrees_with_the_reference() {
+    replay_differential("graph_diff_wide", Scale::Model);
 }

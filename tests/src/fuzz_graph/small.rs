@@ -1,40 +1,19 @@
-//! Graphs from fuzz bytes, checked differentially: every byte string
-//! becomes a small valid graph (convolutions with any groups, kernel,
-//! stride, dilation and padding per axis, batch norms, every activation,
-//! adds, squeeze-and-excitation's broadcast multiply, channel concats,
-//! zero padding, average pools, max pools in floor and ceil mode, a global
-//! pool → flatten → linear head), which runs through the
-//! default passes on wick's f32 CPU kernels and, as the reference, unfused
-//! in f64 on candle's ops. The `graph_diff` fuzz target and its corpus
-//! replay call [`check_bytes`].
+//! The `graph_diff` target's graphs: planes up to 12×12 and up to six input
+//! channels, every attribute drawn (any groups, kernel, stride, dilation
+//! and padding per axis), so a run takes milliseconds and millions of runs
+//! reach the corner cases of the kernels' edges.
 
-use candle_core::{DType, Device, Tensor};
-use wick_engine::{Engine, EngineError};
+use super::{Bytes, Case};
+use candle_core::{DType, Device};
+use wick_engine::Engine;
 use wick_ir::{
     Activation, AvgPool2dAttrs, BatchNormAttrs, ConcatAttrs, Conv2dAttrs, FlattenAttrs, Graph, MaxPool2dAttrs, NodeId,
     Op, PadAttrs, TensorFact,
 };
-use wick_passes::PassManager;
-
-/// Reads small numbers from the fuzz bytes; zeros once they run out.
-struct Bytes<'a>(&'a [u8]);
-
-impl Bytes<'_> {
-    /// A value in `0..n` (n ≥ 1).
-    fn below(&mut self, n: usize) -> usize {
-        let (first, rest) = self.0.split_first().map_or((0, &[][..]), |(f, r)| (*f, r));
-        self.0 = rest;
-        first as usize % n
-    }
-
-    fn flag(&mut self) -> bool {
-        self.below(2) == 1
-    }
-}
 
 /// A graph and its input, built from `data` (always valid: a step whose
-/// attributes do not fit its input is skipped).
-pub fn graph_from_bytes(data: &[u8]) -> (Graph, Tensor) {
+/// attributes do not fit its input is skipped), on the default engine.
+pub fn case_from_bytes(data: &[u8]) -> Case {
     let mut b = Bytes(data);
     let seed = b.below(256) as u64;
     let dims = [1 + b.below(2), 1 + b.below(6), 1 + b.below(12), 1 + b.below(12)];
@@ -162,105 +141,10 @@ pub fn graph_from_bytes(data: &[u8]) -> (Graph, Tensor) {
     }
     graph.set_outputs(outputs);
     let input = wick_models::random::uniform(seed, "input", &dims, -1.0, 1.0, &Device::Cpu).expect("cpu tensor");
-    (graph, input)
-}
-
-/// The same graph in f64 (facts and constants converted).
-fn to_f64(graph: &Graph) -> Graph {
-    let mut wide = graph.clone();
-    for id in graph.node_ids() {
-        wide.node_mut(id).fact.dtype = DType::F64;
-        let node = graph.node(id);
-        if let Some(data) = graph.constant_data(&node.name) {
-            let data = data.to_dtype(DType::F64).expect("cpu conversion");
-            wide.set_constant_data(&node.name, data).expect("fact converted above");
-        }
-    }
-    wide
-}
-
-/// Builds the graph of `data`, runs it optimised in f32 on wick's kernels
-/// and unoptimised in f64 on candle's ops, and compares every output
-/// within `1e-3 · max(1, |reference|)`. `Ok(false)` when there is no
-/// reference (candle's conv takes equal stride and dilation on both axes
-/// only); an `Err` names the disagreement or the failure.
-pub fn check_bytes(data: &[u8]) -> Result<bool, String> {
-    let (graph, input) = graph_from_bytes(data);
-    graph.verify().map_err(|e| format!("built graph: {e}"))?;
-    let mut optimised = graph.clone();
-    PassManager::default_pipeline()
-        .run(&mut optimised)
-        .map_err(|e| format!("passes: {e}"))?;
-    let got = Engine::cpu()
-        .compile(&optimised)
-        .and_then(|m| m.run(std::slice::from_ref(&input)))
-        .map_err(|e| format!("wick f32: {e}\n{graph}"))?;
-    let wide = to_f64(&graph);
-    let reference = match Engine::cpu().compile(&wide) {
-        Err(EngineError::Unsupported { .. }) => return Ok(false),
-        other => other.map_err(|e| format!("reference: {e}"))?,
-    };
-    let want = reference
-        .run(&[input.to_dtype(DType::F64).map_err(|e| e.to_string())?])
-        .map_err(|e| format!("reference: {e}"))?;
-    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
-        let g = g.to_dtype(DType::F64).map_err(|e| e.to_string())?;
-        let diff = crate::max_abs_diff(&g, w);
-        let scale = crate::max_abs(w).max(1.0);
-        if diff.is_nan() || diff > 1e-3 * scale {
-            return Err(format!(
-                "output {k}: wick f32 differs from the f64 reference by {diff:e} (scale {scale:e})\n{graph}"
-            ));
-        }
-    }
-    Ok(true)
-}
-
-/// The op kinds of the graph `data` builds (to check the generator's reach).
-pub fn op_kinds(data: &[u8]) -> Vec<&'static str> {
-    let (graph, _) = graph_from_bytes(data);
-    graph.nodes().iter().map(|n| n.op.name()).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every byte string gives a valid graph; over a few thousand seeded
-    /// strings every op kind appears and wick agrees with the reference.
-    #[test]
-    fn generated_graphs_are_valid_and_agree() {
-        let mut seen = std::collections::BTreeSet::new();
-        let mut compared = 0;
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        for _ in 0..300 {
-            let data: Vec<u8> = (0..48)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    state as u8
-                })
-                .collect();
-            seen.extend(op_kinds(&data));
-            compared += check_bytes(&data).unwrap() as usize;
-        }
-        for kind in [
-            "conv2d",
-            "batch_norm",
-            "relu",
-            "add",
-            "max_pool2d",
-            "concat",
-            "avg_pool2d",
-            "global_avg_pool2d",
-            "mul",
-            "pad",
-            "flatten",
-            "linear",
-        ] {
-            assert!(seen.contains(kind), "{kind} never generated: {seen:?}");
-        }
-        assert!(compared > 100, "only {compared} of 300 graphs had a reference");
+    Case {
+        graph,
+        input,
+        engine: Engine::cpu(),
+        batched: false,
     }
 }
