@@ -63,6 +63,7 @@ impl Bytes<'_> {
         first as usize % n
     }
 
+    /// A coin: whether the next byte is odd.
     pub(crate) fn flag(&mut self) -> bool {
         self.below(2) == 1
     }
@@ -85,7 +86,7 @@ fn to_f64(graph: &Graph) -> Graph {
 /// Builds the case of `data` at `scale`, runs its graph optimised in f32
 /// on wick's kernels and unoptimised in f64 on candle's ops, and compares
 /// every output within `1e-3 · max(1, |reference|)` (a case served
-/// batched: at its batch and at batch 1 on its first images, against the
+/// batched: at its batch and at batch 1 on its first image, against the
 /// same images' reference). `Ok(false)` when there is no reference
 /// (candle's conv takes equal stride and dilation on both axes only); an
 /// `Err` names the disagreement or the failure.

@@ -127,10 +127,12 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
+    /// The value added last (the input before any).
     fn last(&self) -> NodeId {
         *self.values.last().expect("the input at least")
     }
 
+    /// `[N, C, H, W]` of value `id` (every value here is rank 4).
     fn shape(&self, id: NodeId) -> [usize; 4] {
         let shape = &self.graph.node(id).fact.shape;
         [shape[0], shape[1], shape[2], shape[3]]
@@ -210,6 +212,7 @@ impl Builder<'_> {
         self.conv(name, x, out, [kernel; 2], attrs, bias)
     }
 
+    /// An affine batch norm of `x`, its running variance in `[0.5, 1.5)`.
     fn batch_norm(&mut self, name: &str, x: NodeId) -> Option<NodeId> {
         let channels = self.shape(x)[1];
         let mean = self.constant(format!("{name}.mean"), &[channels], 0.0, 0.5);
@@ -220,6 +223,7 @@ impl Builder<'_> {
         self.node(name.to_string(), Op::BatchNorm(attrs), &[x, mean, var, weight, bias])
     }
 
+    /// A drawn activation of `x`.
     fn activation(&mut self, name: &str, x: NodeId) -> Option<NodeId> {
         let activation = Activation::ALL[self.b.below(Activation::ALL.len())];
         self.node(name.to_string(), activation.op(), &[x])
