@@ -14,7 +14,7 @@ mod wide;
 
 use candle_core::{DType, Tensor};
 use wick_engine::{BatchedModel, Engine, EngineError};
-use wick_ir::Graph;
+use wick_ir::{Graph, NodeId};
 use wick_passes::PassManager;
 
 /// How large the graphs drawn from fuzz bytes are.
@@ -66,6 +66,17 @@ impl Bytes<'_> {
     /// A coin: whether the next byte is odd.
     pub(crate) fn flag(&mut self) -> bool {
         self.below(2) == 1
+    }
+
+    /// Maybe (a coin) one of `values` past the input as a further graph
+    /// output, when it is not one already (both generators end so).
+    pub(crate) fn extra_output(&mut self, values: &[NodeId], outputs: &mut Vec<NodeId>) {
+        if self.flag() && values.len() > 2 {
+            let extra = values[1 + self.below(values.len() - 1)];
+            if !outputs.contains(&extra) {
+                outputs.push(extra);
+            }
+        }
     }
 }
 

@@ -133,12 +133,7 @@ pub fn case_from_bytes(data: &[u8]) -> Case {
             .add_node("head.fc", Op::Linear, &[flat, w, bias])
             .expect("shapes agree")];
     }
-    if b.flag() && values.len() > 2 {
-        let extra = values[1 + b.below(values.len() - 1)];
-        if !outputs.contains(&extra) {
-            outputs.push(extra);
-        }
-    }
+    b.extra_output(&values, &mut outputs);
     graph.set_outputs(outputs);
     let input = wick_models::random::uniform(seed, "input", &dims, -1.0, 1.0, &Device::Cpu).expect("cpu tensor");
     Case {

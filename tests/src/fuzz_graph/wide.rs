@@ -165,15 +165,8 @@ impl Builder<'_> {
         bias: bool,
     ) -> Option<NodeId> {
         let [batch, channels, height, width] = self.shape(x);
-        let per_group = channels
-            .checked_div(attrs.groups)
-            .filter(|_| channels % attrs.groups == 0)?;
-        let extent = |size: usize, axis: usize| {
-            let window = attrs.dilation[axis].checked_mul(kernel[axis] - 1)? + 1;
-            let padded = size + 2 * attrs.padding[axis];
-            padded.checked_sub(window).map(|span| span / attrs.stride[axis] + 1)
-        };
-        let (oh, ow) = (extent(height, 0)?, extent(width, 1)?);
+        let per_group = channels.is_multiple_of(attrs.groups).then(|| channels / attrs.groups)?;
+        let [oh, ow] = attrs.output_size(kernel, [height, width])?;
         let elements = batch * out * oh * ow;
         let fan_in = per_group * kernel[0] * kernel[1];
         let macs = elements.checked_mul(fan_in)?;
@@ -441,12 +434,7 @@ impl Builder<'_> {
                 outputs = vec![fc];
             }
         }
-        if self.b.flag() && self.values.len() > 2 {
-            let extra = self.values[1 + self.b.below(self.values.len() - 1)];
-            if !outputs.contains(&extra) {
-                outputs.push(extra);
-            }
-        }
+        self.b.extra_output(&self.values, &mut outputs);
         self.graph.set_outputs(outputs);
         self.graph
     }
