@@ -15,7 +15,7 @@
 //! with the tile size (bounded and measured in `tests.rs` and in
 //! `tests/tests/devices/pytorch.rs` on a whole ResNet18).
 
-use super::f4_transform::{weight_transform, InputChannel, OutputChannel};
+use super::f4_transform::{weight_transform, InputChannels, OutputChannels};
 use super::{tiles_per_block, Packed, Tiles, SKEW};
 use crate::cpu::conv::{output, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
@@ -249,15 +249,13 @@ impl Run<'_> {
             let (v, m) = scratch.split_at_mut(v_len);
             // V[ξ][c][t]. Channel `c` writes only rows (ξ, c): disjoint across channels.
             let vptr = SharedOut::over(v);
-            let transform_channels = |range: std::ops::Range<usize>| {
-                for c in range {
-                    conv.w.isa.run(InputChannel {
-                        run: self,
-                        block: &block,
-                        c,
-                        v: vptr,
-                    });
-                }
+            let transform_channels = |channels: std::ops::Range<usize>| {
+                conv.w.isa.run(InputChannels {
+                    run: self,
+                    block: &block,
+                    channels,
+                    v: vptr,
+                })
             };
             for_ranges(s.channels, split, transform_channels);
             let per_u = conv.w.padded_out * s.channels;
@@ -280,15 +278,13 @@ impl Run<'_> {
                 }
             }
             let m = &*m;
-            let transform_outputs = |range: std::ops::Range<usize>| {
-                for k in range {
-                    conv.w.isa.run(OutputChannel {
-                        run: self,
-                        block: &block,
-                        m,
-                        k,
-                    });
-                }
+            let transform_outputs = |channels: std::ops::Range<usize>| {
+                conv.w.isa.run(OutputChannels {
+                    run: self,
+                    block: &block,
+                    m,
+                    channels,
+                })
             };
             for_ranges(s.out_channels, split, transform_outputs);
         })
