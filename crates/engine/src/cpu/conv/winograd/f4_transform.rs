@@ -1,8 +1,8 @@
 //! The Winograd F(4×4, 3×3) transforms: `Bᵀ d B` of the input patches
 //! (gathered from NCHW with AVX-512 masked gathers or scalar loads), `Aᵀ m
 //! A` of the products with the fused epilogue, and `G g Gᵀ` of the weights.
-//! The two data transforms run per channel as [`IsaBody`]s, compiled for
-//! the path the conv was packed for.
+//! The two data transforms run per range of channels as [`IsaBody`]s,
+//! compiled for the path the conv was packed for.
 
 use super::f4::{Block, Run, ALPHA, LANES, M, XI};
 use crate::cpu::data::SharedOut;
