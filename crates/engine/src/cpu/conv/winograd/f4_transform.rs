@@ -4,11 +4,12 @@
 //! The two data transforms run per range of channels as [`IsaBody`]s,
 //! compiled for the path the conv was packed for.
 
-use super::f4::{Block, Run, ALPHA, LANES, M, XI};
+use super::f4::{Block, Run, TilePos, ALPHA, LANES, M, XI};
 use crate::cpu::data::SharedOut;
 use crate::cpu::epilogue;
 use crate::cpu::gemm::{Isa, IsaBody};
 use std::ops::Range;
+use wick_ir::Activation;
 
 /// How many channels ahead the input transform prefetches its patches
 /// (where it does: [`super::f4::WinogradF4::prefetches`]).
@@ -239,10 +240,9 @@ impl IsaBody for OutputChannels<'_> {
             m,
             channels,
         } = self;
-        let (s, cols) = (&run.tiles.shape, block.cols);
+        let cols = block.cols;
         let activation = run.conv.w.epilogue.activation();
         let m_stride = run.conv.m_stride(cols);
-        let out_plane = s.out_plane();
         // `Aᵀ m` on the way, every value written for each chunk: zeroed
         // once for the channels, not once per chunk.
         let mut rows = [[[0f32; LANES]; ALPHA]; M];
@@ -265,35 +265,48 @@ impl IsaBody for OutputChannels<'_> {
                     }
                 }
                 let o: [[[f32; LANES]; M]; M] = std::array::from_fn(|i| output_transform(&rows[i]));
-                for (lane, p) in positions.iter().enumerate() {
-                    let plane = (p.image * s.out_channels + k) * out_plane;
-                    let (h, w) = if p.out_full {
-                        (M, M)
-                    } else {
-                        ((s.out_height - p.out_y).min(M), (s.out_width - p.out_x).min(M))
-                    };
-                    // The tile's rows in this channel, checked at once.
-                    let first = plane + p.out_y * s.out_width + p.out_x;
-                    run.dst.check(first, first + (h - 1) * s.out_width + w);
-                    for (i, o) in o.iter().enumerate().take(h) {
-                        let base = first + i * s.out_width;
-                        // SAFETY (both writes): within the range checked above;
-                        // these pixels belong to this tile and channel only (see
-                        // `WinogradF4::run`).
-                        if w == M {
-                            // Whole row: fixed-size arrays keep it in one vector register.
-                            let residual: Option<&[f32; M]> =
-                                run.residual.map(|r| r[base..base + M].try_into().expect("M values"));
-                            let row: [f32; M] =
-                                epilogue::row(std::array::from_fn(|j| o[j][lane]), bias, residual, activation);
-                            unsafe { run.dst.slice_within(base, M) }.copy_from_slice(&row);
-                        } else {
-                            let out = unsafe { run.dst.slice_within(base, w) };
-                            for (j, (out, o)) in out.iter_mut().zip(o).enumerate() {
-                                *out = epilogue::value(o[lane], bias, run.residual.map(|r| r[base + j]), activation);
-                            }
-                        }
-                    }
+                store_tiles(run, k, (bias, activation), positions, &o);
+            }
+        }
+    }
+}
+
+/// Writes output channel `k` of the chunk's tiles (`positions`, one a
+/// lane of `o`, their 4×4 outputs row by row) with the epilogue: each
+/// tile's rows inside the image.
+#[inline(always)]
+fn store_tiles(
+    run: &Run<'_>,
+    k: usize,
+    (bias, activation): (f32, Option<Activation>),
+    positions: &[TilePos],
+    o: &[[[f32; LANES]; M]; M],
+) {
+    let (s, out_plane) = (&run.tiles.shape, run.tiles.shape.out_plane());
+    for (lane, p) in positions.iter().enumerate() {
+        let plane = (p.image * s.out_channels + k) * out_plane;
+        let (h, w) = if p.out_full {
+            (M, M)
+        } else {
+            ((s.out_height - p.out_y).min(M), (s.out_width - p.out_x).min(M))
+        };
+        // The tile's rows in this channel, checked at once.
+        let first = plane + p.out_y * s.out_width + p.out_x;
+        run.dst.check(first, first + (h - 1) * s.out_width + w);
+        for (i, o) in o.iter().enumerate().take(h) {
+            let base = first + i * s.out_width;
+            // SAFETY (both writes): within the range checked above;
+            // these pixels belong to this tile and channel only (see
+            // `WinogradF4::run`).
+            if w == M {
+                // Whole row: fixed-size arrays keep it in one vector register.
+                let residual: Option<&[f32; M]> = run.residual.map(|r| r[base..base + M].try_into().expect("M values"));
+                let row: [f32; M] = epilogue::row(std::array::from_fn(|j| o[j][lane]), bias, residual, activation);
+                unsafe { run.dst.slice_within(base, M) }.copy_from_slice(&row);
+            } else {
+                let out = unsafe { run.dst.slice_within(base, w) };
+                for (j, (out, o)) in out.iter_mut().zip(o).enumerate() {
+                    *out = epilogue::value(o[lane], bias, run.residual.map(|r| r[base + j]), activation);
                 }
             }
         }
