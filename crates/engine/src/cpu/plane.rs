@@ -11,8 +11,8 @@
 use crate::cpu::data::with_cpu_f32;
 use crate::cpu::gemm::{Isa, IsaBody};
 use crate::cpu::output::Output;
+use crate::cpu::parallel::for_each;
 use candle_core::{bail, Tensor};
-use rayon::prelude::*;
 
 /// Fewest values per parallel task (fewer planes are not worth a thread).
 const MIN_TASK: usize = 1 << 14;
@@ -46,10 +46,8 @@ pub(crate) fn global_avg_pool2d(isa: Isa, x: &Tensor) -> candle_core::Result<Ten
     if plane > 0 {
         with_cpu_f32("global average pool", &x, None, |data, _| {
             let per_task = planes_per_task(plane);
-            out.values_mut()
-                .par_chunks_mut(per_task)
-                .zip(data.par_chunks(per_task * plane))
-                .for_each(|(out, data)| isa.run(Means { data, plane, out }));
+            let tasks = out.values_mut().chunks_mut(per_task).zip(data.chunks(per_task * plane));
+            for_each(tasks, |(out, data)| isa.run(Means { data, plane, out }));
             Ok(())
         })?;
     } else {
@@ -145,20 +143,19 @@ fn per_plane(isa: Isa, x: &Tensor, scale: &[f32], shift: Option<&[f32]>, what: &
     if len > 0 {
         let per_task = planes_per_task(plane);
         with_cpu_f32(what, x, None, |data, _| {
-            out.spare()[..len]
-                .par_chunks_mut(per_task * plane)
-                .zip(data.par_chunks(per_task * plane))
-                .enumerate()
-                .for_each(|(task, (out, data))| {
-                    isa.run(Scale {
-                        data,
-                        plane,
-                        first_plane: task * per_task,
-                        scale,
-                        shift,
-                        out,
-                    })
-                });
+            let tasks = out.spare()[..len]
+                .chunks_mut(per_task * plane)
+                .zip(data.chunks(per_task * plane));
+            for_each(tasks.enumerate(), |(task, (out, data))| {
+                isa.run(Scale {
+                    data,
+                    plane,
+                    first_plane: task * per_task,
+                    scale,
+                    shift,
+                    out,
+                })
+            });
             Ok(())
         })?;
         // SAFETY: the tasks wrote all `len` values (every plane of every task).

@@ -7,9 +7,9 @@
 use crate::cpu::data::with_cpu_f32;
 use crate::cpu::gemm::{Isa, IsaBody};
 use crate::cpu::output::Output;
+use crate::cpu::parallel::{for_each, per_task};
 use crate::cpu::pool_window::pool_window_row;
 use candle_core::{bail, Tensor};
-use rayon::prelude::*;
 use wick_ir::MaxPool2dAttrs;
 
 /// A max pool with the path its loops run on (one of [`Isa::available`]).
@@ -53,24 +53,23 @@ pub(crate) fn max_pool2d(isa: Isa, x: &Tensor, attrs: &MaxPool2dAttrs) -> candle
         return out.into_tensor(&[n, c, oh, ow]);
     }
     with_cpu_f32("CPU max-pool", &x, None, |data, _| {
-        out.values_mut()
-            .par_chunks_mut(oh * ow)
-            .zip(data.par_chunks(h * w))
-            .for_each_init(
-                || (vec![0f32; w], vec![0f32; w]),
-                |(column_max, window_max), (out, plane)| {
-                    isa.run(PoolPlane {
-                        isa,
-                        plane,
-                        size: [h, w],
-                        pooled_width: ow,
-                        attrs,
-                        column_max,
-                        window_max,
-                        out,
-                    })
-                },
-            );
+        let per = per_task(n * c, 4);
+        let tasks = out.values_mut().chunks_mut(per * oh * ow).zip(data.chunks(per * h * w));
+        for_each(tasks, |(outs, planes)| {
+            let (mut column_max, mut window_max) = (vec![0f32; w], vec![0f32; w]);
+            for (out, plane) in outs.chunks_mut(oh * ow).zip(planes.chunks(h * w)) {
+                isa.run(PoolPlane {
+                    isa,
+                    plane,
+                    size: [h, w],
+                    pooled_width: ow,
+                    attrs,
+                    column_max: &mut column_max,
+                    window_max: &mut window_max,
+                    out,
+                })
+            }
+        });
         Ok(())
     })?;
     out.into_tensor(&[n, c, oh, ow])

@@ -6,8 +6,8 @@
 use crate::cpu::data::with_cpu_f32;
 use crate::cpu::gemm::{Isa, IsaBody};
 use crate::cpu::output::Output;
+use crate::cpu::parallel::{for_each, per_task};
 use candle_core::Tensor;
-use rayon::prelude::*;
 use wick_ir::Activation;
 
 /// Elements per parallel task.
@@ -22,9 +22,10 @@ pub(crate) fn activation(isa: Isa, activation: Activation, x: &Tensor) -> candle
         out.extend_from_slice(data);
         Ok(())
     })?;
-    out.values_mut()
-        .par_chunks_mut(CHUNK)
-        .for_each(|chunk| in_place(isa, Some(activation), chunk));
+    let chunk = per_task(len, 4).max(CHUNK);
+    for_each(out.values_mut().chunks_mut(chunk), |chunk| {
+        in_place(isa, Some(activation), chunk)
+    });
     out.into_tensor(x.dims())
 }
 

@@ -11,8 +11,8 @@ use super::{ConvShape, ConvSpec};
 use crate::cpu::data::{with_cpu_f32, zeroed, SCRATCH_MAX_VALUES};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::output::Output;
+use crate::cpu::parallel::try_for_each;
 use candle_core::{bail, Tensor};
-use rayon::prelude::*;
 
 /// A convolution of any group count with its weights kept for the CPU.
 #[derive(Debug)]
@@ -98,13 +98,10 @@ impl GroupedConv {
                 let threads = rayon::current_num_threads();
                 let residual_of = |i: usize| residual_data.map(|r| &r[i * image_out..(i + 1) * image_out]);
                 if batch >= threads {
-                    out.values_mut()
-                        .par_chunks_mut(image_out)
-                        .enumerate()
-                        .try_for_each(|(i, out)| {
-                            let input = &data[i * image_in..(i + 1) * image_in];
-                            self.image(input, residual_of(i), out, &g, gemm::Parallelism::None)
-                        })
+                    try_for_each(out.values_mut().chunks_mut(image_out).enumerate(), |(i, out)| {
+                        let input = &data[i * image_in..(i + 1) * image_in];
+                        self.image(input, residual_of(i), out, &g, gemm::Parallelism::None)
+                    })
                 } else {
                     for (i, out) in out.values_mut().chunks_mut(image_out).enumerate() {
                         let parallelism = if threads > 1 {

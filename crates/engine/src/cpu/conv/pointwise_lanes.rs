@@ -21,11 +21,11 @@ use crate::cpu::data::{with_cpu_f32, with_scratch};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{lane_gemm_lanes, lane_groups, pack_lanes, split_unit, Isa, LaneProduct, LANES};
 use crate::cpu::output::Output;
+use crate::cpu::parallel::try_for_each;
 use crate::cpu::transpose::columns_to_block8;
 use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
-use rayon::prelude::*;
 
 /// A 1×1 convolution (stride 1, no padding, one group) with its weights
 /// packed for the lane micro-kernel.
@@ -122,7 +122,7 @@ impl PointwiseLanes {
             pixels: plane,
         };
         with_cpu_f32("pointwise conv", &call.x, call.residual.as_ref(), |input, residual| {
-            (0..shape.batch * runs).into_par_iter().try_for_each(|task| {
+            try_for_each(0..shape.batch * runs, |task| {
                 let (image, run) = (task / runs, task % runs);
                 let lanes = run * per_run * unit..units.min((run + 1) * per_run) * unit;
                 let groups = lane_groups(&lanes);

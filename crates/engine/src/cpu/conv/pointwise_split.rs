@@ -18,9 +18,9 @@ use crate::cpu::data::{with_cpu_f32, with_scratch, with_shared_scratch, SharedOu
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::SharedRows;
 use crate::cpu::output::Output;
+use crate::cpu::parallel::try_for_each;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
-use rayon::prelude::*;
 use std::ops::Range;
 
 /// A 1×1 convolution (stride 1, no padding, one group) as two half-depth
@@ -112,7 +112,7 @@ impl PointwiseSplit {
                     for image in 0..shape.batch {
                         let x = &input[image * depth * plane..][..depth * plane];
                         let scale = scale.map(|s| &s[image * depth..][..depth]);
-                        (0..2 * parts).into_par_iter().try_for_each(|task| {
+                        try_for_each(0..2 * parts, |task| {
                             let (half, part) = (task / parts, task % parts);
                             let channels = halves[half].clone();
                             // The first half's sums go to the output, the second's to scratch.

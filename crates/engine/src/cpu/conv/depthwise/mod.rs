@@ -29,9 +29,9 @@ use crate::cpu::data::{with_cpu_f32, SCRATCH_MAX_VALUES};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::Isa;
 use crate::cpu::output::Output;
+use crate::cpu::parallel::{per_task, try_for_each};
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 mod blocked;
@@ -318,79 +318,88 @@ impl DepthwiseConv {
             bail!("depthwise conv: segments reach {reach} values in a padded plane of {padded_len}")
         }
         with_cpu_f32("depthwise conv", &call.x, call.residual.as_ref(), |data, residual| {
-            out.spare()[..out_len]
-                .par_chunks_mut(out_plane)
-                .enumerate()
-                .try_for_each_init(Vec::new, |scratch: &mut Vec<f32>, (plane, out)| {
-                    if scratch.len() != padded_len {
-                        scratch.clear();
-                        if scratch.try_reserve_exact(padded_len).is_err() {
-                            bail!("depthwise conv: cannot allocate a padded plane of {padded_len} values")
-                        }
-                        scratch.resize(padded_len, 0.0);
+            let plane_task = |scratch: &mut Vec<f32>, plane: usize, out: &mut [MaybeUninit<f32>]| {
+                if scratch.len() != padded_len {
+                    scratch.clear();
+                    if scratch.try_reserve_exact(padded_len).is_err() {
+                        bail!("depthwise conv: cannot allocate a padded plane of {padded_len} values")
                     }
-                    let channel = plane % shape.channels;
-                    let input = &data[plane * in_plane..][..in_plane];
-                    self.isa.run(Split {
-                        input,
-                        width: shape.width,
-                        scratch: &mut scratch[..],
-                        phase_len,
-                        phase_width,
-                        padding: a.padding,
-                        stride: stride_w,
-                    });
-                    let residual = residual.map(|r| &r[plane * out_plane..][..out_plane]);
-                    if residual.is_some_and(|r| r.len() != out.len()) {
-                        bail!("depthwise conv: a residual plane of another size")
+                    scratch.resize(padded_len, 0.0);
+                }
+                let channel = plane % shape.channels;
+                let input = &data[plane * in_plane..][..in_plane];
+                self.isa.run(Split {
+                    input,
+                    width: shape.width,
+                    scratch: &mut scratch[..],
+                    phase_len,
+                    phase_width,
+                    padding: a.padding,
+                    stride: stride_w,
+                });
+                let residual = residual.map(|r| &r[plane * out_plane..][..out_plane]);
+                if residual.is_some_and(|r| r.len() != out.len()) {
+                    bail!("depthwise conv: a residual plane of another size")
+                }
+                let activation = self.epilogue.activation();
+                let body = Plane {
+                    phases: scratch,
+                    offsets: &offsets,
+                    units: &units,
+                    weight: &self.weight[channel * taps..][..taps],
+                    bias: self.epilogue.bias(channel),
+                    activation,
+                    residual,
+                    out: &mut *out,
+                };
+                // Whether the segments applied the epilogue as they stored.
+                let fused = match self.isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 | Isa::Avx2Fma => {
+                        if segment == 16 {
+                            // SAFETY: the path has AVX-512F (16-wide segments
+                            // are only chosen on `Isa::Avx512`, handed out
+                            // then); `reach` bounds every read and was checked
+                            // against the phases above, the units lie within
+                            // the plane (`units`), the residual has its length.
+                            unsafe { simd::segments_avx512(body) }
+                        } else {
+                            // SAFETY: as above; every AVX-512 path also has
+                            // AVX2 and FMA (`Isa::available` checks all three).
+                            unsafe { simd::segments_avx2(body) }
+                        }
+                        true
                     }
-                    let activation = self.epilogue.activation();
-                    let body = Plane {
-                        phases: scratch,
-                        offsets: &offsets,
-                        units: &units,
-                        weight: &self.weight[channel * taps..][..taps],
-                        bias: self.epilogue.bias(channel),
-                        activation,
-                        residual,
-                        out: &mut *out,
-                    };
-                    // Whether the segments applied the epilogue as they stored.
-                    let fused = match self.isa {
-                        #[cfg(target_arch = "x86_64")]
-                        Isa::Avx512 | Isa::Avx2Fma => {
-                            if segment == 16 {
-                                // SAFETY: the path has AVX-512F (16-wide segments
-                                // are only chosen on `Isa::Avx512`, handed out
-                                // then); `reach` bounds every read and was checked
-                                // against the phases above, the units lie within
-                                // the plane (`units`), the residual has its length.
-                                unsafe { simd::segments_avx512(body) }
-                            } else {
-                                // SAFETY: as above; every AVX-512 path also has
-                                // AVX2 and FMA (`Isa::available` checks all three).
-                                unsafe { simd::segments_avx2(body) }
-                            }
-                            true
+                    _ => {
+                        if segment == 8 {
+                            self.isa.run(Segments::<8>(body));
+                        } else {
+                            self.isa.run(Segments::<16>(body));
                         }
-                        _ => {
-                            if segment == 8 {
-                                self.isa.run(Segments::<8>(body));
-                            } else {
-                                self.isa.run(Segments::<16>(body));
-                            }
-                            false
-                        }
-                    };
-                    // SAFETY: the segments wrote every value of this plane (their
-                    // units cover every column of every output row), so the
-                    // slice is initialised; f32 and MaybeUninit<f32> share a layout.
-                    let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
-                    if !fused {
-                        self.epilogue.in_place(channel, out, residual);
+                        false
+                    }
+                };
+                // SAFETY: the segments wrote every value of this plane (their
+                // units cover every column of every output row), so the
+                // slice is initialised; f32 and MaybeUninit<f32> share a layout.
+                let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                if !fused {
+                    self.epilogue.in_place(channel, out, residual);
+                }
+                Ok(())
+            };
+            // Whole planes per task, one scratch each.
+            let per = per_task(out_len / out_plane.max(1), 4);
+            try_for_each(
+                out.spare()[..out_len].chunks_mut(per * out_plane).enumerate(),
+                |(k, outs)| {
+                    let mut scratch = Vec::new();
+                    for (i, out) in outs.chunks_mut(out_plane).enumerate() {
+                        plane_task(&mut scratch, k * per + i, out)?;
                     }
                     Ok(())
-                })
+                },
+            )
         })?;
         // SAFETY: the planes cover all `out_len` values, each written above.
         unsafe { out.assume_written(out_len) };

@@ -4,8 +4,8 @@
 use super::{Block, Run, Segment};
 use crate::cpu::data::{gather_stride2_taps3, gather_strided_on};
 use crate::cpu::gemm::{Isa, IsaBody};
+use crate::cpu::parallel::{for_each, per_task};
 use crate::cpu::prefetch;
-use rayon::prelude::*;
 
 impl Run<'_> {
     /// The block's im2col columns into `v` (`[C·kh·kw, cols]`), their rows
@@ -15,10 +15,10 @@ impl Run<'_> {
         let v = &mut v[..self.conv.depth() * cols];
         if self.split {
             // im2col rows are independent: share them too.
-            let per_task = self.conv.depth().div_ceil(4 * rayon::current_num_threads()).max(1);
-            v.par_chunks_mut(per_task * cols)
-                .enumerate()
-                .for_each(|(i, v)| self.im2col(block, i * per_task, v));
+            let per = per_task(self.conv.depth(), 4);
+            for_each(v.chunks_mut(per * cols).enumerate(), |(i, v)| {
+                self.im2col(block, i * per, v)
+            });
         } else {
             self.im2col(block, 0, v);
         }

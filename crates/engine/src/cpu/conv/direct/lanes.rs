@@ -4,8 +4,8 @@
 
 use super::{Block, Run};
 use crate::cpu::gemm::{lane_gemm, lane_gemm_gathered, lane_gemm_part, Isa, LaneProduct, Source, LANES, LANE_CHUNK};
+use crate::cpu::parallel::for_each;
 use crate::cpu::transpose::columns_to_block8;
-use rayon::prelude::*;
 
 /// The least depth a lane-layout product on im2col columns shared by the
 /// threads is split at ([`lane_parts`]; 1×1 kernels and strides the
@@ -44,19 +44,19 @@ pub(super) fn lanes_to_rows(isa: Isa, partials: &mut [f32], parts: usize, pixels
     let per_part = partials.len() / parts.max(1);
     let groups = per_part / per_group.max(1);
     let (sums, rest) = partials.split_at_mut(per_part);
-    sums[..groups * per_group]
-        .par_chunks_mut(per_group.max(1))
-        .zip(m[..groups * LANES * cols].par_chunks_mut(LANES * cols))
-        .enumerate()
-        .for_each(|(group, (t, m))| {
-            for k in 1..parts {
-                let part = &rest[(k - 1) * per_part + group * per_group..][..per_group];
-                t.iter_mut().zip(part).for_each(|(sum, value)| *sum += value);
-            }
-            for (eight, rows) in m.chunks_exact_mut(8 * cols).enumerate() {
-                columns_to_block8(isa, t, LANES, 8 * eight, rows, (cols, pixels));
-            }
-        });
+    let tasks = sums[..groups * per_group]
+        .chunks_mut(per_group.max(1))
+        .zip(m[..groups * LANES * cols].chunks_mut(LANES * cols))
+        .enumerate();
+    for_each(tasks, |(group, (t, m))| {
+        for k in 1..parts {
+            let part = &rest[(k - 1) * per_part + group * per_group..][..per_group];
+            t.iter_mut().zip(part).for_each(|(sum, value)| *sum += value);
+        }
+        for (eight, rows) in m.chunks_exact_mut(8 * cols).enumerate() {
+            columns_to_block8(isa, t, LANES, 8 * eight, rows, (cols, pixels));
+        }
+    });
 }
 
 impl Run<'_> {
@@ -99,13 +99,13 @@ impl Run<'_> {
                 rows.push(part);
                 rest = tail;
             }
-            rows.into_par_iter()
-                .zip(partials.par_chunks_mut(per_part))
-                .enumerate()
-                .for_each(|(p, (v, t))| {
+            for_each(
+                rows.into_iter().zip(partials.chunks_mut(per_part)).enumerate(),
+                |(p, (v, t))| {
                     self.im2col(block, bound(p), v);
                     lane_gemm_part(conv.isa(), size, &conv.packed, v, t, 0..groups, bound(p)..bound(p + 1));
-                });
+                },
+            );
         } else {
             self.im2col_rows(block, v);
             let v = &*v;
@@ -114,13 +114,10 @@ impl Run<'_> {
                 true => groups.div_ceil(2 * rayon::current_num_threads()),
                 false => groups,
             };
-            partials
-                .par_chunks_mut(per_task * per_group)
-                .enumerate()
-                .for_each(|(i, t)| {
-                    let first = i * per_task;
-                    lane_gemm(conv.isa(), size, &conv.packed, v, t, first..first + t.len() / per_group);
-                });
+            for_each(partials.chunks_mut(per_task * per_group).enumerate(), |(i, t)| {
+                let first = i * per_task;
+                lane_gemm(conv.isa(), size, &conv.packed, v, t, first..first + t.len() / per_group);
+            });
         }
         lanes_to_rows(conv.isa(), partials, parts, pixels, m, cols);
     }
@@ -144,18 +141,18 @@ impl Run<'_> {
             true => lane_groups.div_ceil(2 * rayon::current_num_threads()).max(1),
             false => lane_groups,
         };
-        partials[..conv.padded_out * pixels]
-            .par_chunks_mut(per_task * pixels * LANES)
-            .zip(m.par_chunks_mut(per_task * LANES * m_cols))
-            .enumerate()
-            .for_each(|(i, (t, m))| {
-                let first = i * per_task;
-                let groups = first..first + t.len() / (pixels * LANES);
-                let w = (&conv.packed[..], conv.padded_out);
-                lane_gemm_gathered(conv.isa(), w, sources, (&mut *t, pixels), groups.clone());
-                lanes_to_rows(conv.isa(), t, 1, pixels, m, m_cols);
-                let channels = groups.start * LANES..(groups.end * LANES).min(self.shape.out_channels);
-                self.epilogue(m, m_cols, block, channels);
-            });
+        let tasks = partials[..conv.padded_out * pixels]
+            .chunks_mut(per_task * pixels * LANES)
+            .zip(m.chunks_mut(per_task * LANES * m_cols))
+            .enumerate();
+        for_each(tasks, |(i, (t, m))| {
+            let first = i * per_task;
+            let groups = first..first + t.len() / (pixels * LANES);
+            let w = (&conv.packed[..], conv.padded_out);
+            lane_gemm_gathered(conv.isa(), w, sources, (&mut *t, pixels), groups.clone());
+            lanes_to_rows(conv.isa(), t, 1, pixels, m, m_cols);
+            let channels = groups.start * LANES..(groups.end * LANES).min(self.shape.out_channels);
+            self.epilogue(m, m_cols, block, channels);
+        });
     }
 }

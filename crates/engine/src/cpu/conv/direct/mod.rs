@@ -32,14 +32,13 @@ use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::lane_gathered::{max_runs, max_tile};
 use crate::cpu::gemm::{chunks_depth, panel_gemm_chunked, DepthChunks, Layout, PANEL_GRANULE, PANEL_ROWS};
 use crate::cpu::output::Output;
-use crate::cpu::parallel::for_ranges;
+use crate::cpu::parallel::{for_each, for_ranges, per_task, try_for_each};
 use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
 use blocks::{block_width, blocks_per_image, lane_block_pixels, shares_blocks, whole_plane_block, Cut, MIN_BLOCK_COLS};
 use candle_core::{bail, Tensor};
 use lanes::lane_parts;
 use phased::Phases;
-use rayon::prelude::*;
 use std::ops::Range;
 use unpadded::Unpadded;
 use wick_ir::MaxPool2dAttrs;
@@ -302,7 +301,7 @@ impl DirectConv {
             if run.split {
                 (0..blocks).try_for_each(run_block)
             } else {
-                (0..blocks).into_par_iter().try_for_each(run_block)
+                try_for_each(0..blocks, run_block)
             }
         })?;
         // SAFETY: the blocks cover all N·OH·OW output pixels (`pooled`: all
@@ -488,14 +487,14 @@ impl Run<'_> {
             return product(&conv.packed, m, conv.padded_out);
         }
         let depth = conv.depth();
-        let per_task = (conv.padded_out / PANEL_ROWS).div_ceil(4 * rayon::current_num_threads()) * PANEL_ROWS;
-        m[..conv.padded_out * m_cols]
-            .par_chunks_mut(per_task * m_cols)
-            .enumerate()
-            .for_each(|(i, m)| {
+        let per = per_task(conv.padded_out / PANEL_ROWS, 4) * PANEL_ROWS;
+        for_each(
+            m[..conv.padded_out * m_cols].chunks_mut(per * m_cols).enumerate(),
+            |(i, m)| {
                 let rows = m.len() / m_cols;
-                product(&conv.packed[i * per_task * depth..][..rows * depth], m, rows);
-            });
+                product(&conv.packed[i * per * depth..][..rows * depth], m, rows);
+            },
+        );
     }
 }
 

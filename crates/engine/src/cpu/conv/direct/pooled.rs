@@ -12,9 +12,9 @@ use crate::cpu::conv::ConvShape;
 use crate::cpu::data::with_scratch;
 use crate::cpu::epilogue;
 use crate::cpu::gemm::{panel_gemm_strided, IsaBody, Strided, PANEL_GRANULE};
+use crate::cpu::parallel::try_for_each;
 use crate::cpu::pool_window::pool_window_row;
 use candle_core::bail;
-use rayon::prelude::*;
 use std::ops::Range;
 use wick_ir::MaxPool2dAttrs;
 
@@ -55,7 +55,7 @@ impl Run<'_> {
         if self.split {
             (0..tasks).try_for_each(task)
         } else {
-            (0..tasks).into_par_iter().try_for_each(task)
+            try_for_each(0..tasks, task)
         }
     }
 

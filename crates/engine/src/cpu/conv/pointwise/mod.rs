@@ -50,11 +50,10 @@ use crate::cpu::gemm::{
     PANEL_GRANULE, PANEL_ROWS,
 };
 use crate::cpu::output::Output;
-use crate::cpu::parallel::try_shares;
+use crate::cpu::parallel::{try_for_each, try_shares};
 use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
-use rayon::prelude::*;
 
 /// How many times the output's channels a plane must hold for an image's
 /// tasks to split its columns rather than its channels. A channel run
@@ -357,7 +356,7 @@ impl PointwiseConv {
                     transpose_into(r, batch, outs, rt, cols);
                 }
                 let (v, rt) = (&*v, &*rt);
-                (0..panels.div_ceil(per_task)).into_par_iter().try_for_each(|task| {
+                try_for_each(0..panels.div_ceil(per_task), |task| {
                     let rows = task * per_task * PANEL_ROWS..outs.min((task + 1) * per_task * PANEL_ROWS);
                     let full = rows.len() / PANEL_ROWS * PANEL_ROWS;
                     let padded = rows.len().div_ceil(PANEL_ROWS) * PANEL_ROWS;

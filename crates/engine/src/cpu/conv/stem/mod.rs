@@ -50,6 +50,7 @@ use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::{self, Epilogue};
 use crate::cpu::gemm::{Isa, IsaBody};
 use crate::cpu::output::Output;
+use crate::cpu::parallel::try_for_each;
 use crate::cpu::pool::nan_max;
 use crate::cpu::prefetch;
 use crate::cpu::transpose::columns_to_rows8;
@@ -57,7 +58,6 @@ use crate::cpu::weight_buffer::WeightBuffer;
 use crate::machine::Machine;
 use candle_core::{bail, Tensor};
 use pool::{plain_bound, Bounded, PoolRow, MAX_LANES, PLAIN_MAX};
-use rayon::prelude::*;
 use std::ops::Range;
 use wick_ir::MaxPool2dAttrs;
 
@@ -174,7 +174,7 @@ impl StemConv {
             // Pooled rows per task as the direct conv's pooled tasks take them.
             let rows = task_rows(shape.batch, pooled[0], rayon::current_num_threads());
             let chunks = pooled[0].div_ceil(rows);
-            (0..shape.batch * chunks).into_par_iter().try_for_each(|t| {
+            try_for_each(0..shape.batch * chunks, |t| {
                 let (image, first) = (t / chunks, t % chunks * rows);
                 run.task(image, first..(first + rows).min(pooled[0]))
             })

@@ -22,10 +22,9 @@ use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{panel_gemm, Isa, Layout, PANEL_GRANULE, PANEL_TILES, WIDE_TILE};
 use crate::cpu::output::Output;
-use crate::cpu::parallel::for_ranges;
+use crate::cpu::parallel::{for_each, for_ranges, per_task, try_for_each};
 use crate::machine::Machine;
 use candle_core::{Result, Tensor};
-use rayon::prelude::*;
 
 /// Input tile side (`4 + 3 - 1`).
 pub(super) const ALPHA: usize = 6;
@@ -195,9 +194,7 @@ impl WinogradF4 {
             let (block, whole) = self.schedule(tiles.total, rayon::current_num_threads());
             let blocks = tiles.total.div_ceil(block);
             match whole {
-                true => (0..blocks)
-                    .into_par_iter()
-                    .try_for_each(|b| run.block(b * block, block, false)),
+                true => try_for_each(0..blocks, |b| run.block(b * block, block, false)),
                 false => (0..blocks).try_for_each(|b| run.block(b * block, block, true)),
             }
         })?;
@@ -271,7 +268,12 @@ impl Run<'_> {
                 )
             };
             if split {
-                m.par_chunks_mut(m_stride).enumerate().for_each(|(xi, m)| gemm(xi, m));
+                let per = per_task(XI, 4);
+                for_each(m.chunks_mut(per * m_stride).enumerate(), |(k, m)| {
+                    m.chunks_mut(m_stride)
+                        .enumerate()
+                        .for_each(|(i, m)| gemm(k * per + i, m))
+                });
             } else {
                 for (xi, m) in m.chunks_mut(m_stride).enumerate() {
                     gemm(xi, m);

@@ -20,13 +20,12 @@ use crate::cpu::data::{with_scratch, CACHE_LINE_FLOATS};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::Isa;
 use crate::cpu::output::Output;
-use crate::cpu::parallel::try_shares;
+use crate::cpu::parallel::{try_for_each, try_shares};
 use crate::machine::Machine;
 use band_copy::{pack, pad, unpack};
 use bands::{by_bands, cut_tasks, Rows, Work};
 use candle_core::bail;
 pub(crate) use expand::{ExpandWeights, Window, MAX_WINDOW_DEPTH};
-use rayon::prelude::*;
 use wick_ir::{Activation, Conv2dAttrs};
 
 /// Output planes of at most this many columns take the blocked path; the
@@ -437,7 +436,7 @@ pub(super) fn run(
     let tasks = shape.batch * groups * bands;
     match spatial {
         true => try_shares(tasks, body),
-        false => (0..tasks).into_par_iter().try_for_each(body),
+        false => try_for_each(0..tasks, body),
     }
 }
 

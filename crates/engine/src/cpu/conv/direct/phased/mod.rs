@@ -37,8 +37,8 @@ use super::{groups, Block, DirectConv, Run, Segment};
 use crate::cpu::conv::ConvShape;
 use crate::cpu::data::{gather_strided_on, CACHE_LINE_FLOATS as LINE};
 use crate::cpu::gemm::{panel_gemm_gathered, Gathered, Isa, IsaBody, LaneTile, Layout, Source, PANEL_GRANULE};
+use crate::cpu::parallel::for_each;
 use candle_core::bail;
-use rayon::prelude::*;
 
 /// Zeros past a block's phase rows: the last tile of the last row reads up
 /// to a granule past them (values that only reach discarded columns).
@@ -342,18 +342,15 @@ impl Run<'_> {
             true => rows.div_ceil(2 * rayon::current_num_threads()).max(1),
             false => rows,
         };
-        filled
-            .par_chunks_mut(per_fill * phases.row)
-            .enumerate()
-            .for_each(|(i, out)| {
-                self.conv.isa().run(Fill {
-                    run: self,
-                    phases,
-                    image,
-                    first: first + i * per_fill,
-                    out,
-                })
-            });
+        for_each(filled.chunks_mut(per_fill * phases.row).enumerate(), |(i, out)| {
+            self.conv.isa().run(Fill {
+                run: self,
+                phases,
+                image,
+                first: first + i * per_fill,
+                out,
+            })
+        });
         slack.fill(0.0);
     }
 

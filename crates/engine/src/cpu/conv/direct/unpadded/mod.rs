@@ -39,8 +39,8 @@ use crate::cpu::conv::ConvShape;
 use crate::cpu::data::with_scratch;
 use crate::cpu::gemm::lane_gathered::MAX_STEP;
 use crate::cpu::gemm::{Gathered, LaneTile, Layout, Source};
+use crate::cpu::parallel::{for_each, per_task};
 use candle_core::bail;
-use rayon::prelude::*;
 use std::ops::Range;
 
 /// Most border pixels, as a share of a plane's (numerator, denominator),
@@ -320,11 +320,9 @@ impl Run<'_> {
         };
         let depth = self.conv.depth();
         if self.split {
-            let per_task = depth.div_ceil(2 * rayon::current_num_threads()).max(1);
-            v[..depth * border.len()]
-                .par_chunks_mut(per_task * border.len())
-                .enumerate()
-                .for_each(|(i, v)| fill(i * per_task, v));
+            let per = per_task(depth, 2);
+            let tasks = v[..depth * border.len()].chunks_mut(per * border.len()).enumerate();
+            for_each(tasks, |(i, v)| fill(i * per, v));
         } else {
             fill(0, &mut v[..depth * border.len()]);
         }
