@@ -23,7 +23,7 @@
 
 use crate::cpu::data::{with_cpu_f32, SharedOut};
 use crate::cpu::gemm::Isa;
-use crate::cpu::parallel::{for_each, per_task};
+use crate::cpu::parallel::for_each;
 use crate::cpu::recycle;
 use crate::cpu::weight_buffer::WeightBuffer;
 use candle_core::{bail, Device, Tensor};
@@ -137,33 +137,28 @@ impl CpuLinear {
     fn panel_tasks(&self, input: &[f32], rows: usize, dst: &SharedOut) {
         let (outs, depth, width) = (self.out_features, self.in_features, width(self.isa));
         let per_panel = depth * width;
-        let panels = outs.div_ceil(width);
-        let per = per_task(panels, 4);
-        let ranges = (0..panels.div_ceil(per)).map(|i| i * per..panels.min((i + 1) * per));
-        for_each(ranges, |panels| {
-            panels.for_each(|p| {
-                let cols = p * width..outs.min((p + 1) * width);
-                let panel = &self.panels[p * per_panel..][..per_panel];
-                for r0 in (0..rows).step_by(ROWS) {
-                    let tile = ROWS.min(rows - r0);
-                    let mut sums = [[0f32; WIDTH_MAX]; ROWS];
-                    PanelDots {
-                        panel,
-                        depth,
-                        x: &input[r0 * depth..(r0 + tile) * depth],
-                        sums: &mut sums,
-                    }
-                    .run(self.isa);
-                    for (r, sums) in sums.iter().take(tile).enumerate() {
-                        // SAFETY: tasks write disjoint output columns
-                        // (`cols`) of each row; nothing else touches `out`.
-                        let out = unsafe { dst.slice((r0 + r) * outs + cols.start, cols.len()) };
-                        for ((o, s), b) in out.iter_mut().zip(sums).zip(&self.bias[cols.clone()]) {
-                            *o = s + b;
-                        }
+        for_each(0..outs.div_ceil(width), |p| {
+            let cols = p * width..outs.min((p + 1) * width);
+            let panel = &self.panels[p * per_panel..][..per_panel];
+            for r0 in (0..rows).step_by(ROWS) {
+                let tile = ROWS.min(rows - r0);
+                let mut sums = [[0f32; WIDTH_MAX]; ROWS];
+                PanelDots {
+                    panel,
+                    depth,
+                    x: &input[r0 * depth..(r0 + tile) * depth],
+                    sums: &mut sums,
+                }
+                .run(self.isa);
+                for (r, sums) in sums.iter().take(tile).enumerate() {
+                    // SAFETY: tasks write disjoint output columns
+                    // (`cols`) of each row; nothing else touches `out`.
+                    let out = unsafe { dst.slice((r0 + r) * outs + cols.start, cols.len()) };
+                    for ((o, s), b) in out.iter_mut().zip(sums).zip(&self.bias[cols.clone()]) {
+                        *o = s + b;
                     }
                 }
-            })
+            }
         });
     }
 }

@@ -7,7 +7,7 @@
 //! or 7×7 pixels most vector loads split across two cache lines).
 
 use super::{Isa, Strided, PANEL_GRANULE, PANEL_TILES, WIDE_TILE};
-use crate::cpu::parallel::{for_each, per_task};
+use crate::cpu::parallel::for_each;
 
 /// The columns of one packed slice on `isa`'s path: its micro-tile's width.
 pub(crate) fn tile_width(isa: Isa) -> usize {
@@ -190,13 +190,7 @@ fn pack<'a>(
     if depth > 0 {
         let slice = |(k, slice): (usize, &mut [f32])| pack_slice(v, depth, k * width, slice, scale);
         match parallel {
-            true => {
-                let per = per_task(tiles.len().div_ceil(depth * width), 4);
-                for_each(tiles.chunks_mut(per * depth * width).enumerate(), |(j, group)| {
-                    let slices = group.chunks_mut(depth * width).enumerate();
-                    slices.for_each(|(k, s)| slice((j * per + k, s)))
-                })
-            }
+            true => for_each(tiles.chunks_mut(depth * width).enumerate(), slice),
             false => tiles.chunks_mut(depth * width).enumerate().for_each(slice),
         }
     }

@@ -16,7 +16,7 @@ use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::{self, Epilogue};
 use crate::cpu::gemm::{lane_gemm, LaneProduct, Layout, LANES};
 use crate::cpu::output::Output;
-use crate::cpu::parallel::{for_each, for_ranges, per_task};
+use crate::cpu::parallel::{for_each, for_ranges};
 use crate::machine::Machine;
 use candle_core::{Result, Tensor};
 use std::ops::Range;
@@ -93,16 +93,11 @@ impl WinogradF2 {
                 // A zero-padded copy of the (small) input: patches need no
                 // bounds checks. H + ph <= padded height (and so for W), as
                 // 2·tiles_y >= out_height = H + 2·ph − 2.
-                let per = per_task(padded.len() / padded_plane.max(1), 4);
-                let tasks = padded
-                    .chunks_mut(per * padded_plane)
-                    .zip(input.chunks(per * shape.in_plane()));
-                for_each(tasks, |(planes, xs)| {
-                    for (p, x) in planes.chunks_mut(padded_plane).zip(xs.chunks(shape.in_plane())) {
-                        p.fill(0.0);
-                        for (y, row) in x.chunks_exact(width).enumerate() {
-                            p[(y + ph) * padded_width + pw..][..width].copy_from_slice(row);
-                        }
+                let planes = padded.chunks_mut(padded_plane).zip(input.chunks(shape.in_plane()));
+                for_each(planes, |(p, x)| {
+                    p.fill(0.0);
+                    for (y, row) in x.chunks_exact(width).enumerate() {
+                        p[(y + ph) * padded_width + pw..][..width].copy_from_slice(row);
                     }
                 });
                 let run = Run {
@@ -152,14 +147,10 @@ impl Run<'_> {
             cols: count,
             pixels: count,
         };
-        let per = per_task(m.len() / m_stride.max(1), 4);
-        for_each(m.chunks_mut(per * m_stride).enumerate(), |(k, m)| {
-            for (i, m) in m.chunks_mut(m_stride).enumerate() {
-                let xi = k * per + i;
-                let u = &conv.w.u[xi * c_out * c_in..][..c_out * c_in];
-                let v = &v[xi * v_stride..][..c_in * count];
-                lane_gemm(conv.w.isa, size, u, v, &mut m[..c_out * count], 0..c_out / LANES);
-            }
+        for_each(m.chunks_mut(m_stride).enumerate(), |(xi, m)| {
+            let u = &conv.w.u[xi * c_out * c_in..][..c_out * c_in];
+            let v = &v[xi * v_stride..][..c_in * count];
+            lane_gemm(conv.w.isa, size, u, v, &mut m[..c_out * count], 0..c_out / LANES);
         });
         let m = &*m;
         let out_channels = conv.w.spec.out_channels;

@@ -22,7 +22,7 @@ use crate::cpu::data::{with_cpu_f32, with_scratch, SharedOut};
 use crate::cpu::epilogue::Epilogue;
 use crate::cpu::gemm::{panel_gemm, Isa, Layout, PANEL_GRANULE, PANEL_TILES, WIDE_TILE};
 use crate::cpu::output::Output;
-use crate::cpu::parallel::{for_each, for_ranges, per_task, try_for_each};
+use crate::cpu::parallel::{for_each, for_ranges, try_for_each};
 use crate::machine::Machine;
 use candle_core::{Result, Tensor};
 
@@ -268,12 +268,7 @@ impl Run<'_> {
                 )
             };
             if split {
-                let per = per_task(XI, 4);
-                for_each(m.chunks_mut(per * m_stride).enumerate(), |(k, m)| {
-                    m.chunks_mut(m_stride)
-                        .enumerate()
-                        .for_each(|(i, m)| gemm(k * per + i, m))
-                });
+                for_each(m.chunks_mut(m_stride).enumerate(), |(xi, m)| gemm(xi, m));
             } else {
                 for (xi, m) in m.chunks_mut(m_stride).enumerate() {
                     gemm(xi, m);
