@@ -24,20 +24,21 @@ const YIELD_AFTER: Duration = Duration::from_millis(2);
 
 /// Jobs a parallel loop makes per thread at most ([`try_for_each`]):
 /// enough for a thread that finishes early to take some of another's,
-/// few enough that each job is worth its spawn and steal. Callers cut
-/// their work into a few items per thread already where items are
-/// alike; the bound matters where an item is small (a lane group's
-/// rows, a block of a 7×7 plane). Runs of a quarter of a thread's share
-/// (at most 4 per thread, sized up to whole items) made ResNet18 at
-/// batch 10 1.04× slower than one job per item (2-core Zen 4 VM).
+/// few enough that each job is worth its spawn and steal. Callers whose
+/// tasks take a range of work or hold scratch hand over a few items per
+/// thread themselves ([`per_task`]); the others hand over one item each
+/// (a Winograd position, a packed tile, a lane group's rows), and these
+/// runs are what the threads share. Runs of a quarter of a thread's
+/// share (at most 4 per thread, sized up to whole items) made ResNet18
+/// at batch 10 1.04× slower than one job per item (2-core Zen 4 VM).
 const RUNS_PER_THREAD: usize = 8;
 
 /// Runs `task` on every item, the items shared by the current pool's
 /// threads in runs of consecutive items, at most [`RUNS_PER_THREAD`] per
 /// thread and alike to within one item (in order on this thread when the
-/// pool has one); returns the
-/// first error a task returned, if any, once every item has run (an
-/// error does not stop the other items: none is left half-done).
+/// pool has one); returns the first error a task returned, if any, once
+/// every item has run (an error does not stop the other items: none is
+/// left half-done).
 pub(crate) fn try_for_each<T, E, I>(items: I, task: impl Fn(T) -> Result<(), E> + Sync + Send) -> Result<(), E>
 where
     T: Send,
