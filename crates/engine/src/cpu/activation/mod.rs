@@ -6,11 +6,12 @@
 use crate::cpu::data::with_cpu_f32;
 use crate::cpu::gemm::{Isa, IsaBody};
 use crate::cpu::output::Output;
-use crate::cpu::parallel::{for_each, per_task};
+use crate::cpu::parallel::for_each;
 use candle_core::Tensor;
 use wick_ir::Activation;
 
-/// Elements per parallel task.
+/// Elements per item of the parallel loop (`try_for_each` shares them
+/// in runs of consecutive items).
 const CHUNK: usize = 1 << 14;
 
 /// `activation(x)` for a CPU f32 tensor of any shape, on `isa`.
@@ -22,8 +23,7 @@ pub(crate) fn activation(isa: Isa, activation: Activation, x: &Tensor) -> candle
         out.extend_from_slice(data);
         Ok(())
     })?;
-    let chunk = per_task(len, 4).max(CHUNK);
-    for_each(out.values_mut().chunks_mut(chunk), |chunk| {
+    for_each(out.values_mut().chunks_mut(CHUNK), |chunk| {
         in_place(isa, Some(activation), chunk)
     });
     out.into_tensor(x.dims())
