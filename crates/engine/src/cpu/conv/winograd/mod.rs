@@ -15,6 +15,7 @@
 //! are ([`Tiles`]). Their fp32 error is bounded in `tests.rs` against f64.
 
 pub(crate) mod f2;
+mod f2_transform;
 pub(crate) mod f4;
 mod f4_transform;
 
