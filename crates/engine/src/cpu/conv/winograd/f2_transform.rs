@@ -23,7 +23,7 @@ use crate::cpu::gemm::{IsaBody, LANES};
 use std::ops::Range;
 
 /// Tiles transformed together in the input transform, one per lane.
-pub(super) const TILE_LANES: usize = 16;
+const TILE_LANES: usize = 16;
 
 /// Where one tile of a block reads and writes: its patch's top-left in the
 /// padded input's channel 0 of its image, its output's top-left in
@@ -127,7 +127,7 @@ impl IsaBody for OutputGroup<'_, '_> {
             let place = places[t];
             for i in 0..place.rows {
                 for j in 0..place.cols {
-                    // Channel `first + l` of this pixel: `first_at + l·plane`.
+                    // Channel `first` of this pixel; channel `first + l` lies `l·plane` on.
                     let at = place.out + i * s.out_width + j + first * plane;
                     if lanes > 0 {
                         run.dst.check(at, at + (lanes - 1) * plane + 1);
