@@ -76,9 +76,12 @@ impl IsaBody for InputChannels<'_, '_> {
                 for (xi, row) in t.iter().enumerate() {
                     // SAFETY: row (ξ, c) of V is written by this task only.
                     let dst = unsafe { v.slice(xi * v_stride + c * count + t0, chunk.len()) };
-                    match dst.len() == TILE_LANES {
-                        true => dst.copy_from_slice(row),
-                        false => dst.copy_from_slice(&row[..chunk.len()]),
+                    // A whole chunk as a copy of constant size (inline
+                    // moves, no `memcpy` call): one length for all was
+                    // 1.012× the ResNet18 batch-1 time (Zen 4).
+                    match <&mut [f32; TILE_LANES]>::try_from(&mut *dst) {
+                        Ok(whole) => *whole = *row,
+                        Err(_) => dst.copy_from_slice(&row[..chunk.len()]),
                     }
                 }
             }
@@ -116,6 +119,10 @@ impl IsaBody for OutputGroup<'_, '_> {
         let (plane, count) = (s.out_plane(), places.len());
         let first = group * LANES;
         let lanes = LANES.min(s.out_channels.saturating_sub(first));
+        if lanes == 0 {
+            // A group past the output channels (the padding): nothing to write.
+            return;
+        }
         let epilogue = &run.conv.w.epilogue;
         let (biases, activation) = (epilogue.biases(first..first + lanes), epilogue.activation());
         let (mut products, mut y) = ([[0f32; LANES]; XI], [[0f32; LANES]; M * M]);
@@ -129,9 +136,7 @@ impl IsaBody for OutputGroup<'_, '_> {
                 for j in 0..place.cols {
                     // Channel `first` of this pixel; channel `first + l` lies `l·plane` on.
                     let at = place.out + i * s.out_width + j + first * plane;
-                    if lanes > 0 {
-                        run.dst.check(at, at + (lanes - 1) * plane + 1);
-                    }
+                    run.dst.check(at, at + (lanes - 1) * plane + 1);
                     for (l, (&value, &bias)) in y[i * M + j].iter().zip(biases).enumerate() {
                         let at = at + l * plane;
                         let residual = run.residual.map(|r| r[at]);
